@@ -1,0 +1,45 @@
+"""batchfit: what batch size, what learning rate, and how to get there on your hardware.
+
+Public names are imported lazily, so `import batchfit` (and `batchfit --help`) does not import
+torch until a name that needs it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "BatchfitError": "batchfit.errors",
+    "ConfigError": "batchfit.errors",
+    "TaskError": "batchfit.errors",
+    "DoesNotFitError": "batchfit.errors",
+    "CheckpointError": "batchfit.errors",
+    "Task": "batchfit.task",
+    "load_task": "batchfit.task",
+    "load_example": "batchfit.task",
+    "parse_size": "batchfit.units",
+    "format_bytes": "batchfit.units",
+    "max_batch_size": "batchfit.memory_model",
+    "fit_memory_model": "batchfit.memory_model",
+    "MemoryModel": "batchfit.memory_model",
+    "round_down": "batchfit.rounding",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'batchfit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,243 @@
+"""The training task: what batchfit profiles, plans and trains.
+
+A `Task` bundles a model (or a factory for one), map-style training data, a loss, an optimizer
+factory and the reference point (learning rate and the batch size it was tuned for). Every
+feature of batchfit takes a Task, or plain callables for users with their own loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import ConfigError, TaskError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+Batch = Any
+"""Whatever the task's collate function returns: usually a tuple of tensors."""
+
+KNOWN_KINDS = (
+    "image-classification",
+    "mobile-image-classification",
+    "segmentation",
+    "detection",
+    "language-model",
+    "regression",
+    "other",
+)
+
+
+@dataclass
+class Task:
+    """A training task.
+
+    Attributes:
+        model: an `nn.Module`, or a zero-argument factory returning one. batchfit never trains
+            the given module in place: `make_model()` returns a deep copy of it (or a new one).
+        train_data: map-style training `Dataset` (has `__len__` and `__getitem__`).
+        loss: `loss(model, batch) -> scalar tensor`, the mean loss over the batch.
+        optimizer: `optimizer(params, lr) -> torch.optim.Optimizer`.
+        lr: the reference learning rate.
+        batch_size: the global batch size (samples) the reference rate was tuned for.
+        val_data: optional map-style validation `Dataset`.
+        metric: optional `metric(model, batch) -> float`, the batch mean of a quality measure
+            (higher is better), reported as `val_<metric_name>`.
+        metric_name: name of the metric, e.g. "accuracy".
+        kind: what sort of problem, one of KNOWN_KINDS, used to compare a plan with customary
+            batch sizes; None when unknown.
+        collate: how samples become a batch; None means torch's `default_collate`.
+        tokens: optional `tokens(batch) -> int`: the number of tokens the loss averages over.
+            When given, accumulation weights micro-batch losses by tokens, not samples, and
+            throughput is also reported in tokens per second.
+        name: a short name for reports.
+        seed: seed for building the model and drawing batches.
+    """
+
+    model: nn.Module | Callable[[], nn.Module]
+    train_data: Dataset
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    optimizer: Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
+    lr: float
+    batch_size: int
+    val_data: Dataset | None = None
+    metric: Callable[[nn.Module, Batch], float] | None = None
+    metric_name: str = "accuracy"
+    kind: str | None = None
+    collate: Callable[[list], Batch] | None = None
+    tokens: Callable[[Batch], int] | None = None
+    name: str = "task"
+    seed: int = 0
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise TaskError(f"Task.lr must be a positive number, got {self.lr!r}.")
+        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
+            raise TaskError(f"Task.batch_size must be a positive int, got {self.batch_size!r}.")
+        if self.kind is not None and self.kind not in KNOWN_KINDS:
+            raise TaskError(
+                f"Task.kind {self.kind!r} is unknown; use one of {', '.join(KNOWN_KINDS)} or None."
+            )
+        for name in ("loss", "optimizer"):
+            if not callable(getattr(self, name)):
+                raise TaskError(f"Task.{name} must be callable, got {getattr(self, name)!r}.")
+        if not hasattr(self.train_data, "__len__") or not hasattr(self.train_data, "__getitem__"):
+            raise TaskError("Task.train_data must be a map-style Dataset (__len__, __getitem__).")
+        if len(self.train_data) == 0:
+            raise TaskError("Task.train_data is empty.")
+
+    def make_model(self) -> nn.Module:
+        """A fresh model: the factory's result, or a deep copy of the given module."""
+        from torch import nn
+
+        if isinstance(self.model, nn.Module):
+            return copy.deepcopy(self.model)
+        model = self.model()
+        if not isinstance(model, nn.Module):
+            raise TaskError(f"Task.model() must return an nn.Module, got {type(model).__name__}.")
+        return model
+
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter], lr: float | None = None):
+        """The task's optimizer over `params` at `lr` (the reference rate when None)."""
+        return self.optimizer(params, self.lr if lr is None else lr)
+
+    def collate_fn(self) -> Callable[[list], Batch]:
+        """The function that turns a list of samples into a batch."""
+        if self.collate is not None:
+            return self.collate
+        from torch.utils.data import default_collate
+
+        return default_collate
+
+    def batch(self, indices: Sequence[int], *, data: Dataset | None = None) -> Batch:
+        """Collate the samples at `indices` (of the training data unless `data` is given).
+
+        Indices wrap around the data set, so a batch larger than the data set repeats samples.
+        """
+        dataset = self.train_data if data is None else data
+        size = len(dataset)
+        return self.collate_fn()([dataset[index % size] for index in indices])
+
+    def optimizer_family(self) -> str:
+        """ "sgd" or "adam": the family of the task's optimizer, judged by its class name."""
+        import torch
+
+        probe = torch.nn.Parameter(torch.zeros(1))
+        name = type(self.optimizer([probe], self.lr)).__name__.lower()
+        adaptive = ("adam", "lamb", "adagrad", "rmsprop", "adafactor", "lion", "adan", "sophia")
+        return "adam" if any(part in name for part in adaptive) else "sgd"
+
+
+def move_to(batch: Batch, device: torch.device | str) -> Batch:
+    """Move every tensor in a (nested) batch to `device`."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({key: move_to(value, device) for key, value in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to(value, device) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(value, device) for value in batch)
+    return batch
+
+
+def batch_size_of(batch: Batch) -> int:
+    """The number of samples in a batch: the first dimension of its first tensor."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        try:
+            return batch_size_of(value)
+        except TaskError:
+            continue
+    raise TaskError("The batch holds no tensor, so its size is unknown.")
+
+
+def load_task(spec: str) -> Task:
+    """Load a task from "path/to/file.py:function" or "package.module:function".
+
+    The function is called with no arguments and must return a `Task`.
+
+    Raises:
+        TaskError: the file or module does not exist, lacks the function, or the function does
+            not return a Task.
+
+    Example:
+        >>> load_task("batchfit.examples.digits:task").name
+        'digits'
+    """
+    module_part, sep, function_name = spec.rpartition(":")
+    if not sep or not module_part or not function_name:
+        raise TaskError(
+            f"Task {spec!r} must look like path/to/file.py:function or package.module:function."
+        )
+    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
+        module = _import_file(Path(module_part), spec)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as error:
+            if error.name and module_part.startswith(error.name):
+                raise TaskError(
+                    f"Task {spec!r}: no module named {error.name!r}; check the spelling, or give "
+                    "a file path such as path/to/file.py:function."
+                ) from None
+            raise
+    factory = getattr(module, function_name, None)
+    if factory is None:
+        available = sorted(name for name in vars(module) if not name.startswith("_"))
+        raise TaskError(
+            f"Task {spec!r}: {module_part} has no function {function_name!r}"
+            + (f"; it defines {', '.join(available[:12])}." if available else ".")
+        )
+    if not callable(factory):
+        raise TaskError(f"Task {spec!r}: {function_name} is not a function.")
+    task = factory()
+    if not isinstance(task, Task):
+        raise TaskError(
+            f"Task {spec!r}: {function_name}() returned {type(task).__name__}, not a batchfit.Task."
+        )
+    return task
+
+
+def _import_file(path: Path, spec: str):
+    if not path.is_file():
+        raise TaskError(f"Task {spec!r}: the file {str(path)!r} does not exist.")
+    module_name = f"_batchfit_task_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise TaskError(f"Task {spec!r}: {str(path)!r} cannot be imported as Python.")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLES = ("digits", "cnn", "unet", "charlm")
+
+
+def load_example(name: str) -> Task:
+    """One of the built-in example tasks, all with data made locally.
+
+    Raises:
+        ConfigError: the name is not one of EXAMPLES.
+    """
+    if name not in EXAMPLES:
+        raise ConfigError(f"Unknown example {name!r}; choose one of {', '.join(EXAMPLES)}.")
+    module = importlib.import_module(f"batchfit.examples.{name}")
+    return module.task()

@@ -1,0 +1,96 @@
+"""Sizes in bytes: parsing "12GiB" and formatting 12884901888 for people.
+
+Decimal units (KB, MB, GB) are powers of 1000, binary units (KiB, MiB, GiB) powers of 1024,
+as in the IEC standard. Parsing is exact (Decimal), so "0.2GB" is 200_000_000 bytes, not
+200_000_000.00000003.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+from batchfit.errors import ConfigError
+
+_UNIT_BYTES = {
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
+_SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+UNITS_HELP = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+
+
+def parse_size(text: str | int | float, *, name: str = "size") -> int:
+    """Parse a memory size such as "12GiB", "0.2GB", "300MiB" or "4096" into bytes.
+
+    Args:
+        text: the size; a bare number is bytes. Units are case-insensitive.
+        name: what the size is, for the error message (e.g. "--memory-budget").
+
+    Returns:
+        The size in whole bytes (rounded down), always positive.
+
+    Raises:
+        ConfigError: the text is not a number with a known unit, or the size is not positive.
+
+    Example:
+        >>> parse_size("0.2GB")
+        200000000
+        >>> parse_size("1.5KiB")
+        1536
+    """
+    if isinstance(text, bool):
+        raise ConfigError(f"{name} must be a size such as 12GiB, got {text!r}.")
+    if isinstance(text, int):
+        value = Decimal(text)
+    elif isinstance(text, float):
+        value = Decimal(repr(text))
+    else:
+        match = _SIZE_PATTERN.match(str(text))
+        unit = match.group(2).upper() if match else ""
+        if not match or unit not in _UNIT_BYTES and unit != "":
+            raise ConfigError(
+                f"{name} {text!r} is not a size: write a number and a unit ({UNITS_HELP}), "
+                "for example 12GiB or 300MB."
+            )
+        try:
+            value = Decimal(match.group(1)) * _UNIT_BYTES[unit or "B"]
+        except InvalidOperation as error:  # pragma: no cover - the pattern admits only numbers
+            raise ConfigError(f"{name} {text!r} is not a number.") from error
+    size = int(value)
+    if size <= 0:
+        raise ConfigError(f"{name} must be positive, got {text!r}; give a size such as 12GiB.")
+    return size
+
+
+def format_bytes(size: float) -> str:
+    """Format a byte count with a binary unit, e.g. 1536 -> "1.50 KiB".
+
+    Example:
+        >>> format_bytes(3 * 1024**3)
+        '3.00 GiB'
+    """
+    sign = "-" if size < 0 else ""
+    size = abs(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{sign}{size:.0f} {unit}" if unit == "B" else f"{sign}{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_seconds(seconds: float) -> str:
+    """Format a duration for people: "850 ms", "12.3 s", "4 min 05 s"."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"

@@ -1,0 +1,97 @@
+"""Seeded tiny models and tasks shared by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from batchfit.task import Task
+
+# Two cores on CI: one torch thread per test process keeps timings steady and results exact.
+torch.set_num_threads(int(os.environ.get("BATCHFIT_TEST_THREADS", "1")))
+
+
+def make_mlp() -> nn.Module:
+    """A two-layer MLP: 8 inputs, 16 hidden units, 3 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def make_bn_convnet() -> nn.Module:
+    """A small conv net with BatchNorm on 1x8x8 inputs, 3 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
+    )
+
+
+def classification_loss(model: nn.Module, batch) -> torch.Tensor:
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels)
+
+
+def accuracy(model: nn.Module, batch) -> float:
+    inputs, labels = batch
+    with torch.no_grad():
+        return (model(inputs).argmax(1) == labels).float().mean().item()
+
+
+def make_mlp_task(samples: int = 256, **overrides) -> Task:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(samples, 8, generator=generator)
+    labels = (inputs[:, 0] > 0).long() + (inputs[:, 1] > 0).long()
+    options = dict(
+        model=make_mlp,
+        train_data=TensorDataset(inputs, labels),
+        val_data=TensorDataset(inputs[:64], labels[:64]),
+        loss=classification_loss,
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        lr=0.1,
+        batch_size=32,
+        metric=accuracy,
+        kind="image-classification",
+        name="tiny-mlp",
+    )
+    options.update(overrides)
+    return Task(**options)
+
+
+def make_regression_task(samples: int = 128) -> Task:
+    """Linear regression y = 2x - 1 (+ small noise): the answer is known."""
+    generator = torch.Generator().manual_seed(2)
+    inputs = torch.randn(samples, 1, generator=generator)
+    targets = 2 * inputs - 1 + 0.01 * torch.randn(samples, 1, generator=generator)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Linear(1, 1)
+
+    return Task(
+        model=model,
+        train_data=TensorDataset(inputs, targets),
+        loss=lambda m, batch: F.mse_loss(m(batch[0]), batch[1]),
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        lr=0.1,
+        batch_size=16,
+        kind="regression",
+        name="regression",
+    )
+
+
+@pytest.fixture
+def mlp_task() -> Task:
+    return make_mlp_task()
+
+
+@pytest.fixture
+def regression_task() -> Task:
+    return make_regression_task()

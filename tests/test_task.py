@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from batchfit.errors import ConfigError, TaskError
+from batchfit.task import EXAMPLES, Task, batch_size_of, load_example, load_task, move_to
+
+from .conftest import make_mlp_task
+
+
+def test_make_model_copies_a_given_module():
+    module = torch.nn.Linear(2, 2)
+    task = make_mlp_task(model=module)
+    copy = task.make_model()
+    assert copy is not module
+    with torch.no_grad():
+        copy.weight.add_(1)
+    assert not torch.equal(copy.weight, module.weight)
+
+
+def test_batch_wraps_around_a_small_dataset():
+    task = make_mlp_task(samples=10)
+    inputs, labels = task.batch(range(25))
+    assert inputs.shape == (25, 8)
+    assert torch.equal(inputs[0], inputs[10])
+    assert batch_size_of((inputs, labels)) == 25
+
+
+def test_move_to_keeps_structure():
+    batch = {"x": torch.zeros(2), "pair": (torch.ones(1), 3)}
+    moved = move_to(batch, "cpu")
+    assert set(moved) == {"x", "pair"} and moved["pair"][1] == 3
+
+
+def test_optimizer_family():
+    assert make_mlp_task().optimizer_family() == "sgd"
+    adam = make_mlp_task(optimizer=lambda p, lr: torch.optim.AdamW(p, lr=lr))
+    assert adam.optimizer_family() == "adam"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [("lr", 0, "lr"), ("batch_size", -1, "batch_size"), ("kind", "poetry", "kind")],
+)
+def test_task_rejects_bad_fields(field, value, words):
+    with pytest.raises(TaskError, match=words):
+        make_mlp_task(**{field: value})
+
+
+def test_load_task_from_file(tmp_path):
+    path = tmp_path / "mytask.py"
+    path.write_text(
+        "from tests.conftest import make_mlp_task\n"
+        "def build():\n    return make_mlp_task()\n"
+        "def not_a_task():\n    return 42\n"
+    )
+    assert isinstance(load_task(f"{path}:build"), Task)
+    with pytest.raises(TaskError, match="returned int"):
+        load_task(f"{path}:not_a_task")
+    with pytest.raises(TaskError, match="no function 'missing'"):
+        load_task(f"{path}:missing")
+    with pytest.raises(TaskError, match="does not exist"):
+        load_task(f"{tmp_path / 'nope.py'}:build")
+    with pytest.raises(TaskError, match="must look like"):
+        load_task(str(path))
+
+
+def test_load_task_from_module():
+    assert load_task("batchfit.examples.digits:task").name == "digits"
+    with pytest.raises(TaskError, match="no module named"):
+        load_task("no_such_package.tasks:build")
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_build_and_take_a_step(name):
+    task = load_example(name)
+    model = task.make_model()
+    loss = task.loss(model, task.batch(range(4)))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert task.val_data is not None and len(task.val_data) > 0
+
+
+def test_unknown_example():
+    with pytest.raises(ConfigError, match="digits"):
+        load_example("mnist")
