@@ -617,27 +617,11 @@ def _micro_batches(source: _Source, indices: list[int], micro: int) -> list[tupl
 
 
 def _accumulate(model: Any, source: _Source, chunks: list[tuple[Any, int]]) -> float:
-    """Forward and backward every micro-batch, weighted by its share; the mean loss.
+    """Forward and backward every micro-batch, weighted by its share; the mean loss."""
+    from batchfit.accumulation import accumulate_gradients
 
-    A stand-in for batchfit.accumulation.accumulate_gradients until that module lands.
-    """
-    import torch
-
-    total = sum(count for _, count in chunks)
-    mean = 0.0
-    for batch, count in chunks:
-        value = source.loss(model, move_to(batch, source.device))
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise TaskError(
-                f"The loss must return a scalar tensor (the batch mean), got {value!r:.80}."
-            )
-        weight = count / total
-        item = float(value.detach())
-        if not math.isfinite(item):
-            return item
-        (value * weight).backward()
-        mean += item * weight
-    return mean
+    batches = [move_to(batch, source.device) for batch, _ in chunks]
+    return accumulate_gradients(model, source.loss, batches, counts=[c for _, c in chunks])
 
 
 def _result(
