@@ -1,0 +1,254 @@
+"""The planner's rules of thumb, as pure functions of measured numbers.
+
+Each function returns its choice together with a reason in words that carries the numbers, so a
+plan can say why. Sources are cited where a threshold comes from the literature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from batchfit.errors import ConfigError
+
+LARGE_BATCH_SAMPLES = 8192
+"""Above this global batch, advise layer-wise adaptive optimizers. Goyal et al. 2017 train
+ResNet-50 with plain momentum SGD, the linear rule and warmup up to 8k samples and see accuracy
+fall beyond; You, Gitman & Ginsburg 2017 ("Large Batch Training of Convolutional Networks",
+LARS) go to 32k with layer-wise rates, and You et al. 2019 ("Large Batch Optimization for Deep
+Learning: Training BERT in 76 minutes", LAMB) do the same for Adam-like training."""
+
+MIN_STEPS_PER_EPOCH = 4
+"""The global batch is kept at or below a quarter of the training set, so that an epoch has at
+least this many optimizer steps (one giant step per epoch learns little per sample)."""
+
+ROUND_MULTIPLE = 8
+"""Micro-batches are preferred as multiples of 8 (tensor-core tiles, vector widths)."""
+
+ROUND_COST = 0.75
+"""A rounder micro-batch is taken when it keeps at least this fraction of the exact one."""
+
+# kind -> (lowest, highest customary global batch, where the range comes from)
+CUSTOMARY_RANGES: dict[str, tuple[int, int, str]] = {
+    "image-classification": (256, 512, "ImageNet-style classifiers usually train at 256-512"),
+    "mobile-image-classification": (64, 128, "small mobile networks usually train at 64-128"),
+    "segmentation": (2, 16, "segmentation usually trains at 2-16 (high-resolution inputs)"),
+    "detection": (2, 16, "detection usually trains at 2-16 (Mask R-CNN: 2-8)"),
+    "language-model": (32, 512, "BERT-style language models train at 32-512 with accumulation"),
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A chosen value and the reason for it."""
+
+    value: int | float | str
+    reason: str
+
+
+def _pow2_nearest(value: float) -> int:
+    """The power of two nearest to `value` on a log scale (at least 1)."""
+    if value <= 1:
+        return 1
+    low = 1 << int(math.floor(math.log2(value)))
+    return low if value / low <= (2 * low) / value else 2 * low
+
+
+def _pow2_floor(value: float) -> int:
+    return 1 << int(math.floor(math.log2(value))) if value >= 1 else 1
+
+
+def choose_global_batch(
+    *,
+    noise_scale: float | None,
+    knee_batch: int | None,
+    world_size: int,
+    dataset_size: int,
+    reference_batch: int,
+) -> Choice:
+    """The global batch from the critical batch size and the throughput knee.
+
+    Below the critical batch (the noise scale B_simple, McCandlish et al. 2018) doubling the
+    batch nearly halves the optimizer steps; above it, extra samples are mostly wasted. So the
+    global batch is the power of two nearest to B_simple. It is raised to the throughput knee
+    times the device count when that is higher (smaller batches leave the hardware idle and save
+    no time per step), and capped at a quarter of the training set (`MIN_STEPS_PER_EPOCH`).
+    Without a reliable noise scale the task's reference batch stands in.
+
+    Args:
+        noise_scale: B_simple in samples, or None when not (yet) reliable.
+        knee_batch: the throughput knee of one device, in samples, or None.
+        world_size: data-parallel devices.
+        dataset_size: samples in the training set.
+        reference_batch: the batch the task's learning rate was tuned for.
+
+    Example:
+        >>> choose_global_batch(noise_scale=200, knee_batch=32, world_size=1,
+        ...                     dataset_size=10_000, reference_batch=64).value
+        256
+    """
+    if noise_scale is not None and noise_scale > 0:
+        batch = _pow2_nearest(noise_scale)
+        reason = (
+            f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples; "
+            f"{batch} is the nearest power of two: below it doubling the batch nearly halves "
+            "the steps, above it samples are wasted"
+        )
+    else:
+        batch = reference_batch
+        reason = (
+            f"the noise scale is not reliable yet, so the task's reference batch {batch} stands in"
+        )
+    if knee_batch and knee_batch * world_size > batch:
+        batch = knee_batch * world_size
+        reason += (
+            f"; raised to the throughput knee ({knee_batch} per device x {world_size}) = {batch}: "
+            "smaller batches leave the hardware idle without saving time per step"
+        )
+    cap = max(world_size, _pow2_floor(dataset_size / MIN_STEPS_PER_EPOCH))
+    if batch > cap:
+        batch = cap
+        reason += (
+            f"; capped at {cap}, the largest power of two within a quarter of the "
+            f"{dataset_size} training samples (at least {MIN_STEPS_PER_EPOCH} steps per epoch)"
+        )
+    if batch % world_size:
+        batch = max(world_size, batch - batch % world_size)
+        reason += f"; rounded to a multiple of the {world_size} devices"
+    return Choice(batch, reason)
+
+
+def choose_micro_batch(global_batch: int, limit_batch: int, world_size: int) -> Choice:
+    """The largest micro-batch that fits and divides the per-device batch exactly.
+
+    Prefers a multiple of 8 (`ROUND_MULTIPLE`) when it keeps at least 75% (`ROUND_COST`) of the
+    largest exact divisor.
+
+    Raises:
+        ConfigError: the global batch is not a multiple of the device count, or the only exact
+            micro-batches are below half of what fits (the message offers the nearest global
+            batches that divide well).
+
+    Example:
+        >>> choose_micro_batch(256, 52, 1).value
+        32
+        >>> choose_micro_batch(240, 52, 1).value
+        48
+    """
+    if limit_batch < 1:
+        raise ConfigError(f"limit_batch ({limit_batch}) must be at least 1.")
+    if global_batch % world_size:
+        lower = global_batch - global_batch % world_size
+        options = " or ".join(str(n) for n in (lower, lower + world_size) if n > 0)
+        raise ConfigError(
+            f"global batch {global_batch} cannot be split equally over {world_size} devices; "
+            f"use {options}."
+        )
+    per_device = global_batch // world_size
+    usable = min(limit_batch, per_device)
+    divisors = [d for d in range(1, usable + 1) if per_device % d == 0]
+    largest = divisors[-1]
+    if largest * 2 < usable:
+        step = _round_micro(usable) * world_size
+        lower, upper = (global_batch // step) * step, (global_batch // step + 1) * step
+        options = " or ".join(str(n) for n in (lower, upper) if n > 0)
+        raise ConfigError(
+            f"global batch {global_batch} cannot be reached exactly with an efficient micro-batch: "
+            f"{usable} fit per device, but the largest exact micro-batch is {largest}; use a "
+            f"global batch of {options} (micro-batch {step // world_size})."
+        )
+    round_divisors = [d for d in divisors if d % ROUND_MULTIPLE == 0]
+    if round_divisors and round_divisors[-1] >= ROUND_COST * largest:
+        micro = round_divisors[-1]
+        shape = "power of two" if micro & (micro - 1) == 0 else f"multiple of {ROUND_MULTIPLE}"
+        why = f"the largest {shape}"
+    else:
+        micro = largest
+        why = "the largest size"
+    fits = f"{limit_batch} fit" if limit_batch <= per_device else f"all {per_device} fit"
+    reason = (
+        f"{why} that divides the {per_device} samples per device exactly, with {fits} in memory"
+    )
+    return Choice(micro, reason)
+
+
+def _round_micro(size: int) -> int:
+    return size - size % ROUND_MULTIPLE if size >= ROUND_MULTIPLE else size
+
+
+def optimizer_advice(global_batch: int, optimizer_family: str) -> Choice:
+    """LARS (SGD-like) or LAMB (Adam-like) above `LARGE_BATCH_SAMPLES`, else the task's own.
+
+    Example:
+        >>> optimizer_advice(16384, "sgd").value, optimizer_advice(256, "adam").value
+        ('lars', 'task')
+    """
+    if global_batch <= LARGE_BATCH_SAMPLES:
+        return Choice(
+            "task",
+            f"keep the task's optimizer: a global batch of {global_batch} is within the "
+            f"{LARGE_BATCH_SAMPLES} samples plain SGD/Adam handle with scaling and warmup "
+            "(Goyal et al. 2017)",
+        )
+    if optimizer_family == "sgd":
+        return Choice(
+            "lars",
+            f"use LARS: above {LARGE_BATCH_SAMPLES} samples SGD needs layer-wise rates "
+            "(You, Gitman & Ginsburg 2017)",
+        )
+    return Choice(
+        "lamb",
+        f"use LAMB: above {LARGE_BATCH_SAMPLES} samples Adam-like training needs layer-wise "
+        "rates (You et al. 2019)",
+    )
+
+
+def customary_range_note(kind: str | None, global_batch: int) -> str | None:
+    """A note when the global batch falls outside the customary range for the task's kind."""
+    if kind not in CUSTOMARY_RANGES:
+        return None
+    low, high, source = CUSTOMARY_RANGES[kind]
+    if low <= global_batch <= high:
+        return None
+    side = "below" if global_batch < low else "above"
+    why = (
+        "this task's measured noise scale, throughput and data-set size call for it; customary "
+        "ranges come from much larger data sets and models"
+    )
+    return f"The global batch {global_batch} is {side} the customary {low}-{high}: {source}. {why}."
+
+
+def choose_lr(
+    scaled_lr: float,
+    scaled_reason: str,
+    *,
+    steepest_lr: float | None = None,
+    valley_lr: float | None = None,
+    min_loss_lr: float | None = None,
+) -> Choice:
+    """The scaled learning rate, checked against a range test at the chosen batch.
+
+    The rate at the lowest smoothed loss is close to divergence; a scaled rate above half of it
+    is replaced by the range test's valley (else steepest) suggestion. Otherwise the scaled rate
+    stands, and the suggestions are quoted.
+    """
+    suggestions = [
+        f"{name} {value:.3g}"
+        for name, value in (("valley", valley_lr), ("steepest descent", steepest_lr))
+        if value
+    ]
+    quoted = f" (range test: {', '.join(suggestions)})" if suggestions else ""
+    if min_loss_lr and scaled_lr > min_loss_lr / 2:
+        fallback = valley_lr or steepest_lr
+        if fallback and fallback < scaled_lr:
+            return Choice(
+                fallback,
+                f"{scaled_reason}, but the range test's loss bottoms out at {min_loss_lr:.3g}, "
+                f"too close to divergence; took its suggestion {fallback:.3g}{quoted}",
+            )
+    return Choice(
+        scaled_lr,
+        f"{scaled_reason}, consistent with the range test{quoted}"
+        if suggestions
+        else scaled_reason,
+    )
