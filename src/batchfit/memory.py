@@ -1,0 +1,490 @@
+"""Peak memory of real training steps at a batch size, and out-of-memory detection.
+
+Three pieces:
+
+- `is_out_of_memory(error)`: is this exception an out-of-memory error? By type first
+  (`torch.OutOfMemoryError`), then, for backends that raise plain RuntimeErrors, by message.
+- `count_memory(...)`: an exact count of live tensor storage bytes on any device, CPU included,
+  taken by a TorchDispatchMode. Each storage is rounded up to 512 bytes, as the CUDA caching
+  allocator does. With a budget it raises `torch.OutOfMemoryError` the moment live bytes pass
+  it, so the whole out-of-memory path of a search runs on a CPU.
+- `measure_step_memory(task, batch_size, ...)`: builds a fresh model and optimizer from a task
+  and runs real training steps (zero_grad, forward, loss, backward, optimizer step) under that
+  count; on CUDA the caching allocator's peak statistics are read too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import random
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from batchfit import devices
+from batchfit.errors import ConfigError
+from batchfit.units import format_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+logger = logging.getLogger(__name__)
+
+ALLOCATION_GRANULARITY_BYTES = 512
+"""The CUDA caching allocator rounds every block up to a multiple of 512 bytes."""
+
+# Messages of out-of-memory errors raised as plain RuntimeErrors (not torch.OutOfMemoryError)
+# by the backends that do so. Matched only on RuntimeError and its subclasses.
+OUT_OF_MEMORY_MESSAGES = (
+    "CUDA out of memory",  # older CUDA allocator messages
+    "CUDA error: out of memory",  # a kernel or the driver failing to allocate
+    "HIP out of memory",  # ROCm
+    "XPU out of memory",  # Intel GPUs
+    "MPS backend out of memory",  # Apple silicon
+    "DefaultCPUAllocator: can't allocate memory",  # host memory exhausted
+    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its workspace
+    "CUDNN_STATUS_ALLOC_FAILED",  # cuDNN could not allocate its workspace
+    "CUDNN_STATUS_INTERNAL_ERROR",  # cuDNN's usual symptom of a failed internal allocation
+    "PT_DEVMEM Allocation failed",  # Habana HPU
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an out-of-memory error of any backend.
+
+    `torch.OutOfMemoryError` (also `torch.cuda.OutOfMemoryError`) and Python's `MemoryError`
+    are recognised by type; RuntimeErrors by the messages in OUT_OF_MEMORY_MESSAGES. A shape
+    mismatch, a NaN check or any other error is never out-of-memory.
+
+    Example:
+        >>> import torch
+        >>> is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+        True
+        >>> is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        False
+    """
+    import torch
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    message = str(error)
+    return any(pattern in message for pattern in OUT_OF_MEMORY_MESSAGES)
+
+
+def storage_bytes(nbytes: int) -> int:
+    """Bytes a storage of `nbytes` takes: rounded up to 512, as the CUDA caching allocator does.
+
+    Example:
+        >>> storage_bytes(0), storage_bytes(1), storage_bytes(512), storage_bytes(513)
+        (0, 512, 512, 1024)
+    """
+    if nbytes <= 0:
+        return 0
+    granularity = ALLOCATION_GRANULARITY_BYTES
+    return -(-nbytes // granularity) * granularity
+
+
+class MemoryCounter:
+    """Live and peak bytes of tensor storages, kept up to date by `count_memory`.
+
+    Attributes:
+        live_bytes: bytes of the storages alive now (each rounded up to 512).
+        peak_bytes: the largest `live_bytes` since entry or the last `reset_peak()`.
+        budget_bytes: when not None, going past it raises `torch.OutOfMemoryError`. It may be
+            changed while counting (to simulate a budget that shrinks mid-run).
+        device: when not None, only storages on this device type are counted.
+    """
+
+    def __init__(self, *, budget_bytes: int | None = None, device: torch.device | None = None):
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.budget_bytes = budget_bytes
+        self.device = device
+        self._bytes: dict[int, int] = {}  # storage key -> counted bytes
+        self._refs: dict[int, weakref.ref] = {}  # storage key -> weak reference
+
+    def reset_peak(self) -> None:
+        """Start the peak afresh from the bytes alive now."""
+        self.peak_bytes = self.live_bytes
+
+    @property
+    def storage_count(self) -> int:
+        """How many distinct storages are alive and counted."""
+        return len(self._bytes)
+
+    def add_tensors(self, tensors: Iterable[Any]) -> None:
+        """Count the storages of these tensors (already-counted storages are skipped).
+
+        Accepts nested lists, tuples and dicts of tensors; anything else is ignored.
+        """
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        for value in tree_flatten(list(tensors))[0]:
+            if isinstance(value, torch.Tensor):
+                self._track(value.untyped_storage(), value.device)
+        self._after_change("counting the tensors alive at entry")
+
+    def _counts(self, device: torch.device) -> bool:
+        if device.type == "meta":
+            return False
+        return self.device is None or device.type == self.device.type
+
+    def _track(self, storage: Any, device: torch.device) -> None:
+        if not self._counts(device):
+            return
+        key = storage._cdata
+        size = storage_bytes(storage.nbytes())
+        known = self._bytes.get(key)
+        if known is not None:
+            # The same storage again (a view, or an in-place resize): count it once, at its
+            # current size.
+            if known != size:
+                self.live_bytes += size - known
+                self._bytes[key] = size
+            return
+        self._bytes[key] = size
+        self.live_bytes += size
+        self._refs[key] = weakref.ref(storage, _release_callback(self, key))
+
+    def _release(self, key: int) -> None:
+        size = self._bytes.pop(key, None)
+        self._refs.pop(key, None)
+        if size is not None:
+            self.live_bytes -= size
+
+    def _after_change(self, what: str, allocated_bytes: int | None = None) -> None:
+        import torch
+
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+        budget = self.budget_bytes
+        if budget is not None and self.live_bytes > budget:
+            tried = self.live_bytes if allocated_bytes is None else allocated_bytes
+            raise torch.OutOfMemoryError(
+                f"Out of memory under the batchfit budget: tried to allocate "
+                f"{format_bytes(tried)} in {what}; {format_bytes(self.live_bytes)} in use of a "
+                f"{format_bytes(budget)} budget ({format_bytes(self.live_bytes - budget)} over)."
+            )
+
+    def _stop(self) -> None:
+        """Drop the weak references, so late frees no longer touch this counter."""
+        self._refs.clear()
+
+    def to_dict(self) -> dict:
+        return {
+            "live_bytes": self.live_bytes,
+            "peak_bytes": self.peak_bytes,
+            "budget_bytes": self.budget_bytes,
+        }
+
+
+def _release_callback(counter: MemoryCounter, key: int):
+    # A weak reference to the counter, so a forgotten storage does not keep it alive.
+    counter_ref = weakref.ref(counter)
+
+    def release(_reference: weakref.ref) -> None:
+        live_counter = counter_ref()
+        if live_counter is not None:
+            live_counter._release(key)
+
+    return release
+
+
+# Ops whose output is a tensor the caller created outside any op (torch.tensor(...) builds its
+# data in C++ and then "lifts" it): their output is new memory even though it is an input.
+_LIFT_OPS = ("lift_fresh", "lift_fresh_copy", "lift")
+
+
+def _counting_mode_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class _CountingMode(TorchDispatchMode):
+        def __init__(self, counter: MemoryCounter) -> None:
+            super().__init__()
+            self.counter = counter
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            import torch
+
+            kwargs = kwargs or {}
+            counter = self.counter
+            live_before = counter.live_bytes
+            out = func(*args, **kwargs)
+            inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            input_keys = set()
+            for tensor in inputs:
+                storage = tensor.untyped_storage()
+                input_keys.add(storage._cdata)
+                # An in-place op (resize_, set_, out=) may have grown a counted storage.
+                if storage._cdata in counter._bytes:
+                    counter._track(storage, tensor.device)
+            lifted = func.overloadpacket.__name__ in _LIFT_OPS
+            for tensor in tree_flatten(out)[0]:
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                if key in input_keys and key not in counter._bytes and not lifted:
+                    continue  # a view of memory that existed before counting began
+                counter._track(storage, tensor.device)
+            counter._after_change(str(func), max(0, counter.live_bytes - live_before))
+            return out
+
+    return _CountingMode
+
+
+@contextlib.contextmanager
+def count_memory(
+    *,
+    budget_bytes: int | None = None,
+    tensors: Iterable[Any] = (),
+    device: torch.device | None = None,
+) -> Iterator[MemoryCounter]:
+    """Count live tensor storage bytes exactly while the block runs.
+
+    Counts the storages of `tensors` (parameters, buffers, gradients, optimizer state, the
+    batch: whatever is alive at entry and should count) plus every storage an op creates inside
+    the block: forward, backward and optimizer ops alike. Views share their base's storage
+    and are counted once; a storage stops counting when it dies. Each storage is rounded up to
+    512 bytes, as the CUDA caching allocator does. Works the same on fake tensors, which is
+    how `batchfit.predict` predicts memory without real compute.
+
+    Args:
+        budget_bytes: when not None, raise `torch.OutOfMemoryError` (the error a GPU raises)
+            as soon as live bytes pass it. The counter's `budget_bytes` may be changed inside.
+        tensors: tensors alive at entry to count (nested lists/tuples/dicts are fine).
+        device: count only storages on this device's type; None counts every device.
+
+    Yields:
+        The MemoryCounter, whose `live_bytes` and `peak_bytes` stay current.
+
+    Raises:
+        torch.OutOfMemoryError: live bytes passed the budget (at entry or inside the block).
+
+    Example:
+        >>> import torch
+        >>> weight = torch.zeros(256)  # 1 KiB
+        >>> with count_memory(tensors=[weight]) as counter:
+        ...     doubled = weight * 2
+        >>> counter.peak_bytes
+        2048
+    """
+    counter = MemoryCounter(budget_bytes=budget_bytes, device=device)
+    counter.add_tensors(tensors)
+    mode = _counting_mode_class()(counter)
+    try:
+        with mode:
+            yield counter
+    finally:
+        counter._stop()
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Peak memory of real training steps at one batch size.
+
+    Attributes:
+        batch_size: samples per step.
+        steps: training steps run (optimizer state appears at the first).
+        peak_bytes: peak of live tensor storage bytes counted over the steps, including
+            parameters, buffers, gradients, optimizer state and the batch (each storage
+            rounded up to 512 bytes).
+        state_bytes: parameters, buffers, gradients and optimizer state after the last step:
+            what the model needs before the first sample.
+        batch_bytes: the input batch.
+        allocator_peak_bytes: on CUDA, the caching allocator's peak allocated bytes over the
+            steps (everything the process holds on the card); None elsewhere.
+        seconds: wall time of the steps.
+        device: the device the steps ran on.
+        repeated_samples: True when `batch_size` exceeds the data set, so indices wrapped
+            around and some samples appear more than once (memory is the same either way).
+    """
+
+    batch_size: int
+    steps: int
+    peak_bytes: int
+    state_bytes: int
+    batch_bytes: int
+    allocator_peak_bytes: int | None
+    seconds: float
+    device: str
+    repeated_samples: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_batch_size(batch_size: object, *, name: str = "batch_size") -> int:
+    """Validate a batch size: a positive int.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{name} must be a positive whole number of samples, got {batch_size!r}.")
+    return batch_size
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device, seed: int | None = None) -> Iterator[None]:
+    """Run a block with torch's (CPU and `device`) and Python's RNG state restored afterwards.
+
+    Args:
+        device: the device whose generator is saved and restored too (CUDA).
+        seed: when not None, seed torch's generators with it inside the block.
+    """
+    import torch
+
+    python_state = random.getstate()
+    cuda_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+
+
+def tensors_of_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list:
+    """Parameters, buffers, gradients and optimizer state tensors of a model and optimizer."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    found: list = list(model.parameters()) + list(model.buffers())
+    found += [p.grad for p in model.parameters() if p.grad is not None]
+    state_values = tree_flatten([dict(state) for state in optimizer.state.values()])[0]
+    found += [value for value in state_values if isinstance(value, torch.Tensor)]
+    return found
+
+
+def counted_bytes(tensors: Iterable[Any], *, device: torch.device | None = None) -> int:
+    """Bytes of the distinct storages of `tensors`, each rounded up to 512 (no budget)."""
+    counter = MemoryCounter(device=device)
+    counter.add_tensors(tensors)
+    counter._stop()
+    return counter.live_bytes
+
+
+def run_training_steps(task: Task, model, optimizer, batch, steps: int) -> None:
+    """`steps` full training steps: zero_grad, forward and loss, backward, optimizer step."""
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        del loss
+
+
+def measure_step_memory(
+    task: Task,
+    batch_size: int,
+    *,
+    device: str | torch.device = "cpu",
+    steps: int = 2,
+    budget_bytes: int | None = None,
+) -> StepMemory:
+    """Run `steps` real training steps at `batch_size` and return their peak memory.
+
+    Builds a fresh model (seeded with `task.seed`) and optimizer from the task, so the task's
+    own model is never touched, and runs the steps on a batch of the first `batch_size`
+    training samples. When the data set is smaller, indices wrap around and samples repeat
+    (`repeated_samples` says so): memory depends on the batch's shape, not its content.
+    Torch's and Python's random states are restored afterwards.
+
+    Args:
+        task: the training task.
+        batch_size: samples per step.
+        device: where to run ("cpu", "cuda", "auto", ...).
+        steps: training steps, at least 2: optimizer state appears at the first step, so the
+            second one shows the steady-state peak.
+        budget_bytes: when not None, a step whose counted memory passes it fails with
+            `torch.OutOfMemoryError`; on CUDA the process is also capped to it.
+
+    Returns:
+        StepMemory: counted peak, state and batch bytes, the allocator's peak on CUDA, seconds.
+
+    Raises:
+        ConfigError: batch_size or steps is not valid, or the device is unknown.
+        torch.OutOfMemoryError: the steps ran out of memory (or past the budget). Everything
+            the failed step held is freed before this is raised.
+        Any other error from the task's model, loss or optimizer, unchanged.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> measure_step_memory(load_example("digits"), 8).peak_bytes > 0
+        True
+    """
+    import torch
+
+    check_batch_size(batch_size)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ConfigError(
+            f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
+        )
+    device = devices.resolve_device(device)
+    failure: str | None = None
+    result: StepMemory | None = None
+    try:
+        result = _measure(task, batch_size, device, steps, budget_bytes)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        # Keep only the message: the traceback's frames hold the failed step's tensors.
+        failure = str(error)
+    if failure is not None:
+        gc.collect()
+        devices.empty_cache(device)
+        logger.debug("batch %d ran out of memory: %s", batch_size, failure)
+        raise torch.OutOfMemoryError(failure)
+    assert result is not None
+    return result
+
+
+def _measure(
+    task: Task, batch_size: int, device: torch.device, steps: int, budget_bytes: int | None
+) -> StepMemory:
+    from batchfit.task import move_to
+
+    with forked_rng(device, task.seed), devices.memory_cap(device, budget_bytes):
+        model = task.make_model().to(device)
+        model.train()
+        optimizer = task.make_optimizer(model.parameters())
+        batch = move_to(task.batch(range(batch_size)), device)
+        batch_bytes = counted_bytes([batch], device=device)
+        entry = list(model.parameters()) + list(model.buffers()) + [batch]
+        try:
+            devices.synchronize(device)
+            devices.reset_peak_memory(device)
+            started = time.perf_counter()
+            with count_memory(budget_bytes=budget_bytes, tensors=entry, device=device) as counter:
+                run_training_steps(task, model, optimizer, batch, steps)
+            devices.synchronize(device)
+            seconds = time.perf_counter() - started
+            allocator_peak = devices.peak_allocated_bytes(device)
+            state_bytes = counted_bytes(tensors_of_state(model, optimizer), device=device)
+        finally:
+            del model, optimizer, batch, entry
+            gc.collect()
+            devices.empty_cache(device)
+    return StepMemory(
+        batch_size=batch_size,
+        steps=steps,
+        peak_bytes=counter.peak_bytes,
+        state_bytes=state_bytes,
+        batch_bytes=batch_bytes,
+        allocator_peak_bytes=allocator_peak,
+        seconds=seconds,
+        device=str(device),
+        repeated_samples=batch_size > len(task.train_data),
+    )
