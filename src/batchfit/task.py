@@ -59,6 +59,10 @@ class Task:
         tokens: optional `tokens(batch) -> int`: the number of tokens the loss averages over.
             When given, accumulation weights micro-batch losses by tokens, not samples, and
             throughput is also reported in tokens per second.
+        loss_with_smoothing: optional `loss_with_smoothing(model, batch, label_smoothing) ->
+            scalar tensor`: the loss with targets smoothed by `label_smoothing` in [0, 1)
+            (Szegedy et al. 2016), for classifiers. Training with label smoothing needs it;
+            the built-in classification examples set it.
         name: a short name for reports.
         seed: seed for building the model and drawing batches.
     """
@@ -78,6 +82,7 @@ class Task:
     name: str = "task"
     seed: int = 0
     notes: dict[str, str] = field(default_factory=dict)
+    loss_with_smoothing: Callable[[nn.Module, Batch, float], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):

@@ -13,6 +13,14 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(inputs), labels)
 
 
+def classification_loss_with_smoothing(
+    model: nn.Module, batch, label_smoothing: float
+) -> torch.Tensor:
+    """Mean cross-entropy against targets smoothed by `label_smoothing` (Szegedy et al. 2016)."""
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels, label_smoothing=label_smoothing)
+
+
 def classification_accuracy(model: nn.Module, batch) -> float:
     """Fraction of the batch the classifier gets right."""
     inputs, labels = batch

@@ -91,6 +91,17 @@ def next_character_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, VOCABULARY_SIZE), targets.reshape(-1))
 
 
+def next_character_loss_with_smoothing(
+    model: nn.Module, batch, label_smoothing: float
+) -> torch.Tensor:
+    """`next_character_loss` against targets smoothed by `label_smoothing`."""
+    inputs, targets = batch
+    logits = model(inputs)
+    return F.cross_entropy(
+        logits.reshape(-1, VOCABULARY_SIZE), targets.reshape(-1), label_smoothing=label_smoothing
+    )
+
+
 def next_character_accuracy(model: nn.Module, batch) -> float:
     inputs, targets = batch
     with torch.no_grad():
@@ -105,6 +116,7 @@ def task() -> Task:
         train_data=CharWindows(codes[:cut]),
         val_data=CharWindows(codes[cut:]),
         loss=next_character_loss,
+        loss_with_smoothing=next_character_loss_with_smoothing,
         optimizer=lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
         lr=3e-3,
         batch_size=32,

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from batchfit.examples._common import classification_accuracy, classification_loss, split
+from batchfit.examples._common import (
+    classification_accuracy,
+    classification_loss,
+    classification_loss_with_smoothing,
+    split,
+)
 from batchfit.task import Task
 
 IMAGE_SIZE = 32
@@ -71,6 +76,7 @@ def task() -> Task:
         train_data=TensorDataset(images[train], labels[train]),
         val_data=TensorDataset(images[val], labels[val]),
         loss=classification_loss,
+        loss_with_smoothing=classification_loss_with_smoothing,
         optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
         lr=0.05,
         batch_size=64,

@@ -6,7 +6,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from batchfit.examples._common import classification_accuracy, classification_loss, split
+from batchfit.examples._common import (
+    classification_accuracy,
+    classification_loss,
+    classification_loss_with_smoothing,
+    split,
+)
 from batchfit.task import Task
 
 
@@ -29,6 +34,7 @@ def task() -> Task:
         train_data=TensorDataset(inputs[train], labels[train]),
         val_data=TensorDataset(inputs[val], labels[val]),
         loss=classification_loss,
+        loss_with_smoothing=classification_loss_with_smoothing,
         optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr),
         lr=1e-3,
         batch_size=32,
