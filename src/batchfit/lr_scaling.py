@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from batchfit.errors import ConfigError
+from batchfit.schedules import ScheduleConfig
 
 Rule = Literal["linear", "sqrt", "none"]
 OptimizerFamily = Literal["sgd", "adam"]
@@ -242,3 +243,58 @@ def default_warmup_steps(total_steps: int, *, steps_per_epoch: int | None = None
         _check_positive("steps_per_epoch", steps_per_epoch, integer=True)
         steps = min(WARMUP_EPOCHS * steps_per_epoch, int(MAX_WARMUP_FRACTION * total_steps))
     return max(1, min(steps, total_steps - 1)) if total_steps >= 2 else 0
+
+
+def recommended_schedule(
+    scaled: ScaledRate,
+    total_steps: int,
+    *,
+    warmup_steps: int | None = None,
+    warmup_fraction: float | None = None,
+    steps_per_epoch: int | None = None,
+    decay: str = "cosine",
+    min_lr_factor: float = 0.0,
+) -> ScheduleConfig:
+    """The schedule batchfit uses for a scaled rate: warmup when advised, then `decay`.
+
+    With neither `warmup_steps` nor `warmup_fraction` given, the warmup is
+    `default_warmup_steps(total_steps, steps_per_epoch=...)` when `scaled.warmup` (the rate is
+    2x the base or more) and none otherwise. A warmup to a rate above the base starts from the
+    base rate (start factor base_lr / lr, as in Goyal et al. 2017); otherwise from 0.
+
+    Args:
+        scaled: the result of `scaled_rate`.
+        total_steps: optimizer steps in the run.
+        warmup_steps: warmup length in steps, overriding the default.
+        warmup_fraction: warmup as a fraction of `total_steps`, overriding the default.
+        steps_per_epoch: optimizer steps per epoch, for Goyal's 5-epoch default.
+        decay: "constant", "cosine", "linear" or "step" (step also needs a milestone: build a
+            `ScheduleConfig` directly).
+        min_lr_factor: where cosine or linear decay ends, as a multiple of the peak rate.
+
+    Returns:
+        A `batchfit.schedules.ScheduleConfig`.
+
+    Raises:
+        ConfigError: anything `ScheduleConfig` refuses (warmup longer than training, ...).
+
+    Example:
+        >>> config = recommended_schedule(scaled_rate(0.1, 64, 256, "linear"), 3000)
+        >>> config.warmup_steps, config.warmup_start_factor, config.decay
+        (150, 0.25, 'cosine')
+    """
+    if warmup_steps is None and warmup_fraction is None:
+        warmup_steps = (
+            default_warmup_steps(total_steps, steps_per_epoch=steps_per_epoch)
+            if scaled.warmup
+            else 0
+        )
+    start = scaled.warmup_start_factor if scaled.lr > scaled.base_lr else 0.0
+    return ScheduleConfig(
+        total_steps=total_steps,
+        warmup_steps=warmup_steps or 0,
+        warmup_fraction=warmup_fraction,
+        warmup_start_factor=start,
+        decay=decay,  # type: ignore[arg-type]  # checked by ScheduleConfig
+        min_lr_factor=min_lr_factor,
+    )

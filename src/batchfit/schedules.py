@@ -186,7 +186,7 @@ class ScheduleConfig:
         """One line for people, e.g. "100 steps: 10 warmup from 0, then cosine to 0"."""
         parts = [f"{self.total_steps} steps"]
         if self.warmup_steps:
-            parts.append(f"{self.warmup_steps} warmup from {self.warmup_start_factor:.3g}x")
+            parts.append(f"{self.warmup_steps} warmup steps from {self.warmup_start_factor:.3g}x")
         if self.decay == "cosine" or self.decay == "linear":
             parts.append(f"{self.decay} decay to {self.min_lr_factor:.3g}x")
         elif self.decay == "step":
@@ -387,7 +387,7 @@ def render_schedule(config: ScheduleConfig, base_lr: float, *, rows: int = 8) ->
     """
     from rich.table import Table
 
-    table = Table(title=f"Learning-rate schedule: {config.describe()}", title_justify="left")
+    table = Table(title="Learning-rate schedule", caption=config.describe(), caption_justify="left")
     table.add_column("step", justify="right")
     table.add_column("phase")
     table.add_column("multiplier", justify="right")
@@ -395,6 +395,6 @@ def render_schedule(config: ScheduleConfig, base_lr: float, *, rows: int = 8) ->
     for row in schedule_table(config, base_lr, rows=rows):
         step = int(row["step"])
         table.add_row(
-            str(step), _phase(step, config), f"{row['multiplier']:.4f}", f"{row['lr']:.6g}"
+            str(step), _phase(step, config), f"{row['multiplier']:.4g}", f"{row['lr']:.6g}"
         )
     return table
