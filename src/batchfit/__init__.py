@@ -27,6 +27,23 @@ _EXPORTS = {
     "fit_memory_model": "batchfit.memory_model",
     "MemoryModel": "batchfit.memory_model",
     "round_down": "batchfit.rounding",
+    "AccumulationPlan": "batchfit.accumulation",
+    "plan_accumulation": "batchfit.accumulation",
+    "micro_batch_weights": "batchfit.accumulation",
+    "accumulate_gradients": "batchfit.accumulation",
+    "split_batch": "batchfit.accumulation",
+    "ScaledRate": "batchfit.lr_scaling",
+    "scale_lr": "batchfit.lr_scaling",
+    "scaled_rate": "batchfit.lr_scaling",
+    "default_rule": "batchfit.lr_scaling",
+    "needs_warmup": "batchfit.lr_scaling",
+    "default_warmup_steps": "batchfit.lr_scaling",
+    "recommended_schedule": "batchfit.lr_scaling",
+    "ScheduleConfig": "batchfit.schedules",
+    "lr_multiplier": "batchfit.schedules",
+    "build_scheduler": "batchfit.schedules",
+    "schedule_table": "batchfit.schedules",
+    "render_schedule": "batchfit.schedules",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
