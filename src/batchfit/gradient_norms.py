@@ -1,0 +1,200 @@
+"""Squared gradient norms of each micro-batch (and each DDP rank) during training, nearly free.
+
+A `GradientNormWatch` registers a hook on every trainable parameter. During each backward the
+hook sees the gradient that backward contributes, before it is added into `.grad` (and, under
+DistributedDataParallel, before the all-reduce: each rank's *local* gradient), and adds its
+squared norm to a running total on the device, without a copy and without a host sync. At the
+end of an optimizer step, `.grad` holds the accumulated (and all-reduced) gradient: the big
+batch. Together they feed a `NoiseScaleTracker` (see `batchfit.noise_scale`).
+
+Calls a training loop makes, per optimizer step:
+
+    watch = tracker.watch(model)          # once; watch.remove() when done
+    optimizer.zero_grad()
+    for micro_batch in micro_batches:
+        (loss_fn(model, micro_batch) * weight).backward()   # weight = n / total, as usual
+        watch.micro_batch(n)              # n: samples in this micro-batch
+    watch.step()                          # before clipping, unscaling or optimizer.step()
+    optimizer.step()
+
+Under DDP each rank makes the same calls; `step()` all-reduces four numbers (one tiny
+collective per step), so every rank's tracker holds the same estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from batchfit.noise_scale import NoiseScaleTracker
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GradientNormWatch"]
+
+
+class GradientNormWatch:
+    """Measures micro-batch and accumulated gradient norms for a `NoiseScaleTracker`.
+
+    Made by `NoiseScaleTracker.watch(model)`. Only reads gradients; never changes them.
+
+    Example:
+        >>> import torch
+        >>> from batchfit.noise_scale import NoiseScaleTracker
+        >>> model = torch.nn.Linear(3, 1)
+        >>> tracker = NoiseScaleTracker(ema_decay=1.0)
+        >>> watch = tracker.watch(model)
+        >>> data = torch.randn(8, 3)
+        >>> for part in data.split(4):
+        ...     (model(part).pow(2).mean() * 0.5).backward()
+        ...     watch.micro_batch(4)
+        >>> watch.step()
+        >>> tracker.updates
+        1
+        >>> watch.remove()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tracker: NoiseScaleTracker,
+        *,
+        distributed: bool | None = None,
+        process_group: Any = None,
+    ) -> None:
+        import torch
+
+        self.tracker = tracker
+        self.params = [param for param in model.parameters() if param.requires_grad]
+        if not self.params:
+            raise ConfigError("The model has no trainable parameters, so it has no gradient.")
+        if distributed is None:
+            distributed = (
+                torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size(process_group) > 1
+            )
+        self.distributed = bool(distributed)
+        self.process_group = process_group
+        self._pending: list[torch.Tensor] = []  # squared norms seen since the last micro_batch
+        self._micro: list[tuple[torch.Tensor, float, float | None]] = []
+        self._warned_single = False
+        self._handles = [param.register_hook(self._hook) for param in self.params]
+
+    def _hook(self, grad: torch.Tensor) -> None:
+        import torch
+
+        values = grad.coalesce().values() if grad.is_sparse else grad
+        # float32 accumulation keeps half-precision gradients from overflowing when squared
+        self._pending.append(torch.linalg.vector_norm(values.detach(), dtype=torch.float32))
+
+    def micro_batch(self, samples: float, *, loss_scale: float | None = None) -> None:
+        """Record the gradient of the backward that just ran as one small batch.
+
+        Args:
+            samples: samples (the unit the loss averages over) in the micro-batch.
+            loss_scale: the factor the micro-batch's mean loss was multiplied by before backward;
+                default `samples / (sum of samples this step)`, as `accumulate_gradients` and
+                `micro_batch_weights` use. Leave a GradScaler's scale out: pass it to `step()`.
+
+        Raises:
+            ConfigError: samples or loss_scale is not positive, or no backward ran since the
+                last call.
+        """
+        import torch
+
+        if isinstance(samples, bool) or not isinstance(samples, (int, float)) or samples <= 0:
+            raise ConfigError(f"samples must be a positive count, got {samples!r}.")
+        if loss_scale is not None and not loss_scale > 0:
+            raise ConfigError(f"loss_scale must be positive, got {loss_scale!r}.")
+        if not self._pending:
+            raise ConfigError(
+                "micro_batch() was called but no backward ran since the last call; call it "
+                "once after each micro-batch's backward()."
+            )
+        squared = torch.stack(self._pending).square().sum()
+        self._pending = []
+        self._micro.append((squared, float(samples), loss_scale))
+
+    def step(self, *, grad_scale: float = 1.0) -> None:
+        """Close the optimizer step: read `.grad` as the big batch and update the tracker.
+
+        Call after the last micro-batch's backward and before gradient clipping, unscaling or
+        `optimizer.step()`. A step with a single micro-batch on a single rank carries no
+        information (the small batch is the big one) and is skipped. A step whose gradients are
+        not finite (a mixed-precision overflow) is skipped too.
+
+        Args:
+            grad_scale: the loss scale `.grad` carries (GradScaler.get_scale()); 1.0 without one.
+        """
+        import torch
+
+        if self._pending:
+            raise ConfigError(
+                "A backward ran after the last micro_batch() call; call micro_batch(samples) "
+                "after each micro-batch's backward, before step()."
+            )
+        micro, self._micro = self._micro, []
+        if not micro:
+            raise ConfigError("step() was called with no micro_batch() since the last step.")
+        local_samples = sum(samples for _, samples, _ in micro)
+        small_sum = torch.zeros((), dtype=torch.float64, device=micro[0][0].device)
+        for squared, samples, loss_scale in micro:
+            scale = samples / local_samples if loss_scale is None else loss_scale
+            small_sum = small_sum + squared.double() / scale**2
+        norms = [
+            torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)
+            for param in self.params
+            if param.grad is not None
+        ]
+        big_sq = torch.stack(norms).double().square().sum() / grad_scale**2
+        inverse_sizes = sum(1.0 / samples for _, samples, _ in micro)
+        numbers = torch.stack(
+            [
+                small_sum,
+                torch.tensor(inverse_sizes, dtype=torch.float64, device=small_sum.device),
+                torch.tensor(float(len(micro)), dtype=torch.float64, device=small_sum.device),
+                torch.tensor(local_samples, dtype=torch.float64, device=small_sum.device),
+            ]
+        )
+        if self.distributed:
+            torch.distributed.all_reduce(numbers, group=self.process_group)
+        small_total, inverse_total, count, samples_total = numbers.tolist()
+        big_sq_value = float(big_sq)
+        # the micro-batch gradients carry the GradScaler's scale just as `.grad` does
+        small_sq = small_total / count / grad_scale**2
+        small_batch = count / inverse_total  # harmonic mean of the micro-batch sizes
+        if count < 2:
+            if not self._warned_single:
+                logger.info(
+                    "noise scale: one micro-batch on one rank per step measures nothing; "
+                    "use gradient accumulation or DDP"
+                )
+                self._warned_single = True
+            return
+        if not (torch.isfinite(torch.tensor([small_sq, big_sq_value])).all()):
+            logger.info("noise scale: skipped a step whose gradients are not finite")
+            return
+        self.tracker.update(
+            small_sq, big_sq_value, small_batch=small_batch, big_batch=samples_total
+        )
+
+    def remove(self) -> None:
+        """Remove the hooks; the watch measures nothing afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._pending = []
+        self._micro = []
+
+    def __enter__(self) -> GradientNormWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()

@@ -1,0 +1,877 @@
+"""The gradient noise scale: the batch size above which a bigger batch stops saving steps.
+
+After McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training"
+(arXiv:1812.06162), section 2.2 and Appendix A. With G the true gradient and Sigma the
+per-example covariance of the gradient, the *simple noise scale* is
+
+    B_simple = tr(Sigma) / |G|^2        (in samples)
+
+and approximates the critical batch size: below it, doubling the batch nearly halves the number
+of optimizer steps to a given loss; well above it, extra samples per step are mostly wasted.
+
+Estimators (Appendix A.1). A batch mean g_B of B per-example gradients has
+E|g_B|^2 = |G|^2 + tr(Sigma) c(B). Drawn with replacement (an infinite population), c(B) = 1/B,
+and squared norms at two batch sizes B_small < B_big give the paper's unbiased estimators
+
+    |G|^2    ~ (B_big |g_big|^2 - B_small |g_small|^2) / (B_big - B_small)
+    tr(Sigma) ~ (|g_small|^2 - |g_big|^2) / (1/B_small - 1/B_big)
+
+Finite-population correction (derived here). A shuffling loader draws a batch *without
+replacement* from N training samples. With Sigma the population covariance (divided by N),
+the covariance of the batch mean is (Sigma / B) (N - B) / (N - 1), so
+
+    c(B) = (N - B) / (B (N - 1)) = N / (N - 1) * (1/B - 1/N).
+
+Solving the two expectations for the two unknowns gives, with c_s = c(B_small), c_b = c(B_big),
+
+    tr(Sigma) ~ (|g_small|^2 - |g_big|^2) / (c_s - c_b)
+    |G|^2     ~ (c_s |g_big|^2 - c_b |g_small|^2) / (c_s - c_b)
+
+which reduce to the paper's formulas as N -> infinity. In terms of the uncorrected estimates,
+tr(Sigma)_N = tr(Sigma)_inf (N - 1) / N and |G|^2_N = |G|^2_inf + tr(Sigma)_inf / N: without the
+correction the noise scale comes out too high, by a factor of about 1 + B_simple / N.
+
+When the small batches are the k micro-batches of one step (sizes n_1..n_k), the mean of their
+squared norms has expectation |G|^2 + tr(Sigma) * mean_i c(n_i); since c is affine in 1/B, this is
+c at the harmonic mean of the sizes, which is used as B_small.
+
+Smoothing: |G|^2 and tr(Sigma) are each averaged separately (bias-corrected exponential moving
+averages) and the ratio is taken afterwards, as the paper advises: the ratio of single noisy
+estimates is heavily biased. `ema_decay=1` is a plain mean over all batches, right for a frozen
+model (the standalone measurement).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import CheckpointError, ConfigError, TaskError
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+    from torch import nn
+
+    from batchfit.gradient_norms import GradientNormWatch
+    from batchfit.task import Task
+
+__all__ = [
+    "NoiseScaleResult",
+    "RunningEstimate",
+    "NoiseScaleTracker",
+    "estimate_gradient_statistics",
+    "variance_factor",
+    "measure_noise_scale",
+]
+
+CONFIDENCE = 0.9  # the spread is a 90% bootstrap percentile interval (5th to 95th percentile)
+BOOTSTRAP_RESAMPLES = 400  # enough for stable 5%/95% percentiles, a few ms for 1,000 batches
+MIN_RELIABLE_BATCHES = 5  # fewer batches than this give an estimate too noisy to act on
+MAX_HISTORY = 10_000  # per-batch estimates kept for the spread when ema_decay == 1
+RUNNING_POINTS = 40  # points of the running estimate kept for plots
+DEFAULT_BATCHES = 50
+DEFAULT_WARMUP_STEPS = 50
+_STATE_VERSION = 1
+
+
+def variance_factor(batch_size: float, dataset_size: int | None = None) -> float:
+    """c(B): the factor of tr(Sigma) in E|g_B|^2 = |G|^2 + tr(Sigma) c(B).
+
+    1/B for an infinite population (draws with replacement), (N - B) / (B (N - 1)) for batches
+    drawn without replacement from N samples (see the module docstring).
+
+    Example:
+        >>> variance_factor(4)
+        0.25
+        >>> variance_factor(4, 5)  # (5 - 4) / (4 * 4)
+        0.0625
+    """
+    if dataset_size is None:
+        return 1.0 / batch_size
+    return (dataset_size - batch_size) / (batch_size * (dataset_size - 1))
+
+
+def _check_positive_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{name} must be a positive number of samples, got {value!r}.")
+    return float(value)
+
+
+def _check_batches(small_batch: float, big_batch: float, dataset_size: int | None) -> None:
+    _check_positive_number("small_batch", small_batch)
+    _check_positive_number("big_batch", big_batch)
+    if small_batch >= big_batch:
+        raise ConfigError(
+            f"small_batch ({small_batch:g}) must be below big_batch ({big_batch:g}): the "
+            "noise scale comes from the difference between the two gradient norms; raise "
+            "big_batch or lower small_batch."
+        )
+    if dataset_size is not None:
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 2:
+            raise ConfigError(
+                f"dataset_size must be a whole number of at least 2 samples, or None for an "
+                f"infinite population, got {dataset_size!r}."
+            )
+        if big_batch > dataset_size:
+            raise ConfigError(
+                f"big_batch ({big_batch:g}) is larger than the training set ({dataset_size} "
+                "samples); batches drawn without replacement cannot exceed it. Lower big_batch "
+                f"to at most {dataset_size}, or pass dataset_size=None."
+            )
+
+
+def estimate_gradient_statistics(
+    small_sq_norm: float,
+    big_sq_norm: float,
+    *,
+    small_batch: float,
+    big_batch: float,
+    dataset_size: int | None = None,
+) -> tuple[float, float]:
+    """Unbiased estimates of |G|^2 and tr(Sigma) from squared gradient norms at two batch sizes.
+
+    McCandlish et al. 2018 (arXiv:1812.06162), Appendix A.1, with the finite-population
+    correction derived in the module docstring when `dataset_size` is given.
+
+    Args:
+        small_sq_norm: |g_small|^2, the squared norm of a mean gradient over `small_batch`
+            samples (or the mean of several such, see the module docstring).
+        big_sq_norm: |g_big|^2, the squared norm of a mean gradient over `big_batch` samples.
+        small_batch: B_small in samples (may be fractional: a harmonic mean of sizes).
+        big_batch: B_big in samples, above `small_batch`.
+        dataset_size: N, the training samples batches are drawn from without replacement;
+            None for an infinite population (no correction).
+
+    Returns:
+        `(gradient_sq_norm, trace_covariance)`. Single estimates are noisy and may be negative;
+        average many before taking a ratio.
+
+    Raises:
+        ConfigError: a batch size is not positive, small_batch >= big_batch, or big_batch
+            exceeds dataset_size.
+
+    Example:
+        >>> # |G|^2 = 1, tr(Sigma) = 8: E|g_2|^2 = 1 + 8/2 = 5, E|g_8|^2 = 1 + 8/8 = 2
+        >>> estimate_gradient_statistics(5.0, 2.0, small_batch=2, big_batch=8)
+        (1.0, 8.0)
+    """
+    _check_batches(small_batch, big_batch, dataset_size)
+    small_factor = variance_factor(small_batch, dataset_size)
+    big_factor = variance_factor(big_batch, dataset_size)
+    spread = small_factor - big_factor
+    trace = (small_sq_norm - big_sq_norm) / spread
+    gradient_sq = (small_factor * big_sq_norm - big_factor * small_sq_norm) / spread
+    return gradient_sq, trace
+
+
+@dataclass(frozen=True)
+class RunningEstimate:
+    """The estimate after the first `batches` batches (one point of a plot).
+
+    Attributes:
+        batches: batches (updates) behind this point.
+        noise_scale_samples: B_simple in samples, or None while not yet positive.
+        low_samples: lower end of the interval, or None.
+        high_samples: upper end of the interval, or None when unbounded.
+    """
+
+    batches: int
+    noise_scale_samples: float | None
+    low_samples: float | None
+    high_samples: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        return {
+            "batches": self.batches,
+            "noise_scale_samples": self.noise_scale_samples,
+            "low_samples": self.low_samples,
+            "high_samples": self.high_samples,
+        }
+
+
+@dataclass(frozen=True)
+class NoiseScaleResult:
+    """A gradient-noise-scale estimate and what stands behind it.
+
+    Attributes:
+        noise_scale_samples: B_simple = tr(Sigma) / |G|^2 in samples, the critical batch size
+            estimate; None when not reliable (never negative or infinite).
+        low_samples: lower end of the `confidence` bootstrap interval over batches, or None.
+        high_samples: upper end, or None when unbounded (|G|^2 not clearly above zero).
+        confidence: the interval's coverage, e.g. 0.9.
+        batches: how many batch pairs (updates) the estimate rests on.
+        gradient_sq_norm: the smoothed |G|^2 estimate (squared gradient units).
+        trace_covariance: the smoothed tr(Sigma) estimate (squared gradient units x samples).
+        small_batch_samples: B_small of the last update (harmonic mean of micro-batch sizes).
+        big_batch_samples: B_big of the last update.
+        dataset_size: N used for the finite-population correction, or None.
+        finite_population_corrected: whether the correction was applied.
+        ema_decay: smoothing of |G|^2 and tr(Sigma); 1.0 means a plain mean.
+        reliable: False when there are no or too few batches, or |G|^2 or tr(Sigma) is not yet
+            positive; `reason` then says which and what to do.
+        reason: empty when reliable, else one sentence.
+        step: optimizer steps of training before the model was measured (standalone), or the
+            step of the last update (tracker); None when unknown.
+        samples_seen: training samples seen at that point, or None when unknown.
+        from_checkpoint: whether the model started from a given checkpoint.
+        running: the estimate as batches accumulated, for plots (standalone only).
+    """
+
+    noise_scale_samples: float | None
+    low_samples: float | None
+    high_samples: float | None
+    confidence: float
+    batches: int
+    gradient_sq_norm: float
+    trace_covariance: float
+    small_batch_samples: float | None
+    big_batch_samples: float | None
+    dataset_size: int | None
+    finite_population_corrected: bool
+    ema_decay: float
+    reliable: bool
+    reason: str
+    step: int | None = None
+    samples_seen: int | None = None
+    from_checkpoint: bool = False
+    running: tuple[RunningEstimate, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (`running` as a list of dicts) and `meaning`."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["running"] = [point.to_dict() for point in self.running]
+        data["meaning"] = self.describe()
+        return data
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """(label, value) rows for a table, in reading order."""
+        percent = round(self.confidence * 100)
+        if self.noise_scale_samples is None:
+            value, interval = "not yet reliable", "-"
+        else:
+            value = f"{_round_samples(self.noise_scale_samples)} samples"
+            low = _round_samples(self.low_samples) if self.low_samples is not None else "?"
+            high = _round_samples(self.high_samples) if self.high_samples is not None else "inf"
+            interval = f"{low} to {high}"
+        small = f"{self.small_batch_samples:g}" if self.small_batch_samples else "-"
+        big = f"{self.big_batch_samples:g}" if self.big_batch_samples else "-"
+        if self.finite_population_corrected:
+            population = f"corrected for N = {self.dataset_size} samples"
+        else:
+            population = "not corrected (infinite population)"
+        point = "-" if self.step is None else f"step {self.step}"
+        if self.step is not None and self.samples_seen is not None:
+            point += f", {self.samples_seen} samples seen"
+        if self.from_checkpoint:
+            point += " after the checkpoint"
+        return [
+            ("noise scale B_simple", value),
+            (f"{percent}% interval", interval),
+            ("batches measured", str(self.batches)),
+            ("B_small / B_big", f"{small} / {big}"),
+            ("|G|^2 (smoothed)", f"{self.gradient_sq_norm:.4g}"),
+            ("tr(Sigma) (smoothed)", f"{self.trace_covariance:.4g}"),
+            ("finite population", population),
+            ("measured at", point),
+        ]
+
+    def describe(self) -> str:
+        """What the number means, in words.
+
+        Example:
+            >>> NoiseScaleResult(None, None, None, 0.9, 0, 0.0, 0.0, None, None, None, False,
+            ...                  0.99, False, "no batches measured yet").describe()
+            'Not yet reliable: no batches measured yet'
+        """
+        if not self.reliable or self.noise_scale_samples is None:
+            return f"Not yet reliable: {self.reason}"
+        value = _round_samples(self.noise_scale_samples)
+        if self.high_samples is None:
+            interval = f"at least {_round_samples(self.low_samples or 0.0)}, upper end unbounded"
+        else:
+            interval = (
+                f"{_round_samples(self.low_samples or 0.0)} to {_round_samples(self.high_samples)}"
+            )
+        where = ""
+        if self.step is not None:
+            where = f" at step {self.step}"
+            if self.samples_seen is not None:
+                where += f", {self.samples_seen} samples seen"
+        return (
+            f"Critical batch size about {value} samples ({round(self.confidence * 100)}% "
+            f"interval {interval}; {self.batches} batches{where}). Below about {value} samples, "
+            "doubling the batch nearly halves the optimizer steps needed; well above it, extra "
+            "samples per step are mostly wasted, as the steps needed barely fall."
+        )
+
+
+def _round_samples(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def _check_decay(ema_decay: object) -> float:
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)):
+        raise ConfigError(f"ema_decay must be a number in (0, 1], got {ema_decay!r}.")
+    if not 0 < ema_decay <= 1:
+        raise ConfigError(
+            f"ema_decay ({ema_decay}) must be in (0, 1]: 0.99 averages over about the last 100 "
+            "steps, 1 is a plain mean over all batches."
+        )
+    return float(ema_decay)
+
+
+def _history_size(ema_decay: float) -> int:
+    if ema_decay >= 1:
+        return MAX_HISTORY
+    # An EMA with decay d weighs about (1 + d) / (1 - d) batches' worth of data.
+    return min(MAX_HISTORY, max(MIN_RELIABLE_BATCHES, math.ceil((1 + ema_decay) / (1 - ema_decay))))
+
+
+def _ratio(trace: float, gradient_sq: float) -> float | None:
+    if gradient_sq <= 0 or trace <= 0:
+        return None
+    return trace / gradient_sq
+
+
+def _bootstrap(pairs: Sequence[tuple[float, float]]) -> tuple[float | None, float | None]:
+    """Percentile interval of the ratio of means over batches resampled with replacement."""
+    import numpy
+
+    if len(pairs) < 2:
+        return None, None
+    values = numpy.asarray(pairs, dtype=numpy.float64)
+    generator = numpy.random.default_rng(0)  # fixed: the same data give the same interval
+    picks = generator.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
+    gradient_sq = values[:, 0][picks].mean(axis=1)
+    trace = values[:, 1][picks].mean(axis=1)
+    with numpy.errstate(divide="ignore", invalid="ignore"):
+        ratios = numpy.where(gradient_sq > 0, numpy.maximum(trace, 0.0) / gradient_sq, numpy.inf)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = numpy.percentile(ratios, [tail, 100 - tail])
+    return (
+        float(low) if math.isfinite(low) else None,
+        float(high) if math.isfinite(high) else None,
+    )
+
+
+class NoiseScaleTracker:
+    """Running estimate of the gradient noise scale during training, torch-style.
+
+    Feed it one pair of squared gradient norms per optimizer step with `update`, or let a
+    `GradientNormWatch` (from `watch`) measure them inside gradient accumulation or across DDP
+    ranks. `noise_scale` is the current smoothed value (cheap); `estimate()` adds the spread.
+    `state_dict()`/`load_state_dict()` carry it across a checkpoint and resume.
+
+    Args:
+        dataset_size: N, the training samples batches are drawn from without replacement
+            (applies the finite-population correction); None for no correction.
+        ema_decay: smoothing of |G|^2 and tr(Sigma), in (0, 1]; 0.99 follows training over
+            about the last 100 steps; 1.0 is a plain mean (for a frozen model).
+
+    Example:
+        >>> tracker = NoiseScaleTracker(dataset_size=None, ema_decay=1.0)
+        >>> for _ in range(5):
+        ...     tracker.update(5.0, 2.0, small_batch=2, big_batch=8)
+        >>> tracker.noise_scale
+        8.0
+    """
+
+    def __init__(self, *, dataset_size: int | None = None, ema_decay: float = 0.99) -> None:
+        if dataset_size is not None:
+            _check_batches(1, 2 if dataset_size >= 2 else 1, dataset_size)
+        self.dataset_size = dataset_size
+        self.ema_decay = _check_decay(ema_decay)
+        self._history: deque[tuple[float, float]] = deque(maxlen=_history_size(self.ema_decay))
+        self._all: list[tuple[float, float]] | None = [] if self.ema_decay >= 1 else None
+        self._gradient_sq_sum = 0.0
+        self._trace_sum = 0.0
+        self._weight = 0.0
+        self.updates = 0
+        self.step: int | None = None
+        self.samples_seen = 0
+        self.small_batch: float | None = None
+        self.big_batch: float | None = None
+
+    def update(
+        self,
+        small_sq_norm: float,
+        big_sq_norm: float,
+        *,
+        small_batch: float,
+        big_batch: float,
+        step: int | None = None,
+    ) -> None:
+        """Add one pair of squared gradient norms.
+
+        Args:
+            small_sq_norm: |g_small|^2 (or the mean over several small batches of one step).
+            big_sq_norm: |g_big|^2 of the same step.
+            small_batch: B_small in samples (harmonic mean when the small batches differ).
+            big_batch: B_big in samples; also added to `samples_seen`.
+            step: the optimizer step this pair belongs to; default: the count of updates.
+
+        Raises:
+            ConfigError: bad batch sizes (see `estimate_gradient_statistics`) or a norm that is
+                negative or not finite.
+        """
+        for name, value in (("small_sq_norm", small_sq_norm), ("big_sq_norm", big_sq_norm)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(
+                    f"{name} must be a finite, non-negative squared norm, got {value!r}; skip "
+                    "steps whose gradients overflowed (mixed precision) instead of passing them."
+                )
+        gradient_sq, trace = estimate_gradient_statistics(
+            small_sq_norm,
+            big_sq_norm,
+            small_batch=small_batch,
+            big_batch=big_batch,
+            dataset_size=self.dataset_size,
+        )
+        self._gradient_sq_sum = self.ema_decay * self._gradient_sq_sum + gradient_sq
+        self._trace_sum = self.ema_decay * self._trace_sum + trace
+        self._weight = self.ema_decay * self._weight + 1.0
+        self._history.append((gradient_sq, trace))
+        if self._all is not None and len(self._all) < MAX_HISTORY:
+            self._all.append((gradient_sq, trace))
+        self.updates += 1
+        self.step = self.updates if step is None else int(step)
+        self.samples_seen += int(big_batch)
+        self.small_batch = float(small_batch)
+        self.big_batch = float(big_batch)
+
+    @property
+    def gradient_sq_norm(self) -> float:
+        """The smoothed |G|^2 estimate (0.0 before any update)."""
+        return self._gradient_sq_sum / self._weight if self._weight else 0.0
+
+    @property
+    def trace_covariance(self) -> float:
+        """The smoothed tr(Sigma) estimate (0.0 before any update)."""
+        return self._trace_sum / self._weight if self._weight else 0.0
+
+    @property
+    def noise_scale(self) -> float | None:
+        """The current B_simple in samples, or None while |G|^2 or tr(Sigma) is not positive."""
+        if not self.updates:
+            return None
+        return _ratio(self.trace_covariance, self.gradient_sq_norm)
+
+    def _reason(self) -> str:
+        if not self.updates:
+            return "no batches measured yet."
+        if self.gradient_sq_norm <= 0:
+            return (
+                f"the |G|^2 estimate is not yet positive ({self.gradient_sq_norm:.3g}): the "
+                "gradient signal is still buried in noise; measure more batches or raise the big "
+                "batch."
+            )
+        if self.trace_covariance <= 0:
+            return (
+                f"the tr(Sigma) estimate is not positive ({self.trace_covariance:.3g}): no "
+                "gradient noise is visible at these batch sizes; lower the small batch or "
+                "measure more batches."
+            )
+        if self.updates < MIN_RELIABLE_BATCHES:
+            return (
+                f"only {self.updates} batch(es) measured; at least {MIN_RELIABLE_BATCHES} are "
+                "needed for a usable estimate."
+            )
+        return ""
+
+    def estimate(self, *, running: bool = False) -> NoiseScaleResult:
+        """The current estimate with its bootstrap spread.
+
+        Args:
+            running: also compute the estimate after each of up to 40 evenly spaced prefixes of
+                the batches (for a plot); only with ema_decay=1, which keeps every batch.
+
+        Returns:
+            A `NoiseScaleResult`; its `reliable` flag and `reason` say whether to trust it.
+        """
+        reason = self._reason()
+        value = self.noise_scale if not reason else None
+        low, high = _bootstrap(list(self._history)) if not reason else (None, None)
+        points: tuple[RunningEstimate, ...] = ()
+        if running and self._all:
+            points = _running_estimates(self._all)
+        return NoiseScaleResult(
+            noise_scale_samples=value,
+            low_samples=low,
+            high_samples=high,
+            confidence=CONFIDENCE,
+            batches=self.updates,
+            gradient_sq_norm=self.gradient_sq_norm,
+            trace_covariance=self.trace_covariance,
+            small_batch_samples=self.small_batch,
+            big_batch_samples=self.big_batch,
+            dataset_size=self.dataset_size,
+            finite_population_corrected=self.dataset_size is not None,
+            ema_decay=self.ema_decay,
+            reliable=not reason,
+            reason=reason,
+            step=self.step,
+            samples_seen=self.samples_seen if self.updates else None,
+            running=points,
+        )
+
+    def watch(
+        self,
+        model: nn.Module,
+        *,
+        distributed: bool | None = None,
+        process_group: Any = None,
+    ) -> GradientNormWatch:
+        """Measure the norms inside gradient accumulation (and across DDP ranks) for this tracker.
+
+        See `batchfit.gradient_norms.GradientNormWatch` for the calls a loop makes.
+
+        Args:
+            model: the module whose parameters' gradients are measured (the module inside
+                DistributedDataParallel, or the wrapper: their parameters are the same).
+            distributed: all-reduce the small-batch norms over the process group; default:
+                when torch.distributed is initialised with more than one rank.
+            process_group: the group to reduce over; default the world.
+        """
+        from batchfit.gradient_norms import GradientNormWatch
+
+        return GradientNormWatch(model, self, distributed=distributed, process_group=process_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the estimate after a resume (plain Python values)."""
+        return {
+            "version": _STATE_VERSION,
+            "dataset_size": self.dataset_size,
+            "ema_decay": self.ema_decay,
+            "gradient_sq_sum": self._gradient_sq_sum,
+            "trace_sum": self._trace_sum,
+            "weight": self._weight,
+            "history": [list(pair) for pair in self._history],
+            "all": None if self._all is None else [list(pair) for pair in self._all],
+            "updates": self.updates,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "small_batch": self.small_batch,
+            "big_batch": self.big_batch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state_dict()`.
+
+        Raises:
+            CheckpointError: the state is from another version, or was made with a different
+                dataset_size or ema_decay (the smoothed values would mean something else).
+        """
+        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+            raise CheckpointError(
+                "The noise-scale state is not a NoiseScaleTracker.state_dict() of version "
+                f"{_STATE_VERSION}; start a new tracker or load a matching checkpoint."
+            )
+        for name in ("dataset_size", "ema_decay"):
+            if state[name] != getattr(self, name):
+                raise CheckpointError(
+                    f"The noise-scale state was saved with {name}={state[name]!r}, this tracker "
+                    f"has {name}={getattr(self, name)!r}; build the tracker with the same value."
+                )
+        self._gradient_sq_sum = float(state["gradient_sq_sum"])
+        self._trace_sum = float(state["trace_sum"])
+        self._weight = float(state["weight"])
+        self._history = deque(
+            (tuple(pair) for pair in state["history"]), maxlen=_history_size(self.ema_decay)
+        )
+        self._all = None if state["all"] is None else [tuple(pair) for pair in state["all"]]
+        self.updates = int(state["updates"])
+        self.step = state["step"]
+        self.samples_seen = int(state["samples_seen"])
+        self.small_batch = state["small_batch"]
+        self.big_batch = state["big_batch"]
+
+
+def _running_estimates(pairs: Sequence[tuple[float, float]]) -> tuple[RunningEstimate, ...]:
+    count = len(pairs)
+    ends = sorted({max(1, round(count * (i + 1) / RUNNING_POINTS)) for i in range(RUNNING_POINTS)})
+    points = []
+    gradient_sq_total = trace_total = 0.0
+    previous = 0
+    for end in ends:
+        for gradient_sq, trace in pairs[previous:end]:
+            gradient_sq_total += gradient_sq
+            trace_total += trace
+        previous = end
+        value = _ratio(trace_total / end, gradient_sq_total / end)
+        low, high = _bootstrap(pairs[:end]) if value is not None else (None, None)
+        points.append(RunningEstimate(end, value, low, high))
+    return tuple(points)
+
+
+# --- standalone measurement ---------------------------------------------------------------
+
+
+def _check_count(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
+    return value
+
+
+def default_batch_sizes(task: Task) -> tuple[int, int]:
+    """The default (small_batch, big_batch) for a task: a quarter and twice its batch size.
+
+    The big batch is capped at the training set; the small one stays below the big one.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> default_batch_sizes(load_example("cnn"))
+        (16, 128)
+    """
+    size = len(task.train_data)
+    big = min(2 * task.batch_size, size)
+    small = max(1, min(task.batch_size // 4, big // 2))
+    return small, big
+
+
+def measure_noise_scale(
+    task: Task,
+    *,
+    small_batch: int | None = None,
+    big_batch: int | None = None,
+    batches: int = DEFAULT_BATCHES,
+    warmup_steps: int | None = None,
+    checkpoint: Mapping[str, Any] | str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    finite_population: bool = True,
+    memory_budget_bytes: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> NoiseScaleResult:
+    """Measure the gradient noise scale of a task, before training it.
+
+    Works on a fresh model from `task.make_model()` (the task and any module it holds stay
+    untouched) and restores every random generator afterwards. It first trains that model for
+    `warmup_steps` optimizer steps at the task's batch size and rate (the noise scale at
+    initialisation can be far from its later value), or starts from `checkpoint`. Then, with
+    the model frozen, it draws `batches` big batches without replacement, splits each into
+    micro-batches of `small_batch` samples, and takes each micro-batch's gradient as a small
+    batch and their weighted mean as the big one (McCandlish et al. 2018, arXiv:1812.06162,
+    Appendix A; see the module docstring). Only `small_batch` samples need to fit in memory.
+
+    Args:
+        task: the training task.
+        small_batch: B_small in samples; default a quarter of `task.batch_size`.
+        big_batch: B_big in samples, above small_batch; default twice `task.batch_size`, capped
+            at the training set.
+        batches: big batches to measure; 50 give a spread of roughly +-20-50% on the examples.
+        warmup_steps: optimizer steps to train first; default 50, or 0 with a checkpoint.
+        checkpoint: a model state_dict, a dict holding one under "model", or a path to a file
+            saved with torch.save holding either.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        finite_population: correct for drawing from the finite training set (recommended).
+        memory_budget_bytes: when given, check that `small_batch` fits this budget with
+            `batchfit.search.find_max_batch_size` (when that module is available).
+        progress: `progress(phase, done, total)` after each step, phase "warmup" or "measure".
+
+    Returns:
+        A `NoiseScaleResult` with the measured point (`step`, `samples_seen`) and the running
+        estimate for plots.
+
+    Raises:
+        ConfigError: a size is not a positive whole number, small_batch >= big_batch, big_batch
+            is larger than the training set, or small_batch does not fit the memory budget.
+        CheckpointError: the checkpoint cannot be read or does not match the model.
+        TaskError: the loss is not finite during warm-up or measurement.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> result = measure_noise_scale(load_example("digits"), batches=5, warmup_steps=2)
+        >>> result.batches
+        5
+    """
+    import torch
+
+    from batchfit.devices import resolve_device
+    from batchfit.snapshot import capture_rng, restore_rng
+
+    dataset_size = len(task.train_data)
+    default_small, default_big = default_batch_sizes(task)
+    small = _check_count(
+        "small_batch", default_small if small_batch is None else small_batch, minimum=1
+    )
+    big = _check_count("big_batch", default_big if big_batch is None else big_batch, minimum=1)
+    batches = _check_count("batches", batches, minimum=1)
+    if warmup_steps is None:
+        warmup_steps = 0 if checkpoint is not None else DEFAULT_WARMUP_STEPS
+    warmup_steps = _check_count("warmup_steps", warmup_steps, minimum=0)
+    if small >= big:
+        raise ConfigError(
+            f"small_batch ({small}) must be below big_batch ({big}); the noise scale comes from "
+            "the difference between the two gradient norms. Raise big_batch or lower small_batch."
+        )
+    if big > dataset_size:
+        raise ConfigError(
+            f"big_batch ({big}) is larger than the training set ({dataset_size} samples); "
+            f"batches are drawn without replacement, so lower big_batch to at most {dataset_size}."
+        )
+    target = resolve_device(device)
+    if memory_budget_bytes is not None:
+        _check_fits(task, small, target, memory_budget_bytes)
+    tracker = NoiseScaleTracker(
+        dataset_size=dataset_size if finite_population else None, ema_decay=1.0
+    )
+    rng = capture_rng()
+    try:
+        torch.manual_seed(task.seed)
+        model = task.make_model().to(target)
+        if checkpoint is not None:
+            _load_checkpoint(model, checkpoint)
+        model.train()
+        _warm_up(task, model, warmup_steps, target, progress)
+        params = [param for param in model.parameters() if param.requires_grad]
+        generator = torch.Generator().manual_seed(task.seed + 1)
+        sizes = [small] * (big // small) + ([big % small] if big % small else [])
+        harmonic = len(sizes) / sum(1.0 / size for size in sizes)
+        for index in range(batches):
+            order = torch.randperm(dataset_size, generator=generator)[:big].tolist()
+            small_sq, big_sq = _two_norms(task, model, params, order, sizes, target)
+            tracker.update(small_sq, big_sq, small_batch=harmonic, big_batch=big)
+            if progress is not None:
+                progress("measure", index + 1, batches)
+    finally:
+        restore_rng(rng)
+    result = tracker.estimate(running=True)
+    from dataclasses import replace
+
+    return replace(
+        result,
+        step=warmup_steps,
+        samples_seen=warmup_steps * task.batch_size,
+        from_checkpoint=checkpoint is not None,
+    )
+
+
+def _warm_up(
+    task: Task,
+    model: nn.Module,
+    steps: int,
+    device: torch.device,
+    progress: Callable[[str, int, int], None] | None,
+) -> None:
+    import torch
+
+    from batchfit.sampling import global_batch_indices
+    from batchfit.task import move_to
+
+    if not steps:
+        return
+    optimizer = task.make_optimizer(model.parameters())
+    for step in range(steps):
+        indices = global_batch_indices(
+            step, dataset_size=len(task.train_data), global_batch=task.batch_size, seed=task.seed
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model, move_to(task.batch(indices), device))
+        if not torch.isfinite(loss.detach()).all():
+            raise TaskError(
+                f"The loss is not finite ({float(loss):g}) at warm-up step {step}; lower the "
+                f"task's learning rate ({task.lr:g}) or use warmup_steps=0."
+            )
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress("warmup", step + 1, steps)
+
+
+def _two_norms(
+    task: Task,
+    model: nn.Module,
+    params: list[torch.nn.Parameter],
+    order: list[int],
+    sizes: list[int],
+    device: torch.device,
+) -> tuple[float, float]:
+    """Mean squared norm of the micro-batch gradients, and squared norm of their weighted mean."""
+    import torch
+
+    from batchfit.task import move_to
+
+    total = sum(sizes)
+    summed: list[torch.Tensor] | None = None
+    small_sq = []
+    start = 0
+    for size in sizes:
+        batch = move_to(task.batch(order[start : start + size]), device)
+        start += size
+        loss = task.loss(model, batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise TaskError(
+                f"The loss is not finite ({float(loss):g}) while measuring the noise scale; "
+                "check the task's loss, or start from a healthier checkpoint."
+            )
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+        small_sq.append(sum(float(g.double().square().sum()) for g in grads))
+        weight = size / total
+        if summed is None:
+            summed = [g * weight for g in grads]
+        else:
+            for accumulator, grad in zip(summed, grads):
+                accumulator.add_(grad, alpha=weight)
+    assert summed is not None
+    big_sq = sum(float(g.double().square().sum()) for g in summed)
+    return sum(small_sq) / len(small_sq), big_sq
+
+
+def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
+    import torch
+
+    source = checkpoint
+    if not isinstance(checkpoint, Mapping):
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as error:
+            raise CheckpointError(
+                f"Cannot read the checkpoint {str(source)!r}: {error}. Give a file saved with "
+                "torch.save(model.state_dict(), path)."
+            ) from None
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(
+            f"The checkpoint holds {type(checkpoint).__name__}, not a state_dict; save "
+            "model.state_dict() (or a dict with it under 'model')."
+        )
+    try:
+        model.load_state_dict(checkpoint)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(
+            f"The checkpoint does not match the task's model ({first}); give a checkpoint "
+            "saved from this task's model."
+        ) from None
+
+
+def _check_fits(task: Task, small_batch: int, device: torch.device, budget_bytes: int) -> None:
+    """Raise when `small_batch` does not fit the budget (needs batchfit.search)."""
+    import importlib
+    import logging
+
+    try:
+        search = importlib.import_module("batchfit.search")
+    except ImportError:
+        logging.getLogger(__name__).warning(
+            "batchfit.search is not available; the memory budget is not checked."
+        )
+        return
+    from batchfit.units import format_bytes
+
+    limit = search.max_batch_size_for_task(task, device=device, memory_budget_bytes=budget_bytes)
+    if small_batch > limit:
+        raise ConfigError(
+            f"small_batch ({small_batch}) does not fit the memory budget of "
+            f"{format_bytes(budget_bytes)}: the largest batch that fits is {limit} (measured). "
+            f"Use --small-batch {limit} or less; the big batch is accumulated and need not fit."
+        )
