@@ -1,0 +1,131 @@
+"""Training checkpoints: written atomically, loaded with `weights_only=True`.
+
+A checkpoint is a dict of tensors and plain containers (dicts, lists, tuples, str, int, float,
+bool, None), so `torch.load(..., weights_only=True)` can read it without running pickled code.
+It is written to a temporary file in the same directory and moved over the old one with
+`os.replace`, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's architecture: parameter and buffer names, shapes and dtypes.
+
+    Two models with the same fingerprint can load each other's state dicts; the values of the
+    weights do not enter it.
+
+    Example:
+        >>> import torch
+        >>> model_fingerprint(torch.nn.Linear(2, 3)) == model_fingerprint(torch.nn.Linear(2, 3))
+        True
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write `state` to `path` atomically (temporary file in the same directory, then rename).
+
+    Args:
+        path: the checkpoint file; its directory is created if needed.
+        state: tensors and plain containers only.
+
+    Returns:
+        The path written.
+
+    Raises:
+        OSError: the file cannot be written; the previous checkpoint (if any) is untouched and
+            no temporary file is left behind.
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save({"format_version": FORMAT_VERSION, **state}, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    logger.info("checkpoint written to %s", path)
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, fingerprint: str | None = None, map_location: Any = "cpu"
+) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`, with `torch.load(weights_only=True)`.
+
+    Args:
+        path: the checkpoint file, or a run directory holding `checkpoint.pt`.
+        fingerprint: when given, the `model_fingerprint` the checkpoint must have been made for.
+        map_location: where tensors are loaded (default: CPU).
+
+    Returns:
+        The saved state dict.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or corrupt, not a batchfit checkpoint,
+            or made for another model. Nothing is written.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"No checkpoint at {str(path)!r}; check the path, or start a new run without --resume."
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"The checkpoint {str(path)!r} is corrupt or not loadable with weights_only=True "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+            "resume from another checkpoint or start a new run."
+        ) from None
+    if not isinstance(state, dict) or "format_version" not in state or "model" not in state:
+        raise CheckpointError(
+            f"{str(path)!r} is not a batchfit training checkpoint; give the checkpoint.pt of a "
+            "run made by `batchfit train`."
+        )
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint format {state['format_version']!r}; this batchfit "
+            f"reads format {FORMAT_VERSION}. Use the batchfit version that wrote it."
+        )
+    if fingerprint is not None and state.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"The checkpoint {str(path)!r} was made for another model (fingerprint "
+            f"{state.get('fingerprint')!r}, this model has {fingerprint!r}); resume with the "
+            "task that made it, or start a new run in another --out directory."
+        )
+    return state

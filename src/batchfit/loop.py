@@ -1,0 +1,922 @@
+"""The reference training loop: any global batch, on any number of ranks, on the memory there is.
+
+`train(task, config)` is a small, readable loop in the spirit of nanoGPT's train.py, built from
+batchfit's pieces:
+
+- the data order (`batchfit.sampling`): each global step's samples are fixed by the seed before
+  any micro-batch is cut from them; each rank takes an equal share (DDP);
+- gradient accumulation (`batchfit.accumulation`): the rank's share is cut into micro-batches
+  whose losses are weighted so the gradient is that of the mean over the global batch;
+- the learning rate (`batchfit.lr_scaling`, `batchfit.schedules`): scaled from the task's
+  reference point by a rule, then warmup and decay;
+- out-of-memory back-off (`batchfit.backoff`): the micro-batch halves and the step is redone;
+- checkpoints (`batchfit.checkpoint`) every N steps and on Ctrl-C / SIGTERM, metrics
+  (`batchfit.metrics_log`) appended to RUN_DIR/metrics.jsonl, `resume` to continue a run exactly;
+- optional stochastic weight averaging (Izmailov et al. 2018, `torch.optim.swa_utils`) and label
+  smoothing (`Task.loss_with_smoothing`).
+
+Under torchrun (RANK / WORLD_SIZE in the environment) it trains with DistributedDataParallel:
+gloo on CPU, nccl on CUDA; rank 0 logs, evaluates, writes metrics and checkpoints.
+
+Hook for per-step observers (e.g. a gradient-noise-scale tracker): pass `callbacks`, objects with
+any of `on_train_start(model, plan)` and `on_step_end(record, model) -> dict | None`. The second is
+called on every rank after the gradients of the global step are complete (all-reduced, before
+`optimizer.step()`), with the step's `StepRecord`; a returned dict is merged into that step's
+metrics line. A tracker that needs each micro-batch's gradient can register
+`param.register_post_accumulate_grad_hook` in `on_train_start`: it fires after every micro-batch's
+backward, and `record.micro_batches` tells the counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from batchfit.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from batchfit.accumulation import AccumulationPlan
+    from batchfit.backoff import BackoffEvent
+    from batchfit.distributed import DistributedContext
+    from batchfit.task import Task
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 10
+"""Passes over the training data when neither `steps` nor `epochs` is given."""
+
+EVALUATIONS_PER_RUN = 10
+"""With `eval_every=None`, evaluate about this many times per run (and always at the end)."""
+
+SWA_LR_FACTOR = 0.5
+"""With `swa_lr=None`, SWA runs at this fraction of the peak learning rate."""
+
+SWA_ANNEAL_FRACTION = 0.1
+"""SWALR anneals to `swa_lr` over this fraction of the SWA phase (at least one step)."""
+
+_IDENTITY_FIELDS = (
+    "global_batch",
+    "steps",
+    "epochs",
+    "lr",
+    "lr_rule",
+    "warmup",
+    "decay",
+    "optimizer",
+    "label_smoothing",
+    "swa",
+    "swa_start",
+    "swa_lr",
+    "max_grad_norm",
+    "seed",
+)
+"""Fields a resumed run must share with the checkpoint for it to continue the same run."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `train` is told, in one place. Validated on construction."""
+
+    global_batch: int  # samples per optimizer step, counted over all ranks
+    micro_batch: int  # samples per forward/backward on one rank (halved on out-of-memory)
+    steps: int | None = None  # optimizer steps; give steps or epochs (neither: DEFAULT_EPOCHS)
+    epochs: float | None = None  # passes over the training data, rounded up to whole steps
+    lr: float | None = None  # peak rate; None: task.lr scaled from task.batch_size by lr_rule
+    lr_rule: str | None = None  # linear | sqrt | none; None: by optimizer family (lr_scaling)
+    warmup: int | float | None = None  # steps (int) or share of training (0 < float < 1);
+    # None: warm up (lr_scaling.default_warmup_steps) when the rate is >= 2x task.lr
+    decay: str = "cosine"  # constant | cosine | linear | step (batchfit.schedules)
+    optimizer: str = "task"  # task | sgd | adam | adamw | lars | lamb (batchfit.optimizers)
+    label_smoothing: float = 0.0  # in [0, 1); needs Task.loss_with_smoothing when > 0
+    swa: bool = False  # stochastic weight averaging over the last part of training
+    swa_start: float = 0.75  # share of training after which weights are averaged (SWA)
+    swa_lr: float | None = None  # SWALR's rate; None: SWA_LR_FACTOR x the peak rate
+    max_grad_norm: float | None = None  # clip the global gradient norm to this; None: no clip
+    eval_every: int | None = None  # steps between evaluations; None: ~10 per run; 0: end only
+    checkpoint_every: int | None = None  # steps between checkpoints; None: as eval_every;
+    # 0: only at the end and on interrupt
+    out_dir: str | None = None  # run directory for metrics.jsonl and checkpoint.pt; None: none
+    resume: bool = False  # continue the run in out_dir from its checkpoint
+    seed: int | None = None  # seeds the model, the data order and dropout; None: task.seed
+    allow_uneven: bool = False  # allow a shorter last micro-batch (weighted by its count)
+    sync_batchnorm: bool = False  # under DDP, convert BatchNorm layers to SyncBatchNorm
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch", "micro_batch"):
+            _check_positive_int(name, getattr(self, name))
+        if self.steps is not None:
+            _check_positive_int("steps", self.steps)
+        if self.epochs is not None:
+            _check_positive_number("epochs", self.epochs)
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(
+                f"Give steps ({self.steps}) or epochs ({self.epochs}), not both; drop one."
+            )
+        if self.lr is not None:
+            _check_positive_number("lr", self.lr)
+        if self.lr_rule is not None:
+            from batchfit.lr_scaling import RULES
+
+            if self.lr_rule not in RULES:
+                raise ConfigError(
+                    f"Unknown lr_rule {self.lr_rule!r}; choose one of {', '.join(RULES)}."
+                )
+        if self.warmup is not None:
+            warmup = self.warmup
+            if isinstance(warmup, bool) or not isinstance(warmup, (int, float)):
+                raise ConfigError(f"warmup must be steps or a fraction, got {warmup!r}.")
+            if isinstance(warmup, float) and not 0 <= warmup < 1:
+                raise ConfigError(
+                    f"warmup {warmup!r} as a fraction must lie in [0, 1), e.g. 0.05 for 5% of "
+                    "training; give whole steps as an int."
+                )
+            if isinstance(warmup, int) and warmup < 0:
+                raise ConfigError(f"warmup must be 0 or more steps, got {warmup}.")
+        from batchfit.optimizers import check_optimizer_name
+        from batchfit.schedules import DECAYS
+
+        if self.decay not in DECAYS:
+            raise ConfigError(f"Unknown decay {self.decay!r}; choose one of {', '.join(DECAYS)}.")
+        check_optimizer_name(self.optimizer)
+        smoothing = self.label_smoothing
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
+            raise ConfigError(f"label_smoothing must be a number in [0, 1), got {smoothing!r}.")
+        if not 0 <= smoothing < 1:
+            raise ConfigError(
+                f"label_smoothing must lie in [0, 1), got {smoothing!r}; 0.1 is customary."
+            )
+        if not (isinstance(self.swa_start, (int, float)) and 0 < self.swa_start < 1):
+            raise ConfigError(
+                f"swa_start must be a share of training in (0, 1), got {self.swa_start!r}."
+            )
+        if self.swa_lr is not None:
+            _check_positive_number("swa_lr", self.swa_lr)
+        if self.max_grad_norm is not None:
+            _check_positive_number("max_grad_norm", self.max_grad_norm)
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ConfigError(
+                    f"{name} must be a whole number of steps (0: only at the end), got {value!r}."
+                )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ConfigError(f"seed must be an int, got {self.seed!r}.")
+        if self.resume and self.out_dir is None:
+            raise ConfigError("resume needs the run directory: give out_dir (--out RUN_DIR).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one optimizer step did; also the shape of a metrics.jsonl line.
+
+    Attributes:
+        step: optimizer steps completed, counting this one (1 for the first).
+        samples_seen: samples trained on so far, over all ranks.
+        loss: mean training loss over the global batch.
+        lr: the learning rate this step used.
+        grad_norm: L2 norm of the global batch's gradient (before clipping).
+        micro_batch: samples per micro-batch on one rank.
+        accumulation_steps: micro-batches per rank in this step.
+        micro_batches: sizes of this rank's micro-batches.
+        indices: this rank's sample indices of the step, in order.
+    """
+
+    step: int
+    samples_seen: int
+    loss: float
+    lr: float
+    grad_norm: float
+    micro_batch: int
+    accumulation_steps: int
+    micro_batches: tuple[int, ...]
+    indices: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["indices"], data["micro_batches"]
+        return data
+
+
+class TrainCallback(Protocol):
+    """An observer of training; both methods are optional (see the module docstring)."""
+
+    def on_train_start(self, model: nn.Module, plan: AccumulationPlan) -> None: ...
+
+    def on_step_end(self, record: StepRecord, model: nn.Module) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The outcome of `train`.
+
+    Attributes:
+        steps: optimizer steps completed (counting those before a resume).
+        total_steps: optimizer steps the run was set up for.
+        samples_seen: samples trained on, over all ranks.
+        final_loss: training loss of the last step (None when no step ran).
+        val_metrics: the last evaluation (`val_loss`, `val_<metric>`), empty without val data.
+        lr: the peak learning rate.
+        lr_reason: how it was chosen, in words.
+        warmup_steps: optimizer steps of warmup.
+        schedule: the schedule, one line.
+        global_batch: samples per optimizer step over all ranks.
+        micro_batch: the micro-batch at the end (smaller than asked after a back-off).
+        accumulation_steps: micro-batches per rank per step at the end.
+        world_size: ranks that trained.
+        backoffs: every out-of-memory back-off.
+        seconds: wall time of this session's training, evaluation and checkpoints.
+        samples_per_second: samples trained on in this session per second of training steps.
+        interrupted: stopped early by Ctrl-C / SIGTERM (a checkpoint was written).
+        resumed_from_step: the checkpoint's step when resumed, else None.
+        metrics_path, checkpoint_path: files written (None without out_dir).
+        model: the trained model (the SWA average when swa is on); not in `to_dict()`.
+    """
+
+    steps: int
+    total_steps: int
+    samples_seen: int
+    final_loss: float | None
+    val_metrics: dict[str, float]
+    lr: float
+    lr_reason: str
+    warmup_steps: int
+    schedule: str
+    global_batch: int
+    micro_batch: int
+    accumulation_steps: int
+    world_size: int
+    backoffs: tuple[BackoffEvent, ...]
+    seconds: float
+    samples_per_second: float
+    interrupted: bool
+    resumed_from_step: int | None
+    metrics_path: str | None
+    checkpoint_path: str | None
+    model: Any = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        data["backoffs"] = [event.to_dict() for event in self.backoffs]
+        return data
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive whole number, got {value!r}.")
+
+
+def _check_positive_number(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}.")
+
+
+# --- setup helpers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What `train` derives from the task and the config before the first step."""
+
+    total_steps: int
+    lr: float
+    lr_reason: str
+    schedule_steps: int  # steps under the warmup/decay schedule (all of them without SWA)
+    warmup_steps: int
+    swa_start_step: int | None
+
+
+def _resolve_setup(task: Task, config: TrainConfig) -> _Setup:
+    from batchfit.lr_scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
+    from batchfit.optimizers import optimizer_family
+    from batchfit.sampling import steps_for_epochs
+
+    size = len(task.train_data)
+    if config.micro_batch > size:
+        raise ConfigError(
+            f"micro_batch ({config.micro_batch}) is larger than the training data ({size} "
+            f"samples); lower --micro-batch to {size} or less."
+        )
+    if config.steps is not None:
+        total = config.steps
+    else:
+        epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
+        total = steps_for_epochs(epochs, dataset_size=size, global_batch=config.global_batch)
+    if config.lr is not None:
+        lr, reason = float(config.lr), f"{config.lr:g} (given)"
+    else:
+        rule = config.lr_rule or default_rule(optimizer_family(config.optimizer, task))
+        scaled = scaled_rate(task.lr, task.batch_size, config.global_batch, rule)
+        lr, reason = scaled.lr, scaled.reason
+    swa_start_step = None
+    schedule_steps = total
+    if config.swa:
+        swa_start_step = min(total - 1, max(1, int(config.swa_start * total)))
+        if total < 2:
+            raise ConfigError(
+                f"SWA needs at least 2 steps to average over; training has {total}. Raise "
+                "--steps or --epochs, or drop --swa."
+            )
+        schedule_steps = swa_start_step
+    warmup = config.warmup
+    if warmup is None:
+        steps_per_epoch = max(1, size // config.global_batch)
+        warmup_steps = (
+            default_warmup_steps(schedule_steps, steps_per_epoch=steps_per_epoch)
+            if needs_warmup(task.lr, lr)
+            else 0
+        )
+    elif isinstance(warmup, float):
+        warmup_steps = round(warmup * schedule_steps)
+    else:
+        warmup_steps = warmup
+    if warmup_steps >= schedule_steps and warmup_steps > 0:
+        phase = "before SWA starts" if config.swa else "in training"
+        raise ConfigError(
+            f"warmup ({warmup_steps} steps) is not shorter than the {schedule_steps} steps "
+            f"{phase}; lower --warmup or raise --steps/--epochs."
+        )
+    return _Setup(
+        total_steps=total,
+        lr=lr,
+        lr_reason=reason,
+        schedule_steps=schedule_steps,
+        warmup_steps=warmup_steps,
+        swa_start_step=swa_start_step,
+    )
+
+
+def _loss_function(task: Task, label_smoothing: float):
+    if not label_smoothing:
+        return task.loss
+    smoothed = task.loss_with_smoothing
+    if smoothed is None:
+        raise ConfigError(
+            f"Label smoothing {label_smoothing} needs a loss that supports it, and task "
+            f"{task.name!r} has no Task.loss_with_smoothing; add one (model, batch, "
+            "label_smoothing) -> loss to the task, or drop --label-smoothing."
+        )
+
+    def loss(model, batch):
+        return smoothed(model, batch, label_smoothing)
+
+    return loss
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, bool]]:
+    """Turn the first SIGINT / SIGTERM into a request to stop at the end of the step.
+
+    A second signal acts as usual (Ctrl-C raises KeyboardInterrupt). Outside the main thread
+    signals cannot be caught, so nothing is installed there.
+    """
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(signum, frame):
+        flag["stop"] = True
+        logger.warning("signal %d: stopping after this step and saving a checkpoint", signum)
+        signal.signal(signum, previous[signum])
+
+    try:
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate(
+    model: nn.Module, task: Task, *, device: torch.device | str = "cpu", batch_size: int = 256
+) -> dict[str, float]:
+    """Mean validation loss and metric of `model` on `task.val_data`.
+
+    Runs in eval mode without gradients, then puts back the model's train/eval flags.
+
+    Args:
+        model: the model to evaluate.
+        task: its task; `task.loss` and `task.metric` (when given) are averaged over samples.
+        device: where the model lives.
+        batch_size: samples per evaluation batch.
+
+    Returns:
+        `{"val_loss": ..., "val_<metric_name>": ...}`; empty without validation data.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> task = load_example("digits")
+        >>> sorted(evaluate(task.make_model(), task))
+        ['val_accuracy', 'val_loss']
+    """
+    import torch
+
+    from batchfit.task import batch_size_of, move_to
+
+    data = task.val_data
+    if data is None or len(data) == 0:
+        return {}
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    totals = {"val_loss": 0.0}
+    if task.metric is not None:
+        totals[f"val_{task.metric_name}"] = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                indices = range(start, min(start + batch_size, len(data)))
+                batch = move_to(task.batch(indices, data=data), device)
+                count = batch_size_of(batch)
+                totals["val_loss"] += float(task.loss(model, batch)) * count
+                if task.metric is not None:
+                    totals[f"val_{task.metric_name}"] += float(task.metric(model, batch)) * count
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    return {name: total / len(data) for name, total in totals.items()}
+
+
+def _loss_module(model, loss):
+    """`loss(model, batch)` as a module call, so `update_bn` can drive any task's model."""
+    from torch import nn
+
+    class LossModule(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return loss(self.model, batch)
+
+    return LossModule()
+
+
+def _update_swa_batchnorm(swa_model, task: Task, *, device, batch_size: int, loss) -> None:
+    """Recompute BatchNorm statistics of the averaged weights with one pass over the data."""
+    from torch.optim.swa_utils import update_bn
+
+    from batchfit.task import move_to
+
+    size = len(task.train_data)
+    batches = (
+        [move_to(task.batch(range(start, min(start + batch_size, size))), device)]
+        for start in range(0, size, batch_size)
+    )
+    # update_bn calls module(batch[0]) for list batches: the wrapper's forward runs the loss.
+    update_bn(batches, _loss_module(swa_model.module, loss))
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def train(
+    task: Task,
+    config: TrainConfig,
+    *,
+    device: torch.device | str = "auto",
+    memory_budget_bytes: int | None = None,
+    progress: bool = False,
+    callbacks: Sequence[Any] = (),
+    distributed: DistributedContext | None = None,
+) -> TrainResult:
+    """Train `task` at `config.global_batch` samples per step, accumulating micro-batches.
+
+    Works on a fresh model from `task.make_model()`; the caller's torch RNG state is restored
+    afterwards. Under torchrun (or with `distributed`), trains with DDP; every rank calls this.
+
+    Args:
+        task: what to train.
+        config: the options, see `TrainConfig`.
+        device: "auto", "cpu", "cuda", "cuda:N", "mps" or a torch.device (under DDP with CUDA
+            each rank uses `cuda:<local rank>`).
+        memory_budget_bytes: pretend the device has this many bytes: CUDA is capped to it, other
+            devices count tensor bytes (`batchfit.memory.count_memory`) and raise out-of-memory
+            past it, so the back-off can be seen working on a CPU.
+        progress: show a progress bar on stderr (rank 0 only).
+        callbacks: observers (see the module docstring and `TrainCallback`).
+        distributed: the rank and world size; default: read from the environment (torchrun).
+
+    Returns:
+        A `TrainResult`, with the trained model.
+
+    Raises:
+        ConfigError: options that do not fit the task (micro-batch larger than the data, warmup
+            not shorter than training, label smoothing without a smoothed loss, ...).
+        CheckpointError: resuming from a missing, corrupt or other model's checkpoint, or with
+            other options; nothing is written.
+        DoesNotFitError: out of memory even at a micro-batch of 1.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> result = train(load_example("digits"), TrainConfig(global_batch=64, micro_batch=32,
+        ...                steps=2), device="cpu")
+        >>> result.steps, result.accumulation_steps
+        (2, 2)
+    """
+    from batchfit.devices import resolve_device
+    from batchfit.distributed import destroy_distributed, detect_distributed, init_distributed
+    from batchfit.memory import forked_rng
+
+    context = distributed if distributed is not None else detect_distributed()
+    torch_device = resolve_device(device)
+    started_group = False
+    if context.enabled:
+        torch_device, started_group = init_distributed(context, torch_device)
+    try:
+        with forked_rng(torch_device):
+            return _train(
+                task,
+                config,
+                device=torch_device,
+                context=context,
+                memory_budget_bytes=memory_budget_bytes,
+                progress=progress,
+                callbacks=callbacks,
+            )
+    finally:
+        if started_group:
+            destroy_distributed()
+
+
+def _train(task, config, *, device, context, memory_budget_bytes, progress, callbacks):
+    import torch
+
+    from batchfit.accumulation import accumulate_gradients, plan_accumulation, split_batch
+    from batchfit.backoff import run_with_backoff
+    from batchfit.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_fingerprint
+    from batchfit.distributed import any_rank, mean_over_ranks, sum_over_ranks
+    from batchfit.metrics_log import METRICS_NAME, MetricsLog, truncate_metrics
+    from batchfit.optimizers import make_optimizer
+    from batchfit.sampling import global_batch_indices, rank_slice
+    from batchfit.schedules import ScheduleConfig, build_scheduler
+    from batchfit.snapshot import capture_rng, restore_rng
+    from batchfit.task import move_to
+
+    # Validate everything that can be checked before touching the disk or the device.
+    plan = plan_accumulation(
+        config.global_batch,
+        config.micro_batch,
+        context.world_size,
+        allow_uneven=config.allow_uneven,
+    )
+    setup = _resolve_setup(task, config)
+    loss_fn = _loss_function(task, config.label_smoothing)
+    schedule = ScheduleConfig(
+        total_steps=setup.schedule_steps,
+        warmup_steps=setup.warmup_steps,
+        # Goyal et al. 2017 warm up from the reference rate, not from zero.
+        warmup_start_factor=min(1.0, task.lr / setup.lr) if setup.warmup_steps else 0.0,
+        decay=config.decay,
+        **({"step_every": max(1, setup.schedule_steps // 3)} if config.decay == "step" else {}),
+    )
+    seed = task.seed if config.seed is None else config.seed
+    run_dir = Path(config.out_dir) if config.out_dir is not None else None
+    checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    metrics_path = run_dir / METRICS_NAME if run_dir is not None else None
+    if run_dir is not None and not config.resume:
+        existing = [p.name for p in (checkpoint_path, metrics_path) if p.exists()]
+        if existing:
+            raise ConfigError(
+                f"{str(run_dir)!r} already holds a run ({', '.join(existing)}); continue it with "
+                "--resume, or give another --out directory."
+            )
+
+    torch.manual_seed(seed)
+    model = task.make_model().to(device)
+    fingerprint = model_fingerprint(model)
+    checkpoint = None
+    if config.resume:
+        checkpoint = load_checkpoint(checkpoint_path, fingerprint=fingerprint)
+        _check_same_run(checkpoint, config, checkpoint_path)
+    if config.sync_batchnorm and context.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif config.sync_batchnorm:
+        logger.info("sync_batchnorm has no effect in a single process")
+    optimizer = make_optimizer(config.optimizer, model.parameters(), setup.lr, task=task)
+    scheduler = build_scheduler(optimizer, schedule)
+    swa_model = swa_scheduler = None
+    if config.swa:
+        from torch.optim.swa_utils import SWALR, AveragedModel
+
+        swa_model = AveragedModel(model)
+        anneal = max(1, int(SWA_ANNEAL_FRACTION * (setup.total_steps - setup.swa_start_step)))
+        swa_lr = config.swa_lr if config.swa_lr is not None else SWA_LR_FACTOR * setup.lr
+        swa_scheduler = SWALR(optimizer, swa_lr=swa_lr, anneal_epochs=anneal)
+
+    step = 0
+    samples_seen = 0
+    micro_batch = config.micro_batch
+    backoffs: list = []
+    resumed_from = None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if swa_model is not None:
+            swa_model.load_state_dict(checkpoint["swa_model"])
+            swa_scheduler.load_state_dict(checkpoint["swa_scheduler"])
+        step = resumed_from = int(checkpoint["step"])
+        samples_seen = int(checkpoint["samples_seen"])
+        if config.micro_batch == checkpoint["config"]["micro_batch"]:
+            micro_batch = min(micro_batch, int(checkpoint["micro_batch"]))  # keep a back-off
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng[context.rank] if context.rank < len(rng) else rng[0])
+        if context.is_main and metrics_path is not None:
+            truncate_metrics(metrics_path, step)
+        logger.info("resumed from %s at step %d", checkpoint_path, step)
+
+    train_model = model
+    if context.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    for callback in callbacks:
+        if hasattr(callback, "on_train_start"):
+            callback.on_train_start(model, plan)
+
+    eval_every = config.eval_every
+    if eval_every is None:
+        eval_every = max(1, setup.total_steps // EVALUATIONS_PER_RUN)
+    checkpoint_every = (
+        config.checkpoint_every if config.checkpoint_every is not None else eval_every
+    )
+    local_batch = config.global_batch // context.world_size
+    main = context.is_main
+    metrics = MetricsLog(metrics_path) if (main and metrics_path is not None) else None
+    val_metrics: dict[str, float] = {}
+    last_loss = None
+    interrupted = False
+    saved_at = step if checkpoint is not None else None
+    session_samples = 0
+    step_seconds = 0.0
+    started = time.perf_counter()
+
+    def save(at_step: int) -> None:
+        nonlocal saved_at
+        from batchfit.checkpoint import save_checkpoint
+        from batchfit.distributed import gather_objects
+
+        rng_states = gather_objects(torch.get_rng_state())  # a collective: every rank joins
+        if main and checkpoint_path is not None:
+            state = {
+                "fingerprint": fingerprint,
+                "step": at_step,
+                "samples_seen": samples_seen,
+                "micro_batch": micro_batch,
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_states,
+                "backoffs": [event.to_dict() for event in backoffs],
+            }
+            if swa_model is not None:
+                state["swa_model"] = swa_model.state_dict()
+                state["swa_scheduler"] = swa_scheduler.state_dict()
+            save_checkpoint(checkpoint_path, state)
+        saved_at = at_step
+
+    budget = _memory_budget(memory_budget_bytes, model, optimizer, device)
+    bar = _progress_bar(setup.total_steps, step, enabled=progress and main)
+    try:
+        with budget, bar as (progress_bar, task_id), _stop_on_signals() as stop:
+            while step < setup.total_steps:
+                step_started = time.perf_counter()
+                indices = global_batch_indices(
+                    step,
+                    dataset_size=len(task.train_data),
+                    global_batch=config.global_batch,
+                    seed=seed,
+                )
+                local_indices = rank_slice(
+                    indices, rank=context.rank, world_size=context.world_size
+                )
+                batch = task.batch(local_indices)
+                buffers = [buffer.detach().clone() for buffer in model.buffers()]
+                rng_state = capture_rng()
+
+                def attempt(size: int, batch=batch):
+                    step_plan = plan_accumulation(
+                        config.global_batch,
+                        size,
+                        context.world_size,
+                        allow_uneven=config.allow_uneven or local_batch % size != 0,
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    parts = split_batch(batch, step_plan.micro_batches)
+                    counts = total = None
+                    if task.tokens is not None:
+                        counts = [float(task.tokens(part)) for part in parts]
+                        # DDP averages over ranks: weigh by the global token count / world size.
+                        total = sum_over_ranks(sum(counts), device=device) / context.world_size
+                    micro_batches = [move_to(part, device) for part in parts]
+                    loss = accumulate_gradients(
+                        train_model, loss_fn, micro_batches, counts=counts, total=total
+                    )
+                    return loss, step_plan
+
+                def cleanup(buffers=buffers, rng_state=rng_state):
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for buffer, saved in zip(model.buffers(), buffers):
+                            buffer.copy_(saved)
+                    restore_rng(rng_state)
+
+                (loss, step_plan), micro_batch = run_with_backoff(
+                    attempt,
+                    micro_batch,
+                    local_batch=local_batch,
+                    step=step,
+                    allow_uneven=config.allow_uneven,
+                    cleanup=cleanup,
+                    on_backoff=backoffs.append,
+                    device=device,
+                    enabled=not context.enabled,
+                )
+                del buffers, rng_state
+                loss = mean_over_ranks(loss, device=device)
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(
+                        model.parameters(),
+                        config.max_grad_norm if config.max_grad_norm is not None else math.inf,
+                    )
+                )
+                lr = optimizer.param_groups[0]["lr"]
+                samples_seen += config.global_batch
+                record = StepRecord(
+                    step=step + 1,
+                    samples_seen=samples_seen,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    micro_batch=micro_batch,
+                    accumulation_steps=step_plan.accumulation_steps,
+                    micro_batches=tuple(step_plan.micro_batches),
+                    indices=tuple(local_indices),
+                )
+                extra: dict[str, Any] = {}
+                for callback in callbacks:
+                    if hasattr(callback, "on_step_end"):
+                        extra.update(callback.on_step_end(record, model) or {})
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if setup.swa_start_step is not None and step + 1 > setup.swa_start_step:
+                    swa_model.update_parameters(model)
+                    swa_scheduler.step()
+                else:
+                    scheduler.step()
+                step += 1
+                last_loss = loss
+                session_samples += config.global_batch
+                step_seconds += time.perf_counter() - step_started
+
+                line = {**record.to_dict(), **extra}
+                last = step == setup.total_steps
+                if main and ((eval_every and step % eval_every == 0) or last):
+                    val_metrics = evaluate(
+                        model, task, device=device, batch_size=max(micro_batch, 64)
+                    )
+                    line.update(val_metrics)
+                if metrics is not None:
+                    metrics.append(line)
+                if progress_bar is not None:
+                    progress_bar.update(
+                        task_id,
+                        completed=step,
+                        loss=f"{loss:.4f}",
+                        lr=f"{lr:.3g}",
+                        speed=f"{session_samples / max(step_seconds, 1e-9):,.0f}",
+                    )
+                stop_now = (
+                    any_rank(stop["stop"], device=device) if context.enabled else stop["stop"]
+                )
+                if (checkpoint_every and step % checkpoint_every == 0) or stop_now:
+                    save(step)
+                if stop_now and not last:
+                    interrupted = True
+                    break
+            if swa_model is not None and step == setup.total_steps and swa_model.n_averaged > 0:
+                _update_swa_batchnorm(
+                    swa_model, task, device=device, batch_size=micro_batch, loss=task.loss
+                )
+                if main:
+                    val_metrics = evaluate(
+                        swa_model.module, task, device=device, batch_size=max(micro_batch, 64)
+                    )
+                    if metrics is not None:
+                        metrics.append({"step": step, "swa": True, **val_metrics})
+            if saved_at != step:
+                save(step)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+    final_model = swa_model.module if swa_model is not None else model
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        steps=step,
+        total_steps=setup.total_steps,
+        samples_seen=samples_seen,
+        final_loss=last_loss,
+        val_metrics=val_metrics,
+        lr=setup.lr,
+        lr_reason=setup.lr_reason,
+        warmup_steps=setup.warmup_steps,
+        schedule=schedule.describe()
+        + (f", then SWA from step {setup.swa_start_step}" if config.swa else ""),
+        global_batch=config.global_batch,
+        micro_batch=micro_batch,
+        accumulation_steps=-(-local_batch // micro_batch),
+        world_size=context.world_size,
+        backoffs=tuple(backoffs),
+        seconds=seconds,
+        samples_per_second=session_samples / step_seconds if step_seconds else 0.0,
+        interrupted=interrupted,
+        resumed_from_step=resumed_from,
+        metrics_path=str(metrics_path) if metrics_path is not None else None,
+        checkpoint_path=str(checkpoint_path) if checkpoint_path is not None else None,
+        model=final_model,
+    )
+
+
+def _check_same_run(checkpoint: dict, config: TrainConfig, path) -> None:
+    saved = checkpoint.get("config", {})
+    current = config.to_dict()
+    changed = [name for name in _IDENTITY_FIELDS if saved.get(name) != current.get(name)]
+    if changed:
+        details = ", ".join(f"{name} {saved.get(name)!r} -> {current[name]!r}" for name in changed)
+        raise CheckpointError(
+            f"The checkpoint {str(path)!r} belongs to a run with other options ({details}); "
+            "resume with the run's options, or start a new run in another --out directory."
+        )
+
+
+def _memory_budget(budget_bytes: int | None, model, optimizer, device):
+    if budget_bytes is None:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        from batchfit.devices import memory_cap
+
+        return memory_cap(device, budget_bytes)
+    from batchfit.memory import count_memory, tensors_of_state
+
+    return count_memory(budget_bytes=budget_bytes, tensors=tensors_of_state(model, optimizer))
+
+
+@contextlib.contextmanager
+def _progress_bar(total_steps: int, start_step: int, *, enabled: bool):
+    if not enabled:
+        yield None, None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn(
+            "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} samples/s"
+        ),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task_id = bar.add_task(
+            "train", total=total_steps, completed=start_step, loss="-", lr="-", speed="-"
+        )
+        yield bar, task_id

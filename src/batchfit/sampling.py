@@ -1,0 +1,91 @@
+"""Deterministic data order for training at a global batch size.
+
+The training data is read as an endless stream of epochs, each a fresh permutation of the data
+set drawn from `seed + epoch`. Global step `s` takes stream positions `[s * G, (s + 1) * G)` for a
+global batch of `G` samples. The samples of every global step are therefore a pure function of
+(seed, data set size, global batch, step): fixed before any micro-batch is cut from them, the same
+after a resume, after an out-of-memory back-off, and for any number of ranks (each rank takes a
+contiguous, equal slice of the global batch, like `DistributedSampler` does of an epoch).
+No sample is skipped and none is repeated within an epoch; a global batch that straddles two
+epochs takes the end of one permutation and the start of the next.
+"""
+
+from __future__ import annotations
+
+import math
+
+from batchfit.errors import ConfigError
+
+
+def epoch_permutation(epoch: int, *, dataset_size: int, seed: int) -> list[int]:
+    """The order of the data set's samples in `epoch` (0-based), seeded by `seed + epoch`.
+
+    Example:
+        >>> sorted(epoch_permutation(0, dataset_size=4, seed=0))
+        [0, 1, 2, 3]
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(dataset_size, generator=generator).tolist()
+
+
+def global_batch_indices(
+    step: int, *, dataset_size: int, global_batch: int, seed: int
+) -> list[int]:
+    """The sample indices of global step `step` (0-based), in order.
+
+    Args:
+        step: the optimizer step, counted from 0.
+        dataset_size: number of training samples.
+        global_batch: samples per optimizer step, over all ranks.
+        seed: the run's seed.
+
+    Returns:
+        `global_batch` indices into the training data.
+
+    Raises:
+        ConfigError: a size or the step is not a positive (step: non-negative) int.
+
+    Example:
+        >>> len(global_batch_indices(3, dataset_size=10, global_batch=4, seed=0))
+        4
+    """
+    for name, value in (("dataset_size", dataset_size), ("global_batch", global_batch)):
+        if not (isinstance(value, int) and value > 0):
+            raise ConfigError(f"{name} must be a positive int, got {value!r}.")
+    if not (isinstance(step, int) and step >= 0):
+        raise ConfigError(f"step must be a non-negative int, got {step!r}.")
+    start = step * global_batch
+    stop = start + global_batch
+    indices: list[int] = []
+    epoch = start // dataset_size
+    while start < stop:
+        order = epoch_permutation(epoch, dataset_size=dataset_size, seed=seed)
+        offset = start - epoch * dataset_size
+        take = min(stop - start, dataset_size - offset)
+        indices.extend(order[offset : offset + take])
+        start += take
+        epoch += 1
+    return indices
+
+
+def rank_slice(indices: list[int], *, rank: int, world_size: int) -> list[int]:
+    """This rank's contiguous share of a global batch (the global batch divides evenly).
+
+    Example:
+        >>> rank_slice([5, 6, 7, 8], rank=1, world_size=2)
+        [7, 8]
+    """
+    if len(indices) % world_size:
+        raise ConfigError(
+            f"A global batch of {len(indices)} does not split evenly over {world_size} ranks; "
+            f"use a multiple of {world_size}."
+        )
+    share = len(indices) // world_size
+    return indices[rank * share : (rank + 1) * share]
+
+
+def steps_for_epochs(epochs: float, *, dataset_size: int, global_batch: int) -> int:
+    """Optimizer steps that read `epochs` passes over the data (rounded up, at least 1)."""
+    return max(1, math.ceil(epochs * dataset_size / global_batch))
