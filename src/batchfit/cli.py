@@ -142,6 +142,73 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_number(text: str | None, name: str, kind: type = float):
+    """A number from a flag's text; a ConfigError (one line, exit 2) when it is not one."""
+    from batchfit.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} {text!r} is not {what}; e.g. {name} 64.") from None
+
+
+def _cmd_scale_lr(args: argparse.Namespace) -> int:
+    from batchfit.errors import ConfigError
+    from batchfit.lr_scaling import default_rule, recommended_schedule, scaled_rate
+    from batchfit.schedules import render_schedule, schedule_table
+
+    task = _load_task(args) if (args.task or args.example) else None
+    lr = _parse_number(args.lr, "--lr")
+    batch = _parse_number(args.batch, "--batch", int)
+    lr = task.lr if lr is None and task else lr
+    batch = task.batch_size if batch is None and task else batch
+    if lr is None or batch is None:
+        raise ConfigError("Give --lr and --batch (the tuned rate and its batch), or a task.")
+    family = args.optimizer_family or (task.optimizer_family() if task else "sgd")
+    rule = args.rule or default_rule(family)
+    new_batch = _parse_number(args.new_batch, "--new-batch", int)
+    scaled = scaled_rate(lr, batch, new_batch, rule)
+    result = scaled.to_dict()
+    config = None
+    if args.total_steps is not None:
+        warmup = args.warmup.strip().rstrip("%")
+        fraction = steps = None
+        if args.warmup.strip().endswith("%"):
+            fraction = _parse_number(warmup, "--warmup") / 100
+        elif "." in warmup:
+            fraction = _parse_number(warmup, "--warmup")
+        elif warmup != "auto":
+            steps = _parse_number(warmup, "--warmup", int)
+        config = recommended_schedule(
+            scaled,
+            _parse_number(args.total_steps, "--total-steps", int),
+            warmup_steps=steps,
+            warmup_fraction=fraction,
+            decay=args.decay,
+            min_lr_factor=_parse_number(args.min_lr_factor, "--min-lr-factor"),
+        )
+        rows = schedule_table(config, scaled.lr)
+        result["schedule"] = {**config.to_dict(), "table": rows}
+    if args.json:
+        _print_json(result)
+        return 0
+    console = _stdout_console()
+    console.print(f"{scaled.lr:.6g}", highlight=False)
+    console.print(f"  {scaled.reason}", highlight=False)
+    if scaled.warmup:
+        console.print(
+            f"  warm up: the rate is {scaled.lr / scaled.base_lr:.3g}x the base; ramp up from "
+            f"{scaled.base_lr:.6g} (start factor {scaled.warmup_start_factor:.3g})",
+            highlight=False,
+        )
+    if config is not None:
+        console.print(render_schedule(config, scaled.lr))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfit",
@@ -168,6 +235,38 @@ def _build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--round", default="none", help="pow2, none, or a multiple such as 8")
     _add_json_argument(estimate)
     estimate.set_defaults(handler=_cmd_estimate)
+
+    scale_lr = commands.add_parser(
+        "scale-lr",
+        help="scale a learning rate to a new batch size (linear, sqrt), with its schedule",
+        description="Scale a learning rate tuned at one batch size to another; optionally show "
+        "the warmup and decay schedule for a run of --total-steps optimizer steps.",
+    )
+    _add_task_arguments(scale_lr)
+    scale_lr.add_argument("--lr", help="the tuned learning rate (default: the task's)")
+    scale_lr.add_argument("--batch", help="the batch size it was tuned at (default: the task's)")
+    scale_lr.add_argument("--new-batch", required=True, help="the batch size to scale to")
+    scale_lr.add_argument(
+        "--rule", help="linear, sqrt or none (default: linear for sgd, sqrt for adam)"
+    )
+    scale_lr.add_argument(
+        "--optimizer-family", help="sgd or adam, to pick the rule (default: the task's, or sgd)"
+    )
+    scale_lr.add_argument("--total-steps", help="optimizer steps of the run: show the schedule")
+    scale_lr.add_argument(
+        "--warmup",
+        default="auto",
+        help="warmup steps (500), fraction (0.05 or 5%%), or auto: when the rate at least "
+        "doubles, 5%% of training (default: auto)",
+    )
+    scale_lr.add_argument(
+        "--decay", default="cosine", help="constant, cosine or linear (default: cosine)"
+    )
+    scale_lr.add_argument(
+        "--min-lr-factor", default="0", help="where the decay ends, x the peak rate (default 0)"
+    )
+    _add_json_argument(scale_lr)
+    scale_lr.set_defaults(handler=_cmd_scale_lr)
 
     return parser
 
