@@ -227,7 +227,7 @@ def _bad(**overrides):
         (_bad(micro_batch=-2), "micro_batch must be a positive"),
         (_bad(global_batch=8, micro_batch=16), "micro_batch (16) is larger than global_batch"),
         (_bad(global_batch=1000), "larger than the training data (256 samples)"),
-        (_bad(device="gpu7"), "is not a device"),
+        (_bad(device="gpu7"), "device 'gpu7' is unknown"),
     ],
 )
 def test_bad_settings(options, words):

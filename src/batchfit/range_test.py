@@ -479,21 +479,9 @@ def _check_batches(global_batch: int, micro_batch: int, data_size: int) -> None:
 
 
 def _resolve_device(device: Any) -> Any:
-    import torch
+    from batchfit.devices import resolve_device
 
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ConfigError(
-            f"device {device!r} is not a device; use cpu, cuda, cuda:1, mps or auto."
-        ) from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} is not available here; use --device cpu or auto.")
-    return resolved
+    return resolve_device("auto" if device is None else device)
 
 
 def _resolve_source(

@@ -1,0 +1,195 @@
+import random
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.task import load_example
+from batchfit.throughput import (
+    ThroughputMeter,
+    default_batch_sizes,
+    find_knee,
+    measure_throughput,
+)
+from tests.conftest import classification_loss, make_mlp_task
+
+
+def test_knee_on_a_saturating_curve():
+    sizes = [1, 2, 4, 8, 16, 32, 64, 128]
+    # throughput = peak * b / (b + 8): 500 at 8, 800 at 32, 888.9 at 64, 941.2 at 128
+    rates = [1000 * b / (b + 8) for b in sizes]
+    assert find_knee(sizes, rates, fraction=0.9) == 64  # 888.9 >= 847.1 > 800
+    assert find_knee(sizes, rates, fraction=0.95) == 128  # 894.1 > 888.9
+    assert find_knee(sizes, rates, fraction=0.8) == 32  # 800 >= 752.9 > 666.7
+    assert find_knee(sizes, rates, fraction=0.5) == 8  # 500 >= 470.6 > 333.3
+    assert find_knee(sizes, rates, fraction=1.0) == 128
+
+
+def test_knee_with_a_drop_after_the_peak_and_unsorted_input():
+    sizes = [64, 8, 32, 16, 128]
+    rates = [300.0, 100.0, 290.0, 200.0, 250.0]  # slower past the peak at 64
+    assert find_knee(sizes, rates) == 32  # 290 >= 270
+    assert find_knee(sizes, rates, fraction=0.99) == 64
+
+
+def test_knee_exactly_at_the_fraction_counts():
+    assert find_knee([1, 2], [90.0, 100.0], fraction=0.9) == 1
+
+
+@pytest.mark.parametrize(
+    ("sizes", "rates", "fraction", "words"),
+    [
+        ([], [], 0.9, "one throughput per batch size"),
+        ([1, 2], [1.0], 0.9, "one throughput per batch size"),
+        ([2, 2], [1.0, 2.0], 0.9, "repeat"),
+        ([0, 2], [1.0, 2.0], 0.9, "positive whole number"),
+        ([1, 2], [1.0, float("nan")], 0.9, "must be >= 0"),
+        ([1, 2], [1.0, 2.0], 0.0, "fraction must be in (0, 1]"),
+        ([1, 2], [1.0, 2.0], 1.5, "fraction must be in (0, 1]"),
+    ],
+)
+def test_knee_bad_input(sizes, rates, fraction, words):
+    with pytest.raises(ConfigError) as caught:
+        find_knee(sizes, rates, fraction=fraction)
+    assert words in str(caught.value)
+
+
+def test_default_batch_sizes():
+    assert default_batch_sizes(1) == [1]
+    assert default_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert default_batch_sizes(100)[-2:] == [64, 100]
+
+
+def test_measure_on_a_tiny_model_is_sane_and_leaves_task_alone():
+    module = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    task = make_mlp_task(model=module)
+    torch.manual_seed(7), random.seed(7)
+    state = torch.get_rng_state(), random.getstate()
+    steps = []
+    result = measure_throughput(
+        task, batch_sizes=[16, 4, 64], warmup_steps=1, repeats=3, device="cpu",
+        on_step=lambda done, total, size: steps.append((done, total, size)),
+    )  # fmt: skip
+    assert result.batch_sizes == (4, 16, 64)
+    assert len(result.seconds_per_step) == len(result.samples_per_second) == 3
+    assert all(len(times) == 3 for times in result.step_seconds)
+    for size, median, rate, times in zip(
+        result.batch_sizes, result.seconds_per_step, result.samples_per_second, result.step_seconds
+    ):
+        assert min(times) <= median <= max(times) and median > 0
+        assert rate == pytest.approx(size / median)
+    assert result.knee_batch in result.batch_sizes and result.best_batch in result.batch_sizes
+    assert result.knee_batch <= result.best_batch
+    assert result.tokens_per_second is None and result.limit_batch is None
+    assert [done for done, _, _ in steps] == list(range(1, 13)) and steps[-1][1] == 12
+    assert all(torch.equal(before[name], value) for name, value in module.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
+    data = result.to_dict()
+    assert data["batch_sizes"] == [4, 16, 64] and data["knee_batch"] == result.knee_batch
+
+
+def test_tokens_per_second_when_the_task_counts_tokens():
+    task = make_mlp_task(tokens=lambda batch: 5 * int(batch[0].shape[0]))
+    result = measure_throughput(task, batch_sizes=[2, 8], repeats=2, warmup_steps=0)
+    assert result.tokens_per_second is not None
+    for samples, tokens in zip(result.samples_per_second, result.tokens_per_second):
+        assert tokens == pytest.approx(5 * samples)
+
+
+def test_default_sizes_stop_at_the_data_set_and_max_batch():
+    task = make_mlp_task(samples=40)
+    result = measure_throughput(task, repeats=1, warmup_steps=0, patience=None)
+    assert result.batch_sizes == (1, 2, 4, 8, 16, 32, 40)
+    assert result.limit_batch == 40 and result.limit_reason == "dataset"
+    capped = measure_throughput(task, repeats=1, warmup_steps=0, max_batch_size=6, patience=None)
+    assert capped.batch_sizes == (1, 2, 4, 6) and capped.limit_reason == "max_batch_size"
+
+
+def test_patience_stops_a_flat_curve_early():
+    def slow_loss(model, batch):
+        time.sleep(0.005 * batch[0].shape[0])  # time grows with samples: flat throughput
+        return classification_loss(model, batch)
+
+    task = make_mlp_task(loss=slow_loss)
+    result = measure_throughput(task, repeats=1, warmup_steps=0, max_batch_size=64)
+    assert result.stopped_early and len(result.batch_sizes) < 7
+
+
+def _oom_above(limit):
+    def loss(model, batch):
+        if batch[0].shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return classification_loss(model, batch)
+
+    return loss
+
+
+def test_stops_at_the_first_out_of_memory():
+    task = make_mlp_task(loss=_oom_above(16))
+    result = measure_throughput(task, repeats=1, warmup_steps=0, patience=None)
+    assert result.batch_sizes == (1, 2, 4, 8, 16)
+    assert result.limit_batch == 16 and result.limit_reason == "out_of_memory"
+
+
+def test_nothing_fits():
+    task = make_mlp_task(loss=_oom_above(0))
+    with pytest.raises(DoesNotFitError, match="Batch size 4 already runs out of memory"):
+        measure_throughput(task, batch_sizes=[4, 8], repeats=1)
+
+
+def test_other_errors_pass_through():
+    def broken(model, batch):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        measure_throughput(make_mlp_task(loss=broken), batch_sizes=[4], repeats=1)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"batch_sizes": [8, 512]}, "batch size 512 is above 256: the training data has 256"),
+        ({"batch_sizes": [8, 32], "max_batch_size": 16}, "max_batch_size is 16"),
+        ({"batch_sizes": [0, 8]}, "positive whole number"),
+        ({"batch_sizes": [8, 8]}, "repeat"),
+        ({"batch_sizes": []}, "empty"),
+        ({"max_batch_size": -1}, "max_batch_size must be a positive"),
+        ({"warmup_steps": -1}, "warmup_steps must be a whole number >= 0"),
+        ({"repeats": 0}, "repeats must be a whole number >= 1"),
+        ({"fraction": 0}, "fraction must be in (0, 1]"),
+        ({"patience": 0}, "patience must be a whole number >= 1"),
+        ({"device": "gpu7"}, "device 'gpu7'"),
+    ],
+)
+def test_bad_input(options, words):
+    with pytest.raises(ConfigError) as caught:
+        measure_throughput(make_mlp_task(), **options)
+    assert words in str(caught.value)
+
+
+def test_meter_window_and_state():
+    meter = ThroughputMeter(window=3)
+    assert meter.samples_per_second is None
+    for now, samples in ((0.0, 10), (1.0, 10), (2.0, 20), (3.0, 30), (4.0, 40)):
+        meter.step(samples, tokens=samples * 2, now=now)
+    # the last three steps: 20 + 30 + 40 samples from t=1 to t=4
+    assert meter.samples_per_second == pytest.approx(30.0)
+    assert meter.tokens_per_second == pytest.approx(60.0)
+    other = ThroughputMeter()
+    other.load_state_dict(meter.state_dict())
+    assert other.samples_per_second == meter.samples_per_second and other.window == 3
+    meter.reset()
+    assert meter.samples_per_second is None
+    meter.step(8, now=0.0), meter.step(8, now=0.5)
+    assert meter.samples_per_second == 16.0 and meter.tokens_per_second is None
+
+
+@pytest.mark.parametrize("name", ["digits", "cnn", "unet", "charlm"])
+def test_every_example(name):
+    task = load_example(name)
+    result = measure_throughput(task, batch_sizes=[1, 2], warmup_steps=0, repeats=1)
+    assert result.batch_sizes == (1, 2) and all(rate > 0 for rate in result.samples_per_second)
+    assert (result.tokens_per_second is not None) == (name == "charlm")
