@@ -209,6 +209,161 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_warmup(text: str | None) -> int | float | None:
+    """--warmup: whole steps ("500"), a fraction ("0.05" or "5%"), or auto (None)."""
+    if text is None or text.strip() == "auto":
+        return None
+    text = text.strip()
+    if text.endswith("%"):
+        return _parse_number(text[:-1], "--warmup") / 100
+    if "." in text or "e" in text.lower():
+        return _parse_number(text, "--warmup")
+    return _parse_number(text, "--warmup", int)
+
+
+# Flags of `batchfit train` that take a value, as (flag, namespace attribute): --nproc re-runs
+# the same command under torchrun, rebuilt from the parsed arguments.
+_TRAIN_VALUE_FLAGS = (
+    ("--global-batch", "global_batch"),
+    ("--micro-batch", "micro_batch"),
+    ("--steps", "steps"),
+    ("--epochs", "epochs"),
+    ("--lr", "lr"),
+    ("--lr-rule", "lr_rule"),
+    ("--warmup", "warmup"),
+    ("--decay", "decay"),
+    ("--optimizer", "optimizer"),
+    ("--label-smoothing", "label_smoothing"),
+    ("--swa-start", "swa_start"),
+    ("--swa-lr", "swa_lr"),
+    ("--max-grad-norm", "max_grad_norm"),
+    ("--eval-every", "eval_every"),
+    ("--checkpoint-every", "checkpoint_every"),
+    ("--out", "out"),
+    ("--seed", "seed"),
+    ("--device", "device"),
+    ("--memory-budget", "memory_budget"),
+    ("--example", "example"),
+)
+_TRAIN_SWITCHES = (
+    ("--swa", "swa"),
+    ("--allow-uneven", "allow_uneven"),
+    ("--sync-batchnorm", "sync_batchnorm"),
+    ("--json", "json"),
+)
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["train"] + ([args.task] if args.task else [])
+    for flag, name in _TRAIN_VALUE_FLAGS:
+        if getattr(args, name) is not None:
+            argv += [flag, str(getattr(args, name))]
+    argv += [flag for flag, name in _TRAIN_SWITCHES if getattr(args, name)]
+    if args.resume:
+        argv.append("--resume")
+    return (["--verbose"] if args.verbose else []) + argv
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from batchfit.distributed import detect_distributed, launch
+    from batchfit.errors import ConfigError
+    from batchfit.loop import TrainConfig, train
+    from batchfit.units import parse_size
+
+    nproc = _parse_number(args.nproc, "--nproc", int)
+    if isinstance(args.resume, str):  # --resume RUN_DIR
+        if args.out is not None and args.out != args.resume:
+            raise ConfigError(f"--resume {args.resume} and --out {args.out} differ; give one.")
+        args.out = args.resume
+    task = _load_task(args)
+    if args.out is None and not args.resume:
+        args.out = f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = TrainConfig(
+        global_batch=_parse_number(args.global_batch, "--global-batch", int),
+        micro_batch=_parse_number(args.micro_batch, "--micro-batch", int),
+        steps=_parse_number(args.steps, "--steps", int),
+        epochs=_parse_number(args.epochs, "--epochs"),
+        lr=_parse_number(args.lr, "--lr"),
+        lr_rule=args.lr_rule,
+        warmup=_parse_warmup(args.warmup),
+        decay=args.decay or "cosine",
+        optimizer=args.optimizer or "task",
+        label_smoothing=_parse_number(args.label_smoothing, "--label-smoothing") or 0.0,
+        swa=args.swa,
+        swa_start=_parse_number(args.swa_start, "--swa-start") or 0.75,
+        swa_lr=_parse_number(args.swa_lr, "--swa-lr"),
+        max_grad_norm=_parse_number(args.max_grad_norm, "--max-grad-norm"),
+        eval_every=_parse_number(args.eval_every, "--eval-every", int),
+        checkpoint_every=_parse_number(args.checkpoint_every, "--checkpoint-every", int),
+        out_dir=args.out,
+        resume=bool(args.resume),
+        seed=_parse_number(args.seed, "--seed", int),
+        allow_uneven=args.allow_uneven,
+        sync_batchnorm=args.sync_batchnorm,
+    )
+    budget = parse_size(args.memory_budget, name="--memory-budget") if args.memory_budget else None
+    if nproc is not None and nproc > 1:
+        if detect_distributed().enabled:
+            raise ConfigError("--nproc starts torchrun; under torchrun already, drop --nproc.")
+        return launch(nproc, _train_argv(args))
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}.")
+    main_rank = detect_distributed().is_main
+    result = train(
+        task,
+        config,
+        device=args.device,
+        memory_budget_bytes=budget,
+        progress=main_rank and not args.json,
+    )
+    if not main_rank:
+        return 130 if result.interrupted else 0
+    if args.json:
+        _print_json(result)
+    else:
+        _print_train_summary(task.name, result)
+    return 130 if result.interrupted else 0
+
+
+def _print_train_summary(name: str, result) -> None:
+    from pathlib import Path
+
+    console = _stdout_console()
+    say = console.print
+    state = "Interrupted" if result.interrupted else "Trained"
+    say(
+        f"{state} {name}: {result.steps}/{result.total_steps} steps, {result.samples_seen:,} "
+        f"samples, {result.seconds:.1f} s ({result.samples_per_second:,.0f} samples/s)",
+        highlight=False,
+    )
+    ranks = f" x {result.world_size} ranks" if result.world_size > 1 else ""
+    say(
+        f"  global batch {result.global_batch} = {result.accumulation_steps} micro-batches of "
+        f"{result.micro_batch}{ranks}",
+        highlight=False,
+    )
+    say(f"  lr {result.lr:.6g}: {result.lr_reason}", highlight=False)
+    say(f"  schedule: {result.schedule}", highlight=False)
+    for event in result.backoffs:
+        say(
+            f"  out of memory at step {event.step}: micro-batch {event.failed_micro_batch} -> "
+            f"{event.micro_batch}",
+            highlight=False,
+        )
+    if result.val_metrics:
+        values = ", ".join(f"{key} {value:.4f}" for key, value in result.val_metrics.items())
+        say(f"  {values}", highlight=False)
+    if result.metrics_path:
+        say(f"  metrics: {result.metrics_path}", highlight=False)
+    if result.checkpoint_path:
+        say(f"  checkpoint: {result.checkpoint_path}", highlight=False)
+    if result.interrupted:
+        run_dir = Path(result.checkpoint_path).parent
+        say(f"  continue with: batchfit train ... --resume {run_dir}", highlight=False)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfit",
@@ -267,6 +422,66 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_json_argument(scale_lr)
     scale_lr.set_defaults(handler=_cmd_scale_lr)
+
+    train_cmd = commands.add_parser(
+        "train",
+        help="train at a global batch: accumulation, scaled lr, OOM back-off, DDP",
+        description="Train a task at --global-batch samples per step, in micro-batches of "
+        "--micro-batch (halved when memory runs out), with the learning rate scaled from the "
+        "task's reference point; metrics.jsonl and checkpoints go to --out RUN_DIR.",
+    )
+    _add_task_arguments(train_cmd)
+    train_cmd.add_argument("--global-batch", required=True, help="samples per optimizer step")
+    train_cmd.add_argument(
+        "--micro-batch", required=True, help="samples per forward/backward on one process"
+    )
+    length = train_cmd.add_mutually_exclusive_group()
+    length.add_argument("--steps", help="optimizer steps")
+    length.add_argument("--epochs", help="passes over the training data (default 10)")
+    train_cmd.add_argument("--lr", help="peak learning rate (default: the task's, scaled)")
+    train_cmd.add_argument(
+        "--lr-rule", help="linear, sqrt or none (default: linear for SGD, sqrt for Adam)"
+    )
+    train_cmd.add_argument(
+        "--warmup",
+        help="warmup steps (50), fraction (0.05 or 5%%), or auto: when the scaled rate is at "
+        "least 2x the task's (default: auto)",
+    )
+    train_cmd.add_argument("--decay", help="constant, cosine, linear or step (default: cosine)")
+    train_cmd.add_argument(
+        "--optimizer", help="task, sgd, adam, adamw, lars or lamb (default: task)"
+    )
+    train_cmd.add_argument("--label-smoothing", help="e.g. 0.1 (default 0)")
+    train_cmd.add_argument("--swa", action="store_true", help="stochastic weight averaging")
+    train_cmd.add_argument("--swa-start", help="share of training before SWA (default 0.75)")
+    train_cmd.add_argument("--swa-lr", help="SWA learning rate (default: half the peak)")
+    train_cmd.add_argument("--max-grad-norm", help="clip the gradient norm to this")
+    train_cmd.add_argument("--eval-every", help="steps between evaluations (default: 10 a run)")
+    train_cmd.add_argument(
+        "--checkpoint-every", help="steps between checkpoints (default: as --eval-every)"
+    )
+    train_cmd.add_argument(
+        "--out", metavar="RUN_DIR", help="run directory (default: runs/<task>-<time>)"
+    )
+    train_cmd.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_DIR",
+        help="continue the run in --out (or RUN_DIR) from its checkpoint",
+    )
+    train_cmd.add_argument("--seed", help="seed (default: the task's)")
+    train_cmd.add_argument(
+        "--allow-uneven", action="store_true", help="allow a shorter last micro-batch"
+    )
+    train_cmd.add_argument("--nproc", help="processes: launch torchrun on this machine")
+    train_cmd.add_argument(
+        "--sync-batchnorm", action="store_true", help="under DDP, use SyncBatchNorm"
+    )
+    _add_device_arguments(train_cmd)
+    _add_json_argument(train_cmd)
+    train_cmd.set_defaults(handler=_cmd_train)
 
     return parser
 
