@@ -1,0 +1,374 @@
+"""Predict the peak memory of training steps without real compute, and fit it over a range.
+
+The model, optimizer and batch are fake tensors (`torch._subclasses.fake_tensor.
+FakeTensorMode`): every op runs its shape logic only, no data is allocated, and the same
+storage count as `batchfit.memory.count_memory` is taken. On the CPU the prediction equals the
+measured count exactly (the tests check it on every built-in example); a batch of a million
+samples costs no more than a batch of one. Fake tensors can also stand for a device this
+machine lacks ("cuda"), so a budget the user does not have here can be answered too.
+
+Where fake mode cannot run a model (data-dependent control flow, `.item()` on a computed value,
+ops without a meta kernel), `predict_step_memory` falls back to a real measured step and says
+so on the result (`method="measured"`, `fallback_reason`) and in a log warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from batchfit.errors import ConfigError
+from batchfit.memory import (
+    check_batch_size,
+    count_memory,
+    counted_bytes,
+    forked_rng,
+    is_out_of_memory,
+    measure_step_memory,
+    run_training_steps,
+    tensors_of_state,
+)
+from batchfit.memory_model import MemoryModel, fit_memory_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["fake", "measured"]
+
+
+@dataclass(frozen=True)
+class PredictedMemory:
+    """Peak memory of training steps at one batch size, predicted with fake tensors.
+
+    Attributes:
+        batch_size: samples per step.
+        peak_bytes: predicted peak of live tensor storage bytes over the steps (parameters,
+            buffers, gradients, optimizer state, batch and temporaries; each storage rounded up
+            to 512 bytes), the same quantity `measure_step_memory` counts.
+        state_bytes: parameters, buffers, gradients and optimizer state after the last step:
+            what the model needs before the first sample.
+        batch_bytes: the input batch.
+        method: "fake" (predicted) or "measured" (fake mode failed; a real step was run).
+        fallback_reason: why fake mode could not run the task, when method is "measured".
+        device: the device predicted for.
+        seconds: time the prediction took.
+    """
+
+    batch_size: int
+    peak_bytes: int
+    state_bytes: int
+    batch_bytes: int
+    method: Method
+    fallback_reason: str | None
+    device: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FakeModeUnsupported(Exception):
+    """Fake tensors cannot run this task (internal signal that triggers the fallback)."""
+
+
+def predict_step_memory(
+    task: Task,
+    batch_size: int,
+    *,
+    device: str | torch.device = "cpu",
+    steps: int = 2,
+    fallback: bool = True,
+) -> PredictedMemory:
+    """Predict the peak memory of `steps` training steps at `batch_size`, without real compute.
+
+    Builds the task's model, optimizer and a batch of `batch_size` samples as fake tensors
+    and runs the steps under the storage count. The task, its model and the random state are
+    left untouched (the model is built afresh or fake-copied; random state is restored).
+
+    Args:
+        task: the training task.
+        batch_size: samples per step.
+        device: the device to predict for; it need not exist here ("cuda" on a CPU machine).
+        steps: training steps, at least 2 (optimizer state appears at the first step).
+        fallback: when fake mode cannot run the task, measure a real step instead (on `device`,
+            which then must exist). With False, raise the fake-mode error as ConfigError.
+
+    Returns:
+        PredictedMemory with the peak, state and batch bytes.
+
+    Raises:
+        ConfigError: bad batch size or steps; or fake mode failed and `fallback` is False.
+        torch.OutOfMemoryError: only from the measured fallback.
+        Any error the task's own code raises for reasons other than fake tensors (for example
+        a shape mismatch), unchanged.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> predict_step_memory(load_example("digits"), 1_000_000).peak_bytes > 10**9
+        True
+    """
+    import torch
+
+    check_batch_size(batch_size)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ConfigError(
+            f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
+        )
+    target = torch.device(device) if not isinstance(device, torch.device) else device
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", 0)
+    started = time.perf_counter()
+    try:
+        peak, state, batch = _fake_run(task, batch_size, target, steps)
+    except FakeModeUnsupported as unsupported:
+        reason = str(unsupported)
+        if not fallback:
+            raise ConfigError(
+                f"fake tensors cannot run task {task.name!r}: {reason}; "
+                "measure real steps instead (fallback=True)."
+            ) from None
+        logger.warning(
+            "fake tensors cannot run task %r (%s); measuring a real step at batch %d instead",
+            task.name,
+            reason,
+            batch_size,
+        )
+        measured = measure_step_memory(task, batch_size, device=target, steps=steps)
+        return PredictedMemory(
+            batch_size=batch_size,
+            peak_bytes=measured.peak_bytes,
+            state_bytes=measured.state_bytes,
+            batch_bytes=measured.batch_bytes,
+            method="measured",
+            fallback_reason=reason,
+            device=str(target),
+            seconds=time.perf_counter() - started,
+        )
+    return PredictedMemory(
+        batch_size=batch_size,
+        peak_bytes=peak,
+        state_bytes=state,
+        batch_bytes=batch,
+        method="fake",
+        fallback_reason=None,
+        device=str(target),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _fake_error_types() -> tuple[type[BaseException], ...]:
+    from torch._subclasses import fake_tensor
+
+    names = (
+        "DataDependentOutputException",
+        "DynamicOutputShapeException",
+        "UnsupportedOperatorException",
+        "UnsupportedFakeTensorException",
+        "MetadataMismatchError",
+    )
+    found = tuple(getattr(fake_tensor, name) for name in names if hasattr(fake_tensor, name))
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return found + (GuardOnDataDependentSymNode, NotImplementedError)
+
+
+def _fake_run(
+    task: Task, batch_size: int, device: torch.device, steps: int
+) -> tuple[int, int, int]:
+    """Run the steps on fake tensors; returns (peak, state, batch) bytes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_errors = _fake_error_types()
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with forked_rng(device if device.type == "cuda" and _has_cuda() else _cpu(), task.seed):
+            model = _fake_model(task, fake_mode, device)
+            with fake_mode:
+                model.train()
+                optimizer = task.make_optimizer(model.parameters())
+                batch = _fake_batch(task, batch_size, fake_mode, device)
+            batch_bytes = counted_bytes([batch])
+            entry = list(model.parameters()) + list(model.buffers()) + [batch]
+            with fake_mode, count_memory(tensors=entry) as counter:
+                run_training_steps(task, model, optimizer, batch, steps)
+            state_bytes = counted_bytes(tensors_of_state(model, optimizer))
+    except fake_errors as error:
+        raise FakeModeUnsupported(_one_line(error)) from None
+    except RuntimeError as error:
+        # Fake mode reports some unsupported cases as plain RuntimeErrors that mention it;
+        # anything else is the task's own error and must surface unchanged.
+        message = str(error)
+        if is_out_of_memory(error) or not _mentions_fake(message):
+            raise
+        raise FakeModeUnsupported(_one_line(error)) from None
+    return counter.peak_bytes, state_bytes, batch_bytes
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _mentions_fake(message: str) -> bool:
+    lowered = message.lower()
+    return any(word in lowered for word in ("fake", "meta tensor", "data-dependent", "symbolic"))
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:300]
+
+
+def _fake_model(task: Task, fake_mode: Any, device: torch.device):
+    """The task's model with fake parameters and buffers on `device`."""
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeCopyMode
+
+    if isinstance(task.model, nn.Module):
+        # Fake-copy the given module: its parameters become fake tensors of the same shapes,
+        # without copying any data.
+        with FakeCopyMode(fake_mode):
+            model = copy.deepcopy(task.model)
+        if device.type != "cpu":
+            with fake_mode:
+                model = model.to_empty(device=device)
+        return model
+    # A factory: build the model inside fake mode, on the device, so initialisation costs
+    # nothing either.
+    with fake_mode, device:
+        return task.make_model()
+
+
+def _fake_batch(task: Task, batch_size: int, fake_mode: Any, device: torch.device):
+    """A fake batch of `batch_size` samples, from the shapes of small real batches.
+
+    Collates one and two real samples: a tensor whose first dimension follows the number of
+    samples is batched, and becomes an empty fake tensor of [batch_size, ...]; other tensors
+    are copied as they are. When the other dimensions depend on the samples (padding to the
+    longest), the real batch is collated and faked instead.
+    """
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    one = task.batch([0])
+    two = task.batch([0, 1 % len(task.train_data)])
+    leaves_one, spec = tree_flatten(one)
+    leaves_two, spec_two = tree_flatten(two)
+    if spec != spec_two or any(
+        isinstance(a, torch.Tensor) and (a.shape[1:] != b.shape[1:] or a.dtype != b.dtype)
+        for a, b in zip(leaves_one, leaves_two)
+    ):
+        real = task.batch(range(batch_size))
+        leaves, real_spec = tree_flatten(real)
+        return tree_unflatten([_fake_copy(leaf, fake_mode, device) for leaf in leaves], real_spec)
+    built = []
+    for a, b in zip(leaves_one, leaves_two):
+        if (
+            isinstance(a, torch.Tensor)
+            and a.dim() > 0
+            and a.shape[0] == 1
+            and isinstance(b, torch.Tensor)
+            and b.shape[0] == 2
+        ):
+            shape = (batch_size, *a.shape[1:])
+            built.append(torch.empty(shape, dtype=a.dtype, device=device))
+        else:
+            built.append(_fake_copy(a, fake_mode, device))
+    return tree_unflatten(built, spec)
+
+
+def _fake_copy(value: Any, fake_mode: Any, device: torch.device) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return fake_mode.from_tensor(value).to(device)
+    return value
+
+
+# --- the memory model over a range --------------------------------------------------------
+
+
+def fit_predicted_memory_model(
+    predict: Callable[[int], int], batch_sizes: Sequence[int]
+) -> MemoryModel:
+    """Fit fixed + per-sample bytes to the peaks `predict(batch)` gives at `batch_sizes`.
+
+    Args:
+        predict: batch size -> peak bytes (a prediction or a measurement).
+        batch_sizes: at least two distinct batch sizes: the range that matters, for example
+            from a quarter of the limit up to it. Peak memory is often not linear at small
+            batches, so a fit from two small probes is no basis for extrapolating far.
+
+    Returns:
+        The MemoryModel, whose `max_residual_bytes` says how straight the line is.
+    """
+    sizes = sorted(set(batch_sizes))
+    return fit_memory_model(sizes, [predict(size) for size in sizes])
+
+
+def range_batch_sizes(low: int, high: int, *, points: int = 5) -> list[int]:
+    """About `points` batch sizes spread geometrically from `low` to `high` (both included).
+
+    Example:
+        >>> range_batch_sizes(16, 256, points=5)
+        [16, 32, 64, 128, 256]
+    """
+    low, high = max(1, low), max(1, high)
+    if high <= low:
+        return [low]
+    if points < 2:
+        return [low, high]
+    ratio = (high / low) ** (1 / (points - 1))
+    sizes = {low, high}
+    for index in range(1, points - 1):
+        sizes.add(max(low, min(high, round(low * ratio**index))))
+    return sorted(sizes)
+
+
+def predict_memory_model(
+    task: Task,
+    *,
+    low: int = 1,
+    high: int = 256,
+    points: int = 5,
+    device: str | torch.device = "cpu",
+) -> MemoryModel:
+    """Predict peak memory at about `points` batch sizes from `low` to `high` and fit a line.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> model = predict_memory_model(load_example("digits"), low=64, high=1024)
+        >>> model.per_sample_bytes > 0
+        True
+    """
+    sizes = range_batch_sizes(low, high, points=points)
+    if len(sizes) < 2:
+        raise ConfigError(f"the range {low}..{high} needs two distinct batch sizes.")
+
+    def predict(size: int) -> int:
+        return predict_step_memory(task, size, device=device).peak_bytes
+
+    return fit_predicted_memory_model(predict, sizes)
+
+
+def per_sample_floor(model: MemoryModel) -> float:
+    """The fitted per-sample bytes, at least 1 (a guard for flat or noisy fits)."""
+    slope = model.per_sample_bytes
+    return slope if math.isfinite(slope) and slope >= 1 else 1.0
