@@ -209,6 +209,55 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_noise_scale(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from batchfit.noise_scale import measure_noise_scale
+    from batchfit.units import parse_size
+
+    task = _load_task(args)
+    budget = parse_size(args.memory_budget, name="--memory-budget") if args.memory_budget else None
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=_stderr_console(), transient=True) as bar:
+        phases: dict[str, Any] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in phases:
+                label = "training first" if phase == "warmup" else "measuring batches"
+                phases[phase] = bar.add_task(label, total=total)
+            bar.update(phases[phase], completed=done)
+
+        result = measure_noise_scale(
+            task,
+            small_batch=args.small_batch,
+            big_batch=args.big_batch,
+            batches=args.batches,
+            warmup_steps=args.warmup_steps,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            finite_population=not args.infinite_population,
+            memory_budget_bytes=budget,
+            progress=progress,
+        )
+    if args.plot:
+        from batchfit.noise_scale_plot import plot_noise_scale
+
+        plot_noise_scale(result, args.plot)
+    if args.json:
+        _print_json(result)
+        return 0
+    table = Table(title=f"Gradient noise scale: {task.name}", show_header=False)
+    for label, value in result.summary_rows():
+        table.add_row(label, value)
+    console = _stdout_console()
+    console.print(table)
+    console.print(result.describe())
+    if args.plot:
+        console.print(f"Plot written to {args.plot}")
+    return 0
+
+
 def _parse_warmup(text: str | None) -> int | float | None:
     """--warmup: whole steps ("500"), a fraction ("0.05" or "5%"), or auto (None)."""
     if text is None or text.strip() == "auto":
@@ -364,6 +413,123 @@ def _print_train_summary(name: str, result) -> None:
         say(f"  continue with: batchfit train ... --resume {run_dir}", highlight=False)
 
 
+def _progress_bar(label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import TimeElapsedColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(
+        *columns, TextColumn("{task.fields[note]}"), console=_stderr_console(), transient=True
+    )
+
+
+def _write_plot(path: str, png: bytes) -> None:
+    from batchfit.files import write_atomic
+
+    write_atomic(path, png)
+
+
+def _cmd_lr_range(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from batchfit.range_test import lr_range_test
+
+    task = _load_task(args)
+    steps = _parse_number(args.steps, "--steps", int)
+    with _progress_bar("range test") as bar:
+        row = bar.add_task("", total=steps, note="")
+
+        def on_step(done: int, total: int, lr: float, loss: float) -> None:
+            bar.update(row, completed=done, note=f"lr {lr:.2e}  loss {loss:.4g}")
+
+        result = lr_range_test(
+            task,
+            start_lr=_parse_number(args.start_lr, "--start-lr"),
+            end_lr=_parse_number(args.end_lr, "--end-lr"),
+            steps=steps,
+            mode=args.mode,
+            smoothing=_parse_number(args.smoothing, "--smoothing"),
+            diverge_factor=_parse_number(args.diverge_factor, "--diverge-factor"),
+            global_batch=_parse_number(args.global_batch, "--global-batch", int),
+            micro_batch=_parse_number(args.micro_batch, "--micro-batch", int),
+            memory_budget=args.memory_budget,
+            device=args.device,
+            on_step=on_step,
+        )
+    if args.plot:
+        from batchfit.report.plots import range_test_plot
+
+        _write_plot(args.plot, range_test_plot(result.to_dict()))
+    if args.json:
+        _print_json(result)
+        return 0
+    table = Table(title=f"Learning-rate range test: {task.name}", show_header=False)
+    for label, value in result.summary_rows():
+        table.add_row(label, value)
+    console = _stdout_console()
+    console.print(table)
+    console.print(result.describe(), highlight=False)
+    if args.plot:
+        console.print(f"Plot written to {args.plot}", highlight=False)
+    return 0
+
+
+def _parse_batch_sizes(text: str | None) -> list[int] | None:
+    from batchfit.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ConfigError(
+            f"--batch-sizes {text!r} is not a list of whole numbers; e.g. --batch-sizes 8,16,32."
+        ) from None
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from batchfit.throughput import measure_throughput
+
+    task = _load_task(args)
+    with _progress_bar("throughput") as bar:
+        row = bar.add_task("", total=None, note="")
+
+        def on_step(done: int, total: int, batch_size: int) -> None:
+            bar.update(row, completed=done, total=total, note=f"batch {batch_size}")
+
+        result = measure_throughput(
+            task,
+            batch_sizes=_parse_batch_sizes(args.batch_sizes),
+            device=args.device,
+            warmup_steps=_parse_number(args.warmup_steps, "--warmup-steps", int),
+            repeats=_parse_number(args.repeats, "--repeats", int),
+            max_batch_size=_parse_number(args.max_batch, "--max-batch", int),
+            memory_budget=args.memory_budget,
+            fraction=_parse_number(args.fraction, "--fraction"),
+            on_step=on_step,
+        )
+    if args.plot:
+        from batchfit.report.plots import throughput_plot
+
+        _write_plot(args.plot, throughput_plot(result.to_dict()))
+    if args.json:
+        _print_json(result)
+        return 0
+    table = Table(title=f"Throughput: {task.name} on {result.device}")
+    for column in result.table_columns():
+        table.add_column(column, justify="right")
+    for cells in result.table_rows():
+        table.add_row(*cells)
+    console = _stdout_console()
+    console.print(table)
+    console.print(result.describe(), highlight=False)
+    if args.plot:
+        console.print(f"Plot written to {args.plot}", highlight=False)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfit",
@@ -390,6 +556,33 @@ def _build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--round", default="none", help="pow2, none, or a multiple such as 8")
     _add_json_argument(estimate)
     estimate.set_defaults(handler=_cmd_estimate)
+
+    noise = commands.add_parser(
+        "noise-scale",
+        help="gradient noise scale: the critical batch size of a task",
+        description="Measure the gradient noise scale B_simple = tr(Sigma)/|G|^2 (McCandlish et "
+        "al. 2018): below it, doubling the batch nearly halves the steps; above it, samples "
+        "are wasted.",
+    )
+    _add_task_arguments(noise)
+    noise.add_argument("--small-batch", type=int, help="B_small (default: batch size / 4)")
+    noise.add_argument("--big-batch", type=int, help="B_big (default: 2 x batch size)")
+    noise.add_argument("--batches", type=int, default=50, help="big batches to measure (50)")
+    noise.add_argument(
+        "--warmup-steps",
+        type=int,
+        help="train this many steps first (default 50, 0 with --checkpoint)",
+    )
+    noise.add_argument("--checkpoint", metavar="FILE", help="start from this model state_dict")
+    noise.add_argument(
+        "--infinite-population",
+        action="store_true",
+        help="skip the finite-training-set correction",
+    )
+    _add_device_arguments(noise)
+    _add_json_argument(noise)
+    noise.add_argument("--plot", metavar="FILE.png", help="save the running estimate as a PNG")
+    noise.set_defaults(handler=_cmd_noise_scale)
 
     scale_lr = commands.add_parser(
         "scale-lr",
@@ -482,6 +675,52 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_device_arguments(train_cmd)
     _add_json_argument(train_cmd)
     train_cmd.set_defaults(handler=_cmd_train)
+
+    lr_range = commands.add_parser(
+        "lr-range",
+        help="learning-rate range test: sweep the rate, suggest one",
+        description="Sweep the learning rate up over a few steps (Smith 2017) at the global "
+        "batch you will train with, stop when the loss blows up, and suggest a rate by the "
+        "steepest descent and by the valley. The task's model is not changed.",
+    )
+    _add_task_arguments(lr_range)
+    lr_range.add_argument("--start-lr", default="1e-7", help="first rate (default 1e-7)")
+    lr_range.add_argument("--end-lr", default="10", help="last rate (default 10)")
+    lr_range.add_argument("--steps", default="100", help="steps in the sweep (default 100)")
+    lr_range.add_argument("--mode", choices=("exp", "linear"), default="exp", help="(exp)")
+    lr_range.add_argument(
+        "--smoothing", default="0.05", help="weight of the newest loss in the average (0.05)"
+    )
+    lr_range.add_argument(
+        "--diverge-factor", default="4", help="stop when loss > factor x best (4)"
+    )
+    lr_range.add_argument("--global-batch", help="samples per step (default: the task's)")
+    lr_range.add_argument("--micro-batch", help="samples per forward/backward (accumulated)")
+    _add_device_arguments(lr_range)
+    _add_json_argument(lr_range)
+    lr_range.add_argument("--plot", metavar="FILE.png", help="save loss against rate as a PNG")
+    lr_range.set_defaults(handler=_cmd_lr_range)
+
+    throughput = commands.add_parser(
+        "throughput",
+        help="samples per second against batch size, and its knee",
+        description="Time full training steps at each batch size (median of repeats, warm-up "
+        "excluded) and find the knee: the smallest batch within --fraction of the best.",
+    )
+    _add_task_arguments(throughput)
+    throughput.add_argument(
+        "--batch-sizes", metavar="8,16,32", help="sizes to measure (default: 1, 2, 4, ...)"
+    )
+    throughput.add_argument("--max-batch", help="measure no batch above this")
+    throughput.add_argument("--warmup-steps", default="2", help="untimed steps per size (2)")
+    throughput.add_argument("--repeats", default="5", help="timed steps per size (5)")
+    throughput.add_argument(
+        "--fraction", default="0.9", help="the knee's share of the best throughput (0.9)"
+    )
+    _add_device_arguments(throughput)
+    _add_json_argument(throughput)
+    throughput.add_argument("--plot", metavar="FILE.png", help="save samples/s as a PNG")
+    throughput.set_defaults(handler=_cmd_throughput)
 
     return parser
 

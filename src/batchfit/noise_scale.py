@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError, ConfigError, TaskError
@@ -659,6 +659,9 @@ def measure_noise_scale(
     micro-batches of `small_batch` samples, and takes each micro-batch's gradient as a small
     batch and their weighted mean as the big one (McCandlish et al. 2018, arXiv:1812.06162,
     Appendix A; see the module docstring). Only `small_batch` samples need to fit in memory.
+    Warm-up batches come from shuffled epochs seeded `task.seed`; the measured big batches are
+    `torch.randperm(len(task.train_data), generator)[:big_batch]` with a generator seeded
+    `task.seed + 1`, so a run is repeatable.
 
     Args:
         task: the training task.
@@ -731,6 +734,7 @@ def measure_noise_scale(
         model.train()
         _warm_up(task, model, warmup_steps, target, progress)
         params = [param for param in model.parameters() if param.requires_grad]
+        # batches are drawn from their own generator, seeded task.seed + 1
         generator = torch.Generator().manual_seed(task.seed + 1)
         sizes = [small] * (big // small) + ([big % small] if big % small else [])
         harmonic = len(sizes) / sum(1.0 / size for size in sizes)
@@ -743,8 +747,6 @@ def measure_noise_scale(
     finally:
         restore_rng(rng)
     result = tracker.estimate(running=True)
-    from dataclasses import replace
-
     return replace(
         result,
         step=warmup_steps,
@@ -762,16 +764,18 @@ def _warm_up(
 ) -> None:
     import torch
 
-    from batchfit.sampling import global_batch_indices
     from batchfit.task import move_to
 
     if not steps:
         return
     optimizer = task.make_optimizer(model.parameters())
+    # shuffled epochs, as a DataLoader with shuffle=True reads them
+    generator = torch.Generator().manual_seed(task.seed)
+    stream: list[int] = []
     for step in range(steps):
-        indices = global_batch_indices(
-            step, dataset_size=len(task.train_data), global_batch=task.batch_size, seed=task.seed
-        )
+        while len(stream) < task.batch_size:
+            stream += torch.randperm(len(task.train_data), generator=generator).tolist()
+        indices, stream = stream[: task.batch_size], stream[task.batch_size :]
         optimizer.zero_grad(set_to_none=True)
         loss = task.loss(model, move_to(task.batch(indices), device))
         if not torch.isfinite(loss.detach()).all():
