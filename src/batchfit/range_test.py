@@ -109,6 +109,61 @@ class RangeTestResult:
     seconds: float
     device: str
 
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """(label, value) rows for a table: the suggestions first, then how the test ran."""
+
+        def at(index: int | None) -> str:
+            if index is None:
+                return "none (the smoothed loss never falls)"
+            return f"{self.lrs[index]:.3g}  (smoothed loss {self.smoothed_losses[index]:.4g})"
+
+        valley = "none"
+        if self.valley_start_lr is not None and self.valley_end_lr is not None:
+            valley = f"{self.valley_start_lr:.3g} to {self.valley_end_lr:.3g}"
+        finite = [value for value in self.smoothed_losses if math.isfinite(value)]
+        stop = {
+            "completed": "reached the end rate",
+            "diverged": f"diverged (loss > {self.diverge_factor:g} x best)",
+            "not_finite": "the loss became nan/inf",
+        }[self.stop_reason]
+        return [
+            ("steepest descent", at(self.steepest_index)),
+            ("valley", at(self.valley_index)),
+            ("falling stretch", valley),
+            ("lowest loss at", "none" if self.best_lr is None else f"{self.best_lr:.3g}"),
+            ("loss at start", f"{finite[0]:.4g}" if finite else "none"),
+            ("stopped", f"{stop} after {self.steps_run} of {self.steps} steps"),
+            ("rates", f"{self.start_lr:.3g} to {self.end_lr:.3g} ({self.mode})"),
+            (
+                "batch",
+                f"{self.global_batch} samples per step"
+                + (
+                    f" = {self.accumulation_steps} x {self.micro_batch} (accumulated)"
+                    if self.accumulation_steps > 1
+                    else ""
+                ),
+            ),
+            ("time", f"{self.seconds:.1f} s on {self.device}"),
+        ]
+
+    def describe(self) -> str:
+        """One or two sentences on what to do with the result."""
+        if self.steepest_lr is None and self.valley_lr is None:
+            return (
+                "No suggestion: the loss never fell. Widen the sweep (a higher end rate, more "
+                "steps) or check that the model can learn this data."
+            )
+        parts = []
+        if self.steepest_lr is not None:
+            parts.append(f"{self.steepest_lr:.3g} (steepest descent)")
+        if self.valley_lr is not None:
+            parts.append(f"{self.valley_lr:.3g} (valley)")
+        return (
+            f"Suggested learning rate: {' or '.join(parts)}, at a global batch of "
+            f"{self.global_batch}. Confirm with a short run; the rate at the lowest loss is "
+            "too high to train at."
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, numbers, strings), ready for JSON; nan/inf losses become None."""
         data = asdict(self)
@@ -257,6 +312,7 @@ def lr_range_test(
     global_batch: int | None = None,
     micro_batch: int | None = None,
     device: str | torch.device | None = None,
+    memory_budget: int | str | None = None,
     seed: int | None = None,
     on_step: Callable[[int, int, float, float], None] | None = None,
 ) -> RangeTestResult:
@@ -298,6 +354,9 @@ def lr_range_test(
         micro_batch: samples per forward/backward (default: the global batch).
         device: where to run: "auto", "cpu", "cuda", ... (Task form; default "auto"). In the
             model form the model's own device; naming another one is an error.
+        memory_budget: bytes, or a size such as "300MiB" (Task form): the micro-batch must
+            fit it. The largest batch that fits is measured (`batchfit.search`); the default
+            micro-batch becomes the smaller of it and the global batch.
         seed: seed of the model initialisation (Task form) and of the sample order
             (default: the task's seed, or 0).
         on_step: called after every step as `on_step(steps_done, steps, lr, loss)`, e.g. to
@@ -332,6 +391,8 @@ def lr_range_test(
     )
     micro = source.global_batch if micro_batch is None else micro_batch
     _check_batches(source.global_batch, micro, len(source.data))
+    if memory_budget is not None:
+        micro = _fit_micro_batch(source, micro, micro_batch is None, memory_budget)
     rates = sweep_lrs(start_lr, end_lr, steps, mode)
 
     from batchfit.snapshot import capture_rng, preserved, restore_rng
@@ -476,6 +537,28 @@ def _check_batches(global_batch: int, micro_batch: int, data_size: int) -> None:
             f"global_batch ({global_batch}) is larger than the training data ({data_size} "
             f"samples); use at most {data_size}, or more data."
         )
+
+
+def _fit_micro_batch(source: _Source, micro: int, chosen: bool, memory_budget: Any) -> int:
+    """The micro-batch under a memory budget: checked, or chosen when not given."""
+    from batchfit.search import find_max_batch_size
+    from batchfit.units import format_bytes, parse_size
+
+    budget = parse_size(memory_budget, name="memory_budget")
+    if source.task is None:
+        raise ConfigError(
+            "memory_budget needs a Task (the search builds its own model); with your own model, "
+            "choose micro_batch yourself."
+        )
+    fits = find_max_batch_size(source.task, device=source.device, memory_budget=budget).batch_size
+    if chosen:
+        return min(micro, fits)
+    if micro > fits:
+        raise ConfigError(
+            f"micro_batch {micro} does not fit: the largest batch that fits the memory budget "
+            f"{format_bytes(budget)} is {fits} (measured); use a micro-batch of at most {fits}."
+        )
+    return micro
 
 
 def _resolve_device(device: Any) -> Any:

@@ -78,6 +78,48 @@ class ThroughputResult:
     repeats: int
     device: str
 
+    def table_columns(self) -> list[str]:
+        """Column names for `table_rows`."""
+        columns = ["batch", "ms/step", "samples/s"]
+        if self.tokens_per_second is not None:
+            columns.append("tokens/s")
+        return [*columns, "of best", ""]
+
+    def table_rows(self) -> list[list[str]]:
+        """One row of text per batch size, the knee and the best marked."""
+        best = max(self.samples_per_second)
+        rows = []
+        for index, size in enumerate(self.batch_sizes):
+            rate = self.samples_per_second[index]
+            row = [str(size), f"{self.seconds_per_step[index] * 1000:.1f}", f"{rate:,.0f}"]
+            if self.tokens_per_second is not None:
+                row.append(f"{self.tokens_per_second[index]:,.0f}")
+            pairs = (("knee", self.knee_batch), ("best", self.best_batch))
+            marks = [name for name, batch in pairs if batch == size]
+            rows.append([*row, f"{rate / best:.0%}", " ".join(marks)])
+        return rows
+
+    def describe(self) -> str:
+        """What the numbers say, in words."""
+        best = max(self.samples_per_second)
+        knee_rate = self.samples_per_second[self.batch_sizes.index(self.knee_batch)]
+        text = (
+            f"Knee: batch {self.knee_batch} reaches {knee_rate / best:.0%} of the best "
+            f"throughput ({best:,.0f} samples/s at batch {self.best_batch}); larger batches "
+            f"gain less than {1 - self.fraction:.0%} in speed."
+        )
+        reasons = {
+            "dataset": "the size of the training data",
+            "max_batch_size": "the --max-batch limit",
+            "memory_budget": "the largest batch that fits the memory budget (measured)",
+            "out_of_memory": "the last batch before an out-of-memory error",
+        }
+        if self.limit_batch is not None and self.limit_reason is not None:
+            text += f" Limit: {self.limit_batch}, {reasons[self.limit_reason]}."
+        if self.stopped_early:
+            text += " Stopped early: larger batches brought no further gain."
+        return text
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, numbers, strings), ready for JSON."""
         data = asdict(self)
