@@ -1,5 +1,4 @@
 import random
-import time
 
 import pytest
 import torch
@@ -108,14 +107,37 @@ def test_default_sizes_stop_at_the_data_set_and_max_batch():
     assert capped.batch_sizes == (1, 2, 4, 6) and capped.limit_reason == "max_batch_size"
 
 
-def test_patience_stops_a_flat_curve_early():
-    def slow_loss(model, batch):
-        time.sleep(0.005 * batch[0].shape[0])  # time grows with samples: flat throughput
+def _fake_clock_task(seconds_per_step):
+    """A task whose steps take `seconds_per_step(batch_size)` on a fake clock."""
+    now = [0.0]
+
+    def loss(model, batch):
+        now[0] += seconds_per_step(int(batch[0].shape[0]))
         return classification_loss(model, batch)
 
-    task = make_mlp_task(loss=slow_loss)
-    result = measure_throughput(task, repeats=1, warmup_steps=0, max_batch_size=64)
-    assert result.stopped_early and len(result.batch_sizes) < 7
+    return make_mlp_task(loss=loss), lambda: now[0]
+
+
+def test_patience_stops_a_flat_curve_early():
+    task, clock = _fake_clock_task(lambda size: 0.01 + 0.001 * size)  # flat from ~16 on
+    result = measure_throughput(task, repeats=2, max_batch_size=256, clock=clock)
+    # 99, 167, 286, 444, 615, 762, 865, 928, 962 samples/s: only the last gains under 5%
+    steady = measure_throughput(task, repeats=2, max_batch_size=256, clock=clock, patience=None)
+    assert not result.stopped_early and result.batch_sizes == steady.batch_sizes
+    flat, clock = _fake_clock_task(lambda size: 0.001 * size)  # the same rate at every size
+    result = measure_throughput(flat, repeats=2, max_batch_size=256, clock=clock)
+    assert result.stopped_early and result.batch_sizes == (1, 2, 4)
+    assert result.samples_per_second == pytest.approx([1000.0] * 3)
+    assert result.knee_batch == 1
+
+
+def test_exact_rates_on_a_fake_clock():
+    task, clock = _fake_clock_task(lambda size: 0.002 + 0.001 * size)
+    result = measure_throughput(task, batch_sizes=[2, 8, 32], repeats=3, clock=clock)
+    assert result.seconds_per_step == pytest.approx([0.004, 0.010, 0.034])
+    assert result.samples_per_second == pytest.approx([500.0, 800.0, 941.176], rel=1e-4)
+    assert result.knee_batch == 32 and result.best_batch == 32
+    assert find_knee(result.batch_sizes, result.samples_per_second, fraction=0.8) == 8
 
 
 def _oom_above(limit):

@@ -198,6 +198,7 @@ def measure_throughput(
     patience: int | None = 2,
     seed: int | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> ThroughputResult:
     """Time full training steps of the task at each batch size.
 
@@ -231,6 +232,7 @@ def measure_throughput(
         seed: seed of the model initialisation and the sample order (default: the task's).
         on_step: called after every step as `on_step(steps_done, steps_total, batch_size)`;
             the total grows if sizes are skipped, so treat it as an estimate.
+        clock: the timer, in seconds (a fake one makes tests exact).
 
     Returns:
         A ThroughputResult: per-size step times, samples/s (tokens/s when the task counts
@@ -285,7 +287,7 @@ def measure_throughput(
                 model.load_state_dict(initial)
             try:
                 seconds, tokens = _time_size(
-                    task, model, size, warmup_steps, repeats, resolved, generator,
+                    task, model, size, warmup_steps, repeats, resolved, generator, clock,
                     functools.partial(_report, on_step, done, per_size * len(sizes), size),
                 )  # fmt: skip
             except RuntimeError as error:
@@ -472,6 +474,7 @@ def _time_size(
     repeats: int,
     device: Any,
     generator: Any,
+    clock: Callable[[], float],
     after_step: Callable[[int], Any],
 ) -> tuple[list[float], float | None]:
     """Step times (seconds) of the timed repeats at one batch size, and tokens per step."""
@@ -485,13 +488,13 @@ def _time_size(
         indices = torch.randint(len(task.train_data), (size,), generator=generator).tolist()
         batch = move_to(task.batch(indices), device)
         _synchronize(device)
-        begun = time.perf_counter()
+        begun = clock()
         optimizer.zero_grad(set_to_none=True)
         task.loss(model, batch).backward()
         optimizer.step()
         _synchronize(device)
         if index >= warmup_steps:
-            seconds.append(time.perf_counter() - begun)
+            seconds.append(clock() - begun)
             if task.tokens is not None:
                 tokens.append(int(task.tokens(batch)))
         del batch
