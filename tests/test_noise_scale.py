@@ -321,6 +321,25 @@ def test_measurement_bad_input(options, words):
         measure_noise_scale(make_mlp_task(), device="cpu", **options)
 
 
+def test_small_batch_above_the_memory_budget_names_the_measured_limit():
+    from batchfit.errors import DoesNotFitError
+    from batchfit.memory import measure_step_memory
+
+    task = make_mlp_task()
+    budget = measure_step_memory(task, 6).peak_bytes
+    limit = max(
+        size for size in range(1, 17) if measure_step_memory(task, size).peak_bytes <= budget
+    )
+    with pytest.raises(ConfigError, match=f"largest batch that fits is {limit} \\(measured\\)"):
+        measure_noise_scale(task, small_batch=32, memory_budget_bytes=budget, device="cpu")
+    result = measure_noise_scale(
+        task, small_batch=limit, batches=2, warmup_steps=0, memory_budget_bytes=budget
+    )
+    assert result.small_batch_samples == limit  # the big batch (64) need not fit
+    with pytest.raises(DoesNotFitError, match="Not even one sample"):
+        measure_noise_scale(task, small_batch=4, memory_budget_bytes=100, device="cpu")
+
+
 def test_default_batch_sizes_stay_inside_the_data():
     assert default_batch_sizes(make_mlp_task()) == (8, 64)
     assert default_batch_sizes(make_mlp_task(samples=40)) == (8, 40)
@@ -377,6 +396,11 @@ def test_cli_table_says_what_the_number_means_and_plots(tmp_path, capsys):
         (["--small-batch", "0"], "at least 1"),
         (["--big-batch", "100000"], "larger than the training set"),
         (["--batches", "-3"], "batches"),
+        (["--small-batch", "four"], "not a whole number"),
+        (
+            ["--small-batch", "512", "--big-batch", "1024", "--memory-budget", "2.5MiB"],
+            "largest batch that fits is",
+        ),
         (["--plot", "noise.jpg", "--batches", "2", "--warmup-steps", "0"], ".png"),
     ],
 )

@@ -230,10 +230,10 @@ def _cmd_noise_scale(args: argparse.Namespace) -> int:
 
         result = measure_noise_scale(
             task,
-            small_batch=args.small_batch,
-            big_batch=args.big_batch,
-            batches=args.batches,
-            warmup_steps=args.warmup_steps,
+            small_batch=_parse_number(args.small_batch, "--small-batch", int),
+            big_batch=_parse_number(args.big_batch, "--big-batch", int),
+            batches=_parse_number(args.batches, "--batches", int),
+            warmup_steps=_parse_number(args.warmup_steps, "--warmup-steps", int),
             checkpoint=args.checkpoint,
             device=args.device,
             finite_population=not args.infinite_population,
@@ -565,13 +565,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "are wasted.",
     )
     _add_task_arguments(noise)
-    noise.add_argument("--small-batch", type=int, help="B_small (default: batch size / 4)")
-    noise.add_argument("--big-batch", type=int, help="B_big (default: 2 x batch size)")
-    noise.add_argument("--batches", type=int, default=50, help="big batches to measure (50)")
+    noise.add_argument("--small-batch", help="B_small (default: batch size / 4)")
+    noise.add_argument("--big-batch", help="B_big (default: 2 x batch size, at most the data)")
+    noise.add_argument("--batches", default="50", help="big batches to measure (default 50)")
     noise.add_argument(
-        "--warmup-steps",
-        type=int,
-        help="train this many steps first (default 50, 0 with --checkpoint)",
+        "--warmup-steps", help="train this many steps first (default 50, 0 with --checkpoint)"
     )
     noise.add_argument("--checkpoint", metavar="FILE", help="start from this model state_dict")
     noise.add_argument(

@@ -674,8 +674,8 @@ def measure_noise_scale(
             saved with torch.save holding either.
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         finite_population: correct for drawing from the finite training set (recommended).
-        memory_budget_bytes: when given, check that `small_batch` fits this budget with
-            `batchfit.search.find_max_batch_size` (when that module is available).
+        memory_budget_bytes: when given, check first that a training step at `small_batch`
+            fits this budget (measured with `batchfit.memory.measure_step_memory`).
         progress: `progress(phase, done, total)` after each step, phase "warmup" or "measure".
 
     Returns:
@@ -684,7 +684,9 @@ def measure_noise_scale(
 
     Raises:
         ConfigError: a size is not a positive whole number, small_batch >= big_batch, big_batch
-            is larger than the training set, or small_batch does not fit the memory budget.
+            is larger than the training set, or small_batch does not fit the memory budget
+            (the message gives the largest batch that fits, measured).
+        DoesNotFitError: not even one sample fits the memory budget.
         CheckpointError: the checkpoint cannot be read or does not match the model.
         TaskError: the loss is not finite during warm-up or measurement.
 
@@ -859,23 +861,41 @@ def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
 
 
 def _check_fits(task: Task, small_batch: int, device: torch.device, budget_bytes: int) -> None:
-    """Raise when `small_batch` does not fit the budget (needs batchfit.search)."""
-    import importlib
-    import logging
+    """Raise when a training step at `small_batch` does not fit the memory budget.
 
-    try:
-        search = importlib.import_module("batchfit.search")
-    except ImportError:
-        logging.getLogger(__name__).warning(
-            "batchfit.search is not available; the memory budget is not checked."
-        )
-        return
+    Measured with `batchfit.memory.measure_step_memory` (an exact count of live tensor bytes,
+    on any device); when it does not fit, bisection finds the largest batch that does.
+    """
+    import torch
+
+    from batchfit.errors import DoesNotFitError
+    from batchfit.memory import measure_step_memory
     from batchfit.units import format_bytes
 
-    limit = search.max_batch_size_for_task(task, device=device, memory_budget_bytes=budget_bytes)
-    if small_batch > limit:
-        raise ConfigError(
-            f"small_batch ({small_batch}) does not fit the memory budget of "
-            f"{format_bytes(budget_bytes)}: the largest batch that fits is {limit} (measured). "
-            f"Use --small-batch {limit} or less; the big batch is accumulated and need not fit."
+    def fits(batch_size: int) -> bool:
+        try:
+            measure_step_memory(task, batch_size, device=device, budget_bytes=budget_bytes)
+        except torch.OutOfMemoryError:
+            return False
+        return True
+
+    if fits(small_batch):
+        return
+    fitting, failing = 0, small_batch
+    while failing - fitting > 1:
+        middle = (fitting + failing) // 2
+        if fits(middle):
+            fitting = middle
+        else:
+            failing = middle
+    budget = format_bytes(budget_bytes)
+    if fitting == 0:
+        raise DoesNotFitError(
+            f"Not even one sample fits the memory budget of {budget} (measured); raise the "
+            "budget or use a smaller model."
         )
+    raise ConfigError(
+        f"small_batch ({small_batch}) does not fit the memory budget of {budget}: the largest "
+        f"batch that fits is {fitting} (measured). Use a small batch of {fitting} or less; the "
+        "big batch is accumulated from small ones and need not fit."
+    )
