@@ -44,6 +44,12 @@ _EXPORTS = {
     "build_scheduler": "batchfit.schedules",
     "schedule_table": "batchfit.schedules",
     "render_schedule": "batchfit.schedules",
+    "NoiseScaleResult": "batchfit.noise_scale",
+    "NoiseScaleTracker": "batchfit.noise_scale",
+    "measure_noise_scale": "batchfit.noise_scale",
+    "estimate_gradient_statistics": "batchfit.noise_scale",
+    "GradientNormWatch": "batchfit.gradient_norms",
+    "plot_noise_scale": "batchfit.noise_scale_plot",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
