@@ -318,7 +318,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from batchfit.distributed import detect_distributed, launch
     from batchfit.errors import ConfigError
-    from batchfit.loop import TrainConfig, train
+    from batchfit.loop import TrainConfig, check_train_config, train
     from batchfit.units import parse_size
 
     nproc = _parse_number(args.nproc, "--nproc", int)
@@ -356,6 +356,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if nproc is not None and nproc > 1:
         if detect_distributed().enabled:
             raise ConfigError("--nproc starts torchrun; under torchrun already, drop --nproc.")
+        check_train_config(task, config, world_size=nproc, device=args.device)
         return launch(nproc, _train_argv(args))
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}.")
@@ -414,8 +415,13 @@ def _print_train_summary(name: str, result) -> None:
 
 
 def _progress_bar(label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.progress import TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(
@@ -423,10 +429,11 @@ def _progress_bar(label: str):
     )
 
 
-def _write_plot(path: str, png: bytes) -> None:
-    from batchfit.files import write_atomic
+def _check_png(path: str | None) -> None:
+    from batchfit.errors import ConfigError
 
-    write_atomic(path, png)
+    if path is not None and not path.lower().endswith(".png"):
+        raise ConfigError(f"--plot {path!r} must end in .png; give e.g. --plot out.png.")
 
 
 def _cmd_lr_range(args: argparse.Namespace) -> int:
@@ -434,6 +441,7 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
 
     from batchfit.range_test import lr_range_test
 
+    _check_png(args.plot)
     task = _load_task(args)
     steps = _parse_number(args.steps, "--steps", int)
     with _progress_bar("range test") as bar:
@@ -457,9 +465,9 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
             on_step=on_step,
         )
     if args.plot:
-        from batchfit.report.plots import range_test_plot
+        from batchfit.range_test_plot import plot_range_test
 
-        _write_plot(args.plot, range_test_plot(result.to_dict()))
+        plot_range_test(result, args.plot, title=f"Learning-rate range test: {task.name}")
     if args.json:
         _print_json(result)
         return 0
@@ -492,6 +500,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
 
     from batchfit.throughput import measure_throughput
 
+    _check_png(args.plot)
     task = _load_task(args)
     with _progress_bar("throughput") as bar:
         row = bar.add_task("", total=None, note="")
@@ -511,9 +520,9 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
             on_step=on_step,
         )
     if args.plot:
-        from batchfit.report.plots import throughput_plot
+        from batchfit.throughput_plot import plot_throughput
 
-        _write_plot(args.plot, throughput_plot(result.to_dict()))
+        plot_throughput(result, args.plot, title=f"Throughput: {task.name} on {result.device}")
     if args.json:
         _print_json(result)
         return 0
