@@ -310,7 +310,7 @@ def _key_steps(config: ScheduleConfig, rows: int) -> list[int]:
     if warmup:
         keys.update({warmup // 2, max(0, warmup - 1), min(warmup, last)})
     if config.decay in ("cosine", "linear") and warmup < total:
-        keys.update({warmup + (total - warmup) // 2, warmup + 3 * (total - warmup) // 4})
+        keys.update(warmup + quarter * (total - warmup) // 4 for quarter in (1, 2, 3))
     if config.decay == "step":
         if config.step_milestones:
             drops = list(config.step_milestones)
