@@ -563,6 +563,37 @@ def train(
             destroy_distributed()
 
 
+def check_train_config(
+    task: Task, config: TrainConfig, *, world_size: int = 1, device: torch.device | str = "cpu"
+) -> None:
+    """Raise the `ConfigError` that `train` would raise for these options, without training.
+
+    `batchfit train --nproc N` calls it before starting N processes, so bad input gives one
+    error instead of one per process.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> check_train_config(load_example("digits"), TrainConfig(global_batch=64, micro_batch=8))
+    """
+    from batchfit.accumulation import plan_accumulation
+    from batchfit.devices import resolve_device
+
+    plan_accumulation(
+        config.global_batch, config.micro_batch, world_size, allow_uneven=config.allow_uneven
+    )
+    _resolve_setup(task, config)
+    _loss_function(task, config.label_smoothing)
+    _check_sync_batchnorm(config, world_size, resolve_device(device))
+
+
+def _check_sync_batchnorm(config: TrainConfig, world_size: int, device) -> None:
+    if config.sync_batchnorm and world_size > 1 and device.type != "cuda":
+        raise ConfigError(
+            f"sync_batchnorm needs CUDA devices: torch's SyncBatchNorm works only with GPU "
+            f"modules under DDP, and this run is on {device.type}. Drop --sync-batchnorm."
+        )
+
+
 def _train(task, config, *, device, context, memory_budget_bytes, progress, callbacks):
     import torch
 
@@ -613,6 +644,7 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
     if config.resume:
         checkpoint = load_checkpoint(checkpoint_path, fingerprint=fingerprint)
         _check_same_run(checkpoint, config, checkpoint_path)
+    _check_sync_batchnorm(config, context.world_size, device)
     if config.sync_batchnorm and context.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif config.sync_batchnorm:
