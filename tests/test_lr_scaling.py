@@ -1,3 +1,4 @@
+import doctest
 import math
 
 import pytest
@@ -104,3 +105,9 @@ def test_recommended_schedule():
     )
     with pytest.raises(ConfigError, match="larger than total_steps"):
         recommended_schedule(scaled_rate(0.1, 64, 256, "linear"), 100, warmup_steps=500)
+
+
+def test_docstring_examples_run():
+    import batchfit.lr_scaling
+
+    assert doctest.testmod(batchfit.lr_scaling).failed == 0

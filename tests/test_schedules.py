@@ -1,3 +1,4 @@
+import doctest
 import io
 import math
 
@@ -195,4 +196,15 @@ def test_render_schedule_prints_a_table():
         render_schedule(ScheduleConfig(total_steps=100, warmup_steps=10), 0.4)
     )
     text = out.getvalue()
-    assert "warmup done" in text and "last step" in text and "0.000121835" in text and "0.0003046" in text
+    assert (
+        "warmup done" in text
+        and "last step" in text
+        and "0.000121835" in text
+        and "0.0003046" in text
+    )
+
+
+def test_docstring_examples_run():
+    import batchfit.schedules
+
+    assert doctest.testmod(batchfit.schedules).failed == 0

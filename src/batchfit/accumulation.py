@@ -281,6 +281,12 @@ def accumulate_gradients(
     every micro-batch but the last runs inside it, so gradients are all-reduced once, on the
     last backward.
 
+    A micro-batch whose count is 0 (no tokens) is skipped, except the last one on a model with
+    `no_sync()`, whose backward carries the all-reduce: its loss must then be finite.
+
+    For a model with BatchNorm the result differs from one large batch: each micro-batch is
+    normalised with its own statistics (see `batchfit.norm_layers`).
+
     The caller zeroes gradients before and steps the optimizer after; this function does
     neither. It changes only the model's `.grad` (and whatever the forward pass updates, such
     as BatchNorm running statistics).
@@ -334,6 +340,10 @@ def accumulate_gradients(
     last = len(micro_batches) - 1
     weighted_loss: torch.Tensor | None = None
     for index, (batch, weight) in enumerate(zip(micro_batches, weights)):
+        if weight == 0 and (index < last or not callable(no_sync)):
+            # Nothing to learn from it, and the mean over zero tokens would be NaN. (The last
+            # micro-batch of a DDP model still runs: its backward carries the all-reduce.)
+            continue
         context = no_sync() if callable(no_sync) and index < last else contextlib.nullcontext()
         with context:
             loss = loss_fn(model, batch)
@@ -346,8 +356,7 @@ def accumulate_gradients(
             (loss * weight).backward()
         contribution = loss.detach() * weight
         weighted_loss = contribution if weighted_loss is None else weighted_loss + contribution
-    assert weighted_loss is not None
-    return float(weighted_loss)
+    return 0.0 if weighted_loss is None else float(weighted_loss)
 
 
 def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:

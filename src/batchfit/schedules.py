@@ -379,8 +379,9 @@ def render_schedule(config: ScheduleConfig, base_lr: float, *, rows: int = 8) ->
     """A rich Table of `schedule_table` (step, phase, multiplier, lr), for a console.
 
     Example:
+        >>> import io
         >>> from rich.console import Console
-        >>> console = Console(width=60, record=True, file=open("/dev/null", "w"))
+        >>> console = Console(width=60, record=True, file=io.StringIO())
         >>> console.print(render_schedule(ScheduleConfig(total_steps=10), 0.1))
         >>> "last step" in console.export_text()
         True
