@@ -55,7 +55,10 @@ def test_uneven_refused_with_the_nearest_divisors_and_global_batches():
     message = str(caught.value)
     assert "global_batch (58)" in message and "micro_batch 2 or 29" in message
     assert "48 or 64" in message and "allow_uneven=True" in message
-    with pytest.raises(ConfigError, match="micro_batch 16 or 32 .divisors of 64 per rank"):
+    with pytest.raises(
+        ConfigError,
+        match="micro_batch 16 or 32 .the divisors of 64, the samples per rank, nearest 24",
+    ):
         plan_accumulation(128, 24, world_size=2)
 
 

@@ -118,7 +118,9 @@ class AccumulationPlan:
 
 def _check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be a whole number of samples, got {value!r}.")
+        raise ConfigError(
+            f"{name} must be a whole number of samples, got {value!r}; give an int such as 32."
+        )
     if value < 1:
         raise ConfigError(f"{name} must be at least 1, got {value}; use a positive batch size.")
     return value
@@ -196,14 +198,15 @@ def plan_accumulation(
     full, remainder = divmod(rank_batch, micro_batch)
     if remainder and not allow_uneven:
         nearest = _nearest_divisors(rank_batch, micro_batch)
-        per_rank = f" per rank ({global_batch} / {world_size})" if world_size > 1 else ""
+        per_rank = ", the samples per rank," if world_size > 1 else ""
         step = micro_batch * world_size
         lower, upper = full * step, (full + 1) * step
         sizes = "+".join([str(micro_batch)] * full + [str(remainder)])
         raise ConfigError(
             f"global_batch ({global_batch}) is not a multiple of micro_batch x world_size "
             f"({micro_batch} x {world_size} = {step}); use micro_batch "
-            f"{' or '.join(str(d) for d in nearest)} (divisors of {rank_batch}{per_rank}), "
+            f"{' or '.join(str(d) for d in nearest)} (the divisors of {rank_batch}{per_rank} "
+            f"nearest {micro_batch}), "
             f"a global batch of {lower} or {upper}, or allow_uneven=True to split {sizes}."
         )
     sizes_tuple = (micro_batch,) * full + ((remainder,) if remainder else ())
