@@ -1,8 +1,8 @@
 """Squared gradient norms of each micro-batch (and each DDP rank) during training, nearly free.
 
-A `GradientNormWatch` registers a hook on every trainable parameter. During each backward the
-hook sees the gradient that backward contributes, before it is added into `.grad` (and, under
-DistributedDataParallel, before the all-reduce: each rank's *local* gradient), and adds its
+A `GradientNormWatch` registers one hook over all trainable parameters. During each backward the
+hook sees the gradients that backward contributes, before they are added into `.grad` (and, under
+DistributedDataParallel, before the all-reduce: each rank's *local* gradient), and adds their
 squared norm to a running total on the device, without a copy and without a host sync. At the
 end of an optimizer step, `.grad` holds the accumulated (and all-reduced) gradient: the big
 batch. Together they feed a `NoiseScaleTracker` (see `batchfit.noise_scale`).
@@ -24,6 +24,8 @@ collective per step), so every rank's tracker holds the same estimate.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
@@ -85,14 +87,16 @@ class GradientNormWatch:
         self._pending: list[torch.Tensor] = []  # squared norms seen since the last micro_batch
         self._micro: list[tuple[torch.Tensor, float, float | None]] = []
         self._warned_single = False
-        self._handles = [param.register_hook(self._hook) for param in self.params]
+        # One hook per backward that sees every parameter's incoming gradient at once: a single
+        # Python call and one fused norm, instead of one call per parameter.
+        self._handles = [
+            torch.autograd.graph.register_multi_grad_hook(self.params, self._hook, mode="all")
+        ]
 
-    def _hook(self, grad: torch.Tensor) -> None:
-        import torch
-
-        values = grad.coalesce().values() if grad.is_sparse else grad
-        # float32 accumulation keeps half-precision gradients from overflowing when squared
-        self._pending.append(torch.linalg.vector_norm(values.detach(), dtype=torch.float32))
+    def _hook(self, grads: Sequence[torch.Tensor | None]) -> None:
+        present = [grad for grad in grads if grad is not None]
+        if present:
+            self._pending.append(_sum_of_squares(present))
 
     def micro_batch(self, samples: float, *, loss_scale: float | None = None) -> None:
         """Record the gradient of the backward that just ran as one small batch.
@@ -118,7 +122,7 @@ class GradientNormWatch:
                 "micro_batch() was called but no backward ran since the last call; call it "
                 "once after each micro-batch's backward()."
             )
-        squared = torch.stack(self._pending).square().sum()
+        squared = self._pending[0] if len(self._pending) == 1 else torch.stack(self._pending).sum()
         self._pending = []
         self._micro.append((squared, float(samples), loss_scale))
 
@@ -144,32 +148,23 @@ class GradientNormWatch:
         if not micro:
             raise ConfigError("step() was called with no micro_batch() since the last step.")
         local_samples = sum(samples for _, samples, _ in micro)
-        small_sum = torch.zeros((), dtype=torch.float64, device=micro[0][0].device)
-        for squared, samples, loss_scale in micro:
-            scale = samples / local_samples if loss_scale is None else loss_scale
-            small_sum = small_sum + squared.double() / scale**2
-        norms = [
-            torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)
-            for param in self.params
-            if param.grad is not None
+        # The hook saw each micro-batch's gradient times its loss weight: undo the weight.
+        inverse_weights_sq = [
+            (local_samples / samples if loss_scale is None else 1.0 / loss_scale) ** 2
+            for _, samples, loss_scale in micro
         ]
-        big_sq = torch.stack(norms).double().square().sum() / grad_scale**2
-        inverse_sizes = sum(1.0 / samples for _, samples, _ in micro)
-        numbers = torch.stack(
-            [
-                small_sum,
-                torch.tensor(inverse_sizes, dtype=torch.float64, device=small_sum.device),
-                torch.tensor(float(len(micro)), dtype=torch.float64, device=small_sum.device),
-                torch.tensor(local_samples, dtype=torch.float64, device=small_sum.device),
-            ]
-        )
+        squared = torch.stack([value for value, _, _ in micro])
+        small_sum = (squared.double() * squared.new_tensor(inverse_weights_sq).double()).sum()
+        big_sq = _sum_of_squares([p.grad for p in self.params if p.grad is not None]).double()
+        counts = [sum(1.0 / samples for _, samples, _ in micro), float(len(micro)), local_samples]
         if self.distributed:
+            numbers = torch.cat([small_sum.reshape(1), small_sum.new_tensor(counts)])
             torch.distributed.all_reduce(numbers, group=self.process_group)
-        small_total, inverse_total, count, samples_total = numbers.tolist()
-        big_sq_value = float(big_sq)
-        # the micro-batch gradients carry the GradScaler's scale just as `.grad` does
-        small_sq = small_total / count / grad_scale**2
-        small_batch = count / inverse_total  # harmonic mean of the micro-batch sizes
+            small_total, inverse_total, count, samples_total = numbers.tolist()
+            big_sq_value = float(big_sq)
+        else:
+            small_total, big_sq_value = torch.stack([small_sum, big_sq]).tolist()  # one sync
+            inverse_total, count, samples_total = counts
         if count < 2:
             if not self._warned_single:
                 logger.info(
@@ -178,9 +173,13 @@ class GradientNormWatch:
                 )
                 self._warned_single = True
             return
-        if not (torch.isfinite(torch.tensor([small_sq, big_sq_value])).all()):
+        # the micro-batch gradients carry the GradScaler's scale just as `.grad` does
+        small_sq = small_total / count / grad_scale**2
+        big_sq_value /= grad_scale**2
+        if not (math.isfinite(small_sq) and math.isfinite(big_sq_value)):
             logger.info("noise scale: skipped a step whose gradients are not finite")
             return
+        small_batch = count / inverse_total  # harmonic mean of the micro-batch sizes
         self.tracker.update(
             small_sq, big_sq_value, small_batch=small_batch, big_batch=samples_total
         )
@@ -198,3 +197,17 @@ class GradientNormWatch:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+def _sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared entries of all `grads` as a float32 tensor on their device (no sync)."""
+    import torch
+
+    dense = [(grad.coalesce().values() if grad.is_sparse else grad).detach() for grad in grads]
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    if foreach_norm is not None and all(grad.dtype == torch.float32 for grad in dense):
+        # the fused kernel clip_grad_norm_ uses: one launch per device instead of one per tensor
+        return torch.stack(foreach_norm(dense)).square().sum()
+    # float32 accumulation keeps half-precision gradients from overflowing when squared
+    norms = [torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in dense]
+    return torch.stack(norms).square().sum()

@@ -1,0 +1,98 @@
+"""Cost of the in-training noise-scale estimate (hooks inside gradient accumulation).
+
+For each built-in example, one optimizer step is: zero_grad, K micro-batches of forward and
+weighted backward, optimizer.step(). The same step runs with and without a
+`NoiseScaleTracker.watch` (hooks on every parameter, `micro_batch()` after each backward,
+`step()` before the optimizer step). Plain and watched steps alternate in the same process, so
+drift (other processes on the machine, CPU clocks) hits both alike; the cost is the ratio of
+the medians minus one. Target: at most 5% of step time.
+
+Run by hand (never in CI):
+    python bench/bench_noise_scale.py [--steps 40] [--micro-batches 4] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from batchfit.noise_scale import NoiseScaleTracker
+from batchfit.task import EXAMPLES, load_example
+
+
+def _step(task, model, optimizer, micro_batches, sizes, watch) -> None:
+    total = sum(sizes)
+    optimizer.zero_grad(set_to_none=True)
+    for batch, size in zip(micro_batches, sizes):
+        (task.loss(model, batch) * (size / total)).backward()
+        if watch is not None:
+            watch.micro_batch(size)
+    if watch is not None:
+        watch.step()
+    optimizer.step()
+
+
+def bench_example(name: str, *, steps: int, micro_batches: int) -> dict:
+    task = load_example(name)
+    torch.manual_seed(0)
+    model = task.make_model()
+    model.train()
+    optimizer = task.make_optimizer(model.parameters())
+    size = task.batch_size
+    batches = [task.batch(range(i * size, (i + 1) * size)) for i in range(micro_batches)]
+    sizes = [size] * micro_batches
+    tracker = NoiseScaleTracker(dataset_size=len(task.train_data))
+    watch = tracker.watch(model)
+    watch.remove()  # hooks are attached only for the watched steps
+    plain, watched = [], []
+    for _ in range(3):  # warm-up: allocator, optimizer state
+        _step(task, model, optimizer, batches, sizes, None)
+    for index in range(2 * steps):
+        with_watch = index % 2 == 1
+        if with_watch:
+            watch = tracker.watch(model)
+        start = time.perf_counter()
+        _step(task, model, optimizer, batches, sizes, watch if with_watch else None)
+        elapsed = time.perf_counter() - start
+        if with_watch:
+            watch.remove()
+        (watched if with_watch else plain).append(elapsed)
+    plain_median = statistics.median(plain)
+    watched_median = statistics.median(watched)
+    return {
+        "example": name,
+        "micro_batches": f"{micro_batches} x {size}",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "plain_ms": plain_median * 1000,
+        "watched_ms": watched_median * 1000,
+        "cost_percent": (watched_median / plain_median - 1) * 100,
+        "estimate": tracker.noise_scale,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="steps of each kind per example")
+    parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--examples", nargs="*", default=list(EXAMPLES))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps of each kind")
+    print()
+    print("| example | micro-batches | parameters | step (ms) | step with estimate (ms) | cost |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name in args.examples:
+        row = bench_example(name, steps=args.steps, micro_batches=args.micro_batches)
+        print(
+            f"| {row['example']} | {row['micro_batches']} | {row['parameters']:,} | "
+            f"{row['plain_ms']:.2f} | {row['watched_ms']:.2f} | {row['cost_percent']:+.1f}% |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
