@@ -77,3 +77,13 @@ def test_bad_input_is_one_line_and_exit_2(capsys, extra, words):
 def test_needs_a_reference_point(capsys):
     assert main(["scale-lr", "--new-batch", "256"]) == 2
     assert "Give --lr and --batch" in capsys.readouterr().err
+
+
+def test_plot_the_schedule(capsys, tmp_path):
+    args = ["scale-lr", "--lr", "0.1", "--batch", "64", "--new-batch", "256", "--rule", "linear"]
+    target = tmp_path / "lr.png"
+    assert main([*args, "--total-steps", "300", "--plot", str(target), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plot"] == str(target)
+    assert target.read_bytes().startswith(b"\x89PNG")
+    assert main([*args, "--plot", str(target)]) == 2
+    assert "--plot needs --total-steps" in capsys.readouterr().err

@@ -192,6 +192,12 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
         )
         rows = schedule_table(config, scaled.lr)
         result["schedule"] = {**config.to_dict(), "table": rows}
+    if args.plot is not None:
+        if config is None:
+            raise ConfigError("--plot needs --total-steps, the optimizer steps of the run.")
+        from batchfit.schedule_plot import plot_schedule
+
+        result["plot"] = str(plot_schedule(config, scaled.lr, args.plot))
     if args.json:
         _print_json(result)
         return 0
@@ -206,6 +212,8 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
         )
     if config is not None:
         console.print(render_schedule(config, scaled.lr))
+    if args.plot is not None:
+        console.print(f"schedule plot written to {result['plot']}", highlight=False)
     return 0
 
 
@@ -619,6 +627,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     scale_lr.add_argument(
         "--min-lr-factor", default="0", help="where the decay ends, x the peak rate (default 0)"
+    )
+    scale_lr.add_argument(
+        "--plot", metavar="FILE", help="save the schedule as a PNG (needs --total-steps)"
     )
     _add_json_argument(scale_lr)
     scale_lr.set_defaults(handler=_cmd_scale_lr)
