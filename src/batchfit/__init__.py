@@ -44,6 +44,7 @@ _EXPORTS = {
     "build_scheduler": "batchfit.schedules",
     "schedule_table": "batchfit.schedules",
     "render_schedule": "batchfit.schedules",
+    "plot_schedule": "batchfit.schedule_plot",
     "NoiseScaleResult": "batchfit.noise_scale",
     "NoiseScaleTracker": "batchfit.noise_scale",
     "measure_noise_scale": "batchfit.noise_scale",
