@@ -36,7 +36,7 @@ class BackoffEvent:
     """One back-off: the step whose micro-batch ran out of memory and what it retries with.
 
     Attributes:
-        step: the optimizer step (0-based) that was redone.
+        step: the optimizer step that was redone (1 for the first, as in metrics.jsonl).
         failed_micro_batch: the micro-batch size (samples) that ran out of memory.
         micro_batch: the micro-batch size (samples) the step is retried with.
         reason: the first line of the out-of-memory error.
@@ -126,7 +126,7 @@ def run_with_backoff(
         attempt: `attempt(micro_batch) -> result`, one full global step.
         micro_batch: the micro-batch size (samples) to try first.
         local_batch: samples per optimizer step on this rank (what the micro-batches split).
-        step: the optimizer step, for the log and the events.
+        step: the optimizer step (1 for the first), for the log and the events.
         allow_uneven: whether the retried micro-batch need not divide `local_batch`.
         cleanup: called after a failure, before retrying: zero gradients, restore buffers, ...
         on_backoff: called with each `BackoffEvent`.

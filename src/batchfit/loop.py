@@ -785,7 +785,7 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
                     attempt,
                     micro_batch,
                     local_batch=local_batch,
-                    step=step,
+                    step=step + 1,
                     allow_uneven=config.allow_uneven,
                     cleanup=cleanup,
                     on_backoff=backoffs.append,
