@@ -184,3 +184,88 @@ def test_ddp_ranks_give_the_same_estimate_as_one_process(tmp_path):
     assert distributed.small_batch == 16
     assert distributed.gradient_sq_norm == pytest.approx(single.gradient_sq_norm, rel=1e-4)
     assert distributed.trace_covariance == pytest.approx(single.trace_covariance, rel=1e-4)
+
+
+# --- sizes given to step(), and the training-loop callback --------------------------------
+
+
+def test_sizes_given_to_step_match_micro_batch_calls_and_drop_a_failed_attempt():
+    from batchfit.accumulation import accumulate_gradients, split_batch
+
+    task = make_mlp_task()
+    batch = task.batch(range(48))
+    with_calls, with_sizes = NoiseScaleTracker(ema_decay=1.0), NoiseScaleTracker(ema_decay=1.0)
+    model = task.make_model()
+    with with_calls.watch(model) as watch:
+        _accumulate_with_watch(task, model, watch, list(range(48)), [16, 16, 16])
+        watch.step()
+    model = task.make_model()
+    with with_sizes.watch(model) as watch:
+        # an attempt that failed after one backward (as after out-of-memory), then redone
+        task.loss(model, task.batch(range(8))).backward()
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(model, task.loss, split_batch(batch, [16, 16, 16]))
+        watch.step([16, 16, 16], step=7)
+    assert with_sizes.step == 7
+    assert with_sizes.gradient_sq_norm == pytest.approx(with_calls.gradient_sq_norm, rel=1e-6)
+    assert with_sizes.trace_covariance == pytest.approx(with_calls.trace_covariance, rel=1e-6)
+
+
+def test_given_big_norm_is_used_instead_of_grad():
+    task = make_mlp_task()
+    model = task.make_model()
+    tracker = NoiseScaleTracker(ema_decay=1.0)
+    with tracker.watch(model) as watch:
+        for part in (range(0, 8), range(8, 16)):
+            (task.loss(model, task.batch(part)) * 0.5).backward()
+        big_sq = sum(float(p.grad.square().sum()) for p in model.parameters())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # changes .grad, not the norm
+        watch.step([8, 8], big_sq_norm=big_sq)
+    reference = NoiseScaleTracker(ema_decay=1.0)
+    model = task.make_model()
+    with reference.watch(model) as watch:
+        for part in (range(0, 8), range(8, 16)):
+            (task.loss(model, task.batch(part)) * 0.5).backward()
+        watch.step([8, 8])
+    assert tracker.gradient_sq_norm == pytest.approx(reference.gradient_sq_norm, rel=1e-5)
+
+
+def test_sizes_that_do_not_match_the_backward_passes_are_refused():
+    task = make_mlp_task()
+    model = task.make_model()
+    with NoiseScaleTracker().watch(model) as watch:
+        task.loss(model, task.batch(range(8))).backward()
+        with pytest.raises(ConfigError, match="2 micro-batch sizes were given but 1 backward"):
+            watch.step([4, 4])
+        task.loss(model, task.batch(range(8))).backward()
+        with pytest.raises(ConfigError, match="loss_scales has 1 entries"):
+            watch.step([4, 4], loss_scales=[0.5])
+        watch.reset()
+        task.loss(model, task.batch(range(8))).backward()
+        task.loss(model, task.batch(range(8))).backward()
+        with pytest.raises(ConfigError, match="call backward\\(\\) once per micro-batch"):
+            watch.micro_batch(8)
+        watch.reset()
+        task.loss(model, task.batch(range(8))).backward()
+        watch.micro_batch(8)
+        with pytest.raises(ConfigError, match="not both"):
+            watch.step([8])
+
+
+def test_callback_logs_the_noise_scale_to_the_metrics_file(tmp_path):
+    from batchfit.gradient_norms import NoiseScaleCallback
+    from batchfit.loop import TrainConfig, train
+    from batchfit.metrics_log import read_metrics
+
+    task = make_mlp_task()
+    callback = NoiseScaleCallback(dataset_size=len(task.train_data), ema_decay=0.9)
+    config = TrainConfig(
+        global_batch=64, micro_batch=16, steps=8, out_dir=str(tmp_path), max_grad_norm=0.5
+    )
+    train(task, config, device="cpu", callbacks=[callback])
+    lines = [line for line in read_metrics(tmp_path / "metrics.jsonl") if "loss" in line]
+    assert len(lines) == 8
+    assert all("noise_scale" in line and "noise_scale_trace" in line for line in lines)
+    assert callback.tracker.updates == 8 and callback.tracker.step == 8
+    assert callback.tracker.big_batch == 64 and callback.tracker.small_batch == 16
+    assert lines[-1]["noise_scale"] == callback.tracker.noise_scale

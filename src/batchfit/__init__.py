@@ -50,6 +50,7 @@ _EXPORTS = {
     "measure_noise_scale": "batchfit.noise_scale",
     "estimate_gradient_statistics": "batchfit.noise_scale",
     "GradientNormWatch": "batchfit.gradient_norms",
+    "NoiseScaleCallback": "batchfit.gradient_norms",
     "plot_noise_scale": "batchfit.noise_scale_plot",
 }
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GradientNormWatch"]
+__all__ = ["GradientNormWatch", "NoiseScaleCallback"]
 
 
 class GradientNormWatch:
@@ -111,8 +111,6 @@ class GradientNormWatch:
             ConfigError: samples or loss_scale is not positive, or no backward ran since the
                 last call.
         """
-        import torch
-
         if isinstance(samples, bool) or not isinstance(samples, (int, float)) or samples <= 0:
             raise ConfigError(f"samples must be a positive count, got {samples!r}.")
         if loss_scale is not None and not loss_scale > 0:
@@ -122,27 +120,63 @@ class GradientNormWatch:
                 "micro_batch() was called but no backward ran since the last call; call it "
                 "once after each micro-batch's backward()."
             )
-        squared = self._pending[0] if len(self._pending) == 1 else torch.stack(self._pending).sum()
+        if len(self._pending) > 1:
+            raise ConfigError(
+                f"{len(self._pending)} backward passes ran since the last micro_batch() call; "
+                "the norm of a sum of gradients is not the sum of their norms, so add the "
+                "micro-batch's losses and call backward() once per micro-batch."
+            )
+        self._micro.append((self._pending.pop(), float(samples), loss_scale))
+
+    def reset(self) -> None:
+        """Forget what was recorded since the last `step()` (e.g. a step redone after OOM)."""
         self._pending = []
-        self._micro.append((squared, float(samples), loss_scale))
+        self._micro = []
 
-    def step(self, *, grad_scale: float = 1.0) -> None:
-        """Close the optimizer step: read `.grad` as the big batch and update the tracker.
+    def step(
+        self,
+        micro_batch_samples: Sequence[float] | None = None,
+        *,
+        loss_scales: Sequence[float] | None = None,
+        big_sq_norm: float | None = None,
+        grad_scale: float = 1.0,
+        step: int | None = None,
+    ) -> None:
+        """Close the optimizer step: the accumulated gradient is the big batch; update the tracker.
 
-        Call after the last micro-batch's backward and before gradient clipping, unscaling or
-        `optimizer.step()`. A step with a single micro-batch on a single rank carries no
-        information (the small batch is the big one) and is skipped. A step whose gradients are
-        not finite (a mixed-precision overflow) is skipped too.
+        Two ways to name the micro-batches: call `micro_batch(n)` after each backward, then
+        `step()`; or run them all (e.g. with `accumulate_gradients`) and pass their sizes here,
+        `step(micro_batch_samples)`: each backward since the last step is one micro-batch, and
+        when more ran (an attempt redone after out-of-memory), the last ones count.
+
+        Call after the last backward and before `optimizer.step()`, and before gradient clipping
+        unless `big_sq_norm` is given. A step with a single micro-batch on a single rank carries
+        no information (the small batch is the big one) and is skipped, as is a step whose
+        gradients are not finite (a mixed-precision overflow).
 
         Args:
-            grad_scale: the loss scale `.grad` carries (GradScaler.get_scale()); 1.0 without one.
+            micro_batch_samples: samples of each micro-batch of this step on this rank, in
+                order; None when `micro_batch()` was called for each.
+            loss_scales: with `micro_batch_samples`, the factor each mean loss was multiplied
+                by; default `samples / sum(samples)` (see `micro_batch`).
+            big_sq_norm: the squared norm of the accumulated (all-reduced, unscaled) gradient
+                when the caller has it, e.g. `grad_norm ** 2` from `clip_grad_norm_` (which
+                returns the norm before clipping); default: read from `.grad`.
+            grad_scale: the loss scale the gradients carry (GradScaler.get_scale()); 1.0
+                without one.
+            step: the optimizer step, recorded with the estimate; default the tracker's count.
+
+        Raises:
+            ConfigError: the micro-batches do not match the backward passes that ran.
         """
         import torch
 
+        if micro_batch_samples is not None:
+            self._record_from_sizes(list(micro_batch_samples), loss_scales)
         if self._pending:
             raise ConfigError(
                 "A backward ran after the last micro_batch() call; call micro_batch(samples) "
-                "after each micro-batch's backward, before step()."
+                "after each micro-batch's backward, or pass the sizes to step()."
             )
         micro, self._micro = self._micro, []
         if not micro:
@@ -155,7 +189,11 @@ class GradientNormWatch:
         ]
         squared = torch.stack([value for value, _, _ in micro])
         small_sum = (squared.double() * squared.new_tensor(inverse_weights_sq).double()).sum()
-        big_sq = _sum_of_squares([p.grad for p in self.params if p.grad is not None]).double()
+        if big_sq_norm is None:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            big_sq = _sum_of_squares(grads).double()
+        else:
+            big_sq = small_sum.new_tensor(float(big_sq_norm) * grad_scale**2)
         counts = [sum(1.0 / samples for _, samples, _ in micro), float(len(micro)), local_samples]
         if self.distributed:
             numbers = torch.cat([small_sum.reshape(1), small_sum.new_tensor(counts)])
@@ -181,8 +219,30 @@ class GradientNormWatch:
             return
         small_batch = count / inverse_total  # harmonic mean of the micro-batch sizes
         self.tracker.update(
-            small_sq, big_sq_value, small_batch=small_batch, big_batch=samples_total
+            small_sq, big_sq_value, small_batch=small_batch, big_batch=samples_total, step=step
         )
+
+    def _record_from_sizes(self, sizes: list[float], loss_scales: Sequence[float] | None) -> None:
+        if self._micro:
+            raise ConfigError(
+                "Give the micro-batch sizes either with micro_batch() calls or to step(), not both."
+            )
+        for size in sizes:
+            if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+                raise ConfigError(f"micro-batch sizes must be positive counts, got {sizes}.")
+        scales = [None] * len(sizes) if loss_scales is None else list(loss_scales)
+        if len(scales) != len(sizes):
+            raise ConfigError(
+                f"loss_scales has {len(scales)} entries for {len(sizes)} micro-batches; give "
+                "one per micro-batch."
+            )
+        if len(self._pending) < len(sizes):
+            raise ConfigError(
+                f"{len(sizes)} micro-batch sizes were given but {len(self._pending)} backward "
+                "passes ran since the last step; give one size per backward."
+            )
+        pending, self._pending = self._pending[-len(sizes) :], []
+        self._micro = [(value, float(n), scale) for value, n, scale in zip(pending, sizes, scales)]
 
     def remove(self) -> None:
         """Remove the hooks; the watch measures nothing afterwards."""
@@ -197,6 +257,64 @@ class GradientNormWatch:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+class NoiseScaleCallback:
+    """Logs the gradient noise scale from `batchfit.loop.train` (its `callbacks=` protocol).
+
+    `on_train_start` attaches a `GradientNormWatch` to the model; `on_step_end` closes each
+    step with the record's micro-batch sizes and its pre-clipping gradient norm, and returns
+    the current estimate for the step's metrics line:
+    `{"noise_scale": B_simple or None, "noise_scale_gradient_sq": |G|^2,
+    "noise_scale_trace": tr(Sigma)}`. Needs two or more micro-batches per step, or DDP.
+
+    Loss weights are taken as proportional to samples; with token-weighted losses whose token
+    counts differ between micro-batches, the estimate is approximate.
+
+    Args:
+        tracker: the tracker to feed; default a new `NoiseScaleTracker(dataset_size=...,
+            ema_decay=...)`. Save `callback.tracker.state_dict()` with a checkpoint to resume it.
+        dataset_size: training samples, for the finite-population correction.
+        ema_decay: smoothing, as for `NoiseScaleTracker`.
+
+    Example:
+        >>> callback = NoiseScaleCallback(dataset_size=1000)
+        >>> callback.tracker.noise_scale is None
+        True
+    """
+
+    def __init__(
+        self,
+        tracker: NoiseScaleTracker | None = None,
+        *,
+        dataset_size: int | None = None,
+        ema_decay: float = 0.99,
+    ) -> None:
+        if tracker is None:
+            from batchfit.noise_scale import NoiseScaleTracker
+
+            tracker = NoiseScaleTracker(dataset_size=dataset_size, ema_decay=ema_decay)
+        self.tracker = tracker
+        self.watch: GradientNormWatch | None = None
+
+    def on_train_start(self, model: nn.Module, plan: Any = None) -> None:
+        """Attach the watch to `model` (the unwrapped module or its DDP wrapper)."""
+        if self.watch is not None:
+            self.watch.remove()
+        self.watch = GradientNormWatch(model, self.tracker)
+
+    def on_step_end(self, record: Any, model: nn.Module | None = None) -> dict[str, Any]:
+        """Update from a step record (`micro_batches`, `grad_norm`, `step`); return the metrics."""
+        if self.watch is None:
+            raise ConfigError("on_step_end() before on_train_start(); attach the callback first.")
+        self.watch.step(
+            record.micro_batches, big_sq_norm=float(record.grad_norm) ** 2, step=record.step
+        )
+        return {
+            "noise_scale": self.tracker.noise_scale,
+            "noise_scale_gradient_sq": self.tracker.gradient_sq_norm,
+            "noise_scale_trace": self.tracker.trace_covariance,
+        }
 
 
 def _sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
