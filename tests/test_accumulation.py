@@ -98,8 +98,26 @@ def test_weights_are_shares_of_the_total():
     assert sum(micro_batch_weights([3, 0, 5])) == pytest.approx(1.0)
 
 
+def test_weights_take_tensor_and_numpy_counts():
+    import numpy
+
+    counts = [torch.tensor(30), numpy.int64(10)]
+    assert micro_batch_weights(counts, total=torch.tensor(80.0)) == [0.375, 0.125]
+
+
 @pytest.mark.parametrize(
-    ("counts", "total"), [([], None), ([4, -1], None), ([0, 0], None), ([4], 0), (["4"], None)]
+    ("counts", "total"),
+    [
+        ([], None),
+        ([4, -1], None),
+        ([0, 0], None),
+        ([4], 0),
+        (["4"], None),
+        ([True], None),
+        ([float("nan")], None),
+        ([torch.ones(2)], None),
+        ([4], float("inf")),
+    ],
 )
 def test_bad_weights(counts, total):
     with pytest.raises(ConfigError):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -235,7 +236,8 @@ def micro_batch_weights(counts: Sequence[float], total: float | None = None) -> 
     divided by W.
 
     Args:
-        counts: samples (or tokens) in each micro-batch, non-negative.
+        counts: samples (or tokens) in each micro-batch, non-negative: ints, floats, numpy
+            scalars or one-element tensors.
         total: the count the mean is taken over; default `sum(counts)`.
 
     Returns:
@@ -253,19 +255,29 @@ def micro_batch_weights(counts: Sequence[float], total: float | None = None) -> 
     counts = list(counts)
     if not counts:
         raise ConfigError("counts is empty; give the sample or token count of each micro-batch.")
-    for count in counts:
-        if isinstance(count, bool) or not isinstance(count, (int, float)) or not count >= 0:
-            raise ConfigError(
-                f"micro-batch counts must be non-negative numbers, got {count!r} in {counts}."
-            )
-    if total is None:
-        total = sum(counts)
-    if isinstance(total, bool) or not isinstance(total, (int, float)) or not total > 0:
+    values = [_as_count(count) for count in counts]
+    if any(value is None or value < 0 for value in values):
+        raise ConfigError(f"micro-batch counts must be non-negative numbers, got {counts}.")
+    given = total
+    total = sum(values) if total is None else _as_count(total)  # type: ignore[arg-type]
+    if total is None or not total > 0:
         raise ConfigError(
-            f"total must be a positive count of samples or tokens, got {total!r}; "
-            "give counts with at least one sample or token."
+            f"total must be a positive count of samples or tokens, got "
+            f"{sum(values) if given is None else given!r}; give counts with at least one "
+            "sample or token."
         )
-    return [count / total for count in counts]
+    return [value / total for value in values]  # type: ignore[operator]
+
+
+def _as_count(value: object) -> float | None:
+    """A finite number from an int, float, numpy scalar or one-element tensor; else None."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def accumulate_gradients(
