@@ -237,21 +237,24 @@ def main() -> None:
                 "torch-lr-finder": lambda: run_torch_lr_finder(task, args),  # noqa: B023
                 "Lightning lr_find": lambda: run_lightning(task, args, tmp),  # noqa: B023
             }
-            for name, run in tools.items():
-                with (
-                    contextlib.redirect_stdout(io.StringIO()),
-                    contextlib.redirect_stderr(io.StringIO()),
-                ):  # the other tools print progress and tips
-                    runs = [run() for _ in range(args.repeats)]
-                first = runs[0]
-                seconds = statistics.median(r["seconds"] for r in runs)
+            runs: dict[str, list] = {name: [] for name in tools}
+            for _ in range(args.repeats):  # interleaved, so load on the machine hits all alike
+                for name, run in tools.items():
+                    with (
+                        contextlib.redirect_stdout(io.StringIO()),
+                        contextlib.redirect_stderr(io.StringIO()),
+                    ):  # the other tools print progress and tips
+                        runs[name].append(run())
+            for name, results in runs.items():
+                first = results[0]
+                seconds = statistics.median(r["seconds"] for r in results)
                 yes = {True: "yes", False: "**no**"}
                 print(
                     f"| {label} | {name} | {first['suggestion']:.3g} | {first['other']} | "
                     f"{seconds:.2f} | {first['steps_run']} | "
-                    f"{yes[all(r['weights'] for r in runs)]} | "
-                    f"{yes[all(r['optimizer'] for r in runs)]} | "
-                    f"{yes[all(r['rng'] for r in runs)]} |",
+                    f"{yes[all(r['weights'] for r in results)]} | "
+                    f"{yes[all(r['optimizer'] for r in results)]} | "
+                    f"{yes[all(r['rng'] for r in results)]} |",
                     flush=True,
                 )
 
