@@ -52,6 +52,14 @@ _EXPORTS = {
     "GradientNormWatch": "batchfit.gradient_norms",
     "NoiseScaleCallback": "batchfit.gradient_norms",
     "plot_noise_scale": "batchfit.noise_scale_plot",
+    "lr_range_test": "batchfit.range_test",
+    "RangeTestResult": "batchfit.range_test",
+    "plot_range_test": "batchfit.range_test_plot",
+    "measure_throughput": "batchfit.throughput",
+    "find_knee": "batchfit.throughput",
+    "ThroughputResult": "batchfit.throughput",
+    "ThroughputMeter": "batchfit.throughput",
+    "plot_throughput": "batchfit.throughput_plot",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
