@@ -65,6 +65,7 @@ def choose_global_batch(
     world_size: int,
     dataset_size: int,
     reference_batch: int,
+    measured_after_steps: int | None = None,
 ) -> Choice:
     """The global batch from the critical batch size and the throughput knee.
 
@@ -81,6 +82,7 @@ def choose_global_batch(
         world_size: data-parallel devices.
         dataset_size: samples in the training set.
         reference_batch: the batch the task's learning rate was tuned for.
+        measured_after_steps: training steps before the noise scale was measured, if known.
 
     Example:
         >>> choose_global_batch(noise_scale=200, knee_batch=32, world_size=1,
@@ -89,8 +91,14 @@ def choose_global_batch(
     """
     if noise_scale is not None and noise_scale > 0:
         batch = _pow2_nearest(noise_scale)
+        after = (
+            f", measured after {measured_after_steps} training steps"
+            if measured_after_steps
+            else ""
+        )
         reason = (
-            f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples; "
+            f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples"
+            f"{after}; "
             f"{batch} is the nearest power of two: below it doubling the batch nearly halves "
             "the steps, above it samples are wasted"
         )
@@ -237,7 +245,7 @@ def choose_lr(
         for name, value in (("valley", valley_lr), ("steepest descent", steepest_lr))
         if value
     ]
-    quoted = f" (range test: {', '.join(suggestions)})" if suggestions else ""
+    quoted = f" ({', '.join(suggestions)})" if suggestions else ""
     if min_loss_lr and scaled_lr > min_loss_lr / 2:
         fallback = valley_lr or steepest_lr
         if fallback and fallback < scaled_lr:

@@ -301,6 +301,7 @@ _TRAIN_VALUE_FLAGS = (
     ("--device", "device"),
     ("--memory-budget", "memory_budget"),
     ("--example", "example"),
+    ("--plan", "plan"),
 )
 _TRAIN_SWITCHES = (
     ("--swa", "swa"),
@@ -335,6 +336,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {args.resume} and --out {args.out} differ; give one.")
         args.out = args.resume
     task = _load_task(args)
+    if args.plan:
+        task = _apply_plan(args, task)
+    for flag, name in (("--global-batch", "global_batch"), ("--micro-batch", "micro_batch")):
+        if getattr(args, name) is None:
+            raise ConfigError(f"{flag} is needed (or --plan PLAN_JSON from `batchfit plan`).")
     if args.out is None and not args.resume:
         args.out = f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = TrainConfig(
@@ -383,6 +389,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         _print_train_summary(task.name, result)
     return 130 if result.interrupted else 0
+
+
+def _apply_plan(args: argparse.Namespace, task):
+    """Fill the train flags the user left out from a plan.json; returns the task to train."""
+    from batchfit.plan import apply_plan, load_plan
+
+    plan = load_plan(args.plan)
+    given_steps = args.steps is not None or args.epochs is not None
+    defaults = {
+        "global_batch": plan.global_batch,
+        "micro_batch": plan.micro_batch,
+        "lr": plan.lr,
+        # The plan's warmup was sized for its own run length; for another length the loop
+        # sizes it anew (auto).
+        "warmup": None if given_steps else plan.warmup_steps,
+        "optimizer": plan.optimizer,
+        "steps": None if given_steps else plan.total_steps,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None and value is not None:
+            setattr(args, name, str(value))
+    if plan.normalization == "syncbatchnorm":
+        args.sync_batchnorm = True
+    return apply_plan(plan, task)
 
 
 def _print_train_summary(name: str, result) -> None:
@@ -547,6 +577,81 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from batchfit.planner import PHASES, plan
+    from batchfit.report import write_report
+
+    task = _load_task(args)
+    world_size = _parse_number(args.world_size, "--world-size", int) or 1
+    target = _parse_number(args.target_global_batch, "--target-global-batch", int)
+    margin = _parse_number(args.margin, "--margin")
+    out_dir = Path(args.out or f"runs/{task.name}-plan")
+    progress = Progress(
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=_stderr_console(),
+        disable=args.json,
+    )
+    bars = {}
+
+    def report(phase: str, done: int, total: int) -> None:
+        if phase not in bars:
+            bars[phase] = progress.add_task(phase, total=max(total, 1))
+        progress.update(bars[phase], completed=done, total=max(total, 1))
+
+    with progress:
+        for phase in PHASES:
+            report(phase, 0, 1)
+        result = plan(
+            task,
+            device=args.device,
+            memory_budget=args.memory_budget,
+            world_size=world_size,
+            target_global_batch=target,
+            margin=0.05 if margin is None else margin,
+            task_name=args.task or args.example,
+            progress=report,
+        )
+    plan_path = result.save(out_dir / "plan.json")
+    report_path = write_report(result, out_dir / "report.html")
+    if args.json:
+        _print_json(
+            {"plan": result.to_dict(), "plan_path": str(plan_path), "report_path": str(report_path)}
+        )
+        return 0
+    table = Table(title=f"Plan for {result.task}", title_justify="left")
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    table.add_column("why")
+    lr_text = f"{result.lr:.4g}"
+    rows = (
+        ("global batch", str(result.global_batch), "global_batch"),
+        ("micro-batch", str(result.micro_batch), "micro_batch"),
+        ("accumulation", str(result.accumulation_steps), "accumulation_steps"),
+        ("learning rate", lr_text, "lr"),
+        ("warmup steps", str(result.warmup_steps), "warmup_steps"),
+        ("optimizer", result.optimizer, "optimizer"),
+        ("normalisation", result.normalization, "normalization"),
+    )
+    for label, value, key in rows:
+        table.add_row(label, value, result.reasons.get(key, ""))
+    console = _stdout_console()
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"plan:   {plan_path}", highlight=False)
+    console.print(f"report: {report_path}", highlight=False)
+    source = args.task or f"--example {args.example}"
+    console.print(f"train:  batchfit train {source} --plan {plan_path}", highlight=False)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfit",
@@ -642,10 +747,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "task's reference point; metrics.jsonl and checkpoints go to --out RUN_DIR.",
     )
     _add_task_arguments(train_cmd)
-    train_cmd.add_argument("--global-batch", required=True, help="samples per optimizer step")
     train_cmd.add_argument(
-        "--micro-batch", required=True, help="samples per forward/backward on one process"
+        "--plan", metavar="PLAN_JSON", help="train with a plan from `batchfit plan`; flags win"
     )
+    train_cmd.add_argument("--global-batch", help="samples per optimizer step")
+    train_cmd.add_argument("--micro-batch", help="samples per forward/backward on one process")
     length = train_cmd.add_mutually_exclusive_group()
     length.add_argument("--steps", help="optimizer steps")
     length.add_argument("--epochs", help="passes over the training data (default 10)")
@@ -739,6 +845,25 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_json_argument(throughput)
     throughput.add_argument("--plot", metavar="FILE.png", help="save samples/s as a PNG")
     throughput.set_defaults(handler=_cmd_throughput)
+
+    plan_cmd = commands.add_parser(
+        "plan",
+        help="profile a task and write a plan (batch, rate, why) and an HTML report",
+        description=(
+            "Measure memory, throughput, gradient noise and a learning-rate range test, then "
+            "write plan.json (for `batchfit train --plan`) and report.html."
+        ),
+    )
+    _add_task_arguments(plan_cmd)
+    _add_device_arguments(plan_cmd)
+    plan_cmd.add_argument("--world-size", help="data-parallel devices to plan for (default 1)")
+    plan_cmd.add_argument(
+        "--target-global-batch", help="reach this global batch instead of choosing one"
+    )
+    plan_cmd.add_argument("--margin", help="fraction of memory kept free (default 0.05)")
+    plan_cmd.add_argument("--out", metavar="DIR", help="where plan.json and report.html go")
+    _add_json_argument(plan_cmd)
+    plan_cmd.set_defaults(handler=_cmd_plan)
 
     return parser
 

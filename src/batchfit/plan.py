@@ -39,6 +39,8 @@ class Plan:
         lr: the learning rate at the global batch.
         lr_rule: how lr was scaled from the task's reference ("linear", "sqrt", "none").
         warmup_steps: optimizer steps of linear warmup (0: none).
+        total_steps: the planned length of training in optimizer steps (what warmup_steps was
+            sized for, and the default length of `batchfit train --plan`); None: not planned.
         optimizer: "task" (the task's own), "lars" or "lamb".
         normalization: what to do with BatchNorm: "none" (has none), "keep", "groupnorm",
             "syncbatchnorm".
@@ -61,6 +63,7 @@ class Plan:
     optimizer: str = "task"
     normalization: str = "none"
     memory_budget_bytes: int | None = None
+    total_steps: int | None = None
     reasons: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     measurements: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +78,22 @@ class Plan:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON, atomically (a temporary file renamed into place)."""
         return write_atomic(path, json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
+
+
+def apply_plan(plan: Plan, task: Any) -> Any:
+    """The task to train with `plan`: the same task, or, where the plan advises GroupNorm,
+    a copy whose model factory converts BatchNorm to GroupNorm
+    (`batchfit.norm_layers.convert_batchnorm`). The given task is not changed."""
+    if plan.normalization != "groupnorm":
+        return task
+    import dataclasses
+
+    from batchfit.norm_layers import convert_batchnorm
+
+    def converted_model():
+        return convert_batchnorm(task.make_model(), to="groupnorm").model
+
+    return dataclasses.replace(task, model=converted_model)
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
@@ -168,6 +187,11 @@ def _validate(plan: Plan) -> None:
     ):
         if getattr(plan, name) not in choices:
             fail(name, getattr(plan, name), f"choose one of {', '.join(choices)}.")
+    total = plan.total_steps
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 1):
+        fail("total_steps", total, "it must be a whole number of at least 1, or null.")
+    if total is not None and plan.warmup_steps >= total > 1:
+        fail("warmup_steps", plan.warmup_steps, f"it must be below total_steps ({total}).")
     budget = plan.memory_budget_bytes
     if budget is not None and (not isinstance(budget, int) or budget <= 0):
         fail("memory_budget_bytes", budget, "it must be a positive number of bytes or null.")
