@@ -60,6 +60,11 @@ _EXPORTS = {
     "ThroughputResult": "batchfit.throughput",
     "ThroughputMeter": "batchfit.throughput",
     "plot_throughput": "batchfit.throughput_plot",
+    "train": "batchfit.loop",
+    "TrainConfig": "batchfit.train_config",
+    "TrainResult": "batchfit.loop",
+    "run_with_backoff": "batchfit.backoff",
+    "BackoffEvent": "batchfit.backoff",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
