@@ -234,3 +234,11 @@ def test_measure_rejects_bad_batch_sizes(batch_size):
 def test_measure_needs_two_steps():
     with pytest.raises(ConfigError, match="at least 2"):
         measure_step_memory(make_mlp_task(), 4, steps=1)
+
+
+def test_a_failed_measurement_says_how_many_steps_ran():
+    task = make_mlp_task()
+    peak = measure_step_memory(task, 32).peak_bytes
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        measure_step_memory(task, 32, budget_bytes=peak - 1)
+    assert caught.value.steps_started in (1, 2)

@@ -376,9 +376,16 @@ def counted_bytes(tensors: Iterable[Any], *, device: torch.device | None = None)
     return counter.live_bytes
 
 
-def run_training_steps(task: Task, model, optimizer, batch, steps: int) -> None:
-    """`steps` full training steps: zero_grad, forward and loss, backward, optimizer step."""
+def run_training_steps(
+    task: Task, model, optimizer, batch, steps: int, *, started: list[int] | None = None
+) -> None:
+    """`steps` full training steps: zero_grad, forward and loss, backward, optimizer step.
+
+    When `started` is given, `started[0]` is raised by one as each step begins.
+    """
     for _ in range(steps):
+        if started is not None:
+            started[0] += 1
         optimizer.zero_grad(set_to_none=True)
         loss = task.loss(model, batch)
         loss.backward()
@@ -417,7 +424,8 @@ def measure_step_memory(
     Raises:
         ConfigError: batch_size or steps is not valid, or the device is unknown.
         torch.OutOfMemoryError: the steps ran out of memory (or past the budget). Everything
-            the failed step held is freed before this is raised.
+            the failed step held is freed before this is raised; its `steps_started`
+            attribute says how many training steps ran, the last one failing.
         Any other error from the task's model, loss or optimizer, unchanged.
 
     Example:
@@ -435,8 +443,9 @@ def measure_step_memory(
     device = devices.resolve_device(device)
     failure: str | None = None
     result: StepMemory | None = None
+    started = [0]  # training steps started, kept by _measure
     try:
-        result = _measure(task, batch_size, device, steps, budget_bytes)
+        result = _measure(task, batch_size, device, steps, budget_bytes, started)
     except Exception as error:
         if not is_out_of_memory(error):
             raise
@@ -446,13 +455,21 @@ def measure_step_memory(
         gc.collect()
         devices.empty_cache(device)
         logger.debug("batch %d ran out of memory: %s", batch_size, failure)
-        raise torch.OutOfMemoryError(failure)
+        out_of_memory = torch.OutOfMemoryError(failure)
+        # How many real training steps ran (the last one failing), for callers that count.
+        out_of_memory.steps_started = started[0]  # type: ignore[attr-defined]
+        raise out_of_memory
     assert result is not None
     return result
 
 
 def _measure(
-    task: Task, batch_size: int, device: torch.device, steps: int, budget_bytes: int | None
+    task: Task,
+    batch_size: int,
+    device: torch.device,
+    steps: int,
+    budget_bytes: int | None,
+    started: list[int],
 ) -> StepMemory:
     from batchfit.task import move_to
 
@@ -466,11 +483,11 @@ def _measure(
         try:
             devices.synchronize(device)
             devices.reset_peak_memory(device)
-            started = time.perf_counter()
+            clock_start = time.perf_counter()
             with count_memory(budget_bytes=budget_bytes, tensors=entry, device=device) as counter:
-                run_training_steps(task, model, optimizer, batch, steps)
+                run_training_steps(task, model, optimizer, batch, steps, started=started)
             devices.synchronize(device)
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - clock_start
             allocator_peak = devices.peak_allocated_bytes(device)
             state_bytes = counted_bytes(tensors_of_state(model, optimizer), device=device)
         finally:

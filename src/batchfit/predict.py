@@ -80,6 +80,18 @@ class FakeModeUnsupported(Exception):
     """Fake tensors cannot run this task (internal signal that triggers the fallback)."""
 
 
+class FakeModeError(ConfigError):
+    """Fake tensors cannot run the task and no fallback was asked for.
+
+    Attributes:
+        reason: the fake-mode error, in one line.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def predict_step_memory(
     task: Task,
     batch_size: int,
@@ -106,7 +118,8 @@ def predict_step_memory(
         PredictedMemory with the peak, state and batch bytes.
 
     Raises:
-        ConfigError: bad batch size or steps; or fake mode failed and `fallback` is False.
+        ConfigError: bad batch size or steps.
+        FakeModeError: (a ConfigError) fake mode failed and `fallback` is False.
         torch.OutOfMemoryError: only from the measured fallback.
         Any error the task's own code raises for reasons other than fake tensors (for example
         a shape mismatch), unchanged.
@@ -132,9 +145,10 @@ def predict_step_memory(
     except FakeModeUnsupported as unsupported:
         reason = str(unsupported)
         if not fallback:
-            raise ConfigError(
+            raise FakeModeError(
                 f"fake tensors cannot run task {task.name!r}: {reason}; "
-                "measure real steps instead (fallback=True)."
+                "measure real steps instead (fallback=True).",
+                reason,
             ) from None
         logger.warning(
             "fake tensors cannot run task %r (%s); measuring a real step at batch %d instead",

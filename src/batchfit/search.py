@@ -1,0 +1,784 @@
+"""The largest batch size that fits a device or a memory budget.
+
+With a `Task`, the limit is predicted first (fake tensors: exact on the CPU, free at any batch
+size), then confirmed with as few real training steps as possible: one trial at the predicted
+limit, and one just above it when the trial showed the prediction is not exact (for example the
+CUDA allocator's own overhead). When a real trial fails, the search steps down by the fitted
+per-sample size and bisects only inside the small bracket left.
+
+With a plain `step(batch_size)` callable (a user's own loop), nothing can be predicted: the
+search grows the batch, and as soon as two successful probes have shown how memory grows
+(counted storages, or the CUDA allocator's peak) it jumps to the extrapolated limit and checks
+it and the batch above it; without any memory reading it grows by doubling and bisects.
+
+The margin: the usable memory is `budget * (1 - margin)`, and the limit is the largest batch
+whose peak fits the usable memory. A margin of 0 finds the true limit of the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from batchfit import devices
+from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.memory import (
+    count_memory,
+    forked_rng,
+    is_out_of_memory,
+    measure_step_memory,
+    tensors_of_state,
+)
+from batchfit.memory_model import MemoryModel, fit_memory_model
+from batchfit.predict import FakeModeError, PredictedMemory, predict_step_memory, range_batch_sizes
+from batchfit.rounding import RoundTo, check_round_to, round_down
+from batchfit.units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["predicted", "measured-probes", "step"]
+StepFn = Callable[[int], Any]
+ProgressFn = Callable[[str], None]
+
+DEFAULT_MAX_BATCH_SIZE = 1 << 24
+"""Stop looking above this many samples (the answer is then "at least this")."""
+
+STEP_DOWN_FRACTION = 0.02
+"""After an optimistic prediction, first aim this fraction of the usable memory lower."""
+
+_MAX_REAL_TRIALS = 40  # a safety net: the search normally needs 1 to 4
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One real trial: training steps at one batch size.
+
+    Attributes:
+        batch_size: samples per step.
+        fits: whether the steps ran without running out of memory.
+        predicted_peak_bytes: the prediction for this batch, when there was one.
+        measured_peak_bytes: counted peak of live tensor storage (see batchfit.memory), or on
+            CUDA with a step callable the allocator's peak; None when the trial failed or
+            nothing was counted.
+        allocator_peak_bytes: the CUDA allocator's peak; None off CUDA.
+        steps: real training steps run (the last one failing when `fits` is False).
+        seconds: wall time of the trial.
+        error: the first line of the out-of-memory error when it did not fit.
+    """
+
+    batch_size: int
+    fits: bool
+    predicted_peak_bytes: int | None
+    measured_peak_bytes: int | None
+    allocator_peak_bytes: int | None
+    steps: int
+    seconds: float
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "batch_size": self.batch_size,
+            "fits": self.fits,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "measured_peak_bytes": self.measured_peak_bytes,
+            "allocator_peak_bytes": self.allocator_peak_bytes,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The largest batch that fits, and how it was found.
+
+    Attributes:
+        batch_size: the answer: `limit_batch_size` rounded down as `round_to` asks.
+        limit_batch_size: the largest batch whose peak memory fits the usable memory.
+        budget_bytes: the memory budget, or the device's total memory when none was given.
+        usable_bytes: budget_bytes * (1 - margin), rounded down: what the limit must fit.
+        margin: the fraction of the budget kept free.
+        round_to: None, "pow2" or a multiple.
+        device: the device searched on.
+        method: "predicted" (fake-tensor prediction, confirmed by real trials),
+            "measured-probes" (fake mode could not run the task; real probes only) or
+            "step" (a user's step callable).
+        memory_model: fixed + per-sample bytes fitted over the range up to the limit, with
+            its residual; None when nothing was measured or predicted.
+        state_bytes: parameters, buffers, gradients and optimizer state (before the first
+            sample), when known.
+        trials: every real trial, in order.
+        predictions: (batch size, predicted peak bytes) of every prediction made, in order.
+        real_steps: real training steps run in all (for a step callable: calls of it).
+        seconds: wall time of the whole search.
+        capped: True when even `max_batch_size` fitted: the limit is at least that.
+        notes: things the user should know (fallbacks, repeated samples, the cap).
+    """
+
+    batch_size: int
+    limit_batch_size: int
+    budget_bytes: int
+    usable_bytes: int
+    margin: float
+    round_to: RoundTo
+    device: str
+    method: Method
+    memory_model: MemoryModel | None
+    state_bytes: int | None
+    trials: tuple[Trial, ...]
+    predictions: tuple[tuple[int, int], ...]
+    real_steps: int
+    seconds: float
+    capped: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def oom_errors(self) -> int:
+        """How many trials ran out of memory."""
+        return sum(not trial.fits for trial in self.trials)
+
+    def to_dict(self) -> dict:
+        return {
+            "batch_size": self.batch_size,
+            "limit_batch_size": self.limit_batch_size,
+            "budget_bytes": self.budget_bytes,
+            "usable_bytes": self.usable_bytes,
+            "margin": self.margin,
+            "round_to": self.round_to,
+            "device": self.device,
+            "method": self.method,
+            "memory_model": None if self.memory_model is None else self.memory_model.to_dict(),
+            "state_bytes": self.state_bytes,
+            "trials": [trial.to_dict() for trial in self.trials],
+            "predictions": [
+                {"batch_size": size, "peak_bytes": peak} for size, peak in self.predictions
+            ],
+            "real_steps": self.real_steps,
+            "oom_errors": self.oom_errors,
+            "seconds": self.seconds,
+            "capped": self.capped,
+            "notes": list(self.notes),
+        }
+
+
+def find_max_batch_size(
+    task_or_step: Task | StepFn,
+    *,
+    device: str | torch.device = "auto",
+    memory_budget: int | str | None = None,
+    margin: float = 0.05,
+    round_to: RoundTo | str = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    start: int = 1,
+    steps: int = 2,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: ProgressFn | None = None,
+) -> SearchResult:
+    """The largest batch size whose training steps fit the memory budget (or the device).
+
+    With a Task, the search predicts the limit with fake tensors and confirms it with real
+    training steps on fresh copies of the model: the task and its model are never trained.
+    With a `step(batch_size)` callable it runs the callable, which should do one training step
+    of the user's loop at that batch size.
+
+    Args:
+        task_or_step: a `batchfit.Task`, or `step(batch_size)`.
+        device: where the steps run: "auto", "cpu", "cuda", "cuda:N", "mps".
+        memory_budget: bytes, or a size such as "300MiB"; None means the device's memory (the
+            CPU has no usable limit, so there a budget is required). On every device the
+            budget is enforced by counting tensor storage (exceeding it raises
+            torch.OutOfMemoryError, as a full GPU does); on CUDA the process is capped too.
+        margin: fraction of the budget kept free, in [0, 1): usable = budget * (1 - margin).
+        round_to: round the answer down to "pow2" or a multiple such as 8; None keeps it.
+        max_batch_size: the largest batch size considered.
+        start: the first batch size a step callable is tried at.
+        steps: real training steps per Task trial, at least 2 (optimizer state appears at
+            the first).
+        model, optimizer: for a step callable: the model and optimizer it trains. Their
+            weights and state are restored when the search returns, and their memory is
+            counted from the start. (A Task's model is never touched.)
+        progress: called with a short message before each prediction and trial.
+
+    Returns:
+        SearchResult with the answer, the limit, every trial and the memory model.
+        Torch's and Python's random states are as before the call; so are `model`'s weights
+        and `optimizer`'s state.
+
+    Raises:
+        ConfigError: a bad budget, margin, round_to, device or size, or no budget on the CPU.
+        DoesNotFitError: the model, its gradients and optimizer state alone exceed the usable
+            memory, or batch size 1 does not fit.
+        Any error that is not out-of-memory, raised inside a trial, unchanged.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> result = find_max_batch_size(
+        ...     load_example("digits"), device="cpu", memory_budget="8MiB", margin=0
+        ... )
+        >>> result.limit_batch_size > 100
+        True
+    """
+    from batchfit.task import Task
+
+    started = time.perf_counter()
+    device = devices.resolve_device(device)
+    margin = _check_margin(margin)
+    round_to = check_round_to(round_to)
+    max_batch_size = _check_positive_int(max_batch_size, "max_batch_size")
+    start = _check_positive_int(start, "start")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ConfigError(
+            f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
+        )
+    budget = _capacity_bytes(device, memory_budget)
+    usable = int(budget * (1 - margin))
+    say = progress or (lambda message: None)
+    if isinstance(task_or_step, Task):
+        search = _TaskSearch(task_or_step, device, usable, budget, max_batch_size, steps, say)
+    elif callable(task_or_step):
+        search = _StepSearch(
+            task_or_step, device, usable, budget, max_batch_size, start, model, optimizer, say
+        )
+    else:
+        raise ConfigError(
+            f"find_max_batch_size needs a batchfit.Task or a step(batch_size) callable, got "
+            f"{type(task_or_step).__name__}."
+        )
+    with forked_rng(device), _restored(model, optimizer):
+        limit, capped = search.run()
+    chosen = round_down(limit, round_to)
+    notes = list(search.notes)
+    if capped:
+        notes.append(
+            f"every batch up to max_batch_size={max_batch_size} fits: the limit is at least that."
+        )
+    result = SearchResult(
+        batch_size=chosen,
+        limit_batch_size=limit,
+        budget_bytes=budget,
+        usable_bytes=usable,
+        margin=margin,
+        round_to=round_to,
+        device=str(device),
+        method=search.method,
+        memory_model=search.memory_model(limit),
+        state_bytes=search.state_bytes,
+        trials=tuple(search.trials),
+        predictions=tuple(search.predictions),
+        real_steps=sum(trial.steps for trial in search.trials),
+        seconds=time.perf_counter() - started,
+        capped=capped,
+        notes=tuple(notes),
+    )
+    logger.info("largest batch %d (limit %d) in %d real steps", chosen, limit, result.real_steps)
+    return result
+
+
+# --- argument checks ------------------------------------------------------------------------
+
+
+def _check_margin(margin: object) -> float:
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float))
+        or not 0 <= margin < 1
+        or math.isnan(margin)
+    ):
+        raise ConfigError(
+            f"margin {margin!r} must be a fraction in [0, 1), such as 0.05 for 5% kept free."
+        )
+    return float(margin)
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive whole number, got {value!r}.")
+    return value
+
+
+def _capacity_bytes(device: torch.device, memory_budget: int | str | None) -> int:
+    if memory_budget is not None:
+        return parse_size(memory_budget, name="memory budget")
+    total = devices.total_memory_bytes(device)
+    if total is None:
+        raise ConfigError(
+            f"the {device.type} device has no memory limit a training step can safely run "
+            "into; give a memory budget (--memory-budget 8GiB, or memory_budget='8GiB')."
+        )
+    return total
+
+
+@contextmanager
+def _restored(model: Any, optimizer: Any) -> Iterator[None]:
+    """Put a user's model weights and optimizer state back as they were, whatever happens."""
+    model_state = copy.deepcopy(model.state_dict()) if model is not None else None
+    optimizer_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    try:
+        yield
+    finally:
+        if model is not None:
+            model.load_state_dict(model_state)
+            for parameter in model.parameters():
+                parameter.grad = None
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer_state)
+            # load_state_dict keeps state it has no entry for; drop what the trials added.
+            saved = optimizer_state["state"]
+            ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+            for index, parameter_id in enumerate(ids):
+                if index not in saved:
+                    for parameter in list(optimizer.state):
+                        if id(parameter) == parameter_id:
+                            del optimizer.state[parameter]
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+# --- shared bracket logic -----------------------------------------------------------------
+
+
+class _Search:
+    method: Method = "step"
+
+    def __init__(self, device, usable: int, budget: int, max_batch: int, say: ProgressFn):
+        self.device = device
+        self.usable = usable
+        self.budget = budget
+        self.max_batch = max_batch
+        self.say = say
+        self.trials: list[Trial] = []
+        self.predictions: list[tuple[int, int]] = []
+        self.notes: list[str] = []
+        self.state_bytes: int | None = None
+
+    def _budget_text(self) -> str:
+        if self.usable == self.budget:
+            return f"the budget is {format_bytes(self.budget)}"
+        return (
+            f"the budget is {format_bytes(self.budget)}, {format_bytes(self.usable)} after the "
+            "margin"
+        )
+
+    def _does_not_fit(self, needed: int | None) -> DoesNotFitError:
+        need = f"batch size 1 needs {format_bytes(needed)}" if needed else "batch size 1 fails"
+        return DoesNotFitError(
+            f"No batch size fits: {need}; {self._budget_text()}. Try lower precision "
+            "(bf16), activation checkpointing, a smaller model, or a larger budget."
+        )
+
+    def _state_too_large(self, state: int) -> DoesNotFitError:
+        return DoesNotFitError(
+            f"the model needs {format_bytes(state)} before the first sample (parameters, "
+            f"gradients and optimizer state); {self._budget_text()}. Give a larger budget, or "
+            "use lower precision, a smaller model or an optimizer with less state."
+        )
+
+    def memory_model(self, limit: int) -> MemoryModel | None:
+        points = self._points()
+        near = {size: peak for size, peak in points.items() if size >= max(1, limit // 4)}
+        chosen = near if len(near) >= 2 else points
+        if len(chosen) < 2:
+            return None
+        sizes = sorted(chosen)
+        return fit_memory_model(sizes, [chosen[size] for size in sizes])
+
+    def _points(self) -> dict[int, int]:
+        points = {size: peak for size, peak in self.predictions}
+        for trial in self.trials:
+            if trial.fits and trial.measured_peak_bytes:
+                points.setdefault(trial.batch_size, trial.measured_peak_bytes)
+        return points
+
+
+# --- with a Task: predict, then confirm -----------------------------------------------------
+
+
+class _TaskSearch(_Search):
+    method: Method = "predicted"
+
+    def __init__(self, task, device, usable, budget, max_batch, steps, say):
+        super().__init__(device, usable, budget, max_batch, say)
+        self.task = task
+        self.steps = steps
+        self._predicted: dict[int, PredictedMemory] = {}
+        self._warned_repeat = False
+
+    # predictions -------------------------------------------------------------------------
+
+    def predict(self, batch_size: int) -> int:
+        known = self._predicted.get(batch_size)
+        if known is None:
+            self.say(f"predicting batch {batch_size}")
+            known = predict_step_memory(
+                self.task, batch_size, device=self.device, steps=self.steps, fallback=False
+            )
+            self._predicted[batch_size] = known
+            self.predictions.append((batch_size, known.peak_bytes))
+        return known.peak_bytes
+
+    def predicted_limit(self, offset: int, low: int, high: int | None) -> int:
+        """Largest b in [low, high) (high None: up to max) with predict(b) + offset <= usable.
+
+        Assumes predict(low) + offset fits. Grows geometrically, guided by the line through
+        the two largest fitting points, then narrows the bracket by interpolation and
+        bisection; every step is an exact prediction, so nothing is extrapolated unchecked.
+        """
+        usable = self.usable - offset
+        fitting = [(low, self.predict(low))]
+        if high is None:
+            while True:
+                candidate = self._grow_candidate(fitting, usable)
+                if candidate >= self.max_batch:
+                    candidate = self.max_batch
+                peak = self.predict(candidate)
+                if peak > usable:
+                    high = candidate
+                    break
+                fitting.append((candidate, peak))
+                if candidate == self.max_batch:
+                    return candidate
+        low, low_peak = max(fitting)
+        high_peak = self.predict(high)
+        use_line = True
+        while high - low > 1:
+            if use_line and high_peak > low_peak:
+                slope = (high_peak - low_peak) / (high - low)
+                candidate = low + int((usable - low_peak) / slope)
+                candidate = min(max(candidate, low + 1), high - 1)
+            else:
+                candidate = (low + high) // 2
+            peak = self.predict(candidate)
+            if peak <= usable:
+                # Probe the batch above too: on a straight stretch that settles it at once.
+                if candidate + 1 < high and self.predict(candidate + 1) > usable:
+                    return candidate
+                low, low_peak = candidate, peak
+            else:
+                high, high_peak = candidate, peak
+            use_line = not use_line  # alternate with bisection, so a bend cannot stall it
+        return low
+
+    def _grow_candidate(self, fitting: list[tuple[int, int]], usable: int) -> int:
+        size, peak = fitting[-1]
+        if len(fitting) >= 2:
+            previous_size, previous_peak = fitting[-2]
+            slope = (peak - previous_peak) / (size - previous_size)
+            if slope > 0:
+                estimate = size + int((usable - peak) / slope) + 1
+                # Aim just past the line's limit, but never grow more than 16x in one jump,
+                # nor less than 2x: a bend at small batches must not send it far off.
+                return max(2 * size, min(estimate, 16 * size))
+        return 2 * size
+
+    # real trials -------------------------------------------------------------------------
+
+    def trial(self, batch_size: int) -> Trial:
+        self._note_repeats(batch_size)
+        predicted = self._predicted.get(batch_size)
+        self.say(f"real training steps at batch {batch_size}")
+        started = time.perf_counter()
+        try:
+            measured = measure_step_memory(
+                self.task,
+                batch_size,
+                device=self.device,
+                steps=self.steps,
+                budget_bytes=self.usable,
+            )
+        except Exception as error:  # only out-of-memory is caught; see below
+            if not is_out_of_memory(error):
+                raise
+            trial = Trial(
+                batch_size=batch_size,
+                fits=False,
+                predicted_peak_bytes=predicted.peak_bytes if predicted else None,
+                measured_peak_bytes=None,
+                allocator_peak_bytes=None,
+                steps=getattr(error, "steps_started", self.steps),
+                seconds=time.perf_counter() - started,
+                error=_one_line(error),
+            )
+        else:
+            trial = Trial(
+                batch_size=batch_size,
+                fits=True,
+                predicted_peak_bytes=predicted.peak_bytes if predicted else None,
+                measured_peak_bytes=measured.peak_bytes,
+                allocator_peak_bytes=measured.allocator_peak_bytes,
+                steps=measured.steps,
+                seconds=time.perf_counter() - started,
+            )
+            if self.state_bytes is None:
+                self.state_bytes = measured.state_bytes
+        self.trials.append(trial)
+        if len(self.trials) > _MAX_REAL_TRIALS:
+            raise RuntimeError(f"internal: the search ran {_MAX_REAL_TRIALS} trials")
+        return trial
+
+    def _note_repeats(self, batch_size: int) -> None:
+        samples = len(self.task.train_data)
+        if batch_size > samples and not self._warned_repeat:
+            self._warned_repeat = True
+            note = (
+                f"the training data has {samples} samples; real trials above that repeat "
+                "samples (indices wrap around), which changes no memory: it depends on the "
+                "batch's shape, not its content."
+            )
+            logger.warning(note)
+            self.notes.append(note)
+
+    @staticmethod
+    def _real_peak(trial: Trial) -> int:
+        # On CUDA the allocator sees everything the process holds; elsewhere the count.
+        if trial.allocator_peak_bytes is not None:
+            return trial.allocator_peak_bytes
+        assert trial.measured_peak_bytes is not None
+        return trial.measured_peak_bytes
+
+    # the search ----------------------------------------------------------------------------
+
+    def run(self) -> tuple[int, bool]:
+        try:
+            first = self.predict(1)
+        except FakeModeError as unsupported:
+            return self._run_measured(unsupported.reason)
+        state = self._predicted[1].state_bytes
+        if state > self.usable:
+            raise self._state_too_large(state)
+        if first > self.usable:
+            raise self._does_not_fit(first)
+        predicted = self.predicted_limit(0, 1, None)
+        # The memory model over the range that matters (predictions are cheap): a few batch
+        # sizes from a quarter of the limit up to it.
+        for size in range_batch_sizes(max(1, predicted // 4), predicted, points=4):
+            self.predict(size)
+        return self._confirm(predicted)
+
+    def _confirm(self, predicted: int) -> tuple[int, bool]:
+        """Real trials around the predicted limit until the true one is pinned down.
+
+        A trial at the predicted limit whose measured peak equals the prediction settles it
+        (the prediction is then exact, and the batch above is predicted, exactly, not to fit).
+        Otherwise the difference between real and predicted peak (say, the CUDA allocator's
+        overhead) shifts the predicted line, and the trials check the shifted limit and the
+        batch above it. An outcome the shifted line did not expect leaves bisection inside
+        the bracket of real results.
+        """
+        low, high = 0, None  # largest real fit, smallest real failure
+        candidate, expect_fit = predicted, True
+        failed_steps = 0  # consecutive failures below any real fit
+        bisecting = False
+        while True:
+            trial = self.trial(candidate)
+            if trial.fits:
+                low = candidate
+                offset = self._real_peak(trial) - self.predict(candidate)
+                if offset == 0 and candidate == predicted and not bisecting:
+                    return low, low == self.max_batch  # exact: nothing left to learn
+            else:
+                high = candidate
+            if high is not None and high - low <= 1:
+                return low, False
+            if low >= self.max_batch:
+                return self.max_batch, True
+            if trial.fits != expect_fit and low > 0:
+                bisecting = True
+            if bisecting:
+                candidate = (low + high) // 2 if high is not None else min(2 * low, self.max_batch)
+                continue
+            if not trial.fits and low == 0:
+                # The prediction was optimistic: step down by the fitted per-sample size,
+                # doubling the step while trials keep failing.
+                failed_steps += 1
+                offset = self._step_bytes(failed_steps)
+                if self.predict(1) + offset > self.usable:
+                    candidate, expect_fit = 1, True
+                else:
+                    candidate = self.predicted_limit(offset, 1, high)
+                    expect_fit = True
+                continue
+            guess = self.predicted_limit(offset, low, high) if low > 0 else low + 1
+            if guess <= low:
+                candidate, expect_fit = low + 1, False  # is the batch above really too big?
+            else:
+                candidate, expect_fit = guess, True
+
+    def _step_bytes(self, failures: int) -> int:
+        """How far below the prediction to aim after `failures` optimistic trials, in bytes.
+
+        2% of the usable memory (a typical allocator overhead) or the bytes of one sample,
+        whichever is more, doubled with each further failure.
+        """
+        model = self.memory_model(max(self._predicted))
+        per_sample = max(1.0, model.per_sample_bytes) if model else 1.0
+        first = max(per_sample, STEP_DOWN_FRACTION * self.usable)
+        return int(math.ceil(first * 2 ** max(0, failures - 1)))
+
+    # fake mode unusable: real probes only ----------------------------------------------------
+
+    def _run_measured(self, reason: str) -> tuple[int, bool]:
+        self.method = "measured-probes"
+        note = (
+            f"fake tensors cannot run this task ({reason}), so nothing was predicted: the "
+            "limit was found with real probes only."
+        )
+        logger.warning(note)
+        self.notes.append(note)
+
+        def probe(batch_size: int) -> tuple[bool, int | None]:
+            trial = self.trial(batch_size)
+            return trial.fits, (self._real_peak(trial) if trial.fits else None)
+
+        return _probe_search(self, probe, start=1)
+
+
+# --- with a step callable -----------------------------------------------------------------
+
+
+class _StepSearch(_Search):
+    method: Method = "step"
+
+    def __init__(self, step, device, usable, budget, max_batch, start, model, optimizer, say):
+        super().__init__(device, usable, budget, max_batch, say)
+        self.step = step
+        self.start = start
+        self.model = model
+        self.optimizer = optimizer
+
+    def run(self) -> tuple[int, bool]:
+        if self.model is not None:
+            from batchfit.memory import counted_bytes
+
+            state = counted_bytes(self._state_tensors(), device=self.device)
+            self.state_bytes = state
+            if state > self.usable:
+                raise self._state_too_large(state)
+        with devices.memory_cap(self.device, self.usable if self.device.type == "cuda" else None):
+            return _probe_search(self, self.probe, start=self.start)
+
+    def _state_tensors(self) -> list:
+        if self.model is None:
+            return []
+        if self.optimizer is None:
+            return list(self.model.parameters()) + list(self.model.buffers())
+        return tensors_of_state(self.model, self.optimizer)
+
+    def probe(self, batch_size: int) -> tuple[bool, int | None]:
+        self.say(f"step at batch {batch_size}")
+        started = time.perf_counter()
+        failure: str | None = None
+        measured: int | None = None
+        allocator: int | None = None
+        try:
+            devices.synchronize(self.device)
+            devices.reset_peak_memory(self.device)
+            with count_memory(
+                budget_bytes=self.usable, tensors=self._state_tensors(), device=self.device
+            ) as counter:
+                self.step(batch_size)
+            devices.synchronize(self.device)
+            allocator = devices.peak_allocated_bytes(self.device)
+            # A step that allocates nothing the counter can see gives no memory reading.
+            measured = counter.peak_bytes if counter.peak_bytes > 0 else None
+        except Exception as error:  # only out-of-memory is caught; see below
+            if not is_out_of_memory(error):
+                raise
+            failure = _one_line(error)
+        if failure is not None:
+            gc.collect()
+            devices.empty_cache(self.device)
+        fits = failure is None
+        self.trials.append(
+            Trial(
+                batch_size=batch_size,
+                fits=fits,
+                predicted_peak_bytes=None,
+                measured_peak_bytes=measured,
+                allocator_peak_bytes=allocator,
+                steps=1,
+                seconds=time.perf_counter() - started,
+                error=failure,
+            )
+        )
+        reading = allocator if allocator is not None else measured
+        return fits, reading if fits else None
+
+
+def _probe_search(
+    search: _Search, probe: Callable[[int], tuple[bool, int | None]], *, start: int
+) -> tuple[int, bool]:
+    """Largest fitting batch from real probes only; returns (limit, capped).
+
+    Grows from `start` by doubling; once two successful probes have a memory reading, jumps
+    to the batch where the line through the two largest readings reaches the usable memory,
+    and checks that batch and the one above it. A failure where the line expected a fit (or
+    two walks of one batch upwards) retires the line; bisection finishes inside the bracket.
+    """
+    readings: list[tuple[int, int]] = []
+    low, high = 0, None  # largest fit, smallest failure
+    candidate = min(start, search.max_batch)
+    expect: bool | None = None  # what the line expected of the candidate, if it chose it
+    trust_line = True
+    walks = 0
+    while True:
+        fits, peak = probe(candidate)
+        if fits:
+            low = candidate
+            if peak is not None:
+                readings.append((candidate, peak))
+        else:
+            high = candidate
+            if low == 0:
+                if candidate == 1:
+                    raise search._does_not_fit(None)
+                candidate = max(1, candidate // 2)  # even the first probe failed: come down
+                continue
+        if low >= search.max_batch:
+            return search.max_batch, True
+        if high is not None and high - low <= 1:
+            return low, False
+        if expect is True and not fits:
+            trust_line = False  # the line overestimated: it cannot be trusted near the limit
+        if expect is False and fits:
+            walks += 1
+            trust_line = walks < 2
+        estimate = _line_estimate(readings, search.usable) if trust_line else None
+        if estimate is not None:
+            upper = high - 1 if high is not None else search.max_batch
+            if estimate > low:
+                candidate, expect = min(estimate, upper), True
+            else:
+                candidate, expect = low + 1, False  # is the batch above really too big?
+            continue
+        expect = None
+        if high is None:
+            candidate = min(2 * low, search.max_batch)
+        else:
+            candidate = (low + high) // 2
+
+
+def _line_estimate(readings: list[tuple[int, int]], usable: int) -> int | None:
+    """The batch the line through the two largest readings puts at the usable memory."""
+    if len(readings) < 2:
+        return None
+    (size_a, peak_a), (size_b, peak_b) = sorted(readings)[-2:]
+    if peak_b <= peak_a:
+        return None
+    slope = (peak_b - peak_a) / (size_b - size_a)
+    return size_b + int((usable - peak_b) // slope)

@@ -1,0 +1,272 @@
+"""Tests for batchfit.search: exact trial sequences, exact limits, state restored, errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from batchfit import search as search_module
+from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.memory import measure_step_memory, storage_bytes
+from batchfit.predict import predict_step_memory
+from batchfit.search import find_max_batch_size
+from tests.conftest import make_mlp_task
+from tests.test_predict import _data_dependent_loss, _DataDependent
+
+MiB = 1024**2
+
+
+def _threshold_step(threshold: int, calls: list[int]):
+    """A fake training step: runs out of memory above `threshold` samples, allocates nothing."""
+
+    def step(batch_size: int) -> None:
+        calls.append(batch_size)
+        if batch_size > threshold:
+            raise torch.OutOfMemoryError(f"CUDA out of memory at batch {batch_size}")
+
+    return step
+
+
+def test_step_without_memory_readings_grows_then_bisects_exactly():
+    calls: list[int] = []
+    result = find_max_batch_size(
+        _threshold_step(100, calls), device="cpu", memory_budget="1GiB", margin=0
+    )
+    assert calls == [1, 2, 4, 8, 16, 32, 64, 128, 96, 112, 104, 100, 102, 101]
+    assert [trial.batch_size for trial in result.trials] == calls
+    assert [trial.fits for trial in result.trials] == [b <= 100 for b in calls]
+    assert result.limit_batch_size == result.batch_size == 100
+    assert result.method == "step" and result.real_steps == len(calls)
+    assert result.oom_errors == 5
+    assert result.memory_model is None
+
+
+def test_step_that_allocates_jumps_to_the_extrapolated_limit():
+    fixed, per_sample = 128 * 1000, 128 * 50  # float32 elements: whole 512-byte blocks
+    budget = 10 * MiB
+    calls: list[int] = []
+
+    def step(batch_size: int) -> None:
+        calls.append(batch_size)
+        activations = torch.empty(fixed + per_sample * batch_size)
+        activations.fill_(1.0)
+
+    true_limit = max(
+        b for b in range(1, 10_000) if storage_bytes(4 * (fixed + per_sample * b)) <= budget
+    )
+    result = find_max_batch_size(step, device="cpu", memory_budget=budget, margin=0)
+    assert calls == [1, 2, true_limit, true_limit + 1]
+    assert result.limit_batch_size == true_limit
+    assert result.trials[-1].fits is False and "budget" in result.trials[-1].error
+    assert result.memory_model.per_sample_bytes == pytest.approx(4 * per_sample)
+
+
+def test_step_above_max_batch_size_is_capped():
+    calls: list[int] = []
+    result = find_max_batch_size(
+        _threshold_step(10**9, calls), device="cpu", memory_budget="1GiB", max_batch_size=48
+    )
+    assert calls == [1, 2, 4, 8, 16, 32, 48]
+    assert result.capped and result.limit_batch_size == 48
+    assert "at least" in result.notes[-1]
+
+
+def test_step_restores_model_optimizer_and_random_state():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    before_weights = {key: value.clone() for key, value in model.state_dict().items()}
+
+    def step(batch_size: int) -> None:
+        optimizer.zero_grad()
+        inputs = torch.randn(batch_size, 8)
+        model(inputs).square().mean().backward()
+        optimizer.step()
+
+    torch.manual_seed(42)
+    random.seed(3)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(42)
+    random.seed(3)
+    result = find_max_batch_size(
+        step, device="cpu", memory_budget="1MiB", margin=0, model=model, optimizer=optimizer
+    )
+    assert result.limit_batch_size > 1 and result.state_bytes > 0
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before_weights[key])
+    assert optimizer.state_dict()["state"] == {}
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
+def test_a_non_memory_error_propagates_and_is_not_counted():
+    def step(batch_size: int) -> None:
+        if batch_size >= 8:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x3 and 5x2)")
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        find_max_batch_size(step, device="cpu", memory_budget="1GiB")
+
+    def nan_loss(model, batch):
+        raise FloatingPointError("loss is NaN")
+
+    with pytest.raises(FloatingPointError, match="NaN"):
+        find_max_batch_size(make_mlp_task(loss=nan_loss), device="cpu", memory_budget="1GiB")
+
+
+def test_batch_one_failing_in_a_step():
+    with pytest.raises(DoesNotFitError, match="activation checkpointing"):
+        find_max_batch_size(_threshold_step(0, []), device="cpu", memory_budget="1GiB")
+
+
+# --- with a Task ----------------------------------------------------------------------------
+
+
+def _true_limit(task, budget: int) -> int:
+    """The largest batch whose measured peak fits, found from exact predictions by walking."""
+    low, high = 1, 2
+    while predict_step_memory(task, high).peak_bytes <= budget:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if predict_step_memory(task, middle).peak_bytes <= budget:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def test_task_search_finds_the_exact_limit_with_one_real_trial():
+    task = make_mlp_task()
+    budget = 160 * 1024
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    limit = result.limit_batch_size
+    assert limit == _true_limit(task, budget)
+    assert measure_step_memory(task, limit).peak_bytes <= budget
+    assert measure_step_memory(task, limit + 1).peak_bytes > budget
+    assert [trial.batch_size for trial in result.trials] == [limit]
+    trial = result.trials[0]
+    assert trial.fits and trial.measured_peak_bytes == trial.predicted_peak_bytes
+    assert result.real_steps == 2 and result.method == "predicted"
+    assert result.memory_model.per_sample_bytes > 0
+    assert result.state_bytes > 0
+    data = result.to_dict()
+    assert data["limit_batch_size"] == limit and data["trials"][0]["fits"] is True
+    assert data["oom_errors"] == 0
+
+
+def test_task_search_leaves_model_and_random_state_untouched():
+    model = nn.Linear(8, 3)
+    task = make_mlp_task(model=model)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    torch.manual_seed(9)
+    expected = torch.rand(5)
+    torch.manual_seed(9)
+    find_max_batch_size(task, device="cpu", memory_budget=64 * 1024, margin=0)
+    assert torch.equal(torch.rand(5), expected)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_margin_and_rounding():
+    task = make_mlp_task()
+    budget = 200 * 1024
+    exact = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    kept = find_max_batch_size(
+        task, device="cpu", memory_budget=budget, margin=0.25, round_to="pow2"
+    )
+    assert kept.usable_bytes == int(budget * 0.75)
+    assert kept.limit_batch_size == _true_limit(task, kept.usable_bytes)
+    assert kept.limit_batch_size < exact.limit_batch_size
+    assert kept.batch_size == 1 << (kept.limit_batch_size.bit_length() - 1)
+
+
+def test_an_optimistic_prediction_steps_down(monkeypatch):
+    # Pretend the device's allocator needs 40 KiB more than the count (as CUDA's can).
+    offset = 40 * 1024
+    task = make_mlp_task()
+    budget = 300 * 1024
+
+    def allocator_like(task_, batch_size, *, device, steps, budget_bytes):
+        measured = measure_step_memory(task_, batch_size, device=device, steps=steps)
+        if measured.peak_bytes + offset > budget_bytes:
+            error = torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            error.steps_started = 2
+            raise error
+        from dataclasses import replace
+
+        return replace(measured, allocator_peak_bytes=measured.peak_bytes + offset)
+
+    monkeypatch.setattr(search_module, "measure_step_memory", allocator_like)
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    true_limit = _true_limit(task, budget - offset)
+    assert result.limit_batch_size == true_limit
+    assert result.trials[0].fits is False  # the prediction was optimistic
+    assert result.trials[-1].batch_size in (true_limit, true_limit + 1)
+    assert len(result.trials) <= 8
+
+
+def test_fallback_to_real_probes_when_fake_mode_cannot_run():
+    task = make_mlp_task(model=_DataDependent, loss=_data_dependent_loss)
+    budget = 24 * 1024
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    assert result.method == "measured-probes"
+    assert any("real probes only" in note for note in result.notes)
+    limit = result.limit_batch_size
+    assert measure_step_memory(task, limit).peak_bytes <= budget
+    assert measure_step_memory(task, limit + 1).peak_bytes > budget
+
+
+def test_a_small_dataset_is_wrapped_and_noted():
+    task = make_mlp_task(samples=10)
+    result = find_max_batch_size(task, device="cpu", memory_budget=160 * 1024, margin=0)
+    assert result.limit_batch_size > 10
+    assert any("10 samples" in note and "repeat" in note for note in result.notes)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_budget_below_the_model_alone():
+    task = make_mlp_task()
+    with pytest.raises(DoesNotFitError, match="before the first sample") as caught:
+        find_max_batch_size(task, device="cpu", memory_budget=2048, margin=0)
+    assert "the budget is 2.00 KiB" in str(caught.value)
+
+
+def test_batch_one_does_not_fit_a_task():
+    task = make_mlp_task()
+    one = predict_step_memory(task, 1)
+    budget = one.peak_bytes - 512
+    assert budget > one.state_bytes
+    with pytest.raises(DoesNotFitError, match="No batch size fits: batch size 1 needs"):
+        find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+
+
+@pytest.mark.parametrize("budget", ["lots", "0", "-5MiB", "12 parsecs", 0, -1])
+def test_bad_budgets(budget):
+    with pytest.raises(ConfigError, match="memory budget"):
+        find_max_batch_size(make_mlp_task(), device="cpu", memory_budget=budget)
+
+
+@pytest.mark.parametrize("margin", [-0.1, 1, 1.5, "0.1", float("nan")])
+def test_bad_margins(margin):
+    with pytest.raises(ConfigError, match="margin"):
+        find_max_batch_size(make_mlp_task(), device="cpu", memory_budget="1MiB", margin=margin)
+
+
+def test_other_bad_arguments():
+    task = make_mlp_task()
+    with pytest.raises(ConfigError, match="round_to"):
+        find_max_batch_size(task, device="cpu", memory_budget="1MiB", round_to="banana")
+    with pytest.raises(ConfigError, match="memory budget"):
+        find_max_batch_size(task, device="cpu")  # the CPU needs a budget
+    with pytest.raises(ConfigError, match="Task or a step"):
+        find_max_batch_size(42, device="cpu", memory_budget="1MiB")
+    with pytest.raises(ConfigError, match="device"):
+        find_max_batch_size(task, device="tpu", memory_budget="1MiB")
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        find_max_batch_size(task, device="cpu", memory_budget="1MiB", max_batch_size=0)
