@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -339,7 +338,7 @@ def accumulate_gradients(
     if not micro_batches:
         raise ConfigError("micro_batches is empty; give at least one micro-batch.")
     if counts is None:
-        counts = [batch_size_of(batch) for batch in micro_batches]
+        counts = [_samples(batch) for batch in micro_batches]
     elif callable(counts):
         counter = counts
         counts = [float(counter(batch)) for batch in micro_batches]
@@ -352,26 +351,50 @@ def accumulate_gradients(
         )
     weights = micro_batch_weights(counts, total)
     no_sync = getattr(model, "no_sync", None)
+    syncing = callable(no_sync)
     last = len(micro_batches) - 1
-    weighted_loss: torch.Tensor | None = None
+    losses: list[torch.Tensor] = []
+    used: list[float] = []
     for index, (batch, weight) in enumerate(zip(micro_batches, weights)):
-        if weight == 0 and (index < last or not callable(no_sync)):
+        if weight == 0 and (index < last or not syncing):
             # Nothing to learn from it, and the mean over zero tokens would be NaN. (The last
             # micro-batch of a DDP model still runs: its backward carries the all-reduce.)
             continue
-        context = no_sync() if callable(no_sync) and index < last else contextlib.nullcontext()
-        with context:
-            loss = loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
-                raise TaskError(
-                    f"loss_fn must return a scalar tensor (the batch mean), got {shape}; "
-                    "reduce it with .mean()."
-                )
-            (loss * weight).backward()
-        contribution = loss.detach() * weight
-        weighted_loss = contribution if weighted_loss is None else weighted_loss + contribution
-    return 0.0 if weighted_loss is None else float(weighted_loss)
+        if syncing and index < last:
+            with no_sync():  # type: ignore[misc]
+                loss = _weighted_backward(model, loss_fn, batch, weight)
+        else:
+            loss = _weighted_backward(model, loss_fn, batch, weight)
+        losses.append(loss.detach())
+        used.append(weight)
+    if not losses:
+        return 0.0
+    # One device-to-host copy for all the losses, rather than one tensor op per micro-batch.
+    return sum(weight * value for weight, value in zip(used, torch.stack(losses).tolist()))
+
+
+def _samples(batch: Batch) -> int:
+    """`batch_size_of`, with a fast path for the common (tensor, ...) batch."""
+    import torch
+
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        if batch[0].ndim:
+            return int(batch[0].shape[0])
+    return batch_size_of(batch)
+
+
+def _weighted_backward(model: nn.Module, loss_fn, batch: Batch, weight: float) -> torch.Tensor:
+    import torch
+
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
+        raise TaskError(
+            f"loss_fn must return a scalar tensor (the batch mean), got {shape}; "
+            "reduce it with .mean()."
+        )
+    (loss * weight).backward()
+    return loss
 
 
 def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
