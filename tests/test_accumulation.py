@@ -386,3 +386,20 @@ def test_readme_loop_trains_digits(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == "global batch 256 = 1 rank x 8 micro-batches of 32"
     assert float(lines[-1].split()[-1]) >= 0.9
+
+
+def test_custom_backward_such_as_a_grad_scaler():
+    batch = _data(32)
+    want, _ = _one_batch_gradient(batch)
+    calls = []
+
+    def scaled_backward(loss):  # what scaler.scale(loss).backward() does, with scale 8
+        calls.append(loss.item())
+        (loss * 8).backward()
+
+    model = make_mlp().double()
+    accumulate_gradients(
+        model, classification_loss, split_batch(batch, [16, 16]), backward=scaled_backward
+    )
+    assert len(calls) == 2
+    assert _max_relative_error([g / 8 for g in _grads(model)], want) < 1e-6

@@ -286,6 +286,7 @@ def accumulate_gradients(
     *,
     counts: Sequence[float] | Callable[[Batch], float] | None = None,
     total: float | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
 ) -> float:
     """Run forward and backward on each micro-batch, adding weighted gradients into `.grad`.
 
@@ -313,6 +314,9 @@ def accumulate_gradients(
             such as `task.tokens`; default: the samples in each (its first dimension).
         total: the count the mean is taken over; default the sum of `counts`. Under DDP with
             counts that differ between ranks, pass the global count divided by the world size.
+        backward: how to run backward on a weighted loss; default `loss.backward()`. With
+            float16 mixed precision pass `lambda loss: scaler.scale(loss).backward()` for a
+            `torch.amp.GradScaler`, then `scaler.step(optimizer)` as usual.
 
     Returns:
         The weighted loss `sum_i weight_i * loss_i` as a float: the mean loss over the
@@ -362,9 +366,9 @@ def accumulate_gradients(
             continue
         if syncing and index < last:
             with no_sync():  # type: ignore[misc]
-                loss = _weighted_backward(model, loss_fn, batch, weight)
+                loss = _weighted_backward(model, loss_fn, batch, weight, backward)
         else:
-            loss = _weighted_backward(model, loss_fn, batch, weight)
+            loss = _weighted_backward(model, loss_fn, batch, weight, backward)
         losses.append(loss.detach())
         used.append(weight)
     if not losses:
@@ -383,7 +387,9 @@ def _samples(batch: Batch) -> int:
     return batch_size_of(batch)
 
 
-def _weighted_backward(model: nn.Module, loss_fn, batch: Batch, weight: float) -> torch.Tensor:
+def _weighted_backward(
+    model: nn.Module, loss_fn, batch: Batch, weight: float, backward
+) -> torch.Tensor:
     import torch
 
     loss = loss_fn(model, batch)
@@ -393,7 +399,10 @@ def _weighted_backward(model: nn.Module, loss_fn, batch: Batch, weight: float) -
             f"loss_fn must return a scalar tensor (the batch mean), got {shape}; "
             "reduce it with .mean()."
         )
-    (loss * weight).backward()
+    if backward is None:
+        (loss * weight).backward()
+    else:
+        backward(loss * weight)
     return loss
 
 
