@@ -242,3 +242,14 @@ def test_a_failed_measurement_says_how_many_steps_ran():
     with pytest.raises(torch.OutOfMemoryError) as caught:
         measure_step_memory(task, 32, budget_bytes=peak - 1)
     assert caught.value.steps_started in (1, 2)
+
+
+def test_measurement_frees_everything_it_made_fit_or_fail():
+    task = make_mlp_task()
+    peak = measure_step_memory(task, 32).peak_bytes
+    with count_memory() as outer:
+        measure_step_memory(task, 32)
+        assert outer.live_bytes == 0
+        with pytest.raises(torch.OutOfMemoryError):
+            measure_step_memory(task, 32, budget_bytes=peak - 1)
+        assert outer.live_bytes == 0

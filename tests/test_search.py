@@ -125,18 +125,13 @@ def test_batch_one_failing_in_a_step():
 # --- with a Task ----------------------------------------------------------------------------
 
 
-def _true_limit(task, budget: int) -> int:
-    """The largest batch whose measured peak fits, found from exact predictions by walking."""
-    low, high = 1, 2
-    while predict_step_memory(task, high).peak_bytes <= budget:
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        if predict_step_memory(task, middle).peak_bytes <= budget:
-            low = middle
-        else:
-            high = middle
-    return low
+def _is_true_limit(task, limit: int, budget: int, *, offset: int = 0) -> bool:
+    """Batch `limit` fits the budget and `limit + 1` does not, by real measured steps."""
+    return (
+        measure_step_memory(task, limit).peak_bytes + offset
+        <= budget
+        < measure_step_memory(task, limit + 1).peak_bytes + offset
+    )
 
 
 def test_task_search_finds_the_exact_limit_with_one_real_trial():
@@ -144,9 +139,7 @@ def test_task_search_finds_the_exact_limit_with_one_real_trial():
     budget = 160 * 1024
     result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
     limit = result.limit_batch_size
-    assert limit == _true_limit(task, budget)
-    assert measure_step_memory(task, limit).peak_bytes <= budget
-    assert measure_step_memory(task, limit + 1).peak_bytes > budget
+    assert _is_true_limit(task, limit, budget)
     assert [trial.batch_size for trial in result.trials] == [limit]
     trial = result.trials[0]
     assert trial.fits and trial.measured_peak_bytes == trial.predicted_peak_bytes
@@ -179,7 +172,7 @@ def test_margin_and_rounding():
         task, device="cpu", memory_budget=budget, margin=0.25, round_to="pow2"
     )
     assert kept.usable_bytes == int(budget * 0.75)
-    assert kept.limit_batch_size == _true_limit(task, kept.usable_bytes)
+    assert _is_true_limit(task, kept.limit_batch_size, kept.usable_bytes)
     assert kept.limit_batch_size < exact.limit_batch_size
     assert kept.batch_size == 1 << (kept.limit_batch_size.bit_length() - 1)
 
@@ -202,10 +195,10 @@ def test_an_optimistic_prediction_steps_down(monkeypatch):
 
     monkeypatch.setattr(search_module, "measure_step_memory", allocator_like)
     result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
-    true_limit = _true_limit(task, budget - offset)
-    assert result.limit_batch_size == true_limit
+    limit = result.limit_batch_size
+    assert _is_true_limit(task, limit, budget, offset=offset)
     assert result.trials[0].fits is False  # the prediction was optimistic
-    assert result.trials[-1].batch_size in (true_limit, true_limit + 1)
+    assert result.trials[-1].batch_size in (limit, limit + 1)
     assert len(result.trials) <= 8
 
 
@@ -215,9 +208,7 @@ def test_fallback_to_real_probes_when_fake_mode_cannot_run():
     result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
     assert result.method == "measured-probes"
     assert any("real probes only" in note for note in result.notes)
-    limit = result.limit_batch_size
-    assert measure_step_memory(task, limit).peak_bytes <= budget
-    assert measure_step_memory(task, limit + 1).peak_bytes > budget
+    assert _is_true_limit(task, result.limit_batch_size, budget)
 
 
 def test_a_small_dataset_is_wrapped_and_noted():
