@@ -109,7 +109,7 @@ def run_with_backoff(
     micro_batch: int,
     *,
     local_batch: int,
-    step: int = 0,
+    step: int = 1,
     allow_uneven: bool = False,
     cleanup: Callable[[], None] | None = None,
     on_backoff: Callable[[BackoffEvent], None] | None = None,
