@@ -141,10 +141,12 @@ def test_suggestions_on_a_synthetic_curve():
     steepest = suggest_steepest(rates, list(losses))
     assert rates[steepest] == pytest.approx(1e-3, rel=0.3)
     start, end = find_valley(list(losses))
-    assert rates[end] == pytest.approx(1.0, rel=0.3)  # the fall lasts until the bottom
-    assert rates[start] <= 1e-5  # and starts on the (gently) falling plateau
+    # the fall from 2.0 to 0.5 is trimmed of its first and last tenth: 1.85 down to 0.65,
+    # i.e. log10(rate) = -3 -+ ln(9)/3 = 10**-3.73 .. 10**-2.27 on the logistic
+    assert rates[start] == pytest.approx(10**-3.7, rel=0.3)
+    assert rates[end] == pytest.approx(10**-2.3, rel=0.3)
     valley = suggest_valley(list(losses))
-    assert start < valley < end
+    assert start < valley < end and rates[valley] == pytest.approx(1e-3, rel=0.3)
     # a curve that only rises has no suggestion
     assert suggest_steepest(rates, list(range(71))) is None
     assert find_valley([1.0, 2.0, 3.0]) is None
@@ -152,7 +154,15 @@ def test_suggestions_on_a_synthetic_curve():
 
 def test_valley_survives_one_noisy_uptick():
     losses = [5.0, 4.0, 3.0, 3.5, 2.0, 1.0, 0.5, 6.0]
-    assert find_valley(losses) == (0, 6)
+    assert find_valley(losses) == (1, 5)  # 5.0 -> 0.5 less a tenth at each end: 4.55 .. 0.95
+
+
+def test_valley_ignores_a_long_flat_start():
+    flat = [2.0 - 0.0001 * step for step in range(50)]  # creeping down by noise-level amounts
+    fall = [1.995 - 0.15 * step for step in range(1, 11)]  # the real fall: to 0.495
+    start, end = find_valley(flat + fall + [5.0])
+    assert start >= 50 and end <= 59
+    assert 50 <= suggest_valley(flat + fall + [5.0]) <= 59
 
 
 def test_stops_on_divergence():

@@ -23,9 +23,11 @@ Definitions used here:
   skipping the first tenth of the steps and the last step (Lightning's suggestion, on a log
   axis).
 - "valley": the longest stretch over which the smoothed loss keeps falling (the longest
-  decreasing subsequence, so one noisy uptick does not cut it short), and its middle point
-  (fastai's "valley" idea): far enough from its start to learn fast, and from its end to keep
-  clear of the blow-up.
+  decreasing subsequence, so one noisy uptick does not cut it short), with the first and last
+  tenth of its fall trimmed off (a long flat start, where the loss creeps down by noise, would
+  otherwise drag the stretch to rates that barely learn), and the middle point of what is
+  left (fastai's "valley" idea): far enough from its start to learn fast, and from its end to
+  keep clear of the blow-up. It is usually below the steepest-descent rate: the safer choice.
 
 The result holds both suggestions; neither is a substitute for a short run at the chosen rate.
 """
@@ -57,6 +59,7 @@ StopReason = Literal["completed", "diverged", "not_finite"]
 MIN_STEPS_FLOOR = 10  # below this the suggestions have too few points to mean anything
 SKIP_BEGIN_FRACTION = 0.1  # "steepest" ignores the first tenth: the EMA is still settling there
 SKIP_END_STEPS = 1  # ... and the last step, which is often the divergence itself
+VALLEY_TRIM = 0.1  # the valley leaves out the first and last tenth of the loss's fall
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ class RangeTestResult:
         steepest_index: its step index in `lrs`, or None.
         valley_lr: middle rate of the longest falling stretch; None if nothing falls.
         valley_index: its step index, or None.
-        valley_start_lr, valley_end_lr: the rates at the two ends of that stretch, or None.
+        valley_start_lr, valley_end_lr: the rates at the two ends of that stretch (its flat
+            ends trimmed, see `find_valley`), or None.
         best_lr: the rate at the lowest smoothed loss (too high to train at, as a rule).
         stop_reason: "completed", "diverged" (smoothed loss above diverge_factor x best) or
             "not_finite" (a loss was nan or inf).
@@ -251,13 +255,16 @@ def suggest_steepest(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> 
 
 
 def find_valley(smoothed_losses: Sequence[float]) -> tuple[int, int] | None:
-    """First and last index of the longest decreasing subsequence of the losses, or None.
+    """First and last index of the stretch where the losses fall, or None.
 
-    Non-finite losses are left out. None when nothing falls.
+    The stretch is the span of the longest decreasing subsequence (non-finite losses left
+    out), trimmed at both ends by `VALLEY_TRIM` of its fall: it begins at the first point
+    whose loss is a tenth of the way down, and ends at the last point a tenth of the way above
+    the bottom. None when nothing falls.
 
     Example:
-        >>> find_valley([3.0, 3.1, 2.0, 2.5, 1.0, 0.5, 4.0])
-        (0, 5)
+        >>> find_valley([3.0, 3.1, 2.0, 2.5, 1.0, 0.5, 4.0])  # falls 3.0 -> 0.5 over 0..5
+        (2, 4)
     """
     import numpy
 
@@ -278,7 +285,15 @@ def find_valley(smoothed_losses: Sequence[float]) -> tuple[int, int] | None:
     end = int(numpy.argmax(length))  # the earliest of the longest
     if length[end] < 2:
         return None
-    return int(finite[first[end]]), int(finite[end])
+    start = int(first[end])
+    top, bottom = values[start], values[end]
+    cut = VALLEY_TRIM * (top - bottom)
+    span = numpy.arange(start, end + 1)
+    inner_start = int(span[values[span] <= top - cut][0])
+    inner_end = int(span[values[span] >= bottom + cut][-1])
+    if inner_end < inner_start:  # a fall in one step: nothing to trim
+        inner_start, inner_end = start, end
+    return int(finite[inner_start]), int(finite[inner_end])
 
 
 def suggest_valley(smoothed_losses: Sequence[float]) -> int | None:
@@ -286,7 +301,7 @@ def suggest_valley(smoothed_losses: Sequence[float]) -> int | None:
 
     Example:
         >>> suggest_valley([3.0, 3.1, 2.0, 2.5, 1.0, 0.5, 4.0])
-        2
+        3
     """
     valley = find_valley(smoothed_losses)
     if valley is None:
