@@ -416,3 +416,36 @@ def test_callbacks_extra_metrics_are_logged(tmp_path):
         callbacks=[_Recorder()],
     )
     assert [line["observed"] for line in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_swa_run_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 1, 8, 8, generator=generator)
+    labels = torch.randint(3, (64,), generator=generator)
+
+    def task():
+        return make_mlp_task(
+            model=make_bn_convnet,
+            train_data=TensorDataset(inputs, labels),
+            val_data=TensorDataset(inputs[:16], labels[:16]),
+        )
+
+    config = dict(global_batch=32, micro_batch=16, steps=8, swa=True, checkpoint_every=0)
+    full = train(task(), TrainConfig(out_dir=str(tmp_path / "full"), **config), device="cpu")
+    interrupt = _Recorder(after_step=7, action=lambda: os.kill(os.getpid(), signal.SIGINT))
+    cut = train(
+        task(),
+        TrainConfig(out_dir=str(tmp_path / "cut"), **config),
+        device="cpu",
+        callbacks=[interrupt],
+    )
+    assert cut.interrupted and cut.steps == 7
+    resumed = train(
+        task(), TrainConfig(out_dir=str(tmp_path / "cut"), resume=True, **config), device="cpu"
+    )
+    for a, b in zip(_weights(full.model), _weights(resumed.model)):
+        assert torch.equal(a, b)
+    lines = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    for line in lines:
+        line.pop("observed", None)
+    assert read_metrics(tmp_path / "full" / "metrics.jsonl") == lines

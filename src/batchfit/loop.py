@@ -536,10 +536,12 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
                 if stop_now and not last:
                     interrupted = True
                     break
-            if swa_model is not None and step == setup.total_steps and swa_model.n_averaged > 0:
+            finished_here = step == setup.total_steps and session_samples > 0
+            if swa_model is not None and finished_here and swa_model.n_averaged > 0:
                 update_swa_batchnorm(
                     swa_model, task, device=device, batch_size=micro_batch, loss=task.loss
                 )
+                saved_at = None  # the checkpoint must hold the updated statistics
                 if main:
                     val_metrics = evaluate(
                         swa_model.module, task, device=device, batch_size=max(micro_batch, 64)
