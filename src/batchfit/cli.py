@@ -103,6 +103,82 @@ def _stderr_console():
 # --- subcommands -------------------------------------------------------------------------
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from rich.table import Table
+
+    from batchfit.search import find_max_batch_size
+    from batchfit.units import format_bytes, format_seconds
+
+    task = _load_task(args)
+    margin = _parse_number(args.margin, "--margin")
+    max_batch = _parse_number(args.max_batch, "--max-batch", int)
+    # A live bar only on a terminal: redirected, it would leave a blank line before an error.
+    live = _stderr_console().is_terminal
+    with _progress_bar("memory") if live else contextlib.nullcontext() as bar:
+        row = bar.add_task("", total=None, note="") if live else None
+        result = find_max_batch_size(
+            task,
+            device=args.device,
+            memory_budget=args.memory_budget,
+            margin=margin,
+            round_to=args.round,
+            **({} if max_batch is None else {"max_batch_size": max_batch}),
+            progress=(lambda message: bar.update(row, note=message)) if live else None,
+        )
+    if args.json:
+        _print_json(result)
+        return 0
+    console = _stdout_console()
+    budget = format_bytes(result.budget_bytes)
+    table = Table(title=f"Trials: {task.name} on {result.device}, budget {budget}")
+    for column in ("batch", "predicted peak", "measured peak", "fits", "steps", "time"):
+        table.add_column(column, justify="right")
+    for trial in result.trials:
+        table.add_row(
+            str(trial.batch_size),
+            "-" if trial.predicted_peak_bytes is None else format_bytes(trial.predicted_peak_bytes),
+            "-" if trial.measured_peak_bytes is None else format_bytes(trial.measured_peak_bytes),
+            "yes" if trial.fits else "no (out of memory)",
+            str(trial.steps),
+            format_seconds(trial.seconds),
+        )
+    console.print(table)
+    model = result.memory_model
+    if model is not None:
+        sizes = model.batch_sizes
+        console.print(
+            f"Memory model: {model.describe()}, fitted over batches {sizes[0]} to {sizes[-1]}",
+            highlight=False,
+        )
+    if result.state_bytes is not None:
+        console.print(
+            f"Model, gradients and optimizer state: {format_bytes(result.state_bytes)}",
+            highlight=False,
+        )
+    console.print(
+        f"Usable memory: {format_bytes(result.usable_bytes)} ({budget} budget, "
+        f"{result.margin:.0%} margin)",
+        highlight=False,
+    )
+    answer = f"Largest batch that fits: {result.limit_batch_size}"
+    if result.capped:
+        answer += " (or more: the search stopped there)"
+    if result.batch_size != result.limit_batch_size:
+        how = "a power of two" if result.round_to == "pow2" else f"a multiple of {result.round_to}"
+        answer += f", rounded to {result.batch_size} ({how})"
+    console.print(answer, style="bold", highlight=False)
+    console.print(
+        f"Found with {result.real_steps} real training steps ({result.oom_errors} out of "
+        f"memory) and {len(result.predictions)} predictions in {format_seconds(result.seconds)}.",
+        highlight=False,
+    )
+    for note in result.notes:
+        console.print(f"Note: {note}", highlight=False)
+    return 0
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from batchfit.memory_model import max_batch_size
     from batchfit.rounding import check_round_to, round_down
@@ -678,6 +754,23 @@ def _build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--round", default="none", help="pow2, none, or a multiple such as 8")
     _add_json_argument(estimate)
     estimate.set_defaults(handler=_cmd_estimate)
+
+    memory = commands.add_parser(
+        "memory",
+        help="the largest batch that fits the device or a memory budget",
+        description="Predict the largest batch that fits (fake tensors, no real compute), then "
+        "confirm it with as few real training steps as possible. Usable memory is "
+        "budget x (1 - margin).",
+    )
+    _add_task_arguments(memory)
+    _add_device_arguments(memory)
+    memory.add_argument(
+        "--margin", default="0.05", help="fraction of the budget kept free (default 0.05)"
+    )
+    memory.add_argument("--round", default="none", help="pow2, none, or a multiple such as 8")
+    memory.add_argument("--max-batch", help="search no batch above this (default 16777216)")
+    _add_json_argument(memory)
+    memory.set_defaults(handler=_cmd_memory)
 
     noise = commands.add_parser(
         "noise-scale",
