@@ -58,3 +58,11 @@ def test_bad_input_is_one_line_exit_2(extra, words, capsys):
     assert code == 2
     assert words in captured.err
     assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
+
+
+def test_batch_sizes_above_what_fits(capsys):
+    argv = ["throughput", "tests.conftest:make_mlp_task", "--batch-sizes", "8,250"]
+    code = main([*argv, "--memory-budget", "32KiB", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 2 and "batch size 250 does not fit" in captured.err
+    assert "(measured)" in captured.err and len(captured.err.strip().splitlines()) == 1

@@ -271,3 +271,12 @@ def test_every_example(name):
     assert result.stop_reason in ("completed", "diverged", "not_finite")
     assert isinstance(result.to_dict()["lrs"], list)
     assert issubclass(ConfigError, BatchfitError)
+
+
+def test_memory_budget_picks_or_checks_the_micro_batch():
+    task = make_mlp_task()
+    options = dict(steps=10, smoothing=0.5, global_batch=250, memory_budget="32KiB")
+    result = lr_range_test(task, **options)
+    assert result.micro_batch < 250 and result.accumulation_steps >= 2
+    with pytest.raises(ConfigError, match=r"micro_batch 250 does not fit: .* \(measured\)"):
+        lr_range_test(task, micro_batch=250, **options)

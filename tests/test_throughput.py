@@ -215,3 +215,20 @@ def test_every_example(name):
     result = measure_throughput(task, batch_sizes=[1, 2], warmup_steps=0, repeats=1)
     assert result.batch_sizes == (1, 2) and all(rate > 0 for rate in result.samples_per_second)
     assert (result.tokens_per_second is not None) == (name == "charlm")
+
+
+def test_memory_budget_limits_the_default_sizes():
+    result = measure_throughput(
+        make_mlp_task(), memory_budget="32KiB", repeats=1, warmup_steps=0, patience=None
+    )
+    limit = result.limit_batch
+    assert result.limit_reason == "memory_budget" and 16 < limit < 256
+    assert result.batch_sizes[-1] == limit and result.batch_sizes[:5] == (1, 2, 4, 8, 16)
+
+
+def test_batch_sizes_above_what_fits_name_the_measured_limit():
+    with pytest.raises(ConfigError) as caught:
+        measure_throughput(make_mlp_task(), batch_sizes=[8, 250], memory_budget="32KiB")
+    message = str(caught.value)
+    assert "batch size 250 does not fit: the largest batch that fits the memory budget" in message
+    assert "32.00 KiB is" in message and "(measured)" in message
