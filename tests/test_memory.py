@@ -145,7 +145,7 @@ def test_budget_raises_out_of_memory_from_backward_with_its_type():
         counter.budget_bytes = counter.live_bytes + 512  # shrink mid-run
         with pytest.raises(torch.OutOfMemoryError, match="budget") as caught:
             loss.backward()
-    assert "tried to allocate" in str(caught.value)
+    assert "Tried to allocate" in str(caught.value)
     assert "in use of a" in str(caught.value)
 
 
@@ -253,3 +253,13 @@ def test_measurement_frees_everything_it_made_fit_or_fail():
         with pytest.raises(torch.OutOfMemoryError):
             measure_step_memory(task, 32, budget_bytes=peak - 1)
         assert outer.live_bytes == 0
+
+
+def test_budget_error_is_recognised_where_cuda_errors_are():
+    # Lightning and Accelerate recognise out-of-memory by CUDA's wording.
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        with count_memory(budget_bytes=1000, tensors=[torch.zeros(1000)]):
+            pass
+    message = caught.value.args[0]
+    assert len(caught.value.args) == 1
+    assert "CUDA" in message and " out of memory." in message

@@ -169,10 +169,13 @@ class MemoryCounter:
         budget = self.budget_bytes
         if budget is not None and self.live_bytes > budget:
             tried = self.live_bytes if allocated_bytes is None else allocated_bytes
+            # Worded as CUDA's allocator words it, so code that recognises out-of-memory by
+            # message (Lightning's tuner, Accelerate's retry loop) sees the same error it
+            # would see on a full GPU.
             raise torch.OutOfMemoryError(
-                f"Out of memory under the batchfit budget: tried to allocate "
-                f"{format_bytes(tried)} in {what}; {format_bytes(self.live_bytes)} in use of a "
-                f"{format_bytes(budget)} budget ({format_bytes(self.live_bytes - budget)} over)."
+                f"CUDA out of memory. Tried to allocate {format_bytes(tried)} in {what}; "
+                f"{format_bytes(self.live_bytes)} in use of a {format_bytes(budget)} budget "
+                "(batchfit's memory budget, enforced by counting tensor storage)."
             )
 
     def _stop(self) -> None:
