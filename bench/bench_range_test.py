@@ -4,6 +4,8 @@ Same task (a built-in example), same model initialisation, same optimizer, same 
 same sweep (exponential, START_LR to END_LR over STEPS steps) and the same divergence factor.
 Reports for each tool: the suggested rate(s), the wall time, the steps it ran, and whether the
 model's weights, the optimizer's state and torch's random generator were left as they were.
+As a check of the suggestions, "val metric" is the task's validation metric (accuracy) after
+--train-steps steps at the suggested rate, from the same initialisation and batches.
 
 Run by hand (needs the bench extra: lightning, torch-lr-finder):
 
@@ -90,7 +92,8 @@ def run_batchfit(task, args):
     weights, opt = _state_equal(model, optimizer, saved)
     return {
         "suggestion": result.steepest_lr,
-        "other": f"valley {result.valley_lr:.3g}" if result.valley_lr else "",
+        "other": "",
+        "valley": result.valley_lr,
         "seconds": seconds,
         "steps_run": result.steps_run,
         "weights": weights,
@@ -202,6 +205,22 @@ def run_lightning(task, args, tmp_dir):
     }
 
 
+def train_quality(task, lr: float, steps: int) -> float:
+    """Validation metric after `steps` steps at a constant `lr` from the benchmark's start."""
+    torch.manual_seed(0)
+    model = task.make_model()
+    optimizer = task.make_optimizer(model.parameters(), lr)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        indices = torch.randint(len(task.train_data), (task.batch_size,), generator=generator)
+        optimizer.zero_grad()
+        task.loss(model, task.batch(indices.tolist())).backward()
+        optimizer.step()
+    model.eval()
+    batch = task.batch(range(len(task.val_data)), data=task.val_data)
+    return float(task.metric(model, batch))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", default="digits,cnn,charlm", help="comma-separated")
@@ -211,6 +230,9 @@ def main() -> None:
     parser.add_argument("--diverge-factor", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--train-steps", type=int, default=200, help="steps of the check run at each suggestion"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -223,9 +245,11 @@ def main() -> None:
         f"{args.diverge_factor:g}, median of {args.repeats} runs, torch threads {args.threads}, "
         f"cpu count {os.cpu_count()}\n"
     )
-    print("| task | tool | suggested lr | other | median time (s) | steps run | weights same | "
-          "optimizer same | torch RNG same |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| task | tool | suggested lr | val metric | other | median time (s) | steps run | "
+        "weights same | optimizer same | torch RNG same |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for example in args.examples.split(","):
             task = load_example(example)
@@ -249,8 +273,13 @@ def main() -> None:
                 first = results[0]
                 seconds = statistics.median(r["seconds"] for r in results)
                 yes = {True: "yes", False: "**no**"}
+                quality = train_quality(task, first["suggestion"], args.train_steps)
+                if first.get("valley"):
+                    valley_quality = train_quality(task, first["valley"], args.train_steps)
+                    first["other"] = f"valley {first['valley']:.3g} (val {valley_quality:.3f})"
                 print(
-                    f"| {label} | {name} | {first['suggestion']:.3g} | {first['other']} | "
+                    f"| {label} | {name} | {first['suggestion']:.3g} | {quality:.3f} | "
+                    f"{first['other']} | "
                     f"{seconds:.2f} | {first['steps_run']} | "
                     f"{yes[all(r['weights'] for r in results)]} | "
                     f"{yes[all(r['optimizer'] for r in results)]} | "
