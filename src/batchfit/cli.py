@@ -456,7 +456,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config,
         device=args.device,
         memory_budget_bytes=budget,
-        progress=main_rank and not args.json,
+        progress=main_rank,
     )
     if not main_rank:
         return 130 if result.interrupted else 0

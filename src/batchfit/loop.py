@@ -513,10 +513,9 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
 
                 line = {**record.to_dict(), **extra}
                 last = step == setup.total_steps
+                # Evaluation batches are micro-batches: what fits for training fits without grads.
                 if main and ((eval_every and step % eval_every == 0) or last):
-                    val_metrics = evaluate(
-                        model, task, device=device, batch_size=max(micro_batch, 64)
-                    )
+                    val_metrics = evaluate(model, task, device=device, batch_size=micro_batch)
                     line.update(val_metrics)
                 if metrics is not None:
                     metrics.append(line)
@@ -544,7 +543,7 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
                 saved_at = None  # the checkpoint must hold the updated statistics
                 if main:
                     val_metrics = evaluate(
-                        swa_model.module, task, device=device, batch_size=max(micro_batch, 64)
+                        swa_model.module, task, device=device, batch_size=micro_batch
                     )
                     if metrics is not None:
                         metrics.append({"step": step, "swa": True, **val_metrics})
