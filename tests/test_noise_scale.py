@@ -268,7 +268,7 @@ def test_measurement_reports_its_point_and_leaves_task_and_rng_untouched():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert result.step == 5 and result.samples_seen == 5 * task.batch_size
     assert not result.from_checkpoint
-    assert (result.small_batch_samples, result.big_batch_samples) == (8.0, 64.0)
+    assert (result.small_batch_samples, result.big_batch_samples) == (8.0, 128.0)
     assert result.running and result.running[-1].batches == 6
 
 
@@ -335,15 +335,16 @@ def test_small_batch_above_the_memory_budget_names_the_measured_limit():
     result = measure_noise_scale(
         task, small_batch=limit, batches=2, warmup_steps=0, memory_budget_bytes=budget
     )
-    assert result.small_batch_samples == limit  # the big batch (64) need not fit
+    assert result.small_batch_samples == limit  # the big batch (128) need not fit
     with pytest.raises(DoesNotFitError, match="Not even one sample"):
         measure_noise_scale(task, small_batch=4, memory_budget_bytes=100, device="cpu")
 
 
 def test_default_batch_sizes_stay_inside_the_data():
-    assert default_batch_sizes(make_mlp_task()) == (8, 64)
+    assert default_batch_sizes(make_mlp_task()) == (8, 128)
     assert default_batch_sizes(make_mlp_task(samples=40)) == (8, 40)
-    assert default_batch_sizes(make_mlp_task(samples=40, batch_size=2)) == (1, 4)
+    assert default_batch_sizes(make_mlp_task(samples=40, batch_size=2)) == (1, 8)
+    assert default_batch_sizes(make_mlp_task(samples=3, batch_size=1)) == (1, 3)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

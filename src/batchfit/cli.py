@@ -781,7 +781,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_task_arguments(noise)
     noise.add_argument("--small-batch", help="B_small (default: batch size / 4)")
-    noise.add_argument("--big-batch", help="B_big (default: 2 x batch size, at most the data)")
+    noise.add_argument("--big-batch", help="B_big (default: 4 x batch size, at most the data)")
     noise.add_argument("--batches", default="50", help="big batches to measure (default 50)")
     noise.add_argument(
         "--warmup-steps", help="train this many steps first (default 50, 0 with --checkpoint)"

@@ -73,6 +73,7 @@ CONFIDENCE = 0.9  # the spread is a 90% bootstrap percentile interval (5th to 95
 BOOTSTRAP_RESAMPLES = 400  # enough for stable 5%/95% percentiles, a few ms for 1,000 batches
 MIN_RELIABLE_BATCHES = 5  # fewer batches than this give an estimate too noisy to act on
 MAX_HISTORY = 10_000  # per-batch estimates kept for the spread when ema_decay == 1
+WIDE_INTERVAL = 4.0  # an interval whose ends differ by more than this factor gets advice
 RUNNING_POINTS = 40  # points of the running estimate kept for plots
 DEFAULT_BATCHES = 50
 DEFAULT_WARMUP_STEPS = 50
@@ -307,8 +308,19 @@ class NoiseScaleResult:
             f"Critical batch size about {value} samples ({round(self.confidence * 100)}% "
             f"interval {interval}; {self.batches} batches{where}). Below about {value} samples, "
             "doubling the batch nearly halves the optimizer steps needed; well above it, extra "
-            "samples per step are mostly wasted, as the steps needed barely fall."
+            "samples per step are mostly wasted, as the steps needed barely fall." + self._hint()
         )
+
+    def _hint(self) -> str:
+        wide = self.high_samples is None or (
+            self.low_samples is not None and self.high_samples > WIDE_INTERVAL * self.low_samples
+        )
+        if not wide:
+            return ""
+        advice = "measure more batches"
+        if self.big_batch_samples and self.noise_scale_samples > 2 * self.big_batch_samples:
+            advice += f" or use a big batch nearer the estimate (now {self.big_batch_samples:g})"
+        return f" The interval is wide: {advice} to narrow it."
 
 
 def _round_samples(value: float) -> str:
@@ -354,8 +366,11 @@ def _bootstrap(pairs: Sequence[tuple[float, float]]) -> tuple[float | None, floa
     trace = values[:, 1][picks].mean(axis=1)
     with numpy.errstate(divide="ignore", invalid="ignore"):
         ratios = numpy.where(gradient_sq > 0, numpy.maximum(trace, 0.0) / gradient_sq, numpy.inf)
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = numpy.percentile(ratios, [tail, 100 - tail])
+    # order statistics, not interpolation: infinite ratios (|G|^2 <= 0) must not turn into NaN
+    ratios.sort()
+    tail = (1 - CONFIDENCE) / 2
+    low = ratios[math.floor(tail * (len(ratios) - 1))]
+    high = ratios[math.ceil((1 - tail) * (len(ratios) - 1))]
     return (
         float(low) if math.isfinite(low) else None,
         float(high) if math.isfinite(high) else None,
@@ -621,17 +636,19 @@ def _check_count(name: str, value: object, *, minimum: int) -> int:
 
 
 def default_batch_sizes(task: Task) -> tuple[int, int]:
-    """The default (small_batch, big_batch) for a task: a quarter and twice its batch size.
+    """The default (small_batch, big_batch) for a task: a quarter and four times its batch size.
 
-    The big batch is capped at the training set; the small one stays below the big one.
+    The big batch is capped at the training set; the small one stays below the big one. A big
+    batch well above the task's batch narrows the interval when the noise scale is large: the
+    |G|^2 estimate is the noisy one, and it improves with B_big.
 
     Example:
         >>> from batchfit.task import load_example
         >>> default_batch_sizes(load_example("cnn"))
-        (16, 128)
+        (16, 256)
     """
     size = len(task.train_data)
-    big = min(2 * task.batch_size, size)
+    big = min(4 * task.batch_size, size)
     small = max(1, min(task.batch_size // 4, big // 2))
     return small, big
 
@@ -666,8 +683,8 @@ def measure_noise_scale(
     Args:
         task: the training task.
         small_batch: B_small in samples; default a quarter of `task.batch_size`.
-        big_batch: B_big in samples, above small_batch; default twice `task.batch_size`, capped
-            at the training set.
+        big_batch: B_big in samples, above small_batch; default four times `task.batch_size`,
+            capped at the training set.
         batches: big batches to measure; 50 give a spread of roughly +-20-50% on the examples.
         warmup_steps: optimizer steps to train first; default 50, or 0 with a checkpoint.
         checkpoint: a model state_dict, a dict holding one under "model", or a path to a file
