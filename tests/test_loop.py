@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from batchfit.checkpoint import load_checkpoint
 from batchfit.errors import CheckpointError, ConfigError, DoesNotFitError
 from batchfit.loop import TrainConfig, train
 from batchfit.memory import count_memory
@@ -449,3 +450,18 @@ def test_swa_run_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     for line in lines:
         line.pop("observed", None)
     assert read_metrics(tmp_path / "full" / "metrics.jsonl") == lines
+
+
+def test_sigterm_also_stops_at_the_end_of_the_step_with_a_checkpoint(tmp_path):
+    stop = _Recorder(after_step=2, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    result = train(
+        _wide_task(),
+        TrainConfig(
+            global_batch=32, micro_batch=16, steps=5, checkpoint_every=0, out_dir=str(tmp_path)
+        ),
+        device="cpu",
+        callbacks=[stop],
+    )
+    assert result.interrupted and result.steps == 2
+    assert load_checkpoint(tmp_path)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

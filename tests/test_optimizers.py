@@ -29,3 +29,13 @@ def test_families(mlp_task):
 def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="lars, lamb"):
         make_optimizer("adagrad", [], 0.1, task=None)
+
+
+def test_lars_without_pytorch_optimizer_names_the_extra(monkeypatch):
+    import sys
+
+    from batchfit.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # import now fails
+    with pytest.raises(MissingDependencyError, match=r"batchfit\[optimizers\]"):
+        make_optimizer("lars", torch.nn.Linear(2, 1).parameters(), 0.1, task=None)
