@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 
@@ -12,13 +13,16 @@ from batchfit.noise_scale import NoiseScaleResult
 
 __all__ = ["plot_noise_scale"]
 
+VIEW_ABOVE_ESTIMATE = 3.0  # the y axis reaches this multiple of the final estimate
+
 
 def plot_noise_scale(result: NoiseScaleResult, path: str | os.PathLike) -> Path:
     """Save a PNG of the running B_simple estimate against batches measured, with its band.
 
     The band is the bootstrap interval at each point; a missing upper end (unbounded) is drawn
-    to the top of the axes. The final estimate is a dashed line. Written to a temporary file,
-    then renamed.
+    to the top of the axes, which reaches 3x the final estimate (or above its interval), so
+    the wild early values are clipped at the top. The final estimate is a dashed line.
+    Written to a temporary file, then renamed.
 
     Args:
         result: a result from `measure_noise_scale` (its `running` points).
@@ -54,20 +58,23 @@ def plot_noise_scale(result: NoiseScaleResult, path: str | os.PathLike) -> Path:
     figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
     try:
         if shown:
-            top = max(
-                max(p.high_samples or p.noise_scale_samples or 0.0 for p in shown),
-                max(p.noise_scale_samples or 0.0 for p in shown) * 1.5,
-            )
+            if result.noise_scale_samples is not None:
+                # early estimates swing wildly; keep the final value and its interval readable
+                top = VIEW_ABOVE_ESTIMATE * result.noise_scale_samples
+                if result.high_samples is not None:
+                    top = max(top, 1.2 * result.high_samples)
+            else:
+                top = 1.5 * max(p.noise_scale_samples or 0.0 for p in shown)
             axes.fill_between(
                 [p.batches for p in shown],
                 [p.low_samples if p.low_samples is not None else 0.0 for p in shown],
-                [p.high_samples if p.high_samples is not None else top for p in shown],
+                [min(p.high_samples or math.inf, top) for p in shown],
                 alpha=0.25,
                 label=f"{round(result.confidence * 100)}% bootstrap interval",
             )
             axes.plot(
                 [p.batches for p in shown],
-                [p.noise_scale_samples for p in shown],
+                [min(p.noise_scale_samples or 0.0, top) for p in shown],
                 marker="o",
                 markersize=3,
                 label="running estimate",
