@@ -269,3 +269,13 @@ def test_callback_logs_the_noise_scale_to_the_metrics_file(tmp_path):
     assert callback.tracker.updates == 8 and callback.tracker.step == 8
     assert callback.tracker.big_batch == 64 and callback.tracker.small_batch == 16
     assert lines[-1]["noise_scale"] == callback.tracker.noise_scale
+
+
+def test_callback_refuses_a_global_batch_above_the_training_set():
+    from batchfit.accumulation import plan_accumulation
+    from batchfit.gradient_norms import NoiseScaleCallback
+
+    callback = NoiseScaleCallback(dataset_size=100)
+    with pytest.raises(ConfigError, match="dataset_size=None"):
+        callback.on_train_start(make_mlp_task().make_model(), plan_accumulation(128, 32))
+    NoiseScaleCallback().on_train_start(make_mlp_task().make_model(), plan_accumulation(128, 32))

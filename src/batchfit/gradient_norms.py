@@ -298,7 +298,20 @@ class NoiseScaleCallback:
         self.watch: GradientNormWatch | None = None
 
     def on_train_start(self, model: nn.Module, plan: Any = None) -> None:
-        """Attach the watch to `model` (the unwrapped module or its DDP wrapper)."""
+        """Attach the watch to `model` (the unwrapped module or its DDP wrapper).
+
+        Raises:
+            ConfigError: the plan's global batch is larger than the tracker's dataset_size
+                (batches then repeat samples, and the finite-population correction is wrong).
+        """
+        global_batch = getattr(plan, "global_batch", None)
+        size = self.tracker.dataset_size
+        if global_batch is not None and size is not None and global_batch > size:
+            raise ConfigError(
+                f"The global batch ({global_batch}) is larger than the training set ({size} "
+                "samples), so a batch repeats samples; use NoiseScaleCallback(dataset_size=None) "
+                "or a global batch of at most the training set."
+            )
         if self.watch is not None:
             self.watch.remove()
         self.watch = GradientNormWatch(model, self.tracker)
