@@ -78,6 +78,8 @@ def test_step_restores_model_optimizer_and_random_state():
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(2, 8)).sum().backward()  # gradients the user had: kept as they were
+    before_grads = [parameter.grad.clone() for parameter in model.parameters()]
     before_weights = {key: value.clone() for key, value in model.state_dict().items()}
 
     def step(batch_size: int) -> None:
@@ -99,7 +101,8 @@ def test_step_restores_model_optimizer_and_random_state():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before_weights[key])
     assert optimizer.state_dict()["state"] == {}
-    assert all(parameter.grad is None for parameter in model.parameters())
+    for parameter, grad in zip(model.parameters(), before_grads):
+        assert torch.equal(parameter.grad, grad)
 
 
 def test_a_non_memory_error_propagates_and_is_not_counted():

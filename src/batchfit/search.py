@@ -325,24 +325,22 @@ def _capacity_bytes(device: torch.device, memory_budget: int | str | None) -> in
 def _restored(model: Any, optimizer: Any) -> Iterator[None]:
     """Put a user's model weights and optimizer state back as they were, whatever happens."""
     model_state = copy.deepcopy(model.state_dict()) if model is not None else None
+    grads = (
+        [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+        if model is not None
+        else []
+    )
     optimizer_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
     try:
         yield
     finally:
         if model is not None:
             model.load_state_dict(model_state)
-            for parameter in model.parameters():
-                parameter.grad = None
+            for parameter, grad in zip(model.parameters(), grads):
+                parameter.grad = grad
         if optimizer is not None:
+            # load_state_dict replaces the whole state, dropping what the trials added.
             optimizer.load_state_dict(optimizer_state)
-            # load_state_dict keeps state it has no entry for; drop what the trials added.
-            saved = optimizer_state["state"]
-            ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
-            for index, parameter_id in enumerate(ids):
-                if index not in saved:
-                    for parameter in list(optimizer.state):
-                        if id(parameter) == parameter_id:
-                            del optimizer.state[parameter]
 
 
 def _one_line(error: BaseException) -> str:
