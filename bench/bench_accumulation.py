@@ -28,6 +28,8 @@ MODELS = {
     # name: (layer widths, global batch, micro-batch)
     "digits": ((64, 256, 256, 10), 256, 32),  # the built-in digits example's MLP
     "mlp": ((512, 1024, 1024, 10), 512, 64),  # a mid-size MLP (1.6M parameters)
+    # one 4->2 linear layer, micro-batches of 1 sample: nothing hides the bookkeeping
+    "tiny": ((4, 2), 8, 1),
 }
 
 
