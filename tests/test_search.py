@@ -180,13 +180,10 @@ def test_margin_and_rounding():
     assert kept.batch_size == 1 << (kept.limit_batch_size.bit_length() - 1)
 
 
-def test_an_optimistic_prediction_steps_down(monkeypatch):
-    # Pretend the device's allocator needs 40 KiB more than the count (as CUDA's can).
-    offset = 40 * 1024
-    task = make_mlp_task()
-    budget = 300 * 1024
+def _allocator_like(offset: int):
+    """measure_step_memory as if the device's allocator needed `offset` bytes more."""
 
-    def allocator_like(task_, batch_size, *, device, steps, budget_bytes):
+    def measure(task_, batch_size, *, device, steps, budget_bytes):
         measured = measure_step_memory(task_, batch_size, device=device, steps=steps)
         if measured.peak_bytes + offset > budget_bytes:
             error = torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -196,7 +193,29 @@ def test_an_optimistic_prediction_steps_down(monkeypatch):
 
         return replace(measured, allocator_peak_bytes=measured.peak_bytes + offset)
 
-    monkeypatch.setattr(search_module, "measure_step_memory", allocator_like)
+    return measure
+
+
+def test_a_pessimistic_prediction_climbs_to_the_true_limit(monkeypatch):
+    offset = -20 * 1024  # the device needs less than the count says
+    task = make_mlp_task()
+    budget = 300 * 1024
+    monkeypatch.setattr(search_module, "measure_step_memory", _allocator_like(offset))
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    limit = result.limit_batch_size
+    assert _is_true_limit(task, limit, budget, offset=offset)
+    sizes = [trial.batch_size for trial in result.trials]
+    assert [trial.fits for trial in result.trials] == [True, True, False]
+    assert sizes[1:] == [limit, limit + 1] and sizes[0] < limit
+
+
+def test_an_optimistic_prediction_steps_down(monkeypatch):
+    # Pretend the device's allocator needs 40 KiB more than the count (as CUDA's can).
+    offset = 40 * 1024
+    task = make_mlp_task()
+    budget = 300 * 1024
+
+    monkeypatch.setattr(search_module, "measure_step_memory", _allocator_like(offset))
     result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
     limit = result.limit_batch_size
     assert _is_true_limit(task, limit, budget, offset=offset)
