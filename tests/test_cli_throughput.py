@@ -4,7 +4,7 @@ import pytest
 
 from batchfit.cli import main
 
-TINY = ["--repeats", "1", "--warmup-steps", "0"]
+TINY = ["--repeats", "1", "--warmup-steps", "0", "--min-seconds", "0"]
 
 
 def test_table_marks_the_knee(capsys):

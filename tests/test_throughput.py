@@ -69,7 +69,7 @@ def test_measure_on_a_tiny_model_is_sane_and_leaves_task_alone():
     state = torch.get_rng_state(), random.getstate()
     steps = []
     result = measure_throughput(
-        task, batch_sizes=[16, 4, 64], warmup_steps=1, repeats=3, device="cpu",
+        task, batch_sizes=[16, 4, 64], min_seconds=0, warmup_steps=1, repeats=3, device="cpu",
         on_step=lambda done, total, size: steps.append((done, total, size)),
     )  # fmt: skip
     assert result.batch_sizes == (4, 16, 64)
@@ -92,7 +92,7 @@ def test_measure_on_a_tiny_model_is_sane_and_leaves_task_alone():
 
 def test_tokens_per_second_when_the_task_counts_tokens():
     task = make_mlp_task(tokens=lambda batch: 5 * int(batch[0].shape[0]))
-    result = measure_throughput(task, batch_sizes=[2, 8], repeats=2, warmup_steps=0)
+    result = measure_throughput(task, min_seconds=0, batch_sizes=[2, 8], repeats=2, warmup_steps=0)
     assert result.tokens_per_second is not None
     for samples, tokens in zip(result.samples_per_second, result.tokens_per_second):
         assert tokens == pytest.approx(5 * samples)
@@ -100,10 +100,12 @@ def test_tokens_per_second_when_the_task_counts_tokens():
 
 def test_default_sizes_stop_at_the_data_set_and_max_batch():
     task = make_mlp_task(samples=40)
-    result = measure_throughput(task, repeats=1, warmup_steps=0, patience=None)
+    result = measure_throughput(task, min_seconds=0, repeats=1, warmup_steps=0, patience=None)
     assert result.batch_sizes == (1, 2, 4, 8, 16, 32, 40)
     assert result.limit_batch == 40 and result.limit_reason == "dataset"
-    capped = measure_throughput(task, repeats=1, warmup_steps=0, max_batch_size=6, patience=None)
+    capped = measure_throughput(
+        task, min_seconds=0, repeats=1, warmup_steps=0, max_batch_size=6, patience=None
+    )
     assert capped.batch_sizes == (1, 2, 4, 6) and capped.limit_reason == "max_batch_size"
 
 
@@ -120,12 +122,14 @@ def _fake_clock_task(seconds_per_step):
 
 def test_patience_stops_a_flat_curve_early():
     task, clock = _fake_clock_task(lambda size: 0.01 + 0.001 * size)  # flat from ~16 on
-    result = measure_throughput(task, repeats=2, max_batch_size=256, clock=clock)
+    result = measure_throughput(task, min_seconds=0, repeats=2, max_batch_size=256, clock=clock)
     # 99, 167, 286, 444, 615, 762, 865, 928, 962 samples/s: only the last gains under 5%
-    steady = measure_throughput(task, repeats=2, max_batch_size=256, clock=clock, patience=None)
+    steady = measure_throughput(
+        task, min_seconds=0, repeats=2, max_batch_size=256, clock=clock, patience=None
+    )
     assert not result.stopped_early and result.batch_sizes == steady.batch_sizes
     flat, clock = _fake_clock_task(lambda size: 0.001 * size)  # the same rate at every size
-    result = measure_throughput(flat, repeats=2, max_batch_size=256, clock=clock)
+    result = measure_throughput(flat, min_seconds=0, repeats=2, max_batch_size=256, clock=clock)
     assert result.stopped_early and result.batch_sizes == (1, 2, 4)
     assert result.samples_per_second == pytest.approx([1000.0] * 3)
     assert result.knee_batch == 1
@@ -133,7 +137,7 @@ def test_patience_stops_a_flat_curve_early():
 
 def test_exact_rates_on_a_fake_clock():
     task, clock = _fake_clock_task(lambda size: 0.002 + 0.001 * size)
-    result = measure_throughput(task, batch_sizes=[2, 8, 32], repeats=3, clock=clock)
+    result = measure_throughput(task, min_seconds=0, batch_sizes=[2, 8, 32], repeats=3, clock=clock)
     assert result.seconds_per_step == pytest.approx([0.004, 0.010, 0.034])
     assert result.samples_per_second == pytest.approx([500.0, 800.0, 941.176], rel=1e-4)
     assert result.knee_batch == 32 and result.best_batch == 32
@@ -151,7 +155,7 @@ def _oom_above(limit):
 
 def test_stops_at_the_first_out_of_memory():
     task = make_mlp_task(loss=_oom_above(16))
-    result = measure_throughput(task, repeats=1, warmup_steps=0, patience=None)
+    result = measure_throughput(task, min_seconds=0, repeats=1, warmup_steps=0, patience=None)
     assert result.batch_sizes == (1, 2, 4, 8, 16)
     assert result.limit_batch == 16 and result.limit_reason == "out_of_memory"
 
@@ -159,7 +163,7 @@ def test_stops_at_the_first_out_of_memory():
 def test_nothing_fits():
     task = make_mlp_task(loss=_oom_above(0))
     with pytest.raises(DoesNotFitError, match="Batch size 4 already runs out of memory"):
-        measure_throughput(task, batch_sizes=[4, 8], repeats=1)
+        measure_throughput(task, min_seconds=0, batch_sizes=[4, 8], repeats=1)
 
 
 def test_other_errors_pass_through():
@@ -167,7 +171,7 @@ def test_other_errors_pass_through():
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        measure_throughput(make_mlp_task(loss=broken), batch_sizes=[4], repeats=1)
+        measure_throughput(make_mlp_task(loss=broken), min_seconds=0, batch_sizes=[4], repeats=1)
 
 
 @pytest.mark.parametrize(
@@ -188,7 +192,7 @@ def test_other_errors_pass_through():
 )
 def test_bad_input(options, words):
     with pytest.raises(ConfigError) as caught:
-        measure_throughput(make_mlp_task(), **options)
+        measure_throughput(make_mlp_task(), min_seconds=0, **options)
     assert words in str(caught.value)
 
 
@@ -212,14 +216,19 @@ def test_meter_window_and_state():
 @pytest.mark.parametrize("name", ["digits", "cnn", "unet", "charlm"])
 def test_every_example(name):
     task = load_example(name)
-    result = measure_throughput(task, batch_sizes=[1, 2], warmup_steps=0, repeats=1)
+    result = measure_throughput(task, min_seconds=0, batch_sizes=[1, 2], warmup_steps=0, repeats=1)
     assert result.batch_sizes == (1, 2) and all(rate > 0 for rate in result.samples_per_second)
     assert (result.tokens_per_second is not None) == (name == "charlm")
 
 
 def test_memory_budget_limits_the_default_sizes():
     result = measure_throughput(
-        make_mlp_task(), memory_budget="32KiB", repeats=1, warmup_steps=0, patience=None
+        make_mlp_task(),
+        min_seconds=0,
+        memory_budget="32KiB",
+        repeats=1,
+        warmup_steps=0,
+        patience=None,
     )
     limit = result.limit_batch
     assert result.limit_reason == "memory_budget" and 16 < limit < 256
@@ -228,7 +237,19 @@ def test_memory_budget_limits_the_default_sizes():
 
 def test_batch_sizes_above_what_fits_name_the_measured_limit():
     with pytest.raises(ConfigError) as caught:
-        measure_throughput(make_mlp_task(), batch_sizes=[8, 250], memory_budget="32KiB")
+        measure_throughput(
+            make_mlp_task(), min_seconds=0, batch_sizes=[8, 250], memory_budget="32KiB"
+        )
     message = str(caught.value)
     assert "batch size 250 does not fit: the largest batch that fits the memory budget" in message
     assert "32.00 KiB is" in message and "(measured)" in message
+
+
+def test_min_seconds_times_more_steps_than_repeats():
+    task, clock = _fake_clock_task(lambda size: 0.01)
+    result = measure_throughput(task, batch_sizes=[4], repeats=3, min_seconds=0.5, clock=clock)
+    assert len(result.step_seconds[0]) == 50  # 50 x 0.01 s
+    quick = measure_throughput(task, batch_sizes=[4], repeats=3, min_seconds=0, clock=clock)
+    assert len(quick.step_seconds[0]) == 3
+    with pytest.raises(ConfigError, match="min_seconds must be"):
+        measure_throughput(task, batch_sizes=[4], min_seconds=-1)

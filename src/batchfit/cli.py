@@ -543,6 +543,42 @@ def _progress_bar(label: str):
     )
 
 
+class _StepBar:
+    """A progress bar on stderr that appears at the first step, so that bad input fails
+    before it (one clean line), and is gone when the work is done. Only on a terminal:
+    redirected, rich would leave a blank line behind."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        note = TextColumn("{task.fields[note]}")
+        console = _stderr_console()
+        self.enabled = console.is_terminal
+        self.progress = Progress(*columns, note, console=console, transient=True)
+        self.row = self.progress.add_task("", total=None, note="")
+
+    def update(self, done: int, total: int, note: str) -> None:
+        if not self.enabled:
+            return
+        if not self.progress.live.is_started:
+            self.progress.start()
+        self.progress.update(self.row, completed=done, total=total, note=note)
+
+    def __enter__(self) -> _StepBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+
 def _check_png(path: str | None) -> None:
     from batchfit.errors import ConfigError
 
@@ -558,11 +594,10 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
     _check_png(args.plot)
     task = _load_task(args)
     steps = _parse_number(args.steps, "--steps", int)
-    with _progress_bar("range test") as bar:
-        row = bar.add_task("", total=steps, note="")
+    with _StepBar("range test") as bar:
 
         def on_step(done: int, total: int, lr: float, loss: float) -> None:
-            bar.update(row, completed=done, note=f"lr {lr:.2e}  loss {loss:.4g}")
+            bar.update(done, total, f"lr {lr:.2e}  loss {loss:.4g}")
 
         result = lr_range_test(
             task,
@@ -616,11 +651,10 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
 
     _check_png(args.plot)
     task = _load_task(args)
-    with _progress_bar("throughput") as bar:
-        row = bar.add_task("", total=None, note="")
+    with _StepBar("throughput") as bar:
 
         def on_step(done: int, total: int, batch_size: int) -> None:
-            bar.update(row, completed=done, total=total, note=f"batch {batch_size}")
+            bar.update(done, total, f"batch {batch_size}")
 
         result = measure_throughput(
             task,
@@ -628,6 +662,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
             device=args.device,
             warmup_steps=_parse_number(args.warmup_steps, "--warmup-steps", int),
             repeats=_parse_number(args.repeats, "--repeats", int),
+            min_seconds=_parse_number(args.min_seconds, "--min-seconds"),
             max_batch_size=_parse_number(args.max_batch, "--max-batch", int),
             memory_budget=args.memory_budget,
             fraction=_parse_number(args.fraction, "--fraction"),
@@ -930,7 +965,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     throughput.add_argument("--max-batch", help="measure no batch above this")
     throughput.add_argument("--warmup-steps", default="2", help="untimed steps per size (2)")
-    throughput.add_argument("--repeats", default="5", help="timed steps per size (5)")
+    throughput.add_argument("--repeats", default="5", help="fewest timed steps per size (5)")
+    throughput.add_argument(
+        "--min-seconds", default="0.2", help="time more steps until they add up to this (0.2)"
+    )
     throughput.add_argument(
         "--fraction", default="0.9", help="the knee's share of the best throughput (0.9)"
     )

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_TIMED_STEPS = 1000  # with `min_seconds`: the most steps timed at one batch size
 MIN_GAIN = 0.05  # with `patience`: a larger batch must beat the best by 5% to count as a gain
 DEFAULT_FRACTION = 0.9
 
@@ -59,7 +60,7 @@ class ThroughputResult:
         stopped_early: True when measuring stopped before the largest size because `patience`
             larger batches in a row brought no gain.
         warmup_steps: untimed steps before the timed ones, per batch size.
-        repeats: timed steps per batch size.
+        repeats: the fewest timed steps per batch size (more run until `min_seconds`).
         device: where it ran.
     """
 
@@ -192,6 +193,7 @@ def measure_throughput(
     device: str | torch.device = "auto",
     warmup_steps: int = 2,
     repeats: int = 5,
+    min_seconds: float = 0.2,
     max_batch_size: int | None = None,
     memory_budget: int | str | None = None,
     fraction: float = DEFAULT_FRACTION,
@@ -204,7 +206,8 @@ def measure_throughput(
 
     Each batch size starts from the same fresh model (a copy, built once from
     `task.make_model()`) and a fresh optimizer at `task.lr`; `warmup_steps` untimed steps, then
-    `repeats` timed ones, whose median gives samples per second. Batches are collated and moved
+    at least `repeats` timed ones (more until they add up to `min_seconds`), whose median
+    gives samples per second. Batches are collated and moved
     to the device before the clock starts, so data loading is not timed (a DataLoader's workers
     do it in parallel). The task is not touched, and the random generators are restored.
 
@@ -223,7 +226,10 @@ def measure_throughput(
         device: "auto", "cpu", "cuda", "cuda:1", "mps".
         warmup_steps: untimed steps per batch size (>= 0); the first steps pay for kernel
             selection and memory allocation.
-        repeats: timed steps per batch size (>= 1).
+        repeats: the fewest timed steps per batch size (>= 1).
+        min_seconds: keep timing steps (up to MAX_TIMED_STEPS) until the timed steps of a
+            size add up to this many seconds, so tiny fast steps get enough samples for a
+            steady median; 0 times exactly `repeats` steps.
         max_batch_size: measure no batch above this.
         memory_budget: bytes, or a size such as "300MiB": measure only batches that fit it.
         fraction: the knee is the smallest batch within this fraction of the best throughput.
@@ -251,7 +257,9 @@ def measure_throughput(
         ...             train_data=TensorDataset(torch.randn(64, 4), torch.randint(2, (64,))),
         ...             loss=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
         ...             optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr), lr=0.1, batch_size=8)
-        >>> result = measure_throughput(task, batch_sizes=[4, 16], repeats=2, device="cpu")
+        >>> result = measure_throughput(
+        ...     task, batch_sizes=[4, 16], repeats=2, min_seconds=0, device="cpu"
+        ... )
         >>> result.batch_sizes, len(result.step_seconds[0])
         ((4, 16), 2)
     """
@@ -261,6 +269,8 @@ def measure_throughput(
 
     warmup_steps = _check_count("warmup_steps", warmup_steps, minimum=0)
     repeats = _check_count("repeats", repeats, minimum=1)
+    if not (isinstance(min_seconds, (int, float)) and 0 <= min_seconds < math.inf):
+        raise ConfigError(f"min_seconds must be a number of seconds >= 0, got {min_seconds!r}.")
     if patience is not None:
         patience = _check_count("patience", patience, minimum=1)
     if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
@@ -287,7 +297,8 @@ def measure_throughput(
                 model.load_state_dict(initial)
             try:
                 seconds, tokens = _time_size(
-                    task, model, size, warmup_steps, repeats, resolved, generator, clock,
+                    task, model, size, warmup_steps, repeats, min_seconds, resolved, generator,
+                    clock,
                     functools.partial(_report, on_step, done, per_size * len(sizes), size),
                 )  # fmt: skip
             except RuntimeError as error:
@@ -472,6 +483,7 @@ def _time_size(
     size: int,
     warmup_steps: int,
     repeats: int,
+    min_seconds: float,
     device: Any,
     generator: Any,
     clock: Callable[[], float],
@@ -484,7 +496,9 @@ def _time_size(
     model.train()
     seconds: list[float] = []
     tokens: list[int] = []
-    for index in range(warmup_steps + repeats):
+    planned = warmup_steps + repeats
+    index = 0
+    while index < planned or (sum(seconds) < min_seconds and len(seconds) < MAX_TIMED_STEPS):
         indices = torch.randint(len(task.train_data), (size,), generator=generator).tolist()
         batch = move_to(task.batch(indices), device)
         _synchronize(device)
@@ -498,7 +512,8 @@ def _time_size(
             if task.tokens is not None:
                 tokens.append(int(task.tokens(batch)))
         del batch
-        after_step(index + 1)
+        index += 1
+        after_step(min(index, planned))
     del optimizer
     return seconds, (statistics.median(tokens) if tokens else None)
 
