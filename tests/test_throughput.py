@@ -141,6 +141,10 @@ def test_exact_rates_on_a_fake_clock():
     assert result.seconds_per_step == pytest.approx([0.004, 0.010, 0.034])
     assert result.samples_per_second == pytest.approx([500.0, 800.0, 941.176], rel=1e-4)
     assert result.knee_batch == 32 and result.best_batch == 32
+    assert "still grows at the largest batch measured (32" in result.describe()
+    assert result.table_rows()[-1][-1] == "knee best" and result.table_rows()[0][-2] == "53%"
+    flat = measure_throughput(task, min_seconds=0, batch_sizes=[2, 8, 32, 64], clock=clock)
+    assert flat.describe().startswith("Knee: batch 32 reaches 97% of the best")
     assert find_knee(result.batch_sizes, result.samples_per_second, fraction=0.8) == 8
 
 

@@ -109,6 +109,12 @@ class ThroughputResult:
             f"throughput ({best:,.0f} samples/s at batch {self.best_batch}); larger batches "
             f"gain less than {1 - self.fraction:.0%} in speed."
         )
+        if self.knee_batch == self.batch_sizes[-1] and len(self.batch_sizes) > 1:
+            text = (
+                f"Throughput still grows at the largest batch measured ({self.knee_batch}, "
+                f"{best:,.0f} samples/s): the knee is there or beyond; measure larger batches "
+                "to find it."
+            )
         reasons = {
             "dataset": "the size of the training data",
             "max_batch_size": "the --max-batch limit",
