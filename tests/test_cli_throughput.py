@@ -12,7 +12,7 @@ def test_table_marks_the_knee(capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert "samples/s" in captured.out and "knee" in captured.out
-    assert "Knee: batch" in captured.out
+    assert "Knee: batch" in captured.out or "still grows at the largest batch" in captured.out
 
 
 def test_json(capsys):

@@ -412,7 +412,7 @@ def lr_range_test(
 
     from batchfit.snapshot import capture_rng, preserved, restore_rng
 
-    rng = capture_rng()
+    rng = capture_rng(cuda=True if source.device.type == "cuda" else None)
     begun = time.perf_counter()
     losses: list[float] = []
     smoothed: list[float] = []

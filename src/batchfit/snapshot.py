@@ -29,8 +29,12 @@ class RngState:
     torch_cuda: tuple[torch.Tensor, ...] | None  # one per device; None when CUDA is not in use
 
 
-def capture_rng() -> RngState:
+def capture_rng(*, cuda: bool | None = None) -> RngState:
     """The current state of every random generator batchfit or a training step may draw from.
+
+    Args:
+        cuda: include the CUDA generators: True when the work will run on CUDA, False never,
+            None (default) only when CUDA is already initialised (asking would initialise it).
 
     Example:
         >>> import torch
@@ -41,15 +45,16 @@ def capture_rng() -> RngState:
     import numpy
     import torch
 
-    cuda = None
-    # Only when CUDA is already initialised: querying it otherwise would initialise it.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = tuple(torch.cuda.get_rng_state_all())
+    if cuda is None:
+        cuda = torch.cuda.is_initialized()
+    cuda_states = None
+    if cuda and torch.cuda.is_available():
+        cuda_states = tuple(torch.cuda.get_rng_state_all())
     return RngState(
         python=random.getstate(),
         numpy=numpy.random.get_state(),
         torch_cpu=torch.get_rng_state(),
-        torch_cuda=cuda,
+        torch_cuda=cuda_states,
     )
 
 

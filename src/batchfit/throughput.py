@@ -287,7 +287,7 @@ def measure_throughput(
     sizes, limit, reason = _plan_sizes(task, batch_sizes, max_batch_size, memory_budget, resolved)
     use_patience = batch_sizes is None and patience is not None
 
-    rng = capture_rng()
+    rng = capture_rng(cuda=True if resolved.type == "cuda" else None)
     measured: list[tuple[int, list[float], float | None]] = []
     stopped_early = False
     try:
