@@ -280,3 +280,13 @@ def test_memory_budget_picks_or_checks_the_micro_batch():
     assert result.micro_batch < 250 and result.accumulation_steps >= 2
     with pytest.raises(ConfigError, match=r"micro_batch 250 does not fit: .* \(measured\)"):
         lr_range_test(task, micro_batch=250, **options)
+
+
+@pytest.mark.slow
+def test_default_sweep_on_cnn_with_accumulation_suggests_a_trainable_rate():
+    task = load_example("cnn")  # SGD with momentum, BatchNorm; tuned at 0.05 for batch 64
+    result = lr_range_test(task, global_batch=64, micro_batch=32, device="cpu")
+    assert result.steps == 100 and result.accumulation_steps == 2
+    assert result.stop_reason == "diverged"
+    for rate in (result.steepest_lr, result.valley_lr):
+        assert 1e-3 < rate < 1.0  # around the task's tuned 0.05, far from both ends

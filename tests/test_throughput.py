@@ -257,3 +257,11 @@ def test_min_seconds_times_more_steps_than_repeats():
     assert len(quick.step_seconds[0]) == 3
     with pytest.raises(ConfigError, match="min_seconds must be"):
         measure_throughput(task, batch_sizes=[4], min_seconds=-1)
+
+
+@pytest.mark.slow
+def test_default_ladder_on_digits_finds_a_knee_below_the_data_size():
+    result = measure_throughput(load_example("digits"), device="cpu", patience=None)
+    assert result.batch_sizes[-1] == result.limit_batch == 1438
+    assert result.samples_per_second[-1] > 10 * result.samples_per_second[0]
+    assert 1 < result.knee_batch <= 1438
