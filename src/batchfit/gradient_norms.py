@@ -1,9 +1,10 @@
 """Squared gradient norms of each micro-batch (and each DDP rank) during training, nearly free.
 
-A `GradientNormWatch` registers one hook over all trainable parameters. During each backward the
-hook sees the gradients that backward contributes, before they are added into `.grad` (and, under
-DistributedDataParallel, before the all-reduce: each rank's *local* gradient), and adds their
-squared norm to a running total on the device, without a copy and without a host sync. At the
+A `GradientNormWatch` registers a hook on every trainable parameter. During each backward the
+hook sees the gradient that backward contributes, before it is added into `.grad` (and, under
+DistributedDataParallel, before the all-reduce: each rank's *local* gradient), and keeps its
+norm on the device, without a copy and without a host sync. Norms are grouped by backward pass
+(autograd's graph task): one group is one micro-batch. At the
 end of an optimizer step, `.grad` holds the accumulated (and all-reduced) gradient: the big
 batch. Together they feed a `NoiseScaleTracker` (see `batchfit.noise_scale`).
 
@@ -84,19 +85,37 @@ class GradientNormWatch:
             )
         self.distributed = bool(distributed)
         self.process_group = process_group
-        self._pending: list[torch.Tensor] = []  # squared norms seen since the last micro_batch
+        # one squared norm per backward pass since the last micro_batch()/step()
+        self._pending: list[torch.Tensor] = []
+        self._group: list[torch.Tensor] = []  # per-parameter norms of the running backward
+        self._group_id: object = None  # which backward pass `_group` belongs to
         self._micro: list[tuple[torch.Tensor, float, float | None]] = []
         self._warned_single = False
-        # One hook per backward that sees every parameter's incoming gradient at once: a single
-        # Python call and one fused norm, instead of one call per parameter.
-        self._handles = [
-            torch.autograd.graph.register_multi_grad_hook(self.params, self._hook, mode="all")
-        ]
+        # One hook per parameter: it takes the norm at once and keeps no reference to the
+        # gradient, so autograd still frees (or steals) it as usual: no extra memory. (A
+        # multi-grad hook would hold every gradient until the backward ends.)
+        self._handles = [param.register_hook(self._hook) for param in self.params]
 
-    def _hook(self, grads: Sequence[torch.Tensor | None]) -> None:
-        present = [grad for grad in grads if grad is not None]
-        if present:
-            self._pending.append(_sum_of_squares(present))
+    def _hook(self, grad: torch.Tensor) -> None:
+        import torch
+
+        backward = _backward_id(self._group_id, len(self._group), len(self.params))
+        if backward != self._group_id:
+            self._close_group()
+            self._group_id = backward
+        values = (grad.coalesce().values() if grad.is_sparse else grad).detach()
+        if values.dtype in (torch.float32, torch.float64):
+            self._group.append(torch.linalg.vector_norm(values))
+        else:  # float32 accumulation keeps half-precision gradients from overflowing
+            self._group.append(torch.linalg.vector_norm(values, dtype=torch.float32))
+
+    def _close_group(self) -> None:
+        import torch
+
+        if self._group:
+            self._pending.append(torch.stack(self._group).double().square().sum())
+        self._group = []
+        self._group_id = None
 
     def micro_batch(self, samples: float, *, loss_scale: float | None = None) -> None:
         """Record the gradient of the backward that just ran as one small batch.
@@ -115,6 +134,7 @@ class GradientNormWatch:
             raise ConfigError(f"samples must be a positive count, got {samples!r}.")
         if loss_scale is not None and not loss_scale > 0:
             raise ConfigError(f"loss_scale must be positive, got {loss_scale!r}.")
+        self._close_group()
         if not self._pending:
             raise ConfigError(
                 "micro_batch() was called but no backward ran since the last call; call it "
@@ -131,6 +151,8 @@ class GradientNormWatch:
     def reset(self) -> None:
         """Forget what was recorded since the last `step()` (e.g. a step redone after OOM)."""
         self._pending = []
+        self._group = []
+        self._group_id = None
         self._micro = []
 
     def step(
@@ -171,6 +193,7 @@ class GradientNormWatch:
         """
         import torch
 
+        self._close_group()
         if micro_batch_samples is not None:
             self._record_from_sizes(list(micro_batch_samples), loss_scales)
         if self._pending:
@@ -188,7 +211,7 @@ class GradientNormWatch:
             for _, samples, loss_scale in micro
         ]
         squared = torch.stack([value for value, _, _ in micro])
-        small_sum = (squared.double() * squared.new_tensor(inverse_weights_sq).double()).sum()
+        small_sum = (squared * squared.new_tensor(inverse_weights_sq)).sum()
         if big_sq_norm is None:
             grads = [p.grad for p in self.params if p.grad is not None]
             big_sq = _sum_of_squares(grads).double()
@@ -249,8 +272,7 @@ class GradientNormWatch:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._pending = []
-        self._micro = []
+        self.reset()
 
     def __enter__(self) -> GradientNormWatch:
         return self
@@ -328,6 +350,20 @@ class NoiseScaleCallback:
             "noise_scale_gradient_sq": self.tracker.gradient_sq_norm,
             "noise_scale_trace": self.tracker.trace_covariance,
         }
+
+
+def _backward_id(current: object, seen: int, parameters: int) -> object:
+    """Which backward pass is running: autograd's graph-task id (a new one per backward)."""
+    import torch
+
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    if graph_task_id is not None:
+        return graph_task_id()
+    # Older torch: each parameter's hook fires once per backward, so a full group means the
+    # next hook belongs to a new backward.
+    if current is None or seen >= parameters:
+        return object()
+    return current
 
 
 def _sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
