@@ -35,6 +35,14 @@ def plot_throughput(
     Raises:
         ConfigError: the path does not end in .png.
         MissingDependencyError: matplotlib is not installed.
+
+    Example:
+        >>> import tempfile
+        >>> from batchfit.task import load_example
+        >>> from batchfit.throughput import measure_throughput
+        >>> result = measure_throughput(load_example("digits"), batch_sizes=[4, 16], repeats=2)
+        >>> plot_throughput(result, tempfile.mkdtemp() + "/throughput.png").suffix
+        '.png'
     """
     target = Path(path)
     if target.suffix.lower() != ".png":
