@@ -21,7 +21,7 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,19 +101,54 @@ class MemoryCounter:
         budget_bytes: when not None, going past it raises `torch.OutOfMemoryError`. It may be
             changed while counting (to simulate a budget that shrinks mid-run).
         device: when not None, only storages on this device type are counted.
+        out_of_memory_count: how many out-of-memory errors the budget has raised.
     """
 
-    def __init__(self, *, budget_bytes: int | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        *,
+        budget_bytes: int | None = None,
+        device: torch.device | None = None,
+        record: bool = False,
+    ):
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.out_of_memory_count = 0
         self.budget_bytes = budget_bytes
         self.device = device
         self._bytes: dict[int, int] = {}  # storage key -> counted bytes
         self._refs: dict[int, weakref.ref] = {}  # storage key -> weak reference
+        # The timeline, when recording: one event clock for births, deaths and peak checks.
+        self._record = record
+        self._clock = 0
+        self._serials: dict[int, int] = {}  # storage key -> serial number (creation order)
+        self._births: list[int] = []
+        self._deaths: list[int] = []
+        self._raw_bytes: list[int] = []
+        self._checks: list[int] = []
+        self._first_check = 0
+        self._resized = False
 
     def reset_peak(self) -> None:
         """Start the peak afresh from the bytes alive now."""
         self.peak_bytes = self.live_bytes
+        self._first_check = len(self._checks)
+
+    def timeline(self) -> MemoryTimeline:
+        """The recorded births, deaths and sizes of every storage (needs `record=True`).
+
+        Raises:
+            ConfigError: the counter was not recording.
+        """
+        if not self._record:
+            raise ConfigError("this counter did not record a timeline; use record=True.")
+        return MemoryTimeline(
+            births=tuple(self._births),
+            deaths=tuple(self._deaths),
+            raw_bytes=tuple(self._raw_bytes),
+            checks=tuple(self._checks[self._first_check :]),
+            resized=self._resized,
+        )
 
     @property
     def storage_count(self) -> int:
@@ -150,25 +185,39 @@ class MemoryCounter:
             if known != size:
                 self.live_bytes += size - known
                 self._bytes[key] = size
+                self._resized = True
             return
         self._bytes[key] = size
         self.live_bytes += size
         self._refs[key] = weakref.ref(storage, _release_callback(self, key))
+        if self._record:
+            self._serials[key] = len(self._births)
+            self._births.append(self._clock)
+            self._deaths.append(-1)
+            self._raw_bytes.append(int(storage.nbytes()))
+            self._clock += 1
 
     def _release(self, key: int) -> None:
         size = self._bytes.pop(key, None)
         self._refs.pop(key, None)
         if size is not None:
             self.live_bytes -= size
+            if self._record:
+                self._deaths[self._serials.pop(key)] = self._clock
+                self._clock += 1
 
     def _after_change(self, what: str, allocated_bytes: int | None = None) -> None:
         import torch
 
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
+        if self._record:
+            self._checks.append(self._clock)
+            self._clock += 1
         budget = self.budget_bytes
         if budget is not None and self.live_bytes > budget:
             tried = self.live_bytes if allocated_bytes is None else allocated_bytes
+            self.out_of_memory_count += 1
             # Worded as CUDA's allocator words it, so code that recognises out-of-memory by
             # message (Lightning's tuner, Accelerate's retry loop) sees the same error it
             # would see on a full GPU.
@@ -188,6 +237,62 @@ class MemoryCounter:
             "peak_bytes": self.peak_bytes,
             "budget_bytes": self.budget_bytes,
         }
+
+
+@dataclass(frozen=True)
+class MemoryTimeline:
+    """When each storage was born and died during a count, and its size: enough to recompute
+    the peak for other storage sizes (see `batchfit.predict.PeakFormula`).
+
+    Times are positions on one event clock shared by births, deaths and peak checks.
+
+    Attributes:
+        births: birth time of each storage, in creation order (entry tensors first).
+        deaths: death time of each storage, -1 for those still alive at the end.
+        raw_bytes: each storage's size in bytes, before rounding.
+        checks: the times at which the counter took the peak (after every op).
+        resized: True when a storage changed size after birth (then sizes alone do not tell).
+    """
+
+    births: tuple[int, ...]
+    deaths: tuple[int, ...]
+    raw_bytes: tuple[int, ...]
+    checks: tuple[int, ...]
+    resized: bool
+
+    def same_shape_as(self, other: MemoryTimeline) -> bool:
+        """Whether both counts saw the same storages born and dying in the same order."""
+        return (
+            self.births == other.births
+            and self.deaths == other.deaths
+            and self.checks == other.checks
+            and not self.resized
+            and not other.resized
+        )
+
+    def peak_bytes(self, raw_bytes: Sequence[int] | None = None) -> int:
+        """The peak of live bytes (each storage rounded up to 512) for these storage sizes.
+
+        Args:
+            raw_bytes: a size per storage; None uses the recorded ones (and so gives the
+                counter's own peak).
+        """
+        import numpy as np
+
+        sizes = np.asarray(self.raw_bytes if raw_bytes is None else raw_bytes, dtype=np.int64)
+        if not self.checks:
+            return 0
+        granularity = ALLOCATION_GRANULARITY_BYTES
+        rounded = np.where(sizes > 0, -(-sizes // granularity) * granularity, 0)
+        end = max(self.checks) + 1
+        delta = np.zeros(end + 1, dtype=np.int64)
+        births = np.asarray(self.births, dtype=np.int64)
+        deaths = np.asarray(self.deaths, dtype=np.int64)
+        np.add.at(delta, np.minimum(births, end), rounded)
+        dead = deaths >= 0
+        np.add.at(delta, np.minimum(deaths[dead], end), -rounded[dead])
+        live = np.cumsum(delta)
+        return int(live[np.asarray(self.checks, dtype=np.int64)].max())
 
 
 def _release_callback(counter: MemoryCounter, key: int):
@@ -252,6 +357,7 @@ def count_memory(
     budget_bytes: int | None = None,
     tensors: Iterable[Any] = (),
     device: torch.device | None = None,
+    record: bool = False,
 ) -> Iterator[MemoryCounter]:
     """Count live tensor storage bytes exactly while the block runs.
 
@@ -267,6 +373,7 @@ def count_memory(
             as soon as live bytes pass it. The counter's `budget_bytes` may be changed inside.
         tensors: tensors alive at entry to count (nested lists/tuples/dicts are fine).
         device: count only storages on this device's type; None counts every device.
+        record: keep a timeline of every storage's birth and death (`counter.timeline()`).
 
     Yields:
         The MemoryCounter, whose `live_bytes` and `peak_bytes` stay current.
@@ -282,7 +389,7 @@ def count_memory(
         >>> counter.peak_bytes
         2048
     """
-    counter = MemoryCounter(budget_bytes=budget_bytes, device=device)
+    counter = MemoryCounter(budget_bytes=budget_bytes, device=device, record=record)
     counter.add_tensors(tensors)
     mode = _counting_mode_class()(counter)
     try:

@@ -19,11 +19,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from batchfit.errors import ConfigError
 from batchfit.memory import (
+    MemoryTimeline,
     check_batch_size,
     count_memory,
     counted_bytes,
@@ -61,6 +62,7 @@ class PredictedMemory:
         fallback_reason: why fake mode could not run the task, when method is "measured".
         device: the device predicted for.
         seconds: time the prediction took.
+        timeline: every storage's birth, death and size, when asked for (`record=True`).
     """
 
     batch_size: int
@@ -71,9 +73,12 @@ class PredictedMemory:
     fallback_reason: str | None
     device: str
     seconds: float
+    timeline: MemoryTimeline | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        del data["timeline"]
+        return data
 
 
 class FakeModeUnsupported(Exception):
@@ -99,6 +104,7 @@ def predict_step_memory(
     device: str | torch.device = "cpu",
     steps: int = 2,
     fallback: bool = True,
+    record: bool = False,
 ) -> PredictedMemory:
     """Predict the peak memory of `steps` training steps at `batch_size`, without real compute.
 
@@ -113,6 +119,7 @@ def predict_step_memory(
         steps: training steps, at least 2 (optimizer state appears at the first step).
         fallback: when fake mode cannot run the task, measure a real step instead (on `device`,
             which then must exist). With False, raise the fake-mode error as ConfigError.
+        record: keep the timeline of every storage (for `PeakFormula`); fake runs only.
 
     Returns:
         PredictedMemory with the peak, state and batch bytes.
@@ -141,7 +148,7 @@ def predict_step_memory(
         target = torch.device("cuda", 0)
     started = time.perf_counter()
     try:
-        peak, state, batch = _fake_run(task, batch_size, target, steps)
+        peak, state, batch, timeline = _fake_run(task, batch_size, target, steps, record)
     except FakeModeUnsupported as unsupported:
         reason = str(unsupported)
         if not fallback:
@@ -176,6 +183,7 @@ def predict_step_memory(
         fallback_reason=None,
         device=str(target),
         seconds=time.perf_counter() - started,
+        timeline=timeline,
     )
 
 
@@ -196,9 +204,9 @@ def _fake_error_types() -> tuple[type[BaseException], ...]:
 
 
 def _fake_run(
-    task: Task, batch_size: int, device: torch.device, steps: int
-) -> tuple[int, int, int]:
-    """Run the steps on fake tensors; returns (peak, state, batch) bytes."""
+    task: Task, batch_size: int, device: torch.device, steps: int, record: bool = False
+) -> tuple[int, int, int, MemoryTimeline | None]:
+    """Run the steps on fake tensors; returns (peak, state, batch) bytes and the timeline."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_errors = _fake_error_types()
@@ -212,7 +220,7 @@ def _fake_run(
                 batch = _fake_batch(task, batch_size, fake_mode, device)
             batch_bytes = counted_bytes([batch])
             entry = list(model.parameters()) + list(model.buffers()) + [batch]
-            with fake_mode, count_memory(tensors=entry) as counter:
+            with fake_mode, count_memory(tensors=entry, record=record) as counter:
                 run_training_steps(task, model, optimizer, batch, steps)
             state_bytes = counted_bytes(tensors_of_state(model, optimizer))
     except fake_errors as error:
@@ -224,7 +232,8 @@ def _fake_run(
         if is_out_of_memory(error) or not _mentions_fake(message):
             raise
         raise FakeModeUnsupported(_one_line(error)) from None
-    return counter.peak_bytes, state_bytes, batch_bytes
+    timeline = counter.timeline() if record else None
+    return counter.peak_bytes, state_bytes, batch_bytes, timeline
 
 
 def _cpu():
@@ -386,3 +395,86 @@ def per_sample_floor(model: MemoryModel) -> float:
     """The fitted per-sample bytes, at least 1 (a guard for flat or noisy fits)."""
     slope = model.per_sample_bytes
     return slope if math.isfinite(slope) and slope >= 1 else 1.0
+
+
+# --- the exact formula from two timelines ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeakFormula:
+    """Peak memory at any batch size, from the timelines of two predictions.
+
+    When two counts at batch sizes b1 and b2 see the same storages born and dying in the same
+    order, and every storage's size is affine in the batch size (activations grow by a fixed
+    number of bytes per sample, parameters and optimizer state do not grow), the peak at any
+    batch b is the recorded timeline's peak with each size set to
+    size(b1) + (b - b1) * (size(b2) - size(b1)) / (b2 - b1), rounded as the counter rounds. That
+    is exact, with no fitted line: the peak may move from the optimizer step to the backward
+    pass as the batch grows, and the formula follows it. A prediction at a third batch size
+    checks it (`batchfit.search` does).
+
+    Attributes:
+        timeline: the timeline at the smaller batch size.
+        batch_sizes: the two batch sizes (b1, b2), b1 < b2.
+        bytes_per_sample: how much each storage grows per sample, one per storage.
+    """
+
+    timeline: MemoryTimeline = field(repr=False)
+    batch_sizes: tuple[int, int]
+    bytes_per_sample: tuple[int, ...] = field(repr=False)
+
+    @classmethod
+    def fit(cls, first: PredictedMemory, second: PredictedMemory) -> PeakFormula | None:
+        """The formula from two predictions made with `record=True`; None when they differ in
+        shape, or a storage's size is not affine in the batch size, or shrinks with it."""
+        if first.timeline is None or second.timeline is None:
+            return None
+        if first.batch_size > second.batch_size:
+            first, second = second, first
+        span = second.batch_size - first.batch_size
+        if span <= 0 or not first.timeline.same_shape_as(second.timeline):
+            return None
+        growth = []
+        for small, large in zip(first.timeline.raw_bytes, second.timeline.raw_bytes):
+            step, rest = divmod(large - small, span)
+            if rest or step < 0:
+                return None
+            growth.append(step)
+        return cls(
+            timeline=first.timeline,
+            batch_sizes=(first.batch_size, second.batch_size),
+            bytes_per_sample=tuple(growth),
+        )
+
+    def peak_bytes(self, batch_size: int) -> int:
+        """Peak bytes at `batch_size` (each storage rounded up to 512)."""
+        offset = batch_size - self.batch_sizes[0]
+        sizes = [
+            base + offset * growth
+            for base, growth in zip(self.timeline.raw_bytes, self.bytes_per_sample)
+        ]
+        if min(sizes, default=0) < 0:
+            raise ConfigError(f"batch size {batch_size} is below the formula's range.")
+        return self.timeline.peak_bytes(sizes)
+
+    def largest_fitting(self, capacity_bytes: int, *, max_batch_size: int) -> int:
+        """The largest batch in [1, max_batch_size] whose peak fits; 0 when batch 1 does not.
+
+        The peak never falls as the batch grows (no storage shrinks), so bisection is exact.
+        """
+        if self.peak_bytes(1) > capacity_bytes:
+            return 0
+        low, high = 1, 2
+        while high <= max_batch_size and self.peak_bytes(high) <= capacity_bytes:
+            low, high = high, high * 2
+        if high > max_batch_size:
+            if self.peak_bytes(max_batch_size) <= capacity_bytes:
+                return max_batch_size
+            high = max_batch_size
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self.peak_bytes(middle) <= capacity_bytes:
+                low = middle
+            else:
+                high = middle
+        return low

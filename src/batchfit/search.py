@@ -37,7 +37,13 @@ from batchfit.memory import (
     tensors_of_state,
 )
 from batchfit.memory_model import MemoryModel, fit_memory_model
-from batchfit.predict import FakeModeError, PredictedMemory, predict_step_memory, range_batch_sizes
+from batchfit.predict import (
+    FakeModeError,
+    PeakFormula,
+    PredictedMemory,
+    predict_step_memory,
+    range_batch_sizes,
+)
 from batchfit.rounding import RoundTo, check_round_to, round_down
 from batchfit.units import format_bytes, parse_size
 
@@ -54,6 +60,10 @@ ProgressFn = Callable[[str], None]
 
 DEFAULT_MAX_BATCH_SIZE = 1 << 24
 """Stop looking above this many samples (the answer is then "at least this")."""
+
+FORMULA_BATCH_SIZES = (2, 64)
+"""Batch sizes of the two recorded fake runs the exact peak formula is fitted from (2, not 1:
+a dimension of size 1 can turn a copy into a view)."""
 
 STEP_DOWN_FRACTION = 0.02
 """After an optimistic prediction, first aim this fraction of the usable memory lower."""
@@ -121,6 +131,8 @@ class SearchResult:
             sample), when known.
         trials: every real trial, in order.
         predictions: (batch size, predicted peak bytes) of every prediction made, in order.
+        fake_runs: how many of those ran fake-tensor training steps (the others came from the
+            exact peak formula, see `batchfit.predict.PeakFormula`).
         real_steps: real training steps run in all (for a step callable: calls of it).
         seconds: wall time of the whole search.
         capped: True when even `max_batch_size` fitted: the limit is at least that.
@@ -141,6 +153,7 @@ class SearchResult:
     predictions: tuple[tuple[int, int], ...]
     real_steps: int
     seconds: float
+    fake_runs: int = 0
     capped: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -165,6 +178,7 @@ class SearchResult:
             "predictions": [
                 {"batch_size": size, "peak_bytes": peak} for size, peak in self.predictions
             ],
+            "fake_runs": self.fake_runs,
             "real_steps": self.real_steps,
             "oom_errors": self.oom_errors,
             "seconds": self.seconds,
@@ -280,6 +294,7 @@ def find_max_batch_size(
         predictions=tuple(search.predictions),
         real_steps=sum(trial.steps for trial in search.trials),
         seconds=time.perf_counter() - started,
+        fake_runs=search.fake_runs,
         capped=capped,
         notes=tuple(notes),
     )
@@ -364,6 +379,7 @@ class _Search:
         self.predictions: list[tuple[int, int]] = []
         self.notes: list[str] = []
         self.state_bytes: int | None = None
+        self.fake_runs = 0
 
     def _budget_text(self) -> str:
         if self.usable == self.budget:
@@ -414,21 +430,39 @@ class _TaskSearch(_Search):
         super().__init__(device, usable, budget, max_batch, say)
         self.task = task
         self.steps = steps
-        self._predicted: dict[int, PredictedMemory] = {}
+        self._predicted: dict[int, int] = {}  # batch size -> predicted peak bytes
+        self._formula: PeakFormula | None = None  # set once checked against a fake run
         self._warned_repeat = False
 
     # predictions -------------------------------------------------------------------------
 
+    def _fake_run(self, batch_size: int, *, record: bool = False) -> PredictedMemory:
+        self.say(f"predicting batch {batch_size}")
+        self.fake_runs += 1
+        predicted = predict_step_memory(
+            self.task,
+            batch_size,
+            device=self.device,
+            steps=self.steps,
+            fallback=False,
+            record=record,
+        )
+        if batch_size not in self._predicted:
+            self._predicted[batch_size] = predicted.peak_bytes
+            self.predictions.append((batch_size, predicted.peak_bytes))
+        return predicted
+
     def predict(self, batch_size: int) -> int:
+        """Predicted peak bytes at `batch_size`: from the checked formula, else a fake run."""
         known = self._predicted.get(batch_size)
-        if known is None:
-            self.say(f"predicting batch {batch_size}")
-            known = predict_step_memory(
-                self.task, batch_size, device=self.device, steps=self.steps, fallback=False
-            )
-            self._predicted[batch_size] = known
-            self.predictions.append((batch_size, known.peak_bytes))
-        return known.peak_bytes
+        if known is not None:
+            return known
+        if self._formula is not None:
+            peak = self._formula.peak_bytes(batch_size)
+            self._predicted[batch_size] = peak
+            self.predictions.append((batch_size, peak))
+            return peak
+        return self._fake_run(batch_size).peak_bytes
 
     def predicted_limit(self, offset: int, low: int, high: int | None) -> int:
         """Largest b in [low, high) (high None: up to max) with predict(b) + offset <= usable.
@@ -505,7 +539,7 @@ class _TaskSearch(_Search):
             trial = Trial(
                 batch_size=batch_size,
                 fits=False,
-                predicted_peak_bytes=predicted.peak_bytes if predicted else None,
+                predicted_peak_bytes=predicted,
                 measured_peak_bytes=None,
                 allocator_peak_bytes=None,
                 steps=getattr(error, "steps_started", self.steps),
@@ -516,7 +550,7 @@ class _TaskSearch(_Search):
             trial = Trial(
                 batch_size=batch_size,
                 fits=True,
-                predicted_peak_bytes=predicted.peak_bytes if predicted else None,
+                predicted_peak_bytes=predicted,
                 measured_peak_bytes=measured.peak_bytes,
                 allocator_peak_bytes=measured.allocator_peak_bytes,
                 steps=measured.steps,
@@ -553,20 +587,42 @@ class _TaskSearch(_Search):
 
     def run(self) -> tuple[int, bool]:
         try:
-            first = self.predict(1)
+            small = self._fake_run(FORMULA_BATCH_SIZES[0], record=True)
         except FakeModeError as unsupported:
             return self._run_measured(unsupported.reason)
-        state = self._predicted[1].state_bytes
-        if state > self.usable:
-            raise self._state_too_large(state)
-        if first > self.usable:
-            raise self._does_not_fit(first)
-        predicted = self.predicted_limit(0, 1, None)
+        self.state_bytes = small.state_bytes
+        if small.state_bytes > self.usable:
+            raise self._state_too_large(small.state_bytes)
+        predicted = self._formula_limit(small)
+        if predicted is None:
+            # No exact formula for this task: bisect exact predictions instead.
+            first = self.predict(1)
+            if first > self.usable:
+                raise self._does_not_fit(first)
+            predicted = self.predicted_limit(0, 1, None)
         # The memory model over the range that matters (predictions are cheap): a few batch
         # sizes from a quarter of the limit up to it.
         for size in range_batch_sizes(max(1, predicted // 4), predicted, points=4):
             self.predict(size)
         return self._confirm(predicted)
+
+    def _formula_limit(self, small: PredictedMemory) -> int | None:
+        """The predicted limit from the exact formula, checked by a third fake run; None
+        when the task has no such formula (or the check disagrees)."""
+        large = self._fake_run(FORMULA_BATCH_SIZES[1], record=True)
+        formula = PeakFormula.fit(small, large)
+        if formula is None:
+            logger.info("no exact peak formula for this task; bisecting predictions")
+            return None
+        limit = formula.largest_fitting(self.usable, max_batch_size=self.max_batch)
+        check = max(limit, 1)
+        if self._fake_run(check).peak_bytes != formula.peak_bytes(check):
+            logger.info("the peak formula missed at batch %d; bisecting predictions", check)
+            return None
+        self._formula = formula
+        if limit == 0:
+            raise self._does_not_fit(self.predict(1))
+        return limit
 
     def _confirm(self, predicted: int) -> tuple[int, bool]:
         """Real trials around the predicted limit until the true one is pinned down.
