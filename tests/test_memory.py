@@ -146,6 +146,7 @@ def test_budget_raises_out_of_memory_from_backward_with_its_type():
         with pytest.raises(torch.OutOfMemoryError, match="budget") as caught:
             loss.backward()
     assert "Tried to allocate" in str(caught.value)
+    assert counter.out_of_memory_count == 1
     assert "in use of a" in str(caught.value)
 
 
@@ -263,3 +264,28 @@ def test_budget_error_is_recognised_where_cuda_errors_are():
     message = caught.value.args[0]
     assert len(caught.value.args) == 1
     assert "CUDA" in message and " out of memory." in message
+
+
+def test_timeline_recomputes_the_counted_peak():
+    task = make_mlp_task()
+    from batchfit.memory import run_training_steps
+
+    model = task.make_model()
+    optimizer = task.make_optimizer(model.parameters())
+    batch = task.batch(range(16))
+    with count_memory(tensors=[*model.parameters(), batch], record=True) as counter:
+        run_training_steps(task, model, optimizer, batch, 2)
+    timeline = counter.timeline()
+    assert timeline.peak_bytes() == counter.peak_bytes
+    assert len(timeline.births) == len(timeline.deaths) == len(timeline.raw_bytes)
+    assert timeline.same_shape_as(timeline) and not timeline.resized
+    # Doubling every storage's size doubles the (512-aligned) peak here.
+    doubled = [2 * storage_bytes(size) for size in timeline.raw_bytes]
+    assert timeline.peak_bytes(doubled) == 2 * counter.peak_bytes
+
+
+def test_timeline_needs_recording():
+    with count_memory() as counter:
+        pass
+    with pytest.raises(ConfigError, match="record=True"):
+        counter.timeline()

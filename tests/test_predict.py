@@ -153,3 +153,34 @@ def test_range_batch_sizes():
     assert range_batch_sizes(16, 256, points=5) == [16, 32, 64, 128, 256]
     assert range_batch_sizes(5, 5) == [5]
     assert range_batch_sizes(1, 3, points=2) == [1, 3]
+
+
+@pytest.mark.parametrize("name", list(EXAMPLE_BATCHES))
+def test_peak_formula_is_exact_on_every_example(examples, name):
+    from batchfit.predict import PeakFormula
+
+    task = examples[name]
+    small = predict_step_memory(task, 2, record=True)
+    large = predict_step_memory(task, 16, record=True)
+    formula = PeakFormula.fit(small, large)
+    assert formula is not None and formula.batch_sizes == (2, 16)
+    for batch_size in (3, 40):
+        assert formula.peak_bytes(batch_size) == predict_step_memory(task, batch_size).peak_bytes
+    capacity = formula.peak_bytes(40) + 100
+    assert formula.largest_fitting(capacity, max_batch_size=10_000) == 40
+    assert formula.largest_fitting(capacity, max_batch_size=30) == 30
+    assert formula.largest_fitting(100, max_batch_size=30) == 0
+
+
+def test_peak_formula_refuses_different_shapes():
+    from batchfit.predict import PeakFormula
+
+    task = make_mlp_task()
+    plain = predict_step_memory(task, 2)
+    recorded = predict_step_memory(task, 8, record=True)
+    assert PeakFormula.fit(plain, recorded) is None
+    other = predict_step_memory(
+        make_mlp_task(optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr)), 4, record=True
+    )
+    assert PeakFormula.fit(recorded, other) is None
+    assert "timeline" not in recorded.to_dict()

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from batchfit import search as search_module
 from batchfit.errors import ConfigError, DoesNotFitError
@@ -147,6 +148,7 @@ def test_task_search_finds_the_exact_limit_with_one_real_trial():
     trial = result.trials[0]
     assert trial.fits and trial.measured_peak_bytes == trial.predicted_peak_bytes
     assert result.real_steps == 2 and result.method == "predicted"
+    assert result.fake_runs == 3  # batches 2 and 64 for the exact formula, and its check
     assert result.memory_model.per_sample_bytes > 0
     assert result.state_bytes > 0
     data = result.to_dict()
@@ -165,6 +167,24 @@ def test_task_search_leaves_model_and_random_state_untouched():
     assert torch.equal(torch.rand(5), expected)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def _gram_loss(model, batch):
+    # A (batch x batch) Gram matrix: memory grows with the square of the batch, so no
+    # per-sample formula holds and the search bisects exact predictions instead.
+    inputs, labels = batch
+    outputs = model(inputs)
+    gram = outputs @ outputs.T
+    return F.cross_entropy(outputs, labels) + 1e-3 * gram.mean()
+
+
+def test_task_search_without_an_exact_formula_still_finds_the_limit():
+    task = make_mlp_task(loss=_gram_loss)
+    budget = 400 * 1024
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    assert result.method == "predicted" and result.fake_runs > 3
+    assert _is_true_limit(task, result.limit_batch_size, budget)
+    assert result.real_steps == 2
 
 
 def test_margin_and_rounding():

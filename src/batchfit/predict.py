@@ -437,8 +437,8 @@ class PeakFormula:
         growth = []
         for small, large in zip(first.timeline.raw_bytes, second.timeline.raw_bytes):
             step, rest = divmod(large - small, span)
-            if rest or step < 0:
-                return None
+            if rest or step < 0 or small - step * (first.batch_size - 1) < 0:
+                return None  # not affine, shrinking, or negative at batch 1
             growth.append(step)
         return cls(
             timeline=first.timeline,
