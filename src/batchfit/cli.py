@@ -171,7 +171,8 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     console.print(answer, style="bold", highlight=False)
     console.print(
         f"Found with {result.real_steps} real training steps ({result.oom_errors} out of "
-        f"memory) and {len(result.predictions)} predictions in {format_seconds(result.seconds)}.",
+        f"memory) and {len(result.predictions)} predictions ({result.fake_runs} fake-tensor "
+        f"runs) in {format_seconds(result.seconds)}.",
         highlight=False,
     )
     for note in result.notes:
