@@ -289,3 +289,12 @@ def test_timeline_needs_recording():
         pass
     with pytest.raises(ConfigError, match="record=True"):
         counter.timeline()
+
+
+def test_tensors_without_storage_are_skipped_not_fatal():
+    sparse = torch.eye(4).to_sparse()
+    with count_memory(tensors=[sparse, torch.zeros(10)]) as counter:
+        doubled = sparse * 2
+        dense = torch.zeros(100)
+    assert counter.live_bytes == 512 + 512  # the two dense tensors only
+    del doubled, dense

@@ -165,7 +165,9 @@ class MemoryCounter:
 
         for value in tree_flatten(list(tensors))[0]:
             if isinstance(value, torch.Tensor):
-                self._track(value.untyped_storage(), value.device)
+                storage = _storage_of(value)
+                if storage is not None:
+                    self._track(storage, value.device)
         self._after_change("counting the tensors alive at entry")
 
     def _counts(self, device: torch.device) -> bool:
@@ -307,6 +309,14 @@ def _release_callback(counter: MemoryCounter, key: int):
     return release
 
 
+def _storage_of(tensor: Any) -> Any:
+    """The tensor's untyped storage; None for tensors without one (sparse, nested)."""
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 # Ops whose output is a tensor the caller created outside any op (torch.tensor(...) builds its
 # data in C++ and then "lifts" it): their output is new memory even though it is an input.
 _LIFT_OPS = ("lift_fresh", "lift_fresh_copy", "lift")
@@ -331,7 +341,9 @@ def _counting_mode_class():
             inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
             input_keys = set()
             for tensor in inputs:
-                storage = tensor.untyped_storage()
+                storage = _storage_of(tensor)
+                if storage is None:
+                    continue
                 input_keys.add(storage._cdata)
                 # An in-place op (resize_, set_, out=) may have grown a counted storage.
                 if storage._cdata in counter._bytes:
@@ -340,7 +352,9 @@ def _counting_mode_class():
             for tensor in tree_flatten(out)[0]:
                 if not isinstance(tensor, torch.Tensor):
                     continue
-                storage = tensor.untyped_storage()
+                storage = _storage_of(tensor)
+                if storage is None:
+                    continue
                 key = storage._cdata
                 if key in input_keys and key not in counter._bytes and not lifted:
                     continue  # a view of memory that existed before counting began
