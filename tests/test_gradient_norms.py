@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
 
 import pytest
@@ -135,7 +136,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_file: str) -> None
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
     )
     try:
         task = make_mlp_task()
@@ -163,9 +168,10 @@ def test_ddp_ranks_give_the_same_estimate_as_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     result_file = str(tmp_path / "rank0.pt")
-    # fork: the children need not import torch again (spawn takes several seconds longer)
+    # spawn, not fork: a child forked after the parent's OpenMP thread pool has started (any
+    # earlier test in the session) can deadlock inside the pool.
     mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), result_file), nprocs=2, start_method="fork"
+        _ddp_worker, args=(2, _free_port(), result_file), nprocs=2, start_method="spawn"
     )
     distributed = NoiseScaleTracker(dataset_size=256, ema_decay=1.0)
     distributed.load_state_dict(torch.load(result_file, weights_only=False))
