@@ -318,6 +318,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['oom_errors']} | {row['seconds']:.1f} |"
         )
     print()
+    print("| example | batchfit exact | batchfit real steps | wall time vs Lightning binsearch |")
+    print("| --- | --- | ---: | ---: |")
+    for name in dict.fromkeys(row["example"] for row in table):
+        ours = next(r for r in table if r["example"] == name and r["method"] == "batchfit")
+        theirs = [r for r in table if r["example"] == name and r["method"] == "Lightning binsearch"]
+        ratio = f"{theirs[0]['seconds'] / ours['seconds']:.1f}x less" if theirs else "-"
+        exact = "yes" if ours["distance"] == 0 else f"no ({ours['distance']:+d})"
+        print(f"| {name} | {exact} | {ours['steps']} | {ratio} |")
+    print()
     print("| example | batch | predicted peak | measured peak | error |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in errors:
