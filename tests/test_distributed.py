@@ -1,11 +1,12 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from batchfit.checkpoint import load_checkpoint
-from batchfit.cli import main
 from batchfit.distributed import DistributedContext, detect_distributed, torchrun_command
 from batchfit.errors import ConfigError
 from batchfit.loop import TrainConfig, train
@@ -40,19 +41,28 @@ def test_torchrun_command_uses_loopback_and_the_given_port():
         torchrun_command(0, [])
 
 
-def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, capfd):
+def _run_batchfit(argv: list[str]) -> subprocess.CompletedProcess:
+    """`python -m batchfit ARGV` with a time limit, so a stuck process group fails the test."""
+    command = [sys.executable, "-m", "batchfit", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    if done.returncode != 0 and "address already in use" in done.stderr.lower():
+        # The free port was taken between choosing it and torchrun binding it: try once more.
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    return done
+
+
+def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     """2 ranks x 2 micro-batches x 16 under torchrun (gloo) == 1 process at batch 64."""
     run = tmp_path / "ddp"
-    code = main(
+    done = _run_batchfit(
         [
             "train", f"{CONFTEST}:make_mlp_task", "--global-batch", "64", "--micro-batch",
             "16", "--steps", "3", "--lr", "0.1", "--warmup", "0", "--decay", "constant",
             "--out", str(run), "--device", "cpu", "--nproc", "2", "--json",
         ]
     )  # fmt: skip
-    out = capfd.readouterr().out
-    assert code == 0
-    result = json.loads(out[out.index("{") :])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.index("{") :])
     assert result["world_size"] == 2 and result["accumulation_steps"] == 2
     assert result["samples_seen"] == 3 * 64
 
