@@ -1,0 +1,446 @@
+"""Does the advice hold up? Time to a validation target with the plan, a default and a grid.
+
+For each example (digits, charlm) the same training loop (`batchfit.loop.train`, one process,
+cosine decay over the same number of epochs) runs with:
+
+- **plan**: `batchfit.planner.plan(task, device="cpu", epochs=E)`, then its global batch,
+  micro-batch, learning rate, warmup, optimizer and steps (what `batchfit train --plan` uses).
+  Its column adds the planning time to the training time; both are also shown apart.
+- **default**: global batch 32 and the task's reference learning rate, unscaled.
+- **grid**: every global batch in GRID_BATCHES (capped by the training set) x every rate in
+  GRID_RATE_FACTORS x the task's reference rate.
+
+Every run except the plan's uses the loop's defaults for the rest: no accumulation (micro-batch =
+global batch), warmup only where the loop's rule adds one (rate >= 2x the reference).
+
+A callback evaluates on the validation data during training and stops the run (by raising an
+exception the bench catches) the first time the metric reaches the target. `on_step_end` runs
+before the optimizer update, so the evaluation at step k sees the weights after k-1 updates; the
+time credited is the training time at the end of step k-1's callback (it leaves out step k-1's
+optimizer update, under a millisecond on these models, the same for every setting).
+Evaluation time is excluded from the reported times (it is counted and shown apart).
+Evaluations happen whenever EVAL_SECONDS of training time or EVAL_SAMPLES samples have passed
+since the last one, so every run's time to target is resolved to a fraction of a second whatever
+its batch. A run that has not reached the target after its epochs, or after MAX_SECONDS of
+training, is reported as not reached (with the best value it saw).
+
+Times are wall-clock (time.perf_counter) with one torch thread (torch.set_num_threads(1)) for
+steadier timings; the CPU time of this process over the same stretches is reported next to them,
+since the 2-core machine is shared with other jobs.
+
+Run by hand (never in CI), about 15 minutes:
+    python bench/bench_advice.py [--examples digits charlm] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from batchfit.evaluation import evaluate
+from batchfit.loop import train
+from batchfit.plan import apply_plan
+from batchfit.planner import plan as make_plan
+from batchfit.task import load_example
+from batchfit.train_config import TrainConfig
+
+GRID_BATCHES = (16, 64, 256, 1024)
+GRID_RATE_FACTORS = (1 / 3, 1.0, 3.0, 10.0)
+DEFAULT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one example is benchmarked."""
+
+    target: float  # validation metric to reach (val_accuracy)
+    epochs: float  # run length of every setting (the schedule is sized for it): the step cap
+    max_seconds: float  # training-time cap per run
+    eval_seconds: float  # evaluate at least this often, in training seconds
+    eval_samples: int  # ... and at least every this many training samples
+    repeats: int  # runs per setting, with seeds 0..repeats-1; the median is reported
+
+
+SETTINGS = {
+    # 0.95 of the 359 held-out digits: the MLP gets there in a few epochs at good settings.
+    # A run takes a fraction of a second, so evaluate after every step (about 2 ms each) and
+    # take the median of 5 seeds.
+    "digits": Setting(
+        target=0.95, epochs=10, max_seconds=30, eval_seconds=0.0, eval_samples=1, repeats=5
+    ),
+    # Next-character accuracy 0.45 on held-out standard-library source: past the plateau near
+    # 0.38-0.40 (character frequencies) where the model starts to use its context; see
+    # bench/README.md ("Plan advice"). 5 epochs (14,060 samples) keep 18 runs within ~10 min.
+    "charlm": Setting(
+        target=0.45, epochs=5, max_seconds=40, eval_seconds=0.5, eval_samples=1024, repeats=1
+    ),
+}
+
+
+class _TargetReached(Exception):
+    pass
+
+
+class _TimeUp(Exception):
+    pass
+
+
+@dataclass
+class RunResult:
+    label: str
+    global_batch: int
+    micro_batch: int
+    lr: float
+    warmup_steps: int
+    reached: bool
+    seconds: float  # training time to the target (or until the run ended / was capped)
+    cpu_seconds: float  # this process's CPU time over the same stretch
+    samples: int  # training samples seen until the target (or the end)
+    steps: int
+    best_value: float
+    eval_seconds: float  # wall time spent evaluating, excluded from `seconds`
+    evaluations: int
+    end: str  # "target", "epochs" or "time cap"
+    plan_seconds: float | None = None  # planning time (plan only)
+    trace: list = field(default_factory=list)  # (seconds, samples, value) at each evaluation
+
+
+class _Watch:
+    """Evaluate during training; raise _TargetReached at the first value >= target."""
+
+    def __init__(self, task, setting: Setting, key: str, global_batch: int) -> None:
+        self.task = task
+        self.setting = setting
+        self.key = key
+        self.global_batch = global_batch
+        self.best = -math.inf
+        self.trace: list[tuple[float, int, float]] = []
+        self.evaluations = 0
+        self.eval_seconds = 0.0
+        self.eval_cpu_seconds = 0.0
+
+    def on_train_start(self, model, plan) -> None:
+        self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
+        self.last_exit = self.started  # end of the previous callback (wall)
+        self.last_exit_cpu = self.cpu_started
+        self.last_eval_seconds = 0.0
+        self.last_eval_samples = 0
+
+    def train_seconds(self, wall: float, cpu: float) -> tuple[float, float]:
+        return (
+            wall - self.started - self.eval_seconds,
+            cpu - self.cpu_started - self.eval_cpu_seconds,
+        )
+
+    def on_step_end(self, record, model):
+        # The model holds the weights after record.step - 1 updates, complete (but for the
+        # optimizer update) at the end of the previous callback.
+        seconds, cpu_seconds = self.train_seconds(self.last_exit, self.last_exit_cpu)
+        samples = record.samples_seen - self.global_batch
+        due = (
+            seconds - self.last_eval_seconds >= self.setting.eval_seconds
+            or samples - self.last_eval_samples >= self.setting.eval_samples
+        )
+        if record.step > 1 and due:
+            wall, cpu = time.perf_counter(), time.process_time()
+            value = evaluate(model, self.task, batch_size=512)[self.key]
+            self.eval_seconds += time.perf_counter() - wall
+            self.eval_cpu_seconds += time.process_time() - cpu
+            self.evaluations += 1
+            self.best = max(self.best, value)
+            self.trace.append((round(seconds, 3), samples, round(value, 4)))
+            self.last_eval_seconds, self.last_eval_samples = seconds, samples
+            if value >= self.setting.target:
+                raise _TargetReached(seconds, cpu_seconds, samples, record.step - 1)
+        if seconds > self.setting.max_seconds:
+            raise _TimeUp(seconds, cpu_seconds, samples, record.step - 1)
+        self.last_exit, self.last_exit_cpu = time.perf_counter(), time.process_time()
+
+
+def run_to_target(task, config: TrainConfig, setting: Setting, *, label: str) -> RunResult:
+    """Train `task` with `config` until the target, the end of its steps, or the time cap."""
+    from batchfit.train_config import resolve_setup
+
+    key = f"val_{task.metric_name}"
+    watch = _Watch(task, setting, key, config.global_batch)
+    setup = resolve_setup(task, config)
+    try:
+        result = train(task, config, device="cpu", callbacks=[watch], progress=False)
+    except (_TargetReached, _TimeUp) as stop:
+        seconds, cpu_seconds, samples, steps = stop.args
+        reached = isinstance(stop, _TargetReached)
+        end = "target" if reached else "time cap"
+    else:
+        # The loop's own evaluation after the last step (its time is included here).
+        seconds, cpu_seconds = watch.train_seconds(time.perf_counter(), time.process_time())
+        value = result.val_metrics[key]
+        watch.best = max(watch.best, value)
+        watch.trace.append((round(seconds, 3), result.samples_seen, round(value, 4)))
+        samples, steps = result.samples_seen, result.steps
+        reached = value >= setting.target
+        end = "target" if reached else "epochs"
+    return RunResult(
+        label=label,
+        global_batch=config.global_batch,
+        micro_batch=config.micro_batch,
+        lr=setup.lr,
+        warmup_steps=setup.warmup_steps,
+        reached=reached,
+        seconds=seconds,
+        cpu_seconds=cpu_seconds,
+        samples=samples,
+        steps=steps,
+        best_value=watch.best,
+        eval_seconds=watch.eval_seconds,
+        evaluations=watch.evaluations,
+        end=end,
+        trace=watch.trace,
+    )
+
+
+def _grid_configs(task, setting: Setting):
+    size = len(task.train_data)
+    batches = sorted({min(batch, size) for batch in GRID_BATCHES})
+    for batch in batches:
+        for factor in GRID_RATE_FACTORS:
+            label = f"grid b{batch} lr x{factor:.3g}"
+            yield (
+                label,
+                TrainConfig(
+                    global_batch=batch,
+                    micro_batch=batch,
+                    lr=task.lr * factor,
+                    epochs=setting.epochs,
+                    eval_every=0,
+                ),
+            )
+
+
+def bench_example(name: str, progress=None) -> dict:
+    """All runs of one example; returns a JSON-ready dict."""
+    setting = SETTINGS[name]
+    task = load_example(name)
+    runs: list[RunResult] = []
+
+    started = time.perf_counter()
+    the_plan = make_plan(task, device="cpu", epochs=setting.epochs)
+    plan_seconds = time.perf_counter() - started
+    if progress:
+        progress(f"{name}: planned in {plan_seconds:.1f} s")
+    plan_config = TrainConfig(
+        global_batch=the_plan.global_batch,
+        micro_batch=the_plan.micro_batch,
+        lr=the_plan.lr,
+        warmup=the_plan.warmup_steps,
+        optimizer=the_plan.optimizer,
+        steps=the_plan.total_steps,
+        eval_every=0,
+    )
+    configs = [
+        ("plan", plan_config),
+        (
+            "default",
+            TrainConfig(
+                global_batch=DEFAULT_BATCH,
+                micro_batch=DEFAULT_BATCH,
+                lr=task.lr,
+                epochs=setting.epochs,
+                eval_every=0,
+            ),
+        ),
+        *_grid_configs(task, setting),
+    ]
+    for label, config in configs:
+        run_task = apply_plan(the_plan, task) if label == "plan" else task
+        seeds = []
+        for seed in range(setting.repeats):
+            result = run_to_target(run_task, replace(config, seed=seed), setting, label=label)
+            seeds.append(result)
+            if progress:
+                progress(f"{name} seed {seed}: {_run_line(result)}")
+        runs.append(_combine(seeds, plan_seconds if label == "plan" else None))
+    return {
+        "example": name,
+        "setting": asdict(setting),
+        "reference_lr": task.lr,
+        "reference_batch": task.batch_size,
+        "train_samples": len(task.train_data),
+        "plan": {k: v for k, v in the_plan.to_dict().items() if k != "measurements"},
+        "runs": runs,
+    }
+
+
+def _combine(seeds: list[RunResult], plan_seconds: float | None) -> dict:
+    """One setting's runs over seeds: medians (a run that missed the target counts as inf)."""
+    first = seeds[0]
+
+    def median(name: str) -> float:
+        return statistics.median(getattr(r, name) if r.reached else math.inf for r in seeds)
+
+    seconds = median("seconds")
+    return {
+        "label": first.label,
+        "global_batch": first.global_batch,
+        "micro_batch": first.micro_batch,
+        "lr": first.lr,
+        "warmup_steps": first.warmup_steps,
+        "reached": math.isfinite(seconds),
+        "reached_count": sum(r.reached for r in seeds),
+        "repeats": len(seeds),
+        "seconds": seconds if math.isfinite(seconds) else max(r.seconds for r in seeds),
+        "cpu_seconds": median("cpu_seconds"),
+        "samples": median("samples"),
+        "steps": statistics.median(r.steps for r in seeds),
+        "evaluations": sum(r.evaluations for r in seeds),
+        "eval_seconds": sum(r.eval_seconds for r in seeds),
+        "best_value": max(r.best_value for r in seeds),
+        "end": ",".join(sorted({r.end for r in seeds})),
+        "plan_seconds": plan_seconds,
+        "seeds": [asdict(r) for r in seeds],
+    }
+
+
+def _run_line(run: RunResult) -> str:
+    where = (
+        f"{run.seconds:6.2f} s  {run.samples:7d} samples"
+        if run.reached
+        else f"not reached ({run.end}, best {run.best_value:.3f} after {run.seconds:.1f} s)"
+    )
+    return f"{run.label:20s} batch {run.global_batch:5d} lr {run.lr:.3g}: {where}"
+
+
+def _seconds(run: dict, key: str = "seconds") -> float:
+    return run[key] if run["reached"] else math.inf
+
+
+def summary(result: dict) -> str:
+    """The tables and verdict of one example, as printed and pasted into bench/README.md."""
+    setting = result["setting"]
+    runs = result["runs"]
+    lines = [
+        f"{result['example']}: target val_accuracy >= {setting['target']}; each run at most "
+        f"{setting['epochs']:g} epochs of {result['train_samples']} samples or "
+        f"{setting['max_seconds']:.0f} s of training; reference lr {result['reference_lr']:g} "
+        f"at batch {result['reference_batch']}; median of {setting['repeats']} seed(s)",
+        f"{'run':20s} {'batch':>5s} {'micro':>5s} {'lr':>8s} {'warmup':>6s} {'reached':>7s} "
+        f"{'seconds':>8s} {'cpu s':>7s} {'samples':>8s} {'steps':>6s} {'evals':>5s} "
+        f"{'eval s':>6s}  best",
+    ]
+    for run in runs:
+        reached = run["reached"]
+        seconds = f"{run['seconds']:8.2f}" if reached else f"{'-':>8s}"
+        cpu = f"{run['cpu_seconds']:7.2f}" if reached else f"{'-':>7s}"
+        samples = f"{run['samples']:8.0f}" if reached else f"{'-':>8s}"
+        note = "" if reached else f"  not reached ({run['end']}, {run['seconds']:.1f} s)"
+        lines.append(
+            f"{run['label']:20s} {run['global_batch']:5d} {run['micro_batch']:5d} "
+            f"{run['lr']:8.2g} {run['warmup_steps']:6d} "
+            f"{str(run['reached_count']) + '/' + str(run['repeats']):>7s} {seconds} {cpu} "
+            f"{samples} {run['steps']:6.0f} {run['evaluations']:5d} {run['eval_seconds']:6.2f}  "
+            f"{run['best_value']:.3f}{note}"
+        )
+    plan_run, default_run, grid = runs[0], runs[1], runs[2:]
+    planning = plan_run["plan_seconds"]
+    lines.append(
+        f"plan: {planning:.1f} s planning + "
+        + (
+            f"{plan_run['seconds']:.2f} s training = {plan_run['seconds'] + planning:.2f} s"
+            if plan_run["reached"]
+            else "did not reach the target"
+        )
+    )
+    for key, clock in (("seconds", "wall"), ("cpu_seconds", "cpu")):
+        best = min(grid, key=lambda run: _seconds(run, key))
+        best_seconds = _seconds(best, key)
+        default_seconds = _seconds(default_run, key)
+        plan_train = _seconds(plan_run, key)
+        # CPU time of planning is not measured apart: add its wall time to both clocks.
+        for what, value in (("training", plan_train), ("planning+training", plan_train + planning)):
+            ratio = value / best_seconds if math.isfinite(best_seconds) else math.nan
+            lines.append(
+                f"{clock:4s} {what:17s}: plan {value:7.2f} s, best grid {best_seconds:6.2f} s "
+                f"({best['label']}) -> {ratio:5.2f}x, <= 1.25x "
+                f"{'met' if ratio <= 1.25 else 'missed'}; default {default_seconds:6.2f} s -> "
+                f"faster {'met' if value < default_seconds else 'missed'}"
+            )
+    ranked = sorted((run for run in runs if run["reached"]), key=_seconds)
+    position = next((i + 1 for i, run in enumerate(ranked) if run is plan_run), None)
+    lines.append(
+        f"plan's rank by wall training time: {position} of {len(ranked)} settings that reached "
+        "the target"
+        if position
+        else "the plan did not reach the target"
+    )
+    lines.append(_grid_matrix(result))
+    return "\n".join(lines)
+
+
+def _grid_matrix(result: dict) -> str:
+    """Seconds to target as a batch x rate-factor table."""
+    grid = result["runs"][2:]
+    batches = sorted({run["global_batch"] for run in grid})
+    reference = result["reference_lr"]
+    header = "wall s to target    " + "".join(
+        f"{'lr x' + format(factor, '.3g'):>10s}" for factor in GRID_RATE_FACTORS
+    )
+    rows = [header]
+    for batch in batches:
+        cells = []
+        for factor in GRID_RATE_FACTORS:
+            run = next(
+                r
+                for r in grid
+                if r["global_batch"] == batch and math.isclose(r["lr"], reference * factor)
+            )
+            cells.append(f"{run['seconds']:10.2f}" if run["reached"] else f"{'-':>10s}")
+        rows.append(f"batch {batch:<13d}" + "".join(cells))
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", nargs="+", default=["digits", "charlm"], choices=SETTINGS)
+    parser.add_argument("--json", help="write every run (with its evaluation trace) here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    load = os.getloadavg()
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+        f"thread(s), load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start"
+    )
+    results = []
+    with console.status("benchmarking") as status:
+
+        def progress(message: str) -> None:
+            status.update(message)
+            console.log(message)
+
+        for name in args.examples:
+            result = bench_example(name, progress=progress)
+            results.append(result)
+            print(summary(result), flush=True)
+            print()
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end")
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
