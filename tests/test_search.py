@@ -148,7 +148,7 @@ def test_task_search_finds_the_exact_limit_with_one_real_trial():
     trial = result.trials[0]
     assert trial.fits and trial.measured_peak_bytes == trial.predicted_peak_bytes
     assert result.real_steps == 2 and result.method == "predicted"
-    assert result.fake_runs == 3  # batches 2 and 64 for the exact formula, and its check
+    assert result.fake_runs == 2  # batches 2 and 64 for the exact formula; the trial checks it
     assert result.memory_model.per_sample_bytes > 0
     assert result.state_bytes > 0
     data = result.to_dict()
@@ -185,6 +185,23 @@ def test_task_search_without_an_exact_formula_still_finds_the_limit():
     assert result.method == "predicted" and result.fake_runs > 3
     assert _is_true_limit(task, result.limit_batch_size, budget)
     assert result.real_steps == 2
+
+
+@pytest.mark.parametrize("skew", [-8192, 8192])
+def test_a_wrong_formula_is_caught_by_the_first_trial(monkeypatch, skew):
+    from batchfit.predict import PeakFormula
+
+    exact = PeakFormula.peak_bytes
+    monkeypatch.setattr(PeakFormula, "peak_bytes", lambda self, size: exact(self, size) + skew)
+    task = make_mlp_task()
+    budget = 160 * 1024
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    assert _is_true_limit(task, result.limit_batch_size, budget)
+    assert result.trials[0].fits is (skew > 0)  # optimistic formula: the first trial fails
+    assert result.fake_runs > 3
+    # Only exact fake-run predictions are reported once the formula is dropped.
+    for size, peak in result.predictions:
+        assert peak == predict_step_memory(task, size).peak_bytes
 
 
 def test_margin_and_rounding():

@@ -431,7 +431,9 @@ class _TaskSearch(_Search):
         self.task = task
         self.steps = steps
         self._predicted: dict[int, int] = {}  # batch size -> predicted peak bytes
-        self._formula: PeakFormula | None = None  # set once checked against a fake run
+        self._fake_peaks: dict[int, int] = {}  # the same, from fake runs only
+        self._formula: PeakFormula | None = None  # the exact formula, when the task has one
+        self._formula_checked = False  # whether a count at a third batch size agreed
         self._warned_repeat = False
 
     # predictions -------------------------------------------------------------------------
@@ -447,10 +449,25 @@ class _TaskSearch(_Search):
             fallback=False,
             record=record,
         )
+        self._fake_peaks[batch_size] = predicted.peak_bytes
         if batch_size not in self._predicted:
             self._predicted[batch_size] = predicted.peak_bytes
             self.predictions.append((batch_size, predicted.peak_bytes))
         return predicted
+
+    def _drop_formula(self, batch_size: int, counted: int) -> None:
+        """Forget the formula and what it predicted: a count disagreed with it."""
+        logger.info(
+            "the peak formula said %d bytes at batch %d, the count %d; bisecting predictions",
+            self._formula.peak_bytes(batch_size) if self._formula else -1,
+            batch_size,
+            counted,
+        )
+        self._formula = None
+        self._predicted = dict(self._fake_peaks)
+        self.predictions = [
+            (size, peak) for size, peak in self.predictions if self._fake_peaks.get(size) == peak
+        ]
 
     def predict(self, batch_size: int) -> int:
         """Predicted peak bytes at `batch_size`: from the checked formula, else a fake run."""
@@ -607,22 +624,39 @@ class _TaskSearch(_Search):
         return self._confirm(predicted)
 
     def _formula_limit(self, small: PredictedMemory) -> int | None:
-        """The predicted limit from the exact formula, checked by a third fake run; None
-        when the task has no such formula (or the check disagrees)."""
+        """The predicted limit from the exact formula; None when the task has no such formula.
+
+        The formula is checked at a third batch size by the first real trial's count (in
+        `_confirm`), or here by a fake run when not even batch 1 fits.
+        """
         large = self._fake_run(FORMULA_BATCH_SIZES[1], record=True)
         formula = PeakFormula.fit(small, large)
         if formula is None:
             logger.info("no exact peak formula for this task; bisecting predictions")
             return None
-        limit = formula.largest_fitting(self.usable, max_batch_size=self.max_batch)
-        check = max(limit, 1)
-        if self._fake_run(check).peak_bytes != formula.peak_bytes(check):
-            logger.info("the peak formula missed at batch %d; bisecting predictions", check)
-            return None
         self._formula = formula
+        limit = formula.largest_fitting(self.usable, max_batch_size=self.max_batch)
         if limit == 0:
-            raise self._does_not_fit(self.predict(1))
+            counted = self._fake_run(1).peak_bytes
+            if counted != formula.peak_bytes(1):
+                self._drop_formula(1, counted)
+                return None
+            raise self._does_not_fit(counted)
         return limit
+
+    def _check_formula(self, trial: Trial) -> bool:
+        """Check the formula against the first trial's count; False when it was dropped."""
+        if self._formula is None or self._formula_checked:
+            return True
+        size = trial.batch_size
+        counted = trial.measured_peak_bytes
+        if counted is None:  # the trial failed before its count was complete
+            counted = self._fake_run(size).peak_bytes
+        if counted == self._formula.peak_bytes(size):
+            self._formula_checked = True
+            return True
+        self._drop_formula(size, counted)
+        return False
 
     def _confirm(self, predicted: int) -> tuple[int, bool]:
         """Real trials around the predicted limit until the true one is pinned down.
@@ -640,6 +674,10 @@ class _TaskSearch(_Search):
         bisecting = False
         while True:
             trial = self.trial(candidate)
+            if not self._check_formula(trial):
+                # The formula was wrong for this task: predict again by bisecting exact fake
+                # runs, and confirm around that limit instead.
+                return self._confirm(self.predicted_limit(0, 1, None))
             if trial.fits:
                 low = candidate
                 offset = self._real_peak(trial) - self.predict(candidate)
