@@ -336,7 +336,7 @@ def test_small_batch_above_the_memory_budget_names_the_measured_limit():
         task, small_batch=limit, batches=2, warmup_steps=0, memory_budget_bytes=budget
     )
     assert result.small_batch_samples == limit  # the big batch (128) need not fit
-    with pytest.raises(DoesNotFitError, match="Not even one sample"):
+    with pytest.raises(DoesNotFitError, match="before the first sample"):
         measure_noise_scale(task, small_batch=4, memory_budget_bytes=100, device="cpu")
 
 

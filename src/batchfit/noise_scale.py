@@ -693,7 +693,8 @@ def measure_noise_scale(
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         finite_population: correct for drawing from the finite training set (recommended).
         memory_budget_bytes: when given, check first that a training step at `small_batch`
-            fits this budget (measured with `batchfit.memory.measure_step_memory`).
+            fits this budget (measured with `batchfit.memory.measure_step_memory`; the limit
+            in the error comes from `batchfit.search.find_max_batch_size`).
         progress: `progress(phase, done, total)` after each step, phase "warmup" or "measure".
 
     Returns:
@@ -881,39 +882,29 @@ def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
 def _check_fits(task: Task, small_batch: int, device: torch.device, budget_bytes: int) -> None:
     """Raise when a training step at `small_batch` does not fit the memory budget.
 
-    Measured with `batchfit.memory.measure_step_memory` (an exact count of live tensor bytes,
-    on any device); when it does not fit, bisection finds the largest batch that does.
+    One real step at `small_batch` under the budget (`batchfit.memory.measure_step_memory`,
+    an exact count of live tensor bytes on any device); when it does not fit,
+    `batchfit.search.find_max_batch_size` finds the largest batch that does, for the message.
     """
     import torch
 
-    from batchfit.errors import DoesNotFitError
     from batchfit.memory import measure_step_memory
+    from batchfit.search import find_max_batch_size
     from batchfit.units import format_bytes
 
-    def fits(batch_size: int) -> bool:
-        try:
-            measure_step_memory(task, batch_size, device=device, budget_bytes=budget_bytes)
-        except torch.OutOfMemoryError:
-            return False
-        return True
-
-    if fits(small_batch):
+    try:
+        measure_step_memory(task, small_batch, device=device, budget_bytes=budget_bytes)
         return
-    fitting, failing = 0, small_batch
-    while failing - fitting > 1:
-        middle = (fitting + failing) // 2
-        if fits(middle):
-            fitting = middle
-        else:
-            failing = middle
-    budget = format_bytes(budget_bytes)
-    if fitting == 0:
-        raise DoesNotFitError(
-            f"Not even one sample fits the memory budget of {budget} (measured); raise the "
-            "budget or use a smaller model."
-        )
+    except torch.OutOfMemoryError:
+        pass
+    # raises DoesNotFitError itself when not even one sample fits
+    search = find_max_batch_size(
+        task, device=device, memory_budget=budget_bytes, margin=0.0, max_batch_size=small_batch
+    )
+    limit = search.limit_batch_size
     raise ConfigError(
-        f"small_batch ({small_batch}) does not fit the memory budget of {budget}: the largest "
-        f"batch that fits is {fitting} (measured). Use a small batch of {fitting} or less; the "
-        "big batch is accumulated from small ones and need not fit."
+        f"small_batch ({small_batch}) does not fit the memory budget of "
+        f"{format_bytes(budget_bytes)}: the largest batch that fits is {limit} (measured). Use a "
+        f"small batch of {limit} or less; the big batch is accumulated from small ones and need "
+        "not fit."
     )
