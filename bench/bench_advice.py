@@ -28,8 +28,9 @@ Times are wall-clock (time.perf_counter) with one torch thread (torch.set_num_th
 steadier timings; the CPU time of this process over the same stretches is reported next to them,
 since the 2-core machine is shared with other jobs.
 
-Run by hand (never in CI), about 15 minutes:
-    python bench/bench_advice.py [--examples digits charlm] [--json results.json]
+Run by hand (never in CI), about 12 minutes on 2 CPU cores:
+    python bench/bench_advice.py [--examples digits charlm] [--epochs E] [--repeats N]
+        [--json results.json]
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ SETTINGS = {
     ),
     # Next-character accuracy 0.45 on held-out standard-library source: past the plateau near
     # 0.38-0.40 (character frequencies) where the model starts to use its context; see
-    # bench/README.md ("Plan advice"). 5 epochs (14,060 samples) keep 18 runs within ~10 min.
+    # bench/README.md ("Plan advice"). 10 epochs (28,120 samples) is the run length the loop
+    # and the planner default to; one seed keeps the 18 runs within about 10 minutes.
     "charlm": Setting(
-        target=0.45, epochs=5, max_seconds=40, eval_seconds=0.5, eval_samples=1024, repeats=1
+        target=0.45, epochs=10, max_seconds=45, eval_seconds=0.5, eval_samples=1024, repeats=1
     ),
 }
 
@@ -224,9 +226,8 @@ def _grid_configs(task, setting: Setting):
             )
 
 
-def bench_example(name: str, progress=None) -> dict:
+def bench_example(name: str, setting: Setting, progress=None) -> dict:
     """All runs of one example; returns a JSON-ready dict."""
-    setting = SETTINGS[name]
     task = load_example(name)
     runs: list[RunResult] = []
 
@@ -321,6 +322,10 @@ def _seconds(run: dict, key: str = "seconds") -> float:
     return run[key] if run["reached"] else math.inf
 
 
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds:7.2f} s" if math.isfinite(seconds) else "  never  "
+
+
 def summary(result: dict) -> str:
     """The tables and verdict of one example, as printed and pasted into bench/README.md."""
     setting = result["setting"]
@@ -366,10 +371,12 @@ def summary(result: dict) -> str:
         for what, value in (("training", plan_train), ("planning+training", plan_train + planning)):
             ratio = value / best_seconds if math.isfinite(best_seconds) else math.nan
             lines.append(
-                f"{clock:4s} {what:17s}: plan {value:7.2f} s, best grid {best_seconds:6.2f} s "
-                f"({best['label']}) -> {ratio:5.2f}x, <= 1.25x "
-                f"{'met' if ratio <= 1.25 else 'missed'}; default {default_seconds:6.2f} s -> "
-                f"faster {'met' if value < default_seconds else 'missed'}"
+                f"{clock:4s} {what:17s}: plan {_format_seconds(value)}, best grid "
+                f"{_format_seconds(best_seconds)} ({best['label']}) -> "
+                + (f"{ratio:5.2f}x" if math.isfinite(ratio) else "  -  ")
+                + f", <= 1.25x {'met' if ratio <= 1.25 else 'missed'}; default "
+                f"{_format_seconds(default_seconds)} -> faster "
+                f"{'met' if value < default_seconds else 'missed'}"
             )
     ranked = sorted((run for run in runs if run["reached"]), key=_seconds)
     position = next((i + 1 for i, run in enumerate(ranked) if run is plan_run), None)
@@ -410,7 +417,19 @@ def main() -> None:
     parser.add_argument("--examples", nargs="+", default=["digits", "charlm"], choices=SETTINGS)
     parser.add_argument("--json", help="write every run (with its evaluation trace) here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--epochs", type=float, help="run length of every run (default: per example, SETTINGS)"
+    )
+    parser.add_argument("--repeats", type=int, help="seeds per setting (default: per example)")
+    parser.add_argument(
+        "--summary", metavar="JSON", help="print the tables of a --json file and exit"
+    )
     args = parser.parse_args()
+    if args.summary:
+        with open(args.summary, encoding="utf-8") as handle:
+            for result in json.load(handle):
+                print(summary(result), end="\n\n")
+        return
     torch.set_num_threads(args.threads)
 
     from rich.console import Console
@@ -429,7 +448,12 @@ def main() -> None:
             console.log(message)
 
         for name in args.examples:
-            result = bench_example(name, progress=progress)
+            setting = SETTINGS[name]
+            if args.epochs is not None:
+                setting = replace(setting, epochs=args.epochs)
+            if args.repeats is not None:
+                setting = replace(setting, repeats=args.repeats)
+            result = bench_example(name, setting, progress=progress)
             results.append(result)
             print(summary(result), flush=True)
             print()
