@@ -465,3 +465,33 @@ def test_sigterm_also_stops_at_the_end_of_the_step_with_a_checkpoint(tmp_path):
     assert result.interrupted and result.steps == 2
     assert load_checkpoint(tmp_path)["step"] == 2
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_noise_scale_callback_resumes_where_it_stopped(tmp_path):
+    from batchfit.gradient_norms import NoiseScaleCallback
+
+    config = dict(global_batch=32, micro_batch=8, steps=7, warmup=0, checkpoint_every=2)
+
+    def noise():
+        return NoiseScaleCallback(dataset_size=len(_resumable_task().train_data))
+
+    train(
+        _resumable_task(),
+        TrainConfig(out_dir=str(tmp_path / "full"), **config),
+        device="cpu",
+        callbacks=[noise()],
+    )
+    interrupt = _Recorder(after_step=4, action=lambda: os.kill(os.getpid(), signal.SIGINT))
+    cut = TrainConfig(out_dir=str(tmp_path / "cut"), **config)
+    train(_resumable_task(), cut, device="cpu", callbacks=[noise(), interrupt])
+    resumed = TrainConfig(out_dir=str(tmp_path / "cut"), resume=True, **config)
+    train(_resumable_task(), resumed, device="cpu", callbacks=[noise(), _Recorder()])
+    full_lines = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    cut_lines = [
+        {k: v for k, v in line.items() if k != "observed"}
+        for line in read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    ]
+    assert [line["noise_scale_trace"] for line in full_lines] == [
+        line["noise_scale_trace"] for line in cut_lines
+    ]
+    assert full_lines == cut_lines

@@ -384,6 +384,7 @@ _TRAIN_SWITCHES = (
     ("--swa", "swa"),
     ("--allow-uneven", "allow_uneven"),
     ("--sync-batchnorm", "sync_batchnorm"),
+    ("--no-noise-scale", "no_noise_scale"),
     ("--json", "json"),
 )
 
@@ -451,13 +452,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return launch(nproc, _train_argv(args))
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}.")
-    main_rank = detect_distributed().is_main
+    context = detect_distributed()
+    main_rank = context.is_main
+    noise = None if args.no_noise_scale else _noise_scale_callback(task, config, context)
     result = train(
         task,
         config,
         device=args.device,
         memory_budget_bytes=budget,
         progress=main_rank,
+        callbacks=[noise] if noise else (),
     )
     if not main_rank:
         return 130 if result.interrupted else 0
@@ -465,6 +469,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         _print_train_summary(task.name, result)
+        _print_noise_summary(noise, config.global_batch)
     return 130 if result.interrupted else 0
 
 
@@ -490,6 +495,38 @@ def _apply_plan(args: argparse.Namespace, task):
     if plan.normalization == "syncbatchnorm":
         args.sync_batchnorm = True
     return apply_plan(plan, task)
+
+
+def _noise_scale_callback(task, config, context):
+    """A NoiseScaleCallback when each step has two or more micro-batches or ranks, else None."""
+    from batchfit.gradient_norms import NoiseScaleCallback
+
+    world_size = max(1, context.world_size)
+    pieces = -(-config.global_batch // (config.micro_batch * world_size)) * world_size
+    if pieces < 2 or config.global_batch > len(task.train_data):
+        return None
+    return NoiseScaleCallback(dataset_size=len(task.train_data))
+
+
+def _print_noise_summary(noise, global_batch: int) -> None:
+    say = _stdout_console().print
+    if noise is None:
+        say(
+            "  noise scale: not logged (needs two or more micro-batches per step, or DDP)",
+            highlight=False,
+        )
+        return
+    estimate = noise.tracker.noise_scale
+    if estimate is None:
+        say("  noise scale: not yet reliable at the end of the run", highlight=False)
+        return
+    if estimate > 2 * global_batch:
+        advice = "well above the global batch: a larger global batch would now save steps"
+    elif estimate < global_batch / 2:
+        advice = "well below the global batch: part of each batch adds little"
+    else:
+        advice = "close to the global batch"
+    say(f"  noise scale at the end: ~{estimate:.0f} samples, {advice}", highlight=False)
 
 
 def _print_train_summary(name: str, result) -> None:
@@ -924,6 +961,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--nproc", help="processes: launch torchrun on this machine")
     train_cmd.add_argument(
         "--sync-batchnorm", action="store_true", help="under DDP, use SyncBatchNorm"
+    )
+    train_cmd.add_argument(
+        "--no-noise-scale",
+        action="store_true",
+        help="do not log the gradient noise scale (logged by default when a step has two or "
+        "more micro-batches or ranks)",
     )
     _add_device_arguments(train_cmd)
     _add_json_argument(train_cmd)

@@ -338,6 +338,14 @@ class NoiseScaleCallback:
             self.watch.remove()
         self.watch = GradientNormWatch(model, self.tracker)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's state, saved in the loop's checkpoints."""
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's tracker state."""
+        self.tracker.load_state_dict(state)
+
     def on_step_end(self, record: Any, model: nn.Module | None = None) -> dict[str, Any]:
         """Update from a step record (`micro_batches`, `grad_norm`, `step`); return the metrics."""
         if self.watch is None:

@@ -19,6 +19,7 @@ Under torchrun (RANK / WORLD_SIZE in the environment) it trains with Distributed
 gloo on CPU, nccl on CUDA; rank 0 logs, evaluates, writes metrics and checkpoints.
 
 Hook for per-step observers (e.g. a gradient-noise-scale tracker): pass `callbacks`, objects with
+optional `state_dict()` / `load_state_dict(state)` (saved in checkpoints, restored on resume) and
 any of `on_train_start(model, plan)` and `on_step_end(record, model) -> dict | None`. The second is
 called on every rank after the gradients of the global step are complete (all-reduced, before
 `optimizer.step()`), with the step's `StepRecord`; a returned dict is merged into that step's
@@ -374,6 +375,12 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
     for callback in callbacks:
         if hasattr(callback, "on_train_start"):
             callback.on_train_start(model, plan)
+    if checkpoint is not None:
+        # Callbacks with state (a noise-scale tracker) continue where the checkpoint left them.
+        saved_states = checkpoint.get("callbacks") or []
+        for callback, saved in zip(callbacks, saved_states):
+            if saved is not None and hasattr(callback, "load_state_dict"):
+                callback.load_state_dict(saved)
 
     eval_every = config.eval_every
     if eval_every is None:
@@ -410,6 +417,10 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_states,
                 "backoffs": [event.to_dict() for event in backoffs],
+                "callbacks": [
+                    callback.state_dict() if hasattr(callback, "state_dict") else None
+                    for callback in callbacks
+                ],
             }
             if swa_model is not None:
                 state["swa_model"] = swa_model.state_dict()
