@@ -95,3 +95,16 @@ def test_nproc_rebuilds_the_same_command_without_nproc():
     assert {k: v for k, v in again.items() if k != "handler"} == {
         k: v for k, v in original.items() if k != "handler"
     }
+
+
+def test_train_logs_the_noise_scale_unless_told_not_to(tmp_path, capsys):
+    assert main(["train", *FAST, "--out", str(tmp_path / "on")]) == 0
+    assert "noise scale" in capsys.readouterr().out
+    lines = read_metrics(tmp_path / "on" / "metrics.jsonl")
+    assert all("noise_scale_trace" in line for line in lines)
+    assert main(["train", *FAST, "--out", str(tmp_path / "off"), "--no-noise-scale"]) == 0
+    lines = read_metrics(tmp_path / "off" / "metrics.jsonl")
+    assert not any("noise_scale" in line for line in lines)
+    one_micro_batch = ["--example", "digits", "--global-batch", "32", "--micro-batch", "32"]
+    assert main(["train", *one_micro_batch, "--steps", "2", "--out", str(tmp_path / "one")]) == 0
+    assert "noise scale: not logged" in capsys.readouterr().out
