@@ -19,10 +19,12 @@ before the optimizer update, so the evaluation at step k sees the weights after 
 time credited is the training time at the end of step k-1's callback (it leaves out step k-1's
 optimizer update, under a millisecond on these models, the same for every setting).
 Evaluation time is excluded from the reported times (it is counted and shown apart).
-Evaluations happen whenever EVAL_SECONDS of training time or EVAL_SAMPLES samples have passed
-since the last one, so every run's time to target is resolved to a fraction of a second whatever
-its batch. A run that has not reached the target after its epochs, or after MAX_SECONDS of
-training, is reported as not reached (with the best value it saw).
+Evaluations happen whenever `eval_seconds` of training time or `eval_samples` samples have passed
+since the last one (`SETTINGS`; digits: after every step), so every run's time to target is
+resolved to a fraction of a second whatever its batch. A run that has not reached the target
+after its epochs, or after `max_seconds` of training, is reported as not reached (with the best
+value it saw). Each setting runs with `repeats` seeds (model init and data order); the table
+shows medians, a seed that missed the target counting as infinitely slow.
 
 Times are wall-clock (time.perf_counter) with one torch thread (torch.set_num_threads(1)) for
 steadier timings; the CPU time of this process over the same stretches is reported next to them,
@@ -30,7 +32,8 @@ since the 2-core machine is shared with other jobs.
 
 Run by hand (never in CI), about 12 minutes on 2 CPU cores:
     python bench/bench_advice.py [--examples digits charlm] [--epochs E] [--repeats N]
-        [--json results.json]
+        [--first-seed S] [--json results.json]
+    python bench/bench_advice.py --summary results.json   # the tables again
 """
 
 from __future__ import annotations
@@ -226,7 +229,7 @@ def _grid_configs(task, setting: Setting):
             )
 
 
-def bench_example(name: str, setting: Setting, progress=None) -> dict:
+def bench_example(name: str, setting: Setting, *, first_seed: int = 0, progress=None) -> dict:
     """All runs of one example; returns a JSON-ready dict."""
     task = load_example(name)
     runs: list[RunResult] = []
@@ -262,7 +265,7 @@ def bench_example(name: str, setting: Setting, progress=None) -> dict:
     for label, config in configs:
         run_task = apply_plan(the_plan, task) if label == "plan" else task
         seeds = []
-        for seed in range(setting.repeats):
+        for seed in range(first_seed, first_seed + setting.repeats):
             result = run_to_target(run_task, replace(config, seed=seed), setting, label=label)
             seeds.append(result)
             if progress:
@@ -271,6 +274,7 @@ def bench_example(name: str, setting: Setting, progress=None) -> dict:
     return {
         "example": name,
         "setting": asdict(setting),
+        "first_seed": first_seed,
         "reference_lr": task.lr,
         "reference_batch": task.batch_size,
         "train_samples": len(task.train_data),
@@ -334,7 +338,8 @@ def summary(result: dict) -> str:
         f"{result['example']}: target val_accuracy >= {setting['target']}; each run at most "
         f"{setting['epochs']:g} epochs of {result['train_samples']} samples or "
         f"{setting['max_seconds']:.0f} s of training; reference lr {result['reference_lr']:g} "
-        f"at batch {result['reference_batch']}; median of {setting['repeats']} seed(s)",
+        f"at batch {result['reference_batch']}; median of {setting['repeats']} seed(s) from "
+        f"{result.get('first_seed', 0)}",
         f"{'run':20s} {'batch':>5s} {'micro':>5s} {'lr':>8s} {'warmup':>6s} {'reached':>7s} "
         f"{'seconds':>8s} {'cpu s':>7s} {'samples':>8s} {'steps':>6s} {'evals':>5s} "
         f"{'eval s':>6s}  best",
@@ -422,6 +427,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, help="seeds per setting (default: per example)")
     parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ..."
+    )
+    parser.add_argument(
         "--summary", metavar="JSON", help="print the tables of a --json file and exit"
     )
     args = parser.parse_args()
@@ -453,7 +461,7 @@ def main() -> None:
                 setting = replace(setting, epochs=args.epochs)
             if args.repeats is not None:
                 setting = replace(setting, repeats=args.repeats)
-            result = bench_example(name, setting, progress=progress)
+            result = bench_example(name, setting, first_seed=args.first_seed, progress=progress)
             results.append(result)
             print(summary(result), flush=True)
             print()
