@@ -112,15 +112,17 @@ def test_fallback_to_a_measured_step_says_so(caplog):
         predict_step_memory(task, 16, fallback=False)
 
 
-def test_task_errors_propagate_unchanged():
+def test_task_errors_propagate_unchanged(caplog):
     def broken(model, batch):
         return model(batch[0][:, :5]).sum()  # 5 features into an 8-feature layer
 
-    # The meta kernels word it their own way, but it stays the task's RuntimeError: it is
-    # neither a fallback nor an out-of-memory error.
-    with pytest.raises(RuntimeError, match="reduction dim") as caught:
+    # Fake mode cannot tell the task's bug from its own limits, so it falls back to a real
+    # step, which raises the task's error as itself, with the real kernel's message.
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as caught:
         predict_step_memory(make_mlp_task(loss=broken), 4)
     assert not isinstance(caught.value, (ConfigError, torch.OutOfMemoryError))
+    with pytest.raises(ConfigError, match="fake tensors cannot run"):
+        predict_step_memory(make_mlp_task(loss=broken), 4, fallback=False)
 
 
 def test_bad_arguments():
