@@ -1,10 +1,13 @@
 """The largest batch size that fits a device or a memory budget.
 
 With a `Task`, the limit is predicted first (fake tensors: exact on the CPU, free at any batch
-size), then confirmed with as few real training steps as possible: one trial at the predicted
-limit, and one just above it when the trial showed the prediction is not exact (for example the
-CUDA allocator's own overhead). When a real trial fails, the search steps down by the fitted
-per-sample size and bisects only inside the small bracket left.
+size). Two recorded fake runs (batches 2 and 64) give an exact formula for the peak at every
+batch size (`batchfit.predict.PeakFormula`); where a task has none, exact predictions are
+bisected instead. Then the limit is confirmed with as few real training steps as possible: one
+trial at the predicted limit (whose count also checks the formula), and one just above it when
+the trial showed the prediction is not exact (for example the CUDA allocator's own overhead).
+When a real trial fails, the search steps down by the fitted per-sample size and bisects only
+inside the small bracket left.
 
 With a plain `step(batch_size)` callable (a user's own loop), nothing can be predicted: the
 search grows the batch, and as soon as two successful probes have shown how memory grows
