@@ -9,10 +9,8 @@ the trial showed the prediction is not exact (for example the CUDA allocator's o
 When a real trial fails, the search steps down by the fitted per-sample size and bisects only
 inside the small bracket left.
 
-With a plain `step(batch_size)` callable (a user's own loop), nothing can be predicted: the
-search grows the batch, and as soon as two successful probes have shown how memory grows
-(counted storages, or the CUDA allocator's peak) it jumps to the extrapolated limit and checks
-it and the batch above it; without any memory reading it grows by doubling and bisects.
+With a plain `step(batch_size)` callable (a user's own loop), nothing can be predicted: see
+`batchfit.step_search`.
 
 The margin: the usable memory is `budget * (1 - margin)`, and the limit is the largest batch
 whose peak fits the usable memory. A margin of 0 finds the true limit of the budget.
@@ -20,26 +18,14 @@ whose peak fits the usable memory. A margin of 0 finds the true limit of the bud
 
 from __future__ import annotations
 
-import copy
-import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 from batchfit import devices
-from batchfit.errors import ConfigError, DoesNotFitError
-from batchfit.memory import (
-    count_memory,
-    forked_rng,
-    is_out_of_memory,
-    measure_step_memory,
-    tensors_of_state,
-)
-from batchfit.memory_model import MemoryModel, fit_memory_model
+from batchfit.errors import ConfigError
+from batchfit.memory import forked_rng, is_out_of_memory, measure_step_memory
 from batchfit.predict import (
     FakeModeError,
     PeakFormula,
@@ -48,7 +34,10 @@ from batchfit.predict import (
     range_batch_sizes,
 )
 from batchfit.rounding import RoundTo, check_round_to, round_down
-from batchfit.units import format_bytes, parse_size
+from batchfit.search_result import Method, SearchResult, Trial
+from batchfit.search_state import ProgressFn, SearchState, error_line
+from batchfit.step_search import StepFn, StepSearch, probe_search, restored_training_state
+from batchfit.units import parse_size
 
 if TYPE_CHECKING:
     import torch
@@ -57,9 +46,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["predicted", "measured-probes", "step"]
-StepFn = Callable[[int], Any]
-ProgressFn = Callable[[str], None]
+__all__ = [
+    "DEFAULT_MAX_BATCH_SIZE",
+    "FORMULA_BATCH_SIZES",
+    "STEP_DOWN_FRACTION",
+    "Method",
+    "ProgressFn",
+    "SearchResult",
+    "StepFn",
+    "Trial",
+    "find_max_batch_size",
+]
 
 DEFAULT_MAX_BATCH_SIZE = 1 << 24
 """Stop looking above this many samples (the answer is then "at least this")."""
@@ -72,122 +69,6 @@ STEP_DOWN_FRACTION = 0.02
 """After an optimistic prediction, first aim this fraction of the usable memory lower."""
 
 _MAX_REAL_TRIALS = 40  # a safety net: the search normally needs 1 to 4
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One real trial: training steps at one batch size.
-
-    Attributes:
-        batch_size: samples per step.
-        fits: whether the steps ran without running out of memory.
-        predicted_peak_bytes: the prediction for this batch, when there was one.
-        measured_peak_bytes: counted peak of live tensor storage (see batchfit.memory), or on
-            CUDA with a step callable the allocator's peak; None when the trial failed or
-            nothing was counted.
-        allocator_peak_bytes: the CUDA allocator's peak; None off CUDA.
-        steps: real training steps run (the last one failing when `fits` is False).
-        seconds: wall time of the trial.
-        error: the first line of the out-of-memory error when it did not fit.
-    """
-
-    batch_size: int
-    fits: bool
-    predicted_peak_bytes: int | None
-    measured_peak_bytes: int | None
-    allocator_peak_bytes: int | None
-    steps: int
-    seconds: float
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        return {
-            "batch_size": self.batch_size,
-            "fits": self.fits,
-            "predicted_peak_bytes": self.predicted_peak_bytes,
-            "measured_peak_bytes": self.measured_peak_bytes,
-            "allocator_peak_bytes": self.allocator_peak_bytes,
-            "steps": self.steps,
-            "seconds": self.seconds,
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """The largest batch that fits, and how it was found.
-
-    Attributes:
-        batch_size: the answer: `limit_batch_size` rounded down as `round_to` asks.
-        limit_batch_size: the largest batch whose peak memory fits the usable memory.
-        budget_bytes: the memory budget, or the device's total memory when none was given.
-        usable_bytes: budget_bytes * (1 - margin), rounded down: what the limit must fit.
-        margin: the fraction of the budget kept free.
-        round_to: None, "pow2" or a multiple.
-        device: the device searched on.
-        method: "predicted" (fake-tensor prediction, confirmed by real trials),
-            "measured-probes" (fake mode could not run the task; real probes only) or
-            "step" (a user's step callable).
-        memory_model: fixed + per-sample bytes fitted over the range up to the limit, with
-            its residual; None when nothing was measured or predicted.
-        state_bytes: parameters, buffers, gradients and optimizer state (before the first
-            sample), when known.
-        trials: every real trial, in order.
-        predictions: (batch size, predicted peak bytes) of every prediction made, in order.
-        fake_runs: how many of those ran fake-tensor training steps (the others came from the
-            exact peak formula, see `batchfit.predict.PeakFormula`).
-        real_steps: real training steps run in all (for a step callable: calls of it).
-        seconds: wall time of the whole search.
-        capped: True when even `max_batch_size` fitted: the limit is at least that.
-        notes: things the user should know (fallbacks, repeated samples, the cap).
-    """
-
-    batch_size: int
-    limit_batch_size: int
-    budget_bytes: int
-    usable_bytes: int
-    margin: float
-    round_to: RoundTo
-    device: str
-    method: Method
-    memory_model: MemoryModel | None
-    state_bytes: int | None
-    trials: tuple[Trial, ...]
-    predictions: tuple[tuple[int, int], ...]
-    real_steps: int
-    seconds: float
-    fake_runs: int = 0
-    capped: bool = False
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def oom_errors(self) -> int:
-        """How many trials ran out of memory."""
-        return sum(not trial.fits for trial in self.trials)
-
-    def to_dict(self) -> dict:
-        return {
-            "batch_size": self.batch_size,
-            "limit_batch_size": self.limit_batch_size,
-            "budget_bytes": self.budget_bytes,
-            "usable_bytes": self.usable_bytes,
-            "margin": self.margin,
-            "round_to": self.round_to,
-            "device": self.device,
-            "method": self.method,
-            "memory_model": None if self.memory_model is None else self.memory_model.to_dict(),
-            "state_bytes": self.state_bytes,
-            "trials": [trial.to_dict() for trial in self.trials],
-            "predictions": [
-                {"batch_size": size, "peak_bytes": peak} for size, peak in self.predictions
-            ],
-            "fake_runs": self.fake_runs,
-            "real_steps": self.real_steps,
-            "oom_errors": self.oom_errors,
-            "seconds": self.seconds,
-            "capped": self.capped,
-            "notes": list(self.notes),
-        }
 
 
 def find_max_batch_size(
@@ -266,7 +147,7 @@ def find_max_batch_size(
     if isinstance(task_or_step, Task):
         search = _TaskSearch(task_or_step, device, usable, budget, max_batch_size, steps, say)
     elif callable(task_or_step):
-        search = _StepSearch(
+        search = StepSearch(
             task_or_step, device, usable, budget, max_batch_size, start, model, optimizer, say
         )
     else:
@@ -274,7 +155,7 @@ def find_max_batch_size(
             f"find_max_batch_size needs a batchfit.Task or a step(batch_size) callable, got "
             f"{type(task_or_step).__name__}."
         )
-    with forked_rng(device), _restored(model, optimizer):
+    with forked_rng(device), restored_training_state(model, optimizer):
         limit, capped = search.run()
     chosen = round_down(limit, round_to)
     notes = list(search.notes)
@@ -339,94 +220,10 @@ def _capacity_bytes(device: torch.device, memory_budget: int | str | None) -> in
     return total
 
 
-@contextmanager
-def _restored(model: Any, optimizer: Any) -> Iterator[None]:
-    """Put a user's model weights and optimizer state back as they were, whatever happens."""
-    model_state = copy.deepcopy(model.state_dict()) if model is not None else None
-    grads = (
-        [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
-        if model is not None
-        else []
-    )
-    optimizer_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-    try:
-        yield
-    finally:
-        if model is not None:
-            model.load_state_dict(model_state)
-            for parameter, grad in zip(model.parameters(), grads):
-                parameter.grad = grad
-        if optimizer is not None:
-            # load_state_dict replaces the whole state, dropping what the trials added.
-            optimizer.load_state_dict(optimizer_state)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__
-
-
-# --- shared bracket logic -----------------------------------------------------------------
-
-
-class _Search:
-    method: Method = "step"
-
-    def __init__(self, device, usable: int, budget: int, max_batch: int, say: ProgressFn):
-        self.device = device
-        self.usable = usable
-        self.budget = budget
-        self.max_batch = max_batch
-        self.say = say
-        self.trials: list[Trial] = []
-        self.predictions: list[tuple[int, int]] = []
-        self.notes: list[str] = []
-        self.state_bytes: int | None = None
-        self.fake_runs = 0
-
-    def _budget_text(self) -> str:
-        if self.usable == self.budget:
-            return f"the budget is {format_bytes(self.budget)}"
-        return (
-            f"the budget is {format_bytes(self.budget)}, {format_bytes(self.usable)} after the "
-            "margin"
-        )
-
-    def _does_not_fit(self, needed: int | None) -> DoesNotFitError:
-        need = f"batch size 1 needs {format_bytes(needed)}" if needed else "batch size 1 fails"
-        return DoesNotFitError(
-            f"No batch size fits: {need}; {self._budget_text()}. Try lower precision "
-            "(bf16), activation checkpointing, a smaller model, or a larger budget."
-        )
-
-    def _state_too_large(self, state: int) -> DoesNotFitError:
-        return DoesNotFitError(
-            f"the model needs {format_bytes(state)} before the first sample (parameters, "
-            f"gradients and optimizer state); {self._budget_text()}. Give a larger budget, or "
-            "use lower precision, a smaller model or an optimizer with less state."
-        )
-
-    def memory_model(self, limit: int) -> MemoryModel | None:
-        points = self._points()
-        near = {size: peak for size, peak in points.items() if size >= max(1, limit // 4)}
-        chosen = near if len(near) >= 2 else points
-        if len(chosen) < 2:
-            return None
-        sizes = sorted(chosen)
-        return fit_memory_model(sizes, [chosen[size] for size in sizes])
-
-    def _points(self) -> dict[int, int]:
-        points = {size: peak for size, peak in self.predictions}
-        for trial in self.trials:
-            if trial.fits and trial.measured_peak_bytes:
-                points.setdefault(trial.batch_size, trial.measured_peak_bytes)
-        return points
-
-
 # --- with a Task: predict, then confirm -----------------------------------------------------
 
 
-class _TaskSearch(_Search):
+class _TaskSearch(SearchState):
     method: Method = "predicted"
 
     def __init__(self, task, device, usable, budget, max_batch, steps, say):
@@ -564,7 +361,7 @@ class _TaskSearch(_Search):
                 allocator_peak_bytes=None,
                 steps=getattr(error, "steps_started", self.steps),
                 seconds=time.perf_counter() - started,
-                error=_one_line(error),
+                error=error_line(error),
             )
         else:
             trial = Trial(
@@ -612,13 +409,13 @@ class _TaskSearch(_Search):
             return self._run_measured(unsupported.reason)
         self.state_bytes = small.state_bytes
         if small.state_bytes > self.usable:
-            raise self._state_too_large(small.state_bytes)
+            raise self.state_too_large(small.state_bytes)
         predicted = self._formula_limit(small)
         if predicted is None:
             # No exact formula for this task: bisect exact predictions instead.
             first = self.predict(1)
             if first > self.usable:
-                raise self._does_not_fit(first)
+                raise self.does_not_fit(first)
             predicted = self.predicted_limit(0, 1, None)
         # The memory model over the range that matters (predictions are cheap): a few batch
         # sizes from a quarter of the limit up to it.
@@ -644,7 +441,7 @@ class _TaskSearch(_Search):
             if counted != formula.peak_bytes(1):
                 self._drop_formula(1, counted)
                 return None
-            raise self._does_not_fit(counted)
+            raise self.does_not_fit(counted)
         return limit
 
     def _check_formula(self, trial: Trial) -> bool:
@@ -740,140 +537,4 @@ class _TaskSearch(_Search):
             trial = self.trial(batch_size)
             return trial.fits, (self._real_peak(trial) if trial.fits else None)
 
-        return _probe_search(self, probe, start=1)
-
-
-# --- with a step callable -----------------------------------------------------------------
-
-
-class _StepSearch(_Search):
-    method: Method = "step"
-
-    def __init__(self, step, device, usable, budget, max_batch, start, model, optimizer, say):
-        super().__init__(device, usable, budget, max_batch, say)
-        self.step = step
-        self.start = start
-        self.model = model
-        self.optimizer = optimizer
-
-    def run(self) -> tuple[int, bool]:
-        if self.model is not None:
-            from batchfit.memory import counted_bytes
-
-            state = counted_bytes(self._state_tensors(), device=self.device)
-            self.state_bytes = state
-            if state > self.usable:
-                raise self._state_too_large(state)
-        with devices.memory_cap(self.device, self.usable if self.device.type == "cuda" else None):
-            return _probe_search(self, self.probe, start=self.start)
-
-    def _state_tensors(self) -> list:
-        if self.model is None:
-            return []
-        if self.optimizer is None:
-            return list(self.model.parameters()) + list(self.model.buffers())
-        return tensors_of_state(self.model, self.optimizer)
-
-    def probe(self, batch_size: int) -> tuple[bool, int | None]:
-        self.say(f"step at batch {batch_size}")
-        started = time.perf_counter()
-        failure: str | None = None
-        measured: int | None = None
-        allocator: int | None = None
-        try:
-            devices.synchronize(self.device)
-            devices.reset_peak_memory(self.device)
-            with count_memory(
-                budget_bytes=self.usable, tensors=self._state_tensors(), device=self.device
-            ) as counter:
-                self.step(batch_size)
-            devices.synchronize(self.device)
-            allocator = devices.peak_allocated_bytes(self.device)
-            # A step that allocates nothing the counter can see gives no memory reading.
-            measured = counter.peak_bytes if counter.peak_bytes > 0 else None
-        except Exception as error:  # only out-of-memory is caught; see below
-            if not is_out_of_memory(error):
-                raise
-            failure = _one_line(error)
-        if failure is not None:
-            gc.collect()
-            devices.empty_cache(self.device)
-        fits = failure is None
-        self.trials.append(
-            Trial(
-                batch_size=batch_size,
-                fits=fits,
-                predicted_peak_bytes=None,
-                measured_peak_bytes=measured,
-                allocator_peak_bytes=allocator,
-                steps=1,
-                seconds=time.perf_counter() - started,
-                error=failure,
-            )
-        )
-        reading = allocator if allocator is not None else measured
-        return fits, reading if fits else None
-
-
-def _probe_search(
-    search: _Search, probe: Callable[[int], tuple[bool, int | None]], *, start: int
-) -> tuple[int, bool]:
-    """Largest fitting batch from real probes only; returns (limit, capped).
-
-    Grows from `start` by doubling; once two successful probes have a memory reading, jumps
-    to the batch where the line through the two largest readings reaches the usable memory,
-    and checks that batch and the one above it. A failure where the line expected a fit (or
-    two walks of one batch upwards) retires the line; bisection finishes inside the bracket.
-    """
-    readings: list[tuple[int, int]] = []
-    low, high = 0, None  # largest fit, smallest failure
-    candidate = min(start, search.max_batch)
-    expect: bool | None = None  # what the line expected of the candidate, if it chose it
-    trust_line = True
-    walks = 0
-    while True:
-        fits, peak = probe(candidate)
-        if fits:
-            low = candidate
-            if peak is not None:
-                readings.append((candidate, peak))
-        else:
-            high = candidate
-            if low == 0:
-                if candidate == 1:
-                    raise search._does_not_fit(None)
-                candidate = max(1, candidate // 2)  # even the first probe failed: come down
-                continue
-        if low >= search.max_batch:
-            return search.max_batch, True
-        if high is not None and high - low <= 1:
-            return low, False
-        if expect is True and not fits:
-            trust_line = False  # the line overestimated: it cannot be trusted near the limit
-        if expect is False and fits:
-            walks += 1
-            trust_line = walks < 2
-        estimate = _line_estimate(readings, search.usable) if trust_line else None
-        if estimate is not None:
-            upper = high - 1 if high is not None else search.max_batch
-            if estimate > low:
-                candidate, expect = min(estimate, upper), True
-            else:
-                candidate, expect = low + 1, False  # is the batch above really too big?
-            continue
-        expect = None
-        if high is None:
-            candidate = min(2 * low, search.max_batch)
-        else:
-            candidate = (low + high) // 2
-
-
-def _line_estimate(readings: list[tuple[int, int]], usable: int) -> int | None:
-    """The batch the line through the two largest readings puts at the usable memory."""
-    if len(readings) < 2:
-        return None
-    (size_a, peak_a), (size_b, peak_b) = sorted(readings)[-2:]
-    if peak_b <= peak_a:
-        return None
-    slope = (peak_b - peak_a) / (size_b - size_a)
-    return size_b + int((usable - peak_b) // slope)
+        return probe_search(self, probe, start=1)
