@@ -173,10 +173,12 @@ def choose_micro_batch(global_batch: int, limit_batch: int, world_size: int) -> 
     else:
         micro = largest
         why = "the largest size"
-    fits = f"{limit_batch} fit" if limit_batch <= per_device else f"all {per_device} fit"
-    reason = (
-        f"{why} that divides the {per_device} samples per device exactly, with {fits} in memory"
+    fits = (
+        f"{limit_batch} fit in memory"
+        if limit_batch < per_device
+        else f"all {per_device} fit in memory"
     )
+    reason = f"{why} that divides the {per_device} samples per device exactly; {fits}"
     return Choice(micro, reason)
 
 
@@ -220,7 +222,7 @@ def customary_range_note(kind: str | None, global_batch: int) -> str | None:
         return None
     side = "below" if global_batch < low else "above"
     why = (
-        "this task's measured noise scale, throughput and data-set size call for it; customary "
+        "This task's measured noise scale, throughput and data-set size call for it; customary "
         "ranges come from much larger data sets and models"
     )
     return f"The global batch {global_batch} is {side} the customary {low}-{high}: {source}. {why}."
