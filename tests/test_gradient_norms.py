@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from batchfit.errors import ConfigError
-from batchfit.noise_scale import NoiseScaleTracker, measure_noise_scale
+from batchfit.noise_measure import measure_noise_scale
+from batchfit.noise_scale import NoiseScaleTracker
 from tests.conftest import make_mlp_task
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from batchfit.errors import ConfigError
-from batchfit.noise_scale import NoiseScaleTracker, measure_noise_scale
+from batchfit.noise_measure import measure_noise_scale
+from batchfit.noise_scale import NoiseScaleTracker
 from batchfit.noise_scale_plot import plot_noise_scale
 from tests.conftest import make_mlp_task
 

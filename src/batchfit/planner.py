@@ -106,7 +106,7 @@ def plan(
     """
     from batchfit.devices import resolve_device
     from batchfit.lr_scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
-    from batchfit.noise_scale import measure_noise_scale
+    from batchfit.noise_measure import measure_noise_scale
     from batchfit.norm_layers import batchnorm_advice
     from batchfit.range_test import lr_range_test
     from batchfit.throughput import measure_throughput
