@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from batchfit import devices
-from batchfit.memory import count_memory, counted_bytes, is_out_of_memory, tensors_of_state
+from batchfit.memory import is_out_of_memory
+from batchfit.memory_count import count_memory, counted_bytes, tensors_of_state
 from batchfit.search_result import Method, Trial
 from batchfit.search_state import SearchState, error_line
 
