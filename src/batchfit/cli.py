@@ -272,7 +272,7 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
     if args.plot is not None:
         if config is None:
             raise ConfigError("--plot needs --total-steps, the optimizer steps of the run.")
-        from batchfit.schedule_plot import plot_schedule
+        from batchfit.plots import plot_schedule
 
         result["plot"] = str(plot_schedule(config, scaled.lr, args.plot))
     if args.json:
@@ -326,7 +326,7 @@ def _cmd_noise_scale(args: argparse.Namespace) -> int:
             progress=progress,
         )
     if args.plot:
-        from batchfit.noise_scale_plot import plot_noise_scale
+        from batchfit.plots import plot_noise_scale
 
         plot_noise_scale(result, args.plot)
     if args.json:
@@ -652,7 +652,7 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
             on_step=on_step,
         )
     if args.plot:
-        from batchfit.range_test_plot import plot_range_test
+        from batchfit.plots import plot_range_test
 
         plot_range_test(result, args.plot, title=f"Learning-rate range test: {task.name}")
     if args.json:
@@ -707,7 +707,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
             on_step=on_step,
         )
     if args.plot:
-        from batchfit.throughput_plot import plot_throughput
+        from batchfit.plots import plot_throughput
 
         plot_throughput(result, args.plot, title=f"Throughput: {task.name} on {result.device}")
     if args.json:

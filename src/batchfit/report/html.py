@@ -10,9 +10,9 @@ from html import escape
 from pathlib import Path
 from string import Template
 
+from batchfit import plots
 from batchfit.files import write_atomic
 from batchfit.plan import Plan
-from batchfit.report import plots
 from batchfit.units import format_bytes
 
 _TEMPLATE = Template((Path(__file__).with_name("template.html")).read_text(encoding="utf-8"))
@@ -36,7 +36,7 @@ def render_report(plan: Plan, *, title: str | None = None) -> str:
     if measurements.get("memory"):
         figures.append(
             _figure(
-                plots.memory_plot(measurements["memory"]),
+                plots.memory_png(measurements["memory"]),
                 "Peak memory against batch size: predicted probes, the fitted line, the budget "
                 "and the real trials that confirmed the limit.",
             )
@@ -44,7 +44,7 @@ def render_report(plan: Plan, *, title: str | None = None) -> str:
     if measurements.get("throughput"):
         figures.append(
             _figure(
-                plots.throughput_plot(measurements["throughput"]),
+                plots.throughput_png(measurements["throughput"]),
                 "Training throughput against batch size; the knee is the smallest batch within "
                 "reach of the best throughput.",
             )
@@ -52,7 +52,10 @@ def render_report(plan: Plan, *, title: str | None = None) -> str:
     if measurements.get("noise_scale"):
         figures.append(
             _figure(
-                plots.noise_scale_plot(measurements["noise_scale"], global_batch=plan.global_batch),
+                plots.noise_scale_png(
+                    _noise_scale_data(measurements["noise_scale"]),
+                    global_batch=plan.global_batch,
+                ),
                 "The gradient noise scale (critical batch): below it, doubling the batch nearly "
                 "halves the steps; above it, extra samples are mostly wasted.",
             )
@@ -60,7 +63,7 @@ def render_report(plan: Plan, *, title: str | None = None) -> str:
     if measurements.get("range_test"):
         figures.append(
             _figure(
-                plots.range_test_plot(measurements["range_test"], chosen_lr=plan.lr),
+                plots.range_test_png(measurements["range_test"], chosen_lr=plan.lr),
                 "Learning-rate range test at the chosen global batch, with its suggestions and "
                 "the chosen rate.",
             )
@@ -99,6 +102,20 @@ def _figure(png: bytes, caption: str) -> str:
         f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{data}">'
         f"<figcaption>{escape(caption)}</figcaption></figure>"
     )
+
+
+def _noise_scale_data(measurement: dict) -> dict:
+    """A Plan's noise-scale measurement under the keys of `NoiseScaleResult.to_dict()`."""
+    return {
+        "noise_scale_samples": measurement.get("estimate"),
+        "low_samples": measurement.get("low"),
+        "high_samples": measurement.get("high"),
+        "step": measurement.get("step"),
+        "running": [
+            {"batches": batches, "noise_scale_samples": estimate}
+            for batches, estimate in measurement.get("history") or []
+        ],
+    }
 
 
 def _value(plan: Plan, name: str) -> str:

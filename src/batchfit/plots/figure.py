@@ -1,0 +1,75 @@
+"""The figure plumbing every plot shares: a matplotlib figure, its PNG bytes, the file.
+
+matplotlib's object interface with the Agg canvas only: no pyplot, so the user's backend and
+open figures are left alone and nothing global is left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from batchfit.errors import ConfigError, MissingDependencyError
+from batchfit.files import write_atomic
+
+FIGURE_INCHES = (7.0, 4.0)  # width, height
+DOTS_PER_INCH = 100
+
+
+def new_axes() -> tuple[Any, Any]:
+    """A fresh (figure, axes) pair on an Agg canvas, with no pyplot state.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError(
+            "Optional dependency 'matplotlib' is needed for plots: pip install matplotlib."
+        ) from None
+    figure = Figure(figsize=FIGURE_INCHES, dpi=DOTS_PER_INCH)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def png_bytes(figure: Any) -> bytes:
+    """The figure laid out and rendered as PNG bytes."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def png_path(path: str | os.PathLike, example: str) -> Path:
+    """`path` as a Path, checked to end in .png (`example` is the name the error suggests).
+
+    Raises:
+        ConfigError: the path does not end in .png.
+    """
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise ConfigError(f"The plot file {str(target)!r} must end in .png; give e.g. {example}.")
+    return target
+
+
+def write_png(png: bytes, path: Path) -> Path:
+    """Write PNG bytes to `path` through a temporary file, then rename; return the path."""
+    return write_atomic(path, png)
+
+
+def floats(values: Iterable[float | None]) -> list[float]:
+    """Numbers with None (JSON's stand-in for nan/inf) turned back into nan, for drawing."""
+    return [math.nan if value is None else float(value) for value in values]
+
+
+def dedupe_legend(axes: Any, **options: Any) -> None:
+    """A legend with each label once (repeated markers share one entry)."""
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes.legend(list(unique.values()), list(unique.keys()), **options)

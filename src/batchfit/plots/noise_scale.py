@@ -1,0 +1,132 @@
+"""Plot a noise-scale measurement: the running estimate over batches with its interval."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import ConfigError
+from batchfit.plots.figure import new_axes, png_bytes, png_path, write_png
+
+if TYPE_CHECKING:
+    from batchfit.noise_scale import NoiseScaleResult
+
+__all__ = ["noise_scale_png", "plot_noise_scale"]
+
+VIEW_ABOVE_ESTIMATE = 3.0  # the y axis reaches this multiple of the final estimate
+
+
+def noise_scale_png(data: Mapping[str, Any], *, global_batch: int | None = None) -> bytes:
+    """PNG bytes of the running B_simple estimate against batches measured, with its interval.
+
+    Draws the shape of `NoiseScaleResult.to_dict()`. When the `running` points carry
+    `low_samples`/`high_samples`, the band is the bootstrap interval at each point (a missing
+    upper end, unbounded, reaches the top of the axes); otherwise the final interval is a
+    horizontal band. The axes reach 3x the final estimate (or above its interval), so the wild
+    early values are clipped at the top. The final estimate is a dashed line.
+
+    Args:
+        data: `noise_scale_samples`, `low_samples`, `high_samples` (each may be None),
+            `running` (dicts with `batches` and `noise_scale_samples`, optionally the interval),
+            and optionally `confidence`, `small_batch_samples`, `big_batch_samples`, `step`.
+        global_batch: a chosen global batch to mark (the plan's), or None.
+
+    Returns:
+        The PNG file's bytes.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+
+    Example:
+        >>> noise_scale_png({"noise_scale_samples": 40.0, "low_samples": 30.0,
+        ...     "high_samples": 55.0, "running": [{"batches": 1, "noise_scale_samples": 90.0},
+        ...     {"batches": 2, "noise_scale_samples": 40.0}]})[:4]
+        b'\\x89PNG'
+    """
+    figure, axes = new_axes()
+    estimate, low, high = (
+        data.get(k) for k in ("noise_scale_samples", "low_samples", "high_samples")
+    )
+    shown = [p for p in data.get("running") or [] if p.get("noise_scale_samples") is not None]
+    if estimate is not None:
+        # early estimates swing wildly; keep the final value and its interval readable
+        top = VIEW_ABOVE_ESTIMATE * estimate
+        if high is not None:
+            top = max(top, 1.2 * high)
+    else:
+        top = 1.5 * max((p["noise_scale_samples"] for p in shown), default=0.0)
+    if global_batch:
+        top = max(top, 1.2 * global_batch)
+    batches = [p["batches"] for p in shown]
+    if shown and all("low_samples" in p or "high_samples" in p for p in shown):
+        confidence = data.get("confidence")
+        axes.fill_between(
+            batches,
+            [p.get("low_samples") or 0.0 for p in shown],
+            [min(p.get("high_samples") or math.inf, top) for p in shown],
+            alpha=0.25,
+            label=f"{round(confidence * 100)}% bootstrap interval" if confidence else "interval",
+        )
+    elif low is not None and high is not None:
+        axes.axhspan(low, min(high, top), color="tab:blue", alpha=0.15, label="interval")
+    if shown:
+        axes.plot(
+            batches,
+            [min(p["noise_scale_samples"], top) for p in shown],
+            marker="o",
+            markersize=3,
+            label="running estimate",
+        )
+    if top > 0:
+        axes.set_ylim(bottom=0, top=top * 1.05)
+    if estimate is not None:
+        axes.axhline(estimate, linestyle="--", color="black", label=f"B_simple = {estimate:.4g}")
+    if global_batch:
+        axes.axhline(
+            global_batch,
+            color="tab:green",
+            linestyle="--",
+            label=f"chosen global batch {global_batch}",
+        )
+    details = [
+        f"{name} {data[key]:{spec}}"
+        for name, key, spec in (
+            ("B_small", "small_batch_samples", ".3g"),
+            ("B_big", "big_batch_samples", ".4g"),
+            ("step", "step", ""),
+        )
+        if data.get(key) is not None
+    ]
+    axes.set_title("Gradient noise scale" + (f" ({', '.join(details)})" if details else ""))
+    axes.set_xlabel("batches measured")
+    axes.set_ylabel("B_simple (samples)")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best")
+    return png_bytes(figure)
+
+
+def plot_noise_scale(result: NoiseScaleResult, path: str | os.PathLike) -> Path:
+    """Save a PNG of the running B_simple estimate (see `noise_scale_png`), written to a
+    temporary file, then renamed.
+
+    Args:
+        result: a result from `measure_noise_scale` (its `running` points).
+        path: where to write the PNG.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: the result has no running points (a tracker estimate), or the path does
+            not end in .png.
+        MissingDependencyError: matplotlib is not installed.
+    """
+    target = png_path(path, "noise.png")
+    if not result.running:
+        raise ConfigError(
+            "The result has no running estimate to plot; plot a result of measure_noise_scale."
+        )
+    return write_png(noise_scale_png(result.to_dict()), target)

@@ -1,0 +1,143 @@
+"""Plot throughput against batch size: samples per second, the knee and the best marked."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchfit.plots.figure import new_axes, png_bytes, png_path, write_png
+
+if TYPE_CHECKING:
+    from batchfit.throughput import ThroughputResult
+
+__all__ = ["plot_throughput", "throughput_png"]
+
+CROWDED_TICKS = 8  # more batch sizes than this: the labels are tilted so they do not overlap
+
+
+def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> bytes:
+    """PNG bytes of samples per second against batch size (log2 axis).
+
+    Draws what `data` holds: the shape of `ThroughputResult.to_dict()` (or the subset a Plan's
+    `measurements["throughput"]` keeps). With `step_seconds`, each point gets a bar from the
+    slowest to the fastest timed step; the knee, the best batch (`best_batch`), the line at
+    `fraction` of the best and the batch limit (`limit_batch`, `limit_reason`) are marked when
+    given; with `tokens_per_second`, a tokens-per-second axis is added on the right.
+
+    Args:
+        data: `batch_sizes`, `samples_per_second` and `knee_batch`, plus the optional keys above
+            and `device` (named in the default title).
+        title: the figure title (default "Throughput against batch size (DEVICE)").
+
+    Returns:
+        The PNG file's bytes.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+
+    Example:
+        >>> throughput_png({"batch_sizes": [4, 16], "samples_per_second": [100.0, 300.0],
+        ...                 "knee_batch": 16})[:4]
+        b'\\x89PNG'
+    """
+    figure, axes = new_axes()  # first: it says so when matplotlib is missing
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    sizes = list(data.get("batch_sizes") or [])
+    rates = list(data.get("samples_per_second") or [])
+    if data.get("step_seconds"):
+        times = data["step_seconds"]
+        fastest = [size / min(seconds) for size, seconds in zip(sizes, times)]
+        slowest = [size / max(seconds) for size, seconds in zip(sizes, times)]
+        axes.errorbar(
+            sizes,
+            rates,
+            yerr=[[r - s for r, s in zip(rates, slowest)], [f - r for r, f in zip(rates, fastest)]],
+            fmt="o-",
+            color="tab:blue",
+            capsize=3,
+            label="samples/s (median, range of steps)",
+        )
+    else:
+        axes.plot(sizes, rates, "o-", color="tab:blue", label="samples/s")
+    best = max(rates, default=0.0)
+    if data.get("fraction") is not None and rates:
+        axes.axhline(
+            data["fraction"] * best,
+            color="tab:gray",
+            linestyle="--",
+            linewidth=1,
+            label=f"{data['fraction']:.0%} of best",
+        )
+    knee, best_batch = data.get("knee_batch"), data.get("best_batch")
+    if knee in sizes:
+        axes.plot(
+            knee, rates[sizes.index(knee)], "*", color="tab:orange", markersize=16,
+            label=f"knee: {knee}",
+        )  # fmt: skip
+    if best_batch is not None and best_batch != knee:
+        axes.plot(
+            best_batch, best, "o", markerfacecolor="none", markeredgecolor="tab:green",
+            markersize=14, markeredgewidth=2, label=f"best: {best_batch}",
+        )  # fmt: skip
+    if data.get("limit_batch") is not None and data.get("limit_reason") is not None:
+        reason = data["limit_reason"].replace("_", " ")
+        axes.axvline(data["limit_batch"], color="tab:red", linestyle=":", label=f"limit ({reason})")
+    axes.set_xscale("log", base=2)
+    if sizes:
+        axes.xaxis.set_major_locator(FixedLocator(sizes))
+        axes.xaxis.set_minor_locator(NullLocator())
+        axes.xaxis.set_minor_formatter(NullFormatter())
+        axes.set_xticks(sizes, [str(size) for size in sizes])
+        if len(sizes) > CROWDED_TICKS:
+            axes.tick_params(axis="x", labelrotation=45)
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel("batch size (samples)")
+    axes.set_ylabel("samples per second")
+    if data.get("tokens_per_second") is not None:
+        ratio = statistics.median(
+            tokens / samples
+            for tokens, samples in zip(data["tokens_per_second"], rates)
+            if samples > 0
+        )
+        right = axes.secondary_yaxis("right", functions=(lambda x: x * ratio, lambda y: y / ratio))
+        right.set_ylabel("tokens per second")
+    device = data.get("device")
+    default = "Throughput against batch size" + (f" ({device})" if device else "")
+    axes.set_title(title or default)
+    axes.grid(True, alpha=0.25)
+    axes.legend(fontsize="small", loc="best")
+    return png_bytes(figure)
+
+
+def plot_throughput(
+    result: ThroughputResult, path: str | os.PathLike, *, title: str | None = None
+) -> Path:
+    """Save a PNG of a throughput measurement (see `throughput_png`), written to a temporary
+    file, then renamed.
+
+    Args:
+        result: a result of `measure_throughput`.
+        path: where to write the PNG (must end in .png).
+        title: the figure title (default "Throughput against batch size (DEVICE)").
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: the path does not end in .png.
+        MissingDependencyError: matplotlib is not installed.
+
+    Example:
+        >>> import tempfile
+        >>> from batchfit.task import load_example
+        >>> from batchfit.throughput import measure_throughput
+        >>> result = measure_throughput(load_example("digits"), batch_sizes=[4, 16], repeats=2)
+        >>> plot_throughput(result, tempfile.mkdtemp() + "/throughput.png").suffix
+        '.png'
+    """
+    target = png_path(path, "throughput.png")
+    return write_png(throughput_png(result.to_dict(), title=title), target)
