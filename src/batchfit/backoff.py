@@ -15,13 +15,14 @@ with it the optimisation, stays the same.
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+from batchfit.devices import release_memory
 from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.memory import is_out_of_memory
 
 if TYPE_CHECKING:
     import torch
@@ -85,25 +86,6 @@ def next_micro_batch(micro_batch: int, local_batch: int, *, allow_uneven: bool =
     return max(size for size in range(1, half + 1) if local_batch % size == 0)
 
 
-def release_memory(device: torch.device | None = None) -> None:
-    """Collect garbage and return the device's cached memory to it (CPU: garbage only)."""
-    gc.collect()
-    if device is not None:
-        from batchfit.devices import empty_cache
-
-        empty_cache(device)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    try:
-        from batchfit.memory import is_out_of_memory
-    except ImportError:  # stand-in until batchfit.memory lands
-        import torch
-
-        return isinstance(error, torch.OutOfMemoryError)
-    return is_out_of_memory(error)
-
-
 def run_with_backoff(
     attempt: Callable[[int], T],
     micro_batch: int,
@@ -154,7 +136,7 @@ def run_with_backoff(
         try:
             return attempt(micro_batch), micro_batch
         except BaseException as error:  # noqa: B036 - only out-of-memory is handled, rest re-raised
-            if not _is_out_of_memory(error):
+            if not is_out_of_memory(error):
                 raise
             reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
         # Outside the except block the traceback (and the activations its frames hold) is gone.

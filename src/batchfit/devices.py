@@ -9,6 +9,7 @@ no device checks of their own.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -125,6 +126,20 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Collect garbage and return the device's cached memory to it (CPU: garbage only).
+
+    Called after an out-of-memory error, so the next attempt starts from what is really live.
+
+    Example:
+        >>> import torch
+        >>> release_memory(torch.device("cpu"))
+    """
+    gc.collect()
+    if device is not None:
+        empty_cache(device)
 
 
 def reset_peak_memory(device: torch.device) -> None:

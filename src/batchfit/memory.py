@@ -14,7 +14,6 @@ Three pieces:
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import random
 import time
@@ -241,8 +240,7 @@ def measure_step_memory(
         # Keep only the message: the traceback's frames hold the failed step's tensors.
         failure = str(error)
     if failure is not None:
-        gc.collect()
-        devices.empty_cache(device)
+        devices.release_memory(device)
         logger.debug("batch %d ran out of memory: %s", batch_size, failure)
         out_of_memory = torch.OutOfMemoryError(failure)
         # How many real training steps ran (the last one failing), for callers that count.

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from batchfit.devices import resolve_device
 from batchfit.errors import ConfigError, TaskError
 from batchfit.lr_suggest import (
     MIN_STEPS_FLOOR,
@@ -445,12 +446,6 @@ def _fit_micro_batch(source: _Source, micro: int, chosen: bool, memory_budget: A
     return micro
 
 
-def _resolve_device(device: Any) -> Any:
-    from batchfit.devices import resolve_device
-
-    return resolve_device("auto" if device is None else device)
-
-
 def _resolve_source(
     task_or_model: Any,
     optimizer: Any,
@@ -483,7 +478,7 @@ def _resolve_source(
             collate=task.collate_fn(),
             tokens=task.tokens,
             global_batch=task.batch_size if global_batch is None else global_batch,
-            device=_resolve_device(device),
+            device=resolve_device("auto" if device is None else device),
             seed=task.seed if seed is None else seed,
         )
     if not isinstance(task_or_model, torch.nn.Module):

@@ -10,7 +10,6 @@ point; `probe_search` also serves a Task whose steps fake tensors cannot run.
 from __future__ import annotations
 
 import copy
-import gc
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -97,8 +96,7 @@ class StepSearch(SearchState):
                 raise
             failure = error_line(error)
         if failure is not None:
-            gc.collect()
-            devices.empty_cache(self.device)
+            devices.release_memory(self.device)
         fits = failure is None
         self.trials.append(
             Trial(

@@ -11,7 +11,6 @@ samples per second over the last steps of a training run.
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import math
 import statistics
@@ -21,7 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from batchfit.devices import release_memory, resolve_device, synchronize
 from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.memory import is_out_of_memory
 from batchfit.task import Task, move_to
 
 if TYPE_CHECKING:
@@ -283,7 +284,7 @@ def measure_throughput(
         raise ConfigError(
             f"fraction must be in (0, 1] (the share of the best throughput), got {fraction!r}."
         )
-    resolved = _resolve_device(device)
+    resolved = resolve_device(device)
     sizes, limit, reason = _plan_sizes(task, batch_sizes, max_batch_size, memory_budget, resolved)
     use_patience = batch_sizes is None and patience is not None
 
@@ -308,10 +309,10 @@ def measure_throughput(
                     functools.partial(_report, on_step, done, per_size * len(sizes), size),
                 )  # fmt: skip
             except RuntimeError as error:
-                if not _is_out_of_memory(error):
+                if not is_out_of_memory(error):
                     raise
                 del error
-                _free(resolved)
+                release_memory(resolved)
                 if not measured:
                     raise DoesNotFitError(
                         f"Batch size {size} already runs out of memory on {resolved}; "
@@ -507,12 +508,12 @@ def _time_size(
     while index < planned or (sum(seconds) < min_seconds and len(seconds) < MAX_TIMED_STEPS):
         indices = torch.randint(len(task.train_data), (size,), generator=generator).tolist()
         batch = move_to(task.batch(indices), device)
-        _synchronize(device)
+        synchronize(device)
         begun = clock()
         optimizer.zero_grad(set_to_none=True)
         task.loss(model, batch).backward()
         optimizer.step()
-        _synchronize(device)
+        synchronize(device)
         if index >= warmup_steps:
             seconds.append(clock() - begun)
             if task.tokens is not None:
@@ -529,28 +530,3 @@ def _report(
 ) -> None:
     if on_step is not None:
         on_step(done + step, total, size)
-
-
-def _resolve_device(device: Any) -> Any:
-    from batchfit.devices import resolve_device
-
-    return resolve_device(device)
-
-
-def _synchronize(device: Any) -> None:
-    from batchfit.devices import synchronize
-
-    synchronize(device)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    from batchfit.memory import is_out_of_memory
-
-    return is_out_of_memory(error)
-
-
-def _free(device: Any) -> None:
-    from batchfit.devices import empty_cache
-
-    gc.collect()
-    empty_cache(device)
