@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from batchfit.errors import BatchfitError
@@ -100,24 +100,68 @@ def _stderr_console():
     return Console(file=sys.stderr)
 
 
+def _table(title: str, rows: Iterable[Sequence[str]], *, columns: Sequence[str] | None = None):
+    """A rich table: `columns` as right-aligned headers, or (label, value) rows without one."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=columns is not None)
+    for column in columns or ():
+        table.add_column(column, justify="right")
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
+def _show_result(
+    args: argparse.Namespace,
+    result: Any,
+    table: Any,
+    *,
+    plot: Callable[[Any, str], Any] | None = None,
+) -> int:
+    """The end of a measuring command: write --plot, then print --json, or the table, what the
+    result means (`result.describe()`) and where the plot went."""
+    if args.plot and plot is not None:
+        plot(result, args.plot)
+    if args.json:
+        _print_json(result)
+        return 0
+    console = _stdout_console()
+    console.print(table)
+    console.print(result.describe(), highlight=False)
+    if args.plot:
+        console.print(f"Plot written to {args.plot}", highlight=False)
+    return 0
+
+
+def _check_png(path: str | None) -> None:
+    """Refuse a --plot file that is not a .png before any work is done."""
+    from batchfit.errors import ConfigError
+
+    if path is not None and not path.lower().endswith(".png"):
+        raise ConfigError(f"--plot {path!r} must end in .png; give e.g. --plot out.png.")
+
+
+def _memory_budget_bytes(args: argparse.Namespace) -> int | None:
+    """--memory-budget in bytes, or None when not given."""
+    from batchfit.units import parse_size
+
+    if not args.memory_budget:
+        return None
+    return parse_size(args.memory_budget, name="--memory-budget")
+
+
 # --- subcommands -------------------------------------------------------------------------
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
-    import contextlib
-
-    from rich.table import Table
-
     from batchfit.search import find_max_batch_size
     from batchfit.units import format_bytes, format_seconds
 
     task = _load_task(args)
     margin = _parse_number(args.margin, "--margin")
     max_batch = _parse_number(args.max_batch, "--max-batch", int)
-    # A live bar only on a terminal: redirected, it would leave a blank line before an error.
-    live = _stderr_console().is_terminal
-    with _progress_bar("memory") if live else contextlib.nullcontext() as bar:
-        row = bar.add_task("", total=None, note="") if live else None
+    with _StepBar("memory") as bar:
         result = find_max_batch_size(
             task,
             device=args.device,
@@ -125,26 +169,27 @@ def _cmd_memory(args: argparse.Namespace) -> int:
             margin=margin,
             round_to=args.round,
             **({} if max_batch is None else {"max_batch_size": max_batch}),
-            progress=(lambda message: bar.update(row, note=message)) if live else None,
+            progress=bar.note,
         )
     if args.json:
         _print_json(result)
         return 0
     console = _stdout_console()
     budget = format_bytes(result.budget_bytes)
-    table = Table(title=f"Trials: {task.name} on {result.device}, budget {budget}")
-    for column in ("batch", "predicted peak", "measured peak", "fits", "steps", "time"):
-        table.add_column(column, justify="right")
-    for trial in result.trials:
-        table.add_row(
+    rows = [
+        [
             str(trial.batch_size),
             "-" if trial.predicted_peak_bytes is None else format_bytes(trial.predicted_peak_bytes),
             "-" if trial.measured_peak_bytes is None else format_bytes(trial.measured_peak_bytes),
             "yes" if trial.fits else "no (out of memory)",
             str(trial.steps),
             format_seconds(trial.seconds),
-        )
-    console.print(table)
+        ]
+        for trial in result.trials
+    ]
+    columns = ("batch", "predicted peak", "measured peak", "fits", "steps", "time")
+    title = f"Trials: {task.name} on {result.device}, budget {budget}"
+    console.print(_table(title, rows, columns=columns))
     model = result.memory_model
     if model is not None:
         sizes = model.batch_sizes
@@ -295,24 +340,13 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
 
 
 def _cmd_noise_scale(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.table import Table
-
     from batchfit.noise_scale import measure_noise_scale
-    from batchfit.units import parse_size
+    from batchfit.plots import plot_noise_scale
 
+    _check_png(args.plot)
     task = _load_task(args)
-    budget = parse_size(args.memory_budget, name="--memory-budget") if args.memory_budget else None
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=_stderr_console(), transient=True) as bar:
-        phases: dict[str, Any] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in phases:
-                label = "training first" if phase == "warmup" else "measuring batches"
-                phases[phase] = bar.add_task(label, total=total)
-            bar.update(phases[phase], completed=done)
-
+    label = {"warmup": "training first"}.get
+    with _PhaseBars(lambda phase: label(phase, "measuring batches"), transient=True) as bar:
         result = measure_noise_scale(
             task,
             small_batch=_parse_number(args.small_batch, "--small-batch", int),
@@ -322,25 +356,11 @@ def _cmd_noise_scale(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             device=args.device,
             finite_population=not args.infinite_population,
-            memory_budget_bytes=budget,
-            progress=progress,
+            memory_budget_bytes=_memory_budget_bytes(args),
+            progress=bar,
         )
-    if args.plot:
-        from batchfit.plots import plot_noise_scale
-
-        plot_noise_scale(result, args.plot)
-    if args.json:
-        _print_json(result)
-        return 0
-    table = Table(title=f"Gradient noise scale: {task.name}", show_header=False)
-    for label, value in result.summary_rows():
-        table.add_row(label, value)
-    console = _stdout_console()
-    console.print(table)
-    console.print(result.describe())
-    if args.plot:
-        console.print(f"Plot written to {args.plot}")
-    return 0
+    table = _table(f"Gradient noise scale: {task.name}", result.summary_rows())
+    return _show_result(args, result, table, plot=plot_noise_scale)
 
 
 def _parse_warmup(text: str | None) -> int | float | None:
@@ -406,7 +426,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from batchfit.distributed import detect_distributed, launch
     from batchfit.errors import ConfigError
     from batchfit.loop import TrainConfig, check_train_config, train
-    from batchfit.units import parse_size
 
     nproc = _parse_number(args.nproc, "--nproc", int)
     if isinstance(args.resume, str):  # --resume RUN_DIR
@@ -444,7 +463,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         allow_uneven=args.allow_uneven,
         sync_batchnorm=args.sync_batchnorm,
     )
-    budget = parse_size(args.memory_budget, name="--memory-budget") if args.memory_budget else None
+    budget = _memory_budget_bytes(args)
     if nproc is not None and nproc > 1:
         if detect_distributed().enabled:
             raise ConfigError("--nproc starts torchrun; under torchrun already, drop --nproc.")
@@ -566,25 +585,10 @@ def _print_train_summary(name: str, result) -> None:
         say(f"  continue with: batchfit train ... --resume {run_dir}", highlight=False)
 
 
-def _progress_bar(label: str):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(
-        *columns, TextColumn("{task.fields[note]}"), console=_stderr_console(), transient=True
-    )
-
-
 class _StepBar:
-    """A progress bar on stderr that appears at the first step, so that bad input fails
-    before it (one clean line), and is gone when the work is done. Only on a terminal:
-    redirected, rich would leave a blank line behind."""
+    """A progress bar on stderr ("label [bar] done/total elapsed note") that appears at the
+    first update, so that bad input fails before it (one clean line), and is gone when the
+    work is done. Only on a terminal: redirected, rich would leave a blank line behind."""
 
     def __init__(self, label: str) -> None:
         from rich.progress import (
@@ -602,12 +606,16 @@ class _StepBar:
         self.progress = Progress(*columns, note, console=console, transient=True)
         self.row = self.progress.add_task("", total=None, note="")
 
-    def update(self, done: int, total: int, note: str) -> None:
+    def update(self, done: int, total: int | None, note: str) -> None:
         if not self.enabled:
             return
         if not self.progress.live.is_started:
             self.progress.start()
         self.progress.update(self.row, completed=done, total=total, note=note)
+
+    def note(self, message: str) -> None:
+        """Show a message on a bar with no known total (a search)."""
+        self.update(0, None, message)
 
     def __enter__(self) -> _StepBar:
         return self
@@ -617,16 +625,51 @@ class _StepBar:
             self.progress.stop()
 
 
-def _check_png(path: str | None) -> None:
-    from batchfit.errors import ConfigError
+class _PhaseBars:
+    """One progress bar per phase of a long measurement on stderr, each added when its phase
+    first reports; call it as `progress(phase, done, total)`.
 
-    if path is not None and not path.lower().endswith(".png"):
-        raise ConfigError(f"--plot {path!r} must end in .png; give e.g. --plot out.png.")
+    Args:
+        label: the text shown for a phase (default: the phase's name).
+        transient: remove the bars when the work is done.
+        disable: show nothing (e.g. with --json).
+    """
+
+    def __init__(
+        self,
+        label: Callable[[str], str] = str,
+        *,
+        transient: bool = False,
+        disable: bool = False,
+    ) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.label = label
+        self.rows: dict[str, Any] = {}
+        self.progress = Progress(
+            TextColumn("{task.description:<12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=_stderr_console(),
+            transient=transient,
+            disable=disable,
+        )
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase not in self.rows:
+            self.rows[phase] = self.progress.add_task(self.label(phase), total=max(total, 1))
+        self.progress.update(self.rows[phase], completed=done, total=max(total, 1))
+
+    def __enter__(self) -> _PhaseBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.stop()
 
 
 def _cmd_lr_range(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
+    from batchfit.plots import plot_range_test
     from batchfit.range_test import lr_range_test
 
     _check_png(args.plot)
@@ -651,22 +694,11 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
             device=args.device,
             on_step=on_step,
         )
-    if args.plot:
-        from batchfit.plots import plot_range_test
-
-        plot_range_test(result, args.plot, title=f"Learning-rate range test: {task.name}")
-    if args.json:
-        _print_json(result)
-        return 0
-    table = Table(title=f"Learning-rate range test: {task.name}", show_header=False)
-    for label, value in result.summary_rows():
-        table.add_row(label, value)
-    console = _stdout_console()
-    console.print(table)
-    console.print(result.describe(), highlight=False)
-    if args.plot:
-        console.print(f"Plot written to {args.plot}", highlight=False)
-    return 0
+    title = f"Learning-rate range test: {task.name}"
+    table = _table(title, result.summary_rows())
+    return _show_result(
+        args, result, table, plot=lambda result, path: plot_range_test(result, path, title=title)
+    )
 
 
 def _parse_batch_sizes(text: str | None) -> list[int] | None:
@@ -683,8 +715,7 @@ def _parse_batch_sizes(text: str | None) -> list[int] | None:
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
+    from batchfit.plots import plot_throughput
     from batchfit.throughput import measure_throughput
 
     _check_png(args.plot)
@@ -706,30 +737,16 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
             fraction=_parse_number(args.fraction, "--fraction"),
             on_step=on_step,
         )
-    if args.plot:
-        from batchfit.plots import plot_throughput
-
-        plot_throughput(result, args.plot, title=f"Throughput: {task.name} on {result.device}")
-    if args.json:
-        _print_json(result)
-        return 0
-    table = Table(title=f"Throughput: {task.name} on {result.device}")
-    for column in result.table_columns():
-        table.add_column(column, justify="right")
-    for cells in result.table_rows():
-        table.add_row(*cells)
-    console = _stdout_console()
-    console.print(table)
-    console.print(result.describe(), highlight=False)
-    if args.plot:
-        console.print(f"Plot written to {args.plot}", highlight=False)
-    return 0
+    title = f"Throughput: {task.name} on {result.device}"
+    table = _table(title, result.table_rows(), columns=result.table_columns())
+    return _show_result(
+        args, result, table, plot=lambda result, path: plot_throughput(result, path, title=title)
+    )
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
     from batchfit.planner import PHASES, plan
@@ -740,21 +757,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     target = _parse_number(args.target_global_batch, "--target-global-batch", int)
     margin = _parse_number(args.margin, "--margin")
     out_dir = Path(args.out or f"runs/{task.name}-plan")
-    progress = Progress(
-        TextColumn("{task.description:<12}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=_stderr_console(),
-        disable=args.json,
-    )
-    bars = {}
-
-    def report(phase: str, done: int, total: int) -> None:
-        if phase not in bars:
-            bars[phase] = progress.add_task(phase, total=max(total, 1))
-        progress.update(bars[phase], completed=done, total=max(total, 1))
-
-    with progress:
+    with _PhaseBars(disable=args.json) as report:
         for phase in PHASES:
             report(phase, 0, 1)
         result = plan(
