@@ -66,6 +66,11 @@ def _add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _add_plot_argument(parser: argparse.ArgumentParser, what: str, *, needs: str = "") -> None:
+    needed = f" (needs {needs})" if needs else ""
+    parser.add_argument("--plot", metavar="FILE.png", help=f"save {what} as a PNG{needed}")
+
+
 def _load_task(args: argparse.Namespace):
     from batchfit.errors import ConfigError
     from batchfit.task import load_example, load_task
@@ -159,8 +164,8 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     from batchfit.units import format_bytes, format_seconds
 
     task = _load_task(args)
-    margin = _parse_number(args.margin, "--margin")
-    max_batch = _parse_number(args.max_batch, "--max-batch", int)
+    margin = _number_flag(args, "margin")
+    max_batch = _number_flag(args, "max_batch", int)
     with _StepBar("memory") as bar:
         result = find_max_batch_size(
             task,
@@ -283,15 +288,15 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
     from batchfit.schedules import render_schedule, schedule_table
 
     task = _load_task(args) if (args.task or args.example) else None
-    lr = _parse_number(args.lr, "--lr")
-    batch = _parse_number(args.batch, "--batch", int)
+    lr = _number_flag(args, "lr")
+    batch = _number_flag(args, "batch", int)
     lr = task.lr if lr is None and task else lr
     batch = task.batch_size if batch is None and task else batch
     if lr is None or batch is None:
         raise ConfigError("Give --lr and --batch (the tuned rate and its batch), or a task.")
     family = args.optimizer_family or (task.optimizer_family() if task else "sgd")
     rule = args.rule or default_rule(family)
-    new_batch = _parse_number(args.new_batch, "--new-batch", int)
+    new_batch = _number_flag(args, "new_batch", int)
     scaled = scaled_rate(lr, batch, new_batch, rule)
     result = scaled.to_dict()
     config = None
@@ -306,11 +311,11 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
             steps = _parse_number(warmup, "--warmup", int)
         config = recommended_schedule(
             scaled,
-            _parse_number(args.total_steps, "--total-steps", int),
+            _number_flag(args, "total_steps", int),
             warmup_steps=steps,
             warmup_fraction=fraction,
             decay=args.decay,
-            min_lr_factor=_parse_number(args.min_lr_factor, "--min-lr-factor"),
+            min_lr_factor=_number_flag(args, "min_lr_factor"),
         )
         rows = schedule_table(config, scaled.lr)
         result["schedule"] = {**config.to_dict(), "table": rows}
@@ -349,10 +354,10 @@ def _cmd_noise_scale(args: argparse.Namespace) -> int:
     with _PhaseBars(lambda phase: label(phase, "measuring batches"), transient=True) as bar:
         result = measure_noise_scale(
             task,
-            small_batch=_parse_number(args.small_batch, "--small-batch", int),
-            big_batch=_parse_number(args.big_batch, "--big-batch", int),
-            batches=_parse_number(args.batches, "--batches", int),
-            warmup_steps=_parse_number(args.warmup_steps, "--warmup-steps", int),
+            small_batch=_number_flag(args, "small_batch", int),
+            big_batch=_number_flag(args, "big_batch", int),
+            batches=_number_flag(args, "batches", int),
+            warmup_steps=_number_flag(args, "warmup_steps", int),
             checkpoint=args.checkpoint,
             device=args.device,
             finite_population=not args.infinite_population,
@@ -361,6 +366,11 @@ def _cmd_noise_scale(args: argparse.Namespace) -> int:
         )
     table = _table(f"Gradient noise scale: {task.name}", result.summary_rows())
     return _show_result(args, result, table, plot=plot_noise_scale)
+
+
+def _number_flag(args: argparse.Namespace, name: str, kind: type = float):
+    """The number given for --NAME (`args.NAME`, dashes for underscores), or None if absent."""
+    return _parse_number(getattr(args, name), "--" + name.replace("_", "-"), kind)
 
 
 def _parse_warmup(text: str | None) -> int | float | None:
@@ -427,7 +437,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from batchfit.errors import ConfigError
     from batchfit.loop import TrainConfig, check_train_config, train
 
-    nproc = _parse_number(args.nproc, "--nproc", int)
+    nproc = _number_flag(args, "nproc", int)
     if isinstance(args.resume, str):  # --resume RUN_DIR
         if args.out is not None and args.out != args.resume:
             raise ConfigError(f"--resume {args.resume} and --out {args.out} differ; give one.")
@@ -441,25 +451,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.out is None and not args.resume:
         args.out = f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = TrainConfig(
-        global_batch=_parse_number(args.global_batch, "--global-batch", int),
-        micro_batch=_parse_number(args.micro_batch, "--micro-batch", int),
-        steps=_parse_number(args.steps, "--steps", int),
-        epochs=_parse_number(args.epochs, "--epochs"),
-        lr=_parse_number(args.lr, "--lr"),
+        global_batch=_number_flag(args, "global_batch", int),
+        micro_batch=_number_flag(args, "micro_batch", int),
+        steps=_number_flag(args, "steps", int),
+        epochs=_number_flag(args, "epochs"),
+        lr=_number_flag(args, "lr"),
         lr_rule=args.lr_rule,
         warmup=_parse_warmup(args.warmup),
         decay=args.decay or "cosine",
         optimizer=args.optimizer or "task",
-        label_smoothing=_parse_number(args.label_smoothing, "--label-smoothing") or 0.0,
+        label_smoothing=_number_flag(args, "label_smoothing") or 0.0,
         swa=args.swa,
-        swa_start=_parse_number(args.swa_start, "--swa-start") or 0.75,
-        swa_lr=_parse_number(args.swa_lr, "--swa-lr"),
-        max_grad_norm=_parse_number(args.max_grad_norm, "--max-grad-norm"),
-        eval_every=_parse_number(args.eval_every, "--eval-every", int),
-        checkpoint_every=_parse_number(args.checkpoint_every, "--checkpoint-every", int),
+        swa_start=_number_flag(args, "swa_start") or 0.75,
+        swa_lr=_number_flag(args, "swa_lr"),
+        max_grad_norm=_number_flag(args, "max_grad_norm"),
+        eval_every=_number_flag(args, "eval_every", int),
+        checkpoint_every=_number_flag(args, "checkpoint_every", int),
         out_dir=args.out,
         resume=bool(args.resume),
-        seed=_parse_number(args.seed, "--seed", int),
+        seed=_number_flag(args, "seed", int),
         allow_uneven=args.allow_uneven,
         sync_batchnorm=args.sync_batchnorm,
     )
@@ -674,7 +684,7 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
 
     _check_png(args.plot)
     task = _load_task(args)
-    steps = _parse_number(args.steps, "--steps", int)
+    steps = _number_flag(args, "steps", int)
     with _StepBar("range test") as bar:
 
         def on_step(done: int, total: int, lr: float, loss: float) -> None:
@@ -682,14 +692,14 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
 
         result = lr_range_test(
             task,
-            start_lr=_parse_number(args.start_lr, "--start-lr"),
-            end_lr=_parse_number(args.end_lr, "--end-lr"),
+            start_lr=_number_flag(args, "start_lr"),
+            end_lr=_number_flag(args, "end_lr"),
             steps=steps,
             mode=args.mode,
-            smoothing=_parse_number(args.smoothing, "--smoothing"),
-            diverge_factor=_parse_number(args.diverge_factor, "--diverge-factor"),
-            global_batch=_parse_number(args.global_batch, "--global-batch", int),
-            micro_batch=_parse_number(args.micro_batch, "--micro-batch", int),
+            smoothing=_number_flag(args, "smoothing"),
+            diverge_factor=_number_flag(args, "diverge_factor"),
+            global_batch=_number_flag(args, "global_batch", int),
+            micro_batch=_number_flag(args, "micro_batch", int),
             memory_budget=args.memory_budget,
             device=args.device,
             on_step=on_step,
@@ -729,12 +739,12 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
             task,
             batch_sizes=_parse_batch_sizes(args.batch_sizes),
             device=args.device,
-            warmup_steps=_parse_number(args.warmup_steps, "--warmup-steps", int),
-            repeats=_parse_number(args.repeats, "--repeats", int),
-            min_seconds=_parse_number(args.min_seconds, "--min-seconds"),
-            max_batch_size=_parse_number(args.max_batch, "--max-batch", int),
+            warmup_steps=_number_flag(args, "warmup_steps", int),
+            repeats=_number_flag(args, "repeats", int),
+            min_seconds=_number_flag(args, "min_seconds"),
+            max_batch_size=_number_flag(args, "max_batch", int),
             memory_budget=args.memory_budget,
-            fraction=_parse_number(args.fraction, "--fraction"),
+            fraction=_number_flag(args, "fraction"),
             on_step=on_step,
         )
     title = f"Throughput: {task.name} on {result.device}"
@@ -753,9 +763,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from batchfit.report import write_report
 
     task = _load_task(args)
-    world_size = _parse_number(args.world_size, "--world-size", int) or 1
-    target = _parse_number(args.target_global_batch, "--target-global-batch", int)
-    margin = _parse_number(args.margin, "--margin")
+    world_size = _number_flag(args, "world_size", int) or 1
+    target = _number_flag(args, "target_global_batch", int)
+    margin = _number_flag(args, "margin")
     out_dir = Path(args.out or f"runs/{task.name}-plan")
     with _PhaseBars(disable=args.json) as report:
         for phase in PHASES:
@@ -870,7 +880,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_device_arguments(noise)
     _add_json_argument(noise)
-    noise.add_argument("--plot", metavar="FILE.png", help="save the running estimate as a PNG")
+    _add_plot_argument(noise, "the running estimate")
     noise.set_defaults(handler=_cmd_noise_scale)
 
     scale_lr = commands.add_parser(
@@ -902,9 +912,7 @@ def _build_parser() -> argparse.ArgumentParser:
     scale_lr.add_argument(
         "--min-lr-factor", default="0", help="where the decay ends, x the peak rate (default 0)"
     )
-    scale_lr.add_argument(
-        "--plot", metavar="FILE", help="save the schedule as a PNG (needs --total-steps)"
-    )
+    _add_plot_argument(scale_lr, "the schedule", needs="--total-steps")
     _add_json_argument(scale_lr)
     scale_lr.set_defaults(handler=_cmd_scale_lr)
 
@@ -997,7 +1005,7 @@ def _build_parser() -> argparse.ArgumentParser:
     lr_range.add_argument("--micro-batch", help="samples per forward/backward (accumulated)")
     _add_device_arguments(lr_range)
     _add_json_argument(lr_range)
-    lr_range.add_argument("--plot", metavar="FILE.png", help="save loss against rate as a PNG")
+    _add_plot_argument(lr_range, "loss against rate")
     lr_range.set_defaults(handler=_cmd_lr_range)
 
     throughput = commands.add_parser(
@@ -1021,7 +1029,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_device_arguments(throughput)
     _add_json_argument(throughput)
-    throughput.add_argument("--plot", metavar="FILE.png", help="save samples/s as a PNG")
+    _add_plot_argument(throughput, "samples/s")
     throughput.set_defaults(handler=_cmd_throughput)
 
     plan_cmd = commands.add_parser(
