@@ -350,6 +350,10 @@ def summary(result: dict) -> str:
         cpu = f"{run['cpu_seconds']:7.2f}" if reached else f"{'-':>7s}"
         samples = f"{run['samples']:8.0f}" if reached else f"{'-':>8s}"
         note = "" if reached else f"  not reached ({run['end']}, {run['seconds']:.1f} s)"
+        if run["plan_seconds"] is not None:
+            planning = run["plan_seconds"]
+            total = f"{run['seconds'] + planning:.2f} s" if reached else "never"
+            note += f"  with planning: {total} ({planning:.1f} s planning)"
         lines.append(
             f"{run['label']:20s} {run['global_batch']:5d} {run['micro_batch']:5d} "
             f"{run['lr']:8.2g} {run['warmup_steps']:6d} "
