@@ -51,7 +51,7 @@ def test_every_example(name, capsys):
         (["--batch-sizes", "8,4096"], "batch size 4096 is above 1438: the training data has"),
         (["--batch-sizes", "8,64", "--max-batch", "32"], "max_batch_size is 32"),
         (["--max-batch", "-3"], "max_batch_size must be a positive"),
-        (["--repeats", "0"], "repeats must be a whole number >= 1"),
+        (["--repeats", "0"], "repeats must be a positive whole number"),
         (["--fraction", "2"], "fraction must be in (0, 1]"),
         (["--plot", "t.jpg"], "must end in .png"),
     ],

@@ -187,10 +187,10 @@ def test_other_errors_pass_through():
         ({"batch_sizes": [8, 8]}, "repeat"),
         ({"batch_sizes": []}, "empty"),
         ({"max_batch_size": -1}, "max_batch_size must be a positive"),
-        ({"warmup_steps": -1}, "warmup_steps must be a whole number >= 0"),
-        ({"repeats": 0}, "repeats must be a whole number >= 1"),
+        ({"warmup_steps": -1}, "warmup_steps must be a whole number of at least 0"),
+        ({"repeats": 0}, "repeats must be a positive whole number"),
         ({"fraction": 0}, "fraction must be in (0, 1]"),
-        ({"patience": 0}, "patience must be a whole number >= 1"),
+        ({"patience": 0}, "patience must be a positive whole number"),
         ({"device": "gpu7"}, "device 'gpu7'"),
     ],
 )

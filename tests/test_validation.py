@@ -13,7 +13,9 @@ def test_whole_numbers_pass_through():
 
 @pytest.mark.parametrize("value", [0, -1, 1.0, "3", True, None])
 def test_bad_whole_numbers_name_the_argument_and_value(value):
-    with pytest.raises(ConfigError, match=r"batches must be a whole number of at least 1") as info:
+    with pytest.raises(
+        ConfigError, match=r"batches must be a positive whole number \(at least 1\)"
+    ) as info:
         check_whole_number("batches", value)
     assert repr(value) in str(info.value)
 

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from batchfit.errors import ConfigError
 from batchfit.schedules import ScheduleConfig
+from batchfit.validation import check_positive_number, check_whole_number
 
 Rule = Literal["linear", "sqrt", "none"]
 OptimizerFamily = Literal["sgd", "adam"]
@@ -97,15 +98,6 @@ def _check_rule(rule: object) -> str:
     return str(rule)
 
 
-def _check_positive(name: str, value: object, *, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        what = "a positive whole number" if integer else "a positive number"
-        raise ConfigError(f"{name} must be {what}, got {value!r}.")
-    if not integer and not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite positive number, got {value!r}.")
-
-
 def _number(value: float) -> str:
     return f"{value:.6g}"
 
@@ -131,9 +123,9 @@ def scaled_rate(base_lr: float, base_batch: int, new_batch: int, rule: Rule) -> 
         '0.1 at batch 64 x 256/64 (linear rule, Goyal et al. 2017) = 0.4'
     """
     rule = _check_rule(rule)
-    _check_positive("base_lr", base_lr)
-    _check_positive("base_batch", base_batch, integer=True)
-    _check_positive("new_batch", new_batch, integer=True)
+    check_positive_number("base_lr", base_lr)
+    check_whole_number("base_batch", base_batch)
+    check_whole_number("new_batch", new_batch)
     ratio = new_batch / base_batch
     if rule == "linear":
         lr = base_lr * ratio
@@ -206,8 +198,8 @@ def needs_warmup(base_lr: float, scaled_lr: float) -> bool:
         >>> needs_warmup(0.1, 0.4), needs_warmup(0.1, 0.15), needs_warmup(0.1, 0.2)
         (True, False, True)
     """
-    _check_positive("base_lr", base_lr)
-    _check_positive("scaled_lr", scaled_lr)
+    check_positive_number("base_lr", base_lr)
+    check_positive_number("scaled_lr", scaled_lr)
     # A relative tolerance, so that 0.1 -> 0.2 computed as 0.1 * 2.0000000001 still counts.
     return scaled_lr / base_lr >= WARMUP_RATIO * (1 - 1e-9)
 
@@ -236,11 +228,11 @@ def default_warmup_steps(total_steps: int, *, steps_per_epoch: int | None = None
         >>> default_warmup_steps(100, steps_per_epoch=50)  # 5 epochs > a fifth of 100 steps
         20
     """
-    _check_positive("total_steps", total_steps, integer=True)
+    check_whole_number("total_steps", total_steps)
     if steps_per_epoch is None:
         steps = round(WARMUP_FRACTION * total_steps)
     else:
-        _check_positive("steps_per_epoch", steps_per_epoch, integer=True)
+        check_whole_number("steps_per_epoch", steps_per_epoch)
         steps = min(WARMUP_EPOCHS * steps_per_epoch, int(MAX_WARMUP_FRACTION * total_steps))
     return max(1, min(steps, total_steps - 1)) if total_steps >= 2 else 0
 

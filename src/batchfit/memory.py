@@ -32,6 +32,7 @@ from batchfit.memory_count import (
     storage_bytes,
     tensors_of_state,
 )
+from batchfit.validation import check_batch_size
 
 if TYPE_CHECKING:
     import torch
@@ -130,17 +131,6 @@ class StepMemory:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_batch_size(batch_size: object, *, name: str = "batch_size") -> int:
-    """Validate a batch size: a positive int.
-
-    Raises:
-        ConfigError: anything else.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"{name} must be a positive whole number of samples, got {batch_size!r}.")
-    return batch_size
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError, ConfigError
+from batchfit.validation import check_positive_number
 
 if TYPE_CHECKING:
     from torch import nn
@@ -90,15 +91,9 @@ def variance_factor(batch_size: float, dataset_size: int | None = None) -> float
     return (dataset_size - batch_size) / (batch_size * (dataset_size - 1))
 
 
-def _check_positive_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{name} must be a positive number of samples, got {value!r}.")
-    return float(value)
-
-
 def _check_batches(small_batch: float, big_batch: float, dataset_size: int | None) -> None:
-    _check_positive_number("small_batch", small_batch)
-    _check_positive_number("big_batch", big_batch)
+    check_positive_number("small_batch", small_batch)
+    check_positive_number("big_batch", big_batch)
     if small_batch >= big_batch:
         raise ConfigError(
             f"small_batch ({small_batch:g}) must be below big_batch ({big_batch:g}): the "

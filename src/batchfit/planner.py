@@ -30,6 +30,7 @@ from batchfit import advice
 from batchfit.errors import ConfigError
 from batchfit.plan import Plan
 from batchfit.units import format_bytes, parse_size
+from batchfit.validation import check_whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -113,13 +114,13 @@ def plan(
 
     report = progress or (lambda phase, done, total: None)
     device = resolve_device(device)
-    world_size = _positive_int("world_size", world_size)
+    world_size = check_whole_number("world_size", world_size)
     budget_bytes = (
         None if memory_budget is None else parse_size(memory_budget, name="memory budget")
     )
     dataset_size = len(task.train_data)
     if target_global_batch is not None:
-        target_global_batch = _positive_int("target_global_batch", target_global_batch)
+        target_global_batch = check_whole_number("target_global_batch", target_global_batch)
         if target_global_batch > dataset_size:
             raise ConfigError(
                 f"target global batch {target_global_batch} is larger than the training set "
@@ -358,12 +359,6 @@ def _memory_limit(
         ],
         "notes": notes,
     }
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}.")
-    return value
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -45,6 +45,7 @@ from batchfit.lr_suggest import (
     sweep_lrs,
 )
 from batchfit.task import Task, move_to
+from batchfit.validation import check_batch_size
 
 if TYPE_CHECKING:
     import torch
@@ -403,15 +404,9 @@ def _check_settings(
     }
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive whole number of samples, got {value!r}.")
-    return value
-
-
 def _check_batches(global_batch: int, micro_batch: int, data_size: int) -> None:
-    _positive_int("global_batch", global_batch)
-    _positive_int("micro_batch", micro_batch)
+    check_batch_size(global_batch, name="global_batch")
+    check_batch_size(micro_batch, name="micro_batch")
     if micro_batch > global_batch:
         raise ConfigError(
             f"micro_batch ({micro_batch}) is larger than global_batch ({global_batch}); "

@@ -38,6 +38,7 @@ from batchfit.search_result import Method, SearchResult, Trial
 from batchfit.search_state import ProgressFn, SearchState, error_line
 from batchfit.step_search import StepFn, StepSearch, probe_search, restored_training_state
 from batchfit.units import parse_size
+from batchfit.validation import check_whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -135,8 +136,8 @@ def find_max_batch_size(
     device = devices.resolve_device(device)
     margin = _check_margin(margin)
     round_to = check_round_to(round_to)
-    max_batch_size = _check_positive_int(max_batch_size, "max_batch_size")
-    start = _check_positive_int(start, "start")
+    max_batch_size = check_whole_number("max_batch_size", max_batch_size)
+    start = check_whole_number("start", start)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ConfigError(
             f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
@@ -200,12 +201,6 @@ def _check_margin(margin: object) -> float:
             f"margin {margin!r} must be a fraction in [0, 1), such as 0.05 for 5% kept free."
         )
     return float(margin)
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive whole number, got {value!r}.")
-    return value
 
 
 def _capacity_bytes(device: torch.device, memory_budget: int | str | None) -> int:

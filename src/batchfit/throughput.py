@@ -24,6 +24,7 @@ from batchfit.devices import release_memory, resolve_device, synchronize
 from batchfit.errors import ConfigError, DoesNotFitError
 from batchfit.memory import is_out_of_memory
 from batchfit.task import Task, move_to
+from batchfit.validation import check_batch_size, check_whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -173,7 +174,7 @@ def find_knee(
     if len(set(batch_sizes)) != len(batch_sizes):
         raise ConfigError(f"batch sizes repeat: {list(batch_sizes)}; give each once.")
     for size, rate in zip(batch_sizes, samples_per_second):
-        _check_batch_size(size, "batch size")
+        check_batch_size(size, name="batch size")
         if not (math.isfinite(rate) and rate >= 0):
             raise ConfigError(f"samples per second at batch {size} is {rate!r}; must be >= 0.")
     best = max(samples_per_second)
@@ -274,12 +275,12 @@ def measure_throughput(
 
     from batchfit.snapshot import capture_rng, restore_rng
 
-    warmup_steps = _check_count("warmup_steps", warmup_steps, minimum=0)
-    repeats = _check_count("repeats", repeats, minimum=1)
+    warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
+    repeats = check_whole_number("repeats", repeats, minimum=1)
     if not (isinstance(min_seconds, (int, float)) and 0 <= min_seconds < math.inf):
         raise ConfigError(f"min_seconds must be a number of seconds >= 0, got {min_seconds!r}.")
     if patience is not None:
-        patience = _check_count("patience", patience, minimum=1)
+        patience = check_whole_number("patience", patience, minimum=1)
     if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
         raise ConfigError(
             f"fraction must be in (0, 1] (the share of the best throughput), got {fraction!r}."
@@ -377,7 +378,7 @@ class ThroughputMeter:
     """
 
     def __init__(self, window: int = 20, *, clock: Callable[[], float] = time.perf_counter):
-        self.window = _check_count("window", window, minimum=1)
+        self.window = check_whole_number("window", window, minimum=1)
         self.clock = clock
         self._records: deque[tuple[float, int, int | None]] = deque(maxlen=window + 1)
 
@@ -419,18 +420,6 @@ class ThroughputMeter:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _check_count(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
-    return value
-
-
-def _check_batch_size(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive whole number of samples, got {value!r}.")
-    return value
-
-
 def _plan_sizes(
     task: Task,
     batch_sizes: Sequence[int] | None,
@@ -442,9 +431,9 @@ def _plan_sizes(
     data_size = len(task.train_data)
     limits: list[tuple[int, Limit]] = [(data_size, "dataset")]
     if max_batch_size is not None:
-        limits.append((_check_batch_size(max_batch_size, "max_batch_size"), "max_batch_size"))
+        limits.append((check_batch_size(max_batch_size, name="max_batch_size"), "max_batch_size"))
     if batch_sizes is not None:
-        sizes = [_check_batch_size(size, "each batch size") for size in batch_sizes]
+        sizes = [check_batch_size(size, name="each batch size") for size in batch_sizes]
         if not sizes:
             raise ConfigError("batch_sizes is empty; give at least one, e.g. 8,16,32.")
         if len(set(sizes)) != len(sizes):

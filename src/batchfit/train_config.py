@@ -8,11 +8,11 @@ options, without training.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
+from batchfit.validation import check_batch_size, check_positive_number, check_whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -71,17 +71,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch"):
-            _check_positive_int(name, getattr(self, name))
+            check_batch_size(getattr(self, name), name=name)
         if self.steps is not None:
-            _check_positive_int("steps", self.steps)
+            check_whole_number("steps", self.steps)
         if self.epochs is not None:
-            _check_positive_number("epochs", self.epochs)
+            check_positive_number("epochs", self.epochs)
         if self.steps is not None and self.epochs is not None:
             raise ConfigError(
                 f"Give steps ({self.steps}) or epochs ({self.epochs}), not both; drop one."
             )
         if self.lr is not None:
-            _check_positive_number("lr", self.lr)
+            check_positive_number("lr", self.lr)
         if self.lr_rule is not None:
             from batchfit.lr_scaling import RULES
 
@@ -118,9 +118,9 @@ class TrainConfig:
                 f"swa_start must be a share of training in (0, 1), got {self.swa_start!r}."
             )
         if self.swa_lr is not None:
-            _check_positive_number("swa_lr", self.swa_lr)
+            check_positive_number("swa_lr", self.swa_lr)
         if self.max_grad_norm is not None:
-            _check_positive_number("max_grad_norm", self.max_grad_norm)
+            check_positive_number("max_grad_norm", self.max_grad_norm)
         for name in ("eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and (
@@ -138,21 +138,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive whole number, got {value!r}.")
-
-
-def _check_positive_number(name: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{name} must be a positive number, got {value!r}.")
 
 
 @dataclass(frozen=True)

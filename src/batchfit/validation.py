@@ -10,7 +10,7 @@ import math
 
 from batchfit.errors import ConfigError
 
-__all__ = ["check_whole_number", "check_positive_number"]
+__all__ = ["check_batch_size", "check_positive_number", "check_whole_number"]
 
 
 def check_whole_number(name: str, value: object, *, minimum: int = 1) -> int:
@@ -34,7 +34,12 @@ def check_whole_number(name: str, value: object, *, minimum: int = 1) -> int:
         0
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
+        what = (
+            "a positive whole number (at least 1)"
+            if minimum == 1
+            else (f"a whole number of at least {minimum}")
+        )
+        raise ConfigError(f"{name} must be {what}, got {value!r}.")
     return value
 
 
@@ -63,3 +68,18 @@ def check_positive_number(name: str, value: object) -> float:
     ):
         raise ConfigError(f"{name} must be a positive number, got {value!r}.")
     return float(value)
+
+
+def check_batch_size(batch_size: object, *, name: str = "batch_size") -> int:
+    """Return `batch_size` when it is a positive int (a number of samples).
+
+    Raises:
+        ConfigError: anything else.
+
+    Example:
+        >>> check_batch_size(32)
+        32
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{name} must be a positive whole number of samples, got {batch_size!r}.")
+    return batch_size
