@@ -41,6 +41,7 @@ class SearchState:
         self.fake_runs = 0
 
     def budget_text(self) -> str:
+        """The budget (and the usable memory after the margin, when it differs), for messages."""
         if self.usable == self.budget:
             return f"the budget is {format_bytes(self.budget)}"
         return (
@@ -49,6 +50,7 @@ class SearchState:
         )
 
     def does_not_fit(self, needed: int | None) -> DoesNotFitError:
+        """The error for "not even batch size 1 fits" (`needed`: its peak bytes, when known)."""
         need = f"batch size 1 needs {format_bytes(needed)}" if needed else "batch size 1 fails"
         return DoesNotFitError(
             f"No batch size fits: {need}; {self.budget_text()}. Try lower precision "
@@ -56,6 +58,7 @@ class SearchState:
         )
 
     def state_too_large(self, state: int) -> DoesNotFitError:
+        """The error for a model whose state alone (`state` bytes) exceeds the usable memory."""
         return DoesNotFitError(
             f"the model needs {format_bytes(state)} before the first sample (parameters, "
             f"gradients and optimizer state); {self.budget_text()}. Give a larger budget, or "
@@ -63,6 +66,7 @@ class SearchState:
         )
 
     def memory_model(self, limit: int) -> MemoryModel | None:
+        """Fixed + per-sample bytes fitted over the points from limit/4 up; None below 2 points."""
         points = self._points()
         near = {size: peak for size, peak in points.items() if size >= max(1, limit // 4)}
         chosen = near if len(near) >= 2 else points

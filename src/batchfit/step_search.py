@@ -59,6 +59,7 @@ class StepSearch(SearchState):
         self.optimizer = optimizer
 
     def run(self) -> tuple[int, bool]:
+        """Check the model's state fits, then probe; returns (limit, capped)."""
         if self.model is not None:
             state = counted_bytes(self._state_tensors(), device=self.device)
             self.state_bytes = state
@@ -75,6 +76,7 @@ class StepSearch(SearchState):
         return tensors_of_state(self.model, self.optimizer)
 
     def probe(self, batch_size: int) -> tuple[bool, int | None]:
+        """One call of the step at `batch_size`: (fits, peak bytes when it fitted and was read)."""
         self.say(f"step at batch {batch_size}")
         started = time.perf_counter()
         failure: str | None = None
