@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchfit.errors import BatchfitError
@@ -105,18 +105,6 @@ def _stderr_console():
     return Console(file=sys.stderr)
 
 
-def _table(title: str, rows: Iterable[Sequence[str]], *, columns: Sequence[str] | None = None):
-    """A rich table: `columns` as right-aligned headers, or (label, value) rows without one."""
-    from rich.table import Table
-
-    table = Table(title=title, show_header=columns is not None)
-    for column in columns or ():
-        table.add_column(column, justify="right")
-    for cells in rows:
-        table.add_row(*cells)
-    return table
-
-
 def _show_result(
     args: argparse.Namespace,
     result: Any,
@@ -160,8 +148,8 @@ def _memory_budget_bytes(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
+    from batchfit.cli_format import print_memory
     from batchfit.search import find_max_batch_size
-    from batchfit.units import format_bytes, format_seconds
 
     task = _load_task(args)
     margin = _number_flag(args, "margin")
@@ -179,54 +167,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return 0
-    console = _stdout_console()
-    budget = format_bytes(result.budget_bytes)
-    rows = [
-        [
-            str(trial.batch_size),
-            "-" if trial.predicted_peak_bytes is None else format_bytes(trial.predicted_peak_bytes),
-            "-" if trial.measured_peak_bytes is None else format_bytes(trial.measured_peak_bytes),
-            "yes" if trial.fits else "no (out of memory)",
-            str(trial.steps),
-            format_seconds(trial.seconds),
-        ]
-        for trial in result.trials
-    ]
-    columns = ("batch", "predicted peak", "measured peak", "fits", "steps", "time")
-    title = f"Trials: {task.name} on {result.device}, budget {budget}"
-    console.print(_table(title, rows, columns=columns))
-    model = result.memory_model
-    if model is not None:
-        sizes = model.batch_sizes
-        console.print(
-            f"Memory model: {model.describe()}, fitted over batches {sizes[0]} to {sizes[-1]}",
-            highlight=False,
-        )
-    if result.state_bytes is not None:
-        console.print(
-            f"Model, gradients and optimizer state: {format_bytes(result.state_bytes)}",
-            highlight=False,
-        )
-    console.print(
-        f"Usable memory: {format_bytes(result.usable_bytes)} ({budget} budget, "
-        f"{result.margin:.0%} margin)",
-        highlight=False,
-    )
-    answer = f"Largest batch that fits: {result.limit_batch_size}"
-    if result.capped:
-        answer += " (or more: the search stopped there)"
-    if result.batch_size != result.limit_batch_size:
-        how = "a power of two" if result.round_to == "pow2" else f"a multiple of {result.round_to}"
-        answer += f", rounded to {result.batch_size} ({how})"
-    console.print(answer, style="bold", highlight=False)
-    console.print(
-        f"Found with {result.real_steps} real training steps ({result.oom_errors} out of "
-        f"memory) and {len(result.predictions)} predictions ({result.fake_runs} fake-tensor "
-        f"runs) in {format_seconds(result.seconds)}.",
-        highlight=False,
-    )
-    for note in result.notes:
-        console.print(f"Note: {note}", highlight=False)
+    print_memory(_stdout_console(), task.name, result)
     return 0
 
 
@@ -263,8 +204,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         return 0
     line = f"{exact}"
     if rounded != exact:
-        how = "a power of two" if round_to == "pow2" else f"a multiple of {round_to}"
-        line += f", rounded to {rounded} ({how})"
+        from batchfit.cli_format import rounding_phrase
+
+        line += f", rounded to {rounded} ({rounding_phrase(round_to)})"
     print(line)
     return 0
 
@@ -283,9 +225,10 @@ def _parse_number(text: str | None, name: str, kind: type = float):
 
 
 def _cmd_scale_lr(args: argparse.Namespace) -> int:
+    from batchfit.cli_format import print_scaled_rate
     from batchfit.errors import ConfigError
     from batchfit.lr_scaling import default_rule, recommended_schedule, scaled_rate
-    from batchfit.schedules import render_schedule, schedule_table
+    from batchfit.schedules import schedule_table
 
     task = _load_task(args) if (args.task or args.example) else None
     lr = _number_flag(args, "lr")
@@ -301,19 +244,12 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
     result = scaled.to_dict()
     config = None
     if args.total_steps is not None:
-        warmup = args.warmup.strip().rstrip("%")
-        fraction = steps = None
-        if args.warmup.strip().endswith("%"):
-            fraction = _parse_number(warmup, "--warmup") / 100
-        elif "." in warmup:
-            fraction = _parse_number(warmup, "--warmup")
-        elif warmup != "auto":
-            steps = _parse_number(warmup, "--warmup", int)
+        warmup = _parse_warmup(args.warmup)
         config = recommended_schedule(
             scaled,
             _number_flag(args, "total_steps", int),
-            warmup_steps=steps,
-            warmup_fraction=fraction,
+            warmup_steps=warmup if isinstance(warmup, int) else None,
+            warmup_fraction=warmup if isinstance(warmup, float) else None,
             decay=args.decay,
             min_lr_factor=_number_flag(args, "min_lr_factor"),
         )
@@ -329,22 +265,14 @@ def _cmd_scale_lr(args: argparse.Namespace) -> int:
         _print_json(result)
         return 0
     console = _stdout_console()
-    console.print(f"{scaled.lr:.6g}", highlight=False)
-    console.print(f"  {scaled.reason}", highlight=False)
-    if scaled.warmup:
-        console.print(
-            f"  warm up: the rate is {scaled.lr / scaled.base_lr:.3g}x the base; ramp up from "
-            f"{scaled.base_lr:.6g} (start factor {scaled.warmup_start_factor:.3g})",
-            highlight=False,
-        )
-    if config is not None:
-        console.print(render_schedule(config, scaled.lr))
+    print_scaled_rate(console, scaled, config)
     if args.plot is not None:
         console.print(f"schedule plot written to {result['plot']}", highlight=False)
     return 0
 
 
 def _cmd_noise_scale(args: argparse.Namespace) -> int:
+    from batchfit.cli_format import table as format_table
     from batchfit.noise_scale import measure_noise_scale
     from batchfit.plots import plot_noise_scale
 
@@ -364,7 +292,7 @@ def _cmd_noise_scale(args: argparse.Namespace) -> int:
             memory_budget_bytes=_memory_budget_bytes(args),
             progress=bar,
         )
-    table = _table(f"Gradient noise scale: {task.name}", result.summary_rows())
+    table = format_table(f"Gradient noise scale: {task.name}", result.summary_rows())
     return _show_result(args, result, table, plot=plot_noise_scale)
 
 
@@ -497,8 +425,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        _print_train_summary(task.name, result)
-        _print_noise_summary(noise, config.global_batch)
+        from batchfit.cli_format import print_noise_summary, print_train_summary
+
+        console = _stdout_console()
+        print_train_summary(console, task.name, result)
+        print_noise_summary(console, noise, config.global_batch)
     return 130 if result.interrupted else 0
 
 
@@ -535,64 +466,6 @@ def _noise_scale_callback(task, config, context):
     if pieces < 2 or config.global_batch > len(task.train_data):
         return None
     return NoiseScaleCallback(dataset_size=len(task.train_data))
-
-
-def _print_noise_summary(noise, global_batch: int) -> None:
-    say = _stdout_console().print
-    if noise is None:
-        say(
-            "  noise scale: not logged (needs two or more micro-batches per step, or DDP)",
-            highlight=False,
-        )
-        return
-    estimate = noise.tracker.noise_scale
-    if estimate is None:
-        say("  noise scale: not yet reliable at the end of the run", highlight=False)
-        return
-    if estimate > 2 * global_batch:
-        advice = "well above the global batch: a larger global batch would now save steps"
-    elif estimate < global_batch / 2:
-        advice = "well below the global batch: part of each batch adds little"
-    else:
-        advice = "close to the global batch"
-    say(f"  noise scale at the end: ~{estimate:.0f} samples, {advice}", highlight=False)
-
-
-def _print_train_summary(name: str, result) -> None:
-    from pathlib import Path
-
-    console = _stdout_console()
-    say = console.print
-    state = "Interrupted" if result.interrupted else "Trained"
-    say(
-        f"{state} {name}: {result.steps}/{result.total_steps} steps, {result.samples_seen:,} "
-        f"samples, {result.seconds:.1f} s ({result.samples_per_second:,.0f} samples/s)",
-        highlight=False,
-    )
-    ranks = f" x {result.world_size} ranks" if result.world_size > 1 else ""
-    say(
-        f"  global batch {result.global_batch} = {result.accumulation_steps} micro-batches of "
-        f"{result.micro_batch}{ranks}",
-        highlight=False,
-    )
-    say(f"  lr {result.lr:.6g}: {result.lr_reason}", highlight=False)
-    say(f"  schedule: {result.schedule}", highlight=False)
-    for event in result.backoffs:
-        say(
-            f"  out of memory at step {event.step}: micro-batch {event.failed_micro_batch} -> "
-            f"{event.micro_batch}",
-            highlight=False,
-        )
-    if result.val_metrics:
-        values = ", ".join(f"{key} {value:.4f}" for key, value in result.val_metrics.items())
-        say(f"  {values}", highlight=False)
-    if result.metrics_path:
-        say(f"  metrics: {result.metrics_path}", highlight=False)
-    if result.checkpoint_path:
-        say(f"  checkpoint: {result.checkpoint_path}", highlight=False)
-    if result.interrupted:
-        run_dir = Path(result.checkpoint_path).parent
-        say(f"  continue with: batchfit train ... --resume {run_dir}", highlight=False)
 
 
 class _StepBar:
@@ -679,6 +552,7 @@ class _PhaseBars:
 
 
 def _cmd_lr_range(args: argparse.Namespace) -> int:
+    from batchfit.cli_format import table as format_table
     from batchfit.plots import plot_range_test
     from batchfit.range_test import lr_range_test
 
@@ -705,7 +579,7 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
             on_step=on_step,
         )
     title = f"Learning-rate range test: {task.name}"
-    table = _table(title, result.summary_rows())
+    table = format_table(title, result.summary_rows())
     return _show_result(
         args, result, table, plot=lambda result, path: plot_range_test(result, path, title=title)
     )
@@ -725,6 +599,7 @@ def _parse_batch_sizes(text: str | None) -> list[int] | None:
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
+    from batchfit.cli_format import table as format_table
     from batchfit.plots import plot_throughput
     from batchfit.throughput import measure_throughput
 
@@ -748,7 +623,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
             on_step=on_step,
         )
     title = f"Throughput: {task.name} on {result.device}"
-    table = _table(title, result.table_rows(), columns=result.table_columns())
+    table = format_table(title, result.table_rows(), columns=result.table_columns())
     return _show_result(
         args, result, table, plot=lambda result, path: plot_throughput(result, path, title=title)
     )
@@ -757,8 +632,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rich.table import Table
-
+    from batchfit.cli_format import print_plan
     from batchfit.planner import PHASES, plan
     from batchfit.report import write_report
 
@@ -787,30 +661,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             {"plan": result.to_dict(), "plan_path": str(plan_path), "report_path": str(report_path)}
         )
         return 0
-    table = Table(title=f"Plan for {result.task}", title_justify="left")
-    table.add_column("setting")
-    table.add_column("value", justify="right")
-    table.add_column("why")
-    lr_text = f"{result.lr:.4g}"
-    rows = (
-        ("global batch", str(result.global_batch), "global_batch"),
-        ("micro-batch", str(result.micro_batch), "micro_batch"),
-        ("accumulation", str(result.accumulation_steps), "accumulation_steps"),
-        ("learning rate", lr_text, "lr"),
-        ("warmup steps", str(result.warmup_steps), "warmup_steps"),
-        ("optimizer", result.optimizer, "optimizer"),
-        ("normalisation", result.normalization, "normalization"),
-    )
-    for label, value, key in rows:
-        table.add_row(label, value, result.reasons.get(key, ""))
-    console = _stdout_console()
-    console.print(table)
-    for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
-    console.print(f"plan:   {plan_path}", highlight=False)
-    console.print(f"report: {report_path}", highlight=False)
     source = args.task or f"--example {args.example}"
-    console.print(f"train:  batchfit train {source} --plan {plan_path}", highlight=False)
+    print_plan(
+        _stdout_console(), result, plan_path=plan_path, report_path=report_path, source=source
+    )
     return 0
 
 
