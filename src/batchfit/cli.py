@@ -87,6 +87,72 @@ def _load_task(args: argparse.Namespace):
     )
 
 
+# --- reading flags -----------------------------------------------------------------------
+
+
+def _parse_number(text: str | None, name: str, kind: type = float):
+    """A number from a flag's text; a ConfigError (one line, exit 2) when it is not one."""
+    from batchfit.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} {text!r} is not {what}; e.g. {name} 64.") from None
+
+
+def _number_flag(args: argparse.Namespace, name: str, kind: type = float):
+    """The number given for --NAME (`args.NAME`, dashes for underscores), or None if absent."""
+    return _parse_number(getattr(args, name), "--" + name.replace("_", "-"), kind)
+
+
+def _parse_warmup(text: str | None) -> int | float | None:
+    """--warmup: whole steps ("500"), a fraction ("0.05" or "5%"), or auto (None)."""
+    if text is None or text.strip() == "auto":
+        return None
+    text = text.strip()
+    if text.endswith("%"):
+        return _parse_number(text[:-1], "--warmup") / 100
+    if "." in text or "e" in text.lower():
+        return _parse_number(text, "--warmup")
+    return _parse_number(text, "--warmup", int)
+
+
+def _parse_batch_sizes(text: str | None) -> list[int] | None:
+    from batchfit.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ConfigError(
+            f"--batch-sizes {text!r} is not a list of whole numbers; e.g. --batch-sizes 8,16,32."
+        ) from None
+
+
+def _memory_budget_bytes(args: argparse.Namespace) -> int | None:
+    """--memory-budget in bytes, or None when not given."""
+    from batchfit.units import parse_size
+
+    if not args.memory_budget:
+        return None
+    return parse_size(args.memory_budget, name="--memory-budget")
+
+
+def _check_png(path: str | None) -> None:
+    """Refuse a --plot file that is not a .png before any work is done."""
+    from batchfit.errors import ConfigError
+
+    if path is not None and not path.lower().endswith(".png"):
+        raise ConfigError(f"--plot {path!r} must end in .png; give e.g. --plot out.png.")
+
+
+# --- output: results on stdout, progress on stderr ---------------------------------------
+
+
 def _print_json(result: Any) -> None:
     data = result.to_dict() if hasattr(result, "to_dict") else result
     json.dump(data, sys.stdout, indent=2, default=str)
@@ -125,347 +191,6 @@ def _show_result(
     if args.plot:
         console.print(f"Plot written to {args.plot}", highlight=False)
     return 0
-
-
-def _check_png(path: str | None) -> None:
-    """Refuse a --plot file that is not a .png before any work is done."""
-    from batchfit.errors import ConfigError
-
-    if path is not None and not path.lower().endswith(".png"):
-        raise ConfigError(f"--plot {path!r} must end in .png; give e.g. --plot out.png.")
-
-
-def _memory_budget_bytes(args: argparse.Namespace) -> int | None:
-    """--memory-budget in bytes, or None when not given."""
-    from batchfit.units import parse_size
-
-    if not args.memory_budget:
-        return None
-    return parse_size(args.memory_budget, name="--memory-budget")
-
-
-# --- subcommands -------------------------------------------------------------------------
-
-
-def _cmd_memory(args: argparse.Namespace) -> int:
-    from batchfit.cli_format import print_memory
-    from batchfit.search import find_max_batch_size
-
-    task = _load_task(args)
-    margin = _number_flag(args, "margin")
-    max_batch = _number_flag(args, "max_batch", int)
-    with _StepBar("memory") as bar:
-        result = find_max_batch_size(
-            task,
-            device=args.device,
-            memory_budget=args.memory_budget,
-            margin=margin,
-            round_to=args.round,
-            **({} if max_batch is None else {"max_batch_size": max_batch}),
-            progress=bar.note,
-        )
-    if args.json:
-        _print_json(result)
-        return 0
-    print_memory(_stdout_console(), task.name, result)
-    return 0
-
-
-def _cmd_estimate(args: argparse.Namespace) -> int:
-    from batchfit.memory_model import max_batch_size
-    from batchfit.rounding import check_round_to, round_down
-    from batchfit.units import format_bytes, parse_size
-
-    capacity = parse_size(args.memory, name="--memory")
-    fixed = parse_size(args.model, name="--model")
-    per_sample = parse_size(args.per_sample, name="--per-sample")
-    reserve = parse_size(args.reserve, name="--reserve") if args.reserve else 0
-    round_to = check_round_to(args.round)
-    exact = max_batch_size(capacity, fixed, per_sample, reserve_bytes=reserve)
-    rounded = round_down(exact, round_to)
-    if args.json:
-        _print_json(
-            {
-                "capacity_bytes": capacity,
-                "fixed_bytes": fixed,
-                "per_sample_bytes": per_sample,
-                "reserve_bytes": reserve,
-                "max_batch_size": exact,
-                "round_to": round_to,
-                "batch_size": rounded,
-            }
-        )
-        return 0
-    if exact == 0:
-        print(
-            f"0: not one sample fits. The model takes {format_bytes(fixed)} of "
-            f"{format_bytes(capacity - reserve)}, and one sample needs {format_bytes(per_sample)}."
-        )
-        return 0
-    line = f"{exact}"
-    if rounded != exact:
-        from batchfit.cli_format import rounding_phrase
-
-        line += f", rounded to {rounded} ({rounding_phrase(round_to)})"
-    print(line)
-    return 0
-
-
-def _parse_number(text: str | None, name: str, kind: type = float):
-    """A number from a flag's text; a ConfigError (one line, exit 2) when it is not one."""
-    from batchfit.errors import ConfigError
-
-    if text is None:
-        return None
-    try:
-        return kind(text)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"{name} {text!r} is not {what}; e.g. {name} 64.") from None
-
-
-def _cmd_scale_lr(args: argparse.Namespace) -> int:
-    from batchfit.cli_format import print_scaled_rate
-    from batchfit.errors import ConfigError
-    from batchfit.lr_scaling import default_rule, recommended_schedule, scaled_rate
-    from batchfit.schedules import schedule_table
-
-    task = _load_task(args) if (args.task or args.example) else None
-    lr = _number_flag(args, "lr")
-    batch = _number_flag(args, "batch", int)
-    lr = task.lr if lr is None and task else lr
-    batch = task.batch_size if batch is None and task else batch
-    if lr is None or batch is None:
-        raise ConfigError("Give --lr and --batch (the tuned rate and its batch), or a task.")
-    family = args.optimizer_family or (task.optimizer_family() if task else "sgd")
-    rule = args.rule or default_rule(family)
-    new_batch = _number_flag(args, "new_batch", int)
-    scaled = scaled_rate(lr, batch, new_batch, rule)
-    result = scaled.to_dict()
-    config = None
-    if args.total_steps is not None:
-        warmup = _parse_warmup(args.warmup)
-        config = recommended_schedule(
-            scaled,
-            _number_flag(args, "total_steps", int),
-            warmup_steps=warmup if isinstance(warmup, int) else None,
-            warmup_fraction=warmup if isinstance(warmup, float) else None,
-            decay=args.decay,
-            min_lr_factor=_number_flag(args, "min_lr_factor"),
-        )
-        rows = schedule_table(config, scaled.lr)
-        result["schedule"] = {**config.to_dict(), "table": rows}
-    if args.plot is not None:
-        if config is None:
-            raise ConfigError("--plot needs --total-steps, the optimizer steps of the run.")
-        from batchfit.plots import plot_schedule
-
-        result["plot"] = str(plot_schedule(config, scaled.lr, args.plot))
-    if args.json:
-        _print_json(result)
-        return 0
-    console = _stdout_console()
-    print_scaled_rate(console, scaled, config)
-    if args.plot is not None:
-        console.print(f"schedule plot written to {result['plot']}", highlight=False)
-    return 0
-
-
-def _cmd_noise_scale(args: argparse.Namespace) -> int:
-    from batchfit.cli_format import table as format_table
-    from batchfit.noise_scale import measure_noise_scale
-    from batchfit.plots import plot_noise_scale
-
-    _check_png(args.plot)
-    task = _load_task(args)
-    label = {"warmup": "training first"}.get
-    with _PhaseBars(lambda phase: label(phase, "measuring batches"), transient=True) as bar:
-        result = measure_noise_scale(
-            task,
-            small_batch=_number_flag(args, "small_batch", int),
-            big_batch=_number_flag(args, "big_batch", int),
-            batches=_number_flag(args, "batches", int),
-            warmup_steps=_number_flag(args, "warmup_steps", int),
-            checkpoint=args.checkpoint,
-            device=args.device,
-            finite_population=not args.infinite_population,
-            memory_budget_bytes=_memory_budget_bytes(args),
-            progress=bar,
-        )
-    table = format_table(f"Gradient noise scale: {task.name}", result.summary_rows())
-    return _show_result(args, result, table, plot=plot_noise_scale)
-
-
-def _number_flag(args: argparse.Namespace, name: str, kind: type = float):
-    """The number given for --NAME (`args.NAME`, dashes for underscores), or None if absent."""
-    return _parse_number(getattr(args, name), "--" + name.replace("_", "-"), kind)
-
-
-def _parse_warmup(text: str | None) -> int | float | None:
-    """--warmup: whole steps ("500"), a fraction ("0.05" or "5%"), or auto (None)."""
-    if text is None or text.strip() == "auto":
-        return None
-    text = text.strip()
-    if text.endswith("%"):
-        return _parse_number(text[:-1], "--warmup") / 100
-    if "." in text or "e" in text.lower():
-        return _parse_number(text, "--warmup")
-    return _parse_number(text, "--warmup", int)
-
-
-# Flags of `batchfit train` that take a value, as (flag, namespace attribute): --nproc re-runs
-# the same command under torchrun, rebuilt from the parsed arguments.
-_TRAIN_VALUE_FLAGS = (
-    ("--global-batch", "global_batch"),
-    ("--micro-batch", "micro_batch"),
-    ("--steps", "steps"),
-    ("--epochs", "epochs"),
-    ("--lr", "lr"),
-    ("--lr-rule", "lr_rule"),
-    ("--warmup", "warmup"),
-    ("--decay", "decay"),
-    ("--optimizer", "optimizer"),
-    ("--label-smoothing", "label_smoothing"),
-    ("--swa-start", "swa_start"),
-    ("--swa-lr", "swa_lr"),
-    ("--max-grad-norm", "max_grad_norm"),
-    ("--eval-every", "eval_every"),
-    ("--checkpoint-every", "checkpoint_every"),
-    ("--out", "out"),
-    ("--seed", "seed"),
-    ("--device", "device"),
-    ("--memory-budget", "memory_budget"),
-    ("--example", "example"),
-    ("--plan", "plan"),
-)
-_TRAIN_SWITCHES = (
-    ("--swa", "swa"),
-    ("--allow-uneven", "allow_uneven"),
-    ("--sync-batchnorm", "sync_batchnorm"),
-    ("--no-noise-scale", "no_noise_scale"),
-    ("--json", "json"),
-)
-
-
-def _train_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["train"] + ([args.task] if args.task else [])
-    for flag, name in _TRAIN_VALUE_FLAGS:
-        if getattr(args, name) is not None:
-            argv += [flag, str(getattr(args, name))]
-    argv += [flag for flag, name in _TRAIN_SWITCHES if getattr(args, name)]
-    if args.resume:
-        argv.append("--resume")
-    return (["--verbose"] if args.verbose else []) + argv
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    import time
-
-    from batchfit.distributed import detect_distributed, launch
-    from batchfit.errors import ConfigError
-    from batchfit.loop import TrainConfig, check_train_config, train
-
-    nproc = _number_flag(args, "nproc", int)
-    if isinstance(args.resume, str):  # --resume RUN_DIR
-        if args.out is not None and args.out != args.resume:
-            raise ConfigError(f"--resume {args.resume} and --out {args.out} differ; give one.")
-        args.out = args.resume
-    task = _load_task(args)
-    if args.plan:
-        task = _apply_plan(args, task)
-    for flag, name in (("--global-batch", "global_batch"), ("--micro-batch", "micro_batch")):
-        if getattr(args, name) is None:
-            raise ConfigError(f"{flag} is needed (or --plan PLAN_JSON from `batchfit plan`).")
-    if args.out is None and not args.resume:
-        args.out = f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = TrainConfig(
-        global_batch=_number_flag(args, "global_batch", int),
-        micro_batch=_number_flag(args, "micro_batch", int),
-        steps=_number_flag(args, "steps", int),
-        epochs=_number_flag(args, "epochs"),
-        lr=_number_flag(args, "lr"),
-        lr_rule=args.lr_rule,
-        warmup=_parse_warmup(args.warmup),
-        decay=args.decay or "cosine",
-        optimizer=args.optimizer or "task",
-        label_smoothing=_number_flag(args, "label_smoothing") or 0.0,
-        swa=args.swa,
-        swa_start=_number_flag(args, "swa_start") or 0.75,
-        swa_lr=_number_flag(args, "swa_lr"),
-        max_grad_norm=_number_flag(args, "max_grad_norm"),
-        eval_every=_number_flag(args, "eval_every", int),
-        checkpoint_every=_number_flag(args, "checkpoint_every", int),
-        out_dir=args.out,
-        resume=bool(args.resume),
-        seed=_number_flag(args, "seed", int),
-        allow_uneven=args.allow_uneven,
-        sync_batchnorm=args.sync_batchnorm,
-    )
-    budget = _memory_budget_bytes(args)
-    if nproc is not None and nproc > 1:
-        if detect_distributed().enabled:
-            raise ConfigError("--nproc starts torchrun; under torchrun already, drop --nproc.")
-        check_train_config(task, config, world_size=nproc, device=args.device)
-        return launch(nproc, _train_argv(args))
-    if nproc is not None and nproc < 1:
-        raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}.")
-    context = detect_distributed()
-    main_rank = context.is_main
-    noise = None if args.no_noise_scale else _noise_scale_callback(task, config, context)
-    result = train(
-        task,
-        config,
-        device=args.device,
-        memory_budget_bytes=budget,
-        progress=main_rank,
-        callbacks=[noise] if noise else (),
-    )
-    if not main_rank:
-        return 130 if result.interrupted else 0
-    if args.json:
-        _print_json(result)
-    else:
-        from batchfit.cli_format import print_noise_summary, print_train_summary
-
-        console = _stdout_console()
-        print_train_summary(console, task.name, result)
-        print_noise_summary(console, noise, config.global_batch)
-    return 130 if result.interrupted else 0
-
-
-def _apply_plan(args: argparse.Namespace, task):
-    """Fill the train flags the user left out from a plan.json; returns the task to train."""
-    from batchfit.plan import apply_plan, load_plan
-
-    plan = load_plan(args.plan)
-    given_steps = args.steps is not None or args.epochs is not None
-    defaults = {
-        "global_batch": plan.global_batch,
-        "micro_batch": plan.micro_batch,
-        "lr": plan.lr,
-        # The plan's warmup was sized for its own run length; for another length the loop
-        # sizes it anew (auto).
-        "warmup": None if given_steps else plan.warmup_steps,
-        "optimizer": plan.optimizer,
-        "steps": None if given_steps else plan.total_steps,
-    }
-    for name, value in defaults.items():
-        if getattr(args, name) is None and value is not None:
-            setattr(args, name, str(value))
-    if plan.normalization == "syncbatchnorm":
-        args.sync_batchnorm = True
-    return apply_plan(plan, task)
-
-
-def _noise_scale_callback(task, config, context):
-    """A NoiseScaleCallback when each step has two or more micro-batches or ranks, else None."""
-    from batchfit.gradient_norms import NoiseScaleCallback
-
-    world_size = max(1, context.world_size)
-    pieces = -(-config.global_batch // (config.micro_batch * world_size)) * world_size
-    if pieces < 2 or config.global_batch > len(task.train_data):
-        return None
-    return NoiseScaleCallback(dataset_size=len(task.train_data))
 
 
 class _StepBar:
@@ -551,6 +276,309 @@ class _PhaseBars:
         self.progress.stop()
 
 
+# --- subcommands -------------------------------------------------------------------------
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from batchfit.cli_format import print_memory
+    from batchfit.search import find_max_batch_size
+
+    task = _load_task(args)
+    margin = _number_flag(args, "margin")
+    max_batch = _number_flag(args, "max_batch", int)
+    with _StepBar("memory") as bar:
+        result = find_max_batch_size(
+            task,
+            device=args.device,
+            memory_budget=args.memory_budget,
+            margin=margin,
+            round_to=args.round,
+            **({} if max_batch is None else {"max_batch_size": max_batch}),
+            progress=bar.note,
+        )
+    if args.json:
+        _print_json(result)
+        return 0
+    print_memory(_stdout_console(), task.name, result)
+    return 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from batchfit.memory_model import max_batch_size
+    from batchfit.rounding import check_round_to, round_down
+    from batchfit.units import format_bytes, parse_size
+
+    capacity = parse_size(args.memory, name="--memory")
+    fixed = parse_size(args.model, name="--model")
+    per_sample = parse_size(args.per_sample, name="--per-sample")
+    reserve = parse_size(args.reserve, name="--reserve") if args.reserve else 0
+    round_to = check_round_to(args.round)
+    exact = max_batch_size(capacity, fixed, per_sample, reserve_bytes=reserve)
+    rounded = round_down(exact, round_to)
+    if args.json:
+        _print_json(
+            {
+                "capacity_bytes": capacity,
+                "fixed_bytes": fixed,
+                "per_sample_bytes": per_sample,
+                "reserve_bytes": reserve,
+                "max_batch_size": exact,
+                "round_to": round_to,
+                "batch_size": rounded,
+            }
+        )
+        return 0
+    if exact == 0:
+        print(
+            f"0: not one sample fits. The model takes {format_bytes(fixed)} of "
+            f"{format_bytes(capacity - reserve)}, and one sample needs {format_bytes(per_sample)}."
+        )
+        return 0
+    line = f"{exact}"
+    if rounded != exact:
+        from batchfit.cli_format import rounding_phrase
+
+        line += f", rounded to {rounded} ({rounding_phrase(round_to)})"
+    print(line)
+    return 0
+
+
+def _cmd_scale_lr(args: argparse.Namespace) -> int:
+    from batchfit.cli_format import print_scaled_rate
+    from batchfit.errors import ConfigError
+    from batchfit.lr_scaling import default_rule, recommended_schedule, scaled_rate
+    from batchfit.schedules import schedule_table
+
+    task = _load_task(args) if (args.task or args.example) else None
+    lr = _number_flag(args, "lr")
+    batch = _number_flag(args, "batch", int)
+    lr = task.lr if lr is None and task else lr
+    batch = task.batch_size if batch is None and task else batch
+    if lr is None or batch is None:
+        raise ConfigError("Give --lr and --batch (the tuned rate and its batch), or a task.")
+    family = args.optimizer_family or (task.optimizer_family() if task else "sgd")
+    rule = args.rule or default_rule(family)
+    new_batch = _number_flag(args, "new_batch", int)
+    scaled = scaled_rate(lr, batch, new_batch, rule)
+    result = scaled.to_dict()
+    config = None
+    if args.total_steps is not None:
+        warmup = _parse_warmup(args.warmup)
+        config = recommended_schedule(
+            scaled,
+            _number_flag(args, "total_steps", int),
+            warmup_steps=warmup if isinstance(warmup, int) else None,
+            warmup_fraction=warmup if isinstance(warmup, float) else None,
+            decay=args.decay,
+            min_lr_factor=_number_flag(args, "min_lr_factor"),
+        )
+        rows = schedule_table(config, scaled.lr)
+        result["schedule"] = {**config.to_dict(), "table": rows}
+    if args.plot is not None:
+        if config is None:
+            raise ConfigError("--plot needs --total-steps, the optimizer steps of the run.")
+        from batchfit.plots import plot_schedule
+
+        result["plot"] = str(plot_schedule(config, scaled.lr, args.plot))
+    if args.json:
+        _print_json(result)
+        return 0
+    console = _stdout_console()
+    print_scaled_rate(console, scaled, config)
+    if args.plot is not None:
+        console.print(f"schedule plot written to {result['plot']}", highlight=False)
+    return 0
+
+
+def _cmd_noise_scale(args: argparse.Namespace) -> int:
+    from batchfit.cli_format import table as format_table
+    from batchfit.noise_scale import measure_noise_scale
+    from batchfit.plots import plot_noise_scale
+
+    _check_png(args.plot)
+    task = _load_task(args)
+    label = {"warmup": "training first"}.get
+    with _PhaseBars(lambda phase: label(phase, "measuring batches"), transient=True) as bar:
+        result = measure_noise_scale(
+            task,
+            small_batch=_number_flag(args, "small_batch", int),
+            big_batch=_number_flag(args, "big_batch", int),
+            batches=_number_flag(args, "batches", int),
+            warmup_steps=_number_flag(args, "warmup_steps", int),
+            checkpoint=args.checkpoint,
+            device=args.device,
+            finite_population=not args.infinite_population,
+            memory_budget_bytes=_memory_budget_bytes(args),
+            progress=bar,
+        )
+    table = format_table(f"Gradient noise scale: {task.name}", result.summary_rows())
+    return _show_result(args, result, table, plot=plot_noise_scale)
+
+
+# Flags of `batchfit train` that take a value, as (flag, namespace attribute): --nproc re-runs
+# the same command under torchrun, rebuilt from the parsed arguments.
+_TRAIN_VALUE_FLAGS = (
+    ("--global-batch", "global_batch"),
+    ("--micro-batch", "micro_batch"),
+    ("--steps", "steps"),
+    ("--epochs", "epochs"),
+    ("--lr", "lr"),
+    ("--lr-rule", "lr_rule"),
+    ("--warmup", "warmup"),
+    ("--decay", "decay"),
+    ("--optimizer", "optimizer"),
+    ("--label-smoothing", "label_smoothing"),
+    ("--swa-start", "swa_start"),
+    ("--swa-lr", "swa_lr"),
+    ("--max-grad-norm", "max_grad_norm"),
+    ("--eval-every", "eval_every"),
+    ("--checkpoint-every", "checkpoint_every"),
+    ("--out", "out"),
+    ("--seed", "seed"),
+    ("--device", "device"),
+    ("--memory-budget", "memory_budget"),
+    ("--example", "example"),
+    ("--plan", "plan"),
+)
+
+
+_TRAIN_SWITCHES = (
+    ("--swa", "swa"),
+    ("--allow-uneven", "allow_uneven"),
+    ("--sync-batchnorm", "sync_batchnorm"),
+    ("--no-noise-scale", "no_noise_scale"),
+    ("--json", "json"),
+)
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["train"] + ([args.task] if args.task else [])
+    for flag, name in _TRAIN_VALUE_FLAGS:
+        if getattr(args, name) is not None:
+            argv += [flag, str(getattr(args, name))]
+    argv += [flag for flag, name in _TRAIN_SWITCHES if getattr(args, name)]
+    if args.resume:
+        argv.append("--resume")
+    return (["--verbose"] if args.verbose else []) + argv
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from batchfit.distributed import detect_distributed, launch
+    from batchfit.errors import ConfigError
+    from batchfit.loop import check_train_config, train
+
+    nproc = _number_flag(args, "nproc", int)
+    if isinstance(args.resume, str):  # --resume RUN_DIR
+        if args.out is not None and args.out != args.resume:
+            raise ConfigError(f"--resume {args.resume} and --out {args.out} differ; give one.")
+        args.out = args.resume
+    task = _load_task(args)
+    if args.plan:
+        task = _apply_plan(args, task)
+    for flag, name in (("--global-batch", "global_batch"), ("--micro-batch", "micro_batch")):
+        if getattr(args, name) is None:
+            raise ConfigError(f"{flag} is needed (or --plan PLAN_JSON from `batchfit plan`).")
+    if args.out is None and not args.resume:
+        args.out = f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = _train_config(args)
+    budget = _memory_budget_bytes(args)
+    if nproc is not None and nproc > 1:
+        if detect_distributed().enabled:
+            raise ConfigError("--nproc starts torchrun; under torchrun already, drop --nproc.")
+        check_train_config(task, config, world_size=nproc, device=args.device)
+        return launch(nproc, _train_argv(args))
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}.")
+    context = detect_distributed()
+    main_rank = context.is_main
+    noise = None if args.no_noise_scale else _noise_scale_callback(task, config, context)
+    result = train(
+        task,
+        config,
+        device=args.device,
+        memory_budget_bytes=budget,
+        progress=main_rank,
+        callbacks=[noise] if noise else (),
+    )
+    if not main_rank:
+        return 130 if result.interrupted else 0
+    if args.json:
+        _print_json(result)
+    else:
+        from batchfit.cli_format import print_noise_summary, print_train_summary
+
+        console = _stdout_console()
+        print_train_summary(console, task.name, result)
+        print_noise_summary(console, noise, config.global_batch)
+    return 130 if result.interrupted else 0
+
+
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig the train flags describe (after --plan and --resume filled them in)."""
+    from batchfit.loop import TrainConfig
+
+    return TrainConfig(
+        global_batch=_number_flag(args, "global_batch", int),
+        micro_batch=_number_flag(args, "micro_batch", int),
+        steps=_number_flag(args, "steps", int),
+        epochs=_number_flag(args, "epochs"),
+        lr=_number_flag(args, "lr"),
+        lr_rule=args.lr_rule,
+        warmup=_parse_warmup(args.warmup),
+        decay=args.decay or "cosine",
+        optimizer=args.optimizer or "task",
+        label_smoothing=_number_flag(args, "label_smoothing") or 0.0,
+        swa=args.swa,
+        swa_start=_number_flag(args, "swa_start") or 0.75,
+        swa_lr=_number_flag(args, "swa_lr"),
+        max_grad_norm=_number_flag(args, "max_grad_norm"),
+        eval_every=_number_flag(args, "eval_every", int),
+        checkpoint_every=_number_flag(args, "checkpoint_every", int),
+        out_dir=args.out,
+        resume=bool(args.resume),
+        seed=_number_flag(args, "seed", int),
+        allow_uneven=args.allow_uneven,
+        sync_batchnorm=args.sync_batchnorm,
+    )
+
+
+def _apply_plan(args: argparse.Namespace, task):
+    """Fill the train flags the user left out from a plan.json; returns the task to train."""
+    from batchfit.plan import apply_plan, load_plan
+
+    plan = load_plan(args.plan)
+    given_steps = args.steps is not None or args.epochs is not None
+    defaults = {
+        "global_batch": plan.global_batch,
+        "micro_batch": plan.micro_batch,
+        "lr": plan.lr,
+        # The plan's warmup was sized for its own run length; for another length the loop
+        # sizes it anew (auto).
+        "warmup": None if given_steps else plan.warmup_steps,
+        "optimizer": plan.optimizer,
+        "steps": None if given_steps else plan.total_steps,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None and value is not None:
+            setattr(args, name, str(value))
+    if plan.normalization == "syncbatchnorm":
+        args.sync_batchnorm = True
+    return apply_plan(plan, task)
+
+
+def _noise_scale_callback(task, config, context):
+    """A NoiseScaleCallback when each step has two or more micro-batches or ranks, else None."""
+    from batchfit.gradient_norms import NoiseScaleCallback
+
+    world_size = max(1, context.world_size)
+    pieces = -(-config.global_batch // (config.micro_batch * world_size)) * world_size
+    if pieces < 2 or config.global_batch > len(task.train_data):
+        return None
+    return NoiseScaleCallback(dataset_size=len(task.train_data))
+
+
 def _cmd_lr_range(args: argparse.Namespace) -> int:
     from batchfit.cli_format import table as format_table
     from batchfit.plots import plot_range_test
@@ -583,19 +611,6 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
     return _show_result(
         args, result, table, plot=lambda result, path: plot_range_test(result, path, title=title)
     )
-
-
-def _parse_batch_sizes(text: str | None) -> list[int] | None:
-    from batchfit.errors import ConfigError
-
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise ConfigError(
-            f"--batch-sizes {text!r} is not a list of whole numbers; e.g. --batch-sizes 8,16,32."
-        ) from None
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
