@@ -254,13 +254,15 @@ class _PhaseBars:
 
         self.label = label
         self.rows: dict[str, Any] = {}
+        console = _stderr_console()
         self.progress = Progress(
             TextColumn("{task.description:<12}"),
             BarColumn(),
             MofNCompleteColumn(),
-            console=_stderr_console(),
+            console=console,
             transient=transient,
-            disable=disable,
+            # Bars only on a terminal: piped, rich would print their last state at the end.
+            disable=disable or not console.is_terminal,
         )
 
     def __call__(self, phase: str, done: int, total: int) -> None:

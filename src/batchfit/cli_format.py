@@ -102,8 +102,9 @@ def print_train_summary(console: Console, name: str, result: Any) -> None:
         f"samples, {result.seconds:.1f} s ({result.samples_per_second:,.0f} samples/s)"
     )
     ranks = f" x {result.world_size} ranks" if result.world_size > 1 else ""
+    pieces = "micro-batch" if result.accumulation_steps == 1 else "micro-batches"
     say(
-        f"  global batch {result.global_batch} = {result.accumulation_steps} micro-batches of "
+        f"  global batch {result.global_batch} = {result.accumulation_steps} {pieces} of "
         f"{result.micro_batch}{ranks}"
     )
     say(f"  lr {result.lr:.6g}: {result.lr_reason}")

@@ -143,6 +143,7 @@ def plan(
         max_batch_size=limit,
         on_step=lambda done, total, size: report("throughput", done, total),
     )
+    report("throughput", 1, 1)  # done, also when it stopped before the largest size
     measurements["throughput"] = {
         "batch_sizes": list(throughput.batch_sizes),
         "samples_per_second": list(throughput.samples_per_second),
@@ -220,6 +221,7 @@ def plan(
         device=device,
         on_step=lambda done, total, lr, loss: report("range test", done, total),
     )
+    report("range test", 1, 1)  # done, also when it stopped at divergence
     measurements["range_test"] = {
         "lrs": list(range_result.lrs),
         "losses": [_finite_or_none(loss) for loss in range_result.losses],
