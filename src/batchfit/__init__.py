@@ -13,6 +13,11 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "Plan": "batchfit.plan",
+    "load_plan": "batchfit.plan",
+    "write_report": "batchfit.report",
+    "batchnorm_advice": "batchfit.norm_layers",
+    "convert_batchnorm": "batchfit.norm_layers",
     "BatchfitError": "batchfit.errors",
     "ConfigError": "batchfit.errors",
     "TaskError": "batchfit.errors",
