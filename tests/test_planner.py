@@ -9,6 +9,7 @@ from batchfit.planner import plan
 from batchfit.task import load_example
 
 from .conftest import make_mlp_task
+from .test_report import open_in_chromium
 
 QUICK = {"noise_batches": 8, "range_test_steps": 40}
 TINY_TASK = "tests/conftest.py:make_mlp_task"
@@ -78,7 +79,9 @@ def test_cli_plan_then_train_with_it(tmp_path, capsys):
     assert printed["plan_path"] == str(out / "plan.json")
     written = load_plan(out / "plan.json")
     assert written.global_batch == printed["plan"]["global_batch"]
-    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    seen = open_in_chromium(out / "report.html")  # the real report renders, every image loads
+    assert seen["problems"] == [] and len(seen["images"]) == 4
+    assert all(done and width > 0 for done, width in seen["images"])
     run = tmp_path / "run"
     code = main(
         [

@@ -98,9 +98,9 @@ def _browser_or_skip():
     pytest.skip(reason)
 
 
-def test_report_renders_in_headless_chromium(tmp_path):
+def open_in_chromium(path, screenshot=None) -> dict:
+    """Open an HTML file in headless Chromium: console problems, images, heading, plan rows."""
     chromium, sync_playwright = _browser_or_skip()
-    path = write_report(make_plan(task="digits <&>"), tmp_path / "report.html")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=chromium,
@@ -120,15 +120,26 @@ def test_report_renders_in_headless_chromium(tmp_path):
             page.on("pageerror", lambda error: problems.append(str(error)))
             page.on("requestfailed", lambda request: problems.append(request.url))
             page.goto(path.as_uri())
-            images = page.evaluate(
-                "Array.from(document.images).map(i => [i.complete, i.naturalWidth])"
-            )
-            heading = page.inner_text("h1")
-            rows = page.locator("tbody tr").count()
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            seen = {
+                "problems": problems,
+                "images": page.evaluate(
+                    "Array.from(document.images).map(i => [i.complete, i.naturalWidth])"
+                ),
+                "heading": page.inner_text("h1"),
+                "rows": page.locator("tbody tr").count(),
+            }
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
-    assert problems == []
-    assert len(images) == 4 and all(done and width > 0 for done, width in images)
-    assert heading == "batchfit plan: digits <&>"
-    assert rows == 8
+    return seen
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    path = write_report(make_plan(task="digits <&>"), tmp_path / "report.html")
+    seen = open_in_chromium(path, screenshot=tmp_path / "report.png")
+    assert seen["problems"] == []
+    assert len(seen["images"]) == 4
+    assert all(done and width > 0 for done, width in seen["images"])
+    assert seen["heading"] == "batchfit plan: digits <&>"
+    assert seen["rows"] == 8
