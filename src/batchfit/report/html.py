@@ -29,45 +29,44 @@ _PLAN_ROWS = (
 )
 
 
+# measurement key -> how to draw it from the plan's plain data, and its caption
+_FIGURES = (
+    (
+        "memory",
+        lambda plan, data: plots.memory_png(data),
+        "Peak memory against batch size: predicted probes, the fitted line, the budget and the "
+        "real trials that confirmed the limit.",
+    ),
+    (
+        "throughput",
+        lambda plan, data: plots.throughput_png(data),
+        "Training throughput against batch size; the knee is the smallest batch within reach of "
+        "the best throughput.",
+    ),
+    (
+        "noise_scale",
+        lambda plan, data: plots.noise_scale_png(
+            _noise_scale_data(data), global_batch=plan.global_batch
+        ),
+        "The gradient noise scale (critical batch): below it, doubling the batch nearly halves "
+        "the steps; above it, extra samples are mostly wasted.",
+    ),
+    (
+        "range_test",
+        lambda plan, data: plots.range_test_png(data, chosen_lr=plan.lr),
+        "Learning-rate range test at the chosen global batch, with its suggestions and the "
+        "chosen rate.",
+    ),
+)
+
+
 def render_report(plan: Plan, *, title: str | None = None) -> str:
     """The report for `plan` as an HTML string (self-contained)."""
-    measurements = plan.measurements
-    figures = []
-    if measurements.get("memory"):
-        figures.append(
-            _figure(
-                plots.memory_png(measurements["memory"]),
-                "Peak memory against batch size: predicted probes, the fitted line, the budget "
-                "and the real trials that confirmed the limit.",
-            )
-        )
-    if measurements.get("throughput"):
-        figures.append(
-            _figure(
-                plots.throughput_png(measurements["throughput"]),
-                "Training throughput against batch size; the knee is the smallest batch within "
-                "reach of the best throughput.",
-            )
-        )
-    if measurements.get("noise_scale"):
-        figures.append(
-            _figure(
-                plots.noise_scale_png(
-                    _noise_scale_data(measurements["noise_scale"]),
-                    global_batch=plan.global_batch,
-                ),
-                "The gradient noise scale (critical batch): below it, doubling the batch nearly "
-                "halves the steps; above it, extra samples are mostly wasted.",
-            )
-        )
-    if measurements.get("range_test"):
-        figures.append(
-            _figure(
-                plots.range_test_png(measurements["range_test"], chosen_lr=plan.lr),
-                "Learning-rate range test at the chosen global batch, with its suggestions and "
-                "the chosen rate.",
-            )
-        )
+    figures = [
+        _figure(draw(plan, plan.measurements[key]), caption)
+        for key, draw, caption in _FIGURES
+        if plan.measurements.get(key)
+    ]
     rows = "\n".join(
         f"<tr><th>{escape(label)}</th><td class=value>{escape(_value(plan, name))}</td>"
         f"<td>{escape(plan.reasons.get(name, hint))}</td></tr>"
