@@ -65,8 +65,40 @@ def test_customary_ranges():
 
 
 def test_choose_lr_checks_against_the_range_test():
-    kept = choose_lr(0.01, "scaled", steepest_lr=0.005, valley_lr=0.02, min_loss_lr=0.1)
+    kept = choose_lr(0.01, "scaled", steepest_lr=0.005, valley_lr=0.008, min_loss_lr=0.1)
     assert kept.value == 0.01 and "consistent" in kept.reason
     lowered = choose_lr(0.08, "scaled", steepest_lr=0.005, valley_lr=0.02, min_loss_lr=0.1)
     assert lowered.value == 0.02 and "divergence" in lowered.reason
     assert choose_lr(0.5, "scaled").value == 0.5
+
+
+def test_global_batch_minimises_time_to_a_loss_with_the_measured_throughput():
+    # A CPU-like curve: throughput flat from 32 on, so past the noise scale only samples grow.
+    flat = {1: 100, 4: 380, 16: 830, 32: 1000, 64: 1000, 256: 900}
+    choice = choose_global_batch(
+        noise_scale=68, knee_batch=32, world_size=1, dataset_size=10_000, reference_batch=32,
+        throughput=flat,
+    )  # fmt: skip
+    assert choice.value == 32 and "+32% at 64" in choice.reason
+    # A GPU-like curve, throughput still doubling: the larger batch pays for its samples.
+    rising = {2**k: 100 * 2**k for k in range(11)}
+    choice = choose_global_batch(
+        noise_scale=68, knee_batch=1024, world_size=2, dataset_size=100_000, reference_batch=32,
+        throughput=rising,
+    )  # fmt: skip
+    assert choice.value == 2048  # 1024 per device, the largest measured
+    # A dip at one size is noise: the running best stands in for it.
+    dip = {16: 800, 32: 50, 64: 1600}
+    choice = choose_global_batch(
+        noise_scale=1000, knee_batch=64, world_size=1, dataset_size=100_000, reference_batch=32,
+        throughput=dip,
+    )  # fmt: skip
+    assert choice.value >= 64
+
+
+def test_choose_lr_raises_to_the_valley():
+    raised = choose_lr(0.01, "scaled", steepest_lr=0.05, valley_lr=0.03, min_loss_lr=0.3)
+    assert raised.value == 0.03 and "raised" in raised.reason
+    # never above half the rate at the loss minimum
+    capped = choose_lr(0.01, "scaled", valley_lr=0.2, min_loss_lr=0.3)
+    assert capped.value == 0.01

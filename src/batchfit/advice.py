@@ -7,6 +7,7 @@ plan can say why. Sources are cited where a threshold comes from the literature.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from batchfit.errors import ConfigError
@@ -66,15 +67,23 @@ def choose_global_batch(
     dataset_size: int,
     reference_batch: int,
     measured_after_steps: int | None = None,
+    throughput: Mapping[int, float] | None = None,
 ) -> Choice:
-    """The global batch from the critical batch size and the throughput knee.
+    """The global batch expected to reach a given loss soonest on this hardware.
 
-    Below the critical batch (the noise scale B_simple, McCandlish et al. 2018) doubling the
-    batch nearly halves the optimizer steps; above it, extra samples are mostly wasted. So the
-    global batch is the power of two nearest to B_simple. It is raised to the throughput knee
-    times the device count when that is higher (smaller batches leave the hardware idle and save
-    no time per step), and capped at a quarter of the training set (`MIN_STEPS_PER_EPOCH`).
-    Without a reliable noise scale the task's reference batch stands in.
+    McCandlish et al. 2018 (eq. 2.11) relate the samples needed to reach a loss to the batch:
+    E = E_min (1 + B / B_noise), where B_noise is the gradient noise scale (the critical
+    batch): below it, doubling the batch nearly halves the steps; above it, extra samples are
+    mostly wasted. Wall time is samples over samples per second, so with the measured
+    throughput the time to a loss is proportional to (1 + B / B_noise) / samples_per_second(B).
+    The global batch is the power of two (times the device count) that minimises it, the
+    larger one when two are within `TIME_TIE` of each other (fewer optimizer steps). Throughput
+    beyond the largest measured micro-batch is that micro-batch's (accumulation), and a dip
+    below a smaller batch's throughput is read as noise (the running best is used).
+
+    Without a throughput curve, the power of two nearest B_noise, raised to the throughput knee.
+    Without a reliable noise scale, the task's reference batch, raised to the knee. Always at
+    most a quarter of the training set (`MIN_STEPS_PER_EPOCH`).
 
     Args:
         noise_scale: B_simple in samples, or None when not (yet) reliable.
@@ -83,24 +92,29 @@ def choose_global_batch(
         dataset_size: samples in the training set.
         reference_batch: the batch the task's learning rate was tuned for.
         measured_after_steps: training steps before the noise scale was measured, if known.
+        throughput: samples per second of one device at each measured batch size.
 
     Example:
         >>> choose_global_batch(noise_scale=200, knee_batch=32, world_size=1,
         ...                     dataset_size=10_000, reference_batch=64).value
         256
+        >>> choose_global_batch(noise_scale=68, knee_batch=32, world_size=1,
+        ...                     dataset_size=10_000, reference_batch=32,
+        ...                     throughput={16: 830, 32: 1000, 64: 1000, 256: 900}).value
+        32
     """
+    cap = max(world_size, _pow2_floor(dataset_size / MIN_STEPS_PER_EPOCH))
+    after = (
+        f", measured after {measured_after_steps} training steps" if measured_after_steps else ""
+    )
+    if noise_scale is not None and noise_scale > 0 and throughput:
+        return _fastest_global_batch(noise_scale, throughput, world_size, cap, after)
     if noise_scale is not None and noise_scale > 0:
         batch = _pow2_nearest(noise_scale)
-        after = (
-            f", measured after {measured_after_steps} training steps"
-            if measured_after_steps
-            else ""
-        )
         reason = (
             f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples"
-            f"{after}; "
-            f"{batch} is the nearest power of two: below it doubling the batch nearly halves "
-            "the steps, above it samples are wasted"
+            f"{after}; {batch} is the nearest power of two: below it doubling the batch nearly "
+            "halves the steps, above it samples are wasted"
         )
     else:
         batch = reference_batch
@@ -113,7 +127,6 @@ def choose_global_batch(
             f"; raised to the throughput knee ({knee_batch} per device x {world_size}) = {batch}: "
             "smaller batches leave the hardware idle without saving time per step"
         )
-    cap = max(world_size, _pow2_floor(dataset_size / MIN_STEPS_PER_EPOCH))
     if batch > cap:
         batch = cap
         reason += (
@@ -124,6 +137,49 @@ def choose_global_batch(
         batch = max(world_size, batch - batch % world_size)
         reason += f"; rounded to a multiple of the {world_size} devices"
     return Choice(batch, reason)
+
+
+TIME_TIE = 0.03
+"""Estimated times within 3% count as equal; the larger batch then wins (fewer steps)."""
+
+
+def _fastest_global_batch(
+    noise_scale: float, throughput: Mapping[int, float], world_size: int, cap: int, after: str
+) -> Choice:
+    measured = sorted((size, rate) for size, rate in throughput.items() if rate > 0)
+    if not measured:
+        raise ConfigError("throughput needs at least one positive samples-per-second value.")
+
+    def device_rate(per_device: float) -> float:
+        # The running best of the batches up to this one: throughput does not fall with a
+        # larger batch on real hardware, so a dip is measurement noise; past the largest
+        # measured micro-batch the device accumulates at that micro-batch's rate.
+        return max(rate for size, rate in measured if size <= max(per_device, measured[0][0]))
+
+    def time_per_loss(batch: int) -> float:
+        return (1 + batch / noise_scale) / (world_size * device_rate(batch / world_size))
+
+    candidates = []  # powers of two per device, from the smallest batch measured
+    batch = world_size
+    while batch <= cap:
+        if batch / world_size >= measured[0][0]:
+            candidates.append(batch)
+        batch *= 2
+    if not candidates:
+        candidates = [cap]
+    best_time = min(time_per_loss(batch) for batch in candidates)
+    chosen = max(b for b in candidates if time_per_loss(b) <= best_time * (1 + TIME_TIE))
+    neighbours = [b for b in (chosen // 2, chosen * 2) if b in candidates]
+    compared = ", ".join(
+        f"{time_per_loss(b) / time_per_loss(chosen) - 1:+.0%} at {b}" for b in neighbours
+    )
+    reason = (
+        f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples{after}; "
+        f"with the measured throughput, {chosen} minimises the estimated time to a given loss, "
+        f"(1 + B/{noise_scale:.0f}) / samples per second (McCandlish et al. 2018)"
+        + (f": {compared}" if compared else "")
+    )
+    return Choice(chosen, reason)
 
 
 def choose_micro_batch(global_batch: int, limit_batch: int, world_size: int) -> Choice:
@@ -236,11 +292,18 @@ def choose_lr(
     valley_lr: float | None = None,
     min_loss_lr: float | None = None,
 ) -> Choice:
-    """The scaled learning rate, checked against a range test at the chosen batch.
+    """The learning rate: the scaled rate, checked both ways against a range test at the chosen
+    batch (Smith 2017).
 
-    The rate at the lowest smoothed loss is close to divergence; a scaled rate above half of it
-    is replaced by the range test's valley (else steepest) suggestion. Otherwise the scaled rate
-    stands, and the suggestions are quoted.
+    The rate at the lowest smoothed loss is close to divergence: a scaled rate above half of it
+    is lowered to the range test's valley (else steepest) suggestion. A scaled rate below the
+    valley (the middle of the longest falling stretch of the loss) is raised to it: at this
+    batch the loss still falls well there, and a rate too low costs steps. Otherwise the scaled
+    rate stands, and the suggestions are quoted.
+
+    Example:
+        >>> choose_lr(0.01, "scaled", valley_lr=0.03, min_loss_lr=0.3).value
+        0.03
     """
     suggestions = [
         f"{name} {value:.3g}"
@@ -248,7 +311,8 @@ def choose_lr(
         if value
     ]
     quoted = f" ({', '.join(suggestions)})" if suggestions else ""
-    if min_loss_lr and scaled_lr > min_loss_lr / 2:
+    ceiling = min_loss_lr / 2 if min_loss_lr else math.inf
+    if scaled_lr > ceiling:
         fallback = valley_lr or steepest_lr
         if fallback and fallback < scaled_lr:
             return Choice(
@@ -256,6 +320,12 @@ def choose_lr(
                 f"{scaled_reason}, but the range test's loss bottoms out at {min_loss_lr:.3g}, "
                 f"too close to divergence; took its suggestion {fallback:.3g}{quoted}",
             )
+    if valley_lr and scaled_lr < valley_lr <= ceiling:
+        return Choice(
+            valley_lr,
+            f"{scaled_reason}; the range test at this batch still falls steadily up to its "
+            f"valley {valley_lr:.3g}, so the rate is raised to it{quoted}",
+        )
     return Choice(
         scaled_lr,
         f"{scaled_reason}, consistent with the range test{quoted}"

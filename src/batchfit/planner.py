@@ -185,6 +185,7 @@ def plan(
             dataset_size=dataset_size,
             reference_batch=task.batch_size,
             measured_after_steps=noise.step,
+            throughput=dict(zip(throughput.batch_sizes, throughput.samples_per_second)),
         )
     global_batch = int(global_choice.value)
     micro_choice = advice.choose_micro_batch(global_batch, limit, world_size)
