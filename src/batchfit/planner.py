@@ -202,9 +202,9 @@ def plan(
         f"(micro-batch x accumulation x devices)"
     )
     reasons["world_size"] = f"planned for {world_size} data-parallel device(s)"
-    if micro_batch < throughput.knee_batch:
+    if micro_batch < throughput.knee_batch and micro_batch < global_batch // world_size:
         notes.append(
-            f"The micro-batch {micro_batch} is below the throughput knee "
+            f"Memory keeps the micro-batch ({micro_batch}) below the throughput knee "
             f"({throughput.knee_batch}): the device runs below its best samples per second."
         )
 
