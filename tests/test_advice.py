@@ -96,9 +96,11 @@ def test_global_batch_minimises_time_to_a_loss_with_the_measured_throughput():
     assert choice.value >= 64
 
 
-def test_choose_lr_raises_to_the_valley():
-    raised = choose_lr(0.01, "scaled", steepest_lr=0.05, valley_lr=0.03, min_loss_lr=0.3)
-    assert raised.value == 0.03 and "raised" in raised.reason
+def test_choose_lr_raises_to_the_valley_or_a_tenth_of_the_minimum():
+    raised = choose_lr(0.01, "scaled", steepest_lr=0.05, valley_lr=0.03, min_loss_lr=0.2)
+    assert raised.value == 0.03 and "raised to its valley" in raised.reason
+    plateau = choose_lr(0.003, "scaled", steepest_lr=0.002, valley_lr=0.004, min_loss_lr=0.35)
+    assert plateau.value == pytest.approx(0.035) and "tenth" in plateau.reason
     # never above half the rate at the loss minimum
     capped = choose_lr(0.01, "scaled", valley_lr=0.2, min_loss_lr=0.3)
     assert capped.value == 0.01

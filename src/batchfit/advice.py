@@ -284,6 +284,11 @@ def customary_range_note(kind: str | None, global_batch: int) -> str | None:
     return f"The global batch {global_batch} is {side} the customary {low}-{high}: {source}. {why}."
 
 
+MIN_LOSS_DIVISOR = 10
+"""fastai's "minimum" suggestion: the rate at the lowest smoothed loss divided by 10 (Howard &
+Gugger 2020, `lr_find`), a rate that is still well inside the falling stretch."""
+
+
 def choose_lr(
     scaled_lr: float,
     scaled_reason: str,
@@ -296,20 +301,27 @@ def choose_lr(
     batch (Smith 2017).
 
     The rate at the lowest smoothed loss is close to divergence: a scaled rate above half of it
-    is lowered to the range test's valley (else steepest) suggestion. A scaled rate below the
-    valley (the middle of the longest falling stretch of the loss) is raised to it: at this
-    batch the loss still falls well there, and a rate too low costs steps. Otherwise the scaled
-    rate stands, and the suggestions are quoted.
+    is lowered to the range test's valley (else steepest) suggestion. A scaled rate below what
+    the range test shows still trains well is raised: to the higher of the valley (the middle of
+    the longest falling stretch) and a tenth of the rate at the lowest loss (fastai's
+    "minimum" suggestion, `MIN_LOSS_DIVISOR`), never above half the rate at the lowest loss. A
+    rate too low costs steps; the loss curve of a range test at initialisation often has a long
+    plateau that pulls the valley low. Otherwise the scaled rate stands, and the suggestions are
+    quoted.
 
     Example:
-        >>> choose_lr(0.01, "scaled", valley_lr=0.03, min_loss_lr=0.3).value
+        >>> choose_lr(0.01, "scaled", valley_lr=0.03, min_loss_lr=0.2).value
         0.03
+        >>> round(choose_lr(0.003, "scaled", valley_lr=0.004, min_loss_lr=0.35).value, 3)
+        0.035
     """
     suggestions = [
         f"{name} {value:.3g}"
         for name, value in (("valley", valley_lr), ("steepest descent", steepest_lr))
         if value
     ]
+    if min_loss_lr:
+        suggestions.append(f"lowest loss at {min_loss_lr:.3g}")
     quoted = f" ({', '.join(suggestions)})" if suggestions else ""
     ceiling = min_loss_lr / 2 if min_loss_lr else math.inf
     if scaled_lr > ceiling:
@@ -320,12 +332,20 @@ def choose_lr(
                 f"{scaled_reason}, but the range test's loss bottoms out at {min_loss_lr:.3g}, "
                 f"too close to divergence; took its suggestion {fallback:.3g}{quoted}",
             )
-    if valley_lr and scaled_lr < valley_lr <= ceiling:
-        return Choice(
-            valley_lr,
-            f"{scaled_reason}; the range test at this batch still falls steadily up to its "
-            f"valley {valley_lr:.3g}, so the rate is raised to it{quoted}",
-        )
+    raise_to = {}
+    if valley_lr:
+        raise_to[valley_lr] = f"its valley {valley_lr:.3g}"
+    if min_loss_lr:
+        tenth = min_loss_lr / MIN_LOSS_DIVISOR
+        raise_to[tenth] = f"a tenth of the rate at its lowest loss, {tenth:.3g} (fastai)"
+    if raise_to:
+        target = max(raise_to)
+        if scaled_lr < target <= ceiling:
+            return Choice(
+                target,
+                f"{scaled_reason}; the range test at this batch still trains well above it, so "
+                f"the rate is raised to {raise_to[target]}{quoted}",
+            )
     return Choice(
         scaled_lr,
         f"{scaled_reason}, consistent with the range test{quoted}"
