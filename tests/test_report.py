@@ -29,11 +29,11 @@ def make_plan(task: str = "digits") -> Plan:
             "samples_per_second": [800, 1500, 2600, 3000, 3100],
             "knee_batch": 64,
         },
-        "noise_scale": {
-            "estimate": 180.0,
-            "low": 150.0,
-            "high": 220.0,
-            "history": [[i, 150 + i] for i in range(1, 30)],
+        "noise_scale": {  # as NoiseScaleResult.to_dict() gives it
+            "noise_scale_samples": 180.0,
+            "low_samples": 150.0,
+            "high_samples": 220.0,
+            "running": [{"batches": i, "noise_scale_samples": 150 + i} for i in range(1, 30)],
         },
         "range_test": {
             "lrs": [1e-5 * 1.2**i for i in range(60)],

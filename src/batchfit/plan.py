@@ -46,8 +46,9 @@ class Plan:
             "syncbatchnorm".
         reasons: one sentence per choice above, with its numbers, keyed by field name.
         notes: remarks that are not choices (customary ranges, caveats).
-        measurements: summaries of what was measured (memory, throughput, noise scale, range
-            test), for the report and for people.
+        measurements: what was measured, for the report and for people: "throughput",
+            "noise_scale" and "range_test" as their results' `to_dict()`, "memory" as the
+            probes, trials and fitted line the planner used.
         schema_version: PLAN_SCHEMA_VERSION at the time of writing.
     """
 

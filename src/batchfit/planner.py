@@ -144,12 +144,7 @@ def plan(
         on_step=lambda done, total, size: report("throughput", done, total),
     )
     report("throughput", 1, 1)  # done, also when it stopped before the largest size
-    measurements["throughput"] = {
-        "batch_sizes": list(throughput.batch_sizes),
-        "samples_per_second": list(throughput.samples_per_second),
-        "knee_batch": throughput.knee_batch,
-        "fraction": throughput.fraction,
-    }
+    measurements["throughput"] = throughput.to_dict()
 
     # 3. The gradient noise scale, after a short stretch of training.
     noise = measure_noise_scale(
@@ -158,21 +153,7 @@ def plan(
         progress=lambda phase, done, total: report("noise scale", done, total),
         **({} if noise_batches is None else {"batches": noise_batches}),
     )
-    measurements["noise_scale"] = {
-        "estimate": noise.noise_scale_samples,
-        "low": noise.low_samples,
-        "high": noise.high_samples,
-        "reliable": noise.reliable,
-        "reason": noise.reason,
-        "batches": noise.batches,
-        "step": noise.step,
-        "samples_seen": noise.samples_seen,
-        "history": [
-            [point.batches, point.noise_scale_samples]
-            for point in noise.running
-            if point.noise_scale_samples is not None
-        ],
-    }
+    measurements["noise_scale"] = noise.to_dict()
 
     # 4. Global batch, micro-batch, accumulation.
     if target_global_batch is not None:
@@ -223,16 +204,7 @@ def plan(
         on_step=lambda done, total, lr, loss: report("range test", done, total),
     )
     report("range test", 1, 1)  # done, also when it stopped at divergence
-    measurements["range_test"] = {
-        "lrs": list(range_result.lrs),
-        "losses": [_finite_or_none(loss) for loss in range_result.losses],
-        "smoothed_losses": [_finite_or_none(loss) for loss in range_result.smoothed_losses],
-        "steepest_lr": range_result.steepest_lr,
-        "valley_lr": range_result.valley_lr,
-        "best_lr": range_result.best_lr,
-        "stop_reason": range_result.stop_reason,
-        "global_batch": global_batch,
-    }
+    measurements["range_test"] = range_result.to_dict()
     lr_choice = advice.choose_lr(
         scaled.lr,
         f"{scaled.reason} ({family}-family optimizer)",
@@ -362,7 +334,3 @@ def _memory_limit(
         ],
         "notes": notes,
     }
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

@@ -45,9 +45,7 @@ _FIGURES = (
     ),
     (
         "noise_scale",
-        lambda plan, data: plots.noise_scale_png(
-            _noise_scale_data(data), global_batch=plan.global_batch
-        ),
+        lambda plan, data: plots.noise_scale_png(data, global_batch=plan.global_batch),
         "The gradient noise scale (critical batch): below it, doubling the batch nearly halves "
         "the steps; above it, extra samples are mostly wasted.",
     ),
@@ -101,20 +99,6 @@ def _figure(png: bytes, caption: str) -> str:
         f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{data}">'
         f"<figcaption>{escape(caption)}</figcaption></figure>"
     )
-
-
-def _noise_scale_data(measurement: dict) -> dict:
-    """A Plan's noise-scale measurement under the keys of `NoiseScaleResult.to_dict()`."""
-    return {
-        "noise_scale_samples": measurement.get("estimate"),
-        "low_samples": measurement.get("low"),
-        "high_samples": measurement.get("high"),
-        "step": measurement.get("step"),
-        "running": [
-            {"batches": batches, "noise_scale_samples": estimate}
-            for batches, estimate in measurement.get("history") or []
-        ],
-    }
 
 
 def _value(plan: Plan, name: str) -> str:
