@@ -49,6 +49,22 @@ def _state_equal(model, optimizer, saved) -> tuple[bool, bool]:
     return weights, same
 
 
+def _outcome(suggestion, begun, steps_run, model, optimizer, saved, rng, **extra) -> dict:
+    """One tool's row: its suggestion, time, steps, and whether it left everything unchanged."""
+    seconds = time.perf_counter() - begun
+    weights, opt = _state_equal(model, optimizer, saved)
+    return {
+        "suggestion": suggestion,
+        "other": "",
+        **extra,
+        "seconds": seconds,
+        "steps_run": steps_run,
+        "weights": weights,
+        "optimizer": opt,
+        "rng": torch.equal(rng, torch.get_rng_state()),
+    }
+
+
 def _setup(task, seed: int = 0):
     """Model, optimizer (with state: a few steps taken), loader, and a saved copy of all."""
     torch.manual_seed(seed)
@@ -88,18 +104,16 @@ def run_batchfit(task, args):
         steps=args.steps,
         diverge_factor=args.diverge_factor,
     )
-    seconds = time.perf_counter() - begun
-    weights, opt = _state_equal(model, optimizer, saved)
-    return {
-        "suggestion": result.steepest_lr,
-        "other": "",
-        "valley": result.valley_lr,
-        "seconds": seconds,
-        "steps_run": result.steps_run,
-        "weights": weights,
-        "optimizer": opt,
-        "rng": torch.equal(rng, torch.get_rng_state()),
-    }
+    return _outcome(
+        result.steepest_lr,
+        begun,
+        result.steps_run,
+        model,
+        optimizer,
+        saved,
+        rng,
+        valley=result.valley_lr,
+    )
 
 
 class _Criterion(torch.nn.Module):
@@ -137,17 +151,7 @@ def run_torch_lr_finder(task, args):
         warnings.simplefilter("ignore")
         _, suggestion = finder.plot(ax=axes, suggest_lr=True)
     finder.reset()
-    seconds = time.perf_counter() - begun
-    weights, opt = _state_equal(model, optimizer, saved)
-    return {
-        "suggestion": suggestion,
-        "other": "",
-        "seconds": seconds,
-        "steps_run": len(finder.history["lr"]),
-        "weights": weights,
-        "optimizer": opt,
-        "rng": torch.equal(rng, torch.get_rng_state()),
-    }
+    return _outcome(suggestion, begun, len(finder.history["lr"]), model, optimizer, saved, rng)
 
 
 def run_lightning(task, args, tmp_dir):
@@ -192,17 +196,7 @@ def run_lightning(task, args, tmp_dir):
         update_attr=False,
     )
     suggestion = finder.suggestion()
-    seconds = time.perf_counter() - begun
-    weights, opt = _state_equal(model, optimizer, saved)
-    return {
-        "suggestion": suggestion,
-        "other": "",
-        "seconds": seconds,
-        "steps_run": len(finder.results["lr"]),
-        "weights": weights,
-        "optimizer": opt,
-        "rng": torch.equal(rng, torch.get_rng_state()),
-    }
+    return _outcome(suggestion, begun, len(finder.results["lr"]), model, optimizer, saved, rng)
 
 
 def train_quality(task, lr: float, steps: int) -> float:
