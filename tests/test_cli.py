@@ -38,3 +38,11 @@ def test_help_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip().endswith("False")
+
+
+def test_cli_example_names_match_the_task_module():
+    # cli.py keeps its own copy so that `batchfit --help` need not import the task module.
+    from batchfit.cli import _EXAMPLES
+    from batchfit.task import EXAMPLES
+
+    assert _EXAMPLES == EXAMPLES
