@@ -1,7 +1,7 @@
 """Benchmark: the largest batch that fits a memory budget, found by batchfit and by others.
 
 On the four built-in examples, each under a CPU memory budget enforced by
-`batchfit.memory.count_memory` (the same exact storage count for every contender, raising the
+`batchfit.memory.step.count_memory` (the same exact storage count for every contender, raising the
 CUDA-worded torch.OutOfMemoryError that Lightning and Accelerate recognise), side by side:
 
 - batchfit: `find_max_batch_size(task, memory_budget=..., margin=0)`;
@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from batchfit.memory import count_memory, measure_step_memory
-from batchfit.predict import predict_step_memory
-from batchfit.search import find_max_batch_size
+from batchfit.memory.counter import count_memory
+from batchfit.memory.predict import predict_step_memory
+from batchfit.memory.search import find_max_batch_size
+from batchfit.memory.step import measure_step_memory
 from batchfit.task import Task, load_example
 from batchfit.units import format_bytes, parse_size
 

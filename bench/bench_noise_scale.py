@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from batchfit.noise_scale import NoiseScaleTracker
+from batchfit.noise.estimator import NoiseScaleTracker
 from batchfit.task import EXAMPLES, load_example
 
 

@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader
 
-from batchfit.range_test import lr_range_test
+from batchfit.lr.range_test import lr_range_test
 from batchfit.task import load_example
 
 

@@ -3,8 +3,7 @@ import torch
 
 from batchfit.errors import ConfigError, TaskError
 from batchfit.task import EXAMPLES, Task, batch_size_of, load_example, load_task, move_to
-
-from .conftest import make_mlp_task
+from tests.conftest import make_mlp_task
 
 
 def test_make_model_copies_a_given_module():

@@ -2,6 +2,6 @@
 
 import sys
 
-from batchfit.cli import main
+from batchfit.cli.commands import main
 
 sys.exit(main())

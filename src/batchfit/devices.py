@@ -174,7 +174,7 @@ def memory_cap(device: torch.device, budget_bytes: int | None) -> Iterator[None]
 
     Uses torch.cuda.set_per_process_memory_fraction(budget / total) and restores the previous
     fraction afterwards, even when the block raises. Off CUDA, or with no budget, it does
-    nothing: there batchfit enforces a budget by counting (see `batchfit.memory.count_memory`).
+    nothing: there batchfit enforces a budget by counting (see `batchfit.memory.step.count_memory`).
 
     Raises:
         ConfigError: the budget is larger than the card.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from batchfit.devices import release_memory, resolve_device, synchronize
 from batchfit.errors import ConfigError, DoesNotFitError
-from batchfit.memory import is_out_of_memory
+from batchfit.memory.step import is_out_of_memory
 from batchfit.task import Task, move_to
 from batchfit.validation import check_batch_size, check_whole_number
 
@@ -223,7 +223,7 @@ def measure_throughput(
     set, above `max_batch_size`, or above the largest batch that fits `memory_budget` are an
     error). Otherwise powers of two from 1 up to the limit, the limit included, where the limit
     is the smallest of the data set size, `max_batch_size` and the largest batch that fits
-    `memory_budget` (found by `batchfit.search.find_max_batch_size`); measuring stops early
+    `memory_budget` (found by `batchfit.memory.search.find_max_batch_size`); measuring stops early
     once `patience` larger batches in a row beat the best throughput by less than 5%, since
     the knee is then behind. Either way measuring stops at the first out-of-memory error, and
     the last batch that ran is reported as the limit.
@@ -467,7 +467,7 @@ def _largest_fitting(task: Task, device: Any, memory_budget: int | str) -> tuple
     from batchfit.units import format_bytes, parse_size
 
     budget = parse_size(memory_budget, name="memory_budget")
-    from batchfit.search import find_max_batch_size
+    from batchfit.memory.search import find_max_batch_size
 
     result = find_max_batch_size(task, device=device, memory_budget=budget)
     return int(result.batch_size), f"the memory budget {format_bytes(budget)}"

@@ -12,7 +12,7 @@ from batchfit.errors import ConfigError
 from batchfit.plots.figure import new_axes, png_bytes, png_path, write_png
 
 if TYPE_CHECKING:
-    from batchfit.noise_scale import NoiseScaleResult
+    from batchfit.noise.result import NoiseScaleResult
 
 __all__ = ["noise_scale_png", "plot_noise_scale"]
 

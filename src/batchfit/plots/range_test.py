@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from batchfit.plots.figure import floats, new_axes, png_bytes, png_path, write_png
 
 if TYPE_CHECKING:
-    from batchfit.range_test import RangeTestResult
+    from batchfit.lr.result import RangeTestResult
 
 __all__ = ["plot_range_test", "range_test_png"]
 
@@ -123,7 +123,7 @@ def plot_range_test(
     Example:
         >>> import tempfile, torch
         >>> from torch.utils.data import TensorDataset
-        >>> from batchfit.range_test import lr_range_test
+        >>> from batchfit.lr.range_test import lr_range_test
         >>> model = torch.nn.Linear(3, 1)
         >>> mse = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         >>> result = lr_range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), loss=mse,

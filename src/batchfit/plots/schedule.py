@@ -10,7 +10,7 @@ from batchfit.errors import ConfigError
 from batchfit.plots.figure import new_axes, png_bytes, png_path, write_png
 
 if TYPE_CHECKING:
-    from batchfit.schedules import ScheduleConfig
+    from batchfit.lr.schedules import ScheduleConfig
 
 __all__ = ["plot_schedule", "schedule_png"]
 
@@ -33,11 +33,11 @@ def schedule_png(config: ScheduleConfig, base_lr: float) -> bytes:
         MissingDependencyError: matplotlib is not installed.
 
     Example:
-        >>> from batchfit.schedules import ScheduleConfig
+        >>> from batchfit.lr.schedules import ScheduleConfig
         >>> schedule_png(ScheduleConfig(total_steps=100, warmup_steps=10), 0.4)[:4]
         b'\\x89PNG'
     """
-    from batchfit.schedules import lr_multiplier
+    from batchfit.lr.schedules import lr_multiplier
 
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not base_lr > 0:
         raise ConfigError(f"base_lr must be a positive number, got {base_lr!r}.")
@@ -77,7 +77,7 @@ def plot_schedule(config: ScheduleConfig, base_lr: float, path: str | os.PathLik
 
     Example:
         >>> import tempfile, pathlib
-        >>> from batchfit.schedules import ScheduleConfig
+        >>> from batchfit.lr.schedules import ScheduleConfig
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> plot_schedule(ScheduleConfig(total_steps=100, warmup_steps=10), 0.4,
         ...               folder / "lr.png").stat().st_size > 0

@@ -10,9 +10,12 @@ from html import escape
 from pathlib import Path
 from string import Template
 
-from batchfit import plots
 from batchfit.files import write_atomic
-from batchfit.plan import Plan
+from batchfit.plan.plan_file import Plan
+from batchfit.plots.memory import memory_png
+from batchfit.plots.noise_scale import noise_scale_png
+from batchfit.plots.range_test import range_test_png
+from batchfit.plots.throughput import throughput_png
 from batchfit.units import format_bytes
 
 _TEMPLATE = Template((Path(__file__).with_name("template.html")).read_text(encoding="utf-8"))
@@ -33,25 +36,25 @@ _PLAN_ROWS = (
 _FIGURES = (
     (
         "memory",
-        lambda plan, data: plots.memory_png(data),
+        lambda plan, data: memory_png(data),
         "Peak memory against batch size: predicted probes, the fitted line, the budget and the "
         "real trials that confirmed the limit.",
     ),
     (
         "throughput",
-        lambda plan, data: plots.throughput_png(data),
+        lambda plan, data: throughput_png(data),
         "Training throughput against batch size; the knee is the smallest batch within reach of "
         "the best throughput.",
     ),
     (
         "noise_scale",
-        lambda plan, data: plots.noise_scale_png(data, global_batch=plan.global_batch),
+        lambda plan, data: noise_scale_png(data, global_batch=plan.global_batch),
         "The gradient noise scale (critical batch): below it, doubling the batch nearly halves "
         "the steps; above it, extra samples are mostly wasted.",
     ),
     (
         "range_test",
-        lambda plan, data: plots.range_test_png(data, chosen_lr=plan.lr),
+        lambda plan, data: range_test_png(data, chosen_lr=plan.lr),
         "Learning-rate range test at the chosen global batch, with its suggestions and the "
         "chosen rate.",
     ),

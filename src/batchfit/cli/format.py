@@ -1,0 +1,182 @@
+"""How the `batchfit` command prints its results: tables and plain lines on stdout.
+
+The command's functions in `batchfit.cli.commands` parse arguments and call the library; the longer
+human-readable summaries live here, one function per subcommand. Only imported when a command
+runs, so `batchfit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from batchfit.units import format_bytes, format_seconds
+
+
+def table(title: str, rows: Iterable[Sequence[str]], *, columns: Sequence[str] | None = None):
+    """A rich table: `columns` as right-aligned headers, or (label, value) rows without one."""
+    result = Table(title=title, show_header=columns is not None)
+    for column in columns or ():
+        result.add_column(column, justify="right")
+    for cells in rows:
+        result.add_row(*cells)
+    return result
+
+
+def rounding_phrase(round_to: int | str) -> str:
+    """How a batch was rounded, in words: "a power of two" or "a multiple of 8"."""
+    return "a power of two" if round_to == "pow2" else f"a multiple of {round_to}"
+
+
+def print_memory(console: Console, task_name: str, result: Any) -> None:
+    """The trials of a memory search, the memory model and the answer (a SearchResult)."""
+    say = _plain(console)
+    budget = format_bytes(result.budget_bytes)
+    rows = [
+        [
+            str(trial.batch_size),
+            "-" if trial.predicted_peak_bytes is None else format_bytes(trial.predicted_peak_bytes),
+            "-" if trial.measured_peak_bytes is None else format_bytes(trial.measured_peak_bytes),
+            "yes" if trial.fits else "no (out of memory)",
+            str(trial.steps),
+            format_seconds(trial.seconds),
+        ]
+        for trial in result.trials
+    ]
+    columns = ("batch", "predicted peak", "measured peak", "fits", "steps", "time")
+    console.print(
+        table(f"Trials: {task_name} on {result.device}, budget {budget}", rows, columns=columns)
+    )
+    model = result.memory_model
+    if model is not None:
+        sizes = model.batch_sizes
+        say(f"Memory model: {model.describe()}, fitted over batches {sizes[0]} to {sizes[-1]}")
+    if result.state_bytes is not None:
+        say(f"Model, gradients and optimizer state: {format_bytes(result.state_bytes)}")
+    say(
+        f"Usable memory: {format_bytes(result.usable_bytes)} ({budget} budget, "
+        f"{result.margin:.0%} margin)"
+    )
+    answer = f"Largest batch that fits: {result.limit_batch_size}"
+    if result.capped:
+        answer += " (or more: the search stopped there)"
+    if result.batch_size != result.limit_batch_size:
+        answer += f", rounded to {result.batch_size} ({rounding_phrase(result.round_to)})"
+    say(answer, style="bold")
+    say(
+        f"Found with {result.real_steps} real training steps ({result.oom_errors} out of "
+        f"memory) and {len(result.predictions)} predictions ({result.fake_runs} fake-tensor "
+        f"runs) in {format_seconds(result.seconds)}."
+    )
+    for note in result.notes:
+        say(f"Note: {note}")
+
+
+def print_scaled_rate(console: Console, scaled: Any, schedule: Any | None) -> None:
+    """A scaled learning rate (ScaledRate), why, its warmup, and the schedule's table if any."""
+    from batchfit.lr.schedules import render_schedule
+
+    say = _plain(console)
+    say(f"{scaled.lr:.6g}")
+    say(f"  {scaled.reason}")
+    if scaled.warmup:
+        say(
+            f"  warm up: the rate is {scaled.lr / scaled.base_lr:.3g}x the base; ramp up from "
+            f"{scaled.base_lr:.6g} (start factor {scaled.warmup_start_factor:.3g})"
+        )
+    if schedule is not None:
+        console.print(render_schedule(schedule, scaled.lr))
+
+
+def print_train_summary(console: Console, name: str, result: Any) -> None:
+    """What a training run did (a TrainResult): steps, batches, rate, back-offs, files."""
+    from pathlib import Path
+
+    say = _plain(console)
+    state = "Interrupted" if result.interrupted else "Trained"
+    say(
+        f"{state} {name}: {result.steps}/{result.total_steps} steps, {result.samples_seen:,} "
+        f"samples, {result.seconds:.1f} s ({result.samples_per_second:,.0f} samples/s)"
+    )
+    ranks = f" x {result.world_size} ranks" if result.world_size > 1 else ""
+    pieces = "micro-batch" if result.accumulation_steps == 1 else "micro-batches"
+    say(
+        f"  global batch {result.global_batch} = {result.accumulation_steps} {pieces} of "
+        f"{result.micro_batch}{ranks}"
+    )
+    say(f"  lr {result.lr:.6g}: {result.lr_reason}")
+    say(f"  schedule: {result.schedule}")
+    for event in result.backoffs:
+        say(
+            f"  out of memory at step {event.step}: micro-batch {event.failed_micro_batch} -> "
+            f"{event.micro_batch}"
+        )
+    if result.val_metrics:
+        say("  " + ", ".join(f"{key} {value:.4f}" for key, value in result.val_metrics.items()))
+    if result.metrics_path:
+        say(f"  metrics: {result.metrics_path}")
+    if result.checkpoint_path:
+        say(f"  checkpoint: {result.checkpoint_path}")
+    if result.interrupted:
+        run_dir = Path(result.checkpoint_path).parent
+        say(f"  continue with: batchfit train ... --resume {run_dir}")
+
+
+def print_noise_summary(console: Console, noise: Any | None, global_batch: int) -> None:
+    """The noise scale a training run logged (a NoiseScaleCallback, or None when it was not
+    logged), against the global batch."""
+    say = _plain(console)
+    if noise is None:
+        say("  noise scale: not logged (needs two or more micro-batches per step, or DDP)")
+        return
+    estimate = noise.tracker.noise_scale
+    if estimate is None:
+        say("  noise scale: not yet reliable at the end of the run")
+        return
+    if estimate > 2 * global_batch:
+        advice = "well above the global batch: a larger global batch would now save steps"
+    elif estimate < global_batch / 2:
+        advice = "well below the global batch: part of each batch adds little"
+    else:
+        advice = "close to the global batch"
+    say(f"  noise scale at the end: ~{estimate:.0f} samples, {advice}")
+
+
+_PLAN_ROWS = (  # label, Plan field
+    ("global batch", "global_batch"),
+    ("micro-batch", "micro_batch"),
+    ("accumulation", "accumulation_steps"),
+    ("learning rate", "lr"),
+    ("warmup steps", "warmup_steps"),
+    ("optimizer", "optimizer"),
+    ("normalisation", "normalization"),
+)
+
+
+def print_plan(
+    console: Console, plan: Any, *, plan_path: Any, report_path: Any, source: str
+) -> None:
+    """A Plan as a table (setting, value, why), its notes, the files and the train command
+    (`source` is the task as the user named it)."""
+    result = Table(title=f"Plan for {plan.task}", title_justify="left")
+    result.add_column("setting")
+    result.add_column("value", justify="right")
+    result.add_column("why")
+    for label, key in _PLAN_ROWS:
+        value = f"{plan.lr:.4g}" if key == "lr" else str(getattr(plan, key))
+        result.add_row(label, value, plan.reasons.get(key, ""))
+    console.print(result)
+    say = _plain(console)
+    for note in plan.notes:
+        say(f"note: {note}")
+    say(f"plan:   {plan_path}")
+    say(f"report: {report_path}")
+    say(f"train:  batchfit train {source} --plan {plan_path}")
+
+
+def _plain(console: Console) -> Callable[..., None]:
+    """console.print for plain sentences: no automatic colouring of numbers and paths."""
+    return lambda text, **options: console.print(text, highlight=False, **options)

@@ -1,0 +1,132 @@
+"""What a learning-rate range test returns: the sweep, the losses, the suggestions.
+
+`batchfit.lr.range_test.lr_range_test` builds a `RangeTestResult`; the CLI, the plots and the
+planner read it (its rates and losses are the ones the suggestions in `batchfit.lr.suggest`
+were computed from).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from batchfit.lr.suggest import Mode
+
+__all__ = ["RangeTestResult", "StopReason"]
+
+StopReason = Literal["completed", "diverged", "not_finite"]
+
+
+@dataclass(frozen=True)
+class RangeTestResult:
+    """The outcome of a range test. Rates are learning rates; losses are the task's loss.
+
+    Attributes:
+        lrs: the rate of every step run.
+        losses: the raw (mean) loss of every step run, measured before its update.
+        smoothed_losses: the bias-corrected moving average of `losses`.
+        steepest_lr: rate where the smoothed loss falls fastest; None if it never falls.
+        steepest_index: its step index in `lrs`, or None.
+        valley_lr: middle rate of the longest falling stretch; None if nothing falls.
+        valley_index: its step index, or None.
+        valley_start_lr, valley_end_lr: the rates at the two ends of that stretch (its flat
+            ends trimmed, see `find_valley`), or None.
+        best_lr: the rate at the lowest smoothed loss (too high to train at, as a rule).
+        stop_reason: "completed", "diverged" (smoothed loss above diverge_factor x best) or
+            "not_finite" (a loss was nan or inf).
+        steps_run: the number of steps run (the length of `lrs`).
+        steps: the number of steps asked for.
+        start_lr, end_lr, mode, smoothing, diverge_factor: the sweep's settings.
+        global_batch: samples per step (optimizer update).
+        micro_batch: samples per forward/backward pass.
+        accumulation_steps: micro-batches per step.
+        seconds: wall time of the test, in seconds.
+        device: where it ran.
+    """
+
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]
+    smoothed_losses: tuple[float, ...]
+    steepest_lr: float | None
+    steepest_index: int | None
+    valley_lr: float | None
+    valley_index: int | None
+    valley_start_lr: float | None
+    valley_end_lr: float | None
+    best_lr: float | None
+    stop_reason: StopReason
+    steps_run: int
+    steps: int
+    start_lr: float
+    end_lr: float
+    mode: Mode
+    smoothing: float
+    diverge_factor: float
+    global_batch: int
+    micro_batch: int
+    accumulation_steps: int
+    seconds: float
+    device: str
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """(label, value) rows for a table: the suggestions first, then how the test ran."""
+
+        def at(index: int | None) -> str:
+            if index is None:
+                return "none (the smoothed loss never falls)"
+            return f"{self.lrs[index]:.3g}  (smoothed loss {self.smoothed_losses[index]:.4g})"
+
+        valley = "none"
+        if self.valley_start_lr is not None and self.valley_end_lr is not None:
+            valley = f"{self.valley_start_lr:.3g} to {self.valley_end_lr:.3g}"
+        finite = [value for value in self.smoothed_losses if math.isfinite(value)]
+        stop = {
+            "completed": "reached the end rate",
+            "diverged": f"diverged (loss > {self.diverge_factor:g} x best)",
+            "not_finite": "the loss became nan/inf",
+        }[self.stop_reason]
+        return [
+            ("steepest descent", at(self.steepest_index)),
+            ("valley", at(self.valley_index)),
+            ("falling stretch", valley),
+            ("lowest loss at", "none" if self.best_lr is None else f"{self.best_lr:.3g}"),
+            ("loss at start", f"{finite[0]:.4g}" if finite else "none"),
+            ("stopped", f"{stop} after {self.steps_run} of {self.steps} steps"),
+            ("rates", f"{self.start_lr:.3g} to {self.end_lr:.3g} ({self.mode})"),
+            (
+                "batch",
+                f"{self.global_batch} samples per step"
+                + (
+                    f" = {self.accumulation_steps} x {self.micro_batch} (accumulated)"
+                    if self.accumulation_steps > 1
+                    else ""
+                ),
+            ),
+            ("time", f"{self.seconds:.1f} s on {self.device}"),
+        ]
+
+    def describe(self) -> str:
+        """One or two sentences on what to do with the result."""
+        if self.steepest_lr is None and self.valley_lr is None:
+            return (
+                "No suggestion: the loss never fell. Widen the sweep (a higher end rate, more "
+                "steps) or check that the model can learn this data."
+            )
+        parts = []
+        if self.steepest_lr is not None:
+            parts.append(f"{self.steepest_lr:.3g} (steepest descent)")
+        if self.valley_lr is not None:
+            parts.append(f"{self.valley_lr:.3g} (valley)")
+        return (
+            f"Suggested learning rate: {' or '.join(parts)}, at a global batch of "
+            f"{self.global_batch}. Confirm with a short run; the rate at the lowest loss is "
+            "too high to train at."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, numbers, strings), ready for JSON; nan/inf losses become None."""
+        data = asdict(self)
+        for key in ("lrs", "losses", "smoothed_losses"):
+            data[key] = [value if math.isfinite(value) else None for value in data[key]]
+        return data

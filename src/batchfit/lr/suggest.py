@@ -1,0 +1,202 @@
+"""The pure maths of the learning-rate range test: rates, smoothing, suggestions.
+
+No torch and no training here: lists of rates and losses in, indices out, so each rule can be
+checked by hand. `batchfit.lr.range_test.lr_range_test` runs the test and uses these.
+After Leslie N. Smith, "Cyclical Learning Rates for Training Neural Networks" (WACV 2017,
+arXiv:1506.01186), section 3.3, as popularised by fastai, davidtvs/pytorch-lr-finder and
+Lightning's `lr_find`.
+
+Definitions used here:
+
+- Rates: step i of n runs at `start * (end/start) ** (i/(n-1))` ("exp") or
+  `start + (end-start) * i/(n-1)` ("linear"): the first step at `start_lr`, the last at `end_lr`.
+- Smoothing: an exponential moving average with weight `smoothing` on the newest loss,
+  bias-corrected as in Adam (divided by `1 - (1-smoothing)**(i+1)`), so early values are not
+  pulled towards zero. Its memory is about `1/smoothing` steps, hence the minimum number of
+  steps, `min_steps(smoothing) = max(10, ceil(2/smoothing))`: two memories, so that the curve is
+  not all start-up (40 steps at the default smoothing 0.05).
+- "steepest": the rate where the smoothed loss falls fastest per unit of log10(rate),
+  skipping the first tenth of the steps and the last step (Lightning's suggestion, on a log
+  axis).
+- "valley": the longest stretch over which the smoothed loss keeps falling (the longest
+  decreasing subsequence, so one noisy uptick does not cut it short), with the first and last
+  tenth of its fall trimmed off (a long flat start, where the loss creeps down by noise, would
+  otherwise drag the stretch to rates that barely learn), and the middle point of what is
+  left (fastai's "valley" idea): far enough from its start to learn fast, and from its end to
+  keep clear of the blow-up. It is usually below the steepest-descent rate: the safer choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from batchfit.errors import ConfigError
+
+__all__ = [
+    "MIN_STEPS_FLOOR",
+    "MODES",
+    "SKIP_BEGIN_FRACTION",
+    "SKIP_END_STEPS",
+    "VALLEY_TRIM",
+    "Mode",
+    "check_smoothing",
+    "find_valley",
+    "min_steps",
+    "smooth_losses",
+    "suggest_steepest",
+    "suggest_valley",
+    "sweep_lrs",
+]
+
+Mode = Literal["exp", "linear"]
+MODES: tuple[str, ...] = ("exp", "linear")
+
+MIN_STEPS_FLOOR = 10  # below this the suggestions have too few points to mean anything
+SKIP_BEGIN_FRACTION = 0.1  # "steepest" ignores the first tenth: the EMA is still settling there
+SKIP_END_STEPS = 1  # ... and the last step, which is often the divergence itself
+VALLEY_TRIM = 0.1  # the valley leaves out the first and last tenth of the loss's fall
+
+
+def check_smoothing(smoothing: float) -> None:
+    """Raise ConfigError unless `smoothing` (the EMA weight of the newest loss) is in (0, 1]."""
+    if not (isinstance(smoothing, (int, float)) and 0 < smoothing <= 1):
+        raise ConfigError(
+            f"smoothing must be in (0, 1], the weight of the newest loss in the average; got "
+            f"{smoothing!r}. 0.05 averages over about 20 steps."
+        )
+
+
+def min_steps(smoothing: float) -> int:
+    """The fewest steps a range test with this smoothing may run: max(10, ceil(2/smoothing)).
+
+    Example:
+        >>> min_steps(0.05), min_steps(0.5)
+        (40, 10)
+    """
+    check_smoothing(smoothing)
+    return max(MIN_STEPS_FLOOR, math.ceil(2.0 / smoothing - 1e-9))
+
+
+def sweep_lrs(start_lr: float, end_lr: float, steps: int, mode: Mode = "exp") -> list[float]:
+    """The rate of every step: from `start_lr` (first step) to `end_lr` (last step).
+
+    Example:
+        >>> [f"{rate:g}" for rate in sweep_lrs(0.001, 1.0, 4)]
+        ['0.001', '0.01', '0.1', '1']
+        >>> [f"{rate:g}" for rate in sweep_lrs(0.1, 0.4, 4, "linear")]
+        ['0.1', '0.2', '0.3', '0.4']
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}.")
+    if steps == 1:
+        return [float(start_lr)]
+    if mode == "exp":
+        ratio = end_lr / start_lr
+        rates = [start_lr * ratio ** (index / (steps - 1)) for index in range(steps)]
+    else:
+        rates = [start_lr + (end_lr - start_lr) * index / (steps - 1) for index in range(steps)]
+    rates[-1] = float(end_lr)  # exact, not end*(1 + rounding error)
+    return [float(rate) for rate in rates]
+
+
+def smooth_losses(losses: Sequence[float], smoothing: float) -> list[float]:
+    """Bias-corrected exponential moving average; `smoothing` weighs the newest loss.
+
+    Example:
+        >>> smooth_losses([1.0, 1.0, 4.0], 0.5)
+        [1.0, 1.0, 2.7142857142857144]
+    """
+    check_smoothing(smoothing)
+    average, smoothed = 0.0, []
+    for index, loss in enumerate(losses):
+        average = (1.0 - smoothing) * average + smoothing * loss
+        smoothed.append(average / (1.0 - (1.0 - smoothing) ** (index + 1)))
+    return smoothed
+
+
+def suggest_steepest(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> int | None:
+    """Index of the steepest fall of the smoothed loss per unit of log10(rate), or None.
+
+    The first tenth of the points and the last point are skipped. None when fewer than three
+    points remain or the loss never falls.
+
+    Example:
+        >>> lrs = [10 ** (k / 4 - 5) for k in range(21)]
+        >>> losses = [2.0 - min(max(k - 8, 0), 6) ** 2 / 36 for k in range(21)]
+        >>> suggest_steepest(lrs, losses)
+        13
+    """
+    import numpy
+
+    count = len(lrs)
+    begin = max(1, int(count * SKIP_BEGIN_FRACTION))
+    end = count - SKIP_END_STEPS
+    rates = numpy.asarray(lrs[begin:end], dtype=float)
+    losses = numpy.asarray(smoothed_losses[begin:end], dtype=float)
+    usable = numpy.isfinite(losses) & (rates > 0)
+    if usable.sum() < 3:
+        return None
+    indices = numpy.arange(begin, end)[usable]
+    slopes = numpy.gradient(losses[usable], numpy.log10(rates[usable]))
+    best = int(numpy.argmin(slopes))
+    if not slopes[best] < 0:
+        return None
+    return int(indices[best])
+
+
+def find_valley(smoothed_losses: Sequence[float]) -> tuple[int, int] | None:
+    """First and last index of the stretch where the losses fall, or None.
+
+    The stretch is the span of the longest decreasing subsequence (non-finite losses left
+    out), trimmed at both ends by `VALLEY_TRIM` of its fall: it begins at the first point
+    whose loss is a tenth of the way down, and ends at the last point a tenth of the way above
+    the bottom. None when nothing falls.
+
+    Example:
+        >>> find_valley([3.0, 3.1, 2.0, 2.5, 1.0, 0.5, 4.0])  # falls 3.0 -> 0.5 over 0..5
+        (2, 4)
+    """
+    import numpy
+
+    values = numpy.asarray(smoothed_losses, dtype=float)
+    finite = numpy.flatnonzero(numpy.isfinite(values))
+    if len(finite) < 2:
+        return None
+    values = values[finite]
+    length = numpy.ones(len(values), dtype=int)
+    first = numpy.arange(len(values))  # where the longest run ending here begins
+    for index in range(1, len(values)):
+        higher = numpy.flatnonzero(values[:index] > values[index])
+        if len(higher):
+            # among the longest predecessors, the earliest start: the widest stretch
+            best = higher[length[higher] == length[higher].max()]
+            length[index] = length[best[0]] + 1
+            first[index] = first[best].min()
+    end = int(numpy.argmax(length))  # the earliest of the longest
+    if length[end] < 2:
+        return None
+    start = int(first[end])
+    top, bottom = values[start], values[end]
+    cut = VALLEY_TRIM * (top - bottom)
+    span = numpy.arange(start, end + 1)
+    inner_start = int(span[values[span] <= top - cut][0])
+    inner_end = int(span[values[span] >= bottom + cut][-1])
+    if inner_end < inner_start:  # a fall in one step: nothing to trim
+        inner_start, inner_end = start, end
+    return int(finite[inner_start]), int(finite[inner_end])
+
+
+def suggest_valley(smoothed_losses: Sequence[float]) -> int | None:
+    """Index halfway along the longest falling stretch (see `find_valley`), or None.
+
+    Example:
+        >>> suggest_valley([3.0, 3.1, 2.0, 2.5, 1.0, 0.5, 4.0])
+        3
+    """
+    valley = find_valley(smoothed_losses)
+    if valley is None:
+        return None
+    start, end = valley
+    return start + (end - start) // 2

@@ -1,0 +1,456 @@
+"""Predict the peak memory of training steps without real compute, and fit it over a range.
+
+The model, optimizer and batch are fake tensors (`torch._subclasses.fake_tensor.
+FakeTensorMode`): every op runs its shape logic only, no data is allocated, and the same
+storage count as `batchfit.memory.step.count_memory` is taken. On the CPU the prediction equals the
+measured count exactly (the tests check it on every built-in example); a batch of a million
+samples costs no more than a batch of one. Fake tensors can also stand for a device this
+machine lacks ("cuda"), so a budget the user does not have here can be answered too.
+
+Where fake mode cannot run a model (data-dependent control flow, `.item()` on a computed value,
+ops without a meta kernel), `predict_step_memory` falls back to a real measured step and says
+so on the result (`method="measured"`, `fallback_reason`) and in a log warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from batchfit.errors import ConfigError
+from batchfit.memory.counter import MemoryTimeline, count_memory, counted_bytes, tensors_of_state
+from batchfit.memory.model import MemoryModel, fit_memory_model
+from batchfit.memory.step import (
+    forked_rng,
+    is_out_of_memory,
+    measure_step_memory,
+    run_training_steps,
+)
+from batchfit.validation import check_batch_size
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["fake", "measured"]
+
+
+@dataclass(frozen=True)
+class PredictedMemory:
+    """Peak memory of training steps at one batch size, predicted with fake tensors.
+
+    Attributes:
+        batch_size: samples per step.
+        peak_bytes: predicted peak of live tensor storage bytes over the steps (parameters,
+            buffers, gradients, optimizer state, batch and temporaries; each storage rounded up
+            to 512 bytes), the same quantity `measure_step_memory` counts.
+        state_bytes: parameters, buffers, gradients and optimizer state after the last step:
+            what the model needs before the first sample.
+        batch_bytes: the input batch.
+        method: "fake" (predicted) or "measured" (fake mode failed; a real step was run).
+        fallback_reason: why fake mode could not run the task, when method is "measured".
+        device: the device predicted for.
+        seconds: time the prediction took.
+        timeline: every storage's birth, death and size, when asked for (`record=True`).
+    """
+
+    batch_size: int
+    peak_bytes: int
+    state_bytes: int
+    batch_bytes: int
+    method: Method
+    fallback_reason: str | None
+    device: str
+    seconds: float
+    timeline: MemoryTimeline | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        del data["timeline"]
+        return data
+
+
+class FakeModeUnsupported(Exception):
+    """Fake tensors cannot run this task (internal signal that triggers the fallback)."""
+
+
+class FakeModeError(ConfigError):
+    """Fake tensors cannot run the task and no fallback was asked for.
+
+    Attributes:
+        reason: the fake-mode error, in one line.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def predict_step_memory(
+    task: Task,
+    batch_size: int,
+    *,
+    device: str | torch.device = "cpu",
+    steps: int = 2,
+    fallback: bool = True,
+    record: bool = False,
+) -> PredictedMemory:
+    """Predict the peak memory of `steps` training steps at `batch_size`, without real compute.
+
+    Builds the task's model, optimizer and a batch of `batch_size` samples as fake tensors
+    and runs the steps under the storage count. The task, its model and the random state are
+    left untouched (the model is built afresh or fake-copied; random state is restored).
+
+    Args:
+        task: the training task.
+        batch_size: samples per step.
+        device: the device to predict for; it need not exist here ("cuda" on a CPU machine).
+        steps: training steps, at least 2 (optimizer state appears at the first step).
+        fallback: when fake mode cannot run the task, measure a real step instead (on `device`,
+            which then must exist). With False, raise the fake-mode error as ConfigError.
+        record: keep the timeline of every storage (for `PeakFormula`); fake runs only.
+
+    Returns:
+        PredictedMemory with the peak, state and batch bytes.
+
+    Raises:
+        ConfigError: bad batch size or steps.
+        FakeModeError: (a ConfigError) fake mode failed and `fallback` is False.
+        torch.OutOfMemoryError: only from the measured fallback.
+        Any error the task's own code raises (for example a shape mismatch), unchanged: fake
+        mode cannot tell it from its own limits, so it falls back to a real step, which raises
+        it (with fallback=False the FakeModeError names it instead).
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> predict_step_memory(load_example("digits"), 1_000_000).peak_bytes > 10**9
+        True
+    """
+    import torch
+
+    check_batch_size(batch_size)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ConfigError(
+            f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
+        )
+    target = torch.device(device) if not isinstance(device, torch.device) else device
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", 0)
+    started = time.perf_counter()
+    try:
+        peak, state, batch, timeline = _fake_run(task, batch_size, target, steps, record)
+    except FakeModeUnsupported as unsupported:
+        reason = str(unsupported)
+        if not fallback:
+            raise FakeModeError(
+                f"fake tensors cannot run task {task.name!r}: {reason}; "
+                "measure real steps instead (fallback=True).",
+                reason,
+            ) from None
+        logger.warning(
+            "fake tensors cannot run task %r (%s); measuring a real step at batch %d instead",
+            task.name,
+            reason,
+            batch_size,
+        )
+        measured = measure_step_memory(task, batch_size, device=target, steps=steps)
+        return PredictedMemory(
+            batch_size=batch_size,
+            peak_bytes=measured.peak_bytes,
+            state_bytes=measured.state_bytes,
+            batch_bytes=measured.batch_bytes,
+            method="measured",
+            fallback_reason=reason,
+            device=str(target),
+            seconds=time.perf_counter() - started,
+        )
+    return PredictedMemory(
+        batch_size=batch_size,
+        peak_bytes=peak,
+        state_bytes=state,
+        batch_bytes=batch,
+        method="fake",
+        fallback_reason=None,
+        device=str(target),
+        seconds=time.perf_counter() - started,
+        timeline=timeline,
+    )
+
+
+def _fake_run(
+    task: Task, batch_size: int, device: torch.device, steps: int, record: bool = False
+) -> tuple[int, int, int, MemoryTimeline | None]:
+    """Run the steps on fake tensors; returns (peak, state, batch) bytes and the timeline."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with forked_rng(device if device.type == "cuda" and _has_cuda() else _cpu(), task.seed):
+            model = _fake_model(task, fake_mode, device)
+            with fake_mode:
+                model.train()
+                optimizer = task.make_optimizer(model.parameters())
+                batch = _fake_batch(task, batch_size, fake_mode, device)
+            batch_bytes = counted_bytes([batch])
+            entry = list(model.parameters()) + list(model.buffers()) + [batch]
+            with fake_mode, count_memory(tensors=entry, record=record) as counter:
+                run_training_steps(task, model, optimizer, batch, steps)
+            state_bytes = counted_bytes(tensors_of_state(model, optimizer))
+    except Exception as error:
+        # Fake mode fails in many ways (data-dependent shapes, `.item()`, ops without a meta
+        # kernel, plain RuntimeErrors from meta kernels), and which of them is the task's own
+        # bug cannot be told apart here. So every failure means "fake mode cannot run this";
+        # the fallback then runs real steps, and a genuine error in the task surfaces from
+        # there unchanged, with the real kernels' own message.
+        if is_out_of_memory(error):
+            raise
+        raise FakeModeUnsupported(_one_line(error)) from None
+    timeline = counter.timeline() if record else None
+    return counter.peak_bytes, state_bytes, batch_bytes, timeline
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:300]
+
+
+def _fake_model(task: Task, fake_mode: Any, device: torch.device):
+    """The task's model with fake parameters and buffers on `device`."""
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeCopyMode
+
+    if isinstance(task.model, nn.Module):
+        # Fake-copy the given module: its parameters become fake tensors of the same shapes,
+        # without copying any data.
+        with FakeCopyMode(fake_mode):
+            model = copy.deepcopy(task.model)
+        if device.type != "cpu":
+            with fake_mode:
+                model = model.to_empty(device=device)
+        return model
+    # A factory: build the model inside fake mode, on the device, so initialisation costs
+    # nothing either.
+    with fake_mode, device:
+        return task.make_model()
+
+
+def _fake_batch(task: Task, batch_size: int, fake_mode: Any, device: torch.device):
+    """A fake batch of `batch_size` samples, from the shapes of small real batches.
+
+    Collates one and two real samples: a tensor whose first dimension follows the number of
+    samples is batched, and becomes an empty fake tensor of [batch_size, ...]; other tensors
+    are copied as they are. When the other dimensions depend on the samples (padding to the
+    longest), the real batch is collated and faked instead.
+    """
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    one = task.batch([0])
+    two = task.batch([0, 1 % len(task.train_data)])
+    leaves_one, spec = tree_flatten(one)
+    leaves_two, spec_two = tree_flatten(two)
+    if spec != spec_two or any(
+        isinstance(a, torch.Tensor) and (a.shape[1:] != b.shape[1:] or a.dtype != b.dtype)
+        for a, b in zip(leaves_one, leaves_two)
+    ):
+        real = task.batch(range(batch_size))
+        leaves, real_spec = tree_flatten(real)
+        return tree_unflatten([_fake_copy(leaf, fake_mode, device) for leaf in leaves], real_spec)
+    built = []
+    for a, b in zip(leaves_one, leaves_two):
+        if (
+            isinstance(a, torch.Tensor)
+            and a.dim() > 0
+            and a.shape[0] == 1
+            and isinstance(b, torch.Tensor)
+            and b.shape[0] == 2
+        ):
+            shape = (batch_size, *a.shape[1:])
+            built.append(torch.empty(shape, dtype=a.dtype, device=device))
+        else:
+            built.append(_fake_copy(a, fake_mode, device))
+    return tree_unflatten(built, spec)
+
+
+def _fake_copy(value: Any, fake_mode: Any, device: torch.device) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return fake_mode.from_tensor(value).to(device)
+    return value
+
+
+# --- the memory model over a range --------------------------------------------------------
+
+
+def fit_predicted_memory_model(
+    predict: Callable[[int], int], batch_sizes: Sequence[int]
+) -> MemoryModel:
+    """Fit fixed + per-sample bytes to the peaks `predict(batch)` gives at `batch_sizes`.
+
+    Args:
+        predict: batch size -> peak bytes (a prediction or a measurement).
+        batch_sizes: at least two distinct batch sizes: the range that matters, for example
+            from a quarter of the limit up to it. Peak memory is often not linear at small
+            batches, so a fit from two small probes is no basis for extrapolating far.
+
+    Returns:
+        The MemoryModel, whose `max_residual_bytes` says how straight the line is.
+    """
+    sizes = sorted(set(batch_sizes))
+    return fit_memory_model(sizes, [predict(size) for size in sizes])
+
+
+def range_batch_sizes(low: int, high: int, *, points: int = 5) -> list[int]:
+    """About `points` batch sizes spread geometrically from `low` to `high` (both included).
+
+    Example:
+        >>> range_batch_sizes(16, 256, points=5)
+        [16, 32, 64, 128, 256]
+    """
+    low, high = max(1, low), max(1, high)
+    if high <= low:
+        return [low]
+    if points < 2:
+        return [low, high]
+    ratio = (high / low) ** (1 / (points - 1))
+    sizes = {low, high}
+    for index in range(1, points - 1):
+        sizes.add(max(low, min(high, round(low * ratio**index))))
+    return sorted(sizes)
+
+
+def predict_memory_model(
+    task: Task,
+    *,
+    low: int = 1,
+    high: int = 256,
+    points: int = 5,
+    device: str | torch.device = "cpu",
+) -> MemoryModel:
+    """Predict peak memory at about `points` batch sizes from `low` to `high` and fit a line.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> model = predict_memory_model(load_example("digits"), low=64, high=1024)
+        >>> model.per_sample_bytes > 0
+        True
+    """
+    sizes = range_batch_sizes(low, high, points=points)
+    if len(sizes) < 2:
+        raise ConfigError(f"the range {low}..{high} needs two distinct batch sizes.")
+
+    def predict(size: int) -> int:
+        return predict_step_memory(task, size, device=device).peak_bytes
+
+    return fit_predicted_memory_model(predict, sizes)
+
+
+def per_sample_floor(model: MemoryModel) -> float:
+    """The fitted per-sample bytes, at least 1 (a guard for flat or noisy fits)."""
+    slope = model.per_sample_bytes
+    return slope if math.isfinite(slope) and slope >= 1 else 1.0
+
+
+# --- the exact formula from two timelines ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeakFormula:
+    """Peak memory at any batch size, from the timelines of two predictions.
+
+    When two counts at batch sizes b1 and b2 see the same storages born and dying in the same
+    order, and every storage's size is affine in the batch size (activations grow by a fixed
+    number of bytes per sample, parameters and optimizer state do not grow), the peak at any
+    batch b is the recorded timeline's peak with each size set to
+    size(b1) + (b - b1) * (size(b2) - size(b1)) / (b2 - b1), rounded as the counter rounds. That
+    is exact, with no fitted line: the peak may move from the optimizer step to the backward
+    pass as the batch grows, and the formula follows it. A prediction at a third batch size
+    checks it (`batchfit.memory.search` does).
+
+    Attributes:
+        timeline: the timeline at the smaller batch size.
+        batch_sizes: the two batch sizes (b1, b2), b1 < b2.
+        bytes_per_sample: how much each storage grows per sample, one per storage.
+    """
+
+    timeline: MemoryTimeline = field(repr=False)
+    batch_sizes: tuple[int, int]
+    bytes_per_sample: tuple[int, ...] = field(repr=False)
+
+    @classmethod
+    def fit(cls, first: PredictedMemory, second: PredictedMemory) -> PeakFormula | None:
+        """The formula from two predictions made with `record=True`; None when they differ in
+        shape, or a storage's size is not affine in the batch size, or shrinks with it."""
+        if first.timeline is None or second.timeline is None:
+            return None
+        if first.batch_size > second.batch_size:
+            first, second = second, first
+        span = second.batch_size - first.batch_size
+        if span <= 0 or not first.timeline.same_shape_as(second.timeline):
+            return None
+        growth = []
+        for small, large in zip(first.timeline.raw_bytes, second.timeline.raw_bytes):
+            step, rest = divmod(large - small, span)
+            if rest or step < 0 or small - step * (first.batch_size - 1) < 0:
+                return None  # not affine, shrinking, or negative at batch 1
+            growth.append(step)
+        return cls(
+            timeline=first.timeline,
+            batch_sizes=(first.batch_size, second.batch_size),
+            bytes_per_sample=tuple(growth),
+        )
+
+    def peak_bytes(self, batch_size: int) -> int:
+        """Peak bytes at `batch_size` (each storage rounded up to 512)."""
+        offset = batch_size - self.batch_sizes[0]
+        sizes = [
+            base + offset * growth
+            for base, growth in zip(self.timeline.raw_bytes, self.bytes_per_sample)
+        ]
+        if min(sizes, default=0) < 0:
+            raise ConfigError(f"batch size {batch_size} is below the formula's range.")
+        return self.timeline.peak_bytes(sizes)
+
+    def largest_fitting(self, capacity_bytes: int, *, max_batch_size: int) -> int:
+        """The largest batch in [1, max_batch_size] whose peak fits; 0 when batch 1 does not.
+
+        The peak never falls as the batch grows (no storage shrinks), so bisection is exact.
+        """
+        if self.peak_bytes(1) > capacity_bytes:
+            return 0
+        low, high = 1, 2
+        while high <= max_batch_size and self.peak_bytes(high) <= capacity_bytes:
+            low, high = high, high * 2
+        if high > max_batch_size:
+            if self.peak_bytes(max_batch_size) <= capacity_bytes:
+                return max_batch_size
+            high = max_batch_size
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self.peak_bytes(middle) <= capacity_bytes:
+                low = middle
+            else:
+                high = middle
+        return low

@@ -1,0 +1,133 @@
+"""What a batch-size search returns: each real trial, and the answer with how it was found.
+
+`batchfit.memory.search.find_max_batch_size` builds these; the CLI, the planner and the report read
+them through `to_dict()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from batchfit.memory.rounding import RoundTo
+
+if TYPE_CHECKING:
+    from batchfit.memory.model import MemoryModel
+
+Method = Literal["predicted", "measured-probes", "step"]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One real trial: training steps at one batch size.
+
+    Attributes:
+        batch_size: samples per step.
+        fits: whether the steps ran without running out of memory.
+        predicted_peak_bytes: the prediction for this batch, when there was one.
+        measured_peak_bytes: counted peak of live tensor storage (see batchfit.memory.step), or on
+            CUDA with a step callable the allocator's peak; None when the trial failed or
+            nothing was counted.
+        allocator_peak_bytes: the CUDA allocator's peak; None off CUDA.
+        steps: real training steps run (the last one failing when `fits` is False).
+        seconds: wall time of the trial.
+        error: the first line of the out-of-memory error when it did not fit.
+    """
+
+    batch_size: int
+    fits: bool
+    predicted_peak_bytes: int | None
+    measured_peak_bytes: int | None
+    allocator_peak_bytes: int | None
+    steps: int
+    seconds: float
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "batch_size": self.batch_size,
+            "fits": self.fits,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "measured_peak_bytes": self.measured_peak_bytes,
+            "allocator_peak_bytes": self.allocator_peak_bytes,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The largest batch that fits, and how it was found.
+
+    Attributes:
+        batch_size: the answer: `limit_batch_size` rounded down as `round_to` asks.
+        limit_batch_size: the largest batch whose peak memory fits the usable memory.
+        budget_bytes: the memory budget, or the device's total memory when none was given.
+        usable_bytes: budget_bytes * (1 - margin), rounded down: what the limit must fit.
+        margin: the fraction of the budget kept free.
+        round_to: None, "pow2" or a multiple.
+        device: the device searched on.
+        method: "predicted" (fake-tensor prediction, confirmed by real trials),
+            "measured-probes" (fake mode could not run the task; real probes only) or
+            "step" (a user's step callable).
+        memory_model: fixed + per-sample bytes fitted over the range up to the limit, with
+            its residual; None when nothing was measured or predicted.
+        state_bytes: parameters, buffers, gradients and optimizer state (before the first
+            sample), when known.
+        trials: every real trial, in order.
+        predictions: (batch size, predicted peak bytes) of every prediction made, in order.
+        fake_runs: how many of those ran fake-tensor training steps (the others came from the
+            exact peak formula, see `batchfit.memory.predict.PeakFormula`).
+        real_steps: real training steps run in all (for a step callable: calls of it).
+        seconds: wall time of the whole search.
+        capped: True when even `max_batch_size` fitted: the limit is at least that.
+        notes: things the user should know (fallbacks, repeated samples, the cap).
+    """
+
+    batch_size: int
+    limit_batch_size: int
+    budget_bytes: int
+    usable_bytes: int
+    margin: float
+    round_to: RoundTo
+    device: str
+    method: Method
+    memory_model: MemoryModel | None
+    state_bytes: int | None
+    trials: tuple[Trial, ...]
+    predictions: tuple[tuple[int, int], ...]
+    real_steps: int
+    seconds: float
+    fake_runs: int = 0
+    capped: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def oom_errors(self) -> int:
+        """How many trials ran out of memory."""
+        return sum(not trial.fits for trial in self.trials)
+
+    def to_dict(self) -> dict:
+        return {
+            "batch_size": self.batch_size,
+            "limit_batch_size": self.limit_batch_size,
+            "budget_bytes": self.budget_bytes,
+            "usable_bytes": self.usable_bytes,
+            "margin": self.margin,
+            "round_to": self.round_to,
+            "device": self.device,
+            "method": self.method,
+            "memory_model": None if self.memory_model is None else self.memory_model.to_dict(),
+            "state_bytes": self.state_bytes,
+            "trials": [trial.to_dict() for trial in self.trials],
+            "predictions": [
+                {"batch_size": size, "peak_bytes": peak} for size, peak in self.predictions
+            ],
+            "fake_runs": self.fake_runs,
+            "real_steps": self.real_steps,
+            "oom_errors": self.oom_errors,
+            "seconds": self.seconds,
+            "capped": self.capped,
+            "notes": list(self.notes),
+        }

@@ -1,0 +1,83 @@
+"""The bookkeeping every batch-size search shares: trials, predictions, notes, and its errors.
+
+`batchfit.memory.search` (with a Task) and `batchfit.memory.probe` (with a step callable) both
+build on `SearchState`; it holds what was tried, fits the memory model over it, and words the
+does-not-fit errors with the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from batchfit.errors import DoesNotFitError
+from batchfit.memory.model import MemoryModel, fit_memory_model
+from batchfit.memory.result import Method, Trial
+from batchfit.units import format_bytes
+
+ProgressFn = Callable[[str], None]
+
+
+def error_line(error: BaseException) -> str:
+    """The first line of an error's message (at most 300 characters), for a trial record."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+class SearchState:
+    """What one search has tried so far, and the errors it raises when nothing fits."""
+
+    method: Method = "step"
+
+    def __init__(self, device, usable: int, budget: int, max_batch: int, say: ProgressFn):
+        self.device = device
+        self.usable = usable
+        self.budget = budget
+        self.max_batch = max_batch
+        self.say = say
+        self.trials: list[Trial] = []
+        self.predictions: list[tuple[int, int]] = []
+        self.notes: list[str] = []
+        self.state_bytes: int | None = None
+        self.fake_runs = 0
+
+    def budget_text(self) -> str:
+        """The budget (and the usable memory after the margin, when it differs), for messages."""
+        if self.usable == self.budget:
+            return f"the budget is {format_bytes(self.budget)}"
+        return (
+            f"the budget is {format_bytes(self.budget)}, {format_bytes(self.usable)} after the "
+            "margin"
+        )
+
+    def does_not_fit(self, needed: int | None) -> DoesNotFitError:
+        """The error for "not even batch size 1 fits" (`needed`: its peak bytes, when known)."""
+        need = f"batch size 1 needs {format_bytes(needed)}" if needed else "batch size 1 fails"
+        return DoesNotFitError(
+            f"No batch size fits: {need}; {self.budget_text()}. Try lower precision "
+            "(bf16), activation checkpointing, a smaller model, or a larger budget."
+        )
+
+    def state_too_large(self, state: int) -> DoesNotFitError:
+        """The error for a model whose state alone (`state` bytes) exceeds the usable memory."""
+        return DoesNotFitError(
+            f"the model needs {format_bytes(state)} before the first sample (parameters, "
+            f"gradients and optimizer state); {self.budget_text()}. Give a larger budget, or "
+            "use lower precision, a smaller model or an optimizer with less state."
+        )
+
+    def memory_model(self, limit: int) -> MemoryModel | None:
+        """Fixed + per-sample bytes fitted over the points from limit/4 up; None below 2 points."""
+        points = self._points()
+        near = {size: peak for size, peak in points.items() if size >= max(1, limit // 4)}
+        chosen = near if len(near) >= 2 else points
+        if len(chosen) < 2:
+            return None
+        sizes = sorted(chosen)
+        return fit_memory_model(sizes, [chosen[size] for size in sizes])
+
+    def _points(self) -> dict[int, int]:
+        points = {size: peak for size, peak in self.predictions}
+        for trial in self.trials:
+            if trial.fits and trial.measured_peak_bytes:
+                points.setdefault(trial.batch_size, trial.measured_peak_bytes)
+        return points

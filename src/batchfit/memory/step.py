@@ -1,0 +1,261 @@
+"""Peak memory of real training steps at a batch size, and out-of-memory detection.
+
+Three pieces:
+
+- `is_out_of_memory(error)`: is this exception an out-of-memory error? By type first
+  (`torch.OutOfMemoryError`), then, for backends that raise plain RuntimeErrors, by message.
+- `count_memory(...)`: an exact count of live tensor storage bytes on any device, CPU included
+  (it lives in `batchfit.memory.counter`).
+- `measure_step_memory(task, batch_size, ...)`: builds a fresh model and optimizer from a task
+  and runs real training steps (zero_grad, forward, loss, backward, optimizer step) under that
+  count; on CUDA the caching allocator's peak statistics are read too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from batchfit import devices
+from batchfit.errors import ConfigError
+from batchfit.memory.counter import count_memory, counted_bytes, tensors_of_state
+from batchfit.validation import check_batch_size
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+logger = logging.getLogger(__name__)
+
+
+# Messages of out-of-memory errors raised as plain RuntimeErrors (not torch.OutOfMemoryError)
+# by the backends that do so. Matched only on RuntimeError and its subclasses.
+OUT_OF_MEMORY_MESSAGES = (
+    "CUDA out of memory",  # older CUDA allocator messages
+    "CUDA error: out of memory",  # a kernel or the driver failing to allocate
+    "HIP out of memory",  # ROCm
+    "XPU out of memory",  # Intel GPUs
+    "MPS backend out of memory",  # Apple silicon
+    "DefaultCPUAllocator: can't allocate memory",  # host memory exhausted
+    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its workspace
+    "CUDNN_STATUS_ALLOC_FAILED",  # cuDNN could not allocate its workspace
+    "CUDNN_STATUS_INTERNAL_ERROR",  # cuDNN's usual symptom of a failed internal allocation
+    "PT_DEVMEM Allocation failed",  # Habana HPU
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an out-of-memory error of any backend.
+
+    `torch.OutOfMemoryError` (also `torch.cuda.OutOfMemoryError`) and Python's `MemoryError`
+    are recognised by type; RuntimeErrors by the messages in OUT_OF_MEMORY_MESSAGES. A shape
+    mismatch, a NaN check or any other error is never out-of-memory.
+
+    Example:
+        >>> import torch
+        >>> is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+        True
+        >>> is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        False
+    """
+    import torch
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    message = str(error)
+    return any(pattern in message for pattern in OUT_OF_MEMORY_MESSAGES)
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Peak memory of real training steps at one batch size.
+
+    Attributes:
+        batch_size: samples per step.
+        steps: training steps run (optimizer state appears at the first).
+        peak_bytes: peak of live tensor storage bytes counted over the steps, including
+            parameters, buffers, gradients, optimizer state and the batch (each storage
+            rounded up to 512 bytes).
+        state_bytes: parameters, buffers, gradients and optimizer state after the last step:
+            what the model needs before the first sample.
+        batch_bytes: the input batch.
+        allocator_peak_bytes: on CUDA, the caching allocator's peak allocated bytes over the
+            steps (everything the process holds on the card); None elsewhere.
+        seconds: wall time of the steps.
+        device: the device the steps ran on.
+        repeated_samples: True when `batch_size` exceeds the data set, so indices wrapped
+            around and some samples appear more than once (memory is the same either way).
+    """
+
+    batch_size: int
+    steps: int
+    peak_bytes: int
+    state_bytes: int
+    batch_bytes: int
+    allocator_peak_bytes: int | None
+    seconds: float
+    device: str
+    repeated_samples: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device, seed: int | None = None) -> Iterator[None]:
+    """Run a block with torch's (CPU and `device`) and Python's RNG state restored afterwards.
+
+    Args:
+        device: the device whose generator is saved and restored too (CUDA).
+        seed: when not None, seed torch's generators with it inside the block.
+    """
+    import torch
+
+    python_state = random.getstate()
+    cuda_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+
+
+def run_training_steps(
+    task: Task, model, optimizer, batch, steps: int, *, started: list[int] | None = None
+) -> None:
+    """`steps` full training steps: zero_grad, forward and loss, backward, optimizer step.
+
+    When `started` is given, `started[0]` is raised by one as each step begins.
+    """
+    for _ in range(steps):
+        if started is not None:
+            started[0] += 1
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        del loss
+
+
+def measure_step_memory(
+    task: Task,
+    batch_size: int,
+    *,
+    device: str | torch.device = "cpu",
+    steps: int = 2,
+    budget_bytes: int | None = None,
+) -> StepMemory:
+    """Run `steps` real training steps at `batch_size` and return their peak memory.
+
+    Builds a fresh model (seeded with `task.seed`) and optimizer from the task, so the task's
+    own model is never touched, and runs the steps on a batch of the first `batch_size`
+    training samples. When the data set is smaller, indices wrap around and samples repeat
+    (`repeated_samples` says so): memory depends on the batch's shape, not its content.
+    Torch's and Python's random states are restored afterwards.
+
+    Args:
+        task: the training task.
+        batch_size: samples per step.
+        device: where to run ("cpu", "cuda", "auto", ...).
+        steps: training steps, at least 2: optimizer state appears at the first step, so the
+            second one shows the steady-state peak.
+        budget_bytes: when not None, a step whose counted memory passes it fails with
+            `torch.OutOfMemoryError`; on CUDA the process is also capped to it.
+
+    Returns:
+        StepMemory: counted peak, state and batch bytes, the allocator's peak on CUDA, seconds.
+
+    Raises:
+        ConfigError: batch_size or steps is not valid, or the device is unknown.
+        torch.OutOfMemoryError: the steps ran out of memory (or past the budget). Everything
+            the failed step held is freed before this is raised; its `steps_started`
+            attribute says how many training steps ran, the last one failing.
+        Any other error from the task's model, loss or optimizer, unchanged.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> measure_step_memory(load_example("digits"), 8).peak_bytes > 0
+        True
+    """
+    import torch
+
+    check_batch_size(batch_size)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ConfigError(
+            f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
+        )
+    device = devices.resolve_device(device)
+    failure: str | None = None
+    result: StepMemory | None = None
+    started = [0]  # training steps started, kept by _measure
+    try:
+        result = _measure(task, batch_size, device, steps, budget_bytes, started)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        # Keep only the message: the traceback's frames hold the failed step's tensors.
+        failure = str(error)
+    if failure is not None:
+        devices.release_memory(device)
+        logger.debug("batch %d ran out of memory: %s", batch_size, failure)
+        out_of_memory = torch.OutOfMemoryError(failure)
+        # How many real training steps ran (the last one failing), for callers that count.
+        out_of_memory.steps_started = started[0]  # type: ignore[attr-defined]
+        raise out_of_memory
+    assert result is not None
+    return result
+
+
+def _measure(
+    task: Task,
+    batch_size: int,
+    device: torch.device,
+    steps: int,
+    budget_bytes: int | None,
+    started: list[int],
+) -> StepMemory:
+    from batchfit.task import move_to
+
+    with forked_rng(device, task.seed), devices.memory_cap(device, budget_bytes):
+        model = task.make_model().to(device)
+        model.train()
+        optimizer = task.make_optimizer(model.parameters())
+        batch = move_to(task.batch(range(batch_size)), device)
+        batch_bytes = counted_bytes([batch], device=device)
+        entry = list(model.parameters()) + list(model.buffers()) + [batch]
+        try:
+            devices.synchronize(device)
+            devices.reset_peak_memory(device)
+            clock_start = time.perf_counter()
+            with count_memory(budget_bytes=budget_bytes, tensors=entry, device=device) as counter:
+                run_training_steps(task, model, optimizer, batch, steps, started=started)
+            devices.synchronize(device)
+            seconds = time.perf_counter() - clock_start
+            allocator_peak = devices.peak_allocated_bytes(device)
+            state_bytes = counted_bytes(tensors_of_state(model, optimizer), device=device)
+        finally:
+            # Reference counting frees the step's tensors here; a full gc.collect() (a
+            # quarter of a second with torch loaded) is kept for the out-of-memory path.
+            del model, optimizer, batch, entry
+            devices.empty_cache(device)
+    return StepMemory(
+        batch_size=batch_size,
+        steps=steps,
+        peak_bytes=counter.peak_bytes,
+        state_bytes=state_bytes,
+        batch_bytes=batch_bytes,
+        allocator_peak_bytes=allocator_peak,
+        seconds=seconds,
+        device=str(device),
+        repeated_samples=batch_size > len(task.train_data),
+    )

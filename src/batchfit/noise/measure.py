@@ -1,0 +1,304 @@
+"""Measure the gradient noise scale of a task before training it.
+
+The standalone measurement: warm a fresh model up (or load a checkpoint), freeze it, and take
+pairs of small- and big-batch gradient norms over batches drawn without replacement. The
+estimator maths and the smoothing live in `batchfit.noise.estimator` (McCandlish et al. 2018,
+arXiv:1812.06162, Appendix A); this module only feeds a `NoiseScaleTracker`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import CheckpointError, ConfigError, TaskError
+from batchfit.noise.estimator import NoiseScaleTracker
+from batchfit.noise.result import NoiseScaleResult
+from batchfit.validation import check_whole_number
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+    from torch import nn
+
+    from batchfit.task import Task
+
+__all__ = ["DEFAULT_BATCHES", "DEFAULT_WARMUP_STEPS", "default_batch_sizes", "measure_noise_scale"]
+
+DEFAULT_BATCHES = 50
+DEFAULT_WARMUP_STEPS = 50
+
+
+def default_batch_sizes(task: Task) -> tuple[int, int]:
+    """The default (small_batch, big_batch) for a task: a quarter and four times its batch size.
+
+    The big batch is capped at the training set; the small one stays below the big one. A big
+    batch well above the task's batch narrows the interval when the noise scale is large: the
+    |G|^2 estimate is the noisy one, and it improves with B_big.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> default_batch_sizes(load_example("cnn"))
+        (16, 256)
+    """
+    size = len(task.train_data)
+    big = min(4 * task.batch_size, size)
+    small = max(1, min(task.batch_size // 4, big // 2))
+    return small, big
+
+
+def measure_noise_scale(
+    task: Task,
+    *,
+    small_batch: int | None = None,
+    big_batch: int | None = None,
+    batches: int = DEFAULT_BATCHES,
+    warmup_steps: int | None = None,
+    checkpoint: Mapping[str, Any] | str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    finite_population: bool = True,
+    memory_budget_bytes: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> NoiseScaleResult:
+    """Measure the gradient noise scale of a task, before training it.
+
+    Works on a fresh model from `task.make_model()` (the task and any module it holds stay
+    untouched) and restores every random generator afterwards. It first trains that model for
+    `warmup_steps` optimizer steps at the task's batch size and rate (the noise scale at
+    initialisation can be far from its later value), or starts from `checkpoint`. Then, with
+    the model frozen, it draws `batches` big batches without replacement, splits each into
+    micro-batches of `small_batch` samples, and takes each micro-batch's gradient as a small
+    batch and their weighted mean as the big one (McCandlish et al. 2018, arXiv:1812.06162,
+    Appendix A; see the module docstring). Only `small_batch` samples need to fit in memory.
+    Warm-up batches come from shuffled epochs seeded `task.seed`; the measured big batches are
+    `torch.randperm(len(task.train_data), generator)[:big_batch]` with a generator seeded
+    `task.seed + 1`, so a run is repeatable.
+
+    Args:
+        task: the training task.
+        small_batch: B_small in samples; default a quarter of `task.batch_size`.
+        big_batch: B_big in samples, above small_batch; default four times `task.batch_size`,
+            capped at the training set.
+        batches: big batches to measure; the interval narrows about as 1/sqrt(batches) (50
+            gave 440 to 1,351 around 617 samples on the cnn example).
+        warmup_steps: optimizer steps to train first; default 50, or 0 with a checkpoint.
+        checkpoint: a model state_dict, a dict holding one under "model", or a path to a file
+            saved with torch.save holding either.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        finite_population: correct for drawing from the finite training set (recommended).
+        memory_budget_bytes: when given, check first that a training step at `small_batch`
+            fits this budget (measured with `batchfit.memory.step.measure_step_memory`; the limit
+            in the error comes from `batchfit.memory.search.find_max_batch_size`).
+        progress: `progress(phase, done, total)` after each step, phase "warmup" or "measure".
+
+    Returns:
+        A `NoiseScaleResult` with the measured point (`step`, `samples_seen`) and the running
+        estimate for plots.
+
+    Raises:
+        ConfigError: a size is not a positive whole number, small_batch >= big_batch, big_batch
+            is larger than the training set, or small_batch does not fit the memory budget
+            (the message gives the largest batch that fits, measured).
+        DoesNotFitError: not even one sample fits the memory budget.
+        CheckpointError: the checkpoint cannot be read or does not match the model.
+        TaskError: the loss is not finite during warm-up or measurement.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> result = measure_noise_scale(load_example("digits"), batches=5, warmup_steps=2)
+        >>> result.batches
+        5
+    """
+    import torch
+
+    from batchfit.devices import resolve_device
+    from batchfit.snapshot import capture_rng, restore_rng
+
+    dataset_size = len(task.train_data)
+    default_small, default_big = default_batch_sizes(task)
+    small = check_whole_number("small_batch", default_small if small_batch is None else small_batch)
+    big = check_whole_number("big_batch", default_big if big_batch is None else big_batch)
+    batches = check_whole_number("batches", batches)
+    if warmup_steps is None:
+        warmup_steps = 0 if checkpoint is not None else DEFAULT_WARMUP_STEPS
+    warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
+    if small >= big:
+        raise ConfigError(
+            f"small_batch ({small}) must be below big_batch ({big}); the noise scale comes from "
+            "the difference between the two gradient norms. Raise big_batch or lower small_batch."
+        )
+    if big > dataset_size:
+        raise ConfigError(
+            f"big_batch ({big}) is larger than the training set ({dataset_size} samples); "
+            f"batches are drawn without replacement, so lower big_batch to at most {dataset_size}."
+        )
+    target = resolve_device(device)
+    if memory_budget_bytes is not None:
+        _check_fits(task, small, target, memory_budget_bytes)
+    tracker = NoiseScaleTracker(
+        dataset_size=dataset_size if finite_population else None, ema_decay=1.0
+    )
+    rng = capture_rng()
+    try:
+        torch.manual_seed(task.seed)
+        model = task.make_model().to(target)
+        if checkpoint is not None:
+            _load_checkpoint(model, checkpoint)
+        model.train()
+        _warm_up(task, model, warmup_steps, target, progress)
+        params = [param for param in model.parameters() if param.requires_grad]
+        # batches are drawn from their own generator, seeded task.seed + 1
+        generator = torch.Generator().manual_seed(task.seed + 1)
+        sizes = [small] * (big // small) + ([big % small] if big % small else [])
+        harmonic = len(sizes) / sum(1.0 / size for size in sizes)
+        for index in range(batches):
+            order = torch.randperm(dataset_size, generator=generator)[:big].tolist()
+            small_sq, big_sq = _two_norms(task, model, params, order, sizes, target)
+            tracker.update(small_sq, big_sq, small_batch=harmonic, big_batch=big)
+            if progress is not None:
+                progress("measure", index + 1, batches)
+    finally:
+        restore_rng(rng)
+    result = tracker.estimate(running=True)
+    return replace(
+        result,
+        step=warmup_steps,
+        samples_seen=warmup_steps * task.batch_size,
+        from_checkpoint=checkpoint is not None,
+    )
+
+
+def _warm_up(
+    task: Task,
+    model: nn.Module,
+    steps: int,
+    device: torch.device,
+    progress: Callable[[str, int, int], None] | None,
+) -> None:
+    import torch
+
+    from batchfit.task import move_to
+
+    if not steps:
+        return
+    optimizer = task.make_optimizer(model.parameters())
+    # shuffled epochs, as a DataLoader with shuffle=True reads them
+    generator = torch.Generator().manual_seed(task.seed)
+    stream: list[int] = []
+    for step in range(steps):
+        while len(stream) < task.batch_size:
+            stream += torch.randperm(len(task.train_data), generator=generator).tolist()
+        indices, stream = stream[: task.batch_size], stream[task.batch_size :]
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model, move_to(task.batch(indices), device))
+        if not torch.isfinite(loss.detach()).all():
+            raise TaskError(
+                f"The loss is not finite ({float(loss):g}) at warm-up step {step}; lower the "
+                f"task's learning rate ({task.lr:g}) or use warmup_steps=0."
+            )
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress("warmup", step + 1, steps)
+
+
+def _two_norms(
+    task: Task,
+    model: nn.Module,
+    params: list[torch.nn.Parameter],
+    order: list[int],
+    sizes: list[int],
+    device: torch.device,
+) -> tuple[float, float]:
+    """Mean squared norm of the micro-batch gradients, and squared norm of their weighted mean."""
+    import torch
+
+    from batchfit.task import move_to
+
+    total = sum(sizes)
+    summed: list[torch.Tensor] | None = None
+    small_sq = []
+    start = 0
+    for size in sizes:
+        batch = move_to(task.batch(order[start : start + size]), device)
+        start += size
+        loss = task.loss(model, batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise TaskError(
+                f"The loss is not finite ({float(loss):g}) while measuring the noise scale; "
+                "check the task's loss, or start from a healthier checkpoint."
+            )
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+        small_sq.append(sum(float(g.double().square().sum()) for g in grads))
+        weight = size / total
+        if summed is None:
+            summed = [g * weight for g in grads]
+        else:
+            for accumulator, grad in zip(summed, grads):
+                accumulator.add_(grad, alpha=weight)
+    assert summed is not None
+    big_sq = sum(float(g.double().square().sum()) for g in summed)
+    return sum(small_sq) / len(small_sq), big_sq
+
+
+def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
+    import torch
+
+    source = checkpoint
+    if not isinstance(checkpoint, Mapping):
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as error:
+            raise CheckpointError(
+                f"Cannot read the checkpoint {str(source)!r}: {error}. Give a file saved with "
+                "torch.save(model.state_dict(), path)."
+            ) from None
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(
+            f"The checkpoint holds {type(checkpoint).__name__}, not a state_dict; save "
+            "model.state_dict() (or a dict with it under 'model')."
+        )
+    try:
+        model.load_state_dict(checkpoint)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(
+            f"The checkpoint does not match the task's model ({first}); give a checkpoint "
+            "saved from this task's model."
+        ) from None
+
+
+def _check_fits(task: Task, small_batch: int, device: torch.device, budget_bytes: int) -> None:
+    """Raise when a training step at `small_batch` does not fit the memory budget.
+
+    One real step at `small_batch` under the budget (`batchfit.memory.step.measure_step_memory`,
+    an exact count of live tensor bytes on any device); when it does not fit,
+    `batchfit.memory.search.find_max_batch_size` finds the largest batch that does, for the message.
+    """
+    import torch
+
+    from batchfit.memory.search import find_max_batch_size
+    from batchfit.memory.step import measure_step_memory
+    from batchfit.units import format_bytes
+
+    try:
+        measure_step_memory(task, small_batch, device=device, budget_bytes=budget_bytes)
+        return
+    except torch.OutOfMemoryError:
+        pass
+    # raises DoesNotFitError itself when not even one sample fits
+    search = find_max_batch_size(
+        task, device=device, memory_budget=budget_bytes, margin=0.0, max_batch_size=small_batch
+    )
+    limit = search.limit_batch_size
+    raise ConfigError(
+        f"small_batch ({small_batch}) does not fit the memory budget of "
+        f"{format_bytes(budget_bytes)}: the largest batch that fits is {limit} (measured). Use a "
+        f"small batch of {limit} or less; the big batch is accumulated from small ones and need "
+        "not fit."
+    )

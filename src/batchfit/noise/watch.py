@@ -1,0 +1,387 @@
+"""Squared gradient norms of each micro-batch (and each DDP rank) during training, nearly free.
+
+A `GradientNormWatch` registers a hook on every trainable parameter. During each backward the
+hook sees the gradient that backward contributes, before it is added into `.grad` (and, under
+DistributedDataParallel, before the all-reduce: each rank's *local* gradient), and keeps its
+norm on the device, without a copy and without a host sync. Norms are grouped by backward pass
+(autograd's graph task): one group is one micro-batch. At the
+end of an optimizer step, `.grad` holds the accumulated (and all-reduced) gradient: the big
+batch. Together they feed a `NoiseScaleTracker` (see `batchfit.noise.estimator`).
+
+Calls a training loop makes, per optimizer step:
+
+    watch = GradientNormWatch(model, tracker)   # once; watch.remove() when done
+    optimizer.zero_grad()
+    for micro_batch in micro_batches:
+        (loss_fn(model, micro_batch) * weight).backward()   # weight = n / total, as usual
+        watch.micro_batch(n)              # n: samples in this micro-batch
+    watch.step()                          # before clipping, unscaling or optimizer.step()
+    optimizer.step()
+
+Under DDP each rank makes the same calls; `step()` all-reduces four numbers (one tiny
+collective per step), so every rank's tracker holds the same estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import ConfigError
+from batchfit.noise.estimator import NoiseScaleTracker
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GradientNormWatch", "NoiseScaleCallback"]
+
+
+class GradientNormWatch:
+    """Measures micro-batch and accumulated gradient norms for a `NoiseScaleTracker`.
+
+    Made once per model: `GradientNormWatch(model, tracker)`. Only reads gradients; never
+    changes them.
+
+    Example:
+        >>> import torch
+        >>> from batchfit.noise.estimator import NoiseScaleTracker
+        >>> model = torch.nn.Linear(3, 1)
+        >>> tracker = NoiseScaleTracker(ema_decay=1.0)
+        >>> watch = GradientNormWatch(model, tracker)
+        >>> data = torch.randn(8, 3)
+        >>> for part in data.split(4):
+        ...     (model(part).pow(2).mean() * 0.5).backward()
+        ...     watch.micro_batch(4)
+        >>> watch.step()
+        >>> tracker.updates
+        1
+        >>> watch.remove()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tracker: NoiseScaleTracker,
+        *,
+        distributed: bool | None = None,
+        process_group: Any = None,
+    ) -> None:
+        import torch
+
+        self.tracker = tracker
+        self.params = [param for param in model.parameters() if param.requires_grad]
+        if not self.params:
+            raise ConfigError("The model has no trainable parameters, so it has no gradient.")
+        if distributed is None:
+            distributed = (
+                torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size(process_group) > 1
+            )
+        self.distributed = bool(distributed)
+        self.process_group = process_group
+        # one squared norm per backward pass since the last micro_batch()/step()
+        self._pending: list[torch.Tensor] = []
+        self._group: list[torch.Tensor] = []  # per-parameter norms of the running backward
+        self._group_id: object = None  # which backward pass `_group` belongs to
+        self._micro: list[tuple[torch.Tensor, float, float | None]] = []
+        self._warned_single = False
+        # One hook per parameter: it takes the norm at once and keeps no reference to the
+        # gradient, so autograd still frees (or steals) it as usual: no extra memory. (A
+        # multi-grad hook would hold every gradient until the backward ends.)
+        self._handles = [param.register_hook(self._hook) for param in self.params]
+
+    def _hook(self, grad: torch.Tensor) -> None:
+        import torch
+
+        backward = _backward_id(self._group_id, len(self._group), len(self.params))
+        if backward != self._group_id:
+            self._close_group()
+            self._group_id = backward
+        values = (grad.coalesce().values() if grad.is_sparse else grad).detach()
+        if values.dtype in (torch.float32, torch.float64):
+            self._group.append(torch.linalg.vector_norm(values))
+        else:  # float32 accumulation keeps half-precision gradients from overflowing
+            self._group.append(torch.linalg.vector_norm(values, dtype=torch.float32))
+
+    def _close_group(self) -> None:
+        import torch
+
+        if self._group:
+            self._pending.append(torch.stack(self._group).double().square().sum())
+        self._group = []
+        self._group_id = None
+
+    def micro_batch(self, samples: float, *, loss_scale: float | None = None) -> None:
+        """Record the gradient of the backward that just ran as one small batch.
+
+        Args:
+            samples: samples (the unit the loss averages over) in the micro-batch.
+            loss_scale: the factor the micro-batch's mean loss was multiplied by before backward;
+                default `samples / (sum of samples this step)`, as `accumulate_gradients` and
+                `micro_batch_weights` use. Leave a GradScaler's scale out: pass it to `step()`.
+
+        Raises:
+            ConfigError: samples or loss_scale is not positive, or no backward ran since the
+                last call.
+        """
+        if isinstance(samples, bool) or not isinstance(samples, (int, float)) or samples <= 0:
+            raise ConfigError(f"samples must be a positive count, got {samples!r}.")
+        if loss_scale is not None and not loss_scale > 0:
+            raise ConfigError(f"loss_scale must be positive, got {loss_scale!r}.")
+        self._close_group()
+        if not self._pending:
+            raise ConfigError(
+                "micro_batch() was called but no backward ran since the last call; call it "
+                "once after each micro-batch's backward()."
+            )
+        if len(self._pending) > 1:
+            raise ConfigError(
+                f"{len(self._pending)} backward passes ran since the last micro_batch() call; "
+                "the norm of a sum of gradients is not the sum of their norms, so add the "
+                "micro-batch's losses and call backward() once per micro-batch."
+            )
+        self._micro.append((self._pending.pop(), float(samples), loss_scale))
+
+    def reset(self) -> None:
+        """Forget what was recorded since the last `step()` (e.g. a step redone after OOM)."""
+        self._pending = []
+        self._group = []
+        self._group_id = None
+        self._micro = []
+
+    def step(
+        self,
+        micro_batch_samples: Sequence[float] | None = None,
+        *,
+        loss_scales: Sequence[float] | None = None,
+        big_sq_norm: float | None = None,
+        grad_scale: float = 1.0,
+        step: int | None = None,
+    ) -> None:
+        """Close the optimizer step: the accumulated gradient is the big batch; update the tracker.
+
+        Two ways to name the micro-batches: call `micro_batch(n)` after each backward, then
+        `step()`; or run them all (e.g. with `accumulate_gradients`) and pass their sizes here,
+        `step(micro_batch_samples)`: each backward since the last step is one micro-batch, and
+        when more ran (an attempt redone after out-of-memory), the last ones count.
+
+        Call after the last backward and before `optimizer.step()`, and before gradient clipping
+        unless `big_sq_norm` is given. A step with a single micro-batch on a single rank carries
+        no information (the small batch is the big one) and is skipped, as is a step whose
+        gradients are not finite (a mixed-precision overflow).
+
+        Args:
+            micro_batch_samples: samples of each micro-batch of this step on this rank, in
+                order; None when `micro_batch()` was called for each.
+            loss_scales: with `micro_batch_samples`, the factor each mean loss was multiplied
+                by; default `samples / sum(samples)` (see `micro_batch`).
+            big_sq_norm: the squared norm of the accumulated (all-reduced, unscaled) gradient
+                when the caller has it, e.g. `grad_norm ** 2` from `clip_grad_norm_` (which
+                returns the norm before clipping); default: read from `.grad`.
+            grad_scale: the loss scale the gradients carry (GradScaler.get_scale()); 1.0
+                without one.
+            step: the optimizer step, recorded with the estimate; default the tracker's count.
+
+        Raises:
+            ConfigError: the micro-batches do not match the backward passes that ran.
+        """
+        import torch
+
+        self._close_group()
+        if micro_batch_samples is not None:
+            self._record_from_sizes(list(micro_batch_samples), loss_scales)
+        if self._pending:
+            raise ConfigError(
+                "A backward ran after the last micro_batch() call; call micro_batch(samples) "
+                "after each micro-batch's backward, or pass the sizes to step()."
+            )
+        micro, self._micro = self._micro, []
+        if not micro:
+            raise ConfigError("step() was called with no micro_batch() since the last step.")
+        local_samples = sum(samples for _, samples, _ in micro)
+        # The hook saw each micro-batch's gradient times its loss weight: undo the weight.
+        inverse_weights_sq = [
+            (local_samples / samples if loss_scale is None else 1.0 / loss_scale) ** 2
+            for _, samples, loss_scale in micro
+        ]
+        squared = torch.stack([value for value, _, _ in micro])
+        small_sum = (squared * squared.new_tensor(inverse_weights_sq)).sum()
+        if big_sq_norm is None:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            big_sq = _sum_of_squares(grads).double()
+        else:
+            big_sq = small_sum.new_tensor(float(big_sq_norm) * grad_scale**2)
+        counts = [sum(1.0 / samples for _, samples, _ in micro), float(len(micro)), local_samples]
+        if self.distributed:
+            numbers = torch.cat([small_sum.reshape(1), small_sum.new_tensor(counts)])
+            torch.distributed.all_reduce(numbers, group=self.process_group)
+            small_total, inverse_total, count, samples_total = numbers.tolist()
+            big_sq_value = float(big_sq)
+        else:
+            small_total, big_sq_value = torch.stack([small_sum, big_sq]).tolist()  # one sync
+            inverse_total, count, samples_total = counts
+        if count < 2:
+            if not self._warned_single:
+                logger.info(
+                    "noise scale: one micro-batch on one rank per step measures nothing; "
+                    "use gradient accumulation or DDP"
+                )
+                self._warned_single = True
+            return
+        # the micro-batch gradients carry the GradScaler's scale just as `.grad` does
+        small_sq = small_total / count / grad_scale**2
+        big_sq_value /= grad_scale**2
+        if not (math.isfinite(small_sq) and math.isfinite(big_sq_value)):
+            logger.info("noise scale: skipped a step whose gradients are not finite")
+            return
+        small_batch = count / inverse_total  # harmonic mean of the micro-batch sizes
+        self.tracker.update(
+            small_sq, big_sq_value, small_batch=small_batch, big_batch=samples_total, step=step
+        )
+
+    def _record_from_sizes(self, sizes: list[float], loss_scales: Sequence[float] | None) -> None:
+        if self._micro:
+            raise ConfigError(
+                "Give the micro-batch sizes either with micro_batch() calls or to step(), not both."
+            )
+        for size in sizes:
+            if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+                raise ConfigError(f"micro-batch sizes must be positive counts, got {sizes}.")
+        scales = [None] * len(sizes) if loss_scales is None else list(loss_scales)
+        if len(scales) != len(sizes):
+            raise ConfigError(
+                f"loss_scales has {len(scales)} entries for {len(sizes)} micro-batches; give "
+                "one per micro-batch."
+            )
+        if len(self._pending) < len(sizes):
+            raise ConfigError(
+                f"{len(sizes)} micro-batch sizes were given but {len(self._pending)} backward "
+                "passes ran since the last step; give one size per backward."
+            )
+        pending, self._pending = self._pending[-len(sizes) :], []
+        self._micro = [(value, float(n), scale) for value, n, scale in zip(pending, sizes, scales)]
+
+    def remove(self) -> None:
+        """Remove the hooks; the watch measures nothing afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.reset()
+
+    def __enter__(self) -> GradientNormWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+class NoiseScaleCallback:
+    """Logs the gradient noise scale from `batchfit.train.loop.train` (its `callbacks=` protocol).
+
+    `on_train_start` attaches a `GradientNormWatch` to the model; `on_step_end` closes each
+    step with the record's micro-batch sizes and its pre-clipping gradient norm, and returns
+    the current estimate for the step's metrics line:
+    `{"noise_scale": B_simple or None, "noise_scale_gradient_sq": |G|^2,
+    "noise_scale_trace": tr(Sigma)}`. Needs two or more micro-batches per step, or DDP.
+
+    Loss weights are taken as proportional to samples; with token-weighted losses whose token
+    counts differ between micro-batches, the estimate is approximate.
+
+    Args:
+        tracker: the tracker to feed; default a new `NoiseScaleTracker(dataset_size=...,
+            ema_decay=...)`. Save `callback.tracker.state_dict()` with a checkpoint to resume it.
+        dataset_size: training samples, for the finite-population correction.
+        ema_decay: smoothing, as for `NoiseScaleTracker`.
+
+    Example:
+        >>> callback = NoiseScaleCallback(dataset_size=1000)
+        >>> callback.tracker.noise_scale is None
+        True
+    """
+
+    def __init__(
+        self,
+        tracker: NoiseScaleTracker | None = None,
+        *,
+        dataset_size: int | None = None,
+        ema_decay: float = 0.99,
+    ) -> None:
+        if tracker is None:
+            tracker = NoiseScaleTracker(dataset_size=dataset_size, ema_decay=ema_decay)
+        self.tracker = tracker
+        self.watch: GradientNormWatch | None = None
+
+    def on_train_start(self, model: nn.Module, plan: Any = None) -> None:
+        """Attach the watch to `model` (the unwrapped module or its DDP wrapper).
+
+        Raises:
+            ConfigError: the plan's global batch is larger than the tracker's dataset_size
+                (batches then repeat samples, and the finite-population correction is wrong).
+        """
+        global_batch = getattr(plan, "global_batch", None)
+        size = self.tracker.dataset_size
+        if global_batch is not None and size is not None and global_batch > size:
+            raise ConfigError(
+                f"The global batch ({global_batch}) is larger than the training set ({size} "
+                "samples), so a batch repeats samples; use NoiseScaleCallback(dataset_size=None) "
+                "or a global batch of at most the training set."
+            )
+        if self.watch is not None:
+            self.watch.remove()
+        self.watch = GradientNormWatch(model, self.tracker)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's state, saved in the loop's checkpoints."""
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's tracker state."""
+        self.tracker.load_state_dict(state)
+
+    def on_step_end(self, record: Any, model: nn.Module | None = None) -> dict[str, Any]:
+        """Update from a step record (`micro_batches`, `grad_norm`, `step`); return the metrics."""
+        if self.watch is None:
+            raise ConfigError("on_step_end() before on_train_start(); attach the callback first.")
+        self.watch.step(
+            record.micro_batches, big_sq_norm=float(record.grad_norm) ** 2, step=record.step
+        )
+        return {
+            "noise_scale": self.tracker.noise_scale,
+            "noise_scale_gradient_sq": self.tracker.gradient_sq_norm,
+            "noise_scale_trace": self.tracker.trace_covariance,
+        }
+
+
+def _backward_id(current: object, seen: int, parameters: int) -> object:
+    """Which backward pass is running: autograd's graph-task id (a new one per backward)."""
+    import torch
+
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    if graph_task_id is not None:
+        return graph_task_id()
+    # Older torch: each parameter's hook fires once per backward, so a full group means the
+    # next hook belongs to a new backward.
+    if current is None or seen >= parameters:
+        return object()
+    return current
+
+
+def _sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared entries of all `grads` as a float32 tensor on their device (no sync)."""
+    import torch
+
+    dense = [(grad.coalesce().values() if grad.is_sparse else grad).detach() for grad in grads]
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    if foreach_norm is not None and all(grad.dtype == torch.float32 for grad in dense):
+        # the fused kernel clip_grad_norm_ uses: one launch per device instead of one per tensor
+        return torch.stack(foreach_norm(dense)).square().sum()
+    # float32 accumulation keeps half-precision gradients from overflowing when squared
+    norms = [torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in dense]
+    return torch.stack(norms).square().sum()

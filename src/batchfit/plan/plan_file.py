@@ -1,0 +1,214 @@
+"""The plan: the batch, learning rate and training settings batchfit advises, with reasons.
+
+A plan is saved as `plan.json` with a versioned schema and validated on load, so that a plan
+from a newer batchfit, or one edited by hand into nonsense, is refused with a message that names
+the field, the value and the fix. `batchfit train --plan plan.json` trains with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from batchfit.errors import CheckpointError
+from batchfit.files import write_atomic
+
+PLAN_SCHEMA_VERSION = 1
+"""Version of the plan.json layout; raise it when a field changes meaning or is removed."""
+
+OPTIMIZER_CHOICES = ("task", "lars", "lamb")
+NORMALIZATION_CHOICES = ("none", "keep", "groupnorm", "syncbatchnorm")
+LR_RULES = ("linear", "sqrt", "none")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to train with, and why.
+
+    Attributes:
+        task: the task's name or spec (path:function or example name).
+        device: the device planned for ("cpu", "cuda:0", ...).
+        memory_budget_bytes: the memory budget planned for; None for the device's own memory.
+        world_size: number of data-parallel devices.
+        global_batch: samples per optimizer step, over all devices.
+        micro_batch: samples per forward/backward pass on one device.
+        accumulation_steps: micro-batches per optimizer step on one device.
+        lr: the learning rate at the global batch.
+        lr_rule: how lr was scaled from the task's reference ("linear", "sqrt", "none").
+        warmup_steps: optimizer steps of linear warmup (0: none).
+        total_steps: the planned length of training in optimizer steps (what warmup_steps was
+            sized for, and the default length of `batchfit train --plan`); None: not planned.
+        optimizer: "task" (the task's own), "lars" or "lamb".
+        normalization: what to do with BatchNorm: "none" (has none), "keep", "groupnorm",
+            "syncbatchnorm".
+        reasons: one sentence per choice above, with its numbers, keyed by field name.
+        notes: remarks that are not choices (customary ranges, caveats).
+        measurements: what was measured, for the report and for people: "throughput",
+            "noise_scale" and "range_test" as their results' `to_dict()`, "memory" as the
+            probes, trials and fitted line the planner used.
+        schema_version: PLAN_SCHEMA_VERSION at the time of writing.
+    """
+
+    task: str
+    device: str
+    world_size: int
+    global_batch: int
+    micro_batch: int
+    accumulation_steps: int
+    lr: float
+    lr_rule: str
+    warmup_steps: int
+    optimizer: str = "task"
+    normalization: str = "none"
+    memory_budget_bytes: int | None = None
+    total_steps: int | None = None
+    reasons: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    measurements: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = PLAN_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON, atomically (a temporary file renamed into place)."""
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
+
+
+def apply_plan(plan: Plan, task: Any) -> Any:
+    """The task to train with `plan`: the same task, or, where the plan advises GroupNorm,
+    a copy whose model factory converts BatchNorm to GroupNorm
+    (`batchfit.plan.norm_layers.convert_batchnorm`). The given task is not changed."""
+    if plan.normalization != "groupnorm":
+        return task
+    import dataclasses
+
+    from batchfit.plan.norm_layers import convert_batchnorm
+
+    def converted_model():
+        return convert_batchnorm(task.make_model(), to="groupnorm").model
+
+    return dataclasses.replace(task, model=converted_model)
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read and validate a plan.json.
+
+    Raises:
+        CheckpointError: the file is missing, not JSON, from a newer batchfit, lacks a field,
+            or holds a value out of range; the message names the field, the value and the fix.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise CheckpointError(
+            f"Plan file {str(source)!r} does not exist; run `batchfit plan` first."
+        )
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(
+            f"Plan file {str(source)!r} is not valid JSON ({error}); write it anew with "
+            "`batchfit plan`."
+        ) from None
+    return plan_from_dict(data, source=str(source))
+
+
+def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
+    """Build a Plan from a dictionary (as read from plan.json), validating every field."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: a plan is a JSON object, got {type(data).__name__}.")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(
+            f"{source}: field 'schema_version' is {version!r}; a plan needs an integer schema "
+            "version. Write it anew with `batchfit plan`."
+        )
+    if version > PLAN_SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{source}: schema_version {version} is newer than this batchfit reads "
+            f"({PLAN_SCHEMA_VERSION}); upgrade batchfit or make the plan with this version."
+        )
+    if version < 1:
+        raise CheckpointError(f"{source}: schema_version {version} is not valid; it starts at 1.")
+    known = {f.name for f in fields(Plan)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CheckpointError(
+            f"{source}: unknown field(s) {', '.join(unknown)}; valid fields are "
+            f"{', '.join(sorted(known))}."
+        )
+    required = [
+        f.name for f in fields(Plan) if f.default is MISSING and f.default_factory is MISSING
+    ]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise CheckpointError(
+            f"{source}: field(s) {', '.join(missing)} missing; write the plan anew with "
+            "`batchfit plan`."
+        )
+    try:
+        return Plan(**data)
+    except CheckpointError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+
+
+def _validate(plan: Plan) -> None:
+    def fail(name: str, value: Any, fix: str) -> None:
+        raise CheckpointError(f"field {name!r} is {value!r}; {fix}")
+
+    for name in ("task", "device"):
+        if not isinstance(getattr(plan, name), str) or not getattr(plan, name):
+            fail(name, getattr(plan, name), "it must be a non-empty string.")
+    for name in ("world_size", "global_batch", "micro_batch", "accumulation_steps"):
+        value = getattr(plan, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(name, value, "it must be a whole number of at least 1.")
+    if plan.micro_batch * plan.accumulation_steps * plan.world_size != plan.global_batch:
+        fail(
+            "global_batch",
+            plan.global_batch,
+            f"it must equal micro_batch x accumulation_steps x world_size = "
+            f"{plan.micro_batch} x {plan.accumulation_steps} x {plan.world_size} = "
+            f"{plan.micro_batch * plan.accumulation_steps * plan.world_size}.",
+        )
+    if not isinstance(plan.lr, (int, float)) or isinstance(plan.lr, bool) or not plan.lr > 0:
+        fail("lr", plan.lr, "it must be a positive number.")
+    if not isinstance(plan.warmup_steps, int) or plan.warmup_steps < 0:
+        fail("warmup_steps", plan.warmup_steps, "it must be a whole number of at least 0.")
+    for name, choices in (
+        ("lr_rule", LR_RULES),
+        ("optimizer", OPTIMIZER_CHOICES),
+        ("normalization", NORMALIZATION_CHOICES),
+    ):
+        if getattr(plan, name) not in choices:
+            fail(name, getattr(plan, name), f"choose one of {', '.join(choices)}.")
+    total = plan.total_steps
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 1):
+        fail("total_steps", total, "it must be a whole number of at least 1, or null.")
+    if total is not None and plan.warmup_steps >= total > 1:
+        fail("warmup_steps", plan.warmup_steps, f"it must be below total_steps ({total}).")
+    budget = plan.memory_budget_bytes
+    if budget is not None and (not isinstance(budget, int) or budget <= 0):
+        fail("memory_budget_bytes", budget, "it must be a positive number of bytes or null.")
+    if not isinstance(plan.reasons, dict) or not all(
+        isinstance(value, str) for value in plan.reasons.values()
+    ):
+        fail("reasons", plan.reasons, "it must map field names to sentences.")
+    if not isinstance(plan.notes, list):
+        fail("notes", plan.notes, "it must be a list of sentences.")
+    if not isinstance(plan.measurements, dict):
+        fail("measurements", plan.measurements, "it must be an object.")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

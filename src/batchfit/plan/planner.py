@@ -1,0 +1,336 @@
+"""One plan from memory, throughput, gradient noise and a range test: what batch, what rate, why.
+
+`plan(task, ...)` profiles a training task on the device at hand (or under a memory budget that
+stands in for the device it will train on) and combines batchfit's measurements:
+
+1. memory (`batchfit.memory.search`): the largest micro-batch that fits, with a safety margin;
+2. throughput (`batchfit.throughput`): samples per second against batch size, and its knee;
+3. gradient noise scale (`batchfit.noise.estimator`), measured after a short stretch of training:
+   the critical batch size;
+4. the global batch from 2 and 3 (or the user's target), the micro-batch and accumulation that
+   reach it exactly (`batchfit.plan.advice`);
+5. the learning rate scaled from the task's reference point by the rule for its optimizer
+   family (`batchfit.lr.scaling`), checked with a range test at the chosen batch
+   (`batchfit.lr.range_test`), and a warmup when the scaled rate is well above the reference;
+6. optimizer advice (LARS/LAMB for very large batches), BatchNorm advice
+   (`batchfit.plan.norm_layers`) and a comparison with customary ranges for the task's kind.
+
+Every choice carries a reason with its numbers. The result is a
+`batchfit.plan.plan_file.Plan`, which `batchfit plan` saves as plan.json beside an HTML report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import ConfigError
+from batchfit.plan import advice
+from batchfit.plan.plan_file import Plan
+from batchfit.units import format_bytes, parse_size
+from batchfit.validation import check_whole_number
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 10
+"""The run length a plan sizes its warmup for, in passes over the training data (the same
+default as `batchfit.train.loop`)."""
+
+RANGE_TEST_DECADES_BELOW = 3
+RANGE_TEST_DECADES_ABOVE = 2
+"""The range test sweeps from 1/1000 to 100 times the scaled rate: wide enough to see both the
+flat start and the divergence around a rate that is roughly right."""
+
+RANGE_TEST_STEPS = 60
+
+PHASES = ("memory", "throughput", "noise scale", "range test")
+
+ProgressFn = Callable[[str, int, int], None]
+"""`progress(phase, done, total)`: phase is one of PHASES."""
+
+
+def plan(
+    task: Task,
+    *,
+    device: str | torch.device = "auto",
+    memory_budget: int | str | None = None,
+    world_size: int = 1,
+    target_global_batch: int | None = None,
+    margin: float = 0.05,
+    epochs: float = DEFAULT_EPOCHS,
+    task_name: str | None = None,
+    noise_batches: int | None = None,
+    range_test_steps: int = RANGE_TEST_STEPS,
+    progress: ProgressFn | None = None,
+) -> Plan:
+    """Profile `task` and plan its batch, learning rate and training settings.
+
+    The task is not changed: every measurement runs on fresh copies of its model, and the
+    random generators are restored.
+
+    Args:
+        task: the training task.
+        device: where to measure: "auto", "cpu", "cuda", "cuda:N", "mps".
+        memory_budget: the memory of the device to plan for (bytes or "12GiB"); None uses the
+            device's own memory. On the CPU, without a budget, memory is not searched: the
+            micro-batch is bounded by the data instead.
+        world_size: data-parallel devices the plan is for.
+        target_global_batch: the global batch to reach; None chooses it from the noise scale
+            and the throughput knee.
+        margin: fraction of memory kept free, in [0, 1).
+        epochs: the planned run length in passes over the data (sizes the warmup).
+        task_name: what to call the task in the plan (default: `task.name`).
+        noise_batches: big batches the noise scale is measured over (default: its own).
+        range_test_steps: steps of the range test.
+        progress: `progress(phase, done, total)` as each phase advances.
+
+    Returns:
+        The Plan, with a reason for every choice and the measurements behind them.
+
+    Raises:
+        ConfigError: bad sizes; a target global batch larger than the training set, or one no
+            efficient micro-batch and accumulation reach exactly (the nearest are offered).
+        DoesNotFitError: the budget is below what the model alone needs, or batch 1 does not fit.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> result = plan(load_example("digits"), device="cpu")  # doctest: +SKIP
+        >>> result.global_batch == result.micro_batch * result.accumulation_steps
+        True
+    """
+    from batchfit.devices import resolve_device
+    from batchfit.lr.range_test import lr_range_test
+    from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
+    from batchfit.noise.measure import measure_noise_scale
+    from batchfit.plan.norm_layers import batchnorm_advice
+    from batchfit.throughput import measure_throughput
+
+    report = progress or (lambda phase, done, total: None)
+    device = resolve_device(device)
+    world_size = check_whole_number("world_size", world_size)
+    budget_bytes = (
+        None if memory_budget is None else parse_size(memory_budget, name="memory budget")
+    )
+    dataset_size = len(task.train_data)
+    if target_global_batch is not None:
+        target_global_batch = check_whole_number("target_global_batch", target_global_batch)
+        if target_global_batch > dataset_size:
+            raise ConfigError(
+                f"target global batch {target_global_batch} is larger than the training set "
+                f"({dataset_size} samples); lower it or add data."
+            )
+    reasons: dict[str, str] = {}
+    notes: list[str] = []
+    measurements: dict[str, Any] = {}
+
+    # 1. Memory: the largest micro-batch that fits.
+    limit, memory = _memory_limit(task, device, budget_bytes, margin, dataset_size, report)
+    measurements["memory"] = memory
+    notes.extend(memory.pop("notes", []))
+
+    # 2. Throughput and its knee, up to the limit.
+    report("throughput", 0, 1)
+    throughput = measure_throughput(
+        task,
+        device=device,
+        max_batch_size=limit,
+        on_step=lambda done, total, size: report("throughput", done, total),
+    )
+    report("throughput", 1, 1)  # done, also when it stopped before the largest size
+    measurements["throughput"] = throughput.to_dict()
+
+    # 3. The gradient noise scale, after a short stretch of training.
+    noise = measure_noise_scale(
+        task,
+        device=device,
+        progress=lambda phase, done, total: report("noise scale", done, total),
+        **({} if noise_batches is None else {"batches": noise_batches}),
+    )
+    measurements["noise_scale"] = noise.to_dict()
+
+    # 4. Global batch, micro-batch, accumulation.
+    if target_global_batch is not None:
+        global_choice = advice.Choice(target_global_batch, "the target you asked for")
+    else:
+        global_choice = advice.choose_global_batch(
+            noise_scale=noise.noise_scale_samples if noise.reliable else None,
+            knee_batch=throughput.knee_batch,
+            world_size=world_size,
+            dataset_size=dataset_size,
+            reference_batch=task.batch_size,
+            measured_after_steps=noise.step,
+            throughput=dict(zip(throughput.batch_sizes, throughput.samples_per_second)),
+        )
+    global_batch = int(global_choice.value)
+    micro_choice = advice.choose_micro_batch(global_batch, limit, world_size)
+    micro_batch = int(micro_choice.value)
+    accumulation_steps = global_batch // (micro_batch * world_size)
+    reasons["global_batch"] = global_choice.reason
+    reasons["micro_batch"] = micro_choice.reason + (
+        f" (limit {limit} with a {margin:.0%} margin)"
+        if budget_bytes or device.type != "cpu"
+        else ""
+    )
+    reasons["accumulation_steps"] = (
+        f"{global_batch} = {micro_batch} x {accumulation_steps} x {world_size} "
+        f"(micro-batch x accumulation x devices)"
+    )
+    reasons["world_size"] = f"planned for {world_size} data-parallel device(s)"
+    if micro_batch < throughput.knee_batch and micro_batch < global_batch // world_size:
+        notes.append(
+            f"Memory keeps the micro-batch ({micro_batch}) below the throughput knee "
+            f"({throughput.knee_batch}): the device runs below its best samples per second."
+        )
+
+    # 5. Learning rate: scale, then check with a range test at the chosen batch.
+    family = task.optimizer_family()
+    rule = default_rule(family)
+    scaled = scaled_rate(task.lr, task.batch_size, global_batch, rule)
+    range_result = lr_range_test(
+        task,
+        start_lr=scaled.lr / 10**RANGE_TEST_DECADES_BELOW,
+        end_lr=scaled.lr * 10**RANGE_TEST_DECADES_ABOVE,
+        steps=range_test_steps,
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        device=device,
+        on_step=lambda done, total, lr, loss: report("range test", done, total),
+    )
+    report("range test", 1, 1)  # done, also when it stopped at divergence
+    measurements["range_test"] = range_result.to_dict()
+    lr_choice = advice.choose_lr(
+        scaled.lr,
+        f"{scaled.reason} ({family}-family optimizer)",
+        steepest_lr=range_result.steepest_lr,
+        valley_lr=range_result.valley_lr,
+        min_loss_lr=range_result.best_lr,
+    )
+    lr = float(lr_choice.value)
+    reasons["lr"] = lr_choice.reason
+    steps_per_epoch = max(1, math.ceil(dataset_size / global_batch))
+    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    if needs_warmup(task.lr, lr) and total_steps > 1:
+        warmup_steps = default_warmup_steps(total_steps, steps_per_epoch=steps_per_epoch)
+        reasons["warmup_steps"] = (
+            f"{lr:.3g} is {lr / task.lr:.1f}x the reference {task.lr:g}: warm up linearly for "
+            f"{warmup_steps} steps (5 epochs as in Goyal et al. 2017, at most a fifth of the "
+            f"{total_steps} planned steps)"
+        )
+    else:
+        warmup_steps = 0
+        reasons["warmup_steps"] = (
+            f"no warmup: {lr:.3g} is less than twice the reference rate {task.lr:g}"
+        )
+
+    # 6. Optimizer, normalisation, customary ranges.
+    optimizer_choice = advice.optimizer_advice(global_batch, family)
+    reasons["optimizer"] = optimizer_choice.reason
+    norm = batchnorm_advice(task.make_model(), micro_batch, world_size=world_size)
+    normalization = "none" if norm is None else norm.action
+    reasons["normalization"] = "the model has no BatchNorm layer" if norm is None else norm.reason
+    range_note = advice.customary_range_note(task.kind, global_batch)
+    if range_note:
+        notes.append(range_note)
+    if (
+        noise.reliable
+        and noise.noise_scale_samples
+        and global_batch > 2 * noise.noise_scale_samples
+    ):
+        notes.append(
+            f"The global batch {global_batch} is well above the measured critical batch "
+            f"(~{noise.noise_scale_samples:.0f}): expect more samples per unit of progress."
+        )
+    notes.append(
+        "The noise scale grows as training proceeds; `batchfit train` logs it, so the global "
+        "batch can be raised later in the run."
+    )
+    return Plan(
+        task=task_name or task.name,
+        device=str(device),
+        world_size=world_size,
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        accumulation_steps=accumulation_steps,
+        lr=lr,
+        lr_rule=rule,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        optimizer=str(optimizer_choice.value),
+        normalization=normalization,
+        memory_budget_bytes=budget_bytes,
+        reasons=reasons,
+        notes=notes,
+        measurements=measurements,
+    )
+
+
+def _memory_limit(
+    task: Task,
+    device: torch.device,
+    budget_bytes: int | None,
+    margin: float,
+    dataset_size: int,
+    report: ProgressFn,
+) -> tuple[int, dict[str, Any]]:
+    """The largest micro-batch that fits, and the memory measurements for the plan."""
+    from batchfit.memory.predict import predict_memory_model
+    from batchfit.memory.search import find_max_batch_size
+
+    report("memory", 0, 1)
+    if budget_bytes is None and device.type == "cpu":
+        # The CPU has no memory limit worth searching: bound by the data, and still show how
+        # memory grows with the batch.
+        model = predict_memory_model(task, low=1, high=dataset_size, device=device)
+        report("memory", 1, 1)
+        return dataset_size, {
+            "capacity_bytes": None,
+            "fixed_bytes": model.fixed_bytes,
+            "per_sample_bytes": model.per_sample_bytes,
+            "limit_batch": dataset_size,
+            "probes": [list(pair) for pair in zip(model.batch_sizes, model.peak_bytes)],
+            "trials": [],
+            "notes": [
+                f"No memory budget on the CPU: the micro-batch is bounded by the {dataset_size} "
+                f"training samples; memory grows {format_bytes(model.per_sample_bytes)} per "
+                "sample. Give --memory-budget to plan for a GPU's memory."
+            ],
+        }
+    result = find_max_batch_size(
+        task,
+        device=device,
+        memory_budget=budget_bytes,
+        margin=margin,
+        max_batch_size=dataset_size,
+        progress=lambda message: report("memory", 0, 1),
+    )
+    report("memory", 1, 1)
+    model = result.memory_model
+    notes = list(result.notes)
+    return result.limit_batch_size, {
+        "capacity_bytes": result.budget_bytes,
+        "usable_bytes": result.usable_bytes,
+        "margin": result.margin,
+        "fixed_bytes": None if model is None else model.fixed_bytes,
+        "per_sample_bytes": None if model is None else model.per_sample_bytes,
+        "limit_batch": result.limit_batch_size,
+        "method": result.method,
+        "real_steps": result.real_steps,
+        "probes": [list(pair) for pair in result.predictions],
+        "trials": [
+            {
+                "batch_size": trial.batch_size,
+                "fits": trial.fits,
+                "measured_bytes": trial.measured_peak_bytes,
+                "predicted_bytes": trial.predicted_peak_bytes,
+            }
+            for trial in result.trials
+        ],
+        "notes": notes,
+    }

@@ -1,0 +1,8 @@
+"""Training at any global batch: the reference loop and the pieces any loop can use.
+
+`config` is the run's settings (`TrainConfig`); `loop` trains (`train`, `TrainResult`);
+`accumulation` splits a global batch into micro-batches exactly (`plan_accumulation`,
+`split_batch`, `accumulate_gradients`); `backoff` halves the micro-batch on out-of-memory
+(`run_with_backoff`); `sampling` fixes the data order; `checkpoint` and `metrics` write the run
+folder; `evaluation`, `optimizers` and `distributed` (DDP through torchrun) complete it.
+"""

@@ -1,0 +1,287 @@
+"""What a training run is: `TrainConfig`, its validation, and what follows from it.
+
+`TrainConfig` holds every option of `batchfit.train.loop.train` in one place, with a comment per
+field; it is validated on construction. `resolve_setup` derives the run's steps, peak learning rate
+(`batchfit.lr.scaling`) and warmup; `check_train_config` raises what `train` would raise for the
+options, without training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import ConfigError
+from batchfit.validation import check_batch_size, check_positive_number, check_whole_number
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+DEFAULT_EPOCHS = 10
+"""Passes over the training data when neither `steps` nor `epochs` is given."""
+
+IDENTITY_FIELDS = (
+    "global_batch",
+    "steps",
+    "epochs",
+    "lr",
+    "lr_rule",
+    "warmup",
+    "decay",
+    "optimizer",
+    "label_smoothing",
+    "swa",
+    "swa_start",
+    "swa_lr",
+    "max_grad_norm",
+    "seed",
+)
+"""Fields a resumed run must share with the checkpoint for it to continue the same run."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `train` is told, in one place. Validated on construction."""
+
+    global_batch: int  # samples per optimizer step, counted over all ranks
+    micro_batch: int  # samples per forward/backward on one rank (halved on out-of-memory)
+    steps: int | None = None  # optimizer steps; give steps or epochs (neither: DEFAULT_EPOCHS)
+    epochs: float | None = None  # passes over the training data, rounded up to whole steps
+    lr: float | None = None  # peak rate; None: task.lr scaled from task.batch_size by lr_rule
+    lr_rule: str | None = None  # linear | sqrt | none; None: by optimizer family (lr_scaling)
+    warmup: int | float | None = None  # steps (int) or share of training (0 < float < 1);
+    # None: warm up (lr_scaling.default_warmup_steps) when the rate is >= 2x task.lr
+    decay: str = "cosine"  # constant | cosine | linear | step (batchfit.lr.schedules)
+    optimizer: str = "task"  # task | sgd | adam | adamw | lars | lamb (batchfit.train.optimizers)
+    label_smoothing: float = 0.0  # in [0, 1); needs Task.loss_with_smoothing when > 0
+    swa: bool = False  # stochastic weight averaging over the last part of training
+    swa_start: float = 0.75  # share of training after which weights are averaged (SWA)
+    swa_lr: float | None = None  # SWALR's rate; None: SWA_LR_FACTOR x the peak rate
+    max_grad_norm: float | None = None  # clip the global gradient norm to this; None: no clip
+    eval_every: int | None = None  # steps between evaluations; None: ~10 per run; 0: end only
+    checkpoint_every: int | None = None  # steps between checkpoints; None: as eval_every;
+    # 0: only at the end and on interrupt
+    out_dir: str | None = None  # run directory for metrics.jsonl and checkpoint.pt; None: none
+    resume: bool = False  # continue the run in out_dir from its checkpoint
+    seed: int | None = None  # seeds the model, the data order and dropout; None: task.seed
+    allow_uneven: bool = False  # allow a shorter last micro-batch (weighted by its count)
+    sync_batchnorm: bool = False  # under DDP, convert BatchNorm layers to SyncBatchNorm
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch", "micro_batch"):
+            check_batch_size(getattr(self, name), name=name)
+        if self.steps is not None:
+            check_whole_number("steps", self.steps)
+        if self.epochs is not None:
+            check_positive_number("epochs", self.epochs)
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(
+                f"Give steps ({self.steps}) or epochs ({self.epochs}), not both; drop one."
+            )
+        if self.lr is not None:
+            check_positive_number("lr", self.lr)
+        if self.lr_rule is not None:
+            from batchfit.lr.scaling import RULES
+
+            if self.lr_rule not in RULES:
+                raise ConfigError(
+                    f"Unknown lr_rule {self.lr_rule!r}; choose one of {', '.join(RULES)}."
+                )
+        if self.warmup is not None:
+            warmup = self.warmup
+            if isinstance(warmup, bool) or not isinstance(warmup, (int, float)):
+                raise ConfigError(f"warmup must be steps or a fraction, got {warmup!r}.")
+            if isinstance(warmup, float) and not 0 <= warmup < 1:
+                raise ConfigError(
+                    f"warmup {warmup!r} as a fraction must lie in [0, 1), e.g. 0.05 for 5% of "
+                    "training; give whole steps as an int."
+                )
+            if isinstance(warmup, int) and warmup < 0:
+                raise ConfigError(f"warmup must be 0 or more steps, got {warmup}.")
+        from batchfit.lr.schedules import DECAYS
+        from batchfit.train.optimizers import check_optimizer_name
+
+        if self.decay not in DECAYS:
+            raise ConfigError(f"Unknown decay {self.decay!r}; choose one of {', '.join(DECAYS)}.")
+        check_optimizer_name(self.optimizer)
+        smoothing = self.label_smoothing
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
+            raise ConfigError(f"label_smoothing must be a number in [0, 1), got {smoothing!r}.")
+        if not 0 <= smoothing < 1:
+            raise ConfigError(
+                f"label_smoothing must lie in [0, 1), got {smoothing!r}; 0.1 is customary."
+            )
+        if not (isinstance(self.swa_start, (int, float)) and 0 < self.swa_start < 1):
+            raise ConfigError(
+                f"swa_start must be a share of training in (0, 1), got {self.swa_start!r}."
+            )
+        if self.swa_lr is not None:
+            check_positive_number("swa_lr", self.swa_lr)
+        if self.max_grad_norm is not None:
+            check_positive_number("max_grad_norm", self.max_grad_norm)
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ConfigError(
+                    f"{name} must be a whole number of steps (0: only at the end), got {value!r}."
+                )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ConfigError(f"seed must be an int, got {self.seed!r}.")
+        if self.resume and self.out_dir is None:
+            raise ConfigError("resume needs the run directory: give out_dir (--out RUN_DIR).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What `train` derives from the task and the config before the first step.
+
+    Attributes:
+        total_steps: optimizer steps of the run.
+        lr: the peak learning rate.
+        lr_reason: how it was chosen, in words.
+        schedule_steps: steps under the warmup/decay schedule (all of them without SWA).
+        warmup_steps: optimizer steps of warmup.
+        swa_start_step: steps before weight averaging starts (None without SWA).
+    """
+
+    total_steps: int
+    lr: float
+    lr_reason: str
+    schedule_steps: int  # steps under the warmup/decay schedule (all of them without SWA)
+    warmup_steps: int
+    swa_start_step: int | None
+
+
+def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
+    """Steps, peak rate and warmup of a run of `config` on `task`.
+
+    Raises:
+        ConfigError: a micro-batch larger than the data, a warmup not shorter than training,
+            SWA with fewer than 2 steps.
+    """
+    from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
+    from batchfit.train.optimizers import optimizer_family
+    from batchfit.train.sampling import steps_for_epochs
+
+    size = len(task.train_data)
+    if config.micro_batch > size:
+        raise ConfigError(
+            f"micro_batch ({config.micro_batch}) is larger than the training data ({size} "
+            f"samples); lower --micro-batch to {size} or less."
+        )
+    if config.steps is not None:
+        total = config.steps
+    else:
+        epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
+        total = steps_for_epochs(epochs, dataset_size=size, global_batch=config.global_batch)
+    if config.lr is not None:
+        lr, reason = float(config.lr), f"{config.lr:g} (given)"
+    else:
+        rule = config.lr_rule or default_rule(optimizer_family(config.optimizer, task))
+        scaled = scaled_rate(task.lr, task.batch_size, config.global_batch, rule)
+        lr, reason = scaled.lr, scaled.reason
+    swa_start_step = None
+    schedule_steps = total
+    if config.swa:
+        swa_start_step = min(total - 1, max(1, int(config.swa_start * total)))
+        if total < 2:
+            raise ConfigError(
+                f"SWA needs at least 2 steps to average over; training has {total}. Raise "
+                "--steps or --epochs, or drop --swa."
+            )
+        schedule_steps = swa_start_step
+    warmup = config.warmup
+    if warmup is None:
+        steps_per_epoch = max(1, size // config.global_batch)
+        warmup_steps = (
+            default_warmup_steps(schedule_steps, steps_per_epoch=steps_per_epoch)
+            if needs_warmup(task.lr, lr)
+            else 0
+        )
+    elif isinstance(warmup, float):
+        warmup_steps = round(warmup * schedule_steps)
+    else:
+        warmup_steps = warmup
+    if warmup_steps >= schedule_steps and warmup_steps > 0:
+        phase = "before SWA starts" if config.swa else "in training"
+        raise ConfigError(
+            f"warmup ({warmup_steps} steps) is not shorter than the {schedule_steps} steps "
+            f"{phase}; lower --warmup or raise --steps/--epochs."
+        )
+    return TrainSetup(
+        total_steps=total,
+        lr=lr,
+        lr_reason=reason,
+        schedule_steps=schedule_steps,
+        warmup_steps=warmup_steps,
+        swa_start_step=swa_start_step,
+    )
+
+
+def loss_function(task: Task, label_smoothing: float):
+    """`task.loss`, or its smoothed version when `label_smoothing` > 0.
+
+    Raises:
+        ConfigError: label smoothing asked of a task without `Task.loss_with_smoothing`.
+    """
+    if not label_smoothing:
+        return task.loss
+    smoothed = task.loss_with_smoothing
+    if smoothed is None:
+        raise ConfigError(
+            f"Label smoothing {label_smoothing} needs a loss that supports it, and task "
+            f"{task.name!r} has no Task.loss_with_smoothing; add one (model, batch, "
+            "label_smoothing) -> loss to the task, or drop --label-smoothing."
+        )
+
+    def loss(model, batch):
+        return smoothed(model, batch, label_smoothing)
+
+    return loss
+
+
+def check_train_config(
+    task: Task, config: TrainConfig, *, world_size: int = 1, device: torch.device | str = "cpu"
+) -> None:
+    """Raise the `ConfigError` that `train` would raise for these options, without training.
+
+    `batchfit train --nproc N` calls it before starting N processes, so bad input gives one
+    error instead of one per process.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> check_train_config(load_example("digits"), TrainConfig(global_batch=64, micro_batch=8))
+    """
+    from batchfit.devices import resolve_device
+    from batchfit.train.accumulation import plan_accumulation
+
+    plan_accumulation(
+        config.global_batch, config.micro_batch, world_size, allow_uneven=config.allow_uneven
+    )
+    resolve_setup(task, config)
+    loss_function(task, config.label_smoothing)
+    check_sync_batchnorm(config, world_size, resolve_device(device))
+
+
+def check_sync_batchnorm(config: TrainConfig, world_size: int, device: torch.device) -> None:
+    """ConfigError when SyncBatchNorm is asked for off CUDA under DDP (torch refuses it)."""
+    if config.sync_batchnorm and world_size > 1 and device.type != "cuda":
+        raise ConfigError(
+            f"sync_batchnorm needs CUDA devices: torch's SyncBatchNorm works only with GPU "
+            f"modules under DDP, and this run is on {device.type}. Drop --sync-batchnorm."
+        )
+
+
+def changed_identity_fields(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The IDENTITY_FIELDS in which `config` differs from a checkpoint's saved config."""
+    current = config.to_dict()
+    return [name for name in IDENTITY_FIELDS if saved.get(name) != current.get(name)]

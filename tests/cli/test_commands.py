@@ -1,0 +1,48 @@
+import json
+import subprocess
+import sys
+
+from batchfit.cli.commands import main
+
+
+def test_estimate_worked_examples(capsys):
+    assert main(["estimate", "--memory", "24GB", "--model", "4GB", "--per-sample", "0.2GB"]) == 0
+    assert capsys.readouterr().out.strip() == "100"
+    args = ["estimate", "--memory", "12GB", "--model", "3GB", "--per-sample", "0.5GB"]
+    assert main([*args, "--round", "pow2"]) == 0
+    assert capsys.readouterr().out.strip().startswith("18, rounded to 16")
+
+
+def test_estimate_json(capsys):
+    args = ["estimate", "--memory", "12GB", "--model", "3GB", "--per-sample", "0.5GB"]
+    assert main([*args, "--round", "pow2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["max_batch_size"] == 18 and data["batch_size"] == 16
+
+
+def test_estimate_bad_size_is_one_line_exit_2(capsys):
+    code = main(["estimate", "--memory", "12XB", "--model", "3GB", "--per-sample", "0.5GB"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "--memory '12XB' is not a size" in captured.err
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom batchfit.cli.commands import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().endswith("False")
+
+
+def test_cli_example_names_match_the_task_module():
+    # cli.py keeps its own copy so that `batchfit --help` need not import the task module.
+    from batchfit.cli.commands import _EXAMPLES
+    from batchfit.task import EXAMPLES
+
+    assert _EXAMPLES == EXAMPLES

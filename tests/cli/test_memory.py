@@ -1,0 +1,118 @@
+"""Tests for `batchfit memory` through batchfit.cli.commands.main."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchfit.cli.commands import main
+
+TASK = "tests.conftest:make_mlp_task"
+
+
+def test_memory_prints_trials_model_and_answer(capsys):
+    code = main(["memory", TASK, "--device", "cpu", "--memory-budget", "160KiB", "--margin", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "Trials: tiny-mlp on cpu, budget 160.00 KiB" in out
+    assert "Memory model:" in out and "per sample" in out
+    assert "Model, gradients and optimizer state:" in out
+    assert "Usable memory: 160.00 KiB (160.00 KiB budget, 0% margin)" in out
+    assert "Largest batch that fits:" in out
+    assert "real training steps" in out
+    assert "Traceback" not in err
+
+
+def test_memory_json_and_rounding(capsys):
+    code = main(
+        [
+            "memory",
+            TASK,
+            "--device",
+            "cpu",
+            "--memory-budget",
+            "160KiB",
+            "--round",
+            "pow2",
+            "--json",
+        ]
+    )
+    out, _ = capsys.readouterr()
+    assert code == 0
+    data = json.loads(out)
+    assert data["margin"] == 0.05 and data["round_to"] == "pow2"
+    assert data["usable_bytes"] == int(160 * 1024 * 0.95)
+    limit = data["limit_batch_size"]
+    assert data["batch_size"] == 1 << (limit.bit_length() - 1)
+    assert data["trials"] and data["trials"][-1]["batch_size"] == limit
+    assert data["memory_model"]["per_sample_bytes"] > 0
+    assert data["real_steps"] == 2 and data["method"] == "predicted"
+
+
+def test_memory_notes_a_small_dataset(capsys):
+    code = main(
+        ["memory", "tests.cli.test_memory:small_task", "--device", "cpu", "--memory-budget", "1MiB"]
+    )
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert "Note: the training data has 12 samples" in out
+
+
+def small_task():
+    from tests.conftest import make_mlp_task
+
+    return make_mlp_task(samples=12)
+
+
+def not_a_task():
+    return 42
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--memory-budget", "lots"], "is not a size"),
+        (["--memory-budget", "0MiB"], "must be positive"),
+        (["--memory-budget=-3GiB"], "is not a size"),
+        (["--memory-budget", "2KiB"], "before the first sample"),
+        (["--memory-budget", "5KiB", "--margin", "0"], "No batch size fits"),
+        (["--memory-budget", "1MiB", "--margin", "1.5"], "margin"),
+        (["--memory-budget", "1MiB", "--margin", "much"], "--margin 'much' is not a number"),
+        (["--memory-budget", "1MiB", "--round", "odd"], "round_to"),
+        ([], "give a memory budget"),
+    ],
+)
+def test_memory_bad_input_is_one_line_and_exit_2(capsys, argv, words):
+    code = main(["memory", TASK, "--device", "cpu", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert words in err
+    assert err.count("\n") == 1 and err.startswith("batchfit: error:")
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    ("task", "words"),
+    [
+        ("no/such/file.py:task", "does not exist"),
+        ("tests.conftest:no_such_function", "has no function"),
+        ("tests.cli.test_memory:not_a_task", "not a batchfit.Task"),
+        ("no_such_package.module:task", "no module named"),
+    ],
+)
+def test_memory_bad_task_paths(capsys, task, words):
+    code = main(["memory", task, "--device", "cpu", "--memory-budget", "1MiB"])
+    _, err = capsys.readouterr()
+    assert code == 2 and words in err and err.count("\n") == 1
+
+
+def test_memory_needs_a_task(capsys):
+    assert main(["memory", "--device", "cpu", "--memory-budget", "1MiB"]) == 2
+    assert "No task given" in capsys.readouterr().err
+
+
+def test_memory_on_an_example_runs(capsys):
+    code = main(["memory", "--example", "digits", "--device", "cpu", "--memory-budget", "4MiB"])
+    out, _ = capsys.readouterr()
+    assert code == 0 and "Trials: digits on cpu" in out

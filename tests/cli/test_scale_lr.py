@@ -1,0 +1,89 @@
+"""`batchfit scale-lr`: the learning-rate calculator."""
+
+import json
+
+import pytest
+
+from batchfit.cli.commands import main
+
+
+def test_linear_rule_in_words(capsys):
+    args = ["scale-lr", "--lr", "0.1", "--batch", "64", "--new-batch", "256", "--rule", "linear"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "0.4"
+    assert "0.1 at batch 64 x 256/64 (linear rule, Goyal et al. 2017) = 0.4" in lines[1]
+    assert "warm up" in lines[2] and "start factor 0.25" in lines[2]
+
+
+def test_json_with_the_schedule(capsys):
+    args = ["scale-lr", "--lr", "0.1", "--batch", "64", "--new-batch", "256", "--rule", "sqrt"]
+    assert main([*args, "--total-steps", "3000", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["lr"] == pytest.approx(0.2) and data["rule"] == "sqrt" and data["warmup"]
+    schedule = data["schedule"]
+    assert schedule["warmup_steps"] == 150 and schedule["decay"] == "cosine"
+    rows = {row["step"]: row for row in schedule["table"]}
+    assert rows[0]["lr"] == pytest.approx(0.1)  # warmup starts at the base rate
+    assert rows[150]["lr"] == pytest.approx(0.2) and 2999 in rows
+
+
+def test_rule_follows_the_optimizer_family(capsys):
+    base = ["scale-lr", "--lr", "0.001", "--batch", "32", "--new-batch", "128", "--json"]
+    assert main([*base, "--optimizer-family", "adam"]) == 0
+    assert json.loads(capsys.readouterr().out)["rule"] == "sqrt"
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["rule"] == "linear"
+
+
+def test_task_supplies_the_reference_point(capsys):
+    # digits: Adam at 1e-3 for batch 32, so the square-root rule.
+    assert main(["scale-lr", "--example", "digits", "--new-batch", "128", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["base_lr"], data["base_batch"], data["rule"]) == (0.001, 32, "sqrt")
+    assert data["lr"] == pytest.approx(0.002)
+
+
+def test_schedule_table_and_warmup_options(capsys):
+    args = ["scale-lr", "--lr", "0.1", "--batch", "64", "--new-batch", "64"]
+    assert main([*args, "--total-steps", "100", "--warmup", "10%", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schedule"]["warmup_steps"] == 10
+    assert main([*args, "--total-steps", "100", "--warmup", "7", "--decay", "linear"]) == 0
+    out = capsys.readouterr().out
+    assert "warmup done" in out and "last step" in out and "linear decay" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--rule", "cubic"], "Unknown scaling rule 'cubic'; use one of linear, sqrt, none"),
+        (["--lr", "0"], "base_lr must be a positive number, got 0.0"),
+        (["--batch", "sixty"], "--batch 'sixty' is not a whole number"),
+        (["--optimizer-family", "lbfgs"], "use one of sgd, adam"),
+        (["--total-steps", "3000", "--warmup", "5000"], "warmup_steps (5000) is larger than"),
+        (["--total-steps", "100", "--decay", "exp"], "Unknown decay 'exp'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, extra, words):
+    args = ["scale-lr", "--lr", "0.1", "--batch", "64", "--new-batch", "256"]
+    values = dict(zip(args[1::2], args[2::2]))
+    values.update(zip(extra[::2], extra[1::2]))
+    code = main(["scale-lr", *[item for pair in values.items() for item in pair]])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_needs_a_reference_point(capsys):
+    assert main(["scale-lr", "--new-batch", "256"]) == 2
+    assert "Give --lr and --batch" in capsys.readouterr().err
+
+
+def test_plot_the_schedule(capsys, tmp_path):
+    args = ["scale-lr", "--lr", "0.1", "--batch", "64", "--new-batch", "256", "--rule", "linear"]
+    target = tmp_path / "lr.png"
+    assert main([*args, "--total-steps", "300", "--plot", str(target), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plot"] == str(target)
+    assert target.read_bytes().startswith(b"\x89PNG")
+    assert main([*args, "--plot", str(target)]) == 2
+    assert "--plot needs --total-steps" in capsys.readouterr().err

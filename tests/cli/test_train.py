@@ -1,0 +1,110 @@
+"""`batchfit train` through `main([...])`."""
+
+import json
+
+import pytest
+
+from batchfit.cli.commands import _build_parser, _parse_warmup, _train_argv, main
+from batchfit.train.metrics import read_metrics
+
+FAST = ["--example", "digits", "--global-batch", "64", "--micro-batch", "32", "--steps", "3"]
+
+
+def test_train_prints_a_summary_and_writes_the_run(tmp_path, capsys):
+    assert main(["train", *FAST, "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "Trained digits: 3/3 steps, 192 samples" in out
+    assert "global batch 64 = 2 micro-batches of 32" in out
+    assert "val_accuracy" in out and str(tmp_path / "run" / "metrics.jsonl") in out
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 3
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_train_json_and_resume(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", *FAST, "--out", run, "--json", "--optimizer", "sgd"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 3 and result["lr_reason"].startswith("0.001 at batch 32 x 64/32")
+    assert result["checkpoint_path"].endswith("checkpoint.pt")
+    more = [a if a != "3" else "5" for a in FAST]
+    # The run's options must match to resume: --steps differs, so it is refused ...
+    assert main(["train", *more, "--resume", run, "--json", "--optimizer", "sgd"]) == 2
+    assert "steps 3 -> 5" in capsys.readouterr().err
+    # ... and with the same options it continues (here: nothing left to do).
+    assert main(["train", *FAST, "--resume", run, "--json", "--optimizer", "sgd"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 3
+
+
+def test_default_out_dir_is_under_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *FAST, "--json"]) == 0
+    path = json.loads(capsys.readouterr().out)["metrics_path"]
+    assert path.startswith("runs/digits-") and (tmp_path / path).is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--global-batch", "16"], "smaller than micro_batch x world_size"),
+        (["--micro-batch", "5000", "--global-batch", "5000"], "larger than the training data"),
+        (["--micro-batch", "0"], "micro_batch must be a positive"),
+        (["--global-batch", "-64"], "global_batch must be a positive"),
+        (["--lr", "-1"], "lr must be a positive"),
+        (["--lr", "abc"], "--lr 'abc' is not a number"),
+        (["--lr-rule", "cubic"], "linear, sqrt, none"),
+        (["--decay", "exp"], "constant, cosine, linear, step"),
+        (["--optimizer", "rmsprop"], "task, sgd, adam, adamw, lars, lamb"),
+        (["--warmup", "10"], "warmup (10 steps) is not shorter than the 3 steps"),
+        (["--resume"], "No checkpoint"),
+        (["--micro-batch", "24"], "allow_uneven"),
+        (["--memory-budget", "lots"], "memory-budget"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(extra, words, tmp_path, capsys):
+    argv = ["train", *FAST, "--out", str(tmp_path / "run"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_resume_from_a_corrupt_checkpoint_overwrites_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"\x00" * 10)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["train", *FAST, "--resume", str(run)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == b"\x00" * 10
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_warmup_flag_forms():
+    assert _parse_warmup("auto") is None and _parse_warmup(None) is None
+    assert _parse_warmup("50") == 50 and _parse_warmup("0.05") == 0.05
+    assert _parse_warmup("5%") == 0.05
+
+
+def test_nproc_rebuilds_the_same_command_without_nproc():
+    argv = ["train", *FAST, "--out", "r", "--swa", "--nproc", "2", "--warmup", "5%", "--resume"]
+    rebuilt = _train_argv(_build_parser().parse_args(argv))
+    assert "--nproc" not in rebuilt
+    again = vars(_build_parser().parse_args(rebuilt))
+    original = vars(_build_parser().parse_args(argv))
+    original.pop("nproc"), again.pop("nproc")
+    assert {k: v for k, v in again.items() if k != "handler"} == {
+        k: v for k, v in original.items() if k != "handler"
+    }
+
+
+def test_train_logs_the_noise_scale_unless_told_not_to(tmp_path, capsys):
+    assert main(["train", *FAST, "--out", str(tmp_path / "on")]) == 0
+    assert "noise scale" in capsys.readouterr().out
+    lines = read_metrics(tmp_path / "on" / "metrics.jsonl")
+    assert all("noise_scale_trace" in line for line in lines)
+    assert main(["train", *FAST, "--out", str(tmp_path / "off"), "--no-noise-scale"]) == 0
+    lines = read_metrics(tmp_path / "off" / "metrics.jsonl")
+    assert not any("noise_scale" in line for line in lines)
+    one_micro_batch = ["--example", "digits", "--global-batch", "32", "--micro-batch", "32"]
+    assert main(["train", *one_micro_batch, "--steps", "2", "--out", str(tmp_path / "one")]) == 0
+    assert "noise scale: not logged" in capsys.readouterr().out

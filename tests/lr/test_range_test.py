@@ -1,0 +1,240 @@
+import math
+import random
+
+import numpy
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from batchfit.errors import BatchfitError, ConfigError, TaskError
+from batchfit.lr.range_test import lr_range_test
+from batchfit.task import load_example
+from tests.conftest import classification_loss, make_bn_convnet, make_mlp_task
+
+
+def _bn_setup():
+    """A BatchNorm conv net with Adam that already has state and gradients."""
+    model = make_bn_convnet()
+    generator = torch.Generator().manual_seed(3)
+    data = TensorDataset(
+        torch.randn(64, 1, 8, 8, generator=generator), torch.randint(3, (64,), generator=generator)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for start in (0, 16):
+        optimizer.zero_grad()
+        classification_loss(model, data[start : start + 16]).backward()
+        optimizer.step()
+    classification_loss(model, data[32:48]).backward()  # leave gradients behind, too
+    model.eval()  # and a mode the test must switch away from and back
+    return model, optimizer, data
+
+
+def _rng_fingerprint():
+    return (random.getstate(), numpy.random.get_state()[1].tolist(), torch.get_rng_state())
+
+
+def _same_rng(before, after):
+    return before[0] == after[0] and before[1] == after[1] and torch.equal(before[2], after[2])
+
+
+def _assert_same_optimizer_state(before, after):
+    assert before["param_groups"] == after["param_groups"]
+    assert before["state"].keys() == after["state"].keys()
+    for key, state in before["state"].items():
+        for name, value in state.items():
+            other = after["state"][key][name]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+
+
+def test_model_optimizer_and_rng_restored_bitwise():
+    model, optimizer, data = _bn_setup()
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    grads = [param.grad.clone() for param in model.parameters()]
+    opt_state = {
+        "state": {
+            key: {name: value.clone() for name, value in state.items()}
+            for key, state in optimizer.state_dict()["state"].items()
+        },
+        "param_groups": [dict(group) for group in optimizer.state_dict()["param_groups"]],
+    }
+    random.seed(5), numpy.random.seed(5), torch.manual_seed(5)
+    rng = _rng_fingerprint()
+
+    result = lr_range_test(
+        model, optimizer, loss=classification_loss, train_data=data, global_batch=16,
+        start_lr=1e-4, end_lr=10.0, steps=20, smoothing=0.2,
+    )  # fmt: skip
+
+    assert result.steps_run >= 2  # it did train
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    assert not model.training and not any(module.training for module in model.modules())
+    _assert_same_optimizer_state(opt_state, optimizer.state_dict())
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    assert _same_rng(rng, _rng_fingerprint())
+    # the restored optimizer still steps the same parameters
+    optimizer.step()
+    assert not torch.equal(weights["0.weight"], model.state_dict()["0.weight"])
+
+
+def test_state_restored_after_an_error_mid_test():
+    model, optimizer, data = _bn_setup()
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    rng = _rng_fingerprint()
+    calls = []
+
+    def failing_loss(module, batch):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("boom")
+        return classification_loss(module, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        lr_range_test(
+            model, optimizer, loss=failing_loss, train_data=data, global_batch=16, steps=10,
+            smoothing=0.5,
+        )  # fmt: skip
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+    assert _same_rng(rng, _rng_fingerprint())
+
+
+def test_task_path_leaves_task_and_rng_alone():
+    module = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    task = make_mlp_task(model=module)
+    rng = _rng_fingerprint()
+    first = lr_range_test(task, steps=20, smoothing=0.2, start_lr=1e-4, end_lr=10.0)
+    assert all(torch.equal(before[name], value) for name, value in module.state_dict().items())
+    assert _same_rng(rng, _rng_fingerprint())
+    # seeded: the same test twice gives the same losses
+    second = lr_range_test(task, steps=20, smoothing=0.2, start_lr=1e-4, end_lr=10.0)
+    assert first.losses == second.losses
+
+
+def test_stops_on_divergence():
+    task = make_mlp_task()
+    result = lr_range_test(task, start_lr=1e-3, end_lr=1e4, steps=60, smoothing=0.2)
+    assert result.stop_reason == "diverged"
+    assert result.steps_run < 60 and len(result.losses) == result.steps_run
+    finite = [value for value in result.smoothed_losses[:-1]]
+    assert result.smoothed_losses[-1] > 4.0 * min(finite)
+    assert result.steepest_lr is not None and result.steepest_lr < result.lrs[-1]
+
+
+def test_stops_when_the_loss_is_not_finite():
+    model = nn.Linear(2, 1)
+    data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def loss(module, batch):
+        calls.append(1)
+        value = F.mse_loss(module(batch[0]), batch[1])
+        return value * math.inf if len(calls) > 12 else value
+
+    result = lr_range_test(
+        model, optimizer, loss=loss, train_data=data, global_batch=8, steps=20,
+        smoothing=0.5, start_lr=1e-5, end_lr=1e-3, diverge_factor=1e9,
+    )  # fmt: skip
+    assert result.stop_reason == "not_finite" and result.steps_run == 13
+    assert result.to_dict()["losses"][-1] is None  # JSON-safe
+
+
+def test_accumulation_matches_one_big_batch():
+    task = make_mlp_task()
+    options = dict(start_lr=1e-3, end_lr=3.0, steps=20, smoothing=0.2, global_batch=32)
+    whole = lr_range_test(task, micro_batch=32, **options)
+    pieces = lr_range_test(task, micro_batch=8, **options)
+    uneven = lr_range_test(task, micro_batch=12, **options)  # 12 + 12 + 8
+    assert pieces.accumulation_steps == 4 and uneven.accumulation_steps == 3
+    assert pieces.lrs == whole.lrs
+    assert pieces.losses == pytest.approx(whole.losses, rel=1e-5, abs=1e-6)
+    assert uneven.losses == pytest.approx(whole.losses, rel=1e-5, abs=1e-6)
+
+
+def test_dataloader_gives_data_and_batch_size():
+    model = nn.Linear(2, 1)
+    loader = DataLoader(TensorDataset(torch.randn(40, 2), torch.randn(40, 1)), batch_size=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mse = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    result = lr_range_test(model, optimizer, loss=mse, train_data=loader, steps=10, smoothing=1)
+    assert result.global_batch == 10 and result.steps_run >= 2
+
+
+def _bad(**overrides):
+    options = dict(steps=20, smoothing=0.2)
+    options.update(overrides)
+    return options
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (_bad(start_lr=1.0, end_lr=1.0), "must be below end_lr"),
+        (_bad(start_lr=2.0, end_lr=1.0), "must be below end_lr"),
+        (_bad(start_lr=0.0), "start_lr must be a positive rate"),
+        (_bad(end_lr=-1.0), "end_lr must be a positive rate"),
+        (_bad(steps=30, smoothing=0.05), "fewer than the smoothing 0.05 needs: at least 40"),
+        (_bad(steps=0), "steps must be a positive"),
+        (_bad(smoothing=0.0), "smoothing must be in (0, 1]"),
+        (_bad(diverge_factor=1.0), "diverge_factor must be above 1"),
+        (_bad(mode="cosine"), "mode 'cosine' is unknown"),
+        (_bad(global_batch=0), "global_batch must be a positive"),
+        (_bad(micro_batch=-2), "micro_batch must be a positive"),
+        (_bad(global_batch=8, micro_batch=16), "micro_batch (16) is larger than global_batch"),
+        (_bad(global_batch=1000), "larger than the training data (256 samples)"),
+        (_bad(device="gpu7"), "device 'gpu7' is unknown"),
+    ],
+)
+def test_bad_settings(options, words):
+    with pytest.raises(ConfigError) as caught:
+        lr_range_test(make_mlp_task(), **options)
+    assert words in str(caught.value)
+
+
+def test_non_finite_loss_at_the_first_step():
+    task = make_mlp_task(loss=lambda model, batch: model(batch[0]).sum() * math.nan)
+    with pytest.raises(TaskError, match="nan at the first step"):
+        lr_range_test(task, steps=20, smoothing=0.2)
+
+
+def test_model_form_needs_its_pieces():
+    with pytest.raises(ConfigError, match="needs optimizer, loss, train_data"):
+        lr_range_test(nn.Linear(2, 1))
+    with pytest.raises(ConfigError, match="leave out optimizer"):
+        model = nn.Linear(2, 1)
+        lr_range_test(make_mlp_task(), torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("name", ["digits", "cnn", "unet", "charlm"])
+def test_every_example(name):
+    task = load_example(name)
+    result = lr_range_test(
+        task, start_lr=1e-5, end_lr=1.0, steps=10, smoothing=0.5, global_batch=4, micro_batch=2
+    )
+    assert 2 <= result.steps_run <= 10
+    assert all(math.isfinite(value) for value in result.losses[:-1])
+    assert result.stop_reason in ("completed", "diverged", "not_finite")
+    assert isinstance(result.to_dict()["lrs"], list)
+    assert issubclass(ConfigError, BatchfitError)
+
+
+def test_memory_budget_picks_or_checks_the_micro_batch():
+    task = make_mlp_task()
+    options = dict(steps=10, smoothing=0.5, global_batch=250, memory_budget="32KiB")
+    result = lr_range_test(task, **options)
+    assert result.micro_batch < 250 and result.accumulation_steps >= 2
+    with pytest.raises(ConfigError, match=r"micro_batch 250 does not fit: .* \(measured\)"):
+        lr_range_test(task, micro_batch=250, **options)
+
+
+@pytest.mark.slow
+def test_default_sweep_on_cnn_with_accumulation_suggests_a_trainable_rate():
+    task = load_example("cnn")  # SGD with momentum, BatchNorm; tuned at 0.05 for batch 64
+    result = lr_range_test(task, global_batch=64, micro_batch=32, device="cpu")
+    assert result.steps == 100 and result.accumulation_steps == 2
+    assert result.stop_reason == "diverged"
+    for rate in (result.steepest_lr, result.valley_lr):
+        assert 1e-3 < rate < 1.0  # around the task's tuned 0.05, far from both ends

@@ -1,0 +1,64 @@
+"""Tests for batchfit.lr.result: rows, words and dict of a range-test outcome."""
+
+import json
+import math
+
+from batchfit.lr.result import RangeTestResult
+
+
+def _result(**overrides) -> RangeTestResult:
+    fields = dict(
+        lrs=(1e-3, 1e-2, 1e-1, 1.0),
+        losses=(2.0, 1.5, 1.0, math.inf),
+        smoothed_losses=(2.0, 1.6, 1.2, math.nan),
+        steepest_lr=1e-2,
+        steepest_index=1,
+        valley_lr=1e-2,
+        valley_index=1,
+        valley_start_lr=1e-3,
+        valley_end_lr=1e-1,
+        best_lr=1e-1,
+        stop_reason="not_finite",
+        steps_run=4,
+        steps=40,
+        start_lr=1e-3,
+        end_lr=1.0,
+        mode="exp",
+        smoothing=0.05,
+        diverge_factor=4.0,
+        global_batch=64,
+        micro_batch=16,
+        accumulation_steps=4,
+        seconds=1.25,
+        device="cpu",
+    )
+    fields.update(overrides)
+    return RangeTestResult(**fields)
+
+
+def test_rows_say_how_the_test_ran():
+    rows = dict(_result().summary_rows())
+    assert rows["steepest descent"] == "0.01  (smoothed loss 1.6)"
+    assert rows["falling stretch"] == "0.001 to 0.1"
+    assert rows["stopped"] == "the loss became nan/inf after 4 of 40 steps"
+    assert rows["batch"] == "64 samples per step = 4 x 16 (accumulated)"
+
+
+def test_describe_with_and_without_a_suggestion():
+    assert (
+        _result()
+        .describe()
+        .startswith(
+            "Suggested learning rate: 0.01 (steepest descent) or 0.01 (valley), at a global "
+            "batch of 64."
+        )
+    )
+    none = _result(steepest_lr=None, steepest_index=None, valley_lr=None, valley_index=None)
+    assert none.describe().startswith("No suggestion: the loss never fell.")
+    assert dict(none.summary_rows())["valley"] == "none (the smoothed loss never falls)"
+
+
+def test_to_dict_is_json_with_non_finite_losses_as_none():
+    data = _result().to_dict()
+    assert data["losses"][-1] is None and data["smoothed_losses"][-1] is None
+    assert json.loads(json.dumps(data))["global_batch"] == 64

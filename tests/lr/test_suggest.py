@@ -1,0 +1,74 @@
+"""Tests for batchfit.lr.suggest: sweep rates, smoothing and the two suggestions."""
+
+import math
+
+import numpy
+import pytest
+
+from batchfit.errors import ConfigError
+from batchfit.lr.suggest import (
+    check_smoothing,
+    find_valley,
+    min_steps,
+    smooth_losses,
+    suggest_steepest,
+    suggest_valley,
+    sweep_lrs,
+)
+
+
+def test_sweep_rates_and_smoothing():
+    rates = sweep_lrs(1e-6, 1.0, 7)
+    assert rates[0] == 1e-6 and rates[-1] == 1.0
+    assert all(math.isclose(b / a, 10.0) for a, b in zip(rates, rates[1:]))
+    assert sweep_lrs(0.1, 1.0, 10, "linear")[1] == pytest.approx(0.2)
+    # bias correction: a constant loss smooths to itself from the first step on
+    assert smooth_losses([2.0] * 5, 0.05) == pytest.approx([2.0] * 5)
+    smoothed = smooth_losses([1.0, 3.0], 0.5)
+    assert smoothed == pytest.approx([1.0, (0.25 * 1 + 0.5 * 3) / 0.75])
+    assert min_steps(0.05) == 40 and min_steps(1.0) == 10
+
+
+def test_suggestions_on_a_synthetic_curve():
+    rates = sweep_lrs(1e-6, 10.0, 71)  # 10 points per decade
+    log_rates = numpy.log10(rates)
+    # flat at 2, falls fastest at 1e-3 (logistic in log rate), bottoms out, blows up past 1
+    losses = 2.0 - 1.5 / (1 + numpy.exp(-(log_rates + 3) * 3)) + numpy.maximum(log_rates, 0) * 5
+    steepest = suggest_steepest(rates, list(losses))
+    assert rates[steepest] == pytest.approx(1e-3, rel=0.3)
+    start, end = find_valley(list(losses))
+    # the fall from 2.0 to 0.5 is trimmed of its first and last tenth: 1.85 down to 0.65,
+    # i.e. log10(rate) = -3 -+ ln(9)/3 = 10**-3.73 .. 10**-2.27 on the logistic
+    assert rates[start] == pytest.approx(10**-3.7, rel=0.3)
+    assert rates[end] == pytest.approx(10**-2.3, rel=0.3)
+    valley = suggest_valley(list(losses))
+    assert start < valley < end and rates[valley] == pytest.approx(1e-3, rel=0.3)
+    # a curve that only rises has no suggestion
+    assert suggest_steepest(rates, list(range(71))) is None
+    assert find_valley([1.0, 2.0, 3.0]) is None
+
+
+def test_valley_survives_one_noisy_uptick():
+    losses = [5.0, 4.0, 3.0, 3.5, 2.0, 1.0, 0.5, 6.0]
+    assert find_valley(losses) == (1, 5)  # 5.0 -> 0.5 less a tenth at each end: 4.55 .. 0.95
+
+
+def test_valley_ignores_a_long_flat_start():
+    flat = [2.0 - 0.0001 * step for step in range(50)]  # creeping down by noise-level amounts
+    fall = [1.995 - 0.15 * step for step in range(1, 11)]  # the real fall: to 0.495
+    start, end = find_valley(flat + fall + [5.0])
+    assert start >= 50 and end <= 59
+    assert 50 <= suggest_valley(flat + fall + [5.0]) <= 59
+
+
+@pytest.mark.parametrize("smoothing", [0, -0.1, 1.5, "0.05"])
+def test_bad_smoothing_says_what_it_means(smoothing):
+    with pytest.raises(ConfigError, match="weight of the newest loss"):
+        check_smoothing(smoothing)
+    with pytest.raises(ConfigError, match="smoothing must be in"):
+        smooth_losses([1.0], smoothing)
+
+
+def test_unknown_sweep_mode():
+    with pytest.raises(ConfigError, match="use one of exp, linear"):
+        sweep_lrs(0.1, 1.0, 3, "cosine")

@@ -1,0 +1,188 @@
+"""Tests for batchfit.memory.predict: fake-tensor prediction equals the measured count exactly."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from batchfit.errors import ConfigError
+from batchfit.memory.predict import (
+    fit_predicted_memory_model,
+    predict_memory_model,
+    predict_step_memory,
+    range_batch_sizes,
+)
+from batchfit.memory.step import measure_step_memory
+from batchfit.task import load_example
+from tests.conftest import make_bn_convnet, make_mlp_task
+
+EXAMPLE_BATCHES = {
+    "digits": (1, 17, 64),
+    "cnn": (1, 9, 24),
+    "unet": (1, 3, 8),
+    "charlm": (1, 6, 20),
+}
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return {name: load_example(name) for name in EXAMPLE_BATCHES}
+
+
+@pytest.mark.parametrize(
+    ("name", "batch_size"),
+    [(name, size) for name, sizes in EXAMPLE_BATCHES.items() for size in sizes],
+)
+def test_prediction_equals_measurement_on_every_example(examples, name, batch_size):
+    task = examples[name]
+    predicted = predict_step_memory(task, batch_size)
+    measured = measure_step_memory(task, batch_size)
+    assert predicted.method == "fake" and predicted.fallback_reason is None
+    assert predicted.peak_bytes == measured.peak_bytes
+    assert predicted.state_bytes == measured.state_bytes
+    assert predicted.batch_bytes == measured.batch_bytes
+
+
+def test_prediction_of_a_given_module_and_of_a_bn_convnet():
+    # A task holding a module (not a factory) is fake-copied; BatchNorm buffers count too.
+    model = make_bn_convnet()
+    inputs = torch.randn(40, 1, 8, 8)
+    labels = torch.randint(3, (40,))
+    task = make_mlp_task(
+        model=model,
+        train_data=torch.utils.data.TensorDataset(inputs, labels),
+        optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr),
+    )
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for batch_size in (2, 33):
+        assert (
+            predict_step_memory(task, batch_size).peak_bytes
+            == measure_step_memory(task, batch_size).peak_bytes
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_huge_batches_cost_nothing():
+    task = load_example("digits")
+    small = predict_step_memory(task, 1000)
+    huge = predict_step_memory(task, 10_000_000)
+    assert huge.batch_bytes > 100 * small.batch_bytes
+    assert huge.peak_bytes > 2 * 10**9  # far more than this test could allocate for real
+
+
+def test_prediction_leaves_random_state_alone():
+    task = make_mlp_task()
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    predict_step_memory(task, 8)
+    assert torch.equal(torch.rand(4), expected)
+
+
+class _DataDependent(nn.Module):
+    """Keeps only the samples whose first input is positive: a data-dependent shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.linear(inputs[inputs[:, 0] > 0])
+
+
+def _data_dependent_loss(model, batch):
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels[inputs[:, 0] > 0])
+
+
+def test_fallback_to_a_measured_step_says_so(caplog):
+    task = make_mlp_task(model=_DataDependent, loss=_data_dependent_loss)
+    with caplog.at_level(logging.WARNING, logger="batchfit.memory.predict"):
+        result = predict_step_memory(task, 16)
+    assert result.method == "measured"
+    assert result.fallback_reason
+    assert result.peak_bytes == measure_step_memory(task, 16).peak_bytes
+    assert "fake tensors cannot run" in caplog.text
+    with pytest.raises(ConfigError, match="fake tensors cannot run"):
+        predict_step_memory(task, 16, fallback=False)
+
+
+def test_task_errors_propagate_unchanged(caplog):
+    def broken(model, batch):
+        return model(batch[0][:, :5]).sum()  # 5 features into an 8-feature layer
+
+    # Fake mode cannot tell the task's bug from its own limits, so it falls back to a real
+    # step, which raises the task's error as itself, with the real kernel's message.
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as caught:
+        predict_step_memory(make_mlp_task(loss=broken), 4)
+    assert not isinstance(caught.value, (ConfigError, torch.OutOfMemoryError))
+    with pytest.raises(ConfigError, match="fake tensors cannot run"):
+        predict_step_memory(make_mlp_task(loss=broken), 4, fallback=False)
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="batch_size"):
+        predict_step_memory(make_mlp_task(), 0)
+    with pytest.raises(ConfigError, match="at least 2"):
+        predict_step_memory(make_mlp_task(), 4, steps=1)
+
+
+def test_memory_model_is_not_linear_at_small_batches_but_is_over_the_range_that_matters():
+    task = load_example("digits")
+    # Below a few hundred samples the optimizer step's temporaries set the peak, so the
+    # peak hardly moves and then bends upwards: a line through small probes misleads.
+    small = predict_memory_model(task, low=64, high=1024, points=4)
+    assert small.batch_sizes == (64, 161, 406, 1024)
+    assert small.max_residual_bytes > 0.02 * small.predict_bytes(1024)
+    large = predict_memory_model(task, low=2048, high=8192, points=3)
+    assert large.per_sample_bytes > 0
+    assert large.max_residual_bytes < 0.001 * large.predict_bytes(8192)
+
+
+def test_fit_over_given_points():
+    model = fit_predicted_memory_model(lambda b: 1000 + 10 * b, [1, 2, 8, 8])
+    assert model.fixed_bytes == pytest.approx(1000)
+    assert model.per_sample_bytes == pytest.approx(10)
+    assert model.max_residual_bytes == pytest.approx(0, abs=1e-6)
+
+
+def test_range_batch_sizes():
+    assert range_batch_sizes(16, 256, points=5) == [16, 32, 64, 128, 256]
+    assert range_batch_sizes(5, 5) == [5]
+    assert range_batch_sizes(1, 3, points=2) == [1, 3]
+
+
+@pytest.mark.parametrize("name", list(EXAMPLE_BATCHES))
+def test_peak_formula_is_exact_on_every_example(examples, name):
+    from batchfit.memory.predict import PeakFormula
+
+    task = examples[name]
+    small = predict_step_memory(task, 2, record=True)
+    large = predict_step_memory(task, 16, record=True)
+    formula = PeakFormula.fit(small, large)
+    assert formula is not None and formula.batch_sizes == (2, 16)
+    for batch_size in (3, 40):
+        assert formula.peak_bytes(batch_size) == predict_step_memory(task, batch_size).peak_bytes
+    capacity = formula.peak_bytes(40) + 100
+    assert formula.largest_fitting(capacity, max_batch_size=10_000) == 40
+    assert formula.largest_fitting(capacity, max_batch_size=30) == 30
+    assert formula.largest_fitting(100, max_batch_size=30) == 0
+
+
+def test_peak_formula_refuses_different_shapes():
+    from batchfit.memory.predict import PeakFormula
+
+    task = make_mlp_task()
+    plain = predict_step_memory(task, 2)
+    recorded = predict_step_memory(task, 8, record=True)
+    assert PeakFormula.fit(plain, recorded) is None
+    other = predict_step_memory(
+        make_mlp_task(optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr)), 4, record=True
+    )
+    assert PeakFormula.fit(recorded, other) is None
+    assert "timeline" not in recorded.to_dict()

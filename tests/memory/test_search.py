@@ -1,0 +1,214 @@
+"""Tests for batchfit.memory.search: exact trial sequences, exact limits, state restored, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.memory import search as search_module
+from batchfit.memory.predict import predict_step_memory
+from batchfit.memory.search import find_max_batch_size
+from batchfit.memory.step import measure_step_memory
+from tests.conftest import make_mlp_task
+from tests.memory.test_predict import _data_dependent_loss, _DataDependent
+
+MiB = 1024**2
+
+
+# --- with a Task ----------------------------------------------------------------------------
+
+
+def _is_true_limit(task, limit: int, budget: int, *, offset: int = 0) -> bool:
+    """Batch `limit` fits the budget and `limit + 1` does not, by real measured steps."""
+    return (
+        measure_step_memory(task, limit).peak_bytes + offset
+        <= budget
+        < measure_step_memory(task, limit + 1).peak_bytes + offset
+    )
+
+
+def test_task_search_finds_the_exact_limit_with_one_real_trial():
+    task = make_mlp_task()
+    budget = 160 * 1024
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    limit = result.limit_batch_size
+    assert _is_true_limit(task, limit, budget)
+    assert [trial.batch_size for trial in result.trials] == [limit]
+    trial = result.trials[0]
+    assert trial.fits and trial.measured_peak_bytes == trial.predicted_peak_bytes
+    assert result.real_steps == 2 and result.method == "predicted"
+    assert result.fake_runs == 2  # batches 2 and 64 for the exact formula; the trial checks it
+    assert result.memory_model.per_sample_bytes > 0
+    assert result.state_bytes > 0
+    data = result.to_dict()
+    assert data["limit_batch_size"] == limit and data["trials"][0]["fits"] is True
+    assert data["oom_errors"] == 0
+
+
+def test_task_search_leaves_model_and_random_state_untouched():
+    model = nn.Linear(8, 3)
+    task = make_mlp_task(model=model)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    torch.manual_seed(9)
+    expected = torch.rand(5)
+    torch.manual_seed(9)
+    find_max_batch_size(task, device="cpu", memory_budget=64 * 1024, margin=0)
+    assert torch.equal(torch.rand(5), expected)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def _gram_loss(model, batch):
+    # A (batch x batch) Gram matrix: memory grows with the square of the batch, so no
+    # per-sample formula holds and the search bisects exact predictions instead.
+    inputs, labels = batch
+    outputs = model(inputs)
+    gram = outputs @ outputs.T
+    return F.cross_entropy(outputs, labels) + 1e-3 * gram.mean()
+
+
+def test_task_search_without_an_exact_formula_still_finds_the_limit():
+    task = make_mlp_task(loss=_gram_loss)
+    budget = 400 * 1024
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    assert result.method == "predicted" and result.fake_runs > 3
+    assert _is_true_limit(task, result.limit_batch_size, budget)
+    assert result.real_steps == 2
+
+
+@pytest.mark.parametrize("skew", [-8192, 8192])
+def test_a_wrong_formula_is_caught_by_the_first_trial(monkeypatch, skew):
+    from batchfit.memory.predict import PeakFormula
+
+    exact = PeakFormula.peak_bytes
+    monkeypatch.setattr(PeakFormula, "peak_bytes", lambda self, size: exact(self, size) + skew)
+    task = make_mlp_task()
+    budget = 160 * 1024
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    assert _is_true_limit(task, result.limit_batch_size, budget)
+    assert result.trials[0].fits is (skew > 0)  # optimistic formula: the first trial fails
+    assert result.fake_runs > 3
+    # Only exact fake-run predictions are reported once the formula is dropped.
+    for size, peak in result.predictions:
+        assert peak == predict_step_memory(task, size).peak_bytes
+
+
+def test_margin_and_rounding():
+    task = make_mlp_task()
+    budget = 200 * 1024
+    exact = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    kept = find_max_batch_size(
+        task, device="cpu", memory_budget=budget, margin=0.25, round_to="pow2"
+    )
+    assert kept.usable_bytes == int(budget * 0.75)
+    assert _is_true_limit(task, kept.limit_batch_size, kept.usable_bytes)
+    assert kept.limit_batch_size < exact.limit_batch_size
+    assert kept.batch_size == 1 << (kept.limit_batch_size.bit_length() - 1)
+
+
+def _allocator_like(offset: int):
+    """measure_step_memory as if the device's allocator needed `offset` bytes more."""
+
+    def measure(task_, batch_size, *, device, steps, budget_bytes):
+        measured = measure_step_memory(task_, batch_size, device=device, steps=steps)
+        if measured.peak_bytes + offset > budget_bytes:
+            error = torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            error.steps_started = 2
+            raise error
+        from dataclasses import replace
+
+        return replace(measured, allocator_peak_bytes=measured.peak_bytes + offset)
+
+    return measure
+
+
+def test_a_pessimistic_prediction_climbs_to_the_true_limit(monkeypatch):
+    offset = -20 * 1024  # the device needs less than the count says
+    task = make_mlp_task()
+    budget = 300 * 1024
+    monkeypatch.setattr(search_module, "measure_step_memory", _allocator_like(offset))
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    limit = result.limit_batch_size
+    assert _is_true_limit(task, limit, budget, offset=offset)
+    sizes = [trial.batch_size for trial in result.trials]
+    assert [trial.fits for trial in result.trials] == [True, True, False]
+    assert sizes[1:] == [limit, limit + 1] and sizes[0] < limit
+
+
+def test_an_optimistic_prediction_steps_down(monkeypatch):
+    # Pretend the device's allocator needs 40 KiB more than the count (as CUDA's can).
+    offset = 40 * 1024
+    task = make_mlp_task()
+    budget = 300 * 1024
+
+    monkeypatch.setattr(search_module, "measure_step_memory", _allocator_like(offset))
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    limit = result.limit_batch_size
+    assert _is_true_limit(task, limit, budget, offset=offset)
+    assert result.trials[0].fits is False  # the prediction was optimistic
+    assert result.trials[-1].batch_size in (limit, limit + 1)
+    assert len(result.trials) <= 8
+
+
+def test_fallback_to_real_probes_when_fake_mode_cannot_run():
+    task = make_mlp_task(model=_DataDependent, loss=_data_dependent_loss)
+    budget = 24 * 1024
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    assert result.method == "measured-probes"
+    assert any("real probes only" in note for note in result.notes)
+    assert _is_true_limit(task, result.limit_batch_size, budget)
+
+
+def test_a_small_dataset_is_wrapped_and_noted():
+    task = make_mlp_task(samples=10)
+    result = find_max_batch_size(task, device="cpu", memory_budget=160 * 1024, margin=0)
+    assert result.limit_batch_size > 10
+    assert any("10 samples" in note and "repeat" in note for note in result.notes)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_budget_below_the_model_alone():
+    task = make_mlp_task()
+    with pytest.raises(DoesNotFitError, match="before the first sample") as caught:
+        find_max_batch_size(task, device="cpu", memory_budget=2048, margin=0)
+    assert "the budget is 2.00 KiB" in str(caught.value)
+
+
+def test_batch_one_does_not_fit_a_task():
+    task = make_mlp_task()
+    one = predict_step_memory(task, 1)
+    budget = one.peak_bytes - 512
+    assert budget > one.state_bytes
+    with pytest.raises(DoesNotFitError, match="No batch size fits: batch size 1 needs"):
+        find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+
+
+@pytest.mark.parametrize("budget", ["lots", "0", "-5MiB", "12 parsecs", 0, -1])
+def test_bad_budgets(budget):
+    with pytest.raises(ConfigError, match="memory budget"):
+        find_max_batch_size(make_mlp_task(), device="cpu", memory_budget=budget)
+
+
+@pytest.mark.parametrize("margin", [-0.1, 1, 1.5, "0.1", float("nan")])
+def test_bad_margins(margin):
+    with pytest.raises(ConfigError, match="margin"):
+        find_max_batch_size(make_mlp_task(), device="cpu", memory_budget="1MiB", margin=margin)
+
+
+def test_other_bad_arguments():
+    task = make_mlp_task()
+    with pytest.raises(ConfigError, match="round_to"):
+        find_max_batch_size(task, device="cpu", memory_budget="1MiB", round_to="banana")
+    with pytest.raises(ConfigError, match="memory budget"):
+        find_max_batch_size(task, device="cpu")  # the CPU needs a budget
+    with pytest.raises(ConfigError, match="Task or a step"):
+        find_max_batch_size(42, device="cpu", memory_budget="1MiB")
+    with pytest.raises(ConfigError, match="device"):
+        find_max_batch_size(task, device="tpu", memory_budget="1MiB")
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        find_max_batch_size(task, device="cpu", memory_budget="1MiB", max_batch_size=0)

@@ -1,0 +1,42 @@
+"""Tests for batchfit.memory.search_state: the errors and memory model shared by both searches."""
+
+import torch
+
+from batchfit.errors import DoesNotFitError
+from batchfit.memory.result import Trial
+from batchfit.memory.search_state import SearchState, error_line
+
+MiB = 1024**2
+
+
+def _state(usable: int = 95 * MiB, budget: int = 100 * MiB) -> SearchState:
+    return SearchState(torch.device("cpu"), usable, budget, 1024, lambda message: None)
+
+
+def test_errors_name_the_budget_and_the_margin():
+    state = _state()
+    error = state.does_not_fit(200 * MiB)
+    assert isinstance(error, DoesNotFitError)
+    assert "batch size 1 needs 200" in str(error) and "after the margin" in str(error)
+    assert "batch size 1 fails" in str(state.does_not_fit(None))
+    assert "before the first sample" in str(_state(budget=95 * MiB).state_too_large(MiB))
+    assert "after the margin" not in _state(budget=95 * MiB).budget_text()
+
+
+def test_memory_model_prefers_points_near_the_limit_and_counts_trials():
+    state = _state()
+    assert state.memory_model(100) is None  # nothing predicted or measured yet
+    state.predictions += [(1, 10_000), (80, 90_000), (100, 110_000)]
+    model = state.memory_model(100)  # 1 is below limit/4: left out
+    assert model.per_sample_bytes == 1000 and model.fixed_bytes == 10_000
+    state.predictions.clear()
+    state.trials.append(Trial(40, True, None, 50_000, None, 1, 0.1))
+    state.trials.append(Trial(60, True, None, 70_000, None, 1, 0.1))
+    assert state.memory_model(60).per_sample_bytes == 1000
+
+
+def test_error_line_is_the_first_line_or_the_type():
+    assert error_line(RuntimeError("CUDA out of memory.\nTried to allocate")) == (
+        "CUDA out of memory."
+    )
+    assert error_line(MemoryError()) == "MemoryError"

@@ -1,0 +1,248 @@
+"""Tests of batchfit.noise.estimator: estimators and tracker; the noise-scale CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from batchfit.cli.commands import main
+from batchfit.errors import CheckpointError, ConfigError
+from batchfit.noise.estimator import (
+    NoiseScaleTracker,
+    estimate_gradient_statistics,
+    variance_factor,
+)
+from batchfit.task import EXAMPLES
+
+# --- the estimator formulas ---------------------------------------------------------------
+
+
+def test_formulas_recover_known_values_from_exact_expectations():
+    # |G|^2 = 2, tr(Sigma) = 12: E|g_B|^2 = 2 + 12 c(B)
+    for dataset_size in (None, 50):
+        small = 2 + 12 * variance_factor(4, dataset_size)
+        big = 2 + 12 * variance_factor(20, dataset_size)
+        gradient_sq, trace = estimate_gradient_statistics(
+            small, big, small_batch=4, big_batch=20, dataset_size=dataset_size
+        )
+        assert gradient_sq == pytest.approx(2.0)
+        assert trace == pytest.approx(12.0)
+
+
+def test_finite_population_factor_matches_sampling_without_replacement():
+    assert variance_factor(8) == pytest.approx(1 / 8)
+    assert variance_factor(8, 16) == pytest.approx((16 - 8) / (8 * 15))
+    assert variance_factor(16, 16) == 0.0  # the whole data set: the exact gradient
+
+
+def _mean_and_error(values: torch.Tensor) -> tuple[float, float]:
+    return float(values.mean()), float(values.std() / math.sqrt(len(values)))
+
+
+def test_estimates_are_unbiased_on_synthetic_gradients_infinite_population():
+    # Per-example gradients ~ N(G, Sigma) with known G and diagonal Sigma, drawn with replacement.
+    generator = torch.Generator().manual_seed(0)
+    dims, small, big, trials = 10, 4, 32, 4000
+    mean = torch.linspace(-0.5, 0.5, dims, dtype=torch.float64)
+    scales = torch.linspace(0.5, 2.0, dims, dtype=torch.float64)
+    true_gradient_sq, true_trace = float(mean.square().sum()), float(scales.square().sum())
+    samples = mean + scales * torch.randn(
+        trials, big, dims, generator=generator, dtype=torch.float64
+    )
+    small_sq = samples[:, :small].mean(1).square().sum(1)
+    big_sq = samples.mean(1).square().sum(1)
+    estimates = [
+        estimate_gradient_statistics(float(s), float(b), small_batch=small, big_batch=big)
+        for s, b in zip(small_sq, big_sq)
+    ]
+    gradient_sq = torch.tensor([e[0] for e in estimates])
+    trace = torch.tensor([e[1] for e in estimates])
+    # Tolerance from the sample count: 4 standard errors of the mean over `trials` draws.
+    value, error = _mean_and_error(gradient_sq)
+    assert abs(value - true_gradient_sq) < 4 * error
+    value, error = _mean_and_error(trace)
+    assert abs(value - true_trace) < 4 * error
+
+
+def test_estimates_are_unbiased_without_replacement_only_when_corrected():
+    # A fixed population of N gradients; batches drawn without replacement, as a shuffling
+    # loader does. The corrected estimates hit the population |G|^2 and tr(Sigma) (divided by
+    # N); the uncorrected |G|^2 is biased low by tr(Sigma) / (N - 1), far beyond the error.
+    generator = torch.Generator().manual_seed(1)
+    population, dims, small, big, trials = 40, 6, 4, 16, 4000
+    gradients = 0.3 + torch.randn(population, dims, generator=generator, dtype=torch.float64)
+    true_mean = gradients.mean(0)
+    true_gradient_sq = float(true_mean.square().sum())
+    true_trace = float((gradients - true_mean).square().sum(1).mean())
+    order = torch.rand(trials, population, generator=generator).argsort(1)[:, :big]
+    batches = gradients[order]  # trials x big x dims; the first `small` form the small batch
+    small_sq = batches[:, :small].mean(1).square().sum(1)
+    big_sq = batches.mean(1).square().sum(1)
+    corrected = [
+        estimate_gradient_statistics(
+            float(s), float(b), small_batch=small, big_batch=big, dataset_size=population
+        )
+        for s, b in zip(small_sq, big_sq)
+    ]
+    plain = [
+        estimate_gradient_statistics(float(s), float(b), small_batch=small, big_batch=big)
+        for s, b in zip(small_sq, big_sq)
+    ]
+    value, error = _mean_and_error(torch.tensor([e[0] for e in corrected]))
+    assert abs(value - true_gradient_sq) < 4 * error
+    value, error = _mean_and_error(torch.tensor([e[1] for e in corrected]))
+    assert abs(value - true_trace) < 4 * error
+    value, error = _mean_and_error(torch.tensor([e[0] for e in plain]))
+    assert abs(value - true_gradient_sq) > 4 * error
+
+
+@pytest.mark.parametrize(
+    ("small", "big", "size", "words"),
+    [
+        (8, 8, None, "below big_batch"),
+        (16, 8, None, "below big_batch"),
+        (0, 8, None, "positive"),
+        (-2, 8, None, "positive"),
+        (4, 64, 32, "larger than the training set"),
+        (4, 8, 1, "at least 2"),
+    ],
+)
+def test_bad_batch_sizes_are_config_errors(small, big, size, words):
+    with pytest.raises(ConfigError, match=words):
+        estimate_gradient_statistics(1.0, 0.5, small_batch=small, big_batch=big, dataset_size=size)
+
+
+# --- the tracker --------------------------------------------------------------------------
+
+
+def test_tracker_smooths_both_statistics_before_the_ratio():
+    tracker = NoiseScaleTracker(ema_decay=1.0)
+    # Two updates whose single ratios are 8 and 1; the ratio of means is (8 + 2) / (1 + 2).
+    tracker.update(5.0, 2.0, small_batch=2, big_batch=8)  # |G|^2 1, tr 8
+    tracker.update(3.0, 2.25, small_batch=2, big_batch=8)  # |G|^2 2, tr 2
+    assert tracker.gradient_sq_norm == pytest.approx(1.5)
+    assert tracker.trace_covariance == pytest.approx(5.0)
+    assert tracker.noise_scale == pytest.approx(10 / 3)
+
+
+def test_tracker_ema_is_bias_corrected_and_follows_recent_values():
+    tracker = NoiseScaleTracker(ema_decay=0.5)
+    tracker.update(5.0, 2.0, small_batch=2, big_batch=8)
+    assert tracker.noise_scale == pytest.approx(8.0)  # one update: no pull toward zero
+    for _ in range(30):
+        tracker.update(3.0, 2.25, small_batch=2, big_batch=8)
+    assert tracker.noise_scale == pytest.approx(1.0, rel=1e-6)
+
+
+def test_estimate_with_non_positive_gradient_norm_is_not_reliable():
+    tracker = NoiseScaleTracker(ema_decay=0.99)
+    for _ in range(10):
+        # |G|^2 = (8 * 1 - 2 * 10) / 6 = -2: all noise
+        tracker.update(10.0, 1.0, small_batch=2, big_batch=8)
+    result = tracker.estimate()
+    assert not result.reliable
+    assert result.noise_scale_samples is None and tracker.noise_scale is None
+    assert "|G|^2" in result.reason and "not yet positive" in result.reason
+    assert result.describe().startswith("Not yet reliable")
+    assert result.to_dict()["noise_scale_samples"] is None
+
+
+def test_too_few_batches_or_no_noise_are_not_reliable():
+    tracker = NoiseScaleTracker()
+    assert not tracker.estimate().reliable and "no batches" in tracker.estimate().reason
+    tracker.update(5.0, 2.0, small_batch=2, big_batch=8)
+    assert "only 1 batch" in tracker.estimate().reason
+    noiseless = NoiseScaleTracker()
+    for _ in range(6):
+        noiseless.update(1.0, 1.0, small_batch=2, big_batch=8)
+    assert "tr(Sigma)" in noiseless.estimate().reason
+
+
+def test_tracker_state_dict_round_trip_continues_identically():
+    import random
+
+    random.seed(0)
+    pairs = [(5.0 + random.random(), 2.0 + 0.1 * random.random()) for _ in range(12)]
+    whole = NoiseScaleTracker(dataset_size=1000, ema_decay=0.9)
+    first = NoiseScaleTracker(dataset_size=1000, ema_decay=0.9)
+    for index, (small, big) in enumerate(pairs):
+        whole.update(small, big, small_batch=2, big_batch=8)
+        if index < 6:
+            first.update(small, big, small_batch=2, big_batch=8)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
+    resumed = NoiseScaleTracker(dataset_size=1000, ema_decay=0.9)
+    resumed.load_state_dict(state)
+    for small, big in pairs[6:]:
+        resumed.update(small, big, small_batch=2, big_batch=8)
+    assert resumed.noise_scale == pytest.approx(whole.noise_scale, rel=1e-12)
+    assert resumed.estimate().to_dict() == whole.estimate().to_dict()
+
+
+def test_loading_state_from_a_different_tracker_is_refused():
+    state = NoiseScaleTracker(dataset_size=100).state_dict()
+    with pytest.raises(CheckpointError, match="dataset_size=100"):
+        NoiseScaleTracker(dataset_size=None).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="version"):
+        NoiseScaleTracker().load_state_dict({"version": 99})
+
+
+@pytest.mark.parametrize("decay", [0, -0.5, 1.5, "0.9"])
+def test_bad_ema_decay(decay):
+    with pytest.raises(ConfigError, match="ema_decay"):
+        NoiseScaleTracker(ema_decay=decay)
+
+
+def test_update_refuses_non_finite_norms():
+    with pytest.raises(ConfigError, match="finite"):
+        NoiseScaleTracker().update(float("nan"), 1.0, small_batch=2, big_batch=8)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+TINY = ["--small-batch", "2", "--big-batch", "4", "--batches", "2", "--warmup-steps", "1"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_cli_json_on_every_example(name, capsys):
+    assert main(["noise-scale", "--example", name, *TINY, "--device", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["batches"] == 2 and data["big_batch_samples"] == 4
+    assert data["step"] == 1 and "meaning" in data
+
+
+def test_cli_table_says_what_the_number_means_and_plots(tmp_path, capsys):
+    plot = tmp_path / "noise.png"
+    argv = ["noise-scale", "--example", "digits", "--small-batch", "4", "--big-batch", "32"]
+    argv += ["--batches", "12", "--warmup-steps", "5", "--device", "cpu", "--plot", str(plot)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "noise scale B_simple" in out and "90% interval" in out
+    assert "Critical batch size about" in out and "doubling the batch" in out
+    assert "mostly wasted" in out
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--small-batch", "16", "--big-batch", "16"], "below big_batch"),
+        (["--small-batch", "0"], "at least 1"),
+        (["--big-batch", "100000"], "larger than the training set"),
+        (["--batches", "-3"], "batches"),
+        (["--small-batch", "four"], "not a whole number"),
+        (
+            ["--small-batch", "512", "--big-batch", "1024", "--memory-budget", "2.5MiB"],
+            "largest batch that fits is",
+        ),
+        (["--plot", "noise.jpg", "--batches", "2", "--warmup-steps", "0"], ".png"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(flags, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["noise-scale", "--example", "digits", "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("batchfit: error:") and words in err
+    assert len(err.splitlines()) == 1

@@ -1,0 +1,171 @@
+"""Tests of batchfit.noise.measure: the standalone measurement of the gradient noise scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from batchfit.errors import CheckpointError, ConfigError
+from batchfit.noise.measure import default_batch_sizes, measure_noise_scale
+from batchfit.task import EXAMPLES, load_example
+from tests.conftest import make_mlp_task
+
+
+def exact_statistics(task, model) -> tuple[float, float, float]:
+    """(B_simple, |G|^2, tr(Sigma)) over the whole training set from per-example gradients.
+
+    Sigma is the population covariance (divided by N), as in the finite-population formulas.
+    """
+    params = {name: value.detach() for name, value in model.named_parameters()}
+    inputs, labels = task.batch(range(len(task.train_data)))
+
+    def loss_one(weights, sample, label):
+        module = lambda batch: functional_call(model, weights, (batch,))  # noqa: E731
+        return task.loss(module, (sample[None], label[None]))
+
+    grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, inputs, labels)
+    flat = torch.cat([value.reshape(len(inputs), -1) for value in grads.values()], 1).double()
+    mean = flat.mean(0)
+    gradient_sq = float(mean.square().sum())
+    trace = float((flat - mean).square().sum(1).mean())
+    return trace / gradient_sq, gradient_sq, trace
+
+
+def test_two_batch_estimate_matches_exact_noise_scale():
+    # 100 big batches of 64 (micro-batches of 4) on a 4,096-sample set bring B_simple within
+    # 25% of the exact tr(Sigma) / |G|^2 from per-example gradients (torch.func).
+    task = make_mlp_task(samples=4096)
+    exact, _, _ = exact_statistics(task, task.make_model())
+    result = measure_noise_scale(
+        task, small_batch=4, big_batch=64, batches=100, warmup_steps=0, device="cpu"
+    )
+    assert result.reliable and result.batches == 100
+    assert result.noise_scale_samples == pytest.approx(exact, rel=0.25)
+    assert result.low_samples < result.noise_scale_samples < result.high_samples
+
+
+def test_finite_population_correction_matters_on_a_small_training_set():
+    # 64 samples, big batches of 32: the uncorrected estimate is about B N / (N - 1 - B),
+    # nearly twice the exact value; the corrected one matches it.
+    task = make_mlp_task(samples=64)
+    exact, exact_gradient_sq, exact_trace = exact_statistics(task, task.make_model())
+    options = dict(small_batch=4, big_batch=32, batches=200, warmup_steps=0, device="cpu")
+    corrected = measure_noise_scale(task, **options)
+    plain = measure_noise_scale(task, finite_population=False, **options)
+    assert corrected.finite_population_corrected and not plain.finite_population_corrected
+    assert corrected.noise_scale_samples == pytest.approx(exact, rel=0.15)
+    assert corrected.gradient_sq_norm == pytest.approx(exact_gradient_sq, rel=0.15)
+    assert corrected.trace_covariance == pytest.approx(exact_trace, rel=0.15)
+    assert plain.noise_scale_samples > 1.5 * exact
+
+
+def test_measurement_reports_its_point_and_leaves_task_and_rng_untouched():
+    model = make_mlp_task().make_model()
+    task = make_mlp_task(model=model)
+    before = [param.detach().clone() for param in model.parameters()]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    result = measure_noise_scale(task, batches=6, warmup_steps=5, device="cpu")
+    assert torch.equal(torch.rand(3), expected_next)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert result.step == 5 and result.samples_seen == 5 * task.batch_size
+    assert not result.from_checkpoint
+    assert (result.small_batch_samples, result.big_batch_samples) == (8.0, 128.0)
+    assert result.running and result.running[-1].batches == 6
+
+
+def test_measurement_is_repeatable():
+    task = make_mlp_task()
+    first = measure_noise_scale(task, batches=5, warmup_steps=3, device="cpu")
+    second = measure_noise_scale(task, batches=5, warmup_steps=3, device="cpu")
+    assert first.to_dict() == second.to_dict()
+
+
+def test_measurement_from_a_checkpoint(tmp_path):
+    task = make_mlp_task()
+    model = task.make_model()
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)
+    path = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict()}, path)
+    from_file = measure_noise_scale(task, batches=5, checkpoint=path, device="cpu")
+    from_dict = measure_noise_scale(task, batches=5, checkpoint=model.state_dict(), device="cpu")
+    fresh = measure_noise_scale(task, batches=5, warmup_steps=0, device="cpu")
+    assert from_file.from_checkpoint and from_file.step == 0
+    assert from_file.gradient_sq_norm == from_dict.gradient_sq_norm != fresh.gradient_sq_norm
+
+
+def test_checkpoint_for_another_model_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    with pytest.raises(CheckpointError, match="does not match"):
+        measure_noise_scale(make_mlp_task(), batches=2, checkpoint=path, device="cpu")
+    with pytest.raises(CheckpointError, match="Cannot read"):
+        measure_noise_scale(
+            make_mlp_task(), batches=2, checkpoint=tmp_path / "missing.pt", device="cpu"
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (dict(small_batch=16, big_batch=16), "below big_batch"),
+        (dict(small_batch=32, big_batch=16), "below big_batch"),
+        (dict(small_batch=0), "at least 1"),
+        (dict(big_batch=-4), "at least 1"),
+        (dict(batches=0), "batches"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(small_batch=4, big_batch=512), "larger than the training set"),
+    ],
+)
+def test_measurement_bad_input(options, words):
+    with pytest.raises(ConfigError, match=words):
+        measure_noise_scale(make_mlp_task(), device="cpu", **options)
+
+
+def test_small_batch_above_the_memory_budget_names_the_measured_limit():
+    from batchfit.errors import DoesNotFitError
+    from batchfit.memory.step import measure_step_memory
+
+    task = make_mlp_task()
+    budget = measure_step_memory(task, 6).peak_bytes
+    limit = max(
+        size for size in range(1, 17) if measure_step_memory(task, size).peak_bytes <= budget
+    )
+    with pytest.raises(ConfigError, match=f"largest batch that fits is {limit} \\(measured\\)"):
+        measure_noise_scale(task, small_batch=32, memory_budget_bytes=budget, device="cpu")
+    result = measure_noise_scale(
+        task, small_batch=limit, batches=2, warmup_steps=0, memory_budget_bytes=budget
+    )
+    assert result.small_batch_samples == limit  # the big batch (128) need not fit
+    with pytest.raises(DoesNotFitError, match="before the first sample"):
+        measure_noise_scale(task, small_batch=4, memory_budget_bytes=100, device="cpu")
+
+
+def test_default_batch_sizes_stay_inside_the_data():
+    assert default_batch_sizes(make_mlp_task()) == (8, 128)
+    assert default_batch_sizes(make_mlp_task(samples=40)) == (8, 40)
+    assert default_batch_sizes(make_mlp_task(samples=40, batch_size=2)) == (1, 8)
+    assert default_batch_sizes(make_mlp_task(samples=3, batch_size=1)) == (1, 3)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_from_the_library(name):
+    task = load_example(name)
+    result = measure_noise_scale(
+        task, small_batch=2, big_batch=4, batches=2, warmup_steps=1, device="cpu"
+    )
+    assert result.batches == 2
+    assert math.isfinite(result.gradient_sq_norm) and math.isfinite(result.trace_covariance)
+    assert result.dataset_size == len(task.train_data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_with_default_settings(name):
+    result = measure_noise_scale(load_example(name), device="cpu")
+    assert result.batches == 50 and result.step == 50

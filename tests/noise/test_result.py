@@ -1,0 +1,52 @@
+"""Tests for batchfit.noise.result: the words, table rows and dict of a noise-scale estimate."""
+
+from batchfit.noise.result import NoiseScaleResult, RunningEstimate
+
+
+def _result(**overrides) -> NoiseScaleResult:
+    fields = dict(
+        noise_scale_samples=600.0,
+        low_samples=400.0,
+        high_samples=900.0,
+        confidence=0.9,
+        batches=50,
+        gradient_sq_norm=0.5,
+        trace_covariance=300.0,
+        small_batch_samples=16.0,
+        big_batch_samples=256.0,
+        dataset_size=1000,
+        finite_population_corrected=True,
+        ema_decay=1.0,
+        reliable=True,
+        reason="",
+        step=50,
+        samples_seen=3200,
+        running=(RunningEstimate(10, 550.0, 300.0, None),),
+    )
+    fields.update(overrides)
+    return NoiseScaleResult(**fields)
+
+
+def test_describe_gives_the_value_interval_and_point():
+    text = _result().describe()
+    assert text.startswith("Critical batch size about 600 samples (90% interval 400 to 900;")
+    assert "50 batches at step 50, 3200 samples seen" in text
+    assert "interval is wide" not in text
+
+
+def test_a_wide_interval_gets_advice_and_an_unreliable_one_its_reason():
+    assert "interval is wide: measure more batches" in _result(high_samples=None).describe()
+    unreliable = _result(noise_scale_samples=None, reliable=False, reason="too few batches")
+    assert unreliable.describe() == "Not yet reliable: too few batches"
+    assert dict(unreliable.summary_rows())["noise scale B_simple"] == "not yet reliable"
+
+
+def test_to_dict_and_rows():
+    data = _result().to_dict()
+    assert data["running"] == [
+        {"batches": 10, "noise_scale_samples": 550.0, "low_samples": 300.0, "high_samples": None}
+    ]
+    assert data["meaning"] == _result().describe()
+    rows = dict(_result().summary_rows())
+    assert rows["90% interval"] == "400 to 900"
+    assert rows["finite population"] == "corrected for N = 1000 samples"

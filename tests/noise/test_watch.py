@@ -1,0 +1,307 @@
+"""Tests of batchfit.noise.watch: micro-batch and DDP-rank gradient norms for the tracker."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+
+import pytest
+import torch
+
+from batchfit.errors import ConfigError
+from batchfit.noise.estimator import NoiseScaleTracker
+from batchfit.noise.measure import measure_noise_scale
+from batchfit.noise.watch import GradientNormWatch
+from tests.conftest import make_mlp_task
+
+
+def _accumulate_with_watch(task, model, watch, order, sizes, *, loss_multiplier=1.0):
+    total = sum(sizes)
+    start = 0
+    for size in sizes:
+        batch = task.batch(order[start : start + size])
+        start += size
+        (task.loss(model, batch) * (size / total) * loss_multiplier).backward()
+        watch.micro_batch(size)
+
+
+def test_in_training_estimate_agrees_with_the_standalone_one():
+    # The same model and the same big batches (measure_noise_scale draws them with a generator
+    # seeded task.seed + 1): the hook-based norms inside accumulation give the same estimate
+    # as the standalone measurement's explicit per-micro-batch gradients.
+    task = make_mlp_task()
+    small, big, batches = 8, 64, 20
+    standalone = measure_noise_scale(
+        task, small_batch=small, big_batch=big, batches=batches, warmup_steps=0, device="cpu"
+    )
+    model = task.make_model()
+    tracker = NoiseScaleTracker(dataset_size=len(task.train_data), ema_decay=1.0)
+    generator = torch.Generator().manual_seed(task.seed + 1)
+    with GradientNormWatch(model, tracker) as watch:
+        for _ in range(batches):
+            order = torch.randperm(len(task.train_data), generator=generator)[:big].tolist()
+            model.zero_grad(set_to_none=True)
+            _accumulate_with_watch(task, model, watch, order, [small] * (big // small))
+            watch.step()
+    in_training = tracker.estimate()
+    assert in_training.batches == batches
+    assert in_training.noise_scale_samples == pytest.approx(
+        standalone.noise_scale_samples, rel=1e-4
+    )
+    assert in_training.gradient_sq_norm == pytest.approx(standalone.gradient_sq_norm, rel=1e-4)
+    assert (in_training.low_samples, in_training.high_samples) == pytest.approx(
+        (standalone.low_samples, standalone.high_samples), rel=1e-3
+    )
+
+
+def test_uneven_micro_batches_use_the_harmonic_mean_and_grad_scale_cancels():
+    task = make_mlp_task()
+    order = list(range(40))
+    plain, scaled = NoiseScaleTracker(ema_decay=1.0), NoiseScaleTracker(ema_decay=1.0)
+    for tracker, multiplier in ((plain, 1.0), (scaled, 1024.0)):
+        model = task.make_model()
+        with GradientNormWatch(model, tracker) as watch:
+            _accumulate_with_watch(
+                task, model, watch, order, [16, 16, 8], loss_multiplier=multiplier
+            )
+            watch.step(grad_scale=multiplier)
+    assert plain.small_batch == pytest.approx(3 / (1 / 16 + 1 / 16 + 1 / 8))
+    assert plain.big_batch == 40
+    assert scaled.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-5)
+    assert scaled.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-5)
+
+
+def test_hooks_match_explicit_gradient_norms():
+    task = make_mlp_task()
+    model = task.make_model()
+    tracker = NoiseScaleTracker(ema_decay=1.0)
+    batches = [task.batch(range(0, 8)), task.batch(range(8, 16))]
+    expected_small = []
+    reference = task.make_model()
+    for batch in batches:
+        grads = torch.autograd.grad(task.loss(reference, batch), list(reference.parameters()))
+        expected_small.append(sum(float(g.square().sum()) for g in grads))
+    with GradientNormWatch(model, tracker) as watch:
+        for batch in batches:
+            (task.loss(model, batch) * 0.5).backward()
+            watch.micro_batch(8)
+        expected_big = sum(float(p.grad.square().sum()) for p in model.parameters())
+        watch.step()
+    gradient_sq, trace = tracker.gradient_sq_norm, tracker.trace_covariance
+    small_sq = sum(expected_small) / 2
+    assert trace == pytest.approx((small_sq - expected_big) / (1 / 8 - 1 / 16), rel=1e-5)
+    assert gradient_sq == pytest.approx((16 * expected_big - 8 * small_sq) / 8, rel=1e-5)
+
+
+def test_one_micro_batch_on_one_rank_is_skipped():
+    task = make_mlp_task()
+    model = task.make_model()
+    tracker = NoiseScaleTracker()
+    watch = GradientNormWatch(model, tracker)
+    task.loss(model, task.batch(range(16))).backward()
+    watch.micro_batch(16)
+    watch.step()
+    assert tracker.updates == 0
+    watch.remove()
+    task.loss(model, task.batch(range(16))).backward()  # no hooks left: nothing recorded
+    with pytest.raises(ConfigError, match="no micro_batch"):
+        watch.step()
+
+
+def test_misuse_names_the_fix():
+    task = make_mlp_task()
+    model = task.make_model()
+    with GradientNormWatch(model, NoiseScaleTracker()) as watch:
+        with pytest.raises(ConfigError, match="no backward ran"):
+            watch.micro_batch(8)
+        task.loss(model, task.batch(range(8))).backward()
+        with pytest.raises(ConfigError, match="after each micro-batch"):
+            watch.step()
+        with pytest.raises(ConfigError, match="positive"):
+            watch.micro_batch(0)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        GradientNormWatch(torch.nn.ReLU(), NoiseScaleTracker())
+
+
+# --- across DDP ranks ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, result_file: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        task = make_mlp_task()
+        model = DistributedDataParallel(task.make_model())
+        tracker = NoiseScaleTracker(dataset_size=len(task.train_data), ema_decay=1.0)
+        generator = torch.Generator().manual_seed(5)
+        with GradientNormWatch(model, tracker) as watch:
+            assert watch.distributed
+            for _ in range(4):
+                order = torch.randperm(len(task.train_data), generator=generator)[:32].tolist()
+                mine = order[rank * 16 : (rank + 1) * 16]  # each rank one half, one micro-batch
+                model.zero_grad(set_to_none=True)
+                task.loss(model, task.batch(mine)).backward()
+                watch.micro_batch(16)
+                watch.step()
+        if rank == 0:
+            torch.save(tracker.state_dict(), result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_give_the_same_estimate_as_one_process(tmp_path):
+    # Two gloo ranks, one micro-batch of 16 each: the local gradients are the small batches and
+    # the all-reduced one the big batch, the same as one process accumulating two micro-batches.
+    import torch.multiprocessing as mp
+
+    result_file = str(tmp_path / "rank0.pt")
+    # spawn, not fork: a child forked after the parent's OpenMP thread pool has started (any
+    # earlier test in the session) can deadlock inside the pool.
+    for attempt in range(2):  # a second try on a fresh port, should another process take it
+        context = mp.start_processes(
+            _ddp_worker,
+            args=(2, _free_port(), result_file),
+            nprocs=2,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + 90  # a hung rank fails the test instead of blocking it
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    for process in context.processes:
+                        process.kill()
+                    pytest.fail("the two DDP ranks did not finish within 90 s")
+            break
+        except mp.ProcessRaisedException as error:
+            if attempt == 1 or "address" not in str(error).lower():
+                raise
+    distributed = NoiseScaleTracker(dataset_size=256, ema_decay=1.0)
+    distributed.load_state_dict(torch.load(result_file, weights_only=False))
+
+    task = make_mlp_task()
+    model = task.make_model()
+    single = NoiseScaleTracker(dataset_size=len(task.train_data), ema_decay=1.0)
+    generator = torch.Generator().manual_seed(5)
+    with GradientNormWatch(model, single) as watch:
+        for _ in range(4):
+            order = torch.randperm(len(task.train_data), generator=generator)[:32].tolist()
+            model.zero_grad(set_to_none=True)
+            _accumulate_with_watch(task, model, watch, order, [16, 16])
+            watch.step()
+    assert distributed.updates == 4 and distributed.big_batch == 32
+    assert distributed.small_batch == 16
+    assert distributed.gradient_sq_norm == pytest.approx(single.gradient_sq_norm, rel=1e-4)
+    assert distributed.trace_covariance == pytest.approx(single.trace_covariance, rel=1e-4)
+
+
+# --- sizes given to step(), and the training-loop callback --------------------------------
+
+
+def test_sizes_given_to_step_match_micro_batch_calls_and_drop_a_failed_attempt():
+    from batchfit.train.accumulation import accumulate_gradients, split_batch
+
+    task = make_mlp_task()
+    batch = task.batch(range(48))
+    with_calls, with_sizes = NoiseScaleTracker(ema_decay=1.0), NoiseScaleTracker(ema_decay=1.0)
+    model = task.make_model()
+    with GradientNormWatch(model, with_calls) as watch:
+        _accumulate_with_watch(task, model, watch, list(range(48)), [16, 16, 16])
+        watch.step()
+    model = task.make_model()
+    with GradientNormWatch(model, with_sizes) as watch:
+        # an attempt that failed after one backward (as after out-of-memory), then redone
+        task.loss(model, task.batch(range(8))).backward()
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(model, task.loss, split_batch(batch, [16, 16, 16]))
+        watch.step([16, 16, 16], step=7)
+    assert with_sizes.step == 7
+    assert with_sizes.gradient_sq_norm == pytest.approx(with_calls.gradient_sq_norm, rel=1e-6)
+    assert with_sizes.trace_covariance == pytest.approx(with_calls.trace_covariance, rel=1e-6)
+
+
+def test_given_big_norm_is_used_instead_of_grad():
+    task = make_mlp_task()
+    model = task.make_model()
+    tracker = NoiseScaleTracker(ema_decay=1.0)
+    with GradientNormWatch(model, tracker) as watch:
+        for part in (range(0, 8), range(8, 16)):
+            (task.loss(model, task.batch(part)) * 0.5).backward()
+        big_sq = sum(float(p.grad.square().sum()) for p in model.parameters())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # changes .grad, not the norm
+        watch.step([8, 8], big_sq_norm=big_sq)
+    reference = NoiseScaleTracker(ema_decay=1.0)
+    model = task.make_model()
+    with GradientNormWatch(model, reference) as watch:
+        for part in (range(0, 8), range(8, 16)):
+            (task.loss(model, task.batch(part)) * 0.5).backward()
+        watch.step([8, 8])
+    assert tracker.gradient_sq_norm == pytest.approx(reference.gradient_sq_norm, rel=1e-5)
+
+
+def test_sizes_that_do_not_match_the_backward_passes_are_refused():
+    task = make_mlp_task()
+    model = task.make_model()
+    with GradientNormWatch(model, NoiseScaleTracker()) as watch:
+        task.loss(model, task.batch(range(8))).backward()
+        with pytest.raises(ConfigError, match="2 micro-batch sizes were given but 1 backward"):
+            watch.step([4, 4])
+        task.loss(model, task.batch(range(8))).backward()
+        with pytest.raises(ConfigError, match="loss_scales has 1 entries"):
+            watch.step([4, 4], loss_scales=[0.5])
+        watch.reset()
+        task.loss(model, task.batch(range(8))).backward()
+        task.loss(model, task.batch(range(8))).backward()
+        with pytest.raises(ConfigError, match="call backward\\(\\) once per micro-batch"):
+            watch.micro_batch(8)
+        watch.reset()
+        task.loss(model, task.batch(range(8))).backward()
+        watch.micro_batch(8)
+        with pytest.raises(ConfigError, match="not both"):
+            watch.step([8])
+
+
+def test_callback_logs_the_noise_scale_to_the_metrics_file(tmp_path):
+    from batchfit.noise.watch import NoiseScaleCallback
+    from batchfit.train.config import TrainConfig
+    from batchfit.train.loop import train
+    from batchfit.train.metrics import read_metrics
+
+    task = make_mlp_task()
+    callback = NoiseScaleCallback(dataset_size=len(task.train_data), ema_decay=0.9)
+    config = TrainConfig(
+        global_batch=64, micro_batch=16, steps=8, out_dir=str(tmp_path), max_grad_norm=0.5
+    )
+    train(task, config, device="cpu", callbacks=[callback])
+    lines = [line for line in read_metrics(tmp_path / "metrics.jsonl") if "loss" in line]
+    assert len(lines) == 8
+    assert all("noise_scale" in line and "noise_scale_trace" in line for line in lines)
+    assert callback.tracker.updates == 8 and callback.tracker.step == 8
+    assert callback.tracker.big_batch == 64 and callback.tracker.small_batch == 16
+    assert lines[-1]["noise_scale"] == callback.tracker.noise_scale
+
+
+def test_callback_refuses_a_global_batch_above_the_training_set():
+    from batchfit.noise.watch import NoiseScaleCallback
+    from batchfit.train.accumulation import plan_accumulation
+
+    callback = NoiseScaleCallback(dataset_size=100)
+    with pytest.raises(ConfigError, match="dataset_size=None"):
+        callback.on_train_start(make_mlp_task().make_model(), plan_accumulation(128, 32))
+    NoiseScaleCallback().on_train_start(make_mlp_task().make_model(), plan_accumulation(128, 32))

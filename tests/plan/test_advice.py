@@ -1,0 +1,106 @@
+import pytest
+
+from batchfit.errors import ConfigError
+from batchfit.plan.advice import (
+    LARGE_BATCH_SAMPLES,
+    choose_global_batch,
+    choose_lr,
+    choose_micro_batch,
+    customary_range_note,
+    optimizer_advice,
+)
+
+
+def test_global_batch_follows_the_noise_scale():
+    choice = choose_global_batch(
+        noise_scale=700, knee_batch=16, world_size=1, dataset_size=100_000, reference_batch=32
+    )
+    assert choice.value == 512
+    assert "700" in choice.reason
+
+
+def test_global_batch_raised_to_the_knee_and_capped_by_the_data():
+    raised = choose_global_batch(
+        noise_scale=20, knee_batch=64, world_size=2, dataset_size=100_000, reference_batch=32
+    )
+    assert raised.value == 128 and "knee" in raised.reason
+    capped = choose_global_batch(
+        noise_scale=5000, knee_batch=None, world_size=1, dataset_size=1438, reference_batch=32
+    )
+    assert capped.value == 256 and "quarter" in capped.reason
+
+
+def test_global_batch_without_a_reliable_noise_scale_uses_the_reference():
+    choice = choose_global_batch(
+        noise_scale=None, knee_batch=None, world_size=1, dataset_size=10_000, reference_batch=48
+    )
+    assert choice.value == 48 and "reference" in choice.reason
+
+
+def test_micro_batch_largest_round_divisor_that_fits():
+    assert choose_micro_batch(256, 52, 1).value == 32
+    assert choose_micro_batch(240, 52, 1).value == 48
+    assert choose_micro_batch(256, 1000, 2).value == 128  # all 128 per device fit
+    assert choose_micro_batch(90, 45, 1).value == 45  # no multiple of 8 divides 90 well
+
+
+def test_micro_batch_unreachable_targets_offer_the_nearest():
+    with pytest.raises(ConfigError, match="use 256 or 258"):
+        choose_micro_batch(257, 64, 2)
+    with pytest.raises(ConfigError, match="global batch of 1024 or 1088"):
+        choose_micro_batch(1031, 64, 1)
+
+
+def test_optimizer_advice_threshold():
+    assert optimizer_advice(LARGE_BATCH_SAMPLES, "sgd").value == "task"
+    assert optimizer_advice(LARGE_BATCH_SAMPLES * 2, "sgd").value == "lars"
+    assert optimizer_advice(LARGE_BATCH_SAMPLES * 2, "adam").value == "lamb"
+
+
+def test_customary_ranges():
+    assert customary_range_note("image-classification", 256) is None
+    note = customary_range_note("segmentation", 64)
+    assert "above the customary 2-16" in note
+    assert customary_range_note(None, 5) is None
+
+
+def test_choose_lr_checks_against_the_range_test():
+    kept = choose_lr(0.01, "scaled", steepest_lr=0.005, valley_lr=0.008, min_loss_lr=0.1)
+    assert kept.value == 0.01 and "consistent" in kept.reason
+    lowered = choose_lr(0.08, "scaled", steepest_lr=0.005, valley_lr=0.02, min_loss_lr=0.1)
+    assert lowered.value == 0.02 and "divergence" in lowered.reason
+    assert choose_lr(0.5, "scaled").value == 0.5
+
+
+def test_global_batch_minimises_time_to_a_loss_with_the_measured_throughput():
+    # A CPU-like curve: throughput flat from 32 on, so past the noise scale only samples grow.
+    flat = {1: 100, 4: 380, 16: 830, 32: 1000, 64: 1000, 256: 900}
+    choice = choose_global_batch(
+        noise_scale=68, knee_batch=32, world_size=1, dataset_size=10_000, reference_batch=32,
+        throughput=flat,
+    )  # fmt: skip
+    assert choice.value == 32 and "+32% at 64" in choice.reason
+    # A GPU-like curve, throughput still doubling: the larger batch pays for its samples.
+    rising = {2**k: 100 * 2**k for k in range(11)}
+    choice = choose_global_batch(
+        noise_scale=68, knee_batch=1024, world_size=2, dataset_size=100_000, reference_batch=32,
+        throughput=rising,
+    )  # fmt: skip
+    assert choice.value == 2048  # 1024 per device, the largest measured
+    # A dip at one size is noise: the running best stands in for it.
+    dip = {16: 800, 32: 50, 64: 1600}
+    choice = choose_global_batch(
+        noise_scale=1000, knee_batch=64, world_size=1, dataset_size=100_000, reference_batch=32,
+        throughput=dip,
+    )  # fmt: skip
+    assert choice.value >= 64
+
+
+def test_choose_lr_raises_to_the_valley_or_a_tenth_of_the_minimum():
+    raised = choose_lr(0.01, "scaled", steepest_lr=0.05, valley_lr=0.03, min_loss_lr=0.2)
+    assert raised.value == 0.03 and "raised to its valley" in raised.reason
+    plateau = choose_lr(0.003, "scaled", steepest_lr=0.002, valley_lr=0.004, min_loss_lr=0.35)
+    assert plateau.value == pytest.approx(0.035) and "tenth" in plateau.reason
+    # never above half the rate at the loss minimum
+    capped = choose_lr(0.01, "scaled", valley_lr=0.2, min_loss_lr=0.3)
+    assert capped.value == 0.01

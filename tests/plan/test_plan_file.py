@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from batchfit.errors import CheckpointError
+from batchfit.plan.plan_file import PLAN_SCHEMA_VERSION, Plan, load_plan, plan_from_dict
+
+
+def make_plan(**overrides) -> Plan:
+    options = dict(
+        task="digits",
+        device="cpu",
+        world_size=1,
+        global_batch=256,
+        micro_batch=32,
+        accumulation_steps=8,
+        lr=0.0028,
+        lr_rule="sqrt",
+        warmup_steps=20,
+        reasons={"micro_batch": "the largest multiple of 8 that fits"},
+    )
+    options.update(overrides)
+    return Plan(**options)
+
+
+def test_round_trip(tmp_path):
+    plan = make_plan(measurements={"memory": {"limit": 300}})
+    path = plan.save(tmp_path / "out" / "plan.json")
+    assert load_plan(path) == plan
+    assert json.loads(path.read_text())["schema_version"] == PLAN_SCHEMA_VERSION
+    assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temporary left behind
+
+
+def test_inconsistent_batch_names_the_product():
+    with pytest.raises(CheckpointError, match=r"32 x 4 x 1 = 128"):
+        make_plan(accumulation_steps=4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("lr", -1.0, "positive"),
+        ("lr_rule", "cubic", "linear, sqrt, none"),
+        ("optimizer", "adam9", "lars"),
+        ("micro_batch", 0, "at least 1"),
+        ("warmup_steps", -5, "at least 0"),
+    ],
+)
+def test_bad_field_names_field_value_and_fix(field, value, words):
+    with pytest.raises(CheckpointError) as caught:
+        make_plan(**{field: value})
+    assert repr(field) in str(caught.value) and repr(value) in str(caught.value)
+    assert words in str(caught.value)
+
+
+def test_future_version_is_refused(tmp_path):
+    data = make_plan().to_dict() | {"schema_version": PLAN_SCHEMA_VERSION + 1}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="upgrade batchfit"):
+        load_plan(path)
+
+
+def test_missing_unknown_and_malformed(tmp_path):
+    data = make_plan().to_dict()
+    del data["lr"]
+    with pytest.raises(CheckpointError, match="lr"):
+        plan_from_dict(data)
+    with pytest.raises(CheckpointError, match="unknown field"):
+        plan_from_dict(make_plan().to_dict() | {"batch": 3})
+    path = tmp_path / "plan.json"
+    path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_plan(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_plan(tmp_path / "missing.json")

@@ -1,0 +1,122 @@
+import json
+
+import pytest
+
+from batchfit.cli.commands import main
+from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.plan.plan_file import load_plan
+from batchfit.plan.planner import plan
+from batchfit.task import load_example
+from tests.conftest import make_mlp_task
+from tests.report.test_report import open_in_chromium
+
+QUICK = {"noise_batches": 8, "range_test_steps": 40}
+TINY_TASK = "tests/conftest.py:make_mlp_task"
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return plan(make_mlp_task(samples=512), device="cpu", memory_budget="64KiB", **QUICK)
+
+
+def test_plan_is_exact_and_explained(tiny_plan):
+    result = tiny_plan
+    assert result.global_batch == result.micro_batch * result.accumulation_steps
+    assert result.micro_batch <= result.measurements["memory"]["limit_batch"]
+    for key in (
+        "global_batch",
+        "micro_batch",
+        "accumulation_steps",
+        "lr",
+        "warmup_steps",
+        "optimizer",
+        "normalization",
+    ):
+        assert result.reasons[key], key
+    assert str(result.micro_batch) in result.reasons["accumulation_steps"]
+    assert set(result.measurements) == {"memory", "throughput", "noise_scale", "range_test"}
+    assert result.measurements["memory"]["trials"], "the limit was confirmed by real steps"
+    assert result.lr > 0 and result.lr_rule == "linear"  # the tiny task uses SGD
+
+
+def test_plan_reaches_a_target_over_devices():
+    result = plan(
+        make_mlp_task(samples=512),
+        device="cpu",
+        memory_budget="64KiB",
+        world_size=2,
+        target_global_batch=128,
+        **QUICK,
+    )
+    assert result.global_batch == 128
+    assert result.micro_batch * result.accumulation_steps * 2 == 128
+    assert result.reasons["global_batch"] == "the target you asked for"
+
+
+def test_plan_advises_groupnorm_for_small_batchnorm_batches():
+    task = load_example("cnn")
+    result = plan(task, device="cpu", target_global_batch=16, **QUICK)
+    assert result.normalization == "groupnorm"
+    assert "16 samples per call" in result.reasons["normalization"]
+
+
+def test_plan_bad_inputs():
+    task = make_mlp_task(samples=64)
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        plan(task, device="cpu", target_global_batch=100, **QUICK)
+    with pytest.raises(ConfigError, match="cannot be split equally"):
+        plan(task, device="cpu", target_global_batch=33, world_size=2, **QUICK)
+    with pytest.raises(DoesNotFitError):
+        plan(task, device="cpu", memory_budget="1KiB", **QUICK)
+
+
+def test_cli_plan_then_train_with_it(tmp_path, capsys):
+    out = tmp_path / "plan"
+    code = main(["plan", TINY_TASK, "--memory-budget", "64KiB", "--out", str(out), "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["plan_path"] == str(out / "plan.json")
+    written = load_plan(out / "plan.json")
+    assert written.global_batch == printed["plan"]["global_batch"]
+    seen = open_in_chromium(out / "report.html")  # the real report renders, every image loads
+    assert seen["problems"] == [] and len(seen["images"]) == 4
+    assert all(done and width > 0 for done, width in seen["images"])
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            TINY_TASK,
+            "--plan",
+            str(out / "plan.json"),
+            "--steps",
+            "3",
+            "--out",
+            str(run),
+            "--json",
+        ]
+    )
+    assert code == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["global_batch"] == written.global_batch
+    assert trained["micro_batch"] == written.micro_batch
+    assert trained["lr"] == pytest.approx(written.lr)
+
+
+def test_cli_plan_bad_inputs_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "plan"
+    code = main(["plan", TINY_TASK, "--memory-budget", "1KiB", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("batchfit: error:")
+    assert not out.exists(), "nothing is written when planning fails"
+    broken = tmp_path / "plan.json"
+    broken.write_text('{"schema_version": 99}')
+    code = main(["train", TINY_TASK, "--plan", str(broken), "--steps", "1"])
+    assert code == 2 and "upgrade batchfit" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits", "cnn", "unet", "charlm"])
+def test_plan_every_example(name, tmp_path):
+    code = main(["plan", "--example", name, "--out", str(tmp_path), "--memory-budget", "300MiB"])
+    assert code == 0
+    assert load_plan(tmp_path / "plan.json").task == name

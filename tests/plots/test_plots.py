@@ -1,0 +1,224 @@
+"""Tests of batchfit.plots: every picture from plain data, and the files the CLI writes."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+import batchfit
+from batchfit.errors import ConfigError, MissingDependencyError
+from batchfit.lr.range_test import lr_range_test
+from batchfit.lr.schedules import ScheduleConfig
+from batchfit.noise.estimator import NoiseScaleTracker
+from batchfit.plots import figure
+from batchfit.plots.memory import memory_png
+from batchfit.plots.noise_scale import noise_scale_png, plot_noise_scale
+from batchfit.plots.range_test import plot_range_test, range_test_png
+from batchfit.plots.schedule import plot_schedule
+from batchfit.plots.throughput import plot_throughput, throughput_png
+from batchfit.throughput import ThroughputResult
+from tests.conftest import make_mlp_task
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _range_result(end_lr):
+    model = torch.nn.Linear(3, 1)
+    data = TensorDataset(torch.randn(32, 3), torch.randn(32, 1))
+    return lr_range_test(
+        model, torch.optim.SGD(model.parameters(), lr=0.1),
+        loss=lambda m, b: F.mse_loss(m(b[0]), b[1]), train_data=data, global_batch=8,
+        steps=20, smoothing=0.3, start_lr=1e-3, end_lr=end_lr,
+    )  # fmt: skip
+
+
+def _throughput_result(tokens):
+    sizes = (1, 2, 4, 8)
+    seconds = (0.01, 0.011, 0.012, 0.02)
+    return ThroughputResult(
+        batch_sizes=sizes,
+        seconds_per_step=seconds,
+        samples_per_second=tuple(b / s for b, s in zip(sizes, seconds)),
+        tokens_per_second=tuple(64 * b / s for b, s in zip(sizes, seconds)) if tokens else None,
+        step_seconds=tuple((s * 0.9, s, s * 1.2) for s in seconds),
+        knee_batch=4,
+        best_batch=8,
+        fraction=0.9,
+        limit_batch=8,
+        limit_reason="out_of_memory",
+        stopped_early=False,
+        warmup_steps=2,
+        repeats=3,
+        device="cpu",
+    )
+
+
+# --- range test ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end_lr", [1.0, 1e4])  # completed, and diverged
+def test_range_test_writes_a_png(tmp_path, end_lr):
+    path = plot_range_test(_range_result(end_lr), tmp_path / "lr.png", title="tiny")
+    assert path.read_bytes()[:4] == b"\x89PNG" and list(tmp_path.iterdir()) == [path]
+
+
+def test_range_test_rejects_other_suffixes(tmp_path):
+    with pytest.raises(ConfigError, match="must end in .png"):
+        plot_range_test(_range_result(1.0), tmp_path / "lr.pdf")
+
+
+def test_range_test_from_a_plans_measurement_with_non_finite_losses():
+    # the subset a Plan keeps: rates instead of indices, None for a nan loss
+    data = {
+        "lrs": [1e-3, 1e-2, 1e-1, 1.0],
+        "losses": [2.0, 1.5, 1.0, None],
+        "smoothed_losses": [2.0, 1.8, 1.4, None],
+        "steepest_lr": 1e-2,
+        "valley_lr": 0.5,  # not one of the rates: drawn as a line only
+        "stop_reason": "not_finite",
+    }
+    assert range_test_png(data, chosen_lr=0.05).startswith(PNG)
+
+
+# --- throughput ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_throughput_writes_a_png(tmp_path, tokens):
+    path = plot_throughput(_throughput_result(tokens), tmp_path / "t.png")
+    assert path.read_bytes()[:4] == b"\x89PNG" and list(tmp_path.iterdir()) == [path]
+
+
+def test_throughput_rejects_other_suffixes(tmp_path):
+    with pytest.raises(ConfigError, match="must end in .png"):
+        plot_throughput(_throughput_result(False), tmp_path / "t.svg")
+
+
+def test_throughput_from_a_plans_measurement():
+    data = {"batch_sizes": [4, 16, 64], "samples_per_second": [100.0, 300.0, 320.0]}
+    assert throughput_png({**data, "knee_batch": 16, "fraction": 0.9}).startswith(PNG)
+
+
+# --- noise scale --------------------------------------------------------------------------
+
+
+def test_noise_scale_writes_a_png_and_leaves_no_temporary_file(tmp_path):
+    result = batchfit.measure_noise_scale(make_mlp_task(), batches=8, warmup_steps=2, device="cpu")
+    path = plot_noise_scale(result, tmp_path / "plots" / "noise.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in path.parent.iterdir()] == ["noise.png"]
+
+
+def test_noise_scale_refuses_other_formats_and_results_without_running_points(tmp_path):
+    result = batchfit.measure_noise_scale(make_mlp_task(), batches=3, warmup_steps=0, device="cpu")
+    with pytest.raises(ConfigError, match=r"\.png"):
+        plot_noise_scale(result, tmp_path / "noise.svg")
+    tracker = NoiseScaleTracker()
+    tracker.update(5.0, 2.0, small_batch=2, big_batch=8)
+    with pytest.raises(ConfigError, match="no running estimate"):
+        plot_noise_scale(tracker.estimate(), tmp_path / "noise.png")
+
+
+@pytest.mark.parametrize("estimate", [40.0, None])  # reliable, and not yet reliable
+def test_noise_scale_from_plain_points_without_intervals(estimate):
+    data = {
+        "noise_scale_samples": estimate,
+        "low_samples": None if estimate is None else 30.0,
+        "high_samples": None if estimate is None else 55.0,
+        "running": [
+            {"batches": 1, "noise_scale_samples": None},
+            {"batches": 2, "noise_scale_samples": 900.0},
+            {"batches": 3, "noise_scale_samples": 45.0},
+        ],
+    }
+    assert noise_scale_png(data, global_batch=64).startswith(PNG)
+
+
+# --- schedule -----------------------------------------------------------------------------
+
+
+def test_schedule_writes_a_png(tmp_path):
+    config = ScheduleConfig(total_steps=5000, warmup_steps=250, decay="step", step_every=1000)
+    path = plot_schedule(config, 0.4, tmp_path / "plots" / "lr.png")
+    assert path == tmp_path / "plots" / "lr.png"
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in path.parent.iterdir()] == ["lr.png"]  # no temporary left behind
+
+
+def test_schedule_bad_input(tmp_path):
+    config = ScheduleConfig(total_steps=10)
+    with pytest.raises(ConfigError, match="must end in .png"):
+        plot_schedule(config, 0.1, tmp_path / "lr.jpg")
+    with pytest.raises(ConfigError, match="base_lr"):
+        plot_schedule(config, -1, tmp_path / "lr.png")
+    assert not (tmp_path / "lr.png").exists()
+
+
+def test_one_step_schedule(tmp_path):
+    assert plot_schedule(ScheduleConfig(total_steps=1), 0.1, tmp_path / "lr.png").exists()
+
+
+# --- memory -------------------------------------------------------------------------------
+
+
+def test_memory_with_probes_fit_budget_and_trials():
+    data = {
+        "probes": [[1, 2**20], [8, 3 * 2**20], [32, 9 * 2**20]],
+        "trials": [
+            {"batch_size": 40, "fits": True, "measured_bytes": 11 * 2**20},
+            {"batch_size": 48, "fits": False, "predicted_bytes": 13 * 2**20},
+            {"batch_size": 44, "fits": False, "predicted_bytes": 12 * 2**20},  # legend once
+            {"batch_size": 46, "fits": None},  # nothing to draw
+        ],
+        "fixed_bytes": 2**20,
+        "per_sample_bytes": 2**18,
+        "capacity_bytes": 12 * 2**20,
+        "limit_batch": 40,
+    }
+    assert memory_png(data).startswith(PNG)
+    assert memory_png({}).startswith(PNG)
+
+
+# --- shared -------------------------------------------------------------------------------
+
+
+def test_public_names_still_exported_from_batchfit():
+    assert batchfit.plot_range_test is plot_range_test
+    assert batchfit.plot_throughput is plot_throughput
+    assert batchfit.plot_noise_scale is plot_noise_scale
+    assert batchfit.plot_schedule is plot_schedule
+
+
+def test_no_pyplot_figures_left_open():
+    from matplotlib import pyplot
+
+    before = pyplot.get_fignums()
+    range_test_png({"lrs": [0.1, 1.0], "losses": [1.0, 2.0], "smoothed_losses": [1.0, 1.5]})
+    memory_png({})
+    assert pyplot.get_fignums() == before
+
+
+def test_missing_matplotlib_names_the_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import raises ImportError
+    with pytest.raises(MissingDependencyError, match="pip install matplotlib"):
+        memory_png({})
+
+
+def test_none_is_drawn_as_a_gap():
+    values = figure.floats([1, None, 2.5])
+    assert values[0] == 1.0 and math.isnan(values[1]) and values[2] == 2.5
+
+
+@pytest.mark.parametrize("name", ["memory", "noise_scale", "range_test", "schedule", "throughput"])
+def test_docstring_examples_run(name):
+    import importlib
+
+    module = importlib.import_module(f"batchfit.plots.{name}")
+    assert doctest.testmod(module).failed == 0

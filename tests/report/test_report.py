@@ -1,0 +1,145 @@
+import base64
+import os
+import re
+import shutil
+
+import pytest
+
+from batchfit.plan.plan_file import Plan
+from batchfit.report.html import render_report, write_report
+
+MIB = 1024**2
+
+
+def make_plan(task: str = "digits") -> Plan:
+    measurements = {
+        "memory": {
+            "capacity_bytes": 300 * MIB,
+            "fixed_bytes": 20 * MIB,
+            "per_sample_bytes": 2 * MIB,
+            "limit_batch": 140,
+            "probes": [[b, 20 * MIB + 2 * MIB * b] for b in (1, 8, 32, 128)],
+            "trials": [
+                {"batch_size": 140, "measured_bytes": 300 * MIB, "fits": True},
+                {"batch_size": 141, "measured_bytes": 302 * MIB, "fits": False},
+            ],
+        },
+        "throughput": {
+            "batch_sizes": [8, 16, 32, 64, 128],
+            "samples_per_second": [800, 1500, 2600, 3000, 3100],
+            "knee_batch": 64,
+        },
+        "noise_scale": {  # as NoiseScaleResult.to_dict() gives it
+            "noise_scale_samples": 180.0,
+            "low_samples": 150.0,
+            "high_samples": 220.0,
+            "running": [{"batches": i, "noise_scale_samples": 150 + i} for i in range(1, 30)],
+        },
+        "range_test": {
+            "lrs": [1e-5 * 1.2**i for i in range(60)],
+            "losses": [2.3 - 0.02 * i for i in range(60)],
+            "smoothed_losses": [2.3 - 0.02 * i for i in range(60)],
+            "steepest_lr": 1e-3,
+            "valley_lr": 3e-3,
+        },
+    }
+    return Plan(
+        task=task,
+        device="cpu",
+        world_size=1,
+        global_batch=128,
+        micro_batch=64,
+        accumulation_steps=2,
+        lr=2e-3,
+        lr_rule="sqrt",
+        warmup_steps=10,
+        memory_budget_bytes=300 * MIB,
+        reasons={"micro_batch": "the largest multiple of 8 under the 140 that fit"},
+        notes=["image classification usually trains at 256-512 <samples>"],
+        measurements=measurements,
+    )
+
+
+def test_report_is_self_contained_and_escaped():
+    html = render_report(make_plan(task="<script>alert('x')</script>"))
+    assert "<script" not in html
+    assert "&lt;script&gt;" in html
+    assert "&lt;samples&gt;" in html
+    assert not re.search(r"(src|href)=\"(?!data:)", html)  # nothing fetched from outside
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 4
+    assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
+    assert "the largest multiple of 8 under the 140 that fit" in html
+
+
+def test_report_without_measurements_has_no_figures():
+    plan = make_plan()
+    bare = Plan(**{**plan.to_dict(), "measurements": {}})
+    assert "<img" not in render_report(bare)
+
+
+def test_write_report_is_atomic(tmp_path):
+    path = write_report(make_plan(), tmp_path / "report.html")
+    assert path.read_text().startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+def _browser_or_skip():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if chromium and sync_playwright:
+        return chromium, sync_playwright
+    reason = "the browser test needs Debian's chromium and the playwright package"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; .ci/run installs both")
+    pytest.skip(reason)
+
+
+def open_in_chromium(path, screenshot=None) -> dict:
+    """Open an HTML file in headless Chromium: console problems, images, heading, plan rows."""
+    chromium, sync_playwright = _browser_or_skip()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            problems = []
+            page.on("console", lambda m: m.type in ("error", "warning") and problems.append(m.text))
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            page.on("requestfailed", lambda request: problems.append(request.url))
+            page.goto(path.as_uri())
+            seen = {
+                "problems": problems,
+                "images": page.evaluate(
+                    "Array.from(document.images).map(i => [i.complete, i.naturalWidth])"
+                ),
+                "heading": page.inner_text("h1"),
+                "rows": page.locator("tbody tr").count(),
+            }
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return seen
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    path = write_report(make_plan(task="digits <&>"), tmp_path / "report.html")
+    seen = open_in_chromium(path, screenshot=tmp_path / "report.png")
+    assert seen["problems"] == []
+    assert len(seen["images"]) == 4
+    assert all(done and width > 0 for done, width in seen["images"])
+    assert seen["heading"] == "batchfit plan: digits <&>"
+    assert seen["rows"] == 8

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from batchfit.errors import DoesNotFitError
+from batchfit.train.backoff import next_micro_batch, run_with_backoff
+
+
+def test_next_micro_batch_halves_to_a_divisor():
+    assert next_micro_batch(32, 256) == 16
+    assert next_micro_batch(28, 56) == 14
+    assert next_micro_batch(14, 56) == 7
+    assert next_micro_batch(7, 56) == 2  # 3 does not divide 56
+    assert next_micro_batch(7, 56, allow_uneven=True) == 3
+
+
+def test_next_micro_batch_below_one_does_not_fit():
+    with pytest.raises(DoesNotFitError, match="micro-batch of 1"):
+        next_micro_batch(1, 64)
+
+
+def _fits_up_to(limit, tried):
+    def attempt(size):
+        tried.append(size)
+        if size > limit:
+            raise torch.OutOfMemoryError(f"Tried to allocate {size} samples")
+        return f"ran at {size}"
+
+    return attempt
+
+
+def test_backoff_sequence_cleanup_and_events():
+    tried, cleaned, events = [], [], []
+    result, size = run_with_backoff(
+        _fits_up_to(5, tried),
+        32,
+        local_batch=64,
+        step=7,
+        cleanup=lambda: cleaned.append(True),
+        on_backoff=events.append,
+    )
+    assert (result, size) == ("ran at 4", 4)
+    assert tried == [32, 16, 8, 4]
+    assert len(cleaned) == 3
+    assert [(e.step, e.failed_micro_batch, e.micro_batch) for e in events] == [
+        (7, 32, 16),
+        (7, 16, 8),
+        (7, 8, 4),
+    ]
+    assert "Tried to allocate 32" in events[0].reason
+
+
+def test_backoff_stops_below_one_sample():
+    with pytest.raises(DoesNotFitError, match="Step 3.*micro-batch of 1"):
+        run_with_backoff(_fits_up_to(0, []), 4, local_batch=8, step=3)
+
+
+def test_other_errors_propagate_unchanged():
+    def attempt(size):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        run_with_backoff(attempt, 8, local_batch=8)
+
+
+def test_disabled_backoff_names_the_smaller_micro_batch():
+    with pytest.raises(DoesNotFitError, match="--micro-batch 8"):
+        run_with_backoff(_fits_up_to(4, []), 16, local_batch=64, enabled=False)

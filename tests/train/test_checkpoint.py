@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from batchfit.errors import CheckpointError
+from batchfit.train.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
+
+
+def _state(value: float) -> dict:
+    return {"model": {"w": torch.full((3,), value)}, "step": 1, "fingerprint": "abc"}
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    path = save_checkpoint(tmp_path / "run" / "checkpoint.pt", _state(1.0))
+    state = load_checkpoint(tmp_path / "run", fingerprint="abc")
+    assert torch.equal(state["model"]["w"], torch.ones(3)) and state["step"] == 1
+    assert path.name == "checkpoint.pt"
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _state(1.0))
+    before = path.read_bytes()
+
+    def crash(obj, stream):
+        stream.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, _state(2.0))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_a_pickled_object_is_refused_by_weights_only(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format_version": 1, "model": {}, "evil": object()}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(path)
+
+
+def test_other_model_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "checkpoint.pt", _state(1.0))
+    with pytest.raises(CheckpointError, match="another model"):
+        load_checkpoint(tmp_path, fingerprint="xyz")
+
+
+def test_not_a_batchfit_checkpoint(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="not a batchfit"):
+        load_checkpoint(tmp_path)
+
+
+def test_fingerprint_depends_on_architecture_not_values():
+    one, two = torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)
+    assert model_fingerprint(one) == model_fingerprint(two)
+    assert model_fingerprint(one) != model_fingerprint(torch.nn.Linear(3, 3))

@@ -1,0 +1,63 @@
+import pytest
+
+from batchfit.errors import ConfigError
+from batchfit.train.config import (
+    TrainConfig,
+    changed_identity_fields,
+    check_train_config,
+    resolve_setup,
+)
+from tests.conftest import make_mlp_task
+
+
+def test_default_rate_is_scaled_by_the_optimizer_family_with_warmup():
+    task = make_mlp_task()  # SGD, lr 0.1 at batch 32, 256 samples
+    setup = resolve_setup(task, TrainConfig(global_batch=128, micro_batch=32))
+    assert setup.lr == pytest.approx(0.4)  # linear rule for SGD: 0.1 x 128 / 32
+    assert setup.total_steps == 20  # 10 epochs x 256 samples / 128
+    assert setup.warmup_steps == 4  # 5 epochs of 2 steps, capped at a fifth of 20 steps
+    adam = resolve_setup(task, TrainConfig(global_batch=128, micro_batch=32, optimizer="adam"))
+    assert adam.lr == pytest.approx(0.2)  # sqrt rule for Adam
+
+
+def test_given_rate_fraction_warmup_and_epochs():
+    setup = resolve_setup(
+        make_mlp_task(),
+        TrainConfig(global_batch=64, micro_batch=32, lr=0.05, warmup=0.25, epochs=2.5),
+    )
+    assert setup.lr == 0.05 and setup.lr_reason == "0.05 (given)"
+    assert setup.total_steps == 10 and setup.warmup_steps == 2  # round(0.25 x 10)
+
+
+def test_no_warmup_when_the_rate_does_not_double():
+    setup = resolve_setup(make_mlp_task(), TrainConfig(global_batch=48, micro_batch=16))
+    assert setup.lr == pytest.approx(0.15) and setup.warmup_steps == 0
+
+
+def test_swa_schedule_ends_where_averaging_starts():
+    setup = resolve_setup(
+        make_mlp_task(), TrainConfig(global_batch=32, micro_batch=16, steps=20, swa=True)
+    )
+    assert setup.swa_start_step == 15 and setup.schedule_steps == 15
+
+
+def test_steps_and_epochs_together_are_refused():
+    with pytest.raises(ConfigError, match="not both"):
+        TrainConfig(global_batch=32, micro_batch=16, steps=3, epochs=1)
+
+
+def test_check_train_config_counts_the_world_size():
+    task = make_mlp_task()
+    check_train_config(task, TrainConfig(global_batch=64, micro_batch=32))
+    with pytest.raises(ConfigError, match="32 x 4 = 128"):
+        check_train_config(task, TrainConfig(global_batch=64, micro_batch=32), world_size=4)
+    with pytest.raises(ConfigError, match="SyncBatchNorm"):
+        check_train_config(
+            task, TrainConfig(global_batch=64, micro_batch=16, sync_batchnorm=True), world_size=2
+        )
+
+
+def test_changed_identity_fields():
+    config = TrainConfig(global_batch=64, micro_batch=32, steps=5)
+    saved = config.to_dict() | {"steps": 3, "micro_batch": 8}
+    assert changed_identity_fields(saved, config) == ["steps"]  # micro_batch may change

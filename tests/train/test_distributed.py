@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchfit.errors import ConfigError
+from batchfit.train.checkpoint import load_checkpoint
+from batchfit.train.config import TrainConfig
+from batchfit.train.distributed import DistributedContext, detect_distributed, torchrun_command
+from batchfit.train.loop import train
+from tests.conftest import make_mlp_task
+
+CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
+
+
+def test_detect_reads_torchrun_environment():
+    context = detect_distributed({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert context == DistributedContext(rank=1, local_rank=1, world_size=2)
+    assert context.enabled and not context.is_main
+    single = detect_distributed({})
+    assert single == DistributedContext() and single.is_main and not single.enabled
+
+
+@pytest.mark.parametrize(
+    "environ", [{"RANK": "x", "WORLD_SIZE": "2"}, {"RANK": "2", "WORLD_SIZE": "2"}]
+)
+def test_bad_environment(environ):
+    with pytest.raises(ConfigError, match="torchrun"):
+        detect_distributed(environ)
+
+
+def test_torchrun_command_uses_loopback_and_the_given_port():
+    command = torchrun_command(2, ["train", "--example", "digits"], port=29511)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[command.index("--master-addr") + 1] == "127.0.0.1"
+    assert command[command.index("--master-port") + 1] == "29511"
+    assert command[-4:] == ["batchfit", "train", "--example", "digits"]
+    with pytest.raises(ConfigError, match="--nproc"):
+        torchrun_command(0, [])
+
+
+def _run_batchfit(argv: list[str]) -> subprocess.CompletedProcess:
+    """`python -m batchfit ARGV` with a time limit, so a stuck process group fails the test."""
+    command = [sys.executable, "-m", "batchfit", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    if done.returncode != 0 and "address already in use" in done.stderr.lower():
+        # The free port was taken between choosing it and torchrun binding it: try once more.
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    return done
+
+
+def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+    """2 ranks x 2 micro-batches x 16 under torchrun (gloo) == 1 process at batch 64."""
+    run = tmp_path / "ddp"
+    done = _run_batchfit(
+        [
+            "train", f"{CONFTEST}:make_mlp_task", "--global-batch", "64", "--micro-batch",
+            "16", "--steps", "3", "--lr", "0.1", "--warmup", "0", "--decay", "constant",
+            "--out", str(run), "--device", "cpu", "--nproc", "2", "--json",
+        ]
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.index("{") :])
+    assert result["world_size"] == 2 and result["accumulation_steps"] == 2
+    assert result["samples_seen"] == 3 * 64
+
+    single = train(
+        make_mlp_task(),
+        TrainConfig(global_batch=64, micro_batch=64, steps=3, lr=0.1, warmup=0, decay="constant"),
+        device="cpu",
+    )
+    saved = load_checkpoint(run)["model"]
+    assert saved.keys() == single.model.state_dict().keys()
+    for name, value in single.model.state_dict().items():
+        assert torch.allclose(saved[name], value, rtol=0, atol=1e-6), name
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # rank 0 alone writes metrics

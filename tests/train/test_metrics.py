@@ -1,0 +1,26 @@
+import json
+
+from batchfit.train.metrics import MetricsLog, read_metrics, truncate_metrics
+
+
+def test_each_record_is_one_flushed_json_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    log.append({"step": 1, "loss": 0.5})
+    # Readable before close: the line was flushed.
+    assert json.loads(path.read_text().splitlines()[0]) == {"step": 1, "loss": 0.5}
+    log.append({"step": 2, "loss": float("nan")})
+    log.close()
+    assert read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": None}]
+
+
+def test_truncate_keeps_records_up_to_the_step_and_skips_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    assert truncate_metrics(path, 2) == 2
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_truncate_of_a_missing_file_is_zero(tmp_path):
+    assert truncate_metrics(tmp_path / "none.jsonl", 3) == 0
