@@ -95,3 +95,13 @@ def mlp_task() -> Task:
 @pytest.fixture
 def regression_task() -> Task:
     return make_regression_task()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

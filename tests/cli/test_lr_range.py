@@ -12,7 +12,8 @@ def test_table_and_suggestion(capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert "steepest descent" in captured.out and "valley" in captured.out
-    assert "Suggested learning rate" in captured.out or "No suggestion" in captured.out
+    # Seeded: this sweep diverges after its valley, so both suggestions are printed.
+    assert "Suggested learning rate: 0.0167 (steepest descent) or 0.00215 (valley)" in captured.out
     assert "8 samples per step" in captured.out
 
 
@@ -23,7 +24,7 @@ def test_json_with_accumulation(capsys):
     assert data["global_batch"] == 8 and data["accumulation_steps"] == 4
     assert len(data["lrs"]) == data["steps_run"] == len(data["smoothed_losses"])
     assert data["lrs"][0] == pytest.approx(1e-4)
-    assert data["stop_reason"] in ("completed", "diverged", "not_finite")
+    assert data["stop_reason"] == "diverged" and data["steps_run"] < 10  # seeded: it diverges
 
 
 def test_plot_writes_a_png(tmp_path, capsys):

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from batchfit.errors import BatchfitError, ConfigError, TaskError
+from batchfit.errors import ConfigError, TaskError
 from batchfit.lr.range_test import lr_range_test
 from batchfit.task import load_example
 from tests.conftest import classification_loss, make_bn_convnet, make_mlp_task
@@ -216,9 +216,12 @@ def test_every_example(name):
     )
     assert 2 <= result.steps_run <= 10
     assert all(math.isfinite(value) for value in result.losses[:-1])
-    assert result.stop_reason in ("completed", "diverged", "not_finite")
-    assert isinstance(result.to_dict()["lrs"], list)
-    assert issubclass(ConfigError, BatchfitError)
+    # A sweep that stopped early says why; "completed" means every step ran.
+    if result.steps_run < 10:
+        assert result.stop_reason in ("diverged", "not_finite")
+    if result.stop_reason == "completed":
+        assert result.steps_run == 10
+    assert len(result.to_dict()["lrs"]) == result.steps_run
 
 
 def test_memory_budget_picks_or_checks_the_micro_batch():

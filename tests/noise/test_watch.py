@@ -165,6 +165,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_file: str) -> None
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_ddp_ranks_give_the_same_estimate_as_one_process(tmp_path):
     # Two gloo ranks, one micro-batch of 16 each: the local gradients are the small batches and
     # the all-reduced one the big batch, the same as one process accumulating two micro-batches.

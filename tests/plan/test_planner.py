@@ -70,6 +70,7 @@ def test_plan_bad_inputs():
         plan(task, device="cpu", memory_budget="1KiB", **QUICK)
 
 
+@pytest.mark.integration
 def test_cli_plan_then_train_with_it(tmp_path, capsys):
     out = tmp_path / "plan"
     code = main(["plan", TINY_TASK, "--memory-budget", "64KiB", "--out", str(out), "--json"])

@@ -135,6 +135,7 @@ def open_in_chromium(path, screenshot=None) -> dict:
     return seen
 
 
+@pytest.mark.integration
 def test_report_renders_in_headless_chromium(tmp_path):
     path = write_report(make_plan(task="digits <&>"), tmp_path / "report.html")
     seen = open_in_chromium(path, screenshot=tmp_path / "report.png")

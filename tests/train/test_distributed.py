@@ -52,6 +52,7 @@ def _run_batchfit(argv: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.integration
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     """2 ranks x 2 micro-batches x 16 under torchrun (gloo) == 1 process at batch 64."""
     run = tmp_path / "ddp"

@@ -211,6 +211,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
         _resumable_task(), TrainConfig(out_dir=str(tmp_path / "full"), **config), device="cpu"
     )
 
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in the background
     interrupt = _Recorder(after_step=4, action=lambda: os.kill(os.getpid(), signal.SIGINT))
     first = train(
         _resumable_task(),
@@ -219,7 +220,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
         callbacks=[interrupt],
     )
     assert first.interrupted and first.steps == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
+    assert signal.getsignal(signal.SIGINT) == handler_before  # handler put back
     # A line after the checkpoint, as a crash between checkpoints would leave, is dropped.
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as stream:
         stream.write(json.dumps({"step": 5, "loss": 99.0}) + "\n")
@@ -454,6 +455,7 @@ def test_swa_run_interrupted_then_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_sigterm_also_stops_at_the_end_of_the_step_with_a_checkpoint(tmp_path):
+    handler_before = signal.getsignal(signal.SIGTERM)
     stop = _Recorder(after_step=2, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
     result = train(
         _wide_task(),
@@ -465,7 +467,7 @@ def test_sigterm_also_stops_at_the_end_of_the_step_with_a_checkpoint(tmp_path):
     )
     assert result.interrupted and result.steps == 2
     assert load_checkpoint(tmp_path)["step"] == 2
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == handler_before
 
 
 def test_noise_scale_callback_resumes_where_it_stopped(tmp_path):

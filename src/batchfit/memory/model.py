@@ -124,7 +124,7 @@ def fit_memory_model(batch_sizes: Sequence[int], peak_bytes: Sequence[int]) -> M
         ConfigError: fewer than two distinct batch sizes, or lengths differ.
 
     Example:
-        >>> fit_memory_model([1, 2, 4], [110, 120, 140]).per_sample_bytes
+        >>> round(fit_memory_model([1, 2, 4], [110, 120, 140]).per_sample_bytes, 6)
         10.0
     """
     if len(batch_sizes) != len(peak_bytes):

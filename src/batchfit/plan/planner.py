@@ -101,7 +101,9 @@ def plan(
 
     Example:
         >>> from batchfit.task import load_example
-        >>> result = plan(load_example("digits"), device="cpu")  # doctest: +SKIP
+        >>> result = plan(
+        ...     load_example("digits"), device="cpu", noise_batches=10, range_test_steps=40
+        ... )
         >>> result.global_batch == result.micro_batch * result.accumulation_steps
         True
     """
