@@ -14,7 +14,7 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 FILE_MODE = 0o644
 """The mode every file batchfit writes is created with (less the umask): shared, not secret."""
@@ -22,7 +22,7 @@ FILE_MODE = 0o644
 Writer = Callable[[IO[bytes]], object]
 """A function that writes a file's content into the binary stream it is given."""
 
-Content = Union[str, bytes, Writer]
+Content = str | bytes | Writer
 
 
 def write_atomic(path: str | os.PathLike, data: Content, *, mode: int = FILE_MODE) -> Path:

@@ -273,7 +273,7 @@ def measure_throughput(
     """
     import torch
 
-    from batchfit.snapshot import capture_rng, restore_rng
+    from batchfit.snapshot import preserved_rng
 
     warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
     repeats = check_whole_number("repeats", repeats, minimum=1)
@@ -289,12 +289,11 @@ def measure_throughput(
     sizes, limit, reason = _plan_sizes(task, batch_sizes, max_batch_size, memory_budget, resolved)
     use_patience = batch_sizes is None and patience is not None
 
-    rng = capture_rng(cuda=True if resolved.type == "cuda" else None)
+    seed = task.seed if seed is None else seed
     measured: list[tuple[int, list[float], float | None]] = []
     stopped_early = False
-    try:
-        torch.manual_seed(task.seed if seed is None else seed)
-        generator = torch.Generator().manual_seed(task.seed if seed is None else seed)
+    with preserved_rng(resolved, seed=seed):
+        generator = torch.Generator().manual_seed(seed)
         model = task.make_model().to(resolved)
         initial = {name: value.detach().clone() for name, value in model.state_dict().items()}
         per_size = warmup_steps + repeats
@@ -335,8 +334,6 @@ def measure_throughput(
                 stopped_early = True
                 logger.info("throughput: no gain for %d sizes; stopping at %d", flat, size)
                 break
-    finally:
-        restore_rng(rng)
 
     medians = [statistics.median(seconds) for _, seconds, _ in measured]
     batch_list = [size for size, _, _ in measured]

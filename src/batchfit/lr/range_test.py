@@ -162,7 +162,6 @@ def lr_range_test(
         >>> result.stop_reason in ("completed", "diverged"), result.steps_run <= 40
         (True, True)
     """
-    import torch
 
     settings = _check_settings(start_lr, end_lr, steps, mode, smoothing, diverge_factor)
     source = _resolve_source(
@@ -174,15 +173,13 @@ def lr_range_test(
         micro = _fit_micro_batch(source, micro, micro_batch is None, memory_budget)
     rates = sweep_lrs(start_lr, end_lr, steps, mode)
 
-    from batchfit.snapshot import capture_rng, preserved, restore_rng
+    from batchfit.snapshot import preserved, preserved_rng
 
-    rng = capture_rng(cuda=True if source.device.type == "cuda" else None)
     begun = time.perf_counter()
     losses: list[float] = []
     smoothed: list[float] = []
     stop_reason: StopReason = "completed"
-    try:
-        torch.manual_seed(source.seed)
+    with preserved_rng(source.device, seed=source.seed):
         if source.task is not None:
             model = source.task.make_model().to(source.device)
             optim = source.task.make_optimizer(model.parameters(), rates[0])
@@ -226,8 +223,6 @@ def lr_range_test(
                 if stop_reason != "completed":
                     break
                 optim.step()
-    finally:
-        restore_rng(rng)
     seconds = time.perf_counter() - begun
     ran = rates[: len(losses)]
     return _result(ran, losses, smoothed, stop_reason, settings, source, micro, seconds)

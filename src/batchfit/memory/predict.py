@@ -25,12 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from batchfit.errors import ConfigError
 from batchfit.memory.counter import MemoryTimeline, count_memory, counted_bytes, tensors_of_state
 from batchfit.memory.model import MemoryModel, fit_memory_model
-from batchfit.memory.step import (
-    forked_rng,
-    is_out_of_memory,
-    measure_step_memory,
-    run_training_steps,
-)
+from batchfit.memory.step import is_out_of_memory, measure_step_memory, run_training_steps
+from batchfit.snapshot import preserved_rng
 from batchfit.validation import check_batch_size
 
 if TYPE_CHECKING:
@@ -193,7 +189,7 @@ def _fake_run(
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        with forked_rng(device if device.type == "cuda" and _has_cuda() else _cpu(), task.seed):
+        with preserved_rng(device, seed=task.seed):
             model = _fake_model(task, fake_mode, device)
             with fake_mode:
                 model.train()
@@ -215,18 +211,6 @@ def _fake_run(
         raise FakeModeUnsupported(_one_line(error)) from None
     timeline = counter.timeline() if record else None
     return counter.peak_bytes, state_bytes, batch_bytes, timeline
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _one_line(error: BaseException) -> str:

@@ -32,11 +32,12 @@ from batchfit.memory.predict import (
     predict_step_memory,
     range_batch_sizes,
 )
-from batchfit.memory.probe import StepFn, StepSearch, probe_search, restored_training_state
+from batchfit.memory.probe import StepFn, StepSearch, probe_search
 from batchfit.memory.result import Method, SearchResult, Trial
 from batchfit.memory.rounding import RoundTo, check_round_to, round_down
 from batchfit.memory.search_state import ProgressFn, SearchState, error_line
-from batchfit.memory.step import forked_rng, is_out_of_memory, measure_step_memory
+from batchfit.memory.step import is_out_of_memory, measure_step_memory
+from batchfit.snapshot import preserved
 from batchfit.units import parse_size
 from batchfit.validation import check_whole_number
 
@@ -113,8 +114,8 @@ def find_max_batch_size(
 
     Returns:
         SearchResult with the answer, the limit, every trial and the memory model.
-        Torch's and Python's random states are as before the call; so are `model`'s weights
-        and `optimizer`'s state.
+        Every random generator (Python's, NumPy's, torch's CPU and CUDA) is as before the call
+        (`batchfit.snapshot.preserved`); so are `model`'s weights and `optimizer`'s state.
 
     Raises:
         ConfigError: a bad budget, margin, round_to, device or size, or no budget on the CPU.
@@ -156,7 +157,7 @@ def find_max_batch_size(
             f"find_max_batch_size needs a batchfit.Task or a step(batch_size) callable, got "
             f"{type(task_or_step).__name__}."
         )
-    with forked_rng(device), restored_training_state(model, optimizer):
+    with preserved(model, optimizer, device=device):
         limit, capped = search.run()
     chosen = round_down(limit, round_to)
     notes = list(search.notes)

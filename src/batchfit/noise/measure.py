@@ -114,7 +114,7 @@ def measure_noise_scale(
     import torch
 
     from batchfit.devices import resolve_device
-    from batchfit.snapshot import capture_rng, restore_rng
+    from batchfit.snapshot import preserved_rng
 
     dataset_size = len(task.train_data)
     default_small, default_big = default_batch_sizes(task)
@@ -140,9 +140,7 @@ def measure_noise_scale(
     tracker = NoiseScaleTracker(
         dataset_size=dataset_size if finite_population else None, ema_decay=1.0
     )
-    rng = capture_rng()
-    try:
-        torch.manual_seed(task.seed)
+    with preserved_rng(target, seed=task.seed):
         model = task.make_model().to(target)
         if checkpoint is not None:
             _load_checkpoint(model, checkpoint)
@@ -159,8 +157,6 @@ def measure_noise_scale(
             tracker.update(small_sq, big_sq, small_batch=harmonic, big_batch=big)
             if progress is not None:
                 progress("measure", index + 1, batches)
-    finally:
-        restore_rng(rng)
     result = tracker.estimate(running=True)
     return replace(
         result,
