@@ -31,18 +31,13 @@ from batchfit.devices import resolve_device
 from batchfit.errors import ConfigError, TaskError
 from batchfit.lr.result import RangeTestResult, StopReason
 from batchfit.lr.suggest import (
-    MIN_STEPS_FLOOR,
     MODES,
-    SKIP_BEGIN_FRACTION,
-    SKIP_END_STEPS,
-    VALLEY_TRIM,
     Mode,
     check_smoothing,
     find_valley,
     min_steps,
     smooth_losses,
     suggest_steepest,
-    suggest_valley,
     sweep_lrs,
 )
 from batchfit.task import Task, move_to
@@ -55,23 +50,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "MIN_STEPS_FLOOR",
-    "MODES",
-    "Mode",
-    "SKIP_BEGIN_FRACTION",
-    "SKIP_END_STEPS",
-    "VALLEY_TRIM",
-    "RangeTestResult",
-    "StopReason",
-    "find_valley",
-    "lr_range_test",
-    "min_steps",
-    "smooth_losses",
-    "suggest_steepest",
-    "suggest_valley",
-    "sweep_lrs",
-]
+__all__ = ["lr_range_test"]
 
 
 def lr_range_test(
@@ -191,7 +170,6 @@ def lr_range_test(
             model.train()
             sampler = _Sampler(len(source.data), source.seed)
             best = math.inf
-            average = 0.0
             for index, rate in enumerate(rates):
                 for group in optim.param_groups:
                     group["lr"] = rate
@@ -211,8 +189,8 @@ def lr_range_test(
                     stop_reason = "not_finite"
                     logger.info("range test: loss %s at rate %g, stopping", value, rate)
                 else:
-                    average = (1.0 - smoothing) * average + smoothing * value
-                    current = average / (1.0 - (1.0 - smoothing) ** (index + 1))
+                    # every loss so far is finite: the one smoothing, recomputed (cheap)
+                    current = smooth_losses(losses, smoothing)[-1]
                     smoothed.append(current)
                     if index > 0 and current > diverge_factor * best:
                         stop_reason = "diverged"
