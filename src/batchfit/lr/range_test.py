@@ -40,6 +40,7 @@ from batchfit.lr.suggest import (
     suggest_steepest,
     sweep_lrs,
 )
+from batchfit.progress import ProgressFn, report
 from batchfit.task import Task, move_to
 from batchfit.validation import check_batch_size
 
@@ -72,7 +73,7 @@ def lr_range_test(
     device: str | torch.device | None = None,
     memory_budget: int | str | None = None,
     seed: int | None = None,
-    on_step: Callable[[int, int, float, float], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> RangeTestResult:
     """Run a learning-rate range test (Smith 2015/2017) and suggest a rate.
 
@@ -117,8 +118,8 @@ def lr_range_test(
             micro-batch becomes the smaller of it and the global batch.
         seed: seed of the model initialisation (Task form) and of the sample order
             (default: the task's seed, or 0).
-        on_step: called after every step as `on_step(steps_done, steps, lr, loss)`, e.g. to
-            drive a progress bar.
+        progress: `progress("range test", steps_done, steps)` after every step
+            (`batchfit.progress`).
 
     Returns:
         A RangeTestResult with the rates, raw and smoothed losses, both suggestions, why it
@@ -196,8 +197,7 @@ def lr_range_test(
                         stop_reason = "diverged"
                         logger.info("range test: diverged at rate %g (loss %.4g)", rate, current)
                     best = min(best, current)
-                if on_step is not None:
-                    on_step(index + 1, steps, rate, value)
+                report(progress, "range test", index + 1, steps)
                 if stop_reason != "completed":
                     break
                 optim.step()

@@ -27,8 +27,10 @@ class StepSearch(SearchState):
 
     method: Method = "step"
 
-    def __init__(self, step, device, usable, budget, max_batch, start, model, optimizer, say):
-        super().__init__(device, usable, budget, max_batch, say)
+    def __init__(
+        self, step, device, usable, budget, max_batch, start, model, optimizer, progress
+    ):
+        super().__init__(device, usable, budget, max_batch, progress)
         self.step = step
         self.start = start
         self.model = model
@@ -53,7 +55,7 @@ class StepSearch(SearchState):
 
     def probe(self, batch_size: int) -> tuple[bool, int | None]:
         """One call of the step at `batch_size`: (fits, peak bytes when it fitted and was read)."""
-        self.say(f"step at batch {batch_size}")
+        self.report("trial")
         started = time.perf_counter()
         failure: str | None = None
         measured: int | None = None

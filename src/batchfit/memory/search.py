@@ -35,8 +35,9 @@ from batchfit.memory.predict import (
 from batchfit.memory.probe import StepFn, StepSearch, probe_search
 from batchfit.memory.result import Method, SearchResult, Trial
 from batchfit.memory.rounding import RoundTo, check_round_to, round_down
-from batchfit.memory.search_state import ProgressFn, SearchState, error_line
+from batchfit.memory.search_state import SearchState, error_line
 from batchfit.memory.step import is_out_of_memory, measure_step_memory
+from batchfit.progress import ProgressFn
 from batchfit.snapshot import preserved
 from batchfit.units import parse_size
 from batchfit.validation import check_whole_number
@@ -53,7 +54,6 @@ __all__ = [
     "FORMULA_BATCH_SIZES",
     "STEP_DOWN_FRACTION",
     "Method",
-    "ProgressFn",
     "SearchResult",
     "StepFn",
     "Trial",
@@ -110,7 +110,9 @@ def find_max_batch_size(
         model, optimizer: for a step callable: the model and optimizer it trains. Their
             weights and state are restored when the search returns, and their memory is
             counted from the start. (A Task's model is never touched.)
-        progress: called with a short message before each prediction and trial.
+        progress: `progress(phase, done, None)` before each fake run (phase "predict") and
+            each real trial ("trial"), `done` counting those already run
+            (`batchfit.progress`).
 
     Returns:
         SearchResult with the answer, the limit, every trial and the memory model.
@@ -145,12 +147,11 @@ def find_max_batch_size(
         )
     budget = _capacity_bytes(device, memory_budget)
     usable = int(budget * (1 - margin))
-    say = progress or (lambda message: None)
     if isinstance(task_or_step, Task):
-        search = _TaskSearch(task_or_step, device, usable, budget, max_batch_size, steps, say)
+        search = _TaskSearch(task_or_step, device, usable, budget, max_batch_size, steps, progress)
     elif callable(task_or_step):
         search = StepSearch(
-            task_or_step, device, usable, budget, max_batch_size, start, model, optimizer, say
+            task_or_step, device, usable, budget, max_batch_size, start, model, optimizer, progress
         )
     else:
         raise ConfigError(
@@ -222,8 +223,8 @@ def _capacity_bytes(device: torch.device, memory_budget: int | str | None) -> in
 class _TaskSearch(SearchState):
     method: Method = "predicted"
 
-    def __init__(self, task, device, usable, budget, max_batch, steps, say):
-        super().__init__(device, usable, budget, max_batch, say)
+    def __init__(self, task, device, usable, budget, max_batch, steps, progress):
+        super().__init__(device, usable, budget, max_batch, progress)
         self.task = task
         self.steps = steps
         self._predicted: dict[int, int] = {}  # batch size -> predicted peak bytes
@@ -235,7 +236,7 @@ class _TaskSearch(SearchState):
     # predictions -------------------------------------------------------------------------
 
     def _fake_run(self, batch_size: int, *, record: bool = False) -> PredictedMemory:
-        self.say(f"predicting batch {batch_size}")
+        self.report("predict")
         self.fake_runs += 1
         predicted = predict_step_memory(
             self.task,
@@ -336,7 +337,7 @@ class _TaskSearch(SearchState):
     def trial(self, batch_size: int) -> Trial:
         self._note_repeats(batch_size)
         predicted = self._predicted.get(batch_size)
-        self.say(f"real training steps at batch {batch_size}")
+        self.report("trial")
         started = time.perf_counter()
         try:
             measured = measure_step_memory(

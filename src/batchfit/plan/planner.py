@@ -22,12 +22,12 @@ Every choice carries a reason with its numbers. The result is a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
 from batchfit.plan import advice
 from batchfit.plan.plan_file import Plan
+from batchfit.progress import ProgressFn
 from batchfit.train.config import DEFAULT_EPOCHS
 from batchfit.train.sampling import steps_for_epochs, steps_per_epoch
 from batchfit.units import format_bytes, parse_size
@@ -49,8 +49,6 @@ RANGE_TEST_STEPS = 60
 
 PHASES = ("memory", "throughput", "noise scale", "range test")
 
-ProgressFn = Callable[[str, int, int], None]
-"""`progress(phase, done, total)`: phase is one of PHASES."""
 
 
 def plan(
@@ -86,7 +84,8 @@ def plan(
         task_name: what to call the task in the plan (default: `task.name`).
         noise_batches: big batches the noise scale is measured over (default: its own).
         range_test_steps: steps of the range test.
-        progress: `progress(phase, done, total)` as each phase advances.
+        progress: `progress(phase, done, total)` as each phase advances, phase one of PHASES
+            (`batchfit.progress`).
 
     Returns:
         The Plan, with a reason for every choice and the measurements behind them.
@@ -139,7 +138,7 @@ def plan(
         task,
         device=device,
         max_batch_size=limit,
-        on_step=lambda done, total, size: report("throughput", done, total),
+        progress=lambda phase, done, total: report("throughput", done, total),
     )
     report("throughput", 1, 1)  # done, also when it stopped before the largest size
     measurements["throughput"] = throughput.to_dict()
@@ -199,7 +198,7 @@ def plan(
         global_batch=global_batch,
         micro_batch=micro_batch,
         device=device,
-        on_step=lambda done, total, lr, loss: report("range test", done, total),
+        progress=lambda phase, done, total: report("range test", done, total),
     )
     report("range test", 1, 1)  # done, also when it stopped at divergence
     measurements["range_test"] = range_result.to_dict()
@@ -307,7 +306,6 @@ def _memory_limit(
         memory_budget=budget_bytes,
         margin=margin,
         max_batch_size=dataset_size,
-        progress=lambda message: report("memory", 0, 1),
     )
     report("memory", 1, 1)
     model = result.memory_model
