@@ -57,7 +57,6 @@ def test_every_long_running_function_reports_phase_done_total(name):
     assert calls, "no progress reported"
     assert all(len(args) == 3 for args in calls)
     assert {phase for phase, _, _ in calls} == phases
-    for phase, done, total in calls:
+    for _, done, total in calls:
         assert isinstance(done, int) and done >= 0
         assert total is None or (isinstance(total, int) and done <= total)
-

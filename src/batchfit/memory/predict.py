@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -349,12 +348,6 @@ def predict_memory_model(
         return predict_step_memory(task, size, device=device).peak_bytes
 
     return fit_predicted_memory_model(predict, sizes)
-
-
-def per_sample_floor(model: MemoryModel) -> float:
-    """The fitted per-sample bytes, at least 1 (a guard for flat or noisy fits)."""
-    slope = model.per_sample_bytes
-    return slope if math.isfinite(slope) and slope >= 1 else 1.0
 
 
 # --- the exact formula from two timelines ------------------------------------------------------

@@ -27,9 +27,7 @@ class StepSearch(SearchState):
 
     method: Method = "step"
 
-    def __init__(
-        self, step, device, usable, budget, max_batch, start, model, optimizer, progress
-    ):
+    def __init__(self, step, device, usable, budget, max_batch, start, model, optimizer, progress):
         super().__init__(device, usable, budget, max_batch, progress)
         self.step = step
         self.start = start

@@ -50,7 +50,6 @@ RANGE_TEST_STEPS = 60
 PHASES = ("memory", "throughput", "noise scale", "range test")
 
 
-
 def plan(
     task: Task,
     *,
