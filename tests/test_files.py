@@ -1,21 +1,45 @@
 import os
+import stat
 
 import pytest
 
-from batchfit.files import write_atomic
+from batchfit.files import FILE_MODE, open_append, write_atomic
 
 
-def test_write_atomic_writes_text_and_bytes_with_normal_permissions(tmp_path):
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_write_atomic_writes_text_bytes_and_streams_with_the_shared_mode(tmp_path, umask_022):
     path = write_atomic(tmp_path / "deep" / "a.txt", "hello")
     assert path.read_text() == "hello"
+    assert _mode(path) == 0o644
     write_atomic(path, b"\x00\x01")
     assert path.read_bytes() == b"\x00\x01"
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    write_atomic(path, lambda stream: stream.write(b"streamed"))
+    assert path.read_bytes() == b"streamed"
+    assert _mode(path) == FILE_MODE == 0o644
 
 
-def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+def test_the_umask_applies_to_every_writer_alike(tmp_path):
+    previous = os.umask(0o077)
+    try:
+        whole = write_atomic(tmp_path / "whole.json", "{}")
+        with open_append(tmp_path / "log.jsonl") as stream:
+            stream.write("{}\n")
+    finally:
+        os.umask(previous)
+    assert _mode(whole) == _mode(tmp_path / "log.jsonl") == 0o600
+
+
+def test_interrupted_rename_keeps_the_old_file(tmp_path, monkeypatch):
     path = write_atomic(tmp_path / "plan.json", "old")
 
     def interrupted(*args):
@@ -26,3 +50,21 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
         write_atomic(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_a_writer_interrupted_mid_write_leaves_no_partial_file(tmp_path):
+    def half_then_interrupted(stream):
+        stream.write(b"half of a checkpoint")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "checkpoint.pt", half_then_interrupted)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_open_append_appends(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for line in ("a\n", "b\n"):
+        with open_append(path) as stream:
+            stream.write(line)
+    assert path.read_text() == "a\nb\n"

@@ -70,7 +70,7 @@ def test_measure_on_a_tiny_model_is_sane_and_leaves_task_alone():
     steps = []
     result = measure_throughput(
         task, batch_sizes=[16, 4, 64], min_seconds=0, warmup_steps=1, repeats=3, device="cpu",
-        on_step=lambda done, total, size: steps.append((done, total, size)),
+        progress=lambda phase, done, total: steps.append((phase, done, total)),
     )  # fmt: skip
     assert result.batch_sizes == (4, 16, 64)
     assert len(result.seconds_per_step) == len(result.samples_per_second) == 3
@@ -83,7 +83,8 @@ def test_measure_on_a_tiny_model_is_sane_and_leaves_task_alone():
     assert result.knee_batch in result.batch_sizes and result.best_batch in result.batch_sizes
     assert result.knee_batch <= result.best_batch
     assert result.tokens_per_second is None and result.limit_batch is None
-    assert [done for done, _, _ in steps] == list(range(1, 13)) and steps[-1][1] == 12
+    assert [done for _, done, _ in steps] == list(range(1, 13)) and steps[-1][2] == 12
+    assert {phase for phase, _, _ in steps} == {"measure"}
     assert all(torch.equal(before[name], value) for name, value in module.state_dict().items())
     assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
     data = result.to_dict()

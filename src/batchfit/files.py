@@ -1,36 +1,94 @@
-"""Writing files so that an interruption never leaves half a file behind."""
+"""Writing files: one atomic writer and one file-mode policy for everything batchfit writes.
+
+Every file batchfit writes (plans, metrics, reports, plots, checkpoints) is one the user may
+share, so all are created with the same mode, `FILE_MODE` (0644: owner read-write, everyone
+else read) less the process umask, as a plain `open()` would under the usual umask. None holds
+secrets; a writer of one that does would pass its own mode. Whole files are written through
+`write_atomic` (a temporary name in the same folder, fsync, `os.replace`), so an interruption
+never leaves half a file; append-only logs are opened with `open_append`.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
+
+FILE_MODE = 0o644
+"""The mode every file batchfit writes is created with (less the umask): shared, not secret."""
+
+Writer = Callable[[IO[bytes]], object]
+"""A function that writes a file's content into the binary stream it is given."""
+
+Content = str | bytes | Writer
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+def write_atomic(path: str | os.PathLike, data: Content, *, mode: int = FILE_MODE) -> Path:
     """Write `data` to `path` through a temporary file in the same folder, then rename.
 
     The rename is atomic on POSIX and Windows, so readers see the old file or the new one,
-    never a partial one. Parent folders are created.
+    never a partial one; when writing fails (or is interrupted), the temporary file is removed
+    and the old file, if any, is untouched. Parent folders are created.
+
+    Args:
+        path: the file to write.
+        data: text (written as UTF-8), bytes, or a function that writes into a binary stream
+            (for example `lambda stream: torch.save(state, stream)`, which needs no copy of
+            the whole content in memory).
+        mode: the file's permissions before the umask; FILE_MODE (0644) for everything
+            batchfit writes today.
 
     Returns:
         The path written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = write_atomic(pathlib.Path(tempfile.mkdtemp()) / "a.txt", "hello")
+        >>> path.read_text()
+        'hello'
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    temporary, handle = _create_temporary(target, mode)
     try:
-        with os.fdopen(handle, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        with os.fdopen(handle, "wb") as stream:
+            if isinstance(data, str):
+                stream.write(data.encode("utf-8"))
+            elif isinstance(data, bytes):
+                stream.write(data)
+            else:
+                data(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return target
+
+
+def open_append(path: str | os.PathLike, *, mode: int = FILE_MODE) -> IO[str]:
+    """Open a text file for appending (UTF-8), creating it with `mode` (less the umask).
+
+    For logs written a line at a time, such as a run's metrics; the caller closes the stream.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _BINARY, mode)
+    return os.fdopen(handle, "a", encoding="utf-8")
+
+
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation below Python's own
+
+
+def _create_temporary(target: Path, mode: int) -> tuple[Path, int]:
+    """A new, empty file next to `target` (a hidden name), created with `mode` less the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY
+    while True:
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return temporary, os.open(temporary, flags, mode)
+        except FileExistsError:
+            continue  # another writer chose the same name: draw another

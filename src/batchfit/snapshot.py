@@ -113,13 +113,51 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -
 
 
 @contextmanager
+def preserved_rng(
+    device: torch.device | str | None = None, *, seed: int | None = None
+) -> Iterator[None]:
+    """The one RNG guard: run a block, then put every random generator back as it was.
+
+    Covers Python's `random`, NumPy's global generator, torch's CPU generator and every CUDA
+    device's generator (when `device` is a CUDA device, or CUDA is already initialised).
+    Restoring happens in `finally`, so also after an error or Ctrl-C.
+
+    Args:
+        device: the device the block runs on (None: wherever; CUDA only when initialised).
+        seed: when not None, seed torch's generators (`torch.manual_seed`) inside the block.
+
+    Example:
+        >>> import numpy
+        >>> with preserved_rng(seed=0):
+        ...     inside = numpy.random.rand()
+        >>> bool(numpy.random.rand() == inside)  # the same draw again: the state was restored
+        True
+    """
+    import torch
+
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    state = capture_rng(cuda=True if on_cuda else None)
+    try:
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+    finally:
+        restore_rng(state)
+
+
+@contextmanager
 def preserved(
-    model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    device: torch.device | str | None = None,
 ) -> Iterator[None]:
     """Run a block, then restore the random generators (and the model and optimizer, if given).
 
     The snapshot lives in memory; restoring happens in `finally`, so also after an error or
-    Ctrl-C.
+    Ctrl-C. The model's parameters, buffers, gradients and train/eval flags are copied back
+    in place (an optimizer keeps its parameters); the optimizer's state is reloaded, dropping
+    whatever the block added. `device` is as for `preserved_rng`.
 
     Example:
         >>> import torch
@@ -129,14 +167,13 @@ def preserved(
         >>> bool(torch.equal(model.weight, before))
         True
     """
-    rng = capture_rng()
     model_state = capture_model(model) if model is not None else None
     optimizer_state = capture_optimizer(optimizer) if optimizer is not None else None
-    try:
-        yield
-    finally:
-        if model is not None and model_state is not None:
-            restore_model(model, model_state)
-        if optimizer is not None and optimizer_state is not None:
-            restore_optimizer(optimizer, optimizer_state)
-        restore_rng(rng)
+    with preserved_rng(device):
+        try:
+            yield
+        finally:
+            if model is not None and model_state is not None:
+                restore_model(model, model_state)
+            if optimizer is not None and optimizer_state is not None:
+                restore_optimizer(optimizer, optimizer_state)

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +81,6 @@ class Task:
     tokens: Callable[[Batch], int] | None = None
     name: str = "task"
     seed: int = 0
-    notes: dict[str, str] = field(default_factory=dict)
     loss_with_smoothing: Callable[[nn.Module, Batch, float], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:

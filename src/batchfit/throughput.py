@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from batchfit.devices import release_memory, resolve_device, synchronize
 from batchfit.errors import ConfigError, DoesNotFitError
 from batchfit.memory.step import is_out_of_memory
+from batchfit.progress import ProgressFn, report
 from batchfit.task import Task, move_to
 from batchfit.validation import check_batch_size, check_whole_number
 
@@ -207,7 +208,7 @@ def measure_throughput(
     fraction: float = DEFAULT_FRACTION,
     patience: int | None = 2,
     seed: int | None = None,
-    on_step: Callable[[int, int, int], None] | None = None,
+    progress: ProgressFn | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> ThroughputResult:
     """Time full training steps of the task at each batch size.
@@ -244,8 +245,9 @@ def measure_throughput(
         patience: with the default sizes, stop after this many larger batches without a 5%
             gain; None measures every size.
         seed: seed of the model initialisation and the sample order (default: the task's).
-        on_step: called after every step as `on_step(steps_done, steps_total, batch_size)`;
-            the total grows if sizes are skipped, so treat it as an estimate.
+        progress: `progress("measure", steps_done, steps_total)` after every step
+            (`batchfit.progress`); the total counts every planned size, so it may not be
+            reached when the measurement stops early.
         clock: the timer, in seconds (a fake one makes tests exact).
 
     Returns:
@@ -273,7 +275,7 @@ def measure_throughput(
     """
     import torch
 
-    from batchfit.snapshot import capture_rng, restore_rng
+    from batchfit.snapshot import preserved_rng
 
     warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
     repeats = check_whole_number("repeats", repeats, minimum=1)
@@ -289,12 +291,11 @@ def measure_throughput(
     sizes, limit, reason = _plan_sizes(task, batch_sizes, max_batch_size, memory_budget, resolved)
     use_patience = batch_sizes is None and patience is not None
 
-    rng = capture_rng(cuda=True if resolved.type == "cuda" else None)
+    seed = task.seed if seed is None else seed
     measured: list[tuple[int, list[float], float | None]] = []
     stopped_early = False
-    try:
-        torch.manual_seed(task.seed if seed is None else seed)
-        generator = torch.Generator().manual_seed(task.seed if seed is None else seed)
+    with preserved_rng(resolved, seed=seed):
+        generator = torch.Generator().manual_seed(seed)
         model = task.make_model().to(resolved)
         initial = {name: value.detach().clone() for name, value in model.state_dict().items()}
         per_size = warmup_steps + repeats
@@ -307,7 +308,7 @@ def measure_throughput(
                 seconds, tokens = _time_size(
                     task, model, size, warmup_steps, repeats, min_seconds, resolved, generator,
                     clock,
-                    functools.partial(_report, on_step, done, per_size * len(sizes), size),
+                    functools.partial(_report, progress, done, per_size * len(sizes)),
                 )  # fmt: skip
             except RuntimeError as error:
                 if not is_out_of_memory(error):
@@ -335,8 +336,6 @@ def measure_throughput(
                 stopped_early = True
                 logger.info("throughput: no gain for %d sizes; stopping at %d", flat, size)
                 break
-    finally:
-        restore_rng(rng)
 
     medians = [statistics.median(seconds) for _, seconds, _ in measured]
     batch_list = [size for size, _, _ in measured]
@@ -514,8 +513,5 @@ def _time_size(
     return seconds, (statistics.median(tokens) if tokens else None)
 
 
-def _report(
-    on_step: Callable[[int, int, int], None] | None, done: int, total: int, size: int, step: int
-) -> None:
-    if on_step is not None:
-        on_step(done + step, total, size)
+def _report(progress: ProgressFn | None, done: int, total: int, step: int) -> None:
+    report(progress, "measure", done + step, total)

@@ -241,3 +241,16 @@ def test_default_sweep_on_cnn_with_accumulation_suggests_a_trainable_rate():
     assert result.stop_reason == "diverged"
     for rate in (result.steepest_lr, result.valley_lr):
         assert 1e-3 < rate < 1.0  # around the task's tuned 0.05, far from both ends
+
+
+def test_the_range_test_uses_the_one_smoothing_and_suggestions_of_lr_suggest():
+    from batchfit.lr.suggest import find_valley, smooth_losses, suggest_steepest
+
+    result = lr_range_test(make_mlp_task(samples=128), steps=20, smoothing=0.3, device="cpu")
+    losses = list(result.losses)
+    assert list(result.smoothed_losses) == smooth_losses(losses, 0.3)
+    assert result.steepest_index == suggest_steepest(result.lrs, result.smoothed_losses)
+    valley = find_valley(result.smoothed_losses)
+    assert (result.valley_start_lr, result.valley_end_lr) == (
+        (None, None) if valley is None else (result.lrs[valley[0]], result.lrs[valley[1]])
+    )

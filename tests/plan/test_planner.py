@@ -121,3 +121,24 @@ def test_plan_every_example(name, tmp_path):
     code = main(["plan", "--example", name, "--out", str(tmp_path), "--memory-budget", "300MiB"])
     assert code == 0
     assert load_plan(tmp_path / "plan.json").task == name
+
+
+def test_planner_and_train_config_agree_on_the_run_length_and_warmup():
+    from batchfit.train.config import TrainConfig, resolve_setup
+
+    # 300 samples at a global batch of 64: 10 epochs are 46.9 steps, so a planner that counted
+    # whole batches per epoch (5 x 10 = 50) would disagree with training (47).
+    task = make_mlp_task(samples=300, lr=0.01)
+    planned = plan(task, device="cpu", target_global_batch=64, epochs=10, **QUICK)
+    config = TrainConfig(
+        global_batch=planned.global_batch, micro_batch=planned.micro_batch, epochs=10,
+        lr=planned.lr,
+    )  # fmt: skip
+    setup = resolve_setup(task, config)
+    assert planned.total_steps == setup.total_steps == 47
+    assert planned.warmup_steps == setup.warmup_steps
+
+
+def test_plan_refuses_a_run_length_that_is_not_positive():
+    with pytest.raises(ConfigError, match="epochs must be a positive number"):
+        plan(make_mlp_task(samples=64), device="cpu", epochs=0, **QUICK)

@@ -89,6 +89,18 @@ def test_digits_style_run_reports_and_writes(tmp_path):
     assert result.lr == pytest.approx(0.2) and result.warmup_steps >= 1
 
 
+def test_every_file_of_a_run_folder_has_the_same_shared_mode(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        config = TrainConfig(global_batch=64, micro_batch=32, steps=2, out_dir=str(tmp_path))
+        train(make_mlp_task(), config, device="cpu")
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert {"checkpoint.pt", "metrics.jsonl"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
+
+
 def test_the_callers_rng_is_restored():
     torch.manual_seed(123)
     expected = torch.rand(1)

@@ -221,9 +221,9 @@ class _StepBar:
             self.progress.start()
         self.progress.update(self.row, completed=done, total=total, note=note)
 
-    def note(self, message: str) -> None:
-        """Show a message on a bar with no known total (a search)."""
-        self.update(0, None, message)
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        """The `batchfit.progress` protocol: the phase is shown as the bar's note."""
+        self.update(done, total, phase)
 
     def __enter__(self) -> _StepBar:
         return self
@@ -296,7 +296,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
             margin=margin,
             round_to=args.round,
             **({} if max_batch is None else {"max_batch_size": max_batch}),
-            progress=bar.note,
+            progress=bar,
         )
     if args.json:
         _print_json(result)
@@ -591,10 +591,6 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
     task = _load_task(args)
     steps = _number_flag(args, "steps", int)
     with _StepBar("range test") as bar:
-
-        def on_step(done: int, total: int, lr: float, loss: float) -> None:
-            bar.update(done, total, f"lr {lr:.2e}  loss {loss:.4g}")
-
         result = lr_range_test(
             task,
             start_lr=_number_flag(args, "start_lr"),
@@ -607,7 +603,7 @@ def _cmd_lr_range(args: argparse.Namespace) -> int:
             micro_batch=_number_flag(args, "micro_batch", int),
             memory_budget=args.memory_budget,
             device=args.device,
-            on_step=on_step,
+            progress=bar,
         )
     title = f"Learning-rate range test: {task.name}"
     table = format_table(title, result.summary_rows())
@@ -624,10 +620,6 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     _check_png(args.plot)
     task = _load_task(args)
     with _StepBar("throughput") as bar:
-
-        def on_step(done: int, total: int, batch_size: int) -> None:
-            bar.update(done, total, f"batch {batch_size}")
-
         result = measure_throughput(
             task,
             batch_sizes=_parse_batch_sizes(args.batch_sizes),
@@ -638,7 +630,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
             max_batch_size=_number_flag(args, "max_batch", int),
             memory_budget=args.memory_budget,
             fraction=_number_flag(args, "fraction"),
-            on_step=on_step,
+            progress=bar,
         )
     title = f"Throughput: {task.name} on {result.device}"
     table = format_table(title, result.table_rows(), columns=result.table_columns())

@@ -31,20 +31,16 @@ from batchfit.devices import resolve_device
 from batchfit.errors import ConfigError, TaskError
 from batchfit.lr.result import RangeTestResult, StopReason
 from batchfit.lr.suggest import (
-    MIN_STEPS_FLOOR,
     MODES,
-    SKIP_BEGIN_FRACTION,
-    SKIP_END_STEPS,
-    VALLEY_TRIM,
     Mode,
     check_smoothing,
     find_valley,
     min_steps,
     smooth_losses,
     suggest_steepest,
-    suggest_valley,
     sweep_lrs,
 )
+from batchfit.progress import ProgressFn, report
 from batchfit.task import Task, move_to
 from batchfit.validation import check_batch_size
 
@@ -55,23 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "MIN_STEPS_FLOOR",
-    "MODES",
-    "Mode",
-    "SKIP_BEGIN_FRACTION",
-    "SKIP_END_STEPS",
-    "VALLEY_TRIM",
-    "RangeTestResult",
-    "StopReason",
-    "find_valley",
-    "lr_range_test",
-    "min_steps",
-    "smooth_losses",
-    "suggest_steepest",
-    "suggest_valley",
-    "sweep_lrs",
-]
+__all__ = ["lr_range_test"]
 
 
 def lr_range_test(
@@ -93,7 +73,7 @@ def lr_range_test(
     device: str | torch.device | None = None,
     memory_budget: int | str | None = None,
     seed: int | None = None,
-    on_step: Callable[[int, int, float, float], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> RangeTestResult:
     """Run a learning-rate range test (Smith 2015/2017) and suggest a rate.
 
@@ -138,8 +118,8 @@ def lr_range_test(
             micro-batch becomes the smaller of it and the global batch.
         seed: seed of the model initialisation (Task form) and of the sample order
             (default: the task's seed, or 0).
-        on_step: called after every step as `on_step(steps_done, steps, lr, loss)`, e.g. to
-            drive a progress bar.
+        progress: `progress("range test", steps_done, steps)` after every step
+            (`batchfit.progress`).
 
     Returns:
         A RangeTestResult with the rates, raw and smoothed losses, both suggestions, why it
@@ -162,7 +142,6 @@ def lr_range_test(
         >>> result.stop_reason in ("completed", "diverged"), result.steps_run <= 40
         (True, True)
     """
-    import torch
 
     settings = _check_settings(start_lr, end_lr, steps, mode, smoothing, diverge_factor)
     source = _resolve_source(
@@ -174,15 +153,13 @@ def lr_range_test(
         micro = _fit_micro_batch(source, micro, micro_batch is None, memory_budget)
     rates = sweep_lrs(start_lr, end_lr, steps, mode)
 
-    from batchfit.snapshot import capture_rng, preserved, restore_rng
+    from batchfit.snapshot import preserved, preserved_rng
 
-    rng = capture_rng(cuda=True if source.device.type == "cuda" else None)
     begun = time.perf_counter()
     losses: list[float] = []
     smoothed: list[float] = []
     stop_reason: StopReason = "completed"
-    try:
-        torch.manual_seed(source.seed)
+    with preserved_rng(source.device, seed=source.seed):
         if source.task is not None:
             model = source.task.make_model().to(source.device)
             optim = source.task.make_optimizer(model.parameters(), rates[0])
@@ -194,7 +171,6 @@ def lr_range_test(
             model.train()
             sampler = _Sampler(len(source.data), source.seed)
             best = math.inf
-            average = 0.0
             for index, rate in enumerate(rates):
                 for group in optim.param_groups:
                     group["lr"] = rate
@@ -214,20 +190,17 @@ def lr_range_test(
                     stop_reason = "not_finite"
                     logger.info("range test: loss %s at rate %g, stopping", value, rate)
                 else:
-                    average = (1.0 - smoothing) * average + smoothing * value
-                    current = average / (1.0 - (1.0 - smoothing) ** (index + 1))
+                    # every loss so far is finite: the one smoothing, recomputed (cheap)
+                    current = smooth_losses(losses, smoothing)[-1]
                     smoothed.append(current)
                     if index > 0 and current > diverge_factor * best:
                         stop_reason = "diverged"
                         logger.info("range test: diverged at rate %g (loss %.4g)", rate, current)
                     best = min(best, current)
-                if on_step is not None:
-                    on_step(index + 1, steps, rate, value)
+                report(progress, "range test", index + 1, steps)
                 if stop_reason != "completed":
                     break
                 optim.step()
-    finally:
-        restore_rng(rng)
     seconds = time.perf_counter() - begun
     ran = rates[: len(losses)]
     return _result(ran, losses, smoothed, stop_reason, settings, source, micro, seconds)

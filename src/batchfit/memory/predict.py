@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,12 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from batchfit.errors import ConfigError
 from batchfit.memory.counter import MemoryTimeline, count_memory, counted_bytes, tensors_of_state
 from batchfit.memory.model import MemoryModel, fit_memory_model
-from batchfit.memory.step import (
-    forked_rng,
-    is_out_of_memory,
-    measure_step_memory,
-    run_training_steps,
-)
+from batchfit.memory.step import is_out_of_memory, measure_step_memory, run_training_steps
+from batchfit.snapshot import preserved_rng
 from batchfit.validation import check_batch_size
 
 if TYPE_CHECKING:
@@ -193,7 +188,7 @@ def _fake_run(
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        with forked_rng(device if device.type == "cuda" and _has_cuda() else _cpu(), task.seed):
+        with preserved_rng(device, seed=task.seed):
             model = _fake_model(task, fake_mode, device)
             with fake_mode:
                 model.train()
@@ -215,18 +210,6 @@ def _fake_run(
         raise FakeModeUnsupported(_one_line(error)) from None
     timeline = counter.timeline() if record else None
     return counter.peak_bytes, state_bytes, batch_bytes, timeline
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _one_line(error: BaseException) -> str:
@@ -365,12 +348,6 @@ def predict_memory_model(
         return predict_step_memory(task, size, device=device).peak_bytes
 
     return fit_predicted_memory_model(predict, sizes)
-
-
-def per_sample_floor(model: MemoryModel) -> float:
-    """The fitted per-sample bytes, at least 1 (a guard for flat or noisy fits)."""
-    slope = model.per_sample_bytes
-    return slope if math.isfinite(slope) and slope >= 1 else 1.0
 
 
 # --- the exact formula from two timelines ------------------------------------------------------

@@ -9,10 +9,8 @@ point; `probe_search` also serves a Task whose steps fake tensors cannot run.
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from batchfit import devices
@@ -24,35 +22,13 @@ from batchfit.memory.step import is_out_of_memory
 StepFn = Callable[[int], Any]
 
 
-@contextmanager
-def restored_training_state(model: Any, optimizer: Any) -> Iterator[None]:
-    """Put a user's model weights and optimizer state back as they were, whatever happens."""
-    model_state = copy.deepcopy(model.state_dict()) if model is not None else None
-    grads = (
-        [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
-        if model is not None
-        else []
-    )
-    optimizer_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-    try:
-        yield
-    finally:
-        if model is not None:
-            model.load_state_dict(model_state)
-            for parameter, grad in zip(model.parameters(), grads):
-                parameter.grad = grad
-        if optimizer is not None:
-            # load_state_dict replaces the whole state, dropping what the trials added.
-            optimizer.load_state_dict(optimizer_state)
-
-
 class StepSearch(SearchState):
     """A search that runs the user's step callable at each probed batch size."""
 
     method: Method = "step"
 
-    def __init__(self, step, device, usable, budget, max_batch, start, model, optimizer, say):
-        super().__init__(device, usable, budget, max_batch, say)
+    def __init__(self, step, device, usable, budget, max_batch, start, model, optimizer, progress):
+        super().__init__(device, usable, budget, max_batch, progress)
         self.step = step
         self.start = start
         self.model = model
@@ -77,7 +53,7 @@ class StepSearch(SearchState):
 
     def probe(self, batch_size: int) -> tuple[bool, int | None]:
         """One call of the step at `batch_size`: (fits, peak bytes when it fitted and was read)."""
-        self.say(f"step at batch {batch_size}")
+        self.report("trial")
         started = time.perf_counter()
         failure: str | None = None
         measured: int | None = None

@@ -32,11 +32,13 @@ from batchfit.memory.predict import (
     predict_step_memory,
     range_batch_sizes,
 )
-from batchfit.memory.probe import StepFn, StepSearch, probe_search, restored_training_state
+from batchfit.memory.probe import StepFn, StepSearch, probe_search
 from batchfit.memory.result import Method, SearchResult, Trial
 from batchfit.memory.rounding import RoundTo, check_round_to, round_down
-from batchfit.memory.search_state import ProgressFn, SearchState, error_line
-from batchfit.memory.step import forked_rng, is_out_of_memory, measure_step_memory
+from batchfit.memory.search_state import SearchState, error_line
+from batchfit.memory.step import is_out_of_memory, measure_step_memory
+from batchfit.progress import ProgressFn
+from batchfit.snapshot import preserved
 from batchfit.units import parse_size
 from batchfit.validation import check_whole_number
 
@@ -52,7 +54,6 @@ __all__ = [
     "FORMULA_BATCH_SIZES",
     "STEP_DOWN_FRACTION",
     "Method",
-    "ProgressFn",
     "SearchResult",
     "StepFn",
     "Trial",
@@ -109,12 +110,14 @@ def find_max_batch_size(
         model, optimizer: for a step callable: the model and optimizer it trains. Their
             weights and state are restored when the search returns, and their memory is
             counted from the start. (A Task's model is never touched.)
-        progress: called with a short message before each prediction and trial.
+        progress: `progress(phase, done, None)` before each fake run (phase "predict") and
+            each real trial ("trial"), `done` counting those already run
+            (`batchfit.progress`).
 
     Returns:
         SearchResult with the answer, the limit, every trial and the memory model.
-        Torch's and Python's random states are as before the call; so are `model`'s weights
-        and `optimizer`'s state.
+        Every random generator (Python's, NumPy's, torch's CPU and CUDA) is as before the call
+        (`batchfit.snapshot.preserved`); so are `model`'s weights and `optimizer`'s state.
 
     Raises:
         ConfigError: a bad budget, margin, round_to, device or size, or no budget on the CPU.
@@ -144,19 +147,18 @@ def find_max_batch_size(
         )
     budget = _capacity_bytes(device, memory_budget)
     usable = int(budget * (1 - margin))
-    say = progress or (lambda message: None)
     if isinstance(task_or_step, Task):
-        search = _TaskSearch(task_or_step, device, usable, budget, max_batch_size, steps, say)
+        search = _TaskSearch(task_or_step, device, usable, budget, max_batch_size, steps, progress)
     elif callable(task_or_step):
         search = StepSearch(
-            task_or_step, device, usable, budget, max_batch_size, start, model, optimizer, say
+            task_or_step, device, usable, budget, max_batch_size, start, model, optimizer, progress
         )
     else:
         raise ConfigError(
             f"find_max_batch_size needs a batchfit.Task or a step(batch_size) callable, got "
             f"{type(task_or_step).__name__}."
         )
-    with forked_rng(device), restored_training_state(model, optimizer):
+    with preserved(model, optimizer, device=device):
         limit, capped = search.run()
     chosen = round_down(limit, round_to)
     notes = list(search.notes)
@@ -221,8 +223,8 @@ def _capacity_bytes(device: torch.device, memory_budget: int | str | None) -> in
 class _TaskSearch(SearchState):
     method: Method = "predicted"
 
-    def __init__(self, task, device, usable, budget, max_batch, steps, say):
-        super().__init__(device, usable, budget, max_batch, say)
+    def __init__(self, task, device, usable, budget, max_batch, steps, progress):
+        super().__init__(device, usable, budget, max_batch, progress)
         self.task = task
         self.steps = steps
         self._predicted: dict[int, int] = {}  # batch size -> predicted peak bytes
@@ -234,7 +236,7 @@ class _TaskSearch(SearchState):
     # predictions -------------------------------------------------------------------------
 
     def _fake_run(self, batch_size: int, *, record: bool = False) -> PredictedMemory:
-        self.say(f"predicting batch {batch_size}")
+        self.report("predict")
         self.fake_runs += 1
         predicted = predict_step_memory(
             self.task,
@@ -335,7 +337,7 @@ class _TaskSearch(SearchState):
     def trial(self, batch_size: int) -> Trial:
         self._note_repeats(batch_size)
         predicted = self._predicted.get(batch_size)
-        self.say(f"real training steps at batch {batch_size}")
+        self.report("trial")
         started = time.perf_counter()
         try:
             measured = measure_step_memory(

@@ -7,14 +7,11 @@ does-not-fit errors with the budget.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from batchfit.errors import DoesNotFitError
 from batchfit.memory.model import MemoryModel, fit_memory_model
 from batchfit.memory.result import Method, Trial
+from batchfit.progress import ProgressFn, report
 from batchfit.units import format_bytes
-
-ProgressFn = Callable[[str], None]
 
 
 def error_line(error: BaseException) -> str:
@@ -28,17 +25,25 @@ class SearchState:
 
     method: Method = "step"
 
-    def __init__(self, device, usable: int, budget: int, max_batch: int, say: ProgressFn):
+    def __init__(
+        self, device, usable: int, budget: int, max_batch: int, progress: ProgressFn | None
+    ):
         self.device = device
         self.usable = usable
         self.budget = budget
         self.max_batch = max_batch
-        self.say = say
+        self.progress = progress
         self.trials: list[Trial] = []
         self.predictions: list[tuple[int, int]] = []
         self.notes: list[str] = []
         self.state_bytes: int | None = None
         self.fake_runs = 0
+
+    def report(self, phase: str) -> None:
+        """`progress(phase, done, None)` before a fake run ("predict", done: fake runs so far)
+        or a real trial ("trial", done: trials so far); a search's total is not known."""
+        done = self.fake_runs if phase == "predict" else len(self.trials)
+        report(self.progress, phase, done, None)
 
     def budget_text(self) -> str:
         """The budget (and the usable memory after the margin, when it differs), for messages."""

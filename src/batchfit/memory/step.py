@@ -13,17 +13,15 @@ Three pieces:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from batchfit import devices
 from batchfit.errors import ConfigError
 from batchfit.memory.counter import count_memory, counted_bytes, tensors_of_state
+from batchfit.snapshot import preserved_rng
 from batchfit.validation import check_batch_size
 
 if TYPE_CHECKING:
@@ -109,27 +107,6 @@ class StepMemory:
         return asdict(self)
 
 
-@contextlib.contextmanager
-def forked_rng(device: torch.device, seed: int | None = None) -> Iterator[None]:
-    """Run a block with torch's (CPU and `device`) and Python's RNG state restored afterwards.
-
-    Args:
-        device: the device whose generator is saved and restored too (CUDA).
-        seed: when not None, seed torch's generators with it inside the block.
-    """
-    import torch
-
-    python_state = random.getstate()
-    cuda_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=cuda_devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-            yield
-    finally:
-        random.setstate(python_state)
-
-
 def run_training_steps(
     task: Task, model, optimizer, batch, steps: int, *, started: list[int] | None = None
 ) -> None:
@@ -161,7 +138,7 @@ def measure_step_memory(
     own model is never touched, and runs the steps on a batch of the first `batch_size`
     training samples. When the data set is smaller, indices wrap around and samples repeat
     (`repeated_samples` says so): memory depends on the batch's shape, not its content.
-    Torch's and Python's random states are restored afterwards.
+    Every random generator is restored afterwards (`batchfit.snapshot.preserved_rng`).
 
     Args:
         task: the training task.
@@ -226,7 +203,7 @@ def _measure(
 ) -> StepMemory:
     from batchfit.task import move_to
 
-    with forked_rng(device, task.seed), devices.memory_cap(device, budget_bytes):
+    with preserved_rng(device, seed=task.seed), devices.memory_cap(device, budget_bytes):
         model = task.make_model().to(device)
         model.train()
         optimizer = task.make_optimizer(model.parameters())

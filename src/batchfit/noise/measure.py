@@ -8,13 +8,14 @@ arXiv:1812.06162, Appendix A); this module only feeds a `NoiseScaleTracker`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError, ConfigError, TaskError
 from batchfit.noise.estimator import NoiseScaleTracker
 from batchfit.noise.result import NoiseScaleResult
+from batchfit.progress import ProgressFn, report
 from batchfit.validation import check_whole_number
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def measure_noise_scale(
     device: str | torch.device = "auto",
     finite_population: bool = True,
     memory_budget_bytes: int | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> NoiseScaleResult:
     """Measure the gradient noise scale of a task, before training it.
 
@@ -114,7 +115,7 @@ def measure_noise_scale(
     import torch
 
     from batchfit.devices import resolve_device
-    from batchfit.snapshot import capture_rng, restore_rng
+    from batchfit.snapshot import preserved_rng
 
     dataset_size = len(task.train_data)
     default_small, default_big = default_batch_sizes(task)
@@ -140,9 +141,7 @@ def measure_noise_scale(
     tracker = NoiseScaleTracker(
         dataset_size=dataset_size if finite_population else None, ema_decay=1.0
     )
-    rng = capture_rng()
-    try:
-        torch.manual_seed(task.seed)
+    with preserved_rng(target, seed=task.seed):
         model = task.make_model().to(target)
         if checkpoint is not None:
             _load_checkpoint(model, checkpoint)
@@ -157,10 +156,7 @@ def measure_noise_scale(
             order = torch.randperm(dataset_size, generator=generator)[:big].tolist()
             small_sq, big_sq = _two_norms(task, model, params, order, sizes, target)
             tracker.update(small_sq, big_sq, small_batch=harmonic, big_batch=big)
-            if progress is not None:
-                progress("measure", index + 1, batches)
-    finally:
-        restore_rng(rng)
+            report(progress, "measure", index + 1, batches)
     result = tracker.estimate(running=True)
     return replace(
         result,
@@ -175,7 +171,7 @@ def _warm_up(
     model: nn.Module,
     steps: int,
     device: torch.device,
-    progress: Callable[[str, int, int], None] | None,
+    progress: ProgressFn | None,
 ) -> None:
     import torch
 
@@ -200,8 +196,7 @@ def _warm_up(
             )
         loss.backward()
         optimizer.step()
-        if progress is not None:
-            progress("warmup", step + 1, steps)
+        report(progress, "warmup", step + 1, steps)
 
 
 def _two_norms(

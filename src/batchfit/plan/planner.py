@@ -22,15 +22,16 @@ Every choice carries a reason with its numbers. The result is a
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
 from batchfit.plan import advice
 from batchfit.plan.plan_file import Plan
+from batchfit.progress import ProgressFn
+from batchfit.train.config import DEFAULT_EPOCHS
+from batchfit.train.sampling import steps_for_epochs, steps_per_epoch
 from batchfit.units import format_bytes, parse_size
-from batchfit.validation import check_whole_number
+from batchfit.validation import check_positive_number, check_whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -38,10 +39,6 @@ if TYPE_CHECKING:
     from batchfit.task import Task
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_EPOCHS = 10
-"""The run length a plan sizes its warmup for, in passes over the training data (the same
-default as `batchfit.train.loop`)."""
 
 RANGE_TEST_DECADES_BELOW = 3
 RANGE_TEST_DECADES_ABOVE = 2
@@ -51,9 +48,6 @@ flat start and the divergence around a rate that is roughly right."""
 RANGE_TEST_STEPS = 60
 
 PHASES = ("memory", "throughput", "noise scale", "range test")
-
-ProgressFn = Callable[[str, int, int], None]
-"""`progress(phase, done, total)`: phase is one of PHASES."""
 
 
 def plan(
@@ -89,7 +83,8 @@ def plan(
         task_name: what to call the task in the plan (default: `task.name`).
         noise_batches: big batches the noise scale is measured over (default: its own).
         range_test_steps: steps of the range test.
-        progress: `progress(phase, done, total)` as each phase advances.
+        progress: `progress(phase, done, total)` as each phase advances, phase one of PHASES
+            (`batchfit.progress`).
 
     Returns:
         The Plan, with a reason for every choice and the measurements behind them.
@@ -117,6 +112,7 @@ def plan(
     report = progress or (lambda phase, done, total: None)
     device = resolve_device(device)
     world_size = check_whole_number("world_size", world_size)
+    epochs = check_positive_number("epochs", epochs)
     budget_bytes = (
         None if memory_budget is None else parse_size(memory_budget, name="memory budget")
     )
@@ -143,7 +139,7 @@ def plan(
         task,
         device=device,
         max_batch_size=limit,
-        on_step=lambda done, total, size: report("throughput", done, total),
+        progress=lambda phase, done, total: report("throughput", done, total),
     )
     report("throughput", 1, 1)  # done, also when it stopped before the largest size
     measurements["throughput"] = throughput.to_dict()
@@ -203,7 +199,7 @@ def plan(
         global_batch=global_batch,
         micro_batch=micro_batch,
         device=device,
-        on_step=lambda done, total, lr, loss: report("range test", done, total),
+        progress=lambda phase, done, total: report("range test", done, total),
     )
     report("range test", 1, 1)  # done, also when it stopped at divergence
     measurements["range_test"] = range_result.to_dict()
@@ -216,10 +212,11 @@ def plan(
     )
     lr = float(lr_choice.value)
     reasons["lr"] = lr_choice.reason
-    steps_per_epoch = max(1, math.ceil(dataset_size / global_batch))
-    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    # The same run length and warmup as TrainConfig gives for these epochs (train.sampling).
+    total_steps = steps_for_epochs(epochs, dataset_size=dataset_size, global_batch=global_batch)
     if needs_warmup(task.lr, lr) and total_steps > 1:
-        warmup_steps = default_warmup_steps(total_steps, steps_per_epoch=steps_per_epoch)
+        per_epoch = steps_per_epoch(dataset_size=dataset_size, global_batch=global_batch)
+        warmup_steps = default_warmup_steps(total_steps, steps_per_epoch=per_epoch)
         reasons["warmup_steps"] = (
             f"{lr:.3g} is {lr / task.lr:.1f}x the reference {task.lr:g}: warm up linearly for "
             f"{warmup_steps} steps (5 epochs as in Goyal et al. 2017, at most a fifth of the "
@@ -310,7 +307,6 @@ def _memory_limit(
         memory_budget=budget_bytes,
         margin=margin,
         max_batch_size=dataset_size,
-        progress=lambda message: report("memory", 0, 1),
     )
     report("memory", 1, 1)
     model = result.memory_model

@@ -2,8 +2,8 @@
 
 A checkpoint is a dict of tensors and plain containers (dicts, lists, tuples, str, int, float,
 bool, None), so `torch.load(..., weights_only=True)` can read it without running pickled code.
-It is written to a temporary file in the same directory and moved over the old one with
-`os.replace`, so a crash mid-write leaves the previous checkpoint intact.
+It is written with `batchfit.files.write_atomic` (a temporary file in the same directory, moved
+over the old one), so a crash mid-write leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError
+from batchfit.files import write_atomic
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,18 +59,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save({"format_version": FORMAT_VERSION, **state}, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    path = write_atomic(
+        path, lambda stream: torch.save({"format_version": FORMAT_VERSION, **state}, stream)
+    )
     logger.info("checkpoint written to %s", path)
     return path
 

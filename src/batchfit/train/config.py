@@ -170,7 +170,7 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
     """
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
     from batchfit.train.optimizers import optimizer_family
-    from batchfit.train.sampling import steps_for_epochs
+    from batchfit.train.sampling import steps_for_epochs, steps_per_epoch
 
     size = len(task.train_data)
     if config.micro_batch > size:
@@ -201,9 +201,9 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
         schedule_steps = swa_start_step
     warmup = config.warmup
     if warmup is None:
-        steps_per_epoch = max(1, size // config.global_batch)
+        per_epoch = steps_per_epoch(dataset_size=size, global_batch=config.global_batch)
         warmup_steps = (
-            default_warmup_steps(schedule_steps, steps_per_epoch=steps_per_epoch)
+            default_warmup_steps(schedule_steps, steps_per_epoch=per_epoch)
             if needs_warmup(task.lr, lr)
             else 0
         )

@@ -253,7 +253,7 @@ def train(
         (2, 2)
     """
     from batchfit.devices import resolve_device
-    from batchfit.memory.step import forked_rng
+    from batchfit.snapshot import preserved_rng
     from batchfit.train.distributed import destroy_distributed, detect_distributed, init_distributed
 
     context = distributed if distributed is not None else detect_distributed()
@@ -262,7 +262,7 @@ def train(
     if context.enabled:
         torch_device, started_group = init_distributed(context, torch_device)
     try:
-        with forked_rng(torch_device):
+        with preserved_rng(torch_device):
             return _train(
                 task,
                 config,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from batchfit.files import open_append, write_atomic
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -38,8 +39,7 @@ class MetricsLog:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._stream = open_append(self.path)  # closed in close()
 
     def append(self, record: dict[str, Any]) -> None:
         """Write `record` as one line and flush it to the file."""
@@ -78,12 +78,5 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
     if not path.exists():
         return 0
     kept = [record for record in read_metrics(path) if int(record.get("step", 0)) <= step]
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(record) + "\n" for record in kept)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
     return len(kept)

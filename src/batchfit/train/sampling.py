@@ -87,5 +87,24 @@ def rank_slice(indices: list[int], *, rank: int, world_size: int) -> list[int]:
 
 
 def steps_for_epochs(epochs: float, *, dataset_size: int, global_batch: int) -> int:
-    """Optimizer steps that read `epochs` passes over the data (rounded up, at least 1)."""
+    """Optimizer steps that read `epochs` passes over the data (rounded up, at least 1).
+
+    The one definition of run length (epochs -> steps): the training stream has no partial
+    batches at epoch ends, so `epochs` passes read `epochs * dataset_size` samples. The planner
+    and `TrainConfig` both use it.
+
+    Example:
+        >>> steps_for_epochs(10, dataset_size=1438, global_batch=128)
+        113
+    """
     return max(1, math.ceil(epochs * dataset_size / global_batch))
+
+
+def steps_per_epoch(*, dataset_size: int, global_batch: int) -> int:
+    """Optimizer steps per pass over the data: `steps_for_epochs(1, ...)` (for warmups in epochs).
+
+    Example:
+        >>> steps_per_epoch(dataset_size=1438, global_batch=128)
+        12
+    """
+    return steps_for_epochs(1, dataset_size=dataset_size, global_batch=global_batch)
