@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from batchfit.cli.commands import main
+from batchfit.cli.main import main
 from batchfit.errors import CheckpointError, ConfigError
 from batchfit.noise.estimator import (
     NoiseScaleTracker,
