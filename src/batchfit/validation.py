@@ -197,7 +197,8 @@ def parse_number(
     # 40 characters hold any number in range; longer text is refused before int() or float()
     # spends time on it.
     value: int | float | None = None
-    if len(stripped) <= 40:
+    # Python also reads "1_000" and non-ASCII digits as numbers; a command line should not.
+    if len(stripped) <= 40 and stripped.isascii() and "_" not in stripped:
         try:
             value = kind(stripped)
         except (TypeError, ValueError):

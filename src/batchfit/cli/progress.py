@@ -32,7 +32,7 @@ class PlainLines:
 
     Args:
         stream: where lines go (default sys.stderr, looked up at each line).
-        interval: seconds between lines; 0 prints every update.
+        interval: seconds between lines (default PLAIN_INTERVAL_S); 0 prints every update.
         clock: the time source, for tests.
     """
 
@@ -40,11 +40,11 @@ class PlainLines:
         self,
         stream: TextIO | None = None,
         *,
-        interval: float = PLAIN_INTERVAL_S,
+        interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stream = stream
-        self.interval = interval
+        self.interval = PLAIN_INTERVAL_S if interval is None else interval
         self.clock = clock
         self.last = clock()
 
