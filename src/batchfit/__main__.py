@@ -2,6 +2,6 @@
 
 import sys
 
-from batchfit.cli.commands import main
+from batchfit.cli.main import main
 
 sys.exit(main())

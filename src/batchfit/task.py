@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError, TaskError
+from batchfit.errors import BatchfitError, ConfigError, TaskError
 
 if TYPE_CHECKING:
     import torch
@@ -175,11 +175,15 @@ def batch_size_of(batch: Batch) -> int:
 def load_task(spec: str) -> Task:
     """Load a task from "path/to/file.py:function" or "package.module:function".
 
-    The function is called with no arguments and must return a `Task`.
+    The function is called with no arguments and must return a `Task`. An exception raised by
+    the user's own code (importing the file or module, or calling the function) becomes a
+    `TaskError` naming the file, the exception and the line, with the original exception as its
+    `__cause__` (the CLI shows its traceback with -v).
 
     Raises:
-        TaskError: the file or module does not exist, lacks the function, or the function does
-            not return a Task.
+        TaskError: the file or module does not exist or cannot be read, raises while it is
+            imported, lacks the function, the function needs arguments or raises, or does not
+            return a Task.
 
     Example:
         >>> load_task("batchfit.examples.digits:task").name
@@ -191,8 +195,11 @@ def load_task(spec: str) -> Task:
             f"Task {spec!r} must look like path/to/file.py:function or package.module:function."
         )
     if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
-        module = _import_file(Path(module_part), spec)
+        path = Path(module_part)
+        where = f"the task file {path.name}"
+        module = _import_file(path, spec, where)
     else:
+        where = f"the task module {module_part}"
         try:
             module = importlib.import_module(module_part)
         except ModuleNotFoundError as error:
@@ -201,7 +208,11 @@ def load_task(spec: str) -> Task:
                     f"Task {spec!r}: no module named {error.name!r}; check the spelling, or give "
                     "a file path such as path/to/file.py:function."
                 ) from None
+            raise _user_code_error(where, error, None) from error
+        except BatchfitError:
             raise
+        except Exception as error:
+            raise _user_code_error(where, error, None) from error
     factory = getattr(module, function_name, None)
     if factory is None:
         available = sorted(name for name in vars(module) if not name.startswith("_"))
@@ -211,7 +222,19 @@ def load_task(spec: str) -> Task:
         )
     if not callable(factory):
         raise TaskError(f"Task {spec!r}: {function_name} is not a function.")
-    task = factory()
+    needed = _required_parameters(factory)
+    if needed:
+        raise TaskError(
+            f"Task {spec!r}: {function_name}() needs arguments ({', '.join(needed)}); batchfit "
+            "calls it with none. Give the parameters defaults, or add a function that takes none."
+        )
+    source_file = getattr(module, "__file__", None)
+    try:
+        task = factory()
+    except BatchfitError:
+        raise
+    except Exception as error:
+        raise _user_code_error(where, error, source_file) from error
     if not isinstance(task, Task):
         raise TaskError(
             f"Task {spec!r}: {function_name}() returned {type(task).__name__}, not a batchfit.Task."
@@ -219,17 +242,77 @@ def load_task(spec: str) -> Task:
     return task
 
 
-def _import_file(path: Path, spec: str):
+def _import_file(path: Path, spec: str, where: str):
     if not path.is_file():
-        raise TaskError(f"Task {spec!r}: the file {str(path)!r} does not exist.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise TaskError(f"Task {spec!r}: the file {str(path)!r} {what}; check the path.")
+    try:
+        path.read_bytes()
+    except OSError as error:
+        raise TaskError(
+            f"Task {spec!r}: the file {str(path)!r} cannot be read ({error.strerror or error}); "
+            "check its permissions."
+        ) from None
     module_name = f"_batchfit_task_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
         raise TaskError(f"Task {spec!r}: {str(path)!r} cannot be imported as Python.")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except BatchfitError:
+        sys.modules.pop(module_name, None)
+        raise
+    except Exception as error:
+        sys.modules.pop(module_name, None)
+        raise _user_code_error(where, error, str(path)) from error
     return module
+
+
+def _required_parameters(function: Callable[..., Any]) -> list[str]:
+    """The names of `function`'s parameters that have no default (none when it cannot tell)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function without a signature
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = (inspect.Parameter.KEYWORD_ONLY, *kinds)
+    return [
+        p.name for p in parameters if p.kind in required and p.default is inspect.Parameter.empty
+    ]
+
+
+def _user_code_error(where: str, error: Exception, source_file: str | None) -> TaskError:
+    """A one-line TaskError for an exception raised by the user's task code.
+
+    The line is that of the innermost frame in `source_file` (the task file), else of the
+    innermost frame; a SyntaxError gives its own line.
+    """
+    import traceback
+
+    name = type(error).__name__
+    line = None
+    if isinstance(error, SyntaxError):
+        line = error.lineno
+        detail = error.msg
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        if source_file is not None:
+            target = str(Path(source_file).resolve())
+            mine = [f for f in frames if str(Path(f.filename).resolve()) == target]
+            frames = mine or frames
+        if frames:
+            line = frames[-1].lineno
+        detail = str(error)
+    detail = " ".join(detail.split())
+    if len(detail) > 80:
+        detail = detail[:77] + "..."
+    at = f" at line {line}" if line is not None else ""
+    because = f" ({detail})" if detail else ""
+    return TaskError(f"{where} raised {name}{at}{because} (run with -v for the traceback).")
 
 
 EXAMPLES = ("digits", "cnn", "unet", "charlm")

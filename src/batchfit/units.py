@@ -7,6 +7,7 @@ as in the IEC standard. Parsing is exact (Decimal), so "0.2GB" is 200_000_000 by
 
 from __future__ import annotations
 
+import math
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -25,6 +26,9 @@ _UNIT_BYTES = {
 }
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 UNITS_HELP = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+MAX_SIZE_BYTES = 1 << 60
+"""The largest size parse_size accepts: 1 EiB, far above any device's memory. Checked before the
+number is scaled, so "1e999999999GB" is refused instead of overflowing."""
 
 
 def parse_size(text: str | int | float, *, name: str = "size") -> int:
@@ -38,7 +42,8 @@ def parse_size(text: str | int | float, *, name: str = "size") -> int:
         The size in whole bytes (rounded down), always positive.
 
     Raises:
-        ConfigError: the text is not a number with a known unit, or the size is not positive.
+        ConfigError: the text is not a number with a known unit, or the size is not positive,
+            or above MAX_SIZE_BYTES (1 EiB).
 
     Example:
         >>> parse_size("0.2GB")
@@ -49,9 +54,11 @@ def parse_size(text: str | int | float, *, name: str = "size") -> int:
     if isinstance(text, bool):
         raise ConfigError(f"{name} must be a size such as 12GiB, got {text!r}.")
     if isinstance(text, int):
-        value = Decimal(text)
+        number, unit_bytes = Decimal(text), 1
     elif isinstance(text, float):
-        value = Decimal(repr(text))
+        if not math.isfinite(text):
+            raise ConfigError(f"{name} must be a finite size such as 12GiB, got {text!r}.")
+        number, unit_bytes = Decimal(repr(text)), 1
     else:
         match = _SIZE_PATTERN.match(str(text))
         unit = match.group(2).upper() if match else ""
@@ -61,10 +68,17 @@ def parse_size(text: str | int | float, *, name: str = "size") -> int:
                 "for example 12GiB or 300MB."
             )
         try:
-            value = Decimal(match.group(1)) * _UNIT_BYTES[unit or "B"]
+            number, unit_bytes = Decimal(match.group(1)), _UNIT_BYTES[unit or "B"]
         except InvalidOperation as error:  # pragma: no cover - the pattern admits only numbers
             raise ConfigError(f"{name} {text!r} is not a number.") from error
-    size = int(value)
+    # Compare before multiplying: Decimal("1e999999999") is exact, its product overflows.
+    if number > Decimal(MAX_SIZE_BYTES) / unit_bytes:
+        shown = text if len(str(text)) <= 40 else f"{str(text)[:32]}..."
+        raise ConfigError(
+            f"{name} {shown!r} is larger than any device (at most 1 EiB); give a size such as "
+            "12GiB."
+        )
+    size = int(number * unit_bytes)
     if size <= 0:
         raise ConfigError(f"{name} must be positive, got {text!r}; give a size such as 12GiB.")
     return size

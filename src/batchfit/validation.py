@@ -10,7 +10,36 @@ import math
 
 from batchfit.errors import ConfigError
 
-__all__ = ["check_batch_size", "check_positive_number", "check_whole_number"]
+__all__ = [
+    "MAX_BATCH_SIZE",
+    "MAX_COUNT",
+    "MAX_LEARNING_RATE",
+    "MAX_PROCESSES",
+    "MAX_SEED",
+    "check_batch_size",
+    "check_in_range",
+    "check_positive_number",
+    "check_whole_number",
+    "parse_number",
+]
+
+MAX_BATCH_SIZE = 1 << 24
+"""The largest batch (samples) taken from the command line: 16,777,216, the memory search's
+own limit. A batch is a list of sample indices, so 10**14 would exhaust memory before any check
+downstream could word its error."""
+
+MAX_COUNT = 10**9
+"""The largest count of steps, batches, repeats or epochs taken from the command line."""
+
+MAX_SEED = 2**63 - 1
+"""The largest seed: torch seeds are 64-bit, and the data order seeds with `seed + epoch`."""
+
+MAX_LEARNING_RATE = 1e4
+"""The largest learning rate taken from the command line; far above any rate that trains, and
+far below where float32 arithmetic overflows (1e300 becomes inf inside torch)."""
+
+MAX_PROCESSES = 4096
+"""The most data-parallel processes (--nproc, --world-size) taken from the command line."""
 
 
 def check_whole_number(name: str, value: object, *, minimum: int = 1) -> int:
@@ -83,3 +112,111 @@ def check_batch_size(batch_size: object, *, name: str = "batch_size") -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"{name} must be a positive whole number of samples, got {batch_size!r}.")
     return batch_size
+
+
+def check_in_range(
+    name: str,
+    value: object,
+    *,
+    minimum: float,
+    maximum: float,
+    kind: type = float,
+    open_minimum: bool = False,
+    open_maximum: bool = False,
+) -> int | float:
+    """Return `value` when it is a finite `kind` (int or float) between `minimum` and `maximum`.
+
+    Args:
+        name: the argument's name, for the message (e.g. "--seed").
+        value: what the caller gave; an int is accepted where `kind` is float.
+        minimum: the smallest value allowed (excluded when `open_minimum`).
+        maximum: the largest value allowed (excluded when `open_maximum`).
+        kind: int or float.
+        open_minimum: `minimum` itself is refused.
+        open_maximum: `maximum` itself is refused.
+
+    Returns:
+        `value`, as `kind`.
+
+    Raises:
+        ConfigError: not a number of that kind, not finite, or outside the range; the message
+            shows the range.
+
+    Example:
+        >>> check_in_range("--margin", 0.1, minimum=0, maximum=1, open_maximum=True)
+        0.1
+    """
+    kinds = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, got {_short(value)}.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {_short(value)}.")
+    low_ok = value > minimum if open_minimum else value >= minimum
+    high_ok = value < maximum if open_maximum else value <= maximum
+    if not (low_ok and high_ok):
+        low = "(" if open_minimum else "["
+        high = ")" if open_maximum else "]"
+        shown = (lambda x: str(int(x))) if kind is int else (lambda x: f"{x:g}")
+        raise ConfigError(
+            f"{name} must lie in {low}{shown(minimum)}, {shown(maximum)}{high}, got "
+            f"{_short(value)}."
+        )
+    return kind(value)
+
+
+def parse_number(
+    text: str,
+    *,
+    name: str,
+    kind: type = float,
+    minimum: float,
+    maximum: float,
+    open_minimum: bool = False,
+    open_maximum: bool = False,
+) -> int | float:
+    """A number from text (a command-line flag), checked by `check_in_range`.
+
+    Text too long or malformed to be a number, "nan" and "inf" are refused without ever
+    building a huge number: the digits are counted before they are converted.
+
+    Raises:
+        ConfigError: not a number of that kind, or outside the range.
+
+    Example:
+        >>> parse_number("64", name="--global-batch", kind=int, minimum=1, maximum=MAX_BATCH_SIZE)
+        64
+        >>> parse_number("1e300", name="--lr", minimum=0, maximum=1e4, open_minimum=True)
+        Traceback (most recent call last):
+        ...
+        batchfit.errors.ConfigError: --lr must lie in (0, 10000], got 1e+300.
+    """
+    example = f"e.g. {name} {'64' if kind is int else '0.1'}"
+    what = "a whole number" if kind is int else "a number"
+    stripped = str(text).strip()
+    # 40 characters hold any number in range; longer text is refused before int() or float()
+    # spends time on it.
+    value: int | float | None = None
+    # Python also reads "1_000" and non-ASCII digits as numbers; a command line should not.
+    if len(stripped) <= 40 and stripped.isascii() and "_" not in stripped:
+        try:
+            value = kind(stripped)
+        except (TypeError, ValueError):
+            value = None
+    if value is None:
+        raise ConfigError(f"{name} {_short(text)} is not {what}; {example}.")
+    return check_in_range(
+        name,
+        value,
+        minimum=minimum,
+        maximum=maximum,
+        kind=kind,
+        open_minimum=open_minimum,
+        open_maximum=open_maximum,
+    )
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """`repr(value)`, cut to `limit` characters so a huge value still makes one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"

@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from batchfit.cli.commands import main
+from batchfit.cli.main import main
 
 
 def test_estimate_worked_examples(capsys):
@@ -30,7 +30,7 @@ def test_estimate_bad_size_is_one_line_exit_2(capsys):
 
 def test_help_does_not_import_torch():
     code = (
-        "import sys\nfrom batchfit.cli.commands import main\n"
+        "import sys\nfrom batchfit.cli.main import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print('torch' in sys.modules)"
     )
@@ -41,8 +41,8 @@ def test_help_does_not_import_torch():
 
 
 def test_cli_example_names_match_the_task_module():
-    # cli.py keeps its own copy so that `batchfit --help` need not import the task module.
-    from batchfit.cli.commands import _EXAMPLES
+    # the CLI keeps its own copy so that `batchfit --help` need not import the task module.
+    from batchfit.cli.arguments import EXAMPLES as _EXAMPLES
     from batchfit.task import EXAMPLES
 
     assert _EXAMPLES == EXAMPLES

@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
-import pytest
 from rich.console import Console
 
-from batchfit.cli.format import print_noise_summary, print_plan, rounding_phrase, table
+from batchfit.cli.format import print_plan, rounding_phrase, table
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -30,26 +29,12 @@ def test_table_with_and_without_headers():
     assert "label" in text and text.count("name") == 1
 
 
-@pytest.mark.parametrize(
-    "estimate, words",
-    [
-        (None, "not yet reliable"),
-        (600.0, "well above the global batch"),
-        (10.0, "well below the global batch"),
-        (70.0, "close to the global batch"),
-    ],
-)
-def test_noise_summary_compares_with_the_global_batch(estimate, words):
+def test_user_text_is_never_read_as_markup():
+    # A task named like this crashed five subcommands after the work was done.
     console, buffer = _console()
-    noise = SimpleNamespace(tracker=SimpleNamespace(noise_scale=estimate))
-    print_noise_summary(console, noise, 64)
-    assert words in buffer.getvalue()
-
-
-def test_noise_summary_when_not_logged():
-    console, buffer = _console()
-    print_noise_summary(console, None, 64)
-    assert "not logged" in buffer.getvalue()
+    console.print(table("Throughput: imagenet[/train]", [["vit[b/16]", "[bold]x"]]))
+    text = buffer.getvalue()
+    assert "imagenet[/train]" in text and "vit[b/16]" in text and "[bold]x" in text
 
 
 def test_plan_rows_reasons_notes_and_train_command():
@@ -64,3 +49,14 @@ def test_plan_rows_reasons_notes_and_train_command():
     assert "0.01235" in text and "scaled by the sqrt rule" in text
     assert "note: a note" in text
     assert "train:  batchfit train x:y --plan p/plan.json" in text
+
+
+def test_plan_with_markup_in_the_task_name_prints_it_as_is():
+    plan = SimpleNamespace(
+        task="vit[b/16]", global_batch=8, micro_batch=8, accumulation_steps=1, lr=0.1,
+        warmup_steps=0, optimizer="task", normalization="none", reasons={}, notes=["[/x]"],
+    )  # fmt: skip
+    console, buffer = _console()
+    print_plan(console, plan, plan_path="p", report_path="r", source="tasks/[a].py:t")
+    text = buffer.getvalue()
+    assert "Plan for vit[b/16]" in text and "note: [/x]" in text and "tasks/[a].py:t" in text

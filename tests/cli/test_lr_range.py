@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from batchfit.cli.commands import main
+from batchfit.cli.main import main
 
 TINY = ["--steps", "10", "--smoothing", "0.5", "--start-lr", "1e-4", "--end-lr", "1"]
 
@@ -48,11 +48,11 @@ def test_every_example(name, capsys):
     ("extra", "words"),
     [
         (["--start-lr", "1", "--end-lr", "1"], "start_lr (1) must be below end_lr (1)"),
-        (["--start-lr", "0"], "start_lr must be a positive rate"),
+        (["--start-lr", "0"], "--start-lr must lie in (0, 10000], got 0.0"),
         (["--start-lr", "fast"], "--start-lr 'fast' is not a number"),
         (["--smoothing", "0.05"], "fewer than the smoothing 0.05 needs: at least 40"),
         (["--global-batch", "100000"], "larger than the training data (1438 samples)"),
-        (["--global-batch", "0"], "global_batch must be a positive"),
+        (["--global-batch", "0"], "--global-batch must lie in [1, 16777216], got 0"),
         (["--global-batch", "8", "--micro-batch", "16"], "micro_batch (16) is larger"),
         (["--plot", "lr.svg"], "must end in .png"),
         (["--device", "tpu9"], "device 'tpu9'"),

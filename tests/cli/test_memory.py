@@ -1,4 +1,4 @@
-"""Tests for `batchfit memory` through batchfit.cli.commands.main."""
+"""Tests for `batchfit memory` through batchfit.cli.main.main."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from batchfit.cli.commands import main
+from batchfit.cli.main import main
 
 TASK = "tests.conftest:make_mlp_task"
 

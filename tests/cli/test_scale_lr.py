@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from batchfit.cli.commands import main
+from batchfit.cli.main import main
 
 
 def test_linear_rule_in_words(capsys):
@@ -57,7 +57,7 @@ def test_schedule_table_and_warmup_options(capsys):
     ("extra", "words"),
     [
         (["--rule", "cubic"], "Unknown scaling rule 'cubic'; use one of linear, sqrt, none"),
-        (["--lr", "0"], "base_lr must be a positive number, got 0.0"),
+        (["--lr", "0"], "--lr must lie in (0, 10000], got 0.0"),
         (["--batch", "sixty"], "--batch 'sixty' is not a whole number"),
         (["--optimizer-family", "lbfgs"], "use one of sgd, adam"),
         (["--total-steps", "3000", "--warmup", "5000"], "warmup_steps (5000) is larger than"),

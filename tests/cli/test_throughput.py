@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from batchfit.cli.commands import main
+from batchfit.cli.main import main
 
 TINY = ["--repeats", "1", "--warmup-steps", "0", "--min-seconds", "0"]
 
@@ -50,12 +50,12 @@ def test_every_example(name, capsys):
     ("extra", "words"),
     [
         (["--batch-sizes", "8,abc"], "is not a list of whole numbers"),
-        (["--batch-sizes", "0,8"], "positive whole number"),
+        (["--batch-sizes", "0,8"], "not a list of whole numbers from 1"),
         (["--batch-sizes", "8,4096"], "batch size 4096 is above 1438: the training data has"),
         (["--batch-sizes", "8,64", "--max-batch", "32"], "max_batch_size is 32"),
-        (["--max-batch", "-3"], "max_batch_size must be a positive"),
-        (["--repeats", "0"], "repeats must be a positive whole number"),
-        (["--fraction", "2"], "fraction must be in (0, 1]"),
+        (["--max-batch", "-3"], "--max-batch must lie in [1, 16777216], got -3"),
+        (["--repeats", "0"], "--repeats must lie in [1, 1000000000], got 0"),
+        (["--fraction", "2"], "--fraction must lie in (0, 1], got 2.0"),
         (["--plot", "t.jpg"], "must end in .png"),
     ],
 )

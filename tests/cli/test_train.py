@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from batchfit.cli.commands import _build_parser, _parse_warmup, _train_argv, main
+from batchfit.cli.arguments import parse_warmup
+from batchfit.cli.commands import _relaunch_argv
+from batchfit.cli.main import main
 from batchfit.train.metrics import read_metrics
 
 FAST = ["--example", "digits", "--global-batch", "64", "--micro-batch", "32", "--steps", "3"]
@@ -47,9 +49,9 @@ def test_default_out_dir_is_under_runs(tmp_path, capsys, monkeypatch):
     [
         (["--global-batch", "16"], "smaller than micro_batch x world_size"),
         (["--micro-batch", "5000", "--global-batch", "5000"], "larger than the training data"),
-        (["--micro-batch", "0"], "micro_batch must be a positive"),
-        (["--global-batch", "-64"], "global_batch must be a positive"),
-        (["--lr", "-1"], "lr must be a positive"),
+        (["--micro-batch", "0"], "--micro-batch must lie in [1, 16777216], got 0"),
+        (["--global-batch", "-64"], "--global-batch must lie in [1, 16777216]"),
+        (["--lr", "-1"], "--lr must lie in (0, 10000], got -1.0"),
         (["--lr", "abc"], "--lr 'abc' is not a number"),
         (["--lr-rule", "cubic"], "linear, sqrt, none"),
         (["--decay", "exp"], "constant, cosine, linear, step"),
@@ -80,20 +82,67 @@ def test_resume_from_a_corrupt_checkpoint_overwrites_nothing(tmp_path, capsys):
 
 
 def test_warmup_flag_forms():
-    assert _parse_warmup("auto") is None and _parse_warmup(None) is None
-    assert _parse_warmup("50") == 50 and _parse_warmup("0.05") == 0.05
-    assert _parse_warmup("5%") == 0.05
+    assert parse_warmup("auto") is None
+    assert parse_warmup("50") == 50 and parse_warmup("0.05") == 0.05
+    assert parse_warmup("5%") == 0.05
 
 
-def test_nproc_rebuilds_the_same_command_without_nproc():
-    argv = ["train", *FAST, "--out", "r", "--swa", "--nproc", "2", "--warmup", "5%", "--resume"]
-    rebuilt = _train_argv(_build_parser().parse_args(argv))
-    assert "--nproc" not in rebuilt
-    again = vars(_build_parser().parse_args(rebuilt))
-    original = vars(_build_parser().parse_args(argv))
-    original.pop("nproc"), again.pop("nproc")
-    assert {k: v for k, v in again.items() if k != "handler"} == {
-        k: v for k, v in original.items() if k != "handler"
+def test_nproc_forwards_the_users_own_arguments_without_nproc():
+    argv = ["-v", "train", *FAST, "--out", "r", "--swa", "--nproc", "2", "--warmup", "5%"]
+    assert _relaunch_argv(argv, None) == [
+        "-v",
+        "train",
+        *FAST,
+        "--out",
+        "r",
+        "--swa",
+        "--warmup",
+        "5%",
+    ]
+    # --nproc=N too; the run folder chosen for the user is added so that every rank shares it.
+    forwarded = _relaunch_argv(["train", "--example", "digits", "--nproc=2"], "runs/x")
+    assert forwarded == ["train", "--example", "digits", "--out", "runs/x"]
+
+
+def test_swa_start_zero_is_refused_not_replaced_by_the_default(tmp_path, capsys):
+    # `--swa-start 0` used to train with 0.75 (the CLI re-stated the default with `or`).
+    assert main(["train", *FAST, "--swa", "--swa-start", "0", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--swa-start must lie in (0, 1), got 0.0" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_required_flags_are_named_at_once(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "a task" in err and "--global-batch, --micro-batch" in err and "--plan" in err
+
+
+def test_an_existing_run_folder_needs_resume_or_force(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", *FAST, "--out", run, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["train", *FAST, "--out", run]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files (checkpoint.pt, metrics.jsonl)" in err and "--force" in err
+    assert main(["train", *FAST, "--out", run, "--force", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] is None
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 3
+
+
+def test_train_json_says_whether_the_noise_scale_was_logged_and_why(tmp_path, capsys):
+    assert main(["train", *FAST, "--out", str(tmp_path / "a"), "--json"]) == 0
+    noise = json.loads(capsys.readouterr().out)["noise_scale"]
+    assert noise["logged"] and noise["reason"] == "2 micro-batches per step"
+    assert noise["advice"].startswith("noise scale")
+    argv = ["train", *FAST, "--out", str(tmp_path / "b"), "--json", "--no-noise-scale"]
+    assert main(argv) == 0
+    noise = json.loads(capsys.readouterr().out)["noise_scale"]
+    assert noise == {
+        "logged": False,
+        "reason": "turned off by --no-noise-scale",
+        "value": None,
+        "advice": None,
     }
 
 

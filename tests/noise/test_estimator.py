@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from batchfit.cli.commands import main
+from batchfit.cli.main import main
 from batchfit.errors import CheckpointError, ConfigError
 from batchfit.noise.estimator import (
     NoiseScaleTracker,
@@ -229,7 +229,7 @@ def test_cli_table_says_what_the_number_means_and_plots(tmp_path, capsys):
     ("flags", "words"),
     [
         (["--small-batch", "16", "--big-batch", "16"], "below big_batch"),
-        (["--small-batch", "0"], "at least 1"),
+        (["--small-batch", "0"], "--small-batch must lie in [1, 16777216], got 0"),
         (["--big-batch", "100000"], "larger than the training set"),
         (["--batches", "-3"], "batches"),
         (["--small-batch", "four"], "not a whole number"),

@@ -12,7 +12,7 @@ import torch
 from batchfit.errors import ConfigError
 from batchfit.noise.estimator import NoiseScaleTracker
 from batchfit.noise.measure import measure_noise_scale
-from batchfit.noise.watch import GradientNormWatch
+from batchfit.noise.watch import GradientNormWatch, noise_scale_advice, noise_scale_loggable
 from tests.conftest import make_mlp_task
 
 
@@ -306,3 +306,34 @@ def test_callback_refuses_a_global_batch_above_the_training_set():
     with pytest.raises(ConfigError, match="dataset_size=None"):
         callback.on_train_start(make_mlp_task().make_model(), plan_accumulation(128, 32))
     NoiseScaleCallback().on_train_start(make_mlp_task().make_model(), plan_accumulation(128, 32))
+
+
+@pytest.mark.parametrize(
+    "estimate, words",
+    [
+        (None, "not yet reliable"),
+        (600.0, "well above the global batch"),
+        (10.0, "well below the global batch"),
+        (70.0, "close to the global batch"),
+    ],
+)
+def test_noise_advice_compares_with_the_global_batch(estimate, words):
+    assert words in noise_scale_advice(estimate, 64)
+
+
+@pytest.mark.parametrize(
+    "global_batch, micro_batch, world_size, dataset_size, loggable, words",
+    [
+        (64, 32, 1, 1000, True, "2 micro-batches per step"),
+        (32, 32, 1, 1000, False, "two or more micro-batches"),
+        (64, 32, 2, 1000, True, "2 micro-batches per step over 2 ranks"),
+        (2000, 500, 1, 1000, False, "larger than the training set (1000 samples)"),
+    ],
+)
+def test_noise_scale_loggable_and_why(
+    global_batch, micro_batch, world_size, dataset_size, loggable, words
+):
+    ok, reason = noise_scale_loggable(
+        global_batch, micro_batch, dataset_size=dataset_size, world_size=world_size
+    )
+    assert ok is loggable and words in reason

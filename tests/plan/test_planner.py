@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from batchfit.cli.commands import main
+from batchfit.cli.main import main
 from batchfit.errors import ConfigError, DoesNotFitError
 from batchfit.plan.plan_file import load_plan
 from batchfit.plan.planner import plan

@@ -61,3 +61,42 @@ def test_changed_identity_fields():
     config = TrainConfig(global_batch=64, micro_batch=32, steps=5)
     saved = config.to_dict() | {"steps": 3, "micro_batch": 8}
     assert changed_identity_fields(saved, config) == ["steps"]  # micro_batch may change
+
+
+def _plan(**changes):
+    from batchfit.plan.plan_file import Plan
+
+    fields = dict(
+        task="digits", device="cpu", world_size=1, global_batch=256, micro_batch=64,
+        accumulation_steps=4, lr=0.004, lr_rule="linear", warmup_steps=5, total_steps=70,
+        optimizer="lars",
+    )  # fmt: skip
+    fields.update(changes)
+    return Plan(**fields)
+
+
+def test_from_plan_takes_the_plans_settings():
+    config = TrainConfig.from_plan(_plan())
+    assert (config.global_batch, config.micro_batch, config.lr) == (256, 64, 0.004)
+    assert (config.steps, config.warmup, config.optimizer) == (70, 5, "lars")
+    assert config.sync_batchnorm is False
+    assert TrainConfig.from_plan(_plan(normalization="syncbatchnorm")).sync_batchnorm is True
+
+
+def test_from_plan_overrides_win_and_a_new_length_drops_the_plans_warmup():
+    config = TrainConfig.from_plan(_plan(), lr=0.1, micro_batch=32, out_dir="runs/x")
+    assert (config.lr, config.micro_batch, config.out_dir) == (0.1, 32, "runs/x")
+    # The plan's warmup was sized for its own 70 steps: another length gets the loop's own.
+    config = TrainConfig.from_plan(_plan(), epochs=2.0)
+    assert (config.steps, config.epochs, config.warmup) == (None, 2.0, None)
+    assert TrainConfig.from_plan(_plan(), steps=20, warmup=3).warmup == 3
+    # No planned length: the plan's warmup still applies, the length is the default.
+    config = TrainConfig.from_plan(_plan(total_steps=None))
+    assert (config.steps, config.warmup) == (None, 5)
+
+
+def test_from_plan_refuses_unknown_fields_and_bad_values():
+    with pytest.raises(ConfigError, match="Unknown TrainConfig field.*global_batch"):
+        TrainConfig.from_plan(_plan(), global_bach=64)
+    with pytest.raises(ConfigError, match="swa_start"):
+        TrainConfig.from_plan(_plan(), swa=True, swa_start=0.0)

@@ -1,29 +1,61 @@
-"""How the `batchfit` command prints its results: tables and plain lines on stdout.
+"""How the `batchfit` command prints its results: tables, plain lines and JSON on stdout.
 
-The command's functions in `batchfit.cli.commands` parse arguments and call the library; the longer
-human-readable summaries live here, one function per subcommand. Only imported when a command
-runs, so `batchfit --help` stays fast.
+The command's functions in `batchfit.cli.commands` call the library; the longer human-readable
+summaries live here, one function per subcommand. Text from the user (task names, paths) is
+never read as rich markup: `vit[b/16]` prints as is, and `imagenet[/train]` does not crash.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from batchfit.units import format_bytes, format_seconds
 
 
+def stdout_console() -> Console:
+    """The console results are printed on."""
+    return Console(file=sys.stdout, soft_wrap=True)
+
+
+def print_json(result: Any) -> None:
+    """A result (its `to_dict()`, or a plain dict) as indented JSON on stdout."""
+    data = result.to_dict() if hasattr(result, "to_dict") else result
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
 def table(title: str, rows: Iterable[Sequence[str]], *, columns: Sequence[str] | None = None):
-    """A rich table: `columns` as right-aligned headers, or (label, value) rows without one."""
-    result = Table(title=title, show_header=columns is not None)
+    """A rich table: `columns` as right-aligned headers, or (label, value) rows without one.
+    Titles and cells are plain text, never markup."""
+    result = Table(title=Text(title), show_header=columns is not None)
     for column in columns or ():
-        result.add_column(column, justify="right")
+        result.add_column(Text(column), justify="right")
     for cells in rows:
-        result.add_row(*cells)
+        result.add_row(*(Text(str(cell)) for cell in cells))
     return result
+
+
+def print_estimate(result: dict[str, Any]) -> None:
+    """The answer of `batchfit estimate` (a dict of its numbers), one line."""
+    exact, rounded = result["max_batch_size"], result["batch_size"]
+    if exact == 0:
+        print(
+            f"0: not one sample fits. The model takes {format_bytes(result['fixed_bytes'])} of "
+            f"{format_bytes(result['capacity_bytes'] - result['reserve_bytes'])}, and one sample "
+            f"needs {format_bytes(result['per_sample_bytes'])}."
+        )
+        return
+    line = f"{exact}"
+    if rounded != exact:
+        line += f", rounded to {rounded} ({rounding_phrase(result['round_to'])})"
+    print(line)
 
 
 def rounding_phrase(round_to: int | str) -> str:
@@ -91,8 +123,11 @@ def print_scaled_rate(console: Console, scaled: Any, schedule: Any | None) -> No
         console.print(render_schedule(schedule, scaled.lr))
 
 
-def print_train_summary(console: Console, name: str, result: Any) -> None:
-    """What a training run did (a TrainResult): steps, batches, rate, back-offs, files."""
+def print_train_summary(
+    console: Console, name: str, result: Any, noise: dict[str, Any] | None = None
+) -> None:
+    """What a training run did (a TrainResult): steps, batches, rate, back-offs, files, and the
+    noise scale (`noise`: logged, reason, advice, as `batchfit train --json` gives them)."""
     from pathlib import Path
 
     say = _plain(console)
@@ -123,26 +158,9 @@ def print_train_summary(console: Console, name: str, result: Any) -> None:
     if result.interrupted:
         run_dir = Path(result.checkpoint_path).parent
         say(f"  continue with: batchfit train ... --resume {run_dir}")
-
-
-def print_noise_summary(console: Console, noise: Any | None, global_batch: int) -> None:
-    """The noise scale a training run logged (a NoiseScaleCallback, or None when it was not
-    logged), against the global batch."""
-    say = _plain(console)
-    if noise is None:
-        say("  noise scale: not logged (needs two or more micro-batches per step, or DDP)")
-        return
-    estimate = noise.tracker.noise_scale
-    if estimate is None:
-        say("  noise scale: not yet reliable at the end of the run")
-        return
-    if estimate > 2 * global_batch:
-        advice = "well above the global batch: a larger global batch would now save steps"
-    elif estimate < global_batch / 2:
-        advice = "well below the global batch: part of each batch adds little"
-    else:
-        advice = "close to the global batch"
-    say(f"  noise scale at the end: ~{estimate:.0f} samples, {advice}")
+    if noise is not None:
+        logged = noise["advice"] if noise["logged"] else None
+        say(f"  {logged or 'noise scale: not logged (' + noise['reason'] + ')'}")
 
 
 _PLAN_ROWS = (  # label, Plan field
@@ -161,13 +179,13 @@ def print_plan(
 ) -> None:
     """A Plan as a table (setting, value, why), its notes, the files and the train command
     (`source` is the task as the user named it)."""
-    result = Table(title=f"Plan for {plan.task}", title_justify="left")
+    result = Table(title=Text(f"Plan for {plan.task}"), title_justify="left")
     result.add_column("setting")
     result.add_column("value", justify="right")
     result.add_column("why")
     for label, key in _PLAN_ROWS:
         value = f"{plan.lr:.4g}" if key == "lr" else str(getattr(plan, key))
-        result.add_row(label, value, plan.reasons.get(key, ""))
+        result.add_row(label, Text(value), Text(plan.reasons.get(key, "")))
     console.print(result)
     say = _plain(console)
     for note in plan.notes:
@@ -179,4 +197,4 @@ def print_plan(
 
 def _plain(console: Console) -> Callable[..., None]:
     """console.print for plain sentences: no automatic colouring of numbers and paths."""
-    return lambda text, **options: console.print(text, highlight=False, **options)
+    return lambda text, **options: console.print(text, highlight=False, markup=False, **options)

@@ -39,7 +39,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GradientNormWatch", "NoiseScaleCallback"]
+__all__ = [
+    "GradientNormWatch",
+    "NoiseScaleCallback",
+    "noise_scale_advice",
+    "noise_scale_loggable",
+]
 
 
 class GradientNormWatch:
@@ -357,6 +362,71 @@ class NoiseScaleCallback:
             "noise_scale_gradient_sq": self.tracker.gradient_sq_norm,
             "noise_scale_trace": self.tracker.trace_covariance,
         }
+
+
+def noise_scale_loggable(
+    global_batch: int, micro_batch: int, *, dataset_size: int, world_size: int = 1
+) -> tuple[bool, str]:
+    """Whether a training run can log the gradient noise scale, and why (or why not).
+
+    The estimate compares the gradient of each micro-batch (and each rank) with the step's
+    accumulated gradient, so a step needs two or more pieces: micro-batches or ranks. A global
+    batch larger than the training set repeats samples, which the estimator does not model.
+
+    Args:
+        global_batch: samples per optimizer step, over all ranks.
+        micro_batch: samples per forward/backward on one rank.
+        dataset_size: training samples.
+        world_size: data-parallel ranks.
+
+    Returns:
+        (loggable, reason): the reason is a short phrase for people and `--json`.
+
+    Example:
+        >>> noise_scale_loggable(64, 32, dataset_size=1000)
+        (True, '2 micro-batches per step')
+        >>> noise_scale_loggable(32, 32, dataset_size=1000)[0]
+        False
+    """
+    world_size = max(1, world_size)
+    pieces = -(-global_batch // (micro_batch * world_size)) * world_size
+    if global_batch > dataset_size:
+        return False, (
+            f"the global batch ({global_batch}) is larger than the training set "
+            f"({dataset_size} samples)"
+        )
+    if pieces < 2:
+        return False, "needs two or more micro-batches per step, or DDP"
+    ranks = f" over {world_size} ranks" if world_size > 1 else ""
+    return True, f"{pieces} micro-batches per step{ranks}"
+
+
+def noise_scale_advice(noise_scale: float | None, global_batch: int) -> str:
+    """What the noise scale at the end of a run says about its global batch, in one sentence.
+
+    Args:
+        noise_scale: the tracker's estimate (samples), or None when not yet reliable.
+        global_batch: the run's samples per optimizer step.
+
+    Returns:
+        The sentence, e.g. "noise scale at the end: ~900 samples, well above the global batch:
+        a larger global batch would now save steps".
+
+    Example:
+        >>> noise_scale_advice(60.0, 64)
+        'noise scale at the end: ~60 samples, close to the global batch'
+        >>> noise_scale_advice(None, 64)
+        'noise scale: not yet reliable at the end of the run'
+    """
+    if noise_scale is None:
+        return "noise scale: not yet reliable at the end of the run"
+    if noise_scale > 2 * global_batch:
+        advice = "well above the global batch: a larger global batch would now save steps"
+    elif noise_scale < global_batch / 2:
+        advice = "well below the global batch: part of each batch adds little"
+    else:
+        advice = "close to the global batch"
+    return f"noise scale at the end: ~{noise_scale:.0f} samples, {advice}"
 
 
 def _backward_id(current: object, seen: int, parameters: int) -> object:

@@ -110,8 +110,25 @@ def load_plan(path: str | os.PathLike) -> Plan:
             f"Plan file {str(source)!r} does not exist; run `batchfit plan` first."
         )
     try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        text = source.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CheckpointError(
+            f"Plan file {str(source)!r} cannot be read ({error.strerror or error}); check its "
+            "permissions."
+        ) from None
+    except UnicodeDecodeError as error:
+        raise CheckpointError(
+            f"Plan file {str(source)!r} is not valid JSON ({error}); write it anew with "
+            "`batchfit plan`."
+        ) from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise CheckpointError(
+            f"Plan file {str(source)!r} is nested too deeply to be a plan; write it anew with "
+            "`batchfit plan`."
+        ) from None
+    except json.JSONDecodeError as error:
         raise CheckpointError(
             f"Plan file {str(source)!r} is not valid JSON ({error}); write it anew with "
             "`batchfit plan`."

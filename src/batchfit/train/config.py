@@ -8,7 +8,7 @@ options, without training.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
@@ -17,6 +17,7 @@ from batchfit.validation import check_batch_size, check_positive_number, check_w
 if TYPE_CHECKING:
     import torch
 
+    from batchfit.plan.plan_file import Plan
     from batchfit.task import Task
 
 DEFAULT_EPOCHS = 10
@@ -138,6 +139,60 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_plan(cls, plan: Plan, **overrides: Any) -> TrainConfig:
+        """The training settings a plan advises, with `overrides` (TrainConfig fields) winning.
+
+        From the plan: global_batch, micro_batch, lr, optimizer, the run length
+        (`steps=plan.total_steps`) with its warmup (`warmup=plan.warmup_steps`), and
+        `sync_batchnorm` when the plan advises SyncBatchNorm. The plan's warmup was sized for
+        its own run length, so when `overrides` give `steps` or `epochs` the warmup is left to
+        the loop (auto) unless `overrides` give one too. GroupNorm advice changes the model,
+        not the settings: see `batchfit.plan.plan_file.apply_plan`.
+
+        Args:
+            plan: a Plan (`batchfit.plan.plan_file.load_plan`).
+            **overrides: TrainConfig fields to set instead of the plan's (e.g. steps=100,
+                out_dir="runs/x"); each is used as given.
+
+        Returns:
+            The validated TrainConfig.
+
+        Raises:
+            ConfigError: an unknown field in `overrides` (the message lists the valid ones), or
+                a value TrainConfig refuses.
+
+        Example:
+            >>> from batchfit.plan.plan_file import Plan
+            >>> plan = Plan(task="digits", device="cpu", world_size=1, global_batch=256,
+            ...             micro_batch=64, accumulation_steps=4, lr=0.004, lr_rule="linear",
+            ...             warmup_steps=5, total_steps=70)
+            >>> config = TrainConfig.from_plan(plan, steps=20)
+            >>> config.global_batch, config.steps, config.warmup, config.lr
+            (256, 20, None, 0.004)
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown TrainConfig field(s) {', '.join(unknown)}; valid fields are "
+                f"{', '.join(sorted(known))}."
+            )
+        new_length = "steps" in overrides or "epochs" in overrides
+        settings: dict[str, Any] = {
+            "global_batch": plan.global_batch,
+            "micro_batch": plan.micro_batch,
+            "lr": plan.lr,
+            "optimizer": plan.optimizer,
+            "sync_batchnorm": plan.normalization == "syncbatchnorm",
+        }
+        if not new_length:
+            settings["warmup"] = plan.warmup_steps
+            if plan.total_steps is not None:
+                settings["steps"] = plan.total_steps
+        settings.update(overrides)
+        return cls(**settings)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,63 @@
+"""`batchfit`'s entry point: parse, run one subcommand, and turn failures into exit codes.
+
+One error path: every failure batchfit raises on purpose (`BatchfitError`, parse errors
+included) is printed as one line, `batchfit: error: ...`, with exit code 2; Ctrl-C exits 130.
+With -v the traceback follows the line. Anything else is a bug in batchfit and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from batchfit.errors import BatchfitError
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 bad input, 130 interrupted).
+
+    Args:
+        argv: the arguments after the program name; None reads `sys.argv[1:]`.
+
+    Example:
+        >>> main(["estimate", "--memory", "24GB", "--model", "4GB", "--per-sample", "0.2GB"])
+        100
+        0
+    """
+    from batchfit.cli.parser import build_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # what the user typed: `train --nproc` forwards it to torchrun
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        from batchfit.cli.commands import COMMANDS
+
+        return COMMANDS[args.command](args)
+    except BatchfitError as error:
+        _report(error, verbose)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("batchfit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _report(error: BatchfitError, verbose: bool) -> None:
+    """`batchfit: error: <one line>` on stderr, the traceback first when verbose."""
+    if verbose:
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    line = " ".join(str(error).split())
+    print(f"batchfit: error: {line}", file=sys.stderr)

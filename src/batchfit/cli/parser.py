@@ -1,0 +1,349 @@
+"""The argparse tree of the `batchfit` command: one function per subcommand's flags.
+
+Flags default to None, so the library's defaults apply to what the user leaves out (the help
+text states them); numbers, sizes and lists are converted and range-checked as they are parsed
+(`batchfit.cli.arguments`), before any work. Imports no torch, so `batchfit --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from batchfit.cli.arguments import (
+    BatchSizes,
+    Number,
+    Parser,
+    Size,
+    Warmup,
+    add_batch,
+    add_count,
+    add_device_arguments,
+    add_json_argument,
+    add_number,
+    add_out_arguments,
+    add_plot_argument,
+    add_rate,
+    add_share,
+    add_task_arguments,
+)
+from batchfit.validation import MAX_BATCH_SIZE, MAX_COUNT, MAX_PROCESSES, MAX_SEED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `batchfit` command line; each subcommand's name is `args.command`."""
+    from batchfit import __version__
+
+    parser = Parser(
+        prog="batchfit",
+        description="What batch size, what learning rate, and how to get there on your hardware.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log details, and tracebacks, to stderr"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=description, allow_abbrev=False)
+
+    _add_estimate(command)
+    _add_memory(command)
+    _add_noise_scale(command)
+    _add_scale_lr(command)
+    _add_train(command)
+    _add_lr_range(command)
+    _add_throughput(command)
+    _add_plan(command)
+    return parser
+
+
+def _add_estimate(command) -> None:
+    estimate = command(
+        "estimate",
+        "largest batch from the formula (memory - model) / per-sample",
+        "The largest batch size: (memory - reserve - model) / per-sample.",
+    )
+    for flag, help in (
+        ("--memory", "device memory, e.g. 24GB"),
+        ("--model", "memory before the first sample, e.g. 4GB"),
+        ("--per-sample", "memory each sample adds, e.g. 0.2GB"),
+    ):
+        estimate.add_argument(flag, required=True, metavar="SIZE", action=Size, help=help)
+    estimate.add_argument(
+        "--reserve", metavar="SIZE", action=Size, help="memory to keep free (default 0)"
+    )
+    estimate.add_argument("--round", help="pow2, none, or a multiple such as 8 (default none)")
+    add_json_argument(estimate)
+
+
+def _add_memory(command) -> None:
+    memory = command(
+        "memory",
+        "the largest batch that fits the device or a memory budget",
+        "Predict the largest batch that fits (fake tensors, no real compute), then confirm it "
+        "with as few real training steps as possible. Usable memory is budget x (1 - margin).",
+    )
+    add_task_arguments(memory)
+    add_device_arguments(memory)
+    add_share(memory, "--margin", "fraction of the budget kept free (default 0.05)")
+    memory.add_argument("--round", help="pow2, none, or a multiple such as 8 (default none)")
+    add_batch(memory, "--max-batch", "search no batch above this (default 16777216)")
+    add_json_argument(memory)
+
+
+def _add_noise_scale(command) -> None:
+    noise = command(
+        "noise-scale",
+        "gradient noise scale: the critical batch size of a task",
+        "Measure the gradient noise scale B_simple = tr(Sigma)/|G|^2 (McCandlish et al. 2018): "
+        "below it, doubling the batch nearly halves the steps; above it, samples are wasted.",
+    )
+    add_task_arguments(noise)
+    add_batch(noise, "--small-batch", "B_small (default: batch size / 4)")
+    add_batch(noise, "--big-batch", "B_big (default: 4 x batch size, at most the data)")
+    add_count(noise, "--batches", "big batches to measure (default 50)")
+    add_count(
+        noise,
+        "--warmup-steps",
+        "train this many steps first (default 50, 0 with --checkpoint)",
+        minimum=0,
+    )
+    noise.add_argument("--checkpoint", metavar="FILE", help="start from this model state_dict")
+    noise.add_argument(
+        "--infinite-population",
+        action="store_true",
+        help="skip the finite-training-set correction",
+    )
+    add_device_arguments(noise)
+    add_json_argument(noise)
+    add_plot_argument(noise, "the running estimate")
+
+
+def _add_scale_lr(command) -> None:
+    scale_lr = command(
+        "scale-lr",
+        "scale a learning rate to a new batch size (linear, sqrt), with its schedule",
+        "Scale a learning rate tuned at one batch size to another; optionally show the warmup "
+        "and decay schedule for a run of --total-steps optimizer steps.",
+    )
+    add_task_arguments(scale_lr)
+    add_rate(scale_lr, "--lr", "the tuned learning rate (default: the task's)")
+    add_batch(scale_lr, "--batch", "the batch size it was tuned at (default: the task's)")
+    scale_lr.add_argument(
+        "--new-batch",
+        required=True,
+        action=Number,
+        kind=int,
+        minimum=1,
+        maximum=MAX_BATCH_SIZE,
+        help="the batch size to scale to",
+    )
+    scale_lr.add_argument(
+        "--rule", help="linear, sqrt or none (default: linear for sgd, sqrt for adam)"
+    )
+    scale_lr.add_argument(
+        "--optimizer-family", help="sgd or adam, to pick the rule (default: the task's, or sgd)"
+    )
+    add_count(scale_lr, "--total-steps", "optimizer steps of the run: show the schedule")
+    scale_lr.add_argument(
+        "--warmup",
+        action=Warmup,
+        help="warmup steps (500), fraction (0.05 or 5%%), or auto: when the rate at least "
+        "doubles, 5%% of training (default: auto)",
+    )
+    scale_lr.add_argument("--decay", help="constant, cosine or linear (default: cosine)")
+    add_number(
+        scale_lr,
+        "--min-lr-factor",
+        "where the decay ends, x the peak rate (default 0)",
+        minimum=0,
+        maximum=1,
+    )
+    add_plot_argument(scale_lr, "the schedule", needs="--total-steps")
+    add_json_argument(scale_lr)
+
+
+def _add_train(command) -> None:
+    train = command(
+        "train",
+        "train at a global batch: accumulation, scaled lr, OOM back-off, DDP",
+        "Train a task at --global-batch samples per step, in micro-batches of --micro-batch "
+        "(halved when memory runs out), with the learning rate scaled from the task's "
+        "reference point; metrics.jsonl and checkpoints go to --out RUN_DIR.",
+    )
+    add_task_arguments(train)
+    train.add_argument(
+        "--plan", metavar="PLAN_JSON", help="train with a plan from `batchfit plan`; flags win"
+    )
+    add_batch(train, "--global-batch", "samples per optimizer step")
+    add_batch(train, "--micro-batch", "samples per forward/backward on one process")
+    length = train.add_mutually_exclusive_group()
+    add_count(length, "--steps", "optimizer steps")
+    add_number(
+        length,
+        "--epochs",
+        "passes over the training data (default 10)",
+        minimum=0,
+        maximum=MAX_COUNT,
+        open_minimum=True,
+    )
+    add_rate(train, "--lr", "peak learning rate (default: the task's, scaled)")
+    train.add_argument(
+        "--lr-rule", help="linear, sqrt or none (default: linear for SGD, sqrt for Adam)"
+    )
+    train.add_argument(
+        "--warmup",
+        action=Warmup,
+        help="warmup steps (50), fraction (0.05 or 5%%), or auto: when the scaled rate is at "
+        "least 2x the task's (default: auto)",
+    )
+    train.add_argument("--decay", help="constant, cosine, linear or step (default: cosine)")
+    train.add_argument("--optimizer", help="task, sgd, adam, adamw, lars or lamb (default: task)")
+    add_share(train, "--label-smoothing", "e.g. 0.1 (default 0)")
+    train.add_argument("--swa", action="store_true", help="stochastic weight averaging")
+    add_share(
+        train, "--swa-start", "share of training before SWA (default 0.75)", open_minimum=True
+    )
+    add_rate(train, "--swa-lr", "SWA learning rate (default: half the peak)")
+    add_number(
+        train,
+        "--max-grad-norm",
+        "clip the gradient norm to this",
+        minimum=0,
+        maximum=1e12,
+        open_minimum=True,
+    )
+    add_count(train, "--eval-every", "steps between evaluations (default: 10 a run)", minimum=0)
+    add_count(
+        train,
+        "--checkpoint-every",
+        "steps between checkpoints (default: as --eval-every)",
+        minimum=0,
+    )
+    add_out_arguments(train, "RUN_DIR", "run directory (default: runs/<task>-<time>)")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_DIR",
+        help="continue the run in --out (or RUN_DIR) from its checkpoint",
+    )
+    add_number(train, "--seed", "seed (default: the task's)", kind=int, minimum=0, maximum=MAX_SEED)
+    train.add_argument(
+        "--allow-uneven", action="store_true", help="allow a shorter last micro-batch"
+    )
+    add_number(
+        train,
+        "--nproc",
+        "processes: launch torchrun on this machine",
+        kind=int,
+        minimum=1,
+        maximum=MAX_PROCESSES,
+    )
+    train.add_argument("--sync-batchnorm", action="store_true", help="under DDP, use SyncBatchNorm")
+    train.add_argument(
+        "--no-noise-scale",
+        action="store_true",
+        help="do not log the gradient noise scale (logged by default when a step has two or "
+        "more micro-batches or ranks)",
+    )
+    add_device_arguments(train)
+    add_json_argument(train)
+
+
+def _add_lr_range(command) -> None:
+    lr_range = command(
+        "lr-range",
+        "learning-rate range test: sweep the rate, suggest one",
+        "Sweep the learning rate up over a few steps (Smith 2017) at the global batch you will "
+        "train with, stop when the loss blows up, and suggest a rate by the steepest descent "
+        "and by the valley. The task's model is not changed.",
+    )
+    add_task_arguments(lr_range)
+    add_rate(lr_range, "--start-lr", "first rate (default 1e-7)")
+    add_rate(lr_range, "--end-lr", "last rate (default 10)")
+    add_count(lr_range, "--steps", "steps in the sweep (default 100)")
+    lr_range.add_argument("--mode", choices=("exp", "linear"), help="(default: exp)")
+    add_number(
+        lr_range,
+        "--smoothing",
+        "weight of the newest loss in the average (default 0.05)",
+        minimum=0,
+        maximum=1,
+        open_minimum=True,
+    )
+    add_number(
+        lr_range,
+        "--diverge-factor",
+        "stop when loss > factor x best (default 4)",
+        minimum=1,
+        maximum=1e6,
+        open_minimum=True,
+    )
+    add_batch(lr_range, "--global-batch", "samples per step (default: the task's)")
+    add_batch(lr_range, "--micro-batch", "samples per forward/backward (accumulated)")
+    add_device_arguments(lr_range)
+    add_json_argument(lr_range)
+    add_plot_argument(lr_range, "loss against rate")
+
+
+def _add_throughput(command) -> None:
+    throughput = command(
+        "throughput",
+        "samples per second against batch size, and its knee",
+        "Time full training steps at each batch size (median of repeats, warm-up excluded) and "
+        "find the knee: the smallest batch within --fraction of the best.",
+    )
+    add_task_arguments(throughput)
+    throughput.add_argument(
+        "--batch-sizes",
+        metavar="8,16,32",
+        action=BatchSizes,
+        help="sizes to measure (default: 1, 2, 4, ...)",
+    )
+    add_batch(throughput, "--max-batch", "measure no batch above this")
+    add_count(throughput, "--warmup-steps", "untimed steps per size (default 2)", minimum=0)
+    add_count(throughput, "--repeats", "fewest timed steps per size (default 5)")
+    add_number(
+        throughput,
+        "--min-seconds",
+        "time more steps until they add up to this (default 0.2)",
+        minimum=0,
+        maximum=3600,
+    )
+    add_number(
+        throughput,
+        "--fraction",
+        "the knee's share of the best throughput (default 0.9)",
+        minimum=0,
+        maximum=1,
+        open_minimum=True,
+    )
+    add_device_arguments(throughput)
+    add_json_argument(throughput)
+    add_plot_argument(throughput, "samples/s")
+
+
+def _add_plan(command) -> None:
+    plan = command(
+        "plan",
+        "profile a task and write a plan (batch, rate, why) and an HTML report",
+        "Measure memory, throughput, gradient noise and a learning-rate range test, then write "
+        "plan.json (for `batchfit train --plan`) and report.html.",
+    )
+    add_task_arguments(plan)
+    add_device_arguments(plan)
+    add_number(
+        plan,
+        "--world-size",
+        "data-parallel devices to plan for (default 1)",
+        kind=int,
+        minimum=1,
+        maximum=MAX_PROCESSES,
+    )
+    add_batch(plan, "--target-global-batch", "reach this global batch instead of choosing one")
+    add_share(plan, "--margin", "fraction of memory kept free (default 0.05)")
+    add_out_arguments(plan, "DIR", "where plan.json and report.html go (default: runs/<task>-plan)")
+    add_json_argument(plan)

@@ -1,0 +1,200 @@
+"""The one error path: task files that fail, output paths that cannot be written, unreadable
+files, bad sizes and numbers; each is one line on stderr and exit 2, with the traceback under -v."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from batchfit.cli.main import main
+from batchfit.errors import TaskError
+from batchfit.task import load_task
+
+TASK_FILES = {
+    "raises.py": "x = 1\ny = 2\nz = x / 0\n",
+    "syntax.py": "def task(:\n    pass\n",
+    "imports.py": "import numpy\nimport no_such_module_for_batchfit\n",
+    "arguments.py": "def task(data_dir, seed=0):\n    return None\n",
+    "factory_raises.py": "def task():\n    return {}['missing']\n",
+    "not_a_task.py": "def task():\n    return 42\n",
+}
+
+# (task file, subcommand words, words of the one line)
+CASES = [
+    ("raises.py", "the task file raises.py raised ZeroDivisionError at line 3"),
+    ("syntax.py", "the task file syntax.py raised SyntaxError at line 1"),
+    ("imports.py", "raised ModuleNotFoundError at line 2 (No module named"),
+    ("arguments.py", "task() needs arguments (data_dir)"),
+    ("factory_raises.py", "raised KeyError at line 2"),
+    ("not_a_task.py", "returned int, not a batchfit.Task"),
+    ("missing.py", "does not exist"),
+]
+
+COMMANDS = [
+    ["memory"],
+    ["noise-scale"],
+    ["train", "--global-batch", "8", "--micro-batch", "8"],
+    ["lr-range"],
+    ["throughput"],
+    ["scale-lr", "--new-batch", "64"],
+]
+
+
+@pytest.fixture
+def task_dir(tmp_path):
+    for name, text in TASK_FILES.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("batchfit: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, words", CASES)
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_a_failing_task_file_is_one_line_for_every_command(
+    name, words, command, task_dir, capsys, monkeypatch
+):
+    monkeypatch.chdir(task_dir)
+    argv = [command[0], f"{task_dir / name}:task", *command[1:]]
+    assert main(argv) == 2
+    line = _one_line(capsys)
+    assert words in line
+    if "raised" in words:
+        assert "(run with -v for the traceback)" in line
+
+
+def test_the_library_raises_a_task_error_chained_to_the_users_exception(task_dir):
+    with pytest.raises(TaskError, match="raised ZeroDivisionError at line 3") as info:
+        load_task(f"{task_dir / 'raises.py'}:task")
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_verbose_adds_the_traceback_of_the_users_code(task_dir, capsys):
+    assert main(["-v", "memory", f"{task_dir / 'raises.py'}:task"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err and "raises.py" in err
+    assert err.strip().splitlines()[-1].startswith("batchfit: error: the task file raises.py")
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_task_and_plan_files(task_dir, capsys):
+    secret = task_dir / "secret.py"
+    secret.write_text("def task():\n    pass\n")
+    secret.chmod(0)
+    assert main(["memory", f"{secret}:task"]) == 2
+    assert "cannot be read" in _one_line(capsys)
+
+
+def test_a_folder_named_as_the_task_file(task_dir, capsys):
+    (task_dir / "folder.py").mkdir()
+    assert main(["memory", f"{task_dir / 'folder.py'}:task"]) == 2
+    assert "is a folder, not a file" in _one_line(capsys)
+
+
+def test_a_plan_file_that_is_not_there_or_not_json(tmp_path, capsys):
+    argv = ["train", "--example", "digits", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--plan", str(tmp_path / "nope.json")]) == 2
+    assert "run `batchfit plan` first" in _one_line(capsys)
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe{")
+    assert main([*argv, "--plan", str(tmp_path / "bad.json")]) == 2
+    assert "is not valid JSON" in _one_line(capsys)
+
+
+# (argv, words): output paths are checked before any work starts (a --plot in a folder that is
+# a file, an --out that is a file, an existing --out without --force).
+def _path_cases(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "old.txt").write_text("x")
+    digits = ["--example", "digits"]
+    return [
+        (["throughput", *digits, "--plot", str(a_file / "t.png")], "is a file, not a folder"),
+        (["lr-range", *digits, "--plot", str(tmp_path)], "must end in .png"),
+        (["noise-scale", *digits, "--plot", str(tmp_path / "d.png")], None),
+        (["plan", *digits, "--out", str(a_file)], "is a file, not a folder"),
+        (["plan", *digits, "--out", str(full)], "already holds files (old.txt)"),
+        (["train", *digits, "--global-batch", "8", "--micro-batch", "8", "--out", str(a_file)],
+         "is a file, not a folder"),
+        (["train", *digits, "--global-batch", "8", "--micro-batch", "8", "--out", str(full)],
+         "--force to overwrite"),
+        (["scale-lr", "--lr", "0.1", "--batch", "8", "--new-batch", "16", "--plot", "x.png"],
+         "--plot needs --total-steps"),
+    ]  # fmt: skip
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    import batchfit.task
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a task was loaded before the output path was checked")
+
+    monkeypatch.setattr(batchfit.task, "load_example", no_work)
+    (tmp_path / "d.png").mkdir()
+    for argv, words in _path_cases(tmp_path):
+        assert main(argv) == 2, argv
+        line = _one_line(capsys)
+        assert (words or "is a folder") in line, (argv, line)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--example", "digits", "--global-batch", "99999999999999999999999"],
+         "--global-batch must lie in [1, 16777216]"),
+        (["train", "--example", "digits", "--global-batch", "100000000000000"],
+         "--global-batch must lie in [1, 16777216]"),
+        (["memory", "--example", "digits", "--memory-budget", "1e999999999GB"],
+         "larger than any device"),
+        (["train", "--example", "digits", "--seed", str(2**63)], "--seed must lie in [0, "),
+        (["train", "--example", "digits", "--lr", "1e300"], "--lr must lie in (0, 10000]"),
+        (["scale-lr", "--lr", "nan", "--batch", "8", "--new-batch", "16"], "finite"),
+        (["plan", "--example", "digits", "--world-size", "0"], "--world-size must lie in [1, "),
+        (["plan", "--example", "digits", "--margin", "1.5"], "--margin must lie in [0, 1)"),
+        (["train", "--example", "digits", "--nproc", "9" * 5000], "is not a whole number"),
+        (["memory", "--example", "digits", "--max-batch", "1e3"], "is not a whole number"),
+        (["train", "--example", "digits", "--steps", "1", "--epochs", "1"], "not allowed with"),
+        (["memory", "--exampel", "digits"], "unrecognized arguments: --exampel"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)  # fmt: skip
+def test_bounds_and_parse_errors_are_one_line_before_any_work(argv, words, capsys):
+    assert main(argv) == 2
+    assert words in _one_line(capsys)
+
+
+def test_version(capsys):
+    from batchfit import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"batchfit {__version__}"
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    import batchfit.cli.commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(batchfit.cli.commands.COMMANDS, "estimate", interrupted)
+    assert main(["estimate", "--memory", "1GB", "--model", "1MB", "--per-sample", "1MB"]) == 130
+    assert capsys.readouterr().err.strip() == "batchfit: interrupted"
+
+
+def test_a_deeply_nested_plan_file_is_one_line(tmp_path, capsys):
+    nested = tmp_path / "deep.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    argv = ["train", "--example", "digits", "--plan", str(nested), "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "nested too deeply" in _one_line(capsys)
