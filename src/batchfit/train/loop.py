@@ -44,6 +44,7 @@ from batchfit.train.step import StepRecord, optimizer_step
 if TYPE_CHECKING:
     import torch
 
+    from batchfit.progress import ProgressFn
     from batchfit.task import Task
     from batchfit.train.backoff import BackoffEvent
     from batchfit.train.distributed import DistributedContext
@@ -134,7 +135,7 @@ def train(
     *,
     device: torch.device | str = "auto",
     memory_budget_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool | ProgressFn = False,
     callbacks: Sequence[Any] = (),
     distributed: DistributedContext | None = None,
 ) -> TrainResult:
@@ -151,7 +152,9 @@ def train(
         memory_budget_bytes: pretend the device has this many bytes: CUDA is capped to it, other
             devices count tensor bytes (`batchfit.memory.step.count_memory`) and raise out-of-memory
             past it, so the back-off can be seen working on a CPU.
-        progress: show a progress bar on stderr (rank 0 only).
+        progress: a `progress(phase, done, total)` callback (`batchfit.progress`), called on
+            rank 0 with ("train", step, total_steps) after each step; or True for a progress
+            bar on stderr (rank 0 only).
         callbacks: observers, see `batchfit.train.callbacks.TrainCallback`.
         distributed: the rank and world size; default: read from the environment (torchrun).
 
@@ -209,7 +212,12 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
     hooks = _start(run, callbacks, checkpoint)
     budget = _memory_budget(memory_budget_bytes, run)
     metrics = MetricsLog(run.metrics_path) if run.main and run.metrics_path else None
-    bar = TrainProgress(run.setup.total_steps, run.step, enabled=progress and run.main)
+    bar = TrainProgress(
+        run.setup.total_steps,
+        run.step,
+        enabled=progress is True and run.main,
+        report=progress if callable(progress) and run.main else None,
+    )
     interrupted = False
     started = time.perf_counter()
     try:

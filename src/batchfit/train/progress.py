@@ -1,9 +1,10 @@
 """What a training run shows while it runs, and how it hears a request to stop.
 
-`TrainProgress` is the progress bar on stderr (rank 0): step, loss, learning rate and the
-recent samples per second from a `ThroughputMeter` (the rate of the last steps, not diluted by
-evaluations and checkpoints). `stop_on_signals` turns the first Ctrl-C / SIGTERM into a request
-to stop at the end of the step.
+`TrainProgress` reports each finished step (rank 0) to a `progress(phase, done, total)` callback
+(`batchfit.progress`, phase "train"), or, with `progress=True`, draws a bar on stderr: step,
+loss, learning rate and the recent samples per second from a `ThroughputMeter` (the rate of the
+last steps, not diluted by evaluations and checkpoints). `stop_on_signals` turns the first
+Ctrl-C / SIGTERM into a request to stop at the end of the step.
 """
 
 from __future__ import annotations
@@ -57,12 +58,15 @@ class TrainProgress:
         ...     bar.step_done(1, samples=32, loss=0.5, lr=0.1)
     """
 
-    def __init__(self, total_steps: int, start_step: int, *, enabled: bool) -> None:
+    def __init__(
+        self, total_steps: int, start_step: int, *, enabled: bool, report: Any = None
+    ) -> None:
         from batchfit.throughput import ThroughputMeter
 
         self.total_steps = total_steps
         self.start_step = start_step
         self.enabled = enabled
+        self.report = report  # progress(phase, done, total), or None
         self.meter = ThroughputMeter(window=SPEED_WINDOW)
         self._stack = contextlib.ExitStack()
         self._bar: Any = None
@@ -103,6 +107,8 @@ class TrainProgress:
 
     def step_done(self, step: int, *, samples: int, loss: float, lr: float) -> None:
         """Show that optimizer step `step` finished, having trained on `samples` samples."""
+        if self.report is not None:
+            self.report("train", step, self.total_steps)
         if not self.enabled:
             return
         self.meter.step(samples)

@@ -176,7 +176,6 @@ def _accumulate(run: Run, batch: Any, size: int):
 
 def _step_optimizer(run: Run) -> None:
     """`optimizer.step()`; on out-of-memory undo it, release memory and try once more."""
-    from batchfit.devices import release_memory
     from batchfit.memory.step import is_out_of_memory
 
     # The session's first step allocates the optimizer's state (Adam: two tensors per weight),
@@ -199,7 +198,6 @@ def _step_optimizer(run: Run) -> None:
                 "last checkpoint (--resume) with a larger memory budget or a smaller --micro-batch."
             )
         _restore_host_copy(run, undo)
-        release_memory(run.device)
         if attempt == 1:
             logger.warning(
                 "step %d: out of memory inside optimizer.step() (%s); undone, memory released, "
@@ -247,6 +245,18 @@ class _HostTensor:
 
         return torch.from_numpy(self.data).view(self.dtype).view(self.shape).to(self.device)
 
+    def copy_into(self, tensor: Any) -> None:
+        """Write the saved bytes back into `tensor` (in place through NumPy on the CPU, so
+        nothing is allocated there)."""
+        import numpy
+        import torch
+
+        if tensor.device.type == "cpu" and tensor.is_contiguous():
+            target = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+            numpy.copyto(target, self.data)
+        else:
+            tensor.copy_(self.tensor())
+
 
 def _host_copy(run: Run) -> dict[str, Any]:
     """The weights, gradients and optimizer state, copied to host memory."""
@@ -269,18 +279,22 @@ def _host_copy(run: Run) -> dict[str, Any]:
 
 
 def _restore_host_copy(run: Run, saved: dict[str, Any]) -> None:
+    """Put back what `_host_copy` saved; frees what the failed step allocated first."""
     import torch
+
+    from batchfit.devices import release_memory
 
     def restore(value: Any) -> Any:
         return value.tensor() if isinstance(value, _HostTensor) else value
 
+    state = run.optimizer.state
+    state.clear()  # drop what the failed step allocated, before copying anything back
+    release_memory(run.device)
     with torch.no_grad():
         for param, weight, grad in zip(run.model.parameters(), saved["weights"], saved["grads"]):
-            param.copy_(restore(weight))
+            weight.copy_into(param)
             if grad is not None:
-                param.grad.copy_(restore(grad))
-    state = run.optimizer.state
-    state.clear()  # drop what the failed step allocated
+                grad.copy_into(param.grad)
     for param, values in saved["state"].items():
         state[param] = {key: restore(value) for key, value in values.items()}
 
