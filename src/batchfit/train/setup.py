@@ -112,7 +112,7 @@ def set_up_run(
     """
     import torch
 
-    from batchfit.lr.schedules import ScheduleConfig, build_scheduler
+    from batchfit.lr.schedules import build_scheduler
     from batchfit.train.accumulation import plan_accumulation
     from batchfit.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_fingerprint
     from batchfit.train.metrics import METRICS_NAME
@@ -126,14 +126,7 @@ def set_up_run(
     )
     setup = resolve_setup(task, config)
     loss_fn = loss_function(task, config.label_smoothing)
-    schedule = ScheduleConfig(
-        total_steps=setup.schedule_steps,
-        warmup_steps=setup.warmup_steps,
-        # Goyal et al. 2017 warm up from the reference rate, not from zero.
-        warmup_start_factor=min(1.0, task.lr / setup.lr) if setup.warmup_steps else 0.0,
-        decay=config.decay,
-        **({"step_every": max(1, setup.schedule_steps // 3)} if config.decay == "step" else {}),
-    )
+    schedule = _schedule(task, config, setup)
     run_dir = Path(config.out_dir) if config.out_dir is not None else None
     checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     metrics_path = run_dir / METRICS_NAME if run_dir is not None else None
@@ -253,6 +246,19 @@ def save_run(run: Run, callback_states: list[Any]) -> None:
             state["swa_scheduler"] = run.swa_scheduler.state_dict()
         save_checkpoint(run.checkpoint_path, state)
     run.saved_at = run.step
+
+
+def _schedule(task: Task, config: TrainConfig, setup: TrainSetup) -> ScheduleConfig:
+    from batchfit.lr.schedules import ScheduleConfig
+
+    return ScheduleConfig(
+        total_steps=setup.schedule_steps,
+        warmup_steps=setup.warmup_steps,
+        # Goyal et al. 2017 warm up from the reference rate, not from zero.
+        warmup_start_factor=min(1.0, task.lr / setup.lr) if setup.warmup_steps else 0.0,
+        decay=config.decay,
+        **({"step_every": max(1, setup.schedule_steps // 3)} if config.decay == "step" else {}),
+    )
 
 
 def _starts_afresh(checkpoint_path: Path | None, metrics_path: Path | None) -> bool:
