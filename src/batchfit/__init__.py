@@ -23,6 +23,7 @@ _EXPORTS = {
     "TaskError": "batchfit.errors",
     "DoesNotFitError": "batchfit.errors",
     "CheckpointError": "batchfit.errors",
+    "TrainingDivergedError": "batchfit.errors",
     "Task": "batchfit.task",
     "load_task": "batchfit.task",
     "load_example": "batchfit.task",
@@ -75,6 +76,7 @@ _EXPORTS = {
     "train": "batchfit.train.loop",
     "TrainConfig": "batchfit.train.config",
     "TrainResult": "batchfit.train.loop",
+    "StopTraining": "batchfit.train.callbacks",
     "run_with_backoff": "batchfit.train.backoff",
     "BackoffEvent": "batchfit.train.backoff",
 }

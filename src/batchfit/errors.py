@@ -29,3 +29,7 @@ class CheckpointError(BatchfitError, RuntimeError):
 
 class MissingDependencyError(BatchfitError, ImportError):
     """An optional dependency is needed for the requested feature."""
+
+
+class TrainingDivergedError(BatchfitError, FloatingPointError):
+    """Training produced a loss or gradient that is NaN or infinite."""

@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from batchfit.errors import CheckpointError
-from batchfit.train.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
+from batchfit.train.checkpoint import (
+    content_digest,
+    load_checkpoint,
+    model_fingerprint,
+    save_checkpoint,
+)
 
 
 def _state(value: float) -> dict:
@@ -69,3 +74,23 @@ def test_fingerprint_depends_on_architecture_not_values():
     one, two = torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)
     assert model_fingerprint(one) == model_fingerprint(two)
     assert model_fingerprint(one) != model_fingerprint(torch.nn.Linear(3, 3))
+
+
+def test_a_changed_value_fails_the_checksum_and_an_old_format_still_loads(tmp_path):
+    path = save_checkpoint(tmp_path / "checkpoint.pt", _state(1.0))
+    state = torch.load(path, weights_only=True)
+    assert len(state["sha256"]) == 64
+    state["step"] = 2  # as if a byte of the pickled step had flipped
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_checkpoint(path)
+    torch.save({"format_version": 1, **_state(1.0)}, path)  # written before checksums
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_content_digest_sees_dtype_shape_and_keys():
+    base = content_digest({"w": torch.zeros(4)})
+    assert base == content_digest({"w": torch.zeros(4)})
+    assert base != content_digest({"w": torch.zeros(4, dtype=torch.float64)})
+    assert base != content_digest({"w": torch.zeros(2, 2)})
+    assert base != content_digest({"v": torch.zeros(4)})

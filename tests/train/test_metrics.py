@@ -1,5 +1,8 @@
 import json
 
+import pytest
+
+from batchfit.errors import CheckpointError
 from batchfit.train.metrics import MetricsLog, read_metrics, truncate_metrics
 
 
@@ -24,3 +27,14 @@ def test_truncate_keeps_records_up_to_the_step_and_skips_a_torn_line(tmp_path):
 
 def test_truncate_of_a_missing_file_is_zero(tmp_path):
     assert truncate_metrics(tmp_path / "none.jsonl", 3) == 0
+
+
+def test_truncate_names_unreadable_lines_and_leaves_the_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    text = '{"step": 1}\n"a string"\n{"step": "two"}\n{"step": 3}\n'
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=r"line 2, 3\).*drop_unreadable_metrics"):
+        truncate_metrics(path, 3)
+    assert path.read_text() == text
+    assert truncate_metrics(path, 3, drop_unreadable=True) == 2
+    assert path.read_text() == '{"step": 1}\n{"step": 3}\n'

@@ -18,7 +18,7 @@ from typing import Any
 from batchfit.cli.arguments import EXAMPLES
 from batchfit.cli.format import print_json, stdout_console
 from batchfit.cli.paths import check_output_file, check_output_folder, remove_files
-from batchfit.cli.progress import PhaseBars, StepBar
+from batchfit.cli.progress import PhaseBars, StepBar, stderr_console
 from batchfit.errors import ConfigError
 
 
@@ -304,23 +304,28 @@ def train(args: argparse.Namespace) -> int:
     if args.no_noise_scale:
         logged, reason = False, "turned off by --no-noise-scale"
     noise = NoiseScaleCallback(dataset_size=len(task.train_data)) if logged else None
+    # On a terminal the loop draws its own bar (with the recent samples/s); elsewhere plain lines.
+    progress = context.is_main and (stderr_console().is_terminal or StepBar("train"))
     result = run_training(
         task,
         config,
         device=device,
         memory_budget_bytes=args.memory_budget,
-        progress=context.is_main,
+        progress=progress,
         callbacks=[noise] if noise else (),
     )
     code = 130 if result.interrupted else 0
     if not context.is_main:
         return code
-    estimate = noise.tracker.noise_scale if noise else None
     noise_summary = {
-        "logged": logged,
-        "reason": reason,
-        "value": estimate,
-        "advice": noise_scale_advice(estimate, config.global_batch) if logged else None,
+        "logged": result.noise_scale_logged,
+        "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
+        "value": result.noise_scale,
+        "advice": (
+            noise_scale_advice(result.noise_scale, config.global_batch)
+            if result.noise_scale_logged
+            else None
+        ),
     }
     if args.json:
         print_json({**result.to_dict(), "noise_scale": noise_summary})

@@ -1,9 +1,14 @@
-"""Training checkpoints: written atomically, loaded with `weights_only=True`.
+"""Training checkpoints: written atomically, checksummed, loaded with `weights_only=True`.
 
 A checkpoint is a dict of tensors and plain containers (dicts, lists, tuples, str, int, float,
 bool, None), so `torch.load(..., weights_only=True)` can read it without running pickled code.
 It is written with `batchfit.files.write_atomic` (a temporary file in the same directory, moved
 over the old one), so a crash mid-write leaves the previous checkpoint intact.
+
+Each checkpoint carries `sha256`, a digest of its contents (every key, value, tensor dtype,
+shape and byte), checked on load: a file damaged after it was written (one flipped byte in a
+tensor) is refused instead of resuming on corrupted state. Checkpoints of format 1 (before
+checksums) still load, unchecked.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Format 2 adds the `sha256` checksum; format 1 files load without the check."""
+
+_READABLE_FORMATS = (1, 2)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -59,9 +67,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """
     import torch
 
-    path = write_atomic(
-        path, lambda stream: torch.save({"format_version": FORMAT_VERSION, **state}, stream)
-    )
+    payload = {"format_version": FORMAT_VERSION, **state}
+    payload["sha256"] = content_digest(payload)
+    path = write_atomic(path, lambda stream: torch.save(payload, stream))
     logger.info("checkpoint written to %s", path)
     return path
 
@@ -80,8 +88,8 @@ def load_checkpoint(
         The saved state dict.
 
     Raises:
-        CheckpointError: the file is missing, unreadable or corrupt, not a batchfit checkpoint,
-            or made for another model. Nothing is written.
+        CheckpointError: the file is missing, unreadable or corrupt, fails its checksum, is not
+            a batchfit checkpoint, or was made for another model. Nothing is written.
     """
     import pickle
     import zipfile
@@ -108,11 +116,20 @@ def load_checkpoint(
             f"{str(path)!r} is not a batchfit training checkpoint; give the checkpoint.pt of a "
             "run made by `batchfit train`."
         )
-    if state["format_version"] != FORMAT_VERSION:
+    if state["format_version"] not in _READABLE_FORMATS:
         raise CheckpointError(
             f"{str(path)!r} has checkpoint format {state['format_version']!r}; this batchfit "
-            f"reads format {FORMAT_VERSION}. Use the batchfit version that wrote it."
+            f"reads formats {', '.join(map(str, _READABLE_FORMATS))}. Use the batchfit version "
+            "that wrote it."
         )
+    if state["format_version"] >= 2:
+        saved = state.pop("sha256", None)
+        if saved != content_digest(state):
+            raise CheckpointError(
+                f"The checkpoint {str(path)!r} fails its checksum: its contents changed after "
+                "it was written (a damaged disk or copy). Resume from a good copy, or start a "
+                "new run in another --out directory."
+            )
     if fingerprint is not None and state.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"The checkpoint {str(path)!r} was made for another model (fingerprint "
@@ -120,3 +137,42 @@ def load_checkpoint(
             "task that made it, or start a new run in another --out directory."
         )
     return state
+
+
+def content_digest(state: Any) -> str:
+    """A SHA-256 of a checkpoint's contents: keys, plain values, tensor dtypes, shapes, bytes.
+
+    The same contents give the same digest before `torch.save` and after `torch.load`
+    (the order of dict keys is kept by both).
+
+    Example:
+        >>> import torch
+        >>> a = content_digest({"w": torch.ones(2), "step": 1})
+        >>> a == content_digest({"w": torch.ones(2), "step": 1})
+        True
+        >>> a == content_digest({"w": torch.tensor([1.0, 1.5]), "step": 1})
+        False
+    """
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{value.dtype}{tuple(value.shape)}:".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}:".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__[0]}{len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())

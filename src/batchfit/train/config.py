@@ -69,6 +69,8 @@ class TrainConfig:
     seed: int | None = None  # seeds the model, the data order and dropout; None: task.seed
     allow_uneven: bool = False  # allow a shorter last micro-batch (weighted by its count)
     sync_batchnorm: bool = False  # under DDP, convert BatchNorm layers to SyncBatchNorm
+    drop_unreadable_metrics: bool = False  # on resume, drop metrics.jsonl lines that cannot
+    # be read instead of refusing to resume over them
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch"):

@@ -4,7 +4,7 @@
 batchfit's pieces:
 
 - the data order (`batchfit.train.sampling`): each global step's samples are fixed by the seed
-before   any micro-batch is cut from them; each rank takes an equal share (DDP);
+  before any micro-batch is cut from them; each rank takes an equal share (DDP);
 - gradient accumulation (`batchfit.train.accumulation`): the rank's share is cut into micro-batches
   whose losses are weighted so the gradient is that of the mean over the global batch;
 - the learning rate (`batchfit.lr.scaling`, `batchfit.lr.schedules`): scaled from the task's
@@ -18,51 +18,42 @@ before   any micro-batch is cut from them; each rank takes an equal share (DDP);
 Under torchrun (RANK / WORLD_SIZE in the environment) it trains with DistributedDataParallel:
 gloo on CPU, nccl on CUDA; rank 0 logs, evaluates, writes metrics and checkpoints.
 
-Hook for per-step observers (e.g. a gradient-noise-scale tracker): pass `callbacks`, objects with
-optional `state_dict()` / `load_state_dict(state)` (saved in checkpoints, restored on resume) and
-any of `on_train_start(model, plan)` and `on_step_end(record, model) -> dict | None`. The second is
-called on every rank after the gradients of the global step are complete (all-reduced, before
-`optimizer.step()`), with the step's `StepRecord`; a returned dict is merged into that step's
-metrics line. A tracker that needs each micro-batch's gradient can register
-`param.register_post_accumulate_grad_hook` in `on_train_start`: it fires after every micro-batch's
-backward, and `record.micro_batches` tells the counts.
+`_train` is a short function over named parts: set-up and resume (`batchfit.train.setup`), one
+optimizer step (`batchfit.train.step`), evaluation and checkpoint (`_after_step`), and the finish
+(`_finish`). Observers (a gradient-noise-scale tracker, a live diagnosis) are `callbacks`
+(`batchfit.train.callbacks`): they see each step and each evaluation, add fields to the metrics
+lines, keep their state in checkpoints, and may stop the run cleanly by raising `StopTraining`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import signal
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import CheckpointError, ConfigError
-from batchfit.train.config import (
-    TrainConfig,
-    changed_identity_fields,
-    check_sync_batchnorm,
-    check_train_config,
-    loss_function,
-    resolve_setup,
-)
+from batchfit.errors import DoesNotFitError, TrainingDivergedError
+from batchfit.train.callbacks import CallbackList, StopTraining, TrainCallback
+from batchfit.train.config import TrainConfig, check_train_config
 from batchfit.train.evaluation import evaluate, update_swa_batchnorm
+from batchfit.train.setup import Run, resume_run, save_run, set_up_run
+from batchfit.train.step import StepRecord, optimizer_step
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
+    from batchfit.progress import ProgressFn
     from batchfit.task import Task
-    from batchfit.train.accumulation import AccumulationPlan
     from batchfit.train.backoff import BackoffEvent
     from batchfit.train.distributed import DistributedContext
+    from batchfit.train.metrics import MetricsLog
+    from batchfit.train.progress import TrainProgress
 
 __all__ = [
     "StepRecord",
+    "StopTraining",
     "TrainCallback",
     "TrainConfig",
     "TrainResult",
@@ -72,55 +63,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-EVALUATIONS_PER_RUN = 10
-"""With `eval_every=None`, evaluate about this many times per run (and always at the end)."""
-
-SWA_LR_FACTOR = 0.5
-"""With `swa_lr=None`, SWA runs at this fraction of the peak learning rate."""
-
-SWA_ANNEAL_FRACTION = 0.1
-"""SWALR anneals to `swa_lr` over this fraction of the SWA phase (at least one step)."""
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What one optimizer step did; also the shape of a metrics.jsonl line.
-
-    Attributes:
-        step: optimizer steps completed, counting this one (1 for the first).
-        samples_seen: samples trained on so far, over all ranks.
-        loss: mean training loss over the global batch.
-        lr: the learning rate this step used.
-        grad_norm: L2 norm of the global batch's gradient (before clipping).
-        micro_batch: samples per micro-batch on one rank.
-        accumulation_steps: micro-batches per rank in this step.
-        micro_batches: sizes of this rank's micro-batches.
-        indices: this rank's sample indices of the step, in order.
-    """
-
-    step: int
-    samples_seen: int
-    loss: float
-    lr: float
-    grad_norm: float
-    micro_batch: int
-    accumulation_steps: int
-    micro_batches: tuple[int, ...]
-    indices: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["indices"], data["micro_batches"]
-        return data
-
-
-class TrainCallback(Protocol):
-    """An observer of training; both methods are optional (see the module docstring)."""
-
-    def on_train_start(self, model: nn.Module, plan: AccumulationPlan) -> None: ...
-
-    def on_step_end(self, record: StepRecord, model: nn.Module) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -147,6 +89,11 @@ class TrainResult:
         interrupted: stopped early by Ctrl-C / SIGTERM (a checkpoint was written).
         resumed_from_step: the checkpoint's step when resumed, else None.
         metrics_path, checkpoint_path: files written (None without out_dir).
+        stop_reason: why a callback stopped the run early (`StopTraining`), else None; a
+            checkpoint was written.
+        noise_scale_logged: whether a callback logged the gradient noise scale this session.
+        noise_scale_reason: why it was not, in words (None when it was).
+        noise_scale: the last noise scale logged (samples), None before it is reliable.
         model: the trained model (the SWA average when swa is on); not in `to_dict()`.
     """
 
@@ -170,6 +117,10 @@ class TrainResult:
     resumed_from_step: int | None
     metrics_path: str | None
     checkpoint_path: str | None
+    stop_reason: str | None = None
+    noise_scale_logged: bool = False
+    noise_scale_reason: str | None = None
+    noise_scale: float | None = None
     model: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,43 +129,13 @@ class TrainResult:
         return data
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[dict[str, bool]]:
-    """Turn the first SIGINT / SIGTERM into a request to stop at the end of the step.
-
-    A second signal acts as usual (Ctrl-C raises KeyboardInterrupt). Outside the main thread
-    signals cannot be caught, so nothing is installed there.
-    """
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def request_stop(signum, frame):
-        flag["stop"] = True
-        logger.warning("signal %d: stopping after this step and saving a checkpoint", signum)
-        signal.signal(signum, previous[signum])
-
-    try:
-        for sig in previous:
-            signal.signal(sig, request_stop)
-        yield flag
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# --- the loop --------------------------------------------------------------------------------
-
-
 def train(
     task: Task,
     config: TrainConfig,
     *,
     device: torch.device | str = "auto",
     memory_budget_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool | ProgressFn = False,
     callbacks: Sequence[Any] = (),
     distributed: DistributedContext | None = None,
 ) -> TrainResult:
@@ -231,8 +152,10 @@ def train(
         memory_budget_bytes: pretend the device has this many bytes: CUDA is capped to it, other
             devices count tensor bytes (`batchfit.memory.step.count_memory`) and raise out-of-memory
             past it, so the back-off can be seen working on a CPU.
-        progress: show a progress bar on stderr (rank 0 only).
-        callbacks: observers (see the module docstring and `TrainCallback`).
+        progress: a `progress(phase, done, total)` callback (`batchfit.progress`), called on
+            rank 0 with ("train", step, total_steps) after each step; or True for a progress
+            bar on stderr (rank 0 only).
+        callbacks: observers, see `batchfit.train.callbacks.TrainCallback`.
         distributed: the rank and world size; default: read from the environment (torchrun).
 
     Returns:
@@ -241,9 +164,12 @@ def train(
     Raises:
         ConfigError: options that do not fit the task (micro-batch larger than the data, warmup
             not shorter than training, label smoothing without a smoothed loss, ...).
-        CheckpointError: resuming from a missing, corrupt or other model's checkpoint, or with
-            other options; nothing is written.
-        DoesNotFitError: out of memory even at a micro-batch of 1.
+        CheckpointError: resuming from a missing, corrupt, other task's, other options' or
+            damaged checkpoint, or over unreadable metrics.jsonl lines; nothing is written.
+        DoesNotFitError: the memory budget is below the model's own size, or out of memory even
+            at a micro-batch of 1 (or twice inside `optimizer.step()`).
+        TrainingDivergedError: the loss or gradient norm became NaN or infinite; the checkpoint
+            of the last good step is kept.
 
     Example:
         >>> from batchfit.task import load_example
@@ -278,371 +204,190 @@ def train(
 
 
 def _train(task, config, *, device, context, memory_budget_bytes, progress, callbacks):
-    import torch
+    from batchfit.train.metrics import MetricsLog
+    from batchfit.train.progress import TrainProgress, stop_on_signals
 
-    from batchfit.lr.schedules import ScheduleConfig, build_scheduler
-    from batchfit.snapshot import capture_rng, restore_rng
-    from batchfit.task import move_to
-    from batchfit.train.accumulation import accumulate_gradients, plan_accumulation, split_batch
-    from batchfit.train.backoff import run_with_backoff
-    from batchfit.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_fingerprint
-    from batchfit.train.distributed import any_rank, mean_over_ranks, sum_over_ranks
-    from batchfit.train.metrics import METRICS_NAME, MetricsLog, truncate_metrics
-    from batchfit.train.optimizers import make_optimizer
-    from batchfit.train.sampling import global_batch_indices, rank_slice
-
-    # Validate everything that can be checked before touching the disk or the device.
-    plan = plan_accumulation(
-        config.global_batch,
-        config.micro_batch,
-        context.world_size,
-        allow_uneven=config.allow_uneven,
+    run, checkpoint = set_up_run(task, config, device=device, context=context)
+    resume_run(run, checkpoint)
+    hooks = _start(run, callbacks, checkpoint)
+    budget = _memory_budget(memory_budget_bytes, run)
+    metrics = MetricsLog(run.metrics_path) if run.main and run.metrics_path else None
+    bar = TrainProgress(
+        run.setup.total_steps,
+        run.step,
+        enabled=progress is True and run.main,
+        report=progress if callable(progress) and run.main else None,
     )
-    setup = resolve_setup(task, config)
-    loss_fn = loss_function(task, config.label_smoothing)
-    schedule = ScheduleConfig(
-        total_steps=setup.schedule_steps,
-        warmup_steps=setup.warmup_steps,
-        # Goyal et al. 2017 warm up from the reference rate, not from zero.
-        warmup_start_factor=min(1.0, task.lr / setup.lr) if setup.warmup_steps else 0.0,
-        decay=config.decay,
-        **({"step_every": max(1, setup.schedule_steps // 3)} if config.decay == "step" else {}),
-    )
-    seed = task.seed if config.seed is None else config.seed
-    run_dir = Path(config.out_dir) if config.out_dir is not None else None
-    checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
-    metrics_path = run_dir / METRICS_NAME if run_dir is not None else None
-    if run_dir is not None and not config.resume:
-        existing = [p.name for p in (checkpoint_path, metrics_path) if p.exists()]
-        if existing:
-            raise ConfigError(
-                f"{str(run_dir)!r} already holds a run ({', '.join(existing)}); continue it with "
-                "--resume, or give another --out directory."
-            )
-
-    torch.manual_seed(seed)
-    model = task.make_model().to(device)
-    fingerprint = model_fingerprint(model)
-    checkpoint = None
-    if config.resume:
-        checkpoint = load_checkpoint(checkpoint_path, fingerprint=fingerprint)
-        _check_same_run(checkpoint, config, checkpoint_path)
-    check_sync_batchnorm(config, context.world_size, device)
-    if config.sync_batchnorm and context.enabled:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif config.sync_batchnorm:
-        logger.info("sync_batchnorm has no effect in a single process")
-    optimizer = make_optimizer(config.optimizer, model.parameters(), setup.lr, task=task)
-    scheduler = build_scheduler(optimizer, schedule)
-    swa_model = swa_scheduler = None
-    if config.swa:
-        from torch.optim.swa_utils import SWALR, AveragedModel
-
-        swa_model = AveragedModel(model)
-        anneal = max(1, int(SWA_ANNEAL_FRACTION * (setup.total_steps - setup.swa_start_step)))
-        swa_lr = config.swa_lr if config.swa_lr is not None else SWA_LR_FACTOR * setup.lr
-        swa_scheduler = SWALR(optimizer, swa_lr=swa_lr, anneal_epochs=anneal)
-
-    step = 0
-    samples_seen = 0
-    micro_batch = config.micro_batch
-    backoffs: list = []
-    resumed_from = None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if swa_model is not None:
-            swa_model.load_state_dict(checkpoint["swa_model"])
-            swa_scheduler.load_state_dict(checkpoint["swa_scheduler"])
-        step = resumed_from = int(checkpoint["step"])
-        samples_seen = int(checkpoint["samples_seen"])
-        if config.micro_batch == checkpoint["config"]["micro_batch"]:
-            micro_batch = min(micro_batch, int(checkpoint["micro_batch"]))  # keep a back-off
-        rng = checkpoint["rng"]
-        torch.set_rng_state(rng[context.rank] if context.rank < len(rng) else rng[0])
-        if context.is_main and metrics_path is not None:
-            truncate_metrics(metrics_path, step)
-        logger.info("resumed from %s at step %d", checkpoint_path, step)
-
-    train_model = model
-    if context.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    for callback in callbacks:
-        if hasattr(callback, "on_train_start"):
-            callback.on_train_start(model, plan)
-    if checkpoint is not None:
-        # Callbacks with state (a noise-scale tracker) continue where the checkpoint left them.
-        saved_states = checkpoint.get("callbacks") or []
-        for callback, saved in zip(callbacks, saved_states):
-            if saved is not None and hasattr(callback, "load_state_dict"):
-                callback.load_state_dict(saved)
-
-    eval_every = config.eval_every
-    if eval_every is None:
-        eval_every = max(1, setup.total_steps // EVALUATIONS_PER_RUN)
-    checkpoint_every = (
-        config.checkpoint_every if config.checkpoint_every is not None else eval_every
-    )
-    local_batch = config.global_batch // context.world_size
-    main = context.is_main
-    metrics = MetricsLog(metrics_path) if (main and metrics_path is not None) else None
-    val_metrics: dict[str, float] = {}
-    last_loss = None
     interrupted = False
-    saved_at = step if checkpoint is not None else None
-    session_samples = 0
-    step_seconds = 0.0
     started = time.perf_counter()
-
-    def save(at_step: int) -> None:
-        nonlocal saved_at
-        from batchfit.train.checkpoint import save_checkpoint
-        from batchfit.train.distributed import gather_objects
-
-        rng_states = gather_objects(torch.get_rng_state())  # a collective: every rank joins
-        if main and checkpoint_path is not None:
-            state = {
-                "fingerprint": fingerprint,
-                "step": at_step,
-                "samples_seen": samples_seen,
-                "micro_batch": micro_batch,
-                "config": config.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_states,
-                "backoffs": [event.to_dict() for event in backoffs],
-                "callbacks": [
-                    callback.state_dict() if hasattr(callback, "state_dict") else None
-                    for callback in callbacks
-                ],
-            }
-            if swa_model is not None:
-                state["swa_model"] = swa_model.state_dict()
-                state["swa_scheduler"] = swa_scheduler.state_dict()
-            save_checkpoint(checkpoint_path, state)
-        saved_at = at_step
-
-    budget = _memory_budget(memory_budget_bytes, model, optimizer, device)
-    bar = _progress_bar(setup.total_steps, step, enabled=progress and main)
     try:
-        with budget, bar as (progress_bar, task_id), _stop_on_signals() as stop:
-            while step < setup.total_steps:
-                step_started = time.perf_counter()
-                indices = global_batch_indices(
-                    step,
-                    dataset_size=len(task.train_data),
-                    global_batch=config.global_batch,
-                    seed=seed,
-                )
-                local_indices = rank_slice(
-                    indices, rank=context.rank, world_size=context.world_size
-                )
-                batch = task.batch(local_indices)
-                buffers = [buffer.detach().clone() for buffer in model.buffers()]
-                rng_state = capture_rng()
-
-                def attempt(size: int, batch=batch):
-                    step_plan = plan_accumulation(
-                        config.global_batch,
-                        size,
-                        context.world_size,
-                        allow_uneven=config.allow_uneven or local_batch % size != 0,
-                    )
-                    optimizer.zero_grad(set_to_none=True)
-                    parts = split_batch(batch, step_plan.micro_batches)
-                    counts = total = None
-                    if task.tokens is not None:
-                        counts = [float(task.tokens(part)) for part in parts]
-                        # DDP averages over ranks: weigh by the global token count / world size.
-                        total = sum_over_ranks(sum(counts), device=device) / context.world_size
-                    micro_batches = [move_to(part, device) for part in parts]
-                    loss = accumulate_gradients(
-                        train_model, loss_fn, micro_batches, counts=counts, total=total
-                    )
-                    return loss, step_plan
-
-                def cleanup(buffers=buffers, rng_state=rng_state):
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for buffer, saved in zip(model.buffers(), buffers):
-                            buffer.copy_(saved)
-                    restore_rng(rng_state)
-
-                (loss, step_plan), micro_batch = run_with_backoff(
-                    attempt,
-                    micro_batch,
-                    local_batch=local_batch,
-                    step=step + 1,
-                    allow_uneven=config.allow_uneven,
-                    cleanup=cleanup,
-                    on_backoff=backoffs.append,
-                    device=device,
-                    enabled=not context.enabled,
-                )
-                del buffers, rng_state
-                loss = mean_over_ranks(loss, device=device)
-                grad_norm = float(
-                    torch.nn.utils.clip_grad_norm_(
-                        model.parameters(),
-                        config.max_grad_norm if config.max_grad_norm is not None else math.inf,
-                    )
-                )
-                lr = optimizer.param_groups[0]["lr"]
-                samples_seen += config.global_batch
-                record = StepRecord(
-                    step=step + 1,
-                    samples_seen=samples_seen,
-                    loss=loss,
-                    lr=lr,
-                    grad_norm=grad_norm,
-                    micro_batch=micro_batch,
-                    accumulation_steps=step_plan.accumulation_steps,
-                    micro_batches=tuple(step_plan.micro_batches),
-                    indices=tuple(local_indices),
-                )
-                extra: dict[str, Any] = {}
-                for callback in callbacks:
-                    if hasattr(callback, "on_step_end"):
-                        extra.update(callback.on_step_end(record, model) or {})
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if setup.swa_start_step is not None and step + 1 > setup.swa_start_step:
-                    swa_model.update_parameters(model)
-                    swa_scheduler.step()
-                else:
-                    scheduler.step()
-                step += 1
-                last_loss = loss
-                session_samples += config.global_batch
-                step_seconds += time.perf_counter() - step_started
-
-                line = {**record.to_dict(), **extra}
-                last = step == setup.total_steps
-                # Evaluation batches are micro-batches: what fits for training fits without grads.
-                if main and ((eval_every and step % eval_every == 0) or last):
-                    val_metrics = evaluate(model, task, device=device, batch_size=micro_batch)
-                    line.update(val_metrics)
-                if metrics is not None:
-                    metrics.append(line)
-                if progress_bar is not None:
-                    progress_bar.update(
-                        task_id,
-                        completed=step,
-                        loss=f"{loss:.4f}",
-                        lr=f"{lr:.3g}",
-                        speed=f"{session_samples / max(step_seconds, 1e-9):,.0f}",
-                    )
-                stop_now = (
-                    any_rank(stop["stop"], device=device) if context.enabled else stop["stop"]
-                )
-                if (checkpoint_every and step % checkpoint_every == 0) or stop_now:
-                    save(step)
-                if stop_now and not last:
-                    interrupted = True
+        with budget, bar, stop_on_signals() as signals:
+            while run.step < run.setup.total_steps:
+                try:
+                    record, extra = optimizer_step(run, hooks.on_step_end)
+                except TrainingDivergedError:
+                    if run.saved_at != run.step and run.step > 0:
+                        save_run(run, hooks.state_dicts())  # the last good step
+                    raise
+                stop = _after_step(run, record, extra, hooks, metrics, bar, signals["stop"])
+                if stop:
+                    interrupted = hooks.stop_reason is None
                     break
-            finished_here = step == setup.total_steps and session_samples > 0
-            if swa_model is not None and finished_here and swa_model.n_averaged > 0:
-                update_swa_batchnorm(
-                    swa_model, task, device=device, batch_size=micro_batch, loss=task.loss
-                )
-                saved_at = None  # the checkpoint must hold the updated statistics
-                if main:
-                    val_metrics = evaluate(
-                        swa_model.module, task, device=device, batch_size=micro_batch
-                    )
-                    if metrics is not None:
-                        metrics.append({"step": step, "swa": True, **val_metrics})
-            if saved_at != step:
-                save(step)
+            _finish(run, hooks, metrics)
     finally:
         if metrics is not None:
             metrics.close()
+    return _result(run, hooks, time.perf_counter() - started, interrupted)
 
-    final_model = swa_model.module if swa_model is not None else model
-    seconds = time.perf_counter() - started
+
+def _start(run: Run, callbacks: Sequence[Any], checkpoint: dict | None) -> CallbackList:
+    """Wrap the model for DDP and start the callbacks (with their saved state on resume)."""
+    if run.context.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = run.device
+        run.train_model = DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    else:
+        run.train_model = run.model
+    hooks = CallbackList(callbacks)
+    hooks.on_train_start(run.model, run.plan)
+    if checkpoint is not None:
+        # Callbacks with state (a noise-scale tracker) continue where the checkpoint left them.
+        hooks.load_state_dicts(checkpoint.get("callbacks"))
+    return hooks
+
+
+def _after_step(
+    run: Run,
+    record: StepRecord,
+    extra: dict[str, Any],
+    hooks: CallbackList,
+    metrics: MetricsLog | None,
+    bar: TrainProgress,
+    signalled: bool,
+) -> bool:
+    """Evaluate, log and checkpoint after a step; whether the run stops here (before its end)."""
+    from batchfit.train.distributed import any_rank
+
+    step = run.step
+    if "noise_scale" in extra:
+        run.noise_scale_logged, run.noise_scale = True, extra["noise_scale"]
+    line = {**record.to_dict(), **extra}
+    last = step == run.setup.total_steps
+    bar.step_done(step, samples=run.config.global_batch, loss=record.loss, lr=record.lr)
+    # Evaluation batches are micro-batches: what fits for training fits without grads.
+    if run.main and ((run.eval_every and step % run.eval_every == 0) or last):
+        run.val_metrics = evaluate(
+            run.model, run.task, device=run.device, batch_size=run.micro_batch
+        )
+        line.update(run.val_metrics)
+        hooks.on_evaluation(step, dict(run.val_metrics))
+        bar.restart_clock()
+    if metrics is not None:
+        metrics.append(line)
+    requested = signalled or hooks.stop_reason is not None
+    stop = any_rank(requested, device=run.device) if run.context.enabled else requested
+    if (run.checkpoint_every and step % run.checkpoint_every == 0) or stop:
+        save_run(run, hooks.state_dicts())
+        bar.restart_clock()
+    return stop and not last
+
+
+def _finish(run: Run, hooks: CallbackList, metrics: MetricsLog | None) -> None:
+    """After the last step: SWA's BatchNorm statistics and evaluation, the final checkpoint."""
+    swa_model = run.swa_model
+    finished_here = run.step == run.setup.total_steps and run.session_samples > 0
+    if swa_model is not None and finished_here and swa_model.n_averaged > 0:
+        update_swa_batchnorm(
+            swa_model, run.task, device=run.device, batch_size=run.micro_batch, loss=run.task.loss
+        )
+        run.saved_at = None  # the checkpoint must hold the updated statistics
+        if run.main:
+            run.val_metrics = evaluate(
+                swa_model.module, run.task, device=run.device, batch_size=run.micro_batch
+            )
+            if metrics is not None:
+                metrics.append({"step": run.step, "swa": True, **run.val_metrics})
+    if run.saved_at != run.step:
+        save_run(run, hooks.state_dicts())
+
+
+def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) -> TrainResult:
+    from batchfit.noise.watch import noise_scale_loggable
+
+    config, setup = run.config, run.setup
+    noise_reason = None
+    if not run.noise_scale_logged:
+        loggable, why = noise_scale_loggable(
+            config.global_batch,
+            config.micro_batch,
+            dataset_size=len(run.task.train_data),
+            world_size=run.context.world_size,
+        )
+        if not loggable:
+            noise_reason = why
+        elif not run.session_samples:
+            noise_reason = "no step ran in this session"
+        else:
+            noise_reason = "no callback logged it (pass batchfit.noise.watch.NoiseScaleCallback)"
+    stopped_early = run.step < setup.total_steps
     return TrainResult(
-        steps=step,
+        steps=run.step,
         total_steps=setup.total_steps,
-        samples_seen=samples_seen,
-        final_loss=last_loss,
-        val_metrics=val_metrics,
+        samples_seen=run.samples_seen,
+        final_loss=run.last_loss,
+        val_metrics=run.val_metrics,
         lr=setup.lr,
         lr_reason=setup.lr_reason,
         warmup_steps=setup.warmup_steps,
-        schedule=schedule.describe()
+        schedule=run.schedule.describe()
         + (f", then SWA from step {setup.swa_start_step}" if config.swa else ""),
         global_batch=config.global_batch,
-        micro_batch=micro_batch,
-        accumulation_steps=-(-local_batch // micro_batch),
-        world_size=context.world_size,
-        backoffs=tuple(backoffs),
+        micro_batch=run.micro_batch,
+        accumulation_steps=-(-run.local_batch // run.micro_batch),
+        world_size=run.context.world_size,
+        backoffs=tuple(run.backoffs),
         seconds=seconds,
-        samples_per_second=session_samples / step_seconds if step_seconds else 0.0,
+        samples_per_second=run.session_samples / run.step_seconds if run.step_seconds else 0.0,
         interrupted=interrupted,
-        resumed_from_step=resumed_from,
-        metrics_path=str(metrics_path) if metrics_path is not None else None,
-        checkpoint_path=str(checkpoint_path) if checkpoint_path is not None else None,
-        model=final_model,
+        resumed_from_step=run.resumed_from,
+        metrics_path=str(run.metrics_path) if run.metrics_path is not None else None,
+        checkpoint_path=str(run.checkpoint_path) if run.checkpoint_path is not None else None,
+        stop_reason=hooks.stop_reason if stopped_early else None,
+        noise_scale_logged=run.noise_scale_logged,
+        noise_scale_reason=noise_reason,
+        noise_scale=run.noise_scale,
+        model=run.swa_model.module if run.swa_model is not None else run.model,
     )
 
 
-def _check_same_run(checkpoint: dict, config: TrainConfig, path) -> None:
-    saved = checkpoint.get("config", {})
-    changed = changed_identity_fields(saved, config)
-    if changed:
-        current = config.to_dict()
-        details = ", ".join(f"{name} {saved.get(name)!r} -> {current[name]!r}" for name in changed)
-        raise CheckpointError(
-            f"The checkpoint {str(path)!r} belongs to a run with other options ({details}); "
-            "resume with the run's options, or start a new run in another --out directory."
-        )
+def _memory_budget(budget_bytes: int | None, run: Run):
+    """The budget as a context: a CUDA cap, or counting elsewhere; refuses one below the model.
 
-
-def _memory_budget(budget_bytes: int | None, model, optimizer, device):
+    Raises:
+        DoesNotFitError: the model's weights, buffers (and loaded optimizer state) alone need
+            more than `budget_bytes`.
+    """
     if budget_bytes is None:
         return contextlib.nullcontext()
-    if device.type == "cuda":
+    from batchfit.memory.counter import counted_bytes, tensors_of_state
+    from batchfit.units import format_bytes
+
+    tensors = tensors_of_state(run.model, run.optimizer)
+    state = counted_bytes(tensors)
+    if state > budget_bytes:
+        raise DoesNotFitError(
+            f"the model needs {format_bytes(state)} before the first sample (parameters, buffers "
+            f"and optimizer state); the memory budget is {format_bytes(budget_bytes)}. Give a "
+            "larger --memory-budget, or use lower precision, a smaller model or an optimizer "
+            "with less state."
+        )
+    if run.device.type == "cuda":
         from batchfit.devices import memory_cap
 
-        return memory_cap(device, budget_bytes)
-    from batchfit.memory.counter import count_memory, tensors_of_state
+        return memory_cap(run.device, budget_bytes)
+    from batchfit.memory.counter import count_memory
 
-    return count_memory(budget_bytes=budget_bytes, tensors=tensors_of_state(model, optimizer))
-
-
-@contextlib.contextmanager
-def _progress_bar(total_steps: int, start_step: int, *, enabled: bool):
-    if not enabled:
-        yield None, None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("step"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn(
-            "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} samples/s"
-        ),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task_id = bar.add_task(
-            "train", total=total_steps, completed=start_step, loss="-", lr="-", speed="-"
-        )
-        yield bar, task_id
+    return count_memory(budget_bytes=budget_bytes, tensors=tensors)

@@ -8,12 +8,16 @@ renamed), so a resumed run's file equals an uninterrupted run's.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from batchfit.errors import CheckpointError
 from batchfit.files import open_append, write_atomic
+
+logger = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -68,15 +72,58 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+def truncate_metrics(path: str | os.PathLike, step: int, *, drop_unreadable: bool = False) -> int:
     """Keep only the records with `step <= step`, rewriting the file atomically.
+
+    A last line without its newline (an append cut short by a crash) is dropped. Any other
+    line that is not a JSON object with an integer `step` is unreadable: the file is left as
+    it is and `CheckpointError` names the lines, unless `drop_unreadable` drops them too.
 
     Returns:
         The number of records kept (0 when the file does not exist).
+
+    Raises:
+        CheckpointError: unreadable lines, without `drop_unreadable`.
     """
+
     path = Path(path)
     if not path.exists():
         return 0
-    kept = [record for record in read_metrics(path) if int(record.get("step", 0)) <= step]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends with its newline
+    if torn.strip():
+        logger.info("%s: dropping its last line, cut short by an interruption", path)
+    kept, unreadable = [], []
+    for number, line in enumerate(lines, start=1):
+        record = _parse(line)
+        if record is None:
+            if line.strip():
+                unreadable.append(number)
+        elif record["step"] <= step:
+            kept.append(record)
+    if unreadable and not drop_unreadable:
+        shown = ", ".join(map(str, unreadable[:10])) + (", ..." if len(unreadable) > 10 else "")
+        raise CheckpointError(
+            f"{str(path)!r} has {len(unreadable)} line(s) that cannot be read (line {shown}); "
+            "the run does not resume over them. Repair or delete those lines, or resume with "
+            "drop_unreadable_metrics=True to drop them."
+        )
+    if unreadable:
+        logger.warning("%s: dropping %d unreadable line(s)", path, len(unreadable))
     write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
     return len(kept)
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """The record of one line, or None when it is not a JSON object with an integer step."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        return None
+    return record

@@ -1,0 +1,311 @@
+"""Setting up a training run, resuming it, and writing its checkpoint.
+
+`set_up_run` checks the options, builds the model, optimizer, schedule and SWA average, and
+(with `resume`) restores them from the run folder's checkpoint, so the loop starts at the
+checkpoint's step with the same RNG state, micro-batch and metrics file it stopped with.
+`save_run` writes the checkpoint those need. A `Run` holds all of it while the loop runs.
+
+A run folder whose run died before its first checkpoint (a metrics.jsonl, no checkpoint.pt)
+resumes as a fresh start from step 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import CheckpointError, ConfigError
+from batchfit.train.config import (
+    TrainConfig,
+    changed_identity_fields,
+    check_sync_batchnorm,
+    loss_function,
+    resolve_setup,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from batchfit.lr.schedules import ScheduleConfig
+    from batchfit.task import Task
+    from batchfit.train.accumulation import AccumulationPlan
+    from batchfit.train.config import TrainSetup
+    from batchfit.train.distributed import DistributedContext
+
+logger = logging.getLogger(__name__)
+
+EVALUATIONS_PER_RUN = 10
+"""With `eval_every=None`, evaluate about this many times per run (and always at the end)."""
+
+SWA_LR_FACTOR = 0.5
+"""With `swa_lr=None`, SWA runs at this fraction of the peak learning rate."""
+
+SWA_ANNEAL_FRACTION = 0.1
+"""SWALR anneals to `swa_lr` over this fraction of the SWA phase (at least one step)."""
+
+
+@dataclass(eq=False)
+class Run:
+    """One training run: what it trains with and how far it has come. The loop updates it."""
+
+    task: Task
+    config: TrainConfig
+    device: torch.device
+    context: DistributedContext
+    plan: AccumulationPlan
+    setup: TrainSetup
+    schedule: ScheduleConfig
+    loss_fn: Any
+    seed: int
+    checkpoint_path: Path | None
+    metrics_path: Path | None
+    model: nn.Module
+    fingerprint: str
+    optimizer: Any
+    scheduler: Any
+    swa_model: Any = None
+    swa_scheduler: Any = None
+    train_model: Any = None  # the model as trained: wrapped in DDP under torchrun
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end / on a stop)
+    step: int = 0  # optimizer steps completed, counting those before a resume
+    samples_seen: int = 0  # over all ranks
+    micro_batch: int = 0  # samples per micro-batch now (lowered by a back-off)
+    backoffs: list = field(default_factory=list)
+    resumed_from: int | None = None
+    saved_at: int | None = None  # the step of the last checkpoint written or loaded
+    last_loss: float | None = None
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    session_samples: int = 0  # samples trained on in this session
+    step_seconds: float = 0.0  # seconds spent in this session's optimizer steps
+    noise_scale: float | None = None  # the last noise scale a callback logged
+    noise_scale_logged: bool = False
+
+    @property
+    def local_batch(self) -> int:
+        """Samples per optimizer step on this rank."""
+        return self.config.global_batch // self.context.world_size
+
+    @property
+    def main(self) -> bool:
+        """Whether this rank logs, evaluates and writes files."""
+        return self.context.is_main
+
+
+def set_up_run(
+    task: Task, config: TrainConfig, *, device: torch.device, context: DistributedContext
+) -> tuple[Run, dict[str, Any] | None]:
+    """Check the options, build the run's parts, and load its checkpoint when resuming.
+
+    Everything that can be checked is checked before the disk or the device is touched.
+
+    Returns:
+        The `Run` (at step 0: call `resume_run` with the checkpoint to continue) and the
+        checkpoint (None for a fresh run).
+
+    Raises:
+        ConfigError: options that do not fit the task; a fresh run over an existing one.
+        CheckpointError: a missing, corrupt or other run's checkpoint when resuming.
+    """
+    import torch
+
+    from batchfit.lr.schedules import build_scheduler
+    from batchfit.train.accumulation import plan_accumulation
+    from batchfit.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_fingerprint
+    from batchfit.train.metrics import METRICS_NAME
+    from batchfit.train.optimizers import make_optimizer
+
+    plan = plan_accumulation(
+        config.global_batch,
+        config.micro_batch,
+        context.world_size,
+        allow_uneven=config.allow_uneven,
+    )
+    setup = resolve_setup(task, config)
+    loss_fn = loss_function(task, config.label_smoothing)
+    schedule = _schedule(task, config, setup)
+    run_dir = Path(config.out_dir) if config.out_dir is not None else None
+    checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    metrics_path = run_dir / METRICS_NAME if run_dir is not None else None
+    resume = config.resume and not _starts_afresh(checkpoint_path, metrics_path)
+    if run_dir is not None and not config.resume:
+        _refuse_existing_run(run_dir, checkpoint_path, metrics_path)
+
+    seed = task.seed if config.seed is None else config.seed
+    torch.manual_seed(seed)
+    model = task.make_model().to(device)
+    fingerprint = model_fingerprint(model)
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(checkpoint_path, fingerprint=fingerprint)
+        _check_same_run(checkpoint, task, config, setup, checkpoint_path)
+    check_sync_batchnorm(config, context.world_size, device)
+    if config.sync_batchnorm and context.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif config.sync_batchnorm:
+        logger.info("sync_batchnorm has no effect in a single process")
+    optimizer = make_optimizer(config.optimizer, model.parameters(), setup.lr, task=task)
+    run = Run(
+        task=task,
+        config=config,
+        device=device,
+        context=context,
+        plan=plan,
+        setup=setup,
+        schedule=schedule,
+        loss_fn=loss_fn,
+        seed=seed,
+        checkpoint_path=checkpoint_path,
+        metrics_path=metrics_path,
+        model=model,
+        fingerprint=fingerprint,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, schedule),
+        micro_batch=config.micro_batch,
+    )
+    if config.swa:
+        from torch.optim.swa_utils import SWALR, AveragedModel
+
+        run.swa_model = AveragedModel(model)
+        anneal = max(1, int(SWA_ANNEAL_FRACTION * (setup.total_steps - setup.swa_start_step)))
+        swa_lr = config.swa_lr if config.swa_lr is not None else SWA_LR_FACTOR * setup.lr
+        run.swa_scheduler = SWALR(optimizer, swa_lr=swa_lr, anneal_epochs=anneal)
+    run.eval_every = config.eval_every
+    if run.eval_every is None:
+        run.eval_every = max(1, setup.total_steps // EVALUATIONS_PER_RUN)
+    run.checkpoint_every = (
+        config.checkpoint_every if config.checkpoint_every is not None else run.eval_every
+    )
+    return run, checkpoint
+
+
+def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
+    """Load the checkpoint's states into `run` (with None: start afresh from step 0).
+
+    Also cuts metrics.jsonl back to the checkpoint's step (rank 0), so the resumed run's file
+    equals an uninterrupted run's.
+
+    Raises:
+        CheckpointError: metrics.jsonl has lines that cannot be read (and
+            `config.drop_unreadable_metrics` is off).
+    """
+    import torch
+
+    from batchfit.train.metrics import truncate_metrics
+
+    config, context = run.config, run.context
+    if checkpoint is None:
+        if config.resume and run.main and run.metrics_path is not None:
+            truncate_metrics(run.metrics_path, 0, drop_unreadable=True)
+        return
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.swa_model is not None:
+        run.swa_model.load_state_dict(checkpoint["swa_model"])
+        run.swa_scheduler.load_state_dict(checkpoint["swa_scheduler"])
+    run.step = run.resumed_from = run.saved_at = int(checkpoint["step"])
+    run.samples_seen = int(checkpoint["samples_seen"])
+    if config.micro_batch == checkpoint["config"]["micro_batch"]:
+        run.micro_batch = min(run.micro_batch, int(checkpoint["micro_batch"]))  # keep a back-off
+    rng = checkpoint["rng"]
+    torch.set_rng_state(rng[context.rank] if context.rank < len(rng) else rng[0])
+    if run.main and run.metrics_path is not None:
+        truncate_metrics(run.metrics_path, run.step, drop_unreadable=config.drop_unreadable_metrics)
+    logger.info("resumed from %s at step %d", run.checkpoint_path, run.step)
+
+
+def save_run(run: Run, callback_states: list[Any]) -> None:
+    """Write the run's checkpoint at its current step (rank 0; every rank must call it)."""
+    import torch
+
+    from batchfit.train.checkpoint import save_checkpoint
+    from batchfit.train.distributed import gather_objects
+
+    rng_states = gather_objects(torch.get_rng_state())  # a collective: every rank joins
+    if run.main and run.checkpoint_path is not None:
+        state = {
+            "fingerprint": run.fingerprint,
+            "task": run.task.name,
+            "step": run.step,
+            "samples_seen": run.samples_seen,
+            "micro_batch": run.micro_batch,
+            "config": run.config.to_dict(),
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": rng_states,
+            "backoffs": [event.to_dict() for event in run.backoffs],
+            "callbacks": callback_states,
+        }
+        if run.swa_model is not None:
+            state["swa_model"] = run.swa_model.state_dict()
+            state["swa_scheduler"] = run.swa_scheduler.state_dict()
+        save_checkpoint(run.checkpoint_path, state)
+    run.saved_at = run.step
+
+
+def _schedule(task: Task, config: TrainConfig, setup: TrainSetup) -> ScheduleConfig:
+    from batchfit.lr.schedules import ScheduleConfig
+
+    return ScheduleConfig(
+        total_steps=setup.schedule_steps,
+        warmup_steps=setup.warmup_steps,
+        # Goyal et al. 2017 warm up from the reference rate, not from zero.
+        warmup_start_factor=min(1.0, task.lr / setup.lr) if setup.warmup_steps else 0.0,
+        decay=config.decay,
+        **({"step_every": max(1, setup.schedule_steps // 3)} if config.decay == "step" else {}),
+    )
+
+
+def _starts_afresh(checkpoint_path: Path | None, metrics_path: Path | None) -> bool:
+    """Whether a resume finds a run that died before its first checkpoint (metrics only)."""
+    if checkpoint_path is None or checkpoint_path.exists() or not metrics_path.is_file():
+        return False
+    logger.warning(
+        "%s has no checkpoint: the run stopped before its first one. Starting it afresh from "
+        "step 0; %s is emptied.",
+        checkpoint_path.parent,
+        metrics_path.name,
+    )
+    return True
+
+
+def _refuse_existing_run(run_dir: Path, checkpoint_path: Path, metrics_path: Path) -> None:
+    existing = [p.name for p in (checkpoint_path, metrics_path) if p.exists()]
+    if existing:
+        raise ConfigError(
+            f"{str(run_dir)!r} already holds a run ({', '.join(existing)}); continue it with "
+            "--resume, or give another --out directory."
+        )
+
+
+def _check_same_run(
+    checkpoint: dict, task: Task, config: TrainConfig, setup: TrainSetup, path: Path
+) -> None:
+    """Refuse a checkpoint of another task, other options, or past this run's end."""
+    saved_task = checkpoint.get("task")
+    if saved_task is not None and saved_task != task.name:
+        raise CheckpointError(
+            f"The checkpoint {str(path)!r} belongs to task {saved_task!r}, not {task.name!r}; "
+            "resume with the task that made it, or start a new run in another --out directory."
+        )
+    saved = checkpoint.get("config", {})
+    changed = changed_identity_fields(saved, config)
+    if changed:
+        current = config.to_dict()
+        details = ", ".join(f"{name} {saved.get(name)!r} -> {current[name]!r}" for name in changed)
+        raise CheckpointError(
+            f"The checkpoint {str(path)!r} belongs to a run with other options ({details}); "
+            "resume with the run's options, or start a new run in another --out directory."
+        )
+    step = checkpoint.get("step")
+    if not isinstance(step, int) or not 0 <= step <= setup.total_steps:
+        raise CheckpointError(
+            f"The checkpoint {str(path)!r} is at step {step!r}, outside this run's "
+            f"{setup.total_steps} steps (did the training data change?); resume with the data "
+            "that made it, or start a new run in another --out directory."
+        )

@@ -1,0 +1,313 @@
+"""One optimizer step of the training loop, with its out-of-memory back-off.
+
+`optimizer_step(run, on_step_end)` draws the global step's samples (fixed by the seed before any
+micro-batch is cut), accumulates this rank's micro-batches under `run_with_backoff`, clips the
+gradient, lets the callbacks see the step, and steps the optimizer and the schedule.
+
+Out of memory inside `optimizer.step()` (the first step of Adam allocates its state) is caught
+too: the step's changes are undone (the weights and optimizer state are copied to the host
+before a step that will allocate state), memory is released and the step is tried once more;
+if it fails again, `DoesNotFitError` says that the optimizer state does not fit.
+
+A loss or gradient norm that is NaN or infinite stops the run with `TrainingDivergedError`
+before the optimizer applies it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import DoesNotFitError, TrainingDivergedError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from batchfit.train.setup import Run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one optimizer step did; also the shape of a metrics.jsonl line.
+
+    Attributes:
+        step: optimizer steps completed, counting this one (1 for the first).
+        samples_seen: samples trained on so far, over all ranks.
+        loss: mean training loss over the global batch.
+        lr: the learning rate this step used.
+        grad_norm: L2 norm of the global batch's gradient (before clipping).
+        micro_batch: samples per micro-batch on one rank.
+        accumulation_steps: micro-batches per rank in this step.
+        micro_batches: sizes of this rank's micro-batches.
+        indices: this rank's sample indices of the step, in order.
+    """
+
+    step: int
+    samples_seen: int
+    loss: float
+    lr: float
+    grad_norm: float
+    micro_batch: int
+    accumulation_steps: int
+    micro_batches: tuple[int, ...]
+    indices: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["indices"], data["micro_batches"]
+        return data
+
+
+def optimizer_step(
+    run: Run, on_step_end: Callable[[StepRecord, Any], dict[str, Any]]
+) -> tuple[StepRecord, dict[str, Any]]:
+    """Train one global step; returns its record and the metrics `on_step_end` added.
+
+    `on_step_end(record, model)` is called once the step's gradients are complete, before
+    the optimizer applies them (`batchfit.train.callbacks.CallbackList.on_step_end`).
+
+    Raises:
+        DoesNotFitError: out of memory at a micro-batch of 1, or in `optimizer.step()` twice.
+        TrainingDivergedError: the loss or the gradient norm is not finite; nothing of the
+            step is applied (weights, buffers and RNG are as after the previous step).
+    """
+    import torch
+
+    from batchfit.snapshot import capture_rng, restore_rng
+    from batchfit.train.backoff import run_with_backoff
+    from batchfit.train.distributed import mean_over_ranks
+    from batchfit.train.sampling import global_batch_indices, rank_slice
+
+    config, context, model = run.config, run.context, run.model
+    started = time.perf_counter()
+    indices = global_batch_indices(
+        run.step,
+        dataset_size=len(run.task.train_data),
+        global_batch=config.global_batch,
+        seed=run.seed,
+    )
+    local_indices = rank_slice(indices, rank=context.rank, world_size=context.world_size)
+    batch = run.task.batch(local_indices)
+    buffers = [buffer.detach().clone() for buffer in model.buffers()]
+    rng_state = capture_rng()
+
+    def cleanup() -> None:
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+        restore_rng(rng_state)
+
+    (loss, step_plan), run.micro_batch = run_with_backoff(
+        lambda size: _accumulate(run, batch, size),
+        run.micro_batch,
+        local_batch=run.local_batch,
+        step=run.step + 1,
+        allow_uneven=config.allow_uneven,
+        cleanup=cleanup,
+        on_backoff=run.backoffs.append,
+        device=run.device,
+        enabled=not context.enabled,
+    )
+    loss = mean_over_ranks(loss, device=run.device)
+    max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        cleanup()
+        raise _diverged(run, loss, grad_norm)
+    record = StepRecord(
+        step=run.step + 1,
+        samples_seen=run.samples_seen + config.global_batch,
+        loss=loss,
+        lr=run.optimizer.param_groups[0]["lr"],
+        grad_norm=grad_norm,
+        micro_batch=run.micro_batch,
+        accumulation_steps=step_plan.accumulation_steps,
+        micro_batches=tuple(step_plan.micro_batches),
+        indices=tuple(local_indices),
+    )
+    extra = on_step_end(record, model)
+    _step_optimizer(run)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.setup.swa_start_step is not None and run.step + 1 > run.setup.swa_start_step:
+        run.swa_model.update_parameters(model)
+        run.swa_scheduler.step()
+    else:
+        run.scheduler.step()
+    run.step += 1
+    run.samples_seen += config.global_batch
+    run.last_loss = loss
+    run.session_samples += config.global_batch
+    run.step_seconds += time.perf_counter() - started
+    return record, extra
+
+
+def _accumulate(run: Run, batch: Any, size: int):
+    """Forward and backward of this rank's share at micro-batch `size`: (loss, plan)."""
+    from batchfit.task import move_to
+    from batchfit.train.accumulation import accumulate_gradients, plan_accumulation, split_batch
+    from batchfit.train.distributed import sum_over_ranks
+
+    config, context, task = run.config, run.context, run.task
+    step_plan = plan_accumulation(
+        config.global_batch,
+        size,
+        context.world_size,
+        allow_uneven=config.allow_uneven or run.local_batch % size != 0,
+    )
+    run.optimizer.zero_grad(set_to_none=True)
+    parts = split_batch(batch, step_plan.micro_batches)
+    counts = total = None
+    if task.tokens is not None:
+        counts = [float(task.tokens(part)) for part in parts]
+        # DDP averages over ranks: weigh by the global token count / world size.
+        total = sum_over_ranks(sum(counts), device=run.device) / context.world_size
+    micro_batches = [move_to(part, run.device) for part in parts]
+    loss = accumulate_gradients(
+        run.train_model, run.loss_fn, micro_batches, counts=counts, total=total
+    )
+    return loss, step_plan
+
+
+def _step_optimizer(run: Run) -> None:
+    """`optimizer.step()`; on out-of-memory undo it, release memory and try once more."""
+    from batchfit.memory.step import is_out_of_memory
+
+    # The session's first step allocates the optimizer's state (Adam: two tensors per weight),
+    # so it is the one likely to run out of memory here; keep a host copy of what it may change
+    # so it can be undone. Later steps allocate only temporaries, and copying every step
+    # would cost a transfer per step.
+    undo = _host_copy(run) if run.session_samples == 0 and _allocates_state(run) else None
+    for attempt in (1, 2):
+        try:
+            run.optimizer.step()
+            return
+        except BaseException as error:  # noqa: B036 - only out-of-memory is handled, rest re-raised
+            if not is_out_of_memory(error):
+                raise
+            reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
+        if undo is None:
+            raise DoesNotFitError(
+                f"Step {run.step + 1}: out of memory inside optimizer.step() ({reason}); the "
+                "step may have changed part of the weights, so the run stops. Resume from the "
+                "last checkpoint (--resume) with a larger memory budget or a smaller --micro-batch."
+            )
+        _restore_host_copy(run, undo)
+        if attempt == 1:
+            logger.warning(
+                "step %d: out of memory inside optimizer.step() (%s); undone, memory released, "
+                "trying the step once more",
+                run.step + 1,
+                reason,
+            )
+    raise DoesNotFitError(
+        f"Step {run.step + 1}: out of memory inside optimizer.step() twice ({reason}): the "
+        "optimizer's state does not fit beside the weights and gradients, whatever the "
+        "micro-batch. Give a larger memory budget, an optimizer with less state (sgd), lower "
+        "precision or a smaller model."
+    )
+
+
+def _allocates_state(run: Run) -> bool:
+    """Whether some parameter with a gradient has no optimizer state yet."""
+    optimizer = run.optimizer
+    return any(
+        param.grad is not None and not optimizer.state.get(param)
+        for group in optimizer.param_groups
+        for param in group["params"]
+    )
+
+
+@dataclass(frozen=True)
+class _HostTensor:
+    """A tensor's bytes as a NumPy array: host memory a counting budget does not see."""
+
+    data: Any  # numpy.ndarray of uint8
+    dtype: Any
+    shape: tuple[int, ...]
+    device: Any
+
+    @classmethod
+    def of(cls, tensor: Any) -> _HostTensor:
+        import torch
+
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy().copy()
+        return cls(data, tensor.dtype, tuple(tensor.shape), tensor.device)
+
+    def tensor(self) -> Any:
+        import torch
+
+        return torch.from_numpy(self.data).view(self.dtype).view(self.shape).to(self.device)
+
+    def copy_into(self, tensor: Any) -> None:
+        """Write the saved bytes back into `tensor` (in place through NumPy on the CPU, so
+        nothing is allocated there)."""
+        import numpy
+        import torch
+
+        if tensor.device.type == "cpu" and tensor.is_contiguous():
+            target = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+            numpy.copyto(target, self.data)
+        else:
+            tensor.copy_(self.tensor())
+
+
+def _host_copy(run: Run) -> dict[str, Any]:
+    """The weights, gradients and optimizer state, copied to host memory."""
+    import torch
+
+    def copy(value: Any) -> Any:
+        return _HostTensor.of(value) if isinstance(value, torch.Tensor) else value
+
+    params = list(run.model.parameters())
+    optimizer = run.optimizer
+    return {
+        "weights": [copy(param) for param in params],
+        "grads": [copy(param.grad) for param in params],
+        "state": {
+            param: {key: copy(value) for key, value in optimizer.state[param].items()}
+            for param in params
+            if optimizer.state.get(param)
+        },
+    }
+
+
+def _restore_host_copy(run: Run, saved: dict[str, Any]) -> None:
+    """Put back what `_host_copy` saved; frees what the failed step allocated first."""
+    import torch
+
+    from batchfit.devices import release_memory
+
+    def restore(value: Any) -> Any:
+        return value.tensor() if isinstance(value, _HostTensor) else value
+
+    state = run.optimizer.state
+    state.clear()  # drop what the failed step allocated, before copying anything back
+    release_memory(run.device)
+    with torch.no_grad():
+        for param, weight, grad in zip(run.model.parameters(), saved["weights"], saved["grads"]):
+            weight.copy_into(param)
+            if grad is not None:
+                grad.copy_into(param.grad)
+    for param, values in saved["state"].items():
+        state[param] = {key: restore(value) for key, value in values.items()}
+
+
+def _diverged(run: Run, loss: float, grad_norm: float) -> TrainingDivergedError:
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+    kept = (
+        f"the checkpoint of step {run.step} (the last good one) is in {str(run.checkpoint_path)!r}"
+        if run.checkpoint_path is not None and run.step > 0
+        else "no step finished, so no checkpoint is written"
+    )
+    return TrainingDivergedError(
+        f"Step {run.step + 1}: the training {what}, so the run stopped; {kept}. The run "
+        "diverged: start a new run with a lower learning rate (--lr), gradient clipping "
+        "(--max-grad-norm 1.0) or a longer warmup (--warmup)."
+    )

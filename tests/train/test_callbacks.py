@@ -1,0 +1,96 @@
+from batchfit.noise.watch import NoiseScaleCallback
+from batchfit.train.callbacks import CallbackList, StopTraining
+from batchfit.train.checkpoint import load_checkpoint
+from batchfit.train.config import TrainConfig
+from batchfit.train.loop import train
+from batchfit.train.metrics import read_metrics
+from tests.conftest import make_mlp_task
+
+
+class _StopAt:
+    """Asks to stop at a step (from on_step_end) or at an evaluation; records evaluations."""
+
+    def __init__(self, step=None, on_evaluation=False):
+        self.step, self.at_evaluation, self.evaluations = step, on_evaluation, []
+
+    def on_step_end(self, record, model):
+        if record.step == self.step and not self.at_evaluation:
+            raise StopTraining(f"enough at step {record.step}")
+        return {"seen": record.step}
+
+    def on_evaluation(self, step, metrics):
+        self.evaluations.append((step, sorted(metrics)))
+        if step == self.step and self.at_evaluation:
+            raise StopTraining("validation says stop")
+
+
+def test_a_callback_stops_the_run_cleanly_after_the_step(tmp_path):
+    other = _StopAt()
+    result = train(
+        make_mlp_task(),
+        TrainConfig(
+            global_batch=64, micro_batch=32, steps=6, checkpoint_every=0, out_dir=str(tmp_path)
+        ),
+        device="cpu",
+        callbacks=[_StopAt(step=2), other],
+    )
+    assert result.steps == 2 and result.stop_reason == "enough at step 2"
+    assert not result.interrupted
+    assert load_checkpoint(tmp_path)["step"] == 2
+    # The step that asked to stop was completed and logged, by every callback.
+    assert [line["seen"] for line in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_on_evaluation_sees_each_evaluation_and_may_stop():
+    stopper = _StopAt(step=4, on_evaluation=True)
+    result = train(
+        make_mlp_task(),
+        TrainConfig(global_batch=64, micro_batch=32, steps=8, eval_every=2),
+        device="cpu",
+        callbacks=[stopper],
+    )
+    assert [step for step, _ in stopper.evaluations] == [2, 4]
+    assert stopper.evaluations[0][1] == ["val_accuracy", "val_loss"]
+    assert result.steps == 4 and result.stop_reason == "validation says stop"
+
+
+def test_a_stop_asked_at_the_last_step_is_a_finished_run():
+    result = train(
+        make_mlp_task(),
+        TrainConfig(global_batch=64, micro_batch=32, steps=2),
+        device="cpu",
+        callbacks=[_StopAt(step=2)],
+    )
+    assert result.steps == 2 and result.stop_reason is None
+
+
+def test_callback_list_merges_metrics_in_order_and_skips_missing_methods():
+    class A:
+        def on_step_end(self, record, model):
+            return {"x": 1, "y": 1}
+
+    class B:
+        def on_step_end(self, record, model):
+            return {"y": 2}
+
+    hooks = CallbackList([A(), object(), B()])
+    assert hooks.on_step_end(None, None) == {"x": 1, "y": 2}
+    assert hooks.state_dicts() == [None, None, None]
+    assert hooks.stop_reason is None
+
+
+def test_the_result_says_whether_the_noise_scale_was_logged():
+    task = make_mlp_task()
+    logged = train(
+        task,
+        TrainConfig(global_batch=64, micro_batch=16, steps=3),
+        device="cpu",
+        callbacks=[NoiseScaleCallback(dataset_size=len(task.train_data))],
+    )
+    assert logged.noise_scale_logged and logged.noise_scale_reason is None
+    assert logged.to_dict()["noise_scale_logged"] is True
+    one_piece = train(task, TrainConfig(global_batch=64, micro_batch=64, steps=1), device="cpu")
+    assert not one_piece.noise_scale_logged
+    assert "two or more micro-batches" in one_piece.noise_scale_reason
+    no_callback = train(task, TrainConfig(global_batch=64, micro_batch=32, steps=1), device="cpu")
+    assert "NoiseScaleCallback" in no_callback.to_dict()["noise_scale_reason"]

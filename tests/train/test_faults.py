@@ -1,0 +1,172 @@
+"""The training loop's fault paths: out of memory in optimizer.step(), a budget below the
+model, a run that died before its first checkpoint, a diverging loss, damaged run folders."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from batchfit.errors import CheckpointError, DoesNotFitError, TrainingDivergedError
+from batchfit.memory.counter import count_memory
+from batchfit.train.checkpoint import load_checkpoint
+from batchfit.train.config import TrainConfig
+from batchfit.train.loop import train
+from batchfit.train.metrics import read_metrics
+from tests.conftest import make_mlp_task
+from tests.train.test_loop import _weights, _wide_task
+
+
+def _adam(params, lr):
+    return torch.optim.Adam(params, lr=lr)
+
+
+def test_out_of_memory_in_the_optimizer_step_is_a_clean_does_not_fit_error():
+    config = TrainConfig(global_batch=32, micro_batch=16, steps=1, lr=1e-3, warmup=0)
+    peaks = {}
+    for name, optimizer in (("sgd", None), ("adam", _adam)):
+        task = _wide_task(**({"optimizer": optimizer} if optimizer else {}))
+        with count_memory() as counter:
+            train(task, config, device="cpu")
+        peaks[name] = counter.peak_bytes
+    # The premise: Adam's state (two tensors per weight) makes its first step the peak.
+    assert peaks["adam"] > peaks["sgd"]
+    budget = (peaks["sgd"] + peaks["adam"]) // 2
+    with pytest.raises(DoesNotFitError, match=r"Step 1: out of memory inside optimizer.step"):
+        train(_wide_task(optimizer=_adam), config, device="cpu", memory_budget_bytes=budget)
+    with pytest.raises(DoesNotFitError, match="optimizer with less state"):
+        train(_wide_task(optimizer=_adam), config, device="cpu", memory_budget_bytes=budget)
+
+
+class _FailsOnce(torch.optim.Adam):
+    """Adam whose first step allocates part of its state, changes a weight, then runs out."""
+
+    failed = False
+
+    def step(self, closure=None):
+        if not _FailsOnce.failed:
+            _FailsOnce.failed = True
+            param = self.param_groups[0]["params"][0]
+            self.state[param]["exp_avg"] = torch.zeros_like(param)
+            with torch.no_grad():
+                param.add_(1.0)
+                param.grad.mul_(3.0)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return super().step(closure)
+
+
+def test_out_of_memory_in_the_optimizer_step_is_undone_and_retried(caplog):
+    config = TrainConfig(global_batch=32, micro_batch=16, steps=3, lr=1e-3, warmup=0)
+    clean = train(_wide_task(optimizer=_adam), config, device="cpu")
+    _FailsOnce.failed = False
+    with caplog.at_level(logging.WARNING, logger="batchfit.train.step"):
+        retried = train(
+            _wide_task(optimizer=lambda p, lr: _FailsOnce(p, lr=lr)), config, device="cpu"
+        )
+    assert _FailsOnce.failed and "inside optimizer.step()" in caplog.text
+    for a, b in zip(_weights(clean.model), _weights(retried.model)):
+        assert torch.equal(a, b)
+
+
+def test_a_budget_below_the_model_itself_is_refused_before_training():
+    config = TrainConfig(global_batch=32, micro_batch=16, steps=1)
+    with pytest.raises(DoesNotFitError, match=r"the model needs .* before the first sample"):
+        train(_wide_task(), config, device="cpu", memory_budget_bytes=1000)
+
+
+def test_a_run_that_died_before_its_first_checkpoint_resumes_as_a_fresh_start(tmp_path, caplog):
+    config = dict(global_batch=32, micro_batch=16, steps=3, out_dir=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "l')
+    with pytest.raises(Exception, match="--resume"):  # a new run still refuses the folder
+        train(_wide_task(), TrainConfig(**config), device="cpu")
+    with caplog.at_level(logging.WARNING, logger="batchfit.train.setup"):
+        resumed = train(_wide_task(), TrainConfig(resume=True, **config), device="cpu")
+    assert "has no checkpoint" in caplog.text and "afresh from step 0" in caplog.text
+    assert resumed.resumed_from_step is None and resumed.steps == 3
+    fresh = train(_wide_task(), TrainConfig(**{**config, "out_dir": str(tmp_path / "new")}))
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == read_metrics(
+        tmp_path / "new" / "metrics.jsonl"
+    )
+    for a, b in zip(_weights(fresh.model), _weights(resumed.model)):
+        assert torch.equal(a, b)
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        value = torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+        return value * float("nan") if len(calls) > 4 else value  # step 3 (2 micro-batches)
+
+    config = TrainConfig(
+        global_batch=32, micro_batch=16, steps=6, checkpoint_every=0, out_dir=str(tmp_path)
+    )
+    with pytest.raises(TrainingDivergedError, match=r"Step 3: the training loss is nan") as error:
+        train(_wide_task(loss=loss), config, device="cpu")
+    assert "--lr" in str(error.value) and "--max-grad-norm" in str(error.value)
+    assert "checkpoint of step 2" in str(error.value)
+    assert load_checkpoint(tmp_path)["step"] == 2
+    assert [line["step"] for line in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def _finished_run(tmp_path, **options):
+    config = TrainConfig(global_batch=32, micro_batch=16, steps=2, out_dir=str(tmp_path), **options)
+    train(_wide_task(), config, device="cpu")
+    return config
+
+
+def test_a_flipped_byte_in_a_checkpoint_tensor_is_refused(tmp_path):
+    config = _finished_run(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    weight = load_checkpoint(path)["model"]["0.weight"]
+    offset = bytes(data).find(weight.numpy().tobytes()[:64])
+    assert offset > 0
+    data[offset + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="checksum"):
+        train(_wide_task(), TrainConfig(**{**config.to_dict(), "resume": True}), device="cpu")
+
+
+def test_a_checkpoint_of_another_task_or_past_the_runs_end_is_refused(tmp_path):
+    config = _finished_run(tmp_path)
+    resume = TrainConfig(**{**config.to_dict(), "resume": True})
+    with pytest.raises(CheckpointError, match="belongs to task 'wide', not 'other'"):
+        train(_wide_task(name="other"), resume, device="cpu")
+    # Same options, less data: epochs give fewer steps than the checkpoint has done.
+    run = tmp_path / "epochs"
+    epochs = dict(global_batch=32, micro_batch=16, epochs=1.0, out_dir=str(run))
+    train(_wide_task(samples=128), TrainConfig(**epochs), device="cpu")
+    with pytest.raises(CheckpointError, match="at step 4, outside this run's 2 steps"):
+        train(_wide_task(samples=64), TrainConfig(resume=True, **epochs), device="cpu")
+
+
+def test_unreadable_metrics_lines_are_named_and_refused_unless_dropped(tmp_path):
+    config = _finished_run(tmp_path, checkpoint_every=1)
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "{not json", json.dumps([1, 2]), lines[1]]) + "\n")
+    before = path.read_bytes()
+    resume = {**config.to_dict(), "resume": True}
+    with pytest.raises(CheckpointError, match=r"2 line\(s\) that cannot be read \(line 2, 3\)"):
+        train(_wide_task(), TrainConfig(**resume), device="cpu")
+    assert path.read_bytes() == before
+    resume["drop_unreadable_metrics"] = True
+    result = train(_wide_task(), TrainConfig(**resume), device="cpu")
+    assert result.resumed_from_step == 2
+    assert [line["step"] for line in read_metrics(path)] == [1, 2]
+
+
+def test_progress_callback_hears_each_step():
+    calls = []
+    train(
+        make_mlp_task(),
+        TrainConfig(global_batch=64, micro_batch=32, steps=3),
+        device="cpu",
+        progress=lambda *call: calls.append(call),
+    )
+    assert calls == [("train", 1, 3), ("train", 2, 3), ("train", 3, 3)]
