@@ -29,3 +29,8 @@ class CheckpointError(BatchfitError, RuntimeError):
 
 class MissingDependencyError(BatchfitError, ImportError):
     """An optional dependency is needed for the requested feature."""
+
+
+class RunLogError(BatchfitError, ValueError):
+    """A run's log (metrics file, event files) is missing, of an unknown format, or lacks a
+    series that was asked for."""
