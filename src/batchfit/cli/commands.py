@@ -686,6 +686,29 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from batchfit.cli.format_diagnosis import print_diagnosis
+    from batchfit.monitor.diagnose import diagnose
+    from batchfit.monitor.readers import read_history
+    from batchfit.plots.diagnosis import plot_diagnosis
+
+    _check_png(args.plot)
+    history = read_history(
+        args.path, train_loss=args.train_loss, val_loss=args.val_loss, metric=args.metric
+    )
+    diagnosis = diagnose(history)
+    if args.plot:
+        plot_diagnosis(history, diagnosis, args.plot)
+    if args.json:
+        _print_json(diagnosis)
+        return 0
+    console = _stdout_console()
+    print_diagnosis(console, history, diagnosis)
+    if args.plot:
+        console.print(f"Plot written to {args.plot}", highlight=False)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfit",
@@ -922,6 +945,22 @@ def _build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--out", metavar="DIR", help="where plan.json and report.html go")
     _add_json_argument(plan_cmd)
     plan_cmd.set_defaults(handler=_cmd_plan)
+
+    diagnose_cmd = commands.add_parser(
+        "diagnose",
+        help="read a run's curves, name what is wrong, say what to change",
+        description="Read a run's training and validation curves (batchfit metrics.jsonl, "
+        "Lightning metrics.csv, Hugging Face trainer_state.json, TensorBoard event files) and "
+        "name what is wrong: diverging, noisy, stalled, overfitting, underfitting, batch below "
+        "or above the critical batch; with new settings by the scaling rules.",
+    )
+    diagnose_cmd.add_argument("path", help="a run folder or its log file")
+    diagnose_cmd.add_argument("--train-loss", metavar="NAME", help="the training-loss series")
+    diagnose_cmd.add_argument("--val-loss", metavar="NAME", help="the validation-loss series")
+    diagnose_cmd.add_argument("--metric", metavar="NAME", help="a validation metric series")
+    _add_json_argument(diagnose_cmd)
+    _add_plot_argument(diagnose_cmd, "the curves with the findings shaded")
+    diagnose_cmd.set_defaults(handler=_cmd_diagnose)
 
     return parser
 
