@@ -128,8 +128,9 @@ UNDERFIT_SHARE = 0.05
 UNDERFIT_SPREADS = 2.0
 """An improvement within twice the spread (the 90th percentile of the noise) is not real."""
 
-OVERFIT_RISE = 0.1
-"""Overfitting: the last validation loss is 10% or more above its best ..."""
+OVERFIT_RISE = 0.05
+"""Overfitting: the last validation loss is 5% or more above its best, with every evaluation
+after the best above it (two or more: a steady climb, not one bad evaluation) ..."""
 
 OVERFIT_METRIC_DROP = 0.02
 """... or the metric has fallen 2% (relative) or more from its best ..."""
