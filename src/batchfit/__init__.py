@@ -79,6 +79,14 @@ _EXPORTS = {
     "StopTraining": "batchfit.train.callbacks",
     "run_with_backoff": "batchfit.train.backoff",
     "BackoffEvent": "batchfit.train.backoff",
+    "RunLogError": "batchfit.errors",
+    "History": "batchfit.monitor.history",
+    "read_history": "batchfit.monitor.readers",
+    "diagnose": "batchfit.monitor.diagnose",
+    "Diagnosis": "batchfit.monitor.findings",
+    "Finding": "batchfit.monitor.findings",
+    "LiveDiagnosis": "batchfit.monitor.live",
+    "plot_diagnosis": "batchfit.plots.diagnosis",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

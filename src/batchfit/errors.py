@@ -33,3 +33,8 @@ class MissingDependencyError(BatchfitError, ImportError):
 
 class TrainingDivergedError(BatchfitError, FloatingPointError):
     """Training produced a loss or gradient that is NaN or infinite."""
+
+
+class RunLogError(BatchfitError, ValueError):
+    """A run's log (metrics file, event files) is missing, of an unknown format, or lacks a
+    series that was asked for."""

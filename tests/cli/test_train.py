@@ -124,7 +124,7 @@ def test_an_existing_run_folder_needs_resume_or_force(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", *FAST, "--out", run]) == 2
     err = capsys.readouterr().err
-    assert "already holds files (checkpoint.pt, metrics.jsonl)" in err and "--force" in err
+    assert "already holds files (checkpoint.pt, diagnosis.json, metrics.jsonl)" in err and "--force" in err
     assert main(["train", *FAST, "--out", run, "--force", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from_step"] is None
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 3

@@ -21,6 +21,8 @@ from batchfit.cli.paths import check_output_file, check_output_folder, remove_fi
 from batchfit.cli.progress import PhaseBars, StepBar, stderr_console
 from batchfit.errors import ConfigError
 
+STOPPED_BY_DIAGNOSIS = 3  # exit code of a run that --stop-on stopped (not an error, not done)
+
 
 def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
     """{parameter: args.<attribute>} for each attribute the user gave (not None)."""
@@ -248,6 +250,8 @@ def plan(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     from batchfit.cli.format import print_train_summary
+    from batchfit.cli.format_diagnosis import print_diagnosis
+    from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
     from batchfit.noise.watch import NoiseScaleCallback, noise_scale_advice, noise_scale_loggable
     from batchfit.plan.plan_file import apply_plan, load_plan
     from batchfit.train.checkpoint import CHECKPOINT_NAME
@@ -291,7 +295,7 @@ def train(args: argparse.Namespace) -> int:
     device = args.device if args.device is not None else "auto"
     if args.force and check_folder and not args.resume:
         check_train_config(task, config, world_size=world_size, device=device)
-        remove_files(out, (CHECKPOINT_NAME, METRICS_NAME))
+        remove_files(out, (CHECKPOINT_NAME, METRICS_NAME, DIAGNOSIS_NAME))
     if launching:
         check_train_config(task, config, world_size=world_size, device=device)
         return launch(args.nproc, _relaunch_argv(args.argv, out if args.out is None else None))
@@ -304,6 +308,7 @@ def train(args: argparse.Namespace) -> int:
     if args.no_noise_scale:
         logged, reason = False, "turned off by --no-noise-scale"
     noise = NoiseScaleCallback(dataset_size=len(task.train_data)) if logged else None
+    live = LiveDiagnosis(noise=noise, stop_on=args.stop_on or (), plan=plan)
     # On a terminal the loop draws its own bar (with the recent samples/s); elsewhere plain lines.
     progress = context.is_main and (stderr_console().is_terminal or StepBar("train"))
     result = run_training(
@@ -312,11 +317,12 @@ def train(args: argparse.Namespace) -> int:
         device=device,
         memory_budget_bytes=args.memory_budget,
         progress=progress,
-        callbacks=[noise] if noise else (),
+        callbacks=[noise, live] if noise else [live],
     )
-    code = 130 if result.interrupted else 0
+    code = 130 if result.interrupted else STOPPED_BY_DIAGNOSIS if result.stop_reason else 0
     if not context.is_main:
         return code
+    diagnosis_path = live.write(config.out_dir) if config.out_dir else None
     noise_summary = {
         "logged": result.noise_scale_logged,
         "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
@@ -328,10 +334,39 @@ def train(args: argparse.Namespace) -> int:
         ),
     }
     if args.json:
-        print_json({**result.to_dict(), "noise_scale": noise_summary})
+        diagnosis = {**live.diagnosis.to_dict(), "path": str(diagnosis_path)}
+        print_json({**result.to_dict(), "noise_scale": noise_summary, "diagnosis": diagnosis})
         return code
-    print_train_summary(stdout_console(), task.name, result, noise_summary)
+    console = stdout_console()
+    print_train_summary(console, task.name, result, noise_summary)
+    if live.diagnosis.findings:
+        print_diagnosis(console, live.history(), live.diagnosis)
+    if diagnosis_path is not None:
+        console.print(f"  diagnosis: {diagnosis_path}", highlight=False, markup=False)
     return code
+
+
+def diagnose(args: argparse.Namespace) -> int:
+    from batchfit.cli.format_diagnosis import print_diagnosis
+    from batchfit.monitor.diagnose import diagnose as diagnose_run
+    from batchfit.monitor.readers import read_history
+    from batchfit.plots.diagnosis import plot_diagnosis
+
+    check_output_file(args.plot, "--plot", suffix=".png")
+    history = read_history(
+        args.path, train_loss=args.train_loss, val_loss=args.val_loss, metric=args.metric
+    )
+    diagnosis = diagnose_run(history)
+    if args.plot:
+        plot_diagnosis(history, diagnosis, args.plot)
+    if args.json:
+        print_json(diagnosis)
+        return 0
+    console = stdout_console()
+    print_diagnosis(console, history, diagnosis)
+    if args.plot:
+        console.print(f"Plot written to {args.plot}", highlight=False, markup=False)
+    return 0
 
 
 def _check_train_inputs(args: argparse.Namespace) -> None:
@@ -372,5 +407,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "lr-range": lr_range,
     "throughput": throughput,
     "plan": plan,
+    "diagnose": diagnose,
 }
 """Each subcommand's function, by the name `batchfit.cli.parser` gives it."""

@@ -26,6 +26,7 @@ from batchfit.cli.arguments import (
     add_share,
     add_task_arguments,
 )
+from batchfit.monitor.findings import KINDS
 from batchfit.validation import MAX_BATCH_SIZE, MAX_COUNT, MAX_PROCESSES, MAX_SEED
 
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lr_range(command)
     _add_throughput(command)
     _add_plan(command)
+    _add_diagnose(command)
     return parser
 
 
@@ -249,6 +251,14 @@ def _add_train(command) -> None:
         help="do not log the gradient noise scale (logged by default when a step has two or "
         "more micro-batches or ranks)",
     )
+    train.add_argument(
+        "--stop-on",
+        metavar="KIND",
+        action="append",
+        choices=KINDS,
+        help="stop cleanly, with a checkpoint, when the live diagnosis finds KIND (critical), "
+        "e.g. diverging; repeat for more kinds",
+    )
     add_device_arguments(train)
     add_json_argument(train)
 
@@ -347,3 +357,20 @@ def _add_plan(command) -> None:
     add_share(plan, "--margin", "fraction of memory kept free (default 0.05)")
     add_out_arguments(plan, "DIR", "where plan.json and report.html go (default: runs/<task>-plan)")
     add_json_argument(plan)
+
+
+def _add_diagnose(command) -> None:
+    diagnose = command(
+        "diagnose",
+        "read a run's curves, name what is wrong, say what to change",
+        "Read a run's training and validation curves (batchfit metrics.jsonl, Lightning "
+        "metrics.csv, Hugging Face trainer_state.json, TensorBoard event files) and name what is "
+        "wrong: diverging, noisy, stalled, overfitting, underfitting, batch below or above the "
+        "critical batch; with new settings by the scaling rules.",
+    )
+    diagnose.add_argument("path", help="a run folder or its log file")
+    diagnose.add_argument("--train-loss", metavar="NAME", help="the training-loss series")
+    diagnose.add_argument("--val-loss", metavar="NAME", help="the validation-loss series")
+    diagnose.add_argument("--metric", metavar="NAME", help="a validation metric series")
+    add_json_argument(diagnose)
+    add_plot_argument(diagnose, "the curves with the findings shaded")

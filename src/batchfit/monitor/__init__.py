@@ -1,0 +1,9 @@
+"""Watching a run: read any run's curves, name what is wrong, say what to change.
+
+`history` holds a run's series (`History`, `Series`); `readers` reads them from batchfit's
+metrics.jsonl, Lightning's CSVLogger metrics.csv, Hugging Face Trainer's trainer_state.json and
+TensorBoard event files (`read_history`); `findings` is the fixed vocabulary and the result
+(`Finding`, `Diagnosis`, `KINDS`); `diagnose` reads the curves (`diagnose`) with the thresholds
+in `thresholds`; `advice` turns a finding into new settings by the library's own rules; `live`
+runs the diagnosis during `batchfit.train.loop.train` (`LiveDiagnosis`).
+"""

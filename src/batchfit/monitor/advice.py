@@ -1,0 +1,140 @@
+"""New settings for the next run, computed with the library's own rules.
+
+The batch changes through gradient accumulation (`batchfit.train.accumulation.plan_accumulation`
+keeps the micro-batch that fitted), the rate moves with the batch by the scaling rule
+(`batchfit.lr.scaling.scaled_rate`), and the warmup is Goyal et al.'s
+(`batchfit.lr.scaling.default_warmup_steps`). When the optimizer family is unknown, the linear
+rule (SGD) is given first and the square-root rule (Adam family) beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from batchfit.lr.scaling import default_warmup_steps, scaled_rate
+from batchfit.monitor.findings import CLIP_NORM, DIVERGING_LR_FACTOR
+from batchfit.train.accumulation import plan_accumulation
+
+__all__ = ["RunSettings", "change_batch", "lower_rate"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the log tells about the run's settings (None where it does not).
+
+    Attributes:
+        global_batch: samples per optimizer step.
+        micro_batch: samples per forward/backward (the largest that fitted).
+        lr: the peak learning rate.
+        rule: "linear" or "sqrt" when the optimizer family is known, else None (both shown).
+        total_steps: optimizer steps logged.
+        steps_per_epoch: optimizer steps per pass over the data.
+        warmup_steps: steps until the rate peaked (0 without a warmup).
+    """
+
+    global_batch: int | None = None
+    micro_batch: int | None = None
+    lr: float | None = None
+    rule: str | None = None
+    total_steps: int | None = None
+    steps_per_epoch: float | None = None
+    warmup_steps: int | None = None
+
+
+def _g(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _warmup(total_steps: int | None, steps_per_epoch: float | None) -> int | None:
+    if not total_steps or total_steps < 2:
+        return None
+    per_epoch = max(1, round(steps_per_epoch)) if steps_per_epoch else None
+    return default_warmup_steps(total_steps, steps_per_epoch=per_epoch)
+
+
+def change_batch(run: RunSettings, factor: float) -> tuple[str, dict[str, Any]]:
+    """Advice to multiply the global batch by `factor` (a power of two, above or below 1).
+
+    A larger batch keeps the micro-batch and accumulates more of them; a smaller one keeps the
+    micro-batch where it still fits inside. The rate follows by the rule; a warmup is given
+    when the rate at least doubles, sized for a run over the same samples.
+
+    Returns:
+        The advice in words and the settings (`global_batch`, `micro_batch`,
+        `accumulation_steps`, `lr`, `lr_sqrt` when the rule is unknown, `warmup_steps`).
+
+    Example:
+        >>> text, settings = change_batch(RunSettings(16, 16, 0.001, "linear", 480), 4)
+        >>> text
+        'accumulate 4 micro-batches of 16: global batch 16 -> 64, learning rate 0.001 -> 0.004 by the linear rule, warm up 6 steps (120 steps for the same samples)'
+    """  # noqa: E501
+    if run.global_batch is None:
+        k = _g(factor)
+        words = "raise" if factor > 1 else "lower"
+        how = f" by accumulating {k} micro-batches" if factor > 1 else ""
+        rate = f"the learning rate {k}x by the linear rule ({_g(math.sqrt(factor))}x by the "
+        text = f"{words} the global batch {k}x{how}, and {rate}square-root rule for Adam)"
+        return text, {"global_batch_factor": factor, "lr_factor": factor}
+    old = run.global_batch
+    new = max(1, int(round(old * factor)))
+    micro = min(run.micro_batch or old, new)
+    micro = math.gcd(micro, new)  # a micro-batch that divides the new global batch exactly
+    plan = plan_accumulation(new, micro)
+    settings: dict[str, Any] = {
+        "global_batch": new,
+        "micro_batch": micro,
+        "accumulation_steps": plan.accumulation_steps,
+    }
+    if plan.accumulation_steps > 1:
+        head = f"accumulate {plan.accumulation_steps} micro-batches of {micro}: "
+    else:
+        head = f"one micro-batch of {micro}: "
+    text = f"{head}global batch {old} -> {new}"
+    if run.lr is not None:
+        rule = run.rule or "linear"
+        rate = scaled_rate(run.lr, old, new, rule)
+        settings["lr"] = rate.lr
+        text += f", learning rate {_g(run.lr)} -> {_g(rate.lr)} by the {rule} rule"
+        if run.rule is None:
+            other = scaled_rate(run.lr, old, new, "sqrt").lr
+            settings["lr_sqrt"] = other
+            text += f" ({_g(other)} by the square-root rule for Adam)"
+        steps = max(2, round(run.total_steps * old / new)) if run.total_steps else None
+        if rate.warmup and steps:
+            per_epoch = run.steps_per_epoch * old / new if run.steps_per_epoch else None
+            warmup = _warmup(steps, per_epoch)
+            settings["warmup_steps"] = warmup
+            text += f", warm up {warmup} steps ({steps} steps for the same samples)"
+    return text, settings
+
+
+def lower_rate(run: RunSettings) -> tuple[str, dict[str, Any]]:
+    """Advice after a divergence: a tenth of the peak rate, a longer warmup, clipping.
+
+    Returns:
+        The advice in words and the settings (`lr`, `warmup_steps`, `max_grad_norm`).
+
+    Example:
+        >>> lower_rate(RunSettings(lr=0.1, total_steps=100, warmup_steps=2))[0]
+        'lower the peak learning rate 10x (0.1 -> 0.01), warm up 5 steps (was 2), clip the gradient norm at 1 (--max-grad-norm 1); confirm the rate with `batchfit lr-range`'
+    """  # noqa: E501
+    settings: dict[str, Any] = {"max_grad_norm": CLIP_NORM}
+    parts = []
+    factor = round(1 / DIVERGING_LR_FACTOR)
+    if run.lr is not None:
+        settings["lr"] = run.lr * DIVERGING_LR_FACTOR
+        parts.append(
+            f"lower the peak learning rate {factor}x ({_g(run.lr)} -> {_g(settings['lr'])})"
+        )
+    else:
+        parts.append(f"lower the peak learning rate {factor}x")
+    warmup = _warmup(run.total_steps, run.steps_per_epoch)
+    if warmup is not None:
+        warmup = max(warmup, 2 * (run.warmup_steps or 0))
+        settings["warmup_steps"] = warmup
+        was = f" (was {run.warmup_steps})" if run.warmup_steps is not None else ""
+        parts.append(f"warm up {warmup} steps{was}")
+    parts.append(f"clip the gradient norm at {CLIP_NORM:g} (--max-grad-norm {CLIP_NORM:g})")
+    return ", ".join(parts) + "; confirm the rate with `batchfit lr-range`", settings

@@ -1,0 +1,168 @@
+"""Read a run's curves and name what is wrong: `diagnose(history) -> Diagnosis`.
+
+A pure function of the logged series (`batchfit.monitor.history.History`). Each check reads a
+trend (a running median over a tenth of the points), the spread of the loss around it (1.4826
+x the median absolute deviation, a robust standard deviation), and where logged the gradient
+noise scale against the global batch (McCandlish et al. 2018). The thresholds, each with its
+reason, are in `batchfit.monitor.findings`; the advice is computed in `batchfit.monitor.advice`.
+Missing data gives a partial result whose `notes` say what could not be checked, never an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from batchfit.monitor import checks
+from batchfit.monitor import findings as limits
+from batchfit.monitor.advice import RunSettings
+from batchfit.monitor.curve import read_curve
+from batchfit.monitor.findings import KINDS, Diagnosis, Finding
+from batchfit.monitor.history import History
+
+__all__ = ["diagnose"]
+
+_SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+
+
+def _settings(history: History, plan: Any, rule: str | None) -> RunSettings:
+    lr_peak = warmup = None
+    if history.lr is not None and history.lr.finite().values:
+        lr = history.lr.finite()
+        peak_index = int(np.argmax(lr.values))
+        lr_peak = float(lr.values[peak_index])
+        warmup = int(lr.steps[peak_index] - lr.steps[0]) if peak_index else 0
+    global_batch = history.global_batch
+    micro_batch = history.micro_batch
+    if plan is not None:
+        rule = rule or getattr(plan, "lr_rule", None)
+        global_batch = global_batch or getattr(plan, "global_batch", None)
+        micro_batch = micro_batch or getattr(plan, "micro_batch", None)
+        lr_peak = lr_peak if lr_peak is not None else getattr(plan, "lr", None)
+    steps = history.train_loss.steps
+    return RunSettings(
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        lr=lr_peak,
+        rule=rule if rule in ("linear", "sqrt") else None,
+        total_steps=int(steps[-1]) if steps else None,
+        steps_per_epoch=history.steps_per_epoch,
+        warmup_steps=warmup,
+    )
+
+
+def diagnose(
+    history: History,
+    *,
+    plan: Any | None = None,
+    rule: str | None = None,
+) -> Diagnosis:
+    """Name what is wrong with a run from its curves, and what to change.
+
+    Args:
+        history: the run's series (`batchfit.monitor.readers.read_history`, or built by hand
+            with `History.from_records`).
+        plan: the `batchfit.plan.plan_file.Plan` the run followed, if any: its scaling rule,
+            micro-batch, global batch and rate fill in what the log lacks.
+        rule: the learning-rate scaling rule, "linear" (SGD) or "sqrt" (Adam); default: the
+            plan's, else both are given in the advice.
+
+    Returns:
+        A `Diagnosis`: the findings (none for a healthy run), the kinds checked, and notes on
+        what could not be checked.
+
+    Example:
+        >>> from batchfit.monitor.history import History
+        >>> losses = [2.3 * 0.9**s for s in range(40)] + [float("nan")]
+        >>> d = diagnose(History.from_records(
+        ...     [{"step": s + 1, "loss": v} for s, v in enumerate(losses)]))
+        >>> d.kinds(), d.findings[0].evidence["first_step"]
+        (['diverging'], 41)
+    """
+    notes = list(history.notes)
+    checked: list[str] = []
+    found: list[Finding] = []
+    run = _settings(history, plan, rule)
+    train = history.train_loss
+    finite = train.finite()
+    bad_steps = train.non_finite_steps()
+    last_step = int(train.steps[-1]) if train.steps else None
+
+    if bad_steps:
+        checked.append("diverging")
+        found.append(checks.non_finite(bad_steps, last_step, run, "training loss"))
+    curve = None
+    if len(finite) >= limits.MIN_POINTS:
+        curve = read_curve(train)
+    elif len(train) == 0:
+        notes.append("no training loss logged: the curves could not be read")
+    else:
+        notes.append(
+            f"only {len(finite)} finite training-loss points: too few to read a trend (need "
+            f"{limits.MIN_POINTS}); diverging, noisy, stalled and underfitting not checked"
+        )
+    val = history.val_loss.finite() if history.val_loss is not None else None
+    if history.val_loss is not None and history.val_loss.non_finite_steps() and not bad_steps:
+        checked.append("diverging")
+        found.append(
+            checks.non_finite(
+                history.val_loss.non_finite_steps(), last_step, run, "validation loss"
+            )
+        )
+
+    if curve is not None:
+        checked += ["diverging", "noisy", "stalled", "underfitting"]
+        if not bad_steps:
+            found += checks.diverging(curve, run)
+        diverged = any(f.kind == "diverging" and f.severity == "critical" for f in found)
+        if not diverged:
+            found += checks.noisy(curve, history, run)
+            found += checks.stalled(curve, history, run)
+            found += checks.underfitting(curve, val, run)
+    if history.metric is not None and len(history.metric.finite()) >= limits.MIN_EVALUATIONS:
+        if "noisy" not in checked:
+            checked.append("noisy")
+        if not any(f.kind in ("noisy", "diverging") for f in found):
+            found += checks.noisy_metric(history.metric.finite(), history, run)
+
+    if val is not None and len(val) >= limits.MIN_EVALUATIONS and curve is not None:
+        checked.append("overfitting")
+        if not any(f.kind == "diverging" and f.severity == "critical" for f in found):
+            found += checks.overfitting(val, history, curve, run)
+    elif history.val_loss is None:
+        notes.append("no validation loss: overfitting not checked")
+    else:
+        notes.append(
+            f"{len(val or ())} finite validation points: too few to check overfitting (need "
+            f"{limits.MIN_EVALUATIONS})"
+        )
+
+    noise = history.noise_scale.finite() if history.noise_scale is not None else None
+    if noise and run.global_batch:
+        checked += ["batch-below-critical", "batch-above-critical"]
+        broken = [f.kind for f in found if f.kind == "underfitting" or f.severity == "critical"]
+        if broken:
+            # The noise scale of a run that does not train says nothing about the next batch.
+            notes.append(
+                f"the run is {broken[0]}: the noise scale is not read against the batch until "
+                "that is fixed"
+            )
+        else:
+            found += checks.critical(noise, run)
+    elif not noise:
+        notes.append(
+            "no gradient noise scale logged: batch-below/above-critical not checked (batchfit "
+            "train logs it with two or more micro-batches per step)"
+        )
+    else:
+        notes.append("global batch unknown: batch-below/above-critical not checked")
+
+    found.sort(key=lambda f: (_SEVERITY_ORDER[f.severity], KINDS.index(f.kind)))
+    return Diagnosis(
+        findings=tuple(found),
+        checked=tuple(kind for kind in KINDS if kind in checked),
+        notes=tuple(notes),
+        last_step=last_step,
+        source=history.source,
+    )

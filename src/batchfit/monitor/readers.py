@@ -1,0 +1,383 @@
+"""Read a run's curves from the files trainers write, into a `History`.
+
+Four formats, told apart by the file name (or found inside a run folder):
+
+- batchfit: `metrics.jsonl` (`batchfit.train.metrics`), one JSON object per logged step;
+- Lightning: `CSVLogger`'s `metrics.csv` (a `step` column, one column per logged name, empty
+  cells where a row did not log that name); in `lightning_logs/` the highest `version_N`;
+- Hugging Face Trainer: `trainer_state.json` and its `log_history` (training entries with
+  `loss`, `learning_rate`; evaluation entries with `eval_loss`, `eval_<metric>`); in an output
+  folder without one, the highest `checkpoint-N`;
+- TensorBoard: `events.out.tfevents.*` files, read with the `tensorboard` package's
+  `EventAccumulator` (optional: `pip install batchfit[tensorboard]`).
+
+Metric names are matched after lower-casing and turning "/", "-" and "." into "_" (so
+`train/loss`, `lr-Adam` and `eval/accuracy` are found); `train_loss=`, `val_loss=` and `metric=`
+name a series exactly as the log spells it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from batchfit.errors import MissingDependencyError, RunLogError
+from batchfit.monitor.history import History, higher_is_better
+
+__all__ = ["FORMATS", "read_history"]
+
+Format = Literal["batchfit", "lightning", "transformers", "tensorboard"]
+FORMATS: tuple[str, ...] = ("batchfit", "lightning", "transformers", "tensorboard")
+
+_FILE_NAMES = {
+    "batchfit": "metrics.jsonl",
+    "lightning": "metrics.csv",
+    "transformers": "trainer_state.json",
+}
+_EVENTS = "tfevents"
+
+# Candidate names, normalised, most specific first.
+_TRAIN_LOSS = (
+    "loss", "train_loss_step", "train_loss", "training_loss", "loss_train", "train_loss_epoch",
+    "train_epoch_loss", "epoch_loss",
+)  # fmt: skip
+_VAL_LOSS = (
+    "val_loss", "eval_loss", "valid_loss", "validation_loss", "val_loss_epoch", "loss_val",
+    "loss_valid", "loss_validation", "validation_epoch_loss", "val_epoch_loss",
+)  # fmt: skip
+_LR = ("lr", "learning_rate", "train_learning_rate", "lr_abs")
+_NOISE = ("noise_scale",)
+_VAL_PREFIXES = ("val_", "eval_", "valid_", "validation_")
+_PREFERRED_METRICS = ("accuracy", "acc", "iou", "miou", "dice", "f1", "auc", "top1", "map")
+_NOT_METRICS = ("loss", "runtime", "per_second", "epoch", "step", "samples", "flos")
+
+_WHAT = (
+    "a run folder, or metrics.jsonl (batchfit), metrics.csv (Lightning CSVLogger), "
+    "trainer_state.json (Hugging Face Trainer) or an events.out.tfevents file (TensorBoard)"
+)
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[/\-.\s]+", "_", name.strip().lower())
+
+
+def read_history(
+    path: str | os.PathLike,
+    *,
+    train_loss: str | None = None,
+    val_loss: str | None = None,
+    metric: str | None = None,
+    format: Format | None = None,
+) -> History:
+    """Read a run's training loss, validation loss and metric, rate and noise scale.
+
+    Args:
+        path: a run folder or a log file (see the module docstring for the four formats).
+        train_loss: the training-loss series' name in the log (default: found by name).
+        val_loss: the validation-loss series' name (default: found by name).
+        metric: a validation metric's name (default: accuracy, IoU, F1, ... when logged).
+        format: "batchfit", "lightning", "transformers" or "tensorboard" (default: from the
+            file name).
+
+    Returns:
+        A `History`; its `notes` say what was not found.
+
+    Raises:
+        RunLogError: the path does not exist, holds no log of a known format, cannot be parsed,
+            has no training loss, or lacks a series named by `train_loss`/`val_loss`/`metric`
+            (the message lists the names it has).
+        MissingDependencyError: TensorBoard files without the `tensorboard` package.
+
+    Example:
+        >>> import json, pathlib, tempfile
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> lines = [{"step": s, "samples_seen": 64 * s, "loss": 2.0 / s} for s in (1, 2, 3)]
+        >>> _ = (run / "metrics.jsonl").write_text("\\n".join(map(json.dumps, lines)))
+        >>> h = read_history(run)
+        >>> h.format, h.global_batch, h.train_loss.values[-1] < 1
+        ('batchfit', 64, True)
+    """
+    if format is not None and format not in FORMATS:
+        raise RunLogError(f"Unknown log format {format!r}; use one of {', '.join(FORMATS)}.")
+    found_format, file = _locate(Path(path), format)
+    names = {"train_loss": train_loss, "val_loss": val_loss, "metric": metric}
+    try:
+        reader = {
+            "batchfit": _read_batchfit,
+            "lightning": _read_lightning,
+            "transformers": _read_transformers,
+            "tensorboard": _read_tensorboard,
+        }[found_format]
+        return reader(file, names)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
+        raise RunLogError(
+            f"Cannot read {str(file)!r} as a {found_format} log ({error}); give {_WHAT}."
+        ) from None
+
+
+# --- finding the file ------------------------------------------------------------------------
+
+
+def _locate(path: Path, format: str | None) -> tuple[str, Path]:
+    if not path.exists():
+        raise RunLogError(f"No run at {str(path)!r}: the path does not exist; give {_WHAT}.")
+    if path.is_file():
+        found = format or _format_of_file(path)
+        if found is None:
+            raise RunLogError(f"{str(path)!r} is not a log of a known format; give {_WHAT}.")
+        return found, path
+    formats = [format] if format else list(FORMATS)
+    for name in formats:
+        if name == "tensorboard":
+            if any(_EVENTS in p.name for p in path.rglob("events.out.tfevents*")):
+                return name, path
+            continue
+        direct = path / _FILE_NAMES[name]
+        if direct.is_file():
+            return name, direct
+        nested = sorted(path.rglob(_FILE_NAMES[name]), key=_numbered_folder)
+        if nested:
+            return name, nested[-1]  # the latest version_N / checkpoint-N
+    raise RunLogError(f"No training log found in the folder {str(path)!r}; give {_WHAT}.")
+
+
+def _format_of_file(path: Path) -> str | None:
+    name = path.name.lower()
+    if _EVENTS in name:
+        return "tensorboard"
+    if name.endswith(".jsonl"):
+        return "batchfit"
+    if name.endswith(".csv"):
+        return "lightning"
+    if name.endswith(".json"):
+        return "transformers"
+    return None
+
+
+def _numbered_folder(path: Path) -> tuple[int, str]:
+    """Sort key: the number in the parent folder's name (version_3, checkpoint-1500)."""
+    numbers = re.findall(r"\d+", path.parent.name)
+    return (int(numbers[-1]) if numbers else -1, str(path))
+
+
+# --- choosing the series -------------------------------------------------------------------
+
+
+def _pick(
+    available: Iterable[str], given: str | None, candidates: Iterable[str], flag: str, file: Path
+) -> str | None:
+    available = list(available)
+    if given is not None:
+        if given in available:
+            return given
+        raise RunLogError(
+            f"--{flag} {given!r} is not logged in {str(file)!r}; it has: "
+            f"{', '.join(sorted(available)) or 'nothing'}."
+        )
+    by_normal = {_normal(name): name for name in available}
+    for candidate in candidates:
+        if candidate in by_normal:
+            return by_normal[candidate]
+    return None
+
+
+def _pick_metric(available: Iterable[str], given: str | None, file: Path) -> str | None:
+    available = list(available)
+    if given is not None:
+        return _pick(available, given, (), "metric", file)
+    metrics = []
+    for name in available:
+        normal = _normal(name)
+        prefix = next((p for p in _VAL_PREFIXES if normal.startswith(p)), None)
+        if prefix is None or any(word in normal for word in _NOT_METRICS):
+            continue
+        metrics.append((normal[len(prefix) :], name))
+    for preferred in _PREFERRED_METRICS:
+        for rest, name in metrics:
+            if rest == preferred or rest.startswith(preferred + "_"):
+                return name
+    return sorted(metrics)[0][1] if metrics else None
+
+
+def _pick_lr(available: Iterable[str]) -> str | None:
+    available = list(available)
+    found = _pick(available, None, _LR, "lr", Path())
+    if found is None:  # Lightning's LearningRateMonitor: lr-Adam, lr-SGD/pg1, ...
+        found = next((n for n in sorted(available) if _normal(n).startswith("lr_")), None)
+    return found
+
+
+def _history(
+    records: list[Mapping[str, Any]],
+    names: Mapping[str, str | None],
+    file: Path,
+    format: str,
+    **fields: Any,
+) -> History:
+    available = sorted({key for record in records for key in record if key != "step"})
+    train = _pick(available, names["train_loss"], _TRAIN_LOSS, "train-loss", file)
+    if train is None:
+        raise RunLogError(
+            f"No training loss found in {str(file)!r}; name it with --train-loss (it has: "
+            f"{', '.join(available) or 'nothing'})."
+        )
+    val = _pick(available, names["val_loss"], _VAL_LOSS, "val-loss", file)
+    metric = _pick_metric(available, names["metric"], file)
+    notes = list(fields.pop("notes", ()))
+    if val is None:
+        notes.append("no validation loss logged")
+    if metric is None:
+        notes.append("no validation metric logged")
+    return History.from_records(
+        records,
+        train_loss=train,
+        val_loss=val,
+        metric=metric,
+        lr=_pick_lr(available),
+        noise_scale=_pick(available, None, _NOISE, "noise-scale", file),
+        metric_higher_is_better=higher_is_better(metric or ""),
+        source=str(file),
+        format=format,
+        notes=tuple(notes),
+        **fields,
+    )
+
+
+# --- the four formats ----------------------------------------------------------------------
+
+
+def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
+    records, torn = [], 0
+    for line in file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1  # a line cut off by an interruption
+            continue
+        if isinstance(record, dict) and "step" in record and not record.get("swa"):
+            records.append(record)
+    if not records:
+        raise RunLogError(
+            f"{str(file)!r} has no metrics lines with a 'step'; give a batchfit metrics.jsonl."
+        )
+    first = records[0]
+    global_batch = None
+    if first.get("samples_seen") and first.get("step"):
+        global_batch = int(first["samples_seen"]) // int(first["step"])
+    notes = [f"{torn} unreadable lines skipped"] if torn else []
+    return _history(
+        records,
+        names,
+        file,
+        "batchfit",
+        global_batch=global_batch,
+        micro_batch=first.get("micro_batch"),
+        notes=notes,
+    )
+
+
+def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
+    with open(file, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    if not rows or "step" not in rows[0]:
+        raise RunLogError(
+            f"{str(file)!r} has no 'step' column; give a Lightning CSVLogger metrics.csv."
+        )
+    records = []
+    for row in rows:
+        record = {k: v for k, v in row.items() if k is not None and v not in ("", None)}
+        if "step" in record:
+            record["step"] = int(float(record["step"]))
+            records.append(record)
+    epoch_one = [r["step"] for r in records if _float(r.get("epoch")) == 1.0]
+    return _history(
+        records,
+        names,
+        file,
+        "lightning",
+        steps_per_epoch=float(min(epoch_one)) if epoch_one else None,
+        notes=["the global batch is not in metrics.csv"],
+    )
+
+
+def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
+    state = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise RunLogError(
+            f"{str(file)!r} has no 'log_history' list; give a Hugging Face trainer_state.json."
+        )
+    # The last entry sums up the run (train_runtime, an average train_loss): not a point.
+    records = [
+        r
+        for r in state["log_history"]
+        if isinstance(r, dict) and "step" in r and "train_runtime" not in r
+    ]
+    per_epoch = [r["step"] / r["epoch"] for r in records if (_float(r.get("epoch")) or 0) > 0]
+    micro = state.get("train_batch_size")
+    return _history(
+        records,
+        names,
+        file,
+        "transformers",
+        micro_batch=int(micro) if micro else None,
+        steps_per_epoch=per_epoch[-1] if per_epoch else None,
+        notes=["trainer_state.json has the per-device batch, not the global batch"],
+    )
+
+
+def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise MissingDependencyError(
+            "Optional dependency 'tensorboard' is needed to read TensorBoard event files: "
+            "pip install batchfit[tensorboard]."
+        ) from None
+    files = [path] if path.is_file() else sorted(path.rglob("events.out.tfevents*"))
+    folders = {file.parent for file in files}
+    points: dict[int, dict[str, float]] = {}
+    for file in files:
+        accumulator = EventAccumulator(str(file), size_guidance={"scalars": 0, "tensors": 0})
+        accumulator.Reload()
+        tags = accumulator.Tags()
+        prefix = "" if len(folders) == 1 else f"{file.parent.relative_to(path).as_posix()}/"
+        for tag in tags.get("scalars", []):
+            for event in accumulator.Scalars(tag):
+                points.setdefault(int(event.step), {})[prefix + tag] = float(event.value)
+        for tag in tags.get("tensors", []):
+            for event in accumulator.Tensors(tag):
+                value = _tensor_scalar(event.tensor_proto)
+                if value is not None:
+                    points.setdefault(int(event.step), {})[prefix + tag] = value
+    if not points:
+        raise RunLogError(f"No scalars in the TensorBoard event files at {str(path)!r}.")
+    records = [{"step": step, **values} for step, values in sorted(points.items())]
+    return _history(
+        records, names, path, "tensorboard", notes=["the global batch is not in the event files"]
+    )
+
+
+def _tensor_scalar(proto: Any) -> float | None:
+    from tensorboard.util import tensor_util
+
+    try:
+        array = tensor_util.make_ndarray(proto)
+    except Exception:  # a non-numeric tensor (text, images): not a curve
+        return None
+    return float(array.reshape(-1)[0]) if array.size == 1 and array.dtype.kind in "fiu" else None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

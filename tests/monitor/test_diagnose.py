@@ -1,0 +1,218 @@
+"""diagnose() on series built to show each kind, on healthy series, and on broken logs."""
+
+import math
+
+import numpy as np
+import pytest
+
+from batchfit.monitor.diagnose import diagnose
+from batchfit.monitor.findings import KINDS
+from batchfit.monitor.history import History, Series
+
+
+def _history(losses, *, val=None, metric=None, every=10, noise=None, lr=0.001, batch=64, **kw):
+    steps = list(range(1, len(losses) + 1))
+    records = [{"step": s, "loss": v, "lr": lr} for s, v in zip(steps, losses)]
+    for i, record in enumerate(records):
+        if noise is not None:
+            record["noise_scale"] = noise
+        if val is not None and (i + 1) % every == 0 and (i + 1) // every - 1 < len(val):
+            record["val_loss"] = val[(i + 1) // every - 1]
+            if metric is not None:
+                record["val_accuracy"] = metric[(i + 1) // every - 1]
+    return History.from_records(
+        records,
+        metric="val_accuracy" if metric is not None else None,
+        global_batch=batch,
+        micro_batch=16,
+        **kw,
+    )
+
+
+def _decay(n=200, start=2.3, floor=0.05, rate=0.03, noise=0.03, seed=0):
+    generator = np.random.default_rng(seed)
+    trend = floor + (start - floor) * np.exp(-rate * np.arange(n))
+    return list(trend * (1 + noise * generator.standard_normal(n)))
+
+
+def _val_falling(n=20, start=2.2, floor=0.1):
+    return list(floor + (start - floor) * np.exp(-0.3 * np.arange(n)))
+
+
+# --- healthy runs give no finding ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        _decay(rate=0.08),  # fast
+        _decay(rate=0.01, floor=0.2),  # slow: still falling at the end
+        _decay(noise=0.2),  # noisy but fine
+    ],
+    ids=["fast", "slow", "noisy-but-fine"],
+)
+def test_healthy_runs_give_no_finding(losses):
+    diagnosis = diagnose(_history(losses, val=_val_falling(), noise=70.0))
+    assert diagnosis.findings == ()
+    assert diagnosis.healthy
+    assert set(diagnosis.checked) == set(KINDS)
+
+
+# --- each kind on a series built to show it ------------------------------------------------
+
+
+def test_non_finite_loss_is_diverging_with_its_first_step():
+    losses = _decay()[:120] + [math.nan] * 5 + [math.inf]
+    diagnosis = diagnose(_history(losses))
+    finding = diagnosis.get("diverging")
+    assert finding.severity == "critical"
+    assert finding.evidence["first_step"] == 121 and finding.evidence["non_finite_count"] == 6
+    assert finding.settings["lr"] == pytest.approx(0.0001)
+    assert "lower the peak learning rate 10x (0.001 -> 0.0001)" in finding.advice
+    assert "--max-grad-norm 1" in finding.advice
+
+
+def test_blow_up_above_the_start_is_diverging():
+    losses = _decay(n=60)[:20] + [5.0, 9.0, 12.0, 11.0] + [8.0] * 36
+    finding = diagnose(_history(losses)).get("diverging")
+    assert finding.severity == "critical"
+    assert finding.evidence["first_step"] == 22  # where 3 losses in a row reach 3x the start
+    assert finding.evidence["ratio"] > 3
+
+
+def test_sustained_rise_from_the_best_is_diverging():
+    losses = _decay(n=100, rate=0.1, noise=0.01) + list(np.linspace(0.06, 1.5, 40)) + [1.5] * 30
+    finding = diagnose(_history(losses)).get("diverging")
+    assert finding.severity == "critical"
+    assert finding.evidence["share_of_progress_lost"] >= 0.5
+    assert finding.evidence["best_step"] < finding.steps[0]
+
+
+def test_a_rare_spike_is_a_diverging_warning_not_critical():
+    losses = _decay(n=300, noise=0.02)
+    losses[200] = 2.0  # one spike, recovered at once
+    diagnosis = diagnose(_history(losses))
+    finding = diagnosis.get("diverging")
+    assert finding.severity == "warning"
+    assert finding.evidence["spike_steps"] == [201]
+    assert diagnosis.get("noisy") is None
+
+
+def test_noisy_loss_advises_accumulation_and_the_rate_by_the_rule():
+    generator = np.random.default_rng(1)
+    losses = list(0.3 * generator.exponential(1.0, 300) ** 2 + np.linspace(2, 0.1, 300) * 0.1)
+    finding = diagnose(_history(losses, batch=16, lr=0.001), rule="linear").get("noisy")
+    assert finding is not None and finding.severity == "warning"
+    assert finding.evidence["relative_spread"] >= 0.5
+    # The guide's case study: accumulate 4 micro-batches, rate 4x by the linear rule.
+    assert finding.settings["global_batch"] == 64
+    assert finding.settings["accumulation_steps"] == 4
+    assert finding.settings["lr"] == pytest.approx(0.004)
+    assert "global batch 16 -> 64, learning rate 0.001 -> 0.004 by the linear rule" in (
+        finding.advice
+    )
+    assert "warm up" in finding.advice
+
+
+def test_noisy_validation_metric_is_found():
+    accuracy = [0.5, 0.8, 0.6, 0.85, 0.55, 0.8, 0.6, 0.85, 0.6, 0.8]
+    diagnosis = diagnose(_history(_decay(n=100), val=_val_falling(10), metric=accuracy))
+    finding = diagnosis.get("noisy")
+    assert finding is not None and finding.evidence["series"] == "validation val_accuracy"
+    assert finding.evidence["zigzag"] >= 3
+
+
+def test_smooth_early_plateau_with_a_small_noise_scale_is_stalled():
+    losses = _decay(n=200, rate=0.1, floor=1.2, noise=0.005)
+    diagnosis = diagnose(_history(losses, noise=10.0, batch=256, lr=0.1), rule="linear")
+    finding = diagnosis.get("stalled")
+    assert finding is not None and finding.severity == "warning"
+    assert finding.evidence["noise_scale_over_batch"] == pytest.approx(10 / 256, rel=1e-3)
+    assert finding.evidence["plateau_from_step"] < 100
+    assert finding.settings["global_batch"] < 256 and finding.settings["lr"] < 0.1
+    assert diagnosis.get("batch-above-critical") is not None
+
+
+def test_plateau_without_a_noise_scale_is_only_a_hint():
+    losses = _decay(n=200, rate=0.1, floor=1.2, noise=0.005)
+    finding = diagnose(_history(losses)).get("stalled")
+    assert finding.severity == "info"
+    assert "noise scale not logged" in finding.summary
+
+
+def test_validation_rising_while_training_falls_is_overfitting():
+    val = [2.0, 1.0, 0.6, 0.5, 0.55, 0.62, 0.7, 0.8, 0.9, 1.0]
+    losses = _decay(n=100, rate=0.04, floor=0.001, noise=0.01)
+    finding = diagnose(_history(losses, val=val)).get("overfitting")
+    assert finding is not None
+    assert finding.evidence["best_step"] == 40
+    assert finding.evidence["best_val_loss"] == 0.5 and finding.evidence["last_val_loss"] == 1.0
+    assert finding.evidence["gap_last"] > finding.evidence["gap_at_best"]
+    assert finding.settings["best_step"] == 40 and finding.settings["label_smoothing"] == 0.1
+    assert "--swa" in finding.advice and "step 40" in finding.advice
+
+
+def test_flat_training_and_validation_is_underfitting():
+    generator = np.random.default_rng(3)
+    losses = list(2.3 + 0.01 * generator.standard_normal(100))
+    finding = diagnose(_history(losses, val=[2.3] * 10, lr=1e-7)).get("underfitting")
+    assert finding is not None
+    assert finding.evidence["val_best"] == pytest.approx(2.3)
+    assert "batchfit lr-range" in finding.advice and "1e-07" in finding.advice
+
+
+@pytest.mark.parametrize(
+    ("noise", "kind", "new_batch"),
+    [(1000.0, "batch-below-critical", 512), (10.0, "batch-above-critical", 8)],
+)
+def test_noise_scale_against_the_global_batch(noise, kind, new_batch):
+    diagnosis = diagnose(_history(_decay(), noise=noise, batch=64), rule="sqrt")
+    finding = diagnosis.get(kind)
+    assert finding is not None and finding.severity == "info"
+    assert finding.evidence["noise_scale"] == noise and finding.evidence["global_batch"] == 64
+    # the power of two nearest the noise scale, at most 8x away
+    assert finding.settings["global_batch"] == new_batch
+    assert finding.settings["lr"] == pytest.approx(0.001 * math.sqrt(new_batch / 64))
+
+
+# --- partial data: a clear partial result, never a traceback -------------------------------
+
+
+def test_single_point_gives_a_partial_result():
+    diagnosis = diagnose(_history([2.3]))
+    assert diagnosis.findings == ()
+    assert any("too few to read a trend" in note for note in diagnosis.notes)
+
+
+def test_empty_history_gives_a_partial_result():
+    diagnosis = diagnose(History(train_loss=Series("loss", (), ())))
+    assert diagnosis.findings == () and diagnosis.last_step is None
+    assert any("no training loss" in note for note in diagnosis.notes)
+
+
+def test_no_validation_says_overfitting_was_not_checked():
+    diagnosis = diagnose(_history(_decay()))
+    assert "overfitting" not in diagnosis.checked
+    assert any("no validation loss" in note for note in diagnosis.notes)
+
+
+def test_gaps_in_steps_are_read():
+    losses = _decay(n=100, rate=0.08)
+    records = [{"step": 10 * s, "loss": v} for s, v in enumerate(losses, 1) if s % 7]
+    diagnosis = diagnose(History.from_records(records))
+    assert diagnosis.findings == () and diagnosis.last_step == 1000
+
+
+def test_nan_in_validation_is_diverging():
+    diagnosis = diagnose(_history(_decay(), val=[1.0, 0.5, float("nan"), 0.4]))
+    finding = diagnosis.get("diverging")
+    assert finding.evidence["series"] == "validation loss"
+
+
+def test_to_dict_is_json_ready():
+    import json
+
+    diagnosis = diagnose(_history(_decay()[:50] + [math.nan]))
+    data = json.loads(json.dumps(diagnosis.to_dict()))
+    assert data["findings"][0]["kind"] == "diverging"
+    assert set(data["findings"][0]) >= {"kind", "severity", "evidence", "advice", "steps"}

@@ -1,0 +1,73 @@
+"""LiveDiagnosis inside batchfit.train.loop.train, and on its own."""
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from batchfit.errors import ConfigError
+from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
+from batchfit.task import load_example
+from batchfit.train.config import TrainConfig
+from batchfit.train.loop import train
+
+
+def test_a_diverging_run_is_reported_once_and_asks_to_stop(tmp_path, caplog):
+    stops = []
+    live = LiveDiagnosis(every=5, stop_on=("diverging",), on_stop=stops.append)
+    config = TrainConfig(global_batch=256, micro_batch=32, lr=0.283, out_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="batchfit.monitor.live"):
+        train(load_example("digits"), config, device="cpu", callbacks=[live])
+    assert live.stop_requested
+    assert [finding.kind for finding in stops] == ["diverging"]  # once, not at every check
+    assert [finding.kind for finding in live.findings] == ["diverging"]
+    reports = [r for r in caplog.records if ": diverging:" in r.getMessage()]
+    assert len(reports) == 1
+    path = live.write(tmp_path)
+    assert path.name == DIAGNOSIS_NAME
+    assert json.loads(path.read_text())["findings"][0]["kind"] == "diverging"
+
+
+def test_a_healthy_run_stays_quiet(tmp_path):
+    live = LiveDiagnosis(every=5, stop_on=("diverging",))
+    config = TrainConfig(global_batch=256, micro_batch=32, steps=40, out_dir=str(tmp_path))
+    train(load_example("digits"), config, device="cpu", callbacks=[live])
+    assert live.findings == [] and not live.stop_requested
+    assert live.diagnosis is not None and live.diagnosis.healthy
+
+
+def _feed(live, losses, start=1):
+    for step, loss in enumerate(losses, start):
+        live.on_step_end(SimpleNamespace(step=step, loss=loss, lr=0.01))
+
+
+def test_evaluations_let_it_see_overfitting():
+    live = LiveDiagnosis()
+    live.on_train_start(None, SimpleNamespace(global_batch=64, micro_batch=16))
+    for i, val in enumerate([2.0, 1.0, 0.6, 0.5, 0.55, 0.62, 0.7, 0.8]):
+        _feed(live, [2.3 * 0.93 ** (10 * i + s) for s in range(10)], start=10 * i + 1)
+        live.on_evaluation(10 * (i + 1), {"val_loss": val, "val_accuracy": 0.9})
+    assert [finding.kind for finding in live.findings] == ["overfitting"]
+    assert live.findings[0].evidence["best_step"] == 40
+
+
+def test_state_dict_keeps_the_series_and_what_was_reported():
+    live = LiveDiagnosis(every=50)
+    _feed(live, [2.3 * 0.95**s for s in range(49)] + [float("nan")])
+    assert [finding.kind for finding in live.findings] == ["diverging"]
+    resumed = LiveDiagnosis(every=50)
+    resumed.load_state_dict(json.loads(json.dumps(live.state_dict())))
+    _feed(resumed, [1.0] * 50, start=51)
+    assert resumed.history().train_loss.steps[-1] == 100
+    assert resumed.findings == []  # diverging was reported before the resume
+
+
+def test_unknown_stop_kind_lists_the_kinds():
+    with pytest.raises(ConfigError, match="Unknown finding kind 'exploding'.*diverging"):
+        LiveDiagnosis(stop_on=("exploding",))
+
+
+def test_every_must_be_positive():
+    with pytest.raises(ConfigError, match="every"):
+        LiveDiagnosis(every=0)

@@ -1,0 +1,227 @@
+"""read_history on the four formats, written as their trainers write them, and on bad input.
+
+Lightning and transformers are not installed here, so their files are written by hand in the
+documented formats: CSVLogger's metrics.csv (a `step` and an `epoch` column, one column per
+logged name, empty cells where a row did not log it) and Trainer's trainer_state.json
+(`log_history`: training entries, evaluation entries, a closing summary entry). The TensorBoard
+files are real, written by torch's SummaryWriter.
+"""
+
+import csv
+import json
+import math
+
+import pytest
+
+from batchfit.errors import RunLogError
+from batchfit.monitor.readers import read_history
+
+
+def _losses(n=40):
+    return [0.1 + 2.2 * math.exp(-0.1 * s) for s in range(n)]
+
+
+def write_batchfit(folder, n=40):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step, loss in enumerate(_losses(n), 1):
+        line = {
+            "step": step,
+            "samples_seen": 64 * step,
+            "loss": loss,
+            "lr": 0.01,
+            "micro_batch": 16,
+            "accumulation_steps": 4,
+            "noise_scale": 100.0,
+        }
+        if step % 10 == 0:
+            line.update(val_loss=loss + 0.1, val_accuracy=0.5 + step / 100)
+        lines.append(json.dumps(line))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 41, "lo')  # torn
+    return folder
+
+
+def write_lightning(folder, n=40):
+    version = folder / "lightning_logs" / "version_1"
+    version.mkdir(parents=True)
+    (folder / "lightning_logs" / "version_0").mkdir()
+    (folder / "lightning_logs" / "version_0" / "metrics.csv").write_text("epoch,step,x\n0,0,1\n")
+    names = [
+        "epoch",
+        "step",
+        "train_loss_step",
+        "lr-Adam",
+        "val_loss",
+        "val_acc",
+        "train_loss_epoch",
+    ]
+    with open(version / "metrics.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=names)
+        writer.writeheader()
+        for step, loss in enumerate(_losses(n)):
+            epoch = step // 10
+            writer.writerow(
+                {"epoch": epoch, "step": step, "train_loss_step": loss, "lr-Adam": 0.001}
+            )
+            if step % 10 == 9:
+                writer.writerow(
+                    {"epoch": epoch, "step": step, "val_loss": loss + 0.2, "val_acc": 0.9}
+                )
+                writer.writerow({"epoch": epoch, "step": step, "train_loss_epoch": loss})
+    return folder
+
+
+def write_transformers(folder, n=40):
+    history = []
+    for step, loss in enumerate(_losses(n), 1):
+        history.append(
+            {
+                "epoch": step / 20,
+                "grad_norm": 1.0,
+                "learning_rate": 5e-5,
+                "loss": loss,
+                "step": step,
+            }
+        )
+        if step % 10 == 0:
+            history.append(
+                {
+                    "epoch": step / 20,
+                    "eval_loss": loss + 0.3,
+                    "eval_accuracy": 0.8,
+                    "eval_runtime": 1.5,
+                    "eval_samples_per_second": 100.0,
+                    "eval_steps_per_second": 12.5,
+                    "step": step,
+                }
+            )
+    history.append(
+        {
+            "epoch": 2.0,
+            "step": n,
+            "total_flos": 1e12,
+            "train_loss": 0.7,
+            "train_runtime": 30.0,
+            "train_samples_per_second": 42.0,
+            "train_steps_per_second": 1.3,
+        }
+    )
+    state = {
+        "best_metric": None,
+        "epoch": 2.0,
+        "global_step": n,
+        "log_history": history,
+        "logging_steps": 1,
+        "max_steps": n,
+        "num_train_epochs": 2,
+        "train_batch_size": 8,
+    }
+    checkpoint = folder / f"checkpoint-{n}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    return folder
+
+
+def write_tensorboard(folder, n=40):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        for step, loss in enumerate(_losses(n), 1):
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/learning_rate", 0.1, step)
+            if step % 10 == 0:
+                writer.add_scalar("eval/loss", loss + 0.2, step)
+                writer.add_scalar("eval/accuracy", 0.7, step)
+    return folder
+
+
+def test_batchfit_metrics_jsonl(tmp_path):
+    history = read_history(write_batchfit(tmp_path / "run"))
+    assert history.format == "batchfit"
+    assert len(history.train_loss) == 40 and history.train_loss.steps[0] == 1
+    assert history.val_loss.steps == (10, 20, 30, 40)
+    assert history.metric.name == "val_accuracy" and history.metric_higher_is_better
+    assert history.global_batch == 64 and history.micro_batch == 16
+    assert history.noise_scale.values[0] == 100.0
+    assert "1 unreadable lines skipped" in history.notes
+
+
+def test_lightning_csv_logger_latest_version(tmp_path):
+    history = read_history(write_lightning(tmp_path))
+    assert history.format == "lightning" and "version_1" in history.source
+    assert history.train_loss.name == "train_loss_step" and len(history.train_loss) == 40
+    assert history.val_loss.steps == (9, 19, 29, 39)
+    assert history.metric.name == "val_acc"
+    assert history.lr.name == "lr-Adam"
+    assert history.steps_per_epoch == 10
+
+
+def test_transformers_trainer_state(tmp_path):
+    history = read_history(write_transformers(tmp_path))
+    assert history.format == "transformers"
+    assert len(history.train_loss) == 40  # the closing summary entry is not a point
+    assert history.train_loss.values[-1] == pytest.approx(_losses()[-1])
+    assert history.val_loss.name == "eval_loss" and len(history.val_loss) == 4
+    assert history.metric.name == "eval_accuracy"
+    assert history.lr.name == "learning_rate" and history.micro_batch == 8
+    assert history.steps_per_epoch == pytest.approx(20)
+
+
+def test_tensorboard_event_files(tmp_path):
+    history = read_history(write_tensorboard(tmp_path / "tb"))
+    assert history.format == "tensorboard"
+    assert history.train_loss.name == "train/loss" and len(history.train_loss) == 40
+    assert history.val_loss.name == "eval/loss" and history.metric.name == "eval/accuracy"
+    assert history.lr.name == "train/learning_rate"
+
+
+def test_names_can_be_given(tmp_path):
+    history = read_history(
+        write_lightning(tmp_path), train_loss="train_loss_epoch", metric="val_loss"
+    )
+    assert len(history.train_loss) == 4
+    assert history.metric.name == "val_loss" and not history.metric_higher_is_better
+
+
+def test_a_missing_path_names_the_formats(tmp_path):
+    with pytest.raises(RunLogError, match="does not exist.*metrics.jsonl.*trainer_state.json"):
+        read_history(tmp_path / "nowhere")
+
+
+def test_a_folder_without_a_log(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(RunLogError, match="No training log found"):
+        read_history(tmp_path)
+
+
+def test_an_unknown_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\0\1")
+    with pytest.raises(RunLogError, match="not a log of a known format"):
+        read_history(path)
+
+
+def test_broken_json_is_one_clear_error(tmp_path):
+    path = tmp_path / "trainer_state.json"
+    path.write_text("{not json")
+    with pytest.raises(RunLogError, match="Cannot read .* as a transformers log"):
+        read_history(path)
+
+
+def test_a_json_without_log_history(tmp_path):
+    path = tmp_path / "trainer_state.json"
+    path.write_text("{}")
+    with pytest.raises(RunLogError, match="no 'log_history'"):
+        read_history(path)
+
+
+def test_an_unknown_series_name_lists_what_is_logged(tmp_path):
+    with pytest.raises(RunLogError, match="--val-loss 'valid' is not logged.*val_loss"):
+        read_history(write_batchfit(tmp_path / "run"), val_loss="valid")
+
+
+def test_no_training_loss(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "acc": 0.5}) + "\n")
+    with pytest.raises(RunLogError, match="No training loss.*--train-loss"):
+        read_history(tmp_path)
