@@ -572,12 +572,11 @@ def _apply_plan(args: argparse.Namespace, task):
 
 
 def _noise_scale_callback(task, config, context):
-    """A NoiseScaleCallback when each step has two or more micro-batches or ranks, else None."""
+    """A NoiseScaleCallback on every run (one micro-batch per step pairs consecutive steps);
+    None when the global batch is larger than the training set."""
     from batchfit.noise.watch import NoiseScaleCallback
 
-    world_size = max(1, context.world_size)
-    pieces = -(-config.global_batch // (config.micro_batch * world_size)) * world_size
-    if pieces < 2 or config.global_batch > len(task.train_data):
+    if config.global_batch > len(task.train_data):
         return None
     return NoiseScaleCallback(dataset_size=len(task.train_data))
 

@@ -130,7 +130,9 @@ def print_noise_summary(console: Console, noise: Any | None, global_batch: int) 
     logged), against the global batch."""
     say = _plain(console)
     if noise is None:
-        say("  noise scale: not logged (needs two or more micro-batches per step, or DDP)")
+        say(
+            "  noise scale: not logged (--no-noise-scale, or a global batch above the training set)"
+        )
         return
     estimate = noise.tracker.noise_scale
     if estimate is None:
