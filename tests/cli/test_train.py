@@ -124,7 +124,10 @@ def test_an_existing_run_folder_needs_resume_or_force(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", *FAST, "--out", run]) == 2
     err = capsys.readouterr().err
-    assert "already holds files (checkpoint.pt, diagnosis.json, metrics.jsonl)" in err and "--force" in err
+    assert (
+        "already holds files (checkpoint.pt, diagnosis.json, metrics.jsonl)" in err
+        and "--force" in err
+    )
     assert main(["train", *FAST, "--out", run, "--force", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from_step"] is None
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 3
@@ -154,6 +157,11 @@ def test_train_logs_the_noise_scale_unless_told_not_to(tmp_path, capsys):
     assert main(["train", *FAST, "--out", str(tmp_path / "off"), "--no-noise-scale"]) == 0
     lines = read_metrics(tmp_path / "off" / "metrics.jsonl")
     assert not any("noise_scale" in line for line in lines)
-    one_micro_batch = ["--example", "digits", "--global-batch", "32", "--micro-batch", "32"]
-    assert main(["train", *one_micro_batch, "--steps", "2", "--out", str(tmp_path / "one")]) == 0
     assert "noise scale: not logged" in capsys.readouterr().out
+    one_micro_batch = ["--example", "digits", "--global-batch", "32", "--micro-batch", "32"]
+    assert main(["train", *one_micro_batch, "--steps", "8", "--out", str(tmp_path / "one")]) == 0
+    assert "noise scale: not logged" not in capsys.readouterr().out
+    lines = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    # consecutive steps are paired: from the second step on, every line carries an estimate
+    assert all(line["noise_scale_trace"] != 0.0 for line in lines[1:])
+    assert any(line["noise_scale"] is not None for line in lines)

@@ -119,7 +119,7 @@ def test_bad_batch_sizes_are_config_errors(small, big, size, words):
 
 
 def test_tracker_smooths_both_statistics_before_the_ratio():
-    tracker = NoiseScaleTracker(ema_decay=1.0)
+    tracker = NoiseScaleTracker(window=None)
     # Two updates whose single ratios are 8 and 1; the ratio of means is (8 + 2) / (1 + 2).
     tracker.update(5.0, 2.0, small_batch=2, big_batch=8)  # |G|^2 1, tr 8
     tracker.update(3.0, 2.25, small_batch=2, big_batch=8)  # |G|^2 2, tr 2
@@ -128,17 +128,45 @@ def test_tracker_smooths_both_statistics_before_the_ratio():
     assert tracker.noise_scale == pytest.approx(10 / 3)
 
 
-def test_tracker_ema_is_bias_corrected_and_follows_recent_values():
-    tracker = NoiseScaleTracker(ema_decay=0.5)
+def test_tracker_window_forgets_old_steps_and_reads_a_trend_at_its_end():
+    tracker = NoiseScaleTracker(window=4)
     tracker.update(5.0, 2.0, small_batch=2, big_batch=8)
     assert tracker.noise_scale == pytest.approx(8.0)  # one update: no pull toward zero
-    for _ in range(30):
-        tracker.update(3.0, 2.25, small_batch=2, big_batch=8)
-    assert tracker.noise_scale == pytest.approx(1.0, rel=1e-6)
+    for _ in range(4):
+        tracker.update(3.0, 2.25, small_batch=2, big_batch=8)  # |G|^2 2, tr 2
+    assert tracker.noise_scale == pytest.approx(1.0, rel=1e-12)  # the first update left
+    # per-step |G|^2 of 1, 2, 3, 4 (tr(Sigma) 8 each): the line's end reads 4, the mean 2.5
+    trend = NoiseScaleTracker(window=4)
+    for gradient_sq in (1.0, 2.0, 3.0, 4.0):
+        # E|g_2|^2 = G + 8/2, E|g_8|^2 = G + 8/8
+        trend.update(gradient_sq + 4, gradient_sq + 1, small_batch=2, big_batch=8)
+    assert trend.gradient_sq_norm == pytest.approx(4.0)
+    assert trend.trace_covariance == pytest.approx(8.0)
+    assert trend.noise_scale == pytest.approx(2.0)
+    plain = NoiseScaleTracker(window=None)
+    for gradient_sq in (1.0, 2.0, 3.0, 4.0):
+        plain.update(gradient_sq + 4, gradient_sq + 1, small_batch=2, big_batch=8)
+    assert plain.gradient_sq_norm == pytest.approx(2.5)
+
+
+def test_tracker_interval_always_holds_its_estimate():
+    import random
+
+    random.seed(3)
+    tracker = NoiseScaleTracker(window=30)
+    for step in range(200):
+        # a falling |G|^2 under heavy noise, as late in training
+        gradient_sq = 10 * 0.98**step + random.gauss(0, 3)
+        small, big = gradient_sq + 40 / 2, gradient_sq + 40 / 8
+        tracker.update(max(small, 0.0), max(big, 0.0), small_batch=2, big_batch=8)
+        result = tracker.estimate()
+        if result.noise_scale_samples is not None:
+            assert result.low_samples <= result.noise_scale_samples
+            assert result.high_samples is None or result.noise_scale_samples <= result.high_samples
 
 
 def test_estimate_with_non_positive_gradient_norm_is_not_reliable():
-    tracker = NoiseScaleTracker(ema_decay=0.99)
+    tracker = NoiseScaleTracker(window=30)
     for _ in range(10):
         # |G|^2 = (8 * 1 - 2 * 10) / 6 = -2: all noise
         tracker.update(10.0, 1.0, small_batch=2, big_batch=8)
@@ -166,14 +194,14 @@ def test_tracker_state_dict_round_trip_continues_identically():
 
     random.seed(0)
     pairs = [(5.0 + random.random(), 2.0 + 0.1 * random.random()) for _ in range(12)]
-    whole = NoiseScaleTracker(dataset_size=1000, ema_decay=0.9)
-    first = NoiseScaleTracker(dataset_size=1000, ema_decay=0.9)
+    whole = NoiseScaleTracker(dataset_size=1000, window=5)
+    first = NoiseScaleTracker(dataset_size=1000, window=5)
     for index, (small, big) in enumerate(pairs):
         whole.update(small, big, small_batch=2, big_batch=8)
         if index < 6:
             first.update(small, big, small_batch=2, big_batch=8)
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
-    resumed = NoiseScaleTracker(dataset_size=1000, ema_decay=0.9)
+    resumed = NoiseScaleTracker(dataset_size=1000, window=5)
     resumed.load_state_dict(state)
     for small, big in pairs[6:]:
         resumed.update(small, big, small_batch=2, big_batch=8)
@@ -185,14 +213,30 @@ def test_loading_state_from_a_different_tracker_is_refused():
     state = NoiseScaleTracker(dataset_size=100).state_dict()
     with pytest.raises(CheckpointError, match="dataset_size=100"):
         NoiseScaleTracker(dataset_size=None).load_state_dict(state)
-    with pytest.raises(CheckpointError, match="version"):
+    with pytest.raises(CheckpointError, match="window=30"):
+        NoiseScaleTracker(dataset_size=100, window=10).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="version 99.*start a new tracker"):
         NoiseScaleTracker().load_state_dict({"version": 99})
 
 
-@pytest.mark.parametrize("decay", [0, -0.5, 1.5, "0.9"])
-def test_bad_ema_decay(decay):
-    with pytest.raises(ConfigError, match="ema_decay"):
-        NoiseScaleTracker(ema_decay=decay)
+def test_a_version_1_moving_average_state_loads_into_the_window():
+    # what NoiseScaleTracker(ema_decay=0.99).state_dict() wrote before the window
+    history = [[1.0 + index, 8.0] for index in range(40)]
+    old = {
+        "version": 1, "dataset_size": 1000, "ema_decay": 0.99, "gradient_sq_sum": 0.0,
+        "trace_sum": 0.0, "weight": 0.0, "history": history, "all": None, "updates": 40,
+        "step": 40, "samples_seen": 320, "small_batch": 2.0, "big_batch": 8.0,
+    }  # fmt: skip
+    tracker = NoiseScaleTracker(dataset_size=1000, window=4)
+    tracker.load_state_dict(old)
+    assert tracker.gradient_sq_norm == pytest.approx(40.0)  # the last 4 steps: 37..40
+    assert (tracker.updates, tracker.step, tracker.samples_seen) == (40, 40, 320)
+
+
+@pytest.mark.parametrize("window", [0, 1, 2.5, "30", True])
+def test_bad_window(window):
+    with pytest.raises(ConfigError, match="window must be a whole number of at least 2"):
+        NoiseScaleTracker(window=window)
 
 
 def test_update_refuses_non_finite_norms():

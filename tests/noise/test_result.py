@@ -16,7 +16,7 @@ def _result(**overrides) -> NoiseScaleResult:
         big_batch_samples=256.0,
         dataset_size=1000,
         finite_population_corrected=True,
-        ema_decay=1.0,
+        window_steps=None,
         reliable=True,
         reason="",
         step=50,

@@ -36,7 +36,7 @@ def test_in_training_estimate_agrees_with_the_standalone_one():
         task, small_batch=small, big_batch=big, batches=batches, warmup_steps=0, device="cpu"
     )
     model = task.make_model()
-    tracker = NoiseScaleTracker(dataset_size=len(task.train_data), ema_decay=1.0)
+    tracker = NoiseScaleTracker(dataset_size=len(task.train_data), window=None)
     generator = torch.Generator().manual_seed(task.seed + 1)
     with GradientNormWatch(model, tracker) as watch:
         for _ in range(batches):
@@ -58,7 +58,7 @@ def test_in_training_estimate_agrees_with_the_standalone_one():
 def test_uneven_micro_batches_use_the_harmonic_mean_and_grad_scale_cancels():
     task = make_mlp_task()
     order = list(range(40))
-    plain, scaled = NoiseScaleTracker(ema_decay=1.0), NoiseScaleTracker(ema_decay=1.0)
+    plain, scaled = NoiseScaleTracker(window=None), NoiseScaleTracker(window=None)
     for tracker, multiplier in ((plain, 1.0), (scaled, 1024.0)):
         model = task.make_model()
         with GradientNormWatch(model, tracker) as watch:
@@ -75,7 +75,7 @@ def test_uneven_micro_batches_use_the_harmonic_mean_and_grad_scale_cancels():
 def test_hooks_match_explicit_gradient_norms():
     task = make_mlp_task()
     model = task.make_model()
-    tracker = NoiseScaleTracker(ema_decay=1.0)
+    tracker = NoiseScaleTracker(window=None)
     batches = [task.batch(range(0, 8)), task.batch(range(8, 16))]
     expected_small = []
     reference = task.make_model()
@@ -148,7 +148,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_file: str) -> None
     try:
         task = make_mlp_task()
         model = DistributedDataParallel(task.make_model())
-        tracker = NoiseScaleTracker(dataset_size=len(task.train_data), ema_decay=1.0)
+        tracker = NoiseScaleTracker(dataset_size=len(task.train_data), window=None)
         generator = torch.Generator().manual_seed(5)
         with GradientNormWatch(model, tracker) as watch:
             assert watch.distributed
@@ -193,12 +193,12 @@ def test_ddp_ranks_give_the_same_estimate_as_one_process(tmp_path):
         except mp.ProcessRaisedException as error:
             if attempt == 1 or "address" not in str(error).lower():
                 raise
-    distributed = NoiseScaleTracker(dataset_size=256, ema_decay=1.0)
+    distributed = NoiseScaleTracker(dataset_size=256, window=None)
     distributed.load_state_dict(torch.load(result_file, weights_only=False))
 
     task = make_mlp_task()
     model = task.make_model()
-    single = NoiseScaleTracker(dataset_size=len(task.train_data), ema_decay=1.0)
+    single = NoiseScaleTracker(dataset_size=len(task.train_data), window=None)
     generator = torch.Generator().manual_seed(5)
     with GradientNormWatch(model, single) as watch:
         for _ in range(4):
@@ -220,7 +220,7 @@ def test_sizes_given_to_step_match_micro_batch_calls_and_drop_a_failed_attempt()
 
     task = make_mlp_task()
     batch = task.batch(range(48))
-    with_calls, with_sizes = NoiseScaleTracker(ema_decay=1.0), NoiseScaleTracker(ema_decay=1.0)
+    with_calls, with_sizes = NoiseScaleTracker(window=None), NoiseScaleTracker(window=None)
     model = task.make_model()
     with GradientNormWatch(model, with_calls) as watch:
         _accumulate_with_watch(task, model, watch, list(range(48)), [16, 16, 16])
@@ -240,14 +240,14 @@ def test_sizes_given_to_step_match_micro_batch_calls_and_drop_a_failed_attempt()
 def test_given_big_norm_is_used_instead_of_grad():
     task = make_mlp_task()
     model = task.make_model()
-    tracker = NoiseScaleTracker(ema_decay=1.0)
+    tracker = NoiseScaleTracker(window=None)
     with GradientNormWatch(model, tracker) as watch:
         for part in (range(0, 8), range(8, 16)):
             (task.loss(model, task.batch(part)) * 0.5).backward()
         big_sq = sum(float(p.grad.square().sum()) for p in model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # changes .grad, not the norm
         watch.step([8, 8], big_sq_norm=big_sq)
-    reference = NoiseScaleTracker(ema_decay=1.0)
+    reference = NoiseScaleTracker(window=None)
     model = task.make_model()
     with GradientNormWatch(model, reference) as watch:
         for part in (range(0, 8), range(8, 16)):
@@ -285,7 +285,7 @@ def test_callback_logs_the_noise_scale_to_the_metrics_file(tmp_path):
     from batchfit.train.metrics import read_metrics
 
     task = make_mlp_task()
-    callback = NoiseScaleCallback(dataset_size=len(task.train_data), ema_decay=0.9)
+    callback = NoiseScaleCallback(dataset_size=len(task.train_data), window=10)
     config = TrainConfig(
         global_batch=64, micro_batch=16, steps=8, out_dir=str(tmp_path), max_grad_norm=0.5
     )
@@ -325,7 +325,7 @@ def test_noise_advice_compares_with_the_global_batch(estimate, words):
     "global_batch, micro_batch, world_size, dataset_size, loggable, words",
     [
         (64, 32, 1, 1000, True, "2 micro-batches per step"),
-        (32, 32, 1, 1000, False, "two or more micro-batches"),
+        (32, 32, 1, 1000, True, "one micro-batch per step: consecutive steps are paired"),
         (64, 32, 2, 1000, True, "2 micro-batches per step over 2 ranks"),
         (2000, 500, 1, 1000, False, "larger than the training set (1000 samples)"),
     ],

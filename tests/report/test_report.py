@@ -144,3 +144,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert all(done and width > 0 for done, width in seen["images"])
     assert seen["heading"] == "batchfit plan: digits <&>"
     assert seen["rows"] == 8
+
+
+def test_a_rate_set_by_the_range_test_is_not_labelled_with_the_scaling_rule():
+    plan = make_plan()
+    scaled = render_report(plan)
+    assert f"({plan.lr_rule} rule)" in scaled
+    reason = "linear rule; the range test still trains well above it, so the rate is raised to x"
+    raised = Plan(**{**plan.to_dict(), "reasons": {**plan.reasons, "lr": reason}})
+    html = render_report(raised)
+    assert "(from the range test)" in html and f"({plan.lr_rule} rule)" not in html

@@ -89,8 +89,8 @@ def test_the_result_says_whether_the_noise_scale_was_logged():
     )
     assert logged.noise_scale_logged and logged.noise_scale_reason is None
     assert logged.to_dict()["noise_scale_logged"] is True
-    one_piece = train(task, TrainConfig(global_batch=64, micro_batch=64, steps=1), device="cpu")
-    assert not one_piece.noise_scale_logged
-    assert "two or more micro-batches" in one_piece.noise_scale_reason
+    too_big = train(task, TrainConfig(global_batch=512, micro_batch=64, steps=1), device="cpu")
+    assert not too_big.noise_scale_logged
+    assert "larger than the training set (256 samples)" in too_big.noise_scale_reason
     no_callback = train(task, TrainConfig(global_batch=64, micro_batch=32, steps=1), device="cpu")
     assert "NoiseScaleCallback" in no_callback.to_dict()["noise_scale_reason"]

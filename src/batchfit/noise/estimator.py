@@ -35,10 +35,15 @@ When the small batches are the k micro-batches of one step (sizes n_1..n_k), the
 squared norms has expectation |G|^2 + tr(Sigma) * mean_i c(n_i); since c is affine in 1/B, this is
 c at the harmonic mean of the sizes, which is used as B_small.
 
-Smoothing: |G|^2 and tr(Sigma) are each averaged separately (bias-corrected exponential moving
-averages) and the ratio is taken afterwards, as the paper advises: the ratio of single noisy
-estimates is heavily biased. `ema_decay=1` is a plain mean over all batches, right for a frozen
-model (the standalone measurement).
+Smoothing: |G|^2 and tr(Sigma) are each averaged separately and the ratio is taken afterwards,
+as the paper advises: the ratio of single noisy estimates is heavily biased. During training both
+fall by orders of magnitude (|G|^2 by 10-2,500x on small tasks), so a long average lags far
+behind: a 0.99 moving average read 5-10x too low. The tracker therefore averages over a sliding
+window of the last `window` steps (a plain mean of what the window holds, so there is no start-up
+bias to correct), matched to how fast the statistics change: tens of steps. Its interval is a
+bootstrap over the same window, widened where needed to hold the estimate itself.
+`window=None` is a plain mean over all batches, right for a frozen model (the standalone
+measurement).
 """
 
 from __future__ import annotations
@@ -63,14 +68,19 @@ __all__ = [
     "estimate_gradient_statistics",
     "variance_factor",
     "WIDE_INTERVAL",
+    "DEFAULT_WINDOW",
 ]
 
 CONFIDENCE = 0.9  # the spread is a 90% bootstrap percentile interval (5th to 95th percentile)
 BOOTSTRAP_RESAMPLES = 400  # enough for stable 5%/95% percentiles, a few ms for 1,000 batches
 MIN_RELIABLE_BATCHES = 5  # fewer batches than this give an estimate too noisy to act on
-MAX_HISTORY = 10_000  # per-batch estimates kept for the spread when ema_decay == 1
+MAX_HISTORY = 10_000  # per-batch estimates kept for the spread when window is None
 RUNNING_POINTS = 40  # points of the running estimate kept for plots
-_STATE_VERSION = 1
+# Steps the tracker averages over during training. Long enough that the mean of the noisy
+# per-step |G|^2 estimates is positive and steady; short enough to follow |G|^2 as it falls
+# (see tests/noise/test_tracker_exact.py for the check against the exact B_simple).
+DEFAULT_WINDOW = 30
+_STATE_VERSION = 2
 
 
 def variance_factor(batch_size: float, dataset_size: int | None = None) -> float:
@@ -157,22 +167,35 @@ def estimate_gradient_statistics(
     return gradient_sq, trace
 
 
-def _check_decay(ema_decay: object) -> float:
-    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)):
-        raise ConfigError(f"ema_decay must be a number in (0, 1], got {ema_decay!r}.")
-    if not 0 < ema_decay <= 1:
+def _check_window(window: object) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise ConfigError(
-            f"ema_decay ({ema_decay}) must be in (0, 1]: 0.99 averages over about the last 100 "
-            "steps, 1 is a plain mean over all batches."
+            f"window must be a whole number of at least 2 steps, or None for a plain mean over "
+            f"all batches, got {window!r}; {DEFAULT_WINDOW} follows training."
         )
-    return float(ema_decay)
+    return window
 
 
-def _history_size(ema_decay: float) -> int:
-    if ema_decay >= 1:
-        return MAX_HISTORY
-    # An EMA with decay d weighs about (1 + d) / (1 - d) batches' worth of data.
-    return min(MAX_HISTORY, max(MIN_RELIABLE_BATCHES, math.ceil((1 + ema_decay) / (1 - ema_decay))))
+def _at_end(values: Sequence[float], *, trend: bool) -> float:
+    """The value at the last of `values` (one per step): a plain mean, or a fitted line's end.
+
+    A window's mean estimates the value at its middle, (n - 1) / 2 steps back; while |G|^2 falls
+    steadily that lag alone made the estimate read low. With `trend`, the least-squares line
+    through the window is read at its last step instead: mean + slope (n - 1) / 2. This removes
+    the lag of a linear trend at the cost of about twice the standard error of the mean.
+    """
+    count = len(values)
+    if not count:
+        return 0.0
+    mean = math.fsum(values) / count
+    if not trend or count < 3:
+        return mean
+    centre = (count - 1) / 2
+    spread = count * (count * count - 1) / 12  # sum of (i - centre)^2
+    slope = math.fsum((index - centre) * value for index, value in enumerate(values)) / spread
+    return mean + slope * centre
 
 
 def _ratio(trace: float, gradient_sq: float) -> float | None:
@@ -205,38 +228,52 @@ def _bootstrap(pairs: Sequence[tuple[float, float]]) -> tuple[float | None, floa
     )
 
 
+def _holding(
+    interval: tuple[float | None, float | None], value: float | None
+) -> tuple[float | None, float | None]:
+    """Widen an interval so that it holds `value` (a percentile interval of a ratio may not)."""
+    low, high = interval
+    if value is None:
+        return low, high
+    if low is not None:
+        low = min(low, value)
+    if high is not None:
+        high = max(high, value)
+    return low, high
+
+
 class NoiseScaleTracker:
     """Running estimate of the gradient noise scale during training, torch-style.
 
     Feed it one pair of squared gradient norms per optimizer step with `update`, or let a
-    `GradientNormWatch` (from `watch`) measure them inside gradient accumulation or across DDP
-    ranks. `noise_scale` is the current smoothed value (cheap); `estimate()` adds the spread.
-    `state_dict()`/`load_state_dict()` carry it across a checkpoint and resume.
+    `GradientNormWatch` (from `watch`) measure them inside gradient accumulation, across DDP
+    ranks, or across consecutive steps. `noise_scale` is the current value (cheap): the ratio of
+    the mean tr(Sigma) and the mean |G|^2 estimates over the last `window` steps; `estimate()`
+    adds a bootstrap interval over the same steps. `state_dict()`/`load_state_dict()` carry it
+    across a checkpoint and resume.
 
     Args:
         dataset_size: N, the training samples batches are drawn from without replacement
             (applies the finite-population correction); None for no correction.
-        ema_decay: smoothing of |G|^2 and tr(Sigma), in (0, 1]; 0.99 follows training over
-            about the last 100 steps; 1.0 is a plain mean (for a frozen model).
+        window: steps to average over, at least 2; the default 30 follows training (see
+            the module docstring); None is a plain mean over all batches (for a frozen model).
 
     Example:
-        >>> tracker = NoiseScaleTracker(dataset_size=None, ema_decay=1.0)
+        >>> tracker = NoiseScaleTracker(dataset_size=None, window=None)
         >>> for _ in range(5):
         ...     tracker.update(5.0, 2.0, small_batch=2, big_batch=8)
         >>> tracker.noise_scale
         8.0
     """
 
-    def __init__(self, *, dataset_size: int | None = None, ema_decay: float = 0.99) -> None:
+    def __init__(
+        self, *, dataset_size: int | None = None, window: int | None = DEFAULT_WINDOW
+    ) -> None:
         if dataset_size is not None:
             _check_batches(1, 2 if dataset_size >= 2 else 1, dataset_size)
         self.dataset_size = dataset_size
-        self.ema_decay = _check_decay(ema_decay)
-        self._history: deque[tuple[float, float]] = deque(maxlen=_history_size(self.ema_decay))
-        self._all: list[tuple[float, float]] | None = [] if self.ema_decay >= 1 else None
-        self._gradient_sq_sum = 0.0
-        self._trace_sum = 0.0
-        self._weight = 0.0
+        self.window = _check_window(window)
+        self._pairs: deque[tuple[float, float]] = deque(maxlen=self.window or MAX_HISTORY)
         self.updates = 0
         self.step: int | None = None
         self.samples_seen = 0
@@ -251,6 +288,7 @@ class NoiseScaleTracker:
         small_batch: float,
         big_batch: float,
         step: int | None = None,
+        samples: int | None = None,
     ) -> None:
         """Add one pair of squared gradient norms.
 
@@ -258,8 +296,10 @@ class NoiseScaleTracker:
             small_sq_norm: |g_small|^2 (or the mean over several small batches of one step).
             big_sq_norm: |g_big|^2 of the same step.
             small_batch: B_small in samples (harmonic mean when the small batches differ).
-            big_batch: B_big in samples; also added to `samples_seen`.
+            big_batch: B_big in samples.
             step: the optimizer step this pair belongs to; default: the count of updates.
+            samples: training samples this step added to `samples_seen`; default `big_batch`
+                (the consecutive-steps estimator pairs two steps, but each step counts once).
 
         Raises:
             ConfigError: bad batch sizes (see `estimate_gradient_statistics`) or a norm that is
@@ -278,27 +318,23 @@ class NoiseScaleTracker:
             big_batch=big_batch,
             dataset_size=self.dataset_size,
         )
-        self._gradient_sq_sum = self.ema_decay * self._gradient_sq_sum + gradient_sq
-        self._trace_sum = self.ema_decay * self._trace_sum + trace
-        self._weight = self.ema_decay * self._weight + 1.0
-        self._history.append((gradient_sq, trace))
-        if self._all is not None and len(self._all) < MAX_HISTORY:
-            self._all.append((gradient_sq, trace))
+        if self.window is not None or len(self._pairs) < MAX_HISTORY:
+            self._pairs.append((gradient_sq, trace))
         self.updates += 1
         self.step = self.updates if step is None else int(step)
-        self.samples_seen += int(big_batch)
+        self.samples_seen += int(big_batch if samples is None else samples)
         self.small_batch = float(small_batch)
         self.big_batch = float(big_batch)
 
     @property
     def gradient_sq_norm(self) -> float:
-        """The smoothed |G|^2 estimate (0.0 before any update)."""
-        return self._gradient_sq_sum / self._weight if self._weight else 0.0
+        """The |G|^2 estimate at the latest step (0.0 before any update); see `_at_end`."""
+        return _at_end([pair[0] for pair in self._pairs], trend=self.window is not None)
 
     @property
     def trace_covariance(self) -> float:
-        """The smoothed tr(Sigma) estimate (0.0 before any update)."""
-        return self._trace_sum / self._weight if self._weight else 0.0
+        """The tr(Sigma) estimate at the latest step (0.0 before any update); see `_at_end`."""
+        return _at_end([pair[1] for pair in self._pairs], trend=self.window is not None)
 
     @property
     def noise_scale(self) -> float | None:
@@ -330,21 +366,22 @@ class NoiseScaleTracker:
         return ""
 
     def estimate(self, *, running: bool = False) -> NoiseScaleResult:
-        """The current estimate with its bootstrap spread.
+        """The current estimate with its bootstrap interval over the same window.
 
         Args:
             running: also compute the estimate after each of up to 40 evenly spaced prefixes of
-                the batches (for a plot); only with ema_decay=1, which keeps every batch.
+                the batches (for a plot); only with window=None, which keeps every batch.
 
         Returns:
-            A `NoiseScaleResult`; its `reliable` flag and `reason` say whether to trust it.
+            A `NoiseScaleResult`; its `reliable` flag and `reason` say whether to trust it. Its
+            interval always holds its estimate.
         """
         reason = self._reason()
         value = self.noise_scale if not reason else None
-        low, high = _bootstrap(list(self._history)) if not reason else (None, None)
+        low, high = _holding(_bootstrap(list(self._pairs)), value) if not reason else (None, None)
         points: tuple[RunningEstimate, ...] = ()
-        if running and self._all:
-            points = _running_estimates(self._all)
+        if running and self.window is None and self._pairs:
+            points = _running_estimates(list(self._pairs))
         return NoiseScaleResult(
             noise_scale_samples=value,
             low_samples=low,
@@ -357,7 +394,7 @@ class NoiseScaleTracker:
             big_batch_samples=self.big_batch,
             dataset_size=self.dataset_size,
             finite_population_corrected=self.dataset_size is not None,
-            ema_decay=self.ema_decay,
+            window_steps=self.window,
             reliable=not reason,
             reason=reason,
             step=self.step,
@@ -370,12 +407,8 @@ class NoiseScaleTracker:
         return {
             "version": _STATE_VERSION,
             "dataset_size": self.dataset_size,
-            "ema_decay": self.ema_decay,
-            "gradient_sq_sum": self._gradient_sq_sum,
-            "trace_sum": self._trace_sum,
-            "weight": self._weight,
-            "history": [list(pair) for pair in self._history],
-            "all": None if self._all is None else [list(pair) for pair in self._all],
+            "window": self.window,
+            "pairs": [list(pair) for pair in self._pairs],
             "updates": self.updates,
             "step": self.step,
             "samples_seen": self.samples_seen,
@@ -386,28 +419,38 @@ class NoiseScaleTracker:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a `state_dict()`.
 
+        A version-1 state (a moving-average tracker, batchfit before the window) loads: its
+        last per-step estimates fill the window, so the estimate continues where it was.
+
         Raises:
-            CheckpointError: the state is from another version, or was made with a different
-                dataset_size or ema_decay (the smoothed values would mean something else).
+            CheckpointError: the state is not a tracker state of a known version, or was made
+                with a different dataset_size or window (the estimate would mean something else).
         """
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+        version = state.get("version") if isinstance(state, Mapping) else None
+        if version not in (1, _STATE_VERSION):
             raise CheckpointError(
-                "The noise-scale state is not a NoiseScaleTracker.state_dict() of version "
-                f"{_STATE_VERSION}; start a new tracker or load a matching checkpoint."
+                f"The noise-scale state (version {version!r}) is not a NoiseScaleTracker."
+                f"state_dict() of version 1 or {_STATE_VERSION}; start a new tracker or load a "
+                "matching checkpoint."
             )
-        for name in ("dataset_size", "ema_decay"):
-            if state[name] != getattr(self, name):
+        if state["dataset_size"] != self.dataset_size:
+            raise CheckpointError(
+                f"The noise-scale state was saved with dataset_size={state['dataset_size']!r}, "
+                f"this tracker has dataset_size={self.dataset_size!r}; build the tracker with "
+                "the same value."
+            )
+        if version == 1:
+            # the old tracker kept its last per-step estimates ("history"), and every one of
+            # them ("all") with ema_decay=1: the window takes the newest of them
+            pairs = state["all"] if self.window is None and state.get("all") else state["history"]
+        else:
+            if state["window"] != self.window:
                 raise CheckpointError(
-                    f"The noise-scale state was saved with {name}={state[name]!r}, this tracker "
-                    f"has {name}={getattr(self, name)!r}; build the tracker with the same value."
+                    f"The noise-scale state was saved with window={state['window']!r}, this "
+                    f"tracker has window={self.window!r}; build the tracker with the same value."
                 )
-        self._gradient_sq_sum = float(state["gradient_sq_sum"])
-        self._trace_sum = float(state["trace_sum"])
-        self._weight = float(state["weight"])
-        self._history = deque(
-            (tuple(pair) for pair in state["history"]), maxlen=_history_size(self.ema_decay)
-        )
-        self._all = None if state["all"] is None else [tuple(pair) for pair in state["all"]]
+            pairs = state["pairs"]
+        self._pairs = deque((tuple(pair) for pair in pairs), maxlen=self.window or MAX_HISTORY)
         self.updates = int(state["updates"])
         self.step = state["step"]
         self.samples_seen = int(state["samples_seen"])

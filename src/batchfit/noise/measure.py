@@ -139,7 +139,7 @@ def measure_noise_scale(
     if memory_budget_bytes is not None:
         _check_fits(task, small, target, memory_budget_bytes)
     tracker = NoiseScaleTracker(
-        dataset_size=dataset_size if finite_population else None, ema_decay=1.0
+        dataset_size=dataset_size if finite_population else None, window=None
     )
     with preserved_rng(target, seed=task.seed):
         model = task.make_model().to(target)

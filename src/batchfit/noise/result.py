@@ -57,7 +57,7 @@ class NoiseScaleResult:
         big_batch_samples: B_big of the last update.
         dataset_size: N used for the finite-population correction, or None.
         finite_population_corrected: whether the correction was applied.
-        ema_decay: smoothing of |G|^2 and tr(Sigma); 1.0 means a plain mean.
+        window_steps: steps |G|^2 and tr(Sigma) are averaged over; None means all batches.
         reliable: False when there are no or too few batches, or |G|^2 or tr(Sigma) is not yet
             positive; `reason` then says which and what to do.
         reason: empty when reliable, else one sentence.
@@ -79,7 +79,7 @@ class NoiseScaleResult:
     big_batch_samples: float | None
     dataset_size: int | None
     finite_population_corrected: bool
-    ema_decay: float
+    window_steps: int | None
     reliable: bool
     reason: str
     step: int | None = None
@@ -131,7 +131,7 @@ class NoiseScaleResult:
 
         Example:
             >>> NoiseScaleResult(None, None, None, 0.9, 0, 0.0, 0.0, None, None, None, False,
-            ...                  0.99, False, "no batches measured yet").describe()
+            ...                  30, False, "no batches measured yet").describe()
             'Not yet reliable: no batches measured yet'
         """
         if not self.reliable or self.noise_scale_samples is None:

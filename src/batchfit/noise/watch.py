@@ -20,6 +20,22 @@ Calls a training loop makes, per optimizer step:
 
 Under DDP each rank makes the same calls; `step()` all-reduces four numbers (one tiny
 collective per step), so every rank's tracker holds the same estimate.
+
+One micro-batch on one rank (`single_micro_batch="consecutive_steps"`, the default): a step then
+has no smaller batch inside it, so the watch pairs each step's gradient g_t (B_t samples) with
+the previous step's g_{t-1}, as AdaptDL does for a single replica (Qiao et al. 2021, "Pollux",
+OSDI, section 3.1): the two are the small batches, their sample-weighted mean the big one. It
+keeps one copy of the gradient (memory: the size of the trainable parameters) and costs one dot
+product per step; no extra backward. Consecutive batches of a shuffled epoch are disjoint, so the
+finite-population correction holds. Its bias, stated: the parameters move between the two
+steps, so with B_t = B_{t-1} = B the per-step estimates have expectations
+
+    |G|^2:     G_t . G_{t-1} = |G|^2 - lr (G^T H G + tr(H Sigma) / B)   (plain SGD, Hessian H)
+    tr(Sigma): tr(Sigma) + (B / 2) |G_t - G_{t-1}|^2
+
+both of which push the noise scale *up*; the bias is small while lr times the curvature is
+small, and largest late in training with a large rate (momentum adds to the step). Where that
+matters, use two or more micro-batches per step (gradient accumulation), which is unbiased.
 """
 
 from __future__ import annotations
@@ -27,10 +43,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from batchfit.errors import ConfigError
-from batchfit.noise.estimator import NoiseScaleTracker
+from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
 
 if TYPE_CHECKING:
     import torch
@@ -40,11 +56,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SINGLE_MICRO_BATCH_MODES",
     "GradientNormWatch",
     "NoiseScaleCallback",
     "noise_scale_advice",
     "noise_scale_loggable",
 ]
+
+SINGLE_MICRO_BATCH_MODES = ("consecutive_steps", "skip")
 
 
 class GradientNormWatch:
@@ -55,9 +74,9 @@ class GradientNormWatch:
 
     Example:
         >>> import torch
-        >>> from batchfit.noise.estimator import NoiseScaleTracker
+        >>> from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
         >>> model = torch.nn.Linear(3, 1)
-        >>> tracker = NoiseScaleTracker(ema_decay=1.0)
+        >>> tracker = NoiseScaleTracker(window=None)
         >>> watch = GradientNormWatch(model, tracker)
         >>> data = torch.randn(8, 3)
         >>> for part in data.split(4):
@@ -76,9 +95,18 @@ class GradientNormWatch:
         *,
         distributed: bool | None = None,
         process_group: Any = None,
+        single_micro_batch: Literal["consecutive_steps", "skip"] = "consecutive_steps",
     ) -> None:
         import torch
 
+        if single_micro_batch not in SINGLE_MICRO_BATCH_MODES:
+            raise ConfigError(
+                f"single_micro_batch must be one of {SINGLE_MICRO_BATCH_MODES}, got "
+                f"{single_micro_batch!r}."
+            )
+        self.single_micro_batch = single_micro_batch
+        # the previous step's unscaled, unclipped gradient and its samples (consecutive steps)
+        self._previous: tuple[list[torch.Tensor], torch.Tensor, float, int | None] | None = None
         self.tracker = tracker
         self.params = [param for param in model.parameters() if param.requires_grad]
         if not self.params:
@@ -178,9 +206,10 @@ class GradientNormWatch:
         when more ran (an attempt redone after out-of-memory), the last ones count.
 
         Call after the last backward and before `optimizer.step()`, and before gradient clipping
-        unless `big_sq_norm` is given. A step with a single micro-batch on a single rank carries
-        no information (the small batch is the big one) and is skipped, as is a step whose
-        gradients are not finite (a mixed-precision overflow).
+        unless `big_sq_norm` is given. A step with a single micro-batch on a single rank is
+        paired with the previous step (see the module docstring), or skipped with
+        `single_micro_batch="skip"`; a step whose gradients are not finite (a mixed-precision
+        overflow) is skipped.
 
         Args:
             micro_batch_samples: samples of each micro-batch of this step on this rank, in
@@ -233,10 +262,12 @@ class GradientNormWatch:
             small_total, big_sq_value = torch.stack([small_sum, big_sq]).tolist()  # one sync
             inverse_total, count, samples_total = counts
         if count < 2:
-            if not self._warned_single:
+            if self.single_micro_batch == "consecutive_steps" and not self.distributed:
+                self._consecutive_steps(small_total / grad_scale**2, samples_total, step)
+            elif not self._warned_single:
                 logger.info(
-                    "noise scale: one micro-batch on one rank per step measures nothing; "
-                    "use gradient accumulation or DDP"
+                    "noise scale: one micro-batch on one rank per step measures nothing with "
+                    "single_micro_batch='skip'; use gradient accumulation or DDP"
                 )
                 self._warned_single = True
             return
@@ -249,6 +280,53 @@ class GradientNormWatch:
         small_batch = count / inverse_total  # harmonic mean of the micro-batch sizes
         self.tracker.update(
             small_sq, big_sq_value, small_batch=small_batch, big_batch=samples_total, step=step
+        )
+
+    def _consecutive_steps(self, sq_norm: float, samples: float, step: int | None) -> None:
+        """Pair this step's gradient with the previous step's (see the module docstring)."""
+        import torch
+
+        previous, self._previous = self._previous, None
+        if not math.isfinite(sq_norm):
+            logger.info("noise scale: skipped a step whose gradients are not finite")
+            return
+        grads = [p.grad for p in self.params]
+        if any(grad is None or grad.is_sparse for grad in grads):
+            if not self._warned_single:
+                logger.info(
+                    "noise scale: a parameter has no or a sparse gradient, so consecutive steps "
+                    "cannot be compared; use gradient accumulation"
+                )
+                self._warned_single = True
+            return
+        # `.grad` may be clipped and carry a loss scale: rescale it to the norm the hook saw
+        held_sq = _sum_of_squares(grads).double()
+        factor = (held_sq.new_tensor(sq_norm) / held_sq.clamp_min(1e-300)).sqrt()
+        current = [grad.detach().float() * factor.float() for grad in grads]
+        expected_step = None if previous is None or previous[3] is None else previous[3] + 1
+        self._previous = (current, held_sq.new_tensor(sq_norm), samples, step)
+        if previous is None or (step is not None and expected_step not in (None, step)):
+            return  # the first step, or a step was skipped: nothing adjacent to pair with
+        before, before_sq, before_samples, _ = previous
+        dot = torch.stack([(a * b).sum(dtype=torch.float64) for a, b in zip(current, before)]).sum()
+        dot_value, before_value = torch.stack([dot, before_sq]).tolist()  # one sync
+        total = samples + before_samples
+        big_sq = (
+            samples**2 * sq_norm
+            + 2 * samples * before_samples * dot_value
+            + before_samples**2 * before_value
+        ) / total**2
+        small_sq = (sq_norm + before_value) / 2
+        small_batch = 2 / (1 / samples + 1 / before_samples)  # harmonic mean
+        if self.tracker.dataset_size is not None and total > self.tracker.dataset_size:
+            return  # two steps hold more than the training set: not a draw without replacement
+        self.tracker.update(
+            small_sq,
+            max(big_sq, 0.0),
+            small_batch=small_batch,
+            big_batch=total,
+            step=step,
+            samples=int(samples),
         )
 
     def _record_from_sizes(self, sizes: list[float], loss_scales: Sequence[float] | None) -> None:
@@ -294,16 +372,20 @@ class NoiseScaleCallback:
     step with the record's micro-batch sizes and its pre-clipping gradient norm, and returns
     the current estimate for the step's metrics line:
     `{"noise_scale": B_simple or None, "noise_scale_gradient_sq": |G|^2,
-    "noise_scale_trace": tr(Sigma)}`. Needs two or more micro-batches per step, or DDP.
+    "noise_scale_trace": tr(Sigma)}`. With two or more micro-batches per step, or DDP, the
+    estimate is unbiased; with one micro-batch on one rank, consecutive steps are paired (see
+    the module docstring for that estimator's bias), so every run logs a noise scale.
 
     Loss weights are taken as proportional to samples; with token-weighted losses whose token
     counts differ between micro-batches, the estimate is approximate.
 
     Args:
         tracker: the tracker to feed; default a new `NoiseScaleTracker(dataset_size=...,
-            ema_decay=...)`. Save `callback.tracker.state_dict()` with a checkpoint to resume it.
+            window=...)`. Save `callback.tracker.state_dict()` with a checkpoint to resume it.
         dataset_size: training samples, for the finite-population correction.
-        ema_decay: smoothing, as for `NoiseScaleTracker`.
+        window: steps the estimate averages over, as for `NoiseScaleTracker` (default 30).
+        single_micro_batch: "consecutive_steps" (default) or "skip", as for
+            `GradientNormWatch`.
 
     Example:
         >>> callback = NoiseScaleCallback(dataset_size=1000)
@@ -316,10 +398,17 @@ class NoiseScaleCallback:
         tracker: NoiseScaleTracker | None = None,
         *,
         dataset_size: int | None = None,
-        ema_decay: float = 0.99,
+        window: int | None = DEFAULT_WINDOW,
+        single_micro_batch: Literal["consecutive_steps", "skip"] = "consecutive_steps",
     ) -> None:
         if tracker is None:
-            tracker = NoiseScaleTracker(dataset_size=dataset_size, ema_decay=ema_decay)
+            tracker = NoiseScaleTracker(dataset_size=dataset_size, window=window)
+        if single_micro_batch not in SINGLE_MICRO_BATCH_MODES:
+            raise ConfigError(
+                f"single_micro_batch must be one of {SINGLE_MICRO_BATCH_MODES}, got "
+                f"{single_micro_batch!r}."
+            )
+        self.single_micro_batch = single_micro_batch
         self.tracker = tracker
         self.watch: GradientNormWatch | None = None
 
@@ -340,7 +429,9 @@ class NoiseScaleCallback:
             )
         if self.watch is not None:
             self.watch.remove()
-        self.watch = GradientNormWatch(model, self.tracker)
+        self.watch = GradientNormWatch(
+            model, self.tracker, single_micro_batch=self.single_micro_batch
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The tracker's state, saved in the loop's checkpoints."""
@@ -367,11 +458,13 @@ class NoiseScaleCallback:
 def noise_scale_loggable(
     global_batch: int, micro_batch: int, *, dataset_size: int, world_size: int = 1
 ) -> tuple[bool, str]:
-    """Whether a training run can log the gradient noise scale, and why (or why not).
+    """Whether a training run can log the gradient noise scale, and how (or why not).
 
-    The estimate compares the gradient of each micro-batch (and each rank) with the step's
-    accumulated gradient, so a step needs two or more pieces: micro-batches or ranks. A global
-    batch larger than the training set repeats samples, which the estimator does not model.
+    With two or more pieces per step (micro-batches or ranks) each piece's gradient is a small
+    batch and the step's accumulated gradient the big one. With one micro-batch on one process,
+    consecutive steps are paired instead (`GradientNormWatch`, "consecutive_steps"; its bias is
+    stated in the module docstring). A global batch larger than the training set repeats
+    samples, which the estimator does not model.
 
     Args:
         global_batch: samples per optimizer step, over all ranks.
@@ -385,7 +478,9 @@ def noise_scale_loggable(
     Example:
         >>> noise_scale_loggable(64, 32, dataset_size=1000)
         (True, '2 micro-batches per step')
-        >>> noise_scale_loggable(32, 32, dataset_size=1000)[0]
+        >>> noise_scale_loggable(32, 32, dataset_size=1000)
+        (True, 'one micro-batch per step: consecutive steps are paired')
+        >>> noise_scale_loggable(2000, 32, dataset_size=1000)[0]
         False
     """
     world_size = max(1, world_size)
@@ -396,7 +491,7 @@ def noise_scale_loggable(
             f"({dataset_size} samples)"
         )
     if pieces < 2:
-        return False, "needs two or more micro-batches per step, or DDP"
+        return True, "one micro-batch per step: consecutive steps are paired"
     ranks = f" over {world_size} ranks" if world_size > 1 else ""
     return True, f"{pieces} micro-batches per step{ranks}"
 

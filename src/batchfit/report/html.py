@@ -107,5 +107,9 @@ def _figure(png: bytes, caption: str) -> str:
 def _value(plan: Plan, name: str) -> str:
     value = getattr(plan, name)
     if name == "lr":
+        # choose_lr's reason says when the range test, not the scaling rule, set the rate
+        reason = plan.reasons.get("lr", "")
+        if "took its suggestion" in reason or "the rate is raised to" in reason:
+            return f"{value:.4g} (from the range test)"
         return f"{value:.4g} ({plan.lr_rule} rule)"
     return str(value)
