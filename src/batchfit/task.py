@@ -138,9 +138,9 @@ class Task:
         """A Task from a LightningModule: its training_step is the loss, its
         configure_optimizers the optimizer. See
         `batchfit.integrations.lightning.task_from_lightning` (needs batchfit[lightning])."""
-        from batchfit.integrations.lightning import task_from_lightning
-
-        return task_from_lightning(module, datamodule, **options)
+        # by name, as load_example does: the integration imports this module (no static cycle)
+        integration = importlib.import_module("batchfit.integrations.lightning")
+        return integration.task_from_lightning(module, datamodule, **options)
 
     @classmethod
     def from_transformers(
@@ -154,9 +154,10 @@ class Task:
         """A Task from a Hugging Face model and data set, the model's own loss and AdamW. See
         `batchfit.integrations.transformers.task_from_transformers` (needs
         batchfit[transformers])."""
-        from batchfit.integrations.transformers import task_from_transformers
-
-        return task_from_transformers(model, train_dataset, data_collator, eval_dataset, **options)
+        integration = importlib.import_module("batchfit.integrations.transformers")
+        return integration.task_from_transformers(
+            model, train_dataset, data_collator, eval_dataset, **options
+        )
 
     def optimizer_family(self) -> str:
         """ "sgd" or "adam": the family of the task's optimizer, judged by its class name."""

@@ -441,6 +441,7 @@ _TRAIN_VALUE_FLAGS = (
     ("--memory-budget", "memory_budget"),
     ("--example", "example"),
     ("--plan", "plan"),
+    ("--tensorboard", "tensorboard"),
 )
 
 
@@ -497,14 +498,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     context = detect_distributed()
     main_rank = context.is_main
     noise = None if args.no_noise_scale else _noise_scale_callback(task, config, context)
-    result = train(
-        task,
-        config,
-        device=args.device,
-        memory_budget_bytes=budget,
-        progress=main_rank,
-        callbacks=[noise] if noise else (),
-    )
+    callbacks = [noise] if noise else []
+    if args.tensorboard and main_rank:
+        from batchfit.train.tensorboard import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(args.tensorboard, noise=noise))
+    try:
+        result = train(
+            task,
+            config,
+            device=args.device,
+            memory_budget_bytes=budget,
+            progress=main_rank,
+            callbacks=callbacks,
+        )
+    finally:
+        for callback in callbacks:
+            if hasattr(callback, "close"):
+                callback.close()
     if not main_rank:
         return 130 if result.interrupted else 0
     if args.json:
@@ -850,6 +861,9 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not log the gradient noise scale (logged by default when a step has two or "
         "more micro-batches or ranks)",
+    )
+    train_cmd.add_argument(
+        "--tensorboard", metavar="DIR", help="also write the metrics to TensorBoard in DIR"
     )
     _add_device_arguments(train_cmd)
     _add_json_argument(train_cmd)
