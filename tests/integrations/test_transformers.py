@@ -136,9 +136,9 @@ def test_batchfit_plan_and_memory_run_on_a_tiny_gpt2(tmp_path, capsys):
         "from tests.integrations.test_transformers import tiny_gpt2, token_data\n"
         "from batchfit.task import Task\n"
         "def task():\n"
-        "    return Task.from_transformers(tiny_gpt2(), token_data(64))\n"
+        "    return Task.from_transformers(tiny_gpt2(), token_data(32))\n"
     )
-    budget = ["--device", "cpu", "--memory-budget", "4MiB"]
+    budget = ["--device", "cpu", "--memory-budget", "2MiB"]
     assert main(["memory", f"{source}:task", *budget, "--json"]) == 0
     assert '"batch_size"' in capsys.readouterr().out
     out = tmp_path / "plan"
