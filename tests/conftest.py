@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +106,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def untimed_metrics(run_dir) -> list[dict]:
+    """A run's metrics.jsonl lines without their wall-clock `time`, which differs between runs."""
+    from batchfit.train.metrics import read_metrics
+
+    return [
+        {k: v for k, v in line.items() if k != "time"}
+        for line in read_metrics(Path(run_dir) / "metrics.jsonl")
+    ]

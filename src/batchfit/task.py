@@ -132,6 +132,32 @@ class Task:
         size = len(dataset)
         return self.collate_fn()([dataset[index % size] for index in indices])
 
+    @classmethod
+    def from_lightning(cls, module: Any, datamodule: Any = None, **options: Any) -> Task:
+        """A Task from a LightningModule: its training_step is the loss, its
+        configure_optimizers the optimizer. See
+        `batchfit.integrations.lightning.task_from_lightning` (needs batchfit[lightning])."""
+        # by name, as load_example does: the integration imports this module (no static cycle)
+        integration = importlib.import_module("batchfit.integrations.lightning")
+        return integration.task_from_lightning(module, datamodule, **options)
+
+    @classmethod
+    def from_transformers(
+        cls,
+        model: Any,
+        train_dataset: Any,
+        data_collator: Any = None,
+        eval_dataset: Any = None,
+        **options: Any,
+    ) -> Task:
+        """A Task from a Hugging Face model and data set, the model's own loss and AdamW. See
+        `batchfit.integrations.transformers.task_from_transformers` (needs
+        batchfit[transformers])."""
+        integration = importlib.import_module("batchfit.integrations.transformers")
+        return integration.task_from_transformers(
+            model, train_dataset, data_collator, eval_dataset, **options
+        )
+
     def optimizer_family(self) -> str:
         """ "sgd" or "adam": the family of the task's optimizer, judged by its class name."""
         import torch

@@ -15,7 +15,7 @@ from batchfit.train.checkpoint import load_checkpoint
 from batchfit.train.config import TrainConfig
 from batchfit.train.loop import train
 from batchfit.train.metrics import read_metrics
-from tests.conftest import make_bn_convnet, make_mlp_task
+from tests.conftest import make_bn_convnet, make_mlp_task, untimed_metrics
 
 
 def _wide_task(samples: int = 128, *, dropout: float = 0.0, **overrides) -> Task:
@@ -244,10 +244,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert resumed.resumed_from_step == 4 and resumed.steps == 7 and not resumed.interrupted
     for a, b in zip(_weights(full.model), _weights(resumed.model)):
         assert torch.equal(a, b)
-    resumed_lines = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    resumed_lines = untimed_metrics(tmp_path / "cut")
     for line in resumed_lines:
         line.pop("observed", None)  # the interrupting callback's own field
-    assert read_metrics(tmp_path / "full" / "metrics.jsonl") == resumed_lines
+    assert untimed_metrics(tmp_path / "full") == resumed_lines
     assert len(resumed_lines) == 7
 
 
@@ -460,10 +460,10 @@ def test_swa_run_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     )
     for a, b in zip(_weights(full.model), _weights(resumed.model)):
         assert torch.equal(a, b)
-    lines = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    lines = untimed_metrics(tmp_path / "cut")
     for line in lines:
         line.pop("observed", None)
-    assert read_metrics(tmp_path / "full" / "metrics.jsonl") == lines
+    assert untimed_metrics(tmp_path / "full") == lines
 
 
 def test_sigterm_also_stops_at_the_end_of_the_step_with_a_checkpoint(tmp_path):
@@ -501,10 +501,10 @@ def test_noise_scale_callback_resumes_where_it_stopped(tmp_path):
     train(_resumable_task(), cut, device="cpu", callbacks=[noise(), interrupt])
     resumed = TrainConfig(out_dir=str(tmp_path / "cut"), resume=True, **config)
     train(_resumable_task(), resumed, device="cpu", callbacks=[noise(), _Recorder()])
-    full_lines = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    full_lines = untimed_metrics(tmp_path / "full")
     cut_lines = [
         {k: v for k, v in line.items() if k != "observed"}
-        for line in read_metrics(tmp_path / "cut" / "metrics.jsonl")
+        for line in untimed_metrics(tmp_path / "cut")
     ]
     assert [line["noise_scale_trace"] for line in full_lines] == [
         line["noise_scale_trace"] for line in cut_lines

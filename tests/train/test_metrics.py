@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 
@@ -11,10 +12,13 @@ def test_each_record_is_one_flushed_json_line(tmp_path):
     log = MetricsLog(path)
     log.append({"step": 1, "loss": 0.5})
     # Readable before close: the line was flushed.
-    assert json.loads(path.read_text().splitlines()[0]) == {"step": 1, "loss": 0.5}
-    log.append({"step": 2, "loss": float("nan")})
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first.pop("time") > 1.7e9 and first == {"step": 1, "loss": 0.5}
+    log.append({"step": 2, "loss": float("nan"), "time": 5.0})
     log.close()
-    assert read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": None}]
+    records = read_metrics(path)
+    assert records[1] == {"step": 2, "loss": None, "time": 5.0}  # a given time is kept
+    assert records[0]["time"] <= time.time() + 0.001  # rounded to the millisecond
 
 
 def test_truncate_keeps_records_up_to_the_step_and_skips_a_torn_line(tmp_path):

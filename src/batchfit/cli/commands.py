@@ -311,14 +311,24 @@ def train(args: argparse.Namespace) -> int:
     live = LiveDiagnosis(noise=noise, stop_on=args.stop_on or (), plan=plan)
     # On a terminal the loop draws its own bar (with the recent samples/s); elsewhere plain lines.
     progress = context.is_main and (stderr_console().is_terminal or StepBar("train"))
-    result = run_training(
-        task,
-        config,
-        device=device,
-        memory_budget_bytes=args.memory_budget,
-        progress=progress,
-        callbacks=[noise, live] if noise else [live],
-    )
+    callbacks = [noise, live] if noise else [live]
+    if args.tensorboard and context.is_main:
+        from batchfit.train.tensorboard import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(args.tensorboard, noise=noise))
+    try:
+        result = run_training(
+            task,
+            config,
+            device=device,
+            memory_budget_bytes=args.memory_budget,
+            progress=progress,
+            callbacks=callbacks,
+        )
+    finally:
+        for callback in callbacks:
+            if hasattr(callback, "close"):
+                callback.close()
     code = 130 if result.interrupted else STOPPED_BY_DIAGNOSIS if result.stop_reason else 0
     if not context.is_main:
         return code

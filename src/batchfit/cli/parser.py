@@ -252,6 +252,9 @@ def _add_train(command) -> None:
         "more micro-batches or ranks)",
     )
     train.add_argument(
+        "--tensorboard", metavar="DIR", help="also write the metrics to TensorBoard in DIR"
+    )
+    train.add_argument(
         "--stop-on",
         metavar="KIND",
         action="append",

@@ -1,6 +1,7 @@
 """The run's metrics file: one JSON object per line, appended and flushed per line.
 
-`RUN_DIR/metrics.jsonl` holds one line per logged optimizer step, each with at least `step`.
+`RUN_DIR/metrics.jsonl` holds one line per logged optimizer step, each with at least `step`,
+and `time`: when the line was written, in seconds since the Unix epoch (UTC), to the millisecond.
 On resume the file is cut back to the checkpoint's step (rewritten to a temporary name, then
 renamed), so a resumed run's file equals an uninterrupted run's.
 """
@@ -11,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,9 @@ class MetricsLog:
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
         >>> with MetricsLog(path) as log:
         ...     log.append({"step": 1, "loss": 0.5})
-        >>> read_metrics(path)
-        [{'step': 1, 'loss': 0.5}]
+        >>> record = read_metrics(path)[0]
+        >>> record["step"], record["loss"], record["time"] > 1.7e9
+        (1, 0.5, True)
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -46,7 +49,9 @@ class MetricsLog:
         self._stream = open_append(self.path)  # closed in close()
 
     def append(self, record: dict[str, Any]) -> None:
-        """Write `record` as one line and flush it to the file."""
+        """Write `record` as one line and flush it to the file, with a `time` stamp (Unix
+        seconds) unless the record has one."""
+        record = {**record, "time": record.get("time", round(time.time(), 3))}
         line = json.dumps({key: _clean(value) for key, value in record.items()})
         self._stream.write(line + "\n")
         self._stream.flush()

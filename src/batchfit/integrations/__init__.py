@@ -1,0 +1,10 @@
+"""Integrations: batchfit inside the trainers people already use, each behind an optional extra.
+
+- `batchfit.integrations.lightning`: `BatchFit`, a Lightning callback (plan, search, noise
+  scale, out-of-memory back-off), and `task_from_lightning` behind `Task.from_lightning`.
+- `batchfit.integrations.transformers`: `apply_plan` for `TrainingArguments`,
+  `NoiseScaleTrainerCallback`, and `task_from_transformers` behind `Task.from_transformers`.
+- `batchfit.integrations.accelerate`: `find_executable_batch_size`, which keeps the global batch
+  by raising accumulation, and the recipe for `accelerator.accumulate` with the noise-scale watch.
+- `batchfit.integrations.optional`: `require`, the one import of an optional dependency.
+"""

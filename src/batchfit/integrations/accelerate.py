@@ -1,0 +1,164 @@
+"""Plain loops and Hugging Face Accelerate: keep the global batch when memory runs out.
+
+`find_executable_batch_size` is Accelerate's decorator of the same name with one difference:
+when the function runs out of memory it halves the micro-batch *and raises the accumulation*,
+so the global batch (samples per optimizer step) stays what the learning rate was tuned for.
+It needs only torch.
+
+The recipe for `accelerator.accumulate` with the gradient-noise-scale watch (tested in
+tests/integrations/test_accelerate.py):
+
+    from accelerate import Accelerator
+    from batchfit.noise.estimator import NoiseScaleTracker
+    from batchfit.noise.watch import GradientNormWatch
+
+    @find_executable_batch_size(global_batch=256)
+    def run(micro_batch, accumulation_steps):
+        accelerator = Accelerator(gradient_accumulation_steps=accumulation_steps)
+        loader = DataLoader(data, batch_size=micro_batch, shuffle=True)
+        model, optimizer, loader = accelerator.prepare(make_model(), make_optimizer(), loader)
+        tracker = NoiseScaleTracker()
+        with GradientNormWatch(model, tracker) as watch:
+            for inputs, labels in loader:
+                with accelerator.accumulate(model):
+                    loss = loss_fn(model(inputs), labels)
+                    accelerator.backward(loss)    # divides the loss by accumulation_steps
+                    watch.micro_batch(len(inputs), loss_scale=1 / accumulation_steps)
+                    if accelerator.sync_gradients:
+                        watch.step()              # before clipping and optimizer.step()
+                        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()              # Accelerate skips it between syncs
+                    optimizer.zero_grad()
+        return tracker.noise_scale
+
+    noise_scale = run()
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from batchfit import devices
+from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.memory.step import is_out_of_memory
+from batchfit.validation import check_whole_number
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["find_executable_batch_size"]
+
+Result = TypeVar("Result")
+
+
+def find_executable_batch_size(
+    function: Callable[..., Result] | None = None,
+    *,
+    global_batch: int,
+    world_size: int = 1,
+    starting_micro_batch: int | None = None,
+) -> Any:
+    """Call `function(micro_batch, accumulation_steps, ...)` until it fits in memory.
+
+    The first call gets the largest micro-batch (`starting_micro_batch`, default the whole
+    per-process share `global_batch / world_size`); each out-of-memory error halves it (to the
+    largest divisor of the share at most half the last one) and raises `accumulation_steps` so
+    that `micro_batch x accumulation_steps x world_size == global_batch` always. Any other
+    error is raised unchanged. The function should build its data loader from `micro_batch`
+    and set up accumulation from `accumulation_steps` (e.g. `Accelerator(
+    gradient_accumulation_steps=...)`), and start its work afresh on each call.
+
+    Args:
+        function: the function to wrap; leave it out to use this as `@decorator(...)`.
+        global_batch: samples per optimizer step over all processes.
+        world_size: processes sharing the global batch (`accelerator.num_processes`).
+        starting_micro_batch: the first micro-batch to try; must divide the per-process share.
+
+    Returns:
+        The wrapped function, which takes the remaining arguments of `function` and returns its
+        result. It records the micro-batch and accumulation that worked as
+        `wrapped.micro_batch` and `wrapped.accumulation_steps`.
+
+    Raises:
+        ConfigError: the global batch is not a multiple of world_size, or the starting
+            micro-batch does not divide the share.
+        DoesNotFitError: even a micro-batch of 1 runs out of memory.
+
+    Example:
+        >>> @find_executable_batch_size(global_batch=64)
+        ... def run(micro_batch, accumulation_steps):
+        ...     if micro_batch > 16:
+        ...         raise MemoryError("out of memory")
+        ...     return micro_batch, accumulation_steps
+        >>> run()
+        (16, 4)
+    """
+    global_batch = check_whole_number("global_batch", global_batch)
+    world_size = check_whole_number("world_size", world_size)
+    if global_batch % world_size:
+        raise ConfigError(
+            f"global_batch ({global_batch}) is not a multiple of world_size ({world_size}); "
+            "choose a global batch that divides evenly between the processes."
+        )
+    share = global_batch // world_size
+    start = share if starting_micro_batch is None else starting_micro_batch
+    start = check_whole_number("starting_micro_batch", start)
+    if share % start:
+        raise ConfigError(
+            f"starting_micro_batch ({start}) does not divide the per-process batch ({share}); "
+            f"choose a divisor of {share}."
+        )
+    if function is None:
+        return functools.partial(
+            find_executable_batch_size,
+            global_batch=global_batch,
+            world_size=world_size,
+            starting_micro_batch=start,
+        )
+    parameters = list(inspect.signature(function).parameters)
+    if len(parameters) < 2:
+        raise ConfigError(
+            f"{function.__name__} must take (micro_batch, accumulation_steps, ...) as its first "
+            "two arguments."
+        )
+
+    @functools.wraps(function)
+    def wrapped(*args: Any, **kwargs: Any) -> Result:
+        micro = start
+        while True:
+            accumulation = share // micro
+            try:
+                result = function(micro, accumulation, *args, **kwargs)
+            except Exception as error:  # only out-of-memory is retried; see below
+                if not is_out_of_memory(error):
+                    raise
+                devices.release_memory(_accelerator_device())
+                if micro == 1:
+                    raise DoesNotFitError(
+                        f"Even a micro-batch of 1 runs out of memory ({error}); try a smaller "
+                        "model, mixed precision or activation checkpointing."
+                    ) from error
+                smaller = max(size for size in range(1, micro // 2 + 1) if share % size == 0)
+                logger.warning(
+                    "out of memory at micro-batch %d; retrying with %d x %d (global batch %d)",
+                    micro,
+                    smaller,
+                    share // smaller,
+                    global_batch,
+                )
+                micro = smaller
+                continue
+            wrapped.micro_batch = micro  # type: ignore[attr-defined]
+            wrapped.accumulation_steps = accumulation  # type: ignore[attr-defined]
+            return result
+
+    return wrapped
+
+
+def _accelerator_device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else None

@@ -1,0 +1,524 @@
+"""batchfit inside PyTorch Lightning: a callback, and a Task made from a LightningModule.
+
+`BatchFit` is a Lightning `Callback`. On fit start it either applies a plan from `batchfit
+plan` (the micro-batch through the batch-size attribute of the datamodule or module, the
+Trainer's `accumulate_grad_batches`, the plan's rate on the configured optimizers and its
+warm-up), or, without a plan, finds the largest micro-batch that fits
+(`batchfit.memory.search.find_max_batch_size`) and raises `accumulate_grad_batches` so that the
+configured global batch (micro-batch x accumulation x devices) is kept. During training it logs
+the gradient noise scale from the accumulated micro-batches and the DDP ranks
+(`batchfit.noise.watch.GradientNormWatch`) through `LightningModule.log`, so every Lightning
+logger receives it. When a training batch runs out of memory in `training_step`, it splits that
+batch and every later one in two (halves the micro-batch, doubles the forward/backward passes
+per step): the global batch and the samples stay the same.
+
+    trainer = lightning.Trainer(callbacks=[BatchFit("plan.json")], max_steps=1000)
+    trainer.fit(model, datamodule)
+
+`task_from_lightning(module, datamodule)` (also `Task.from_lightning`) turns a LightningModule
+into a `batchfit.Task`: its `training_step` is the loss and its `configure_optimizers` the
+optimizer, so `batchfit plan` can profile it.
+
+Needs `pip install batchfit[lightning]`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import ConfigError, TaskError
+from batchfit.integrations.optional import require
+from batchfit.memory.step import is_out_of_memory
+from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
+from batchfit.noise.watch import GradientNormWatch
+from batchfit.plan.plan_file import Plan, load_plan
+from batchfit.task import Task, batch_size_of, move_to
+from batchfit.train.accumulation import split_batch
+
+pl = require("lightning.pytorch", "lightning")
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BatchFit", "task_from_lightning"]
+
+
+class BatchFit(pl.Callback):
+    """Plan, fit and watch the batch of a Lightning run.
+
+    Args:
+        plan: a `Plan`, the path of a plan.json, or None to search for the micro-batch.
+        batch_size_attr: the name of the batch-size attribute Lightning looks up on the
+            datamodule, the module or its hparams (as Lightning's own `BatchSizeFinder`).
+        global_batch: without a plan, the global batch to keep (samples per optimizer step over
+            all devices); default: the configured one, batch size x accumulate_grad_batches x
+            devices.
+        memory_budget: without a plan, the memory the micro-batch must fit, bytes or a size
+            such as "300MiB"; needed on the CPU, default the device's memory elsewhere.
+        margin: without a plan, the fraction of the memory kept free.
+        noise_scale: log the gradient noise scale (needs accumulation or several devices).
+        window: steps the noise-scale estimate is smoothed over (see `NoiseScaleTracker`).
+        backoff: split training batches when `training_step` runs out of memory.
+
+    Attributes:
+        micro_batch: samples per forward/backward on one device now (after any back-off).
+        accumulation_steps: forward/backward passes per optimizer step on one device now.
+        global_batch: samples per optimizer step over all devices.
+        samples_seen: training samples this device ran through forward/backward.
+        tracker: the `NoiseScaleTracker` (None without `noise_scale`).
+        backoffs: how many times a batch was split after running out of memory.
+
+    Raises:
+        ConfigError: (at fit start) the plan was made for another number of devices, the
+            global batch is not a multiple of the micro-batch x devices, no batch-size
+            attribute is found, or the search on the CPU has no memory budget.
+
+    Example:
+        >>> callback = BatchFit(noise_scale=False)
+        >>> callback.global_batch is None
+        True
+    """
+
+    def __init__(
+        self,
+        plan: Plan | str | os.PathLike | None = None,
+        *,
+        batch_size_attr: str = "batch_size",
+        global_batch: int | None = None,
+        memory_budget: int | str | None = None,
+        margin: float = 0.05,
+        noise_scale: bool = True,
+        window: int | None = DEFAULT_WINDOW,
+        backoff: bool = True,
+    ) -> None:
+        self.plan = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
+        if self.plan is not None and not isinstance(self.plan, Plan):
+            raise ConfigError(f"plan must be a Plan, a path or None, got {type(plan).__name__}.")
+        self.batch_size_attr = batch_size_attr
+        self.global_batch = global_batch
+        self.memory_budget = memory_budget
+        self.margin = margin
+        self.backoff = backoff
+        self.tracker = NoiseScaleTracker(window=window) if noise_scale else None
+        self.watch: GradientNormWatch | None = None
+        self.micro_batch: int | None = None
+        self.accumulation_steps: int | None = None
+        self.samples_seen = 0
+        self.backoffs = 0
+        self._splits = 1  # each loader batch runs as this many forward/backward passes
+        self._warmup_steps = 0
+        self._saved_lrs: list[list[float]] | None = None
+        self._split_this_step = False
+        self._batch_samples = 0
+
+    # --- fit start: plan or search -----------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
+
+        if not lightning_hasattr(pl_module, self.batch_size_attr):
+            raise ConfigError(
+                f"No batch-size attribute {self.batch_size_attr!r} on the datamodule, the module "
+                "or its hparams; give the loader's batch size such an attribute, or name it with "
+                "BatchFit(batch_size_attr=...)."
+            )
+        world = trainer.world_size
+        if self.plan is not None:
+            self._apply_plan(trainer, pl_module, self.plan)
+        else:
+            configured = int(lightning_getattr(pl_module, self.batch_size_attr))
+            target = self.global_batch or configured * trainer.accumulate_grad_batches * world
+            if target % world:
+                raise ConfigError(
+                    f"The global batch ({target}) is not a multiple of the devices ({world}); "
+                    "choose one that is (BatchFit(global_batch=...))."
+                )
+            limit = self._largest_micro_batch(trainer, pl_module)
+            # the largest micro-batch that fits and divides each device's share exactly
+            share = target // world
+            micro = max(size for size in range(1, min(limit, share) + 1) if share % size == 0)
+            self._set_batch(trainer, pl_module, target, micro)
+        self._wrap_training_step(pl_module)
+        logger.info(
+            "batchfit: global batch %d = %d device(s) x %d micro-batches of %d",
+            self.global_batch,
+            world,
+            self.accumulation_steps,
+            self.micro_batch,
+        )
+
+    def _apply_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: Plan) -> None:
+        if plan.world_size != trainer.world_size:
+            raise ConfigError(
+                f"The plan is for {plan.world_size} device(s) but the Trainer runs on "
+                f"{trainer.world_size}; run `batchfit plan --world-size {trainer.world_size}` "
+                "or start the Trainer with as many devices as the plan."
+            )
+        self._set_batch(trainer, pl_module, plan.global_batch, plan.micro_batch)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = plan.lr
+                if "initial_lr" in group:  # a scheduler made before fit start scales from it
+                    group["initial_lr"] = plan.lr
+        self._warmup_steps = plan.warmup_steps
+
+    def _set_batch(self, trainer, pl_module, global_batch: int, micro: int) -> None:
+        from lightning.pytorch.utilities.parsing import lightning_setattr
+
+        world = trainer.world_size
+        if micro < 1 or global_batch % (micro * world):
+            raise ConfigError(
+                f"The global batch ({global_batch}) is not a multiple of micro-batch x devices "
+                f"({micro} x {world}); choose a global batch that is (BatchFit(global_batch=...))."
+            )
+        lightning_setattr(pl_module, self.batch_size_attr, micro)
+        trainer.accumulate_grad_batches = global_batch // (micro * world)
+        self.global_batch = global_batch
+        self.micro_batch = micro
+        self.accumulation_steps = trainer.accumulate_grad_batches
+
+    def _largest_micro_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """The search runs on a copy of the module, with a copy of its first optimizer."""
+        from batchfit.memory.search import find_max_batch_size
+
+        device = pl_module.device
+        if device.type == "cpu" and self.memory_budget is None:
+            raise ConfigError(
+                "On the CPU the micro-batch search needs a memory budget: "
+                "BatchFit(memory_budget='2GiB'), or give BatchFit a plan."
+            )
+        dataset, collate = _training_data(trainer, pl_module)
+        model = _detached_copy(pl_module)
+        optimizer = _optimizer_like(trainer.optimizers[0], model.parameters())
+
+        def step(batch_size: int) -> None:
+            samples = [dataset[index % len(dataset)] for index in range(batch_size)]
+            loss = _loss_of(model.training_step(move_to(collate(samples), device), 0))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        result = find_max_batch_size(
+            step,
+            device=device,
+            memory_budget=self.memory_budget,
+            margin=self.margin,
+            model=model,
+            optimizer=optimizer,
+        )
+        return result.batch_size
+
+    # --- out-of-memory back-off ---------------------------------------------------------------
+
+    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+        if not self.backoff or getattr(pl_module.training_step, "_batchfit", False):
+            return
+        original = pl_module.training_step
+
+        def training_step(batch, *args, **kwargs):
+            if self._splits == 1:
+                try:
+                    return original(batch, *args, **kwargs)
+                except Exception as error:  # only out-of-memory is handled; see below
+                    if not is_out_of_memory(error):
+                        raise
+                    self._back_off(batch, error)
+            return self._split_step(pl_module, original, batch, args, kwargs)
+
+        training_step._batchfit = True  # type: ignore[attr-defined]
+        pl_module.training_step = training_step
+
+    def _back_off(self, batch: Any, error: BaseException) -> None:
+        from batchfit import devices
+
+        size = batch_size_of(batch)
+        if size < 2 * self._splits:
+            raise error
+        self._splits *= 2
+        self.backoffs += 1
+        self.micro_batch = max(1, (self.micro_batch or size) // 2)
+        self.accumulation_steps = (self.accumulation_steps or 1) * 2
+        devices.release_memory(_device_of(batch))
+        logger.warning(
+            "batchfit: out of memory at micro-batch %d; now %d micro-batches of %d per step "
+            "(global batch %s kept)",
+            size,
+            self.accumulation_steps,
+            self.micro_batch,
+            self.global_batch,
+        )
+
+    def _split_step(self, pl_module, original, batch, args, kwargs):
+        """The batch's mean loss, run in `self._splits` parts.
+
+        All parts but one backward with `torch.autograd.grad` (no `.grad`, no DDP hooks); the
+        returned loss adds `sum(param * their gradient)`, so Lightning's single backward gives
+        the gradient of the whole batch, as one micro-batch would have.
+        """
+        import torch
+
+        size = batch_size_of(batch)
+        parts = min(self._splits, size)
+        sizes = [size // parts + (index < size % parts) for index in range(parts)]
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        carried = [torch.zeros_like(p) for p in params]
+        losses = []
+        self._split_this_step = True
+        for index, part in enumerate(split_batch(batch, sizes)):
+            weight = sizes[index] / size
+            loss = _loss_of(original(part, *args, **kwargs)) * weight
+            if index < parts - 1:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for total, grad in zip(carried, grads):
+                    if grad is not None:
+                        total.add_(grad)
+                losses.append(loss.detach())
+                del loss, grads
+            else:
+                last = loss
+        surrogate = sum((p * g).sum() for p, g in zip(params, carried))
+        return last + surrogate - surrogate.detach() + sum(losses)
+
+    # --- noise scale, warm-up, counting -------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tracker is not None:
+            self.watch = GradientNormWatch(pl_module, self.tracker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_samples = batch_size_of(batch)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.watch is None or self._split_this_step:
+            return
+        # Lightning divides each micro-batch's loss by accumulate_grad_batches before backward.
+        self.watch.micro_batch(
+            self._batch_samples, loss_scale=1.0 / trainer.accumulate_grad_batches
+        )
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        step = trainer.global_step + 1
+        if self.watch is not None:
+            if self._split_this_step:
+                self.watch.reset()  # a split batch's parts are not micro-batches of the watch
+            else:
+                self._watch_step(trainer, pl_module, step)
+        if step < self._warmup_steps:
+            # linear warm-up as a factor on whatever rate the optimizer (and scheduler) set:
+            # update t (from 1) runs at t / warmup_steps of it, the full rate from warmup_steps
+            factor = step / self._warmup_steps
+            self._saved_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] *= factor
+        self._split_this_step = False  # the next batch starts a new step
+
+    def _watch_step(self, trainer, pl_module, step: int) -> None:
+        assert self.watch is not None and self.tracker is not None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # the micro-batch gradients carry the loss scale; .grad does not
+            import torch
+
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            big_sq = float(sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads))
+            self.watch.step(big_sq_norm=big_sq, grad_scale=float(scaler.get_scale()), step=step)
+        else:
+            self.watch.step(step=step)
+        if self.tracker.noise_scale is not None:
+            pl_module.log_dict(
+                {
+                    "noise_scale": float(self.tracker.noise_scale),
+                    "noise_scale_gradient_sq": float(self.tracker.gradient_sq_norm),
+                    "noise_scale_trace": float(self.tracker.trace_covariance),
+                },
+                on_step=True,
+                on_epoch=False,
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.samples_seen += self._batch_samples
+        if self._saved_lrs is not None:  # put the unwarmed rates back for the scheduler
+            for opt, rates in zip(trainer.optimizers, self._saved_lrs):
+                for group, rate in zip(opt.param_groups, rates):
+                    group["lr"] = rate
+            self._saved_lrs = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.watch is not None:
+            self.watch.remove()
+            self.watch = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tracker": None if self.tracker is None else self.tracker.state_dict(),
+            "samples_seen": self.samples_seen,
+            "splits": self._splits,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.tracker is not None and state_dict.get("tracker") is not None:
+            self.tracker.load_state_dict(state_dict["tracker"])
+        self.samples_seen = int(state_dict.get("samples_seen", 0))
+        self._splits = int(state_dict.get("splits", 1))
+
+
+# --- a Task from a LightningModule ------------------------------------------------------------
+
+
+def task_from_lightning(
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule | None = None,
+    *,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    name: str | None = None,
+    kind: str | None = None,
+) -> Task:
+    """A `batchfit.Task` that trains `module` as Lightning would: its `training_step` is the
+    loss, its `configure_optimizers` the optimizer.
+
+    The training data is the dataset and collate function of the train dataloader (from the
+    datamodule, after `prepare_data()` and `setup("fit")`, or from the module). The given module
+    is not trained: the task's model is a copy.
+
+    Args:
+        module: the LightningModule.
+        datamodule: where the train dataloader comes from; None: the module's own.
+        lr: the reference learning rate; default the configured optimizer's.
+        batch_size: the global batch the rate was tuned for; default the dataloader's.
+        name: the task's name; default the module's class name.
+        kind: the kind of problem, one of `batchfit.task.KNOWN_KINDS`, or None.
+
+    Returns:
+        The Task.
+
+    Raises:
+        TaskError: no train dataloader, a dataloader without a map-style dataset, or
+            `configure_optimizers` returns no optimizer.
+    """
+    source = datamodule if datamodule is not None else module
+    if datamodule is not None:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        loader = source.train_dataloader()
+    except (NotImplementedError, MisconfigurationException):
+        raise TaskError(
+            f"{type(source).__name__} has no train_dataloader(); pass the datamodule that has "
+            "one: Task.from_lightning(module, datamodule)."
+        ) from None
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TaskError(
+            "The train dataloader has no map-style dataset (__len__, __getitem__); batchfit "
+            "draws its own batches, so give the DataLoader a map-style Dataset."
+        )
+    optimizer = _first_optimizer(module.configure_optimizers())
+    reference_lr = float(optimizer.param_groups[0]["lr"]) if lr is None else lr
+    reference_batch = batch_size if batch_size is not None else (loader.batch_size or 1)
+    template = copy.deepcopy(module)
+
+    def make_optimizer(params, rate):
+        return _optimizer_like(optimizer, params, lr=rate)
+
+    def loss(model, batch):
+        return _loss_of(model.training_step(batch, 0))
+
+    return Task(
+        model=template,
+        train_data=dataset,
+        loss=loss,
+        optimizer=make_optimizer,
+        lr=reference_lr,
+        batch_size=reference_batch,
+        collate=loader.collate_fn,
+        name=name or type(module).__name__,
+        kind=kind,
+    )
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    """The loss a training_step returned: a tensor, or the "loss" entry of a dict."""
+    if isinstance(output, Mapping):
+        if "loss" not in output:
+            raise TaskError(
+                f"training_step returned a dict without 'loss' (keys: {', '.join(output)}); "
+                "return the loss tensor or {'loss': loss}."
+            )
+        return output["loss"]
+    if output is None:
+        raise TaskError("training_step returned None; batchfit needs it to return the loss.")
+    return output
+
+
+def _first_optimizer(configured: Any) -> torch.optim.Optimizer:
+    """The first optimizer in any of the shapes configure_optimizers may return."""
+    import torch
+
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, Mapping) and "optimizer" in configured:
+        return _first_optimizer(configured["optimizer"])
+    if isinstance(configured, (list, tuple)) and configured:
+        return _first_optimizer(configured[0])
+    raise TaskError(
+        f"configure_optimizers returned {type(configured).__name__}; batchfit needs an "
+        "optimizer (alone, in a list, or under 'optimizer' in a dict)."
+    )
+
+
+def _optimizer_like(optimizer, params, *, lr: float | None = None):
+    """A new optimizer of the same class and settings over `params`."""
+    settings = dict(optimizer.defaults)
+    if lr is not None:
+        settings["lr"] = lr
+    return type(optimizer)(params, **settings)
+
+
+def _detached_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
+    """A deep copy of the module without its Trainer (which must not be copied)."""
+    trainer = pl_module._trainer
+    pl_module._trainer = None
+    try:
+        return copy.deepcopy(pl_module)
+    finally:
+        pl_module._trainer = trainer
+
+
+def _training_data(trainer: pl.Trainer, pl_module: pl.LightningModule):
+    source = trainer.datamodule if trainer.datamodule is not None else pl_module
+    loader = source.train_dataloader()
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__"):
+        raise ConfigError(
+            "The micro-batch search needs a train dataloader with a map-style dataset; give "
+            "BatchFit a plan instead."
+        )
+    from torch.utils.data import default_collate
+
+    return dataset, loader.collate_fn or default_collate
+
+
+def _device_of(batch: Any):
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.device
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        try:
+            return _device_of(value)
+        except TaskError:
+            continue
+    raise TaskError("The batch holds no tensor.")

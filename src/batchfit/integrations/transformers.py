@@ -1,0 +1,254 @@
+"""batchfit with the Hugging Face Trainer: a plan into TrainingArguments, the noise scale into
+the Trainer's logs, and a Task from any Hugging Face model.
+
+    args = apply_plan(TrainingArguments(output_dir="out"), load_plan("plan.json"))
+    trainer = Trainer(model, args, train_dataset=data, callbacks=[NoiseScaleTrainerCallback()])
+
+`task_from_transformers(model, train_dataset, data_collator)` (also `Task.from_transformers`)
+makes a `batchfit.Task` whose loss is the model's own (`model(**batch).loss`) and whose
+optimizer is AdamW, so `batchfit plan` and `batchfit memory` run on it. For a causal language
+model the task counts the label tokens of each batch (`Task.tokens`), so accumulation weights
+micro-batches by tokens, as the model's loss averages over tokens
+(`batchfit.train.accumulation`).
+
+Needs `pip install batchfit[transformers]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from batchfit.errors import ConfigError, TaskError
+from batchfit.integrations.optional import require
+from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
+from batchfit.noise.watch import GradientNormWatch
+from batchfit.plan.plan_file import Plan
+from batchfit.task import Task
+
+transformers = require("transformers", "transformers")
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["apply_plan", "NoiseScaleTrainerCallback", "task_from_transformers"]
+
+IGNORE_INDEX = -100
+"""The label the Hugging Face losses skip (padding, prompts)."""
+
+CLIPPED_TOLERANCE = 1e-3
+"""A gradient norm within this relative distance of max_grad_norm was clipped."""
+
+
+def apply_plan(training_args: Any, plan: Plan) -> Any:
+    """`TrainingArguments` that train with `plan`: a copy, the given arguments are unchanged.
+
+    Sets `per_device_train_batch_size` (the micro-batch), `gradient_accumulation_steps`,
+    `learning_rate` and `warmup_steps`; with the plan's `total_steps`, also `max_steps`.
+
+    Args:
+        training_args: the `transformers.TrainingArguments` to start from.
+        plan: a `Plan` from `batchfit plan` (see `batchfit.plan.plan_file.load_plan`).
+
+    Returns:
+        A new `TrainingArguments`.
+
+    Raises:
+        ConfigError: the plan was made for another number of processes than the arguments'
+            `world_size`.
+
+    Example:
+        >>> from transformers import TrainingArguments
+        >>> plan = Plan(task="t", device="cpu", world_size=1, global_batch=64, micro_batch=16,
+        ...             accumulation_steps=4, lr=3e-4, lr_rule="sqrt", warmup_steps=10)
+        >>> args = apply_plan(TrainingArguments(output_dir="out", use_cpu=True), plan)
+        >>> args.per_device_train_batch_size, args.gradient_accumulation_steps, args.warmup_steps
+        (16, 4, 10)
+    """
+    if plan.world_size != training_args.world_size:
+        raise ConfigError(
+            f"The plan is for {plan.world_size} process(es) but these TrainingArguments run on "
+            f"{training_args.world_size}; run `batchfit plan --world-size "
+            f"{training_args.world_size}`, or launch as many processes as the plan."
+        )
+    changes: dict[str, Any] = {
+        "per_device_train_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        "learning_rate": plan.lr,
+        "warmup_steps": plan.warmup_steps,
+    }
+    if plan.total_steps is not None:
+        changes["max_steps"] = plan.total_steps
+    return dataclasses.replace(training_args, **changes)
+
+
+class NoiseScaleTrainerCallback(transformers.TrainerCallback):
+    """Puts the gradient noise scale into the Trainer's logs (`noise_scale`,
+    `noise_scale_gradient_sq`, `noise_scale_trace`).
+
+    It watches each micro-batch's gradient (`batchfit.noise.watch.GradientNormWatch`) and
+    closes each optimizer step with the micro-batches of `per_device_train_batch_size` samples.
+    Needs `gradient_accumulation_steps` of 2 or more, or several processes. A step whose gradient
+    was clipped (`max_grad_norm`) is not measured: its accumulated gradient is no longer the big
+    batch's; the values reach `trainer.state.log_history` and the callbacks after this one.
+
+    Args:
+        window: steps the estimate is smoothed over (see `NoiseScaleTracker`).
+        dataset_size: training samples, for the finite-population correction; None: none.
+
+    Attributes:
+        tracker: the `NoiseScaleTracker`.
+        skipped_steps: steps not measured (clipped gradient, or fewer micro-batches).
+
+    Example:
+        >>> callback = NoiseScaleTrainerCallback()
+        >>> callback.tracker.noise_scale is None
+        True
+    """
+
+    def __init__(
+        self, *, window: int | None = DEFAULT_WINDOW, dataset_size: int | None = None
+    ) -> None:
+        self.tracker = NoiseScaleTracker(window=window, dataset_size=dataset_size)
+        self.watch: GradientNormWatch | None = None
+        self.skipped_steps = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ConfigError("The Trainer passed no model to the callback.")
+        if self.watch is not None:
+            self.watch.remove()
+        self.watch = GradientNormWatch(model, self.tracker)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.watch is None:
+            return
+        if args.max_grad_norm and args.max_grad_norm > 0 and _was_clipped(self.watch, args):
+            self._skip()
+            return
+        sizes = [args.per_device_train_batch_size] * args.gradient_accumulation_steps
+        try:
+            self.watch.step(sizes, step=state.global_step + 1)
+        except ConfigError:  # a shorter last step of an epoch: fewer backward passes ran
+            self._skip()
+
+    def _skip(self) -> None:
+        assert self.watch is not None
+        self.watch.reset()
+        self.skipped_steps += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.tracker.updates == 0:
+            return
+        # the noise scale itself is None while |G|^2 is not yet estimated above 0
+        values = {
+            "noise_scale": self.tracker.noise_scale,
+            "noise_scale_gradient_sq": float(self.tracker.gradient_sq_norm),
+            "noise_scale_trace": float(self.tracker.trace_covariance),
+        }
+        values = {key: value for key, value in values.items() if value is not None}
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.watch is not None:
+            self.watch.remove()
+            self.watch = None
+
+
+def _was_clipped(watch: GradientNormWatch, args: Any) -> bool:
+    import torch
+
+    grads = [p.grad for p in watch.params if p.grad is not None]
+    if not grads:
+        return False
+    norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+    return norm >= args.max_grad_norm * (1 - CLIPPED_TOLERANCE)
+
+
+def task_from_transformers(
+    model: Any,
+    train_dataset: Any,
+    data_collator: Any = None,
+    eval_dataset: Any = None,
+    *,
+    lr: float = 5e-5,
+    batch_size: int = 8,
+    weight_decay: float = 0.0,
+    name: str | None = None,
+) -> Task:
+    """A `batchfit.Task` for a Hugging Face model: its own loss, AdamW, the given data.
+
+    Args:
+        model: a `transformers.PreTrainedModel` whose forward returns `.loss` when the batch
+            holds labels. The task's model is a copy; `model` is not trained.
+        train_dataset: map-style training data set (`__len__`, `__getitem__`), as for `Trainer`.
+        data_collator: turns a list of samples into a batch (a dict of tensors); default
+            `transformers.default_data_collator`.
+        eval_dataset: optional validation data set.
+        lr: the reference learning rate (the Trainer's default, 5e-5).
+        batch_size: the global batch `lr` was tuned for (the Trainer's default, 8).
+        weight_decay: AdamW's weight decay.
+        name: the task's name; default the model's class name.
+
+    Returns:
+        The Task; for a causal language model, with `kind="language-model"` and `tokens` that
+        counts the label tokens the loss averages over.
+
+    Raises:
+        TaskError: the data set is not map-style.
+    """
+    import torch
+
+    if not hasattr(train_dataset, "__len__") or not hasattr(train_dataset, "__getitem__"):
+        raise TaskError(
+            "train_dataset must be map-style (__len__, __getitem__); for a streaming data set, "
+            "take a sample of it into a list or datasets.Dataset first."
+        )
+    collate = data_collator or transformers.default_data_collator
+    causal = _is_causal_lm(model)
+
+    def loss(module, batch):
+        output = module(**batch)
+        if getattr(output, "loss", None) is None:
+            raise TaskError(
+                f"{type(module).__name__} returned no loss; the batch needs labels (keys: "
+                f"{', '.join(batch)}): use a data collator that adds them."
+            )
+        return output.loss
+
+    def optimizer(params, rate):
+        return torch.optim.AdamW(params, lr=rate, weight_decay=weight_decay)
+
+    return Task(
+        model=model,
+        train_data=train_dataset,
+        loss=loss,
+        optimizer=optimizer,
+        lr=lr,
+        batch_size=batch_size,
+        val_data=eval_dataset,
+        collate=collate,
+        tokens=_label_tokens if causal else None,
+        kind="language-model" if causal else None,
+        name=name or type(model).__name__,
+    )
+
+
+def _is_causal_lm(model: Any) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return type(model).__name__ in names
+
+
+def _label_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens a causal LM's loss averages over: labels after the shift, less IGNORE_INDEX."""
+    labels = batch.get("labels")
+    if labels is None:
+        raise TaskError("A causal-LM batch needs 'labels' to count its tokens.")
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,110 @@
+"""find_executable_batch_size keeps the global batch; the accelerate recipe measures the noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.integrations.accelerate import find_executable_batch_size
+from tests.conftest import make_mlp
+
+
+def test_each_oom_halves_the_micro_batch_and_doubles_accumulation():
+    tried = []
+
+    @find_executable_batch_size(global_batch=96)
+    def run(micro_batch, accumulation_steps, label):
+        tried.append((micro_batch, accumulation_steps))
+        if micro_batch > 12:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return label
+
+    assert run("done") == "done"
+    # 96 -> 48 -> 24 -> 12: every try keeps micro x accumulation = 96
+    assert tried == [(96, 1), (48, 2), (24, 4), (12, 8)]
+    assert run.micro_batch == 12 and run.accumulation_steps == 8
+
+
+def test_an_odd_share_steps_down_to_divisors_and_world_size_splits_it():
+    tried = []
+
+    @find_executable_batch_size(global_batch=60, world_size=2)
+    def run(micro_batch, accumulation_steps):
+        tried.append(micro_batch)
+        if micro_batch > 4:
+            raise MemoryError()
+        return micro_batch * accumulation_steps * 2
+
+    assert run() == 60
+    assert tried == [30, 15, 6, 3]  # divisors of 30 at most half the last try
+
+
+def test_other_errors_pass_through_and_batch_one_failing_is_does_not_fit():
+    @find_executable_batch_size(global_batch=4)
+    def broken(micro_batch, accumulation_steps):
+        raise ValueError("shape mismatch")
+
+    with pytest.raises(ValueError, match="shape mismatch"):
+        broken()
+
+    @find_executable_batch_size(global_batch=4)
+    def never(micro_batch, accumulation_steps):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(DoesNotFitError, match="activation checkpointing"):
+        never()
+
+
+def test_bad_arguments_name_the_fix():
+    with pytest.raises(ConfigError, match="divides evenly"):
+        find_executable_batch_size(global_batch=10, world_size=3)
+    with pytest.raises(ConfigError, match="divisor of 10"):
+        find_executable_batch_size(global_batch=10, starting_micro_batch=4)
+    with pytest.raises(ConfigError, match="micro_batch, accumulation_steps"):
+        find_executable_batch_size(lambda micro_batch: None, global_batch=4)
+
+
+def test_the_accelerate_recipe_in_the_docstring_measures_the_noise_scale():
+    accelerate = pytest.importorskip("accelerate")
+    from batchfit.noise.estimator import NoiseScaleTracker
+    from batchfit.noise.watch import GradientNormWatch
+
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(256, 8, generator=generator)
+    data = TensorDataset(inputs, (inputs[:, 0] > 0).long())
+    steps = []
+
+    @find_executable_batch_size(global_batch=64)
+    def run(micro_batch, accumulation_steps):
+        if micro_batch > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        accelerator = accelerate.Accelerator(
+            gradient_accumulation_steps=accumulation_steps, cpu=True
+        )
+        loader = DataLoader(data, batch_size=micro_batch, shuffle=True)
+        model = make_mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        tracker = NoiseScaleTracker(window=None)
+        with GradientNormWatch(model, tracker) as watch:
+            for batch_inputs, labels in loader:
+                with accelerator.accumulate(model):
+                    loss = F.cross_entropy(model(batch_inputs), labels)
+                    accelerator.backward(loss)
+                    watch.micro_batch(len(batch_inputs), loss_scale=1 / accumulation_steps)
+                    if accelerator.sync_gradients:
+                        watch.step()
+                        steps.append(tracker.big_batch)
+                        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad()
+        return tracker
+
+    tracker = run()
+    assert run.micro_batch == 16 and run.accumulation_steps == 4
+    assert tracker.updates == 4 == len(steps)  # 256 samples / global batch 64
+    assert tracker.small_batch == 16 and tracker.big_batch == 64
+    assert tracker.trace_covariance > 0

@@ -1,0 +1,304 @@
+"""The Lightning callback and Task.from_lightning, on a tiny MLP on the CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from batchfit.errors import ConfigError, TaskError  # noqa: E402
+from batchfit.integrations.lightning import BatchFit, task_from_lightning  # noqa: E402
+from batchfit.plan.plan_file import Plan  # noqa: E402
+from batchfit.task import Task  # noqa: E402
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self, samples: int = 256, batch_size: int = 32):
+        super().__init__()
+        self.batch_size = batch_size
+        generator = torch.Generator().manual_seed(1)
+        inputs = torch.randn(samples, 8, generator=generator)
+        labels = (inputs[:, 0] > 0).long() + (inputs[:, 1] > 0).long()
+        self.data = TensorDataset(inputs, labels)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=False)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, lr: float = 0.1, oom_at_batch_above: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+        )
+        self.lr = lr
+        self.oom_at_batch_above = oom_at_batch_above  # inject OOM for batches larger than this
+        self.oom_raised = 0
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        if self.oom_at_batch_above is not None and len(inputs) > self.oom_at_batch_above:
+            self.oom_raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        loss = F.cross_entropy(self.net(inputs), labels)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class Recorder(pl.loggers.Logger):
+    """Keeps every logged metric in memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics: list[tuple[int, dict]] = []
+
+    @property
+    def name(self):
+        return "recorder"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+
+def _trainer(callback, logger=None, **options):
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        logger=logger if logger is not None else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[callback],
+    )
+    settings.update(options)
+    return pl.Trainer(**settings)
+
+
+def _plan(**overrides):
+    fields = dict(
+        task="lightning",
+        device="cpu",
+        world_size=1,
+        global_batch=64,
+        micro_batch=16,
+        accumulation_steps=4,
+        lr=0.05,
+        lr_rule="linear",
+        warmup_steps=0,
+    )
+    fields.update(overrides)
+    return Plan(**fields)
+
+
+def test_a_plan_sets_micro_batch_accumulation_and_rate_and_logs_the_noise_scale():
+    callback = BatchFit(_plan(), noise_scale=True, window=None)
+    data, model, logger = Data(batch_size=32), Classifier(lr=0.1), Recorder()
+    trainer = _trainer(callback, logger)
+    trainer.fit(model, data)
+    assert data.batch_size == 16 and trainer.accumulate_grad_batches == 4
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05
+    assert trainer.global_step == 6
+    assert trainer.global_step * callback.global_batch == callback.samples_seen == 6 * 64
+    logged = [metrics["noise_scale"] for _, metrics in logger.metrics if "noise_scale" in metrics]
+    assert len(logged) == 6 and all(value > 0 for value in logged)
+    assert callback.tracker.updates == 6
+    assert callback.tracker.small_batch == 16 and callback.tracker.big_batch == 64
+
+
+def test_a_plan_file_path_is_read(tmp_path):
+    path = _plan(global_batch=32, micro_batch=8).save(tmp_path / "plan.json")
+    callback = BatchFit(str(path), noise_scale=False)
+    data = Data()
+    _trainer(callback, max_steps=2).fit(Classifier(), data)
+    assert data.batch_size == 8 and callback.accumulation_steps == 4
+    assert callback.samples_seen == 2 * 32
+
+
+def test_warmup_runs_the_first_updates_at_a_fraction_of_the_rate():
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    callback = BatchFit(
+        _plan(warmup_steps=4, global_batch=32, micro_batch=16, accumulation_steps=2)
+    )
+    trainer = _trainer(callback, max_steps=5)
+    trainer.callbacks.append(Spy())
+    trainer.fit(Classifier(), Data())
+    assert seen == pytest.approx([0.05 * 1 / 4, 0.05 * 2 / 4, 0.05 * 3 / 4, 0.05, 0.05])
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05  # restored after each step
+
+
+def test_a_plan_for_another_world_size_is_refused():
+    callback = BatchFit(_plan(world_size=2, accumulation_steps=2))
+    with pytest.raises(ConfigError, match="--world-size 1"):
+        _trainer(callback).fit(Classifier(), Data())
+
+
+def test_without_a_batch_size_attribute_the_error_names_the_option():
+    class NoSize(Data):
+        def __init__(self):
+            super().__init__()
+            del self.batch_size
+
+        def train_dataloader(self):
+            return DataLoader(self.data, batch_size=16)
+
+    with pytest.raises(ConfigError, match="batch_size_attr"):
+        _trainer(BatchFit(_plan())).fit(Classifier(), NoSize())
+
+
+def test_without_a_plan_the_search_keeps_the_configured_global_batch():
+    # Configured: batch 64, no accumulation. The budget fits far fewer than 64 samples.
+    callback = BatchFit(memory_budget="8KiB", margin=0, noise_scale=False)
+    data = Data(batch_size=64)
+    trainer = _trainer(callback, max_steps=3)
+    trainer.fit(Classifier(), data)
+    assert callback.global_batch == 64
+    assert data.batch_size == callback.micro_batch == 16  # 17 does not fit 8 KiB
+    assert callback.micro_batch * trainer.accumulate_grad_batches == 64
+    assert trainer.global_step * 64 == callback.samples_seen
+
+
+def test_the_search_on_the_cpu_needs_a_budget():
+    with pytest.raises(ConfigError, match="memory_budget"):
+        _trainer(BatchFit(noise_scale=False)).fit(Classifier(), Data())
+
+
+def test_an_injected_oom_halves_the_micro_batch_and_keeps_the_global_batch():
+    """Batches above 8 samples run out of memory: 16 -> 2 x 8, then the steps go on."""
+    model = Classifier(oom_at_batch_above=8)
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2), window=None)
+    trainer = _trainer(callback, max_steps=4)
+    trainer.fit(model, Data())
+    assert model.oom_raised == 1 and callback.backoffs == 1
+    assert callback.micro_batch == 8 and callback.accumulation_steps == 4
+    assert trainer.global_step * 32 == callback.samples_seen == 4 * 32
+
+
+def test_split_batches_give_the_gradient_of_the_whole_batch():
+    """After a back-off, one step equals the same step without it (same data, same update)."""
+    plan = _plan(global_batch=32, micro_batch=16, accumulation_steps=2)
+    plain, split = Classifier(), Classifier(oom_at_batch_above=8)
+    _trainer(BatchFit(plan, noise_scale=False), max_steps=3).fit(plain, Data())
+    _trainer(BatchFit(plan, noise_scale=False), max_steps=3).fit(split, Data())
+    for a, b in zip(plain.parameters(), split.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_an_error_that_is_not_oom_is_raised_unchanged():
+    class Broken(Classifier):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        _trainer(BatchFit(_plan())).fit(Broken(), Data())
+
+
+def test_task_from_lightning_uses_training_step_and_configure_optimizers():
+    task = Task.from_lightning(Classifier(lr=0.2), Data(batch_size=16))
+    assert isinstance(task, Task) and task.lr == 0.2 and task.batch_size == 16
+    model = task.make_model()
+    loss = task.loss(model, task.batch(range(8)))
+    assert loss.ndim == 0 and loss.item() > 0
+    optimizer = task.make_optimizer(model.parameters(), 0.01)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_task_from_lightning_without_a_loader_names_the_datamodule():
+    with pytest.raises(TaskError, match="datamodule"):
+        task_from_lightning(Classifier())
+
+
+def test_batchfit_plan_writes_a_plan_for_a_lightning_module(tmp_path, capsys):
+    from batchfit.cli.main import main
+
+    source = tmp_path / "lit_task.py"
+    source.write_text(
+        "from tests.integrations.test_lightning import Classifier, Data\n"
+        "from batchfit.task import Task\n"
+        "def task():\n"
+        "    return Task.from_lightning(Classifier(), Data(samples=128, batch_size=16))\n"
+    )
+    out = tmp_path / "plan"
+    code = main(
+        [
+            "plan",
+            f"{source}:task",
+            "--device",
+            "cpu",
+            "--memory-budget",
+            "64KiB",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
+    assert code == 0
+    from batchfit.plan.plan_file import load_plan
+
+    plan = load_plan(out / "plan.json")
+    assert plan.micro_batch * plan.accumulation_steps == plan.global_batch
+
+
+_DDP_SCRIPT = """
+import sys, json
+sys.path[:0] = {paths!r}
+import lightning.pytorch as pl
+from tests.integrations.test_lightning import BatchFit, Classifier, Data, _plan
+callback = BatchFit(_plan(world_size=2, global_batch=64, micro_batch=16, accumulation_steps=2),
+                    window=None)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[callback])
+trainer.fit(Classifier(), Data())
+print(json.dumps({{"rank": trainer.global_rank, "steps": trainer.global_step,
+                  "samples": callback.samples_seen, "updates": callback.tracker.updates,
+                  "noise": callback.tracker.noise_scale,
+                  "big": callback.tracker.big_batch}}))
+"""
+
+
+@pytest.mark.integration
+def test_two_process_ddp_on_the_cpu_keeps_the_global_batch_and_measures_noise(tmp_path):
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(paths=[str(root / "src"), str(root)]))
+    completed = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    assert {line["rank"] for line in lines} <= {0, 1} and 0 in {line["rank"] for line in lines}
+    for result in lines:  # Lightning re-runs the script for rank 1 (its stdout may be shared)
+        assert result["steps"] == 3 and result["samples"] * 2 == 3 * 64
+        assert result["updates"] == 3 and result["big"] == 64 and result["noise"] is not None

@@ -1,0 +1,147 @@
+"""The Hugging Face integration on a tiny GPT-2 built from its config (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from batchfit.errors import ConfigError, TaskError  # noqa: E402
+from batchfit.integrations.transformers import (  # noqa: E402
+    NoiseScaleTrainerCallback,
+    apply_plan,
+    task_from_transformers,
+)
+from batchfit.plan.plan_file import Plan  # noqa: E402
+from batchfit.task import Task  # noqa: E402
+
+SEQUENCE = 16
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=SEQUENCE, n_embd=32, n_layer=2, n_head=2
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def token_data(samples: int = 128):
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 64, (samples, SEQUENCE), generator=generator)
+    return [{"input_ids": row, "labels": row.clone()} for row in tokens]
+
+
+def _plan(**overrides):
+    fields = dict(
+        task="gpt2",
+        device="cpu",
+        world_size=1,
+        global_batch=32,
+        micro_batch=8,
+        accumulation_steps=4,
+        lr=1e-3,
+        lr_rule="sqrt",
+        warmup_steps=2,
+    )
+    fields.update(overrides)
+    return Plan(**fields)
+
+
+def _args(tmp_path, **options):
+    settings = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        max_steps=5,
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+    )
+    settings.update(options)
+    return transformers.TrainingArguments(**settings)
+
+
+def test_apply_plan_sets_the_batch_rate_and_warmup_on_a_copy(tmp_path):
+    args = _args(tmp_path)
+    planned = apply_plan(args, _plan(total_steps=40))
+    assert planned.per_device_train_batch_size == 8 and planned.gradient_accumulation_steps == 4
+    assert planned.learning_rate == 1e-3 and planned.warmup_steps == 2
+    assert planned.max_steps == 40
+    assert args.per_device_train_batch_size == 8 and args.gradient_accumulation_steps == 1
+    assert args.max_steps == 5  # unchanged
+
+
+def test_apply_plan_refuses_a_plan_for_another_world_size(tmp_path):
+    with pytest.raises(ConfigError, match="--world-size 1"):
+        apply_plan(_args(tmp_path), _plan(world_size=2, accumulation_steps=2))
+
+
+def test_trainer_with_the_plan_and_callback_logs_the_noise_scale(tmp_path):
+    callback = NoiseScaleTrainerCallback(window=None)
+    args = apply_plan(_args(tmp_path, max_grad_norm=0.0), _plan())
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    trainer.train()
+    assert trainer.state.global_step == 5
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(steps) == 5 and all(entry["noise_scale_trace"] > 0 for entry in steps)
+    assert steps[-1]["noise_scale"] == pytest.approx(callback.tracker.noise_scale)
+    assert callback.tracker.noise_scale > 0
+    assert callback.tracker.updates == 5 and callback.skipped_steps == 0
+    assert callback.tracker.small_batch == 8 and callback.tracker.big_batch == 32
+
+
+def test_a_clipped_step_is_not_measured(tmp_path):
+    callback = NoiseScaleTrainerCallback()
+    args = apply_plan(_args(tmp_path, max_grad_norm=1e-6, max_steps=2), _plan())
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    trainer.train()
+    assert callback.skipped_steps == 2 and callback.tracker.updates == 0
+
+
+def test_task_from_transformers_is_a_token_weighted_language_model_task():
+    data = token_data(32)
+    data[0]["labels"][:4] = -100  # a prompt the loss skips
+    task = Task.from_transformers(tiny_gpt2(), data)
+    assert task.kind == "language-model" and task.name == "GPT2LMHeadModel"
+    batch = task.batch([0, 1])
+    assert task.tokens(batch) == 2 * (SEQUENCE - 1) - 3  # shifted labels, 3 ignored
+    loss = task.loss(task.make_model(), batch)
+    assert loss.ndim == 0 and loss.item() > 0
+
+
+def test_task_from_transformers_needs_labels_in_the_batch():
+    task = task_from_transformers(tiny_gpt2(), [{"input_ids": torch.zeros(SEQUENCE).long()}] * 4)
+    with pytest.raises(TaskError, match="labels"):
+        task.loss(task.make_model(), task.batch([0, 1]))
+
+
+def test_task_from_transformers_refuses_a_streaming_data_set():
+    with pytest.raises(TaskError, match="map-style"):
+        task_from_transformers(tiny_gpt2(), iter(token_data(4)))
+
+
+def test_batchfit_plan_and_memory_run_on_a_tiny_gpt2(tmp_path, capsys):
+    from batchfit.cli.main import main
+    from batchfit.plan.plan_file import load_plan
+
+    source = tmp_path / "hf_task.py"
+    source.write_text(
+        "from tests.integrations.test_transformers import tiny_gpt2, token_data\n"
+        "from batchfit.task import Task\n"
+        "def task():\n"
+        "    return Task.from_transformers(tiny_gpt2(), token_data(32))\n"
+    )
+    budget = ["--device", "cpu", "--memory-budget", "2MiB"]
+    assert main(["memory", f"{source}:task", *budget, "--json"]) == 0
+    assert '"batch_size"' in capsys.readouterr().out
+    out = tmp_path / "plan"
+    assert main(["plan", f"{source}:task", *budget, "--out", str(out), "--json"]) == 0
+    plan = load_plan(out / "plan.json")
+    assert plan.micro_batch * plan.accumulation_steps == plan.global_batch

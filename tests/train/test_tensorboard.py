@@ -1,0 +1,66 @@
+"""The TensorBoard callback, and `batchfit train --tensorboard`."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchfit.errors import ConfigError
+from batchfit.train.tensorboard import TensorBoardCallback
+
+pytest.importorskip("tensorboard")
+
+
+def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+
+
+def test_batchfit_train_writes_tensorboard_scalars_and_timed_metrics(tmp_path, capsys):
+    from batchfit.cli.main import main
+    from batchfit.train.metrics import read_metrics
+
+    board = tmp_path / "tb"
+    code = main(
+        [
+            "train",
+            "--example",
+            "digits",
+            "--global-batch",
+            "64",
+            "--micro-batch",
+            "16",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "run"),
+            "--tensorboard",
+            str(board),
+        ]
+    )
+    assert code == 0
+    scalars = _scalars(board)
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train_lines = [line for line in lines if "loss" in line]
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3]
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx(
+        [line["loss"] for line in train_lines]
+    )
+    assert {value for _, value in scalars["train/global_batch"]} == {64}
+    assert len(scalars["noise/trace"]) == 3 and "train/samples_per_second" in scalars
+    times = [line["time"] for line in lines]
+    assert times == sorted(times) and times[0] > 1.7e9
+
+
+def test_step_before_start_and_an_empty_directory_are_refused():
+    with pytest.raises(ConfigError, match="log directory"):
+        TensorBoardCallback("")
+    with pytest.raises(ConfigError, match="on_train_start"):
+        TensorBoardCallback("somewhere").on_step_end(object())
