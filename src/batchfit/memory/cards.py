@@ -164,12 +164,13 @@ def memory_target(value: int | str) -> MemoryTarget:
         >>> memory_target("8GiB").card is None
         True
     """
-    if isinstance(value, str) and not value.strip()[:1].isdigit():
+    if isinstance(value, str) and value.strip()[:1].isalpha():
         card = find_card(value)
         if card is None:
             names = ", ".join(card.name for card in CARDS)
             raise ConfigError(
-                f"unknown card {value!r}; use one of {names}, or a size such as 24GiB."
+                f"memory budget {value!r} is neither a size such as 24GiB nor a known card; "
+                f"the cards are {names}."
             )
         return MemoryTarget(card.memory_bytes, card)
     return MemoryTarget(parse_size(value, name="memory budget"))

@@ -7,10 +7,10 @@ measured count exactly (the tests check it on every built-in example); a batch o
 samples costs no more than a batch of one. Fake tensors can also stand for a device this
 machine lacks ("cuda"), so a budget the user does not have here can be answered too.
 
-What a prediction covers (`PREDICTION_COVERS`) and what it does not (`PREDICTION_OMITS`) is
-said on every search result. The batch is collated from real samples outside fake mode (a
-data set may draw random numbers or crops) and only then faked. With `precision="bf16-mixed"`
-the steps run under `torch.autocast`.
+What a prediction covers and what it does not is said on every predicted search result
+(`batchfit.memory.result.PREDICTION_COVERS`, `PREDICTION_OMITS`). The batch is collated from
+real samples outside fake mode (a data set may draw random numbers or crops) and only then
+faked. With `precision="bf16-mixed"` the steps run under `torch.autocast`.
 
 Where fake mode cannot run a model (data-dependent control flow, `.item()` on a computed value,
 ops without a meta kernel), `predict_step_memory` falls back to a real measured step and says
@@ -54,17 +54,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Method = Literal["fake", "measured"]
-
-PREDICTION_COVERS = (
-    "tensor storage of parameters, buffers, gradients, optimizer state, the batch, and the "
-    "activations and temporaries of the training steps (each storage rounded up to 512 bytes, "
-    "as the CUDA caching allocator does), as the CPU kernels allocate them"
-)
-PREDICTION_OMITS = (
-    "the CUDA context, cuBLAS/cuDNN workspaces, the caching allocator's fragmentation (a "
-    "named card's reserve stands in for these), and intermediates a CUDA kernel chooses "
-    "differently from the CPU one"
-)
 
 
 @dataclass(frozen=True)
