@@ -129,7 +129,7 @@ def test_confirm_and_reserve_are_checked():
         find_max_batch_size(task, device="cpu", memory_budget="1MiB", reserve_bytes=-1)
     with pytest.raises(ConfigError, match="larger budget or a smaller reserve_bytes"):
         find_max_batch_size(task, device="cpu", memory_budget="1MiB", reserve_bytes=2**20)
-    with pytest.raises(ConfigError, match="neither a size .* nor a known card.*H100-80GB"):
+    with pytest.raises(ConfigError, match="is not a size .* or a known card.*H100-80GB"):
         find_max_batch_size(task, device="cpu", memory_budget="B200-192GB")
 
 

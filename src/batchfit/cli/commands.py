@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from batchfit.errors import BatchfitError
+from batchfit.errors import BatchfitError, ConfigError
 from batchfit.units import UNITS_HELP
 
 _EXAMPLES = ("digits", "cnn", "unet", "charlm")  # kept in step with batchfit.task.EXAMPLES
@@ -60,6 +60,26 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help=f"pretend the device has this much memory, e.g. 12GiB ({UNITS_HELP})",
     )
+
+
+def _add_card_argument(parser: argparse.ArgumentParser) -> None:
+    from batchfit.memory.cards import CARDS
+
+    parser.add_argument(
+        "--gpu",
+        "--device-memory",
+        dest="gpu",
+        metavar="NAME",
+        help=f"the card to answer for: {', '.join(card.name for card in CARDS)}, or a size; "
+        "answered from the prediction when this machine cannot hold it",
+    )
+
+
+def _budget_or_card(args: argparse.Namespace) -> str | None:
+    """--gpu or --memory-budget (not both): a card's name or a size, for the library."""
+    if args.gpu and args.memory_budget:
+        raise ConfigError("give --gpu or --memory-budget, not both.")
+    return args.gpu or args.memory_budget
 
 
 def _add_json_argument(parser: argparse.ArgumentParser) -> None:
@@ -292,9 +312,10 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         result = find_max_batch_size(
             task,
             device=args.device,
-            memory_budget=args.memory_budget,
+            memory_budget=_budget_or_card(args),
             margin=margin,
             round_to=args.round,
+            precision=args.precision,
             **({} if max_batch is None else {"max_batch_size": max_batch}),
             progress=bar.note,
         )
@@ -665,7 +686,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         result = plan(
             task,
             device=args.device,
-            memory_budget=args.memory_budget,
+            memory_budget=_budget_or_card(args),
             world_size=world_size,
             target_global_batch=target,
             margin=0.05 if margin is None else margin,
@@ -727,6 +748,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     memory.add_argument("--round", default="none", help="pow2, none, or a multiple such as 8")
     memory.add_argument("--max-batch", help="search no batch above this (default 16777216)")
+    _add_card_argument(memory)
+    memory.add_argument(
+        "--precision", default="32", help="32, bf16-mixed or fp16-mixed (autocast; default 32)"
+    )
     _add_json_argument(memory)
     memory.set_defaults(handler=_cmd_memory)
 
@@ -914,6 +939,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_task_arguments(plan_cmd)
     _add_device_arguments(plan_cmd)
+    _add_card_argument(plan_cmd)
     plan_cmd.add_argument("--world-size", help="data-parallel devices to plan for (default 1)")
     plan_cmd.add_argument(
         "--target-global-batch", help="reach this global batch instead of choosing one"

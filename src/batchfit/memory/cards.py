@@ -169,7 +169,7 @@ def memory_target(value: int | str) -> MemoryTarget:
         if card is None:
             names = ", ".join(card.name for card in CARDS)
             raise ConfigError(
-                f"memory budget {value!r} is neither a size such as 24GiB nor a known card; "
+                f"memory budget {value!r} is not a size (such as 24GiB) or a known card; "
                 f"the cards are {names}."
             )
         return MemoryTarget(card.memory_bytes, card)
