@@ -278,11 +278,13 @@ class TaskSearch(SearchState):
         """With no real trial to check the formula, check it with a fake run at the limit."""
         if self._formula is None or self._formula_checked:
             return predicted
-        counted = self._fake_run(predicted).peak_bytes
-        if counted == self._formula.peak_bytes(predicted):
+        # Check at a batch the formula was not fitted at: the limit, or the batch above it.
+        point = predicted if predicted not in FORMULA_BATCH_SIZES else predicted + 1
+        counted = self._fake_run(point).peak_bytes
+        if counted == self._formula.peak_bytes(point):
             self._formula_checked = True
             return predicted
-        self._drop_formula(predicted, counted)
+        self._drop_formula(point, counted)
         return self.predicted_limit(0, 1, None)
 
     def _after_host_limit(self, host: _HostMemoryExhausted) -> tuple[int, bool]:
