@@ -107,3 +107,15 @@ def test_cpu_answers_none_and_does_nothing():
     devices.empty_cache(cpu)
     with devices.memory_cap(cpu, 1024):
         pass
+
+
+def test_free_memory_on_the_cpu_from_meminfo(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   1000 kB\n")
+    assert devices._meminfo_available_bytes(str(meminfo)) == 1000 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")
+    assert devices._meminfo_available_bytes(str(meminfo)) is None
+    assert devices._meminfo_available_bytes(str(tmp_path / "absent")) is None
+    free = devices.free_memory_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    assert devices.free_memory_bytes(torch.device("meta")) is None

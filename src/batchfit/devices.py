@@ -108,6 +108,43 @@ def total_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory the device has free right now, in bytes; None where it cannot be read.
+
+    CUDA: `torch.cuda.mem_get_info`'s free figure. CPU: psutil's `available` when psutil is
+    installed, else MemAvailable from /proc/meminfo (Linux); None elsewhere. MPS: None.
+
+    Example:
+        >>> import torch
+        >>> free = free_memory_bytes(torch.device("cpu"))
+        >>> free is None or free > 0
+        True
+    """
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil  # optional: not a dependency of batchfit
+    except ImportError:
+        return _meminfo_available_bytes()
+    return int(psutil.virtual_memory().available)
+
+
+def _meminfo_available_bytes(path: str = "/proc/meminfo") -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None without the file or the line."""
+    try:
+        with open(path, encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB (KiB)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued work on the device (a no-op on the CPU)."""
     import torch

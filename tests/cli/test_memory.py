@@ -116,3 +116,36 @@ def test_memory_on_an_example_runs(capsys):
     code = main(["memory", "--example", "digits", "--device", "cpu", "--memory-budget", "4MiB"])
     out, _ = capsys.readouterr()
     assert code == 0 and "Trials: digits on cpu" in out
+
+
+def test_memory_for_a_named_card_is_predicted(capsys):
+    code = main(["memory", TASK, "--device", "cpu", "--gpu", "T4", "--max-batch", "4096"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Answer predicted: T4 is not this cpu" in out
+    assert "T4 (15.00 GiB" in out and "reserve" in out
+    assert "0 real training steps" in out
+    code = main(["memory", TASK, "--device", "cpu", "--device-memory", "T4", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["basis"] == "predicted" and data["card"] == "T4" and data["real_steps"] == 0
+
+
+def test_memory_confirms_a_budget_this_machine_holds_with_bf16(capsys):
+    argv = ["memory", TASK, "--device", "cpu", "--memory-budget", "160KiB", "--json"]
+    assert main([*argv, "--precision", "bf16-mixed"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["basis"] == "confirmed" and data["real_steps"] >= 2
+    assert data["precision"] == "bf16-mixed" and data["reserve_bytes"] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--gpu", "T4", "--memory-budget", "1GiB"], "not both"),
+        (["--gpu", "B300"], "or a known card"),
+        (["--memory-budget", "1MiB", "--precision", "fp8"], "bf16-mixed"),
+    ],
+)
+def test_memory_card_and_precision_errors(capsys, argv, words):
+    assert main(["memory", TASK, "--device", "cpu", *argv]) == 2
+    assert words in capsys.readouterr().err

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from batchfit.errors import ConfigError, DoesNotFitError
-from batchfit.memory import search as search_module
+from batchfit.memory import task_search as search_module
 from batchfit.memory.predict import predict_step_memory
 from batchfit.memory.search import find_max_batch_size
 from batchfit.memory.step import measure_step_memory
@@ -112,8 +112,10 @@ def test_margin_and_rounding():
 def _allocator_like(offset: int):
     """measure_step_memory as if the device's allocator needed `offset` bytes more."""
 
-    def measure(task_, batch_size, *, device, steps, budget_bytes):
-        measured = measure_step_memory(task_, batch_size, device=device, steps=steps)
+    def measure(task_, batch_size, *, device, steps, budget_bytes, precision="32"):
+        measured = measure_step_memory(
+            task_, batch_size, device=device, steps=steps, precision=precision
+        )
         if measured.peak_bytes + offset > budget_bytes:
             error = torch.OutOfMemoryError("CUDA out of memory (simulated)")
             error.steps_started = 2

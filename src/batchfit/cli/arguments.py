@@ -179,6 +179,30 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class Card(argparse.Action):
+    """--gpu NAME: a card from `batchfit.memory.cards` or a size, checked while flags are read."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        from batchfit.memory.cards import memory_target
+
+        memory_target(value)  # raises ConfigError naming the known cards
+        setattr(namespace, self.dest, value)
+
+
+def add_card_argument(parser: argparse.ArgumentParser) -> None:
+    from batchfit.memory.cards import CARDS
+
+    parser.add_argument(
+        "--gpu",
+        "--device-memory",
+        dest="gpu",
+        metavar="NAME",
+        action=Card,
+        help=f"the card to answer for: {', '.join(card.name for card in CARDS)}, or a size; "
+        "answered from the prediction alone when this machine cannot hold it",
+    )
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 

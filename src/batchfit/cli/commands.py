@@ -33,6 +33,14 @@ def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
     }
 
 
+def _budget_or_card(args: argparse.Namespace) -> dict[str, Any]:
+    """{"memory_budget": ...} from --gpu (a card's name or a size) or --memory-budget."""
+    if args.gpu is not None and args.memory_budget is not None:
+        raise ConfigError("give --gpu or --memory-budget, not both.")
+    value = args.gpu if args.gpu is not None else args.memory_budget
+    return {} if value is None else {"memory_budget": value}
+
+
 def _load_task(args: argparse.Namespace):
     """The task the arguments name (a task spec or --example)."""
     from batchfit.task import load_example, load_task
@@ -97,9 +105,10 @@ def memory(args: argparse.Namespace) -> int:
 
     task = _load_task(args)
     options = _given(
-        args, device="device", memory_budget="memory_budget", margin="margin",
-        round_to="round", max_batch_size="max_batch",
+        args, device="device", margin="margin", round_to="round", max_batch_size="max_batch",
+        precision="precision",
     )  # fmt: skip
+    options.update(_budget_or_card(args))
     with StepBar("memory") as bar:
         result = find_max_batch_size(task, **options, progress=bar)
     if args.json:
@@ -228,9 +237,10 @@ def plan(args: argparse.Namespace) -> int:
     if args.out is None:
         check_output_folder(out_dir, "--out", force=args.force)
     options = _given(
-        args, device="device", memory_budget="memory_budget", world_size="world_size",
+        args, device="device", world_size="world_size",
         target_global_batch="target_global_batch", margin="margin",
     )  # fmt: skip
+    options.update(_budget_or_card(args))
     with PhaseBars(disable=args.json) as report:
         for phase in PHASES:
             report(phase, 0, 1)

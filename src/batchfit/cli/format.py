@@ -88,8 +88,10 @@ def print_memory(console: Console, task_name: str, result: Any) -> None:
         say(f"Memory model: {model.describe()}, fitted over batches {sizes[0]} to {sizes[-1]}")
     if result.state_bytes is not None:
         say(f"Model, gradients and optimizer state: {format_bytes(result.state_bytes)}")
+    reserve = f", {format_bytes(result.reserve_bytes)} reserve" if result.reserve_bytes else ""
+    target = f"{result.card} ({budget})" if result.card else f"{budget} budget"
     say(
-        f"Usable memory: {format_bytes(result.usable_bytes)} ({budget} budget, "
+        f"Usable memory: {format_bytes(result.usable_bytes)} ({target}{reserve}, "
         f"{result.margin:.0%} margin)"
     )
     answer = f"Largest batch that fits: {result.limit_batch_size}"
@@ -98,6 +100,11 @@ def print_memory(console: Console, task_name: str, result: Any) -> None:
     if result.batch_size != result.limit_batch_size:
         answer += f", rounded to {result.batch_size} ({rounding_phrase(result.round_to)})"
     say(answer, style="bold")
+    say(f"Answer {result.basis}: {result.basis_reason}")
+    if result.basis == "predicted" and result.attention == "math":
+        say(
+            "Upper bound: attention took the math path here; a CUDA card's fused kernels need less."
+        )
     say(
         f"Found with {result.real_steps} real training steps ({result.oom_errors} out of "
         f"memory) and {len(result.predictions)} predictions ({result.fake_runs} fake-tensor "

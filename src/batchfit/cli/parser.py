@@ -16,6 +16,7 @@ from batchfit.cli.arguments import (
     Size,
     Warmup,
     add_batch,
+    add_card_argument,
     add_count,
     add_device_arguments,
     add_json_argument,
@@ -91,6 +92,12 @@ def _add_memory(command) -> None:
     add_share(memory, "--margin", "fraction of the budget kept free (default 0.05)")
     memory.add_argument("--round", help="pow2, none, or a multiple such as 8 (default none)")
     add_batch(memory, "--max-batch", "search no batch above this (default 16777216)")
+    add_card_argument(memory)
+    memory.add_argument(
+        "--precision",
+        choices=("32", "bf16-mixed", "fp16-mixed"),
+        help="predict and step under torch.autocast in bf16 or fp16 (default 32)",
+    )
     add_json_argument(memory)
 
 
@@ -348,6 +355,7 @@ def _add_plan(command) -> None:
     )
     add_task_arguments(plan)
     add_device_arguments(plan)
+    add_card_argument(plan)
     add_number(
         plan,
         "--world-size",

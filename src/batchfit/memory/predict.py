@@ -7,6 +7,11 @@ measured count exactly (the tests check it on every built-in example); a batch o
 samples costs no more than a batch of one. Fake tensors can also stand for a device this
 machine lacks ("cuda"), so a budget the user does not have here can be answered too.
 
+What a prediction covers and what it does not is said on every predicted search result
+(`batchfit.memory.result.PREDICTION_COVERS`, `PREDICTION_OMITS`). The batch is collated from
+real samples outside fake mode (a data set may draw random numbers or crops) and only then
+faked. With `precision="bf16-mixed"` the steps run under `torch.autocast`.
+
 Where fake mode cannot run a model (data-dependent control flow, `.item()` on a computed value,
 ops without a meta kernel), `predict_step_memory` falls back to a real measured step and says
 so on the result (`method="measured"`, `fallback_reason`) and in a log warning.
@@ -14,17 +19,29 @@ so on the result (`method="measured"`, `fallback_reason`) and in a log warning.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from batchfit.errors import ConfigError
 from batchfit.memory.counter import MemoryTimeline, count_memory, counted_bytes, tensors_of_state
+from batchfit.memory.fake_inputs import (
+    Attention,
+    attention_watch,
+    fake_batch,
+    fake_model,
+    probe_samples,
+)
 from batchfit.memory.model import MemoryModel, fit_memory_model
-from batchfit.memory.step import is_out_of_memory, measure_step_memory, run_training_steps
+from batchfit.memory.step import (
+    Precision,
+    check_precision,
+    is_out_of_memory,
+    measure_step_memory,
+    run_training_steps,
+)
 from batchfit.snapshot import preserved_rng
 from batchfit.validation import check_batch_size
 
@@ -54,6 +71,9 @@ class PredictedMemory:
         fallback_reason: why fake mode could not run the task, when method is "measured".
         device: the device predicted for.
         seconds: time the prediction took.
+        precision: "32", "bf16-mixed" or "fp16-mixed" (see `batchfit.memory.step.Precision`).
+        attention: how scaled_dot_product_attention ran (see `Attention`); "none" when
+            measured.
         timeline: every storage's birth, death and size, when asked for (`record=True`).
     """
 
@@ -65,6 +85,8 @@ class PredictedMemory:
     fallback_reason: str | None
     device: str
     seconds: float
+    precision: Precision = "32"
+    attention: Attention = "none"
     timeline: MemoryTimeline | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -97,6 +119,7 @@ def predict_step_memory(
     steps: int = 2,
     fallback: bool = True,
     record: bool = False,
+    precision: Precision = "32",
 ) -> PredictedMemory:
     """Predict the peak memory of `steps` training steps at `batch_size`, without real compute.
 
@@ -112,12 +135,13 @@ def predict_step_memory(
         fallback: when fake mode cannot run the task, measure a real step instead (on `device`,
             which then must exist). With False, raise the fake-mode error as ConfigError.
         record: keep the timeline of every storage (for `PeakFormula`); fake runs only.
+        precision: "32", or "bf16-mixed" / "fp16-mixed": forward and loss under autocast.
 
     Returns:
         PredictedMemory with the peak, state and batch bytes.
 
     Raises:
-        ConfigError: bad batch size or steps.
+        ConfigError: bad batch size, steps or precision.
         FakeModeError: (a ConfigError) fake mode failed and `fallback` is False.
         torch.OutOfMemoryError: only from the measured fallback.
         Any error the task's own code raises (for example a shape mismatch), unchanged: fake
@@ -136,12 +160,15 @@ def predict_step_memory(
         raise ConfigError(
             f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
         )
+    precision = check_precision(precision)
     target = torch.device(device) if not isinstance(device, torch.device) else device
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", 0)
     started = time.perf_counter()
     try:
-        peak, state, batch, timeline = _fake_run(task, batch_size, target, steps, record)
+        peak, state, batch, timeline, attention = _fake_run(
+            task, batch_size, target, steps, record, precision
+        )
     except FakeModeUnsupported as unsupported:
         reason = str(unsupported)
         if not fallback:
@@ -156,7 +183,9 @@ def predict_step_memory(
             reason,
             batch_size,
         )
-        measured = measure_step_memory(task, batch_size, device=target, steps=steps)
+        measured = measure_step_memory(
+            task, batch_size, device=target, steps=steps, precision=precision
+        )
         return PredictedMemory(
             batch_size=batch_size,
             peak_bytes=measured.peak_bytes,
@@ -166,6 +195,7 @@ def predict_step_memory(
             fallback_reason=reason,
             device=str(target),
             seconds=time.perf_counter() - started,
+            precision=precision,
         )
     return PredictedMemory(
         batch_size=batch_size,
@@ -176,28 +206,40 @@ def predict_step_memory(
         fallback_reason=None,
         device=str(target),
         seconds=time.perf_counter() - started,
+        precision=precision,
+        attention=attention,
         timeline=timeline,
     )
 
 
 def _fake_run(
-    task: Task, batch_size: int, device: torch.device, steps: int, record: bool = False
-) -> tuple[int, int, int, MemoryTimeline | None]:
-    """Run the steps on fake tensors; returns (peak, state, batch) bytes and the timeline."""
+    task: Task,
+    batch_size: int,
+    device: torch.device,
+    steps: int,
+    record: bool = False,
+    precision: Precision = "32",
+) -> tuple[int, int, int, MemoryTimeline | None, Attention]:
+    """Run the steps on fake tensors; returns (peak, state, batch) bytes, the timeline and
+    how attention ran."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    watch = attention_watch()()
     try:
         with preserved_rng(device, seed=task.seed):
-            model = _fake_model(task, fake_mode, device)
+            # Real samples first, outside fake mode: a data set may draw random numbers
+            # (`int(torch.randint(...))`, a random crop), which fake tensors cannot answer.
+            probe = probe_samples(task, batch_size)
+            model = fake_model(task, fake_mode, device)
             with fake_mode:
                 model.train()
                 optimizer = task.make_optimizer(model.parameters())
-                batch = _fake_batch(task, batch_size, fake_mode, device)
+                batch = fake_batch(task, probe, batch_size, fake_mode, device)
             batch_bytes = counted_bytes([batch])
             entry = list(model.parameters()) + list(model.buffers()) + [batch]
-            with fake_mode, count_memory(tensors=entry, record=record) as counter:
-                run_training_steps(task, model, optimizer, batch, steps)
+            with fake_mode, count_memory(tensors=entry, record=record) as counter, watch:
+                run_training_steps(task, model, optimizer, batch, steps, precision=precision)
             state_bytes = counted_bytes(tensors_of_state(model, optimizer))
     except Exception as error:
         # Fake mode fails in many ways (data-dependent shapes, `.item()`, ops without a meta
@@ -209,79 +251,13 @@ def _fake_run(
             raise
         raise FakeModeUnsupported(_one_line(error)) from None
     timeline = counter.timeline() if record else None
-    return counter.peak_bytes, state_bytes, batch_bytes, timeline
+    return counter.peak_bytes, state_bytes, batch_bytes, timeline, watch.attention
 
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(error).__name__}: {first}"[:300]
-
-
-def _fake_model(task: Task, fake_mode: Any, device: torch.device):
-    """The task's model with fake parameters and buffers on `device`."""
-    from torch import nn
-    from torch._subclasses.fake_tensor import FakeCopyMode
-
-    if isinstance(task.model, nn.Module):
-        # Fake-copy the given module: its parameters become fake tensors of the same shapes,
-        # without copying any data.
-        with FakeCopyMode(fake_mode):
-            model = copy.deepcopy(task.model)
-        if device.type != "cpu":
-            with fake_mode:
-                model = model.to_empty(device=device)
-        return model
-    # A factory: build the model inside fake mode, on the device, so initialisation costs
-    # nothing either.
-    with fake_mode, device:
-        return task.make_model()
-
-
-def _fake_batch(task: Task, batch_size: int, fake_mode: Any, device: torch.device):
-    """A fake batch of `batch_size` samples, from the shapes of small real batches.
-
-    Collates one and two real samples: a tensor whose first dimension follows the number of
-    samples is batched, and becomes an empty fake tensor of [batch_size, ...]; other tensors
-    are copied as they are. When the other dimensions depend on the samples (padding to the
-    longest), the real batch is collated and faked instead.
-    """
-    import torch
-    from torch.utils._pytree import tree_flatten, tree_unflatten
-
-    one = task.batch([0])
-    two = task.batch([0, 1 % len(task.train_data)])
-    leaves_one, spec = tree_flatten(one)
-    leaves_two, spec_two = tree_flatten(two)
-    if spec != spec_two or any(
-        isinstance(a, torch.Tensor) and (a.shape[1:] != b.shape[1:] or a.dtype != b.dtype)
-        for a, b in zip(leaves_one, leaves_two)
-    ):
-        real = task.batch(range(batch_size))
-        leaves, real_spec = tree_flatten(real)
-        return tree_unflatten([_fake_copy(leaf, fake_mode, device) for leaf in leaves], real_spec)
-    built = []
-    for a, b in zip(leaves_one, leaves_two):
-        if (
-            isinstance(a, torch.Tensor)
-            and a.dim() > 0
-            and a.shape[0] == 1
-            and isinstance(b, torch.Tensor)
-            and b.shape[0] == 2
-        ):
-            shape = (batch_size, *a.shape[1:])
-            built.append(torch.empty(shape, dtype=a.dtype, device=device))
-        else:
-            built.append(_fake_copy(a, fake_mode, device))
-    return tree_unflatten(built, spec)
-
-
-def _fake_copy(value: Any, fake_mode: Any, device: torch.device) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return fake_mode.from_tensor(value).to(device)
-    return value
 
 
 # --- the memory model over a range --------------------------------------------------------
@@ -331,6 +307,7 @@ def predict_memory_model(
     high: int = 256,
     points: int = 5,
     device: str | torch.device = "cpu",
+    precision: Precision = "32",
 ) -> MemoryModel:
     """Predict peak memory at about `points` batch sizes from `low` to `high` and fit a line.
 
@@ -345,7 +322,7 @@ def predict_memory_model(
         raise ConfigError(f"the range {low}..{high} needs two distinct batch sizes.")
 
     def predict(size: int) -> int:
-        return predict_step_memory(task, size, device=device).peak_bytes
+        return predict_step_memory(task, size, device=device, precision=precision).peak_bytes
 
     return fit_predicted_memory_model(predict, sizes)
 

@@ -11,10 +11,26 @@ from typing import TYPE_CHECKING, Literal
 
 from batchfit.memory.rounding import RoundTo
 
+# What a fake-tensor prediction counts, and what it leaves out (said on every predicted result).
+PREDICTION_COVERS = (
+    "tensor storage of parameters, buffers, gradients, optimizer state, the batch, and the "
+    "activations and temporaries of the training steps (each storage rounded up to 512 bytes, "
+    "as the CUDA caching allocator does), as the CPU kernels allocate them"
+)
+PREDICTION_OMITS = (
+    "the CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's fragmentation "
+    "(reserve_bytes stands in for these on a predicted answer), and intermediates a CUDA "
+    "kernel chooses differently from the CPU one"
+)
+
 if TYPE_CHECKING:
     from batchfit.memory.model import MemoryModel
 
 Method = Literal["predicted", "measured-probes", "step"]
+
+Basis = Literal["confirmed", "predicted"]
+"""How far the answer is checked: "confirmed" by real training steps on this machine, or
+"predicted" from fake-tensor predictions alone (a budget for another device)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +80,8 @@ class SearchResult:
         batch_size: the answer: `limit_batch_size` rounded down as `round_to` asks.
         limit_batch_size: the largest batch whose peak memory fits the usable memory.
         budget_bytes: the memory budget, or the device's total memory when none was given.
-        usable_bytes: budget_bytes * (1 - margin), rounded down: what the limit must fit.
+        usable_bytes: (budget_bytes - reserve_bytes) * (1 - margin), rounded down: what the
+            limit must fit.
         margin: the fraction of the budget kept free.
         round_to: None, "pow2" or a multiple.
         device: the device searched on.
@@ -83,6 +100,14 @@ class SearchResult:
         seconds: wall time of the whole search.
         capped: True when even `max_batch_size` fitted: the limit is at least that.
         notes: things the user should know (fallbacks, repeated samples, the cap).
+        basis: "confirmed" (real steps on this machine) or "predicted" (the prediction alone).
+        basis_reason: why, in one line.
+        reserve_bytes: memory taken off the budget before the margin (a CUDA card's context,
+            workspaces and fragmentation when predicted for another device; else 0).
+        card: the named card searched for, when one was (see `batchfit.memory.cards`).
+        precision: "32", "bf16-mixed" or "fp16-mixed".
+        attention: how scaled_dot_product_attention ran in the predictions: "none", "fused"
+            or "math" (the attention matrix was stored: an upper bound for a CUDA card).
     """
 
     batch_size: int
@@ -102,6 +127,12 @@ class SearchResult:
     fake_runs: int = 0
     capped: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    basis: Basis = "confirmed"
+    basis_reason: str = ""
+    reserve_bytes: int = 0
+    card: str | None = None
+    precision: str = "32"
+    attention: str = "none"
 
     @property
     def oom_errors(self) -> int:
@@ -130,4 +161,12 @@ class SearchResult:
             "seconds": self.seconds,
             "capped": self.capped,
             "notes": list(self.notes),
+            "basis": self.basis,
+            "basis_reason": self.basis_reason,
+            "reserve_bytes": self.reserve_bytes,
+            "card": self.card,
+            "precision": self.precision,
+            "attention": self.attention,
+            "prediction_covers": PREDICTION_COVERS if self.method == "predicted" else None,
+            "prediction_omits": PREDICTION_OMITS if self.method == "predicted" else None,
         }

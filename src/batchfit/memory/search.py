@@ -12,8 +12,17 @@ inside the small bracket left.
 With a plain `step(batch_size)` callable (a user's own loop), nothing can be predicted: see
 `batchfit.memory.probe`.
 
-The margin: the usable memory is `budget * (1 - margin)`, and the limit is the largest batch
-whose peak fits the usable memory. A margin of 0 finds the true limit of the budget.
+Budget or device: a budget either fits in what the device at hand has free (then real steps
+confirm the prediction: the answer is `confirmed`), or it stands for another device, such as a
+named card (`memory_budget="H100-80GB"`, see `batchfit.memory.cards`) or 80 GiB asked for on a
+24 GiB laptop. Then no real step runs: the answer is the prediction alone, `predicted`, with
+the reason on the result, and a CUDA card's own reserve (context, workspaces, fragmentation)
+is taken off the budget first. A host-RAM failure during a confirmation on the CPU is this
+machine's limit, never the budget's: the search then answers from the prediction too.
+
+The margin: the usable memory is `(budget - reserve) * (1 - margin)`, and the limit is the
+largest batch whose peak fits the usable memory. A margin of 0 finds the true limit of the
+budget.
 """
 
 from __future__ import annotations
@@ -21,25 +30,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from batchfit import devices
 from batchfit.errors import ConfigError
-from batchfit.memory.predict import (
-    FakeModeError,
-    PeakFormula,
-    PredictedMemory,
-    predict_step_memory,
-    range_batch_sizes,
-)
-from batchfit.memory.probe import StepFn, StepSearch, probe_search
-from batchfit.memory.result import Method, SearchResult, Trial
+from batchfit.memory.cards import Card, cuda_reserve_bytes, memory_target
+from batchfit.memory.probe import StepFn, StepSearch
+from batchfit.memory.result import Basis, Method, SearchResult, Trial
 from batchfit.memory.rounding import RoundTo, check_round_to, round_down
-from batchfit.memory.search_state import SearchState, error_line
-from batchfit.memory.step import is_out_of_memory, measure_step_memory
+from batchfit.memory.step import Precision, check_precision
+from batchfit.memory.task_search import TaskSearch
 from batchfit.progress import ProgressFn
 from batchfit.snapshot import preserved
-from batchfit.units import parse_size
+from batchfit.units import format_bytes
 from batchfit.validation import check_whole_number
 
 if TYPE_CHECKING:
@@ -50,9 +53,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "HOST_CONFIRM_FRACTION",
+    "Confirm",
     "DEFAULT_MAX_BATCH_SIZE",
-    "FORMULA_BATCH_SIZES",
-    "STEP_DOWN_FRACTION",
     "Method",
     "SearchResult",
     "StepFn",
@@ -63,14 +66,14 @@ __all__ = [
 DEFAULT_MAX_BATCH_SIZE = 1 << 24
 """Stop looking above this many samples (the answer is then "at least this")."""
 
-FORMULA_BATCH_SIZES = (2, 64)
-"""Batch sizes of the two recorded fake runs the exact peak formula is fitted from (2, not 1:
-a dimension of size 1 can turn a copy into a view)."""
+HOST_CONFIRM_FRACTION = 0.8
+"""On the CPU, real steps confirm a budget only when it is at most this fraction of the RAM
+free now: the steps need the counted tensors plus Python's and the allocator's own overhead,
+and other processes share the machine."""
 
-STEP_DOWN_FRACTION = 0.02
-"""After an optimistic prediction, first aim this fraction of the usable memory lower."""
-
-_MAX_REAL_TRIALS = 40  # a safety net: the search normally needs 1 to 4
+Confirm = Literal["auto", "always", "never"]
+"""Whether real steps confirm the prediction: "auto" when the budget fits in what the device
+at hand has free (a named card on the CPU never does), "always", or "never"."""
 
 
 def find_max_batch_size(
@@ -86,6 +89,9 @@ def find_max_batch_size(
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     progress: ProgressFn | None = None,
+    precision: Precision = "32",
+    confirm: Confirm = "auto",
+    reserve_bytes: int | None = None,
 ) -> SearchResult:
     """The largest batch size whose training steps fit the memory budget (or the device).
 
@@ -97,11 +103,12 @@ def find_max_batch_size(
     Args:
         task_or_step: a `batchfit.Task`, or `step(batch_size)`.
         device: where the steps run: "auto", "cpu", "cuda", "cuda:N", "mps".
-        memory_budget: bytes, or a size such as "300MiB"; None means the device's memory (the
-            CPU has no usable limit, so there a budget is required). On every device the
-            budget is enforced by counting tensor storage (exceeding it raises
-            torch.OutOfMemoryError, as a full GPU does); on CUDA the process is capped too.
-        margin: fraction of the budget kept free, in [0, 1): usable = budget * (1 - margin).
+        memory_budget: bytes, a size such as "300MiB", or a card's name such as "A100-80GB"
+            (`batchfit.memory.cards.CARDS`); None means the device's memory (the CPU has no
+            usable limit, so there a budget is required). Real trials enforce the budget by
+            counting tensor storage (exceeding it raises torch.OutOfMemoryError, as a full
+            GPU does); on CUDA the process is capped too.
+        margin: fraction kept free, in [0, 1): usable = (budget - reserve) * (1 - margin).
         round_to: round the answer down to "pow2" or a multiple such as 8; None keeps it.
         max_batch_size: the largest batch size considered.
         start: the first batch size a step callable is tried at.
@@ -113,14 +120,23 @@ def find_max_batch_size(
         progress: `progress(phase, done, None)` before each fake run (phase "predict") and
             each real trial ("trial"), `done` counting those already run
             (`batchfit.progress`).
+        precision: "32", or "bf16-mixed" / "fp16-mixed": forward and loss under autocast.
+        confirm: "auto" (confirm with real steps when the budget fits in what the device at
+            hand has free, else answer from the prediction alone), "always" or "never".
+        reserve_bytes: memory taken off the budget before the margin; None means a CUDA
+            card's reserve (`batchfit.memory.cards.cuda_reserve_bytes`) when the answer is
+            predicted for another device, and 0 when real steps confirm it.
 
     Returns:
-        SearchResult with the answer, the limit, every trial and the memory model.
+        SearchResult with the answer, the limit, every trial, the memory model, and whether
+        the answer was `confirmed` by real steps or `predicted` (`basis`, `basis_reason`).
         Every random generator (Python's, NumPy's, torch's CPU and CUDA) is as before the call
         (`batchfit.snapshot.preserved`); so are `model`'s weights and `optimizer`'s state.
 
     Raises:
-        ConfigError: a bad budget, margin, round_to, device or size, or no budget on the CPU.
+        ConfigError: a bad budget, card, margin, round_to, device, size, precision or confirm;
+            no budget on the CPU; or a budget for another device with a task fake tensors
+            cannot run (nothing can answer for it here).
         DoesNotFitError: the model, its gradients and optimizer state alone exceed the usable
             memory, or batch size 1 does not fit.
         Any error that is not out-of-memory, raised inside a trial, unchanged.
@@ -145,10 +161,23 @@ def find_max_batch_size(
         raise ConfigError(
             f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
         )
-    budget = _capacity_bytes(device, memory_budget)
-    usable = int(budget * (1 - margin))
-    if isinstance(task_or_step, Task):
-        search = _TaskSearch(task_or_step, device, usable, budget, max_batch_size, steps, progress)
+    precision = check_precision(precision)
+    if confirm not in ("auto", "always", "never"):
+        raise ConfigError(f"confirm {confirm!r} is unknown; use auto, always or never.")
+    budget, card = _capacity_bytes(device, memory_budget)
+    is_task = isinstance(task_or_step, Task)
+    basis, basis_reason = _basis(device, budget, card, confirm if is_task else "always")
+    reserve = _reserve_bytes(reserve_bytes, basis, budget)
+    usable = int((budget - reserve) * (1 - margin))
+    if usable <= 0:
+        raise ConfigError(
+            f"the reserve ({format_bytes(reserve)}) leaves nothing of the "
+            f"{format_bytes(budget)} budget; give a larger budget or a smaller reserve_bytes."
+        )
+    if is_task:
+        search = TaskSearch(
+            task_or_step, device, usable, budget, max_batch_size, steps, progress, precision, basis
+        )
     elif callable(task_or_step):
         search = StepSearch(
             task_or_step, device, usable, budget, max_batch_size, start, model, optimizer, progress
@@ -184,6 +213,12 @@ def find_max_batch_size(
         fake_runs=search.fake_runs,
         capped=capped,
         notes=tuple(notes),
+        basis=getattr(search, "basis", basis),
+        basis_reason=getattr(search, "basis_reason", None) or basis_reason,
+        reserve_bytes=reserve,
+        card=None if card is None else card.name,
+        precision=precision,
+        attention=getattr(search, "attention", "none"),
     )
     logger.info("largest batch %d (limit %d) in %d real steps", chosen, limit, result.real_steps)
     return result
@@ -205,333 +240,51 @@ def _check_margin(margin: object) -> float:
     return float(margin)
 
 
-def _capacity_bytes(device: torch.device, memory_budget: int | str | None) -> int:
+def _capacity_bytes(
+    device: torch.device, memory_budget: int | str | None
+) -> tuple[int, Card | None]:
     if memory_budget is not None:
-        return parse_size(memory_budget, name="memory budget")
+        target = memory_target(memory_budget)
+        return target.memory_bytes, target.card
     total = devices.total_memory_bytes(device)
     if total is None:
         raise ConfigError(
             f"the {device.type} device has no memory limit a training step can safely run "
-            "into; give a memory budget (--memory-budget 8GiB, or memory_budget='8GiB')."
+            "into; give a memory budget (--memory-budget 8GiB, or memory_budget='8GiB') or a "
+            "card (--gpu A100-80GB)."
         )
-    return total
+    return total, None
 
 
-# --- with a Task: predict, then confirm -----------------------------------------------------
-
-
-class _TaskSearch(SearchState):
-    method: Method = "predicted"
-
-    def __init__(self, task, device, usable, budget, max_batch, steps, progress):
-        super().__init__(device, usable, budget, max_batch, progress)
-        self.task = task
-        self.steps = steps
-        self._predicted: dict[int, int] = {}  # batch size -> predicted peak bytes
-        self._fake_peaks: dict[int, int] = {}  # the same, from fake runs only
-        self._formula: PeakFormula | None = None  # the exact formula, when the task has one
-        self._formula_checked = False  # whether a count at a third batch size agreed
-        self._warned_repeat = False
-
-    # predictions -------------------------------------------------------------------------
-
-    def _fake_run(self, batch_size: int, *, record: bool = False) -> PredictedMemory:
-        self.report("predict")
-        self.fake_runs += 1
-        predicted = predict_step_memory(
-            self.task,
-            batch_size,
-            device=self.device,
-            steps=self.steps,
-            fallback=False,
-            record=record,
+def _basis(device: torch.device, budget: int, card: Card | None, confirm: str) -> tuple[Basis, str]:
+    """Whether real steps can confirm a budget here, and why (one line)."""
+    if confirm == "always":
+        return "confirmed", "confirmed with real training steps on this machine."
+    if confirm == "never":
+        return "predicted", "answered from the prediction alone, as asked (confirm='never')."
+    free = devices.free_memory_bytes(device)
+    if card is not None and device.type != "cuda":
+        return "predicted", (
+            f"{card.name} is not this {device.type}: answered from the prediction alone, "
+            "no real step run."
         )
-        self._fake_peaks[batch_size] = predicted.peak_bytes
-        if batch_size not in self._predicted:
-            self._predicted[batch_size] = predicted.peak_bytes
-            self.predictions.append((batch_size, predicted.peak_bytes))
-        return predicted
+    if free is None:
+        return "confirmed", "confirmed with real training steps on this machine."
+    holds = free * HOST_CONFIRM_FRACTION if device.type == "cpu" else free
+    if budget <= holds:
+        return "confirmed", "confirmed with real training steps on this machine."
+    what = card.name if card is not None else f"the budget ({format_bytes(budget)})"
+    return "predicted", (
+        f"{what} is more than this {device.type} can hold ({format_bytes(free)} free): "
+        "answered from the prediction alone, no real step run."
+    )
 
-    def _drop_formula(self, batch_size: int, counted: int) -> None:
-        """Forget the formula and what it predicted: a count disagreed with it."""
-        logger.info(
-            "the peak formula said %d bytes at batch %d, the count %d; bisecting predictions",
-            self._formula.peak_bytes(batch_size) if self._formula else -1,
-            batch_size,
-            counted,
+
+def _reserve_bytes(reserve_bytes: int | None, basis: Basis, budget: int) -> int:
+    if reserve_bytes is None:
+        return cuda_reserve_bytes(budget) if basis == "predicted" else 0
+    if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
+        raise ConfigError(
+            f"reserve_bytes must be a whole number of bytes, 0 or more, got {reserve_bytes!r}."
         )
-        self._formula = None
-        self._predicted = dict(self._fake_peaks)
-        self.predictions = [
-            (size, peak) for size, peak in self.predictions if self._fake_peaks.get(size) == peak
-        ]
-
-    def predict(self, batch_size: int) -> int:
-        """Predicted peak bytes at `batch_size`: from the checked formula, else a fake run."""
-        known = self._predicted.get(batch_size)
-        if known is not None:
-            return known
-        if self._formula is not None:
-            peak = self._formula.peak_bytes(batch_size)
-            self._predicted[batch_size] = peak
-            self.predictions.append((batch_size, peak))
-            return peak
-        return self._fake_run(batch_size).peak_bytes
-
-    def predicted_limit(self, offset: int, low: int, high: int | None) -> int:
-        """Largest b in [low, high) (high None: up to max) with predict(b) + offset <= usable.
-
-        Assumes predict(low) + offset fits. Grows geometrically, guided by the line through
-        the two largest fitting points, then narrows the bracket by interpolation and
-        bisection; every step is an exact prediction, so nothing is extrapolated unchecked.
-        """
-        usable = self.usable - offset
-        fitting = [(low, self.predict(low))]
-        if high is None:
-            while True:
-                candidate = self._grow_candidate(fitting, usable)
-                if candidate >= self.max_batch:
-                    candidate = self.max_batch
-                peak = self.predict(candidate)
-                if peak > usable:
-                    high = candidate
-                    break
-                fitting.append((candidate, peak))
-                if candidate == self.max_batch:
-                    return candidate
-        low, low_peak = max(fitting)
-        high_peak = self.predict(high)
-        use_line = True
-        while high - low > 1:
-            if use_line and high_peak > low_peak:
-                slope = (high_peak - low_peak) / (high - low)
-                candidate = low + int((usable - low_peak) / slope)
-                candidate = min(max(candidate, low + 1), high - 1)
-            else:
-                candidate = (low + high) // 2
-            peak = self.predict(candidate)
-            if peak <= usable:
-                # Probe the batch above too: on a straight stretch that settles it at once.
-                if candidate + 1 < high and self.predict(candidate + 1) > usable:
-                    return candidate
-                low, low_peak = candidate, peak
-            else:
-                high, high_peak = candidate, peak
-            use_line = not use_line  # alternate with bisection, so a bend cannot stall it
-        return low
-
-    def _grow_candidate(self, fitting: list[tuple[int, int]], usable: int) -> int:
-        size, peak = fitting[-1]
-        if len(fitting) >= 2:
-            previous_size, previous_peak = fitting[-2]
-            slope = (peak - previous_peak) / (size - previous_size)
-            if slope > 0:
-                estimate = size + int((usable - peak) / slope) + 1
-                # Aim just past the line's limit, but never grow more than 16x in one jump,
-                # nor less than 2x: a bend at small batches must not send it far off.
-                return max(2 * size, min(estimate, 16 * size))
-        return 2 * size
-
-    # real trials -------------------------------------------------------------------------
-
-    def trial(self, batch_size: int) -> Trial:
-        self._note_repeats(batch_size)
-        predicted = self._predicted.get(batch_size)
-        self.report("trial")
-        started = time.perf_counter()
-        try:
-            measured = measure_step_memory(
-                self.task,
-                batch_size,
-                device=self.device,
-                steps=self.steps,
-                budget_bytes=self.usable,
-            )
-        except Exception as error:  # only out-of-memory is caught; see below
-            if not is_out_of_memory(error):
-                raise
-            trial = Trial(
-                batch_size=batch_size,
-                fits=False,
-                predicted_peak_bytes=predicted,
-                measured_peak_bytes=None,
-                allocator_peak_bytes=None,
-                steps=getattr(error, "steps_started", self.steps),
-                seconds=time.perf_counter() - started,
-                error=error_line(error),
-            )
-        else:
-            trial = Trial(
-                batch_size=batch_size,
-                fits=True,
-                predicted_peak_bytes=predicted,
-                measured_peak_bytes=measured.peak_bytes,
-                allocator_peak_bytes=measured.allocator_peak_bytes,
-                steps=measured.steps,
-                seconds=time.perf_counter() - started,
-            )
-            if self.state_bytes is None:
-                self.state_bytes = measured.state_bytes
-        self.trials.append(trial)
-        if len(self.trials) > _MAX_REAL_TRIALS:
-            raise RuntimeError(f"internal: the search ran {_MAX_REAL_TRIALS} trials")
-        return trial
-
-    def _note_repeats(self, batch_size: int) -> None:
-        samples = len(self.task.train_data)
-        if batch_size > samples and not self._warned_repeat:
-            self._warned_repeat = True
-            note = (
-                f"the training data has {samples} samples; real trials above that repeat "
-                "samples (indices wrap around), which changes no memory: it depends on the "
-                "batch's shape, not its content."
-            )
-            logger.warning(note)
-            self.notes.append(note)
-
-    @staticmethod
-    def _real_peak(trial: Trial) -> int:
-        # On CUDA the allocator sees everything the process holds; elsewhere the count.
-        if trial.allocator_peak_bytes is not None:
-            return trial.allocator_peak_bytes
-        assert trial.measured_peak_bytes is not None
-        return trial.measured_peak_bytes
-
-    # the search ----------------------------------------------------------------------------
-
-    def run(self) -> tuple[int, bool]:
-        try:
-            small = self._fake_run(FORMULA_BATCH_SIZES[0], record=True)
-        except FakeModeError as unsupported:
-            return self._run_measured(unsupported.reason)
-        self.state_bytes = small.state_bytes
-        if small.state_bytes > self.usable:
-            raise self.state_too_large(small.state_bytes)
-        predicted = self._formula_limit(small)
-        if predicted is None:
-            # No exact formula for this task: bisect exact predictions instead.
-            first = self.predict(1)
-            if first > self.usable:
-                raise self.does_not_fit(first)
-            predicted = self.predicted_limit(0, 1, None)
-        # The memory model over the range that matters (predictions are cheap): a few batch
-        # sizes from a quarter of the limit up to it.
-        for size in range_batch_sizes(max(1, predicted // 4), predicted, points=4):
-            self.predict(size)
-        return self._confirm(predicted)
-
-    def _formula_limit(self, small: PredictedMemory) -> int | None:
-        """The predicted limit from the exact formula; None when the task has no such formula.
-
-        The formula is checked at a third batch size by the first real trial's count (in
-        `_confirm`), or here by a fake run when not even batch 1 fits.
-        """
-        large = self._fake_run(FORMULA_BATCH_SIZES[1], record=True)
-        formula = PeakFormula.fit(small, large)
-        if formula is None:
-            logger.info("no exact peak formula for this task; bisecting predictions")
-            return None
-        self._formula = formula
-        limit = formula.largest_fitting(self.usable, max_batch_size=self.max_batch)
-        if limit == 0:
-            counted = self._fake_run(1).peak_bytes
-            if counted != formula.peak_bytes(1):
-                self._drop_formula(1, counted)
-                return None
-            raise self.does_not_fit(counted)
-        return limit
-
-    def _check_formula(self, trial: Trial) -> bool:
-        """Check the formula against the first trial's count; False when it was dropped."""
-        if self._formula is None or self._formula_checked:
-            return True
-        size = trial.batch_size
-        counted = trial.measured_peak_bytes
-        if counted is None:  # the trial failed before its count was complete
-            counted = self._fake_run(size).peak_bytes
-        if counted == self._formula.peak_bytes(size):
-            self._formula_checked = True
-            return True
-        self._drop_formula(size, counted)
-        return False
-
-    def _confirm(self, predicted: int) -> tuple[int, bool]:
-        """Real trials around the predicted limit until the true one is pinned down.
-
-        A trial at the predicted limit whose measured peak equals the prediction settles it
-        (the prediction is then exact, and the batch above is predicted, exactly, not to fit).
-        Otherwise the difference between real and predicted peak (say, the CUDA allocator's
-        overhead) shifts the predicted line, and the trials check the shifted limit and the
-        batch above it. An outcome the shifted line did not expect leaves bisection inside
-        the bracket of real results.
-        """
-        low, high = 0, None  # largest real fit, smallest real failure
-        candidate, expect_fit = predicted, True
-        failed_steps = 0  # consecutive failures below any real fit
-        bisecting = False
-        while True:
-            trial = self.trial(candidate)
-            if not self._check_formula(trial):
-                # The formula was wrong for this task: predict again by bisecting exact fake
-                # runs, and confirm around that limit instead.
-                return self._confirm(self.predicted_limit(0, 1, None))
-            if trial.fits:
-                low = candidate
-                offset = self._real_peak(trial) - self.predict(candidate)
-                if offset == 0 and candidate == predicted and not bisecting:
-                    return low, low == self.max_batch  # exact: nothing left to learn
-            else:
-                high = candidate
-            if high is not None and high - low <= 1:
-                return low, False
-            if low >= self.max_batch:
-                return self.max_batch, True
-            if trial.fits != expect_fit and low > 0:
-                bisecting = True
-            if bisecting:
-                candidate = (low + high) // 2 if high is not None else min(2 * low, self.max_batch)
-                continue
-            if not trial.fits and low == 0:
-                # The prediction was optimistic: step down by the fitted per-sample size,
-                # doubling the step while trials keep failing.
-                failed_steps += 1
-                offset = self._step_bytes(failed_steps)
-                if self.predict(1) + offset > self.usable:
-                    candidate, expect_fit = 1, True
-                else:
-                    candidate = self.predicted_limit(offset, 1, high)
-                    expect_fit = True
-                continue
-            guess = self.predicted_limit(offset, low, high) if low > 0 else low + 1
-            if guess <= low:
-                candidate, expect_fit = low + 1, False  # is the batch above really too big?
-            else:
-                candidate, expect_fit = guess, True
-
-    def _step_bytes(self, failures: int) -> int:
-        """How far below the prediction to aim after `failures` optimistic trials, in bytes.
-
-        2% of the usable memory (a typical allocator overhead) or the bytes of one sample,
-        whichever is more, doubled with each further failure.
-        """
-        model = self.memory_model(max(self._predicted))
-        per_sample = max(1.0, model.per_sample_bytes) if model else 1.0
-        first = max(per_sample, STEP_DOWN_FRACTION * self.usable)
-        return int(math.ceil(first * 2 ** max(0, failures - 1)))
-
-    # fake mode unusable: real probes only ----------------------------------------------------
-
-    def _run_measured(self, reason: str) -> tuple[int, bool]:
-        self.method = "measured-probes"
-        note = (
-            f"fake tensors cannot run this task ({reason}), so nothing was predicted: the "
-            "limit was found with real probes only."
-        )
-        logger.warning(note)
-        self.notes.append(note)
-
-        def probe(batch_size: int) -> tuple[bool, int | None]:
-            trial = self.trial(batch_size)
-            return trial.fits, (self._real_peak(trial) if trial.fits else None)
-
-        return probe_search(self, probe, start=1)
+    return reserve_bytes

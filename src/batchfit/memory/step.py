@@ -13,10 +13,11 @@ Three pieces:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from batchfit import devices
 from batchfit.errors import ConfigError
@@ -46,6 +47,57 @@ OUT_OF_MEMORY_MESSAGES = (
     "CUDNN_STATUS_INTERNAL_ERROR",  # cuDNN's usual symptom of a failed internal allocation
     "PT_DEVMEM Allocation failed",  # Habana HPU
 )
+
+
+# The host allocator's own words when RAM runs out (c10/core/impl/alloc_cpu.cpp), and Python's.
+HOST_OUT_OF_MEMORY_MESSAGES = ("DefaultCPUAllocator: can't allocate memory",)
+
+
+def is_host_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is this machine's RAM running out (not a device or budget limit).
+
+    Python's `MemoryError`, or an error whose message is the CPU allocator's (a RuntimeError,
+    or the `torch.OutOfMemoryError` that `measure_step_memory` re-raises with its message).
+
+    Example:
+        >>> is_host_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+        True
+        >>> import torch
+        >>> is_host_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+        False
+    """
+    if isinstance(error, MemoryError):
+        return True
+    if not isinstance(error, RuntimeError):  # torch.OutOfMemoryError is a RuntimeError
+        return False
+    message = str(error)
+    return any(pattern in message for pattern in HOST_OUT_OF_MEMORY_MESSAGES)
+
+
+Precision = Literal["32", "bf16-mixed", "fp16-mixed"]
+"""How the forward pass and loss run: "32" in the model's own dtype, or under
+`torch.autocast` with bfloat16 / float16 (weights, gradients and optimizer state stay fp32)."""
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def check_precision(precision: object) -> Precision:
+    """`precision` when it is one of PRECISIONS; ConfigError naming them otherwise."""
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}."
+        )
+    return precision  # type: ignore[return-value]
+
+
+def autocast_for(precision: Precision, device_type: str):
+    """The autocast context for `precision` on `device_type` (a null context for "32")."""
+    import torch
+
+    if precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -108,17 +160,28 @@ class StepMemory:
 
 
 def run_training_steps(
-    task: Task, model, optimizer, batch, steps: int, *, started: list[int] | None = None
+    task: Task,
+    model,
+    optimizer,
+    batch,
+    steps: int,
+    *,
+    started: list[int] | None = None,
+    precision: Precision = "32",
 ) -> None:
     """`steps` full training steps: zero_grad, forward and loss, backward, optimizer step.
 
+    With a mixed `precision`, the forward pass and loss run under `torch.autocast` on the
+    model's device type (the backward pass follows autocast's dtypes, as in real training).
     When `started` is given, `started[0]` is raised by one as each step begins.
     """
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
     for _ in range(steps):
         if started is not None:
             started[0] += 1
         optimizer.zero_grad(set_to_none=True)
-        loss = task.loss(model, batch)
+        with autocast_for(precision, device_type):
+            loss = task.loss(model, batch)
         loss.backward()
         optimizer.step()
         del loss
@@ -131,6 +194,7 @@ def measure_step_memory(
     device: str | torch.device = "cpu",
     steps: int = 2,
     budget_bytes: int | None = None,
+    precision: Precision = "32",
 ) -> StepMemory:
     """Run `steps` real training steps at `batch_size` and return their peak memory.
 
@@ -148,6 +212,7 @@ def measure_step_memory(
             second one shows the steady-state peak.
         budget_bytes: when not None, a step whose counted memory passes it fails with
             `torch.OutOfMemoryError`; on CUDA the process is also capped to it.
+        precision: "32", or "bf16-mixed" / "fp16-mixed" for the forward pass under autocast.
 
     Returns:
         StepMemory: counted peak, state and batch bytes, the allocator's peak on CUDA, seconds.
@@ -171,12 +236,13 @@ def measure_step_memory(
         raise ConfigError(
             f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
         )
+    precision = check_precision(precision)
     device = devices.resolve_device(device)
     failure: str | None = None
     result: StepMemory | None = None
     started = [0]  # training steps started, kept by _measure
     try:
-        result = _measure(task, batch_size, device, steps, budget_bytes, started)
+        result = _measure(task, batch_size, device, steps, budget_bytes, started, precision)
     except Exception as error:
         if not is_out_of_memory(error):
             raise
@@ -200,6 +266,7 @@ def _measure(
     steps: int,
     budget_bytes: int | None,
     started: list[int],
+    precision: Precision,
 ) -> StepMemory:
     from batchfit.task import move_to
 
@@ -215,7 +282,9 @@ def _measure(
             devices.reset_peak_memory(device)
             clock_start = time.perf_counter()
             with count_memory(budget_bytes=budget_bytes, tensors=entry, device=device) as counter:
-                run_training_steps(task, model, optimizer, batch, steps, started=started)
+                run_training_steps(
+                    task, model, optimizer, batch, steps, started=started, precision=precision
+                )
             devices.synchronize(device)
             seconds = time.perf_counter() - clock_start
             allocator_peak = devices.peak_allocated_bytes(device)

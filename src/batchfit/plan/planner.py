@@ -25,12 +25,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
+from batchfit.memory.cards import memory_target
 from batchfit.plan import advice
 from batchfit.plan.plan_file import Plan
 from batchfit.progress import ProgressFn
 from batchfit.train.config import DEFAULT_EPOCHS
 from batchfit.train.sampling import steps_for_epochs, steps_per_epoch
-from batchfit.units import format_bytes, parse_size
+from batchfit.units import format_bytes
 from batchfit.validation import check_positive_number, check_whole_number
 
 if TYPE_CHECKING:
@@ -113,9 +114,8 @@ def plan(
     device = resolve_device(device)
     world_size = check_whole_number("world_size", world_size)
     epochs = check_positive_number("epochs", epochs)
-    budget_bytes = (
-        None if memory_budget is None else parse_size(memory_budget, name="memory budget")
-    )
+    target = None if memory_budget is None else memory_target(memory_budget)
+    budget_bytes = None if target is None else target.memory_bytes
     dataset_size = len(task.train_data)
     if target_global_batch is not None:
         target_global_batch = check_whole_number("target_global_batch", target_global_batch)
@@ -129,7 +129,9 @@ def plan(
     measurements: dict[str, Any] = {}
 
     # 1. Memory: the largest micro-batch that fits.
-    limit, memory = _memory_limit(task, device, budget_bytes, margin, dataset_size, report)
+    limit, memory = _memory_limit(
+        task, device, None if target is None else memory_budget, margin, dataset_size, report
+    )
     measurements["memory"] = memory
     notes.extend(memory.pop("notes", []))
 
@@ -138,7 +140,8 @@ def plan(
     throughput = measure_throughput(
         task,
         device=device,
-        max_batch_size=limit,
+        # Real steps stay within what this machine holds, whatever the budget stands for.
+        max_batch_size=min(limit, memory.get("host_limit_batch") or limit),
         progress=lambda phase, done, total: report("throughput", done, total),
     )
     report("throughput", 1, 1)  # done, also when it stopped before the largest size
@@ -172,7 +175,7 @@ def plan(
     accumulation_steps = global_batch // (micro_batch * world_size)
     reasons["global_batch"] = global_choice.reason
     reasons["micro_batch"] = micro_choice.reason + (
-        f" (limit {limit} with a {margin:.0%} margin)"
+        f" (limit {limit} with a {margin:.0%} margin, {memory.get('basis', 'confirmed')})"
         if budget_bytes or device.type != "cpu"
         else ""
     )
@@ -273,17 +276,18 @@ def plan(
 def _memory_limit(
     task: Task,
     device: torch.device,
-    budget_bytes: int | None,
+    budget: int | str | None,
     margin: float,
     dataset_size: int,
     report: ProgressFn,
 ) -> tuple[int, dict[str, Any]]:
     """The largest micro-batch that fits, and the memory measurements for the plan."""
+    from batchfit.devices import free_memory_bytes
     from batchfit.memory.predict import predict_memory_model
-    from batchfit.memory.search import find_max_batch_size
+    from batchfit.memory.search import HOST_CONFIRM_FRACTION, find_max_batch_size
 
     report("memory", 0, 1)
-    if budget_bytes is None and device.type == "cpu":
+    if budget is None and device.type == "cpu":
         # The CPU has no memory limit worth searching: bound by the data, and still show how
         # memory grows with the batch.
         model = predict_memory_model(task, low=1, high=dataset_size, device=device)
@@ -304,14 +308,27 @@ def _memory_limit(
     result = find_max_batch_size(
         task,
         device=device,
-        memory_budget=budget_bytes,
+        memory_budget=budget,
         margin=margin,
         max_batch_size=dataset_size,
     )
     report("memory", 1, 1)
     model = result.memory_model
     notes = list(result.notes)
+    host_limit = None
+    if result.basis == "predicted":
+        notes.append(f"Micro-batch limit {result.limit_batch_size}: {result.basis_reason}")
+        free = free_memory_bytes(device)
+        if model is not None and free is not None:
+            # The largest batch this machine holds, for the steps the plan still runs here.
+            holds = int(free * HOST_CONFIRM_FRACTION)
+            host_limit = max(1, model.max_batch_size(holds)) if holds > model.fixed_bytes else 1
     return result.limit_batch_size, {
+        "basis": result.basis,
+        "basis_reason": result.basis_reason,
+        "reserve_bytes": result.reserve_bytes,
+        "card": result.card,
+        "host_limit_batch": host_limit,
         "capacity_bytes": result.budget_bytes,
         "usable_bytes": result.usable_bytes,
         "margin": result.margin,

@@ -1,0 +1,154 @@
+"""The fake inputs of a prediction: the model, the batch, and a watch on attention kernels.
+
+`batchfit.memory.predict` runs training steps on what these build. The batch is collated from
+real samples outside fake mode (a data set may draw random numbers or apply a random crop,
+which fake tensors cannot answer) and only then faked.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+Attention = Literal["none", "fused", "math"]
+"""How the steps' `scaled_dot_product_attention` calls ran: "none" (no call), "fused" (a
+fused kernel: no attention matrix is stored, as on a CUDA card's flash or memory-efficient
+path) or "math" (at least one call materialised the attention matrix: an upper bound for a
+CUDA card, whose fused kernels would not)."""
+
+
+def fake_model(task: Task, fake_mode: Any, device: torch.device):
+    """The task's model with fake parameters and buffers on `device`."""
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeCopyMode
+
+    if isinstance(task.model, nn.Module):
+        # Fake-copy the given module: its parameters become fake tensors of the same shapes,
+        # without copying any data.
+        with FakeCopyMode(fake_mode):
+            model = copy.deepcopy(task.model)
+        if device.type != "cpu":
+            with fake_mode:
+                model = model.to_empty(device=device)
+        return model
+    # A factory: build the model inside fake mode, on the device, so initialisation costs
+    # nothing either.
+    with fake_mode, device:
+        return task.make_model()
+
+
+def probe_samples(task: Task, batch_size: int) -> tuple[Any, Any, list | None]:
+    """Real batches of one and two samples and, when their shapes say the batch's shape
+    depends on its samples (padding to the longest), the `batch_size` real samples too.
+
+    Runs outside fake mode, so a data set may use any op, random draws included.
+    """
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    size = len(task.train_data)
+    one = task.batch([0])
+    two = task.batch([0, 1 % size])
+    leaves_one, spec = tree_flatten(one)
+    leaves_two, spec_two = tree_flatten(two)
+    if spec != spec_two or any(
+        isinstance(a, torch.Tensor) and (a.shape[1:] != b.shape[1:] or a.dtype != b.dtype)
+        for a, b in zip(leaves_one, leaves_two)
+    ):
+        return one, two, [task.train_data[index % size] for index in range(batch_size)]
+    return one, two, None
+
+
+def fake_batch(
+    task: Task, probe: tuple[Any, Any, list | None], batch_size: int, fake_mode: Any, device
+):
+    """A fake batch of `batch_size` samples, from the real batches `probe_samples` built.
+
+    A tensor whose first dimension follows the number of samples (1 in the batch of one, 2 in
+    the batch of two) is batched, and becomes an empty fake tensor of [batch_size, ...]; other
+    tensors are copied as they are. When the other dimensions depend on the samples, the
+    real samples are collated (inside fake mode: no batch-sized memory) instead.
+    """
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    one, two, samples = probe
+    if samples is not None:
+        real = task.collate_fn()(samples)
+        leaves, real_spec = tree_flatten(real)
+        return tree_unflatten([fake_copy(leaf, fake_mode, device) for leaf in leaves], real_spec)
+    leaves_one, spec = tree_flatten(one)
+    leaves_two, _ = tree_flatten(two)
+    built = []
+    for a, b in zip(leaves_one, leaves_two):
+        if (
+            isinstance(a, torch.Tensor)
+            and a.dim() > 0
+            and a.shape[0] == 1
+            and isinstance(b, torch.Tensor)
+            and b.shape[0] == 2
+        ):
+            shape = (batch_size, *a.shape[1:])
+            built.append(torch.empty(shape, dtype=a.dtype, device=device))
+        else:
+            built.append(fake_copy(a, fake_mode, device))
+    return tree_unflatten(built, spec)
+
+
+def fake_copy(value: Any, fake_mode: Any, device: torch.device) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return fake_mode.from_tensor(value).to(device)
+    return value
+
+
+def attention_watch():
+    """A TorchFunctionMode that notes whether scaled_dot_product_attention ran a fused kernel.
+
+    Each call runs under a small dispatch mode that collects the names of the aten ops it
+    reaches: a fused kernel shows as one `_scaled_dot_product_*` op (flash, memory-efficient,
+    cuDNN, or the CPU's flash kernel); the math path decomposes into matmul and softmax.
+    """
+    from torch.nn import functional
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _OpNames(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    class _AttentionWatch(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+            self.math_calls = 0
+
+        @property
+        def attention(self) -> Attention:
+            if not self.calls:
+                return "none"
+            return "math" if self.math_calls else "fused"
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is not functional.scaled_dot_product_attention:
+                return func(*args, **kwargs)
+            self.calls += 1
+            with _OpNames() as ops:
+                out = func(*args, **kwargs)
+            if not any(name.startswith("_scaled_dot_product_") for name in ops.names):
+                self.math_calls += 1
+            return out
+
+    return _AttentionWatch
