@@ -686,6 +686,55 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from batchfit.cli.format import table as format_table
+    from batchfit.plots.sweep import plot_sweep
+    from batchfit.sweep.driver import SweepConfig, run_sweep
+
+    config = SweepConfig(
+        target=args.target,
+        batch_sizes=tuple(_parse_batch_sizes(args.batch_sizes) or ()) or None,
+        seeds=_number_flag(args, "seeds", int),
+        widen=_number_flag(args, "widen", int),
+        cap_factor=_number_flag(args, "cap_factor"),
+        micro_batch=_number_flag(args, "micro_batch", int),
+        workers=_number_flag(args, "workers", int),
+        ray_address=args.ray_address,
+        noise_scale=not args.no_noise_scale,
+    )
+    if bool(args.task) == bool(args.example):
+        _load_task(args)  # raises the one-line error for both or neither
+    # Worker processes load the task by name: pass the spec, not the loaded Task.
+    task = f"batchfit.examples.{args.example}:task" if args.example else args.task
+    out = args.out or f"sweep-{args.example or 'task'}"
+    best: dict[int, tuple[int, float]] = {}
+    with _StepBar("trials") as bar:
+
+        def on_trial(trial) -> None:
+            if trial.steps is not None and trial.steps < best.get(trial.batch, (1e99, 0))[0]:
+                best[trial.batch] = (trial.steps, trial.lr)
+
+        def progress(phase: str, done: int, total: int | None) -> None:
+            shown = ", ".join(f"B={b}: {s} at {lr:.3g}" for b, (s, lr) in sorted(best.items()))
+            bar.update(done, total, f"best {shown[-70:]}" if phase == "trials" else phase)
+
+        result = run_sweep(
+            task, config, out_dir=out, device=args.device, progress=progress, on_trial=on_trial
+        )
+    plots = plot_sweep(result, out)
+    if args.json:
+        _print_json(result)
+        return 0
+    console = _stdout_console()
+    header, *rows = result.table_rows()
+    console.print(format_table(f"Sweep: {result.task}", rows, columns=header))
+    console.print(format_table("Critical batch", result.summary_rows()))
+    console.print(result.describe(), highlight=False)
+    written = ", ".join(str(path) for path in plots)
+    console.print(f"Trials, trials.csv and result.json in {out}; plots: {written}", highlight=False)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfit",
@@ -922,6 +971,30 @@ def _build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--out", metavar="DIR", help="where plan.json and report.html go")
     _add_json_argument(plan_cmd)
     plan_cmd.set_defaults(handler=_cmd_plan)
+
+    sweep_cmd = commands.add_parser(
+        "sweep",
+        help="measure the critical batch: steps to a target per batch, rate re-tuned per batch",
+        description="For each global batch (factor-2 grid), train at a factor-2 grid of rates "
+        "around the rule-scaled rate until TARGET, count the steps, and fit S = S_min + E_min/B "
+        "(McCandlish et al. 2018): B_crit = E_min/S_min. Resumes from --out.",
+    )
+    _add_task_arguments(sweep_cmd)
+    sweep_cmd.add_argument(
+        "--target", required=True, help='e.g. "val_accuracy>=0.96" or "train_loss<=0.3"'
+    )
+    sweep_cmd.add_argument("--batch-sizes", help="e.g. 16,32,64 (default: 8 up to the data)")
+    sweep_cmd.add_argument("--seeds", default="3", help="seeds per batch and rate (default 3)")
+    sweep_cmd.add_argument("--widen", default="3", help="extra rates per side at most (3)")
+    sweep_cmd.add_argument("--cap-factor", default="2", help="stop at this x the best steps (2)")
+    sweep_cmd.add_argument("--micro-batch", help="accumulate above this (default: never)")
+    sweep_cmd.add_argument("--workers", help="local processes (default: the cores)")
+    sweep_cmd.add_argument("--ray-address", help="run on Ray: auto, local or HOST:PORT")
+    sweep_cmd.add_argument("--no-noise-scale", action="store_true", help="skip the noise scale")
+    sweep_cmd.add_argument("--out", metavar="DIR", help="sweep folder (default sweep-NAME)")
+    sweep_cmd.add_argument("--device", default="cpu", help="device of in-process trials (cpu)")
+    _add_json_argument(sweep_cmd)
+    sweep_cmd.set_defaults(handler=_cmd_sweep)
 
     return parser
 

@@ -33,7 +33,7 @@ from batchfit.sweep.grid import (
 )
 from batchfit.sweep.result import BatchPoint, SweepResult
 from batchfit.sweep.target import Target, check_target_metric, parse_target
-from batchfit.sweep.trial import DEFAULT_TOLERANCE, TrialResult, TrialSpec
+from batchfit.sweep.trial import DEFAULT_EVAL_BATCH, DEFAULT_TOLERANCE, TrialResult, TrialSpec
 from batchfit.validation import check_positive_number, check_whole_number
 
 if TYPE_CHECKING:
@@ -54,7 +54,8 @@ class SweepConfig:
     widen: int = 3  # rates added beyond the first three, at most, on either side
     cap_factor: float = 2.0  # a trial stops after cap_factor x the best steps at its batch
     max_epochs: float = 20.0  # the cap (in passes over the data) before any best is known
-    micro_batch: int | None = None  # accumulate above this many samples; None: never
+    micro_batch: int | None = None  # accumulate (and evaluate) above this; None: never accumulate,
+    # evaluate in batches of max(batch, DEFAULT_EVAL_BATCH)
     tolerance: float = DEFAULT_TOLERANCE  # steps to target known within this fraction
     lr_rule: str | None = None  # centre the rates with this rule; None: by optimizer family
     workers: int | None = None  # local processes; None: the cores
@@ -226,7 +227,9 @@ def run_sweep(
             tried[batch].append(lr)
             for seed in seeds:
                 micro = min(batch, config.micro_batch or batch)
-                specs.append(TrialSpec(batch, lr, seed, cap(batch, seed), micro))
+                # A given micro-batch is a memory limit: evaluate within it too.
+                evaluation = config.micro_batch or max(batch, DEFAULT_EVAL_BATCH)
+                specs.append(TrialSpec(batch, lr, seed, cap(batch, seed), micro, evaluation))
         counts["total"] += len(specs)
         to_run = []
         for spec in specs:

@@ -115,9 +115,7 @@ def starting_rates(center: float) -> list[float]:
     return [center, center / RATE_FACTOR, center * RATE_FACTOR]
 
 
-def next_rate(
-    steps_by_rate: Mapping[float, float], *, center: float, widen: int
-) -> float | None:
+def next_rate(steps_by_rate: Mapping[float, float], *, center: float, widen: int) -> float | None:
     """The rate to add to a batch's grid, or None when the best rate is interior.
 
     Args:

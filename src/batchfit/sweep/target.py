@@ -68,9 +68,7 @@ def parse_target(text: str) -> Target:
     """
     match = _PATTERN.match(text or "")
     if match is None:
-        raise ConfigError(
-            f"Target {text!r} is not METRIC>=VALUE or METRIC<=VALUE; {_EXAMPLE}."
-        )
+        raise ConfigError(f"Target {text!r} is not METRIC>=VALUE or METRIC<=VALUE; {_EXAMPLE}.")
     metric, op, number = match.groups()
     try:
         value = float(number)

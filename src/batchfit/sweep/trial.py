@@ -28,6 +28,9 @@ __all__ = ["TRAIN_LOSS_SAMPLES", "TrialResult", "TrialSpec", "run_trial"]
 TRAIN_LOSS_SAMPLES = 1024
 """`train_loss` is measured on this many training samples (fixed ones, the same every time)."""
 
+DEFAULT_EVAL_BATCH = 256
+"""Evaluation batch when no memory limit is given (a micro-batch of 8 would evaluate 32x slower)."""
+
 DEFAULT_TOLERANCE = 0.05
 """Steps to target are known to within this fraction (see the module docstring)."""
 
@@ -42,6 +45,7 @@ class TrialSpec:
         seed: seeds the model, the data order and dropout (`TrainConfig.seed`).
         cap_steps: stop after this many optimizer steps when the target is not reached.
         micro_batch: samples per forward/backward; the batch is accumulated above it.
+        eval_batch: samples per evaluation batch (no gradients).
     """
 
     batch: int
@@ -49,6 +53,7 @@ class TrialSpec:
     seed: int
     cap_steps: int
     micro_batch: int
+    eval_batch: int = DEFAULT_EVAL_BATCH
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,7 +142,7 @@ class _TargetWatch:
             return self._train_loss(model)
         from batchfit.train.evaluation import evaluate
 
-        metrics = evaluate(model, self.task, device=self.device, batch_size=self.spec.micro_batch)
+        metrics = evaluate(model, self.task, device=self.device, batch_size=self.spec.eval_batch)
         return float(metrics[self.target.metric])
 
     def _train_loss(self, model) -> float:
@@ -154,8 +159,8 @@ class _TargetWatch:
         total = 0.0
         try:
             with torch.no_grad():
-                for start in range(0, len(self.train_indices), self.spec.micro_batch):
-                    chunk = self.train_indices[start : start + self.spec.micro_batch]
+                for start in range(0, len(self.train_indices), self.spec.eval_batch):
+                    chunk = self.train_indices[start : start + self.spec.eval_batch]
                     batch = move_to(self.task.batch(chunk), self.device)
                     total += float(self.task.loss(model, batch)) * batch_size_of(batch)
         finally:
@@ -178,7 +183,7 @@ def run_trial(
 
     Args:
         task: what to train.
-        spec: batch, rate, seed, cap and micro-batch.
+        spec: batch, rate, seed, cap, micro-batch and evaluation batch.
         target: the metric threshold (`batchfit.sweep.target.parse_target`).
         device: where to train.
         tolerance: steps to target are known to within this fraction (module docstring).
