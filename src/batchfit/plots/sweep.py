@@ -66,13 +66,15 @@ def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
     noise = (data.get("noise_scale") or {}).get("noise_scale_samples")
     if noise:
         axes.axvline(noise, color="tab:green", linestyle=":", label=f"noise scale {noise:.4g}")
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
+    if points:
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
     axes.set_title(f"Steps to {data.get('target', 'target')}")
     axes.set_xlabel("global batch (samples)")
     axes.set_ylabel("optimizer steps")
     axes.grid(alpha=0.3, which="both")
-    axes.legend(loc="best")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="best")
     return png_bytes(figure)
 
 
@@ -100,13 +102,15 @@ def sweep_rates_png(data: Mapping[str, Any]) -> bytes:
             color="gray",
             label=f"{data.get('lr_rule', 'rule')}-scaled rate (grid centre)",
         )
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
+    if points:
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
     axes.set_title("Best learning rate per batch")
     axes.set_xlabel("global batch (samples)")
     axes.set_ylabel("learning rate")
     axes.grid(alpha=0.3, which="both")
-    axes.legend(loc="best")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="best")
     return png_bytes(figure)
 
 
