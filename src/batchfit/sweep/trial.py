@@ -191,6 +191,9 @@ def run_trial(
     Returns:
         A `TrialResult`; `steps` is None when the cap came first or the loss diverged.
 
+    Raises:
+        KeyboardInterrupt: training was stopped by Ctrl-C / SIGTERM before the trial ended.
+
     Example:
         >>> from batchfit.task import load_example
         >>> from batchfit.sweep.target import parse_target
@@ -218,6 +221,10 @@ def run_trial(
         train(task, config, device=device, callbacks=[watch])
     except _Stop:
         pass
+    else:
+        # The callback always stops training by step cap + 1, so a normal return means the loop
+        # caught Ctrl-C / SIGTERM: the trial is unfinished and must not be saved as one.
+        raise KeyboardInterrupt(f"trial {spec} interrupted")
     return TrialResult(
         batch=spec.batch,
         lr=spec.lr,
