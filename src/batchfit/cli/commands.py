@@ -389,6 +389,64 @@ def diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep(args: argparse.Namespace) -> int:
+    from batchfit.cli.format import table as format_table
+    from batchfit.plots.sweep import plot_sweep
+    from batchfit.sweep.driver import SweepConfig, run_sweep
+
+    options = _given(
+        args, seeds="seeds", widen="widen", cap_factor="cap_factor", micro_batch="micro_batch",
+        workers="workers", ray_address="ray_address",
+    )  # fmt: skip
+    batch_sizes = tuple(args.batch_sizes) if args.batch_sizes else None
+    config = SweepConfig(
+        target=args.target,
+        batch_sizes=batch_sizes,
+        noise_scale=not args.no_noise_scale,
+        **options,
+    )
+    if bool(args.task) == bool(args.example):
+        _load_task(args)  # raises the one-line error for both or neither
+    # Worker processes load the task by name: pass the spec, not the loaded Task.
+    task = f"batchfit.examples.{args.example}:task" if args.example else args.task
+    out = args.out or f"sweep-{args.example or 'task'}"
+    best: dict[int, tuple[int, float]] = {}
+    with StepBar("trials") as bar:
+
+        def on_trial(trial) -> None:
+            if trial.steps is not None and trial.steps < best.get(trial.batch, (1e99, 0))[0]:
+                best[trial.batch] = (trial.steps, trial.lr)
+
+        def progress(phase: str, done: int, total: int | None) -> None:
+            shown = ", ".join(f"B={b}: {s} at {lr:.3g}" for b, (s, lr) in sorted(best.items()))
+            bar.update(done, total, f"best {shown[-70:]}" if phase == "trials" else phase)
+
+        result = run_sweep(
+            task,
+            config,
+            out_dir=out,
+            device=args.device or "cpu",
+            progress=progress,
+            on_trial=on_trial,
+        )
+    plots = plot_sweep(result, out)
+    if args.json:
+        print_json(result)
+        return 0
+    console = stdout_console()
+    header, *rows = result.table_rows()
+    console.print(format_table(f"Sweep: {result.task}", rows, columns=header))
+    console.print(format_table("Critical batch", result.summary_rows()))
+    console.print(result.describe(), highlight=False, markup=False)
+    written = ", ".join(str(path) for path in plots)
+    console.print(
+        f"Trials, trials.csv and result.json in {out}; plots: {written}",
+        highlight=False,
+        markup=False,
+    )
+    return 0
+
+
 def _check_train_inputs(args: argparse.Namespace) -> None:
     """Everything `train` needs and lacks, named in one error."""
     if isinstance(args.resume, str) and args.out is not None and args.out != args.resume:
@@ -428,5 +486,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "throughput": throughput,
     "plan": plan,
     "diagnose": diagnose,
+    "sweep": sweep,
 }
 """Each subcommand's function, by the name `batchfit.cli.parser` gives it."""

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_throughput(command)
     _add_plan(command)
     _add_diagnose(command)
+    _add_sweep(command)
     return parser
 
 
@@ -385,3 +386,39 @@ def _add_diagnose(command) -> None:
     diagnose.add_argument("--metric", metavar="NAME", help="a validation metric series")
     add_json_argument(diagnose)
     add_plot_argument(diagnose, "the curves with the findings shaded")
+
+
+def _add_sweep(command) -> None:
+    sweep = command(
+        "sweep",
+        "measure the critical batch: steps to a target per batch, rate re-tuned per batch",
+        "For each global batch (factor-2 grid), train at a factor-2 grid of rates around the "
+        "rule-scaled rate until TARGET, count the steps, and fit S = S_min + E_min/B "
+        "(McCandlish et al. 2018): B_crit = E_min/S_min. Resumes from --out.",
+    )
+    add_task_arguments(sweep)
+    sweep.add_argument(
+        "--target", required=True, help='e.g. "val_accuracy>=0.96" or "train_loss<=0.3"'
+    )
+    sweep.add_argument(
+        "--batch-sizes",
+        metavar="B,B,...",
+        action=BatchSizes,
+        help="global batches, e.g. 16,32,64 (default: from 8 up to the data)",
+    )
+    add_count(sweep, "--seeds", "seeds per batch and rate (default 3)")
+    add_count(sweep, "--widen", "extra rates per side at most (default 3)", minimum=0)
+    add_number(
+        sweep, "--cap-factor", "stop a trial at this x the best steps (default 2)", minimum=1,
+        maximum=1000,
+    )  # fmt: skip
+    add_batch(sweep, "--micro-batch", "accumulate above this (default: never)")
+    add_number(
+        sweep, "--workers", "local processes (default: the cores)", kind=int, minimum=1,
+        maximum=MAX_PROCESSES,
+    )  # fmt: skip
+    sweep.add_argument("--ray-address", help="run the trials on Ray: auto, local or HOST:PORT")
+    sweep.add_argument("--no-noise-scale", action="store_true", help="skip the noise scale")
+    sweep.add_argument("--out", metavar="DIR", help="sweep folder (default: sweep-NAME)")
+    sweep.add_argument("--device", help="device of in-process trials (default cpu)")
+    add_json_argument(sweep)

@@ -1,0 +1,156 @@
+"""Where trials run: local worker processes, or Ray tasks on a cluster.
+
+Both engines take the task as a spec string ("package.module:function" or
+"path/to/file.py:function", loaded once per worker) or as a `Task` object. Local workers are
+processes, each training single-threaded (`torch.set_num_threads(1)`), so N workers use N cores
+without fighting over them; a spec string starts them with "spawn", a Task object is handed over
+by "fork" (POSIX only). Ray runs each trial as a task with one CPU (Ray pickles a Task object with
+cloudpickle). Results come back as trials finish; which trials run is decided by the driver
+between waves, so the results do not depend on the engine or on the number of workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import ConfigError, MissingDependencyError
+from batchfit.sweep.target import Target
+from batchfit.sweep.trial import TrialResult, TrialSpec, run_trial
+
+if TYPE_CHECKING:
+    from batchfit.task import Task
+
+__all__ = ["check_ray_address", "default_workers", "run_trials"]
+
+_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:(\d{1,5})$")
+
+
+def default_workers() -> int:
+    """The cores this process may use (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_ray_address(address: str) -> str:
+    """Return `address` when it is "auto", "local", "HOST:PORT" or "ray://HOST:PORT".
+
+    Raises:
+        ConfigError: anything else, with examples.
+
+    Example:
+        >>> check_ray_address("10.0.0.5:6379")
+        '10.0.0.5:6379'
+    """
+    if address in ("auto", "local"):
+        return address
+    match = _ADDRESS.match(address or "")
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise ConfigError(
+            f"Ray address {address!r} is not auto, local, HOST:PORT or ray://HOST:PORT; e.g. "
+            "--ray-address auto (a cluster started with `ray start`) or 10.0.0.5:6379."
+        )
+    return address
+
+
+@functools.lru_cache(maxsize=1)
+def _load_source(source: str) -> Task:
+    # Each worker process loads the task once, not once per trial.
+    from batchfit.task import load_task
+
+    return load_task(source)
+
+
+def _resolve(source: str | Task) -> Task:
+    return _load_source(source) if isinstance(source, str) else source
+
+
+def _trial_in_worker(
+    source: str | Task, spec: TrialSpec, target: Target, tolerance: float
+) -> TrialResult:
+    import torch
+
+    torch.set_num_threads(1)
+    return run_trial(_resolve(source), spec, target, device="cpu", tolerance=tolerance)
+
+
+def run_trials(
+    source: str | Task,
+    specs: Sequence[TrialSpec],
+    target: Target,
+    *,
+    tolerance: float,
+    workers: int = 1,
+    ray_address: str | None = None,
+    device: str = "cpu",
+) -> Iterator[TrialResult]:
+    """Run trials and yield each result as it finishes.
+
+    Args:
+        source: the task, as a spec string or a `Task`.
+        specs: the trials.
+        target: what each trial trains to.
+        tolerance: see `batchfit.sweep.trial.run_trial`.
+        workers: local processes; 1 runs the trials in this process, on `device`.
+        ray_address: run on Ray instead ("auto", "local", "HOST:PORT"); an already started
+            Ray (`ray.init` in this process) is used as it is.
+        device: where in-process trials train; worker processes and Ray tasks train on CPU.
+
+    Raises:
+        MissingDependencyError: Ray asked for but not installed.
+    """
+    if not specs:
+        return
+    if ray_address is not None:
+        yield from _run_on_ray(source, specs, target, tolerance, ray_address)
+    elif workers <= 1 or len(specs) == 1:
+        task = _resolve(source)
+        for spec in specs:
+            yield run_trial(task, spec, target, device=device, tolerance=tolerance)
+    else:
+        yield from _run_in_processes(source, specs, target, tolerance, workers)
+
+
+def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[TrialResult]:
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    method = "spawn" if isinstance(source, str) else "fork"
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=context) as pool:
+        pending = {pool.submit(_trial_in_worker, source, spec, target, tolerance) for spec in specs}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResult]:
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError(
+            "Optional dependency 'ray' is needed for --ray-address: pip install batchfit[ray]."
+        ) from None
+    check_ray_address(address)
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(_trial_in_worker)
+    pending: list[Any] = [remote.remote(source, spec, target, tolerance) for spec in specs]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                yield ray.get(ref)
+    finally:
+        for ref in pending:
+            ray.cancel(ref)

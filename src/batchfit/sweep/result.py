@@ -1,0 +1,171 @@
+"""What a sweep found: steps to target per batch, the fitted critical batch, the best rates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchfit.sweep.fit import StepsFit
+from batchfit.sweep.trial import TrialResult
+
+__all__ = ["BatchPoint", "SweepResult"]
+
+
+@dataclass(frozen=True)
+class BatchPoint:
+    """One batch size of a sweep.
+
+    Attributes:
+        batch: global batch in samples.
+        steps: S(B), the seed-mean steps to target at the best rate; None when no rate
+            reached the target with every seed.
+        steps_low, steps_high: the fewest and most steps over seeds at that rate.
+        best_lr: the rate with the fewest mean steps (None when none reached the target).
+        scaled_lr: the rule-scaled rate the grid was centred on (what the plan would use).
+        rates: every rate tried, ascending.
+        trials: trials run at this batch.
+    """
+
+    batch: int
+    steps: float | None
+    steps_low: int | None
+    steps_high: int | None
+    best_lr: float | None
+    scaled_lr: float
+    rates: tuple[float, ...]
+    trials: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__} | {
+            "rates": list(self.rates)
+        }
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The outcome of `batchfit.sweep.driver.run_sweep`.
+
+    Attributes:
+        task: the task's name.
+        target: the target, as text ("val_accuracy>=0.96").
+        seeds: the seeds every (batch, rate) ran with.
+        points: one `BatchPoint` per batch, ascending.
+        fit: S = S_min + E_min / B over the points (None with fewer than two).
+        fit_reason: why there is no fit or no B_crit, else empty.
+        critical_batch_low, critical_batch_high: the range of B_crit over per-seed fits
+            (each seed's steps at each batch's best rate); high None when a seed showed no plateau.
+        lr_exponent: slope of log(best rate) against log(batch).
+        lr_rule: the scaling rule the grids were centred with.
+        noise_scale: `NoiseScaleResult.to_dict()` of `measure_noise_scale` on the same task, or
+            None when skipped.
+        trials: every trial, including those read back from the folder.
+        trials_run: trials trained in this call; trials_resumed: read back instead.
+        samples: samples trained on by all trials (resumed included).
+        seconds: wall time of this call.
+        folder: the sweep folder, or None.
+    """
+
+    task: str
+    target: str
+    seeds: tuple[int, ...]
+    points: tuple[BatchPoint, ...]
+    fit: StepsFit | None
+    fit_reason: str
+    critical_batch_low: float | None
+    critical_batch_high: float | None
+    lr_exponent: float | None
+    lr_rule: str
+    noise_scale: dict[str, Any] | None
+    trials: tuple[TrialResult, ...] = field(repr=False)
+    trials_run: int
+    trials_resumed: int
+    samples: int
+    seconds: float
+    folder: str | None
+
+    @property
+    def critical_batch(self) -> float | None:
+        """B_crit = E_min / S_min in samples, or None (see `fit_reason`)."""
+        return self.fit.critical_batch if self.fit is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["seeds"] = list(self.seeds)
+        data["points"] = [point.to_dict() for point in self.points]
+        data["fit"] = self.fit.to_dict() if self.fit is not None else None
+        data["trials"] = [trial.to_dict() for trial in self.trials]
+        data["critical_batch"] = self.critical_batch
+        data["meaning"] = self.describe()
+        return data
+
+    def table_rows(self) -> list[tuple[str, ...]]:
+        """One row per batch: batch, steps (range), best rate, rule-scaled rate, fitted steps."""
+        rows = [("batch", "steps to target (seeds)", "best lr", "rule lr", "fit")]
+        for point in self.points:
+            steps = "not reached"
+            if point.steps is not None:
+                steps = f"{point.steps:.1f} ({point.steps_low}-{point.steps_high})"
+            rows.append(
+                (
+                    str(point.batch),
+                    steps,
+                    f"{point.best_lr:.3g}" if point.best_lr is not None else "-",
+                    f"{point.scaled_lr:.3g}",
+                    f"{self.fit.steps_at(point.batch):.1f}" if self.fit is not None else "-",
+                )
+            )
+        return rows
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """(label, value) rows of the read-out."""
+        rows = [("target", self.target), ("seeds", str(len(self.seeds)))]
+        if self.fit is not None:
+            rows += [
+                ("S_min (steps)", f"{self.fit.min_steps:.1f}"),
+                ("E_min (samples)", f"{self.fit.min_samples:,.0f}"),
+            ]
+        crit = self.critical_batch
+        rows.append(("B_crit = E_min/S_min", f"{crit:,.0f}" if crit is not None else "-"))
+        if crit is not None:
+            low, high = self.critical_batch_low, self.critical_batch_high
+            rows.append(
+                (
+                    "B_crit over seeds",
+                    f"{low:,.0f} to {'unbounded' if high is None else f'{high:,.0f}'}"
+                    if low is not None
+                    else "-",
+                )
+            )
+        if self.noise_scale is not None:
+            noise = self.noise_scale
+            value = noise.get("noise_scale_samples")
+            low, high = noise.get("low_samples"), noise.get("high_samples")
+            text = "-" if value is None else f"{value:,.0f}"
+            if value is not None and low is not None:
+                text += f" ({low:,.0f} to {'?' if high is None else f'{high:,.0f}'})"
+            rows.append(("noise scale B_simple", text))
+        exponent = self.lr_exponent
+        rows.append(("best-rate exponent", f"{exponent:.2f}" if exponent is not None else "-"))
+        rows.append(("lr rule (plan)", self.lr_rule))
+        rows.append(("trials run / resumed", f"{self.trials_run} / {self.trials_resumed}"))
+        rows.append(("samples trained", f"{self.samples:,}"))
+        rows.append(("time", f"{self.seconds:.1f} s"))
+        return rows
+
+    def describe(self) -> str:
+        """What the sweep means, in a sentence or two."""
+        crit = self.critical_batch
+        if crit is None:
+            return f"No critical batch: {self.fit_reason}"
+        text = (
+            f"Critical batch about {crit:,.0f} samples (E_min/S_min): below it doubling the batch "
+            f"nearly halves the steps to {self.target}; above it, samples are wasted."
+        )
+        noise = (self.noise_scale or {}).get("noise_scale_samples")
+        if noise:
+            text += f" The noise scale predicted {noise:,.0f} ({noise / crit:.2g}x measured)."
+        if self.lr_exponent is not None:
+            rule = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}.get(self.lr_rule)
+            text += f" The best rate grew as B^{self.lr_exponent:.2f}"
+            text += f" (the {self.lr_rule} rule assumes B^{rule:g})." if rule is not None else "."
+        return text

@@ -1,0 +1,102 @@
+"""The sweep folder: one JSON file per finished trial, written atomically, so a sweep resumes.
+
+Layout: `sweep.json` (what the sweep measures: task, target, tolerance, micro-batch), one
+`trials/b<batch>_lr<rate>_s<seed>.json` per finished trial, and `trials.csv` / `result.json`
+when the sweep ends. A folder that holds another sweep (other task, target or tolerance) is
+refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from batchfit.errors import ConfigError
+from batchfit.files import write_atomic
+from batchfit.sweep.grid import rate_key
+from batchfit.sweep.trial import TrialResult, TrialSpec
+
+__all__ = ["CSV_NAME", "SweepStore", "trials_csv"]
+
+IDENTITY_NAME = "sweep.json"
+TRIALS_FOLDER = "trials"
+CSV_NAME = "trials.csv"
+
+
+class SweepStore:
+    """Finished trials of one sweep on disk.
+
+    Args:
+        folder: the sweep folder (created when missing).
+        identity: what the sweep measures; a folder written with another identity is refused.
+
+    Raises:
+        ConfigError: the folder holds a sweep with another identity.
+    """
+
+    def __init__(self, folder: str | os.PathLike, identity: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        path = self.folder / IDENTITY_NAME
+        if path.exists():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            changed = sorted(key for key in identity if saved.get(key) != identity[key])
+            if changed:
+                details = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in changed)
+                raise ConfigError(
+                    f"{str(self.folder)!r} holds another sweep ({details}); resume it with its "
+                    "options, or give another --out folder."
+                )
+        else:
+            write_atomic(path, json.dumps(identity, indent=2) + "\n")
+
+    def _path(self, batch: int, lr: float, seed: int) -> Path:
+        return self.folder / TRIALS_FOLDER / f"b{batch}_lr{rate_key(lr)}_s{seed}.json"
+
+    def load(self, spec: TrialSpec) -> TrialResult | None:
+        """The finished trial for `spec`, or None when it must run.
+
+        A trial that reached the target or diverged is final; one stopped by a cap is reused
+        when its cap was at least `spec.cap_steps`.
+        """
+        path = self._path(spec.batch, spec.lr, spec.seed)
+        if not path.exists():
+            return None
+        result = TrialResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        if result.reached or result.diverged or result.cap_steps >= spec.cap_steps:
+            return result
+        return None
+
+    def save(self, result: TrialResult) -> Path:
+        """Write a finished trial (atomically: an interruption leaves the old file or none)."""
+        path = self._path(result.batch, result.lr, result.seed)
+        return write_atomic(path, json.dumps(result.to_dict(), indent=2) + "\n")
+
+    def finished(self) -> int:
+        """How many trial files the folder holds."""
+        return len(list((self.folder / TRIALS_FOLDER).glob("*.json")))
+
+
+def trials_csv(results: Iterable[TrialResult]) -> str:
+    """Every trial as CSV text, one row each, sorted by batch, rate and seed.
+
+    Example:
+        >>> print(trials_csv([]).strip())
+        batch,lr,seed,steps,steps_run,samples,cap_steps,micro_batch,metric,diverged,evaluations,seconds
+    """
+    columns = [
+        "batch", "lr", "seed", "steps", "steps_run", "samples", "cap_steps", "micro_batch",
+        "metric", "diverged", "evaluations", "seconds",
+    ]  # fmt: skip
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for result in sorted(results, key=lambda r: (r.batch, r.lr, r.seed)):
+        row = result.to_dict()
+        row["seconds"] = f"{row['seconds']:.3f}"
+        writer.writerow({name: "" if row[name] is None else row[name] for name in columns})
+    return buffer.getvalue()

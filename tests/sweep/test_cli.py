@@ -1,0 +1,48 @@
+"""`batchfit sweep` through main([...]): bad input is one line and exit 2; --json works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchfit.cli.main import main
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--target", "val_accuracy=0.96"], "METRIC>=VALUE"),
+        (["--target", "val_f1>=0.9"], "use one of train_loss, val_loss, val_accuracy"),
+        (["--target", "val_accuracy>=0.9", "--batch-sizes", "8,x"], "--batch-sizes 8,16,32"),
+        (["--target", "val_accuracy>=0.9", "--batch-sizes", "8,99999"], "training data"),
+        (["--target", "val_accuracy>=0.9", "--batch-sizes", "8,8"], "repeats"),
+        (["--target", "val_accuracy>=0.9", "--ray-address", "no-port"], "HOST:PORT"),
+        (["--target", "val_accuracy>=0.9", "--ray-address", "h:99999"], "HOST:PORT"),
+        (["--target", "val_accuracy>=0.9", "--seeds", "0"], "--seeds must lie in [1, "),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(flags, words, capsys, tmp_path):
+    code = main(["sweep", "--example", "digits", "--out", str(tmp_path / "s"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("batchfit: error:")
+    assert words in err
+
+
+def test_no_task_is_one_line(capsys):
+    assert main(["sweep", "--target", "val_loss<=0.5"]) == 2
+    assert "--example" in capsys.readouterr().err
+
+
+def test_json_sweep_writes_the_folder(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--example", "digits", "--target", "val_accuracy>=0.9", "--out", str(out)]
+    argv += ["--batch-sizes", "512,1024", "--seeds", "1", "--widen", "0", "--workers", "1"]
+    assert main([*argv, "--no-noise-scale", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [p["batch"] for p in data["points"]] == [512, 1024]
+    assert data["trials_run"] == 6 and len(data["trials"]) == 6
+    assert {"critical_batch", "lr_exponent", "fit"} <= set(data)
+    assert (out / "trials.csv").exists() and (out / "steps.png").exists()
+    assert (out / "rates.png").exists()

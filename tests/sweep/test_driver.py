@@ -1,0 +1,104 @@
+"""run_sweep on the digits example: a tiny grid, the CSV, resume, the folder's identity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchfit.errors import ConfigError
+from batchfit.sweep.driver import SweepConfig, run_sweep
+from batchfit.sweep.trial import TrialSpec, run_trial
+
+DIGITS = "batchfit.examples.digits:task"
+
+
+def _config(**options):
+    base = dict(batch_sizes=(64, 128), seeds=1, widen=0, workers=1, noise_scale=False)
+    return SweepConfig("val_accuracy>=0.9", **(base | options))
+
+
+def test_two_batches_three_rates_one_seed(tmp_path):
+    calls = []
+    result = run_sweep(
+        DIGITS, _config(), out_dir=tmp_path, progress=lambda *call: calls.append(call)
+    )
+    assert [point.batch for point in result.points] == [64, 128]
+    assert result.trials_run == 6 and result.trials_resumed == 0
+    assert all(len(point.rates) == 3 for point in result.points)
+    for point in result.points:
+        # the grid is centred on the sqrt-scaled rate (Adam), a factor 2 either side
+        assert point.rates == pytest.approx(
+            (point.scaled_lr / 2, point.scaled_lr, point.scaled_lr * 2)
+        )
+        assert point.steps is not None and point.best_lr in point.rates
+    assert result.lr_rule == "sqrt"
+    assert result.samples == sum(t.steps_run * t.batch for t in result.trials)
+    assert calls[-1] == ("trials", 6, 6)
+    lines = (tmp_path / "trials.csv").read_text().splitlines()
+    assert len(lines) == 7 and lines[0].startswith("batch,lr,seed,steps")
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["points"][0]["batch"] == 64 and "critical_batch" in saved
+
+
+def test_pruned_trials_stop_at_twice_the_best(tmp_path):
+    result = run_sweep(DIGITS, _config(), out_dir=tmp_path)
+    for point in result.points:
+        trials = [t for t in result.trials if t.batch == point.batch]
+        first = next(t for t in trials if t.lr == point.scaled_lr)
+        for trial in trials:
+            if trial is not first:  # wave 2 is capped by wave 1's steps
+                assert trial.cap_steps == 2 * first.steps
+                assert trial.steps_run <= trial.cap_steps
+
+
+def test_resume_skips_finished_trials(tmp_path):
+    first = run_sweep(DIGITS, _config(), out_dir=tmp_path)
+    again = run_sweep(DIGITS, _config(), out_dir=tmp_path)
+    assert (again.trials_run, again.trials_resumed) == (0, 6)
+    assert [p.steps for p in again.points] == [p.steps for p in first.points]
+    # an interrupted sweep: one trial's file missing, only that one runs again
+    missing = sorted((tmp_path / "trials").glob("b128_*.json"))[0]
+    missing.unlink()
+    resumed = run_sweep(DIGITS, _config(), out_dir=tmp_path)
+    assert (resumed.trials_run, resumed.trials_resumed) == (1, 5)
+    assert missing.exists()
+
+
+def test_a_folder_of_another_sweep_is_refused(tmp_path):
+    run_sweep(DIGITS, _config(batch_sizes=(512, 1024), widen=0), out_dir=tmp_path)
+    other = SweepConfig("val_loss<=0.5", batch_sizes=(512, 1024), seeds=1, widen=0, workers=1)
+    with pytest.raises(ConfigError, match="holds another sweep.*another --out"):
+        run_sweep(DIGITS, other, out_dir=tmp_path)
+
+
+def test_accumulation_gives_the_same_steps():
+    from batchfit.sweep.target import parse_target
+    from batchfit.task import load_example
+
+    task, target = load_example("digits"), parse_target("train_loss<=0.4")
+    whole = run_trial(task, TrialSpec(64, 0.004, 0, 200, 64), target)
+    accumulated = run_trial(task, TrialSpec(64, 0.004, 0, 200, 16), target)
+    assert whole.steps is not None
+    assert accumulated.steps == whole.steps and accumulated.micro_batch == 16
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"seeds": 0}, "seeds must be"),
+        ({"cap_factor": 0.5}, "cap_factor"),
+        ({"batch_sizes": ()}, "empty"),
+        ({"batch_sizes": (8, "x")}, "not a positive whole number"),
+        ({"ray_address": "nowhere"}, "HOST:PORT"),
+        ({"lr_rule": "cubic"}, "linear, sqrt, none"),
+    ],
+)
+def test_bad_options_raise_with_the_fix(options, words):
+    with pytest.raises(ConfigError, match=words):
+        _config(**options)
+
+
+def test_a_grid_larger_than_the_data_is_refused():
+    with pytest.raises(ConfigError, match="larger than the training data"):
+        run_sweep(DIGITS, _config(batch_sizes=(64, 4096)))
