@@ -1,5 +1,6 @@
 import contextlib
 import doctest
+import gc
 import math
 import re
 import socket
@@ -287,6 +288,7 @@ def test_real_ddp_single_process_gloo():
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
     )
+    model = None
     try:
         batch = _data(64)
         want, _ = _one_batch_gradient(batch)
@@ -301,6 +303,10 @@ def test_real_ddp_single_process_gloo():
         assert seen == [False, False, False, True]
         assert _max_relative_error(_grads(model.module), want) < 1e-6
     finally:
+        # DDP's reducer holds the process group: free it first, or destroying the group and
+        # then the reducer can leave gloo's destructor waiting on its worker thread forever.
+        del model
+        gc.collect()
         dist.destroy_process_group()
 
 
