@@ -90,11 +90,11 @@ def test_noise_doubles_after_a_window_above_the_threshold_with_hysteresis():
     assert [schedule.global_batch(t, 0, None) for t in range(10)] == [16] * 10
 
 
-def test_noise_cap_is_never_exceeded_and_batch_stays_a_multiple():
-    schedule = NoiseBatch(12, max_batch=101, rule="sqrt", window=1, multiple=4)
+def test_noise_cap_is_never_exceeded_and_the_batch_stays_base_times_a_power_of_two():
+    schedule = NoiseBatch(12, max_batch=101, rule="sqrt", window=1)
     batches = [schedule.global_batch(t, 0, 1e6) for t in range(20)]
-    assert max(batches) <= 100 and all(b % 4 == 0 for b in batches)
-    assert batches[-1] == 100 and sorted(set(batches)) == [24, 48, 96, 100]
+    assert max(batches) <= 101  # whole doublings only: the batch stays 12 x 2^k
+    assert batches[-1] == 96 and sorted(set(batches)) == [24, 48, 96]
 
 
 def test_noise_rate_ramps_and_stops_rising_above_the_noise_scale():

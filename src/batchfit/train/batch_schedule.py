@@ -299,12 +299,12 @@ class NoiseBatch(BatchSchedule):
 
     Args:
         global_batch: the starting global batch (samples).
-        max_batch: the cap (samples); the loop gives the least of the user's maximum, a
-            share of the data set and the memory limit x accumulation.
+        max_batch: the cap (samples): the batch doubles only while the double fits under
+            it; the loop gives the least of the user's maximum, a share of the data set and
+            the memory limit x accumulation.
         rule: the rate rule, "linear" (SGD-type), "sqrt" (Adam-type) or "none".
         factor: the threshold, in multiples of the batch.
         window: steps in a row the noise scale must stay above the threshold.
-        multiple: the batch is kept a multiple of this (the world size).
 
     Example:
         >>> schedule = NoiseBatch(32, max_batch=128, rule="sqrt", window=3)
@@ -322,7 +322,6 @@ class NoiseBatch(BatchSchedule):
         rule: str = "sqrt",
         factor: float = NOISE_FACTOR,
         window: int = NOISE_WINDOW,
-        multiple: int = 1,
     ) -> None:
         super().__init__(global_batch, max_batch=max_batch)
         rule_factor(rule, 1)
@@ -330,7 +329,7 @@ class NoiseBatch(BatchSchedule):
             raise ConfigError(f"The noise factor must be a positive number, got {factor!r}.")
         if not (isinstance(window, int) and window >= 1):
             raise ConfigError(f"window must be a whole number of steps >= 1, got {window!r}.")
-        self.rule, self.factor, self.window, self.multiple = rule, float(factor), window, multiple
+        self.rule, self.factor, self.window = rule, float(factor), window
         self.spec = f"noise:{factor:g}"
         self.above = 0  # steps in a row above the threshold
         self.changed_at = 0  # the step of the last change
@@ -345,9 +344,8 @@ class NoiseBatch(BatchSchedule):
         elif noise_scale < HYSTERESIS * threshold:
             self.above = 0
         if self.above >= self.window:
-            doubled = self._capped(2 * self.batch)
-            doubled -= doubled % self.multiple
-            if doubled > self.batch:
+            doubled = 2 * self.batch  # a whole doubling or none: the batch stays base x 2^k
+            if self.max_batch is None or doubled <= self.max_batch:
                 self.old_factor = self.lr_factor(step)
                 # The rate rises with the batch only up to the measured noise scale.
                 rate_batch = min(doubled, max(self.batch, noise_scale))
@@ -388,7 +386,6 @@ def parse_batch_schedule(
     max_batch: int | None = None,
     rule: str = "linear",
     lr_schedule: ScheduleConfig | None = None,
-    multiple: int = 1,
 ) -> BatchSchedule:
     """The `BatchSchedule` a string names (see the module docstring for the forms).
 
@@ -400,7 +397,6 @@ def parse_batch_schedule(
         max_batch: the cap (samples); None: no cap.
         rule: the rate rule for `ramp` and `noise` ("linear", "sqrt" or "none").
         lr_schedule: the rate schedule `seesaw` follows (needed for it).
-        multiple: `noise` keeps the batch a multiple of this (the world size).
 
     Returns:
         The schedule, at its first batch.
@@ -426,9 +422,7 @@ def parse_batch_schedule(
             return SeesawBatch(global_batch, lr_schedule, max_batch=max_batch)
         if name == "noise":
             factor = float(rest) if rest else NOISE_FACTOR
-            return NoiseBatch(
-                global_batch, max_batch=max_batch, rule=rule, factor=factor, multiple=multiple
-            )
+            return NoiseBatch(global_batch, max_batch=max_batch, rule=rule, factor=factor)
         if name == "ramp" and rest:
             if "-" in rest:
                 sizes, _, samples = rest.partition(":")
