@@ -23,14 +23,14 @@ The forms (`parse_batch_schedule`, `SCHEDULE_FORMS`):
   after warmup) falls past another halving, the batch doubles and the rate falls by sqrt(2)
   instead of 2: the rate factor is sqrt(2)^k after k doublings. Up to the cap; past it the
   rate decays as scheduled.
-- `noise` or `noise:FACTOR`: adaptive. When the smoothed gradient noise scale B_simple
-  (`batchfit.noise.watch.NoiseScaleCallback`) has stayed above FACTOR (default 2) x the global
-  batch for `window` steps in a row, the batch doubles (never above the cap). Hysteresis: a
-  step between 0.75 x FACTOR x batch and FACTOR x batch neither counts nor resets the run of
-  steps, one below resets it, and after a doubling the count starts again. The rate follows the
-  rule (linear for SGD-type, sqrt for Adam-type) over a short ramp (`RATE_RAMP_STEPS`), scaled
-  only up to the measured noise scale: past it the best rate stops rising (Li et al. 2024,
-  "Surge phenomenon in optimal learning rate and batch size scaling").
+- `noise`, `noise:FACTOR` or `noise:FACTOR:WINDOW`: adaptive. When the smoothed gradient noise
+  scale B_simple (`batchfit.noise.watch.NoiseScaleCallback`) has stayed above FACTOR (default 2) x
+  the global batch for WINDOW (default 30) steps in a row, the batch doubles (never above the
+  cap). Hysteresis: a step between 0.75 x FACTOR x batch and FACTOR x batch neither counts nor
+  resets the run of steps, one below resets it, and after a doubling the count starts again. The
+  rate follows the rule (linear for SGD-type, sqrt for Adam-type) over a short ramp
+  (`RATE_RAMP_STEPS`), scaled only up to the measured noise scale: past it the best rate stops
+  rising (Li et al. 2024, "Surge phenomenon in optimal learning rate and batch size scaling").
 
 Every schedule keeps its state in `state_dict()` (a dict of plain numbers), so a checkpointed run
 resumes with the same decisions.
@@ -66,6 +66,7 @@ SCHEDULE_FORMS = (
     "seesaw",
     "noise",
     "noise:FACTOR",
+    "noise:FACTOR:WINDOW",
 )
 """The spellings `parse_batch_schedule` accepts."""
 
@@ -391,7 +392,7 @@ def parse_batch_schedule(
 
     Args:
         spec: "constant", "ramp:START-END:SAMPLES", "ramp:SAMPLES:BATCH,...", "seesaw",
-            "noise" or "noise:FACTOR".
+            "noise", "noise:FACTOR" or "noise:FACTOR:WINDOW".
         global_batch: the run's configured global batch (samples): the start of `seesaw` and
             `noise`, the rate's reference for `ramp`.
         max_batch: the cap (samples); None: no cap.
@@ -421,8 +422,14 @@ def parse_batch_schedule(
                 raise ConfigError("seesaw needs the rate schedule (lr_schedule=ScheduleConfig).")
             return SeesawBatch(global_batch, lr_schedule, max_batch=max_batch)
         if name == "noise":
-            factor = float(rest) if rest else NOISE_FACTOR
-            return NoiseBatch(global_batch, max_batch=max_batch, rule=rule, factor=factor)
+            factor, _, window = rest.partition(":")
+            return NoiseBatch(
+                global_batch,
+                max_batch=max_batch,
+                rule=rule,
+                factor=float(factor) if factor else NOISE_FACTOR,
+                window=int(window) if window else NOISE_WINDOW,
+            )
         if name == "ramp" and rest:
             if "-" in rest:
                 sizes, _, samples = rest.partition(":")
