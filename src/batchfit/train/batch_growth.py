@@ -9,12 +9,15 @@ micro-batch grows first, up to the memory limit, and accumulation second), sets 
 The memory limit is `TrainConfig.micro_batch`, lowered below every micro-batch that ran out of
 memory (`note_backoff`): after a back-off a bigger batch regrows the micro-batch up to the
 largest size not known to fail, instead of keeping the halved one (Composer never grows back).
+
+`config` is a `batchfit.train.config.TrainConfig` and `run` a `batchfit.train.setup.Run`; they
+are typed `Any` here because the config module checks schedules through this one (no cycle).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batchfit.train.batch_schedule import (
     BatchChange,
@@ -28,8 +31,6 @@ if TYPE_CHECKING:
     from batchfit.lr.schedules import ScheduleConfig
     from batchfit.task import Task
     from batchfit.train.backoff import BackoffEvent
-    from batchfit.train.config import TrainConfig, TrainSetup
-    from batchfit.train.setup import Run
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ MAX_ACCUMULATION = 8
 accumulation steps."""
 
 
-def schedule_cap(config: TrainConfig, *, dataset_size: int, world_size: int = 1) -> int:
+def schedule_cap(config: Any, *, dataset_size: int, world_size: int = 1) -> int:
     """The largest global batch (samples) the run's schedule may reach.
 
     The data set size, the user's `max_global_batch`, and for `noise` and `seesaw` also a
@@ -67,8 +68,8 @@ def schedule_cap(config: TrainConfig, *, dataset_size: int, world_size: int = 1)
 
 def schedule_for_run(
     task: Task,
-    config: TrainConfig,
-    setup: TrainSetup,
+    config: Any,
+    setup: Any,
     lr_schedule: ScheduleConfig,
     *,
     world_size: int = 1,
@@ -124,13 +125,13 @@ def fit_micro_batch(global_batch: int, world_size: int, limit: int, allow_uneven
     return max(size for size in range(1, limit + 1) if local % size == 0)
 
 
-def note_backoff(run: Run, event: BackoffEvent) -> None:
+def note_backoff(run: Any, event: BackoffEvent) -> None:
     """Record a back-off: the micro-batch that failed is no longer allowed to regrow."""
     run.backoffs.append(event)
     run.micro_limit = min(run.micro_limit, event.failed_micro_batch - 1)
 
 
-def next_batch(run: Run) -> BatchChange | None:
+def next_batch(run: Any) -> BatchChange | None:
     """Before step `run.step + 1`: the schedule's batch, micro-batch and rate; the change if any.
 
     A constant schedule touches nothing (the run is as without a schedule, bit for bit).
