@@ -165,3 +165,18 @@ def test_train_logs_the_noise_scale_unless_told_not_to(tmp_path, capsys):
     # consecutive steps are paired: from the second step on, every line carries an estimate
     assert all(line["noise_scale_trace"] != 0.0 for line in lines[1:])
     assert any(line["noise_scale"] is not None for line in lines)
+
+
+def test_train_batch_schedule_changes_are_printed_and_in_json(tmp_path, capsys):
+    args = ["train", "--example", "digits", "--global-batch", "32", "--micro-batch", "16"]
+    args += ["--steps", "4", "--batch-schedule", "ramp:0:16,32:64", "--max-global-batch", "64"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "step 3: global batch 16 -> 64 (16 x 4)" in out
+    assert main([*args, "--out", str(tmp_path / "b"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["batch_schedule"] == "ramp:0:16,32:64"
+    assert [(c["step"], c["new_batch"]) for c in result["batch_changes"]] == [(3, 64)]
+    assert result["samples_seen"] == 16 + 16 + 64 + 64
+    assert main([*args[:-4], "--batch-schedule", "grow", "--out", str(tmp_path / "c")]) == 2
+    assert "valid forms are constant" in capsys.readouterr().err

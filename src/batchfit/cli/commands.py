@@ -294,7 +294,8 @@ def train(args: argparse.Namespace) -> int:
         epochs="epochs", lr="lr", lr_rule="lr_rule", warmup="warmup", decay="decay",
         optimizer="optimizer", label_smoothing="label_smoothing", swa_start="swa_start",
         swa_lr="swa_lr", max_grad_norm="max_grad_norm", eval_every="eval_every",
-        checkpoint_every="checkpoint_every", seed="seed",
+        checkpoint_every="checkpoint_every", seed="seed", batch_schedule="batch_schedule",
+        max_global_batch="max_global_batch",
     )  # fmt: skip
     # Switches count only when given, so a plan's SyncBatchNorm advice is not undone.
     switches = ("swa", "allow_uneven", "sync_batchnorm")

@@ -156,6 +156,12 @@ def print_train_summary(
             f"  out of memory at step {event.step}: micro-batch {event.failed_micro_batch} -> "
             f"{event.micro_batch}"
         )
+    for change in getattr(result, "batch_changes", ()):
+        say(
+            f"  step {change.step}: global batch {change.old_batch} -> {change.new_batch} "
+            f"({change.micro_batch} x {change.accumulation_steps}), rate x{change.lr_factor:.3g}"
+            f": {change.evidence}"
+        )
     if result.val_metrics:
         say("  " + ", ".join(f"{key} {value:.4f}" for key, value in result.val_metrics.items()))
     if result.metrics_path:

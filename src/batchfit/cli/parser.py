@@ -188,6 +188,13 @@ def _add_train(command) -> None:
     )
     add_batch(train, "--global-batch", "samples per optimizer step")
     add_batch(train, "--micro-batch", "samples per forward/backward on one process")
+    train.add_argument(
+        "--batch-schedule",
+        metavar="SPEC",
+        help="grow the global batch during the run: constant (default), ramp:START-END:SAMPLES, "
+        "ramp:SAMPLES:BATCH,..., seesaw, noise[:FACTOR[:WINDOW]]",
+    )
+    add_batch(train, "--max-global-batch", "cap of the batch schedule (samples)")
     length = train.add_mutually_exclusive_group()
     add_count(length, "--steps", "optimizer steps")
     add_number(

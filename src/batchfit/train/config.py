@@ -38,6 +38,8 @@ IDENTITY_FIELDS = (
     "swa_lr",
     "max_grad_norm",
     "seed",
+    "batch_schedule",
+    "max_global_batch",
 )
 """Fields a resumed run must share with the checkpoint for it to continue the same run."""
 
@@ -71,6 +73,11 @@ class TrainConfig:
     sync_batchnorm: bool = False  # under DDP, convert BatchNorm layers to SyncBatchNorm
     drop_unreadable_metrics: bool = False  # on resume, drop metrics.jsonl lines that cannot
     # be read instead of refusing to resume over them
+    batch_schedule: str = "constant"  # constant | ramp:START-END:SAMPLES | ramp:S:B,S:B,... |
+    # seesaw | noise[:FACTOR] (batchfit.train.batch_schedule); global_batch is where seesaw and
+    # noise start and the rate's reference; micro_batch is the memory limit the batch grows into
+    max_global_batch: int | None = None  # the schedule's cap (samples); None: the data set
+    # size (noise and seesaw: also a quarter of it, and micro_batch x ranks x 8 accumulations)
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch"):
@@ -136,6 +143,16 @@ class TrainConfig:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise ConfigError(f"seed must be an int, got {self.seed!r}.")
+        if self.max_global_batch is not None:
+            check_batch_size(self.max_global_batch, name="max_global_batch")
+        from batchfit.lr.schedules import ScheduleConfig
+        from batchfit.train.batch_schedule import parse_batch_schedule
+
+        parse_batch_schedule(
+            self.batch_schedule,
+            global_batch=self.global_batch,
+            lr_schedule=ScheduleConfig(total_steps=1),
+        )
         if self.resume and self.out_dir is None:
             raise ConfigError("resume needs the run directory: give out_dir (--out RUN_DIR).")
 
@@ -321,10 +338,17 @@ def check_train_config(
     from batchfit.devices import resolve_device
     from batchfit.train.accumulation import plan_accumulation
 
-    plan_accumulation(
-        config.global_batch, config.micro_batch, world_size, allow_uneven=config.allow_uneven
-    )
-    resolve_setup(task, config)
+    setup = resolve_setup(task, config)
+    if config.batch_schedule == "constant":
+        plan_accumulation(
+            config.global_batch, config.micro_batch, world_size, allow_uneven=config.allow_uneven
+        )
+    else:
+        from batchfit.lr.schedules import ScheduleConfig
+        from batchfit.train.batch_growth import schedule_for_run
+
+        lr_schedule = ScheduleConfig(total_steps=setup.schedule_steps)
+        schedule_for_run(task, config, setup, lr_schedule, world_size=world_size)
     loss_function(task, config.label_smoothing)
     check_sync_batchnorm(config, world_size, resolve_device(device))
 
@@ -341,4 +365,8 @@ def check_sync_batchnorm(config: TrainConfig, world_size: int, device: torch.dev
 def changed_identity_fields(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """The IDENTITY_FIELDS in which `config` differs from a checkpoint's saved config."""
     current = config.to_dict()
-    return [name for name in IDENTITY_FIELDS if saved.get(name) != current.get(name)]
+    # A checkpoint written before a field existed ran with the field's default.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return [
+        name for name in IDENTITY_FIELDS if saved.get(name, defaults.get(name)) != current.get(name)
+    ]

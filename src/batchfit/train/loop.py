@@ -12,6 +12,9 @@ batchfit's pieces:
 - out-of-memory back-off (`batchfit.train.backoff`): the micro-batch halves and the step is redone;
 - checkpoints (`batchfit.train.checkpoint`) every N steps and on Ctrl-C / SIGTERM, metrics
   (`batchfit.train.metrics`) appended to RUN_DIR/metrics.jsonl, `resume` to continue a run exactly;
+- an optional batch schedule (`batchfit.train.batch_schedule`, `batchfit.train.batch_growth`):
+  the global batch grows between steps (ramp, seesaw, or from the measured noise scale), the
+  micro-batch first and accumulation second, with the rate following the schedule's factor;
 - optional stochastic weight averaging (Izmailov et al. 2018, `torch.optim.swa_utils`) and label
   smoothing (`Task.loss_with_smoothing`).
 
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import DoesNotFitError, TrainingDivergedError
+from batchfit.train.batch_growth import next_batch
 from batchfit.train.callbacks import CallbackList, StopTraining, TrainCallback
 from batchfit.train.config import TrainConfig, check_train_config
 from batchfit.train.evaluation import evaluate, update_swa_batchnorm
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
     from batchfit.progress import ProgressFn
     from batchfit.task import Task
     from batchfit.train.backoff import BackoffEvent
+    from batchfit.train.batch_schedule import BatchChange
     from batchfit.train.distributed import DistributedContext
     from batchfit.train.metrics import MetricsLog
     from batchfit.train.progress import TrainProgress
@@ -79,7 +84,7 @@ class TrainResult:
         lr_reason: how it was chosen, in words.
         warmup_steps: optimizer steps of warmup.
         schedule: the schedule, one line.
-        global_batch: samples per optimizer step over all ranks.
+        global_batch: samples per optimizer step over all ranks (at the end, with a schedule).
         micro_batch: the micro-batch at the end (smaller than asked after a back-off).
         accumulation_steps: micro-batches per rank per step at the end.
         world_size: ranks that trained.
@@ -94,6 +99,9 @@ class TrainResult:
         noise_scale_logged: whether a callback logged the gradient noise scale this session.
         noise_scale_reason: why it was not, in words (None when it was).
         noise_scale: the last noise scale logged (samples), None before it is reliable.
+        batch_schedule: the batch schedule's spec (`TrainConfig.batch_schedule`).
+        batch_changes: every change of the global batch in the run (`BatchChange`), also
+            across a resume.
         model: the trained model (the SWA average when swa is on); not in `to_dict()`.
     """
 
@@ -121,11 +129,14 @@ class TrainResult:
     noise_scale_logged: bool = False
     noise_scale_reason: str | None = None
     noise_scale: float | None = None
+    batch_schedule: str = "constant"
+    batch_changes: tuple[BatchChange, ...] = ()
     model: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
         data["backoffs"] = [event.to_dict() for event in self.backoffs]
+        data["batch_changes"] = [change.to_dict() for change in self.batch_changes]
         return data
 
 
@@ -223,12 +234,17 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
     try:
         with budget, bar, stop_on_signals() as signals:
             while run.step < run.setup.total_steps:
+                change = next_batch(run)
                 try:
                     record, extra = optimizer_step(run, hooks.on_step_end)
                 except TrainingDivergedError:
                     if run.saved_at != run.step and run.step > 0:
                         save_run(run, hooks.state_dicts())  # the last good step
                     raise
+                if run.config.batch_schedule != "constant":
+                    extra = {**extra, "global_batch": run.global_batch}
+                    if change is not None:
+                        extra["batch_change"] = change.to_dict()
                 stop = _after_step(run, record, extra, hooks, metrics, bar, signals["stop"])
                 if stop:
                     interrupted = hooks.stop_reason is None
@@ -251,6 +267,13 @@ def _start(run: Run, callbacks: Sequence[Any], checkpoint: dict | None) -> Callb
         )
     else:
         run.train_model = run.model
+    callbacks = list(callbacks)
+    if run.config.batch_schedule.startswith("noise"):
+        from batchfit.noise.watch import NoiseScaleCallback
+
+        if not any(isinstance(callback, NoiseScaleCallback) for callback in callbacks):
+            # The schedule needs the noise scale; measure it when the caller does not.
+            callbacks.append(NoiseScaleCallback(dataset_size=len(run.task.train_data)))
     hooks = CallbackList(callbacks)
     hooks.on_train_start(run.model, run.plan)
     if checkpoint is not None:
@@ -276,7 +299,7 @@ def _after_step(
         run.noise_scale_logged, run.noise_scale = True, extra["noise_scale"]
     line = {**record.to_dict(), **extra}
     last = step == run.setup.total_steps
-    bar.step_done(step, samples=run.config.global_batch, loss=record.loss, lr=record.lr)
+    bar.step_done(step, samples=run.global_batch, loss=record.loss, lr=record.lr)
     # Evaluation batches are micro-batches: what fits for training fits without grads.
     if run.main and ((run.eval_every and step % run.eval_every == 0) or last):
         run.val_metrics = evaluate(
@@ -321,7 +344,7 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
     noise_reason = None
     if not run.noise_scale_logged:
         loggable, why = noise_scale_loggable(
-            config.global_batch,
+            run.global_batch,
             config.micro_batch,
             dataset_size=len(run.task.train_data),
             world_size=run.context.world_size,
@@ -344,7 +367,7 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
         warmup_steps=setup.warmup_steps,
         schedule=run.schedule.describe()
         + (f", then SWA from step {setup.swa_start_step}" if config.swa else ""),
-        global_batch=config.global_batch,
+        global_batch=run.global_batch,
         micro_batch=run.micro_batch,
         accumulation_steps=-(-run.local_batch // run.micro_batch),
         world_size=run.context.world_size,
@@ -359,6 +382,8 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
         noise_scale_logged=run.noise_scale_logged,
         noise_scale_reason=noise_reason,
         noise_scale=run.noise_scale,
+        batch_schedule=config.batch_schedule,
+        batch_changes=tuple(run.batch_changes),
         model=run.swa_model.module if run.swa_model is not None else run.model,
     )
 

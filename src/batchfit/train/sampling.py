@@ -8,6 +8,10 @@ after a resume, after an out-of-memory back-off, and for any number of ranks (ea
 contiguous, equal slice of the global batch, like `DistributedSampler` does of an epoch).
 No sample is skipped and none is repeated within an epoch; a global batch that straddles two
 epochs takes the end of one permutation and the start of the next.
+
+When the global batch changes during a run (`batchfit.train.batch_schedule`), each step takes
+the next `G_t` positions of the same stream, from the samples seen so far (`stream_indices`): the
+stream does not depend on the batch sizes, so a change loses and repeats nothing.
 """
 
 from __future__ import annotations
@@ -56,8 +60,40 @@ def global_batch_indices(
             raise ConfigError(f"{name} must be a positive int, got {value!r}.")
     if not (isinstance(step, int) and step >= 0):
         raise ConfigError(f"step must be a non-negative int, got {step!r}.")
-    start = step * global_batch
-    stop = start + global_batch
+    return stream_indices(step * global_batch, global_batch, dataset_size=dataset_size, seed=seed)
+
+
+def stream_indices(start: int, count: int, *, dataset_size: int, seed: int) -> list[int]:
+    """The `count` sample indices at stream positions `[start, start + count)`, in order.
+
+    The stream is the epochs' permutations end to end (`epoch_permutation`); `start` is the
+    number of samples trained on before (`samples_seen`). Global step `s` at a fixed batch `G`
+    is `stream_indices(s * G, G, ...)`.
+
+    Args:
+        start: the stream position of the first sample (samples seen before), 0 or more.
+        count: how many samples to take (the global batch).
+        dataset_size: number of training samples.
+        seed: the run's seed.
+
+    Returns:
+        `count` indices into the training data.
+
+    Raises:
+        ConfigError: a size that is not a positive int, or a negative start.
+
+    Example:
+        >>> first = stream_indices(0, 3, dataset_size=8, seed=0)
+        >>> rest = stream_indices(3, 5, dataset_size=8, seed=0)
+        >>> sorted(first + rest)
+        [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    for name, value in (("dataset_size", dataset_size), ("count", count)):
+        if not (isinstance(value, int) and value > 0):
+            raise ConfigError(f"{name} must be a positive int, got {value!r}.")
+    if not (isinstance(start, int) and start >= 0):
+        raise ConfigError(f"start must be a non-negative int, got {start!r}.")
+    stop = start + count
     indices: list[int] = []
     epoch = start // dataset_size
     while start < stop:

@@ -83,11 +83,15 @@ class Run:
     step_seconds: float = 0.0  # seconds spent in this session's optimizer steps
     noise_scale: float | None = None  # the last noise scale a callback logged
     noise_scale_logged: bool = False
+    batch_schedule: Any = None  # the BatchSchedule (batchfit.train.batch_schedule)
+    global_batch: int = 0  # samples per optimizer step now, over all ranks (set by the schedule)
+    micro_limit: int = 0  # the largest micro-batch allowed: below every one that ran out of memory
+    batch_changes: list = field(default_factory=list)  # BatchChange, every one of the run
 
     @property
     def local_batch(self) -> int:
         """Samples per optimizer step on this rank."""
-        return self.config.global_batch // self.context.world_size
+        return self.global_batch // self.context.world_size
 
     @property
     def main(self) -> bool:
@@ -114,19 +118,25 @@ def set_up_run(
 
     from batchfit.lr.schedules import build_scheduler
     from batchfit.train.accumulation import plan_accumulation
+    from batchfit.train.batch_growth import fit_micro_batch, schedule_for_run
+    from batchfit.train.batch_schedule import ConstantBatch
     from batchfit.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_fingerprint
     from batchfit.train.metrics import METRICS_NAME
     from batchfit.train.optimizers import make_optimizer
 
-    plan = plan_accumulation(
-        config.global_batch,
-        config.micro_batch,
-        context.world_size,
-        allow_uneven=config.allow_uneven,
-    )
     setup = resolve_setup(task, config)
-    loss_fn = loss_function(task, config.label_smoothing)
     schedule = _schedule(task, config, setup)
+    batch_schedule = schedule_for_run(task, config, setup, schedule, world_size=context.world_size)
+    first_batch, micro_batch = config.global_batch, config.micro_batch
+    if not isinstance(batch_schedule, ConstantBatch):
+        first_batch = batch_schedule.batch
+        micro_batch = fit_micro_batch(
+            first_batch, context.world_size, config.micro_batch, config.allow_uneven
+        )
+    plan = plan_accumulation(
+        first_batch, micro_batch, context.world_size, allow_uneven=config.allow_uneven
+    )
+    loss_fn = loss_function(task, config.label_smoothing)
     run_dir = Path(config.out_dir) if config.out_dir is not None else None
     checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     metrics_path = run_dir / METRICS_NAME if run_dir is not None else None
@@ -164,7 +174,10 @@ def set_up_run(
         fingerprint=fingerprint,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, schedule),
-        micro_batch=config.micro_batch,
+        micro_batch=micro_batch,
+        batch_schedule=batch_schedule,
+        global_batch=first_batch,
+        micro_limit=config.micro_batch,
     )
     if config.swa:
         from torch.optim.swa_utils import SWALR, AveragedModel
@@ -211,6 +224,22 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
     run.samples_seen = int(checkpoint["samples_seen"])
     if config.micro_batch == checkpoint["config"]["micro_batch"]:
         run.micro_batch = min(run.micro_batch, int(checkpoint["micro_batch"]))  # keep a back-off
+    growth = checkpoint.get("batch_schedule")
+    if growth is not None:
+        from batchfit.train.batch_growth import fit_micro_batch
+        from batchfit.train.batch_schedule import BatchChange
+
+        run.batch_schedule.load_state_dict(growth["state"])
+        run.global_batch = int(growth["global_batch"])
+        run.noise_scale = growth["noise_scale"]
+        run.batch_changes = [BatchChange(**change) for change in growth["changes"]]
+        if config.micro_batch == checkpoint["config"]["micro_batch"]:
+            run.micro_limit = int(growth["micro_limit"])
+            run.micro_batch = int(checkpoint["micro_batch"])
+        else:
+            run.micro_batch = fit_micro_batch(
+                run.global_batch, context.world_size, run.micro_limit, config.allow_uneven
+            )
     rng = checkpoint["rng"]
     torch.set_rng_state(rng[context.rank] if context.rank < len(rng) else rng[0])
     if run.main and run.metrics_path is not None:
@@ -241,6 +270,14 @@ def save_run(run: Run, callback_states: list[Any]) -> None:
             "backoffs": [event.to_dict() for event in run.backoffs],
             "callbacks": callback_states,
         }
+        if run.config.batch_schedule != "constant":
+            state["batch_schedule"] = {
+                "state": run.batch_schedule.state_dict(),
+                "global_batch": run.global_batch,
+                "micro_limit": run.micro_limit,
+                "noise_scale": run.noise_scale,
+                "changes": [change.to_dict() for change in run.batch_changes],
+            }
         if run.swa_model is not None:
             state["swa_model"] = run.swa_model.state_dict()
             state["swa_scheduler"] = run.swa_scheduler.state_dict()

@@ -80,16 +80,16 @@ def optimizer_step(
 
     from batchfit.snapshot import capture_rng, restore_rng
     from batchfit.train.backoff import run_with_backoff
+    from batchfit.train.batch_growth import note_backoff
     from batchfit.train.distributed import mean_over_ranks
-    from batchfit.train.sampling import global_batch_indices, rank_slice
+    from batchfit.train.sampling import rank_slice, stream_indices
 
     config, context, model = run.config, run.context, run.model
+    global_batch = run.global_batch
     started = time.perf_counter()
-    indices = global_batch_indices(
-        run.step,
-        dataset_size=len(run.task.train_data),
-        global_batch=config.global_batch,
-        seed=run.seed,
+    # The next samples of the seeded stream: exact whether or not the global batch changed.
+    indices = stream_indices(
+        run.samples_seen, global_batch, dataset_size=len(run.task.train_data), seed=run.seed
     )
     local_indices = rank_slice(indices, rank=context.rank, world_size=context.world_size)
     batch = run.task.batch(local_indices)
@@ -110,7 +110,7 @@ def optimizer_step(
         step=run.step + 1,
         allow_uneven=config.allow_uneven,
         cleanup=cleanup,
-        on_backoff=run.backoffs.append,
+        on_backoff=lambda event: note_backoff(run, event),
         device=run.device,
         enabled=not context.enabled,
     )
@@ -122,7 +122,7 @@ def optimizer_step(
         raise _diverged(run, loss, grad_norm)
     record = StepRecord(
         step=run.step + 1,
-        samples_seen=run.samples_seen + config.global_batch,
+        samples_seen=run.samples_seen + global_batch,
         loss=loss,
         lr=run.optimizer.param_groups[0]["lr"],
         grad_norm=grad_norm,
@@ -140,9 +140,9 @@ def optimizer_step(
     else:
         run.scheduler.step()
     run.step += 1
-    run.samples_seen += config.global_batch
+    run.samples_seen += global_batch
     run.last_loss = loss
-    run.session_samples += config.global_batch
+    run.session_samples += global_batch
     run.step_seconds += time.perf_counter() - started
     return record, extra
 
@@ -155,7 +155,7 @@ def _accumulate(run: Run, batch: Any, size: int):
 
     config, context, task = run.config, run.context, run.task
     step_plan = plan_accumulation(
-        config.global_batch,
+        run.global_batch,
         size,
         context.world_size,
         allow_uneven=config.allow_uneven or run.local_batch % size != 0,
