@@ -204,7 +204,7 @@ def lr_range(args: argparse.Namespace) -> int:
 def throughput(args: argparse.Namespace) -> int:
     from batchfit.cli.format import table as format_table
     from batchfit.plots.throughput import plot_throughput
-    from batchfit.throughput import measure_throughput
+    from batchfit.throughput.measure import measure_throughput
 
     check_output_file(args.plot, "--plot", suffix=".png")
     task = _load_task(args)

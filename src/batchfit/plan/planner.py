@@ -108,7 +108,7 @@ def plan(
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
     from batchfit.noise.measure import measure_noise_scale
     from batchfit.plan.norm_layers import batchnorm_advice
-    from batchfit.throughput import measure_throughput
+    from batchfit.throughput.measure import measure_throughput
 
     report = progress or (lambda phase, done, total: None)
     device = resolve_device(device)
