@@ -268,3 +268,9 @@ def test_throughput_draws_a_line_on_every_axis(monkeypatch, tokens):
     assert "tokens per second" in axes[-1].get_ylabel() if tokens else True
     labels = axes[0].get_legend().get_texts()
     assert any("CPU time" in label.get_text() for label in labels)
+
+
+def test_throughput_bars_when_the_cpu_clock_reads_faster_than_every_wall_step():
+    data = {**_throughput_result(False).to_dict(), "clock": "cpu"}
+    data["samples_per_second"] = [rate * 2 for rate in data["samples_per_second"]]
+    assert throughput_png(data).startswith(PNG)

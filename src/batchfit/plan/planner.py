@@ -212,6 +212,7 @@ def plan(
         steepest_lr=range_result.steepest_lr,
         valley_lr=range_result.valley_lr,
         min_loss_lr=range_result.best_lr,
+        inconclusive=range_result.inconclusive_reason,
     )
     lr = float(lr_choice.value)
     reasons["lr"] = lr_choice.reason

@@ -56,7 +56,11 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
         axes.errorbar(
             sizes,
             rates,
-            yerr=[[r - s for r, s in zip(rates, slowest)], [f - r for r, f in zip(rates, fastest)]],
+            # max(0, ...): a rate read from CPU time may lie outside the wall-clock range
+            yerr=[
+                [max(0.0, r - s) for r, s in zip(rates, slowest)],
+                [max(0.0, f - r) for r, f in zip(rates, fastest)],
+            ],
             fmt="o-",
             color="tab:blue",
             capsize=3,
