@@ -4,7 +4,7 @@ import torch
 from batchfit.lr.range_test import lr_range_test
 from batchfit.memory.search import find_max_batch_size
 from batchfit.noise.measure import measure_noise_scale
-from batchfit.throughput import measure_throughput
+from batchfit.throughput.measure import measure_throughput
 from tests.conftest import make_mlp_task
 
 

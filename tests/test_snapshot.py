@@ -58,7 +58,7 @@ def _guarded_calls():
     from batchfit.memory.search import find_max_batch_size
     from batchfit.memory.step import measure_step_memory
     from batchfit.noise.measure import measure_noise_scale
-    from batchfit.throughput import measure_throughput
+    from batchfit.throughput.measure import measure_throughput
     from batchfit.train.config import TrainConfig
     from batchfit.train.loop import train
 

@@ -180,3 +180,32 @@ def test_train_batch_schedule_changes_are_printed_and_in_json(tmp_path, capsys):
     assert result["samples_seen"] == 16 + 16 + 64 + 64
     assert main([*args[:-4], "--batch-schedule", "grow", "--out", str(tmp_path / "c")]) == 2
     assert "valid forms are constant" in capsys.readouterr().err
+
+
+def _groupnorm_plan(tmp_path):
+    from batchfit.plan.plan_file import Plan
+
+    plan = Plan(
+        task="cnn", device="cpu", world_size=1, global_batch=8, micro_batch=8,
+        accumulation_steps=1, lr=0.01, lr_rule="linear", warmup_steps=0, total_steps=2,
+        normalization="groupnorm",
+    )  # fmt: skip
+    return str(plan.save(tmp_path / "plan.json"))
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_train_plan_converts_batchnorm_only_when_asked(tmp_path, capsys, convert):
+    import torch
+
+    run = tmp_path / "run"
+    argv = ["train", "--example", "cnn", "--plan", _groupnorm_plan(tmp_path), "--out", str(run)]
+    assert main([*argv, *(["--convert-batchnorm"] if convert else [])]) == 0
+    out = capsys.readouterr().out
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    names = " ".join(state["model"]) if "model" in state else json.dumps(list(state))
+    assert ("running_mean" in names) is not convert
+    if convert:
+        assert "BatchNorm converted to GroupNorm as the plan proposes (--convert-batchnorm)" in out
+    else:
+        assert "proposes GroupNorm for BatchNorm; not applied" in out
+        assert "Add --convert-batchnorm" in out

@@ -62,3 +62,22 @@ def test_to_dict_is_json_with_non_finite_losses_as_none():
     data = _result().to_dict()
     assert data["losses"][-1] is None and data["smoothed_losses"][-1] is None
     assert json.loads(json.dumps(data))["global_batch"] == 64
+
+
+def test_a_test_that_did_not_diverge_is_inconclusive():
+    completed = _result(
+        smoothed_losses=(2.0, 1.6, 1.2, 1.0), losses=(2.0, 1.5, 1.0, 0.9), best_lr=1.0,
+        stop_reason="completed",
+    )  # fmt: skip
+    assert completed.inconclusive_reason.startswith("it did not diverge")
+    assert dict(completed.summary_rows())["verdict"].startswith("inconclusive: it did not")
+    assert completed.describe().startswith("Inconclusive: it did not diverge")
+    assert completed.to_dict()["inconclusive_reason"] == completed.inconclusive_reason
+    assert _result().inconclusive_reason is None  # it blew up: the turn was seen
+    assert dict(_result().summary_rows())["verdict"] == "conclusive"
+
+
+def test_suggestions_above_the_starting_loss_are_inconclusive():
+    risen = _result(smoothed_losses=(2.0, 7.0, 5.0, math.nan), stop_reason="not_finite")
+    assert "above its start (2)" in risen.inconclusive_reason
+    assert "0.01" in risen.inconclusive_reason

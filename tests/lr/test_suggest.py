@@ -72,3 +72,26 @@ def test_bad_smoothing_says_what_it_means(smoothing):
 def test_unknown_sweep_mode():
     with pytest.raises(ConfigError, match="use one of exp, linear"):
         sweep_lrs(0.1, 1.0, 3, "cosine")
+
+
+def test_inconclusive_reasons_by_hand():
+    from batchfit.lr.suggest import inconclusive_reason
+
+    rates = [10 ** (k / 10 - 3) for k in range(20)]
+    falling = [2.0 - 0.05 * k for k in range(20)]
+    turned = falling[:15] + [1.5, 2.5, 4.0, 6.0, 9.0]
+    assert "did not diverge" in inconclusive_reason(
+        rates, falling, stopped="completed", suggestion_indices=[10]
+    )
+    # completed, but the loss turned before the end: the lowest loss means something
+    assert inconclusive_reason(rates, turned, stopped="completed", suggestion_indices=[8]) is None
+    assert "never fell" in inconclusive_reason(
+        rates, turned, stopped="diverged", suggestion_indices=[None, None]
+    )
+    above = [2.0] + [3.0 - 0.05 * k for k in range(19)]  # jumps up, then creeps down
+    assert "above its start" in inconclusive_reason(
+        rates, above + [], stopped="diverged", suggestion_indices=[5, 8]
+    )
+    assert "never finite" in inconclusive_reason(
+        rates[:2], [math.nan, math.inf], stopped="not_finite", suggestion_indices=[]
+    )

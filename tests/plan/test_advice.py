@@ -104,3 +104,32 @@ def test_choose_lr_raises_to_the_valley_or_a_tenth_of_the_minimum():
     # never above half the rate at the loss minimum
     capped = choose_lr(0.01, "scaled", valley_lr=0.2, min_loss_lr=0.3)
     assert capped.value == 0.01
+
+
+def test_a_tie_is_stated_with_its_rule():
+    # (1 + B/100) / rate: 16 -> 1.16/1160 = 1.000e-3, 32 -> 1.32/1300 = 1.015e-3 (+1.5%)
+    choice = choose_global_batch(
+        noise_scale=100, knee_batch=None, world_size=1, dataset_size=10_000,
+        reference_batch=32, throughput={8: 700, 16: 1160, 32: 1300, 64: 1320},
+    )  # fmt: skip
+    assert choice.value == 32
+    assert "16 minimises the estimated time" in choice.reason
+    assert "32 is within 2%" in choice.reason
+    assert "the largest tied batch is taken (32) because it needs fewer optimizer steps" in (
+        choice.reason
+    )
+    clear = choose_global_batch(
+        noise_scale=100, knee_batch=None, world_size=1, dataset_size=10_000,
+        reference_batch=32, throughput={8: 700, 16: 1300, 32: 1300},
+    )  # fmt: skip
+    assert clear.value == 16 and "tie" not in clear.reason and "+14% at 32" in clear.reason
+
+
+def test_an_inconclusive_range_test_does_not_move_the_rate():
+    choice = choose_lr(
+        0.01, "linear rule", valley_lr=0.03, min_loss_lr=0.2, inconclusive="it did not diverge"
+    )
+    assert choice.value == 0.01
+    assert "inconclusive (it did not diverge), so it does not move the rate" in choice.reason
+    lowered = choose_lr(1.0, "linear rule", valley_lr=0.03, min_loss_lr=0.2, inconclusive="x")
+    assert lowered.value == 1.0

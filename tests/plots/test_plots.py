@@ -21,7 +21,7 @@ from batchfit.plots.noise_scale import noise_scale_png, plot_noise_scale
 from batchfit.plots.range_test import plot_range_test, range_test_png
 from batchfit.plots.schedule import plot_schedule
 from batchfit.plots.throughput import plot_throughput, throughput_png
-from batchfit.throughput import ThroughputResult
+from batchfit.throughput.result import ThroughputResult
 from tests.conftest import make_mlp_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -222,3 +222,55 @@ def test_docstring_examples_run(name):
 
     module = importlib.import_module(f"batchfit.plots.{name}")
     assert doctest.testmod(module).failed == 0
+
+
+def _captured(monkeypatch, module):
+    """Make `module.png_bytes` keep the figure instead of rendering it."""
+    figures = []
+    monkeypatch.setattr(module, "png_bytes", lambda figure: figures.append(figure) or b"")
+    return figures
+
+
+def test_range_test_keeps_a_curve_that_rises_above_its_start_on_the_chart(monkeypatch):
+    from batchfit.plots import range_test
+
+    figures = _captured(monkeypatch, range_test)
+    rising = [2.0 + 0.1 * index for index in range(50)]  # never falls: the start is the best
+    range_test_png({"lrs": [10 ** (k / 10 - 4) for k in range(50)], "losses": rising,
+                    "smoothed_losses": rising})  # fmt: skip
+    low, high = figures[0].axes[0].get_ylim()
+    shown = [loss for loss in rising if low <= loss <= high]
+    assert len(shown) >= 0.9 * len(rising)
+
+
+def test_range_test_still_cuts_the_blow_up_at_the_end(monkeypatch):
+    from batchfit.plots import range_test
+
+    figures = _captured(monkeypatch, range_test)
+    falling = [2.0 - 0.02 * index for index in range(48)] + [5.0, 40.0]
+    range_test_png({"lrs": [10 ** (k / 10 - 4) for k in range(50)], "losses": falling,
+                    "smoothed_losses": falling})  # fmt: skip
+    low, high = figures[0].axes[0].get_ylim()
+    assert low < 1.06 and 2.0 < high < 5.0
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_throughput_draws_a_line_on_every_axis(monkeypatch, tokens):
+    from batchfit.plots import throughput
+
+    figures = _captured(monkeypatch, throughput)
+    data = _throughput_result(tokens).to_dict()
+    throughput_png({**data, "clock": "cpu"})
+    axes = figures[0].axes
+    assert len(axes) == (2 if tokens else 1)
+    for each in axes:
+        assert any(len(line.get_xdata()) == 4 for line in each.get_lines())
+    assert "tokens per second" in axes[-1].get_ylabel() if tokens else True
+    labels = axes[0].get_legend().get_texts()
+    assert any("CPU time" in label.get_text() for label in labels)
+
+
+def test_throughput_bars_when_the_cpu_clock_reads_faster_than_every_wall_step():
+    data = {**_throughput_result(False).to_dict(), "clock": "cpu"}
+    data["samples_per_second"] = [rate * 2 for rate in data["samples_per_second"]]
+    assert throughput_png(data).startswith(PNG)

@@ -154,3 +154,18 @@ def test_a_rate_set_by_the_range_test_is_not_labelled_with_the_scaling_rule():
     raised = Plan(**{**plan.to_dict(), "reasons": {**plan.reasons, "lr": reason}})
     html = render_report(raised)
     assert "(from the range test)" in html and f"({plan.lr_rule} rule)" not in html
+
+
+def test_backticks_become_code_not_literal_text():
+    plan = make_plan()
+    noted = Plan(
+        **{
+            **plan.to_dict(),
+            "notes": ["`batchfit train` logs it, <b> stays escaped"],
+            "reasons": {**plan.reasons, "lr": "see `batchfit.lr.scaling`"},
+        }
+    )
+    html = render_report(noted)
+    assert "<code>batchfit train</code> logs it, &lt;b&gt; stays escaped" in html
+    assert "see <code>batchfit.lr.scaling</code>" in html
+    assert "`" not in html

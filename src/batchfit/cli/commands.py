@@ -204,7 +204,7 @@ def lr_range(args: argparse.Namespace) -> int:
 def throughput(args: argparse.Namespace) -> int:
     from batchfit.cli.format import table as format_table
     from batchfit.plots.throughput import plot_throughput
-    from batchfit.throughput import measure_throughput
+    from batchfit.throughput.measure import measure_throughput
 
     check_output_file(args.plot, "--plot", suffix=".png")
     task = _load_task(args)
@@ -263,7 +263,7 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.cli.format_diagnosis import print_diagnosis
     from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
     from batchfit.noise.watch import NoiseScaleCallback, noise_scale_advice, noise_scale_loggable
-    from batchfit.plan.plan_file import apply_plan, load_plan
+    from batchfit.plan.plan_file import apply_plan, load_plan, normalization_note
     from batchfit.train.checkpoint import CHECKPOINT_NAME
     from batchfit.train.config import TrainConfig, check_train_config
     from batchfit.train.distributed import detect_distributed, launch
@@ -284,7 +284,10 @@ def train(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     task = _load_task(args)
     if plan is not None:
-        task = apply_plan(plan, task)
+        task = apply_plan(plan, task, convert_batchnorm=args.convert_batchnorm)
+    model_note = (
+        None if plan is None else normalization_note(plan, converted=args.convert_batchnorm)
+    )
     if out is None and not args.resume:
         out = f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if check_folder:
@@ -356,10 +359,19 @@ def train(args: argparse.Namespace) -> int:
     }
     if args.json:
         diagnosis = {**live.diagnosis.to_dict(), "path": str(diagnosis_path)}
-        print_json({**result.to_dict(), "noise_scale": noise_summary, "diagnosis": diagnosis})
+        print_json(
+            {
+                **result.to_dict(),
+                "noise_scale": noise_summary,
+                "diagnosis": diagnosis,
+                "normalization": model_note,
+            }
+        )
         return code
     console = stdout_console()
     print_train_summary(console, task.name, result, noise_summary)
+    if model_note:
+        console.print(f"  normalization: {model_note}", highlight=False, markup=False)
     if live.diagnosis.findings:
         print_diagnosis(console, live.history(), live.diagnosis)
     if diagnosis_path is not None:

@@ -261,6 +261,12 @@ def _add_train(command) -> None:
     )
     train.add_argument("--sync-batchnorm", action="store_true", help="under DDP, use SyncBatchNorm")
     train.add_argument(
+        "--convert-batchnorm",
+        action="store_true",
+        help="with --plan: convert BatchNorm to GroupNorm where the plan proposes it (changes "
+        "the model: its checkpoints no longer load into the BatchNorm model)",
+    )
+    train.add_argument(
         "--no-noise-scale",
         action="store_true",
         help="do not log the gradient noise scale (logged by default when a step has two or "

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from batchfit.lr.suggest import Mode
+from batchfit.lr.suggest import Mode, inconclusive_reason
 
 __all__ = ["RangeTestResult", "StopReason"]
 
@@ -69,6 +69,17 @@ class RangeTestResult:
     seconds: float
     device: str
 
+    @property
+    def inconclusive_reason(self) -> str | None:
+        """Why the test cannot place the rate (`batchfit.lr.suggest.inconclusive_reason`), or
+        None when it is conclusive. An inconclusive test should not move a rate."""
+        return inconclusive_reason(
+            self.lrs,
+            self.smoothed_losses,
+            stopped=self.stop_reason,
+            suggestion_indices=(self.steepest_index, self.valley_index),
+        )
+
     def summary_rows(self) -> list[tuple[str, str]]:
         """(label, value) rows for a table: the suggestions first, then how the test ran."""
 
@@ -86,7 +97,9 @@ class RangeTestResult:
             "diverged": f"diverged (loss > {self.diverge_factor:g} x best)",
             "not_finite": "the loss became nan/inf",
         }[self.stop_reason]
+        verdict = self.inconclusive_reason
         return [
+            ("verdict", "conclusive" if verdict is None else f"inconclusive: {verdict}"),
             ("steepest descent", at(self.steepest_index)),
             ("valley", at(self.valley_index)),
             ("falling stretch", valley),
@@ -113,6 +126,12 @@ class RangeTestResult:
                 "No suggestion: the loss never fell. Widen the sweep (a higher end rate, more "
                 "steps) or check that the model can learn this data."
             )
+        verdict = self.inconclusive_reason
+        if verdict is not None:
+            return (
+                f"Inconclusive: {verdict}. Do not take a rate from it; widen the sweep (a higher "
+                "end rate) or rerun at a later checkpoint."
+            )
         parts = []
         if self.steepest_lr is not None:
             parts.append(f"{self.steepest_lr:.3g} (steepest descent)")
@@ -125,8 +144,10 @@ class RangeTestResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (lists, numbers, strings), ready for JSON; nan/inf losses become None."""
+        """Plain data (lists, numbers, strings), ready for JSON; nan/inf losses become None;
+        with `inconclusive_reason` added."""
         data = asdict(self)
+        data["inconclusive_reason"] = self.inconclusive_reason
         for key in ("lrs", "losses", "smoothed_losses"):
             data[key] = [value if math.isfinite(value) else None for value in data[key]]
         return data

@@ -43,10 +43,12 @@ __all__ = [
     "Mode",
     "check_smoothing",
     "find_valley",
+    "inconclusive_reason",
     "min_steps",
     "smooth_losses",
     "suggest_steepest",
     "suggest_valley",
+    "UNTURNED_FRACTION",
     "sweep_lrs",
 ]
 
@@ -57,6 +59,7 @@ MIN_STEPS_FLOOR = 10  # below this the suggestions have too few points to mean a
 SKIP_BEGIN_FRACTION = 0.1  # "steepest" ignores the first tenth: the EMA is still settling there
 SKIP_END_STEPS = 1  # ... and the last step, which is often the divergence itself
 VALLEY_TRIM = 0.1  # the valley leaves out the first and last tenth of the loss's fall
+UNTURNED_FRACTION = 0.9  # a completed test whose lowest loss lies in its last tenth never turned
 
 
 def check_smoothing(smoothing: float) -> None:
@@ -200,3 +203,59 @@ def suggest_valley(smoothed_losses: Sequence[float]) -> int | None:
         return None
     start, end = valley
     return start + (end - start) // 2
+
+
+def inconclusive_reason(
+    lrs: Sequence[float],
+    smoothed_losses: Sequence[float],
+    *,
+    stopped: str,
+    suggestion_indices: Sequence[int | None],
+) -> str | None:
+    """Why a range test cannot place the rate, or None when it can.
+
+    A range test reads the rate off the turn of the loss (Smith 2017): it is inconclusive
+
+    - when it did not diverge: it reached its end rate (`stopped` == "completed") with its
+      lowest smoothed loss in the last tenth of the sweep (`UNTURNED_FRACTION`), so "the rate
+      at the lowest loss" is only the end of the sweep, and a tenth of it is a tenth of the end
+      rate by construction;
+    - when every suggestion sits where the smoothed loss is above its start: the "falling"
+      stretch is a recovery from a rise, not learning;
+    - when the loss never fell (no suggestion).
+
+    Args:
+        lrs: the rate of each step.
+        smoothed_losses: the smoothed loss of each step (non-finite values allowed).
+        stopped: "completed", "diverged" or "not_finite".
+        suggestion_indices: the steps of the suggestions (None for a missing one).
+
+    Example:
+        >>> rates = [10 ** (k / 10) for k in range(20)]
+        >>> inconclusive_reason(rates, [2 - k / 20 for k in range(20)], stopped="completed",
+        ...                     suggestion_indices=[10])[:26]
+        'it did not diverge: the lo'
+        >>> inconclusive_reason(rates, [2 - k / 20 for k in range(10)] + [9] * 10,
+        ...                     stopped="diverged", suggestion_indices=[5]) is None
+        True
+    """
+    finite = [(index, value) for index, value in enumerate(smoothed_losses) if math.isfinite(value)]
+    if not finite:
+        return "the loss was never finite"
+    start = finite[0][1]
+    lowest_index = min(finite, key=lambda pair: pair[1])[0]
+    if stopped == "completed" and lowest_index >= UNTURNED_FRACTION * (len(lrs) - 1):
+        return (
+            f"it did not diverge: the loss was still at its lowest at the end of the sweep "
+            f"({lrs[lowest_index]:.3g}), so the rates above it were never tried"
+        )
+    found = [index for index in suggestion_indices if index is not None]
+    if not found:
+        return "the smoothed loss never fell"
+    if all(smoothed_losses[index] > start for index in found):
+        shown = ", ".join(f"{lrs[index]:.3g}" for index in found)
+        return (
+            f"its suggestions ({shown}) sit where the smoothed loss is above its start "
+            f"({start:.4g}): the fall there is a recovery, not learning"
+        )
+    return None

@@ -168,17 +168,31 @@ def _fastest_global_batch(
     if not candidates:
         candidates = [cap]
     best_time = min(time_per_loss(batch) for batch in candidates)
+    fastest = min(candidates, key=time_per_loss)
     chosen = max(b for b in candidates if time_per_loss(b) <= best_time * (1 + TIME_TIE))
-    neighbours = [b for b in (chosen // 2, chosen * 2) if b in candidates]
-    compared = ", ".join(
-        f"{time_per_loss(b) / time_per_loss(chosen) - 1:+.0%} at {b}" for b in neighbours
-    )
     reason = (
         f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples{after}; "
-        f"with the measured throughput, {chosen} minimises the estimated time to a given loss, "
+        f"with the measured throughput, {fastest} minimises the estimated time to a given loss, "
         f"(1 + B/{noise_scale:.0f}) / samples per second (McCandlish et al. 2018)"
-        + (f": {compared}" if compared else "")
     )
+    tied = [
+        b for b in candidates if b != fastest and time_per_loss(b) <= best_time * (1 + TIME_TIE)
+    ]
+    if tied:
+        shown = ", ".join(
+            f"{b} is within {time_per_loss(b) / best_time - 1:.0%}" for b in sorted(tied)
+        )
+        reason += (
+            f"; {shown}: times within {TIME_TIE:.0%} count as a tie, and the largest tied batch "
+            f"is taken ({chosen}) because it needs fewer optimizer steps and the critical batch "
+            "grows as the loss falls"
+        )
+    neighbours = [b for b in (chosen // 2, chosen * 2) if b in candidates and b not in tied]
+    neighbours = [b for b in neighbours if b != fastest]
+    if neighbours:
+        reason += "; " + ", ".join(
+            f"{time_per_loss(b) / best_time - 1:+.0%} at {b}" for b in neighbours
+        )
     return Choice(chosen, reason)
 
 
@@ -296,6 +310,7 @@ def choose_lr(
     steepest_lr: float | None = None,
     valley_lr: float | None = None,
     min_loss_lr: float | None = None,
+    inconclusive: str | None = None,
 ) -> Choice:
     """The learning rate: the scaled rate, checked both ways against a range test at the chosen
     batch (Smith 2017).
@@ -307,14 +322,25 @@ def choose_lr(
     "minimum" suggestion, `MIN_LOSS_DIVISOR`), never above half the rate at the lowest loss. A
     rate too low costs steps; the loss curve of a range test at initialisation often has a long
     plateau that pulls the valley low. Otherwise the scaled rate stands, and the suggestions are
-    quoted.
+    quoted. An inconclusive range test (`inconclusive`, the reason from
+    `batchfit.lr.result.RangeTestResult.inconclusive_reason`) moves nothing: the scaled rate
+    stands and the reason says why the test was not used.
 
     Example:
         >>> choose_lr(0.01, "scaled", valley_lr=0.03, min_loss_lr=0.2).value
         0.03
         >>> round(choose_lr(0.003, "scaled", valley_lr=0.004, min_loss_lr=0.35).value, 3)
         0.035
+        >>> choose_lr(0.01, "scaled", valley_lr=0.03, min_loss_lr=0.2,
+        ...           inconclusive="it did not diverge").value
+        0.01
     """
+    if inconclusive:
+        return Choice(
+            scaled_lr,
+            f"{scaled_reason}; the range test at this batch is inconclusive ({inconclusive}), "
+            "so it does not move the rate",
+        )
     suggestions = [
         f"{name} {value:.3g}"
         for name, value in (("valley", valley_lr), ("steepest descent", steepest_lr))

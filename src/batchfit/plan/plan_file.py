@@ -81,20 +81,58 @@ class Plan:
         return write_atomic(path, json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
 
 
-def apply_plan(plan: Plan, task: Any) -> Any:
-    """The task to train with `plan`: the same task, or, where the plan advises GroupNorm,
-    a copy whose model factory converts BatchNorm to GroupNorm
-    (`batchfit.plan.norm_layers.convert_batchnorm`). The given task is not changed."""
-    if plan.normalization != "groupnorm":
+def apply_plan(plan: Plan, task: Any, *, convert_batchnorm: bool = False) -> Any:
+    """The task to train with `plan`: the same task, unless asked to change its model.
+
+    A plan that advises GroupNorm only proposes it: converting changes the model (a checkpoint
+    of it no longer loads into the user's model with BatchNorm, and the plan's measurements were
+    made on the model as it is). With `convert_batchnorm=True`, and a plan advising GroupNorm,
+    the result is a copy of the task whose model factory converts BatchNorm to GroupNorm
+    (`batchfit.plan.norm_layers.convert_batchnorm`). `normalization_note` says in words which
+    happened. The given task is not changed.
+
+    Example:
+        >>> plan = Plan(task="t", device="cpu", world_size=1, global_batch=8, micro_batch=8,
+        ...             accumulation_steps=1, lr=0.1, lr_rule="linear", warmup_steps=0,
+        ...             normalization="groupnorm")
+        >>> task = object()
+        >>> apply_plan(plan, task) is task
+        True
+    """
+    if plan.normalization != "groupnorm" or not convert_batchnorm:
         return task
     import dataclasses
 
-    from batchfit.plan.norm_layers import convert_batchnorm
+    from batchfit.plan.norm_layers import convert_batchnorm as convert
 
     def converted_model():
-        return convert_batchnorm(task.make_model(), to="groupnorm").model
+        return convert(task.make_model(), to="groupnorm").model
 
     return dataclasses.replace(task, model=converted_model)
+
+
+def normalization_note(plan: Plan, *, converted: bool) -> str | None:
+    """What `apply_plan` did with the plan's GroupNorm proposal, in words; None without one.
+
+    Example:
+        >>> plan = Plan(task="t", device="cpu", world_size=1, global_batch=8, micro_batch=8,
+        ...             accumulation_steps=1, lr=0.1, lr_rule="linear", warmup_steps=0,
+        ...             normalization="groupnorm")
+        >>> normalization_note(plan, converted=False)[:44]
+        'The plan proposes GroupNorm for BatchNorm; n'
+    """
+    if plan.normalization != "groupnorm":
+        return None
+    if converted:
+        return (
+            "BatchNorm converted to GroupNorm as the plan proposes (--convert-batchnorm): the "
+            "checkpoint holds the converted model, and the plan's batch and rate were measured "
+            "on the model with BatchNorm; plan the converted model to measure it."
+        )
+    return (
+        "The plan proposes GroupNorm for BatchNorm; not applied: the model trains as it is, "
+        "the model the plan measured. Add --convert-batchnorm to convert it."
+    )
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

@@ -108,7 +108,7 @@ def plan(
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
     from batchfit.noise.measure import measure_noise_scale
     from batchfit.plan.norm_layers import batchnorm_advice
-    from batchfit.throughput import measure_throughput
+    from batchfit.throughput.measure import measure_throughput
 
     report = progress or (lambda phase, done, total: None)
     device = resolve_device(device)
@@ -212,6 +212,7 @@ def plan(
         steepest_lr=range_result.steepest_lr,
         valley_lr=range_result.valley_lr,
         min_loss_lr=range_result.best_lr,
+        inconclusive=range_result.inconclusive_reason,
     )
     lr = float(lr_choice.value)
     reasons["lr"] = lr_choice.reason

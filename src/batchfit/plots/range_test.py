@@ -30,8 +30,10 @@ def range_test_png(
     `measurements["range_test"]` keeps). The steepest-descent and valley suggestions are
     marked (`steepest_index`/`valley_index`, else `steepest_lr`/`valley_lr`), the longest
     falling stretch shaded when `valley_start_lr`/`valley_end_lr` are given, and a test that
-    stopped early marked where it stopped. The loss axis is cut a little above the start of
-    the curve, so the blow-up at the end does not flatten the part that matters.
+    stopped early marked where it stopped. The loss axis reaches a little above the start of
+    the curve and above `SHOWN_FRACTION` of the smoothed points, so the blow-up at the very end
+    does not flatten the part that matters, and a curve that rises above its start (a test
+    that never fell) stays on the chart.
 
     Args:
         data: `lrs`, `losses`, `smoothed_losses` (None for a non-finite loss), and optionally
@@ -145,13 +147,21 @@ def _index(data: Mapping[str, Any], key: str, rates: Sequence[float]) -> int | N
     return rates.index(rate) if rate is not None and rate in rates else None
 
 
+SHOWN_FRACTION = 0.9
+"""At least this share of the smoothed loss stays on the chart; only the last rise above it
+(the divergence) may be cut."""
+
+
 def _loss_range(smooth, raw) -> tuple[float | None, float | None]:
-    """From a little below the lowest loss to a little above the start of the curve."""
+    """From a little below the lowest loss to a little above the start of the curve and
+    `SHOWN_FRACTION` of its points."""
+    import numpy
+
     finite = [value for value in smooth if math.isfinite(value)]
     if not finite:
         return None, None
     lowest = min(min(finite), min((v for v in raw if math.isfinite(v)), default=min(finite)))
     before_best = finite[: finite.index(min(finite)) + 1]
-    top = max(max(before_best), finite[0])
+    top = max(max(before_best), finite[0], float(numpy.quantile(finite, SHOWN_FRACTION)))
     span = max(top - lowest, 1e-12)
     return lowest - 0.05 * span, top + 0.3 * span

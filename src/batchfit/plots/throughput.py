@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from batchfit.plots.figure import new_axes, png_bytes, png_path, write_png
 
 if TYPE_CHECKING:
-    from batchfit.throughput import ThroughputResult
+    from batchfit.throughput.result import ThroughputResult
 
 __all__ = ["plot_throughput", "throughput_png"]
 
@@ -23,9 +22,10 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
 
     Draws what `data` holds: the shape of `ThroughputResult.to_dict()` (or the subset a Plan's
     `measurements["throughput"]` keeps). With `step_seconds`, each point gets a bar from the
-    slowest to the fastest timed step; the knee, the best batch (`best_batch`), the line at
-    `fraction` of the best and the batch limit (`limit_batch`, `limit_reason`) are marked when
-    given; with `tokens_per_second`, a tokens-per-second axis is added on the right.
+    slowest to the fastest timed step (wall clock); the knee, the best batch (`best_batch`),
+    the line at `fraction` of the best and the batch limit (`limit_batch`, `limit_reason`) are
+    marked when given; with `tokens_per_second`, tokens per second are drawn as a second line
+    against an axis on the right. The legend names the clock that decided (`clock`).
 
     Args:
         data: `batch_sizes`, `samples_per_second` and `knee_batch`, plus the optional keys above
@@ -48,6 +48,7 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
 
     sizes = list(data.get("batch_sizes") or [])
     rates = list(data.get("samples_per_second") or [])
+    clock = "CPU time" if data.get("clock") == "cpu" else "wall clock"
     if data.get("step_seconds"):
         times = data["step_seconds"]
         fastest = [size / min(seconds) for size, seconds in zip(sizes, times)]
@@ -55,14 +56,18 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
         axes.errorbar(
             sizes,
             rates,
-            yerr=[[r - s for r, s in zip(rates, slowest)], [f - r for r, f in zip(rates, fastest)]],
+            # max(0, ...): a rate read from CPU time may lie outside the wall-clock range
+            yerr=[
+                [max(0.0, r - s) for r, s in zip(rates, slowest)],
+                [max(0.0, f - r) for r, f in zip(rates, fastest)],
+            ],
             fmt="o-",
             color="tab:blue",
             capsize=3,
-            label="samples/s (median, range of steps)",
+            label=f"samples/s ({clock}; bars: range of wall-clock steps)",
         )
     else:
-        axes.plot(sizes, rates, "o-", color="tab:blue", label="samples/s")
+        axes.plot(sizes, rates, "o-", color="tab:blue", label=f"samples/s ({clock})")
     best = max(rates, default=0.0)
     if data.get("fraction") is not None and rates:
         axes.axhline(
@@ -97,19 +102,19 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
     axes.set_ylim(bottom=0)
     axes.set_xlabel("batch size (samples)")
     axes.set_ylabel("samples per second")
+    handles, labels = axes.get_legend_handles_labels()
     if data.get("tokens_per_second") is not None:
-        ratio = statistics.median(
-            tokens / samples
-            for tokens, samples in zip(data["tokens_per_second"], rates)
-            if samples > 0
-        )
-        right = axes.secondary_yaxis("right", functions=(lambda x: x * ratio, lambda y: y / ratio))
-        right.set_ylabel("tokens per second")
+        right = axes.twinx()
+        right.plot(sizes, data["tokens_per_second"], "s--", color="tab:purple", markersize=4)
+        right.set_ylim(bottom=0)
+        right.set_ylabel("tokens per second", color="tab:purple")
+        handles.append(right.lines[0])
+        labels.append("tokens/s (right axis)")
     device = data.get("device")
     default = "Throughput against batch size" + (f" ({device})" if device else "")
     axes.set_title(title or default)
     axes.grid(True, alpha=0.25)
-    axes.legend(fontsize="small", loc="best")
+    axes.legend(handles, labels, fontsize="small", loc="best")
     return png_bytes(figure)
 
 
@@ -134,7 +139,7 @@ def plot_throughput(
     Example:
         >>> import tempfile
         >>> from batchfit.task import load_example
-        >>> from batchfit.throughput import measure_throughput
+        >>> from batchfit.throughput.measure import measure_throughput
         >>> result = measure_throughput(load_example("digits"), batch_sizes=[4, 16], repeats=2)
         >>> plot_throughput(result, tempfile.mkdtemp() + "/throughput.png").suffix
         '.png'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
@@ -70,10 +71,10 @@ def render_report(plan: Plan, *, title: str | None = None) -> str:
     ]
     rows = "\n".join(
         f"<tr><th>{escape(label)}</th><td class=value>{escape(_value(plan, name))}</td>"
-        f"<td>{escape(plan.reasons.get(name, hint))}</td></tr>"
+        f"<td>{_text(plan.reasons.get(name, hint))}</td></tr>"
         for name, label, hint in _PLAN_ROWS
     )
-    notes = "".join(f"<li>{escape(note)}</li>" for note in plan.notes)
+    notes = "".join(f"<li>{_text(note)}</li>" for note in plan.notes)
     budget = (
         format_bytes(plan.memory_budget_bytes)
         if plan.memory_budget_bytes
@@ -99,9 +100,17 @@ def write_report(plan: Plan, path: str | os.PathLike, *, title: str | None = Non
 def _figure(png: bytes, caption: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (
-        f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{escape(caption)}</figcaption></figure>"
+        f'<figure><img alt="{escape(caption.replace("`", ""))}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{_text(caption)}</figcaption></figure>"
     )
+
+
+_CODE = re.compile(r"`([^`]+)`")
+
+
+def _text(text: str) -> str:
+    """`text` escaped, with `code` in backticks set as <code> rather than shown literally."""
+    return _CODE.sub(r"<code>\1</code>", escape(text))
 
 
 def _value(plan: Plan, name: str) -> str:

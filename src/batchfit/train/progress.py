@@ -61,7 +61,7 @@ class TrainProgress:
     def __init__(
         self, total_steps: int, start_step: int, *, enabled: bool, report: Any = None
     ) -> None:
-        from batchfit.throughput import ThroughputMeter
+        from batchfit.throughput.meter import ThroughputMeter
 
         self.total_steps = total_steps
         self.start_step = start_step

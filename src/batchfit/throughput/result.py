@@ -1,0 +1,184 @@
+"""What a throughput measurement returns, and the knee of the curve.
+
+`batchfit.throughput.measure.measure_throughput` builds a `ThroughputResult`; the CLI, the
+plots and the planner read it. `find_knee` picks the smallest batch within a stated fraction
+of the best throughput.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from batchfit.errors import ConfigError
+from batchfit.throughput.timing import Clock
+from batchfit.validation import check_batch_size
+
+DEFAULT_FRACTION = 0.9
+
+Limit = Literal["dataset", "max_batch_size", "memory_budget", "out_of_memory"]
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    """Throughput of training steps at each batch size measured.
+
+    The per-size tuples are parallel: entry i belongs to `batch_sizes[i]`.
+
+    Attributes:
+        batch_sizes: the batch sizes measured, ascending (samples per step).
+        seconds_per_step: the step time, in seconds: the `STEP_QUANTILE` quantile of the timed
+            steps on the clock that decided (`clock`), as wall time.
+        samples_per_second: batch size / step time.
+        tokens_per_second: tokens per step / step time; None when the task does not count
+            tokens.
+        step_seconds: every timed step, per batch size (warm-up steps excluded), wall clock,
+            in the order they ran.
+        cpu_step_seconds: the process CPU time of the same steps (on the CPU), or None.
+        spread: (90th - 10th percentile) / median of each size's steps, on the deciding clock.
+        clock: "wall" or "cpu": which clock the step times come from.
+        clock_reason: why that clock, in words.
+        rounds: the interleaved rounds the timed steps were split over.
+        knee_batch: the smallest batch within `fraction` of the best samples per second.
+        best_batch: the batch with the most samples per second.
+        fraction: the fraction of the best throughput the knee must reach.
+        limit_batch: the largest batch that may be used (fits the memory, the data and
+            `max_batch_size`), or None when no limit was known or met.
+        limit_reason: what set `limit_batch`: "dataset", "max_batch_size", "memory_budget" (the
+            search for the largest batch under the budget) or "out_of_memory" (a step failed);
+            None when no limit was met.
+        stopped_early: True when measuring stopped before the largest size because `patience`
+            larger batches in a row brought no gain.
+        warmup_steps: untimed steps before the timed ones, per batch size.
+        repeats: the fewest timed steps per batch size (more run until `min_seconds`).
+        device: where it ran.
+    """
+
+    batch_sizes: tuple[int, ...]
+    seconds_per_step: tuple[float, ...]
+    samples_per_second: tuple[float, ...]
+    tokens_per_second: tuple[float, ...] | None
+    step_seconds: tuple[tuple[float, ...], ...]
+    knee_batch: int
+    best_batch: int
+    fraction: float
+    limit_batch: int | None
+    limit_reason: Limit | None
+    stopped_early: bool
+    warmup_steps: int
+    repeats: int
+    device: str
+    spread: tuple[float, ...] = ()
+    cpu_step_seconds: tuple[tuple[float, ...], ...] | None = None
+    clock: Clock = "wall"
+    clock_reason: str = ""
+    rounds: int = 1
+
+    def table_columns(self) -> list[str]:
+        """Column names for `table_rows`."""
+        columns = ["batch", "ms/step", "spread", "samples/s"]
+        if self.tokens_per_second is not None:
+            columns.append("tokens/s")
+        return [*columns, "of best", ""]
+
+    def table_rows(self) -> list[list[str]]:
+        """One row of text per batch size, the knee and the best marked."""
+        best = max(self.samples_per_second)
+        rows = []
+        for index, size in enumerate(self.batch_sizes):
+            rate = self.samples_per_second[index]
+            spread = f"{self.spread[index]:.0%}" if self.spread else ""
+            row = [str(size), f"{self.seconds_per_step[index] * 1000:.1f}", spread, f"{rate:,.0f}"]
+            if self.tokens_per_second is not None:
+                row.append(f"{self.tokens_per_second[index]:,.0f}")
+            pairs = (("knee", self.knee_batch), ("best", self.best_batch))
+            marks = [name for name, batch in pairs if batch == size]
+            rows.append([*row, f"{rate / best:.0%}", " ".join(marks)])
+        return rows
+
+    def describe(self) -> str:
+        """What the numbers say, in words."""
+        best = max(self.samples_per_second)
+        knee_rate = self.samples_per_second[self.batch_sizes.index(self.knee_batch)]
+        text = (
+            f"Knee: batch {self.knee_batch} reaches {knee_rate / best:.0%} of the best "
+            f"throughput ({best:,.0f} samples/s at batch {self.best_batch}); larger batches "
+            f"gain less than {1 - self.fraction:.0%} in speed."
+        )
+        if self.knee_batch == self.batch_sizes[-1] and len(self.batch_sizes) > 1:
+            text = (
+                f"Throughput still grows at the largest batch measured ({self.knee_batch}, "
+                f"{best:,.0f} samples/s): the knee is there or beyond; measure larger batches "
+                "to find it."
+            )
+        reasons = {
+            "dataset": "the size of the training data",
+            "max_batch_size": "the --max-batch limit",
+            "memory_budget": "the largest batch that fits the memory budget (measured)",
+            "out_of_memory": "the last batch before an out-of-memory error",
+        }
+        if self.limit_batch is not None and self.limit_reason is not None:
+            text += f" Limit: {self.limit_batch}, {reasons[self.limit_reason]}."
+        if self.stopped_early:
+            text += " Stopped early: larger batches brought no further gain."
+        if self.clock_reason:
+            text += (
+                f" Timed in {self.rounds} interleaved round{'s' if self.rounds > 1 else ''}; "
+                f"step times: {self.clock_reason}."
+            )
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, numbers, strings), ready for JSON."""
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = [list(item) if isinstance(item, tuple) else item for item in value]
+        return data
+
+
+def find_knee(
+    batch_sizes: Sequence[int],
+    samples_per_second: Sequence[float],
+    *,
+    fraction: float = DEFAULT_FRACTION,
+) -> int:
+    """The smallest batch size whose throughput is within `fraction` of the best.
+
+    Args:
+        batch_sizes: batch sizes (samples), in any order, no repeats.
+        samples_per_second: the throughput at each, same length.
+        fraction: in (0, 1]; 0.9 means "at least 90% of the best samples per second".
+
+    Returns:
+        The knee batch size.
+
+    Raises:
+        ConfigError: empty or unequal inputs, repeated sizes, a non-positive size, a negative
+            or non-finite throughput, or a fraction outside (0, 1].
+
+    Example:
+        >>> find_knee([8, 16, 32, 64, 128], [100.0, 190.0, 330.0, 360.0, 365.0])
+        32
+    """
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ConfigError(
+            f"fraction must be in (0, 1] (the share of the best throughput), got {fraction!r}."
+        )
+    if len(batch_sizes) != len(samples_per_second) or not batch_sizes:
+        raise ConfigError(
+            f"find_knee needs one throughput per batch size, got {len(batch_sizes)} sizes and "
+            f"{len(samples_per_second)} throughputs."
+        )
+    if len(set(batch_sizes)) != len(batch_sizes):
+        raise ConfigError(f"batch sizes repeat: {list(batch_sizes)}; give each once.")
+    for size, rate in zip(batch_sizes, samples_per_second):
+        check_batch_size(size, name="batch size")
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ConfigError(f"samples per second at batch {size} is {rate!r}; must be >= 0.")
+    best = max(samples_per_second)
+    return min(
+        size for size, rate in zip(batch_sizes, samples_per_second) if rate >= fraction * best
+    )

@@ -1,0 +1,22 @@
+"""ThroughputMeter."""
+
+import pytest
+
+from batchfit.throughput.meter import ThroughputMeter
+
+
+def test_meter_window_and_state():
+    meter = ThroughputMeter(window=3)
+    assert meter.samples_per_second is None
+    for now, samples in ((0.0, 10), (1.0, 10), (2.0, 20), (3.0, 30), (4.0, 40)):
+        meter.step(samples, tokens=samples * 2, now=now)
+    # the last three steps: 20 + 30 + 40 samples from t=1 to t=4
+    assert meter.samples_per_second == pytest.approx(30.0)
+    assert meter.tokens_per_second == pytest.approx(60.0)
+    other = ThroughputMeter()
+    other.load_state_dict(meter.state_dict())
+    assert other.samples_per_second == meter.samples_per_second and other.window == 3
+    meter.reset()
+    assert meter.samples_per_second is None
+    meter.step(8, now=0.0), meter.step(8, now=0.5)
+    assert meter.samples_per_second == 16.0 and meter.tokens_per_second is None
