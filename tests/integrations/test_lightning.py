@@ -297,7 +297,13 @@ def test_two_process_ddp_on_the_cpu_keeps_the_global_batch_and_measures_noise(tm
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    lines = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    # Both ranks print one JSON object each to the same stdout; their lines may run together.
+    decoder, lines, text = json.JSONDecoder(), [], completed.stdout
+    position = text.find("{")
+    while position != -1:
+        record, end = decoder.raw_decode(text, position)
+        lines.append(record)
+        position = text.find("{", end)
     assert {line["rank"] for line in lines} <= {0, 1} and 0 in {line["rank"] for line in lines}
     for result in lines:  # Lightning re-runs the script for rank 1 (its stdout may be shared)
         assert result["steps"] == 3 and result["samples"] * 2 == 3 * 64
