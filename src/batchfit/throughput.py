@@ -275,6 +275,7 @@ def measure_throughput(
     """
     import torch
 
+    from batchfit.plan.norm_layers import is_single_sample_batchnorm_error
     from batchfit.snapshot import preserved_rng
 
     warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
@@ -310,6 +311,16 @@ def measure_throughput(
                     clock,
                     functools.partial(_report, progress, done, per_size * len(sizes)),
                 )  # fmt: skip
+            except ValueError as error:
+                if not is_single_sample_batchnorm_error(error):
+                    raise
+                if size == sizes[-1] and not measured:
+                    raise ConfigError(
+                        f"Batch size {size} cannot train {task.name!r}: its BatchNorm needs more "
+                        "than one value per channel; measure batch sizes from 2."
+                    ) from None
+                logger.info("throughput: batch %d is too small for BatchNorm; skipped", size)
+                continue
             except RuntimeError as error:
                 if not is_out_of_memory(error):
                     raise

@@ -284,7 +284,7 @@ def train(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     task = _load_task(args)
     if plan is not None:
-        task = apply_plan(plan, task)
+        task = apply_plan(plan, task, force=args.force_plan)
     if out is None and not args.resume:
         out = f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if check_folder:
@@ -294,10 +294,10 @@ def train(args: argparse.Namespace) -> int:
         epochs="epochs", lr="lr", lr_rule="lr_rule", warmup="warmup", decay="decay",
         optimizer="optimizer", label_smoothing="label_smoothing", swa_start="swa_start",
         swa_lr="swa_lr", max_grad_norm="max_grad_norm", eval_every="eval_every",
-        checkpoint_every="checkpoint_every", seed="seed",
+        checkpoint_every="checkpoint_every", seed="seed", ddp_timeout_seconds="ddp_timeout",
     )  # fmt: skip
     # Switches count only when given, so a plan's SyncBatchNorm advice is not undone.
-    switches = ("swa", "allow_uneven", "sync_batchnorm")
+    switches = ("swa", "allow_uneven", "sync_batchnorm", "drop_unreadable_metrics")
     settings.update({name: True for name in switches if getattr(args, name)})
     settings.update(out_dir=out, resume=bool(args.resume))
     config = TrainConfig.from_plan(plan, **settings) if plan else TrainConfig(**settings)
@@ -308,7 +308,8 @@ def train(args: argparse.Namespace) -> int:
         remove_files(out, (CHECKPOINT_NAME, METRICS_NAME, DIAGNOSIS_NAME))
     if launching:
         check_train_config(task, config, world_size=world_size, device=device)
-        return launch(args.nproc, _relaunch_argv(args.argv, out if args.out is None else None))
+        argv = _relaunch_argv(args.argv, out if args.out is None else None)
+        return launch(args.nproc, argv, verbose=args.verbose)
     logged, reason = noise_scale_loggable(
         config.global_batch,
         config.micro_batch,

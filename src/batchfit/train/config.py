@@ -12,7 +12,14 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
-from batchfit.validation import check_batch_size, check_positive_number, check_whole_number
+from batchfit.train.distributed import DEFAULT_DDP_TIMEOUT_SECONDS
+from batchfit.validation import (
+    MAX_DDP_TIMEOUT_SECONDS,
+    check_batch_size,
+    check_in_range,
+    check_positive_number,
+    check_whole_number,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +78,8 @@ class TrainConfig:
     sync_batchnorm: bool = False  # under DDP, convert BatchNorm layers to SyncBatchNorm
     drop_unreadable_metrics: bool = False  # on resume, drop metrics.jsonl lines that cannot
     # be read instead of refusing to resume over them
+    ddp_timeout_seconds: float = DEFAULT_DDP_TIMEOUT_SECONDS  # under DDP, how long a
+    # collective waits for the other ranks before the run stops with an error (a frozen rank)
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch"):
@@ -136,6 +145,13 @@ class TrainConfig:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise ConfigError(f"seed must be an int, got {self.seed!r}.")
+        check_in_range(
+            "ddp_timeout_seconds",
+            self.ddp_timeout_seconds,
+            minimum=0,
+            maximum=MAX_DDP_TIMEOUT_SECONDS,
+            open_minimum=True,
+        )
         if self.resume and self.out_dir is None:
             raise ConfigError("resume needs the run directory: give out_dir (--out RUN_DIR).")
 
