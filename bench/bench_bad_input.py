@@ -52,13 +52,13 @@ def _scratch(folder: Path) -> None:
     shutil.copytree(run, folder / "nocheckpoint")
     (folder / "nocheckpoint" / "checkpoint.pt").unlink()
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, {!r})\n"
         "from batchfit.plan.plan_file import Plan, model_identity\n"
         "from tests.conftest import make_mlp\n"
         "Plan(task='mlp', device='cpu', world_size=1, global_batch=32, micro_batch=16,\n"
         "     accumulation_steps=2, lr=0.1, lr_rule='linear', warmup_steps=0, total_steps=2,\n"
-        "     task_name='tiny-mlp', **model_identity(make_mlp())).save(%r)\n"
-    ) % (str(REPO), str(folder / "plan.json"))
+        "     task_name='tiny-mlp', **model_identity(make_mlp())).save({!r})\n"
+    ).format(str(REPO), str(folder / "plan.json"))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
     (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (folder / "bad.json").write_text("{not json")
@@ -94,8 +94,10 @@ def commands(f: Path) -> list[list[str]]:
         ["estimate", "--memory", "24GB", "--model", "30GB", "--per-sample", "1MB"],
         ["estimate", "--memory", "24GB", "--model", "1GB", "--per-sample", "0"],
         ["estimate", "--memory", "24GB", "--model", "1GB", "--per-sample", "1MB", "--round", "x"],
-        ["memory", *D, "--margin", "1"], ["memory", *D, "--max-batch", "0"],
-        ["memory", *D, "--gpu", "no-such-card"], ["memory", *D, "--round", "-8"],
+        ["memory", *D, "--margin", "1"],
+        ["memory", *D, "--max-batch", "0"],
+        ["memory", *D, "--gpu", "no-such-card"],
+        ["memory", *D, "--round", "-8"],
         ["noise-scale", *D, "--checkpoint", str(f / "text" / "checkpoint.pt")],
         ["noise-scale", *D, "--checkpoint", str(f / "truncated" / "checkpoint.pt")],
         ["noise-scale", *D, "--checkpoint", str(f / "missing.pt")],
@@ -107,19 +109,25 @@ def commands(f: Path) -> list[list[str]]:
         ["scale-lr", "--lr", "0.1", "--batch", "8", "--new-batch", "99999999999999999999999"],
         ["scale-lr", "--lr", "0.1", "--batch", "8", "--new-batch", "16", "--plot", "x.png"],
         ["lr-range", *D, "--start-lr", "1", "--end-lr", "0.1"],
-        ["lr-range", *D, "--steps", "3"], ["lr-range", *D, "--plot", str(f)],
+        ["lr-range", *D, "--steps", "3"],
+        ["lr-range", *D, "--plot", str(f)],
         ["lr-range", *D, "--global-batch", "10", "--micro-batch", "3"],
-        ["throughput", *D, "--batch-sizes", "0,8"], ["throughput", *D, "--batch-sizes", "8,8"],
+        ["throughput", *D, "--batch-sizes", "0,8"],
+        ["throughput", *D, "--batch-sizes", "8,8"],
         ["throughput", BN1D, "--batch-sizes", "1"],
         ["throughput", *D, "--batch-sizes", "99999999"],
-        ["plan", *D, "--margin", "1.5"], ["plan", *D, "--margin", "nan"],
-        ["plan", *D, "--world-size", "0"], ["plan", *D, "--out", str(f / "a_file")],
+        ["plan", *D, "--margin", "1.5"],
+        ["plan", *D, "--margin", "nan"],
+        ["plan", *D, "--world-size", "0"],
+        ["plan", *D, "--out", str(f / "a_file")],
         ["plan", *D, "--out", str(f / "full")],
         ["plan", *D, "--target-global-batch", "99999999"],
-        ["train", *D], ["train", *D, "--global-batch", "8"],
+        ["train", *D],
+        ["train", *D, "--global-batch", "8"],
         ["train", *D, "--global-batch", "99999999999999999999999"],
         ["train", *D, "--global-batch", "100000000000000"],
-        ["train", *D, *TRAIN[:4], "--seed", str(2**64)], ["train", *D, "--lr", "1e300"],
+        ["train", *D, *TRAIN[:4], "--seed", str(2**64)],
+        ["train", *D, "--lr", "1e300"],
         ["train", *D, *TRAIN[:4], "--swa-start", "0"],
         ["train", *D, "--global-batch", "8", "--micro-batch", "16"],
         ["train", *D, *TRAIN[:4], "--decay", "exp"],
@@ -140,12 +148,15 @@ def commands(f: Path) -> list[list[str]]:
         ["train", f"{CONFTEST}:make_regression_task", *TRAIN, "--resume", str(f / "run")],
         ["train", MLP, *TRAIN, "--memory-budget", "1KB", "--out", str(f / "x2")],
         ["train", MLP, *TRAIN, "--resume", str(f / "missing")],
-        ["diagnose", str(f / "missing")], ["diagnose", str(f / "a_file")],
+        ["diagnose", str(f / "missing")],
+        ["diagnose", str(f / "a_file")],
         ["diagnose", str(f / "run"), "--train-loss", "nope"],
         ["diagnose", str(f / "run"), "--plot", str(f / "a_file" / "x.png")],
-        ["sweep", *D, "--target", "accuracy>>1"], ["sweep", *D, "--target", "val_loss<=0.1",
-                                                      "--batch-sizes", "0"],
-        ["frobnicate"], ["memory", "--exampel", "digits"], ["memory"],
+        ["sweep", *D, "--target", "accuracy>>1"],
+        ["sweep", *D, "--target", "val_loss<=0.1", "--batch-sizes", "0"],
+        ["frobnicate"],
+        ["memory", "--exampel", "digits"],
+        ["memory"],
     ]
     return lines
 
