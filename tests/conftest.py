@@ -66,6 +66,28 @@ def make_mlp_task(samples: int = 256, **overrides) -> Task:
     return Task(**options)
 
 
+def make_bn1d_task(samples: int = 64) -> Task:
+    """An MLP with BatchNorm1d: a training step at batch 1 raises "Expected more than 1 value
+    per channel when training"."""
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(samples, 8, generator=generator)
+    labels = (inputs[:, 0] > 0).long()
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+
+    return Task(
+        model=model,
+        train_data=TensorDataset(inputs, labels),
+        loss=classification_loss,
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        lr=0.1,
+        batch_size=16,
+        name="bn1d",
+    )
+
+
 def make_regression_task(samples: int = 128) -> Task:
     """Linear regression y = 2x - 1 (+ small noise): the answer is known."""
     generator = torch.Generator().manual_seed(2)

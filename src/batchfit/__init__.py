@@ -24,6 +24,7 @@ _EXPORTS = {
     "DoesNotFitError": "batchfit.errors",
     "CheckpointError": "batchfit.errors",
     "TrainingDivergedError": "batchfit.errors",
+    "DistributedError": "batchfit.errors",
     "Task": "batchfit.task",
     "load_task": "batchfit.task",
     "load_example": "batchfit.task",

@@ -31,6 +31,11 @@ class MissingDependencyError(BatchfitError, ImportError):
     """An optional dependency is needed for the requested feature."""
 
 
+class DistributedError(BatchfitError, RuntimeError):
+    """A distributed run failed: a collective timed out or another rank ended, or the
+    processes torchrun started did not finish."""
+
+
 class TrainingDivergedError(BatchfitError, FloatingPointError):
     """Training produced a loss or gradient that is NaN or infinite."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import BatchfitError, ConfigError, TaskError
+from batchfit.validation import MAX_SEED
 
 if TYPE_CHECKING:
     import torch
@@ -84,21 +86,41 @@ class Task:
     loss_with_smoothing: Callable[[nn.Module, Batch, float], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise TaskError(f"Task.lr must be a positive number, got {self.lr!r}.")
-        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
-            raise TaskError(f"Task.batch_size must be a positive int, got {self.batch_size!r}.")
+        def refuse(field: str, value: Any, fix: str) -> None:
+            shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+            raise TaskError(f"Task.{field} is {shown}; {fix}")
+
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+            refuse("lr", lr, "give the learning rate the task was tuned at, e.g. lr=0.1.")
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            refuse("batch_size", size, "give the batch size lr was tuned at, e.g. batch_size=64.")
         if self.kind is not None and self.kind not in KNOWN_KINDS:
-            raise TaskError(
-                f"Task.kind {self.kind!r} is unknown; use one of {', '.join(KNOWN_KINDS)} or None."
-            )
-        for name in ("loss", "optimizer"):
-            if not callable(getattr(self, name)):
-                raise TaskError(f"Task.{name} must be callable, got {getattr(self, name)!r}.")
-        if not hasattr(self.train_data, "__len__") or not hasattr(self.train_data, "__getitem__"):
-            raise TaskError("Task.train_data must be a map-style Dataset (__len__, __getitem__).")
-        if len(self.train_data) == 0:
-            raise TaskError("Task.train_data is empty.")
+            refuse("kind", self.kind, f"use one of {', '.join(KNOWN_KINDS)} or None.")
+        if not callable(self.model):
+            refuse("model", self.model, "give an nn.Module or a function that returns one.")
+        fixes = {
+            "loss": "give loss(model, batch) -> scalar tensor.",
+            "optimizer": "give optimizer(params, lr), e.g. lambda p, lr: torch.optim.SGD(p, lr).",
+        }
+        for field, fix in fixes.items():
+            if not callable(getattr(self, field)):
+                refuse(field, getattr(self, field), fix)
+        for field in ("metric", "collate", "tokens", "loss_with_smoothing"):
+            value = getattr(self, field)
+            if value is not None and not callable(value):
+                refuse(field, value, "give a function, or None.")
+        _check_dataset("train_data", self.train_data, refuse)
+        if self.val_data is not None:
+            _check_dataset("val_data", self.val_data, refuse)
+        for field in ("name", "metric_name"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value.strip():
+                refuse(field, value, "give a short non-empty name, e.g. name='digits'.")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            refuse("seed", seed, f"give a whole number in [0, {MAX_SEED}].")
 
     def make_model(self) -> nn.Module:
         """A fresh model: the factory's result, or a deep copy of the given module."""
@@ -166,6 +188,21 @@ class Task:
         name = type(self.optimizer([probe], self.lr)).__name__.lower()
         adaptive = ("adam", "lamb", "adagrad", "rmsprop", "adafactor", "lion", "adan", "sophia")
         return "adam" if any(part in name for part in adaptive) else "sgd"
+
+
+def _check_dataset(field: str, data: Any, refuse: Callable[[str, Any, str], None]) -> None:
+    """A map-style data set with at least one sample (not a string, dict or iterable-only)."""
+    fix = "give a map-style Dataset (__len__ and __getitem__), e.g. a TensorDataset."
+    if isinstance(data, (str, bytes, Mapping)) or not (
+        hasattr(data, "__len__") and hasattr(data, "__getitem__")
+    ):
+        refuse(field, data, fix)
+    try:
+        size = len(data)
+    except TypeError:
+        refuse(field, data, fix)
+    if size == 0:
+        refuse(field, data, "it holds no samples; give a data set with at least one.")
 
 
 def move_to(batch: Batch, device: torch.device | str) -> Batch:

@@ -38,6 +38,9 @@ MAX_LEARNING_RATE = 1e4
 """The largest learning rate taken from the command line; far above any rate that trains, and
 far below where float32 arithmetic overflows (1e300 becomes inf inside torch)."""
 
+MAX_DDP_TIMEOUT_SECONDS = 7 * 24 * 3600
+"""A week: the longest a collective may wait for the other ranks (`--ddp-timeout`)."""
+
 MAX_PROCESSES = 4096
 """The most data-parallel processes (--nproc, --world-size) taken from the command line."""
 

@@ -284,7 +284,9 @@ def train(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     task = _load_task(args)
     if plan is not None:
-        task = apply_plan(plan, task, convert_batchnorm=args.convert_batchnorm)
+        task = apply_plan(
+            plan, task, convert_batchnorm=args.convert_batchnorm, force=args.force_plan
+        )
     model_note = (
         None if plan is None else normalization_note(plan, converted=args.convert_batchnorm)
     )
@@ -299,9 +301,10 @@ def train(args: argparse.Namespace) -> int:
         swa_lr="swa_lr", max_grad_norm="max_grad_norm", eval_every="eval_every",
         checkpoint_every="checkpoint_every", seed="seed", batch_schedule="batch_schedule",
         max_global_batch="max_global_batch",
+        ddp_timeout_seconds="ddp_timeout",
     )  # fmt: skip
     # Switches count only when given, so a plan's SyncBatchNorm advice is not undone.
-    switches = ("swa", "allow_uneven", "sync_batchnorm")
+    switches = ("swa", "allow_uneven", "sync_batchnorm", "drop_unreadable_metrics")
     settings.update({name: True for name in switches if getattr(args, name)})
     settings.update(out_dir=out, resume=bool(args.resume))
     config = TrainConfig.from_plan(plan, **settings) if plan else TrainConfig(**settings)
@@ -312,7 +315,8 @@ def train(args: argparse.Namespace) -> int:
         remove_files(out, (CHECKPOINT_NAME, METRICS_NAME, DIAGNOSIS_NAME))
     if launching:
         check_train_config(task, config, world_size=world_size, device=device)
-        return launch(args.nproc, _relaunch_argv(args.argv, out if args.out is None else None))
+        argv = _relaunch_argv(args.argv, out if args.out is None else None)
+        return launch(args.nproc, argv, verbose=args.verbose)
     logged, reason = noise_scale_loggable(
         config.global_batch,
         config.micro_batch,

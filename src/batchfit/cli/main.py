@@ -9,8 +9,10 @@ traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from batchfit.errors import BatchfitError
 
@@ -49,15 +51,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(error, verbose)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("batchfit: interrupted", file=sys.stderr)
+        if _rank_error_file() is None:  # under `--nproc` the launcher says it once
+            print("batchfit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
 def _report(error: BatchfitError, verbose: bool) -> None:
-    """`batchfit: error: <one line>` on stderr, the traceback first when verbose."""
+    """`batchfit: error: <one line>` on stderr, the traceback first when verbose.
+
+    A rank that `batchfit train --nproc` started writes the line to its launcher's folder
+    instead, so the launcher shows one line for all ranks (`batchfit.train.distributed.launch`).
+    """
     if verbose:
         import traceback
 
         traceback.print_exception(error, file=sys.stderr)
     line = " ".join(str(error).split())
-    print(f"batchfit: error: {line}", file=sys.stderr)
+    rank_file = _rank_error_file()
+    if rank_file is None:
+        print(f"batchfit: error: {line}", file=sys.stderr)
+        return
+    import json
+
+    rank = int(os.environ.get("RANK", "0"))
+    rank_file.write_text(json.dumps({"rank": rank, "kind": type(error).__name__, "line": line}))
+
+
+def _rank_error_file() -> Path | None:
+    """Where this rank writes its error line when `batchfit train --nproc` launched it."""
+    folder = os.environ.get("BATCHFIT_ERROR_DIR")
+    rank = os.environ.get("RANK")
+    if not folder or rank is None or not Path(folder).is_dir():
+        return None
+    return Path(folder) / f"rank{rank}.json"

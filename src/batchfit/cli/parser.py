@@ -28,7 +28,13 @@ from batchfit.cli.arguments import (
     add_task_arguments,
 )
 from batchfit.monitor.findings import KINDS
-from batchfit.validation import MAX_BATCH_SIZE, MAX_COUNT, MAX_PROCESSES, MAX_SEED
+from batchfit.validation import (
+    MAX_BATCH_SIZE,
+    MAX_COUNT,
+    MAX_DDP_TIMEOUT_SECONDS,
+    MAX_PROCESSES,
+    MAX_SEED,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +192,11 @@ def _add_train(command) -> None:
     train.add_argument(
         "--plan", metavar="PLAN_JSON", help="train with a plan from `batchfit plan`; flags win"
     )
+    train.add_argument(
+        "--force-plan",
+        action="store_true",
+        help="train with --plan even if it was made for another task or model",
+    )
     add_batch(train, "--global-batch", "samples per optimizer step")
     add_batch(train, "--micro-batch", "samples per forward/backward on one process")
     train.add_argument(
@@ -247,6 +258,11 @@ def _add_train(command) -> None:
         metavar="RUN_DIR",
         help="continue the run in --out (or RUN_DIR) from its checkpoint",
     )
+    train.add_argument(
+        "--drop-unreadable-metrics",
+        action="store_true",
+        help="with --resume, drop metrics.jsonl lines that cannot be read instead of refusing",
+    )
     add_number(train, "--seed", "seed (default: the task's)", kind=int, minimum=0, maximum=MAX_SEED)
     train.add_argument(
         "--allow-uneven", action="store_true", help="allow a shorter last micro-batch"
@@ -258,6 +274,14 @@ def _add_train(command) -> None:
         kind=int,
         minimum=1,
         maximum=MAX_PROCESSES,
+    )
+    add_number(
+        train,
+        "--ddp-timeout",
+        "seconds a collective waits for the other processes before the run stops (default 600)",
+        minimum=0,
+        maximum=MAX_DDP_TIMEOUT_SECONDS,
+        open_minimum=True,
     )
     train.add_argument("--sync-batchnorm", action="store_true", help="under DDP, use SyncBatchNorm")
     train.add_argument(

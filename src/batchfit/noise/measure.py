@@ -244,12 +244,23 @@ def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
 
     source = checkpoint
     if not isinstance(checkpoint, Mapping):
+        import pickle
+        import warnings
+
         try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as error:
+            with warnings.catch_warnings():  # torch warns about the pickle it then refuses
+                warnings.simplefilter("ignore")
+                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any failure to read the file is the file's
+            # (torch's unpickler raises IndexError, KeyError, ... on arbitrary bytes)
+            # torch's message for a pickle it refuses runs to a page; its first line says why.
+            lines = str(error).strip().splitlines()
+            why = " ".join(lines[0].split())[:200] if lines else "an empty or truncated file"
+            if isinstance(error, pickle.UnpicklingError):
+                why = "not a torch.save file, or one holding objects weights_only=True refuses"
             raise CheckpointError(
-                f"Cannot read the checkpoint {str(source)!r}: {error}. Give a file saved with "
-                "torch.save(model.state_dict(), path)."
+                f"Cannot read the checkpoint {str(source)!r} ({type(error).__name__}: {why}). "
+                "Give a file saved with torch.save(model.state_dict(), path)."
             ) from None
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
         checkpoint = checkpoint["model"]

@@ -79,6 +79,28 @@ def find_batchnorm_layers(model: nn.Module) -> list[NormLayer]:
     ]
 
 
+def smallest_batch(model: nn.Module) -> int:
+    """The smallest micro-batch worth trying on `model`: 2 when it has BatchNorm, else 1.
+
+    BatchNorm in training mode needs more than one value per channel; at batch 1 a BatchNorm1d
+    (or a BatchNorm2d after global pooling) raises "Expected more than 1 value per channel when
+    training", so probes and timings of such a model start at 2.
+
+    Example:
+        >>> smallest_batch(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+        2
+        >>> smallest_batch(nn.Linear(4, 4))
+        1
+    """
+    return 2 if find_batchnorm_layers(model) else 1
+
+
+def is_single_sample_batchnorm_error(error: BaseException) -> bool:
+    """Whether `error` is BatchNorm refusing a batch of one value per channel (torch's
+    `ValueError: Expected more than 1 value per channel when training`)."""
+    return isinstance(error, ValueError) and "more than 1 value per channel" in str(error)
+
+
 def batchnorm_advice(
     model: nn.Module,
     micro_batch: int,

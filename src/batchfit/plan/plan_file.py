@@ -50,6 +50,11 @@ class Plan:
             "noise_scale" and "range_test" as their results' `to_dict()`, "memory" as the
             probes, trials and fitted line the planner used.
         schema_version: PLAN_SCHEMA_VERSION at the time of writing.
+        task_name: the Task's own `name` when the plan was made; None in plans made before
+            batchfit recorded it (then unchecked).
+        model_fingerprint: `batchfit.train.checkpoint.model_fingerprint` of the task's model
+            (a hash of its parameter and buffer names, shapes and dtypes); None: unchecked.
+        model_parameters: the model's parameter count, shown when the fingerprint differs.
     """
 
     task: str
@@ -69,6 +74,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     measurements: dict[str, Any] = field(default_factory=dict)
     schema_version: int = PLAN_SCHEMA_VERSION
+    task_name: str | None = None
+    model_fingerprint: str | None = None
+    model_parameters: int | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -81,24 +89,87 @@ class Plan:
         return write_atomic(path, json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
 
 
-def apply_plan(plan: Plan, task: Any, *, convert_batchnorm: bool = False) -> Any:
+def model_identity(model: Any) -> dict[str, Any]:
+    """{"model_fingerprint": ..., "model_parameters": ...} of `model`, as a Plan records them.
+
+    Example:
+        >>> import torch
+        >>> model_identity(torch.nn.Linear(2, 3))["model_parameters"]
+        9
+    """
+    from batchfit.train.checkpoint import model_fingerprint
+
+    return {
+        "model_fingerprint": model_fingerprint(model),
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def check_plan_task(plan: Plan, task: Any) -> None:
+    """Refuse a plan made for another task: another `Task.name`, or another model (its
+    fingerprint: parameter and buffer names, shapes and dtypes).
+
+    A plan that recorded neither (made before batchfit recorded them) is accepted unchecked.
+
+    Raises:
+        CheckpointError: the plan's task name or model fingerprint differs from `task`'s; the
+            message shows both and names the fixes (a new plan, or --force-plan).
+    """
+    fix = (
+        "make a plan for this task with `batchfit plan`, or give --force-plan to train with "
+        "this one anyway."
+    )
+    if plan.task_name is not None and plan.task_name != task.name:
+        raise CheckpointError(
+            f"The plan was made for task {plan.task_name!r}, not {task.name!r}; {fix}"
+        )
+    if plan.model_fingerprint is None:
+        return
+    mine = model_identity(task.make_model())
+    if plan.model_fingerprint != mine["model_fingerprint"]:
+        raise CheckpointError(
+            f"The plan was made for another model (fingerprint {plan.model_fingerprint}, "
+            f"{_count(plan.model_parameters)} parameters; this task's model has "
+            f"{mine['model_fingerprint']}, {_count(mine['model_parameters'])}); {fix}"
+        )
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+def apply_plan(
+    plan: Plan, task: Any, *, convert_batchnorm: bool = False, force: bool = False
+) -> Any:
     """The task to train with `plan`: the same task, unless asked to change its model.
 
-    A plan that advises GroupNorm only proposes it: converting changes the model (a checkpoint
-    of it no longer loads into the user's model with BatchNorm, and the plan's measurements were
-    made on the model as it is). With `convert_batchnorm=True`, and a plan advising GroupNorm,
-    the result is a copy of the task whose model factory converts BatchNorm to GroupNorm
-    (`batchfit.plan.norm_layers.convert_batchnorm`). `normalization_note` says in words which
-    happened. The given task is not changed.
+    The plan is first checked against the task (`check_plan_task`: its name and model), unless
+    `force`. A plan that advises GroupNorm only proposes it: converting changes the model (a
+    checkpoint of it no longer loads into the user's model with BatchNorm, and the plan's
+    measurements were made on the model as it is). With `convert_batchnorm=True`, and a plan
+    advising GroupNorm, the result is a copy of the task whose model factory converts BatchNorm
+    to GroupNorm (`batchfit.plan.norm_layers.convert_batchnorm`). `normalization_note` says in
+    words which happened. The given task is not changed.
+
+    Args:
+        plan: the plan.
+        task: the task to train.
+        convert_batchnorm: apply the plan's GroupNorm proposal.
+        force: skip `check_plan_task` (a plan made for another task or model is used as is).
+
+    Raises:
+        CheckpointError: the plan was made for another task or model (without `force`).
 
     Example:
         >>> plan = Plan(task="t", device="cpu", world_size=1, global_batch=8, micro_batch=8,
         ...             accumulation_steps=1, lr=0.1, lr_rule="linear", warmup_steps=0,
         ...             normalization="groupnorm")
         >>> task = object()
-        >>> apply_plan(plan, task) is task
+        >>> apply_plan(plan, task, force=True) is task
         True
     """
+    if not force:
+        check_plan_task(plan, task)
     if plan.normalization != "groupnorm" or not convert_batchnorm:
         return task
     import dataclasses
@@ -257,6 +328,13 @@ def _validate(plan: Plan) -> None:
         fail("reasons", plan.reasons, "it must map field names to sentences.")
     if not isinstance(plan.notes, list):
         fail("notes", plan.notes, "it must be a list of sentences.")
+    for name in ("task_name", "model_fingerprint"):
+        value = getattr(plan, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            fail(name, value, "it must be a non-empty string, or null.")
+    count = plan.model_parameters
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        fail("model_parameters", count, "it must be a whole number of at least 0, or null.")
     if not isinstance(plan.measurements, dict):
         fail("measurements", plan.measurements, "it must be an object.")
 

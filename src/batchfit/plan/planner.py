@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 from batchfit.errors import ConfigError
 from batchfit.memory.cards import memory_target
 from batchfit.plan import advice
-from batchfit.plan.plan_file import Plan
+from batchfit.plan.plan_file import Plan, model_identity
 from batchfit.progress import ProgressFn
 from batchfit.train.config import DEFAULT_EPOCHS
 from batchfit.train.sampling import steps_for_epochs, steps_per_epoch
 from batchfit.units import format_bytes
-from batchfit.validation import check_positive_number, check_whole_number
+from batchfit.validation import check_in_range, check_positive_number, check_whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -114,6 +114,9 @@ def plan(
     device = resolve_device(device)
     world_size = check_whole_number("world_size", world_size)
     epochs = check_positive_number("epochs", epochs)
+    # Checked here too: without a budget on the CPU the margin is unused, but a bad one is
+    # still a mistake to name, not to ignore.
+    margin = check_in_range("margin", margin, minimum=0, maximum=1, open_maximum=True)
     target = None if memory_budget is None else memory_target(memory_budget)
     budget_bytes = None if target is None else target.memory_bytes
     dataset_size = len(task.train_data)
@@ -235,7 +238,8 @@ def plan(
     # 6. Optimizer, normalisation, customary ranges.
     optimizer_choice = advice.optimizer_advice(global_batch, family)
     reasons["optimizer"] = optimizer_choice.reason
-    norm = batchnorm_advice(task.make_model(), micro_batch, world_size=world_size)
+    model = task.make_model()
+    norm = batchnorm_advice(model, micro_batch, world_size=world_size)
     normalization = "none" if norm is None else norm.action
     reasons["normalization"] = "the model has no BatchNorm layer" if norm is None else norm.reason
     range_note = advice.customary_range_note(task.kind, global_batch)
@@ -271,6 +275,8 @@ def plan(
         reasons=reasons,
         notes=notes,
         measurements=measurements,
+        task_name=task.name,
+        **model_identity(model),
     )
 
 
@@ -286,12 +292,15 @@ def _memory_limit(
     from batchfit.devices import free_memory_bytes
     from batchfit.memory.predict import predict_memory_model
     from batchfit.memory.search import HOST_CONFIRM_FRACTION, find_max_batch_size
+    from batchfit.plan.norm_layers import smallest_batch
 
     report("memory", 0, 1)
     if budget is None and device.type == "cpu":
         # The CPU has no memory limit worth searching: bound by the data, and still show how
         # memory grows with the batch.
-        model = predict_memory_model(task, low=1, high=dataset_size, device=device)
+        # Batch 1 cannot train a model with BatchNorm (one value per channel): start at 2.
+        low = min(smallest_batch(task.make_model()), dataset_size)
+        model = predict_memory_model(task, low=low, high=dataset_size, device=device)
         report("memory", 1, 1)
         return dataset_size, {
             "capacity_bytes": None,

@@ -130,6 +130,7 @@ def measure_throughput(
     """
     import torch
 
+    from batchfit.plan.norm_layers import is_single_sample_batchnorm_error
     from batchfit.snapshot import preserved_rng
 
     warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
@@ -178,7 +179,20 @@ def measure_throughput(
 
         best, flat = 0.0, 0
         for size in sizes:  # the first round: the ladder, with its early stops
-            if not _run_or_stop(run, size, 0, resolved, measured):
+            try:
+                fits = _run_or_stop(run, size, 0, resolved, measured)
+            except ValueError as error:
+                # BatchNorm refuses one value per channel in training: skip that size.
+                if not is_single_sample_batchnorm_error(error):
+                    raise
+                if size == sizes[-1] and not measured:
+                    raise ConfigError(
+                        f"Batch size {size} cannot train {task.name!r}: its BatchNorm needs more "
+                        "than one value per channel; measure batch sizes from 2."
+                    ) from None
+                logger.info("throughput: batch %d is too small for BatchNorm; skipped", size)
+                continue
+            if not fits:
                 limit, reason = measured[-1], "out_of_memory"
                 break
             measured.append(size)

@@ -12,7 +12,14 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
-from batchfit.validation import check_batch_size, check_positive_number, check_whole_number
+from batchfit.train.distributed import DEFAULT_DDP_TIMEOUT_SECONDS
+from batchfit.validation import (
+    MAX_DDP_TIMEOUT_SECONDS,
+    check_batch_size,
+    check_in_range,
+    check_positive_number,
+    check_whole_number,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +85,8 @@ class TrainConfig:
     # noise start and the rate's reference; micro_batch is the memory limit the batch grows into
     max_global_batch: int | None = None  # the schedule's cap (samples); None: the data set
     # size (noise and seesaw: also a quarter of it, and micro_batch x ranks x 8 accumulations)
+    ddp_timeout_seconds: float = DEFAULT_DDP_TIMEOUT_SECONDS  # under DDP, how long a
+    # collective waits for the other ranks before the run stops with an error (a frozen rank)
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch"):
@@ -152,6 +161,13 @@ class TrainConfig:
             self.batch_schedule,
             global_batch=self.global_batch,
             lr_schedule=ScheduleConfig(total_steps=1),
+        )
+        check_in_range(
+            "ddp_timeout_seconds",
+            self.ddp_timeout_seconds,
+            minimum=0,
+            maximum=MAX_DDP_TIMEOUT_SECONDS,
+            open_minimum=True,
         )
         if self.resume and self.out_dir is None:
             raise ConfigError("resume needs the run directory: give out_dir (--out RUN_DIR).")

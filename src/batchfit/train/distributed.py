@@ -8,20 +8,29 @@ command `batchfit train --nproc N` runs for the user, on 127.0.0.1 with a free p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError
+from batchfit.errors import ConfigError, DistributedError
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_DDP_TIMEOUT_SECONDS = 600.0
+"""How long a collective waits for the other ranks (TrainConfig.ddp_timeout_seconds, --ddp-timeout):
+ten minutes, well above any step batchfit plans, well below torch's own 30 minutes (gloo) that
+looks like a hang."""
 
 
 @dataclass(frozen=True)
@@ -85,12 +94,25 @@ def detect_distributed(environ: Mapping[str, str] | None = None) -> DistributedC
     return context
 
 
-def init_distributed(context: DistributedContext, device: torch.device) -> tuple[Any, bool]:
+def init_distributed(
+    context: DistributedContext,
+    device: torch.device,
+    *,
+    timeout_seconds: float = DEFAULT_DDP_TIMEOUT_SECONDS,
+) -> tuple[Any, bool]:
     """Start the process group for `context` if needed; returns `(device, started_here)`.
 
     The backend is nccl on CUDA (each process takes `cuda:<local_rank>`) and gloo otherwise.
     A group the caller already started is reused (and `started_here` is False).
+
+    Args:
+        context: this process's place in the run.
+        device: the device asked for.
+        timeout_seconds: how long a collective waits for the other ranks before it fails (so a
+            frozen rank ends the run instead of hanging it).
     """
+    import datetime
+
     import torch
     import torch.distributed as dist
 
@@ -105,7 +127,12 @@ def init_distributed(context: DistributedContext, device: torch.device) -> tuple
             )
         return device, False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=context.rank, world_size=context.world_size)
+    dist.init_process_group(
+        backend=backend,
+        rank=context.rank,
+        world_size=context.world_size,
+        timeout=datetime.timedelta(seconds=timeout_seconds),
+    )
     logger.info(
         "process group started: rank %d of %d, backend %s",
         context.rank,
@@ -113,6 +140,55 @@ def init_distributed(context: DistributedContext, device: torch.device) -> tuple
         backend,
     )
     return device, True
+
+
+_COLLECTIVE_FAILURES = (
+    "timed out",  # gloo: "Timed out waiting 600000ms for recv operation to complete"
+    "connection closed by peer",  # gloo: another rank's process ended
+    "connection reset by peer",
+    "nccl",  # nccl: "NCCL communicator was aborted", "Watchdog caught collective operation timeout"
+)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank did not take part
+    (it froze past the timeout, or its process ended): torch's `DistError` family, or a gloo
+    or nccl RuntimeError that says so.
+
+    Example:
+        >>> is_collective_failure(RuntimeError("[gloo] Timed out waiting 3000ms for recv"))
+        True
+        >>> is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        False
+    """
+    import torch.distributed as dist
+
+    if not isinstance(error, RuntimeError):
+        return False
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(error, dist_error):
+        return True
+    text = str(error).lower()
+    return any(words in text for words in _COLLECTIVE_FAILURES)
+
+
+@contextmanager
+def collective_errors(context: DistributedContext, *, timeout_seconds: float) -> Iterator[None]:
+    """Turn a failed collective inside the block into one `DistributedError` line naming the
+    rank, the timeout and what to look for; other exceptions pass unchanged."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not (context.enabled and is_collective_failure(error)):
+            raise
+        # gloo prefixes its source file: "[/path/to/unbound_buffer.cc:78] Timed out ..."
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split()))[:160]
+        raise DistributedError(
+            f"rank {context.rank}: a collective with the other {context.world_size - 1} "
+            f"process(es) failed ({detail}): another rank ended or did not answer within "
+            f"{timeout_seconds:g} s (--ddp-timeout). Look for that rank's own error; raise "
+            "--ddp-timeout if its steps are that slow."
+        ) from error
 
 
 def destroy_distributed() -> None:
@@ -177,10 +253,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
-def torchrun_command(nproc: int, argv: Sequence[str], *, port: int | None = None) -> list[str]:
+def torchrun_command(
+    nproc: int,
+    argv: Sequence[str],
+    *,
+    port: int | None = None,
+    runner: str = "torch.distributed.run",
+) -> list[str]:
     """The command that runs `python -m batchfit <argv>` in `nproc` processes under torchrun.
 
-    One machine, rendezvous on 127.0.0.1 at `port` (default: a free one).
+    One machine, rendezvous on 127.0.0.1 at `port` (default: a free one). `runner` is the
+    module that launches: torchrun itself, or `batchfit.train.agent` (torchrun without its
+    traceback, as `launch` uses).
 
     Raises:
         ConfigError: `nproc` is not a positive int.
@@ -194,7 +278,7 @@ def torchrun_command(nproc: int, argv: Sequence[str], *, port: int | None = None
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        runner,
         "--nproc-per-node",
         str(nproc),
         "--nnodes",
@@ -209,24 +293,98 @@ def torchrun_command(nproc: int, argv: Sequence[str], *, port: int | None = None
     ]
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run `batchfit <argv>` in `nproc` processes under torchrun; returns its exit code.
+def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
+    """Run `batchfit <argv>` in `nproc` processes under torchrun; returns 0 when all finished.
 
-    The processes share this terminal's stdout and stderr. Ctrl-C reaches them too (they save
-    a checkpoint and stop); this waits for torchrun to finish.
+    The processes share this terminal's stdout and stderr. Each rank writes its error line to
+    a private folder instead of the terminal (`batchfit.cli.main`), and the agent
+    (`batchfit.train.agent`) its ranks' exit codes; a failure becomes one `DistributedError`
+    line: the first rank's own error (a collective timeout only when no rank said more).
+
+    Ctrl-C reaches the ranks through the agent: they save a checkpoint at the end of the step
+    and stop, and this raises KeyboardInterrupt (exit 130). A second Ctrl-C ends the agent.
+
+    Args:
+        nproc: processes on this machine.
+        argv: the `batchfit` arguments for each process (without --nproc).
+        verbose: keep torchrun's own warnings and report (the ranks' tracebacks come with -v).
+
+    Raises:
+        DistributedError: a rank failed; the message is its own line, or its exit code.
+        KeyboardInterrupt: the run was interrupted (the ranks saved a checkpoint).
     """
     import subprocess
+    import tempfile
 
-    command = torchrun_command(nproc, argv)
+    from batchfit.train.agent import ERROR_DIR_VARIABLE
+
+    command = torchrun_command(nproc, argv, runner="batchfit.train.agent")
     logger.info("launching: %s", " ".join(command))
-    process = subprocess.Popen(command)
-    interrupts = 0
-    while True:
+    with tempfile.TemporaryDirectory(prefix="batchfit-ranks-") as folder:
+        environ = {**os.environ, ERROR_DIR_VARIABLE: folder}
+        if verbose:
+            environ["BATCHFIT_VERBOSE"] = "1"
+        process = subprocess.Popen(command, env=environ)
+        interrupted = False
+        while True:
+            try:
+                code = process.wait()
+                break
+            except KeyboardInterrupt:
+                # The agent got the signal too and passes it on: the ranks save a checkpoint
+                # at the end of the step and stop. A second Ctrl-C ends the agent.
+                if interrupted:
+                    process.terminate()
+                interrupted = True
+        if code == 0:
+            return 0
+        outcome = _read_outcome(Path(folder))
+    if interrupted or code == 130 or outcome["interrupted"]:
+        raise KeyboardInterrupt
+    raise DistributedError(outcome["line"] or f"the training processes failed (exit code {code}).")
+
+
+def _read_outcome(folder: Path) -> dict[str, Any]:
+    """What the ranks and the agent left in `folder`: the line to show, and whether the run was
+    interrupted."""
+    from batchfit.train.agent import AGENT_FILE
+
+    errors = []
+    for path in sorted(folder.glob("rank*.json")):
         try:
-            return process.wait()
-        except KeyboardInterrupt:
-            # The workers got the signal too: they save a checkpoint at the end of the step and
-            # stop. A second Ctrl-C stops them at once.
-            interrupts += 1
-            if interrupts >= 2:
-                process.terminate()
+            errors.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    try:
+        summary = json.loads((folder / AGENT_FILE).read_text())
+    except (OSError, ValueError):
+        summary = {"exitcodes": {}, "outcome": None}
+    codes = {int(rank): code for rank, code in summary.get("exitcodes", {}).items()}
+    interrupted = summary.get("outcome") == 130
+    # The cause first: a rank's own error before the collective failures it caused elsewhere.
+    errors.sort(key=lambda error: (error.get("kind") == "DistributedError", error.get("rank", 0)))
+    if errors:
+        first = errors[0]
+        line = first["line"]
+        if not line.startswith("rank "):
+            line = f"rank {first.get('rank')}: {line}"
+        return {"line": line, "interrupted": False}
+    failed = {rank: code for rank, code in codes.items() if code != 0}
+    if failed:
+        rank, code = min(failed.items())
+        how = f"signal {-code} ({_signal_name(-code)})" if code < 0 else f"exit code {code}"
+        return {
+            "line": f"rank {rank} ended with {how}, before it could say why (its output, if "
+            "any, is above); run with -v for torchrun's own report.",
+            "interrupted": interrupted,
+        }
+    return {"line": None, "interrupted": interrupted}
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown"

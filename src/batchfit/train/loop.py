@@ -191,15 +191,23 @@ def train(
     """
     from batchfit.devices import resolve_device
     from batchfit.snapshot import preserved_rng
-    from batchfit.train.distributed import destroy_distributed, detect_distributed, init_distributed
+    from batchfit.train.distributed import (
+        collective_errors,
+        destroy_distributed,
+        detect_distributed,
+        init_distributed,
+    )
 
     context = distributed if distributed is not None else detect_distributed()
     torch_device = resolve_device(device)
     started_group = False
     if context.enabled:
-        torch_device, started_group = init_distributed(context, torch_device)
+        torch_device, started_group = init_distributed(
+            context, torch_device, timeout_seconds=config.ddp_timeout_seconds
+        )
     try:
-        with preserved_rng(torch_device):
+        timeout = config.ddp_timeout_seconds
+        with preserved_rng(torch_device), collective_errors(context, timeout_seconds=timeout):
             return _train(
                 task,
                 config,

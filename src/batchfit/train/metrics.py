@@ -112,7 +112,7 @@ def truncate_metrics(path: str | os.PathLike, step: int, *, drop_unreadable: boo
         raise CheckpointError(
             f"{str(path)!r} has {len(unreadable)} line(s) that cannot be read (line {shown}); "
             "the run does not resume over them. Repair or delete those lines, or resume with "
-            "drop_unreadable_metrics=True to drop them."
+            "--drop-unreadable-metrics (drop_unreadable_metrics=True) to drop them."
         )
     if unreadable:
         logger.warning("%s: dropping %d unreadable line(s)", path, len(unreadable))

@@ -1,0 +1,37 @@
+"""Tasks for the DDP fault tests, loaded by torchrun ranks as `tests/train/ddp_faults.py:NAME`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.conftest import classification_loss, make_mlp_task  # noqa: E402
+
+FREEZE_SECONDS = 8.0
+
+
+def frozen_rank_task():
+    """Rank 1 stops answering for FREEZE_SECONDS in its third micro-batch."""
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        if os.environ.get("RANK") == "1" and len(calls) == 3:
+            time.sleep(FREEZE_SECONDS)
+        return classification_loss(model, batch)
+
+    return make_mlp_task(loss=loss)
+
+
+def slow_task():
+    """Each micro-batch takes 0.2 s, so a run can be interrupted in the middle."""
+
+    def loss(model, batch):
+        time.sleep(0.2)
+        return classification_loss(model, batch)
+
+    return make_mlp_task(loss=loss)

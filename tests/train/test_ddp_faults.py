@@ -1,0 +1,113 @@
+"""DDP fault paths: a frozen rank ends the run through the collective timeout, a failure or a
+Ctrl-C under `--nproc` is one line with exit 2 or 130, never torchrun's traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchfit.errors import DistributedError
+from batchfit.train.distributed import (
+    DistributedContext,
+    _read_outcome,
+    collective_errors,
+    is_collective_failure,
+)
+
+TASKS = Path(__file__).resolve().parent / "ddp_faults.py"
+TWO_RANKS = ["--global-batch", "64", "--micro-batch", "16", "--device", "cpu", "--nproc", "2"]
+
+
+@pytest.mark.parametrize(
+    "message, failed",
+    [
+        ("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv", True),
+        ("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234", True),
+        ("NCCL communicator was aborted on rank 1", True),
+        ("mat1 and mat2 shapes cannot be multiplied (4x3 and 8x16)", False),
+    ],
+)
+def test_is_collective_failure(message, failed):
+    assert is_collective_failure(RuntimeError(message)) is failed
+    assert not is_collective_failure(ValueError(message))
+
+
+def test_a_failed_collective_becomes_one_line_naming_the_timeout():
+    context = DistributedContext(rank=1, local_rank=1, world_size=2)
+    with pytest.raises(DistributedError, match=r"rank 1: .*within 5 s \(--ddp-timeout\)") as info:
+        with collective_errors(context, timeout_seconds=5):
+            raise RuntimeError("[/src/gloo/unbound_buffer.cc:78] Timed out waiting 5000ms for recv")
+    assert "unbound_buffer" not in str(info.value) and "Timed out waiting" in str(info.value)
+    with pytest.raises(RuntimeError, match="shapes"):  # not a collective: unchanged
+        with collective_errors(context, timeout_seconds=5):
+            raise RuntimeError("shapes cannot be multiplied")
+    single = DistributedContext()
+    with pytest.raises(RuntimeError, match="Timed out"):  # no process group: unchanged
+        with collective_errors(single, timeout_seconds=5):
+            raise RuntimeError("Timed out waiting")
+
+
+def test_the_launcher_shows_the_cause_before_the_collective_failures_it_caused(tmp_path):
+    def rank(number, kind, line):
+        path = tmp_path / f"rank{number}.json"
+        path.write_text(json.dumps({"rank": number, "kind": kind, "line": line}))
+
+    rank(0, "DistributedError", "rank 0: a collective ... failed")
+    rank(1, "DoesNotFitError", "batch 16 does not fit")
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 2, "1": 2}, "outcome": 1}))
+    assert _read_outcome(tmp_path) == {
+        "line": "rank 1: batch 16 does not fit",
+        "interrupted": False,
+    }
+    for path in tmp_path.glob("rank*.json"):
+        path.unlink()
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"1": -9}, "outcome": 1}))
+    assert "rank 1 ended with signal 9 (SIGKILL)" in _read_outcome(tmp_path)["line"]
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 130}, "outcome": 130}))
+    assert _read_outcome(tmp_path)["interrupted"]
+
+
+def _batchfit(argv, **options) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchfit", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **options,
+    )
+
+
+@pytest.mark.integration
+def test_a_frozen_rank_ends_the_run_with_one_line_and_exit_2(tmp_path):
+    argv = ["train", f"{TASKS}:frozen_rank_task", *TWO_RANKS, "--steps", "4", "--ddp-timeout", "2"]
+    process = _batchfit([*argv, "--out", str(tmp_path / "run")])
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 2, err
+    assert "Traceback" not in err and "ChildFailedError" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("batchfit: error:")]
+    assert len(errors) == 1, err
+    assert "did not answer within 2 s (--ddp-timeout)" in errors[0]
+
+
+@pytest.mark.integration
+def test_ctrl_c_under_nproc_saves_a_checkpoint_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", f"{TASKS}:slow_task", *TWO_RANKS, "--steps", "200", "--checkpoint-every", "0"]
+    process = _batchfit([*argv, "--out", str(run)], start_new_session=True)
+    deadline = time.monotonic() + 180
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "batchfit: interrupted"
+    assert err.count("batchfit: interrupted") == 1
+    assert (run / "checkpoint.pt").exists()
