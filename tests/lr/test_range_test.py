@@ -254,3 +254,36 @@ def test_the_range_test_uses_the_one_smoothing_and_suggestions_of_lr_suggest():
     assert (result.valley_start_lr, result.valley_end_lr) == (
         (None, None) if valley is None else (result.lrs[valley[0]], result.lrs[valley[1]])
     )
+
+
+def test_steps_read_the_training_loops_sample_order():
+    # One seeded sample order: step s of the test takes training's global batch s.
+    from batchfit.train.sampling import global_batch_indices
+
+    seen: list[list[int]] = []
+
+    def recording_loss(model, batch):
+        seen.append(batch[0][:, 0].long().tolist())
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    inputs = torch.zeros(40, 3)
+    inputs[:, 0] = torch.arange(40)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = TensorDataset(inputs, torch.zeros(40, 1))
+    lr_range_test(
+        model,
+        optimizer,
+        loss=recording_loss,
+        train_data=data,
+        global_batch=16,
+        start_lr=1e-9,
+        end_lr=1e-8,
+        steps=40,
+        smoothing=0.05,
+        seed=3,
+    )
+    expected = [
+        global_batch_indices(step, dataset_size=40, global_batch=16, seed=3) for step in range(40)
+    ]
+    assert seen == expected

@@ -169,3 +169,30 @@ def test_every_example_from_the_library(name):
 def test_every_example_with_default_settings(name):
     result = measure_noise_scale(load_example(name), device="cpu")
     assert result.batches == 50 and result.step == 50
+
+
+def test_warm_up_reads_the_training_loops_sample_order():
+    # One seeded sample order: the warm-up's batches are training's global batches (five
+    # steps of 16 over 40 samples cross two epoch boundaries).
+    from batchfit.train.sampling import global_batch_indices
+
+    seen: list[list[int]] = []
+
+    def recording_loss(model, batch):
+        seen.append(batch[0][:, 0].long().tolist())
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    inputs = torch.zeros(40, 8)
+    inputs[:, 0] = torch.arange(40)
+    task = make_mlp_task(
+        train_data=torch.utils.data.TensorDataset(inputs, torch.arange(40) % 3),
+        loss=recording_loss,
+        lr=1e-6,
+        batch_size=16,
+        seed=7,
+    )
+    measure_noise_scale(task, small_batch=4, big_batch=8, batches=1, warmup_steps=5, device="cpu")
+    expected = [
+        global_batch_indices(step, dataset_size=40, global_batch=16, seed=7) for step in range(5)
+    ]
+    assert seen[:5] == expected

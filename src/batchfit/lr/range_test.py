@@ -87,11 +87,12 @@ def lr_range_test(
       in `finally` (also after an error or Ctrl-C). Every parameter group runs at the sweep rate.
 
     Either way the Python, NumPy, torch and CUDA random generators are restored afterwards.
-    Each step draws `global_batch` samples (a seeded shuffle without replacement, reshuffled
-    when the data runs out), splits them into micro-batches of `micro_batch` samples,
-    accumulates their gradients weighted by samples (or by tokens when `tokens` is given, so the
-    step's loss is the mean over the whole global batch) and makes one optimizer step: a test at
-    the global batch you will train with, on a device that only fits the micro-batch.
+    Each step draws `global_batch` samples in training's order (`batchfit.train.sampling`:
+    shuffled epochs seeded `seed + epoch`, none repeated within an epoch), splits them into
+    micro-batches of `micro_batch` samples, accumulates their gradients weighted by samples (or
+    by tokens when `tokens` is given, so the step's loss is the mean over the whole global
+    batch) and makes one optimizer step: a test at the global batch you will train with, on a
+    device that only fits the micro-batch.
 
     Args:
         task_or_model: a `Task`, or an `nn.Module` (then `optimizer`, `loss` and `train_data`
@@ -154,6 +155,7 @@ def lr_range_test(
     rates = sweep_lrs(start_lr, end_lr, steps, mode)
 
     from batchfit.snapshot import preserved, preserved_rng
+    from batchfit.train.sampling import global_batch_indices
 
     begun = time.perf_counter()
     losses: list[float] = []
@@ -169,12 +171,17 @@ def lr_range_test(
             guard = preserved(model, optim)
         with guard:
             model.train()
-            sampler = _Sampler(len(source.data), source.seed)
             best = math.inf
             for index, rate in enumerate(rates):
                 for group in optim.param_groups:
                     group["lr"] = rate
-                chunks = _micro_batches(source, sampler.take(source.global_batch), micro)
+                indices = global_batch_indices(
+                    index,
+                    dataset_size=len(source.data),
+                    global_batch=source.global_batch,
+                    seed=source.seed,
+                )
+                chunks = _micro_batches(source, indices, micro)
                 optim.zero_grad(set_to_none=True)
                 value = _accumulate(model, source, chunks)
                 losses.append(value)
@@ -383,29 +390,6 @@ def _resolve_source(
         device=model_device,
         seed=0 if seed is None else seed,
     )
-
-
-class _Sampler:
-    """Seeded shuffles without replacement; a new shuffle when one is used up."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        import torch
-
-        self.size = size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-
-    def take(self, count: int) -> list[int]:
-        import torch
-
-        taken: list[int] = []
-        while len(taken) < count:
-            if not self.order:
-                self.order = torch.randperm(self.size, generator=self.generator).tolist()
-            need = count - len(taken)
-            taken += self.order[:need]
-            self.order = self.order[need:]
-        return taken
 
 
 def _micro_batches(source: _Source, indices: list[int], micro: int) -> list[tuple[Any, int]]:

@@ -73,7 +73,8 @@ def measure_noise_scale(
     micro-batches of `small_batch` samples, and takes each micro-batch's gradient as a small
     batch and their weighted mean as the big one (McCandlish et al. 2018, arXiv:1812.06162,
     Appendix A; see the module docstring). Only `small_batch` samples need to fit in memory.
-    Warm-up batches come from shuffled epochs seeded `task.seed`; the measured big batches are
+    Warm-up batches follow training's sample order (`batchfit.train.sampling`: shuffled epochs
+    seeded `task.seed + epoch`); the measured big batches are
     `torch.randperm(len(task.train_data), generator)[:big_batch]` with a generator seeded
     `task.seed + 1`, so a run is repeatable.
 
@@ -176,17 +177,16 @@ def _warm_up(
     import torch
 
     from batchfit.task import move_to
+    from batchfit.train.sampling import global_batch_indices
 
     if not steps:
         return
     optimizer = task.make_optimizer(model.parameters())
-    # shuffled epochs, as a DataLoader with shuffle=True reads them
-    generator = torch.Generator().manual_seed(task.seed)
-    stream: list[int] = []
     for step in range(steps):
-        while len(stream) < task.batch_size:
-            stream += torch.randperm(len(task.train_data), generator=generator).tolist()
-        indices, stream = stream[: task.batch_size], stream[task.batch_size :]
+        # the training loop's own sample order (shuffled epochs seeded task.seed + epoch)
+        indices = global_batch_indices(
+            step, dataset_size=len(task.train_data), global_batch=task.batch_size, seed=task.seed
+        )
         optimizer.zero_grad(set_to_none=True)
         loss = task.loss(model, move_to(task.batch(indices), device))
         if not torch.isfinite(loss.detach()).all():
