@@ -34,6 +34,7 @@ _EXPORTS = {
     "MemoryModel": "batchfit.memory.model",
     "round_down": "batchfit.memory.rounding",
     "find_max_batch_size": "batchfit.memory.search",
+    "runnable_batch_size": "batchfit.memory.runnable",
     "SearchResult": "batchfit.memory.result",
     "measure_step_memory": "batchfit.memory.step",
     "count_memory": "batchfit.memory.counter",

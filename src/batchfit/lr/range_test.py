@@ -114,9 +114,10 @@ def lr_range_test(
         micro_batch: samples per forward/backward (default: the global batch).
         device: where to run: "auto", "cpu", "cuda", ... (Task form; default "auto"). In the
             model form the model's own device; naming another one is an error.
-        memory_budget: bytes, or a size such as "300MiB" (Task form): the micro-batch must
-            fit it. The largest batch that fits is measured (`batchfit.memory.search`); the default
-            micro-batch becomes the smaller of it and the global batch.
+        memory_budget: bytes, a size such as "300MiB", or a card such as "A100-80GB" (Task
+            form): the micro-batch must
+            fit it and run on this machine (`batchfit.memory.runnable.runnable_batch_size`); the
+            default micro-batch becomes the smaller of that and the global batch.
         seed: seed of the model initialisation (Task form) and of the sample order
             (default: the task's seed, or 0).
         progress: `progress("range test", steps_done, steps)` after every step
@@ -286,22 +287,28 @@ def _check_batches(global_batch: int, micro_batch: int, data_size: int) -> None:
 
 def _fit_micro_batch(source: _Source, micro: int, chosen: bool, memory_budget: Any) -> int:
     """The micro-batch under a memory budget: checked, or chosen when not given."""
-    from batchfit.memory.search import find_max_batch_size
-    from batchfit.units import format_bytes, parse_size
+    from batchfit.memory.cards import memory_target
+    from batchfit.memory.runnable import runnable_batch_size
+    from batchfit.units import format_bytes
 
-    budget = parse_size(memory_budget, name="memory_budget")
+    target = memory_target(memory_budget)  # a size, or a card such as "A100-80GB"
+    budget = target.memory_bytes
     if source.task is None:
         raise ConfigError(
             "memory_budget needs a Task (the search builds its own model); with your own model, "
             "choose micro_batch yourself."
         )
-    fits = find_max_batch_size(source.task, device=source.device, memory_budget=budget).batch_size
+    # the test runs real steps here: the largest batch that fits the budget AND runs here
+    fits = runnable_batch_size(
+        source.task, device=source.device, memory_budget=target.card.name if target.card else budget
+    )
     if chosen:
         return min(micro, fits)
     if micro > fits:
         raise ConfigError(
             f"micro_batch {micro} does not fit: the largest batch that fits the memory budget "
-            f"{format_bytes(budget)} is {fits} (measured); use a micro-batch of at most {fits}."
+            f"{format_bytes(budget)} on this machine is {fits}; use a micro-batch of at most "
+            f"{fits}."
         )
     return micro
 
