@@ -64,7 +64,7 @@ _EXPORTS = {
     "measure_noise_scale": "batchfit.noise.measure",
     "estimate_gradient_statistics": "batchfit.noise.estimator",
     "GradientNormWatch": "batchfit.noise.watch",
-    "NoiseScaleCallback": "batchfit.noise.watch",
+    "NoiseScaleCallback": "batchfit.noise.callback",
     "plot_noise_scale": "batchfit.plots.noise_scale",
     "lr_range_test": "batchfit.lr.range_test",
     "RangeTestResult": "batchfit.lr.result",

@@ -262,7 +262,8 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.cli.format import print_train_summary
     from batchfit.cli.format_diagnosis import print_diagnosis
     from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
-    from batchfit.noise.watch import NoiseScaleCallback, noise_scale_advice, noise_scale_loggable
+    from batchfit.noise.callback import NoiseScaleCallback
+    from batchfit.noise.watch import noise_scale_advice, noise_scale_loggable
     from batchfit.plan.plan_file import apply_plan, load_plan
     from batchfit.train.checkpoint import CHECKPOINT_NAME
     from batchfit.train.config import TrainConfig, check_train_config
