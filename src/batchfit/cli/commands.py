@@ -265,6 +265,7 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.noise.callback import NoiseScaleCallback
     from batchfit.noise.watch import noise_scale_advice, noise_scale_loggable
     from batchfit.plan.plan_file import apply_plan, load_plan
+    from batchfit.report.html import update_plan_report
     from batchfit.train.checkpoint import CHECKPOINT_NAME
     from batchfit.train.config import TrainConfig, check_train_config
     from batchfit.train.distributed import detect_distributed, launch
@@ -344,6 +345,7 @@ def train(args: argparse.Namespace) -> int:
     if not context.is_main:
         return code
     diagnosis_path = live.write(config.out_dir) if config.out_dir else None
+    report_path = update_plan_report(args.plan, out) if args.plan and out else None
     noise_summary = {
         "logged": result.noise_scale_logged,
         "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
@@ -356,7 +358,8 @@ def train(args: argparse.Namespace) -> int:
     }
     if args.json:
         diagnosis = {**live.diagnosis.to_dict(), "path": str(diagnosis_path)}
-        print_json({**result.to_dict(), "noise_scale": noise_summary, "diagnosis": diagnosis})
+        extra = {"diagnosis": diagnosis, "report_path": report_path and str(report_path)}
+        print_json({**result.to_dict(), "noise_scale": noise_summary, **extra})
         return code
     console = stdout_console()
     print_train_summary(console, task.name, result, noise_summary)
@@ -364,6 +367,8 @@ def train(args: argparse.Namespace) -> int:
         print_diagnosis(console, live.history(), live.diagnosis)
     if diagnosis_path is not None:
         console.print(f"  diagnosis: {diagnosis_path}", highlight=False, markup=False)
+    if report_path is not None:
+        console.print(f"  report with the run: {report_path}", highlight=False, markup=False)
     return code
 
 
