@@ -158,9 +158,9 @@ class Task:
     def from_lightning(cls, module: Any, datamodule: Any = None, **options: Any) -> Task:
         """A Task from a LightningModule: its training_step is the loss, its
         configure_optimizers the optimizer. See
-        `batchfit.integrations.lightning.task_from_lightning` (needs batchfit[lightning])."""
+        `batchfit.integrations.lightning_task.task_from_lightning` (needs batchfit[lightning])."""
         # by name, as load_example does: the integration imports this module (no static cycle)
-        integration = importlib.import_module("batchfit.integrations.lightning")
+        integration = importlib.import_module("batchfit.integrations.lightning_task")
         return integration.task_from_lightning(module, datamodule, **options)
 
     @classmethod

@@ -18,6 +18,8 @@ __all__ = [
     "MAX_SEED",
     "check_batch_size",
     "check_in_range",
+    "check_margin",
+    "check_memory_steps",
     "check_positive_number",
     "check_whole_number",
     "parse_number",
@@ -115,6 +117,47 @@ def check_batch_size(batch_size: object, *, name: str = "batch_size") -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"{name} must be a positive whole number of samples, got {batch_size!r}.")
     return batch_size
+
+
+def check_margin(margin: object) -> float:
+    """Return `margin` as a float when it is a fraction in [0, 1): the share of memory kept free.
+
+    Raises:
+        ConfigError: not a number (or a bool), NaN, or outside [0, 1).
+
+    Example:
+        >>> check_margin(0.05)
+        0.05
+    """
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float))
+        or math.isnan(margin)
+        or not 0 <= margin < 1
+    ):
+        raise ConfigError(
+            f"margin {margin!r} must be a fraction in [0, 1), such as 0.05 for 5% kept free."
+        )
+    return float(margin)
+
+
+def check_memory_steps(steps: object) -> int:
+    """Return `steps` when it is an int of at least 2: training steps of a memory measurement.
+
+    Optimizer state appears at the first step, so one step would miss it.
+
+    Raises:
+        ConfigError: not an int (or a bool), or below 2.
+
+    Example:
+        >>> check_memory_steps(2)
+        2
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ConfigError(
+            f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
+        )
+    return steps
 
 
 def check_in_range(

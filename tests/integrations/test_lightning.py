@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 
 from batchfit.errors import ConfigError, TaskError  # noqa: E402
-from batchfit.integrations.lightning import BatchFit, task_from_lightning  # noqa: E402
+from batchfit.integrations.lightning import BatchFit  # noqa: E402
+from batchfit.integrations.lightning_task import task_from_lightning  # noqa: E402
 from batchfit.plan.plan_file import Plan  # noqa: E402
 from batchfit.task import Task  # noqa: E402
 

@@ -229,7 +229,9 @@ def test_memory_budget_picks_or_checks_the_micro_batch():
     options = dict(steps=10, smoothing=0.5, global_batch=250, memory_budget="32KiB")
     result = lr_range_test(task, **options)
     assert result.micro_batch < 250 and result.accumulation_steps >= 2
-    with pytest.raises(ConfigError, match=r"micro_batch 250 does not fit: .* \(measured\)"):
+    with pytest.raises(
+        ConfigError, match=r"micro_batch 250 does not fit: .* on this machine is \d+"
+    ):
         lr_range_test(task, micro_batch=250, **options)
 
 
@@ -254,3 +256,53 @@ def test_the_range_test_uses_the_one_smoothing_and_suggestions_of_lr_suggest():
     assert (result.valley_start_lr, result.valley_end_lr) == (
         (None, None) if valley is None else (result.lrs[valley[0]], result.lrs[valley[1]])
     )
+
+
+def test_steps_read_the_training_loops_sample_order():
+    # One seeded sample order: step s of the test takes training's global batch s.
+    from batchfit.train.sampling import global_batch_indices
+
+    seen: list[list[int]] = []
+
+    def recording_loss(model, batch):
+        seen.append(batch[0][:, 0].long().tolist())
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    inputs = torch.zeros(40, 3)
+    inputs[:, 0] = torch.arange(40)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = TensorDataset(inputs, torch.zeros(40, 1))
+    lr_range_test(
+        model,
+        optimizer,
+        loss=recording_loss,
+        train_data=data,
+        global_batch=16,
+        start_lr=1e-9,
+        end_lr=1e-8,
+        steps=40,
+        smoothing=0.05,
+        seed=3,
+    )
+    expected = [
+        global_batch_indices(step, dataset_size=40, global_batch=16, seed=3) for step in range(40)
+    ]
+    assert seen == expected
+
+
+def test_a_budget_for_another_device_picks_a_micro_batch_this_machine_runs(monkeypatch):
+    # An 80 GB card on a machine with 32 KiB free: the predicted limit is far above what runs
+    # here, so the micro-batch is the host's limit, not the card's.
+    from batchfit import devices
+    from batchfit.memory.runnable import runnable_batch_size
+
+    task = make_mlp_task()
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 1 << 15)
+    host = runnable_batch_size(task, device="cpu", memory_budget="H100-80GB")
+    assert host < 250
+    options = dict(steps=10, smoothing=0.5, global_batch=250, memory_budget="H100-80GB")
+    result = lr_range_test(task, device="cpu", **options)
+    assert result.micro_batch == host
+    with pytest.raises(ConfigError, match=f"on this machine is {host};"):
+        lr_range_test(task, device="cpu", micro_batch=250, **options)

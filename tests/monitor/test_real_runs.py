@@ -7,7 +7,7 @@ from torch.utils.data import Subset
 
 from batchfit.monitor.diagnose import diagnose
 from batchfit.monitor.readers import read_history
-from batchfit.noise.watch import NoiseScaleCallback
+from batchfit.noise.callback import NoiseScaleCallback
 from batchfit.task import load_example
 from batchfit.train.config import TrainConfig
 from batchfit.train.loop import train

@@ -136,7 +136,7 @@ def test_small_batch_above_the_memory_budget_names_the_measured_limit():
     limit = max(
         size for size in range(1, 17) if measure_step_memory(task, size).peak_bytes <= budget
     )
-    with pytest.raises(ConfigError, match=f"largest batch that fits is {limit} \\(measured\\)"):
+    with pytest.raises(ConfigError, match=f"largest batch that fits is {limit}\\."):
         measure_noise_scale(task, small_batch=32, memory_budget_bytes=budget, device="cpu")
     result = measure_noise_scale(
         task, small_batch=limit, batches=2, warmup_steps=0, memory_budget_bytes=budget
@@ -169,3 +169,49 @@ def test_every_example_from_the_library(name):
 def test_every_example_with_default_settings(name):
     result = measure_noise_scale(load_example(name), device="cpu")
     assert result.batches == 50 and result.step == 50
+
+
+def test_warm_up_reads_the_training_loops_sample_order():
+    # One seeded sample order: the warm-up's batches are training's global batches (five
+    # steps of 16 over 40 samples cross two epoch boundaries).
+    from batchfit.train.sampling import global_batch_indices
+
+    seen: list[list[int]] = []
+
+    def recording_loss(model, batch):
+        seen.append(batch[0][:, 0].long().tolist())
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    inputs = torch.zeros(40, 8)
+    inputs[:, 0] = torch.arange(40)
+    task = make_mlp_task(
+        train_data=torch.utils.data.TensorDataset(inputs, torch.arange(40) % 3),
+        loss=recording_loss,
+        lr=1e-6,
+        batch_size=16,
+        seed=7,
+    )
+    measure_noise_scale(task, small_batch=4, big_batch=8, batches=1, warmup_steps=5, device="cpu")
+    expected = [
+        global_batch_indices(step, dataset_size=40, global_batch=16, seed=7) for step in range(5)
+    ]
+    assert seen[:5] == expected
+
+
+def test_a_budget_for_another_device_checks_the_small_batch_against_this_machine(monkeypatch):
+    from batchfit import devices
+    from batchfit.memory.runnable import runnable_batch_size
+
+    task = make_mlp_task()
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 1 << 15)
+    budget = 80 * 10**9  # more than this machine holds: the search answers from the prediction
+    host = runnable_batch_size(
+        task, device="cpu", memory_budget=budget, margin=0.0, max_batch_size=128
+    )
+    assert host < 128
+    with pytest.raises(
+        ConfigError, match=f"on this machine: the largest batch that fits is {host}"
+    ):
+        measure_noise_scale(
+            task, small_batch=128, big_batch=256, memory_budget_bytes=budget, device="cpu"
+        )

@@ -1,12 +1,16 @@
 import base64
+import json
+import math
 import os
 import re
 import shutil
 
 import pytest
 
+from batchfit.cli.main import main
+from batchfit.errors import RunLogError
 from batchfit.plan.plan_file import Plan
-from batchfit.report.html import render_report, write_report
+from batchfit.report.html import render_report, update_plan_report, write_report
 
 MIB = 1024**2
 
@@ -146,6 +150,17 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert seen["rows"] == 8
 
 
+@pytest.mark.integration
+def test_report_with_a_run_and_a_sweep_renders_in_headless_chromium(tmp_path):
+    run = write_diverging_run(tmp_path / "run")
+    path = write_report(make_plan(), tmp_path / "report.html", run_dir=run, sweep=make_sweep())
+    seen = open_in_chromium(path, screenshot=tmp_path / "report.png")
+    assert seen["problems"] == []
+    assert len(seen["images"]) == 7  # 4 measurements, the run's curves, steps and rates
+    assert all(done and width > 0 for done, width in seen["images"])
+    assert seen["rows"] == 8  # the findings and the read-out are lists, not plan rows
+
+
 def test_a_rate_set_by_the_range_test_is_not_labelled_with_the_scaling_rule():
     plan = make_plan()
     scaled = render_report(plan)
@@ -169,3 +184,110 @@ def test_backticks_become_code_not_literal_text():
     assert "<code>batchfit train</code> logs it, &lt;b&gt; stays escaped" in html
     assert "see <code>batchfit.lr.scaling</code>" in html
     assert "`" not in html
+
+
+# --- a run that followed the plan, and a measured critical batch -------------------------------
+
+
+def write_diverging_run(folder):
+    """A batchfit metrics.jsonl whose loss falls, then turns non-finite at step 41."""
+    folder.mkdir(parents=True, exist_ok=True)
+    losses = [2.3 * 0.9**step for step in range(40)] + [math.nan]
+    lines = [
+        {"step": step + 1, "samples_seen": 128 * (step + 1), "loss": loss}
+        for step, loss in enumerate(losses)
+    ]
+    text = "\n".join(json.dumps(line) for line in lines)
+    (folder / "metrics.jsonl").write_text(text + "\n")
+    return folder
+
+
+def make_sweep():
+    from batchfit.sweep.fit import fit_steps
+    from batchfit.sweep.result import BatchPoint, SweepResult
+
+    batches = [8, 16, 32, 64]
+    steps = [400 + 8000 / batch for batch in batches]  # S_min 400, E_min 8000: B_crit 20
+    points = tuple(
+        BatchPoint(
+            batch=batch,
+            steps=value,
+            steps_low=int(value) - 5,
+            steps_high=int(value) + 5,
+            best_lr=0.01 * batch / 8,
+            scaled_lr=0.01 * batch / 8,
+            rates=(0.005 * batch / 8, 0.01 * batch / 8, 0.02 * batch / 8),
+            trials=3,
+        )
+        for batch, value in zip(batches, steps)
+    )
+    return SweepResult(
+        task="digits",
+        target="val_accuracy>=0.9",
+        seeds=(0,),
+        points=points,
+        fit=fit_steps(batches, steps),
+        fit_reason="",
+        critical_batch_low=18.0,
+        critical_batch_high=22.0,
+        lr_exponent=1.0,
+        lr_rule="linear",
+        noise_scale=None,
+        trials=(),
+        trials_run=12,
+        trials_resumed=0,
+        samples=10_000,
+        seconds=1.0,
+        folder=None,
+    )
+
+
+def test_a_run_adds_its_curves_and_findings_with_their_advice(tmp_path):
+    run = write_diverging_run(tmp_path / "run")
+    html = render_report(make_plan(), run_dir=run)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 5
+    assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
+    assert "<h2>The run</h2>" in html and "<strong>diverging</strong>" in html
+    assert "lower" in html.split("<h2>The run</h2>")[1]  # the advice: a lower rate
+    assert "The run" not in render_report(make_plan())
+
+
+def test_a_sweep_adds_its_steps_and_rates_pictures(tmp_path):
+    html = render_report(make_plan(), sweep=make_sweep())
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 6
+    section = html.split("<h2>Critical batch, measured</h2>")[1]
+    assert "B_crit = E_min/S_min: <strong>20</strong>" in section
+    assert "Steps to reach val_accuracy&gt;=0.9" in section
+
+
+def test_a_missing_run_names_the_fix(tmp_path):
+    with pytest.raises(RunLogError):
+        render_report(make_plan(), run_dir=tmp_path / "nothing")
+
+
+def test_the_plan_folders_report_is_rewritten_only_when_it_has_one(tmp_path):
+    run = write_diverging_run(tmp_path / "run")
+    folder = tmp_path / "plan"
+    folder.mkdir()
+    make_plan().save(folder / "plan.json")
+    assert update_plan_report(folder / "plan.json", run) is None
+    assert sorted(p.name for p in folder.iterdir()) == ["plan.json"]
+    write_report(make_plan(), folder / "report.html")
+    assert update_plan_report(folder / "plan.json", run) == folder / "report.html"
+    assert "<h2>The run</h2>" in (folder / "report.html").read_text()
+
+
+def test_train_with_a_plan_rewrites_the_plan_folders_report(tmp_path, capsys):
+    folder = tmp_path / "plan"
+    folder.mkdir()
+    plan = make_plan()
+    plan.save(folder / "plan.json")
+    write_report(plan, folder / "report.html")
+    argv = ["train", "--example", "digits", "--plan", str(folder / "plan.json"), "--steps", "3"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["report_path"] == str(folder / "report.html")
+    html = (folder / "report.html").read_text()
+    assert "<h2>The run</h2>" in html
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 5

@@ -1,4 +1,4 @@
-from batchfit.noise.watch import NoiseScaleCallback
+from batchfit.noise.callback import NoiseScaleCallback
 from batchfit.train.callbacks import CallbackList, StopTraining
 from batchfit.train.checkpoint import load_checkpoint
 from batchfit.train.config import TrainConfig

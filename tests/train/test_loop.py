@@ -483,7 +483,7 @@ def test_sigterm_also_stops_at_the_end_of_the_step_with_a_checkpoint(tmp_path):
 
 
 def test_noise_scale_callback_resumes_where_it_stopped(tmp_path):
-    from batchfit.noise.watch import NoiseScaleCallback
+    from batchfit.noise.callback import NoiseScaleCallback
 
     config = dict(global_batch=32, micro_batch=8, steps=7, warmup=0, checkpoint_every=2)
 

@@ -262,8 +262,10 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.cli.format import print_train_summary
     from batchfit.cli.format_diagnosis import print_diagnosis
     from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
-    from batchfit.noise.watch import NoiseScaleCallback, noise_scale_advice, noise_scale_loggable
+    from batchfit.noise.callback import NoiseScaleCallback
+    from batchfit.noise.watch import noise_scale_advice, noise_scale_loggable
     from batchfit.plan.plan_file import apply_plan, load_plan, normalization_note
+    from batchfit.report.html import update_plan_report
     from batchfit.train.checkpoint import CHECKPOINT_NAME
     from batchfit.train.config import TrainConfig, check_train_config
     from batchfit.train.distributed import detect_distributed, launch
@@ -351,6 +353,7 @@ def train(args: argparse.Namespace) -> int:
     if not context.is_main:
         return code
     diagnosis_path = live.write(config.out_dir) if config.out_dir else None
+    report_path = update_plan_report(args.plan, out) if args.plan and out else None
     noise_summary = {
         "logged": result.noise_scale_logged,
         "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
@@ -363,14 +366,12 @@ def train(args: argparse.Namespace) -> int:
     }
     if args.json:
         diagnosis = {**live.diagnosis.to_dict(), "path": str(diagnosis_path)}
-        print_json(
-            {
-                **result.to_dict(),
-                "noise_scale": noise_summary,
-                "diagnosis": diagnosis,
-                "normalization": model_note,
-            }
-        )
+        extra = {
+            "diagnosis": diagnosis,
+            "normalization": model_note,
+            "report_path": report_path and str(report_path),
+        }
+        print_json({**result.to_dict(), "noise_scale": noise_summary, **extra})
         return code
     console = stdout_console()
     print_train_summary(console, task.name, result, noise_summary)
@@ -380,6 +381,8 @@ def train(args: argparse.Namespace) -> int:
         print_diagnosis(console, live.history(), live.diagnosis)
     if diagnosis_path is not None:
         console.print(f"  diagnosis: {diagnosis_path}", highlight=False, markup=False)
+    if report_path is not None:
+        console.print(f"  report with the run: {report_path}", highlight=False, markup=False)
     return code
 
 

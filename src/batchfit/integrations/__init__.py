@@ -1,7 +1,8 @@
 """Integrations: batchfit inside the trainers people already use, each behind an optional extra.
 
 - `batchfit.integrations.lightning`: `BatchFit`, a Lightning callback (plan, search, noise
-  scale, out-of-memory back-off), and `task_from_lightning` behind `Task.from_lightning`.
+  scale, out-of-memory back-off).
+- `batchfit.integrations.lightning_task`: `task_from_lightning` behind `Task.from_lightning`.
 - `batchfit.integrations.transformers`: `apply_plan` for `TrainingArguments`,
   `NoiseScaleTrainerCallback`, and `task_from_transformers` behind `Task.from_transformers`.
 - `batchfit.integrations.accelerate`: `find_executable_batch_size`, which keeps the global batch

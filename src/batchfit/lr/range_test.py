@@ -87,11 +87,12 @@ def lr_range_test(
       in `finally` (also after an error or Ctrl-C). Every parameter group runs at the sweep rate.
 
     Either way the Python, NumPy, torch and CUDA random generators are restored afterwards.
-    Each step draws `global_batch` samples (a seeded shuffle without replacement, reshuffled
-    when the data runs out), splits them into micro-batches of `micro_batch` samples,
-    accumulates their gradients weighted by samples (or by tokens when `tokens` is given, so the
-    step's loss is the mean over the whole global batch) and makes one optimizer step: a test at
-    the global batch you will train with, on a device that only fits the micro-batch.
+    Each step draws `global_batch` samples in training's order (`batchfit.train.sampling`:
+    shuffled epochs seeded `seed + epoch`, none repeated within an epoch), splits them into
+    micro-batches of `micro_batch` samples, accumulates their gradients weighted by samples (or
+    by tokens when `tokens` is given, so the step's loss is the mean over the whole global
+    batch) and makes one optimizer step: a test at the global batch you will train with, on a
+    device that only fits the micro-batch.
 
     Args:
         task_or_model: a `Task`, or an `nn.Module` (then `optimizer`, `loss` and `train_data`
@@ -113,9 +114,10 @@ def lr_range_test(
         micro_batch: samples per forward/backward (default: the global batch).
         device: where to run: "auto", "cpu", "cuda", ... (Task form; default "auto"). In the
             model form the model's own device; naming another one is an error.
-        memory_budget: bytes, or a size such as "300MiB" (Task form): the micro-batch must
-            fit it. The largest batch that fits is measured (`batchfit.memory.search`); the default
-            micro-batch becomes the smaller of it and the global batch.
+        memory_budget: bytes, a size such as "300MiB", or a card such as "A100-80GB" (Task
+            form): the micro-batch must
+            fit it and run on this machine (`batchfit.memory.runnable.runnable_batch_size`); the
+            default micro-batch becomes the smaller of that and the global batch.
         seed: seed of the model initialisation (Task form) and of the sample order
             (default: the task's seed, or 0).
         progress: `progress("range test", steps_done, steps)` after every step
@@ -154,6 +156,7 @@ def lr_range_test(
     rates = sweep_lrs(start_lr, end_lr, steps, mode)
 
     from batchfit.snapshot import preserved, preserved_rng
+    from batchfit.train.sampling import global_batch_indices
 
     begun = time.perf_counter()
     losses: list[float] = []
@@ -169,12 +172,17 @@ def lr_range_test(
             guard = preserved(model, optim)
         with guard:
             model.train()
-            sampler = _Sampler(len(source.data), source.seed)
             best = math.inf
             for index, rate in enumerate(rates):
                 for group in optim.param_groups:
                     group["lr"] = rate
-                chunks = _micro_batches(source, sampler.take(source.global_batch), micro)
+                indices = global_batch_indices(
+                    index,
+                    dataset_size=len(source.data),
+                    global_batch=source.global_batch,
+                    seed=source.seed,
+                )
+                chunks = _micro_batches(source, indices, micro)
                 optim.zero_grad(set_to_none=True)
                 value = _accumulate(model, source, chunks)
                 losses.append(value)
@@ -279,22 +287,28 @@ def _check_batches(global_batch: int, micro_batch: int, data_size: int) -> None:
 
 def _fit_micro_batch(source: _Source, micro: int, chosen: bool, memory_budget: Any) -> int:
     """The micro-batch under a memory budget: checked, or chosen when not given."""
-    from batchfit.memory.search import find_max_batch_size
-    from batchfit.units import format_bytes, parse_size
+    from batchfit.memory.cards import memory_target
+    from batchfit.memory.runnable import runnable_batch_size
+    from batchfit.units import format_bytes
 
-    budget = parse_size(memory_budget, name="memory_budget")
+    target = memory_target(memory_budget)  # a size, or a card such as "A100-80GB"
+    budget = target.memory_bytes
     if source.task is None:
         raise ConfigError(
             "memory_budget needs a Task (the search builds its own model); with your own model, "
             "choose micro_batch yourself."
         )
-    fits = find_max_batch_size(source.task, device=source.device, memory_budget=budget).batch_size
+    # the test runs real steps here: the largest batch that fits the budget AND runs here
+    fits = runnable_batch_size(
+        source.task, device=source.device, memory_budget=target.card.name if target.card else budget
+    )
     if chosen:
         return min(micro, fits)
     if micro > fits:
         raise ConfigError(
             f"micro_batch {micro} does not fit: the largest batch that fits the memory budget "
-            f"{format_bytes(budget)} is {fits} (measured); use a micro-batch of at most {fits}."
+            f"{format_bytes(budget)} on this machine is {fits}; use a micro-batch of at most "
+            f"{fits}."
         )
     return micro
 
@@ -392,29 +406,6 @@ def _resolve_source(
         device=model_device,
         seed=0 if seed is None else seed,
     )
-
-
-class _Sampler:
-    """Seeded shuffles without replacement; a new shuffle when one is used up."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        import torch
-
-        self.size = size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-
-    def take(self, count: int) -> list[int]:
-        import torch
-
-        taken: list[int] = []
-        while len(taken) < count:
-            if not self.order:
-                self.order = torch.randperm(self.size, generator=self.generator).tolist()
-            need = count - len(taken)
-            taken += self.order[:need]
-            self.order = self.order[need:]
-        return taken
 
 
 def _micro_batches(source: _Source, indices: list[int], micro: int) -> list[tuple[Any, int]]:

@@ -4,9 +4,11 @@ Data flow: `counter` counts live tensor storage exactly (any device, with a budg
 out-of-memory); `step` measures real steps and recognises out-of-memory errors; `predict` runs
 steps under fake tensors (no real compute); `model` fits fixed + per-sample bytes; `rounding`
 rounds a batch to a size hardware likes; `search` (with a Task) and `probe` (with a plain
-`step(batch_size)` callable) find the limit, sharing `search_state`; `result` is their answer.
+`step(batch_size)` callable) find the limit, sharing `search_state`; `result` is their answer;
+`runnable` caps a predicted answer at what this machine can run (for measurements that run
+real steps here).
 
 Public names: `count_memory`, `measure_step_memory`, `is_out_of_memory`, `predict_step_memory`,
 `MemoryModel`, `fit_memory_model`, `max_batch_size`, `round_down`, `find_max_batch_size`,
-`SearchResult` (all importable from `batchfit`).
+`SearchResult`, `runnable_batch_size` (all importable from `batchfit`).
 """

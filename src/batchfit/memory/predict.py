@@ -43,7 +43,7 @@ from batchfit.memory.step import (
     run_training_steps,
 )
 from batchfit.snapshot import preserved_rng
-from batchfit.validation import check_batch_size
+from batchfit.validation import check_batch_size, check_memory_steps
 
 if TYPE_CHECKING:
     import torch
@@ -156,10 +156,7 @@ def predict_step_memory(
     import torch
 
     check_batch_size(batch_size)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ConfigError(
-            f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
-        )
+    steps = check_memory_steps(steps)
     precision = check_precision(precision)
     target = torch.device(device) if not isinstance(device, torch.device) else device
     if target.type == "cuda" and target.index is None:

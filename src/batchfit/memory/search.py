@@ -28,7 +28,6 @@ budget.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -43,7 +42,7 @@ from batchfit.memory.task_search import TaskSearch
 from batchfit.progress import ProgressFn
 from batchfit.snapshot import preserved
 from batchfit.units import format_bytes
-from batchfit.validation import check_whole_number
+from batchfit.validation import check_margin, check_memory_steps, check_whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -153,14 +152,11 @@ def find_max_batch_size(
 
     started = time.perf_counter()
     device = devices.resolve_device(device)
-    margin = _check_margin(margin)
+    margin = check_margin(margin)
     round_to = check_round_to(round_to)
     max_batch_size = check_whole_number("max_batch_size", max_batch_size)
     start = check_whole_number("start", start)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ConfigError(
-            f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
-        )
+    steps = check_memory_steps(steps)
     precision = check_precision(precision)
     if confirm not in ("auto", "always", "never"):
         raise ConfigError(f"confirm {confirm!r} is unknown; use auto, always or never.")
@@ -225,19 +221,6 @@ def find_max_batch_size(
 
 
 # --- argument checks ------------------------------------------------------------------------
-
-
-def _check_margin(margin: object) -> float:
-    if (
-        isinstance(margin, bool)
-        or not isinstance(margin, (int, float))
-        or not 0 <= margin < 1
-        or math.isnan(margin)
-    ):
-        raise ConfigError(
-            f"margin {margin!r} must be a fraction in [0, 1), such as 0.05 for 5% kept free."
-        )
-    return float(margin)
 
 
 def _capacity_bytes(

@@ -23,7 +23,7 @@ from batchfit import devices
 from batchfit.errors import ConfigError
 from batchfit.memory.counter import count_memory, counted_bytes, tensors_of_state
 from batchfit.snapshot import preserved_rng
-from batchfit.validation import check_batch_size
+from batchfit.validation import check_batch_size, check_memory_steps
 
 if TYPE_CHECKING:
     import torch
@@ -232,10 +232,7 @@ def measure_step_memory(
     import torch
 
     check_batch_size(batch_size)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ConfigError(
-            f"steps must be at least 2 (optimizer state appears at the first step), got {steps!r}."
-        )
+    steps = check_memory_steps(steps)
     precision = check_precision(precision)
     device = devices.resolve_device(device)
     failure: str | None = None

@@ -73,7 +73,8 @@ def measure_noise_scale(
     micro-batches of `small_batch` samples, and takes each micro-batch's gradient as a small
     batch and their weighted mean as the big one (McCandlish et al. 2018, arXiv:1812.06162,
     Appendix A; see the module docstring). Only `small_batch` samples need to fit in memory.
-    Warm-up batches come from shuffled epochs seeded `task.seed`; the measured big batches are
+    Warm-up batches follow training's sample order (`batchfit.train.sampling`: shuffled epochs
+    seeded `task.seed + epoch`); the measured big batches are
     `torch.randperm(len(task.train_data), generator)[:big_batch]` with a generator seeded
     `task.seed + 1`, so a run is repeatable.
 
@@ -90,8 +91,8 @@ def measure_noise_scale(
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         finite_population: correct for drawing from the finite training set (recommended).
         memory_budget_bytes: when given, check first that a training step at `small_batch`
-            fits this budget (measured with `batchfit.memory.step.measure_step_memory`; the limit
-            in the error comes from `batchfit.memory.search.find_max_batch_size`).
+            fits this budget and runs on this machine
+            (`batchfit.memory.runnable.runnable_batch_size`).
         progress: `progress(phase, done, total)` after each step, phase "warmup" or "measure".
 
     Returns:
@@ -101,7 +102,7 @@ def measure_noise_scale(
     Raises:
         ConfigError: a size is not a positive whole number, small_batch >= big_batch, big_batch
             is larger than the training set, or small_batch does not fit the memory budget
-            (the message gives the largest batch that fits, measured).
+            (the message gives the largest batch that fits).
         DoesNotFitError: not even one sample fits the memory budget.
         CheckpointError: the checkpoint cannot be read or does not match the model.
         TaskError: the loss is not finite during warm-up or measurement.
@@ -176,17 +177,16 @@ def _warm_up(
     import torch
 
     from batchfit.task import move_to
+    from batchfit.train.sampling import global_batch_indices
 
     if not steps:
         return
     optimizer = task.make_optimizer(model.parameters())
-    # shuffled epochs, as a DataLoader with shuffle=True reads them
-    generator = torch.Generator().manual_seed(task.seed)
-    stream: list[int] = []
     for step in range(steps):
-        while len(stream) < task.batch_size:
-            stream += torch.randperm(len(task.train_data), generator=generator).tolist()
-        indices, stream = stream[: task.batch_size], stream[task.batch_size :]
+        # the training loop's own sample order (shuffled epochs seeded task.seed + epoch)
+        indices = global_batch_indices(
+            step, dataset_size=len(task.train_data), global_batch=task.batch_size, seed=task.seed
+        )
         optimizer.zero_grad(set_to_none=True)
         loss = task.loss(model, move_to(task.batch(indices), device))
         if not torch.isfinite(loss.detach()).all():
@@ -280,31 +280,23 @@ def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
 
 
 def _check_fits(task: Task, small_batch: int, device: torch.device, budget_bytes: int) -> None:
-    """Raise when a training step at `small_batch` does not fit the memory budget.
+    """Raise when a training step at `small_batch` does not fit the memory budget here.
 
-    One real step at `small_batch` under the budget (`batchfit.memory.step.measure_step_memory`,
-    an exact count of live tensor bytes on any device); when it does not fit,
-    `batchfit.memory.search.find_max_batch_size` finds the largest batch that does, for the message.
+    `batchfit.memory.runnable.runnable_batch_size` (margin 0, searched up to `small_batch`):
+    the largest batch that fits the budget and that this machine can run, since the
+    measurement runs real steps at `small_batch` on this machine whatever the budget stands for.
     """
-    import torch
-
-    from batchfit.memory.search import find_max_batch_size
-    from batchfit.memory.step import measure_step_memory
+    from batchfit.memory.runnable import runnable_batch_size
     from batchfit.units import format_bytes
 
-    try:
-        measure_step_memory(task, small_batch, device=device, budget_bytes=budget_bytes)
-        return
-    except torch.OutOfMemoryError:
-        pass
     # raises DoesNotFitError itself when not even one sample fits
-    search = find_max_batch_size(
+    limit = runnable_batch_size(
         task, device=device, memory_budget=budget_bytes, margin=0.0, max_batch_size=small_batch
     )
-    limit = search.limit_batch_size
-    raise ConfigError(
-        f"small_batch ({small_batch}) does not fit the memory budget of "
-        f"{format_bytes(budget_bytes)}: the largest batch that fits is {limit} (measured). Use a "
-        f"small batch of {limit} or less; the big batch is accumulated from small ones and need "
-        "not fit."
-    )
+    if limit < small_batch:
+        raise ConfigError(
+            f"small_batch ({small_batch}) does not fit the memory budget of "
+            f"{format_bytes(budget_bytes)} on this machine: the largest batch that fits is "
+            f"{limit}. Use a small batch of {limit} or less; the big batch is accumulated from "
+            "small ones and need not fit."
+        )

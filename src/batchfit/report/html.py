@@ -1,5 +1,12 @@
 """Render a Plan as one self-contained HTML file: inline CSS, inline PNG images, no scripts,
-no external resources, every user-supplied string escaped."""
+no external resources, every user-supplied string escaped.
+
+With `run_dir`, the report also shows the run that followed the plan: its curves with the
+findings of `batchfit.monitor.diagnose.diagnose` shaded (`batchfit.plots.diagnosis`) and each
+finding's advice. With `sweep`, it shows a measured critical batch (`batchfit.sweep`): steps
+to target against the batch with the fit, and the best rate against the batch
+(`batchfit.plots.sweep`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 from string import Template
+from typing import TYPE_CHECKING
 
 from batchfit.files import write_atomic
 from batchfit.plan.plan_file import Plan
@@ -18,6 +26,14 @@ from batchfit.plots.noise_scale import noise_scale_png
 from batchfit.plots.range_test import range_test_png
 from batchfit.plots.throughput import throughput_png
 from batchfit.units import format_bytes
+
+if TYPE_CHECKING:
+    from batchfit.sweep.result import SweepResult
+
+__all__ = ["REPORT_NAME", "render_report", "update_plan_report", "write_report"]
+
+REPORT_NAME = "report.html"
+"""The report's file name in a plan folder (`batchfit plan --out DIR`)."""
 
 _TEMPLATE = Template((Path(__file__).with_name("template.html")).read_text(encoding="utf-8"))
 
@@ -62,8 +78,14 @@ _FIGURES = (
 )
 
 
-def render_report(plan: Plan, *, title: str | None = None) -> str:
-    """The report for `plan` as an HTML string (self-contained)."""
+def render_report(
+    plan: Plan,
+    *,
+    title: str | None = None,
+    run_dir: str | os.PathLike | None = None,
+    sweep: SweepResult | None = None,
+) -> str:
+    """The report for `plan` as an HTML string (self-contained); see `write_report`."""
     figures = [
         _figure(draw(plan, plan.measurements[key]), caption)
         for key, draw, caption in _FIGURES
@@ -89,12 +111,132 @@ def render_report(plan: Plan, *, title: str | None = None) -> str:
         rows=rows,
         notes=f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "",
         figures="\n".join(figures),
+        run="" if run_dir is None else _run_section(plan, run_dir),
+        sweep="" if sweep is None else _sweep_section(sweep),
     )
 
 
-def write_report(plan: Plan, path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Write the report for `plan` to `path`, atomically."""
-    return write_atomic(path, render_report(plan, title=title))
+def write_report(
+    plan: Plan,
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    run_dir: str | os.PathLike | None = None,
+    sweep: SweepResult | None = None,
+) -> Path:
+    """Write the report for `plan` to `path`, atomically.
+
+    Args:
+        plan: the plan (its measurements are drawn).
+        path: the HTML file to write.
+        title: the page's heading; default "batchfit plan: TASK".
+        run_dir: a run that followed the plan (any log `batchfit.monitor.readers.read_history`
+            reads): its curves with the diagnosis's findings shaded, and their advice.
+        sweep: a measured critical batch (`batchfit.sweep.driver.run_sweep`'s result): steps
+            to target and best rate against the batch.
+
+    Returns:
+        The path written.
+
+    Raises:
+        RunLogError: `run_dir` holds no run log that can be read.
+        MissingDependencyError: matplotlib is not installed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from batchfit.plan.plan_file import Plan
+        >>> plan = Plan(task="digits", device="cpu", world_size=1, global_batch=64,
+        ...             micro_batch=64, accumulation_steps=1, lr=0.1, lr_rule="linear",
+        ...             warmup_steps=0)
+        >>> path = write_report(plan, pathlib.Path(tempfile.mkdtemp()) / "report.html")
+        >>> path.read_text().startswith("<!DOCTYPE html>")
+        True
+    """
+    return write_atomic(path, render_report(plan, title=title, run_dir=run_dir, sweep=sweep))
+
+
+def update_plan_report(plan_path: str | os.PathLike, run_dir: str | os.PathLike) -> Path | None:
+    """Rewrite the report next to a plan file with the run that followed it.
+
+    `batchfit plan` writes plan.json and report.html into one folder; after `batchfit train
+    --plan DIR/plan.json`, the report in DIR gains the run's curves and findings
+    (`write_report(plan, ..., run_dir=run_dir)`). A plan without a report beside it is left so.
+
+    Args:
+        plan_path: the plan file the run followed.
+        run_dir: the run's folder (its metrics.jsonl).
+
+    Returns:
+        The report's path, or None when the plan's folder holds no report.html.
+
+    Raises:
+        CheckpointError: the plan cannot be read.
+        RunLogError: the run folder holds no run log that can be read.
+    """
+    from batchfit.plan.plan_file import load_plan
+
+    report = Path(plan_path).parent / REPORT_NAME
+    if not report.is_file():
+        return None
+    return write_report(load_plan(plan_path), report, run_dir=run_dir)
+
+
+def _run_section(plan: Plan, run_dir: str | os.PathLike) -> str:
+    """The run's curves with its findings, and each finding's advice."""
+    from batchfit.monitor.diagnose import diagnose
+    from batchfit.monitor.readers import read_history
+    from batchfit.plots.diagnosis import diagnosis_png
+
+    history = read_history(run_dir)
+    diagnosis = diagnose(history, plan=plan)
+    if diagnosis.findings:
+        items = "".join(
+            f"<li><strong>{escape(f.kind)}</strong> ({escape(f.severity)}): "
+            f"{escape(f.summary)}<br>{escape(f.advice)}</li>"
+            for f in diagnosis.findings
+        )
+        found = f"<ul class=findings>{items}</ul>"
+    else:
+        checked = ", ".join(diagnosis.checked) or "nothing"
+        found = f"<p>No problem found (checked: {escape(checked)}).</p>"
+    notes = "".join(f"<li>{escape(note)}</li>" for note in diagnosis.notes)
+    caption = (
+        "The run's training and validation curves against the optimizer step, each finding's "
+        "steps shaded and labelled by its kind."
+    )
+    return (
+        "<h2>The run</h2>"
+        f"<p class=meta>Read from {escape(str(history.source or run_dir))}, "
+        f"{escape(history.format)} log.</p>"
+        + _figure(diagnosis_png(history.to_dict(), diagnosis.to_dict()), caption)
+        + found
+        + (f"<ul class=meta>{notes}</ul>" if notes else "")
+    )
+
+
+def _sweep_section(sweep: SweepResult) -> str:
+    """The sweep's read-out and its two pictures."""
+    from batchfit.plots.sweep import sweep_rates_png, sweep_steps_png
+
+    data = sweep.to_dict()
+    rows = "".join(
+        f"<li>{escape(label)}: <strong>{escape(value)}</strong></li>"
+        for label, value in sweep.summary_rows()
+    )
+    return (
+        "<h2>Critical batch, measured</h2>"
+        f"<p>{escape(sweep.describe())}</p><ul>{rows}</ul>"
+        + _figure(
+            sweep_steps_png(data),
+            f"Steps to reach {sweep.target} against the global batch (log axes), with the fit "
+            "S = S_min + E_min/B and the critical batch B_crit = E_min/S_min.",
+        )
+        + _figure(
+            sweep_rates_png(data),
+            "The best learning rate at each global batch, with the rule-scaled rate the plan "
+            "would use.",
+        )
+    )
 
 
 def _figure(png: bytes, caption: str) -> str:
