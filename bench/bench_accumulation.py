@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from batchfit.train.accumulation import accumulate_gradients, plan_accumulation, split_batch
+from batchfit.training.accumulation import accumulate_gradients, plan_accumulation, split_batch
 
 MODELS = {
     # name: (layer widths, global batch, micro-batch)

@@ -1,6 +1,6 @@
 """Does the advice hold up? Time to a validation target with the plan, a default and a grid.
 
-For each example (digits, charlm) the same training loop (`batchfit.train.loop.train`, one process,
+For each example (digits, charlm) the same training loop (`batchfit.training.loop.train`, one process,
 cosine decay over the same number of epochs) runs with:
 
 - **plan**: `batchfit.plan.planner.plan(task, device="cpu", epochs=E)`, then its global batch,
@@ -51,9 +51,9 @@ import torch
 from batchfit.plan.plan_file import apply_plan
 from batchfit.plan.planner import plan as make_plan
 from batchfit.task import load_example
-from batchfit.train.config import TrainConfig
-from batchfit.train.evaluation import evaluate
-from batchfit.train.loop import train
+from batchfit.training.config import TrainConfig
+from batchfit.training.evaluation import evaluate
+from batchfit.training.loop import train
 
 GRID_BATCHES = (16, 64, 256, 1024)
 GRID_RATE_FACTORS = (1 / 3, 1.0, 3.0, 10.0)
@@ -172,7 +172,7 @@ class _Watch:
 
 def run_to_target(task, config: TrainConfig, setting: Setting, *, label: str) -> RunResult:
     """Train `task` with `config` until the target, the end of its steps, or the time cap."""
-    from batchfit.train.config import resolve_setup
+    from batchfit.training.config import resolve_setup
 
     key = f"val_{task.metric_name}"
     watch = _Watch(task, setting, key, config.global_batch)

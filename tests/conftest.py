@@ -132,7 +132,7 @@ def pytest_collection_modifyitems(config, items):
 
 def untimed_metrics(run_dir) -> list[dict]:
     """A run's metrics.jsonl lines without their wall-clock `time`, which differs between runs."""
-    from batchfit.train.metrics import read_metrics
+    from batchfit.training.metrics import read_metrics
 
     return [
         {k: v for k, v in line.items() if k != "time"}

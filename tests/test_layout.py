@@ -144,3 +144,14 @@ def test_every_public_name_from_before_the_subpackages_still_imports():
     missing = [name for name in PUBLIC_BEFORE_SUBPACKAGES if getattr(batchfit, name, None) is None]
     assert missing == []
     assert set(PUBLIC_BEFORE_SUBPACKAGES) <= set(batchfit.__all__)
+
+
+def test_public_names_are_not_shadowed_by_subpackages():
+    """`from batchfit import TrainConfig, train` gives the train function: no subpackage shares
+    a public name (importing a subpackage sets it as an attribute of batchfit)."""
+    subpackages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    assert set(batchfit.__all__) & (subpackages | modules) == set()
+    from batchfit import TrainConfig, train  # noqa: F401  (TrainConfig imports its subpackage)
+
+    assert callable(train) and train.__module__ == "batchfit.training.loop"

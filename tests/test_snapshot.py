@@ -59,8 +59,8 @@ def _guarded_calls():
     from batchfit.memory.step import measure_step_memory
     from batchfit.noise.measure import measure_noise_scale
     from batchfit.throughput.measure import measure_throughput
-    from batchfit.train.config import TrainConfig
-    from batchfit.train.loop import train
+    from batchfit.training.config import TrainConfig
+    from batchfit.training.loop import train
 
     def drawing_step(batch_size):
         numpy.random.rand(), random.random(), torch.rand(1)

@@ -7,7 +7,7 @@ import pytest
 from batchfit.cli.arguments import parse_warmup
 from batchfit.cli.commands import _relaunch_argv
 from batchfit.cli.main import main
-from batchfit.train.metrics import read_metrics
+from batchfit.training.metrics import read_metrics
 
 FAST = ["--example", "digits", "--global-batch", "64", "--micro-batch", "32", "--steps", "3"]
 

@@ -260,7 +260,7 @@ def test_the_range_test_uses_the_one_smoothing_and_suggestions_of_lr_suggest():
 
 def test_steps_read_the_training_loops_sample_order():
     # One seeded sample order: step s of the test takes training's global batch s.
-    from batchfit.train.sampling import global_batch_indices
+    from batchfit.training.sampling import global_batch_indices
 
     seen: list[list[int]] = []
 

@@ -1,4 +1,4 @@
-"""LiveDiagnosis inside batchfit.train.loop.train, and on its own."""
+"""LiveDiagnosis inside batchfit.training.loop.train, and on its own."""
 
 import json
 import logging
@@ -9,8 +9,8 @@ import pytest
 from batchfit.errors import ConfigError
 from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
 from batchfit.task import load_example
-from batchfit.train.config import TrainConfig
-from batchfit.train.loop import train
+from batchfit.training.config import TrainConfig
+from batchfit.training.loop import train
 
 
 def test_a_diverging_run_is_reported_once_and_asks_to_stop(tmp_path, caplog):

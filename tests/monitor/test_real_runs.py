@@ -9,8 +9,8 @@ from batchfit.monitor.diagnose import diagnose
 from batchfit.monitor.readers import read_history
 from batchfit.noise.callback import NoiseScaleCallback
 from batchfit.task import load_example
-from batchfit.train.config import TrainConfig
-from batchfit.train.loop import train
+from batchfit.training.config import TrainConfig
+from batchfit.training.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from tests.conftest import make_mlp_task
 
 
 def test_callback_logs_the_noise_scale_to_the_metrics_file(tmp_path):
-    from batchfit.train.config import TrainConfig
-    from batchfit.train.loop import train
-    from batchfit.train.metrics import read_metrics
+    from batchfit.training.config import TrainConfig
+    from batchfit.training.loop import train
+    from batchfit.training.metrics import read_metrics
 
     task = make_mlp_task()
     callback = NoiseScaleCallback(dataset_size=len(task.train_data), window=10)
@@ -29,7 +29,7 @@ def test_callback_logs_the_noise_scale_to_the_metrics_file(tmp_path):
 
 
 def test_callback_refuses_a_global_batch_above_the_training_set():
-    from batchfit.train.accumulation import plan_accumulation
+    from batchfit.training.accumulation import plan_accumulation
 
     callback = NoiseScaleCallback(dataset_size=100)
     with pytest.raises(ConfigError, match="dataset_size=None"):

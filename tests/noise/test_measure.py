@@ -174,7 +174,7 @@ def test_every_example_with_default_settings(name):
 def test_warm_up_reads_the_training_loops_sample_order():
     # One seeded sample order: the warm-up's batches are training's global batches (five
     # steps of 16 over 40 samples cross two epoch boundaries).
-    from batchfit.train.sampling import global_batch_indices
+    from batchfit.training.sampling import global_batch_indices
 
     seen: list[list[int]] = []
 

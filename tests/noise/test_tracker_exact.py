@@ -88,7 +88,7 @@ class _Record:
 
 
 def test_one_micro_batch_per_step_still_logs_a_noise_scale():
-    # A small loop calling the callback as batchfit.train.loop.train does: one micro-batch of
+    # A small loop calling the callback as batchfit.training.loop.train does: one micro-batch of
     # 64 per step, gradient clipping that changes .grad before on_step_end.
     from batchfit.noise.callback import NoiseScaleCallback
 

@@ -216,7 +216,7 @@ def test_ddp_ranks_give_the_same_estimate_as_one_process(tmp_path):
 
 
 def test_sizes_given_to_step_match_micro_batch_calls_and_drop_a_failed_attempt():
-    from batchfit.train.accumulation import accumulate_gradients, split_batch
+    from batchfit.training.accumulation import accumulate_gradients, split_batch
 
     task = make_mlp_task()
     batch = task.batch(range(48))

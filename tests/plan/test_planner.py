@@ -124,7 +124,7 @@ def test_plan_every_example(name, tmp_path):
 
 
 def test_planner_and_train_config_agree_on_the_run_length_and_warmup():
-    from batchfit.train.config import TrainConfig, resolve_setup
+    from batchfit.training.config import TrainConfig, resolve_setup
 
     # 300 samples at a global batch of 64: 10 epochs are 46.9 steps, so a planner that counted
     # whole batches per epoch (5 x 10 = 50) would disagree with training (47).

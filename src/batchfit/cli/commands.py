@@ -266,11 +266,11 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.noise.watch import noise_scale_advice, noise_scale_loggable
     from batchfit.plan.plan_file import apply_plan, load_plan, normalization_note
     from batchfit.report.html import update_plan_report
-    from batchfit.train.checkpoint import CHECKPOINT_NAME
-    from batchfit.train.config import TrainConfig, check_train_config
-    from batchfit.train.distributed import detect_distributed, launch
-    from batchfit.train.loop import train as run_training
-    from batchfit.train.metrics import METRICS_NAME
+    from batchfit.training.checkpoint import CHECKPOINT_NAME
+    from batchfit.training.config import TrainConfig, check_train_config
+    from batchfit.training.distributed import detect_distributed, launch
+    from batchfit.training.loop import train as run_training
+    from batchfit.training.metrics import METRICS_NAME
 
     _check_train_inputs(args)
     out = args.resume if isinstance(args.resume, str) else args.out
@@ -333,7 +333,7 @@ def train(args: argparse.Namespace) -> int:
     progress = context.is_main and (stderr_console().is_terminal or StepBar("train"))
     callbacks = [noise, live] if noise else [live]
     if args.tensorboard and context.is_main:
-        from batchfit.train.tensorboard import TensorBoardCallback
+        from batchfit.training.tensorboard import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(args.tensorboard, noise=noise))
     try:

@@ -38,7 +38,7 @@ from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
 from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan, load_plan
 from batchfit.task import batch_size_of, move_to
-from batchfit.train.accumulation import split_batch
+from batchfit.training.accumulation import split_batch
 
 pl = require("lightning.pytorch", "lightning")
 

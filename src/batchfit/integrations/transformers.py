@@ -9,7 +9,7 @@ makes a `batchfit.Task` whose loss is the model's own (`model(**batch).loss`) an
 optimizer is AdamW, so `batchfit plan` and `batchfit memory` run on it. For a causal language
 model the task counts the label tokens of each batch (`Task.tokens`), so accumulation weights
 micro-batches by tokens, as the model's loss averages over tokens
-(`batchfit.train.accumulation`).
+(`batchfit.training.accumulation`).
 
 Needs `pip install batchfit[transformers]`.
 """

@@ -87,7 +87,7 @@ def lr_range_test(
       in `finally` (also after an error or Ctrl-C). Every parameter group runs at the sweep rate.
 
     Either way the Python, NumPy, torch and CUDA random generators are restored afterwards.
-    Each step draws `global_batch` samples in training's order (`batchfit.train.sampling`:
+    Each step draws `global_batch` samples in training's order (`batchfit.training.sampling`:
     shuffled epochs seeded `seed + epoch`, none repeated within an epoch), splits them into
     micro-batches of `micro_batch` samples, accumulates their gradients weighted by samples (or
     by tokens when `tokens` is given, so the step's loss is the mean over the whole global
@@ -156,7 +156,7 @@ def lr_range_test(
     rates = sweep_lrs(start_lr, end_lr, steps, mode)
 
     from batchfit.snapshot import preserved, preserved_rng
-    from batchfit.train.sampling import global_batch_indices
+    from batchfit.training.sampling import global_batch_indices
 
     begun = time.perf_counter()
     losses: list[float] = []
@@ -421,7 +421,7 @@ def _micro_batches(source: _Source, indices: list[int], micro: int) -> list[tupl
 
 def _accumulate(model: Any, source: _Source, chunks: list[tuple[Any, int]]) -> float:
     """Forward and backward every micro-batch, weighted by its share; the mean loss."""
-    from batchfit.train.accumulation import accumulate_gradients
+    from batchfit.training.accumulation import accumulate_gradients
 
     batches = [move_to(batch, source.device) for batch, _ in chunks]
     return accumulate_gradients(model, source.loss, batches, counts=[c for _, c in chunks])

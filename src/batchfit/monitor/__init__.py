@@ -5,5 +5,5 @@ metrics.jsonl, Lightning's CSVLogger metrics.csv, Hugging Face Trainer's trainer
 TensorBoard event files (`read_history`); `findings` is the fixed vocabulary and the result
 (`Finding`, `Diagnosis`, `KINDS`); `diagnose` reads the curves (`diagnose`) with the thresholds
 in `thresholds`; `advice` turns a finding into new settings by the library's own rules; `live`
-runs the diagnosis during `batchfit.train.loop.train` (`LiveDiagnosis`).
+runs the diagnosis during `batchfit.training.loop.train` (`LiveDiagnosis`).
 """

@@ -1,6 +1,6 @@
 """New settings for the next run, computed with the library's own rules.
 
-The batch changes through gradient accumulation (`batchfit.train.accumulation.plan_accumulation`
+The batch changes through gradient accumulation (`batchfit.training.accumulation.plan_accumulation`
 keeps the micro-batch that fitted), the rate moves with the batch by the scaling rule
 (`batchfit.lr.scaling.scaled_rate`), and the warmup is Goyal et al.'s
 (`batchfit.lr.scaling.default_warmup_steps`). When the optimizer family is unknown, the linear
@@ -15,7 +15,7 @@ from typing import Any
 
 from batchfit.lr.scaling import default_warmup_steps, scaled_rate
 from batchfit.monitor.findings import CLIP_NORM, DIVERGING_LR_FACTOR
-from batchfit.train.accumulation import plan_accumulation
+from batchfit.training.accumulation import plan_accumulation
 
 __all__ = ["RunSettings", "change_batch", "lower_rate"]
 

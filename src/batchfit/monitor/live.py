@@ -1,4 +1,4 @@
-"""Diagnose a run while it trains: `LiveDiagnosis`, a callback for `batchfit.train.loop.train`.
+"""Diagnose a run while it trains: `LiveDiagnosis`, a callback for `batchfit.training.loop.train`.
 
 It keeps the run's series as the steps end, runs `diagnose` at each evaluation (and every
 `every` steps), logs each finding once, when its kind first appears, and can ask for a clean
@@ -8,7 +8,7 @@ The loop calls `on_train_start(model, plan)` and `on_step_end(record, model)`; a
 calls `on_evaluation(step, metrics)` with the validation metrics (`val_loss`, `val_<metric>`)
 lets the diagnosis see them. When a stop is wanted, `stop_requested` turns True and the
 `on_stop(finding)` callable given at construction is called; without one, the callback raises
-`batchfit.train.callbacks.StopTraining`, the loop's clean-stop request (the step ends, a
+`batchfit.training.callbacks.StopTraining`, the loop's clean-stop request (the step ends, a
 checkpoint is written, and `TrainResult.stop_reason` names the finding).
 """
 
@@ -24,7 +24,7 @@ from batchfit.errors import ConfigError
 from batchfit.monitor.diagnose import diagnose
 from batchfit.monitor.findings import KINDS, Diagnosis, Finding, write_diagnosis
 from batchfit.monitor.history import History, Series, higher_is_better
-from batchfit.train.callbacks import StopTraining
+from batchfit.training.callbacks import StopTraining
 
 __all__ = ["DIAGNOSIS_NAME", "LiveDiagnosis"]
 

@@ -2,7 +2,7 @@
 
 Four formats, told apart by the file name (or found inside a run folder):
 
-- batchfit: `metrics.jsonl` (`batchfit.train.metrics`), one JSON object per logged step;
+- batchfit: `metrics.jsonl` (`batchfit.training.metrics`), one JSON object per logged step;
 - Lightning: `CSVLogger`'s `metrics.csv` (a `step` column, one column per logged name, empty
   cells where a row did not log that name); in `lightning_logs/` the highest `version_N`;
 - Hugging Face Trainer: `trainer_state.json` and its `log_history` (training entries with

@@ -1,6 +1,6 @@
 """The noise-scale callback of the training loop: a `GradientNormWatch` fed by step records.
 
-`batchfit.train.loop.train(..., callbacks=[NoiseScaleCallback(dataset_size=...)])` logs the
+`batchfit.training.loop.train(..., callbacks=[NoiseScaleCallback(dataset_size=...)])` logs the
 gradient noise scale (McCandlish et al. 2018, arXiv:1812.06162) on every step's metrics line;
 how the norms are taken, and the bias of pairing consecutive steps when a step has one
 micro-batch, are explained in `batchfit.noise.watch`.
@@ -21,7 +21,7 @@ __all__ = ["NoiseScaleCallback"]
 
 
 class NoiseScaleCallback:
-    """Logs the gradient noise scale from `batchfit.train.loop.train` (its `callbacks=` protocol).
+    """Logs the gradient noise scale from `batchfit.training.loop.train` (its `callbacks=`).
 
     `on_train_start` attaches a `GradientNormWatch` to the model; `on_step_end` closes each
     step with the record's micro-batch sizes and its pre-clipping gradient norm, and returns

@@ -73,7 +73,7 @@ def measure_noise_scale(
     micro-batches of `small_batch` samples, and takes each micro-batch's gradient as a small
     batch and their weighted mean as the big one (McCandlish et al. 2018, arXiv:1812.06162,
     Appendix A; see the module docstring). Only `small_batch` samples need to fit in memory.
-    Warm-up batches follow training's sample order (`batchfit.train.sampling`: shuffled epochs
+    Warm-up batches follow training's sample order (`batchfit.training.sampling`: shuffled epochs
     seeded `task.seed + epoch`); the measured big batches are
     `torch.randperm(len(task.train_data), generator)[:big_batch]` with a generator seeded
     `task.seed + 1`, so a run is repeatable.
@@ -177,7 +177,7 @@ def _warm_up(
     import torch
 
     from batchfit.task import move_to
-    from batchfit.train.sampling import global_batch_indices
+    from batchfit.training.sampling import global_batch_indices
 
     if not steps:
         return

@@ -52,7 +52,7 @@ class Plan:
         schema_version: PLAN_SCHEMA_VERSION at the time of writing.
         task_name: the Task's own `name` when the plan was made; None in plans made before
             batchfit recorded it (then unchecked).
-        model_fingerprint: `batchfit.train.checkpoint.model_fingerprint` of the task's model
+        model_fingerprint: `batchfit.training.checkpoint.model_fingerprint` of the task's model
             (a hash of its parameter and buffer names, shapes and dtypes); None: unchecked.
         model_parameters: the model's parameter count, shown when the fingerprint differs.
     """
@@ -97,7 +97,7 @@ def model_identity(model: Any) -> dict[str, Any]:
         >>> model_identity(torch.nn.Linear(2, 3))["model_parameters"]
         9
     """
-    from batchfit.train.checkpoint import model_fingerprint
+    from batchfit.training.checkpoint import model_fingerprint
 
     return {
         "model_fingerprint": model_fingerprint(model),

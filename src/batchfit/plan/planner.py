@@ -29,8 +29,8 @@ from batchfit.memory.cards import memory_target
 from batchfit.plan import advice
 from batchfit.plan.plan_file import Plan, model_identity
 from batchfit.progress import ProgressFn
-from batchfit.train.config import DEFAULT_EPOCHS
-from batchfit.train.sampling import steps_for_epochs, steps_per_epoch
+from batchfit.training.config import DEFAULT_EPOCHS
+from batchfit.training.sampling import steps_for_epochs, steps_per_epoch
 from batchfit.units import format_bytes
 from batchfit.validation import check_in_range, check_positive_number, check_whole_number
 

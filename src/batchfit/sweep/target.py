@@ -1,6 +1,6 @@
 """What a sweep trial must reach: a metric, a direction and a value, e.g. "val_accuracy>=0.96".
 
-Metrics: `val_loss` and `val_<metric_name>` come from `batchfit.train.evaluation.evaluate` on the
+Metrics: `val_loss` and `val_<metric_name>` come from `batchfit.training.evaluation.evaluate` on the
 validation data; `train_loss` is the loss on a fixed sample of the training data (the same
 samples at every evaluation and for every batch size), so it is not the noisy loss of one batch.
 """

@@ -1,6 +1,6 @@
 """One sweep trial: train at one (batch, rate, seed) until the target or a step cap.
 
-The trial trains with the reference loop (`batchfit.train.loop.train`), at a constant rate with
+The trial trains with the reference loop (`batchfit.training.loop.train`), at a constant rate with
 no warmup (a schedule that depends on the run's length would make steps-to-target depend on the
 cap), accumulating micro-batches when the global batch is larger than `micro_batch`. It
 evaluates on a geometric schedule: after a step count s it evaluates next at
@@ -140,7 +140,7 @@ class _TargetWatch:
     def _measure(self, model) -> float:
         if self.target.metric == "train_loss":
             return self._train_loss(model)
-        from batchfit.train.evaluation import evaluate
+        from batchfit.training.evaluation import evaluate
 
         metrics = evaluate(model, self.task, device=self.device, batch_size=self.spec.eval_batch)
         return float(metrics[self.target.metric])
@@ -179,7 +179,7 @@ def run_trial(
 ) -> TrialResult:
     """Train `task` at `spec` until `target` is reached or `spec.cap_steps` steps have run.
 
-    Works on a fresh model (`batchfit.train.loop.train`); the caller's RNG state is restored.
+    Works on a fresh model (`batchfit.training.loop.train`); the caller's RNG state is restored.
 
     Args:
         task: what to train.
@@ -201,8 +201,8 @@ def run_trial(
         >>> run_trial(load_example("digits"), spec, parse_target("val_accuracy>=0.9")).reached
         True
     """
-    from batchfit.train.config import TrainConfig
-    from batchfit.train.loop import train
+    from batchfit.training.config import TrainConfig
+    from batchfit.training.loop import train
 
     config = TrainConfig(
         global_batch=spec.batch,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError, ConfigError
-from batchfit.train.config import (
+from batchfit.training.config import (
     TrainConfig,
     changed_identity_fields,
     check_sync_batchnorm,
@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 
     from batchfit.lr.schedules import ScheduleConfig
     from batchfit.task import Task
-    from batchfit.train.accumulation import AccumulationPlan
-    from batchfit.train.config import TrainSetup
-    from batchfit.train.distributed import DistributedContext
+    from batchfit.training.accumulation import AccumulationPlan
+    from batchfit.training.config import TrainSetup
+    from batchfit.training.distributed import DistributedContext
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Run:
     step_seconds: float = 0.0  # seconds spent in this session's optimizer steps
     noise_scale: float | None = None  # the last noise scale a callback logged
     noise_scale_logged: bool = False
-    batch_schedule: Any = None  # the BatchSchedule (batchfit.train.batch_schedule)
+    batch_schedule: Any = None  # the BatchSchedule (batchfit.training.batch_schedule)
     global_batch: int = 0  # samples per optimizer step now, over all ranks (set by the schedule)
     micro_limit: int = 0  # the largest micro-batch allowed: below every one that ran out of memory
     batch_changes: list = field(default_factory=list)  # BatchChange, every one of the run
@@ -117,12 +117,12 @@ def set_up_run(
     import torch
 
     from batchfit.lr.schedules import build_scheduler
-    from batchfit.train.accumulation import plan_accumulation
-    from batchfit.train.batch_growth import fit_micro_batch, schedule_for_run
-    from batchfit.train.batch_schedule import ConstantBatch
-    from batchfit.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_fingerprint
-    from batchfit.train.metrics import METRICS_NAME
-    from batchfit.train.optimizers import make_optimizer
+    from batchfit.training.accumulation import plan_accumulation
+    from batchfit.training.batch_growth import fit_micro_batch, schedule_for_run
+    from batchfit.training.batch_schedule import ConstantBatch
+    from batchfit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_fingerprint
+    from batchfit.training.metrics import METRICS_NAME
+    from batchfit.training.optimizers import make_optimizer
 
     setup = resolve_setup(task, config)
     schedule = _schedule(task, config, setup)
@@ -207,7 +207,7 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
     """
     import torch
 
-    from batchfit.train.metrics import truncate_metrics
+    from batchfit.training.metrics import truncate_metrics
 
     config, context = run.config, run.context
     if checkpoint is None:
@@ -226,8 +226,8 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
         run.micro_batch = min(run.micro_batch, int(checkpoint["micro_batch"]))  # keep a back-off
     growth = checkpoint.get("batch_schedule")
     if growth is not None:
-        from batchfit.train.batch_growth import fit_micro_batch
-        from batchfit.train.batch_schedule import BatchChange
+        from batchfit.training.batch_growth import fit_micro_batch
+        from batchfit.training.batch_schedule import BatchChange
 
         run.batch_schedule.load_state_dict(growth["state"])
         run.global_batch = int(growth["global_batch"])
@@ -251,8 +251,8 @@ def save_run(run: Run, callback_states: list[Any]) -> None:
     """Write the run's checkpoint at its current step (rank 0; every rank must call it)."""
     import torch
 
-    from batchfit.train.checkpoint import save_checkpoint
-    from batchfit.train.distributed import gather_objects
+    from batchfit.training.checkpoint import save_checkpoint
+    from batchfit.training.distributed import gather_objects
 
     rng_states = gather_objects(torch.get_rng_state())  # a collective: every rank joins
     if run.main and run.checkpoint_path is not None:

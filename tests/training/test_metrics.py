@@ -4,7 +4,7 @@ import time
 import pytest
 
 from batchfit.errors import CheckpointError
-from batchfit.train.metrics import MetricsLog, read_metrics, truncate_metrics
+from batchfit.training.metrics import MetricsLog, read_metrics, truncate_metrics
 
 
 def test_each_record_is_one_flushed_json_line(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 
 from batchfit.errors import ConfigError
-from batchfit.train.config import (
+from batchfit.training.config import (
     TrainConfig,
     changed_identity_fields,
     check_train_config,

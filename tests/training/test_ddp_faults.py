@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from batchfit.errors import DistributedError
-from batchfit.train.distributed import (
+from batchfit.training.distributed import (
     DistributedContext,
     _read_outcome,
     collective_errors,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from batchfit.errors import CheckpointError
-from batchfit.train.checkpoint import (
+from batchfit.training.checkpoint import (
     content_digest,
     load_checkpoint,
     model_fingerprint,

@@ -1,7 +1,7 @@
 import pytest
 
 from batchfit.errors import ConfigError
-from batchfit.train.sampling import (
+from batchfit.training.sampling import (
     epoch_permutation,
     global_batch_indices,
     rank_slice,

@@ -10,7 +10,7 @@ The memory limit is `TrainConfig.micro_batch`, lowered below every micro-batch t
 memory (`note_backoff`): after a back-off a bigger batch regrows the micro-batch up to the
 largest size not known to fail, instead of keeping the halved one (Composer never grows back).
 
-`config` is a `batchfit.train.config.TrainConfig` and `run` a `batchfit.train.setup.Run`; they
+`config` is a `batchfit.training.config.TrainConfig` and `run` a `batchfit.training.setup.Run`; they
 are typed `Any` here because the config module checks schedules through this one (no cycle).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from batchfit.train.batch_schedule import (
+from batchfit.training.batch_schedule import (
     BatchChange,
     BatchSchedule,
     ConstantBatch,
@@ -30,7 +30,7 @@ from batchfit.train.batch_schedule import (
 if TYPE_CHECKING:
     from batchfit.lr.schedules import ScheduleConfig
     from batchfit.task import Task
-    from batchfit.train.backoff import BackoffEvent
+    from batchfit.training.backoff import BackoffEvent
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def schedule_cap(config: Any, *, dataset_size: int, world_size: int = 1) -> int:
     (`MAX_ACCUMULATION`); never below the configured global batch.
 
     Example:
-        >>> from batchfit.train.config import TrainConfig
+        >>> from batchfit.training.config import TrainConfig
         >>> schedule_cap(TrainConfig(global_batch=32, micro_batch=32, batch_schedule="noise"),
         ...              dataset_size=1438)  # 32 x 8 accumulation steps, under 1438 / 4
         256
@@ -83,8 +83,8 @@ def schedule_for_run(
         ConfigError: a bad spec, or a first batch that does not split over the ranks.
     """
     from batchfit.lr.scaling import default_rule
-    from batchfit.train.accumulation import plan_accumulation
-    from batchfit.train.optimizers import optimizer_family
+    from batchfit.training.accumulation import plan_accumulation
+    from batchfit.training.optimizers import optimizer_family
 
     rule = config.lr_rule or default_rule(optimizer_family(config.optimizer, task))
     schedule = parse_batch_schedule(

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from batchfit.errors import ConfigError
-from batchfit.train.checkpoint import load_checkpoint
-from batchfit.train.config import TrainConfig
-from batchfit.train.distributed import DistributedContext, detect_distributed, torchrun_command
-from batchfit.train.loop import train
+from batchfit.training.checkpoint import load_checkpoint
+from batchfit.training.config import TrainConfig
+from batchfit.training.distributed import DistributedContext, detect_distributed, torchrun_command
+from batchfit.training.loop import train
 from tests.conftest import make_mlp_task
 
 CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"

@@ -24,8 +24,8 @@ The forms (`parse_batch_schedule`, `SCHEDULE_FORMS`):
   instead of 2: the rate factor is sqrt(2)^k after k doublings. Up to the cap; past it the
   rate decays as scheduled.
 - `noise`, `noise:FACTOR` or `noise:FACTOR:WINDOW`: adaptive. When the smoothed gradient noise
-  scale B_simple (`batchfit.noise.watch.NoiseScaleCallback`) has stayed above FACTOR (default 2) x
-  the global batch for WINDOW (default 30) steps in a row, the batch doubles (never above the
+  scale B_simple (`batchfit.noise.callback.NoiseScaleCallback`) has stayed above FACTOR (default
+  2) x the global batch for WINDOW (default 30) steps in a row, the batch doubles (never above the
   cap). Hysteresis: a step between 0.75 x FACTOR x batch and FACTOR x batch neither counts nor
   resets the run of steps, one below resets it, and after a doubling the count starts again. The
   rate follows the rule (linear for SGD-type, sqrt for Adam-type) over a short ramp

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from batchfit.errors import ConfigError, TaskError
-from batchfit.train.accumulation import (
+from batchfit.training.accumulation import (
     AccumulationPlan,
     accumulate_gradients,
     micro_batch_weights,
@@ -373,9 +373,9 @@ def test_micro_batches_without_tokens_are_skipped():
 
 
 def test_docstring_examples_run():
-    import batchfit.train.accumulation
+    import batchfit.training.accumulation
 
-    assert doctest.testmod(batchfit.train.accumulation).failed == 0
+    assert doctest.testmod(batchfit.training.accumulation).failed == 0
 
 
 @pytest.mark.slow

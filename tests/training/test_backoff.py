@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from batchfit.errors import DoesNotFitError
-from batchfit.train.backoff import next_micro_batch, run_with_backoff
+from batchfit.training.backoff import next_micro_batch, run_with_backoff
 
 
 def test_next_micro_batch_halves_to_a_divisor():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batchfit.errors import ConfigError
-from batchfit.train.tensorboard import TensorBoardCallback
+from batchfit.training.tensorboard import TensorBoardCallback
 
 pytest.importorskip("tensorboard")
 
@@ -23,7 +23,7 @@ def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 
 def test_batchfit_train_writes_tensorboard_scalars_and_timed_metrics(tmp_path, capsys):
     from batchfit.cli.main import main
-    from batchfit.train.metrics import read_metrics
+    from batchfit.training.metrics import read_metrics
 
     board = tmp_path / "tb"
     code = main(

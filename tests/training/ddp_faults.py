@@ -1,4 +1,4 @@
-"""Tasks for the DDP fault tests, loaded by torchrun ranks as `tests/train/ddp_faults.py:NAME`."""
+"""Tasks for the DDP fault tests, loaded by torchrun ranks as `tests/training/ddp_faults.py:X`."""
 
 from __future__ import annotations
 

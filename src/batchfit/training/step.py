@@ -26,7 +26,7 @@ from batchfit.errors import DoesNotFitError, TrainingDivergedError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from batchfit.train.setup import Run
+    from batchfit.training.setup import Run
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def optimizer_step(
     """Train one global step; returns its record and the metrics `on_step_end` added.
 
     `on_step_end(record, model)` is called once the step's gradients are complete, before
-    the optimizer applies them (`batchfit.train.callbacks.CallbackList.on_step_end`).
+    the optimizer applies them (`batchfit.training.callbacks.CallbackList.on_step_end`).
 
     Raises:
         DoesNotFitError: out of memory at a micro-batch of 1, or in `optimizer.step()` twice.
@@ -79,10 +79,10 @@ def optimizer_step(
     import torch
 
     from batchfit.snapshot import capture_rng, restore_rng
-    from batchfit.train.backoff import run_with_backoff
-    from batchfit.train.batch_growth import note_backoff
-    from batchfit.train.distributed import mean_over_ranks
-    from batchfit.train.sampling import rank_slice, stream_indices
+    from batchfit.training.backoff import run_with_backoff
+    from batchfit.training.batch_growth import note_backoff
+    from batchfit.training.distributed import mean_over_ranks
+    from batchfit.training.sampling import rank_slice, stream_indices
 
     config, context, model = run.config, run.context, run.model
     global_batch = run.global_batch
@@ -150,8 +150,8 @@ def optimizer_step(
 def _accumulate(run: Run, batch: Any, size: int):
     """Forward and backward of this rank's share at micro-batch `size`: (loss, plan)."""
     from batchfit.task import move_to
-    from batchfit.train.accumulation import accumulate_gradients, plan_accumulation, split_batch
-    from batchfit.train.distributed import sum_over_ranks
+    from batchfit.training.accumulation import accumulate_gradients, plan_accumulation, split_batch
+    from batchfit.training.distributed import sum_over_ranks
 
     config, context, task = run.config, run.context, run.task
     step_plan = plan_accumulation(

@@ -9,7 +9,7 @@ contiguous, equal slice of the global batch, like `DistributedSampler` does of a
 No sample is skipped and none is repeated within an epoch; a global batch that straddles two
 epochs takes the end of one permutation and the start of the next.
 
-When the global batch changes during a run (`batchfit.train.batch_schedule`), each step takes
+When the global batch changes during a run (`batchfit.training.batch_schedule`), each step takes
 the next `G_t` positions of the same stream, from the samples seen so far (`stream_indices`): the
 stream does not depend on the batch sizes, so a change loses and repeats nothing.
 """

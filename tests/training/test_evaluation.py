@@ -2,7 +2,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import TensorDataset
 
-from batchfit.train.evaluation import evaluate, update_swa_batchnorm
+from batchfit.training.evaluation import evaluate, update_swa_batchnorm
 from tests.conftest import accuracy, classification_loss, make_bn_convnet, make_mlp_task
 
 

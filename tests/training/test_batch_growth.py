@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from batchfit.errors import ConfigError
-from batchfit.noise.watch import NoiseScaleCallback
-from batchfit.train.batch_growth import fit_micro_batch, schedule_cap
-from batchfit.train.batch_schedule import NoiseBatch
-from batchfit.train.config import TrainConfig
-from batchfit.train.loop import train
-from batchfit.train.metrics import read_metrics
-from batchfit.train.sampling import stream_indices
+from batchfit.noise.callback import NoiseScaleCallback
+from batchfit.training.batch_growth import fit_micro_batch, schedule_cap
+from batchfit.training.batch_schedule import NoiseBatch
+from batchfit.training.config import TrainConfig
+from batchfit.training.loop import train
+from batchfit.training.metrics import read_metrics
+from batchfit.training.sampling import stream_indices
 from tests.conftest import untimed_metrics
-from tests.train.test_loop import _Recorder, _weights, _wide_task
+from tests.training.test_loop import _Recorder, _weights, _wide_task
 
 
 def _adam_task(samples: int = 512):

@@ -3,16 +3,18 @@
 `train(task, config)` is a small, readable loop in the spirit of nanoGPT's train.py, built from
 batchfit's pieces:
 
-- the data order (`batchfit.train.sampling`): each global step's samples are fixed by the seed
+- the data order (`batchfit.training.sampling`): each global step's samples are fixed by the seed
   before any micro-batch is cut from them; each rank takes an equal share (DDP);
-- gradient accumulation (`batchfit.train.accumulation`): the rank's share is cut into micro-batches
-  whose losses are weighted so the gradient is that of the mean over the global batch;
+- gradient accumulation (`batchfit.training.accumulation`): the rank's share is cut into
+  micro-batches whose losses are weighted so the gradient is that of the mean over the global batch;
 - the learning rate (`batchfit.lr.scaling`, `batchfit.lr.schedules`): scaled from the task's
   reference point by a rule, then warmup and decay;
-- out-of-memory back-off (`batchfit.train.backoff`): the micro-batch halves and the step is redone;
-- checkpoints (`batchfit.train.checkpoint`) every N steps and on Ctrl-C / SIGTERM, metrics
-  (`batchfit.train.metrics`) appended to RUN_DIR/metrics.jsonl, `resume` to continue a run exactly;
-- an optional batch schedule (`batchfit.train.batch_schedule`, `batchfit.train.batch_growth`):
+- out-of-memory back-off (`batchfit.training.backoff`): the micro-batch halves and the step
+  is redone;
+- checkpoints (`batchfit.training.checkpoint`) every N steps and on Ctrl-C / SIGTERM, metrics
+  (`batchfit.training.metrics`) appended to RUN_DIR/metrics.jsonl, `resume` to continue a
+  run exactly;
+- an optional batch schedule (`batchfit.training.batch_schedule`, `batchfit.training.batch_growth`):
   the global batch grows between steps (ramp, seesaw, or from the measured noise scale), the
   micro-batch first and accumulation second, with the rate following the schedule's factor;
 - optional stochastic weight averaging (Izmailov et al. 2018, `torch.optim.swa_utils`) and label
@@ -21,10 +23,10 @@ batchfit's pieces:
 Under torchrun (RANK / WORLD_SIZE in the environment) it trains with DistributedDataParallel:
 gloo on CPU, nccl on CUDA; rank 0 logs, evaluates, writes metrics and checkpoints.
 
-`_train` is a short function over named parts: set-up and resume (`batchfit.train.setup`), one
-optimizer step (`batchfit.train.step`), evaluation and checkpoint (`_after_step`), and the finish
+`_train` is a short function over named parts: set-up and resume (`batchfit.training.setup`), one
+optimizer step (`batchfit.training.step`), evaluation and checkpoint (`_after_step`), and the finish
 (`_finish`). Observers (a gradient-noise-scale tracker, a live diagnosis) are `callbacks`
-(`batchfit.train.callbacks`): they see each step and each evaluation, add fields to the metrics
+(`batchfit.training.callbacks`): they see each step and each evaluation, add fields to the metrics
 lines, keep their state in checkpoints, and may stop the run cleanly by raising `StopTraining`.
 """
 
@@ -38,23 +40,23 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import DoesNotFitError, TrainingDivergedError
-from batchfit.train.batch_growth import next_batch
-from batchfit.train.callbacks import CallbackList, StopTraining, TrainCallback
-from batchfit.train.config import TrainConfig, check_train_config
-from batchfit.train.evaluation import evaluate, update_swa_batchnorm
-from batchfit.train.setup import Run, resume_run, save_run, set_up_run
-from batchfit.train.step import StepRecord, optimizer_step
+from batchfit.training.batch_growth import next_batch
+from batchfit.training.callbacks import CallbackList, StopTraining, TrainCallback
+from batchfit.training.config import TrainConfig, check_train_config
+from batchfit.training.evaluation import evaluate, update_swa_batchnorm
+from batchfit.training.setup import Run, resume_run, save_run, set_up_run
+from batchfit.training.step import StepRecord, optimizer_step
 
 if TYPE_CHECKING:
     import torch
 
     from batchfit.progress import ProgressFn
     from batchfit.task import Task
-    from batchfit.train.backoff import BackoffEvent
-    from batchfit.train.batch_schedule import BatchChange
-    from batchfit.train.distributed import DistributedContext
-    from batchfit.train.metrics import MetricsLog
-    from batchfit.train.progress import TrainProgress
+    from batchfit.training.backoff import BackoffEvent
+    from batchfit.training.batch_schedule import BatchChange
+    from batchfit.training.distributed import DistributedContext
+    from batchfit.training.metrics import MetricsLog
+    from batchfit.training.progress import TrainProgress
 
 __all__ = [
     "StepRecord",
@@ -166,7 +168,7 @@ def train(
         progress: a `progress(phase, done, total)` callback (`batchfit.progress`), called on
             rank 0 with ("train", step, total_steps) after each step; or True for a progress
             bar on stderr (rank 0 only).
-        callbacks: observers, see `batchfit.train.callbacks.TrainCallback`.
+        callbacks: observers, see `batchfit.training.callbacks.TrainCallback`.
         distributed: the rank and world size; default: read from the environment (torchrun).
 
     Returns:
@@ -191,7 +193,7 @@ def train(
     """
     from batchfit.devices import resolve_device
     from batchfit.snapshot import preserved_rng
-    from batchfit.train.distributed import (
+    from batchfit.training.distributed import (
         collective_errors,
         destroy_distributed,
         detect_distributed,
@@ -223,8 +225,8 @@ def train(
 
 
 def _train(task, config, *, device, context, memory_budget_bytes, progress, callbacks):
-    from batchfit.train.metrics import MetricsLog
-    from batchfit.train.progress import TrainProgress, stop_on_signals
+    from batchfit.training.metrics import MetricsLog
+    from batchfit.training.progress import TrainProgress, stop_on_signals
 
     run, checkpoint = set_up_run(task, config, device=device, context=context)
     resume_run(run, checkpoint)
@@ -277,7 +279,7 @@ def _start(run: Run, callbacks: Sequence[Any], checkpoint: dict | None) -> Callb
         run.train_model = run.model
     callbacks = list(callbacks)
     if run.config.batch_schedule.startswith("noise"):
-        from batchfit.noise.watch import NoiseScaleCallback
+        from batchfit.noise.callback import NoiseScaleCallback
 
         if not any(isinstance(callback, NoiseScaleCallback) for callback in callbacks):
             # The schedule needs the noise scale; measure it when the caller does not.
@@ -300,7 +302,7 @@ def _after_step(
     signalled: bool,
 ) -> bool:
     """Evaluate, log and checkpoint after a step; whether the run stops here (before its end)."""
-    from batchfit.train.distributed import any_rank
+    from batchfit.training.distributed import any_rank
 
     step = run.step
     if "noise_scale" in extra:
@@ -362,7 +364,7 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
         elif not run.session_samples:
             noise_reason = "no step ran in this session"
         else:
-            noise_reason = "no callback logged it (pass batchfit.noise.watch.NoiseScaleCallback)"
+            noise_reason = "no callback logged it (pass batchfit.noise.callback.NoiseScaleCallback)"
     stopped_early = run.step < setup.total_steps
     return TrainResult(
         steps=run.step,

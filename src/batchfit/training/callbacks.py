@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from torch import nn
 
-    from batchfit.train.accumulation import AccumulationPlan
-    from batchfit.train.step import StepRecord
+    from batchfit.training.accumulation import AccumulationPlan
+    from batchfit.training.step import StepRecord
 
 __all__ = ["CallbackList", "StopTraining", "TrainCallback"]
 

@@ -1,6 +1,6 @@
 """What a training run is: `TrainConfig`, its validation, and what follows from it.
 
-`TrainConfig` holds every option of `batchfit.train.loop.train` in one place, with a comment per
+`TrainConfig` holds every option of `batchfit.training.loop.train` in one place, with a comment per
 field; it is validated on construction. `resolve_setup` derives the run's steps, peak learning rate
 (`batchfit.lr.scaling`) and warmup; `check_train_config` raises what `train` would raise for the
 options, without training.
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
-from batchfit.train.distributed import DEFAULT_DDP_TIMEOUT_SECONDS
+from batchfit.training.distributed import DEFAULT_DDP_TIMEOUT_SECONDS
 from batchfit.validation import (
     MAX_DDP_TIMEOUT_SECONDS,
     check_batch_size,
@@ -64,7 +64,7 @@ class TrainConfig:
     warmup: int | float | None = None  # steps (int) or share of training (0 < float < 1);
     # None: warm up (lr_scaling.default_warmup_steps) when the rate is >= 2x task.lr
     decay: str = "cosine"  # constant | cosine | linear | step (batchfit.lr.schedules)
-    optimizer: str = "task"  # task | sgd | adam | adamw | lars | lamb (batchfit.train.optimizers)
+    optimizer: str = "task"  # task | sgd | adam | adamw | lars | lamb (training.optimizers)
     label_smoothing: float = 0.0  # in [0, 1); needs Task.loss_with_smoothing when > 0
     swa: bool = False  # stochastic weight averaging over the last part of training
     swa_start: float = 0.75  # share of training after which weights are averaged (SWA)
@@ -81,7 +81,7 @@ class TrainConfig:
     drop_unreadable_metrics: bool = False  # on resume, drop metrics.jsonl lines that cannot
     # be read instead of refusing to resume over them
     batch_schedule: str = "constant"  # constant | ramp:START-END:SAMPLES | ramp:S:B,S:B,... |
-    # seesaw | noise[:FACTOR] (batchfit.train.batch_schedule); global_batch is where seesaw and
+    # seesaw | noise[:FACTOR] (batchfit.training.batch_schedule); global_batch is where seesaw and
     # noise start and the rate's reference; micro_batch is the memory limit the batch grows into
     max_global_batch: int | None = None  # the schedule's cap (samples); None: the data set
     # size (noise and seesaw: also a quarter of it, and micro_batch x ranks x 8 accumulations)
@@ -120,7 +120,7 @@ class TrainConfig:
             if isinstance(warmup, int) and warmup < 0:
                 raise ConfigError(f"warmup must be 0 or more steps, got {warmup}.")
         from batchfit.lr.schedules import DECAYS
-        from batchfit.train.optimizers import check_optimizer_name
+        from batchfit.training.optimizers import check_optimizer_name
 
         if self.decay not in DECAYS:
             raise ConfigError(f"Unknown decay {self.decay!r}; choose one of {', '.join(DECAYS)}.")
@@ -155,7 +155,7 @@ class TrainConfig:
         if self.max_global_batch is not None:
             check_batch_size(self.max_global_batch, name="max_global_batch")
         from batchfit.lr.schedules import ScheduleConfig
-        from batchfit.train.batch_schedule import parse_batch_schedule
+        from batchfit.training.batch_schedule import parse_batch_schedule
 
         parse_batch_schedule(
             self.batch_schedule,
@@ -259,8 +259,8 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
             SWA with fewer than 2 steps.
     """
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
-    from batchfit.train.optimizers import optimizer_family
-    from batchfit.train.sampling import steps_for_epochs, steps_per_epoch
+    from batchfit.training.optimizers import optimizer_family
+    from batchfit.training.sampling import steps_for_epochs, steps_per_epoch
 
     size = len(task.train_data)
     if config.micro_batch > size:
@@ -352,7 +352,7 @@ def check_train_config(
         >>> check_train_config(load_example("digits"), TrainConfig(global_batch=64, micro_batch=8))
     """
     from batchfit.devices import resolve_device
-    from batchfit.train.accumulation import plan_accumulation
+    from batchfit.training.accumulation import plan_accumulation
 
     setup = resolve_setup(task, config)
     if config.batch_schedule == "constant":
@@ -361,7 +361,7 @@ def check_train_config(
         )
     else:
         from batchfit.lr.schedules import ScheduleConfig
-        from batchfit.train.batch_growth import schedule_for_run
+        from batchfit.training.batch_growth import schedule_for_run
 
         lr_schedule = ScheduleConfig(total_steps=setup.schedule_steps)
         schedule_for_run(task, config, setup, lr_schedule, world_size=world_size)

@@ -5,7 +5,7 @@ import torch
 
 from batchfit.errors import ConfigError
 from batchfit.lr.schedules import ScheduleConfig, lr_multiplier
-from batchfit.train.batch_schedule import (
+from batchfit.training.batch_schedule import (
     ConstantBatch,
     NoiseBatch,
     RampBatch,
@@ -156,7 +156,7 @@ def test_seesaw_needs_the_rate_schedule():
 
 
 def test_usable_in_a_users_own_loop_with_split_batch_and_accumulate_gradients():
-    from batchfit.train.accumulation import accumulate_gradients, plan_accumulation, split_batch
+    from batchfit.training.accumulation import accumulate_gradients, plan_accumulation, split_batch
 
     torch.manual_seed(0)
     inputs, targets = torch.randn(256, 4), torch.randn(256, 1)

@@ -9,12 +9,12 @@ import torch
 
 from batchfit.errors import CheckpointError, DoesNotFitError, TrainingDivergedError
 from batchfit.memory.counter import count_memory
-from batchfit.train.checkpoint import load_checkpoint
-from batchfit.train.config import TrainConfig
-from batchfit.train.loop import train
-from batchfit.train.metrics import read_metrics
+from batchfit.training.checkpoint import load_checkpoint
+from batchfit.training.config import TrainConfig
+from batchfit.training.loop import train
+from batchfit.training.metrics import read_metrics
 from tests.conftest import make_mlp_task, untimed_metrics
-from tests.train.test_loop import _weights, _wide_task
+from tests.training.test_loop import _weights, _wide_task
 
 
 def _adam(params, lr):
@@ -59,7 +59,7 @@ def test_out_of_memory_in_the_optimizer_step_is_undone_and_retried(caplog):
     config = TrainConfig(global_batch=32, micro_batch=16, steps=3, lr=1e-3, warmup=0)
     clean = train(_wide_task(optimizer=_adam), config, device="cpu")
     _FailsOnce.failed = False
-    with caplog.at_level(logging.WARNING, logger="batchfit.train.step"):
+    with caplog.at_level(logging.WARNING, logger="batchfit.training.step"):
         retried = train(
             _wide_task(optimizer=lambda p, lr: _FailsOnce(p, lr=lr)), config, device="cpu"
         )
@@ -80,7 +80,7 @@ def test_a_run_that_died_before_its_first_checkpoint_resumes_as_a_fresh_start(tm
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "l')
     with pytest.raises(Exception, match="--resume"):  # a new run still refuses the folder
         train(_wide_task(), TrainConfig(**config), device="cpu")
-    with caplog.at_level(logging.WARNING, logger="batchfit.train.setup"):
+    with caplog.at_level(logging.WARNING, logger="batchfit.training.setup"):
         resumed = train(_wide_task(), TrainConfig(resume=True, **config), device="cpu")
     assert "has no checkpoint" in caplog.text and "afresh from step 0" in caplog.text
     assert resumed.resumed_from_step is None and resumed.steps == 3

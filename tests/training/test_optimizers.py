@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from batchfit.errors import ConfigError
-from batchfit.train.optimizers import OPTIMIZERS, make_optimizer, optimizer_family
+from batchfit.training.optimizers import OPTIMIZERS, make_optimizer, optimizer_family
 
 
 @pytest.mark.parametrize(

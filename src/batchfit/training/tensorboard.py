@@ -1,4 +1,4 @@
-"""TensorBoard scalars from `batchfit.train.loop.train`: a callback of its `callbacks=` protocol.
+"""TensorBoard scalars from `batchfit.training.loop.train`: a callback of its `callbacks=` protocol.
 
 Each optimizer step writes, under the step number: `train/loss`, `train/lr`,
 `train/global_batch`, `train/grad_norm`, `train/samples_per_second` (wall clock between steps),

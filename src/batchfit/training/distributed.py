@@ -263,7 +263,7 @@ def torchrun_command(
     """The command that runs `python -m batchfit <argv>` in `nproc` processes under torchrun.
 
     One machine, rendezvous on 127.0.0.1 at `port` (default: a free one). `runner` is the
-    module that launches: torchrun itself, or `batchfit.train.agent` (torchrun without its
+    module that launches: torchrun itself, or `batchfit.training.agent` (torchrun without its
     traceback, as `launch` uses).
 
     Raises:
@@ -298,7 +298,7 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
 
     The processes share this terminal's stdout and stderr. Each rank writes its error line to
     a private folder instead of the terminal (`batchfit.cli.main`), and the agent
-    (`batchfit.train.agent`) its ranks' exit codes; a failure becomes one `DistributedError`
+    (`batchfit.training.agent`) its ranks' exit codes; a failure becomes one `DistributedError`
     line: the first rank's own error (a collective timeout only when no rank said more).
 
     Ctrl-C reaches the ranks through the agent: they save a checkpoint at the end of the step
@@ -316,9 +316,9 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
     import subprocess
     import tempfile
 
-    from batchfit.train.agent import ERROR_DIR_VARIABLE
+    from batchfit.training.agent import ERROR_DIR_VARIABLE
 
-    command = torchrun_command(nproc, argv, runner="batchfit.train.agent")
+    command = torchrun_command(nproc, argv, runner="batchfit.training.agent")
     logger.info("launching: %s", " ".join(command))
     with tempfile.TemporaryDirectory(prefix="batchfit-ranks-") as folder:
         environ = {**os.environ, ERROR_DIR_VARIABLE: folder}
@@ -347,7 +347,7 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
 def _read_outcome(folder: Path) -> dict[str, Any]:
     """What the ranks and the agent left in `folder`: the line to show, and whether the run was
     interrupted."""
-    from batchfit.train.agent import AGENT_FILE
+    from batchfit.training.agent import AGENT_FILE
 
     errors = []
     for path in sorted(folder.glob("rank*.json")):

@@ -11,10 +11,10 @@ from torch.utils.data import TensorDataset
 from batchfit.errors import CheckpointError, ConfigError, DoesNotFitError
 from batchfit.memory.counter import count_memory
 from batchfit.task import Task
-from batchfit.train.checkpoint import load_checkpoint
-from batchfit.train.config import TrainConfig
-from batchfit.train.loop import train
-from batchfit.train.metrics import read_metrics
+from batchfit.training.checkpoint import load_checkpoint
+from batchfit.training.config import TrainConfig
+from batchfit.training.loop import train
+from batchfit.training.metrics import read_metrics
 from tests.conftest import make_bn_convnet, make_mlp_task, untimed_metrics
 
 
@@ -132,7 +132,7 @@ def test_oom_backoff_keeps_the_samples_and_equals_a_run_at_the_smaller_micro_bat
             counter.budget_bytes = (peaks[8] + peaks[16]) // 2
 
         recorder = _Recorder(after_step=2, action=drop_budget)
-        with caplog.at_level("WARNING", logger="batchfit.train.backoff"):
+        with caplog.at_level("WARNING", logger="batchfit.training.backoff"):
             result = train(
                 _wide_task(),
                 TrainConfig(micro_batch=16, **config),

@@ -1,9 +1,9 @@
 from batchfit.noise.callback import NoiseScaleCallback
-from batchfit.train.callbacks import CallbackList, StopTraining
-from batchfit.train.checkpoint import load_checkpoint
-from batchfit.train.config import TrainConfig
-from batchfit.train.loop import train
-from batchfit.train.metrics import read_metrics
+from batchfit.training.callbacks import CallbackList, StopTraining
+from batchfit.training.checkpoint import load_checkpoint
+from batchfit.training.config import TrainConfig
+from batchfit.training.loop import train
+from batchfit.training.metrics import read_metrics
 from tests.conftest import make_mlp_task
 
 

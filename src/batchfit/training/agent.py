@@ -1,9 +1,9 @@
 """The torchrun agent that `batchfit train --nproc N` starts: torch.distributed.run, quietly.
 
-`python -m batchfit.train.agent <torchrun arguments>` runs torchrun's own launcher
+`python -m batchfit.training.agent <torchrun arguments>` runs torchrun's own launcher
 (`torch.distributed.run.run`) but ends without torchrun's traceback: it writes each rank's exit
 code to `agent.json` in the folder `BATCHFIT_ERROR_DIR` names and exits 0 (all ranks done),
-130 (interrupted) or 1 (a rank failed). `batchfit.train.distributed.launch` reads that file and
+130 (interrupted) or 1 (a rank failed). `batchfit.training.distributed.launch` reads that file and
 the ranks' own error lines and turns them into one line and exit code 2.
 
 The ranks run in sessions of their own, so a Ctrl-C reaches them through the agent: torchrun
