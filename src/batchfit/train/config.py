@@ -166,10 +166,11 @@ class TrainConfig:
         From the plan: global_batch, micro_batch, lr, optimizer, the run length
         (`steps=plan.total_steps`) with its warmup (`warmup=plan.warmup_steps`),
         `sync_batchnorm` when the plan advises SyncBatchNorm, and the batch schedule it proposes
-        (`batch_schedule`, `max_global_batch`; global_batch is then where the schedule starts). The plan's warmup was sized for
-        its own run length, so when `overrides` give `steps` or `epochs` the warmup is left to
-        the loop (auto) unless `overrides` give one too. GroupNorm advice changes the model,
-        not the settings: see `batchfit.plan.plan_file.apply_plan`.
+        (`batch_schedule`, `max_global_batch`; global_batch is then where the schedule starts).
+        The plan's warmup was sized for its own run length, so when `overrides` give `steps` or
+        `epochs` the warmup is left to the loop (auto) unless `overrides` give one too.
+        GroupNorm advice changes the model, not the settings: see
+        `batchfit.plan.plan_file.apply_plan`.
 
         Args:
             plan: a Plan (`batchfit.plan.plan_file.load_plan`).
