@@ -133,3 +133,26 @@ def test_an_inconclusive_range_test_does_not_move_the_rate():
     assert "inconclusive (it did not diverge), so it does not move the rate" in choice.reason
     lowered = choose_lr(1.0, "linear rule", valley_lr=0.03, min_loss_lr=0.2, inconclusive="x")
     assert lowered.value == 1.0
+
+
+def test_plan_proposes_a_growing_batch_when_the_noise_scale_is_far_below_the_room():
+    from batchfit.plan.advice import GROWTH_ROOM, propose_batch_schedule
+
+    # Room: min(a quarter of 100,000, 64 x 2 devices x 8 accumulations) = 1024 samples.
+    grow = propose_batch_schedule(
+        64, noise_scale=100, dataset_size=100_000, micro_batch=64, world_size=2,
+        measured_after_steps=50,
+    )  # fmt: skip
+    assert grow.value == "noise"
+    assert "100" in grow.reason and "1024" in grow.reason and "50 warm-up steps" in grow.reason
+    # 1024 < GROWTH_ROOM x 300: the noise scale is not far below what the memory allows.
+    assert GROWTH_ROOM * 300 > 1024
+    near = propose_batch_schedule(
+        64, noise_scale=300, dataset_size=100_000, micro_batch=64, world_size=2
+    )
+    assert near.value == "constant" and "not far below" in near.reason
+    # A small data set leaves no room: a quarter of 1,000 samples is 250 < 4 x 100.
+    small = propose_batch_schedule(64, noise_scale=100, dataset_size=1_000, micro_batch=256)
+    assert small.value == "constant" and "250 samples" in small.reason
+    unknown = propose_batch_schedule(64, noise_scale=None, dataset_size=100_000, micro_batch=64)
+    assert unknown.value == "constant" and "no reliable noise scale" in unknown.reason

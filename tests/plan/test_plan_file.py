@@ -74,3 +74,25 @@ def test_missing_unknown_and_malformed(tmp_path):
         load_plan(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_plan(tmp_path / "missing.json")
+
+
+def test_batch_schedule_round_trips_and_a_version_1_plan_loads_constant(tmp_path):
+    plan = make_plan(batch_schedule="noise", max_global_batch=1024)
+    assert load_plan(plan.save(tmp_path / "plan.json")) == plan
+    old = make_plan().to_dict()
+    del old["batch_schedule"], old["max_global_batch"]
+    old["schema_version"] = 1  # written before plans proposed a schedule
+    loaded = plan_from_dict(old)
+    assert (loaded.batch_schedule, loaded.max_global_batch) == ("constant", None)
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"batch_schedule": "grow"}, r"'batch_schedule' is 'grow'.*noise"),
+        ({"batch_schedule": "noise", "max_global_batch": 0}, r"'max_global_batch' is 0"),
+    ],
+)
+def test_bad_batch_schedule_names_field_and_forms(changes, words):
+    with pytest.raises(CheckpointError, match=words):
+        make_plan(**changes)

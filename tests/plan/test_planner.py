@@ -142,3 +142,32 @@ def test_planner_and_train_config_agree_on_the_run_length_and_warmup():
 def test_plan_refuses_a_run_length_that_is_not_positive():
     with pytest.raises(ConfigError, match="epochs must be a positive number"):
         plan(make_mlp_task(samples=64), device="cpu", epochs=0, **QUICK)
+
+
+@pytest.mark.parametrize(("measured", "proposed"), [(16.0, "noise"), (400.0, "constant")])
+def test_plan_proposes_a_schedule_from_the_measured_noise_scale(
+    measured, proposed, monkeypatch, tmp_path, capsys
+):
+    import dataclasses
+
+    import batchfit.noise.measure as measure
+
+    real = measure.measure_noise_scale
+
+    def synthetic(*args, **kwargs):  # the real measurement, with the noise scale replaced
+        return dataclasses.replace(
+            real(*args, **kwargs), noise_scale_samples=measured, reliable=True
+        )
+
+    monkeypatch.setattr(measure, "measure_noise_scale", synthetic)
+    # 2048 samples planned at 16 per step: room min(512, 16 x 8) = 128 samples.
+    planned = plan(
+        make_mlp_task(samples=2048), device="cpu", target_global_batch=16, epochs=1, **QUICK
+    )
+    assert planned.batch_schedule == proposed
+    assert f"({measured:.0f})" in planned.reasons["batch_schedule"]
+    path = planned.save(tmp_path / "plan.json")
+    code = main(["train", TINY_TASK, "--plan", str(path), "--steps", "2", "--out",
+                 str(tmp_path / "run"), "--json"])  # fmt: skip
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["batch_schedule"] == proposed

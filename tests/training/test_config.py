@@ -100,3 +100,11 @@ def test_from_plan_refuses_unknown_fields_and_bad_values():
         TrainConfig.from_plan(_plan(), global_bach=64)
     with pytest.raises(ConfigError, match="swa_start"):
         TrainConfig.from_plan(_plan(), swa=True, swa_start=0.0)
+
+
+def test_from_plan_follows_the_plans_batch_schedule():
+    config = TrainConfig.from_plan(_plan(batch_schedule="noise", max_global_batch=1024))
+    assert (config.batch_schedule, config.max_global_batch) == ("noise", 1024)
+    assert TrainConfig.from_plan(_plan()).batch_schedule == "constant"
+    given = TrainConfig.from_plan(_plan(batch_schedule="noise"), batch_schedule="constant")
+    assert given.batch_schedule == "constant"  # the user's flag wins

@@ -378,3 +378,64 @@ def choose_lr(
         if suggestions
         else scaled_reason,
     )
+
+
+GROWTH_ROOM = 4
+"""The plan proposes a growing batch when the data set and memory allow a global batch at least
+this many times the measured noise scale: the critical batch grows as the loss falls
+(McCandlish et al. 2018), so a run that starts near it can double several times."""
+
+
+def propose_batch_schedule(
+    global_batch: int,
+    *,
+    noise_scale: float | None,
+    dataset_size: int,
+    micro_batch: int,
+    world_size: int = 1,
+    measured_after_steps: int | None = None,
+) -> Choice:
+    """`"noise"` (grow the batch with the noise scale) or `"constant"`, with the reason.
+
+    The room is what the loop's `noise` schedule may reach (`batchfit.training.batch_growth`): a
+    quarter of the data set and `micro_batch x world_size x MAX_ACCUMULATION`. When it is at
+    least `GROWTH_ROOM` x the noise scale measured at the end of the plan's warm-up (and above
+    the global batch), the batch starts at `global_batch` and doubles as the noise scale grows.
+
+    Args:
+        global_batch: the planned (starting) global batch, samples.
+        noise_scale: B_simple in samples at the end of the warm-up, or None when not reliable.
+        dataset_size: samples in the training set.
+        micro_batch: the planned micro-batch (the memory limit the batch grows into).
+        world_size: data-parallel devices.
+        measured_after_steps: warm-up steps before the measurement, if known.
+
+    Example:
+        >>> propose_batch_schedule(32, noise_scale=60, dataset_size=50_000, micro_batch=64).value
+        'noise'
+        >>> propose_batch_schedule(32, noise_scale=60, dataset_size=800, micro_batch=32).value
+        'constant'
+    """
+    from batchfit.training.batch_growth import DATASET_FRACTION, MAX_ACCUMULATION
+
+    if noise_scale is None or not noise_scale > 0:
+        return Choice("constant", "no reliable noise scale was measured: the batch stays constant")
+    room = min(int(DATASET_FRACTION * dataset_size), micro_batch * world_size * MAX_ACCUMULATION)
+    after = f" after {measured_after_steps} warm-up steps" if measured_after_steps else ""
+    limits = (
+        f"{room} samples (the least of a quarter of the {dataset_size} training samples and "
+        f"micro-batch {micro_batch} x {world_size} device(s) x {MAX_ACCUMULATION} accumulations)"
+    )
+    if room >= GROWTH_ROOM * noise_scale and room >= 2 * global_batch:
+        return Choice(
+            "noise",
+            f"the noise scale measured{after} ({noise_scale:.0f}) is far below the {limits} the "
+            f"data and memory allow: start at {global_batch} and double the batch while the "
+            "noise scale stays above twice it (the critical batch grows as the loss falls, "
+            "McCandlish et al. 2018)",
+        )
+    return Choice(
+        "constant",
+        f"the noise scale measured{after} ({noise_scale:.0f}) is not far below the {limits} "
+        f"the data and memory allow (less than {GROWTH_ROOM}x): the batch stays constant",
+    )

@@ -16,8 +16,10 @@ from typing import Any
 from batchfit.errors import CheckpointError
 from batchfit.files import write_atomic
 
-PLAN_SCHEMA_VERSION = 1
-"""Version of the plan.json layout; raise it when a field changes meaning or is removed."""
+PLAN_SCHEMA_VERSION = 2
+"""Version of the plan.json layout; raise it when a field is added, changes meaning or is removed.
+1: the first layout; 2: adds `batch_schedule` and `max_global_batch` (a version-1 file loads with
+their defaults, a constant batch)."""
 
 OPTIMIZER_CHOICES = ("task", "lars", "lamb")
 NORMALIZATION_CHOICES = ("none", "keep", "groupnorm", "syncbatchnorm")
@@ -42,6 +44,10 @@ class Plan:
         total_steps: the planned length of training in optimizer steps (what warmup_steps was
             sized for, and the default length of `batchfit train --plan`); None: not planned.
         optimizer: "task" (the task's own), "lars" or "lamb".
+        batch_schedule: how the global batch changes during the run
+            (`batchfit.training.batch_schedule`): "constant", or "noise" when the measured noise
+            scale is far below what the data set and memory allow; global_batch is its start.
+        max_global_batch: the schedule's cap (samples); None: the loop's own cap.
         normalization: what to do with BatchNorm: "none" (has none), "keep", "groupnorm",
             "syncbatchnorm".
         reasons: one sentence per choice above, with its numbers, keyed by field name.
@@ -70,6 +76,8 @@ class Plan:
     normalization: str = "none"
     memory_budget_bytes: int | None = None
     total_steps: int | None = None
+    batch_schedule: str = "constant"
+    max_global_batch: int | None = None
     reasons: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     measurements: dict[str, Any] = field(default_factory=dict)
@@ -319,6 +327,7 @@ def _validate(plan: Plan) -> None:
         fail("total_steps", total, "it must be a whole number of at least 1, or null.")
     if total is not None and plan.warmup_steps >= total > 1:
         fail("warmup_steps", plan.warmup_steps, f"it must be below total_steps ({total}).")
+    _validate_schedule(plan, fail)
     budget = plan.memory_budget_bytes
     if budget is not None and (not isinstance(budget, int) or budget <= 0):
         fail("memory_budget_bytes", budget, "it must be a positive number of bytes or null.")
@@ -337,6 +346,27 @@ def _validate(plan: Plan) -> None:
         fail("model_parameters", count, "it must be a whole number of at least 0, or null.")
     if not isinstance(plan.measurements, dict):
         fail("measurements", plan.measurements, "it must be an object.")
+
+
+def _validate_schedule(plan: Plan, fail: Any) -> None:
+    from batchfit.errors import ConfigError
+    from batchfit.lr.schedules import ScheduleConfig
+    from batchfit.training.batch_schedule import SCHEDULE_FORMS, parse_batch_schedule
+
+    cap = plan.max_global_batch
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        fail(
+            "max_global_batch", cap, "it must be a whole number of samples of at least 1, or null."
+        )
+    try:
+        parse_batch_schedule(
+            plan.batch_schedule,
+            global_batch=plan.global_batch,
+            max_batch=cap,
+            lr_schedule=ScheduleConfig(total_steps=1),
+        )
+    except ConfigError:
+        fail("batch_schedule", plan.batch_schedule, f"write one of {', '.join(SCHEDULE_FORMS)}.")
 
 
 def _jsonable(value: Any) -> Any:

@@ -187,6 +187,15 @@ def plan(
         f"(micro-batch x accumulation x devices)"
     )
     reasons["world_size"] = f"planned for {world_size} data-parallel device(s)"
+    schedule_choice = advice.propose_batch_schedule(
+        global_batch,
+        noise_scale=noise.noise_scale_samples if noise.reliable else None,
+        dataset_size=dataset_size,
+        micro_batch=micro_batch,
+        world_size=world_size,
+        measured_after_steps=noise.step,
+    )
+    reasons["batch_schedule"] = schedule_choice.reason
     if micro_batch < throughput.knee_batch and micro_batch < global_batch // world_size:
         notes.append(
             f"Memory keeps the micro-batch ({micro_batch}) below the throughput knee "
@@ -269,6 +278,7 @@ def plan(
         lr_rule=rule,
         warmup_steps=warmup_steps,
         total_steps=total_steps,
+        batch_schedule=str(schedule_choice.value),
         optimizer=str(optimizer_choice.value),
         normalization=normalization,
         memory_budget_bytes=budget_bytes,

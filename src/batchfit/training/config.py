@@ -180,11 +180,13 @@ class TrainConfig:
         """The training settings a plan advises, with `overrides` (TrainConfig fields) winning.
 
         From the plan: global_batch, micro_batch, lr, optimizer, the run length
-        (`steps=plan.total_steps`) with its warmup (`warmup=plan.warmup_steps`), and
-        `sync_batchnorm` when the plan advises SyncBatchNorm. The plan's warmup was sized for
-        its own run length, so when `overrides` give `steps` or `epochs` the warmup is left to
-        the loop (auto) unless `overrides` give one too. GroupNorm advice changes the model,
-        not the settings: see `batchfit.plan.plan_file.apply_plan`.
+        (`steps=plan.total_steps`) with its warmup (`warmup=plan.warmup_steps`),
+        `sync_batchnorm` when the plan advises SyncBatchNorm, and the batch schedule it proposes
+        (`batch_schedule`, `max_global_batch`; global_batch is then where the schedule starts).
+        The plan's warmup was sized for its own run length, so when `overrides` give `steps` or
+        `epochs` the warmup is left to the loop (auto) unless `overrides` give one too.
+        GroupNorm advice changes the model, not the settings: see
+        `batchfit.plan.plan_file.apply_plan`.
 
         Args:
             plan: a Plan (`batchfit.plan.plan_file.load_plan`).
@@ -221,6 +223,8 @@ class TrainConfig:
             "lr": plan.lr,
             "optimizer": plan.optimizer,
             "sync_batchnorm": plan.normalization == "syncbatchnorm",
+            "batch_schedule": plan.batch_schedule,
+            "max_global_batch": plan.max_global_batch,
         }
         if not new_length:
             settings["warmup"] = plan.warmup_steps
