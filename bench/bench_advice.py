@@ -1,9 +1,12 @@
 """Does the advice hold up? Time to a validation target with the plan, a default and a grid.
 
-For each example (digits, charlm) the same training loop (`batchfit.training.loop.train`, one process,
-cosine decay over the same number of epochs) runs with:
+For each example (digits, charlm, cnn) and one task that is not an example (`cancer`:
+scikit-learn's breast-cancer data, standardised, with a small MLP) the same training loop
+(`batchfit.training.loop.train`, one process, cosine decay over the same number of epochs) runs
+with:
 
-- **plan**: `batchfit.plan.planner.plan(task, device="cpu", epochs=E)`, then its global batch,
+- **plan**: `batchfit.plan.planner.plan(task, device="cpu", epochs=E)` (`--quick`: with
+  quick=True), then its global batch,
   micro-batch, learning rate, warmup, optimizer and steps (what `batchfit train --plan` uses).
   Its column adds the planning time to the training time; both are also shown apart.
 - **default**: global batch 32 and the task's reference learning rate, unscaled.
@@ -30,9 +33,13 @@ Times are wall-clock (time.perf_counter) with one torch thread (torch.set_num_th
 steadier timings; the CPU time of this process over the same stretches is reported next to them,
 since the 2-core machine is shared with other jobs.
 
+The grid's critical batch: for each grid batch, the fewest median steps to target over its rates;
+`batchfit.sweep.fit.fit_steps` fits S = S_min + E_min/B to them, B_crit = E_min/S_min (the
+batch beyond which doubling it stops nearly halving the steps; McCandlish et al. 2018).
+
 Run by hand (never in CI), about 12 minutes on 2 CPU cores:
-    python bench/bench_advice.py [--examples digits charlm] [--epochs E] [--repeats N]
-        [--first-seed S] [--json results.json]
+    python bench/bench_advice.py [--examples digits charlm cnn cancer] [--epochs E] [--repeats N]
+        [--first-seed S] [--quick] [--json results.json]
     python bench/bench_advice.py --summary results.json   # the tables again
 """
 
@@ -50,6 +57,7 @@ import torch
 
 from batchfit.plan.plan_file import apply_plan
 from batchfit.plan.planner import plan as make_plan
+from batchfit.sweep.fit import fit_steps
 from batchfit.task import load_example
 from batchfit.training.config import TrainConfig
 from batchfit.training.evaluation import evaluate
@@ -86,7 +94,58 @@ SETTINGS = {
     "charlm": Setting(
         target=0.45, epochs=10, max_seconds=45, eval_seconds=0.5, eval_samples=1024, repeats=1
     ),
+    # 1-D CNN example: 0.9 of its held-out sequences.
+    "cnn": Setting(
+        target=0.9, epochs=10, max_seconds=30, eval_seconds=0.5, eval_samples=256, repeats=3
+    ),
+    # Not an example: scikit-learn's breast-cancer data (569 samples, 30 features), standardised,
+    # with a 30-64-64-2 MLP; 0.95 of its 114 held-out samples. Evaluate after every step.
+    "cancer": Setting(
+        target=0.95, epochs=10, max_seconds=30, eval_seconds=0.0, eval_samples=1, repeats=3
+    ),
 }
+
+
+def load_task(name: str):
+    """A built-in example, or `cancer`, built here from scikit-learn's data."""
+    if name != "cancer":
+        return load_example(name)
+    from sklearn.datasets import load_breast_cancer
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from batchfit.examples._common import (
+        classification_accuracy,
+        classification_loss,
+        classification_loss_with_smoothing,
+        split,
+    )
+    from batchfit.task import Task
+
+    data = load_breast_cancer()
+    inputs = torch.tensor(data.data, dtype=torch.float32)
+    labels = torch.tensor(data.target, dtype=torch.long)
+    train, val = split(len(labels), 0.2, seed=0)
+    mean, std = inputs[train].mean(dim=0), inputs[train].std(dim=0) + 1e-6
+    inputs = (inputs - mean) / std
+
+    def make_model() -> nn.Module:
+        return nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                             nn.Linear(64, 2))  # fmt: skip
+
+    return Task(
+        model=make_model,
+        train_data=TensorDataset(inputs[train], labels[train]),
+        val_data=TensorDataset(inputs[val], labels[val]),
+        loss=classification_loss,
+        loss_with_smoothing=classification_loss_with_smoothing,
+        optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr),
+        lr=1e-3,
+        batch_size=32,
+        metric=classification_accuracy,
+        kind=None,
+        name="cancer",
+    )
 
 
 class _TargetReached(Exception):
@@ -229,16 +288,19 @@ def _grid_configs(task, setting: Setting):
             )
 
 
-def bench_example(name: str, setting: Setting, *, first_seed: int = 0, progress=None) -> dict:
+def bench_example(
+    name: str, setting: Setting, *, first_seed: int = 0, quick: bool = False, progress=None
+) -> dict:
     """All runs of one example; returns a JSON-ready dict."""
-    task = load_example(name)
+    task = load_task(name)
     runs: list[RunResult] = []
 
-    started = time.perf_counter()
-    the_plan = make_plan(task, device="cpu", epochs=setting.epochs)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    the_plan = make_plan(task, device="cpu", epochs=setting.epochs, quick=quick)
     plan_seconds = time.perf_counter() - started
+    plan_cpu_seconds = time.process_time() - cpu_started
     if progress:
-        progress(f"{name}: planned in {plan_seconds:.1f} s")
+        progress(f"{name}: planned in {plan_seconds:.1f} s ({plan_cpu_seconds:.1f} s CPU)")
     plan_config = TrainConfig(
         global_batch=the_plan.global_batch,
         micro_batch=the_plan.micro_batch,
@@ -279,6 +341,8 @@ def bench_example(name: str, setting: Setting, *, first_seed: int = 0, progress=
         "reference_batch": task.batch_size,
         "train_samples": len(task.train_data),
         "plan": {k: v for k, v in the_plan.to_dict().items() if k != "measurements"},
+        "plan_cpu_seconds": plan_cpu_seconds,
+        "quick": quick,
         "runs": runs,
     }
 
@@ -396,7 +460,37 @@ def summary(result: dict) -> str:
         else "the plan did not reach the target"
     )
     lines.append(_grid_matrix(result))
+    lines.append(_critical_line(result))
     return "\n".join(lines)
+
+
+def grid_critical_batch(result: dict) -> tuple[dict[int, float], object]:
+    """Per grid batch the fewest median steps to target over its rates, and the fitted S(B)."""
+    best: dict[int, float] = {}
+    for run in result["runs"][2:]:
+        steps = run["steps"] if run["reached"] else math.inf
+        best[run["global_batch"]] = min(best.get(run["global_batch"], math.inf), steps)
+    batches = sorted(best)
+    return best, fit_steps(batches, [best[b] for b in batches])
+
+
+def _critical_line(result: dict) -> str:
+    best, fit = grid_critical_batch(result)
+    steps = ", ".join(f"{b}: {s:.0f}" if math.isfinite(s) else f"{b}: -" for b, s in best.items())
+    planned = result["plan"]["global_batch"]
+    if fit.critical_batch is None:
+        return (
+            f"grid steps to target (best rate per batch) {steps}; no critical batch: {fit.reason}"
+        )
+    ratio = planned / fit.critical_batch
+    within = 0.5 <= ratio <= 2
+    cpu = result.get("plan_cpu_seconds")
+    planning = f"; planning {cpu:.2f} s CPU" if cpu is not None else ""
+    return (
+        f"grid steps to target (best rate per batch) {steps}; fitted S = {fit.min_steps:.1f} + "
+        f"{fit.min_samples:.0f}/B: critical batch {fit.critical_batch:.0f}; planned batch "
+        f"{planned} = {ratio:.2f}x, within 2x {'met' if within else 'missed'}{planning}"
+    )
 
 
 def _grid_matrix(result: dict) -> str:
@@ -424,6 +518,7 @@ def _grid_matrix(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", nargs="+", default=["digits", "charlm"], choices=SETTINGS)
+    parser.add_argument("--quick", action="store_true", help="plan with quick=True")
     parser.add_argument("--json", help="write every run (with its evaluation trace) here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
@@ -465,7 +560,9 @@ def main() -> None:
                 setting = replace(setting, epochs=args.epochs)
             if args.repeats is not None:
                 setting = replace(setting, repeats=args.repeats)
-            result = bench_example(name, setting, first_seed=args.first_seed, progress=progress)
+            result = bench_example(
+                name, setting, first_seed=args.first_seed, quick=args.quick, progress=progress
+            )
             results.append(result)
             print(summary(result), flush=True)
             print()

@@ -215,3 +215,21 @@ def test_a_budget_for_another_device_checks_the_small_batch_against_this_machine
         measure_noise_scale(
             task, small_batch=128, big_batch=256, memory_budget_bytes=budget, device="cpu"
         )
+
+
+def test_several_points_of_one_warm_up_match_separate_measurements():
+    from batchfit.noise.measure import measure_noise_scales
+
+    task = load_example("digits")
+    early, late = measure_noise_scales(task, warmup_points=[3, 9], batches=4, device="cpu")
+    alone = measure_noise_scale(task, warmup_steps=9, batches=4, device="cpu")
+    assert (early.step, late.step) == (3, 9)
+    assert late.samples_seen == 9 * task.batch_size
+    # the warm-up goes on from the first point: the same model as a 9-step warm-up alone
+    assert late.gradient_sq_norm == pytest.approx(alone.gradient_sq_norm, rel=1e-6)
+    assert late.trace_covariance == pytest.approx(alone.trace_covariance, rel=1e-6)
+    assert early.gradient_sq_norm != pytest.approx(late.gradient_sq_norm, rel=1e-6)
+    with pytest.raises(ConfigError, match="ascending order"):
+        measure_noise_scales(task, warmup_points=[9, 3], batches=2, device="cpu")
+    with pytest.raises(ConfigError, match="ascending order"):
+        measure_noise_scales(task, warmup_points=[], batches=2, device="cpu")

@@ -34,7 +34,15 @@ def test_plan_is_exact_and_explained(tiny_plan):
     ):
         assert result.reasons[key], key
     assert str(result.micro_batch) in result.reasons["accumulation_steps"]
-    assert set(result.measurements) == {"memory", "throughput", "noise_scale", "range_test"}
+    assert set(result.measurements) == {
+        "memory",
+        "throughput",
+        "noise_scale",
+        "noise_trend",
+        "range_test",
+    }
+    trend = result.measurements["noise_trend"]
+    assert [point["step"] for point in trend["points"]] == [50, 200]
     assert result.measurements["memory"]["trials"], "the limit was confirmed by real steps"
     assert result.lr > 0 and result.lr_rule == "linear"  # the tiny task uses SGD
 
@@ -152,14 +160,15 @@ def test_plan_proposes_a_schedule_from_the_measured_noise_scale(
 
     import batchfit.noise.measure as measure
 
-    real = measure.measure_noise_scale
+    real = measure.measure_noise_scales
 
-    def synthetic(*args, **kwargs):  # the real measurement, with the noise scale replaced
-        return dataclasses.replace(
-            real(*args, **kwargs), noise_scale_samples=measured, reliable=True
+    def synthetic(*args, **kwargs):  # the real measurements, with the noise scale replaced
+        return tuple(
+            dataclasses.replace(point, noise_scale_samples=measured, reliable=True)
+            for point in real(*args, **kwargs)
         )
 
-    monkeypatch.setattr(measure, "measure_noise_scale", synthetic)
+    monkeypatch.setattr(measure, "measure_noise_scales", synthetic)
     # 2048 samples planned at 16 per step: room min(512, 16 x 8) = 128 samples.
     planned = plan(
         make_mlp_task(samples=2048), device="cpu", target_global_batch=16, epochs=1, **QUICK
@@ -171,3 +180,43 @@ def test_plan_proposes_a_schedule_from_the_measured_noise_scale(
                  str(tmp_path / "run"), "--json"])  # fmt: skip
     assert code == 0
     assert json.loads(capsys.readouterr().out)["batch_schedule"] == proposed
+
+
+def test_a_full_plan_chooses_from_the_noise_trend():
+    result = plan(load_example("digits"), device="cpu", noise_batches=12, range_test_steps=40)
+    trend = result.measurements["noise_trend"]["trend"]
+    assert (
+        trend is not None
+        and trend["at_samples"] == 10 * len(load_example("digits").train_data) // 2
+    )
+    reason = result.reasons["global_batch"]
+    assert "after 50 and 200 warm-up steps" in reason and "middle of the planned run" in reason
+    assert f"about {trend['noise_scale_samples']:.0f} samples" in reason
+    assert any("--batch-schedule noise" in note for note in result.notes)
+    assert not any("raised later" in note for note in result.notes)
+
+
+def test_a_quick_plan_says_what_it_shortened_and_skips_what_it_does_not_need():
+    task = make_mlp_task(samples=512)
+    quick = plan(task, device="cpu", quick=True)
+    note = next(note for note in quick.notes if note.startswith("Quick plan"))
+    assert "one measurement over 12" in note and "range test of 40 steps" in note
+    assert "noise_trend" not in quick.measurements
+    assert quick.measurements["range_test"]["steps"] <= 40
+    assert quick.measurements["noise_scale"]["batches"] == 12
+    if quick.measurements["noise_scale"]["reliable"]:
+        assert "measured once" in quick.reasons["global_batch"]
+    targeted = plan(task, device="cpu", quick=True, target_global_batch=64)
+    assert "noise_scale" not in targeted.measurements
+    assert any("not measured: the target global batch" in note for note in targeted.notes)
+    with pytest.raises(ConfigError, match="range_test_steps"):
+        plan(task, device="cpu", quick=True, range_test_steps=0)
+
+
+@pytest.mark.integration
+def test_cli_plan_quick(tmp_path, capsys):
+    out = tmp_path / "plan"
+    code = main(["plan", TINY_TASK, "--quick", "--out", str(out), "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert any(note.startswith("Quick plan") for note in printed["plan"]["notes"])

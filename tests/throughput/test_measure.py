@@ -199,3 +199,24 @@ def test_default_ladder_on_digits_finds_a_knee_below_the_data_size():
     assert result.batch_sizes[-1] == result.limit_batch == 1438
     assert result.samples_per_second[-1] > 10 * result.samples_per_second[0]
     assert 1 < result.knee_batch <= 1438
+
+
+def test_load_on_the_wall_clock_does_not_stop_the_ladder_early():
+    """The ladder's early stop reads the clock the result uses: under load the CPU clock."""
+    wall, cpu, calls = [0.0], [0.0], [0]
+
+    def loss(model, batch):
+        size = int(batch[0].shape[0])
+        work = 0.01 + 0.001 * size  # samples/s rise to ~960 at 256, as in the test above
+        calls[0] += 1
+        cpu[0] += work
+        # two steps in three wait for a core, longer at larger sizes: a flat wall-clock rate
+        wall[0] += work + 0.05 * size * (calls[0] % 3)
+        return classification_loss(model, batch)
+
+    task = make_mlp_task(loss=loss)
+    common = {"min_seconds": 0, "repeats": 3, "rounds": 1, "max_batch_size": 256}
+    result = measure_throughput(task, clock=lambda: wall[0], cpu_clock=lambda: cpu[0], **common)
+    assert result.clock == "cpu"
+    assert not result.stopped_early and result.batch_sizes[-1] == 256
+    assert result.samples_per_second[-1] > 5 * result.samples_per_second[0]

@@ -241,6 +241,8 @@ def plan(args: argparse.Namespace) -> int:
         target_global_batch="target_global_batch", margin="margin",
     )  # fmt: skip
     options.update(_budget_or_card(args))
+    if args.quick:
+        options["quick"] = True
     with PhaseBars(disable=args.json) as report:
         for phase in PHASES:
             report(phase, 0, 1)

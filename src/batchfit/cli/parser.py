@@ -404,6 +404,12 @@ def _add_plan(command) -> None:
     )
     add_batch(plan, "--target-global-batch", "reach this global batch instead of choosing one")
     add_share(plan, "--margin", "fraction of memory kept free (default 0.05)")
+    plan.add_argument(
+        "--quick",
+        action="store_true",
+        help="a cheaper plan for small tasks: shorter measurements, one noise-scale point; "
+        "the plan's notes say what was shortened or skipped",
+    )
     add_out_arguments(plan, "DIR", "where plan.json and report.html go (default: runs/<task>-plan)")
     add_json_argument(plan)
 

@@ -8,7 +8,7 @@ arXiv:1812.06162, Appendix A); this module only feeds a `NoiseScaleTracker`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,13 @@ if TYPE_CHECKING:
 
     from batchfit.task import Task
 
-__all__ = ["DEFAULT_BATCHES", "DEFAULT_WARMUP_STEPS", "default_batch_sizes", "measure_noise_scale"]
+__all__ = [
+    "DEFAULT_BATCHES",
+    "DEFAULT_WARMUP_STEPS",
+    "default_batch_sizes",
+    "measure_noise_scale",
+    "measure_noise_scales",
+]
 
 DEFAULT_BATCHES = 50
 DEFAULT_WARMUP_STEPS = 50
@@ -113,6 +119,66 @@ def measure_noise_scale(
         >>> result.batches
         5
     """
+    if warmup_steps is None:
+        warmup_steps = 0 if checkpoint is not None else DEFAULT_WARMUP_STEPS
+    (result,) = measure_noise_scales(
+        task,
+        warmup_points=[warmup_steps],
+        small_batch=small_batch,
+        big_batch=big_batch,
+        batches=batches,
+        checkpoint=checkpoint,
+        device=device,
+        finite_population=finite_population,
+        memory_budget_bytes=memory_budget_bytes,
+        progress=progress,
+    )
+    return result
+
+
+def measure_noise_scales(
+    task: Task,
+    *,
+    warmup_points: Sequence[int],
+    small_batch: int | None = None,
+    big_batch: int | None = None,
+    batches: int = DEFAULT_BATCHES,
+    checkpoint: Mapping[str, Any] | str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    finite_population: bool = True,
+    memory_budget_bytes: int | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[NoiseScaleResult, ...]:
+    """Measure the noise scale at several points of one warm-up run, to see how it grows.
+
+    As `measure_noise_scale`, but the fresh model trains on through the warm-up and is
+    measured (frozen, with the same `batches` big batches each time) when it has taken each
+    number of optimizer steps in `warmup_points`: one warm-up of max(warmup_points) steps
+    instead of one per point. The critical batch grows as the loss falls (McCandlish et al.
+    2018, section 3.3), so two points a few times apart show its trend
+    (`batchfit.noise.trend.fit_noise_trend`).
+
+    Args:
+        task: the training task.
+        warmup_points: optimizer steps (>= 0) before each measurement, ascending.
+        small_batch, big_batch, batches, checkpoint, device, finite_population,
+        memory_budget_bytes, progress: as in `measure_noise_scale`.
+
+    Returns:
+        One `NoiseScaleResult` per point, in order, each with its `step` and `samples_seen`.
+
+    Raises:
+        ConfigError: as `measure_noise_scale`; `warmup_points` empty or not ascending.
+        CheckpointError, DoesNotFitError, TaskError: as `measure_noise_scale`.
+
+    Example:
+        >>> from batchfit.task import load_example
+        >>> early, late = measure_noise_scales(
+        ...     load_example("digits"), warmup_points=[2, 8], batches=5
+        ... )
+        >>> early.step, late.step
+        (2, 8)
+    """
     import torch
 
     from batchfit.devices import resolve_device
@@ -123,9 +189,12 @@ def measure_noise_scale(
     small = check_whole_number("small_batch", default_small if small_batch is None else small_batch)
     big = check_whole_number("big_batch", default_big if big_batch is None else big_batch)
     batches = check_whole_number("batches", batches)
-    if warmup_steps is None:
-        warmup_steps = 0 if checkpoint is not None else DEFAULT_WARMUP_STEPS
-    warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
+    points = [check_whole_number("warmup_steps", p, minimum=0) for p in warmup_points]
+    if not points or points != sorted(set(points)):
+        raise ConfigError(
+            f"warmup_points ({list(warmup_points)}) must be one or more distinct step counts in "
+            "ascending order, such as [50, 200]."
+        )
     if small >= big:
         raise ConfigError(
             f"small_batch ({small}) must be below big_batch ({big}); the noise scale comes from "
@@ -139,64 +208,85 @@ def measure_noise_scale(
     target = resolve_device(device)
     if memory_budget_bytes is not None:
         _check_fits(task, small, target, memory_budget_bytes)
-    tracker = NoiseScaleTracker(
-        dataset_size=dataset_size if finite_population else None, window=None
-    )
+    results = []
     with preserved_rng(target, seed=task.seed):
         model = task.make_model().to(target)
         if checkpoint is not None:
             _load_checkpoint(model, checkpoint)
         model.train()
-        _warm_up(task, model, warmup_steps, target, progress)
+        warm_up = _WarmUp(task, model, target, progress, total=points[-1])
         params = [param for param in model.parameters() if param.requires_grad]
-        # batches are drawn from their own generator, seeded task.seed + 1
-        generator = torch.Generator().manual_seed(task.seed + 1)
         sizes = [small] * (big // small) + ([big % small] if big % small else [])
         harmonic = len(sizes) / sum(1.0 / size for size in sizes)
-        for index in range(batches):
-            order = torch.randperm(dataset_size, generator=generator)[:big].tolist()
-            small_sq, big_sq = _two_norms(task, model, params, order, sizes, target)
-            tracker.update(small_sq, big_sq, small_batch=harmonic, big_batch=big)
-            report(progress, "measure", index + 1, batches)
-    result = tracker.estimate(running=True)
-    return replace(
-        result,
-        step=warmup_steps,
-        samples_seen=warmup_steps * task.batch_size,
-        from_checkpoint=checkpoint is not None,
-    )
-
-
-def _warm_up(
-    task: Task,
-    model: nn.Module,
-    steps: int,
-    device: torch.device,
-    progress: ProgressFn | None,
-) -> None:
-    import torch
-
-    from batchfit.task import move_to
-    from batchfit.training.sampling import global_batch_indices
-
-    if not steps:
-        return
-    optimizer = task.make_optimizer(model.parameters())
-    for step in range(steps):
-        # the training loop's own sample order (shuffled epochs seeded task.seed + epoch)
-        indices = global_batch_indices(
-            step, dataset_size=len(task.train_data), global_batch=task.batch_size, seed=task.seed
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss = task.loss(model, move_to(task.batch(indices), device))
-        if not torch.isfinite(loss.detach()).all():
-            raise TaskError(
-                f"The loss is not finite ({float(loss):g}) at warm-up step {step}; lower the "
-                f"task's learning rate ({task.lr:g}) or use warmup_steps=0."
+        for point in points:
+            warm_up.advance(point)
+            tracker = NoiseScaleTracker(
+                dataset_size=dataset_size if finite_population else None, window=None
             )
-        loss.backward()
-        optimizer.step()
-        report(progress, "warmup", step + 1, steps)
+            # batches are drawn from their own generator, seeded task.seed + 1, at every point
+            generator = torch.Generator().manual_seed(task.seed + 1)
+            for index in range(batches):
+                order = torch.randperm(dataset_size, generator=generator)[:big].tolist()
+                small_sq, big_sq = _two_norms(task, model, params, order, sizes, target)
+                tracker.update(small_sq, big_sq, small_batch=harmonic, big_batch=big)
+                report(progress, "measure", index + 1, batches)
+            results.append(
+                replace(
+                    tracker.estimate(running=True),
+                    step=point,
+                    samples_seen=point * task.batch_size,
+                    from_checkpoint=checkpoint is not None,
+                )
+            )
+    return tuple(results)
+
+
+class _WarmUp:
+    """Training steps at the task's batch and rate, in stretches, in the training loop's sample
+    order (`batchfit.training.sampling.global_batch_indices`)."""
+
+    def __init__(
+        self,
+        task: Task,
+        model: nn.Module,
+        device: torch.device,
+        progress: ProgressFn | None,
+        *,
+        total: int,
+    ) -> None:
+
+        self.task, self.model, self.device, self.progress = task, model, device, progress
+        self.total = total
+        self.step = 0
+        self.optimizer = task.make_optimizer(model.parameters()) if total else None
+
+    def advance(self, to_step: int) -> None:
+        import torch
+
+        from batchfit.task import move_to
+        from batchfit.training.sampling import global_batch_indices
+
+        task = self.task
+        while self.step < to_step:
+            assert self.optimizer is not None
+            # the training loop's own sample order (shuffled epochs seeded task.seed + epoch)
+            indices = global_batch_indices(
+                self.step,
+                dataset_size=len(task.train_data),
+                global_batch=task.batch_size,
+                seed=task.seed,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = task.loss(self.model, move_to(task.batch(indices), self.device))
+            if not torch.isfinite(loss.detach()).all():
+                raise TaskError(
+                    f"The loss is not finite ({float(loss):g}) at warm-up step {self.step}; "
+                    f"lower the task's learning rate ({task.lr:g}) or use warmup_steps=0."
+                )
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            report(self.progress, "warmup", self.step, self.total)
 
 
 def _two_norms(

@@ -68,6 +68,7 @@ def choose_global_batch(
     reference_batch: int,
     measured_after_steps: int | None = None,
     throughput: Mapping[int, float] | None = None,
+    noise_basis: str | None = None,
 ) -> Choice:
     """The global batch expected to reach a given loss soonest on this hardware.
 
@@ -93,6 +94,8 @@ def choose_global_batch(
         reference_batch: the batch the task's learning rate was tuned for.
         measured_after_steps: training steps before the noise scale was measured, if known.
         throughput: samples per second of one device at each measured batch size.
+        noise_basis: where `noise_scale` comes from, in words (a trend's extrapolation, say);
+            it replaces "measured after N training steps" in the reason.
 
     Example:
         >>> choose_global_batch(noise_scale=200, knee_batch=32, world_size=1,
@@ -107,6 +110,8 @@ def choose_global_batch(
     after = (
         f", measured after {measured_after_steps} training steps" if measured_after_steps else ""
     )
+    if noise_basis:
+        after = f" ({noise_basis})"
     if noise_scale is not None and noise_scale > 0 and throughput:
         return _fastest_global_batch(noise_scale, throughput, world_size, cap, after)
     if noise_scale is not None and noise_scale > 0:

@@ -5,8 +5,9 @@ stands in for the device it will train on) and combines batchfit's measurements:
 
 1. memory (`batchfit.memory.search`): the largest micro-batch that fits, with a safety margin;
 2. throughput (`batchfit.throughput`): samples per second against batch size, and its knee;
-3. gradient noise scale (`batchfit.noise.estimator`), measured after a short stretch of training:
-   the critical batch size;
+3. gradient noise scale (`batchfit.noise.measure`), measured at two points of a short warm-up
+   and extrapolated along its trend to the middle of the planned run (`batchfit.noise.trend`):
+   the critical batch size for the run as a whole;
 4. the global batch from 2 and 3 (or the user's target), the micro-batch and accumulation that
    reach it exactly (`batchfit.plan.advice`);
 5. the learning rate scaled from the task's reference point by the rule for its optimizer
@@ -15,7 +16,9 @@ stands in for the device it will train on) and combines batchfit's measurements:
 6. optimizer advice (LARS/LAMB for very large batches), BatchNorm advice
    (`batchfit.plan.norm_layers`) and a comparison with customary ranges for the task's kind.
 
-Every choice carries a reason with its numbers. The result is a
+With `quick=True` every measurement is shortened (fewer timed steps, noise batches and range-test
+steps; one noise point, no trend) and what the task does not need is skipped; the plan's notes
+say what. Every choice carries a reason with its numbers. The result is a
 `batchfit.plan.plan_file.Plan`, which `batchfit plan` saves as plan.json beside an HTML report.
 """
 
@@ -48,6 +51,23 @@ flat start and the divergence around a rate that is roughly right."""
 
 RANGE_TEST_STEPS = 60
 
+TREND_WARMUP_POINTS = (50, 200)
+"""Warm-up steps at which the noise scale is measured for its trend: 4x apart, so that a power
+law in the samples seen can be fitted (the critical batch grows as the loss falls)."""
+
+TREND_BATCHES = 30
+"""Big batches per trend point (two points: 60 in all, against 50 for one point)."""
+
+QUICK_NOISE_BATCHES = 12
+"""A quick plan's noise batches: one point after the default warm-up, a wider interval."""
+
+QUICK_RANGE_TEST_STEPS = 40  # the fewest the default smoothing allows
+
+QUICK_THROUGHPUT = {"warmup_steps": 1, "repeats": 3, "rounds": 2, "min_seconds": 0.05}
+"""A quick plan times 3 steps per batch size in 2 rounds (default 5 steps, 3 rounds, 0.2 s)."""
+
+QUICK_MEMORY_POINTS = 3
+
 PHASES = ("memory", "throughput", "noise scale", "range test")
 
 
@@ -62,7 +82,8 @@ def plan(
     epochs: float = DEFAULT_EPOCHS,
     task_name: str | None = None,
     noise_batches: int | None = None,
-    range_test_steps: int = RANGE_TEST_STEPS,
+    range_test_steps: int | None = None,
+    quick: bool = False,
     progress: ProgressFn | None = None,
 ) -> Plan:
     """Profile `task` and plan its batch, learning rate and training settings.
@@ -82,8 +103,13 @@ def plan(
         margin: fraction of memory kept free, in [0, 1).
         epochs: the planned run length in passes over the data (sizes the warmup).
         task_name: what to call the task in the plan (default: `task.name`).
-        noise_batches: big batches the noise scale is measured over (default: its own).
-        range_test_steps: steps of the range test.
+        noise_batches: big batches the noise scale is measured over at each point (default
+            TREND_BATCHES at each of TREND_WARMUP_POINTS; QUICK_NOISE_BATCHES when quick).
+        range_test_steps: steps of the range test (default RANGE_TEST_STEPS, or
+            QUICK_RANGE_TEST_STEPS when quick).
+        quick: a cheaper plan for small tasks: shorter throughput timing, range test and
+            noise measurement (one point after the default warm-up, no trend), and no noise
+            measurement at all with a target global batch; the notes say what was shortened.
         progress: `progress(phase, done, total)` as each phase advances, phase one of PHASES
             (`batchfit.progress`).
 
@@ -106,7 +132,6 @@ def plan(
     from batchfit.devices import resolve_device
     from batchfit.lr.range_test import lr_range_test
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
-    from batchfit.noise.measure import measure_noise_scale
     from batchfit.plan.norm_layers import batchnorm_advice
     from batchfit.throughput.measure import measure_throughput
 
@@ -130,10 +155,21 @@ def plan(
     reasons: dict[str, str] = {}
     notes: list[str] = []
     measurements: dict[str, Any] = {}
+    if range_test_steps is None:
+        range_test_steps = QUICK_RANGE_TEST_STEPS if quick else RANGE_TEST_STEPS
+    range_test_steps = check_whole_number("range_test_steps", range_test_steps)
+    if quick:
+        notes.append(_quick_note(noise_batches, range_test_steps, target_global_batch))
 
     # 1. Memory: the largest micro-batch that fits.
     limit, memory = _memory_limit(
-        task, device, None if target is None else memory_budget, margin, dataset_size, report
+        task,
+        device,
+        None if target is None else memory_budget,
+        margin,
+        dataset_size,
+        report,
+        points=QUICK_MEMORY_POINTS if quick else None,
     )
     measurements["memory"] = memory
     notes.extend(memory.pop("notes", []))
@@ -146,30 +182,35 @@ def plan(
         # Real steps stay within what this machine holds, whatever the budget stands for.
         max_batch_size=min(limit, memory.get("host_limit_batch") or limit),
         progress=lambda phase, done, total: report("throughput", done, total),
+        **(QUICK_THROUGHPUT if quick else {}),
     )
     report("throughput", 1, 1)  # done, also when it stopped before the largest size
     measurements["throughput"] = throughput.to_dict()
 
-    # 3. The gradient noise scale, after a short stretch of training.
-    noise = measure_noise_scale(
+    # 3. The gradient noise scale, at two points of a short warm-up, and its trend.
+    noise, noise_for_run, noise_basis = _noise_for_run(
         task,
-        device=device,
-        progress=lambda phase, done, total: report("noise scale", done, total),
-        **({} if noise_batches is None else {"batches": noise_batches}),
+        device,
+        quick=quick,
+        needed=target_global_batch is None,
+        batches=noise_batches,
+        run_samples=epochs * dataset_size,
+        measurements=measurements,
+        report=report,
     )
-    measurements["noise_scale"] = noise.to_dict()
 
     # 4. Global batch, micro-batch, accumulation.
     if target_global_batch is not None:
         global_choice = advice.Choice(target_global_batch, "the target you asked for")
     else:
         global_choice = advice.choose_global_batch(
-            noise_scale=noise.noise_scale_samples if noise.reliable else None,
+            noise_scale=noise_for_run,
             knee_batch=throughput.knee_batch,
             world_size=world_size,
             dataset_size=dataset_size,
             reference_batch=task.batch_size,
-            measured_after_steps=noise.step,
+            measured_after_steps=None if noise is None else noise.step,
+            noise_basis=noise_basis,
             throughput=dict(zip(throughput.batch_sizes, throughput.samples_per_second)),
         )
     global_batch = int(global_choice.value)
@@ -189,11 +230,11 @@ def plan(
     reasons["world_size"] = f"planned for {world_size} data-parallel device(s)"
     schedule_choice = advice.propose_batch_schedule(
         global_batch,
-        noise_scale=noise.noise_scale_samples if noise.reliable else None,
+        noise_scale=noise.noise_scale_samples if noise is not None and noise.reliable else None,
         dataset_size=dataset_size,
         micro_batch=micro_batch,
         world_size=world_size,
-        measured_after_steps=noise.step,
+        measured_after_steps=noise.step if noise is not None else None,
     )
     reasons["batch_schedule"] = schedule_choice.reason
     if micro_batch < throughput.knee_batch and micro_batch < global_batch // world_size:
@@ -254,18 +295,14 @@ def plan(
     range_note = advice.customary_range_note(task.kind, global_batch)
     if range_note:
         notes.append(range_note)
-    if (
-        noise.reliable
-        and noise.noise_scale_samples
-        and global_batch > 2 * noise.noise_scale_samples
-    ):
+    if noise_for_run and global_batch > 2 * noise_for_run:
         notes.append(
-            f"The global batch {global_batch} is well above the measured critical batch "
-            f"(~{noise.noise_scale_samples:.0f}): expect more samples per unit of progress."
+            f"The global batch {global_batch} is well above the critical batch expected for "
+            f"this run (~{noise_for_run:.0f}): expect more samples per unit of progress."
         )
     notes.append(
-        "The noise scale grows as training proceeds; `batchfit train` logs it, so the global "
-        "batch can be raised later in the run."
+        "The noise scale grows as training proceeds; `batchfit train` logs it on every run, and "
+        "`batchfit train --batch-schedule noise` raises the global batch with it."
     )
     return Plan(
         task=task_name or task.name,
@@ -297,6 +334,8 @@ def _memory_limit(
     margin: float,
     dataset_size: int,
     report: ProgressFn,
+    *,
+    points: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """The largest micro-batch that fits, and the memory measurements for the plan."""
     from batchfit.devices import free_memory_bytes
@@ -310,7 +349,13 @@ def _memory_limit(
         # memory grows with the batch.
         # Batch 1 cannot train a model with BatchNorm (one value per channel): start at 2.
         low = min(smallest_batch(task.make_model()), dataset_size)
-        model = predict_memory_model(task, low=low, high=dataset_size, device=device)
+        model = predict_memory_model(
+            task,
+            low=low,
+            high=dataset_size,
+            device=device,
+            **({"points": points} if points else {}),
+        )
         report("memory", 1, 1)
         return dataset_size, {
             "capacity_bytes": None,
@@ -369,3 +414,115 @@ def _memory_limit(
         ],
         "notes": notes,
     }
+
+
+def _quick_note(
+    noise_batches: int | None, range_test_steps: int, target_global_batch: int | None
+) -> str:
+    """What a quick plan shortened or skipped, for the plan's notes."""
+    from batchfit.noise.measure import DEFAULT_WARMUP_STEPS
+
+    timing = QUICK_THROUGHPUT
+    noise = (
+        "the noise scale was not measured: the target global batch does not need it"
+        if target_global_batch is not None
+        else f"the noise scale is one measurement over {noise_batches or QUICK_NOISE_BATCHES} "
+        f"big batches after {DEFAULT_WARMUP_STEPS} warm-up steps (a full plan measures at "
+        f"{' and '.join(map(str, TREND_WARMUP_POINTS))} steps over {TREND_BATCHES} batches each "
+        "and extrapolates its growth to the middle of the run), so the batch may be low for "
+        "the later run and its interval is wider"
+    )
+    return (
+        f"Quick plan: {noise}; throughput timed over {timing['repeats']} steps per batch size "
+        f"in {timing['rounds']} rounds (full: 5 steps, 3 rounds, at least 0.2 s); a range test "
+        f"of {range_test_steps} steps (full: {RANGE_TEST_STEPS}); memory probed at "
+        f"{QUICK_MEMORY_POINTS} batch sizes on the CPU. Plan without --quick for a run whose "
+        "cost justifies it."
+    )
+
+
+def _noise_for_run(
+    task: Task,
+    device: torch.device,
+    *,
+    quick: bool,
+    needed: bool,
+    batches: int | None,
+    run_samples: float,
+    measurements: dict[str, Any],
+    report: ProgressFn,
+) -> tuple[Any, float | None, str | None]:
+    """The noise-scale measurement(s), the noise scale for the run, and the words for its basis.
+
+    Returns (the last measurement or None, the noise scale the batch is chosen for or None,
+    a description of where it comes from or None for the measurement's own words).
+    """
+    from batchfit.noise.measure import measure_noise_scale, measure_noise_scales
+    from batchfit.noise.trend import fit_noise_trend
+
+    if quick and not needed:
+        report("noise scale", 1, 1)
+        return None, None, None
+    if quick:
+        noise = measure_noise_scale(
+            task,
+            device=device,
+            batches=batches or QUICK_NOISE_BATCHES,
+            progress=lambda phase, done, total: report("noise scale", done, total),
+        )
+        measurements["noise_scale"] = noise.to_dict()
+        if not noise.reliable:
+            return noise, None, None
+        return (
+            noise,
+            noise.noise_scale_samples,
+            (
+                f"measured once, after {noise.step} training steps ({noise.samples_seen:,} "
+                "samples; a quick plan fits no trend, and the noise scale grows later in the run)"
+            ),
+        )
+    per_point = batches or TREND_BATCHES
+    total = per_point * len(TREND_WARMUP_POINTS)
+    done = 0
+
+    def measured(phase: str, step: int, steps: int) -> None:
+        nonlocal done
+        if phase == "measure":
+            done += 1
+            report("noise scale", done, total)
+
+    points = measure_noise_scales(
+        task, warmup_points=TREND_WARMUP_POINTS, batches=per_point, device=device, progress=measured
+    )
+    noise = points[-1]
+    measurements["noise_scale"] = noise.to_dict()
+    usable = [p for p in points if p.reliable and p.noise_scale_samples and p.samples_seen]
+    at = int(max(run_samples / 2, 1))
+    if len(usable) < 2:
+        measurements["noise_trend"] = {"points": [p.to_dict() for p in points], "trend": None}
+        if not noise.reliable:
+            return noise, None, None
+        return (
+            noise,
+            noise.noise_scale_samples,
+            (
+                f"measured after {noise.step} training steps; no trend fitted, since the "
+                f"measurement after {points[0].step} steps was not reliable"
+            ),
+        )
+    trend = fit_noise_trend(
+        [p.samples_seen for p in usable], [p.noise_scale_samples for p in usable], at_samples=at
+    )
+    measurements["noise_trend"] = {
+        "points": [p.to_dict() for p in points],
+        "trend": trend.to_dict(),
+    }
+    steps = " and ".join(str(p.step) for p in usable)
+    return (
+        noise,
+        trend.noise_scale_samples,
+        (
+            f"{trend.describe()}, the middle of the planned run (measured after {steps} warm-up "
+            f"steps at batch {task.batch_size}; power law fitted on log-log axes)"
+        ),
+    )

@@ -196,7 +196,10 @@ def measure_throughput(
                 limit, reason = measured[-1], "out_of_memory"
                 break
             measured.append(size)
-            rate = size / choose_clock([size], [timings[size].wall], None).seconds_per_step[0]
+            # On the clock load spares, as the result's: a loaded wall clock would stop the
+            # ladder before the knee.
+            cpu = None if cpu_clock is None else [timings[size].cpu]
+            rate = size / choose_clock([size], [timings[size].wall], cpu).seconds_per_step[0]
             flat = 0 if rate > best * (1 + MIN_GAIN) else flat + 1
             best = max(best, rate)
             if use_patience and flat >= patience and size != sizes[-1]:
