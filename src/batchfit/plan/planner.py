@@ -338,9 +338,9 @@ def _memory_limit(
     points: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """The largest micro-batch that fits, and the memory measurements for the plan."""
-    from batchfit.devices import free_memory_bytes
     from batchfit.memory.predict import predict_memory_model
-    from batchfit.memory.search import HOST_CONFIRM_FRACTION, find_max_batch_size
+    from batchfit.memory.runnable import host_limit_batch_size
+    from batchfit.memory.search import find_max_batch_size
     from batchfit.plan.norm_layers import smallest_batch
 
     report("memory", 0, 1)
@@ -380,14 +380,10 @@ def _memory_limit(
     report("memory", 1, 1)
     model = result.memory_model
     notes = list(result.notes)
-    host_limit = None
     if result.basis == "predicted":
         notes.append(f"Micro-batch limit {result.limit_batch_size}: {result.basis_reason}")
-        free = free_memory_bytes(device)
-        if model is not None and free is not None:
-            # The largest batch this machine holds, for the steps the plan still runs here.
-            holds = int(free * HOST_CONFIRM_FRACTION)
-            host_limit = max(1, model.max_batch_size(holds)) if holds > model.fixed_bytes else 1
+    # The largest batch this machine holds, for the steps the plan still runs here.
+    host_limit = host_limit_batch_size(result, device)
     return result.limit_batch_size, {
         "basis": result.basis,
         "basis_reason": result.basis_reason,

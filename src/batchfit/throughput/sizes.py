@@ -63,7 +63,7 @@ def plan_sizes(
             raise ConfigError(
                 f"batch size{'s' if len(above) > 1 else ''} {', '.join(map(str, above))} "
                 f"{'do' if len(above) > 1 else 'does'} not fit: the largest batch that fits "
-                f"{budget_text} is {fits} (measured); use batch sizes up to {fits}."
+                f"{budget_text} on this machine is {fits}; use batch sizes up to {fits}."
             )
         limits.append((fits, "memory_budget"))
     limit, reason = min(limits, key=lambda pair: pair[0])
@@ -73,11 +73,12 @@ def plan_sizes(
 
 
 def _largest_fitting(task: Task, device: Any, memory_budget: int | str) -> tuple[int, str]:
-    """The largest batch that fits the budget, measured; and the budget as text."""
-    from batchfit.units import format_bytes, parse_size
+    """The largest batch that fits the budget and this machine can run; the budget as text."""
+    from batchfit.memory.cards import memory_target
+    from batchfit.memory.runnable import runnable_batch_size
+    from batchfit.units import format_bytes
 
-    budget = parse_size(memory_budget, name="memory_budget")
-    from batchfit.memory.search import find_max_batch_size
-
-    result = find_max_batch_size(task, device=device, memory_budget=budget)
-    return int(result.batch_size), f"the memory budget {format_bytes(budget)}"
+    target = memory_target(memory_budget)
+    fits = runnable_batch_size(task, device=device, memory_budget=memory_budget)
+    shown = target.card.name if target.card else format_bytes(target.memory_bytes)
+    return fits, f"the memory budget {shown}"
