@@ -266,3 +266,12 @@ def _short(value: object, limit: int = 40) -> str:
     """`repr(value)`, cut to `limit` characters so a huge value still makes one short line."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def check_smoothing(smoothing: float) -> None:
+    """Raise ConfigError unless `smoothing` (the EMA weight of the newest loss) is in (0, 1]."""
+    if not (isinstance(smoothing, (int, float)) and 0 < smoothing <= 1):
+        raise ConfigError(
+            f"smoothing must be in (0, 1], the weight of the newest loss in the average; got "
+            f"{smoothing!r}. 0.05 averages over about 20 steps."
+        )

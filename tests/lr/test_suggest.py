@@ -7,7 +7,6 @@ import pytest
 
 from batchfit.errors import ConfigError
 from batchfit.lr.suggest import (
-    check_smoothing,
     find_valley,
     min_steps,
     smooth_losses,
@@ -15,6 +14,7 @@ from batchfit.lr.suggest import (
     suggest_valley,
     sweep_lrs,
 )
+from batchfit.validation import check_smoothing
 
 
 def test_sweep_rates_and_smoothing():

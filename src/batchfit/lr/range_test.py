@@ -33,7 +33,6 @@ from batchfit.lr.result import RangeTestResult, StopReason
 from batchfit.lr.suggest import (
     MODES,
     Mode,
-    check_smoothing,
     find_valley,
     min_steps,
     smooth_losses,
@@ -42,7 +41,7 @@ from batchfit.lr.suggest import (
 )
 from batchfit.progress import ProgressFn, report
 from batchfit.task import Task, move_to
-from batchfit.validation import check_batch_size
+from batchfit.validation import check_batch_size, check_smoothing
 
 if TYPE_CHECKING:
     import torch

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from batchfit.errors import ConfigError
+from batchfit.validation import check_smoothing
 
 __all__ = [
     "MIN_STEPS_FLOOR",
@@ -41,7 +42,6 @@ __all__ = [
     "SKIP_END_STEPS",
     "VALLEY_TRIM",
     "Mode",
-    "check_smoothing",
     "find_valley",
     "inconclusive_reason",
     "min_steps",
@@ -60,15 +60,6 @@ SKIP_BEGIN_FRACTION = 0.1  # "steepest" ignores the first tenth: the EMA is stil
 SKIP_END_STEPS = 1  # ... and the last step, which is often the divergence itself
 VALLEY_TRIM = 0.1  # the valley leaves out the first and last tenth of the loss's fall
 UNTURNED_FRACTION = 0.9  # a completed test whose lowest loss lies in its last tenth never turned
-
-
-def check_smoothing(smoothing: float) -> None:
-    """Raise ConfigError unless `smoothing` (the EMA weight of the newest loss) is in (0, 1]."""
-    if not (isinstance(smoothing, (int, float)) and 0 < smoothing <= 1):
-        raise ConfigError(
-            f"smoothing must be in (0, 1], the weight of the newest loss in the average; got "
-            f"{smoothing!r}. 0.05 averages over about 20 steps."
-        )
 
 
 def min_steps(smoothing: float) -> int:
