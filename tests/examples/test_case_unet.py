@@ -11,12 +11,8 @@ from torch.utils.data import TensorDataset
 
 from batchfit.errors import ConfigError
 from batchfit.examples import unet
-from batchfit.examples.case_unet import (
-    case_task,
-    image_iou,
-    judge_claims,
-    run_unet_case,
-)
+from batchfit.examples.case_unet import case_task, image_iou, run_unet_case
+from batchfit.examples.case_unet_claims import judge_claims
 from batchfit.examples.case_unet_result import ArmSummary
 
 
@@ -141,3 +137,49 @@ def test_bad_options_are_refused_before_any_work(tmp_path, options, words):
 def test_full_case_as_documented(tmp_path):
     result = run_unet_case(tmp_path)
     assert len(result.runs) == 9 and len(result.claims) >= 6
+
+
+def test_cli_prints_the_tables_and_claims(tiny_case, monkeypatch, tmp_path, capsys):
+    from batchfit.cli.main import main
+    from batchfit.examples import case_unet
+
+    seen = {}
+
+    def fake_run(out_dir, **options):
+        seen.update(options, out_dir=out_dir)
+        return tiny_case[1]
+
+    monkeypatch.setattr(case_unet, "run_unet_case", fake_run)
+    out = tmp_path / "case"
+    assert main(["case", "unet", "--out", str(out), "--seeds", "2", "--epochs", "1.5"]) == 0
+    assert (seen["seeds"], seen["epochs"], seen["out_dir"]) == (2, 1.5, str(out))
+    printed = capsys.readouterr().out
+    assert "The guide's claims" in printed and "IoU improves by 5%" in printed
+    seen.clear()
+    assert main(["case", "unet", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["arms"][0]["arm"] == "b16"
+    assert "seeds" not in seen and "epochs" not in seen  # the library's defaults apply
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["case", "tumour"], "invalid choice"),
+        (["case", "unet", "--seeds", "0"], "--seeds"),
+        (["case", "unet", "--epochs", "0"], "--epochs"),
+    ],
+)
+def test_cli_refuses_bad_input(argv, words, capsys):
+    from batchfit.cli.main import main
+
+    assert main(argv) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_cli_refuses_a_folder_that_holds_files(tmp_path, capsys):
+    from batchfit.cli.main import main
+
+    (tmp_path / "old.txt").write_text("x")
+    assert main(["case", "unet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "--force" in err

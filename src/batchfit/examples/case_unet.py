@@ -6,7 +6,7 @@ validation IoU fluctuates a lot, so the batch may be too small; accumulate 4 ste
 with the rate 4x; the loss curve gets smoother and IoU improves by 5%". `run_unet_case` checks
 each part:
 
-1. Memory, at full size: the classic 31M-parameter U-Net (`batchfit.examples.unet_standard`) at
+1. Memory, at full size (`batchfit.examples.case_unet_memory`): the classic 31M-parameter U-Net (`batchfit.examples.unet_standard`) at
    256x256 with fp32 Adam, predicted with fake tensors for a 12 GiB budget
    (`batchfit.memory.search.find_max_batch_size`, `confirm="never"`: the `predicted` basis, with
    the CUDA reserve of `batchfit.memory.cards.cuda_reserve_bytes`), next to the guide's formula
@@ -25,7 +25,8 @@ each part:
 3. Diagnosis: each run's metrics.jsonl read back (`batchfit.monitor.readers.read_history`) and
    diagnosed (`batchfit.monitor.diagnose.diagnose`), and the IoU alone checked for `noisy`.
 4. The answer: IoU mean and spread over the last evaluations, loss spread, time, and each of
-   the guide's claims judged (`batchfit.examples.case_unet_result`).
+   the guide's claims judged (`batchfit.examples.case_unet_claims`; the result's shape is
+   `batchfit.examples.case_unet_result`).
 
 Everything is written under `out_dir`: runs/<arm>-seed<k>/ (metrics, checkpoint, diagnosis),
 plan.json, case.json, case.md and the plots.
@@ -41,14 +42,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
-from batchfit.examples.case_unet_result import (
-    GUIDE_IOU_GAIN,
-    ArmSummary,
-    CaseResult,
-    Claim,
-    MemoryComparison,
-    RunSummary,
-)
+from batchfit.examples.case_unet_claims import judge_claims
+from batchfit.examples.case_unet_memory import compare_memory
+from batchfit.examples.case_unet_result import ArmSummary, CaseResult, RunSummary
 from batchfit.progress import ProgressFn, report
 from batchfit.validation import check_whole_number
 
@@ -60,24 +56,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CARD",
-    "DEFAULT_EPOCHS",
-    "case_task",
-    "compare_memory",
-    "image_iou",
-    "judge_claims",
-    "run_unet_case",
-]
-
-CARD = "12GiB"
-"""The guide's card: "a single GPU with 12GB VRAM"."""
-
-IMAGE_SIZE = 256
-"""The guide's input size, 256x256, for the memory part."""
-
-GUIDE_CARD_BYTES, GUIDE_MODEL_BYTES, GUIDE_PER_IMAGE_BYTES = 12 * 10**9, 3 * 10**9, 5 * 10**8
-"""The guide's 12 GB card, 3 GB model and 0.5 GB per image (decimal units, as written)."""
+__all__ = ["DEFAULT_EPOCHS", "case_task", "image_iou", "run_unet_case"]
 
 REFERENCE_BATCH = 16
 """The guide's batch, which the case takes as the reference point of the rate."""
@@ -104,9 +83,6 @@ interval."""
 
 PLAN_RANGE_TEST_STEPS = 40
 """Steps of the plan's range test (its default 60; 40 is the fewest its smoothing allows)."""
-
-SIZE_CLOSE, SIZE_ROUGH = 0.1, 0.3
-"""A memory figure of the guide "held" within 10% of batchfit's, "roughly" within 30%."""
 
 LOSS_GROUP_SAMPLES = 64
 """The loss spread is also measured over means of 64 samples, so arms compare at one noise
@@ -150,66 +126,6 @@ def case_task() -> Task:
 
     return dataclasses.replace(
         task(), batch_size=REFERENCE_BATCH, lr=REFERENCE_LR, metric=image_iou, name="unet-case"
-    )
-
-
-def compare_memory(
-    *, image_size: int = IMAGE_SIZE, card: str = CARD, margin: float = 0.05
-) -> MemoryComparison:
-    """The guide's 3 GB / 0.5 GB / 18 / 16 next to batchfit's prediction for the classic U-Net.
-
-    Fake tensors only (`confirm="never"`): nothing is allocated, so this runs in seconds on any
-    machine.
-
-    Args:
-        image_size: predict for image_size x image_size images.
-        card: the memory budget ("12GiB").
-        margin: batchfit's margin (its default 5%).
-
-    Returns:
-        The MemoryComparison.
-    """
-    from batchfit.examples.unet_standard import standard_unet_task
-    from batchfit.memory.cards import memory_target
-    from batchfit.memory.model import max_batch_size
-    from batchfit.memory.predict import predict_step_memory
-    from batchfit.memory.search import find_max_batch_size
-
-    started = time.perf_counter()
-    task = standard_unet_task(image_size)
-    result = find_max_batch_size(
-        task, device="cpu", memory_budget=card, confirm="never", round_to="pow2", margin=margin
-    )
-    line = result.memory_model
-    if line is None:  # fake mode always runs this plain torch model; guard the invariant
-        raise ConfigError(f"no memory model for {task.name}; the prediction failed.")
-    peak = predict_step_memory(task, result.batch_size).peak_bytes
-    capacity = memory_target(card).memory_bytes
-    guide_limit = max_batch_size(GUIDE_CARD_BYTES, GUIDE_MODEL_BYTES, GUIDE_PER_IMAGE_BYTES)
-    return MemoryComparison(
-        model="classic U-Net (4 levels, 64-1024 channels, BatchNorm), 1 input channel",
-        parameters=sum(p.numel() for p in task.make_model().parameters()),
-        image_size=image_size,
-        precision="32",
-        card_bytes=capacity,
-        guide_card_bytes=GUIDE_CARD_BYTES,
-        guide_model_bytes=GUIDE_MODEL_BYTES,
-        guide_per_image_bytes=GUIDE_PER_IMAGE_BYTES,
-        guide_limit_batch=guide_limit,
-        guide_batch=max_batch_size(
-            GUIDE_CARD_BYTES, GUIDE_MODEL_BYTES, GUIDE_PER_IMAGE_BYTES, round_to="pow2"
-        ),
-        state_bytes=result.state_bytes,
-        fixed_bytes=line.fixed_bytes,
-        per_image_bytes=line.per_sample_bytes,
-        reserve_bytes=result.reserve_bytes,
-        margin=result.margin,
-        usable_bytes=result.usable_bytes,
-        limit_batch=result.limit_batch_size,
-        batch=result.batch_size,
-        peak_bytes_at_batch=peak,
-        formula_limit_batch=line.max_batch_size(capacity),
-        seconds=time.perf_counter() - started,
     )
 
 
@@ -481,93 +397,3 @@ def _loss_spread(series: Any, group: int | None) -> float | None:
         for i in range(count)
     ]
     return read_curve(Series.from_points(series.name, points)).relative_spread
-
-
-def _verdict(held: bool) -> str:
-    return "held" if held else "did not hold"
-
-
-def _size_verdict(value: float, claimed: float) -> str:
-    """ "held" within SIZE_CLOSE of the guide's figure, "roughly" within SIZE_ROUGH."""
-    off = abs(value / claimed - 1)
-    return "held" if off <= SIZE_CLOSE else "roughly" if off <= SIZE_ROUGH else "did not hold"
-
-
-def judge_claims(memory: MemoryComparison, arms: tuple[ArmSummary, ...]) -> tuple[Claim, ...]:
-    """Each of the guide's claims, judged from the numbers by fixed rules (stated per claim).
-
-    Returns:
-        The memory claims always; the training claims when arms "b16" and "b64-accum" ran.
-    """
-    by_name = {arm.arm: arm for arm in arms}
-    small, accumulated = by_name.get("b16"), by_name.get("b64-accum")
-    rule = f"held within {SIZE_CLOSE:.0%}, roughly within {SIZE_ROUGH:.0%}"
-    claims = [
-        Claim(
-            "the model takes 3 GB",
-            _size_verdict(memory.state_bytes, memory.guide_model_bytes),
-            f"{memory.state_bytes / 1e9:.2f} GB: fp32 weights, gradients and Adam's moments "
-            f"({rule})",
-        ),
-        Claim(
-            "each image takes about 0.5 GB",
-            _size_verdict(memory.per_image_bytes, memory.guide_per_image_bytes),
-            f"{memory.per_image_bytes / 1e9:.2f} GB per {memory.image_size}x{memory.image_size} "
-            f"image ({rule})",
-        ),
-        Claim(
-            "at most 18 fit",
-            _verdict(memory.limit_batch == memory.guide_limit_batch),
-            f"{memory.limit_batch} fit after the CUDA reserve and margin "
-            f"({memory.formula_limit_batch} with nothing kept free)",
-        ),
-        Claim(
-            "16 (a power of two) is chosen",
-            _verdict(memory.batch == memory.guide_batch),
-            f"the largest power of two that fits is {memory.batch}",
-        ),
-    ]
-    if small is None or accumulated is None:
-        return tuple(claims)
-    claims.append(
-        Claim(
-            "validation IoU fluctuates a lot at batch 16",
-            _verdict(small.iou_noisy_runs * 2 > small.seeds),
-            f"the monitor calls the IoU noisy in {small.iou_noisy_runs} of {small.seeds} runs; "
-            f"IoU std over the last evaluations {small.iou_std:.4f} (held: most runs noisy)",
-        )
-    )
-    if small.loss_spread is not None and accumulated.loss_spread is not None:
-        fair = (
-            ""
-            if small.loss_spread_64 is None or accumulated.loss_spread_64 is None
-            else f"; over means of 64 samples {small.loss_spread_64:.3f} vs "
-            f"{accumulated.loss_spread_64:.3f}"
-        )
-        claims.append(
-            Claim(
-                "accumulating to 64 at 4x the rate makes the loss curve smoother",
-                _verdict(accumulated.loss_spread < small.loss_spread),
-                f"loss spread per step {small.loss_spread:.3f} at 16 vs "
-                f"{accumulated.loss_spread:.3f} at 64{fair} (held: lower per step)",
-            )
-        )
-    gain = accumulated.iou_mean / small.iou_mean - 1 if small.iou_mean > 0 else float("nan")
-    separated = accumulated.iou_low > small.iou_high
-    claims.append(
-        Claim(
-            "IoU improves by 5%",
-            _verdict(gain >= GUIDE_IOU_GAIN and separated),
-            f"IoU {small.iou_mean:.4f} at 16 vs {accumulated.iou_mean:.4f} at 64: {gain:+.1%} "
-            f"(held: +{GUIDE_IOU_GAIN:.0%} or more and the seed ranges apart)",
-        )
-    )
-    claims.append(
-        Claim(
-            "accumulation calms the IoU",
-            _verdict(accumulated.iou_std < small.iou_std),
-            f"IoU std over the last evaluations {small.iou_std:.4f} at 16 vs "
-            f"{accumulated.iou_std:.4f} at 64 (held: lower at 64)",
-        )
-    )
-    return tuple(claims)
