@@ -6,8 +6,8 @@ validation IoU fluctuates a lot, so the batch may be too small; accumulate 4 ste
 with the rate 4x; the loss curve gets smoother and IoU improves by 5%". `run_unet_case` checks
 each part:
 
-1. Memory, at full size (`batchfit.examples.case_unet_memory`): the classic 31M-parameter U-Net (`batchfit.examples.unet_standard`) at
-   256x256 with fp32 Adam, predicted with fake tensors for a 12 GiB budget
+1. Memory, at full size (`batchfit.examples.case_unet_memory`): the classic 31M-parameter
+   U-Net (`batchfit.examples.unet_standard`) at 256x256 with fp32 Adam, predicted with fake tensors for a 12 GiB budget
    (`batchfit.memory.search.find_max_batch_size`, `confirm="never"`: the `predicted` basis, with
    the CUDA reserve of `batchfit.memory.cards.cuda_reserve_bytes`), next to the guide's formula
    (`batchfit.memory.model.max_batch_size`, as `batchfit estimate` computes it).
@@ -204,6 +204,7 @@ def run_unet_case(
         raise ConfigError(f"epochs must be a positive number, got {epochs!r}.")
     started = time.perf_counter()
     out = Path(out_dir)
+    built_in = task is None
     task = case_task() if task is None else task
 
     report(progress, "memory", 0, 1)
@@ -247,10 +248,12 @@ def run_unet_case(
     plan_data = {key: value for key, value in plan.to_dict().items() if key != "measurements"}
     training = {
         "task": (
-            f"built-in small U-Net (batchfit.examples.unet: 2 levels, 16 base channels, "
-            f"{sum(p.numel() for p in task.make_model().parameters()):,} parameters) on "
-            "generated 64x64 shapes, Adam"
-        ),
+            "built-in small U-Net (batchfit.examples.unet: 2 levels, 16 base channels"
+            if built_in
+            else f"task {task.name!r} (given"
+        )
+        + f", {sum(p.numel() for p in task.make_model().parameters()):,} parameters)"
+        + (" on generated 64x64 shapes, Adam" if built_in else ""),
         "images": f"{len(task.train_data)} training, {len(task.val_data or ())} validation",
         "epochs": epochs,
         "seeds": seeds,
