@@ -7,7 +7,8 @@ with the rate 4x; the loss curve gets smoother and IoU improves by 5%". `run_une
 each part:
 
 1. Memory, at full size (`batchfit.examples.case_unet_memory`): the classic 31M-parameter
-   U-Net (`batchfit.examples.unet_standard`) at 256x256 with fp32 Adam, predicted with fake tensors for a 12 GiB budget
+   U-Net (`batchfit.examples.unet_standard`) at 256x256 with fp32 Adam, predicted with fake
+   tensors for a 12 GiB budget
    (`batchfit.memory.search.find_max_batch_size`, `confirm="never"`: the `predicted` basis, with
    the CUDA reserve of `batchfit.memory.cards.cuda_reserve_bytes`), next to the guide's formula
    (`batchfit.memory.model.max_batch_size`, as `batchfit estimate` computes it).
