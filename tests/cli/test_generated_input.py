@@ -24,6 +24,7 @@ BASE = {
     "estimate": ["--memory", "1GB", "--model", "1MB", "--per-sample", "1MB"],
     "scale-lr": ["--lr", "0.1", "--batch", "8", "--new-batch", "16"],
     "sweep": ["--example", "digits", "--target", "val_accuracy>=0.9"],
+    "case": ["unet"],
 }
 
 
@@ -87,7 +88,7 @@ def test_every_subcommand_with_a_number_flag_is_covered():
     covered = {command for command, _, _ in FLAGS}
     assert covered == {
         "estimate", "memory", "noise-scale", "scale-lr", "train", "lr-range", "throughput", "plan",
-        "sweep",
+        "sweep", "case",
     }  # fmt: skip
     assert len(FLAGS) > 40
 

@@ -469,6 +469,36 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def case(args: argparse.Namespace) -> int:
+    from batchfit.cli.format import table as format_table
+    from batchfit.examples.case_unet import run_unet_case
+
+    out = args.out or f"case-{args.name}"
+    check_output_folder(out, "--out", force=args.force)
+    options = _given(args, seeds="seeds", epochs="epochs")
+    labels = {"train": "training runs"}.get
+    with PhaseBars(lambda phase: labels(phase, phase), disable=args.json) as bar:
+        result = run_unet_case(out, **options, progress=bar)
+    if args.json:
+        print_json(result)
+        return 0
+    console = stdout_console()
+    console.print(format_table("Memory: the guide and batchfit", result.memory.rows(),
+                               columns=["", "the guide", "batchfit"]))  # fmt: skip
+    console.print(result.memory.explanation(), highlight=False, markup=False)
+    header, rows = result.arm_rows()
+    console.print(format_table("Training arms", rows, columns=header))
+    claims = [(c.claim, c.verdict, c.evidence) for c in result.claims]
+    console.print(format_table("The guide's claims", claims, columns=["claim", "here", "evidence"]))
+    console.print(
+        f"{result.seconds:.0f} s; table {result.files['table']}, result "
+        f"{result.files['result']}, plots in {out}",
+        highlight=False,
+        markup=False,
+    )
+    return 0
+
+
 def _check_train_inputs(args: argparse.Namespace) -> None:
     """Everything `train` needs and lacks, named in one error."""
     if isinstance(args.resume, str) and args.out is not None and args.out != args.resume:
@@ -509,5 +539,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": plan,
     "diagnose": diagnose,
     "sweep": sweep,
+    "case": case,
 }
 """Each subcommand's function, by the name `batchfit.cli.parser` gives it."""

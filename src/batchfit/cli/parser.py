@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(command)
     _add_diagnose(command)
     _add_sweep(command)
+    _add_case(command)
     return parser
 
 
@@ -465,3 +466,22 @@ def _add_sweep(command) -> None:
     sweep.add_argument("--out", metavar="DIR", help="sweep folder (default: sweep-NAME)")
     sweep.add_argument("--device", help="device of in-process trials (default cpu)")
     add_json_argument(sweep)
+
+
+def _add_case(command) -> None:
+    case = command(
+        "case",
+        "run a worked case end to end: memory, training arms, diagnosis, the claims judged",
+        "Run a worked case of the batch-size guide with batchfit's own tools and report what "
+        "actually happens. unet: the guide's U-Net on a 12 GB card (docs/case-unet.md): its "
+        "memory arithmetic against a fake-tensor prediction, then batch 16, 16 x 4 accumulated "
+        "at 4x the rate, and batchfit's plan, trained on the CPU with 3 seeds.",
+    )
+    case.add_argument("name", choices=("unet",), help="which case")
+    add_count(case, "--seeds", "seeds per arm (default 3)")
+    add_number(
+        case, "--epochs", "passes over the training data per run (default 6)", minimum=0,
+        maximum=1000, open_minimum=True,
+    )  # fmt: skip
+    add_out_arguments(case, "DIR", "where the runs, table and plots go (default: case-NAME)")
+    add_json_argument(case)
