@@ -15,7 +15,7 @@ each part:
 2. Training, at a size a CPU affords: the built-in small U-Net (`batchfit.examples.unet`, two
    levels, 16 base channels) on 64x64 generated shapes, 512 training and 128 validation images,
    the same number of epochs (samples) for each arm, `seeds` seeds each, with the library loop
-   (`batchfit.train.loop.train`):
+   (`batchfit.training.loop.train`):
    - "b16": batch 16 at the reference rate 1e-3 (the task's rate; the case takes batch 16 as
      its reference point, as the guide's team had it);
    - "b64-accum": 16 x 4 accumulated = 64 at 4x the rate (linear rule, `batchfit.lr.scaling`)
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from batchfit.task import Task
-    from batchfit.train.config import TrainConfig
+    from batchfit.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _eval_every(global_batch: int, samples: int) -> int:
 
 def _arm_configs(task: Task, plan: Any) -> dict[str, tuple[str, dict[str, Any]]]:
     """Each arm's label and TrainConfig fields (seed and out_dir are added per run)."""
-    from batchfit.train.config import TrainConfig
+    from batchfit.training.config import TrainConfig
 
     accumulated = REFERENCE_BATCH * ACCUMULATION
     planned = TrainConfig.from_plan(plan).to_dict()
@@ -196,7 +196,7 @@ def run_unet_case(
     from batchfit.files import write_atomic
     from batchfit.plan.planner import plan as make_plan
     from batchfit.plots.case_unet import plot_case
-    from batchfit.train.config import TrainConfig, resolve_setup
+    from batchfit.training.config import TrainConfig, resolve_setup
 
     seeds = check_whole_number("seeds", seeds)
     last_evaluations = check_whole_number("last_evaluations", last_evaluations)
@@ -306,7 +306,7 @@ def _run(
     """Train one arm at one seed, diagnose it from its folder; (summary, steps run)."""
     import shutil
 
-    from batchfit.train.loop import train
+    from batchfit.training.loop import train
 
     run_dir = Path(config.out_dir or ".")
     if run_dir.exists():
