@@ -28,14 +28,21 @@ Needs `pip install batchfit[lightning]`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError, TaskError
-from batchfit.integrations.diagnosis import RunRecords, write_run_diagnosis
+from batchfit.errors import ConfigError
+from batchfit.integrations.diagnosis import RunRecords
+from batchfit.integrations.lightning_fit import (
+    accumulation_for,
+    build_schedule,
+    detached_copy,
+    device_of,
+    diagnose_fit,
+    training_data,
+)
 from batchfit.integrations.lightning_task import optimizer_like, training_step_loss
 from batchfit.integrations.optional import require
 from batchfit.memory.step import is_out_of_memory
@@ -44,7 +51,7 @@ from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan, load_plan
 from batchfit.task import batch_size_of, move_to
 from batchfit.training.accumulation import split_batch
-from batchfit.training.batch_schedule import BatchChange, BatchSchedule, parse_batch_schedule
+from batchfit.training.batch_schedule import BatchChange, BatchSchedule
 
 pl = require("lightning.pytorch", "lightning")
 
@@ -234,8 +241,8 @@ class BatchFit(pl.Callback):
                 "On the CPU the micro-batch search needs a memory budget: "
                 "BatchFit(memory_budget='2GiB'), or give BatchFit a plan."
             )
-        dataset, collate = _training_data(trainer, pl_module)
-        model = _detached_copy(pl_module)
+        dataset, collate = training_data(trainer, pl_module)
+        model = detached_copy(pl_module)
         optimizer = optimizer_like(trainer.optimizers[0], model.parameters())
 
         def step(batch_size: int) -> None:
@@ -263,22 +270,14 @@ class BatchFit(pl.Callback):
                 "A batch schedule changes accumulate_grad_batches, which manual optimization "
                 "ignores; remove batch_schedule= or use automatic optimization."
             )
-        spec = self._schedule_spec
-        if isinstance(spec, str):
-            if spec.strip().startswith("noise") and self.tracker is None:
-                raise ConfigError(
-                    f"The batch schedule {spec!r} follows the noise scale; keep "
-                    "BatchFit(noise_scale=True) or choose a ramp."
-                )
+        if self.schedule is None:
             rule = self.rule or (self.plan.lr_rule if self.plan is not None else "linear")
-            if self.schedule is None:
-                self.schedule = parse_batch_schedule(
-                    spec, global_batch=self.global_batch, max_batch=self.max_batch, rule=rule
-                )
-        elif self.schedule is None:
-            raise ConfigError(
-                f"batch_schedule must be a BatchSchedule, a string such as 'ramp:32-256:50000' "
-                f"or None, got {type(spec).__name__}."
+            self.schedule = build_schedule(
+                self._schedule_spec,
+                global_batch=self.global_batch,
+                max_batch=self.max_batch,
+                rule=rule,
+                noise_scale=self.tracker is not None,
             )
         if self._schedule_state is not None:
             self.schedule.load_state_dict(self._schedule_state)
@@ -300,17 +299,7 @@ class BatchFit(pl.Callback):
         self._applied_batch = wanted
         world = trainer.world_size
         loader_batch = self.micro_batch * self._splits  # the loader's batch, split on back-off
-        accumulate = max(1, wanted // (loader_batch * world))
-        batch = accumulate * loader_batch * world
-        if batch != wanted:
-            logger.warning(
-                "batchfit: the schedule's global batch %d is not a multiple of the loader's "
-                "batch x devices (%d x %d); using %d",
-                wanted,
-                loader_batch,
-                world,
-                batch,
-            )
+        accumulate, batch = accumulation_for(wanted, loader_batch, world)
         if batch == self.global_batch:
             return
         trainer.accumulate_grad_batches = accumulate
@@ -365,7 +354,7 @@ class BatchFit(pl.Callback):
         self.backoffs += 1
         self.micro_batch = max(1, (self.micro_batch or size) // 2)
         self.accumulation_steps = (self.accumulation_steps or 1) * 2
-        devices.release_memory(_device_of(batch))
+        devices.release_memory(device_of(batch))
         logger.warning(
             "batchfit: out of memory at micro-batch %d; now %d micro-batches of %d per step "
             "(global batch %s kept)",
@@ -513,40 +502,9 @@ class BatchFit(pl.Callback):
             self.watch.remove()
             self.watch = None
         if self.write_diagnosis and trainer.is_global_zero:
-            self.diagnosis = self._diagnose(trainer)
-
-    def _diagnose(self, trainer: pl.Trainer) -> Diagnosis | None:
-        """From the CSVLogger's metrics.csv when there is one, else from the records."""
-        import dataclasses
-        from pathlib import Path
-
-        from lightning.pytorch.loggers import CSVLogger
-
-        from batchfit.errors import RunLogError
-        from batchfit.monitor.readers import read_history
-
-        history = None
-        folder = trainer.log_dir or trainer.default_root_dir
-        csv = next((log for log in trainer.loggers if isinstance(log, CSVLogger)), None)
-        if csv is not None:
-            csv.save()  # the logger writes its rows only every flush_logs_every_n_steps
-            folder = csv.log_dir
-            try:
-                history = read_history(Path(csv.log_dir) / "metrics.csv", format="lightning")
-            except RunLogError as error:
-                logger.info("batchfit: diagnosing from the callback's records: %s", error)
-        try:
-            if history is None:
-                history = self.records.history()
-        except RunLogError as error:
-            logger.warning("batchfit: no diagnosis: %s", error)
-            return None
-        history = dataclasses.replace(
-            history,
-            global_batch=history.global_batch or self.global_batch,
-            micro_batch=history.micro_batch or self.micro_batch,
-        )
-        return write_run_diagnosis(history, folder, plan=self.plan)
+            self.diagnosis = diagnose_fit(
+                trainer, self.records, self.global_batch, self.micro_batch, plan=self.plan
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -568,44 +526,3 @@ class BatchFit(pl.Callback):
             else:
                 self._schedule_state = state_dict["schedule"]
         self.records.load_state_dict(state_dict.get("records", {}))
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-def _detached_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
-    """A deep copy of the module without its Trainer (which must not be copied)."""
-    trainer = pl_module._trainer
-    pl_module._trainer = None
-    try:
-        return copy.deepcopy(pl_module)
-    finally:
-        pl_module._trainer = trainer
-
-
-def _training_data(trainer: pl.Trainer, pl_module: pl.LightningModule):
-    source = trainer.datamodule if trainer.datamodule is not None else pl_module
-    loader = source.train_dataloader()
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None or not hasattr(dataset, "__getitem__"):
-        raise ConfigError(
-            "The micro-batch search needs a train dataloader with a map-style dataset; give "
-            "BatchFit a plan instead."
-        )
-    from torch.utils.data import default_collate
-
-    return dataset, loader.collate_fn or default_collate
-
-
-def _device_of(batch: Any):
-    import torch
-
-    if isinstance(batch, torch.Tensor):
-        return batch.device
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for value in values:
-        try:
-            return _device_of(value)
-        except TaskError:
-            continue
-    raise TaskError("The batch holds no tensor.")
