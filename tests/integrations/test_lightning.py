@@ -79,7 +79,10 @@ class Recorder(pl.loggers.Logger):
 
 
 def _trainer(callback, logger=None, **options):
+    import tempfile
+
     settings = dict(
+        default_root_dir=tempfile.mkdtemp(),  # where diagnosis.json goes without a logger
         accelerator="cpu",
         devices=1,
         max_steps=6,
@@ -309,3 +312,108 @@ def test_two_process_ddp_on_the_cpu_keeps_the_global_batch_and_measures_noise(tm
     for result in lines:  # Lightning re-runs the script for rank 1 (its stdout may be shared)
         assert result["steps"] == 3 and result["samples"] * 2 == 3 * 64
         assert result["updates"] == 3 and result["big"] == 64 and result["noise"] is not None
+
+
+# --- the diagnosis at the end ---------------------------------------------------------------
+
+
+def test_a_diverging_run_is_diagnosed_diverging_from_the_csv_logger(tmp_path):
+    """A rate of 1e6: the loss blows up; diagnosis.json lands in the CSVLogger's folder."""
+    import json
+
+    csv = pl.loggers.CSVLogger(tmp_path, name="run")
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=1e6))
+    _trainer(callback, csv, max_steps=16).fit(Classifier(), Data())
+    written = json.loads((Path(csv.log_dir) / "diagnosis.json").read_text())
+    assert "diverging" in [finding["kind"] for finding in written["findings"]]
+    assert written["source"].endswith("metrics.csv")
+    assert callback.diagnosis is not None and "diverging" in callback.diagnosis.kinds()
+
+
+def test_without_a_csv_logger_the_diagnosis_reads_the_losses_the_callback_saw(tmp_path):
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=1e6))
+    _trainer(callback, max_steps=16, default_root_dir=tmp_path).fit(Classifier(), Data())
+    assert "diverging" in callback.diagnosis.kinds()
+    assert callback.diagnosis.source == "the callback's records"
+    assert (tmp_path / "diagnosis.json").exists()
+    assert len(callback.records.records) == 16  # one mean loss per optimizer step
+
+
+def test_a_healthy_run_is_not_diagnosed_diverging(tmp_path):
+    class Validated(Data):
+        def val_dataloader(self):
+            return DataLoader(self.data, batch_size=64)
+
+    class WithValidation(Classifier):
+        def validation_step(self, batch, batch_idx):
+            inputs, labels = batch
+            self.log("val_loss", F.cross_entropy(self.net(inputs), labels))
+
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=0.1))
+    trainer = _trainer(
+        callback,
+        max_steps=24,
+        default_root_dir=tmp_path,
+        val_check_interval=8,
+        check_val_every_n_epoch=None,
+    )  # fmt: skip  (val_check_interval counts loader batches: 8 = every 4 steps)
+    trainer.fit(WithValidation(), Validated())
+    assert callback.diagnosis is not None and "diverging" not in callback.diagnosis.kinds()
+    assert "diverging" in callback.diagnosis.checked  # enough points to check it
+    evaluations = [r for r in callback.records.records if "val_loss" in r]
+    assert len(evaluations) == 6
+
+
+def test_diagnosis_false_writes_nothing(tmp_path):
+    callback = BatchFit(_plan(), noise_scale=False, diagnosis=False)
+    _trainer(callback, max_steps=2, default_root_dir=tmp_path).fit(Classifier(), Data())
+    assert callback.diagnosis is None and not (tmp_path / "diagnosis.json").exists()
+
+
+# --- a batch schedule, at epoch starts ------------------------------------------------------
+
+
+def test_a_ramp_changes_the_global_batch_only_at_epoch_starts():
+    """256 samples, loader batch 16. ramp:0:32,256:64 -> 32 in epoch 1, 64 from epoch 2."""
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append((trainer.current_epoch, trainer.accumulate_grad_batches,
+                         optimizer.param_groups[0]["lr"]))  # fmt: skip
+
+    plan = _plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=0.1)
+    callback = BatchFit(plan, batch_schedule="ramp:0:32,256:64", rule="linear", window=None)
+    trainer = _trainer(callback, max_steps=12)
+    trainer.callbacks.append(Spy())
+    trainer.fit(Classifier(), Data())
+    # epoch 0: 256 / 32 = 8 steps at accumulation 2; epoch 1: steps of 64, rate x 2
+    assert [(e, a) for e, a, _ in seen] == [(0, 2)] * 8 + [(1, 4)] * 4
+    assert [lr for _, _, lr in seen] == pytest.approx([0.1] * 8 + [0.2] * 4)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1)  # restored
+    assert callback.samples_seen == 8 * 32 + 4 * 64
+    (change,) = callback.batch_changes
+    assert (change.step, change.old_batch, change.new_batch, change.samples_seen) == (
+        9, 32, 64, 256,
+    )  # fmt: skip
+    assert callback.global_batch == 64 and callback.accumulation_steps == 4
+
+
+def test_a_ramp_that_starts_below_the_plan_starts_at_its_first_batch():
+    plan = _plan(global_batch=64, micro_batch=16, accumulation_steps=4, lr=0.1)
+    callback = BatchFit(plan, batch_schedule="ramp:32-64:100000", noise_scale=False)
+    trainer = _trainer(callback, max_steps=2)
+    trainer.fit(Classifier(), Data())
+    assert trainer.accumulate_grad_batches == 2 and callback.global_batch == 32
+    assert callback.samples_seen == 2 * 32
+
+
+def test_a_noise_schedule_without_the_noise_scale_is_refused():
+    callback = BatchFit(_plan(), batch_schedule="noise", noise_scale=False)
+    with pytest.raises(ConfigError, match="noise_scale=True"):
+        _trainer(callback).fit(Classifier(), Data())
+
+
+def test_an_unknown_schedule_names_the_valid_forms():
+    with pytest.raises(ConfigError, match="ramp:START-END:SAMPLES"):
+        _trainer(BatchFit(_plan(), batch_schedule="grow")).fit(Classifier(), Data())

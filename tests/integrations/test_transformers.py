@@ -105,6 +105,51 @@ def test_a_clipped_step_is_not_measured(tmp_path):
     assert callback.skipped_steps == 2 and callback.tracker.updates == 0
 
 
+def test_a_diverging_run_is_diagnosed_diverging_into_the_output_dir(tmp_path):
+    import json
+
+    callback = NoiseScaleTrainerCallback(window=None)
+    args = apply_plan(
+        _args(tmp_path, max_grad_norm=0.0, max_steps=12),
+        _plan(lr=1e4, warmup_steps=0, accumulation_steps=2, global_batch=16),
+    )
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    trainer.train()
+    written = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert "diverging" in [finding["kind"] for finding in written["findings"]]
+    assert written["source"] == "trainer.state.log_history"
+    assert callback.diagnosis is not None and "diverging" in callback.diagnosis.kinds()
+
+
+def test_a_healthy_run_is_not_diagnosed_diverging(tmp_path):
+    callback = NoiseScaleTrainerCallback(window=None)
+    args = apply_plan(
+        _args(tmp_path, max_steps=12),
+        _plan(lr=1e-3, warmup_steps=0, accumulation_steps=2, global_batch=16),
+    )
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    trainer.train()
+    assert "diverging" in callback.diagnosis.checked
+    assert "diverging" not in callback.diagnosis.kinds()
+    assert (tmp_path / "diagnosis.json").exists()
+
+
+def test_without_a_logged_loss_there_is_no_diagnosis(tmp_path, caplog):
+    callback = NoiseScaleTrainerCallback()
+    args = apply_plan(_args(tmp_path, max_steps=2, logging_steps=50), _plan())
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    with caplog.at_level("WARNING", logger="batchfit.integrations.transformers"):
+        trainer.train()
+    assert callback.diagnosis is None and not (tmp_path / "diagnosis.json").exists()
+    assert "logging_steps" in caplog.text
+
+
 def test_task_from_transformers_is_a_token_weighted_language_model_task():
     data = token_data(32)
     data[0]["labels"][:4] = -100  # a prompt the loss skips

@@ -10,7 +10,11 @@ the gradient noise scale from the accumulated micro-batches and the DDP ranks
 (`batchfit.noise.watch.GradientNormWatch`) through `LightningModule.log`, so every Lightning
 logger receives it. When a training batch runs out of memory in `training_step`, it splits that
 batch and every later one in two (halves the micro-batch, doubles the forward/backward passes
-per step): the global batch and the samples stay the same.
+per step): the global batch and the samples stay the same. With `batch_schedule=` it follows a
+batch schedule (`batchfit.training.batch_schedule`), changing `accumulate_grad_batches` only at
+epoch starts (as Lightning's own `GradientAccumulationScheduler`): a change inside an epoch
+would cut an optimizer step's micro-batches short. At the end of the fit it diagnoses the run
+(`batchfit.monitor.diagnose`) and writes diagnosis.json into the logger's folder.
 
     trainer = lightning.Trainer(callbacks=[BatchFit("plan.json")], max_steps=1000)
     trainer.fit(model, datamodule)
@@ -24,13 +28,21 @@ Needs `pip install batchfit[lightning]`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError, TaskError
+from batchfit.errors import ConfigError
+from batchfit.integrations.diagnosis import RunRecords
+from batchfit.integrations.lightning_fit import (
+    accumulation_for,
+    build_schedule,
+    detached_copy,
+    device_of,
+    diagnose_fit,
+    training_data,
+)
 from batchfit.integrations.lightning_task import optimizer_like, training_step_loss
 from batchfit.integrations.optional import require
 from batchfit.memory.step import is_out_of_memory
@@ -39,11 +51,12 @@ from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan, load_plan
 from batchfit.task import batch_size_of, move_to
 from batchfit.training.accumulation import split_batch
+from batchfit.training.batch_schedule import BatchChange, BatchSchedule
 
 pl = require("lightning.pytorch", "lightning")
 
 if TYPE_CHECKING:
-    pass
+    from batchfit.monitor.findings import Diagnosis
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +79,15 @@ class BatchFit(pl.Callback):
         noise_scale: log the gradient noise scale (needs accumulation or several devices).
         window: steps the noise-scale estimate is smoothed over (see `NoiseScaleTracker`).
         backoff: split training batches when `training_step` runs out of memory.
+        batch_schedule: a `BatchSchedule`, or its spelling for `parse_batch_schedule`
+            ("ramp:32-256:50000", "noise", ...; from the global batch set at fit start). The
+            schedule is asked once per optimizer step; a new global batch takes effect at the
+            next epoch start (through `accumulate_grad_batches`, the micro-batch unchanged), and
+            from then on the rate runs at the schedule's `lr_factor` on top of the optimizer's.
+        max_batch: the schedule's cap on the global batch (samples).
+        rule: the schedule's rate rule ("linear", "sqrt", "none"); default the plan's, else
+            "linear".
+        diagnosis: at the end of the fit, diagnose the run and write diagnosis.json.
 
     Attributes:
         micro_batch: samples per forward/backward on one device now (after any back-off).
@@ -74,11 +96,15 @@ class BatchFit(pl.Callback):
         samples_seen: training samples this device ran through forward/backward.
         tracker: the `NoiseScaleTracker` (None without `noise_scale`).
         backoffs: how many times a batch was split after running out of memory.
+        schedule: the `BatchSchedule` followed (None without one).
+        batch_changes: each change of the global batch, as `BatchChange`s.
+        diagnosis: the `Diagnosis` written at the end of the fit (None before, or without one).
 
     Raises:
         ConfigError: (at fit start) the plan was made for another number of devices, the
             global batch is not a multiple of the micro-batch x devices, no batch-size
-            attribute is found, or the search on the CPU has no memory budget.
+            attribute is found, the search on the CPU has no memory budget, or a batch schedule
+            is asked for with manual optimization or a `noise` schedule without `noise_scale`.
 
     Example:
         >>> callback = BatchFit(noise_scale=False)
@@ -97,6 +123,10 @@ class BatchFit(pl.Callback):
         noise_scale: bool = True,
         window: int | None = DEFAULT_WINDOW,
         backoff: bool = True,
+        batch_schedule: BatchSchedule | str | None = None,
+        max_batch: int | None = None,
+        rule: str | None = None,
+        diagnosis: bool = True,
     ) -> None:
         self.plan = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
         if self.plan is not None and not isinstance(self.plan, Plan):
@@ -117,6 +147,21 @@ class BatchFit(pl.Callback):
         self._saved_lrs: list[list[float]] | None = None
         self._split_this_step = False
         self._batch_samples = 0
+        self._schedule_spec = batch_schedule
+        self.schedule = batch_schedule if isinstance(batch_schedule, BatchSchedule) else None
+        self.max_batch = max_batch
+        self.rule = rule
+        self.batch_changes: list[BatchChange] = []
+        self._schedule_state: dict[str, Any] | None = None  # loaded before the schedule exists
+        self._applied_batch: int | None = None  # the schedule's batch last put in effect
+        self._lr_factor = 1.0
+        self.write_diagnosis = diagnosis
+        self.diagnosis: Diagnosis | None = None
+        self.records = RunRecords()
+        self._step_losses: list[float] = []
+        self._step_lr: float | None = None
+        self._step_noise: float | None = None
+        self._last_step = 0  # the optimizer step the last training batch ended
 
     # --- fit start: plan or search -----------------------------------------------------------
 
@@ -146,6 +191,8 @@ class BatchFit(pl.Callback):
             micro = max(size for size in range(1, min(limit, share) + 1) if share % size == 0)
             self._set_batch(trainer, pl_module, target, micro)
         self._wrap_training_step(pl_module)
+        if self._schedule_spec is not None:
+            self._start_schedule(trainer, pl_module)
         logger.info(
             "batchfit: global batch %d = %d device(s) x %d micro-batches of %d",
             self.global_batch,
@@ -194,8 +241,8 @@ class BatchFit(pl.Callback):
                 "On the CPU the micro-batch search needs a memory budget: "
                 "BatchFit(memory_budget='2GiB'), or give BatchFit a plan."
             )
-        dataset, collate = _training_data(trainer, pl_module)
-        model = _detached_copy(pl_module)
+        dataset, collate = training_data(trainer, pl_module)
+        model = detached_copy(pl_module)
         optimizer = optimizer_like(trainer.optimizers[0], model.parameters())
 
         def step(batch_size: int) -> None:
@@ -214,6 +261,68 @@ class BatchFit(pl.Callback):
             optimizer=optimizer,
         )
         return result.batch_size
+
+    # --- batch schedule ------------------------------------------------------------------------
+
+    def _start_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise ConfigError(
+                "A batch schedule changes accumulate_grad_batches, which manual optimization "
+                "ignores; remove batch_schedule= or use automatic optimization."
+            )
+        if self.schedule is None:
+            rule = self.rule or (self.plan.lr_rule if self.plan is not None else "linear")
+            self.schedule = build_schedule(
+                self._schedule_spec,
+                global_batch=self.global_batch,
+                max_batch=self.max_batch,
+                rule=rule,
+                noise_scale=self.tracker is not None,
+            )
+        if self._schedule_state is not None:
+            self.schedule.load_state_dict(self._schedule_state)
+            self._schedule_state = None
+        world = trainer.world_size
+        self.schedule.global_batch(trainer.global_step, self.samples_seen * world, None)
+        self._follow_schedule(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule is not None:
+            self._follow_schedule(trainer)
+
+    def _follow_schedule(self, trainer: pl.Trainer) -> None:
+        """Put the schedule's batch in effect: an epoch start, where no step is half done."""
+        assert self.schedule is not None and self.micro_batch is not None
+        wanted = self.schedule.batch
+        if wanted == self._applied_batch:
+            return
+        self._applied_batch = wanted
+        world = trainer.world_size
+        loader_batch = self.micro_batch * self._splits  # the loader's batch, split on back-off
+        accumulate, batch = accumulation_for(wanted, loader_batch, world)
+        if batch == self.global_batch:
+            return
+        trainer.accumulate_grad_batches = accumulate
+        self.accumulation_steps = accumulate * self._splits
+        change = BatchChange(
+            step=trainer.global_step + 1,
+            samples_seen=self.samples_seen * world,
+            old_batch=self.global_batch,
+            new_batch=batch,
+            micro_batch=self.micro_batch,
+            accumulation_steps=self.accumulation_steps,
+            lr_factor=self.schedule.lr_factor(trainer.global_step),
+            evidence=self.schedule.evidence,
+        )
+        self.batch_changes.append(change)
+        self.global_batch = batch
+        logger.info(
+            "batchfit: global batch %d -> %d at step %d (%s)",
+            change.old_batch,
+            batch,
+            change.step,
+            change.evidence or self.schedule.spec,
+        )
 
     # --- out-of-memory back-off ---------------------------------------------------------------
 
@@ -245,7 +354,7 @@ class BatchFit(pl.Callback):
         self.backoffs += 1
         self.micro_batch = max(1, (self.micro_batch or size) // 2)
         self.accumulation_steps = (self.accumulation_steps or 1) * 2
-        devices.release_memory(_device_of(batch))
+        devices.release_memory(device_of(batch))
         logger.warning(
             "batchfit: out of memory at micro-batch %d; now %d micro-batches of %d per step "
             "(global batch %s kept)",
@@ -289,6 +398,7 @@ class BatchFit(pl.Callback):
     # --- noise scale, warm-up, counting -------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step
         if self.tracker is not None:
             self.watch = GradientNormWatch(pl_module, self.tracker)
 
@@ -310,14 +420,21 @@ class BatchFit(pl.Callback):
                 self.watch.reset()  # a split batch's parts are not micro-batches of the watch
             else:
                 self._watch_step(trainer, pl_module, step)
+        factor = 1.0
         if step < self._warmup_steps:
             # linear warm-up as a factor on whatever rate the optimizer (and scheduler) set:
             # update t (from 1) runs at t / warmup_steps of it, the full rate from warmup_steps
             factor = step / self._warmup_steps
+        if self.schedule is not None and self._applied_batch == self.schedule.batch:
+            # the schedule's rate goes with its batch: only once that batch is in effect
+            self._lr_factor = self.schedule.lr_factor(trainer.global_step)
+        factor *= self._lr_factor
+        if factor != 1.0:
             self._saved_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
             for opt in trainer.optimizers:
                 for group in opt.param_groups:
                     group["lr"] *= factor
+        self._step_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         self._split_this_step = False  # the next batch starts a new step
 
     def _watch_step(self, trainer, pl_module, step: int) -> None:
@@ -332,6 +449,7 @@ class BatchFit(pl.Callback):
         else:
             self.watch.step(step=step)
         if self.tracker.noise_scale is not None:
+            self._step_noise = float(self.tracker.noise_scale)
             pl_module.log_dict(
                 {
                     "noise_scale": float(self.tracker.noise_scale),
@@ -344,22 +462,57 @@ class BatchFit(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.samples_seen += self._batch_samples
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is not None:
+            # Lightning hands on each micro-batch's loss divided by accumulate_grad_batches.
+            self._step_losses.append(float(loss) * trainer.accumulate_grad_batches)
+        if trainer.global_step > self._last_step:
+            self._last_step = trainer.global_step
+            self._end_step(trainer)
         if self._saved_lrs is not None:  # put the unwarmed rates back for the scheduler
             for opt, rates in zip(trainer.optimizers, self._saved_lrs):
                 for group, rate in zip(opt.param_groups, rates):
                     group["lr"] = rate
             self._saved_lrs = None
 
+    def _end_step(self, trainer: pl.Trainer) -> None:
+        """An optimizer step just ended: keep its loss for the diagnosis, ask the schedule."""
+        if self._step_losses:
+            loss = sum(self._step_losses) / len(self._step_losses)
+            self.records.add_step(
+                trainer.global_step, loss=loss, lr=self._step_lr, noise_scale=self._step_noise
+            )
+        self._step_losses, self._step_noise = [], None
+        if self.schedule is not None:
+            noise = self.tracker.noise_scale if self.tracker is not None else None
+            self.schedule.global_batch(
+                trainer.global_step,
+                self.samples_seen * trainer.world_size,
+                None if noise is None else float(noise),
+            )
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.records.add_evaluation(trainer.global_step, trainer.callback_metrics)
+
+    # --- the end: diagnosis, state ------------------------------------------------------------
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.watch is not None:
             self.watch.remove()
             self.watch = None
+        if self.write_diagnosis and trainer.is_global_zero:
+            self.diagnosis = diagnose_fit(
+                trainer, self.records, self.global_batch, self.micro_batch, plan=self.plan
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "tracker": None if self.tracker is None else self.tracker.state_dict(),
             "samples_seen": self.samples_seen,
             "splits": self._splits,
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
+            "records": self.records.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -367,44 +520,9 @@ class BatchFit(pl.Callback):
             self.tracker.load_state_dict(state_dict["tracker"])
         self.samples_seen = int(state_dict.get("samples_seen", 0))
         self._splits = int(state_dict.get("splits", 1))
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-def _detached_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
-    """A deep copy of the module without its Trainer (which must not be copied)."""
-    trainer = pl_module._trainer
-    pl_module._trainer = None
-    try:
-        return copy.deepcopy(pl_module)
-    finally:
-        pl_module._trainer = trainer
-
-
-def _training_data(trainer: pl.Trainer, pl_module: pl.LightningModule):
-    source = trainer.datamodule if trainer.datamodule is not None else pl_module
-    loader = source.train_dataloader()
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None or not hasattr(dataset, "__getitem__"):
-        raise ConfigError(
-            "The micro-batch search needs a train dataloader with a map-style dataset; give "
-            "BatchFit a plan instead."
-        )
-    from torch.utils.data import default_collate
-
-    return dataset, loader.collate_fn or default_collate
-
-
-def _device_of(batch: Any):
-    import torch
-
-    if isinstance(batch, torch.Tensor):
-        return batch.device
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for value in values:
-        try:
-            return _device_of(value)
-        except TaskError:
-            continue
-    raise TaskError("The batch holds no tensor.")
+        if state_dict.get("schedule") is not None:
+            if self.schedule is not None:
+                self.schedule.load_state_dict(state_dict["schedule"])
+            else:
+                self._schedule_state = state_dict["schedule"]
+        self.records.load_state_dict(state_dict.get("records", {}))

@@ -4,6 +4,13 @@ the Trainer's logs, and a Task from any Hugging Face model.
     args = apply_plan(TrainingArguments(output_dir="out"), load_plan("plan.json"))
     trainer = Trainer(model, args, train_dataset=data, callbacks=[NoiseScaleTrainerCallback()])
 
+At the end of training the callback diagnoses the run from `trainer.state.log_history`
+(`batchfit.monitor.diagnose`) and writes diagnosis.json into `args.output_dir`.
+
+The Trainer reads `gradient_accumulation_steps` once, when training starts (it sizes its epochs
+and its learning-rate schedule from it), so a batch schedule cannot change it mid-run; see the
+README for what to do instead.
+
 `task_from_transformers(model, train_dataset, data_collator)` (also `Task.from_transformers`)
 makes a `batchfit.Task` whose loss is the model's own (`model(**batch).loss`) and whose
 optimizer is AdamW, so `batchfit plan` and `batchfit memory` run on it. For a causal language
@@ -19,16 +26,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError, TaskError
+from batchfit.errors import ConfigError, RunLogError, TaskError
+from batchfit.integrations.diagnosis import write_run_diagnosis
 from batchfit.integrations.optional import require
+from batchfit.monitor.readers import history_from_records
 from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
 from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan
 from batchfit.task import Task
 
 transformers = require("transformers", "transformers")
+
+if TYPE_CHECKING:
+    from batchfit.monitor.findings import Diagnosis
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +104,20 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
     Needs `gradient_accumulation_steps` of 2 or more, or several processes. A step whose gradient
     was clipped (`max_grad_norm`) is not measured: its accumulated gradient is no longer the big
     batch's; the values reach `trainer.state.log_history` and the callbacks after this one.
+    At the end of training (on the main process) it diagnoses the run from
+    `state.log_history` and writes diagnosis.json into `args.output_dir`, logging each finding.
 
     Args:
         window: steps the estimate is smoothed over (see `NoiseScaleTracker`).
         dataset_size: training samples, for the finite-population correction; None: none.
+        diagnosis: diagnose the run at the end of training.
+        plan: the `Plan` the run follows, for the diagnosis (its rule, batch and rate).
 
     Attributes:
         tracker: the `NoiseScaleTracker`.
         skipped_steps: steps not measured (clipped gradient, or fewer micro-batches).
+        diagnosis: the `Diagnosis` written at the end (None before, without one, or when the
+            log holds no training loss: `logging_steps` longer than the run).
 
     Example:
         >>> callback = NoiseScaleTrainerCallback()
@@ -108,11 +126,19 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
     """
 
     def __init__(
-        self, *, window: int | None = DEFAULT_WINDOW, dataset_size: int | None = None
+        self,
+        *,
+        window: int | None = DEFAULT_WINDOW,
+        dataset_size: int | None = None,
+        diagnosis: bool = True,
+        plan: Plan | None = None,
     ) -> None:
         self.tracker = NoiseScaleTracker(window=window, dataset_size=dataset_size)
         self.watch: GradientNormWatch | None = None
         self.skipped_steps = 0
+        self.write_diagnosis = diagnosis
+        self.plan = plan
+        self.diagnosis: Diagnosis | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -156,6 +182,25 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         if self.watch is not None:
             self.watch.remove()
             self.watch = None
+        if self.write_diagnosis and state.is_world_process_zero:
+            self.diagnosis = self._diagnose(args, state)
+
+    def _diagnose(self, args: Any, state: Any) -> Diagnosis | None:
+        # The last entry sums up the run (train_runtime, an average loss): not a point.
+        records = [r for r in state.log_history if "train_runtime" not in r]
+        micro = args.per_device_train_batch_size
+        try:
+            history = history_from_records(
+                records,
+                source="trainer.state.log_history",
+                format="transformers",
+                micro_batch=micro,
+                global_batch=micro * args.gradient_accumulation_steps * args.world_size,
+            )
+        except RunLogError as error:
+            logger.warning("batchfit: no diagnosis (log more often: logging_steps): %s", error)
+            return None
+        return write_run_diagnosis(history, args.output_dir, plan=self.plan)
 
 
 def _was_clipped(watch: GradientNormWatch, args: Any) -> bool:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from batchfit.errors import MissingDependencyError, RunLogError
 from batchfit.monitor.history import History, higher_is_better
 
-__all__ = ["FORMATS", "read_history"]
+__all__ = ["FORMATS", "history_from_records", "read_history"]
 
 Format = Literal["batchfit", "lightning", "transformers", "tensorboard"]
 FORMATS: tuple[str, ...] = ("batchfit", "lightning", "transformers", "tensorboard")
@@ -119,6 +119,38 @@ def read_history(
         raise RunLogError(
             f"Cannot read {str(file)!r} as a {found_format} log ({error}); give {_WHAT}."
         ) from None
+
+
+def history_from_records(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    source: str = "",
+    format: str = "records",
+    train_loss: str | None = None,
+    val_loss: str | None = None,
+    metric: str | None = None,
+    **fields: Any,
+) -> History:
+    """A `History` from dict records (one per logged step, each with a `step`), the series
+    found by name as `read_history` finds them in a file.
+
+    For metrics a trainer holds in memory: a Hugging Face `TrainerState.log_history`, or the
+    values a callback kept. `fields` go to the `History` (`global_batch`, `micro_batch`,
+    `steps_per_epoch`, `notes`).
+
+    Raises:
+        RunLogError: no training loss among the records' names, or a name given by
+            `train_loss`/`val_loss`/`metric` that they lack (the message lists those they have).
+
+    Example:
+        >>> h = history_from_records([{"step": 1, "train/loss": 2.0, "eval_loss": 2.1},
+        ...                           {"step": 2, "train/loss": 1.5}], global_batch=32)
+        >>> h.train_loss.values, h.val_loss.values, h.global_batch
+        ((2.0, 1.5), (2.1,), 32)
+    """
+    kept = [record for record in records if isinstance(record, Mapping) and "step" in record]
+    names = {"train_loss": train_loss, "val_loss": val_loss, "metric": metric}
+    return _history(kept, names, Path(source or "the records"), format, **fields)
 
 
 # --- finding the file ------------------------------------------------------------------------

@@ -1,0 +1,184 @@
+"""Pieces of the Lightning callback's fit: the batch schedule, the diagnosis at the end, and
+the module's data and a copy of it for the micro-batch search.
+
+Lightning reads `Trainer.accumulate_grad_batches` at every training batch to decide whether an
+optimizer step ends there, counting the batches of the current epoch; its own
+`GradientAccumulationScheduler` changes it only at epoch starts. A change inside an epoch would
+end a step early or late, so `BatchFit` puts a schedule's new global batch in effect at the next
+epoch start, with the micro-batch unchanged.
+
+The diagnosis reads the CSVLogger's metrics.csv when the Trainer has one (it holds everything
+the module logged), else the losses the callback saw (`RunRecords`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import ConfigError, RunLogError, TaskError
+from batchfit.integrations.diagnosis import RunRecords, write_run_diagnosis
+from batchfit.monitor.readers import read_history
+from batchfit.training.batch_schedule import BatchSchedule, parse_batch_schedule
+
+if TYPE_CHECKING:
+    from batchfit.monitor.findings import Diagnosis
+
+__all__ = [
+    "accumulation_for",
+    "build_schedule",
+    "detached_copy",
+    "device_of",
+    "diagnose_fit",
+    "training_data",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def build_schedule(
+    spec: Any, *, global_batch: int, max_batch: int | None, rule: str, noise_scale: bool
+) -> BatchSchedule:
+    """The `BatchSchedule` for `BatchFit(batch_schedule=spec)`.
+
+    Raises:
+        ConfigError: `spec` is neither a schedule nor a string, names an unknown form, or is a
+            `noise` schedule without the noise scale.
+
+    Example:
+        >>> build_schedule("ramp:0:32,256:64", global_batch=32, max_batch=None, rule="linear",
+        ...                noise_scale=False).global_batch(0, 300)
+        64
+    """
+    if isinstance(spec, BatchSchedule):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(
+            f"batch_schedule must be a BatchSchedule, a string such as 'ramp:32-256:50000' "
+            f"or None, got {type(spec).__name__}."
+        )
+    if spec.strip().startswith("noise") and not noise_scale:
+        raise ConfigError(
+            f"The batch schedule {spec!r} follows the noise scale; keep "
+            "BatchFit(noise_scale=True) or choose a ramp."
+        )
+    return parse_batch_schedule(spec, global_batch=global_batch, max_batch=max_batch, rule=rule)
+
+
+def accumulation_for(wanted: int, loader_batch: int, world: int) -> tuple[int, int]:
+    """`accumulate_grad_batches` for a global batch of `wanted`, and the batch it gives.
+
+    The nearest multiple of loader batch x devices at or below `wanted` (one loader batch at
+    least); a warning is logged when that is not `wanted`.
+
+    Example:
+        >>> accumulation_for(64, 16, 1), accumulation_for(100, 16, 2)
+        ((4, 64), (3, 96))
+    """
+    accumulate = max(1, wanted // (loader_batch * world))
+    batch = accumulate * loader_batch * world
+    if batch != wanted:
+        logger.warning(
+            "batchfit: the schedule's global batch %d is not a multiple of the loader's batch x "
+            "devices (%d x %d); using %d",
+            wanted,
+            loader_batch,
+            world,
+            batch,
+        )
+    return accumulate, batch
+
+
+# --- the diagnosis at the end -----------------------------------------------------------------
+
+
+def diagnose_fit(
+    trainer: Any,
+    records: RunRecords,
+    global_batch: int | None,
+    micro_batch: int | None,
+    *,
+    plan: Any | None = None,
+) -> Diagnosis | None:
+    """Diagnose a finished fit and write diagnosis.json into the logger's folder.
+
+    From the CSVLogger's metrics.csv (in its folder) when the Trainer has one, else from
+    `records` (in `trainer.log_dir`, or `trainer.default_root_dir` without a logger).
+
+    Returns:
+        The `Diagnosis`, or None when no training loss was seen (a warning says so).
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    history = None
+    # as Trainer.log_dir, without its broadcast (the process group is gone at fit end)
+    first = trainer.loggers[0] if trainer.loggers else None
+    folder = getattr(first, "log_dir", None) or getattr(first, "save_dir", None)
+    folder = folder or trainer.default_root_dir
+    csv = next((log for log in trainer.loggers if isinstance(log, CSVLogger)), None)
+    if csv is not None:
+        csv.save()  # the logger writes its rows only every flush_logs_every_n_steps
+        folder = csv.log_dir
+        try:
+            history = read_history(Path(csv.log_dir) / "metrics.csv", format="lightning")
+        except RunLogError as error:
+            logger.info("batchfit: diagnosing from the callback's records: %s", error)
+    try:
+        if history is None:
+            history = records.history()
+    except RunLogError as error:
+        logger.warning("batchfit: no diagnosis: %s", error)
+        return None
+    history = dataclasses.replace(
+        history,
+        global_batch=history.global_batch or global_batch,
+        micro_batch=history.micro_batch or micro_batch,
+    )
+    return write_run_diagnosis(history, folder, plan=plan)
+
+
+# --- the module's data, a copy of it ---------------------------------------------------------
+
+
+def detached_copy(pl_module: Any) -> Any:
+    """A deep copy of the module without its Trainer (which must not be copied)."""
+    trainer = pl_module._trainer
+    pl_module._trainer = None
+    try:
+        return copy.deepcopy(pl_module)
+    finally:
+        pl_module._trainer = trainer
+
+
+def training_data(trainer: Any, pl_module: Any) -> tuple[Any, Any]:
+    """The training loader's map-style data set and its collate function."""
+    source = trainer.datamodule if trainer.datamodule is not None else pl_module
+    loader = source.train_dataloader()
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__"):
+        raise ConfigError(
+            "The micro-batch search needs a train dataloader with a map-style dataset; give "
+            "BatchFit a plan instead."
+        )
+    from torch.utils.data import default_collate
+
+    return dataset, loader.collate_fn or default_collate
+
+
+def device_of(batch: Any) -> Any:
+    """The device of the first tensor in a batch."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.device
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        try:
+            return device_of(value)
+        except TaskError:
+            continue
+    raise TaskError("The batch holds no tensor.")
