@@ -5,8 +5,8 @@ import json
 import pytest
 
 from batchfit.cli.arguments import parse_warmup
-from batchfit.cli.commands import _relaunch_argv
 from batchfit.cli.main import main
+from batchfit.cli.train_command import relaunch_argv
 from batchfit.training.metrics import read_metrics
 
 FAST = ["--example", "digits", "--global-batch", "64", "--micro-batch", "32", "--steps", "3"]
@@ -89,7 +89,7 @@ def test_warmup_flag_forms():
 
 def test_nproc_forwards_the_users_own_arguments_without_nproc():
     argv = ["-v", "train", *FAST, "--out", "r", "--swa", "--nproc", "2", "--warmup", "5%"]
-    assert _relaunch_argv(argv, None) == [
+    assert relaunch_argv(argv, None) == [
         "-v",
         "train",
         *FAST,
@@ -100,7 +100,7 @@ def test_nproc_forwards_the_users_own_arguments_without_nproc():
         "5%",
     ]
     # --nproc=N too; the run folder chosen for the user is added so that every rank shares it.
-    forwarded = _relaunch_argv(["train", "--example", "digits", "--nproc=2"], "runs/x")
+    forwarded = relaunch_argv(["train", "--example", "digits", "--nproc=2"], "runs/x")
     assert forwarded == ["train", "--example", "digits", "--out", "runs/x"]
 
 

@@ -217,3 +217,39 @@ def add_out_arguments(parser: argparse.ArgumentParser, metavar: str, help: str) 
     parser.add_argument(
         "--force", action="store_true", help="write into --out even if it already holds files"
     )
+
+
+# --- reading the parsed arguments ------------------------------------------------------------
+
+
+def given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
+    """{parameter: args.<attribute>} for each attribute the user gave (not None)."""
+    return {
+        param: getattr(args, attr)
+        for param, attr in names.items()
+        if getattr(args, attr) is not None
+    }
+
+
+def budget_or_card(args: argparse.Namespace) -> dict[str, Any]:
+    """{"memory_budget": ...} from --gpu (a card's name or a size) or --memory-budget."""
+    if args.gpu is not None and args.memory_budget is not None:
+        raise ConfigError("give --gpu or --memory-budget, not both.")
+    value = args.gpu if args.gpu is not None else args.memory_budget
+    return {} if value is None else {"memory_budget": value}
+
+
+def load_task_from_args(args: argparse.Namespace):
+    """The task the arguments name (a task spec or --example)."""
+    from batchfit.task import load_example, load_task
+
+    if args.task and args.example:
+        raise ConfigError("Give a task or --example, not both.")
+    if args.example:
+        return load_example(args.example)
+    if args.task:
+        return load_task(args.task)
+    raise ConfigError(f"No task given: {TASK_HELP}.")
+
+
+TASK_HELP = f"name one as path/to/file.py:function, or use --example ({', '.join(EXAMPLES)})"

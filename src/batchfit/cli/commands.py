@@ -11,50 +11,15 @@ functions, so `batchfit --help` starts fast. Results go to stdout (a table, or J
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from batchfit.cli.arguments import EXAMPLES
+from batchfit.cli.arguments import budget_or_card, given, load_task_from_args
 from batchfit.cli.format import print_json, stdout_console
-from batchfit.cli.paths import check_output_file, check_output_folder, remove_files
-from batchfit.cli.progress import PhaseBars, StepBar, stderr_console
+from batchfit.cli.paths import check_output_file, check_output_folder
+from batchfit.cli.progress import PhaseBars, StepBar
+from batchfit.cli.train_command import train
 from batchfit.errors import ConfigError
-
-STOPPED_BY_DIAGNOSIS = 3  # exit code of a run that --stop-on stopped (not an error, not done)
-
-
-def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
-    """{parameter: args.<attribute>} for each attribute the user gave (not None)."""
-    return {
-        param: getattr(args, attr)
-        for param, attr in names.items()
-        if getattr(args, attr) is not None
-    }
-
-
-def _budget_or_card(args: argparse.Namespace) -> dict[str, Any]:
-    """{"memory_budget": ...} from --gpu (a card's name or a size) or --memory-budget."""
-    if args.gpu is not None and args.memory_budget is not None:
-        raise ConfigError("give --gpu or --memory-budget, not both.")
-    value = args.gpu if args.gpu is not None else args.memory_budget
-    return {} if value is None else {"memory_budget": value}
-
-
-def _load_task(args: argparse.Namespace):
-    """The task the arguments name (a task spec or --example)."""
-    from batchfit.task import load_example, load_task
-
-    if args.task and args.example:
-        raise ConfigError("Give a task or --example, not both.")
-    if args.example:
-        return load_example(args.example)
-    if args.task:
-        return load_task(args.task)
-    raise ConfigError(f"No task given: {_TASK_HELP}.")
-
-
-_TASK_HELP = f"name one as path/to/file.py:function, or use --example ({', '.join(EXAMPLES)})"
 
 
 def _show_result(
@@ -103,12 +68,12 @@ def memory(args: argparse.Namespace) -> int:
     from batchfit.cli.format import print_memory
     from batchfit.memory.search import find_max_batch_size
 
-    task = _load_task(args)
-    options = _given(
+    task = load_task_from_args(args)
+    options = given(
         args, device="device", margin="margin", round_to="round", max_batch_size="max_batch",
         precision="precision",
     )  # fmt: skip
-    options.update(_budget_or_card(args))
+    options.update(budget_or_card(args))
     with StepBar("memory") as bar:
         result = find_max_batch_size(task, **options, progress=bar)
     if args.json:
@@ -124,8 +89,8 @@ def noise_scale(args: argparse.Namespace) -> int:
     from batchfit.plots.noise_scale import plot_noise_scale
 
     check_output_file(args.plot, "--plot", suffix=".png")
-    task = _load_task(args)
-    options = _given(
+    task = load_task_from_args(args)
+    options = given(
         args, small_batch="small_batch", big_batch="big_batch", batches="batches",
         warmup_steps="warmup_steps", checkpoint="checkpoint", device="device",
         memory_budget_bytes="memory_budget",
@@ -147,7 +112,7 @@ def scale_lr(args: argparse.Namespace) -> int:
     check_output_file(args.plot, "--plot", suffix=".png")
     if args.plot is not None and args.total_steps is None:
         raise ConfigError("--plot needs --total-steps, the optimizer steps of the run.")
-    task = _load_task(args) if (args.task or args.example) else None
+    task = load_task_from_args(args) if (args.task or args.example) else None
     lr = task.lr if args.lr is None and task else args.lr
     batch = task.batch_size if args.batch is None and task else args.batch
     if lr is None or batch is None:
@@ -163,7 +128,7 @@ def scale_lr(args: argparse.Namespace) -> int:
             args.total_steps,
             warmup_steps=warmup if isinstance(warmup, int) else None,
             warmup_fraction=warmup if isinstance(warmup, float) else None,
-            **_given(args, decay="decay", min_lr_factor="min_lr_factor"),
+            **given(args, decay="decay", min_lr_factor="min_lr_factor"),
         )
         result["schedule"] = {**config.to_dict(), "table": schedule_table(config, scaled.lr)}
     if args.plot is not None:
@@ -186,8 +151,8 @@ def lr_range(args: argparse.Namespace) -> int:
     from batchfit.plots.range_test import plot_range_test
 
     check_output_file(args.plot, "--plot", suffix=".png")
-    task = _load_task(args)
-    options = _given(
+    task = load_task_from_args(args)
+    options = given(
         args, start_lr="start_lr", end_lr="end_lr", steps="steps", mode="mode",
         smoothing="smoothing", diverge_factor="diverge_factor", global_batch="global_batch",
         micro_batch="micro_batch", memory_budget="memory_budget", device="device",
@@ -207,8 +172,8 @@ def throughput(args: argparse.Namespace) -> int:
     from batchfit.throughput.measure import measure_throughput
 
     check_output_file(args.plot, "--plot", suffix=".png")
-    task = _load_task(args)
-    options = _given(
+    task = load_task_from_args(args)
+    options = given(
         args, batch_sizes="batch_sizes", device="device", warmup_steps="warmup_steps",
         repeats="repeats", min_seconds="min_seconds", max_batch_size="max_batch",
         memory_budget="memory_budget", fraction="fraction",
@@ -232,15 +197,15 @@ def plan(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         check_output_folder(args.out, "--out", force=args.force)
-    task = _load_task(args)
+    task = load_task_from_args(args)
     out_dir = Path(args.out if args.out is not None else f"runs/{task.name}-plan")
     if args.out is None:
         check_output_folder(out_dir, "--out", force=args.force)
-    options = _given(
+    options = given(
         args, device="device", world_size="world_size",
         target_global_batch="target_global_batch", margin="margin",
     )  # fmt: skip
-    options.update(_budget_or_card(args))
+    options.update(budget_or_card(args))
     if args.quick:
         options["quick"] = True
     with PhaseBars(disable=args.json) as report:
@@ -258,134 +223,6 @@ def plan(args: argparse.Namespace) -> int:
         stdout_console(), result, plan_path=plan_path, report_path=report_path, source=source
     )
     return 0
-
-
-def train(args: argparse.Namespace) -> int:
-    from batchfit.cli.format import print_train_summary
-    from batchfit.cli.format_diagnosis import print_diagnosis
-    from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
-    from batchfit.noise.callback import NoiseScaleCallback
-    from batchfit.noise.watch import noise_scale_advice, noise_scale_loggable
-    from batchfit.plan.plan_file import apply_plan, load_plan, normalization_note
-    from batchfit.report.html import update_plan_report
-    from batchfit.training.checkpoint import CHECKPOINT_NAME
-    from batchfit.training.config import TrainConfig, check_train_config
-    from batchfit.training.distributed import detect_distributed, launch
-    from batchfit.training.loop import train as run_training
-    from batchfit.training.metrics import METRICS_NAME
-
-    _check_train_inputs(args)
-    out = args.resume if isinstance(args.resume, str) else args.out
-    context = detect_distributed()
-    launching = args.nproc is not None and args.nproc > 1
-    if launching and context.enabled:
-        raise ConfigError("--nproc starts torchrun; under torchrun already, drop --nproc.")
-    # Under torchrun the launching process (or the user) checked the folder; a rank that checked
-    # it again could find the files another rank has just begun.
-    check_folder = not context.enabled
-    if out is not None and check_folder:
-        check_output_folder(out, "--out", force=args.force, keep=bool(args.resume))
-    plan = load_plan(args.plan) if args.plan else None
-    task = _load_task(args)
-    if plan is not None:
-        task = apply_plan(
-            plan, task, convert_batchnorm=args.convert_batchnorm, force=args.force_plan
-        )
-    model_note = (
-        None if plan is None else normalization_note(plan, converted=args.convert_batchnorm)
-    )
-    if out is None and not args.resume:
-        out = f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if check_folder:
-            check_output_folder(out, "--out", force=args.force)
-    settings = _given(
-        args, global_batch="global_batch", micro_batch="micro_batch", steps="steps",
-        epochs="epochs", lr="lr", lr_rule="lr_rule", warmup="warmup", decay="decay",
-        optimizer="optimizer", label_smoothing="label_smoothing", swa_start="swa_start",
-        swa_lr="swa_lr", max_grad_norm="max_grad_norm", eval_every="eval_every",
-        checkpoint_every="checkpoint_every", seed="seed", batch_schedule="batch_schedule",
-        max_global_batch="max_global_batch",
-        ddp_timeout_seconds="ddp_timeout",
-    )  # fmt: skip
-    # Switches count only when given, so a plan's SyncBatchNorm advice is not undone.
-    switches = ("swa", "allow_uneven", "sync_batchnorm", "drop_unreadable_metrics")
-    settings.update({name: True for name in switches if getattr(args, name)})
-    settings.update(out_dir=out, resume=bool(args.resume))
-    config = TrainConfig.from_plan(plan, **settings) if plan else TrainConfig(**settings)
-    world_size = args.nproc if launching else max(1, context.world_size)
-    device = args.device if args.device is not None else "auto"
-    if args.force and check_folder and not args.resume:
-        check_train_config(task, config, world_size=world_size, device=device)
-        remove_files(out, (CHECKPOINT_NAME, METRICS_NAME, DIAGNOSIS_NAME))
-    if launching:
-        check_train_config(task, config, world_size=world_size, device=device)
-        argv = _relaunch_argv(args.argv, out if args.out is None else None)
-        return launch(args.nproc, argv, verbose=args.verbose)
-    logged, reason = noise_scale_loggable(
-        config.global_batch,
-        config.micro_batch,
-        dataset_size=len(task.train_data),
-        world_size=world_size,
-    )
-    if args.no_noise_scale:
-        logged, reason = False, "turned off by --no-noise-scale"
-    noise = NoiseScaleCallback(dataset_size=len(task.train_data)) if logged else None
-    live = LiveDiagnosis(noise=noise, stop_on=args.stop_on or (), plan=plan)
-    # On a terminal the loop draws its own bar (with the recent samples/s); elsewhere plain lines.
-    progress = context.is_main and (stderr_console().is_terminal or StepBar("train"))
-    callbacks = [noise, live] if noise else [live]
-    if args.tensorboard and context.is_main:
-        from batchfit.training.tensorboard import TensorBoardCallback
-
-        callbacks.append(TensorBoardCallback(args.tensorboard, noise=noise))
-    try:
-        result = run_training(
-            task,
-            config,
-            device=device,
-            memory_budget_bytes=args.memory_budget,
-            progress=progress,
-            callbacks=callbacks,
-        )
-    finally:
-        for callback in callbacks:
-            if hasattr(callback, "close"):
-                callback.close()
-    code = 130 if result.interrupted else STOPPED_BY_DIAGNOSIS if result.stop_reason else 0
-    if not context.is_main:
-        return code
-    diagnosis_path = live.write(config.out_dir) if config.out_dir else None
-    report_path = update_plan_report(args.plan, out) if args.plan and out else None
-    noise_summary = {
-        "logged": result.noise_scale_logged,
-        "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
-        "value": result.noise_scale,
-        "advice": (
-            noise_scale_advice(result.noise_scale, config.global_batch)
-            if result.noise_scale_logged
-            else None
-        ),
-    }
-    if args.json:
-        diagnosis = {**live.diagnosis.to_dict(), "path": str(diagnosis_path)}
-        extra = {
-            "diagnosis": diagnosis,
-            "normalization": model_note,
-            "report_path": report_path and str(report_path),
-        }
-        print_json({**result.to_dict(), "noise_scale": noise_summary, **extra})
-        return code
-    console = stdout_console()
-    print_train_summary(console, task.name, result, noise_summary)
-    if model_note:
-        console.print(f"  normalization: {model_note}", highlight=False, markup=False)
-    if live.diagnosis.findings:
-        print_diagnosis(console, live.history(), live.diagnosis)
-    if diagnosis_path is not None:
-        console.print(f"  diagnosis: {diagnosis_path}", highlight=False, markup=False)
-    if report_path is not None:
-        console.print(f"  report with the run: {report_path}", highlight=False, markup=False)
-    return code
 
 
 def diagnose(args: argparse.Namespace) -> int:
@@ -416,7 +253,7 @@ def sweep(args: argparse.Namespace) -> int:
     from batchfit.plots.sweep import plot_sweep
     from batchfit.sweep.driver import SweepConfig, run_sweep
 
-    options = _given(
+    options = given(
         args, seeds="seeds", widen="widen", cap_factor="cap_factor", micro_batch="micro_batch",
         workers="workers", ray_address="ray_address",
     )  # fmt: skip
@@ -428,7 +265,7 @@ def sweep(args: argparse.Namespace) -> int:
         **options,
     )
     if bool(args.task) == bool(args.example):
-        _load_task(args)  # raises the one-line error for both or neither
+        load_task_from_args(args)  # raises the one-line error for both or neither
     # Worker processes load the task by name: pass the spec, not the loaded Task.
     task = f"batchfit.examples.{args.example}:task" if args.example else args.task
     out = args.out or f"sweep-{args.example or 'task'}"
@@ -475,7 +312,7 @@ def case(args: argparse.Namespace) -> int:
 
     out = args.out or f"case-{args.name}"
     check_output_folder(out, "--out", force=args.force)
-    options = _given(args, seeds="seeds", epochs="epochs")
+    options = given(args, seeds="seeds", epochs="epochs")
     labels = {"train": "training runs"}.get
     with PhaseBars(lambda phase: labels(phase, phase), disable=args.json) as bar:
         result = run_unet_case(out, **options, progress=bar)
@@ -497,35 +334,6 @@ def case(args: argparse.Namespace) -> int:
         markup=False,
     )
     return 0
-
-
-def _check_train_inputs(args: argparse.Namespace) -> None:
-    """Everything `train` needs and lacks, named in one error."""
-    if isinstance(args.resume, str) and args.out is not None and args.out != args.resume:
-        raise ConfigError(f"--resume {args.resume} and --out {args.out} differ; give one.")
-    missing = [] if args.task or args.example else ["a task (path/to/file.py:function)"]
-    flags = [] if args.plan else ["--global-batch", "--micro-batch"]
-    missing += [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is None]
-    if missing:
-        either = " (or --plan PLAN_JSON from `batchfit plan`)" if args.plan is None else ""
-        raise ConfigError(f"Missing {', '.join(missing)}; give them{either}.")
-
-
-def _relaunch_argv(argv: Sequence[str], default_out: str | None) -> list[str]:
-    """The user's own arguments for each torchrun process: without --nproc, and with the run
-    folder chosen here (`default_out`) when the user gave none, so every rank shares it."""
-    forwarded: list[str] = []
-    skip = False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token == "--nproc":
-            skip = True
-        elif not token.startswith("--nproc="):
-            forwarded.append(token)
-    if default_out is not None:
-        forwarded += ["--out", default_out]
-    return forwarded
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

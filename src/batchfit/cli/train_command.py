@@ -1,0 +1,178 @@
+"""`batchfit train`: train a task at any global batch, from flags or a plan, on one process or
+under torchrun (`--nproc`), with the live diagnosis and the noise scale logged.
+
+The library does the work (`batchfit.training.loop.train`); this module turns flags into a
+`TrainConfig`, relaunches itself under torchrun with the user's own arguments, and prints the
+summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+from batchfit.cli.arguments import given, load_task_from_args
+from batchfit.cli.format import print_json, stdout_console
+from batchfit.cli.paths import check_output_folder, remove_files
+from batchfit.cli.progress import StepBar, stderr_console
+from batchfit.errors import ConfigError
+
+STOPPED_BY_DIAGNOSIS = 3  # exit code of a run that --stop-on stopped (not an error, not done)
+
+
+def train(args: argparse.Namespace) -> int:
+    from batchfit.cli.format import print_train_summary
+    from batchfit.cli.format_diagnosis import print_diagnosis
+    from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
+    from batchfit.noise.callback import NoiseScaleCallback
+    from batchfit.noise.watch import noise_scale_advice, noise_scale_loggable
+    from batchfit.plan.plan_file import apply_plan, load_plan, normalization_note
+    from batchfit.report.html import update_plan_report
+    from batchfit.training.checkpoint import CHECKPOINT_NAME
+    from batchfit.training.config import TrainConfig, check_train_config
+    from batchfit.training.distributed import detect_distributed, launch
+    from batchfit.training.loop import train as run_training
+    from batchfit.training.metrics import METRICS_NAME
+
+    _check_train_inputs(args)
+    out = args.resume if isinstance(args.resume, str) else args.out
+    context = detect_distributed()
+    launching = args.nproc is not None and args.nproc > 1
+    if launching and context.enabled:
+        raise ConfigError("--nproc starts torchrun; under torchrun already, drop --nproc.")
+    # Under torchrun the launching process (or the user) checked the folder; a rank that checked
+    # it again could find the files another rank has just begun.
+    check_folder = not context.enabled
+    if out is not None and check_folder:
+        check_output_folder(out, "--out", force=args.force, keep=bool(args.resume))
+    plan = load_plan(args.plan) if args.plan else None
+    task = load_task_from_args(args)
+    if plan is not None:
+        task = apply_plan(
+            plan, task, convert_batchnorm=args.convert_batchnorm, force=args.force_plan
+        )
+    model_note = (
+        None if plan is None else normalization_note(plan, converted=args.convert_batchnorm)
+    )
+    if out is None and not args.resume:
+        out = f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if check_folder:
+            check_output_folder(out, "--out", force=args.force)
+    settings = given(
+        args, global_batch="global_batch", micro_batch="micro_batch", steps="steps",
+        epochs="epochs", lr="lr", lr_rule="lr_rule", warmup="warmup", decay="decay",
+        optimizer="optimizer", label_smoothing="label_smoothing", swa_start="swa_start",
+        swa_lr="swa_lr", max_grad_norm="max_grad_norm", eval_every="eval_every",
+        checkpoint_every="checkpoint_every", seed="seed", batch_schedule="batch_schedule",
+        max_global_batch="max_global_batch",
+        ddp_timeout_seconds="ddp_timeout",
+    )  # fmt: skip
+    # Switches count only when given, so a plan's SyncBatchNorm advice is not undone.
+    switches = ("swa", "allow_uneven", "sync_batchnorm", "drop_unreadable_metrics")
+    settings.update({name: True for name in switches if getattr(args, name)})
+    settings.update(out_dir=out, resume=bool(args.resume))
+    config = TrainConfig.from_plan(plan, **settings) if plan else TrainConfig(**settings)
+    world_size = args.nproc if launching else max(1, context.world_size)
+    device = args.device if args.device is not None else "auto"
+    if args.force and check_folder and not args.resume:
+        check_train_config(task, config, world_size=world_size, device=device)
+        remove_files(out, (CHECKPOINT_NAME, METRICS_NAME, DIAGNOSIS_NAME))
+    if launching:
+        check_train_config(task, config, world_size=world_size, device=device)
+        argv = relaunch_argv(args.argv, out if args.out is None else None)
+        return launch(args.nproc, argv, verbose=args.verbose)
+    logged, reason = noise_scale_loggable(
+        config.global_batch,
+        config.micro_batch,
+        dataset_size=len(task.train_data),
+        world_size=world_size,
+    )
+    if args.no_noise_scale:
+        logged, reason = False, "turned off by --no-noise-scale"
+    noise = NoiseScaleCallback(dataset_size=len(task.train_data)) if logged else None
+    live = LiveDiagnosis(noise=noise, stop_on=args.stop_on or (), plan=plan)
+    # On a terminal the loop draws its own bar (with the recent samples/s); elsewhere plain lines.
+    progress = context.is_main and (stderr_console().is_terminal or StepBar("train"))
+    callbacks = [noise, live] if noise else [live]
+    if args.tensorboard and context.is_main:
+        from batchfit.training.tensorboard import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(args.tensorboard, noise=noise))
+    try:
+        result = run_training(
+            task,
+            config,
+            device=device,
+            memory_budget_bytes=args.memory_budget,
+            progress=progress,
+            callbacks=callbacks,
+        )
+    finally:
+        for callback in callbacks:
+            if hasattr(callback, "close"):
+                callback.close()
+    code = 130 if result.interrupted else STOPPED_BY_DIAGNOSIS if result.stop_reason else 0
+    if not context.is_main:
+        return code
+    diagnosis_path = live.write(config.out_dir) if config.out_dir else None
+    report_path = update_plan_report(args.plan, out) if args.plan and out else None
+    noise_summary = {
+        "logged": result.noise_scale_logged,
+        "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
+        "value": result.noise_scale,
+        "advice": (
+            noise_scale_advice(result.noise_scale, config.global_batch)
+            if result.noise_scale_logged
+            else None
+        ),
+    }
+    if args.json:
+        diagnosis = {**live.diagnosis.to_dict(), "path": str(diagnosis_path)}
+        extra = {
+            "diagnosis": diagnosis,
+            "normalization": model_note,
+            "report_path": report_path and str(report_path),
+        }
+        print_json({**result.to_dict(), "noise_scale": noise_summary, **extra})
+        return code
+    console = stdout_console()
+    print_train_summary(console, task.name, result, noise_summary)
+    if model_note:
+        console.print(f"  normalization: {model_note}", highlight=False, markup=False)
+    if live.diagnosis.findings:
+        print_diagnosis(console, live.history(), live.diagnosis)
+    if diagnosis_path is not None:
+        console.print(f"  diagnosis: {diagnosis_path}", highlight=False, markup=False)
+    if report_path is not None:
+        console.print(f"  report with the run: {report_path}", highlight=False, markup=False)
+    return code
+
+
+def _check_train_inputs(args: argparse.Namespace) -> None:
+    """Everything `train` needs and lacks, named in one error."""
+    if isinstance(args.resume, str) and args.out is not None and args.out != args.resume:
+        raise ConfigError(f"--resume {args.resume} and --out {args.out} differ; give one.")
+    missing = [] if args.task or args.example else ["a task (path/to/file.py:function)"]
+    flags = [] if args.plan else ["--global-batch", "--micro-batch"]
+    missing += [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is None]
+    if missing:
+        either = " (or --plan PLAN_JSON from `batchfit plan`)" if args.plan is None else ""
+        raise ConfigError(f"Missing {', '.join(missing)}; give them{either}.")
+
+
+def relaunch_argv(argv: Sequence[str], default_out: str | None) -> list[str]:
+    """The user's own arguments for each torchrun process: without --nproc, and with the run
+    folder chosen here (`default_out`) when the user gave none, so every rank shares it."""
+    forwarded: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            forwarded.append(token)
+    if default_out is not None:
+        forwarded += ["--out", default_out]
+    return forwarded
