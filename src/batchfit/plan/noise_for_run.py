@@ -1,0 +1,112 @@
+"""The noise scale a plan chooses its batch for: measured at two points of a short warm-up and
+extrapolated to the middle of the planned run (the critical batch grows as the loss falls), or
+measured once in a quick plan.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from batchfit.progress import ProgressFn
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+TREND_WARMUP_POINTS = (50, 200)
+"""Warm-up steps at which the noise scale is measured for its trend: 4x apart, so that a power
+law in the samples seen can be fitted (the critical batch grows as the loss falls)."""
+
+TREND_BATCHES = 30
+"""Big batches per trend point (two points: 60 in all, against 50 for one point)."""
+
+QUICK_NOISE_BATCHES = 12
+"""A quick plan's noise batches: one point after the default warm-up, a wider interval."""
+
+
+def measure_noise_for_run(
+    task: Task,
+    device: torch.device,
+    *,
+    quick: bool,
+    needed: bool,
+    batches: int | None,
+    run_samples: float,
+    measurements: dict[str, Any],
+    report: ProgressFn,
+) -> tuple[Any, float | None, str | None]:
+    """The noise-scale measurement(s), the noise scale for the run, and the words for its basis.
+
+    Returns (the last measurement or None, the noise scale the batch is chosen for or None,
+    a description of where it comes from or None for the measurement's own words).
+    """
+    from batchfit.noise.measure import measure_noise_scale, measure_noise_scales
+    from batchfit.noise.trend import fit_noise_trend
+
+    if quick and not needed:
+        report("noise scale", 1, 1)
+        return None, None, None
+    if quick:
+        noise = measure_noise_scale(
+            task,
+            device=device,
+            batches=batches or QUICK_NOISE_BATCHES,
+            progress=lambda phase, done, total: report("noise scale", done, total),
+        )
+        measurements["noise_scale"] = noise.to_dict()
+        if not noise.reliable:
+            return noise, None, None
+        return (
+            noise,
+            noise.noise_scale_samples,
+            (
+                f"measured once, after {noise.step} training steps ({noise.samples_seen:,} "
+                "samples; a quick plan fits no trend, and the noise scale grows later in the run)"
+            ),
+        )
+    per_point = batches or TREND_BATCHES
+    total = per_point * len(TREND_WARMUP_POINTS)
+    done = 0
+
+    def measured(phase: str, step: int, steps: int) -> None:
+        nonlocal done
+        if phase == "measure":
+            done += 1
+            report("noise scale", done, total)
+
+    points = measure_noise_scales(
+        task, warmup_points=TREND_WARMUP_POINTS, batches=per_point, device=device, progress=measured
+    )
+    noise = points[-1]
+    measurements["noise_scale"] = noise.to_dict()
+    usable = [p for p in points if p.reliable and p.noise_scale_samples and p.samples_seen]
+    at = int(max(run_samples / 2, 1))
+    if len(usable) < 2:
+        measurements["noise_trend"] = {"points": [p.to_dict() for p in points], "trend": None}
+        if not noise.reliable:
+            return noise, None, None
+        return (
+            noise,
+            noise.noise_scale_samples,
+            (
+                f"measured after {noise.step} training steps; no trend fitted, since the "
+                f"measurement after {points[0].step} steps was not reliable"
+            ),
+        )
+    trend = fit_noise_trend(
+        [p.samples_seen for p in usable], [p.noise_scale_samples for p in usable], at_samples=at
+    )
+    measurements["noise_trend"] = {
+        "points": [p.to_dict() for p in points],
+        "trend": trend.to_dict(),
+    }
+    steps = " and ".join(str(p.step) for p in usable)
+    return (
+        noise,
+        trend.noise_scale_samples,
+        (
+            f"{trend.describe()}, the middle of the planned run (measured after {steps} warm-up "
+            f"steps at batch {task.batch_size}; power law fitted on log-log axes)"
+        ),
+    )
