@@ -40,7 +40,7 @@ def test_user_text_is_never_read_as_markup():
 def test_plan_rows_reasons_notes_and_train_command():
     plan = SimpleNamespace(
         task="digits", global_batch=128, micro_batch=64, accumulation_steps=2, lr=0.0123456,
-        warmup_steps=10, optimizer="task", normalization="none",
+        warmup_steps=10, optimizer="task", normalization="none", batch_schedule="constant",
         reasons={"lr": "scaled by the sqrt rule"}, notes=["a note"],
     )  # fmt: skip
     console, buffer = _console()
@@ -54,7 +54,8 @@ def test_plan_rows_reasons_notes_and_train_command():
 def test_plan_with_markup_in_the_task_name_prints_it_as_is():
     plan = SimpleNamespace(
         task="vit[b/16]", global_batch=8, micro_batch=8, accumulation_steps=1, lr=0.1,
-        warmup_steps=0, optimizer="task", normalization="none", reasons={}, notes=["[/x]"],
+        warmup_steps=0, optimizer="task", normalization="none", batch_schedule="constant",
+        reasons={}, notes=["[/x]"],
     )  # fmt: skip
     console, buffer = _console()
     print_plan(console, plan, plan_path="p", report_path="r", source="tasks/[a].py:t")

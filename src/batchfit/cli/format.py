@@ -180,6 +180,7 @@ _PLAN_ROWS = (  # label, Plan field
     ("global batch", "global_batch"),
     ("micro-batch", "micro_batch"),
     ("accumulation", "accumulation_steps"),
+    ("batch schedule", "batch_schedule"),
     ("learning rate", "lr"),
     ("warmup steps", "warmup_steps"),
     ("optimizer", "optimizer"),

@@ -42,6 +42,7 @@ _PLAN_ROWS = (
     ("micro_batch", "Micro-batch", "samples per forward/backward on one device"),
     ("accumulation_steps", "Accumulation", "micro-batches per optimizer step"),
     ("world_size", "Devices", "data-parallel processes"),
+    ("batch_schedule", "Batch schedule", "constant, or grown during the run"),
     ("lr", "Learning rate", "at the global batch"),
     ("warmup_steps", "Warmup", "optimizer steps"),
     ("optimizer", "Optimizer", ""),
