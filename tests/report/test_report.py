@@ -147,7 +147,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(seen["images"]) == 4
     assert all(done and width > 0 for done, width in seen["images"])
     assert seen["heading"] == "batchfit plan: digits <&>"
-    assert seen["rows"] == 8
+    assert seen["rows"] == 9  # one row per plan setting
 
 
 @pytest.mark.integration
@@ -158,7 +158,7 @@ def test_report_with_a_run_and_a_sweep_renders_in_headless_chromium(tmp_path):
     assert seen["problems"] == []
     assert len(seen["images"]) == 7  # 4 measurements, the run's curves, steps and rates
     assert all(done and width > 0 for done, width in seen["images"])
-    assert seen["rows"] == 8  # the findings and the read-out are lists, not plan rows
+    assert seen["rows"] == 9  # the findings and the read-out are lists, not plan rows
 
 
 def test_a_rate_set_by_the_range_test_is_not_labelled_with_the_scaling_rule():
