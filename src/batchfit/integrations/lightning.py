@@ -43,6 +43,7 @@ from batchfit.integrations.lightning_fit import (
     diagnose_fit,
     training_data,
 )
+from batchfit.integrations.lightning_split import split_training_step
 from batchfit.integrations.lightning_task import optimizer_like, training_step_loss
 from batchfit.integrations.optional import require
 from batchfit.memory.step import is_out_of_memory
@@ -50,7 +51,6 @@ from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
 from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan, load_plan
 from batchfit.task import batch_size_of, move_to
-from batchfit.training.accumulation import split_batch
 from batchfit.training.batch_schedule import BatchChange, BatchSchedule
 
 pl = require("lightning.pytorch", "lightning")
@@ -339,7 +339,8 @@ class BatchFit(pl.Callback):
                     if not is_out_of_memory(error):
                         raise
                     self._back_off(batch, error)
-            return self._split_step(pl_module, original, batch, args, kwargs)
+            self._split_this_step = True
+            return split_training_step(pl_module, original, batch, self._splits, args, kwargs)
 
         training_step._batchfit = True  # type: ignore[attr-defined]
         pl_module.training_step = training_step
@@ -363,37 +364,6 @@ class BatchFit(pl.Callback):
             self.micro_batch,
             self.global_batch,
         )
-
-    def _split_step(self, pl_module, original, batch, args, kwargs):
-        """The batch's mean loss, run in `self._splits` parts.
-
-        All parts but one backward with `torch.autograd.grad` (no `.grad`, no DDP hooks); the
-        returned loss adds `sum(param * their gradient)`, so Lightning's single backward gives
-        the gradient of the whole batch, as one micro-batch would have.
-        """
-        import torch
-
-        size = batch_size_of(batch)
-        parts = min(self._splits, size)
-        sizes = [size // parts + (index < size % parts) for index in range(parts)]
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        carried = [torch.zeros_like(p) for p in params]
-        losses = []
-        self._split_this_step = True
-        for index, part in enumerate(split_batch(batch, sizes)):
-            weight = sizes[index] / size
-            loss = training_step_loss(original(part, *args, **kwargs)) * weight
-            if index < parts - 1:
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for total, grad in zip(carried, grads):
-                    if grad is not None:
-                        total.add_(grad)
-                losses.append(loss.detach())
-                del loss, grads
-            else:
-                last = loss
-        surrogate = sum((p * g).sum() for p, g in zip(params, carried))
-        return last + surrogate - surrogate.detach() + sum(losses)
 
     # --- noise scale, warm-up, counting -------------------------------------------------------
 
