@@ -45,9 +45,14 @@ def _gpt2_task(name: str) -> Task:
 
     layers, hidden, heads = GPT2_SIZES[name]
     config = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=SEQUENCE)
+    return _decoder_task(GPT2LMHeadModel, config, name)
+
+
+def _decoder_task(model_class, config, name: str) -> Task:
+    """A causal language model built from `config` (no download), Adam at 3e-4, batch 8."""
 
     def model():
-        return GPT2LMHeadModel(config)
+        return model_class(config)
 
     return Task(
         model=model,
@@ -90,20 +95,7 @@ def llama_1b() -> Task:
         num_key_value_heads=16,
         max_position_embeddings=SEQUENCE,
     )
-
-    def model():
-        return LlamaForCausalLM(config)
-
-    return Task(
-        model=model,
-        train_data=_token_data(config.vocab_size),
-        loss=_lm_loss,
-        optimizer=_adam,
-        lr=3e-4,
-        batch_size=8,
-        kind="language-model",
-        name="llama_1b",
-    )
+    return _decoder_task(LlamaForCausalLM, config, "llama_1b")
 
 
 class _Bottleneck(nn.Module):
