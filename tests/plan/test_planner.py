@@ -196,13 +196,26 @@ def test_a_full_plan_chooses_from_the_noise_trend():
     assert not any("raised later" in note for note in result.notes)
 
 
+def test_a_reference_rate_far_too_low_is_raised_by_a_range_test_that_reaches_divergence():
+    # SGD at 1e-3 on the tiny MLP (its usual rate is 0.1): the loss still falls at 100x that
+    # rate, so a sweep that stopped there could not place the rate; the sweep goes on to where
+    # the loss diverges.
+    task = make_mlp_task(samples=512, lr=1e-3)
+    result = plan(task, device="cpu", quick=True)
+    sweep = result.measurements["range_test"]
+    assert sweep["stop_reason"] in ("diverged", "not_finite"), sweep["stop_reason"]
+    assert max(sweep["lrs"]) > 100 * task.lr * result.global_batch / task.batch_size
+    assert result.lr > 10 * task.lr
+    assert "raised" in result.reasons["lr"]
+
+
 def test_a_quick_plan_says_what_it_shortened_and_skips_what_it_does_not_need():
     task = make_mlp_task(samples=512)
     quick = plan(task, device="cpu", quick=True)
     note = next(note for note in quick.notes if note.startswith("Quick plan"))
-    assert "one measurement over 12" in note and "range test of 40 steps" in note
+    assert "one measurement over 12" in note and "range test of 56 steps" in note
     assert "noise_trend" not in quick.measurements
-    assert quick.measurements["range_test"]["steps"] <= 40
+    assert quick.measurements["range_test"]["steps"] <= 56
     assert quick.measurements["noise_scale"]["batches"] == 12
     if quick.measurements["noise_scale"]["reliable"]:
         assert "measured once" in quick.reasons["global_batch"]
