@@ -99,8 +99,8 @@ def test_micro_batch_grows_first_from_below_the_starting_batch():
     assert (change.new_batch, change.micro_batch, change.accumulation_steps) == (128, 64, 2)
 
 
-def test_noise_schedule_doubles_on_a_constructed_series_and_the_rate_follows_the_rule(tmp_path):
-    series = lambda step: 1000.0 if step < 7 else 50.0  # noqa: E731
+def test_noise_schedule_grows_on_a_constructed_series_and_the_rate_follows_the_rule(tmp_path):
+    series = lambda step: 50.0 if step < 7 else 1000.0  # noqa: E731
     config = TrainConfig(
         global_batch=16,
         micro_batch=16,
@@ -122,13 +122,14 @@ def test_noise_schedule_doubles_on_a_constructed_series_and_the_rate_follows_the
         assert line["lr"] == pytest.approx(1e-3 * reference.lr_factor(step), rel=1e-12)
         previous, seen = series(step + 1), seen + batch
     assert [(c.step, c.old_batch, c.new_batch) for c in result.batch_changes] == [
-        (4, 16, 32),
-        (7, 32, 64),
+        (4, 16, 32),  # 50 > 2 x 16 but not 2 x 32: one doubling
+        (10, 32, 128),  # 1000 > 2 x 32, 2 x 64 and 2 x 128: up to the cap 16 x 8 in one change
     ]
-    assert "noise scale 1000 > 2 x 16 for 3 steps" in result.batch_changes[0].evidence
+    assert "noise scale 50 > 2 x 16 for 3 steps" in result.batch_changes[0].evidence
     assert result.batch_changes[0].lr_factor == pytest.approx(2**0.5)  # sqrt rule (Adam)
+    assert result.batch_changes[1].lr_factor == pytest.approx(8**0.5)
     assert lines[3]["batch_change"]["new_batch"] == 32 and "batch_change" not in lines[4]
-    assert result.to_dict()["batch_changes"][1]["new_batch"] == 64
+    assert result.to_dict()["batch_changes"][1]["new_batch"] == 128
 
 
 def test_noise_schedule_never_passes_its_cap():

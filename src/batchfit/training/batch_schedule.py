@@ -25,9 +25,12 @@ The forms (`parse_batch_schedule`, `SCHEDULE_FORMS`):
   rate decays as scheduled.
 - `noise`, `noise:FACTOR` or `noise:FACTOR:WINDOW`: adaptive. When the smoothed gradient noise
   scale B_simple (`batchfit.noise.callback.NoiseScaleCallback`) has stayed above FACTOR (default
-  2) x the global batch for WINDOW (default 30) steps in a row, the batch doubles (never above the
-  cap). Hysteresis: a step between 0.75 x FACTOR x batch and FACTOR x batch neither counts nor
-  resets the run of steps, one below resets it, and after a doubling the count starts again. The
+  2) x the global batch for WINDOW (default 10) steps in a row, the batch doubles as many times
+  as the noise scale asks at once (while it is above FACTOR x the doubled batch; never above the
+  cap), so a run started far below its critical batch reaches it in one change rather than one
+  doubling per window. Hysteresis: a step between 0.75 x FACTOR x batch and FACTOR x batch
+  neither counts nor resets the run of steps, one below resets it, and after a change the count
+  starts again. The
   rate follows the rule (linear for SGD-type, sqrt for Adam-type) over a short ramp
   (`RATE_RAMP_STEPS`), scaled only up to the measured noise scale: past it the best rate stops
   rising (Li et al. 2024, "Surge phenomenon in optimal learning rate and batch size scaling").
@@ -73,8 +76,12 @@ SCHEDULE_FORMS = (
 NOISE_FACTOR = 2.0
 """`noise` doubles the batch when the noise scale stays above this many times the batch."""
 
-NOISE_WINDOW = 30
-"""Steps the noise scale must stay above the threshold: the tracker's window (30 steps)."""
+NOISE_WINDOW = 10
+"""Steps in a row the noise scale must stay above the threshold. The tracker's estimate is
+already a mean over its 30-step window (`batchfit.noise.estimator.DEFAULT_WINDOW`); ten steps
+more guard against one high reading without waiting out a second window (a 30-step wait put
+the first change after 40-170 steps on the digits example, past the point where a larger batch
+would have saved steps)."""
 
 HYSTERESIS = 0.75
 """A noise scale below this share of the threshold resets the count of steps above it."""
@@ -296,7 +303,7 @@ class SeesawBatch(BatchSchedule):
 
 
 class NoiseBatch(BatchSchedule):
-    """Double the batch while the smoothed noise scale stays above `factor` x the batch.
+    """Grow the batch by doublings while the smoothed noise scale stays above `factor` x it.
 
     Args:
         global_batch: the starting global batch (samples).
@@ -305,14 +312,17 @@ class NoiseBatch(BatchSchedule):
             the memory limit x accumulation.
         rule: the rate rule, "linear" (SGD-type), "sqrt" (Adam-type) or "none".
         factor: the threshold, in multiples of the batch.
-        window: steps in a row the noise scale must stay above the threshold.
+        window: steps in a row the noise scale must stay above the threshold. Then the batch
+            doubles while the noise scale is above `factor` x the doubled batch too: the
+            smallest batch x 2^k with `factor` x batch x 2^k >= the noise scale, or the
+            largest under the cap.
 
     Example:
-        >>> schedule = NoiseBatch(32, max_batch=128, rule="sqrt", window=3)
-        >>> [schedule.global_batch(t, 32 * t, 200.0) for t in range(8)]
-        [32, 32, 64, 64, 64, 128, 128, 128]
-        >>> round(schedule.lr_factor(5 + 10), 4)  # sqrt(128 / 32), after the ramp
-        2.0
+        >>> schedule = NoiseBatch(32, max_batch=512, rule="sqrt", window=3)
+        >>> [schedule.global_batch(t, 32 * t, 300.0) for t in range(6)]  # 300 <= 2 x 256
+        [32, 32, 256, 256, 256, 256]
+        >>> round(schedule.lr_factor(2 + 10), 4)  # sqrt(256 / 32), after the ramp
+        2.8284
     """
 
     def __init__(
@@ -345,17 +355,21 @@ class NoiseBatch(BatchSchedule):
         elif noise_scale < HYSTERESIS * threshold:
             self.above = 0
         if self.above >= self.window:
-            doubled = 2 * self.batch  # a whole doubling or none: the batch stays base x 2^k
-            if self.max_batch is None or doubled <= self.max_batch:
+            grown = self.batch  # whole doublings only: the batch stays base x 2^k
+            while noise_scale > self.factor * grown and (
+                self.max_batch is None or 2 * grown <= self.max_batch
+            ):
+                grown *= 2
+            if grown != self.batch:
                 self.old_factor = self.lr_factor(step)
                 # The rate rises with the batch only up to the measured noise scale.
-                rate_batch = min(doubled, max(self.batch, noise_scale))
+                rate_batch = min(grown, max(self.batch, noise_scale))
                 self.new_factor = rule_factor(self.rule, rate_batch / self.base_batch)
                 self.evidence = (
                     f"noise scale {noise_scale:.0f} > {self.factor:g} x {self.batch} for "
                     f"{self.above} steps"
                 )
-                self.batch, self.changed_at = doubled, step
+                self.batch, self.changed_at = grown, step
             self.above = 0
         return self.batch
 
