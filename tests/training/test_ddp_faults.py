@@ -70,6 +70,9 @@ def test_the_launcher_shows_the_cause_before_the_collective_failures_it_caused(t
         path.unlink()
     (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"1": -9}, "outcome": 1}))
     assert "rank 1 ended with signal 9 (SIGKILL)" in _read_outcome(tmp_path)["line"]
+    # rank 1 aborted and torchrun ended rank 0 with SIGTERM: the abort is the cause
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": -15, "1": -6}}))
+    assert "rank 1 ended with signal 6 (SIGABRT)" in _read_outcome(tmp_path)["line"]
     (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 130}, "outcome": 130}))
     assert _read_outcome(tmp_path)["interrupted"]
 

@@ -371,7 +371,8 @@ def _read_outcome(folder: Path) -> dict[str, Any]:
         return {"line": line, "interrupted": False}
     failed = {rank: code for rank, code in codes.items() if code != 0}
     if failed:
-        rank, code = min(failed.items())
+        # torchrun ends the other ranks with SIGTERM once one fails: name the one that failed.
+        rank, code = min(failed.items(), key=lambda item: (item[1] == -15, item[0]))
         how = f"signal {-code} ({_signal_name(-code)})" if code < 0 else f"exit code {code}"
         return {
             "line": f"rank {rank} ended with {how}, before it could say why (its output, if "

@@ -221,6 +221,13 @@ def train(
             )
     finally:
         if started_group:
+            # The DDP wrapper of the run (its reducer holds the group) lives in reference
+            # cycles: free it before the group, or its gloo threads are torn down at exit
+            # after the group and the process can abort ("terminate called without an
+            # active exception"), which torchrun reports as a failed rank.
+            import gc
+
+            gc.collect()
             destroy_distributed()
 
 
