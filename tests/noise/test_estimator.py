@@ -149,6 +149,19 @@ def test_tracker_window_forgets_old_steps_and_reads_a_trend_at_its_end():
     assert plain.gradient_sq_norm == pytest.approx(2.5)
 
 
+def test_a_fast_fall_that_the_trend_line_overshoots_reads_the_window_means():
+    # |G|^2 of 64, 8, 4, 2 and tr(Sigma) 10 x that (noise scale 10 throughout): the straight
+    # line through |G|^2 ends at -9, below every value; the ratio of the means is exact.
+    tracker = NoiseScaleTracker(window=4)
+    for gradient_sq in (64.0, 8.0, 4.0, 2.0):
+        trace = 10 * gradient_sq  # E|g_2|^2 = G + tr/2, E|g_8|^2 = G + tr/8
+        tracker.update(gradient_sq + trace / 2, gradient_sq + trace / 8, small_batch=2, big_batch=8)
+    assert tracker.gradient_sq_norm == pytest.approx(19.5)  # the mean: (64 + 8 + 4 + 2) / 4
+    assert tracker.trace_covariance == pytest.approx(195.0)
+    assert tracker.noise_scale == pytest.approx(10.0)
+    assert tracker.estimate().reliable is False  # 4 steps: too few, but no longer undefined
+
+
 def test_tracker_interval_always_holds_its_estimate():
     import random
 

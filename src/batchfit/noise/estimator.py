@@ -326,15 +326,35 @@ class NoiseScaleTracker:
         self.small_batch = float(small_batch)
         self.big_batch = float(big_batch)
 
+    def _at_latest_step(self) -> tuple[float, float]:
+        """(|G|^2, tr(Sigma)) at the latest step: each read at the end of its trend line.
+
+        While both fall fast (early in training, by 10x within a window), the straight line
+        through the window can end below zero although every part of the window says they are
+        positive: then both are the window's plain means. Their ratio has no lag while they fall
+        together (the lag of each cancels), which is when the line overshoots.
+        """
+        trend = self.window is not None
+        gradient_sq = _at_end([pair[0] for pair in self._pairs], trend=trend)
+        trace = _at_end([pair[1] for pair in self._pairs], trend=trend)
+        if trend and (gradient_sq <= 0 or trace <= 0):
+            means = (
+                _at_end([pair[0] for pair in self._pairs], trend=False),
+                _at_end([pair[1] for pair in self._pairs], trend=False),
+            )
+            if means[0] > 0 and means[1] > 0:
+                return means
+        return gradient_sq, trace
+
     @property
     def gradient_sq_norm(self) -> float:
         """The |G|^2 estimate at the latest step (0.0 before any update); see `_at_end`."""
-        return _at_end([pair[0] for pair in self._pairs], trend=self.window is not None)
+        return self._at_latest_step()[0]
 
     @property
     def trace_covariance(self) -> float:
         """The tr(Sigma) estimate at the latest step (0.0 before any update); see `_at_end`."""
-        return _at_end([pair[1] for pair in self._pairs], trend=self.window is not None)
+        return self._at_latest_step()[1]
 
     @property
     def noise_scale(self) -> float | None:
