@@ -71,3 +71,21 @@ def test_unknown_stop_kind_lists_the_kinds():
 def test_every_must_be_positive():
     with pytest.raises(ConfigError, match="every"):
         LiveDiagnosis(every=0)
+
+
+def test_a_growing_batch_is_judged_at_its_latest_size_live_and_from_the_log(tmp_path):
+    from batchfit.monitor.readers import read_history
+    from tests.conftest import make_mlp_task
+
+    live = LiveDiagnosis(every=100)
+    config = TrainConfig(
+        global_batch=16,
+        micro_batch=16,
+        steps=8,
+        batch_schedule="ramp:0:16,64:64",  # 16 for 4 steps, then 64 (4 x 16)
+        out_dir=str(tmp_path),
+    )
+    train(make_mlp_task(), config, device="cpu", callbacks=[live])
+    assert live.history().global_batch == 64 and live.history().micro_batch == 16
+    history = read_history(tmp_path / "metrics.jsonl")
+    assert history.global_batch == 64 and history.micro_batch == 16

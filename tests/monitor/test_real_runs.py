@@ -34,8 +34,20 @@ def _diagnose_run(task, tmp_path, **options):
 def test_the_default_run_is_healthy(digits, tmp_path):
     # the README's run: global batch 256 in micro-batches of 32, the rate by the sqrt rule
     diagnosis = _diagnose_run(digits, tmp_path, global_batch=256, micro_batch=32)
-    assert diagnosis.findings == ()
     assert "batch-below-critical" in diagnosis.checked  # the noise scale was read
+    # Nothing wrong with it; at most the note that the critical batch has grown past the batch
+    # by the end, which an independent measurement of the trained model confirms (the
+    # standalone measurement reads about 4,800 samples there, the in-training window ~800).
+    assert [finding.kind for finding in diagnosis.findings] in ([], ["batch-below-critical"])
+    if diagnosis.findings:
+        from batchfit.noise.measure import measure_noise_scale
+
+        (finding,) = diagnosis.findings
+        assert finding.severity == "info"
+        exact = measure_noise_scale(
+            digits, checkpoint=tmp_path / "run" / "checkpoint.pt", device="cpu", batches=30
+        ).noise_scale_samples
+        assert exact > 2 * 256 and finding.evidence["noise_scale"] > 2 * 256
 
 
 def test_rate_100x_too_high_is_diverging(digits, tmp_path):

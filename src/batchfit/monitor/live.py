@@ -91,6 +91,7 @@ class LiveDiagnosis:
         self._points: list[tuple[int, float, float, float | None]] = []  # step, loss, lr, noise
         self._evaluations: list[tuple[int, dict[str, float]]] = []
         self._global_batch: int | None = None
+        self._samples_seen: int | None = None  # after the last step seen here
         self._micro_batch: int | None = None
         self._reported_before: set[str] = set()  # kinds reported before a resume
 
@@ -107,6 +108,12 @@ class LiveDiagnosis:
         if self.noise is not None:
             noise = getattr(getattr(self.noise, "tracker", None), "noise_scale", None)
         self._points.append((int(record.step), float(record.loss), float(record.lr), noise))
+        # A batch schedule changes the global batch during the run: judge the latest one.
+        samples = getattr(record, "samples_seen", None)
+        if samples is not None and self._samples_seen is not None:
+            self._global_batch = int(samples) - self._samples_seen
+            self._micro_batch = getattr(record, "micro_batch", self._micro_batch)
+        self._samples_seen = None if samples is None else int(samples)
         if self.every and record.step % self.every == 0:
             self.check()
         return {}

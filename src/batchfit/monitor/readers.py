@@ -300,9 +300,11 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
         raise RunLogError(
             f"{str(file)!r} has no metrics lines with a 'step'; give a batchfit metrics.jsonl."
         )
-    first = records[0]
+    first, last = records[0], records[-1]
     global_batch = None
-    if first.get("samples_seen") and first.get("step"):
+    if isinstance(last.get("global_batch"), int):
+        global_batch = last["global_batch"]  # a batch schedule logs it on every line
+    elif first.get("samples_seen") and first.get("step"):
         global_batch = int(first["samples_seen"]) // int(first["step"])
     notes = [f"{torn} unreadable lines skipped"] if torn else []
     return _history(
@@ -311,7 +313,7 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
         file,
         "batchfit",
         global_batch=global_batch,
-        micro_batch=first.get("micro_batch"),
+        micro_batch=last.get("micro_batch", first.get("micro_batch")),
         notes=notes,
     )
 
