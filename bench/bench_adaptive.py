@@ -41,6 +41,9 @@ EXAMPLES = {
     "charlm": ("val_accuracy>=0.45", 3.0, (16, 64, 256), (1.0, 3.0), 16, 40),
 }
 
+MICRO_LIMIT = 128
+"""The largest micro-batch of any run: larger batches accumulate (as on a memory-bound device)."""
+
 VAL_SAMPLES = {"cnn": 256}
 """Examples evaluated on the first this-many validation samples (on this loaded machine)."""
 
@@ -214,14 +217,14 @@ def jobs_for(example: str, seeds: int, plan_batch: int, plan_lr: float) -> list[
                 (
                     f"B={batch} lr={rate * factor:.3g}",
                     batch,
-                    min(batch, 128),
+                    min(batch, MICRO_LIMIT),
                     rate * factor,
                     "constant",
                     math.ceil(budget / batch),
                     False,
                 )
             )
-    micro = min(plan_batch, 128)
+    micro = min(plan_batch, MICRO_LIMIT)
     configs.append(
         (
             f"plan B={plan_batch} lr={plan_lr:.3g}",
@@ -235,15 +238,18 @@ def jobs_for(example: str, seeds: int, plan_batch: int, plan_lr: float) -> list[
     )
     # The schedules start at the smallest batch, at each rate factor of the grid (the rule-scaled
     # rate and a multiple of it); ramp grows to 8x the start over the first half of the budget.
+    # Their micro-batch limit is the constant runs' (MICRO_LIMIT): the memory the batch grows
+    # into, and with 8 accumulation steps the cap of seesaw and noise.
     start_rate = scaled_rate(task.lr, task.batch_size, start, rule).lr
     ramp = f"ramp:{start}-{8 * start}:{budget // 2}"
+    limit = min(MICRO_LIMIT, max(batches))
     for factor in factors:
         rate = start_rate * factor
         for spec in (ramp, "seesaw"):
-            steps = schedule_steps(task, spec, start, start, budget, rate)
-            configs.append((f"{spec} lr={rate:.3g}", start, start, rate, spec, steps, False))
+            steps = schedule_steps(task, spec, start, limit, budget, rate)
+            configs.append((f"{spec} lr={rate:.3g}", start, limit, rate, spec, steps, False))
         configs.append(
-            (f"noise lr={rate:.3g}", start, start, rate, "noise", math.ceil(budget / start), True)
+            (f"noise lr={rate:.3g}", start, limit, rate, "noise", math.ceil(budget / start), True)
         )
     return [
         Job(example, label, seed, batch, micro_b, lr, spec, steps, budget, stop, target)
