@@ -1,6 +1,6 @@
 """Does the advice hold up? Time to a validation target with the plan, a default and a grid.
 
-For each example (digits, charlm, cnn) and one task that is not an example (`cancer`:
+For each example (digits, charlm, cnn, unet) and one task that is not an example (`cancer`:
 scikit-learn's breast-cancer data, standardised, with a small MLP) the same training loop
 (`batchfit.training.loop.train`, one process, cosine decay over the same number of epochs) runs
 with:
@@ -72,7 +72,7 @@ DEFAULT_BATCH = 32
 class Setting:
     """How one example is benchmarked."""
 
-    target: float  # validation metric to reach (val_accuracy)
+    target: float  # validation metric to reach (val_<the task's metric>, higher is better)
     epochs: float  # run length of every setting (the schedule is sized for it): the step cap
     max_seconds: float  # training-time cap per run
     eval_seconds: float  # evaluate at least this often, in training seconds
@@ -94,9 +94,16 @@ SETTINGS = {
     "charlm": Setting(
         target=0.45, epochs=10, max_seconds=45, eval_seconds=0.5, eval_samples=1024, repeats=1
     ),
-    # 1-D CNN example: 0.9 of its held-out sequences.
+    # CNN example: 0.99 of its held-out images. (At 0.9, every setting but the largest batches
+    # passed at its first evaluation, so the times measured the evaluation spacing.)
     "cnn": Setting(
-        target=0.9, epochs=10, max_seconds=30, eval_seconds=0.5, eval_samples=256, repeats=3
+        target=0.99, epochs=10, max_seconds=30, eval_seconds=0.5, eval_samples=64, repeats=3
+    ),
+    # U-Net example: intersection over union 0.89 on its 128 held-out images (a default run at
+    # batch 8 passes 0.89 after 2 epochs and levels off at 0.90). Its steps cost 10-100x those
+    # of the MLPs: 4 epochs and a 20 s cap per run.
+    "unet": Setting(
+        target=0.89, epochs=4, max_seconds=20, eval_seconds=1.0, eval_samples=128, repeats=3
     ),
     # Not an example: scikit-learn's breast-cancer data (569 samples, 30 features), standardised,
     # with a 30-64-64-2 MLP; 0.95 of its 114 held-out samples. Evaluate after every step.
