@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from batchfit.errors import ConfigError
 from batchfit.plan.plan_file import apply_plan
 from batchfit.plan.planner import plan as make_plan
 from batchfit.sweep.fit import fit_steps
@@ -482,7 +483,10 @@ def grid_critical_batch(result: dict) -> tuple[dict[int, float], object]:
 
 
 def _critical_line(result: dict) -> str:
-    best, fit = grid_critical_batch(result)
+    try:
+        best, fit = grid_critical_batch(result)
+    except ConfigError as error:  # fewer than two grid batches reached the target
+        return f"grid steps to target: no critical batch ({error})"
     steps = ", ".join(f"{b}: {s:.0f}" if math.isfinite(s) else f"{b}: -" for b, s in best.items())
     planned = result["plan"]["global_batch"]
     if fit.critical_batch is None:
@@ -571,15 +575,19 @@ def main() -> None:
                 name, setting, first_seed=args.first_seed, quick=args.quick, progress=progress
             )
             results.append(result)
+            if args.json:  # after every example: a later failure keeps the earlier results
+                _write_json(args.json, results)
             print(summary(result), flush=True)
             print()
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end")
-    if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=1)
-        os.replace(tmp, args.json)
+
+
+def _write_json(path: str, results: list[dict]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
