@@ -345,6 +345,7 @@ def bench_example(
         "example": name,
         "setting": asdict(setting),
         "first_seed": first_seed,
+        "metric": f"val_{task.metric_name}",
         "reference_lr": task.lr,
         "reference_batch": task.batch_size,
         "train_samples": len(task.train_data),
@@ -407,7 +408,8 @@ def summary(result: dict) -> str:
     setting = result["setting"]
     runs = result["runs"]
     lines = [
-        f"{result['example']}: target val_accuracy >= {setting['target']}; each run at most "
+        f"{result['example']}: target {result.get('metric', 'val_accuracy')} >= "
+        f"{setting['target']}; each run at most "
         f"{setting['epochs']:g} epochs of {result['train_samples']} samples or "
         f"{setting['max_seconds']:.0f} s of training; reference lr {result['reference_lr']:g} "
         f"at batch {result['reference_batch']}; median of {setting['repeats']} seed(s) from "
