@@ -88,6 +88,16 @@ def test_sustained_rise_from_the_best_is_diverging():
     assert finding.evidence["best_step"] < finding.steps[0]
 
 
+def test_a_spike_of_a_nearly_fitted_model_is_not_a_divergence():
+    # the loss fell from 2.3 to 0.001; a jump to 0.004 gives back 0.1% of that progress
+    losses = _decay(n=300, floor=0.001, rate=0.05, noise=0.02)
+    losses[250] = 0.004
+    diagnosis = diagnose(_history(losses))
+    assert diagnosis.get("diverging") is None
+    losses[250] = 0.3  # 13% of the progress: a spike
+    assert diagnose(_history(losses)).get("diverging").evidence["spike_steps"] == [251]
+
+
 def test_a_rare_spike_is_a_diverging_warning_not_critical():
     losses = _decay(n=300, noise=0.02)
     losses[200] = 2.0  # one spike, recovered at once

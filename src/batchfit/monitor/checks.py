@@ -100,6 +100,7 @@ def diverging(curve: Curve, run: RunSettings) -> list[Finding]:
         if (
             values[i] > limits.SPIKE_RATIO * reference
             and values[i] - reference > limits.SPIKE_SPREADS * spread
+            and values[i] - reference > limits.SPIKE_MIN_PROGRESS * curve.progress
         ):
             spikes.append(i)
     if (

@@ -90,6 +90,11 @@ SPIKE_SPREADS = 8.0
 """... and above it by 8 robust standard deviations (1.4826 x MAD) of that window: far outside
 what the step-to-step noise of the same stretch produces."""
 
+SPIKE_MIN_PROGRESS = 0.05
+"""... and gives back at least 5% of the progress the run has made (start - best): near a
+training loss of 1e-3, a jump to 4e-3 is step-to-step noise of a nearly fitted model, not a
+divergence."""
+
 SPIKE_MAX_SHARE = 0.02
 """Spikes are rare events; when more than 2% of the steps qualify, the loss is heavy-tailed
 noise (a tiny batch), which `noisy` reports instead."""
