@@ -38,7 +38,7 @@ The grid's critical batch: for each grid batch, the fewest median steps to targe
 batch beyond which doubling it stops nearly halving the steps; McCandlish et al. 2018).
 
 Run by hand (never in CI), about 12 minutes on 2 CPU cores:
-    python bench/bench_advice.py [--examples digits charlm cnn cancer] [--epochs E] [--repeats N]
+    python bench/bench_advice.py [--examples digits charlm cnn unet cancer] [--epochs E] [--repeats N]
         [--first-seed S] [--quick] [--json results.json]
     python bench/bench_advice.py --summary results.json   # the tables again
 """
