@@ -37,9 +37,10 @@ The grid's critical batch: for each grid batch, the fewest median steps to targe
 `batchfit.sweep.fit.fit_steps` fits S = S_min + E_min/B to them, B_crit = E_min/S_min (the
 batch beyond which doubling it stops nearly halving the steps; McCandlish et al. 2018).
 
-Run by hand (never in CI), about 12 minutes on 2 CPU cores:
-    python bench/bench_advice.py [--examples digits charlm cnn unet cancer] [--epochs E] [--repeats N]
-        [--first-seed S] [--quick] [--json results.json]
+Run by hand (never in CI); at 3 seeds on 2 CPU cores digits and cancer take a few minutes, cnn
+and charlm 10-20 and unet about 30:
+    python bench/bench_advice.py [--examples digits charlm cnn unet cancer] [--epochs E]
+        [--repeats N] [--first-seed S] [--quick] [--json results.json]
     python bench/bench_advice.py --summary results.json   # the tables again
 """
 

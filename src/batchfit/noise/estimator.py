@@ -335,16 +335,13 @@ class NoiseScaleTracker:
         together (the lag of each cancels), which is when the line overshoots.
         """
         trend = self.window is not None
-        gradient_sq = _at_end([pair[0] for pair in self._pairs], trend=trend)
-        trace = _at_end([pair[1] for pair in self._pairs], trend=trend)
-        if trend and (gradient_sq <= 0 or trace <= 0):
-            means = (
-                _at_end([pair[0] for pair in self._pairs], trend=False),
-                _at_end([pair[1] for pair in self._pairs], trend=False),
-            )
-            if means[0] > 0 and means[1] > 0:
+        series = ([pair[0] for pair in self._pairs], [pair[1] for pair in self._pairs])
+        ends = (_at_end(series[0], trend=trend), _at_end(series[1], trend=trend))
+        if trend and min(ends) <= 0:
+            means = (_at_end(series[0], trend=False), _at_end(series[1], trend=False))
+            if min(means) > 0:
                 return means
-        return gradient_sq, trace
+        return ends
 
     @property
     def gradient_sq_norm(self) -> float:
