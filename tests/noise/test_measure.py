@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, vmap
 from batchfit.errors import CheckpointError, ConfigError
 from batchfit.noise.measure import default_batch_sizes, measure_noise_scale
 from batchfit.task import EXAMPLES, load_example
-from tests.conftest import make_mlp_task
+from tests.conftest import make_bn1d_task, make_mlp_task
 
 
 def exact_statistics(task, model) -> tuple[float, float, float]:
@@ -233,3 +233,19 @@ def test_several_points_of_one_warm_up_match_separate_measurements():
         measure_noise_scales(task, warmup_points=[9, 3], batches=2, device="cpu")
     with pytest.raises(ConfigError, match="ascending order"):
         measure_noise_scales(task, warmup_points=[], batches=2, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "small, big, words",
+    [(1, 8, "small_batch 1"), (2, 9, "big_batch 9, which leaves a last micro-batch of 1")],
+)
+def test_a_batchnorm_model_is_never_measured_on_one_sample(small, big, words):
+    with pytest.raises(ConfigError, match="BatchNorm") as error:
+        measure_noise_scale(
+            make_bn1d_task(), small_batch=small, big_batch=big, batches=2, warmup_steps=0
+        )
+    assert words in str(error.value)
+    result = measure_noise_scale(
+        make_bn1d_task(), small_batch=2, big_batch=8, batches=2, warmup_steps=0
+    )
+    assert result.batches == 2

@@ -214,9 +214,10 @@ def measure_noise_scales(
         if checkpoint is not None:
             _load_checkpoint(model, checkpoint)
         model.train()
+        sizes = [small] * (big // small) + ([big % small] if big % small else [])
+        _check_batchnorm_sizes(model, sizes, big)
         warm_up = _WarmUp(task, model, target, progress, total=points[-1])
         params = [param for param in model.parameters() if param.requires_grad]
-        sizes = [small] * (big // small) + ([big % small] if big % small else [])
         harmonic = len(sizes) / sum(1.0 / size for size in sizes)
         for point in points:
             warm_up.advance(point)
@@ -327,6 +328,25 @@ def _two_norms(
     assert summed is not None
     big_sq = sum(float(g.double().square().sum()) for g in summed)
     return sum(small_sq) / len(small_sq), big_sq
+
+
+def _check_batchnorm_sizes(model: nn.Module, sizes: list[int], big_batch: int) -> None:
+    """Refuse micro-batches of one sample on a model with BatchNorm (it cannot train on them)."""
+    from batchfit.plan.norm_layers import smallest_batch
+
+    least = smallest_batch(model)
+    if min(sizes) >= least:
+        return
+    what = (
+        f"small_batch {sizes[0]}"
+        if sizes[0] < least
+        else f"big_batch {big_batch}, which leaves a last micro-batch of {sizes[-1]}"
+    )
+    raise ConfigError(
+        f"The model has BatchNorm, which cannot train on a micro-batch of one sample ({what}); "
+        f"use a small batch of at least {least} that divides the big batch (--small-batch, "
+        "--big-batch)."
+    )
 
 
 def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
