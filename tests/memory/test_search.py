@@ -12,7 +12,7 @@ from batchfit.memory import task_search as search_module
 from batchfit.memory.predict import predict_step_memory
 from batchfit.memory.search import find_max_batch_size
 from batchfit.memory.step import measure_step_memory
-from tests.conftest import make_mlp_task
+from tests.conftest import make_bn1d_task, make_mlp_task
 from tests.memory.test_predict import _data_dependent_loss, _DataDependent
 
 MiB = 1024**2
@@ -188,6 +188,15 @@ def test_batch_one_does_not_fit_a_task():
     assert budget > one.state_bytes
     with pytest.raises(DoesNotFitError, match="No batch size fits: batch size 1 needs"):
         find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+
+
+def test_a_batchnorm_task_that_does_not_fit_is_judged_at_batch_two_not_one():
+    # BatchNorm cannot train on one sample: the check runs at 2 and says so (it raised torch's
+    # "Expected more than 1 value per channel" from a fake run at batch 1).
+    task = make_bn1d_task()
+    two = predict_step_memory(task, 2)
+    with pytest.raises(DoesNotFitError, match="batch size 2 \\(the smallest a model with Batch"):
+        find_max_batch_size(task, device="cpu", memory_budget=two.peak_bytes - 512, margin=0)
 
 
 @pytest.mark.parametrize("budget", ["lots", "0", "-5MiB", "12 parsecs", 0, -1])

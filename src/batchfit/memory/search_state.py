@@ -54,9 +54,13 @@ class SearchState:
             "margin"
         )
 
-    def does_not_fit(self, needed: int | None) -> DoesNotFitError:
-        """The error for "not even batch size 1 fits" (`needed`: its peak bytes, when known)."""
-        need = f"batch size 1 needs {format_bytes(needed)}" if needed else "batch size 1 fails"
+    def does_not_fit(self, needed: int | None, batch_size: int = 1) -> DoesNotFitError:
+        """The error for "not even the smallest batch fits" (`needed`: the peak bytes of
+        `batch_size`, when known; a model with BatchNorm cannot train below 2)."""
+        smallest = f"batch size {batch_size}"
+        if batch_size > 1:
+            smallest += " (the smallest a model with BatchNorm trains on)"
+        need = f"{smallest} needs {format_bytes(needed)}" if needed else f"{smallest} fails"
         return DoesNotFitError(
             f"No batch size fits: {need}; {self.budget_text()}. Try lower precision "
             "(bf16), activation checkpointing, a smaller model, or a larger budget."

@@ -328,11 +328,15 @@ class TaskSearch(SearchState):
         self._formula = formula
         limit = formula.largest_fitting(self.usable, max_batch_size=self.max_batch)
         if limit == 0:
-            counted = self._fake_run(1).peak_bytes
-            if counted != formula.peak_bytes(1):
-                self._drop_formula(1, counted)
+            from batchfit.plan.norm_layers import smallest_batch
+
+            # Confirm at the smallest batch the model can train on (2 with BatchNorm).
+            least = smallest_batch(self.task.make_model())
+            counted = self._fake_run(least).peak_bytes
+            if counted != formula.peak_bytes(least):
+                self._drop_formula(least, counted)
                 return None
-            raise self.does_not_fit(counted)
+            raise self.does_not_fit(counted, least)
         return limit
 
     def _check_formula(self, trial: Trial) -> bool:
