@@ -98,31 +98,52 @@ def schedule_for_run(
         first = schedule.batch
         plan_accumulation(
             first,
-            fit_micro_batch(first, world_size, config.micro_batch, config.allow_uneven),
+            fit_micro_batch(
+                first,
+                world_size,
+                config.micro_batch,
+                config.allow_uneven,
+                split=splits_steps(schedule),
+            ),
             world_size,
             allow_uneven=config.allow_uneven,
         )
     return schedule
 
 
-def fit_micro_batch(global_batch: int, world_size: int, limit: int, allow_uneven: bool) -> int:
+def fit_micro_batch(
+    global_batch: int, world_size: int, limit: int, allow_uneven: bool, *, split: bool = False
+) -> int:
     """The micro-batch for `global_batch`: as large as the memory `limit` allows, then accumulate.
 
     The largest divisor of the per-rank batch that is at most `limit` (with `allow_uneven`,
-    `limit` itself when the per-rank batch is larger).
+    `limit` itself when the per-rank batch is larger). With `split` (`splits_steps`) on one rank,
+    at most half the batch: every step then has two micro-batches or more, whose gradient norms
+    measure the noise scale without the bias of pairing consecutive steps
+    (`batchfit.noise.watch`); the step's gradient is the same.
 
     Example:
         >>> fit_micro_batch(32, 1, 64, False), fit_micro_batch(256, 2, 64, False)
         (32, 64)
         >>> fit_micro_batch(96, 1, 40, False), fit_micro_batch(96, 1, 40, True)
         (32, 40)
+        >>> fit_micro_batch(32, 1, 64, False, split=True)
+        16
     """
     local = global_batch // world_size
+    if split and world_size == 1 and local >= 2:
+        limit = min(limit, local // 2)
     if local <= limit:
         return local
     if allow_uneven:
         return limit
     return max(size for size in range(1, limit + 1) if local % size == 0)
+
+
+def splits_steps(schedule: BatchSchedule) -> bool:
+    """Whether the run cuts every step into two micro-batches or more (`fit_micro_batch`'s
+    `split`): under `noise`, whose decisions follow the measured noise scale."""
+    return isinstance(schedule, NoiseBatch)
 
 
 def note_backoff(run: Any, event: BackoffEvent) -> None:
@@ -145,7 +166,9 @@ def next_batch(run: Any) -> BatchChange | None:
         old = run.global_batch
         world = run.context.world_size
         run.global_batch = new
-        run.micro_batch = fit_micro_batch(new, world, run.micro_limit, run.config.allow_uneven)
+        run.micro_batch = fit_micro_batch(
+            new, world, run.micro_limit, run.config.allow_uneven, split=splits_steps(schedule)
+        )
         target = schedule.new_factor if isinstance(schedule, NoiseBatch) else None
         change = BatchChange(
             step=run.step + 1,

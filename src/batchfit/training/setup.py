@@ -118,7 +118,7 @@ def set_up_run(
 
     from batchfit.lr.schedules import build_scheduler
     from batchfit.training.accumulation import plan_accumulation
-    from batchfit.training.batch_growth import fit_micro_batch, schedule_for_run
+    from batchfit.training.batch_growth import fit_micro_batch, schedule_for_run, splits_steps
     from batchfit.training.batch_schedule import ConstantBatch
     from batchfit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_fingerprint
     from batchfit.training.metrics import METRICS_NAME
@@ -131,7 +131,11 @@ def set_up_run(
     if not isinstance(batch_schedule, ConstantBatch):
         first_batch = batch_schedule.batch
         micro_batch = fit_micro_batch(
-            first_batch, context.world_size, config.micro_batch, config.allow_uneven
+            first_batch,
+            context.world_size,
+            config.micro_batch,
+            config.allow_uneven,
+            split=splits_steps(batch_schedule),
         )
     plan = plan_accumulation(
         first_batch, micro_batch, context.world_size, allow_uneven=config.allow_uneven
@@ -226,7 +230,7 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
         run.micro_batch = min(run.micro_batch, int(checkpoint["micro_batch"]))  # keep a back-off
     growth = checkpoint.get("batch_schedule")
     if growth is not None:
-        from batchfit.training.batch_growth import fit_micro_batch
+        from batchfit.training.batch_growth import fit_micro_batch, splits_steps
         from batchfit.training.batch_schedule import BatchChange
 
         run.batch_schedule.load_state_dict(growth["state"])
@@ -238,7 +242,11 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
             run.micro_batch = int(checkpoint["micro_batch"])
         else:
             run.micro_batch = fit_micro_batch(
-                run.global_batch, context.world_size, run.micro_limit, config.allow_uneven
+                run.global_batch,
+                context.world_size,
+                run.micro_limit,
+                config.allow_uneven,
+                split=splits_steps(run.batch_schedule),
             )
     rng = checkpoint["rng"]
     torch.set_rng_state(rng[context.rank] if context.rank < len(rng) else rng[0])
