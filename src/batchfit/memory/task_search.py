@@ -87,6 +87,17 @@ class TaskSearch(SearchState):
             self.predictions.append((batch_size, predicted.peak_bytes))
         return predicted
 
+    def _smallest_batch(self) -> int:
+        """`plan.norm_layers.smallest_batch` of the task's model, built with fake tensors: this
+        path runs when not even one sample fits, often for a model too large to build here."""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from batchfit.memory.fake_inputs import fake_model
+        from batchfit.plan.norm_layers import smallest_batch
+
+        return smallest_batch(fake_model(self.task, FakeTensorMode(), torch.device("cpu")))
+
     def _drop_formula(self, batch_size: int, counted: int) -> None:
         """Forget the formula and what it predicted: a count disagreed with it."""
         logger.info(
@@ -328,10 +339,8 @@ class TaskSearch(SearchState):
         self._formula = formula
         limit = formula.largest_fitting(self.usable, max_batch_size=self.max_batch)
         if limit == 0:
-            from batchfit.plan.norm_layers import smallest_batch
-
             # Confirm at the smallest batch the model can train on (2 with BatchNorm).
-            least = smallest_batch(self.task.make_model())
+            least = self._smallest_batch()
             counted = self._fake_run(least).peak_bytes
             if counted != formula.peak_bytes(least):
                 self._drop_formula(least, counted)
