@@ -46,6 +46,34 @@ class _ConstructedNoise(NoiseScaleCallback):
         return {"noise_scale": self.series(record.step)}
 
 
+def test_a_noise_run_measures_from_two_micro_batches_per_step():
+    # One process, micro-batch limit = the batch: under `noise` each step is still cut in two,
+    # so the tracker pairs micro-batches, not consecutive steps; the training is the same as a
+    # constant run accumulating two micro-batches of 8.
+    class _MicroBatches:
+        def __init__(self):
+            self.sizes = []
+
+        def on_step_end(self, record, model):
+            self.sizes.append(tuple(record.micro_batches))
+
+    config = dict(global_batch=16, steps=4, lr=0.1, warmup=0, decay="constant")
+    seen = _MicroBatches()
+    noise = train(
+        _wide_task(),
+        TrainConfig(micro_batch=16, batch_schedule="noise:1000", **config),  # never grows
+        device="cpu",
+        callbacks=[seen],
+    )
+    assert seen.sizes == [(8, 8)] * 4
+    assert noise.noise_scale_logged
+    constant = train(_wide_task(), TrainConfig(micro_batch=8, **config), device="cpu")
+    for mine, theirs in zip(_weights(noise.model), _weights(constant.model)):
+        assert torch.equal(mine, theirs)
+    unsplit = train(_wide_task(), TrainConfig(micro_batch=16, **config), device="cpu")
+    assert unsplit.accumulation_steps == 1  # a constant schedule keeps one micro-batch
+
+
 def test_samples_are_exact_across_batch_changes():
     recorder = _Recorder()
     result = train(
