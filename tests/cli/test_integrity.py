@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from batchfit.cli.main import main
-from batchfit.plan.plan_file import Plan, model_identity
+from batchfit.plan.plan_file import Plan, load_plan, model_identity
 from tests.conftest import make_mlp
 
 CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
@@ -127,6 +127,18 @@ def test_a_plan_made_for_this_task_trains(tmp_path, capsys):
     argv = ["train", MLP, "--plan", _mlp_plan(tmp_path), "--device", "cpu", "--json"]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0
     assert json.loads(capsys.readouterr().out)["global_batch"] == 32
+
+
+def test_a_plan_alone_names_its_task(tmp_path, capsys):
+    plan = load_plan(_mlp_plan(tmp_path))
+    spec = Plan(**{**plan.to_dict(), "task": MLP}).save(tmp_path / "spec.json")
+    argv = ["train", "--plan", str(spec), "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["global_batch"] == 32
+    named = Plan(**{**plan.to_dict(), "task": "tiny-mlp"}).save(tmp_path / "named.json")
+    argv = ["train", "--plan", str(named), "--device", "cpu", "--out", str(tmp_path / "r2")]
+    assert main(argv) == 2
+    assert "give the task with the plan" in _one_line(capsys)
 
 
 def test_drop_unreadable_metrics_resumes_over_a_damaged_line(finished_run, tmp_path, capsys):

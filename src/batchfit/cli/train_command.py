@@ -47,7 +47,7 @@ def train(args: argparse.Namespace) -> int:
     if out is not None and check_folder:
         check_output_folder(out, "--out", force=args.force, keep=bool(args.resume))
     plan = load_plan(args.plan) if args.plan else None
-    task = load_task_from_args(args)
+    task = load_task_from_args(args) if plan is None else _task_for_plan(args, plan)
     if plan is not None:
         task = apply_plan(
             plan, task, convert_batchnorm=args.convert_batchnorm, force=args.force_plan
@@ -153,12 +153,30 @@ def _check_train_inputs(args: argparse.Namespace) -> None:
     """Everything `train` needs and lacks, named in one error."""
     if isinstance(args.resume, str) and args.out is not None and args.out != args.resume:
         raise ConfigError(f"--resume {args.resume} and --out {args.out} differ; give one.")
-    missing = [] if args.task or args.example else ["a task (path/to/file.py:function)"]
+    named = args.task or args.example or args.plan  # a plan names its task
+    missing = [] if named else ["a task (path/to/file.py:function)"]
     flags = [] if args.plan else ["--global-batch", "--micro-batch"]
     missing += [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
         either = " (or --plan PLAN_JSON from `batchfit plan`)" if args.plan is None else ""
         raise ConfigError(f"Missing {', '.join(missing)}; give them{either}.")
+
+
+def _task_for_plan(args: argparse.Namespace, plan):
+    """The task given with --plan, or else the one the plan was made for (an example's name
+    or path/to/file.py:function, as `batchfit plan` was given it)."""
+    from batchfit.task import EXAMPLES, load_example, load_task
+
+    if args.task or args.example:
+        return load_task_from_args(args)
+    if plan.task in EXAMPLES:
+        return load_example(plan.task)
+    if ":" not in plan.task:
+        raise ConfigError(
+            f"the plan {args.plan} was made for task {plan.task!r}, which is neither a "
+            "built-in example nor path/to/file.py:function; give the task with the plan."
+        )
+    return load_task(plan.task)
 
 
 def relaunch_argv(argv: Sequence[str], default_out: str | None) -> list[str]:
