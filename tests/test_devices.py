@@ -119,3 +119,12 @@ def test_free_memory_on_the_cpu_from_meminfo(tmp_path, monkeypatch):
     free = devices.free_memory_bytes(torch.device("cpu"))
     assert free is None or free > 0
     assert devices.free_memory_bytes(torch.device("meta")) is None
+
+
+def test_cuda_free_memory_counts_what_the_allocator_holds_unused(monkeypatch):
+    _fake_cuda(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 1024**3, 8 * 1024**3))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * 1024**3)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 512 * 1024**2)
+    # 5 GiB the driver has free plus the 1.5 GiB this process's allocator caches unused.
+    assert devices.free_memory_bytes(torch.device("cuda", 0)) == 6.5 * 1024**3

@@ -109,9 +109,11 @@ def total_memory_bytes(device: torch.device) -> int | None:
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory the device has free right now, in bytes; None where it cannot be read.
+    """Memory a new training step in this process can take now, in bytes; None where unknown.
 
-    CUDA: `torch.cuda.mem_get_info`'s free figure. CPU: psutil's `available` when psutil is
+    CUDA: `torch.cuda.mem_get_info`'s free figure plus what this process's caching allocator
+    holds but has not handed out (reserved - allocated): the card less the CUDA context, other
+    processes and this process's live tensors. CPU: psutil's `available` when psutil is
     installed, else MemAvailable from /proc/meminfo (Linux); None elsewhere. MPS: None.
 
     Example:
@@ -123,7 +125,8 @@ def free_memory_bytes(device: torch.device) -> int | None:
     import torch
 
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
     if device.type != "cpu":
         return None
     try:

@@ -147,3 +147,37 @@ def test_a_task_fake_tensors_cannot_run_gets_no_answer_for_another_device(
     task = make_mlp_task(loss=item_loss)
     with pytest.raises(ConfigError, match="run the search on the device itself"):
         find_max_batch_size(task, device="cpu", memory_budget="24GiB")
+
+
+def test_on_a_card_without_a_budget_the_budget_is_its_free_memory_and_is_confirmed(monkeypatch):
+    from batchfit.memory import search
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(devices, "total_memory_bytes", lambda device: 80 * GiB)
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 79 * GiB)
+    budget, card = search._capacity_bytes(gpu, None)
+    assert (budget, card) == (79 * GiB, None)
+    basis, reason = search._basis(gpu, budget, card, "auto", of_device=True)
+    assert basis == "confirmed" and "79.00 GiB this cuda has free" in reason
+    # A budget above what the card has free is still answered from the prediction alone.
+    basis, reason = search._basis(gpu, 80 * GiB, None, "auto", of_device=False)
+    assert basis == "predicted" and "more than this cuda can hold" in reason
+
+
+def test_real_trials_count_against_the_margin_and_cap_the_allocator_at_the_budget(monkeypatch):
+    caps = []
+    real_cap = devices.memory_cap
+
+    def recording_cap(device, budget_bytes):
+        caps.append(budget_bytes)
+        return real_cap(device, budget_bytes)
+
+    monkeypatch.setattr(devices, "memory_cap", recording_cap)
+    result = find_max_batch_size(make_mlp_task(), device="cpu", memory_budget="1MiB")
+    assert result.real_steps > 0 and result.usable_bytes < 2**20
+    # Tensors are counted against the budget less its margin; the allocator (on CUDA) may use
+    # the margin for what no count sees.
+    assert set(caps) == {2**20}
+    assert all(
+        trial.measured_peak_bytes <= result.usable_bytes for trial in result.trials if trial.fits
+    )

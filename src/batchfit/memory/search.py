@@ -162,7 +162,9 @@ def find_max_batch_size(
         raise ConfigError(f"confirm {confirm!r} is unknown; use auto, always or never.")
     budget, card = _capacity_bytes(device, memory_budget)
     is_task = isinstance(task_or_step, Task)
-    basis, basis_reason = _basis(device, budget, card, confirm if is_task else "always")
+    basis, basis_reason = _basis(
+        device, budget, card, confirm if is_task else "always", of_device=memory_budget is None
+    )
     reserve = _reserve_bytes(reserve_bytes, basis, budget)
     usable = int((budget - reserve) * (1 - margin))
     if usable <= 0:
@@ -226,6 +228,13 @@ def find_max_batch_size(
 def _capacity_bytes(
     device: torch.device, memory_budget: int | str | None
 ) -> tuple[int, Card | None]:
+    """The budget: the one given, else what the device can give a step now.
+
+    On a CUDA card that is its free memory (`batchfit.devices.free_memory_bytes`), not its
+    total: the CUDA context, other processes and live tensors hold the rest (about 0.5 GiB of
+    an H100's 79.2 GiB before any tensor), and a budget above the free memory could not be
+    confirmed with real steps.
+    """
     if memory_budget is not None:
         target = memory_target(memory_budget)
         return target.memory_bytes, target.card
@@ -236,15 +245,25 @@ def _capacity_bytes(
             "into; give a memory budget (--memory-budget 8GiB, or memory_budget='8GiB') or a "
             "card (--gpu A100-80GB)."
         )
-    return total, None
+    free = devices.free_memory_bytes(device)
+    return (total if free is None else min(total, free)), None
 
 
-def _basis(device: torch.device, budget: int, card: Card | None, confirm: str) -> tuple[Basis, str]:
-    """Whether real steps can confirm a budget here, and why (one line)."""
+def _basis(
+    device: torch.device, budget: int, card: Card | None, confirm: str, *, of_device: bool
+) -> tuple[Basis, str]:
+    """Whether real steps can confirm a budget here, and why (one line).
+
+    `of_device`: the budget is what the device has free (no budget was given)."""
     if confirm == "always":
         return "confirmed", "confirmed with real training steps on this machine."
     if confirm == "never":
         return "predicted", "answered from the prediction alone, as asked (confirm='never')."
+    if of_device:
+        return "confirmed", (
+            f"confirmed with real training steps in the {format_bytes(budget)} this "
+            f"{device.type} has free."
+        )
     free = devices.free_memory_bytes(device)
     if card is not None and device.type != "cuda":
         return "predicted", (

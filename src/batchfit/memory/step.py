@@ -195,6 +195,7 @@ def measure_step_memory(
     steps: int = 2,
     budget_bytes: int | None = None,
     precision: Precision = "32",
+    allocator_cap_bytes: int | None = None,
 ) -> StepMemory:
     """Run `steps` real training steps at `batch_size` and return their peak memory.
 
@@ -213,6 +214,9 @@ def measure_step_memory(
         budget_bytes: when not None, a step whose counted memory passes it fails with
             `torch.OutOfMemoryError`; on CUDA the process is also capped to it.
         precision: "32", or "bf16-mixed" / "fp16-mixed" for the forward pass under autocast.
+        allocator_cap_bytes: on CUDA, cap the process here instead of at `budget_bytes` (a
+            search counts tensors against the budget less its margin and leaves the margin
+            to the allocator's own workspaces and fragmentation, which no count sees).
 
     Returns:
         StepMemory: counted peak, state and batch bytes, the allocator's peak on CUDA, seconds.
@@ -239,7 +243,8 @@ def measure_step_memory(
     result: StepMemory | None = None
     started = [0]  # training steps started, kept by _measure
     try:
-        result = _measure(task, batch_size, device, steps, budget_bytes, started, precision)
+        cap = budget_bytes if allocator_cap_bytes is None else allocator_cap_bytes
+        result = _measure(task, batch_size, device, steps, budget_bytes, cap, started, precision)
     except Exception as error:
         if not is_out_of_memory(error):
             raise
@@ -262,12 +267,13 @@ def _measure(
     device: torch.device,
     steps: int,
     budget_bytes: int | None,
+    cap_bytes: int | None,
     started: list[int],
     precision: Precision,
 ) -> StepMemory:
     from batchfit.task import move_to
 
-    with preserved_rng(device, seed=task.seed), devices.memory_cap(device, budget_bytes):
+    with preserved_rng(device, seed=task.seed), devices.memory_cap(device, cap_bytes):
         model = task.make_model().to(device)
         model.train()
         optimizer = task.make_optimizer(model.parameters())
