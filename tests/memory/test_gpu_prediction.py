@@ -1,9 +1,13 @@
-"""On a CUDA card: the CPU-kernel prediction against torch.cuda.max_memory_allocated.
+"""On a CUDA card: the CPU-kernel prediction against what the card's own steps allocate.
 
-The documented tolerance (bench/README.md, "Prediction against a real card"): the allocator's
-peak is within 10% of the prediction plus 64 MiB (cuBLAS/cuDNN workspaces the allocator hands
-out, and kernels choosing other intermediates), and under the prediction plus the card's
-reserve (`batchfit.memory.cards.cuda_reserve_bytes`).
+The documented tolerance (bench/README.md, "Prediction against a real card"). The prediction
+(made here on the CPU's kernels for the card: `cuda_kernels=True`) counts tensor storage; the
+same count run on the card with its own kernels agrees within 0.1% plus 64 KiB (it leaves out
+Adam's step counters, which torch keeps on the CPU). The allocator's peak adds what is not a
+tensor: the cuBLAS/cuDNN workspaces torch keeps for the process and those kernels take for a
+call (65 MiB and up to 133 MiB in all on an H100 with torch 2.11): under 256 MiB, and the
+whole peak stays under the prediction plus the card's reserve
+(`batchfit.memory.cards.cuda_reserve_bytes`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from tests.conftest import make_bn_convnet, make_mlp_task
 
 pytestmark = pytest.mark.gpu
 
-RELATIVE_TOLERANCE = 0.10
-ABSOLUTE_TOLERANCE_BYTES = 64 * 1024**2
+RELATIVE_TOLERANCE = 0.001
+ABSOLUTE_TOLERANCE_BYTES = 64 * 1024
+NOT_TENSORS_LIMIT_BYTES = 256 * 1024**2  # a small part of the 1 GiB context reserve
 
 
 class _TinyDecoder(nn.Module):
@@ -58,12 +63,15 @@ def test_prediction_is_within_the_documented_tolerance_of_the_card(name, precisi
     task = _tasks()[name]
     total = torch.cuda.get_device_properties(0).total_memory
     for batch_size in (8, 256):
-        predicted = predict_step_memory(task, batch_size, precision=precision).peak_bytes
+        predicted = predict_step_memory(
+            task, batch_size, precision=precision, cuda_kernels=True
+        ).peak_bytes
         measured = measure_step_memory(task, batch_size, device="cuda", precision=precision)
         allocator = measured.allocator_peak_bytes
         assert allocator is not None
-        print(name, precision, batch_size, predicted, allocator, measured.peak_bytes)
-        assert abs(allocator - predicted) <= RELATIVE_TOLERANCE * predicted + (
+        print(name, precision, batch_size, predicted, measured.peak_bytes, allocator)
+        assert abs(measured.peak_bytes - predicted) <= RELATIVE_TOLERANCE * predicted + (
             ABSOLUTE_TOLERANCE_BYTES
         )
+        assert 0 <= allocator - measured.peak_bytes <= NOT_TENSORS_LIMIT_BYTES
         assert allocator <= predicted + cuda_reserve_bytes(total)

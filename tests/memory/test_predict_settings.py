@@ -124,15 +124,20 @@ def test_data_sets_that_draw_random_numbers_are_predicted(data, model):
 
 
 class _Attention(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0, positional: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.qkv = nn.Linear(16, 48)
         self.head = nn.Linear(16, 3)
+        self.dropout = dropout
+        self.positional = positional
 
     def forward(self, x):  # x: [batch, 32 tokens, 16]
         q, k, v = self.qkv(x).view(x.shape[0], 32, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.positional:  # dropout_p as the fifth positional argument
+            out = F.scaled_dot_product_attention(q, k, v, None, self.dropout, True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True)
         return self.head(out.transpose(1, 2).reshape(x.shape[0], 32, 16).mean(1))
 
 
@@ -145,3 +150,67 @@ def test_attention_through_sdpa_is_predicted_on_a_fused_kernel():
     predicted = _same(task, 16)
     assert predicted.attention == "fused"
     assert _same(make_mlp_task(), 16).attention == "none"
+
+
+def _attention_task(**options):
+    data = torch.utils.data.TensorDataset(torch.randn(40, 32, 16), torch.randint(3, (40,)))
+    return make_mlp_task(model=lambda: _Attention(**options), train_data=data)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_attention_with_dropout_is_predicted_for_a_cuda_card_as_its_fused_kernels_run_it(
+    positional,
+):
+    # The CPU's fused kernel takes no dropout: here the step runs the math path and stores the
+    # attention matrix (and the exact count says so). A CUDA card's fused kernels apply dropout
+    # inside the kernel; predicted for one, the step keeps what the dropout-free fused kernel
+    # keeps, which the real count of the same model without dropout gives exactly.
+    with_dropout = _attention_task(dropout=0.1, positional=positional)
+    on_this_cpu = _same(with_dropout, 16)
+    assert on_this_cpu.attention == "math"
+    for_a_card = predict_step_memory(with_dropout, 16, cuda_kernels=True)
+    assert for_a_card.attention == "fused"
+    fused = measure_step_memory(_attention_task(dropout=0.0), 16)
+    assert for_a_card.peak_bytes == fused.peak_bytes < on_this_cpu.peak_bytes
+
+
+def test_a_card_searched_from_the_cpu_counts_attention_as_the_card_runs_it():
+    from batchfit.memory.search import find_max_batch_size
+
+    task = _attention_task(dropout=0.1)
+    result = find_max_batch_size(task, device="cpu", memory_budget="T4", max_batch_size=64)
+    assert result.basis == "predicted" and result.attention == "fused"
+    predicted = dict(result.predictions)
+    size = max(predicted)
+    assert predicted[size] == measure_step_memory(_attention_task(dropout=0.0), size).peak_bytes
+
+
+def _wide_adam_task(**adam_options):
+    """A model whose peak, at a small batch, is in Adam's step (eight equal layers, four
+    samples): the foreach step's temporaries span all eight, the loop's one at a time."""
+
+    def model():
+        torch.manual_seed(0)
+        layers = [nn.Linear(64, 64) for _ in range(8)]
+        return nn.Sequential(*layers, nn.Linear(64, 3))
+
+    def adam(params, lr):
+        return torch.optim.Adam(params, lr=lr, **adam_options)
+
+    return make_mlp_task(
+        model=model,
+        optimizer=adam,
+        train_data=torch.utils.data.TensorDataset(torch.randn(8, 64), torch.randint(3, (8,))),
+    )
+
+
+def test_the_optimizer_is_predicted_for_a_cuda_card_as_torch_runs_it_there():
+    # On CUDA parameters torch's Adam takes its multi-tensor (foreach) path when none is
+    # named; its temporaries span all parameters at once. The CPU loops over parameters.
+    for_a_card = predict_step_memory(_wide_adam_task(), 4, cuda_kernels=True)
+    foreach = measure_step_memory(_wide_adam_task(foreach=True), 4)
+    loop = measure_step_memory(_wide_adam_task(), 4)
+    assert for_a_card.peak_bytes == foreach.peak_bytes > loop.peak_bytes
+    # An optimizer that names its implementation keeps it.
+    named = predict_step_memory(_wide_adam_task(foreach=False), 4, cuda_kernels=True)
+    assert named.peak_bytes == loop.peak_bytes

@@ -108,12 +108,33 @@ def fake_copy(value: Any, fake_mode: Any, device: torch.device) -> Any:
     return value
 
 
-def attention_watch():
+def use_cuda_optimizer_kernels(optimizer: Any) -> None:
+    """Make a torch optimizer step as it does on a CUDA card: the multi-tensor ("foreach")
+    implementation torch chooses there when none is named, instead of the CPU's loop over
+    parameters. Its temporaries span every parameter at once (Adam's square roots of the
+    second moments: 4 bytes per parameter in fp32), which sets the peak of a large model at a
+    small batch (on an H100, a 1B-parameter decoder at batch 2 peaked 1.47 GiB above the
+    CPU-loop count). Groups that name foreach or fused, and optimizers without the option,
+    are left as they are."""
+    for group in optimizer.param_groups:
+        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+            group["foreach"] = True
+
+
+def attention_watch(cuda_kernels: bool = False):
     """A TorchFunctionMode that notes whether scaled_dot_product_attention ran a fused kernel.
 
     Each call runs under a small dispatch mode that collects the names of the aten ops it
     reaches: a fused kernel shows as one `_scaled_dot_product_*` op (flash, memory-efficient,
     cuDNN, or the CPU's flash kernel); the math path decomposes into matmul and softmax.
+
+    With `cuda_kernels` (a prediction made here for a CUDA card), a call with dropout runs
+    without it: a CUDA card's memory-efficient and flash kernels apply dropout inside the
+    kernel and store no mask (they regenerate it in the backward pass), so they keep what the
+    CPU's fused kernel keeps, the output and its log-sum-exp; the CPU's fused kernel takes no
+    dropout, and the math path it falls back to stores the attention matrix and its mask. On
+    an H100 that path made GPT-2 small's predicted peak 1.7-1.9x the card's (bench/README.md,
+    "Prediction against a real card").
     """
     from torch.nn import functional
     from torch.overrides import TorchFunctionMode
@@ -145,6 +166,8 @@ def attention_watch():
             if func is not functional.scaled_dot_product_attention:
                 return func(*args, **kwargs)
             self.calls += 1
+            if cuda_kernels:
+                args, kwargs = _without_dropout(args, kwargs)
             with _OpNames() as ops:
                 out = func(*args, **kwargs)
             if not any(name.startswith("_scaled_dot_product_") for name in ops.names):
@@ -152,3 +175,13 @@ def attention_watch():
             return out
 
     return _AttentionWatch
+
+
+def _without_dropout(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """scaled_dot_product_attention's arguments with dropout_p set to 0 (5th positional or
+    keyword)."""
+    if len(args) > 4:
+        return (*args[:4], 0.0, *args[5:]), kwargs
+    if kwargs.get("dropout_p"):
+        return args, {**kwargs, "dropout_p": 0.0}
+    return args, kwargs

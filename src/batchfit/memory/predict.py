@@ -33,6 +33,7 @@ from batchfit.memory.fake_inputs import (
     fake_batch,
     fake_model,
     probe_samples,
+    use_cuda_optimizer_kernels,
 )
 from batchfit.memory.model import MemoryModel, fit_memory_model
 from batchfit.memory.step import (
@@ -120,6 +121,7 @@ def predict_step_memory(
     fallback: bool = True,
     record: bool = False,
     precision: Precision = "32",
+    cuda_kernels: bool = False,
 ) -> PredictedMemory:
     """Predict the peak memory of `steps` training steps at `batch_size`, without real compute.
 
@@ -136,6 +138,11 @@ def predict_step_memory(
             which then must exist). With False, raise the fake-mode error as ConfigError.
         record: keep the timeline of every storage (for `PeakFormula`); fake runs only.
         precision: "32", or "bf16-mixed" / "fp16-mixed": forward and loss under autocast.
+        cuda_kernels: predict here (on the CPU's kernels) for a CUDA card: attention with
+            dropout is counted as the card's fused kernels run it, with no stored attention
+            matrix (`batchfit.memory.fake_inputs.attention_watch`), and the optimizer steps
+            with the multi-tensor implementation torch picks on CUDA
+            (`batchfit.memory.fake_inputs.use_cuda_optimizer_kernels`).
 
     Returns:
         PredictedMemory with the peak, state and batch bytes.
@@ -164,7 +171,7 @@ def predict_step_memory(
     started = time.perf_counter()
     try:
         peak, state, batch, timeline, attention = _fake_run(
-            task, batch_size, target, steps, record, precision
+            task, batch_size, target, steps, record, precision, cuda_kernels
         )
     except FakeModeUnsupported as unsupported:
         reason = str(unsupported)
@@ -216,13 +223,14 @@ def _fake_run(
     steps: int,
     record: bool = False,
     precision: Precision = "32",
+    cuda_kernels: bool = False,
 ) -> tuple[int, int, int, MemoryTimeline | None, Attention]:
     """Run the steps on fake tensors; returns (peak, state, batch) bytes, the timeline and
     how attention ran."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    watch = attention_watch()()
+    watch = attention_watch(cuda_kernels)()
     try:
         with preserved_rng(device, seed=task.seed):
             # Real samples first, outside fake mode: a data set may draw random numbers
@@ -232,12 +240,18 @@ def _fake_run(
             with fake_mode:
                 model.train()
                 optimizer = task.make_optimizer(model.parameters())
+                if cuda_kernels:
+                    use_cuda_optimizer_kernels(optimizer)
                 batch = fake_batch(task, probe, batch_size, fake_mode, device)
-            batch_bytes = counted_bytes([batch])
+            # Count what the real steps' count would (`measure_step_memory`): storages on the
+            # target's device type. On a CUDA card that leaves out what torch keeps on the CPU
+            # (Adam's step counters), so a real trial's count equals the prediction exactly.
+            batch_bytes = counted_bytes([batch], device=device)
             entry = list(model.parameters()) + list(model.buffers()) + [batch]
-            with fake_mode, count_memory(tensors=entry, record=record) as counter, watch:
+            counting = count_memory(tensors=entry, record=record, device=device)
+            with fake_mode, counting as counter, watch:
                 run_training_steps(task, model, optimizer, batch, steps, precision=precision)
-            state_bytes = counted_bytes(tensors_of_state(model, optimizer))
+            state_bytes = counted_bytes(tensors_of_state(model, optimizer), device=device)
     except Exception as error:
         # Fake mode fails in many ways (data-dependent shapes, `.item()`, ops without a meta
         # kernel, plain RuntimeErrors from meta kernels), and which of them is the task's own

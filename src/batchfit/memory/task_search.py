@@ -57,6 +57,9 @@ class TaskSearch(SearchState):
         self.steps = steps
         self.precision = precision
         self.basis: Basis = basis
+        # A prediction for another device is for a CUDA card (the reserve says so): count
+        # attention as the card's fused kernels run it, not as this CPU's.
+        self.cuda_kernels = basis == "predicted" and device.type != "cuda"
         self.basis_reason: str | None = None  # set when the basis changes during the search
         self.attention = "none"
         self._predicted: dict[int, int] = {}  # batch size -> predicted peak bytes
@@ -78,6 +81,7 @@ class TaskSearch(SearchState):
             fallback=False,
             record=record,
             precision=self.precision,
+            cuda_kernels=self.cuda_kernels,
         )
         if predicted.attention != "none" and self.attention != "math":
             self.attention = predicted.attention
@@ -193,6 +197,9 @@ class TaskSearch(SearchState):
                 steps=self.steps,
                 budget_bytes=self.usable,
                 precision=self.precision,
+                # The margin is for what counting cannot see: on a CUDA card the allocator's
+                # workspaces and fragmentation (workspaces alone took 65-133 MiB on an H100).
+                allocator_cap_bytes=self.budget,
             )
         except Exception as error:  # only out-of-memory is caught; see below
             if not is_out_of_memory(error):
