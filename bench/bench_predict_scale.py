@@ -47,8 +47,8 @@ def measure_one(name: str) -> dict:
     with torch.device("meta"):
         parameters = sum(p.numel() for p in task.make_model().parameters())
     started = time.perf_counter()
-    small = predict_step_memory(task, 2, fallback=False, record=True)
-    large = predict_step_memory(task, 64, fallback=False, record=True)
+    small = predict_step_memory(task, 2, fallback=False, record=True, cuda_kernels=True)
+    large = predict_step_memory(task, 64, fallback=False, record=True, cuda_kernels=True)
     formula = PeakFormula.fit(small, large)
     if formula is None:
         raise RuntimeError(f"{name}: no exact peak formula")
@@ -56,7 +56,7 @@ def measure_one(name: str) -> dict:
     for budget in BUDGETS_GIB:
         usable = budget * GiB - cuda_reserve_bytes(budget * GiB)
         limits[budget] = formula.largest_fitting(usable, max_batch_size=1 << 24)
-    check = predict_step_memory(task, max(1, limits[80]), fallback=False)
+    check = predict_step_memory(task, max(1, limits[80]), fallback=False, cuda_kernels=True)
     seconds = time.perf_counter() - started
     per_sample = (formula.peak_bytes(1024) - formula.peak_bytes(512)) / 512
     fixed = formula.peak_bytes(512) - 512 * per_sample
