@@ -226,3 +226,30 @@ def test_to_dict_is_json_ready():
     data = json.loads(json.dumps(diagnosis.to_dict()))
     assert data["findings"][0]["kind"] == "diverging"
     assert set(data["findings"][0]) >= {"kind", "severity", "evidence", "advice", "steps"}
+
+
+def test_a_six_step_run_judges_neither_the_batch_nor_overfitting_and_says_why():
+    # Six steps, a validation loss at each and one near-zero noise-scale reading (what a
+    # 6-step `batchfit train` logs): too little to read a trend, so no overfitting check, and
+    # one reading is too few to size the next run's batch from.
+    records = [{"step": s, "loss": 1.0 / s, "val_loss": 1.0 / s, "lr": 0.001} for s in range(1, 7)]
+    records[-1]["noise_scale"] = 0.08
+    diagnosis = diagnose(History.from_records(records, global_batch=64, micro_batch=32))
+    assert diagnosis.findings == ()
+    notes = " ".join(diagnosis.notes)
+    assert "overfitting not checked" in notes and "too few to check overfitting" not in notes
+    assert "only 1 gradient noise-scale reading: too few" in notes
+    assert "batch-below-critical" not in diagnosis.checked
+
+
+def test_noisy_stalled_and_underfitting_wait_for_the_warmup_to_end():
+    # A loss that swings by half its level while the rate is still rising (8 of 8 warmup
+    # steps): the same series is `noisy` once the rate has stopped rising.
+    swings = [2.0, 1.0, 2.2, 0.9, 2.1, 1.0, 2.0, 0.95, 2.1, 1.0]
+    records = [{"step": s + 1, "loss": v, "lr": 0.1 * (s + 1)} for s, v in enumerate(swings)]
+    warming = diagnose(History.from_records(records, global_batch=64, micro_batch=64))
+    assert "noisy" not in warming.checked and not warming.findings
+    assert any("still warming up" in note for note in warming.notes)
+    records[-1]["lr"] = records[-2]["lr"]
+    after = diagnose(History.from_records(records, global_batch=64, micro_batch=64))
+    assert "noisy" in [f.kind for f in after.findings]

@@ -52,6 +52,15 @@ def _settings(history: History, plan: Any, rule: str | None) -> RunSettings:
     )
 
 
+def _still_warming_up(history: History) -> bool:
+    """Whether the learning rate rose at the last step: a warmup in progress, whose loss curve
+    is a transient (the rate itself is changing), not a run's noise or plateau."""
+    if history.lr is None:
+        return False
+    values = history.lr.finite().values
+    return len(values) >= 2 and values[-1] > values[-2] * (1 + 1e-9)
+
+
 def diagnose(
     history: History,
     *,
@@ -112,14 +121,21 @@ def diagnose(
         )
 
     if curve is not None:
-        checked += ["diverging", "noisy", "stalled", "underfitting"]
+        warming_up = _still_warming_up(history)
+        checked += ["diverging"] + ([] if warming_up else ["noisy", "stalled", "underfitting"])
         if not bad_steps:
             found += checks.diverging(curve, run)
         diverged = any(f.kind == "diverging" and f.severity == "critical" for f in found)
         if not diverged:
-            found += checks.noisy(curve, history, run)
-            found += checks.stalled(curve, history, run)
-            found += checks.underfitting(curve, val, run)
+            if warming_up:
+                notes.append(
+                    "the learning rate is still warming up: noisy, stalled and underfitting "
+                    "not checked until it stops rising"
+                )
+            else:
+                found += checks.noisy(curve, history, run)
+                found += checks.stalled(curve, history, run)
+                found += checks.underfitting(curve, val, run)
     if history.metric is not None and len(history.metric.finite()) >= limits.MIN_EVALUATIONS:
         if "noisy" not in checked:
             checked.append("noisy")
@@ -132,6 +148,11 @@ def diagnose(
             found += checks.overfitting(val, history, curve, run)
     elif history.val_loss is None:
         notes.append("no validation loss: overfitting not checked")
+    elif val is not None and len(val) >= limits.MIN_EVALUATIONS:
+        notes.append(
+            "overfitting not checked: it reads the validation loss against the training-loss "
+            "trend, which has too few points"
+        )
     else:
         notes.append(
             f"{len(val or ())} finite validation points: too few to check overfitting (need "
@@ -139,7 +160,13 @@ def diagnose(
         )
 
     noise = history.noise_scale.finite() if history.noise_scale is not None else None
-    if noise and run.global_batch:
+    if noise and len(noise) < limits.MIN_NOISE_POINTS:
+        notes.append(
+            f"only {len(noise)} gradient noise-scale reading{'s' if len(noise) > 1 else ''}: "
+            f"too few to judge the batch against (need {limits.MIN_NOISE_POINTS}); "
+            "batch-below/above-critical not checked"
+        )
+    elif noise and run.global_batch:
         checked += ["batch-below-critical", "batch-above-critical"]
         broken = [f.kind for f in found if f.kind == "underfitting" or f.severity == "critical"]
         if broken:

@@ -152,6 +152,10 @@ CRITICAL_LAST_SHARE = 0.25
 """The noise scale is read over the last quarter of the logged steps: it grows during
 training, and the next run should be sized for where this one ended."""
 
+MIN_NOISE_POINTS = 5
+"""Noise-scale readings needed before the batch is judged against them: one reading (a 6-step
+run logs one) is a single noisy ratio of two estimates, near zero as often as not."""
+
 ACCUMULATE_FACTOR = 4
 """Noisy without a noise scale: accumulate 4 micro-batches, the guide's case study (batch 16
 -> 64 with the rate raised by the rule)."""
