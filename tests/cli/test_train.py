@@ -137,7 +137,12 @@ def test_train_json_says_whether_the_noise_scale_was_logged_and_why(tmp_path, ca
     assert main(["train", *FAST, "--out", str(tmp_path / "a"), "--json"]) == 0
     noise = json.loads(capsys.readouterr().out)["noise_scale"]
     assert noise["logged"] and noise["reason"] == "2 micro-batches per step"
-    assert noise["advice"].startswith("noise scale")
+    # Three steps: too short a run to size a batch by its (early) noise scale.
+    assert noise["advice"] == "noise scale: not yet reliable at the end of the run"
+    longer = ["train", *FAST, "--steps", "12", "--out", str(tmp_path / "c"), "--json"]
+    assert main(longer) == 0
+    noise = json.loads(capsys.readouterr().out)["noise_scale"]
+    assert noise["advice"].startswith("noise scale at the end: ~")
     argv = ["train", *FAST, "--out", str(tmp_path / "b"), "--json", "--no-noise-scale"]
     assert main(argv) == 0
     noise = json.loads(capsys.readouterr().out)["noise_scale"]

@@ -233,13 +233,28 @@ def test_a_six_step_run_judges_neither_the_batch_nor_overfitting_and_says_why():
     # 6-step `batchfit train` logs): too little to read a trend, so no overfitting check, and
     # one reading is too few to size the next run's batch from.
     records = [{"step": s, "loss": 1.0 / s, "val_loss": 1.0 / s, "lr": 0.001} for s in range(1, 7)]
-    records[-1]["noise_scale"] = 0.08
+    for record in records:
+        record["noise_scale"] = 0.08
     diagnosis = diagnose(History.from_records(records, global_batch=64, micro_batch=32))
     assert diagnosis.findings == ()
     notes = " ".join(diagnosis.notes)
     assert "overfitting not checked" in notes and "too few to check overfitting" not in notes
-    assert "only 1 gradient noise-scale reading: too few" in notes
+    assert "too short to read a training-loss trend" in notes
     assert "batch-below-critical" not in diagnosis.checked
+
+
+def test_the_batch_is_judged_from_five_noise_readings_on():
+    losses = _decay()
+    records = [{"step": s, "loss": v, "lr": 0.001} for s, v in enumerate(losses, start=1)]
+    for record in records[-4:]:
+        record["noise_scale"] = 8.0  # 1/8 of the batch: batch-above-critical with enough points
+    short = diagnose(History.from_records(records, global_batch=64, micro_batch=16))
+    assert "only 4 gradient noise-scale readings: too few" in " ".join(short.notes)
+    assert not short.findings
+    for record in records[-40:]:
+        record["noise_scale"] = 8.0
+    enough = diagnose(History.from_records(records, global_batch=64, micro_batch=16))
+    assert [f.kind for f in enough.findings] == ["batch-above-critical"]
 
 
 def test_noisy_stalled_and_underfitting_wait_for_the_warmup_to_end():

@@ -17,6 +17,7 @@ from batchfit.cli.format import print_json, stdout_console
 from batchfit.cli.paths import check_output_folder, remove_files
 from batchfit.cli.progress import StepBar, stderr_console
 from batchfit.errors import ConfigError
+from batchfit.monitor.findings import MIN_NOISE_POINTS, MIN_POINTS
 
 STOPPED_BY_DIAGNOSIS = 3  # exit code of a run that --stop-on stopped (not an error, not done)
 
@@ -122,7 +123,10 @@ def train(args: argparse.Namespace) -> int:
         "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
         "value": result.noise_scale,
         "advice": (
-            noise_scale_advice(result.noise_scale, config.global_batch)
+            noise_scale_advice(
+                result.noise_scale if _noise_is_readable(live) else None,
+                config.global_batch,
+            )
             if result.noise_scale_logged
             else None
         ),
@@ -147,6 +151,15 @@ def train(args: argparse.Namespace) -> int:
     if report_path is not None:
         console.print(f"  report with the run: {report_path}", highlight=False, markup=False)
     return code
+
+
+def _noise_is_readable(live) -> bool:
+    """Whether the run is long enough for its final noise scale to size the batch by, as the
+    diagnosis judges it: a training-loss trend (MIN_POINTS steps) and MIN_NOISE_POINTS
+    readings. Earlier the noise scale is that of early training, before it grows."""
+    history = live.history()
+    readings = 0 if history.noise_scale is None else len(history.noise_scale.finite())
+    return len(history.train_loss.finite()) >= MIN_POINTS and readings >= MIN_NOISE_POINTS
 
 
 def _check_train_inputs(args: argparse.Namespace) -> None:

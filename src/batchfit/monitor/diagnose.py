@@ -160,7 +160,12 @@ def diagnose(
         )
 
     noise = history.noise_scale.finite() if history.noise_scale is not None else None
-    if noise and len(noise) < limits.MIN_NOISE_POINTS:
+    if noise and curve is None:
+        notes.append(
+            "the run is too short to read a training-loss trend: its noise scale (early in "
+            "training, before the critical batch grows) is not read against the batch"
+        )
+    elif noise and len(noise) < limits.MIN_NOISE_POINTS:
         notes.append(
             f"only {len(noise)} gradient noise-scale reading{'s' if len(noise) > 1 else ''}: "
             f"too few to judge the batch against (need {limits.MIN_NOISE_POINTS}); "
