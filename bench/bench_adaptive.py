@@ -251,6 +251,24 @@ def jobs_for(example: str, seeds: int, plan_batch: int, plan_lr: float) -> list[
         configs.append(
             (f"noise lr={rate:.3g}", start, limit, rate, "noise", math.ceil(budget / start), True)
         )
+    # And from the plan, as `batchfit train --plan ... --batch-schedule S` runs: the plan's
+    # batch and rate, growing from there (into the same micro-batch limit and cap).
+    for spec in ("seesaw", "noise"):
+        if spec == "seesaw":
+            steps = schedule_steps(task, spec, plan_batch, micro, budget, plan_lr)
+        else:
+            steps = math.ceil(budget / plan_batch)
+        configs.append(
+            (
+                f"plan+{spec} B={plan_batch} lr={plan_lr:.3g}",
+                plan_batch,
+                micro,
+                plan_lr,
+                spec,
+                steps,
+                spec == "noise",
+            )
+        )
     return [
         Job(example, label, seed, batch, micro_b, lr, spec, steps, budget, stop, target)
         for seed in range(seeds)

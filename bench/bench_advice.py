@@ -40,7 +40,10 @@ batch beyond which doubling it stops nearly halving the steps; McCandlish et al.
 Run by hand (never in CI); at 3 seeds on 2 CPU cores digits and cancer take a few minutes, cnn
 and charlm 10-20 and unet about 30:
     python bench/bench_advice.py [--examples digits charlm cnn unet cancer] [--epochs E]
-        [--repeats N] [--first-seed S] [--quick] [--json results.json]
+        [--repeats N] [--first-seed S] [--quick] [--device cuda] [--json results.json]
+
+With `--device cuda` the plan and every run train on the card and the clock is read after
+`torch.cuda.synchronize()`; the wall-clock columns are then the ones to read.
     python bench/bench_advice.py --summary results.json   # the tables again
 """
 
@@ -185,6 +188,18 @@ class RunResult:
     trace: list = field(default_factory=list)  # (seconds, samples, value) at each evaluation
 
 
+DEVICE = "cpu"
+"""Where the plan and every run train (`--device`); "cuda" for a GPU's figures."""
+
+
+def _now() -> float:
+    """The wall clock, after the device's queued work has finished (CUDA runs asynchronously,
+    so an unsynchronised clock would credit a step's kernels to whatever reads it next)."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class _Watch:
     """Evaluate during training; raise _TargetReached at the first value >= target."""
 
@@ -200,7 +215,7 @@ class _Watch:
         self.eval_cpu_seconds = 0.0
 
     def on_train_start(self, model, plan) -> None:
-        self.started = time.perf_counter()
+        self.started = _now()
         self.cpu_started = time.process_time()
         self.last_exit = self.started  # end of the previous callback (wall)
         self.last_exit_cpu = self.cpu_started
@@ -223,9 +238,9 @@ class _Watch:
             or samples - self.last_eval_samples >= self.setting.eval_samples
         )
         if record.step > 1 and due:
-            wall, cpu = time.perf_counter(), time.process_time()
-            value = evaluate(model, self.task, batch_size=512)[self.key]
-            self.eval_seconds += time.perf_counter() - wall
+            wall, cpu = _now(), time.process_time()
+            value = evaluate(model, self.task, batch_size=512, device=DEVICE)[self.key]
+            self.eval_seconds += _now() - wall
             self.eval_cpu_seconds += time.process_time() - cpu
             self.evaluations += 1
             self.best = max(self.best, value)
@@ -235,7 +250,7 @@ class _Watch:
                 raise _TargetReached(seconds, cpu_seconds, samples, record.step - 1)
         if seconds > self.setting.max_seconds:
             raise _TimeUp(seconds, cpu_seconds, samples, record.step - 1)
-        self.last_exit, self.last_exit_cpu = time.perf_counter(), time.process_time()
+        self.last_exit, self.last_exit_cpu = _now(), time.process_time()
 
 
 def run_to_target(task, config: TrainConfig, setting: Setting, *, label: str) -> RunResult:
@@ -246,14 +261,14 @@ def run_to_target(task, config: TrainConfig, setting: Setting, *, label: str) ->
     watch = _Watch(task, setting, key, config.global_batch)
     setup = resolve_setup(task, config)
     try:
-        result = train(task, config, device="cpu", callbacks=[watch], progress=False)
+        result = train(task, config, device=DEVICE, callbacks=[watch], progress=False)
     except (_TargetReached, _TimeUp) as stop:
         seconds, cpu_seconds, samples, steps = stop.args
         reached = isinstance(stop, _TargetReached)
         end = "target" if reached else "time cap"
     else:
         # The loop's own evaluation after the last step (its time is included here).
-        seconds, cpu_seconds = watch.train_seconds(time.perf_counter(), time.process_time())
+        seconds, cpu_seconds = watch.train_seconds(_now(), time.process_time())
         value = result.val_metrics[key]
         watch.best = max(watch.best, value)
         watch.trace.append((round(seconds, 3), result.samples_seen, round(value, 4)))
@@ -305,7 +320,7 @@ def bench_example(
     runs: list[RunResult] = []
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    the_plan = make_plan(task, device="cpu", epochs=setting.epochs, quick=quick)
+    the_plan = make_plan(task, device=DEVICE, epochs=setting.epochs, quick=quick)
     plan_seconds = time.perf_counter() - started
     plan_cpu_seconds = time.process_time() - cpu_started
     if progress:
@@ -353,6 +368,7 @@ def bench_example(
         "plan": {k: v for k, v in the_plan.to_dict().items() if k != "measurements"},
         "plan_cpu_seconds": plan_cpu_seconds,
         "quick": quick,
+        "device": DEVICE,
         "runs": runs,
     }
 
@@ -533,6 +549,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", nargs="+", default=["digits", "charlm"], choices=SETTINGS)
     parser.add_argument("--quick", action="store_true", help="plan with quick=True")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where to train")
     parser.add_argument("--json", help="write every run (with its evaluation trace) here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
@@ -552,13 +569,17 @@ def main() -> None:
                 print(summary(result), end="\n\n")
         return
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = args.device
 
     from rich.console import Console
 
     console = Console(stderr=True)
     load = os.getloadavg()
     print(
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+        f"torch {torch.__version__} on {DEVICE}"
+        + (f" ({torch.cuda.get_device_name(0)})" if DEVICE.startswith("cuda") else "")
+        + f", {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
         f"thread(s), load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start"
     )
     results = []
