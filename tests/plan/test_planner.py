@@ -34,13 +34,15 @@ def test_plan_is_exact_and_explained(tiny_plan):
     ):
         assert result.reasons[key], key
     assert str(result.micro_batch) in result.reasons["accumulation_steps"]
-    assert set(result.measurements) == {
+    assert set(result.measurements) - {"rate_trials"} == {
         "memory",
         "throughput",
         "noise_scale",
         "noise_trend",
         "range_test",
     }
+    # A rate raised above the rule's was tried in the planned run's first steps.
+    assert ("rate_trials" in result.measurements) == ("raised" in result.reasons["lr"])
     trend = result.measurements["noise_trend"]
     assert [point["step"] for point in trend["points"]] == [50, 200]
     assert result.measurements["memory"]["trials"], "the limit was confirmed by real steps"

@@ -17,6 +17,7 @@ from batchfit.cli.format import print_json, stdout_console
 from batchfit.cli.paths import check_output_folder, remove_files
 from batchfit.cli.progress import StepBar, stderr_console
 from batchfit.errors import ConfigError
+from batchfit.monitor.checks import recent_noise_scale
 from batchfit.monitor.findings import MIN_NOISE_POINTS, MIN_POINTS
 
 STOPPED_BY_DIAGNOSIS = 3  # exit code of a run that --stop-on stopped (not an error, not done)
@@ -118,17 +119,13 @@ def train(args: argparse.Namespace) -> int:
         return code
     diagnosis_path = live.write(config.out_dir) if config.out_dir else None
     report_path = update_plan_report(args.plan, out) if args.plan and out else None
+    recent = _recent_noise_scale(live) if result.noise_scale_logged else None
     noise_summary = {
         "logged": result.noise_scale_logged,
         "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
-        "value": result.noise_scale,
+        "value": recent,
         "advice": (
-            noise_scale_advice(
-                result.noise_scale if _noise_is_readable(live) else None,
-                config.global_batch,
-            )
-            if result.noise_scale_logged
-            else None
+            noise_scale_advice(recent, result.global_batch) if result.noise_scale_logged else None
         ),
     }
     if args.json:
@@ -153,13 +150,18 @@ def train(args: argparse.Namespace) -> int:
     return code
 
 
-def _noise_is_readable(live) -> bool:
-    """Whether the run is long enough for its final noise scale to size the batch by, as the
-    diagnosis judges it: a training-loss trend (MIN_POINTS steps) and MIN_NOISE_POINTS
-    readings. Earlier the noise scale is that of early training, before it grows."""
+def _recent_noise_scale(live) -> float | None:
+    """The noise scale where the run ended, as the diagnosis reads it (the median of the last
+    quarter of its readings); None in a run too short to size a batch by: no training-loss
+    trend (MIN_POINTS steps) or fewer than MIN_NOISE_POINTS readings. Earlier the noise scale
+    is that of early training, before it grows."""
     history = live.history()
-    readings = 0 if history.noise_scale is None else len(history.noise_scale.finite())
-    return len(history.train_loss.finite()) >= MIN_POINTS and readings >= MIN_NOISE_POINTS
+    noise = history.noise_scale.finite() if history.noise_scale is not None else None
+    if not noise or len(noise) < MIN_NOISE_POINTS:
+        return None
+    if len(history.train_loss.finite()) < MIN_POINTS:
+        return None
+    return recent_noise_scale(noise)[0]
 
 
 def _check_train_inputs(args: argparse.Namespace) -> None:

@@ -378,10 +378,15 @@ def overfitting(val: Series, history: History, curve: Curve, run: RunSettings) -
     ]
 
 
-def critical(noise: Series, run: RunSettings) -> list[Finding]:
+def recent_noise_scale(noise: Series) -> tuple[float, int]:
+    """The noise scale where the run ended: the median of its last CRITICAL_LAST_SHARE of
+    finite readings, and how many readings that is (the batch is judged against this)."""
     count = max(1, int(limits.CRITICAL_LAST_SHARE * len(noise)))
-    last = np.asarray(noise.values[-count:])
-    estimate = float(np.median(last))
+    return float(np.median(np.asarray(noise.values[-count:]))), count
+
+
+def critical(noise: Series, run: RunSettings) -> list[Finding]:
+    estimate, count = recent_noise_scale(noise)
     batch = run.global_batch
     ratio = estimate / batch
     evidence = {

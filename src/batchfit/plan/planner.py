@@ -132,6 +132,7 @@ def plan(
     from batchfit.lr.range_test import lr_range_test
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
     from batchfit.plan.norm_layers import batchnorm_advice
+    from batchfit.plan.rate_trial import try_rate
     from batchfit.throughput.measure import measure_throughput
 
     report = progress or (lambda phase, done, total: None)
@@ -270,16 +271,52 @@ def plan(
     reasons["lr"] = lr_choice.reason
     # The same run length and warmup as TrainConfig gives for these epochs (train.sampling).
     total_steps = steps_for_epochs(epochs, dataset_size=dataset_size, global_batch=global_batch)
-    if needs_warmup(task.lr, lr) and total_steps > 1:
-        per_epoch = steps_per_epoch(dataset_size=dataset_size, global_batch=global_batch)
-        warmup_steps = default_warmup_steps(total_steps, steps_per_epoch=per_epoch)
+    per_epoch = steps_per_epoch(dataset_size=dataset_size, global_batch=global_batch)
+
+    def warmup_for(rate: float) -> int:
+        if needs_warmup(task.lr, rate) and total_steps > 1:
+            return default_warmup_steps(total_steps, steps_per_epoch=per_epoch)
+        return 0
+
+    if lr > scaled.lr * (1 + 1e-9):
+        # 5b. A rate raised by the range test is tried in the planned run's first steps.
+        if quick:
+            notes.append(
+                f"The raised rate {lr:.3g} was not tried in real training steps (quick plan; "
+                "a full plan runs up to 60 steps of the planned run at it)."
+            )
+        else:
+            report("rate trial", 0, 1)
+            tried, trials = try_rate(
+                task,
+                lr=lr,
+                floor_lr=scaled.lr,
+                warmup_for=warmup_for,
+                global_batch=global_batch,
+                micro_batch=micro_batch,
+                total_steps=total_steps,
+                device=device,
+            )
+            report("rate trial", 1, 1)
+            measurements["rate_trials"] = [trial.to_dict() for trial in trials]
+            phrases = "; ".join(trial.phrase() for trial in trials)
+            if tried == lr:
+                reasons["lr"] += f"; tried in the planned run's first steps: {phrases}"
+            else:
+                untried = "" if trials[-1].lr == tried else f"; back to the rule's {tried:.3g}"
+                reasons["lr"] += (
+                    f"; tried in the planned run's first steps: {phrases}{untried}: the rate is "
+                    f"{tried:.3g}"
+                )
+            lr = tried
+    warmup_steps = warmup_for(lr)
+    if warmup_steps:
         reasons["warmup_steps"] = (
             f"{lr:.3g} is {lr / task.lr:.1f}x the reference {task.lr:g}: warm up linearly for "
             f"{warmup_steps} steps (5 epochs as in Goyal et al. 2017, at most a fifth of the "
             f"{total_steps} planned steps)"
         )
     else:
-        warmup_steps = 0
         reasons["warmup_steps"] = (
             f"no warmup: {lr:.3g} is less than twice the reference rate {task.lr:g}"
         )

@@ -1,0 +1,198 @@
+"""Try a raised learning rate in real training steps before the plan keeps it.
+
+A range test sweeps the rate upward over a few dozen steps of one model; a rate read off it
+and raised above the scaling rule's (a tenth of the rate at the lowest loss, as fastai
+suggests) has never trained a model for long at that rate. On the cnn example (SGD with
+momentum) a plan from a 40-step range test chose 1.06 at batch 128 and every run of it
+diverged (bench/README.md, "From the plan"). So the planner runs the start of the planned run
+itself (its batch, rate, warmup and schedule) for the warmup and `STEPS_AFTER_WARMUP` more
+steps (at most `MAX_TRIAL_STEPS`, the warmup shortened to fit), and halves the rate while that
+diverges, down to the rule's rate at most (`try_rate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from batchfit.task import Task
+
+__all__ = ["RateTrial", "try_rate", "STEPS_AFTER_WARMUP", "MAX_TRIAL_STEPS", "MAX_HALVINGS"]
+
+STEPS_AFTER_WARMUP = 10
+"""Steps at the peak rate after the warmup: where a too-high rate shows first."""
+
+MAX_TRIAL_STEPS = 60
+"""At most this many steps per trial: a longer planned warmup is shortened to fit (a faster
+warmup is the harsher test), so a trial costs a bounded part of planning."""
+
+MAX_HALVINGS = 3
+"""Halvings tried before falling back to the rule's rate (8x below the raised one)."""
+
+RISE_FACTOR = 1.5
+"""A trial diverged when a loss was not finite, or when the mean loss of its last three steps
+is above this many times its first loss (a trial that merely made no progress passes: the
+warmup's first steps are slow)."""
+
+
+@dataclass(frozen=True)
+class RateTrial:
+    """One tried rate.
+
+    Attributes:
+        lr: the peak rate tried.
+        warmup_steps: the warmup it was tried with.
+        steps: training steps run.
+        first_loss: the loss of the first step.
+        last_loss: the mean loss of the last three steps (inf when a loss was not finite).
+        diverged: whether the trial diverged (see RISE_FACTOR).
+    """
+
+    lr: float
+    warmup_steps: int
+    steps: int
+    first_loss: float
+    last_loss: float
+    diverged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "steps": self.steps,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss if math.isfinite(self.last_loss) else None,
+            "diverged": self.diverged,
+        }
+
+    def phrase(self) -> str:
+        """E.g. "1.06 for 42 steps: loss 2.3 -> 14 (diverged)"."""
+        end = f"{self.last_loss:.3g}" if math.isfinite(self.last_loss) else "not finite"
+        verdict = "diverged" if self.diverged else "trains"
+        return (
+            f"{self.lr:.3g} for {self.steps} steps: loss {self.first_loss:.3g} -> {end} ({verdict})"
+        )
+
+
+@dataclass
+class _Losses:
+    losses: list[float] = field(default_factory=list)
+    stop_after: int = 0
+
+    def on_step_end(self, record: Any, model: Any = None) -> None:
+        from batchfit.training.callbacks import StopTraining
+
+        self.losses.append(float(record.loss))
+        if len(self.losses) >= self.stop_after:
+            raise StopTraining("rate trial done")
+
+
+def _trial(
+    task: Task,
+    *,
+    lr: float,
+    warmup_steps: int,
+    global_batch: int,
+    micro_batch: int,
+    total_steps: int,
+    device: torch.device,
+) -> RateTrial:
+    from batchfit.errors import TrainingDivergedError
+    from batchfit.training.loop import TrainConfig, train
+
+    warmup_steps = min(warmup_steps, MAX_TRIAL_STEPS - STEPS_AFTER_WARMUP)
+    steps = max(1, min(total_steps, warmup_steps + STEPS_AFTER_WARMUP))
+    watch = _Losses(stop_after=steps)
+    config = TrainConfig(
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        lr=lr,
+        warmup=warmup_steps,
+        steps=total_steps,
+        eval_every=0,
+        checkpoint_every=0,
+    )
+    try:
+        with _quiet_stop():
+            train(task, config, device=device, callbacks=[watch], progress=False)
+        diverged_early = False
+    except TrainingDivergedError:
+        diverged_early = True
+    losses = watch.losses or [math.inf]
+    tail = losses[-3:]
+    last = (
+        math.inf if diverged_early or not all(map(math.isfinite, tail)) else sum(tail) / len(tail)
+    )
+    first = losses[0]
+    diverged = not math.isfinite(last) or not math.isfinite(first) or last > RISE_FACTOR * first
+    return RateTrial(lr, warmup_steps, len(watch.losses), first, last, diverged)
+
+
+@contextlib.contextmanager
+def _quiet_stop() -> Iterator[None]:
+    """The loop logs every callback's stop as a warning; the trial's own stop is expected."""
+    log = logging.getLogger("batchfit.training.callbacks")
+    previous = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
+
+
+def try_rate(
+    task: Task,
+    *,
+    lr: float,
+    floor_lr: float,
+    warmup_for: Any,
+    global_batch: int,
+    micro_batch: int,
+    total_steps: int,
+    device: torch.device,
+) -> tuple[float, list[RateTrial]]:
+    """The planned rate if the start of the planned run trains at it, else a lower one.
+
+    Runs the planned run's first steps (warmup and STEPS_AFTER_WARMUP more, at most
+    MAX_TRIAL_STEPS) at `lr`; while
+    they diverge, halves the rate (at most MAX_HALVINGS times, never below `floor_lr`, the
+    scaling rule's rate) and tries again. Past that, `floor_lr` is returned untried (the rule's
+    rate is the plan's default anyway).
+
+    Args:
+        task: the task.
+        lr: the raised rate to try.
+        floor_lr: the rule's rate: the lowest rate returned.
+        warmup_for: `warmup_for(lr)` gives the planned warmup steps at a rate.
+        global_batch, micro_batch, total_steps: the planned run's.
+        device: where to train.
+
+    Returns:
+        (the rate to plan with, every trial in order).
+    """
+    trials: list[RateTrial] = []
+    rate = lr
+    for _ in range(MAX_HALVINGS + 1):
+        trial = _trial(
+            task,
+            lr=rate,
+            warmup_steps=warmup_for(rate),
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            total_steps=total_steps,
+            device=device,
+        )
+        trials.append(trial)
+        if not trial.diverged:
+            return rate, trials
+        rate /= 2
+        if rate <= floor_lr:
+            break
+    return floor_lr, trials

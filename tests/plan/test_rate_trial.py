@@ -1,0 +1,61 @@
+"""A raised learning rate is tried in the planned run's first steps, and halved while it
+diverges."""
+
+import pytest
+import torch
+
+from batchfit.plan import advice, planner
+from batchfit.plan.rate_trial import MAX_HALVINGS, MAX_TRIAL_STEPS, STEPS_AFTER_WARMUP, try_rate
+from tests.conftest import make_mlp_task
+
+RUN = {"global_batch": 64, "micro_batch": 64, "total_steps": 40, "device": torch.device("cpu")}
+
+
+def test_a_rate_that_trains_is_kept_after_one_trial():
+    rate, trials = try_rate(make_mlp_task(), lr=0.2, floor_lr=0.1, warmup_for=lambda r: 4, **RUN)
+    assert rate == 0.2 and len(trials) == 1
+    trial = trials[0]
+    assert not trial.diverged and trial.steps == 4 + STEPS_AFTER_WARMUP
+    assert trial.last_loss < trial.first_loss
+    # A planned warmup longer than a trial holds is shortened to fit.
+    _, (long,) = try_rate(
+        make_mlp_task(),
+        lr=0.2,
+        floor_lr=0.1,
+        warmup_for=lambda r: 200,
+        **{**RUN, "total_steps": 400},
+    )
+    assert (
+        long.steps == MAX_TRIAL_STEPS and long.warmup_steps == MAX_TRIAL_STEPS - STEPS_AFTER_WARMUP
+    )
+
+
+def test_a_rate_that_diverges_is_halved_down_to_the_rule():
+    # SGD at 1000 on the tiny MLP: the loss is not finite within a few steps at every halving
+    # tried (1000, 500, 250, 125), so the rule's rate comes back, untried.
+    rate, trials = try_rate(make_mlp_task(), lr=1000.0, floor_lr=0.1, warmup_for=lambda r: 0, **RUN)
+    assert rate == 0.1
+    assert [trial.lr for trial in trials] == [1000.0, 500.0, 250.0, 125.0]
+    assert len(trials) == MAX_HALVINGS + 1 and all(trial.diverged for trial in trials)
+    assert "diverged" in trials[0].phrase()
+
+
+def test_the_plan_tries_a_raised_rate_and_says_so(monkeypatch):
+    # A range test that (wrongly) suggests 1000: the plan's trial catches it.
+    real = advice.choose_lr
+
+    def too_high(scaled_lr, reason, **kwargs):
+        real(scaled_lr, reason, **kwargs)
+        return advice.Choice(1000.0, "raised to 1000 by the range test")
+
+    monkeypatch.setattr(planner.advice, "choose_lr", too_high)
+    task = make_mlp_task(samples=512)
+    result = planner.plan(
+        task, device="cpu", target_global_batch=64, noise_batches=8, range_test_steps=40
+    )
+    assert result.lr == pytest.approx(task.lr * 64 / task.batch_size)  # the linear rule's
+    assert "tried in the planned run's first steps: 1e+03 for" in result.reasons["lr"]
+    assert result.measurements["rate_trials"][0]["diverged"]
+    quick = planner.plan(task, device="cpu", target_global_batch=64, quick=True)
+    assert quick.lr == 1000.0 and "rate_trials" not in quick.measurements
+    assert any("was not tried in real training steps" in note for note in quick.notes)
