@@ -2,12 +2,13 @@
 
 A range test sweeps the rate upward over a few dozen steps of one model; a rate read off it
 and raised above the scaling rule's (a tenth of the rate at the lowest loss, as fastai
-suggests) has never trained a model for long at that rate. On the cnn example (SGD with
-momentum) a plan from a 40-step range test chose 1.06 at batch 128 and every run of it
-diverged (bench/README.md, "From the plan"). So the planner runs the start of the planned run
-itself (its batch, rate, warmup and schedule) for the warmup and `STEPS_AFTER_WARMUP` more
-steps (at most `MAX_TRIAL_STEPS`, the warmup shortened to fit), and halves the rate while that
-diverges, down to the rule's rate at most (`try_rate`).
+suggests) has not trained a model for long at that rate, and the planned run holds it for
+far longer, after its warmup. So the planner runs the start of the planned run itself (its
+batch, rate, warmup and schedule) for the warmup and `STEPS_AFTER_WARMUP` more steps (at most
+`MAX_TRIAL_STEPS`, the warmup shortened to fit), and halves the rate while that diverges, down
+to the rule's rate at most (`try_rate`). The trial holds for the run that was planned: the
+same rate in a much shorter run (a shorter warmup) can still diverge (bench/README.md, "From
+the plan").
 """
 
 from __future__ import annotations
