@@ -67,7 +67,7 @@ QUICK_THROUGHPUT = {"warmup_steps": 1, "repeats": 3, "rounds": 2, "min_seconds":
 
 QUICK_MEMORY_POINTS = 3
 
-PHASES = ("memory", "throughput", "noise scale", "range test")
+PHASES = ("memory", "throughput", "noise scale", "range test", "rate trial")
 
 
 def plan(
@@ -297,7 +297,6 @@ def plan(
                 total_steps=total_steps,
                 device=device,
             )
-            report("rate trial", 1, 1)
             measurements["rate_trials"] = [trial.to_dict() for trial in trials]
             phrases = "; ".join(trial.phrase() for trial in trials)
             if tried == lr:
@@ -309,6 +308,7 @@ def plan(
                     f"{tried:.3g}"
                 )
             lr = tried
+    report("rate trial", 1, 1)  # done, also when no trial was needed
     warmup_steps = warmup_for(lr)
     if warmup_steps:
         reasons["warmup_steps"] = (
