@@ -59,3 +59,11 @@ def test_the_plan_tries_a_raised_rate_and_says_so(monkeypatch):
     quick = planner.plan(task, device="cpu", target_global_batch=64, quick=True)
     assert quick.lr == 1000.0 and "rate_trials" not in quick.measurements
     assert any("was not tried in real training steps" in note for note in quick.notes)
+
+
+def test_a_finite_blow_up_counts_as_diverged():
+    # SGD at 20 on the tiny MLP: the loss stays finite but climbs by orders of magnitude; the
+    # monitor's diverging check (a blow-up) says so. At 5 the loss holds level: it trains.
+    rate, trials = try_rate(make_mlp_task(), lr=20.0, floor_lr=1.0, warmup_for=lambda r: 0, **RUN)
+    assert trials[0].diverged and trials[0].last_loss > 100 * trials[0].first_loss
+    assert rate == 5.0 and not trials[-1].diverged

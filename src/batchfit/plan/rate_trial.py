@@ -37,11 +37,6 @@ warmup is the harsher test), so a trial costs a bounded part of planning."""
 MAX_HALVINGS = 3
 """Halvings tried before falling back to the rule's rate (8x below the raised one)."""
 
-RISE_FACTOR = 1.5
-"""A trial diverged when a loss was not finite, or when the mean loss of its last three steps
-is above this many times its first loss (a trial that merely made no progress passes: the
-warmup's first steps are slow)."""
-
 
 @dataclass(frozen=True)
 class RateTrial:
@@ -53,7 +48,9 @@ class RateTrial:
         steps: training steps run.
         first_loss: the loss of the first step.
         last_loss: the mean loss of the last three steps (inf when a loss was not finite).
-        diverged: whether the trial diverged (see RISE_FACTOR).
+        diverged: whether the trial diverged: a loss or gradient that was not finite, or a
+            critical `diverging` finding of `batchfit.monitor.diagnose` on its losses (a
+            blow-up or a sustained rise; spikes it recovered from do not count).
     """
 
     lr: float
@@ -84,14 +81,16 @@ class RateTrial:
 
 @dataclass
 class _Losses:
-    losses: list[float] = field(default_factory=list)
+    records: list[dict[str, float]] = field(default_factory=list)
     stop_after: int = 0
 
     def on_step_end(self, record: Any, model: Any = None) -> None:
         from batchfit.training.callbacks import StopTraining
 
-        self.losses.append(float(record.loss))
-        if len(self.losses) >= self.stop_after:
+        self.records.append(
+            {"step": int(record.step), "loss": float(record.loss), "lr": float(record.lr)}
+        )
+        if len(self.records) >= self.stop_after:
             raise StopTraining("rate trial done")
 
 
@@ -106,6 +105,8 @@ def _trial(
     device: torch.device,
 ) -> RateTrial:
     from batchfit.errors import TrainingDivergedError
+    from batchfit.monitor.diagnose import diagnose
+    from batchfit.monitor.history import History
     from batchfit.training.loop import TrainConfig, train
 
     warmup_steps = min(warmup_steps, MAX_TRIAL_STEPS - STEPS_AFTER_WARMUP)
@@ -126,14 +127,20 @@ def _trial(
         diverged_early = False
     except TrainingDivergedError:
         diverged_early = True
-    losses = watch.losses or [math.inf]
+    losses = [record["loss"] for record in watch.records] or [math.inf]
     tail = losses[-3:]
-    last = (
-        math.inf if diverged_early or not all(map(math.isfinite, tail)) else sum(tail) / len(tail)
-    )
-    first = losses[0]
-    diverged = not math.isfinite(last) or not math.isfinite(first) or last > RISE_FACTOR * first
-    return RateTrial(lr, warmup_steps, len(watch.losses), first, last, diverged)
+    finite = not diverged_early and all(map(math.isfinite, losses))
+    last = sum(tail) / len(tail) if finite else math.inf
+    diverged = not finite
+    if finite:
+        history = History.from_records(
+            watch.records, global_batch=global_batch, micro_batch=micro_batch
+        )
+        diverged = any(
+            finding.kind == "diverging" and finding.severity == "critical"
+            for finding in diagnose(history).findings
+        )
+    return RateTrial(lr, warmup_steps, len(watch.records), losses[0], last, diverged)
 
 
 @contextlib.contextmanager
