@@ -141,6 +141,8 @@ def commands(f: Path) -> list[list[str]]:
         ["train", *D, "--plan", str(f / "bad.json")],
         ["train", *D, "--plan", str(f / "deep.json")],
         ["train", *D, "--plan", str(f / "plan.json"), "--out", str(f / "x1")],
+        ["train", "--plan", str(f / "missing.json")],  # no task: the plan's would be used
+        ["train", "--plan", str(f / "plan.json"), "--out", str(f / "x2")],  # task 'mlp'?
         ["train", MLP, *TRAIN, "--resume", str(f / "flipped")],
         ["train", MLP, *TRAIN, "--resume", str(f / "truncated")],
         ["train", MLP, *TRAIN, "--resume", str(f / "text")],
