@@ -103,8 +103,8 @@ def find_max_batch_size(
         task_or_step: a `batchfit.Task`, or `step(batch_size)`.
         device: where the steps run: "auto", "cpu", "cuda", "cuda:N", "mps".
         memory_budget: bytes, a size such as "300MiB", or a card's name such as "A100-80GB"
-            (`batchfit.memory.cards.CARDS`); None means the device's memory (the CPU has no
-            usable limit, so there a budget is required). Real trials enforce the budget by
+            (`batchfit.memory.cards.CARDS`); None means the memory the device has free to
+            this process now (the CPU has no usable limit, so there a budget is required). Real trials enforce the budget by
             counting tensor storage (exceeding it raises torch.OutOfMemoryError, as a full
             GPU does); on CUDA the process is capped too.
         margin: fraction kept free, in [0, 1): usable = (budget - reserve) * (1 - margin).
