@@ -104,9 +104,11 @@ def find_max_batch_size(
         device: where the steps run: "auto", "cpu", "cuda", "cuda:N", "mps".
         memory_budget: bytes, a size such as "300MiB", or a card's name such as "A100-80GB"
             (`batchfit.memory.cards.CARDS`); None means the memory the device has free to
-            this process now (the CPU has no usable limit, so there a budget is required). Real trials enforce the budget by
-            counting tensor storage (exceeding it raises torch.OutOfMemoryError, as a full
-            GPU does); on CUDA the process is capped too.
+            this process now (the CPU has no usable limit, so there a budget is required).
+            Real trials enforce the budget less the margin by counting tensor storage
+            (exceeding it raises torch.OutOfMemoryError, as a full GPU does); on CUDA the
+            process is also capped at the budget itself, leaving the margin to the
+            allocator's workspaces and fragmentation.
         margin: fraction kept free, in [0, 1): usable = (budget - reserve) * (1 - margin).
         round_to: round the answer down to "pow2" or a multiple such as 8; None keeps it.
         max_batch_size: the largest batch size considered.
