@@ -17,8 +17,6 @@ from batchfit.cli.format import print_json, stdout_console
 from batchfit.cli.paths import check_output_folder, remove_files
 from batchfit.cli.progress import StepBar, stderr_console
 from batchfit.errors import ConfigError
-from batchfit.monitor.checks import recent_noise_scale
-from batchfit.monitor.findings import MIN_NOISE_POINTS, MIN_POINTS
 
 STOPPED_BY_DIAGNOSIS = 3  # exit code of a run that --stop-on stopped (not an error, not done)
 
@@ -26,6 +24,7 @@ STOPPED_BY_DIAGNOSIS = 3  # exit code of a run that --stop-on stopped (not an er
 def train(args: argparse.Namespace) -> int:
     from batchfit.cli.format import print_train_summary
     from batchfit.cli.format_diagnosis import print_diagnosis
+    from batchfit.monitor.diagnose import noise_scale_at_end
     from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
     from batchfit.noise.callback import NoiseScaleCallback
     from batchfit.noise.watch import noise_scale_advice, noise_scale_loggable
@@ -119,7 +118,7 @@ def train(args: argparse.Namespace) -> int:
         return code
     diagnosis_path = live.write(config.out_dir) if config.out_dir else None
     report_path = update_plan_report(args.plan, out) if args.plan and out else None
-    recent = _recent_noise_scale(live) if result.noise_scale_logged else None
+    recent = noise_scale_at_end(live.history()) if result.noise_scale_logged else None
     noise_summary = {
         "logged": result.noise_scale_logged,
         "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
@@ -148,20 +147,6 @@ def train(args: argparse.Namespace) -> int:
     if report_path is not None:
         console.print(f"  report with the run: {report_path}", highlight=False, markup=False)
     return code
-
-
-def _recent_noise_scale(live) -> float | None:
-    """The noise scale where the run ended, as the diagnosis reads it (the median of the last
-    quarter of its readings); None in a run too short to size a batch by: no training-loss
-    trend (MIN_POINTS steps) or fewer than MIN_NOISE_POINTS readings. Earlier the noise scale
-    is that of early training, before it grows."""
-    history = live.history()
-    noise = history.noise_scale.finite() if history.noise_scale is not None else None
-    if not noise or len(noise) < MIN_NOISE_POINTS:
-        return None
-    if len(history.train_loss.finite()) < MIN_POINTS:
-        return None
-    return recent_noise_scale(noise)[0]
 
 
 def _check_train_inputs(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from batchfit.monitor.curve import read_curve
 from batchfit.monitor.findings import KINDS, Diagnosis, Finding
 from batchfit.monitor.history import History
 
-__all__ = ["diagnose"]
+__all__ = ["diagnose", "noise_scale_at_end"]
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 
@@ -50,6 +50,19 @@ def _settings(history: History, plan: Any, rule: str | None) -> RunSettings:
         steps_per_epoch=history.steps_per_epoch,
         warmup_steps=warmup,
     )
+
+
+def noise_scale_at_end(history: History) -> float | None:
+    """The noise scale a run ended at, as `diagnose` judges the batch against it (the median of
+    the last quarter of its readings); None for a run too short to size a batch by: fewer than
+    MIN_POINTS finite training losses (no trend) or MIN_NOISE_POINTS noise readings. Earlier
+    the noise scale is that of early training, before it grows."""
+    noise = history.noise_scale.finite() if history.noise_scale is not None else None
+    if not noise or len(noise) < limits.MIN_NOISE_POINTS:
+        return None
+    if len(history.train_loss.finite()) < limits.MIN_POINTS:
+        return None
+    return checks.recent_noise_scale(noise)[0]
 
 
 def _still_warming_up(history: History) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -160,7 +160,7 @@ def try_rate(
     *,
     lr: float,
     floor_lr: float,
-    warmup_for: Any,
+    warmup_for: Callable[[float], int],
     global_batch: int,
     micro_batch: int,
     total_steps: int,
@@ -169,10 +169,9 @@ def try_rate(
     """The planned rate if the start of the planned run trains at it, else a lower one.
 
     Runs the planned run's first steps (warmup and STEPS_AFTER_WARMUP more, at most
-    MAX_TRIAL_STEPS) at `lr`; while
-    they diverge, halves the rate (at most MAX_HALVINGS times, never below `floor_lr`, the
-    scaling rule's rate) and tries again. Past that, `floor_lr` is returned untried (the rule's
-    rate is the plan's default anyway).
+    MAX_TRIAL_STEPS) at `lr`; while they diverge, halves the rate (at most MAX_HALVINGS times,
+    never below `floor_lr`, the scaling rule's rate) and tries again. Past that, `floor_lr` is
+    returned untried (the rule's rate is the plan's default anyway).
 
     Args:
         task: the task.
