@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from batchfit.errors import ConfigError, DoesNotFitError
 from batchfit.task import load_example
@@ -220,3 +221,27 @@ def test_load_on_the_wall_clock_does_not_stop_the_ladder_early():
     assert result.clock == "cpu"
     assert not result.stopped_early and result.batch_sizes[-1] == 256
     assert result.samples_per_second[-1] > 5 * result.samples_per_second[0]
+
+
+def test_cpu_time_of_other_threads_does_not_shrink_the_step_time():
+    """With two intra-op threads, the process's CPU time takes the helper thread's time in
+    lumps (one sub-millisecond step read 5-14x its wall time), and a step time scaled by the
+    lowest wall/CPU ratio came out 10x below the fastest step ever timed. The timing thread's
+    own CPU time has no such lumps: no size may read faster than its fastest wall-clock step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.randn(256, 256, generator=generator)
+        labels = torch.randint(3, (256,), generator=generator)
+        task = make_mlp_task(
+            # 65k weights: large enough for torch to share the optimizer's update over threads
+            model=lambda: nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3)),
+            train_data=TensorDataset(inputs, labels),
+            optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+        )
+        result = measure_throughput(task, batch_sizes=[1, 4, 16], min_seconds=0.2, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for seconds, walls in zip(result.seconds_per_step, result.step_seconds):
+        assert seconds >= 0.8 * min(walls)

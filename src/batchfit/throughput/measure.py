@@ -62,12 +62,12 @@ def measure_throughput(
     round climbs the sizes (after `warmup_steps` untimed steps per size), the later ones go
     over the sizes measured, downwards then upwards, so that load from other processes falls
     on every size alike. A size's step time is a low quantile of its steps (see
-    `batchfit.step_timing`: load only adds time), reported with the spread of its steps. On
-    the CPU the process CPU time of each step is recorded too, and stands in for the wall
-    time where load distorted it (`batchfit.step_timing.choose_clock`); `clock` in the result
-    says which clock decided. Batches are collated and moved to the device before the clock
-    starts, so data loading is not timed (a DataLoader's workers do it in parallel). The task
-    is not touched, and the random generators are restored.
+    `batchfit.throughput.timing`: load only adds time), reported with the spread of its steps.
+    On the CPU the timing thread's CPU time of each step is recorded too, and stands in for the
+    wall time where load distorted it (`batchfit.throughput.timing.choose_clock`); `clock` in
+    the result says which clock decided. Batches are collated and moved to the device before
+    the clock starts, so data loading is not timed (a DataLoader's workers do it in parallel).
+    The task is not touched, and the random generators are restored.
 
     Which batch sizes: `batch_sizes` when given (every one is measured; sizes above the data
     set, above `max_batch_size`, or above the largest batch that fits `memory_budget` are an
@@ -100,7 +100,7 @@ def measure_throughput(
             (`batchfit.progress`); the total counts every planned size, so it may not be
             reached when the measurement stops early.
         clock: the wall timer, in seconds (a fake one makes tests exact).
-        cpu_clock: the process CPU timer, in seconds. None: `time.process_time` on the CPU
+        cpu_clock: the CPU timer, in seconds. None: `time.thread_time` on the CPU
             with the default wall timer, not recorded otherwise (on an accelerator CPU time
             says nothing of the step).
 
@@ -148,7 +148,7 @@ def measure_throughput(
     sizes, limit, reason = plan_sizes(task, batch_sizes, max_batch_size, memory_budget, resolved)
     use_patience = batch_sizes is None and patience is not None
     if cpu_clock is None and resolved.type == "cpu" and clock is time.perf_counter:
-        cpu_clock = time.process_time
+        cpu_clock = time.thread_time
     shares = round_shares(repeats, rounds)
 
     seed = task.seed if seed is None else seed

@@ -36,7 +36,7 @@ class ThroughputResult:
             tokens.
         step_seconds: every timed step, per batch size (warm-up steps excluded), wall clock,
             in the order they ran.
-        cpu_step_seconds: the process CPU time of the same steps (on the CPU), or None.
+        cpu_step_seconds: the same steps' CPU time (the timing thread's, on the CPU), or None.
         spread: (90th - 10th percentile) / median of each size's steps, on the deciding clock.
         clock: "wall" or "cpu": which clock the step times come from.
         clock_reason: why that clock, in words.

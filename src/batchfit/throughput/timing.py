@@ -12,11 +12,13 @@ that keep the timing steady, as pure functions of lists of seconds:
   load only ever adds time, so the fast steps are the undisturbed ones (as `timeit` advises
   taking the minimum; a quantile a little above it is less sensitive to the number of steps);
 - the spread of the steps is reported with it (`relative_spread`);
-- on the CPU the process CPU time of each step is recorded too (`time.process_time`, every
-  thread of the process). Another process that holds a core delays the wall clock but not the
+- on the CPU the CPU time of the thread that runs the steps is recorded too
+  (`time.thread_time`). Another process that holds a core delays the wall clock but not that
   CPU time, so where the wall time is distorted by load (`choose_clock`), CPU time, scaled by
   the lowest wall/CPU ratio seen at that size, stands in, and the result says which clock
-  decided.
+  decided. Not the process's CPU time: it holds torch's other intra-op threads, whose time the
+  kernel adds in lumps (a single sub-millisecond step read 5-14x its wall time on a 2-core
+  machine, and the lowest ratio, taken from such a step, cut a size's time 5x).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class StepTimes:
     Attributes:
         seconds_per_step: the step time of each size, in seconds (wall-clock equivalent).
         spread: `relative_spread` of each size's steps, on the clock that decided.
-        clock: "wall" (the wall clock decided) or "cpu" (process CPU time stood in).
+        clock: "wall" (the wall clock decided) or "cpu" (CPU time stood in).
         clock_reason: why that clock, in words.
         distorted_sizes: the batch sizes whose wall times were distorted by load.
     """
@@ -140,7 +142,7 @@ def choose_clock(
     Args:
         batch_sizes: the sizes, one per entry of the lists below.
         wall_seconds: the timed steps of each size, wall clock, in seconds.
-        cpu_seconds: the same steps' process CPU time, in seconds; None when not recorded.
+        cpu_seconds: the same steps' CPU time, in seconds; None when not recorded.
         quantile: the quantile that stands for a size's step time.
         tolerance: how much longer than its least delayed step a typical step may wait.
 
@@ -176,7 +178,7 @@ def choose_clock(
             wall_times,
             wall_spread,
             "wall",
-            f"wall clock, {statistic}: process CPU time showed no load that distorts it",
+            f"wall clock, {statistic}: CPU time showed no load that distorts it",
             (),
         )
     cpu_times = tuple(
@@ -184,7 +186,7 @@ def choose_clock(
     )
     shown = ", ".join(map(str, distorted))
     reason = (
-        f"process CPU time, {statistic}: other load slowed the wall clock at batch {shown} "
+        f"CPU time, {statistic}: other load slowed the wall clock at batch {shown} "
         f"(typical steps waited over {tolerance:.0%} longer than the least delayed one), so "
         "each size's CPU time, times its lowest wall/CPU ratio, stands in for the wall time"
     )
