@@ -78,7 +78,7 @@ def choose_global_batch(
     mostly wasted. Wall time is samples over samples per second, so with the measured
     throughput the time to a loss is proportional to (1 + B / B_noise) / samples_per_second(B).
     The global batch is the power of two (times the device count) that minimises it, the
-    larger one when two are within `TIME_TIE` of each other (fewer optimizer steps). Throughput
+    smallest one when several are within `TIME_TIE` of each other (fewer samples). Throughput
     beyond the largest measured micro-batch is that micro-batch's (accumulation), and a dip
     below a smaller batch's throughput is read as noise (the running best is used).
 
@@ -104,7 +104,7 @@ def choose_global_batch(
         >>> choose_global_batch(noise_scale=68, knee_batch=32, world_size=1,
         ...                     dataset_size=10_000, reference_batch=32,
         ...                     throughput={16: 830, 32: 1000, 64: 1000, 256: 900}).value
-        32
+        16
     """
     cap = max(world_size, _pow2_floor(dataset_size / MIN_STEPS_PER_EPOCH))
     after = (
@@ -145,7 +145,12 @@ def choose_global_batch(
 
 
 TIME_TIE = 0.03
-"""Estimated times within 3% count as equal; the larger batch then wins (fewer steps)."""
+"""Estimated times within 3% count as equal; the smallest tied batch then wins. It needs the
+fewest samples for the same loss, and it sits where the estimated time still changes with the
+batch: the largest tied batch sat at the far end of a flat stretch of the curve (a CPU's
+throughput, beyond its knee), which timing noise moved (a CNN planned at 32, 64 and 128 in
+three runs). The noise scale is already read at the middle of the planned run, so its growth
+is no reason to go higher; a run can still grow its batch (`--batch-schedule noise`)."""
 
 
 def _fastest_global_batch(
@@ -174,26 +179,25 @@ def _fastest_global_batch(
         candidates = [cap]
     best_time = min(time_per_loss(batch) for batch in candidates)
     fastest = min(candidates, key=time_per_loss)
-    chosen = max(b for b in candidates if time_per_loss(b) <= best_time * (1 + TIME_TIE))
+    chosen = min(b for b in candidates if time_per_loss(b) <= best_time * (1 + TIME_TIE))
     reason = (
         f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples{after}; "
         f"with the measured throughput, {fastest} minimises the estimated time to a given loss, "
         f"(1 + B/{noise_scale:.0f}) / samples per second (McCandlish et al. 2018)"
     )
-    tied = [
-        b for b in candidates if b != fastest and time_per_loss(b) <= best_time * (1 + TIME_TIE)
-    ]
-    if tied:
+    if chosen != fastest:
         shown = ", ".join(
-            f"{b} is within {time_per_loss(b) / best_time - 1:.0%}" for b in sorted(tied)
+            f"{b} is within {time_per_loss(b) / best_time - 1:.0%}"
+            for b in candidates
+            if chosen <= b < fastest
         )
         reason += (
-            f"; {shown}: times within {TIME_TIE:.0%} count as a tie, and the largest tied batch "
-            f"is taken ({chosen}) because it needs fewer optimizer steps and the critical batch "
-            "grows as the loss falls"
+            f"; {shown}: times within {TIME_TIE:.0%} count as a tie, and the smallest tied "
+            f"batch is taken ({chosen}) because it needs fewer samples for the same loss"
         )
-    neighbours = [b for b in (chosen // 2, chosen * 2) if b in candidates and b not in tied]
-    neighbours = [b for b in neighbours if b != fastest]
+    neighbours = [
+        b for b in (chosen // 2, chosen * 2) if b in candidates and not chosen <= b <= fastest
+    ]
     if neighbours:
         reason += "; " + ", ".join(
             f"{time_per_loss(b) / best_time - 1:+.0%} at {b}" for b in neighbours
