@@ -184,6 +184,29 @@ def test_plan_proposes_a_schedule_from_the_measured_noise_scale(
     assert json.loads(capsys.readouterr().out)["batch_schedule"] == proposed
 
 
+def test_a_disturbed_throughput_curve_is_named_in_the_plan(monkeypatch):
+    import dataclasses
+
+    import batchfit.throughput.measure as measure
+
+    real = measure.measure_throughput
+
+    def disturbed(*args, **kwargs):  # the second size's steps 5x slower than they were
+        result = real(*args, **kwargs)
+        seconds = list(result.seconds_per_step)
+        seconds[1] *= 5
+        return dataclasses.replace(
+            result,
+            seconds_per_step=tuple(seconds),
+            samples_per_second=tuple(b / s for b, s in zip(result.batch_sizes, seconds)),
+        )
+
+    monkeypatch.setattr(measure, "measure_throughput", disturbed)
+    planned = plan(make_mlp_task(samples=256), device="cpu", target_global_batch=32, **QUICK)
+    notes = [note for note in planned.notes if "step time fell as the batch grew" in note]
+    assert len(notes) == 1 and "The global batch below rests on it." in notes[0]
+
+
 def test_a_full_plan_chooses_from_the_noise_trend():
     result = plan(load_example("digits"), device="cpu", noise_batches=12, range_test_steps=40)
     trend = result.measurements["noise_trend"]["trend"]

@@ -1,9 +1,9 @@
-"""find_knee."""
+"""find_knee, and step times that no device produces."""
 
 import pytest
 
 from batchfit.errors import ConfigError
-from batchfit.throughput.result import find_knee
+from batchfit.throughput.result import ThroughputResult, find_knee
 
 
 def test_knee_on_a_saturating_curve():
@@ -44,3 +44,29 @@ def test_knee_bad_input(sizes, rates, fraction, words):
     with pytest.raises(ConfigError) as caught:
         find_knee(sizes, rates, fraction=fraction)
     assert words in str(caught.value)
+
+
+def _result(seconds_per_step, device="cpu"):
+    sizes = tuple(2**k for k in range(len(seconds_per_step)))
+    rates = tuple(size / seconds for size, seconds in zip(sizes, seconds_per_step))
+    return ThroughputResult(
+        batch_sizes=sizes, seconds_per_step=tuple(seconds_per_step), samples_per_second=rates,
+        tokens_per_second=None, step_seconds=tuple((s,) for s in seconds_per_step),
+        knee_batch=sizes[-1], best_batch=sizes[rates.index(max(rates))], fraction=0.9,
+        limit_batch=None, limit_reason=None, stopped_early=False, warmup_steps=1, repeats=1,
+        device=device,
+    )  # fmt: skip
+
+
+def test_step_times_that_fall_with_the_batch_are_called_disturbed():
+    # charlm timed on a 2-core CPU next to two busy processes: 8 took 86.8 ms, 16 took 22.4
+    disturbed = _result([0.0071, 0.0213, 0.0305, 0.0868, 0.0224, 0.0876])
+    assert disturbed.falling_step_times() == [(8, 16)]
+    note = disturbed.disturbed_note()
+    assert "8 -> 16 (86.8 -> 22.4 ms)" in note and "OMP_NUM_THREADS=1" in note
+    assert note in disturbed.describe()
+    # within 25% is timing jitter, and a rising curve is what hardware does
+    assert _result([0.010, 0.009, 0.012, 0.020]).disturbed_note() is None
+    assert _result([0.010, 0.012, 0.016, 0.030]).falling_step_times() == []
+    on_a_card = _result([0.010, 0.004, 0.005], device="cuda:0").disturbed_note()
+    assert "1 -> 2" in on_a_card and "OMP_NUM_THREADS" not in on_a_card

@@ -186,6 +186,9 @@ def plan(
     )
     report("throughput", 1, 1)  # done, also when it stopped before the largest size
     measurements["throughput"] = throughput.to_dict()
+    disturbed = throughput.disturbed_note()
+    if disturbed:
+        notes.append(f"{disturbed} The global batch below rests on it.")
 
     # 3. The gradient noise scale, at two points of a short warm-up, and its trend.
     noise, noise_for_run, noise_basis = measure_noise_for_run(

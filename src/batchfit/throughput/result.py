@@ -18,6 +18,10 @@ from batchfit.validation import check_batch_size
 
 DEFAULT_FRACTION = 0.9
 
+STEP_TIME_DROP = 0.25
+"""A larger batch whose step is more than 25% quicker than a smaller batch's step marks the
+timing as disturbed: on one device a step does not get much shorter with more samples."""
+
 Limit = Literal["dataset", "max_batch_size", "memory_budget", "out_of_memory"]
 
 
@@ -98,6 +102,49 @@ class ThroughputResult:
             rows.append([*row, f"{rate / best:.0%}", " ".join(marks)])
         return rows
 
+    def falling_step_times(self) -> list[tuple[int, int]]:
+        """(smaller, larger) batch pairs where the larger batch's step took more than
+        `STEP_TIME_DROP` less time than the slowest step of a smaller batch: a curve no device
+        produces, so other processes disturbed the timing.
+
+        Example:
+            >>> result = ThroughputResult(
+            ...     batch_sizes=(4, 8, 16), seconds_per_step=(0.02, 0.09, 0.03),
+            ...     samples_per_second=(200, 89, 533), tokens_per_second=None,
+            ...     step_seconds=((0.02,), (0.09,), (0.03,)), knee_batch=16, best_batch=16,
+            ...     fraction=0.9, limit_batch=None, limit_reason=None, stopped_early=False,
+            ...     warmup_steps=1, repeats=1, device="cpu")
+            >>> result.falling_step_times()
+            [(8, 16)]
+        """
+        pairs = []
+        for index in range(1, len(self.batch_sizes)):
+            earlier = self.seconds_per_step[:index]
+            slowest = max(earlier)
+            if self.seconds_per_step[index] < (1 - STEP_TIME_DROP) * slowest:
+                pairs.append((self.batch_sizes[earlier.index(slowest)], self.batch_sizes[index]))
+        return pairs
+
+    def disturbed_note(self) -> str | None:
+        """A warning in words when the step times fall with the batch (`falling_step_times`)."""
+        pairs = self.falling_step_times()
+        if not pairs:
+            return None
+        seconds = dict(zip(self.batch_sizes, self.seconds_per_step))
+        shown = ", ".join(
+            f"{small} -> {large} ({seconds[small] * 1000:.1f} -> {seconds[large] * 1000:.1f} ms)"
+            for small, large in pairs[:3]
+        )
+        advice = "measure again on an idle machine"
+        if self.device == "cpu":
+            advice += " (on a shared CPU, OMP_NUM_THREADS=1 keeps torch's threads from waiting"
+            advice += " on each other)"
+        return (
+            f"The step time fell as the batch grew ({shown}), which one device does not do: "
+            f"other processes disturbed the timing, and the throughput curve is not reliable; "
+            f"{advice}."
+        )
+
     def describe(self) -> str:
         """What the numbers say, in words."""
         best = max(self.samples_per_second)
@@ -128,6 +175,9 @@ class ThroughputResult:
                 f" Timed in {self.rounds} interleaved round{'s' if self.rounds > 1 else ''}; "
                 f"step times: {self.clock_reason}."
             )
+        disturbed = self.disturbed_note()
+        if disturbed:
+            text += f" {disturbed}"
         return text
 
     def to_dict(self) -> dict[str, Any]:
