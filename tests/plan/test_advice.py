@@ -177,5 +177,13 @@ def test_plan_proposes_a_growing_batch_when_the_noise_scale_is_far_below_the_roo
     # A small data set leaves no room: a quarter of 1,000 samples is 250 < 4 x 100.
     small = propose_batch_schedule(64, noise_scale=100, dataset_size=1_000, micro_batch=256)
     assert small.value == "constant" and "250 samples" in small.reason
+    # cancer: 456 samples, noise scale 1712 after the warm-up: above the room, not "below" it
+    above = propose_batch_schedule(64, noise_scale=1712, dataset_size=456, micro_batch=64)
+    assert above.value == "constant" and "below" not in above.reason
+    assert "(1712) is already at or above the 114 samples" in above.reason
+    # room for 4x the noise scale, but not for one doubling of the batch
+    no_doubling = propose_batch_schedule(256, noise_scale=50, dataset_size=1_438, micro_batch=256)
+    assert no_doubling.value == "constant" and "below" not in no_doubling.reason
+    assert "leave no room to double the global batch 256" in no_doubling.reason
     unknown = propose_batch_schedule(64, noise_scale=None, dataset_size=100_000, micro_batch=64)
     assert unknown.value == "constant" and "no reliable noise scale" in unknown.reason

@@ -443,8 +443,17 @@ def propose_batch_schedule(
             "noise scale stays above twice it (the critical batch grows as the loss falls, "
             "McCandlish et al. 2018)",
         )
-    return Choice(
-        "constant",
-        f"the noise scale measured{after} ({noise_scale:.0f}) is not far below the {limits} "
-        f"the data and memory allow (less than {GROWTH_ROOM}x): the batch stays constant",
-    )
+    measured = f"the noise scale measured{after} ({noise_scale:.0f})"
+    if noise_scale >= room:
+        why = f"{measured} is already at or above the {limits} the data and memory allow"
+    elif room < 2 * global_batch:
+        why = (
+            f"the {limits} the data and memory allow leave no room to double the global batch "
+            f"{global_batch}"
+        )
+    else:
+        why = (
+            f"{measured} is not far below the {limits} the data and memory allow "
+            f"(less than {GROWTH_ROOM}x)"
+        )
+    return Choice("constant", f"{why}: the batch stays constant")
