@@ -185,6 +185,33 @@ def test_noise_scale_against_the_global_batch(noise, kind, new_batch):
     assert finding.settings["lr"] == pytest.approx(0.001 * math.sqrt(new_batch / 64))
 
 
+def test_a_larger_batch_is_not_advised_beyond_a_quarter_of_the_training_set():
+    # digits planned at 256 of 1,438 samples (5.6 steps per epoch): a noise scale of 561 asks
+    # for 512, which would leave 2.8 steps per epoch; the plan's cap is a quarter, 359.
+    run = _history(_decay(), noise=561.0, batch=256, steps_per_epoch=1438 / 256)
+    finding = diagnose(run, rule="sqrt").get("batch-below-critical")
+    assert finding is not None and finding.settings == {}
+    assert finding.advice.startswith("none within this training set")
+    assert "above 359 would leave fewer than 4 optimizer steps per epoch" in finding.advice
+    assert "about 1438 samples" in finding.advice
+    # 640 samples (10 steps of 64): a quarter is 160, room for one doubling of the 16x asked
+    roomy = _history(_decay(), noise=1000.0, batch=64, steps_per_epoch=10)
+    assert diagnose(roomy, rule="sqrt").get("batch-below-critical").settings["global_batch"] == 128
+
+
+def test_an_overfitting_run_is_not_told_to_raise_its_batch():
+    # The overfitting advice offers a smaller batch; the noise scale (16x the batch) would ask
+    # for a larger one. The larger batch is held back with a note.
+    val = [2.0, 1.0, 0.6, 0.5, 0.55, 0.62, 0.7, 0.8, 0.9, 1.0]
+    losses = _decay(n=100, rate=0.04, floor=0.001, noise=0.01)
+    diagnosis = diagnose(_history(losses, val=val, noise=1000.0, batch=64), rule="sqrt")
+    assert [f.kind for f in diagnosis.findings] == ["overfitting"]
+    assert "batch-below-critical" in diagnosis.checked
+    assert any(
+        "16x the global batch, but the run overfits" in note for note in diagnosis.notes
+    )
+
+
 # --- partial data: a clear partial result, never a traceback -------------------------------
 
 

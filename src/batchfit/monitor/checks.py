@@ -16,6 +16,7 @@ from batchfit.monitor.advice import RunSettings, change_batch, lower_rate
 from batchfit.monitor.curve import Curve, robust_spread, rounded, running_median
 from batchfit.monitor.findings import Finding
 from batchfit.monitor.history import History, Series
+from batchfit.plan.advice import MIN_STEPS_PER_EPOCH
 
 
 def non_finite(steps: tuple[int, ...], last: int | None, run: RunSettings, what: str) -> Finding:
@@ -407,7 +408,22 @@ def critical(noise: Series, run: RunSettings) -> list[Finding]:
         )
     else:
         return []
-    advice, settings = change_batch(run, power_of_two_factor(ratio))
+    factor = power_of_two_factor(ratio)
+    room = batch_room(run)
+    if factor > 1 and room is not None:
+        factor = min(factor, float(2 ** math.floor(math.log2(room))))
+    if factor > 1 or kind == "batch-above-critical":
+        advice, settings = change_batch(run, factor)
+        advice = f"for the next run, {advice}"
+    else:
+        dataset = round(batch * run.steps_per_epoch) if run.steps_per_epoch else None
+        advice, settings = (
+            f"none within this training set: a global batch above {int(batch * room)} would "
+            f"leave fewer than {MIN_STEPS_PER_EPOCH} optimizer steps per epoch of its about "
+            f"{dataset} samples; more data per run would let the batch grow",
+            {},
+        )
+        evidence["largest_batch_for_the_data"] = int(batch * room)
     return [
         Finding(
             kind,
@@ -416,8 +432,16 @@ def critical(noise: Series, run: RunSettings) -> list[Finding]:
             f"{window[0]}-{window[1]}, {ratio:.2g}x the global batch {batch} (well {words} it): "
             f"{why}",
             evidence,
-            f"for the next run, {advice}",
+            advice,
             window,
             settings,
         )
     ]
+
+
+def batch_room(run: RunSettings) -> float | None:
+    """How many times the global batch fits in a quarter of the training set (the plan's cap,
+    `MIN_STEPS_PER_EPOCH` steps per epoch), when the steps per epoch are known."""
+    if not run.global_batch or not run.steps_per_epoch:
+        return None
+    return run.steps_per_epoch / MIN_STEPS_PER_EPOCH

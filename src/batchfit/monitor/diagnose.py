@@ -194,7 +194,22 @@ def diagnose(
                 "that is fixed"
             )
         else:
-            found += checks.critical(noise, run)
+            batch_findings = checks.critical(noise, run)
+            if any(f.kind == "overfitting" for f in found):
+                # A larger batch saves steps; it does not cure overfitting, whose advice
+                # includes a smaller batch: the two would pull the batch both ways.
+                for finding in batch_findings:
+                    if finding.kind == "batch-below-critical":
+                        notes.append(
+                            f"the noise scale (about {finding.evidence['noise_scale']:.0f} "
+                            f"samples) is {finding.evidence['ratio']:.2g}x the global batch, "
+                            "but the run overfits: the larger batch that calls for is not "
+                            "advised until that is fixed"
+                        )
+                batch_findings = [
+                    f for f in batch_findings if f.kind != "batch-below-critical"
+                ]
+            found += batch_findings
     elif not noise:
         notes.append(
             "no gradient noise scale logged: batch-below/above-critical not checked (batchfit "
