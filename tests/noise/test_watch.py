@@ -291,6 +291,13 @@ def test_noise_advice_compares_with_the_global_batch(estimate, words):
     assert words in noise_scale_advice(estimate, 64)
 
 
+def test_noise_advice_offers_a_larger_batch_only_within_a_quarter_of_the_data():
+    # 2 x 64 = 128 per step leaves 4 steps per epoch of 512 samples, 3.9 of 511
+    assert "would now save steps" in noise_scale_advice(600.0, 64, dataset_size=512)
+    tight = noise_scale_advice(600.0, 64, dataset_size=511)
+    assert "save steps" not in tight and "near a quarter of the 511 training samples" in tight
+
+
 @pytest.mark.parametrize(
     "global_batch, micro_batch, world_size, dataset_size, loggable, words",
     [

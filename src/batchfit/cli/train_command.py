@@ -124,7 +124,9 @@ def train(args: argparse.Namespace) -> int:
         "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
         "value": recent,
         "advice": (
-            noise_scale_advice(recent, result.global_batch) if result.noise_scale_logged else None
+            noise_scale_advice(recent, result.global_batch, dataset_size=len(task.train_data))
+            if result.noise_scale_logged
+            else None
         ),
     }
     if args.json:

@@ -405,12 +405,16 @@ def noise_scale_loggable(
     return True, f"{pieces} micro-batches per step{ranks}"
 
 
-def noise_scale_advice(noise_scale: float | None, global_batch: int) -> str:
+def noise_scale_advice(
+    noise_scale: float | None, global_batch: int, *, dataset_size: int | None = None
+) -> str:
     """What the noise scale at the end of a run says about its global batch, in one sentence.
 
     Args:
         noise_scale: the tracker's estimate (samples), or None when not yet reliable.
         global_batch: the run's samples per optimizer step.
+        dataset_size: training samples, when known: a larger batch is offered only while it
+            stays within a quarter of them (the plan's cap, 4 optimizer steps per epoch).
 
     Returns:
         The sentence, e.g. "noise scale at the end: ~900 samples, well above the global batch:
@@ -419,13 +423,23 @@ def noise_scale_advice(noise_scale: float | None, global_batch: int) -> str:
     Example:
         >>> noise_scale_advice(60.0, 64)
         'noise scale at the end: ~60 samples, close to the global batch'
+        >>> noise_scale_advice(561.0, 256, dataset_size=1438)
+        'noise scale at the end: ~561 samples, well above the global batch, which is already near a quarter of the 1438 training samples'
         >>> noise_scale_advice(None, 64)
         'noise scale: not yet reliable at the end of the run'
-    """
+    """  # noqa: E501
+    from batchfit.plan.advice import MIN_STEPS_PER_EPOCH
+
     if noise_scale is None:
         return "noise scale: not yet reliable at the end of the run"
     if noise_scale > 2 * global_batch:
-        advice = "well above the global batch: a larger global batch would now save steps"
+        room = dataset_size is None or 2 * global_batch * MIN_STEPS_PER_EPOCH <= dataset_size
+        advice = (
+            "well above the global batch: a larger global batch would now save steps"
+            if room
+            else "well above the global batch, which is already near a quarter of the "
+            f"{dataset_size} training samples"
+        )
     elif noise_scale < global_batch / 2:
         advice = "well below the global batch: part of each batch adds little"
     else:
