@@ -208,8 +208,14 @@ def test_an_overfitting_run_is_not_told_to_raise_its_batch():
     assert [f.kind for f in diagnosis.findings] == ["overfitting"]
     assert "batch-below-critical" in diagnosis.checked
     assert any(
-        "16x the global batch, but the run overfits" in note for note in diagnosis.notes
+        "16x the global batch, but the run overfits: the larger batch" in note
+        for note in diagnosis.notes
     )
+    # ... and when the training set has no room for a larger batch anyway, the note says so
+    no_room = _history(losses, val=val, noise=1000.0, batch=64, steps_per_epoch=5)
+    notes = " ".join(diagnose(no_room, rule="sqrt").notes)
+    assert "the run overfits: and the training set leaves no room" not in notes
+    assert "overfits, and the training set leaves no room for a larger batch (80 at most)" in notes
 
 
 # --- partial data: a clear partial result, never a traceback -------------------------------

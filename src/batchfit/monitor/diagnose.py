@@ -200,11 +200,17 @@ def diagnose(
                 # includes a smaller batch: the two would pull the batch both ways.
                 for finding in batch_findings:
                     if finding.kind == "batch-below-critical":
+                        held = (
+                            ": the larger batch that calls for is not advised until that is "
+                            "fixed"
+                            if finding.settings
+                            else ", and the training set leaves no room for a larger batch "
+                            f"({finding.evidence['largest_batch_for_the_data']} at most)"
+                        )
                         notes.append(
                             f"the noise scale (about {finding.evidence['noise_scale']:.0f} "
                             f"samples) is {finding.evidence['ratio']:.2g}x the global batch, "
-                            "but the run overfits: the larger batch that calls for is not "
-                            "advised until that is fixed"
+                            f"but the run overfits{held}"
                         )
                 batch_findings = [
                     f for f in batch_findings if f.kind != "batch-below-critical"
