@@ -52,6 +52,14 @@ def test_evaluations_let_it_see_overfitting():
     assert live.findings[0].evidence["best_step"] == 40
 
 
+def test_the_training_set_size_gives_the_steps_per_epoch():
+    live = LiveDiagnosis(dataset_size=1438)
+    live.on_train_start(None, SimpleNamespace(global_batch=256, micro_batch=256))
+    _feed(live, [2.3 * 0.95**s for s in range(20)])
+    assert live.history().steps_per_epoch == pytest.approx(1438 / 256)
+    assert LiveDiagnosis().history().steps_per_epoch is None
+
+
 def test_state_dict_keeps_the_series_and_what_was_reported():
     live = LiveDiagnosis(every=50)
     _feed(live, [2.3 * 0.95**s for s in range(49)] + [float("nan")])

@@ -47,6 +47,8 @@ class LiveDiagnosis:
         rule: "linear" or "sqrt", passed on to `diagnose`.
         min_severity: stop only on findings at least this severe ("critical" by default, so a
             recovered spike does not stop a run).
+        dataset_size: training samples, when known: gives the steps per epoch (warmups in
+            the advice, and no larger batch advised beyond a quarter of the data).
 
     Raises:
         ConfigError: an unknown kind in `stop_on`, or `every` not a positive whole number.
@@ -67,6 +69,7 @@ class LiveDiagnosis:
         plan: Any | None = None,
         rule: str | None = None,
         min_severity: str = "critical",
+        dataset_size: int | None = None,
     ) -> None:
         self.stop_on = tuple(stop_on)
         unknown = [kind for kind in self.stop_on if kind not in KINDS]
@@ -84,6 +87,7 @@ class LiveDiagnosis:
         self.plan = plan
         self.rule = rule
         self.min_severity = min_severity
+        self.dataset_size = dataset_size
         self.stop_requested = False
         self._finished = False  # after training: a last diagnosis never asks for a stop
         self.diagnosis: Diagnosis | None = None
@@ -168,6 +172,11 @@ class LiveDiagnosis:
             noise_scale=Series.from_points("noise_scale", noise) if noise else None,
             global_batch=self._global_batch,
             micro_batch=self._micro_batch,
+            steps_per_epoch=(
+                self.dataset_size / self._global_batch
+                if self.dataset_size and self._global_batch
+                else None
+            ),
             format="batchfit",
         )
 
