@@ -214,3 +214,11 @@ def test_train_plan_converts_batchnorm_only_when_asked(tmp_path, capsys, convert
     else:
         assert "proposes GroupNorm for BatchNorm; not applied" in out
         assert "Add --convert-batchnorm" in out
+
+
+def test_train_names_what_is_missing(capsys):
+    assert main(["train", "--example", "digits", "--global-batch", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "Missing --micro-batch; give it (or --plan PLAN_JSON" in err
+    assert main(["train", "--example", "digits"]) == 2
+    assert "Missing --global-batch, --micro-batch; give them" in capsys.readouterr().err

@@ -163,7 +163,8 @@ def _check_train_inputs(args: argparse.Namespace) -> None:
     missing += [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
         either = " (or --plan PLAN_JSON from `batchfit plan`)" if args.plan is None else ""
-        raise ConfigError(f"Missing {', '.join(missing)}; give them{either}.")
+        them = "them" if len(missing) > 1 else "it"
+        raise ConfigError(f"Missing {', '.join(missing)}; give {them}{either}.")
 
 
 def _task_for_plan(args: argparse.Namespace, plan):
