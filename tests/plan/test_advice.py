@@ -80,8 +80,10 @@ def test_global_batch_minimises_time_to_a_loss_with_the_measured_throughput():
         throughput=flat,
     )  # fmt: skip
     # 32 is fastest (1.4706/1000); 16 (1.2353/830) is 1.2% slower: a tie, the smaller taken
-    assert choice.value == 16 and "32 minimises" in choice.reason and "16 is within 1%" in (
-        choice.reason
+    assert (
+        choice.value == 16
+        and "32 minimises" in choice.reason
+        and "16 is within 1%" in choice.reason
     )
     # A GPU-like curve, throughput still doubling: the larger batch pays for its samples.
     rising = {2**k: 100 * 2**k for k in range(11)}

@@ -219,6 +219,13 @@ def test_a_full_plan_chooses_from_the_noise_trend():
     assert f"about {trend['noise_scale_samples']:.0f} samples" in reason
     assert any("--batch-schedule noise" in note for note in result.notes)
     assert not any("raised later" in note for note in result.notes)
+    # three range-test sweeps over different sample orders; the median of each suggestion
+    sweeps = result.measurements["range_test"]["sweeps"]
+    assert len(sweeps["each"]) == 3
+    lowest = sorted(sweep["best_lr"] for sweep in sweeps["each"])
+    assert sweeps["best_lr"] == lowest[1] and len(set(lowest)) > 1
+    if "range test" in result.reasons["lr"]:
+        assert "medians of 3 sweeps" in result.reasons["lr"]
 
 
 def test_a_reference_rate_far_too_low_is_raised_by_a_range_test_that_reaches_divergence():
@@ -239,9 +246,11 @@ def test_a_quick_plan_says_what_it_shortened_and_skips_what_it_does_not_need():
     task = make_mlp_task(samples=512)
     quick = plan(task, device="cpu", quick=True)
     note = next(note for note in quick.notes if note.startswith("Quick plan"))
-    assert "one measurement over 12" in note and "range test of 56 steps" in note
+    assert "one measurement over 12" in note and "one range test of 56 steps" in note
     assert "noise_trend" not in quick.measurements
     assert quick.measurements["range_test"]["steps"] <= 56
+    assert len(quick.measurements["range_test"]["sweeps"]["each"]) == 1  # one sweep
+    assert "medians" not in quick.reasons["lr"]
     assert quick.measurements["noise_scale"]["batches"] == 12
     if quick.measurements["noise_scale"]["reliable"]:
         assert "measured once" in quick.reasons["global_batch"]

@@ -201,8 +201,7 @@ def diagnose(
                 for finding in batch_findings:
                     if finding.kind == "batch-below-critical":
                         held = (
-                            ": the larger batch that calls for is not advised until that is "
-                            "fixed"
+                            ": the larger batch that calls for is not advised until that is fixed"
                             if finding.settings
                             else ", and the training set leaves no room for a larger batch "
                             f"({finding.evidence['largest_batch_for_the_data']} at most)"
@@ -212,9 +211,7 @@ def diagnose(
                             f"samples) is {finding.evidence['ratio']:.2g}x the global batch, "
                             f"but the run overfits{held}"
                         )
-                batch_findings = [
-                    f for f in batch_findings if f.kind != "batch-below-critical"
-                ]
+                batch_findings = [f for f in batch_findings if f.kind != "batch-below-critical"]
             found += batch_findings
     elif not noise:
         notes.append(

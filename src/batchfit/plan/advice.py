@@ -320,6 +320,7 @@ def choose_lr(
     valley_lr: float | None = None,
     min_loss_lr: float | None = None,
     inconclusive: str | None = None,
+    sweeps: int = 1,
 ) -> Choice:
     """The learning rate: the scaled rate, checked both ways against a range test at the chosen
     batch (Smith 2017).
@@ -333,7 +334,8 @@ def choose_lr(
     plateau that pulls the valley low. Otherwise the scaled rate stands, and the suggestions are
     quoted. An inconclusive range test (`inconclusive`, the reason from
     `batchfit.lr.result.RangeTestResult.inconclusive_reason`) moves nothing: the scaled rate
-    stands and the reason says why the test was not used.
+    stands and the reason says why the test was not used. `sweeps`: how many range tests the
+    suggestions are medians of (said in the reason).
 
     Example:
         >>> choose_lr(0.01, "scaled", valley_lr=0.03, min_loss_lr=0.2).value
@@ -357,7 +359,8 @@ def choose_lr(
     ]
     if min_loss_lr:
         suggestions.append(f"lowest loss at {min_loss_lr:.3g}")
-    quoted = f" ({', '.join(suggestions)})" if suggestions else ""
+    medians = f": medians of {sweeps} sweeps" if sweeps > 1 else ""
+    quoted = f" ({', '.join(suggestions)}{medians})" if suggestions else ""
     ceiling = min_loss_lr / 2 if min_loss_lr else math.inf
     if scaled_lr > ceiling:
         fallback = valley_lr or steepest_lr
