@@ -64,10 +64,11 @@ diverging is inconclusive and cannot move the rate."""
 RANGE_TEST_STEPS = 84  # 12 steps per decade over the 7 decades
 
 RANGE_TEST_SWEEPS = 3
-"""A full plan runs the range test this many times (a quick plan once), each over a different
-sample order, and reads the median of each suggestion. One sweep's lowest-loss rate moves a
-lot with the order at a small batch: charlm at batch 8, eight orders, 0.13-0.49 (median 0.20),
-and the plan raised its rate to a tenth of a 0.455 it drew, twice what trains best there."""
+"""A full plan runs the range test this many times (a quick plan once), with seeds task.seed,
++1, +2 (the sample order and, for a Task, the model's initialisation), and reads the median of
+each suggestion. One sweep's lowest-loss rate moves a lot with the seed at a small batch:
+charlm at batch 8, eight seeds, 0.13-0.49 (median 0.20), and the plan raised its rate to a
+tenth of a 0.455 it drew, twice what trains best there."""
 
 QUICK_RANGE_TEST_STEPS = 56  # 8 steps per decade
 
