@@ -2,18 +2,20 @@
 
 `batchfit.lr.range_test.lr_range_test` builds a `RangeTestResult`; the CLI, the plots and the
 planner read it (its rates and losses are the ones the suggestions in `batchfit.lr.suggest`
-were computed from).
+were computed from). `median_suggestions` reads several sweeps as one (the planner's).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from batchfit.lr.suggest import Mode, inconclusive_reason
 
-__all__ = ["RangeTestResult", "StopReason"]
+__all__ = ["RangeTestResult", "StopReason", "median_suggestions"]
 
 StopReason = Literal["completed", "diverged", "not_finite"]
 
@@ -151,3 +153,30 @@ class RangeTestResult:
         for key in ("lrs", "losses", "smoothed_losses"):
             data[key] = [value if math.isfinite(value) else None for value in data[key]]
         return data
+
+
+def median_suggestions(sweeps: Sequence[RangeTestResult]) -> dict[str, Any]:
+    """The median of each range-test suggestion over `sweeps`, and whether they are conclusive.
+
+    A suggestion counts where a sweep has one; the sweeps are inconclusive when more than half
+    of them are (the first such reason is given). Each sweep's suggestions are kept too.
+
+    Example:
+        >>> from types import SimpleNamespace as Sweep
+        >>> sweeps = [Sweep(valley_lr=v, steepest_lr=None, best_lr=b, inconclusive_reason=None)
+        ...           for v, b in ((0.004, 0.18), (0.0037, 0.46), (0.0044, 0.13))]
+        >>> medians = median_suggestions(sweeps)
+        >>> medians["valley_lr"], medians["best_lr"], medians["steepest_lr"]
+        (0.004, 0.18, None)
+    """
+    names = ("valley_lr", "steepest_lr", "best_lr")
+    medians: dict[str, Any] = {}
+    for name in names:
+        values = [getattr(sweep, name) for sweep in sweeps if getattr(sweep, name)]
+        medians[name] = float(statistics.median(values)) if values else None
+    reasons = [sweep.inconclusive_reason for sweep in sweeps if sweep.inconclusive_reason]
+    medians["inconclusive_reason"] = reasons[0] if 2 * len(reasons) > len(sweeps) else None
+    medians["each"] = [
+        {name: getattr(sweep, name) for name in (*names, "inconclusive_reason")} for sweep in sweeps
+    ]
+    return medians

@@ -25,8 +25,6 @@ say what. Every choice carries a reason with its numbers. The result is a
 from __future__ import annotations
 
 import logging
-import statistics
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
@@ -48,7 +46,6 @@ from batchfit.validation import check_in_range, check_positive_number, check_who
 if TYPE_CHECKING:
     import torch
 
-    from batchfit.lr.result import RangeTestResult
     from batchfit.task import Task
 
 logger = logging.getLogger(__name__)
@@ -140,6 +137,7 @@ def plan(
     """
     from batchfit.devices import resolve_device
     from batchfit.lr.range_test import lr_range_test
+    from batchfit.lr.result import median_suggestions
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
     from batchfit.plan.norm_layers import batchnorm_advice
     from batchfit.plan.rate_trial import try_rate
@@ -497,30 +495,3 @@ def _quick_note(
         f"{QUICK_MEMORY_POINTS} batch sizes on the CPU. Plan without --quick for a run whose "
         "cost justifies it."
     )
-
-
-def median_suggestions(sweeps: Sequence[RangeTestResult]) -> dict[str, Any]:
-    """The median of each range-test suggestion over `sweeps`, and whether they are conclusive.
-
-    A suggestion counts where a sweep has one; the sweeps are inconclusive when more than half
-    of them are (the first such reason is given). Each sweep's suggestions are kept too.
-
-    Example:
-        >>> from types import SimpleNamespace as Sweep
-        >>> sweeps = [Sweep(valley_lr=v, steepest_lr=None, best_lr=b, inconclusive_reason=None)
-        ...           for v, b in ((0.004, 0.18), (0.0037, 0.46), (0.0044, 0.13))]
-        >>> medians = median_suggestions(sweeps)
-        >>> medians["valley_lr"], medians["best_lr"], medians["steepest_lr"]
-        (0.004, 0.18, None)
-    """
-    names = ("valley_lr", "steepest_lr", "best_lr")
-    medians: dict[str, Any] = {}
-    for name in names:
-        values = [getattr(sweep, name) for sweep in sweeps if getattr(sweep, name)]
-        medians[name] = float(statistics.median(values)) if values else None
-    reasons = [sweep.inconclusive_reason for sweep in sweeps if sweep.inconclusive_reason]
-    medians["inconclusive_reason"] = reasons[0] if 2 * len(reasons) > len(sweeps) else None
-    medians["each"] = [
-        {name: getattr(sweep, name) for name in (*names, "inconclusive_reason")} for sweep in sweeps
-    ]
-    return medians
