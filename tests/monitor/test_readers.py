@@ -145,6 +145,19 @@ def test_batchfit_metrics_jsonl(tmp_path):
     assert history.global_batch == 64 and history.micro_batch == 16
     assert history.noise_scale.values[0] == 100.0
     assert "1 unreadable lines skipped" in history.notes
+    assert history.steps_per_epoch is None  # written without `epoch`, as before it was logged
+
+
+def test_batchfit_metrics_jsonl_epoch_gives_the_steps_per_epoch(tmp_path):
+    # 1,438 training samples at 256 per step: 5.6 steps per epoch
+    lines = [
+        {"step": step, "samples_seen": 256 * step, "epoch": 256 * step / 1438, "loss": 1.0}
+        for step in range(1, 12)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    history = read_history(tmp_path)
+    assert history.global_batch == 256
+    assert history.steps_per_epoch == pytest.approx(1438 / 256)
 
 
 def test_lightning_csv_logger_latest_version(tmp_path):

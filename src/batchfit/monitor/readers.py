@@ -307,6 +307,11 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
     elif first.get("samples_seen") and first.get("step"):
         global_batch = int(first["samples_seen"]) // int(first["step"])
     notes = [f"{torn} unreadable lines skipped"] if torn else []
+    # samples_seen / epoch is the training set's size (logs from before `epoch`: unknown)
+    steps_per_epoch = None
+    epoch, seen = _float(last.get("epoch")), _float(last.get("samples_seen"))
+    if global_batch and epoch and seen:
+        steps_per_epoch = seen / epoch / global_batch
     return _history(
         records,
         names,
@@ -314,6 +319,7 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
         "batchfit",
         global_batch=global_batch,
         micro_batch=last.get("micro_batch", first.get("micro_batch")),
+        steps_per_epoch=steps_per_epoch,
         notes=notes,
     )
 

@@ -38,6 +38,8 @@ class StepRecord:
     Attributes:
         step: optimizer steps completed, counting this one (1 for the first).
         samples_seen: samples trained on so far, over all ranks.
+        epoch: passes over the training data so far (samples_seen / training samples), so a
+            reader of metrics.jsonl knows the data-set size and the steps per epoch.
         loss: mean training loss over the global batch.
         lr: the learning rate this step used.
         grad_norm: L2 norm of the global batch's gradient (before clipping).
@@ -49,6 +51,7 @@ class StepRecord:
 
     step: int
     samples_seen: int
+    epoch: float
     loss: float
     lr: float
     grad_norm: float
@@ -123,6 +126,7 @@ def optimizer_step(
     record = StepRecord(
         step=run.step + 1,
         samples_seen=run.samples_seen + global_batch,
+        epoch=(run.samples_seen + global_batch) / len(run.task.train_data),
         loss=loss,
         lr=run.optimizer.param_groups[0]["lr"],
         grad_norm=grad_norm,
