@@ -16,7 +16,7 @@ from batchfit.monitor.advice import RunSettings, change_batch, lower_rate
 from batchfit.monitor.curve import Curve, robust_spread, rounded, running_median
 from batchfit.monitor.findings import Finding
 from batchfit.monitor.history import History, Series
-from batchfit.plan.advice import MIN_STEPS_PER_EPOCH
+from batchfit.plan.advice import MIN_STEPS_PER_EPOCH, data_batch_limit
 
 
 def non_finite(steps: tuple[int, ...], last: int | None, run: RunSettings, what: str) -> Finding:
@@ -409,21 +409,23 @@ def critical(noise: Series, run: RunSettings) -> list[Finding]:
     else:
         return []
     factor = power_of_two_factor(ratio)
-    room = batch_room(run)
-    if factor > 1 and room is not None:
-        factor = min(factor, float(2 ** math.floor(math.log2(room))))
+    dataset = batch * run.steps_per_epoch if run.steps_per_epoch else None
+    if factor > 1 and dataset is not None:
+        # never beyond a quarter of the training set, as the plan holds to
+        room = data_batch_limit(dataset) / batch
+        factor = min(factor, float(2 ** math.floor(math.log2(room)))) if room >= 1 else 1.0
     if factor > 1 or kind == "batch-above-critical":
         advice, settings = change_batch(run, factor)
         advice = f"for the next run, {advice}"
     else:
-        dataset = round(batch * run.steps_per_epoch) if run.steps_per_epoch else None
+        largest = int(data_batch_limit(dataset))
         advice, settings = (
-            f"none within this training set: a global batch above {int(batch * room)} would "
-            f"leave fewer than {MIN_STEPS_PER_EPOCH} optimizer steps per epoch of its about "
-            f"{dataset} samples; more data per run would let the batch grow",
+            f"none within this training set: a global batch above {largest} would leave "
+            f"fewer than {MIN_STEPS_PER_EPOCH} optimizer steps per epoch of its about "
+            f"{round(dataset)} samples; more data per run would let the batch grow",
             {},
         )
-        evidence["largest_batch_for_the_data"] = int(batch * room)
+        evidence["largest_batch_for_the_data"] = largest
     return [
         Finding(
             kind,
@@ -437,11 +439,3 @@ def critical(noise: Series, run: RunSettings) -> list[Finding]:
             settings,
         )
     ]
-
-
-def batch_room(run: RunSettings) -> float | None:
-    """How many times the global batch fits in a quarter of the training set (the plan's cap,
-    `MIN_STEPS_PER_EPOCH` steps per epoch), when the steps per epoch are known."""
-    if not run.global_batch or not run.steps_per_epoch:
-        return None
-    return run.steps_per_epoch / MIN_STEPS_PER_EPOCH

@@ -428,12 +428,12 @@ def noise_scale_advice(
         >>> noise_scale_advice(None, 64)
         'noise scale: not yet reliable at the end of the run'
     """  # noqa: E501
-    from batchfit.plan.advice import MIN_STEPS_PER_EPOCH
+    from batchfit.plan.advice import data_batch_limit
 
     if noise_scale is None:
         return "noise scale: not yet reliable at the end of the run"
     if noise_scale > 2 * global_batch:
-        room = dataset_size is None or 2 * global_batch * MIN_STEPS_PER_EPOCH <= dataset_size
+        room = dataset_size is None or 2 * global_batch <= data_batch_limit(dataset_size)
         advice = (
             "well above the global batch: a larger global batch would now save steps"
             if room

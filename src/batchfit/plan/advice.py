@@ -23,6 +23,19 @@ MIN_STEPS_PER_EPOCH = 4
 """The global batch is kept at or below a quarter of the training set, so that an epoch has at
 least this many optimizer steps (one giant step per epoch learns little per sample)."""
 
+
+def data_batch_limit(dataset_size: float) -> float:
+    """The largest global batch a training set of `dataset_size` samples allows: a quarter of
+    it (`MIN_STEPS_PER_EPOCH` optimizer steps per epoch). The plan, the diagnosis and the
+    train summary all hold to it.
+
+    Example:
+        >>> data_batch_limit(1438)
+        359.5
+    """
+    return dataset_size / MIN_STEPS_PER_EPOCH
+
+
 ROUND_MULTIPLE = 8
 """Micro-batches are preferred as multiples of 8 (tensor-core tiles, vector widths)."""
 
@@ -106,7 +119,7 @@ def choose_global_batch(
         ...                     throughput={16: 830, 32: 1000, 64: 1000, 256: 900}).value
         16
     """
-    cap = max(world_size, _pow2_floor(dataset_size / MIN_STEPS_PER_EPOCH))
+    cap = max(world_size, _pow2_floor(data_batch_limit(dataset_size)))
     after = (
         f", measured after {measured_after_steps} training steps" if measured_after_steps else ""
     )
