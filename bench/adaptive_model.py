@@ -19,17 +19,18 @@ D = the sum of sqrt(B_n) dS_min):
 
 So with a sample budget, a growing batch can save only part of the steps above A, and only as
 far as the noise scale spreads over the run to the target. This script puts numbers on it for
-the adaptive-batch bench (`bench_adaptive.py`, bench/README.md "Adaptive batch"): the noise
-scale measured twice during the plan's warm-up (a power law in samples seen, at the batch
-it was measured at), the samples a constant-batch run of the bench took to the target, and the
-bench's sample budget. From them: the progress to the target (A), C and D; the steps the model
-gives each constant batch of the bench's grid, next to the steps the bench measured; and the
-fewest steps of the best constant batch and of the best schedule within the budget.
+the adaptive-batch bench (`bench_adaptive.py`, bench/README.md "Adaptive batch"): a constant-batch
+run of the bench that reached the target (its batch, rate and samples to the target), the noise
+scale measured at five points along a run at that batch and rate up to the target
+(`batchfit.noise.measure.measure_noise_scales`, interpolated on log-log axes), and the bench's
+sample budget. From them: the progress to the target (A), C and D; the steps the model gives
+each constant batch of the bench's grid, next to the steps the bench measured; and the fewest
+steps of the best constant batch and of the best schedule within the budget.
 
 Before the numbers it checks its closed forms against a step-by-step simulation of the same
 model (each step of batch B advances the progress by 1/(1 + B_n/B)). Run by hand:
 
-    python bench/adaptive_model.py
+    python bench/adaptive_model.py        # about 2 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -42,45 +43,70 @@ SEGMENTS = 20_000
 
 
 @dataclass(frozen=True)
-class Measured:
-    """One example's inputs, from the adaptive-batch bench's logs (bench/README.md)."""
+class Example:
+    """One example's run to the target, from the adaptive-batch bench (bench/README.md)."""
 
-    trend: tuple[tuple[float, float], tuple[float, float]]  # (samples seen, noise scale) x 2
-    run_batch: int  # the constant batch whose run gave the target's samples
+    batch: int  # the constant batch of the bench run the model is calibrated on
+    lr: float  # ... and its rate (the noise scale is measured along a run at both)
     target_samples: float  # samples that run took to the target (mean of 3 seeds)
     budget: float  # the bench's sample budget per run
-    grid_steps: dict[int, str]  # batch -> what the bench measured (best rate of two)
+    warmup_points: tuple[int, ...]  # steps at which the noise scale is measured, to the target
+    grid_steps: dict[int, str]  # batch -> steps the bench measured at its two rates
 
 
 EXAMPLES = {
-    # plan: "noise scale 143 after 1,600 samples, 705 after 6,400 samples" (batch 32);
-    # B=32 at lr 0.003 reached val_accuracy 0.96 after 2,688 samples (84 steps).
-    "digits": Measured(
-        trend=((1600, 143), (6400, 705)),
-        run_batch=32,
-        target_samples=2688,
+    # B=32 at lr 0.001 (Adam) reached val_accuracy 0.96 after 4,384 samples (137 steps).
+    "digits": Example(
+        batch=32,
+        lr=0.001,
+        target_samples=4384,
         budget=8628,
-        grid_steps={32: "84", 128: "38", 512: "1 of 3 seeds reached"},
+        warmup_points=(4, 12, 35, 70, 137),
+        grid_steps={32: "137, 84", 128: "1/3 seeds, 38", 512: "0/3, 1/3 seeds"},
     ),
-    # plan: "2717 after 3,200 samples, 2619 after 12,800 samples" (batch 64); B=64 at lr 0.15
-    # reached val_loss 0.01 after 1,067 samples (17 steps).
-    "cnn": Measured(
-        trend=((3200, 2717), (12800, 2619)),
-        run_batch=64,
-        target_samples=1067,
+    # B=64 at lr 0.05 (SGD) reached val_loss 0.01 after 1,600 samples (25 steps).
+    "cnn": Example(
+        batch=64,
+        lr=0.05,
+        target_samples=1600,
         budget=2048,
-        grid_steps={16: "28", 64: "17", 256: "not reached (8 steps)"},
+        warmup_points=(2, 5, 10, 17, 25),
+        grid_steps={16: "66, 28", 64: "25, 17", 256: "not reached, not reached (8 steps)"},
     ),
-    # plan: "84 after 1,600 samples, 32 after 6,400 samples" (batch 32); B=16 at lr 0.00636
-    # reached val_accuracy 0.45 after 5,408 samples (338 steps).
-    "charlm": Measured(
-        trend=((1600, 84), (6400, 32)),
-        run_batch=16,
+    # B=16 at lr 0.00636 (AdamW) reached val_accuracy 0.45 after 5,408 samples (338 steps).
+    "charlm": Example(
+        batch=16,
+        lr=0.00636,
         target_samples=5408,
         budget=8436,
-        grid_steps={16: "338", 64: "not reached", 256: "not reached"},
+        warmup_points=(10, 30, 90, 180, 338),
+        grid_steps={16: "not reached, 338", 64: "not reached, not reached", 256: "not, not"},
     ),
 }
+
+MEASURE_BATCHES = 20
+"""Big batches per noise-scale measurement."""
+
+
+def measure_trend(name: str, example: Example) -> list[tuple[float, float]]:
+    """(samples seen, noise scale) along a run at the example's batch and rate."""
+    from dataclasses import replace
+
+    import torch
+
+    from batchfit.noise.measure import measure_noise_scales
+    from batchfit.task import load_example
+
+    torch.set_num_threads(1)
+    task = replace(load_example(name), batch_size=example.batch, lr=example.lr)
+    points = measure_noise_scales(
+        task, warmup_points=example.warmup_points, batches=MEASURE_BATCHES
+    )
+    return [
+        (float(p.samples_seen), float(p.noise_scale_samples))
+        for p in points
+        if p.reliable and p.noise_scale_samples and p.samples_seen
+    ]
 
 
 @dataclass(frozen=True)
@@ -103,20 +129,23 @@ class Run:
         return sum(p * math.sqrt(n) for p, n in zip(self.progress, self.noise_scale))
 
 
-def run_from_trend(example: Measured) -> Run:
+def run_from_trend(trend: list[tuple[float, float]], batch: int, target_samples: float) -> Run:
     """The progress to the target: samples at the run's batch B0 count dS_min = ds / (B0 + B_n).
 
-    The noise scale follows the power law through the two measurements, in samples seen (its
-    exponent unclipped: the planner clips it to [0, 1], the model takes what was measured).
+    The noise scale between measurements is interpolated on log-log axes, and extended beyond
+    them along the nearest segment.
     """
-    (s1, n1), (s2, n2) = example.trend
-    exponent = math.log(n2 / n1) / math.log(s2 / s1)
-    width = example.target_samples / SEGMENTS
+    logs = [(math.log(seen), math.log(scale)) for seen, scale in trend]
+    if len(logs) < 2:
+        raise SystemExit("fewer than two reliable noise-scale measurements")
+    width = target_samples / SEGMENTS
     progress, scales = [], []
     for index in range(SEGMENTS):
-        seen = (index + 0.5) * width
-        scale = n1 * (seen / s1) ** exponent
-        progress.append(width / (example.run_batch + scale))
+        x = math.log((index + 0.5) * width)
+        segment = next((i for i in range(1, len(logs) - 1) if x < logs[i][0]), len(logs) - 1)
+        (x0, y0), (x1, y1) = logs[segment - 1], logs[segment]
+        scale = math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+        progress.append(width / (batch + scale))
         scales.append(scale)
     return Run(tuple(progress), tuple(scales))
 
@@ -178,21 +207,23 @@ def check_closed_forms() -> None:
         assert other_steps > lower, "the sqrt schedule is not the fewest steps"
 
 
-def describe(name: str, example: Measured) -> list[str]:
-    run = run_from_trend(example)
-    tenth = run.noise_scale[len(run.noise_scale) // 10]
+def describe(name: str, example: Example) -> list[str]:
+    trend = measure_trend(name, example)
+    run = run_from_trend(trend, example.batch, example.target_samples)
+    measured = ", ".join(f"{scale:.0f} after {seen:,.0f}" for seen, scale in trend)
     lines = [
-        f"{name}: noise scale {tenth:.0f} a tenth of the way to the target (in samples), "
-        f"{run.noise_scale[-1]:.0f} at it; A = {run.a:.1f} steps at an infinite batch, "
+        f"{name}: noise scale (samples seen) at batch {example.batch}, lr {example.lr:g}: "
+        f"{measured}; target after {example.target_samples:,.0f} samples",
+        f"  A = {run.a:.1f} steps at an infinite batch, "
         f"C/A = {run.c / run.a:.0f} (the progress-weighted mean noise scale), "
-        f"D^2/(A C) = {run.d**2 / (run.a * run.c):.2f}"
+        f"D^2/(A C) = {run.d**2 / (run.a * run.c):.2f}",
     ]
-    for batch, measured in example.grid_steps.items():
+    for batch, bench in example.grid_steps.items():
         steps, samples = constant(run, batch)
         fits = "within" if samples <= example.budget else "over"
         lines.append(
             f"  constant B={batch:<4d} model {steps:6.1f} steps, {samples:7.0f} samples "
-            f"({fits} the budget {example.budget:.0f}); bench: {measured}"
+            f"({fits} the budget {example.budget:.0f}); bench: {bench}"
         )
     if example.budget <= run.c:
         lines.append("  the budget is below E_min: no batch reaches the target in the model")
