@@ -16,7 +16,7 @@ from batchfit.monitor.advice import RunSettings, change_batch, lower_rate
 from batchfit.monitor.curve import Curve, robust_spread, rounded, running_median
 from batchfit.monitor.findings import Finding
 from batchfit.monitor.history import History, Series
-from batchfit.plan.advice import MIN_STEPS_PER_EPOCH, data_batch_limit
+from batchfit.training.batch_growth import MIN_STEPS_PER_EPOCH, data_batch_limit
 
 
 def non_finite(steps: tuple[int, ...], last: int | None, run: RunSettings, what: str) -> Finding:

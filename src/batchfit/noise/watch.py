@@ -428,7 +428,7 @@ def noise_scale_advice(
         >>> noise_scale_advice(None, 64)
         'noise scale: not yet reliable at the end of the run'
     """  # noqa: E501
-    from batchfit.plan.advice import data_batch_limit
+    from batchfit.training.batch_growth import data_batch_limit
 
     if noise_scale is None:
         return "noise scale: not yet reliable at the end of the run"

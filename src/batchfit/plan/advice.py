@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from batchfit.errors import ConfigError
+from batchfit.training.batch_growth import MIN_STEPS_PER_EPOCH, data_batch_limit
 
 LARGE_BATCH_SAMPLES = 8192
 """Above this global batch, advise layer-wise adaptive optimizers. Goyal et al. 2017 train
@@ -18,23 +19,6 @@ ResNet-50 with plain momentum SGD, the linear rule and warmup up to 8k samples a
 fall beyond; You, Gitman & Ginsburg 2017 ("Large Batch Training of Convolutional Networks",
 LARS) go to 32k with layer-wise rates, and You et al. 2019 ("Large Batch Optimization for Deep
 Learning: Training BERT in 76 minutes", LAMB) do the same for Adam-like training."""
-
-MIN_STEPS_PER_EPOCH = 4
-"""The global batch is kept at or below a quarter of the training set, so that an epoch has at
-least this many optimizer steps (one giant step per epoch learns little per sample)."""
-
-
-def data_batch_limit(dataset_size: float) -> float:
-    """The largest global batch a training set of `dataset_size` samples allows: a quarter of
-    it (`MIN_STEPS_PER_EPOCH` optimizer steps per epoch). The plan, the diagnosis and the
-    train summary all hold to it.
-
-    Example:
-        >>> data_batch_limit(1438)
-        359.5
-    """
-    return dataset_size / MIN_STEPS_PER_EPOCH
-
 
 ROUND_MULTIPLE = 8
 """Micro-batches are preferred as multiples of 8 (tensor-core tiles, vector widths)."""
@@ -441,11 +425,11 @@ def propose_batch_schedule(
         >>> propose_batch_schedule(32, noise_scale=60, dataset_size=800, micro_batch=32).value
         'constant'
     """
-    from batchfit.training.batch_growth import DATASET_FRACTION, MAX_ACCUMULATION
+    from batchfit.training.batch_growth import MAX_ACCUMULATION
 
     if noise_scale is None or not noise_scale > 0:
         return Choice("constant", "no reliable noise scale was measured: the batch stays constant")
-    room = min(int(DATASET_FRACTION * dataset_size), micro_batch * world_size * MAX_ACCUMULATION)
+    room = min(int(data_batch_limit(dataset_size)), micro_batch * world_size * MAX_ACCUMULATION)
     after = f" after {measured_after_steps} warm-up steps" if measured_after_steps else ""
     limits = (
         f"{room} samples (the least of a quarter of the {dataset_size} training samples and "

@@ -34,9 +34,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DATASET_FRACTION = 0.25
-"""`noise` and `seesaw` grow the batch to at most this share of the training set (an epoch
-then still has 4 steps)."""
+MIN_STEPS_PER_EPOCH = 4
+"""A global batch is kept at or below a quarter of the training set, so that an epoch has at
+least this many optimizer steps (one giant step per epoch learns little per sample)."""
+
+
+def data_batch_limit(dataset_size: float) -> float:
+    """The largest global batch a training set of `dataset_size` samples allows: a quarter of
+    it (`MIN_STEPS_PER_EPOCH` optimizer steps per epoch). The growing schedules, the plan, the
+    diagnosis and the train summary all hold to it.
+
+    Example:
+        >>> data_batch_limit(1438)
+        359.5
+    """
+    return dataset_size / MIN_STEPS_PER_EPOCH
+
 
 MAX_ACCUMULATION = 8
 """`noise` and `seesaw` grow the batch to at most micro-batch x ranks x this many
@@ -47,7 +60,7 @@ def schedule_cap(config: Any, *, dataset_size: int, world_size: int = 1) -> int:
     """The largest global batch (samples) the run's schedule may reach.
 
     The data set size, the user's `max_global_batch`, and for `noise` and `seesaw` also a
-    quarter of the data set (`DATASET_FRACTION`) and `micro_batch x world_size x 8`
+    quarter of the data set (`data_batch_limit`) and `micro_batch x world_size x 8`
     (`MAX_ACCUMULATION`); never below the configured global batch.
 
     Example:
@@ -59,7 +72,7 @@ def schedule_cap(config: Any, *, dataset_size: int, world_size: int = 1) -> int:
     cap = dataset_size
     if config.batch_schedule.split(":")[0] in ("noise", "seesaw"):
         memory = config.micro_batch * world_size * MAX_ACCUMULATION
-        share = int(DATASET_FRACTION * dataset_size)
+        share = int(data_batch_limit(dataset_size))
         cap = min(cap, max(config.global_batch, share), max(config.global_batch, memory))
     if config.max_global_batch is not None:
         cap = min(cap, config.max_global_batch)
