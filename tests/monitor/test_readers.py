@@ -122,7 +122,9 @@ def write_transformers(folder, n=40):
     return folder
 
 
-def write_tensorboard(folder, n=40):
+def write_tensorboard(folder, n=40, epoch=None):
+    """Event files as the Hugging Face Trainer writes them; `epoch(step)`, when given, is
+    logged as "train/epoch" (the Trainer) or, if it returns an int, as "epoch" (Lightning)."""
     pytest.importorskip("tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 
@@ -130,6 +132,9 @@ def write_tensorboard(folder, n=40):
         for step, loss in enumerate(_losses(n), 1):
             writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/learning_rate", 0.1, step)
+            if epoch is not None:
+                value = epoch(step)
+                writer.add_scalar("epoch" if isinstance(value, int) else "train/epoch", value, step)
             if step % 10 == 0:
                 writer.add_scalar("eval/loss", loss + 0.2, step)
                 writer.add_scalar("eval/accuracy", 0.7, step)
@@ -187,6 +192,20 @@ def test_tensorboard_event_files(tmp_path):
     assert history.train_loss.name == "train/loss" and len(history.train_loss) == 40
     assert history.val_loss.name == "eval/loss" and history.metric.name == "eval/accuracy"
     assert history.lr.name == "train/learning_rate"
+    assert history.steps_per_epoch is None  # no epoch logged
+
+
+@pytest.mark.parametrize(
+    ("epoch", "expected"),
+    [
+        (lambda step: step / 16, 16),  # the Trainer's fractional train/epoch
+        (lambda step: step // 12, 12),  # Lightning's epoch counter: first step of epoch 1
+    ],
+)
+def test_tensorboard_epoch_gives_the_steps_per_epoch(tmp_path, epoch, expected):
+    history = read_history(write_tensorboard(tmp_path / "tb", epoch=epoch))
+    assert history.steps_per_epoch == pytest.approx(expected)
+    assert history.train_loss.name == "train/loss"  # the epoch is not taken for a curve
 
 
 def test_names_can_be_given(tmp_path):

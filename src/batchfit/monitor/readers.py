@@ -337,13 +337,12 @@ def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
         if "step" in record:
             record["step"] = int(float(record["step"]))
             records.append(record)
-    epoch_one = [r["step"] for r in records if _float(r.get("epoch")) == 1.0]
     return _history(
         records,
         names,
         file,
         "lightning",
-        steps_per_epoch=float(min(epoch_one)) if epoch_one else None,
+        steps_per_epoch=_steps_per_epoch(records, "epoch"),
         notes=["the global batch is not in metrics.csv"],
     )
 
@@ -360,7 +359,6 @@ def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
         for r in state["log_history"]
         if isinstance(r, dict) and "step" in r and "train_runtime" not in r
     ]
-    per_epoch = [r["step"] / r["epoch"] for r in records if (_float(r.get("epoch")) or 0) > 0]
     micro = state.get("train_batch_size")
     return _history(
         records,
@@ -368,7 +366,7 @@ def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
         file,
         "transformers",
         micro_batch=int(micro) if micro else None,
-        steps_per_epoch=per_epoch[-1] if per_epoch else None,
+        steps_per_epoch=_steps_per_epoch(records, "epoch"),
         notes=["trainer_state.json has the per-device batch, not the global batch"],
     )
 
@@ -400,9 +398,32 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
     if not points:
         raise RunLogError(f"No scalars in the TensorBoard event files at {str(path)!r}.")
     records = [{"step": step, **values} for step, values in sorted(points.items())]
+    # Lightning's TensorBoardLogger logs `epoch`, the Hugging Face Trainer `train/epoch`
+    epoch_tag = next((tag for tag in ("epoch", "train/epoch") if tag in records[-1]), None)
     return _history(
-        records, names, path, "tensorboard", notes=["the global batch is not in the event files"]
+        records,
+        names,
+        path,
+        "tensorboard",
+        steps_per_epoch=_steps_per_epoch(records, epoch_tag) if epoch_tag else None,
+        notes=["the global batch is not in the event files"],
     )
+
+
+def _steps_per_epoch(records: list[dict[str, Any]], key: str) -> float | None:
+    """Optimizer steps per pass over the data, from a logged epoch beside the step.
+
+    A fractional epoch (the Hugging Face Trainer's step / steps per epoch) gives it directly;
+    whole epochs (Lightning's epoch counter) give the first step logged in epoch 1 or later
+    (exact when every step is logged, up to the logging interval otherwise).
+    """
+    pairs = [(r["step"], e) for r in records if (e := _float(r.get(key))) is not None and e > 0]
+    fractional = [(step, epoch) for step, epoch in pairs if epoch != int(epoch)]
+    if fractional:
+        step, epoch = fractional[-1]
+        return step / epoch
+    firsts = [step for step, epoch in pairs if epoch >= 1]
+    return float(min(firsts)) if firsts else None
 
 
 def _tensor_scalar(proto: Any) -> float | None:
