@@ -201,6 +201,26 @@ def test_memory_budget_argument_backs_off_on_cpu():
     assert result.backoffs and result.micro_batch < 64 and result.steps == 2
 
 
+def test_under_a_budget_only_the_micro_batch_counts_not_the_whole_global_batch():
+    # Inputs of 32 KiB per sample: the global batch of 256 collates to 8 MiB, four times the
+    # budget, as it would sit in host memory on a GPU; a micro-batch of 64 (2 MiB on the
+    # "device") does not fit either, one of 32 (1 MiB) does: the step backs off to 32.
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(256, 4096, generator=generator, dtype=torch.float64)
+    task = _wide_task(
+        train_data=TensorDataset(inputs, (inputs[:, 0] > 0).long()),
+        model=lambda: nn.Linear(4096, 2).double(),
+    )
+    result = train(
+        task,
+        TrainConfig(global_batch=256, micro_batch=64, steps=2),
+        device="cpu",
+        memory_budget_bytes=int(1.5 * 2**20),
+    )
+    assert result.steps == 2 and result.micro_batch == 32
+    assert [(e.failed_micro_batch, e.micro_batch) for e in result.backoffs] == [(64, 32)]
+
+
 def _resumable_task():
     """Dropout, Adam and a validation set: everything a resume must restore."""
     generator = torch.Generator().manual_seed(9)

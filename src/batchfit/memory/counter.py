@@ -25,8 +25,10 @@ __all__ = [
     "ALLOCATION_GRANULARITY_BYTES",
     "MemoryCounter",
     "MemoryTimeline",
+    "as_device_copy",
     "count_memory",
     "counted_bytes",
+    "host_memory",
     "storage_bytes",
     "tensors_of_state",
 ]
@@ -58,6 +60,7 @@ class MemoryCounter:
             changed while counting (to simulate a budget that shrinks mid-run).
         device: when not None, only storages on this device type are counted.
         out_of_memory_count: how many out-of-memory errors the budget has raised.
+        paused: while True (`host_memory()`), new storages are not counted.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class MemoryCounter:
         self.out_of_memory_count = 0
         self.budget_bytes = budget_bytes
         self.device = device
+        self.paused = False
         self._bytes: dict[int, int] = {}  # storage key -> counted bytes
         self._refs: dict[int, weakref.ref] = {}  # storage key -> weak reference
         # The timeline, when recording: one event clock for births, deaths and peak checks.
@@ -292,6 +296,8 @@ def _counting_mode_class():
 
             kwargs = kwargs or {}
             counter = self.counter
+            if counter.paused:
+                return func(*args, **kwargs)
             live_before = counter.live_bytes
             out = func(*args, **kwargs)
             inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
@@ -362,11 +368,62 @@ def count_memory(
     counter = MemoryCounter(budget_bytes=budget_bytes, device=device, record=record)
     counter.add_tensors(tensors)
     mode = _counting_mode_class()(counter)
+    _ACTIVE.append(counter)
     try:
         with mode:
             yield counter
     finally:
+        _ACTIVE.remove(counter)
         counter._stop()
+
+
+_ACTIVE: list[MemoryCounter] = []
+"""The counters of the `count_memory` blocks now running, innermost last."""
+
+
+@contextlib.contextmanager
+def host_memory() -> Iterator[None]:
+    """Leave what the block allocates out of every active count.
+
+    For work that lives in host memory when training on an accelerator, such as collating a
+    step's whole batch before its micro-batches go to the device one at a time: under a memory
+    budget that stands in for the device's memory on the CPU, it must not count. Tensors made
+    here and their views stay uncounted; copies made of them later count (`as_device_copy`).
+
+    Example:
+        >>> import torch
+        >>> with count_memory() as counter:
+        ...     with host_memory():
+        ...         batch = torch.zeros(1024)
+        ...     on_device = as_device_copy(batch)
+        >>> counter.peak_bytes  # the copy only
+        4096
+    """
+    paused = [(counter, counter.paused) for counter in _ACTIVE]
+    for counter, _ in paused:
+        counter.paused = True
+    try:
+        yield
+    finally:
+        for counter, was in paused:
+            counter.paused = was
+
+
+def as_device_copy(batch: Any) -> Any:
+    """`batch` as moved to a device whose memory an active count stands in for.
+
+    When a running, unpaused `count_memory` counts CPU storage (a memory budget on the CPU), a
+    batch already on the CPU is copied, as moving it to an accelerator would copy it, so that
+    it counts against the budget; otherwise `batch` is returned as it is.
+    """
+    if not any(not c.paused and (c.device is None or c.device.type == "cpu") for c in _ACTIVE):
+        return batch
+    import torch
+    from torch.utils._pytree import tree_map
+
+    return tree_map(
+        lambda value: value.clone() if isinstance(value, torch.Tensor) else value, batch
+    )
 
 
 def tensors_of_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list:

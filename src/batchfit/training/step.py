@@ -81,6 +81,7 @@ def optimizer_step(
     """
     import torch
 
+    from batchfit.memory.counter import host_memory
     from batchfit.snapshot import capture_rng, restore_rng
     from batchfit.training.backoff import run_with_backoff
     from batchfit.training.batch_growth import note_backoff
@@ -95,7 +96,8 @@ def optimizer_step(
         run.samples_seen, global_batch, dataset_size=len(run.task.train_data), seed=run.seed
     )
     local_indices = rank_slice(indices, rank=context.rank, world_size=context.world_size)
-    batch = run.task.batch(local_indices)
+    with host_memory():  # in host memory; each micro-batch goes to the device as it is used
+        batch = run.task.batch(local_indices)
     buffers = [buffer.detach().clone() for buffer in model.buffers()]
     rng_state = capture_rng()
 
@@ -152,7 +154,12 @@ def optimizer_step(
 
 
 def _accumulate(run: Run, batch: Any, size: int):
-    """Forward and backward of this rank's share at micro-batch `size`: (loss, plan)."""
+    """Forward and backward of this rank's share at micro-batch `size`: (loss, plan).
+
+    The share stays where it was collated (host memory); each micro-batch is moved to the
+    device just before its forward pass, so the device holds one micro-batch of inputs at a time.
+    """
+    from batchfit.memory.counter import as_device_copy
     from batchfit.task import move_to
     from batchfit.training.accumulation import accumulate_gradients, plan_accumulation, split_batch
     from batchfit.training.distributed import sum_over_ranks
@@ -171,10 +178,12 @@ def _accumulate(run: Run, batch: Any, size: int):
         counts = [float(task.tokens(part)) for part in parts]
         # DDP averages over ranks: weigh by the global token count / world size.
         total = sum_over_ranks(sum(counts), device=run.device) / context.world_size
-    micro_batches = [move_to(part, run.device) for part in parts]
-    loss = accumulate_gradients(
-        run.train_model, run.loss_fn, micro_batches, counts=counts, total=total
-    )
+    device, loss_fn = run.device, run.loss_fn
+
+    def loss_on_device(model: Any, part: Any) -> Any:
+        return loss_fn(model, as_device_copy(move_to(part, device)))
+
+    loss = accumulate_gradients(run.train_model, loss_on_device, parts, counts=counts, total=total)
     return loss, step_plan
 
 
