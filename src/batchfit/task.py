@@ -292,6 +292,8 @@ def load_task(spec: str) -> Task:
             "calls it with none. Give the parameters defaults, or add a function that takes none."
         )
     source_file = getattr(module, "__file__", None)
+    if source_file:
+        _TASK_SOURCES.add(str(Path(source_file).resolve()))
     try:
         task = factory()
     except BatchfitError:
@@ -303,6 +305,29 @@ def load_task(spec: str) -> Task:
             f"Task {spec!r}: {function_name}() returned {type(task).__name__}, not a batchfit.Task."
         )
     return task
+
+
+_TASK_SOURCES: set[str] = set()
+"""The files of the task code `load_task` has loaded (resolved paths)."""
+
+
+def task_code_error(error: BaseException) -> TaskError | None:
+    """A one-line TaskError for an exception raised inside a loaded task's own code, or None.
+
+    An error raised while the task trains (its model's forward, its loss, its batch function)
+    passes through batchfit's loops; when one of its frames is in a file that `load_task`
+    loaded, it is the user's code that failed, and the CLI shows one line naming the file, the
+    line and the exception instead of a traceback. Anything else is left alone (None).
+    """
+    import traceback
+
+    if not _TASK_SOURCES or not isinstance(error, Exception):
+        return None
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        resolved = str(Path(frame.filename).resolve())
+        if resolved in _TASK_SOURCES:
+            return _user_code_error(f"the task file {Path(resolved).name}", error, resolved)
+    return None
 
 
 def _import_file(path: Path, spec: str, where: str):

@@ -71,6 +71,52 @@ def test_a_failing_task_file_is_one_line_for_every_command(
         assert "(run with -v for the traceback)" in line
 
 
+RUNS_BADLY = """\
+import torch
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from batchfit import Task
+
+inputs = torch.randn(64, 10)
+labels = (inputs[:, 0] > 0).long()
+
+
+def loss(model, batch):
+    return F.cross_entropy(model(batch[0][:, :9]), batch[1])
+
+
+def task():
+    return Task(model=lambda: torch.nn.Linear(10, 2), train_data=TensorDataset(inputs, labels),
+                loss=loss, optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr), lr=0.1,
+                batch_size=16)
+"""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--global-batch", "16", "--micro-batch", "8", "--steps", "2"],
+        ["lr-range", "--steps", "40"],
+        ["throughput", "--batch-sizes", "4,8"],
+        ["noise-scale", "--batches", "3", "--warmup-steps", "2"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_an_error_in_the_task_code_while_it_runs_is_one_line(tmp_path, capsys, command):
+    # The model is built and the data loads; the loss feeds the model the wrong width at the
+    # first step. That is the user's code failing (exit 2, its file and line), not batchfit's,
+    # and a train run that failed before its first step leaves no metrics file behind.
+    (tmp_path / "runs_badly.py").write_text(RUNS_BADLY)
+    out = tmp_path / "run"
+    argv = [command[0], f"{tmp_path / 'runs_badly.py'}:task", *command[1:]]
+    assert main([*argv, *(["--out", str(out)] if command[0] == "train" else [])]) == 2
+    line = _one_line(capsys)
+    assert "the task file runs_badly.py raised RuntimeError at line 12" in line
+    assert "mat1 and mat2 shapes cannot be multiplied" in line
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_the_library_raises_a_task_error_chained_to_the_users_exception(task_dir):
     with pytest.raises(TaskError, match="raised ZeroDivisionError at line 3") as info:
         load_task(f"{task_dir / 'raises.py'}:task")

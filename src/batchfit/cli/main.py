@@ -2,8 +2,9 @@
 
 One error path: every failure batchfit raises on purpose (`BatchfitError`, parse errors
 included) is printed as one line, `batchfit: error: ...`, with exit code 2; Ctrl-C exits 130.
-With -v the traceback follows the line. Anything else is a bug in batchfit and keeps its
-traceback.
+An exception raised inside the user's own task code while it runs
+(`batchfit.task.task_code_error`) is one line too, naming the file and line. With -v the
+traceback follows the line. Anything else is a bug in batchfit and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except BatchfitError as error:
         _report(error, verbose)
+        return EXIT_BAD_INPUT
+    except Exception as error:
+        from batchfit.task import task_code_error
+
+        line = task_code_error(error)
+        if line is None:
+            raise
+        line.__cause__ = error
+        _report(line, verbose)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if _rank_error_file() is None:  # under `--nproc` the launcher says it once

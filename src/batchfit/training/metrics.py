@@ -34,6 +34,9 @@ def _clean(value: Any) -> Any:
 class MetricsLog:
     """Appends metric records to a JSON-lines file, one flushed line per record.
 
+    The file is opened at the first record, so a run that fails before its first step leaves
+    no empty file behind (which would make the same --out refuse the next try).
+
     Example:
         >>> import tempfile, pathlib
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
@@ -46,18 +49,21 @@ class MetricsLog:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._stream = open_append(self.path)  # closed in close()
+        self._stream: Any = None  # opened by the first append, closed in close()
 
     def append(self, record: dict[str, Any]) -> None:
         """Write `record` as one line and flush it to the file, with a `time` stamp (Unix
         seconds) unless the record has one."""
         record = {**record, "time": record.get("time", round(time.time(), 3))}
         line = json.dumps({key: _clean(value) for key, value in record.items()})
+        if self._stream is None:
+            self._stream = open_append(self.path)
         self._stream.write(line + "\n")
         self._stream.flush()
 
     def close(self) -> None:
-        self._stream.close()
+        if self._stream is not None:
+            self._stream.close()
 
     def __enter__(self) -> MetricsLog:
         return self
