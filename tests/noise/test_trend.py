@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from batchfit.errors import ConfigError
@@ -23,6 +25,18 @@ def test_exponent_is_clipped_and_growth_capped():
     assert steep.exponent == 1.0 and steep.capped
     assert steep.noise_scale_samples == pytest.approx(MAX_GROWTH * 80)
     assert "capped" in steep.describe()
+
+
+def test_the_line_is_not_followed_back_before_the_first_measurement():
+    # A planned run shorter than the warm-up: its middle (256 samples) comes before the first
+    # measurement (800); the power law through 2 and 21 would put the noise scale near 0.6
+    # there. The value at the first measurement is used instead.
+    trend = fit_noise_trend([800, 3200], [2.0, 21.0], at_samples=256)
+    assert trend.at_samples == 800
+    assert trend.noise_scale_samples == pytest.approx(
+        math.exp((math.log(2) + math.log(21)) / 2 - (math.log(3200) - math.log(800)) / 2)
+    )
+    assert "at 800 samples" in trend.describe()
 
 
 @pytest.mark.parametrize(

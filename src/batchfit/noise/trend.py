@@ -81,7 +81,9 @@ def fit_noise_trend(
 
     Least squares of log B on log S; k is clipped to [0, `MAX_EXPONENT`], and the value at
     `at_samples` is at most `MAX_GROWTH` times the last measurement. With k clipped to 0 (the
-    points fell, which is noise) the value is their geometric mean.
+    points fell, which is noise) the value is their geometric mean. The line is not followed
+    back before the first measurement: a point earlier than it (a run shorter than the
+    warm-up) gets the line's value at the first measurement (`at_samples` is then that point).
 
     Args:
         samples: samples seen at each measurement (> 0, at least two distinct values).
@@ -118,6 +120,7 @@ def fit_noise_trend(
     )
     exponent = min(max(fitted, 0.0), MAX_EXPONENT)
     last = max(range(len(samples)), key=lambda i: samples[i])
+    at_samples = max(at_samples, min(samples))
     # Anchor the clipped line at the fit's centre, so clipping changes the slope only.
     value = math.exp(mean_y + exponent * (math.log(at_samples) - mean_x))
     ceiling = MAX_GROWTH * noise_scales[last]

@@ -102,11 +102,16 @@ def measure_noise_for_run(
         "trend": trend.to_dict(),
     }
     steps = " and ".join(str(p.step) for p in usable)
+    where = (
+        "the middle of the planned run"
+        if trend.at_samples == at
+        else f"the first measurement (the planned run's middle, {at:,} samples, comes before it)"
+    )
     return (
         noise,
         trend.noise_scale_samples,
         (
-            f"{trend.describe()}, the middle of the planned run (measured after {steps} warm-up "
-            f"steps at batch {task.batch_size}; power law fitted on log-log axes)"
+            f"{trend.describe()}, {where} (measured after {steps} warm-up steps at batch "
+            f"{task.batch_size}; power law fitted on log-log axes)"
         ),
     )
