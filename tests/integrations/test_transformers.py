@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -65,13 +67,20 @@ def _args(tmp_path, **options):
 
 
 def test_apply_plan_sets_the_batch_rate_and_warmup_on_a_copy(tmp_path):
-    args = _args(tmp_path)
+    args = _args(tmp_path, max_steps=-1)  # no run length of their own: the plan's
     planned = apply_plan(args, _plan(total_steps=40))
     assert planned.per_device_train_batch_size == 8 and planned.gradient_accumulation_steps == 4
     assert planned.learning_rate == 1e-3 and planned.warmup_steps == 2
     assert planned.max_steps == 40
     assert args.per_device_train_batch_size == 8 and args.gradient_accumulation_steps == 1
-    assert args.max_steps == 5  # unchanged
+    assert args.max_steps == -1  # unchanged
+
+
+def test_apply_plan_keeps_the_arguments_own_max_steps_and_scales_the_warmup(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        planned = apply_plan(_args(tmp_path, max_steps=20), _plan(total_steps=40, warmup_steps=8))
+    assert planned.max_steps == 20 and planned.warmup_steps == 4
+    assert "keeps max_steps=20" in caplog.text and "scaled to 4" in caplog.text
 
 
 def test_apply_plan_refuses_a_plan_for_another_world_size(tmp_path):

@@ -57,7 +57,10 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
     """`TrainingArguments` that train with `plan`: a copy, the given arguments are unchanged.
 
     Sets `per_device_train_batch_size` (the micro-batch), `gradient_accumulation_steps`,
-    `learning_rate` and `warmup_steps`; with the plan's `total_steps`, also `max_steps`.
+    `learning_rate` and `warmup_steps`; with the plan's `total_steps`, also `max_steps`, unless
+    the arguments set their own (`max_steps > 0`): that run length is kept, the warmup is
+    scaled to it (the plan's warmup x max_steps / the plan's steps, at least 1 step), and a
+    warning says so.
 
     Args:
         training_args: the `transformers.TrainingArguments` to start from.
@@ -90,8 +93,22 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
         "learning_rate": plan.lr,
         "warmup_steps": plan.warmup_steps,
     }
-    if plan.total_steps is not None:
+    own_steps = training_args.max_steps if training_args.max_steps > 0 else None
+    if plan.total_steps is not None and own_steps is None:
         changes["max_steps"] = plan.total_steps
+    elif plan.total_steps is not None and own_steps != plan.total_steps:
+        if plan.warmup_steps:
+            changes["warmup_steps"] = max(
+                1, round(plan.warmup_steps * own_steps / plan.total_steps)
+            )
+        logger.warning(
+            "apply_plan keeps max_steps=%d of the TrainingArguments (the plan was made for %d "
+            "steps); its warmup of %d steps is scaled to %d.",
+            own_steps,
+            plan.total_steps,
+            plan.warmup_steps,
+            changes["warmup_steps"],
+        )
     return dataclasses.replace(training_args, **changes)
 
 
