@@ -87,6 +87,30 @@ def test_patience_stops_a_flat_curve_early():
     assert result.knee_batch == 1
 
 
+def test_a_size_slowed_by_a_burst_of_load_is_timed_again_before_the_ladder_judges_it():
+    # Steps take 2 ms + 0.5 ms per sample (400, 667, 1000, 1333, 1600 samples/s), except the
+    # first stretch at batch 4 (a warm-up step and 2 timed), which a neighbour slows to 20 ms:
+    # timed once, batch 4 would read 200 samples/s, count as no gain, and with patience 1 stop
+    # the ladder there.
+    calls = {4: 0}
+
+    def seconds(size):
+        if size == 4:
+            calls[4] += 1
+            if calls[4] <= 3:
+                return 0.02
+        return 0.002 + 0.0005 * size
+
+    task, clock = _fake_clock_task(seconds)
+    result = measure_throughput(
+        task, min_seconds=0, repeats=2, warmup_steps=1, rounds=1, max_batch_size=16, clock=clock,
+        patience=1,
+    )  # fmt: skip
+    assert calls[4] > 3  # timed again
+    assert result.batch_sizes == (1, 2, 4, 8, 16) and not result.stopped_early
+    assert result.samples_per_second[2] == pytest.approx(1000.0)
+
+
 def test_exact_rates_on_a_fake_clock():
     task, clock = _fake_clock_task(lambda size: 0.002 + 0.001 * size)
     result = measure_throughput(task, min_seconds=0, batch_sizes=[2, 8, 32], repeats=3, clock=clock)

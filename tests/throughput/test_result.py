@@ -70,3 +70,16 @@ def test_step_times_that_fall_with_the_batch_are_called_disturbed():
     assert _result([0.010, 0.012, 0.016, 0.030]).falling_step_times() == []
     on_a_card = _result([0.010, 0.004, 0.005], device="cuda:0").disturbed_note()
     assert "1 -> 2" in on_a_card and "OMP_NUM_THREADS" not in on_a_card
+
+
+def test_a_time_per_sample_that_jumps_with_the_batch_is_called_disturbed():
+    # digits planned on a loaded 2-core CPU: batch 4 took 45.8 ms a step, batch 2 took 2.0 ms
+    # (11x the time per sample); the plan chose batch 2 and said nothing
+    disturbed = _result([0.0015, 0.0020, 0.0458])
+    assert disturbed.rising_sample_times() == [(2, 4)] and disturbed.falling_step_times() == []
+    note = disturbed.disturbed_note()
+    assert (
+        note.startswith("The time per sample rose more than 4x") and "2 -> 4 (2.0 -> 45.8" in note
+    )
+    # a time per sample that grows 3x (a CPU past its cache) is what hardware can do
+    assert _result([0.001, 0.002, 0.012]).disturbed_note() is None

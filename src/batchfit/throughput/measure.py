@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 MAX_TIMED_STEPS = 1000  # with `min_seconds`: the most steps timed at one batch size
 MIN_GAIN = 0.05  # with `patience`: a larger batch must beat the best by 5% to count as a gain
 
+RETIME_BELOW = 0.5
+"""A size whose first stretch runs at under half the best throughput so far is timed again at
+once, before the ladder judges it: one device does not lose half its speed to a larger batch,
+a burst of work from a neighbour does (a loaded CPU timed batch 4 at 45.8 ms a step, batch 2 at
+2.0 ms, and the ladder stopped there)."""
+
 
 def measure_throughput(
     task: Task,
@@ -198,8 +204,9 @@ def measure_throughput(
             measured.append(size)
             # On the clock load spares, as the result's: a loaded wall clock would stop the
             # ladder before the knee.
-            cpu = None if cpu_clock is None else [timings[size].cpu]
-            rate = size / choose_clock([size], [timings[size].wall], cpu).seconds_per_step[0]
+            rate = _rate(size, timings[size], cpu_clock is not None)
+            if rate < RETIME_BELOW * best and _run_or_stop(run, size, 0, resolved, measured):
+                rate = _rate(size, timings[size], cpu_clock is not None)
             flat = 0 if rate > best * (1 + MIN_GAIN) else flat + 1
             best = max(best, rate)
             if use_patience and flat >= patience and size != sizes[-1]:
@@ -248,6 +255,12 @@ def measure_throughput(
         clock_reason=times.clock_reason,
         rounds=len(shares),
     )
+
+
+def _rate(size: int, timing: _Timing, with_cpu: bool) -> float:
+    """Samples per second of `size` from its steps so far, on the clock the result will use."""
+    cpu = [timing.cpu] if with_cpu else None
+    return size / choose_clock([size], [timing.wall], cpu).seconds_per_step[0]
 
 
 @dataclass

@@ -22,6 +22,12 @@ STEP_TIME_DROP = 0.25
 """A larger batch whose step is more than 25% quicker than a smaller batch's step marks the
 timing as disturbed: on one device a step does not get much shorter with more samples."""
 
+SAMPLE_TIME_RISE = 4.0
+"""A larger batch whose time per sample is more than 4x a smaller batch's marks the timing as
+disturbed too: a bigger batch shares the same weights and kernels among more samples, so its
+time per sample does not jump several-fold (a loaded CPU made batch 4 take 45.8 ms a step where
+batch 2 took 2.0 ms)."""
+
 Limit = Literal["dataset", "max_batch_size", "memory_budget", "out_of_memory"]
 
 
@@ -125,24 +131,62 @@ class ThroughputResult:
                 pairs.append((self.batch_sizes[earlier.index(slowest)], self.batch_sizes[index]))
         return pairs
 
+    def rising_sample_times(self) -> list[tuple[int, int]]:
+        """(smaller, larger) batch pairs where the larger batch's time per sample is more than
+        `SAMPLE_TIME_RISE` times the smaller batch's: a jump no device produces, so other
+        processes disturbed the timing.
+
+        Example:
+            >>> result = ThroughputResult(
+            ...     batch_sizes=(1, 2, 4), seconds_per_step=(0.0015, 0.002, 0.0458),
+            ...     samples_per_second=(667, 1000, 87), tokens_per_second=None,
+            ...     step_seconds=((0.0015,), (0.002,), (0.0458,)), knee_batch=2, best_batch=2,
+            ...     fraction=0.9, limit_batch=None, limit_reason=None, stopped_early=True,
+            ...     warmup_steps=1, repeats=1, device="cpu")
+            >>> result.rising_sample_times()
+            [(2, 4)]
+        """
+        per_sample = [s / b for s, b in zip(self.seconds_per_step, self.batch_sizes)]
+        pairs = []
+        for index in range(1, len(self.batch_sizes)):
+            quickest = min(per_sample[:index])
+            if per_sample[index] > SAMPLE_TIME_RISE * quickest:
+                pairs.append(
+                    (self.batch_sizes[per_sample.index(quickest)], self.batch_sizes[index])
+                )
+        return pairs
+
     def disturbed_note(self) -> str | None:
-        """A warning in words when the step times fall with the batch (`falling_step_times`)."""
-        pairs = self.falling_step_times()
-        if not pairs:
+        """A warning in words when the step times fall with the batch (`falling_step_times`) or
+        the time per sample jumps (`rising_sample_times`)."""
+        falling, rising = self.falling_step_times(), self.rising_sample_times()
+        if not falling and not rising:
             return None
         seconds = dict(zip(self.batch_sizes, self.seconds_per_step))
-        shown = ", ".join(
-            f"{small} -> {large} ({seconds[small] * 1000:.1f} -> {seconds[large] * 1000:.1f} ms)"
-            for small, large in pairs[:3]
-        )
+
+        def shown(pairs: list[tuple[int, int]]) -> str:
+            return ", ".join(
+                f"{small} -> {large} ({seconds[small] * 1000:.1f} -> "
+                f"{seconds[large] * 1000:.1f} ms)"
+                for small, large in pairs[:3]
+            )
+
+        seen = []
+        if falling:
+            seen.append(f"the step time fell as the batch grew ({shown(falling)})")
+        if rising:
+            seen.append(
+                f"the time per sample rose more than {SAMPLE_TIME_RISE:g}x with the batch "
+                f"({shown(rising)})"
+            )
         advice = "measure again on an idle machine"
         if self.device == "cpu":
             advice += " (on a shared CPU, OMP_NUM_THREADS=1 keeps torch's threads from waiting"
             advice += " on each other)"
+        text = " and ".join(seen)
         return (
-            f"The step time fell as the batch grew ({shown}), which one device does not do: "
-            f"other processes disturbed the timing, and the throughput curve is not reliable; "
-            f"{advice}."
+            f"{text[0].upper()}{text[1:]}, which one device does not do: other processes "
+            f"disturbed the timing, and the throughput curve is not reliable; {advice}."
         )
 
     def describe(self) -> str:
