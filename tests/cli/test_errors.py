@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +116,23 @@ def test_an_error_in_the_task_code_while_it_runs_is_one_line(tmp_path, capsys, c
     assert "the task file runs_badly.py raised RuntimeError at line 12" in line
     assert "mat1 and mat2 shapes cannot be multiplied" in line
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_place_where_nothing_can_be_created_is_refused_before_any_work(capsys):
+    if not Path("/proc/self").exists():
+        pytest.skip("needs /proc, where permission bits say writable but nothing can be made")
+    assert main(["plan", "--example", "digits", "--quick", "--out", "/proc/batchfit-out"]) == 2
+    assert "nothing can be created in '/proc'" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_is_taken_before_or_after_the_command(where, tmp_path, capsys):
+    argv = ["diagnose", str(tmp_path / "nothing-here")]
+    argv = ["-v", *argv] if where == "before" else [*argv, "-v"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err and "batchfit: error: " in err
+    assert "Traceback" in err  # -v shows it, wherever it was given
 
 
 def test_the_library_raises_a_task_error_chained_to_the_users_exception(task_dir):

@@ -53,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, description=description, allow_abbrev=False)
+        sub = commands.add_parser(name, help=help, description=description, allow_abbrev=False)
+        # -v after the command too (`batchfit train ... -v`); SUPPRESS keeps one given before it
+        sub.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+            help="log details, and tracebacks, to stderr",
+        )  # fmt: skip
+        return sub
 
     _add_estimate(command)
     _add_memory(command)

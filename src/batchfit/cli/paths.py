@@ -94,3 +94,14 @@ def _check_writable_folder(folder: Path, flag: str, path: str) -> None:
             f"{flag} {path!r} cannot be written: no permission in {str(existing)!r}; give a "
             "place you can write."
         )
+    # Permission bits do not tell everything (a read-only mount, /proc, a full quota): make
+    # and remove a folder there, as the command will make its own.
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".batchfit-probe-", dir=existing))
+    except OSError as error:
+        raise ConfigError(
+            f"{flag} {path!r} cannot be written: nothing can be created in {str(existing)!r} "
+            f"({error.strerror or error}); give a place you can write."
+        ) from None
