@@ -95,6 +95,27 @@ def test_from_plan_overrides_win_and_a_new_length_drops_the_plans_warmup():
     assert (config.steps, config.warmup) == (None, 5)
 
 
+def test_from_plan_at_another_global_batch_rescales_the_plans_rate_and_keeps_its_samples():
+    # The plan: 256 = 4 x 64 at 0.004 (linear), 70 steps with 5 of warmup.
+    smaller = TrainConfig.from_plan(_plan(), global_batch=32)
+    assert smaller.micro_batch == 32  # the plan's 64 does not fit in 32
+    assert smaller.lr == pytest.approx(0.004 * 32 / 256)
+    assert smaller.lr_reason.startswith("the plan's 0.004 at batch 256 x 32/256 (linear rule")
+    assert (smaller.steps, smaller.warmup) == (560, 40)  # the plan's 17,920 samples
+    larger = TrainConfig.from_plan(_plan(), global_batch=1024, lr_rule="sqrt")
+    assert larger.micro_batch == 64 and larger.lr == pytest.approx(0.008)
+    assert (larger.steps, larger.warmup) == (18, 1)
+    # what the user gives wins
+    given = TrainConfig.from_plan(_plan(), global_batch=512, lr=0.02, steps=30, micro_batch=128)
+    assert (given.lr, given.lr_reason, given.steps, given.micro_batch) == (0.02, None, 30, 128)
+    assert given.warmup is None  # a new length: the loop's own warmup
+    # the reason reaches the run's setup
+    from batchfit.examples.digits import task as digits
+
+    setup = resolve_setup(digits(), smaller)
+    assert setup.lr == pytest.approx(0.0005) and setup.lr_reason == smaller.lr_reason
+
+
 def test_from_plan_refuses_unknown_fields_and_bad_values():
     with pytest.raises(ConfigError, match="Unknown TrainConfig field.*global_batch"):
         TrainConfig.from_plan(_plan(), global_bach=64)

@@ -61,6 +61,7 @@ class TrainConfig:
     epochs: float | None = None  # passes over the training data, rounded up to whole steps
     lr: float | None = None  # peak rate; None: task.lr scaled from task.batch_size by lr_rule
     lr_rule: str | None = None  # linear | sqrt | none; None: by optimizer family (lr_scaling)
+    lr_reason: str | None = None  # how a given lr came about (a plan's rate rescaled), in words
     warmup: int | float | None = None  # steps (int) or share of training (0 < float < 1);
     # None: warm up (lr_scaling.default_warmup_steps) when the rate is >= 2x task.lr
     decay: str = "cosine"  # constant | cosine | linear | step (batchfit.lr.schedules)
@@ -185,6 +186,10 @@ class TrainConfig:
         (`batch_schedule`, `max_global_batch`; global_batch is then where the schedule starts).
         The plan's warmup was sized for its own run length, so when `overrides` give `steps` or
         `epochs` the warmup is left to the loop (auto) unless `overrides` give one too.
+        A `global_batch` other than the plan's keeps the plan's samples: its rate is scaled from
+        the plan's by the rule (`lr_rule` if given, else the plan's), its micro-batch is the
+        plan's or the new global batch per process if that is smaller, and its steps and warmup
+        are the plan's times plan batch / new batch (unless given).
         GroupNorm advice changes the model, not the settings: see
         `batchfit.plan.plan_file.apply_plan`.
 
@@ -217,6 +222,7 @@ class TrainConfig:
                 f"{', '.join(sorted(known))}."
             )
         new_length = "steps" in overrides or "epochs" in overrides
+        new_batch = overrides.get("global_batch", plan.global_batch)
         settings: dict[str, Any] = {
             "global_batch": plan.global_batch,
             "micro_batch": plan.micro_batch,
@@ -230,8 +236,29 @@ class TrainConfig:
             settings["warmup"] = plan.warmup_steps
             if plan.total_steps is not None:
                 settings["steps"] = plan.total_steps
+        if isinstance(new_batch, int) and new_batch > 0 and new_batch != plan.global_batch:
+            settings.update(_plan_at_another_batch(plan, new_batch, overrides))
         settings.update(overrides)
         return cls(**settings)
+
+
+def _plan_at_another_batch(plan: Plan, batch: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The plan's micro-batch, rate, steps and warmup carried to global batch `batch`."""
+    from batchfit.lr.scaling import scaled_rate
+
+    ratio = plan.global_batch / batch
+    settings: dict[str, Any] = {
+        "micro_batch": max(1, min(plan.micro_batch, batch // max(1, plan.world_size)))
+    }
+    if "lr" not in overrides:
+        rule = overrides.get("lr_rule") or plan.lr_rule
+        scaled = scaled_rate(plan.lr, plan.global_batch, batch, rule)
+        settings.update(lr=scaled.lr, lr_reason=f"the plan's {scaled.reason}")
+    if "steps" not in overrides and "epochs" not in overrides and plan.total_steps is not None:
+        steps = max(1, round(plan.total_steps * ratio))
+        warmup = round(plan.warmup_steps * ratio)
+        settings.update(steps=steps, warmup=warmup if warmup < steps else None)
+    return settings
 
 
 @dataclass(frozen=True)
@@ -278,7 +305,7 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
         epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
         total = steps_for_epochs(epochs, dataset_size=size, global_batch=config.global_batch)
     if config.lr is not None:
-        lr, reason = float(config.lr), f"{config.lr:g} (given)"
+        lr, reason = float(config.lr), config.lr_reason or f"{config.lr:g} (given)"
     else:
         rule = config.lr_rule or default_rule(optimizer_family(config.optimizer, task))
         scaled = scaled_rate(task.lr, task.batch_size, config.global_batch, rule)
