@@ -22,6 +22,19 @@ def test_train_prints_a_summary_and_writes_the_run(tmp_path, capsys):
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
+def test_uneven_micro_batches_are_shown_as_they_are(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the range test's table on one line
+    argv = ["--example", "digits", "--global-batch", "64", "--micro-batch", "48"]
+    run = ["train", *argv, "--allow-uneven", "--steps", "1", "--out", str(tmp_path / "r")]
+    assert main(run) == 0
+    assert (
+        "global batch 64 = 2 micro-batches (48+16, loss weighted by size)"
+        in capsys.readouterr().out
+    )
+    assert main(["lr-range", *argv, "--steps", "40"]) == 0
+    assert "64 samples per step = 2 micro-batches (48+16, accumulated)" in capsys.readouterr().out
+
+
 def test_train_json_and_resume(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", *FAST, "--out", run, "--json", "--optimizer", "sgd"]) == 0

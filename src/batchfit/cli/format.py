@@ -145,9 +145,17 @@ def print_train_summary(
     )
     ranks = f" x {result.world_size} ranks" if result.world_size > 1 else ""
     pieces = "micro-batch" if result.accumulation_steps == 1 else "micro-batches"
+    split = f"of {result.micro_batch}"
+    if result.accumulation_steps * result.micro_batch * result.world_size != result.global_batch:
+        from batchfit.training.accumulation import plan_accumulation
+
+        sizes = plan_accumulation(
+            result.global_batch, result.micro_batch, result.world_size, allow_uneven=True
+        ).micro_batches
+        split = f"({'+'.join(map(str, sizes))}, loss weighted by size)"
     say(
-        f"  global batch {result.global_batch} = {result.accumulation_steps} {pieces} of "
-        f"{result.micro_batch}{ranks}"
+        f"  global batch {result.global_batch} = {result.accumulation_steps} {pieces} {split}"
+        f"{ranks}"
     )
     say(f"  lr {result.lr:.6g}: {result.lr_reason}")
     say(f"  schedule: {result.schedule}")

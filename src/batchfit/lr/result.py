@@ -109,17 +109,21 @@ class RangeTestResult:
             ("loss at start", f"{finite[0]:.4g}" if finite else "none"),
             ("stopped", f"{stop} after {self.steps_run} of {self.steps} steps"),
             ("rates", f"{self.start_lr:.3g} to {self.end_lr:.3g} ({self.mode})"),
-            (
-                "batch",
-                f"{self.global_batch} samples per step"
-                + (
-                    f" = {self.accumulation_steps} x {self.micro_batch} (accumulated)"
-                    if self.accumulation_steps > 1
-                    else ""
-                ),
-            ),
+            ("batch", self._batch_words()),
             ("time", f"{self.seconds:.1f} s on {self.device}"),
         ]
+
+    def _batch_words(self) -> str:
+        """ "256 samples per step = 4 x 64 (accumulated)", the uneven last micro-batch shown."""
+        words = f"{self.global_batch} samples per step"
+        steps = self.accumulation_steps
+        if steps <= 1:
+            return words
+        if steps * self.micro_batch == self.global_batch:
+            return f"{words} = {steps} x {self.micro_batch} (accumulated)"
+        last = self.global_batch - self.micro_batch * (steps - 1)
+        sizes = "+".join([str(self.micro_batch)] * (steps - 1) + [str(last)])
+        return f"{words} = {steps} micro-batches ({sizes}, accumulated)"
 
     def describe(self) -> str:
         """One or two sentences on what to do with the result."""
