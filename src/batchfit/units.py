@@ -79,6 +79,11 @@ def parse_size(text: str | int | float, *, name: str = "size") -> int:
             "12GiB."
         )
     size = int(number * unit_bytes)
+    if size <= 0 < number:
+        raise ConfigError(
+            f"{name} {text!r} is less than one byte: a number without a unit counts bytes; "
+            "write a unit, e.g. 0.2GB."
+        )
     if size <= 0:
         raise ConfigError(f"{name} must be positive, got {text!r}; give a size such as 12GiB.")
     return size

@@ -13,6 +13,14 @@ def test_estimate_worked_examples(capsys):
     assert capsys.readouterr().out.strip().startswith("18, rounded to 16")
 
 
+def test_estimate_says_when_no_multiple_fits_and_a_bare_fraction_is_not_a_byte(capsys):
+    args = ["estimate", "--memory", "24GB", "--model", "4GB"]
+    assert main([*args, "--per-sample", "0.2GB", "--round", "128"]) == 0
+    assert capsys.readouterr().out.strip() == "100 (not rounded: no multiple of 128 fits)"
+    assert main([*args, "--per-sample", "0.2"]) == 2  # bytes: less than one
+    assert "less than one byte: a number without a unit counts bytes" in capsys.readouterr().err
+
+
 def test_estimate_json(capsys):
     args = ["estimate", "--memory", "12GB", "--model", "3GB", "--per-sample", "0.5GB"]
     assert main([*args, "--round", "pow2", "--json"]) == 0

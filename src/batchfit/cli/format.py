@@ -52,15 +52,21 @@ def print_estimate(result: dict[str, Any]) -> None:
             f"needs {format_bytes(result['per_sample_bytes'])}."
         )
         return
-    line = f"{exact}"
-    if rounded != exact:
-        line += f", rounded to {rounded} ({rounding_phrase(result['round_to'])})"
-    print(line)
+    print(f"{exact}{rounding_words(exact, rounded, result['round_to'])}")
 
 
 def rounding_phrase(round_to: int | str) -> str:
     """How a batch was rounded, in words: "a power of two" or "a multiple of 8"."""
     return "a power of two" if round_to == "pow2" else f"a multiple of {round_to}"
+
+
+def rounding_words(exact: int, rounded: int, round_to: int | str | None) -> str:
+    """ ", rounded to 96 (a multiple of 32)", or why it was not rounded, or ""."""
+    if rounded != exact:
+        return f", rounded to {rounded} ({rounding_phrase(round_to)})"
+    if isinstance(round_to, int) and 0 < exact < round_to:
+        return f" (not rounded: no multiple of {round_to} fits)"
+    return ""
 
 
 def print_memory(console: Console, task_name: str, result: Any) -> None:
@@ -97,8 +103,7 @@ def print_memory(console: Console, task_name: str, result: Any) -> None:
     answer = f"Largest batch that fits: {result.limit_batch_size}"
     if result.capped:
         answer += " (or more: the search stopped there)"
-    if result.batch_size != result.limit_batch_size:
-        answer += f", rounded to {result.batch_size} ({rounding_phrase(result.round_to)})"
+    answer += rounding_words(result.limit_batch_size, result.batch_size, result.round_to)
     say(answer, style="bold")
     say(f"Answer {result.basis}: {result.basis_reason}")
     if result.basis == "predicted" and result.attention == "math":
