@@ -35,6 +35,18 @@ def test_uneven_micro_batches_are_shown_as_they_are(tmp_path, capsys, monkeypatc
     assert "64 samples per step = 2 micro-batches (48+16, accumulated)" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_says_so_with_its_last_evaluation(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", *FAST, "--out", run]) == 0
+    first = capsys.readouterr().out
+    last_val = next(line for line in first.splitlines() if line.strip().startswith("val_loss"))
+    assert main(["train", *FAST, "--resume", run]) == 0
+    again = capsys.readouterr().out
+    assert again.startswith("Already complete: digits at ") and "nothing was left to train" in again
+    assert last_val in again  # the run's last evaluation, read back from metrics.jsonl
+    assert "0 samples/s" not in again
+
+
 def test_train_json_and_resume(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", *FAST, "--out", run, "--json", "--optimizer", "sgd"]) == 0

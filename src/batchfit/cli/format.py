@@ -144,10 +144,17 @@ def print_train_summary(
 
     say = _plain(console)
     state = "Interrupted" if result.interrupted else "Trained"
-    say(
-        f"{state} {name}: {result.steps}/{result.total_steps} steps, {result.samples_seen:,} "
-        f"samples, {result.seconds:.1f} s ({result.samples_per_second:,.0f} samples/s)"
-    )
+    if result.samples_per_second == 0 and result.steps == result.total_steps:
+        say(
+            f"Already complete: {name} at {result.steps}/{result.total_steps} steps, "
+            f"{result.samples_seen:,} samples; nothing was left to train"
+        )
+    else:
+        say(
+            f"{state} {name}: {result.steps}/{result.total_steps} steps, "
+            f"{result.samples_seen:,} samples, {result.seconds:.1f} s "
+            f"({result.samples_per_second:,.0f} samples/s)"
+        )
     ranks = f" x {result.world_size} ranks" if result.world_size > 1 else ""
     pieces = "micro-batch" if result.accumulation_steps == 1 else "micro-batches"
     split = f"of {result.micro_batch}"

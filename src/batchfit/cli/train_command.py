@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from batchfit.cli.arguments import given, load_task_from_args
 from batchfit.cli.format import print_json, stdout_console
@@ -145,7 +146,10 @@ def train(args: argparse.Namespace) -> int:
     if model_note:
         console.print(f"  normalization: {model_note}", highlight=False, markup=False)
     if live.diagnosis.findings:
-        print_diagnosis(console, live.history(), live.diagnosis)
+        history = live.history()
+        if not history.source and result.metrics_path:
+            history = replace(history, source=result.metrics_path)
+        print_diagnosis(console, history, live.diagnosis)
     if diagnosis_path is not None:
         console.print(f"  diagnosis: {diagnosis_path}", highlight=False, markup=False)
     if report_path is not None:

@@ -354,6 +354,21 @@ def _finish(run: Run, hooks: CallbackList, metrics: MetricsLog | None) -> None:
         save_run(run, hooks.state_dicts())
 
 
+def _last_evaluation(path: Any) -> dict[str, float]:
+    """The `val_*` values of the last evaluation logged in a metrics file (empty if none)."""
+    from pathlib import Path
+
+    from batchfit.training.metrics import read_metrics
+
+    if not Path(path).exists():
+        return {}
+    for record in reversed(read_metrics(path)):
+        values = {k: v for k, v in record.items() if k.startswith("val_") and v is not None}
+        if values:
+            return values
+    return {}
+
+
 def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) -> TrainResult:
     from batchfit.noise.watch import noise_scale_loggable
 
@@ -373,12 +388,15 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
         else:
             noise_reason = "no callback logged it (pass batchfit.noise.callback.NoiseScaleCallback)"
     stopped_early = run.step < setup.total_steps
+    val_metrics = run.val_metrics
+    if not val_metrics and not run.session_samples and run.metrics_path is not None:
+        val_metrics = _last_evaluation(run.metrics_path)  # a finished run resumed: its last
     return TrainResult(
         steps=run.step,
         total_steps=setup.total_steps,
         samples_seen=run.samples_seen,
         final_loss=run.last_loss,
-        val_metrics=run.val_metrics,
+        val_metrics=val_metrics,
         lr=setup.lr,
         lr_reason=setup.lr_reason,
         warmup_steps=setup.warmup_steps,
