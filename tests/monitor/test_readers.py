@@ -10,6 +10,7 @@ files are real, written by torch's SummaryWriter.
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -219,6 +220,15 @@ def test_names_can_be_given(tmp_path):
 def test_a_missing_path_names_the_formats(tmp_path):
     with pytest.raises(RunLogError, match="does not exist.*metrics.jsonl.*trainer_state.json"):
         read_history(tmp_path / "nowhere")
+
+
+def test_a_header_without_rows_and_a_path_that_is_no_file_or_folder(tmp_path):
+    (tmp_path / "metrics.csv").write_text("step,epoch,train_loss,val_loss\n")
+    with pytest.raises(RunLogError, match="has no rows"):
+        read_history(tmp_path / "metrics.csv")
+    if Path("/dev/null").exists():
+        with pytest.raises(RunLogError, match="neither a file nor a folder"):
+            read_history("/dev/null")
 
 
 def test_a_folder_without_a_log(tmp_path):

@@ -44,7 +44,10 @@ def print_diagnosis(console: Console, history: History, diagnosis: Diagnosis) ->
     else:
         console.print(title, highlight=False)
         console.print(
-            f"No problem found (checked: {', '.join(diagnosis.checked)}).", highlight=False
+            f"No problem found (checked: {', '.join(diagnosis.checked)})."
+            if diagnosis.checked
+            else "Nothing could be checked yet (see the notes).",
+            highlight=False,
         )
     for note in diagnosis.notes:
         console.print(f"note: {note}", highlight=False)

@@ -159,6 +159,8 @@ def history_from_records(
 def _locate(path: Path, format: str | None) -> tuple[str, Path]:
     if not path.exists():
         raise RunLogError(f"No run at {str(path)!r}: the path does not exist; give {_WHAT}.")
+    if not path.is_file() and not path.is_dir():
+        raise RunLogError(f"{str(path)!r} is neither a file nor a folder; give {_WHAT}.")
     if path.is_file():
         found = format or _format_of_file(path)
         if found is None:
@@ -327,7 +329,11 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
 def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
     with open(file, newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
-    if not rows or "step" not in rows[0]:
+    if not rows:
+        raise RunLogError(
+            f"{str(file)!r} has no rows (a header at most): the run logged nothing yet."
+        )
+    if "step" not in rows[0]:
         raise RunLogError(
             f"{str(file)!r} has no 'step' column; give a Lightning CSVLogger metrics.csv."
         )
