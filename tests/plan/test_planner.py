@@ -19,6 +19,11 @@ def tiny_plan():
     return plan(make_mlp_task(samples=512), device="cpu", memory_budget="64KiB", **QUICK)
 
 
+def test_a_plan_under_a_budget_says_its_throughput_is_this_machines(tiny_plan):
+    note = next(n for n in tiny_plan.notes if "throughput was timed on this cpu" in n)
+    assert "the budgeted device's" in note and "batchfit throughput" in note
+
+
 def test_plan_is_exact_and_explained(tiny_plan):
     result = tiny_plan
     assert result.global_batch == result.micro_batch * result.accumulation_steps

@@ -197,6 +197,13 @@ def plan(
     disturbed = throughput.disturbed_note()
     if disturbed:
         notes.append(f"{disturbed} The global batch below rests on it.")
+    if target is not None and device.type != "cuda":
+        card = target.card.name if target.card is not None else "the budgeted device"
+        notes.append(
+            f"The memory limits are {card}'s, but the throughput was timed on this {device.type}: "
+            "the global batch trades steps against this machine's speed. On the card, time it "
+            "with `batchfit throughput` (or plan there) before trusting the batch."
+        )
 
     # 3. The gradient noise scale, at two points of a short warm-up, and its trend.
     noise, noise_for_run, noise_basis = measure_noise_for_run(
