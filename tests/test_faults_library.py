@@ -73,7 +73,7 @@ def test_plan_refuses_a_bad_margin_even_without_a_budget(margin, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("measured before the margin was checked")
 
-    monkeypatch.setattr(planner, "_memory_limit", no_work)
+    monkeypatch.setattr(planner, "memory_limit", no_work)
     with pytest.raises(ConfigError, match="margin must"):
         planner.plan(make_mlp_task(), device="cpu", margin=margin)
 

@@ -57,6 +57,12 @@ def test_optimizer_advice_threshold():
     assert optimizer_advice(LARGE_BATCH_SAMPLES * 2, "adam").value == "lamb"
 
 
+def test_a_target_batch_outside_the_customary_range_is_not_called_measured():
+    asked = customary_range_note("image-classification", 64, asked_for=True)
+    assert asked.endswith("It is the target you asked for.") and "measured" not in asked
+    assert "measured noise scale" in customary_range_note("image-classification", 64)
+
+
 def test_customary_ranges():
     assert customary_range_note("image-classification", 256) is None
     note = customary_range_note("segmentation", 64)

@@ -259,9 +259,12 @@ def test_a_quick_plan_says_what_it_shortened_and_skips_what_it_does_not_need():
     assert quick.measurements["noise_scale"]["batches"] == 12
     if quick.measurements["noise_scale"]["reliable"]:
         assert "measured once" in quick.reasons["global_batch"]
-    targeted = plan(task, device="cpu", quick=True, target_global_batch=64)
+    targeted = plan(task, device="cpu", quick=True, target_global_batch=256)
     assert "noise_scale" not in targeted.measurements
     assert any("not measured: the target global batch" in note for note in targeted.notes)
+    assert targeted.reasons["batch_schedule"].startswith("the noise scale was not measured")
+    # 256 of 512 samples: two steps per epoch
+    assert any("above a quarter of the 512 training samples" in n for n in targeted.notes)
     with pytest.raises(ConfigError, match="range_test_steps"):
         plan(task, device="cpu", quick=True, range_test_steps=0)
 

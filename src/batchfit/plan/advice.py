@@ -289,8 +289,33 @@ def optimizer_advice(global_batch: int, optimizer_family: str) -> Choice:
     )
 
 
-def customary_range_note(kind: str | None, global_batch: int) -> str | None:
-    """A note when the global batch falls outside the customary range for the task's kind."""
+def target_batch_notes(target_global_batch: int, dataset_size: int) -> list[str]:
+    """What a target global batch above a quarter of the training set costs, as a note."""
+    limit = data_batch_limit(dataset_size)
+    if target_global_batch <= limit:
+        return []
+    return [
+        f"The target global batch {target_global_batch} is above a quarter of the "
+        f"{dataset_size} training samples ({int(limit)}): an epoch has fewer than "
+        f"{MIN_STEPS_PER_EPOCH} optimizer steps, and one large step learns little per sample; "
+        "a smaller batch or more data would."
+    ]
+
+
+def borrowed_throughput_note(card: str, device_type: str) -> str:
+    """The throughput of a plan for a card it is not running on is this machine's."""
+    return (
+        f"The memory limits are {card}'s, but the throughput was timed on this {device_type}: "
+        "the global batch trades steps against this machine's speed. On the card, time it with "
+        "`batchfit throughput` (or plan there) before trusting the batch."
+    )
+
+
+def customary_range_note(
+    kind: str | None, global_batch: int, *, asked_for: bool = False
+) -> str | None:
+    """A note when the global batch falls outside the customary range for the task's kind
+    (`asked_for`: it is the user's target, not the plan's choice)."""
     if kind not in CUSTOMARY_RANGES:
         return None
     low, high, source = CUSTOMARY_RANGES[kind]
@@ -298,8 +323,10 @@ def customary_range_note(kind: str | None, global_batch: int) -> str | None:
         return None
     side = "below" if global_batch < low else "above"
     why = (
-        "This task's measured noise scale, throughput and data-set size call for it; customary "
-        "ranges come from much larger data sets and models"
+        "It is the target you asked for"
+        if asked_for
+        else "This task's measured noise scale, throughput and data-set size call for it; "
+        "customary ranges come from much larger data sets and models"
     )
     return f"The global batch {global_batch} is {side} the customary {low}-{high}: {source}. {why}."
 
@@ -403,6 +430,7 @@ def propose_batch_schedule(
     micro_batch: int,
     world_size: int = 1,
     measured_after_steps: int | None = None,
+    measured: bool = True,
 ) -> Choice:
     """`"noise"` (grow the batch with the noise scale) or `"constant"`, with the reason.
 
@@ -418,6 +446,7 @@ def propose_batch_schedule(
         micro_batch: the planned micro-batch (the memory limit the batch grows into).
         world_size: data-parallel devices.
         measured_after_steps: warm-up steps before the measurement, if known.
+        measured: False when the noise scale was not measured at all (a target global batch).
 
     Example:
         >>> propose_batch_schedule(32, noise_scale=60, dataset_size=50_000, micro_batch=64).value
@@ -427,6 +456,12 @@ def propose_batch_schedule(
     """
     from batchfit.training.batch_growth import MAX_ACCUMULATION
 
+    if not measured:
+        return Choice(
+            "constant",
+            "the noise scale was not measured (the target global batch needs none): the batch "
+            "stays constant",
+        )
     if noise_scale is None or not noise_scale > 0:
         return Choice("constant", "no reliable noise scale was measured: the batch stays constant")
     room = min(int(data_batch_limit(dataset_size)), micro_batch * world_size * MAX_ACCUMULATION)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from batchfit.errors import ConfigError
 from batchfit.memory.cards import memory_target
 from batchfit.plan import advice
+from batchfit.plan.memory_limit import memory_limit
 from batchfit.plan.noise_for_run import (
     QUICK_NOISE_BATCHES,
     TREND_BATCHES,
@@ -40,7 +41,6 @@ from batchfit.plan.plan_file import Plan, model_identity
 from batchfit.progress import ProgressFn
 from batchfit.training.config import DEFAULT_EPOCHS
 from batchfit.training.sampling import steps_for_epochs, steps_per_epoch
-from batchfit.units import format_bytes
 from batchfit.validation import check_in_range, check_positive_number, check_whole_number
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def plan(
         notes.append(_quick_note(noise_batches, range_test_steps, target_global_batch))
 
     # 1. Memory: the largest micro-batch that fits.
-    limit, memory = _memory_limit(
+    limit, memory = memory_limit(
         task,
         device,
         None if target is None else memory_budget,
@@ -199,11 +199,7 @@ def plan(
         notes.append(f"{disturbed} The global batch below rests on it.")
     if target is not None and device.type != "cuda":
         card = target.card.name if target.card is not None else "the budgeted device"
-        notes.append(
-            f"The memory limits are {card}'s, but the throughput was timed on this {device.type}: "
-            "the global batch trades steps against this machine's speed. On the card, time it "
-            "with `batchfit throughput` (or plan there) before trusting the batch."
-        )
+        notes.append(advice.borrowed_throughput_note(card, device.type))
 
     # 3. The gradient noise scale, at two points of a short warm-up, and its trend.
     noise, noise_for_run, noise_basis = measure_noise_for_run(
@@ -220,6 +216,7 @@ def plan(
     # 4. Global batch, micro-batch, accumulation.
     if target_global_batch is not None:
         global_choice = advice.Choice(target_global_batch, "the target you asked for")
+        notes.extend(advice.target_batch_notes(target_global_batch, dataset_size))
     else:
         global_choice = advice.choose_global_batch(
             noise_scale=noise_for_run,
@@ -253,6 +250,7 @@ def plan(
         micro_batch=micro_batch,
         world_size=world_size,
         measured_after_steps=noise.step if noise is not None else None,
+        measured=noise is not None,
     )
     reasons["batch_schedule"] = schedule_choice.reason
     if micro_batch < throughput.knee_batch and micro_batch < global_batch // world_size:
@@ -358,7 +356,9 @@ def plan(
     norm = batchnorm_advice(model, micro_batch, world_size=world_size)
     normalization = "none" if norm is None else norm.action
     reasons["normalization"] = "the model has no BatchNorm layer" if norm is None else norm.reason
-    range_note = advice.customary_range_note(task.kind, global_batch)
+    range_note = advice.customary_range_note(
+        task.kind, global_batch, asked_for=target_global_batch is not None
+    )
     if range_note:
         notes.append(range_note)
     if noise_for_run and global_batch > 2 * noise_for_run:
@@ -391,91 +391,6 @@ def plan(
         task_name=task.name,
         **model_identity(model),
     )
-
-
-def _memory_limit(
-    task: Task,
-    device: torch.device,
-    budget: int | str | None,
-    margin: float,
-    dataset_size: int,
-    report: ProgressFn,
-    *,
-    points: int | None = None,
-) -> tuple[int, dict[str, Any]]:
-    """The largest micro-batch that fits, and the memory measurements for the plan."""
-    from batchfit.memory.predict import predict_memory_model
-    from batchfit.memory.runnable import host_limit_batch_size
-    from batchfit.memory.search import find_max_batch_size
-    from batchfit.plan.norm_layers import smallest_batch
-
-    report("memory", 0, 1)
-    if budget is None and device.type == "cpu":
-        # The CPU has no memory limit worth searching: bound by the data, and still show how
-        # memory grows with the batch.
-        # Batch 1 cannot train a model with BatchNorm (one value per channel): start at 2.
-        low = min(smallest_batch(task.make_model()), dataset_size)
-        model = predict_memory_model(
-            task,
-            low=low,
-            high=dataset_size,
-            device=device,
-            **({"points": points} if points else {}),
-        )
-        report("memory", 1, 1)
-        return dataset_size, {
-            "capacity_bytes": None,
-            "fixed_bytes": model.fixed_bytes,
-            "per_sample_bytes": model.per_sample_bytes,
-            "limit_batch": dataset_size,
-            "probes": [list(pair) for pair in zip(model.batch_sizes, model.peak_bytes)],
-            "trials": [],
-            "notes": [
-                f"No memory budget on the CPU: the micro-batch is bounded by the {dataset_size} "
-                f"training samples; memory grows {format_bytes(model.per_sample_bytes)} per "
-                "sample. Give --memory-budget to plan for a GPU's memory."
-            ],
-        }
-    result = find_max_batch_size(
-        task,
-        device=device,
-        memory_budget=budget,
-        margin=margin,
-        max_batch_size=dataset_size,
-    )
-    report("memory", 1, 1)
-    model = result.memory_model
-    notes = list(result.notes)
-    if result.basis == "predicted":
-        notes.append(f"Micro-batch limit {result.limit_batch_size}: {result.basis_reason}")
-    # The largest batch this machine holds, for the steps the plan still runs here.
-    host_limit = host_limit_batch_size(result, device)
-    return result.limit_batch_size, {
-        "basis": result.basis,
-        "basis_reason": result.basis_reason,
-        "reserve_bytes": result.reserve_bytes,
-        "card": result.card,
-        "host_limit_batch": host_limit,
-        "capacity_bytes": result.budget_bytes,
-        "usable_bytes": result.usable_bytes,
-        "margin": result.margin,
-        "fixed_bytes": None if model is None else model.fixed_bytes,
-        "per_sample_bytes": None if model is None else model.per_sample_bytes,
-        "limit_batch": result.limit_batch_size,
-        "method": result.method,
-        "real_steps": result.real_steps,
-        "probes": [list(pair) for pair in result.predictions],
-        "trials": [
-            {
-                "batch_size": trial.batch_size,
-                "fits": trial.fits,
-                "measured_bytes": trial.measured_peak_bytes,
-                "predicted_bytes": trial.predicted_peak_bytes,
-            }
-            for trial in result.trials
-        ],
-        "notes": notes,
-    }
 
 
 def _quick_note(
