@@ -45,3 +45,44 @@ def test_rate_exponent_linear_and_sqrt():
     assert rate_exponent([8, 16, 32], [0.1, 0.2, 0.4]) == pytest.approx(1.0)
     assert rate_exponent([16, 64], [0.1, 0.2]) == pytest.approx(0.5)
     assert rate_exponent([16, 64], [0.1, None]) is None
+
+
+def _sweep_result(points, fit):
+    from batchfit.sweep.result import SweepResult
+
+    return SweepResult(
+        task="t", target="val_accuracy>=0.9", seeds=(0,), points=tuple(points), fit=fit,
+        fit_reason="", critical_batch_low=None, critical_batch_high=None, lr_exponent=0.5,
+        lr_rule="sqrt", noise_scale=None, trials=(), trials_run=0, trials_resumed=0, samples=0,
+        seconds=0.0, folder=None,
+    )  # fmt: skip
+
+
+def test_a_best_rate_on_the_grids_edge_and_a_critical_batch_at_its_end_are_called_so():
+    from batchfit.sweep.result import BatchPoint
+
+    def point(batch, steps, best, rates):
+        return BatchPoint(batch, steps, None, None, best, rates[1], rates, len(rates))
+
+    # the best rate is the highest tried at every batch; S = 0 + 256 * 40 / B: no plateau
+    points = [
+        point(64, 160.0, 0.4, (0.1, 0.2, 0.4)),
+        point(128, 80.0, 0.6, (0.15, 0.3, 0.6)),
+        point(256, 40.0, 0.8, (0.2, 0.4, 0.8)),
+    ]
+    fit = fit_steps([64, 128, 256], [160.0, 80.0, 40.5])
+    result = _sweep_result(points, fit)
+    assert result.edge_rates() == [(64, "highest"), (128, "highest"), (256, "highest")]
+    meaning = result.describe()
+    assert "best rate was at the edge of the rates tried" in meaning and "--widen" in meaning
+    assert result.critical_batch > 256
+    assert "at or beyond the largest batch measured (256)" in meaning
+    assert "samples are wasted" not in meaning
+    # best rates inside their grids, and steps that level off: B_crit inside the grid
+    plateau = fit_steps([64, 128, 256], [100.0, 70.0, 55.0])  # S = 40 + 3840 / B: B_crit 96
+    inside = _sweep_result(
+        [point(b, s, 0.2, (0.1, 0.2, 0.4)) for b, s in ((64, 100.0), (128, 70.0), (256, 55.0))],
+        plateau,
+    )
+    assert inside.edge_rates() == [] and inside.critical_batch < 256
+    assert "--widen" not in inside.describe() and "samples are wasted" in inside.describe()

@@ -152,15 +152,45 @@ class SweepResult:
         rows.append(("time", f"{self.seconds:.1f} s"))
         return rows
 
+    def edge_rates(self) -> list[tuple[int, str]]:
+        """(batch, "highest" or "lowest") where the best rate is at the edge of the rates tried:
+        the true best may lie beyond, so that batch's steps are an upper bound."""
+        edges = []
+        for point in self.points:
+            if point.best_lr is None or len(point.rates) < 2:
+                continue
+            if point.best_lr == max(point.rates):
+                edges.append((point.batch, "highest"))
+            elif point.best_lr == min(point.rates):
+                edges.append((point.batch, "lowest"))
+        return edges
+
     def describe(self) -> str:
         """What the sweep means, in a sentence or two."""
         crit = self.critical_batch
+        edges = self.edge_rates()
+        edge_text = ""
+        if edges:
+            shown = ", ".join(f"{batch} ({side})" for batch, side in edges)
+            edge_text = (
+                f" At batch {shown} the best rate was at the edge of the rates tried: a better "
+                "one may lie beyond, so those steps are upper bounds and the fit and the rate "
+                "exponent rest on them; raise --widen."
+            )
         if crit is None:
-            return f"No critical batch: {self.fit_reason}"
-        text = (
-            f"Critical batch about {crit:,.0f} samples (E_min/S_min): below it doubling the batch "
-            f"nearly halves the steps to {self.target}; above it, samples are wasted."
-        )
+            return f"No critical batch: {self.fit_reason}{edge_text}"
+        largest = max(point.batch for point in self.points)
+        if crit >= largest:
+            text = (
+                f"Critical batch about {crit:,.0f} samples (E_min/S_min), at or beyond the largest "
+                f"batch measured ({largest}): doubling the batch still nearly halved the steps "
+                f"to {self.target} there; measure larger batches to place it."
+            )
+        else:
+            text = (
+                f"Critical batch about {crit:,.0f} samples (E_min/S_min): below it doubling the "
+                f"batch nearly halves the steps to {self.target}; above it, samples are wasted."
+            )
         noise = (self.noise_scale or {}).get("noise_scale_samples")
         if noise:
             text += f" The noise scale predicted {noise:,.0f} ({noise / crit:.2g}x measured)."
@@ -168,4 +198,4 @@ class SweepResult:
             rule = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}.get(self.lr_rule)
             text += f" The best rate grew as B^{self.lr_exponent:.2f}"
             text += f" (the {self.lr_rule} rule assumes B^{rule:g})." if rule is not None else "."
-        return text
+        return text + edge_text
