@@ -116,6 +116,16 @@ def test_claims_follow_the_numbers(tiny_case):
     verdicts = {claim.claim: claim.verdict for claim in overlap}
     assert verdicts["IoU improves by 5%"] == "did not hold"
     assert verdicts["accumulation calms the IoU"] == "did not hold"
+    # runs that learned nothing (IoU 0 in every run, one epoch): nothing to judge, no "+nan%"
+    untrained = judge_claims(
+        memory, (_arm("b16", 0.0, 0.0, 0.0, 0.0, 1, 0.4), _arm("b64-accum", 0.0, 0.0, 0.0, 0.0,
+                 0, 0.2)),
+    )  # fmt: skip
+    verdicts = {claim.claim: claim.verdict for claim in untrained}
+    for claim in ("IoU improves by 5%", "accumulation calms the IoU",
+                  "validation IoU fluctuates a lot at batch 16"):  # fmt: skip
+        assert verdicts[claim] == "cannot tell", claim
+    assert not any("nan" in claim.evidence for claim in untrained)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,10 @@ def _size_verdict(value: float, claimed: float) -> str:
     return "held" if off <= SIZE_CLOSE else "roughly" if off <= SIZE_ROUGH else "did not hold"
 
 
+IOU_CLAIMS = ("IoU improves by 5%", "accumulation calms the IoU")
+"""The claims judged from the validation IoU of the two arms (with the noisy-IoU claim)."""
+
+
 def judge_claims(memory: MemoryComparison, arms: tuple[ArmSummary, ...]) -> tuple[Claim, ...]:
     """Each of the guide's claims, judged from the numbers by fixed rules (stated per claim).
 
@@ -61,12 +65,19 @@ def judge_claims(memory: MemoryComparison, arms: tuple[ArmSummary, ...]) -> tupl
     ]
     if small is None or accumulated is None:
         return tuple(claims)
+    learned = small.iou_mean > 0 and accumulated.iou_mean > 0
+    unlearned = (
+        f"IoU {small.iou_mean:.4f} at 16 and {accumulated.iou_mean:.4f} at 64: the runs have "
+        "not learned to segment yet, so there is no IoU to compare (train more epochs)"
+    )
     claims.append(
         Claim(
             "validation IoU fluctuates a lot at batch 16",
-            _verdict(small.iou_noisy_runs * 2 > small.seeds),
+            _verdict(small.iou_noisy_runs * 2 > small.seeds) if learned else "cannot tell",
             f"the monitor calls the IoU noisy in {small.iou_noisy_runs} of {small.seeds} runs; "
-            f"IoU std over the last evaluations {small.iou_std:.4f} (held: most runs noisy)",
+            f"IoU std over the last evaluations {small.iou_std:.4f} (held: most runs noisy)"
+            if learned
+            else unlearned,
         )
     )
     if small.loss_spread is not None and accumulated.loss_spread is not None:
@@ -84,7 +95,10 @@ def judge_claims(memory: MemoryComparison, arms: tuple[ArmSummary, ...]) -> tupl
                 f"{accumulated.loss_spread:.3f} at 64{fair} (held: lower per step)",
             )
         )
-    gain = accumulated.iou_mean / small.iou_mean - 1 if small.iou_mean > 0 else float("nan")
+    if not learned:
+        claims += [Claim(words, "cannot tell", unlearned) for words in IOU_CLAIMS]
+        return tuple(claims)
+    gain = accumulated.iou_mean / small.iou_mean - 1
     separated = accumulated.iou_low > small.iou_high
     claims.append(
         Claim(
