@@ -1,6 +1,7 @@
 """diagnose() on series built to show each kind, on healthy series, and on broken logs."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -160,6 +161,24 @@ def test_validation_rising_while_training_falls_is_overfitting():
     assert finding.evidence["gap_last"] > finding.evidence["gap_at_best"]
     assert finding.settings["best_step"] == 40 and finding.settings["label_smoothing"] == 0.1
     assert "--swa" in finding.advice and "step 40" in finding.advice
+
+
+def test_the_advice_names_the_settings_of_the_tool_that_wrote_the_log():
+    val = [2.0, 1.0, 0.6, 0.5, 0.55, 0.62, 0.7, 0.8, 0.9, 1.0]
+    losses = _decay(n=100, rate=0.04, floor=0.001, noise=0.01)
+
+    def advice(**kw):
+        return diagnose(replace(_history(losses, val=val), **kw)).get("overfitting").advice
+
+    hugging_face = advice(format="transformers")
+    assert "label_smoothing_factor=0.1" in hugging_face and "--" not in hugging_face
+    assert "the StochasticWeightAveraging callback" in advice(format="lightning")
+    board = advice(format="tensorboard")
+    assert "label smoothing 0.1, stochastic weight averaging, or" in board and "(--" not in board
+    # a task without Task.loss_with_smoothing is not told to smooth its labels
+    history = _history(losses, val=val)
+    finding = diagnose(history, can_smooth=False).get("overfitting")
+    assert "smoothing" not in finding.advice and "label_smoothing" not in finding.settings
 
 
 def test_flat_training_and_validation_is_underfitting():

@@ -94,7 +94,11 @@ def train(args: argparse.Namespace) -> int:
         logged, reason = False, "turned off by --no-noise-scale"
     noise = NoiseScaleCallback(dataset_size=len(task.train_data)) if logged else None
     live = LiveDiagnosis(
-        noise=noise, stop_on=args.stop_on or (), plan=plan, dataset_size=len(task.train_data)
+        noise=noise,
+        stop_on=args.stop_on or (),
+        plan=plan,
+        dataset_size=len(task.train_data),
+        can_smooth=task.loss_with_smoothing is not None,
     )
     # On a terminal the loop draws its own bar (with the recent samples/s); elsewhere plain lines.
     progress = context.is_main and (stderr_console().is_terminal or StepBar("train"))

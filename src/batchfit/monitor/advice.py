@@ -32,6 +32,9 @@ class RunSettings:
         total_steps: optimizer steps logged.
         steps_per_epoch: optimizer steps per pass over the data.
         warmup_steps: steps until the rate peaked (0 without a warmup).
+        tool: what trained the run ("batchfit", "transformers", "lightning", ...): the advice
+            names that tool's settings (`setting_words`), none for others.
+        can_smooth: whether the task can train with label smoothing (False: not advised).
     """
 
     global_batch: int | None = None
@@ -41,6 +44,41 @@ class RunSettings:
     total_steps: int | None = None
     steps_per_epoch: float | None = None
     warmup_steps: int | None = None
+    tool: str = "batchfit"
+    can_smooth: bool = True
+
+
+_SETTING_NAMES = {
+    "batchfit": {
+        "max_grad_norm": "--max-grad-norm {}",
+        "label_smoothing": "--label-smoothing {}",
+        "swa": "--swa",
+    },
+    "transformers": {
+        "max_grad_norm": "max_grad_norm={}",
+        "label_smoothing": "label_smoothing_factor={}",
+    },
+    "lightning": {
+        "max_grad_norm": "Trainer(gradient_clip_val={})",
+        "swa": "the StochasticWeightAveraging callback",
+    },
+}
+_SETTING_NAMES["records"] = _SETTING_NAMES["batchfit"]  # a History built in Python
+"""How each tool spells the settings the advice changes (batchfit train's flags, the Hugging
+Face TrainingArguments, Lightning's Trainer); TensorBoard logs name no tool's."""
+
+
+def setting_words(run: RunSettings, name: str, value: Any = None) -> str:
+    """ " (--max-grad-norm 1)": the setting in the run's tool's words, or "" if it has none.
+
+    Example:
+        >>> setting_words(RunSettings(tool="transformers"), "max_grad_norm", 1)
+        ' (max_grad_norm=1)'
+    """
+    spelled = _SETTING_NAMES.get(run.tool, {}).get(name)
+    if spelled is None:
+        return ""
+    return f" ({spelled.format(f'{value:g}' if isinstance(value, float) else value)})"
 
 
 def _g(value: float) -> str:
@@ -136,5 +174,7 @@ def lower_rate(run: RunSettings) -> tuple[str, dict[str, Any]]:
         settings["warmup_steps"] = warmup
         was = f" (was {run.warmup_steps})" if run.warmup_steps is not None else ""
         parts.append(f"warm up {warmup} steps{was}")
-    parts.append(f"clip the gradient norm at {CLIP_NORM:g} (--max-grad-norm {CLIP_NORM:g})")
+    parts.append(
+        f"clip the gradient norm at {CLIP_NORM:g}{setting_words(run, 'max_grad_norm', CLIP_NORM)}"
+    )
     return ", ".join(parts) + "; confirm the rate with `batchfit lr-range`", settings

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from batchfit.monitor import findings as limits
-from batchfit.monitor.advice import RunSettings, change_batch, lower_rate
+from batchfit.monitor.advice import RunSettings, change_batch, lower_rate, setting_words
 from batchfit.monitor.curve import Curve, robust_spread, rounded, running_median
 from batchfit.monitor.findings import Finding
 from batchfit.monitor.history import History, Series
@@ -354,14 +354,18 @@ def overfitting(val: Series, history: History, curve: Curve, run: RunSettings) -
         gap_last=rounded(gap_last),
     )
     smaller, settings = change_batch(run, 0.5)
-    settings.update(
-        best_step=best_step, label_smoothing=limits.LABEL_SMOOTHING, swa=True, steps=best_step
-    )
+    settings.update(best_step=best_step, swa=True, steps=best_step)
+    smoothing = ""
+    if run.can_smooth:
+        settings["label_smoothing"] = limits.LABEL_SMOOTHING
+        smoothing = (
+            f"label smoothing {limits.LABEL_SMOOTHING:g}"
+            f"{setting_words(run, 'label_smoothing', limits.LABEL_SMOOTHING)}, "
+        )
     advice = (
         f"keep the model from step {best_step}, its best validation (or train {best_step} "
-        f"steps); regularise: data augmentation, label smoothing {limits.LABEL_SMOOTHING:g} "
-        f"(--label-smoothing {limits.LABEL_SMOOTHING:g}), stochastic weight averaging (--swa), "
-        f"or a smaller batch for more gradient noise: {smaller}"
+        f"steps); regularise: data augmentation, {smoothing}stochastic weight averaging"
+        f"{setting_words(run, 'swa')}, or a smaller batch for more gradient noise: {smaller}"
     )
     return [
         Finding(

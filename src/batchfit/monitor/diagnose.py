@@ -26,7 +26,7 @@ __all__ = ["diagnose", "noise_scale_at_end"]
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 
 
-def _settings(history: History, plan: Any, rule: str | None) -> RunSettings:
+def _settings(history: History, plan: Any, rule: str | None, can_smooth: bool) -> RunSettings:
     lr_peak = warmup = None
     if history.lr is not None and history.lr.finite().values:
         lr = history.lr.finite()
@@ -49,6 +49,8 @@ def _settings(history: History, plan: Any, rule: str | None) -> RunSettings:
         total_steps=int(steps[-1]) if steps else None,
         steps_per_epoch=history.steps_per_epoch,
         warmup_steps=warmup,
+        tool=history.format,
+        can_smooth=can_smooth,
     )
 
 
@@ -79,6 +81,7 @@ def diagnose(
     *,
     plan: Any | None = None,
     rule: str | None = None,
+    can_smooth: bool = True,
 ) -> Diagnosis:
     """Name what is wrong with a run from its curves, and what to change.
 
@@ -89,6 +92,9 @@ def diagnose(
             micro-batch, global batch and rate fill in what the log lacks.
         rule: the learning-rate scaling rule, "linear" (SGD) or "sqrt" (Adam); default: the
             plan's, else both are given in the advice.
+        can_smooth: whether the task can train with label smoothing (`Task.loss_with_smoothing`);
+            False keeps it out of the advice. The advice names the settings of the tool that
+            wrote the log (`history.format`).
 
     Returns:
         A `Diagnosis`: the findings (none for a healthy run), the kinds checked, and notes on
@@ -105,7 +111,7 @@ def diagnose(
     notes = list(history.notes)
     checked: list[str] = []
     found: list[Finding] = []
-    run = _settings(history, plan, rule)
+    run = _settings(history, plan, rule, can_smooth)
     train = history.train_loss
     finite = train.finite()
     bad_steps = train.non_finite_steps()

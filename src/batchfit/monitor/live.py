@@ -49,6 +49,7 @@ class LiveDiagnosis:
             recovered spike does not stop a run).
         dataset_size: training samples, when known: gives the steps per epoch (warmups in
             the advice, and no larger batch advised beyond a quarter of the data).
+        can_smooth: whether the task can train with label smoothing (else not advised).
 
     Raises:
         ConfigError: an unknown kind in `stop_on`, or `every` not a positive whole number.
@@ -70,6 +71,7 @@ class LiveDiagnosis:
         rule: str | None = None,
         min_severity: str = "critical",
         dataset_size: int | None = None,
+        can_smooth: bool = True,
     ) -> None:
         self.stop_on = tuple(stop_on)
         unknown = [kind for kind in self.stop_on if kind not in KINDS]
@@ -88,6 +90,7 @@ class LiveDiagnosis:
         self.rule = rule
         self.min_severity = min_severity
         self.dataset_size = dataset_size
+        self.can_smooth = can_smooth
         self.stop_requested = False
         self._finished = False  # after training: a last diagnosis never asks for a stop
         self.diagnosis: Diagnosis | None = None
@@ -182,7 +185,9 @@ class LiveDiagnosis:
 
     def check(self) -> Diagnosis:
         """Diagnose the series so far; log new kinds; ask for a stop when one is in `stop_on`."""
-        self.diagnosis = diagnose(self.history(), plan=self.plan, rule=self.rule)
+        self.diagnosis = diagnose(
+            self.history(), plan=self.plan, rule=self.rule, can_smooth=self.can_smooth
+        )
         reported = {finding.kind for finding in self.findings} | self._reported_before
         for finding in self.diagnosis.findings:
             if finding.kind in reported:
