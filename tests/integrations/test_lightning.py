@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -373,7 +374,7 @@ def test_diagnosis_false_writes_nothing(tmp_path):
 # --- a batch schedule, at epoch starts ------------------------------------------------------
 
 
-def test_a_ramp_changes_the_global_batch_only_at_epoch_starts():
+def test_a_ramp_changes_the_global_batch_only_at_epoch_starts(caplog):
     """256 samples, loader batch 16. ramp:0:32,256:64 -> 32 in epoch 1, 64 from epoch 2."""
     seen = []
 
@@ -386,7 +387,17 @@ def test_a_ramp_changes_the_global_batch_only_at_epoch_starts():
     callback = BatchFit(plan, batch_schedule="ramp:0:32,256:64", rule="linear", window=None)
     trainer = _trainer(callback, max_steps=12)
     trainer.callbacks.append(Spy())
-    trainer.fit(Classifier(), Data())
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer.fit(Classifier(), Data())
+    # on Lightning's info channel (shown by default), the start before the change
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batchfit:")]
+    assert said == [
+        "batchfit: global batch 32 = 1 device(s) x 2 micro-batches of 16",
+        "batchfit: global batch 32 -> 64 at step 9 (ramp: 256 samples seen)",
+    ]
+    assert all(
+        r.name.startswith("lightning.pytorch") for r in caplog.records if r.getMessage() in said
+    )
     # epoch 0: 256 / 32 = 8 steps at accumulation 2; epoch 1: steps of 64, rate x 2
     assert [(e, a) for e, a, _ in seen] == [(0, 2)] * 8 + [(1, 4)] * 4
     assert [lr for _, _, lr in seen] == pytest.approx([0.1] * 8 + [0.2] * 4)

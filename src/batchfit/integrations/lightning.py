@@ -54,6 +54,7 @@ from batchfit.task import batch_size_of, move_to
 from batchfit.training.batch_schedule import BatchChange, BatchSchedule
 
 pl = require("lightning.pytorch", "lightning")
+rank_zero_info = pl.utilities.rank_zero_info
 
 if TYPE_CHECKING:
     from batchfit.monitor.findings import Diagnosis
@@ -191,15 +192,13 @@ class BatchFit(pl.Callback):
             micro = max(size for size in range(1, min(limit, share) + 1) if share % size == 0)
             self._set_batch(trainer, pl_module, target, micro)
         self._wrap_training_step(pl_module)
+        # Lightning's own info channel: shown by default, once (rank zero)
+        rank_zero_info(
+            f"batchfit: global batch {self.global_batch} = {world} device(s) x "
+            f"{self.accumulation_steps} micro-batches of {self.micro_batch}"
+        )
         if self._schedule_spec is not None:
             self._start_schedule(trainer, pl_module)
-        logger.info(
-            "batchfit: global batch %d = %d device(s) x %d micro-batches of %d",
-            self.global_batch,
-            world,
-            self.accumulation_steps,
-            self.micro_batch,
-        )
 
     def _apply_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: Plan) -> None:
         if plan.world_size != trainer.world_size:
@@ -316,12 +315,9 @@ class BatchFit(pl.Callback):
         )
         self.batch_changes.append(change)
         self.global_batch = batch
-        logger.info(
-            "batchfit: global batch %d -> %d at step %d (%s)",
-            change.old_batch,
-            batch,
-            change.step,
-            change.evidence or self.schedule.spec,
+        rank_zero_info(
+            f"batchfit: global batch {change.old_batch} -> {batch} at step {change.step} "
+            f"({change.evidence or self.schedule.spec})"
         )
 
     # --- out-of-memory back-off ---------------------------------------------------------------
