@@ -23,9 +23,13 @@ _UNIT_BYTES = {
     "MIB": 1024**2,
     "GIB": 1024**3,
     "TIB": 1024**4,
+    "PB": 1000**5,
+    "PIB": 1024**5,
+    "EB": 1000**6,
+    "EIB": 1024**6,
 }
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
-UNITS_HELP = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+UNITS_HELP = "B, KB, MB, GB, TB, PB, EB, KiB, MiB, GiB, TiB, PiB, EiB"
 MAX_SIZE_BYTES = 1 << 60
 """The largest size parse_size accepts: 1 EiB, far above any device's memory. Checked before the
 number is scaled, so "1e999999999GB" is refused instead of overflowing."""

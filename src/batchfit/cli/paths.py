@@ -40,7 +40,7 @@ def check_output_file(path: str | None, flag: str, *, suffix: str | None = None)
 
 
 def check_output_folder(
-    path: str | os.PathLike, flag: str, *, force: bool, keep: bool = False
+    path: str | os.PathLike, flag: str, *, force: bool, keep: bool = False, also: str = ""
 ) -> None:
     """Refuse an output folder that cannot be written, or that already holds files.
 
@@ -50,6 +50,7 @@ def check_output_folder(
         force: overwrite: a folder that holds files is accepted.
         keep: the folder is meant to hold files already (`train --resume`); only whether it
             can be written is checked.
+        also: another way out to name in the message (", or --resume to continue the run").
 
     Raises:
         ConfigError: a file at the path, a place that cannot be written, or a folder that
@@ -69,8 +70,8 @@ def check_output_folder(
     if held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise ConfigError(
-            f"{flag} {str(folder)!r} already holds files ({shown}); give another {flag}, or "
-            "--force to overwrite."
+            f"{flag} {str(folder)!r} already holds files ({shown}); give another {flag}{also}, "
+            "or --force to overwrite."
         )
 
 

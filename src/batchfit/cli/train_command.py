@@ -47,7 +47,9 @@ def train(args: argparse.Namespace) -> int:
     # it again could find the files another rank has just begun.
     check_folder = not context.enabled
     if out is not None and check_folder:
-        check_output_folder(out, "--out", force=args.force, keep=bool(args.resume))
+        check_output_folder(
+            out, "--out", force=args.force, keep=bool(args.resume), also=", --resume to continue it"
+        )
     plan = load_plan(args.plan) if args.plan else None
     task = load_task_from_args(args) if plan is None else _task_for_plan(args, plan)
     if plan is not None:

@@ -207,7 +207,8 @@ def plan_accumulation(
             f"({micro_batch} x {world_size} = {step}); use micro_batch "
             f"{' or '.join(str(d) for d in nearest)} (the divisors of {rank_batch}{per_rank} "
             f"nearest {micro_batch}), "
-            f"a global batch of {lower} or {upper}, or allow_uneven=True to split {sizes}."
+            f"a global batch of {lower} or {upper}, or allow uneven micro-batches "
+            f"(--allow-uneven; allow_uneven=True) to split {sizes}."
         )
     sizes_tuple = (micro_batch,) * full + ((remainder,) if remainder else ())
     plan = AccumulationPlan(global_batch, micro_batch, world_size, sizes_tuple)

@@ -459,7 +459,8 @@ def parse_batch_schedule(
         if isinstance(error, ConfigError):
             raise ConfigError(f"Batch schedule {spec!r}: {error}") from None
         raise ConfigError(
-            f"Batch schedule {spec!r} has a bad number ({error}); {_forms()}."
+            f"Batch schedule {spec!r} is not one of the forms (each part a whole number); "
+            f"{_forms()}."
         ) from None
     raise ConfigError(f"Unknown batch schedule {spec!r}; {_forms()}.")
 

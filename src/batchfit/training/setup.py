@@ -324,7 +324,7 @@ def _refuse_existing_run(run_dir: Path, checkpoint_path: Path, metrics_path: Pat
     if existing:
         raise ConfigError(
             f"{str(run_dir)!r} already holds a run ({', '.join(existing)}); continue it with "
-            "--resume, or give another --out directory."
+            "--resume (resume=True), or give another --out directory (out_dir)."
         )
 
 
