@@ -150,7 +150,8 @@ def test_state_dict_round_trip_continues_the_same_decisions():
     [
         ("linear", "Unknown batch schedule"),
         ("ramp", "Unknown batch schedule"),
-        ("ramp:32-x:100", "bad number"),
+        ("ramp:32-x:100", "each part a whole number"),
+        ("ramp:bad", "each part a whole number"),
         ("ramp:100:32,50:64", "rising sample counts"),
         ("noise:-1", "positive number"),
         ("seesaw:2", "Unknown batch schedule"),
