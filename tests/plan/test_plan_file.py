@@ -31,6 +31,15 @@ def test_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temporary left behind
 
 
+def test_the_folder_a_plan_was_written_to_stands_for_its_plan_json(tmp_path):
+    plan = make_plan()
+    plan.save(tmp_path / "out" / "plan.json")
+    assert load_plan(tmp_path / "out") == plan
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder without a plan.json"):
+        load_plan(tmp_path / "empty")
+
+
 def test_inconsistent_batch_names_the_product():
     with pytest.raises(CheckpointError, match=r"32 x 4 x 1 = 128"):
         make_plan(accumulation_steps=4)

@@ -215,13 +215,20 @@ def normalization_note(plan: Plan, *, converted: bool) -> str | None:
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """Read and validate a plan.json.
+    """Read and validate a plan.json (or the plan.json in the folder `batchfit plan --out` wrote).
 
     Raises:
         CheckpointError: the file is missing, not JSON, from a newer batchfit, lacks a field,
             or holds a value out of range; the message names the field, the value and the fix.
     """
     source = Path(path)
+    if source.is_dir() and (source / "plan.json").is_file():
+        source = source / "plan.json"
+    if source.is_dir():
+        raise CheckpointError(
+            f"{str(source)!r} is a folder without a plan.json; give the plan file that "
+            "`batchfit plan --out` wrote, or run `batchfit plan` first."
+        )
     if not source.is_file():
         raise CheckpointError(
             f"Plan file {str(source)!r} does not exist; run `batchfit plan` first."

@@ -176,7 +176,8 @@ def update_plan_report(plan_path: str | os.PathLike, run_dir: str | os.PathLike)
     """
     from batchfit.plan.plan_file import load_plan
 
-    report = Path(plan_path).parent / REPORT_NAME
+    folder = Path(plan_path) if Path(plan_path).is_dir() else Path(plan_path).parent
+    report = folder / REPORT_NAME
     if not report.is_file():
         return None
     return write_report(load_plan(plan_path), report, run_dir=run_dir)
