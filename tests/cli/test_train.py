@@ -47,6 +47,19 @@ def test_resuming_a_finished_run_says_so_with_its_last_evaluation(tmp_path, caps
     assert "0 samples/s" not in again
 
 
+def test_a_plan_for_more_devices_than_run_says_what_that_changes(tmp_path, capsys):
+    from batchfit.plan.plan_file import Plan
+
+    plan = Plan(task="digits", device="cpu", world_size=3, global_batch=96, micro_batch=32,
+                accumulation_steps=1, lr=0.002, lr_rule="sqrt", warmup_steps=0)  # fmt: skip
+    path = plan.save(tmp_path / "plan" / "plan.json")
+    assert main(["train", "--plan", str(path), "--steps", "2", "--out", str(tmp_path / "r")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "global batch 96 = 3 micro-batches of 32" in out
+    assert "devices: the plan is for 3 device(s) and this run had 1 process(es)" in out
+    assert "give --nproc 3 to train as planned" in out
+
+
 def test_train_json_and_resume(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", *FAST, "--out", run, "--json", "--optimizer", "sgd"]) == 0

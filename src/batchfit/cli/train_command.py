@@ -143,6 +143,7 @@ def train(args: argparse.Namespace) -> int:
         extra = {
             "diagnosis": diagnosis,
             "normalization": model_note,
+            "devices": _devices_note(plan, result),
             "report_path": report_path and str(report_path),
         }
         print_json({**result.to_dict(), "noise_scale": noise_summary, **extra})
@@ -151,6 +152,9 @@ def train(args: argparse.Namespace) -> int:
     print_train_summary(console, task.name, result, noise_summary)
     if model_note:
         console.print(f"  normalization: {model_note}", highlight=False, markup=False)
+    devices = _devices_note(plan, result)
+    if devices:
+        console.print(f"  devices: {devices}", highlight=False, markup=False)
     if live.diagnosis.findings:
         history = live.history()
         if not history.source and result.metrics_path:
@@ -161,6 +165,19 @@ def train(args: argparse.Namespace) -> int:
     if report_path is not None:
         console.print(f"  report with the run: {report_path}", highlight=False, markup=False)
     return code
+
+
+def _devices_note(plan, result) -> str | None:
+    """When a plan for N devices trains on another number of processes, what that changes."""
+    if plan is None or plan.world_size == result.world_size:
+        return None
+    return (
+        f"the plan is for {plan.world_size} device(s) and this run had {result.world_size} "
+        f"process(es): the global batch {result.global_batch} was reached with "
+        f"{result.accumulation_steps} micro-batch(es) per step on each (the samples and the "
+        f"rate are the plan's; the time per step is not); give --nproc {plan.world_size} to "
+        "train as planned"
+    )
 
 
 def _check_train_inputs(args: argparse.Namespace) -> None:
