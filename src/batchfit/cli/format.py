@@ -126,7 +126,12 @@ def print_scaled_rate(console: Console, scaled: Any, schedule: Any | None) -> No
     say = _plain(console)
     say(f"{scaled.lr:.6g}")
     say(f"  {scaled.reason}")
-    if scaled.warmup:
+    if scaled.warmup and schedule is not None and not schedule.warmup_steps:
+        say(
+            f"  warm up: the rate is {scaled.lr / scaled.base_lr:.3g}x the base, but a run of "
+            f"{schedule.total_steps} step(s) leaves no room for a warmup"
+        )
+    elif scaled.warmup:
         say(
             f"  warm up: the rate is {scaled.lr / scaled.base_lr:.3g}x the base; ramp up from "
             f"{scaled.base_lr:.6g} (start factor {scaled.warmup_start_factor:.3g})"
