@@ -152,6 +152,7 @@ def test_state_dict_round_trip_continues_the_same_decisions():
         ("ramp", "Unknown batch schedule"),
         ("ramp:32-x:100", "each part a whole number"),
         ("ramp:bad", "each part a whole number"),
+        ("ramp:64-32:100", "its batches fall"),
         ("ramp:100:32,50:64", "rising sample counts"),
         ("noise:-1", "positive number"),
         ("seesaw:2", "Unknown batch schedule"),

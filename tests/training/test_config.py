@@ -116,6 +116,17 @@ def test_from_plan_at_another_global_batch_rescales_the_plans_rate_and_keeps_its
     assert setup.lr == pytest.approx(0.0005) and setup.lr_reason == smaller.lr_reason
 
 
+def test_a_cap_below_the_starting_batch_is_refused():
+    with pytest.raises(ConfigError, match=r"max_global_batch \(16\) is below global_batch \(256\)"):
+        TrainConfig(global_batch=256, micro_batch=64, max_global_batch=16)
+    with pytest.raises(ConfigError, match="below global_batch"):
+        TrainConfig(global_batch=256, micro_batch=64, max_global_batch=128, batch_schedule="noise")
+    ramp = TrainConfig(  # a ramp starts where its first point says: the cap may sit below 256
+        global_batch=256, micro_batch=64, max_global_batch=128, batch_schedule="ramp:32-128:1000"
+    )
+    assert ramp.max_global_batch == 128
+
+
 def test_from_plan_refuses_unknown_fields_and_bad_values():
     with pytest.raises(ConfigError, match="Unknown TrainConfig field.*global_batch"):
         TrainConfig.from_plan(_plan(), global_bach=64)

@@ -226,6 +226,12 @@ class RampBatch(BatchSchedule):
                 f"Ramp points must have rising sample counts, got {points!r}; e.g. "
                 "ramp:0:32,10000:64,40000:128."
             )
+        if any(b[1] < a[1] for a, b in zip(points, points[1:])):
+            batches = ", ".join(str(batch) for _, batch in points)
+            raise ConfigError(
+                f"A ramp grows the batch, but its batches fall ({batches}); give them in rising "
+                "order, e.g. ramp:32-256:50000."
+            )
         rule_factor(rule, 1)
         self.points, self.linear, self.rule = tuple(points), linear, rule
         self.spec = "ramp"

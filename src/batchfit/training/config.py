@@ -155,6 +155,14 @@ class TrainConfig:
             raise ConfigError(f"seed must be an int, got {self.seed!r}.")
         if self.max_global_batch is not None:
             check_batch_size(self.max_global_batch, name="max_global_batch")
+            grows_from_start = self.batch_schedule.split(":")[0] in ("constant", "noise", "seesaw")
+            if grows_from_start and self.max_global_batch < self.global_batch:
+                raise ConfigError(
+                    f"max_global_batch ({self.max_global_batch}) is below global_batch "
+                    f"({self.global_batch}): it caps how far a batch schedule grows the batch "
+                    "from the global batch, so it cannot be below it. Raise it, or lower the "
+                    "global batch."
+                )
         from batchfit.lr.schedules import ScheduleConfig
         from batchfit.training.batch_schedule import parse_batch_schedule
 
