@@ -50,3 +50,7 @@ def test_to_dict_and_rows():
     rows = dict(_result().summary_rows())
     assert rows["90% interval"] == "400 to 900"
     assert rows["finite population"] == "corrected for N = 1000 samples"
+    assert rows["B_small / B_big"] == "16 / 256"
+    # micro-batches of 48 and 16 in a big batch of 64: the estimator's B_small is 24
+    uneven = dict(_result(small_batch_samples=24.0, big_batch_samples=64.0).summary_rows())
+    assert uneven["B_small / B_big"].startswith("24 / 64 (uneven micro-batches")

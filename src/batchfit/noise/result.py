@@ -104,8 +104,12 @@ class NoiseScaleResult:
             low = _round_samples(self.low_samples) if self.low_samples is not None else "?"
             high = _round_samples(self.high_samples) if self.high_samples is not None else "inf"
             interval = f"{low} to {high}"
-        small = f"{self.small_batch_samples:g}" if self.small_batch_samples else "-"
+        small = f"{self.small_batch_samples:.3g}" if self.small_batch_samples else "-"
         big = f"{self.big_batch_samples:g}" if self.big_batch_samples else "-"
+        if self.small_batch_samples and self.big_batch_samples:
+            parts = self.big_batch_samples / self.small_batch_samples
+            if abs(parts - round(parts)) > 1e-6:
+                big += " (uneven micro-batches: B_small is their harmonic mean)"
         if self.finite_population_corrected:
             population = f"corrected for N = {self.dataset_size} samples"
         else:
