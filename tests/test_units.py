@@ -42,3 +42,9 @@ def test_format_seconds():
     assert format_seconds(0.25) == "250 ms"
     assert format_seconds(12.34) == "12.3 s"
     assert format_seconds(245) == "4 min 05 s"
+
+
+def test_a_negative_size_is_called_not_positive():
+    with pytest.raises(ConfigError, match="must be positive, got '-24GB'"):
+        parse_size("-24GB", name="--memory")
+    assert parse_size("1EiB") == 2**60 and parse_size("2PB") == 2 * 1000**5

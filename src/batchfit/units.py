@@ -64,6 +64,8 @@ def parse_size(text: str | int | float, *, name: str = "size") -> int:
             raise ConfigError(f"{name} must be a finite size such as 12GiB, got {text!r}.")
         number, unit_bytes = Decimal(repr(text)), 1
     else:
+        if str(text).strip().startswith("-"):
+            raise ConfigError(f"{name} must be positive, got {text!r}; give a size such as 12GiB.")
         match = _SIZE_PATTERN.match(str(text))
         unit = match.group(2).upper() if match else ""
         if not match or unit not in _UNIT_BYTES and unit != "":

@@ -72,6 +72,10 @@ def test_step_times_that_fall_with_the_batch_are_called_disturbed():
     assert "1 -> 2" in on_a_card and "OMP_NUM_THREADS" not in on_a_card
 
 
+def test_one_size_has_no_knee_to_describe():
+    assert _result([0.004]).describe().startswith("One batch size measured (1, 250 samples/s)")
+
+
 def test_a_time_per_sample_that_jumps_with_the_batch_is_called_disturbed():
     # digits planned on a loaded 2-core CPU: batch 4 took 45.8 ms a step, batch 2 took 2.0 ms
     # (11x the time per sample); the plan chose batch 2 and said nothing

@@ -198,7 +198,12 @@ class ThroughputResult:
             f"throughput ({best:,.0f} samples/s at batch {self.best_batch}); larger batches "
             f"gain less than {1 - self.fraction:.0%} in speed."
         )
-        if self.knee_batch == self.batch_sizes[-1] and len(self.batch_sizes) > 1:
+        if len(self.batch_sizes) == 1:
+            text = (
+                f"One batch size measured ({self.batch_sizes[0]}, {best:,.0f} samples/s): a "
+                "knee needs several; measure more sizes to find it."
+            )
+        elif self.knee_batch == self.batch_sizes[-1]:
             text = (
                 f"Throughput still grows at the largest batch measured ({self.knee_batch}, "
                 f"{best:,.0f} samples/s): the knee is there or beyond; measure larger batches "
