@@ -74,7 +74,7 @@ def not_a_task():
     [
         (["--memory-budget", "lots"], "is not a size"),
         (["--memory-budget", "0MiB"], "must be positive"),
-        (["--memory-budget=-3GiB"], "is not a size"),
+        (["--memory-budget=-3GiB"], "must be positive"),
         (["--memory-budget", "2KiB"], "before the first sample"),
         (["--memory-budget", "5KiB", "--margin", "0"], "No batch size fits"),
         (["--memory-budget", "1MiB", "--margin", "1.5"], "margin"),

@@ -36,7 +36,7 @@ def table(title: str, rows: Iterable[Sequence[str]], *, columns: Sequence[str] |
     Titles and cells are plain text, never markup."""
     result = Table(title=Text(title), show_header=columns is not None)
     for column in columns or ():
-        result.add_column(Text(column), justify="right")
+        result.add_column(Text(column), justify="right", overflow="fold")
     for cells in rows:
         result.add_row(*(Text(str(cell)) for cell in cells))
     return result
