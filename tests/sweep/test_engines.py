@@ -36,3 +36,16 @@ def test_ray_with_two_cpus_matches_local():
         ray.shutdown()
     assert _steps(on_ray) == _steps(local)
     assert on_ray.trials_run == 6
+
+
+def test_no_ray_cluster_at_the_address_is_one_clear_error(monkeypatch):
+    ray = pytest.importorskip("ray", reason="Ray is optional: pip install batchfit[ray]")
+    from batchfit.errors import ConfigError
+
+    def no_cluster(**_):
+        raise ConnectionError("Could not find any running Ray instance. Please specify one.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ConfigError, match=r"No Ray cluster at --ray-address auto .*ray start"):
+        run_sweep(DIGITS, _config(ray_address="auto"))

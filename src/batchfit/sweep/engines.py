@@ -143,7 +143,14 @@ def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResu
         ) from None
     check_ray_address(address)
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+            raise ConfigError(
+                f"No Ray cluster at --ray-address {address} ({first}); start one with "
+                "`ray start --head`, or give --ray-address local to start one for this sweep."
+            ) from None
     remote = ray.remote(num_cpus=1)(_trial_in_worker)
     pending: list[Any] = [remote.remote(source, spec, target, tolerance) for spec in specs]
     try:
