@@ -59,6 +59,23 @@ def test_batchfit_train_writes_tensorboard_scalars_and_timed_metrics(tmp_path, c
     assert times == sorted(times) and times[0] > 1.7e9
 
 
+def test_diagnose_reads_from_the_event_files_what_the_metrics_file_gives(tmp_path, capsys):
+    from batchfit.cli.main import main
+    from batchfit.monitor.readers import read_history
+
+    run, board = tmp_path / "run", tmp_path / "tb"
+    argv = ["train", "--example", "digits", "--global-batch", "64", "--micro-batch", "16"]
+    assert main([*argv, "--steps", "40", "--out", str(run), "--tensorboard", str(board)]) == 0
+    from_board, from_file = read_history(board), read_history(run)
+    assert from_board.global_batch == from_file.global_batch == 64
+    assert from_board.micro_batch == 16
+    assert from_board.steps_per_epoch == pytest.approx(from_file.steps_per_epoch)
+    assert from_board.val_loss.values == pytest.approx(from_file.val_loss.values)
+    assert from_board.metric.name == "val/accuracy"
+    assert from_board.noise_scale is not None and len(from_board.noise_scale) > 0
+    assert not any("global batch is not in" in note for note in from_board.notes)
+
+
 def test_step_before_start_and_an_empty_directory_are_refused():
     with pytest.raises(ConfigError, match="log directory"):
         TensorBoardCallback("")

@@ -52,7 +52,7 @@ _VAL_LOSS = (
     "loss_valid", "loss_validation", "validation_epoch_loss", "val_epoch_loss",
 )  # fmt: skip
 _LR = ("lr", "learning_rate", "train_learning_rate", "lr_abs")
-_NOISE = ("noise_scale",)
+_NOISE = ("noise_scale", "noise_noise_scale")  # the latter: batchfit's TensorBoard tag
 _VAL_PREFIXES = ("val_", "eval_", "valid_", "validation_")
 _PREFERRED_METRICS = ("accuracy", "acc", "iou", "miou", "dice", "f1", "auc", "top1", "map")
 _NOT_METRICS = ("loss", "runtime", "per_second", "epoch", "step", "samples", "flos")
@@ -404,15 +404,22 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
     if not points:
         raise RunLogError(f"No scalars in the TensorBoard event files at {str(path)!r}.")
     records = [{"step": step, **values} for step, values in sorted(points.items())]
-    # Lightning's TensorBoardLogger logs `epoch`, the Hugging Face Trainer `train/epoch`
+    # Lightning's TensorBoardLogger logs `epoch`, the Hugging Face Trainer and batchfit
+    # `train/epoch`; batchfit also logs its batches (`train/global_batch`, `train/micro_batch`)
     epoch_tag = next((tag for tag in ("epoch", "train/epoch") if tag in records[-1]), None)
+    batches = {}
+    for name in ("global_batch", "micro_batch"):
+        logged = [_float(r.get(f"train/{name}")) for r in records if f"train/{name}" in r]
+        if logged and logged[-1] is not None and logged[-1] >= 1:
+            batches[name] = int(logged[-1])  # the latest (a batch schedule changes it)
     return _history(
         records,
         names,
         path,
         "tensorboard",
         steps_per_epoch=_steps_per_epoch(records, epoch_tag) if epoch_tag else None,
-        notes=["the global batch is not in the event files"],
+        notes=[] if "global_batch" in batches else ["the global batch is not in the event files"],
+        **batches,
     )
 
 

@@ -2,8 +2,9 @@
 
 Each optimizer step writes, under the step number: `train/loss`, `train/lr`,
 `train/global_batch`, `train/grad_norm`, `train/samples_per_second` (wall clock between steps),
-`train/micro_batch`, `memory/peak_allocated_bytes` (CUDA only) and, given the run's
-`NoiseScaleCallback`, `noise/noise_scale`, `noise/gradient_sq`, `noise/trace`. Needs the
+`train/micro_batch`, `train/epoch`, `memory/peak_allocated_bytes` (CUDA only) and, given the
+run's `NoiseScaleCallback`, `noise/noise_scale`, `noise/gradient_sq`, `noise/trace`; each
+evaluation writes `val/loss` and `val/<metric>`. `batchfit diagnose DIR` reads them all. Needs the
 `tensorboard` package (`pip install batchfit[tensorboard]`); `batchfit train --tensorboard DIR`
 adds it on the main process.
 """
@@ -69,6 +70,7 @@ class TensorBoardCallback:
             "train/grad_norm": record.grad_norm,
             "train/global_batch": samples,
             "train/micro_batch": record.micro_batch,
+            "train/epoch": record.epoch,
         }
         if self._last_time is not None and now > self._last_time:
             scalars["train/samples_per_second"] = samples / (now - self._last_time)
@@ -85,6 +87,15 @@ class TensorBoardCallback:
         self.writer.flush()
         self._last_time = now
         self._last_samples = record.samples_seen
+
+    def on_evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        """Write the evaluation's values as `val/loss`, `val/<metric>`."""
+        if self.writer is None:
+            return
+        for name, value in metrics.items():
+            tag = f"val/{name.removeprefix('val_')}"
+            self.writer.add_scalar(tag, float(value), step)
+        self.writer.flush()
 
     def close(self) -> None:
         """Flush and close the event file."""
