@@ -35,6 +35,7 @@ class RunSettings:
         tool: what trained the run ("batchfit", "transformers", "lightning", ...): the advice
             names that tool's settings (`setting_words`), none for others.
         can_smooth: whether the task can train with label smoothing (False: not advised).
+        world_size: the processes sharing each global batch (the micro-batch is per process).
     """
 
     global_batch: int | None = None
@@ -46,6 +47,7 @@ class RunSettings:
     warmup_steps: int | None = None
     tool: str = "batchfit"
     can_smooth: bool = True
+    world_size: int = 1
 
 
 _SETTING_NAMES = {
@@ -115,20 +117,24 @@ def change_batch(run: RunSettings, factor: float) -> tuple[str, dict[str, Any]]:
         rate = f"the learning rate {k}x by the linear rule ({_g(math.sqrt(factor))}x by the "
         text = f"{words} the global batch {k}x{how}, and {rate}square-root rule for Adam)"
         return text, {"global_batch_factor": factor, "lr_factor": factor}
-    old = run.global_batch
-    new = max(1, int(round(old * factor)))
-    micro = min(run.micro_batch or old, new)
-    micro = math.gcd(micro, new)  # a micro-batch that divides the new global batch exactly
-    plan = plan_accumulation(new, micro)
+    old, world = run.global_batch, max(1, run.world_size)
+    new = max(world, int(round(old * factor)) // world * world)
+    per_rank = new // world
+    micro = min(run.micro_batch or per_rank, per_rank)
+    micro = math.gcd(micro, per_rank)  # a micro-batch that divides each rank's share exactly
+    plan = plan_accumulation(new, micro, world)
     settings: dict[str, Any] = {
         "global_batch": new,
         "micro_batch": micro,
         "accumulation_steps": plan.accumulation_steps,
     }
+    ranks = f" on each of {world} ranks" if world > 1 else ""
+    if world > 1:
+        settings["world_size"] = world
     if plan.accumulation_steps > 1:
-        head = f"accumulate {plan.accumulation_steps} micro-batches of {micro}: "
+        head = f"accumulate {plan.accumulation_steps} micro-batches of {micro}{ranks}: "
     else:
-        head = f"one micro-batch of {micro}: "
+        head = f"one micro-batch of {micro}{ranks}: "
     text = f"{head}global batch {old} -> {new}"
     if run.lr is not None:
         rule = run.rule or "linear"

@@ -102,6 +102,7 @@ class History:
         noise_scale: gradient noise scale B_simple (samples) per logged step, or None.
         global_batch: samples per optimizer step over all ranks, when the log tells it.
         micro_batch: samples per forward/backward on one process, when the log tells it.
+        world_size: the processes that shared each global batch, when the log tells it.
         steps_per_epoch: optimizer steps per pass over the training data, when known.
         source: the file read.
         format: "batchfit", "lightning", "transformers", "tensorboard" or "records".
@@ -116,6 +117,7 @@ class History:
     noise_scale: Series | None = None
     global_batch: int | None = None
     micro_batch: int | None = None
+    world_size: int | None = None
     steps_per_epoch: float | None = None
     source: str = ""
     format: str = "records"
@@ -179,6 +181,7 @@ class History:
             "noise_scale": maybe(self.noise_scale),
             "global_batch": self.global_batch,
             "micro_batch": self.micro_batch,
+            "world_size": self.world_size,
             "steps_per_epoch": self.steps_per_epoch,
             "source": self.source,
             "format": self.format,

@@ -100,6 +100,7 @@ class LiveDiagnosis:
         self._global_batch: int | None = None
         self._samples_seen: int | None = None  # after the last step seen here
         self._micro_batch: int | None = None
+        self._world_size: int | None = None
         self._reported_before: set[str] = set()  # kinds reported before a resume
 
     # --- the callback protocol -------------------------------------------------------------
@@ -120,6 +121,7 @@ class LiveDiagnosis:
         if samples is not None and self._samples_seen is not None:
             self._global_batch = int(samples) - self._samples_seen
             self._micro_batch = getattr(record, "micro_batch", self._micro_batch)
+            self._world_size = getattr(record, "world_size", self._world_size)
         self._samples_seen = None if samples is None else int(samples)
         if self.every and record.step % self.every == 0:
             self.check()
@@ -175,6 +177,7 @@ class LiveDiagnosis:
             noise_scale=Series.from_points("noise_scale", noise) if noise else None,
             global_batch=self._global_batch,
             micro_batch=self._micro_batch,
+            world_size=self._world_size,
             steps_per_epoch=(
                 self.dataset_size / self._global_batch
                 if self.dataset_size and self._global_batch

@@ -45,6 +45,7 @@ class StepRecord:
         grad_norm: L2 norm of the global batch's gradient (before clipping).
         micro_batch: samples per micro-batch on one rank.
         accumulation_steps: micro-batches per rank in this step.
+        world_size: the ranks (processes) sharing the global batch.
         micro_batches: sizes of this rank's micro-batches.
         indices: this rank's sample indices of the step, in order.
     """
@@ -57,6 +58,7 @@ class StepRecord:
     grad_norm: float
     micro_batch: int
     accumulation_steps: int
+    world_size: int
     micro_batches: tuple[int, ...]
     indices: tuple[int, ...]
 
@@ -134,6 +136,7 @@ def optimizer_step(
         grad_norm=grad_norm,
         micro_batch=run.micro_batch,
         accumulation_steps=step_plan.accumulation_steps,
+        world_size=context.world_size,
         micro_batches=tuple(step_plan.micro_batches),
         indices=tuple(local_indices),
     )
