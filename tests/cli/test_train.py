@@ -260,3 +260,16 @@ def test_train_names_what_is_missing(capsys):
     assert "Missing --micro-batch; give it (or --plan PLAN_JSON" in err
     assert main(["train", "--example", "digits"]) == 2
     assert "Missing --global-batch, --micro-batch; give them" in capsys.readouterr().err
+
+
+def test_a_plan_for_one_device_on_two_ranks_cuts_the_micro_batch_not_the_global_batch():
+    from batchfit.cli.train_command import _micro_batch_for_ranks
+    from batchfit.training.config import TrainConfig
+
+    planned = TrainConfig(global_batch=256, micro_batch=256, steps=10)
+    assert _micro_batch_for_ranks(planned, 2).micro_batch == 128  # was refused: 256 x 2 > 256
+    assert _micro_batch_for_ranks(planned, 1) is planned
+    fits = TrainConfig(global_batch=192, micro_batch=32, steps=10)
+    assert _micro_batch_for_ranks(fits, 2) is fits  # 96 per rank = 3 x 32
+    uneven = TrainConfig(global_batch=192, micro_batch=64, steps=10)
+    assert _micro_batch_for_ranks(uneven, 2).micro_batch == 32  # 96 per rank: 64 does not divide

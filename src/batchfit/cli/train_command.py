@@ -9,6 +9,7 @@ summary.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -78,6 +79,8 @@ def train(args: argparse.Namespace) -> int:
     settings.update(out_dir=out, resume=bool(args.resume))
     config = TrainConfig.from_plan(plan, **settings) if plan else TrainConfig(**settings)
     world_size = args.nproc if launching else max(1, context.world_size)
+    if plan is not None and "micro_batch" not in settings:
+        config = _micro_batch_for_ranks(config, world_size)
     device = args.device if args.device is not None else "auto"
     if args.force and check_folder and not args.resume:
         check_train_config(task, config, world_size=world_size, device=device)
@@ -167,17 +170,33 @@ def train(args: argparse.Namespace) -> int:
     return code
 
 
+def _micro_batch_for_ranks(config, world_size: int):
+    """A plan's micro-batch cut down to each rank's share when more ranks train it than it was
+    made for (a plan for one device, --nproc 2): the plan's global batch, samples and rate stay."""
+    per_rank, rest = divmod(config.global_batch, world_size)
+    if (
+        rest
+        or per_rank < 1
+        or config.micro_batch <= per_rank
+        and per_rank % config.micro_batch == 0
+    ):
+        return config
+    return replace(config, micro_batch=math.gcd(min(config.micro_batch, per_rank), per_rank))
+
+
 def _devices_note(plan, result) -> str | None:
     """When a plan for N devices trains on another number of processes, what that changes."""
     if plan is None or plan.world_size == result.world_size:
         return None
-    return (
+    head = (
         f"the plan is for {plan.world_size} device(s) and this run had {result.world_size} "
         f"process(es): the global batch {result.global_batch} was reached with "
-        f"{result.accumulation_steps} micro-batch(es) per step on each (the samples and the "
-        f"rate are the plan's; the time per step is not); give --nproc {plan.world_size} to "
-        "train as planned"
+        f"{result.accumulation_steps} micro-batch(es) of {result.micro_batch} per step on each "
+        "(the samples and the rate are the plan's; the time per step is not)"
     )
+    if result.world_size < plan.world_size:
+        return f"{head}; give --nproc {plan.world_size} to train as planned"
+    return f"{head}; `batchfit plan --world-size {result.world_size}` plans for these processes"
 
 
 def _check_train_inputs(args: argparse.Namespace) -> None:
