@@ -155,10 +155,16 @@ def print_train_summary(
             f"{result.samples_seen:,} samples; nothing was left to train"
         )
     else:
+        session = getattr(result, "session_samples", result.samples_seen)
+        this_session = (
+            f" ({session:,} in this session)"
+            if result.resumed_from_step and session != result.samples_seen
+            else ""
+        )
         say(
             f"{state} {name}: {result.steps}/{result.total_steps} steps, "
-            f"{result.samples_seen:,} samples, {result.seconds:.1f} s "
-            f"({result.samples_per_second:,.0f} samples/s)"
+            f"{result.samples_seen:,} samples{this_session}, {result.seconds:.1f} s "
+            f"({result.samples_per_second:,.0f} samples/s in training steps)"
         )
     ranks = f" x {result.world_size} ranks" if result.world_size > 1 else ""
     pieces = "micro-batch" if result.accumulation_steps == 1 else "micro-batches"

@@ -95,6 +95,7 @@ class TrainResult:
         samples_per_second: samples trained on in this session per second of training steps.
         interrupted: stopped early by Ctrl-C / SIGTERM (a checkpoint was written).
         resumed_from_step: the checkpoint's step when resumed, else None.
+        session_samples: samples trained on in this session (all of them unless resumed).
         metrics_path, checkpoint_path: files written (None without out_dir).
         stop_reason: why a callback stopped the run early (`StopTraining`), else None; a
             checkpoint was written.
@@ -125,6 +126,7 @@ class TrainResult:
     samples_per_second: float
     interrupted: bool
     resumed_from_step: int | None
+    session_samples: int
     metrics_path: str | None
     checkpoint_path: str | None
     stop_reason: str | None = None
@@ -411,6 +413,7 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
         samples_per_second=run.session_samples / run.step_seconds if run.step_seconds else 0.0,
         interrupted=interrupted,
         resumed_from_step=run.resumed_from,
+        session_samples=run.session_samples,
         metrics_path=str(run.metrics_path) if run.metrics_path is not None else None,
         checkpoint_path=str(run.checkpoint_path) if run.checkpoint_path is not None else None,
         stop_reason=hooks.stop_reason if stopped_early else None,
