@@ -46,3 +46,18 @@ def test_json_sweep_writes_the_folder(capsys, tmp_path):
     assert {"critical_batch", "lr_exponent", "fit"} <= set(data)
     assert (out / "trials.csv").exists() and (out / "steps.png").exists()
     assert (out / "rates.png").exists()
+
+
+def test_an_interrupted_sweep_says_how_to_continue(capsys, tmp_path, monkeypatch):
+    import batchfit.sweep.driver as driver
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "run_sweep", interrupted)
+    out = tmp_path / "s"
+    argv = ["sweep", "--example", "digits", "--target", "val_accuracy>=0.9", "--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"continue with: the same command; the trials finished in {out} are kept" in err
+    assert err.rstrip().endswith("batchfit: interrupted")

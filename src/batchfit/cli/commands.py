@@ -11,6 +11,7 @@ functions, so `batchfit --help` starts fast. Results go to stdout (a table, or J
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -280,14 +281,22 @@ def sweep(args: argparse.Namespace) -> int:
             shown = ", ".join(f"B={b}: {s} at {lr:.3g}" for b, (s, lr) in sorted(best.items()))
             bar.update(done, total, f"best {shown[-70:]}" if phase == "trials" else phase)
 
-        result = run_sweep(
-            task,
-            config,
-            out_dir=out,
-            device=args.device or "cpu",
-            progress=progress,
-            on_trial=on_trial,
-        )
+        try:
+            result = run_sweep(
+                task,
+                config,
+                out_dir=out,
+                device=args.device or "cpu",
+                progress=progress,
+                on_trial=on_trial,
+            )
+        except KeyboardInterrupt:
+            print(
+                f"continue with: the same command; the trials finished in {out} are kept and "
+                "not run again",
+                file=sys.stderr,
+            )
+            raise
     plots = plot_sweep(result, out)
     if args.json:
         print_json(result)
