@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,6 +59,12 @@ def test_tiny_case_runs_every_arm_and_writes_table_result_and_plots(tiny_case):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "case.json").read_text())
     assert saved["arms"][1]["global_batch"] == 64
+    # the IoU column names the evaluations it averages: 2 asked for, never more than ran
+    header, _ = result.arm_rows()
+    assert header[4] == "IoU, last 2 evals (seed range)"
+    fewer = replace(result, training={**result.training, "last_evaluations": 50})
+    most = max(run.evaluations for run in result.runs)
+    assert fewer.arm_rows()[0][4] == f"IoU, last {most} evals (seed range)"
     assert [c["claim"] for c in saved["claims"]][-1] == "accumulation calms the IoU"
     table = (out / "case.md").read_text()
     assert "| power of two chosen | 16 | 16 |" in table and "b64-accum" in table

@@ -315,6 +315,8 @@ class CaseResult:
     def arm_rows(self) -> tuple[list[str], list[list[str]]]:
         """The per-arm table: header, then one row per arm."""
         last = self.training["last_evaluations"]
+        if self.runs:  # runs with fewer evaluations than that average what they have
+            last = min(last, max(run.evaluations for run in self.runs))
         header = [
             "arm",
             "batch (micro x accum)",
