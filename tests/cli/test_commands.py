@@ -21,6 +21,15 @@ def test_estimate_says_when_no_multiple_fits_and_a_bare_fraction_is_not_a_byte(c
     assert "less than one byte: a number without a unit counts bytes" in capsys.readouterr().err
 
 
+def test_a_negative_size_after_a_space_gets_the_equals_hint(capsys):
+    argv = ["estimate", "--memory", "-24GB", "--model", "4GB", "--per-sample", "1GB"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "expected one argument (a value that starts with '-' goes after '='" in err
+    assert main(["estimate", "--memory=-24GB", "--model", "4GB", "--per-sample", "1GB"]) == 2
+    assert "--memory must be positive, got '-24GB'" in capsys.readouterr().err
+
+
 def test_estimate_json(capsys):
     args = ["estimate", "--memory", "12GB", "--model", "3GB", "--per-sample", "0.5GB"]
     assert main([*args, "--round", "pow2", "--json"]) == 0

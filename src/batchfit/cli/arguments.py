@@ -34,6 +34,9 @@ class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are ConfigErrors: one line, printed by `main`, exit 2."""
 
     def error(self, message: str) -> Any:  # argparse's hook; never returns
+        if message.endswith("expected one argument"):
+            # "--memory -24GB": argparse takes a value that starts with "-" for another flag
+            message += " (a value that starts with '-' goes after '=', e.g. --flag=-1)"
         raise ConfigError(f"{message}; see `{self.prog} --help`.")
 
 
