@@ -231,6 +231,13 @@ def test_a_header_without_rows_and_a_path_that_is_no_file_or_folder(tmp_path):
             read_history("/dev/null")
 
 
+def test_event_files_without_scalars_say_what_that_may_mean(tmp_path):
+    pytest.importorskip("tensorboard")
+    (tmp_path / "events.out.tfevents.1.host").write_bytes(bytes(range(256)))
+    with pytest.raises(RunLogError, match="damaged or not TensorBoard's"):
+        read_history(tmp_path)
+
+
 def test_a_folder_without_a_log(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(RunLogError, match="No training log found"):

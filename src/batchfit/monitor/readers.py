@@ -403,7 +403,11 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
                 if value is not None:
                     points.setdefault(int(event.step), {})[prefix + tag] = value
     if not points:
-        raise RunLogError(f"No scalars in the TensorBoard event files at {str(path)!r}.")
+        raise RunLogError(
+            f"No scalars in the TensorBoard event files at {str(path)!r}: the run logged none "
+            "yet, or the files are damaged or not TensorBoard's (`tensorboard --logdir` shows "
+            "what they hold)."
+        )
     records = [{"step": step, **values} for step, values in sorted(points.items())]
     # Lightning's TensorBoardLogger logs `epoch`, the Hugging Face Trainer and batchfit
     # `train/epoch`; batchfit also logs its batches (`train/global_batch`, `train/micro_batch`)
