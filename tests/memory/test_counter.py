@@ -136,3 +136,17 @@ def test_tensors_without_storage_are_skipped_not_fatal():
         dense = torch.zeros(100)
     assert counter.live_bytes == 512 + 512  # the two dense tensors only
     del doubled, dense
+
+
+def test_a_batch_already_on_an_accelerator_is_not_copied_again():
+    # under a count of every device, only a CPU batch stands in for a device copy; one that
+    # move_to already put on the device (here: meta) is that copy, and counts once
+    from batchfit.memory.counter import as_device_copy, count_memory, host_memory
+
+    on_device = torch.empty(256, device="meta")
+    with count_memory():
+        assert as_device_copy((on_device,))[0] is on_device
+        with host_memory():
+            host = torch.zeros(256)
+        assert as_device_copy((host,))[0] is not host
+    assert as_device_copy((host,))[0] is host  # no count running: nothing to stand in for

@@ -9,7 +9,6 @@ summary.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -173,15 +172,12 @@ def train(args: argparse.Namespace) -> int:
 def _micro_batch_for_ranks(config, world_size: int):
     """A plan's micro-batch cut down to each rank's share when more ranks train it than it was
     made for (a plan for one device, --nproc 2): the plan's global batch, samples and rate stay."""
-    per_rank, rest = divmod(config.global_batch, world_size)
-    if (
-        rest
-        or per_rank < 1
-        or config.micro_batch <= per_rank
-        and per_rank % config.micro_batch == 0
-    ):
-        return config
-    return replace(config, micro_batch=math.gcd(min(config.micro_batch, per_rank), per_rank))
+    from batchfit.training.accumulation import fitting_micro_batch
+
+    if config.global_batch % world_size:
+        return config  # the ranks cannot share it: train's own check says so
+    micro = fitting_micro_batch(config.global_batch, config.micro_batch, world_size)
+    return config if micro == config.micro_batch else replace(config, micro_batch=micro)
 
 
 def _devices_note(plan, result) -> str | None:

@@ -421,8 +421,14 @@ def as_device_copy(batch: Any) -> Any:
     import torch
     from torch.utils._pytree import tree_map
 
+    # a tensor already moved to an accelerator is a copy of its own: counted once, as it is
     return tree_map(
-        lambda value: value.clone() if isinstance(value, torch.Tensor) else value, batch
+        lambda value: (
+            value.clone()
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu"
+            else value
+        ),
+        batch,
     )
 
 

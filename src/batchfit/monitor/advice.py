@@ -15,7 +15,7 @@ from typing import Any
 
 from batchfit.lr.scaling import default_warmup_steps, scaled_rate
 from batchfit.monitor.findings import CLIP_NORM, DIVERGING_LR_FACTOR
-from batchfit.training.accumulation import plan_accumulation
+from batchfit.training.accumulation import fitting_micro_batch, plan_accumulation
 
 __all__ = ["RunSettings", "change_batch", "lower_rate"]
 
@@ -120,8 +120,7 @@ def change_batch(run: RunSettings, factor: float) -> tuple[str, dict[str, Any]]:
     old, world = run.global_batch, max(1, run.world_size)
     new = max(world, int(round(old * factor)) // world * world)
     per_rank = new // world
-    micro = min(run.micro_batch or per_rank, per_rank)
-    micro = math.gcd(micro, per_rank)  # a micro-batch that divides each rank's share exactly
+    micro = fitting_micro_batch(new, run.micro_batch or per_rank, world)
     plan = plan_accumulation(new, micro, world)
     settings: dict[str, Any] = {
         "global_batch": new,

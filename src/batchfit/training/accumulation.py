@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AccumulationPlan",
     "plan_accumulation",
+    "fitting_micro_batch",
     "micro_batch_weights",
     "accumulate_gradients",
     "split_batch",
@@ -129,6 +130,21 @@ def _check_count(name: str, value: object) -> int:
 def _divisors(number: int) -> list[int]:
     small = [d for d in range(1, int(number**0.5) + 1) if number % d == 0]
     return sorted(set(small + [number // d for d in small]))
+
+
+def fitting_micro_batch(global_batch: int, micro_batch: int, world_size: int = 1) -> int:
+    """`micro_batch`, or a smaller one that divides each rank's share of `global_batch` exactly.
+
+    The share is global_batch / world_size (whole when the ranks can share it equally); the
+    result is the greatest common divisor of the share and `micro_batch` capped at it, so
+    `plan_accumulation(global_batch, result, world_size)` needs no uneven micro-batches.
+
+    Example:
+        >>> fitting_micro_batch(256, 256, 2), fitting_micro_batch(192, 64, 2)
+        (128, 32)
+    """
+    share = max(1, global_batch // max(1, world_size))
+    return math.gcd(min(micro_batch, share), share)
 
 
 def _nearest_divisors(number: int, target: int) -> list[int]:

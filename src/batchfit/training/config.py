@@ -253,10 +253,11 @@ class TrainConfig:
 def _plan_at_another_batch(plan: Plan, batch: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """The plan's micro-batch, rate, steps and warmup carried to global batch `batch`."""
     from batchfit.lr.scaling import scaled_rate
+    from batchfit.training.accumulation import fitting_micro_batch
 
     ratio = plan.global_batch / batch
     settings: dict[str, Any] = {
-        "micro_batch": max(1, min(plan.micro_batch, batch // max(1, plan.world_size)))
+        "micro_batch": fitting_micro_batch(batch, plan.micro_batch, plan.world_size)
     }
     if "lr" not in overrides:
         rule = overrides.get("lr_rule") or plan.lr_rule
