@@ -21,9 +21,14 @@ def test_global_batch_follows_the_noise_scale():
 
 def test_global_batch_raised_to_the_knee_and_capped_by_the_data():
     raised = choose_global_batch(
-        noise_scale=20, knee_batch=64, world_size=2, dataset_size=100_000, reference_batch=32
+        noise_scale=70, knee_batch=64, world_size=2, dataset_size=100_000, reference_batch=32
     )
-    assert raised.value == 128 and "knee" in raised.reason
+    assert raised.value == 128 and "raised to the throughput knee" in raised.reason
+    # a knee above twice the critical batch is not followed (64 is nearest to 40 / 2 x 2 = 40)
+    kept = choose_global_batch(
+        noise_scale=40, knee_batch=64, world_size=2, dataset_size=100_000, reference_batch=32
+    )
+    assert kept.value == 32 and "not raised to the throughput knee" in kept.reason
     capped = choose_global_batch(
         noise_scale=5000, knee_batch=None, world_size=1, dataset_size=1438, reference_batch=32
     )
@@ -91,13 +96,24 @@ def test_global_batch_minimises_time_to_a_loss_with_the_measured_throughput():
         and "32 minimises" in choice.reason
         and "16 is within 1%" in choice.reason
     )
-    # A GPU-like curve, throughput still doubling: the larger batch pays for its samples.
+    # A GPU-like curve, throughput still doubling: with a large noise scale the larger batch
+    # pays for its samples...
     rising = {2**k: 100 * 2**k for k in range(11)}
+    choice = choose_global_batch(
+        noise_scale=5000, knee_batch=1024, world_size=2, dataset_size=100_000, reference_batch=32,
+        throughput=rising,
+    )  # fmt: skip
+    assert choice.value == 2048  # 1024 per device, the largest measured
+    # ... but the plan's run has fixed epochs: at most twice the critical batch, 128 <= 136.
+    # Unbounded, 2048 minimises (1 + B/68) / (100 B): 1.52e-4 against 128's 2.25e-4 (1.5x),
+    # with (1 + 2048/68) / (1 + 128/68) = 10.8x the samples.
     choice = choose_global_batch(
         noise_scale=68, knee_batch=1024, world_size=2, dataset_size=100_000, reference_batch=32,
         throughput=rising,
     )  # fmt: skip
-    assert choice.value == 2048  # 1024 per device, the largest measured
+    assert choice.value == 128
+    assert "of the batches up to 2x the critical batch: 2048 would be 1.5x faster" in choice.reason
+    assert "needs 10.8x the samples" in choice.reason
     # A dip at one size is noise: the running best stands in for it.
     dip = {16: 800, 32: 50, 64: 1600}
     choice = choose_global_batch(

@@ -79,9 +79,13 @@ def choose_global_batch(
     beyond the largest measured micro-batch is that micro-batch's (accumulation), and a dip
     below a smaller batch's throughput is read as noise (the running best is used).
 
-    Without a throughput curve, the power of two nearest B_noise, raised to the throughput knee.
-    Without a reliable noise scale, the task's reference batch, raised to the knee. Always at
-    most a quarter of the training set (`MIN_STEPS_PER_EPOCH`).
+    The plan's run has a fixed number of epochs, so the batch is at most `MAX_NOISE_MULTIPLE`
+    times B_noise: beyond it a faster batch buys its speed with the loss the run reaches.
+
+    Without a throughput curve, the power of two nearest B_noise, raised to the throughput knee
+    (within the same multiple of B_noise). Without a reliable noise scale, the task's reference
+    batch, raised to the knee. Always at most a quarter of the training set
+    (`MIN_STEPS_PER_EPOCH`).
 
     Args:
         noise_scale: B_simple in samples, or None when not (yet) reliable.
@@ -124,11 +128,19 @@ def choose_global_batch(
             f"the noise scale is not reliable yet, so the task's reference batch {batch} stands in"
         )
     if knee_batch and knee_batch * world_size > batch:
-        batch = knee_batch * world_size
-        reason += (
-            f"; raised to the throughput knee ({knee_batch} per device x {world_size}) = {batch}: "
-            "smaller batches leave the hardware idle without saving time per step"
-        )
+        knee = knee_batch * world_size
+        if noise_scale is not None and knee > MAX_NOISE_MULTIPLE * noise_scale > 0:
+            reason += (
+                f"; not raised to the throughput knee ({knee_batch} per device x {world_size} = "
+                f"{knee}): it is more than {MAX_NOISE_MULTIPLE}x the critical batch, and a run "
+                "of fixed length would spend its samples on speed instead of progress"
+            )
+        else:
+            batch = knee
+            reason += (
+                f"; raised to the throughput knee ({knee_batch} per device x {world_size}) = "
+                f"{batch}: smaller batches leave the hardware idle without saving time per step"
+            )
     if batch > cap:
         batch = cap
         reason += (
@@ -140,6 +152,15 @@ def choose_global_batch(
         reason += f"; rounded to a multiple of the {world_size} devices"
     return Choice(batch, reason)
 
+
+MAX_NOISE_MULTIPLE = 2
+"""The planned global batch is at most this multiple of the noise scale expected for the run.
+Samples to a loss grow as E_min (1 + B/B_noise): at twice the critical batch a run needs 3x the
+samples of the smallest batches, and the plan's run has a fixed number of epochs, so a larger
+batch buys its speed with the loss the run reaches. On a GPU whose throughput still doubles
+with the batch, the time model alone planned 12x the noise scale for a character model (512
+against 42) and 10x for a U-Net, and neither planned run reached a validation target that
+batch 64 and 16 reached in a second (bench/README.md, "Plan advice")."""
 
 TIME_TIE = 0.03
 """Estimated times within 3% count as equal; the smallest tied batch then wins. It needs the
@@ -174,6 +195,9 @@ def _fastest_global_batch(
         batch *= 2
     if not candidates:
         candidates = [cap]
+    fastest_any = min(candidates, key=time_per_loss)
+    noise_cap = MAX_NOISE_MULTIPLE * noise_scale
+    candidates = [b for b in candidates if b <= noise_cap] or candidates[:1]
     best_time = min(time_per_loss(batch) for batch in candidates)
     fastest = min(candidates, key=time_per_loss)
     chosen = min(b for b in candidates if time_per_loss(b) <= best_time * (1 + TIME_TIE))
@@ -182,6 +206,15 @@ def _fastest_global_batch(
         f"with the measured throughput, {fastest} minimises the estimated time to a given loss, "
         f"(1 + B/{noise_scale:.0f}) / samples per second (McCandlish et al. 2018)"
     )
+    if fastest_any != fastest:
+        samples_ratio = (1 + fastest_any / noise_scale) / (1 + fastest / noise_scale)
+        reason += (
+            f", of the batches up to {MAX_NOISE_MULTIPLE}x the critical batch: "
+            f"{fastest_any} would be {time_per_loss(fastest) / time_per_loss(fastest_any):.1f}x "
+            f"faster per unit of progress but needs {samples_ratio:.1f}x the samples for the same "
+            f"loss, so the planned epochs would reach less with it (plan {samples_ratio:.1f}x "
+            "the epochs to use it)"
+        )
     if chosen != fastest:
         shown = ", ".join(
             f"{b} is within {time_per_loss(b) / best_time - 1:.0%}"
