@@ -361,7 +361,7 @@ def plan(
     )
     if range_note:
         notes.append(range_note)
-    if noise_for_run and global_batch > 2 * noise_for_run:
+    if noise_for_run and global_batch > advice.MAX_NOISE_MULTIPLE * noise_for_run:
         notes.append(
             f"The global batch {global_batch} is well above the critical batch expected for "
             f"this run (~{noise_for_run:.0f}): expect more samples per unit of progress."
