@@ -262,3 +262,32 @@ def test_a_deeply_nested_plan_file_is_one_line(tmp_path, capsys):
     argv = ["train", "--example", "digits", "--plan", str(nested), "--out", str(tmp_path / "r")]
     assert main(argv) == 2
     assert "nested too deeply" in _one_line(capsys)
+
+
+def test_sigterm_is_an_interrupt_that_leaves_no_half_file(monkeypatch, capsys, tmp_path):
+    # Left to its default, SIGTERM ended the process inside write_atomic: no line, and the
+    # temporary copy (of a checkpoint: as large as the checkpoint) stayed in the folder.
+    import os
+    import signal
+
+    import batchfit.cli.commands
+    from batchfit.files import write_atomic
+
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"the previous checkpoint")
+
+    def terminated_while_writing(args):
+        def writer(stream):
+            stream.write(b"half of the new one")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        write_atomic(target, writer)
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setitem(batchfit.cli.commands.COMMANDS, "estimate", terminated_while_writing)
+    assert main(["estimate", "--memory", "1GB", "--model", "1MB", "--per-sample", "1MB"]) == 130
+    assert capsys.readouterr().err.strip() == "batchfit: interrupted"
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert signal.getsignal(signal.SIGTERM) == before  # put back for the caller

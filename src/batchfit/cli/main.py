@@ -5,14 +5,23 @@ included) is printed as one line, `batchfit: error: ...`, with exit code 2; Ctrl
 An exception raised inside the user's own task code while it runs
 (`batchfit.task.task_code_error`) is one line too, naming the file and line. With -v the
 traceback follows the line. Anything else is a bug in batchfit and keeps its traceback.
+
+SIGTERM (what `kill`, a job scheduler or torchrun sends) is handled as Ctrl-C: it raises
+KeyboardInterrupt, so a file being written is cleaned up as on Ctrl-C (`write_atomic` removes
+its temporary file and the previous file stays), and the command prints one line and exits
+130. `train` turns the first SIGINT or SIGTERM into a stop after the step with a checkpoint;
+the second one now ends it the same way for both signals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from batchfit.errors import BatchfitError
@@ -37,33 +46,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
+    with _terminate_as_interrupt():
+        try:
+            args = build_parser().parse_args(argv)
+            args.argv = argv  # what the user typed: `train --nproc` forwards it to torchrun
+            logging.basicConfig(
+                level=logging.DEBUG if args.verbose else logging.WARNING,
+                format="%(levelname)s %(name)s: %(message)s",
+                stream=sys.stderr,
+            )
+            from batchfit.cli.commands import COMMANDS
+
+            return COMMANDS[args.command](args)
+        except BatchfitError as error:
+            _report(error, verbose)
+            return EXIT_BAD_INPUT
+        except Exception as error:
+            from batchfit.task import task_code_error
+
+            line = task_code_error(error)
+            if line is None:
+                raise
+            line.__cause__ = error
+            _report(line, verbose)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            if _rank_error_file() is None:  # under `--nproc` the launcher says it once
+                print("batchfit: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt (main thread only); restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = argv  # what the user typed: `train --nproc` forwards it to torchrun
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.WARNING,
-            format="%(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-        from batchfit.cli.commands import COMMANDS
-
-        return COMMANDS[args.command](args)
-    except BatchfitError as error:
-        _report(error, verbose)
-        return EXIT_BAD_INPUT
-    except Exception as error:
-        from batchfit.task import task_code_error
-
-        line = task_code_error(error)
-        if line is None:
-            raise
-        line.__cause__ = error
-        _report(line, verbose)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        if _rank_error_file() is None:  # under `--nproc` the launcher says it once
-            print("batchfit: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _report(error: BatchfitError, verbose: bool) -> None:
