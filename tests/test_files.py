@@ -68,3 +68,41 @@ def test_open_append_appends(tmp_path):
         with open_append(path) as stream:
             stream.write(line)
     assert path.read_text() == "a\nb\n"
+
+
+class _InterruptedStream:
+    """A binary stream whose `writes`-th write is interrupted (a Ctrl-C arriving mid-write)."""
+
+    def __init__(self, stream, writes):
+        self.stream, self.left = stream, writes
+
+    def write(self, data):
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+        return self.stream.write(data)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def test_ctrl_c_inside_torch_save_is_reported_as_the_interrupt(tmp_path):
+    # torch.save's zip writer, unwinding the interrupt, raised RuntimeError ("unexpected pos"),
+    # which hid the Ctrl-C: the CLI showed a traceback and exit 1 instead of exit 130.
+    import torch
+
+    path = write_atomic(tmp_path / "checkpoint.pt", b"the previous checkpoint")
+    state = {"model": {"w": torch.ones(1000)}, "step": 3}
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, lambda stream: torch.save(state, _InterruptedStream(stream, 3)))
+    assert path.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_other_writer_errors_pass_through_unchanged(tmp_path):
+    def broken(stream):
+        raise ValueError("not serialisable")
+
+    with pytest.raises(ValueError, match="not serialisable"):
+        write_atomic(tmp_path / "a.json", broken)
+    assert list(tmp_path.iterdir()) == []

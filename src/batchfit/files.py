@@ -30,7 +30,9 @@ def write_atomic(path: str | os.PathLike, data: Content, *, mode: int = FILE_MOD
 
     The rename is atomic on POSIX and Windows, so readers see the old file or the new one,
     never a partial one; when writing fails (or is interrupted), the temporary file is removed
-    and the old file, if any, is untouched. Parent folders are created.
+    and the old file, if any, is untouched. Parent folders are created. An error a writer raises
+    while it unwinds a Ctrl-C (torch.save's zip writer then fails with "unexpected pos") is
+    reported as the KeyboardInterrupt it is.
 
     Args:
         path: the file to write.
@@ -63,8 +65,11 @@ def write_atomic(path: str | os.PathLike, data: Content, *, mode: int = FILE_MOD
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        interrupt = _interrupt_behind(error)
+        if interrupt is not None:
+            raise interrupt from None
         raise
     return target
 
@@ -78,6 +83,16 @@ def open_append(path: str | os.PathLike, *, mode: int = FILE_MODE) -> IO[str]:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _BINARY, mode)
     return os.fdopen(handle, "a", encoding="utf-8")
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that `error` was raised while handling, if any (None for itself)."""
+    cause = error.__context__
+    while cause is not None and not isinstance(error, KeyboardInterrupt):
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        cause = cause.__context__
+    return None
 
 
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation below Python's own
