@@ -42,6 +42,25 @@ def test_out_of_memory_by_message(message):
     assert is_out_of_memory(RuntimeError(message))
 
 
+@pytest.mark.parametrize(
+    ("message", "device", "expected"),
+    [
+        ("CUDA error: out of memory", "cuda", True),
+        ("CUDA error: out of memory", "cuda:1", True),
+        ("CUDA error: out of memory", "cpu", False),  # the task's own CUDA use, not the CPU's
+        ("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR", "cpu", False),
+        ("MPS backend out of memory", "cpu", False),
+        ("MPS backend out of memory", "mps", True),
+        ("XPU out of memory", "xpu", True),
+        ("DefaultCPUAllocator: can't allocate memory", "cuda", True),  # the host, everywhere
+        ("DefaultCPUAllocator: can't allocate memory", "cpu", True),
+    ],
+)
+def test_a_backends_message_counts_on_its_own_devices(message, device, expected):
+    assert is_out_of_memory(RuntimeError(message), device=device) is expected
+    assert is_out_of_memory(torch.OutOfMemoryError(message), device=device)  # the type decides
+
+
 def test_every_listed_message_has_a_test():
     # Keep the parametrized list above in step with the patterns.
     assert len(OUT_OF_MEMORY_MESSAGES) == 10

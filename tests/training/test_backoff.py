@@ -62,6 +62,21 @@ def test_other_errors_propagate_unchanged():
         run_with_backoff(attempt, 8, local_batch=8)
 
 
+def test_another_backends_message_is_not_backed_off_on_the_cpu():
+    # A task that trains on the CPU and raises "CUDA error: out of memory" (its own CUDA use, or
+    # a message that only reads like one) was backed off down to one sample, then blamed on
+    # memory ("not even one sample fits"). A smaller batch cannot cure it: it propagates.
+    sizes = []
+
+    def attempt(size):
+        sizes.append(size)
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(RuntimeError, match="CUDA error: out of memory"):
+        run_with_backoff(attempt, 8, local_batch=8, device=torch.device("cpu"))
+    assert sizes == [8]
+
+
 def test_disabled_backoff_names_the_smaller_micro_batch():
     with pytest.raises(DoesNotFitError, match="--micro-batch 8"):
         run_with_backoff(_fits_up_to(4, []), 16, local_batch=64, enabled=False)

@@ -3,6 +3,7 @@ model, a run that died before its first checkpoint, a diverging loss, damaged ru
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -168,3 +169,26 @@ def test_progress_callback_hears_each_step():
         progress=lambda *call: calls.append(call),
     )
     assert calls == [("train", 1, 3), ("train", 2, 3), ("train", 3, 3)]
+
+
+def test_a_cuda_message_from_a_cpu_runs_loss_stops_the_run_unchanged(tmp_path):
+    # Not out of memory on the CPU: no back-off, the task's own error reaches the caller, and
+    # the checkpoint of the last good step stays.
+    base = make_mlp_task()
+    calls = []
+
+    def loss(model, batch):
+        calls.append(len(batch[0]))
+        if len(calls) > 4:
+            raise RuntimeError("CUDA error: out of memory (from the task's own CUDA tensors)")
+        return base.loss(model, batch)
+
+    config = TrainConfig(
+        global_batch=32, micro_batch=16, steps=4, out_dir=str(tmp_path), checkpoint_every=1,
+        eval_every=100,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="task's own CUDA"):
+        train(replace(base, loss=loss), config, device="cpu")
+    assert calls[4:] == [16]  # the failing micro-batch, not retried at 8, 4, 2, 1
+    assert load_checkpoint(tmp_path)["step"] == 2
+    assert [record["step"] for record in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]

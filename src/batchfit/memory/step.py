@@ -34,19 +34,21 @@ logger = logging.getLogger(__name__)
 
 
 # Messages of out-of-memory errors raised as plain RuntimeErrors (not torch.OutOfMemoryError)
-# by the backends that do so. Matched only on RuntimeError and its subclasses.
-OUT_OF_MEMORY_MESSAGES = (
-    "CUDA out of memory",  # older CUDA allocator messages
-    "CUDA error: out of memory",  # a kernel or the driver failing to allocate
-    "HIP out of memory",  # ROCm
-    "XPU out of memory",  # Intel GPUs
-    "MPS backend out of memory",  # Apple silicon
-    "DefaultCPUAllocator: can't allocate memory",  # host memory exhausted
-    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its workspace
-    "CUDNN_STATUS_ALLOC_FAILED",  # cuDNN could not allocate its workspace
-    "CUDNN_STATUS_INTERNAL_ERROR",  # cuDNN's usual symptom of a failed internal allocation
-    "PT_DEVMEM Allocation failed",  # Habana HPU
-)
+# by the backends that do so, each with the device types (torch.device.type) that raise it;
+# None: any device (the host allocator). Matched only on RuntimeError and its subclasses.
+_MESSAGE_DEVICES: dict[str, tuple[str, ...] | None] = {
+    "CUDA out of memory": ("cuda",),  # older CUDA allocator messages
+    "CUDA error: out of memory": ("cuda",),  # a kernel or the driver failing to allocate
+    "HIP out of memory": ("cuda",),  # ROCm (torch calls its devices "cuda")
+    "XPU out of memory": ("xpu",),  # Intel GPUs
+    "MPS backend out of memory": ("mps",),  # Apple silicon
+    "DefaultCPUAllocator: can't allocate memory": None,  # host memory exhausted
+    "CUBLAS_STATUS_ALLOC_FAILED": ("cuda",),  # cuBLAS could not allocate its workspace
+    "CUDNN_STATUS_ALLOC_FAILED": ("cuda",),  # cuDNN could not allocate its workspace
+    "CUDNN_STATUS_INTERNAL_ERROR": ("cuda",),  # cuDNN's usual symptom of a failed allocation
+    "PT_DEVMEM Allocation failed": ("hpu",),  # Habana HPU
+}
+OUT_OF_MEMORY_MESSAGES = tuple(_MESSAGE_DEVICES)
 
 
 # The host allocator's own words when RAM runs out (c10/core/impl/alloc_cpu.cpp), and Python's.
@@ -100,18 +102,27 @@ def autocast_for(precision: Precision, device_type: str):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException, *, device: torch.device | str | None = None) -> bool:
     """Whether `error` is an out-of-memory error of any backend.
 
     `torch.OutOfMemoryError` (also `torch.cuda.OutOfMemoryError`) and Python's `MemoryError`
     are recognised by type; RuntimeErrors by the messages in OUT_OF_MEMORY_MESSAGES. A shape
     mismatch, a NaN check or any other error is never out-of-memory.
 
+    Args:
+        error: the exception.
+        device: the device the failing work ran on. When given, a backend's message counts
+            only on that backend's devices: "CUDA error: out of memory" raised by code that
+            trains on the CPU is not the CPU running out (a smaller batch would not help), so
+            it is not out-of-memory there. The host allocator's message counts everywhere.
+
     Example:
         >>> import torch
         >>> is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
         True
         >>> is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        False
+        >>> is_out_of_memory(RuntimeError("CUDA error: out of memory"), device="cpu")
         False
     """
     import torch
@@ -121,7 +132,11 @@ def is_out_of_memory(error: BaseException) -> bool:
     if not isinstance(error, RuntimeError):
         return False
     message = str(error)
-    return any(pattern in message for pattern in OUT_OF_MEMORY_MESSAGES)
+    kind = None if device is None else torch.device(device).type
+    return any(
+        pattern in message and (kind is None or types is None or kind in types)
+        for pattern, types in _MESSAGE_DEVICES.items()
+    )
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,9 @@ def run_with_backoff(
         allow_uneven: whether the retried micro-batch need not divide `local_batch`.
         cleanup: called after a failure, before retrying: zero gradients, restore buffers, ...
         on_backoff: called with each `BackoffEvent`.
-        device: the device whose cache is emptied after a failure.
+        device: the device whose cache is emptied after a failure; when given, another
+            backend's out-of-memory message (a "CUDA error: out of memory" from code that
+            trains on the CPU) is not taken for out-of-memory (`is_out_of_memory(device=)`).
         enabled: when False, out-of-memory is not retried but raised as `DoesNotFitError`
             naming a smaller micro-batch (under DDP, where the ranks would have to agree on a
             retry in the middle of a step).
@@ -136,7 +138,7 @@ def run_with_backoff(
         try:
             return attempt(micro_batch), micro_batch
         except BaseException as error:  # noqa: B036 - only out-of-memory is handled, rest re-raised
-            if not is_out_of_memory(error):
+            if not is_out_of_memory(error, device=device):
                 raise
             reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
         # Outside the except block the traceback (and the activations its frames hold) is gone.

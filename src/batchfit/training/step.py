@@ -204,7 +204,7 @@ def _step_optimizer(run: Run) -> None:
             run.optimizer.step()
             return
         except BaseException as error:  # noqa: B036 - only out-of-memory is handled, rest re-raised
-            if not is_out_of_memory(error):
+            if not is_out_of_memory(error, device=run.device):
                 raise
             reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
         if undo is None:
