@@ -192,3 +192,14 @@ def test_a_cuda_message_from_a_cpu_runs_loss_stops_the_run_unchanged(tmp_path):
     assert calls[4:] == [16]  # the failing micro-batch, not retried at 8, 4, 2, 1
     assert load_checkpoint(tmp_path)["step"] == 2
     assert [record["step"] for record in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_run_given_its_folder_as_a_path_resumes(tmp_path):
+    # TrainConfig(out_dir=Path) put a PosixPath into the checkpoint's options, which
+    # torch.load(weights_only=True) refuses: the run's only checkpoint read as "corrupt".
+    config = TrainConfig(global_batch=32, micro_batch=16, steps=3, out_dir=tmp_path)
+    assert config.out_dir == str(tmp_path)
+    train(make_mlp_task(), config, device="cpu")
+    assert load_checkpoint(tmp_path)["step"] == 3
+    resumed = train(make_mlp_task(), replace(config, resume=True), device="cpu")
+    assert resumed.resumed_from_step == 3

@@ -8,6 +8,7 @@ options, without training.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,8 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between checkpoints; None: as eval_every;
     # 0: only at the end and on interrupt
     out_dir: str | None = None  # run directory for metrics.jsonl and checkpoint.pt; None: none
+    # (a pathlib.Path is stored as its str: the checkpoint holds the options, and a Path in it
+    # made the checkpoint unloadable with weights_only=True, so the run could not resume)
     resume: bool = False  # continue the run in out_dir from its checkpoint
     seed: int | None = None  # seeds the model, the data order and dropout; None: task.seed
     allow_uneven: bool = False  # allow a shorter last micro-batch (weighted by its count)
@@ -90,6 +93,8 @@ class TrainConfig:
     # collective waits for the other ranks before the run stops with an error (a frozen rank)
 
     def __post_init__(self) -> None:
+        if self.out_dir is not None and not isinstance(self.out_dir, str):
+            object.__setattr__(self, "out_dir", os.fspath(self.out_dir))
         for name in ("global_batch", "micro_batch"):
             check_batch_size(getattr(self, name), name=name)
         if self.steps is not None:
