@@ -235,6 +235,26 @@ def test_memory_budget_picks_or_checks_the_micro_batch():
         lr_range_test(task, micro_batch=250, **options)
 
 
+def test_a_large_budget_searches_no_further_than_the_micro_batch(monkeypatch):
+    # A small model under a large budget: the search's default bound (2^24 samples) would
+    # confirm its answer with a real step of millions of samples, for minutes.
+    import batchfit.memory.runnable as runnable
+
+    searched = []
+
+    def spy(task, **options):
+        result = real_search(task, **options)
+        searched.append((options["max_batch_size"], max(t.batch_size for t in result.trials)))
+        return result
+
+    real_search = runnable.find_max_batch_size
+    monkeypatch.setattr(runnable, "find_max_batch_size", spy)
+    options = dict(steps=10, smoothing=0.5, global_batch=64, memory_budget="1GiB")
+    assert lr_range_test(make_mlp_task(), **options).micro_batch == 64
+    assert lr_range_test(make_mlp_task(), micro_batch=32, **options).micro_batch == 32
+    assert searched == [(64, 64), (32, 32)]
+
+
 @pytest.mark.slow
 def test_default_sweep_on_cnn_with_accumulation_suggests_a_trainable_rate():
     task = load_example("cnn")  # SGD with momentum, BatchNorm; tuned at 0.05 for batch 64

@@ -16,6 +16,18 @@ def test_storage_bytes_rounds_up_to_512():
     assert [storage_bytes(n) for n in (0, 1, 511, 512, 513, 1024)] == [0, 512, 512, 512, 1024, 1024]
 
 
+def test_budget_is_bytes_or_a_size():
+    # A size string raised TypeError ('>' between int and str) at the first allocation.
+    with count_memory(budget_bytes="1KiB") as counter:
+        assert counter.budget_bytes == 1024
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.zeros(1024)
+    for bad in (0, -5, "twelve"):
+        with pytest.raises(ConfigError, match="budget_bytes"):
+            with count_memory(budget_bytes=bad):
+                pass
+
+
 def test_entry_tensors_are_counted_and_views_once():
     weight = torch.zeros(1000)  # 4000 bytes -> 4096
     with count_memory(tensors=[weight, weight[:10], {"again": weight}]) as counter:

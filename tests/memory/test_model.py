@@ -34,6 +34,23 @@ def test_formula_rejects_bad_sizes(capacity, fixed, per_sample):
         max_batch_size(capacity, fixed, per_sample)
 
 
+def test_formula_takes_size_strings_as_the_readme_writes_them():
+    # '<=' not supported between 'str' and 'int' before: sizes had to be parsed by hand.
+    assert max_batch_size("12GB", "3GB", "0.5GB", round_to="pow2") == 16
+    assert max_batch_size("24GB", "4GB", "0.2GB", reserve_bytes="2GB") == 90
+    line = fit_memory_model([1, 2, 4], [1100, 1200, 1400])
+    assert line.max_batch_size("2KiB") == line.max_batch_size(2048) == 10  # (2048 - 1000) / 100
+    with pytest.raises(ConfigError, match=r"capacity must be positive, got '-1GiB'"):
+        max_batch_size("-1GiB", 0, 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None, True])
+def test_formula_rejects_what_is_not_a_finite_size(bad):
+    # NaN reached int() and raised "cannot convert float NaN to integer".
+    with pytest.raises(ConfigError, match=r"per-sample memory must be a finite number of bytes"):
+        max_batch_size(12 * GB, 3 * GB, bad)
+
+
 def test_round_down():
     assert [round_down(n, "pow2") for n in (1, 2, 3, 18, 64, 100)] == [1, 2, 2, 16, 64, 64]
     assert [round_down(n, 8) for n in (5, 8, 52, 100)] == [5, 8, 48, 96]

@@ -96,6 +96,15 @@ def test_measure_reports_peak_state_and_batch():
     assert measure_step_memory(task, 16).peak_bytes == result.peak_bytes
 
 
+def test_measure_takes_the_budget_as_a_size():
+    task = make_mlp_task()
+    assert measure_step_memory(task, 16, budget_bytes="12GiB").peak_bytes > 0
+    with pytest.raises(torch.OutOfMemoryError):
+        measure_step_memory(task, 16, budget_bytes="1KiB")
+    with pytest.raises(ConfigError, match=r"budget_bytes must be positive, got '-1GiB'"):
+        measure_step_memory(task, 16, budget_bytes="-1GiB")
+
+
 def test_measure_leaves_task_and_random_state_untouched():
     model = nn.Linear(8, 3)
     task = make_mlp_task(model=model)

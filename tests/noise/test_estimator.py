@@ -118,6 +118,14 @@ def test_bad_batch_sizes_are_config_errors(small, big, size, words):
 # --- the tracker --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("size", [0, 1, -1, "100", 100.0, True])
+def test_tracker_names_a_bad_dataset_size(size):
+    # 0 and 1 were reported as "small_batch (1) must be below big_batch (1)", arguments the
+    # caller never gave; "100" raised TypeError from a comparison.
+    with pytest.raises(ConfigError, match=r"dataset_size must be a whole number of at least 2"):
+        NoiseScaleTracker(dataset_size=size)
+
+
 def test_tracker_smooths_both_statistics_before_the_ratio():
     tracker = NoiseScaleTracker(window=None)
     # Two updates whose single ratios are 8 and 1; the ratio of means is (8 + 2) / (1 + 2).

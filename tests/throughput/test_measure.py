@@ -198,6 +198,26 @@ def test_memory_budget_limits_the_default_sizes():
     assert result.batch_sizes[-1] == limit and result.batch_sizes[:5] == (1, 2, 4, 8, 16)
 
 
+def test_a_large_budget_searches_no_further_than_the_other_limits(monkeypatch):
+    # The search's default bound (2^24 samples) would confirm a small model under a large
+    # budget with a real step of millions of samples; the data set bounds the sizes anyway.
+    import batchfit.memory.runnable as runnable
+
+    bounds = []
+
+    def spy(task, **options):
+        bounds.append(options["max_batch_size"])
+        return real_search(task, **options)
+
+    real_search = runnable.find_max_batch_size
+    monkeypatch.setattr(runnable, "find_max_batch_size", spy)
+    task = make_mlp_task()
+    options = dict(min_seconds=0, memory_budget="1GiB", repeats=1, warmup_steps=0, rounds=1)
+    measure_throughput(task, batch_sizes=[4, 8], max_batch_size=100, **options)
+    result = measure_throughput(task, batch_sizes=[4, 8], **options)
+    assert bounds == [100, len(task.train_data)] and result.batch_sizes == (4, 8)
+
+
 def test_batch_sizes_above_what_fits_name_the_measured_limit():
     with pytest.raises(ConfigError) as caught:
         measure_throughput(

@@ -356,6 +356,22 @@ def test_split_sizes_must_add_up():
         split_batch(_data(32), [32, 0])
 
 
+def test_split_refuses_a_tensor_whose_first_dimension_differs():
+    # It was repeated whole in every micro-batch: 5 labels beside 3 and 3 inputs, no error.
+    with pytest.raises(ConfigError, match=r"batch\[1\] has 5 rows but the batch holds 6"):
+        split_batch((torch.randn(6, 2), torch.randn(5)), [3, 3])
+    batch = {"x": torch.randn(6, 2), "pair": Pair(torch.arange(6), torch.arange(4))}
+    with pytest.raises(ConfigError, match=r"batch\['pair'\]\.labels has 4 rows.*0-dim"):
+        split_batch(batch, [4, 2])
+    parts = split_batch((torch.randn(6, 2), torch.tensor(0.5)), [4, 2])  # 0-dim: repeated
+    assert [part[1].item() for part in parts] == [0.5, 0.5]
+
+
+def test_split_sizes_must_be_a_list():
+    with pytest.raises(ConfigError, match=r"sizes must be a list of micro-batch sizes, got 3"):
+        split_batch(_data(6), 3)
+
+
 def test_micro_batches_without_tokens_are_skipped():
     generator = torch.Generator().manual_seed(5)
     tokens = torch.randint(1, 11, (8, 5), generator=generator)

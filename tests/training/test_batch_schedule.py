@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from batchfit.errors import ConfigError
+from batchfit.errors import CheckpointError, ConfigError
 from batchfit.lr.schedules import ScheduleConfig, lr_multiplier
 from batchfit.training.batch_schedule import (
     ConstantBatch,
@@ -192,3 +192,15 @@ def test_usable_in_a_users_own_loop_with_split_batch_and_accumulate_gradients():
         sizes.append((batch, plan.accumulation_steps))
         seen += batch
     assert sizes == [(16, 1)] * 4 + [(32, 2)] * 4 + [(64, 4)]
+
+
+def test_loading_another_kinds_state_names_what_is_missing():
+    # A KeyError('above') before: the state of a constant schedule loaded into a noise one.
+    with pytest.raises(
+        CheckpointError, match=r"lacks above, changed_at.*not the state_dict\(\) of a NoiseBatch"
+    ):
+        NoiseBatch(64).load_state_dict(ConstantBatch(64).state_dict())
+    with pytest.raises(CheckpointError, match=r"lacks batch \(got \[\]\).*ConstantBatch"):
+        ConstantBatch(64).load_state_dict({})
+    with pytest.raises(CheckpointError, match=r"lacks batch \(got list\)"):
+        ConstantBatch(64).load_state_dict([64])

@@ -297,9 +297,14 @@ def _fit_micro_batch(source: _Source, micro: int, chosen: bool, memory_budget: A
             "memory_budget needs a Task (the search builds its own model); with your own model, "
             "choose micro_batch yourself."
         )
-    # the test runs real steps here: the largest batch that fits the budget AND runs here
+    # the test runs real steps here: the largest batch that fits the budget AND runs here.
+    # Searched up to `micro` only: the default bound (2^24 samples) would confirm a small model
+    # under a large budget with a real step of millions of samples, for minutes.
     fits = runnable_batch_size(
-        source.task, device=source.device, memory_budget=target.card.name if target.card else budget
+        source.task,
+        device=source.device,
+        memory_budget=target.card.name if target.card else budget,
+        max_batch_size=micro,
     )
     if chosen:
         return min(micro, fits)

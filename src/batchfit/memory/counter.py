@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
-from batchfit.units import format_bytes
+from batchfit.units import format_bytes, parse_size
 
 if TYPE_CHECKING:
     import torch
@@ -330,7 +330,7 @@ def _counting_mode_class():
 @contextlib.contextmanager
 def count_memory(
     *,
-    budget_bytes: int | None = None,
+    budget_bytes: int | str | None = None,
     tensors: Iterable[Any] = (),
     device: torch.device | None = None,
     record: bool = False,
@@ -346,7 +346,8 @@ def count_memory(
 
     Args:
         budget_bytes: when not None, raise `torch.OutOfMemoryError` (the error a GPU raises)
-            as soon as live bytes pass it. The counter's `budget_bytes` may be changed inside.
+            as soon as live bytes pass it: bytes, or a size such as "12GiB"
+            (`batchfit.units.parse_size`). The counter's `budget_bytes` may be changed inside.
         tensors: tensors alive at entry to count (nested lists/tuples/dicts are fine).
         device: count only storages on this device's type; None counts every device.
         record: keep a timeline of every storage's birth and death (`counter.timeline()`).
@@ -355,6 +356,7 @@ def count_memory(
         The MemoryCounter, whose `live_bytes` and `peak_bytes` stay current.
 
     Raises:
+        ConfigError: a budget that is not a positive size.
         torch.OutOfMemoryError: live bytes passed the budget (at entry or inside the block).
 
     Example:
@@ -365,6 +367,8 @@ def count_memory(
         >>> counter.peak_bytes
         2048
     """
+    if budget_bytes is not None:
+        budget_bytes = parse_size(budget_bytes, name="budget_bytes")
     counter = MemoryCounter(budget_bytes=budget_bytes, device=device, record=record)
     counter.add_tensors(tensors)
     mode = _counting_mode_class()(counter)

@@ -7,26 +7,29 @@ batch. `max_batch_size` is the practitioner's formula max = (capacity - fixed) /
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from batchfit.errors import ConfigError
 from batchfit.memory.rounding import RoundTo, round_down
-from batchfit.units import format_bytes
+from batchfit.units import format_bytes, parse_size
 
 
 def max_batch_size(
-    capacity_bytes: int,
-    fixed_bytes: int,
-    per_sample_bytes: float,
+    capacity_bytes: float | str,
+    fixed_bytes: float | str,
+    per_sample_bytes: float | str,
     *,
-    reserve_bytes: int = 0,
+    reserve_bytes: float | str = 0,
     round_to: RoundTo = None,
 ) -> int:
     """The largest batch whose predicted memory fits: (capacity - reserve - fixed) / per_sample.
 
     Args:
-        capacity_bytes: memory of the device or budget, in bytes.
+        capacity_bytes: memory of the device or budget, in bytes, or a size such as "12GiB"
+            (`batchfit.units.parse_size`: B, KB, MB, GB are powers of 1000; KiB, MiB, GiB of
+            1024).
         fixed_bytes: memory needed before the first sample (model, gradients, optimizer state).
         per_sample_bytes: memory each sample adds.
         reserve_bytes: memory kept free for other users (CUDA context, fragmentation).
@@ -36,15 +39,20 @@ def max_batch_size(
         The largest batch size, in samples; 0 when not even one sample fits.
 
     Raises:
-        ConfigError: a size is not positive (fixed and reserve may be 0).
+        ConfigError: a size is not positive (fixed and reserve may be 0), not finite, or not a
+            number or a size.
 
     Example:
         >>> GB = 1000**3
         >>> max_batch_size(24 * GB, 4 * GB, 0.2 * GB)
         100
-        >>> max_batch_size(12 * GB, 3 * GB, 0.5 * GB, round_to="pow2")
+        >>> max_batch_size("12GB", "3GB", "0.5GB", round_to="pow2")
         16
     """
+    capacity_bytes = _bytes("capacity", capacity_bytes)
+    fixed_bytes = _bytes("fixed memory", fixed_bytes)
+    per_sample_bytes = _bytes("per-sample memory", per_sample_bytes)
+    reserve_bytes = _bytes("reserved memory", reserve_bytes)
     if capacity_bytes <= 0:
         raise ConfigError(f"capacity ({capacity_bytes} bytes) must be positive.")
     if per_sample_bytes <= 0:
@@ -60,6 +68,17 @@ def max_batch_size(
     else:
         largest = int(free_bytes / per_sample_bytes + 1e-9)
     return round_down(largest, round_to)
+
+
+def _bytes(name: str, value: object) -> float:
+    """A number of bytes: a finite int or float as given, a size string parsed."""
+    if isinstance(value, str):
+        return parse_size(value, name=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(
+            f"{name} must be a finite number of bytes or a size such as 12GiB, got {value!r}."
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -85,9 +104,14 @@ class MemoryModel:
         return self.fixed_bytes + self.per_sample_bytes * batch_size
 
     def max_batch_size(
-        self, capacity_bytes: int, *, reserve_bytes: int = 0, round_to: RoundTo = None
+        self,
+        capacity_bytes: float | str,
+        *,
+        reserve_bytes: float | str = 0,
+        round_to: RoundTo = None,
     ) -> int:
-        """The largest batch the line says fits `capacity_bytes` (see `max_batch_size`)."""
+        """The largest batch the line says fits `capacity_bytes`, bytes or a size such as
+        "12GiB" (see `max_batch_size`)."""
         return max_batch_size(
             capacity_bytes,
             max(0, round(self.fixed_bytes)),

@@ -23,6 +23,7 @@ from batchfit import devices
 from batchfit.errors import ConfigError
 from batchfit.memory.counter import count_memory, counted_bytes, tensors_of_state
 from batchfit.snapshot import preserved_rng
+from batchfit.units import parse_size
 from batchfit.validation import check_batch_size, check_memory_steps
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def measure_step_memory(
     *,
     device: str | torch.device = "cpu",
     steps: int = 2,
-    budget_bytes: int | None = None,
+    budget_bytes: int | str | None = None,
     precision: Precision = "32",
     allocator_cap_bytes: int | None = None,
 ) -> StepMemory:
@@ -227,7 +228,8 @@ def measure_step_memory(
         steps: training steps, at least 2: optimizer state appears at the first step, so the
             second one shows the steady-state peak.
         budget_bytes: when not None, a step whose counted memory passes it fails with
-            `torch.OutOfMemoryError`; on CUDA the process is also capped to it.
+            `torch.OutOfMemoryError`; on CUDA the process is also capped to it. Bytes, or a
+            size such as "12GiB" (`batchfit.units.parse_size`).
         precision: "32", or "bf16-mixed" / "fp16-mixed" for the forward pass under autocast.
         allocator_cap_bytes: on CUDA, cap the process here instead of at `budget_bytes` (a
             search counts tensors against the budget less its margin and leaves the margin
@@ -237,7 +239,7 @@ def measure_step_memory(
         StepMemory: counted peak, state and batch bytes, the allocator's peak on CUDA, seconds.
 
     Raises:
-        ConfigError: batch_size or steps is not valid, or the device is unknown.
+        ConfigError: batch_size, steps or budget_bytes is not valid, or the device is unknown.
         torch.OutOfMemoryError: the steps ran out of memory (or past the budget). Everything
             the failed step held is freed before this is raised; its `steps_started`
             attribute says how many training steps ran, the last one failing.
@@ -254,6 +256,8 @@ def measure_step_memory(
     steps = check_memory_steps(steps)
     precision = check_precision(precision)
     device = devices.resolve_device(device)
+    if budget_bytes is not None:
+        budget_bytes = parse_size(budget_bytes, name="budget_bytes")
     failure: str | None = None
     result: StepMemory | None = None
     started = [0]  # training steps started, kept by _measure

@@ -110,17 +110,21 @@ def _check_batches(small_batch: float, big_batch: float, dataset_size: int | Non
             "big_batch or lower small_batch."
         )
     if dataset_size is not None:
-        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 2:
-            raise ConfigError(
-                f"dataset_size must be a whole number of at least 2 samples, or None for an "
-                f"infinite population, got {dataset_size!r}."
-            )
+        _check_dataset_size(dataset_size)
         if big_batch > dataset_size:
             raise ConfigError(
                 f"big_batch ({big_batch:g}) is larger than the training set ({dataset_size} "
                 "samples); batches drawn without replacement cannot exceed it. Lower big_batch "
                 f"to at most {dataset_size}, or pass dataset_size=None."
             )
+
+
+def _check_dataset_size(dataset_size: object) -> None:
+    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 2:
+        raise ConfigError(
+            f"dataset_size must be a whole number of at least 2 samples, or None for an "
+            f"infinite population, got {dataset_size!r}."
+        )
 
 
 def estimate_gradient_statistics(
@@ -270,7 +274,7 @@ class NoiseScaleTracker:
         self, *, dataset_size: int | None = None, window: int | None = DEFAULT_WINDOW
     ) -> None:
         if dataset_size is not None:
-            _check_batches(1, 2 if dataset_size >= 2 else 1, dataset_size)
+            _check_dataset_size(dataset_size)
         self.dataset_size = dataset_size
         self.window = _check_window(window)
         self._pairs: deque[tuple[float, float]] = deque(maxlen=self.window or MAX_HISTORY)

@@ -57,7 +57,10 @@ def plan_sizes(
                     f"{' samples' if reason == 'dataset' else ''}; use batch sizes up to {limit}."
                 )
     if memory_budget is not None:
-        fits, budget_text = _largest_fitting(task, device, memory_budget)
+        # searched up to the other limits only: a larger answer changes nothing, and the
+        # default bound (2^24 samples) would confirm it with a real step that size
+        bound = min(limit for limit, _ in limits)
+        fits, budget_text = _largest_fitting(task, device, memory_budget, bound)
         if batch_sizes is not None and sizes[-1] > fits:
             above = [size for size in sizes if size > fits]
             raise ConfigError(
@@ -72,13 +75,18 @@ def plan_sizes(
     return sizes, (limit if sizes[-1] == limit else None), (reason if sizes[-1] == limit else None)
 
 
-def _largest_fitting(task: Task, device: Any, memory_budget: int | str) -> tuple[int, str]:
-    """The largest batch that fits the budget and this machine can run; the budget as text."""
+def _largest_fitting(
+    task: Task, device: Any, memory_budget: int | str, bound: int
+) -> tuple[int, str]:
+    """The largest batch up to `bound` that fits the budget and this machine can run; the
+    budget as text."""
     from batchfit.memory.cards import memory_target
     from batchfit.memory.runnable import runnable_batch_size
     from batchfit.units import format_bytes
 
     target = memory_target(memory_budget)
-    fits = runnable_batch_size(task, device=device, memory_budget=memory_budget)
+    fits = runnable_batch_size(
+        task, device=device, memory_budget=memory_budget, max_batch_size=bound
+    )
     shown = target.card.name if target.card else format_bytes(target.memory_bytes)
     return fits, f"the memory budget {shown}"

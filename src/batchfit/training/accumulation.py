@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -427,8 +427,8 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
     """Split a collated batch along its first dimension into micro-batches of `sizes`.
 
     Tensors are split (as views, no copy); tuples, lists, namedtuples and dicts are split
-    element-wise and keep their type; other values (strings, numbers, None) are repeated in
-    every micro-batch.
+    element-wise and keep their type; other values (strings, numbers, None, 0-dim tensors) are
+    repeated in every micro-batch.
 
     Args:
         batch: a tensor or a (nested) tuple/list/dict of tensors, all with the same first
@@ -440,7 +440,8 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
         A list of `len(sizes)` micro-batches with the structure of `batch`.
 
     Raises:
-        ConfigError: a size is not a positive int, or the sizes do not add up to the batch.
+        ConfigError: a size is not a positive int, the sizes do not add up to the batch, or a
+            tensor's first dimension differs from the batch's (the message names it).
 
     Example:
         >>> import torch
@@ -450,6 +451,11 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
     """
     import torch
 
+    if isinstance(sizes, (int, torch.Tensor)) or not isinstance(sizes, Iterable):
+        raise ConfigError(
+            f"sizes must be a list of micro-batch sizes, got {sizes!r}; e.g. [32, 32] or "
+            "plan_accumulation(global_batch, micro_batch).micro_batches."
+        )
     sizes = [_check_count("micro-batch size", size) for size in sizes]
     if not sizes:
         raise ConfigError("sizes is empty; give at least one micro-batch size.")
@@ -460,20 +466,29 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
             "samples; give sizes that sum to the batch size (e.g. plan.micro_batches)."
         )
 
-    def split(value: Any) -> list[Any]:
+    def split(value: Any, where: str) -> list[Any]:
         if isinstance(value, torch.Tensor):
-            if value.dim() == 0 or value.shape[0] != samples:
+            if value.dim() == 0:
                 return [value] * len(sizes)
+            if value.shape[0] != samples:
+                # Repeating it in every micro-batch would pair, say, 5 labels with 3 inputs
+                # without a word; a per-step constant can be a 0-dim tensor or a number.
+                raise ConfigError(
+                    f"batch{where} has {value.shape[0]} rows but the batch holds {samples} "
+                    f"samples (its first tensor's first dimension), so it cannot be split into "
+                    f"micro-batches of {sizes}; give every tensor the batch's first dimension, "
+                    "and keep per-step constants out of the batch (or as 0-dim tensors)."
+                )
             return list(torch.split(value, sizes, dim=0))
         if isinstance(value, Mapping):
-            parts = {key: split(item) for key, item in value.items()}
+            parts = {key: split(item, f"{where}[{key!r}]") for key, item in value.items()}
             return [type(value)({key: parts[key][i] for key in parts}) for i in range(len(sizes))]
         if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-            columns = [split(item) for item in value]
+            columns = [split(item, f"{where}.{name}") for name, item in zip(value._fields, value)]
             return [type(value)(*(column[i] for column in columns)) for i in range(len(sizes))]
         if isinstance(value, (list, tuple)):
-            columns = [split(item) for item in value]
+            columns = [split(item, f"{where}[{index}]") for index, item in enumerate(value)]
             return [type(value)(column[i] for column in columns) for i in range(len(sizes))]
         return [value] * len(sizes)
 
-    return split(batch)
+    return split(batch, "")

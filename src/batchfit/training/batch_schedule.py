@@ -45,7 +45,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError
+from batchfit.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from batchfit.lr.schedules import ScheduleConfig
@@ -169,11 +169,29 @@ class BatchSchedule:
         return batch if self.max_batch is None else min(batch, self.max_batch)
 
     def state_dict(self) -> dict[str, Any]:
+        """The schedule's decisions so far, as plain numbers, for a checkpoint."""
         return {"batch": self.batch, "evidence": self.evidence}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` of a schedule of the same kind.
+
+        Raises:
+            CheckpointError: `state` lacks a key this kind of schedule keeps (the state of
+                another kind of schedule, or not a schedule's state at all).
+        """
+        self._require(state, ("batch",))
         self.batch = int(state["batch"])
         self.evidence = str(state.get("evidence", ""))
+
+    def _require(self, state: Any, keys: tuple[str, ...]) -> None:
+        missing = [key for key in keys if key not in state] if isinstance(state, dict) else keys
+        if missing:
+            shown = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(
+                f"the batch schedule state lacks {', '.join(missing)} (got {shown}): it is not "
+                f"the state_dict() of a {type(self).__name__}; load the state this kind of "
+                "schedule saved, or start the schedule anew."
+            )
 
 
 class ConstantBatch(BatchSchedule):
@@ -393,6 +411,7 @@ class NoiseBatch(BatchSchedule):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._require(state, ("batch", "above", "changed_at", "old_factor", "new_factor"))
         super().load_state_dict(state)
         self.above = int(state["above"])
         self.changed_at = int(state["changed_at"])
