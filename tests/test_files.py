@@ -3,7 +3,8 @@ import stat
 
 import pytest
 
-from batchfit.files import FILE_MODE, open_append, write_atomic
+from batchfit.errors import ConfigError
+from batchfit.files import FILE_MODE, folder_lock, open_append, write_atomic
 
 
 def _mode(path) -> int:
@@ -106,3 +107,30 @@ def test_other_writer_errors_pass_through_unchanged(tmp_path):
     with pytest.raises(ValueError, match="not serialisable"):
         write_atomic(tmp_path / "a.json", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_folder_is_held_by_one_writer_at_a_time(tmp_path):
+    run = tmp_path / "run"
+    with folder_lock(run, what="a training run") as held:
+        assert held == run and run.is_dir()
+        # a second holder (its own descriptor, as another process would have) is refused
+        with pytest.raises(ConfigError, match=r"in use: another process is writing a batchfit run"):
+            with folder_lock(run):
+                pass
+        (run / "metrics.jsonl").write_text("{}\n")
+    with folder_lock(run):  # released on the way out
+        pass
+    assert (run / "metrics.jsonl").exists()
+
+
+def test_a_folder_made_for_the_lock_goes_again_while_empty(tmp_path):
+    made = tmp_path / "a" / "b"
+    with folder_lock(made):
+        pass
+    assert not made.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with folder_lock(kept):
+        pass
+    assert kept.is_dir()  # it was there before: never removed

@@ -10,11 +10,14 @@ never leaves half a file; append-only logs are opened with `open_append`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from batchfit.errors import ConfigError
 
 FILE_MODE = 0o644
 """The mode every file batchfit writes is created with (less the umask): shared, not secret."""
@@ -83,6 +86,46 @@ def open_append(path: str | os.PathLike, *, mode: int = FILE_MODE) -> IO[str]:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _BINARY, mode)
     return os.fdopen(handle, "a", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike, *, what: str = "a batchfit run") -> Iterator[Path]:
+    """Hold an exclusive lock on the folder `path` while one process writes in it.
+
+    A second process that asks for the same folder (a `train --resume` started twice on one
+    `--out`) is refused at once instead of interleaving its checkpoints and metrics with the
+    first's. The lock is the kernel's `flock` on the folder itself, so it leaves no file
+    behind and ends with the process, however it ends. The folder is made if missing, and
+    removed again on the way out if it is still empty (a run refused by a later check leaves
+    nothing). Where `fcntl` does not exist (Windows), no lock is taken.
+
+    Raises:
+        ConfigError: another process holds the folder.
+    """
+    folder = Path(path)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    handle = os.open(folder, os.O_RDONLY) if fcntl is not None else None
+    try:
+        if handle is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"{folder} is in use: another process is writing {what} there. Wait for it "
+                    "to finish (or stop it), or give another output folder (--out)."
+                ) from None
+        yield folder
+    finally:
+        if handle is not None:
+            os.close(handle)  # closing the descriptor releases the lock
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds while it is empty
 
 
 def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:

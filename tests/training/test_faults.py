@@ -203,3 +203,20 @@ def test_a_run_given_its_folder_as_a_path_resumes(tmp_path):
     assert load_checkpoint(tmp_path)["step"] == 3
     resumed = train(make_mlp_task(), replace(config, resume=True), device="cpu")
     assert resumed.resumed_from_step == 3
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_changes_nothing(tmp_path):
+    from batchfit.errors import ConfigError
+    from batchfit.files import folder_lock
+
+    task = make_mlp_task()
+    config = TrainConfig(global_batch=16, micro_batch=16, steps=4, out_dir=str(tmp_path))
+    train(task, config, device="cpu")
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    checkpoint = (tmp_path / "checkpoint.pt").read_bytes()
+    with folder_lock(tmp_path):  # another process's run, still writing there
+        with pytest.raises(ConfigError, match="in use"):
+            train(task, replace(config, resume=True), device="cpu")
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    assert (tmp_path / "checkpoint.pt").read_bytes() == checkpoint
+    assert train(task, replace(config, resume=True), device="cpu").steps == 4

@@ -211,7 +211,11 @@ def train(
         )
     try:
         timeout = config.ddp_timeout_seconds
-        with preserved_rng(torch_device), collective_errors(context, timeout_seconds=timeout):
+        with (
+            preserved_rng(torch_device),
+            collective_errors(context, timeout_seconds=timeout),
+            _run_folder_lock(config, context),
+        ):
             return _train(
                 task,
                 config,
@@ -231,6 +235,16 @@ def train(
 
             gc.collect()
             destroy_distributed()
+
+
+def _run_folder_lock(config: TrainConfig, context: DistributedContext):
+    """The run folder, held by the rank that writes in it (`batchfit.files.folder_lock`): a
+    second run on the same folder is refused instead of mixing its files with this one's."""
+    from batchfit.files import folder_lock
+
+    if config.out_dir is None or not context.is_main:
+        return contextlib.nullcontext()
+    return folder_lock(config.out_dir, what="a training run")
 
 
 def _train(task, config, *, device, context, memory_budget_bytes, progress, callbacks):
