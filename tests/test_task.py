@@ -63,6 +63,42 @@ def test_load_task_from_file(tmp_path):
         load_task(str(path))
 
 
+def test_load_task_takes_a_task_defined_at_the_top_of_a_file(tmp_path):
+    path = tmp_path / "toplevel.py"
+    path.write_text("from tests.conftest import make_mlp_task\ntask = make_mlp_task()\nlimit = 3\n")
+    assert load_task(f"{path}:task").name == "tiny-mlp"
+    with pytest.raises(TaskError, match="limit is of type int, not a batchfit.Task or a function"):
+        load_task(f"{path}:limit")
+
+
+def _per_sample_loss(model, batch):
+    inputs, labels = batch
+    return torch.nn.functional.cross_entropy(model(inputs), labels, reduction="none")
+
+
+@pytest.mark.parametrize("measure", ["memory", "predict", "throughput", "noise", "train"])
+def test_a_loss_without_its_mean_is_named_wherever_it_is_first_used(measure):
+    from batchfit.memory.predict import predict_step_memory
+    from batchfit.memory.step import measure_step_memory
+    from batchfit.noise.measure import measure_noise_scale
+    from batchfit.throughput.measure import measure_throughput
+    from batchfit.training.config import TrainConfig
+    from batchfit.training.loop import train
+
+    task = make_mlp_task(loss=_per_sample_loss)
+    run = {
+        "memory": lambda: measure_step_memory(task, 8, device="cpu"),
+        # not taken for a limit of fake tensors (which falls back to a real step, with a warning)
+        "predict": lambda: predict_step_memory(task, 8, fallback=False),
+        "throughput": lambda: measure_throughput(task, batch_sizes=[8], device="cpu"),
+        "noise": lambda: measure_noise_scale(task, device="cpu", warmup_steps=0),
+        "train": lambda: train(task, TrainConfig(global_batch=16, micro_batch=8, steps=1)),
+    }[measure]
+    # autograd's own words were "grad can be implicitly created only for scalar outputs"
+    with pytest.raises(TaskError, match=r"must return a scalar tensor .*got \(8,\).*\.mean\(\)"):
+        run()
+
+
 def test_load_task_from_module():
     assert load_task("batchfit.examples.digits:task").name == "digits"
     with pytest.raises(TaskError, match="no module named"):

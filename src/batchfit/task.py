@@ -220,6 +220,29 @@ def move_to(batch: Batch, device: torch.device | str) -> Batch:
     return batch
 
 
+def scalar_loss(loss_fn: Callable[..., Any], model: Any, batch: Batch) -> torch.Tensor:
+    """`loss_fn(model, batch)`, checked to be the scalar tensor every step of batchfit needs.
+
+    Every measurement (memory, throughput, noise scale, range test) and the training step call
+    the task's loss through this, so a loss that forgot its mean fails with the same clear
+    words wherever it is first used, not with autograd's "grad can be implicitly created only
+    for scalar outputs".
+
+    Raises:
+        TaskError: the loss is not a tensor, or not 0-dimensional.
+    """
+    import torch
+
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TaskError(
+            f"The task's loss must return a scalar tensor (the batch mean), got {shape}; "
+            "reduce it with .mean()."
+        )
+    return loss
+
+
 def batch_size_of(batch: Batch) -> int:
     """The number of samples in a batch: the first dimension of its first tensor."""
     import torch
@@ -238,7 +261,8 @@ def batch_size_of(batch: Batch) -> int:
 def load_task(spec: str) -> Task:
     """Load a task from "path/to/file.py:function" or "package.module:function".
 
-    The function is called with no arguments and must return a `Task`. An exception raised by
+    The function is called with no arguments and must return a `Task`; the name may also be a
+    `Task` defined at the module's top level. An exception raised by
     the user's own code (importing the file or module, or calling the function) becomes a
     `TaskError` naming the file, the exception and the line, with the original exception as its
     `__cause__` (the CLI shows its traceback with -v).
@@ -283,17 +307,22 @@ def load_task(spec: str) -> Task:
             f"Task {spec!r}: {module_part} has no function {function_name!r}"
             + (f"; it defines {', '.join(available[:12])}." if available else ".")
         )
+    source_file = getattr(module, "__file__", None)
+    if source_file:
+        _TASK_SOURCES.add(str(Path(source_file).resolve()))
+    if isinstance(factory, Task):
+        return factory  # a module-level Task, built when the module was imported
     if not callable(factory):
-        raise TaskError(f"Task {spec!r}: {function_name} is not a function.")
+        raise TaskError(
+            f"Task {spec!r}: {function_name} is of type {type(factory).__name__}, not a "
+            "batchfit.Task or a function that returns one."
+        )
     needed = _required_parameters(factory)
     if needed:
         raise TaskError(
             f"Task {spec!r}: {function_name}() needs arguments ({', '.join(needed)}); batchfit "
             "calls it with none. Give the parameters defaults, or add a function that takes none."
         )
-    source_file = getattr(module, "__file__", None)
-    if source_file:
-        _TASK_SOURCES.add(str(Path(source_file).resolve()))
     try:
         task = factory()
     except BatchfitError:

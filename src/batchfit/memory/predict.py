@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from batchfit.errors import ConfigError
+from batchfit.errors import ConfigError, TaskError
 from batchfit.memory.counter import MemoryTimeline, count_memory, counted_bytes, tensors_of_state
 from batchfit.memory.fake_inputs import (
     Attention,
@@ -258,8 +258,8 @@ def _fake_run(
         # bug cannot be told apart here. So every failure means "fake mode cannot run this";
         # the fallback then runs real steps, and a genuine error in the task surfaces from
         # there unchanged, with the real kernels' own message.
-        if is_out_of_memory(error):
-            raise
+        if is_out_of_memory(error) or isinstance(error, TaskError):
+            raise  # batchfit's own check of the task (a loss without its mean) is definite
         raise FakeModeUnsupported(_one_line(error)) from None
     timeline = counter.timeline() if record else None
     return counter.peak_bytes, state_bytes, batch_bytes, timeline, watch.attention

@@ -23,6 +23,7 @@ from batchfit import devices
 from batchfit.errors import ConfigError
 from batchfit.memory.counter import count_memory, counted_bytes, tensors_of_state
 from batchfit.snapshot import preserved_rng
+from batchfit.task import scalar_loss
 from batchfit.units import parse_size
 from batchfit.validation import check_batch_size, check_memory_steps
 
@@ -197,7 +198,7 @@ def run_training_steps(
             started[0] += 1
         optimizer.zero_grad(set_to_none=True)
         with autocast_for(precision, device_type):
-            loss = task.loss(model, batch)
+            loss = scalar_loss(task.loss, model, batch)
         loss.backward()
         optimizer.step()
         del loss

@@ -16,6 +16,7 @@ from batchfit.errors import CheckpointError, ConfigError, TaskError
 from batchfit.noise.estimator import NoiseScaleTracker
 from batchfit.noise.result import NoiseScaleResult
 from batchfit.progress import ProgressFn, report
+from batchfit.task import scalar_loss
 from batchfit.validation import check_whole_number
 
 if TYPE_CHECKING:
@@ -278,7 +279,7 @@ class _WarmUp:
                 seed=task.seed,
             )
             self.optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(self.model, move_to(task.batch(indices), self.device))
+            loss = scalar_loss(task.loss, self.model, move_to(task.batch(indices), self.device))
             if not torch.isfinite(loss.detach()).all():
                 raise TaskError(
                     f"The loss is not finite ({float(loss):g}) at warm-up step {self.step}; "
@@ -310,7 +311,7 @@ def _two_norms(
     for size in sizes:
         batch = move_to(task.batch(order[start : start + size]), device)
         start += size
-        loss = task.loss(model, batch)
+        loss = scalar_loss(task.loss, model, batch)
         if not torch.isfinite(loss.detach()).all():
             raise TaskError(
                 f"The loss is not finite ({float(loss):g}) while measuring the noise scale; "

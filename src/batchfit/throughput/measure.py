@@ -21,7 +21,7 @@ from batchfit.devices import release_memory, resolve_device, synchronize
 from batchfit.errors import ConfigError, DoesNotFitError
 from batchfit.memory.step import is_out_of_memory
 from batchfit.progress import ProgressFn, report
-from batchfit.task import Task, move_to
+from batchfit.task import Task, move_to, scalar_loss
 from batchfit.throughput.result import DEFAULT_FRACTION, ThroughputResult, find_knee
 from batchfit.throughput.sizes import plan_sizes
 from batchfit.throughput.timing import DEFAULT_ROUNDS, choose_clock, round_shares
@@ -324,7 +324,7 @@ def _time_steps(
         cpu_begun = None if cpu_clock is None else cpu_clock()
         begun = clock()
         optimizer.zero_grad(set_to_none=True)
-        task.loss(model, batch).backward()
+        scalar_loss(task.loss, model, batch).backward()
         optimizer.step()
         synchronize(device)
         ended = clock()

@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError, TaskError
-from batchfit.task import Batch, batch_size_of
+from batchfit.errors import ConfigError
+from batchfit.task import Batch, batch_size_of, scalar_loss
 
 if TYPE_CHECKING:
     import torch
@@ -407,15 +407,8 @@ def _samples(batch: Batch) -> int:
 def _weighted_backward(
     model: nn.Module, loss_fn, batch: Batch, weight: float, backward
 ) -> torch.Tensor:
-    import torch
 
-    loss = loss_fn(model, batch)
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
-        raise TaskError(
-            f"loss_fn must return a scalar tensor (the batch mean), got {shape}; "
-            "reduce it with .mean()."
-        )
+    loss = scalar_loss(loss_fn, model, batch)
     if backward is None:
         (loss * weight).backward()
     else:
