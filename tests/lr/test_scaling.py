@@ -74,6 +74,8 @@ def test_default_rules_per_optimizer_family():
     assert default_rule("adam") == "sqrt"
     with pytest.raises(ConfigError, match="use one of sgd, adam"):
         default_rule("lbfgs")
+    with pytest.raises(ConfigError, match="AdamW, LAMB and other adaptive methods are 'adam'"):
+        default_rule("adamw")
 
 
 def test_default_rule_matches_the_task_family(mlp_task):

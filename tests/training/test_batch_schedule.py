@@ -155,6 +155,8 @@ def test_state_dict_round_trip_continues_the_same_decisions():
         ("ramp:64-32:100", "its batches fall"),
         ("ramp:100:32,50:64", "rising sample counts"),
         ("noise:-1", "positive number"),
+        ("noise:inf", "positive number"),
+        ("noise:nan", "positive number"),
         ("seesaw:2", "Unknown batch schedule"),
     ],
 )
@@ -163,6 +165,11 @@ def test_bad_specs_name_the_valid_forms(spec, words):
         parse_batch_schedule(spec, global_batch=32, lr_schedule=ScheduleConfig(total_steps=10))
     if "Unknown" in words or "bad number" in words:
         assert "ramp:START-END:SAMPLES" in str(error.value) and "seesaw" in str(error.value)
+
+
+def test_an_unknown_rate_rule_is_refused_whatever_the_form():
+    with pytest.raises(ConfigError, match="cubic"):
+        parse_batch_schedule("constant", global_batch=32, rule="cubic")
 
 
 def test_seesaw_needs_the_rate_schedule():

@@ -183,7 +183,8 @@ def default_rule(optimizer_family: OptimizerFamily) -> str:
     if optimizer_family not in OPTIMIZER_FAMILIES:
         raise ConfigError(
             f"Unknown optimizer family {optimizer_family!r}; use one of "
-            f"{', '.join(OPTIMIZER_FAMILIES)}."
+            f"{', '.join(OPTIMIZER_FAMILIES)} (a family, not an optimizer: AdamW, LAMB and "
+            "other adaptive methods are 'adam'; SGD with or without momentum and LARS are 'sgd')."
         )
     return "linear" if optimizer_family == "sgd" else "sqrt"
 

@@ -360,7 +360,7 @@ class NoiseBatch(BatchSchedule):
     ) -> None:
         super().__init__(global_batch, max_batch=max_batch)
         rule_factor(rule, 1)
-        if not (isinstance(factor, (int, float)) and factor > 0):
+        if not (isinstance(factor, (int, float)) and 0 < factor < math.inf):
             raise ConfigError(f"The noise factor must be a positive number, got {factor!r}.")
         if not (isinstance(window, int) and window >= 1):
             raise ConfigError(f"window must be a whole number of steps >= 1, got {window!r}.")
@@ -452,6 +452,7 @@ def parse_batch_schedule(
     """
     if not isinstance(spec, str):
         raise ConfigError(f"A batch schedule is a string, got {spec!r}; {_forms()}.")
+    rule_factor(rule, 1)  # an unknown rule is refused whatever the form
     name, _, rest = spec.strip().partition(":")
     try:
         if name == "constant" and not rest:
