@@ -274,3 +274,18 @@ def test_throughput_bars_when_the_cpu_clock_reads_faster_than_every_wall_step():
     data = {**_throughput_result(False).to_dict(), "clock": "cpu"}
     data["samples_per_second"] = [rate * 2 for rate in data["samples_per_second"]]
     assert throughput_png(data).startswith(PNG)
+
+
+def test_range_test_stop_marker_of_a_blow_up_is_inside_the_chart(monkeypatch):
+    from batchfit.plots import range_test
+
+    figures = _captured(monkeypatch, range_test)
+    falling = [2.0 - 0.02 * index for index in range(48)] + [5.0, 40.0]
+    range_test_png({"lrs": [10 ** (k / 10 - 4) for k in range(50)], "losses": falling,
+                    "smoothed_losses": falling, "stop_reason": "diverged"})  # fmt: skip
+    axes = figures[0].axes[0]
+    (stop,) = [line for line in axes.get_lines() if line.get_label() == "stopped: diverged"]
+    low, high = axes.get_ylim()
+    (y,) = stop.get_ydata()
+    # the marker's centre sits below the top by at least half its height (9 points of 400 px)
+    assert low < y < high - 0.03 * (high - low)

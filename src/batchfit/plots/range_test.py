@@ -88,9 +88,11 @@ def range_test_png(
         axes.set_ylim(low, high)
     stop_reason = data.get("stop_reason", "completed")
     if stop_reason != "completed" and rates and smooth:
-        # drawn at the top edge when the loss is off the chart (or not finite)
+        # drawn just inside the top edge when the loss is off the chart (or not finite): at
+        # the edge itself, half the marker was cut off
         last = smooth[-1] if math.isfinite(smooth[-1]) else math.inf
-        where = min(last, high) if high is not None else last
+        inside = high - STOP_MARK_INSET * (high - low) if high is not None else None
+        where = min(last, inside) if inside is not None else last
         stop = "diverged" if stop_reason == "diverged" else "loss not finite"
         if math.isfinite(where):
             axes.plot(
@@ -146,6 +148,10 @@ def _index(data: Mapping[str, Any], key: str, rates: Sequence[float]) -> int | N
     rate = data.get(f"{key}_lr")
     return rates.index(rate) if rate is not None and rate in rates else None
 
+
+STOP_MARK_INSET = 0.04
+"""The stop marker of a test cut off above the chart sits this share of the loss axis below
+its top, so the whole marker shows."""
 
 SHOWN_FRACTION = 0.9
 """At least this share of the smoothed loss stays on the chart; only the last rise above it
