@@ -289,3 +289,33 @@ def test_range_test_stop_marker_of_a_blow_up_is_inside_the_chart(monkeypatch):
     (y,) = stop.get_ydata()
     # the marker's centre sits below the top by at least half its height (9 points of 400 px)
     assert low < y < high - 0.03 * (high - low)
+
+
+def test_noise_scale_far_above_the_chosen_batch_gets_a_log_axis(monkeypatch):
+    from batchfit.plots import noise_scale
+
+    figures = _captured(monkeypatch, noise_scale)
+    running = [
+        {"batches": k, "noise_scale_samples": value, "low_samples": 0.0, "high_samples": None}
+        for k, value in ((1, 28000.0), (2, 2900.0), (3, 2480.0))
+    ]
+    noise_scale_png({"noise_scale_samples": 2480.0, "low_samples": 800.0,
+                     "high_samples": 23000.0, "running": running}, global_batch=64)  # fmt: skip
+    axes = figures[0].axes[0]
+    assert axes.get_yscale() == "log"
+    low, high = axes.get_ylim()
+    (chosen,) = [line for line in axes.get_lines() if "chosen" in line.get_label()]
+    # on a linear axis from 0 to 28000, the batch of 64 lay on the floor, hidden by the x axis
+    assert 0 < low < 64 and math.log(64 / low) > 0.05 * math.log(high / low)
+    assert chosen.get_ydata()[0] == 64
+
+
+def test_noise_scale_near_the_chosen_batch_keeps_a_linear_axis(monkeypatch):
+    from batchfit.plots import noise_scale
+
+    figures = _captured(monkeypatch, noise_scale)
+    noise_scale_png({"noise_scale_samples": 150.0, "low_samples": 120.0, "high_samples": 200.0,
+                     "running": [{"batches": 1, "noise_scale_samples": 180.0}]},
+                    global_batch=128)  # fmt: skip
+    axes = figures[0].axes[0]
+    assert axes.get_yscale() == "linear" and axes.get_ylim()[0] == 0

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = ["noise_scale_png", "plot_noise_scale"]
 
 VIEW_ABOVE_ESTIMATE = 3.0  # the y axis reaches this multiple of the final estimate
+LOG_SPAN = 20.0  # drawn values spanning more than this factor get a log axis
 
 
 def noise_scale_png(data: Mapping[str, Any], *, global_batch: int | None = None) -> bytes:
@@ -26,7 +27,9 @@ def noise_scale_png(data: Mapping[str, Any], *, global_batch: int | None = None)
     `low_samples`/`high_samples`, the band is the bootstrap interval at each point (a missing
     upper end, unbounded, reaches the top of the axes); otherwise the final interval is a
     horizontal band. The axes reach 3x the final estimate (or above its interval), so the wild
-    early values are clipped at the top. The final estimate is a dashed line.
+    early values are clipped at the top. The final estimate is a dashed line. When the values
+    drawn (the estimate, its interval's lower end, the chosen batch) span more than `LOG_SPAN`,
+    the axis is logarithmic, so a chosen batch far below the estimate stays visible.
 
     Args:
         data: `noise_scale_samples`, `low_samples`, `high_samples` (each may be None),
@@ -60,18 +63,28 @@ def noise_scale_png(data: Mapping[str, Any], *, global_batch: int | None = None)
         top = 1.5 * max((p["noise_scale_samples"] for p in shown), default=0.0)
     if global_batch:
         top = max(top, 1.2 * global_batch)
+    # a chosen batch far below the estimate (or an interval reaching near zero) would sit on
+    # the floor of a linear axis: values spanning decades get a log axis
+    marked = [estimate, low, global_batch] + [p["noise_scale_samples"] for p in shown]
+    positive = [value for value in marked if value is not None and 0 < value < top]
+    bottom = 0.0
+    if positive and top / min(positive) > LOG_SPAN:
+        axes.set_yscale("log")
+        bottom = min(positive) / 1.5
     batches = [p["batches"] for p in shown]
     if shown and all("low_samples" in p or "high_samples" in p for p in shown):
         confidence = data.get("confidence")
         axes.fill_between(
             batches,
-            [p.get("low_samples") or 0.0 for p in shown],
+            [max(p.get("low_samples") or 0.0, bottom) for p in shown],
             [min(p.get("high_samples") or math.inf, top) for p in shown],
             alpha=0.25,
             label=f"{round(confidence * 100)}% bootstrap interval" if confidence else "interval",
         )
     elif low is not None and high is not None:
-        axes.axhspan(low, min(high, top), color="tab:blue", alpha=0.15, label="interval")
+        axes.axhspan(
+            max(low, bottom), min(high, top), color="tab:blue", alpha=0.15, label="interval"
+        )
     if shown:
         axes.plot(
             batches,
@@ -81,7 +94,7 @@ def noise_scale_png(data: Mapping[str, Any], *, global_batch: int | None = None)
             label="running estimate",
         )
     if top > 0:
-        axes.set_ylim(bottom=0, top=top * 1.05)
+        axes.set_ylim(bottom=bottom, top=top * (1.5 if bottom else 1.05))
     if estimate is not None:
         axes.axhline(estimate, linestyle="--", color="black", label=f"B_simple = {estimate:.4g}")
     if global_batch:
