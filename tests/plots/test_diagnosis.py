@@ -28,3 +28,29 @@ def test_plot_file_is_written_and_must_be_png(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match=r"must end in \.png"):
         plot_diagnosis(history, diagnose(history), tmp_path / "d.svg")
+
+
+def test_legend_and_finding_labels_do_not_overlap(monkeypatch):
+    from batchfit.plots import diagnosis as module
+
+    figures = []
+    monkeypatch.setattr(module, "png_bytes", lambda figure: figures.append(figure) or b"")
+    records = [{"step": s, "loss": 2.0 / s} for s in range(1, 170)]
+    records += [{"step": s, "val_loss": 0.3, "val_accuracy": 0.97} for s in range(16, 170, 16)]
+    history = History.from_records(records, metric="val_accuracy")
+    finding = {"kind": "batch-below-critical", "severity": "info", "steps": [128, 169]}
+    diagnosis_png(history.to_dict(), {"findings": [finding]})
+    figure = figures[0]
+    figure.tight_layout()
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    left, right = figure.axes
+    # the legend is drawn on the metric's axes, the last drawn, so no curve crosses it
+    assert left.get_legend() is None and right.get_legend() is not None
+    legend = right.get_legend().get_window_extent(renderer)
+    (label,) = [t for a in figure.axes for t in a.texts if t.get_text() == finding["kind"]]
+    box = label.get_window_extent(renderer)
+    assert not legend.overlaps(box)
+    assert not legend.overlaps(left.get_window_extent(renderer))  # beside the plot, not on it
+    area = left.get_window_extent(renderer)
+    assert area.x0 <= box.x0 and box.x1 <= area.x1  # the label stays inside the chart

@@ -53,8 +53,9 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
         axes.set_yscale("log")  # a loss spanning decades: a blow-up or a fall to near zero
     metric = history.get("metric")
     handles, labels = axes.get_legend_handles_labels()
+    top = axes  # the legend goes on the axes drawn last, so no curve is drawn over it
     if metric and metric.get("steps"):
-        right = axes.twinx()
+        right = top = axes.twinx()
         (line,) = right.plot(
             metric["steps"],
             floats(metric["values"]),
@@ -65,6 +66,8 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
         )
         right.set_ylabel(metric["name"])
         handles, labels = handles + [line], labels + [metric["name"]]
+    steps = [s for c in (train, val or {}, metric or {}) for s in c.get("steps") or []]
+    middle = (min(steps) + max(steps)) / 2 if steps else 0
     for finding in diagnosis.get("findings") or []:
         first, last = finding["steps"]
         colour = _COLOURS.get(finding["severity"], "tab:gray")
@@ -72,14 +75,19 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
             axes.axvline(first, color=colour, alpha=0.6)
         else:
             axes.axvspan(first, last, color=colour, alpha=SHADE_ALPHA)
-        axes.annotate(
+        # on the axes drawn last, over a pale box, so the curves do not run through it; a
+        # finding in the right half is labelled leftwards from its end, inside the chart
+        leftwards = first > middle
+        top.annotate(
             finding["kind"],
-            xy=(first, 1.0),
+            xy=(last if leftwards else first, 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(2, -12 - 11 * (diagnosis["findings"].index(finding) % 4)),
+            xytext=(-2 if leftwards else 2, -12 - 11 * (diagnosis["findings"].index(finding) % 4)),
             textcoords="offset points",
+            horizontalalignment="right" if leftwards else "left",
             color=colour,
             fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
         )
     found = ", ".join(f["kind"] for f in diagnosis.get("findings") or []) or "no finding"
     axes.set_title(f"Training curves: {found}")
@@ -87,7 +95,15 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
     if handles:
-        axes.legend(handles, labels, loc="upper right", fontsize=8)
+        # outside the plot, right of the metric's axis: inside, it covered the finding labels
+        # along the top edge and the curves that passed under it
+        top.legend(
+            handles,
+            labels,
+            loc="upper left",
+            bbox_to_anchor=(1.12 if top is not axes else 1.01, 1.0),
+            fontsize=8,
+        )
     return png_bytes(figure)
 
 
