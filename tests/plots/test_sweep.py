@@ -29,3 +29,28 @@ def test_steps_and_rates_plots_are_pngs():
 def test_plots_without_a_fit_or_points():
     assert sweep_steps_png({"points": [], "fit": None})[:4] == b"\x89PNG"
     assert sweep_rates_png({"points": []})[:4] == b"\x89PNG"
+
+
+def _captured(monkeypatch):
+    from batchfit.plots import sweep
+
+    figures = []
+    monkeypatch.setattr(sweep, "png_bytes", lambda figure: figures.append(figure) or b"")
+    return figures
+
+
+def test_axes_are_labelled_in_plain_numbers(monkeypatch):
+    figures = _captured(monkeypatch)
+    sweep_steps_png(DATA)
+    sweep_rates_png(DATA)
+    # the steps chart shows the batches that reached the target; the rates chart every batch
+    for figure, batches in zip(figures, (["8", "16"], ["8", "16", "32"])):
+        figure.canvas.draw()
+        axes = figure.axes[0]
+        assert axes.get_xscale() == "log" and axes.get_yscale() == "log"
+        x = [t.get_text() for t in axes.get_xticklabels() if t.get_text()]
+        assert x == batches  # each batch, not 2^3, 2^4, 2^5
+        y = [t.get_text() for t in axes.get_yticklabels() + axes.get_yticklabels(minor=True)]
+        shown = [text for text in y if text]
+        assert shown and all("10^" not in t and "times" not in t for t in shown)
+        assert all(float(text) > 0 for text in shown)  # plain numbers: "50", "0.002"

@@ -67,8 +67,7 @@ def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
     if noise:
         axes.axvline(noise, color="tab:green", linestyle=":", label=f"noise scale {noise:.4g}")
     if points:
-        axes.set_xscale("log", base=2)
-        axes.set_yscale("log")
+        _log_axes(axes, batches)
     axes.set_title(f"Steps to {data.get('target', 'target')}")
     axes.set_xlabel("global batch (samples)")
     axes.set_ylabel("optimizer steps")
@@ -103,8 +102,7 @@ def sweep_rates_png(data: Mapping[str, Any]) -> bytes:
             label=f"{data.get('lr_rule', 'rule')}-scaled rate (grid centre)",
         )
     if points:
-        axes.set_xscale("log", base=2)
-        axes.set_yscale("log")
+        _log_axes(axes, [p["batch"] for p in points])
     axes.set_title("Best learning rate per batch")
     axes.set_xlabel("global batch (samples)")
     axes.set_ylabel("learning rate")
@@ -112,6 +110,25 @@ def sweep_rates_png(data: Mapping[str, Any]) -> bytes:
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="best")
     return png_bytes(figure)
+
+
+def _log_axes(axes: Any, batches: list[int]) -> None:
+    """Log axes labelled in plain numbers: a tick at each batch tried ("64", not "2^6"), and
+    values on the other axis as "6" or "0.004", not "6x10^0" or "4x10^-3"."""
+    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator
+
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.xaxis.set_major_locator(FixedLocator(sorted(set(batches))))
+    axes.xaxis.set_major_formatter(_plain_number)
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.yaxis.set_major_formatter(_plain_number)
+    axes.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _plain_number(value: float, _position: Any = None) -> str:
+    return f"{value:g}"
 
 
 def plot_sweep(result: SweepResult, folder: str | os.PathLike) -> tuple[Path, Path]:
