@@ -291,3 +291,14 @@ def test_train_with_a_plan_rewrites_the_plan_folders_report(tmp_path, capsys):
     html = (folder / "report.html").read_text()
     assert "<h2>The run</h2>" in html
     assert len(re.findall(r'src="data:image/png;base64,', html)) == 5
+
+
+def test_the_memory_caption_names_only_what_the_figure_draws():
+    plan = make_plan()
+    full = render_report(plan)
+    assert "the budget and the real trials that confirmed the limit" in full
+    cpu = {**plan.measurements["memory"], "capacity_bytes": None, "trials": []}
+    html = render_report(Plan(**{**plan.to_dict(), "memory_budget_bytes": None,
+                                 "measurements": {"memory": cpu}}))  # fmt: skip
+    (caption,) = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
+    assert caption == "Peak memory against batch size: predicted probes and the fitted line."

@@ -55,8 +55,7 @@ _FIGURES = (
     (
         "memory",
         lambda plan, data: memory_png(data),
-        "Peak memory against batch size: predicted probes, the fitted line, the budget and the "
-        "real trials that confirmed the limit.",
+        None,  # said by _memory_caption: what the figure holds
     ),
     (
         "throughput",
@@ -88,7 +87,10 @@ def render_report(
 ) -> str:
     """The report for `plan` as an HTML string (self-contained); see `write_report`."""
     figures = [
-        _figure(draw(plan, plan.measurements[key]), caption)
+        _figure(
+            draw(plan, plan.measurements[key]),
+            caption or _memory_caption(plan.measurements[key]),
+        )
         for key, draw, caption in _FIGURES
         if plan.measurements.get(key)
     ]
@@ -239,6 +241,18 @@ def _sweep_section(sweep: SweepResult) -> str:
             "would use.",
         )
     )
+
+
+def _memory_caption(data: dict) -> str:
+    """The memory figure's caption, naming only what it draws: a plan on the CPU has no budget
+    line, and a limit found by prediction alone has no real trials."""
+    parts = ["predicted probes", "the fitted line"]
+    if data.get("capacity_bytes"):
+        parts.append("the budget")
+    if data.get("trials"):
+        parts.append("the real trials that confirmed the limit")
+    listed = ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"Peak memory against batch size: {listed}."
 
 
 def _figure(png: bytes, caption: str) -> str:
