@@ -293,6 +293,19 @@ def test_train_with_a_plan_rewrites_the_plan_folders_report(tmp_path, capsys):
     assert len(re.findall(r'src="data:image/png;base64,', html)) == 5
 
 
+def test_a_raised_rate_that_failed_its_trial_is_labelled_with_the_rule():
+    plan = make_plan()
+    reason = (
+        "0.001 at batch 32 x sqrt(128/32) = 0.002; the range test at this batch still trains "
+        "well above it, so the rate is raised to its valley 0.016; tried in the planned run's "
+        "first steps: 0.016 for 42 steps: loss 2.3 -> 14 (diverged); back to the rule's 0.002: "
+        "the rate is 0.002"
+    )
+    fell_back = Plan(**{**plan.to_dict(), "reasons": {**plan.reasons, "lr": reason}})
+    html = render_report(fell_back)
+    assert "0.002 (sqrt rule)" in html and "(from the range test)" not in html
+
+
 def test_the_memory_caption_names_only_what_the_figure_draws():
     plan = make_plan()
     full = render_report(plan)

@@ -276,6 +276,9 @@ def _value(plan: Plan, name: str) -> str:
     if name == "lr":
         # choose_lr's reason says when the range test, not the scaling rule, set the rate
         reason = plan.reasons.get("lr", "")
+        if "back to the rule's" in reason:
+            # a raised rate that failed the trial in the planned run's first steps
+            return f"{value:.4g} ({plan.lr_rule} rule)"
         if "took its suggestion" in reason or "the rate is raised to" in reason:
             return f"{value:.4g} (from the range test)"
         return f"{value:.4g} ({plan.lr_rule} rule)"
