@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
+import pytest
 from rich.console import Console
 
 from batchfit.cli.format import print_plan, rounding_phrase, table
@@ -61,3 +62,26 @@ def test_plan_with_markup_in_the_task_name_prints_it_as_is():
     print_plan(console, plan, plan_path="p", report_path="r", source="tasks/[a].py:t")
     text = buffer.getvalue()
     assert "Plan for vit[b/16]" in text and "note: [/x]" in text and "tasks/[a].py:t" in text
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_plan_notes_wrap_at_words_within_the_terminal(width):
+    note = (
+        "Quick plan: the noise scale is one measurement over 12 big batches after 50 warm-up "
+        "steps (a full plan measures at 50 and 200 steps over 30 batches each and extrapolates "
+        "its growth to the middle of the run), so the batch may be low for the later run."
+    )
+    plan = SimpleNamespace(
+        task="digits", global_batch=128, micro_batch=64, accumulation_steps=2, lr=0.01,
+        warmup_steps=10, optimizer="task", normalization="none", batch_schedule="constant",
+        reasons={}, notes=[note],
+    )  # fmt: skip
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, soft_wrap=True)
+    print_plan(console, plan, plan_path="p/plan.json", report_path="p/report.html", source="x:y")
+    lines = buffer.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("note: Quick plan:"))
+    block = lines[start : next(i for i, line in enumerate(lines) if line.startswith("plan:"))]
+    assert len(block) > 1 and all(len(line) <= width for line in block)
+    assert all(line.startswith("      ") for line in block[1:])  # a hanging indent
+    assert " ".join(line[6:].strip() for line in block) == note  # no word cut in two

@@ -234,7 +234,13 @@ def print_plan(
     console.print(result)
     say = _plain(console)
     for note in plan.notes:
-        say(f"note: {note}")
+        # wrapped at word boundaries under a hanging indent: printed as one line, a terminal
+        # of 80 columns broke the long notes in the middle of words
+        lines = Table.grid(padding=(0, 1))
+        lines.add_column(no_wrap=True)
+        lines.add_column()
+        lines.add_row("note:", Text(note))
+        console.print(lines)
     say(f"plan:   {plan_path}")
     say(f"report: {report_path}")
     say(f"train:  batchfit train {source} --plan {plan_path}")
