@@ -84,4 +84,5 @@ def test_plan_notes_wrap_at_words_within_the_terminal(width):
     block = lines[start : next(i for i, line in enumerate(lines) if line.startswith("plan:"))]
     assert len(block) > 1 and all(len(line) <= width for line in block)
     assert all(line.startswith("      ") for line in block[1:])  # a hanging indent
+    assert all(line == line.rstrip() for line in block)  # no padding to the terminal's width
     assert " ".join(line[6:].strip() for line in block) == note  # no word cut in two

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -236,11 +237,15 @@ def print_plan(
     for note in plan.notes:
         # wrapped at word boundaries under a hanging indent: printed as one line, a terminal
         # of 80 columns broke the long notes in the middle of words
-        lines = Table.grid(padding=(0, 1))
-        lines.add_column(no_wrap=True)
-        lines.add_column()
-        lines.add_row("note:", Text(note))
-        console.print(lines)
+        wrapped = textwrap.fill(
+            note,
+            width=console.width,
+            initial_indent="note: ",
+            subsequent_indent=" " * 6,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        say(wrapped, soft_wrap=True)
     say(f"plan:   {plan_path}")
     say(f"report: {report_path}")
     say(f"train:  batchfit train {source} --plan {plan_path}")
