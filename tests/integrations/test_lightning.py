@@ -155,6 +155,62 @@ def test_warmup_runs_the_first_updates_at_a_fraction_of_the_rate():
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05  # restored after each step
 
 
+class Scheduled(Classifier):
+    """A Classifier whose configure_optimizers also returns a per-step rate scheduler."""
+
+    def __init__(self, make_scheduler, lr: float = 0.1):
+        super().__init__(lr=lr)
+        self.make_scheduler = make_scheduler
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        scheduler = {"scheduler": self.make_scheduler(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def _rates_seen(callback, model, max_steps):
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    trainer = _trainer(callback, max_steps=max_steps)
+    trainer.callbacks.append(Spy())
+    trainer.fit(model, Data())
+    return seen
+
+
+@pytest.mark.parametrize(
+    "make_scheduler, factors",
+    [
+        # closed form (base_lrs): the configured 0.1 came back at the first scheduler step
+        (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0), [1, 1, 1, 1]),
+        # chained from the group's rate: a warm-up from half the plan's rate, not from it
+        (
+            lambda opt: torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2),
+            [0.5, 0.75, 1, 1],
+        ),
+        (
+            lambda opt: torch.optim.lr_scheduler.SequentialLR(
+                opt,
+                [
+                    torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=2),
+                    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
+                ],
+                milestones=[2],
+            ),
+            [0.5, 0.5, 1, 1],
+        ),
+    ],
+    ids=["LambdaLR", "LinearLR", "SequentialLR"],
+)
+def test_the_plans_rate_is_the_base_of_the_modules_rate_scheduler(make_scheduler, factors):
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2))
+    seen = _rates_seen(callback, Scheduled(make_scheduler, lr=0.1), max_steps=4)
+    assert seen == pytest.approx([0.05 * factor for factor in factors])
+
+
 def test_a_plan_for_another_world_size_is_refused():
     callback = BatchFit(_plan(world_size=2, accumulation_steps=2))
     with pytest.raises(ConfigError, match="--world-size 1"):

@@ -42,6 +42,7 @@ from batchfit.integrations.lightning_fit import (
     detached_copy,
     device_of,
     diagnose_fit,
+    set_base_rate,
     training_data,
 )
 from batchfit.integrations.lightning_split import split_training_step
@@ -209,11 +210,7 @@ class BatchFit(pl.Callback):
                 "or start the Trainer with as many devices as the plan."
             )
         self._set_batch(trainer, pl_module, plan.global_batch, plan.micro_batch)
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = plan.lr
-                if "initial_lr" in group:  # a scheduler made before fit start scales from it
-                    group["initial_lr"] = plan.lr
+        set_base_rate(trainer.optimizers, trainer.lr_scheduler_configs, plan.lr)
         self._warmup_steps = plan.warmup_steps
 
     def _set_batch(self, trainer, pl_module, global_batch: int, micro: int) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "detached_copy",
     "device_of",
     "diagnose_fit",
+    "set_base_rate",
     "training_data",
 ]
 
@@ -91,6 +92,65 @@ def accumulation_for(wanted: int, loader_batch: int, world: int) -> tuple[int, i
             batch,
         )
     return accumulate, batch
+
+
+# --- the plan's rate ------------------------------------------------------------------------
+
+_GROUP_RATES = ("lr", "initial_lr", "max_lr", "min_lr")
+"""The rates a param group holds: the current one, a scheduler's base (`initial_lr`), and
+OneCycleLR's peak and floor."""
+
+
+def set_base_rate(optimizers: Any, scheduler_configs: Any, rate: float) -> None:
+    """Make `rate` every param group's base rate, keeping the shape of its rate schedulers.
+
+    The schedulers exist before fit start (`configure_optimizers`), and have read their base
+    rates: closed-form ones (`LambdaLR`, `SequentialLR`'s parts) keep `base_lrs`, chained ones
+    (`LinearLR`, `CosineAnnealingLR`) go on from the group's current `lr`, `OneCycleLR` from
+    its `max_lr`. Setting only `lr` gave the configured rate back at the first scheduler step,
+    or scaled a warm-up's start to `rate`. So each group's rates, and the `base_lrs` of the
+    schedulers of its optimizer, are multiplied by `rate` / its base (`max_lr`, else
+    `initial_lr`, else `lr`).
+
+    Args:
+        optimizers: the Trainer's optimizers.
+        scheduler_configs: the Trainer's `lr_scheduler_configs` (each with a `.scheduler`).
+        rate: the new base rate (the plan's).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.01)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+        >>> set_base_rate([opt], [], 0.2)
+        >>> opt.param_groups[0]["lr"], sched.base_lrs    # without its config: base_lrs kept
+        (0.1, [0.01])
+    """
+    for optimizer in optimizers:
+        ratios = []
+        for group in optimizer.param_groups:
+            base = group.get("max_lr") or group.get("initial_lr") or group["lr"]
+            ratio = rate / base if base else None
+            for key in _GROUP_RATES:
+                if key in group:
+                    group[key] = group[key] * ratio if ratio is not None else rate
+            ratios.append(ratio)
+        for config in scheduler_configs:
+            for scheduler in _schedulers(getattr(config, "scheduler", config)):
+                if getattr(scheduler, "optimizer", None) is not optimizer:
+                    continue
+                if isinstance(getattr(scheduler, "base_lrs", None), list):
+                    scheduler.base_lrs = [
+                        old * ratio if ratio is not None else rate
+                        for old, ratio in zip(scheduler.base_lrs, ratios)
+                    ]
+
+
+def _schedulers(scheduler: Any) -> list[Any]:
+    """A scheduler and the ones it runs (`SequentialLR`, `ChainedScheduler`)."""
+    parts = [scheduler]
+    for inner in getattr(scheduler, "_schedulers", None) or ():
+        parts.extend(_schedulers(inner))
+    return parts
 
 
 # --- the diagnosis at the end -----------------------------------------------------------------
