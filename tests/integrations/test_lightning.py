@@ -211,6 +211,17 @@ def test_the_plans_rate_is_the_base_of_the_modules_rate_scheduler(make_scheduler
     assert seen == pytest.approx([0.05 * factor for factor in factors])
 
 
+def test_the_warmup_factor_leaves_a_chained_scheduler_its_steps():
+    # ExponentialLR multiplies the group's rate by 0.5 each step; batchfit's warm-up factor
+    # (1/2 at update 1) must not be what the scheduler multiplies, nor undo its step
+    callback = BatchFit(
+        _plan(warmup_steps=2, global_batch=32, micro_batch=16, accumulation_steps=2)
+    )
+    make = lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)  # noqa: E731
+    seen = _rates_seen(callback, Scheduled(make), max_steps=4)
+    assert seen == pytest.approx([0.05 * 0.5, 0.05 * 0.5, 0.05 * 0.25, 0.05 * 0.125])
+
+
 def test_a_plan_for_another_world_size_is_refused():
     callback = BatchFit(_plan(world_size=2, accumulation_steps=2))
     with pytest.raises(ConfigError, match="--world-size 1"):

@@ -147,7 +147,10 @@ class BatchFit(pl.Callback):
         self.backoffs = 0
         self._splits = 1  # each loader batch runs as this many forward/backward passes
         self._warmup_steps = 0
-        self._saved_lrs: list[list[float]] | None = None
+        # each optimizer's rates before the warm-up / schedule factor, put back right after its
+        # step (a step post-hook), before Lightning steps the rate schedulers
+        self._saved_lrs: dict[int, list[float]] = {}
+        self._rate_hooks: list[Any] = []
         self._split_this_step = False
         self._batch_samples = 0
         self._schedule_spec = batch_schedule
@@ -369,6 +372,23 @@ class BatchFit(pl.Callback):
         self._last_step = trainer.global_step
         if self.tracker is not None:
             self.watch = GradientNormWatch(pl_module, self.tracker)
+        self._remove_rate_hooks()
+        self._rate_hooks = [
+            optimizer.register_step_post_hook(self._restore_rates)
+            for optimizer in trainer.optimizers
+        ]
+
+    def _restore_rates(self, optimizer: Any, *args: Any) -> None:
+        """Put back the rates the factor scaled: before the schedulers read them."""
+        rates = self._saved_lrs.pop(id(optimizer), None)
+        if rates is not None:
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
+
+    def _remove_rate_hooks(self) -> None:
+        for handle in self._rate_hooks:
+            handle.remove()
+        self._rate_hooks = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_samples = batch_size_of(batch)
@@ -398,8 +418,8 @@ class BatchFit(pl.Callback):
             self._lr_factor = self.schedule.lr_factor(trainer.global_step)
         factor *= self._lr_factor
         if factor != 1.0:
-            self._saved_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
             for opt in trainer.optimizers:
+                self._saved_lrs[id(opt)] = [group["lr"] for group in opt.param_groups]
                 for group in opt.param_groups:
                     group["lr"] *= factor
         self._step_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
@@ -437,11 +457,8 @@ class BatchFit(pl.Callback):
         if trainer.global_step > self._last_step:
             self._last_step = trainer.global_step
             self._end_step(trainer)
-        if self._saved_lrs is not None:  # put the unwarmed rates back for the scheduler
-            for opt, rates in zip(trainer.optimizers, self._saved_lrs):
-                for group, rate in zip(opt.param_groups, rates):
-                    group["lr"] = rate
-            self._saved_lrs = None
+        for opt in trainer.optimizers:  # a step that was skipped (inf gradients under AMP)
+            self._restore_rates(opt)
 
     def _end_step(self, trainer: pl.Trainer) -> None:
         """An optimizer step just ended: keep its loss for the diagnosis, ask the schedule."""
@@ -466,6 +483,7 @@ class BatchFit(pl.Callback):
     # --- the end: diagnosis, state ------------------------------------------------------------
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_rate_hooks()
         if self.watch is not None:
             self.watch.remove()
             self.watch = None
