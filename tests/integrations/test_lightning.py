@@ -129,6 +129,22 @@ def test_a_plan_sets_micro_batch_accumulation_and_rate_and_logs_the_noise_scale(
     assert callback.tracker.small_batch == 16 and callback.tracker.big_batch == 64
 
 
+def test_a_plan_that_replaces_the_trainers_own_accumulation_says_so():
+    callback = BatchFit(_plan(), noise_scale=False)  # 64 = 16 x 4
+    trainer = _trainer(callback, max_steps=1, accumulate_grad_batches=2)
+    with pytest.warns(
+        UserWarning, match=r"replaces the Trainer's accumulate_grad_batches=2 with 4"
+    ):
+        trainer.fit(Classifier(), Data())
+    assert trainer.accumulate_grad_batches == 4
+
+
+def test_a_plan_that_keeps_the_trainers_accumulation_does_not_warn(recwarn):
+    callback = BatchFit(_plan(), noise_scale=False)
+    _trainer(callback, max_steps=1, accumulate_grad_batches=4).fit(Classifier(), Data())
+    assert not [w for w in recwarn if "accumulate_grad_batches" in str(w.message)]
+
+
 def test_a_plan_file_path_is_read(tmp_path):
     path = _plan(global_batch=32, micro_batch=8).save(tmp_path / "plan.json")
     callback = BatchFit(str(path), noise_scale=False)

@@ -57,6 +57,7 @@ from batchfit.training.batch_schedule import BatchChange, BatchSchedule
 
 pl = require("lightning.pytorch", "lightning")
 rank_zero_info = pl.utilities.rank_zero_info
+rank_zero_warn = pl.utilities.rank_zero_warn
 
 if TYPE_CHECKING:
     from batchfit.monitor.findings import Diagnosis
@@ -212,7 +213,17 @@ class BatchFit(pl.Callback):
                 f"{trainer.world_size}; run `batchfit plan --world-size {trainer.world_size}` "
                 "or start the Trainer with as many devices as the plan."
             )
+        configured = trainer.accumulate_grad_batches
         self._set_batch(trainer, pl_module, plan.global_batch, plan.micro_batch)
+        if configured != 1 and configured != self.accumulation_steps:
+            # the Trainer's own setting, replaced: say so (the plan's batch is the point)
+            rank_zero_warn(
+                f"batchfit: the plan replaces the Trainer's accumulate_grad_batches={configured} "
+                f"with {self.accumulation_steps} (global batch {plan.global_batch} = "
+                f"{plan.micro_batch} x {self.accumulation_steps} x {trainer.world_size} "
+                "device(s)); leave accumulate_grad_batches out of the Trainer, or give BatchFit "
+                "no plan to keep it (BatchFit() keeps the configured global batch)."
+            )
         set_base_rate(trainer.optimizers, trainer.lr_scheduler_configs, plan.lr)
         self._warmup_steps = plan.warmup_steps
 
