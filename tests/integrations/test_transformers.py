@@ -83,6 +83,29 @@ def test_apply_plan_keeps_the_arguments_own_max_steps_and_scales_the_warmup(tmp_
     assert "keeps max_steps=20" in caplog.text and "scaled to 4" in caplog.text
 
 
+def test_apply_plan_names_the_arguments_own_settings_it_replaces(tmp_path, caplog):
+    args = _args(
+        tmp_path,
+        max_steps=-1,
+        num_train_epochs=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+    )
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        planned = apply_plan(args, _plan(total_steps=40))
+    assert planned.max_steps == 40 and planned.gradient_accumulation_steps == 4
+    assert "gradient_accumulation_steps=2 -> 4" in caplog.text
+    assert "num_train_epochs=2" in caplog.text and "max_steps=40 runs instead" in caplog.text
+    assert "learning_rate" not in caplog.text  # the plan's value: nothing replaced
+    assert "per_device_train_batch_size" not in caplog.text  # the default (8) is not theirs
+
+
+def test_apply_plan_over_default_arguments_does_not_warn(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        apply_plan(_args(tmp_path, max_steps=-1), _plan(total_steps=40))
+    assert caplog.text == ""
+
+
 def test_apply_plan_refuses_a_plan_for_another_world_size(tmp_path):
     with pytest.raises(ConfigError, match="--world-size 1"):
         apply_plan(_args(tmp_path), _plan(world_size=2, accumulation_steps=2))

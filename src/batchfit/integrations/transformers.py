@@ -60,7 +60,9 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
     `learning_rate` and `warmup_steps`; with the plan's `total_steps`, also `max_steps`, unless
     the arguments set their own (`max_steps > 0`): that run length is kept, the warmup is
     scaled to it (the plan's warmup x max_steps / the plan's steps, at least 1 step), and a
-    warning says so.
+    warning says so. A warning also names each of these settings the arguments set to other
+    than its default that the plan replaces, and a `num_train_epochs` of their own that the
+    plan's `max_steps` overrides.
 
     Args:
         training_args: the `transformers.TrainingArguments` to start from.
@@ -109,7 +111,32 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
             plan.warmup_steps,
             changes["warmup_steps"],
         )
+    _warn_of_replaced_settings(training_args, changes)
     return dataclasses.replace(training_args, **changes)
+
+
+def _warn_of_replaced_settings(training_args: Any, changes: Mapping[str, Any]) -> None:
+    """One warning naming each setting of the user's own (not the dataclass default) that
+    `changes` replace, and an epoch count that the plan's `max_steps` overrides."""
+    defaults = {field.name: field.default for field in dataclasses.fields(training_args)}
+    replaced = [
+        f"{name}={getattr(training_args, name)!r} -> {value!r}"
+        for name, value in changes.items()
+        if name != "max_steps"
+        and getattr(training_args, name) != defaults.get(name)
+        and getattr(training_args, name) != value
+    ]
+    epochs = training_args.num_train_epochs
+    if "max_steps" in changes and epochs != defaults.get("num_train_epochs"):
+        # the Trainer ignores num_train_epochs when max_steps > 0
+        replaced.append(
+            f"num_train_epochs={epochs!r} (the plan's max_steps={changes['max_steps']} runs "
+            "instead; set max_steps in the arguments to keep your own run length)"
+        )
+    if replaced:
+        logger.warning(
+            "apply_plan replaces settings of these TrainingArguments: %s.", ", ".join(replaced)
+        )
 
 
 class NoiseScaleTrainerCallback(transformers.TrainerCallback):
