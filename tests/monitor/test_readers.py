@@ -196,6 +196,20 @@ def test_tensorboard_event_files(tmp_path):
     assert history.steps_per_epoch is None  # no epoch logged
 
 
+def test_tensorboard_noise_scale_as_the_hugging_face_trainer_writes_it(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tmp_path / "tb")) as writer:
+        for step, loss in enumerate(_losses(10), 1):
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/noise_scale", 50.0 + step, step)
+            writer.add_scalar("train/noise_scale_trace", 9.0, step)
+    history = read_history(tmp_path / "tb")
+    assert history.noise_scale.name == "train/noise_scale"
+    assert history.noise_scale.values[-1] == 60.0
+
+
 @pytest.mark.parametrize(
     ("epoch", "expected"),
     [

@@ -52,7 +52,9 @@ _VAL_LOSS = (
     "loss_valid", "loss_validation", "validation_epoch_loss", "val_epoch_loss",
 )  # fmt: skip
 _LR = ("lr", "learning_rate", "train_learning_rate", "lr_abs")
-_NOISE = ("noise_scale", "noise_noise_scale")  # the latter: batchfit's TensorBoard tag
+# batchfit's TensorBoard tag `noise/noise_scale`; the Hugging Face Trainer's TensorBoard
+# callback writes the noise scale of `NoiseScaleTrainerCallback` as `train/noise_scale`
+_NOISE = ("noise_scale", "noise_noise_scale", "train_noise_scale")
 _VAL_PREFIXES = ("val_", "eval_", "valid_", "validation_")
 _PREFERRED_METRICS = ("accuracy", "acc", "iou", "miou", "dice", "f1", "auc", "top1", "map")
 _NOT_METRICS = ("loss", "runtime", "per_second", "epoch", "step", "samples", "flos")
