@@ -127,6 +127,35 @@ def test_trainer_with_the_plan_and_callback_logs_the_noise_scale(tmp_path):
     assert callback.tracker.small_batch == 8 and callback.tracker.big_batch == 32
 
 
+def test_add_to_puts_the_noise_scale_into_tensorboard(tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    from batchfit.monitor.readers import read_history
+
+    args = apply_plan(_args(tmp_path, max_grad_norm=0.0, report_to=["tensorboard"]), _plan())
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data())
+    callback = NoiseScaleTrainerCallback(window=None, diagnosis=False).add_to(trainer)
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        trainer.train()
+    assert "not tensorboard" not in caplog.text
+    history = read_history(next(tmp_path.rglob("events.out.tfevents*")).parent)
+    logged = [e for e in trainer.state.log_history if "noise_scale" in e and "loss" in e]
+    assert history.noise_scale is not None and len(logged) >= 2
+    assert history.noise_scale.steps == tuple(entry["step"] for entry in logged)
+    assert history.noise_scale.values[-1] == pytest.approx(callback.tracker.noise_scale, rel=1e-5)
+
+
+def test_after_the_reporters_the_callback_says_how_to_reach_them(tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    args = apply_plan(_args(tmp_path, max_steps=1, report_to=["tensorboard"]), _plan())
+    callback = NoiseScaleTrainerCallback(diagnosis=False)
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        trainer.train()
+    assert "not tensorboard" in caplog.text and ".add_to(trainer)" in caplog.text
+
+
 def test_a_clipped_step_is_not_measured(tmp_path):
     callback = NoiseScaleTrainerCallback()
     args = apply_plan(_args(tmp_path, max_grad_norm=1e-6, max_steps=2), _plan())

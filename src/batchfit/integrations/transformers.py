@@ -147,7 +147,9 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
     closes each optimizer step with the micro-batches of `per_device_train_batch_size` samples.
     Needs `gradient_accumulation_steps` of 2 or more, or several processes. A step whose gradient
     was clipped (`max_grad_norm`) is not measured: its accumulated gradient is no longer the big
-    batch's; the values reach `trainer.state.log_history` and the callbacks after this one.
+    batch's; the values reach `trainer.state.log_history` and the callbacks after this one: add
+    it with `add_to(trainer)` so that the reporters of `report_to` (TensorBoard, W&B) come after
+    it (a warning at the start of training says when they do not).
     At the end of training (on the main process) it diagnoses the run from
     `state.log_history` and writes diagnosis.json into `args.output_dir`, logging each finding.
 
@@ -183,10 +185,58 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         self.write_diagnosis = diagnosis
         self.plan = plan
         self.diagnosis: Diagnosis | None = None
+        self._callbacks: list[Any] | None = None  # the Trainer's callbacks, after add_to
+
+    def _ahead_of_reporters(self) -> bool:
+        """Whether add_to put this callback before every reporting integration."""
+        if self._callbacks is None or self not in self._callbacks:
+            return False
+        mine = self._callbacks.index(self)
+        return all(
+            mine < index
+            for index, callback in enumerate(self._callbacks)
+            if type(callback).__module__.startswith("transformers.integrations")
+        )
+
+    def add_to(self, trainer: Any) -> NoiseScaleTrainerCallback:
+        """Add this callback to `trainer` ahead of its reporting callbacks, and return it.
+
+        `Trainer(callbacks=[...])` and `trainer.add_callback` put a callback after the
+        reporting integrations of `report_to` (TensorBoard, W&B, MLflow, ...), whose `on_log`
+        then runs before this one adds the noise scale: it reaches `trainer.state.log_history`
+        (trainer_state.json) but not them. Here it goes right after the Trainer's
+        `DefaultFlowCallback`, so every reporter logs it.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from transformers import Trainer, TrainingArguments
+            >>> args = TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to=[])
+            >>> trainer = Trainer(model=torch.nn.Linear(2, 1), args=args)
+            >>> callback = NoiseScaleTrainerCallback().add_to(trainer)
+            >>> trainer.callback_handler.callbacks.index(callback)
+            1
+        """
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        flow = [
+            i for i, c in enumerate(callbacks) if isinstance(c, transformers.DefaultFlowCallback)
+        ]
+        callbacks.insert(flow[0] + 1 if flow else 0, self)
+        self._callbacks = callbacks
+        return self
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ConfigError("The Trainer passed no model to the callback.")
+        if args.report_to and not self._ahead_of_reporters():
+            logger.warning(
+                "batchfit: the noise scale reaches trainer.state.log_history but not %s, whose "
+                "callbacks run before NoiseScaleTrainerCallback; add it with "
+                "`NoiseScaleTrainerCallback(...).add_to(trainer)` instead of "
+                "Trainer(callbacks=[...]) to log it there too.",
+                ", ".join(map(str, args.report_to)),
+            )
         if self.watch is not None:
             self.watch.remove()
         self.watch = GradientNormWatch(model, self.tracker)
