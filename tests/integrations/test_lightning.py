@@ -416,6 +416,17 @@ def test_a_diverging_run_is_diagnosed_diverging_from_the_csv_logger(tmp_path):
     assert callback.diagnosis is not None and "diverging" in callback.diagnosis.kinds()
 
 
+def test_the_batch_is_logged_so_that_the_loggers_files_tell_it(tmp_path):
+    from batchfit.monitor.readers import read_history
+
+    csv = pl.loggers.CSVLogger(tmp_path, name="run")
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2))
+    _trainer(callback, csv, max_steps=4).fit(Classifier(), Data())
+    history = read_history(Path(csv.log_dir) / "metrics.csv")
+    assert (history.global_batch, history.micro_batch) == (32, 16)
+    assert not any("global batch" in note for note in history.notes)
+
+
 def test_without_a_csv_logger_the_diagnosis_reads_the_losses_the_callback_saw(tmp_path):
     callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=1e6))
     _trainer(callback, max_steps=16, default_root_dir=tmp_path).fit(Classifier(), Data())

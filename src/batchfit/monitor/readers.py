@@ -346,14 +346,29 @@ def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
         if "step" in record:
             record["step"] = int(float(record["step"]))
             records.append(record)
+    # batchfit's Lightning callback logs `global_batch` and `micro_batch` at every step
+    batches = _logged_batches(records, "")
     return _history(
         records,
         names,
         file,
         "lightning",
         steps_per_epoch=_steps_per_epoch(records, "epoch"),
-        notes=["the global batch is not in metrics.csv"],
+        notes=[] if "global_batch" in batches else ["the global batch is not in metrics.csv"],
+        **batches,
     )
+
+
+def _logged_batches(records: list[dict[str, Any]], *prefixes: str) -> dict[str, int]:
+    """The latest logged `global_batch` and `micro_batch` (a batch schedule changes them),
+    under any of `prefixes` ("train/" for batchfit's TensorBoard tags)."""
+    batches = {}
+    for name in ("global_batch", "micro_batch"):
+        tags = [prefix + name for prefix in prefixes]
+        logged = [_float(r[tag]) for r in records for tag in tags if tag in r]
+        if logged and logged[-1] is not None and logged[-1] >= 1:
+            batches[name] = int(logged[-1])
+    return batches
 
 
 def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
@@ -412,13 +427,10 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
         )
     records = [{"step": step, **values} for step, values in sorted(points.items())]
     # Lightning's TensorBoardLogger logs `epoch`, the Hugging Face Trainer and batchfit
-    # `train/epoch`; batchfit also logs its batches (`train/global_batch`, `train/micro_batch`)
+    # `train/epoch`; batchfit also logs its batches (`train/global_batch`, `train/micro_batch`;
+    # its Lightning callback `global_batch`, `micro_batch`)
     epoch_tag = next((tag for tag in ("epoch", "train/epoch") if tag in records[-1]), None)
-    batches = {}
-    for name in ("global_batch", "micro_batch"):
-        logged = [_float(r.get(f"train/{name}")) for r in records if f"train/{name}" in r]
-        if logged and logged[-1] is not None and logged[-1] >= 1:
-            batches[name] = int(logged[-1])  # the latest (a batch schedule changes it)
+    batches = _logged_batches(records, "train/", "")
     return _history(
         records,
         names,
