@@ -156,6 +156,20 @@ def test_after_the_reporters_the_callback_says_how_to_reach_them(tmp_path, caplo
     assert "not tensorboard" in caplog.text and ".add_to(trainer)" in caplog.text
 
 
+def test_trainer_state_json_tells_batchfit_diagnose_the_global_batch(tmp_path):
+    from batchfit.monitor.readers import read_history
+
+    args = apply_plan(_args(tmp_path, max_steps=2), _plan())  # 32 = 8 x 4
+    callback = NoiseScaleTrainerCallback(diagnosis=False)
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    trainer.train()
+    trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
+    history = read_history(tmp_path / "trainer_state.json")
+    assert (history.global_batch, history.micro_batch) == (32, 8)
+
+
 def test_a_clipped_step_is_not_measured(tmp_path):
     callback = NoiseScaleTrainerCallback()
     args = apply_plan(_args(tmp_path, max_grad_norm=1e-6, max_steps=2), _plan())

@@ -197,6 +197,19 @@ def test_transformers_trainer_state(tmp_path):
     assert history.steps_per_epoch == pytest.approx(20)
 
 
+def test_transformers_trainer_state_with_the_global_batch_batchfit_logs(tmp_path):
+    folder = write_transformers(tmp_path)
+    file = folder / "checkpoint-40" / "trainer_state.json"
+    state = json.loads(file.read_text())
+    for entry in state["log_history"]:
+        if "loss" in entry:
+            entry["global_batch"] = 32
+    file.write_text(json.dumps(state))
+    history = read_history(folder)
+    assert (history.global_batch, history.micro_batch) == (32, 8)
+    assert not any("global batch" in note for note in history.notes)
+
+
 def test_tensorboard_event_files(tmp_path):
     history = read_history(write_tensorboard(tmp_path / "tb"))
     assert history.format == "tensorboard"

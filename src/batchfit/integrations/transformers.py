@@ -141,7 +141,7 @@ def _warn_of_replaced_settings(training_args: Any, changes: Mapping[str, Any]) -
 
 class NoiseScaleTrainerCallback(transformers.TrainerCallback):
     """Puts the gradient noise scale into the Trainer's logs (`noise_scale`,
-    `noise_scale_gradient_sq`, `noise_scale_trace`).
+    `noise_scale_gradient_sq`, `noise_scale_trace`), with the global batch (`global_batch`).
 
     It watches each micro-batch's gradient (`batchfit.noise.watch.GradientNormWatch`) and
     closes each optimizer step with the micro-batches of `per_device_train_batch_size` samples.
@@ -259,14 +259,15 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         self.skipped_steps += 1
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self.tracker.updates == 0:
+        if logs is None or "loss" not in logs:  # evaluations and the closing summary
             return
-        # the noise scale itself is None while |G|^2 is not yet estimated above 0
-        values = {
-            "noise_scale": self.tracker.noise_scale,
-            "noise_scale_gradient_sq": float(self.tracker.gradient_sq_norm),
-            "noise_scale_trace": float(self.tracker.trace_covariance),
-        }
+        # trainer_state.json has only the per-device batch: `batchfit diagnose` reads this
+        values: dict[str, Any] = {"global_batch": _global_batch(args)}
+        if self.tracker.updates:
+            # the noise scale itself is None while |G|^2 is not yet estimated above 0
+            values["noise_scale"] = self.tracker.noise_scale
+            values["noise_scale_gradient_sq"] = float(self.tracker.gradient_sq_norm)
+            values["noise_scale_trace"] = float(self.tracker.trace_covariance)
         values = {key: value for key, value in values.items() if value is not None}
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -289,12 +290,17 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
                 source="trainer.state.log_history",
                 format="transformers",
                 micro_batch=micro,
-                global_batch=micro * args.gradient_accumulation_steps * args.world_size,
+                global_batch=_global_batch(args),
             )
         except RunLogError as error:
             logger.warning("batchfit: no diagnosis (log more often: logging_steps): %s", error)
             return None
         return write_run_diagnosis(history, args.output_dir, plan=self.plan)
+
+
+def _global_batch(args: Any) -> int:
+    """Samples per optimizer step over all processes."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 def _was_clipped(watch: GradientNormWatch, args: Any) -> bool:

@@ -384,14 +384,19 @@ def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
         if isinstance(r, dict) and "step" in r and "train_runtime" not in r
     ]
     micro = state.get("train_batch_size")
+    # batchfit's NoiseScaleTrainerCallback logs `global_batch` with each training loss
+    batches = _logged_batches(records, "")
+    batches.setdefault("micro_batch", int(micro) if micro else None)
     return _history(
         records,
         names,
         file,
         "transformers",
-        micro_batch=int(micro) if micro else None,
         steps_per_epoch=_steps_per_epoch(records, "epoch"),
-        notes=["trainer_state.json has the per-device batch, not the global batch"],
+        notes=[]
+        if "global_batch" in batches
+        else ["trainer_state.json has the per-device batch, not the global batch"],
+        **batches,
     )
 
 
