@@ -271,6 +271,32 @@ def test_without_a_plan_the_search_keeps_the_configured_global_batch(recwarn):
     assert trainer.global_step * 64 == callback.samples_seen
 
 
+def test_the_search_stops_at_the_devices_share_of_the_global_batch(monkeypatch):
+    # A budget that fits thousands of samples: the search must not build batches beyond the
+    # 32 samples a step needs (its default cap is 2**24 samples, minutes of CPU time)
+    from batchfit.memory import search
+
+    caps = []
+    real = search.find_max_batch_size
+
+    def recording(step, **options):
+        caps.append(options.get("max_batch_size"))
+        assert caps[-1] == 32, "the search is not capped at the share"  # fails fast
+        return real(step, **options)
+
+    monkeypatch.setattr(search, "find_max_batch_size", recording)
+    callback = BatchFit(global_batch=32, memory_budget="1GiB", noise_scale=False)
+    trainer = _trainer(callback, max_steps=1)
+    trainer.fit(Classifier(), Data(batch_size=8))
+    assert caps == [32]
+    assert (callback.micro_batch, trainer.accumulate_grad_batches) == (32, 1)
+
+
+def test_a_global_batch_that_is_no_positive_whole_number_is_refused():
+    with pytest.raises(ConfigError, match="global_batch"):
+        BatchFit(global_batch=0)
+
+
 def test_the_search_on_the_cpu_needs_a_budget():
     with pytest.raises(ConfigError, match="memory_budget"):
         _trainer(BatchFit(noise_scale=False)).fit(Classifier(), Data())

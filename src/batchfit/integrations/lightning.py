@@ -54,6 +54,7 @@ from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan, load_plan
 from batchfit.task import batch_size_of, move_to
 from batchfit.training.batch_schedule import BatchChange, BatchSchedule
+from batchfit.validation import check_whole_number
 
 pl = require("lightning.pytorch", "lightning")
 rank_zero_info = pl.utilities.rank_zero_info
@@ -136,6 +137,8 @@ class BatchFit(pl.Callback):
         if self.plan is not None and not isinstance(self.plan, Plan):
             raise ConfigError(f"plan must be a Plan, a path or None, got {type(plan).__name__}.")
         self.batch_size_attr = batch_size_attr
+        if global_batch is not None:
+            global_batch = check_whole_number("global_batch", global_batch)
         self.global_batch = global_batch
         self.memory_budget = memory_budget
         self.margin = margin
@@ -192,9 +195,9 @@ class BatchFit(pl.Callback):
                     f"The global batch ({target}) is not a multiple of the devices ({world}); "
                     "choose one that is (BatchFit(global_batch=...))."
                 )
-            limit = self._largest_micro_batch(trainer, pl_module)
-            # the largest micro-batch that fits and divides each device's share exactly
             share = target // world
+            limit = self._largest_micro_batch(trainer, pl_module, share)
+            # the largest micro-batch that fits and divides each device's share exactly
             micro = max(size for size in range(1, min(limit, share) + 1) if share % size == 0)
             self._set_batch(trainer, pl_module, target, micro)
         self._wrap_training_step(pl_module)
@@ -242,8 +245,11 @@ class BatchFit(pl.Callback):
         self.micro_batch = micro
         self.accumulation_steps = trainer.accumulate_grad_batches
 
-    def _largest_micro_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        """The search runs on a copy of the module, with a copy of its first optimizer."""
+    def _largest_micro_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, share: int
+    ) -> int:
+        """The search runs on a copy of the module, with a copy of its first optimizer, up to
+        `share` (a device's part of the global batch: a larger micro-batch is of no use)."""
         from batchfit.memory.search import find_max_batch_size
 
         device = pl_module.device
@@ -272,6 +278,7 @@ class BatchFit(pl.Callback):
             device=device,
             memory_budget=self.memory_budget,
             margin=self.margin,
+            max_batch_size=share,
             model=model,
             optimizer=optimizer,
         )
