@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,20 +38,18 @@ from batchfit.integrations.diagnosis import RunRecords
 from batchfit.integrations.lightning_fit import (
     accumulation_for,
     build_schedule,
-    detached_copy,
     device_of,
     diagnose_fit,
+    largest_micro_batch,
     set_base_rate,
-    training_data,
 )
 from batchfit.integrations.lightning_split import split_training_step
-from batchfit.integrations.lightning_task import optimizer_like, training_step_loss
 from batchfit.integrations.optional import require
 from batchfit.memory.step import is_out_of_memory
 from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
 from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan, load_plan
-from batchfit.task import batch_size_of, move_to
+from batchfit.task import batch_size_of
 from batchfit.training.batch_schedule import BatchChange, BatchSchedule
 from batchfit.validation import check_whole_number
 
@@ -196,7 +193,9 @@ class BatchFit(pl.Callback):
                     "choose one that is (BatchFit(global_batch=...))."
                 )
             share = target // world
-            limit = self._largest_micro_batch(trainer, pl_module, share)
+            limit = largest_micro_batch(
+                trainer, pl_module, share, memory_budget=self.memory_budget, margin=self.margin
+            )
             # the largest micro-batch that fits and divides each device's share exactly
             micro = max(size for size in range(1, min(limit, share) + 1) if share % size == 0)
             self._set_batch(trainer, pl_module, target, micro)
@@ -244,45 +243,6 @@ class BatchFit(pl.Callback):
         self.global_batch = global_batch
         self.micro_batch = micro
         self.accumulation_steps = trainer.accumulate_grad_batches
-
-    def _largest_micro_batch(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, share: int
-    ) -> int:
-        """The search runs on a copy of the module, with a copy of its first optimizer, up to
-        `share` (a device's part of the global batch: a larger micro-batch is of no use)."""
-        from batchfit.memory.search import find_max_batch_size
-
-        device = pl_module.device
-        if device.type == "cpu" and self.memory_budget is None:
-            raise ConfigError(
-                "On the CPU the micro-batch search needs a memory budget: "
-                "BatchFit(memory_budget='2GiB'), or give BatchFit a plan."
-            )
-        dataset, collate = training_data(trainer, pl_module)
-        model = detached_copy(pl_module)
-        optimizer = optimizer_like(trainer.optimizers[0], model.parameters())
-
-        def step(batch_size: int) -> None:
-            samples = [dataset[index % len(dataset)] for index in range(batch_size)]
-            with warnings.catch_warnings():
-                # the copy has no trainer, so its self.log() calls warn; they log nothing here
-                warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
-                out = model.training_step(move_to(collate(samples), device), 0)
-            loss = training_step_loss(out)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        result = find_max_batch_size(
-            step,
-            device=device,
-            memory_budget=self.memory_budget,
-            margin=self.margin,
-            max_batch_size=share,
-            model=model,
-            optimizer=optimizer,
-        )
-        return result.batch_size
 
     # --- batch schedule ------------------------------------------------------------------------
 

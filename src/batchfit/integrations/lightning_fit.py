@@ -16,13 +16,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError, RunLogError, TaskError
 from batchfit.integrations.diagnosis import RunRecords, write_run_diagnosis
+from batchfit.integrations.lightning_task import optimizer_like, training_step_loss
 from batchfit.monitor.readers import read_history
+from batchfit.task import move_to
 from batchfit.training.batch_schedule import BatchSchedule, parse_batch_schedule
 
 if TYPE_CHECKING:
@@ -34,6 +37,7 @@ __all__ = [
     "detached_copy",
     "device_of",
     "diagnose_fit",
+    "largest_micro_batch",
     "set_base_rate",
     "training_data",
 ]
@@ -199,6 +203,56 @@ def diagnose_fit(
         micro_batch=history.micro_batch or micro_batch,
     )
     return write_run_diagnosis(history, folder, plan=plan)
+
+
+# --- the micro-batch search ------------------------------------------------------------------
+
+
+def largest_micro_batch(
+    trainer: Any, pl_module: Any, share: int, *, memory_budget: Any, margin: float
+) -> int:
+    """The largest micro-batch, at most `share` (a device's part of the global batch: a larger
+    one is of no use), whose training step fits `memory_budget`.
+
+    The search (`batchfit.memory.search.find_max_batch_size`) runs on a copy of the module,
+    with a copy of its first optimizer, on samples of the training loader's data set.
+
+    Raises:
+        ConfigError: on the CPU without a memory budget, or without a map-style data set.
+    """
+    from batchfit.memory.search import find_max_batch_size
+
+    device = pl_module.device
+    if device.type == "cpu" and memory_budget is None:
+        raise ConfigError(
+            "On the CPU the micro-batch search needs a memory budget: "
+            "BatchFit(memory_budget='2GiB'), or give BatchFit a plan."
+        )
+    dataset, collate = training_data(trainer, pl_module)
+    model = detached_copy(pl_module)
+    optimizer = optimizer_like(trainer.optimizers[0], model.parameters())
+
+    def step(batch_size: int) -> None:
+        samples = [dataset[index % len(dataset)] for index in range(batch_size)]
+        with warnings.catch_warnings():
+            # the copy has no trainer, so its self.log() calls warn; they log nothing here
+            warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+            out = model.training_step(move_to(collate(samples), device), 0)
+        loss = training_step_loss(out)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = find_max_batch_size(
+        step,
+        device=device,
+        memory_budget=memory_budget,
+        margin=margin,
+        max_batch_size=share,
+        model=model,
+        optimizer=optimizer,
+    )
+    return result.batch_size
 
 
 # --- the module's data, a copy of it ---------------------------------------------------------
