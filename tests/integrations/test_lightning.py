@@ -129,6 +129,22 @@ def test_a_plan_sets_micro_batch_accumulation_and_rate_and_logs_the_noise_scale(
     assert callback.tracker.small_batch == 16 and callback.tracker.big_batch == 64
 
 
+def test_a_plan_that_replaces_the_trainers_own_accumulation_says_so():
+    callback = BatchFit(_plan(), noise_scale=False)  # 64 = 16 x 4
+    trainer = _trainer(callback, max_steps=1, accumulate_grad_batches=2)
+    with pytest.warns(
+        UserWarning, match=r"replaces the Trainer's accumulate_grad_batches=2 with 4"
+    ):
+        trainer.fit(Classifier(), Data())
+    assert trainer.accumulate_grad_batches == 4
+
+
+def test_a_plan_that_keeps_the_trainers_accumulation_does_not_warn(recwarn):
+    callback = BatchFit(_plan(), noise_scale=False)
+    _trainer(callback, max_steps=1, accumulate_grad_batches=4).fit(Classifier(), Data())
+    assert not [w for w in recwarn if "accumulate_grad_batches" in str(w.message)]
+
+
 def test_a_plan_file_path_is_read(tmp_path):
     path = _plan(global_batch=32, micro_batch=8).save(tmp_path / "plan.json")
     callback = BatchFit(str(path), noise_scale=False)
@@ -153,6 +169,73 @@ def test_warmup_runs_the_first_updates_at_a_fraction_of_the_rate():
     trainer.fit(Classifier(), Data())
     assert seen == pytest.approx([0.05 * 1 / 4, 0.05 * 2 / 4, 0.05 * 3 / 4, 0.05, 0.05])
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05  # restored after each step
+
+
+class Scheduled(Classifier):
+    """A Classifier whose configure_optimizers also returns a per-step rate scheduler."""
+
+    def __init__(self, make_scheduler, lr: float = 0.1):
+        super().__init__(lr=lr)
+        self.make_scheduler = make_scheduler
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        scheduler = {"scheduler": self.make_scheduler(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def _rates_seen(callback, model, max_steps):
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    trainer = _trainer(callback, max_steps=max_steps)
+    trainer.callbacks.append(Spy())
+    trainer.fit(model, Data())
+    return seen
+
+
+@pytest.mark.parametrize(
+    "make_scheduler, factors",
+    [
+        # closed form (base_lrs): the configured 0.1 came back at the first scheduler step
+        (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0), [1, 1, 1, 1]),
+        # chained from the group's rate: a warm-up from half the plan's rate, not from it
+        (
+            lambda opt: torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2),
+            [0.5, 0.75, 1, 1],
+        ),
+        (
+            lambda opt: torch.optim.lr_scheduler.SequentialLR(
+                opt,
+                [
+                    torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=2),
+                    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
+                ],
+                milestones=[2],
+            ),
+            [0.5, 0.5, 1, 1],
+        ),
+    ],
+    ids=["LambdaLR", "LinearLR", "SequentialLR"],
+)
+def test_the_plans_rate_is_the_base_of_the_modules_rate_scheduler(make_scheduler, factors):
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2))
+    seen = _rates_seen(callback, Scheduled(make_scheduler, lr=0.1), max_steps=4)
+    assert seen == pytest.approx([0.05 * factor for factor in factors])
+
+
+def test_the_warmup_factor_leaves_a_chained_scheduler_its_steps():
+    # ExponentialLR multiplies the group's rate by 0.5 each step; batchfit's warm-up factor
+    # (1/2 at update 1) must not be what the scheduler multiplies, nor undo its step
+    callback = BatchFit(
+        _plan(warmup_steps=2, global_batch=32, micro_batch=16, accumulation_steps=2)
+    )
+    make = lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)  # noqa: E731
+    seen = _rates_seen(callback, Scheduled(make), max_steps=4)
+    assert seen == pytest.approx([0.05 * 0.5, 0.05 * 0.5, 0.05 * 0.25, 0.05 * 0.125])
 
 
 def test_a_plan_for_another_world_size_is_refused():
@@ -186,6 +269,32 @@ def test_without_a_plan_the_search_keeps_the_configured_global_batch(recwarn):
     assert data.batch_size == callback.micro_batch == 16  # 17 does not fit 8 KiB
     assert callback.micro_batch * trainer.accumulate_grad_batches == 64
     assert trainer.global_step * 64 == callback.samples_seen
+
+
+def test_the_search_stops_at_the_devices_share_of_the_global_batch(monkeypatch):
+    # A budget that fits thousands of samples: the search must not build batches beyond the
+    # 32 samples a step needs (its default cap is 2**24 samples, minutes of CPU time)
+    from batchfit.memory import search
+
+    caps = []
+    real = search.find_max_batch_size
+
+    def recording(step, **options):
+        caps.append(options.get("max_batch_size"))
+        assert caps[-1] == 32, "the search is not capped at the share"  # fails fast
+        return real(step, **options)
+
+    monkeypatch.setattr(search, "find_max_batch_size", recording)
+    callback = BatchFit(global_batch=32, memory_budget="1GiB", noise_scale=False)
+    trainer = _trainer(callback, max_steps=1)
+    trainer.fit(Classifier(), Data(batch_size=8))
+    assert caps == [32]
+    assert (callback.micro_batch, trainer.accumulate_grad_batches) == (32, 1)
+
+
+def test_a_global_batch_that_is_no_positive_whole_number_is_refused():
+    with pytest.raises(ConfigError, match="global_batch"):
+        BatchFit(global_batch=0)
 
 
 def test_the_search_on_the_cpu_needs_a_budget():
@@ -331,6 +440,17 @@ def test_a_diverging_run_is_diagnosed_diverging_from_the_csv_logger(tmp_path):
     assert "diverging" in [finding["kind"] for finding in written["findings"]]
     assert written["source"].endswith("metrics.csv")
     assert callback.diagnosis is not None and "diverging" in callback.diagnosis.kinds()
+
+
+def test_the_batch_is_logged_so_that_the_loggers_files_tell_it(tmp_path):
+    from batchfit.monitor.readers import read_history
+
+    csv = pl.loggers.CSVLogger(tmp_path, name="run")
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2))
+    _trainer(callback, csv, max_steps=4).fit(Classifier(), Data())
+    history = read_history(Path(csv.log_dir) / "metrics.csv")
+    assert (history.global_batch, history.micro_batch) == (32, 16)
+    assert not any("global batch" in note for note in history.notes)
 
 
 def test_without_a_csv_logger_the_diagnosis_reads_the_losses_the_callback_saw(tmp_path):

@@ -83,6 +83,29 @@ def test_apply_plan_keeps_the_arguments_own_max_steps_and_scales_the_warmup(tmp_
     assert "keeps max_steps=20" in caplog.text and "scaled to 4" in caplog.text
 
 
+def test_apply_plan_names_the_arguments_own_settings_it_replaces(tmp_path, caplog):
+    args = _args(
+        tmp_path,
+        max_steps=-1,
+        num_train_epochs=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+    )
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        planned = apply_plan(args, _plan(total_steps=40))
+    assert planned.max_steps == 40 and planned.gradient_accumulation_steps == 4
+    assert "gradient_accumulation_steps=2 -> 4" in caplog.text
+    assert "num_train_epochs=2" in caplog.text and "max_steps=40 runs instead" in caplog.text
+    assert "learning_rate" not in caplog.text  # the plan's value: nothing replaced
+    assert "per_device_train_batch_size" not in caplog.text  # the default (8) is not theirs
+
+
+def test_apply_plan_over_default_arguments_does_not_warn(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        apply_plan(_args(tmp_path, max_steps=-1), _plan(total_steps=40))
+    assert caplog.text == ""
+
+
 def test_apply_plan_refuses_a_plan_for_another_world_size(tmp_path):
     with pytest.raises(ConfigError, match="--world-size 1"):
         apply_plan(_args(tmp_path), _plan(world_size=2, accumulation_steps=2))
@@ -102,6 +125,49 @@ def test_trainer_with_the_plan_and_callback_logs_the_noise_scale(tmp_path):
     assert callback.tracker.noise_scale > 0
     assert callback.tracker.updates == 5 and callback.skipped_steps == 0
     assert callback.tracker.small_batch == 8 and callback.tracker.big_batch == 32
+
+
+def test_add_to_puts_the_noise_scale_into_tensorboard(tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    from batchfit.monitor.readers import read_history
+
+    args = apply_plan(_args(tmp_path, max_grad_norm=0.0, report_to=["tensorboard"]), _plan())
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data())
+    callback = NoiseScaleTrainerCallback(window=None, diagnosis=False).add_to(trainer)
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        trainer.train()
+    assert "not tensorboard" not in caplog.text
+    history = read_history(next(tmp_path.rglob("events.out.tfevents*")).parent)
+    logged = [e for e in trainer.state.log_history if "noise_scale" in e and "loss" in e]
+    assert history.noise_scale is not None and len(logged) >= 2
+    assert history.noise_scale.steps == tuple(entry["step"] for entry in logged)
+    assert history.noise_scale.values[-1] == pytest.approx(callback.tracker.noise_scale, rel=1e-5)
+
+
+def test_after_the_reporters_the_callback_says_how_to_reach_them(tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    args = apply_plan(_args(tmp_path, max_steps=1, report_to=["tensorboard"]), _plan())
+    callback = NoiseScaleTrainerCallback(diagnosis=False)
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        trainer.train()
+    assert "not tensorboard" in caplog.text and ".add_to(trainer)" in caplog.text
+
+
+def test_trainer_state_json_tells_batchfit_diagnose_the_global_batch(tmp_path):
+    from batchfit.monitor.readers import read_history
+
+    args = apply_plan(_args(tmp_path, max_steps=2), _plan())  # 32 = 8 x 4
+    callback = NoiseScaleTrainerCallback(diagnosis=False)
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    trainer.train()
+    trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
+    history = read_history(tmp_path / "trainer_state.json")
+    assert (history.global_batch, history.micro_batch) == (32, 8)
 
 
 def test_a_clipped_step_is_not_measured(tmp_path):

@@ -176,6 +176,16 @@ def test_lightning_csv_logger_latest_version(tmp_path):
     assert history.steps_per_epoch == 10
 
 
+def test_lightning_csv_with_the_batch_batchfits_callback_logs(tmp_path):
+    rows = ["epoch,global_batch,micro_batch,step,train_loss"]
+    rows += [f"0,{32 if step < 5 else 64},16,{step},{loss}" for step, loss in enumerate(_losses(8))]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    history = read_history(tmp_path / "metrics.csv")
+    assert (history.global_batch, history.micro_batch) == (64, 16)  # the latest: a schedule
+    assert "the global batch is not in metrics.csv" not in history.notes
+    assert history.train_loss.name == "train_loss"
+
+
 def test_transformers_trainer_state(tmp_path):
     history = read_history(write_transformers(tmp_path))
     assert history.format == "transformers"
@@ -187,6 +197,19 @@ def test_transformers_trainer_state(tmp_path):
     assert history.steps_per_epoch == pytest.approx(20)
 
 
+def test_transformers_trainer_state_with_the_global_batch_batchfit_logs(tmp_path):
+    folder = write_transformers(tmp_path)
+    file = folder / "checkpoint-40" / "trainer_state.json"
+    state = json.loads(file.read_text())
+    for entry in state["log_history"]:
+        if "loss" in entry:
+            entry["global_batch"] = 32
+    file.write_text(json.dumps(state))
+    history = read_history(folder)
+    assert (history.global_batch, history.micro_batch) == (32, 8)
+    assert not any("global batch" in note for note in history.notes)
+
+
 def test_tensorboard_event_files(tmp_path):
     history = read_history(write_tensorboard(tmp_path / "tb"))
     assert history.format == "tensorboard"
@@ -194,6 +217,33 @@ def test_tensorboard_event_files(tmp_path):
     assert history.val_loss.name == "eval/loss" and history.metric.name == "eval/accuracy"
     assert history.lr.name == "train/learning_rate"
     assert history.steps_per_epoch is None  # no epoch logged
+
+
+def test_tensorboard_noise_scale_as_the_hugging_face_trainer_writes_it(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tmp_path / "tb")) as writer:
+        for step, loss in enumerate(_losses(10), 1):
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/noise_scale", 50.0 + step, step)
+            writer.add_scalar("train/noise_scale_trace", 9.0, step)
+    history = read_history(tmp_path / "tb")
+    assert history.noise_scale.name == "train/noise_scale"
+    assert history.noise_scale.values[-1] == 60.0
+
+
+def test_tensorboard_batch_as_batchfits_lightning_callback_logs_it(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tmp_path / "tb")) as writer:
+        for step, loss in enumerate(_losses(10), 1):
+            writer.add_scalar("train_loss", loss, step)
+            writer.add_scalar("global_batch", 128.0, step)
+            writer.add_scalar("micro_batch", 32.0, step)
+    history = read_history(tmp_path / "tb")
+    assert (history.global_batch, history.micro_batch) == (128, 32)
 
 
 @pytest.mark.parametrize(

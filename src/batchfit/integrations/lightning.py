@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,23 +38,24 @@ from batchfit.integrations.diagnosis import RunRecords
 from batchfit.integrations.lightning_fit import (
     accumulation_for,
     build_schedule,
-    detached_copy,
     device_of,
     diagnose_fit,
-    training_data,
+    largest_micro_batch,
+    set_base_rate,
 )
 from batchfit.integrations.lightning_split import split_training_step
-from batchfit.integrations.lightning_task import optimizer_like, training_step_loss
 from batchfit.integrations.optional import require
 from batchfit.memory.step import is_out_of_memory
 from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
 from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan, load_plan
-from batchfit.task import batch_size_of, move_to
+from batchfit.task import batch_size_of
 from batchfit.training.batch_schedule import BatchChange, BatchSchedule
+from batchfit.validation import check_whole_number
 
 pl = require("lightning.pytorch", "lightning")
 rank_zero_info = pl.utilities.rank_zero_info
+rank_zero_warn = pl.utilities.rank_zero_warn
 
 if TYPE_CHECKING:
     from batchfit.monitor.findings import Diagnosis
@@ -134,6 +134,8 @@ class BatchFit(pl.Callback):
         if self.plan is not None and not isinstance(self.plan, Plan):
             raise ConfigError(f"plan must be a Plan, a path or None, got {type(plan).__name__}.")
         self.batch_size_attr = batch_size_attr
+        if global_batch is not None:
+            global_batch = check_whole_number("global_batch", global_batch)
         self.global_batch = global_batch
         self.memory_budget = memory_budget
         self.margin = margin
@@ -146,7 +148,10 @@ class BatchFit(pl.Callback):
         self.backoffs = 0
         self._splits = 1  # each loader batch runs as this many forward/backward passes
         self._warmup_steps = 0
-        self._saved_lrs: list[list[float]] | None = None
+        # each optimizer's rates before the warm-up / schedule factor, put back right after its
+        # step (a step post-hook), before Lightning steps the rate schedulers
+        self._saved_lrs: dict[int, list[float]] = {}
+        self._rate_hooks: list[Any] = []
         self._split_this_step = False
         self._batch_samples = 0
         self._schedule_spec = batch_schedule
@@ -187,9 +192,11 @@ class BatchFit(pl.Callback):
                     f"The global batch ({target}) is not a multiple of the devices ({world}); "
                     "choose one that is (BatchFit(global_batch=...))."
                 )
-            limit = self._largest_micro_batch(trainer, pl_module)
-            # the largest micro-batch that fits and divides each device's share exactly
             share = target // world
+            limit = largest_micro_batch(
+                trainer, pl_module, share, memory_budget=self.memory_budget, margin=self.margin
+            )
+            # the largest micro-batch that fits and divides each device's share exactly
             micro = max(size for size in range(1, min(limit, share) + 1) if share % size == 0)
             self._set_batch(trainer, pl_module, target, micro)
         self._wrap_training_step(pl_module)
@@ -208,12 +215,18 @@ class BatchFit(pl.Callback):
                 f"{trainer.world_size}; run `batchfit plan --world-size {trainer.world_size}` "
                 "or start the Trainer with as many devices as the plan."
             )
+        configured = trainer.accumulate_grad_batches
         self._set_batch(trainer, pl_module, plan.global_batch, plan.micro_batch)
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = plan.lr
-                if "initial_lr" in group:  # a scheduler made before fit start scales from it
-                    group["initial_lr"] = plan.lr
+        if configured != 1 and configured != self.accumulation_steps:
+            # the Trainer's own setting, replaced: say so (the plan's batch is the point)
+            rank_zero_warn(
+                f"batchfit: the plan replaces the Trainer's accumulate_grad_batches={configured} "
+                f"with {self.accumulation_steps} (global batch {plan.global_batch} = "
+                f"{plan.micro_batch} x {self.accumulation_steps} x {trainer.world_size} "
+                "device(s)); leave accumulate_grad_batches out of the Trainer, or give BatchFit "
+                "no plan to keep it (BatchFit() keeps the configured global batch)."
+            )
+        set_base_rate(trainer.optimizers, trainer.lr_scheduler_configs, plan.lr)
         self._warmup_steps = plan.warmup_steps
 
     def _set_batch(self, trainer, pl_module, global_batch: int, micro: int) -> None:
@@ -230,41 +243,6 @@ class BatchFit(pl.Callback):
         self.global_batch = global_batch
         self.micro_batch = micro
         self.accumulation_steps = trainer.accumulate_grad_batches
-
-    def _largest_micro_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        """The search runs on a copy of the module, with a copy of its first optimizer."""
-        from batchfit.memory.search import find_max_batch_size
-
-        device = pl_module.device
-        if device.type == "cpu" and self.memory_budget is None:
-            raise ConfigError(
-                "On the CPU the micro-batch search needs a memory budget: "
-                "BatchFit(memory_budget='2GiB'), or give BatchFit a plan."
-            )
-        dataset, collate = training_data(trainer, pl_module)
-        model = detached_copy(pl_module)
-        optimizer = optimizer_like(trainer.optimizers[0], model.parameters())
-
-        def step(batch_size: int) -> None:
-            samples = [dataset[index % len(dataset)] for index in range(batch_size)]
-            with warnings.catch_warnings():
-                # the copy has no trainer, so its self.log() calls warn; they log nothing here
-                warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
-                out = model.training_step(move_to(collate(samples), device), 0)
-            loss = training_step_loss(out)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        result = find_max_batch_size(
-            step,
-            device=device,
-            memory_budget=self.memory_budget,
-            margin=self.margin,
-            model=model,
-            optimizer=optimizer,
-        )
-        return result.batch_size
 
     # --- batch schedule ------------------------------------------------------------------------
 
@@ -372,6 +350,23 @@ class BatchFit(pl.Callback):
         self._last_step = trainer.global_step
         if self.tracker is not None:
             self.watch = GradientNormWatch(pl_module, self.tracker)
+        self._remove_rate_hooks()
+        self._rate_hooks = [
+            optimizer.register_step_post_hook(self._restore_rates)
+            for optimizer in trainer.optimizers
+        ]
+
+    def _restore_rates(self, optimizer: Any, *args: Any) -> None:
+        """Put back the rates the factor scaled: before the schedulers read them."""
+        rates = self._saved_lrs.pop(id(optimizer), None)
+        if rates is not None:
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
+
+    def _remove_rate_hooks(self) -> None:
+        for handle in self._rate_hooks:
+            handle.remove()
+        self._rate_hooks = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_samples = batch_size_of(batch)
@@ -401,12 +396,19 @@ class BatchFit(pl.Callback):
             self._lr_factor = self.schedule.lr_factor(trainer.global_step)
         factor *= self._lr_factor
         if factor != 1.0:
-            self._saved_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
             for opt in trainer.optimizers:
+                self._saved_lrs[id(opt)] = [group["lr"] for group in opt.param_groups]
                 for group in opt.param_groups:
                     group["lr"] *= factor
         self._step_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         self._split_this_step = False  # the next batch starts a new step
+        if self.global_batch and self.micro_batch:
+            # into every logger, so that `batchfit diagnose` on its files knows the batch
+            pl_module.log_dict(
+                {"global_batch": float(self.global_batch), "micro_batch": float(self.micro_batch)},
+                on_step=True,
+                on_epoch=False,
+            )
 
     def _watch_step(self, trainer, pl_module, step: int) -> None:
         assert self.watch is not None and self.tracker is not None
@@ -440,11 +442,8 @@ class BatchFit(pl.Callback):
         if trainer.global_step > self._last_step:
             self._last_step = trainer.global_step
             self._end_step(trainer)
-        if self._saved_lrs is not None:  # put the unwarmed rates back for the scheduler
-            for opt, rates in zip(trainer.optimizers, self._saved_lrs):
-                for group, rate in zip(opt.param_groups, rates):
-                    group["lr"] = rate
-            self._saved_lrs = None
+        for opt in trainer.optimizers:  # a step that was skipped (inf gradients under AMP)
+            self._restore_rates(opt)
 
     def _end_step(self, trainer: pl.Trainer) -> None:
         """An optimizer step just ended: keep its loss for the diagnosis, ask the schedule."""
@@ -469,6 +468,7 @@ class BatchFit(pl.Callback):
     # --- the end: diagnosis, state ------------------------------------------------------------
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_rate_hooks()
         if self.watch is not None:
             self.watch.remove()
             self.watch = None

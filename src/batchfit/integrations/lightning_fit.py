@@ -16,13 +16,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError, RunLogError, TaskError
 from batchfit.integrations.diagnosis import RunRecords, write_run_diagnosis
+from batchfit.integrations.lightning_task import optimizer_like, training_step_loss
 from batchfit.monitor.readers import read_history
+from batchfit.task import move_to
 from batchfit.training.batch_schedule import BatchSchedule, parse_batch_schedule
 
 if TYPE_CHECKING:
@@ -34,6 +37,8 @@ __all__ = [
     "detached_copy",
     "device_of",
     "diagnose_fit",
+    "largest_micro_batch",
+    "set_base_rate",
     "training_data",
 ]
 
@@ -93,6 +98,65 @@ def accumulation_for(wanted: int, loader_batch: int, world: int) -> tuple[int, i
     return accumulate, batch
 
 
+# --- the plan's rate ------------------------------------------------------------------------
+
+_GROUP_RATES = ("lr", "initial_lr", "max_lr", "min_lr")
+"""The rates a param group holds: the current one, a scheduler's base (`initial_lr`), and
+OneCycleLR's peak and floor."""
+
+
+def set_base_rate(optimizers: Any, scheduler_configs: Any, rate: float) -> None:
+    """Make `rate` every param group's base rate, keeping the shape of its rate schedulers.
+
+    The schedulers exist before fit start (`configure_optimizers`), and have read their base
+    rates: closed-form ones (`LambdaLR`, `SequentialLR`'s parts) keep `base_lrs`, chained ones
+    (`LinearLR`, `CosineAnnealingLR`) go on from the group's current `lr`, `OneCycleLR` from
+    its `max_lr`. Setting only `lr` gave the configured rate back at the first scheduler step,
+    or scaled a warm-up's start to `rate`. So each group's rates, and the `base_lrs` of the
+    schedulers of its optimizer, are multiplied by `rate` / its base (`max_lr`, else
+    `initial_lr`, else `lr`).
+
+    Args:
+        optimizers: the Trainer's optimizers.
+        scheduler_configs: the Trainer's `lr_scheduler_configs` (each with a `.scheduler`).
+        rate: the new base rate (the plan's).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.01)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+        >>> set_base_rate([opt], [], 0.2)
+        >>> opt.param_groups[0]["lr"], sched.base_lrs    # without its config: base_lrs kept
+        (0.1, [0.01])
+    """
+    for optimizer in optimizers:
+        ratios = []
+        for group in optimizer.param_groups:
+            base = group.get("max_lr") or group.get("initial_lr") or group["lr"]
+            ratio = rate / base if base else None
+            for key in _GROUP_RATES:
+                if key in group:
+                    group[key] = group[key] * ratio if ratio is not None else rate
+            ratios.append(ratio)
+        for config in scheduler_configs:
+            for scheduler in _schedulers(getattr(config, "scheduler", config)):
+                if getattr(scheduler, "optimizer", None) is not optimizer:
+                    continue
+                if isinstance(getattr(scheduler, "base_lrs", None), list):
+                    scheduler.base_lrs = [
+                        old * ratio if ratio is not None else rate
+                        for old, ratio in zip(scheduler.base_lrs, ratios)
+                    ]
+
+
+def _schedulers(scheduler: Any) -> list[Any]:
+    """A scheduler and the ones it runs (`SequentialLR`, `ChainedScheduler`)."""
+    parts = [scheduler]
+    for inner in getattr(scheduler, "_schedulers", None) or ():
+        parts.extend(_schedulers(inner))
+    return parts
+
+
 # --- the diagnosis at the end -----------------------------------------------------------------
 
 
@@ -139,6 +203,56 @@ def diagnose_fit(
         micro_batch=history.micro_batch or micro_batch,
     )
     return write_run_diagnosis(history, folder, plan=plan)
+
+
+# --- the micro-batch search ------------------------------------------------------------------
+
+
+def largest_micro_batch(
+    trainer: Any, pl_module: Any, share: int, *, memory_budget: Any, margin: float
+) -> int:
+    """The largest micro-batch, at most `share` (a device's part of the global batch: a larger
+    one is of no use), whose training step fits `memory_budget`.
+
+    The search (`batchfit.memory.search.find_max_batch_size`) runs on a copy of the module,
+    with a copy of its first optimizer, on samples of the training loader's data set.
+
+    Raises:
+        ConfigError: on the CPU without a memory budget, or without a map-style data set.
+    """
+    from batchfit.memory.search import find_max_batch_size
+
+    device = pl_module.device
+    if device.type == "cpu" and memory_budget is None:
+        raise ConfigError(
+            "On the CPU the micro-batch search needs a memory budget: "
+            "BatchFit(memory_budget='2GiB'), or give BatchFit a plan."
+        )
+    dataset, collate = training_data(trainer, pl_module)
+    model = detached_copy(pl_module)
+    optimizer = optimizer_like(trainer.optimizers[0], model.parameters())
+
+    def step(batch_size: int) -> None:
+        samples = [dataset[index % len(dataset)] for index in range(batch_size)]
+        with warnings.catch_warnings():
+            # the copy has no trainer, so its self.log() calls warn; they log nothing here
+            warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+            out = model.training_step(move_to(collate(samples), device), 0)
+        loss = training_step_loss(out)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = find_max_batch_size(
+        step,
+        device=device,
+        memory_budget=memory_budget,
+        margin=margin,
+        max_batch_size=share,
+        model=model,
+        optimizer=optimizer,
+    )
+    return result.batch_size
 
 
 # --- the module's data, a copy of it ---------------------------------------------------------

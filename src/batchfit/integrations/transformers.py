@@ -60,7 +60,9 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
     `learning_rate` and `warmup_steps`; with the plan's `total_steps`, also `max_steps`, unless
     the arguments set their own (`max_steps > 0`): that run length is kept, the warmup is
     scaled to it (the plan's warmup x max_steps / the plan's steps, at least 1 step), and a
-    warning says so.
+    warning says so. A warning also names each of these settings the arguments set to other
+    than its default that the plan replaces, and a `num_train_epochs` of their own that the
+    plan's `max_steps` overrides.
 
     Args:
         training_args: the `transformers.TrainingArguments` to start from.
@@ -109,18 +111,45 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
             plan.warmup_steps,
             changes["warmup_steps"],
         )
+    _warn_of_replaced_settings(training_args, changes)
     return dataclasses.replace(training_args, **changes)
+
+
+def _warn_of_replaced_settings(training_args: Any, changes: Mapping[str, Any]) -> None:
+    """One warning naming each setting of the user's own (not the dataclass default) that
+    `changes` replace, and an epoch count that the plan's `max_steps` overrides."""
+    defaults = {field.name: field.default for field in dataclasses.fields(training_args)}
+    replaced = [
+        f"{name}={getattr(training_args, name)!r} -> {value!r}"
+        for name, value in changes.items()
+        if name != "max_steps"
+        and getattr(training_args, name) != defaults.get(name)
+        and getattr(training_args, name) != value
+    ]
+    epochs = training_args.num_train_epochs
+    if "max_steps" in changes and epochs != defaults.get("num_train_epochs"):
+        # the Trainer ignores num_train_epochs when max_steps > 0
+        replaced.append(
+            f"num_train_epochs={epochs!r} (the plan's max_steps={changes['max_steps']} runs "
+            "instead; set max_steps in the arguments to keep your own run length)"
+        )
+    if replaced:
+        logger.warning(
+            "apply_plan replaces settings of these TrainingArguments: %s.", ", ".join(replaced)
+        )
 
 
 class NoiseScaleTrainerCallback(transformers.TrainerCallback):
     """Puts the gradient noise scale into the Trainer's logs (`noise_scale`,
-    `noise_scale_gradient_sq`, `noise_scale_trace`).
+    `noise_scale_gradient_sq`, `noise_scale_trace`), with the global batch (`global_batch`).
 
     It watches each micro-batch's gradient (`batchfit.noise.watch.GradientNormWatch`) and
     closes each optimizer step with the micro-batches of `per_device_train_batch_size` samples.
     Needs `gradient_accumulation_steps` of 2 or more, or several processes. A step whose gradient
     was clipped (`max_grad_norm`) is not measured: its accumulated gradient is no longer the big
-    batch's; the values reach `trainer.state.log_history` and the callbacks after this one.
+    batch's; the values reach `trainer.state.log_history` and the callbacks after this one: add
+    it with `add_to(trainer)` so that the reporters of `report_to` (TensorBoard, W&B) come after
+    it (a warning at the start of training says when they do not).
     At the end of training (on the main process) it diagnoses the run from
     `state.log_history` and writes diagnosis.json into `args.output_dir`, logging each finding.
 
@@ -156,10 +185,58 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         self.write_diagnosis = diagnosis
         self.plan = plan
         self.diagnosis: Diagnosis | None = None
+        self._callbacks: list[Any] | None = None  # the Trainer's callbacks, after add_to
+
+    def _ahead_of_reporters(self) -> bool:
+        """Whether add_to put this callback before every reporting integration."""
+        if self._callbacks is None or self not in self._callbacks:
+            return False
+        mine = self._callbacks.index(self)
+        return all(
+            mine < index
+            for index, callback in enumerate(self._callbacks)
+            if type(callback).__module__.startswith("transformers.integrations")
+        )
+
+    def add_to(self, trainer: Any) -> NoiseScaleTrainerCallback:
+        """Add this callback to `trainer` ahead of its reporting callbacks, and return it.
+
+        `Trainer(callbacks=[...])` and `trainer.add_callback` put a callback after the
+        reporting integrations of `report_to` (TensorBoard, W&B, MLflow, ...), whose `on_log`
+        then runs before this one adds the noise scale: it reaches `trainer.state.log_history`
+        (trainer_state.json) but not them. Here it goes right after the Trainer's
+        `DefaultFlowCallback`, so every reporter logs it.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from transformers import Trainer, TrainingArguments
+            >>> args = TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to=[])
+            >>> trainer = Trainer(model=torch.nn.Linear(2, 1), args=args)
+            >>> callback = NoiseScaleTrainerCallback().add_to(trainer)
+            >>> trainer.callback_handler.callbacks.index(callback)
+            1
+        """
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        flow = [
+            i for i, c in enumerate(callbacks) if isinstance(c, transformers.DefaultFlowCallback)
+        ]
+        callbacks.insert(flow[0] + 1 if flow else 0, self)
+        self._callbacks = callbacks
+        return self
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ConfigError("The Trainer passed no model to the callback.")
+        if args.report_to and not self._ahead_of_reporters():
+            logger.warning(
+                "batchfit: the noise scale reaches trainer.state.log_history but not %s, whose "
+                "callbacks run before NoiseScaleTrainerCallback; add it with "
+                "`NoiseScaleTrainerCallback(...).add_to(trainer)` instead of "
+                "Trainer(callbacks=[...]) to log it there too.",
+                ", ".join(map(str, args.report_to)),
+            )
         if self.watch is not None:
             self.watch.remove()
         self.watch = GradientNormWatch(model, self.tracker)
@@ -182,14 +259,15 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         self.skipped_steps += 1
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self.tracker.updates == 0:
+        if logs is None or "loss" not in logs:  # evaluations and the closing summary
             return
-        # the noise scale itself is None while |G|^2 is not yet estimated above 0
-        values = {
-            "noise_scale": self.tracker.noise_scale,
-            "noise_scale_gradient_sq": float(self.tracker.gradient_sq_norm),
-            "noise_scale_trace": float(self.tracker.trace_covariance),
-        }
+        # trainer_state.json has only the per-device batch: `batchfit diagnose` reads this
+        values: dict[str, Any] = {"global_batch": _global_batch(args)}
+        if self.tracker.updates:
+            # the noise scale itself is None while |G|^2 is not yet estimated above 0
+            values["noise_scale"] = self.tracker.noise_scale
+            values["noise_scale_gradient_sq"] = float(self.tracker.gradient_sq_norm)
+            values["noise_scale_trace"] = float(self.tracker.trace_covariance)
         values = {key: value for key, value in values.items() if value is not None}
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -212,12 +290,17 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
                 source="trainer.state.log_history",
                 format="transformers",
                 micro_batch=micro,
-                global_batch=micro * args.gradient_accumulation_steps * args.world_size,
+                global_batch=_global_batch(args),
             )
         except RunLogError as error:
             logger.warning("batchfit: no diagnosis (log more often: logging_steps): %s", error)
             return None
         return write_run_diagnosis(history, args.output_dir, plan=self.plan)
+
+
+def _global_batch(args: Any) -> int:
+    """Samples per optimizer step over all processes."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 def _was_clipped(watch: GradientNormWatch, args: Any) -> bool:

@@ -52,7 +52,9 @@ _VAL_LOSS = (
     "loss_valid", "loss_validation", "validation_epoch_loss", "val_epoch_loss",
 )  # fmt: skip
 _LR = ("lr", "learning_rate", "train_learning_rate", "lr_abs")
-_NOISE = ("noise_scale", "noise_noise_scale")  # the latter: batchfit's TensorBoard tag
+# batchfit's TensorBoard tag `noise/noise_scale`; the Hugging Face Trainer's TensorBoard
+# callback writes the noise scale of `NoiseScaleTrainerCallback` as `train/noise_scale`
+_NOISE = ("noise_scale", "noise_noise_scale", "train_noise_scale")
 _VAL_PREFIXES = ("val_", "eval_", "valid_", "validation_")
 _PREFERRED_METRICS = ("accuracy", "acc", "iou", "miou", "dice", "f1", "auc", "top1", "map")
 _NOT_METRICS = ("loss", "runtime", "per_second", "epoch", "step", "samples", "flos")
@@ -344,14 +346,29 @@ def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
         if "step" in record:
             record["step"] = int(float(record["step"]))
             records.append(record)
+    # batchfit's Lightning callback logs `global_batch` and `micro_batch` at every step
+    batches = _logged_batches(records, "")
     return _history(
         records,
         names,
         file,
         "lightning",
         steps_per_epoch=_steps_per_epoch(records, "epoch"),
-        notes=["the global batch is not in metrics.csv"],
+        notes=[] if "global_batch" in batches else ["the global batch is not in metrics.csv"],
+        **batches,
     )
+
+
+def _logged_batches(records: list[dict[str, Any]], *prefixes: str) -> dict[str, int]:
+    """The latest logged `global_batch` and `micro_batch` (a batch schedule changes them),
+    under any of `prefixes` ("train/" for batchfit's TensorBoard tags)."""
+    batches = {}
+    for name in ("global_batch", "micro_batch"):
+        tags = [prefix + name for prefix in prefixes]
+        logged = [_float(r[tag]) for r in records for tag in tags if tag in r]
+        if logged and logged[-1] is not None and logged[-1] >= 1:
+            batches[name] = int(logged[-1])
+    return batches
 
 
 def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
@@ -367,14 +384,19 @@ def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
         if isinstance(r, dict) and "step" in r and "train_runtime" not in r
     ]
     micro = state.get("train_batch_size")
+    # batchfit's NoiseScaleTrainerCallback logs `global_batch` with each training loss
+    batches = _logged_batches(records, "")
+    batches.setdefault("micro_batch", int(micro) if micro else None)
     return _history(
         records,
         names,
         file,
         "transformers",
-        micro_batch=int(micro) if micro else None,
         steps_per_epoch=_steps_per_epoch(records, "epoch"),
-        notes=["trainer_state.json has the per-device batch, not the global batch"],
+        notes=[]
+        if "global_batch" in batches
+        else ["trainer_state.json has the per-device batch, not the global batch"],
+        **batches,
     )
 
 
@@ -410,13 +432,10 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
         )
     records = [{"step": step, **values} for step, values in sorted(points.items())]
     # Lightning's TensorBoardLogger logs `epoch`, the Hugging Face Trainer and batchfit
-    # `train/epoch`; batchfit also logs its batches (`train/global_batch`, `train/micro_batch`)
+    # `train/epoch`; batchfit also logs its batches (`train/global_batch`, `train/micro_batch`;
+    # its Lightning callback `global_batch`, `micro_batch`)
     epoch_tag = next((tag for tag in ("epoch", "train/epoch") if tag in records[-1]), None)
-    batches = {}
-    for name in ("global_batch", "micro_batch"):
-        logged = [_float(r.get(f"train/{name}")) for r in records if f"train/{name}" in r]
-        if logged and logged[-1] is not None and logged[-1] >= 1:
-            batches[name] = int(logged[-1])  # the latest (a batch schedule changes it)
+    batches = _logged_batches(records, "train/", "")
     return _history(
         records,
         names,
