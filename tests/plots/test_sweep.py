@@ -54,3 +54,11 @@ def test_axes_are_labelled_in_plain_numbers(monkeypatch):
         shown = [text for text in y if text]
         assert shown and all("10^" not in t and "times" not in t for t in shown)
         assert all(float(text) > 0 for text in shown)  # plain numbers: "50", "0.002"
+
+
+def test_the_critical_batch_reads_as_in_the_table(monkeypatch):
+    figures = _captured(monkeypatch)
+    sweep_steps_png({**DATA, "fit": {**DATA["fit"], "critical_batch": 64.5}})
+    labels = figures[0].axes[0].get_legend_handles_labels()[1]
+    # the sweep's table rounds B_crit to whole samples (64); the chart said 64.5
+    assert "B_crit = 64" in labels

@@ -87,3 +87,11 @@ def test_a_time_per_sample_that_jumps_with_the_batch_is_called_disturbed():
     )
     # a time per sample that grows 3x (a CPU past its cache) is what hardware can do
     assert _result([0.001, 0.002, 0.012]).disturbed_note() is None
+
+
+def test_every_table_column_is_named_and_the_marks_sit_under_theirs():
+    result = _result([0.01, 0.012, 0.02])  # 100, 167, 200 samples/s: knee and best at 4
+    columns, rows = result.table_columns(), result.table_rows()
+    assert all(columns) and len(set(columns)) == len(columns)
+    assert all(len(row) == len(columns) for row in rows)
+    assert rows[-1][columns.index("mark")] == "knee best"

@@ -61,7 +61,7 @@ def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
                 fit["critical_batch"],
                 color="tab:red",
                 linestyle="--",
-                label=f"B_crit = {fit['critical_batch']:.4g}",
+                label=f"B_crit = {fit['critical_batch']:,.0f}",
             )
     noise = (data.get("noise_scale") or {}).get("noise_scale_samples")
     if noise:

@@ -91,7 +91,7 @@ class ThroughputResult:
         columns = ["batch", "ms/step", "spread", "samples/s"]
         if self.tokens_per_second is not None:
             columns.append("tokens/s")
-        return [*columns, "of best", ""]
+        return [*columns, "of best", "mark"]
 
     def table_rows(self) -> list[list[str]]:
         """One row of text per batch size, the knee and the best marked."""
