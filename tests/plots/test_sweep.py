@@ -62,3 +62,17 @@ def test_the_critical_batch_reads_as_in_the_table(monkeypatch):
     labels = figures[0].axes[0].get_legend_handles_labels()[1]
     # the sweep's table rounds B_crit to whole samples (64); the chart said 64.5
     assert "B_crit = 64" in labels
+
+
+def test_a_best_rate_at_the_edge_of_the_rates_tried_is_marked(monkeypatch):
+    figures = _captured(monkeypatch)
+    points = [
+        {**DATA["points"][0], "rates": [0.0003, 0.001, 0.003]},  # inside: not marked
+        {**DATA["points"][1], "rates": [0.0007, 0.0014, 0.002]},  # best 0.002: the highest
+    ]
+    sweep_rates_png({**DATA, "points": points})
+    axes = figures[0].axes[0]
+    lines = dict(zip(axes.get_legend_handles_labels()[1], axes.get_legend_handles_labels()[0]))
+    marked = lines["best at the highest rate tried (a better one may lie beyond)"]
+    assert list(marked.get_xdata()) == [16] and list(marked.get_ydata()) == [0.002]
+    assert not any("lowest" in label for label in lines)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.plots.figure import new_axes, png_bytes, write_png
+from batchfit.sweep.result import rate_edge
 
 if TYPE_CHECKING:
     from batchfit.sweep.result import SweepResult
@@ -93,6 +94,18 @@ def sweep_rates_png(data: Mapping[str, Any]) -> bytes:
     exponent = data.get("lr_exponent")
     label = "best rate" + (f" (~ B^{exponent:.2f})" if exponent is not None else "")
     axes.plot([p["batch"] for p in best], [p["best_lr"] for p in best], "o-", label=label)
+    for side, marker in (("highest", "^"), ("lowest", "v")):
+        edge = [p for p in best if rate_edge(p["best_lr"], p.get("rates") or []) == side]
+        if edge:  # the true best may lie beyond the rates tried: an open marker pointing there
+            axes.plot(
+                [p["batch"] for p in edge],
+                [p["best_lr"] for p in edge],
+                marker,
+                markersize=12,
+                markerfacecolor="none",
+                color="tab:red",
+                label=f"best at the {side} rate tried (a better one may lie beyond)",
+            )
     if points:
         axes.plot(
             [p["batch"] for p in points],

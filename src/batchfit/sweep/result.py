@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from batchfit.sweep.fit import StepsFit
 from batchfit.sweep.trial import TrialResult
 
-__all__ = ["BatchPoint", "SweepResult"]
+__all__ = ["BatchPoint", "SweepResult", "rate_edge"]
+
+
+def rate_edge(best_lr: float | None, rates: Sequence[float]) -> str | None:
+    """ "highest" or "lowest" when `best_lr` is at that edge of the `rates` tried (two or more),
+    else None: a best rate at the edge may have a better one beyond it.
+
+    Example:
+        >>> rate_edge(0.01, [0.001, 0.003, 0.01]), rate_edge(0.003, [0.001, 0.003, 0.01])
+        ('highest', None)
+    """
+    if best_lr is None or len(rates) < 2:
+        return None
+    if best_lr == max(rates):
+        return "highest"
+    if best_lr == min(rates):
+        return "lowest"
+    return None
 
 
 @dataclass(frozen=True)
@@ -155,15 +173,8 @@ class SweepResult:
     def edge_rates(self) -> list[tuple[int, str]]:
         """(batch, "highest" or "lowest") where the best rate is at the edge of the rates tried:
         the true best may lie beyond, so that batch's steps are an upper bound."""
-        edges = []
-        for point in self.points:
-            if point.best_lr is None or len(point.rates) < 2:
-                continue
-            if point.best_lr == max(point.rates):
-                edges.append((point.batch, "highest"))
-            elif point.best_lr == min(point.rates):
-                edges.append((point.batch, "lowest"))
-        return edges
+        edges = [(point.batch, rate_edge(point.best_lr, point.rates)) for point in self.points]
+        return [(batch, edge) for batch, edge in edges if edge is not None]
 
     def describe(self) -> str:
         """What the sweep means, in a sentence or two."""
