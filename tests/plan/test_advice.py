@@ -3,43 +3,11 @@ import pytest
 from batchfit.errors import ConfigError
 from batchfit.plan.advice import (
     LARGE_BATCH_SAMPLES,
-    choose_global_batch,
     choose_lr,
     choose_micro_batch,
     customary_range_note,
     optimizer_advice,
 )
-
-
-def test_global_batch_follows_the_noise_scale():
-    choice = choose_global_batch(
-        noise_scale=700, knee_batch=16, world_size=1, dataset_size=100_000, reference_batch=32
-    )
-    assert choice.value == 512
-    assert "700" in choice.reason
-
-
-def test_global_batch_raised_to_the_knee_and_capped_by_the_data():
-    raised = choose_global_batch(
-        noise_scale=70, knee_batch=64, world_size=2, dataset_size=100_000, reference_batch=32
-    )
-    assert raised.value == 128 and "raised to the throughput knee" in raised.reason
-    # a knee above twice the critical batch is not followed (64 is nearest to 40 / 2 x 2 = 40)
-    kept = choose_global_batch(
-        noise_scale=40, knee_batch=64, world_size=2, dataset_size=100_000, reference_batch=32
-    )
-    assert kept.value == 32 and "not raised to the throughput knee" in kept.reason
-    capped = choose_global_batch(
-        noise_scale=5000, knee_batch=None, world_size=1, dataset_size=1438, reference_batch=32
-    )
-    assert capped.value == 256 and "quarter" in capped.reason
-
-
-def test_global_batch_without_a_reliable_noise_scale_uses_the_reference():
-    choice = choose_global_batch(
-        noise_scale=None, knee_batch=None, world_size=1, dataset_size=10_000, reference_batch=48
-    )
-    assert choice.value == 48 and "reference" in choice.reason
 
 
 def test_micro_batch_largest_round_divisor_that_fits():
@@ -83,46 +51,6 @@ def test_choose_lr_checks_against_the_range_test():
     assert choose_lr(0.5, "scaled").value == 0.5
 
 
-def test_global_batch_minimises_time_to_a_loss_with_the_measured_throughput():
-    # A CPU-like curve: throughput flat from 32 on, so past the noise scale only samples grow.
-    flat = {1: 100, 4: 380, 16: 830, 32: 1000, 64: 1000, 256: 900}
-    choice = choose_global_batch(
-        noise_scale=68, knee_batch=32, world_size=1, dataset_size=10_000, reference_batch=32,
-        throughput=flat,
-    )  # fmt: skip
-    # 32 is fastest (1.4706/1000); 16 (1.2353/830) is 1.2% slower: a tie, the smaller taken
-    assert (
-        choice.value == 16
-        and "32 minimises" in choice.reason
-        and "16 is within 1%" in choice.reason
-    )
-    # A GPU-like curve, throughput still doubling: with a large noise scale the larger batch
-    # pays for its samples...
-    rising = {2**k: 100 * 2**k for k in range(11)}
-    choice = choose_global_batch(
-        noise_scale=5000, knee_batch=1024, world_size=2, dataset_size=100_000, reference_batch=32,
-        throughput=rising,
-    )  # fmt: skip
-    assert choice.value == 2048  # 1024 per device, the largest measured
-    # ... but the plan's run has fixed epochs: at most twice the critical batch, 128 <= 136.
-    # Unbounded, 2048 minimises (1 + B/68) / (100 B): 1.52e-4 against 128's 2.25e-4 (1.5x),
-    # with (1 + 2048/68) / (1 + 128/68) = 10.8x the samples.
-    choice = choose_global_batch(
-        noise_scale=68, knee_batch=1024, world_size=2, dataset_size=100_000, reference_batch=32,
-        throughput=rising,
-    )  # fmt: skip
-    assert choice.value == 128
-    assert "of the batches up to 2x the critical batch: 2048 would be 1.5x faster" in choice.reason
-    assert "needs 10.8x the samples" in choice.reason
-    # A dip at one size is noise: the running best stands in for it.
-    dip = {16: 800, 32: 50, 64: 1600}
-    choice = choose_global_batch(
-        noise_scale=1000, knee_batch=64, world_size=1, dataset_size=100_000, reference_batch=32,
-        throughput=dip,
-    )  # fmt: skip
-    assert choice.value >= 64
-
-
 def test_choose_lr_raises_to_the_valley_or_a_tenth_of_the_minimum():
     raised = choose_lr(0.01, "scaled", steepest_lr=0.05, valley_lr=0.03, min_loss_lr=0.2)
     assert raised.value == 0.03 and "raised to its valley" in raised.reason
@@ -131,45 +59,6 @@ def test_choose_lr_raises_to_the_valley_or_a_tenth_of_the_minimum():
     # never above half the rate at the loss minimum
     capped = choose_lr(0.01, "scaled", valley_lr=0.2, min_loss_lr=0.3)
     assert capped.value == 0.01
-
-
-def test_a_tie_is_stated_with_its_rule():
-    # (1 + B/100) / rate: 16 -> 1.16/1140 = 1.0175e-3, 32 -> 1.32/1300 = 1.0154e-3 (fastest)
-    choice = choose_global_batch(
-        noise_scale=100, knee_batch=None, world_size=1, dataset_size=10_000,
-        reference_batch=32, throughput={8: 700, 16: 1140, 32: 1300, 64: 1320},
-    )  # fmt: skip
-    assert choice.value == 16
-    assert "32 minimises the estimated time" in choice.reason
-    assert "16 is within 0%" in choice.reason
-    assert "the smallest tied batch is taken (16) because it needs fewer samples" in choice.reason
-    assert "+52% at 8" in choice.reason  # 1.08/700 = 1.543e-3
-    # a larger batch within the tie leaves the fastest in place, shown as a neighbour
-    # 16 -> 1.16/1160 = 1.000e-3, 32 -> 1.32/1300 = 1.015e-3 (+2%)
-    fastest = choose_global_batch(
-        noise_scale=100, knee_batch=None, world_size=1, dataset_size=10_000,
-        reference_batch=32, throughput={8: 700, 16: 1160, 32: 1300, 64: 1320},
-    )  # fmt: skip
-    assert fastest.value == 16 and "tie" not in fastest.reason and "+2% at 32" in fastest.reason
-    clear = choose_global_batch(
-        noise_scale=100, knee_batch=None, world_size=1, dataset_size=10_000,
-        reference_batch=32, throughput={8: 700, 16: 1300, 32: 1300},
-    )  # fmt: skip
-    assert clear.value == 16 and "tie" not in clear.reason and "+14% at 32" in clear.reason
-
-
-def test_a_flat_stretch_of_throughput_does_not_move_the_choice():
-    """Two CNN throughput curves measured on one CPU a minute apart (samples per second),
-    whose time estimates differ by 1-3% over 32-128: the largest tied batch was 64 for one and
-    128 for the other; the smallest is 32 for both."""
-    first = {1: 748, 2: 868, 4: 1399, 8: 2161, 16: 2836, 32: 3384, 64: 3521, 128: 3650}
-    second = {1: 771, 2: 877, 4: 1469, 8: 2154, 16: 2896, 32: 3344, 64: 3494, 128: 3798}
-    for throughput in (first, second):
-        choice = choose_global_batch(
-            noise_scale=682, knee_batch=None, world_size=1, dataset_size=2048,
-            reference_batch=64, throughput={**throughput, 256: throughput[128]},
-        )  # fmt: skip
-        assert choice.value == 32
 
 
 def test_an_inconclusive_range_test_does_not_move_the_rate():

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from batchfit.plan.advice import choose_global_batch
+from batchfit.plan.global_batch import choose_global_batch
 from batchfit.throughput.measure import measure_throughput
 from batchfit.throughput.timing import (
     choose_clock,

@@ -9,7 +9,7 @@ stands in for the device it will train on) and combines batchfit's measurements:
    and extrapolated along its trend to the middle of the planned run (`batchfit.noise.trend`):
    the critical batch size for the run as a whole;
 4. the global batch from 2 and 3 (or the user's target), the micro-batch and accumulation that
-   reach it exactly (`batchfit.plan.advice`);
+   reach it exactly (`batchfit.plan.global_batch`, `batchfit.plan.advice`);
 5. the learning rate scaled from the task's reference point by the rule for its optimizer
    family (`batchfit.lr.scaling`), checked with a range test at the chosen batch
    (`batchfit.lr.range_test`), and a warmup when the scaled rate is well above the reference;
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from batchfit.errors import ConfigError
 from batchfit.memory.cards import memory_target
 from batchfit.plan import advice
+from batchfit.plan.global_batch import MAX_NOISE_MULTIPLE, choose_global_batch
 from batchfit.plan.memory_limit import memory_limit
 from batchfit.plan.noise_for_run import (
     QUICK_NOISE_BATCHES,
@@ -218,7 +219,7 @@ def plan(
         global_choice = advice.Choice(target_global_batch, "the target you asked for")
         notes.extend(advice.target_batch_notes(target_global_batch, dataset_size))
     else:
-        global_choice = advice.choose_global_batch(
+        global_choice = choose_global_batch(
             noise_scale=noise_for_run,
             knee_batch=throughput.knee_batch,
             world_size=world_size,
@@ -361,7 +362,7 @@ def plan(
     )
     if range_note:
         notes.append(range_note)
-    if noise_for_run and global_batch > advice.MAX_NOISE_MULTIPLE * noise_for_run:
+    if noise_for_run and global_batch > MAX_NOISE_MULTIPLE * noise_for_run:
         notes.append(
             f"The global batch {global_batch} is well above the critical batch expected for "
             f"this run (~{noise_for_run:.0f}): expect more samples per unit of progress."

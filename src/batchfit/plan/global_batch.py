@@ -1,0 +1,203 @@
+"""The global batch of a plan: the power of two that reaches a given loss soonest on the
+measured hardware, within what the noise scale, the run's fixed length and the data allow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from batchfit.errors import ConfigError
+from batchfit.plan.advice import Choice
+from batchfit.training.batch_growth import MIN_STEPS_PER_EPOCH, data_batch_limit
+
+
+def _pow2_nearest(value: float) -> int:
+    """The power of two nearest to `value` on a log scale (at least 1)."""
+    if value <= 1:
+        return 1
+    low = 1 << int(math.floor(math.log2(value)))
+    return low if value / low <= (2 * low) / value else 2 * low
+
+
+def _pow2_floor(value: float) -> int:
+    return 1 << int(math.floor(math.log2(value))) if value >= 1 else 1
+
+
+def choose_global_batch(
+    *,
+    noise_scale: float | None,
+    knee_batch: int | None,
+    world_size: int,
+    dataset_size: int,
+    reference_batch: int,
+    measured_after_steps: int | None = None,
+    throughput: Mapping[int, float] | None = None,
+    noise_basis: str | None = None,
+) -> Choice:
+    """The global batch expected to reach a given loss soonest on this hardware.
+
+    McCandlish et al. 2018 (eq. 2.11) relate the samples needed to reach a loss to the batch:
+    E = E_min (1 + B / B_noise), where B_noise is the gradient noise scale (the critical
+    batch): below it, doubling the batch nearly halves the steps; above it, extra samples are
+    mostly wasted. Wall time is samples over samples per second, so with the measured
+    throughput the time to a loss is proportional to (1 + B / B_noise) / samples_per_second(B).
+    The global batch is the power of two (times the device count) that minimises it, the
+    smallest one when several are within `TIME_TIE` of each other (fewer samples). Throughput
+    beyond the largest measured micro-batch is that micro-batch's (accumulation), and a dip
+    below a smaller batch's throughput is read as noise (the running best is used).
+
+    The plan's run has a fixed number of epochs, so the batch is at most `MAX_NOISE_MULTIPLE`
+    times B_noise: beyond it a faster batch buys its speed with the loss the run reaches.
+
+    Without a throughput curve, the power of two nearest B_noise, raised to the throughput knee
+    (within the same multiple of B_noise). Without a reliable noise scale, the task's reference
+    batch, raised to the knee. Always at most a quarter of the training set
+    (`MIN_STEPS_PER_EPOCH`).
+
+    Args:
+        noise_scale: B_simple in samples, or None when not (yet) reliable.
+        knee_batch: the throughput knee of one device, in samples, or None.
+        world_size: data-parallel devices.
+        dataset_size: samples in the training set.
+        reference_batch: the batch the task's learning rate was tuned for.
+        measured_after_steps: training steps before the noise scale was measured, if known.
+        throughput: samples per second of one device at each measured batch size.
+        noise_basis: where `noise_scale` comes from, in words (a trend's extrapolation, say);
+            it replaces "measured after N training steps" in the reason.
+
+    Example:
+        >>> choose_global_batch(noise_scale=200, knee_batch=32, world_size=1,
+        ...                     dataset_size=10_000, reference_batch=64).value
+        256
+        >>> choose_global_batch(noise_scale=68, knee_batch=32, world_size=1,
+        ...                     dataset_size=10_000, reference_batch=32,
+        ...                     throughput={16: 830, 32: 1000, 64: 1000, 256: 900}).value
+        16
+    """
+    cap = max(world_size, _pow2_floor(data_batch_limit(dataset_size)))
+    after = (
+        f", measured after {measured_after_steps} training steps" if measured_after_steps else ""
+    )
+    if noise_basis:
+        after = f" ({noise_basis})"
+    if noise_scale is not None and noise_scale > 0 and throughput:
+        return _fastest_global_batch(noise_scale, throughput, world_size, cap, after)
+    if noise_scale is not None and noise_scale > 0:
+        batch = _pow2_nearest(noise_scale)
+        reason = (
+            f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples"
+            f"{after}; {batch} is the nearest power of two: below it doubling the batch nearly "
+            "halves the steps, above it samples are wasted"
+        )
+    else:
+        batch = reference_batch
+        reason = (
+            f"the noise scale is not reliable yet, so the task's reference batch {batch} stands in"
+        )
+    if knee_batch and knee_batch * world_size > batch:
+        knee = knee_batch * world_size
+        if noise_scale is not None and knee > MAX_NOISE_MULTIPLE * noise_scale > 0:
+            reason += (
+                f"; not raised to the throughput knee ({knee_batch} per device x {world_size} = "
+                f"{knee}): it is more than {MAX_NOISE_MULTIPLE}x the critical batch, and a run "
+                "of fixed length would spend its samples on speed instead of progress"
+            )
+        else:
+            batch = knee
+            reason += (
+                f"; raised to the throughput knee ({knee_batch} per device x {world_size}) = "
+                f"{batch}: smaller batches leave the hardware idle without saving time per step"
+            )
+    if batch > cap:
+        batch = cap
+        reason += (
+            f"; capped at {cap}, the largest power of two within a quarter of the "
+            f"{dataset_size} training samples (at least {MIN_STEPS_PER_EPOCH} steps per epoch)"
+        )
+    if batch % world_size:
+        batch = max(world_size, batch - batch % world_size)
+        reason += f"; rounded to a multiple of the {world_size} devices"
+    return Choice(batch, reason)
+
+
+MAX_NOISE_MULTIPLE = 2
+"""The planned global batch is at most this multiple of the noise scale expected for the run.
+Samples to a loss grow as E_min (1 + B/B_noise): at twice the critical batch a run needs 3x the
+samples of the smallest batches, and the plan's run has a fixed number of epochs, so a larger
+batch buys its speed with the loss the run reaches. On a GPU whose throughput still doubles
+with the batch, the time model alone planned 12x the noise scale for a character model (512
+against 42) and 10x for a U-Net, and neither planned run reached a validation target that
+batch 64 and 16 reached in a second (bench/README.md, "Plan advice")."""
+
+TIME_TIE = 0.03
+"""Estimated times within 3% count as equal; the smallest tied batch then wins. It needs the
+fewest samples for the same loss, and it sits where the estimated time still changes with the
+batch: the largest tied batch sat at the far end of a flat stretch of the curve (a CPU's
+throughput, beyond its knee), which timing noise moved (a CNN planned at 32, 64 and 128 in
+three runs). The noise scale is already read at the middle of the planned run, so its growth
+is no reason to go higher; a run can still grow its batch (`--batch-schedule noise`)."""
+
+
+def _fastest_global_batch(
+    noise_scale: float, throughput: Mapping[int, float], world_size: int, cap: int, after: str
+) -> Choice:
+    measured = sorted((size, rate) for size, rate in throughput.items() if rate > 0)
+    if not measured:
+        raise ConfigError("throughput needs at least one positive samples-per-second value.")
+
+    def device_rate(per_device: float) -> float:
+        # The running best of the batches up to this one: throughput does not fall with a
+        # larger batch on real hardware, so a dip is measurement noise; past the largest
+        # measured micro-batch the device accumulates at that micro-batch's rate.
+        return max(rate for size, rate in measured if size <= max(per_device, measured[0][0]))
+
+    def time_per_loss(batch: int) -> float:
+        return (1 + batch / noise_scale) / (world_size * device_rate(batch / world_size))
+
+    candidates = []  # powers of two per device, from the smallest batch measured
+    batch = world_size
+    while batch <= cap:
+        if batch / world_size >= measured[0][0]:
+            candidates.append(batch)
+        batch *= 2
+    if not candidates:
+        candidates = [cap]
+    fastest_any = min(candidates, key=time_per_loss)
+    noise_cap = MAX_NOISE_MULTIPLE * noise_scale
+    candidates = [b for b in candidates if b <= noise_cap] or candidates[:1]
+    best_time = min(time_per_loss(batch) for batch in candidates)
+    fastest = min(candidates, key=time_per_loss)
+    chosen = min(b for b in candidates if time_per_loss(b) <= best_time * (1 + TIME_TIE))
+    reason = (
+        f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples{after}; "
+        f"with the measured throughput, {fastest} minimises the estimated time to a given loss, "
+        f"(1 + B/{noise_scale:.0f}) / samples per second (McCandlish et al. 2018)"
+    )
+    if fastest_any != fastest:
+        samples_ratio = (1 + fastest_any / noise_scale) / (1 + fastest / noise_scale)
+        reason += (
+            f", of the batches up to {MAX_NOISE_MULTIPLE}x the critical batch: "
+            f"{fastest_any} would be {time_per_loss(fastest) / time_per_loss(fastest_any):.1f}x "
+            f"faster per unit of progress but needs {samples_ratio:.1f}x the samples for the same "
+            f"loss, so the planned epochs would reach less with it (plan {samples_ratio:.1f}x "
+            "the epochs to use it)"
+        )
+    if chosen != fastest:
+        shown = ", ".join(
+            f"{b} is within {time_per_loss(b) / best_time - 1:.0%}"
+            for b in candidates
+            if chosen <= b < fastest
+        )
+        reason += (
+            f"; {shown}: times within {TIME_TIE:.0%} count as a tie, and the smallest tied "
+            f"batch is taken ({chosen}) because it needs fewer samples for the same loss"
+        )
+    neighbours = [
+        b for b in (chosen // 2, chosen * 2) if b in candidates and not chosen <= b <= fastest
+    ]
+    if neighbours:
+        reason += "; " + ", ".join(
+            f"{time_per_loss(b) / best_time - 1:+.0%} at {b}" for b in neighbours
+        )
+    return Choice(chosen, reason)
