@@ -86,3 +86,21 @@ def test_plan_notes_wrap_at_words_within_the_terminal(width):
     assert all(line.startswith("      ") for line in block[1:])  # a hanging indent
     assert all(line == line.rstrip() for line in block)  # no padding to the terminal's width
     assert " ".join(line[6:].strip() for line in block) == note  # no word cut in two
+
+
+def test_diagnosis_notes_wrap_like_the_plans():
+    from batchfit.cli.format_diagnosis import print_diagnosis
+    from batchfit.monitor.findings import Diagnosis
+
+    note = (
+        "the noise scale (about 561 samples) is 2.2x the global batch, but the run overfits, "
+        "and the training set leaves no room for a larger batch (359 at most)"
+    )
+    history = SimpleNamespace(train_loss=[1.0, 0.5], val_loss=None, source="m.jsonl", format="x")
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=80, soft_wrap=True)
+    print_diagnosis(console, history, Diagnosis(findings=(), checked=("diverging",), notes=(note,)))
+    lines = buffer.getvalue().splitlines()
+    block = lines[next(i for i, line in enumerate(lines) if line.startswith("note: ")) :]
+    assert len(block) == 3 and all(len(line) <= 80 for line in block)
+    assert " ".join(line[6:] for line in block) == note

@@ -235,20 +235,24 @@ def print_plan(
     console.print(result)
     say = _plain(console)
     for note in plan.notes:
-        # wrapped at word boundaries under a hanging indent: printed as one line, a terminal
-        # of 80 columns broke the long notes in the middle of words
-        wrapped = textwrap.fill(
-            note,
-            width=console.width,
-            initial_indent="note: ",
-            subsequent_indent=" " * 6,
-            break_long_words=False,
-            break_on_hyphens=False,
-        )
-        say(wrapped, soft_wrap=True)
+        print_note(console, note)
     say(f"plan:   {plan_path}")
     say(f"report: {report_path}")
     say(f"train:  batchfit train {source} --plan {plan_path}")
+
+
+def print_note(console: Console, note: str) -> None:
+    """ "note: ..." wrapped at word boundaries within the terminal, under a hanging indent:
+    printed as one line, a terminal of 80 columns broke a long note in the middle of words."""
+    wrapped = textwrap.fill(
+        note,
+        width=console.width,
+        initial_indent="note: ",
+        subsequent_indent=" " * 6,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    _plain(console)(wrapped, soft_wrap=True)
 
 
 def _plain(console: Console) -> Callable[..., None]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from batchfit.cli.format import print_note
+
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
@@ -50,4 +52,4 @@ def print_diagnosis(console: Console, history: History, diagnosis: Diagnosis) ->
             highlight=False,
         )
     for note in diagnosis.notes:
-        console.print(f"note: {note}", highlight=False)
+        print_note(console, note)
