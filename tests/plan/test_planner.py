@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -276,3 +277,15 @@ def test_cli_plan_quick(tmp_path, capsys):
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert any(note.startswith("Quick plan") for note in printed["plan"]["notes"])
+
+
+@pytest.mark.integration
+def test_cli_plan_for_a_run_length(tmp_path, capsys):
+    """--epochs sizes the planned run: its steps cover that many passes over the data."""
+    out = tmp_path / "plan"
+    assert main(["plan", TINY_TASK, "--quick", "--epochs", "3", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["plan"]
+    samples = 256  # make_mlp_task's training set
+    assert printed["total_steps"] == math.ceil(3 * samples / printed["global_batch"])
+    assert main(["plan", TINY_TASK, "--epochs", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--epochs" in capsys.readouterr().err

@@ -204,7 +204,7 @@ def plan(args: argparse.Namespace) -> int:
         check_output_folder(out_dir, "--out", force=args.force)
     options = given(
         args, device="device", world_size="world_size",
-        target_global_batch="target_global_batch", margin="margin",
+        target_global_batch="target_global_batch", margin="margin", epochs="epochs",
     )  # fmt: skip
     options.update(budget_or_card(args))
     if args.quick:

@@ -410,6 +410,15 @@ def _add_plan(command) -> None:
         maximum=MAX_PROCESSES,
     )
     add_batch(plan, "--target-global-batch", "reach this global batch instead of choosing one")
+    add_number(
+        plan,
+        "--epochs",
+        "length of the run to plan for, in passes over the training data (default 10): the "
+        "batch is chosen for the noise scale at the run's middle, the warmup and steps from it",
+        minimum=0,
+        maximum=MAX_COUNT,
+        open_minimum=True,
+    )
     add_share(plan, "--margin", "fraction of memory kept free (default 0.05)")
     plan.add_argument(
         "--quick",
