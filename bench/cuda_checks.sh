@@ -10,11 +10,13 @@
 # CHECKS picks the steps (default: all of tests oom search predict advice plan more; `more` is
 # the plan-advice bench of charlm and unet, after the rest). DEADLINE (seconds, default 560)
 # bounds the whole run: each step's own limit is cut to what is left, and a step with under
-# 20 s left is skipped, so the logs of the steps before it come back.
+# 20 s left is skipped, so the logs of the steps before it come back. ADVICE_ARGS (e.g.
+# "--sized") is passed to both plan-advice steps.
 set -u
 OUT=${OUT:-cuda-out}
 CHECKS=${CHECKS:-tests oom search predict advice plan more}
 DEADLINE=${DEADLINE:-560}
+ADVICE_ARGS=${ADVICE_ARGS:-}
 mkdir -p "$OUT"
 want() { case " $CHECKS " in *" $1 "*) ;; *) return 1 ;; esac
     left=$((DEADLINE - SECONDS))
@@ -60,7 +62,7 @@ fi
 
 if want advice; then
 echo "== plan advice on the card (cnn, digits, cancer)"
-timeout $(limit 200) python3 bench/bench_advice.py --examples cnn digits cancer --device cuda \
+timeout $(limit 200) python3 bench/bench_advice.py --examples cnn digits cancer --device cuda $ADVICE_ARGS \
     --json "$OUT/advice.json" >"$OUT/advice.log" 2>&1
 echo "advice exit $?"
 grep -E "^(wall|grid steps|plan:)" "$OUT/advice.log"
@@ -81,7 +83,7 @@ fi
 
 if want more; then
 echo "== plan advice on the card (charlm, unet)"
-timeout $(limit 400) python3 bench/bench_advice.py --examples charlm unet --device cuda \
+timeout $(limit 400) python3 bench/bench_advice.py --examples charlm unet --device cuda $ADVICE_ARGS \
     --json "$OUT/advice_more.json" >"$OUT/advice_more.log" 2>&1
 echo "advice exit $?"
 grep -E "^(wall|grid steps|plan:)" "$OUT/advice_more.log"

@@ -234,6 +234,22 @@ def test_a_full_plan_chooses_from_the_noise_trend():
         assert "medians of 3 sweeps" in result.reasons["lr"]
 
 
+def test_a_short_run_is_measured_within_it():
+    """The noise scale grows as the loss falls: a plan for a run shorter than the default
+    warm-up (50 and 200 steps) measures at half and twice the run's middle, not after more
+    samples than the run will see."""
+    task = make_mlp_task(samples=256)  # batch 32: one epoch is 8 steps, its middle 4
+    short = plan(task, device="cpu", epochs=1, **QUICK)
+    points = short.measurements["noise_trend"]["points"]
+    assert [point["step"] for point in points] == [2, 8]
+    assert max(point["samples_seen"] for point in points) <= 256
+    if short.measurements["noise_trend"]["trend"] is not None:
+        assert "after 2 and 8 warm-up steps" in short.reasons["global_batch"]
+    quick = plan(task, device="cpu", epochs=1, quick=True, noise_batches=8, range_test_steps=40)
+    assert quick.measurements["noise_scale"]["step"] == 4
+    assert "at the middle of a shorter run" in quick.notes[0]
+
+
 def test_a_reference_rate_far_too_low_is_raised_by_a_range_test_that_reaches_divergence():
     # SGD at 3e-3 for batch 32 on the tiny MLP (0.024 at 256 by the linear rule): its loss
     # still falls at 100x that rate (lowest near 5), so a sweep that stopped there could not

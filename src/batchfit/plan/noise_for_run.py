@@ -16,13 +16,35 @@ if TYPE_CHECKING:
 
 TREND_WARMUP_POINTS = (50, 200)
 """Warm-up steps at which the noise scale is measured for its trend: 4x apart, so that a power
-law in the samples seen can be fitted (the critical batch grows as the loss falls)."""
+law in the samples seen can be fitted (the critical batch grows as the loss falls). A run whose
+middle comes before step 100 (their geometric mean) is measured at half and twice its middle
+instead (`trend_points`)."""
 
 TREND_BATCHES = 30
 """Big batches per trend point (two points: 60 in all, against 50 for one point)."""
 
 QUICK_NOISE_BATCHES = 12
 """A quick plan's noise batches: one point after the default warm-up, a wider interval."""
+
+
+def trend_points(middle_steps: float) -> tuple[int, int]:
+    """The warm-up steps at which to measure the trend for a run whose middle is at
+    `middle_steps` (steps at the task's own batch).
+
+    TREND_WARMUP_POINTS, unless they would both come after the middle of the run: a short run's
+    noise scale is then measured where that run is, at half and twice its middle (4x apart,
+    their geometric mean at the middle), not after more samples than the run will see (its
+    noise scale, grown by then, would call for a batch the run is too short to use).
+
+    Example:
+        >>> trend_points(1000), trend_points(100), trend_points(32), trend_points(0.5)
+        ((50, 200), (50, 200), (16, 64), (1, 2))
+    """
+    first, second = TREND_WARMUP_POINTS
+    if middle_steps * middle_steps >= first * second:
+        return first, second
+    early = max(1, round(middle_steps / 2))
+    return early, max(early + 1, round(middle_steps * 2))
 
 
 def measure_noise_for_run(
@@ -41,16 +63,23 @@ def measure_noise_for_run(
     Returns (the last measurement or None, the noise scale the batch is chosen for or None,
     a description of where it comes from or None for the measurement's own words).
     """
-    from batchfit.noise.measure import measure_noise_scale, measure_noise_scales
+    from batchfit.noise.measure import (
+        DEFAULT_WARMUP_STEPS,
+        measure_noise_scale,
+        measure_noise_scales,
+    )
     from batchfit.noise.trend import fit_noise_trend
 
     if quick and not needed:
         report("noise scale", 1, 1)
         return None, None, None
+    at = int(max(run_samples / 2, 1))
     if quick:
+        # one point: at the default warm-up, or at the run's middle when that comes first
         noise = measure_noise_scale(
             task,
             device=device,
+            warmup_steps=min(DEFAULT_WARMUP_STEPS, max(1, round(at / task.batch_size))),
             batches=batches or QUICK_NOISE_BATCHES,
             progress=lambda phase, done, total: report("noise scale", done, total),
         )
@@ -66,7 +95,8 @@ def measure_noise_for_run(
             ),
         )
     per_point = batches or TREND_BATCHES
-    total = per_point * len(TREND_WARMUP_POINTS)
+    warmup_points = trend_points(at / task.batch_size)
+    total = per_point * len(warmup_points)
     done = 0
 
     def measured(phase: str, step: int, steps: int) -> None:
@@ -76,12 +106,11 @@ def measure_noise_for_run(
             report("noise scale", done, total)
 
     points = measure_noise_scales(
-        task, warmup_points=TREND_WARMUP_POINTS, batches=per_point, device=device, progress=measured
+        task, warmup_points=warmup_points, batches=per_point, device=device, progress=measured
     )
     noise = points[-1]
     measurements["noise_scale"] = noise.to_dict()
     usable = [p for p in points if p.reliable and p.noise_scale_samples and p.samples_seen]
-    at = int(max(run_samples / 2, 1))
     if len(usable) < 2:
         measurements["noise_trend"] = {"points": [p.to_dict() for p in points], "trend": None}
         if not noise.reliable:

@@ -108,7 +108,9 @@ def plan(
         target_global_batch: the global batch to reach; None chooses it from the noise scale
             and the throughput knee.
         margin: fraction of memory kept free, in [0, 1).
-        epochs: the planned run length in passes over the data (sizes the warmup).
+        epochs: the planned run length in passes over the data: the batch is chosen for the
+            noise scale at its middle (a short run is measured within it,
+            `noise_for_run.trend_points`), and it sizes the warmup and the steps.
         task_name: what to call the task in the plan (default: `task.name`).
         noise_batches: big batches the noise scale is measured over at each point (default
             TREND_BATCHES at each of TREND_WARMUP_POINTS; QUICK_NOISE_BATCHES when quick).
@@ -405,8 +407,9 @@ def _quick_note(
         "the noise scale was not measured: the target global batch does not need it"
         if target_global_batch is not None
         else f"the noise scale is one measurement over {noise_batches or QUICK_NOISE_BATCHES} "
-        f"big batches after {DEFAULT_WARMUP_STEPS} warm-up steps (a full plan measures at "
-        f"{' and '.join(map(str, TREND_WARMUP_POINTS))} steps over {TREND_BATCHES} batches each "
+        f"big batches after {DEFAULT_WARMUP_STEPS} warm-up steps, or at the middle of a shorter "
+        f"run (a full plan measures at {' and '.join(map(str, TREND_WARMUP_POINTS))} steps, or "
+        f"at half and twice the middle of a shorter run, over {TREND_BATCHES} batches each "
         "and extrapolates its growth to the middle of the run), so the batch may be low for "
         "the later run and its interval is wider"
     )
