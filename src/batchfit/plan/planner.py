@@ -143,7 +143,7 @@ def plan(
     from batchfit.lr.result import median_suggestions
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
     from batchfit.plan.norm_layers import batchnorm_advice
-    from batchfit.plan.rate_trial import try_rate
+    from batchfit.plan.rate_trial import RAISE_GAIN, try_rate
     from batchfit.throughput.measure import measure_throughput
 
     report = progress or (lambda phase, done, total: None)
@@ -327,11 +327,19 @@ def plan(
                 micro_batch=micro_batch,
                 total_steps=total_steps,
                 device=device,
+                ceiling_lr=suggested["best_lr"],
             )
             measurements["rate_trials"] = [trial.to_dict() for trial in trials]
             phrases = "; ".join(trial.phrase() for trial in trials)
-            if tried == lr:
+            if tried == lr and len(trials) == 1:
                 reasons["lr"] += f"; tried in the planned run's first steps: {phrases}"
+            elif tried >= lr:
+                reasons["lr"] += (
+                    f"; tried in the planned run's first steps, and at twice the rate while its "
+                    f"loss fell at least {RAISE_GAIN - 1:.0%} further on a log scale in the same "
+                    f"steps (up to the range test's lowest-loss rate): {phrases}: the rate is "
+                    f"{tried:.3g}"
+                )
             else:
                 untried = "" if trials[-1].lr == tried else f"; back to the rule's {tried:.3g}"
                 reasons["lr"] += (

@@ -9,6 +9,12 @@ batch, rate, warmup and schedule) for the warmup and `STEPS_AFTER_WARMUP` more s
 to the rule's rate at most (`try_rate`). The trial holds for the run that was planned: the
 same rate in a much shorter run (a shorter warmup) can still diverge (bench/README.md, "From
 the plan").
+
+A rate that trains is then tried at twice itself in the same steps (same seed, same samples),
+and the higher one kept while its loss falls at least `RAISE_GAIN` further on a log scale, up
+to the range test's lowest-loss rate (`MAX_DOUBLINGS` times at most): a range test's suggestion
+is read off a sweep that held each rate for a step or two, and in a short run the best rate is
+often several times it (bench/README.md, "Plan advice").
 """
 
 from __future__ import annotations
@@ -25,7 +31,15 @@ if TYPE_CHECKING:
 
     from batchfit.task import Task
 
-__all__ = ["RateTrial", "try_rate", "STEPS_AFTER_WARMUP", "MAX_TRIAL_STEPS", "MAX_HALVINGS"]
+__all__ = [
+    "RateTrial",
+    "try_rate",
+    "STEPS_AFTER_WARMUP",
+    "MAX_TRIAL_STEPS",
+    "MAX_HALVINGS",
+    "MAX_DOUBLINGS",
+    "RAISE_GAIN",
+]
 
 STEPS_AFTER_WARMUP = 10
 """Steps at the peak rate after the warmup: where a too-high rate shows first."""
@@ -36,6 +50,14 @@ warmup is the harsher test), so a trial costs a bounded part of planning."""
 
 MAX_HALVINGS = 3
 """Halvings tried before falling back to the rule's rate (8x below the raised one)."""
+
+MAX_DOUBLINGS = 2
+"""Doublings tried above a rate that trains (at most 4x it, and never above the range test's
+lowest-loss rate)."""
+
+RAISE_GAIN = 1.1
+"""Twice the rate is kept when its loss falls at least this many times as far, on a log scale
+(log(first / last loss)), as the rate's own in the same steps: a clear gain, not noise."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,13 @@ class RateTrial:
             "last_loss": self.last_loss if math.isfinite(self.last_loss) else None,
             "diverged": self.diverged,
         }
+
+    def log_progress(self) -> float | None:
+        """log(first loss / last loss): how far the loss fell, on a log scale; None when a
+        loss was not positive and finite (a loss that can be negative has no such scale)."""
+        if self.diverged or not (0 < self.last_loss < math.inf and self.first_loss > 0):
+            return None
+        return math.log(self.first_loss / self.last_loss)
 
     def phrase(self) -> str:
         """E.g. "1.06 for 42 steps: loss 2.3 -> 14 (diverged)"."""
@@ -165,18 +194,25 @@ def try_rate(
     micro_batch: int,
     total_steps: int,
     device: torch.device,
+    ceiling_lr: float | None = None,
 ) -> tuple[float, list[RateTrial]]:
-    """The planned rate if the start of the planned run trains at it, else a lower one.
+    """The planned rate if the start of the planned run trains at it, else a lower one, or a
+    higher one that trains clearly better.
 
     Runs the planned run's first steps (warmup and STEPS_AFTER_WARMUP more, at most
     MAX_TRIAL_STEPS) at `lr`; while they diverge, halves the rate (at most MAX_HALVINGS times,
     never below `floor_lr`, the scaling rule's rate) and tries again. Past that, `floor_lr` is
-    returned untried (the rule's rate is the plan's default anyway).
+    returned untried (the rule's rate is the plan's default anyway). When `lr` itself trains
+    and `ceiling_lr` is given, twice the rate is tried in the same steps and kept while its
+    loss falls at least RAISE_GAIN as far on a log scale, not above `ceiling_lr`, at most
+    MAX_DOUBLINGS times.
 
     Args:
         task: the task.
         lr: the raised rate to try.
         floor_lr: the rule's rate: the lowest rate returned.
+        ceiling_lr: the highest rate tried upward (the range test's lowest-loss rate), or
+            None to try no higher rate.
         warmup_for: `warmup_for(lr)` gives the planned warmup steps at a rate.
         global_batch, micro_batch, total_steps: the planned run's.
         device: where to train.
@@ -184,9 +220,8 @@ def try_rate(
     Returns:
         (the rate to plan with, every trial in order).
     """
-    trials: list[RateTrial] = []
-    rate = lr
-    for _ in range(MAX_HALVINGS + 1):
+
+    def run(rate: float) -> RateTrial:
         trial = _trial(
             task,
             lr=rate,
@@ -197,9 +232,32 @@ def try_rate(
             device=device,
         )
         trials.append(trial)
-        if not trial.diverged:
-            return rate, trials
+        return trial
+
+    trials: list[RateTrial] = []
+    rate = lr
+    for _ in range(MAX_HALVINGS + 1):
+        if not run(rate).diverged:
+            break
         rate /= 2
         if rate <= floor_lr:
+            return floor_lr, trials
+    else:
+        return floor_lr, trials
+    if rate != lr or ceiling_lr is None:
+        return rate, trials
+    kept = trials[-1]
+    for _ in range(MAX_DOUBLINGS):
+        progress = kept.log_progress()
+        if 2 * rate > ceiling_lr * (1 + 1e-9) or progress is None or progress <= 0:
             break
-    return floor_lr, trials
+        higher = run(2 * rate)
+        gain = higher.log_progress()
+        if (
+            gain is None
+            or higher.steps != kept.steps  # a warmup of its own: not the same steps
+            or gain < RAISE_GAIN * progress
+        ):
+            break
+        rate, kept = 2 * rate, higher
+    return rate, trials
