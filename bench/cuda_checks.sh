@@ -11,18 +11,21 @@
 # the plan-advice bench of charlm and unet, after the rest). DEADLINE (seconds, default 560)
 # bounds the whole run: each step's own limit is cut to what is left, and a step with under
 # 20 s left is skipped, so the logs of the steps before it come back. ADVICE_ARGS (e.g.
-# "--sized") is passed to both plan-advice steps.
+# "--sized") is passed to both plan-advice steps, ADVICE_EXAMPLES (default "cnn digits cancer")
+# and MORE_EXAMPLES (default "charlm unet") name their tasks.
 set -u
 OUT=${OUT:-cuda-out}
 CHECKS=${CHECKS:-tests oom search predict advice plan more}
 DEADLINE=${DEADLINE:-560}
 ADVICE_ARGS=${ADVICE_ARGS:-}
+ADVICE_EXAMPLES=${ADVICE_EXAMPLES:-cnn digits cancer}
+MORE_EXAMPLES=${MORE_EXAMPLES:-charlm unet}
 mkdir -p "$OUT"
 want() { case " $CHECKS " in *" $1 "*) ;; *) return 1 ;; esac
     left=$((DEADLINE - SECONDS))
     if [ "$left" -lt 20 ]; then echo "== $1 skipped: ${left} s left"; return 1; fi; }
 limit() { left=$((DEADLINE - SECONDS - 5)); [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
-export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, torch.cuda.get_device_name(0), torch.cuda.mem_get_info())"
@@ -61,8 +64,8 @@ timeout $(limit 170) python3 bench/bench_cuda.py measure --seconds 150 --search 
 fi
 
 if want advice; then
-echo "== plan advice on the card (cnn, digits, cancer)"
-timeout $(limit 200) python3 bench/bench_advice.py --examples cnn digits cancer --device cuda $ADVICE_ARGS \
+echo "== plan advice on the card ($ADVICE_EXAMPLES)"
+timeout $(limit 200) python3 bench/bench_advice.py --examples $ADVICE_EXAMPLES --device cuda $ADVICE_ARGS \
     --json "$OUT/advice.json" >"$OUT/advice.log" 2>&1
 echo "advice exit $?"
 grep -E "^(wall|grid steps|plan:)" "$OUT/advice.log"
@@ -82,8 +85,8 @@ grep -E "exit|Trained|global batch|^  lr|val_" "$OUT/plan_train.log" | head -12
 fi
 
 if want more; then
-echo "== plan advice on the card (charlm, unet)"
-timeout $(limit 400) python3 bench/bench_advice.py --examples charlm unet --device cuda $ADVICE_ARGS \
+echo "== plan advice on the card ($MORE_EXAMPLES)"
+timeout $(limit 400) python3 bench/bench_advice.py --examples $MORE_EXAMPLES --device cuda $ADVICE_ARGS \
     --json "$OUT/advice_more.json" >"$OUT/advice_more.log" 2>&1
 echo "advice exit $?"
 grep -E "^(wall|grid steps|plan:)" "$OUT/advice_more.log"
