@@ -27,8 +27,9 @@ Evaluations happen whenever `eval_seconds` of training time or `eval_samples` sa
 since the last one (`SETTINGS`; digits: after every step), so every run's time to target is
 resolved to a fraction of a second whatever its batch. A run that has not reached the target
 after its epochs, or after `max_seconds` of training, is reported as not reached (with the best
-value it saw). Each setting runs with `repeats` seeds (model init and data order); the table
-shows medians, a seed that missed the target counting as infinitely slow.
+value it saw). Each setting runs with `repeats` seeds (model init and data order), in rounds of
+one seed of every setting; the table shows medians, a seed that missed the target counting as
+infinitely slow.
 
 Times are wall-clock (time.perf_counter) with one torch thread (torch.set_num_threads(1)) for
 steadier timings; the CPU time of this process over the same stretches is reported next to them,
@@ -426,17 +427,22 @@ def bench_example(
         ),
         *_grid_configs(task, setting),
     ]
-    for label, config in configs:
-        run_task = apply_plan(the_plan, task) if label == "plan" else task
-        seeds = []
-        for seed in range(first_seed, first_seed + setting.repeats):
+    # In rounds, one seed of every setting per round: a slow stretch of a shared machine (the
+    # same setting's step time moved by 40% next to another busy process) then falls on every
+    # setting alike instead of on the few that ran through it.
+    plan_task = apply_plan(the_plan, task)
+    by_label: dict[str, list[RunResult]] = {label: [] for label, _ in configs}
+    for seed in range(first_seed, first_seed + setting.repeats):
+        for label, config in configs:
+            run_task = plan_task if label == "plan" else task
             result = run_to_target(run_task, replace(config, seed=seed), setting, label=label)
-            seeds.append(result)
+            by_label[label].append(result)
             if progress:
                 progress(f"{name} seed {seed}: {_run_line(result)}")
+    for label, _ in configs:
         runs.append(
             _combine(
-                seeds,
+                by_label[label],
                 plan_seconds if label == "plan" else None,
                 lower_is_better=setting.lower_is_better,
             )
