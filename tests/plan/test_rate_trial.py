@@ -6,6 +6,7 @@ import torch
 
 from batchfit.plan import advice, planner
 from batchfit.plan.rate_trial import (
+    EVAL_LOSS_LIMIT,
     MAX_DOUBLINGS,
     MAX_HALVINGS,
     MAX_TRIAL_STEPS,
@@ -114,3 +115,34 @@ def test_a_loss_without_a_log_scale_is_not_compared():
     assert RateTrial(0.1, 0, 10, first_loss=2.0, last_loss=1.0, diverged=False).log_progress() == (
         pytest.approx(0.6931, abs=1e-4)
     )
+
+
+def test_a_rate_whose_model_fails_in_evaluation_mode_counts_as_diverged():
+    # The cnn example (BatchNorm) at batch 32 and SGD rate 1.25 for 12 steps: the training loss
+    # falls (1.61 -> 0.55) while the running statistics lag so far behind the weights that
+    # the model in evaluation mode is far worse than untrained (about 20).
+    import dataclasses
+
+    from batchfit.plan.rate_trial import _trial
+    from batchfit.task import load_example
+
+    task = load_example("cnn")
+    run = {"lr": 1.25, "warmup_steps": 2, "global_batch": 32, "micro_batch": 32}
+    run.update(total_steps=12, device=torch.device("cpu"))
+    failed = _trial(task, **run)
+    assert failed.last_loss < failed.first_loss / 2  # the training losses alone pass ...
+    assert failed.eval_loss > 5 * EVAL_LOSS_LIMIT * failed.first_loss  # ... evaluation does not
+    assert failed.diverged and "fails in evaluation mode" in failed.phrase()
+    # Without validation data there is nothing to evaluate: the training losses decide.
+    alone = _trial(dataclasses.replace(task, val_data=None), **run)
+    assert alone.eval_loss is None and not alone.diverged
+    assert alone.last_loss == pytest.approx(failed.last_loss)  # the same steps
+
+
+def test_failed_in_evaluation_compares_with_the_first_loss():
+    def trial(eval_loss, last_loss=0.1):
+        return RateTrial(1.0, 0, 12, 1.5, last_loss, False, eval_loss)
+
+    assert trial(600.0).failed_in_evaluation() and trial(float("inf")).failed_in_evaluation()
+    assert not trial(2.0).failed_in_evaluation() and not trial(None).failed_in_evaluation()
+    assert not trial(600.0, last_loss=float("inf")).failed_in_evaluation()  # diverged anyway

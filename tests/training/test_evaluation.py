@@ -17,6 +17,16 @@ def test_evaluate_is_the_sample_weighted_mean_and_restores_modes():
     assert model.training
 
 
+def test_evaluate_on_the_first_samples_only():
+    task = make_mlp_task()
+    model = task.make_model().eval()
+    first = evaluate(model, task, batch_size=8, max_samples=20)  # batches of 8, 8, 4
+    inputs, labels = task.val_data.tensors
+    expected = classification_loss(model, (inputs[:20], labels[:20])).item()
+    assert abs(first["val_loss"] - expected) < 1e-6
+    assert evaluate(model, task, max_samples=10_000) == evaluate(model, task)
+
+
 def test_evaluate_without_validation_data_is_empty():
     assert evaluate(torch.nn.Linear(8, 3), make_mlp_task(val_data=None)) == {}
 

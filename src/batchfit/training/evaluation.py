@@ -12,9 +12,15 @@ if TYPE_CHECKING:
 
 
 def evaluate(
-    model: nn.Module, task: Task, *, device: torch.device | str = "cpu", batch_size: int = 256
+    model: nn.Module,
+    task: Task,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    max_samples: int | None = None,
 ) -> dict[str, float]:
-    """Mean validation loss and metric of `model` on `task.val_data`.
+    """Mean validation loss and metric of `model` on `task.val_data` (or its first
+    `max_samples` samples).
 
     Runs in eval mode without gradients, then puts back the model's train/eval flags.
 
@@ -23,6 +29,7 @@ def evaluate(
         task: its task; `task.loss` and `task.metric` (when given) are averaged over samples.
         device: where the model lives.
         batch_size: samples per evaluation batch.
+        max_samples: evaluate on at most this many samples (the first ones); None for all.
 
     Returns:
         `{"val_loss": ..., "val_<metric_name>": ...}`; empty without validation data.
@@ -40,6 +47,7 @@ def evaluate(
     data = task.val_data
     if data is None or len(data) == 0:
         return {}
+    size = len(data) if max_samples is None else max(1, min(len(data), max_samples))
     modes = {module: module.training for module in model.modules()}
     model.eval()
     totals = {"val_loss": 0.0}
@@ -47,8 +55,8 @@ def evaluate(
         totals[f"val_{task.metric_name}"] = 0.0
     try:
         with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                indices = range(start, min(start + batch_size, len(data)))
+            for start in range(0, size, batch_size):
+                indices = range(start, min(start + batch_size, size))
                 batch = move_to(task.batch(indices, data=data), device)
                 count = batch_size_of(batch)
                 totals["val_loss"] += float(task.loss(model, batch)) * count
@@ -57,7 +65,7 @@ def evaluate(
     finally:
         for module, training in modes.items():
             module.train(training)
-    return {name: total / len(data) for name, total in totals.items()}
+    return {name: total / size for name, total in totals.items()}
 
 
 def _loss_module(model, loss):
