@@ -193,10 +193,13 @@ SIZED_SETTINGS = {
     # cnn's accuracy target came after 13-20 steps at every batch: its loss is the harder target
     # (bench_adaptive.py's: 1,600 samples at batch 64).
     "cnn": replace(SETTINGS["cnn"], target=0.01, metric="val_loss", lower_is_better=True, epochs=2),
-    "charlm": replace(SETTINGS["charlm"], epochs=4, repeats=3),
+    # Evaluations every 256 samples (1,024 above: 64 steps apart at batch 16, which on a GPU
+    # made every step count a multiple of 64).
+    "charlm": replace(SETTINGS["charlm"], epochs=4, repeats=3, eval_samples=256),
     # Batches 64 and larger take at most 32 steps in 4 epochs of 512 images and never reached
-    # 0.89, so the grid's critical batch could not be fitted: a grid of small batches.
-    "unet": replace(SETTINGS["unet"], grid_batches=(2, 4, 8, 16)),
+    # 0.89, so the grid's critical batch could not be fitted: a grid of small batches, with
+    # evaluations every 32 samples (16 steps apart at batch 2).
+    "unet": replace(SETTINGS["unet"], grid_batches=(2, 4, 8, 16), eval_samples=32),
     "mnist1d": SETTINGS["mnist1d"],  # its target already comes late in 10 epochs
 }
 
