@@ -584,7 +584,36 @@ def summary(result: dict) -> str:
     )
     lines.append(_grid_matrix(result))
     lines.append(_critical_line(result))
+    lines.append(_joint_line(result))
     return "\n".join(lines)
+
+
+def _joint_line(result: dict) -> str:
+    """Whether any grid point meets both targets: within 2x of the grid's critical batch and
+    within 1.25x of the fastest grid point's time (the device's clock: CPU time on a CPU)."""
+    key = "seconds" if str(result.get("device", "cpu")).startswith("cuda") else "cpu_seconds"
+    grid = result["runs"][2:]
+    fastest = min(grid, key=lambda run: _seconds(run, key))
+    try:
+        _, fit = grid_critical_batch(result)
+    except ConfigError:
+        return "both targets on the grid: no critical batch"
+    critical = fit.critical_batch
+    if critical is None or not math.isfinite(_seconds(fastest, key)):
+        return "both targets on the grid: no critical batch"
+    inside = [run for run in grid if run["reached"] and 0.5 <= run["global_batch"] / critical <= 2]
+    line = (
+        f"both targets on the grid: the fastest point ({fastest['label']}) is at "
+        f"{fastest['global_batch'] / critical:.2f}x the critical batch; "
+    )
+    if not inside:
+        return line + "no point within 2x of it reached the target"
+    best_inside = min(inside, key=lambda run: _seconds(run, key))
+    ratio = _seconds(best_inside, key) / _seconds(fastest, key)
+    return line + (
+        f"the fastest within 2x of it ({best_inside['label']}) takes {ratio:.2f}x its time: "
+        f"{'some' if ratio <= 1.25 else 'no'} grid point meets both"
+    )
 
 
 def grid_critical_batch(result: dict) -> tuple[dict[int, float], object]:
