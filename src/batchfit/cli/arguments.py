@@ -154,6 +154,11 @@ def add_rate(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
     add_number(parser, flag, help, minimum=0, maximum=MAX_LEARNING_RATE, open_minimum=True)
 
 
+def add_epochs(parser: Any, help: str, *, maximum: float = MAX_COUNT) -> None:
+    """A run length in passes over the training data: above 0, at most `maximum`."""
+    add_number(parser, "--epochs", help, minimum=0, maximum=maximum, open_minimum=True)
+
+
 def add_share(
     parser: argparse.ArgumentParser, flag: str, help: str, *, open_minimum: bool = False
 ) -> None:

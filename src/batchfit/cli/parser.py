@@ -19,6 +19,7 @@ from batchfit.cli.arguments import (
     add_card_argument,
     add_count,
     add_device_arguments,
+    add_epochs,
     add_json_argument,
     add_number,
     add_out_arguments,
@@ -30,7 +31,6 @@ from batchfit.cli.arguments import (
 from batchfit.monitor.findings import KINDS
 from batchfit.validation import (
     MAX_BATCH_SIZE,
-    MAX_COUNT,
     MAX_DDP_TIMEOUT_SECONDS,
     MAX_PROCESSES,
     MAX_SEED,
@@ -215,14 +215,7 @@ def _add_train(command) -> None:
     add_batch(train, "--max-global-batch", "cap of the batch schedule (samples)")
     length = train.add_mutually_exclusive_group()
     add_count(length, "--steps", "optimizer steps")
-    add_number(
-        length,
-        "--epochs",
-        "passes over the training data (default 10)",
-        minimum=0,
-        maximum=MAX_COUNT,
-        open_minimum=True,
-    )
+    add_epochs(length, "passes over the training data (default 10)")
     add_rate(train, "--lr", "peak learning rate (default: the task's, scaled)")
     train.add_argument(
         "--lr-rule", help="linear, sqrt or none (default: linear for SGD, sqrt for Adam)"
@@ -410,14 +403,10 @@ def _add_plan(command) -> None:
         maximum=MAX_PROCESSES,
     )
     add_batch(plan, "--target-global-batch", "reach this global batch instead of choosing one")
-    add_number(
+    add_epochs(
         plan,
-        "--epochs",
         "length of the run to plan for, in passes over the training data (default 10): the "
         "batch is chosen for the noise scale at the run's middle, the warmup and steps from it",
-        minimum=0,
-        maximum=MAX_COUNT,
-        open_minimum=True,
     )
     add_share(plan, "--margin", "fraction of memory kept free (default 0.05)")
     plan.add_argument(
@@ -494,9 +483,6 @@ def _add_case(command) -> None:
     )
     case.add_argument("name", choices=("unet",), help="which case")
     add_count(case, "--seeds", "seeds per arm (default 3)")
-    add_number(
-        case, "--epochs", "passes over the training data per run (default 6)", minimum=0,
-        maximum=1000, open_minimum=True,
-    )  # fmt: skip
+    add_epochs(case, "passes over the training data per run (default 6)", maximum=1000)
     add_out_arguments(case, "DIR", "where the runs, table and plots go (default: case-NAME)")
     add_json_argument(case)
