@@ -31,10 +31,10 @@ def trend_points(middle_steps: float) -> tuple[int, int]:
     """The warm-up steps at which to measure the trend for a run whose middle is at
     `middle_steps` (steps at the task's own batch).
 
-    TREND_WARMUP_POINTS, unless they would both come after the middle of the run: a short run's
-    noise scale is then measured where that run is, at half and twice its middle (4x apart,
-    their geometric mean at the middle), not after more samples than the run will see (its
-    noise scale, grown by then, would call for a batch the run is too short to use).
+    TREND_WARMUP_POINTS, unless the run's middle comes before their geometric mean (step 100):
+    a short run's noise scale is then measured where that run is, at half and twice its middle
+    (4x apart, their geometric mean at the middle), not after more samples than the run will
+    see (its noise scale, grown by then, would call for a batch the run is too short to use).
 
     Example:
         >>> trend_points(1000), trend_points(100), trend_points(32), trend_points(0.5)

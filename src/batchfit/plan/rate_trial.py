@@ -14,7 +14,7 @@ A trial also evaluates the model at its end, in evaluation mode, on up to `EVAL_
 validation samples: at a high rate over few steps a model's training loss can fall while
 BatchNorm's running statistics lag so far behind its weights that the model as it is used
 predicts worse than it did untrained (the cnn example at batch 256 and rate 2.5: training loss
-1.56 -> 0.14 in 13 steps, evaluation-mode loss 1.40 -> 609). Such a trial counts as diverged.
+1.56 -> 0.36 in 13 steps, evaluation-mode loss about 600). Such a trial counts as diverged.
 
 A rate that trains is then tried at twice itself in the same steps (same seed, same samples),
 and the higher one kept while its loss falls at least `RAISE_GAIN` further on a log scale, up
@@ -136,7 +136,8 @@ class RateTrial:
 
     def failed_in_evaluation(self) -> bool:
         """Whether the evaluation-mode loss at the end is not finite or above EVAL_LOSS_LIMIT x
-        the first loss, while the training losses held (the trial counts as diverged)."""
+        the first loss (the trial then counts as diverged); False when there was no evaluation
+        or the training loss itself was not finite."""
         if self.eval_loss is None or not math.isfinite(self.last_loss):
             return False
         if not math.isfinite(self.eval_loss):
