@@ -145,16 +145,9 @@ def load_task(name: str):
     if name != "cancer":
         return load_example(name)
     from sklearn.datasets import load_breast_cancer
-    from torch import nn
     from torch.utils.data import TensorDataset
 
-    from batchfit.examples._common import (
-        classification_accuracy,
-        classification_loss,
-        classification_loss_with_smoothing,
-        split,
-    )
-    from batchfit.task import Task
+    from batchfit.examples._common import split
 
     data = load_breast_cancer()
     inputs = torch.tensor(data.data, dtype=torch.float32)
@@ -162,15 +155,55 @@ def load_task(name: str):
     train, val = split(len(labels), 0.2, seed=0)
     mean, std = inputs[train].mean(dim=0), inputs[train].std(dim=0) + 1e-6
     inputs = (inputs - mean) / std
+    return _mlp_task(
+        "cancer",
+        TensorDataset(inputs[train], labels[train]),
+        TensorDataset(inputs[val], labels[val]),
+        widths=(30, 64, 64, 2),
+    )
+
+
+def _mnist1d_task():
+    """Not an example: MNIST-1D (Greydanus 2020; the `mnist1d` package's generator, 4,000
+    training and 1,000 test signals of 40 points, 10 classes), with a 40-256-256-10 MLP."""
+    from mnist1d.data import get_dataset_args, make_dataset
+    from torch.utils.data import TensorDataset
+
+    data = make_dataset(get_dataset_args())  # seeded by its arguments: the same data each time
+
+    def tensors(x, y):
+        return TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(y).long())
+
+    return _mlp_task(
+        "mnist1d",
+        tensors(data["x"], data["y"]),
+        tensors(data["x_test"], data["y_test"]),
+        widths=(40, 256, 256, 10),
+    )
+
+
+def _mlp_task(name: str, train_data, val_data, *, widths: tuple[int, ...]):
+    """A classification task of the bench's own: a ReLU MLP of these layer widths, Adam at 1e-3
+    for batch 32, accuracy as the metric."""
+    from torch import nn
+
+    from batchfit.examples._common import (
+        classification_accuracy,
+        classification_loss,
+        classification_loss_with_smoothing,
+    )
+    from batchfit.task import Task
 
     def make_model() -> nn.Module:
-        return nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                             nn.Linear(64, 2))  # fmt: skip
+        layers: list[nn.Module] = []
+        for inputs, outputs in zip(widths, widths[1:]):
+            layers += [nn.Linear(inputs, outputs), nn.ReLU()]
+        return nn.Sequential(*layers[:-1])
 
     return Task(
         model=make_model,
-        train_data=TensorDataset(inputs[train], labels[train]),
-        val_data=TensorDataset(inputs[val], labels[val]),
+        train_data=train_data,
+        val_data=val_data,
         loss=classification_loss,
         loss_with_smoothing=classification_loss_with_smoothing,
         optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr),
@@ -178,7 +211,7 @@ def load_task(name: str):
         batch_size=32,
         metric=classification_accuracy,
         kind=None,
-        name="cancer",
+        name=name,
     )
 
 
@@ -202,44 +235,6 @@ SIZED_SETTINGS = {
     "unet": replace(SETTINGS["unet"], grid_batches=(2, 4, 8, 16), eval_samples=32),
     "mnist1d": SETTINGS["mnist1d"],  # its target already comes late in 10 epochs
 }
-
-
-def _mnist1d_task():
-    """Not an example: MNIST-1D (Greydanus 2020; the `mnist1d` package's generator, 4,000
-    training and 1,000 test signals of 40 points, 10 classes), with a 40-256-256-10 MLP."""
-    from mnist1d.data import get_dataset_args, make_dataset
-    from torch import nn
-    from torch.utils.data import TensorDataset
-
-    from batchfit.examples._common import (
-        classification_accuracy,
-        classification_loss,
-        classification_loss_with_smoothing,
-    )
-    from batchfit.task import Task
-
-    data = make_dataset(get_dataset_args())  # seeded by its arguments: the same data each time
-
-    def tensors(x, y):
-        return TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(y).long())
-
-    def make_model() -> nn.Module:
-        return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                             nn.Linear(256, 10))  # fmt: skip
-
-    return Task(
-        model=make_model,
-        train_data=tensors(data["x"], data["y"]),
-        val_data=tensors(data["x_test"], data["y_test"]),
-        loss=classification_loss,
-        loss_with_smoothing=classification_loss_with_smoothing,
-        optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr),
-        lr=1e-3,
-        batch_size=32,
-        metric=classification_accuracy,
-        kind=None,
-        name="mnist1d",
-    )
 
 
 class _TargetReached(Exception):
