@@ -171,6 +171,25 @@ def test_a_rate_set_by_the_range_test_is_not_labelled_with_the_scaling_rule():
     assert "(from the range test)" in html and f"({plan.lr_rule} rule)" not in html
 
 
+def test_a_rate_doubled_in_the_trial_says_so():
+    plan = make_plan()
+    reason = "the rate is raised to its valley 0.0045; tried ... and at twice the rate ..."
+    trials = [{"lr": 0.0045, "diverged": False}, {"lr": 0.009, "diverged": False}]
+    doubled = Plan(
+        **{
+            **plan.to_dict(),
+            "lr": 0.009,
+            "reasons": {**plan.reasons, "lr": reason},
+            "measurements": {**plan.measurements, "rate_trials": trials},
+        }
+    )
+    html = render_report(doubled)
+    assert "0.009 (range test, raised in the rate trial)" in html
+    assert "(from the range test)" not in html
+    kept = Plan(**{**doubled.to_dict(), "lr": 0.0045})  # twice the rate was tried, not kept
+    assert "0.0045 (from the range test)" in render_report(kept)
+
+
 def test_backticks_become_code_not_literal_text():
     plan = make_plan()
     noted = Plan(

@@ -279,6 +279,10 @@ def _value(plan: Plan, name: str) -> str:
         if "back to the rule's" in reason:
             # a raised rate that failed the trial in the planned run's first steps
             return f"{value:.4g} ({plan.lr_rule} rule)"
+        trials = plan.measurements.get("rate_trials") or []
+        if trials and value > trials[0]["lr"] * (1 + 1e-9):
+            # twice the range test's rate trained clearly better in the trial's steps
+            return f"{value:.4g} (range test, raised in the rate trial)"
         if "took its suggestion" in reason or "the rate is raised to" in reason:
             return f"{value:.4g} (from the range test)"
         return f"{value:.4g} ({plan.lr_rule} rule)"
