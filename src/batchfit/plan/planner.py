@@ -352,7 +352,8 @@ def plan(
     if warmup_steps:
         reasons["warmup_steps"] = (
             f"{lr:.3g} is {lr / task.lr:.1f}x the reference {task.lr:g}: warm up linearly for "
-            f"{warmup_steps} steps (5 epochs as in Goyal et al. 2017, at most a fifth of the "
+            f"{warmup_steps} step{'s' if warmup_steps > 1 else ''} (5 epochs as in Goyal et al. "
+            "2017, at most a fifth of the "
             f"{total_steps} planned steps)"
         )
     else:
