@@ -287,5 +287,7 @@ def test_cpu_time_of_other_threads_does_not_shrink_the_step_time():
         result = measure_throughput(task, batch_sizes=[1, 4, 16], min_seconds=0.2, device="cpu")
     finally:
         torch.set_num_threads(threads)
+    # The fault read 5-14x too fast; a sub-millisecond step's two clocks differ by up to a
+    # quarter without it (0.76x seen once in CI at batch 1), so the bound is 2x.
     for seconds, walls in zip(result.seconds_per_step, result.step_seconds):
-        assert seconds >= 0.8 * min(walls)
+        assert seconds >= 0.5 * min(walls)
