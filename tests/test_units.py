@@ -1,7 +1,7 @@
 import pytest
 
 from batchfit.errors import ConfigError
-from batchfit.units import format_bytes, format_seconds, parse_size
+from batchfit.units import format_bytes, format_count, format_seconds, parse_size
 
 
 @pytest.mark.parametrize(
@@ -48,3 +48,9 @@ def test_a_negative_size_is_called_not_positive():
     with pytest.raises(ConfigError, match="must be positive, got '-24GB'"):
         parse_size("-24GB", name="--memory")
     assert parse_size("1EiB") == 2**60 and parse_size("2PB") == 2 * 1000**5
+
+
+def test_format_count_is_plural_unless_one():
+    assert format_count(1, "step") == "1 step"
+    assert format_count(3, "step") == "3 steps"
+    assert format_count(0, "rank") == "0 ranks"

@@ -119,3 +119,8 @@ def format_seconds(seconds: float) -> str:
         return f"{seconds:.1f} s"
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest:02d} s"
+
+
+def format_count(count: int, noun: str) -> str:
+    """A count with its noun, plural when it is not one: "1 step", "3 steps", "0 ranks"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -7,6 +7,7 @@ from batchfit.plan.advice import (
     choose_micro_batch,
     customary_range_note,
     optimizer_advice,
+    target_batch_notes,
 )
 
 
@@ -100,3 +101,10 @@ def test_plan_proposes_a_growing_batch_when_the_noise_scale_is_far_below_the_roo
     assert "leave no room to double the global batch 256" in no_doubling.reason
     unknown = propose_batch_schedule(64, noise_scale=None, dataset_size=100_000, micro_batch=64)
     assert unknown.value == "constant" and "no reliable noise scale" in unknown.reason
+
+
+def test_a_target_batch_above_the_run_is_noted():
+    notes = target_batch_notes(64, 1438, run_samples=14.38)
+    assert len(notes) == 1 and "larger than the planned run (14 samples)" in notes[0]
+    assert "4.5x" in notes[0]
+    assert target_batch_notes(64, 1438, run_samples=14_380) == []

@@ -20,6 +20,7 @@ from batchfit.monitor.advice import RunSettings
 from batchfit.monitor.curve import read_curve
 from batchfit.monitor.findings import KINDS, Diagnosis, Finding
 from batchfit.monitor.history import History
+from batchfit.units import format_count
 
 __all__ = ["diagnose", "noise_scale_at_end"]
 
@@ -187,7 +188,7 @@ def diagnose(
         )
     elif noise and len(noise) < limits.MIN_NOISE_POINTS:
         notes.append(
-            f"only {len(noise)} gradient noise-scale reading{'s' if len(noise) > 1 else ''}: "
+            f"only {format_count(len(noise), 'gradient noise-scale reading')}: "
             f"too few to judge the batch against (need {limits.MIN_NOISE_POINTS}); "
             "batch-below/above-critical not checked"
         )

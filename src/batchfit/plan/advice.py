@@ -130,17 +130,28 @@ def optimizer_advice(global_batch: int, optimizer_family: str) -> Choice:
     )
 
 
-def target_batch_notes(target_global_batch: int, dataset_size: int) -> list[str]:
-    """What a target global batch above a quarter of the training set costs, as a note."""
+def target_batch_notes(
+    target_global_batch: int, dataset_size: int, *, run_samples: float | None = None
+) -> list[str]:
+    """What a target global batch above a quarter of the training set, or above the planned
+    run's samples, costs, as notes."""
+    notes = []
     limit = data_batch_limit(dataset_size)
-    if target_global_batch <= limit:
-        return []
-    return [
-        f"The target global batch {target_global_batch} is above a quarter of the "
-        f"{dataset_size} training samples ({int(limit)}): an epoch has fewer than "
-        f"{MIN_STEPS_PER_EPOCH} optimizer steps, and one large step learns little per sample; "
-        "a smaller batch or more data would."
-    ]
+    if target_global_batch > limit:
+        notes.append(
+            f"The target global batch {target_global_batch} is above a quarter of the "
+            f"{dataset_size} training samples ({int(limit)}): an epoch has fewer than "
+            f"{MIN_STEPS_PER_EPOCH} optimizer steps, and one large step learns little per "
+            "sample; a smaller batch or more data would."
+        )
+    if run_samples is not None and target_global_batch > run_samples:
+        notes.append(
+            f"The target global batch {target_global_batch} is larger than the planned run "
+            f"({run_samples:.0f} samples): the run takes one step of {target_global_batch} "
+            f"samples, {target_global_batch / run_samples:.1f}x what it was planned to read; "
+            "plan more epochs or a smaller batch."
+        )
+    return notes
 
 
 def borrowed_throughput_note(card: str, device_type: str) -> str:

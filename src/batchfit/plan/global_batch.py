@@ -34,6 +34,7 @@ def choose_global_batch(
     measured_after_steps: int | None = None,
     throughput: Mapping[int, float] | None = None,
     noise_basis: str | None = None,
+    run_samples: float | None = None,
 ) -> Choice:
     """The global batch expected to reach a given loss soonest on this hardware.
 
@@ -53,7 +54,8 @@ def choose_global_batch(
     Without a throughput curve, the power of two nearest B_noise, raised to the throughput knee
     (within the same multiple of B_noise). Without a reliable noise scale, the task's reference
     batch, raised to the knee. Always at most a quarter of the training set
-    (`MIN_STEPS_PER_EPOCH`).
+    (`MIN_STEPS_PER_EPOCH`), and at most the run's samples (a run shorter than one global batch
+    would train on more samples than it was planned for).
 
     Args:
         noise_scale: B_simple in samples, or None when not (yet) reliable.
@@ -65,6 +67,7 @@ def choose_global_batch(
         throughput: samples per second of one device at each measured batch size.
         noise_basis: where `noise_scale` comes from, in words (a trend's extrapolation, say);
             it replaces "measured after N training steps" in the reason.
+        run_samples: samples the planned run reads (epochs x training samples), if known.
 
     Example:
         >>> choose_global_batch(noise_scale=200, knee_batch=32, world_size=1,
@@ -76,13 +79,23 @@ def choose_global_batch(
         16
     """
     cap = max(world_size, _pow2_floor(data_batch_limit(dataset_size)))
+    cap_reason = (
+        f"the largest power of two within a quarter of the {dataset_size} training samples "
+        f"(at least {MIN_STEPS_PER_EPOCH} steps per epoch)"
+    )
+    if run_samples is not None and _pow2_floor(run_samples) < cap:
+        cap = max(world_size, _pow2_floor(run_samples))
+        cap_reason = (
+            f"the largest power of two within the run's {run_samples:.0f} samples (a larger "
+            "batch would train on more samples than the run was planned for)"
+        )
     after = (
         f", measured after {measured_after_steps} training steps" if measured_after_steps else ""
     )
     if noise_basis:
         after = f" ({noise_basis})"
     if noise_scale is not None and noise_scale > 0 and throughput:
-        return _fastest_global_batch(noise_scale, throughput, world_size, cap, after)
+        return _fastest_global_batch(noise_scale, throughput, world_size, cap, cap_reason, after)
     if noise_scale is not None and noise_scale > 0:
         batch = _pow2_nearest(noise_scale)
         reason = (
@@ -111,10 +124,7 @@ def choose_global_batch(
             )
     if batch > cap:
         batch = cap
-        reason += (
-            f"; capped at {cap}, the largest power of two within a quarter of the "
-            f"{dataset_size} training samples (at least {MIN_STEPS_PER_EPOCH} steps per epoch)"
-        )
+        reason += f"; capped at {cap}, {cap_reason}"
     if batch % world_size:
         batch = max(world_size, batch - batch % world_size)
         reason += f"; rounded to a multiple of the {world_size} devices"
@@ -140,7 +150,12 @@ is no reason to go higher; a run can still grow its batch (`--batch-schedule noi
 
 
 def _fastest_global_batch(
-    noise_scale: float, throughput: Mapping[int, float], world_size: int, cap: int, after: str
+    noise_scale: float,
+    throughput: Mapping[int, float],
+    world_size: int,
+    cap: int,
+    cap_reason: str,
+    after: str,
 ) -> Choice:
     measured = sorted((size, rate) for size, rate in throughput.items() if rate > 0)
     if not measured:
@@ -200,4 +215,7 @@ def _fastest_global_batch(
         reason += "; " + ", ".join(
             f"{time_per_loss(b) / best_time - 1:+.0%} at {b}" for b in neighbours
         )
+    above = 2 * cap
+    if chosen == cap and above <= noise_cap and time_per_loss(above) < time_per_loss(cap):
+        reason += f"; capped at {cap}, {cap_reason}"
     return Choice(chosen, reason)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from batchfit.progress import ProgressFn
+from batchfit.units import format_count
 
 if TYPE_CHECKING:
     import torch
@@ -90,8 +91,9 @@ def measure_noise_for_run(
             noise,
             noise.noise_scale_samples,
             (
-                f"measured once, after {noise.step} training steps ({noise.samples_seen:,} "
-                "samples; a quick plan fits no trend, and the noise scale grows later in the run)"
+                f"measured once, after {format_count(noise.step, 'training step')} "
+                f"({noise.samples_seen:,} samples; a quick plan fits no trend, and the noise "
+                "scale grows later in the run)"
             ),
         )
     per_point = batches or TREND_BATCHES
@@ -119,8 +121,8 @@ def measure_noise_for_run(
             noise,
             noise.noise_scale_samples,
             (
-                f"measured after {noise.step} training steps; no trend fitted, since the "
-                f"measurement after {points[0].step} steps was not reliable"
+                f"measured after {format_count(noise.step, 'training step')}; no trend fitted, "
+                f"since the measurement after {points[0].step} steps was not reliable"
             ),
         )
     trend = fit_noise_trend(

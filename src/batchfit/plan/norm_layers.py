@@ -17,6 +17,7 @@ from typing import Literal
 from torch import nn
 
 from batchfit.errors import ConfigError
+from batchfit.units import format_count
 
 BATCHNORM_MIN_SAMPLES = 32
 """Samples per BatchNorm call below which its statistics are too noisy (Wu & He 2018, Fig. 1)."""
@@ -133,7 +134,7 @@ def batchnorm_advice(
     layers = tuple(find_batchnorm_layers(model))
     if not layers:
         return None
-    count = f"{len(layers)} BatchNorm layer{'s' if len(layers) > 1 else ''}"
+    count = format_count(len(layers), "BatchNorm layer")
     if micro_batch >= min_samples:
         return NormAdvice(
             layers,

@@ -42,6 +42,7 @@ from batchfit.plan.plan_file import Plan, model_identity
 from batchfit.progress import ProgressFn
 from batchfit.training.config import DEFAULT_EPOCHS
 from batchfit.training.sampling import steps_for_epochs, steps_per_epoch
+from batchfit.units import format_count
 from batchfit.validation import check_in_range, check_positive_number, check_whole_number
 
 if TYPE_CHECKING:
@@ -219,7 +220,11 @@ def plan(
     # 4. Global batch, micro-batch, accumulation.
     if target_global_batch is not None:
         global_choice = advice.Choice(target_global_batch, "the target you asked for")
-        notes.extend(advice.target_batch_notes(target_global_batch, dataset_size))
+        notes.extend(
+            advice.target_batch_notes(
+                target_global_batch, dataset_size, run_samples=epochs * dataset_size
+            )
+        )
     else:
         global_choice = choose_global_batch(
             noise_scale=noise_for_run,
@@ -230,6 +235,7 @@ def plan(
             measured_after_steps=None if noise is None else noise.step,
             noise_basis=noise_basis,
             throughput=dict(zip(throughput.batch_sizes, throughput.samples_per_second)),
+            run_samples=epochs * dataset_size,
         )
     global_batch = int(global_choice.value)
     micro_choice = advice.choose_micro_batch(global_batch, limit, world_size)
@@ -352,7 +358,7 @@ def plan(
     if warmup_steps:
         reasons["warmup_steps"] = (
             f"{lr:.3g} is {lr / task.lr:.1f}x the reference {task.lr:g}: warm up linearly for "
-            f"{warmup_steps} step{'s' if warmup_steps > 1 else ''} (5 epochs as in Goyal et al. "
+            f"{format_count(warmup_steps, 'step')} (5 epochs as in Goyal et al. "
             "2017, at most a fifth of the "
             f"{total_steps} planned steps)"
         )

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
 from batchfit.task import Batch, batch_size_of, scalar_loss
+from batchfit.units import format_count
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +106,7 @@ class AccumulationPlan:
             >>> plan_accumulation(58, 16, allow_uneven=True).describe()
             'global batch 58 = 1 rank x 4 micro-batches (16+16+16+10), loss weighted by size'
         """
-        ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''}"
+        ranks = format_count(self.world_size, "rank")
         steps = self.accumulation_steps
         noun = "micro-batch" if steps == 1 else "micro-batches"
         if self.uneven:
