@@ -24,6 +24,29 @@ def test_batch_wraps_around_a_small_dataset():
     assert batch_size_of((inputs, labels)) == 25
 
 
+def test_a_tensor_dataset_batch_is_what_collating_its_samples_gives():
+    from torch.utils.data import TensorDataset, default_collate
+
+    data = TensorDataset(
+        torch.randn(10, 3, 2), torch.arange(10), torch.rand(10) > 0.5, torch.randn(10, 1).half()
+    )
+    task = make_mlp_task()
+    indices = [3, 17, 0, 9, 9, 24]  # repeats, and indices past the end wrap around
+    fast = task.batch(indices, data=data)
+    slow = default_collate([data[index % 10] for index in indices])
+    assert type(fast) is type(slow) and len(fast) == len(slow) == 4
+    for got, want in zip(fast, slow):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(task.batch(torch.tensor(indices), data=data)[0], slow[0])
+
+    class Doubled(TensorDataset):  # a subclass may change __getitem__: collated sample by sample
+        def __getitem__(self, index):
+            return tuple(2 * tensor[index] for tensor in self.tensors)
+
+    doubled = task.batch(indices, data=Doubled(*data.tensors))
+    assert torch.equal(doubled[0], 2 * slow[0])
+
+
 def test_move_to_keeps_structure():
     batch = {"x": torch.zeros(2), "pair": (torch.ones(1), 3)}
     moved = move_to(batch, "cpu")

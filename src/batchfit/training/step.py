@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import DoesNotFitError, TrainingDivergedError
@@ -63,9 +63,10 @@ class StepRecord:
     indices: tuple[int, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["indices"], data["micro_batches"]
-        return data
+        # Not dataclasses.asdict: it deep-copies the step's indices, only to drop them (a
+        # tenth of a millisecond a step, as much as a small model's forward pass).
+        skipped = ("indices", "micro_batches")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
 
 
 def optimizer_step(
