@@ -1,5 +1,7 @@
 """The plan's global batch: the time model, its caps and its tie rule."""
 
+import functools
+
 from batchfit.plan.global_batch import choose_global_batch
 
 
@@ -114,36 +116,18 @@ def test_a_flat_stretch_of_throughput_does_not_move_the_choice():
 
 
 def test_a_run_shorter_than_the_batch_caps_it_and_says_so():
-    # 0.01 epochs of 1,438 samples read 14 samples: a batch of 64 would read 64 in its one step.
-    short = choose_global_batch(
-        noise_scale=60,
-        knee_batch=None,
-        world_size=1,
-        dataset_size=1438,
-        reference_batch=32,
-        run_samples=14.38,
+    digits = functools.partial(
+        choose_global_batch, knee_batch=None, world_size=1, dataset_size=1438, reference_batch=32
     )
+    # 0.01 epochs of 1,438 samples read 14 samples: a batch of 64 would read 64 in its one step.
+    short = digits(noise_scale=60, run_samples=14.38)
     assert short.value == 8 and "the run's 14 samples" in short.reason
     # With a throughput curve the cap is said where it binds: 16 would be faster than 8.
-    timed = choose_global_batch(
-        noise_scale=60,
-        knee_batch=None,
-        world_size=1,
-        dataset_size=1438,
-        reference_batch=32,
-        run_samples=14.38,
-        throughput={1: 100, 8: 700, 16: 1200, 64: 1300},
+    timed = digits(
+        noise_scale=60, run_samples=14.38, throughput={1: 100, 8: 700, 16: 1200, 64: 1300}
     )
-    assert timed.value == 8 and "capped at 8, the largest power of two within the run's" in (
-        timed.reason
-    )
+    assert timed.value == 8
+    assert "capped at 8, the largest power of two within the run's" in timed.reason
     # A run longer than a quarter of the data leaves the data's cap in charge.
-    long = choose_global_batch(
-        noise_scale=5000,
-        knee_batch=None,
-        world_size=1,
-        dataset_size=1438,
-        reference_batch=32,
-        run_samples=14_380,
-    )
+    long = digits(noise_scale=5000, run_samples=14_380)
     assert long.value == 256 and "quarter" in long.reason
