@@ -38,6 +38,7 @@ def test_a_tensor_dataset_batch_is_what_collating_its_samples_gives():
     for got, want in zip(fast, slow):
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert torch.equal(task.batch(torch.tensor(indices), data=data)[0], slow[0])
+    assert torch.equal(task.batch(iter(indices), data=data)[1], slow[1])  # any iterable
 
     class Doubled(TensorDataset):  # a subclass may change __getitem__: collated sample by sample
         def __getitem__(self, index):

@@ -159,7 +159,8 @@ class Task:
         dataset = self.train_data if data is None else data
         size = len(dataset)
         if self.collate is None and type(dataset) is TensorDataset:
-            rows = torch.as_tensor(indices, dtype=torch.long) % size
+            listed = indices if isinstance(indices, torch.Tensor) else list(indices)
+            rows = torch.as_tensor(listed, dtype=torch.long) % size
             # default_collate turns a batch of tuples into a list of stacked tensors
             return [tensor[rows] for tensor in dataset.tensors]
         return self.collate_fn()([dataset[index % size] for index in indices])
