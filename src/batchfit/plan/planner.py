@@ -358,9 +358,8 @@ def plan(
     if warmup_steps:
         reasons["warmup_steps"] = (
             f"{lr:.3g} is {lr / task.lr:.1f}x the reference {task.lr:g}: warm up linearly for "
-            f"{format_count(warmup_steps, 'step')} (5 epochs as in Goyal et al. "
-            "2017, at most a fifth of the "
-            f"{total_steps} planned steps)"
+            f"{format_count(warmup_steps, 'step')} (5 epochs as in Goyal et al. 2017, at most "
+            f"a fifth of the {total_steps} planned steps)"
         )
     else:
         reasons["warmup_steps"] = (
