@@ -1,7 +1,11 @@
 """The plan's global batch: the time model, its caps and its tie rule."""
 
 import functools
+import math
 
+import pytest
+
+from batchfit.errors import ConfigError
 from batchfit.plan.global_batch import choose_global_batch
 
 
@@ -131,3 +135,40 @@ def test_a_run_shorter_than_the_batch_caps_it_and_says_so():
     # A run longer than a quarter of the data leaves the data's cap in charge.
     long = digits(noise_scale=5000, run_samples=14_380)
     assert long.value == 256 and "quarter" in long.reason
+
+
+def test_a_loop_overhead_per_step_favours_the_larger_batch():
+    # Bare steps of 1.31 ms at 128 and 1.92 ms at 256 (mnist1d's MLP on this CPU) with a
+    # noise scale of 189: per unit of progress (1 + B/189) x seconds per sample,
+    # 128: 1.677 x 1.31/128 = 0.01716 ms, 256: 2.354 x 1.92/256 = 0.01766 ms: 128 by 3%.
+    # A loop that adds 1.33 ms to every step: 128: 1.677 x 2.64/128 = 0.0346 ms,
+    # 256: 2.354 x 3.25/256 = 0.0299 ms: 256 by 16%.
+    throughput = {128: 128 / 1.31e-3, 256: 256 / 1.92e-3}
+    choose = functools.partial(
+        choose_global_batch,
+        noise_scale=189,
+        knee_batch=256,
+        world_size=1,
+        dataset_size=4000,
+        reference_batch=32,
+        throughput=throughput,
+    )
+    bare = choose()
+    assert bare.value == 128 and "loop" not in bare.reason
+    with_loop = choose(step_overhead_seconds=1.33e-3)
+    assert with_loop.value == 256
+    assert "the training loop's own 1.33 ms per optimizer step" in with_loop.reason
+    assert "+16% at 128" in with_loop.reason
+
+
+def test_a_bad_loop_overhead_is_refused():
+    for bad in (-1e-3, math.nan, math.inf, "1ms"):
+        with pytest.raises(ConfigError, match="step_overhead_seconds"):
+            choose_global_batch(
+                noise_scale=100,
+                knee_batch=None,
+                world_size=1,
+                dataset_size=1000,
+                reference_batch=32,
+                step_overhead_seconds=bad,
+            )

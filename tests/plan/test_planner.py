@@ -46,7 +46,15 @@ def test_plan_is_exact_and_explained(tiny_plan):
         "noise_scale",
         "noise_trend",
         "range_test",
+        "loop_overhead",
     }
+    # The training loop's own cost per step was timed and, when it counts, enters the choice.
+    overhead = result.measurements["loop_overhead"]
+    assert overhead["batch"] in result.measurements["throughput"]["batch_sizes"]
+    assert overhead["loop_seconds"] > 0 and overhead["seconds_per_step"] >= 0
+    if "minimises the estimated time" in result.reasons["global_batch"]:
+        loop_named = "the training loop's own" in result.reasons["global_batch"]
+        assert loop_named == (overhead["seconds_per_step"] > 0)
     # A rate raised above the rule's was tried in the planned run's first steps.
     assert ("rate_trials" in result.measurements) == ("raised" in result.reasons["lr"])
     trend = result.measurements["noise_trend"]
@@ -69,6 +77,7 @@ def test_plan_reaches_a_target_over_devices():
     assert result.global_batch == 128
     assert result.micro_batch * result.accumulation_steps * 2 == 128
     assert result.reasons["global_batch"] == "the target you asked for"
+    assert "loop_overhead" not in result.measurements  # the target needs no time model
 
 
 def test_plan_advises_groupnorm_for_small_batchnorm_batches():

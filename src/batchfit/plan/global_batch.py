@@ -35,6 +35,7 @@ def choose_global_batch(
     throughput: Mapping[int, float] | None = None,
     noise_basis: str | None = None,
     run_samples: float | None = None,
+    step_overhead_seconds: float = 0.0,
 ) -> Choice:
     """The global batch expected to reach a given loss soonest on this hardware.
 
@@ -42,7 +43,9 @@ def choose_global_batch(
     E = E_min (1 + B / B_noise), where B_noise is the gradient noise scale (the critical
     batch): below it, doubling the batch nearly halves the steps; above it, extra samples are
     mostly wasted. Wall time is samples over samples per second, so with the measured
-    throughput the time to a loss is proportional to (1 + B / B_noise) / samples_per_second(B).
+    throughput the time to a loss is proportional to (1 + B / B_noise) / samples_per_second(B);
+    with a training loop that adds `step_overhead_seconds` to every optimizer step, to
+    (1 + B / B_noise) (1 / samples_per_second(B) + step_overhead_seconds / B).
     The global batch is the power of two (times the device count) that minimises it, the
     smallest one when several are within `TIME_TIE` of each other (fewer samples). Throughput
     beyond the largest measured micro-batch is that micro-batch's (accumulation), and a dip
@@ -68,6 +71,8 @@ def choose_global_batch(
         noise_basis: where `noise_scale` comes from, in words (a trend's extrapolation, say);
             it replaces "measured after N training steps" in the reason.
         run_samples: samples the planned run reads (epochs x training samples), if known.
+        step_overhead_seconds: what the training loop adds to each optimizer step beyond the
+            steps `throughput` timed, in seconds (`batchfit.throughput.loop_overhead`).
 
     Example:
         >>> choose_global_batch(noise_scale=200, knee_batch=32, world_size=1,
@@ -78,6 +83,11 @@ def choose_global_batch(
         ...                     throughput={16: 830, 32: 1000, 64: 1000, 256: 900}).value
         16
     """
+    if not (isinstance(step_overhead_seconds, (int, float)) and 0 <= step_overhead_seconds < 1e9):
+        raise ConfigError(
+            "step_overhead_seconds must be a number of seconds >= 0 (what the training loop "
+            f"adds to each step), got {step_overhead_seconds!r}."
+        )
     cap = max(world_size, _pow2_floor(data_batch_limit(dataset_size)))
     cap_reason = (
         f"the largest power of two within a quarter of the {dataset_size} training samples "
@@ -95,7 +105,9 @@ def choose_global_batch(
     if noise_basis:
         after = f" ({noise_basis})"
     if noise_scale is not None and noise_scale > 0 and throughput:
-        return _fastest_global_batch(noise_scale, throughput, world_size, cap, cap_reason, after)
+        return _fastest_global_batch(
+            noise_scale, throughput, world_size, cap, cap_reason, after, step_overhead_seconds
+        )
     if noise_scale is not None and noise_scale > 0:
         batch = _pow2_nearest(noise_scale)
         reason = (
@@ -156,6 +168,7 @@ def _fastest_global_batch(
     cap: int,
     cap_reason: str,
     after: str,
+    step_overhead_seconds: float = 0.0,
 ) -> Choice:
     measured = sorted((size, rate) for size, rate in throughput.items() if rate > 0)
     if not measured:
@@ -168,7 +181,8 @@ def _fastest_global_batch(
         return max(rate for size, rate in measured if size <= max(per_device, measured[0][0]))
 
     def time_per_loss(batch: int) -> float:
-        return (1 + batch / noise_scale) / (world_size * device_rate(batch / world_size))
+        seconds_per_sample = 1 / (world_size * device_rate(batch / world_size))
+        return (1 + batch / noise_scale) * (seconds_per_sample + step_overhead_seconds / batch)
 
     candidates = []  # powers of two per device, from the smallest batch measured
     batch = world_size
@@ -184,10 +198,21 @@ def _fastest_global_batch(
     best_time = min(time_per_loss(batch) for batch in candidates)
     fastest = min(candidates, key=time_per_loss)
     chosen = min(b for b in candidates if time_per_loss(b) <= best_time * (1 + TIME_TIE))
+    if step_overhead_seconds > 0:
+        overhead_ms = 1000 * step_overhead_seconds
+        model = (
+            f"with the measured throughput and the training loop's own {overhead_ms:.2f} ms per "
+            f"optimizer step, {fastest} minimises the estimated time to a given loss, "
+            f"(1 + B/{noise_scale:.0f}) (1 / samples per second + {overhead_ms:.2f} ms / B)"
+        )
+    else:
+        model = (
+            f"with the measured throughput, {fastest} minimises the estimated time to a given "
+            f"loss, (1 + B/{noise_scale:.0f}) / samples per second"
+        )
     reason = (
         f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples{after}; "
-        f"with the measured throughput, {fastest} minimises the estimated time to a given loss, "
-        f"(1 + B/{noise_scale:.0f}) / samples per second (McCandlish et al. 2018)"
+        f"{model} (McCandlish et al. 2018)"
     )
     if fastest_any != fastest:
         samples_ratio = (1 + fastest_any / noise_scale) / (1 + fastest / noise_scale)

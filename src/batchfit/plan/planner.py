@@ -4,7 +4,8 @@
 stands in for the device it will train on) and combines batchfit's measurements:
 
 1. memory (`batchfit.memory.search`): the largest micro-batch that fits, with a safety margin;
-2. throughput (`batchfit.throughput`): samples per second against batch size, and its knee;
+2. throughput (`batchfit.throughput`): samples per second against batch size, and its knee,
+   and what batchfit's own training loop adds to each step (`batchfit.throughput.loop_overhead`);
 3. gradient noise scale (`batchfit.noise.measure`), measured at two points of a short warm-up
    and extrapolated along its trend to the middle of the planned run (`batchfit.noise.trend`):
    the critical batch size for the run as a whole;
@@ -145,6 +146,7 @@ def plan(
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
     from batchfit.plan.norm_layers import batchnorm_advice
     from batchfit.plan.rate_trial import RAISE_GAIN, try_rate
+    from batchfit.throughput.loop_overhead import measure_loop_overhead
     from batchfit.throughput.measure import measure_throughput
 
     report = progress or (lambda phase, done, total: None)
@@ -196,8 +198,13 @@ def plan(
         progress=lambda phase, done, total: report("throughput", done, total),
         **(QUICK_THROUGHPUT if quick else {}),
     )
-    report("throughput", 1, 1)  # done, also when it stopped before the largest size
     measurements["throughput"] = throughput.to_dict()
+    overhead = None
+    if target_global_batch is None:
+        # What batchfit's loop adds to each step: it favours larger batches where steps are short.
+        overhead = measure_loop_overhead(task, throughput, device=device)
+        measurements["loop_overhead"] = overhead.to_dict()
+    report("throughput", 1, 1)  # done, also when it stopped before the largest size
     disturbed = throughput.disturbed_note()
     if disturbed:
         notes.append(f"{disturbed} The global batch below rests on it.")
@@ -236,6 +243,7 @@ def plan(
             noise_basis=noise_basis,
             throughput=dict(zip(throughput.batch_sizes, throughput.samples_per_second)),
             run_samples=epochs * dataset_size,
+            step_overhead_seconds=overhead.seconds_per_step if overhead is not None else 0.0,
         )
     global_batch = int(global_choice.value)
     micro_choice = advice.choose_micro_batch(global_batch, limit, world_size)

@@ -25,10 +25,8 @@ often several times it (bench/README.md, "Plan advice").
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +178,7 @@ def _trial(
     from batchfit.errors import TrainingDivergedError
     from batchfit.monitor.diagnose import diagnose
     from batchfit.monitor.history import History
+    from batchfit.training.callbacks import expected_stops
     from batchfit.training.loop import TrainConfig, train
 
     warmup_steps = min(warmup_steps, MAX_TRIAL_STEPS - STEPS_AFTER_WARMUP)
@@ -195,7 +194,7 @@ def _trial(
         checkpoint_every=0,
     )
     try:
-        with _quiet_stop():
+        with expected_stops():
             train(task, config, device=device, callbacks=[watch], progress=False)
         diverged_early = False
     except TrainingDivergedError:
@@ -220,17 +219,6 @@ def _trial(
         trial = replace(trial, diverged=True)
     return trial
 
-
-@contextlib.contextmanager
-def _quiet_stop() -> Iterator[None]:
-    """The loop logs every callback's stop as a warning; the trial's own stop is expected."""
-    log = logging.getLogger("batchfit.training.callbacks")
-    previous = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(previous)
 
 
 def try_rate(

@@ -20,8 +20,9 @@ diagnosis uses this to stop a diverging run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from batchfit.training.accumulation import AccumulationPlan
     from batchfit.training.step import StepRecord
 
-__all__ = ["CallbackList", "StopTraining", "TrainCallback"]
+__all__ = ["CallbackList", "StopTraining", "TrainCallback", "expected_stops"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,24 @@ class StopTraining(Exception):  # noqa: N818 - a request, not an error
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@contextlib.contextmanager
+def expected_stops() -> Iterator[None]:
+    """Within it, a callback's `StopTraining` is not logged as a warning: for a caller that
+    runs a few steps of the loop on purpose (a rate trial, a timing) and stops them itself.
+
+    Example:
+        >>> with expected_stops():
+        ...     logging.getLogger(__name__).level == logging.ERROR
+        True
+    """
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 class TrainCallback(Protocol):
