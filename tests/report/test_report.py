@@ -334,3 +334,17 @@ def test_the_memory_caption_names_only_what_the_figure_draws():
                                  "measurements": {"memory": cpu}}))  # fmt: skip
     (caption,) = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
     assert caption == "Peak memory against batch size: predicted probes and the fitted line."
+
+
+def test_the_throughput_caption_says_what_the_loop_adds_when_it_was_measured():
+    plan = make_plan()
+    assert "training loop adds" not in render_report(plan)
+    overhead = {"batch": 32, "bare_seconds": 0.0011, "loop_seconds": 0.0024,
+                "seconds_per_step": 0.0013, "steps": 60, "skipped": None}  # fmt: skip
+    measured = Plan(**{**plan.to_dict(), "measurements": {
+        **plan.measurements, "loop_overhead": overhead}})  # fmt: skip
+    assert "training loop adds 1.30 ms to each (measured at batch 32)" in render_report(measured)
+    skipped = {**overhead, "loop_seconds": None, "seconds_per_step": 0.0, "skipped": "slow"}
+    not_measured = Plan(**{**plan.to_dict(), "measurements": {
+        **plan.measurements, "loop_overhead": skipped}})  # fmt: skip
+    assert "training loop adds" not in render_report(not_measured)

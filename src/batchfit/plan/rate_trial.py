@@ -220,7 +220,6 @@ def _trial(
     return trial
 
 
-
 def try_rate(
     task: Task,
     *,

@@ -89,7 +89,7 @@ def render_report(
     figures = [
         _figure(
             draw(plan, plan.measurements[key]),
-            caption or _memory_caption(plan.measurements[key]),
+            _caption(plan, key, caption),
         )
         for key, draw, caption in _FIGURES
         if plan.measurements.get(key)
@@ -117,6 +117,20 @@ def render_report(
         run="" if run_dir is None else _run_section(plan, run_dir),
         sweep="" if sweep is None else _sweep_section(sweep),
     )
+
+
+def _caption(plan: Plan, key: str, caption: str | None) -> str:
+    """A figure's caption; the throughput's says what the training loop adds to its steps."""
+    if caption is None:
+        return _memory_caption(plan.measurements[key])
+    overhead = plan.measurements.get("loop_overhead") or {}
+    if key == "throughput" and overhead.get("loop_seconds"):
+        caption += (
+            f" The steps timed are bare training steps; batchfit's training loop adds "
+            f"{1000 * overhead['seconds_per_step']:.2f} ms to each (measured at batch "
+            f"{overhead['batch']}), which the global batch's time model counts."
+        )
+    return caption
 
 
 def write_report(
