@@ -454,6 +454,11 @@ def bench_example(
         "reference_batch": task.batch_size,
         "train_samples": len(task.train_data),
         "plan": {k: v for k, v in the_plan.to_dict().items() if k != "measurements"},
+        # the time model's inputs (small); the curves and sweeps are left out
+        "plan_measurements": {
+            key: the_plan.measurements.get(key)
+            for key in ("throughput", "loop_overhead", "noise_trend")
+        },
         "plan_cpu_seconds": plan_cpu_seconds,
         "quick": quick,
         "device": DEVICE,
