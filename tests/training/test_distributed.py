@@ -79,3 +79,16 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
         assert torch.allclose(saved[name], value, rtol=0, atol=1e-6), name
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # rank 0 alone writes metrics
+
+
+def test_ranks_that_read_different_checkpoints_refuse_to_resume(tmp_path, monkeypatch):
+    # A run folder that is not shared: rank 1 (faked here) found the step-2 checkpoint where
+    # this rank found step 6. Resuming would train the ranks out of step with each other.
+    from batchfit.errors import CheckpointError
+    from batchfit.training import distributed
+
+    config = dict(global_batch=32, micro_batch=32, steps=6, lr=0.1, out_dir=str(tmp_path))
+    train(make_mlp_task(), TrainConfig(**config), device="cpu")
+    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, 2])
+    with pytest.raises(CheckpointError, match=r"different checkpoints .*steps by rank: 6, 2"):
+        train(make_mlp_task(), TrainConfig(resume=True, **config), device="cpu")

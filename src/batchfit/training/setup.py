@@ -207,13 +207,23 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
 
     Raises:
         CheckpointError: metrics.jsonl has lines that cannot be read (and
-            `config.drop_unreadable_metrics` is off).
+            `config.drop_unreadable_metrics` is off); under DDP, ranks that read checkpoints of
+            different steps (or some none).
     """
     import torch
 
+    from batchfit.training.distributed import gather_objects
     from batchfit.training.metrics import truncate_metrics
 
     config, context = run.config, run.context
+    # Every rank reads the checkpoint itself: they must have read the same one.
+    steps = gather_objects(None if checkpoint is None else int(checkpoint["step"]))
+    if len(set(steps)) > 1:
+        raise CheckpointError(
+            f"the ranks found different checkpoints in {config.out_dir} (steps by rank: "
+            f"{', '.join('none' if step is None else str(step) for step in steps)}); every rank "
+            "must read the same run folder: put it on a file system all nodes share."
+        )
     if checkpoint is None:
         if config.resume and run.main and run.metrics_path is not None:
             truncate_metrics(run.metrics_path, 0, drop_unreadable=True)
@@ -290,6 +300,9 @@ def save_run(run: Run, callback_states: list[Any]) -> None:
             state["swa_model"] = run.swa_model.state_dict()
             state["swa_scheduler"] = run.swa_scheduler.state_dict()
         save_checkpoint(run.checkpoint_path, state)
+    # No rank goes on before the checkpoint is written: a rank that resumes in the same
+    # process (train, then train(resume=True)) would otherwise read the one before it.
+    gather_objects(run.step)
     run.saved_at = run.step
 
 
