@@ -79,3 +79,13 @@ def test_a_batch_the_throughput_did_not_measure_is_refused():
     bare = measure_throughput(task, batch_sizes=[8], device="cpu", min_seconds=0, repeats=1)
     with pytest.raises(ConfigError, match="batch 16 was not measured.*measured 8"):
         measure_loop_overhead(task, bare, device="cpu", batch=16)
+
+
+def test_disturbed_bare_steps_are_not_compared():
+    task = make_mlp_task()
+    bare = measure_throughput(task, batch_sizes=[8, 16], device="cpu", min_seconds=0, repeats=1)
+    # a step time that falls by half as the batch doubles: other load bent the curve
+    bent = dataclasses.replace(bare, seconds_per_step=(0.004, 0.002))
+    assert bent.disturbed_note() is not None
+    overhead = measure_loop_overhead(task, bent, device="cpu")
+    assert overhead.loop_seconds is None and "disturbed" in overhead.describe()

@@ -124,7 +124,9 @@ def measure_loop_overhead(
 
     Returns:
         A LoopOverhead; not measured (`skipped` says why) when the bare step takes
-        NEGLIGIBLE_STEP_SECONDS or more, or when the loop's steps diverged or ran out of memory.
+        NEGLIGIBLE_STEP_SECONDS or more, when other load disturbed the throughput's timing
+        (`ThroughputResult.disturbed_note`), or when the loop's steps diverged or ran out of
+        memory.
 
     Raises:
         ConfigError: `batch` is not one of the sizes `throughput` measured.
@@ -160,6 +162,15 @@ def measure_loop_overhead(
                 f"a bare step at batch {batch} takes {1000 * bare:.0f} ms, beside which the "
                 "loop's own cost (about a millisecond) does not count"
             ),
+        )
+    if throughput.disturbed_note() is not None:
+        # Step times that other processes bent cannot be told apart from the loop's own cost:
+        # with torch's threads oversubscribed, a charlm step read 8-350 ms at batch 2-32.
+        return LoopOverhead(
+            batch=batch,
+            bare_seconds=bare,
+            loop_seconds=None,
+            skipped="other load disturbed the bare steps' timing (see the throughput's note)",
         )
     timed = min(MAX_STEPS, max(MIN_STEPS, round(TIMED_SECONDS / max(bare, 1e-6))))
     try:
