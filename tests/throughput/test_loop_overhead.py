@@ -89,3 +89,16 @@ def test_disturbed_bare_steps_are_not_compared():
     assert bent.disturbed_note() is not None
     overhead = measure_loop_overhead(task, bent, device="cpu")
     assert overhead.loop_seconds is None and "disturbed" in overhead.describe()
+
+
+def test_the_loop_is_compared_at_a_short_step_near_the_tasks_batch():
+    task = make_mlp_task(batch_size=64)
+    bare = measure_throughput(
+        task, batch_sizes=[8, 16, 32, 64], device="cpu", min_seconds=0, repeats=1
+    )
+    # 32 and 64 take longer than SHORT_STEP_SECONDS: the nearest short one to 64 is 16
+    longer = dataclasses.replace(bare, seconds_per_step=(0.001, 0.002, 0.008, 0.016))
+    assert measure_loop_overhead(task, longer, device="cpu").batch == 16
+    # none short: the smallest
+    long = dataclasses.replace(bare, seconds_per_step=(0.006, 0.012, 0.024, 0.048))
+    assert measure_loop_overhead(task, long, device="cpu").batch == 8

@@ -39,6 +39,11 @@ MIN_STEPS, MAX_STEPS = 10, 60
 WARMUP_STEPS = 3
 """Untimed loop steps first: the first steps allocate the optimizer's state and caches."""
 
+SHORT_STEP_SECONDS = 0.005
+"""The loop is compared at a batch whose bare step takes at most this long where one does: the
+overhead is a difference of two step times, and short steps give it to a fraction of a
+millisecond. (The loop's own cost hardly depends on the batch.)"""
+
 NEGLIGIBLE_STEP_SECONDS = 0.05
 """A bare step this long or longer is not compared with the loop: a loop that adds about a
 millisecond changes its time by 2% or less, and timing it would cost seconds."""
@@ -120,7 +125,8 @@ def measure_loop_overhead(
         throughput: the bare steps, from `measure_throughput` on the same device.
         device: where to run: the device `throughput` was measured on.
         batch: the batch size to compare at; it must be one `throughput` measured. Default:
-            the measured size nearest the task's own batch size (on a log scale).
+            the measured size nearest the task's own batch size (on a log scale) among those
+            whose bare step takes at most SHORT_STEP_SECONDS, else the smallest measured.
 
     Returns:
         A LoopOverhead; not measured (`skipped` says why) when the bare step takes
@@ -140,13 +146,11 @@ def measure_loop_overhead(
         >>> overhead.batch, overhead.steps >= MIN_STEPS, overhead.seconds_per_step >= 0
         (32, True, True)
     """
-    import math
-
     from batchfit.errors import ConfigError, DoesNotFitError, TrainingDivergedError
 
     sizes = list(throughput.batch_sizes)
     if batch is None:
-        batch = min(sizes, key=lambda size: (abs(math.log(size / task.batch_size)), size))
+        batch = _comparison_batch(throughput, task.batch_size)
     if batch not in sizes:
         raise ConfigError(
             f"batch {batch} was not measured by the throughput measurement (it measured "
@@ -187,6 +191,26 @@ def measure_loop_overhead(
     return LoopOverhead(
         batch=batch, bare_seconds=bare, loop_seconds=times.seconds_per_step[0], steps=timed
     )
+
+
+def _comparison_batch(throughput: ThroughputResult, task_batch: int) -> int:
+    """The measured size nearest `task_batch` (on a log scale) among those whose bare step
+    takes at most SHORT_STEP_SECONDS, or the smallest measured size if none does.
+
+    A difference of two step times is only as exact as the steps are short: a CNN's bare step
+    at batch 64 (30 ms) moves by a few milliseconds between measurements, and its loop
+    overhead read 0.4 and 2.5 ms in two plans.
+    """
+    import math
+
+    short = [
+        size
+        for size, seconds in zip(throughput.batch_sizes, throughput.seconds_per_step)
+        if seconds <= SHORT_STEP_SECONDS
+    ]
+    if not short:
+        return min(throughput.batch_sizes)
+    return min(short, key=lambda size: (abs(math.log(size / task_batch)), size))
 
 
 def _time_loop_steps(
