@@ -49,3 +49,19 @@ def test_steps_for_epochs_rounds_up():
 def test_bad_sizes_are_refused(bad):
     with pytest.raises(ConfigError, match="global_batch"):
         global_batch_indices(0, dataset_size=10, global_batch=bad, seed=0)
+
+
+def test_the_kept_permutation_is_not_changed_by_what_callers_do_with_their_indices():
+    from batchfit.training.sampling import epoch_permutation, stream_indices
+
+    first = stream_indices(0, 6, dataset_size=10, seed=3)
+    whole = epoch_permutation(0, dataset_size=10, seed=3)
+    first.clear(), whole.reverse()
+    assert (
+        stream_indices(0, 6, dataset_size=10, seed=3)
+        == epoch_permutation(0, dataset_size=10, seed=3)[:6]
+    )
+    # a step that straddles two epochs, then the first epoch again: each drawn from its seed
+    straddling = stream_indices(8, 4, dataset_size=10, seed=3)
+    assert straddling[:2] == epoch_permutation(0, dataset_size=10, seed=3)[8:]
+    assert straddling[2:] == epoch_permutation(1, dataset_size=10, seed=3)[:2]

@@ -16,6 +16,7 @@ stream does not depend on the batch sizes, so a change loses and repeats nothing
 
 from __future__ import annotations
 
+import functools
 import math
 
 from batchfit.errors import ConfigError
@@ -28,10 +29,18 @@ def epoch_permutation(epoch: int, *, dataset_size: int, seed: int) -> list[int]:
         >>> sorted(epoch_permutation(0, dataset_size=4, seed=0))
         [0, 1, 2, 3]
     """
+    return _permutation(epoch, dataset_size, seed).tolist()
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(epoch: int, dataset_size: int, seed: int):
+    """`epoch_permutation` as a tensor, kept for the epoch's steps (and the next epoch's, for
+    a batch that straddles both): drawn once per epoch instead of once per step, which cost
+    1.3 ms a step for 50,000 samples and 46 ms for a million. Read-only: callers slice it."""
     import torch
 
     generator = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(dataset_size, generator=generator).tolist()
+    return torch.randperm(dataset_size, generator=generator)
 
 
 def global_batch_indices(
@@ -97,10 +106,10 @@ def stream_indices(start: int, count: int, *, dataset_size: int, seed: int) -> l
     indices: list[int] = []
     epoch = start // dataset_size
     while start < stop:
-        order = epoch_permutation(epoch, dataset_size=dataset_size, seed=seed)
+        order = _permutation(epoch, dataset_size, seed)
         offset = start - epoch * dataset_size
         take = min(stop - start, dataset_size - offset)
-        indices.extend(order[offset : offset + take])
+        indices.extend(order[offset : offset + take].tolist())
         start += take
         epoch += 1
     return indices
