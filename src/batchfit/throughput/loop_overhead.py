@@ -109,6 +109,8 @@ def measure_loop_overhead(
     *,
     device: str | torch.device = "auto",
     batch: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    cpu_clock: Callable[[], float] | None = None,
 ) -> LoopOverhead:
     """Time steps of `batchfit.training.loop.train` at a batch size `throughput` measured and
     return what they take beyond its bare step.
@@ -127,6 +129,9 @@ def measure_loop_overhead(
         batch: the batch size to compare at; it must be one `throughput` measured. Default:
             the measured size nearest the task's own batch size (on a log scale) among those
             whose bare step takes at most SHORT_STEP_SECONDS, else the smallest measured.
+        clock: the wall timer, in seconds (a fake one makes tests exact).
+        cpu_clock: the CPU timer, in seconds. None: `time.thread_time` on the CPU with the
+            default wall timer, as `measure_throughput` does.
 
     Returns:
         A LoopOverhead; not measured (`skipped` says why) when the bare step takes
@@ -177,7 +182,9 @@ def measure_loop_overhead(
         )
     timed = min(MAX_STEPS, max(MIN_STEPS, round(TIMED_SECONDS / max(bare, 1e-6))))
     try:
-        walls, cpus = _time_loop_steps(task, batch=batch, steps=timed, device=device)
+        walls, cpus = _time_loop_steps(
+            task, batch=batch, steps=timed, device=device, clock=clock, cpu_clock=cpu_clock
+        )
     except (DoesNotFitError, TrainingDivergedError) as error:
         # The loop's steps are timed, not judged; the plan's own measurements say the rest.
         return LoopOverhead(
@@ -226,7 +233,13 @@ def _comparison_batch(throughput: ThroughputResult, task_batch: int) -> int:
 
 
 def _time_loop_steps(
-    task: Task, *, batch: int, steps: int, device: Any
+    task: Task,
+    *,
+    batch: int,
+    steps: int,
+    device: Any,
+    clock: Callable[[], float],
+    cpu_clock: Callable[[], float] | None,
 ) -> tuple[list[float], list[float] | None]:
     """Wall and (on the CPU) thread CPU seconds of `steps` loop steps after the warm-up."""
     from batchfit.devices import resolve_device
@@ -237,24 +250,23 @@ def _time_loop_steps(
 
     resolved = resolve_device(device)
     dataset_size = len(task.train_data)
-    clock = _StepClock(
-        stop_after=WARMUP_STEPS + 1 + steps,
-        cpu_clock=time.thread_time if resolved.type == "cpu" else None,
-    )
-    callbacks: list[Any] = [clock]
+    if cpu_clock is None and resolved.type == "cpu" and clock is time.perf_counter:
+        cpu_clock = time.thread_time
+    timer = _StepClock(stop_after=WARMUP_STEPS + 1 + steps, clock=clock, cpu_clock=cpu_clock)
+    callbacks: list[Any] = [timer]
     if noise_scale_loggable(batch, batch, dataset_size=dataset_size)[0]:
         callbacks.insert(0, NoiseScaleCallback(dataset_size=dataset_size))  # as batchfit train
     config = TrainConfig(
         global_batch=batch,
         micro_batch=batch,
         lr=task.lr,
-        steps=clock.stop_after + 1,  # the stop comes first: no final evaluation
+        steps=timer.stop_after + 1,  # the stop comes first: no final evaluation
         eval_every=0,
         checkpoint_every=0,
     )
     with expected_stops():
         train(task, config, device=resolved, callbacks=callbacks, progress=False)
-    return clock.walls, clock.cpus if clock.cpu_clock is not None else None
+    return timer.walls, timer.cpus if timer.cpu_clock is not None else None
 
 
 @dataclass
@@ -263,6 +275,7 @@ class _StepClock:
     `stop_after` steps; the intervals after the first WARMUP_STEPS + 1 are kept."""
 
     stop_after: int
+    clock: Callable[[], float]
     cpu_clock: Callable[[], float] | None
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
@@ -271,7 +284,7 @@ class _StepClock:
     def on_step_end(self, record: Any, model: Any = None) -> None:
         from batchfit.training.callbacks import StopTraining
 
-        now = (time.perf_counter(), self.cpu_clock() if self.cpu_clock is not None else 0.0)
+        now = (self.clock(), self.cpu_clock() if self.cpu_clock is not None else 0.0)
         if self._last is not None and record.step > WARMUP_STEPS + 1:
             self.walls.append(now[0] - self._last[0])
             self.cpus.append(now[1] - self._last[1])
