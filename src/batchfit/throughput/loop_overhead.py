@@ -83,7 +83,8 @@ class LoopOverhead:
         return round(max(0.0, self.loop_seconds - self.bare_seconds), 12)
 
     def describe(self) -> str:
-        """One line for a plan's reasons and notes."""
+        """One line for people (a plan keeps the numbers in `measurements["loop_overhead"]`
+        and names the overhead in its global batch's reason)."""
         if self.loop_seconds is None:
             return f"the training loop's own cost per step was not measured: {self.skipped}"
         return (

@@ -127,7 +127,7 @@ def optimizer_step(
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
     else:
         # The norm alone: clipping at infinity would still multiply every gradient by 1
-        # (a third of what measuring the norm costs on a small model).
+        # (two thirds of what clip_grad_norm_ takes on a small model).
         grads = [param.grad for param in model.parameters() if param.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
