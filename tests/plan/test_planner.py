@@ -204,6 +204,23 @@ def test_plan_proposes_a_schedule_from_the_measured_noise_scale(
     assert json.loads(capsys.readouterr().out)["batch_schedule"] == proposed
 
 
+def test_without_a_reliable_noise_scale_the_loop_is_not_timed(monkeypatch):
+    import dataclasses
+
+    import batchfit.noise.measure as measure
+
+    real = measure.measure_noise_scales
+
+    def unreliable(*args, **kwargs):
+        return tuple(dataclasses.replace(p, reliable=False) for p in real(*args, **kwargs))
+
+    monkeypatch.setattr(measure, "measure_noise_scales", unreliable)
+    planned = plan(make_mlp_task(samples=512), device="cpu", **QUICK)
+    # the reference batch stands in; no time model, so nothing to count the loop's cost in
+    assert "reference batch" in planned.reasons["global_batch"]
+    assert "loop_overhead" not in planned.measurements
+
+
 def test_a_disturbed_throughput_curve_is_named_in_the_plan(monkeypatch):
     import dataclasses
 

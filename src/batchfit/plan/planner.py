@@ -4,13 +4,13 @@
 stands in for the device it will train on) and combines batchfit's measurements:
 
 1. memory (`batchfit.memory.search`): the largest micro-batch that fits, with a safety margin;
-2. throughput (`batchfit.throughput`): samples per second against batch size, and its knee,
-   and what batchfit's own training loop adds to each step (`batchfit.throughput.loop_overhead`);
+2. throughput (`batchfit.throughput`): samples per second against batch size, and its knee;
 3. gradient noise scale (`batchfit.noise.measure`), measured at two points of a short warm-up
    and extrapolated along its trend to the middle of the planned run (`batchfit.noise.trend`):
    the critical batch size for the run as a whole;
-4. the global batch from 2 and 3 (or the user's target), the micro-batch and accumulation that
-   reach it exactly (`batchfit.plan.global_batch`, `batchfit.plan.advice`);
+4. the global batch from 2 and 3, with what batchfit's own training loop adds to each step
+   (`batchfit.throughput.loop_overhead`), or the user's target; the micro-batch and
+   accumulation that reach it exactly (`batchfit.plan.global_batch`, `batchfit.plan.advice`);
 5. the learning rate scaled from the task's reference point by the rule for its optimizer
    family (`batchfit.lr.scaling`), checked with a range test at the chosen batch
    (`batchfit.lr.range_test`), and a warmup when the scaled rate is well above the reference;
@@ -199,11 +199,6 @@ def plan(
         **(QUICK_THROUGHPUT if quick else {}),
     )
     measurements["throughput"] = throughput.to_dict()
-    overhead = None
-    if target_global_batch is None:
-        # What batchfit's loop adds to each step: it favours larger batches where steps are short.
-        overhead = measure_loop_overhead(task, throughput, device=device)
-        measurements["loop_overhead"] = overhead.to_dict()
     report("throughput", 1, 1)  # done, also when it stopped before the largest size
     disturbed = throughput.disturbed_note()
     if disturbed:
@@ -233,6 +228,12 @@ def plan(
             )
         )
     else:
+        overhead = None
+        if noise_for_run is not None:
+            # What batchfit's loop adds to each step, for the time model (which needs a noise
+            # scale): it favours larger batches where steps are short.
+            overhead = measure_loop_overhead(task, throughput, device=device)
+            measurements["loop_overhead"] = overhead.to_dict()
         global_choice = choose_global_batch(
             noise_scale=noise_for_run,
             knee_batch=throughput.knee_batch,
