@@ -162,7 +162,7 @@ def test_a_loop_overhead_per_step_favours_the_larger_batch():
 
 
 def test_a_bad_loop_overhead_is_refused():
-    for bad in (-1e-3, math.nan, math.inf, "1ms"):
+    for bad in (-1e-3, math.nan, math.inf, "1ms", True):
         with pytest.raises(ConfigError, match="step_overhead_seconds"):
             choose_global_batch(
                 noise_scale=100,

@@ -83,7 +83,11 @@ def choose_global_batch(
         ...                     throughput={16: 830, 32: 1000, 64: 1000, 256: 900}).value
         16
     """
-    if not (isinstance(step_overhead_seconds, (int, float)) and 0 <= step_overhead_seconds < 1e9):
+    if not (
+        isinstance(step_overhead_seconds, (int, float))
+        and not isinstance(step_overhead_seconds, bool)
+        and 0 <= step_overhead_seconds < 1e9
+    ):
         raise ConfigError(
             "step_overhead_seconds must be a number of seconds >= 0 (what the training loop "
             f"adds to each step), got {step_overhead_seconds!r}."
