@@ -204,6 +204,37 @@ def test_plan_proposes_a_schedule_from_the_measured_noise_scale(
     assert json.loads(capsys.readouterr().out)["batch_schedule"] == proposed
 
 
+@pytest.mark.parametrize(("measured", "largest_timed"), [(6.0, 32), (100.0, 512), (600.0, None)])
+def test_the_throughput_is_timed_up_to_what_the_noise_scale_lets_the_plan_choose(
+    measured, largest_timed, monkeypatch
+):
+    """The plan chooses at most twice the noise scale and names the batch twice its choice:
+    with a noise scale of 6 nothing above 32 is timed (24 rounds up to 32), with 100 nothing
+    above 512; with 600 (2400 would be timed) the ladder may run to the data's 2048 samples."""
+    import dataclasses
+
+    import batchfit.noise.measure as measure
+
+    real = measure.measure_noise_scales
+
+    def synthetic(*args, **kwargs):  # flat: the trend is the measured value
+        return tuple(
+            dataclasses.replace(point, noise_scale_samples=measured, reliable=True)
+            for point in real(*args, **kwargs)
+        )
+
+    monkeypatch.setattr(measure, "measure_noise_scales", synthetic)
+    planned = plan(make_mlp_task(samples=2048), device="cpu", epochs=1, **QUICK)
+    throughput = planned.measurements["throughput"]
+    assert planned.global_batch <= 2 * measured
+    if largest_timed is not None:
+        assert max(throughput["batch_sizes"]) <= largest_timed
+        assert throughput["limit_batch"] == largest_timed
+        assert throughput["limit_reason"] == "noise_scale"
+    else:
+        assert throughput["limit_reason"] in (None, "dataset", "max_batch_size")
+
+
 def test_without_a_reliable_noise_scale_the_loop_is_not_timed(monkeypatch):
     import dataclasses
 

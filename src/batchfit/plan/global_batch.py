@@ -156,6 +156,26 @@ with the batch, the time model alone planned 12x the noise scale for a character
 against 42) and 10x for a U-Net, and neither planned run reached a validation target that
 batch 64 and 16 reached in a second (bench/README.md, "Plan advice")."""
 
+
+def largest_batch_worth_timing(noise_scale: float, world_size: int) -> int:
+    """The largest per-device batch a plan needs timed for `noise_scale`: the power of two at
+    or above 2 x MAX_NOISE_MULTIPLE x the noise scale, per device.
+
+    The plan chooses at most MAX_NOISE_MULTIPLE x the noise scale and names the time of the
+    batch twice its choice; larger batches are never chosen, and timing them is what made the
+    throughput ladder the costliest part of a plan where throughput keeps growing (a GPU up
+    to its memory; a CPU under load).
+
+    Example:
+        >>> largest_batch_worth_timing(47, 1), largest_batch_worth_timing(64, 1)
+        (256, 256)
+        >>> largest_batch_worth_timing(1000, 8)
+        512
+    """
+    per_device = 2 * MAX_NOISE_MULTIPLE * noise_scale / world_size
+    return 1 << max(0, math.ceil(math.log2(per_device))) if per_device > 1 else 1
+
+
 TIME_TIE = 0.03
 """Estimated times within 3% count as equal; the smallest tied batch then wins. It needs the
 fewest samples for the same loss, and it sits where the estimated time still changes with the

@@ -4,10 +4,12 @@
 stands in for the device it will train on) and combines batchfit's measurements:
 
 1. memory (`batchfit.memory.search`): the largest micro-batch that fits, with a safety margin;
-2. throughput (`batchfit.throughput`): samples per second against batch size, and its knee;
-3. gradient noise scale (`batchfit.noise.measure`), measured at two points of a short warm-up
+2. gradient noise scale (`batchfit.noise.measure`), measured at two points of a short warm-up
    and extrapolated along its trend to the middle of the planned run (`batchfit.noise.trend`):
    the critical batch size for the run as a whole;
+3. throughput (`batchfit.throughput`): samples per second against batch size, and its knee, up
+   to the memory limit or to the largest batch the noise scale lets the plan choose and the one
+   above it (`global_batch.largest_batch_worth_timing`), whichever is smaller;
 4. the global batch from 2 and 3, with what batchfit's own training loop adds to each step
    (`batchfit.throughput.loop_overhead`), or the user's target; the micro-batch and
    accumulation that reach it exactly (`batchfit.plan.global_batch`, `batchfit.plan.advice`);
@@ -25,13 +27,18 @@ say what. Every choice carries a reason with its numbers. The result is a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
 from batchfit.memory.cards import memory_target
 from batchfit.plan import advice
-from batchfit.plan.global_batch import MAX_NOISE_MULTIPLE, choose_global_batch
+from batchfit.plan.global_batch import (
+    MAX_NOISE_MULTIPLE,
+    choose_global_batch,
+    largest_batch_worth_timing,
+)
 from batchfit.plan.memory_limit import memory_limit
 from batchfit.plan.noise_for_run import (
     QUICK_NOISE_BATCHES,
@@ -188,26 +195,9 @@ def plan(
     measurements["memory"] = memory
     notes.extend(memory.pop("notes", []))
 
-    # 2. Throughput and its knee, up to the limit.
-    report("throughput", 0, 1)
-    throughput = measure_throughput(
-        task,
-        device=device,
-        # Real steps stay within what this machine holds, whatever the budget stands for.
-        max_batch_size=min(limit, memory.get("host_limit_batch") or limit),
-        progress=lambda phase, done, total: report("throughput", done, total),
-        **(QUICK_THROUGHPUT if quick else {}),
-    )
-    measurements["throughput"] = throughput.to_dict()
-    report("throughput", 1, 1)  # done, also when it stopped before the largest size
-    disturbed = throughput.disturbed_note()
-    if disturbed:
-        notes.append(f"{disturbed} The global batch below rests on it.")
-    if target is not None and device.type != "cuda":
-        card = target.card.name if target.card is not None else "the budgeted device"
-        notes.append(advice.borrowed_throughput_note(card, device.type))
-
-    # 3. The gradient noise scale, at two points of a short warm-up, and its trend.
+    # 2. The gradient noise scale, at two points of a short warm-up, and its trend. Measured
+    # before the throughput: the batch is chosen within a multiple of it, so larger batches
+    # need not be timed.
     noise, noise_for_run, noise_basis = measure_noise_for_run(
         task,
         device,
@@ -218,6 +208,35 @@ def plan(
         measurements=measurements,
         report=report,
     )
+
+    # 3. Throughput and its knee, up to the limit, or up to the largest batch the noise scale
+    # lets the plan choose (and the one above it, which the reason names).
+    # Real steps stay within what this machine holds, whatever the budget stands for.
+    ladder_limit = min(limit, memory.get("host_limit_batch") or limit)
+    noise_bound = None
+    if noise_for_run is not None and target_global_batch is None:
+        # at least 2: BatchNorm cannot train on one sample
+        noise_bound = max(2, largest_batch_worth_timing(noise_for_run, world_size))
+        if noise_bound >= ladder_limit:
+            noise_bound = None
+    report("throughput", 0, 1)
+    throughput = measure_throughput(
+        task,
+        device=device,
+        max_batch_size=ladder_limit if noise_bound is None else noise_bound,
+        progress=lambda phase, done, total: report("throughput", done, total),
+        **(QUICK_THROUGHPUT if quick else {}),
+    )
+    if noise_bound is not None and throughput.limit_reason == "max_batch_size":
+        throughput = dataclasses.replace(throughput, limit_reason="noise_scale")
+    measurements["throughput"] = throughput.to_dict()
+    report("throughput", 1, 1)  # done, also when it stopped before the largest size
+    disturbed = throughput.disturbed_note()
+    if disturbed:
+        notes.append(f"{disturbed} The global batch below rests on it.")
+    if target is not None and device.type != "cuda":
+        card = target.card.name if target.card is not None else "the budgeted device"
+        notes.append(advice.borrowed_throughput_note(card, device.type))
 
     # 4. Global batch, micro-batch, accumulation.
     if target_global_batch is not None:

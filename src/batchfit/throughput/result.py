@@ -28,7 +28,7 @@ disturbed too: a bigger batch shares the same weights and kernels among more sam
 time per sample does not jump several-fold (a loaded CPU made batch 4 take 45.8 ms a step where
 batch 2 took 2.0 ms)."""
 
-Limit = Literal["dataset", "max_batch_size", "memory_budget", "out_of_memory"]
+Limit = Literal["dataset", "max_batch_size", "memory_budget", "out_of_memory", "noise_scale"]
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,9 @@ class ThroughputResult:
         limit_batch: the largest batch that may be used (fits the memory, the data and
             `max_batch_size`), or None when no limit was known or met.
         limit_reason: what set `limit_batch`: "dataset", "max_batch_size", "memory_budget" (the
-            search for the largest batch under the budget) or "out_of_memory" (a step failed);
-            None when no limit was met.
+            search for the largest batch under the budget), "out_of_memory" (a step failed) or
+            "noise_scale" (a plan times no batch far above the noise scale it plans for); None
+            when no limit was met.
         stopped_early: True when measuring stopped before the largest size because `patience`
             larger batches in a row brought no gain.
         warmup_steps: untimed steps before the timed ones, per batch size.
@@ -214,6 +215,10 @@ class ThroughputResult:
             "max_batch_size": "the --max-batch limit",
             "memory_budget": "the largest batch that fits the memory budget (measured)",
             "out_of_memory": "the last batch before an out-of-memory error",
+            "noise_scale": (
+                "the plan times no larger batch, since it chooses at most "
+                "twice the noise scale it plans for"
+            ),
         }
         if self.limit_batch is not None and self.limit_reason is not None:
             text += f" Limit: {self.limit_batch}, {reasons[self.limit_reason]}."
