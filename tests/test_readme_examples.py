@@ -92,6 +92,7 @@ class Command:
     line: int
     text: str  # continuations joined
     output: tuple[str, ...]
+    stdin: str = ""  # a heredoc's document
 
 
 def _commands() -> list[Command]:
@@ -111,16 +112,19 @@ def _commands() -> list[Command]:
                 index += 1
                 text = text[:-1] + " " + lines[index].strip()
             index += 1
-            heredoc = re.search(r"<<-?\s*'?(\w+)'?", text)
+            heredoc, document = re.search(r"<<-?\s*'?(\w+)'?", text), []
             if heredoc:  # the document is the command's input, not its output
                 while index < len(lines) and lines[index].strip() != heredoc[1]:
+                    document.append(lines[index])
                     index += 1
                 index += 1
             output = []
             while prompt and index < len(lines) and not lines[index].startswith(prompt):
                 output.append(lines[index])
                 index += 1
-            commands.append(Command(block.heading, block.line + start + 1, text, tuple(output)))
+            stdin = "\n".join(document)
+            line = block.line + start + 1
+            commands.append(Command(block.heading, line, text, tuple(output), stdin))
     return commands
 
 
@@ -186,7 +190,7 @@ def test_readme_command_line_parses(command: Command):
         if words[0] == "batchfit":
             _check_batchfit(words[1:], command.output, where)
         elif words[0] in ("python", "python3"):
-            _check_python(words[1:], where)
+            _check_python(words[1:], command.stdin, where)
 
 
 def _check_batchfit(argv: list[str], output: tuple[str, ...], where: str) -> None:
@@ -201,10 +205,10 @@ def _check_batchfit(argv: list[str], output: tuple[str, ...], where: str) -> Non
         assert exit.code == 0, where
 
 
-def _check_python(args: list[str], where: str) -> None:
-    if not args or args[0] == "-":
-        return  # the script comes from stdin (a heredoc)
-    if args[0] == "-c":
+def _check_python(args: list[str], stdin: str, where: str) -> None:
+    if not args or args[0] == "-":  # the script comes from stdin (a heredoc)
+        compile(stdin, where, "exec")
+    elif args[0] == "-c":
         compile(args[1], where, "exec")
     elif args[0] == "-m":
         assert importlib.util.find_spec(args[1]) is not None, f"{where}\nno module {args[1]}"
@@ -260,6 +264,8 @@ def test_the_readme_examples_are_found():
     assert len(batchfit) >= 25
     continued = [c for c in _commands() if "--batch-sizes 8,16,32,64,128,256,512,1024" in c.text]
     assert continued and continued[0].text.startswith("batchfit sweep --example digits")
+    heredocs = [c.stdin for c in _commands() if c.stdin]
+    assert heredocs and "throughput_png" in heredocs[0]
 
 
 def test_pipeline_takes_off_prefixes_pipes_and_redirections():
