@@ -348,3 +348,12 @@ def test_the_throughput_caption_says_what_the_loop_adds_when_it_was_measured():
     not_measured = Plan(**{**plan.to_dict(), "measurements": {
         **plan.measurements, "loop_overhead": skipped}})  # fmt: skip
     assert "training loop adds" not in render_report(not_measured)
+
+
+def test_the_throughput_caption_says_where_the_noise_scale_stopped_the_timing():
+    plan = make_plan()
+    assert "were not timed" not in render_report(plan)
+    bounded = {**plan.measurements["throughput"], "limit_batch": 256, "limit_reason": "noise_scale"}
+    html = render_report(Plan(**{**plan.to_dict(), "measurements": {
+        **plan.measurements, "throughput": bounded}}))  # fmt: skip
+    assert "Batches above 256 were not timed" in html and "four times" in html

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 __all__ = ["plot_throughput", "throughput_png"]
 
 CROWDED_TICKS = 8  # more batch sizes than this: the labels are tilted so they do not overlap
+LIMIT_LABELS = {"noise_scale": "4x the noise scale", "max_batch_size": "max batch"}
+"""The legend's words for a limit whose reason does not read as words."""
 
 
 def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> bytes:
@@ -89,7 +91,7 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
             markersize=14, markeredgewidth=2, label=f"best: {best_batch}",
         )  # fmt: skip
     if data.get("limit_batch") is not None and data.get("limit_reason") is not None:
-        reason = data["limit_reason"].replace("_", " ")
+        reason = LIMIT_LABELS.get(data["limit_reason"], data["limit_reason"].replace("_", " "))
         axes.axvline(data["limit_batch"], color="tab:red", linestyle=":", label=f"limit ({reason})")
     axes.set_xscale("log", base=2)
     if sizes:

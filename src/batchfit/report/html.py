@@ -120,10 +120,17 @@ def render_report(
 
 
 def _caption(plan: Plan, key: str, caption: str | None) -> str:
-    """A figure's caption; the throughput's says what the training loop adds to its steps."""
+    """A figure's caption; the throughput's says where its timing stopped and what the training
+    loop adds to its steps."""
     if caption is None:
         return _memory_caption(plan.measurements[key])
     overhead = plan.measurements.get("loop_overhead") or {}
+    if key == "throughput" and plan.measurements[key].get("limit_reason") == "noise_scale":
+        caption += (
+            f" Batches above {plan.measurements[key]['limit_batch']} were not timed: the plan "
+            "chooses at most twice the noise scale it plans for, and this is the power of two "
+            "at four times it (the batch above its choice is named in the reason)."
+        )
     if key == "throughput" and overhead.get("loop_seconds"):
         caption += (
             f" The steps timed are bare training steps; batchfit's training loop adds "
