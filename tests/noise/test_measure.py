@@ -74,8 +74,31 @@ def test_measurement_reports_its_point_and_leaves_task_and_rng_untouched():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert result.step == 5 and result.samples_seen == 5 * task.batch_size
     assert not result.from_checkpoint
-    assert (result.small_batch_samples, result.big_batch_samples) == (8.0, 128.0)
-    assert result.running and result.running[-1].batches == 6
+    # 256 samples, default big batches of 128: six of them cost as much as three passes over
+    # the set, so the set is measured in three passes of 32 micro-batches of 8
+    assert (result.small_batch_samples, result.big_batch_samples) == (8.0, 256.0)
+    assert result.whole_passes == 3 and result.batches == 96
+    assert result.running and result.running[-1].batches == 96
+
+
+def test_a_small_training_set_is_measured_in_whole_passes_against_its_exact_gradient():
+    """16 default big batches of 128 samples cost as much as two passes over 1,024 samples
+    (512 micro-batches of 4), which are measured instead: |G|^2 is then the full-data
+    gradient's, exactly, and B_simple within 10% of the exact value from per-example
+    gradients. With the big batch given, big batches are measured as before."""
+    task = make_mlp_task(samples=1024)
+    exact, exact_gradient_sq, _ = exact_statistics(task, task.make_model())
+    result = measure_noise_scale(task, small_batch=4, batches=16, warmup_steps=0, device="cpu")
+    assert result.whole_passes == 2 and result.big_batch_samples == 1024
+    assert result.batches == 2 * 1024 // 4
+    assert result.gradient_sq_norm == pytest.approx(exact_gradient_sq, rel=1e-4)
+    assert result.noise_scale_samples == pytest.approx(exact, rel=0.10)
+    assert result.low_samples < result.noise_scale_samples < result.high_samples
+    assert "micro-batches in 2 passes over the training set" in result.describe()
+    given = measure_noise_scale(
+        task, small_batch=4, big_batch=128, batches=5, warmup_steps=0, device="cpu"
+    )
+    assert given.whole_passes == 0 and given.batches == 5 and given.big_batch_samples == 128
 
 
 def test_measurement_is_repeatable():

@@ -125,7 +125,12 @@ def _add_noise_scale(command) -> None:
     add_task_arguments(noise)
     add_batch(noise, "--small-batch", "B_small (default: batch size / 4)")
     add_batch(noise, "--big-batch", "B_big (default: 4 x batch size, at most the data)")
-    add_count(noise, "--batches", "big batches to measure (default 50)")
+    add_count(
+        noise,
+        "--batches",
+        "big batches to measure (default 50); a training set small enough is measured in as "
+        "many whole passes as cost no more (at most 10) unless --big-batch is given",
+    )
     add_count(
         noise,
         "--warmup-steps",

@@ -37,6 +37,12 @@ __all__ = [
 
 DEFAULT_BATCHES = 50
 DEFAULT_WARMUP_STEPS = 50
+MAX_WHOLE_PASSES = 10
+"""A training set small enough that a pass over it costs no more than the big batches asked for
+is measured in as many whole passes as cost no more than them, at most this many
+(`whole_passes`)."""
+MIN_PASS_MICRO_BATCHES = 8
+"""...provided a pass holds at least this many small batches (the pairs the estimate rests on)."""
 
 
 def default_batch_sizes(task: Task) -> tuple[int, int]:
@@ -55,6 +61,22 @@ def default_batch_sizes(task: Task) -> tuple[int, int]:
     big = min(4 * task.batch_size, size)
     small = max(1, min(task.batch_size // 4, big // 2))
     return small, big
+
+
+def whole_passes(dataset_size: int, big_batch: int, batches: int) -> int:
+    """Passes over the whole training set that cost no more than `batches` big batches of
+    `big_batch` samples, at most MAX_WHOLE_PASSES; 0 when not even one does.
+
+    A pass over the whole set makes its big batch the set itself: with the finite-population
+    correction its |G|^2 is then exact (the full-data gradient, no sampling noise), which is
+    the noisy half of the two-batch estimate (McCandlish et al. 2018, Appendix A), and every
+    micro-batch of the pass is one small batch set against it.
+
+    Example:
+        >>> whole_passes(2048, 256, 50), whole_passes(1438, 128, 12), whole_passes(4000, 128, 30)
+        (6, 1, 0)
+    """
+    return min(MAX_WHOLE_PASSES, batches * big_batch // dataset_size)
 
 
 def measure_noise_scale(
@@ -85,13 +107,20 @@ def measure_noise_scale(
     `torch.randperm(len(task.train_data), generator)[:big_batch]` with a generator seeded
     `task.seed + 1`, so a run is repeatable.
 
+    A small training set is measured in whole passes instead (`whole_passes`: as many as cost no
+    more than the `batches` default big batches, at most MAX_WHOLE_PASSES, with the
+    finite-population correction and without an explicit `big_batch`): the big batch is then
+    the whole set (less fewer than `small_batch` samples left out at random), whose |G|^2 is
+    exact, and each micro-batch is one small batch against it; `batches` in the result counts
+    those micro-batches and `whole_passes` the passes. The cnn example (2,048 images, default
+    B_big 256): 6 passes (12,288 samples) instead of 50 big batches (12,800).
+
     Args:
         task: the training task.
         small_batch: B_small in samples; default a quarter of `task.batch_size`.
         big_batch: B_big in samples, above small_batch; default four times `task.batch_size`,
-            capped at the training set.
-        batches: big batches to measure; the interval narrows about as 1/sqrt(batches) (50
-            gave 440 to 1,351 around 617 samples on the cnn example).
+            capped at the training set (or the whole set in passes, above).
+        batches: big batches to measure; the interval narrows about as 1/sqrt(batches).
         warmup_steps: optimizer steps to train first; default 50, or 0 with a checkpoint.
         checkpoint: a model state_dict, a dict holding one under "model", or a path to a file
             saved with torch.save holding either.
@@ -206,6 +235,15 @@ def measure_noise_scales(
             f"big_batch ({big}) is larger than the training set ({dataset_size} samples); "
             f"batches are drawn without replacement, so lower big_batch to at most {dataset_size}."
         )
+    passes = 0
+    if big_batch is None and finite_population and dataset_size // small >= MIN_PASS_MICRO_BATCHES:
+        passes = whole_passes(dataset_size, big, batches)
+    if passes:
+        # (nearly) whole passes over the set: each micro-batch is a small batch against the
+        # pass's (nearly) exact |G|^2; the pass leaves out the remainder, fewer than `small`
+        # samples drawn at random, so that every micro-batch has `small` samples
+        big, batches = small * (dataset_size // small), passes
+    sizes = [small] * (big // small) + ([big % small] if big % small else [])
     target = resolve_device(device)
     if memory_budget_bytes is not None:
         _check_fits(task, small, target, memory_budget_bytes)
@@ -215,7 +253,6 @@ def measure_noise_scales(
         if checkpoint is not None:
             _load_checkpoint(model, checkpoint)
         model.train()
-        sizes = [small] * (big // small) + ([big % small] if big % small else [])
         _check_batchnorm_sizes(model, sizes, big)
         warm_up = _WarmUp(task, model, target, progress, total=points[-1])
         params = [param for param in model.parameters() if param.requires_grad]
@@ -229,8 +266,13 @@ def measure_noise_scales(
             generator = torch.Generator().manual_seed(task.seed + 1)
             for index in range(batches):
                 order = torch.randperm(dataset_size, generator=generator)[:big].tolist()
-                small_sq, big_sq = _two_norms(task, model, params, order, sizes, target)
-                tracker.update(small_sq, big_sq, small_batch=harmonic, big_batch=big)
+                small_sqs, big_sq = _two_norms(task, model, params, order, sizes, target)
+                if passes:  # one pair per micro-batch, each against the pass's |G|^2
+                    for small_sq in small_sqs:
+                        tracker.update(small_sq, big_sq, small_batch=small, big_batch=big)
+                else:
+                    mean_small_sq = sum(small_sqs) / len(small_sqs)
+                    tracker.update(mean_small_sq, big_sq, small_batch=harmonic, big_batch=big)
                 report(progress, "measure", index + 1, batches)
             results.append(
                 replace(
@@ -238,6 +280,7 @@ def measure_noise_scales(
                     step=point,
                     samples_seen=point * task.batch_size,
                     from_checkpoint=checkpoint is not None,
+                    whole_passes=passes,
                 )
             )
     return tuple(results)
@@ -298,8 +341,8 @@ def _two_norms(
     order: list[int],
     sizes: list[int],
     device: torch.device,
-) -> tuple[float, float]:
-    """Mean squared norm of the micro-batch gradients, and squared norm of their weighted mean."""
+) -> tuple[list[float], float]:
+    """Squared norms of the micro-batch gradients, and the squared norm of their weighted mean."""
     import torch
 
     from batchfit.task import move_to
@@ -328,7 +371,7 @@ def _two_norms(
                 accumulator.add_(grad, alpha=weight)
     assert summed is not None
     big_sq = sum(float(g.double().square().sum()) for g in summed)
-    return sum(small_sq) / len(small_sq), big_sq
+    return small_sq, big_sq
 
 
 def _check_batchnorm_sizes(model: nn.Module, sizes: list[int], big_batch: int) -> None:

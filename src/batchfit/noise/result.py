@@ -66,6 +66,9 @@ class NoiseScaleResult:
         samples_seen: training samples seen at that point, or None when unknown.
         from_checkpoint: whether the model started from a given checkpoint.
         running: the estimate as batches accumulated, for plots (standalone only).
+        whole_passes: passes over the training set measured instead of big batches (standalone,
+            on a small set: `batchfit.noise.measure.whole_passes`); `batches` then counts their
+            micro-batches, each a small batch against the pass's gradient. 0: big batches.
     """
 
     noise_scale_samples: float | None
@@ -86,6 +89,7 @@ class NoiseScaleResult:
     samples_seen: int | None = None
     from_checkpoint: bool = False
     running: tuple[RunningEstimate, ...] = field(default=())
+    whole_passes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields (`running` as a list of dicts) and `meaning`."""
@@ -122,7 +126,7 @@ class NoiseScaleResult:
         return [
             ("noise scale B_simple", value),
             (f"{percent}% interval", interval),
-            ("batches measured", str(self.batches)),
+            ("batches measured", self._batches_text()),
             ("B_small / B_big", f"{small} / {big}"),
             ("|G|^2 (smoothed)", f"{self.gradient_sq_norm:.4g}"),
             ("tr(Sigma) (smoothed)", f"{self.trace_covariance:.4g}"),
@@ -154,10 +158,16 @@ class NoiseScaleResult:
                 where += f", {self.samples_seen} samples seen"
         return (
             f"Critical batch size about {value} samples ({round(self.confidence * 100)}% "
-            f"interval {interval}; {self.batches} batches{where}). Below about {value} samples, "
+            f"interval {interval}; {self._batches_text()}{where}). Below about {value} samples, "
             "doubling the batch nearly halves the optimizer steps needed; well above it, extra "
             "samples per step are mostly wasted, as the steps needed barely fall." + self._hint()
         )
+
+    def _batches_text(self) -> str:
+        if not self.whole_passes:
+            return f"{self.batches} batches"
+        passes = "1 pass" if self.whole_passes == 1 else f"{self.whole_passes} passes"
+        return f"{self.batches} micro-batches in {passes} over the training set"
 
     def _hint(self) -> str:
         wide = self.high_samples is None or (
@@ -165,6 +175,11 @@ class NoiseScaleResult:
         )
         if not wide:
             return ""
+        if self.whole_passes:
+            return (
+                " The interval is wide: a smaller small batch (more micro-batches per pass) "
+                "narrows it."
+            )
         advice = "measure more batches"
         if self.big_batch_samples and self.noise_scale_samples > 2 * self.big_batch_samples:
             advice += f" or use a big batch nearer the estimate (now {self.big_batch_samples:g})"

@@ -98,14 +98,14 @@ def measure_noise_for_run(
         )
     per_point = batches or TREND_BATCHES
     warmup_points = trend_points(at / task.batch_size)
-    total = per_point * len(warmup_points)
     done = 0
 
     def measured(phase: str, step: int, steps: int) -> None:
+        # `steps` is what each point measures: big batches, or whole passes over a small set
         nonlocal done
         if phase == "measure":
             done += 1
-            report("noise scale", done, total)
+            report("noise scale", done, steps * len(warmup_points))
 
     points = measure_noise_scales(
         task, warmup_points=warmup_points, batches=per_point, device=device, progress=measured

@@ -449,7 +449,8 @@ def _quick_note(
         "the noise scale was not measured: the target global batch does not need it"
         if target_global_batch is not None
         else f"the noise scale is one measurement over {noise_batches or QUICK_NOISE_BATCHES} "
-        f"big batches after {DEFAULT_WARMUP_STEPS} warm-up steps, or at the middle of a shorter "
+        "big batches (or as many samples' worth of passes over a small training set) after "
+        f"{DEFAULT_WARMUP_STEPS} warm-up steps, or at the middle of a shorter "
         f"run (a full plan measures at {' and '.join(map(str, TREND_WARMUP_POINTS))} steps, or "
         f"at half and twice the middle of a shorter run, over {TREND_BATCHES} batches each "
         "and extrapolates its growth to the middle of the run), so the batch may be low for "
