@@ -42,7 +42,8 @@ MAX_WHOLE_PASSES = 10
 is measured in as many whole passes as cost no more than them, at most this many
 (`whole_passes`)."""
 MIN_PASS_MICRO_BATCHES = 8
-"""...provided a pass holds at least this many small batches (the pairs the estimate rests on)."""
+"""Whole passes are measured only where a pass holds at least this many small batches: the
+pairs the estimate and its interval rest on."""
 
 
 def default_batch_sizes(task: Task) -> tuple[int, int]:

@@ -162,9 +162,9 @@ def largest_batch_worth_timing(noise_scale: float, world_size: int) -> int:
     or above 2 x MAX_NOISE_MULTIPLE x the noise scale, per device.
 
     The plan chooses at most MAX_NOISE_MULTIPLE x the noise scale and names the time of the
-    batch twice its choice; larger batches are never chosen, and timing them is what made the
-    throughput ladder the costliest part of a plan where throughput keeps growing (a GPU up
-    to its memory; a CPU under load).
+    batch twice its choice; larger batches are never chosen, and timing them costs most where
+    throughput keeps growing with the batch: up to the memory limit on a GPU, and on a loaded
+    CPU 20-25 s of a small GPT-2's plan (bench/README.md, "Planning cost").
 
     Example:
         >>> largest_batch_worth_timing(47, 1), largest_batch_worth_timing(64, 1)
