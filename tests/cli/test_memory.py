@@ -79,7 +79,7 @@ def not_a_task():
         (["--memory-budget", "5KiB", "--margin", "0"], "No batch size fits"),
         (["--memory-budget", "1MiB", "--margin", "1.5"], "margin"),
         (["--memory-budget", "1MiB", "--margin", "much"], "--margin 'much' is not a number"),
-        (["--memory-budget", "1MiB", "--round", "odd"], "round_to"),
+        (["--memory-budget", "1MiB", "--round", "odd"], "--round 'odd' is not valid"),
         ([], "give a memory budget"),
     ],
 )
@@ -90,6 +90,21 @@ def test_memory_bad_input_is_one_line_and_exit_2(capsys, argv, words):
     assert words in err
     assert err.count("\n") == 1 and err.startswith("batchfit: error:")
     assert out == ""
+
+
+@pytest.mark.parametrize("command", ["memory", "estimate"])
+@pytest.mark.parametrize("value", ["0", "-8", "8.5", "odd"])
+def test_a_bad_round_is_refused_before_the_task_is_loaded(capsys, command, value):
+    # The task file does not exist: a --round checked only after the search (which can take
+    # minutes) would report the missing file, or worse, the search's answer, first.
+    argv = ["memory", "no/such/file.py:task", "--memory-budget", "1MiB"]
+    if command == "estimate":
+        argv = ["estimate", "--memory", "1GB", "--model", "1MB", "--per-sample", "1MB"]
+    code = main([*argv, f"--round={value}"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert f"--round {value!r} is not valid" in err and "a positive multiple such as 8" in err
+    assert "does not exist" not in err
 
 
 @pytest.mark.parametrize(

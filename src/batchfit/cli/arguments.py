@@ -105,6 +105,15 @@ class Size(argparse.Action):
         setattr(namespace, self.dest, parse_size(values, name=option_string or self.dest))
 
 
+class Rounding(argparse.Action):
+    """--round pow2 / none / 8, checked as it is parsed (`batchfit.memory.rounding`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from batchfit.memory.rounding import check_round_to
+
+        setattr(namespace, self.dest, check_round_to(values, name=option_string or "--round"))
+
+
 class BatchSizes(argparse.Action):
     """--batch-sizes 8,16,32: a list of batch sizes, each checked."""
 
@@ -208,6 +217,12 @@ def add_card_argument(parser: argparse.ArgumentParser) -> None:
         action=Card,
         help=f"the card to answer for: {', '.join(card.name for card in CARDS)}, or a size; "
         "answered from the prediction alone when this machine cannot hold it",
+    )
+
+
+def add_round_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--round", action=Rounding, help="pow2, none, or a multiple such as 8 (default none)"
     )
 
 

@@ -25,6 +25,7 @@ from batchfit.cli.arguments import (
     add_out_arguments,
     add_plot_argument,
     add_rate,
+    add_round_argument,
     add_share,
     add_task_arguments,
 )
@@ -90,7 +91,7 @@ def _add_estimate(command) -> None:
     estimate.add_argument(
         "--reserve", metavar="SIZE", action=Size, help="memory to keep free (default 0)"
     )
-    estimate.add_argument("--round", help="pow2, none, or a multiple such as 8 (default none)")
+    add_round_argument(estimate)
     add_json_argument(estimate)
 
 
@@ -104,7 +105,7 @@ def _add_memory(command) -> None:
     add_task_arguments(memory)
     add_device_arguments(memory)
     add_share(memory, "--margin", "fraction of the budget kept free (default 0.05)")
-    memory.add_argument("--round", help="pow2, none, or a multiple such as 8 (default none)")
+    add_round_argument(memory)
     add_batch(memory, "--max-batch", "search no batch above this (default 16777216)")
     add_card_argument(memory)
     memory.add_argument(

@@ -10,8 +10,10 @@ RoundTo = Literal["pow2"] | int | None
 """How to round a batch size: None (not at all), "pow2", or a positive multiple such as 8."""
 
 
-def check_round_to(round_to: object) -> RoundTo:
+def check_round_to(round_to: object, *, name: str = "round_to") -> RoundTo:
     """Validate a rounding choice; accepts None, "pow2", "none", a positive int or its text.
+
+    `name` is what the message calls the choice (the CLI says "--round").
 
     Raises:
         ConfigError: anything else, with the valid choices.
@@ -20,12 +22,13 @@ def check_round_to(round_to: object) -> RoundTo:
         return None
     if round_to == "pow2":
         return "pow2"
-    if isinstance(round_to, str) and round_to.strip().isdigit():
-        round_to = int(round_to)
-    if isinstance(round_to, int) and not isinstance(round_to, bool) and round_to > 0:
-        return round_to
+    multiple = round_to
+    if isinstance(multiple, str) and multiple.strip().isdigit():
+        multiple = int(multiple)
+    if isinstance(multiple, int) and not isinstance(multiple, bool) and multiple > 0:
+        return multiple
     raise ConfigError(
-        f"round_to {round_to!r} is not valid; use 'pow2', 'none' or a positive multiple such as 8."
+        f"{name} {round_to!r} is not valid; use 'pow2', 'none' or a positive multiple such as 8."
     )
 
 
