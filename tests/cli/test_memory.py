@@ -139,6 +139,11 @@ def test_memory_for_a_named_card_is_predicted(capsys):
     assert code == 0, err
     assert "Answer predicted: T4 is not this cpu" in out
     assert "T4 (15.00 GiB" in out and "reserve" in out
+    # No real trial ran: the table shows the predictions the answer rests on, not an empty
+    # "Trials ... on cpu" table.
+    assert "Trials:" not in out and "Predictions: tiny-mlp for T4 (no real trial)" in out
+    assert "fits 12.59 GiB" in out
+    assert " yes " in out and " no " in out
     assert "0 real training steps" in out
     code = main(["memory", TASK, "--device", "cpu", "--device-memory", "T4", "--json"])
     data = json.loads(capsys.readouterr().out)

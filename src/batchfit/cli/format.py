@@ -74,21 +74,35 @@ def print_memory(console: Console, task_name: str, result: Any) -> None:
     """The trials of a memory search, the memory model and the answer (a SearchResult)."""
     say = _plain(console)
     budget = format_bytes(result.budget_bytes)
-    rows = [
-        [
-            str(trial.batch_size),
-            "-" if trial.predicted_peak_bytes is None else format_bytes(trial.predicted_peak_bytes),
-            "-" if trial.measured_peak_bytes is None else format_bytes(trial.measured_peak_bytes),
-            "yes" if trial.fits else "no (out of memory)",
-            str(trial.steps),
-            format_seconds(trial.seconds),
+    if result.trials:
+        rows = [
+            [
+                str(trial.batch_size),
+                "-"
+                if trial.predicted_peak_bytes is None
+                else format_bytes(trial.predicted_peak_bytes),
+                "-"
+                if trial.measured_peak_bytes is None
+                else format_bytes(trial.measured_peak_bytes),
+                "yes" if trial.fits else "no (out of memory)",
+                str(trial.steps),
+                format_seconds(trial.seconds),
+            ]
+            for trial in result.trials
         ]
-        for trial in result.trials
-    ]
-    columns = ("batch", "predicted peak", "measured peak", "fits", "steps", "time")
-    console.print(
-        table(f"Trials: {task_name} on {result.device}, budget {budget}", rows, columns=columns)
-    )
+        columns = ("batch", "predicted peak", "measured peak", "fits", "steps", "time")
+        title = f"Trials: {task_name} on {result.device}, budget {budget}"
+    else:
+        # No real step ran (a card this machine is not): show what the answer rests on.
+        usable = format_bytes(result.usable_bytes)
+        rows = [
+            [str(size), format_bytes(peak), "yes" if peak <= result.usable_bytes else "no"]
+            for size, peak in sorted(set(result.predictions))
+        ]
+        columns = ("batch", "predicted peak", f"fits {usable}")
+        target = result.card or f"a {budget} budget"
+        title = f"Predictions: {task_name} for {target} (no real trial)"
+    console.print(table(title, rows, columns=columns))
     model = result.memory_model
     if model is not None:
         sizes = model.batch_sizes
