@@ -67,6 +67,49 @@ def test_prediction_of_a_given_module_and_of_a_bn_convnet():
         assert torch.equal(value, before[key])
 
 
+def _storage(nbytes: int) -> int:
+    return -(-nbytes // 512) * 512  # the counter rounds each storage up to 512 bytes
+
+
+@pytest.mark.parametrize("batch_size", [256, 1000])
+def test_prediction_and_measurement_equal_an_account_by_hand(batch_size):
+    # An independent check of both counts: an MLP 32 -> 64 -> 10 with Adam, float32.
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    task = make_mlp_task(
+        model=model,
+        train_data=torch.utils.data.TensorDataset(torch.randn(64, 32), torch.randint(10, (64,))),
+        optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr),
+    )
+    first, second = (
+        _storage(4 * 32 * 64) + _storage(4 * 64),
+        _storage(4 * 64 * 10) + _storage(4 * 10),
+    )
+    params = first + second
+    steps = 4 * _storage(4)  # Adam's step count: one float32 scalar per parameter
+    state = 4 * params + steps  # parameters, gradients, exp_avg, exp_avg_sq
+    batch = _storage(4 * batch_size * 32) + _storage(8 * batch_size)  # inputs, int64 labels
+    hidden = _storage(4 * batch_size * 64)
+    # The peak is in ReLU's backward: parameters and Adam's state, the second layer's gradients
+    # (the first's are not made yet: zero_grad set them to None), the batch, the saved ReLU
+    # output with the gradient coming in and the one going out, and the loss with its gradient.
+    peak = 3 * params + steps + second + batch + 3 * hidden + 2 * 512
+    predicted = predict_step_memory(task, batch_size)
+    measured = measure_step_memory(task, batch_size)
+    assert (predicted.state_bytes, predicted.batch_bytes, predicted.peak_bytes) == (
+        state,
+        batch,
+        peak,
+    )
+    assert (measured.state_bytes, measured.batch_bytes, measured.peak_bytes) == (
+        state,
+        batch,
+        peak,
+    )
+
+
 def test_huge_batches_cost_nothing():
     task = load_example("digits")
     small = predict_step_memory(task, 1000)
