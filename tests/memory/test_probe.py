@@ -61,6 +61,39 @@ def test_step_that_allocates_jumps_to_the_extrapolated_limit():
     assert result.memory_model.per_sample_bytes == pytest.approx(4 * per_sample)
 
 
+def test_a_line_too_flat_at_small_batches_is_replaced_by_one_from_larger_batches():
+    # At batches 1 and 2 the peak is a temporary that does not grow with the batch (as an
+    # optimizer's step is for a small batch), so the line through them is far too flat and
+    # its jump fails. The search then bisects only until a fit above those readings gives a
+    # new line, instead of bisecting all the way.
+    inputs, temporary, per_sample = 128 * 2, 128 * 8_000, 128 * 20  # 512-byte blocks
+    budget = 10 * MiB
+    calls: list[int] = []
+
+    def step(batch_size: int) -> None:
+        calls.append(batch_size)
+        batch = torch.empty(inputs * batch_size)  # alive for the whole step
+        optimizer_temporary = torch.empty(temporary)
+        del optimizer_temporary
+        activations = torch.empty(per_sample * batch_size)
+        del batch, activations
+
+    def peak(b: int) -> int:
+        return storage_bytes(4 * inputs * b) + max(
+            storage_bytes(4 * temporary), storage_bytes(4 * per_sample * b)
+        )
+
+    true_limit = max(b for b in range(1, 10_000) if peak(b) <= budget)
+    result = find_max_batch_size(step, device="cpu", memory_budget=budget, margin=0)
+    assert result.limit_batch_size == true_limit
+    assert calls[:3] == [1, 2, calls[2]] and calls[2] > 5 * true_limit  # the flat line's jump
+    assert calls[-2:] == [true_limit, true_limit + 1]
+    # 781 fits: the line through 781 and 2 is close (1060 fails), the one through 920 and 781
+    # is exact. Bisecting all the way took 15 calls.
+    assert calls == [1, 2, 6240, 3121, 1561, 781, 1060, 920, 930, 931]
+    assert [trial.fits for trial in result.trials] == [b <= true_limit for b in calls]
+
+
 def test_step_above_max_batch_size_is_capped():
     calls: list[int] = []
     result = find_max_batch_size(

@@ -99,14 +99,18 @@ def probe_search(
 
     Grows from `start` by doubling; once two successful probes have a memory reading, jumps
     to the batch where the line through the two largest readings reaches the usable memory,
-    and checks that batch and the one above it. A failure where the line expected a fit (or
-    two walks of one batch upwards) retires the line; bisection finishes inside the bracket.
+    and checks that batch and the one above it. A failure where the line expected a fit
+    retires the line until a fit above its readings gives a new one (readings at small
+    batches often show a peak that does not grow with the batch, such as the optimizer's
+    step, and so a line far too flat); two walks of one batch upwards retire it for good.
+    Bisection finishes inside the bracket.
     """
     readings: list[tuple[int, int]] = []
     low, high = 0, None  # largest fit, smallest failure
     candidate = min(start, search.max_batch)
     expect: bool | None = None  # what the line expected of the candidate, if it chose it
     trust_line = True
+    retired_at: int | None = None  # the largest reading behind a line that overestimated
     walks = 0
     while True:
         fits, peak = probe(candidate)
@@ -114,6 +118,8 @@ def probe_search(
             low = candidate
             if peak is not None:
                 readings.append((candidate, peak))
+                if retired_at is not None and candidate > retired_at and walks < 2:
+                    trust_line, retired_at = True, None  # a new line, from larger batches
         else:
             high = candidate
             if low == 0:
@@ -126,7 +132,9 @@ def probe_search(
         if high is not None and high - low <= 1:
             return low, False
         if expect is True and not fits:
-            trust_line = False  # the line overestimated: it cannot be trusted near the limit
+            # The line overestimated: it cannot be trusted near the limit.
+            trust_line = False
+            retired_at = max(size for size, _ in readings)
         if expect is False and fits:
             walks += 1
             trust_line = walks < 2
