@@ -127,6 +127,18 @@ def test_prediction_leaves_random_state_alone():
     assert torch.equal(torch.rand(4), expected)
 
 
+def test_a_device_torch_is_not_built_for_names_the_way_to_predict_for_a_card(monkeypatch, caplog):
+    # A CPU-only torch cannot make fake CUDA tensors: the prediction used to blame the task
+    # ("fake tensors cannot run task") and then fail in the measured fallback.
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    with caplog.at_level(logging.WARNING), pytest.raises(ConfigError) as raised:
+        predict_step_memory(make_mlp_task(), 8, device="cuda")
+    message = str(raised.value)
+    assert "torch build has no cuda support" in message
+    assert "device='cpu' and cuda_kernels=True" in message and "--gpu" in message
+    assert "cannot run task" not in caplog.text
+
+
 class _DataDependent(nn.Module):
     """Keeps only the samples whose first input is positive: a data-dependent shape."""
 

@@ -5,7 +5,8 @@ FakeTensorMode`): every op runs its shape logic only, no data is allocated, and 
 storage count as `batchfit.memory.step.count_memory` is taken. On the CPU the prediction equals the
 measured count exactly (the tests check it on every built-in example); a batch of a million
 samples costs no more than a batch of one. Fake tensors can also stand for a device this
-machine lacks ("cuda"), so a budget the user does not have here can be answered too.
+machine lacks ("cuda", with a torch built for CUDA), so a budget the user does not have here
+can be answered too; `cuda_kernels=True` predicts for a CUDA card on the CPU with any build.
 
 What a prediction covers and what it does not is said on every predicted search result
 (`batchfit.memory.result.PREDICTION_COVERS`, `PREDICTION_OMITS`). The batch is collated from
@@ -132,7 +133,10 @@ def predict_step_memory(
     Args:
         task: the training task.
         batch_size: samples per step.
-        device: the device to predict for; it need not exist here ("cuda" on a CPU machine).
+        device: the device to predict for; it need not exist here ("cuda" on a machine
+            without a card), but torch must be built for it: with a CPU-only build, predict
+            for a CUDA card with device="cpu" and cuda_kernels=True (as `batchfit memory
+            --gpu` does).
         steps: training steps, at least 2 (optimizer state appears at the first step).
         fallback: when fake mode cannot run the task, measure a real step instead (on `device`,
             which then must exist). With False, raise the fake-mode error as ConfigError.
@@ -148,7 +152,7 @@ def predict_step_memory(
         PredictedMemory with the peak, state and batch bytes.
 
     Raises:
-        ConfigError: bad batch size, steps or precision.
+        ConfigError: bad batch size, steps or precision; a device this torch is not built for.
         FakeModeError: (a ConfigError) fake mode failed and `fallback` is False.
         torch.OutOfMemoryError: only from the measured fallback.
         Any error the task's own code raises (for example a shape mismatch), unchanged: fake
@@ -168,6 +172,7 @@ def predict_step_memory(
     target = torch.device(device) if not isinstance(device, torch.device) else device
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", 0)
+    _check_built_for(target)
     started = time.perf_counter()
     try:
         peak, state, batch, timeline, attention = _fake_run(
@@ -214,6 +219,21 @@ def predict_step_memory(
         attention=attention,
         timeline=timeline,
     )
+
+
+def _check_built_for(target: torch.device) -> None:
+    """Fake tensors need no card, but a torch built for the device type (else every op fails,
+    and the measured fallback cannot run either)."""
+    import torch
+
+    built = {"cuda": torch.backends.cuda.is_built, "mps": torch.backends.mps.is_built}
+    if target.type in built and not built[target.type]():
+        raise ConfigError(
+            f"this torch build has no {target.type} support, so it cannot predict for device "
+            f"{str(target)!r}; predict for a CUDA card here with device='cpu' and "
+            "cuda_kernels=True (what `batchfit memory --gpu` does), or install a torch built "
+            f"for {target.type}."
+        )
 
 
 def _fake_run(
