@@ -129,6 +129,11 @@ def test_confirm_and_reserve_are_checked():
         find_max_batch_size(task, device="cpu", memory_budget="1MiB", reserve_bytes=-1)
     with pytest.raises(ConfigError, match="larger budget or a smaller reserve_bytes"):
         find_max_batch_size(task, device="cpu", memory_budget="1MiB", reserve_bytes=2**20)
+    # A bare number is bytes: a budget of 1.5 (meant as 1.5 GB?) is no reserve's fault.
+    with pytest.raises(ConfigError) as raised:
+        find_max_batch_size(task, device="cpu", memory_budget=1.5)
+    assert "1 B budget leaves no whole byte after the 5% margin" in str(raised.value)
+    assert "without a unit counts bytes" in str(raised.value) and "reserve" not in str(raised.value)
     with pytest.raises(ConfigError, match="is not a size .* or a known card.*H100-80GB"):
         find_max_batch_size(task, device="cpu", memory_budget="B200-192GB")
 

@@ -170,9 +170,15 @@ def find_max_batch_size(
     reserve = _reserve_bytes(reserve_bytes, basis, budget)
     usable = int((budget - reserve) * (1 - margin))
     if usable <= 0:
+        if reserve >= budget:
+            raise ConfigError(
+                f"the reserve ({format_bytes(reserve)}) leaves nothing of the "
+                f"{format_bytes(budget)} budget; give a larger budget or a smaller reserve_bytes."
+            )
         raise ConfigError(
-            f"the reserve ({format_bytes(reserve)}) leaves nothing of the "
-            f"{format_bytes(budget)} budget; give a larger budget or a smaller reserve_bytes."
+            f"the {format_bytes(budget)} budget leaves no whole byte after the {margin:.0%} "
+            "margin; give a larger budget (a number without a unit counts bytes: write a unit, "
+            "e.g. 12GiB)."
         )
     if is_task:
         search = TaskSearch(
