@@ -178,6 +178,10 @@ def test_task_errors_propagate_unchanged(caplog):
     assert not isinstance(caught.value, (ConfigError, torch.OutOfMemoryError))
     with pytest.raises(ConfigError, match="fake tensors cannot run"):
         predict_step_memory(make_mlp_task(loss=broken), 4, fallback=False)
+    # torch's own ERROR log of the failed meta kernel would report the bug a second time, in
+    # fake mode's words, before batchfit's one-line message.
+    assert not [r for r in caplog.records if r.name.startswith("torch._subclasses")]
+    assert "failed while attempting to run meta" not in caplog.text
 
 
 def test_bad_arguments():

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -269,7 +270,7 @@ def _fake_run(
             batch_bytes = counted_bytes([batch], device=device)
             entry = list(model.parameters()) + list(model.buffers()) + [batch]
             counting = count_memory(tensors=entry, record=record, device=device)
-            with fake_mode, counting as counter, watch:
+            with fake_mode, counting as counter, watch, _quiet_fake_tensor_log():
                 run_training_steps(task, model, optimizer, batch, steps, precision=precision)
             state_bytes = counted_bytes(tensors_of_state(model, optimizer), device=device)
     except Exception as error:
@@ -283,6 +284,27 @@ def _fake_run(
         raise FakeModeUnsupported(_one_line(error)) from None
     timeline = counter.timeline() if record else None
     return counter.peak_bytes, state_bytes, batch_bytes, timeline, watch.attention
+
+
+@contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Drop torch's own log of a failed meta kernel while fake steps run.
+
+    FakeTensorMode logs every exception from a meta kernel at ERROR level ("failed while
+    attempting to run meta for ...") before raising it; here that exception only means "fake
+    mode cannot run this" and is handled (a fallback, or FakeModeError naming it), so the
+    log line would be a second, misleading report of a task's shape bug.
+    """
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("failed while attempting to run meta")
+
+    fake_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        fake_log.removeFilter(drop)
 
 
 def _one_line(error: BaseException) -> str:
