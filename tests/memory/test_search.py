@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -167,6 +169,16 @@ def test_fallback_to_real_probes_when_fake_mode_cannot_run():
     assert result.method == "measured-probes"
     assert any("real probes only" in note for note in result.notes)
     assert _is_true_limit(task, result.limit_batch_size, budget)
+
+
+def test_a_task_bug_after_the_fallback_is_not_logged_as_a_found_limit(caplog):
+    def broken(model, batch):
+        return F.cross_entropy(model(batch[0][:, :5]), batch[1])  # 5 features into 8
+
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="cannot be mult"):
+        find_max_batch_size(make_mlp_task(loss=broken), device="cpu", memory_budget=24 * 1024)
+    assert "looking for the limit with real probes only" in caplog.text
+    assert "limit was found" not in caplog.text
 
 
 def test_a_small_dataset_is_wrapped_and_noted():

@@ -441,7 +441,12 @@ class TaskSearch(SearchState):
             f"fake tensors cannot run this task ({reason}), so nothing was predicted: the "
             "limit was found with real probes only."
         )
-        logger.warning(note)
+        # Logged before the probes run: a bug in the task fails the first of them, so this
+        # must not say a limit was found.
+        logger.warning(
+            "fake tensors cannot run this task (%s): looking for the limit with real probes only.",
+            reason,
+        )
         self.notes.append(note)
 
         def probe(batch_size: int) -> tuple[bool, int | None]:
