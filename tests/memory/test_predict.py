@@ -110,6 +110,37 @@ def test_prediction_and_measurement_equal_an_account_by_hand(batch_size):
     )
 
 
+class _Padded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.out = nn.Linear(16, 20)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.embed(tokens)))
+
+
+def test_sequences_padded_to_the_longest_are_predicted_from_their_own_lengths():
+    # The first two sequences share a length the others do not: a batch's shape depends on
+    # its samples, though batches of one and two samples alone do not show it.
+    lengths = [4, 4] + [4 + (7 * index) % 60 for index in range(2, 40)]
+    sequences = [torch.randint(1, 20, (length,)) for length in lengths]
+
+    def loss(model, batch):
+        return F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+
+    task = make_mlp_task(
+        model=_Padded,
+        train_data=sequences,
+        collate=lambda samples: nn.utils.rnn.pad_sequence(samples, batch_first=True),
+        loss=loss,
+    )
+    predicted = predict_step_memory(task, 16)
+    measured = measure_step_memory(task, 16)
+    assert predicted.batch_bytes == measured.batch_bytes == _storage(8 * 16 * max(lengths[:16]))
+    assert predicted.peak_bytes == measured.peak_bytes
+
+
 def test_huge_batches_cost_nothing():
     task = load_example("digits")
     small = predict_step_memory(task, 1000)
