@@ -30,6 +30,20 @@ def test_a_negative_size_after_a_space_gets_the_equals_hint(capsys):
     assert "--memory must be positive, got '-24GB'" in capsys.readouterr().err
 
 
+def test_estimate_takes_a_reserve_of_0_and_says_what_a_reserve_leaves(capsys):
+    args = ["estimate", "--memory", "24GB", "--model", "4GB", "--per-sample", "0.2GB"]
+    for nothing in ("0", "0GB", "0.0 MiB"):  # the help says "default 0"
+        assert main([*args, "--reserve", nothing]) == 0
+        assert capsys.readouterr().out.strip() == "100"
+    assert main([*args, "--reserve", "0XB"]) == 2
+    assert "--reserve '0XB' is not a size" in capsys.readouterr().err
+    assert main([*args, "--reserve", "20GB"]) == 0
+    out = capsys.readouterr().out
+    assert "0: not one sample fits" in out and "(3.73 GiB after the 18.63 GiB reserve)" in out
+    assert main([*args, "--reserve", "24GB"]) == 0
+    assert "The reserve (22.35 GiB) takes all of the 22.35 GiB" in capsys.readouterr().out
+
+
 def test_estimate_json(capsys):
     args = ["estimate", "--memory", "12GB", "--model", "3GB", "--per-sample", "0.5GB"]
     assert main([*args, "--round", "pow2", "--json"]) == 0

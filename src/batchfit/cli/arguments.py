@@ -11,6 +11,7 @@ Imports neither torch nor the heavy parts of the library, so `batchfit --help` s
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,10 +100,34 @@ def parse_warmup(text: str, name: str = "--warmup") -> int | float | None:
 
 
 class Size(argparse.Action):
-    """A memory size such as 12GiB, converted to bytes (`batchfit.units.parse_size`)."""
+    """A memory size such as 12GiB, converted to bytes (`batchfit.units.parse_size`).
+
+    Extra `add_argument` keyword: zero=True also takes a size of nothing ("0", "0GB").
+    """
+
+    def __init__(
+        self, option_strings: Sequence[str], dest: str, *, zero: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.zero = zero
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if self.zero and _is_zero_size(values):
+            setattr(namespace, self.dest, 0)
+            return
         setattr(namespace, self.dest, parse_size(values, name=option_string or self.dest))
+
+
+def _is_zero_size(text: str) -> bool:
+    """ "0", "0GB", "0.0 MiB": nothing, in a unit parse_size knows."""
+    match = re.fullmatch(r"\s*0*\.?0*\s*([A-Za-z]*)\s*", text)
+    if match is None or "0" not in text:
+        return False
+    try:
+        parse_size(f"1{match.group(1)}")
+    except ConfigError:
+        return False  # an unknown unit: parse_size's own message says so
+    return True
 
 
 class Rounding(argparse.Action):

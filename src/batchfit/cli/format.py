@@ -47,10 +47,19 @@ def print_estimate(result: dict[str, Any]) -> None:
     """The answer of `batchfit estimate` (a dict of its numbers), one line."""
     exact, rounded = result["max_batch_size"], result["batch_size"]
     if exact == 0:
+        capacity, reserve = result["capacity_bytes"], result["reserve_bytes"]
+        if reserve >= capacity:
+            print(
+                f"0: not one sample fits. The reserve ({format_bytes(reserve)}) takes all of "
+                f"the {format_bytes(capacity)} of memory."
+            )
+            return
+        of = format_bytes(capacity)
+        if reserve:
+            of += f" ({format_bytes(capacity - reserve)} after the {format_bytes(reserve)} reserve)"
         print(
             f"0: not one sample fits. The model takes {format_bytes(result['fixed_bytes'])} of "
-            f"{format_bytes(result['capacity_bytes'] - result['reserve_bytes'])}, and one sample "
-            f"needs {format_bytes(result['per_sample_bytes'])}."
+            f"{of}, and one sample needs {format_bytes(result['per_sample_bytes'])}."
         )
         return
     print(f"{exact}{rounding_words(exact, rounded, result['round_to'])}")

@@ -89,7 +89,7 @@ def _add_estimate(command) -> None:
     ):
         estimate.add_argument(flag, required=True, metavar="SIZE", action=Size, help=help)
     estimate.add_argument(
-        "--reserve", metavar="SIZE", action=Size, help="memory to keep free (default 0)"
+        "--reserve", metavar="SIZE", action=Size, zero=True, help="memory to keep free (default 0)"
     )
     add_round_argument(estimate)
     add_json_argument(estimate)
