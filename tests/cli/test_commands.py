@@ -37,6 +37,8 @@ def test_estimate_takes_a_reserve_of_0_and_says_what_a_reserve_leaves(capsys):
         assert capsys.readouterr().out.strip() == "100"
     assert main([*args, "--reserve", "0XB"]) == 2
     assert "--reserve '0XB' is not a size" in capsys.readouterr().err
+    assert main([*args, "--reserve=--"]) == 2  # argparse hands the action an empty list
+    assert "--reserve [] is not a size" in capsys.readouterr().err
     assert main([*args, "--reserve", "20GB"]) == 0
     out = capsys.readouterr().out
     assert "0: not one sample fits" in out and "(3.73 GiB after the 18.63 GiB reserve)" in out

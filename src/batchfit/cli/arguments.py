@@ -112,7 +112,7 @@ class Size(argparse.Action):
         self.zero = zero
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if self.zero and _is_zero_size(values):
+        if self.zero and isinstance(values, str) and _is_zero_size(values):
             setattr(namespace, self.dest, 0)
             return
         setattr(namespace, self.dest, parse_size(values, name=option_string or self.dest))
