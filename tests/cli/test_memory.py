@@ -59,6 +59,23 @@ def test_memory_notes_a_small_dataset(capsys):
     assert "Note: the training data has 12 samples" in out
 
 
+def test_memory_notes_batches_sized_with_the_longest_samples(capsys):
+    task = "tests.cli.test_memory:sorted_sequence_task"
+    code = main(["memory", task, "--device", "cpu", "--memory-budget", "2MiB", "--margin", "0"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    limit = int(out.split("Largest batch that fits: ")[1].split()[0])
+    assert "Note: batches are padded to their longest sample" in out
+    text = " ".join(out.split())
+    assert f"{limit} longest of 240 samples (the longest 127 per tensor)" in text
+
+
+def sorted_sequence_task():
+    from tests.memory.test_samples import _sequence_task
+
+    return _sequence_task([8 + index // 2 for index in range(240)])
+
+
 def small_task():
     from tests.conftest import make_mlp_task
 

@@ -115,13 +115,26 @@ def _allocator_like(offset: int):
     """measure_step_memory as if the device's allocator needed `offset` bytes more."""
 
     def measure(
-        task_, batch_size, *, device, steps, budget_bytes, precision="32", allocator_cap_bytes
+        task_,
+        batch_size,
+        *,
+        device,
+        steps,
+        budget_bytes,
+        precision="32",
+        allocator_cap_bytes,
+        sample_order=None,
     ):
         # Only the allocator, `offset` bytes off the count, is held to the cap (the search
         # caps it at the budget: margin 0 in these tests).
         assert allocator_cap_bytes == budget_bytes
         measured = measure_step_memory(
-            task_, batch_size, device=device, steps=steps, precision=precision
+            task_,
+            batch_size,
+            device=device,
+            steps=steps,
+            precision=precision,
+            sample_order=sample_order,
         )
         if measured.peak_bytes + offset > allocator_cap_bytes:
             error = torch.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import torch
 
+    from batchfit.memory.samples import SampleOrder
     from batchfit.task import Task
 
 Attention = Literal["none", "fused", "math"]
@@ -42,43 +43,16 @@ def fake_model(task: Task, fake_mode: Any, device: torch.device):
         return task.make_model()
 
 
-SHAPE_PROBES = 8
-"""Single samples, spread over the data set, whose shapes are compared with the first one's
-to tell whether a batch's shape depends on its samples (sequences padded to the longest)."""
+def probe_samples(task: Task, batch_size: int, order: SampleOrder) -> tuple[Any, Any, list | None]:
+    """Real batches of one and two samples, or, when `order` says a batch's shape depends on
+    its samples (padding to the longest), the real samples of the measured batch (the
+    `batch_size` longest: `SampleOrder.indices`).
 
-
-def probe_samples(task: Task, batch_size: int) -> tuple[Any, Any, list | None]:
-    """Real batches of one and two samples and, when shapes say the batch's shape depends on
-    its samples (padding to the longest), the `batch_size` real samples too.
-
-    The shapes compared are the batch of two's and those of `SHAPE_PROBES` single samples
-    spread over the data set: the first two samples alone can share a length that the rest
-    do not. Runs outside fake mode, so a data set may use any op, random draws included.
+    Runs outside fake mode, so a data set may use any op, random draws included.
     """
-    size = len(task.train_data)
-    one = task.batch([0])
-    two = task.batch([0, 1 % size])
-    spread = sorted({index * size // SHAPE_PROBES for index in range(1, SHAPE_PROBES)})
-    if not _same_shapes(one, two) or not all(
-        _same_shapes(one, task.batch([index])) for index in spread
-    ):
-        return one, two, [task.train_data[index % size] for index in range(batch_size)]
-    return one, two, None
-
-
-def _same_shapes(first: Any, other: Any) -> bool:
-    """Whether two batches have the same structure, and tensors of the same dtype and shape
-    past the batch dimension."""
-    import torch
-    from torch.utils._pytree import tree_flatten
-
-    leaves_first, spec = tree_flatten(first)
-    leaves_other, spec_other = tree_flatten(other)
-    return spec == spec_other and all(
-        not isinstance(a, torch.Tensor)
-        or (isinstance(b, torch.Tensor) and a.shape[1:] == b.shape[1:] and a.dtype == b.dtype)
-        for a, b in zip(leaves_first, leaves_other)
-    )
+    if order.varies:
+        return None, None, [task.train_data[index] for index in order.indices(batch_size)]
+    return task.batch([0]), task.batch([0, 1 % len(task.train_data)]), None
 
 
 def fake_batch(

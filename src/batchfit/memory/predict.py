@@ -38,6 +38,7 @@ from batchfit.memory.fake_inputs import (
     use_cuda_optimizer_kernels,
 )
 from batchfit.memory.model import MemoryModel, fit_memory_model
+from batchfit.memory.samples import SampleOrder, check_sample_order
 from batchfit.memory.step import (
     Precision,
     check_precision,
@@ -124,12 +125,16 @@ def predict_step_memory(
     record: bool = False,
     precision: Precision = "32",
     cuda_kernels: bool = False,
+    sample_order: SampleOrder | None = None,
 ) -> PredictedMemory:
     """Predict the peak memory of `steps` training steps at `batch_size`, without real compute.
 
     Builds the task's model, optimizer and a batch of `batch_size` samples as fake tensors
-    and runs the steps under the storage count. The task, its model and the random state are
-    left untouched (the model is built afresh or fake-copied; random state is restored).
+    and runs the steps under the storage count. The batch is the one `measure_step_memory`
+    measures: when the collate pads a batch to its longest sample, the `batch_size` longest
+    samples (`batchfit.memory.samples.SampleOrder.indices`). The task, its model and the
+    random state are left untouched (the model is built afresh or fake-copied; random state is
+    restored).
 
     Args:
         task: the training task.
@@ -148,12 +153,16 @@ def predict_step_memory(
             matrix (`batchfit.memory.fake_inputs.attention_watch`), and the optimizer steps
             with the multi-tensor implementation torch picks on CUDA
             (`batchfit.memory.fake_inputs.use_cuda_optimizer_kernels`).
+        sample_order: the task's `batchfit.memory.samples.sample_order(task)`, to rank the
+            samples once over several calls; None ranks them here (free when shapes do not
+            depend on the samples).
 
     Returns:
         PredictedMemory with the peak, state and batch bytes.
 
     Raises:
-        ConfigError: bad batch size, steps or precision; a device this torch is not built for.
+        ConfigError: bad batch size, steps or precision; a device this torch is not built for;
+            a `sample_order` of another data set.
         FakeModeError: (a ConfigError) fake mode failed and `fallback` is False.
         torch.OutOfMemoryError: only from the measured fallback.
         Any error the task's own code raises (for example a shape mismatch), unchanged: fake
@@ -175,9 +184,10 @@ def predict_step_memory(
         target = torch.device("cuda", 0)
     _check_built_for(target)
     started = time.perf_counter()
+    order = check_sample_order(sample_order, task)
     try:
         peak, state, batch, timeline, attention = _fake_run(
-            task, batch_size, target, steps, record, precision, cuda_kernels
+            task, batch_size, target, steps, record, precision, cuda_kernels, order
         )
     except FakeModeUnsupported as unsupported:
         reason = str(unsupported)
@@ -194,7 +204,7 @@ def predict_step_memory(
             batch_size,
         )
         measured = measure_step_memory(
-            task, batch_size, device=target, steps=steps, precision=precision
+            task, batch_size, device=target, steps=steps, precision=precision, sample_order=order
         )
         return PredictedMemory(
             batch_size=batch_size,
@@ -242,9 +252,10 @@ def _fake_run(
     batch_size: int,
     device: torch.device,
     steps: int,
-    record: bool = False,
-    precision: Precision = "32",
-    cuda_kernels: bool = False,
+    record: bool,
+    precision: Precision,
+    cuda_kernels: bool,
+    order: SampleOrder,
 ) -> tuple[int, int, int, MemoryTimeline | None, Attention]:
     """Run the steps on fake tensors; returns (peak, state, batch) bytes, the timeline and
     how attention ran."""
@@ -256,7 +267,7 @@ def _fake_run(
         with preserved_rng(device, seed=task.seed):
             # Real samples first, outside fake mode: a data set may draw random numbers
             # (`int(torch.randint(...))`, a random crop), which fake tensors cannot answer.
-            probe = probe_samples(task, batch_size)
+            probe = probe_samples(task, batch_size, order)
             model = fake_model(task, fake_mode, device)
             with fake_mode:
                 model.train()
@@ -374,8 +385,12 @@ def predict_memory_model(
     if len(sizes) < 2:
         raise ConfigError(f"the range {low}..{high} needs two distinct batch sizes.")
 
+    order = check_sample_order(None, task)  # ranked once for every batch size
+
     def predict(size: int) -> int:
-        return predict_step_memory(task, size, device=device, precision=precision).peak_bytes
+        return predict_step_memory(
+            task, size, device=device, precision=precision, sample_order=order
+        ).peak_bytes
 
     return fit_predicted_memory_model(predict, sizes)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 from batchfit import devices
 from batchfit.errors import ConfigError
 from batchfit.memory.counter import count_memory, counted_bytes, tensors_of_state
+from batchfit.memory.samples import SampleOrder, check_sample_order
 from batchfit.snapshot import preserved_rng
 from batchfit.task import scalar_loss
 from batchfit.units import parse_size
@@ -213,12 +214,15 @@ def measure_step_memory(
     budget_bytes: int | str | None = None,
     precision: Precision = "32",
     allocator_cap_bytes: int | None = None,
+    sample_order: SampleOrder | None = None,
 ) -> StepMemory:
     """Run `steps` real training steps at `batch_size` and return their peak memory.
 
     Builds a fresh model (seeded with `task.seed`) and optimizer from the task, so the task's
     own model is never touched, and runs the steps on a batch of the first `batch_size`
-    training samples. When the data set is smaller, indices wrap around and samples repeat
+    training samples, or of the `batch_size` longest when the collate pads a batch to its
+    longest sample (`batchfit.memory.samples.SampleOrder.indices`): the worst batch training
+    can draw. When the data set is smaller, indices wrap around and samples repeat
     (`repeated_samples` says so): memory depends on the batch's shape, not its content.
     Every random generator is restored afterwards (`batchfit.snapshot.preserved_rng`).
 
@@ -235,12 +239,16 @@ def measure_step_memory(
         allocator_cap_bytes: on CUDA, cap the process here instead of at `budget_bytes` (a
             search counts tensors against the budget less its margin and leaves the margin
             to the allocator's own workspaces and fragmentation, which no count sees).
+        sample_order: the task's `batchfit.memory.samples.sample_order(task)`, to rank the
+            samples once over several calls; None ranks them here (free when shapes do not
+            depend on the samples).
 
     Returns:
         StepMemory: counted peak, state and batch bytes, the allocator's peak on CUDA, seconds.
 
     Raises:
-        ConfigError: batch_size, steps or budget_bytes is not valid, or the device is unknown.
+        ConfigError: batch_size, steps or budget_bytes is not valid, the device is unknown,
+            or `sample_order` is another data set's.
         torch.OutOfMemoryError: the steps ran out of memory (or past the budget). Everything
             the failed step held is freed before this is raised; its `steps_started`
             attribute says how many training steps ran, the last one failing.
@@ -259,12 +267,13 @@ def measure_step_memory(
     device = devices.resolve_device(device)
     if budget_bytes is not None:
         budget_bytes = parse_size(budget_bytes, name="budget_bytes")
+    indices = check_sample_order(sample_order, task).indices(batch_size)
     failure: str | None = None
     result: StepMemory | None = None
     started = [0]  # training steps started, kept by _measure
     try:
         cap = budget_bytes if allocator_cap_bytes is None else allocator_cap_bytes
-        result = _measure(task, batch_size, device, steps, budget_bytes, cap, started, precision)
+        result = _measure(task, indices, device, steps, budget_bytes, cap, started, precision)
     except Exception as error:
         if not is_out_of_memory(error):
             raise
@@ -283,7 +292,7 @@ def measure_step_memory(
 
 def _measure(
     task: Task,
-    batch_size: int,
+    indices: list[int],
     device: torch.device,
     steps: int,
     budget_bytes: int | None,
@@ -297,7 +306,7 @@ def _measure(
         model = task.make_model().to(device)
         model.train()
         optimizer = task.make_optimizer(model.parameters())
-        batch = move_to(task.batch(range(batch_size)), device)
+        batch = move_to(task.batch(indices), device)
         batch_bytes = counted_bytes([batch], device=device)
         entry = list(model.parameters()) + list(model.buffers()) + [batch]
         try:
@@ -317,6 +326,7 @@ def _measure(
             # quarter of a second with torch loaded) is kept for the out-of-memory path.
             del model, optimizer, batch, entry
             devices.empty_cache(device)
+    batch_size = len(indices)
     return StepMemory(
         batch_size=batch_size,
         steps=steps,

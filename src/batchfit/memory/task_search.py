@@ -23,6 +23,7 @@ from batchfit.memory.predict import (
 )
 from batchfit.memory.probe import probe_search
 from batchfit.memory.result import Basis, Method, Trial
+from batchfit.memory.samples import SampleOrder, sample_order
 from batchfit.memory.search_state import SearchState, error_line
 from batchfit.memory.step import is_host_out_of_memory, is_out_of_memory, measure_step_memory
 
@@ -67,6 +68,14 @@ class TaskSearch(SearchState):
         self._formula: PeakFormula | None = None  # the exact formula, when the task has one
         self._formula_checked = False  # whether a count at a third batch size agreed
         self._warned_repeat = False
+        self._order: SampleOrder | None = None  # which samples a measured batch takes
+
+    @property
+    def order(self) -> SampleOrder:
+        """The task's samples in the order measured batches take them, ranked once."""
+        if self._order is None:
+            self._order = sample_order(self.task)
+        return self._order
 
     # predictions -------------------------------------------------------------------------
 
@@ -82,6 +91,7 @@ class TaskSearch(SearchState):
             record=record,
             precision=self.precision,
             cuda_kernels=self.cuda_kernels,
+            sample_order=self.order,
         )
         if predicted.attention != "none" and self.attention != "math":
             self.attention = predicted.attention
@@ -200,6 +210,7 @@ class TaskSearch(SearchState):
                 # The margin is for what counting cannot see: on a CUDA card the allocator's
                 # workspaces and fragmentation (workspaces alone took 65-133 MiB on an H100).
                 allocator_cap_bytes=self.budget,
+                sample_order=self.order,
             )
         except Exception as error:  # only out-of-memory is caught; see below
             if not is_out_of_memory(error):
@@ -258,6 +269,14 @@ class TaskSearch(SearchState):
     # the search ----------------------------------------------------------------------------
 
     def run(self) -> tuple[int, bool]:
+        limit, capped = self._run()
+        note = self.order.note(limit)
+        if note is not None:
+            logger.info(note)
+            self.notes.append(note)
+        return limit, capped
+
+    def _run(self) -> tuple[int, bool]:
         try:
             small = self._fake_run(FORMULA_BATCH_SIZES[0], record=True)
         except FakeModeError as unsupported:
