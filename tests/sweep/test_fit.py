@@ -86,3 +86,16 @@ def test_a_best_rate_on_the_grids_edge_and_a_critical_batch_at_its_end_are_calle
     )
     assert inside.edge_rates() == [] and inside.critical_batch < 256
     assert "--widen" not in inside.describe() and "samples are wasted" in inside.describe()
+
+
+@pytest.mark.parametrize("steps", [[1, 1], [1, 1, 1], [7, 7]])
+def test_equal_steps_at_every_batch_have_no_critical_batch_whatever_the_rounding(steps):
+    # Equal steps give E_min of +-1e-14 from the solve; a positive one used to report B_crit ~ 0.
+    fit = fit_steps([256, 512, 1024][: len(steps)], steps)
+    assert fit.min_samples == 0.0 and fit.min_steps == pytest.approx(steps[0])
+    assert fit.critical_batch is None and "smaller batches" in fit.reason
+
+
+def test_steps_exactly_as_one_over_b_have_no_plateau():
+    fit = fit_steps([8, 16, 32], [1000 / 8, 1000 / 16, 1000 / 32])
+    assert fit.min_steps == 0.0 and fit.critical_batch is None and "larger batches" in fit.reason
