@@ -47,6 +47,11 @@ def test_rate_exponent_linear_and_sqrt():
     assert rate_exponent([16, 64], [0.1, None]) is None
 
 
+def test_an_equal_best_rate_at_every_batch_is_exponent_plus_zero():
+    exponent = rate_exponent([64, 128, 256], [0.1, 0.1, 0.1])
+    assert exponent == 0.0 and f"{exponent:.2f}" == "0.00"
+
+
 def _sweep_result(points, fit):
     from batchfit.sweep.result import SweepResult
 

@@ -130,4 +130,5 @@ def rate_exponent(batches: Sequence[float], rates: Sequence[float | None]) -> fl
         return None
     x = np.log([b for b, _ in pairs])
     y = np.log([r for _, r in pairs])
-    return float(round(np.polyfit(x, y, 1)[0], 12))
+    # + 0.0 turns the -0.0 of an equal best rate at every batch into 0.0 ("B^-0.00" misleads).
+    return float(round(np.polyfit(x, y, 1)[0], 12)) + 0.0
