@@ -61,3 +61,21 @@ def test_an_interrupted_sweep_says_how_to_continue(capsys, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert f"continue with: the same command; the trials finished in {out} are kept" in err
     assert err.rstrip().endswith("batchfit: interrupted")
+
+
+def test_max_epochs_reaches_the_config_and_is_checked(capsys, tmp_path, monkeypatch):
+    import batchfit.sweep.driver as driver
+
+    seen = {}
+
+    def capture(task, config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "run_sweep", capture)
+    argv = ["sweep", "--example", "digits", "--target", "val_accuracy>=0.9"]
+    argv += ["--out", str(tmp_path / "s")]
+    assert main([*argv, "--max-epochs", "3.5"]) == 130
+    assert seen["config"].max_epochs == 3.5
+    assert main([*argv, "--max-epochs", "0"]) == 2
+    assert "--max-epochs" in capsys.readouterr().err

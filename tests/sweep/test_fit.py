@@ -104,3 +104,42 @@ def test_equal_steps_at_every_batch_have_no_critical_batch_whatever_the_rounding
 def test_steps_exactly_as_one_over_b_have_no_plateau():
     fit = fit_steps([8, 16, 32], [1000 / 8, 1000 / 16, 1000 / 32])
     assert fit.min_steps == 0.0 and fit.critical_batch is None and "larger batches" in fit.reason
+
+
+def _trial(batch, steps, cap):
+    from batchfit.sweep.trial import TrialResult
+
+    return TrialResult(
+        batch=batch, lr=0.01, seed=0, cap_steps=cap, micro_batch=batch, steps=steps,
+        steps_run=steps if steps is not None else cap, samples=0, metric=0.5, diverged=False,
+        evaluations=3, seconds=0.0,
+    )  # fmt: skip
+
+
+def test_a_batch_that_never_reached_the_target_is_named_with_its_cap():
+    from dataclasses import replace
+
+    from batchfit.sweep.result import BatchPoint
+
+    points = [
+        BatchPoint(b, s, int(s), int(s), 0.02, 0.01, (0.005, 0.01, 0.02, 0.04), 4)
+        for b, s in ((64, 100.0), (128, 70.0), (256, 55.0))
+    ] + [BatchPoint(1024, None, None, None, None, 0.02, (0.01, 0.02, 0.04), 3)]
+    fit = fit_steps([64, 128, 256], [100.0, 70.0, 55.0])
+    trials = (_trial(256, 55, 280), _trial(1024, None, 5), _trial(1024, None, 3))
+    result = replace(_sweep_result(points, fit), trials=trials)
+    assert result.missed() == [(1024, 5)]
+    meaning = result.describe()
+    assert "At batch 1024 (within 5 steps) no rate reached val_accuracy>=0.9" in meaning
+    assert "leaves it out" in meaning and "--max-epochs" in meaning
+    assert "--max-epochs" not in _sweep_result(points[:3], fit).describe()
+
+
+def test_a_target_met_at_the_first_evaluation_says_to_give_a_harder_one():
+    from batchfit.sweep.result import BatchPoint
+
+    points = [BatchPoint(b, 1.0, 1, 1, 0.01, 0.01, (0.005, 0.01, 0.02), 3) for b in (256, 512)]
+    result = _sweep_result(points, fit_steps([256, 512], [1.0, 1.0]))
+    meaning = result.describe()
+    assert result.critical_batch is None
+    assert "first evaluation" in meaning and "harder target" in meaning

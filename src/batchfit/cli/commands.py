@@ -256,7 +256,7 @@ def sweep(args: argparse.Namespace) -> int:
 
     options = given(
         args, seeds="seeds", widen="widen", cap_factor="cap_factor", micro_batch="micro_batch",
-        workers="workers", ray_address="ray_address",
+        workers="workers", ray_address="ray_address", max_epochs="max_epochs",
     )  # fmt: skip
     batch_sizes = tuple(args.batch_sizes) if args.batch_sizes else None
     config = SweepConfig(

@@ -176,10 +176,40 @@ class SweepResult:
         edges = [(point.batch, rate_edge(point.best_lr, point.rates)) for point in self.points]
         return [(batch, edge) for batch, edge in edges if edge is not None]
 
+    def missed(self) -> list[tuple[int, int | None]]:
+        """(batch, the largest step cap of its trials, None when unknown) for each batch at which
+        no rate reached the target with every seed: those batches are left out of the fit."""
+        caps: dict[int, int] = {}
+        for trial in self.trials:
+            caps[trial.batch] = max(caps.get(trial.batch, 0), trial.cap_steps)
+        return [(p.batch, caps.get(p.batch)) for p in self.points if p.steps is None]
+
+    def _missed_text(self) -> str:
+        missed = self.missed()
+        if not missed:
+            return ""
+        shown = ", ".join(
+            f"{batch}" + (f" (within {cap} steps)" if cap is not None else "")
+            for batch, cap in missed
+        )
+        return (
+            f" At batch {shown} no rate reached {self.target} with every seed, so the fit leaves "
+            "it out; raise --max-epochs (the passes over the data a trial may take before any "
+            "rate has reached the target) or ease the target to measure it."
+        )
+
     def describe(self) -> str:
         """What the sweep means, in a sentence or two."""
         crit = self.critical_batch
         edges = self.edge_rates()
+        reached = [point.steps for point in self.points if point.steps is not None]
+        if reached and max(reached) <= 1:
+            # The first evaluation is after step 1: a target met there measures nothing.
+            return (
+                f"No critical batch: {self.target} was reached at the first evaluation (step 1) "
+                "at every batch, so steps cannot fall with the batch; give a harder target."
+                + self._missed_text()
+            )
         edge_text = ""
         if edges:
             shown = ", ".join(f"{batch} ({side})" for batch, side in edges)
@@ -188,6 +218,7 @@ class SweepResult:
                 "one may lie beyond, so those steps are upper bounds and the fit and the rate "
                 "exponent rest on them; raise --widen."
             )
+        edge_text += self._missed_text()
         if crit is None:
             return f"No critical batch: {self.fit_reason}{edge_text}"
         largest = max(point.batch for point in self.points)
