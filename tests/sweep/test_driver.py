@@ -72,6 +72,40 @@ def test_a_folder_of_another_sweep_is_refused(tmp_path):
         run_sweep(DIGITS, other, out_dir=tmp_path)
 
 
+def test_another_task_of_the_same_name_is_refused_not_mixed(tmp_path):
+    # Two of the user's tasks both named "task" (the default), swept into the same folder (the
+    # CLI's default is sweep-task for both): the second used to resume the first one's trials.
+    import torch
+    from torch import nn
+
+    from tests.conftest import make_mlp_task
+
+    def wider() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+
+    config = SweepConfig("val_accuracy>=0.6", batch_sizes=(32, 64), seeds=1, widen=0, workers=1,
+                         noise_scale=False)  # fmt: skip
+    first = run_sweep(make_mlp_task(name="task"), config, out_dir=tmp_path)
+    assert first.trials_run == 6
+    with pytest.raises(ConfigError, match=r"holds another sweep \(parameters 195 -> 771\)"):
+        run_sweep(make_mlp_task(name="task", model=wider), config, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="train_samples 256 -> 192"):
+        run_sweep(make_mlp_task(192, name="task"), config, out_dir=tmp_path)
+    again = run_sweep(make_mlp_task(name="task"), config, out_dir=tmp_path)
+    assert (again.trials_run, again.trials_resumed) == (0, 6)
+
+
+def test_a_folder_written_without_the_sizes_still_resumes(tmp_path):
+    run_sweep(DIGITS, _config(batch_sizes=(512, 1024), widen=0), out_dir=tmp_path)
+    identity = tmp_path / "sweep.json"
+    saved = json.loads(identity.read_text())
+    old = {k: saved[k] for k in ("task", "target", "tolerance", "micro_batch")}
+    identity.write_text(json.dumps(old))
+    again = run_sweep(DIGITS, _config(batch_sizes=(512, 1024), widen=0), out_dir=tmp_path)
+    assert (again.trials_run, again.trials_resumed) == (0, 6)
+
+
 def test_accumulation_gives_the_same_steps():
     from batchfit.sweep.target import parse_target
     from batchfit.task import load_example

@@ -208,6 +208,11 @@ def run_sweep(
             "target": str(target),
             "tolerance": config.tolerance,
             "micro_batch": config.micro_batch,
+            # Task names default to "task" (and the CLI's folder to sweep-task): the data and
+            # model sizes tell another task of the same name from this one.
+            "train_samples": size,
+            "val_samples": len(task.val_data) if task.val_data is not None else 0,
+            "parameters": sum(p.numel() for p in task.make_model().parameters()),
         }
         store = SweepStore(out_dir, identity)
 

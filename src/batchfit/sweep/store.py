@@ -1,9 +1,10 @@
 """The sweep folder: one JSON file per finished trial, written atomically, so a sweep resumes.
 
-Layout: `sweep.json` (what the sweep measures: task, target, tolerance, micro-batch), one
+Layout: `sweep.json` (what the sweep measures: task name, target, tolerance, micro-batch, the
+sizes of the data and the model's parameter count), one
 `trials/b<batch>_lr<rate>_s<seed>.json` per finished trial, and `trials.csv` / `result.json`
-when the sweep ends. A folder that holds another sweep (other task, target or tolerance) is
-refused rather than mixed.
+when the sweep ends. A folder that holds another sweep (other task, data, model size, target or
+tolerance) is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class SweepStore:
         path = self.folder / IDENTITY_NAME
         if path.exists():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            changed = sorted(key for key in identity if saved.get(key) != identity[key])
+            # A key the folder lacks was not recorded by the batchfit that wrote it: not compared.
+            changed = sorted(k for k in identity if k in saved and saved[k] != identity[k])
             if changed:
                 details = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in changed)
                 raise ConfigError(
