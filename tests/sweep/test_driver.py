@@ -106,6 +106,14 @@ def test_a_folder_written_without_the_sizes_still_resumes(tmp_path):
     assert (again.trials_run, again.trials_resumed) == (0, 6)
 
 
+def test_numpy_and_list_batch_sizes_become_a_tuple_of_ints():
+    import numpy as np
+
+    config = _config(batch_sizes=[np.int64(64), 128])
+    assert config.batch_sizes == (64, 128)
+    assert all(type(size) is int for size in config.batch_sizes)
+
+
 def test_accumulation_gives_the_same_steps():
     from batchfit.sweep.target import parse_target
     from batchfit.task import load_example
@@ -124,6 +132,13 @@ def test_accumulation_gives_the_same_steps():
         ({"cap_factor": 0.5}, "cap_factor"),
         ({"batch_sizes": ()}, "empty"),
         ({"batch_sizes": (8, "x")}, "not a positive whole number"),
+        ({"batch_sizes": ("16", "32")}, "'16' in the grid is not a positive whole number"),
+        (
+            {"batch_sizes": "16,32"},
+            r"list or tuple of whole numbers, got '16,32'; e.g. batch_sizes=",
+        ),
+        ({"batch_sizes": 16}, "list or tuple of whole numbers, got 16"),
+        ({"batch_sizes": (16, 2.5)}, "2.5 in the grid is not a positive whole number"),
         ({"ray_address": "nowhere"}, "HOST:PORT"),
         ({"lr_rule": "cubic"}, "linear, sqrt, none"),
     ],

@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from numbers import Integral
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
@@ -65,14 +66,23 @@ class SweepConfig:
     def __post_init__(self) -> None:
         parse_target(self.target)
         if self.batch_sizes is not None:
+            if isinstance(self.batch_sizes, (str, bytes)) or not isinstance(
+                self.batch_sizes, Sequence
+            ):
+                raise ConfigError(
+                    f"batch_sizes must be a list or tuple of whole numbers, got "
+                    f"{self.batch_sizes!r}; e.g. batch_sizes=(16, 32, 64)."
+                )
             if not self.batch_sizes:
                 raise ConfigError("The batch grid is empty; give at least one size, e.g. 16,32.")
             for size in self.batch_sizes:
-                if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
                     raise ConfigError(
                         f"Batch size {size!r} in the grid is not a positive whole number; "
                         "e.g. 16,32,64."
                     )
+            # NumPy integers and lists are fine: stored as a tuple of ints (JSON, hashing).
+            object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
         check_whole_number("seeds", self.seeds)
         check_whole_number("widen", self.widen, minimum=0)
         if check_positive_number("cap_factor", self.cap_factor) < 1:
