@@ -76,3 +76,16 @@ def test_a_best_rate_at_the_edge_of_the_rates_tried_is_marked(monkeypatch):
     marked = lines["best at the highest rate tried (a better one may lie beyond)"]
     assert list(marked.get_xdata()) == [16] and list(marked.get_ydata()) == [0.002]
     assert not any("lowest" in label for label in lines)
+
+
+def test_a_batch_that_never_reached_the_target_is_drawn_at_its_cap(monkeypatch):
+    figures = _captured(monkeypatch)
+    trials = [{"batch": 32, "cap_steps": 40}, {"batch": 32, "cap_steps": 25}]
+    trials += [{"batch": 8, "cap_steps": 300}]
+    sweep_steps_png({**DATA, "trials": trials})
+    axes = figures[0].axes[0]
+    lines = dict(zip(axes.get_legend_handles_labels()[1], axes.get_legend_handles_labels()[0]))
+    marked = lines["not reached within the step cap (left out of the fit)"]
+    assert list(marked.get_xdata()) == [32] and list(marked.get_ydata()) == [40]
+    figures[0].canvas.draw()
+    assert [t.get_text() for t in axes.get_xticklabels() if t.get_text()] == ["8", "16", "32"]
