@@ -15,7 +15,9 @@ import functools
 import multiprocessing
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError, MissingDependencyError
@@ -152,7 +154,16 @@ def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResu
                 "`ray start --head`, or give --ray-address local to start one for this sweep."
             ) from None
     remote = ray.remote(num_cpus=1)(_trial_in_worker)
-    pending: list[Any] = [remote.remote(source, spec, target, tolerance) for spec in specs]
+    shipped = _unimportable_modules(source) if not isinstance(source, str) else []
+    pending: list[Any] = []
+    try:
+        for module in shipped:
+            ray.cloudpickle.register_pickle_by_value(module)
+        # Ray pickles the arguments here, at submission.
+        pending = [remote.remote(source, spec, target, tolerance) for spec in specs]
+    finally:
+        for module in shipped:
+            ray.cloudpickle.unregister_pickle_by_value(module)
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -161,3 +172,21 @@ def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResu
     finally:
         for ref in pending:
             ray.cancel(ref)
+
+
+def _unimportable_modules(task: Task) -> list[ModuleType]:
+    """The modules of the task's functions, classes and objects that a Ray worker could not
+    import by name: a task file loaded by path (`load_task("path/to/file.py:task")`) is in
+    `sys.modules` under a made-up name, so its functions are shipped by value instead."""
+    from dataclasses import fields
+    from importlib.machinery import PathFinder
+
+    found: dict[str, ModuleType] = {}
+    for field in fields(task):
+        name = getattr(getattr(task, field.name), "__module__", None)
+        module = sys.modules.get(name) if isinstance(name, str) else None
+        if module is None or name == "__main__" or name in sys.builtin_module_names:
+            continue  # cloudpickle ships __main__'s code by value itself
+        if PathFinder.find_spec(name.partition(".")[0]) is None:
+            found[name] = module
+    return list(found.values())
