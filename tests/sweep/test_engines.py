@@ -112,3 +112,15 @@ def test_ray_runs_a_task_object_loaded_from_a_file(tmp_path):
         ray.shutdown()
     assert _steps(on_ray) == _steps(local) and on_ray.trials_run == 6
     assert not ray.cloudpickle.list_registry_pickle_by_value()  # nothing left registered
+
+
+@pytest.mark.integration
+def test_worker_processes_take_a_task_object_with_lambdas():
+    # The Task was pickled with each trial even under fork: its lambda optimizer failed with
+    # "Can't pickle local object".
+    from tests.conftest import make_mlp_task
+
+    config = dict(batch_sizes=(32, 64), seeds=1, widen=0, noise_scale=False)
+    local = run_sweep(make_mlp_task(), SweepConfig("val_accuracy>=0.6", workers=1, **config))
+    pooled = run_sweep(make_mlp_task(), SweepConfig("val_accuracy>=0.6", workers=2, **config))
+    assert _steps(pooled) == _steps(local) and pooled.trials_run == 6

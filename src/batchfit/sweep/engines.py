@@ -69,12 +69,24 @@ def _load_source(source: str) -> Task:
     return load_task(source)
 
 
-def _resolve(source: str | Task) -> Task:
+_FORKED: list[Task] = []
+"""In a forked worker process only: the Task it inherited from `_keep_forked_task`."""
+
+
+def _keep_forked_task(task: Task) -> None:
+    # The pool's initializer: under "fork" its arguments are inherited, never pickled, so a Task
+    # holding lambdas or local functions (which pickle cannot send) reaches the worker.
+    _FORKED[:] = [task]
+
+
+def _resolve(source: str | Task | None) -> Task:
+    if source is None:
+        return _FORKED[0]
     return _load_source(source) if isinstance(source, str) else source
 
 
 def _trial_in_worker(
-    source: str | Task, spec: TrialSpec, target: Target, tolerance: float
+    source: str | Task | None, spec: TrialSpec, target: Target, tolerance: float
 ) -> TrialResult:
     import torch
 
@@ -122,9 +134,15 @@ def run_trials(
 def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[TrialResult]:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    method = "spawn" if isinstance(source, str) else "fork"
-    context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=context) as pool:
+    options: dict[str, Any] = {"max_workers": min(workers, len(specs))}
+    if isinstance(source, str):
+        options["mp_context"] = multiprocessing.get_context("spawn")
+    else:
+        # Each call's arguments are pickled even under fork: hand the Task over once, by fork.
+        options["mp_context"] = multiprocessing.get_context("fork")
+        options |= {"initializer": _keep_forked_task, "initargs": (source,)}
+        source = None
+    with ProcessPoolExecutor(**options) as pool:
         pending = {pool.submit(_trial_in_worker, source, spec, target, tolerance) for spec in specs}
         try:
             while pending:
