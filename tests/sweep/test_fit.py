@@ -143,3 +143,16 @@ def test_a_target_met_at_the_first_evaluation_says_to_give_a_harder_one():
     meaning = result.describe()
     assert result.critical_batch is None
     assert "first evaluation" in meaning and "harder target" in meaning
+
+
+def test_a_critical_batch_below_the_grid_is_called_extrapolated():
+    from batchfit.sweep.result import BatchPoint
+
+    steps = {16: 15.0, 64: 15.0, 256: 11.0}  # a tiny GPT-2's sweep: B_crit 5
+    points = [BatchPoint(b, s, int(s), int(s), 0.01, 0.01, (0.005, 0.01, 0.02), 3) for b, s in
+              steps.items()]  # fmt: skip
+    result = _sweep_result(points, fit_steps(list(steps), list(steps.values())))
+    assert result.critical_batch < 16
+    meaning = result.describe()
+    assert "below the smallest batch measured (16)" in meaning and "smaller batches" in meaning
+    assert "samples are wasted" not in meaning

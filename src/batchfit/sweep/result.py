@@ -221,12 +221,21 @@ class SweepResult:
         edge_text += self._missed_text()
         if crit is None:
             return f"No critical batch: {self.fit_reason}{edge_text}"
-        largest = max(point.batch for point in self.points)
+        # The batches that reached the target: the fit rests on them alone.
+        measured = [point.batch for point in self.points if point.steps is not None]
+        largest, smallest = max(measured), min(measured)
         if crit >= largest:
             text = (
                 f"Critical batch about {crit:,.0f} samples (E_min/S_min), at or beyond the largest "
                 f"batch measured ({largest}): doubling the batch still nearly halved the steps "
                 f"to {self.target} there; measure larger batches to place it."
+            )
+        elif crit < smallest:
+            text = (
+                f"Critical batch about {crit:,.0f} samples (E_min/S_min), below the smallest batch "
+                f"measured ({smallest}): doubling the batch already saved few steps to "
+                f"{self.target} there, so the value is extrapolated; measure smaller batches to "
+                "place it."
             )
         else:
             text = (
