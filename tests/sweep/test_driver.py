@@ -65,6 +65,26 @@ def test_resume_skips_finished_trials(tmp_path):
     assert missing.exists()
 
 
+@pytest.mark.parametrize("damage", ["", '{"batch": 128}', "[1, 2]", '{"batch": 128, "lr": "x"'])
+def test_a_damaged_trial_file_runs_again_and_is_rewritten(tmp_path, damage):
+    run_sweep(DIGITS, _config(), out_dir=tmp_path)
+    damaged = sorted((tmp_path / "trials").glob("b128_*.json"))[0]
+    good = json.loads(damaged.read_text())
+    damaged.write_text(damage)
+    resumed = run_sweep(DIGITS, _config(), out_dir=tmp_path)
+    assert (resumed.trials_run, resumed.trials_resumed) == (1, 5)
+    assert {k: v for k, v in json.loads(damaged.read_text()).items() if k != "seconds"} == {
+        k: v for k, v in good.items() if k != "seconds"
+    }
+
+
+@pytest.mark.parametrize("damage", ["{", "[]"])
+def test_a_damaged_sweep_identity_names_the_file_and_the_fix(tmp_path, damage):
+    (tmp_path / "sweep.json").write_text(damage)
+    with pytest.raises(ConfigError, match=r"sweep.json' cannot be read .*delete it .*--out"):
+        run_sweep(DIGITS, _config(), out_dir=tmp_path)
+
+
 def test_a_folder_of_another_sweep_is_refused(tmp_path):
     run_sweep(DIGITS, _config(batch_sizes=(512, 1024), widen=0), out_dir=tmp_path)
     other = SweepConfig("val_loss<=0.5", batch_sizes=(512, 1024), seeds=1, widen=0, workers=1)

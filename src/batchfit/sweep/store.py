@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +28,8 @@ __all__ = ["CSV_NAME", "SweepStore", "trials_csv"]
 IDENTITY_NAME = "sweep.json"
 TRIALS_FOLDER = "trials"
 CSV_NAME = "trials.csv"
+
+logger = logging.getLogger(__name__)
 
 
 class SweepStore:
@@ -44,7 +47,15 @@ class SweepStore:
         self.folder = Path(folder)
         path = self.folder / IDENTITY_NAME
         if path.exists():
-            saved = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(saved, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as error:
+                raise ConfigError(
+                    f"{str(path)!r} cannot be read ({error}); delete it to resume the trials in "
+                    f"{str(self.folder)!r} with this sweep's options, or give another --out folder."
+                ) from None
             # A key the folder lacks was not recorded by the batchfit that wrote it: not compared.
             changed = sorted(k for k in identity if k in saved and saved[k] != identity[k])
             if changed:
@@ -63,12 +74,18 @@ class SweepStore:
         """The finished trial for `spec`, or None when it must run.
 
         A trial that reached the target or diverged is final; one stopped by a cap is reused
-        when its cap was at least `spec.cap_steps`.
+        when its cap was at least `spec.cap_steps`. A file that cannot be read runs again.
         """
         path = self._path(spec.batch, spec.lr, spec.seed)
         if not path.exists():
             return None
-        result = TrialResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            result = TrialResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            # Written atomically, so only damaged from outside (a copy, a sync, an edit): the
+            # trial runs again and its file is rewritten.
+            logger.warning("%s cannot be read (%r): running that trial again", path, error)
+            return None
         if result.reached or result.diverged or result.cap_steps >= spec.cap_steps:
             return result
         return None
