@@ -79,3 +79,14 @@ def test_max_epochs_reaches_the_config_and_is_checked(capsys, tmp_path, monkeypa
     assert seen["config"].max_epochs == 3.5
     assert main([*argv, "--max-epochs", "0"]) == 2
     assert "--max-epochs" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = ["sweep", "--example", "digits", "--target", "val_accuracy>=0.9", "--out"]
+    assert main([*argv, str(afile)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main([*argv, str(afile / "sweep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be made" in err

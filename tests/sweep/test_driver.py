@@ -85,6 +85,12 @@ def test_a_damaged_sweep_identity_names_the_file_and_the_fix(tmp_path, damage):
         run_sweep(DIGITS, _config(), out_dir=tmp_path)
 
 
+def test_a_sweep_folder_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        run_sweep(DIGITS, _config(), out_dir=tmp_path / "afile")
+
+
 def test_a_folder_of_another_sweep_is_refused(tmp_path):
     run_sweep(DIGITS, _config(batch_sizes=(512, 1024), widen=0), out_dir=tmp_path)
     other = SweepConfig("val_loss<=0.5", batch_sizes=(512, 1024), seeds=1, widen=0, workers=1)

@@ -270,6 +270,8 @@ def sweep(args: argparse.Namespace) -> int:
     # Worker processes load the task by name: pass the spec, not the loaded Task.
     task = f"batchfit.examples.{args.example}:task" if args.example else args.task
     out = args.out or f"sweep-{args.example or 'task'}"
+    # A folder with trials in it is a sweep to resume: only whether it can be written is checked.
+    check_output_folder(out, "--out", force=False, keep=True)
     best: dict[int, tuple[int, float]] = {}
     with StepBar("trials") as bar:
 

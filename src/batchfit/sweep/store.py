@@ -40,11 +40,15 @@ class SweepStore:
         identity: what the sweep measures; a folder written with another identity is refused.
 
     Raises:
-        ConfigError: the folder holds a sweep with another identity.
+        ConfigError: the folder holds a sweep with another identity, or is a file.
     """
 
     def __init__(self, folder: str | os.PathLike, identity: dict[str, Any]) -> None:
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(
+                f"The sweep folder {str(self.folder)!r} is a file, not a folder; give a folder."
+            )
         path = self.folder / IDENTITY_NAME
         if path.exists():
             try:
