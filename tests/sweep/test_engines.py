@@ -124,3 +124,17 @@ def test_worker_processes_take_a_task_object_with_lambdas():
     local = run_sweep(make_mlp_task(), SweepConfig("val_accuracy>=0.6", workers=1, **config))
     pooled = run_sweep(make_mlp_task(), SweepConfig("val_accuracy>=0.6", workers=2, **config))
     assert _steps(pooled) == _steps(local) and pooled.trials_run == 6
+
+
+@pytest.mark.integration
+def test_a_ray_the_sweep_started_is_shut_down_and_one_it_found_is_left_running():
+    ray = pytest.importorskip("ray", reason="Ray is optional: pip install batchfit[ray]")
+    result = run_sweep(DIGITS, _config(ray_address="local"))
+    assert result.trials_run == 6
+    assert not ray.is_initialized()  # the sweep's own Ray: shut down, not left holding cores
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_sweep(DIGITS, _config(ray_address="auto"))
+        assert ray.is_initialized()  # the caller's Ray: left as it was
+    finally:
+        ray.shutdown()

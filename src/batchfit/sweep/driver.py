@@ -191,7 +191,7 @@ def run_sweep(
         ([64, 128], 6)
     """
     from batchfit.lr.scaling import default_rule, scaled_rate
-    from batchfit.sweep.engines import default_workers, run_trials
+    from batchfit.sweep.engines import default_workers, ray_session, run_trials
     from batchfit.sweep.store import SweepStore
     from batchfit.task import Task, load_task
 
@@ -276,19 +276,21 @@ def run_sweep(
             on_trial(result)
         report(progress, "trials", counts["done"], counts["total"])
 
-    run_wave([(b, starting_rates(centers[b])[0]) for b in batches])
-    run_wave([(b, lr) for b in batches for lr in starting_rates(centers[b])[1:]])
-    while True:
-        wave = []
-        for batch in batches:
-            lr = next_rate(
-                trials.mean_steps(batch, seeds), center=centers[batch], widen=config.widen
-            )
-            if lr is not None and rate_key(lr) not in {rate_key(r) for r in tried[batch]}:
-                wave.append((batch, lr))
-        if not wave:
-            break
-        run_wave(wave)
+    # One Ray connection for every wave; a Ray this sweep started is shut down at its end.
+    with ray_session(config.ray_address):
+        run_wave([(b, starting_rates(centers[b])[0]) for b in batches])
+        run_wave([(b, lr) for b in batches for lr in starting_rates(centers[b])[1:]])
+        while True:
+            wave = []
+            for batch in batches:
+                lr = next_rate(
+                    trials.mean_steps(batch, seeds), center=centers[batch], widen=config.widen
+                )
+                if lr is not None and rate_key(lr) not in {rate_key(r) for r in tried[batch]}:
+                    wave.append((batch, lr))
+            if not wave:
+                break
+            run_wave(wave)
 
     points = tuple(_point(b, trials, seeds, centers[b], tried[b]) for b in batches)
     fit, fit_reason, low, high = _fits(points, trials, seeds)

@@ -11,6 +11,7 @@ between waves, so the results do not depend on the engine or on the number of wo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ from batchfit.sweep.trial import TrialResult, TrialSpec, run_trial
 if TYPE_CHECKING:
     from batchfit.task import Task
 
-__all__ = ["check_ray_address", "default_workers", "run_trials"]
+__all__ = ["check_ray_address", "default_workers", "ray_session", "run_trials"]
 
 _ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:(\d{1,5})$")
 
@@ -154,13 +155,40 @@ def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[Tri
                 future.cancel()
 
 
-def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResult]:
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connect to Ray at `address` for the block, and disconnect at its end (also on an error
+    or Ctrl-C) when this block connected; a Ray already started in this process is used and
+    left running. None: nothing to do.
+
+    Raises:
+        MissingDependencyError: Ray is not installed.
+        ConfigError: no Ray cluster answers at `address`.
+    """
+    if address is None:
+        yield
+        return
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    _connect(ray, address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
         raise MissingDependencyError(
             "Optional dependency 'ray' is needed for --ray-address: pip install batchfit[ray]."
         ) from None
+    return ray
+
+
+def _connect(ray: Any, address: str) -> None:
     check_ray_address(address)
     if not ray.is_initialized():
         try:
@@ -171,6 +199,11 @@ def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResu
                 f"No Ray cluster at --ray-address {address} ({first}); start one with "
                 "`ray start --head`, or give --ray-address local to start one for this sweep."
             ) from None
+
+
+def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResult]:
+    ray = _import_ray()
+    _connect(ray, address)
     remote = ray.remote(num_cpus=1)(_trial_in_worker)
     shipped = _unimportable_modules(source) if not isinstance(source, str) else []
     pending: list[Any] = []
