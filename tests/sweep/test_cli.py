@@ -90,3 +90,14 @@ def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line(capsys, tmp_path):
     assert main([*argv, str(afile / "sweep")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be made" in err
+
+
+def test_the_progress_note_shows_whole_entries_only():
+    from batchfit.cli.commands import _best_note
+
+    best = {b: (1000 // b, 0.001 * b**0.5) for b in (8, 16, 32, 64, 128, 256, 512, 1024)}
+    note = _best_note(best)
+    # the old note cut the text at 70 characters from the end: "best 4 at 0.004, B=64: ..."
+    assert note.startswith("best ... B=") and note.endswith("B=1024: 0 at 0.032")
+    assert len(note) <= len("best ... ") + 70
+    assert _best_note({8: (125, 0.0028)}) == "best B=8: 125 at 0.0028"
