@@ -122,6 +122,23 @@ def test_another_task_of_the_same_name_is_refused_not_mixed(tmp_path):
     assert (again.trials_run, again.trials_resumed) == (0, 6)
 
 
+def test_a_sweep_into_a_folder_leaves_the_callers_random_generators_alone(tmp_path):
+    import torch
+
+    from tests.conftest import make_mlp_task
+
+    def unseeded() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+    config = SweepConfig("val_accuracy>=0.3", batch_sizes=(64, 128), seeds=1, widen=0,
+                         workers=1, noise_scale=False)  # fmt: skip
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run_sweep(make_mlp_task(model=unseeded), config, out_dir=tmp_path)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_a_folder_written_without_the_sizes_still_resumes(tmp_path):
     run_sweep(DIGITS, _config(batch_sizes=(512, 1024), widen=0), out_dir=tmp_path)
     identity = tmp_path / "sweep.json"

@@ -222,7 +222,7 @@ def run_sweep(
             # model sizes tell another task of the same name from this one.
             "train_samples": size,
             "val_samples": len(task.val_data) if task.val_data is not None else 0,
-            "parameters": sum(p.numel() for p in task.make_model().parameters()),
+            "parameters": _parameter_count(task),
         }
         store = SweepStore(out_dir, identity)
 
@@ -325,6 +325,15 @@ def run_sweep(
     if store is not None:
         _write_outputs(store.folder, result)
     return result
+
+
+def _parameter_count(task: Task) -> int:
+    """The parameters of a fresh model; the caller's random generators are left as they were
+    (building a model draws its initial weights from them)."""
+    from batchfit.snapshot import preserved_rng
+
+    with preserved_rng():
+        return sum(parameter.numel() for parameter in task.make_model().parameters())
 
 
 def _point(batch, trials: _Trials, seeds, center: float, tried: list[float]) -> BatchPoint:
