@@ -89,3 +89,13 @@ def test_a_batch_that_never_reached_the_target_is_drawn_at_its_cap(monkeypatch):
     assert list(marked.get_xdata()) == [32] and list(marked.get_ydata()) == [40]
     figures[0].canvas.draw()
     assert [t.get_text() for t in axes.get_xticklabels() if t.get_text()] == ["8", "16", "32"]
+
+
+def test_the_fit_and_noise_scale_read_as_in_the_table(monkeypatch):
+    figures = _captured(monkeypatch)
+    fit = {"min_steps": 9.19, "min_samples": 1312.4, "critical_batch": 142.8}
+    sweep_steps_png({**DATA, "fit": fit, "noise_scale": {"noise_scale_samples": 133.9}})
+    labels = figures[0].axes[0].get_legend_handles_labels()[1]
+    # the table says S_min 9.2, E_min 1,312 and noise scale 134; the chart said 1.31e+03, 133.9
+    assert "S_min + E_min/B (S_min 9.2, E_min 1,312)" in labels
+    assert "noise scale 134" in labels and "B_crit = 143" in labels

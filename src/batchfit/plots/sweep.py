@@ -57,7 +57,10 @@ def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
             grid[shown],
             curve[shown],
             color="black",
-            label=f"S_min + E_min/B (S_min {fit['min_steps']:.3g}, E_min {fit['min_samples']:.3g})",
+            # as the read-out's table writes them: "S_min 9.2, E_min 1,312", not "1.31e+03"
+            label=(
+                f"S_min + E_min/B (S_min {fit['min_steps']:.1f}, E_min {fit['min_samples']:,.0f})"
+            ),
         )
         if fit.get("critical_batch"):
             axes.axvline(
@@ -68,7 +71,7 @@ def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
             )
     noise = (data.get("noise_scale") or {}).get("noise_scale_samples")
     if noise:
-        axes.axvline(noise, color="tab:green", linestyle=":", label=f"noise scale {noise:.4g}")
+        axes.axvline(noise, color="tab:green", linestyle=":", label=f"noise scale {noise:,.0f}")
     missed = _missed(data)
     if missed:  # drawn at their step cap, pointing up: the target lies beyond it
         axes.plot(
