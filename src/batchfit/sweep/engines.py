@@ -4,9 +4,11 @@ Both engines take the task as a spec string ("package.module:function" or
 "path/to/file.py:function", loaded once per worker) or as a `Task` object. Local workers are
 processes, each training single-threaded (`torch.set_num_threads(1)`), so N workers use N cores
 without fighting over them; a spec string starts them with "spawn", a Task object is handed over
-by "fork" (POSIX only). Ray runs each trial as a task with one CPU (Ray pickles a Task object with
-cloudpickle). Results come back as trials finish; which trials run is decided by the driver
-between waves, so the results do not depend on the engine or on the number of workers.
+once by "fork" (POSIX only; never pickled, so lambdas in it are fine). Ray runs each trial as a
+task with one CPU (Ray pickles a Task object with cloudpickle, the code of a task file loaded by
+path by value). `ray_session` connects once for a whole sweep and shuts down a Ray it started.
+Results come back as trials finish; which trials run is decided by the driver between waves, so
+the results do not depend on the engine or on the number of workers.
 """
 
 from __future__ import annotations
