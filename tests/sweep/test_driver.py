@@ -157,6 +157,23 @@ def test_numpy_and_list_batch_sizes_become_a_tuple_of_ints():
     assert all(type(size) is int for size in config.batch_sizes)
 
 
+def test_a_diverging_trial_is_a_result_and_the_sweep_goes_on(tmp_path):
+    # The loop raised TrainingDivergedError before the trial's callback saw the inf loss: one
+    # rate too high for its batch ended the whole sweep with a traceback.
+    from batchfit.sweep.target import parse_target
+    from tests.conftest import make_mlp_task
+
+    spec = TrialSpec(batch=32, lr=1e6, seed=0, cap_steps=50, micro_batch=32)
+    trial = run_trial(make_mlp_task(), spec, parse_target("val_accuracy>=0.9"))
+    assert trial.diverged and trial.steps is None and 0 < trial.steps_run < 50
+    assert trial.samples == 32 * trial.steps_run
+    config = SweepConfig("val_accuracy>=0.6", batch_sizes=(32, 64), seeds=1, widen=0, workers=1,
+                         noise_scale=False)  # fmt: skip
+    result = run_sweep(make_mlp_task(lr=2e5), config, out_dir=tmp_path)
+    assert result.trials_run == 6 and all(t.diverged for t in result.trials)
+    assert result.critical_batch is None and "two batch sizes" in result.fit_reason
+
+
 def test_accumulation_gives_the_same_steps():
     from batchfit.sweep.target import parse_target
     from batchfit.task import load_example
