@@ -211,3 +211,29 @@ def test_bad_options_raise_with_the_fix(options, words):
 def test_a_grid_larger_than_the_data_is_refused():
     with pytest.raises(ConfigError, match="larger than the training data"):
         run_sweep(DIGITS, _config(batch_sizes=(64, 4096)))
+
+
+def test_the_seed_range_of_b_crit_names_an_end_beyond_the_grid():
+    # A seed whose steps do not fall with the batch has B_crit below the grid; it used to
+    # read as "unbounded" above, the wrong end.
+    from batchfit.sweep.driver import _fits, _Trials
+    from batchfit.sweep.fit import fit_steps
+    from batchfit.sweep.result import BatchPoint
+    from batchfit.sweep.trial import TrialResult
+
+    per_seed = {0: {64: 100, 128: 70, 256: 55}, 1: {64: 40, 128: 40, 256: 40}}
+    trials = _Trials()
+    for seed, steps in per_seed.items():
+        for batch, value in steps.items():
+            trials.add(
+                TrialResult(batch, 0.01, seed, 999, batch, value, value, 0, 0.9, False, 3, 0)
+            )
+    points = [
+        BatchPoint(b, (per_seed[0][b] + per_seed[1][b]) / 2, 40, per_seed[0][b], 0.01, 0.01,
+                   (0.01,), 2)
+        for b in (64, 128, 256)
+    ]  # fmt: skip
+    fit, reason, low, high = _fits(points, trials, (0, 1))
+    assert fit.critical_batch is not None and reason == ""
+    seed0 = fit_steps([64, 128, 256], [100, 70, 55]).critical_batch
+    assert low == 0.0 and high == pytest.approx(seed0)

@@ -156,3 +156,24 @@ def test_a_critical_batch_below_the_grid_is_called_extrapolated():
     meaning = result.describe()
     assert "below the smallest batch measured (16)" in meaning and "smaller batches" in meaning
     assert "samples are wasted" not in meaning
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "text"),
+    [(98.0, 278.0, "98 to 278"), (98.0, None, "98 to unbounded"),
+     (0.0, 278.0, "below the grid to 278"), (0.0, 0.0, "below the grid"),
+     (None, None, "above the grid")],
+)  # fmt: skip
+def test_the_seed_range_row_names_an_end_beyond_the_grid(low, high, text):
+    from dataclasses import replace
+
+    from batchfit.sweep.result import BatchPoint
+
+    points = [BatchPoint(b, s, int(s), int(s), 0.01, 0.01, (0.005, 0.01, 0.02), 3)
+              for b, s in ((64, 100.0), (128, 70.0), (256, 55.0))]  # fmt: skip
+    result = replace(
+        _sweep_result(points, fit_steps([64, 128, 256], [100.0, 70.0, 55.0])),
+        critical_batch_low=low,
+        critical_batch_high=high,
+    )
+    assert dict(result.summary_rows())["B_crit over seeds"] == text

@@ -368,10 +368,14 @@ def _fits(points, trials: _Trials, seeds):
     per_seed = []
     for seed in seeds:
         steps = [trials.by_batch[p.batch][rate_key(p.best_lr)][seed].steps for p in reached]
-        per_seed.append(fit_steps([p.batch for p in reached], steps).critical_batch)
-    finite = [value for value in per_seed if value is not None]
-    low = min(finite) if finite else None
-    high = None if None in per_seed else max(per_seed)
+        per_seed.append(fit_steps([p.batch for p in reached], steps))
+    finite = [f.critical_batch for f in per_seed if f.critical_batch is not None]
+    # A seed without a plateau has B_crit above the grid (no upper end); one whose steps did not
+    # fall with the batch has it below the grid (a lower end of 0).
+    above = any(f.critical_batch is None and f.min_steps <= 0 for f in per_seed)
+    below = any(f.critical_batch is None and f.min_steps > 0 for f in per_seed)
+    low = 0.0 if below else (min(finite) if finite else None)
+    high = None if above else (max(finite) if finite else 0.0)
     return fit, "", low, high
 
 

@@ -71,7 +71,8 @@ class SweepResult:
         fit: S = S_min + E_min / B over the points (None with fewer than two).
         fit_reason: why there is no fit or no B_crit, else empty.
         critical_batch_low, critical_batch_high: the range of B_crit over per-seed fits
-            (each seed's steps at each batch's best rate); high None when a seed showed no plateau.
+            (each seed's steps at each batch's best rate); high None when a seed showed no plateau
+            (B_crit above the grid), low 0 when a seed's steps did not fall with the batch.
         lr_exponent: slope of log(best rate) against log(batch).
         lr_rule: the scaling rule the grids were centred with.
         noise_scale: `NoiseScaleResult.to_dict()` of `measure_noise_scale` on the same task, or
@@ -145,15 +146,7 @@ class SweepResult:
         crit = self.critical_batch
         rows.append(("B_crit = E_min/S_min", f"{crit:,.0f}" if crit is not None else "-"))
         if crit is not None:
-            low, high = self.critical_batch_low, self.critical_batch_high
-            rows.append(
-                (
-                    "B_crit over seeds",
-                    f"{low:,.0f} to {'unbounded' if high is None else f'{high:,.0f}'}"
-                    if low is not None
-                    else "-",
-                )
-            )
+            rows.append(("B_crit over seeds", self._seed_range()))
         if self.noise_scale is not None:
             noise = self.noise_scale
             value = noise.get("noise_scale_samples")
@@ -169,6 +162,16 @@ class SweepResult:
         rows.append(("samples trained", f"{self.samples:,}"))
         rows.append(("time", f"{self.seconds:.1f} s"))
         return rows
+
+    def _seed_range(self) -> str:
+        """ "98 to 278"; an end beyond the grid is named ("below the grid", "unbounded")."""
+        low, high = self.critical_batch_low, self.critical_batch_high
+        if low is None:  # no seed's own fit has B_crit inside or below the grid
+            return "above the grid"
+        if high == 0:
+            return "below the grid"
+        start = "below the grid" if low == 0 else f"{low:,.0f}"
+        return f"{start} to {'unbounded' if high is None else f'{high:,.0f}'}"
 
     def edge_rates(self) -> list[tuple[int, str]]:
         """(batch, "highest" or "lowest") where the best rate is at the edge of the rates tried:
