@@ -76,3 +76,26 @@ def test_a_best_rate_at_the_edge_of_the_rates_tried_is_marked(monkeypatch):
     marked = lines["best at the highest rate tried (a better one may lie beyond)"]
     assert list(marked.get_xdata()) == [16] and list(marked.get_ydata()) == [0.002]
     assert not any("lowest" in label for label in lines)
+
+
+def test_a_batch_that_never_reached_the_target_is_drawn_at_its_cap(monkeypatch):
+    figures = _captured(monkeypatch)
+    trials = [{"batch": 32, "cap_steps": 40}, {"batch": 32, "cap_steps": 25}]
+    trials += [{"batch": 8, "cap_steps": 300}]
+    sweep_steps_png({**DATA, "trials": trials})
+    axes = figures[0].axes[0]
+    lines = dict(zip(axes.get_legend_handles_labels()[1], axes.get_legend_handles_labels()[0]))
+    marked = lines["not reached within the step cap (left out of the fit)"]
+    assert list(marked.get_xdata()) == [32] and list(marked.get_ydata()) == [40]
+    figures[0].canvas.draw()
+    assert [t.get_text() for t in axes.get_xticklabels() if t.get_text()] == ["8", "16", "32"]
+
+
+def test_the_fit_and_noise_scale_read_as_in_the_table(monkeypatch):
+    figures = _captured(monkeypatch)
+    fit = {"min_steps": 9.19, "min_samples": 1312.4, "critical_batch": 142.8}
+    sweep_steps_png({**DATA, "fit": fit, "noise_scale": {"noise_scale_samples": 133.9}})
+    labels = figures[0].axes[0].get_legend_handles_labels()[1]
+    # the table says S_min 9.2, E_min 1,312 and noise scale 134; the chart said 1.31e+03, 133.9
+    assert "S_min + E_min/B (S_min 9.2, E_min 1,312)" in labels
+    assert "noise scale 134" in labels and "B_crit = 143" in labels

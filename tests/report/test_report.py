@@ -357,3 +357,25 @@ def test_the_throughput_caption_says_where_the_noise_scale_stopped_the_timing():
     html = render_report(Plan(**{**plan.to_dict(), "measurements": {
         **plan.measurements, "throughput": bounded}}))  # fmt: skip
     assert "Batches above 256 were not timed" in html and "four times" in html
+
+
+def test_the_sweep_caption_names_the_noise_scale_and_the_batches_that_missed():
+    from dataclasses import replace
+
+    from batchfit.sweep.result import BatchPoint
+    from batchfit.sweep.trial import TrialResult
+
+    sweep = make_sweep()
+    plain = render_report(make_plan(), sweep=sweep).split("<h2>Critical batch, measured</h2>")[1]
+    assert "noise scale" not in plain and "never reached" not in plain
+    missed = BatchPoint(128, None, None, None, None, 0.16, (0.08, 0.16, 0.32), 3)
+    trial = TrialResult(128, 0.16, 0, 30, 128, None, 30, 3840, 0.5, False, 4, 0.1)
+    both = replace(
+        sweep,
+        points=(*sweep.points, missed),
+        trials=(trial,),
+        noise_scale={"noise_scale_samples": 25.0},
+    )
+    section = render_report(make_plan(), sweep=both).split("<h2>Critical batch, measured</h2>")[1]
+    assert "the dotted line is the measured noise scale" in section
+    assert "batch 128 never reached the target (an open triangle at its step cap" in section

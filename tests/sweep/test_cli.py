@@ -61,3 +61,43 @@ def test_an_interrupted_sweep_says_how_to_continue(capsys, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert f"continue with: the same command; the trials finished in {out} are kept" in err
     assert err.rstrip().endswith("batchfit: interrupted")
+
+
+def test_max_epochs_reaches_the_config_and_is_checked(capsys, tmp_path, monkeypatch):
+    import batchfit.sweep.driver as driver
+
+    seen = {}
+
+    def capture(task, config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "run_sweep", capture)
+    argv = ["sweep", "--example", "digits", "--target", "val_accuracy>=0.9"]
+    argv += ["--out", str(tmp_path / "s")]
+    assert main([*argv, "--max-epochs", "3.5"]) == 130
+    assert seen["config"].max_epochs == 3.5
+    assert main([*argv, "--max-epochs", "0"]) == 2
+    assert "--max-epochs" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = ["sweep", "--example", "digits", "--target", "val_accuracy>=0.9", "--out"]
+    assert main([*argv, str(afile)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main([*argv, str(afile / "sweep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be made" in err
+
+
+def test_the_progress_note_shows_whole_entries_only():
+    from batchfit.cli.commands import _best_note
+
+    best = {b: (1000 // b, 0.001 * b**0.5) for b in (8, 16, 32, 64, 128, 256, 512, 1024)}
+    note = _best_note(best)
+    # the old note cut the text at 70 characters from the end: "best 4 at 0.004, B=64: ..."
+    assert note.startswith("best ... B=") and note.endswith("B=1024: 0 at 0.032")
+    assert len(note) <= len("best ... ") + 70
+    assert _best_note({8: (125, 0.0028)}) == "best B=8: 125 at 0.0028"

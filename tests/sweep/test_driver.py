@@ -65,11 +65,113 @@ def test_resume_skips_finished_trials(tmp_path):
     assert missing.exists()
 
 
+@pytest.mark.parametrize("damage", ["", '{"batch": 128}', "[1, 2]", '{"batch": 128, "lr": "x"'])
+def test_a_damaged_trial_file_runs_again_and_is_rewritten(tmp_path, damage):
+    run_sweep(DIGITS, _config(), out_dir=tmp_path)
+    damaged = sorted((tmp_path / "trials").glob("b128_*.json"))[0]
+    good = json.loads(damaged.read_text())
+    damaged.write_text(damage)
+    resumed = run_sweep(DIGITS, _config(), out_dir=tmp_path)
+    assert (resumed.trials_run, resumed.trials_resumed) == (1, 5)
+    assert {k: v for k, v in json.loads(damaged.read_text()).items() if k != "seconds"} == {
+        k: v for k, v in good.items() if k != "seconds"
+    }
+
+
+@pytest.mark.parametrize("damage", ["{", "[]"])
+def test_a_damaged_sweep_identity_names_the_file_and_the_fix(tmp_path, damage):
+    (tmp_path / "sweep.json").write_text(damage)
+    with pytest.raises(ConfigError, match=r"sweep.json' cannot be read .*delete it .*--out"):
+        run_sweep(DIGITS, _config(), out_dir=tmp_path)
+
+
+def test_a_sweep_folder_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        run_sweep(DIGITS, _config(), out_dir=tmp_path / "afile")
+
+
 def test_a_folder_of_another_sweep_is_refused(tmp_path):
     run_sweep(DIGITS, _config(batch_sizes=(512, 1024), widen=0), out_dir=tmp_path)
     other = SweepConfig("val_loss<=0.5", batch_sizes=(512, 1024), seeds=1, widen=0, workers=1)
     with pytest.raises(ConfigError, match="holds another sweep.*another --out"):
         run_sweep(DIGITS, other, out_dir=tmp_path)
+
+
+def test_another_task_of_the_same_name_is_refused_not_mixed(tmp_path):
+    # Two of the user's tasks both named "task" (the default), swept into the same folder (the
+    # CLI's default is sweep-task for both): the second used to resume the first one's trials.
+    import torch
+    from torch import nn
+
+    from tests.conftest import make_mlp_task
+
+    def wider() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+
+    config = SweepConfig("val_accuracy>=0.6", batch_sizes=(32, 64), seeds=1, widen=0, workers=1,
+                         noise_scale=False)  # fmt: skip
+    first = run_sweep(make_mlp_task(name="task"), config, out_dir=tmp_path)
+    assert first.trials_run == 6
+    with pytest.raises(ConfigError, match=r"holds another sweep \(parameters 195 -> 771\)"):
+        run_sweep(make_mlp_task(name="task", model=wider), config, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="train_samples 256 -> 192"):
+        run_sweep(make_mlp_task(192, name="task"), config, out_dir=tmp_path)
+    again = run_sweep(make_mlp_task(name="task"), config, out_dir=tmp_path)
+    assert (again.trials_run, again.trials_resumed) == (0, 6)
+
+
+def test_a_sweep_into_a_folder_leaves_the_callers_random_generators_alone(tmp_path):
+    import torch
+
+    from tests.conftest import make_mlp_task
+
+    def unseeded() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+    config = SweepConfig("val_accuracy>=0.3", batch_sizes=(64, 128), seeds=1, widen=0,
+                         workers=1, noise_scale=False)  # fmt: skip
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run_sweep(make_mlp_task(model=unseeded), config, out_dir=tmp_path)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_folder_written_without_the_sizes_still_resumes(tmp_path):
+    run_sweep(DIGITS, _config(batch_sizes=(512, 1024), widen=0), out_dir=tmp_path)
+    identity = tmp_path / "sweep.json"
+    saved = json.loads(identity.read_text())
+    old = {k: saved[k] for k in ("task", "target", "tolerance", "micro_batch")}
+    identity.write_text(json.dumps(old))
+    again = run_sweep(DIGITS, _config(batch_sizes=(512, 1024), widen=0), out_dir=tmp_path)
+    assert (again.trials_run, again.trials_resumed) == (0, 6)
+
+
+def test_numpy_and_list_batch_sizes_become_a_tuple_of_ints():
+    import numpy as np
+
+    config = _config(batch_sizes=[np.int64(64), 128])
+    assert config.batch_sizes == (64, 128)
+    assert all(type(size) is int for size in config.batch_sizes)
+
+
+def test_a_diverging_trial_is_a_result_and_the_sweep_goes_on(tmp_path):
+    # The loop raised TrainingDivergedError before the trial's callback saw the inf loss: one
+    # rate too high for its batch ended the whole sweep with a traceback.
+    from batchfit.sweep.target import parse_target
+    from tests.conftest import make_mlp_task
+
+    spec = TrialSpec(batch=32, lr=1e6, seed=0, cap_steps=50, micro_batch=32)
+    trial = run_trial(make_mlp_task(), spec, parse_target("val_accuracy>=0.9"))
+    assert trial.diverged and trial.steps is None and 0 < trial.steps_run < 50
+    assert trial.samples == 32 * trial.steps_run
+    config = SweepConfig("val_accuracy>=0.6", batch_sizes=(32, 64), seeds=1, widen=0, workers=1,
+                         noise_scale=False)  # fmt: skip
+    result = run_sweep(make_mlp_task(lr=2e5), config, out_dir=tmp_path)
+    assert result.trials_run == 6 and all(t.diverged for t in result.trials)
+    assert result.critical_batch is None and "two batch sizes" in result.fit_reason
 
 
 def test_accumulation_gives_the_same_steps():
@@ -90,6 +192,13 @@ def test_accumulation_gives_the_same_steps():
         ({"cap_factor": 0.5}, "cap_factor"),
         ({"batch_sizes": ()}, "empty"),
         ({"batch_sizes": (8, "x")}, "not a positive whole number"),
+        ({"batch_sizes": ("16", "32")}, "'16' in the grid is not a positive whole number"),
+        (
+            {"batch_sizes": "16,32"},
+            r"list or tuple of whole numbers, got '16,32'; e.g. batch_sizes=",
+        ),
+        ({"batch_sizes": 16}, "list or tuple of whole numbers, got 16"),
+        ({"batch_sizes": (16, 2.5)}, "2.5 in the grid is not a positive whole number"),
         ({"ray_address": "nowhere"}, "HOST:PORT"),
         ({"lr_rule": "cubic"}, "linear, sqrt, none"),
     ],
@@ -102,3 +211,29 @@ def test_bad_options_raise_with_the_fix(options, words):
 def test_a_grid_larger_than_the_data_is_refused():
     with pytest.raises(ConfigError, match="larger than the training data"):
         run_sweep(DIGITS, _config(batch_sizes=(64, 4096)))
+
+
+def test_the_seed_range_of_b_crit_names_an_end_beyond_the_grid():
+    # A seed whose steps do not fall with the batch has B_crit below the grid; it used to
+    # read as "unbounded" above, the wrong end.
+    from batchfit.sweep.driver import _fits, _Trials
+    from batchfit.sweep.fit import fit_steps
+    from batchfit.sweep.result import BatchPoint
+    from batchfit.sweep.trial import TrialResult
+
+    per_seed = {0: {64: 100, 128: 70, 256: 55}, 1: {64: 40, 128: 40, 256: 40}}
+    trials = _Trials()
+    for seed, steps in per_seed.items():
+        for batch, value in steps.items():
+            trials.add(
+                TrialResult(batch, 0.01, seed, 999, batch, value, value, 0, 0.9, False, 3, 0)
+            )
+    points = [
+        BatchPoint(b, (per_seed[0][b] + per_seed[1][b]) / 2, 40, per_seed[0][b], 0.01, 0.01,
+                   (0.01,), 2)
+        for b in (64, 128, 256)
+    ]  # fmt: skip
+    fit, reason, low, high = _fits(points, trials, (0, 1))
+    assert fit.critical_batch is not None and reason == ""
+    seed0 = fit_steps([64, 128, 256], [100, 70, 55]).critical_batch
+    assert low == 0.0 and high == pytest.approx(seed0)

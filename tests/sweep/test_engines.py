@@ -49,3 +49,92 @@ def test_no_ray_cluster_at_the_address_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(ray, "init", no_cluster)
     with pytest.raises(ConfigError, match=r"No Ray cluster at --ray-address auto .*ray start"):
         run_sweep(DIGITS, _config(ray_address="auto"))
+
+
+TASK_FILE = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from batchfit.task import Task
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _loss(model, batch):
+    inputs, labels = batch
+    return nn.functional.cross_entropy(model(inputs), labels)
+
+
+def task():
+    inputs = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    labels = (inputs[:, 0] > 0).long() + (inputs[:, 1] > 0).long()
+    return Task(model=_model, train_data=TensorDataset(inputs, labels), loss=_loss,
+                optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr), lr=0.1,
+                batch_size=32, name="file-task")
+"""
+
+
+def _file_task(tmp_path):
+    from batchfit.task import load_task
+
+    path = tmp_path / "my_task.py"
+    path.write_text(TASK_FILE)
+    return load_task(f"{path}:task")
+
+
+def test_the_code_of_a_task_file_loaded_by_path_is_shipped_by_value(tmp_path):
+    from batchfit.sweep.engines import _unimportable_modules
+    from tests.conftest import make_mlp_task
+
+    loaded = _file_task(tmp_path)
+    modules = _unimportable_modules(loaded)
+    assert [module.__file__ for module in modules] == [str(tmp_path / "my_task.py")]
+    assert _unimportable_modules(make_mlp_task()) == []  # tests.conftest imports by name
+
+
+@pytest.mark.integration
+def test_ray_runs_a_task_object_loaded_from_a_file(tmp_path):
+    # Ray pickled the Task's functions by reference to the file's made-up module name, which
+    # no worker can import: every trial failed with ModuleNotFoundError.
+    ray = pytest.importorskip("ray", reason="Ray is optional: pip install batchfit[ray]")
+    task = _file_task(tmp_path)
+    config = SweepConfig("train_loss<=0.9", batch_sizes=(32, 64), seeds=1, widen=0,
+                         noise_scale=False)  # fmt: skip
+    local = run_sweep(task, SweepConfig(**{**config.to_dict(), "workers": 1}))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = run_sweep(task, SweepConfig(**{**config.to_dict(), "ray_address": "auto"}))
+    finally:
+        ray.shutdown()
+    assert _steps(on_ray) == _steps(local) and on_ray.trials_run == 6
+    assert not ray.cloudpickle.list_registry_pickle_by_value()  # nothing left registered
+
+
+@pytest.mark.integration
+def test_worker_processes_take_a_task_object_with_lambdas():
+    # The Task was pickled with each trial even under fork: its lambda optimizer failed with
+    # "Can't pickle local object".
+    from tests.conftest import make_mlp_task
+
+    config = dict(batch_sizes=(32, 64), seeds=1, widen=0, noise_scale=False)
+    local = run_sweep(make_mlp_task(), SweepConfig("val_accuracy>=0.6", workers=1, **config))
+    pooled = run_sweep(make_mlp_task(), SweepConfig("val_accuracy>=0.6", workers=2, **config))
+    assert _steps(pooled) == _steps(local) and pooled.trials_run == 6
+
+
+@pytest.mark.integration
+def test_a_ray_the_sweep_started_is_shut_down_and_one_it_found_is_left_running():
+    ray = pytest.importorskip("ray", reason="Ray is optional: pip install batchfit[ray]")
+    result = run_sweep(DIGITS, _config(ray_address="local"))
+    assert result.trials_run == 6
+    assert not ray.is_initialized()  # the sweep's own Ray: shut down, not left holding cores
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_sweep(DIGITS, _config(ray_address="auto"))
+        assert ray.is_initialized()  # the caller's Ray: left as it was
+    finally:
+        ray.shutdown()

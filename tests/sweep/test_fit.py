@@ -47,6 +47,11 @@ def test_rate_exponent_linear_and_sqrt():
     assert rate_exponent([16, 64], [0.1, None]) is None
 
 
+def test_an_equal_best_rate_at_every_batch_is_exponent_plus_zero():
+    exponent = rate_exponent([64, 128, 256], [0.1, 0.1, 0.1])
+    assert exponent == 0.0 and f"{exponent:.2f}" == "0.00"
+
+
 def _sweep_result(points, fit):
     from batchfit.sweep.result import SweepResult
 
@@ -86,3 +91,89 @@ def test_a_best_rate_on_the_grids_edge_and_a_critical_batch_at_its_end_are_calle
     )
     assert inside.edge_rates() == [] and inside.critical_batch < 256
     assert "--widen" not in inside.describe() and "samples are wasted" in inside.describe()
+
+
+@pytest.mark.parametrize("steps", [[1, 1], [1, 1, 1], [7, 7]])
+def test_equal_steps_at_every_batch_have_no_critical_batch_whatever_the_rounding(steps):
+    # Equal steps give E_min of +-1e-14 from the solve; a positive one used to report B_crit ~ 0.
+    fit = fit_steps([256, 512, 1024][: len(steps)], steps)
+    assert fit.min_samples == 0.0 and fit.min_steps == pytest.approx(steps[0])
+    assert fit.critical_batch is None and "smaller batches" in fit.reason
+
+
+def test_steps_exactly_as_one_over_b_have_no_plateau():
+    fit = fit_steps([8, 16, 32], [1000 / 8, 1000 / 16, 1000 / 32])
+    assert fit.min_steps == 0.0 and fit.critical_batch is None and "larger batches" in fit.reason
+
+
+def _trial(batch, steps, cap):
+    from batchfit.sweep.trial import TrialResult
+
+    return TrialResult(
+        batch=batch, lr=0.01, seed=0, cap_steps=cap, micro_batch=batch, steps=steps,
+        steps_run=steps if steps is not None else cap, samples=0, metric=0.5, diverged=False,
+        evaluations=3, seconds=0.0,
+    )  # fmt: skip
+
+
+def test_a_batch_that_never_reached_the_target_is_named_with_its_cap():
+    from dataclasses import replace
+
+    from batchfit.sweep.result import BatchPoint
+
+    points = [
+        BatchPoint(b, s, int(s), int(s), 0.02, 0.01, (0.005, 0.01, 0.02, 0.04), 4)
+        for b, s in ((64, 100.0), (128, 70.0), (256, 55.0))
+    ] + [BatchPoint(1024, None, None, None, None, 0.02, (0.01, 0.02, 0.04), 3)]
+    fit = fit_steps([64, 128, 256], [100.0, 70.0, 55.0])
+    trials = (_trial(256, 55, 280), _trial(1024, None, 5), _trial(1024, None, 3))
+    result = replace(_sweep_result(points, fit), trials=trials)
+    assert result.missed() == [(1024, 5)]
+    meaning = result.describe()
+    assert "At batch 1024 (within 5 steps) no rate reached val_accuracy>=0.9" in meaning
+    assert "leaves it out" in meaning and "--max-epochs" in meaning
+    assert "--max-epochs" not in _sweep_result(points[:3], fit).describe()
+
+
+def test_a_target_met_at_the_first_evaluation_says_to_give_a_harder_one():
+    from batchfit.sweep.result import BatchPoint
+
+    points = [BatchPoint(b, 1.0, 1, 1, 0.01, 0.01, (0.005, 0.01, 0.02), 3) for b in (256, 512)]
+    result = _sweep_result(points, fit_steps([256, 512], [1.0, 1.0]))
+    meaning = result.describe()
+    assert result.critical_batch is None
+    assert "first evaluation" in meaning and "harder target" in meaning
+
+
+def test_a_critical_batch_below_the_grid_is_called_extrapolated():
+    from batchfit.sweep.result import BatchPoint
+
+    steps = {16: 15.0, 64: 15.0, 256: 11.0}  # a tiny GPT-2's sweep: B_crit 5
+    points = [BatchPoint(b, s, int(s), int(s), 0.01, 0.01, (0.005, 0.01, 0.02), 3) for b, s in
+              steps.items()]  # fmt: skip
+    result = _sweep_result(points, fit_steps(list(steps), list(steps.values())))
+    assert result.critical_batch < 16
+    meaning = result.describe()
+    assert "below the smallest batch measured (16)" in meaning and "smaller batches" in meaning
+    assert "samples are wasted" not in meaning
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "text"),
+    [(98.0, 278.0, "98 to 278"), (98.0, None, "98 to unbounded"),
+     (0.0, 278.0, "below the grid to 278"), (0.0, 0.0, "below the grid"),
+     (None, None, "above the grid")],
+)  # fmt: skip
+def test_the_seed_range_row_names_an_end_beyond_the_grid(low, high, text):
+    from dataclasses import replace
+
+    from batchfit.sweep.result import BatchPoint
+
+    points = [BatchPoint(b, s, int(s), int(s), 0.01, 0.01, (0.005, 0.01, 0.02), 3)
+              for b, s in ((64, 100.0), (128, 70.0), (256, 55.0))]  # fmt: skip
+    result = replace(
+        _sweep_result(points, fit_steps([64, 128, 256], [100.0, 70.0, 55.0])),
+        critical_batch_low=low,
+        critical_batch_high=high,
+    )
+    assert dict(result.summary_rows())["B_crit over seeds"] == text

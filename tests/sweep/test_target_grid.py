@@ -32,6 +32,8 @@ def test_parse_target(text, expected):
         ("val_accuracy>=high", "is not a number"),
         ("val_accuracy>=nan", "finite"),
         ("", "METRIC>=VALUE"),
+        (0.96, "must be text"),
+        (None, "must be text"),
     ],
 )
 def test_bad_targets_name_the_form(text, words):

@@ -256,7 +256,7 @@ def sweep(args: argparse.Namespace) -> int:
 
     options = given(
         args, seeds="seeds", widen="widen", cap_factor="cap_factor", micro_batch="micro_batch",
-        workers="workers", ray_address="ray_address",
+        workers="workers", ray_address="ray_address", max_epochs="max_epochs",
     )  # fmt: skip
     batch_sizes = tuple(args.batch_sizes) if args.batch_sizes else None
     config = SweepConfig(
@@ -270,6 +270,8 @@ def sweep(args: argparse.Namespace) -> int:
     # Worker processes load the task by name: pass the spec, not the loaded Task.
     task = f"batchfit.examples.{args.example}:task" if args.example else args.task
     out = args.out or f"sweep-{args.example or 'task'}"
+    # A folder with trials in it is a sweep to resume: only whether it can be written is checked.
+    check_output_folder(out, "--out", force=False, keep=True)
     best: dict[int, tuple[int, float]] = {}
     with StepBar("trials") as bar:
 
@@ -278,8 +280,7 @@ def sweep(args: argparse.Namespace) -> int:
                 best[trial.batch] = (trial.steps, trial.lr)
 
         def progress(phase: str, done: int, total: int | None) -> None:
-            shown = ", ".join(f"B={b}: {s} at {lr:.3g}" for b, (s, lr) in sorted(best.items()))
-            bar.update(done, total, f"best {shown[-70:]}" if phase == "trials" else phase)
+            bar.update(done, total, _best_note(best) if phase == "trials" else phase)
 
         try:
             result = run_sweep(
@@ -313,6 +314,22 @@ def sweep(args: argparse.Namespace) -> int:
         markup=False,
     )
     return 0
+
+
+def _best_note(best: dict[int, tuple[int, float]], *, width: int = 70) -> str:
+    """ "best B=64: 12 at 0.004, ..." for the progress bar: the fewest steps so far per batch,
+    whole entries only (the largest batches when they do not all fit in `width` characters).
+
+    Example:
+        >>> _best_note({64: (30, 0.002), 8: (200, 0.001), 256: (12, 0.004)}, width=40)
+        'best ... B=64: 30 at 0.002, B=256: 12 at 0.004'
+    """
+    entries = [f"B={b}: {steps} at {lr:.3g}" for b, (steps, lr) in sorted(best.items())]
+    dropped = False
+    while len(entries) > 1 and len(", ".join(entries)) > width:
+        entries.pop(0)
+        dropped = True
+    return "best " + ("... " if dropped else "") + ", ".join(entries)
 
 
 def case(args: argparse.Namespace) -> int:

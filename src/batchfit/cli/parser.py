@@ -466,6 +466,10 @@ def _add_sweep(command) -> None:
         sweep, "--cap-factor", "stop a trial at this x the best steps (default 2)", minimum=1,
         maximum=1000,
     )  # fmt: skip
+    add_number(
+        sweep, "--max-epochs", "passes over the data a trial may take before any rate at its "
+        "batch has reached the target (default 20)", minimum=0, open_minimum=True, maximum=1e6,
+    )  # fmt: skip
     add_batch(sweep, "--micro-batch", "accumulate above this (default: never)")
     add_number(
         sweep, "--workers", "local processes (default: the cores)", kind=int, minimum=1,

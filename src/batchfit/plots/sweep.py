@@ -20,10 +20,12 @@ FIT_POINTS = 100  # points along the drawn fit curve
 
 def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
     """PNG bytes of steps to target against global batch (log-log), with the fitted
-    S = S_min + E_min/B, B_crit and the noise scale marked.
+    S = S_min + E_min/B, B_crit and the noise scale marked; a batch that never reached the
+    target is an open triangle at its step cap (from `trials`).
 
     Draws the shape of `SweepResult.to_dict()`: `points` (batch, steps, steps_low, steps_high),
-    `fit` (min_steps, min_samples, critical_batch) or None, `noise_scale` or None, `target`.
+    `fit` (min_steps, min_samples, critical_batch) or None, `noise_scale` or None, `target`,
+    `trials` (batch, cap_steps; optional).
 
     Example:
         >>> sweep_steps_png({"target": "val_loss<=0.5", "points": [
@@ -55,7 +57,10 @@ def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
             grid[shown],
             curve[shown],
             color="black",
-            label=f"S_min + E_min/B (S_min {fit['min_steps']:.3g}, E_min {fit['min_samples']:.3g})",
+            # as the read-out's table writes them: "S_min 9.2, E_min 1,312", not "1.31e+03"
+            label=(
+                f"S_min + E_min/B (S_min {fit['min_steps']:.1f}, E_min {fit['min_samples']:,.0f})"
+            ),
         )
         if fit.get("critical_batch"):
             axes.axvline(
@@ -66,9 +71,21 @@ def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
             )
     noise = (data.get("noise_scale") or {}).get("noise_scale_samples")
     if noise:
-        axes.axvline(noise, color="tab:green", linestyle=":", label=f"noise scale {noise:.4g}")
-    if points:
-        _log_axes(axes, batches)
+        axes.axvline(noise, color="tab:green", linestyle=":", label=f"noise scale {noise:,.0f}")
+    missed = _missed(data)
+    if missed:  # drawn at their step cap, pointing up: the target lies beyond it
+        axes.plot(
+            [batch for batch, _ in missed],
+            [cap for _, cap in missed],
+            "^",
+            markersize=10,
+            markerfacecolor="none",
+            color="tab:red",
+            label="not reached within the step cap (left out of the fit)",
+        )
+    shown_batches = [p["batch"] for p in points] + [batch for batch, _ in missed]
+    if shown_batches:
+        _log_axes(axes, shown_batches)
     axes.set_title(f"Steps to {data.get('target', 'target')}")
     axes.set_xlabel("global batch (samples)")
     axes.set_ylabel("optimizer steps")
@@ -123,6 +140,19 @@ def sweep_rates_png(data: Mapping[str, Any]) -> bytes:
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="best")
     return png_bytes(figure)
+
+
+def _missed(data: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(batch, largest step cap of its trials) for each batch that did not reach the target and
+    has trials in `data["trials"]`."""
+    caps: dict[int, int] = {}
+    for trial in data.get("trials") or []:
+        caps[trial["batch"]] = max(caps.get(trial["batch"], 0), trial["cap_steps"])
+    return [
+        (p["batch"], caps[p["batch"]])
+        for p in data.get("points") or []
+        if p.get("steps") is None and p["batch"] in caps
+    ]
 
 
 def _log_axes(axes: Any, batches: list[int]) -> None:

@@ -251,17 +251,33 @@ def _sweep_section(sweep: SweepResult) -> str:
     return (
         "<h2>Critical batch, measured</h2>"
         f"<p>{escape(sweep.describe())}</p><ul>{rows}</ul>"
-        + _figure(
-            sweep_steps_png(data),
-            f"Steps to reach {sweep.target} against the global batch (log axes), with the fit "
-            "S = S_min + E_min/B and the critical batch B_crit = E_min/S_min.",
-        )
+        + _figure(sweep_steps_png(data), _sweep_steps_caption(sweep))
         + _figure(
             sweep_rates_png(data),
             "The best learning rate at each global batch, with the rule-scaled rate the plan "
             "would use.",
         )
     )
+
+
+def _sweep_steps_caption(sweep: SweepResult) -> str:
+    """The steps figure's caption, naming only what it draws."""
+    caption = (
+        f"Steps to reach {sweep.target} against the global batch (log axes), seed range as bars"
+    )
+    if sweep.fit is not None:
+        caption += ", with the fit S = S_min + E_min/B"
+        if sweep.critical_batch is not None:
+            caption += " and the critical batch B_crit = E_min/S_min"
+    if (sweep.noise_scale or {}).get("noise_scale_samples"):
+        caption += "; the dotted line is the measured noise scale"
+    missed = [str(batch) for batch, _ in sweep.missed()]
+    if missed:
+        caption += (
+            f"; batch {', '.join(missed)} never reached the target (an open triangle at its "
+            "step cap, left out of the fit)"
+        )
+    return caption + "."
 
 
 def _memory_caption(data: dict) -> str:

@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from numbers import Integral
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
@@ -65,14 +66,23 @@ class SweepConfig:
     def __post_init__(self) -> None:
         parse_target(self.target)
         if self.batch_sizes is not None:
+            if isinstance(self.batch_sizes, (str, bytes)) or not isinstance(
+                self.batch_sizes, Sequence
+            ):
+                raise ConfigError(
+                    f"batch_sizes must be a list or tuple of whole numbers, got "
+                    f"{self.batch_sizes!r}; e.g. batch_sizes=(16, 32, 64)."
+                )
             if not self.batch_sizes:
                 raise ConfigError("The batch grid is empty; give at least one size, e.g. 16,32.")
             for size in self.batch_sizes:
-                if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
                     raise ConfigError(
                         f"Batch size {size!r} in the grid is not a positive whole number; "
                         "e.g. 16,32,64."
                     )
+            # NumPy integers and lists are fine: stored as a tuple of ints (JSON, hashing).
+            object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
         check_whole_number("seeds", self.seeds)
         check_whole_number("widen", self.widen, minimum=0)
         if check_positive_number("cap_factor", self.cap_factor) < 1:
@@ -181,7 +191,7 @@ def run_sweep(
         ([64, 128], 6)
     """
     from batchfit.lr.scaling import default_rule, scaled_rate
-    from batchfit.sweep.engines import default_workers, run_trials
+    from batchfit.sweep.engines import default_workers, ray_session, run_trials
     from batchfit.sweep.store import SweepStore
     from batchfit.task import Task, load_task
 
@@ -208,6 +218,11 @@ def run_sweep(
             "target": str(target),
             "tolerance": config.tolerance,
             "micro_batch": config.micro_batch,
+            # Task names default to "task" (and the CLI's folder to sweep-task): the data and
+            # model sizes tell another task of the same name from this one.
+            "train_samples": size,
+            "val_samples": len(task.val_data) if task.val_data is not None else 0,
+            "parameters": _parameter_count(task),
         }
         store = SweepStore(out_dir, identity)
 
@@ -261,19 +276,21 @@ def run_sweep(
             on_trial(result)
         report(progress, "trials", counts["done"], counts["total"])
 
-    run_wave([(b, starting_rates(centers[b])[0]) for b in batches])
-    run_wave([(b, lr) for b in batches for lr in starting_rates(centers[b])[1:]])
-    while True:
-        wave = []
-        for batch in batches:
-            lr = next_rate(
-                trials.mean_steps(batch, seeds), center=centers[batch], widen=config.widen
-            )
-            if lr is not None and rate_key(lr) not in {rate_key(r) for r in tried[batch]}:
-                wave.append((batch, lr))
-        if not wave:
-            break
-        run_wave(wave)
+    # One Ray connection for every wave; a Ray this sweep started is shut down at its end.
+    with ray_session(config.ray_address):
+        run_wave([(b, starting_rates(centers[b])[0]) for b in batches])
+        run_wave([(b, lr) for b in batches for lr in starting_rates(centers[b])[1:]])
+        while True:
+            wave = []
+            for batch in batches:
+                lr = next_rate(
+                    trials.mean_steps(batch, seeds), center=centers[batch], widen=config.widen
+                )
+                if lr is not None and rate_key(lr) not in {rate_key(r) for r in tried[batch]}:
+                    wave.append((batch, lr))
+            if not wave:
+                break
+            run_wave(wave)
 
     points = tuple(_point(b, trials, seeds, centers[b], tried[b]) for b in batches)
     fit, fit_reason, low, high = _fits(points, trials, seeds)
@@ -310,6 +327,15 @@ def run_sweep(
     return result
 
 
+def _parameter_count(task: Task) -> int:
+    """The parameters of a fresh model; the caller's random generators are left as they were
+    (building a model draws its initial weights from them)."""
+    from batchfit.snapshot import preserved_rng
+
+    with preserved_rng():
+        return sum(parameter.numel() for parameter in task.make_model().parameters())
+
+
 def _point(batch, trials: _Trials, seeds, center: float, tried: list[float]) -> BatchPoint:
     means = trials.mean_steps(batch, seeds)
     finite = {lr: steps for lr, steps in means.items() if math.isfinite(steps)}
@@ -342,10 +368,14 @@ def _fits(points, trials: _Trials, seeds):
     per_seed = []
     for seed in seeds:
         steps = [trials.by_batch[p.batch][rate_key(p.best_lr)][seed].steps for p in reached]
-        per_seed.append(fit_steps([p.batch for p in reached], steps).critical_batch)
-    finite = [value for value in per_seed if value is not None]
-    low = min(finite) if finite else None
-    high = None if None in per_seed else max(per_seed)
+        per_seed.append(fit_steps([p.batch for p in reached], steps))
+    finite = [f.critical_batch for f in per_seed if f.critical_batch is not None]
+    # A seed without a plateau has B_crit above the grid (no upper end); one whose steps did not
+    # fall with the batch has it below the grid (a lower end of 0).
+    above = any(f.critical_batch is None and f.min_steps <= 0 for f in per_seed)
+    below = any(f.critical_batch is None and f.min_steps > 0 for f in per_seed)
+    low = 0.0 if below else (min(finite) if finite else None)
+    high = None if above else (max(finite) if finite else 0.0)
     return fit, "", low, high
 
 

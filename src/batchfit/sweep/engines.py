@@ -4,18 +4,23 @@ Both engines take the task as a spec string ("package.module:function" or
 "path/to/file.py:function", loaded once per worker) or as a `Task` object. Local workers are
 processes, each training single-threaded (`torch.set_num_threads(1)`), so N workers use N cores
 without fighting over them; a spec string starts them with "spawn", a Task object is handed over
-by "fork" (POSIX only). Ray runs each trial as a task with one CPU (Ray pickles a Task object with
-cloudpickle). Results come back as trials finish; which trials run is decided by the driver
-between waves, so the results do not depend on the engine or on the number of workers.
+once by "fork" (POSIX only; never pickled, so lambdas in it are fine). Ray runs each trial as a
+task with one CPU (Ray pickles a Task object with cloudpickle, the code of a task file loaded by
+path by value). `ray_session` connects once for a whole sweep and shuts down a Ray it started.
+Results come back as trials finish; which trials run is decided by the driver between waves, so
+the results do not depend on the engine or on the number of workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError, MissingDependencyError
@@ -25,7 +30,7 @@ from batchfit.sweep.trial import TrialResult, TrialSpec, run_trial
 if TYPE_CHECKING:
     from batchfit.task import Task
 
-__all__ = ["check_ray_address", "default_workers", "run_trials"]
+__all__ = ["check_ray_address", "default_workers", "ray_session", "run_trials"]
 
 _ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:(\d{1,5})$")
 
@@ -67,12 +72,24 @@ def _load_source(source: str) -> Task:
     return load_task(source)
 
 
-def _resolve(source: str | Task) -> Task:
+_FORKED: list[Task] = []
+"""In a forked worker process only: the Task it inherited from `_keep_forked_task`."""
+
+
+def _keep_forked_task(task: Task) -> None:
+    # The pool's initializer: under "fork" its arguments are inherited, never pickled, so a Task
+    # holding lambdas or local functions (which pickle cannot send) reaches the worker.
+    _FORKED[:] = [task]
+
+
+def _resolve(source: str | Task | None) -> Task:
+    if source is None:
+        return _FORKED[0]
     return _load_source(source) if isinstance(source, str) else source
 
 
 def _trial_in_worker(
-    source: str | Task, spec: TrialSpec, target: Target, tolerance: float
+    source: str | Task | None, spec: TrialSpec, target: Target, tolerance: float
 ) -> TrialResult:
     import torch
 
@@ -120,9 +137,15 @@ def run_trials(
 def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[TrialResult]:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    method = "spawn" if isinstance(source, str) else "fork"
-    context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=context) as pool:
+    options: dict[str, Any] = {"max_workers": min(workers, len(specs))}
+    if isinstance(source, str):
+        options["mp_context"] = multiprocessing.get_context("spawn")
+    else:
+        # Each call's arguments are pickled even under fork: hand the Task over once, by fork.
+        options["mp_context"] = multiprocessing.get_context("fork")
+        options |= {"initializer": _keep_forked_task, "initargs": (source,)}
+        source = None
+    with ProcessPoolExecutor(**options) as pool:
         pending = {pool.submit(_trial_in_worker, source, spec, target, tolerance) for spec in specs}
         try:
             while pending:
@@ -134,13 +157,40 @@ def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[Tri
                 future.cancel()
 
 
-def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResult]:
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connect to Ray at `address` for the block, and disconnect at its end (also on an error
+    or Ctrl-C) when this block connected; a Ray already started in this process is used and
+    left running. None: nothing to do.
+
+    Raises:
+        MissingDependencyError: Ray is not installed.
+        ConfigError: no Ray cluster answers at `address`.
+    """
+    if address is None:
+        yield
+        return
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    _connect(ray, address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
         raise MissingDependencyError(
             "Optional dependency 'ray' is needed for --ray-address: pip install batchfit[ray]."
         ) from None
+    return ray
+
+
+def _connect(ray: Any, address: str) -> None:
     check_ray_address(address)
     if not ray.is_initialized():
         try:
@@ -151,8 +201,22 @@ def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResu
                 f"No Ray cluster at --ray-address {address} ({first}); start one with "
                 "`ray start --head`, or give --ray-address local to start one for this sweep."
             ) from None
+
+
+def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResult]:
+    ray = _import_ray()
+    _connect(ray, address)
     remote = ray.remote(num_cpus=1)(_trial_in_worker)
-    pending: list[Any] = [remote.remote(source, spec, target, tolerance) for spec in specs]
+    shipped = _unimportable_modules(source) if not isinstance(source, str) else []
+    pending: list[Any] = []
+    try:
+        for module in shipped:
+            ray.cloudpickle.register_pickle_by_value(module)
+        # Ray pickles the arguments here, at submission.
+        pending = [remote.remote(source, spec, target, tolerance) for spec in specs]
+    finally:
+        for module in shipped:
+            ray.cloudpickle.unregister_pickle_by_value(module)
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -161,3 +225,21 @@ def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResu
     finally:
         for ref in pending:
             ray.cancel(ref)
+
+
+def _unimportable_modules(task: Task) -> list[ModuleType]:
+    """The modules of the task's functions, classes and objects that a Ray worker could not
+    import by name: a task file loaded by path (`load_task("path/to/file.py:task")`) is in
+    `sys.modules` under a made-up name, so its functions are shipped by value instead."""
+    from dataclasses import fields
+    from importlib.machinery import PathFinder
+
+    found: dict[str, ModuleType] = {}
+    for field in fields(task):
+        name = getattr(getattr(task, field.name), "__module__", None)
+        module = sys.modules.get(name) if isinstance(name, str) else None
+        if module is None or name == "__main__" or name in sys.builtin_module_names:
+            continue  # cloudpickle ships __main__'s code by value itself
+        if PathFinder.find_spec(name.partition(".")[0]) is None:
+            found[name] = module
+    return list(found.values())

@@ -21,6 +21,11 @@ from batchfit.errors import ConfigError
 
 __all__ = ["StepsFit", "fit_steps", "rate_exponent"]
 
+NEGLIGIBLE = 1e-9
+"""A fitted term adding less than this fraction of the largest measured steps at every batch is
+rounding error of the least-squares solve, taken as 0 (equal steps at every batch give E_min of
+about +-1e-14, whose sign must not decide between "B_crit of 0" and "no 1/B part")."""
+
 
 @dataclass(frozen=True)
 class StepsFit:
@@ -84,6 +89,11 @@ def fit_steps(batches: Sequence[float], steps: Sequence[float]) -> StepsFit:
     design = np.stack([np.ones_like(inverse), inverse], axis=1) / measured[:, None]
     solution, *_ = np.linalg.lstsq(design, np.ones_like(measured), rcond=None)
     min_steps, min_samples = (float(value) for value in solution)
+    largest = float(measured.max())
+    if abs(min_steps) <= NEGLIGIBLE * largest:
+        min_steps = 0.0
+    if abs(min_samples) * float(inverse.max()) <= NEGLIGIBLE * largest:
+        min_samples = 0.0
     critical, reason = None, ""
     if min_steps <= 0:
         reason = (
@@ -120,4 +130,5 @@ def rate_exponent(batches: Sequence[float], rates: Sequence[float | None]) -> fl
         return None
     x = np.log([b for b, _ in pairs])
     y = np.log([r for _, r in pairs])
-    return float(round(np.polyfit(x, y, 1)[0], 12))
+    # + 0.0 turns the -0.0 of an equal best rate at every batch into 0.0 ("B^-0.00" misleads).
+    return float(round(np.polyfit(x, y, 1)[0], 12)) + 0.0

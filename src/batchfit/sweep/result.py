@@ -71,7 +71,8 @@ class SweepResult:
         fit: S = S_min + E_min / B over the points (None with fewer than two).
         fit_reason: why there is no fit or no B_crit, else empty.
         critical_batch_low, critical_batch_high: the range of B_crit over per-seed fits
-            (each seed's steps at each batch's best rate); high None when a seed showed no plateau.
+            (each seed's steps at each batch's best rate); high None when a seed showed no plateau
+            (B_crit above the grid), low 0 when a seed's steps did not fall with the batch.
         lr_exponent: slope of log(best rate) against log(batch).
         lr_rule: the scaling rule the grids were centred with.
         noise_scale: `NoiseScaleResult.to_dict()` of `measure_noise_scale` on the same task, or
@@ -145,15 +146,7 @@ class SweepResult:
         crit = self.critical_batch
         rows.append(("B_crit = E_min/S_min", f"{crit:,.0f}" if crit is not None else "-"))
         if crit is not None:
-            low, high = self.critical_batch_low, self.critical_batch_high
-            rows.append(
-                (
-                    "B_crit over seeds",
-                    f"{low:,.0f} to {'unbounded' if high is None else f'{high:,.0f}'}"
-                    if low is not None
-                    else "-",
-                )
-            )
+            rows.append(("B_crit over seeds", self._seed_range()))
         if self.noise_scale is not None:
             noise = self.noise_scale
             value = noise.get("noise_scale_samples")
@@ -170,16 +163,56 @@ class SweepResult:
         rows.append(("time", f"{self.seconds:.1f} s"))
         return rows
 
+    def _seed_range(self) -> str:
+        """ "98 to 278"; an end beyond the grid is named ("below the grid", "unbounded")."""
+        low, high = self.critical_batch_low, self.critical_batch_high
+        if low is None:  # no seed's own fit has B_crit inside or below the grid
+            return "above the grid"
+        if high == 0:
+            return "below the grid"
+        start = "below the grid" if low == 0 else f"{low:,.0f}"
+        return f"{start} to {'unbounded' if high is None else f'{high:,.0f}'}"
+
     def edge_rates(self) -> list[tuple[int, str]]:
         """(batch, "highest" or "lowest") where the best rate is at the edge of the rates tried:
         the true best may lie beyond, so that batch's steps are an upper bound."""
         edges = [(point.batch, rate_edge(point.best_lr, point.rates)) for point in self.points]
         return [(batch, edge) for batch, edge in edges if edge is not None]
 
+    def missed(self) -> list[tuple[int, int | None]]:
+        """(batch, the largest step cap of its trials, None when unknown) for each batch at which
+        no rate reached the target with every seed: those batches are left out of the fit."""
+        caps: dict[int, int] = {}
+        for trial in self.trials:
+            caps[trial.batch] = max(caps.get(trial.batch, 0), trial.cap_steps)
+        return [(p.batch, caps.get(p.batch)) for p in self.points if p.steps is None]
+
+    def _missed_text(self) -> str:
+        missed = self.missed()
+        if not missed:
+            return ""
+        shown = ", ".join(
+            f"{batch}" + (f" (within {cap} steps)" if cap is not None else "")
+            for batch, cap in missed
+        )
+        return (
+            f" At batch {shown} no rate reached {self.target} with every seed, so the fit leaves "
+            "it out; raise --max-epochs (the passes over the data a trial may take before any "
+            "rate has reached the target) or ease the target to measure it."
+        )
+
     def describe(self) -> str:
         """What the sweep means, in a sentence or two."""
         crit = self.critical_batch
         edges = self.edge_rates()
+        reached = [point.steps for point in self.points if point.steps is not None]
+        if reached and max(reached) <= 1:
+            # The first evaluation is after step 1: a target met there measures nothing.
+            return (
+                f"No critical batch: {self.target} was reached at the first evaluation (step 1) "
+                "at every batch, so steps cannot fall with the batch; give a harder target."
+                + self._missed_text()
+            )
         edge_text = ""
         if edges:
             shown = ", ".join(f"{batch} ({side})" for batch, side in edges)
@@ -188,14 +221,24 @@ class SweepResult:
                 "one may lie beyond, so those steps are upper bounds and the fit and the rate "
                 "exponent rest on them; raise --widen."
             )
+        edge_text += self._missed_text()
         if crit is None:
             return f"No critical batch: {self.fit_reason}{edge_text}"
-        largest = max(point.batch for point in self.points)
+        # The batches that reached the target: the fit rests on them alone.
+        measured = [point.batch for point in self.points if point.steps is not None]
+        largest, smallest = max(measured), min(measured)
         if crit >= largest:
             text = (
                 f"Critical batch about {crit:,.0f} samples (E_min/S_min), at or beyond the largest "
                 f"batch measured ({largest}): doubling the batch still nearly halved the steps "
                 f"to {self.target} there; measure larger batches to place it."
+            )
+        elif crit < smallest:
+            text = (
+                f"Critical batch about {crit:,.0f} samples (E_min/S_min), below the smallest batch "
+                f"measured ({smallest}): doubling the batch already saved few steps to "
+                f"{self.target} there, so the value is extrapolated; measure smaller batches to "
+                "place it."
             )
         else:
             text = (

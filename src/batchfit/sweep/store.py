@@ -1,9 +1,10 @@
 """The sweep folder: one JSON file per finished trial, written atomically, so a sweep resumes.
 
-Layout: `sweep.json` (what the sweep measures: task, target, tolerance, micro-batch), one
+Layout: `sweep.json` (what the sweep measures: task name, target, tolerance, micro-batch, the
+sizes of the data and the model's parameter count), one
 `trials/b<batch>_lr<rate>_s<seed>.json` per finished trial, and `trials.csv` / `result.json`
-when the sweep ends. A folder that holds another sweep (other task, target or tolerance) is
-refused rather than mixed.
+when the sweep ends. A folder that holds another sweep (other task, data, model size, target or
+tolerance) is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +29,8 @@ IDENTITY_NAME = "sweep.json"
 TRIALS_FOLDER = "trials"
 CSV_NAME = "trials.csv"
 
+logger = logging.getLogger(__name__)
+
 
 class SweepStore:
     """Finished trials of one sweep on disk.
@@ -36,15 +40,28 @@ class SweepStore:
         identity: what the sweep measures; a folder written with another identity is refused.
 
     Raises:
-        ConfigError: the folder holds a sweep with another identity.
+        ConfigError: the folder holds a sweep with another identity, or is a file.
     """
 
     def __init__(self, folder: str | os.PathLike, identity: dict[str, Any]) -> None:
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(
+                f"The sweep folder {str(self.folder)!r} is a file, not a folder; give a folder."
+            )
         path = self.folder / IDENTITY_NAME
         if path.exists():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            changed = sorted(key for key in identity if saved.get(key) != identity[key])
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(saved, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as error:
+                raise ConfigError(
+                    f"{str(path)!r} cannot be read ({error}); delete it to resume the trials in "
+                    f"{str(self.folder)!r} with this sweep's options, or give another --out folder."
+                ) from None
+            # A key the folder lacks was not recorded by the batchfit that wrote it: not compared.
+            changed = sorted(k for k in identity if k in saved and saved[k] != identity[k])
             if changed:
                 details = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in changed)
                 raise ConfigError(
@@ -61,12 +78,18 @@ class SweepStore:
         """The finished trial for `spec`, or None when it must run.
 
         A trial that reached the target or diverged is final; one stopped by a cap is reused
-        when its cap was at least `spec.cap_steps`.
+        when its cap was at least `spec.cap_steps`. A file that cannot be read runs again.
         """
         path = self._path(spec.batch, spec.lr, spec.seed)
         if not path.exists():
             return None
-        result = TrialResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            result = TrialResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            # Written atomically, so only damaged from outside (a copy, a sync, an edit): the
+            # trial runs again and its file is rewritten.
+            logger.warning("%s cannot be read (%r): running that trial again", path, error)
+            return None
         if result.reached or result.diverged or result.cap_steps >= spec.cap_steps:
             return result
         return None

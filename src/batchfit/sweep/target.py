@@ -66,7 +66,11 @@ def parse_target(text: str) -> Target:
         >>> parse_target("train_loss <= 0.3")
         Target(metric='train_loss', op='<=', value=0.3)
     """
-    match = _PATTERN.match(text or "")
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"Target {text!r} must be text, METRIC>=VALUE or METRIC<=VALUE; {_EXAMPLE}."
+        )
+    match = _PATTERN.match(text)
     if match is None:
         raise ConfigError(f"Target {text!r} is not METRIC>=VALUE or METRIC<=VALUE; {_EXAMPLE}.")
     metric, op, number = match.groups()

@@ -116,10 +116,12 @@ class _TargetWatch:
         self.metric: float | None = None
         self.diverged = False
         self.train_indices: list[int] | None = None
+        self.last_step = 0  # the step the callback saw last; its optimizer step ran after it
 
     def on_step_end(self, record, model) -> None:
         # Called before optimizer.step(): `model` holds the weights after record.step - 1 steps.
         done = record.step - 1
+        self.last_step = record.step
         self.steps_run = done
         if not math.isfinite(record.loss):
             self.diverged = True
@@ -189,7 +191,8 @@ def run_trial(
         tolerance: steps to target are known to within this fraction (module docstring).
 
     Returns:
-        A `TrialResult`; `steps` is None when the cap came first or the loss diverged.
+        A `TrialResult`; `steps` is None when the cap came first or the loss diverged (then
+        `diverged` is True: a rate too high for the batch is a result of the sweep, not an error).
 
     Raises:
         KeyboardInterrupt: training was stopped by Ctrl-C / SIGTERM before the trial ended.
@@ -201,6 +204,7 @@ def run_trial(
         >>> run_trial(load_example("digits"), spec, parse_target("val_accuracy>=0.9")).reached
         True
     """
+    from batchfit.errors import TrainingDivergedError
     from batchfit.training.config import TrainConfig
     from batchfit.training.loop import train
 
@@ -221,6 +225,11 @@ def run_trial(
         train(task, config, device=device, callbacks=[watch])
     except _Stop:
         pass
+    except TrainingDivergedError:
+        # The loop stops a step whose loss or gradient norm is not finite before the callback
+        # sees it: the trial diverged after the steps the callback had let run.
+        watch.diverged = True
+        watch.steps_run = watch.last_step
     else:
         # The callback always stops training by step cap + 1, so a normal return means the loop
         # caught Ctrl-C / SIGTERM: the trial is unfinished and must not be saved as one.
