@@ -265,7 +265,7 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
     interrupted = False
     started = time.perf_counter()
     try:
-        with budget, bar, stop_on_signals() as signals:
+        with budget, bar, stop_on_signals(checkpoint=run.checkpoint_path is not None) as signals:
             while run.step < run.setup.total_steps:
                 change = next_batch(run)
                 try:

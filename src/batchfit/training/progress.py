@@ -23,10 +23,11 @@ SPEED_WINDOW = 20
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[dict[str, bool]]:
+def stop_on_signals(*, checkpoint: bool = True) -> Iterator[dict[str, bool]]:
     """Turn the first SIGINT / SIGTERM into a request to stop at the end of the step.
 
-    Yields a dict whose "stop" turns True on the signal. A second signal acts as usual (Ctrl-C
+    `checkpoint` says whether the stop saves one (a run without a folder, such as a sweep's
+    trial, does not), for the line logged on the signal. Yields a dict whose "stop" turns True on the signal. A second signal acts as usual (Ctrl-C
     raises KeyboardInterrupt). Outside the main thread signals cannot be caught, so nothing is
     installed there. The previous handlers are put back on exit.
     """
@@ -38,7 +39,11 @@ def stop_on_signals() -> Iterator[dict[str, bool]]:
 
     def request_stop(signum, frame):
         flag["stop"] = True
-        logger.warning("signal %d: stopping after this step and saving a checkpoint", signum)
+        logger.warning(
+            "signal %d: stopping after this step%s",
+            signum,
+            " and saving a checkpoint" if checkpoint else "",
+        )
         signal.signal(signum, previous[signum])
 
     try:
