@@ -133,6 +133,21 @@ def test_a_batch_that_never_reached_the_target_is_named_with_its_cap():
     assert "At batch 1024 (within 5 steps) no rate reached val_accuracy>=0.9" in meaning
     assert "leaves it out" in meaning and "--max-epochs" in meaning
     assert "--max-epochs" not in _sweep_result(points[:3], fit).describe()
+    assert "The closest of those trials ended at val_accuracy 0.5." in meaning
+    assert "fraction" not in meaning  # the target is one
+
+
+def test_a_target_written_as_a_percent_is_named_when_the_metric_is_a_fraction():
+    from dataclasses import replace
+
+    from batchfit.sweep.result import BatchPoint
+
+    points = [BatchPoint(b, None, None, None, None, 0.02, (0.01, 0.02), 2) for b in (64, 128)]
+    trials = (_trial(64, None, 40), _trial(128, None, 20))
+    result = replace(_sweep_result(points, None), trials=trials, target="val_accuracy>=96")
+    meaning = result.describe()
+    assert "The closest of those trials ended at val_accuracy 0.5." in meaning
+    assert "if it is a fraction, the target reads val_accuracy>=0.96" in meaning
 
 
 def test_a_target_met_at_the_first_evaluation_says_to_give_a_harder_one():

@@ -199,7 +199,32 @@ class SweepResult:
             f" At batch {shown} no rate reached {self.target} with every seed, so the fit leaves "
             "it out; raise --max-epochs (the passes over the data a trial may take before any "
             "rate has reached the target) or ease the target to measure it."
+            + self._closest_miss_text()
         )
+
+    def _closest_miss_text(self) -> str:
+        """How near the trials that missed the target came, at their last evaluation; and, for
+        a target above 1 on a metric that stayed within 0-1, that it may be a percent."""
+        import math
+
+        from batchfit.sweep.target import parse_target
+
+        target = parse_target(self.target)
+        values = [
+            trial.metric
+            for trial in self.trials
+            if not trial.reached and trial.metric is not None and math.isfinite(trial.metric)
+        ]
+        if not values:
+            return ""
+        closest = max(values) if target.op == ">=" else min(values)
+        text = f" The closest of those trials ended at {target.metric} {closest:.4g}."
+        if target.op == ">=" and target.value > 1 and 0 <= min(values) and max(values) <= 1:
+            text += (
+                f" {target.metric} stayed within 0-1 in every trial that missed: if it is a "
+                f"fraction, the target reads {target.metric}>={target.value / 100:g}."
+            )
+        return text
 
     def describe(self) -> str:
         """What the sweep means, in a sentence or two."""
