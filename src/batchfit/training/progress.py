@@ -26,10 +26,11 @@ SPEED_WINDOW = 20
 def stop_on_signals(*, checkpoint: bool = True) -> Iterator[dict[str, bool]]:
     """Turn the first SIGINT / SIGTERM into a request to stop at the end of the step.
 
-    `checkpoint` says whether the stop saves one (a run without a folder, such as a sweep's
-    trial, does not), for the line logged on the signal. Yields a dict whose "stop" turns True on the signal. A second signal acts as usual (Ctrl-C
+    Yields a dict whose "stop" turns True on the signal. A second signal acts as usual (Ctrl-C
     raises KeyboardInterrupt). Outside the main thread signals cannot be caught, so nothing is
-    installed there. The previous handlers are put back on exit.
+    installed there. The previous handlers are put back on exit. `checkpoint` says whether the
+    stop saves one (a run without a folder, such as a sweep's trial, does not), for the line
+    logged on the signal.
     """
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
