@@ -114,3 +114,25 @@ def test_ctrl_c_under_nproc_saves_a_checkpoint_and_exits_130(tmp_path):
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "batchfit: interrupted"
     assert err.count("batchfit: interrupted") == 1
     assert (run / "checkpoint.pt").exists()
+
+
+@pytest.mark.integration
+def test_sigterm_to_the_nproc_launcher_alone_stops_the_ranks_with_a_checkpoint(tmp_path):
+    # A job scheduler or `timeout` signals the launcher's process only, not its group: the
+    # launcher passes the stop on, instead of waiting for the whole run to end.
+    run = tmp_path / "run"
+    argv = ["train", f"{TASKS}:slow_task", *TWO_RANKS, "--steps", "200", "--checkpoint-every", "0"]
+    process = _batchfit([*argv, "--out", str(run)], start_new_session=True)
+    deadline = time.monotonic() + 180
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 130, err
+    assert err.count("batchfit: interrupted") == 1, err
+    steps = len(metrics.read_text().splitlines())
+    assert 0 < steps < 200
+    import torch
+
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == steps

@@ -6,8 +6,9 @@ code to `agent.json` in the folder `BATCHFIT_ERROR_DIR` names and exits 0 (all r
 130 (interrupted) or 1 (a rank failed). `batchfit.training.distributed.launch` reads that file and
 the ranks' own error lines and turns them into one line and exit code 2.
 
-The ranks run in sessions of their own, so a Ctrl-C reaches them through the agent: torchrun
-passes the SIGINT on once, the ranks stop at the end of their step, save a checkpoint and exit
+The agent and the ranks run in sessions of their own, so a Ctrl-C (or a SIGTERM to the
+launcher) reaches them one way only: the launcher sends the agent SIGINT, torchrun passes it on
+once, the ranks stop at the end of their step, save a checkpoint and exit
 130, and the agent exits 130 too. (torchrun kills a rank that has not stopped 30 s later.)
 """
 

@@ -301,8 +301,9 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
     (`batchfit.training.agent`) its ranks' exit codes; a failure becomes one `DistributedError`
     line: the first rank's own error (a collective timeout only when no rank said more).
 
-    Ctrl-C reaches the ranks through the agent: they save a checkpoint at the end of the step
-    and stop, and this raises KeyboardInterrupt (exit 130). A second Ctrl-C ends the agent.
+    Ctrl-C, or SIGTERM to this process, reaches the ranks through the agent: they save a
+    checkpoint at the end of the step and stop, and this raises KeyboardInterrupt (exit 130).
+    A second Ctrl-C ends the agent.
 
     Args:
         nproc: processes on this machine.
@@ -313,6 +314,7 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
         DistributedError: a rank failed; the message is its own line, or its exit code.
         KeyboardInterrupt: the run was interrupted (the ranks saved a checkpoint).
     """
+    import signal
     import subprocess
     import tempfile
 
@@ -324,17 +326,22 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
         environ = {**os.environ, ERROR_DIR_VARIABLE: folder}
         if verbose:
             environ["BATCHFIT_VERBOSE"] = "1"
-        process = subprocess.Popen(command, env=environ)
+        # The agent runs in a session of its own, so each stop reaches it once, from here: a
+        # terminal's Ctrl-C (the whole group) and a SIGTERM sent to this process alone (a job
+        # scheduler, `timeout`) alike.
+        process = subprocess.Popen(command, env=environ, start_new_session=True)
         interrupted = False
         while True:
             try:
                 code = process.wait()
                 break
             except KeyboardInterrupt:
-                # The agent got the signal too and passes it on: the ranks save a checkpoint
-                # at the end of the step and stop. A second Ctrl-C ends the agent.
+                # The agent passes SIGINT on: the ranks save a checkpoint at the end of the
+                # step and stop. A second Ctrl-C ends the agent.
                 if interrupted:
                     process.terminate()
+                else:
+                    process.send_signal(signal.SIGINT)
                 interrupted = True
         if code == 0:
             return 0
