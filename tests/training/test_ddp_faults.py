@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from batchfit.errors import DistributedError
+from batchfit.training.agent import failure_summary
 from batchfit.training.distributed import (
     DistributedContext,
     _read_outcome,
@@ -75,6 +76,37 @@ def test_the_launcher_shows_the_cause_before_the_collective_failures_it_caused(t
     assert "rank 1 ended with signal 6 (SIGABRT)" in _read_outcome(tmp_path)["line"]
     (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 130}, "outcome": 130}))
     assert _read_outcome(tmp_path)["interrupted"]
+
+
+def test_a_rank_stopped_by_a_signal_before_training_is_an_interruption_not_a_failure(tmp_path):
+    # SIGTERM reached rank 1 alone while the ranks were setting up: it stopped (130), and rank 0's
+    # collective with it failed (2), or rank 0 sat in a native wait and torchrun killed it (-9).
+    agent = tmp_path / "agent.json"
+    (tmp_path / "rank0.json").write_text(
+        json.dumps({"rank": 0, "kind": "DistributedError", "line": "rank 0: a collective failed"})
+    )
+    agent.write_text(json.dumps({"exitcodes": {"1": 130, "0": 2}, "first": 1, "outcome": 1}))
+    assert _read_outcome(tmp_path) == {"line": None, "interrupted": True}
+    (tmp_path / "rank0.json").unlink()
+    agent.write_text(json.dumps({"exitcodes": {"1": 130, "0": -9}, "first": 1, "outcome": 1}))
+    assert _read_outcome(tmp_path) == {"line": None, "interrupted": True}
+    # the other way round: rank 0 was killed first (out of memory), rank 1 stopped after it
+    agent.write_text(json.dumps({"exitcodes": {"0": -9, "1": 130}, "first": 0, "outcome": 1}))
+    outcome = _read_outcome(tmp_path)
+    assert not outcome["interrupted"] and "rank 0 ended with signal 9 (SIGKILL)" in outcome["line"]
+
+
+def test_the_agent_names_the_rank_that_failed_first():
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    # torchrun records the first failure, then the ranks it stopped, in the same second
+    failures = {
+        1: ProcessFailure(local_rank=1, pid=11, exitcode=130, error_file="<none>"),
+        0: ProcessFailure(local_rank=0, pid=10, exitcode=-9, error_file="<none>"),
+    }
+    failures[0].timestamp = failures[1].timestamp
+    summary = failure_summary(ChildFailedError("batchfit", failures))
+    assert summary == {"exitcodes": {1: 130, 0: -9}, "first": 1, "outcome": 1}
 
 
 def _batchfit(argv, **options) -> subprocess.Popen:

@@ -370,6 +370,12 @@ def _read_outcome(folder: Path) -> dict[str, Any]:
     interrupted = summary.get("outcome") == 130
     # The cause first: a rank's own error before the collective failures it caused elsewhere.
     errors.sort(key=lambda error: (error.get("kind") == "DistributedError", error.get("rank", 0)))
+    first = summary.get("first")
+    caused = not errors or errors[0].get("kind") == "DistributedError"
+    if caused and codes.get(first) in (130, -2):
+        # A stop signal reached one rank alone (130: batchfit's interrupted exit, -2: SIGINT
+        # before its handler); the others failed or were killed because it left.
+        return {"line": None, "interrupted": True}
     if errors:
         first = errors[0]
         line = first["line"]
@@ -379,7 +385,9 @@ def _read_outcome(folder: Path) -> dict[str, Any]:
     failed = {rank: code for rank, code in codes.items() if code != 0}
     if failed:
         # torchrun ends the other ranks with SIGTERM once one fails: name the one that failed.
-        rank, code = min(failed.items(), key=lambda item: (item[1] == -15, item[0]))
+        rank, code = min(
+            failed.items(), key=lambda item: (item[0] != first, item[1] == -15, item[0])
+        )
         how = f"signal {-code} ({_signal_name(-code)})" if code < 0 else f"exit code {code}"
         return {
             "line": f"rank {rank} ended with {how}, before it could say why (its output, if "
