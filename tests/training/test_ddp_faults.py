@@ -149,9 +149,13 @@ def test_ctrl_c_under_nproc_saves_a_checkpoint_and_exits_130(tmp_path):
 
 
 @pytest.mark.integration
-def test_sigterm_to_the_nproc_launcher_alone_stops_the_ranks_with_a_checkpoint(tmp_path):
-    # A job scheduler or `timeout` signals the launcher's process only, not its group: the
-    # launcher passes the stop on, instead of waiting for the whole run to end.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_the_nproc_launcher_alone_stops_the_ranks_with_a_checkpoint(
+    tmp_path, signum
+):
+    # A job scheduler or `timeout` signals the launcher's process only, not its group, and so
+    # does a closed terminal: the launcher passes the stop on, instead of leaving the ranks to
+    # run to the end.
     run = tmp_path / "run"
     argv = ["train", f"{TASKS}:slow_task", *TWO_RANKS, "--steps", "200", "--checkpoint-every", "0"]
     process = _batchfit([*argv, "--out", str(run)], start_new_session=True)
@@ -159,7 +163,7 @@ def test_sigterm_to_the_nproc_launcher_alone_stops_the_ranks_with_a_checkpoint(t
     metrics = run / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=180)
     assert process.returncode == 130, err
     assert err.count("batchfit: interrupted") == 1, err

@@ -328,27 +328,48 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
             environ["BATCHFIT_VERBOSE"] = "1"
         # The agent runs in a session of its own, so each stop reaches it once, from here: a
         # terminal's Ctrl-C (the whole group) and a SIGTERM sent to this process alone (a job
-        # scheduler, `timeout`) alike.
+        # scheduler, `timeout`) alike, and the hangup of a closed terminal.
         process = subprocess.Popen(command, env=environ, start_new_session=True)
         interrupted = False
-        while True:
-            try:
-                code = process.wait()
-                break
-            except KeyboardInterrupt:
-                # The agent passes SIGINT on: the ranks save a checkpoint at the end of the
-                # step and stop. A second Ctrl-C ends the agent.
-                if interrupted:
-                    process.terminate()
-                else:
-                    process.send_signal(signal.SIGINT)
-                interrupted = True
+        with _hangup_as_interrupt():
+            while True:
+                try:
+                    code = process.wait()
+                    break
+                except KeyboardInterrupt:
+                    # The agent passes SIGINT on: the ranks save a checkpoint at the end of the
+                    # step and stop. A second Ctrl-C ends the agent.
+                    if interrupted:
+                        process.terminate()
+                    else:
+                        process.send_signal(signal.SIGINT)
+                    interrupted = True
         if code == 0:
             return 0
         outcome = _read_outcome(Path(folder))
     if interrupted or code == 130 or outcome["interrupted"]:
         raise KeyboardInterrupt
     raise DistributedError(outcome["line"] or f"the training processes failed (exit code {code}).")
+
+
+@contextmanager
+def _hangup_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGHUP raises KeyboardInterrupt (main thread only); restored after."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGHUP, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _read_outcome(folder: Path) -> dict[str, Any]:
