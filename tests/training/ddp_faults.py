@@ -35,3 +35,19 @@ def slow_task():
         return classification_loss(model, batch)
 
     return make_mlp_task(loss=loss)
+
+
+def out_of_memory_task():
+    """Rank 1 runs out of memory from the third step on at micro-batches above 8 (2 rank
+    samples of 16 per step at micro-batch 16: calls 5 and on)."""
+    import torch
+
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        if os.environ.get("RANK") == "1" and len(calls) >= 5 and len(batch[0]) > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return classification_loss(model, batch)
+
+    return make_mlp_task(loss=loss)

@@ -172,3 +172,25 @@ def test_a_stop_signal_to_the_nproc_launcher_alone_stops_the_ranks_with_a_checkp
     import torch
 
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == steps
+
+
+@pytest.mark.integration
+def test_out_of_memory_under_ddp_names_the_micro_batch_and_the_checkpoint_to_resume(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", f"{TASKS}:out_of_memory_task", "--global-batch", "64", "--micro-batch"]
+    options = ["--device", "cpu", "--nproc", "2", "--steps", "4", "--out", str(run)]
+    failed = subprocess.run(
+        [sys.executable, "-m", "batchfit", *argv, "16", *options, "--checkpoint-every", "1"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert failed.returncode == 2, failed.stderr
+    line = failed.stderr.strip().splitlines()[-1]
+    assert "Step 3: out of memory at micro-batch 16" in line, line
+    assert "--micro-batch 8. Add --resume to continue from the checkpoint of step 2." in line
+    # the advice works: the run goes on from step 2 at the smaller micro-batch
+    resumed = subprocess.run(
+        [sys.executable, "-m", "batchfit", *argv, "8", *options, "--resume"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
