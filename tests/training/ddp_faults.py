@@ -7,9 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.conftest import classification_loss, make_mlp_task  # noqa: E402
+from tests.conftest import classification_loss, make_mlp, make_mlp_task  # noqa: E402
 
 FREEZE_SECONDS = 8.0
 
@@ -51,3 +53,18 @@ def out_of_memory_task():
         return classification_loss(model, batch)
 
     return make_mlp_task(loss=loss)
+
+
+class _WithAuxHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = make_mlp()
+        self.aux_head = torch.nn.Linear(4, 3)  # a second training phase's head
+
+    def forward(self, inputs):
+        return self.body(inputs)
+
+
+def unused_parameter_task():
+    """An MLP with a head that the loss never uses."""
+    return make_mlp_task(model=_WithAuxHead)

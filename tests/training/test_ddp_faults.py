@@ -194,3 +194,33 @@ def test_out_of_memory_under_ddp_names_the_micro_batch_and_the_checkpoint_to_res
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_unused_parameters_under_ddp_are_named():
+    from torch import nn
+
+    from batchfit.errors import TaskError
+    from batchfit.training.distributed import unused_parameters_error
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)  # not counted by DDP
+    error = RuntimeError(
+        "Expected to have finished reduction in the prior iteration before starting a new one. "
+        "Parameter indices which did not receive grad for rank 1: 1 2"
+    )
+    line = unused_parameters_error(error, model, rank=1)
+    assert isinstance(line, TaskError)
+    assert "rank 1: the model's parameters 1.weight, 1.bias got no gradient" in str(line)
+    assert "requires_grad=False" in str(line)
+    assert unused_parameters_error(RuntimeError("shapes differ"), model, rank=0) is None
+
+
+@pytest.mark.integration
+def test_a_parameter_without_gradient_under_ddp_is_one_line_naming_it(tmp_path):
+    argv = ["train", f"{TASKS}:unused_parameter_task", *TWO_RANKS, "--steps", "3"]
+    process = _batchfit([*argv, "--out", str(tmp_path / "run")])
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 2, err
+    assert "Traceback" not in err and "task file" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert "aux_head.weight, aux_head.bias got no gradient" in line, line

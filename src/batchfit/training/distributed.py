@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError, DistributedError
+from batchfit.errors import ConfigError, DistributedError, TaskError
 
 if TYPE_CHECKING:
     import torch
@@ -189,6 +189,40 @@ def collective_errors(context: DistributedContext, *, timeout_seconds: float) ->
             f"{timeout_seconds:g} s (--ddp-timeout). Look for that rank's own error; raise "
             "--ddp-timeout if its steps are that slow."
         ) from error
+
+
+def unused_parameters_error(
+    error: BaseException, model: torch.nn.Module, *, rank: int
+) -> TaskError | None:
+    """The one line for DDP's "Expected to have finished reduction" error (a parameter that got
+    no gradient in the previous step), naming the parameters; None for any other error.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.ModuleDict({"body": nn.Linear(2, 2), "aux": nn.Linear(2, 1)})
+        >>> error = RuntimeError("Expected to have finished reduction in the prior iteration "
+        ...     "... Parameter indices which did not receive grad for rank 0: 2 3")
+        >>> print(unused_parameters_error(error, model, rank=0))  # doctest: +ELLIPSIS
+        rank 0: the model's parameters aux.weight, aux.bias got no gradient ...
+    """
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "Expected to have finished reduction" not in text:
+        return None
+    # DDP numbers the parameters that require a gradient, in the module's order.
+    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    found = re.search(r"did not receive grad for rank \d+:\s*([\d ]+)", text)
+    indices = [int(word) for word in found.group(1).split()] if found else []
+    unused = [names[index] for index in indices if index < len(names)]
+    which = (
+        f"the model's parameters {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}"
+        if unused
+        else "some of the model's parameters"
+    )
+    return TaskError(
+        f"rank {rank}: {which} got no gradient in the last step, and DDP needs every parameter "
+        "that requires a gradient in every step's loss. Freeze them (requires_grad=False) or "
+        "leave them out of the model, or train on one process."
+    )
 
 
 def destroy_distributed() -> None:

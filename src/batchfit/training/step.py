@@ -181,7 +181,7 @@ def _accumulate(run: Run, batch: Any, size: int):
     from batchfit.memory.counter import as_device_copy
     from batchfit.task import move_to
     from batchfit.training.accumulation import accumulate_gradients, plan_accumulation, split_batch
-    from batchfit.training.distributed import sum_over_ranks
+    from batchfit.training.distributed import sum_over_ranks, unused_parameters_error
 
     config, context, task = run.config, run.context, run.task
     step_plan = plan_accumulation(
@@ -202,7 +202,15 @@ def _accumulate(run: Run, batch: Any, size: int):
     def loss_on_device(model: Any, part: Any) -> Any:
         return loss_fn(model, as_device_copy(move_to(part, device)))
 
-    loss = accumulate_gradients(run.train_model, loss_on_device, parts, counts=counts, total=total)
+    try:
+        loss = accumulate_gradients(
+            run.train_model, loss_on_device, parts, counts=counts, total=total
+        )
+    except RuntimeError as error:
+        unused = context.enabled and unused_parameters_error(error, run.model, rank=context.rank)
+        if unused:
+            raise unused from error
+        raise
     return loss, step_plan
 
 
