@@ -224,3 +224,31 @@ def test_a_parameter_without_gradient_under_ddp_is_one_line_naming_it(tmp_path):
     assert "Traceback" not in err and "task file" not in err, err
     line = err.strip().splitlines()[-1]
     assert "aux_head.weight, aux_head.bias got no gradient" in line, line
+
+
+def test_rank_0_s_own_exit_code_is_the_run_s(tmp_path):
+    # --stop-on: rank 0 stopped the run (exit 3) after printing its summary; rank 1 ended cleanly
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 3}, "first": 0}))
+    assert _read_outcome(tmp_path)["code"] == 3
+    # rank 1 was still tearing down when rank 0 ended: torchrun stopped it
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 3, "1": -15}, "first": 0}))
+    assert _read_outcome(tmp_path)["code"] == 3
+    # rank 1 failed first: its failure is the outcome, not rank 0's code
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"1": -6, "0": 3}, "first": 1}))
+    assert "rank 1 ended with signal 6" in _read_outcome(tmp_path)["line"]
+    # a crash (exit 1, a traceback) is not a code of its own
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 1}, "first": 0}))
+    assert "rank 0 ended with exit code 1" in _read_outcome(tmp_path)["line"]
+
+
+@pytest.mark.integration
+def test_stop_on_under_nproc_exits_3_with_rank_0_s_summary(tmp_path):
+    conftest = Path(__file__).resolve().parents[1] / "conftest.py"
+    argv = ["train", f"{conftest}:make_mlp_task", *TWO_RANKS, "--steps", "30", "--lr", "20"]
+    options = ["--warmup", "0", "--stop-on", "diverging", "--out", str(tmp_path / "run")]
+    process = _batchfit([*argv, *options])
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 3, err
+    assert "batchfit: error" not in err and "interrupted" not in err, err
+    assert out.startswith("Trained tiny-mlp:") and "diagnosis:" in out, out
+    assert (tmp_path / "run" / "diagnosis.json").exists()

@@ -328,7 +328,9 @@ def torchrun_command(
 
 
 def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
-    """Run `batchfit <argv>` in `nproc` processes under torchrun; returns 0 when all finished.
+    """Run `batchfit <argv>` in `nproc` processes under torchrun; returns 0 when all finished,
+    or rank 0's own exit code when it ended otherwise without an error (3: stopped by the live
+    diagnosis).
 
     The processes share this terminal's stdout and stderr. Each rank writes its error line to
     a private folder instead of the terminal (`batchfit.cli.main`), and the agent
@@ -383,6 +385,8 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
         outcome = _read_outcome(Path(folder))
     if interrupted or code == 130 or outcome["interrupted"]:
         raise KeyboardInterrupt
+    if outcome.get("code") is not None:
+        return outcome["code"]
     raise DistributedError(outcome["line"] or f"the training processes failed (exit code {code}).")
 
 
@@ -438,6 +442,12 @@ def _read_outcome(folder: Path) -> dict[str, Any]:
             line = f"rank {first.get('rank')}: {line}"
         return {"line": line, "interrupted": False}
     failed = {rank: code for rank, code in codes.items() if code != 0}
+    own = failed.get(0, 0)
+    if not errors and first in (0, None) and own > 0 and own not in (1, 130):
+        # Rank 0 ended first, by itself, with a code of its own (3: stopped by the live
+        # diagnosis) and said nothing wrong: the run's exit code. Any other rank still tearing
+        # down then was stopped by torchrun.
+        return {"line": None, "interrupted": interrupted, "code": own}
     if failed:
         # torchrun ends the other ranks with SIGTERM once one fails: name the one that failed.
         rank, code = min(
