@@ -252,3 +252,32 @@ def test_stop_on_under_nproc_exits_3_with_rank_0_s_summary(tmp_path):
     assert "batchfit: error" not in err and "interrupted" not in err, err
     assert out.startswith("Trained tiny-mlp:") and "diagnosis:" in out, out
     assert (tmp_path / "run" / "diagnosis.json").exists()
+
+
+TWO_RUNS = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from batchfit import TrainConfig, train
+from tests.conftest import make_mlp_task
+
+for seed in (0, 1):
+    config = TrainConfig(global_batch=64, micro_batch=16, steps=2, seed=seed)
+    result = train(make_mlp_task(), config, device="cpu")
+    if os.environ["RANK"] == "0":
+        print("run", seed, result.steps, result.world_size, flush=True)
+        time.sleep(2)  # rank 1 comes to the second run first
+"""
+
+
+@pytest.mark.integration
+def test_two_train_calls_in_one_torchrun_script(tmp_path):
+    from batchfit.training.distributed import torchrun_command
+
+    script = tmp_path / "two_runs.py"
+    script.write_text(TWO_RUNS.format(root=str(Path(__file__).resolve().parents[2])))
+    command = torchrun_command(2, [])[:-2]  # torchrun itself, without `-m batchfit`
+    done = subprocess.run(
+        [*command, str(script)], capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["run 0 2 2", "run 1 2 2"]

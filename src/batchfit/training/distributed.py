@@ -127,11 +127,19 @@ def init_distributed(
             )
         return device, False
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    store, _, _ = next(dist.rendezvous("env://", context.rank, context.world_size, timeout=timeout))
+    # Each group this process starts gets keys of its own in the rendezvous store. torchrun's
+    # store outlives a group: a second `train` in the same script would otherwise read the
+    # addresses the first group left there and connect to closed sockets (or hang) when the
+    # ranks come to it at different times. Every rank counts its own starts, so the ranks agree.
+    count = store.add(f"batchfit/groups/rank{context.rank}", 1)
     dist.init_process_group(
         backend=backend,
+        store=dist.PrefixStore(f"batchfit/group{count}", store),
         rank=context.rank,
         world_size=context.world_size,
-        timeout=datetime.timedelta(seconds=timeout_seconds),
+        timeout=timeout,
     )
     logger.info(
         "process group started: rank %d of %d, backend %s",
