@@ -40,7 +40,8 @@ def test_user_text_is_never_read_as_markup():
 
 def test_plan_rows_reasons_notes_and_train_command():
     plan = SimpleNamespace(
-        task="digits", global_batch=128, micro_batch=64, accumulation_steps=2, lr=0.0123456,
+        task="digits", world_size=1, global_batch=128, micro_batch=64, accumulation_steps=2,
+        lr=0.0123456,
         warmup_steps=10, optimizer="task", normalization="none", batch_schedule="constant",
         reasons={"lr": "scaled by the sqrt rule"}, notes=["a note"],
     )  # fmt: skip
@@ -49,12 +50,23 @@ def test_plan_rows_reasons_notes_and_train_command():
     text = buffer.getvalue()
     assert "0.01235" in text and "scaled by the sqrt rule" in text
     assert "note: a note" in text
-    assert "train:  batchfit train x:y --plan p/plan.json" in text
+    assert "train:  batchfit train x:y --plan p/plan.json\n" in text
+
+
+def test_the_train_command_of_a_plan_for_two_devices_starts_two_processes():
+    plan = SimpleNamespace(
+        task="digits", world_size=2, global_batch=128, micro_batch=64, accumulation_steps=1,
+        lr=0.01, warmup_steps=0, optimizer="task", normalization="none",
+        batch_schedule="constant", reasons={}, notes=[],
+    )  # fmt: skip
+    console, buffer = _console()
+    print_plan(console, plan, plan_path="p/plan.json", report_path="p/report.html", source="x:y")
+    assert "train:  batchfit train x:y --plan p/plan.json --nproc 2\n" in buffer.getvalue()
 
 
 def test_plan_with_markup_in_the_task_name_prints_it_as_is():
     plan = SimpleNamespace(
-        task="vit[b/16]", global_batch=8, micro_batch=8, accumulation_steps=1, lr=0.1,
+        task="vit[b/16]", world_size=1, global_batch=8, micro_batch=8, accumulation_steps=1, lr=0.1,
         warmup_steps=0, optimizer="task", normalization="none", batch_schedule="constant",
         reasons={}, notes=["[/x]"],
     )  # fmt: skip
@@ -72,7 +84,8 @@ def test_plan_notes_wrap_at_words_within_the_terminal(width):
         "its growth to the middle of the run), so the batch may be low for the later run."
     )
     plan = SimpleNamespace(
-        task="digits", global_batch=128, micro_batch=64, accumulation_steps=2, lr=0.01,
+        task="digits", world_size=1, global_batch=128, micro_batch=64, accumulation_steps=2,
+        lr=0.01,
         warmup_steps=10, optimizer="task", normalization="none", batch_schedule="constant",
         reasons={}, notes=[note],
     )  # fmt: skip

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from batchfit.errors import DistributedError
+from batchfit.training.agent import failure_summary
 from batchfit.training.distributed import (
     DistributedContext,
     _read_outcome,
@@ -77,6 +78,37 @@ def test_the_launcher_shows_the_cause_before_the_collective_failures_it_caused(t
     assert _read_outcome(tmp_path)["interrupted"]
 
 
+def test_a_rank_stopped_by_a_signal_before_training_is_an_interruption_not_a_failure(tmp_path):
+    # SIGTERM reached rank 1 alone while the ranks were setting up: it stopped (130), and rank 0's
+    # collective with it failed (2), or rank 0 sat in a native wait and torchrun killed it (-9).
+    agent = tmp_path / "agent.json"
+    (tmp_path / "rank0.json").write_text(
+        json.dumps({"rank": 0, "kind": "DistributedError", "line": "rank 0: a collective failed"})
+    )
+    agent.write_text(json.dumps({"exitcodes": {"1": 130, "0": 2}, "first": 1, "outcome": 1}))
+    assert _read_outcome(tmp_path) == {"line": None, "interrupted": True}
+    (tmp_path / "rank0.json").unlink()
+    agent.write_text(json.dumps({"exitcodes": {"1": 130, "0": -9}, "first": 1, "outcome": 1}))
+    assert _read_outcome(tmp_path) == {"line": None, "interrupted": True}
+    # the other way round: rank 0 was killed first (out of memory), rank 1 stopped after it
+    agent.write_text(json.dumps({"exitcodes": {"0": -9, "1": 130}, "first": 0, "outcome": 1}))
+    outcome = _read_outcome(tmp_path)
+    assert not outcome["interrupted"] and "rank 0 ended with signal 9 (SIGKILL)" in outcome["line"]
+
+
+def test_the_agent_names_the_rank_that_failed_first():
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    # torchrun records the first failure, then the ranks it stopped, in the same second
+    failures = {
+        1: ProcessFailure(local_rank=1, pid=11, exitcode=130, error_file="<none>"),
+        0: ProcessFailure(local_rank=0, pid=10, exitcode=-9, error_file="<none>"),
+    }
+    failures[0].timestamp = failures[1].timestamp
+    summary = failure_summary(ChildFailedError("batchfit", failures))
+    assert summary == {"exitcodes": {1: 130, 0: -9}, "first": 1, "outcome": 1}
+
+
 def _batchfit(argv, **options) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "batchfit", *argv],
@@ -114,3 +146,138 @@ def test_ctrl_c_under_nproc_saves_a_checkpoint_and_exits_130(tmp_path):
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "batchfit: interrupted"
     assert err.count("batchfit: interrupted") == 1
     assert (run / "checkpoint.pt").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_the_nproc_launcher_alone_stops_the_ranks_with_a_checkpoint(
+    tmp_path, signum
+):
+    # A job scheduler or `timeout` signals the launcher's process only, not its group, and so
+    # does a closed terminal: the launcher passes the stop on, instead of leaving the ranks to
+    # run to the end.
+    run = tmp_path / "run"
+    argv = ["train", f"{TASKS}:slow_task", *TWO_RANKS, "--steps", "200", "--checkpoint-every", "0"]
+    process = _batchfit([*argv, "--out", str(run)], start_new_session=True)
+    deadline = time.monotonic() + 180
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 130, err
+    assert err.count("batchfit: interrupted") == 1, err
+    steps = len(metrics.read_text().splitlines())
+    assert 0 < steps < 200
+    import torch
+
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == steps
+
+
+@pytest.mark.integration
+def test_out_of_memory_under_ddp_names_the_micro_batch_and_the_checkpoint_to_resume(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", f"{TASKS}:out_of_memory_task", "--global-batch", "64", "--micro-batch"]
+    options = ["--device", "cpu", "--nproc", "2", "--steps", "4", "--out", str(run)]
+    failed = subprocess.run(
+        [sys.executable, "-m", "batchfit", *argv, "16", *options, "--checkpoint-every", "1"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert failed.returncode == 2, failed.stderr
+    line = failed.stderr.strip().splitlines()[-1]
+    assert "Step 3: out of memory at micro-batch 16" in line, line
+    assert "--micro-batch 8. Add --resume to continue from the checkpoint of step 2." in line
+    # the advice works: the run goes on from step 2 at the smaller micro-batch
+    resumed = subprocess.run(
+        [sys.executable, "-m", "batchfit", *argv, "8", *options, "--resume"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_unused_parameters_under_ddp_are_named():
+    from torch import nn
+
+    from batchfit.errors import TaskError
+    from batchfit.training.distributed import unused_parameters_error
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)  # not counted by DDP
+    error = RuntimeError(
+        "Expected to have finished reduction in the prior iteration before starting a new one. "
+        "Parameter indices which did not receive grad for rank 1: 1 2"
+    )
+    line = unused_parameters_error(error, model, rank=1)
+    assert isinstance(line, TaskError)
+    assert "rank 1: the model's parameters 1.weight, 1.bias got no gradient" in str(line)
+    assert "requires_grad=False" in str(line)
+    assert unused_parameters_error(RuntimeError("shapes differ"), model, rank=0) is None
+
+
+@pytest.mark.integration
+def test_a_parameter_without_gradient_under_ddp_is_one_line_naming_it(tmp_path):
+    argv = ["train", f"{TASKS}:unused_parameter_task", *TWO_RANKS, "--steps", "3"]
+    process = _batchfit([*argv, "--out", str(tmp_path / "run")])
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 2, err
+    assert "Traceback" not in err and "task file" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert "aux_head.weight, aux_head.bias got no gradient" in line, line
+
+
+def test_rank_0_s_own_exit_code_is_the_run_s(tmp_path):
+    # --stop-on: rank 0 stopped the run (exit 3) after printing its summary; rank 1 ended cleanly
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 3}, "first": 0}))
+    assert _read_outcome(tmp_path)["code"] == 3
+    # rank 1 was still tearing down when rank 0 ended: torchrun stopped it
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 3, "1": -15}, "first": 0}))
+    assert _read_outcome(tmp_path)["code"] == 3
+    # rank 1 failed first: its failure is the outcome, not rank 0's code
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"1": -6, "0": 3}, "first": 1}))
+    assert "rank 1 ended with signal 6" in _read_outcome(tmp_path)["line"]
+    # a crash (exit 1, a traceback) is not a code of its own
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 1}, "first": 0}))
+    assert "rank 0 ended with exit code 1" in _read_outcome(tmp_path)["line"]
+
+
+@pytest.mark.integration
+def test_stop_on_under_nproc_exits_3_with_rank_0_s_summary(tmp_path):
+    conftest = Path(__file__).resolve().parents[1] / "conftest.py"
+    argv = ["train", f"{conftest}:make_mlp_task", *TWO_RANKS, "--steps", "30", "--lr", "20"]
+    options = ["--warmup", "0", "--stop-on", "diverging", "--out", str(tmp_path / "run")]
+    process = _batchfit([*argv, *options])
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 3, err
+    assert "batchfit: error" not in err and "interrupted" not in err, err
+    assert out.startswith("Trained tiny-mlp:") and "diagnosis:" in out, out
+    assert (tmp_path / "run" / "diagnosis.json").exists()
+
+
+TWO_RUNS = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from batchfit import TrainConfig, train
+from tests.conftest import make_mlp_task
+
+for seed in (0, 1):
+    config = TrainConfig(global_batch=64, micro_batch=16, steps=2, seed=seed)
+    result = train(make_mlp_task(), config, device="cpu")
+    if os.environ["RANK"] == "0":
+        print("run", seed, result.steps, result.world_size, flush=True)
+        time.sleep(2)  # rank 1 comes to the second run first
+"""
+
+
+@pytest.mark.integration
+def test_two_train_calls_in_one_torchrun_script(tmp_path):
+    from batchfit.training.distributed import torchrun_command
+
+    script = tmp_path / "two_runs.py"
+    script.write_text(TWO_RUNS.format(root=str(Path(__file__).resolve().parents[2])))
+    command = torchrun_command(2, [])[:-2]  # torchrun itself, without `-m batchfit`
+    done = subprocess.run(
+        [*command, str(script)], capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["run 0 2 2", "run 1 2 2"]

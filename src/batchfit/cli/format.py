@@ -261,7 +261,9 @@ def print_plan(
         print_note(console, note)
     say(f"plan:   {plan_path}")
     say(f"report: {report_path}")
-    say(f"train:  batchfit train {source} --plan {plan_path}")
+    # A plan for N devices trains as planned on N processes.
+    ranks = f" --nproc {plan.world_size}" if plan.world_size > 1 else ""
+    say(f"train:  batchfit train {source} --plan {plan_path}{ranks}")
 
 
 def print_note(console: Console, note: str) -> None:

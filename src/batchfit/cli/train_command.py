@@ -126,7 +126,9 @@ def train(args: argparse.Namespace) -> int:
                 callback.close()
     code = 130 if result.interrupted else STOPPED_BY_DIAGNOSIS if result.stop_reason else 0
     if not context.is_main:
-        return code
+        # Rank 0 alone reports the run, and its exit code is the run's: a rank that ended
+        # early with another code would have torchrun stop rank 0 in the middle of its summary.
+        return 0
     diagnosis_path = live.write(config.out_dir) if config.out_dir else None
     report_path = update_plan_report(args.plan, out) if args.plan and out else None
     recent = noise_scale_at_end(live.history()) if result.noise_scale_logged else None

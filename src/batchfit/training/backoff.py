@@ -153,7 +153,7 @@ def run_with_backoff(
             raise DoesNotFitError(
                 f"Step {step}: out of memory at micro-batch {micro_batch} ({reason}); under DDP "
                 f"the micro-batch is not lowered on the fly. Restart with --micro-batch "
-                f"{smaller} (add --resume to keep the progress)."
+                f"{smaller}."
             )
         event = BackoffEvent(
             step=step, failed_micro_batch=micro_batch, micro_batch=smaller, reason=reason

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError, DistributedError
+from batchfit.errors import ConfigError, DistributedError, TaskError
 
 if TYPE_CHECKING:
     import torch
@@ -127,11 +127,19 @@ def init_distributed(
             )
         return device, False
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    store, _, _ = next(dist.rendezvous("env://", context.rank, context.world_size, timeout=timeout))
+    # Each group this process starts gets keys of its own in the rendezvous store. torchrun's
+    # store outlives a group: a second `train` in the same script would otherwise read the
+    # addresses the first group left there and connect to closed sockets (or hang) when the
+    # ranks come to it at different times. Every rank counts its own starts, so the ranks agree.
+    count = store.add(f"batchfit/groups/rank{context.rank}", 1)
     dist.init_process_group(
         backend=backend,
+        store=dist.PrefixStore(f"batchfit/group{count}", store),
         rank=context.rank,
         world_size=context.world_size,
-        timeout=datetime.timedelta(seconds=timeout_seconds),
+        timeout=timeout,
     )
     logger.info(
         "process group started: rank %d of %d, backend %s",
@@ -189,6 +197,40 @@ def collective_errors(context: DistributedContext, *, timeout_seconds: float) ->
             f"{timeout_seconds:g} s (--ddp-timeout). Look for that rank's own error; raise "
             "--ddp-timeout if its steps are that slow."
         ) from error
+
+
+def unused_parameters_error(
+    error: BaseException, model: torch.nn.Module, *, rank: int
+) -> TaskError | None:
+    """The one line for DDP's "Expected to have finished reduction" error (a parameter that got
+    no gradient in the previous step), naming the parameters; None for any other error.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.ModuleDict({"body": nn.Linear(2, 2), "aux": nn.Linear(2, 1)})
+        >>> error = RuntimeError("Expected to have finished reduction in the prior iteration "
+        ...     "... Parameter indices which did not receive grad for rank 0: 2 3")
+        >>> print(unused_parameters_error(error, model, rank=0))  # doctest: +ELLIPSIS
+        rank 0: the model's parameters aux.weight, aux.bias got no gradient ...
+    """
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "Expected to have finished reduction" not in text:
+        return None
+    # DDP numbers the parameters that require a gradient, in the module's order.
+    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    found = re.search(r"did not receive grad for rank \d+:\s*([\d ]+)", text)
+    indices = [int(word) for word in found.group(1).split()] if found else []
+    unused = [names[index] for index in indices if index < len(names)]
+    which = (
+        f"the model's parameters {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}"
+        if unused
+        else "some of the model's parameters"
+    )
+    return TaskError(
+        f"rank {rank}: {which} got no gradient in the last step, and DDP needs every parameter "
+        "that requires a gradient in every step's loss. Freeze them (requires_grad=False) or "
+        "leave them out of the model, or train on one process."
+    )
 
 
 def destroy_distributed() -> None:
@@ -294,15 +336,18 @@ def torchrun_command(
 
 
 def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
-    """Run `batchfit <argv>` in `nproc` processes under torchrun; returns 0 when all finished.
+    """Run `batchfit <argv>` in `nproc` processes under torchrun; returns 0 when all finished,
+    or rank 0's own exit code when it ended otherwise without an error (3: stopped by the live
+    diagnosis).
 
     The processes share this terminal's stdout and stderr. Each rank writes its error line to
     a private folder instead of the terminal (`batchfit.cli.main`), and the agent
     (`batchfit.training.agent`) its ranks' exit codes; a failure becomes one `DistributedError`
     line: the first rank's own error (a collective timeout only when no rank said more).
 
-    Ctrl-C reaches the ranks through the agent: they save a checkpoint at the end of the step
-    and stop, and this raises KeyboardInterrupt (exit 130). A second Ctrl-C ends the agent.
+    Ctrl-C, or SIGTERM to this process, reaches the ranks through the agent: they save a
+    checkpoint at the end of the step and stop, and this raises KeyboardInterrupt (exit 130).
+    A second Ctrl-C ends the agent.
 
     Args:
         nproc: processes on this machine.
@@ -313,6 +358,7 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
         DistributedError: a rank failed; the message is its own line, or its exit code.
         KeyboardInterrupt: the run was interrupted (the ranks saved a checkpoint).
     """
+    import signal
     import subprocess
     import tempfile
 
@@ -324,24 +370,52 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
         environ = {**os.environ, ERROR_DIR_VARIABLE: folder}
         if verbose:
             environ["BATCHFIT_VERBOSE"] = "1"
-        process = subprocess.Popen(command, env=environ)
+        # The agent runs in a session of its own, so each stop reaches it once, from here: a
+        # terminal's Ctrl-C (the whole group) and a SIGTERM sent to this process alone (a job
+        # scheduler, `timeout`) alike, and the hangup of a closed terminal.
+        process = subprocess.Popen(command, env=environ, start_new_session=True)
         interrupted = False
-        while True:
-            try:
-                code = process.wait()
-                break
-            except KeyboardInterrupt:
-                # The agent got the signal too and passes it on: the ranks save a checkpoint
-                # at the end of the step and stop. A second Ctrl-C ends the agent.
-                if interrupted:
-                    process.terminate()
-                interrupted = True
+        with _hangup_as_interrupt():
+            while True:
+                try:
+                    code = process.wait()
+                    break
+                except KeyboardInterrupt:
+                    # The agent passes SIGINT on: the ranks save a checkpoint at the end of the
+                    # step and stop. A second Ctrl-C ends the agent.
+                    if interrupted:
+                        process.terminate()
+                    else:
+                        process.send_signal(signal.SIGINT)
+                    interrupted = True
         if code == 0:
             return 0
         outcome = _read_outcome(Path(folder))
     if interrupted or code == 130 or outcome["interrupted"]:
         raise KeyboardInterrupt
+    if outcome.get("code") is not None:
+        return outcome["code"]
     raise DistributedError(outcome["line"] or f"the training processes failed (exit code {code}).")
+
+
+@contextmanager
+def _hangup_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGHUP raises KeyboardInterrupt (main thread only); restored after."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGHUP, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _read_outcome(folder: Path) -> dict[str, Any]:
@@ -363,6 +437,12 @@ def _read_outcome(folder: Path) -> dict[str, Any]:
     interrupted = summary.get("outcome") == 130
     # The cause first: a rank's own error before the collective failures it caused elsewhere.
     errors.sort(key=lambda error: (error.get("kind") == "DistributedError", error.get("rank", 0)))
+    first = summary.get("first")
+    caused = not errors or errors[0].get("kind") == "DistributedError"
+    if caused and codes.get(first) in (130, -2):
+        # A stop signal reached one rank alone (130: batchfit's interrupted exit, -2: SIGINT
+        # before its handler); the others failed or were killed because it left.
+        return {"line": None, "interrupted": True}
     if errors:
         first = errors[0]
         line = first["line"]
@@ -370,9 +450,17 @@ def _read_outcome(folder: Path) -> dict[str, Any]:
             line = f"rank {first.get('rank')}: {line}"
         return {"line": line, "interrupted": False}
     failed = {rank: code for rank, code in codes.items() if code != 0}
+    own = failed.get(0, 0)
+    if not errors and first in (0, None) and own > 0 and own not in (1, 130):
+        # Rank 0 ended first, by itself, with a code of its own (3: stopped by the live
+        # diagnosis) and said nothing wrong: the run's exit code. Any other rank still tearing
+        # down then was stopped by torchrun.
+        return {"line": None, "interrupted": interrupted, "code": own}
     if failed:
         # torchrun ends the other ranks with SIGTERM once one fails: name the one that failed.
-        rank, code = min(failed.items(), key=lambda item: (item[1] == -15, item[0]))
+        rank, code = min(
+            failed.items(), key=lambda item: (item[0] != first, item[1] == -15, item[0])
+        )
         how = f"signal {-code} ({_signal_name(-code)})" if code < 0 else f"exit code {code}"
         return {
             "line": f"rank {rank} ended with {how}, before it could say why (its output, if "

@@ -111,17 +111,27 @@ def optimizer_step(
                 buffer.copy_(saved)
         restore_rng(rng_state)
 
-    (loss, step_plan), run.micro_batch = run_with_backoff(
-        lambda size: _accumulate(run, batch, size),
-        run.micro_batch,
-        local_batch=run.local_batch,
-        step=run.step + 1,
-        allow_uneven=config.allow_uneven,
-        cleanup=cleanup,
-        on_backoff=lambda event: note_backoff(run, event),
-        device=run.device,
-        enabled=not context.enabled,
-    )
+    try:
+        (loss, step_plan), run.micro_batch = run_with_backoff(
+            lambda size: _accumulate(run, batch, size),
+            run.micro_batch,
+            local_batch=run.local_batch,
+            step=run.step + 1,
+            allow_uneven=config.allow_uneven,
+            cleanup=cleanup,
+            on_backoff=lambda event: note_backoff(run, event),
+            device=run.device,
+            enabled=not context.enabled,
+        )
+    except DoesNotFitError as error:
+        resumable = run.saved_at and run.checkpoint_path is not None
+        if not (context.enabled and run.micro_batch > 1 and resumable):
+            raise
+        # Under DDP the run stops at a smaller micro-batch to restart with; its progress is in
+        # the last checkpoint, when there is one (none before the first: start again then).
+        raise DoesNotFitError(
+            f"{error} Add --resume to continue from the checkpoint of step {run.saved_at}."
+        ) from None
     loss = mean_over_ranks(loss, device=run.device)
     if config.max_grad_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
@@ -171,7 +181,7 @@ def _accumulate(run: Run, batch: Any, size: int):
     from batchfit.memory.counter import as_device_copy
     from batchfit.task import move_to
     from batchfit.training.accumulation import accumulate_gradients, plan_accumulation, split_batch
-    from batchfit.training.distributed import sum_over_ranks
+    from batchfit.training.distributed import sum_over_ranks, unused_parameters_error
 
     config, context, task = run.config, run.context, run.task
     step_plan = plan_accumulation(
@@ -192,7 +202,15 @@ def _accumulate(run: Run, batch: Any, size: int):
     def loss_on_device(model: Any, part: Any) -> Any:
         return loss_fn(model, as_device_copy(move_to(part, device)))
 
-    loss = accumulate_gradients(run.train_model, loss_on_device, parts, counts=counts, total=total)
+    try:
+        loss = accumulate_gradients(
+            run.train_model, loss_on_device, parts, counts=counts, total=total
+        )
+    except RuntimeError as error:
+        unused = context.enabled and unused_parameters_error(error, run.model, rank=context.rank)
+        if unused:
+            raise unused from error
+        raise
     return loss, step_plan
 
 
