@@ -3,6 +3,7 @@ Ctrl-C under `--nproc` is one line with exit 2 or 130, never torchrun's tracebac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -169,6 +170,47 @@ def test_a_stop_signal_to_the_nproc_launcher_alone_stops_the_ranks_with_a_checkp
     assert err.count("batchfit: interrupted") == 1, err
     steps = len(metrics.read_text().splitlines())
     assert 0 < steps < 200
+    import torch
+
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == steps
+
+
+def _processes_naming(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_nproc_launcher_leaves_no_rank_training(tmp_path):
+    # SIGKILL (or the out-of-memory killer) gives the launcher no chance to pass a stop on: the
+    # agent hears SIGINT from the kernel instead, and the ranks stop with a checkpoint.
+    run = tmp_path / "run"
+    argv = ["train", f"{TASKS}:slow_task", *TWO_RANKS, "--steps", "400", "--checkpoint-every", "0"]
+    process = _batchfit([*argv, "--out", str(run)], start_new_session=True)
+    deadline = time.monotonic() + 180
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.kill()
+    process.communicate(timeout=30)
+    while _processes_naming(str(run)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _processes_naming(str(run))
+    for pid in left:  # a failing run must not leave them behind
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, "ranks still training after the launcher died"
+    steps = len(metrics.read_text().splitlines())
+    assert 0 < steps < 400
     import torch
 
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == steps

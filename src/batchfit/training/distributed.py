@@ -373,7 +373,11 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
         # The agent runs in a session of its own, so each stop reaches it once, from here: a
         # terminal's Ctrl-C (the whole group) and a SIGTERM sent to this process alone (a job
         # scheduler, `timeout`) alike, and the hangup of a closed terminal.
-        process = subprocess.Popen(command, env=environ, start_new_session=True)
+        # Should this process die without a word (SIGKILL, the out-of-memory killer), the
+        # agent hears SIGINT, as on Ctrl-C, instead of training on with nobody waiting for it.
+        process = subprocess.Popen(
+            command, env=environ, start_new_session=True, preexec_fn=_interrupt_on_parent_death
+        )
         interrupted = False
         with _hangup_as_interrupt():
             while True:
@@ -396,6 +400,22 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
     if outcome.get("code") is not None:
         return outcome["code"]
     raise DistributedError(outcome["line"] or f"the training processes failed (exit code {code}).")
+
+
+def _interrupt_on_parent_death() -> None:
+    """In the launched agent, before it starts: SIGINT when its parent dies (Linux's
+    PR_SET_PDEATHSIG); elsewhere nothing."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGINT))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
 
 
 @contextmanager
