@@ -345,9 +345,10 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
     (`batchfit.training.agent`) its ranks' exit codes; a failure becomes one `DistributedError`
     line: the first rank's own error (a collective timeout only when no rank said more).
 
-    Ctrl-C, or SIGTERM to this process, reaches the ranks through the agent: they save a
-    checkpoint at the end of the step and stop, and this raises KeyboardInterrupt (exit 130).
-    A second Ctrl-C ends the agent.
+    Ctrl-C, or SIGTERM or SIGHUP to this process, reaches the ranks through the agent: they save
+    a checkpoint at the end of the step and stop, and this raises KeyboardInterrupt (exit 130).
+    A second Ctrl-C ends the agent. Should this process be killed (SIGKILL), the agent gets
+    SIGINT from the kernel (Linux), and the ranks stop the same way.
 
     Args:
         nproc: processes on this machine.
