@@ -104,6 +104,22 @@ def test_budget_raises_out_of_memory_from_backward_with_its_type():
     assert "in use of a" in str(caught.value)
 
 
+def test_the_op_that_allocates_past_the_budget_is_named_not_a_later_one_that_allocates_nothing():
+    # Adam's first step makes its state inside a profiler range: the range's exit, which
+    # allocates nothing, used to raise again and hide the allocation ("Tried to allocate 0 B in
+    # profiler._record_function_exit").
+    model = nn.Linear(64, 64)
+    model(torch.randn(8, 64)).sum().backward()
+    optimizer = torch.optim.Adam(model.parameters())
+    state = [*model.parameters(), *(param.grad for param in model.parameters())]
+    with count_memory(tensors=state) as counter:
+        counter.budget_bytes = counter.live_bytes + 64 * 64 * 4  # room for one state tensor
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            optimizer.step()
+    assert "Tried to allocate 16.00 KiB in aten.zeros_like" in str(caught.value)
+    assert counter.out_of_memory_count == 1
+
+
 def test_budget_below_the_entry_tensors_raises_at_entry():
     with pytest.raises(torch.OutOfMemoryError):
         with count_memory(budget_bytes=1000, tensors=[torch.zeros(1000)]):

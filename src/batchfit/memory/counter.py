@@ -177,7 +177,10 @@ class MemoryCounter:
             self._checks.append(self._clock)
             self._clock += 1
         budget = self.budget_bytes
-        if budget is not None and self.live_bytes > budget:
+        # As on a GPU, only an allocation runs out of memory: an op that allocated nothing new
+        # (such as a profiler range's exit while the error of the op inside it unwinds) does
+        # not raise again, which would hide the op that did.
+        if budget is not None and self.live_bytes > budget and allocated_bytes != 0:
             tried = self.live_bytes if allocated_bytes is None else allocated_bytes
             self.out_of_memory_count += 1
             # Worded as CUDA's allocator words it, so code that recognises out-of-memory by
