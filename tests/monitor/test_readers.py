@@ -166,6 +166,15 @@ def test_batchfit_metrics_jsonl_epoch_gives_the_steps_per_epoch(tmp_path):
     assert history.steps_per_epoch == pytest.approx(1438 / 256)
 
 
+@pytest.mark.parametrize(("logged", "read"), [("sqrt", "sqrt"), ("none", None), (None, None)])
+def test_batchfit_metrics_jsonl_gives_the_rate_rule_it_logs(tmp_path, logged, read):
+    lines = [{"step": step, "loss": 1.0, "lr_rule": logged} for step in range(1, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    history = read_history(tmp_path)
+    assert history.lr_rule == read
+    assert history.metric is None  # the rule's text is not taken for a metric
+
+
 def test_lightning_csv_logger_latest_version(tmp_path):
     history = read_history(write_lightning(tmp_path))
     assert history.format == "lightning" and "version_1" in history.source

@@ -62,7 +62,12 @@ def test_batch_2_with_a_high_rate_is_noisy(digits, tmp_path):
     diagnosis = _diagnose_run(digits, tmp_path, global_batch=2, micro_batch=1, lr=0.01, steps=600)
     assert "noisy" in diagnosis.kinds() and "diverging" not in diagnosis.kinds()
     assert diagnosis.get("noisy").settings["global_batch"] > 2
-    assert diagnosis.get("batch-below-critical") is not None  # the noise scale agrees
+    below = diagnosis.get("batch-below-critical")
+    assert below is not None  # the noise scale agrees
+    # digits trains with Adam: the log says so, and the advice scales the rate by that rule
+    factor = below.settings["global_batch"] / 2
+    assert below.settings["lr"] == pytest.approx(0.01 * factor**0.5)
+    assert "by the sqrt rule" in below.advice and "square-root rule for Adam" not in below.advice
 
 
 def test_rate_1e_7_is_underfitting(digits, tmp_path):

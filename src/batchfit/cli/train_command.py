@@ -36,6 +36,7 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.training.distributed import detect_distributed, launch
     from batchfit.training.loop import train as run_training
     from batchfit.training.metrics import METRICS_NAME
+    from batchfit.training.optimizers import rate_rule
 
     _check_train_inputs(args)
     out = args.resume if isinstance(args.resume, str) else args.out
@@ -101,6 +102,7 @@ def train(args: argparse.Namespace) -> int:
         noise=noise,
         stop_on=args.stop_on or (),
         plan=plan,
+        rule=rate_rule(config.optimizer, task, config.lr_rule),
         dataset_size=len(task.train_data),
         can_smooth=task.loss_with_smoothing is not None,
     )

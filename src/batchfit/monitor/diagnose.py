@@ -36,6 +36,7 @@ def _settings(history: History, plan: Any, rule: str | None, can_smooth: bool) -
         warmup = int(lr.steps[peak_index] - lr.steps[0]) if peak_index else 0
     global_batch = history.global_batch
     micro_batch = history.micro_batch
+    rule = rule or history.lr_rule
     if plan is not None:
         rule = rule or getattr(plan, "lr_rule", None)
         global_batch = global_batch or getattr(plan, "global_batch", None)
@@ -93,7 +94,8 @@ def diagnose(
         plan: the `batchfit.plan.plan_file.Plan` the run followed, if any: its scaling rule,
             micro-batch, global batch and rate fill in what the log lacks.
         rule: the learning-rate scaling rule, "linear" (SGD) or "sqrt" (Adam); default: the
-            plan's, else both are given in the advice.
+            log's (`history.lr_rule`: batchfit's metrics lines carry it), else the plan's, else
+            both are given in the advice.
         can_smooth: whether the task can train with label smoothing (`Task.loss_with_smoothing`);
             False keeps it out of the advice. The advice names the settings of the tool that
             wrote the log (`history.format`).

@@ -103,6 +103,8 @@ class History:
         global_batch: samples per optimizer step over all ranks, when the log tells it.
         micro_batch: samples per forward/backward on one process, when the log tells it.
         world_size: the processes that shared each global batch, when the log tells it.
+        lr_rule: the rule the run's rate followed the batch by ("linear" or "sqrt"), when the
+            log tells it (batchfit's own metrics lines do).
         steps_per_epoch: optimizer steps per pass over the training data, when known.
         source: the file read.
         format: "batchfit", "lightning", "transformers", "tensorboard" or "records".
@@ -118,6 +120,7 @@ class History:
     global_batch: int | None = None
     micro_batch: int | None = None
     world_size: int | None = None
+    lr_rule: str | None = None
     steps_per_epoch: float | None = None
     source: str = ""
     format: str = "records"
@@ -182,6 +185,7 @@ class History:
             "global_batch": self.global_batch,
             "micro_batch": self.micro_batch,
             "world_size": self.world_size,
+            "lr_rule": self.lr_rule,
             "steps_per_epoch": self.steps_per_epoch,
             "source": self.source,
             "format": self.format,

@@ -324,6 +324,7 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
         global_batch=global_batch,
         micro_batch=last.get("micro_batch", first.get("micro_batch")),
         world_size=last.get("world_size") if isinstance(last.get("world_size"), int) else None,
+        lr_rule=last.get("lr_rule") if last.get("lr_rule") in ("linear", "sqrt") else None,
         steps_per_epoch=steps_per_epoch,
         notes=notes,
     )

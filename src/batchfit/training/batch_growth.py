@@ -95,16 +95,14 @@ def schedule_for_run(
     Raises:
         ConfigError: a bad spec, or a first batch that does not split over the ranks.
     """
-    from batchfit.lr.scaling import default_rule
     from batchfit.training.accumulation import plan_accumulation
-    from batchfit.training.optimizers import optimizer_family
+    from batchfit.training.optimizers import rate_rule
 
-    rule = config.lr_rule or default_rule(optimizer_family(config.optimizer, task))
     schedule = parse_batch_schedule(
         config.batch_schedule,
         global_batch=config.global_batch,
         max_batch=schedule_cap(config, dataset_size=len(task.train_data), world_size=world_size),
-        rule=rule,
+        rule=rate_rule(config.optimizer, task, config.lr_rule),
         lr_schedule=lr_schedule,
     )
     if not isinstance(schedule, ConstantBatch):

@@ -303,8 +303,8 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
         ConfigError: a micro-batch larger than the data, a warmup not shorter than training,
             SWA with fewer than 2 steps.
     """
-    from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
-    from batchfit.training.optimizers import optimizer_family
+    from batchfit.lr.scaling import default_warmup_steps, needs_warmup, scaled_rate
+    from batchfit.training.optimizers import rate_rule
     from batchfit.training.sampling import steps_for_epochs, steps_per_epoch
 
     size = len(task.train_data)
@@ -321,8 +321,12 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
     if config.lr is not None:
         lr, reason = float(config.lr), config.lr_reason or f"{config.lr:g} (given)"
     else:
-        rule = config.lr_rule or default_rule(optimizer_family(config.optimizer, task))
-        scaled = scaled_rate(task.lr, task.batch_size, config.global_batch, rule)
+        scaled = scaled_rate(
+            task.lr,
+            task.batch_size,
+            config.global_batch,
+            rate_rule(config.optimizer, task, config.lr_rule),
+        )
         lr, reason = scaled.lr, scaled.reason
     swa_start_step = None
     schedule_steps = total

@@ -330,7 +330,8 @@ def _after_step(
     step = run.step
     if "noise_scale" in extra:
         run.noise_scale_logged, run.noise_scale = True, extra["noise_scale"]
-    line = {**record.to_dict(), **extra}
+    # The rule, so that a diagnosis of the log advises a rate by the run's own rule.
+    line = {**record.to_dict(), "lr_rule": run.lr_rule, **extra}
     last = step == run.setup.total_steps
     bar.step_done(step, samples=run.global_batch, loss=record.loss, lr=record.lr)
     # Evaluation batches are micro-batches: what fits for training fits without grads.

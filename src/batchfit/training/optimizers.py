@@ -53,6 +53,19 @@ def optimizer_family(name: OptimizerName, task: Task) -> str:
     return task.optimizer_family() if name == "task" else _FAMILIES[name]
 
 
+def rate_rule(name: OptimizerName, task: Task, lr_rule: str | None = None) -> str:
+    """The rule a run's rate follows the batch by: `lr_rule` when given, else the one of the
+    named optimizer's family ("linear" for SGD-type, "sqrt" for Adam-type).
+
+    Example:
+        >>> rate_rule("lars", None), rate_rule("lars", None, "sqrt")
+        ('linear', 'sqrt')
+    """
+    from batchfit.lr.scaling import default_rule
+
+    return lr_rule or default_rule(optimizer_family(name, task))
+
+
 def make_optimizer(
     name: OptimizerName, params: Iterable[torch.nn.Parameter], lr: float, *, task: Task
 ) -> torch.optim.Optimizer:

@@ -87,6 +87,7 @@ class Run:
     global_batch: int = 0  # samples per optimizer step now, over all ranks (set by the schedule)
     micro_limit: int = 0  # the largest micro-batch allowed: below every one that ran out of memory
     batch_changes: list = field(default_factory=list)  # BatchChange, every one of the run
+    lr_rule: str = "linear"  # the rule the rate follows the batch by (`optimizers.rate_rule`)
 
     @property
     def local_batch(self) -> int:
@@ -122,7 +123,7 @@ def set_up_run(
     from batchfit.training.batch_schedule import ConstantBatch
     from batchfit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_fingerprint
     from batchfit.training.metrics import METRICS_NAME
-    from batchfit.training.optimizers import make_optimizer
+    from batchfit.training.optimizers import make_optimizer, rate_rule
 
     setup = resolve_setup(task, config)
     schedule = _schedule(task, config, setup)
@@ -182,6 +183,7 @@ def set_up_run(
         batch_schedule=batch_schedule,
         global_batch=first_batch,
         micro_limit=config.micro_batch,
+        lr_rule=rate_rule(config.optimizer, task, config.lr_rule),
     )
     if config.swa:
         from torch.optim.swa_utils import SWALR, AveragedModel
