@@ -273,3 +273,20 @@ def test_a_plan_for_one_device_on_two_ranks_cuts_the_micro_batch_not_the_global_
     assert _micro_batch_for_ranks(fits, 2) is fits  # 96 per rank = 3 x 32
     uneven = TrainConfig(global_batch=192, micro_batch=64, steps=10)
     assert _micro_batch_for_ranks(uneven, 2).micro_batch == 32  # 96 per rank: 64 does not divide
+
+
+def test_a_plans_relative_task_file_missing_from_here_names_the_plan_and_the_fix(
+    tmp_path, capsys, monkeypatch
+):
+    from batchfit.plan.plan_file import Plan
+
+    plan = Plan(task="tasks/my_task.py:make", device="cpu", world_size=1, global_batch=64,
+                micro_batch=32, accumulation_steps=2, lr=0.01, lr_rule="sqrt", warmup_steps=0,
+                total_steps=5)  # fmt: skip
+    path = plan.save(tmp_path / "p" / "plan.json")
+    monkeypatch.chdir(tmp_path)  # not the folder the plan was made in: no tasks/ here
+    assert main(["train", "--plan", str(path), "--steps", "1", "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert "made for task 'tasks/my_task.py:make'" in err and "tasks/my_task.py is not found" in err
+    assert "folder `batchfit plan` ran in" in err
+    assert f"batchfit train path/to/my_task.py:make --plan {path}" in err

@@ -12,6 +12,7 @@ import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from batchfit.cli.arguments import given, load_task_from_args
 from batchfit.cli.format import print_json, stdout_console
@@ -226,6 +227,16 @@ def _task_for_plan(args: argparse.Namespace, plan):
         raise ConfigError(
             f"the plan {args.plan} was made for task {plan.task!r}, which is neither a "
             "built-in example nor path/to/file.py:function; give the task with the plan."
+        )
+    file_part = plan.task.rpartition(":")[0]
+    is_file = file_part.endswith(".py") or "/" in file_part or "\\" in file_part
+    if is_file and not Path(file_part).is_file():
+        raise ConfigError(
+            f"the plan {args.plan} was made for task {plan.task!r}, and {file_part} is not "
+            f"found from {Path.cwd()} (a relative path counts from the folder `batchfit plan` "
+            "ran in); run train from that folder, or give the task with the plan: "
+            f"batchfit train path/to/{Path(file_part).name}:{plan.task.rpartition(':')[2]} "
+            f"--plan {args.plan}"
         )
     return load_task(plan.task)
 
