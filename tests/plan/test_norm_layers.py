@@ -48,6 +48,20 @@ def test_convert_groups_divide_channels():
     assert convert_batchnorm(model, to="groupnorm").model[1].num_groups == 24
 
 
+def test_a_batchnorm1d_on_features_becomes_one_group_that_still_carries_the_input():
+    # An MLP's BatchNorm1d sees (N, C): GroupNorm(C, C) there normalised one number per group
+    # and put out its bias alone, a layer that passes nothing of its input on.
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    conversion = convert_batchnorm(model, to="groupnorm")
+    new = conversion.model[1]
+    assert isinstance(new, nn.GroupNorm) and new.num_groups == 1
+    assert "GroupNorm(1 groups)" in conversion.changes[0]
+    hidden = new(conversion.model[0](torch.randn(16, 4)))
+    assert hidden.std(dim=1).min() > 0.5  # each sample's features normalised, not zeroed
+    expected = nn.functional.layer_norm(conversion.model[0](torch.ones(2, 4)), (8,))
+    assert torch.allclose(new(conversion.model[0](torch.ones(2, 4))), expected, atol=1e-5)
+
+
 def test_convert_to_syncbatchnorm():
     conversion = convert_batchnorm(make_bn_convnet(), to="syncbatchnorm")
     assert isinstance(conversion.model[1], nn.SyncBatchNorm)

@@ -171,7 +171,10 @@ def convert_batchnorm(
 
     GroupNorm: the per-channel affine weight and bias are carried over (they mean the same in
     both layers); running mean/variance are dropped (GroupNorm keeps none). The group count is
-    the largest divisor of the channel count not above `groups`. SyncBatchNorm: everything is
+    the largest divisor of the channel count not above `groups`, except for BatchNorm1d, which
+    gets one group (LayerNorm over its features): it often normalises (N, C) activations, where
+    a group of C / `groups` numbers has too few to normalise (a group of one channel outputs
+    its bias alone, whatever the input). SyncBatchNorm: everything is
     carried over (torch's `SyncBatchNorm.convert_sync_batchnorm`); it needs a process group
     to run.
 
@@ -205,7 +208,8 @@ def convert_batchnorm(
     changes = []
     for layer in layers:
         old = converted.get_submodule(layer.name)
-        num_groups = _largest_divisor_at_most(old.num_features, groups)
+        one_group = isinstance(old, nn.BatchNorm1d)  # may see (N, C): no positions to share
+        num_groups = 1 if one_group else _largest_divisor_at_most(old.num_features, groups)
         new = nn.GroupNorm(num_groups, old.num_features, eps=old.eps, affine=old.affine)
         if old.affine:
             new = new.to(device=old.weight.device, dtype=old.weight.dtype)
