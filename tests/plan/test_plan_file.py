@@ -100,6 +100,10 @@ def test_batch_schedule_round_trips_and_a_version_1_plan_loads_constant(tmp_path
     [
         ({"batch_schedule": "grow"}, r"'batch_schedule' is 'grow'.*noise"),
         ({"batch_schedule": "noise", "max_global_batch": 0}, r"'max_global_batch' is 0"),
+        (
+            {"batch_schedule": "noise", "max_global_batch": 128},
+            r"'max_global_batch' is 128; .*from global_batch \(256\), so it must be at least",
+        ),
     ],
 )
 def test_bad_batch_schedule_names_field_and_forms(changes, words):

@@ -365,6 +365,14 @@ def _validate_schedule(plan: Plan, fail: Any) -> None:
         fail(
             "max_global_batch", cap, "it must be a whole number of samples of at least 1, or null."
         )
+    grows_from_start = str(plan.batch_schedule).split(":")[0] in ("constant", "noise", "seesaw")
+    if cap is not None and grows_from_start and cap < plan.global_batch:
+        fail(
+            "max_global_batch",
+            cap,
+            f"it caps the batch schedule's growth from global_batch ({plan.global_batch}), so it "
+            "must be at least that, or null.",
+        )
     try:
         parse_batch_schedule(
             plan.batch_schedule,
