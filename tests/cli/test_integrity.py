@@ -107,7 +107,7 @@ def test_a_damaged_or_foreign_checkpoint_is_one_line(
 
 @pytest.mark.parametrize(
     "make_plan, words",
-    [(_mlp_plan, "made for task 'tiny-mlp', not 'regression'"),
+    [(_mlp_plan, "task 'tiny-mlp', given as tests/conftest.py:make_mlp_task, not 'regression'"),
      (_other_model_plan, "made for another model (fingerprint")],
 )  # fmt: skip
 def test_a_plan_from_another_task_is_one_line_and_force_plan_overrides(

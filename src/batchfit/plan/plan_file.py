@@ -128,8 +128,9 @@ def check_plan_task(plan: Plan, task: Any) -> None:
         "this one anyway."
     )
     if plan.task_name is not None and plan.task_name != task.name:
+        made_with = f", given as {plan.task}" if plan.task != plan.task_name else ""
         raise CheckpointError(
-            f"The plan was made for task {plan.task_name!r}, not {task.name!r}; {fix}"
+            f"The plan was made for task {plan.task_name!r}{made_with}, not {task.name!r}; {fix}"
         )
     if plan.model_fingerprint is None:
         return
