@@ -83,6 +83,17 @@ def test_from_plan_takes_the_plans_settings():
     assert TrainConfig.from_plan(_plan(normalization="syncbatchnorm")).sync_batchnorm is True
 
 
+def test_a_plans_rate_is_called_the_plans_and_a_given_rate_given():
+    from batchfit.task import load_example
+
+    task = load_example("digits")
+    # It read "0.004 (given)" in train's summary, as if the user had typed --lr.
+    setup = resolve_setup(task, TrainConfig.from_plan(_plan(optimizer="task")))
+    assert (setup.lr, setup.lr_reason) == (0.004, "the plan's rate at its global batch 256")
+    setup = resolve_setup(task, TrainConfig.from_plan(_plan(optimizer="task"), lr=0.1))
+    assert (setup.lr, setup.lr_reason) == (0.1, "0.1 (given)")
+
+
 def test_from_plan_overrides_win_and_a_new_length_drops_the_plans_warmup():
     config = TrainConfig.from_plan(_plan(), lr=0.1, micro_batch=32, out_dir="runs/x")
     assert (config.lr, config.micro_batch, config.out_dir) == (0.1, 32, "runs/x")

@@ -240,6 +240,7 @@ class TrainConfig:
             "global_batch": plan.global_batch,
             "micro_batch": plan.micro_batch,
             "lr": plan.lr,
+            "lr_reason": f"the plan's rate at its global batch {plan.global_batch}",
             "optimizer": plan.optimizer,
             "sync_batchnorm": plan.normalization == "syncbatchnorm",
             "batch_schedule": plan.batch_schedule,
@@ -251,6 +252,8 @@ class TrainConfig:
                 settings["steps"] = plan.total_steps
         if isinstance(new_batch, int) and new_batch > 0 and new_batch != plan.global_batch:
             settings.update(_plan_at_another_batch(plan, new_batch, overrides))
+        if "lr" in overrides and "lr_reason" not in overrides:
+            settings.pop("lr_reason", None)  # the given rate says "(given)"
         settings.update(overrides)
         return cls(**settings)
 
