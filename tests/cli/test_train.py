@@ -290,3 +290,30 @@ def test_a_plans_relative_task_file_missing_from_here_names_the_plan_and_the_fix
     assert "made for task 'tasks/my_task.py:make'" in err and "tasks/my_task.py is not found" in err
     assert "folder `batchfit plan` ran in" in err
     assert f"batchfit train path/to/my_task.py:make --plan {path}" in err
+
+
+def test_a_plan_report_that_cannot_be_written_leaves_the_summary_and_exit_code(
+    tmp_path, capsys, monkeypatch
+):
+    import batchfit.report.html
+    from batchfit.plan.plan_file import Plan
+
+    plan = Plan(task="digits", device="cpu", world_size=1, global_batch=64, micro_batch=32,
+                accumulation_steps=2, lr=0.01, lr_rule="sqrt", warmup_steps=0,
+                total_steps=5)  # fmt: skip
+    path = plan.save(tmp_path / "p" / "plan.json")
+    (tmp_path / "p" / "report.html").write_text("<html></html>")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(batchfit.report.html, "write_report", full_disk)
+    run = tmp_path / "r"
+    argv = ["train", "--plan", str(path), "--steps", "2", "--out", str(run)]
+    assert main(argv) == 0  # was a traceback after the whole run, and no summary
+    out = capsys.readouterr().out
+    assert "Trained digits: 2/2 steps" in out
+    assert "report: the report in" in out and "No space left on device" in out
+    assert (run / "checkpoint.pt").is_file()
+    assert main([*argv, "--force", "--json"]) == 0
+    assert "No space left" in json.loads(capsys.readouterr().out)["report_problem"]

@@ -31,7 +31,6 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.noise.callback import NoiseScaleCallback
     from batchfit.noise.watch import noise_scale_advice, noise_scale_loggable
     from batchfit.plan.plan_file import apply_plan, load_plan, normalization_note
-    from batchfit.report.html import update_plan_report
     from batchfit.training.checkpoint import CHECKPOINT_NAME
     from batchfit.training.config import TrainConfig, check_train_config
     from batchfit.training.distributed import detect_distributed, launch
@@ -133,7 +132,9 @@ def train(args: argparse.Namespace) -> int:
         # early with another code would have torchrun stop rank 0 in the middle of its summary.
         return 0
     diagnosis_path = live.write(config.out_dir) if config.out_dir else None
-    report_path = update_plan_report(args.plan, out) if args.plan and out else None
+    report_path, report_problem = (
+        _rewrite_plan_report(args.plan, out) if args.plan and out else (None, None)
+    )
     recent = noise_scale_at_end(live.history()) if result.noise_scale_logged else None
     noise_summary = {
         "logged": result.noise_scale_logged,
@@ -152,6 +153,7 @@ def train(args: argparse.Namespace) -> int:
             "normalization": model_note,
             "devices": _devices_note(plan, result),
             "report_path": report_path and str(report_path),
+            "report_problem": report_problem,
         }
         print_json({**result.to_dict(), "noise_scale": noise_summary, **extra})
         return code
@@ -171,7 +173,26 @@ def train(args: argparse.Namespace) -> int:
         console.print(f"  diagnosis: {diagnosis_path}", highlight=False, markup=False)
     if report_path is not None:
         console.print(f"  report with the run: {report_path}", highlight=False, markup=False)
+    if report_problem is not None:
+        console.print(f"  report: {report_problem}", highlight=False, markup=False)
     return code
+
+
+def _rewrite_plan_report(plan_path: str, run_dir: str) -> tuple[Path | None, str | None]:
+    """The plan's report rewritten with the run, or None and why not. The run is trained and on
+    disk by then: a report that cannot be written must not hide the run's summary."""
+    from batchfit.errors import BatchfitError
+    from batchfit.report.html import update_plan_report
+
+    try:
+        return update_plan_report(plan_path, run_dir), None
+    except (OSError, BatchfitError) as error:
+        why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        folder = Path(plan_path) if Path(plan_path).is_dir() else Path(plan_path).parent
+        return None, (
+            f"the report in {folder} was not rewritten with the run ({why}); the run itself "
+            f"is complete, in {run_dir}"
+        )
 
 
 def _micro_batch_for_ranks(config, world_size: int):
