@@ -70,6 +70,18 @@ def test_future_version_is_refused(tmp_path):
         load_plan(path)
 
 
+def test_another_json_file_given_as_a_plan_is_called_not_a_plan(tmp_path):
+    # A run's diagnosis.json or train --json output: it said only that schema_version is None.
+    path = tmp_path / "diagnosis.json"
+    path.write_text(json.dumps({"findings": [], "source": "runs/x/metrics.jsonl", "steps": 9}))
+    with pytest.raises(CheckpointError, match=r"not a plan .*findings, source, steps\); give"):
+        load_plan(path)
+    del_version = make_plan().to_dict()
+    del del_version["schema_version"]  # a plan with its version cut out still says which field
+    with pytest.raises(CheckpointError, match="'schema_version' is None"):
+        plan_from_dict(del_version)
+
+
 def test_missing_unknown_and_malformed(tmp_path):
     data = make_plan().to_dict()
     del data["lr"]

@@ -266,6 +266,12 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
     if not isinstance(data, dict):
         raise CheckpointError(f"{source}: a plan is a JSON object, got {type(data).__name__}.")
     version = data.get("schema_version")
+    if version is None and not {"global_batch", "micro_batch", "lr"} & set(data):
+        shown = ", ".join(sorted(map(str, data))[:6]) + (", ..." if len(data) > 6 else "")
+        raise CheckpointError(
+            f"{source}: not a plan (none of schema_version, global_batch, micro_batch, lr among "
+            f"its fields: {shown or 'none'}); give the plan.json that `batchfit plan` wrote."
+        )
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(
             f"{source}: field 'schema_version' is {version!r}; a plan needs an integer schema "
