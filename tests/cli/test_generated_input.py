@@ -46,7 +46,8 @@ def _outside(action: argparse.Action) -> st.SearchStrategy[str]:
     """Text for a value this flag must refuse."""
     garbage = st.sampled_from(["", "abc", "1,2", "0x10", "1e", "--", "nan", "inf", "-inf", "1_0"])
     if isinstance(action, Size):
-        return garbage | st.sampled_from(["0", "-1GB", "12XB", "1e999999999GB", "2EiB", "1e30"])
+        zero = [] if action.zero else ["0"]  # --reserve takes 0
+        return garbage | st.sampled_from([*zero, "-1GB", "12XB", "1e999999999GB", "2EiB", "1e30"])
     if isinstance(action, BatchSizes):
         return st.sampled_from(["0,8", "8,-1", "a,b", "", ",", "99999999999999999999"]) | st.lists(
             st.integers(1, 8), min_size=65, max_size=70
