@@ -133,6 +133,16 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
         )
 
 
+def test_mismatched_checkpoint_names_the_keys_that_differ(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError) as caught:
+        measure_noise_scale(make_mlp_task(), batches=2, checkpoint=path, device="cpu")
+    message = str(caught.value)
+    assert "Missing key(s)" in message and "Unexpected key(s)" in message
+    assert "encoder.weight" in message and "\n" not in message
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [

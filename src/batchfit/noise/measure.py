@@ -427,9 +427,14 @@ def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
     try:
         model.load_state_dict(checkpoint)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
+        # torch's first line only names the module ("Error(s) in loading state_dict for
+        # Linear:"); the lines after it say which keys are missing, unexpected or misshapen.
+        lines = [" ".join(line.split()) for line in str(error).strip().splitlines()]
+        details = "; ".join(line for line in lines[1:] if line) or lines[0]
+        if len(details) > 300:
+            details = details[:297] + "..."
         raise CheckpointError(
-            f"The checkpoint does not match the task's model ({first}); give a checkpoint "
+            f"The checkpoint does not match the task's model ({details}); give a checkpoint "
             "saved from this task's model."
         ) from None
 
