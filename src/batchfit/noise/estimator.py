@@ -208,17 +208,41 @@ def _ratio(trace: float, gradient_sq: float) -> float | None:
     return trace / gradient_sq
 
 
-def _bootstrap(pairs: Sequence[tuple[float, float]]) -> tuple[float | None, float | None]:
-    """Percentile interval of the ratio of means over batches resampled with replacement."""
+def _bootstrap(
+    pairs: Sequence[tuple[float, float]], *, trend: bool = False
+) -> tuple[float | None, float | None]:
+    """Percentile interval of the estimate over batches resampled with replacement.
+
+    Without `trend` the estimate is the ratio of the means; with it, as `_at_end` and
+    `NoiseScaleTracker._at_latest_step` read it: each series' least-squares line through the
+    resampled (step, value) points, read at the window's last step (the means where a line ends
+    at or below zero and the means do not). An interval of the means alone lags behind a
+    trending window, and missed the trend's end value it was reported with.
+    """
     import numpy
 
     if len(pairs) < 2:
         return None, None
     values = numpy.asarray(pairs, dtype=numpy.float64)
+    count = len(values)
     generator = numpy.random.default_rng(0)  # fixed: the same data give the same interval
-    picks = generator.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
+    picks = generator.integers(0, count, size=(BOOTSTRAP_RESAMPLES, count))
     gradient_sq = values[:, 0][picks].mean(axis=1)
     trace = values[:, 1][picks].mean(axis=1)
+    if trend and count >= 3:
+        steps = picks.astype(numpy.float64)
+        offsets = steps - steps.mean(axis=1, keepdims=True)
+        spread = (offsets * offsets).sum(axis=1)
+        ahead = (count - 1) - steps.mean(axis=1)  # from the resample's mean step to the end
+        ends = []
+        for column, mean in ((0, gradient_sq), (1, trace)):
+            series = values[:, column][picks]
+            with numpy.errstate(divide="ignore", invalid="ignore"):
+                slope = numpy.where(spread > 0, (offsets * series).sum(axis=1) / spread, 0.0)
+            ends.append(mean + slope * ahead)
+        use_means = (numpy.minimum(*ends) <= 0) & (numpy.minimum(gradient_sq, trace) > 0)
+        gradient_sq = numpy.where(use_means, gradient_sq, ends[0])
+        trace = numpy.where(use_means, trace, ends[1])
     with numpy.errstate(divide="ignore", invalid="ignore"):
         ratios = numpy.where(gradient_sq > 0, numpy.maximum(trace, 0.0) / gradient_sq, numpy.inf)
     # order statistics, not interpolation: infinite ratios (|G|^2 <= 0) must not turn into NaN
@@ -399,7 +423,8 @@ class NoiseScaleTracker:
         """
         reason = self._reason()
         value = self.noise_scale if not reason else None
-        low, high = _holding(_bootstrap(list(self._pairs)), value) if not reason else (None, None)
+        interval = _bootstrap(list(self._pairs), trend=self.window is not None)
+        low, high = _holding(interval, value) if not reason else (None, None)
         points: tuple[RunningEstimate, ...] = ()
         if running and self.window is None and self._pairs:
             points = _running_estimates(list(self._pairs))
