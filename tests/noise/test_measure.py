@@ -282,3 +282,13 @@ def test_a_batchnorm_model_is_never_measured_on_one_sample(small, big, words):
         make_bn1d_task(), small_batch=2, big_batch=8, batches=2, warmup_steps=0
     )
     assert result.batches == 2
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [(torch.nn.Linear(2, 2), "Task(model=..."), ("tasks.py:make", "load_task('tasks.py:make')")],
+)
+def test_anything_but_a_task_is_refused_with_how_to_make_one(given, words):
+    with pytest.raises(ConfigError, match="takes a batchfit Task") as caught:
+        measure_noise_scale(given, batches=2)
+    assert words in str(caught.value)

@@ -139,6 +139,7 @@ def measure_throughput(
     from batchfit.plan.norm_layers import is_single_sample_batchnorm_error
     from batchfit.snapshot import preserved_rng
 
+    _check_task(task, "measure_throughput")
     warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
     repeats = check_whole_number("repeats", repeats, minimum=1)
     rounds = check_whole_number("rounds", rounds, minimum=1)
@@ -255,6 +256,21 @@ def measure_throughput(
         clock_reason=times.clock_reason,
         rounds=len(shares),
     )
+
+
+def _check_task(task: Any, function: str) -> None:
+    """Refuse anything but a Task in one line that names how to make one."""
+    from batchfit.task import Task
+
+    if isinstance(task, Task):
+        return
+    hint = (
+        f"load it with batchfit.load_task({task!r})"
+        if isinstance(task, str)
+        else "wrap a model of your own: Task(model=..., train_data=..., loss=..., "
+        "optimizer=..., lr=..., batch_size=...)"
+    )
+    raise ConfigError(f"{function} takes a batchfit Task, got {type(task).__name__}; {hint}.")
 
 
 def _rate(size: int, timing: _Timing, with_cpu: bool) -> float:
