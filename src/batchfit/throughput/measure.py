@@ -161,6 +161,7 @@ def measure_throughput(
     seed = task.seed if seed is None else seed
     timings = {size: _Timing() for size in sizes}
     measured: list[int] = []
+    skipped: list[int] = []
     stopped_early = False
     planned = warmup_steps + repeats
     counter = functools.partial(_report, progress, timings, planned, planned * len(sizes))
@@ -198,6 +199,7 @@ def measure_throughput(
                         "than one value per channel; measure batch sizes from 2."
                     ) from None
                 logger.info("throughput: batch %d is too small for BatchNorm; skipped", size)
+                skipped.append(size)
                 continue
             if not fits:
                 limit, reason = measured[-1], "out_of_memory"
@@ -255,6 +257,7 @@ def measure_throughput(
         clock=times.clock,
         clock_reason=times.clock_reason,
         rounds=len(shares),
+        skipped=tuple(skipped),
     )
 
 
