@@ -292,3 +292,14 @@ def test_anything_but_a_task_is_refused_with_how_to_make_one(given, words):
     with pytest.raises(ConfigError, match="takes a batchfit Task") as caught:
         measure_noise_scale(given, batches=2)
     assert words in str(caught.value)
+
+
+def test_uneven_split_says_the_small_batch_asked_for_and_the_harmonic_mean():
+    # 10 = 3 + 3 + 3 + 1: the harmonic mean is 2, which divides 10 evenly
+    result = measure_noise_scale(
+        make_mlp_task(), small_batch=3, big_batch=10, batches=5, warmup_steps=0, device="cpu"
+    )
+    assert result.small_batch_samples == pytest.approx(2.0) and result.micro_batch == 3
+    row = dict(result.summary_rows())["B_small / B_big"]
+    assert row.startswith("2 / 10") and "micro-batches of 3, the last 1" in row
+    assert "harmonic mean" in row and result.to_dict()["micro_batch"] == 3

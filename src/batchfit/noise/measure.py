@@ -283,6 +283,7 @@ def measure_noise_scales(
                     samples_seen=point * task.batch_size,
                     from_checkpoint=checkpoint is not None,
                     whole_passes=passes,
+                    micro_batch=small,
                 )
             )
     return tuple(results)
