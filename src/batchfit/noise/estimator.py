@@ -211,35 +211,23 @@ def _ratio(trace: float, gradient_sq: float) -> float | None:
 def _bootstrap(
     pairs: Sequence[tuple[float, float]], *, trend: bool = False
 ) -> tuple[float | None, float | None]:
-    """Percentile interval of the estimate over batches resampled with replacement.
-
-    Without `trend` the estimate is the ratio of the means; with it, as `_at_end` and
-    `NoiseScaleTracker._at_latest_step` read it: each series' least-squares line through the
-    resampled (step, value) points, read at the window's last step (the means where a line ends
-    at or below zero and the means do not). An interval of the means alone lags behind a
-    trending window, and missed the trend's end value it was reported with.
-    """
+    """Percentile interval of the estimate over batches resampled with replacement: the ratio
+    of the means, or with `trend` of the lines' ends as `NoiseScaleTracker._at_latest_step`
+    reads them (an interval of the means lags a trending window, and missed its estimate)."""
     import numpy
 
     if len(pairs) < 2:
         return None, None
-    values = numpy.asarray(pairs, dtype=numpy.float64)
-    count = len(values)
+    values, count = numpy.asarray(pairs, dtype=numpy.float64), len(pairs)
     generator = numpy.random.default_rng(0)  # fixed: the same data give the same interval
     picks = generator.integers(0, count, size=(BOOTSTRAP_RESAMPLES, count))
-    gradient_sq = values[:, 0][picks].mean(axis=1)
-    trace = values[:, 1][picks].mean(axis=1)
-    if trend and count >= 3:
-        steps = picks.astype(numpy.float64)
-        offsets = steps - steps.mean(axis=1, keepdims=True)
-        spread = (offsets * offsets).sum(axis=1)
-        ahead = (count - 1) - steps.mean(axis=1)  # from the resample's mean step to the end
-        ends = []
-        for column, mean in ((0, gradient_sq), (1, trace)):
-            series = values[:, column][picks]
-            with numpy.errstate(divide="ignore", invalid="ignore"):
-                slope = numpy.where(spread > 0, (offsets * series).sum(axis=1) / spread, 0.0)
-            ends.append(mean + slope * ahead)
+    gradient_sq, trace = values[:, 0][picks].mean(axis=1), values[:, 1][picks].mean(axis=1)
+    if trend and count >= 3:  # each resample's least-squares line, read at the last step
+        offsets = picks - picks.mean(axis=1, keepdims=True)
+        spread = numpy.maximum((offsets * offsets).sum(axis=1), 1e-300)
+        ahead = (count - 1) - picks.mean(axis=1)
+        ends = [mean + (offsets * values[:, column][picks]).sum(axis=1) / spread * ahead
+                for column, mean in ((0, gradient_sq), (1, trace))]  # fmt: skip
         use_means = (numpy.minimum(*ends) <= 0) & (numpy.minimum(gradient_sq, trace) > 0)
         gradient_sq = numpy.where(use_means, gradient_sq, ends[0])
         trace = numpy.where(use_means, trace, ends[1])
