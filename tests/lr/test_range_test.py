@@ -326,3 +326,25 @@ def test_a_budget_for_another_device_picks_a_micro_batch_this_machine_runs(monke
     assert result.micro_batch == host
     with pytest.raises(ConfigError, match=f"on this machine is {host};"):
         lr_range_test(task, device="cpu", micro_batch=250, **options)
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "micro_batch", "words"),
+    [(9, 4, "4+4+1; use a micro_batch that leaves no single sample, e.g. 3"),
+     (4, 1, "1+1+1+1; use a micro_batch that leaves no single sample, e.g. 2"),
+     (1, None, "use a global_batch of at least 2")],
+)  # fmt: skip
+def test_batchnorm_micro_batch_of_one_sample_names_the_split_and_the_fix(
+    global_batch, micro_batch, words
+):
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="BatchNorm") as caught:
+        lr_range_test(
+            model, optimizer, loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+            train_data=data, global_batch=global_batch, micro_batch=micro_batch, steps=40,
+        )  # fmt: skip
+    assert words in str(caught.value)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())

@@ -186,6 +186,32 @@ def test_tracker_interval_always_holds_its_estimate():
             assert result.high_samples is None or result.noise_scale_samples <= result.high_samples
 
 
+def test_tracker_interval_covers_the_value_its_trend_line_reads():
+    """The interval is a bootstrap of the estimate itself, the window's trend line read at its
+    end, not of the window's means: while |G|^2 falls steadily the means lag behind, and an
+    interval of theirs, only stretched to hold the estimate, had the estimate at its edge and
+    missed the true value at the window's end in most trials."""
+    import random
+
+    random.seed(0)
+    covered = trials = 0
+    at_edge = 0
+    for _ in range(40):
+        tracker = NoiseScaleTracker(window=30)
+        for step in range(30):
+            gradient_sq = 2.0 - step / 29 + random.gauss(0, 0.15)  # falls from 2 to 1
+            trace = 8.0 + random.gauss(0, 0.6)
+            tracker.update(
+                gradient_sq + trace / 2, gradient_sq + trace / 8, small_batch=2, big_batch=8
+            )
+        result = tracker.estimate()
+        trials += 1
+        covered += result.low_samples <= 8.0 <= result.high_samples
+        at_edge += result.noise_scale_samples in (result.low_samples, result.high_samples)
+    assert covered >= 0.75 * trials  # a 90% interval (36 of 40 here); 18 of 40 before
+    assert at_edge <= 0.1 * trials
+
+
 def test_estimate_with_non_positive_gradient_norm_is_not_reliable():
     tracker = NoiseScaleTracker(window=30)
     for _ in range(10):

@@ -133,6 +133,16 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
         )
 
 
+def test_mismatched_checkpoint_names_the_keys_that_differ(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError) as caught:
+        measure_noise_scale(make_mlp_task(), batches=2, checkpoint=path, device="cpu")
+    message = str(caught.value)
+    assert "Missing key(s)" in message and "Unexpected key(s)" in message
+    assert "encoder.weight" in message and "\n" not in message
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [
@@ -272,3 +282,24 @@ def test_a_batchnorm_model_is_never_measured_on_one_sample(small, big, words):
         make_bn1d_task(), small_batch=2, big_batch=8, batches=2, warmup_steps=0
     )
     assert result.batches == 2
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [(torch.nn.Linear(2, 2), "Task(model=..."), ("tasks.py:make", "load_task('tasks.py:make')")],
+)
+def test_anything_but_a_task_is_refused_with_how_to_make_one(given, words):
+    with pytest.raises(ConfigError, match="takes a batchfit Task") as caught:
+        measure_noise_scale(given, batches=2)
+    assert words in str(caught.value)
+
+
+def test_uneven_split_says_the_small_batch_asked_for_and_the_harmonic_mean():
+    # 10 = 3 + 3 + 3 + 1: the harmonic mean is 2, which divides 10 evenly
+    result = measure_noise_scale(
+        make_mlp_task(), small_batch=3, big_batch=10, batches=5, warmup_steps=0, device="cpu"
+    )
+    assert result.small_batch_samples == pytest.approx(2.0) and result.micro_batch == 3
+    row = dict(result.summary_rows())["B_small / B_big"]
+    assert row.startswith("2 / 10") and "micro-batches of 3, the last 1" in row
+    assert "harmonic mean" in row and result.to_dict()["micro_batch"] == 3

@@ -291,3 +291,21 @@ def test_cpu_time_of_other_threads_does_not_shrink_the_step_time():
     # quarter without it (0.76x seen once in CI at batch 1), so the bound is 2x.
     for seconds, walls in zip(result.seconds_per_step, result.step_seconds):
         assert seconds >= 0.5 * min(walls)
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [(nn.Linear(2, 2), "Task(model=..."), ("tasks.py:make", "load_task('tasks.py:make')")],
+)
+def test_anything_but_a_task_is_refused_with_how_to_make_one(given, words):
+    with pytest.raises(ConfigError, match="takes a batchfit Task") as caught:
+        measure_throughput(given, batch_sizes=[2])
+    assert words in str(caught.value)
+
+
+def test_a_batch_of_one_skipped_for_batchnorm_is_said():
+    task = make_mlp_task(model=nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)))
+    result = measure_throughput(task, batch_sizes=[1, 2, 4], repeats=1, min_seconds=0, rounds=1)
+    assert result.batch_sizes == (2, 4) and result.skipped == (1,)
+    assert "Not measured: batch 1" in result.describe() and "BatchNorm" in result.describe()
+    assert result.to_dict()["skipped"] == [1]

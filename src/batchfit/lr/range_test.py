@@ -40,7 +40,7 @@ from batchfit.lr.suggest import (
     sweep_lrs,
 )
 from batchfit.progress import ProgressFn, report
-from batchfit.task import Task, move_to
+from batchfit.task import Task, batch_size_of, move_to
 from batchfit.validation import check_batch_size, check_smoothing
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ def lr_range_test(
                 )
                 chunks = _micro_batches(source, indices, micro)
                 optim.zero_grad(set_to_none=True)
-                value = _accumulate(model, source, chunks)
+                value = _accumulate_or_explain(model, source, chunks, micro)
                 losses.append(value)
                 if not math.isfinite(value):
                     if index == 0:
@@ -429,6 +429,32 @@ def _accumulate(model: Any, source: _Source, chunks: list[tuple[Any, int]]) -> f
 
     batches = [move_to(batch, source.device) for batch, _ in chunks]
     return accumulate_gradients(model, source.loss, batches, counts=[c for _, c in chunks])
+
+
+def _accumulate_or_explain(
+    model: Any, source: _Source, chunks: list[tuple[Any, int]], micro: int
+) -> float:
+    """`_accumulate`, with BatchNorm's refusal of a one-sample micro-batch said as the fix."""
+    from batchfit.plan.norm_layers import is_single_sample_batchnorm_error
+
+    try:
+        return _accumulate(model, source, chunks)
+    except ValueError as error:
+        if not is_single_sample_batchnorm_error(error):
+            raise
+        total = source.global_batch
+        split = "+".join(str(batch_size_of(batch)) for batch, _ in chunks)
+        below = [size for size in range(min(micro, total), 1, -1) if total % size != 1]
+        usable = below or [size for size in range(2, total + 1) if total % size != 1]
+        fix = (
+            f"use a micro_batch that leaves no single sample, e.g. {usable[0]}"
+            if usable
+            else "use a global_batch of at least 2"
+        )
+        raise ConfigError(
+            f"The model has BatchNorm, which cannot train on a micro-batch of one sample: "
+            f"global_batch {total} runs as micro-batches of {split}; {fix}."
+        ) from None
 
 
 def _result(

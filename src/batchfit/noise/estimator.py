@@ -208,17 +208,29 @@ def _ratio(trace: float, gradient_sq: float) -> float | None:
     return trace / gradient_sq
 
 
-def _bootstrap(pairs: Sequence[tuple[float, float]]) -> tuple[float | None, float | None]:
-    """Percentile interval of the ratio of means over batches resampled with replacement."""
+def _bootstrap(
+    pairs: Sequence[tuple[float, float]], *, trend: bool = False
+) -> tuple[float | None, float | None]:
+    """Percentile interval of the estimate over batches resampled with replacement: the ratio
+    of the means, or with `trend` of the lines' ends as `NoiseScaleTracker._at_latest_step`
+    reads them (an interval of the means lags a trending window, and missed its estimate)."""
     import numpy
 
     if len(pairs) < 2:
         return None, None
-    values = numpy.asarray(pairs, dtype=numpy.float64)
+    values, count = numpy.asarray(pairs, dtype=numpy.float64), len(pairs)
     generator = numpy.random.default_rng(0)  # fixed: the same data give the same interval
-    picks = generator.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
-    gradient_sq = values[:, 0][picks].mean(axis=1)
-    trace = values[:, 1][picks].mean(axis=1)
+    picks = generator.integers(0, count, size=(BOOTSTRAP_RESAMPLES, count))
+    gradient_sq, trace = values[:, 0][picks].mean(axis=1), values[:, 1][picks].mean(axis=1)
+    if trend and count >= 3:  # each resample's least-squares line, read at the last step
+        offsets = picks - picks.mean(axis=1, keepdims=True)
+        spread = numpy.maximum((offsets * offsets).sum(axis=1), 1e-300)
+        ahead = (count - 1) - picks.mean(axis=1)
+        ends = [mean + (offsets * values[:, column][picks]).sum(axis=1) / spread * ahead
+                for column, mean in ((0, gradient_sq), (1, trace))]  # fmt: skip
+        use_means = (numpy.minimum(*ends) <= 0) & (numpy.minimum(gradient_sq, trace) > 0)
+        gradient_sq = numpy.where(use_means, gradient_sq, ends[0])
+        trace = numpy.where(use_means, trace, ends[1])
     with numpy.errstate(divide="ignore", invalid="ignore"):
         ratios = numpy.where(gradient_sq > 0, numpy.maximum(trace, 0.0) / gradient_sq, numpy.inf)
     # order statistics, not interpolation: infinite ratios (|G|^2 <= 0) must not turn into NaN
@@ -399,7 +411,8 @@ class NoiseScaleTracker:
         """
         reason = self._reason()
         value = self.noise_scale if not reason else None
-        low, high = _holding(_bootstrap(list(self._pairs)), value) if not reason else (None, None)
+        interval = _bootstrap(list(self._pairs), trend=self.window is not None)
+        low, high = _holding(interval, value) if not reason else (None, None)
         points: tuple[RunningEstimate, ...] = ()
         if running and self.window is None and self._pairs:
             points = _running_estimates(list(self._pairs))

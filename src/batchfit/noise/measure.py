@@ -215,6 +215,7 @@ def measure_noise_scales(
     from batchfit.devices import resolve_device
     from batchfit.snapshot import preserved_rng
 
+    _check_task(task, "measure_noise_scale")
     dataset_size = len(task.train_data)
     default_small, default_big = default_batch_sizes(task)
     small = check_whole_number("small_batch", default_small if small_batch is None else small_batch)
@@ -282,6 +283,7 @@ def measure_noise_scales(
                     samples_seen=point * task.batch_size,
                     from_checkpoint=checkpoint is not None,
                     whole_passes=passes,
+                    micro_batch=small,
                 )
             )
     return tuple(results)
@@ -394,6 +396,21 @@ def _check_batchnorm_sizes(model: nn.Module, sizes: list[int], big_batch: int) -
     )
 
 
+def _check_task(task: Any, function: str) -> None:
+    """Refuse anything but a Task in one line that names how to make one."""
+    from batchfit.task import Task
+
+    if isinstance(task, Task):
+        return
+    hint = (
+        f"load it with batchfit.load_task({task!r})"
+        if isinstance(task, str)
+        else "wrap a model of your own: Task(model=..., train_data=..., loss=..., "
+        "optimizer=..., lr=..., batch_size=...)"
+    )
+    raise ConfigError(f"{function} takes a batchfit Task, got {type(task).__name__}; {hint}.")
+
+
 def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
     import torch
 
@@ -427,9 +444,14 @@ def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:
     try:
         model.load_state_dict(checkpoint)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
+        # torch's first line only names the module ("Error(s) in loading state_dict for
+        # Linear:"); the lines after it say which keys are missing, unexpected or misshapen.
+        lines = [" ".join(line.split()) for line in str(error).strip().splitlines()]
+        details = "; ".join(line for line in lines[1:] if line) or lines[0]
+        if len(details) > 300:
+            details = details[:297] + "..."
         raise CheckpointError(
-            f"The checkpoint does not match the task's model ({first}); give a checkpoint "
+            f"The checkpoint does not match the task's model ({details}); give a checkpoint "
             "saved from this task's model."
         ) from None
 

@@ -69,6 +69,9 @@ class NoiseScaleResult:
         whole_passes: passes over the training set measured instead of big batches (standalone,
             on a small set: `batchfit.noise.measure.whole_passes`); `batches` then counts their
             micro-batches, each a small batch against the pass's gradient. 0: big batches.
+        micro_batch: the size of the micro-batches each big batch was split into (standalone
+            only), the last taking the remainder; with a remainder `small_batch_samples` is their
+            harmonic mean, not the small batch asked for.
     """
 
     noise_scale_samples: float | None
@@ -90,6 +93,7 @@ class NoiseScaleResult:
     from_checkpoint: bool = False
     running: tuple[RunningEstimate, ...] = field(default=())
     whole_passes: int = 0
+    micro_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields (`running` as a list of dicts) and `meaning`."""
@@ -110,8 +114,14 @@ class NoiseScaleResult:
             interval = f"{low} to {high}"
         small = f"{self.small_batch_samples:.3g}" if self.small_batch_samples else "-"
         big = f"{self.big_batch_samples:g}" if self.big_batch_samples else "-"
-        if self.small_batch_samples and self.big_batch_samples:
-            parts = self.big_batch_samples / self.small_batch_samples
+        micro, whole = self.micro_batch, self.big_batch_samples
+        if micro and whole and whole % micro:
+            big += (
+                f" (micro-batches of {micro}, the last {whole % micro:g}: B_small is their "
+                "harmonic mean)"
+            )
+        elif not micro and self.small_batch_samples and whole:
+            parts = whole / self.small_batch_samples
             if abs(parts - round(parts)) > 1e-6:
                 big += " (uneven micro-batches: B_small is their harmonic mean)"
         if self.finite_population_corrected:

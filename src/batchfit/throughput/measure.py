@@ -139,6 +139,7 @@ def measure_throughput(
     from batchfit.plan.norm_layers import is_single_sample_batchnorm_error
     from batchfit.snapshot import preserved_rng
 
+    _check_task(task, "measure_throughput")
     warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
     repeats = check_whole_number("repeats", repeats, minimum=1)
     rounds = check_whole_number("rounds", rounds, minimum=1)
@@ -160,6 +161,7 @@ def measure_throughput(
     seed = task.seed if seed is None else seed
     timings = {size: _Timing() for size in sizes}
     measured: list[int] = []
+    skipped: list[int] = []
     stopped_early = False
     planned = warmup_steps + repeats
     counter = functools.partial(_report, progress, timings, planned, planned * len(sizes))
@@ -197,6 +199,7 @@ def measure_throughput(
                         "than one value per channel; measure batch sizes from 2."
                     ) from None
                 logger.info("throughput: batch %d is too small for BatchNorm; skipped", size)
+                skipped.append(size)
                 continue
             if not fits:
                 limit, reason = measured[-1], "out_of_memory"
@@ -254,7 +257,23 @@ def measure_throughput(
         clock=times.clock,
         clock_reason=times.clock_reason,
         rounds=len(shares),
+        skipped=tuple(skipped),
     )
+
+
+def _check_task(task: Any, function: str) -> None:
+    """Refuse anything but a Task in one line that names how to make one."""
+    from batchfit.task import Task
+
+    if isinstance(task, Task):
+        return
+    hint = (
+        f"load it with batchfit.load_task({task!r})"
+        if isinstance(task, str)
+        else "wrap a model of your own: Task(model=..., train_data=..., loss=..., "
+        "optimizer=..., lr=..., batch_size=...)"
+    )
+    raise ConfigError(f"{function} takes a batchfit Task, got {type(task).__name__}; {hint}.")
 
 
 def _rate(size: int, timing: _Timing, with_cpu: bool) -> float:

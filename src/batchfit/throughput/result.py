@@ -65,6 +65,8 @@ class ThroughputResult:
         warmup_steps: untimed steps before the timed ones, per batch size.
         repeats: the fewest timed steps per batch size (more run until `min_seconds`).
         device: where it ran.
+        skipped: sizes asked for but not measured: a batch of one sample, which the model's
+            BatchNorm cannot train on.
     """
 
     batch_sizes: tuple[int, ...]
@@ -86,6 +88,7 @@ class ThroughputResult:
     clock: Clock = "wall"
     clock_reason: str = ""
     rounds: int = 1
+    skipped: tuple[int, ...] = ()
 
     def table_columns(self) -> list[str]:
         """Column names for `table_rows`."""
@@ -224,6 +227,12 @@ class ThroughputResult:
             text += f" Limit: {self.limit_batch}, {reasons[self.limit_reason]}."
         if self.stopped_early:
             text += " Stopped early: larger batches brought no further gain."
+        if self.skipped:
+            sizes = ", ".join(str(size) for size in self.skipped)
+            text += (
+                f" Not measured: batch {sizes}, as the model's BatchNorm cannot train on one "
+                "value per channel."
+            )
         if self.clock_reason:
             text += (
                 f" Timed in {self.rounds} interleaved round{'s' if self.rounds > 1 else ''}; "
