@@ -54,6 +54,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError, ConfigError
+from batchfit.noise.interval import CONFIDENCE, bootstrap_interval, holding
 from batchfit.noise.result import WIDE_INTERVAL, NoiseScaleResult, RunningEstimate
 from batchfit.validation import check_positive_number
 
@@ -71,8 +72,6 @@ __all__ = [
     "DEFAULT_WINDOW",
 ]
 
-CONFIDENCE = 0.9  # the spread is a 90% bootstrap percentile interval (5th to 95th percentile)
-BOOTSTRAP_RESAMPLES = 400  # enough for stable 5%/95% percentiles, a few ms for 1,000 batches
 MIN_RELIABLE_BATCHES = 5  # fewer batches than this give an estimate too noisy to act on
 MAX_HISTORY = 10_000  # per-batch estimates kept for the spread when window is None
 RUNNING_POINTS = 40  # points of the running estimate kept for plots
@@ -206,56 +205,6 @@ def _ratio(trace: float, gradient_sq: float) -> float | None:
     if gradient_sq <= 0 or trace <= 0:
         return None
     return trace / gradient_sq
-
-
-def _bootstrap(
-    pairs: Sequence[tuple[float, float]], *, trend: bool = False
-) -> tuple[float | None, float | None]:
-    """Percentile interval of the estimate over batches resampled with replacement: the ratio
-    of the means, or with `trend` of the lines' ends as `NoiseScaleTracker._at_latest_step`
-    reads them (an interval of the means lags a trending window, and missed its estimate)."""
-    import numpy
-
-    if len(pairs) < 2:
-        return None, None
-    values, count = numpy.asarray(pairs, dtype=numpy.float64), len(pairs)
-    generator = numpy.random.default_rng(0)  # fixed: the same data give the same interval
-    picks = generator.integers(0, count, size=(BOOTSTRAP_RESAMPLES, count))
-    gradient_sq, trace = values[:, 0][picks].mean(axis=1), values[:, 1][picks].mean(axis=1)
-    if trend and count >= 3:  # each resample's least-squares line, read at the last step
-        offsets = picks - picks.mean(axis=1, keepdims=True)
-        spread = numpy.maximum((offsets * offsets).sum(axis=1), 1e-300)
-        ahead = (count - 1) - picks.mean(axis=1)
-        ends = [mean + (offsets * values[:, column][picks]).sum(axis=1) / spread * ahead
-                for column, mean in ((0, gradient_sq), (1, trace))]  # fmt: skip
-        use_means = (numpy.minimum(*ends) <= 0) & (numpy.minimum(gradient_sq, trace) > 0)
-        gradient_sq = numpy.where(use_means, gradient_sq, ends[0])
-        trace = numpy.where(use_means, trace, ends[1])
-    with numpy.errstate(divide="ignore", invalid="ignore"):
-        ratios = numpy.where(gradient_sq > 0, numpy.maximum(trace, 0.0) / gradient_sq, numpy.inf)
-    # order statistics, not interpolation: infinite ratios (|G|^2 <= 0) must not turn into NaN
-    ratios.sort()
-    tail = (1 - CONFIDENCE) / 2
-    low = ratios[math.floor(tail * (len(ratios) - 1))]
-    high = ratios[math.ceil((1 - tail) * (len(ratios) - 1))]
-    return (
-        float(low) if math.isfinite(low) else None,
-        float(high) if math.isfinite(high) else None,
-    )
-
-
-def _holding(
-    interval: tuple[float | None, float | None], value: float | None
-) -> tuple[float | None, float | None]:
-    """Widen an interval so that it holds `value` (a percentile interval of a ratio may not)."""
-    low, high = interval
-    if value is None:
-        return low, high
-    if low is not None:
-        low = min(low, value)
-    if high is not None:
-        high = max(high, value)
-    return low, high
 
 
 class NoiseScaleTracker:
@@ -411,8 +360,8 @@ class NoiseScaleTracker:
         """
         reason = self._reason()
         value = self.noise_scale if not reason else None
-        interval = _bootstrap(list(self._pairs), trend=self.window is not None)
-        low, high = _holding(interval, value) if not reason else (None, None)
+        interval = bootstrap_interval(list(self._pairs), trend=self.window is not None)
+        low, high = holding(interval, value) if not reason else (None, None)
         points: tuple[RunningEstimate, ...] = ()
         if running and self.window is None and self._pairs:
             points = _running_estimates(list(self._pairs))
@@ -504,6 +453,6 @@ def _running_estimates(pairs: Sequence[tuple[float, float]]) -> tuple[RunningEst
             trace_total += trace
         previous = end
         value = _ratio(trace_total / end, gradient_sq_total / end)
-        low, high = _bootstrap(pairs[:end]) if value is not None else (None, None)
+        low, high = bootstrap_interval(pairs[:end]) if value is not None else (None, None)
         points.append(RunningEstimate(end, value, low, high))
     return tuple(points)
