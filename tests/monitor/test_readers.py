@@ -333,3 +333,19 @@ def test_no_training_loss(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "acc": 0.5}) + "\n")
     with pytest.raises(RunLogError, match="No training loss.*--train-loss"):
         read_history(tmp_path)
+
+
+def test_tensorboard_split_named_after_the_metric_as_summarywriter_tutorials_log(tmp_path):
+    # `Loss/train`, `Loss/val`, `Accuracy/val`: the validation accuracy is the metric
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tmp_path / "tb")) as writer:
+        for step, loss in enumerate(_losses(10), 1):
+            writer.add_scalar("Loss/train", loss, step)
+            writer.add_scalar("Loss/val", loss + 0.1, step)
+            writer.add_scalar("Accuracy/val", 0.5 + step / 100, step)
+    history = read_history(tmp_path / "tb")
+    assert history.train_loss.name == "Loss/train" and history.val_loss.name == "Loss/val"
+    assert history.metric.name == "Accuracy/val" and history.metric_higher_is_better
+    assert not any("metric" in note for note in history.notes)

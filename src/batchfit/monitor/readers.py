@@ -56,6 +56,8 @@ _LR = ("lr", "learning_rate", "train_learning_rate", "lr_abs")
 # callback writes the noise scale of `NoiseScaleTrainerCallback` as `train/noise_scale`
 _NOISE = ("noise_scale", "noise_noise_scale", "train_noise_scale")
 _VAL_PREFIXES = ("val_", "eval_", "valid_", "validation_")
+# `Accuracy/val`, `acc_valid`: the validation split named after the metric (SummaryWriter loops)
+_VAL_SUFFIXES = ("_val", "_eval", "_valid", "_validation")
 _PREFERRED_METRICS = ("accuracy", "acc", "iou", "miou", "dice", "f1", "auc", "top1", "map")
 _NOT_METRICS = ("loss", "runtime", "per_second", "epoch", "step", "samples", "flos")
 
@@ -230,10 +232,14 @@ def _pick_metric(available: Iterable[str], given: str | None, file: Path) -> str
     metrics = []
     for name in available:
         normal = _normal(name)
-        prefix = next((p for p in _VAL_PREFIXES if normal.startswith(p)), None)
-        if prefix is None or any(word in normal for word in _NOT_METRICS):
+        if any(word in normal for word in _NOT_METRICS):
             continue
-        metrics.append((normal[len(prefix) :], name))
+        prefix = next((p for p in _VAL_PREFIXES if normal.startswith(p)), None)
+        suffix = next((s for s in _VAL_SUFFIXES if normal.endswith(s)), None)
+        if prefix is not None:
+            metrics.append((normal[len(prefix) :], name))
+        elif suffix is not None:
+            metrics.append((normal[: -len(suffix)], name))
     for preferred in _PREFERRED_METRICS:
         for rest, name in metrics:
             if rest == preferred or rest.startswith(preferred + "_"):
