@@ -140,7 +140,8 @@ def history_from_records(
 
     For metrics a trainer holds in memory: a Hugging Face `TrainerState.log_history`, or the
     values a callback kept. `fields` go to the `History` (`global_batch`, `micro_batch`,
-    `steps_per_epoch`, `notes`).
+    `steps_per_epoch`, `notes`); `steps_per_epoch` defaults to the one the records' `epoch`
+    gives, as in a file.
 
     Raises:
         RunLogError: no training loss among the records' names, or a name given by
@@ -154,6 +155,10 @@ def history_from_records(
     """
     kept = [record for record in records if isinstance(record, Mapping) and "step" in record]
     names = {"train_loss": train_loss, "val_loss": val_loss, "metric": metric}
+    if fields.get("steps_per_epoch") is None:
+        # as read_history finds it in a file: the Trainer's log_history logs `epoch`, so a
+        # callback's diagnosis sizes warmups and batch limits as `batchfit diagnose` does
+        fields["steps_per_epoch"] = _steps_per_epoch(kept, "epoch")
     return _history(kept, names, Path(source or "the records"), format, **fields)
 
 
@@ -461,7 +466,13 @@ def _steps_per_epoch(records: list[dict[str, Any]], key: str) -> float | None:
     whole epochs (Lightning's epoch counter) give the first step logged in epoch 1 or later
     (exact when every step is logged, up to the logging interval otherwise).
     """
-    pairs = [(r["step"], e) for r in records if (e := _float(r.get(key))) is not None and e > 0]
+    pairs = [
+        (step, epoch)
+        for r in records
+        if (epoch := _float(r.get(key))) is not None
+        and epoch > 0
+        and (step := _float(r.get("step"))) is not None
+    ]
     fractional = [(step, epoch) for step, epoch in pairs if epoch != int(epoch)]
     if fractional:
         step, epoch = fractional[-1]
