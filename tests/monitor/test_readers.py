@@ -349,3 +349,11 @@ def test_tensorboard_split_named_after_the_metric_as_summarywriter_tutorials_log
     assert history.train_loss.name == "Loss/train" and history.val_loss.name == "Loss/val"
     assert history.metric.name == "Accuracy/val" and history.metric_higher_is_better
     assert not any("metric" in note for note in history.notes)
+
+
+def test_a_trainer_state_with_nothing_logged_says_so_not_to_name_a_series(tmp_path):
+    file = tmp_path / "trainer_state.json"
+    file.write_text(json.dumps({"log_history": [], "train_batch_size": 8}))
+    with pytest.raises(RunLogError, match="logged nothing") as caught:
+        read_history(file)
+    assert "--train-loss" not in str(caught.value)

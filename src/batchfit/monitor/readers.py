@@ -268,6 +268,11 @@ def _history(
     **fields: Any,
 ) -> History:
     available = sorted({key for record in records for key in record if key != "step"})
+    if not available:
+        raise RunLogError(
+            f"{str(file)!r} holds no logged values yet: the run logged nothing (a Trainer logs "
+            "every logging_steps, Lightning every log_every_n_steps); diagnose it later."
+        )
     train = _pick(available, names["train_loss"], _TRAIN_LOSS, "train-loss", file)
     if train is None:
         raise RunLogError(
