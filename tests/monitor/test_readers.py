@@ -357,3 +357,20 @@ def test_a_trainer_state_with_nothing_logged_says_so_not_to_name_a_series(tmp_pa
     with pytest.raises(RunLogError, match="logged nothing") as caught:
         read_history(file)
     assert "--train-loss" not in str(caught.value)
+
+
+def test_tensorboard_logger_folder_with_several_versions_reads_the_latest(tmp_path):
+    # A rerun of a script with Lightning's TensorBoardLogger adds version_N; the series of the
+    # versions were prefixed by their folder, and no training loss was found at all.
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    for version, scale in ((2, 1.0), (10, 3.0), (9, 2.0)):
+        folder = tmp_path / "lightning_logs" / f"version_{version}"
+        with SummaryWriter(log_dir=str(folder)) as writer:
+            for step, loss in enumerate(_losses(10), 1):
+                writer.add_scalar("train_loss", scale * loss, step)
+    history = read_history(tmp_path)
+    assert history.train_loss.name == "train_loss"
+    assert history.train_loss.values[0] == pytest.approx(3.0 * _losses(10)[0])
+    assert any("read version_10, the latest of 3 versions" in note for note in history.notes)

@@ -426,6 +426,7 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
             "pip install batchfit[tensorboard]."
         ) from None
     files = [path] if path.is_file() else sorted(path.rglob("events.out.tfevents*"))
+    files, version_note = _latest_version(path, files)
     folders = {file.parent for file in files}
     points: dict[int, dict[str, float]] = {}
     for file in files:
@@ -453,14 +454,39 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
     # its Lightning callback `global_batch`, `micro_batch`)
     epoch_tag = next((tag for tag in ("epoch", "train/epoch") if tag in records[-1]), None)
     batches = _logged_batches(records, "train/", "")
+    notes = [version_note] if version_note else []
+    if "global_batch" not in batches:
+        notes.append("the global batch is not in the event files")
     return _history(
         records,
         names,
         path,
         "tensorboard",
         steps_per_epoch=_steps_per_epoch(records, epoch_tag) if epoch_tag else None,
-        notes=[] if "global_batch" in batches else ["the global batch is not in the event files"],
+        notes=notes,
         **batches,
+    )
+
+
+def _latest_version(path: Path, files: list[Path]) -> tuple[list[Path], str | None]:
+    """The event files of the latest `version_N` when the folder holds several runs of
+    Lightning's TensorBoardLogger (as `metrics.csv` is read from the latest version): their
+    curves are runs one after another, not series of one run."""
+    versions: dict[Path, list[Path]] = {}
+    for file in files:
+        folder = next(
+            (f for f in file.relative_to(path).parents if re.fullmatch(r"version_\d+", f.name)),
+            None,
+        )
+        if folder is None:
+            return files, None
+        versions.setdefault(folder, []).append(file)
+    if len(versions) < 2 or len({folder.parent for folder in versions}) != 1:
+        return files, None
+    latest = max(versions, key=lambda folder: int(folder.name.split("_")[1]))
+    return versions[latest], (
+        f"read {latest.name}, the latest of {len(versions)} versions in "
+        f"{str(path / latest.parent)!r} (give a version's folder to read another)"
     )
 
 
