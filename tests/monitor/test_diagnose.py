@@ -349,3 +349,11 @@ def test_noisy_stalled_and_underfitting_wait_for_the_warmup_to_end():
     records[-1]["lr"] = records[-2]["lr"]
     after = diagnose(History.from_records(records, global_batch=64, micro_batch=64))
     assert "noisy" in [f.kind for f in after.findings]
+
+
+def test_a_blow_up_right_after_the_first_step_starts_at_the_second_step():
+    # A median over the edge mixed the first loss (2.3) with the second (900): the finding said
+    # the loss was above 3x its first value "from step 1", the first value itself.
+    losses = [2.3] + [900.0 + s for s in range(59)]
+    finding = diagnose(_history(losses)).get("diverging")
+    assert finding.evidence["first_step"] == 2 and finding.steps == (2, 60)

@@ -41,7 +41,9 @@ def diverging(curve: Curve, run: RunSettings) -> list[Finding]:
     # In a noisy run single losses swing far: there the trend itself must blow up.
     noisy_run = curve.relative_spread >= limits.NOISY_RELATIVE
     held = trend if noisy_run else running_median(values, limits.BLOWUP_RUN)
-    above = np.nonzero(held > limits.BLOWUP_FACTOR * curve.start)[0]
+    # (and the loss itself above: at the first point a median of 2 would mix the start in)
+    limit = limits.BLOWUP_FACTOR * curve.start
+    above = np.nonzero((held > limit) & (values > limit))[0]
     if curve.start > 0 and len(above):
         first = int(above[0])
         advice, settings = lower_rate(run)
