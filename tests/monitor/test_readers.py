@@ -374,3 +374,20 @@ def test_tensorboard_logger_folder_with_several_versions_reads_the_latest(tmp_pa
     assert history.train_loss.name == "train_loss"
     assert history.train_loss.values[0] == pytest.approx(3.0 * _losses(10)[0])
     assert any("read version_10, the latest of 3 versions" in note for note in history.notes)
+
+
+@pytest.mark.parametrize(
+    ("tag", "rule"),
+    [("lr-SGD", "linear"), ("lr-AdamW/pg1", "sqrt"), ("lr-Adam-momentum", "sqrt"), ("lr", None)],
+)
+def test_lightning_learning_rate_monitor_tag_tells_the_scaling_rule(tmp_path, tag, rule):
+    # LearningRateMonitor names the optimizer: its family's rule, not both rules, is advised
+    file = tmp_path / "metrics.csv"
+    with open(file, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["epoch", "step", "train_loss", tag])
+        for step, loss in enumerate(_losses(10), 1):
+            writer.writerow([0, step, loss, 0.01])
+    history = read_history(file)
+    assert history.lr is not None and history.lr.name == tag
+    assert history.lr_rule == rule

@@ -260,6 +260,27 @@ def _pick_lr(available: Iterable[str]) -> str | None:
     return found
 
 
+_LINEAR_OPTIMIZERS = ("sgd", "lars")
+_SQRT_OPTIMIZERS = ("adam", "lamb", "lion", "adafactor", "adagrad", "adadelta", "rmsprop")
+
+
+def _rule_of_optimizer(available: Iterable[str]) -> str | None:
+    """The scaling rule of the optimizer family that Lightning's LearningRateMonitor names in
+    its tags (`lr-SGD`, `lr-AdamW/pg1`): linear for SGD and LARS, sqrt for the Adam family
+    (`batchfit.lr.scaling.default_rule`); None when no tag names one, or they disagree."""
+    rules = set()
+    for name in available:
+        normal = _normal(name)
+        if not normal.startswith("lr_"):
+            continue
+        optimizer = normal[3:].split("_")[0]
+        if optimizer.startswith(_LINEAR_OPTIMIZERS):
+            rules.add("linear")
+        elif any(family in optimizer for family in _SQRT_OPTIMIZERS):
+            rules.add("sqrt")
+    return rules.pop() if len(rules) == 1 else None
+
+
 def _history(
     records: list[Mapping[str, Any]],
     names: Mapping[str, str | None],
@@ -282,6 +303,8 @@ def _history(
     val = _pick(available, names["val_loss"], _VAL_LOSS, "val-loss", file)
     metric = _pick_metric(available, names["metric"], file)
     notes = list(fields.pop("notes", ()))
+    if fields.get("lr_rule") is None:
+        fields["lr_rule"] = _rule_of_optimizer(available)
     if val is None:
         notes.append("no validation loss logged")
     if metric is None:
