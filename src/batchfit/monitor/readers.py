@@ -29,6 +29,15 @@ from typing import Any, Literal
 
 from batchfit.errors import MissingDependencyError, RunLogError
 from batchfit.monitor.history import History, higher_is_better
+from batchfit.monitor.series_names import (
+    NOISE_NAMES,
+    TRAIN_LOSS_NAMES,
+    VAL_LOSS_NAMES,
+    pick_lr,
+    pick_metric,
+    pick_series,
+    rule_of_optimizer,
+)
 
 __all__ = ["FORMATS", "history_from_records", "read_history"]
 
@@ -42,33 +51,10 @@ _FILE_NAMES = {
 }
 _EVENTS = "tfevents"
 
-# Candidate names, normalised, most specific first.
-_TRAIN_LOSS = (
-    "loss", "train_loss_step", "train_loss", "training_loss", "loss_train", "train_loss_epoch",
-    "train_epoch_loss", "epoch_loss",
-)  # fmt: skip
-_VAL_LOSS = (
-    "val_loss", "eval_loss", "valid_loss", "validation_loss", "val_loss_epoch", "loss_val",
-    "loss_valid", "loss_validation", "validation_epoch_loss", "val_epoch_loss",
-)  # fmt: skip
-_LR = ("lr", "learning_rate", "train_learning_rate", "lr_abs")
-# batchfit's TensorBoard tag `noise/noise_scale`; the Hugging Face Trainer's TensorBoard
-# callback writes the noise scale of `NoiseScaleTrainerCallback` as `train/noise_scale`
-_NOISE = ("noise_scale", "noise_noise_scale", "train_noise_scale")
-_VAL_PREFIXES = ("val_", "eval_", "valid_", "validation_")
-# `Accuracy/val`, `acc_valid`: the validation split named after the metric (SummaryWriter loops)
-_VAL_SUFFIXES = ("_val", "_eval", "_valid", "_validation")
-_PREFERRED_METRICS = ("accuracy", "acc", "iou", "miou", "dice", "f1", "auc", "top1", "map")
-_NOT_METRICS = ("loss", "runtime", "per_second", "epoch", "step", "samples", "flos")
-
 _WHAT = (
     "a run folder, or metrics.jsonl (batchfit), metrics.csv (Lightning CSVLogger), "
     "trainer_state.json (Hugging Face Trainer) or an events.out.tfevents file (TensorBoard)"
 )
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[/\-.\s]+", "_", name.strip().lower())
 
 
 def read_history(
@@ -209,78 +195,6 @@ def _numbered_folder(path: Path) -> tuple[int, str]:
     return (int(numbers[-1]) if numbers else -1, str(path))
 
 
-# --- choosing the series -------------------------------------------------------------------
-
-
-def _pick(
-    available: Iterable[str], given: str | None, candidates: Iterable[str], flag: str, file: Path
-) -> str | None:
-    available = list(available)
-    if given is not None:
-        if given in available:
-            return given
-        raise RunLogError(
-            f"--{flag} {given!r} is not logged in {str(file)!r}; it has: "
-            f"{', '.join(sorted(available)) or 'nothing'}."
-        )
-    by_normal = {_normal(name): name for name in available}
-    for candidate in candidates:
-        if candidate in by_normal:
-            return by_normal[candidate]
-    return None
-
-
-def _pick_metric(available: Iterable[str], given: str | None, file: Path) -> str | None:
-    available = list(available)
-    if given is not None:
-        return _pick(available, given, (), "metric", file)
-    metrics = []
-    for name in available:
-        normal = _normal(name)
-        if any(word in normal for word in _NOT_METRICS):
-            continue
-        prefix = next((p for p in _VAL_PREFIXES if normal.startswith(p)), None)
-        suffix = next((s for s in _VAL_SUFFIXES if normal.endswith(s)), None)
-        if prefix is not None:
-            metrics.append((normal[len(prefix) :], name))
-        elif suffix is not None:
-            metrics.append((normal[: -len(suffix)], name))
-    for preferred in _PREFERRED_METRICS:
-        for rest, name in metrics:
-            if rest == preferred or rest.startswith(preferred + "_"):
-                return name
-    return sorted(metrics)[0][1] if metrics else None
-
-
-def _pick_lr(available: Iterable[str]) -> str | None:
-    available = list(available)
-    found = _pick(available, None, _LR, "lr", Path())
-    if found is None:  # Lightning's LearningRateMonitor: lr-Adam, lr-SGD/pg1, ...
-        found = next((n for n in sorted(available) if _normal(n).startswith("lr_")), None)
-    return found
-
-
-_LINEAR_OPTIMIZERS = ("sgd", "lars")
-_SQRT_OPTIMIZERS = ("adam", "lamb", "lion", "adafactor", "adagrad", "adadelta", "rmsprop")
-
-
-def _rule_of_optimizer(available: Iterable[str]) -> str | None:
-    """The scaling rule of the optimizer family that Lightning's LearningRateMonitor names in
-    its tags (`lr-SGD`, `lr-AdamW/pg1`): linear for SGD and LARS, sqrt for the Adam family
-    (`batchfit.lr.scaling.default_rule`); None when no tag names one, or they disagree."""
-    rules = set()
-    for name in available:
-        normal = _normal(name)
-        if not normal.startswith("lr_"):
-            continue
-        optimizer = normal[3:].split("_")[0]
-        if optimizer.startswith(_LINEAR_OPTIMIZERS):
-            rules.add("linear")
-        elif any(family in optimizer for family in _SQRT_OPTIMIZERS):
-            rules.add("sqrt")
-    return rules.pop() if len(rules) == 1 else None
-
-
 def _history(
     records: list[Mapping[str, Any]],
     names: Mapping[str, str | None],
@@ -294,17 +208,17 @@ def _history(
             f"{str(file)!r} holds no logged values yet: the run logged nothing (a Trainer logs "
             "every logging_steps, Lightning every log_every_n_steps); diagnose it later."
         )
-    train = _pick(available, names["train_loss"], _TRAIN_LOSS, "train-loss", file)
+    train = pick_series(available, names["train_loss"], TRAIN_LOSS_NAMES, "train-loss", file)
     if train is None:
         raise RunLogError(
             f"No training loss found in {str(file)!r}; name it with --train-loss (it has: "
             f"{', '.join(available) or 'nothing'})."
         )
-    val = _pick(available, names["val_loss"], _VAL_LOSS, "val-loss", file)
-    metric = _pick_metric(available, names["metric"], file)
+    val = pick_series(available, names["val_loss"], VAL_LOSS_NAMES, "val-loss", file)
+    metric = pick_metric(available, names["metric"], file)
     notes = list(fields.pop("notes", ()))
     if fields.get("lr_rule") is None:
-        fields["lr_rule"] = _rule_of_optimizer(available)
+        fields["lr_rule"] = rule_of_optimizer(available)
     if val is None:
         notes.append("no validation loss logged")
     if metric is None:
@@ -314,8 +228,8 @@ def _history(
         train_loss=train,
         val_loss=val,
         metric=metric,
-        lr=_pick_lr(available),
-        noise_scale=_pick(available, None, _NOISE, "noise-scale", file),
+        lr=pick_lr(available),
+        noise_scale=pick_series(available, None, NOISE_NAMES, "noise-scale", file),
         metric_higher_is_better=higher_is_better(metric or ""),
         source=str(file),
         format=format,
