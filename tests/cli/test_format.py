@@ -117,3 +117,24 @@ def test_diagnosis_notes_wrap_like_the_plans():
     block = lines[next(i for i, line in enumerate(lines) if line.startswith("note: ")) :]
     assert len(block) == 3 and all(len(line) <= 80 for line in block)
     assert " ".join(line[6:] for line in block) == note
+
+
+def test_diagnosis_table_folds_a_long_setting_instead_of_cutting_it():
+    # In an 80-column terminal the Lightning flag was cropped to "(Trainer(gradient_clip_val=1…"
+    from batchfit.cli.format_diagnosis import diagnosis_table
+    from batchfit.monitor.findings import Diagnosis, Finding
+
+    advice = (
+        "lower the peak learning rate 10x, warm up 2 steps, clip the gradient norm at 1 "
+        "(Trainer(gradient_clip_val=1)); confirm the rate with `batchfit lr-range`"
+    )
+    seen = "the training loss is not finite (NaN or infinite) from step 31, 10 times"
+    finding = Finding("diverging", "critical", seen, {}, advice, (31, 40))
+    buffer = io.StringIO()
+    diagnosis = Diagnosis(findings=(finding,), checked=("diverging",))
+    Console(file=buffer, width=80).print(diagnosis_table(diagnosis))
+    cells = "".join(
+        line.split("│")[3].strip() for line in buffer.getvalue().splitlines() if "│" in line
+    )
+    assert "…" not in buffer.getvalue()
+    assert "(Trainer(gradient_clip_val=1));" in cells

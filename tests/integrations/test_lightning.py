@@ -550,3 +550,13 @@ def test_a_noise_schedule_without_the_noise_scale_is_refused():
 def test_an_unknown_schedule_names_the_valid_forms():
     with pytest.raises(ConfigError, match="ramp:START-END:SAMPLES"):
         _trainer(BatchFit(_plan(), batch_schedule="grow")).fit(Classifier(), Data())
+
+
+def test_without_a_csv_logger_the_advice_knows_the_steps_per_epoch(tmp_path):
+    # The callback's records log no epoch: the Trainer gives it, so that the warmup advised is
+    # the one `batchfit diagnose` gives on a CSVLogger's metrics.csv (5 epochs, at most a fifth
+    # of the 16 steps: 3), not 5% of the run (1).
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=1e6))
+    trainer = _trainer(callback, max_steps=16, default_root_dir=tmp_path)
+    trainer.fit(Classifier(), Data())
+    assert callback.diagnosis.get("diverging").settings["warmup_steps"] == 3

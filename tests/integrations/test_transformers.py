@@ -265,3 +265,26 @@ def test_batchfit_plan_and_memory_run_on_a_tiny_gpt2(tmp_path, capsys):
     assert main(["plan", f"{source}:task", *budget, "--out", str(out), "--json"]) == 0
     plan = load_plan(out / "plan.json")
     assert plan.micro_batch * plan.accumulation_steps == plan.global_batch
+
+
+def test_the_callbacks_diagnosis_advises_as_batchfit_diagnose_on_its_trainer_state(tmp_path):
+    # The log's fractional `epoch` gives the steps per epoch (8 here) in both: the warmup of
+    # the advice is Goyal's 5 epochs capped at a fifth of the run, not 5% of the run.
+    from batchfit.monitor.diagnose import diagnose
+    from batchfit.monitor.readers import read_history
+
+    callback = NoiseScaleTrainerCallback(window=None)
+    args = apply_plan(
+        _args(tmp_path, max_grad_norm=0.0, max_steps=12),
+        _plan(lr=1e4, warmup_steps=0, accumulation_steps=2, global_batch=16),
+    )
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    trainer.train()
+    trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
+    from_file = diagnose(read_history(tmp_path / "trainer_state.json"))
+    assert callback.diagnosis is not None
+    live = {f.kind: f.settings for f in callback.diagnosis.findings}
+    assert live == {f.kind: f.settings for f in from_file.findings}
+    assert live["diverging"]["warmup_steps"] == 2  # min(5 x 8, 12 / 5)

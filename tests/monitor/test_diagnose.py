@@ -237,6 +237,35 @@ def test_an_overfitting_run_is_not_told_to_raise_its_batch():
     assert "overfits, and the training set leaves no room for a larger batch (80 at most)" in notes
 
 
+def _noisy_losses(n=100):
+    generator = np.random.default_rng(1)
+    trend = 0.01 + 2.3 * np.exp(-0.04 * np.arange(n))
+    return list(trend * (0.2 + 1.6 * generator.random(n)))
+
+
+def test_a_noisy_run_that_overfits_is_told_to_lower_its_rate_not_to_raise_its_batch():
+    # The digits run of the README's "Watch the run" (--lr 0.0283 --warmup 22): noisy and
+    # overfitting; noisy advised the global batch 256 -> 512 while overfitting advised 128.
+    val = [2.0, 1.0, 0.6, 0.5, 0.55, 0.62, 0.7, 0.8, 0.9, 1.0]
+    diagnosis = diagnose(_history(_noisy_losses(), val=val, batch=64, lr=0.01), rule="sqrt")
+    assert diagnosis.kinds() == ["noisy", "overfitting"]
+    noisy = diagnosis.get("noisy")
+    assert noisy.settings == {"lr": pytest.approx(0.005)}
+    assert "the run overfits" in noisy.advice and "0.01 -> 0.005" in noisy.advice
+    assert diagnosis.get("overfitting").settings["global_batch"] == 32
+
+
+def test_a_noisy_run_is_not_told_to_grow_its_batch_past_a_quarter_of_the_training_set():
+    # 64 x 20 steps per epoch = 1280 samples: at most 320 a step, so 4x (256), not 8x
+    roomy = _history(_noisy_losses(), batch=64, noise=64 * 8.0, steps_per_epoch=20)
+    assert diagnose(roomy, rule="sqrt").get("noisy").settings["global_batch"] == 256
+    # 64 x 5 steps per epoch = 320 samples: no larger batch at all; the rate is halved
+    tight = _history(_noisy_losses(), batch=64, lr=0.01, steps_per_epoch=5)
+    noisy = diagnose(tight, rule="sqrt").get("noisy")
+    assert noisy.settings == {"lr": pytest.approx(0.005)}
+    assert "a global batch above 80 would leave fewer than 4 optimizer steps" in noisy.advice
+
+
 # --- partial data: a clear partial result, never a traceback -------------------------------
 
 
@@ -320,3 +349,11 @@ def test_noisy_stalled_and_underfitting_wait_for_the_warmup_to_end():
     records[-1]["lr"] = records[-2]["lr"]
     after = diagnose(History.from_records(records, global_batch=64, micro_batch=64))
     assert "noisy" in [f.kind for f in after.findings]
+
+
+def test_a_blow_up_right_after_the_first_step_starts_at_the_second_step():
+    # A median over the edge mixed the first loss (2.3) with the second (900): the finding said
+    # the loss was above 3x its first value "from step 1", the first value itself.
+    losses = [2.3] + [900.0 + s for s in range(59)]
+    finding = diagnose(_history(losses)).get("diverging")
+    assert finding.evidence["first_step"] == 2 and finding.steps == (2, 60)

@@ -333,3 +333,61 @@ def test_no_training_loss(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "acc": 0.5}) + "\n")
     with pytest.raises(RunLogError, match="No training loss.*--train-loss"):
         read_history(tmp_path)
+
+
+def test_tensorboard_split_named_after_the_metric_as_summarywriter_tutorials_log(tmp_path):
+    # `Loss/train`, `Loss/val`, `Accuracy/val`: the validation accuracy is the metric
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tmp_path / "tb")) as writer:
+        for step, loss in enumerate(_losses(10), 1):
+            writer.add_scalar("Loss/train", loss, step)
+            writer.add_scalar("Loss/val", loss + 0.1, step)
+            writer.add_scalar("Accuracy/val", 0.5 + step / 100, step)
+    history = read_history(tmp_path / "tb")
+    assert history.train_loss.name == "Loss/train" and history.val_loss.name == "Loss/val"
+    assert history.metric.name == "Accuracy/val" and history.metric_higher_is_better
+    assert not any("metric" in note for note in history.notes)
+
+
+def test_a_trainer_state_with_nothing_logged_says_so_not_to_name_a_series(tmp_path):
+    file = tmp_path / "trainer_state.json"
+    file.write_text(json.dumps({"log_history": [], "train_batch_size": 8}))
+    with pytest.raises(RunLogError, match="logged nothing") as caught:
+        read_history(file)
+    assert "--train-loss" not in str(caught.value)
+
+
+def test_tensorboard_logger_folder_with_several_versions_reads_the_latest(tmp_path):
+    # A rerun of a script with Lightning's TensorBoardLogger adds version_N; the series of the
+    # versions were prefixed by their folder, and no training loss was found at all.
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    for version, scale in ((2, 1.0), (10, 3.0), (9, 2.0)):
+        folder = tmp_path / "lightning_logs" / f"version_{version}"
+        with SummaryWriter(log_dir=str(folder)) as writer:
+            for step, loss in enumerate(_losses(10), 1):
+                writer.add_scalar("train_loss", scale * loss, step)
+    history = read_history(tmp_path)
+    assert history.train_loss.name == "train_loss"
+    assert history.train_loss.values[0] == pytest.approx(3.0 * _losses(10)[0])
+    assert any("read version_10, the latest of 3 versions" in note for note in history.notes)
+
+
+@pytest.mark.parametrize(
+    ("tag", "rule"),
+    [("lr-SGD", "linear"), ("lr-AdamW/pg1", "sqrt"), ("lr-Adam-momentum", "sqrt"), ("lr", None)],
+)
+def test_lightning_learning_rate_monitor_tag_tells_the_scaling_rule(tmp_path, tag, rule):
+    # LearningRateMonitor names the optimizer: its family's rule, not both rules, is advised
+    file = tmp_path / "metrics.csv"
+    with open(file, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["epoch", "step", "train_loss", tag])
+        for step, loss in enumerate(_losses(10), 1):
+            writer.writerow([0, step, loss, 0.01])
+    history = read_history(file)
+    assert history.lr is not None and history.lr.name == tag
+    assert history.lr_rule == rule

@@ -54,3 +54,17 @@ def test_legend_and_finding_labels_do_not_overlap(monkeypatch):
     assert not legend.overlaps(left.get_window_extent(renderer))  # beside the plot, not on it
     area = left.get_window_extent(renderer)
     assert area.x0 <= box.x0 and box.x1 <= area.x1  # the label stays inside the chart
+
+
+def test_non_finite_losses_are_marked_where_the_line_has_its_gap(monkeypatch):
+    # the table says "not finite from step 31, 10 times": the plot showed only a line ending
+    from batchfit.plots import diagnosis as module
+
+    figures = []
+    monkeypatch.setattr(module, "png_bytes", lambda figure: figures.append(figure) or b"")
+    records = [{"step": s, "loss": 2.0 / s if s <= 30 else float("nan")} for s in range(1, 41)]
+    history = History.from_records(records)
+    diagnosis_png(history.to_dict(), diagnose(history).to_dict())
+    (axes,) = figures[0].axes
+    (marks,) = [line for line in axes.lines if line.get_label() == "loss not finite"]
+    assert list(marks.get_xdata()) == list(range(31, 41))

@@ -22,8 +22,9 @@ def diagnosis_table(diagnosis: Diagnosis, *, title: str = "Diagnosis") -> Table:
 
     table = Table(title=title, show_lines=True)
     table.add_column("finding", no_wrap=True)
-    table.add_column("seen", ratio=1)
-    table.add_column("change", ratio=1)
+    # fold, not crop: a long setting such as "(Trainer(gradient_clip_val=1);" is the advice
+    table.add_column("seen", ratio=1, overflow="fold")
+    table.add_column("change", ratio=1, overflow="fold")
     for finding in diagnosis.findings:
         first, last = finding.steps
         steps = f"step {first}" if first == last else f"steps {first}-{last}"

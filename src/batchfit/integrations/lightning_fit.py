@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -201,8 +202,20 @@ def diagnose_fit(
         history,
         global_batch=history.global_batch or global_batch,
         micro_batch=history.micro_batch or micro_batch,
+        steps_per_epoch=history.steps_per_epoch or _steps_per_epoch(trainer),
     )
     return write_run_diagnosis(history, folder, plan=plan)
+
+
+def _steps_per_epoch(trainer: Any) -> float | None:
+    """Optimizer steps per epoch from the Trainer (the callback's records log no epoch), so
+    that the diagnosis sizes warmups and batch limits as `batchfit diagnose` does on the
+    CSVLogger's metrics.csv; None for an iterable of unknown length."""
+    batches = getattr(trainer, "num_training_batches", None)
+    accumulation = getattr(trainer, "accumulate_grad_batches", 1) or 1
+    if not isinstance(batches, (int, float)) or not math.isfinite(batches) or batches < 1:
+        return None
+    return float(math.ceil(batches / accumulation))
 
 
 # --- the micro-batch search ------------------------------------------------------------------

@@ -6,6 +6,7 @@ empty when its kind does not show. Thresholds are in `batchfit.monitor.findings`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -40,7 +41,9 @@ def diverging(curve: Curve, run: RunSettings) -> list[Finding]:
     # In a noisy run single losses swing far: there the trend itself must blow up.
     noisy_run = curve.relative_spread >= limits.NOISY_RELATIVE
     held = trend if noisy_run else running_median(values, limits.BLOWUP_RUN)
-    above = np.nonzero(held > limits.BLOWUP_FACTOR * curve.start)[0]
+    # (and the loss itself above: at the first point a median of 2 would mix the start in)
+    limit = limits.BLOWUP_FACTOR * curve.start
+    above = np.nonzero((held > limit) & (values > limit))[0]
     if curve.start > 0 and len(above):
         first = int(above[0])
         advice, settings = lower_rate(run)
@@ -171,23 +174,59 @@ def noisy_finding(
         seen = f"the {what} zigzags: its path is {measure:.1f}x its range"
     if ratio is not None:
         evidence["noise_scale_over_batch"] = rounded(ratio, 3)
+    factor = power_of_two_factor(ratio) if ratio is not None else limits.ACCUMULATE_FACTOR
+    factor = min(max(2.0, factor), batch_room(run))
     if ratio is not None and ratio < 1:
         # The gradient noise is already below the batch: the fluctuation comes from the rate.
-        settings = {"lr": run.lr / 2} if run.lr is not None else {}
-        lowered = (
-            f" ({rounded(run.lr, 3)} -> {rounded(run.lr / 2, 3)})" if run.lr is not None else ""
+        advice, settings = calm_by_rate(
+            run,
+            f"the noise scale is only {ratio:.2g}x the global batch, so a larger batch "
+            "would not calm the loss",
         )
-        advice = (
-            f"the noise scale is only {ratio:.2g}x the global batch, so a larger batch would "
-            f"not calm the loss: halve the learning rate{lowered} or clip the gradient norm"
+    elif factor <= 1:
+        dataset = round(run.global_batch * run.steps_per_epoch)
+        advice, settings = calm_by_rate(
+            run,
+            f"a global batch above {int(data_batch_limit(dataset))} would leave fewer "
+            f"than {MIN_STEPS_PER_EPOCH} optimizer steps per epoch of its about {dataset} samples",
         )
     else:
-        factor = power_of_two_factor(ratio) if ratio is not None else limits.ACCUMULATE_FACTOR
-        advice, settings = change_batch(run, max(2.0, factor))
-        if ratio is not None:
-            seen += f", and the noise scale is {ratio:.2g}x the global batch"
+        advice, settings = change_batch(run, factor)
+    if ratio is not None and ratio >= 1:
+        seen += f", and the noise scale is {ratio:.2g}x the global batch"
     last = history.train_loss.steps[-1] if history.train_loss.steps else first_step
     return Finding("noisy", "warning", seen, evidence, advice, (first_step, int(last)), settings)
+
+
+def batch_room(run: RunSettings) -> float:
+    """The largest power-of-two factor the global batch may grow by within a quarter of the
+    training set (`data_batch_limit`); infinite when the set's size is unknown."""
+    if not run.global_batch or not run.steps_per_epoch:
+        return math.inf
+    room = data_batch_limit(run.global_batch * run.steps_per_epoch) / run.global_batch
+    return float(2 ** math.floor(math.log2(room))) if room >= 1 else 1.0
+
+
+def calm_by_rate(run: RunSettings, why: str) -> tuple[str, dict[str, Any]]:
+    """Advice for a noisy loss that a larger batch should not calm: halve the rate, or clip."""
+    settings = {"lr": run.lr / 2} if run.lr is not None else {}
+    lowered = f" ({rounded(run.lr, 3)} -> {rounded(run.lr / 2, 3)})" if run.lr is not None else ""
+    advice = f"{why}: halve the learning rate{lowered} or clip the gradient norm"
+    return advice + setting_words(run, "max_grad_norm", limits.CLIP_NORM), settings
+
+
+def noisy_in_overfitting_run(finding: Finding, run: RunSettings) -> Finding:
+    """A noisy finding of a run that overfits: the rate calms the loss, not a larger batch
+    (the overfitting advice offers a smaller one); other findings are returned as they are."""
+    grows = finding.settings.get("global_batch_factor", 1) > 1 or finding.settings.get(
+        "global_batch", 0
+    ) > (run.global_batch or math.inf)
+    if finding.kind != "noisy" or not grows:
+        return finding
+    advice, settings = calm_by_rate(
+        run, "the run overfits, which a larger batch does not cure (see its advice)"
+    )
+    return dataclasses.replace(finding, advice=advice, settings=settings)
 
 
 def noisy_metric(metric: Series, history: History, run: RunSettings) -> list[Finding]:

@@ -182,6 +182,10 @@ def diagnose(
             f"{limits.MIN_EVALUATIONS})"
         )
 
+    if any(f.kind == "overfitting" for f in found):
+        # The overfitting advice offers a smaller batch: a noisy finding in the same run calms
+        # the loss by the rate, not by the larger batch it would otherwise advise.
+        found = [checks.noisy_in_overfitting_run(f, run) for f in found]
     noise = history.noise_scale.finite() if history.noise_scale is not None else None
     if noise and curve is None:
         notes.append(

@@ -29,6 +29,15 @@ from typing import Any, Literal
 
 from batchfit.errors import MissingDependencyError, RunLogError
 from batchfit.monitor.history import History, higher_is_better
+from batchfit.monitor.series_names import (
+    NOISE_NAMES,
+    TRAIN_LOSS_NAMES,
+    VAL_LOSS_NAMES,
+    pick_lr,
+    pick_metric,
+    pick_series,
+    rule_of_optimizer,
+)
 
 __all__ = ["FORMATS", "history_from_records", "read_history"]
 
@@ -42,31 +51,10 @@ _FILE_NAMES = {
 }
 _EVENTS = "tfevents"
 
-# Candidate names, normalised, most specific first.
-_TRAIN_LOSS = (
-    "loss", "train_loss_step", "train_loss", "training_loss", "loss_train", "train_loss_epoch",
-    "train_epoch_loss", "epoch_loss",
-)  # fmt: skip
-_VAL_LOSS = (
-    "val_loss", "eval_loss", "valid_loss", "validation_loss", "val_loss_epoch", "loss_val",
-    "loss_valid", "loss_validation", "validation_epoch_loss", "val_epoch_loss",
-)  # fmt: skip
-_LR = ("lr", "learning_rate", "train_learning_rate", "lr_abs")
-# batchfit's TensorBoard tag `noise/noise_scale`; the Hugging Face Trainer's TensorBoard
-# callback writes the noise scale of `NoiseScaleTrainerCallback` as `train/noise_scale`
-_NOISE = ("noise_scale", "noise_noise_scale", "train_noise_scale")
-_VAL_PREFIXES = ("val_", "eval_", "valid_", "validation_")
-_PREFERRED_METRICS = ("accuracy", "acc", "iou", "miou", "dice", "f1", "auc", "top1", "map")
-_NOT_METRICS = ("loss", "runtime", "per_second", "epoch", "step", "samples", "flos")
-
 _WHAT = (
     "a run folder, or metrics.jsonl (batchfit), metrics.csv (Lightning CSVLogger), "
     "trainer_state.json (Hugging Face Trainer) or an events.out.tfevents file (TensorBoard)"
 )
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[/\-.\s]+", "_", name.strip().lower())
 
 
 def read_history(
@@ -138,7 +126,8 @@ def history_from_records(
 
     For metrics a trainer holds in memory: a Hugging Face `TrainerState.log_history`, or the
     values a callback kept. `fields` go to the `History` (`global_batch`, `micro_batch`,
-    `steps_per_epoch`, `notes`).
+    `steps_per_epoch`, `notes`); `steps_per_epoch` defaults to the one the records' `epoch`
+    gives, as in a file.
 
     Raises:
         RunLogError: no training loss among the records' names, or a name given by
@@ -152,6 +141,10 @@ def history_from_records(
     """
     kept = [record for record in records if isinstance(record, Mapping) and "step" in record]
     names = {"train_loss": train_loss, "val_loss": val_loss, "metric": metric}
+    if fields.get("steps_per_epoch") is None:
+        # as read_history finds it in a file: the Trainer's log_history logs `epoch`, so a
+        # callback's diagnosis sizes warmups and batch limits as `batchfit diagnose` does
+        fields["steps_per_epoch"] = _steps_per_epoch(kept, "epoch")
     return _history(kept, names, Path(source or "the records"), format, **fields)
 
 
@@ -202,53 +195,6 @@ def _numbered_folder(path: Path) -> tuple[int, str]:
     return (int(numbers[-1]) if numbers else -1, str(path))
 
 
-# --- choosing the series -------------------------------------------------------------------
-
-
-def _pick(
-    available: Iterable[str], given: str | None, candidates: Iterable[str], flag: str, file: Path
-) -> str | None:
-    available = list(available)
-    if given is not None:
-        if given in available:
-            return given
-        raise RunLogError(
-            f"--{flag} {given!r} is not logged in {str(file)!r}; it has: "
-            f"{', '.join(sorted(available)) or 'nothing'}."
-        )
-    by_normal = {_normal(name): name for name in available}
-    for candidate in candidates:
-        if candidate in by_normal:
-            return by_normal[candidate]
-    return None
-
-
-def _pick_metric(available: Iterable[str], given: str | None, file: Path) -> str | None:
-    available = list(available)
-    if given is not None:
-        return _pick(available, given, (), "metric", file)
-    metrics = []
-    for name in available:
-        normal = _normal(name)
-        prefix = next((p for p in _VAL_PREFIXES if normal.startswith(p)), None)
-        if prefix is None or any(word in normal for word in _NOT_METRICS):
-            continue
-        metrics.append((normal[len(prefix) :], name))
-    for preferred in _PREFERRED_METRICS:
-        for rest, name in metrics:
-            if rest == preferred or rest.startswith(preferred + "_"):
-                return name
-    return sorted(metrics)[0][1] if metrics else None
-
-
-def _pick_lr(available: Iterable[str]) -> str | None:
-    available = list(available)
-    found = _pick(available, None, _LR, "lr", Path())
-    if found is None:  # Lightning's LearningRateMonitor: lr-Adam, lr-SGD/pg1, ...
-        found = next((n for n in sorted(available) if _normal(n).startswith("lr_")), None)
-    return found
-
-
 def _history(
     records: list[Mapping[str, Any]],
     names: Mapping[str, str | None],
@@ -257,15 +203,22 @@ def _history(
     **fields: Any,
 ) -> History:
     available = sorted({key for record in records for key in record if key != "step"})
-    train = _pick(available, names["train_loss"], _TRAIN_LOSS, "train-loss", file)
+    if not available:
+        raise RunLogError(
+            f"{str(file)!r} holds no logged values yet: the run logged nothing (a Trainer logs "
+            "every logging_steps, Lightning every log_every_n_steps); diagnose it later."
+        )
+    train = pick_series(available, names["train_loss"], TRAIN_LOSS_NAMES, "train-loss", file)
     if train is None:
         raise RunLogError(
             f"No training loss found in {str(file)!r}; name it with --train-loss (it has: "
             f"{', '.join(available) or 'nothing'})."
         )
-    val = _pick(available, names["val_loss"], _VAL_LOSS, "val-loss", file)
-    metric = _pick_metric(available, names["metric"], file)
+    val = pick_series(available, names["val_loss"], VAL_LOSS_NAMES, "val-loss", file)
+    metric = pick_metric(available, names["metric"], file)
     notes = list(fields.pop("notes", ()))
+    if fields.get("lr_rule") is None:
+        fields["lr_rule"] = rule_of_optimizer(available)
     if val is None:
         notes.append("no validation loss logged")
     if metric is None:
@@ -275,8 +228,8 @@ def _history(
         train_loss=train,
         val_loss=val,
         metric=metric,
-        lr=_pick_lr(available),
-        noise_scale=_pick(available, None, _NOISE, "noise-scale", file),
+        lr=pick_lr(available),
+        noise_scale=pick_series(available, None, NOISE_NAMES, "noise-scale", file),
         metric_higher_is_better=higher_is_better(metric or ""),
         source=str(file),
         format=format,
@@ -410,6 +363,7 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
             "pip install batchfit[tensorboard]."
         ) from None
     files = [path] if path.is_file() else sorted(path.rglob("events.out.tfevents*"))
+    files, version_note = _latest_version(path, files)
     folders = {file.parent for file in files}
     points: dict[int, dict[str, float]] = {}
     for file in files:
@@ -437,14 +391,39 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
     # its Lightning callback `global_batch`, `micro_batch`)
     epoch_tag = next((tag for tag in ("epoch", "train/epoch") if tag in records[-1]), None)
     batches = _logged_batches(records, "train/", "")
+    notes = [version_note] if version_note else []
+    if "global_batch" not in batches:
+        notes.append("the global batch is not in the event files")
     return _history(
         records,
         names,
         path,
         "tensorboard",
         steps_per_epoch=_steps_per_epoch(records, epoch_tag) if epoch_tag else None,
-        notes=[] if "global_batch" in batches else ["the global batch is not in the event files"],
+        notes=notes,
         **batches,
+    )
+
+
+def _latest_version(path: Path, files: list[Path]) -> tuple[list[Path], str | None]:
+    """The event files of the latest `version_N` when the folder holds several runs of
+    Lightning's TensorBoardLogger (as `metrics.csv` is read from the latest version): their
+    curves are runs one after another, not series of one run."""
+    versions: dict[Path, list[Path]] = {}
+    for file in files:
+        folder = next(
+            (f for f in file.relative_to(path).parents if re.fullmatch(r"version_\d+", f.name)),
+            None,
+        )
+        if folder is None:
+            return files, None
+        versions.setdefault(folder, []).append(file)
+    if len(versions) < 2 or len({folder.parent for folder in versions}) != 1:
+        return files, None
+    latest = max(versions, key=lambda folder: int(folder.name.split("_")[1]))
+    return versions[latest], (
+        f"read {latest.name}, the latest of {len(versions)} versions in "
+        f"{str(path / latest.parent)!r} (give a version's folder to read another)"
     )
 
 
@@ -455,7 +434,13 @@ def _steps_per_epoch(records: list[dict[str, Any]], key: str) -> float | None:
     whole epochs (Lightning's epoch counter) give the first step logged in epoch 1 or later
     (exact when every step is logged, up to the logging interval otherwise).
     """
-    pairs = [(r["step"], e) for r in records if (e := _float(r.get(key))) is not None and e > 0]
+    pairs = [
+        (step, epoch)
+        for r in records
+        if (epoch := _float(r.get(key))) is not None
+        and epoch > 0
+        and (step := _float(r.get("step"))) is not None
+    ]
     fractional = [(step, epoch) for step, epoch in pairs if epoch != int(epoch)]
     if fractional:
         step, epoch = fractional[-1]

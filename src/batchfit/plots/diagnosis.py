@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,6 +49,25 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
     val = history.get("val_loss")
     if val and val.get("steps"):
         axes.plot(val["steps"], floats(val["values"]), marker="o", markersize=3, label=val["name"])
+    # a NaN or infinite loss (None in the dict) leaves a gap in the line: mark its steps along
+    # the top edge, as the diverging finding counts them
+    bad = [
+        step
+        for step, value in zip(train.get("steps") or [], floats(train.get("values") or []))
+        if not math.isfinite(value)
+    ]
+    if bad:
+        axes.plot(
+            bad,
+            [1.0] * len(bad),
+            linestyle="none",
+            marker="x",
+            markersize=4,
+            color="tab:red",
+            transform=axes.get_xaxis_transform(),
+            clip_on=False,
+            label=f"{train['name']} not finite",
+        )
     positive = [v for v in floats(train.get("values") or []) if v > 0]
     if positive and max(positive) / min(positive) > 100:
         axes.set_yscale("log")  # a loss spanning decades: a blow-up or a fall to near zero
