@@ -269,6 +269,28 @@ def batch_size_of(batch: Batch) -> int:
     raise TaskError("The batch holds no tensor, so its size is unknown.")
 
 
+def check_task(task: Any, function: str) -> None:
+    """Refuse anything but a Task in one line that names how to make one (`function` is the
+    caller, for the message).
+
+    Example:
+        >>> try:
+        ...     check_task("tasks.py:mine", "measure_throughput")
+        ... except ConfigError as error:
+        ...     print(str(error).split("; ")[1])
+        load it with batchfit.load_task('tasks.py:mine').
+    """
+    if isinstance(task, Task):
+        return
+    hint = (
+        f"load it with batchfit.load_task({task!r})"
+        if isinstance(task, str)
+        else "wrap a model of your own: Task(model=..., train_data=..., loss=..., "
+        "optimizer=..., lr=..., batch_size=...)"
+    )
+    raise ConfigError(f"{function} takes a batchfit Task, got {type(task).__name__}; {hint}.")
+
+
 def load_task(spec: str) -> Task:
     """Load a task from "path/to/file.py:function" or "package.module:function".
 

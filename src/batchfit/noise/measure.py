@@ -16,7 +16,7 @@ from batchfit.errors import CheckpointError, ConfigError, TaskError
 from batchfit.noise.estimator import NoiseScaleTracker
 from batchfit.noise.result import NoiseScaleResult
 from batchfit.progress import ProgressFn, report
-from batchfit.task import scalar_loss
+from batchfit.task import check_task, scalar_loss
 from batchfit.validation import check_whole_number
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ def measure_noise_scales(
     from batchfit.devices import resolve_device
     from batchfit.snapshot import preserved_rng
 
-    _check_task(task, "measure_noise_scale")
+    check_task(task, "measure_noise_scale")
     dataset_size = len(task.train_data)
     default_small, default_big = default_batch_sizes(task)
     small = check_whole_number("small_batch", default_small if small_batch is None else small_batch)
@@ -394,21 +394,6 @@ def _check_batchnorm_sizes(model: nn.Module, sizes: list[int], big_batch: int) -
         f"use a small batch of at least {least} that divides the big batch (--small-batch, "
         "--big-batch)."
     )
-
-
-def _check_task(task: Any, function: str) -> None:
-    """Refuse anything but a Task in one line that names how to make one."""
-    from batchfit.task import Task
-
-    if isinstance(task, Task):
-        return
-    hint = (
-        f"load it with batchfit.load_task({task!r})"
-        if isinstance(task, str)
-        else "wrap a model of your own: Task(model=..., train_data=..., loss=..., "
-        "optimizer=..., lr=..., batch_size=...)"
-    )
-    raise ConfigError(f"{function} takes a batchfit Task, got {type(task).__name__}; {hint}.")
 
 
 def _load_checkpoint(model: nn.Module, checkpoint: Any) -> None:

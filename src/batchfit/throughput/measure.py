@@ -21,7 +21,7 @@ from batchfit.devices import release_memory, resolve_device, synchronize
 from batchfit.errors import ConfigError, DoesNotFitError
 from batchfit.memory.step import is_out_of_memory
 from batchfit.progress import ProgressFn, report
-from batchfit.task import Task, move_to, scalar_loss
+from batchfit.task import Task, check_task, move_to, scalar_loss
 from batchfit.throughput.result import DEFAULT_FRACTION, ThroughputResult, find_knee
 from batchfit.throughput.sizes import plan_sizes
 from batchfit.throughput.timing import DEFAULT_ROUNDS, choose_clock, round_shares
@@ -139,7 +139,7 @@ def measure_throughput(
     from batchfit.plan.norm_layers import is_single_sample_batchnorm_error
     from batchfit.snapshot import preserved_rng
 
-    _check_task(task, "measure_throughput")
+    check_task(task, "measure_throughput")
     warmup_steps = check_whole_number("warmup_steps", warmup_steps, minimum=0)
     repeats = check_whole_number("repeats", repeats, minimum=1)
     rounds = check_whole_number("rounds", rounds, minimum=1)
@@ -259,21 +259,6 @@ def measure_throughput(
         rounds=len(shares),
         skipped=tuple(skipped),
     )
-
-
-def _check_task(task: Any, function: str) -> None:
-    """Refuse anything but a Task in one line that names how to make one."""
-    from batchfit.task import Task
-
-    if isinstance(task, Task):
-        return
-    hint = (
-        f"load it with batchfit.load_task({task!r})"
-        if isinstance(task, str)
-        else "wrap a model of your own: Task(model=..., train_data=..., loss=..., "
-        "optimizer=..., lr=..., batch_size=...)"
-    )
-    raise ConfigError(f"{function} takes a batchfit Task, got {type(task).__name__}; {hint}.")
 
 
 def _rate(size: int, timing: _Timing, with_cpu: bool) -> float:
