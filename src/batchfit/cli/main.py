@@ -15,16 +15,14 @@ the second one now ends it the same way for both signals.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from batchfit.errors import BatchfitError
+from batchfit.interrupts import signals_as_interrupt
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -46,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
-    with _terminate_as_interrupt():
+    with signals_as_interrupt("SIGTERM"):
         try:
             args = build_parser().parse_args(argv)
             args.argv = argv  # what the user typed: `train --nproc` forwards it to torchrun
@@ -74,23 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if _rank_error_file() is None:  # under `--nproc` the launcher says it once
                 print("batchfit: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt (main thread only); restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _report(error: BatchfitError, verbose: bool) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError, DistributedError, TaskError
+from batchfit.interrupts import signals_as_interrupt
 
 if TYPE_CHECKING:
     import torch
@@ -380,7 +381,7 @@ def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
             command, env=environ, start_new_session=True, preexec_fn=_interrupt_on_parent_death
         )
         interrupted = False
-        with _hangup_as_interrupt():
+        with signals_as_interrupt("SIGHUP"):
             while True:
                 try:
                     code = process.wait()
@@ -417,26 +418,6 @@ def _interrupt_on_parent_death() -> None:
         libc.prctl(1, int(signal.SIGINT))  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-
-
-@contextmanager
-def _hangup_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGHUP raises KeyboardInterrupt (main thread only); restored after."""
-    import signal
-    import threading
-
-    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGHUP, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGHUP, previous)
 
 
 def _read_outcome(folder: Path) -> dict[str, Any]:
