@@ -132,15 +132,23 @@ def test_a_frozen_rank_ends_the_run_with_one_line_and_exit_2(tmp_path):
     assert "did not answer within 2 s (--ddp-timeout)" in errors[0]
 
 
-@pytest.mark.integration
-def test_ctrl_c_under_nproc_saves_a_checkpoint_and_exits_130(tmp_path):
-    run = tmp_path / "run"
-    argv = ["train", f"{TASKS}:slow_task", *TWO_RANKS, "--steps", "200", "--checkpoint-every", "0"]
-    process = _batchfit([*argv, "--out", str(run)], start_new_session=True)
+def _start_slow_run(run, *, steps: int):
+    """A 2-rank run of slow_task into `run`, returned once its first metrics line is written."""
+    argv = ["train", f"{TASKS}:slow_task", *TWO_RANKS, "--steps", str(steps)]
+    process = _batchfit(
+        [*argv, "--checkpoint-every", "0", "--out", str(run)], start_new_session=True
+    )
     deadline = time.monotonic() + 180
     metrics = run / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return process, metrics
+
+
+@pytest.mark.integration
+def test_ctrl_c_under_nproc_saves_a_checkpoint_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    process, metrics = _start_slow_run(run, steps=200)
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     out, err = process.communicate(timeout=180)
     assert process.returncode == 130, err
@@ -158,12 +166,7 @@ def test_a_stop_signal_to_the_nproc_launcher_alone_stops_the_ranks_with_a_checkp
     # does a closed terminal: the launcher passes the stop on, instead of leaving the ranks to
     # run to the end.
     run = tmp_path / "run"
-    argv = ["train", f"{TASKS}:slow_task", *TWO_RANKS, "--steps", "200", "--checkpoint-every", "0"]
-    process = _batchfit([*argv, "--out", str(run)], start_new_session=True)
-    deadline = time.monotonic() + 180
-    metrics = run / "metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    process, metrics = _start_slow_run(run, steps=200)
     process.send_signal(signum)
     out, err = process.communicate(timeout=180)
     assert process.returncode == 130, err
@@ -194,12 +197,8 @@ def test_a_killed_nproc_launcher_leaves_no_rank_training(tmp_path):
     # SIGKILL (or the out-of-memory killer) gives the launcher no chance to pass a stop on: the
     # agent hears SIGINT from the kernel instead, and the ranks stop with a checkpoint.
     run = tmp_path / "run"
-    argv = ["train", f"{TASKS}:slow_task", *TWO_RANKS, "--steps", "400", "--checkpoint-every", "0"]
-    process = _batchfit([*argv, "--out", str(run)], start_new_session=True)
+    process, metrics = _start_slow_run(run, steps=400)
     deadline = time.monotonic() + 180
-    metrics = run / "metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.2)
     process.kill()
     process.communicate(timeout=30)
     while _processes_naming(str(run)) and time.monotonic() < deadline:
