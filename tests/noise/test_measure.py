@@ -284,6 +284,19 @@ def test_a_batchnorm_model_is_never_measured_on_one_sample(small, big, words):
     assert result.batches == 2
 
 
+def test_the_default_small_batch_of_a_batchnorm_model_is_two_samples():
+    # a quarter of a task batch below 8 is one sample, which BatchNorm cannot train on
+    import dataclasses
+
+    task = dataclasses.replace(make_bn1d_task(), batch_size=4)
+    assert default_batch_sizes(task) == (1, 16)
+    result = measure_noise_scale(task, batches=2, warmup_steps=0, device="cpu")
+    assert result.small_batch_samples == 2
+    plain = dataclasses.replace(make_mlp_task(), batch_size=4)
+    measured = measure_noise_scale(plain, batches=2, warmup_steps=0, device="cpu")
+    assert measured.small_batch_samples == 1
+
+
 @pytest.mark.parametrize(
     ("given", "words"),
     [(torch.nn.Linear(2, 2), "Task(model=..."), ("tasks.py:make", "load_task('tasks.py:make')")],

@@ -118,7 +118,8 @@ def measure_noise_scale(
 
     Args:
         task: the training task.
-        small_batch: B_small in samples; default a quarter of `task.batch_size`.
+        small_batch: B_small in samples; default a quarter of `task.batch_size` (at least 2
+            on a model with BatchNorm, which cannot train on one sample).
         big_batch: B_big in samples, above small_batch; default four times `task.batch_size`,
             capped at the training set (or the whole set in passes, above).
         batches: big batches to measure; the interval narrows about as 1/sqrt(batches).
@@ -219,6 +220,11 @@ def measure_noise_scales(
     dataset_size = len(task.train_data)
     default_small, default_big = default_batch_sizes(task)
     small = check_whole_number("small_batch", default_small if small_batch is None else small_batch)
+    if small_batch is None and small == 1:  # a task batch below 8: BatchNorm needs 2 samples
+        from batchfit.plan.norm_layers import smallest_batch
+
+        with preserved_rng(seed=task.seed):
+            small = smallest_batch(task.make_model())
     big = check_whole_number("big_batch", default_big if big_batch is None else big_batch)
     batches = check_whole_number("batches", batches)
     points = [check_whole_number("warmup_steps", p, minimum=0) for p in warmup_points]
