@@ -91,8 +91,10 @@ class SearchResult:
         method: "predicted" (fake-tensor prediction, confirmed by real trials),
             "measured-probes" (fake mode could not run the task; real probes only) or
             "step" (a user's step callable).
-        memory_model: fixed + per-sample bytes fitted over the range up to the limit, with
-            its residual; None when nothing was measured or predicted.
+        memory_model: fixed + per-sample bytes fitted over the predicted and measured points
+            from a quarter of the limit up (predictions above the limit among them: a batch
+            that does not fit still tells how memory grows), with its residual; None when
+            nothing was measured or predicted.
         state_bytes: parameters, buffers, gradients and optimizer state (before the first
             sample), when known.
         trials: every real trial, in order.
