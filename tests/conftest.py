@@ -35,6 +35,18 @@ def make_bn_convnet() -> nn.Module:
     )
 
 
+class TokenModel(nn.Module):
+    """A next-token model of 20 symbols (embedding and linear head), for padded token data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.out = nn.Linear(16, 20)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.embed(tokens)))
+
+
 def classification_loss(model: nn.Module, batch) -> torch.Tensor:
     inputs, labels = batch
     return F.cross_entropy(model(inputs), labels)

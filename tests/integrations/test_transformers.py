@@ -180,9 +180,8 @@ def test_a_clipped_step_is_not_measured(tmp_path):
     assert callback.skipped_steps == 2 and callback.tracker.updates == 0
 
 
-def test_a_diverging_run_is_diagnosed_diverging_into_the_output_dir(tmp_path):
-    import json
-
+def _diverging_run(tmp_path):
+    """12 steps of the tiny GPT-2 at a rate of 1e4, with the noise-scale callback: diverges."""
     callback = NoiseScaleTrainerCallback(window=None)
     args = apply_plan(
         _args(tmp_path, max_grad_norm=0.0, max_steps=12),
@@ -192,6 +191,13 @@ def test_a_diverging_run_is_diagnosed_diverging_into_the_output_dir(tmp_path):
         model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
     )
     trainer.train()
+    return callback, trainer
+
+
+def test_a_diverging_run_is_diagnosed_diverging_into_the_output_dir(tmp_path):
+    import json
+
+    callback, trainer = _diverging_run(tmp_path)
     written = json.loads((tmp_path / "diagnosis.json").read_text())
     assert "diverging" in [finding["kind"] for finding in written["findings"]]
     assert written["source"] == "trainer.state.log_history"
@@ -273,15 +279,7 @@ def test_the_callbacks_diagnosis_advises_as_batchfit_diagnose_on_its_trainer_sta
     from batchfit.monitor.diagnose import diagnose
     from batchfit.monitor.readers import read_history
 
-    callback = NoiseScaleTrainerCallback(window=None)
-    args = apply_plan(
-        _args(tmp_path, max_grad_norm=0.0, max_steps=12),
-        _plan(lr=1e4, warmup_steps=0, accumulation_steps=2, global_batch=16),
-    )
-    trainer = transformers.Trainer(
-        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
-    )
-    trainer.train()
+    callback, trainer = _diverging_run(tmp_path)
     trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
     from_file = diagnose(read_history(tmp_path / "trainer_state.json"))
     assert callback.diagnosis is not None

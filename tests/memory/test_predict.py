@@ -18,7 +18,7 @@ from batchfit.memory.predict import (
 )
 from batchfit.memory.step import measure_step_memory
 from batchfit.task import load_example
-from tests.conftest import make_bn_convnet, make_mlp_task
+from tests.conftest import TokenModel, make_bn_convnet, make_mlp_task
 
 EXAMPLE_BATCHES = {
     "digits": (1, 17, 64),
@@ -110,16 +110,6 @@ def test_prediction_and_measurement_equal_an_account_by_hand(batch_size):
     )
 
 
-class _Padded(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(20, 16)
-        self.out = nn.Linear(16, 20)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.embed(tokens)))
-
-
 def test_sequences_padded_to_the_longest_are_predicted_from_their_own_lengths():
     # The first two sequences share a length the others do not: a batch's shape depends on
     # its samples, though batches of one and two samples alone do not show it.
@@ -130,7 +120,7 @@ def test_sequences_padded_to_the_longest_are_predicted_from_their_own_lengths():
         return F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
 
     task = make_mlp_task(
-        model=_Padded,
+        model=TokenModel,
         train_data=sequences,
         collate=lambda samples: nn.utils.rnn.pad_sequence(samples, batch_first=True),
         loss=loss,

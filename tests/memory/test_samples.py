@@ -16,19 +16,9 @@ from batchfit.memory.predict import predict_step_memory
 from batchfit.memory.samples import SHAPE_PROBES, SampleOrder, sample_order
 from batchfit.memory.search import find_max_batch_size
 from batchfit.memory.step import measure_step_memory, run_training_steps
-from tests.conftest import make_mlp_task
+from tests.conftest import TokenModel, make_mlp_task
 
 KiB = 1024
-
-
-class _Tokens(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(20, 16)
-        self.out = nn.Linear(16, 20)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.embed(tokens)))
 
 
 def _next_token_loss(model, batch):
@@ -43,7 +33,7 @@ def _sequence_task(lengths: list[int]):
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(1, 20, (length,), generator=generator) for length in lengths]
     return make_mlp_task(
-        model=_Tokens,
+        model=TokenModel,
         train_data=sequences,
         val_data=sequences[:8],
         collate=_pad,
