@@ -149,6 +149,7 @@ def test_batchfit_metrics_jsonl(tmp_path):
     assert history.val_loss.steps == (10, 20, 30, 40)
     assert history.metric.name == "val_accuracy" and history.metric_higher_is_better
     assert history.global_batch == 64 and history.micro_batch == 16
+    assert history.global_batches is None  # a constant batch is not logged on each line
     assert history.noise_scale.values[0] == 100.0
     assert "1 unreadable lines skipped" in history.notes
     assert history.steps_per_epoch is None  # written without `epoch`, as before it was logged
@@ -191,6 +192,7 @@ def test_lightning_csv_with_the_batch_batchfits_callback_logs(tmp_path):
     (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
     history = read_history(tmp_path / "metrics.csv")
     assert (history.global_batch, history.micro_batch) == (64, 16)  # the latest: a schedule
+    assert history.global_batches.values == (32.0,) * 5 + (64.0,) * 3  # and per step
     assert "the global batch is not in metrics.csv" not in history.notes
     assert history.train_loss.name == "train_loss"
 
@@ -391,3 +393,15 @@ def test_lightning_learning_rate_monitor_tag_tells_the_scaling_rule(tmp_path, ta
     history = read_history(file)
     assert history.lr is not None and history.lr.name == tag
     assert history.lr_rule == rule
+
+
+def test_batchfit_metrics_jsonl_under_a_batch_schedule_gives_the_batch_per_step(tmp_path):
+    lines = [
+        {"step": step, "loss": 1.0, "global_batch": 32 if step < 4 else 64} for step in (1, 2, 3, 4)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    history = read_history(tmp_path)
+    assert history.global_batch == 64
+    assert history.global_batches.steps == (1, 2, 3, 4)
+    assert history.global_batches.values == (32.0, 32.0, 32.0, 64.0)
+    assert history.to_dict()["global_batches"]["values"] == [32.0, 32.0, 32.0, 64.0]

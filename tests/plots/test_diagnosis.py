@@ -68,3 +68,68 @@ def test_non_finite_losses_are_marked_where_the_line_has_its_gap(monkeypatch):
     (axes,) = figures[0].axes
     (marks,) = [line for line in axes.lines if line.get_label() == "loss not finite"]
     assert list(marks.get_xdata()) == list(range(31, 41))
+
+
+def _figure_of(monkeypatch, history):
+    from batchfit.plots import diagnosis as module
+
+    figures = []
+    monkeypatch.setattr(module, "png_bytes", lambda figure: figures.append(figure) or b"")
+    diagnosis_png(history.to_dict(), diagnose(history).to_dict())
+    return figures[0]
+
+
+def _lines(axes):
+    return {line.get_label(): line for line in axes.get_lines()}
+
+
+def test_noise_scale_panel_draws_the_noise_scale_against_a_growing_batch(monkeypatch):
+    # a `--batch-schedule noise` run: the batch doubles at steps 20 and 40, the noise scale is
+    # logged on every line after the first 3 (null before it is reliable)
+    records = [
+        {
+            "step": s,
+            "loss": 2.0 / s,
+            "noise_scale": None if s <= 3 else 10.0 * s,
+            "global_batch": 32 if s < 20 else 64 if s < 40 else 128,
+        }
+        for s in range(1, 61)
+    ]
+    figure = _figure_of(monkeypatch, History.from_records(records, global_batch=128))
+    loss, panel = figure.axes
+    assert panel.get_shared_x_axes().joined(loss, panel)  # the same steps as the curves
+    assert panel.get_yscale() == "log" and "samples" in panel.get_ylabel()
+    assert panel.get_xlabel() == "optimizer step"
+    lines = _lines(panel)
+    noise = lines["noise scale B_simple"]
+    assert list(noise.get_xdata()) == list(range(1, 61))
+    assert list(noise.get_ydata()[3:]) == [10.0 * s for s in range(4, 61)]
+    batch = lines["global batch 32 → 128"]
+    assert batch.get_drawstyle() == "steps-post"
+    assert list(batch.get_ydata()) == [r["global_batch"] for r in records]
+    assert [t.get_text() for t in panel.texts] == ["64", "128"]  # each change labelled
+    legend = panel.get_legend()
+    assert legend is not None and {t.get_text() for t in legend.get_texts()} == set(lines)
+
+
+def test_noise_scale_panel_with_a_constant_batch_draws_it_flat_over_the_run(monkeypatch):
+    records = [{"step": s, "loss": 2.0 / s, "noise_scale": 100.0 + s} for s in range(1, 41)]
+    records += [{"step": 40, "val_loss": 0.3, "val_accuracy": 0.9}]
+    history = History.from_records(records, metric="val_accuracy", global_batch=32)
+    loss, panel, metric = _figure_of(monkeypatch, history).axes
+    (batch,) = [line for line in panel.get_lines() if line.get_label() == "global batch 32"]
+    assert list(batch.get_xdata()) == [1, 40] and list(batch.get_ydata()) == [32, 32]
+    assert metric.get_ylabel() == "val_accuracy"
+
+
+@pytest.mark.parametrize("noise", [None, "all null"])
+def test_no_noise_scale_panel_without_a_logged_noise_scale(monkeypatch, noise):
+    # a Lightning CSVLogger run without batchfit's callback logs no noise scale; a run too
+    # short for a reliable one logs only nulls: the figure keeps its one panel
+    records = [{"step": s, "loss": 2.0 / s, "global_batch": 32} for s in range(1, 41)]
+    if noise:
+        records = [{**r, "noise_scale": None} for r in records]
+    figure = _figure_of(monkeypatch, History.from_records(records, global_batch=32))
+    (axes,) = figure.axes
+    assert axes.get_xlabel() == "optimizer step"
+    assert not any("batch" in line.get_label() for line in axes.get_lines())

@@ -3,7 +3,8 @@
 A `Series` is steps and values (NaN where a value was logged as missing or not finite). A
 `History` holds the series the diagnosis reads: the training loss per optimizer step, the
 validation loss and one validation metric per evaluation, the learning rate, the gradient noise
-scale, and the batch sizes when the log tells them.
+scale, and the batch sizes when the log tells them (the global batch per step, too, when the log
+has it on its lines).
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ class History:
         metric_higher_is_better: whether a larger `metric` is better.
         lr: learning rate per logged step, or None.
         noise_scale: gradient noise scale B_simple (samples) per logged step, or None.
-        global_batch: samples per optimizer step over all ranks, when the log tells it.
+        global_batch: samples per optimizer step over all ranks, when the log tells it (the
+            last one logged, under a batch schedule that changes it).
+        global_batches: the global batch (samples) per logged step, when the log has it on its
+            lines (batchfit's under a batch schedule, its Lightning callback's), or None.
         micro_batch: samples per forward/backward on one process, when the log tells it.
         world_size: the processes that shared each global batch, when the log tells it.
         lr_rule: the rule the run's rate followed the batch by ("linear" or "sqrt"), when the
@@ -118,6 +122,7 @@ class History:
     lr: Series | None = None
     noise_scale: Series | None = None
     global_batch: int | None = None
+    global_batches: Series | None = None
     micro_batch: int | None = None
     world_size: int | None = None
     lr_rule: str | None = None
@@ -136,6 +141,7 @@ class History:
         metric: str | None = None,
         lr: str | None = "lr",
         noise_scale: str | None = "noise_scale",
+        global_batches: str | None = "global_batch",
         step: str = "step",
         **options: Any,
     ) -> History:
@@ -166,6 +172,7 @@ class History:
             metric=series(metric),
             lr=series(lr),
             noise_scale=series(noise_scale),
+            global_batches=series(global_batches),
             **options,
         )
 
@@ -183,6 +190,7 @@ class History:
             "lr": maybe(self.lr),
             "noise_scale": maybe(self.noise_scale),
             "global_batch": self.global_batch,
+            "global_batches": maybe(self.global_batches),
             "micro_batch": self.micro_batch,
             "world_size": self.world_size,
             "lr_rule": self.lr_rule,

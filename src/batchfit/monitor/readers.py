@@ -30,6 +30,7 @@ from typing import Any, Literal
 from batchfit.errors import MissingDependencyError, RunLogError
 from batchfit.monitor.history import History, higher_is_better
 from batchfit.monitor.series_names import (
+    GLOBAL_BATCH_NAMES,
     NOISE_NAMES,
     TRAIN_LOSS_NAMES,
     VAL_LOSS_NAMES,
@@ -230,6 +231,7 @@ def _history(
         metric=metric,
         lr=pick_lr(available),
         noise_scale=pick_series(available, None, NOISE_NAMES, "noise-scale", file),
+        global_batches=pick_series(available, None, GLOBAL_BATCH_NAMES, "global-batch", file),
         metric_higher_is_better=higher_is_better(metric or ""),
         source=str(file),
         format=format,

@@ -14,6 +14,7 @@ from pathlib import Path
 from batchfit.errors import RunLogError
 
 __all__ = [
+    "GLOBAL_BATCH_NAMES",
     "NOISE_NAMES",
     "TRAIN_LOSS_NAMES",
     "VAL_LOSS_NAMES",
@@ -37,6 +38,9 @@ LR_NAMES = ("lr", "learning_rate", "train_learning_rate", "lr_abs")
 # batchfit's TensorBoard tag `noise/noise_scale`; the Hugging Face Trainer's TensorBoard
 # callback writes the noise scale of `NoiseScaleTrainerCallback` as `train/noise_scale`
 NOISE_NAMES = ("noise_scale", "noise_noise_scale", "train_noise_scale")
+# batchfit's metrics lines and its Lightning callback log `global_batch`; its TensorBoard tag is
+# `train/global_batch`
+GLOBAL_BATCH_NAMES = ("global_batch", "train_global_batch")
 VAL_PREFIXES = ("val_", "eval_", "valid_", "validation_")
 # `Accuracy/val`, `acc_valid`: the validation split named after the metric (SummaryWriter loops)
 VAL_SUFFIXES = ("_val", "_eval", "_valid", "_validation")

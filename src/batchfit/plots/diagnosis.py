@@ -1,4 +1,5 @@
-"""Plot a run's curves with each finding's steps shaded and labelled."""
+"""Plot a run's curves with each finding's steps shaded and labelled, and below them the
+gradient noise scale against the global batch when the run logged it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchfit.plots.figure import floats, new_axes, png_bytes, png_path, write_png
+from batchfit.plots.figure import (
+    FIGURE_INCHES,
+    floats,
+    new_axes,
+    new_figure,
+    png_bytes,
+    png_path,
+    write_png,
+)
 
 if TYPE_CHECKING:
     from batchfit.monitor.findings import Diagnosis
@@ -18,15 +27,27 @@ __all__ = ["diagnosis_png", "plot_diagnosis"]
 
 _COLOURS = {"critical": "tab:red", "warning": "tab:orange", "info": "tab:blue"}
 SHADE_ALPHA = 0.15  # light enough that the curves stay readable under two overlapping findings
+NOISE_PANEL_INCHES = 2.6  # the noise-scale panel's height, added below the curves' 4 inches
+# its legend's labels are wider than the curves': the figure widens by as much, so that the
+# charts keep the curves' width of the figure without the panel
+NOISE_PANEL_WIDER_INCHES = 0.8
+MARKED_CHANGES = 8  # a batch schedule's changes labelled with the new batch, up to this many
 
 
 def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> bytes:
     """PNG bytes of the training and validation loss (and metric, right axis) against the
     step, with each finding's steps shaded in its severity's colour and labelled by its kind.
 
+    When the run logged a gradient noise scale, a second panel below, on the same steps, draws
+    it against the global batch on one log axis in samples: the evidence of the
+    batch-below-critical and batch-above-critical findings. The batch is a step line where the
+    log has it per step (a batch schedule's changes are labelled with the new batch), else the
+    run's one global batch as a flat line. Without a noise scale there is no second panel.
+
     Args:
-        history: the shape of `History.to_dict()` (`train_loss`, `val_loss`, `metric`: each
-            `{"name", "steps", "values"}` or None).
+        history: the shape of `History.to_dict()` (`train_loss`, `val_loss`, `metric`,
+            `noise_scale`, `global_batches`: each `{"name", "steps", "values"}` or None;
+            `global_batch`: samples or None).
         diagnosis: the shape of `Diagnosis.to_dict()` (`findings`, each with `kind`,
             `severity`, `steps`).
 
@@ -42,8 +63,14 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
         ...     "severity": "critical", "steps": [3, 3]}]})[:4]
         b'\\x89PNG'
     """
-    figure, axes = new_axes()
     train = history.get("train_loss") or {}
+    panel = None
+    if any(math.isfinite(value) for value in _positive(history.get("noise_scale"))[1]):
+        width, height = FIGURE_INCHES
+        figure = new_figure((width + NOISE_PANEL_WIDER_INCHES, height + NOISE_PANEL_INCHES))
+        axes, panel = figure.subplots(2, 1, sharex=True, height_ratios=(height, NOISE_PANEL_INCHES))
+    else:
+        figure, axes = new_axes()
     if train.get("steps"):
         axes.plot(train["steps"], floats(train["values"]), linewidth=1, label=train["name"])
     val = history.get("val_loss")
@@ -91,10 +118,11 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
     for finding in diagnosis.get("findings") or []:
         first, last = finding["steps"]
         colour = _COLOURS.get(finding["severity"], "tab:gray")
-        if first == last:
-            axes.axvline(first, color=colour, alpha=0.6)
-        else:
-            axes.axvspan(first, last, color=colour, alpha=SHADE_ALPHA)
+        for shaded in (axes, panel) if panel is not None else (axes,):
+            if first == last:
+                shaded.axvline(first, color=colour, alpha=0.6)
+            else:
+                shaded.axvspan(first, last, color=colour, alpha=SHADE_ALPHA)
         # on the axes drawn last, over a pale box, so the curves do not run through it; a
         # finding in the right half is labelled leftwards from its end, inside the chart
         leftwards = first > middle
@@ -111,20 +139,69 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
         )
     found = ", ".join(f["kind"] for f in diagnosis.get("findings") or []) or "no finding"
     axes.set_title(f"Training curves: {found}")
-    axes.set_xlabel("optimizer step")
+    (panel if panel is not None else axes).set_xlabel("optimizer step")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
+    # outside the plot, right of the metric's axis: inside, it covered the finding labels
+    # along the top edge and the curves that passed under it
+    legend_x = 1.12 if top is not axes else 1.01
     if handles:
-        # outside the plot, right of the metric's axis: inside, it covered the finding labels
-        # along the top edge and the curves that passed under it
-        top.legend(
-            handles,
-            labels,
-            loc="upper left",
-            bbox_to_anchor=(1.12 if top is not axes else 1.01, 1.0),
-            fontsize=8,
-        )
+        top.legend(handles, labels, loc="upper left", bbox_to_anchor=(legend_x, 1.0), fontsize=8)
+    if panel is not None:
+        run_steps = [s for c in (train, val or {}, metric or {}) for s in c.get("steps") or []]
+        _draw_noise_panel(panel, history, run_steps, legend_x)
     return png_bytes(figure)
+
+
+def _positive(series: Mapping[str, Any] | None) -> tuple[list[int], list[float]]:
+    """A series' steps and values, NaN (a gap) where a log axis cannot draw the value (null,
+    not finite, or at most zero)."""
+    series = series or {}
+    values = floats(series.get("values") or [])
+    return list(series.get("steps") or []), [
+        v if math.isfinite(v) and v > 0 else math.nan for v in values
+    ]
+
+
+def _draw_noise_panel(
+    axes: Any, history: Mapping[str, Any], run_steps: list[int], legend_x: float
+) -> None:
+    """The noise scale and the global batch against the step, on one log axis in samples."""
+    # the steps before the estimate is reliable (null) stay a gap in the line
+    noise_steps, noise = _positive(history["noise_scale"])
+    axes.plot(noise_steps, noise, color="tab:purple", linewidth=1, label="noise scale B_simple")
+    steps, sizes = _positive(history.get("global_batches"))
+    points = [(step, size) for step, size in zip(steps, sizes) if math.isfinite(size)]
+    if not points and history.get("global_batch"):
+        steps = run_steps or noise_steps
+        points = [(min(steps), history["global_batch"]), (max(steps), history["global_batch"])]
+    if points:
+        steps, sizes = [s for s, _ in points], [b for _, b in points]
+        first, last = round(sizes[0]), round(sizes[-1])
+        axes.step(
+            steps,
+            sizes,
+            where="post",  # a metrics line's batch is the one its step ran at, from that step on
+            color="black",
+            linewidth=1.2,
+            zorder=3,  # over the noise scale, which swings across it
+            label=f"global batch {first}" if first == last else f"global batch {first} → {last}",
+        )
+        changes = [i for i in range(1, len(sizes)) if sizes[i] != sizes[i - 1]]
+        for index in changes[:MARKED_CHANGES]:
+            axes.annotate(
+                f"{round(sizes[index])}",
+                xy=(steps[index], sizes[index]),
+                xytext=(3, 3),
+                textcoords="offset points",
+                fontsize=8,
+                zorder=4,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+            )
+    axes.set_yscale("log")
+    axes.set_ylabel("batch size (samples)")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(legend_x, 1.0), fontsize=8)
 
 
 def plot_diagnosis(history: History, diagnosis: Diagnosis, path: str | os.PathLike) -> Path:

@@ -26,6 +26,17 @@ def new_axes() -> tuple[Any, Any]:
     Raises:
         MissingDependencyError: matplotlib is not installed.
     """
+    figure = new_figure()
+    return figure, figure.add_subplot()
+
+
+def new_figure(inches: tuple[float, float] = FIGURE_INCHES) -> Any:
+    """A fresh figure of `inches` (width, height) on an Agg canvas, with no axes yet and no
+    pyplot state (for a figure of several panels: `figure.subplots(rows, 1, ...)`).
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -33,9 +44,9 @@ def new_axes() -> tuple[Any, Any]:
         raise MissingDependencyError(
             "Optional dependency 'matplotlib' is needed for plots: pip install matplotlib."
         ) from None
-    figure = Figure(figsize=FIGURE_INCHES, dpi=DOTS_PER_INCH)
+    figure = Figure(figsize=inches, dpi=DOTS_PER_INCH)
     FigureCanvasAgg(figure)
-    return figure, figure.add_subplot()
+    return figure
 
 
 def png_bytes(figure: Any) -> bytes:

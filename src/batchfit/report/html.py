@@ -227,7 +227,8 @@ def _run_section(plan: Plan, run_dir: str | os.PathLike) -> str:
     notes = "".join(f"<li>{escape(note)}</li>" for note in diagnosis.notes)
     caption = (
         "The run's training and validation curves against the optimizer step, each finding's "
-        "steps shaded and labelled by its kind."
+        "steps shaded and labelled by its kind; below them, when the run logged it, the "
+        "gradient noise scale against the global batch (samples, log scale)."
     )
     return (
         "<h2>The run</h2>"
