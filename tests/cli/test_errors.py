@@ -291,3 +291,44 @@ def test_sigterm_is_an_interrupt_that_leaves_no_half_file(monkeypatch, capsys, t
     assert target.read_bytes() == b"the previous checkpoint"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert signal.getsignal(signal.SIGTERM) == before  # put back for the caller
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_rank_0_alone_prints_and_each_rank_leaves_torchrun_its_line(
+    rank, monkeypatch, capsys, tmp_path
+):
+    import json
+
+    error_file = tmp_path / "attempt_0" / rank / "error.json"
+    error_file.parent.mkdir(parents=True)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert main(["train", "--example", "digits", "--global-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    words = "--global-batch must lie in [1, 16777216], got 0."
+    assert err == ("" if rank == "1" else f"batchfit: error: {words}\n")
+    # torchrun's failure report shows extraInfo.py_callstack, else message.message
+    message = json.loads(error_file.read_text())["message"]
+    assert message["message"] == f"ConfigError: {words}"
+    assert "py_callstack" not in message["extraInfo"]
+    assert int(message["extraInfo"]["timestamp"]) > 0
+    # -v: every rank prints, with the traceback
+    assert main(["train", "--example", "digits", "--global-batch", "0", "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_under_torchrun_rank_0_alone_says_interrupted(monkeypatch, capsys):
+    import batchfit.cli.commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(batchfit.cli.commands.COMMANDS, "estimate", interrupted)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["estimate", "--memory", "1GB", "--model", "1MB", "--per-sample", "1MB"]
+    for rank, said in (("1", ""), ("0", "batchfit: interrupted\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 130
+        assert capsys.readouterr().err == said

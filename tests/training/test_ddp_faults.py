@@ -322,3 +322,23 @@ def test_two_train_calls_in_one_torchrun_script(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == ["run 0 2 2", "run 1 2 2"]
+
+
+@pytest.mark.integration
+def test_bad_input_under_a_bare_torchrun_is_one_line_from_rank_0(tmp_path):
+    from batchfit.training.distributed import torchrun_command
+
+    command = torchrun_command(2, ["train", "--example", "digits", "--global-batch", "0"])
+    # torchrun looks at its ranks every 2 s (not 0.1 s): both have failed by its first look, so
+    # it stops neither before it says why
+    command[3:3] = ["--monitor-interval", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode != 0
+    words = "--global-batch must lie in [1, 16777216], got 0."
+    lines = [line for line in done.stderr.splitlines() if line.startswith("batchfit: error:")]
+    assert lines == [f"batchfit: error: {words}"], done.stderr
+    # torchrun's own traceback (its ChildFailedError), none of batchfit's
+    assert done.stderr.count("Traceback (most recent call last)") == 1, done.stderr
+    # each rank exited 2 and its line took the place of torchrun's "To enable traceback see"
+    assert done.stderr.count(f"ConfigError: {words}") == 2, done.stderr
+    assert done.stderr.count("exitcode  : 2 ") == 2, done.stderr

@@ -11,6 +11,12 @@ KeyboardInterrupt, so a file being written is cleaned up as on Ctrl-C (`write_at
 its temporary file and the previous file stays), and the command prints one line and exits
 130. `train` turns the first SIGINT or SIGTERM into a stop after the step with a checkpoint;
 the second one now ends it the same way for both signals.
+
+Under a bare `torchrun -m batchfit ...` every rank meets the same bad input: rank 0 alone prints
+the line (and "interrupted"), every rank exits 2 (130), and each failing rank leaves its line in
+the file torchrun names in TORCHELASTIC_ERROR_FILE, so torchrun's own failure report (printed
+after any failed rank, whatever its exit code) shows it where it would say "To enable traceback
+see ...": an error of one rank alone is not lost there. With -v every rank prints.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _report(line, verbose)
             return EXIT_BAD_INPUT
         except KeyboardInterrupt:
-            if _rank_error_file() is None:  # under `--nproc` the launcher says it once
+            # under `--nproc` the launcher says it once, under torchrun rank 0
+            if _rank_error_file() is None and (verbose or not _another_rank_says_it()):
                 print("batchfit: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
 
@@ -87,7 +94,9 @@ def _report(error: BatchfitError, verbose: bool) -> None:
     line = " ".join(str(error).split())
     rank_file = _rank_error_file()
     if rank_file is None:
-        print(f"batchfit: error: {line}", file=sys.stderr)
+        _record_for_torchrun(error, line)
+        if verbose or not _another_rank_says_it():
+            print(f"batchfit: error: {line}", file=sys.stderr)
         return
     import json
 
@@ -102,3 +111,38 @@ def _rank_error_file() -> Path | None:
     if not folder or rank is None or not Path(folder).is_dir():
         return None
     return Path(folder) / f"rank{rank}.json"
+
+
+def _another_rank_says_it() -> bool:
+    """Whether this process is a rank other than 0 under torchrun (RANK, WORLD_SIZE), which
+    leaves the line to rank 0: every rank reads the same arguments and meets the same error."""
+    from batchfit.training.distributed import detect_distributed
+
+    try:
+        context = detect_distributed()
+    except BatchfitError:  # RANK or WORLD_SIZE that make no sense: say it here
+        return False
+    return context.enabled and not context.is_main
+
+
+def _record_for_torchrun(error: BaseException, line: str) -> None:
+    """Leave `line` in the error file torchrun gave this rank (TORCHELASTIC_ERROR_FILE), in the
+    shape torch's `@record` writes, so torchrun's failure report shows it for each rank."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:  # not under torchrun, or torchrun keeps no log folder ("")
+        return
+    import json
+    import time
+
+    from batchfit.files import write_atomic
+
+    # A `message` mapping without `py_callstack`: the report shows the line, and torchrun can
+    # add the exit code to it (it warns about a plain string message).
+    message = {
+        "message": f"{type(error).__name__}: {line}",
+        "extraInfo": {"timestamp": str(int(time.time()))},
+    }
+    try:
+        write_atomic(path, json.dumps({"message": message}))
+    except OSError:  # the report then says what it says without the file
+        return
