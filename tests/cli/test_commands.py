@@ -39,11 +39,30 @@ def test_estimate_takes_a_reserve_of_0_and_says_what_a_reserve_leaves(capsys):
     assert "--reserve '0XB' is not a size" in capsys.readouterr().err
     assert main([*args, "--reserve=--"]) == 2  # argparse hands the action an empty list
     assert "--reserve [] is not a size" in capsys.readouterr().err
-    assert main([*args, "--reserve", "20GB"]) == 0
-    out = capsys.readouterr().out
-    assert "0: not one sample fits" in out and "(3.73 GiB after the 18.63 GiB reserve)" in out
-    assert main([*args, "--reserve", "24GB"]) == 0
-    assert "The reserve (22.35 GiB) takes all of the 22.35 GiB" in capsys.readouterr().out
+    assert main([*args, "--reserve", "20GB"]) == 2
+    err = capsys.readouterr().err
+    assert "Not one sample fits" in err and "(3.73 GiB after the 18.63 GiB reserve)" in err
+    assert main([*args, "--reserve", "24GB"]) == 2
+    err = capsys.readouterr().err
+    assert "the reserve (22.35 GiB) takes all of the 22.35 GiB" in err and "Lower --reserve" in err
+
+
+def test_estimate_that_fits_not_one_sample_exits_2_as_memory_does(capsys):
+    # It printed "0: not one sample fits" and exited 0, as if 0 were an answer to train with.
+    args = ["estimate", "--memory", "1GiB", "--model", "2GiB", "--per-sample", "1MiB"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "batchfit: error: Not one sample fits: the model takes 2.00 GiB of 1.00 GiB, and one "
+        "sample needs 1.00 MiB. Give more --memory, or lower --model or --per-sample (lower "
+        "precision, activation checkpointing, a smaller model).\n"
+    )
+    assert main([*args, "--json"]) == 2  # the JSON still comes, for scripts that read it
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["max_batch_size"] == 0 and data["batch_size"] == 0
+    assert captured.err.startswith("batchfit: error: Not one sample fits")
 
 
 def test_estimate_json(capsys):

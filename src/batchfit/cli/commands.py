@@ -20,7 +20,7 @@ from batchfit.cli.format import print_json, stdout_console
 from batchfit.cli.paths import check_output_file, check_output_folder
 from batchfit.cli.progress import PhaseBars, StepBar
 from batchfit.cli.train_command import train
-from batchfit.errors import ConfigError
+from batchfit.errors import ConfigError, DoesNotFitError
 
 
 def _show_result(
@@ -42,7 +42,9 @@ def _show_result(
 
 
 def estimate(args: argparse.Namespace) -> int:
-    from batchfit.cli.format import print_estimate
+    """The formula's answer; when not one sample fits, one line and exit 2 (as `memory`), after
+    the JSON with --json (`max_batch_size` 0), which scripts read either way."""
+    from batchfit.cli.format import estimate_does_not_fit, print_estimate
     from batchfit.memory.model import max_batch_size
     from batchfit.memory.rounding import check_round_to, round_down
 
@@ -60,7 +62,9 @@ def estimate(args: argparse.Namespace) -> int:
     }
     if args.json:
         print_json(result)
-    else:
+    if exact == 0:
+        raise DoesNotFitError(estimate_does_not_fit(result))
+    if not args.json:
         print_estimate(result)
     return 0
 

@@ -44,25 +44,30 @@ def table(title: str, rows: Iterable[Sequence[str]], *, columns: Sequence[str] |
 
 
 def print_estimate(result: dict[str, Any]) -> None:
-    """The answer of `batchfit estimate` (a dict of its numbers), one line."""
+    """The answer of `batchfit estimate` (a dict of its numbers), one line; at least one sample
+    fits (`estimate_does_not_fit` words the other case)."""
     exact, rounded = result["max_batch_size"], result["batch_size"]
-    if exact == 0:
-        capacity, reserve = result["capacity_bytes"], result["reserve_bytes"]
-        if reserve >= capacity:
-            print(
-                f"0: not one sample fits. The reserve ({format_bytes(reserve)}) takes all of "
-                f"the {format_bytes(capacity)} of memory."
-            )
-            return
-        of = format_bytes(capacity)
-        if reserve:
-            of += f" ({format_bytes(capacity - reserve)} after the {format_bytes(reserve)} reserve)"
-        print(
-            f"0: not one sample fits. The model takes {format_bytes(result['fixed_bytes'])} of "
-            f"{of}, and one sample needs {format_bytes(result['per_sample_bytes'])}."
-        )
-        return
     print(f"{exact}{rounding_words(exact, rounded, result['round_to'])}")
+
+
+def estimate_does_not_fit(result: dict[str, Any]) -> str:
+    """Why `batchfit estimate` found not one sample that fits (its numbers in `result`), and
+    what to change."""
+    capacity, reserve = result["capacity_bytes"], result["reserve_bytes"]
+    if reserve >= capacity:
+        return (
+            f"Not one sample fits: the reserve ({format_bytes(reserve)}) takes all of the "
+            f"{format_bytes(capacity)} of memory. Lower --reserve or give more --memory."
+        )
+    of = format_bytes(capacity)
+    if reserve:
+        of += f" ({format_bytes(capacity - reserve)} after the {format_bytes(reserve)} reserve)"
+    return (
+        f"Not one sample fits: the model takes {format_bytes(result['fixed_bytes'])} of {of}, "
+        f"and one sample needs {format_bytes(result['per_sample_bytes'])}. Give more --memory, "
+        "or lower --model or --per-sample (lower precision, activation checkpointing, a smaller "
+        "model)."
+    )
 
 
 def rounding_phrase(round_to: int | str) -> str:
