@@ -150,12 +150,6 @@ def test_swa_start_zero_is_refused_not_replaced_by_the_default(tmp_path, capsys)
     assert not (tmp_path / "r").exists()
 
 
-def test_missing_required_flags_are_named_at_once(capsys):
-    assert main(["train"]) == 2
-    err = capsys.readouterr().err
-    assert "a task" in err and "--global-batch, --micro-batch" in err and "--plan" in err
-
-
 def test_an_existing_run_folder_needs_resume_or_force(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", *FAST, "--out", run, "--json"]) == 0
@@ -254,12 +248,26 @@ def test_train_plan_converts_batchnorm_only_when_asked(tmp_path, capsys, convert
         assert "Add --convert-batchnorm" in out
 
 
-def test_train_names_what_is_missing(capsys):
-    assert main(["train", "--example", "digits", "--global-batch", "64"]) == 2
+def test_train_names_a_missing_task(capsys):
+    assert main(["train", "--global-batch", "64"]) == 2
     err = capsys.readouterr().err
-    assert "Missing --micro-batch; give it (or --plan PLAN_JSON" in err
-    assert main(["train", "--example", "digits"]) == 2
-    assert "Missing --global-batch, --micro-batch; give them" in capsys.readouterr().err
+    assert "Missing a task (path/to/file.py:function" in err and "--plan PLAN_JSON" in err
+
+
+def test_train_without_batches_trains_at_the_tasks_batch_in_one_micro_batch(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--example", "digits", "--steps", "2", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 32 = 1 micro-batch of 32" in out  # the digits task's own batch
+    assert "defaults: global batch 32, the task's own (--global-batch to change)" in out
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert (first["samples_seen"], first["micro_batch"], first["accumulation_steps"]) == (32, 32, 1)
+
+    given = ["train", "--example", "digits", "--global-batch", "64", "--steps", "1", "--json"]
+    assert main([*given, "--out", str(tmp_path / "given")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["global_batch"], summary["micro_batch"]) == (64, 64)
+    assert summary["batch_defaults"].startswith("micro-batch 64, each process's whole share")
 
 
 def test_a_plan_for_one_device_on_two_ranks_cuts_the_micro_batch_not_the_global_batch():

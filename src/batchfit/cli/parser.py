@@ -210,8 +210,8 @@ def _add_train(command) -> None:
         action="store_true",
         help="train with --plan even if it was made for another task or model",
     )
-    add_batch(train, "--global-batch", "samples per optimizer step")
-    add_batch(train, "--micro-batch", "samples per forward/backward on one process")
+    add_batch(train, "--global-batch", "samples per optimizer step (default: the task's batch)")
+    add_batch(train, "--micro-batch", "samples per forward/backward (default: a process's share)")
     train.add_argument(
         "--batch-schedule",
         metavar="SPEC",

@@ -77,8 +77,12 @@ def train(args: argparse.Namespace) -> int:
     switches = ("swa", "allow_uneven", "sync_batchnorm", "drop_unreadable_metrics")
     settings.update({name: True for name in switches if getattr(args, name)})
     settings.update(out_dir=out, resume=bool(args.resume))
-    config = TrainConfig.from_plan(plan, **settings) if plan else TrainConfig(**settings)
     world_size = args.nproc if launching else max(1, context.world_size)
+    batch_note = None
+    if plan is None:
+        defaults, batch_note = _default_batches(args, task, world_size)
+        settings.update(defaults)
+    config = TrainConfig.from_plan(plan, **settings) if plan else TrainConfig(**settings)
     if plan is not None and "micro_batch" not in settings:
         config = _micro_batch_for_ranks(config, world_size)
     device = args.device if args.device is not None else "auto"
@@ -151,6 +155,7 @@ def train(args: argparse.Namespace) -> int:
         extra = {
             "diagnosis": diagnosis,
             "normalization": model_note,
+            "batch_defaults": batch_note,
             "devices": _devices_note(plan, result),
             "report_path": report_path and str(report_path),
             "report_problem": report_problem,
@@ -159,6 +164,8 @@ def train(args: argparse.Namespace) -> int:
         return code
     console = stdout_console()
     print_train_summary(console, task.name, result, noise_summary)
+    if batch_note:
+        console.print(f"  defaults: {batch_note}", highlight=False, markup=False)
     if model_note:
         console.print(f"  normalization: {model_note}", highlight=False, markup=False)
     devices = _devices_note(plan, result)
@@ -225,14 +232,30 @@ def _check_train_inputs(args: argparse.Namespace) -> None:
     """Everything `train` needs and lacks, named in one error."""
     if isinstance(args.resume, str) and args.out is not None and args.out != args.resume:
         raise ConfigError(f"--resume {args.resume} and --out {args.out} differ; give one.")
-    named = args.task or args.example or args.plan  # a plan names its task
-    missing = [] if named else ["a task (path/to/file.py:function)"]
-    flags = [] if args.plan else ["--global-batch", "--micro-batch"]
-    missing += [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is None]
-    if missing:
-        either = " (or --plan PLAN_JSON from `batchfit plan`)" if args.plan is None else ""
-        them = "them" if len(missing) > 1 else "it"
-        raise ConfigError(f"Missing {', '.join(missing)}; give {them}{either}.")
+    if not (args.task or args.example or args.plan):  # a plan names its task
+        raise ConfigError(
+            "Missing a task (path/to/file.py:function, or --example NAME); give it (or --plan "
+            "PLAN_JSON from `batchfit plan`)."
+        )
+
+
+def _default_batches(args: argparse.Namespace, task, world_size: int) -> tuple[dict, str | None]:
+    """--global-batch and --micro-batch where neither a flag nor a plan gives them: the task's
+    own batch, in one micro-batch per process; with the line that says so."""
+    from batchfit.training.accumulation import fitting_micro_batch
+
+    settings, said = {}, []
+    if args.global_batch is None:
+        settings["global_batch"] = task.batch_size
+        said.append(f"global batch {task.batch_size}, the task's own (--global-batch to change)")
+    if args.micro_batch is None:
+        global_batch = settings.get("global_batch", args.global_batch)
+        micro = fitting_micro_batch(global_batch, global_batch, world_size)
+        settings["micro_batch"] = micro
+        said.append(
+            f"micro-batch {micro}, each process's whole share (--micro-batch to accumulate)"
+        )
+    return settings, ("; ".join(said) if said else None)
 
 
 def _task_for_plan(args: argparse.Namespace, plan):
