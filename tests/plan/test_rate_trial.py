@@ -13,6 +13,7 @@ from batchfit.plan.rate_trial import (
     RAISE_GAIN,
     STEPS_AFTER_WARMUP,
     RateTrial,
+    lr_trial_reason,
     try_rate,
 )
 from tests.conftest import make_mlp_task
@@ -39,14 +40,25 @@ def test_a_rate_that_trains_is_kept_after_one_trial():
     )
 
 
-def test_a_rate_that_diverges_is_halved_down_to_the_rule():
+def test_a_rate_that_diverges_is_halved_down_to_the_rule_which_is_tried_too():
     # SGD at 1000 on the tiny MLP: the loss is not finite within a few steps at every halving
-    # tried (1000, 500, 250, 125), so the rule's rate comes back, untried.
+    # tried (1000, 500, 250, 125), so the rule's rate comes back, tried in the same steps: the
+    # plan knows whether the rate it falls back to trains.
     rate, trials = try_rate(make_mlp_task(), lr=1000.0, floor_lr=0.1, warmup_for=lambda r: 0, **RUN)
     assert rate == 0.1
-    assert [trial.lr for trial in trials] == [1000.0, 500.0, 250.0, 125.0]
-    assert len(trials) == MAX_HALVINGS + 1 and all(trial.diverged for trial in trials)
+    assert [trial.lr for trial in trials] == [1000.0, 500.0, 250.0, 125.0, 0.1]
+    assert len(trials) == MAX_HALVINGS + 2 and all(trial.diverged for trial in trials[:-1])
     assert "diverged" in trials[0].phrase()
+    assert not trials[-1].diverged and trials[-1].steps == STEPS_AFTER_WARMUP
+    reason = lr_trial_reason(1000.0, rate, trials, floor_lr=0.1)
+    assert "; back to the rule's 0.1, tried in the same steps: 0.1 for 10 steps" in reason
+    assert reason.endswith("(trains): the rate is 0.1")
+    # A halving at or below the rule's rate is not tried: the rule's rate is, once.
+    rate, trials = try_rate(
+        make_mlp_task(), lr=1000.0, floor_lr=300.0, warmup_for=lambda r: 0, **RUN
+    )
+    assert rate == 300.0 and [trial.lr for trial in trials] == [1000.0, 500.0, 300.0]
+    assert trials[-1].diverged
 
 
 def test_the_plan_tries_a_raised_rate_and_says_so(monkeypatch):

@@ -152,7 +152,7 @@ def plan(
     from batchfit.lr.result import median_suggestions
     from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
     from batchfit.plan.norm_layers import batchnorm_advice
-    from batchfit.plan.rate_trial import RAISE_GAIN, try_rate
+    from batchfit.plan.rate_trial import lr_trial_reason, try_rate
     from batchfit.throughput.loop_overhead import measure_loop_overhead
     from batchfit.throughput.measure import measure_throughput
 
@@ -364,22 +364,7 @@ def plan(
                 ceiling_lr=suggested["best_lr"],
             )
             measurements["rate_trials"] = [trial.to_dict() for trial in trials]
-            phrases = "; ".join(trial.phrase() for trial in trials)
-            if tried == lr and len(trials) == 1:
-                reasons["lr"] += f"; tried in the planned run's first steps: {phrases}"
-            elif tried >= lr:
-                reasons["lr"] += (
-                    f"; tried in the planned run's first steps, and at twice the rate while its "
-                    f"loss fell at least {RAISE_GAIN - 1:.0%} further on a log scale in the same "
-                    f"steps (up to the range test's lowest-loss rate): {phrases}: the rate is "
-                    f"{tried:.3g}"
-                )
-            else:
-                untried = "" if trials[-1].lr == tried else f"; back to the rule's {tried:.3g}"
-                reasons["lr"] += (
-                    f"; tried in the planned run's first steps: {phrases}{untried}: the rate is "
-                    f"{tried:.3g}"
-                )
+            reasons["lr"] += lr_trial_reason(lr, tried, trials, floor_lr=scaled.lr)
             lr = tried
     report("rate trial", 1, 1)  # done, also when no trial was needed
     warmup_steps = warmup_for(lr)

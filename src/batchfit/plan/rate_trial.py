@@ -6,9 +6,10 @@ suggests) has not trained a model for long at that rate, and the planned run hol
 far longer, after its warmup. So the planner runs the start of the planned run itself (its
 batch, rate, warmup and schedule) for the warmup and `STEPS_AFTER_WARMUP` more steps (at most
 `MAX_TRIAL_STEPS`, the warmup shortened to fit), and halves the rate while that diverges, down
-to the rule's rate at most (`try_rate`). The trial holds for the run that was planned: the
-same rate in a much shorter run (a shorter warmup) can still diverge (bench/README.md, "From
-the plan").
+to the rule's rate at most (`try_rate`); when every raised rate fails, the rule's rate is tried
+in the same steps too, so the plan knows whether the rate it falls back to trains. The trial
+holds for the run that was planned: the same rate in a much shorter run (a shorter warmup) can
+still diverge (bench/README.md, "From the plan").
 
 A trial also evaluates the model at its end, in evaluation mode, on up to `EVAL_SAMPLES`
 validation samples: at a high rate over few steps a model's training loss can fall while
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RateTrial",
     "try_rate",
+    "lr_trial_reason",
     "STEPS_AFTER_WARMUP",
     "MAX_TRIAL_STEPS",
     "MAX_HALVINGS",
@@ -238,7 +240,8 @@ def try_rate(
     Runs the planned run's first steps (warmup and STEPS_AFTER_WARMUP more, at most
     MAX_TRIAL_STEPS) at `lr`; while they diverge, halves the rate (at most MAX_HALVINGS times,
     never below `floor_lr`, the scaling rule's rate) and tries again. Past that, `floor_lr` is
-    returned untried (the rule's rate is the plan's default anyway). When `lr` itself trains
+    tried in the same steps and returned whatever its trial shows: the last trial then says
+    whether the rule's rate trains. When `lr` itself trains
     and `ceiling_lr` is given, twice the rate is tried in the same steps and kept while its
     loss falls at least RAISE_GAIN as far on a log scale, not above `ceiling_lr`, at most
     MAX_DOUBLINGS times.
@@ -277,8 +280,12 @@ def try_rate(
             break
         rate /= 2
         if rate <= floor_lr:
-            return floor_lr, trials
-    else:
+            break
+    if trials[-1].diverged:
+        # Every raised rate failed: the rule's rate, what the plan falls back to, is tried in
+        # the same steps, so a batch at which no rate trains shows. Untried, it planned the cnn
+        # example's 2 epochs at batch 512 (8 steps) at a rate that left the model untrained.
+        run(floor_lr)
         return floor_lr, trials
     if rate != lr or ceiling_lr is None:
         return rate, trials
@@ -297,3 +304,31 @@ def try_rate(
             break
         rate, kept = 2 * rate, higher
     return rate, trials
+
+
+def lr_trial_reason(lr: float, tried: float, trials: list[RateTrial], *, floor_lr: float) -> str:
+    """What `try_rate(lr=lr, floor_lr=floor_lr, ...)` tried and chose (`tried`), for the end of
+    the rate's reason.
+
+    Example:
+        >>> trial = RateTrial(0.2, 4, 14, first_loss=1.2, last_loss=0.9, diverged=False)
+        >>> lr_trial_reason(0.2, 0.2, [trial], floor_lr=0.1)
+        "; tried in the planned run's first steps: 0.2 for 14 steps: loss 1.2 -> 0.9 (trains)"
+    """
+    if tried == lr and len(trials) == 1:
+        return f"; tried in the planned run's first steps: {trials[0].phrase()}"
+    if tried >= lr:
+        phrases = "; ".join(trial.phrase() for trial in trials)
+        return (
+            f"; tried in the planned run's first steps, and at twice the rate while its loss "
+            f"fell at least {RAISE_GAIN - 1:.0%} further on a log scale in the same steps (up to "
+            f"the range test's lowest-loss rate): {phrases}: the rate is {tried:.3g}"
+        )
+    if tried != floor_lr:  # a halved rate trained
+        phrases = "; ".join(trial.phrase() for trial in trials)
+        return f"; tried in the planned run's first steps: {phrases}: the rate is {tried:.3g}"
+    raised = "; ".join(trial.phrase() for trial in trials[:-1])
+    return (
+        f"; tried in the planned run's first steps: {raised}; back to the rule's {tried:.3g}, "
+        f"tried in the same steps: {trials[-1].phrase()}: the rate is {tried:.3g}"
+    )
