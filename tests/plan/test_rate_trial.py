@@ -49,7 +49,7 @@ def test_a_rate_that_diverges_is_halved_down_to_the_rule_which_is_tried_too():
     assert [trial.lr for trial in trials] == [1000.0, 500.0, 250.0, 125.0, 0.1]
     assert len(trials) == MAX_HALVINGS + 2 and all(trial.diverged for trial in trials[:-1])
     assert "diverged" in trials[0].phrase()
-    assert not trials[-1].diverged and trials[-1].steps == STEPS_AFTER_WARMUP
+    assert trials[-1].lowered_loss() and trials[-1].steps == STEPS_AFTER_WARMUP
     reason = lr_trial_reason(1000.0, rate, trials, floor_lr=0.1)
     assert "; back to the rule's 0.1, tried in the same steps: 0.1 for 10 steps" in reason
     assert reason.endswith("(trains): the rate is 0.1")
@@ -58,7 +58,7 @@ def test_a_rate_that_diverges_is_halved_down_to_the_rule_which_is_tried_too():
         make_mlp_task(), lr=1000.0, floor_lr=300.0, warmup_for=lambda r: 0, **RUN
     )
     assert rate == 300.0 and [trial.lr for trial in trials] == [1000.0, 500.0, 300.0]
-    assert trials[-1].diverged
+    assert trials[-1].diverged and not trials[-1].lowered_loss()
 
 
 def test_the_plan_tries_a_raised_rate_and_says_so(monkeypatch):
@@ -135,18 +135,18 @@ def test_a_rate_whose_model_fails_in_evaluation_mode_counts_as_diverged():
     # the model in evaluation mode is far worse than untrained (about 20).
     import dataclasses
 
-    from batchfit.plan.rate_trial import _trial
+    from batchfit.plan.rate_trial import run_trial
     from batchfit.task import load_example
 
     task = load_example("cnn")
     run = {"lr": 1.25, "warmup_steps": 2, "global_batch": 32, "micro_batch": 32}
     run.update(total_steps=12, device=torch.device("cpu"))
-    failed = _trial(task, **run)
+    failed = run_trial(task, **run)
     assert failed.last_loss < failed.first_loss / 2  # the training losses alone pass ...
     assert failed.eval_loss > 5 * EVAL_LOSS_LIMIT * failed.first_loss  # ... evaluation does not
     assert failed.diverged and "fails in evaluation mode" in failed.phrase()
     # Without validation data there is nothing to evaluate: the training losses decide.
-    alone = _trial(dataclasses.replace(task, val_data=None), **run)
+    alone = run_trial(dataclasses.replace(task, val_data=None), **run)
     assert alone.eval_loss is None and not alone.diverged
     assert alone.last_loss == pytest.approx(failed.last_loss)  # the same steps
 
@@ -158,3 +158,14 @@ def test_failed_in_evaluation_compares_with_the_first_loss():
     assert trial(600.0).failed_in_evaluation() and trial(float("inf")).failed_in_evaluation()
     assert not trial(2.0).failed_in_evaluation() and not trial(None).failed_in_evaluation()
     assert not trial(600.0, last_loss=float("inf")).failed_in_evaluation()  # diverged anyway
+
+
+def test_a_trial_that_ends_worse_than_it_started_did_not_lower_the_loss():
+    assert RateTrial(0.1, 0, 10, 1.5, 0.1, False, 0.2).lowered_loss()
+    # the training loss fell, the model as it is used did not: not diverged, not trained
+    worse = RateTrial(0.1, 0, 10, 1.5, 0.1, False, 1.8)
+    assert not worse.lowered_loss() and not worse.diverged
+    assert "evaluation-mode loss 1.8 (does not lower the loss)" in worse.phrase()
+    assert not RateTrial(0.1, 0, 10, 1.5, 0.1, True, 0.2).lowered_loss()  # diverged
+    assert RateTrial(0.1, 0, 10, 1.5, 1.4, False).lowered_loss()  # no validation data
+    assert not RateTrial(0.1, 0, 10, 1.5, 1.6, False).lowered_loss()

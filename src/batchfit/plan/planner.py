@@ -16,6 +16,8 @@ stands in for the device it will train on) and combines batchfit's measurements:
 5. the learning rate scaled from the task's reference point by the rule for its optimizer
    family (`batchfit.lr.scaling`), checked with a range test at the chosen batch
    (`batchfit.lr.range_test`), and a warmup when the scaled rate is well above the reference;
+   a raised rate is tried in the planned run's first steps (`batchfit.plan.rate_trial`), and a
+   batch at which not even the rule's rate trains there is halved (`batchfit.plan.batch_trial`);
 6. optimizer advice (LARS/LAMB for very large batches), BatchNorm advice
    (`batchfit.plan.norm_layers`) and a comparison with customary ranges for the task's kind.
 
@@ -150,7 +152,8 @@ def plan(
     from batchfit.devices import resolve_device
     from batchfit.lr.range_test import lr_range_test
     from batchfit.lr.result import median_suggestions
-    from batchfit.lr.scaling import default_rule, default_warmup_steps, needs_warmup, scaled_rate
+    from batchfit.lr.scaling import default_rule, scaled_rate
+    from batchfit.plan.batch_trial import BatchTrial, planned_warmup, step_down
     from batchfit.plan.norm_layers import batchnorm_advice
     from batchfit.plan.rate_trial import lr_trial_reason, try_rate
     from batchfit.throughput.loop_overhead import measure_loop_overhead
@@ -266,35 +269,36 @@ def plan(
             step_overhead_seconds=overhead.seconds_per_step if overhead is not None else 0.0,
         )
     global_batch = int(global_choice.value)
-    micro_choice = advice.choose_micro_batch(global_batch, limit, world_size)
-    micro_batch = int(micro_choice.value)
-    accumulation_steps = global_batch // (micro_batch * world_size)
     reasons["global_batch"] = global_choice.reason
-    reasons["micro_batch"] = micro_choice.reason + (
-        f" (limit {limit} with a {margin:.0%} margin, {memory.get('basis', 'confirmed')})"
-        if budget_bytes or device.type != "cpu"
-        else ""
-    )
-    reasons["accumulation_steps"] = (
-        f"{global_batch} = {micro_batch} x {accumulation_steps} x {world_size} "
-        f"(micro-batch x accumulation x devices)"
-    )
     reasons["world_size"] = f"planned for {world_size} data-parallel device(s)"
-    schedule_choice = advice.propose_batch_schedule(
-        global_batch,
-        noise_scale=noise.noise_scale_samples if noise is not None and noise.reliable else None,
-        dataset_size=dataset_size,
-        micro_batch=micro_batch,
-        world_size=world_size,
-        measured_after_steps=noise.step if noise is not None else None,
-        measured=noise is not None,
-    )
-    reasons["batch_schedule"] = schedule_choice.reason
-    if micro_batch < throughput.knee_batch and micro_batch < global_batch // world_size:
-        notes.append(
-            f"Memory keeps the micro-batch ({micro_batch}) below the throughput knee "
-            f"({throughput.knee_batch}): the device runs below its best samples per second."
+
+    def lay_out(global_batch: int) -> tuple[int, int, advice.Choice]:
+        """The micro-batch, accumulation and batch schedule of a global batch, with reasons."""
+        micro_choice = advice.choose_micro_batch(global_batch, limit, world_size)
+        micro_batch = int(micro_choice.value)
+        accumulation_steps = global_batch // (micro_batch * world_size)
+        reasons["micro_batch"] = micro_choice.reason + (
+            f" (limit {limit} with a {margin:.0%} margin, {memory.get('basis', 'confirmed')})"
+            if budget_bytes or device.type != "cpu"
+            else ""
         )
+        reasons["accumulation_steps"] = (
+            f"{global_batch} = {micro_batch} x {accumulation_steps} x {world_size} "
+            f"(micro-batch x accumulation x devices)"
+        )
+        schedule_choice = advice.propose_batch_schedule(
+            global_batch,
+            noise_scale=noise.noise_scale_samples if noise is not None and noise.reliable else None,
+            dataset_size=dataset_size,
+            micro_batch=micro_batch,
+            world_size=world_size,
+            measured_after_steps=noise.step if noise is not None else None,
+            measured=noise is not None,
+        )
+        reasons["batch_schedule"] = schedule_choice.reason
+        return micro_batch, accumulation_steps, schedule_choice
+
+    micro_batch, accumulation_steps, schedule_choice = lay_out(global_batch)
 
     # 5. Learning rate: scale, then check with a range test at the chosen batch.
     family = task.optimizer_family()
@@ -339,9 +343,7 @@ def plan(
     per_epoch = steps_per_epoch(dataset_size=dataset_size, global_batch=global_batch)
 
     def warmup_for(rate: float) -> int:
-        if needs_warmup(task.lr, rate) and total_steps > 1:
-            return default_warmup_steps(total_steps, steps_per_epoch=per_epoch)
-        return 0
+        return planned_warmup(task.lr, rate, total_steps=total_steps, steps_per_epoch=per_epoch)
 
     if lr > scaled.lr * (1 + 1e-9):
         # 5b. A rate raised by the range test is tried in the planned run's first steps.
@@ -366,7 +368,35 @@ def plan(
             measurements["rate_trials"] = [trial.to_dict() for trial in trials]
             reasons["lr"] += lr_trial_reason(lr, tried, trials, floor_lr=scaled.lr)
             lr = tried
+            if tried == scaled.lr and not trials[-1].lowered_loss():
+                # 5c. Not even the rule's rate trains at this batch: a smaller one, more steps.
+                down = step_down(
+                    task,
+                    failed=BatchTrial(global_batch, micro_batch, total_steps, trials[-1]),
+                    epochs=epochs,
+                    rule=rule,
+                    limit_batch=limit,
+                    world_size=world_size,
+                    device=device,
+                    asked_for=target_global_batch is not None,
+                )
+                notes.extend(down.notes)
+                if len(down.trials) > 1:
+                    measurements["batch_trials"] = [trial.to_dict() for trial in down.trials]
+                    reasons["global_batch"] += down.global_reason
+                    reasons["lr"] += down.lr_reason
+                    global_batch, lr = down.chosen.global_batch, down.chosen.trial.lr
+                    micro_batch, accumulation_steps, schedule_choice = lay_out(global_batch)
+                    total_steps = down.chosen.total_steps
+                    per_epoch = steps_per_epoch(
+                        dataset_size=dataset_size, global_batch=global_batch
+                    )
     report("rate trial", 1, 1)  # done, also when no trial was needed
+    if micro_batch < throughput.knee_batch and micro_batch < global_batch // world_size:
+        notes.append(
+            f"Memory keeps the micro-batch ({micro_batch}) below the throughput knee "
+            f"({throughput.knee_batch}): the device runs below its best samples per second."
+        )
     warmup_steps = warmup_for(lr)
     if warmup_steps:
         reasons["warmup_steps"] = (

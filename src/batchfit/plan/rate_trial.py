@@ -7,9 +7,10 @@ far longer, after its warmup. So the planner runs the start of the planned run i
 batch, rate, warmup and schedule) for the warmup and `STEPS_AFTER_WARMUP` more steps (at most
 `MAX_TRIAL_STEPS`, the warmup shortened to fit), and halves the rate while that diverges, down
 to the rule's rate at most (`try_rate`); when every raised rate fails, the rule's rate is tried
-in the same steps too, so the plan knows whether the rate it falls back to trains. The trial
-holds for the run that was planned: the same rate in a much shorter run (a shorter warmup) can
-still diverge (bench/README.md, "From the plan").
+in the same steps too, so the plan knows whether the rate it falls back to trains (a batch too
+large for a short run may train at no rate: `batchfit.plan.batch_trial`). The trial holds for
+the run that was planned: the same rate in a much shorter run (a shorter warmup) can still
+diverge (bench/README.md, "From the plan").
 
 A trial also evaluates the model at its end, in evaluation mode, on up to `EVAL_SAMPLES`
 validation samples: at a high rate over few steps a model's training loss can fall while
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RateTrial",
+    "run_trial",
     "try_rate",
     "lr_trial_reason",
     "STEPS_AFTER_WARMUP",
@@ -121,6 +123,13 @@ class RateTrial:
             return None
         return math.log(self.first_loss / self.last_loss)
 
+    def lowered_loss(self) -> bool:
+        """Whether the model ends the trial better than it started: not diverged, and its loss
+        as it is used (the evaluation-mode loss, or without validation data the training loss)
+        below the first training loss (the untrained model's)."""
+        end = self.last_loss if self.eval_loss is None else self.eval_loss
+        return not self.diverged and end < self.first_loss
+
     def phrase(self) -> str:
         """E.g. "1.06 for 42 steps: loss 2.3 -> 14 (diverged)"."""
         end = f"{self.last_loss:.3g}" if math.isfinite(self.last_loss) else "not finite"
@@ -129,6 +138,10 @@ class RateTrial:
         if self.eval_loss is not None and self.failed_in_evaluation():
             evaluation = f", evaluation-mode loss {self.eval_loss:.3g}"
             verdict = "fails in evaluation mode"
+        elif not self.diverged and not self.lowered_loss():
+            if self.eval_loss is not None:
+                evaluation = f", evaluation-mode loss {self.eval_loss:.3g}"
+            verdict = "does not lower the loss"
         return (
             f"{self.lr:.3g} for {self.steps} steps: loss {self.first_loss:.3g} -> {end}"
             f"{evaluation} ({verdict})"
@@ -167,7 +180,7 @@ class _Losses:
             raise StopTraining("rate trial done")
 
 
-def _trial(
+def run_trial(
     task: Task,
     *,
     lr: float,
@@ -177,6 +190,9 @@ def _trial(
     total_steps: int,
     device: torch.device,
 ) -> RateTrial:
+    """One trial: the planned run (its batch, rate, warmup and schedule) for its warmup and
+    STEPS_AFTER_WARMUP more steps (at most MAX_TRIAL_STEPS, the warmup shortened to fit), then
+    the model evaluated on up to EVAL_SAMPLES validation samples. Trains a fresh model."""
     from batchfit.errors import TrainingDivergedError
     from batchfit.monitor.diagnose import diagnose
     from batchfit.monitor.history import History
@@ -241,7 +257,7 @@ def try_rate(
     MAX_TRIAL_STEPS) at `lr`; while they diverge, halves the rate (at most MAX_HALVINGS times,
     never below `floor_lr`, the scaling rule's rate) and tries again. Past that, `floor_lr` is
     tried in the same steps and returned whatever its trial shows: the last trial then says
-    whether the rule's rate trains. When `lr` itself trains
+    whether the rule's rate trains (`RateTrial.lowered_loss`). When `lr` itself trains
     and `ceiling_lr` is given, twice the rate is tried in the same steps and kept while its
     loss falls at least RAISE_GAIN as far on a log scale, not above `ceiling_lr`, at most
     MAX_DOUBLINGS times.
@@ -261,7 +277,7 @@ def try_rate(
     """
 
     def run(rate: float) -> RateTrial:
-        trial = _trial(
+        trial = run_trial(
             task,
             lr=rate,
             warmup_steps=warmup_for(rate),
