@@ -379,3 +379,28 @@ def test_the_sweep_caption_names_the_noise_scale_and_the_batches_that_missed():
     section = render_report(make_plan(), sweep=both).split("<h2>Critical batch, measured</h2>")[1]
     assert "the dotted line is the measured noise scale" in section
     assert "batch 128 never reached the target (an open triangle at its step cap" in section
+
+
+def test_a_range_test_at_a_batch_the_plan_then_halved_is_captioned_with_its_own_batch(
+    monkeypatch,
+):
+    import batchfit.report.html as html_module
+
+    marked = []
+    real = html_module.range_test_png
+    monkeypatch.setattr(
+        html_module,
+        "range_test_png",
+        lambda data, chosen_lr=None: marked.append(chosen_lr) or real(data, chosen_lr=chosen_lr),
+    )
+    plan = make_plan()
+    tested = {**plan.measurements["range_test"], "global_batch": plan.global_batch}
+    same = Plan(**{**plan.to_dict(), "measurements": {**plan.measurements, "range_test": tested}})
+    assert "Learning-rate range test at the chosen global batch" in render_report(same)
+    assert marked == [plan.lr]
+
+    halved = Plan(**{**same.to_dict(), "global_batch": 64, "micro_batch": 32, "lr": 1e-3})
+    html = render_report(halved)
+    assert "Learning-rate range test at global batch 128, with its suggestions" in html
+    assert "halved the batch to 64" in html and "at the chosen global batch" not in html
+    assert marked[-1] is None  # a rate for 64 is not drawn on a test at 128

@@ -71,7 +71,9 @@ _FIGURES = (
     ),
     (
         "range_test",
-        lambda plan, data: range_test_png(data, chosen_lr=plan.lr),
+        lambda plan, data: range_test_png(
+            data, chosen_lr=plan.lr if data.get("global_batch") == plan.global_batch else None
+        ),
         "Learning-rate range test at the chosen global batch, with its suggestions and the "
         "chosen rate.",
     ),
@@ -125,6 +127,15 @@ def _caption(plan: Plan, key: str, caption: str | None) -> str:
     if caption is None:
         return _memory_caption(plan.measurements[key])
     overhead = plan.measurements.get("loop_overhead") or {}
+    tested_at = plan.measurements[key].get("global_batch")
+    if key == "range_test" and tested_at not in (None, plan.global_batch):
+        # the rate trial found the tested batch too large for the run and halved it
+        return (
+            f"Learning-rate range test at global batch {tested_at}, with its suggestions. Not "
+            f"even the rule's rate trained there in the planned run's first steps, so the plan "
+            f"halved the batch to {plan.global_batch} (see the global batch's reason); its rate "
+            f"{plan.lr:.4g} is for {plan.global_batch} and is not marked here."
+        )
     if key == "throughput" and plan.measurements[key].get("limit_reason") == "noise_scale":
         caption += (
             f" Batches above {plan.measurements[key]['limit_batch']} were not timed: the plan "
