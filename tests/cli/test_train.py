@@ -6,6 +6,7 @@ import pytest
 
 from batchfit.cli.arguments import parse_warmup
 from batchfit.cli.main import main
+from batchfit.cli.parser import build_parser
 from batchfit.cli.train_command import relaunch_argv
 from batchfit.training.metrics import read_metrics
 
@@ -202,6 +203,15 @@ def test_train_logs_the_noise_scale_unless_told_not_to(tmp_path, capsys):
     # consecutive steps are paired: from the second step on, every line carries an estimate
     assert all(line["noise_scale_trace"] != 0.0 for line in lines[1:])
     assert any(line["noise_scale"] is not None for line in lines)
+
+
+def test_no_noise_scale_help_says_when_the_noise_scale_is_logged():
+    """One micro-batch on one process logs it too (consecutive steps paired): the help said
+    it needed two or more micro-batches or ranks."""
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    (action,) = [a for a in train._actions if "--no-noise-scale" in a.option_strings]
+    assert "consecutive steps" in action.help
+    assert "larger than the training set" in action.help
 
 
 def test_train_batch_schedule_changes_are_printed_and_in_json(tmp_path, capsys):

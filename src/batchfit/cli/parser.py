@@ -299,8 +299,9 @@ def _add_train(command) -> None:
     train.add_argument(
         "--no-noise-scale",
         action="store_true",
-        help="do not log the gradient noise scale (logged by default when a step has two or "
-        "more micro-batches or ranks)",
+        help="do not log the gradient noise scale (logged by default: from the micro-batches "
+        "or ranks of each step, or from consecutive steps with one micro-batch on one process; "
+        "not when the global batch is larger than the training set)",
     )
     train.add_argument(
         "--tensorboard", metavar="DIR", help="also write the metrics to TensorBoard in DIR"
