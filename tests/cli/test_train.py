@@ -205,6 +205,17 @@ def test_train_logs_the_noise_scale_unless_told_not_to(tmp_path, capsys):
     assert any(line["noise_scale"] is not None for line in lines)
 
 
+def test_a_run_stopped_by_the_diagnosis_says_stopped_and_why(tmp_path, capsys):
+    """--stop-on ends the run early with exit code 3: the summary said "Trained" and gave no
+    reason."""
+    args = ["train", "--example", "digits", "--global-batch", "256", "--micro-batch", "256"]
+    args += ["--lr", "5", "--warmup", "0", "--stop-on", "diverging", "--out", str(tmp_path)]
+    assert main(args) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("Stopped digits: ") and "/57 steps" in out, out
+    assert "  stopped at step " in out and ": diverging: the loss" in out, out
+
+
 def test_no_noise_scale_help_says_when_the_noise_scale_is_logged():
     """One micro-batch on one process logs it too (consecutive steps paired): the help said
     it needed two or more micro-batches or ranks."""

@@ -291,7 +291,8 @@ def test_stop_on_under_nproc_exits_3_with_rank_0_s_summary(tmp_path):
     out, err = process.communicate(timeout=240)
     assert process.returncode == 3, err
     assert "batchfit: error" not in err and "interrupted" not in err, err
-    assert out.startswith("Trained tiny-mlp:") and "diagnosis:" in out, out
+    assert out.startswith("Stopped tiny-mlp:") and "diagnosis:" in out, out
+    assert "  stopped at step " in out and ": diverging: " in out, out
     assert (tmp_path / "run" / "diagnosis.json").exists()
 
 

@@ -177,7 +177,8 @@ def print_train_summary(
     from pathlib import Path
 
     say = _plain(console)
-    state = "Interrupted" if result.interrupted else "Trained"
+    stop_reason = getattr(result, "stop_reason", None)
+    state = "Interrupted" if result.interrupted else "Stopped" if stop_reason else "Trained"
     if result.samples_per_second == 0 and result.steps == result.total_steps:
         say(
             f"Already complete: {name} at {result.steps}/{result.total_steps} steps, "
@@ -228,6 +229,8 @@ def print_train_summary(
         say(f"  metrics: {result.metrics_path}")
     if result.checkpoint_path:
         say(f"  checkpoint: {result.checkpoint_path}")
+    if stop_reason and not result.interrupted:
+        say(f"  stopped at step {result.steps}: {stop_reason}")
     if result.interrupted:
         run_dir = Path(result.checkpoint_path).parent
         say(f"  continue with: batchfit train ... --resume {run_dir}")
