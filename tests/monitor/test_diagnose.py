@@ -357,3 +357,23 @@ def test_a_blow_up_right_after_the_first_step_starts_at_the_second_step():
     losses = [2.3] + [900.0 + s for s in range(59)]
     finding = diagnose(_history(losses)).get("diverging")
     assert finding.evidence["first_step"] == 2 and finding.steps == (2, 60)
+
+
+def test_a_run_diverging_in_its_warmup_is_not_told_its_peak_rate_or_warmup_length():
+    # The rate still rose at the last step (a run stopped by --stop-on in its warmup): the
+    # highest rate logged is not the peak, nor the steps so far the warmup's length. The advice
+    # said "lower the peak learning rate 10x (1 -> 0.1), warm up 18 steps (was 9)".
+    losses = [2.3, 2.3, 2.4, 3.0, 5.0, 9.0, 20.0, 60.0, 200.0, 900.0]
+    records = [{"step": s + 1, "loss": v, "lr": 0.1 * (s + 1)} for s, v in enumerate(losses)]
+    warming = diagnose(History.from_records(records, global_batch=64, micro_batch=64))
+    (finding,) = [f for f in warming.findings if f.kind == "diverging"]
+    assert (
+        "(was 9)" not in finding.advice and "lower the peak learning rate 10x" not in finding.advice
+    )
+    assert "lower the peak learning rate to 0.1 (10x below the 1 its unfinished warmup" in (
+        finding.advice
+    )
+    assert "(the warmup had not ended at step 10)" in finding.advice
+    records += [{"step": 11, "loss": 2000.0, "lr": 1.0}]  # the rate peaked: it is the run's
+    (finding,) = diagnose(History.from_records(records, global_batch=64, micro_batch=64)).findings
+    assert "lower the peak learning rate 10x (1 -> 0.1)" in finding.advice

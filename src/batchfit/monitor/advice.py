@@ -36,6 +36,8 @@ class RunSettings:
             names that tool's settings (`setting_words`), none for others.
         can_smooth: whether the task can train with label smoothing (False: not advised).
         world_size: the processes sharing each global batch (the micro-batch is per process).
+        warmup_unfinished: the rate still rose at the last logged step: `lr` is the highest it
+            had reached, not the run's peak, and `warmup_steps` the steps warmed up so far.
     """
 
     global_batch: int | None = None
@@ -48,6 +50,7 @@ class RunSettings:
     tool: str = "batchfit"
     can_smooth: bool = True
     world_size: int = 1
+    warmup_unfinished: bool = False
 
 
 _SETTING_NAMES = {
@@ -166,7 +169,13 @@ def lower_rate(run: RunSettings) -> tuple[str, dict[str, Any]]:
     settings: dict[str, Any] = {"max_grad_norm": CLIP_NORM}
     parts = []
     factor = round(1 / DIVERGING_LR_FACTOR)
-    if run.lr is not None:
+    if run.lr is not None and run.warmup_unfinished:
+        settings["lr"] = run.lr * DIVERGING_LR_FACTOR
+        parts.append(
+            f"lower the peak learning rate to {_g(settings['lr'])} ({factor}x below the "
+            f"{_g(run.lr)} its unfinished warmup had reached)"
+        )
+    elif run.lr is not None:
         settings["lr"] = run.lr * DIVERGING_LR_FACTOR
         parts.append(
             f"lower the peak learning rate {factor}x ({_g(run.lr)} -> {_g(settings['lr'])})"
@@ -178,6 +187,8 @@ def lower_rate(run: RunSettings) -> tuple[str, dict[str, Any]]:
         warmup = max(warmup, 2 * (run.warmup_steps or 0))
         settings["warmup_steps"] = warmup
         was = f" (was {run.warmup_steps})" if run.warmup_steps is not None else ""
+        if run.warmup_unfinished:
+            was = f" (the warmup had not ended at step {run.total_steps})"
         parts.append(f"warm up {warmup} steps{was}")
     parts.append(
         f"clip the gradient norm at {CLIP_NORM:g}{setting_words(run, 'max_grad_norm', CLIP_NORM)}"

@@ -54,6 +54,7 @@ def _settings(history: History, plan: Any, rule: str | None, can_smooth: bool) -
         tool=history.format,
         can_smooth=can_smooth,
         world_size=history.world_size or getattr(plan, "world_size", None) or 1,
+        warmup_unfinished=_still_warming_up(history),
     )
 
 
