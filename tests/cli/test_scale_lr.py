@@ -87,3 +87,11 @@ def test_plot_the_schedule(capsys, tmp_path):
     assert target.read_bytes().startswith(b"\x89PNG")
     assert main([*args, "--plot", str(target)]) == 2
     assert "--plot needs --total-steps" in capsys.readouterr().err
+
+
+def test_step_decay_drops_every_third_of_the_run_as_train_does(capsys):
+    """--decay step failed with "decay='step' needs step_milestones ... or step_every", neither
+    of which the command has."""
+    args = ["scale-lr", "--lr", "0.1", "--batch", "64", "--new-batch", "64"]
+    assert main([*args, "--total-steps", "90", "--decay", "step"]) == 0
+    assert "90 steps, x0.1 every 30 steps" in capsys.readouterr().out

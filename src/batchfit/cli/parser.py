@@ -181,7 +181,10 @@ def _add_scale_lr(command) -> None:
         help="warmup steps (500), fraction (0.05 or 5%%), or auto: when the rate at least "
         "doubles, 5%% of training (default: auto)",
     )
-    scale_lr.add_argument("--decay", help="constant, cosine or linear (default: cosine)")
+    scale_lr.add_argument(
+        "--decay",
+        help="constant, cosine, linear or step (x0.1 every third of the run) (default: cosine)",
+    )
     add_number(
         scale_lr,
         "--min-lr-factor",

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from batchfit.errors import ConfigError
-from batchfit.lr.schedules import ScheduleConfig
+from batchfit.lr.schedules import ScheduleConfig, default_step_every
 from batchfit.validation import check_positive_number, check_whole_number
 
 Rule = Literal["linear", "sqrt", "none"]
@@ -261,7 +261,8 @@ def recommended_schedule(
         warmup_steps: warmup length in steps, overriding the default.
         warmup_fraction: warmup as a fraction of `total_steps`, overriding the default.
         steps_per_epoch: optimizer steps per epoch, for Goyal's 5-epoch default.
-        decay: "constant", "cosine", "linear" or "step" (step also needs a milestone: build a
+        decay: "constant", "cosine", "linear" or "step" (x0.1 every third of the run,
+            `batchfit.lr.schedules.default_step_every`; for other milestones build a
             `ScheduleConfig` directly).
         min_lr_factor: where cosine or linear decay ends, as a multiple of the peak rate.
 
@@ -290,4 +291,5 @@ def recommended_schedule(
         warmup_start_factor=start,
         decay=decay,  # type: ignore[arg-type]  # checked by ScheduleConfig
         min_lr_factor=min_lr_factor,
+        step_every=default_step_every(total_steps) if decay == "step" else None,
     )

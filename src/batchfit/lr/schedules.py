@@ -201,6 +201,29 @@ class ScheduleConfig:
         return ", ".join(parts)
 
 
+STEP_DECAY_DROPS = 3  # a step decay without milestones: x gamma every third of the run
+
+
+def default_step_every(total_steps: int) -> int:
+    """The `step_every` of a step decay given no milestones: a third of the run's steps.
+
+    `batchfit train --decay step` and `recommended_schedule(..., decay="step")` use it (the
+    rate falls 10x twice within the run, at a third and two thirds, as in the ResNet recipe's
+    drops at epochs 30 and 60 of 90).
+
+    Args:
+        total_steps: optimizer steps in the run.
+
+    Returns:
+        Steps between drops, at least 1.
+
+    Example:
+        >>> default_step_every(3000), default_step_every(2)
+        (1000, 1)
+    """
+    return max(1, total_steps // STEP_DECAY_DROPS)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -309,7 +309,7 @@ def save_run(run: Run, callback_states: list[Any]) -> None:
 
 
 def _schedule(task: Task, config: TrainConfig, setup: TrainSetup) -> ScheduleConfig:
-    from batchfit.lr.schedules import ScheduleConfig
+    from batchfit.lr.schedules import ScheduleConfig, default_step_every
 
     return ScheduleConfig(
         total_steps=setup.schedule_steps,
@@ -317,7 +317,11 @@ def _schedule(task: Task, config: TrainConfig, setup: TrainSetup) -> ScheduleCon
         # Goyal et al. 2017 warm up from the reference rate, not from zero.
         warmup_start_factor=min(1.0, task.lr / setup.lr) if setup.warmup_steps else 0.0,
         decay=config.decay,
-        **({"step_every": max(1, setup.schedule_steps // 3)} if config.decay == "step" else {}),
+        **(
+            {"step_every": default_step_every(setup.schedule_steps)}
+            if config.decay == "step"
+            else {}
+        ),
     )
 
 
