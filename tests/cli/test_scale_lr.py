@@ -95,3 +95,16 @@ def test_step_decay_drops_every_third_of_the_run_as_train_does(capsys):
     args = ["scale-lr", "--lr", "0.1", "--batch", "64", "--new-batch", "64"]
     assert main([*args, "--total-steps", "90", "--decay", "step"]) == 0
     assert "90 steps, x0.1 every 30 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flag", [["--decay", "linear"], ["--warmup", "100"], ["--min-lr-factor", "0.1"]]
+)
+def test_schedule_flags_without_total_steps_are_refused_not_ignored(flag, capsys):
+    """Without --total-steps there is no schedule: --decay, --warmup and --min-lr-factor were
+    dropped without a word."""
+    args = ["scale-lr", "--lr", "0.1", "--batch", "64", "--new-batch", "256", *flag]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{flag[0]} shapes the schedule, which needs --total-steps" in err
+    assert main([*args, "--total-steps", "1000"]) == 0

@@ -117,6 +117,22 @@ def scale_lr(args: argparse.Namespace) -> int:
     check_output_file(args.plot, "--plot", suffix=".png")
     if args.plot is not None and args.total_steps is None:
         raise ConfigError("--plot needs --total-steps, the optimizer steps of the run.")
+    shaping = [
+        flag
+        for flag, value in (
+            ("--warmup", args.warmup),
+            ("--decay", args.decay),
+            ("--min-lr-factor", args.min_lr_factor),
+        )
+        if value is not None
+    ]
+    if shaping and args.total_steps is None:
+        one = len(shaping) == 1
+        raise ConfigError(
+            f"{' and '.join(shaping)} {'shapes' if one else 'shape'} the schedule, which needs "
+            "--total-steps, the optimizer steps of the run; give --total-steps, or leave "
+            f"{'it' if one else 'them'} out for the rate alone."
+        )
     task = load_task_from_args(args) if (args.task or args.example) else None
     lr = task.lr if args.lr is None and task else args.lr
     batch = task.batch_size if args.batch is None and task else args.batch
