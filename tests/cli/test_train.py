@@ -222,7 +222,7 @@ def test_no_noise_scale_help_says_when_the_noise_scale_is_logged():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     (action,) = [a for a in train._actions if "--no-noise-scale" in a.option_strings]
     assert "consecutive steps" in action.help
-    assert "larger than the training set" in action.help
+    assert "exceeds the training set" in action.help
 
 
 def test_train_batch_schedule_changes_are_printed_and_in_json(tmp_path, capsys):

@@ -181,10 +181,7 @@ def _add_scale_lr(command) -> None:
         help="warmup steps (500), fraction (0.05 or 5%%), or auto: when the rate at least "
         "doubles, 5%% of training (default: auto)",
     )
-    scale_lr.add_argument(
-        "--decay",
-        help="constant, cosine, linear or step (x0.1 every third of the run) (default: cosine)",
-    )
+    scale_lr.add_argument("--decay", help="constant, cosine (default), linear or step (x0.1)")
     add_number(
         scale_lr,
         "--min-lr-factor",
@@ -302,9 +299,8 @@ def _add_train(command) -> None:
     train.add_argument(
         "--no-noise-scale",
         action="store_true",
-        help="do not log the gradient noise scale (logged by default: from the micro-batches "
-        "or ranks of each step, or from consecutive steps with one micro-batch on one process; "
-        "not when the global batch is larger than the training set)",
+        help="do not log the gradient noise scale (logged by default from each step's micro-"
+        "batches or ranks, else consecutive steps; not if the batch exceeds the training set)",
     )
     train.add_argument(
         "--tensorboard", metavar="DIR", help="also write the metrics to TensorBoard in DIR"
