@@ -462,7 +462,11 @@ def _user_code_error(where: str, error: Exception, source_file: str | None) -> T
         detail = detail[:77] + "..."
     at = f" at line {line}" if line is not None else ""
     because = f" ({detail})" if detail else ""
-    return TaskError(f"{where} raised {name}{at}{because} (run with -v for the traceback).")
+    return TaskError(f"{where} raised {name}{at}{because}{TRACEBACK_HINT}.")
+
+
+TRACEBACK_HINT = " (run with -v for the traceback)"
+"""Ends the one line of an error in the user's code; dropped where -v shows the traceback."""
 
 
 EXAMPLES = ("digits", "cnn", "unet", "charlm")

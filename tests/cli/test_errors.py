@@ -146,6 +146,9 @@ def test_verbose_adds_the_traceback_of_the_users_code(task_dir, capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError" in err and "raises.py" in err
     assert err.strip().splitlines()[-1].startswith("batchfit: error: the task file raises.py")
+    assert "run with -v" not in err.strip().splitlines()[-1]  # it was run with -v
+    assert main(["memory", f"{task_dir / 'raises.py'}:task"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("(run with -v for the traceback).")
 
 
 @pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root reads any file")

@@ -253,3 +253,10 @@ def test_other_bad_arguments():
         find_max_batch_size(task, device="tpu", memory_budget="1MiB")
     with pytest.raises(ConfigError, match="max_batch_size"):
         find_max_batch_size(task, device="cpu", memory_budget="1MiB", max_batch_size=0)
+
+
+def test_a_search_that_reaches_its_maximum_names_the_option_and_the_flag(mlp_task):
+    result = find_max_batch_size(mlp_task, device="cpu", memory_budget="1GiB", max_batch_size=8)
+    assert result.limit_batch_size == 8
+    (note,) = [note for note in result.notes if "the limit is at least that" in note]
+    assert "every batch up to 8 fits" in note and "max_batch_size, --max-batch" in note

@@ -92,6 +92,10 @@ def _report(error: BatchfitError, verbose: bool) -> None:
 
         traceback.print_exception(error, file=sys.stderr)
     line = " ".join(str(error).split())
+    if verbose:  # the traceback is above: the line's hint to ask for it is not needed
+        from batchfit.task import TRACEBACK_HINT
+
+        line = line.replace(TRACEBACK_HINT, "")
     rank_file = _rank_error_file()
     if rank_file is None:
         _record_for_torchrun(error, line)

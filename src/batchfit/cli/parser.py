@@ -248,7 +248,9 @@ def _add_train(command) -> None:
         maximum=1e12,
         open_minimum=True,
     )
-    add_count(train, "--eval-every", "steps between evaluations (default: 10 a run)", minimum=0)
+    add_count(
+        train, "--eval-every", "steps between evaluations (default: a tenth of the run)", minimum=0
+    )
     add_count(
         train,
         "--checkpoint-every",

@@ -199,7 +199,8 @@ def find_max_batch_size(
     notes = list(search.notes)
     if capped:
         notes.append(
-            f"every batch up to max_batch_size={max_batch_size} fits: the limit is at least that."
+            f"every batch up to {max_batch_size:,} fits (the search's maximum: max_batch_size, "
+            "--max-batch on the command line): the limit is at least that."
         )
     result = SearchResult(
         batch_size=chosen,
