@@ -292,6 +292,43 @@ def test_the_search_stops_at_the_devices_share_of_the_global_batch(monkeypatch):
     assert (callback.micro_batch, trainer.accumulate_grad_batches) == (32, 1)
 
 
+class NormedClassifier(Classifier):
+    """The Classifier with BatchNorm, which refuses to train on a batch of one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16),
+            torch.nn.BatchNorm1d(16),
+            torch.nn.ReLU(),
+            torch.nn.Linear(16, 3),
+        )
+
+
+def test_the_search_on_a_batchnorm_module_starts_at_two_samples():
+    # A search from batch 1 stopped the fit with BatchNorm's "Expected more than 1 value per
+    # channel when training" before it measured anything.
+    callback = BatchFit(memory_budget="1GiB", noise_scale=False)
+    trainer = _trainer(callback, max_steps=1)
+    trainer.fit(NormedClassifier(), Data(batch_size=32))
+    assert (callback.micro_batch, trainer.accumulate_grad_batches) == (32, 1)
+
+
+def test_a_share_without_a_fitting_divisor_a_batchnorm_module_trains_on_is_refused(monkeypatch):
+    # 2 samples fit; the share of 9 has no divisor from 2 to 2: a micro-batch of 1 would stop
+    # the fit in BatchNorm
+    from types import SimpleNamespace
+
+    from batchfit.memory import search
+
+    monkeypatch.setattr(
+        search, "find_max_batch_size", lambda *a, **k: SimpleNamespace(batch_size=2)
+    )
+    callback = BatchFit(global_batch=9, memory_budget="1GiB", noise_scale=False)
+    with pytest.raises(ConfigError, match=r"share of the global batch \(9\).*global_batch="):
+        _trainer(callback, max_steps=1).fit(NormedClassifier(), Data(batch_size=9))
+
+
 def test_a_global_batch_that_is_no_positive_whole_number_is_refused():
     with pytest.raises(ConfigError, match="global_batch"):
         BatchFit(global_batch=0)

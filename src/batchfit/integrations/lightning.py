@@ -193,11 +193,9 @@ class BatchFit(pl.Callback):
                     "choose one that is (BatchFit(global_batch=...))."
                 )
             share = target // world
-            limit = largest_micro_batch(
+            micro = largest_micro_batch(
                 trainer, pl_module, share, memory_budget=self.memory_budget, margin=self.margin
             )
-            # the largest micro-batch that fits and divides each device's share exactly
-            micro = max(size for size in range(1, min(limit, share) + 1) if share % size == 0)
             self._set_batch(trainer, pl_module, target, micro)
         self._wrap_training_step(pl_module)
         # Lightning's own info channel: shown by default, once (rank zero)

@@ -224,16 +224,19 @@ def _steps_per_epoch(trainer: Any) -> float | None:
 def largest_micro_batch(
     trainer: Any, pl_module: Any, share: int, *, memory_budget: Any, margin: float
 ) -> int:
-    """The largest micro-batch, at most `share` (a device's part of the global batch: a larger
-    one is of no use), whose training step fits `memory_budget`.
+    """The largest micro-batch that divides `share` (a device's part of the global batch) and
+    whose training step fits `memory_budget`.
 
     The search (`batchfit.memory.search.find_max_batch_size`) runs on a copy of the module,
-    with a copy of its first optimizer, on samples of the training loader's data set.
+    with a copy of its first optimizer, on samples of the training loader's data set. It starts
+    at the smallest batch the module trains on (2 with BatchNorm, which refuses a batch of 1).
 
     Raises:
-        ConfigError: on the CPU without a memory budget, or without a map-style data set.
+        ConfigError: on the CPU without a memory budget, without a map-style data set, or when
+            no micro-batch the module trains on that fits divides `share`.
     """
     from batchfit.memory.search import find_max_batch_size
+    from batchfit.plan.norm_layers import smallest_batch
 
     device = pl_module.device
     if device.type == "cpu" and memory_budget is None:
@@ -244,6 +247,7 @@ def largest_micro_batch(
     dataset, collate = training_data(trainer, pl_module)
     model = detached_copy(pl_module)
     optimizer = optimizer_like(trainer.optimizers[0], model.parameters())
+    least = min(smallest_batch(model), share)  # BatchNorm refuses a batch of 1
 
     def step(batch_size: int) -> None:
         samples = [dataset[index % len(dataset)] for index in range(batch_size)]
@@ -262,10 +266,20 @@ def largest_micro_batch(
         memory_budget=memory_budget,
         margin=margin,
         max_batch_size=share,
+        start=least,
         model=model,
         optimizer=optimizer,
     )
-    return result.batch_size
+    # the largest that fits and divides the share exactly (and that the module trains on)
+    limit = result.batch_size
+    fitting = [size for size in range(least, min(limit, share) + 1) if share % size == 0]
+    if not fitting:
+        raise ConfigError(
+            f"No micro-batch from {least} to the {limit} samples that fit divides each device's "
+            f"share of the global batch ({share}); choose a global batch with such a divisor "
+            "(BatchFit(global_batch=...))."
+        )
+    return max(fitting)
 
 
 # --- the module's data, a copy of it ---------------------------------------------------------
