@@ -180,6 +180,32 @@ def test_a_clipped_step_is_not_measured(tmp_path):
     assert callback.skipped_steps == 2 and callback.tracker.updates == 0
 
 
+def _fp16_noise(tmp_path, scale):
+    """The noise-scale tracker of 3 fp16 steps, with Accelerate's GradScaler at `scale` (as on
+    a GPU; the CPU gets none, so one is put in) or without one."""
+    callback = NoiseScaleTrainerCallback(window=None, diagnosis=False)
+    args = apply_plan(_args(tmp_path, max_grad_norm=0.0, max_steps=3, fp16=True), _plan())
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    if scale is not None:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        trainer.accelerator.native_amp = True
+    trainer.train()
+    return callback.tracker
+
+
+def test_under_fp16_the_loss_scale_is_taken_out_of_the_micro_batch_gradients(tmp_path):
+    # The Trainer unscales .grad before on_pre_optimizer_step; the micro-batch gradients the
+    # watch saw still carried the scale: |G|^2 came out near -4e5 and tr(Sigma) 1.3e7, 1024^2
+    # times the unscaled ones, and the noise scale never positive.
+    plain = _fp16_noise(tmp_path / "plain", None)
+    scaled = _fp16_noise(tmp_path / "scaled", 1024.0)
+    assert scaled.updates == plain.updates == 3
+    assert scaled.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-2)
+    assert scaled.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=0.1, abs=1e-3)
+
+
 def _diverging_run(tmp_path):
     """12 steps of the tiny GPT-2 at a rate of 1e4, with the noise-scale callback: diverges."""
     callback = NoiseScaleTrainerCallback(window=None)

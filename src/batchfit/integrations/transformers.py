@@ -147,7 +147,9 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
     closes each optimizer step with the micro-batches of `per_device_train_batch_size` samples.
     Needs `gradient_accumulation_steps` of 2 or more, or several processes. A step whose gradient
     was clipped (`max_grad_norm`) is not measured: its accumulated gradient is no longer the big
-    batch's; the values reach `trainer.state.log_history` and the callbacks after this one: add
+    batch's; under fp16 the GradScaler's loss scale is taken out of the micro-batch gradients
+    (the Trainer has unscaled `.grad` by then); the values reach `trainer.state.log_history` and
+    the callbacks after this one: add
     it with `add_to(trainer)` so that the reporters of `report_to` (TensorBoard, W&B) come after
     it (a warning at the start of training says when they do not).
     At the end of training (on the main process) it diagnoses the run from
@@ -241,15 +243,21 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             self.watch.remove()
         self.watch = GradientNormWatch(model, self.tracker)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.watch is None:
             return
         if args.max_grad_norm and args.max_grad_norm > 0 and _was_clipped(self.watch, args):
             self._skip()
             return
         sizes = [args.per_device_train_batch_size] * args.gradient_accumulation_steps
+        # Under fp16 the micro-batch gradients carry the GradScaler's scale; `.grad` no longer
+        # does once the Trainer has unscaled it (to clip it, or to read its norm).
+        grad_scale, unscaled = _loss_scale(optimizer)
+        big_sq = _sq_norm(self.watch) if unscaled else None
         try:
-            self.watch.step(sizes, step=state.global_step + 1)
+            self.watch.step(
+                sizes, big_sq_norm=big_sq, grad_scale=grad_scale, step=state.global_step + 1
+            )
         except ConfigError:  # a shorter last step of an epoch: fewer backward passes ran
             self._skip()
 
@@ -303,14 +311,34 @@ def _global_batch(args: Any) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
-def _was_clipped(watch: GradientNormWatch, args: Any) -> bool:
+def _sq_norm(watch: GradientNormWatch) -> float:
+    """The squared norm of the watched parameters' `.grad`."""
     import torch
 
     grads = [p.grad for p in watch.params if p.grad is not None]
     if not grads:
+        return 0.0
+    return float(torch.stack([g.float().norm() for g in grads]).square().sum())
+
+
+def _was_clipped(watch: GradientNormWatch, args: Any) -> bool:
+    grads = [p.grad for p in watch.params if p.grad is not None]
+    if not grads:
         return False
-    norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
-    return norm >= args.max_grad_norm * (1 - CLIPPED_TOLERANCE)
+    return _sq_norm(watch) ** 0.5 >= args.max_grad_norm * (1 - CLIPPED_TOLERANCE)
+
+
+def _loss_scale(optimizer: Any) -> tuple[float, bool]:
+    """The GradScaler's scale on this step's gradients (Accelerate's optimizer holds it as
+    `.scaler` under fp16), and whether `.grad` has been unscaled already (1.0, False without
+    a scaler)."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0, False
+    inner = getattr(optimizer, "optimizer", optimizer)
+    # torch keeps each optimizer's stage (READY, UNSCALED, STEPPED) in the scaler
+    stage = getattr(scaler, "_per_optimizer_states", {}).get(id(inner), {}).get("stage")
+    return float(scaler.get_scale()), getattr(stage, "name", None) == "UNSCALED"
 
 
 def task_from_transformers(
