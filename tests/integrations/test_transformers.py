@@ -206,6 +206,20 @@ def test_under_fp16_the_loss_scale_is_taken_out_of_the_micro_batch_gradients(tmp
     assert scaled.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=0.1, abs=1e-3)
 
 
+def test_a_callback_listed_twice_measures_and_diagnoses_once(tmp_path, caplog):
+    # The Trainer calls it twice per event: the second close of each step found no
+    # micro-batches and counted the step as skipped (4 of 4), and the run was diagnosed twice.
+    callback = NoiseScaleTrainerCallback()
+    args = apply_plan(_args(tmp_path, max_grad_norm=0.0, max_steps=4), _plan())
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback, callback]
+    )
+    with caplog.at_level(logging.INFO, logger="batchfit.integrations.diagnosis"):
+        trainer.train()
+    assert (callback.tracker.updates, callback.skipped_steps) == (4, 0)
+    assert sum("diagnosis written" in record.message for record in caplog.records) == 1
+
+
 def _diverging_run(tmp_path):
     """12 steps of the tiny GPT-2 at a rate of 1e4, with the noise-scale callback: diverges."""
     callback = NoiseScaleTrainerCallback(window=None)

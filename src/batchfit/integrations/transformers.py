@@ -188,6 +188,8 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         self.plan = plan
         self.diagnosis: Diagnosis | None = None
         self._callbacks: list[Any] | None = None  # the Trainer's callbacks, after add_to
+        # the step last closed: the Trainer calls a callback listed twice twice per event
+        self._closed_step: int | None = None
 
     def _ahead_of_reporters(self) -> bool:
         """Whether add_to put this callback before every reporting integration."""
@@ -242,10 +244,12 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         if self.watch is not None:
             self.watch.remove()
         self.watch = GradientNormWatch(model, self.tracker)
+        self._closed_step = None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self.watch is None:
+        if self.watch is None or self._closed_step == state.global_step + 1:
             return
+        self._closed_step = state.global_step + 1
         if args.max_grad_norm and args.max_grad_norm > 0 and _was_clipped(self.watch, args):
             self._skip()
             return
@@ -282,9 +286,10 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             state.log_history[-1].update(values)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.watch is not None:
-            self.watch.remove()
-            self.watch = None
+        if self.watch is None:  # ended already: the callback is listed twice
+            return
+        self.watch.remove()
+        self.watch = None
         if self.write_diagnosis and state.is_world_process_zero:
             self.diagnosis = self._diagnose(args, state)
 
