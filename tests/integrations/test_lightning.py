@@ -329,6 +329,24 @@ def test_a_share_without_a_fitting_divisor_a_batchnorm_module_trains_on_is_refus
         _trainer(callback, max_steps=1).fit(NormedClassifier(), Data(batch_size=9))
 
 
+class SetUpData(Data):
+    """Builds its loader in setup(), before BatchFit sets its batch size."""
+
+    def setup(self, stage):
+        self.loader = DataLoader(self.data, batch_size=self.batch_size)
+
+    def train_dataloader(self):
+        return self.loader
+
+
+def test_a_loader_that_keeps_its_old_batch_size_is_refused():
+    # The plan's micro-batch 16 never reached the loader built in setup() with 64: each step
+    # accumulated 4 batches of 64, a global batch of 256 where the callback said 64.
+    trainer = _trainer(BatchFit(_plan()), max_steps=2)
+    with pytest.raises(ConfigError, match=r"hold 64 samples.*batch_size=16.*train_dataloader"):
+        trainer.fit(Classifier(), SetUpData(batch_size=64))
+
+
 def test_a_global_batch_that_is_no_positive_whole_number_is_refused():
     with pytest.raises(ConfigError, match="global_batch"):
         BatchFit(global_batch=0)

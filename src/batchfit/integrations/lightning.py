@@ -1,29 +1,25 @@
 """batchfit inside PyTorch Lightning: a callback, and a Task made from a LightningModule.
 
-`BatchFit` is a Lightning `Callback`. On fit start it either applies a plan from `batchfit
-plan` (the micro-batch through the batch-size attribute of the datamodule or module, the
-Trainer's `accumulate_grad_batches`, the plan's rate on the configured optimizers and its
-warm-up), or, without a plan, finds the largest micro-batch that fits
-(`batchfit.memory.search.find_max_batch_size`) and raises `accumulate_grad_batches` so that the
-configured global batch (micro-batch x accumulation x devices) is kept. During training it logs
-the gradient noise scale from the accumulated micro-batches and the DDP ranks
-(`batchfit.noise.watch.GradientNormWatch`) through `LightningModule.log`, so every Lightning
-logger receives it. When a training batch runs out of memory in `training_step`, it splits that
-batch and every later one in two (halves the micro-batch, doubles the forward/backward passes
-per step): the global batch and the samples stay the same. With `batch_schedule=` it follows a
-batch schedule (`batchfit.training.batch_schedule`), changing `accumulate_grad_batches` only at
-epoch starts (as Lightning's own `GradientAccumulationScheduler`): a change inside an epoch
-would cut an optimizer step's micro-batches short. At the end of the fit it diagnoses the run
-(`batchfit.monitor.diagnose`) and writes diagnosis.json into the logger's folder.
+`BatchFit` is a Lightning `Callback`. On fit start it applies a plan from `batchfit plan` (the
+micro-batch through the batch-size attribute of the datamodule or module, the Trainer's
+`accumulate_grad_batches`, the plan's rate on the configured optimizers and its warm-up), or,
+without a plan, finds the largest micro-batch that fits (`batchfit.memory.search`) and raises
+`accumulate_grad_batches` to keep the configured global batch (micro-batch x accumulation x
+devices). During training it logs the gradient noise scale from the accumulated micro-batches
+and the DDP ranks (`batchfit.noise.watch.GradientNormWatch`) into every logger. When a training
+batch runs out of memory in `training_step`, it splits that batch and every later one in two:
+the global batch and the samples stay the same. With `batch_schedule=` it follows a batch
+schedule (`batchfit.training.batch_schedule`), changing `accumulate_grad_batches` only at epoch
+starts (as Lightning's own `GradientAccumulationScheduler`; see `lightning_fit`). At the end of
+the fit it diagnoses the run (`batchfit.monitor.diagnose`) and writes diagnosis.json into the
+logger's folder.
 
     trainer = lightning.Trainer(callbacks=[BatchFit("plan.json")], max_steps=1000)
     trainer.fit(model, datamodule)
 
-`batchfit.integrations.lightning_task.task_from_lightning(module, datamodule)` (also
-`Task.from_lightning`) turns a LightningModule into a `batchfit.Task`, so `batchfit plan` can
-profile it.
-
-Needs `pip install batchfit[lightning]`.
+`Task.from_lightning(module, datamodule)` (`batchfit.integrations.lightning_task`) turns a
+LightningModule into a `batchfit.Task`, so `batchfit plan` can profile it. Needs `pip install
+batchfit[lightning]`.
 """
 
 from __future__ import annotations
@@ -38,6 +34,7 @@ from batchfit.integrations.diagnosis import RunRecords
 from batchfit.integrations.lightning_fit import (
     accumulation_for,
     build_schedule,
+    check_loader_batch,
     device_of,
     diagnose_fit,
     largest_micro_batch,
@@ -154,6 +151,7 @@ class BatchFit(pl.Callback):
         self._rate_hooks: list[Any] = []
         self._split_this_step = False
         self._batch_samples = 0
+        self._loader_checked = False  # whether the loader's batch was checked against ours
         self._schedule_spec = batch_schedule
         self.schedule = batch_schedule if isinstance(batch_schedule, BatchSchedule) else None
         self.max_batch = max_batch
@@ -238,8 +236,7 @@ class BatchFit(pl.Callback):
             )
         lightning_setattr(pl_module, self.batch_size_attr, micro)
         trainer.accumulate_grad_batches = global_batch // (micro * world)
-        self.global_batch = global_batch
-        self.micro_batch = micro
+        self.global_batch, self.micro_batch = global_batch, micro
         self.accumulation_steps = trainer.accumulate_grad_batches
 
     # --- batch schedule ------------------------------------------------------------------------
@@ -345,7 +342,7 @@ class BatchFit(pl.Callback):
     # --- noise scale, warm-up, counting -------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._last_step, self._loader_checked = trainer.global_step, False
         if self.tracker is not None:
             self.watch = GradientNormWatch(pl_module, self.tracker)
         self._remove_rate_hooks()
@@ -368,6 +365,10 @@ class BatchFit(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_samples = batch_size_of(batch)
+        if not self._loader_checked and self.micro_batch is not None:
+            self._loader_checked = True
+            whole = batch_idx == 0 and trainer.num_training_batches > 1  # not an epoch's last
+            check_loader_batch(pl_module, self.batch_size_attr, self._batch_samples, whole)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.watch is None or self._split_this_step:

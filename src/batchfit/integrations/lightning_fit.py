@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "accumulation_for",
     "build_schedule",
+    "check_loader_batch",
     "detached_copy",
     "device_of",
     "diagnose_fit",
@@ -97,6 +98,34 @@ def accumulation_for(wanted: int, loader_batch: int, world: int) -> tuple[int, i
             batch,
         )
     return accumulate, batch
+
+
+def check_loader_batch(pl_module: Any, attr: str, size: int, whole: bool) -> None:
+    """Refuse a training loader whose batch is not the one `BatchFit` set on `attr`.
+
+    A loader built before fit start (in `setup()`, or in `__init__`) keeps the batch size it
+    was built with; the Trainer would then accumulate `accumulate_grad_batches` of its batches,
+    a global batch other than the one the callback reports and the rate was set for.
+
+    Args:
+        pl_module: the LightningModule (the attribute is looked up as Lightning does).
+        attr: the batch-size attribute `BatchFit` set.
+        size: samples in the loader's first training batch.
+        whole: whether the batch must be whole (it is not an epoch's last, shorter one).
+
+    Raises:
+        ConfigError: the batch is larger than the attribute, or smaller where it must be whole.
+    """
+    from lightning.pytorch.utilities.parsing import lightning_getattr
+
+    expected = int(lightning_getattr(pl_module, attr))
+    if size > expected or (whole and size < expected):
+        raise ConfigError(
+            f"The training loader's batches hold {size} samples, but BatchFit set "
+            f"{attr}={expected}; build the DataLoader in train_dataloader() from self.{attr} (a "
+            "loader made earlier, in setup() or __init__, keeps its old batch size, and the "
+            f"global batch would be {size / expected:.3g}x the one set)."
+        )
 
 
 # --- the plan's rate ------------------------------------------------------------------------
