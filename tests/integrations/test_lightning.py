@@ -368,6 +368,20 @@ def test_an_injected_oom_halves_the_micro_batch_and_keeps_the_global_batch():
     assert trainer.global_step * 32 == callback.samples_seen == 4 * 32
 
 
+def test_a_run_resumed_after_a_back_off_reports_the_halves_it_runs():
+    # The restored state splits each loader batch of 16 in two; the callback said 16 x 4 (and
+    # logged micro_batch 16) while it ran 8 x 8.
+    first = BatchFit(_plan(), noise_scale=False, diagnosis=False)
+    _trainer(first, max_steps=2).fit(Classifier(oom_at_batch_above=8), Data())
+    assert (first.micro_batch, first.accumulation_steps) == (8, 8)
+    resumed = BatchFit(_plan(), noise_scale=False, diagnosis=False)
+    resumed.load_state_dict(first.state_dict())
+    module = Classifier(oom_at_batch_above=8)
+    _trainer(resumed, max_steps=2).fit(module, Data())
+    assert module.oom_raised == 0
+    assert (resumed.micro_batch, resumed.accumulation_steps, resumed.global_batch) == (8, 8, 64)
+
+
 def test_split_batches_give_the_gradient_of_the_whole_batch():
     """After a back-off, one step equals the same step without it (same data, same update)."""
     plan = _plan(global_batch=32, micro_batch=16, accumulation_steps=2)

@@ -236,8 +236,9 @@ class BatchFit(pl.Callback):
             )
         lightning_setattr(pl_module, self.batch_size_attr, micro)
         trainer.accumulate_grad_batches = global_batch // (micro * world)
-        self.global_batch, self.micro_batch = global_batch, micro
-        self.accumulation_steps = trainer.accumulate_grad_batches
+        # a run resumed after an out-of-memory back-off goes on splitting each loader batch
+        self.global_batch, self.micro_batch = global_batch, max(1, micro // self._splits)
+        self.accumulation_steps = trainer.accumulate_grad_batches * self._splits
 
     # --- batch schedule ------------------------------------------------------------------------
 
