@@ -26,6 +26,11 @@ def test_each_oom_halves_the_micro_batch_and_doubles_accumulation():
     # 96 -> 48 -> 24 -> 12: every try keeps micro x accumulation = 96
     assert tried == [(96, 1), (48, 2), (24, 4), (12, 8)]
     assert run.micro_batch == 12 and run.accumulation_steps == 8
+    # a second call (the next fold, the next stage) starts where the first fitted, as
+    # Accelerate's decorator does; it ran into the same three out-of-memory errors again
+    tried.clear()
+    assert run("again") == "again"
+    assert tried == [(12, 8)]
 
 
 def test_an_odd_share_steps_down_to_divisors_and_world_size_splits_it():

@@ -64,7 +64,8 @@ def find_executable_batch_size(
     """Call `function(micro_batch, accumulation_steps, ...)` until it fits in memory.
 
     The first call gets the largest micro-batch (`starting_micro_batch`, default the whole
-    per-process share `global_batch / world_size`); each out-of-memory error halves it (to the
+    per-process share `global_batch / world_size`), a later call the one that fitted last; each
+    out-of-memory error halves it (to the
     largest divisor of the share at most half the last one) and raises `accumulation_steps` so
     that `micro_batch x accumulation_steps x world_size == global_batch` always. Any other
     error is raised unchanged. The function should build its data loader from `micro_batch`
@@ -127,7 +128,8 @@ def find_executable_batch_size(
 
     @functools.wraps(function)
     def wrapped(*args: Any, **kwargs: Any) -> Result:
-        micro = start
+        # a later call starts where the last one fitted, as Accelerate's decorator does
+        micro = getattr(wrapped, "micro_batch", start)
         while True:
             accumulation = share // micro
             try:
