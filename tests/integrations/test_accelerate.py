@@ -71,6 +71,18 @@ def test_bad_arguments_name_the_fix():
     with pytest.raises(ConfigError, match="micro_batch, accumulation_steps"):
         find_executable_batch_size(lambda micro_batch: None, global_batch=4)
 
+    @find_executable_batch_size(global_batch=64)
+    def run(micro_batch, accumulation_steps, lr=0.1):
+        return micro_batch
+
+    # the batch passed by hand, as with a plain function: Python's "run() takes from 2 to 3
+    # positional arguments but 4 were given" named no fix
+    with pytest.raises(ConfigError, match=r"passes micro_batch and accumulation_steps itself"):
+        run(64, 1, 0.1)
+    with pytest.raises(ConfigError, match=r"run\(\) with the other arguments only"):
+        run(momentum=0.9)
+    assert run(lr=0.2) == 64
+
 
 def test_the_accelerate_recipe_in_the_docstring_measures_the_noise_scale():
     accelerate = pytest.importorskip("accelerate")

@@ -84,8 +84,10 @@ def find_executable_batch_size(
         `wrapped.micro_batch` and `wrapped.accumulation_steps`.
 
     Raises:
-        ConfigError: the global batch is not a multiple of world_size, or the starting
-            micro-batch does not divide the share.
+        ConfigError: the global batch is not a multiple of world_size, the starting
+            micro-batch does not divide the share, or the wrapped function is called with
+            arguments `function` does not take (the micro-batch, say, which the decorator
+            passes).
         DoesNotFitError: even a micro-batch of 1 runs out of memory.
 
     Example:
@@ -119,7 +121,8 @@ def find_executable_batch_size(
             world_size=world_size,
             starting_micro_batch=start,
         )
-    parameters = list(inspect.signature(function).parameters)
+    signature = inspect.signature(function)
+    parameters = list(signature.parameters)
     if len(parameters) < 2:
         raise ConfigError(
             f"{function.__name__} must take (micro_batch, accumulation_steps, ...) as its first "
@@ -130,6 +133,14 @@ def find_executable_batch_size(
     def wrapped(*args: Any, **kwargs: Any) -> Result:
         # a later call starts where the last one fitted, as Accelerate's decorator does
         micro = getattr(wrapped, "micro_batch", start)
+        try:  # a wrong call, before any try: not an error of the function's to retry on
+            signature.bind(micro, share // micro, *args, **kwargs)
+        except TypeError as error:
+            raise ConfigError(
+                f"{function.__name__}() was called with arguments it does not take ({error}); "
+                "the decorator passes micro_batch and accumulation_steps itself: call "
+                f"{function.__name__}() with the other arguments only."
+            ) from None
         while True:
             accumulation = share // micro
             try:
