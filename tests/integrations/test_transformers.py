@@ -100,6 +100,15 @@ def test_apply_plan_names_the_arguments_own_settings_it_replaces(tmp_path, caplo
     assert "per_device_train_batch_size" not in caplog.text  # the default (8) is not theirs
 
 
+def test_apply_plan_turns_off_the_trainers_own_batch_search(tmp_path, caplog):
+    # auto_find_batch_size cuts the micro-batch on out-of-memory (by 10% a time) and keeps the
+    # accumulation: 8 x 4 would have become 7 x 4, 6 x 4, ... under the plan's rate for 32
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        planned = apply_plan(_args(tmp_path, auto_find_batch_size=True), _plan())
+    assert planned.auto_find_batch_size is False
+    assert "auto_find_batch_size=True -> False" in caplog.text and "--memory-budget" in caplog.text
+
+
 def test_apply_plan_over_default_arguments_does_not_warn(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
         apply_plan(_args(tmp_path, max_steps=-1), _plan(total_steps=40))

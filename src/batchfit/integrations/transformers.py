@@ -62,7 +62,9 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
     scaled to it (the plan's warmup x max_steps / the plan's steps, at least 1 step), and a
     warning says so. A warning also names each of these settings the arguments set to other
     than its default that the plan replaces, and a `num_train_epochs` of their own that the
-    plan's `max_steps` overrides.
+    plan's `max_steps` overrides. `auto_find_batch_size` is turned off (with a warning): the
+    Trainer's search shrinks the micro-batch and keeps the accumulation, so the global batch
+    would fall below the plan's.
 
     Args:
         training_args: the `transformers.TrainingArguments` to start from.
@@ -95,6 +97,10 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
         "learning_rate": plan.lr,
         "warmup_steps": plan.warmup_steps,
     }
+    if getattr(training_args, "auto_find_batch_size", False):
+        # the Trainer's own search cuts the micro-batch on out-of-memory and keeps the
+        # accumulation: the global batch would fall below the plan's, which sized the rate
+        changes["auto_find_batch_size"] = False
     own_steps = training_args.max_steps if training_args.max_steps > 0 else None
     if plan.total_steps is not None and own_steps is None:
         changes["max_steps"] = plan.total_steps
@@ -125,6 +131,7 @@ def _warn_of_replaced_settings(training_args: Any, changes: Mapping[str, Any]) -
         if name != "max_steps"
         and getattr(training_args, name) != defaults.get(name)
         and getattr(training_args, name) != value
+        and name != "auto_find_batch_size"  # named below, with the reason
     ]
     epochs = training_args.num_train_epochs
     if "max_steps" in changes and epochs != defaults.get("num_train_epochs"):
@@ -132,6 +139,12 @@ def _warn_of_replaced_settings(training_args: Any, changes: Mapping[str, Any]) -
         replaced.append(
             f"num_train_epochs={epochs!r} (the plan's max_steps={changes['max_steps']} runs "
             "instead; set max_steps in the arguments to keep your own run length)"
+        )
+    if "auto_find_batch_size" in changes:
+        replaced.append(
+            "auto_find_batch_size=True -> False (it would shrink the micro-batch and keep the "
+            "accumulation, a global batch below the plan's; plan with the memory you have: "
+            "batchfit plan --memory-budget)"
         )
     if replaced:
         logger.warning(
