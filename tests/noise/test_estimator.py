@@ -170,6 +170,19 @@ def test_a_fast_fall_that_the_trend_line_overshoots_reads_the_window_means():
     assert tracker.estimate().reliable is False  # 4 steps: too few, but no longer undefined
 
 
+def test_a_trend_line_whose_end_is_lost_in_the_noise_reads_the_window_means():
+    # |G|^2 zigzags down (0.35 to 0.01) around a mean of 0.19125; tr(Sigma) 25 throughout. The
+    # line's end, 0.0717, is only 1.2 standard errors (0.0616) above zero: read there, the
+    # noise scale was 349 (and, in a Lightning run, 35,910 one step and 91 the next).
+    tracker = NoiseScaleTracker(window=8)
+    for gradient_sq in (0.30, 0.22, 0.35, 0.12, 0.28, 0.05, 0.20, 0.01):
+        tracker.update(gradient_sq + 25 / 2, gradient_sq + 25 / 8, small_batch=2, big_batch=8)
+    assert tracker.gradient_sq_norm == pytest.approx(0.19125)
+    assert tracker.noise_scale == pytest.approx(25 / 0.19125)
+    result = tracker.estimate()
+    assert result.low_samples <= result.noise_scale_samples <= result.high_samples
+
+
 def test_tracker_interval_always_holds_its_estimate():
     import random
 

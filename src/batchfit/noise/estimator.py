@@ -54,7 +54,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError, ConfigError
-from batchfit.noise.interval import CONFIDENCE, bootstrap_interval, holding
+from batchfit.noise.interval import CONFIDENCE, TREND_MIN_T, bootstrap_interval, holding
 from batchfit.noise.result import WIDE_INTERVAL, NoiseScaleResult, RunningEstimate
 from batchfit.validation import check_positive_number
 
@@ -181,8 +181,9 @@ def _check_window(window: object) -> int | None:
     return window
 
 
-def _at_end(values: Sequence[float], *, trend: bool) -> float:
-    """The value at the last of `values` (one per step): a plain mean, or a fitted line's end.
+def _at_end(values: Sequence[float], *, trend: bool) -> tuple[float, float]:
+    """The value at the last of `values` (one per step): a plain mean, or a fitted line's end,
+    with its standard error (0.0 for a mean, or a line through fewer than 4 points).
 
     A window's mean estimates the value at its middle, (n - 1) / 2 steps back; while |G|^2 falls
     steadily that lag alone made the estimate read low. With `trend`, the least-squares line
@@ -191,14 +192,22 @@ def _at_end(values: Sequence[float], *, trend: bool) -> float:
     """
     count = len(values)
     if not count:
-        return 0.0
+        return 0.0, 0.0
     mean = math.fsum(values) / count
     if not trend or count < 3:
-        return mean
+        return mean, 0.0
     centre = (count - 1) / 2
     spread = count * (count * count - 1) / 12  # sum of (i - centre)^2
     slope = math.fsum((index - centre) * value for index, value in enumerate(values)) / spread
-    return mean + slope * centre
+    end = mean + slope * centre
+    if count < 4:
+        return end, 0.0
+    residual = math.fsum(
+        (value - mean - slope * (index - centre)) ** 2 for index, value in enumerate(values)
+    )
+    # the standard error of a least-squares line's value at the last step
+    error = math.sqrt(residual / (count - 2) * (1 / count + centre * centre / spread))
+    return end, error
 
 
 def _ratio(trace: float, gradient_sq: float) -> float | None:
@@ -296,17 +305,18 @@ class NoiseScaleTracker:
 
         While both fall fast (early in training, by 10x within a window), the straight line
         through the window can end below zero although every part of the window says they are
-        positive: then both are the window's plain means. Their ratio has no lag while they fall
-        together (the lag of each cancels), which is when the line overshoots.
+        positive; late in training the line of a noisy |G|^2 can end near zero. Where either
+        end is not `TREND_MIN_T` standard errors above zero, both are the window's plain means.
+        Their ratio has no lag while they fall together (the lag of each cancels).
         """
         trend = self.window is not None
         series = ([pair[0] for pair in self._pairs], [pair[1] for pair in self._pairs])
-        ends = (_at_end(series[0], trend=trend), _at_end(series[1], trend=trend))
-        if trend and min(ends) <= 0:
-            means = (_at_end(series[0], trend=False), _at_end(series[1], trend=False))
+        ends = [_at_end(values, trend=trend) for values in series]
+        if trend and any(end <= TREND_MIN_T * error for end, error in ends):
+            means = (_at_end(series[0], trend=False)[0], _at_end(series[1], trend=False)[0])
             if min(means) > 0:
                 return means
-        return ends
+        return ends[0][0], ends[1][0]
 
     @property
     def gradient_sq_norm(self) -> float:

@@ -6,10 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "CONFIDENCE", "bootstrap_interval", "holding"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "CONFIDENCE", "TREND_MIN_T", "bootstrap_interval", "holding"]
 
 CONFIDENCE = 0.9  # the spread is a 90% bootstrap percentile interval (5th to 95th percentile)
 BOOTSTRAP_RESAMPLES = 400  # enough for stable 5%/95% percentiles, a few ms for 1,000 batches
+TREND_MIN_T = 2.0
+"""A window's trend lines are read at their end only where each end is at least this many
+standard errors above zero (`NoiseScaleTracker`); nearer zero the end of |G|^2 is noise, and a
+noise scale read from it ran to 100x the window's (35,910 samples one step, 91 the next, in a
+Lightning run whose noise scale was a few hundred)."""
 
 
 def bootstrap_interval(
@@ -30,9 +35,19 @@ def bootstrap_interval(
         offsets = picks - picks.mean(axis=1, keepdims=True)
         spread = numpy.maximum((offsets * offsets).sum(axis=1), 1e-300)
         ahead = (count - 1) - picks.mean(axis=1)
-        ends = [mean + (offsets * values[:, column][picks]).sum(axis=1) / spread * ahead
-                for column, mean in ((0, gradient_sq), (1, trace))]  # fmt: skip
-        use_means = (numpy.minimum(*ends) <= 0) & (numpy.minimum(gradient_sq, trace) > 0)
+        near_zero = numpy.zeros(BOOTSTRAP_RESAMPLES, dtype=bool)
+        ends = []
+        for column, mean in ((0, gradient_sq), (1, trace)):
+            picked = values[:, column][picks]
+            slope = (offsets * picked).sum(axis=1) / spread
+            ends.append(mean + slope * ahead)
+            if count >= 4:  # the standard error of the line's end, as the tracker reads it
+                residual = ((picked - mean[:, None] - slope[:, None] * offsets) ** 2).sum(axis=1)
+                error = numpy.sqrt(residual / (count - 2) * (1 / count + ahead**2 / spread))
+            else:
+                error = 0.0
+            near_zero |= ends[-1] <= TREND_MIN_T * error
+        use_means = near_zero & (numpy.minimum(gradient_sq, trace) > 0)
         gradient_sq = numpy.where(use_means, gradient_sq, ends[0])
         trace = numpy.where(use_means, trace, ends[1])
     with numpy.errstate(divide="ignore", invalid="ignore"):
