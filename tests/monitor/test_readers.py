@@ -197,6 +197,17 @@ def test_lightning_csv_with_the_batch_batchfits_callback_logs(tmp_path):
     assert history.train_loss.name == "train_loss"
 
 
+def test_a_lightning_run_shorter_than_its_log_interval_is_told_why_it_has_no_training_loss(
+    tmp_path,
+):
+    # 21 steps under Lightning's default log_every_n_steps=50: the CSV holds only validation
+    # rows; the error offered only --train-loss, for a series that was never logged
+    rows = ["epoch,step,val_acc,val_loss", "0,6,0.5,0.9", "1,13,0.6,0.8", "2,20,0.7,0.7"]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(RunLogError, match=r"--train-loss.*every log_every_n_steps.*lower"):
+        read_history(tmp_path / "metrics.csv")
+
+
 def test_transformers_trainer_state(tmp_path):
     history = read_history(write_transformers(tmp_path))
     assert history.format == "transformers"

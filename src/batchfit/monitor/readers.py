@@ -196,6 +196,15 @@ def _numbered_folder(path: Path) -> tuple[int, str]:
     return (int(numbers[-1]) if numbers else -1, str(path))
 
 
+_TRAIN_LOGGED_EVERY = {
+    "lightning": "; or it was never logged: Lightning logs training values every "
+    "log_every_n_steps steps (50 by default), so a shorter run has none: lower log_every_n_steps",
+    "transformers": "; or it was never logged: the Trainer logs the loss every logging_steps "
+    "steps, so a shorter run has none: lower logging_steps",
+}
+"""Why a framework's log can hold validation values and no training loss."""
+
+
 def _history(
     records: list[Mapping[str, Any]],
     names: Mapping[str, str | None],
@@ -213,7 +222,7 @@ def _history(
     if train is None:
         raise RunLogError(
             f"No training loss found in {str(file)!r}; name it with --train-loss (it has: "
-            f"{', '.join(available) or 'nothing'})."
+            f"{', '.join(available) or 'nothing'}){_TRAIN_LOGGED_EVERY.get(format, '')}."
         )
     val = pick_series(available, names["val_loss"], VAL_LOSS_NAMES, "val-loss", file)
     metric = pick_metric(available, names["metric"], file)
