@@ -179,14 +179,18 @@ def test_trainer_state_json_tells_batchfit_diagnose_the_global_batch(tmp_path):
     assert (history.global_batch, history.micro_batch) == (32, 8)
 
 
-def test_a_clipped_step_is_not_measured(tmp_path):
+def test_a_clipped_step_is_not_measured(tmp_path, caplog):
     callback = NoiseScaleTrainerCallback()
     args = apply_plan(_args(tmp_path, max_grad_norm=1e-6, max_steps=2), _plan())
     trainer = transformers.Trainer(
         model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
     )
-    trainer.train()
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        trainer.train()
     assert callback.skipped_steps == 2 and callback.tracker.updates == 0
+    # said once (the log had no noise scale, and nothing said why)
+    assert caplog.text.count("clipped to max_grad_norm=1e-06") == 1
+    assert "raise max_grad_norm" in caplog.text
 
 
 def _fp16_noise(tmp_path, scale):

@@ -203,6 +203,7 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         self._callbacks: list[Any] | None = None  # the Trainer's callbacks, after add_to
         # the step last closed: the Trainer calls a callback listed twice twice per event
         self._closed_step: int | None = None
+        self._warned_clipped = False
 
     def _ahead_of_reporters(self) -> bool:
         """Whether add_to put this callback before every reporting integration."""
@@ -264,6 +265,16 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             return
         self._closed_step = state.global_step + 1
         if args.max_grad_norm and args.max_grad_norm > 0 and _was_clipped(self.watch, args):
+            if not self._warned_clipped:  # else the noise scale is missing with no word why
+                self._warned_clipped = True
+                logger.warning(
+                    "batchfit: step %d's gradient was clipped to max_grad_norm=%g, so the noise "
+                    "scale skips it (the clipped gradient is no longer the batch's), as it "
+                    "skips every clipped step; raise max_grad_norm (0: no clipping) to measure "
+                    "them.",
+                    state.global_step + 1,
+                    args.max_grad_norm,
+                )
             self._skip()
             return
         sizes = [args.per_device_train_batch_size] * args.gradient_accumulation_steps
