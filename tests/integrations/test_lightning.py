@@ -411,6 +411,24 @@ def test_task_from_lightning_uses_training_step_and_configure_optimizers():
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.01
 
 
+class AdamWClassifier(Classifier):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.1)
+
+
+def test_an_adamw_module_is_copied_for_the_search_and_the_task():
+    # torch's AdamW keeps Adam's decoupled_weight_decay in its defaults, which AdamW() does not
+    # take: the search and Task.from_lightning stopped with "AdamW.__init__() got an
+    # unexpected keyword argument 'decoupled_weight_decay'"
+    callback = BatchFit(memory_budget="1GiB", noise_scale=False, diagnosis=False)
+    _trainer(callback, max_steps=1).fit(AdamWClassifier(), Data(batch_size=32))
+    assert callback.micro_batch == 32
+    task = Task.from_lightning(AdamWClassifier(), Data(batch_size=16))
+    optimizer = task.make_optimizer(task.make_model().parameters(), 0.01)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["weight_decay"] == 0.1 and optimizer.defaults["lr"] == 0.01
+
+
 def test_task_from_lightning_without_a_loader_names_the_datamodule():
     with pytest.raises(TaskError, match="datamodule"):
         task_from_lightning(Classifier())

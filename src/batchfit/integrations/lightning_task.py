@@ -134,8 +134,26 @@ def _first_optimizer(configured: Any) -> torch.optim.Optimizer:
 
 
 def optimizer_like(optimizer, params, *, lr: float | None = None):
-    """A new optimizer of the same class and settings over `params`."""
-    settings = dict(optimizer.defaults)
+    """A new optimizer of the same class and settings over `params`.
+
+    The settings are the optimizer's `defaults` that its class takes as arguments: a subclass
+    can hold more (torch's AdamW keeps Adam's `decoupled_weight_decay`, which
+    `AdamW.__init__` does not take).
+
+    Example:
+        >>> import torch
+        >>> params = [torch.nn.Parameter(torch.zeros(2))]
+        >>> copy = optimizer_like(torch.optim.AdamW(params, lr=0.1, weight_decay=0.5), params)
+        >>> type(copy).__name__, copy.defaults["lr"], copy.defaults["weight_decay"]
+        ('AdamW', 0.1, 0.5)
+    """
+    import inspect
+
+    accepted = inspect.signature(type(optimizer)).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    settings = {
+        name: value for name, value in optimizer.defaults.items() if takes_any or name in accepted
+    }
     if lr is not None:
         settings["lr"] = lr
     return type(optimizer)(params, **settings)
