@@ -347,6 +347,34 @@ def test_a_loader_that_keeps_its_old_batch_size_is_refused():
         trainer.fit(Classifier(), SetUpData(batch_size=64))
 
 
+class StepCountingClassifier(Classifier):
+    """Sizes its rate schedule from trainer.estimated_stepping_batches, which builds the
+    training loader before fit start."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        total = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_a_loader_built_before_fit_start_is_built_again_at_the_micro_batch():
+    # The loader the Trainer built for estimated_stepping_batches, at batch 64, was kept: the
+    # plan's 16 x 4 ran as 64 x 4, 256 samples a step (refused since, for the loader's batch)
+    sizes = []
+
+    class Sizes(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            sizes.append(len(batch[0]))
+
+    # a run of epochs: with max_steps the Trainer counts the steps without the loader
+    callback = BatchFit(_plan(), noise_scale=False, diagnosis=False)
+    trainer = _trainer(callback, max_steps=-1, max_epochs=1)
+    trainer.callbacks.append(Sizes())
+    trainer.fit(StepCountingClassifier(), Data(batch_size=64))
+    assert sizes == [16] * 16 and trainer.global_step == 4  # 256 samples, 64 a step
+
+
 def test_a_global_batch_that_is_no_positive_whole_number_is_refused():
     with pytest.raises(ConfigError, match="global_batch"):
         BatchFit(global_batch=0)

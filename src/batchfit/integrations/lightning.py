@@ -38,6 +38,7 @@ from batchfit.integrations.lightning_fit import (
     device_of,
     diagnose_fit,
     largest_micro_batch,
+    reload_train_loader,
     set_base_rate,
 )
 from batchfit.integrations.lightning_split import split_training_step
@@ -185,14 +186,8 @@ class BatchFit(pl.Callback):
         else:
             configured = int(lightning_getattr(pl_module, self.batch_size_attr))
             target = self.global_batch or configured * trainer.accumulate_grad_batches * world
-            if target % world:
-                raise ConfigError(
-                    f"The global batch ({target}) is not a multiple of the devices ({world}); "
-                    "choose one that is (BatchFit(global_batch=...))."
-                )
-            share = target // world
             micro = largest_micro_batch(
-                trainer, pl_module, share, memory_budget=self.memory_budget, margin=self.margin
+                trainer, pl_module, target, memory_budget=self.memory_budget, margin=self.margin
             )
             self._set_batch(trainer, pl_module, target, micro)
         self._wrap_training_step(pl_module)
@@ -235,6 +230,7 @@ class BatchFit(pl.Callback):
                 f"({micro} x {world}); choose a global batch that is (BatchFit(global_batch=...))."
             )
         lightning_setattr(pl_module, self.batch_size_attr, micro)
+        reload_train_loader(trainer)
         trainer.accumulate_grad_batches = global_batch // (micro * world)
         # a run resumed after an out-of-memory back-off goes on splitting each loader batch
         self.global_batch, self.micro_batch = global_batch, max(1, micro // self._splits)

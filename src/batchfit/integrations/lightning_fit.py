@@ -40,6 +40,7 @@ __all__ = [
     "device_of",
     "diagnose_fit",
     "largest_micro_batch",
+    "reload_train_loader",
     "set_base_rate",
     "training_data",
 ]
@@ -98,6 +99,19 @@ def accumulation_for(wanted: int, loader_batch: int, world: int) -> tuple[int, i
             batch,
         )
     return accumulate, batch
+
+
+def reload_train_loader(trainer: Any) -> None:
+    """Make the Trainer build its training loader again, from the batch size just set.
+
+    `trainer.estimated_stepping_batches`, often read in `configure_optimizers` (which runs
+    before fit start) to size a rate schedule, builds the loader at the configured batch size,
+    and the fit loop keeps it; Lightning's own batch-size finder drops it in the same way to
+    have it rebuilt at a new size.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    if getattr(loop, "_combined_loader", None) is not None:
+        loop._combined_loader = None
 
 
 def check_loader_batch(pl_module: Any, attr: str, size: int, whole: bool) -> None:
@@ -251,22 +265,30 @@ def _steps_per_epoch(trainer: Any) -> float | None:
 
 
 def largest_micro_batch(
-    trainer: Any, pl_module: Any, share: int, *, memory_budget: Any, margin: float
+    trainer: Any, pl_module: Any, global_batch: int, *, memory_budget: Any, margin: float
 ) -> int:
-    """The largest micro-batch that divides `share` (a device's part of the global batch) and
-    whose training step fits `memory_budget`.
+    """The largest micro-batch that divides a device's share of `global_batch` and whose
+    training step fits `memory_budget`.
 
     The search (`batchfit.memory.search.find_max_batch_size`) runs on a copy of the module,
     with a copy of its first optimizer, on samples of the training loader's data set. It starts
     at the smallest batch the module trains on (2 with BatchNorm, which refuses a batch of 1).
 
     Raises:
-        ConfigError: on the CPU without a memory budget, without a map-style data set, or when
-            no micro-batch the module trains on that fits divides `share`.
+        ConfigError: the global batch is not a multiple of the devices, on the CPU without a
+            memory budget, without a map-style data set, or when no micro-batch the module
+            trains on that fits divides the share.
     """
     from batchfit.memory.search import find_max_batch_size
     from batchfit.plan.norm_layers import smallest_batch
 
+    world = trainer.world_size
+    if global_batch % world:
+        raise ConfigError(
+            f"The global batch ({global_batch}) is not a multiple of the devices ({world}); "
+            "choose one that is (BatchFit(global_batch=...))."
+        )
+    share = global_batch // world
     device = pl_module.device
     if device.type == "cpu" and memory_budget is None:
         raise ConfigError(
