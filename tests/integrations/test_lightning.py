@@ -375,6 +375,32 @@ def test_a_loader_built_before_fit_start_is_built_again_at_the_micro_batch():
     assert sizes == [16] * 16 and trainer.global_step == 4  # 256 samples, 64 a step
 
 
+class ManualClassifier(Classifier):
+    """Steps its optimizer itself in training_step, once per batch."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+def test_a_plan_that_accumulates_is_refused_under_manual_optimization():
+    # Lightning does not accumulate there: the plan's 16 x 4 ran as steps of 16 samples at the
+    # rate for 64, while the callback said 64
+    with pytest.raises(ConfigError, match=r"64 = 16 x 4 .*manual optimization"):
+        _trainer(BatchFit(_plan()), max_steps=2).fit(ManualClassifier(), Data())
+    callback = BatchFit(_plan(global_batch=16, accumulation_steps=1), diagnosis=False)
+    _trainer(callback, max_steps=2).fit(ManualClassifier(), Data())
+    assert callback.samples_seen == 32
+
+
 def test_a_global_batch_that_is_no_positive_whole_number_is_refused():
     with pytest.raises(ConfigError, match="global_batch"):
         BatchFit(global_batch=0)

@@ -34,6 +34,7 @@ from batchfit.integrations.diagnosis import RunRecords
 from batchfit.integrations.lightning_fit import (
     accumulation_for,
     build_schedule,
+    check_accumulation,
     check_loader_batch,
     device_of,
     diagnose_fit,
@@ -229,6 +230,7 @@ class BatchFit(pl.Callback):
                 f"The global batch ({global_batch}) is not a multiple of micro-batch x devices "
                 f"({micro} x {world}); choose a global batch that is (BatchFit(global_batch=...))."
             )
+        check_accumulation(pl_module, global_batch, micro, global_batch // (micro * world))
         lightning_setattr(pl_module, self.batch_size_attr, micro)
         reload_train_loader(trainer)
         trainer.accumulate_grad_batches = global_batch // (micro * world)

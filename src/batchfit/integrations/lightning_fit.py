@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "accumulation_for",
     "build_schedule",
+    "check_accumulation",
     "check_loader_batch",
     "detached_copy",
     "device_of",
@@ -99,6 +100,26 @@ def accumulation_for(wanted: int, loader_batch: int, world: int) -> tuple[int, i
             batch,
         )
     return accumulate, batch
+
+
+def check_accumulation(pl_module: Any, global_batch: int, micro: int, accumulate: int) -> None:
+    """Refuse an accumulation that manual optimization would not do.
+
+    Lightning accumulates `accumulate_grad_batches` batches only under automatic optimization
+    (it refuses the setting under manual optimization; set at fit start, it is ignored), so each
+    batch of `micro` would be a step of its own.
+
+    Raises:
+        ConfigError: `accumulate` > 1 on a module with `automatic_optimization = False`.
+    """
+    if accumulate > 1 and not pl_module.automatic_optimization:
+        raise ConfigError(
+            f"The global batch {global_batch} = {micro} x {accumulate} accumulates {accumulate} "
+            "batches per step, which Lightning does not do under manual optimization (each "
+            f"batch of {micro} would be a step); use automatic optimization, or a global batch "
+            "that fits one micro-batch (BatchFit(global_batch=...), or a plan made with more "
+            "memory)."
+        )
 
 
 def reload_train_loader(trainer: Any) -> None:
