@@ -401,6 +401,16 @@ def test_a_plan_that_accumulates_is_refused_under_manual_optimization():
     assert callback.samples_seen == 32
 
 
+def test_under_manual_optimization_out_of_memory_is_raised_unchanged():
+    # training_step steps the optimizer itself, so its halves cannot be summed into one step:
+    # the split ran a step per half and then stopped with "Trying to backward through the
+    # graph a second time"
+    callback = BatchFit(_plan(global_batch=16, accumulation_steps=1), diagnosis=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        _trainer(callback, max_steps=2).fit(ManualClassifier(oom_at_batch_above=8), Data())
+    assert callback.backoffs == 0
+
+
 def test_a_global_batch_that_is_no_positive_whole_number_is_refused():
     with pytest.raises(ConfigError, match="global_batch"):
         BatchFit(global_batch=0)

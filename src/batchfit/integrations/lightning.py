@@ -79,7 +79,8 @@ class BatchFit(pl.Callback):
         margin: without a plan, the fraction of the memory kept free.
         noise_scale: log the gradient noise scale (needs accumulation or several devices).
         window: steps the noise-scale estimate is smoothed over (see `NoiseScaleTracker`).
-        backoff: split training batches when `training_step` runs out of memory.
+        backoff: split training batches when `training_step` runs out of memory (under
+            automatic optimization).
         batch_schedule: a `BatchSchedule`, or its spelling for `parse_batch_schedule`
             ("ramp:32-256:50000", "noise", ...; from the global batch set at fit start). The
             schedule is asked once per optimizer step; a new global batch takes effect at the
@@ -300,7 +301,9 @@ class BatchFit(pl.Callback):
     # --- out-of-memory back-off ---------------------------------------------------------------
 
     def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
-        if not self.backoff or getattr(pl_module.training_step, "_batchfit", False):
+        # under manual optimization training_step steps the optimizer itself: it cannot be split
+        manual = not pl_module.automatic_optimization
+        if not self.backoff or manual or getattr(pl_module.training_step, "_batchfit", False):
             return
         original = pl_module.training_step
 
