@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -681,6 +682,19 @@ def test_a_ramp_changes_the_global_batch_only_at_epoch_starts(caplog):
         9, 32, 64, 256,
     )  # fmt: skip
     assert callback.global_batch == 64 and callback.accumulation_steps == 4
+
+
+def test_the_plans_own_batch_schedule_is_followed():
+    # The plan's schedule was left out unless given again as batch_schedule=: a plan that
+    # grows the batch trained at its starting batch throughout
+    plan = _plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=0.1)
+    plan = dataclasses.replace(plan, batch_schedule="ramp:0:32,256:64")
+    callback = BatchFit(plan, window=None, diagnosis=False)
+    _trainer(callback, max_steps=12).fit(Classifier(), Data())
+    assert [(c.step, c.old_batch, c.new_batch) for c in callback.batch_changes] == [(9, 32, 64)]
+    constant = BatchFit(_plan(), diagnosis=False)
+    _trainer(constant, max_steps=2).fit(Classifier(), Data())
+    assert constant.schedule is None
 
 
 def test_a_ramp_that_starts_below_the_plan_starts_at_its_first_batch():

@@ -39,6 +39,7 @@ from batchfit.integrations.lightning_fit import (
     device_of,
     diagnose_fit,
     largest_micro_batch,
+    plan_schedule,
     reload_train_loader,
     set_base_rate,
 )
@@ -82,10 +83,10 @@ class BatchFit(pl.Callback):
         backoff: split training batches when `training_step` runs out of memory (under
             automatic optimization).
         batch_schedule: a `BatchSchedule`, or its spelling for `parse_batch_schedule`
-            ("ramp:32-256:50000", "noise", ...; from the global batch set at fit start). The
-            schedule is asked once per optimizer step; a new global batch takes effect at the
-            next epoch start (through `accumulate_grad_batches`, the micro-batch unchanged), and
-            from then on the rate runs at the schedule's `lr_factor` on top of the optimizer's.
+            ("ramp:32-256:50000", "noise", ...; from the global batch set at fit start); default
+            the plan's (and its `max_global_batch`). It is asked once per optimizer step; a new
+            global batch takes effect at the next epoch start (through `accumulate_grad_batches`,
+            the micro-batch unchanged), then the rate runs at its `lr_factor` on top.
         max_batch: the schedule's cap on the global batch (samples).
         rule: the schedule's rate rule ("linear", "sqrt", "none"); default the plan's, else
             "linear".
@@ -155,9 +156,8 @@ class BatchFit(pl.Callback):
         self._split_this_step = False
         self._batch_samples = 0
         self._loader_checked = False  # whether the loader's batch was checked against ours
-        self._schedule_spec = batch_schedule
+        self._schedule_spec, self.max_batch = plan_schedule(self.plan, batch_schedule, max_batch)
         self.schedule = batch_schedule if isinstance(batch_schedule, BatchSchedule) else None
-        self.max_batch = max_batch
         self.rule = rule
         self.batch_changes: list[BatchChange] = []
         self._schedule_state: dict[str, Any] | None = None  # loaded before the schedule exists

@@ -41,6 +41,7 @@ __all__ = [
     "device_of",
     "diagnose_fit",
     "largest_micro_batch",
+    "plan_schedule",
     "reload_train_loader",
     "set_base_rate",
     "training_data",
@@ -76,6 +77,23 @@ def build_schedule(
             "BatchFit(noise_scale=True) or choose a ramp."
         )
     return parse_batch_schedule(spec, global_batch=global_batch, max_batch=max_batch, rule=rule)
+
+
+def plan_schedule(plan: Any, spec: Any, max_batch: int | None) -> tuple[Any, int | None]:
+    """The batch schedule `BatchFit` follows and its cap: `spec` when given, else the plan's
+    growing one (as `batchfit train --plan` follows it), with the plan's cap.
+
+    Example:
+        >>> from batchfit.plan.plan_file import Plan
+        >>> plan = Plan(task="t", device="cpu", world_size=1, global_batch=32, micro_batch=16,
+        ...             accumulation_steps=2, lr=0.1, lr_rule="linear", warmup_steps=0,
+        ...             batch_schedule="noise", max_global_batch=256)
+        >>> plan_schedule(plan, None, None), plan_schedule(plan, "ramp:32-64:100", None)
+        (('noise', 256), ('ramp:32-64:100', None))
+    """
+    if spec is not None or plan is None or plan.batch_schedule == "constant":
+        return spec, max_batch
+    return plan.batch_schedule, max_batch or plan.max_global_batch
 
 
 def accumulation_for(wanted: int, loader_batch: int, world: int) -> tuple[int, int]:
