@@ -109,6 +109,14 @@ def test_apply_plan_turns_off_the_trainers_own_batch_search(tmp_path, caplog):
     assert "auto_find_batch_size=True -> False" in caplog.text and "--memory-budget" in caplog.text
 
 
+def test_apply_plan_says_the_trainer_keeps_the_starting_batch_of_a_growing_plan(tmp_path, caplog):
+    # the plan's noise schedule was dropped without a word
+    with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
+        planned = apply_plan(_args(tmp_path), _plan(batch_schedule="noise"))
+    assert planned.gradient_accumulation_steps == 4
+    assert "starting global batch 32 throughout" in caplog.text and "'noise'" in caplog.text
+
+
 def test_apply_plan_over_default_arguments_does_not_warn(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
         apply_plan(_args(tmp_path, max_steps=-1), _plan(total_steps=40))

@@ -62,7 +62,8 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
     scaled to it (the plan's warmup x max_steps / the plan's steps, at least 1 step), and a
     warning says so. A warning also names each of these settings the arguments set to other
     than its default that the plan replaces, and a `num_train_epochs` of their own that the
-    plan's `max_steps` overrides. `auto_find_batch_size` is turned off (with a warning): the
+    plan's `max_steps` overrides, and a batch schedule of the plan's, which the Trainer cannot
+    follow. `auto_find_batch_size` is turned off (with a warning): the
     Trainer's search shrinks the micro-batch and keeps the accumulation, so the global batch
     would fall below the plan's.
 
@@ -118,6 +119,14 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
             changes["warmup_steps"],
         )
     _warn_of_replaced_settings(training_args, changes)
+    if plan.batch_schedule != "constant":
+        logger.warning(
+            "apply_plan keeps the plan's starting global batch %d throughout: the Trainer reads "
+            "gradient_accumulation_steps once, so the plan's batch schedule %r is not followed "
+            "(train in stages, or with `batchfit train --plan`; see the README).",
+            plan.global_batch,
+            plan.batch_schedule,
+        )
     return dataclasses.replace(training_args, **changes)
 
 
