@@ -78,15 +78,16 @@ class BatchFit(pl.Callback):
         memory_budget: without a plan, the memory the micro-batch must fit, bytes or a size
             such as "300MiB"; needed on the CPU, default the device's memory elsewhere.
         margin: without a plan, the fraction of the memory kept free.
-        noise_scale: log the gradient noise scale (needs accumulation or several devices).
+        noise_scale: log the gradient noise scale (one micro-batch on one device: from
+            consecutive steps, see `batchfit.noise.watch`).
         window: steps the noise-scale estimate is smoothed over (see `NoiseScaleTracker`).
         backoff: split training batches when `training_step` runs out of memory (under
             automatic optimization).
         batch_schedule: a `BatchSchedule`, or its spelling for `parse_batch_schedule`
             ("ramp:32-256:50000", "noise", ...; from the global batch set at fit start); default
-            the plan's (and its `max_global_batch`). It is asked once per optimizer step; a new
-            global batch takes effect at the next epoch start (through `accumulate_grad_batches`,
-            the micro-batch unchanged), then the rate runs at its `lr_factor` on top.
+            the plan's (and its `max_global_batch`). Asked once per optimizer step, a new global
+            batch takes effect at the next epoch start (through `accumulate_grad_batches`, the
+            micro-batch unchanged), then the rate runs at its `lr_factor` on top.
         max_batch: the schedule's cap on the global batch (samples).
         rule: the schedule's rate rule ("linear", "sqrt", "none"); default the plan's, else
             "linear".
@@ -361,9 +362,8 @@ class BatchFit(pl.Callback):
                 group["lr"] = rate
 
     def _remove_rate_hooks(self) -> None:
-        for handle in self._rate_hooks:
-            handle.remove()
-        self._rate_hooks = []
+        while self._rate_hooks:
+            self._rate_hooks.pop().remove()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_samples = batch_size_of(batch)
