@@ -8,6 +8,7 @@ from batchfit.plan import advice, batch_trial, planner, rate_trial
 from batchfit.plan.batch_trial import MAX_BATCH_HALVINGS, BatchTrial, step_down
 from batchfit.plan.rate_trial import RateTrial
 from tests.conftest import make_mlp_task
+from tests.plan.test_rate_trial import raised_to_1000
 
 CPU = torch.device("cpu")
 
@@ -40,19 +41,25 @@ def failed_at(global_batch: int, total_steps: int = 8) -> BatchTrial:
     )
 
 
+def down_from(global_batch: int, *, limit_batch: int = 512, world_size: int = 1, **options):
+    """`step_down` after the rule's rate failed at `global_batch` in a 2-epoch plan of an SGD
+    MLP on 2048 samples (rate 0.1 at batch 32)."""
+    return step_down(
+        make_mlp_task(samples=2048),
+        failed=failed_at(global_batch),
+        epochs=2,
+        rule="linear",
+        limit_batch=limit_batch,
+        world_size=world_size,
+        device=CPU,
+        **options,
+    )
+
+
 def test_the_batch_is_halved_until_the_rules_rate_trains(monkeypatch):
     tried = []
     fake_trials(monkeypatch, trains_up_to=128, tried=tried)
-    task = make_mlp_task(samples=2048)  # SGD, rate 0.1 at batch 32
-    down = step_down(
-        task,
-        failed=failed_at(512),
-        epochs=2,
-        rule="linear",
-        limit_batch=64,
-        world_size=1,
-        device=CPU,
-    )
+    down = down_from(512, limit_batch=64)
     # 256 ends worse than it started (evaluation mode), 128 trains: nothing smaller is tried
     assert tried == [(256, pytest.approx(0.8)), (128, pytest.approx(0.4))]
     assert [trial.global_batch for trial in down.trials] == [512, 256, 128]
@@ -70,15 +77,7 @@ def test_the_batch_is_halved_until_the_rules_rate_trains(monkeypatch):
 def test_when_no_batch_trains_the_smallest_tried_is_kept_with_a_note(monkeypatch):
     tried = []
     fake_trials(monkeypatch, trains_up_to=1, tried=tried)
-    down = step_down(
-        make_mlp_task(samples=2048),
-        failed=failed_at(512),
-        epochs=2,
-        rule="linear",
-        limit_batch=512,
-        world_size=1,
-        device=CPU,
-    )
+    down = down_from(512)
     assert [batch for batch, _ in tried] == [256, 128, 64] and len(tried) == MAX_BATCH_HALVINGS
     assert down.chosen.global_batch == 64
     (note,) = down.notes
@@ -87,15 +86,7 @@ def test_when_no_batch_trains_the_smallest_tried_is_kept_with_a_note(monkeypatch
     assert "and 64 is the smallest tried" in down.global_reason
     # Never below 2 samples per device: 8 over 4 devices is not halved.
     tried.clear()
-    down = step_down(
-        make_mlp_task(samples=2048),
-        failed=failed_at(8),
-        epochs=2,
-        rule="linear",
-        limit_batch=512,
-        world_size=4,
-        device=CPU,
-    )
+    down = down_from(8, world_size=4)
     assert tried == [] and down.chosen.global_batch == 8 and down.global_reason == ""
     assert down.notes[0].startswith("No trial trained the model")
 
@@ -103,30 +94,11 @@ def test_when_no_batch_trains_the_smallest_tried_is_kept_with_a_note(monkeypatch
 def test_a_batch_asked_for_is_kept_with_a_note(monkeypatch):
     tried = []
     fake_trials(monkeypatch, trains_up_to=1, tried=tried)
-    down = step_down(
-        make_mlp_task(samples=2048),
-        failed=failed_at(512),
-        epochs=2,
-        rule="linear",
-        limit_batch=512,
-        world_size=1,
-        device=CPU,
-        asked_for=True,
-    )
+    down = down_from(512, asked_for=True)
     assert tried == [] and down.chosen.global_batch == 512 and down.global_reason == ""
     (note,) = down.notes
     assert note.startswith("The target global batch 512 did not train")
     assert "the rule's 0.4 included" in note and "a smaller target" in note
-
-
-def raised_to_1000(monkeypatch):
-    real = advice.choose_lr
-
-    def too_high(scaled_lr, reason, **kwargs):
-        real(scaled_lr, reason, **kwargs)
-        return advice.Choice(1000.0, "raised to 1000 by the range test")
-
-    monkeypatch.setattr(planner.advice, "choose_lr", too_high)
 
 
 def test_the_plan_halves_a_batch_at_which_the_rules_rate_does_not_train(monkeypatch):

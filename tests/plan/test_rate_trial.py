@@ -61,8 +61,8 @@ def test_a_rate_that_diverges_is_halved_down_to_the_rule_which_is_tried_too():
     assert trials[-1].diverged and not trials[-1].lowered_loss()
 
 
-def test_the_plan_tries_a_raised_rate_and_says_so(monkeypatch):
-    # A range test that (wrongly) suggests 1000: the plan's trial catches it.
+def raised_to_1000(monkeypatch):
+    """A range test that (wrongly) suggests 1000, in the planner."""
     real = advice.choose_lr
 
     def too_high(scaled_lr, reason, **kwargs):
@@ -70,6 +70,11 @@ def test_the_plan_tries_a_raised_rate_and_says_so(monkeypatch):
         return advice.Choice(1000.0, "raised to 1000 by the range test")
 
     monkeypatch.setattr(planner.advice, "choose_lr", too_high)
+
+
+def test_the_plan_tries_a_raised_rate_and_says_so(monkeypatch):
+    # A range test that (wrongly) suggests 1000: the plan's trial catches it.
+    raised_to_1000(monkeypatch)
     task = make_mlp_task(samples=512)
     result = planner.plan(
         task, device="cpu", target_global_batch=64, noise_batches=8, range_test_steps=40
