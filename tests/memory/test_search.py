@@ -260,3 +260,22 @@ def test_a_search_that_reaches_its_maximum_names_the_option_and_the_flag(mlp_tas
     assert result.limit_batch_size == 8
     (note,) = [note for note in result.notes if "the limit is at least that" in note]
     assert "every batch up to 8 fits" in note and "max_batch_size, --max-batch" in note
+
+
+def test_a_batch_already_tried_is_not_run_again_after_the_formula_is_dropped(mlp_task, monkeypatch):
+    # A dropped formula restarts the confirmation from a new prediction, often the same batch:
+    # a BERT task measured its limit 803 twice. Here the first check drops the formula.
+    real_check = search_module.TaskSearch._check_formula
+    checks = []
+
+    def drop_once(self, trial):
+        checks.append(trial.batch_size)
+        if len(checks) == 1:
+            self._formula = None  # as _drop_formula does
+            return False
+        return real_check(self, trial)
+
+    monkeypatch.setattr(search_module.TaskSearch, "_check_formula", drop_once)
+    result = find_max_batch_size(mlp_task, device="cpu", memory_budget="2MiB", margin=0)
+    tried = [trial.batch_size for trial in result.trials]
+    assert len(checks) >= 2 and len(tried) == len(set(tried)), tried

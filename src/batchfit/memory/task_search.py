@@ -195,6 +195,11 @@ class TaskSearch(SearchState):
     # real trials -------------------------------------------------------------------------
 
     def trial(self, batch_size: int) -> Trial:
+        # A batch already tried (the same samples and steps) is not run again: after a formula
+        # is dropped, confirming the new prediction often starts at the same batch.
+        earlier = next((trial for trial in self.trials if trial.batch_size == batch_size), None)
+        if earlier is not None:
+            return earlier
         self._note_repeats(batch_size)
         predicted = self._predicted.get(batch_size)
         self.report("trial")
