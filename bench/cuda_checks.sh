@@ -33,7 +33,8 @@ transformers.__version__, torch.cuda.get_device_name(0), torch.cuda.mem_get_info
 if want tests; then
 echo "== gpu-marked tests"
 timeout $(limit 120) python3 -m pytest -p no:cacheprovider -o addopts="" -m gpu -rA -s -q \
-    tests/test_cuda.py tests/memory/test_gpu_prediction.py >"$OUT/gpu_tests.log" 2>&1
+    tests/test_cuda.py tests/memory/test_gpu_prediction.py tests/integrations/test_transformers_cuda.py \
+    >"$OUT/gpu_tests.log" 2>&1
 echo "pytest exit $?"
 grep -E "passed|failed|^E " "$OUT/gpu_tests.log" | tail -12
 fi
