@@ -84,7 +84,9 @@ def test_bad_arguments_name_the_fix():
     assert run(lr=0.2) == 64
 
 
-def test_the_accelerate_recipe_in_the_docstring_measures_the_noise_scale():
+def _recipe_tracker(loss_scale: float | None):
+    """The docstring's recipe on 256 samples at global batch 64; with a GradScaler at
+    `loss_scale` put into the Accelerator (as fp16 on a GPU has; the CPU gets none)."""
     accelerate = pytest.importorskip("accelerate")
     from batchfit.noise.estimator import NoiseScaleTracker
     from batchfit.noise.watch import GradientNormWatch
@@ -101,10 +103,13 @@ def test_the_accelerate_recipe_in_the_docstring_measures_the_noise_scale():
         accelerator = accelerate.Accelerator(
             gradient_accumulation_steps=accumulation_steps, cpu=True
         )
-        loader = DataLoader(data, batch_size=micro_batch, shuffle=True)
+        loader = DataLoader(data, batch_size=micro_batch, shuffle=False)
+        torch.manual_seed(0)
         model = make_mlp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if loss_scale is not None:  # after prepare: no autocast, the same arithmetic
+            accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale)
         tracker = NoiseScaleTracker(window=None)
         with GradientNormWatch(model, tracker) as watch:
             for batch_inputs, labels in loader:
@@ -113,8 +118,11 @@ def test_the_accelerate_recipe_in_the_docstring_measures_the_noise_scale():
                     accelerator.backward(loss)
                     watch.micro_batch(len(batch_inputs), loss_scale=1 / accumulation_steps)
                     if accelerator.sync_gradients:
-                        watch.step()
+                        scaler = accelerator.scaler
+                        watch.step(grad_scale=scaler.get_scale() if scaler else 1.0)
                         steps.append(tracker.big_batch)
+                        if loss_scale is not None:  # one step: the scaler is not stepped here
+                            return tracker
                         accelerator.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()
                     optimizer.zero_grad()
@@ -122,6 +130,19 @@ def test_the_accelerate_recipe_in_the_docstring_measures_the_noise_scale():
 
     tracker = run()
     assert run.micro_batch == 16 and run.accumulation_steps == 4
-    assert tracker.updates == 4 == len(steps)  # 256 samples / global batch 64
+    assert tracker.updates == len(steps) == (4 if loss_scale is None else 1)  # of 64 samples
+    return tracker
+
+
+def test_the_accelerate_recipe_in_the_docstring_measures_the_noise_scale():
+    tracker = _recipe_tracker(None)
     assert tracker.small_batch == 16 and tracker.big_batch == 64
     assert tracker.trace_covariance > 0
+
+
+def test_the_recipe_takes_an_fp16_loss_scale_out():
+    # With watch.step() alone, |G|^2 and tr(Sigma) came out 1024^2 times too large. The first
+    # step of the same samples from the same weights, with and without the scale:
+    plain, scaled = _recipe_tracker(1.0), _recipe_tracker(1024.0)
+    assert scaled.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-3)
+    assert scaled.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-3, abs=1e-6)

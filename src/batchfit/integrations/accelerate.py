@@ -25,13 +25,17 @@ tests/integrations/test_accelerate.py):
                     accelerator.backward(loss)    # divides the loss by accumulation_steps
                     watch.micro_batch(len(inputs), loss_scale=1 / accumulation_steps)
                     if accelerator.sync_gradients:
-                        watch.step()              # before clipping and optimizer.step()
+                        scaler = accelerator.scaler  # fp16: gradients carry its loss scale
+                        watch.step(grad_scale=scaler.get_scale() if scaler else 1.0)
                         accelerator.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()              # Accelerate skips it between syncs
                     optimizer.zero_grad()
         return tracker.noise_scale
 
     noise_scale = run()
+
+`watch.step` comes before clipping and `optimizer.step()`: it reads the accumulated gradient
+before either changes it.
 """
 
 from __future__ import annotations
