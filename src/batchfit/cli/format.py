@@ -179,11 +179,15 @@ def print_train_summary(
     say = _plain(console)
     stop_reason = getattr(result, "stop_reason", None)
     state = "Interrupted" if result.interrupted else "Stopped" if stop_reason else "Trained"
+    budget = getattr(result, "sample_budget", None)
+    # Under a sample budget the steps are not known before: samples against the budget.
+    length = (
+        f"{result.steps}/{result.total_steps} steps, {result.samples_seen:,} samples"
+        if budget is None
+        else f"{result.steps} steps, {result.samples_seen:,}/{budget:,} samples"
+    )
     if result.samples_per_second == 0 and result.steps == result.total_steps:
-        say(
-            f"Already complete: {name} at {result.steps}/{result.total_steps} steps, "
-            f"{result.samples_seen:,} samples; nothing was left to train"
-        )
+        say(f"Already complete: {name} at {length}; nothing was left to train")
     else:
         session = getattr(result, "session_samples", result.samples_seen)
         this_session = (
@@ -192,8 +196,7 @@ def print_train_summary(
             else ""
         )
         say(
-            f"{state} {name}: {result.steps}/{result.total_steps} steps, "
-            f"{result.samples_seen:,} samples{this_session}, {result.seconds:.1f} s "
+            f"{state} {name}: {length}{this_session}, {result.seconds:.1f} s "
             f"({result.samples_per_second:,.0f} samples/s in training steps)"
         )
     ranks = f" x {result.world_size} ranks" if result.world_size > 1 else ""

@@ -221,7 +221,11 @@ def _add_train(command) -> None:
     add_batch(train, "--max-global-batch", "cap of the batch schedule (samples)")
     length = train.add_mutually_exclusive_group()
     add_count(length, "--steps", "optimizer steps")
-    add_epochs(length, "passes over the training data at the starting global batch (default 10)")
+    add_epochs(
+        length,
+        "passes over the training data (default 10); under a growing --batch-schedule a budget "
+        "of that many samples, with the rate schedule over samples",
+    )
     add_rate(train, "--lr", "peak learning rate (default: the task's, scaled)")
     train.add_argument(
         "--lr-rule", help="linear, sqrt or none (default: linear for SGD, sqrt for Adam)"

@@ -326,6 +326,27 @@ def build_scheduler(
     return LambdaLR(optimizer, multiplier)
 
 
+def advance_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    """Move a `build_scheduler` scheduler to step `step` (0 or more), setting the rates to
+    `lr_multiplier(step, config) x base lr`: several steps at once, or none.
+
+    For a rate schedule over something other than optimizer steps, as a run with a sample
+    budget has (`batchfit.training.setup.Run.position`): LambdaLR's multiplier is a closed
+    form of its step, so the rates equal those of `step` calls of `scheduler.step()`.
+
+    Example:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+        >>> scheduler = build_scheduler(optimizer, ScheduleConfig(total_steps=10, warmup_steps=4))
+        >>> optimizer.step()
+        >>> advance_scheduler(scheduler, 3)
+        >>> round(optimizer.param_groups[0]["lr"], 6), scheduler.last_epoch
+        (0.3, 3)
+    """
+    scheduler.last_epoch = step - 1
+    scheduler.step()
+
+
 def _key_steps(config: ScheduleConfig, rows: int) -> list[int]:
     total, warmup = config.total_steps, config.warmup_steps
     last = total - 1

@@ -24,6 +24,7 @@ from batchfit.training.batch_schedule import (
     BatchSchedule,
     ConstantBatch,
     NoiseBatch,
+    SeesawBatch,
     parse_batch_schedule,
 )
 
@@ -171,7 +172,10 @@ def next_batch(run: Any) -> BatchChange | None:
     schedule = run.batch_schedule
     if isinstance(schedule, ConstantBatch):
         return None
-    new = schedule.global_batch(run.step, run.samples_seen, run.noise_scale)
+    # A schedule that reads the rate schedule (seesaw) is asked at the rate schedule's
+    # position (`Run.position`: samples under a sample budget); the others count steps.
+    at = run.position if isinstance(schedule, SeesawBatch) else run.step
+    new = schedule.global_batch(at, run.samples_seen, run.noise_scale)
     change = None
     if new != run.global_batch:
         old = run.global_batch
@@ -188,12 +192,12 @@ def next_batch(run: Any) -> BatchChange | None:
             new_batch=new,
             micro_batch=run.micro_batch,
             accumulation_steps=-(-(new // world) // run.micro_batch),
-            lr_factor=target if target is not None else schedule.lr_factor(run.step),
+            lr_factor=target if target is not None else schedule.lr_factor(at),
             evidence=schedule.evidence,
         )
     swa_start = run.setup.swa_start_step
-    if swa_start is None or run.step < swa_start:  # SWALR sets the rate in the SWA phase
-        factor = schedule.lr_factor(run.step)
+    if swa_start is None or run.position < swa_start:  # SWALR sets the rate in the SWA phase
+        factor = schedule.lr_factor(at)
         for group, rate in zip(run.optimizer.param_groups, run.scheduler.get_last_lr()):
             group["lr"] = rate * factor
     if change is not None:

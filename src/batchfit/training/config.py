@@ -8,6 +8,7 @@ options, without training.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -59,7 +60,8 @@ class TrainConfig:
     global_batch: int  # samples per optimizer step, counted over all ranks
     micro_batch: int  # samples per forward/backward on one rank (halved on out-of-memory)
     steps: int | None = None  # optimizer steps; give steps or epochs (neither: DEFAULT_EPOCHS)
-    epochs: float | None = None  # passes over the training data, rounded up to whole steps
+    epochs: float | None = None  # passes over the training data, rounded up to whole steps;
+    # under a growing batch_schedule a budget of ceil(epochs x samples) samples instead
     lr: float | None = None  # peak rate; None: task.lr scaled from task.batch_size by lr_rule
     lr_rule: str | None = None  # linear | sqrt | none; None: by optimizer family (lr_scaling)
     lr_reason: str | None = None  # how a given lr came about (a plan's rate rescaled), in words
@@ -72,7 +74,8 @@ class TrainConfig:
     swa_start: float = 0.75  # share of training after which weights are averaged (SWA)
     swa_lr: float | None = None  # SWALR's rate; None: SWA_LR_FACTOR x the peak rate
     max_grad_norm: float | None = None  # clip the global gradient norm to this; None: no clip
-    eval_every: int | None = None  # steps between evaluations; None: ~10 per run; 0: end only
+    eval_every: int | None = None  # steps between evaluations; None: ~10 per run (by samples
+    # under a sample budget, TrainSetup.sample_budget); 0: end only
     checkpoint_every: int | None = None  # steps between checkpoints; None: as eval_every;
     # 0: only at the end and on interrupt
     out_dir: str | None = None  # run directory for metrics.jsonl and checkpoint.pt; None: none
@@ -289,6 +292,11 @@ class TrainSetup:
         schedule_steps: steps under the warmup/decay schedule (all of them without SWA).
         warmup_steps: optimizer steps of warmup.
         swa_start_step: steps before weight averaging starts (None without SWA).
+        sample_budget: under a growing batch schedule run for epochs (given or the default),
+            the samples to train on, ceil(epochs x training samples); None otherwise. The run
+            then ends at the first step that reaches it, and `total_steps`, `schedule_steps`,
+            `warmup_steps` and `swa_start_step` count steps of the configured global batch:
+            the rate schedule runs over samples (`batchfit.training.setup.Run.position`).
     """
 
     total_steps: int
@@ -297,6 +305,7 @@ class TrainSetup:
     schedule_steps: int  # steps under the warmup/decay schedule (all of them without SWA)
     warmup_steps: int
     swa_start_step: int | None
+    sample_budget: int | None = None  # samples, under a growing schedule run for epochs
 
 
 def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
@@ -316,11 +325,15 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
             f"micro_batch ({config.micro_batch}) is larger than the training data ({size} "
             f"samples); lower --micro-batch to {size} or less."
         )
+    budget = None
     if config.steps is not None:
         total = config.steps
     else:
         epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
         total = steps_for_epochs(epochs, dataset_size=size, global_batch=config.global_batch)
+        if config.batch_schedule != "constant":
+            # A growing batch would spend more samples in steps counted at its first batch.
+            budget = math.ceil(epochs * size)
     if config.lr is not None:
         lr, reason = float(config.lr), config.lr_reason or f"{config.lr:g} (given)"
     else:
@@ -366,6 +379,7 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
         schedule_steps=schedule_steps,
         warmup_steps=warmup_steps,
         swa_start_step=swa_start_step,
+        sample_budget=budget,
     )
 
 

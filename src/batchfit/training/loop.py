@@ -17,6 +17,9 @@ batchfit's pieces:
 - an optional batch schedule (`batchfit.training.batch_schedule`, `batchfit.training.batch_growth`):
   the global batch grows between steps (ramp, seesaw, or from the measured noise scale), the
   micro-batch first and accumulation second, with the rate following the schedule's factor;
+  run for epochs, such a run has a sample budget (`TrainSetup.sample_budget`): it ends at the
+  first step that reaches it, and the rate schedule, evaluations and SWA follow samples
+  (`Run.position`);
 - optional stochastic weight averaging (Izmailov et al. 2018, `torch.optim.swa_utils`) and label
   smoothing (`Task.loss_with_smoothing`).
 
@@ -78,8 +81,12 @@ class TrainResult:
 
     Attributes:
         steps: optimizer steps completed (counting those before a resume).
-        total_steps: optimizer steps the run was set up for.
+        total_steps: optimizer steps the run was set up for; under a sample budget, the steps
+            it took once finished, and None before (the batch decides how many).
         samples_seen: samples trained on, over all ranks.
+        sample_budget: samples the run trains on when a growing batch schedule runs for
+            epochs (`TrainSetup.sample_budget`): it ends at the first step that reaches them;
+            None when its length is in steps.
         final_loss: training loss of the last step (None when no step ran).
         val_metrics: the last evaluation (`val_loss`, `val_<metric>`), empty without val data.
         lr: the peak learning rate.
@@ -109,7 +116,7 @@ class TrainResult:
     """
 
     steps: int
-    total_steps: int
+    total_steps: int | None
     samples_seen: int
     final_loss: float | None
     val_metrics: dict[str, float]
@@ -135,6 +142,7 @@ class TrainResult:
     noise_scale: float | None = None
     batch_schedule: str = "constant"
     batch_changes: tuple[BatchChange, ...] = ()
+    sample_budget: int | None = None
     model: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,8 +176,9 @@ def train(
             devices count tensor bytes (`batchfit.memory.step.count_memory`) and raise out-of-memory
             past it, so the back-off can be seen working on a CPU.
         progress: a `progress(phase, done, total)` callback (`batchfit.progress`), called on
-            rank 0 with ("train", step, total_steps) after each step; or True for a progress
-            bar on stderr (rank 0 only).
+            rank 0 with ("train", step, total_steps) after each step (under a sample budget,
+            ("train", samples_seen, sample_budget)); or True for a progress bar on stderr
+            (rank 0 only).
         callbacks: observers, see `batchfit.training.callbacks.TrainCallback`.
         distributed: the rank and world size; default: read from the environment (torchrun).
 
@@ -256,9 +265,11 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
     hooks = _start(run, callbacks, checkpoint)
     budget = _memory_budget(memory_budget_bytes, run)
     metrics = MetricsLog(run.metrics_path) if run.main and run.metrics_path else None
+    budget_samples = run.setup.sample_budget
     bar = TrainProgress(
-        run.setup.total_steps,
-        run.step,
+        run.setup.total_steps if budget_samples is None else budget_samples,
+        run.step if budget_samples is None else run.samples_seen,
+        unit="step" if budget_samples is None else "sample",
         enabled=progress is True and run.main,
         report=progress if callable(progress) and run.main else None,
     )
@@ -266,7 +277,7 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
     started = time.perf_counter()
     try:
         with budget, bar, stop_on_signals(checkpoint=run.checkpoint_path is not None) as signals:
-            while run.step < run.setup.total_steps:
+            while not run.finished:
                 change = next_batch(run)
                 try:
                     record, extra = optimizer_step(run, hooks.on_step_end)
@@ -332,10 +343,11 @@ def _after_step(
         run.noise_scale_logged, run.noise_scale = True, extra["noise_scale"]
     # The rule, so that a diagnosis of the log advises a rate by the run's own rule.
     line = {**record.to_dict(), "lr_rule": run.lr_rule, **extra}
-    last = step == run.setup.total_steps
-    bar.step_done(step, samples=run.global_batch, loss=record.loss, lr=record.lr)
+    last = run.finished
+    done = step if run.setup.sample_budget is None else run.samples_seen
+    bar.step_done(done, samples=run.global_batch, loss=record.loss, lr=record.lr)
     # Evaluation batches are micro-batches: what fits for training fits without grads.
-    if run.main and ((run.eval_every and step % run.eval_every == 0) or last):
+    if run.main and (run.due(run.eval_every, by_position=run.eval_by_position) or last):
         run.val_metrics = evaluate(
             run.model, run.task, device=run.device, batch_size=run.micro_batch
         )
@@ -346,7 +358,7 @@ def _after_step(
         metrics.append(line)
     requested = signalled or hooks.stop_reason is not None
     stop = any_rank(requested, device=run.device) if run.context.enabled else requested
-    if (run.checkpoint_every and step % run.checkpoint_every == 0) or stop:
+    if run.due(run.checkpoint_every, by_position=run.checkpoint_by_position) or stop:
         save_run(run, hooks.state_dicts())
         bar.restart_clock()
     return stop and not last
@@ -355,7 +367,7 @@ def _after_step(
 def _finish(run: Run, hooks: CallbackList, metrics: MetricsLog | None) -> None:
     """After the last step: SWA's BatchNorm statistics and evaluation, the final checkpoint."""
     swa_model = run.swa_model
-    finished_here = run.step == run.setup.total_steps and run.session_samples > 0
+    finished_here = run.finished and run.session_samples > 0
     if swa_model is not None and finished_here and swa_model.n_averaged > 0:
         update_swa_batchnorm(
             swa_model, run.task, device=run.device, batch_size=run.micro_batch, loss=run.task.loss
@@ -404,13 +416,16 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
             noise_reason = "no step ran in this session"
         else:
             noise_reason = "no callback logged it (pass batchfit.noise.callback.NoiseScaleCallback)"
-    stopped_early = run.step < setup.total_steps
+    stopped_early = not run.finished
     val_metrics = run.val_metrics
     if not val_metrics and not run.session_samples and run.metrics_path is not None:
         val_metrics = _last_evaluation(run.metrics_path)  # a finished run resumed: its last
     return TrainResult(
         steps=run.step,
-        total_steps=setup.total_steps,
+        total_steps=setup.total_steps
+        if setup.sample_budget is None
+        else (run.step if run.finished else None),
+        sample_budget=setup.sample_budget,
         samples_seen=run.samples_seen,
         final_loss=run.last_loss,
         val_metrics=val_metrics,
@@ -418,7 +433,13 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
         lr_reason=setup.lr_reason,
         warmup_steps=setup.warmup_steps,
         schedule=run.schedule.describe()
-        + (f", then SWA from step {setup.swa_start_step}" if config.swa else ""),
+        + (f", then SWA from step {setup.swa_start_step}" if config.swa else "")
+        + (
+            f"; steps of {config.global_batch} samples, over a budget of "
+            f"{setup.sample_budget:,} samples"
+            if setup.sample_budget is not None
+            else ""
+        ),
         global_batch=run.global_batch,
         micro_batch=run.micro_batch,
         accumulation_steps=-(-run.local_batch // run.micro_batch),

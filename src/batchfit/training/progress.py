@@ -1,9 +1,10 @@
 """What a training run shows while it runs, and how it hears a request to stop.
 
 `TrainProgress` reports each finished step (rank 0) to a `progress(phase, done, total)` callback
-(`batchfit.progress`, phase "train"), or, with `progress=True`, draws a bar on stderr: step,
-loss, learning rate and the recent samples per second from a `ThroughputMeter` (the rate of the
-last steps, not diluted by evaluations and checkpoints). `stop_on_signals` turns the first
+(`batchfit.progress`, phase "train": steps, or samples under a sample budget), or, with
+`progress=True`, draws a bar on stderr: steps (or samples), loss, learning rate and the recent
+samples per second from a `ThroughputMeter` (the rate of the last steps, not diluted by
+evaluations and checkpoints). `stop_on_signals` turns the first
 Ctrl-C / SIGTERM into a request to stop at the end of the step.
 """
 
@@ -65,10 +66,18 @@ class TrainProgress:
     """
 
     def __init__(
-        self, total_steps: int, start_step: int, *, enabled: bool, report: Any = None
+        self,
+        total_steps: int,
+        start_step: int,
+        *,
+        enabled: bool,
+        report: Any = None,
+        unit: str = "step",
     ) -> None:
         from batchfit.throughput.meter import ThroughputMeter
 
+        # unit "sample": a run with a sample budget counts samples (its steps are not known).
+        self.unit = unit
         self.total_steps = total_steps
         self.start_step = start_step
         self.enabled = enabled
@@ -92,7 +101,7 @@ class TrainProgress:
         )
 
         columns = (
-            TextColumn("step"),
+            TextColumn(self.unit),
             MofNCompleteColumn(),
             BarColumn(),
             TextColumn(
@@ -112,7 +121,8 @@ class TrainProgress:
         self._stack.close()
 
     def step_done(self, step: int, *, samples: int, loss: float, lr: float) -> None:
-        """Show that optimizer step `step` finished, having trained on `samples` samples."""
+        """Show that optimizer step `step` finished, having trained on `samples` samples (with
+        unit "sample", `step` is the samples seen so far)."""
         if self.report is not None:
             self.report("train", step, self.total_steps)
         if not self.enabled:

@@ -71,6 +71,10 @@ class Run:
     train_model: Any = None  # the model as trained: wrapped in DDP under torchrun
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end / on a stop)
+    # Whether eval_every / checkpoint_every count positions (`position`) rather than optimizer
+    # steps: their defaults, a tenth of the run, under a sample budget.
+    eval_by_position: bool = False
+    checkpoint_by_position: bool = False
     step: int = 0  # optimizer steps completed, counting those before a resume
     samples_seen: int = 0  # over all ranks
     micro_batch: int = 0  # samples per micro-batch now (lowered by a back-off)
@@ -93,6 +97,38 @@ class Run:
     def local_batch(self) -> int:
         """Samples per optimizer step on this rank."""
         return self.global_batch // self.context.world_size
+
+    @property
+    def position(self) -> int:
+        """Where the run stands on its rate schedule, in steps (0-based, before the next step).
+
+        The optimizer steps done; under a sample budget (`TrainSetup.sample_budget`) the steps
+        of the configured global batch its samples make, samples_seen // global_batch, so
+        that warmup, decay, a seesaw's doublings and SWA's start follow samples whatever the
+        batch does (at a constant batch the two are the same).
+        """
+        if self.setup.sample_budget is None:
+            return self.step
+        return self.samples_seen // self.config.global_batch
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run is done: its steps taken, or its sample budget reached (the run
+        ends at the first step that reaches it, so it trains on up to one global batch more)."""
+        if self.setup.sample_budget is None:
+            return self.step >= self.setup.total_steps
+        return self.samples_seen >= self.setup.sample_budget
+
+    def due(self, every: int, *, by_position: bool) -> bool:
+        """Whether the step just taken is one of every `every` (0: never): counted in optimizer
+        steps, or with `by_position` in positions (`position`), where the step is due when its
+        samples carry the position past a multiple of `every`."""
+        if not every:
+            return False
+        if not by_position:
+            return self.step % every == 0
+        before = (self.samples_seen - self.global_batch) // self.config.global_batch
+        return self.position // every > before // every
 
     @property
     def main(self) -> bool:
@@ -193,11 +229,15 @@ def set_up_run(
         swa_lr = config.swa_lr if config.swa_lr is not None else SWA_LR_FACTOR * setup.lr
         run.swa_scheduler = SWALR(optimizer, swa_lr=swa_lr, anneal_epochs=anneal)
     run.eval_every = config.eval_every
+    by_samples = setup.sample_budget is not None
     if run.eval_every is None:
+        # total_steps counts positions under a sample budget: a tenth of its samples.
         run.eval_every = max(1, setup.total_steps // EVALUATIONS_PER_RUN)
-    run.checkpoint_every = (
-        config.checkpoint_every if config.checkpoint_every is not None else run.eval_every
-    )
+        run.eval_by_position = by_samples
+    run.checkpoint_every = run.eval_every
+    run.checkpoint_by_position = run.eval_by_position
+    if config.checkpoint_every is not None:
+        run.checkpoint_every, run.checkpoint_by_position = config.checkpoint_every, False
     return run, checkpoint
 
 
@@ -367,7 +407,9 @@ def _check_same_run(
             "resume with the run's options, or start a new run in another --out directory."
         )
     step = checkpoint.get("step")
-    if not isinstance(step, int) or not 0 <= step <= setup.total_steps:
+    # Under a sample budget the run's steps are not known before (the batch decides them).
+    most = setup.total_steps if setup.sample_budget is None else step
+    if not isinstance(step, int) or not 0 <= step <= most:
         raise CheckpointError(
             f"The checkpoint {str(path)!r} is at step {step!r}, outside this run's "
             f"{setup.total_steps} steps (did the training data change?); resume with the data "

@@ -84,6 +84,7 @@ def optimizer_step(
     """
     import torch
 
+    from batchfit.lr.schedules import advance_scheduler
     from batchfit.memory.counter import host_memory
     from batchfit.snapshot import capture_rng, restore_rng
     from batchfit.training.backoff import run_with_backoff
@@ -159,13 +160,20 @@ def optimizer_step(
     extra = on_step_end(record, model)
     _step_optimizer(run)
     run.optimizer.zero_grad(set_to_none=True)
-    if run.setup.swa_start_step is not None and run.step + 1 > run.setup.swa_start_step:
-        run.swa_model.update_parameters(model)
-        run.swa_scheduler.step()
-    else:
-        run.scheduler.step()
+    before = run.position
     run.step += 1
     run.samples_seen += global_batch
+    # The schedules move by positions (`Run.position`): one a step, or under a sample budget
+    # as many as the step's samples make (none, one or several).
+    moved = run.position - before if run.setup.sample_budget is not None else 1
+    if run.setup.swa_start_step is not None and before >= run.setup.swa_start_step:
+        run.swa_model.update_parameters(model)
+        for _ in range(moved):
+            run.swa_scheduler.step()
+    elif run.setup.sample_budget is None:
+        run.scheduler.step()
+    else:
+        advance_scheduler(run.scheduler, run.position)
     run.last_loss = loss
     run.session_samples += global_batch
     run.step_seconds += time.perf_counter() - started
