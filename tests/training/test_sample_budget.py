@@ -156,3 +156,17 @@ def test_a_sample_budget_run_interrupted_after_a_change_resumes_bit_identical(tm
     assert untimed_metrics(tmp_path / "full") == lines
     assert resumed.batch_changes == full.batch_changes
     assert resumed.samples_seen == full.samples_seen and resumed.val_metrics == full.val_metrics
+
+
+def test_the_progress_of_a_budget_run_ends_at_its_budget():
+    # The last step passes the budget (11,520 of 11,504 samples in the README's run): the
+    # progress callback reported done above total.
+    from batchfit.training.progress import TrainProgress
+
+    reports = []
+    with TrainProgress(
+        1438, 0, enabled=False, report=lambda *a: reports.append(a), unit="sample"
+    ) as bar:
+        bar.step_done(1024, samples=1024, loss=0.5, lr=0.1)
+        bar.step_done(1440, samples=416, loss=0.4, lr=0.0)
+    assert reports == [("train", 1024, 1438), ("train", 1438, 1438)]

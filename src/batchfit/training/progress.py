@@ -122,7 +122,9 @@ class TrainProgress:
 
     def step_done(self, step: int, *, samples: int, loss: float, lr: float) -> None:
         """Show that optimizer step `step` finished, having trained on `samples` samples (with
-        unit "sample", `step` is the samples seen so far)."""
+        unit "sample", `step` is the samples seen so far: the last step can pass the budget,
+        and is shown as the budget reached)."""
+        step = min(step, self.total_steps)
         if self.report is not None:
             self.report("train", step, self.total_steps)
         if not self.enabled:
