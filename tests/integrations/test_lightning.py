@@ -725,3 +725,31 @@ def test_without_a_csv_logger_the_advice_knows_the_steps_per_epoch(tmp_path):
     trainer = _trainer(callback, max_steps=16, default_root_dir=tmp_path)
     trainer.fit(Classifier(), Data())
     assert callback.diagnosis.get("diverging").settings["warmup_steps"] == 3
+
+
+class WideClassifier(Classifier):
+    """Activations (256 features a layer) well above the weights' share of the memory."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 3),
+        )
+
+
+def test_the_search_runs_the_step_under_the_trainers_mixed_precision():
+    # The search ran every step in fp32, and under bf16-mixed found the fp32 micro-batch (64 of
+    # this budget), where the run's half-size activations fit 128.
+    chosen = {}
+    for precision in ("32-true", "bf16-mixed"):
+        callback = BatchFit(memory_budget="800KiB", margin=0, noise_scale=False, diagnosis=False)
+        _trainer(callback, max_steps=1, precision=precision).fit(
+            WideClassifier(), Data(batch_size=128)
+        )
+        chosen[precision] = callback.micro_batch
+    assert chosen == {"32-true": 64, "bf16-mixed": 128}

@@ -339,9 +339,11 @@ def largest_micro_batch(
     optimizer = optimizer_like(trainer.optimizers[0], model.parameters())
     least = min(smallest_batch(model), share)  # BatchNorm refuses a batch of 1
 
+    autocast = trainer_autocast(trainer, device)
+
     def step(batch_size: int) -> None:
         samples = [dataset[index % len(dataset)] for index in range(batch_size)]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), autocast():
             # the copy has no trainer, so its self.log() calls warn; they log nothing here
             warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
             out = model.training_step(move_to(collate(samples), device), 0)
@@ -370,6 +372,23 @@ def largest_micro_batch(
             "(BatchFit(global_batch=...))."
         )
     return max(fitting)
+
+
+def trainer_autocast(trainer: Any, device: Any) -> Any:
+    """A context factory: the autocast the Trainer's mixed precision runs the training step
+    under ("bf16-mixed", "16-mixed"), so that the search measures the activations the run
+    keeps; a no-op for any other precision (32-true and the "-true" half precisions, whose
+    weights the copy does not convert: the search then measures full precision, which fits)."""
+    import contextlib
+
+    import torch
+
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(
+        str(getattr(trainer, "precision", "32-true"))
+    )
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --- the module's data, a copy of it ---------------------------------------------------------
