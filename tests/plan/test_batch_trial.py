@@ -157,3 +157,33 @@ def test_the_plan_keeps_a_target_batch_whose_rules_rate_fails_and_says_so(monkey
     (note,) = [note for note in result.notes if "did not train" in note]
     assert note.startswith("The target global batch 128 did not train")
     assert "evaluation-mode loss 1.8 (does not lower the loss)" in note
+
+
+def kept_at_the_rule(monkeypatch):
+    """A range test that keeps the scaling rule's rate (no raised rate to try)."""
+    monkeypatch.setattr(
+        planner.advice,
+        "choose_lr",
+        lambda scaled_lr, reason, **kw: advice.Choice(scaled_lr, reason),
+    )
+
+
+def test_a_run_no_longer_than_a_trial_is_tried_whole_at_the_rules_rate(monkeypatch):
+    # 2 epochs of 512 samples at 128 are 8 steps, shorter than a trial (warmup + 10): the
+    # rule's rate, which the range test kept, was never tried, and 128 does not train here.
+    tried = []
+    fake_trials(monkeypatch, trains_up_to=64, tried=tried)
+    kept_at_the_rule(monkeypatch)
+    monkeypatch.setattr(
+        planner, "choose_global_batch", lambda **kwargs: advice.Choice(128, "chosen")
+    )
+    task = make_mlp_task(samples=512)
+    result = planner.plan(task, device="cpu", epochs=2, noise_batches=8, range_test_steps=40)
+    rule = task.lr / task.batch_size
+    assert tried == [(128, pytest.approx(rule * 128)), (64, pytest.approx(rule * 64))]
+    assert "; the planned run is no longer than a trial, tried whole: " in result.reasons["lr"]
+    assert result.global_batch == 64 and result.total_steps == 16
+    # A run of 40 steps is longer than a trial: the rule's rate is not tried.
+    tried.clear()
+    result = planner.plan(task, device="cpu", epochs=10, noise_batches=8, range_test_steps=40)
+    assert tried == [] and result.global_batch == 128 and "rate_trials" not in result.measurements

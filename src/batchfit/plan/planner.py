@@ -155,7 +155,7 @@ def plan(
     from batchfit.lr.scaling import default_rule, scaled_rate
     from batchfit.plan.batch_trial import BatchTrial, planned_warmup, step_down
     from batchfit.plan.norm_layers import batchnorm_advice
-    from batchfit.plan.rate_trial import lr_trial_reason, try_rate
+    from batchfit.plan.rate_trial import STEPS_AFTER_WARMUP, lr_trial_reason, run_trial, try_rate
     from batchfit.throughput.loop_overhead import measure_loop_overhead
     from batchfit.throughput.measure import measure_throughput
 
@@ -345,6 +345,7 @@ def plan(
     def warmup_for(rate: float) -> int:
         return planned_warmup(task.lr, rate, total_steps=total_steps, steps_per_epoch=per_epoch)
 
+    failed = None  # a trial of the rule's rate that did not lower the loss
     if lr > scaled.lr * (1 + 1e-9):
         # 5b. A rate raised by the range test is tried in the planned run's first steps.
         if quick:
@@ -369,28 +370,45 @@ def plan(
             reasons["lr"] += lr_trial_reason(lr, tried, trials, floor_lr=scaled.lr)
             lr = tried
             if tried == scaled.lr and not trials[-1].lowered_loss():
-                # 5c. Not even the rule's rate trains at this batch: a smaller one, more steps.
-                down = step_down(
-                    task,
-                    failed=BatchTrial(global_batch, micro_batch, total_steps, trials[-1]),
-                    epochs=epochs,
-                    rule=rule,
-                    limit_batch=limit,
-                    world_size=world_size,
-                    device=device,
-                    asked_for=target_global_batch is not None,
-                )
-                notes.extend(down.notes)
-                if len(down.trials) > 1:
-                    measurements["batch_trials"] = [trial.to_dict() for trial in down.trials]
-                    reasons["global_batch"] += down.global_reason
-                    reasons["lr"] += down.lr_reason
-                    global_batch, lr = down.chosen.global_batch, down.chosen.trial.lr
-                    micro_batch, accumulation_steps, schedule_choice = lay_out(global_batch)
-                    total_steps = down.chosen.total_steps
-                    per_epoch = steps_per_epoch(
-                        dataset_size=dataset_size, global_batch=global_batch
-                    )
+                failed = trials[-1]
+    elif not quick and total_steps <= warmup_for(lr) + STEPS_AFTER_WARMUP:
+        # 5b. A run no longer than a trial is tried whole at the rule's rate (costs one run).
+        report("rate trial", 0, 1)
+        trial = run_trial(
+            task,
+            lr=lr,
+            warmup_steps=warmup_for(lr),
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            total_steps=total_steps,
+            device=device,
+        )
+        measurements["rate_trials"] = [trial.to_dict()]
+        reasons["lr"] += (
+            f"; the planned run is no longer than a trial, tried whole: {trial.phrase()}"
+        )
+        failed = None if trial.lowered_loss() else trial
+    if failed is not None:
+        # 5c. Not even the rule's rate trains at this batch: a smaller one, more steps.
+        down = step_down(
+            task,
+            failed=BatchTrial(global_batch, micro_batch, total_steps, failed),
+            epochs=epochs,
+            rule=rule,
+            limit_batch=limit,
+            world_size=world_size,
+            device=device,
+            asked_for=target_global_batch is not None,
+        )
+        notes.extend(down.notes)
+        if len(down.trials) > 1:
+            measurements["batch_trials"] = [trial.to_dict() for trial in down.trials]
+            reasons["global_batch"] += down.global_reason
+            reasons["lr"] += down.lr_reason
+            global_batch, lr = down.chosen.global_batch, down.chosen.trial.lr
+            micro_batch, accumulation_steps, schedule_choice = lay_out(global_batch)
+            total_steps = down.chosen.total_steps
+            per_epoch = steps_per_epoch(dataset_size=dataset_size, global_batch=global_batch)
     report("rate trial", 1, 1)  # done, also when no trial was needed
     if micro_batch < throughput.knee_batch and micro_batch < global_batch // world_size:
         notes.append(
