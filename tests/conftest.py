@@ -142,6 +142,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def assert_resumed_as_unbroken(full, resumed, full_dir, cut_dir) -> None:
+    """A run resumed in `cut_dir` equals the unbroken one in `full_dir`: the same weights,
+    and the same metrics lines but for their time and the resume's `observed` mark."""
+    import torch
+
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    lines = untimed_metrics(cut_dir)
+    for line in lines:
+        line.pop("observed", None)
+    assert untimed_metrics(full_dir) == lines
+
+
 def untimed_metrics(run_dir) -> list[dict]:
     """A run's metrics.jsonl lines without their wall-clock `time`, which differs between runs."""
     from batchfit.training.metrics import read_metrics

@@ -14,7 +14,7 @@ from batchfit.training.config import TrainConfig
 from batchfit.training.loop import train
 from batchfit.training.metrics import read_metrics
 from batchfit.training.sampling import stream_indices
-from tests.conftest import untimed_metrics
+from tests.conftest import assert_resumed_as_unbroken
 from tests.training.test_loop import _Recorder, _weights, _wide_task
 
 
@@ -214,12 +214,7 @@ def test_interrupted_after_a_change_resumes_bit_identical(tmp_path, spec):
         callbacks=callbacks(),
     )
     assert resumed.resumed_from_step == 5 and resumed.steps == 9
-    for a, b in zip(_weights(full.model), _weights(resumed.model)):
-        assert torch.equal(a, b)
-    lines = untimed_metrics(tmp_path / "cut")
-    for line in lines:
-        line.pop("observed", None)
-    assert untimed_metrics(tmp_path / "full") == lines
+    assert_resumed_as_unbroken(full, resumed, tmp_path / "full", tmp_path / "cut")
     assert resumed.batch_changes == full.batch_changes
     assert resumed.global_batch == full.global_batch and resumed.samples_seen == full.samples_seen
 

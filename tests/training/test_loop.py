@@ -15,7 +15,12 @@ from batchfit.training.checkpoint import load_checkpoint
 from batchfit.training.config import TrainConfig
 from batchfit.training.loop import train
 from batchfit.training.metrics import read_metrics
-from tests.conftest import make_bn_convnet, make_mlp_task, untimed_metrics
+from tests.conftest import (
+    assert_resumed_as_unbroken,
+    make_bn_convnet,
+    make_mlp_task,
+    untimed_metrics,
+)
 
 
 def _wide_task(samples: int = 128, *, dropout: float = 0.0, **overrides) -> Task:
@@ -478,12 +483,7 @@ def test_swa_run_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     resumed = train(
         task(), TrainConfig(out_dir=str(tmp_path / "cut"), resume=True, **config), device="cpu"
     )
-    for a, b in zip(_weights(full.model), _weights(resumed.model)):
-        assert torch.equal(a, b)
-    lines = untimed_metrics(tmp_path / "cut")
-    for line in lines:
-        line.pop("observed", None)
-    assert untimed_metrics(tmp_path / "full") == lines
+    assert_resumed_as_unbroken(full, resumed, tmp_path / "full", tmp_path / "cut")
 
 
 def test_sigterm_also_stops_at_the_end_of_the_step_with_a_checkpoint(tmp_path):

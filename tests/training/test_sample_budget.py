@@ -5,16 +5,15 @@ import os
 import signal
 
 import pytest
-import torch
 
 from batchfit.lr.schedules import ScheduleConfig, lr_multiplier
 from batchfit.training.config import TrainConfig, resolve_setup
 from batchfit.training.loop import train
 from batchfit.training.metrics import read_metrics
 from batchfit.training.sampling import stream_indices
-from tests.conftest import untimed_metrics
+from tests.conftest import assert_resumed_as_unbroken
 from tests.training.test_batch_growth import _adam_task, _ConstructedNoise
-from tests.training.test_loop import _Recorder, _weights
+from tests.training.test_loop import _Recorder
 
 SAMPLES = 512  # _adam_task's training set
 # 16 per step until 64 samples, 32 until 128, then 64: the batch grows four times over.
@@ -148,12 +147,7 @@ def test_a_sample_budget_run_interrupted_after_a_change_resumes_bit_identical(tm
     resumed = train(_adam_task(), TrainConfig(out_dir=str(tmp_path / "cut"), resume=True,
                     **config), device="cpu")  # fmt: skip
     assert resumed.resumed_from_step == 8 and resumed.steps == 12
-    for a, b in zip(_weights(full.model), _weights(resumed.model)):
-        assert torch.equal(a, b)
-    lines = untimed_metrics(tmp_path / "cut")
-    for line in lines:
-        line.pop("observed", None)
-    assert untimed_metrics(tmp_path / "full") == lines
+    assert_resumed_as_unbroken(full, resumed, tmp_path / "full", tmp_path / "cut")
     assert resumed.batch_changes == full.batch_changes
     assert resumed.samples_seen == full.samples_seen and resumed.val_metrics == full.val_metrics
 

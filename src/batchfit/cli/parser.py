@@ -221,11 +221,7 @@ def _add_train(command) -> None:
     add_batch(train, "--max-global-batch", "cap of the batch schedule (samples)")
     length = train.add_mutually_exclusive_group()
     add_count(length, "--steps", "optimizer steps")
-    add_epochs(
-        length,
-        "passes over the training data (default 10); under a growing --batch-schedule a budget "
-        "of that many samples, with the rate schedule over samples",
-    )
+    add_epochs(length, "passes over the data (default 10; a sample budget when the batch grows)")
     add_rate(train, "--lr", "peak learning rate (default: the task's, scaled)")
     train.add_argument(
         "--lr-rule", help="linear, sqrt or none (default: linear for SGD, sqrt for Adam)"
@@ -252,9 +248,7 @@ def _add_train(command) -> None:
         maximum=1e12,
         open_minimum=True,
     )
-    add_count(
-        train, "--eval-every", "steps between evaluations (default: a tenth of the run)", minimum=0
-    )
+    add_count(train, "--eval-every", "steps between evaluations (default: run / 10)", minimum=0)
     add_count(
         train,
         "--checkpoint-every",
