@@ -164,3 +164,25 @@ def test_the_progress_of_a_budget_run_ends_at_its_budget():
         bar.step_done(1024, samples=1024, loss=0.5, lr=0.1)
         bar.step_done(1440, samples=416, loss=0.4, lr=0.0)
     assert reports == [("train", 1024, 1438), ("train", 1438, 1438)]
+
+
+def test_a_plan_whose_batch_grows_trains_for_its_samples_not_its_steps():
+    # A plan for 2 epochs of 1,438 samples at batch 32 (90 steps) that grows its batch under
+    # `noise`: trained for the plan's 90 steps the run read up to 4x the planned samples.
+    from batchfit.plan.plan_file import Plan
+    from batchfit.training.sampling import steps_for_epochs
+
+    total = steps_for_epochs(2, dataset_size=1438, global_batch=32)
+    plan = Plan(
+        task="digits", device="cpu", world_size=1, global_batch=32, micro_batch=16,
+        accumulation_steps=2, lr=1e-3, lr_rule="sqrt", warmup_steps=5, total_steps=total,
+        batch_schedule="noise",
+    )  # fmt: skip
+    config = TrainConfig.from_plan(plan, dataset_size=1438)
+    assert config.steps is None and config.warmup == 5
+    assert config.epochs * 1438 == pytest.approx(total * 32)
+    constant = Plan(**{**plan.to_dict(), "batch_schedule": "constant"})
+    assert TrainConfig.from_plan(constant, dataset_size=1438).steps == total
+    assert TrainConfig.from_plan(plan).steps == total  # no data size given: the plan's steps
+    moved = TrainConfig.from_plan(plan, dataset_size=1438, global_batch=64)
+    assert moved.steps is None and moved.epochs == config.epochs  # the same samples

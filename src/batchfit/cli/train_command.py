@@ -82,7 +82,10 @@ def train(args: argparse.Namespace) -> int:
     if plan is None:
         defaults, batch_note = _default_batches(args, task, world_size)
         settings.update(defaults)
-    config = TrainConfig.from_plan(plan, **settings) if plan else TrainConfig(**settings)
+    if plan:
+        config = TrainConfig.from_plan(plan, dataset_size=len(task.train_data), **settings)
+    else:
+        config = TrainConfig(**settings)
     if plan is not None and "micro_batch" not in settings:
         config = _micro_batch_for_ranks(config, world_size)
     device = args.device if args.device is not None else "auto"

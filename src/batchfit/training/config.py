@@ -8,7 +8,6 @@ options, without training.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -193,7 +192,9 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_plan(cls, plan: Plan, **overrides: Any) -> TrainConfig:
+    def from_plan(
+        cls, plan: Plan, *, dataset_size: int | None = None, **overrides: Any
+    ) -> TrainConfig:
         """The training settings a plan advises, with `overrides` (TrainConfig fields) winning.
 
         From the plan: global_batch, micro_batch, lr, optimizer, the run length
@@ -207,10 +208,13 @@ class TrainConfig:
         plan's or the new global batch per process if that is smaller, and its steps and warmup
         are the plan's times plan batch / new batch (unless given).
         GroupNorm advice changes the model, not the settings: see
-        `batchfit.plan.plan_file.apply_plan`.
+        `batchfit.plan.plan_file.apply_plan`. A plan whose batch grows runs, given
+        `dataset_size`, for the plan's samples (`epochs`, a sample budget) instead of its steps.
 
         Args:
             plan: a Plan (`batchfit.plan.plan_file.load_plan`).
+            dataset_size: training samples of the task; with a growing batch schedule the run
+                length becomes the plan's samples, total_steps x global_batch.
             **overrides: TrainConfig fields to set instead of the plan's (e.g. steps=100,
                 out_dir="runs/x"); each is used as given.
 
@@ -251,10 +255,16 @@ class TrainConfig:
         }
         if not new_length:
             settings["warmup"] = plan.warmup_steps
-            if plan.total_steps is not None:
+            if plan.total_steps is not None and dataset_size and plan.batch_schedule != "constant":
+                # the plan's samples, as a sample budget: its steps would be at its first batch
+                settings["epochs"] = plan.total_steps * plan.global_batch / dataset_size
+            elif plan.total_steps is not None:
                 settings["steps"] = plan.total_steps
         if isinstance(new_batch, int) and new_batch > 0 and new_batch != plan.global_batch:
-            settings.update(_plan_at_another_batch(plan, new_batch, overrides))
+            moved = _plan_at_another_batch(plan, new_batch, overrides)
+            if "epochs" in settings:
+                moved.pop("steps", None)  # the same samples, whatever the first batch
+            settings.update(moved)
         if "lr" in overrides and "lr_reason" not in overrides:
             settings.pop("lr_reason", None)  # the given rate says "(given)"
         settings.update(overrides)
@@ -317,7 +327,7 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
     """
     from batchfit.lr.scaling import default_warmup_steps, needs_warmup, scaled_rate
     from batchfit.training.optimizers import rate_rule
-    from batchfit.training.sampling import steps_for_epochs, steps_per_epoch
+    from batchfit.training.sampling import samples_for_epochs, steps_for_epochs, steps_per_epoch
 
     size = len(task.train_data)
     if config.micro_batch > size:
@@ -333,7 +343,7 @@ def resolve_setup(task: Task, config: TrainConfig) -> TrainSetup:
         total = steps_for_epochs(epochs, dataset_size=size, global_batch=config.global_batch)
         if config.batch_schedule != "constant":
             # A growing batch would spend more samples in steps counted at its first batch.
-            budget = math.ceil(epochs * size)
+            budget = samples_for_epochs(epochs, dataset_size=size)
     if config.lr is not None:
         lr, reason = float(config.lr), config.lr_reason or f"{config.lr:g} (given)"
     else:

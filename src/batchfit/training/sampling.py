@@ -142,7 +142,21 @@ def steps_for_epochs(epochs: float, *, dataset_size: int, global_batch: int) -> 
         >>> steps_for_epochs(10, dataset_size=1438, global_batch=128)
         113
     """
-    return max(1, math.ceil(epochs * dataset_size / global_batch))
+    # rounded first: epochs given as samples / dataset_size (a plan's) come back whole
+    return max(1, math.ceil(round(epochs * dataset_size / global_batch, 9)))
+
+
+def samples_for_epochs(epochs: float, *, dataset_size: int) -> int:
+    """Samples that `epochs` passes over the data read (rounded up, at least 1): a growing
+    batch schedule's sample budget.
+
+    Example:
+        >>> samples_for_epochs(8, dataset_size=1438)
+        11504
+        >>> samples_for_epochs(13 * 32 / 1438, dataset_size=1438)  # 416.00000000000006 unrounded
+        416
+    """
+    return max(1, math.ceil(round(epochs * dataset_size, 9)))
 
 
 def steps_per_epoch(*, dataset_size: int, global_batch: int) -> int:
