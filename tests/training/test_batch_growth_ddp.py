@@ -52,6 +52,7 @@ with open(f"{{out}}/rank{{dist.get_rank()}}.json", "w") as handle:
     json.dump(report, handle)
 del first, second
 gc.collect()  # free DDP's reducer before the group (see tests/training/test_accumulation.py)
+dist.barrier()  # both ranks done before the group goes: rank 1 once aborted in its teardown
 dist.destroy_process_group()
 """
 
