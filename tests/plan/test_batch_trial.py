@@ -101,6 +101,13 @@ def test_a_batch_asked_for_is_kept_with_a_note(monkeypatch):
     assert "the rule's 0.4 included" in note and "a smaller target" in note
 
 
+def chosen_128(monkeypatch):
+    """The planner's time model chooses a global batch of 128."""
+    monkeypatch.setattr(
+        planner, "choose_global_batch", lambda **kwargs: advice.Choice(128, "chosen")
+    )
+
+
 def test_the_plan_halves_a_batch_at_which_the_rules_rate_does_not_train(monkeypatch):
     # The planner chooses 128; the raised rate fails, and so does the rule's at 128 (the model
     # in evaluation mode ends worse than it started); 64 trains: the plan is 64 at its rule's
@@ -108,9 +115,7 @@ def test_the_plan_halves_a_batch_at_which_the_rules_rate_does_not_train(monkeypa
     tried = []
     fake_trials(monkeypatch, trains_up_to=64, tried=tried)
     raised_to_1000(monkeypatch)
-    monkeypatch.setattr(
-        planner, "choose_global_batch", lambda **kwargs: advice.Choice(128, "chosen")
-    )
+    chosen_128(monkeypatch)
     task = make_mlp_task(samples=512)
     result = planner.plan(task, device="cpu", epochs=2, noise_batches=8, range_test_steps=40)
     assert [batch for batch, _ in tried] == [128] * 5 + [64]
@@ -174,9 +179,7 @@ def test_a_run_no_longer_than_a_trial_is_tried_whole_at_the_rules_rate(monkeypat
     tried = []
     fake_trials(monkeypatch, trains_up_to=64, tried=tried)
     kept_at_the_rule(monkeypatch)
-    monkeypatch.setattr(
-        planner, "choose_global_batch", lambda **kwargs: advice.Choice(128, "chosen")
-    )
+    chosen_128(monkeypatch)
     task = make_mlp_task(samples=512)
     result = planner.plan(task, device="cpu", epochs=2, noise_batches=8, range_test_steps=40)
     rule = task.lr / task.batch_size

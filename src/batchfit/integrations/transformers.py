@@ -354,9 +354,7 @@ def _sq_norm(watch: GradientNormWatch) -> float:
     import torch
 
     grads = [p.grad for p in watch.params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.stack([g.float().norm() for g in grads]).square().sum())
+    return float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
 
 
 def _was_clipped(watch: GradientNormWatch, args: Any) -> bool:

@@ -194,7 +194,7 @@ def _explained(task: Task, trials: list[BatchTrial], rule: str) -> StepDown:
         notes.append(
             f"No trial trained the model: at the scaling rule's rate in the planned run's first "
             f"steps, {shown}. The plan keeps {chosen.global_batch} at {chosen.trial.lr:.3g}, "
-            f"untested; check the task's reference rate ({task.lr:g} at batch "
+            f"which did not train either; check the task's reference rate ({task.lr:g} at batch "
             f"{task.batch_size}) or plan more epochs."
         )
     if chosen is failed:
