@@ -95,6 +95,20 @@ def test_load_task_takes_a_task_defined_at_the_top_of_a_file(tmp_path):
         load_task(f"{path}:limit")
 
 
+def test_a_task_left_unnamed_is_named_after_its_file(tmp_path):
+    path = tmp_path / "my_model.py"
+    path.write_text(
+        "from tests.conftest import make_mlp_task\n"
+        "def build():\n    return make_mlp_task(name='task')\n"
+        "def named():\n    return make_mlp_task(name='mine')\n"
+    )
+    assert load_task(f"{path}:build").name == "my_model"
+    assert load_task(f"{path}:named").name == "mine"  # a name the user gave is kept
+    module = tmp_path / "task.py"  # a file called task.py keeps the default
+    module.write_text(path.read_text())
+    assert load_task(f"{module}:build").name == "task"
+
+
 def _per_sample_loss(model, batch):
     inputs, labels = batch
     return torch.nn.functional.cross_entropy(model(inputs), labels, reduction="none")

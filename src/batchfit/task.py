@@ -13,7 +13,7 @@ import importlib.util
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 Batch = Any
 """Whatever the task's collate function returns: usually a tuple of tensors."""
+
+DEFAULT_TASK_NAME = "task"
+"""The name of a Task not given one; `load_task` names such a task after its file."""
 
 KNOWN_KINDS = (
     "image-classification",
@@ -81,7 +84,7 @@ class Task:
     kind: str | None = None
     collate: Callable[[list], Batch] | None = None
     tokens: Callable[[Batch], int] | None = None
-    name: str = "task"
+    name: str = DEFAULT_TASK_NAME
     seed: int = 0
     loss_with_smoothing: Callable[[nn.Module, Batch, float], torch.Tensor] | None = None
 
@@ -305,10 +308,25 @@ def load_task(spec: str) -> Task:
             imported, lacks the function, the function needs arguments or raises, or does not
             return a Task.
 
+    A task left with the default name ("task") is named after its file or module
+    ("path/to/mymodel.py:build" gives "mymodel"), so its runs, plans and sweeps are told apart.
+
     Example:
         >>> load_task("batchfit.examples.digits:task").name
         'digits'
     """
+    task = _load_task(spec)
+    if task.name == DEFAULT_TASK_NAME:
+        module_part = spec.rpartition(":")[0]
+        source_name = Path(module_part).stem if module_part.endswith(".py") else module_part
+        source_name = source_name.rpartition(".")[2].strip()
+        if source_name and source_name != DEFAULT_TASK_NAME:
+            task = replace(task, name=source_name)
+    return task
+
+
+def _load_task(spec: str) -> Task:
+    """`load_task` without the naming."""
     module_part, sep, function_name = spec.rpartition(":")
     if not sep or not module_part or not function_name:
         raise TaskError(
