@@ -31,7 +31,7 @@ The forms (`parse_batch_schedule`, `SCHEDULE_FORMS`):
   doubling per window. Hysteresis: a step between 0.75 x FACTOR x batch and FACTOR x batch
   neither counts nor resets the run of steps, one below resets it, and after a change the count
   starts again. The rate follows the rule (linear for SGD-type, sqrt for Adam-type) over a
-  short ramp (`RATE_RAMP_STEPS`), scaled only up to the measured noise scale: past it the best
+  short ramp (`RATE_RAMP_STEPS` optimizer steps), scaled only up to the measured noise scale: past it the best
   rate stops rising (Li et al. 2024, "Surge phenomenon in optimal learning rate and batch size
   scaling").
 
@@ -87,7 +87,8 @@ HYSTERESIS = 0.75
 """A noise scale below this share of the threshold resets the count of steps above it."""
 
 RATE_RAMP_STEPS = 10
-"""Steps over which `noise` moves the rate to its new value after a change."""
+"""Optimizer steps over which `noise` moves the rate after a change (steps, not samples: a
+stability ramp, as a warmup, outside the rate schedule)."""
 
 
 def rule_factor(rule: str, ratio: float) -> float:
