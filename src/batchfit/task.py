@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 Batch = Any
 """Whatever the task's collate function returns: usually a tuple of tensors."""
 
-DEFAULT_TASK_NAME = "task"
-"""The name of a Task not given one; `load_task` names such a task after its file."""
+DEFAULT_TASK_NAME = "task"  # `load_task` names a task left with it after its file
 
 KNOWN_KINDS = (
     "image-classification",
@@ -316,12 +315,10 @@ def load_task(spec: str) -> Task:
         'digits'
     """
     task = _load_task(spec)
-    if task.name == DEFAULT_TASK_NAME:
-        module_part = spec.rpartition(":")[0]
-        source_name = Path(module_part).stem if module_part.endswith(".py") else module_part
-        source_name = source_name.rpartition(".")[2].strip()
-        if source_name and source_name != DEFAULT_TASK_NAME:
-            task = replace(task, name=source_name)
+    module_part = spec.rpartition(":")[0]
+    source = (Path(module_part).stem if module_part.endswith(".py") else module_part).split(".")
+    if task.name == DEFAULT_TASK_NAME and source[-1].strip():
+        task = replace(task, name=source[-1].strip())
     return task
 
 

@@ -30,8 +30,8 @@ The forms (`parse_batch_schedule`, `SCHEDULE_FORMS`):
   cap), so a run started far below its critical batch reaches it in one change rather than one
   doubling per window. Hysteresis: a step between 0.75 x FACTOR x batch and FACTOR x batch
   neither counts nor resets the run of steps, one below resets it, and after a change the count
-  starts again. The rate follows the rule (linear for SGD-type, sqrt for Adam-type) over a
-  short ramp (`RATE_RAMP_STEPS` optimizer steps), scaled only up to the measured noise scale: past it the best
+  starts again. The rate follows the rule (linear for SGD-type, sqrt for Adam-type) over
+  `RATE_RAMP_STEPS` optimizer steps, scaled only up to the measured noise scale: past it the best
   rate stops rising (Li et al. 2024, "Surge phenomenon in optimal learning rate and batch size
   scaling").
 
