@@ -87,8 +87,7 @@ HYSTERESIS = 0.75
 """A noise scale below this share of the threshold resets the count of steps above it."""
 
 RATE_RAMP_STEPS = 10
-"""Optimizer steps over which `noise` moves the rate after a change (steps, not samples: a
-stability ramp, as a warmup, outside the rate schedule)."""
+"""Optimizer steps (a stability ramp, outside the rate schedule) to `noise`'s new rate."""
 
 
 def rule_factor(rule: str, ratio: float) -> float:
