@@ -211,3 +211,27 @@ def test_loading_another_kinds_state_names_what_is_missing():
         ConstantBatch(64).load_state_dict({})
     with pytest.raises(CheckpointError, match=r"lacks batch \(got list\)"):
         ConstantBatch(64).load_state_dict([64])
+
+
+@pytest.mark.parametrize(
+    "saved, target",
+    [
+        (NoiseBatch(32, window=1), ConstantBatch(32)),
+        (NoiseBatch(32, window=1), RampBatch(32, ((0, 32), (1000, 64)))),
+        (RampBatch(32, ((0, 32), (1000, 64))), ConstantBatch(32)),
+        (ConstantBatch(32), SeesawBatch(32, ScheduleConfig(total_steps=10))),
+    ],
+)
+def test_the_state_of_another_kind_with_the_keys_it_needs_is_refused(saved, target):
+    # A noise schedule's state loaded into a constant one set its batch to 128 without a word.
+    saved.global_batch(0, 0, 300.0)
+    with pytest.raises(CheckpointError, match=rf"is of kind '{saved.kind}'.*\({target.kind!r}\)"):
+        target.load_state_dict(saved.state_dict())
+    assert target.batch == 32
+
+
+def test_a_state_saved_without_its_kind_still_loads():
+    state = {"batch": 64, "evidence": "ramp: 500 samples seen"}  # a checkpoint from before
+    ramp = RampBatch(32, ((0, 32), (1000, 64)))
+    ramp.load_state_dict(state)
+    assert ramp.batch == 64 and ramp.state_dict()["kind"] == "ramp"

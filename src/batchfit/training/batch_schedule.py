@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError, ConfigError
+from batchfit.validation import check_batch_size
 
 if TYPE_CHECKING:
     from batchfit.lr.schedules import ScheduleConfig
@@ -147,11 +148,12 @@ class BatchSchedule:
     """
 
     spec: str = "constant"
+    kind: str = "constant"  # "constant", "ramp", "seesaw" or "noise": checked on load
 
     def __init__(self, global_batch: int, *, max_batch: int | None = None) -> None:
-        _check_batch("global_batch", global_batch)
+        check_batch_size(global_batch, name="global_batch")
         if max_batch is not None:
-            _check_batch("max_batch", max_batch)
+            check_batch_size(max_batch, name="max_batch")
         self.base_batch = global_batch
         self.max_batch = max_batch
         self.batch = global_batch
@@ -169,28 +171,30 @@ class BatchSchedule:
         return batch if self.max_batch is None else min(batch, self.max_batch)
 
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's decisions so far, as plain numbers, for a checkpoint."""
-        return {"batch": self.batch, "evidence": self.evidence}
+        """The decisions so far, for a checkpoint: plain values, with the form's `kind`."""
+        return {"kind": self.kind, "batch": self.batch, "evidence": self.evidence}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()` of a schedule of the same kind.
 
         Raises:
-            CheckpointError: `state` lacks a key this kind of schedule keeps (the state of
-                another kind of schedule, or not a schedule's state at all).
+            CheckpointError: `state` is another kind's (its `kind`, or a key it lacks), or no
+                schedule's state at all.
         """
         self._require(state, ("batch",))
         self.batch = int(state["batch"])
         self.evidence = str(state.get("evidence", ""))
 
     def _require(self, state: Any, keys: tuple[str, ...]) -> None:
-        missing = [key for key in keys if key not in state] if isinstance(state, dict) else keys
-        if missing:
+        lacks = [key for key in keys if key not in state] if isinstance(state, dict) else keys
+        # A state saved before schedules recorded their kind has no "kind": its keys decide.
+        kind = self.kind if lacks else state.get("kind", self.kind)
+        if lacks or kind != self.kind:
             shown = sorted(state) if isinstance(state, dict) else type(state).__name__
+            what = f"lacks {', '.join(lacks)} (got {shown})" if lacks else f"is of kind {kind!r}"
             raise CheckpointError(
-                f"the batch schedule state lacks {', '.join(missing)} (got {shown}): it is not "
-                f"the state_dict() of a {type(self).__name__}; load the state this kind of "
-                "schedule saved, or start the schedule anew."
+                f"the batch schedule state {what}: not the state_dict() of a {type(self).__name__}"
+                f" ({self.kind!r}); load the state this kind of schedule saved, or start anew."
             )
 
 
@@ -236,7 +240,7 @@ class RampBatch(BatchSchedule):
         if not points:
             raise ConfigError("A ramp needs at least one SAMPLES:BATCH point.")
         for samples, batch in points:
-            _check_batch("ramp batch", batch)
+            check_batch_size(batch, name="ramp batch")
             if not isinstance(samples, int) or samples < 0:
                 raise ConfigError(f"Ramp samples must be whole numbers >= 0, got {samples!r}.")
         if any(b[0] <= a[0] for a, b in zip(points, points[1:])):
@@ -252,7 +256,7 @@ class RampBatch(BatchSchedule):
             )
         rule_factor(rule, 1)
         self.points, self.linear, self.rule = tuple(points), linear, rule
-        self.spec = "ramp"
+        self.spec = self.kind = "ramp"
         self.batch = self._capped(points[0][1])
 
     def global_batch(self, step: int, samples_seen: int, noise_scale: float | None = None) -> int:
@@ -300,7 +304,7 @@ class SeesawBatch(BatchSchedule):
     ) -> None:
         super().__init__(global_batch, max_batch=max_batch)
         self.lr_schedule = lr_schedule
-        self.spec = "seesaw"
+        self.spec = self.kind = "seesaw"
 
     def _doublings(self, step: int) -> int:
         from batchfit.lr.schedules import lr_multiplier
@@ -365,7 +369,7 @@ class NoiseBatch(BatchSchedule):
         if not (isinstance(window, int) and window >= 1):
             raise ConfigError(f"window must be a whole number of steps >= 1, got {window!r}.")
         self.rule, self.factor, self.window = rule, float(factor), window
-        self.spec = f"noise:{factor:g}"
+        self.spec, self.kind = f"noise:{factor:g}", "noise"
         self.above = 0  # steps in a row above the threshold
         self.changed_at = 0  # the step of the last change
         self.old_factor = self.new_factor = 1.0  # the rate factor ramped from and to
@@ -493,8 +497,3 @@ def parse_batch_schedule(
 
 def _forms() -> str:
     return "valid forms are " + ", ".join(SCHEDULE_FORMS) + " (e.g. ramp:32-256:50000)"
-
-
-def _check_batch(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive whole number of samples, got {value!r}.")
