@@ -109,6 +109,12 @@ def test_recommended_schedule():
         recommended_schedule(scaled_rate(0.1, 64, 256, "linear"), 100, warmup_steps=500)
 
 
+def test_recommended_schedule_given_a_bare_rate_names_the_scaled_rate_it_needs():
+    # An AttributeError ('float' object has no attribute 'warmup') before.
+    with pytest.raises(ConfigError, match=r"ScaledRate of scaled_rate\(.*got float 0.4"):
+        recommended_schedule(scale_lr(0.1, 64, 256, "linear"), 100)
+
+
 def test_docstring_examples_run():
     import batchfit.lr.scaling
 

@@ -270,13 +270,20 @@ def recommended_schedule(
         A `batchfit.lr.schedules.ScheduleConfig`.
 
     Raises:
-        ConfigError: anything `ScheduleConfig` refuses (warmup longer than training, ...).
+        ConfigError: `scaled` is not a `ScaledRate`, or anything `ScheduleConfig` refuses
+            (warmup longer than training, ...).
 
     Example:
         >>> config = recommended_schedule(scaled_rate(0.1, 64, 256, "linear"), 3000)
         >>> config.warmup_steps, config.warmup_start_factor, config.decay
         (150, 0.25, 'cosine')
     """
+    if not isinstance(scaled, ScaledRate):
+        raise ConfigError(
+            f"scaled must be the ScaledRate of scaled_rate(base_lr, base_batch, new_batch, rule), "
+            f"got {type(scaled).__name__} {scaled!r}: the warmup needs the base rate as well as "
+            "the scaled one."
+        )
     if warmup_steps is None and warmup_fraction is None:
         warmup_steps = (
             default_warmup_steps(total_steps, steps_per_epoch=steps_per_epoch)
