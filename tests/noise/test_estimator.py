@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -267,6 +268,18 @@ def test_tracker_state_dict_round_trip_continues_identically():
         resumed.update(small, big, small_batch=2, big_batch=8)
     assert resumed.noise_scale == pytest.approx(whole.noise_scale, rel=1e-12)
     assert resumed.estimate().to_dict() == whole.estimate().to_dict()
+
+
+def test_norms_that_are_tensors_or_numpy_scalars():
+    # A tensor was refused as "must be a finite, non-negative squared norm ... overflowed";
+    # a NumPy float32, a number, likewise.
+    tracker = NoiseScaleTracker(window=None)
+    with pytest.raises(ConfigError, match=r"small_sq_norm must be a number.*Tensor.*\.item\(\)"):
+        tracker.update(torch.tensor(5.0), 2.0, small_batch=2, big_batch=8)
+    for _ in range(5):
+        tracker.update(np.float32(5.0), np.float32(2.0), small_batch=2, big_batch=8)
+    assert tracker.noise_scale == pytest.approx(8.0)
+    assert json.loads(json.dumps(tracker.state_dict()))["pairs"][0] == [1.0, 8.0]
 
 
 def test_loading_state_from_a_different_tracker_is_refused():

@@ -49,6 +49,7 @@ measurement).
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -276,18 +277,24 @@ class NoiseScaleTracker:
                 (the consecutive-steps estimator pairs two steps, but each step counts once).
 
         Raises:
-            ConfigError: bad batch sizes (see `estimate_gradient_statistics`) or a norm that is
-                negative or not finite.
+            ConfigError: bad batch sizes (see `estimate_gradient_statistics`), or a norm that is
+                not a number (a tensor: pass its `.item()`), negative or not finite.
         """
         for name, value in (("small_sq_norm", small_sq_norm), ("big_sq_norm", big_sq_norm)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                item = ": pass its .item()" if hasattr(value, "item") else ""
+                raise ConfigError(
+                    f"{name} must be a number (a Python float), got {type(value).__name__} "
+                    f"{value!r}{item}."
+                )
+            if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(
                     f"{name} must be a finite, non-negative squared norm, got {value!r}; skip "
                     "steps whose gradients overflowed (mixed precision) instead of passing them."
                 )
         gradient_sq, trace = estimate_gradient_statistics(
-            small_sq_norm,
-            big_sq_norm,
+            float(small_sq_norm),  # a NumPy scalar would reach state_dict() as itself
+            float(big_sq_norm),
             small_batch=small_batch,
             big_batch=big_batch,
             dataset_size=self.dataset_size,
