@@ -292,6 +292,15 @@ def test_loading_state_from_a_different_tracker_is_refused():
         NoiseScaleTracker().load_state_dict({"version": 99})
 
 
+@pytest.mark.parametrize("drop", ["pairs", "dataset_size", "samples_seen"])
+def test_a_state_missing_a_key_is_refused_by_name(drop):
+    # A KeyError('dataset_size') (or 'pairs', ...) before.
+    state = NoiseScaleTracker().state_dict()
+    del state[drop]
+    with pytest.raises(CheckpointError, match=rf"\(version 2\) lacks {drop}: .*start a new"):
+        NoiseScaleTracker().load_state_dict(state)
+
+
 def test_a_version_1_moving_average_state_loads_into_the_window():
     # what NoiseScaleTracker(ema_decay=0.99).state_dict() wrote before the window
     history = [[1.0 + index, 8.0] for index in range(40)]

@@ -81,6 +81,8 @@ RUNNING_POINTS = 40  # points of the running estimate kept for plots
 # (see tests/noise/test_tracker_exact.py for the check against the exact B_simple).
 DEFAULT_WINDOW = 30
 _STATE_VERSION = 2
+_COMMON_KEYS = ("dataset_size", "updates", "step", "samples_seen", "small_batch", "big_batch")
+_STATE_KEYS = {1: (*_COMMON_KEYS, "history"), 2: (*_COMMON_KEYS, "window", "pairs")}
 
 
 def variance_factor(batch_size: float, dataset_size: int | None = None) -> float:
@@ -423,8 +425,9 @@ class NoiseScaleTracker:
         last per-step estimates fill the window, so the estimate continues where it was.
 
         Raises:
-            CheckpointError: the state is not a tracker state of a known version, or was made
-                with a different dataset_size or window (the estimate would mean something else).
+            CheckpointError: the state is not a whole tracker state of a known version, or was
+                made with a different dataset_size or window (the estimate would mean something
+                else).
         """
         version = state.get("version") if isinstance(state, Mapping) else None
         if version not in (1, _STATE_VERSION):
@@ -432,6 +435,14 @@ class NoiseScaleTracker:
                 f"The noise-scale state (version {version!r}) is not a NoiseScaleTracker."
                 f"state_dict() of version 1 or {_STATE_VERSION}; start a new tracker or load a "
                 "matching checkpoint."
+            )
+        keys = _STATE_KEYS[version]
+        missing = [key for key in keys if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"The noise-scale state (version {version}) lacks {', '.join(missing)}: it is not "
+                "a whole NoiseScaleTracker.state_dict(); start a new tracker or load a matching "
+                "checkpoint."
             )
         if state["dataset_size"] != self.dataset_size:
             raise CheckpointError(
