@@ -124,6 +124,12 @@ def test_misuse_names_the_fix():
         GradientNormWatch(torch.nn.ReLU(), NoiseScaleTracker())
 
 
+def test_a_watch_without_a_tracker_is_refused_when_made():
+    # Accepted before, to fail at the first step() with AttributeError on None.
+    with pytest.raises(ConfigError, match="tracker must be a NoiseScaleTracker, got NoneType"):
+        GradientNormWatch(torch.nn.Linear(2, 1), None)
+
+
 # --- across DDP ranks ---------------------------------------------------------------------
 
 

@@ -103,6 +103,11 @@ class GradientNormWatch:
                 f"single_micro_batch must be one of {SINGLE_MICRO_BATCH_MODES}, got "
                 f"{single_micro_batch!r}."
             )
+        if not isinstance(tracker, NoiseScaleTracker):
+            raise ConfigError(
+                f"tracker must be a NoiseScaleTracker, got {type(tracker).__name__}; build one "
+                "with NoiseScaleTracker(dataset_size=len(train_data))."
+            )
         self.single_micro_batch = single_micro_batch
         # the previous step's unscaled, unclipped gradient and its samples (consecutive steps)
         self._previous: tuple[list[torch.Tensor], torch.Tensor, float, int | None] | None = None
