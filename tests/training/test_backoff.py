@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from batchfit.errors import DoesNotFitError
+from batchfit.errors import ConfigError, DoesNotFitError
 from batchfit.training.backoff import next_micro_batch, run_with_backoff
 
 
@@ -82,3 +82,20 @@ def test_disabled_backoff_names_the_smaller_micro_batch():
         run_with_backoff(_fits_up_to(4, []), 16, local_batch=64, enabled=False)
     # nothing about --resume: the loop adds it when a checkpoint holds the progress
     assert "--resume" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "micro_batch, local_batch, words",
+    [
+        (0, 64, "micro_batch"),
+        (8.0, 64, "micro_batch"),
+        (8, "64", "local_batch"),
+        (8, 0, "local_batch"),
+    ],
+)
+def test_bad_sizes_are_refused_before_the_first_attempt(micro_batch, local_batch, words):
+    # Before, attempt(0) ran, and a bad local_batch surfaced only at the first out-of-memory.
+    tried = []
+    with pytest.raises(ConfigError, match=rf"{words} must be a positive whole number of samples"):
+        run_with_backoff(_fits_up_to(64, tried), micro_batch, local_batch=local_batch)
+    assert tried == []

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 from batchfit.devices import release_memory
 from batchfit.errors import ConfigError, DoesNotFitError
 from batchfit.memory.step import is_out_of_memory
+from batchfit.validation import check_batch_size
 
 if TYPE_CHECKING:
     import torch
@@ -123,6 +124,7 @@ def run_with_backoff(
         `(result, micro_batch)`: the attempt's result and the micro-batch that worked.
 
     Raises:
+        ConfigError: `micro_batch` or `local_batch` is not a positive int.
         DoesNotFitError: a micro-batch of 1 ran out of memory.
 
     Example:
@@ -134,6 +136,8 @@ def run_with_backoff(
         >>> run_with_backoff(attempt, 32, local_batch=64)
         (8, 8)
     """
+    check_batch_size(micro_batch, name="micro_batch")
+    check_batch_size(local_batch, name="local_batch")
     while True:
         try:
             return attempt(micro_batch), micro_batch
