@@ -301,7 +301,8 @@ def test_a_plan_for_one_device_on_two_ranks_cuts_the_micro_batch_not_the_global_
     fits = TrainConfig(global_batch=192, micro_batch=32, steps=10)
     assert _micro_batch_for_ranks(fits, 2) is fits  # 96 per rank = 3 x 32
     uneven = TrainConfig(global_batch=192, micro_batch=64, steps=10)
-    assert _micro_batch_for_ranks(uneven, 2).micro_batch == 32  # 96 per rank: 64 does not divide
+    # 96 per rank: 64 does not divide it; 48 is its largest divisor below 64 (gcd gave 32)
+    assert _micro_batch_for_ranks(uneven, 2).micro_batch == 48
 
 
 def test_a_plans_relative_task_file_missing_from_here_names_the_plan_and_the_fix(

@@ -18,6 +18,7 @@ from batchfit.errors import ConfigError, TaskError
 from batchfit.training.accumulation import (
     AccumulationPlan,
     accumulate_gradients,
+    fitting_micro_batch,
     micro_batch_weights,
     plan_accumulation,
     split_batch,
@@ -425,3 +426,17 @@ def test_custom_backward_such_as_a_grad_scaler():
     )
     assert len(calls) == 2
     assert _max_relative_error([g / 8 for g in _grads(model)], want) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "global_batch, micro_batch, world_size, expected",
+    [(4096, 1108, 1, 1024), (192, 64, 2, 48), (512, 88, 1, 64), (256, 256, 2, 128), (7, 4, 1, 1),
+     (96, 1, 1, 1), (64, 64, 1, 64)],
+)  # fmt: skip
+def test_fitting_micro_batch_is_the_largest_divisor_of_the_share_within_the_limit(
+    global_batch, micro_batch, world_size, expected
+):
+    # The greatest common divisor before: 4 for 4096 at 1108, 1024 micro-batches per step.
+    result = fitting_micro_batch(global_batch, micro_batch, world_size)
+    assert result == expected
+    plan_accumulation(global_batch, result, world_size)  # an even split

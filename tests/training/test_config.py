@@ -75,6 +75,14 @@ def _plan(**changes):
     return Plan(**fields)
 
 
+def test_from_plan_at_another_global_batch_keeps_the_largest_micro_batch_that_divides_it():
+    # The greatest common divisor before: 8 = gcd(88, 512), 64 micro-batches per step, where
+    # 8 of 64 fit the plan's memory limit of 88 as well.
+    plan = _plan(global_batch=352, micro_batch=88, accumulation_steps=4)
+    assert TrainConfig.from_plan(plan, global_batch=512).micro_batch == 64
+    assert TrainConfig.from_plan(plan, global_batch=264).micro_batch == 88
+
+
 def test_from_plan_takes_the_plans_settings():
     config = TrainConfig.from_plan(_plan())
     assert (config.global_batch, config.micro_batch, config.lr) == (256, 64, 0.004)

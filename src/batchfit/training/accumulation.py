@@ -134,18 +134,22 @@ def _divisors(number: int) -> list[int]:
 
 
 def fitting_micro_batch(global_batch: int, micro_batch: int, world_size: int = 1) -> int:
-    """`micro_batch`, or a smaller one that divides each rank's share of `global_batch` exactly.
+    """`micro_batch`, or the largest smaller one that divides each rank's share of `global_batch`.
 
     The share is global_batch / world_size (whole when the ranks can share it equally); the
-    result is the greatest common divisor of the share and `micro_batch` capped at it, so
-    `plan_accumulation(global_batch, result, world_size)` needs no uneven micro-batches.
+    result is its largest divisor that is at most `micro_batch`, so
+    `plan_accumulation(global_batch, result, world_size)` needs no uneven micro-batches and
+    accumulates as few micro-batches as `micro_batch` (a memory limit) allows.
 
     Example:
         >>> fitting_micro_batch(256, 256, 2), fitting_micro_batch(192, 64, 2)
-        (128, 32)
+        (128, 48)
+        >>> fitting_micro_batch(4096, 1108)  # 4 x 1024 (the common divisor 4 took 1024 steps)
+        1024
     """
     share = max(1, global_batch // max(1, world_size))
-    return math.gcd(min(micro_batch, share), share)
+    cap = max(1, min(micro_batch, share))
+    return max(divisor for divisor in _divisors(share) if divisor <= cap)
 
 
 def _nearest_divisors(number: int, target: int) -> list[int]:

@@ -205,8 +205,9 @@ class TrainConfig:
         `epochs` the warmup is left to the loop (auto) unless `overrides` give one too.
         A `global_batch` other than the plan's keeps the plan's samples: its rate is scaled from
         the plan's by the rule (`lr_rule` if given, else the plan's), its micro-batch is the
-        plan's or the new global batch per process if that is smaller, and its steps and warmup
-        are the plan's times plan batch / new batch (unless given).
+        largest that divides the new global batch per process and is at most the plan's
+        (`fitting_micro_batch`), and its steps and warmup are the plan's times plan batch / new
+        batch (unless given).
         GroupNorm advice changes the model, not the settings: see
         `batchfit.plan.plan_file.apply_plan`. A plan whose batch grows runs, given
         `dataset_size`, for the plan's samples (`epochs`, a sample budget) instead of its steps.
