@@ -126,6 +126,20 @@ def test_budget_below_the_entry_tensors_raises_at_entry():
             pass
 
 
+def test_entry_tensors_that_die_inside_the_block_stop_counting():
+    # The context manager kept `tensors` alive to the block's end: last step's gradients,
+    # freed by zero_grad() at the start of a step, went on counting next to the new ones.
+    model = nn.Linear(256, 256)
+    model(torch.ones(2, 256)).sum().backward()
+    grads = storage_bytes(256 * 256 * 4) + storage_bytes(256 * 4)
+    with count_memory(tensors=[p.grad for p in model.parameters()]) as counter:
+        assert counter.live_bytes == grads
+        model.zero_grad(set_to_none=True)
+        assert counter.live_bytes == 0
+        model(torch.ones(2, 256)).sum().backward()
+    assert counter.peak_bytes < 2 * grads
+
+
 def test_counting_stops_after_the_block():
     with count_memory() as counter:
         pass
@@ -158,12 +172,12 @@ def test_timeline_needs_recording():
 
 
 def test_tensors_without_storage_are_skipped_not_fatal():
-    sparse = torch.eye(4).to_sparse()
-    with count_memory(tensors=[sparse, torch.zeros(10)]) as counter:
+    sparse, kept = torch.eye(4).to_sparse(), torch.zeros(10)
+    with count_memory(tensors=[sparse, kept]) as counter:
         doubled = sparse * 2
         dense = torch.zeros(100)
     assert counter.live_bytes == 512 + 512  # the two dense tensors only
-    del doubled, dense
+    del doubled, dense, kept
 
 
 def test_a_batch_already_on_an_accelerator_is_not_copied_again():

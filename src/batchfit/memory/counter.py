@@ -330,19 +330,20 @@ def _counting_mode_class():
     return _CountingMode
 
 
-@contextlib.contextmanager
 def count_memory(
     *,
     budget_bytes: int | str | None = None,
     tensors: Iterable[Any] = (),
     device: torch.device | None = None,
     record: bool = False,
-) -> Iterator[MemoryCounter]:
+) -> contextlib.AbstractContextManager[MemoryCounter]:
     """Count live tensor storage bytes exactly while the block runs.
 
     Counts the storages of `tensors` (parameters, buffers, gradients, optimizer state, the
     batch: whatever is alive at entry and should count) plus every storage an op creates inside
-    the block: forward, backward and optimizer ops alike. Views share their base's storage
+    the block: forward, backward and optimizer ops alike. `tensors` is not kept: a storage of
+    it that dies inside the block (the last step's gradients, freed by `zero_grad()`) stops
+    counting. Views share their base's storage
     and are counted once; a storage stops counting when it dies. Each storage is rounded up to
     512 bytes, as the CUDA caching allocator does. Works the same on fake tensors, which is
     how `batchfit.memory.predict` predicts memory without real compute.
@@ -355,8 +356,9 @@ def count_memory(
         device: count only storages on this device's type; None counts every device.
         record: keep a timeline of every storage's birth and death (`counter.timeline()`).
 
-    Yields:
-        The MemoryCounter, whose `live_bytes` and `peak_bytes` stay current.
+    Returns:
+        A context manager whose value is the MemoryCounter, whose `live_bytes` and
+        `peak_bytes` stay current.
 
     Raises:
         ConfigError: a budget that is not a positive size.
@@ -374,6 +376,13 @@ def count_memory(
         budget_bytes = parse_size(budget_bytes, name="budget_bytes")
     counter = MemoryCounter(budget_bytes=budget_bytes, device=device, record=record)
     counter.add_tensors(tensors)
+    # Not a generator taking `tensors`: a @contextmanager keeps its arguments until the block
+    # ends, and with them every storage they hold alive.
+    return _counting(counter)
+
+
+@contextlib.contextmanager
+def _counting(counter: MemoryCounter) -> Iterator[MemoryCounter]:
     mode = _counting_mode_class()(counter)
     _ACTIVE.append(counter)
     try:
