@@ -440,3 +440,19 @@ def test_fitting_micro_batch_is_the_largest_divisor_of_the_share_within_the_limi
     result = fitting_micro_batch(global_batch, micro_batch, world_size)
     assert result == expected
     plan_accumulation(global_batch, result, world_size)  # an even split
+
+
+@pytest.mark.parametrize(
+    "first", [torch.tensor(0.5), "digits", None, 3], ids=["0-dim", "str", "None", "int"]
+)
+def test_split_batch_repeats_a_constant_that_comes_before_the_tensors(first):
+    # The docstring promised it; the batch's size was read from the first value: a 0-dim
+    # tensor raised IndexError, a string RecursionError, None or 3 TypeError.
+    inputs = torch.arange(6)
+    for batch in ((first, inputs), {"meta": first, "inputs": inputs}):
+        parts = split_batch(batch, [4, 2])
+        values = [list(part.values()) if isinstance(part, dict) else part for part in parts]
+        assert [value[1].tolist() for value in values] == [[0, 1, 2, 3], [4, 5]]
+        assert all(value[0] is first for value in values)
+    with pytest.raises(TaskError, match="no tensor with a first dimension"):
+        split_batch(("digits", torch.tensor(0.5)), [1])
