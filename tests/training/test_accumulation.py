@@ -330,6 +330,20 @@ def test_counts_must_match_the_micro_batches():
         accumulate_gradients(make_mlp(), classification_loss, [])
 
 
+def test_arguments_of_the_wrong_kind_are_named():
+    # A plan raised "'AccumulationPlan' object is not iterable"; a tensor was taken row by row
+    # as micro-batches; a loss in the model's place failed inside the forward.
+    model, data = make_mlp().double(), _data(32)
+    for wrong, name in ((plan_accumulation(32, 16), "AccumulationPlan"), (data[0], "Tensor"),
+                        ({"x": data[0]}, "dict"), (7, "int")):  # fmt: skip
+        with pytest.raises(
+            ConfigError, match=rf"micro_batches must be a list.*got {name}; .*split"
+        ):
+            accumulate_gradients(model, classification_loss, wrong)
+    with pytest.raises(ConfigError, match=r"model must be a torch.nn.Module, got function"):
+        accumulate_gradients(classification_loss, model, split_batch(data, [16, 16]))
+
+
 # --- splitting -----------------------------------------------------------------------------
 
 Pair = namedtuple("Pair", "inputs labels")

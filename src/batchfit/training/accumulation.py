@@ -17,14 +17,7 @@ micro-batch has the same count; it over-weights a shorter last micro-batch.
 Under DistributedDataParallel, which averages gradients over ranks, each rank uses
 N_rank = N_global / W as its total (see `micro_batch_weights`), and `accumulate_gradients`
 enters `model.no_sync()` on every micro-batch but the last, so gradients cross the network once
-per optimizer step.
-
-Example:
-    >>> plan = plan_accumulation(256, 32, world_size=2)
-    >>> plan.accumulation_steps, plan.micro_batches
-    (4, (32, 32, 32, 32))
-    >>> plan_accumulation(58, 16, allow_uneven=True).micro_batches
-    (16, 16, 16, 10)
+per optimizer step. (The examples are in the functions' docstrings.)
 """
 
 from __future__ import annotations
@@ -346,7 +339,8 @@ def accumulate_gradients(
         average of the returned values over ranks is the global mean loss.
 
     Raises:
-        ConfigError: no micro-batches, or counts of the wrong length.
+        ConfigError: `model` is not a module, `micro_batches` not a list of micro-batches (a
+            tensor, a dict or a plan), empty, or counts of the wrong length.
         TaskError: `loss_fn` does not return a scalar tensor.
 
     Example:
@@ -360,6 +354,18 @@ def accumulate_gradients(
     """
     import torch
 
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; the arguments are "
+            "accumulate_gradients(model, loss_fn, micro_batches)."
+        )
+    if isinstance(micro_batches, (torch.Tensor, Mapping, AccumulationPlan)) or not isinstance(
+        micro_batches, Iterable
+    ):
+        raise ConfigError(
+            f"micro_batches must be a list of micro-batches, got {type(micro_batches).__name__}; "
+            "cut the step's batch with split_batch(batch, plan.micro_batches)."
+        )
     micro_batches = list(micro_batches)
     if not micro_batches:
         raise ConfigError("micro_batches is empty; give at least one micro-batch.")
