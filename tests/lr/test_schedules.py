@@ -173,6 +173,18 @@ def test_build_scheduler_needs_a_config():
         build_scheduler(_optimizer(), {"total_steps": 10})
 
 
+def test_the_formula_and_the_table_need_a_config_too():
+    # AttributeError: 'dict' object has no attribute 'warmup_steps' (or 'total_steps') before.
+    wrong = {"total_steps": 10}
+    for call in (
+        lambda: lr_multiplier(3, wrong),
+        lambda: schedule_table(wrong, 0.1),
+        lambda: render_schedule(wrong, 0.1),
+    ):
+        with pytest.raises(ConfigError, match="config must be a batchfit ScheduleConfig, got dict"):
+            call()
+
+
 def test_schedule_table_shows_the_key_steps():
     table = schedule_table(ScheduleConfig(total_steps=100, warmup_steps=10), 0.4, rows=8)
     steps = [row["step"] for row in table]

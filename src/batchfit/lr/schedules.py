@@ -224,6 +224,14 @@ def default_step_every(total_steps: int) -> int:
     return max(1, total_steps // STEP_DECAY_DROPS)
 
 
+def _check_config(config: object) -> None:
+    if not isinstance(config, ScheduleConfig):
+        raise ConfigError(
+            f"config must be a batchfit ScheduleConfig, got {type(config).__name__}; "
+            "build one with ScheduleConfig(total_steps=...) (or ScheduleConfig.from_dict)."
+        )
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -246,7 +254,7 @@ def lr_multiplier(step: int, config: ScheduleConfig) -> float:
         The multiplier, in [0, 1].
 
     Raises:
-        ConfigError: a negative or non-integer step.
+        ConfigError: a negative or non-integer step, or a config that is not a ScheduleConfig.
 
     Example:
         >>> config = ScheduleConfig(total_steps=10, decay="step", step_milestones=(5, 8))
@@ -255,6 +263,7 @@ def lr_multiplier(step: int, config: ScheduleConfig) -> float:
     """
     if not _is_int(step) or step < 0:
         raise ConfigError(f"step must be a whole number 0 or more, got {step!r}.")
+    _check_config(config)
     warmup, total = config.warmup_steps, config.total_steps
     if step < warmup:
         start = config.warmup_start_factor
@@ -312,11 +321,7 @@ def build_scheduler(
     """
     from torch.optim.lr_scheduler import LambdaLR
 
-    if not isinstance(config, ScheduleConfig):
-        raise ConfigError(
-            f"config must be a batchfit ScheduleConfig, got {type(config).__name__}; "
-            "build one with ScheduleConfig(total_steps=...)."
-        )
+    _check_config(config)
 
     # A plain function (not a callable object): LambdaLR.state_dict() then stores None for it
     # instead of the object's attributes, so the state loads with weights_only=True.
@@ -389,13 +394,15 @@ def schedule_table(
         step `total_steps - 1` (the last update).
 
     Raises:
-        ConfigError: a base rate that is not positive, or rows below 2.
+        ConfigError: a config that is not a ScheduleConfig, a base rate that is not positive, or
+            rows below 2.
 
     Example:
         >>> table = schedule_table(ScheduleConfig(total_steps=100, warmup_steps=10), 0.4)
         >>> [(row["step"], round(row["lr"], 4)) for row in table][:4]
         [(0, 0.0), (5, 0.2), (9, 0.36), (10, 0.4)]
     """
+    _check_config(config)
     if not _is_number(base_lr) or not base_lr > 0:
         raise ConfigError(f"base_lr must be a positive number, got {base_lr!r}.")
     if not _is_int(rows) or rows < 2:
@@ -432,6 +439,7 @@ def render_schedule(config: ScheduleConfig, base_lr: float, *, rows: int = 8) ->
     """
     from rich.table import Table
 
+    _check_config(config)
     table = Table(title="Learning-rate schedule", caption=config.describe(), caption_justify="left")
     table.add_column("step", justify="right")
     table.add_column("phase")
