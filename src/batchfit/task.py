@@ -257,33 +257,19 @@ def scalar_loss(loss_fn: Callable[..., Any], model: Any, batch: Batch) -> torch.
 
 
 def batch_size_of(batch: Batch) -> int:
-    """The number of samples in a batch: the first dimension of its first tensor that has one.
-
-    Tuples, lists and dicts are searched in order; strings, numbers, None and 0-dim tensors
-    (per-step constants, which `split_batch` repeats) are passed over.
-
-    Raises:
-        TaskError: no tensor with a first dimension in the batch.
-
-    Example:
-        >>> import torch
-        >>> batch_size_of({"name": "digits", "scale": torch.tensor(0.5), "x": torch.ones(6, 2)})
-        6
-    """
+    """The number of samples in a batch: the first dimension of its first tensor that has one."""
     import torch
 
     if isinstance(batch, torch.Tensor) and batch.ndim:
         return int(batch.shape[0])
     values = batch.values() if isinstance(batch, Mapping) else batch
     iterable = isinstance(values, Iterable) and not isinstance(values, (str, bytes, torch.Tensor))
-    for value in values if iterable else ():
+    for value in values if iterable else ():  # strings, numbers, None, 0-dim: passed over
         try:
             return batch_size_of(value)
         except TaskError:
             continue
-    raise TaskError(
-        "The batch holds no tensor with a first dimension (samples), so its size is unknown."
-    )
+    raise TaskError("The batch holds no tensor with a first dimension, so its size is unknown.")
 
 
 def check_task(task: Any, function: str) -> None:
