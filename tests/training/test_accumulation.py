@@ -55,13 +55,20 @@ def test_uneven_refused_with_the_nearest_divisors_and_global_batches():
     with pytest.raises(ConfigError) as caught:
         plan_accumulation(58, 16)
     message = str(caught.value)
-    assert "global_batch (58)" in message and "micro_batch 2 or 29" in message
+    assert "global_batch (58)" in message and "micro_batch 2 (" in message
+    assert "or 29 if memory allows" in message
     assert "48 or 64" in message and "allow_uneven=True" in message
     with pytest.raises(
         ConfigError,
-        match="micro_batch 16 or 32 .the divisors of 64, the samples per rank, nearest 24",
+        match="micro_batch 16 .the largest divisor of 64, the samples per rank, below 24",
     ):
         plan_accumulation(128, 24, world_size=2)
+
+
+def test_a_micro_batch_limit_is_answered_with_the_divisor_below_it_first():
+    # 1108 is what fits in memory: 1024 fits wherever it does, 2048 may not
+    with pytest.raises(ConfigError, match=r"micro_batch 1024 \(.*\), or 2048 if memory allows"):
+        plan_accumulation(4096, 1108)
 
 
 def test_global_batch_must_split_evenly_over_ranks():

@@ -145,12 +145,13 @@ def fitting_micro_batch(global_batch: int, micro_batch: int, world_size: int = 1
     return max(divisor for divisor in _divisors(share) if divisor <= cap)
 
 
-def _nearest_divisors(number: int, target: int) -> list[int]:
-    """The divisors of `number` just below and just above `target`."""
-    divisors = _divisors(number)
-    below = [d for d in divisors if d < target]
-    above = [d for d in divisors if d > target]
-    return ([below[-1]] if below else []) + ([above[0]] if above else [])
+def _micro_batch_options(number: int, limit: int, what: str) -> str:
+    """The divisors of `number` (`what` it is) nearest `limit`, the one below first: a
+    micro-batch is often a memory limit, and only a smaller one is sure to fit."""
+    below = fitting_micro_batch(number, limit)
+    above = next((d for d in _divisors(number) if d > limit), None)
+    sure = f"{below} (the largest divisor of {number}{what} below {limit}: fits where it does)"
+    return sure + (f", or {above} if memory allows" if above else "")
 
 
 def plan_accumulation(
@@ -211,17 +212,15 @@ def plan_accumulation(
         )
     full, remainder = divmod(rank_batch, micro_batch)
     if remainder and not allow_uneven:
-        nearest = _nearest_divisors(rank_batch, micro_batch)
         per_rank = ", the samples per rank," if world_size > 1 else ""
+        options = _micro_batch_options(rank_batch, micro_batch, per_rank)
         step = micro_batch * world_size
         lower, upper = full * step, (full + 1) * step
         sizes = "+".join([str(micro_batch)] * full + [str(remainder)])
         raise ConfigError(
             f"global_batch ({global_batch}) is not a multiple of micro_batch x world_size "
-            f"({micro_batch} x {world_size} = {step}); use micro_batch "
-            f"{' or '.join(str(d) for d in nearest)} (the divisors of {rank_batch}{per_rank} "
-            f"nearest {micro_batch}), "
-            f"a global batch of {lower} or {upper}, or allow uneven micro-batches "
+            f"({micro_batch} x {world_size} = {step}); use micro_batch {options}; "
+            f"a global batch of {lower} or {upper}; or allow uneven micro-batches "
             f"(--allow-uneven; allow_uneven=True) to split {sizes}."
         )
     sizes_tuple = (micro_batch,) * full + ((remainder,) if remainder else ())
