@@ -156,6 +156,8 @@ def test_schedule_bad_input(tmp_path):
         plot_schedule(config, 0.1, tmp_path / "lr.jpg")
     with pytest.raises(ConfigError, match="base_lr"):
         plot_schedule(config, -1, tmp_path / "lr.png")
+    with pytest.raises(ConfigError, match="must be a batchfit ScheduleConfig, got dict"):
+        plot_schedule({"total_steps": 10}, 0.1, tmp_path / "lr.png")
     assert not (tmp_path / "lr.png").exists()
 
 

@@ -224,7 +224,8 @@ def default_step_every(total_steps: int) -> int:
     return max(1, total_steps // STEP_DECAY_DROPS)
 
 
-def _check_config(config: object) -> None:
+def check_schedule_config(config: object) -> None:
+    """ConfigError unless `config` is a ScheduleConfig (a dict, a rate or None is not)."""
     if not isinstance(config, ScheduleConfig):
         raise ConfigError(
             f"config must be a batchfit ScheduleConfig, got {type(config).__name__}; "
@@ -263,7 +264,7 @@ def lr_multiplier(step: int, config: ScheduleConfig) -> float:
     """
     if not _is_int(step) or step < 0:
         raise ConfigError(f"step must be a whole number 0 or more, got {step!r}.")
-    _check_config(config)
+    check_schedule_config(config)
     warmup, total = config.warmup_steps, config.total_steps
     if step < warmup:
         start = config.warmup_start_factor
@@ -321,7 +322,7 @@ def build_scheduler(
     """
     from torch.optim.lr_scheduler import LambdaLR
 
-    _check_config(config)
+    check_schedule_config(config)
 
     # A plain function (not a callable object): LambdaLR.state_dict() then stores None for it
     # instead of the object's attributes, so the state loads with weights_only=True.
@@ -402,7 +403,7 @@ def schedule_table(
         >>> [(row["step"], round(row["lr"], 4)) for row in table][:4]
         [(0, 0.0), (5, 0.2), (9, 0.36), (10, 0.4)]
     """
-    _check_config(config)
+    check_schedule_config(config)
     if not _is_number(base_lr) or not base_lr > 0:
         raise ConfigError(f"base_lr must be a positive number, got {base_lr!r}.")
     if not _is_int(rows) or rows < 2:
@@ -439,7 +440,7 @@ def render_schedule(config: ScheduleConfig, base_lr: float, *, rows: int = 8) ->
     """
     from rich.table import Table
 
-    _check_config(config)
+    check_schedule_config(config)
     table = Table(title="Learning-rate schedule", caption=config.describe(), caption_justify="left")
     table.add_column("step", justify="right")
     table.add_column("phase")

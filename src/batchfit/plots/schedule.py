@@ -29,7 +29,7 @@ def schedule_png(config: ScheduleConfig, base_lr: float) -> bytes:
         The PNG file's bytes.
 
     Raises:
-        ConfigError: the rate is not positive.
+        ConfigError: `config` is not a ScheduleConfig, or the rate is not positive.
         MissingDependencyError: matplotlib is not installed.
 
     Example:
@@ -37,8 +37,9 @@ def schedule_png(config: ScheduleConfig, base_lr: float) -> bytes:
         >>> schedule_png(ScheduleConfig(total_steps=100, warmup_steps=10), 0.4)[:4]
         b'\\x89PNG'
     """
-    from batchfit.lr.schedules import lr_multiplier
+    from batchfit.lr.schedules import check_schedule_config, lr_multiplier
 
+    check_schedule_config(config)
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not base_lr > 0:
         raise ConfigError(f"base_lr must be a positive number, got {base_lr!r}.")
     total = config.total_steps
@@ -72,7 +73,8 @@ def plot_schedule(config: ScheduleConfig, base_lr: float, path: str | os.PathLik
         The path written.
 
     Raises:
-        ConfigError: the path does not end in .png, or the rate is not positive.
+        ConfigError: the path does not end in .png, `config` is not a ScheduleConfig, or the
+            rate is not positive.
         MissingDependencyError: matplotlib is not installed.
 
     Example:
