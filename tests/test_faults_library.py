@@ -4,12 +4,13 @@ over another model, plan margins, and BatchNorm models never tried at batch 1.""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch.utils.data import IterableDataset, TensorDataset
 
-from batchfit.errors import ConfigError, TaskError
+from batchfit.errors import CheckpointError, ConfigError, TaskError
 from batchfit.plan.norm_layers import is_single_sample_batchnorm_error, smallest_batch
 from tests.conftest import make_bn1d_task, make_mlp, make_mlp_task
 
@@ -109,3 +110,7 @@ def test_plan_of_a_batchnorm1d_model_and_its_fingerprint():
     assert result.model_fingerprint == model_identity(task.make_model())["model_fingerprint"]
     assert result.model_parameters == sum(p.numel() for p in task.make_model().parameters())
     check_plan_task(result, task)  # its own task passes
+    # "task": the default name a task loaded from a file had before it was named after the file
+    check_plan_task(replace(result, task_name="task"), task)
+    with pytest.raises(CheckpointError, match="made for task 'other'"):
+        check_plan_task(replace(result, task_name="other"), task)

@@ -303,13 +303,13 @@ def load_task(spec: str) -> Task:
     `TaskError` naming the file, the exception and the line, with the original exception as its
     `__cause__` (the CLI shows its traceback with -v).
 
+    A task left with the default name ("task") is named after its file or module
+    ("path/to/mymodel.py:build" gives "mymodel"), so its runs, plans and sweeps are told apart.
+
     Raises:
         TaskError: the file or module does not exist or cannot be read, raises while it is
             imported, lacks the function, the function needs arguments or raises, or does not
             return a Task.
-
-    A task left with the default name ("task") is named after its file or module
-    ("path/to/mymodel.py:build" gives "mymodel"), so its runs, plans and sweeps are told apart.
 
     Example:
         >>> load_task("batchfit.examples.digits:task").name

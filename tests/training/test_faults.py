@@ -136,6 +136,13 @@ def test_a_checkpoint_of_another_task_or_past_the_runs_end_is_refused(tmp_path):
     resume = TrainConfig(**{**config.to_dict(), "resume": True})
     with pytest.raises(CheckpointError, match="belongs to task 'wide', not 'other'"):
         train(_wide_task(name="other"), resume, device="cpu")
+    # "task", the default name a task loaded from a file had before it was named after the
+    # file, resumes under the file's name
+    old_default = tmp_path / "old-default"
+    config = TrainConfig(global_batch=32, micro_batch=16, steps=2, out_dir=str(old_default))
+    train(_wide_task(name="task"), config, device="cpu")
+    resumed = train(_wide_task(name="my_model"), replace(config, resume=True), device="cpu")
+    assert resumed.resumed_from_step == 2
     # Same options, less data: epochs give fewer steps than the checkpoint has done.
     run = tmp_path / "epochs"
     epochs = dict(global_batch=32, micro_batch=16, epochs=1.0, out_dir=str(run))

@@ -15,6 +15,7 @@ from typing import Any
 
 from batchfit.errors import CheckpointError
 from batchfit.files import write_atomic
+from batchfit.task import DEFAULT_TASK_NAME
 
 PLAN_SCHEMA_VERSION = 2
 """Version of the plan.json layout; raise it when a field is added, changes meaning or is removed.
@@ -127,7 +128,9 @@ def check_plan_task(plan: Plan, task: Any) -> None:
         "make a plan for this task with `batchfit plan`, or give --force-plan to train with "
         "this one anyway."
     )
-    if plan.task_name is not None and plan.task_name != task.name:
+    # "task", the default name, is also what a task loaded from a file had before
+    # `load_task` named it after its file: its model fingerprint decides below.
+    if plan.task_name not in (None, task.name, DEFAULT_TASK_NAME):
         made_with = f", given as {plan.task}" if plan.task != plan.task_name else ""
         raise CheckpointError(
             f"The plan was made for task {plan.task_name!r}{made_with}, not {task.name!r}; {fix}"

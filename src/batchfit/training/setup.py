@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError, ConfigError
+from batchfit.task import DEFAULT_TASK_NAME
 from batchfit.training.config import (
     TrainConfig,
     changed_identity_fields,
@@ -392,7 +393,9 @@ def _check_same_run(
 ) -> None:
     """Refuse a checkpoint of another task, other options, or past this run's end."""
     saved_task = checkpoint.get("task")
-    if saved_task is not None and saved_task != task.name:
+    # "task" (the default name) as well: a task loaded from a file had it before `load_task`
+    # named it after its file
+    if saved_task not in (None, task.name, DEFAULT_TASK_NAME):
         raise CheckpointError(
             f"The checkpoint {str(path)!r} belongs to task {saved_task!r}, not {task.name!r}; "
             "resume with the task that made it, or start a new run in another --out directory."
