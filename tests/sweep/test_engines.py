@@ -138,3 +138,55 @@ def test_a_ray_the_sweep_started_is_shut_down_and_one_it_found_is_left_running()
         assert ray.is_initialized()  # the caller's Ray: left as it was
     finally:
         ray.shutdown()
+
+
+FAILING_LOSS = """
+
+def _loss(model, batch):
+    inputs, labels = batch
+    if len(labels) == 64 and model.training:
+        raise ValueError("this loss cannot take batch 64")
+    return nn.functional.cross_entropy(model(inputs), labels)
+"""
+
+
+def _failing_task_file(tmp_path):
+    # The file's own _loss, replaced by one that fails at batch 64 (the model's training mode
+    # tells a training step from train_loss's evaluation).
+    path = tmp_path / "failing_task.py"
+    source = TASK_FILE.replace("\ndef task():", FAILING_LOSS + "\n\ndef task():")
+    path.write_text(source)
+    return str(path)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", [["--workers", "1"], ["--workers", "2"]])
+def test_a_trial_failing_in_the_task_code_is_one_line_naming_the_trial(engine, tmp_path, capsys):
+    # In a worker process the error came back without the task file's frames: the CLI printed
+    # the whole traceback instead of the one line it gives in-process.
+    from batchfit.cli.main import main
+
+    argv = ["sweep", f"{_failing_task_file(tmp_path)}:task", "--target", "train_loss<=0.9"]
+    argv += ["--batch-sizes", "32,64", "--seeds", "1", "--widen", "0", "--no-noise-scale"]
+    assert main([*argv, *engine, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("batchfit: error: The trial at batch 64")
+    assert "failing_task.py raised ValueError at line" in err and "cannot take batch 64" in err
+
+
+@pytest.mark.integration
+def test_a_trial_failing_on_ray_raises_the_one_line_error(tmp_path):
+    # Ray's RayTaskError reads as the worker's whole traceback; the TaskError is raised as itself.
+    ray = pytest.importorskip("ray", reason="Ray is optional: pip install batchfit[ray]")
+    from batchfit.errors import TaskError
+
+    config = SweepConfig("train_loss<=0.9", batch_sizes=(32, 64), seeds=1, widen=0,
+                         noise_scale=False, ray_address="auto")  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(TaskError) as caught:
+            run_sweep(f"{_failing_task_file(tmp_path)}:task", config)
+    finally:
+        ray.shutdown()
+    assert type(caught.value) is TaskError and "Traceback" not in str(caught.value)
+    assert str(caught.value).startswith("The trial at batch 64, lr ")

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from batchfit.errors import ConfigError, MissingDependencyError
+from batchfit.errors import BatchfitError, ConfigError, MissingDependencyError, TaskError
 from batchfit.sweep.target import Target
 from batchfit.sweep.trial import TrialResult, TrialSpec, run_trial
 
@@ -88,13 +88,31 @@ def _resolve(source: str | Task | None) -> Task:
     return _load_source(source) if isinstance(source, str) else source
 
 
+def _run_one(task: Task, spec: TrialSpec, target: Target, device, tolerance: float) -> TrialResult:
+    """`run_trial`, with an exception raised in the task's own code (its model, loss or batch
+    function) turned into a one-line `TaskError` naming the trial, in the process that ran it:
+    a worker process's or a Ray task's traceback does not survive the trip back, so the CLI
+    could not find the task's file and line in it (and printed the whole traceback)."""
+    from batchfit.task import task_code_error
+
+    try:
+        return run_trial(task, spec, target, device=device, tolerance=tolerance)
+    except Exception as error:
+        line = task_code_error(error)
+        if line is None:
+            raise
+        raise TaskError(
+            f"The trial at batch {spec.batch}, lr {spec.lr:.3g}, seed {spec.seed} failed: {line}"
+        ) from error
+
+
 def _trial_in_worker(
     source: str | Task | None, spec: TrialSpec, target: Target, tolerance: float
 ) -> TrialResult:
     import torch
 
     torch.set_num_threads(1)
-    return run_trial(_resolve(source), spec, target, device="cpu", tolerance=tolerance)
+    return _run_one(_resolve(source), spec, target, "cpu", tolerance)
 
 
 def run_trials(
@@ -129,7 +147,7 @@ def run_trials(
     elif workers <= 1 or len(specs) == 1:
         task = _resolve(source)
         for spec in specs:
-            yield run_trial(task, spec, target, device=device, tolerance=tolerance)
+            yield _run_one(task, spec, target, device, tolerance)
     else:
         yield from _run_in_processes(source, specs, target, tolerance, workers)
 
@@ -221,7 +239,15 @@ def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResu
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                yield ray.get(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as error:
+                    # Ray's error reads as the worker's whole traceback: batchfit's own error
+                    # (one line) is raised as itself, anything else keeps Ray's report.
+                    if isinstance(error.cause, BatchfitError):
+                        raise error.cause from error
+                    raise
+                yield result
     finally:
         for ref in pending:
             ray.cancel(ref)
