@@ -190,3 +190,22 @@ def test_a_trial_failing_on_ray_raises_the_one_line_error(tmp_path):
         ray.shutdown()
     assert type(caught.value) is TaskError and "Traceback" not in str(caught.value)
     assert str(caught.value).startswith("The trial at batch 64, lr ")
+
+
+def test_an_address_where_nothing_listens_is_refused_before_ray_waits(monkeypatch):
+    # ray.init retried such an address for about 14 minutes before raising, deaf to Ctrl-C.
+    import socket
+
+    ray = pytest.importorskip("ray", reason="Ray is optional: pip install batchfit[ray]")
+    from batchfit.errors import ConfigError
+
+    def hangs(**_):
+        raise AssertionError("ray.init was called for an address where nothing listens")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", hangs)
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConfigError, match=rf"No Ray cluster at --ray-address 127.0.0.1:{port} "):
+        run_sweep(DIGITS, _config(ray_address=f"127.0.0.1:{port}"))

@@ -208,17 +208,46 @@ def _import_ray() -> Any:
     return ray
 
 
+GCS_PROBE_SECONDS = 10.0
+"""How long `_connect` waits for a HOST:PORT to accept a connection before calling it absent."""
+
+
 def _connect(ray: Any, address: str) -> None:
     check_ray_address(address)
     if not ray.is_initialized():
+        refused = _unreachable(address)
+        if refused is not None:
+            # ray.init retries an address where nothing listens for about 14 minutes (20
+            # tries of ~40 s), deaf to Ctrl-C, before it raises: ask the port first.
+            raise _no_cluster(address, refused)
         try:
             ray.init(address=address, log_to_driver=False)
         except ConnectionError as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
-            raise ConfigError(
-                f"No Ray cluster at --ray-address {address} ({first}); start one with "
-                "`ray start --head`, or give --ray-address local to start one for this sweep."
-            ) from None
+            raise _no_cluster(address, first) from None
+
+
+def _no_cluster(address: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"No Ray cluster at --ray-address {address} ({why}); start one with `ray start --head`, "
+        "or give --ray-address local to start one for this sweep."
+    )
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at a HOST:PORT address (e.g. "connection refused"), or None when a
+    TCP connection opens there, or for auto, local and ray:// addresses (Ray gives up on those
+    within half a minute itself)."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=GCS_PROBE_SECONDS):
+            return None
+    except OSError as error:
+        return (error.strerror or str(error) or type(error).__name__).lower()
 
 
 def _run_on_ray(source, specs, target, tolerance, address) -> Iterator[TrialResult]:
