@@ -237,3 +237,39 @@ def test_the_seed_range_of_b_crit_names_an_end_beyond_the_grid():
     assert fit.critical_batch is not None and reason == ""
     seed0 = fit_steps([64, 128, 256], [100, 70, 55]).critical_batch
     assert low == 0.0 and high == pytest.approx(seed0)
+
+
+class _Engine(Exception):
+    """Raised by the fake engine: the sweep reached the trials."""
+
+
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [({}, None), ({"workers": 1}, None), ({"workers": 2}, "--workers 2"),
+     ({"ray_address": "local"}, "--ray-address")],
+)  # fmt: skip
+def test_a_sweep_on_another_device_trains_in_this_process(options, refused, monkeypatch):
+    # The trials of a sweep on cuda ran in worker processes, on the CPU, without a word.
+    import torch
+
+    import batchfit.devices
+    import batchfit.sweep.engines as engines
+
+    seen = {}
+
+    def engine(source, specs, target, *, tolerance, workers, ray_address, device):
+        seen.update(workers=workers, device=device)
+        raise _Engine
+
+    monkeypatch.setattr(batchfit.devices, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(engines, "run_trials", engine)
+    config = SweepConfig("val_accuracy>=0.9", batch_sizes=(64,), seeds=1, noise_scale=False,
+                         **options)  # fmt: skip
+    if refused is None:
+        with pytest.raises(_Engine):
+            run_sweep(DIGITS, config, device="cuda")
+        assert seen == {"workers": 1, "device": torch.device("cuda", 0)}
+    else:
+        with pytest.raises(ConfigError, match=rf"device cuda:0 .*{refused} .*--workers 1"):
+            run_sweep(DIGITS, config, device="cuda")
+        assert not seen

@@ -170,7 +170,9 @@ def run_sweep(
         config: the options (`SweepConfig`).
         out_dir: the sweep folder: each finished trial is written there at once, and a rerun
             with the same folder skips them (resume); None keeps nothing on disk.
-        device: where trials train when they run in this process (`workers=1`).
+        device: where trials train ("cpu", "cuda", "auto", ...). Worker processes and Ray tasks
+            train on CPU, so on any other device the trials run in this process, one at a time
+            (`workers` None or 1, no `ray_address`).
         progress: `progress("trials", done, total)` after each trial; total grows when a rate
             grid widens. Phase "noise" for the noise-scale measurement.
         on_trial: called with each finished trial (e.g. to show the current best).
@@ -180,7 +182,8 @@ def run_sweep(
 
     Raises:
         ConfigError: a target the task cannot report, a bad grid, a folder holding another
-            sweep, or fewer than two batches reaching the target (no fit).
+            sweep, an unknown device, or one other than the CPU with `workers` above 1 or a
+            Ray address.
         MissingDependencyError: a Ray address without Ray installed.
 
     Example:
@@ -190,8 +193,9 @@ def run_sweep(
         >>> [point.batch for point in result.points], result.trials_run
         ([64, 128], 6)
     """
+    from batchfit.devices import resolve_device
     from batchfit.lr.scaling import default_rule, scaled_rate
-    from batchfit.sweep.engines import default_workers, ray_session, run_trials
+    from batchfit.sweep.engines import ray_session, run_trials
     from batchfit.sweep.store import SweepStore
     from batchfit.task import Task, load_task
 
@@ -210,7 +214,8 @@ def run_sweep(
     rule = config.lr_rule or default_rule(task.optimizer_family())
     centers = {b: scaled_rate(task.lr, task.batch_size, b, rule).lr for b in batches}
     seeds = tuple(task.seed + i for i in range(config.seeds))
-    workers = config.workers or default_workers()
+    device = resolve_device(device)
+    workers = _workers(config, device)
     store = None
     if out_dir is not None:
         identity = {
@@ -325,6 +330,24 @@ def run_sweep(
     if store is not None:
         _write_outputs(store.folder, result)
     return result
+
+
+def _workers(config: SweepConfig, device) -> int:
+    """The local processes the trials run in. Worker processes and Ray tasks train on CPU, so on
+    another device the trials run in this process (1); asking for more is refused, not quietly
+    trained on the CPU."""
+    from batchfit.sweep.engines import default_workers
+
+    if device.type == "cpu":
+        return config.workers or default_workers()
+    if config.ray_address is not None or (config.workers or 1) > 1:
+        how = "--ray-address" if config.ray_address is not None else f"--workers {config.workers}"
+        raise ConfigError(
+            f"device {device} trains the trials in this process, one at a time, but {how} "
+            "runs them in processes that train on CPU; give --workers 1 without --ray-address "
+            "to train on the device, or --device cpu."
+        )
+    return 1
 
 
 def _parameter_count(task: Task) -> int:
