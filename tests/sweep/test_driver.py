@@ -273,3 +273,17 @@ def test_a_sweep_on_another_device_trains_in_this_process(options, refused, monk
         with pytest.raises(ConfigError, match=rf"device cuda:0 .*{refused} .*--workers 1"):
             run_sweep(DIGITS, config, device="cuda")
         assert not seen
+
+
+def test_a_grid_of_one_batch_says_to_add_one_not_to_ease_the_target():
+    # The reason read "1 reached the target. Lower the target or widen the batch grid.": the
+    # target was met, and lowering a loss target makes it harder.
+    from tests.conftest import make_mlp_task
+
+    config = SweepConfig("val_accuracy>=0.6", batch_sizes=(32,), seeds=1, widen=0, workers=1,
+                         noise_scale=False)  # fmt: skip
+    result = run_sweep(make_mlp_task(), config)
+    assert result.points[0].steps is not None and result.fit is None
+    assert "the grid has one (32): give two or more, e.g. --batch-sizes 32,64" in result.fit_reason
+    assert "Lower the target" not in result.describe()
+

@@ -381,6 +381,14 @@ def _point(batch, trials: _Trials, seeds, center: float, tried: list[float]) -> 
 
 def _fits(points, trials: _Trials, seeds):
     """The fit over seed-means, and the B_crit range over per-seed fits at the same rates."""
+    if len(points) == 1:
+        # Not the target's fault: no target reached at one batch can make a fit.
+        batch = points[0].batch
+        reason = (
+            "The fit S = S_min + E_min/B needs steps at two batch sizes or more; the grid has "
+            f"one ({batch}): give two or more, e.g. --batch-sizes {batch},{2 * batch}."
+        )
+        return None, reason, None, None
     reached = [p for p in points if p.steps is not None]
     try:
         fit = fit_steps([p.batch for p in reached], [p.steps for p in reached])

@@ -81,7 +81,7 @@ def fit_steps(batches: Sequence[float], steps: Sequence[float]) -> StepsFit:
     if len({b for b, _ in pairs}) < 2:
         raise ConfigError(
             f"The fit S = S_min + E_min/B needs steps at two batch sizes or more; {len(pairs)} "
-            "reached the target. Lower the target or widen the batch grid."
+            "reached the target. Ease the target, or add batch sizes that reach it."
         )
     inverse = np.array([1 / b for b, _ in pairs])
     measured = np.array([s for _, s in pairs])
