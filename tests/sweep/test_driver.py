@@ -287,3 +287,15 @@ def test_a_grid_of_one_batch_says_to_add_one_not_to_ease_the_target():
     assert "the grid has one (32): give two or more, e.g. --batch-sizes 32,64" in result.fit_reason
     assert "Lower the target" not in result.describe()
 
+
+def test_a_target_met_at_step_one_everywhere_gives_no_best_rate_exponent():
+    # Every rate reached the target at step 1: the "best" rate was the lowest one at each batch
+    # (a tie), and its slope, the rule's own exponent, was shown as the best-rate exponent.
+    from tests.conftest import make_mlp_task
+
+    config = SweepConfig("val_loss<=100", batch_sizes=(16, 64), seeds=1, widen=0, workers=1,
+                         noise_scale=False)  # fmt: skip
+    result = run_sweep(make_mlp_task(), config)
+    assert [point.steps for point in result.points] == [1.0, 1.0]
+    assert result.lr_exponent is None
+    assert ("best-rate exponent", "-") in result.summary_rows()

@@ -316,7 +316,11 @@ def run_sweep(
         critical_batch_low=low,
         critical_batch_high=high,
         lr_exponent=rate_exponent(
-            [p.batch for p in points], [p.best_lr if p.steps is not None else None for p in points]
+            [p.batch for p in points],
+            # A batch whose best rate reached the target at the first evaluation (step 1) took
+            # it from a tie (the lowest of the rates that did): it says nothing of how the best
+            # rate grows with the batch.
+            [p.best_lr if p.steps is not None and p.steps > 1 else None for p in points],
         ),
         lr_rule=rule,
         noise_scale=noise,
