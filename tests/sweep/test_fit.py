@@ -135,6 +135,9 @@ def test_a_batch_that_never_reached_the_target_is_named_with_its_cap():
     assert "--max-epochs" not in _sweep_result(points[:3], fit).describe()
     assert "The closest of those trials ended at val_accuracy 0.5." in meaning
     assert "fraction" not in meaning  # the target is one
+    # A trial pruned at a batch that reached the target came closer: it is not one of those.
+    pruned = replace(_trial(128, None, 140), metric=0.89)
+    assert "ended at val_accuracy 0.5." in replace(result, trials=(*trials, pruned)).describe()
 
 
 def test_a_target_written_as_a_percent_is_named_when_the_metric_is_a_fraction():

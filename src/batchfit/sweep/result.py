@@ -203,17 +203,22 @@ class SweepResult:
         )
 
     def _closest_miss_text(self) -> str:
-        """How near the trials that missed the target came, at their last evaluation; and, for
-        a target above 1 on a metric that stayed within 0-1, that it may be a percent."""
+        """How near the trials at the batches that missed the target came, at their last
+        evaluation; and, for a target above 1 on a metric that stayed within 0-1, that it may
+        be a percent. Trials pruned at batches that did reach it are no measure of those."""
         import math
 
         from batchfit.sweep.target import parse_target
 
         target = parse_target(self.target)
+        missed = {batch for batch, _ in self.missed()}
         values = [
             trial.metric
             for trial in self.trials
-            if not trial.reached and trial.metric is not None and math.isfinite(trial.metric)
+            if trial.batch in missed
+            and not trial.reached
+            and trial.metric is not None
+            and math.isfinite(trial.metric)
         ]
         if not values:
             return ""
