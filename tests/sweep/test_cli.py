@@ -92,6 +92,35 @@ def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line(capsys, tmp_path):
     assert err.count("\n") == 1 and "cannot be made" in err
 
 
+def test_a_folder_of_other_files_is_refused_and_a_sweep_folder_resumed(
+    capsys, tmp_path, monkeypatch
+):
+    # Any existing folder was taken: the sweep's result.json, trials.csv, steps.png and
+    # rates.png overwrote the user's files of the same name there.
+    import batchfit.sweep.driver as driver
+
+    ran = []
+
+    def sweep(*args, **kwargs):
+        ran.append(kwargs["out_dir"])
+        raise KeyboardInterrupt  # reached the sweep: stop here
+
+    monkeypatch.setattr(driver, "run_sweep", sweep)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "result.json").write_text("mine")
+    argv = ["sweep", "--example", "digits", "--target", "val_accuracy>=0.9", "--out", str(folder)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds files (result.json)" in err
+    assert "holding a sweep to resume" in err and "--force" in err
+    assert not ran and (folder / "result.json").read_text() == "mine"
+    assert main([*argv, "--force"]) == 130  # written into on request
+    (folder / "result.json").unlink()
+    (folder / "sweep.json").write_text("{}")  # a sweep's folder: resumed
+    assert main(argv) == 130 and len(ran) == 2
+
+
 def test_the_progress_note_shows_whole_entries_only():
     from batchfit.cli.commands import _best_note
 

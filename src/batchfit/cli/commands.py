@@ -273,6 +273,7 @@ def sweep(args: argparse.Namespace) -> int:
     from batchfit.cli.format import table as format_table
     from batchfit.plots.sweep import plot_sweep
     from batchfit.sweep.driver import SweepConfig, run_sweep
+    from batchfit.sweep.store import holds_sweep
 
     options = given(
         args, seeds="seeds", widen="widen", cap_factor="cap_factor", micro_batch="micro_batch",
@@ -290,8 +291,16 @@ def sweep(args: argparse.Namespace) -> int:
     # Worker processes load the task by name: pass the spec, not the loaded Task.
     task = f"batchfit.examples.{args.example}:task" if args.example else args.task
     out = args.out or f"sweep-{args.example or 'task'}"
-    # A folder with trials in it is a sweep to resume: only whether it can be written is checked.
-    check_output_folder(out, "--out", force=False, keep=True)
+    # A folder holding a sweep is one to resume: only whether it can be written is checked. Any
+    # other folder with files in it is refused (the sweep's result.json, trials.csv and plots
+    # would overwrite files of the same name) unless --force.
+    check_output_folder(
+        out,
+        "--out",
+        force=args.force,
+        keep=holds_sweep(out),
+        also=" (new, empty, or holding a sweep to resume)",
+    )
     best: dict[int, tuple[int, float]] = {}
     with StepBar("trials") as bar:
 

@@ -477,7 +477,7 @@ def _add_sweep(command) -> None:
     )  # fmt: skip
     sweep.add_argument("--ray-address", help="run the trials on Ray: auto, local or HOST:PORT")
     sweep.add_argument("--no-noise-scale", action="store_true", help="skip the noise scale")
-    sweep.add_argument("--out", metavar="DIR", help="sweep folder (default: sweep-NAME)")
+    add_out_arguments(sweep, "DIR", "sweep folder, resumed if it holds one (default: sweep-NAME)")
     sweep.add_argument("--device", help="cpu (default), or e.g. cuda: trials then run in turn")
     add_json_argument(sweep)
 

@@ -23,7 +23,7 @@ from batchfit.files import write_atomic
 from batchfit.sweep.grid import rate_key
 from batchfit.sweep.trial import TrialResult, TrialSpec
 
-__all__ = ["CSV_NAME", "SweepStore", "trials_csv"]
+__all__ = ["CSV_NAME", "SweepStore", "holds_sweep", "trials_csv"]
 
 IDENTITY_NAME = "sweep.json"
 TRIALS_FOLDER = "trials"
@@ -102,6 +102,17 @@ class SweepStore:
     def finished(self) -> int:
         """How many trial files the folder holds."""
         return len(list((self.folder / TRIALS_FOLDER).glob("*.json")))
+
+
+def holds_sweep(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a sweep (its `sweep.json` or its `trials/`): one to resume.
+
+    Example:
+        >>> holds_sweep("no-such-folder")
+        False
+    """
+    path = Path(folder)
+    return (path / IDENTITY_NAME).is_file() or (path / TRIALS_FOLDER).is_dir()
 
 
 def trials_csv(results: Iterable[TrialResult]) -> str:
