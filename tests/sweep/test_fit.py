@@ -193,5 +193,22 @@ def test_the_seed_range_row_names_an_end_beyond_the_grid(low, high, text):
         _sweep_result(points, fit_steps([64, 128, 256], [100.0, 70.0, 55.0])),
         critical_batch_low=low,
         critical_batch_high=high,
+        seeds=(0, 1),
     )
     assert dict(result.summary_rows())["B_crit over seeds"] == text
+
+
+def test_one_seed_shows_no_range_of_b_crit():
+    # With one seed the row read "152 to 152": a spread that was never measured.
+    from dataclasses import replace
+
+    from batchfit.sweep.result import BatchPoint
+
+    points = [BatchPoint(b, s, int(s), int(s), 0.01, 0.01, (0.005, 0.01, 0.02), 3)
+              for b, s in ((64, 100.0), (128, 70.0), (256, 55.0))]  # fmt: skip
+    fit = fit_steps([64, 128, 256], [100.0, 70.0, 55.0])
+    crit = fit.critical_batch
+    result = replace(_sweep_result(points, fit), critical_batch_low=crit,
+                     critical_batch_high=crit)  # fmt: skip
+    assert result.seeds == (0,)
+    assert dict(result.summary_rows())["B_crit over seeds"] == "- (one seed: use --seeds 2+)"

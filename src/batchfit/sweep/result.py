@@ -146,7 +146,9 @@ class SweepResult:
         crit = self.critical_batch
         rows.append(("B_crit = E_min/S_min", f"{crit:,.0f}" if crit is not None else "-"))
         if crit is not None:
-            rows.append(("B_crit over seeds", self._seed_range()))
+            # One seed's fit is the fit itself: "152 to 152" would read as a measured spread.
+            spread = self._seed_range() if len(self.seeds) > 1 else "- (one seed: use --seeds 2+)"
+            rows.append(("B_crit over seeds", spread))
         if self.noise_scale is not None:
             noise = self.noise_scale
             value = noise.get("noise_scale_samples")
