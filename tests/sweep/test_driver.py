@@ -299,3 +299,19 @@ def test_a_target_met_at_step_one_everywhere_gives_no_best_rate_exponent():
     assert [point.steps for point in result.points] == [1.0, 1.0]
     assert result.lr_exponent is None
     assert ("best-rate exponent", "-") in result.summary_rows()
+
+
+def test_a_micro_batch_that_does_not_divide_a_batch_is_refused_before_any_trial(monkeypatch):
+    # Every trial failed in turn with the loop's advice: "a global batch of 30 or 36, or allow
+    # uneven micro-batches (--allow-uneven ...)", neither of which the sweep takes.
+    import batchfit.sweep.engines as engines
+
+    def engine(*args, **kwargs):
+        raise AssertionError("a trial ran")
+
+    monkeypatch.setattr(engines, "run_trials", engine)
+    config = SweepConfig("val_accuracy>=0.9", batch_sizes=(4, 16, 32), seeds=1, micro_batch=6,
+                         workers=1, noise_scale=False)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--micro-batch 6 does not divide the grid's batch "
+                                          r"16, 32; .* e\.g\. --micro-batch 4\.$"):  # fmt: skip
+        run_sweep(DIGITS, config)

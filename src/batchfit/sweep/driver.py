@@ -212,6 +212,8 @@ def run_sweep(
     else:
         batches = check_batch_sizes(list(config.batch_sizes), dataset_size=size)
     rule = config.lr_rule or default_rule(task.optimizer_family())
+    if config.micro_batch is not None:
+        _check_micro_batch(config.micro_batch, batches)
     centers = {b: scaled_rate(task.lr, task.batch_size, b, rule).lr for b in batches}
     seeds = tuple(task.seed + i for i in range(config.seeds))
     device = resolve_device(device)
@@ -352,6 +354,21 @@ def _workers(config: SweepConfig, device) -> int:
             "to train on the device, or --device cpu."
         )
     return 1
+
+
+def _check_micro_batch(micro: int, batches: Sequence[int]) -> None:
+    """Refuse a micro-batch that does not divide a batch above it, before any trial: each
+    trial would otherwise fail with the training loop's advice (other global batches,
+    --allow-uneven), which the sweep does not take."""
+    uneven = [b for b in batches if b > micro and b % micro]
+    if not uneven:
+        return
+    common = math.gcd(*(b for b in batches if b > micro))
+    fits = max(d for d in range(1, micro + 1) if common % d == 0)
+    raise ConfigError(
+        f"--micro-batch {micro} does not divide the grid's batch {', '.join(map(str, uneven))}; "
+        f"give one that divides every batch above it, e.g. --micro-batch {fits}."
+    )
 
 
 def _parameter_count(task: Task) -> int:
