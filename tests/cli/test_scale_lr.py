@@ -108,3 +108,15 @@ def test_schedule_flags_without_total_steps_are_refused_not_ignored(flag, capsys
     err = capsys.readouterr().err
     assert f"{flag[0]} shapes the schedule, which needs --total-steps" in err
     assert main([*args, "--total-steps", "1000"]) == 0
+
+
+def test_a_batch_past_8192_names_lars_or_lamb(capsys):
+    # Goyal et al.'s rule held to 8k; beyond it the rate alone is not the answer
+    base = ["scale-lr", "--lr", "0.1", "--batch", "256"]
+    assert main([*base, "--new-batch", "65536"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "25.6" and "use LARS" in out and "--optimizer lars" in out
+    assert main([*base, "--new-batch", "16384", "--optimizer-family", "adam", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["optimizer_advice"]["optimizer"] == "lamb"
+    assert main([*base, "--new-batch", "8192", "--json"]) == 0
+    assert "optimizer_advice" not in json.loads(capsys.readouterr().out)

@@ -113,6 +113,7 @@ def scale_lr(args: argparse.Namespace) -> int:
     from batchfit.cli.format import print_scaled_rate
     from batchfit.lr.scaling import default_rule, recommended_schedule, scaled_rate
     from batchfit.lr.schedules import schedule_table
+    from batchfit.plan.advice import optimizer_advice
 
     check_output_file(args.plot, "--plot", suffix=".png")
     if args.plot is not None and args.total_steps is None:
@@ -141,6 +142,9 @@ def scale_lr(args: argparse.Namespace) -> int:
     family = args.optimizer_family or (task.optimizer_family() if task else "sgd")
     scaled = scaled_rate(lr, batch, args.new_batch, args.rule or default_rule(family))
     result = scaled.to_dict()
+    optimizer = optimizer_advice(args.new_batch, family)
+    if optimizer.value != "task":  # past what a scaled rate and warmup carry plain SGD/Adam
+        result["optimizer_advice"] = {"optimizer": optimizer.value, "reason": optimizer.reason}
     config = None
     if args.total_steps is not None:
         warmup = args.warmup
@@ -161,6 +165,13 @@ def scale_lr(args: argparse.Namespace) -> int:
         return 0
     console = stdout_console()
     print_scaled_rate(console, scaled, config)
+    if "optimizer_advice" in result:
+        console.print(
+            f"note: {optimizer.reason}; the rule's rate alone is not enough there "
+            f"(batchfit train --optimizer {optimizer.value})",
+            highlight=False,
+            markup=False,
+        )
     if args.plot is not None:
         console.print(f"schedule plot written to {result['plot']}", highlight=False, markup=False)
     return 0
