@@ -98,3 +98,17 @@ def test_cli_example_names_match_the_task_module():
     from batchfit.task import EXAMPLES
 
     assert _EXAMPLES == EXAMPLES
+
+
+def test_estimate_takes_a_card_and_keeps_what_cuda_keeps(capsys):
+    # A100-80GB: 80 GiB, less 1 GiB of CUDA context and 5% for fragmentation = 5 GiB
+    args = ["estimate", "--memory", "a100_80gb", "--model", "4GiB", "--per-sample", "1GiB"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(80 - 5 - 4)
+    assert "A100-80GB: 80.00 GiB, less 5.00 GiB reserve" in lines[1]
+    assert main([*args, "--reserve", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["max_batch_size"], data["card"], data["reserve_bytes"]) == (76, "A100-80GB", 0)
+    assert main(["estimate", "--memory", "Z100", "--model", "4GB", "--per-sample", "1GB"]) == 2
+    assert "not a size (such as 24GiB) or a known card; the cards are T4" in capsys.readouterr().err

@@ -102,18 +102,33 @@ def parse_warmup(text: str, name: str = "--warmup") -> int | float | None:
 class Size(argparse.Action):
     """A memory size such as 12GiB, converted to bytes (`batchfit.units.parse_size`).
 
-    Extra `add_argument` keyword: zero=True also takes a size of nothing ("0", "0GB").
+    Extra `add_argument` keywords: zero=True also takes a size of nothing ("0", "0GB");
+    cards=True also takes a card's name ("A100-80GB", `batchfit.memory.cards`): its memory in
+    bytes, and the card in `<dest>_card` (None for a size).
     """
 
     def __init__(
-        self, option_strings: Sequence[str], dest: str, *, zero: bool = False, **kwargs: Any
+        self,
+        option_strings: Sequence[str],
+        dest: str,
+        *,
+        zero: bool = False,
+        cards: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(option_strings, dest, **kwargs)
-        self.zero = zero
+        self.zero, self.cards = zero, cards
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         if self.zero and isinstance(values, str) and _is_zero_size(values):
             setattr(namespace, self.dest, 0)
+            return
+        if self.cards and isinstance(values, str) and values.strip()[:1].isalpha():
+            from batchfit.memory.cards import memory_target
+
+            target = memory_target(values)  # ConfigError naming the known cards
+            setattr(namespace, self.dest, target.memory_bytes)
+            setattr(namespace, f"{self.dest}_card", target.card)
             return
         setattr(namespace, self.dest, parse_size(values, name=option_string or self.dest))
 

@@ -49,7 +49,12 @@ def estimate(args: argparse.Namespace) -> int:
     from batchfit.memory.rounding import check_round_to, round_down
 
     round_to = check_round_to(args.round if args.round is not None else "none")
+    card = getattr(args, "memory_card", None)
     reserve = args.reserve if args.reserve is not None else 0
+    if card is not None and args.reserve is None:  # what CUDA keeps, as `memory --gpu` does
+        from batchfit.memory.cards import cuda_reserve_bytes
+
+        reserve = cuda_reserve_bytes(card.memory_bytes)
     exact = max_batch_size(args.memory, args.model, args.per_sample, reserve_bytes=reserve)
     result = {
         "capacity_bytes": args.memory,
@@ -59,6 +64,7 @@ def estimate(args: argparse.Namespace) -> int:
         "max_batch_size": exact,
         "round_to": round_to,
         "batch_size": round_down(exact, round_to),
+        **({"card": card.name} if card is not None else {}),
     }
     if args.json:
         print_json(result)

@@ -48,6 +48,11 @@ def print_estimate(result: dict[str, Any]) -> None:
     fits (`estimate_does_not_fit` words the other case)."""
     exact, rounded = result["max_batch_size"], result["batch_size"]
     print(f"{exact}{rounding_words(exact, rounded, result['round_to'])}")
+    if "card" in result:
+        print(
+            f"  {result['card']}: {format_bytes(result['capacity_bytes'])}, less "
+            f"{format_bytes(result['reserve_bytes'])} reserve (--reserve to change)"
+        )
 
 
 def estimate_does_not_fit(result: dict[str, Any]) -> str:

@@ -30,12 +30,7 @@ from batchfit.cli.arguments import (
     add_task_arguments,
 )
 from batchfit.monitor.findings import KINDS
-from batchfit.validation import (
-    MAX_BATCH_SIZE,
-    MAX_DDP_TIMEOUT_SECONDS,
-    MAX_PROCESSES,
-    MAX_SEED,
-)
+from batchfit.validation import MAX_BATCH_SIZE, MAX_DDP_TIMEOUT_SECONDS, MAX_PROCESSES, MAX_SEED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,14 +78,17 @@ def _add_estimate(command) -> None:
         "The largest batch size: (memory - reserve - model) / per-sample.",
     )
     for flag, help in (
-        ("--memory", "device memory, e.g. 24GB"),
+        ("--memory", "device memory, e.g. 24GB, or a card such as A100-80GB"),
         ("--model", "memory before the first sample, e.g. 4GB"),
         ("--per-sample", "memory each sample adds, e.g. 0.2GB"),
     ):
-        estimate.add_argument(flag, required=True, metavar="SIZE", action=Size, help=help)
+        estimate.add_argument(
+            flag, required=True, metavar="SIZE", action=Size, cards=flag == "--memory", help=help
+        )
     estimate.add_argument(
-        "--reserve", metavar="SIZE", action=Size, zero=True, help="memory to keep free (default 0)"
-    )
+        "--reserve", metavar="SIZE", action=Size, zero=True,
+        help="memory to keep free (default 0; for a card, what CUDA keeps)",
+    )  # fmt: skip
     add_round_argument(estimate)
     add_json_argument(estimate)
 
