@@ -186,3 +186,15 @@ def test_memory_confirms_a_budget_this_machine_holds_with_bf16(capsys):
 def test_memory_card_and_precision_errors(capsys, argv, words):
     assert main(["memory", TASK, "--device", "cpu", *argv]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_an_answer_above_the_training_set_says_so(capsys):
+    # the tiny MLP's 256 samples fit over twice in 160 KiB: a batch above 256 repeats them
+    code = main(["memory", TASK, "--device", "cpu", "--memory-budget", "160KiB", "--margin", "0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    limit = int(out.split("Largest batch that fits: ")[1].split()[0])
+    assert limit > 256
+    assert "The training set has 256 samples: all of them fit in one step" in out
+    main(["memory", TASK, "--device", "cpu", "--memory-budget", "60KiB", "--margin", "0"])
+    assert "The training set has" not in capsys.readouterr().out

@@ -90,7 +90,7 @@ def memory(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    print_memory(stdout_console(), task.name, result)
+    print_memory(stdout_console(), task.name, result, len(task.train_data))
     return 0
 
 
