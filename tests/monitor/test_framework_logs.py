@@ -92,3 +92,32 @@ def test_transformers_trainer_state_is_read_and_diagnosed(tmp_path):
     # A language model at rate 1e-3 for 12 steps learns: the loss falls.
     assert history.train_loss.values[-1] < history.train_loss.values[0]
     assert "diverging" not in {finding.kind for finding in diagnose(history).findings}
+
+
+def test_transformers_run_that_cannot_learn_is_named_during_warmup(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, tie_word_embeddings=False
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():  # a zero last layer norm and head: uniform logits, every gradient 0
+        for tensor in (model.transformer.ln_f.weight, model.transformer.ln_f.bias,
+                       model.lm_head.weight):  # fmt: skip
+            tensor.zero_()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 64, (96, 16), generator=generator)
+    data = [{"input_ids": row, "labels": row.clone()} for row in tokens]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[],
+        logging_steps=1, max_steps=12, per_device_train_batch_size=8, disable_tqdm=True,
+        learning_rate=1e-3, warmup_steps=100,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_state()
+    # was: healthy (the rate was still warming up, so nothing but divergence was judged)
+    (finding,) = diagnose(read_history(tmp_path)).findings
+    assert (finding.kind, finding.severity) == ("underfitting", "critical")
+    assert finding.summary.startswith("not learning: the training loss is ")
+    assert "at all 12 logged steps (1-12), and the gradient norm was 0" in finding.summary

@@ -55,11 +55,13 @@ class RunSettings:
 
 _SETTING_NAMES = {
     "batchfit": {
+        "lr": "--lr {}",
         "max_grad_norm": "--max-grad-norm {}",
         "label_smoothing": "--label-smoothing {}",
         "swa": "--swa",
     },
     "transformers": {
+        "lr": "learning_rate={}",
         "max_grad_norm": "max_grad_norm={}",
         "label_smoothing": "label_smoothing_factor={}",
     },

@@ -20,6 +20,7 @@ from batchfit.monitor.advice import RunSettings
 from batchfit.monitor.curve import read_curve
 from batchfit.monitor.findings import KINDS, Diagnosis, Finding
 from batchfit.monitor.history import History
+from batchfit.monitor.not_learning import not_learning
 from batchfit.units import format_count
 
 __all__ = ["diagnose", "noise_scale_at_end"]
@@ -144,7 +145,12 @@ def diagnose(
             )
         )
 
-    if curve is not None:
+    stuck = not_learning(history, run) if curve is not None and not bad_steps else []
+    if stuck:
+        # A loss that never moved: not a transient of the warmup, nor noise or a plateau.
+        checked += ["diverging", "noisy", "stalled", "underfitting"]
+        found += stuck
+    elif curve is not None:
         warming_up = _still_warming_up(history)
         checked += ["diverging"] + ([] if warming_up else ["noisy", "stalled", "underfitting"])
         if not bad_steps:

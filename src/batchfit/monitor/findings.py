@@ -156,6 +156,13 @@ MIN_NOISE_POINTS = 5
 """Noise-scale readings needed before the batch is judged against them: one reading (a 6-step
 run logs one) is a single noisy ratio of two estimates, near zero as often as not."""
 
+FLAT_RELATIVE = 1e-6
+"""Not learning: every logged training loss equal to the first within a millionth of it. A
+float32 loss moves in its sixth or seventh digit as soon as the weights or the batch change
+anything; a loss that never does at all is not a plateau but a run in which no step changes
+the model's output (a zero rate, gradients that never reach the weights). Judged even while
+the rate warms up: a transient moves the loss, it does not freeze it."""
+
 ACCUMULATE_FACTOR = 4
 """Noisy without a noise scale: accumulate 4 micro-batches, the guide's case study (batch 16
 -> 64 with the rate raised by the rule)."""

@@ -101,6 +101,8 @@ class History:
         metric_higher_is_better: whether a larger `metric` is better.
         lr: learning rate per logged step, or None.
         noise_scale: gradient noise scale B_simple (samples) per logged step, or None.
+        grad_norm: the gradient norm per logged step (before clipping, as batchfit and the
+            Hugging Face Trainer log it), or None.
         global_batch: samples per optimizer step over all ranks, when the log tells it (the
             last one logged, under a batch schedule that changes it).
         global_batches: the global batch (samples) per logged step, when the log has it on its
@@ -121,6 +123,7 @@ class History:
     metric_higher_is_better: bool = True
     lr: Series | None = None
     noise_scale: Series | None = None
+    grad_norm: Series | None = None
     global_batch: int | None = None
     global_batches: Series | None = None
     micro_batch: int | None = None
@@ -141,6 +144,7 @@ class History:
         metric: str | None = None,
         lr: str | None = "lr",
         noise_scale: str | None = "noise_scale",
+        grad_norm: str | None = "grad_norm",
         global_batches: str | None = "global_batch",
         step: str = "step",
         **options: Any,
@@ -172,6 +176,7 @@ class History:
             metric=series(metric),
             lr=series(lr),
             noise_scale=series(noise_scale),
+            grad_norm=series(grad_norm),
             global_batches=series(global_batches),
             **options,
         )
@@ -189,6 +194,7 @@ class History:
             "metric_higher_is_better": self.metric_higher_is_better,
             "lr": maybe(self.lr),
             "noise_scale": maybe(self.noise_scale),
+            "grad_norm": maybe(self.grad_norm),
             "global_batch": self.global_batch,
             "global_batches": maybe(self.global_batches),
             "micro_batch": self.micro_batch,

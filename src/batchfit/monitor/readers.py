@@ -31,6 +31,7 @@ from batchfit.errors import MissingDependencyError, RunLogError
 from batchfit.monitor.history import History, higher_is_better
 from batchfit.monitor.series_names import (
     GLOBAL_BATCH_NAMES,
+    GRAD_NORM_NAMES,
     NOISE_NAMES,
     TRAIN_LOSS_NAMES,
     VAL_LOSS_NAMES,
@@ -240,6 +241,7 @@ def _history(
         metric=metric,
         lr=pick_lr(available),
         noise_scale=pick_series(available, None, NOISE_NAMES, "noise-scale", file),
+        grad_norm=pick_series(available, None, GRAD_NORM_NAMES, "grad-norm", file),
         global_batches=pick_series(available, None, GLOBAL_BATCH_NAMES, "global-batch", file),
         metric_higher_is_better=higher_is_better(metric or ""),
         source=str(file),

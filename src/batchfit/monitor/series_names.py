@@ -15,6 +15,7 @@ from batchfit.errors import RunLogError
 
 __all__ = [
     "GLOBAL_BATCH_NAMES",
+    "GRAD_NORM_NAMES",
     "NOISE_NAMES",
     "TRAIN_LOSS_NAMES",
     "VAL_LOSS_NAMES",
@@ -38,6 +39,9 @@ LR_NAMES = ("lr", "learning_rate", "train_learning_rate", "lr_abs")
 # batchfit's TensorBoard tag `noise/noise_scale`; the Hugging Face Trainer's TensorBoard
 # callback writes the noise scale of `NoiseScaleTrainerCallback` as `train/noise_scale`
 NOISE_NAMES = ("noise_scale", "noise_noise_scale", "train_noise_scale")
+# batchfit's metrics lines and the Hugging Face Trainer's log_history log `grad_norm`; the
+# Trainer's TensorBoard callback writes `train/grad_norm`
+GRAD_NORM_NAMES = ("grad_norm", "train_grad_norm", "gradient_norm")
 # batchfit's metrics lines and its Lightning callback log `global_batch`; its TensorBoard tag is
 # `train/global_batch`
 GLOBAL_BATCH_NAMES = ("global_batch", "train_global_batch")
