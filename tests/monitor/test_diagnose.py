@@ -1,5 +1,6 @@
 """diagnose() on series built to show each kind, on healthy series, and on broken logs."""
 
+import json
 import math
 from dataclasses import replace
 
@@ -9,6 +10,7 @@ import pytest
 from batchfit.monitor.diagnose import diagnose
 from batchfit.monitor.findings import KINDS
 from batchfit.monitor.history import History, Series
+from batchfit.monitor.readers import read_history
 
 
 def _history(losses, *, val=None, metric=None, every=10, noise=None, lr=0.001, batch=64, **kw):
@@ -377,3 +379,63 @@ def test_a_run_diverging_in_its_warmup_is_not_told_its_peak_rate_or_warmup_lengt
     records += [{"step": 11, "loss": 2000.0, "lr": 1.0}]  # the rate peaked: it is the run's
     (finding,) = diagnose(History.from_records(records, global_batch=64, micro_batch=64)).findings
     assert "lower the peak learning rate 10x (1 -> 0.1)" in finding.advice
+
+
+# --- a batch that grew during the run --------------------------------------------------------
+
+
+def _grown_run(*, factors=True, changes=False):
+    """A run whose batch doubles 32 -> 64 -> 128 at steps 41 and 81 (sqrt rule, factor x1.41 and
+    x2) on a 10-step warmup to 0.001 and a cosine decay: the highest logged rate is 0.00104, at
+    step 41 (batch 64); the rate that goes with batch 128 is 0.002."""
+    records = []
+    for step, loss in enumerate(_decay(n=120, rate=0.03), start=1):
+        batch, factor = (32, 1.0) if step <= 40 else (64, 2**0.5) if step <= 80 else (128, 2.0)
+        base = 0.001 * (step / 10 if step <= 10 else 0.5 * (1 + math.cos(math.pi * step / 120)))
+        record = {"step": step, "loss": loss, "lr": base * factor, "global_batch": batch}
+        record["noise_scale"] = 300.0
+        if factors:
+            record["lr_factor"] = factor
+        if changes and step in (41, 81):
+            record["batch_change"] = {"lr_factor": factor, "new_batch": batch}
+        records.append(record)
+    return records
+
+
+def test_advice_under_a_growing_batch_starts_from_the_final_batch_and_its_rate(tmp_path):
+    history = History.from_records(_grown_run(), global_batch=128, micro_batch=16, lr_rule="sqrt")
+    assert max(history.lr.values) == pytest.approx(0.001045, rel=1e-3)  # step 41, batch 64
+    diagnosis = diagnose(history)
+    finding = diagnosis.get("batch-below-critical")
+    # was: 0.00104 (the highest logged, at batch 64) -> 0.00148 for batch 256, about half the
+    # rate that follows batch 128's 0.002 by the run's own rule
+    assert finding.settings["global_batch"] == 256
+    assert finding.settings["lr"] == pytest.approx(0.002 * 2**0.5, rel=1e-6)
+    assert "global batch 128 -> 256, learning rate 0.002 -> 0.00283" in finding.advice
+    (note,) = [n for n in diagnosis.notes if "went from 32 to 128" in n]
+    assert "final global batch 128 and the peak rate the run's schedule gave it, 0.002" in note
+    assert "the highest logged rate was 0.00104" in note
+    # 40 x 32 + 40 x 64 + 40 x 128 samples are 70 steps of 128
+    assert "8960 samples as 70 steps of 128" in note
+
+
+def test_a_batchfit_log_with_only_its_batch_changes_gives_the_same_advice(tmp_path):
+    # metrics.jsonl from before lr_factor was on every line: the batch_change records tell it
+    lines = _grown_run(factors=False, changes=True)
+    for line in lines:
+        line.update(samples_seen=0, lr_rule="sqrt", micro_batch=16)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    finding = diagnose(read_history(tmp_path)).get("batch-below-critical")
+    assert finding.settings["lr"] == pytest.approx(0.002 * 2**0.5, rel=1e-6)
+
+
+def test_a_grown_batch_without_factors_follows_the_rule_or_says_which_rate(tmp_path):
+    records = _grown_run(factors=False)
+    by_rule = diagnose(History.from_records(records, global_batch=128, lr_rule="sqrt"))
+    assert by_rule.get("batch-below-critical").settings["lr"] == pytest.approx(0.002 * 2**0.5)
+    assert any("the sqrt rule from batch 32 to 128" in note for note in by_rule.notes)
+    unknown = diagnose(History.from_records(records, global_batch=128))
+    assert any(
+        "the highest logged rate, 0.00104 (step 41, at batch 64); the log does not say" in note
+        for note in unknown.notes
+    )

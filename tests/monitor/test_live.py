@@ -97,3 +97,31 @@ def test_a_growing_batch_is_judged_at_its_latest_size_live_and_from_the_log(tmp_
     assert live.history().global_batch == 64 and live.history().micro_batch == 16
     history = read_history(tmp_path / "metrics.jsonl")
     assert history.global_batch == 64 and history.micro_batch == 16
+
+
+def test_a_seesaw_runs_advice_starts_from_its_final_batch_and_rate(tmp_path, capsys):
+    # digits at batch 32 (Adam, sqrt rule), seesaw up to 128: the batch doubles twice as the
+    # cosine passes 1/2 and 1/4, the rate x sqrt(2) each time; the peak 0.001 came at batch 32.
+    from batchfit.cli.main import main
+    from batchfit.monitor.diagnose import diagnose
+    from batchfit.monitor.readers import read_history
+
+    argv = ["train", "--example", "digits", "--global-batch", "32", "--micro-batch", "16",
+            "--batch-schedule", "seesaw", "--max-global-batch", "128", "--steps", "120",
+            "--out", str(tmp_path), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["global_batch"] == 128
+    (finding,) = [
+        f for f in summary["diagnosis"]["findings"] if f["kind"] == "batch-below-critical"
+    ]
+    # was: "global batch 128 -> 256, learning rate 0.001 -> 0.00141", from batch 32's peak rate
+    assert (
+        "global batch 128 -> 256, learning rate 0.002 -> 0.00283 by the sqrt rule"
+        in (finding["advice"])
+    )
+    notes = summary["diagnosis"]["notes"]
+    assert any("the final global batch 128 and the peak rate" in note for note in notes)
+    # the metrics file, whose every line logs the schedule's lr_factor, gives the same advice
+    from_file = diagnose(read_history(tmp_path)).get("batch-below-critical")
+    assert from_file.advice == finding["advice"]

@@ -148,6 +148,7 @@ def test_noise_schedule_grows_on_a_constructed_series_and_the_rate_follows_the_r
         batch = reference.global_batch(step, seen, previous)
         assert line["global_batch"] == batch
         assert line["lr"] == pytest.approx(1e-3 * reference.lr_factor(step), rel=1e-12)
+        assert line["lr_factor"] == pytest.approx(reference.lr_factor(step), rel=1e-12)
         previous, seen = series(step + 1), seen + batch
     assert [(c.step, c.old_batch, c.new_batch) for c in result.batch_changes] == [
         (4, 16, 32),  # 50 > 2 x 16 but not 2 x 32: one doubling

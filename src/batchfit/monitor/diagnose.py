@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from batchfit.lr.scaling import scaled_rate
 from batchfit.monitor import checks
 from batchfit.monitor import findings as limits
 from batchfit.monitor.advice import RunSettings
 from batchfit.monitor.curve import read_curve
 from batchfit.monitor.findings import KINDS, Diagnosis, Finding
-from batchfit.monitor.history import History
+from batchfit.monitor.history import History, Series
 from batchfit.monitor.not_learning import not_learning
 from batchfit.units import format_count
 
@@ -28,7 +29,11 @@ __all__ = ["diagnose", "noise_scale_at_end"]
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 
 
-def _settings(history: History, plan: Any, rule: str | None, can_smooth: bool) -> RunSettings:
+def _settings(
+    history: History, plan: Any, rule: str | None, can_smooth: bool
+) -> tuple[RunSettings, str | None]:
+    """The run's settings as the advice starts from them, and a note when the batch changed
+    during the run (which batch and rate the advice starts from)."""
     lr_peak = warmup = None
     if history.lr is not None and history.lr.finite().values:
         lr = history.lr.finite()
@@ -44,12 +49,18 @@ def _settings(history: History, plan: Any, rule: str | None, can_smooth: bool) -
         micro_batch = micro_batch or getattr(plan, "micro_batch", None)
         lr_peak = lr_peak if lr_peak is not None else getattr(plan, "lr", None)
     steps = history.train_loss.steps
-    return RunSettings(
+    total_steps = int(steps[-1]) if steps else None
+    note = None
+    grown = _schedule_rate(history, rule if rule in ("linear", "sqrt") else None)
+    if grown is not None:
+        lr_peak, warmup, total_steps, note = grown
+        global_batch = history.global_batch
+    settings = RunSettings(
         global_batch=global_batch,
         micro_batch=micro_batch,
         lr=lr_peak,
         rule=rule if rule in ("linear", "sqrt") else None,
-        total_steps=int(steps[-1]) if steps else None,
+        total_steps=total_steps,
         steps_per_epoch=history.steps_per_epoch,
         warmup_steps=warmup,
         tool=history.format,
@@ -57,6 +68,79 @@ def _settings(history: History, plan: Any, rule: str | None, can_smooth: bool) -
         world_size=history.world_size or getattr(plan, "world_size", None) or 1,
         warmup_unfinished=_still_warming_up(history),
     )
+    return settings, note
+
+
+def _carried(series: Series, steps: tuple[int, ...]) -> list[float | None]:
+    """The value of `series` in effect at each of `steps`: its last one logged at or before it."""
+    values, index, current = [], 0, None
+    for step in steps:
+        while index < len(series.steps) and series.steps[index] <= step:
+            current = series.values[index]
+            index += 1
+        values.append(current)
+    return values
+
+
+def _schedule_rate(history: History, rule: str | None) -> tuple[float, int, int, str] | None:
+    """Under a batch that changed during the run: the peak rate the run's schedule gave its
+    final global batch, the warmup, the steps its samples make at that batch, and a note that
+    says so; None when the batch did not change (or no rate was logged).
+
+    The rate schedule is the logged rate over the batch schedule's factor (batchfit's
+    `lr_factor`, else the scaling rule from the first batch); its peak times the factor at the
+    end is the rate that goes with the final batch. Without either, the highest logged rate is
+    kept, and the note says so.
+    """
+    batches = history.global_batches.finite() if history.global_batches is not None else None
+    lr = history.lr.finite() if history.lr is not None else None
+    if not batches or len(set(batches.values)) < 2 or not lr:
+        return None
+    first, final = int(batches.values[0]), int(batches.values[-1])
+    samples, previous = 0.0, 0
+    for step, batch in zip(batches.steps, batches.values):
+        samples += (step - previous) * batch
+        previous = step
+    total_steps = max(1, round(samples / final))
+    grew = f"the global batch went from {first} to {final} during the run"
+    if history.lr_factors is not None and history.lr_factors.finite():
+        factors = _carried(history.lr_factors.finite(), lr.steps)
+        how = "the batch schedule's rate factor at the end"
+    elif rule is not None:
+        batch_at = _carried(batches, lr.steps)
+        factors = [
+            scaled_rate(1.0, first, int(b), rule).lr if b is not None else None for b in batch_at
+        ]
+        how = f"the {rule} rule from batch {first} to {final}"
+    else:
+        peak = int(np.argmax(lr.values))
+        at = _carried(batches, lr.steps)[peak]
+        return (
+            float(lr.values[peak]),
+            int(lr.steps[peak] - lr.steps[0]),
+            total_steps,
+            f"{grew}: the advice starts from the final global batch {final} and the highest "
+            f"logged rate, {lr.values[peak]:.3g} (step {lr.steps[peak]}, at batch "
+            f"{int(at) if at is not None else first}); the log does not say how the rate "
+            "followed the batch",
+        )
+    base = [
+        (step, rate / factor)
+        for step, rate, factor in zip(lr.steps, lr.values, factors)
+        if factor is not None and factor > 0
+    ]
+    if not base or factors[-1] is None:
+        return None
+    peak_step, base_peak = max(base, key=lambda point: point[1])
+    end_factor = float(factors[-1])
+    rate = base_peak * end_factor
+    note = (
+        f"{grew}: the advice starts from the final global batch {final} and the peak rate the "
+        f"run's schedule gave it, {rate:.3g} (the rate schedule's peak {base_peak:.3g} x "
+        f"{end_factor:.3g}, {how}; the highest logged rate was {max(lr.values):.3g}), and "
+        f"counts the run's {round(samples)} samples as {total_steps} steps of {final}"
+    )
+    return rate, int(peak_step - lr.steps[0]), total_steps, note
 
 
 def noise_scale_at_end(history: History) -> float | None:
@@ -117,7 +201,9 @@ def diagnose(
     notes = list(history.notes)
     checked: list[str] = []
     found: list[Finding] = []
-    run = _settings(history, plan, rule, can_smooth)
+    run, batch_note = _settings(history, plan, rule, can_smooth)
+    if batch_note is not None:
+        notes.append(batch_note)
     train = history.train_loss
     finite = train.finite()
     bad_steps = train.non_finite_steps()

@@ -107,6 +107,9 @@ class History:
             last one logged, under a batch schedule that changes it).
         global_batches: the global batch (samples) per logged step, when the log has it on its
             lines (batchfit's under a batch schedule, its Lightning callback's), or None.
+        lr_factors: the batch schedule's multiplier on the scheduled rate per logged step
+            (batchfit's metrics lines under a batch schedule), or None: `lr` / `lr_factors` is
+            the rate schedule without the batch's share.
         micro_batch: samples per forward/backward on one process, when the log tells it.
         world_size: the processes that shared each global batch, when the log tells it.
         lr_rule: the rule the run's rate followed the batch by ("linear" or "sqrt"), when the
@@ -126,6 +129,7 @@ class History:
     grad_norm: Series | None = None
     global_batch: int | None = None
     global_batches: Series | None = None
+    lr_factors: Series | None = None
     micro_batch: int | None = None
     world_size: int | None = None
     lr_rule: str | None = None
@@ -146,6 +150,7 @@ class History:
         noise_scale: str | None = "noise_scale",
         grad_norm: str | None = "grad_norm",
         global_batches: str | None = "global_batch",
+        lr_factors: str | None = "lr_factor",
         step: str = "step",
         **options: Any,
     ) -> History:
@@ -178,6 +183,7 @@ class History:
             noise_scale=series(noise_scale),
             grad_norm=series(grad_norm),
             global_batches=series(global_batches),
+            lr_factors=series(lr_factors),
             **options,
         )
 
@@ -197,6 +203,7 @@ class History:
             "grad_norm": maybe(self.grad_norm),
             "global_batch": self.global_batch,
             "global_batches": maybe(self.global_batches),
+            "lr_factors": maybe(self.lr_factors),
             "micro_batch": self.micro_batch,
             "world_size": self.world_size,
             "lr_rule": self.lr_rule,

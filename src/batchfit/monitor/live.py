@@ -102,6 +102,8 @@ class LiveDiagnosis:
         self._micro_batch: int | None = None
         self._world_size: int | None = None
         self._reported_before: set[str] = set()  # kinds reported before a resume
+        # under a batch schedule: step, global batch, the schedule's rate factor
+        self._batches: list[tuple[int, int, float | None]] = []
 
     # --- the callback protocol -------------------------------------------------------------
 
@@ -122,6 +124,10 @@ class LiveDiagnosis:
             self._global_batch = int(samples) - self._samples_seen
             self._micro_batch = getattr(record, "micro_batch", self._micro_batch)
             self._world_size = getattr(record, "world_size", self._world_size)
+        factor = getattr(record, "lr_factor", None)
+        if factor is not None and self._global_batch is not None:
+            # the batch and the rate's share of it, so that the advice starts from the last
+            self._batches.append((int(record.step), self._global_batch, float(factor)))
         self._samples_seen = None if samples is None else int(samples)
         if self.every and record.step % self.every == 0:
             self.check()
@@ -138,6 +144,7 @@ class LiveDiagnosis:
             "points": [list(point) for point in self._points],
             "evaluations": [[step, dict(m)] for step, m in self._evaluations],
             "reported": [finding.kind for finding in self.findings],
+            "batches": [list(batch) for batch in self._batches],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -145,6 +152,7 @@ class LiveDiagnosis:
         self._points = [tuple(point) for point in state.get("points", [])]  # type: ignore[misc]
         self._evaluations = [(int(s), dict(m)) for s, m in state.get("evaluations", [])]
         self._reported_before = set(state.get("reported", []))
+        self._batches = [tuple(batch) for batch in state.get("batches", [])]  # type: ignore[misc]
 
     # --- the diagnosis ---------------------------------------------------------------------
 
@@ -176,6 +184,24 @@ class LiveDiagnosis:
             lr=Series("lr", tuple(steps), tuple(p[2] for p in self._points)),
             noise_scale=Series.from_points("noise_scale", noise) if noise else None,
             global_batch=self._global_batch,
+            global_batches=(
+                Series(
+                    "global_batch",
+                    tuple(b[0] for b in self._batches),
+                    tuple(float(b[1]) for b in self._batches),
+                )
+                if self._batches
+                else None
+            ),  # fmt: skip
+            lr_factors=(
+                Series(
+                    "lr_factor",
+                    tuple(b[0] for b in self._batches),
+                    tuple(b[2] for b in self._batches),
+                )
+                if self._batches
+                else None
+            ),  # fmt: skip
             micro_batch=self._micro_batch,
             world_size=self._world_size,
             steps_per_epoch=(

@@ -270,6 +270,7 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
         raise RunLogError(
             f"{str(file)!r} has no metrics lines with a 'step'; give a batchfit metrics.jsonl."
         )
+    records = _with_rate_factors(records)
     first, last = records[0], records[-1]
     global_batch = None
     if isinstance(last.get("global_batch"), int):
@@ -294,6 +295,23 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
         steps_per_epoch=steps_per_epoch,
         notes=notes,
     )
+
+
+def _with_rate_factors(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Lines of a batch-schedule run logged before `lr_factor` was on every line: the factor of
+    the last `batch_change` (1 before the first), so that the rate schedule can be told from the
+    batch's share of the rate. Logs with it, or without a change, are returned as they are."""
+    if any("lr_factor" in record for record in records):
+        return records
+    if not any(isinstance(record.get("batch_change"), dict) for record in records):
+        return records
+    factor, filled = 1.0, []
+    for record in records:
+        change = record.get("batch_change")
+        if isinstance(change, dict) and _float(change.get("lr_factor")) is not None:
+            factor = float(change["lr_factor"])
+        filled.append({**record, "lr_factor": factor})
+    return filled
 
 
 def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:

@@ -196,8 +196,10 @@ def next_batch(run: Any) -> BatchChange | None:
             evidence=schedule.evidence,
         )
     swa_start = run.setup.swa_start_step
+    run.lr_factor = None
     if swa_start is None or run.position < swa_start:  # SWALR sets the rate in the SWA phase
         factor = schedule.lr_factor(at)
+        run.lr_factor = factor
         for group, rate in zip(run.optimizer.param_groups, run.scheduler.get_last_lr()):
             group["lr"] = rate * factor
     if change is not None:

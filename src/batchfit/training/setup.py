@@ -92,6 +92,9 @@ class Run:
     global_batch: int = 0  # samples per optimizer step now, over all ranks (set by the schedule)
     micro_limit: int = 0  # the largest micro-batch allowed: below every one that ran out of memory
     batch_changes: list = field(default_factory=list)  # BatchChange, every one of the run
+    lr_factor: float | None = None  # the schedule's rate multiplier at this step (None in the
+    # SWA phase, whose rate SWALR sets): metrics lines log it, so that a diagnosis can tell the
+    # rate schedule from the batch schedule's share of the rate
     lr_rule: str = "linear"  # the rule the rate follows the batch by (`optimizers.rate_rule`)
 
     @property

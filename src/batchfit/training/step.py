@@ -48,6 +48,9 @@ class StepRecord:
         world_size: the ranks (processes) sharing the global batch.
         micro_batches: sizes of this rank's micro-batches.
         indices: this rank's sample indices of the step, in order.
+        lr_factor: under a batch schedule, its multiplier on the scheduled rate this step
+            (`lr` / `lr_factor` is the rate schedule alone); None otherwise and in the SWA
+            phase, and then not in the metrics line.
     """
 
     step: int
@@ -61,11 +64,12 @@ class StepRecord:
     world_size: int
     micro_batches: tuple[int, ...]
     indices: tuple[int, ...]
+    lr_factor: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies the step's indices, only to drop them (a
         # tenth of a millisecond a step, as much as a small model's forward pass).
-        skipped = ("indices", "micro_batches")
+        skipped = ("indices", "micro_batches") + (("lr_factor",) if self.lr_factor is None else ())
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
 
 
@@ -156,6 +160,7 @@ def optimizer_step(
         world_size=context.world_size,
         micro_batches=tuple(step_plan.micro_batches),
         indices=tuple(local_indices),
+        lr_factor=run.lr_factor,
     )
     extra = on_step_end(record, model)
     _step_optimizer(run)
