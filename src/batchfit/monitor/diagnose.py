@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from batchfit.lr.scaling import scaled_rate
-from batchfit.monitor import checks
+from batchfit.monitor import checks, divergence
 from batchfit.monitor import findings as limits
 from batchfit.monitor.advice import RunSettings
 from batchfit.monitor.curve import read_curve
@@ -211,7 +211,7 @@ def diagnose(
 
     if bad_steps:
         checked.append("diverging")
-        found.append(checks.non_finite(bad_steps, last_step, run, "training loss"))
+        found.append(divergence.non_finite(bad_steps, last_step, run, "training loss"))
     curve = None
     if len(finite) >= limits.MIN_POINTS:
         curve = read_curve(train)
@@ -226,7 +226,7 @@ def diagnose(
     if history.val_loss is not None and history.val_loss.non_finite_steps() and not bad_steps:
         checked.append("diverging")
         found.append(
-            checks.non_finite(
+            divergence.non_finite(
                 history.val_loss.non_finite_steps(), last_step, run, "validation loss"
             )
         )
@@ -240,7 +240,7 @@ def diagnose(
         warming_up = _still_warming_up(history)
         checked += ["diverging"] + ([] if warming_up else ["noisy", "stalled", "underfitting"])
         if not bad_steps:
-            found += checks.diverging(curve, run)
+            found += divergence.diverging(curve, run)
         diverged = any(f.kind == "diverging" and f.severity == "critical" for f in found)
         if not diverged:
             if warming_up:
