@@ -250,7 +250,9 @@ def diagnose(
                 )
             else:
                 found += checks.noisy(curve, history, run)
-                found += checks.stalled(curve, history, run)
+                if not any(f.kind == "diverging" for f in found):
+                    # a plateau after a rate too high is not cured by a higher one
+                    found += checks.stalled(curve, history, run)
                 found += checks.underfitting(curve, val, run)
     if history.metric is not None and len(history.metric.finite()) >= limits.MIN_EVALUATIONS:
         if "noisy" not in checked:

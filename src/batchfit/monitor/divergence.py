@@ -1,5 +1,5 @@
 """The `diverging` checks behind `diagnose`: a non-finite loss, a blow-up far above the first
-loss, a sustained rise from the best, and isolated spikes.
+loss, a sustained rise from the best, a loss held above the first, and isolated spikes.
 
 Each returns findings whose advice is `batchfit.monitor.advice.lower_rate`'s. Thresholds are in
 `batchfit.monitor.findings`.
@@ -7,11 +7,13 @@ Each returns findings whose advice is `batchfit.monitor.advice.lower_rate`'s. Th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from batchfit.monitor import findings as limits
 from batchfit.monitor.advice import RunSettings, lower_rate
-from batchfit.monitor.curve import Curve, robust_spread, rounded, running_median
+from batchfit.monitor.curve import ROBUST_SD, Curve, robust_spread, rounded, running_median
 from batchfit.monitor.findings import Finding
 
 __all__ = ["diverging", "non_finite"]
@@ -93,6 +95,9 @@ def diverging(curve: Curve, run: RunSettings) -> list[Finding]:
                 settings,
             )
         ]
+    rose = _held_above_start(curve, held, run)
+    if rose:
+        return rose
     spikes = []
     for i in range(curve.window, len(values)):
         before = values[i - curve.window : i]
@@ -126,3 +131,45 @@ def diverging(curve: Curve, run: RunSettings) -> list[Finding]:
             )
         ]
     return []
+
+
+def _held_above_start(curve: Curve, held: np.ndarray, run: RunSettings) -> list[Finding]:
+    """A loss held above RISE_FACTOR x its first value: a warning when it fell back below that
+    by the end (the run survived a rate too high for its start), critical when it did not."""
+    steps, values = curve.steps, curve.values
+    # A first loss low by chance would make the run's ordinary level look like a rise: the
+    # rise must also clear the start's own step-to-step noise (a robust standard deviation
+    # from consecutive differences, which a trend too slow for a quick rise would not give).
+    first = values[: 2 * limits.BLOWUP_RUN + 1]
+    noise = ROBUST_SD * float(np.median(np.abs(np.diff(first)))) / math.sqrt(2)
+    early = values[: max(curve.window, len(first))]
+    limit = max(limits.RISE_FACTOR * curve.start, curve.start + limits.RISE_NOISE * noise)
+    above = np.nonzero((held > limit) & (values > limit))[0]
+    if curve.start <= 0 or not len(above) or above[0] >= len(early):
+        return []  # (a rise that starts later, after progress, is a sustained rise's to judge)
+    peak = int(above[np.argmax(values[above])])
+    recovered = curve.end <= limit
+    evidence = {
+        "first_step": int(steps[above[0]]),
+        "peak_step": int(steps[peak]),
+        "max_loss": rounded(values[peak]),
+        "first_loss": rounded(curve.start),
+        "ratio": rounded(values[peak] / curve.start, 3),
+        "steps_above": len(above),
+        "last_loss": rounded(curve.end),
+    }
+    seen = (
+        f"the loss rose above its first value {rounded(curve.start)}, to {rounded(values[peak])} "
+        f"({values[peak] / curve.start:.2f}x) at step {int(steps[peak])}, held above "
+        f"{limits.RISE_FACTOR:g}x it at {len(above)} logged steps from step "
+        f"{int(steps[above[0]])} on"
+    )
+    if recovered:
+        seen += f"; it fell back to {rounded(curve.end)} by the end"
+        steps_concerned = (int(steps[above[0]]), int(steps[above[-1]]))
+    else:
+        seen += f", and ends at {rounded(curve.end)}, {curve.end / curve.start:.2f}x its start"
+        steps_concerned = (int(steps[above[0]]), int(steps[-1]))
+    advice, settings = lower_rate(run)
+    severity = "warning" if recovered else "critical"
+    return [Finding("diverging", severity, seen, evidence, advice, steps_concerned, settings)]

@@ -4,7 +4,7 @@ Kinds (`KINDS`), after the practitioner's guide this project grew from ("monitor
 dynamics") and McCandlish et al. 2018 for the noise scale:
 
 - ``diverging``: a non-finite loss, a loss far above its start, a sustained rise from its
-  best, or isolated spikes;
+  best, a loss held above its start, or isolated spikes;
 - ``noisy``: the training loss (or validation metric) fluctuates strongly around its trend;
 - ``stalled``: a smooth loss that stops improving early, at a high level;
 - ``overfitting``: validation loss rising (metric falling) from its best while training loss
@@ -78,6 +78,18 @@ BLOWUP_FACTOR = 3.0
 BLOWUP_RUN = 3
 """... held over 3 consecutive logged losses (their median): one bad mini-batch of a few
 samples can score far above the start and the run recover; three in a row is a divergence."""
+
+RISE_FACTOR = 1.25
+"""A loss held above 1.25x its first value (over BLOWUP_RUN consecutive logged losses, as a
+blow-up) went up where training makes it fall: the rate is too high for the start. A run that
+falls back below it afterwards survived it (a warning; a Transformer at 100x its rate rises to
+1.4x and then stalls near the untrained loss); one that stays above it is diverging (critical).
+A logged first loss that averages the first steps (the Trainer's logging_steps) can already
+hold part of the rise, so the bar is well below BLOWUP_FACTOR."""
+
+RISE_NOISE = 3.0
+"""... and by 3 robust standard deviations of the first losses' step-to-step noise: a first
+loss low by chance is not a start the run then rose from."""
 
 RISE_SHARE = 0.5
 """A trend that climbs back by half of the progress it had made (start - best), and stays there
