@@ -59,3 +59,11 @@ def test_a_first_loss_within_the_noise_of_the_next_is_no_rise():
     tail = list(np.linspace(2.2, 0.5, 93) * (1 + 0.15 * generator.standard_normal(93)))
     history = History.from_records([{"step": i + 1, "loss": v} for i, v in enumerate(start + tail)])
     assert diagnose(history).get("diverging") is None
+
+
+def test_a_blow_up_to_billions_reads_in_powers_of_ten():
+    losses = [1.294, 1.2, 1.1, 5e3, 3.161e9, 2e9, 3e9, 2.5e9, 2.9e9, 3e9]
+    history = History.from_records([{"step": i + 1, "loss": v} for i, v in enumerate(losses)])
+    summary = diagnose(history).get("diverging").summary
+    # was: "the loss rose to 3161000000.0, 2443000000.0x its first value 1.294"
+    assert summary.startswith("the loss rose to 3.161e+09, 2.44e+09x its first value 1.294")

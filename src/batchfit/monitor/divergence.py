@@ -50,9 +50,9 @@ def diverging(curve: Curve, run: RunSettings) -> list[Finding]:
             Finding(
                 "diverging",
                 "critical",
-                f"the loss rose to {rounded(values.max())}, "
-                f"{rounded(values.max() / curve.start, 3)}x "
-                f"its first value {rounded(curve.start)}, from step {int(steps[first])}",
+                # :.4g, not a rounded float's repr: a blow-up to 3.161e+09 read "3161000000.0"
+                f"the loss rose to {values.max():.4g}, {values.max() / curve.start:.3g}x "
+                f"its first value {curve.start:.4g}, from step {int(steps[first])}",
                 {
                     "first_step": int(steps[first]),
                     "max_loss": rounded(values.max()),
