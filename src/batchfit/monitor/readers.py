@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -28,17 +27,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from batchfit.errors import MissingDependencyError, RunLogError
-from batchfit.monitor.history import History, higher_is_better
-from batchfit.monitor.series_names import (
-    GLOBAL_BATCH_NAMES,
-    GRAD_NORM_NAMES,
-    NOISE_NAMES,
-    TRAIN_LOSS_NAMES,
-    VAL_LOSS_NAMES,
-    pick_lr,
-    pick_metric,
-    pick_series,
-    rule_of_optimizer,
+from batchfit.monitor.history import History
+from batchfit.monitor.log_records import (
+    history_of_records,
+    logged_batches,
+    number,
+    steps_per_epoch,
 )
 
 __all__ = ["FORMATS", "history_from_records", "read_history"]
@@ -146,8 +140,8 @@ def history_from_records(
     if fields.get("steps_per_epoch") is None:
         # as read_history finds it in a file: the Trainer's log_history logs `epoch`, so a
         # callback's diagnosis sizes warmups and batch limits as `batchfit diagnose` does
-        fields["steps_per_epoch"] = _steps_per_epoch(kept, "epoch")
-    return _history(kept, names, Path(source or "the records"), format, **fields)
+        fields["steps_per_epoch"] = steps_per_epoch(kept, "epoch")
+    return history_of_records(kept, names, Path(source or "the records"), format, **fields)
 
 
 # --- finding the file ------------------------------------------------------------------------
@@ -197,60 +191,6 @@ def _numbered_folder(path: Path) -> tuple[int, str]:
     return (int(numbers[-1]) if numbers else -1, str(path))
 
 
-_TRAIN_LOGGED_EVERY = {
-    "lightning": "; or it was never logged: Lightning logs training values every "
-    "log_every_n_steps steps (50 by default), so a shorter run has none: lower log_every_n_steps",
-    "transformers": "; or it was never logged: the Trainer logs the loss every logging_steps "
-    "steps, so a shorter run has none: lower logging_steps",
-}
-"""Why a framework's log can hold validation values and no training loss."""
-
-
-def _history(
-    records: list[Mapping[str, Any]],
-    names: Mapping[str, str | None],
-    file: Path,
-    format: str,
-    **fields: Any,
-) -> History:
-    available = sorted({key for record in records for key in record if key != "step"})
-    if not available:
-        raise RunLogError(
-            f"{str(file)!r} holds no logged values yet: the run logged nothing (a Trainer logs "
-            "every logging_steps, Lightning every log_every_n_steps); diagnose it later."
-        )
-    train = pick_series(available, names["train_loss"], TRAIN_LOSS_NAMES, "train-loss", file)
-    if train is None:
-        raise RunLogError(
-            f"No training loss found in {str(file)!r}; name it with --train-loss (it has: "
-            f"{', '.join(available) or 'nothing'}){_TRAIN_LOGGED_EVERY.get(format, '')}."
-        )
-    val = pick_series(available, names["val_loss"], VAL_LOSS_NAMES, "val-loss", file)
-    metric = pick_metric(available, names["metric"], file)
-    notes = list(fields.pop("notes", ()))
-    if fields.get("lr_rule") is None:
-        fields["lr_rule"] = rule_of_optimizer(available)
-    if val is None:
-        notes.append("no validation loss logged")
-    if metric is None:
-        notes.append("no validation metric logged")
-    return History.from_records(
-        records,
-        train_loss=train,
-        val_loss=val,
-        metric=metric,
-        lr=pick_lr(available),
-        noise_scale=pick_series(available, None, NOISE_NAMES, "noise-scale", file),
-        grad_norm=pick_series(available, None, GRAD_NORM_NAMES, "grad-norm", file),
-        global_batches=pick_series(available, None, GLOBAL_BATCH_NAMES, "global-batch", file),
-        metric_higher_is_better=higher_is_better(metric or ""),
-        source=str(file),
-        format=format,
-        notes=tuple(notes),
-        **fields,
-    )
-
-
 # --- the four formats ----------------------------------------------------------------------
 
 
@@ -280,10 +220,10 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
     notes = [f"{torn} unreadable lines skipped"] if torn else []
     # samples_seen / epoch is the training set's size (logs from before `epoch`: unknown)
     steps_per_epoch = None
-    epoch, seen = _float(last.get("epoch")), _float(last.get("samples_seen"))
+    epoch, seen = number(last.get("epoch")), number(last.get("samples_seen"))
     if global_batch and epoch and seen:
         steps_per_epoch = seen / epoch / global_batch
-    return _history(
+    return history_of_records(
         records,
         names,
         file,
@@ -308,7 +248,7 @@ def _with_rate_factors(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     factor, filled = 1.0, []
     for record in records:
         change = record.get("batch_change")
-        if isinstance(change, dict) and _float(change.get("lr_factor")) is not None:
+        if isinstance(change, dict) and number(change.get("lr_factor")) is not None:
             factor = float(change["lr_factor"])
         filled.append({**record, "lr_factor": factor})
     return filled
@@ -332,28 +272,16 @@ def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
             record["step"] = int(float(record["step"]))
             records.append(record)
     # batchfit's Lightning callback logs `global_batch` and `micro_batch` at every step
-    batches = _logged_batches(records, "")
-    return _history(
+    batches = logged_batches(records, "")
+    return history_of_records(
         records,
         names,
         file,
         "lightning",
-        steps_per_epoch=_steps_per_epoch(records, "epoch"),
+        steps_per_epoch=steps_per_epoch(records, "epoch"),
         notes=[] if "global_batch" in batches else ["the global batch is not in metrics.csv"],
         **batches,
     )
-
-
-def _logged_batches(records: list[dict[str, Any]], *prefixes: str) -> dict[str, int]:
-    """The latest logged `global_batch` and `micro_batch` (a batch schedule changes them),
-    under any of `prefixes` ("train/" for batchfit's TensorBoard tags)."""
-    batches = {}
-    for name in ("global_batch", "micro_batch"):
-        tags = [prefix + name for prefix in prefixes]
-        logged = [_float(r[tag]) for r in records for tag in tags if tag in r]
-        if logged and logged[-1] is not None and logged[-1] >= 1:
-            batches[name] = int(logged[-1])
-    return batches
 
 
 def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
@@ -370,14 +298,14 @@ def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
     ]
     micro = state.get("train_batch_size")
     # batchfit's NoiseScaleTrainerCallback logs `global_batch` with each training loss
-    batches = _logged_batches(records, "")
+    batches = logged_batches(records, "")
     batches.setdefault("micro_batch", int(micro) if micro else None)
-    return _history(
+    return history_of_records(
         records,
         names,
         file,
         "transformers",
-        steps_per_epoch=_steps_per_epoch(records, "epoch"),
+        steps_per_epoch=steps_per_epoch(records, "epoch"),
         notes=[]
         if "global_batch" in batches
         else ["trainer_state.json has the per-device batch, not the global batch"],
@@ -421,16 +349,16 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
     # `train/epoch`; batchfit also logs its batches (`train/global_batch`, `train/micro_batch`;
     # its Lightning callback `global_batch`, `micro_batch`)
     epoch_tag = next((tag for tag in ("epoch", "train/epoch") if tag in records[-1]), None)
-    batches = _logged_batches(records, "train/", "")
+    batches = logged_batches(records, "train/", "")
     notes = [version_note] if version_note else []
     if "global_batch" not in batches:
         notes.append("the global batch is not in the event files")
-    return _history(
+    return history_of_records(
         records,
         names,
         path,
         "tensorboard",
-        steps_per_epoch=_steps_per_epoch(records, epoch_tag) if epoch_tag else None,
+        steps_per_epoch=steps_per_epoch(records, epoch_tag) if epoch_tag else None,
         notes=notes,
         **batches,
     )
@@ -458,28 +386,6 @@ def _latest_version(path: Path, files: list[Path]) -> tuple[list[Path], str | No
     )
 
 
-def _steps_per_epoch(records: list[dict[str, Any]], key: str) -> float | None:
-    """Optimizer steps per pass over the data, from a logged epoch beside the step.
-
-    A fractional epoch (the Hugging Face Trainer's step / steps per epoch) gives it directly;
-    whole epochs (Lightning's epoch counter) give the first step logged in epoch 1 or later
-    (exact when every step is logged, up to the logging interval otherwise).
-    """
-    pairs = [
-        (step, epoch)
-        for r in records
-        if (epoch := _float(r.get(key))) is not None
-        and epoch > 0
-        and (step := _float(r.get("step"))) is not None
-    ]
-    fractional = [(step, epoch) for step, epoch in pairs if epoch != int(epoch)]
-    if fractional:
-        step, epoch = fractional[-1]
-        return step / epoch
-    firsts = [step for step, epoch in pairs if epoch >= 1]
-    return float(min(firsts)) if firsts else None
-
-
 def _tensor_scalar(proto: Any) -> float | None:
     from tensorboard.util import tensor_util
 
@@ -488,11 +394,3 @@ def _tensor_scalar(proto: Any) -> float | None:
     except Exception:  # a non-numeric tensor (text, images): not a curve
         return None
     return float(array.reshape(-1)[0]) if array.size == 1 and array.dtype.kind in "fiu" else None
-
-
-def _float(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None

@@ -1,0 +1,130 @@
+"""A run's logged records (one dict per step or evaluation) into a `History`, whatever wrote
+them: which series is which (`batchfit.monitor.series_names`), the batches the lines log, and
+the optimizer steps per pass over the data that a logged epoch gives. `batchfit.monitor.readers`
+turns each format's file into such records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from batchfit.errors import RunLogError
+from batchfit.monitor.history import History, higher_is_better
+from batchfit.monitor.series_names import (
+    GLOBAL_BATCH_NAMES,
+    GRAD_NORM_NAMES,
+    NOISE_NAMES,
+    TRAIN_LOSS_NAMES,
+    VAL_LOSS_NAMES,
+    pick_lr,
+    pick_metric,
+    pick_series,
+    rule_of_optimizer,
+)
+
+__all__ = ["history_of_records", "logged_batches", "number", "steps_per_epoch"]
+
+_TRAIN_LOGGED_EVERY = {
+    "lightning": "; or it was never logged: Lightning logs training values every "
+    "log_every_n_steps steps (50 by default), so a shorter run has none: lower log_every_n_steps",
+    "transformers": "; or it was never logged: the Trainer logs the loss every logging_steps "
+    "steps, so a shorter run has none: lower logging_steps",
+}
+"""Why a framework's log can hold validation values and no training loss."""
+
+
+def history_of_records(
+    records: list[Mapping[str, Any]],
+    names: Mapping[str, str | None],
+    file: Path,
+    format: str,
+    **fields: Any,
+) -> History:
+    """The `History` of `records` (each with a `step`): the series found by name, or as
+    `names` (`train_loss`, `val_loss`, `metric`) give them; `fields` go to the `History`.
+
+    Raises:
+        RunLogError: nothing logged, no training loss, or a named series not logged.
+    """
+    available = sorted({key for record in records for key in record if key != "step"})
+    if not available:
+        raise RunLogError(
+            f"{str(file)!r} holds no logged values yet: the run logged nothing (a Trainer logs "
+            "every logging_steps, Lightning every log_every_n_steps); diagnose it later."
+        )
+    train = pick_series(available, names["train_loss"], TRAIN_LOSS_NAMES, "train-loss", file)
+    if train is None:
+        raise RunLogError(
+            f"No training loss found in {str(file)!r}; name it with --train-loss (it has: "
+            f"{', '.join(available) or 'nothing'}){_TRAIN_LOGGED_EVERY.get(format, '')}."
+        )
+    val = pick_series(available, names["val_loss"], VAL_LOSS_NAMES, "val-loss", file)
+    metric = pick_metric(available, names["metric"], file)
+    notes = list(fields.pop("notes", ()))
+    if fields.get("lr_rule") is None:
+        fields["lr_rule"] = rule_of_optimizer(available)
+    if val is None:
+        notes.append("no validation loss logged")
+    if metric is None:
+        notes.append("no validation metric logged")
+    return History.from_records(
+        records,
+        train_loss=train,
+        val_loss=val,
+        metric=metric,
+        lr=pick_lr(available),
+        noise_scale=pick_series(available, None, NOISE_NAMES, "noise-scale", file),
+        grad_norm=pick_series(available, None, GRAD_NORM_NAMES, "grad-norm", file),
+        global_batches=pick_series(available, None, GLOBAL_BATCH_NAMES, "global-batch", file),
+        metric_higher_is_better=higher_is_better(metric or ""),
+        source=str(file),
+        format=format,
+        notes=tuple(notes),
+        **fields,
+    )
+
+
+def logged_batches(records: list[dict[str, Any]], *prefixes: str) -> dict[str, int]:
+    """The latest logged `global_batch` and `micro_batch` (a batch schedule changes them),
+    under any of `prefixes` ("train/" for batchfit's TensorBoard tags)."""
+    batches = {}
+    for name in ("global_batch", "micro_batch"):
+        tags = [prefix + name for prefix in prefixes]
+        logged = [number(r[tag]) for r in records for tag in tags if tag in r]
+        if logged and logged[-1] is not None and logged[-1] >= 1:
+            batches[name] = int(logged[-1])
+    return batches
+
+
+def steps_per_epoch(records: list[dict[str, Any]], key: str) -> float | None:
+    """Optimizer steps per pass over the data, from a logged epoch beside the step.
+
+    A fractional epoch (the Hugging Face Trainer's step / steps per epoch) gives it directly;
+    whole epochs (Lightning's epoch counter) give the first step logged in epoch 1 or later
+    (exact when every step is logged, up to the logging interval otherwise).
+    """
+    pairs = [
+        (step, epoch)
+        for r in records
+        if (epoch := number(r.get(key))) is not None
+        and epoch > 0
+        and (step := number(r.get("step"))) is not None
+    ]
+    fractional = [(step, epoch) for step, epoch in pairs if epoch != int(epoch)]
+    if fractional:
+        step, epoch = fractional[-1]
+        return step / epoch
+    firsts = [step for step, epoch in pairs if epoch >= 1]
+    return float(min(firsts)) if firsts else None
+
+
+def number(value: Any) -> float | None:
+    """A finite float from a logged value, or None (missing, text, NaN, infinite)."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
