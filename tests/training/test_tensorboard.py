@@ -74,6 +74,9 @@ def test_diagnose_reads_from_the_event_files_what_the_metrics_file_gives(tmp_pat
     assert from_board.metric.name == "val/accuracy"
     assert from_board.noise_scale is not None and len(from_board.noise_scale) > 0
     assert not any("global batch is not in" in note for note in from_board.notes)
+    # batchfit's own `train/lr` (was: not found, so no advice carried a rate)
+    assert from_board.lr is not None and from_board.lr.name == "train/lr"
+    assert from_board.lr.values == pytest.approx(from_file.lr.values)
 
 
 def test_step_before_start_and_an_empty_directory_are_refused():
