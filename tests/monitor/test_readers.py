@@ -416,3 +416,20 @@ def test_batchfit_metrics_jsonl_under_a_batch_schedule_gives_the_batch_per_step(
     assert history.global_batches.steps == (1, 2, 3, 4)
     assert history.global_batches.values == (32.0, 32.0, 32.0, 64.0)
     assert history.to_dict()["global_batches"]["values"] == [32.0, 32.0, 32.0, 64.0]
+
+
+def test_steps_per_epoch_under_a_growing_batch_count_steps_of_the_final_batch(tmp_path):
+    # 640 samples a pass: 10 steps of 32, then steps of 64 (10 a pass), as batchfit's Lightning
+    # callback logs them; Lightning's epoch counter reads 1 from step 16 (704 samples seen).
+    rows = ["epoch,step,train_loss,global_batch"]
+    seen = 0
+    for step in range(1, 31):
+        batch = 32 if step <= 10 else 64
+        seen += batch
+        rows.append(f"{(seen - 1) // 640 if step > 1 else 0},{step},{2.0 / step},{batch}")
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    history = read_history(tmp_path / "metrics.csv")
+    assert history.global_batch == 64
+    # was: 16 (the first step of epoch 1, counting the steps of 32 and 64 alike); now its
+    # samples in steps of the final 64 (up to the logging of whole epochs, as before)
+    assert history.steps_per_epoch == pytest.approx(704 / 64)

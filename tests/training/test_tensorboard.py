@@ -84,3 +84,26 @@ def test_step_before_start_and_an_empty_directory_are_refused():
         TensorBoardCallback("")
     with pytest.raises(ConfigError, match="on_train_start"):
         TensorBoardCallback("somewhere").on_step_end(object())
+
+
+def test_under_a_batch_schedule_the_event_files_advise_as_the_metrics_file(tmp_path, capsys):
+    from batchfit.cli.main import main
+    from batchfit.monitor.diagnose import diagnose
+    from batchfit.monitor.readers import read_history
+
+    run, board = tmp_path / "run", tmp_path / "tb"
+    argv = ["train", "--example", "digits", "--global-batch", "32", "--micro-batch", "16",
+            "--batch-schedule", "seesaw", "--max-global-batch", "128"]  # fmt: skip
+    argv += ["--steps", "120"]
+    assert main([*argv, "--out", str(run), "--tensorboard", str(board)]) == 0
+    from_board, from_file = read_history(board), read_history(run)
+    assert from_board.lr_factors.name == "train/lr_factor"
+    assert from_board.lr_factors.values == pytest.approx(from_file.lr_factors.values)
+    # steps per epoch at the final batch 128 (was: 120 steps / 5.79 epochs = 20.7, counting
+    # steps of 32, 64 and 128 alike, which let the advice grow the batch past the data's limit)
+    assert from_board.steps_per_epoch == pytest.approx(from_file.steps_per_epoch)
+    board_finding = diagnose(from_board).get("batch-below-critical")
+    file_finding = diagnose(from_file).get("batch-below-critical")
+    assert board_finding.settings["global_batch"] == file_finding.settings["global_batch"] == 256
+    # the event files do not say the rule: the linear rule's rate, the sqrt rule's beside it
+    assert board_finding.settings["lr_sqrt"] == pytest.approx(file_finding.settings["lr"])

@@ -16,6 +16,7 @@ from batchfit.monitor.history import History, higher_is_better
 from batchfit.monitor.series_names import (
     GLOBAL_BATCH_NAMES,
     GRAD_NORM_NAMES,
+    LR_FACTOR_NAMES,
     NOISE_NAMES,
     TRAIN_LOSS_NAMES,
     VAL_LOSS_NAMES,
@@ -79,6 +80,7 @@ def history_of_records(
         noise_scale=pick_series(available, None, NOISE_NAMES, "noise-scale", file),
         grad_norm=pick_series(available, None, GRAD_NORM_NAMES, "grad-norm", file),
         global_batches=pick_series(available, None, GLOBAL_BATCH_NAMES, "global-batch", file),
+        lr_factors=pick_series(available, None, LR_FACTOR_NAMES, "lr-factor", file),
         metric_higher_is_better=higher_is_better(metric or ""),
         source=str(file),
         format=format,
@@ -99,12 +101,18 @@ def logged_batches(records: list[dict[str, Any]], *prefixes: str) -> dict[str, i
     return batches
 
 
-def steps_per_epoch(records: list[dict[str, Any]], key: str) -> float | None:
+def steps_per_epoch(
+    records: list[dict[str, Any]],
+    key: str,
+    batch_keys: tuple[str, ...] = ("global_batch", "train/global_batch"),
+) -> float | None:
     """Optimizer steps per pass over the data, from a logged epoch beside the step.
 
     A fractional epoch (the Hugging Face Trainer's step / steps per epoch) gives it directly;
     whole epochs (Lightning's epoch counter) give the first step logged in epoch 1 or later
-    (exact when every step is logged, up to the logging interval otherwise).
+    (exact when every step is logged, up to the logging interval otherwise). When the records
+    log a global batch (`batch_keys`) that changed, the steps are counted at the last one, as
+    the batch the diagnosis advises from: the samples up to that step over the final batch.
     """
     pairs = [
         (step, epoch)
@@ -116,9 +124,31 @@ def steps_per_epoch(records: list[dict[str, Any]], key: str) -> float | None:
     fractional = [(step, epoch) for step, epoch in pairs if epoch != int(epoch)]
     if fractional:
         step, epoch = fractional[-1]
-        return step / epoch
+        return _at_final_batch(records, batch_keys, step, step / epoch)
     firsts = [step for step, epoch in pairs if epoch >= 1]
-    return float(min(firsts)) if firsts else None
+    return _at_final_batch(records, batch_keys, min(firsts), min(firsts)) if firsts else None
+
+
+def _at_final_batch(
+    records: list[dict[str, Any]], batch_keys: tuple[str, ...], step: float, steps: float
+) -> float:
+    """`steps` (per epoch, read at `step`) in steps of the last logged global batch, when the
+    logged batch changed; as they are otherwise."""
+    batches = []
+    for record in records:
+        logged = next((number(record[k]) for k in batch_keys if k in record), None)
+        at = number(record.get("step"))
+        if logged is not None and logged >= 1 and at is not None:
+            batches.append((at, logged))
+    if len({batch for _, batch in batches}) < 2:
+        return steps
+    samples, previous = 0.0, 0.0
+    for at, batch in sorted(batches):  # a batch logged at a step ran since the last logged one
+        if previous >= step:
+            break
+        samples += (min(at, step) - previous) * batch
+        previous = at
+    return steps * samples / step / max(batches)[1]
 
 
 def number(value: Any) -> float | None:

@@ -16,6 +16,7 @@ from batchfit.errors import RunLogError
 __all__ = [
     "GLOBAL_BATCH_NAMES",
     "GRAD_NORM_NAMES",
+    "LR_FACTOR_NAMES",
     "NOISE_NAMES",
     "TRAIN_LOSS_NAMES",
     "VAL_LOSS_NAMES",
@@ -46,6 +47,9 @@ GRAD_NORM_NAMES = ("grad_norm", "train_grad_norm", "gradient_norm")
 # batchfit's metrics lines and its Lightning callback log `global_batch`; its TensorBoard tag is
 # `train/global_batch`
 GLOBAL_BATCH_NAMES = ("global_batch", "train_global_batch")
+# a batch schedule's rate factor: batchfit's metrics lines `lr_factor`, its TensorBoard tag
+# `train/lr_factor`
+LR_FACTOR_NAMES = ("lr_factor", "train_lr_factor")
 VAL_PREFIXES = ("val_", "eval_", "valid_", "validation_")
 # `Accuracy/val`, `acc_valid`: the validation split named after the metric (SummaryWriter loops)
 VAL_SUFFIXES = ("_val", "_eval", "_valid", "_validation")

@@ -2,7 +2,8 @@
 
 Each optimizer step writes, under the step number: `train/loss`, `train/lr`,
 `train/global_batch`, `train/grad_norm`, `train/samples_per_second` (wall clock between steps),
-`train/micro_batch`, `train/epoch`, `memory/peak_allocated_bytes` (CUDA only) and, given the
+`train/micro_batch`, `train/epoch`, `train/lr_factor` (under a batch schedule: its factor on the
+rate), `memory/peak_allocated_bytes` (CUDA only) and, given the
 run's `NoiseScaleCallback`, `noise/noise_scale`, `noise/gradient_sq`, `noise/trace`; each
 evaluation writes `val/loss` and `val/<metric>`. `batchfit diagnose DIR` reads them all. Needs the
 `tensorboard` package (`pip install batchfit[tensorboard]`); `batchfit train --tensorboard DIR`
@@ -72,6 +73,8 @@ class TensorBoardCallback:
             "train/micro_batch": record.micro_batch,
             "train/epoch": record.epoch,
         }
+        if getattr(record, "lr_factor", None) is not None:  # under a batch schedule
+            scalars["train/lr_factor"] = record.lr_factor
         if self._last_time is not None and now > self._last_time:
             scalars["train/samples_per_second"] = samples / (now - self._last_time)
         if torch.cuda.is_available():
