@@ -433,3 +433,17 @@ def test_steps_per_epoch_under_a_growing_batch_count_steps_of_the_final_batch(tm
     # was: 16 (the first step of epoch 1, counting the steps of 32 and 64 alike); now its
     # samples in steps of the final 64 (up to the logging of whole epochs, as before)
     assert history.steps_per_epoch == pytest.approx(704 / 64)
+
+
+def test_a_trainer_run_shorter_than_its_logging_steps_says_what_to_set(tmp_path):
+    # the Trainer's default logging_steps (500) over a 40-step run: only the summary entry
+    state = {
+        "log_history": [{"epoch": 1.0, "step": 40, "train_loss": 3.1, "train_runtime": 1.2}],
+        "global_step": 40, "logging_steps": 500, "train_batch_size": 8,
+    }  # fmt: skip
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(RunLogError) as error:
+        read_history(tmp_path)
+    # was: "holds no logged values yet: ... diagnose it later", of a run that had ended
+    assert "logging_steps (500) steps and the run made 40" in str(error.value)
+    assert "logging_steps at most 5" in str(error.value)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from batchfit.errors import MissingDependencyError, RunLogError
+from batchfit.monitor.findings import MIN_POINTS
 from batchfit.monitor.history import History
 from batchfit.monitor.log_records import (
     history_of_records,
@@ -296,6 +297,14 @@ def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
         for r in state["log_history"]
         if isinstance(r, dict) and "step" in r and "train_runtime" not in r
     ]
+    every, done = number(state.get("logging_steps")), number(state.get("global_step"))
+    if every and done and every > done and not any("loss" in r for r in records):
+        # a short run under the Trainer's default logging_steps (500) logs no loss at all
+        raise RunLogError(
+            f"{str(file)!r} has no training loss: the Trainer logs it every logging_steps "
+            f"({every:g}) steps and the run made {done:g}; train again with logging_steps at "
+            f"most {max(1, int(done) // MIN_POINTS)}, for the {MIN_POINTS} points a trend needs."
+        )
     micro = state.get("train_batch_size")
     # batchfit's NoiseScaleTrainerCallback logs `global_batch` with each training loss
     batches = logged_batches(records, "")
