@@ -25,12 +25,14 @@ class RunSettings:
     """What the log tells about the run's settings (None where it does not).
 
     Attributes:
-        global_batch: samples per optimizer step.
+        global_batch: samples per optimizer step (the last one, under a batch schedule).
         micro_batch: samples per forward/backward (the largest that fitted).
-        lr: the peak learning rate.
+        lr: the peak learning rate (under a batch that grew: the peak the run's schedule gave
+            its final global batch).
         rule: "linear" or "sqrt" when the optimizer family is known, else None (both shown).
-        total_steps: optimizer steps logged.
-        steps_per_epoch: optimizer steps per pass over the data.
+        total_steps: optimizer steps logged (under a batch that grew: the run's samples in
+            steps of the final global batch).
+        steps_per_epoch: optimizer steps per pass over the data (at the final global batch).
         warmup_steps: steps until the rate peaked (0 without a warmup).
         tool: what trained the run ("batchfit", "transformers", "lightning", ...): the advice
             names that tool's settings (`setting_words`), none for others.
