@@ -447,3 +447,29 @@ def test_a_trainer_run_shorter_than_its_logging_steps_says_what_to_set(tmp_path)
     # was: "holds no logged values yet: ... diagnose it later", of a run that had ended
     assert "logging_steps (500) steps and the run made 40" in str(error.value)
     assert "logging_steps at most 5" in str(error.value)
+
+
+def test_a_folder_of_several_tensorboard_runs_asks_for_one(tmp_path):
+    for run in ("lr-0.1", "lr-0.01"):
+        write_tensorboard(tmp_path / "runs" / run)
+    with pytest.raises(RunLogError) as error:
+        read_history(tmp_path / "runs")
+    # was: "No training loss found ...; name it with --train-loss (it has: lr-0.01/eval/accuracy,
+    # lr-0.01/eval/loss, ...)": the runs' curves merged as if one run's
+    message = str(error.value)
+    assert "holds the event files of 2 runs (lr-0.01, lr-0.1)" in message
+    assert "give one run's folder" in message and "runs/lr-0.01" in message
+    assert read_history(tmp_path / "runs" / "lr-0.1").train_loss.name == "train/loss"
+
+
+def test_one_run_written_with_add_scalars_is_still_one_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tmp_path / "tb")) as writer:
+        for step, loss in enumerate(_losses(10), 1):  # Loss_train/ and Loss_val/ subfolders
+            writer.add_scalars("Loss", {"train": loss, "val": loss + 0.1}, step)
+    with pytest.raises(RunLogError, match="No training loss found.*Loss_train/Loss"):
+        read_history(tmp_path / "tb")  # one run's folders, not several runs
+    history = read_history(tmp_path / "tb", train_loss="Loss_train/Loss", val_loss="Loss_val/Loss")
+    assert len(history.train_loss) == 10 and len(history.val_loss) == 10

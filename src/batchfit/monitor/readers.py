@@ -334,10 +334,12 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
     files, version_note = _latest_version(path, files)
     folders = {file.parent for file in files}
     points: dict[int, dict[str, float]] = {}
+    tags_in: dict[Path, set[str]] = {}
     for file in files:
         accumulator = EventAccumulator(str(file), size_guidance={"scalars": 0, "tensors": 0})
         accumulator.Reload()
         tags = accumulator.Tags()
+        tags_in.setdefault(file.parent, set()).update(tags.get("scalars", []))
         prefix = "" if len(folders) == 1 else f"{file.parent.relative_to(path).as_posix()}/"
         for tag in tags.get("scalars", []):
             for event in accumulator.Scalars(tag):
@@ -347,6 +349,8 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
                 value = _tensor_scalar(event.tensor_proto)
                 if value is not None:
                     points.setdefault(int(event.step), {})[prefix + tag] = value
+    if names["train_loss"] is None:
+        _refuse_several_runs(path, tags_in)
     if not points:
         raise RunLogError(
             f"No scalars in the TensorBoard event files at {str(path)!r}: the run logged none "
@@ -370,6 +374,31 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
         steps_per_epoch=steps_per_epoch(records, epoch_tag) if epoch_tag else None,
         notes=notes,
         **batches,
+    )
+
+
+def _refuse_several_runs(path: Path, tags_in: Mapping[Path, set[str]]) -> None:
+    """RunLogError when the folders under `path` hold the same tags: the event files of several
+    runs (a TensorBoard logdir of experiments), whose curves are not series of one run. The
+    folders SummaryWriter.add_scalars makes for one run (`Loss_train/` holding `Loss`) do not
+    count."""
+    runs = {
+        folder: tags
+        for folder, tags in tags_in.items()
+        if not all(folder.name.startswith(tag.replace("/", "_") + "_") for tag in tags)
+    }
+    seen: dict[str, int] = {}
+    for tags in runs.values():
+        for tag in tags:
+            seen[tag] = seen.get(tag, 0) + 1
+    shared = sorted(tag for tag, count in seen.items() if count > 1)
+    if len(runs) < 2 or not shared:
+        return
+    folders = sorted(folder.relative_to(path).as_posix() or "." for folder in runs)
+    shown = ", ".join(folders[:6]) + (f" and {len(folders) - 6} more" if len(folders) > 6 else "")
+    raise RunLogError(
+        f"{str(path)!r} holds the event files of {len(folders)} runs ({shown}), each logging "
+        f"{shared[0]!r}: give one run's folder, e.g. {str(path / folders[0])!r}."
     )
 
 
