@@ -473,3 +473,18 @@ def test_one_run_written_with_add_scalars_is_still_one_run(tmp_path):
         read_history(tmp_path / "tb")  # one run's folders, not several runs
     history = read_history(tmp_path / "tb", train_loss="Loss_train/Loss", val_loss="Loss_val/Loss")
     assert len(history.train_loss) == 10 and len(history.val_loss) == 10
+
+
+def test_a_folder_of_several_batchfit_runs_asks_for_one(tmp_path):
+    # batchfit train's default --out is runs/<task>-<time>: `batchfit diagnose runs` meets many
+    for run in ("digits-20261127-072749", "digits-20261127-101500", "cnn-budget"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        lines = [{"step": s, "samples_seen": 32 * s, "loss": 2.0 / s} for s in range(1, 11)]
+        (tmp_path / "runs" / run / "metrics.jsonl").write_text(
+            "\n".join(json.dumps(line) for line in lines)
+        )
+    with pytest.raises(RunLogError) as error:
+        read_history(tmp_path / "runs")
+    # was: silently the run whose folder name ended in the largest number (101500)
+    assert "holds 3 runs' metrics.jsonl (cnn-budget, digits-20261127-072749, " in str(error.value)
+    assert "give one run's folder" in str(error.value)

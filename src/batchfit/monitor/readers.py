@@ -168,9 +168,25 @@ def _locate(path: Path, format: str | None) -> tuple[str, Path]:
         if direct.is_file():
             return name, direct
         nested = sorted(path.rglob(_FILE_NAMES[name]), key=_numbered_folder)
+        if len(nested) > 1 and not _versions_of_one_run(nested):
+            runs = [file.parent.relative_to(path).as_posix() for file in nested]
+            shown = ", ".join(runs[:6]) + (f" and {len(runs) - 6} more" if len(runs) > 6 else "")
+            raise RunLogError(
+                f"{str(path)!r} holds {len(runs)} runs' {_FILE_NAMES[name]} ({shown}): give one "
+                f"run's folder, e.g. {str(nested[-1].parent)!r}."
+            )
         if nested:
             return name, nested[-1]  # the latest version_N / checkpoint-N
     raise RunLogError(f"No training log found in the folder {str(path)!r}; give {_WHAT}.")
+
+
+def _versions_of_one_run(files: list[Path]) -> bool:
+    """Whether the files are in sibling version_N (Lightning) or checkpoint-N (the Trainer)
+    folders, the latest of which is the run's latest state; not several runs' logs."""
+    parents = {file.parent.parent for file in files}
+    return len(parents) == 1 and all(
+        re.fullmatch(r"(version_|checkpoint-)\d+", file.parent.name) for file in files
+    )
 
 
 def _format_of_file(path: Path) -> str | None:
