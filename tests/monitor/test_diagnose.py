@@ -439,3 +439,13 @@ def test_a_grown_batch_without_factors_follows_the_rule_or_says_which_rate(tmp_p
         "the highest logged rate, 0.00104 (step 41, at batch 64); the log does not say" in note
         for note in unknown.notes
     )
+
+
+def test_a_loss_that_never_improved_beyond_its_noise_is_underfitting_not_stalled():
+    # flat at 0.69 with 5% noise from the start; the first loss, 0.738, is a high draw
+    losses = list(0.69 * np.exp(np.random.default_rng(24).normal(0, 0.05, 40)))
+    diagnosis = diagnose(History.from_records([{"step": i + 1, "loss": v} for i, v in
+                                               enumerate(losses)]))  # fmt: skip
+    # was: also 'stalled', "smooth but flat at 0.68 (92% of its start) ... improved it by
+    # -23.8% of the total progress", advising a smaller batch or a higher rate
+    assert diagnosis.kinds() == ["underfitting"]

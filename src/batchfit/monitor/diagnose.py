@@ -250,10 +250,12 @@ def diagnose(
                 )
             else:
                 found += checks.noisy(curve, history, run)
-                if not any(f.kind == "diverging" for f in found):
-                    # a plateau after a rate too high is not cured by a higher one
+                unfit = checks.underfitting(curve, val, run)
+                if not unfit and not any(f.kind == "diverging" for f in found):
+                    # a plateau after a rate too high is not cured by a higher one, and a run
+                    # that never improved beyond its noise did not stall: it made no progress
                     found += checks.stalled(curve, history, run)
-                found += checks.underfitting(curve, val, run)
+                found += unfit
     if history.metric is not None and len(history.metric.finite()) >= limits.MIN_EVALUATIONS:
         if "noisy" not in checked:
             checked.append("noisy")
