@@ -753,3 +753,27 @@ def test_the_search_runs_the_step_under_the_trainers_mixed_precision():
         )
         chosen[precision] = callback.micro_batch
     assert chosen == {"32-true": 64, "bf16-mixed": 128}
+
+
+def test_the_csv_gives_the_rate_as_stepped_under_a_batch_schedule(tmp_path):
+    # The plan: 64 at rate 0.1 (linear rule); the ramp starts below it, at 32 (rate 0.05), and
+    # reaches 64 (0.1) at step 9. LearningRateMonitor logs the optimizer's rate before this
+    # callback's factor (0.1 throughout), so the diagnosis of metrics.csv scaled 0.1 from the
+    # first logged batch, 32, to 0.2 at 64 (was); the callback now logs the rate as stepped.
+    from batchfit.monitor.diagnose import diagnose
+    from batchfit.monitor.readers import read_history
+
+    csv = pl.loggers.CSVLogger(tmp_path, name="run")
+    plan = _plan(global_batch=64, micro_batch=16, accumulation_steps=4, lr=0.1)
+    callback = BatchFit(plan, batch_schedule="ramp:0:32,256:64", rule="linear", window=None)
+    monitor = pl.callbacks.LearningRateMonitor(logging_interval="step")
+    trainer = _trainer(callback, csv, max_steps=12, callbacks=[callback, monitor])
+    trainer.fit(Classifier(), Data())
+    history = read_history(Path(csv.log_dir) / "metrics.csv")
+    assert history.lr.name == "lr_applied"
+    assert history.lr.values == pytest.approx([0.05] * 8 + [0.1] * 4)
+    assert history.lr_factors.values == pytest.approx([0.5] * 8 + [1.0] * 4)
+    notes = diagnose(history).notes
+    assert any("the peak rate the run's schedule gave it, 0.1 " in note for note in notes)
+    # 8 x 32 + 4 x 64 samples, Lightning counting steps from 0 (was: 480, the first step left out)
+    assert any("counts the run's 512 samples as 8 steps of 64" in note for note in notes)

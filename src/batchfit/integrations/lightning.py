@@ -404,12 +404,12 @@ class BatchFit(pl.Callback):
         self._step_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         self._split_this_step = False  # the next batch starts a new step
         if self.global_batch and self.micro_batch:
-            # into every logger, so that `batchfit diagnose` on its files knows the batch
-            pl_module.log_dict(
-                {"global_batch": float(self.global_batch), "micro_batch": float(self.micro_batch)},
-                on_step=True,
-                on_epoch=False,
-            )
+            # into every logger, for `batchfit diagnose`: the batch, the rate as stepped
+            logged = {"global_batch": self.global_batch, "micro_batch": self.micro_batch}
+            if self.schedule is not None:  # LearningRateMonitor logs the rate before its factor
+                logged.update(lr_applied=self._step_lr, lr_factor=self._lr_factor)
+            logged = {name: float(value) for name, value in logged.items()}
+            pl_module.log_dict(logged, on_step=True, on_epoch=False)
 
     def _watch_step(self, trainer, pl_module, step: int) -> None:
         assert self.watch is not None and self.tracker is not None

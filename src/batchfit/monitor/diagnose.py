@@ -97,7 +97,8 @@ def _schedule_rate(history: History, rule: str | None) -> tuple[float, int, int,
     if not batches or len(set(batches.values)) < 2 or not lr:
         return None
     first, final = int(batches.values[0]), int(batches.values[-1])
-    samples, previous = 0.0, 0
+    # a log that counts steps from 0 (Lightning's) trained one step by its first line
+    samples, previous = 0.0, min(0, batches.steps[0] - 1)
     for step, batch in zip(batches.steps, batches.values):
         samples += (step - previous) * batch
         previous = step

@@ -142,7 +142,8 @@ def _at_final_batch(
             batches.append((at, logged))
     if len({batch for _, batch in batches}) < 2:
         return steps
-    samples, previous = 0.0, 0.0
+    # a log that counts steps from 0 (Lightning's) trained one step by its first line
+    samples, previous = 0.0, min(0.0, min(batches)[0] - 1)
     for at, batch in sorted(batches):  # a batch logged at a step ran since the last logged one
         if previous >= step:
             break

@@ -36,8 +36,10 @@ VAL_LOSS_NAMES = (
     "val_loss", "eval_loss", "valid_loss", "validation_loss", "val_loss_epoch", "loss_val",
     "loss_valid", "loss_validation", "validation_epoch_loss", "val_epoch_loss",
 )  # fmt: skip
-# batchfit's TensorBoard tag is `train/lr`, the Trainer's `train/learning_rate`
-LR_NAMES = ("lr", "learning_rate", "train_lr", "train_learning_rate", "lr_abs")
+# batchfit's TensorBoard tag is `train/lr`, the Trainer's `train/learning_rate`; batchfit's
+# Lightning callback logs `lr_applied`, the rate with its warm-up and batch schedule's factors,
+# which Lightning's LearningRateMonitor (`lr-Adam`) logs without
+LR_NAMES = ("lr_applied", "lr", "learning_rate", "train_lr", "train_learning_rate", "lr_abs")
 # batchfit's TensorBoard tag `noise/noise_scale`; the Hugging Face Trainer's TensorBoard
 # callback writes the noise scale of `NoiseScaleTrainerCallback` as `train/noise_scale`
 NOISE_NAMES = ("noise_scale", "noise_noise_scale", "train_noise_scale")
