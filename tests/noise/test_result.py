@@ -30,7 +30,7 @@ def _result(**overrides) -> NoiseScaleResult:
 def test_describe_gives_the_value_interval_and_point():
     text = _result().describe()
     assert text.startswith("Critical batch size about 600 samples (90% interval 400 to 900;")
-    assert "50 batches at step 50, 3200 samples seen" in text
+    assert "50 batches at step 50, 3,200 samples seen" in text
     assert "interval is wide" not in text
 
 

@@ -130,7 +130,7 @@ class NoiseScaleResult:
             population = "not corrected (infinite population)"
         point = "-" if self.step is None else f"step {self.step}"
         if self.step is not None and self.samples_seen is not None:
-            point += f", {self.samples_seen} samples seen"
+            point += f", {self.samples_seen:,} samples seen"
         if self.from_checkpoint:
             point += " after the checkpoint"
         return [
@@ -165,7 +165,7 @@ class NoiseScaleResult:
         if self.step is not None:
             where = f" at step {self.step}"
             if self.samples_seen is not None:
-                where += f", {self.samples_seen} samples seen"
+                where += f", {self.samples_seen:,} samples seen"
         return (
             f"Critical batch size about {value} samples ({round(self.confidence * 100)}% "
             f"interval {interval}; {self._batches_text()}{where}). Below about {value} samples, "

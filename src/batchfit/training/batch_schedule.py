@@ -272,7 +272,7 @@ class RampBatch(BatchSchedule):
                     batch = size
         batch = self._capped(batch)
         if batch != self.batch:
-            self.evidence = f"ramp: {samples_seen} samples seen"
+            self.evidence = f"ramp: {samples_seen:,} samples seen"
         self.batch = batch
         return batch
 
