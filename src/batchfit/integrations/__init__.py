@@ -7,6 +7,7 @@
   end-of-fit diagnosis (`diagnose_fit`) and the module's data for the search.
 - `batchfit.integrations.lightning_split`: `split_training_step`, the callback's out-of-memory
   back-off (a batch run in parts with the whole batch's gradient).
+- `batchfit.integrations.lightning_noise`: `watch_step`, the callback's noise scale of a step.
 - `batchfit.integrations.diagnosis`: `RunRecords` and `write_run_diagnosis`, the diagnosis.json
   both the Lightning and the Hugging Face callbacks write at the end of a run.
 - `batchfit.integrations.transformers`: `apply_plan` for `TrainingArguments`,

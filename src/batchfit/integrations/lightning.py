@@ -43,6 +43,7 @@ from batchfit.integrations.lightning_fit import (
     reload_train_loader,
     set_base_rate,
 )
+from batchfit.integrations.lightning_noise import watch_step
 from batchfit.integrations.lightning_split import split_training_step
 from batchfit.integrations.optional import require
 from batchfit.memory.step import is_out_of_memory
@@ -386,7 +387,9 @@ class BatchFit(pl.Callback):
             if self._split_this_step:
                 self.watch.reset()  # a split batch's parts are not micro-batches of the watch
             else:
-                self._watch_step(trainer, pl_module, step)
+                assert self.tracker is not None
+                noise = watch_step(self.watch, self.tracker, trainer, pl_module, step)
+                self._step_noise = noise if noise is not None else self._step_noise
         factor = 1.0
         if step < self._warmup_steps:
             # linear warm-up as a factor on whatever rate the optimizer (and scheduler) set:
@@ -410,29 +413,6 @@ class BatchFit(pl.Callback):
                 logged.update(lr_applied=self._step_lr, lr_factor=self._lr_factor)
             logged = {name: float(value) for name, value in logged.items()}
             pl_module.log_dict(logged, on_step=True, on_epoch=False)
-
-    def _watch_step(self, trainer, pl_module, step: int) -> None:
-        assert self.watch is not None and self.tracker is not None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # the micro-batch gradients carry the loss scale; .grad does not
-            import torch
-
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            big_sq = float(sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads))
-            self.watch.step(big_sq_norm=big_sq, grad_scale=float(scaler.get_scale()), step=step)
-        else:
-            self.watch.step(step=step)
-        if self.tracker.noise_scale is not None:
-            self._step_noise = float(self.tracker.noise_scale)
-            pl_module.log_dict(
-                {
-                    "noise_scale": float(self.tracker.noise_scale),
-                    "noise_scale_gradient_sq": float(self.tracker.gradient_sq_norm),
-                    "noise_scale_trace": float(self.tracker.trace_covariance),
-                },
-                on_step=True,
-                on_epoch=False,
-            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.samples_seen += self._batch_samples
