@@ -777,3 +777,24 @@ def test_the_csv_gives_the_rate_as_stepped_under_a_batch_schedule(tmp_path):
     assert any("the peak rate the run's schedule gave it, 0.1 " in note for note in notes)
     # 8 x 32 + 4 x 64 samples, Lightning counting steps from 0 (was: 480, the first step left out)
     assert any("counts the run's 512 samples as 8 steps of 64" in note for note in notes)
+
+
+def test_the_csv_gives_the_rate_as_stepped_during_the_plans_warmup(tmp_path):
+    # A plan with a warm-up of 4 updates and no batch schedule: LearningRateMonitor logs the
+    # optimizer's rate before the warm-up factor (1e6 from the first step), so the diagnosis of
+    # metrics.csv advised a longer warm-up "(was 0)"; the callback logs the rate as stepped.
+    from batchfit.monitor.diagnose import diagnose
+    from batchfit.monitor.readers import read_history
+
+    csv = pl.loggers.CSVLogger(tmp_path, name="run")
+    plan = _plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=1e6, warmup_steps=4)
+    callback = BatchFit(plan, window=None)
+    monitor = pl.callbacks.LearningRateMonitor(logging_interval="step")
+    trainer = _trainer(callback, csv, max_steps=16, callbacks=[callback, monitor])
+    trainer.fit(Classifier(), Data())
+    history = read_history(Path(csv.log_dir) / "metrics.csv")
+    assert history.lr.name == "lr_applied"
+    assert history.lr.values[:5] == pytest.approx([2.5e5, 5e5, 7.5e5, 1e6, 1e6])
+    assert history.lr_factors is None  # no batch schedule: no factor of its own
+    advice = diagnose(history).get("diverging").advice
+    assert "(was 3)" in advice and "(was 0)" not in advice

@@ -409,8 +409,11 @@ class BatchFit(pl.Callback):
         if self.global_batch and self.micro_batch:
             # into every logger, for `batchfit diagnose`: the batch, the rate as stepped
             logged = {"global_batch": self.global_batch, "micro_batch": self.micro_batch}
-            if self.schedule is not None:  # LearningRateMonitor logs the rate before its factor
-                logged.update(lr_applied=self._step_lr, lr_factor=self._lr_factor)
+            # LearningRateMonitor logs the rate before the warm-up's and the schedule's factors
+            if self._warmup_steps or self.schedule is not None:
+                logged["lr_applied"] = self._step_lr
+            if self.schedule is not None:
+                logged["lr_factor"] = self._lr_factor
             logged = {name: float(value) for name, value in logged.items()}
             pl_module.log_dict(logged, on_step=True, on_epoch=False)
 
