@@ -798,3 +798,17 @@ def test_the_csv_gives_the_rate_as_stepped_during_the_plans_warmup(tmp_path):
     assert history.lr_factors is None  # no batch schedule: no factor of its own
     advice = diagnose(history).get("diverging").advice
     assert "(was 3)" in advice and "(was 0)" not in advice
+
+
+def test_without_a_csv_logger_the_records_carry_the_batch_and_rate_factor_of_each_step(tmp_path):
+    # The callback's records kept only loss and rate: under a ramp from 32 to 64 the diagnosis
+    # paired the highest rate with the final batch and counted 12 steps of 64, not 8.
+    plan = _plan(global_batch=64, micro_batch=16, accumulation_steps=4, lr=0.1)
+    callback = BatchFit(plan, batch_schedule="ramp:0:32,256:64", rule="linear", window=None)
+    _trainer(callback, max_steps=12, default_root_dir=tmp_path).fit(Classifier(), Data())
+    steps = [r for r in callback.records.records if "loss" in r]
+    assert [r["global_batch"] for r in steps] == [32] * 8 + [64] * 4
+    assert [r["lr_factor"] for r in steps] == pytest.approx([0.5] * 8 + [1.0] * 4)
+    notes = callback.diagnosis.notes
+    assert any("the peak rate the run's schedule gave it, 0.1 " in note for note in notes)
+    assert any("counts the run's 512 samples as 8 steps of 64" in note for note in notes)

@@ -1,9 +1,10 @@
 """The diagnosis at the end of a Lightning or Hugging Face run, shared by both integrations.
 
-`RunRecords` keeps what a callback saw (the loss, rate and noise scale per optimizer step, the
-validation metrics per evaluation); `write_run_diagnosis` runs `batchfit.monitor.diagnose.
-diagnose` on a `History`, writes `diagnosis.json` into the run's folder and logs each finding
-once. Framework-free: the callbacks in `lightning.py` and `transformers.py` feed them.
+`RunRecords` keeps what a callback saw (the loss, rate, noise scale, global batch and rate factor
+per optimizer step, the validation metrics per evaluation); `write_run_diagnosis` runs
+`batchfit.monitor.diagnose.diagnose` on a `History`, writes `diagnosis.json` into the run's
+folder and logs each finding once. Framework-free: the callbacks in `lightning.py` and
+`transformers.py` feed them.
 """
 
 from __future__ import annotations
@@ -55,14 +56,26 @@ class RunRecords:
         self.records: list[dict[str, Any]] = []
 
     def add_step(
-        self, step: int, *, loss: float, lr: float | None = None, noise_scale: float | None = None
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float | None = None,
+        noise_scale: float | None = None,
+        global_batch: int | None = None,
+        lr_factor: float | None = None,
     ) -> None:
-        """One optimizer step's mean training loss, the rate it ran at and its noise scale."""
+        """One optimizer step's mean training loss, the rate it ran at, its noise scale, its
+        global batch (samples) and a batch schedule's factor on the rate (so that the diagnosis
+        of a batch that grew tells the rate schedule from the batch's share of the rate)."""
         record: dict[str, Any] = {"step": int(step), "loss": float(loss)}
-        if lr is not None:
-            record["lr"] = float(lr)
-        if noise_scale is not None:
-            record["noise_scale"] = float(noise_scale)
+        extra = {
+            "lr": lr,
+            "noise_scale": noise_scale,
+            "global_batch": global_batch,
+            "lr_factor": lr_factor,
+        }
+        record.update({name: value for name, value in extra.items() if value is not None})
         self.records.append(record)
 
     def add_evaluation(self, step: int, metrics: Mapping[str, Any]) -> None:

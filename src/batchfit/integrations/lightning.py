@@ -434,7 +434,12 @@ class BatchFit(pl.Callback):
         if self._step_losses:
             loss = sum(self._step_losses) / len(self._step_losses)
             self.records.add_step(
-                trainer.global_step, loss=loss, lr=self._step_lr, noise_scale=self._step_noise
+                trainer.global_step,
+                loss=loss,
+                lr=self._step_lr,
+                noise_scale=self._step_noise,
+                global_batch=self.global_batch,
+                lr_factor=self._lr_factor if self.schedule is not None else None,
             )
         self._step_losses, self._step_noise = [], None
         if self.schedule is not None:
