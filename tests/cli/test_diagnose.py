@@ -61,3 +61,47 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, tmp_path, capsys, monkeyp
     assert main(["diagnose", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("batchfit: error:") and words in err and err.count("\n") == 1
+
+
+def _csv_with_loss(folder, bad, at=20):
+    """A CSVLogger metrics.csv of 40 falling losses, `bad` in the loss cell of step `at`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["epoch,step,train_loss"]
+    rows += [f"0,{s},{bad if s == at else 2.3 * 0.95**s}" for s in range(40)]
+    (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return folder / "metrics.csv"
+
+
+def test_text_in_the_loss_column_is_a_bad_log_not_a_diverging_run(tmp_path, capsys):
+    # "abc" was read as NaN: "diverging (critical): the training loss is not finite"
+    path = _csv_with_loss(tmp_path, "abc")
+    assert main(["diagnose", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("batchfit: error:") and err.count("\n") == 1
+    assert str(path) in err and "'train_loss'" in err and "'abc'" in err
+    assert "line 22 (step 20)" in err and "not a diverging run" in err
+
+
+def test_text_in_a_metrics_jsonl_loss_names_its_line(tmp_path):
+    from batchfit.errors import RunLogError
+    from batchfit.monitor.readers import read_history
+
+    lines = [{"step": s, "loss": 2.3 * 0.95**s} for s in range(1, 30)]
+    lines[4]["loss"] = "n/a"
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(RunLogError, match=r"logs 'loss' as 'n/a' on line 5 \(step 5\)"):
+        read_history(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "NaN", "-inf"])
+def test_non_finite_numbers_the_trainer_wrote_are_still_a_divergence(bad, tmp_path, capsys):
+    assert main(["diagnose", str(_csv_with_loss(tmp_path, bad, at=39)), "--json"]) == 0
+    findings = json.loads(capsys.readouterr().out)["findings"]
+    assert findings[0]["kind"] == "diverging" and findings[0]["evidence"]["first_step"] == 39
+
+
+def test_text_in_the_step_column_is_one_line(tmp_path, capsys):
+    (tmp_path / "metrics.csv").write_text("step,train_loss\n0,2.0\nabc,1.9\n")
+    assert main(["diagnose", str(tmp_path / "metrics.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "'step'" in err and "'abc'" in err and "line 3" in err and err.count("\n") == 1

@@ -26,7 +26,7 @@ from batchfit.monitor.series_names import (
     rule_of_optimizer,
 )
 
-__all__ = ["history_of_records", "logged_batches", "number", "steps_per_epoch"]
+__all__ = ["history_of_records", "logged_batches", "number", "refuse_text", "steps_per_epoch"]
 
 _TRAIN_LOGGED_EVERY = {
     "lightning": "; or it was never logged: Lightning logs training values every "
@@ -45,11 +45,14 @@ def history_of_records(
     **fields: Any,
 ) -> History:
     """The `History` of `records` (each with a `step`): the series found by name, or as
-    `names` (`train_loss`, `val_loss`, `metric`) give them; `fields` go to the `History`.
+    `names` (`train_loss`, `val_loss`, `metric`) give them; `fields` go to the `History`, but
+    `places`: where each record is in the file ("line 5"), for the errors.
 
     Raises:
-        RunLogError: nothing logged, no training loss, or a named series not logged.
+        RunLogError: nothing logged, no training loss, a named series not logged, or text
+            where a loss should be.
     """
+    places = fields.pop("places", None)
     available = sorted({key for record in records for key in record if key != "step"})
     if not available:
         raise RunLogError(
@@ -63,6 +66,12 @@ def history_of_records(
             f"{', '.join(available) or 'nothing'}){_TRAIN_LOGGED_EVERY.get(format, '')}."
         )
     val = pick_series(available, names["val_loss"], VAL_LOSS_NAMES, "val-loss", file)
+    # a loss read as NaN is a divergence: text there is a damaged log, not a diverging run
+    for index, record in enumerate(records):
+        place = places[index] if places else f"record {index + 1}"
+        for name, flag in ((train, "--train-loss"), (val, "--val-loss")):
+            if name is not None:
+                refuse_text(record, name, file, place, flag)
     metric = pick_metric(available, names["metric"], file)
     notes = list(fields.pop("notes", ()))
     if fields.get("lr_rule") is None:
@@ -150,6 +159,35 @@ def _at_final_batch(
         samples += (min(at, step) - previous) * batch
         previous = at
     return steps * samples / step / max(batches)[1]
+
+
+def refuse_text(
+    record: Mapping[str, Any], name: str, file: Path, place: str, flag: str | None = None
+) -> None:
+    """RunLogError when `record[name]` is text that is not a number ("abc"; "nan" and "inf"
+    are numbers: non-finite values the trainer wrote), naming the file, the column and where
+    (`place`: "line 4"); `flag` is the option that names another column.
+
+    Example:
+        >>> refuse_text({"step": 3, "loss": "nan"}, "loss", Path("m.csv"), "line 4")
+        >>> bad = {"step": 3, "loss": "abc"}
+        >>> refuse_text(bad, "loss", Path("m.csv"), "line 4")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        batchfit.errors.RunLogError: 'm.csv' logs 'loss' as 'abc' on line 4 (step 3), not a ...
+    """
+    value = record.get(name)
+    if not isinstance(value, str):
+        return
+    try:
+        float(value)
+    except ValueError:
+        step = f" (step {record['step']})" if name != "step" and "step" in record else ""
+        other = f", or name another column with {flag}" if flag else ""
+        raise RunLogError(
+            f"{str(file)!r} logs {name!r} as {value!r} on {place}{step}, not a number: a "
+            f"damaged log, not a diverging run; correct or remove that value{other}."
+        ) from None
 
 
 def number(value: Any) -> float | None:

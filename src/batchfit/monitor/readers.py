@@ -33,6 +33,7 @@ from batchfit.monitor.log_records import (
     history_of_records,
     logged_batches,
     number,
+    refuse_text,
     steps_per_epoch,
 )
 
@@ -212,8 +213,8 @@ def _numbered_folder(path: Path) -> tuple[int, str]:
 
 
 def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
-    records, torn = [], 0
-    for line in file.read_text(encoding="utf-8").splitlines():
+    records, places, torn = [], [], 0
+    for number_, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -223,6 +224,7 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
             continue
         if isinstance(record, dict) and "step" in record and not record.get("swa"):
             records.append(record)
+            places.append(f"line {number_}")
     if not records:
         raise RunLogError(
             f"{str(file)!r} has no metrics lines with a 'step'; give a batchfit metrics.jsonl."
@@ -251,6 +253,7 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
         lr_rule=last.get("lr_rule") if last.get("lr_rule") in ("linear", "sqrt") else None,
         steps_per_epoch=steps_per_epoch,
         notes=notes,
+        places=places,
     )
 
 
@@ -273,21 +276,24 @@ def _with_rate_factors(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
     with open(file, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
+        reader = csv.DictReader(stream)
+        rows = [(row, reader.line_num) for row in reader]  # the file's line a row ends on
     if not rows:
         raise RunLogError(
             f"{str(file)!r} has no rows (a header at most): the run logged nothing yet."
         )
-    if "step" not in rows[0]:
+    if "step" not in rows[0][0]:
         raise RunLogError(
             f"{str(file)!r} has no 'step' column; give a Lightning CSVLogger metrics.csv."
         )
-    records = []
-    for row in rows:
+    records, places = [], []
+    for row, line in rows:
         record = {k: v for k, v in row.items() if k is not None and v not in ("", None)}
         if "step" in record:
+            refuse_text(record, "step", file, f"line {line}")
             record["step"] = int(float(record["step"]))
             records.append(record)
+            places.append(f"line {line}")
     # batchfit's Lightning callback logs `global_batch` and `micro_batch` at every step
     batches = logged_batches(records, "")
     return history_of_records(
@@ -297,6 +303,7 @@ def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
         "lightning",
         steps_per_epoch=steps_per_epoch(records, "epoch"),
         notes=[] if "global_batch" in batches else ["the global batch is not in metrics.csv"],
+        places=places,
         **batches,
     )
 
@@ -308,11 +315,12 @@ def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
             f"{str(file)!r} has no 'log_history' list; give a Hugging Face trainer_state.json."
         )
     # The last entry sums up the run (train_runtime, an average train_loss): not a point.
-    records = [
-        r
-        for r in state["log_history"]
+    entries = [
+        (r, f"log_history entry {index}")
+        for index, r in enumerate(state["log_history"], 1)
         if isinstance(r, dict) and "step" in r and "train_runtime" not in r
     ]
+    records, places = [r for r, _ in entries], [place for _, place in entries]
     every, done = number(state.get("logging_steps")), number(state.get("global_step"))
     if every and done and every > done and not any("loss" in r for r in records):
         # a short run under the Trainer's default logging_steps (500) logs no loss at all
@@ -334,6 +342,7 @@ def _read_transformers(file: Path, names: Mapping[str, str | None]) -> History:
         notes=[]
         if "global_batch" in batches
         else ["trainer_state.json has the per-device batch, not the global batch"],
+        places=places,
         **batches,
     )
 
