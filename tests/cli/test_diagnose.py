@@ -105,3 +105,18 @@ def test_text_in_the_step_column_is_one_line(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "metrics.csv")]) == 2
     err = capsys.readouterr().err
     assert "'step'" in err and "'abc'" in err and "line 3" in err and err.count("\n") == 1
+
+
+def test_counts_of_one_in_the_output_are_singular(tmp_path, capsys):
+    # "1 evaluations", "1 times", "only 1 finite validation points"
+    lines = [{"step": s, "loss": 2.3 * 0.95**s} for s in range(1, 30)]
+    lines[9]["val_loss"] = 2.0
+    lines.append({"step": 30, "loss": None})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    assert main(["diagnose", str(tmp_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "30 logged steps, 1 evaluation)" in out
+    assert "note: 1 finite validation point:" in out
+    assert main(["diagnose", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["findings"][0]["summary"]
+    assert summary.endswith("from step 30, 1 time")

@@ -18,3 +18,12 @@ def test_batch_advice_for_a_run_on_several_ranks_counts_per_rank():
         1,
         2,
     )
+
+
+def test_a_count_of_one_is_singular():
+    # "warm up 1 steps"
+    from batchfit.monitor.advice import lower_rate
+
+    assert "warm up 1 step," in lower_rate(RunSettings(lr=0.1, total_steps=10))[0]
+    text, _ = change_batch(RunSettings(16, 16, 0.001, "linear", 20), 4)
+    assert text.endswith("warm up 1 step (5 steps for the same samples)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from batchfit.cli.format import print_note
+from batchfit.units import format_count
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -39,8 +40,8 @@ def print_diagnosis(console: Console, history: History, diagnosis: Diagnosis) ->
     points = len(history.train_loss)
     evaluations = len(history.val_loss) if history.val_loss is not None else 0
     title = (
-        f"Diagnosis: {history.source or 'run'} ({history.format}, {points} logged steps, "
-        f"{evaluations} evaluations)"
+        f"Diagnosis: {history.source or 'run'} ({history.format}, "
+        f"{format_count(points, 'logged step')}, {format_count(evaluations, 'evaluation')})"
     )
     if diagnosis.findings:
         console.print(diagnosis_table(diagnosis, title=title))

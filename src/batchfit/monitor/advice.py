@@ -16,6 +16,7 @@ from typing import Any
 from batchfit.lr.scaling import default_warmup_steps, scaled_rate
 from batchfit.monitor.findings import CLIP_NORM, DIVERGING_LR_FACTOR
 from batchfit.training.accumulation import fitting_micro_batch, plan_accumulation
+from batchfit.units import format_count
 
 __all__ = ["RunSettings", "change_batch", "lower_rate"]
 
@@ -156,7 +157,7 @@ def change_batch(run: RunSettings, factor: float) -> tuple[str, dict[str, Any]]:
             per_epoch = run.steps_per_epoch * old / new if run.steps_per_epoch else None
             warmup = _warmup(steps, per_epoch)
             settings["warmup_steps"] = warmup
-            text += f", warm up {warmup} steps ({steps} steps for the same samples)"
+            text += f", warm up {format_count(warmup, 'step')} ({steps} steps for the same samples)"
     return text, settings
 
 
@@ -193,7 +194,7 @@ def lower_rate(run: RunSettings) -> tuple[str, dict[str, Any]]:
         was = f" (was {run.warmup_steps})" if run.warmup_steps is not None else ""
         if run.warmup_unfinished:
             was = f" (the warmup had not ended at step {run.total_steps})"
-        parts.append(f"warm up {warmup} steps{was}")
+        parts.append(f"warm up {format_count(warmup, 'step')}{was}")
     parts.append(
         f"clip the gradient norm at {CLIP_NORM:g}{setting_words(run, 'max_grad_norm', CLIP_NORM)}"
     )

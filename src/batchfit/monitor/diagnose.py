@@ -139,7 +139,8 @@ def _schedule_rate(history: History, rule: str | None) -> tuple[float, int, int,
         f"{grew}: the advice starts from the final global batch {final} and the peak rate the "
         f"run's schedule gave it, {rate:.3g} (the rate schedule's peak {base_peak:.3g} x "
         f"{end_factor:.3g}, {how}; the highest logged rate was {max(lr.values):.3g}), and "
-        f"counts the run's {round(samples)} samples as {total_steps} steps of {final}"
+        f"counts the run's {format_count(round(samples), 'sample')} as "
+        f"{format_count(total_steps, 'step')} of {final}"
     )
     return rate, int(peak_step - lr.steps[0]), total_steps, note
 
@@ -220,8 +221,9 @@ def diagnose(
         notes.append("no training loss logged: the curves could not be read")
     else:
         notes.append(
-            f"only {len(finite)} finite training-loss points: too few to read a trend (need "
-            f"{limits.MIN_POINTS}); diverging, noisy, stalled and underfitting not checked"
+            f"only {format_count(len(finite), 'finite training-loss point')}: too few to read "
+            f"a trend (need {limits.MIN_POINTS}); diverging, noisy, stalled and underfitting not "
+            "checked"
         )
     val = history.val_loss.finite() if history.val_loss is not None else None
     if history.val_loss is not None and history.val_loss.non_finite_steps() and not bad_steps:
@@ -276,8 +278,8 @@ def diagnose(
         )
     else:
         notes.append(
-            f"{len(val or ())} finite validation points: too few to check overfitting (need "
-            f"{limits.MIN_EVALUATIONS})"
+            f"{format_count(len(val or ()), 'finite validation point')}: too few to check "
+            f"overfitting (need {limits.MIN_EVALUATIONS})"
         )
 
     if any(f.kind == "overfitting" for f in found):

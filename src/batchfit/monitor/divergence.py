@@ -15,6 +15,7 @@ from batchfit.monitor import findings as limits
 from batchfit.monitor.advice import RunSettings, lower_rate
 from batchfit.monitor.curve import ROBUST_SD, Curve, robust_spread, rounded, running_median
 from batchfit.monitor.findings import Finding
+from batchfit.units import format_count
 
 __all__ = ["diverging", "non_finite"]
 
@@ -25,7 +26,7 @@ def non_finite(steps: tuple[int, ...], last: int | None, run: RunSettings, what:
         kind="diverging",
         severity="critical",
         summary=f"the {what} is not finite (NaN or infinite) from step {steps[0]}, "
-        f"{len(steps)} times",
+        f"{format_count(len(steps), 'time')}",
         evidence={"first_step": steps[0], "non_finite_count": len(steps), "series": what},
         advice=advice,
         steps=(steps[0], last if last is not None else steps[-1]),
@@ -161,7 +162,7 @@ def _held_above_start(curve: Curve, held: np.ndarray, run: RunSettings) -> list[
     seen = (
         f"the loss rose above its first value {rounded(curve.start)}, to {rounded(values[peak])} "
         f"({values[peak] / curve.start:.2f}x) at step {int(steps[peak])}, held above "
-        f"{limits.RISE_FACTOR:g}x it at {len(above)} logged steps from step "
+        f"{limits.RISE_FACTOR:g}x it at {format_count(len(above), 'logged step')} from step "
         f"{int(steps[above[0]])} on"
     )
     if recovered:
