@@ -779,6 +779,21 @@ def test_the_csv_gives_the_rate_as_stepped_under_a_batch_schedule(tmp_path):
     assert any("counts the run's 512 samples as 8 steps of 64" in note for note in notes)
 
 
+def test_steps_per_epoch_under_a_grown_batch_count_the_first_epochs_samples(tmp_path):
+    # Epoch 0: 8 steps of 32 (steps 0-7, as Lightning counts them), epoch 1 from step 8 at 64.
+    # A pass is 256 samples, 4 steps of 64; the reader counted the samples through step 8, the
+    # first step of epoch 1 (8 x 32 + 64 = 320): 5 steps of 64.
+    from batchfit.monitor.readers import read_history
+
+    csv = pl.loggers.CSVLogger(tmp_path, name="run")
+    plan = _plan(global_batch=64, micro_batch=16, accumulation_steps=4, lr=0.1)
+    callback = BatchFit(plan, batch_schedule="ramp:0:32,256:64", rule="linear", window=None)
+    _trainer(callback, csv, max_steps=12).fit(Classifier(), Data())
+    history = read_history(Path(csv.log_dir) / "metrics.csv")
+    assert history.global_batches.values == pytest.approx([32] * 8 + [64] * 4)
+    assert history.steps_per_epoch == pytest.approx(4)
+
+
 def test_the_csv_gives_the_rate_as_stepped_during_the_plans_warmup(tmp_path):
     # A plan with a warm-up of 4 updates and no batch schedule: LearningRateMonitor logs the
     # optimizer's rate before the warm-up factor (1e6 from the first step), so the diagnosis of

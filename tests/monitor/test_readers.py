@@ -420,19 +420,21 @@ def test_batchfit_metrics_jsonl_under_a_batch_schedule_gives_the_batch_per_step(
 
 def test_steps_per_epoch_under_a_growing_batch_count_steps_of_the_final_batch(tmp_path):
     # 640 samples a pass: 10 steps of 32, then steps of 64 (10 a pass), as batchfit's Lightning
-    # callback logs them; Lightning's epoch counter reads 1 from step 16 (704 samples seen).
+    # callback logs them; Lightning counts steps from 0, and its epoch counter reads 1 from step
+    # 15 (10 x 32 + 5 x 64 = 640 samples before it).
     rows = ["epoch,step,train_loss,global_batch"]
     seen = 0
-    for step in range(1, 31):
-        batch = 32 if step <= 10 else 64
+    for step in range(30):
+        batch = 32 if step < 10 else 64
+        rows.append(f"{seen // 640},{step},{2.0 / (step + 1)},{batch}")
         seen += batch
-        rows.append(f"{(seen - 1) // 640 if step > 1 else 0},{step},{2.0 / step},{batch}")
     (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
     history = read_history(tmp_path / "metrics.csv")
     assert history.global_batch == 64
-    # was: 16 (the first step of epoch 1, counting the steps of 32 and 64 alike); now its
-    # samples in steps of the final 64 (up to the logging of whole epochs, as before)
-    assert history.steps_per_epoch == pytest.approx(704 / 64)
+    # was: 15 (the first step of epoch 1, counting the steps of 32 and 64 alike), then 11 (the
+    # samples through that step, one of epoch 1's included); now epoch 0's 640 samples in steps
+    # of the final 64
+    assert history.steps_per_epoch == pytest.approx(640 / 64)
 
 
 def test_a_trainer_run_shorter_than_its_logging_steps_says_what_to_set(tmp_path):

@@ -118,10 +118,11 @@ def steps_per_epoch(
     """Optimizer steps per pass over the data, from a logged epoch beside the step.
 
     A fractional epoch (the Hugging Face Trainer's step / steps per epoch) gives it directly;
-    whole epochs (Lightning's epoch counter) give the first step logged in epoch 1 or later
-    (exact when every step is logged, up to the logging interval otherwise). When the records
-    log a global batch (`batch_keys`) that changed, the steps are counted at the last one, as
-    the batch the diagnosis advises from: the samples up to that step over the final batch.
+    whole epochs (Lightning's epoch counter, with steps counted from 0) give the first step
+    logged in epoch 1 or later, the steps epoch 0 made (exact when every step is logged, up to
+    the logging interval otherwise). When the records log a global batch (`batch_keys`) that
+    changed, the steps are counted at the last one, as the batch the diagnosis advises from: the
+    samples of those epochs over the final batch.
     """
     pairs = [
         (step, epoch)
@@ -133,16 +134,24 @@ def steps_per_epoch(
     fractional = [(step, epoch) for step, epoch in pairs if epoch != int(epoch)]
     if fractional:
         step, epoch = fractional[-1]
-        return _at_final_batch(records, batch_keys, step, step / epoch)
+        return _at_final_batch(records, batch_keys, step, epoch, step / epoch)
     firsts = [step for step, epoch in pairs if epoch >= 1]
-    return _at_final_batch(records, batch_keys, min(firsts), min(firsts)) if firsts else None
+    if not firsts:
+        return None
+    # epoch 0 ran the steps before the first one of epoch 1 (counted from 0): not that one
+    return _at_final_batch(records, batch_keys, min(firsts) - 1, 1.0, min(firsts))
 
 
 def _at_final_batch(
-    records: list[dict[str, Any]], batch_keys: tuple[str, ...], step: float, steps: float
+    records: list[dict[str, Any]],
+    batch_keys: tuple[str, ...],
+    step: float,
+    epochs: float,
+    steps: float,
 ) -> float:
-    """`steps` (per epoch, read at `step`) in steps of the last logged global batch, when the
-    logged batch changed; as they are otherwise."""
+    """`steps` per epoch in steps of the last logged global batch when the logged batch changed
+    (the samples through `step`, which ends `epochs` epochs, over that batch); as they are
+    otherwise."""
     batches = []
     for record in records:
         logged = next((number(record[k]) for k in batch_keys if k in record), None)
@@ -158,7 +167,9 @@ def _at_final_batch(
             break
         samples += (min(at, step) - previous) * batch
         previous = at
-    return steps * samples / step / max(batches)[1]
+    if samples <= 0:
+        return steps
+    return samples / epochs / max(batches)[1]
 
 
 def refuse_text(
