@@ -321,3 +321,16 @@ def test_noise_scale_near_the_chosen_batch_keeps_a_linear_axis(monkeypatch):
                     global_batch=128)  # fmt: skip
     axes = figures[0].axes[0]
     assert axes.get_yscale() == "linear" and axes.get_ylim()[0] == 0
+
+
+def test_noise_scale_marks_the_value_a_plan_extrapolated_to(monkeypatch):
+    from batchfit.plots import noise_scale
+
+    figures = _captured(monkeypatch, noise_scale)
+    noise_scale_png({"noise_scale_samples": 150.0, "low_samples": 120.0, "high_samples": 200.0,
+                     "running": [{"batches": 1, "noise_scale_samples": 180.0}]},
+                    global_batch=128, planned_for=(700.0, 7190))  # fmt: skip
+    axes = figures[0].axes[0]
+    (planned,) = [line for line in axes.get_lines() if line.get_label().startswith("planned")]
+    assert planned.get_ydata()[0] == 700.0 and "7,190 samples" in planned.get_label()
+    assert axes.get_ylim()[1] > 700.0

@@ -404,3 +404,26 @@ def test_a_range_test_at_a_batch_the_plan_then_halved_is_captioned_with_its_own_
     assert "Learning-rate range test at global batch 128, with its suggestions" in html
     assert "halved the batch to 64" in html and "at the chosen global batch" not in html
     assert marked[-1] is None  # a rate for 64 is not drawn on a test at 128
+
+
+def test_the_noise_figure_shows_the_noise_scale_the_plan_extrapolated_to(monkeypatch):
+    import batchfit.report.html as html_module
+
+    drawn = []
+    real = html_module.noise_scale_png
+    monkeypatch.setattr(
+        html_module,
+        "noise_scale_png",
+        lambda data, **options: drawn.append(options) or real(data, **options),
+    )
+    plan = make_plan()
+    measured = {**plan.measurements["noise_scale"], "step": 200}
+    trend = {"points": [], "trend": {"noise_scale_samples": 365.2, "at_samples": 7190}}
+    extrapolated = Plan(**{**plan.to_dict(), "measurements": {
+        **plan.measurements, "noise_scale": measured, "noise_trend": trend}})  # fmt: skip
+    html = render_report(extrapolated)
+    # the figure drew 180 (step 200) while the table's reason chose the batch for 365
+    assert "after 200 steps" in html and "at 7,190 samples, 365 (dotted" in html
+    assert drawn[-1]["planned_for"] == (365.2, 7190)
+    render_report(plan)
+    assert drawn[-1]["planned_for"] is None

@@ -20,7 +20,12 @@ VIEW_ABOVE_ESTIMATE = 3.0  # the y axis reaches this multiple of the final estim
 LOG_SPAN = 20.0  # drawn values spanning more than this factor get a log axis
 
 
-def noise_scale_png(data: Mapping[str, Any], *, global_batch: int | None = None) -> bytes:
+def noise_scale_png(
+    data: Mapping[str, Any],
+    *,
+    global_batch: int | None = None,
+    planned_for: tuple[float, int] | None = None,
+) -> bytes:
     """PNG bytes of the running B_simple estimate against batches measured, with its interval.
 
     Draws the shape of `NoiseScaleResult.to_dict()`. When the `running` points carry
@@ -29,13 +34,17 @@ def noise_scale_png(data: Mapping[str, Any], *, global_batch: int | None = None)
     horizontal band. The axes reach 3x the final estimate (or above its interval), so the wild
     early values are clipped at the top. The final estimate is a dashed line. When the values
     drawn (the estimate, its interval's lower end, the chosen batch) span more than `LOG_SPAN`,
-    the axis is logarithmic, so a chosen batch far below the estimate stays visible.
+    the axis is logarithmic, so a chosen batch far below the estimate stays visible. With
+    `planned_for`, the noise scale a plan extrapolated from its measurements (the trend of
+    `batchfit.noise.trend`) is a dotted line, since it differs from the measurement drawn.
 
     Args:
         data: `noise_scale_samples`, `low_samples`, `high_samples` (each may be None),
             `running` (dicts with `batches` and `noise_scale_samples`, optionally the interval),
             and optionally `confidence`, `small_batch_samples`, `big_batch_samples`, `step`.
         global_batch: a chosen global batch to mark (the plan's), or None.
+        planned_for: (noise scale in samples, samples seen it is extrapolated to): the value
+            a plan chose its batch for, when it is not the measurement drawn; or None.
 
     Returns:
         The PNG file's bytes.
@@ -63,9 +72,12 @@ def noise_scale_png(data: Mapping[str, Any], *, global_batch: int | None = None)
         top = 1.5 * max((p["noise_scale_samples"] for p in shown), default=0.0)
     if global_batch:
         top = max(top, 1.2 * global_batch)
+    if planned_for is not None:
+        top = max(top, 1.2 * planned_for[0])
     # a chosen batch far below the estimate (or an interval reaching near zero) would sit on
     # the floor of a linear axis: values spanning decades get a log axis
-    marked = [estimate, low, global_batch] + [p["noise_scale_samples"] for p in shown]
+    planned = None if planned_for is None else planned_for[0]
+    marked = [estimate, low, global_batch, planned] + [p["noise_scale_samples"] for p in shown]
     positive = [value for value in marked if value is not None and 0 < value < top]
     bottom = 0.0
     if positive and top / min(positive) > LOG_SPAN:
@@ -97,6 +109,13 @@ def noise_scale_png(data: Mapping[str, Any], *, global_batch: int | None = None)
         axes.set_ylim(bottom=bottom, top=top * (1.5 if bottom else 1.05))
     if estimate is not None:
         axes.axhline(estimate, linestyle="--", color="black", label=f"B_simple = {estimate:.4g}")
+    if planned_for is not None:
+        axes.axhline(
+            planned_for[0],
+            linestyle=":",
+            color="tab:purple",
+            label=f"planned for: {planned_for[0]:.4g} (trend at {planned_for[1]:,} samples)",
+        )
     if global_batch:
         axes.axhline(
             global_batch,

@@ -65,7 +65,9 @@ _FIGURES = (
     ),
     (
         "noise_scale",
-        lambda plan, data: noise_scale_png(data, global_batch=plan.global_batch),
+        lambda plan, data: noise_scale_png(
+            data, global_batch=plan.global_batch, planned_for=_noise_trend(plan)
+        ),
         "The gradient noise scale (critical batch): below it, doubling the batch nearly halves "
         "the steps; above it, extra samples are mostly wasted.",
     ),
@@ -136,6 +138,13 @@ def _caption(plan: Plan, key: str, caption: str | None) -> str:
             f"halved the batch to {plan.global_batch} (see the global batch's reason); its rate "
             f"{plan.lr:.4g} is for {plan.global_batch} and is not marked here."
         )
+    trend = _noise_trend(plan)
+    if key == "noise_scale" and trend is not None:
+        caption += (
+            f" Drawn: the last measurement, after {plan.measurements[key].get('step')} steps; "
+            f"the plan chose its batch for the noise scale its trend reaches at {trend[1]:,} "
+            f"samples, {trend[0]:.0f} (dotted; see the global batch's reason)."
+        )
     if key == "throughput" and plan.measurements[key].get("limit_reason") == "noise_scale":
         caption += (
             f" Batches above {plan.measurements[key]['limit_batch']} were not timed: the plan "
@@ -149,6 +158,15 @@ def _caption(plan: Plan, key: str, caption: str | None) -> str:
             f"{overhead['batch']}), which the global batch's time model counts."
         )
     return caption
+
+
+def _noise_trend(plan: Plan) -> tuple[float, int] | None:
+    """(noise scale, samples) the plan extrapolated its measurements to, or None when it chose
+    its batch for the measurement the figure draws."""
+    trend = (plan.measurements.get("noise_trend") or {}).get("trend")
+    if not trend or trend.get("noise_scale_samples") is None:
+        return None
+    return float(trend["noise_scale_samples"]), int(trend["at_samples"])
 
 
 def write_report(
