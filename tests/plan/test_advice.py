@@ -108,3 +108,15 @@ def test_a_target_batch_above_the_run_is_noted():
     assert len(notes) == 1 and "larger than the planned run (14 samples)" in notes[0]
     assert "4.5x" in notes[0]
     assert target_batch_notes(64, 1438, run_samples=14_380) == []
+
+
+def test_the_closing_note_on_the_noise_scale_agrees_with_the_batch_schedule():
+    from batchfit.plan.advice import growth_room, noise_growth_note
+
+    # digits: the schedule row says 359 samples leave no room to double 256
+    stuck = noise_growth_note("constant", 256, growth_room(1438, 256))
+    assert "--batch-schedule noise" not in stuck and "no room to double (at most 359" in stuck
+    grows = noise_growth_note("noise", 1, growth_room(3600, 1))
+    assert "the plan's `noise` batch schedule raises" in grows and "--batch-schedule" not in grows
+    room = noise_growth_note("constant", 32, growth_room(2048, 32))
+    assert "`batchfit train --batch-schedule noise` raises the global batch" in room

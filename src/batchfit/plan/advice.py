@@ -10,7 +10,11 @@ import math
 from dataclasses import dataclass
 
 from batchfit.errors import ConfigError
-from batchfit.training.batch_growth import MIN_STEPS_PER_EPOCH, data_batch_limit
+from batchfit.training.batch_growth import (
+    MAX_ACCUMULATION,
+    MIN_STEPS_PER_EPOCH,
+    data_batch_limit,
+)
 
 LARGE_BATCH_SAMPLES = 8192
 """Above this global batch, advise layer-wise adaptive optimizers. Goyal et al. 2017 train
@@ -306,8 +310,6 @@ def propose_batch_schedule(
         >>> propose_batch_schedule(32, noise_scale=60, dataset_size=800, micro_batch=32).value
         'constant'
     """
-    from batchfit.training.batch_growth import MAX_ACCUMULATION
-
     if not measured:
         return Choice(
             "constant",
@@ -316,7 +318,7 @@ def propose_batch_schedule(
         )
     if noise_scale is None or not noise_scale > 0:
         return Choice("constant", "no reliable noise scale was measured: the batch stays constant")
-    room = min(int(data_batch_limit(dataset_size)), micro_batch * world_size * MAX_ACCUMULATION)
+    room = growth_room(dataset_size, micro_batch, world_size)
     after = f" after {measured_after_steps} warm-up steps" if measured_after_steps else ""
     limits = (
         f"{room} samples (the least of a quarter of the {dataset_size} training samples and "
@@ -344,3 +346,37 @@ def propose_batch_schedule(
             f"(less than {GROWTH_ROOM}x)"
         )
     return Choice("constant", f"{why}: the batch stays constant")
+
+
+def growth_room(dataset_size: int, micro_batch: int, world_size: int = 1) -> int:
+    """The largest global batch the loop's `noise` schedule may grow to (samples): a quarter
+    of the data set and `micro_batch x world_size x MAX_ACCUMULATION`
+    (`batchfit.training.batch_growth.schedule_cap`).
+
+    Example:
+        >>> growth_room(1438, 256), growth_room(50_000, 64, 2)
+        (359, 1024)
+    """
+    return min(int(data_batch_limit(dataset_size)), micro_batch * world_size * MAX_ACCUMULATION)
+
+
+def noise_growth_note(batch_schedule: str, global_batch: int, room: int) -> str:
+    """The plan's closing note on the noise scale's growth, in line with its batch schedule:
+    the schedule it chose grows the batch, or `--batch-schedule noise` would, or (`room`, from
+    `growth_room`, below twice the global batch) nothing can.
+
+    Example:
+        >>> "no room to double (at most 359 samples)" in noise_growth_note("constant", 256, 359)
+        True
+    """
+    grows = "The noise scale grows as training proceeds; `batchfit train` logs it on every run"
+    if batch_schedule == "noise":
+        return f"{grows}, and the plan's `noise` batch schedule raises the global batch with it."
+    if room >= 2 * global_batch:
+        return (
+            f"{grows}, and `batchfit train --batch-schedule noise` raises the global batch with it."
+        )
+    return (
+        f"{grows}; the data and memory leave the global batch {global_batch} no room to double "
+        f"(at most {room} samples), so the plan's batch is constant (see the batch schedule row)."
+    )

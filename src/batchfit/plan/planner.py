@@ -445,8 +445,11 @@ def plan(
             f"this run (~{noise_for_run:.0f}): expect more samples per unit of progress."
         )
     notes.append(
-        "The noise scale grows as training proceeds; `batchfit train` logs it on every run, and "
-        "`batchfit train --batch-schedule noise` raises the global batch with it."
+        advice.noise_growth_note(
+            str(schedule_choice.value),
+            global_batch,
+            advice.growth_room(dataset_size, micro_batch, world_size),
+        )
     )
     return Plan(
         task=task_name or task.name,
