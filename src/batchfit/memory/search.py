@@ -58,6 +58,7 @@ __all__ = [
     "Method",
     "SearchResult",
     "StepFn",
+    "capped_note",
     "Trial",
     "find_max_batch_size",
 ]
@@ -198,10 +199,7 @@ def find_max_batch_size(
     chosen = round_down(limit, round_to)
     notes = list(search.notes)
     if capped:
-        notes.append(
-            f"every batch up to {max_batch_size:,} fits (the search's maximum: max_batch_size, "
-            "--max-batch on the command line): the limit is at least that."
-        )
+        notes.append(capped_note(max_batch_size))
     result = SearchResult(
         batch_size=chosen,
         limit_batch_size=limit,
@@ -229,6 +227,14 @@ def find_max_batch_size(
     )
     logger.info("largest batch %d (limit %d) in %d real steps", chosen, limit, result.real_steps)
     return result
+
+
+def capped_note(max_batch_size: int) -> str:
+    """The search's note when even `max_batch_size` fits (the limit is at least that)."""
+    return (
+        f"every batch up to {max_batch_size:,} fits (the search's maximum: max_batch_size, "
+        "--max-batch on the command line): the limit is at least that."
+    )
 
 
 # --- argument checks ------------------------------------------------------------------------

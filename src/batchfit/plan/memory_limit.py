@@ -31,7 +31,7 @@ def memory_limit(
     """The largest micro-batch that fits, and the memory measurements for the plan."""
     from batchfit.memory.predict import predict_memory_model
     from batchfit.memory.runnable import host_limit_batch_size
-    from batchfit.memory.search import find_max_batch_size
+    from batchfit.memory.search import capped_note, find_max_batch_size
     from batchfit.plan.norm_layers import smallest_batch
 
     report("memory", 0, 1)
@@ -71,6 +71,13 @@ def memory_limit(
     report("memory", 1, 1)
     model = result.memory_model
     notes = list(result.notes)
+    if result.capped:
+        # the plan searches up to the training set, and `batchfit plan` has no --max-batch
+        notes = [note for note in notes if note != capped_note(dataset_size)]
+        notes.append(
+            f"Every batch up to the {dataset_size:,} training samples fits in memory: the data, "
+            "not the memory, bounds the micro-batch."
+        )
     if result.basis == "predicted":
         notes.append(f"Micro-batch limit {result.limit_batch_size}: {result.basis_reason}")
     # The largest batch this machine holds, for the steps the plan still runs here.
