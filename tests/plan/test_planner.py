@@ -81,6 +81,9 @@ def test_plan_reaches_a_target_over_devices():
     assert result.micro_batch * result.accumulation_steps * 2 == 128
     assert result.reasons["global_batch"] == "the target you asked for"
     assert "loop_overhead" not in result.measurements  # the target needs no time model
+    # the throughput was timed here, but the target, not the throughput, set the global batch
+    (note,) = [n for n in result.notes if "throughput was timed on this cpu" in n]
+    assert "trades steps" not in note and "the target you asked for" in note
 
 
 def test_plan_advises_groupnorm_for_small_batchnorm_batches():

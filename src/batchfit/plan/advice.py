@@ -158,8 +158,15 @@ def target_batch_notes(
     return notes
 
 
-def borrowed_throughput_note(card: str, device_type: str) -> str:
-    """The throughput of a plan for a card it is not running on is this machine's."""
+def borrowed_throughput_note(card: str, device_type: str, *, asked_for: bool = False) -> str:
+    """The throughput of a plan for a card it is not running on is this machine's
+    (`asked_for`: the global batch is the user's target, not chosen from the throughput)."""
+    if asked_for:
+        return (
+            f"The memory limits are {card}'s, but the throughput was timed on this "
+            f"{device_type}; the global batch is the target you asked for, not chosen from it. "
+            "On the card, time it with `batchfit throughput` (or plan there)."
+        )
     return (
         f"The memory limits are {card}'s, but the throughput was timed on this {device_type}: "
         "the global batch trades steps against this machine's speed. On the card, time it with "

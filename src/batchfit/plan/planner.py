@@ -239,7 +239,11 @@ def plan(
         notes.append(f"{disturbed} The global batch below rests on it.")
     if target is not None and device.type != "cuda":
         card = target.card.name if target.card is not None else "the budgeted device"
-        notes.append(advice.borrowed_throughput_note(card, device.type))
+        notes.append(
+            advice.borrowed_throughput_note(
+                card, device.type, asked_for=target_global_batch is not None
+            )
+        )
 
     # 4. Global batch, micro-batch, accumulation.
     if target_global_batch is not None:
