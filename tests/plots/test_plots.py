@@ -334,3 +334,21 @@ def test_noise_scale_marks_the_value_a_plan_extrapolated_to(monkeypatch):
     (planned,) = [line for line in axes.get_lines() if line.get_label().startswith("planned")]
     assert planned.get_ydata()[0] == 700.0 and "7,190 samples" in planned.get_label()
     assert axes.get_ylim()[1] > 700.0
+
+
+def test_memory_far_below_the_budget_gets_a_log_axis(monkeypatch):
+    from batchfit.plots import memory
+
+    figures = _captured(monkeypatch, memory)
+    # the cnn example planned for an A100-80GB: peaks up to 680 MiB under a budget of 80 GiB
+    data = {"probes": [[2, 929280], [512, 178469888], [2048, 713255936]], "trials": [],
+            "fixed_bytes": 208018.0, "per_sample_bytes": 348168.0,
+            "capacity_bytes": 80 * 2**30, "limit_batch": 2048}  # fmt: skip
+    memory_png(data)
+    axes = figures[0].axes[0]
+    assert axes.get_yscale() == "log"
+    (fit,) = [line for line in axes.get_lines() if line.get_label().startswith("fit")]
+    # drawn through many points, so the straight fit stays straight where it is read
+    assert len(fit.get_xdata()) > 10 and fit.get_ydata()[-1] > 100 * fit.get_ydata()[0] > 0
+    memory_png({**data, "capacity_bytes": 2**30})
+    assert figures[1].axes[0].get_yscale() == "linear"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,13 +13,16 @@ __all__ = ["memory_png"]
 
 _MIB = 1024**2
 _LINE_PAST_LAST_BATCH = 1.15  # the fitted line runs this far past the largest batch shown
+LOG_SPAN = 20.0  # a budget more than this many times the largest peak drawn gets a log axis
+_LINE_POINTS = 200  # the fitted line is drawn through this many points (it curves on a log axis)
 
 
 def memory_png(data: Mapping[str, Any]) -> bytes:
     """PNG bytes of peak memory (MiB) against batch size.
 
     Draws a Plan's `measurements["memory"]`: the probes, the fitted line fixed + per-sample
-    bytes x batch, the budget, and the real trials (fits or out of memory).
+    bytes x batch, the budget, and the real trials (fits or out of memory). A budget more than
+    `LOG_SPAN` times every peak drawn gets a logarithmic memory axis, so the data stay readable.
 
     Args:
         data: `probes` ([batch, peak bytes] pairs), `trials` (dicts with `batch_size`, `fits`
@@ -52,10 +56,25 @@ def memory_png(data: Mapping[str, Any]) -> bytes:
     batches.append(data.get("limit_batch") or 1)
     top = max(batches) * _LINE_PAST_LAST_BATCH
     fixed, per_sample = data.get("fixed_bytes"), data.get("per_sample_bytes")
+    peaks = [p for _, p in probes] + [
+        t.get("measured_bytes") or t.get("predicted_bytes") or 0 for t in trials
+    ]
     if fixed is not None and per_sample is not None:
+        peaks.append(fixed + per_sample * top)
+    # a budget far above every peak (a small model on a large card) would flatten the data
+    # onto the floor of a linear axis
+    log_axis = bool(data.get("capacity_bytes")) and data["capacity_bytes"] > LOG_SPAN * max(
+        peaks, default=math.inf
+    )
+    if log_axis:
+        axes.set_yscale("log")
+    if fixed is not None and per_sample is not None:
+        xs = [top * k / (_LINE_POINTS - 1) for k in range(_LINE_POINTS)]
+        line = [(x, (fixed + per_sample * x) / _MIB) for x in xs]
+        line = [(x, y) for x, y in line if y > 0 or not log_axis]
         axes.plot(
-            [0, top],
-            [fixed / _MIB, (fixed + per_sample * top) / _MIB],
+            [x for x, _ in line],
+            [y for _, y in line],
             "-",
             color="tab:gray",
             label=f"fit: {format_bytes(fixed)} + {format_bytes(per_sample)}/sample",
