@@ -352,3 +352,17 @@ def test_memory_far_below_the_budget_gets_a_log_axis(monkeypatch):
     assert len(fit.get_xdata()) > 10 and fit.get_ydata()[-1] > 100 * fit.get_ydata()[0] > 0
     memory_png({**data, "capacity_bytes": 2**30})
     assert figures[1].axes[0].get_yscale() == "linear"
+
+
+def test_throughput_limit_past_the_timed_batches_is_named_and_ticked(monkeypatch):
+    from batchfit.plots import throughput
+
+    figures = _captured(monkeypatch, throughput)
+    # the cnn example stopped timing at 32 (no gain), its limit the 2048 training samples
+    rates = [1089.0, 1315.0, 1842.0, 2361.0, 1656.0, 1716.0]
+    throughput_png({"batch_sizes": [1, 2, 4, 8, 16, 32], "knee_batch": 8,
+                    "samples_per_second": rates, "limit_batch": 2048, "limit_reason": "dataset",
+                    "stopped_early": True})  # fmt: skip
+    axes = figures[0].axes[0]
+    assert 2048 in axes.get_xticks() and "2048" in [t.get_text() for t in axes.get_xticklabels()]
+    assert "limit 2048 (dataset)" in [t.get_text() for t in axes.get_legend().get_texts()]

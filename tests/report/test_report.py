@@ -427,3 +427,16 @@ def test_the_noise_figure_shows_the_noise_scale_the_plan_extrapolated_to(monkeyp
     assert drawn[-1]["planned_for"] == (365.2, 7190)
     render_report(plan)
     assert drawn[-1]["planned_for"] is None
+
+
+def test_the_throughput_caption_says_why_timing_stopped_below_the_limit():
+    plan = make_plan()
+    assert "Timing stopped" not in render_report(plan)
+    stopped = {**plan.measurements["throughput"], "limit_batch": 2048, "limit_reason": "dataset",
+               "stopped_early": True}  # fmt: skip
+    html = render_report(Plan(**{**plan.to_dict(), "measurements": {
+        **plan.measurements, "throughput": stopped}}))  # fmt: skip
+    assert (
+        "Timing stopped after batch 128: larger batches brought no further gain, so none up "
+        "to the limit 2048 was timed." in html
+    )

@@ -90,16 +90,19 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
             best_batch, best, "o", markerfacecolor="none", markeredgecolor="tab:green",
             markersize=14, markeredgewidth=2, label=f"best: {best_batch}",
         )  # fmt: skip
-    if data.get("limit_batch") is not None and data.get("limit_reason") is not None:
+    limit = data.get("limit_batch") if data.get("limit_reason") is not None else None
+    if limit is not None:
         reason = LIMIT_LABELS.get(data["limit_reason"], data["limit_reason"].replace("_", " "))
-        axes.axvline(data["limit_batch"], color="tab:red", linestyle=":", label=f"limit ({reason})")
+        axes.axvline(limit, color="tab:red", linestyle=":", label=f"limit {limit} ({reason})")
     axes.set_xscale("log", base=2)
     if sizes:
-        axes.xaxis.set_major_locator(FixedLocator(sizes))
+        # the limit gets a tick too: past the last batch timed, its line had no number under it
+        ticks = sorted({*sizes, *([] if limit is None else [limit])})
+        axes.xaxis.set_major_locator(FixedLocator(ticks))
         axes.xaxis.set_minor_locator(NullLocator())
         axes.xaxis.set_minor_formatter(NullFormatter())
-        axes.set_xticks(sizes, [str(size) for size in sizes])
-        if len(sizes) > CROWDED_TICKS:
+        axes.set_xticks(ticks, [str(size) for size in ticks])
+        if len(ticks) > CROWDED_TICKS:
             axes.tick_params(axis="x", labelrotation=45)
     axes.set_ylim(bottom=0)
     axes.set_xlabel("batch size (samples)")

@@ -151,6 +151,13 @@ def _caption(plan: Plan, key: str, caption: str | None) -> str:
             "chooses at most twice the noise scale it plans for, and this is the power of two "
             "at four times it (the batch above its choice is named in the reason)."
         )
+    timed = plan.measurements[key].get("batch_sizes") or []
+    if key == "throughput" and plan.measurements[key].get("stopped_early") and timed:
+        limit = plan.measurements[key].get("limit_batch")
+        caption += (
+            f" Timing stopped after batch {timed[-1]}: larger batches brought no further gain"
+            + (f", so none up to the limit {limit} was timed." if limit else ".")
+        )
     if key == "throughput" and overhead.get("loop_seconds"):
         caption += (
             f" The steps timed are bare training steps; batchfit's training loop adds "
