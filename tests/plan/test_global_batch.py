@@ -172,3 +172,15 @@ def test_a_bad_loop_overhead_is_refused():
                 reference_batch=32,
                 step_overhead_seconds=bad,
             )
+
+
+def test_a_small_speed_up_above_the_noise_cap_is_not_called_one_times_faster():
+    # digits planned for one epoch: 128 was 4% faster per unit of progress than 64
+    rates = {1: 2849, 2: 5470, 4: 10565, 8: 20813, 16: 37738, 32: 63277, 64: 94586,
+             128: 127159, 256: 153432}  # fmt: skip
+    choice = choose_global_batch(
+        noise_scale=60.7, knee_batch=256, world_size=1, dataset_size=1438, reference_batch=32,
+        throughput=rates, step_overhead_seconds=0.000593,
+    )  # fmt: skip
+    assert choice.value == 64
+    assert "128 would be 1.0" in choice.reason and "1.0x faster" not in choice.reason

@@ -20,6 +20,11 @@ def _pow2_nearest(value: float) -> int:
     return low if value / low <= (2 * low) / value else 2 * low
 
 
+def _times(ratio: float) -> str:
+    """A speed-up in words: '1.04x', not the '1.0x faster' one decimal gives a small one."""
+    return f"{ratio:.2f}x" if ratio < 1.1 else f"{ratio:.1f}x"
+
+
 def _pow2_floor(value: float) -> int:
     return 1 << int(math.floor(math.log2(value))) if value >= 1 else 1
 
@@ -242,7 +247,7 @@ def _fastest_global_batch(
         samples_ratio = (1 + fastest_any / noise_scale) / (1 + fastest / noise_scale)
         reason += (
             f", of the batches up to {MAX_NOISE_MULTIPLE}x the critical batch: "
-            f"{fastest_any} would be {time_per_loss(fastest) / time_per_loss(fastest_any):.1f}x "
+            f"{fastest_any} would be {_times(time_per_loss(fastest) / time_per_loss(fastest_any))} "
             f"faster per unit of progress but needs {samples_ratio:.1f}x the samples for the same "
             f"loss, so the planned epochs would reach less with it (plan {samples_ratio:.1f}x "
             "the epochs to use it)"
