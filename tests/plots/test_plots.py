@@ -366,3 +366,18 @@ def test_throughput_limit_past_the_timed_batches_is_named_and_ticked(monkeypatch
     axes = figures[0].axes[0]
     assert 2048 in axes.get_xticks() and "2048" in [t.get_text() for t in axes.get_xticklabels()]
     assert "limit 2048 (dataset)" in [t.get_text() for t in axes.get_legend().get_texts()]
+
+
+def test_noise_scale_axis_counts_micro_batches_when_whole_passes_were_measured(monkeypatch):
+    from batchfit.plots import noise_scale
+
+    figures = _captured(monkeypatch, noise_scale)
+    point = {"noise_scale_samples": 149.0, "low_samples": 129.0, "high_samples": 167.0,
+             "running": [{"batches": 179, "noise_scale_samples": 149.0}]}  # fmt: skip
+    # digits: 179 micro-batches of 8 in one pass of 1432 samples, not 179 batches of 1432
+    noise_scale_png({**point, "whole_passes": 1, "micro_batch": 8, "big_batch_samples": 1432})
+    assert figures[0].axes[0].get_xlabel() == (
+        "micro-batches of 8 measured (1 pass over the training set)"
+    )
+    noise_scale_png({**point, "whole_passes": 0, "micro_batch": 4, "big_batch_samples": 64})
+    assert figures[1].axes[0].get_xlabel() == "big batches measured"

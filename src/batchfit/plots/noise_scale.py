@@ -133,7 +133,17 @@ def noise_scale_png(
         if data.get(key) is not None
     ]
     axes.set_title("Gradient noise scale" + (f" ({', '.join(details)})" if details else ""))
-    axes.set_xlabel("batches measured")
+    passes = data.get("whole_passes") or 0
+    if passes:
+        # `batches` then counts micro-batches, each against its pass's gradient (B_big)
+        size = f" of {data['micro_batch']}" if data.get("micro_batch") else ""
+        plural = "es" if passes > 1 else ""
+        axes.set_xlabel(
+            f"micro-batches{size} measured ({passes} pass{plural} over the training set)"
+        )
+    else:
+        # an older plan's measurement does not say which it counted
+        axes.set_xlabel("big batches measured" if "whole_passes" in data else "batches measured")
     axes.set_ylabel("B_simple (samples)")
     axes.grid(alpha=0.3)
     axes.legend(loc="best")
