@@ -440,3 +440,12 @@ def test_the_throughput_caption_says_why_timing_stopped_below_the_limit():
         "Timing stopped after batch 128: larger batches brought no further gain, so none up "
         "to the limit 2048 was timed." in html
     )
+
+
+def test_the_run_is_named_by_a_path_that_holds_wherever_the_report_is_read(tmp_path, monkeypatch):
+    write_diverging_run(tmp_path / "work" / "runs" / "run")
+    monkeypatch.chdir(tmp_path / "work")  # `batchfit train` ran here, its --out relative
+    html = render_report(make_plan(), run_dir="runs/run")
+    # the report sits in the plan's folder: a path relative to the run's cwd named nothing there
+    log = (tmp_path / "work" / "runs" / "run" / "metrics.jsonl").resolve()
+    assert f"Read from {log}, " in html

@@ -268,7 +268,8 @@ def _run_section(plan: Plan, run_dir: str | os.PathLike) -> str:
     )
     return (
         "<h2>The run</h2>"
-        f"<p class=meta>Read from {escape(str(history.source or run_dir))}, "
+        # absolute: the report lives in the plan's folder, not where the run was started
+        f"<p class=meta>Read from {escape(str(Path(history.source or run_dir).resolve()))}, "
         f"{escape(history.format)} log.</p>"
         + _figure(diagnosis_png(history.to_dict(), diagnosis.to_dict()), caption)
         + found
