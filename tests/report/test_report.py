@@ -449,3 +449,19 @@ def test_the_run_is_named_by_a_path_that_holds_wherever_the_report_is_read(tmp_p
     # the report sits in the plan's folder: a path relative to the run's cwd named nothing there
     log = (tmp_path / "work" / "runs" / "run" / "metrics.jsonl").resolve()
     assert f"Read from {log}, " in html
+
+
+def test_the_range_test_caption_says_the_plan_used_the_medians_of_its_sweeps():
+    plan = make_plan()
+    assert "sweeps" not in render_report(plan)
+    each = [{"valley_lr": 0.00453, "steepest_lr": s, "best_lr": 0.0384} for s in
+            (0.00453, 0.00668, 0.0055)]  # fmt: skip
+    sweeps = {"valley_lr": 0.00453, "steepest_lr": 0.0055, "best_lr": 0.0384, "each": each}
+    tested = {**plan.measurements["range_test"], "sweeps": sweeps}
+    html = render_report(Plan(**{**plan.to_dict(), "measurements": {
+        **plan.measurements, "range_test": tested}}))  # fmt: skip
+    # the figure marks the first sweep's steepest descent, 0.00453; the reason names 0.0055
+    assert (
+        "Drawn: the first of 3 sweeps, with its own suggestions; the plan used their medians "
+        "(valley 0.00453, steepest descent 0.0055, lowest loss at 0.0384)." in html
+    )

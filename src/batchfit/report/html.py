@@ -138,6 +138,21 @@ def _caption(plan: Plan, key: str, caption: str | None) -> str:
             f"halved the batch to {plan.global_batch} (see the global batch's reason); its rate "
             f"{plan.lr:.4g} is for {plan.global_batch} and is not marked here."
         )
+    sweeps = (plan.measurements[key].get("sweeps") or {}) if key == "range_test" else {}
+    if len(sweeps.get("each") or []) > 1:
+        medians = ", ".join(
+            f"{name} {sweeps[field]:.3g}"
+            for name, field in (
+                ("valley", "valley_lr"),
+                ("steepest descent", "steepest_lr"),
+                ("lowest loss at", "best_lr"),
+            )
+            if sweeps.get(field) is not None
+        )
+        caption += (
+            f" Drawn: the first of {len(sweeps['each'])} sweeps, with its own suggestions; the "
+            f"plan used their medians ({medians})."
+        )
     trend = _noise_trend(plan)
     if key == "noise_scale" and trend is not None:
         caption += (
