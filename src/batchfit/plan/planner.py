@@ -239,11 +239,8 @@ def plan(
         notes.append(f"{disturbed} The global batch below rests on it.")
     if target is not None and device.type != "cuda":
         card = target.card.name if target.card is not None else "the budgeted device"
-        notes.append(
-            advice.borrowed_throughput_note(
-                card, device.type, asked_for=target_global_batch is not None
-            )
-        )
+        asked_for = target_global_batch is not None
+        notes.append(advice.borrowed_throughput_note(card, device.type, asked_for=asked_for))
 
     # 4. Global batch, micro-batch, accumulation.
     if target_global_batch is not None:
@@ -448,13 +445,8 @@ def plan(
             f"The global batch {global_batch} is well above the critical batch expected for "
             f"this run (~{noise_for_run:.0f}): expect more samples per unit of progress."
         )
-    notes.append(
-        advice.noise_growth_note(
-            str(schedule_choice.value),
-            global_batch,
-            advice.growth_room(dataset_size, micro_batch, world_size),
-        )
-    )
+    room = advice.growth_room(dataset_size, micro_batch, world_size)
+    notes.append(advice.noise_growth_note(str(schedule_choice.value), global_batch, room))
     return Plan(
         task=task_name or task.name,
         device=str(device),
