@@ -465,3 +465,15 @@ def test_the_range_test_caption_says_the_plan_used_the_medians_of_its_sweeps():
         "Drawn: the first of 3 sweeps, with its own suggestions; the plan used their medians "
         "(valley 0.00453, steepest descent 0.0055, lowest loss at 0.0384)." in html
     )
+
+
+def test_the_throughput_caption_of_a_plan_over_devices_says_the_batch_is_per_device():
+    plan = make_plan()
+    bounded = {**plan.measurements["throughput"], "limit_batch": 256, "limit_reason": "noise_scale"}
+    html = render_report(Plan(**{**plan.to_dict(), "world_size": 4, "micro_batch": 32,
+                                 "accumulation_steps": 1, "measurements": {
+        **plan.measurements, "throughput": bounded}}))  # fmt: skip
+    # digits over 4 devices: noise scale 149, timed up to 256 per device (596 / 4 -> 256)
+    assert "The batch is per device: the global batch is spread over the 4 devices." in html
+    assert "the power of two at four times it over the 4 devices (the batch above" in html
+    assert "per device" not in render_report(plan)

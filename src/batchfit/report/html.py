@@ -160,11 +160,18 @@ def _caption(plan: Plan, key: str, caption: str | None) -> str:
             f"the plan chose its batch for the noise scale its trend reaches at {trend[1]:,} "
             f"samples, {trend[0]:.0f} (dotted; see the global batch's reason)."
         )
+    devices = plan.world_size if key == "throughput" and plan.world_size > 1 else 1
+    if devices > 1:
+        caption += (
+            f" The batch is per device: the global batch is spread over the {devices} devices."
+        )
     if key == "throughput" and plan.measurements[key].get("limit_reason") == "noise_scale":
         caption += (
             f" Batches above {plan.measurements[key]['limit_batch']} were not timed: the plan "
             "chooses at most twice the noise scale it plans for, and this is the power of two "
-            "at four times it (the batch above its choice is named in the reason)."
+            "at four times it"
+            + (f" over the {devices} devices" if devices > 1 else "")
+            + " (the batch above its choice is named in the reason)."
         )
     timed = plan.measurements[key].get("batch_sizes") or []
     if key == "throughput" and plan.measurements[key].get("stopped_early") and timed:
