@@ -381,3 +381,18 @@ def test_noise_scale_axis_counts_micro_batches_when_whole_passes_were_measured(m
     )
     noise_scale_png({**point, "whole_passes": 0, "micro_batch": 4, "big_batch_samples": 64})
     assert figures[1].axes[0].get_xlabel() == "big batches measured"
+
+
+def test_memory_draws_the_usable_line_the_limit_is_found_under(monkeypatch):
+    from batchfit.plots import memory
+
+    figures = _captured(monkeypatch, memory)
+    # a small LM under --memory-budget 40MiB: limit 28, where the fit meets 38 MiB, not 40
+    memory_png({"probes": [[2, 4136960], [28, 38721536]], "trials": [],
+                "fixed_bytes": 1478257.0, "per_sample_bytes": 1330144.0, "limit_batch": 28,
+                "capacity_bytes": 40 * 2**20, "usable_bytes": 38 * 2**20, "margin": 0.05,
+                "reserve_bytes": 0})  # fmt: skip
+    axes = figures[0].axes[0]
+    (usable,) = [line for line in axes.get_lines() if line.get_label().startswith("usable")]
+    assert usable.get_ydata()[0] == 38.0
+    assert usable.get_label() == "usable: 38.00 MiB (budget less 5% margin)"

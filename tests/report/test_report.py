@@ -334,6 +334,9 @@ def test_the_memory_caption_names_only_what_the_figure_draws():
                                  "measurements": {"memory": cpu}}))  # fmt: skip
     (caption,) = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
     assert caption == "Peak memory against batch size: predicted probes and the fitted line."
+    usable = {**plan.measurements["memory"], "usable_bytes": 285 * MIB, "margin": 0.05}
+    html = render_report(Plan(**{**plan.to_dict(), "measurements": {"memory": usable}}))
+    assert "the budget, the usable memory the limit is found under and the real trials" in html
 
 
 def test_the_throughput_caption_says_what_the_loop_adds_when_it_was_measured():

@@ -21,13 +21,16 @@ def memory_png(data: Mapping[str, Any]) -> bytes:
     """PNG bytes of peak memory (MiB) against batch size.
 
     Draws a Plan's `measurements["memory"]`: the probes, the fitted line fixed + per-sample
-    bytes x batch, the budget, and the real trials (fits or out of memory). A budget more than
-    `LOG_SPAN` times every peak drawn gets a logarithmic memory axis, so the data stay readable.
+    bytes x batch, the budget and the usable memory under it, and the real trials (fits or out
+    of memory). A budget more than `LOG_SPAN` times every peak drawn gets a logarithmic memory
+    axis, so the data stay readable.
 
     Args:
         data: `probes` ([batch, peak bytes] pairs), `trials` (dicts with `batch_size`, `fits`
             and `measured_bytes` or `predicted_bytes`), and optionally `fixed_bytes`,
-            `per_sample_bytes`, `capacity_bytes`, `limit_batch`.
+            `per_sample_bytes`, `capacity_bytes`, `usable_bytes` (the budget less the margin
+            and reserve: the line the limit is found under), `margin`, `reserve_bytes`,
+            `limit_batch`.
 
     Returns:
         The PNG file's bytes.
@@ -81,6 +84,19 @@ def memory_png(data: Mapping[str, Any]) -> bytes:
         )
     if data.get("capacity_bytes"):
         axes.axhline(data["capacity_bytes"] / _MIB, color="tab:red", linestyle="--", label="budget")
+        usable = data.get("usable_bytes")
+        if usable and usable < data["capacity_bytes"]:
+            # the limit is where the fit meets this line, not the budget's
+            kept = [f"{data['margin']:.0%} margin"] if data.get("margin") else []
+            if data.get("reserve_bytes"):
+                kept.append(f"{format_bytes(data['reserve_bytes'])} reserve")
+            axes.axhline(
+                usable / _MIB,
+                color="tab:red",
+                linestyle=":",
+                label=f"usable: {format_bytes(usable)}"
+                + (f" (budget less {' and '.join(kept)})" if kept else ""),
+            )
     for trial in trials:
         fits = trial.get("fits")
         peak = trial.get("measured_bytes") or trial.get("predicted_bytes")

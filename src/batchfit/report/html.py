@@ -346,6 +346,8 @@ def _memory_caption(data: dict) -> str:
     parts = ["predicted probes", "the fitted line"]
     if data.get("capacity_bytes"):
         parts.append("the budget")
+        if data.get("usable_bytes") and data["usable_bytes"] < data["capacity_bytes"]:
+            parts.append("the usable memory the limit is found under")
     if data.get("trials"):
         parts.append("the real trials that confirmed the limit")
     listed = ", ".join(parts[:-1]) + " and " + parts[-1]
