@@ -121,6 +121,21 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes} min {rest:02d} s"
 
 
+WHOLE_SAMPLES_FROM = 10
+"""Sample counts from here up print whole; below, with two significant digits (0.88, not 1)."""
+
+
+def format_samples(samples: float) -> str:
+    """A number of samples that may be fractional (a noise scale): whole from 10 up, with two
+    significant digits below, so that a noise scale of 0.876 does not read as 1.
+
+    Example:
+        >>> format_samples(149.4), format_samples(0.876), format_samples(4.46)
+        ('149', '0.88', '4.5')
+    """
+    return f"{samples:.0f}" if abs(samples) >= WHOLE_SAMPLES_FROM else f"{samples:.2g}"
+
+
 def format_count(count: int, noun: str) -> str:
     """A count with its noun, plural when it is not one: "1 step", "3 steps", "0 ranks"."""
     return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -184,3 +184,12 @@ def test_a_small_speed_up_above_the_noise_cap_is_not_called_one_times_faster():
     )  # fmt: skip
     assert choice.value == 64
     assert "128 would be 1.0" in choice.reason and "1.0x faster" not in choice.reason
+
+
+def test_a_noise_scale_below_one_sample_is_not_printed_as_one():
+    # a tiny LM measured early: B_simple 0.876 (the report's figure says 0.8759)
+    choice = choose_global_batch(
+        noise_scale=0.876, knee_batch=4, world_size=1, dataset_size=3600, reference_batch=16,
+        throughput={1: 319.0, 2: 264.0, 4: 386.0}, step_overhead_seconds=0.00135,
+    )  # fmt: skip
+    assert "about 0.88 samples" in choice.reason and "(1 + B/0.88)" in choice.reason

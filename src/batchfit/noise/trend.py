@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchfit.errors import ConfigError
+from batchfit.units import format_samples
 
 __all__ = ["MAX_EXPONENT", "MAX_GROWTH", "NoiseTrend", "fit_noise_trend"]
 
@@ -54,7 +55,7 @@ class NoiseTrend:
     def describe(self) -> str:
         """The measurements and the extrapolation, in words with the numbers."""
         points = ", ".join(
-            f"{scale:.0f} after {seen:,} samples"
+            f"{format_samples(scale)} after {seen:,} samples"
             for seen, scale in zip(self.samples, self.noise_scales)
         )
         clipped = (
@@ -64,7 +65,7 @@ class NoiseTrend:
         )
         text = (
             f"noise scale {points}: grows as samples^{self.exponent:.2f}{clipped}, about "
-            f"{self.noise_scale_samples:.0f} at {self.at_samples:,} samples"
+            f"{format_samples(self.noise_scale_samples)} at {self.at_samples:,} samples"
         )
         if self.capped:
             text += f" (capped at {MAX_GROWTH:g}x the last measurement)"

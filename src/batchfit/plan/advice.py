@@ -15,6 +15,7 @@ from batchfit.training.batch_growth import (
     MIN_STEPS_PER_EPOCH,
     data_batch_limit,
 )
+from batchfit.units import format_samples
 
 LARGE_BATCH_SAMPLES = 8192
 """Above this global batch, advise layer-wise adaptive optimizers. Goyal et al. 2017 train
@@ -334,12 +335,12 @@ def propose_batch_schedule(
     if room >= GROWTH_ROOM * noise_scale and room >= 2 * global_batch:
         return Choice(
             "noise",
-            f"the noise scale measured{after} ({noise_scale:.0f}) is far below the {limits} the "
-            f"data and memory allow: start at {global_batch} and double the batch while the "
-            "noise scale stays above twice it (the critical batch grows as the loss falls, "
-            "McCandlish et al. 2018)",
+            f"the noise scale measured{after} ({format_samples(noise_scale)}) is far below the "
+            f"{limits} the data and memory allow: start at {global_batch} and double the batch "
+            "while the noise scale stays above twice it (the critical batch grows as the loss "
+            "falls, McCandlish et al. 2018)",
         )
-    measured = f"the noise scale measured{after} ({noise_scale:.0f})"
+    measured = f"the noise scale measured{after} ({format_samples(noise_scale)})"
     if noise_scale >= room:
         why = f"{measured} is already at or above the {limits} the data and memory allow"
     elif room < 2 * global_batch:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from batchfit.errors import ConfigError
 from batchfit.plan.advice import Choice
 from batchfit.training.batch_growth import MIN_STEPS_PER_EPOCH, data_batch_limit
+from batchfit.units import format_samples
 
 
 def _pow2_nearest(value: float) -> int:
@@ -120,9 +121,10 @@ def choose_global_batch(
     if noise_scale is not None and noise_scale > 0:
         batch = _pow2_nearest(noise_scale)
         reason = (
-            f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples"
-            f"{after}; {batch} is the nearest power of two: below it doubling the batch nearly "
-            "halves the steps, above it samples are wasted"
+            "the gradient noise scale (critical batch) is about "
+            f"{format_samples(noise_scale)} samples{after}; {batch} is the nearest power of "
+            "two: below it doubling the batch nearly halves the steps, above it samples are "
+            "wasted"
         )
     else:
         batch = reference_batch
@@ -232,16 +234,17 @@ def _fastest_global_batch(
         model = (
             f"with the measured throughput and the training loop's own {overhead_ms:.2f} ms per "
             f"optimizer step, {fastest} minimises the estimated time to a given loss, "
-            f"(1 + B/{noise_scale:.0f}) (1 / samples per second + {overhead_ms:.2f} ms / B)"
+            f"(1 + B/{format_samples(noise_scale)}) (1 / samples per second + "
+            f"{overhead_ms:.2f} ms / B)"
         )
     else:
         model = (
             f"with the measured throughput, {fastest} minimises the estimated time to a given "
-            f"loss, (1 + B/{noise_scale:.0f}) / samples per second"
+            f"loss, (1 + B/{format_samples(noise_scale)}) / samples per second"
         )
     reason = (
-        f"the gradient noise scale (critical batch) is about {noise_scale:.0f} samples{after}; "
-        f"{model} (McCandlish et al. 2018)"
+        "the gradient noise scale (critical batch) is about "
+        f"{format_samples(noise_scale)} samples{after}; {model} (McCandlish et al. 2018)"
     )
     if fastest_any != fastest:
         samples_ratio = (1 + fastest_any / noise_scale) / (1 + fastest / noise_scale)

@@ -52,7 +52,7 @@ from batchfit.plan.plan_file import Plan, model_identity
 from batchfit.progress import ProgressFn
 from batchfit.training.config import DEFAULT_EPOCHS
 from batchfit.training.sampling import steps_for_epochs, steps_per_epoch
-from batchfit.units import format_count
+from batchfit.units import format_count, format_samples
 from batchfit.validation import check_in_range, check_positive_number, check_whole_number
 
 if TYPE_CHECKING:
@@ -443,7 +443,8 @@ def plan(
     if noise_for_run and global_batch > MAX_NOISE_MULTIPLE * noise_for_run:
         notes.append(
             f"The global batch {global_batch} is well above the critical batch expected for "
-            f"this run (~{noise_for_run:.0f}): expect more samples per unit of progress."
+            f"this run (~{format_samples(noise_for_run)}): expect more samples per unit of "
+            "progress."
         )
     room = advice.growth_room(dataset_size, micro_batch, world_size)
     notes.append(advice.noise_growth_note(str(schedule_choice.value), global_batch, room))

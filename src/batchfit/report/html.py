@@ -25,7 +25,7 @@ from batchfit.plots.memory import memory_png
 from batchfit.plots.noise_scale import noise_scale_png
 from batchfit.plots.range_test import range_test_png
 from batchfit.plots.throughput import throughput_png
-from batchfit.units import format_bytes
+from batchfit.units import format_bytes, format_samples
 
 if TYPE_CHECKING:
     from batchfit.sweep.result import SweepResult
@@ -158,7 +158,7 @@ def _caption(plan: Plan, key: str, caption: str | None) -> str:
         caption += (
             f" Drawn: the last measurement, after {plan.measurements[key].get('step')} steps; "
             f"the plan chose its batch for the noise scale its trend reaches at {trend[1]:,} "
-            f"samples, {trend[0]:.0f} (dotted; see the global batch's reason)."
+            f"samples, {format_samples(trend[0])} (dotted; see the global batch's reason)."
         )
     devices = plan.world_size if key == "throughput" and plan.world_size > 1 else 1
     if devices > 1:
