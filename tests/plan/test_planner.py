@@ -376,3 +376,14 @@ def test_cli_plan_for_a_run_length(tmp_path, capsys):
     assert printed["total_steps"] == math.ceil(3 * samples / printed["global_batch"])
     assert main(["plan", TINY_TASK, "--epochs", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--epochs" in capsys.readouterr().err
+
+
+def test_a_quick_plan_says_memory_was_probed_at_fewer_sizes_only_where_it_was():
+    task = make_mlp_task(samples=256)
+    cpu = plan(task, device="cpu", quick=True, target_global_batch=64)
+    probes = len(cpu.measurements["memory"]["probes"])
+    assert any(f"(from {probes} batch sizes: a quick plan's)" in note for note in cpu.notes)
+    # under a budget the search is not shortened: the quick note said 3 sizes, it probed 6
+    budget = plan(task, device="cpu", quick=True, target_global_batch=64, memory_budget="1GiB")
+    assert len(budget.measurements["memory"]["probes"]) != 3
+    assert not any("batch sizes" in note and "memory" in note for note in budget.notes)

@@ -48,6 +48,8 @@ def memory_limit(
             **({"points": points} if points else {}),
         )
         report("memory", 1, 1)
+        # said here: a quick plan probes fewer sizes only on this path, not under a budget
+        probed = f" (from {len(model.batch_sizes)} batch sizes: a quick plan's)" if points else ""
         return dataset_size, {
             "capacity_bytes": None,
             "fixed_bytes": model.fixed_bytes,
@@ -58,7 +60,7 @@ def memory_limit(
             "notes": [
                 f"No memory budget on the CPU: the micro-batch is bounded by the {dataset_size} "
                 f"training samples; memory grows {format_bytes(model.per_sample_bytes)} per "
-                "sample. Give --memory-budget to plan for a GPU's memory."
+                f"sample{probed}. Give --memory-budget to plan for a GPU's memory."
             ],
         }
     result = find_max_batch_size(

@@ -493,7 +493,5 @@ def _quick_note(
         f"Quick plan: {noise}; throughput timed over {timing['repeats']} steps per batch size "
         f"in {timing['rounds']} rounds (full: 5 steps, 3 rounds, at least 0.2 s); one range "
         f"test of {range_test_steps} steps (full: {RANGE_TEST_SWEEPS} of {RANGE_TEST_STEPS}, "
-        "their suggestions' medians); memory probed at "
-        f"{QUICK_MEMORY_POINTS} batch sizes on the CPU. Plan without --quick for a run whose "
-        "cost justifies it."
+        "their suggestions' medians). Plan without --quick for a run whose cost justifies it."
     )
