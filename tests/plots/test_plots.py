@@ -396,3 +396,14 @@ def test_memory_draws_the_usable_line_the_limit_is_found_under(monkeypatch):
     (usable,) = [line for line in axes.get_lines() if line.get_label().startswith("usable")]
     assert usable.get_ydata()[0] == 38.0
     assert usable.get_label() == "usable: 38.00 MiB (budget less 5% margin)"
+
+
+def test_memory_a_decade_below_the_budget_gets_a_log_axis(monkeypatch):
+    from batchfit.plots import memory
+
+    figures = _captured(monkeypatch, memory)
+    # the cnn example under --memory-budget 12GiB: peaks up to 800 MiB, in the bottom 6%
+    memory_png({"probes": [[2, 929280], [1290, 449345024]], "trials": [],
+                "fixed_bytes": 208018.0, "per_sample_bytes": 348168.0,
+                "capacity_bytes": 12 * 2**30, "limit_batch": 2048})  # fmt: skip
+    assert figures[0].axes[0].get_yscale() == "log"

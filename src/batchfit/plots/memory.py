@@ -13,7 +13,7 @@ __all__ = ["memory_png"]
 
 _MIB = 1024**2
 _LINE_PAST_LAST_BATCH = 1.15  # the fitted line runs this far past the largest batch shown
-LOG_SPAN = 20.0  # a budget more than this many times the largest peak drawn gets a log axis
+LOG_SPAN = 10.0  # a budget more than this many times the largest peak drawn gets a log axis
 _LINE_POINTS = 200  # the fitted line is drawn through this many points (it curves on a log axis)
 
 
