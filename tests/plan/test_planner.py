@@ -387,3 +387,18 @@ def test_a_quick_plan_says_memory_was_probed_at_fewer_sizes_only_where_it_was():
     budget = plan(task, device="cpu", quick=True, target_global_batch=64, memory_budget="1GiB")
     assert len(budget.measurements["memory"]["probes"]) != 3
     assert not any("batch sizes" in note and "memory" in note for note in budget.notes)
+
+
+def test_cli_plan_prints_a_train_command_that_runs_from_paths_with_spaces(tmp_path, capsys):
+    import shlex
+    import shutil
+
+    folder = tmp_path / "my tasks"
+    folder.mkdir()
+    shutil.copy("tests/conftest.py", folder / "tasks.py")
+    out = tmp_path / "the plan"
+    task = f"{folder / 'tasks.py'}:make_mlp_task"
+    assert main(["plan", task, "--quick", "--target-global-batch", "64", "--out", str(out)]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train:")]
+    words = shlex.split(line.removeprefix("train:"))
+    assert words == ["batchfit", "train", task, "--plan", str(out / "plan.json")]

@@ -11,6 +11,7 @@ functions, so `batchfit --help` starts fast. Results go to stdout (a table, or J
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -256,7 +257,7 @@ def plan(args: argparse.Namespace) -> int:
         paths = {"plan_path": str(plan_path), "report_path": str(report_path)}
         print_json({"plan": result.to_dict(), **paths})
         return 0
-    source = args.task or f"--example {args.example}"
+    source = shlex.quote(args.task) if args.task else f"--example {args.example}"
     print_plan(
         stdout_console(), result, plan_path=plan_path, report_path=report_path, source=source
     )

@@ -8,6 +8,7 @@ never read as rich markup: `vit[b/16]` prints as is, and `imagenet[/train]` does
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
@@ -271,7 +272,7 @@ def print_plan(
     console: Console, plan: Any, *, plan_path: Any, report_path: Any, source: str
 ) -> None:
     """A Plan as a table (setting, value, why), its notes, the files and the train command
-    (`source` is the task as the user named it)."""
+    (`source` is the task as the train command names it: quoted for the shell)."""
     result = Table(title=Text(f"Plan for {plan.task}"), title_justify="left")
     result.add_column("setting")
     result.add_column("value", justify="right")
@@ -287,7 +288,8 @@ def print_plan(
     say(f"report: {report_path}")
     # A plan for N devices trains as planned on N processes.
     ranks = f" --nproc {plan.world_size}" if plan.world_size > 1 else ""
-    say(f"train:  batchfit train {source} --plan {plan_path}{ranks}")
+    # quoted, so that it runs as printed from a path with spaces
+    say(f"train:  batchfit train {source} --plan {shlex.quote(str(plan_path))}{ranks}")
 
 
 def print_note(console: Console, note: str) -> None:
