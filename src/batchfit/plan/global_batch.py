@@ -26,6 +26,11 @@ def _times(ratio: float) -> str:
     return f"{ratio:.2f}x" if ratio < 1.1 else f"{ratio:.1f}x"
 
 
+def _percent(fraction: float) -> str:
+    """A small time difference in words: '0.3%', not the '0%' a whole percent gives it."""
+    return f"{fraction:.1%}" if fraction < 0.01 else f"{fraction:.0%}"
+
+
 def _pow2_floor(value: float) -> int:
     return 1 << int(math.floor(math.log2(value))) if value >= 1 else 1
 
@@ -257,7 +262,7 @@ def _fastest_global_batch(
         )
     if chosen != fastest:
         shown = ", ".join(
-            f"{b} is within {time_per_loss(b) / best_time - 1:.0%}"
+            f"{b} is within {_percent(time_per_loss(b) / best_time - 1)}"
             for b in candidates
             if chosen <= b < fastest
         )
