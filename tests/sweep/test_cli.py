@@ -130,3 +130,26 @@ def test_the_progress_note_shows_whole_entries_only():
     assert note.startswith("best ... B=") and note.endswith("B=1024: 0 at 0.032")
     assert len(note) <= len("best ... ") + 70
     assert _best_note({8: (125, 0.0028)}) == "best B=8: 125 at 0.0028"
+
+
+@pytest.mark.parametrize("command", ["sweep", "throughput"])
+@pytest.mark.parametrize(("sizes", "item"), [("16,,32", 2), ("16,32,", 3), (",16", 1)])
+def test_an_empty_item_in_batch_sizes_is_refused(
+    command, sizes, item, capsys, monkeypatch, tmp_path
+):
+    # "16,,32" was read as 16,32: a size left out by mistake went unnoticed.
+    import batchfit.task
+
+    def reached(*args, **kwargs):
+        raise KeyboardInterrupt  # the flag was accepted: stop here
+
+    monkeypatch.setattr(batchfit.task, "load_example", reached)
+    monkeypatch.setattr(batchfit.task, "load_task", reached)
+    argv = [command, "--example", "digits", f"--batch-sizes={sizes}"]
+    if command == "sweep":
+        argv += ["--target", "val_accuracy>=0.9", "--out", str(tmp_path / "s")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"--batch-sizes {sizes!r} has an empty item (item {item})" in err
+    assert "e.g. --batch-sizes 8,16,32" in err

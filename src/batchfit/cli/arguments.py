@@ -159,7 +159,14 @@ class BatchSizes(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         name = option_string or "--batch-sizes"
-        parts = [part for part in values.replace(" ", "").split(",") if part]
+        parts = values.replace(" ", "").split(",")
+        if parts != [""] and "" in parts:
+            # "16,,32" or "16,32,": an item left out by mistake, not a list of two sizes.
+            raise ConfigError(
+                f"{name} {values[:40]!r} has an empty item (item {parts.index('') + 1}); give "
+                f"sizes separated by single commas, e.g. {name} 8,16,32."
+            )
+        parts = [part for part in parts if part]
         if not parts or len(parts) > _MAX_BATCH_SIZES:
             raise ConfigError(
                 f"{name} takes 1 to {_MAX_BATCH_SIZES} sizes, got {len(parts)}; e.g. {name} "
