@@ -19,6 +19,10 @@ from batchfit.cli.main import main
         (["--target", "val_accuracy>=0.9", "--batch-sizes", "8,8"], "repeats"),
         (["--target", "val_accuracy>=0.9", "--ray-address", "no-port"], "HOST:PORT"),
         (["--target", "val_accuracy>=0.9", "--ray-address", "h:99999"], "HOST:PORT"),
+        (
+            ["--target", "val_accuracy>=0.9", "--ray-address", "auto", "--workers", "2"],
+            "--workers 2 does nothing with --ray-address auto",
+        ),
         (["--target", "val_accuracy>=0.9", "--seeds", "0"], "--seeds must lie in [1, "),
     ],
 )

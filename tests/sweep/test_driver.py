@@ -200,6 +200,10 @@ def test_accumulation_gives_the_same_steps():
         ({"batch_sizes": 16}, "list or tuple of whole numbers, got 16"),
         ({"batch_sizes": (16, 2.5)}, "2.5 in the grid is not a positive whole number"),
         ({"ray_address": "nowhere"}, "HOST:PORT"),
+        (
+            {"ray_address": "auto", "workers": 4},
+            r"--workers 4 does nothing with --ray-address auto: .*give one of --workers and",
+        ),
         ({"lr_rule": "cubic"}, "linear, sqrt, none"),
     ],
 )

@@ -59,7 +59,7 @@ class SweepConfig:
     # evaluate in batches of max(batch, DEFAULT_EVAL_BATCH)
     tolerance: float = DEFAULT_TOLERANCE  # steps to target known within this fraction
     lr_rule: str | None = None  # centre the rates with this rule; None: by optimizer family
-    workers: int | None = None  # local processes; None: the cores
+    workers: int | None = None  # local processes; None: the cores (refused with ray_address)
     ray_address: str | None = None  # run the trials on Ray: auto | local | HOST:PORT
     noise_scale: bool = True  # also measure the gradient noise scale, to compare
 
@@ -108,6 +108,14 @@ class SweepConfig:
             from batchfit.sweep.engines import check_ray_address
 
             check_ray_address(self.ray_address)
+            if self.workers is not None:
+                # Ray runs each trial as a task with one CPU: the cluster's CPUs, not `workers`,
+                # set how many run at once, so a workers count would be ignored without a word.
+                raise ConfigError(
+                    f"--workers {self.workers} does nothing with --ray-address "
+                    f"{self.ray_address}: Ray runs as many trials at once as its cluster has "
+                    "CPUs; give one of --workers and --ray-address."
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
