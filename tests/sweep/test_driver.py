@@ -319,3 +319,27 @@ def test_a_micro_batch_that_does_not_divide_a_batch_is_refused_before_any_trial(
     with pytest.raises(ConfigError, match=r"--micro-batch 6 does not divide the grid's batch "
                                           r"16, 32; .* e\.g\. --micro-batch 4\.$"):  # fmt: skip
         run_sweep(DIGITS, config)
+
+
+def test_a_folder_whose_sweep_finished_no_trial_is_taken_by_another(tmp_path, monkeypatch):
+    # A sweep whose first trial failed left sweep.json alone in its folder; the rerun with the
+    # task fixed (another model size) or another target was refused as "holds another sweep".
+    import batchfit.sweep.engines as engines
+
+    def failing(*args, **kwargs):
+        raise ConfigError("the first trial failed")
+
+    config = SweepConfig("val_accuracy>=0.9", batch_sizes=(512, 1024), seeds=1, widen=0,
+                         workers=1, noise_scale=False)  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr(engines, "run_trials", failing)
+        with pytest.raises(ConfigError, match="first trial failed"):
+            run_sweep(DIGITS, config, out_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+    other = SweepConfig(**{**config.to_dict(), "target": "val_loss<=1.5"})
+    result = run_sweep(DIGITS, other, out_dir=tmp_path)
+    assert result.trials_run == 6
+    assert json.loads((tmp_path / "sweep.json").read_text())["target"] == "val_loss<=1.5"
+    # once it holds trials, the folder is that sweep's: another is refused
+    with pytest.raises(ConfigError, match=r"holds another sweep \(target 'val_loss<=1.5' -> "):
+        run_sweep(DIGITS, config, out_dir=tmp_path)

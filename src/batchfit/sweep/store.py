@@ -3,8 +3,8 @@
 Layout: `sweep.json` (what the sweep measures: task name, target, tolerance, micro-batch, the
 sizes of the data and the model's parameter count), one
 `trials/b<batch>_lr<rate>_s<seed>.json` per finished trial, and `trials.csv` / `result.json`
-when the sweep ends. A folder that holds another sweep (other task, data, model size, target or
-tolerance) is refused rather than mixed.
+when the sweep ends. A folder that holds another sweep's trials (other task, data, model size,
+target or tolerance) is refused rather than mixed; one whose sweep finished no trial is taken.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ class SweepStore:
 
     Args:
         folder: the sweep folder (created when missing).
-        identity: what the sweep measures; a folder written with another identity is refused.
+        identity: what the sweep measures; a folder holding trials of another identity is
+            refused, one holding no trial (its sweep stopped before any finished) is taken.
 
     Raises:
-        ConfigError: the folder holds a sweep with another identity, or is a file.
+        ConfigError: the folder holds trials of a sweep with another identity, or is a file.
     """
 
     def __init__(self, folder: str | os.PathLike, identity: dict[str, Any]) -> None:
@@ -62,7 +63,12 @@ class SweepStore:
                 ) from None
             # A key the folder lacks was not recorded by the batchfit that wrote it: not compared.
             changed = sorted(k for k in identity if k in saved and saved[k] != identity[k])
-            if changed:
+            if changed and not self.finished():
+                # A sweep that failed or was stopped before its first trial finished (a trial
+                # error, no Ray cluster, Ctrl-C) measured nothing: this sweep takes the folder.
+                logger.info("%s holds no finished trial: taken for this sweep", self.folder)
+                write_atomic(path, json.dumps(identity, indent=2) + "\n")
+            elif changed:
                 details = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in changed)
                 raise ConfigError(
                     f"{str(self.folder)!r} holds another sweep ({details}); resume it with its "
