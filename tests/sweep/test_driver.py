@@ -172,6 +172,8 @@ def test_a_diverging_trial_is_a_result_and_the_sweep_goes_on(tmp_path):
     result = run_sweep(make_mlp_task(lr=2e5), config, out_dir=tmp_path)
     assert result.trials_run == 6 and all(t.diverged for t in result.trials)
     assert result.critical_batch is None and "two batch sizes" in result.fit_reason
+    meaning = result.describe()
+    assert "raise --widen to try lower ones" in meaning and "ease the target" not in meaning.lower()
 
 
 def test_accumulation_gives_the_same_steps():

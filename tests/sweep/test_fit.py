@@ -140,6 +140,37 @@ def test_a_batch_that_never_reached_the_target_is_named_with_its_cap():
     assert "ended at val_accuracy 0.5." in replace(result, trials=(*trials, pruned)).describe()
 
 
+def test_divergence_at_every_rate_asks_for_lower_rates_not_more_epochs():
+    # With every rate too high (the loss diverging) the read-out said to raise --max-epochs or
+    # ease the target, neither of which helps; it never named --widen or lower rates.
+    from dataclasses import replace
+
+    from batchfit.sweep.result import BatchPoint
+
+    rates = (0.01, 0.02, 0.04)
+    points = [BatchPoint(b, None, None, None, None, 0.02, rates, 3) for b in (64, 128)]
+    trials = tuple(
+        replace(_trial(b, None, 40), lr=lr, diverged=True, metric=float("nan"))
+        for b in (64, 128)
+        for lr in rates
+    )
+    result = replace(_sweep_result(points, None), trials=trials)
+    assert result.diverged_everywhere() == [(64, 0.01), (128, 0.01)]
+    meaning = result.describe()
+    assert "the loss diverged at every rate tried at batch 64, 128 (down to 0.01 at" in meaning
+    assert "raise --widen to try lower ones" in meaning and "lower the task's learning" in meaning
+    assert "--max-epochs" not in meaning and "ease the target" not in meaning
+    # One batch whose trials ran out of steps instead: both pieces of advice, each to its own.
+    capped = tuple(t for t in trials if t.batch == 64) + tuple(
+        replace(t, diverged=False, metric=0.5) if t.lr == 0.01 else t
+        for t in trials
+        if t.batch == 128
+    )
+    mixed = replace(result, trials=capped).describe()
+    assert "diverged at every rate tried at batch 64 (down to 0.01 at batch 64)" in mixed
+    assert "at the other batches, raise --max-epochs" in mixed
+
+
 def test_a_target_written_as_a_percent_is_named_when_the_metric_is_a_fraction():
     from dataclasses import replace
 

@@ -419,6 +419,14 @@ def _fits(points, trials: _Trials, seeds):
         )
         return None, reason, None, None
     reached = [p for p in points if p.steps is not None]
+    if len(reached) < 2:
+        # The read-out names each batch that missed and what would help there (more steps, an
+        # easier target, or lower rates where the loss diverged at every rate): no advice here.
+        reason = (
+            "The fit S = S_min + E_min/B needs steps at two batch sizes or more; "
+            f"{len(reached)} reached the target."
+        )
+        return None, reason, None, None
     try:
         fit = fit_steps([p.batch for p in reached], [p.steps for p in reached])
     except ConfigError as error:

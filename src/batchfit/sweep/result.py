@@ -189,6 +189,22 @@ class SweepResult:
             caps[trial.batch] = max(caps.get(trial.batch, 0), trial.cap_steps)
         return [(p.batch, caps.get(p.batch)) for p in self.points if p.steps is None]
 
+    def diverged_everywhere(self) -> list[tuple[int, float]]:
+        """(batch, its lowest rate tried) for each batch that missed the target where the loss
+        diverged at every rate tried (with some seed): its rates were all too high, so more
+        steps or an easier target would not help; lower rates would."""
+        diverged: dict[int, set[float]] = {}
+        for trial in self.trials:
+            if trial.diverged:
+                diverged.setdefault(trial.batch, set()).add(trial.lr)
+        return [
+            (point.batch, min(point.rates))
+            for point in self.points
+            if point.steps is None
+            and point.rates
+            and set(point.rates) <= diverged.get(point.batch, set())
+        ]
+
     def _missed_text(self) -> str:
         missed = self.missed()
         if not missed:
@@ -197,12 +213,27 @@ class SweepResult:
             f"{batch}" + (f" (within {cap} steps)" if cap is not None else "")
             for batch, cap in missed
         )
-        return (
+        text = (
             f" At batch {shown} no rate reached {self.target} with every seed, so the fit leaves "
-            "it out; raise --max-epochs (the passes over the data a trial may take before any "
-            "rate has reached the target) or ease the target to measure it."
-            + self._closest_miss_text()
+            "it out"
         )
+        too_high = self.diverged_everywhere()
+        if too_high:
+            lowest = ", ".join(f"{lr:.3g} at batch {batch}" for batch, lr in too_high)
+            text += (
+                f"; the loss diverged at every rate tried at batch "
+                f"{', '.join(str(batch) for batch, _ in too_high)} (down to {lowest}): the rates "
+                "are too high there, so raise --widen to try lower ones (each 1 more adds a rate "
+                "at half the lowest) or lower the task's learning rate, which the rates are "
+                "centred on"
+            )
+        if len(too_high) < len(missed):
+            others = "at the other batches, " if too_high else ""
+            text += (
+                f"; {others}raise --max-epochs (the passes over the data a trial may take before "
+                "any rate has reached the target) or ease the target to measure it"
+            )
+        return text + "." + self._closest_miss_text()
 
     def _closest_miss_text(self) -> str:
         """How near the trials at the batches that missed the target came, at their last
