@@ -209,3 +209,63 @@ def test_an_address_where_nothing_listens_is_refused_before_ray_waits(monkeypatc
         port = probe.getsockname()[1]
     with pytest.raises(ConfigError, match=rf"No Ray cluster at --ray-address 127.0.0.1:{port} "):
         run_sweep(DIGITS, _config(ray_address=f"127.0.0.1:{port}"))
+
+
+SLOW_LOSS = """
+
+def _loss(model, batch):
+    import os, time
+
+    inputs, labels = batch
+    loss = nn.functional.cross_entropy(model(inputs), labels)
+    steps = os.environ.get("SWEEP_TEST_STEPS")
+    if steps and len(labels) == 64 and model.training:
+        # training at batch 64 learns nothing and is slow: the trial runs to its cap, 16 s
+        with open(steps, "a") as log:
+            log.write("step\\n")
+        time.sleep(0.2)
+        return loss * 0
+    return loss
+"""
+
+
+@pytest.mark.integration
+def test_sigterm_to_the_sweep_ends_its_worker_processes_and_keeps_finished_trials(
+    tmp_path, monkeypatch
+):
+    # SIGTERM to the main process alone (kill PID, timeout) waited for the running trials to
+    # finish, minutes perhaps, then threw their results away.
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    from batchfit.interrupts import signals_as_interrupt
+
+    path = tmp_path / "slow_task.py"
+    path.write_text(TASK_FILE.replace("\ndef task():", SLOW_LOSS + "\n\ndef task():"))
+    steps = tmp_path / "steps-at-64"
+    monkeypatch.setenv("SWEEP_TEST_STEPS", str(steps))  # spawned workers inherit it
+    config = SweepConfig("train_loss<=0.9", batch_sizes=(32, 64), seeds=1, widen=0,
+                         workers=2, noise_scale=False)  # fmt: skip
+    folder = tmp_path / "sweep"
+
+    def terminate_once_one_trial_is_kept_and_one_runs() -> None:
+        while not (list(folder.glob("trials/b32_*.json")) and steps.exists()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    others = set(multiprocessing.active_children())
+    threading.Thread(target=terminate_once_one_trial_is_kept_and_one_runs, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt), signals_as_interrupt("SIGTERM"):
+        run_sweep(f"{path}:task", config, out_dir=folder)
+    cap = 20 * 256 // 64  # --max-epochs 20 of 256 samples at batch 64
+    assert len(steps.read_text().splitlines()) < cap  # stopped, not waited for
+    assert set(multiprocessing.active_children()) <= others  # the workers are gone
+    kept = [p.name for p in folder.glob("trials/*.json")]
+    assert len(kept) == 1 and kept[0].startswith("b32_")
+    monkeypatch.delenv("SWEEP_TEST_STEPS")
+    in_process = SweepConfig(**{**config.to_dict(), "workers": 1})
+    resumed = run_sweep(f"{path}:task", in_process, out_dir=folder)
+    assert (resumed.trials_run, resumed.trials_resumed) == (5, 1)

@@ -12,6 +12,7 @@ number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -269,7 +270,7 @@ def run_sweep(
             else:
                 counts["resumed"] += 1
                 finish(found)
-        for result in run_trials(
+        running = run_trials(
             source,
             to_run,
             target,
@@ -277,11 +278,16 @@ def run_sweep(
             workers=workers,
             ray_address=config.ray_address,
             device=device,
-        ):
-            counts["run"] += 1
-            if store is not None:
-                store.save(result)
-            finish(result)
+        )
+        # Closed at once when this loop stops (Ctrl-C or SIGTERM while a trial is saved, say),
+        # so the engine ends the trials still running, not when the generator is collected:
+        # a traceback kept by the caller would keep it, and its trials, running.
+        with contextlib.closing(running):
+            for result in running:
+                counts["run"] += 1
+                if store is not None:
+                    store.save(result)
+                finish(result)
 
     def finish(result: TrialResult) -> None:
         trials.add(result)

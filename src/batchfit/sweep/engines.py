@@ -8,7 +8,9 @@ once by "fork" (POSIX only; never pickled, so lambdas in it are fine). Ray runs 
 task with one CPU (Ray pickles a Task object with cloudpickle, the code of a task file loaded by
 path by value). `ray_session` connects once for a whole sweep and shuts down a Ray it started.
 Results come back as trials finish; which trials run is decided by the driver between waves, so
-the results do not depend on the engine or on the number of workers.
+the results do not depend on the engine or on the number of workers. A sweep stopped while
+trials run in local workers (SIGTERM or Ctrl-C to the sweep's process, a failed trial) ends them
+rather than waiting for their trials, whose results it could no longer use.
 """
 
 from __future__ import annotations
@@ -163,16 +165,29 @@ def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[Tri
         options["mp_context"] = multiprocessing.get_context("fork")
         options |= {"initializer": _keep_forked_task, "initargs": (source,)}
         source = None
+    others = set(multiprocessing.active_children())
     with ProcessPoolExecutor(**options) as pool:
         pending = {pool.submit(_trial_in_worker, source, spec, target, tolerance) for spec in specs}
+        # Every worker has started by now: one per submitted trial, up to max_workers (Python
+        # 3.11+ starts them as trials are submitted, 3.10 all at the first).
+        workers = set(multiprocessing.active_children()) - others
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield future.result()
-        finally:
-            for future in pending:
-                future.cancel()
+        except BaseException:
+            # Stopped (SIGTERM or Ctrl-C to this process, a failed trial, the caller gone): the
+            # pool's exit would wait for the running trials, minutes perhaps, and their results
+            # would be lost anyway. The workers write no files (this process saves each trial as
+            # it comes), so they are killed: SIGTERM would let each finish its training step and
+            # log the stop on stderr.
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in workers:
+                process.kill()
+            for process in workers:
+                process.join()
+            raise
 
 
 @contextlib.contextmanager
