@@ -168,9 +168,6 @@ def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[Tri
     others = set(multiprocessing.active_children())
     with ProcessPoolExecutor(**options) as pool:
         pending = {pool.submit(_trial_in_worker, source, spec, target, tolerance) for spec in specs}
-        # Every worker has started by now: one per submitted trial, up to max_workers (Python
-        # 3.11+ starts them as trials are submitted, 3.10 all at the first).
-        workers = set(multiprocessing.active_children()) - others
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -182,6 +179,9 @@ def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[Tri
             # would be lost anyway. The workers write no files (this process saves each trial as
             # it comes), so they are killed: SIGTERM would let each finish its training step and
             # log the stop on stderr.
+            # The pool's workers: every child started since the pool was made, read now, so
+            # that one the pool started late is among them.
+            workers = set(multiprocessing.active_children()) - others
             pool.shutdown(wait=False, cancel_futures=True)
             for process in workers:
                 process.kill()
