@@ -179,15 +179,27 @@ def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[Tri
             # would be lost anyway. The workers write no files (this process saves each trial as
             # it comes), so they are killed: SIGTERM would let each finish its training step and
             # log the stop on stderr.
-            # The pool's workers: every child started since the pool was made, read now, so
-            # that one the pool started late is among them.
-            workers = set(multiprocessing.active_children()) - others
+            # The pool's workers: every child started since the pool was made, read until no
+            # new one appears, so that one the pool started late is among them.
             pool.shutdown(wait=False, cancel_futures=True)
-            for process in workers:
-                process.kill()
-            for process in workers:
-                process.join()
+            _kill_children_since(others)
             raise
+
+
+def _kill_children_since(others: set, rounds: int = 5) -> None:
+    """Kill and reap every child process not in `others`, reading them again until none is
+    left (at most `rounds` times, 0.1 s apart)."""
+    import time
+
+    for _ in range(rounds):
+        started = set(multiprocessing.active_children()) - others
+        if not started:
+            return
+        for process in started:
+            process.kill()
+        for process in started:
+            process.join()
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
