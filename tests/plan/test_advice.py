@@ -82,7 +82,7 @@ def test_plan_proposes_a_growing_batch_when_the_noise_scale_is_far_below_the_roo
     )  # fmt: skip
     assert grow.value == "noise"
     assert "100" in grow.reason and "1024" in grow.reason and "50 warm-up steps" in grow.reason
-    # 1024 < GROWTH_ROOM x 300: the noise scale is not far below what the memory allows.
+    # 1024 < GROWTH_ROOM x 300: the noise scale is not far below the cap of a growing batch.
     assert GROWTH_ROOM * 300 > 1024
     near = propose_batch_schedule(
         64, noise_scale=300, dataset_size=100_000, micro_batch=64, world_size=2
@@ -94,11 +94,14 @@ def test_plan_proposes_a_growing_batch_when_the_noise_scale_is_far_below_the_roo
     # cancer: 456 samples, noise scale 1712 after the warm-up: above the room, not "below" it
     above = propose_batch_schedule(64, noise_scale=1712, dataset_size=456, micro_batch=64)
     assert above.value == "constant" and "below" not in above.reason
-    assert "(1712) is already at or above the 114 samples" in above.reason
+    assert "(1712) is already at or above the cap of 114 samples" in above.reason
     # room for 4x the noise scale, but not for one doubling of the batch
     no_doubling = propose_batch_schedule(256, noise_scale=50, dataset_size=1_438, micro_batch=256)
     assert no_doubling.value == "constant" and "below" not in no_doubling.reason
-    assert "leave no room to double the global batch 256" in no_doubling.reason
+    # the cap comes from the plan's micro-batch and the accumulation, not from memory alone
+    assert "memory allow" not in no_doubling.reason
+    assert "the cap of 359 samples on a growing batch" in no_doubling.reason
+    assert "leaves no room to double the global batch 256" in no_doubling.reason
     unknown = propose_batch_schedule(64, noise_scale=None, dataset_size=100_000, micro_batch=64)
     assert unknown.value == "constant" and "no reliable noise scale" in unknown.reason
 
@@ -113,7 +116,7 @@ def test_a_target_batch_above_the_run_is_noted():
 def test_the_closing_note_on_the_noise_scale_agrees_with_the_batch_schedule():
     from batchfit.plan.advice import growth_room, noise_growth_note
 
-    # digits: the schedule row says 359 samples leave no room to double 256
+    # digits: the schedule row says the cap of 359 samples leaves no room to double 256
     stuck = noise_growth_note("constant", 256, growth_room(1438, 256))
     assert "--batch-schedule noise" not in stuck and "no room to double (at most 359" in stuck
     grows = noise_growth_note("noise", 1, growth_room(3600, 1))

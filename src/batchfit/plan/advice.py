@@ -328,31 +328,28 @@ def propose_batch_schedule(
         return Choice("constant", "no reliable noise scale was measured: the batch stays constant")
     room = growth_room(dataset_size, micro_batch, world_size)
     after = f" after {measured_after_steps} warm-up steps" if measured_after_steps else ""
+    # The cap `noise` would grow to: the plan's micro-batch (not the memory limit) x devices x
+    # the accumulation the loop allows, or a share of the data.
     limits = (
-        f"{room} samples (the least of a quarter of the {dataset_size} training samples and "
-        f"micro-batch {micro_batch} x {world_size} device(s) x {MAX_ACCUMULATION} accumulations)"
+        f"the cap of {room} samples on a growing batch (the least of a quarter of the "
+        f"{dataset_size} training samples and micro-batch {micro_batch} x {world_size} "
+        f"device(s) x {MAX_ACCUMULATION} accumulations)"
     )
     if room >= GROWTH_ROOM * noise_scale and room >= 2 * global_batch:
         return Choice(
             "noise",
-            f"the noise scale measured{after} ({format_samples(noise_scale)}) is far below the "
-            f"{limits} the data and memory allow: start at {global_batch} and double the batch "
-            "while the noise scale stays above twice it (the critical batch grows as the loss "
-            "falls, McCandlish et al. 2018)",
+            f"the noise scale measured{after} ({format_samples(noise_scale)}) is far below "
+            f"{limits}: start at {global_batch} and double the batch while the noise scale "
+            "stays above twice it (the critical batch grows as the loss falls, McCandlish et "
+            "al. 2018)",
         )
     measured = f"the noise scale measured{after} ({format_samples(noise_scale)})"
     if noise_scale >= room:
-        why = f"{measured} is already at or above the {limits} the data and memory allow"
+        why = f"{measured} is already at or above {limits}"
     elif room < 2 * global_batch:
-        why = (
-            f"the {limits} the data and memory allow leave no room to double the global batch "
-            f"{global_batch}"
-        )
+        why = f"{limits} leaves no room to double the global batch {global_batch}"
     else:
-        why = (
-            f"{measured} is not far below the {limits} the data and memory allow "
-            f"(less than {GROWTH_ROOM}x)"
-        )
+        why = f"{measured} is not far below {limits} (less than {GROWTH_ROOM}x)"
     return Choice("constant", f"{why}: the batch stays constant")
 
 
@@ -385,6 +382,6 @@ def noise_growth_note(batch_schedule: str, global_batch: int, room: int) -> str:
             f"{grows}, and `batchfit train --batch-schedule noise` raises the global batch with it."
         )
     return (
-        f"{grows}; the data and memory leave the global batch {global_batch} no room to double "
+        f"{grows}; a growing batch's cap leaves the global batch {global_batch} no room to double "
         f"(at most {room} samples), so the plan's batch is constant (see the batch schedule row)."
     )
