@@ -177,10 +177,8 @@ def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[Tri
             # Stopped (SIGTERM or Ctrl-C to this process, a failed trial, the caller gone): the
             # pool's exit would wait for the running trials, minutes perhaps, and their results
             # would be lost anyway. The workers write no files (this process saves each trial as
-            # it comes), so they are killed: SIGTERM would let each finish its training step and
-            # log the stop on stderr.
-            # The pool's workers: every child started since the pool was made, read until no
-            # new one appears, so that one the pool started late is among them.
+            # it comes), so they are killed (SIGTERM would let each finish its training step and
+            # log the stop on stderr): every child started since the pool was made.
             pool.shutdown(wait=False, cancel_futures=True)
             _kill_children_since(others)
             raise
