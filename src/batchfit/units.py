@@ -136,6 +136,12 @@ def format_samples(samples: float) -> str:
     return f"{samples:.0f}" if abs(samples) >= WHOLE_SAMPLES_FROM else f"{samples:.2g}"
 
 
+def format_samples_noun(samples: float) -> str:
+    """`format_samples` with its noun: "1 sample", "0.88 samples", "149 samples"."""
+    text = format_samples(samples)
+    return f"{text} sample{'' if text == '1' else 's'}"
+
+
 def format_count(count: int, noun: str) -> str:
     """A count with its noun, plural when it is not one: "1 step", "3 steps", "0 ranks"."""
     return f"{count} {noun}{'' if count == 1 else 's'}"

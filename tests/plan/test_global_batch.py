@@ -193,3 +193,19 @@ def test_a_noise_scale_below_one_sample_is_not_printed_as_one():
         throughput={1: 319.0, 2: 264.0, 4: 386.0}, step_overhead_seconds=0.00135,
     )  # fmt: skip
     assert "about 0.88 samples" in choice.reason and "(1 + B/0.88)" in choice.reason
+
+
+def test_a_noise_scale_of_one_sample_reads_singular():
+    choice = choose_global_batch(
+        noise_scale=1.0, knee_batch=None, world_size=1, dataset_size=10_000, reference_batch=8
+    )
+    assert "about 1 sample;" in choice.reason and "1 samples" not in choice.reason
+    timed = choose_global_batch(
+        noise_scale=1.0,
+        knee_batch=None,
+        world_size=1,
+        dataset_size=10_000,
+        reference_batch=8,
+        throughput={1: 100.0, 2: 150.0},
+    )
+    assert "about 1 sample" in timed.reason and "1 samples" not in timed.reason

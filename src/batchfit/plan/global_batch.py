@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from batchfit.errors import ConfigError
 from batchfit.plan.advice import Choice
 from batchfit.training.batch_growth import MIN_STEPS_PER_EPOCH, data_batch_limit
-from batchfit.units import format_samples
+from batchfit.units import format_samples, format_samples_noun
 
 
 def _pow2_nearest(value: float) -> int:
@@ -127,7 +127,7 @@ def choose_global_batch(
         batch = _pow2_nearest(noise_scale)
         reason = (
             "the gradient noise scale (critical batch) is about "
-            f"{format_samples(noise_scale)} samples{after}; {batch} is the nearest power of "
+            f"{format_samples_noun(noise_scale)}{after}; {batch} is the nearest power of "
             "two: below it doubling the batch nearly halves the steps, above it samples are "
             "wasted"
         )
@@ -249,7 +249,7 @@ def _fastest_global_batch(
         )
     reason = (
         "the gradient noise scale (critical batch) is about "
-        f"{format_samples(noise_scale)} samples{after}; {model} (McCandlish et al. 2018)"
+        f"{format_samples_noun(noise_scale)}{after}; {model} (McCandlish et al. 2018)"
     )
     if fastest_any != fastest:
         samples_ratio = (1 + fastest_any / noise_scale) / (1 + fastest / noise_scale)
