@@ -64,6 +64,22 @@ def test_the_train_command_of_a_plan_for_two_devices_starts_two_processes():
     assert "train:  batchfit train x:y --plan p/plan.json --nproc 2\n" in buffer.getvalue()
 
 
+def test_a_plan_for_two_devices_shows_its_devices_row_and_one_device_does_not():
+    reasons = {"world_size": "planned for 2 data-parallel devices"}
+    rows = {}
+    for world_size in (1, 2):
+        plan = SimpleNamespace(
+            task="digits", world_size=world_size, global_batch=128, micro_batch=64,
+            accumulation_steps=2 // world_size, lr=0.01, warmup_steps=0, optimizer="task",
+            normalization="none", batch_schedule="constant", reasons=reasons, notes=[],
+        )  # fmt: skip
+        console, buffer = _console()
+        print_plan(console, plan, plan_path="p", report_path="r", source="x:y")
+        rows[world_size] = [line for line in buffer.getvalue().splitlines() if "devices" in line]
+    assert rows[1] == []
+    assert len(rows[2]) == 1 and "2" in rows[2][0] and "planned for 2" in rows[2][0]
+
+
 def test_plan_with_markup_in_the_task_name_prints_it_as_is():
     plan = SimpleNamespace(
         task="vit[b/16]", world_size=1, global_batch=8, micro_batch=8, accumulation_steps=1, lr=0.1,

@@ -260,6 +260,7 @@ _PLAN_ROWS = (  # label, Plan field
     ("global batch", "global_batch"),
     ("micro-batch", "micro_batch"),
     ("accumulation", "accumulation_steps"),
+    ("devices", "world_size"),  # only for a plan of several devices
     ("batch schedule", "batch_schedule"),
     ("learning rate", "lr"),
     ("warmup steps", "warmup_steps"),
@@ -278,6 +279,8 @@ def print_plan(
     result.add_column("value", justify="right")
     result.add_column("why")
     for label, key in _PLAN_ROWS:
+        if key == "world_size" and plan.world_size == 1:
+            continue
         value = f"{plan.lr:.4g}" if key == "lr" else str(getattr(plan, key))
         result.add_row(label, Text(value), Text(plan.reasons.get(key, "")))
     console.print(result)

@@ -271,7 +271,7 @@ def plan(
         )
     global_batch = int(global_choice.value)
     reasons["global_batch"] = global_choice.reason
-    reasons["world_size"] = f"planned for {world_size} data-parallel device(s)"
+    reasons["world_size"] = f"planned for {format_count(world_size, 'data-parallel device')}"
 
     def lay_out(global_batch: int) -> tuple[int, int, advice.Choice]:
         """The micro-batch, accumulation and batch schedule of a global batch, with reasons."""
