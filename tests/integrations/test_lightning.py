@@ -812,7 +812,7 @@ def test_the_csv_gives_the_rate_as_stepped_during_the_plans_warmup(tmp_path):
     assert history.lr.values[:5] == pytest.approx([2.5e5, 5e5, 7.5e5, 1e6, 1e6])
     assert history.lr_factors is None  # no batch schedule: no factor of its own
     advice = diagnose(history).get("diverging").advice
-    assert "(was 3)" in advice and "(was 0)" not in advice
+    assert "(was 4)" in advice and "(was 0)" not in advice
 
 
 def test_without_a_csv_logger_the_records_carry_the_batch_and_rate_factor_of_each_step(tmp_path):

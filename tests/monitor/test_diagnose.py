@@ -381,6 +381,28 @@ def test_a_run_diverging_in_its_warmup_is_not_told_its_peak_rate_or_warmup_lengt
     assert "lower the peak learning rate 10x (1 -> 0.1)" in finding.advice
 
 
+@pytest.mark.parametrize(
+    ("rates", "every", "warmup"),
+    [
+        ([0.0, 0.25, 0.5, 0.75] + [1.0] * 6, 1, 4),  # from zero at the first step (batchfit)
+        ([0.25, 0.5, 0.75] + [1.0] * 7, 1, 4),  # t / W from the first update (Lightning)
+        ([0.1, 0.2, 0.3, 0.4] + [0.4] * 6, 10, 40),  # logged every 10 of a 40-step warmup (HF)
+        ([0.1 + 0.09 * t for t in range(10)] + [1.0] * 4, 1, 10),  # from a start factor of 0.1
+    ],
+    ids=["from-zero", "after-the-step", "sparse", "start-factor"],
+)
+def test_a_warmup_reads_the_same_length_from_every_tool(rates, every, warmup):
+    # Lightning's callback and the Trainer log t / W from the first update: a 4-step warmup read
+    # 3 ("warm up 10 steps (was 3)"), batchfit's own (0 at the first step) 4.
+    losses = [2.3] + [2.3 * 4.0**s for s in range(1, len(rates))]  # diverging: says "(was N)"
+    records = [
+        {"step": every * (i + 1), "loss": loss, "lr": rate}
+        for i, (loss, rate) in enumerate(zip(losses, rates))
+    ]
+    diagnosis = diagnose(History.from_records(records, global_batch=64, micro_batch=64))
+    assert f"(was {warmup})" in diagnosis.get("diverging").advice
+
+
 # --- a batch that grew during the run --------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ def _settings(
         lr = history.lr.finite()
         peak_index = int(np.argmax(lr.values))
         lr_peak = float(lr.values[peak_index])
-        warmup = int(lr.steps[peak_index] - lr.steps[0]) if peak_index else 0
+        warmup = _warmup_steps(lr.steps, lr.values, peak_index)
     global_batch = history.global_batch
     micro_batch = history.micro_batch
     rule = rule or history.lr_rule
@@ -69,6 +69,27 @@ def _settings(
         warmup_unfinished=_still_warming_up(history),
     )
     return settings, note
+
+
+def _warmup_steps(steps: tuple[int, ...], values: tuple[float, ...], peak_index: int) -> int:
+    """Steps of a warmup that peaked at `peak_index`: from where its rate was zero.
+
+    A warmup logged from zero (batchfit's schedule: rate 0 at its first step) counts from its
+    first step; one whose first logged rate is already a step up its ramp (Lightning's and the
+    Hugging Face Trainer's t / W from the first update) counts from the zero its first two points
+    extrapolate to, when that lies within one logging interval before the first step. So a
+    warmup of 4 reads 4 from every tool, not 3 from those that log after the step.
+    """
+    if not peak_index:
+        return 0
+    first, peak = steps[0], steps[peak_index]
+    rise = values[1] - values[0]
+    if values[0] > 0 and rise > 0:
+        interval = steps[1] - steps[0]
+        zero_at = first - values[0] / rise * interval
+        if first - interval - 1e-9 <= zero_at:
+            return round(peak - zero_at)
+    return int(peak - first)
 
 
 def _carried(series: Series, steps: tuple[int, ...]) -> list[float | None]:
