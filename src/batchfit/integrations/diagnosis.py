@@ -1,7 +1,8 @@
 """The diagnosis at the end of a Lightning or Hugging Face run, shared by both integrations.
 
-`RunRecords` keeps what a callback saw (the loss, rate, noise scale, global batch and rate factor
-per optimizer step, the validation metrics per evaluation); `write_run_diagnosis` runs
+`RunRecords` keeps what Lightning's callback saw (the loss, rate, noise scale, global batch and
+rate factor per optimizer step, the validation metrics per evaluation; the Hugging Face Trainer
+keeps its own `log_history`); `write_run_diagnosis`, used by both, runs
 `batchfit.monitor.diagnose.diagnose` on a `History`, writes `diagnosis.json` into the run's
 folder and logs each finding once. Framework-free: the callbacks in `lightning.py` and
 `transformers.py` feed them.
