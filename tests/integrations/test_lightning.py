@@ -457,6 +457,25 @@ def test_split_batches_give_the_gradient_of_the_whole_batch():
         torch.testing.assert_close(a, b)
 
 
+def test_the_noise_scale_goes_on_after_a_back_off_from_the_parts_of_each_split_batch():
+    # The watch was reset on every split step: after one out-of-memory error the run logged no
+    # noise scale again (and a `noise` batch schedule could no longer grow). Each part is now a
+    # micro-batch: 16 x 2 split in halves measures as 8 x 4 does, to float tolerance.
+    trackers = []
+    for plan, model in (
+        (_plan(global_batch=32, micro_batch=8, accumulation_steps=4), Classifier()),
+        (_plan(global_batch=32, micro_batch=16, accumulation_steps=2), Classifier(0.1, 8)),
+    ):
+        callback = BatchFit(plan, noise_scale=True, window=None, diagnosis=False)
+        _trainer(callback, max_steps=4).fit(model, Data())
+        trackers.append(callback.tracker)
+    plain, split = trackers
+    assert callback.backoffs == 1 and split.updates == plain.updates == 4
+    assert split.small_batch == plain.small_batch == 8 and split.big_batch == 32
+    assert split.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-4)
+    assert split.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-4)
+
+
 def test_an_error_that_is_not_oom_is_raised_unchanged():
     class Broken(Classifier):
         def training_step(self, batch, batch_idx):

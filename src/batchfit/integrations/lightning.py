@@ -8,7 +8,8 @@ without a plan, finds the largest micro-batch that fits (`batchfit.memory.search
 devices). During training it logs the gradient noise scale from the accumulated micro-batches
 and the DDP ranks (`batchfit.noise.watch.GradientNormWatch`) into every logger. When a training
 batch runs out of memory in `training_step`, it splits that batch and every later one in two:
-the global batch and the samples stay the same. With `batch_schedule=` it follows a batch
+the global batch and the samples stay the same, and each part is measured as a micro-batch
+(not under a loss scaler: the parts backward unscaled). With `batch_schedule=` it follows a batch
 schedule (`batchfit.training.batch_schedule`), changing `accumulate_grad_batches` only at epoch
 starts (as Lightning's own `GradientAccumulationScheduler`; see `lightning_fit`). At the end of
 the fit it diagnoses the run (`batchfit.monitor.diagnose`) and writes diagnosis.json into the
@@ -155,7 +156,7 @@ class BatchFit(pl.Callback):
         # step (a step post-hook), before Lightning steps the rate schedulers
         self._saved_lrs: dict[int, list[float]] = {}
         self._rate_hooks: list[Any] = []
-        self._split_this_step = False
+        self._split_this_step = self._parts_measured = False
         self._batch_samples = 0
         self._loader_checked = False  # whether the loader's batch was checked against ours
         self._schedule_spec, self.max_batch = plan_schedule(self.plan, batch_schedule, max_batch)
@@ -318,7 +319,11 @@ class BatchFit(pl.Callback):
                         raise
                     self._back_off(batch, error)
             self._split_this_step = True
-            return split_training_step(pl_module, original, batch, self._splits, args, kwargs)
+            # each part is a micro-batch of the noise scale's watch
+            after_part = self.watch.micro_batch if self._parts_measured else None
+            return split_training_step(
+                pl_module, original, batch, self._splits, args, kwargs, after_part
+            )
 
         training_step._batchfit = True  # type: ignore[attr-defined]
         pl_module.training_step = training_step
@@ -349,6 +354,9 @@ class BatchFit(pl.Callback):
         self._last_step, self._loader_checked = trainer.global_step, False
         if self.tracker is not None:
             self.watch = GradientNormWatch(pl_module, self.tracker)
+        # a split batch's parts backward unscaled: under a loss scaler they are not measured
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        self._parts_measured = self.watch is not None and not scaled
         self._remove_rate_hooks()
         self._rate_hooks = [
             optimizer.register_step_post_hook(self._restore_rates)
@@ -374,7 +382,10 @@ class BatchFit(pl.Callback):
             check_loader_batch(pl_module, self.batch_size_attr, self._batch_samples, whole)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.watch is None or self._split_this_step:
+        if self.watch is None:
+            return
+        if self._split_this_step:  # the parts were measured; this backward only sums them
+            self.watch.discard_backward()
             return
         # Lightning divides each micro-batch's loss by accumulate_grad_batches before backward.
         self.watch.micro_batch(
@@ -384,8 +395,8 @@ class BatchFit(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         step = trainer.global_step + 1
         if self.watch is not None:
-            if self._split_this_step:
-                self.watch.reset()  # a split batch's parts are not micro-batches of the watch
+            if self._split_this_step and not self._parts_measured:
+                self.watch.reset()  # a split batch's parts backward without the loss scale
             else:
                 assert self.tracker is not None
                 noise = watch_step(self.watch, self.tracker, trainer, pl_module, step)

@@ -23,6 +23,7 @@ def split_training_step(
     splits: int,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    after_part: Callable[..., None] | None = None,
 ) -> Any:
     """The batch's mean loss, computed by `training_step` in `splits` parts (at most one per
     sample), whose backward gives the gradient of the whole batch.
@@ -30,7 +31,10 @@ def split_training_step(
     All parts but the last backward with `torch.autograd.grad` (no `.grad`, no DDP hooks); the
     returned loss adds `sum(param * their gradient)` with the gradient detached, so Lightning's
     single backward gives the whole batch's gradient, as one micro-batch would have. Each part's
-    loss is weighted by its share of the samples.
+    loss is weighted by its share of the samples. With `after_part`, the last part runs through
+    `torch.autograd.grad` too, and `after_part(samples, loss_scale=weight)` is called after
+    each part's backward: a `GradientNormWatch` takes each part as a micro-batch (Lightning's
+    backward then only sums them, a backward for the watch to discard).
 
     Args:
         module: the LightningModule (its trainable parameters are differentiated).
@@ -38,6 +42,8 @@ def split_training_step(
         batch: the loader batch.
         splits: parts to run it in.
         args, kwargs: the rest of `training_step`'s arguments (e.g. the batch index).
+        after_part: called with each part's samples and loss weight after its backward
+            (`GradientNormWatch.micro_batch`).
 
     Returns:
         A loss tensor whose value is the batch's mean loss and whose backward is its gradient.
@@ -54,14 +60,18 @@ def split_training_step(
     for index, part in enumerate(split_batch(batch, sizes)):
         weight = sizes[index] / size
         loss = training_step_loss(training_step(part, *args, **kwargs)) * weight
-        if index < parts - 1:
+        if index < parts - 1 or after_part is not None:
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for total, grad in zip(carried, grads):
                 if grad is not None:
                     total.add_(grad)
             losses.append(loss.detach())
             del loss, grads
+            if after_part is not None:
+                after_part(sizes[index], loss_scale=weight)
         else:
             last = loss
     surrogate = sum((p * g).sum() for p, g in zip(params, carried))
+    if after_part is not None:
+        return surrogate - surrogate.detach() + sum(losses)
     return last + surrogate - surrogate.detach() + sum(losses)

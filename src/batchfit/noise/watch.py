@@ -186,6 +186,12 @@ class GradientNormWatch:
             )
         self._micro.append((self._pending.pop(), float(samples), loss_scale))
 
+    def discard_backward(self) -> None:
+        """Forget the backward passes since the last `micro_batch()` call: a backward that is no
+        micro-batch (one that only sums gradients measured part by part)."""
+        self._close_group()
+        self._pending = []
+
     def reset(self) -> None:
         """Forget what was recorded since the last `step()` (e.g. a step redone after OOM)."""
         self._pending = []
