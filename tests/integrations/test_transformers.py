@@ -187,12 +187,43 @@ def test_trainer_state_json_tells_batchfit_diagnose_the_global_batch(tmp_path):
     assert (history.global_batch, history.micro_batch) == (32, 8)
 
 
-def test_a_clipped_step_is_not_measured(tmp_path, caplog):
+def _first_step(tmp_path, max_grad_norm, *, scale=None):
+    """The tracker after one step (window None), clipped at `max_grad_norm` (0: not), under
+    fp16 with Accelerate's GradScaler at `scale` when given."""
+    callback = NoiseScaleTrainerCallback(window=None, diagnosis=False)
+    options = dict(max_grad_norm=max_grad_norm, max_steps=1, fp16=scale is not None)
+    args = apply_plan(_args(tmp_path, **options), _plan())
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+    )
+    if scale is not None:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        trainer.accelerator.native_amp = True
+    trainer.train()
+    return callback
+
+
+def test_a_clipped_step_is_measured_from_its_gradient_before_clipping(tmp_path):
+    # The Trainer clips .grad before the callback's step hook: under its default max_grad_norm
+    # of 1.0 a tiny GPT-2 (gradient norms 1.4-1.9) had 60 of 60 steps skipped, no noise scale.
+    plain = _first_step(tmp_path / "plain", 0.0).tracker
+    clipped = _first_step(tmp_path / "clipped", 1e-6)
+    assert clipped.skipped_steps == 0 and clipped.tracker.updates == plain.updates == 1
+    assert clipped.tracker.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-5)
+    assert clipped.tracker.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-5)
+    scaled = _first_step(tmp_path / "scaled", 1e-6, scale=1024.0).tracker  # before unscaling
+    assert scaled.updates == 1
+    assert scaled.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-2)
+
+
+def test_under_several_processes_a_clipped_step_is_not_measured(tmp_path, caplog, monkeypatch):
+    # Under DDP the hook before clipping would see this rank's gradient before the all-reduce.
     callback = NoiseScaleTrainerCallback()
     args = apply_plan(_args(tmp_path, max_grad_norm=1e-6, max_steps=2), _plan())
     trainer = transformers.Trainer(
         model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
     )
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))
     with caplog.at_level(logging.WARNING, logger="batchfit.integrations.transformers"):
         trainer.train()
     assert callback.skipped_steps == 2 and callback.tracker.updates == 0

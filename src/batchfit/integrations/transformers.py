@@ -33,6 +33,7 @@ from batchfit.integrations.diagnosis import write_run_diagnosis
 from batchfit.integrations.optional import require
 from batchfit.monitor.readers import history_from_records
 from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
+from batchfit.noise.pre_clip import AccumulatedGradNorm
 from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan
 from batchfit.task import Task
@@ -167,13 +168,14 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
 
     It watches each micro-batch's gradient (`batchfit.noise.watch.GradientNormWatch`) and
     closes each optimizer step with the micro-batches of `per_device_train_batch_size` samples.
-    Needs `gradient_accumulation_steps` of 2 or more, or several processes. A step whose gradient
-    was clipped (`max_grad_norm`) is not measured: its accumulated gradient is no longer the big
-    batch's; under fp16 the GradScaler's loss scale is taken out of the micro-batch gradients
-    (the Trainer has unscaled `.grad` by then); the values reach `trainer.state.log_history` and
-    the callbacks after this one: add
-    it with `add_to(trainer)` so that the reporters of `report_to` (TensorBoard, W&B) come after
-    it (a warning at the start of training says when they do not).
+    Needs `gradient_accumulation_steps` of 2 or more, or several processes. The Trainer clips
+    `.grad` (`max_grad_norm`) before this callback sees it: in one process the accumulated
+    gradient's norm is kept before clipping (`batchfit.noise.pre_clip`); under several, a
+    clipped step is not measured (its gradient is no longer the big batch's). Under fp16 the
+    GradScaler's loss scale is taken out of the micro-batch gradients (the Trainer has unscaled
+    `.grad` by then). The values reach `trainer.state.log_history` and the callbacks after this
+    one: add it with `add_to(trainer)` so that the reporters of `report_to` (TensorBoard, W&B)
+    come after it (a warning at the start of training says when they do not).
     At the end of training (on the main process) it diagnoses the run from
     `state.log_history` and writes diagnosis.json into `args.output_dir`, logging each finding.
 
@@ -213,6 +215,7 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         # the step last closed: the Trainer calls a callback listed twice twice per event
         self._closed_step: int | None = None
         self._warned_clipped = False
+        self._pre_clip: AccumulatedGradNorm | None = None  # the norm before clipping
 
     def _ahead_of_reporters(self) -> bool:
         """Whether add_to put this callback before every reporting integration."""
@@ -268,12 +271,20 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             self.watch.remove()
         self.watch = GradientNormWatch(model, self.tracker)
         self._closed_step = None
+        if self._pre_clip is not None:
+            self._pre_clip.remove()
+        # The Trainer clips before on_pre_optimizer_step: one process keeps the norm before it.
+        clipping = bool(args.max_grad_norm and args.max_grad_norm > 0)
+        single = args.world_size == 1
+        self._pre_clip = AccumulatedGradNorm(self.watch.params) if clipping and single else None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.watch is None or self._closed_step == state.global_step + 1:
             return
         self._closed_step = state.global_step + 1
-        if args.max_grad_norm and args.max_grad_norm > 0 and _was_clipped(self.watch, args):
+        pre_clip = self._pre_clip.take_sq_norm() if self._pre_clip is not None else None
+        clipping = args.max_grad_norm and args.max_grad_norm > 0
+        if clipping and pre_clip is None and _was_clipped(self.watch, args):
             if not self._warned_clipped:  # else the noise scale is missing with no word why
                 self._warned_clipped = True
                 logger.warning(
@@ -291,6 +302,8 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         # does once the Trainer has unscaled it (to clip it, or to read its norm).
         grad_scale, unscaled = _loss_scale(optimizer)
         big_sq = _sq_norm(self.watch) if unscaled else None
+        if pre_clip is not None:  # taken before the Trainer unscaled and clipped `.grad`
+            big_sq = pre_clip / grad_scale**2
         try:
             self.watch.step(
                 sizes, big_sq_norm=big_sq, grad_scale=grad_scale, step=state.global_step + 1
@@ -323,6 +336,9 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             return
         self.watch.remove()
         self.watch = None
+        if self._pre_clip is not None:
+            self._pre_clip.remove()
+            self._pre_clip = None
         if self.write_diagnosis and state.is_world_process_zero:
             self.diagnosis = self._diagnose(args, state)
 
