@@ -12,7 +12,8 @@ import torch
 from batchfit.errors import ConfigError
 from batchfit.noise.estimator import NoiseScaleTracker
 from batchfit.noise.measure import measure_noise_scale
-from batchfit.noise.watch import GradientNormWatch, noise_scale_advice, noise_scale_loggable
+from batchfit.noise.run_advice import noise_scale_advice, noise_scale_loggable
+from batchfit.noise.watch import GradientNormWatch
 from tests.conftest import make_mlp_task
 
 

@@ -29,7 +29,7 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.monitor.diagnose import noise_scale_at_end
     from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
     from batchfit.noise.callback import NoiseScaleCallback
-    from batchfit.noise.watch import noise_scale_advice, noise_scale_loggable
+    from batchfit.noise.run_advice import noise_scale_advice, noise_scale_loggable
     from batchfit.plan.plan_file import apply_plan, load_plan, normalization_note
     from batchfit.training.checkpoint import CHECKPOINT_NAME
     from batchfit.training.config import TrainConfig, check_train_config

@@ -245,7 +245,7 @@ def _time_loop_steps(
     """Wall and (on the CPU) thread CPU seconds of `steps` loop steps after the warm-up."""
     from batchfit.devices import resolve_device
     from batchfit.noise.callback import NoiseScaleCallback
-    from batchfit.noise.watch import noise_scale_loggable
+    from batchfit.noise.run_advice import noise_scale_loggable
     from batchfit.training.callbacks import expected_stops
     from batchfit.training.loop import TrainConfig, train
 

@@ -399,7 +399,7 @@ def _last_evaluation(path: Any) -> dict[str, float]:
 
 
 def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) -> TrainResult:
-    from batchfit.noise.watch import noise_scale_loggable
+    from batchfit.noise.run_advice import noise_scale_loggable
 
     config, setup = run.config, run.setup
     noise_reason = None
