@@ -250,6 +250,54 @@ def test_sizes_given_to_step_match_micro_batch_calls_and_drop_a_failed_attempt()
     assert with_sizes.trace_covariance == pytest.approx(with_calls.trace_covariance, rel=1e-6)
 
 
+class _Segments(torch.nn.Module):
+    """Three layers; `checkpointed` names those run under reentrant activation checkpointing."""
+
+    def __init__(self, checkpointed: tuple[int, ...] = ()):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(3))
+        self.checkpointed = checkpointed
+
+    def forward(self, inputs):
+        from torch.utils.checkpoint import checkpoint
+
+        for index, layer in enumerate(self.layers):
+            if index in self.checkpointed:
+                inputs = checkpoint(layer, inputs, use_reentrant=True)
+            else:
+                inputs = layer(inputs)
+            inputs = torch.tanh(inputs)
+        return inputs
+
+
+@pytest.mark.parametrize("checkpointed", [(1,), (0, 1, 2)], ids=["middle", "every-layer"])
+@pytest.mark.parametrize("by_sizes", [False, True], ids=["micro_batch", "step-sizes"])
+def test_reentrant_checkpointing_measures_as_without_it(checkpointed, by_sizes):
+    # Each checkpointed segment's backward is a backward of its own (a graph task): the watch
+    # took each as a micro-batch, and with the sizes given to step() kept the last ones: |G|^2
+    # and tr(Sigma) of a model half checkpointed came out of a third of its parameters.
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(24, 6, generator=generator, requires_grad=True)
+    targets = torch.randn(24, 6, generator=generator)
+    trackers = []
+    for layers in ((), checkpointed):
+        model, tracker = _Segments(layers), NoiseScaleTracker(window=None)
+        with GradientNormWatch(model, tracker) as watch:
+            for part in range(3):
+                rows = slice(8 * part, 8 * part + 8)
+                loss = (model(inputs[rows]) - targets[rows]).square().mean() / 3
+                loss.backward()
+                if not by_sizes:
+                    watch.micro_batch(8)
+            watch.step([8, 8, 8] if by_sizes else None)
+        trackers.append(tracker)
+    plain, checkpointing = trackers
+    assert checkpointing.updates == plain.updates == 1
+    assert checkpointing.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-6)
+    assert checkpointing.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-6)
+
+
 def test_given_big_norm_is_used_instead_of_grad():
     task = make_mlp_task()
     model = task.make_model()

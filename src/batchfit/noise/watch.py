@@ -40,6 +40,7 @@ matters, use two or more micro-batches per step (gradient accumulation), which i
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -118,24 +119,31 @@ class GradientNormWatch:
             )
         self.distributed = bool(distributed)
         self.process_group = process_group
-        # one squared norm per backward pass since the last micro_batch()/step()
+        # one squared norm per backward pass since the last micro_batch()/step(), and the
+        # indices of the parameters it reached
         self._pending: list[torch.Tensor] = []
+        self._pending_params: list[set[int]] = []
         self._group: list[torch.Tensor] = []  # per-parameter norms of the running backward
+        self._group_params: set[int] = set()
         self._group_id: object = None  # which backward pass `_group` belongs to
         self._micro: list[tuple[torch.Tensor, float, float | None]] = []
         self._warned_single = False
         # One hook per parameter: it takes the norm at once and keeps no reference to the
         # gradient, so autograd still frees (or steals) it as usual: no extra memory. (A
         # multi-grad hook would hold every gradient until the backward ends.)
-        self._handles = [param.register_hook(self._hook) for param in self.params]
+        self._handles = [
+            param.register_hook(functools.partial(self._hook, index))
+            for index, param in enumerate(self.params)
+        ]
 
-    def _hook(self, grad: torch.Tensor) -> None:
+    def _hook(self, index: int, grad: torch.Tensor) -> None:
         import torch
 
         backward = _backward_id(self._group_id, len(self._group), len(self.params))
         if backward != self._group_id:
             self._close_group()
             self._group_id = backward
+        self._group_params.add(index)
         values = (grad.coalesce().values() if grad.is_sparse else grad).detach()
         if values.dtype in (torch.float32, torch.float64):
             self._group.append(torch.linalg.vector_norm(values))
@@ -146,8 +154,17 @@ class GradientNormWatch:
         import torch
 
         if self._group:
-            self._pending.append(torch.stack(self._group).double().square().sum())
-        self._group = []
+            value = torch.stack(self._group).double().square().sum()
+            if self._pending and self._pending_params[-1].isdisjoint(self._group_params):
+                # A backward nested in the last one: reentrant checkpointing runs each segment's
+                # backward as its own, on parameters the outer one does not reach. Same
+                # micro-batch; a backward that reaches a parameter again is another one.
+                self._pending[-1] = self._pending[-1] + value
+                self._pending_params[-1] |= self._group_params
+            else:
+                self._pending.append(value)
+                self._pending_params.append(self._group_params)
+        self._group, self._group_params = [], set()
         self._group_id = None
 
     def micro_batch(self, samples: float, *, loss_scale: float | None = None) -> None:
@@ -179,18 +196,19 @@ class GradientNormWatch:
                 "the norm of a sum of gradients is not the sum of their norms, so add the "
                 "micro-batch's losses and call backward() once per micro-batch."
             )
+        self._pending_params = []
         self._micro.append((self._pending.pop(), float(samples), loss_scale))
 
     def discard_backward(self) -> None:
         """Forget the backward passes since the last `micro_batch()` call: a backward that is no
         micro-batch (one that only sums gradients measured part by part)."""
         self._close_group()
-        self._pending = []
+        self._pending, self._pending_params = [], []
 
     def reset(self) -> None:
         """Forget what was recorded since the last `step()` (e.g. a step redone after OOM)."""
-        self._pending = []
-        self._group = []
+        self._pending, self._pending_params = [], []
+        self._group, self._group_params = [], set()
         self._group_id = None
         self._micro = []
 
@@ -353,7 +371,7 @@ class GradientNormWatch:
                 f"{len(sizes)} micro-batch sizes were given but {len(self._pending)} backward "
                 "passes ran since the last step; give one size per backward."
             )
-        pending, self._pending = self._pending[-len(sizes) :], []
+        pending, self._pending, self._pending_params = self._pending[-len(sizes) :], [], []
         self._micro = [(value, float(n), scale) for value, n, scale in zip(pending, sizes, scales)]
 
     def remove(self) -> None:
