@@ -123,6 +123,19 @@ def test_stops_on_divergence():
     assert result.steepest_lr is not None and result.steepest_lr < result.lrs[-1]
 
 
+def test_a_loss_below_zero_sweeps_as_the_same_loss_above_zero():
+    # A constant shift changes no gradient; a ratio to a negative best stopped at step 2.
+    plain = make_mlp_task()
+    shifted = make_mlp_task(loss=lambda model, batch: classification_loss(model, batch) - 3.0)
+    options = dict(start_lr=1e-3, end_lr=1e4, steps=60, smoothing=0.2)
+    result, reference = lr_range_test(shifted, **options), lr_range_test(plain, **options)
+    assert result.smoothed_losses[0] < 0 and result.steps_run > 10
+    assert result.stop_reason == "diverged"
+    assert result.steepest_lr == reference.steepest_lr
+    assert result.valley_lr == reference.valley_lr
+    assert "max(|best|, fall)" in dict(result.summary_rows())["stopped"]
+
+
 def test_stops_when_the_loss_is_not_finite():
     model = nn.Linear(2, 1)
     data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))

@@ -8,6 +8,7 @@ import pytest
 from batchfit.errors import ConfigError
 from batchfit.lr.suggest import (
     find_valley,
+    has_diverged,
     min_steps,
     smooth_losses,
     suggest_steepest,
@@ -59,6 +60,15 @@ def test_valley_ignores_a_long_flat_start():
     start, end = find_valley(flat + fall + [5.0])
     assert start >= 50 and end <= 59
     assert 50 <= suggest_valley(flat + fall + [5.0]) <= 59
+
+
+def test_divergence_of_a_loss_at_or_below_zero():
+    assert has_diverged(4.01, 1.0, 2.0, 4.0) and not has_diverged(3.99, 1.0, 2.0, 4.0)
+    # best -0.7: the ratio rule (-0.69 > -2.8) called the second step a blow-up
+    assert not has_diverged(-0.69, -0.7, -0.7, 4.0)
+    assert has_diverged(1.41, -0.7, -0.7, 4.0) and not has_diverged(1.39, -0.7, -0.7, 4.0)
+    # best 0 after a fall from 2: rising 3 x that fall
+    assert not has_diverged(5.9, 0.0, 2.0, 4.0) and has_diverged(6.1, 0.0, 2.0, 4.0)
 
 
 @pytest.mark.parametrize("smoothing", [0, -0.1, 1.5, "0.05"])

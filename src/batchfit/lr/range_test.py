@@ -12,7 +12,8 @@ The rates, the smoothing and the suggestions are defined, as pure functions, in
 `batchfit.lr.suggest`.
 
 Divergence: the test stops when the smoothed loss exceeds `diverge_factor` times the lowest
-smoothed loss so far, or when a loss is not finite.
+smoothed loss so far (for a loss that reaches zero or below, a rise of `diverge_factor - 1`
+times its scale: `batchfit.lr.suggest.has_diverged`), or when a loss is not finite.
 
 The result holds both suggestions; neither is a substitute for a short run at the chosen rate.
 """
@@ -34,6 +35,7 @@ from batchfit.lr.suggest import (
     MODES,
     Mode,
     find_valley,
+    has_diverged,
     min_steps,
     smooth_losses,
     suggest_steepest,
@@ -108,7 +110,8 @@ def lr_range_test(
         steps: steps in the sweep; at least `min_steps(smoothing)`.
         mode: "exp" (even steps in log(rate)) or "linear".
         smoothing: weight of the newest loss in the moving average, in (0, 1].
-        diverge_factor: stop when the smoothed loss passes this many times the best, > 1.
+        diverge_factor: stop when the smoothed loss passes this many times the best, > 1
+            (for a best of zero or below, see `batchfit.lr.suggest.has_diverged`).
         global_batch: samples per step (default: the task's batch size, or the DataLoader's).
         micro_batch: samples per forward/backward (default: the global batch).
         device: where to run: "auto", "cpu", "cuda", ... (Task form; default "auto"). In the
@@ -200,7 +203,7 @@ def lr_range_test(
                     # every loss so far is finite: the one smoothing, recomputed (cheap)
                     current = smooth_losses(losses, smoothing)[-1]
                     smoothed.append(current)
-                    if index > 0 and current > diverge_factor * best:
+                    if index > 0 and has_diverged(current, best, smoothed[0], diverge_factor):
                         stop_reason = "diverged"
                         logger.info("range test: diverged at rate %g (loss %.4g)", rate, current)
                     best = min(best, current)

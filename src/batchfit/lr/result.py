@@ -35,7 +35,8 @@ class RangeTestResult:
         valley_start_lr, valley_end_lr: the rates at the two ends of that stretch (its flat
             ends trimmed, see `find_valley`), or None.
         best_lr: the rate at the lowest smoothed loss (too high to train at, as a rule).
-        stop_reason: "completed", "diverged" (smoothed loss above diverge_factor x best) or
+        stop_reason: "completed", "diverged" (smoothed loss above diverge_factor x best, see
+            `batchfit.lr.suggest.has_diverged` for a best of zero or below) or
             "not_finite" (a loss was nan or inf).
         steps_run: the number of steps run (the length of `lrs`).
         steps: the number of steps asked for.
@@ -94,9 +95,12 @@ class RangeTestResult:
         if self.valley_start_lr is not None and self.valley_end_lr is not None:
             valley = f"{self.valley_start_lr:.3g} to {self.valley_end_lr:.3g}"
         finite = [value for value in self.smoothed_losses if math.isfinite(value)]
+        rule = f"loss > {self.diverge_factor:g} x best"
+        if finite and min(finite) <= 0:  # no ratio below zero: `suggest.has_diverged`
+            rule = f"loss rose {self.diverge_factor - 1:g} x max(|best|, fall) above best"
         stop = {
             "completed": "reached the end rate",
-            "diverged": f"diverged (loss > {self.diverge_factor:g} x best)",
+            "diverged": f"diverged ({rule})",
             "not_finite": "the loss became nan/inf",
         }[self.stop_reason]
         verdict = self.inconclusive_reason

@@ -15,6 +15,12 @@ Definitions used here:
   pulled towards zero. Its memory is about `1/smoothing` steps, hence the minimum number of
   steps, `min_steps(smoothing) = max(10, ceil(2/smoothing))`: two memories, so that the curve is
   not all start-up (40 steps at the default smoothing 0.05).
+- Divergence: the smoothed loss passes `diverge_factor` times the lowest smoothed loss so far
+  (Smith's "the loss blows up", as fastai, pytorch-lr-finder and Lightning test it). Where the
+  lowest loss is zero or below (a shifted loss, a Gaussian negative log-likelihood), a ratio
+  means nothing: every loss above a negative best passes 4 x best, so the test would stop at
+  its second step. There the loss must rise above the best by `diverge_factor - 1` times the
+  larger of |best| and the fall from the first smoothed loss (`has_diverged`).
 - "steepest": the rate where the smoothed loss falls fastest per unit of log10(rate),
   skipping the first tenth of the steps and the last step (Lightning's suggestion, on a log
   axis).
@@ -43,6 +49,7 @@ __all__ = [
     "VALLEY_TRIM",
     "Mode",
     "find_valley",
+    "has_diverged",
     "inconclusive_reason",
     "min_steps",
     "smooth_losses",
@@ -108,6 +115,22 @@ def smooth_losses(losses: Sequence[float], smoothing: float) -> list[float]:
         average = (1.0 - smoothing) * average + smoothing * loss
         smoothed.append(average / (1.0 - (1.0 - smoothing) ** (index + 1)))
     return smoothed
+
+
+def has_diverged(current: float, best: float, start: float, factor: float) -> bool:
+    """Whether the smoothed loss `current` has blown up: above `factor` x the lowest smoothed
+    loss so far, `best`; where `best` <= 0, above best + (factor - 1) x max(|best|,
+    start - best), with `start` the first smoothed loss (see the module docstring).
+
+    Example:
+        >>> has_diverged(4.1, 1.0, 2.3, 4.0), has_diverged(3.9, 1.0, 2.3, 4.0)
+        (True, False)
+        >>> has_diverged(-0.69, -0.7, -0.7, 4.0), has_diverged(2.2, -0.7, 0.0, 4.0)
+        (False, True)
+    """
+    if best > 0:
+        return current > factor * best
+    return current - best > (factor - 1.0) * max(abs(best), start - best)
 
 
 def suggest_steepest(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> int | None:
