@@ -51,6 +51,11 @@ def test_every_example(name, capsys):
     [
         (["--batch-sizes", "8,abc"], "is not a list of whole numbers"),
         (["--batch-sizes", "0,8"], "not a list of whole numbers from 1"),
+        (
+            ["--batch-sizes", "8 16"],
+            "separates sizes by spaces ('8 16'); separate them by commas, e.g. --batch-sizes 8,16.",
+        ),
+        (["--batch-sizes", "4, 8 16"], "e.g. --batch-sizes 8,16."),
         (["--batch-sizes", "8,4096"], "batch size 4096 is above 1438: the training data has"),
         (["--batch-sizes", "8,64", "--max-batch", "32"], "max_batch_size is 32"),
         (["--max-batch", "-3"], "--max-batch must lie in [1, 16777216], got -3"),

@@ -159,7 +159,14 @@ class BatchSizes(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         name = option_string or "--batch-sizes"
-        parts = values.replace(" ", "").split(",")
+        parts = [part.strip() for part in values.split(",")]
+        spaced = next((part for part in parts if len(part.split()) > 1), None)
+        if spaced is not None:
+            # "8 16" read as 816 once the spaces were dropped: a list, not one size.
+            raise ConfigError(
+                f"{name} {values[:40]!r} separates sizes by spaces ({spaced!r}); separate them "
+                f"by commas, e.g. {name} {','.join(spaced.split())}."
+            )
         if parts != [""] and "" in parts:
             # "16,,32" or "16,32,": an item left out by mistake, not a list of two sizes.
             raise ConfigError(
