@@ -62,6 +62,24 @@ def test_valley_ignores_a_long_flat_start():
     assert 50 <= suggest_valley(flat + fall + [5.0]) <= 59
 
 
+def test_valley_is_not_topped_by_a_high_first_loss():
+    # A range test's curve: one high first loss (the smoothed curve starts at it), a long
+    # noisy plateau, the fall centred at 10**-0.5, the blow-up. The stretch once began at the
+    # first point, 0.035 above the plateau, more than the trim's tenth of a 0.1 fall, and the
+    # valley landed on the plateau at 3.6e-4, where nothing is learned.
+    rates = sweep_lrs(1e-7, 10.0, 100)
+    log_rates = numpy.log10(rates)
+    losses = 1.1 - 0.3 / (1 + numpy.exp(-(log_rates + 0.5) * 4))
+    losses += numpy.maximum(log_rates - 0.2, 0) * 4 + numpy.random.default_rng(0).normal(
+        0, 0.03, 100
+    )
+    losses[0] = 1.16
+    smoothed = smooth_losses(list(losses), 0.05)
+    start, end = find_valley(smoothed)
+    assert rates[start] > 1e-2 and rates[end] == pytest.approx(1.07, rel=0.1)
+    assert rates[suggest_valley(smoothed)] == pytest.approx(10**-0.5, rel=0.3)
+
+
 def test_divergence_of_a_loss_at_or_below_zero():
     assert has_diverged(4.01, 1.0, 2.0, 4.0) and not has_diverged(3.99, 1.0, 2.0, 4.0)
     # best -0.7: the ratio rule (-0.69 > -2.8) called the second step a blow-up

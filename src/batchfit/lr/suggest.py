@@ -25,11 +25,14 @@ Definitions used here:
   skipping the first tenth of the steps and the last step (Lightning's suggestion, on a log
   axis).
 - "valley": the longest stretch over which the smoothed loss keeps falling (the longest
-  decreasing subsequence, so one noisy uptick does not cut it short), with the first and last
-  tenth of its fall trimmed off (a long flat start, where the loss creeps down by noise, would
-  otherwise drag the stretch to rates that barely learn), and the middle point of what is
-  left (fastai's "valley" idea): far enough from its start to learn fast, and from its end to
-  keep clear of the blow-up. It is usually below the steepest-descent rate: the safer choice.
+  decreasing subsequence, so one noisy uptick does not cut it short; like "steepest", it
+  skips the first tenth of the steps, where the average still holds a few losses and one
+  high first loss would put the stretch's top a long flat way above the fall), with the first
+  and last tenth of its fall trimmed off (a long flat start, where the loss creeps down by
+  noise, would otherwise drag the stretch to rates that barely learn), and the middle point
+  of what is left (fastai's "valley" idea): far enough from its start to learn fast, and
+  from its end to keep clear of the blow-up. It is usually below the steepest-descent rate:
+  the safer choice.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ Mode = Literal["exp", "linear"]
 MODES: tuple[str, ...] = ("exp", "linear")
 
 MIN_STEPS_FLOOR = 10  # below this the suggestions have too few points to mean anything
-SKIP_BEGIN_FRACTION = 0.1  # "steepest" ignores the first tenth: the EMA is still settling there
+SKIP_BEGIN_FRACTION = 0.1  # both suggestions ignore the first tenth: the EMA is settling there
 SKIP_END_STEPS = 1  # ... and the last step, which is often the divergence itself
 VALLEY_TRIM = 0.1  # the valley leaves out the first and last tenth of the loss's fall
 UNTURNED_FRACTION = 0.9  # a completed test whose lowest loss lies in its last tenth never turned
@@ -166,10 +169,10 @@ def suggest_steepest(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> 
 def find_valley(smoothed_losses: Sequence[float]) -> tuple[int, int] | None:
     """First and last index of the stretch where the losses fall, or None.
 
-    The stretch is the span of the longest decreasing subsequence (non-finite losses left
-    out), trimmed at both ends by `VALLEY_TRIM` of its fall: it begins at the first point
-    whose loss is a tenth of the way down, and ends at the last point a tenth of the way above
-    the bottom. None when nothing falls.
+    The stretch is the span of the longest decreasing subsequence (non-finite losses and the
+    first `SKIP_BEGIN_FRACTION` of the points left out), trimmed at both ends by `VALLEY_TRIM`
+    of its fall: it begins at the first point whose loss is a tenth of the way down, and ends
+    at the last point a tenth of the way above the bottom. None when nothing falls.
 
     Example:
         >>> find_valley([3.0, 3.1, 2.0, 2.5, 1.0, 0.5, 4.0])  # falls 3.0 -> 0.5 over 0..5
@@ -178,7 +181,10 @@ def find_valley(smoothed_losses: Sequence[float]) -> tuple[int, int] | None:
     import numpy
 
     values = numpy.asarray(smoothed_losses, dtype=float)
-    finite = numpy.flatnonzero(numpy.isfinite(values))
+    # The first tenth is left out, as for "steepest": there the average holds a few losses
+    # only, and one high first loss would top the fall by more than the trim.
+    skip = int(len(values) * SKIP_BEGIN_FRACTION)
+    finite = numpy.flatnonzero(numpy.isfinite(values) & (numpy.arange(len(values)) >= skip))
     if len(finite) < 2:
         return None
     values = values[finite]
