@@ -109,6 +109,17 @@ def test_recommended_schedule():
         recommended_schedule(scaled_rate(0.1, 64, 256, "linear"), 100, warmup_steps=500)
 
 
+@pytest.mark.parametrize("total", [2, 99, 100, 101, 3000, 3001])
+def test_step_decay_drops_twice_whatever_the_length(total):
+    # x0.1 at a third and two thirds of the run; 100 steps once dropped a third time at the
+    # last step (every 33 steps: 33, 66, 99), 1000x below the peak for one step.
+    from batchfit.lr.schedules import lr_multiplier
+
+    config = recommended_schedule(scaled_rate(0.1, 64, 64, "none"), total, decay="step")
+    drops = round(-math.log10(lr_multiplier(total - 1, config)))
+    assert drops == min(2, total - 1)
+
+
 def test_recommended_schedule_given_a_bare_rate_names_the_scaled_rate_it_needs():
     # An AttributeError ('float' object has no attribute 'warmup') before.
     with pytest.raises(ConfigError, match=r"ScaledRate of scaled_rate\(.*got float 0.4"):

@@ -205,11 +205,13 @@ STEP_DECAY_DROPS = 3  # a step decay without milestones: x gamma every third of 
 
 
 def default_step_every(total_steps: int) -> int:
-    """The `step_every` of a step decay given no milestones: a third of the run's steps.
+    """The `step_every` of a step decay given no milestones: a third of the run's steps,
+    rounded up.
 
     `batchfit train --decay step` and `recommended_schedule(..., decay="step")` use it (the
     rate falls 10x twice within the run, at a third and two thirds, as in the ResNet recipe's
-    drops at epochs 30 and 60 of 90).
+    drops at epochs 30 and 60 of 90). Rounded up so that the third drop falls after the last
+    step: 100 steps rounded down (33) dropped a third time at step 99, the last.
 
     Args:
         total_steps: optimizer steps in the run.
@@ -218,10 +220,10 @@ def default_step_every(total_steps: int) -> int:
         Steps between drops, at least 1.
 
     Example:
-        >>> default_step_every(3000), default_step_every(2)
-        (1000, 1)
+        >>> default_step_every(3000), default_step_every(100), default_step_every(2)
+        (1000, 34, 1)
     """
-    return max(1, total_steps // STEP_DECAY_DROPS)
+    return max(1, -(-total_steps // STEP_DECAY_DROPS))
 
 
 def check_schedule_config(config: object) -> None:
