@@ -81,3 +81,24 @@ def test_suggestions_above_the_starting_loss_are_inconclusive():
     risen = _result(smoothed_losses=(2.0, 7.0, 5.0, math.nan), stop_reason="not_finite")
     assert "above its start (2)" in risen.inconclusive_reason
     assert "0.01" in risen.inconclusive_reason
+
+
+def test_the_advice_fits_why_the_test_is_inconclusive():
+    # A loss that rose and came down again: a higher end rate adds nothing, a finer sweep does.
+    risen = _result(smoothed_losses=(2.0, 7.0, 5.0, math.nan), mode="linear")
+    assert "higher end rate" not in risen.describe()
+    assert "more finely (more steps, a lower end rate, or mode 'exp')" in risen.describe()
+    assert "mode 'exp'" not in _result(smoothed_losses=(2.0, 7.0, 5.0, math.nan)).describe()
+    # A loss still falling at the end of a completed sweep: the higher end rate shows the turn.
+    rates = tuple(10.0 ** (k - 5) for k in range(11))
+    still = _result(
+        lrs=rates, losses=tuple(2.0 - k / 10 for k in range(10)) + (1.15,),
+        smoothed_losses=tuple(2.0 - k / 10 for k in range(10)) + (1.15,),
+        stop_reason="completed", steps_run=11,
+    )  # fmt: skip
+    assert "widen the sweep (a higher end rate)" in still.describe()
+    # lowest one step before the end: those last rates were tried, and the words say so
+    assert "in the last tenth of the sweep (at 1e+04; the sweep ended at 1e+05)" in (
+        still.inconclusive_reason
+    )
+    assert "never tried" not in still.inconclusive_reason

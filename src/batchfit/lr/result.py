@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from batchfit.lr.suggest import Mode, inconclusive_reason
+from batchfit.lr.suggest import Mode, inconclusive_reason, never_turned
 
 __all__ = ["RangeTestResult", "StopReason", "median_suggestions"]
 
@@ -137,10 +137,20 @@ class RangeTestResult:
                 "steps) or check that the model can learn this data."
             )
         verdict = self.inconclusive_reason
-        if verdict is not None:
+        if verdict is not None and never_turned(
+            self.lrs, self.smoothed_losses, stopped=self.stop_reason
+        ):
             return (
                 f"Inconclusive: {verdict}. Do not take a rate from it; widen the sweep (a higher "
                 "end rate) or rerun at a later checkpoint."
+            )
+        if verdict is not None:
+            # The loss rose and came down again: a higher end rate adds nothing; the fall
+            # before the rise needs more of the sweep's steps.
+            finer = "more steps, a lower end rate" + (", or mode 'exp'" * (self.mode == "linear"))
+            return (
+                f"Inconclusive: {verdict}. Do not take a rate from it; sweep the rates below "
+                f"where the loss rose more finely ({finer}), or rerun at a later checkpoint."
             )
         parts = []
         if self.steepest_lr is not None:

@@ -55,6 +55,7 @@ __all__ = [
     "has_diverged",
     "inconclusive_reason",
     "min_steps",
+    "never_turned",
     "smooth_losses",
     "suggest_steepest",
     "suggest_valley",
@@ -225,6 +226,23 @@ def suggest_valley(smoothed_losses: Sequence[float]) -> int | None:
     return start + (end - start) // 2
 
 
+def never_turned(lrs: Sequence[float], smoothed_losses: Sequence[float], *, stopped: str) -> bool:
+    """Whether a range test reached its end rate (`stopped` == "completed") with its lowest
+    smoothed loss in the last tenth of the sweep (`UNTURNED_FRACTION`): the turn of the loss
+    was not seen, and only a higher end rate shows it.
+
+    Example:
+        >>> never_turned([1, 2, 3, 4], [2.0, 1.5, 1.2, 1.0], stopped="completed")
+        True
+        >>> never_turned([1, 2, 3, 4], [2.0, 1.0, 1.2, 3.0], stopped="completed")
+        False
+    """
+    finite = [(value, index) for index, value in enumerate(smoothed_losses) if math.isfinite(value)]
+    if stopped != "completed" or not finite:
+        return False
+    return min(finite)[1] >= UNTURNED_FRACTION * (len(lrs) - 1)
+
+
 def inconclusive_reason(
     lrs: Sequence[float],
     smoothed_losses: Sequence[float],
@@ -253,8 +271,8 @@ def inconclusive_reason(
     Example:
         >>> rates = [10 ** (k / 10) for k in range(20)]
         >>> inconclusive_reason(rates, [2 - k / 20 for k in range(20)], stopped="completed",
-        ...                     suggestion_indices=[10])[:26]
-        'it did not diverge: the lo'
+        ...                     suggestion_indices=[10])[:18]
+        'it did not diverge'
         >>> inconclusive_reason(rates, [2 - k / 20 for k in range(10)] + [9] * 10,
         ...                     stopped="diverged", suggestion_indices=[5]) is None
         True
@@ -263,11 +281,17 @@ def inconclusive_reason(
     if not finite:
         return "the loss was never finite"
     start = finite[0][1]
-    lowest_index = min(finite, key=lambda pair: pair[1])[0]
-    if stopped == "completed" and lowest_index >= UNTURNED_FRACTION * (len(lrs) - 1):
+    if never_turned(lrs, smoothed_losses, stopped=stopped):
+        lowest_index = min(finite, key=lambda pair: pair[1])[0]
+        where = (
+            f"at the end of the sweep ({lrs[lowest_index]:.3g})"
+            if lowest_index == len(lrs) - 1
+            else f"in the last tenth of the sweep (at {lrs[lowest_index]:.3g}; the sweep ended "
+            f"at {lrs[-1]:.3g})"
+        )
         return (
-            f"it did not diverge: the loss was still at its lowest at the end of the sweep "
-            f"({lrs[lowest_index]:.3g}), so the rates above it were never tried"
+            f"it did not diverge: the smoothed loss was still at its lowest {where}, so the "
+            "turn where it rises was not seen"
         )
     found = [index for index in suggestion_indices if index is not None]
     if not found:
