@@ -41,6 +41,19 @@ def test_a_wide_interval_gets_advice_and_an_unreliable_one_its_reason():
     assert dict(unreliable.summary_rows())["noise scale B_simple"] == "not yet reliable"
 
 
+def test_a_wide_interval_asks_only_for_a_big_batch_the_training_set_holds():
+    # An estimate of 4,447 from big batches of 256 out of 600 samples: a big batch "nearer
+    # the estimate" (4,447) is refused as larger than the training set; the whole set is not.
+    wide = dict(noise_scale_samples=4447.0, low_samples=2387.0, high_samples=19575.0)
+    text = _result(**wide, dataset_size=600).describe()
+    assert "the whole training set as the big batch (now 256 of the 600 training samples)" in text
+    assert "nearer the estimate" not in text
+    text = _result(**wide, dataset_size=100_000).describe()
+    assert "a big batch nearer the estimate (now 256 of the 100,000 training samples)" in text
+    assert "big batch" not in _result(**wide, big_batch_samples=600.0, dataset_size=600).describe()
+    assert "nearer the estimate (now 256)" in _result(**wide, dataset_size=None).describe()
+
+
 def test_to_dict_and_rows():
     data = _result().to_dict()
     assert data["running"] == [

@@ -191,8 +191,18 @@ class NoiseScaleResult:
                 "narrows it."
             )
         advice = "measure more batches"
-        if self.big_batch_samples and self.noise_scale_samples > 2 * self.big_batch_samples:
-            advice += f" or use a big batch nearer the estimate (now {self.big_batch_samples:g})"
+        big, size = self.big_batch_samples, self.dataset_size
+        if big and self.noise_scale_samples > 2 * big:
+            if size is None:
+                advice += f" or use a big batch nearer the estimate (now {big:g})"
+            elif big < size:
+                # the big batch is drawn from the training set: it cannot grow past it
+                nearer = (
+                    "the whole training set as the big batch"
+                    if self.noise_scale_samples >= size
+                    else "a big batch nearer the estimate"
+                )
+                advice += f" or use {nearer} (now {big:g} of the {size:,} training samples)"
         return f" The interval is wide: {advice} to narrow it."
 
 
