@@ -78,3 +78,13 @@ def test_batch_sizes_above_what_fits(capsys):
     captured = capsys.readouterr()
     assert code == 2 and "batch size 250 does not fit" in captured.err
     assert "on this machine is" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_help_names_the_statistic_the_measurement_uses(capsys):
+    from batchfit.throughput.timing import STEP_QUANTILE
+
+    with pytest.raises(SystemExit):
+        main(["throughput", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "median" not in text  # the steps are read at a low quantile, not the median
+    assert f"the {STEP_QUANTILE:.0%} quantile of the timed steps" in text

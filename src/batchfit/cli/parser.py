@@ -355,8 +355,9 @@ def _add_throughput(command) -> None:
     throughput = command(
         "throughput",
         "samples per second against batch size, and its knee",
-        "Time full training steps at each batch size (median of repeats, warm-up excluded) and "
-        "find the knee: the smallest batch within --fraction of the best.",
+        "Time full training steps at each batch size (the 20% quantile of the timed steps, so "
+        "load from other processes counts less; warm-up excluded) and find the knee: the "
+        "smallest batch within --fraction of the best.",
     )
     add_task_arguments(throughput)
     throughput.add_argument(
