@@ -407,3 +407,17 @@ def test_memory_a_decade_below_the_budget_gets_a_log_axis(monkeypatch):
                 "fixed_bytes": 208018.0, "per_sample_bytes": 348168.0,
                 "capacity_bytes": 12 * 2**30, "limit_batch": 2048})  # fmt: skip
     assert figures[0].axes[0].get_yscale() == "log"
+
+
+def test_range_test_of_an_inconclusive_sweep_says_so_on_the_picture(monkeypatch):
+    from batchfit.plots import range_test
+
+    figures = _captured(monkeypatch, range_test)
+    falling = [2.0 - 0.02 * index for index in range(50)]  # never turned: no rate to take
+    data = {"lrs": [10 ** (k / 10 - 4) for k in range(50)], "losses": falling,
+            "smoothed_losses": falling, "steepest_index": 45, "valley_index": 25}  # fmt: skip
+    range_test_png({**data, "inconclusive_reason": "it did not diverge"}, title="digits")
+    range_test_png({**data, "inconclusive_reason": None}, title="digits")
+    inconclusive, conclusive = (figure.axes[0].get_title() for figure in figures)
+    assert inconclusive.startswith("digits\ninconclusive: take no rate from it")
+    assert conclusive == "digits"

@@ -30,7 +30,8 @@ def range_test_png(
     `measurements["range_test"]` keeps). The steepest-descent and valley suggestions are
     marked (`steepest_index`/`valley_index`, else `steepest_lr`/`valley_lr`), the longest
     falling stretch shaded when `valley_start_lr`/`valley_end_lr` are given, and a test that
-    stopped early marked where it stopped. The loss axis reaches a little above the start of
+    stopped early marked where it stopped; an `inconclusive_reason` puts "inconclusive" in the
+    title. The loss axis reaches a little above the start of
     the curve and above `SHOWN_FRACTION` of the smoothed points, so the blow-up at the very end
     does not flatten the part that matters, and a curve that rises above its start (a test
     that never fell) stays on the chart.
@@ -101,7 +102,11 @@ def range_test_png(
     axes.set_xscale("log")
     axes.set_xlabel("learning rate")
     axes.set_ylabel("training loss")
-    axes.set_title(title or "Learning-rate range test")
+    heading = title or "Learning-rate range test"
+    if data.get("inconclusive_reason"):
+        # the marks alone read as suggestions; the table's verdict is not on the picture
+        heading += "\ninconclusive: take no rate from it (see the verdict)"
+    axes.set_title(heading)
     axes.grid(True, which="both", alpha=0.25)
     axes.legend(fontsize="small")
     return png_bytes(figure)
