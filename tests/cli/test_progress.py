@@ -37,3 +37,15 @@ def test_bars_off_a_terminal_become_plain_lines(capsys, monkeypatch):
         "batchfit: memory 1/3 batch 64",
         "batchfit: warmup 2/5",
     ]
+
+
+def test_a_phase_named_as_the_bar_is_not_said_twice(capsys, monkeypatch):
+    monkeypatch.setattr("batchfit.cli.progress.PLAIN_INTERVAL_S", 0.0)
+    with StepBar("range test") as bar:
+        bar("range test", 24, 40)  # lr_range_test reports its phase under the bar's name
+        bar("measure", 1, 5)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 1)[1] for line in err] == [
+        "batchfit: range test 24/40",
+        "batchfit: range test 1/5 measure",
+    ]

@@ -95,8 +95,9 @@ class StepBar:
         self.progress.update(self.row, completed=done, total=total, note=note)
 
     def __call__(self, phase: str, done: int, total: int | None) -> None:
-        """The `batchfit.progress` protocol: the phase is shown as the bar's note."""
-        self.update(done, total, phase)
+        """The `batchfit.progress` protocol: the phase is shown as the bar's note, unless it
+        only repeats the label ("range test 24/40 range test")."""
+        self.update(done, total, "" if phase == self.label else phase)
 
     def __enter__(self) -> StepBar:
         return self
