@@ -54,7 +54,7 @@ def test_describe_with_and_without_a_suggestion():
         )
     )
     none = _result(steepest_lr=None, steepest_index=None, valley_lr=None, valley_index=None)
-    assert none.describe().startswith("No suggestion: the loss never fell.")
+    assert none.describe().startswith("No suggestion: the loss never fell")
     assert dict(none.summary_rows())["valley"] == "none (the smoothed loss never falls)"
 
 
@@ -102,3 +102,19 @@ def test_the_advice_fits_why_the_test_is_inconclusive():
         still.inconclusive_reason
     )
     assert "never tried" not in still.inconclusive_reason
+
+
+def test_no_suggestion_after_a_blow_up_asks_for_lower_rates():
+    # digits with --mode linear over the default 1e-7 to 10: the second step runs at 0.1 and
+    # the loss blows up at the fourth, before it ever fell; a higher end rate cannot help.
+    rose = dict(steepest_lr=None, steepest_index=None, valley_lr=None, valley_index=None,
+                valley_start_lr=None, valley_end_lr=None)  # fmt: skip
+    lrs, losses = (1e-7, 0.101, 0.202, 0.303), (2.3, 2.4, 4.0, 9.5)
+    blown = _result(**rose, lrs=lrs, losses=losses, smoothed_losses=losses,
+                    stop_reason="diverged", mode="linear")  # fmt: skip
+    text = blown.describe()
+    assert "blew up at rate 0.303 after 4 steps" in text
+    assert "Sweep lower rates (a lower end rate, or mode 'exp')" in text
+    assert "higher end rate" not in text
+    flat = _result(**rose, stop_reason="completed").describe()
+    assert "Widen the sweep (a higher end rate, more steps)" in flat

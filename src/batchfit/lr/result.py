@@ -132,9 +132,18 @@ class RangeTestResult:
     def describe(self) -> str:
         """One or two sentences on what to do with the result."""
         if self.steepest_lr is None and self.valley_lr is None:
+            if self.stop_reason == "completed":
+                return (
+                    "No suggestion: the loss never fell. Widen the sweep (a higher end rate, "
+                    "more steps) or check that the model can learn this data."
+                )
+            # It blew up before it fell: a higher end rate would only blow up sooner.
+            blew = "blew up" if self.stop_reason == "diverged" else "became nan/inf"
+            lower = "a lower end rate" + (", or mode 'exp'" * (self.mode == "linear"))
             return (
-                "No suggestion: the loss never fell. Widen the sweep (a higher end rate, more "
-                "steps) or check that the model can learn this data."
+                f"No suggestion: the loss never fell, and {blew} at rate {self.lrs[-1]:.3g} "
+                f"after {self.steps_run} steps. Sweep lower rates ({lower}) or check that the "
+                "model can learn this data."
             )
         verdict = self.inconclusive_reason
         if verdict is not None and never_turned(
