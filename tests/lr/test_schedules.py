@@ -220,3 +220,8 @@ def test_docstring_examples_run():
     import batchfit.lr.schedules
 
     assert doctest.testmod(batchfit.lr.schedules).failed == 0
+
+
+def test_describe_counts_one_warmup_step_in_the_singular():
+    assert "1 warmup step from" in ScheduleConfig(total_steps=10, warmup_steps=1).describe()
+    assert "4 warmup steps from" in ScheduleConfig(total_steps=10, warmup_steps=4).describe()

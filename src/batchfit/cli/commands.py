@@ -180,7 +180,7 @@ def scale_lr(args: argparse.Namespace) -> int:
             markup=False,
         )
     if args.plot is not None:
-        console.print(f"schedule plot written to {result['plot']}", highlight=False, markup=False)
+        console.print(f"Plot written to {result['plot']}", highlight=False, markup=False)
     return 0
 
 

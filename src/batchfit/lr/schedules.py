@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 from batchfit.errors import ConfigError
+from batchfit.units import format_count
 
 if TYPE_CHECKING:
     import torch
@@ -186,7 +187,8 @@ class ScheduleConfig:
         """One line for people, e.g. "100 steps: 10 warmup from 0, then cosine to 0"."""
         parts = [f"{self.total_steps} steps"]
         if self.warmup_steps:
-            parts.append(f"{self.warmup_steps} warmup steps from {self.warmup_start_factor:.3g}x")
+            warmup = format_count(self.warmup_steps, "warmup step")
+            parts.append(f"{warmup} from {self.warmup_start_factor:.3g}x")
         if self.decay == "cosine" or self.decay == "linear":
             parts.append(f"{self.decay} decay to {self.min_lr_factor:.3g}x")
         elif self.decay == "step":
