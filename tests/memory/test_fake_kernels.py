@@ -1,0 +1,59 @@
+"""Tests for batchfit.memory.fake_kernels: an LSTM's prediction counts oneDNN's workspace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from batchfit.memory.predict import predict_step_memory
+from batchfit.memory.step import measure_step_memory
+from tests.conftest import make_mlp_task
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="nn.LSTM runs oneDNN's kernel only with it"
+)
+
+
+class _LSTMModel(nn.Module):
+    def __init__(self, layers: int = 1, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 16, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.head = nn.Linear(16 * (2 if bidirectional else 1), 20)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.lstm(self.embed(tokens))
+        return self.head(hidden)
+
+
+def _lstm_task(**options):
+    def loss(model, batch):
+        tokens = batch[0]
+        return F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+    return make_mlp_task(
+        model=lambda: _LSTMModel(**options),
+        train_data=TensorDataset(torch.randint(0, 20, (40, 30))),
+        loss=loss,
+    )
+
+
+@pytest.mark.parametrize("options", [{}, {"layers": 2, "bidirectional": True}])
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_an_lstm_prediction_equals_the_count_up_to_16_samples(options, batch_size):
+    # The fake kernel's workspace was empty: the prediction was 1.5x (1 sample) to 4.4x
+    # (16 samples) below the count of a real step.
+    task = _lstm_task(**options)
+    predicted = predict_step_memory(task, batch_size)
+    assert predicted.method == "fake"
+    assert predicted.peak_bytes == measure_step_memory(task, batch_size).peak_bytes
+
+
+def test_an_lstm_prediction_above_16_samples_bounds_the_count_closely():
+    task = _lstm_task()
+    predicted = predict_step_memory(task, 100).peak_bytes
+    measured = measure_step_memory(task, 100).peak_bytes
+    assert measured <= predicted <= measured * 1.01
