@@ -5,11 +5,17 @@ count is only as good as each op's meta function: where the real kernel returns 
 meta function leaves empty, the prediction misses it. `kernel_corrections()` is a dispatch mode
 that gives such outputs the size the real kernel gives them.
 
-One kernel needs it: `aten.mkldnn_rnn_layer`, the oneDNN LSTM layer every `nn.LSTM` training
-step runs on the CPU. Its fourth output, the workspace that keeps each time step's gates and
-states for the backward pass, is 0 bytes under fake tensors and about 15 floats per hidden unit
-per time step per sample for real (for a 1-layer LSTM of 128 units over 100 steps, 761 KiB per
-sample): without it an LSTM's prediction was 4.4x below the count of a real step at batch 16.
+Two kinds of kernel need it:
+
+- `aten.mkldnn_rnn_layer`, the oneDNN LSTM layer every `nn.LSTM` training step runs on the
+  CPU. Its fourth output, the workspace that keeps each time step's gates and states for the
+  backward pass, is 0 bytes under fake tensors and about 15 floats per hidden unit per time
+  step per sample for real (for a 1-layer LSTM of 128 units over 100 steps, 761 KiB per
+  sample): without it an LSTM's prediction was 4.4x below the count of a real step at 16.
+- The CPU's `mse_loss`, `smooth_l1_loss`, `binary_cross_entropy` and `soft_margin_loss` with
+  reduction "mean" or "sum": they compute the unreduced loss into their output and then
+  resize it to a scalar, which keeps the storage (4 bytes per element of the input in fp32,
+  alive until the loss is freed); the meta functions return a 4-byte scalar.
 """
 
 from __future__ import annotations
@@ -28,19 +34,28 @@ _PAGE_BYTES = 4096  # oneDNN aligns each part of the workspace to a page
 
 def kernel_corrections():
     """A TorchDispatchMode, to enter inside `FakeTensorMode` (below the storage count), that
-    replaces the empty workspace of `aten.mkldnn_rnn_layer` under fake tensors with one of the
-    real kernel's size.
+    gives the outputs of the kernels above, on the CPU, the storage the real kernels give them.
 
-    The size comes from the real kernel run on zeros of the same shapes at the batch itself
-    when it is at most 16 samples, else at 16 samples (one when 16 would take more than
-    256 MiB), scaled to the batch and rounded up to a 4 KiB page: exact up to 16 samples,
-    an upper bound within a page or so above. Sizes are kept per shape for the mode's life.
+    The LSTM workspace's size comes from the real kernel run on zeros of the same shapes at
+    the batch itself when it is at most 16 samples, else at 16 samples (one when 16 would take
+    more than 256 MiB), scaled to the batch and rounded up to a 4 KiB page: exact up to 16
+    samples, an upper bound within a page or so above. Sizes are kept per shape for the
+    mode's life. A reduced loss's scalar becomes a view of a storage the size of the
+    unreduced loss (the input and target broadcast), as the real kernel leaves it.
     """
     import torch
-    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.utils._python_dispatch import TorchDispatchMode
 
     rnn_layer = torch.ops.aten.mkldnn_rnn_layer.default
+    aten = torch.ops.aten
+    # Reduced losses whose CPU kernel resizes the unreduced loss in place to a scalar.
+    resized_losses = (
+        aten.mse_loss.default,
+        aten.smooth_l1_loss.default,
+        aten.binary_cross_entropy.default,
+        aten.soft_margin_loss.default,
+    )
 
     class _KernelCorrections(TorchDispatchMode):
         def __init__(self) -> None:
@@ -50,13 +65,24 @@ def kernel_corrections():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            if func is not rnn_layer or not isinstance(out[3], FakeTensor) or out[3].numel():
+            if func in resized_losses:
+                return self._resized_loss(out, args[0], args[1])
+            if func is not rnn_layer or not _fake_on_cpu(out[3]) or out[3].numel():
                 return out
             workspace = out[3]
             nbytes = self._workspace_bytes(args, kwargs)
             with workspace.fake_mode:
                 sized = torch.empty(nbytes, dtype=workspace.dtype, device=workspace.device)
             return (*out[:3], sized)
+
+        @staticmethod
+        def _resized_loss(out, input, target):
+            if not _fake_on_cpu(out) or out.dim():
+                return out  # reduction "none": the kernel returns the loss as the meta does
+            elements = torch.Size(torch.broadcast_shapes(input.shape, target.shape)).numel()
+            with out.fake_mode:
+                storage = torch.empty(max(1, elements), dtype=out.dtype, device=out.device)
+                return storage.as_strided((), ())
 
         def _workspace_bytes(self, args: tuple, kwargs: dict) -> int:
             bound = rnn_layer._schema.arguments
@@ -97,3 +123,9 @@ def kernel_corrections():
         return math.ceil(probed * batch / samples / _PAGE_BYTES) * _PAGE_BYTES
 
     return _KernelCorrections()
+
+
+def _fake_on_cpu(tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor) and tensor.device.type == "cpu"
