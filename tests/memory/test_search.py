@@ -194,6 +194,38 @@ def test_a_task_bug_after_the_fallback_is_not_logged_as_a_found_limit(caplog):
     assert "limit was found" not in caplog.text
 
 
+def test_a_task_bug_only_at_larger_batches_is_raised_as_the_task_raised_it():
+    # The first fake run (batch 2) passes; the second (batch 64) met the task's own error and
+    # the search stopped with "fake tensors cannot run task ...: measure real steps instead
+    # (fallback=True)", an argument the search does not take. Now the search falls back to
+    # real probes, as after a first fake run that fails, and a real step raises the error.
+    class QueueSizeError(Exception):
+        pass
+
+    def loss(model, batch):
+        if len(batch[0]) > 8:
+            raise QueueSizeError("this loss takes at most 8 samples")
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    with pytest.raises(QueueSizeError, match="at most 8 samples"):
+        find_max_batch_size(make_mlp_task(loss=loss), device="cpu", memory_budget=24 * 1024)
+
+
+def test_fake_mode_failing_only_at_larger_batches_falls_back_to_real_probes():
+    def loss(model, batch):
+        logits = model(batch[0])
+        if len(batch[0]) > 8:
+            logits = logits[logits.sum(1) > -1e9]  # data-dependent shape: fake mode cannot
+        return F.cross_entropy(logits, batch[1])
+
+    task = make_mlp_task(loss=loss)
+    budget = 64 * 1024
+    result = find_max_batch_size(task, device="cpu", memory_budget=budget, margin=0)
+    assert result.method == "measured-probes"
+    assert any("real probes only" in note for note in result.notes)
+    assert _is_true_limit(task, result.limit_batch_size, budget)
+
+
 def test_a_small_dataset_is_wrapped_and_noted():
     task = make_mlp_task(samples=10)
     result = find_max_batch_size(task, device="cpu", memory_budget=160 * 1024, margin=0)

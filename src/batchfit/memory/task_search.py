@@ -283,8 +283,10 @@ class TaskSearch(SearchState):
 
     def _run(self) -> tuple[int, bool]:
         try:
-            small = self._fake_run(FORMULA_BATCH_SIZES[0], record=True)
+            return self._run_predicted()
         except FakeModeError as unsupported:
+            # At any batch size: a task may run under fake tensors at 2 samples and not at 64
+            # (its own error, or a data-dependent shape only larger batches reach).
             if self.basis == "predicted":
                 raise ConfigError(
                     f"fake tensors cannot run this task ({unsupported.reason}), so nothing "
@@ -292,7 +294,13 @@ class TaskSearch(SearchState):
                     f"({self.budget_text()}): give a budget this machine can hold, or run "
                     "the search on the device itself."
                 ) from None
+            self._formula = None
+            self._predicted = {}
+            self.predictions = []
             return self._run_measured(unsupported.reason)
+
+    def _run_predicted(self) -> tuple[int, bool]:
+        small = self._fake_run(FORMULA_BATCH_SIZES[0], record=True)
         self.state_bytes = small.state_bytes
         if small.state_bytes > self.usable:
             raise self.state_too_large(small.state_bytes)
