@@ -47,6 +47,18 @@ def test_estimate_takes_a_reserve_of_0_and_says_what_a_reserve_leaves(capsys):
     assert "the reserve (22.35 GiB) takes all of the 22.35 GiB" in err and "Lower --reserve" in err
 
 
+def test_estimate_takes_a_model_of_0_as_the_library_does(capsys):
+    # "--model must be positive, got '0'", where max_batch_size takes fixed_bytes=0.
+    args = ["estimate", "--memory", "24GB", "--per-sample", "1GB"]
+    for nothing in ("0", "0GB"):
+        assert main([*args, "--model", nothing]) == 0
+        assert capsys.readouterr().out.strip() == "24"
+    assert main([*args, "--model", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fixed_bytes"] == 0
+    assert main(["estimate", "--memory", "24GB", "--model", "1GB", "--per-sample", "0"]) == 2
+    assert "--per-sample must be positive, got '0'" in capsys.readouterr().err
+
+
 def test_estimate_that_fits_not_one_sample_exits_2_as_memory_does(capsys):
     # It printed "0: not one sample fits" and exited 0, as if 0 were an answer to train with.
     args = ["estimate", "--memory", "1GiB", "--model", "2GiB", "--per-sample", "1MiB"]

@@ -83,7 +83,13 @@ def _add_estimate(command) -> None:
         ("--per-sample", "memory each sample adds, e.g. 0.2GB"),
     ):
         estimate.add_argument(
-            flag, required=True, metavar="SIZE", action=Size, cards=flag == "--memory", help=help
+            flag,
+            required=True,
+            metavar="SIZE",
+            action=Size,
+            cards=flag == "--memory",
+            zero=flag == "--model",  # as max_batch_size takes it: nothing before the first sample
+            help=help,
         )
     estimate.add_argument(
         "--reserve", metavar="SIZE", action=Size, zero=True,
