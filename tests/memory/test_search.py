@@ -233,6 +233,35 @@ def test_a_small_dataset_is_wrapped_and_noted():
     assert any("10 samples" in note and "repeat" in note for note in result.notes)
 
 
+def _real_steps_hold_more(extra_bytes: int, loss=None):
+    """A loss whose real steps (not the fake ones) hold `extra_bytes` more than predicted."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def held(model, batch):
+        value = F.cross_entropy(model(batch[0]), batch[1])
+        if not isinstance(value, FakeTensor):
+            value = value + torch.zeros(extra_bytes // 4).sum()  # alive until the sum is taken
+        return value
+
+    return held
+
+
+def test_a_search_whose_real_steps_never_fit_says_so_instead_of_answering_0():
+    # Batch 1 fits by the prediction but not for real: "Largest batch that fits: 0", exit 0,
+    # "Answer confirmed". Now it is the error a batch 1 that does not fit gets.
+    task = make_mlp_task(loss=_real_steps_hold_more(64 * 1024))
+    with pytest.raises(DoesNotFitError, match="No batch size fits: batch size 1 fails"):
+        find_max_batch_size(task, device="cpu", memory_budget=48 * 1024, margin=0)
+
+
+def test_a_batchnorm_search_whose_real_steps_never_fit_stops_at_batch_two():
+    # It stepped down to batch 1, where BatchNorm raises its own ValueError.
+    task = make_bn1d_task()
+    task.loss = _real_steps_hold_more(64 * 1024)
+    with pytest.raises(DoesNotFitError, match="batch size 2 \\(the smallest a model with Batch"):
+        find_max_batch_size(task, device="cpu", memory_budget=48 * 1024, margin=0)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 

@@ -409,12 +409,14 @@ class TaskSearch(SearchState):
         Otherwise the difference between real and predicted peak (say, the CUDA allocator's
         overhead) shifts the predicted line, and the trials check the shifted limit and the
         batch above it. An outcome the shifted line did not expect leaves bisection inside
-        the bracket of real results.
+        the bracket of real results. When trials fail down to the smallest batch the model
+        trains on (1, or 2 with BatchNorm), DoesNotFitError says so.
         """
         low, high = 0, None  # largest real fit, smallest real failure
         candidate, expect_fit = predicted, True
         failed_steps = 0  # consecutive failures below any real fit
         bisecting = False
+        least: int | None = None  # the smallest batch the model trains on, once needed
         while True:
             trial = self.trial(candidate)
             if not self._check_formula(trial):
@@ -428,6 +430,10 @@ class TaskSearch(SearchState):
                     return low, low == self.max_batch  # exact: nothing left to learn
             else:
                 high = candidate
+                if low == 0:
+                    least = self._smallest_batch() if least is None else least
+                    if candidate <= least:  # not even the smallest batch fits for real
+                        raise self.does_not_fit(None, least)
             if high is not None and high - low <= 1:
                 return low, False
             if low >= self.max_batch:
@@ -442,10 +448,10 @@ class TaskSearch(SearchState):
                 # doubling the step while trials keep failing.
                 failed_steps += 1
                 offset = self._step_bytes(failed_steps)
-                if self.predict(1) + offset > self.usable:
-                    candidate, expect_fit = 1, True
+                if self.predict(least) + offset > self.usable:
+                    candidate, expect_fit = least, True
                 else:
-                    candidate = self.predicted_limit(offset, 1, high)
+                    candidate = self.predicted_limit(offset, least, high)
                     expect_fit = True
                 continue
             guess = self.predicted_limit(offset, low, high) if low > 0 else low + 1
