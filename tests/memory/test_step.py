@@ -10,6 +10,7 @@ from torch import nn
 
 from batchfit.errors import ConfigError
 from batchfit.memory.counter import count_memory
+from batchfit.memory.search import find_max_batch_size
 from batchfit.memory.step import OUT_OF_MEMORY_MESSAGES, is_out_of_memory, measure_step_memory
 from tests.conftest import make_mlp_task
 
@@ -142,6 +143,21 @@ def test_measure_lets_other_errors_through_unchanged():
     task = make_mlp_task(loss=broken_loss)
     with pytest.raises(ValueError, match="shape mismatch"):
         measure_step_memory(task, 4)
+
+
+def test_a_cuda_message_from_a_step_on_the_cpu_is_not_its_out_of_memory():
+    # A CPU step whose loss touches a full card raised this; it was taken for the budget
+    # running out, and `batchfit memory` tried ever smaller batches down to "fits: 0".
+    def loss(model, batch):
+        raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be reported")
+
+    task = make_mlp_task(loss=loss)
+    with pytest.raises(RuntimeError, match="CUDA error") as caught:
+        measure_step_memory(task, 4, device="cpu")
+    assert not isinstance(caught.value, torch.OutOfMemoryError)
+    with pytest.raises(RuntimeError, match="CUDA error") as caught:
+        find_max_batch_size(task, device="cpu", memory_budget="1MiB")
+    assert not isinstance(caught.value, torch.OutOfMemoryError)
 
 
 def test_measure_wraps_a_small_dataset_and_says_so():

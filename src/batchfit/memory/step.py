@@ -275,7 +275,9 @@ def measure_step_memory(
         cap = budget_bytes if allocator_cap_bytes is None else allocator_cap_bytes
         result = _measure(task, indices, device, steps, budget_bytes, cap, started, precision)
     except Exception as error:
-        if not is_out_of_memory(error):
+        # A backend's message counts on its own devices only: "CUDA error: out of memory"
+        # from a step on the CPU is not this step running out (a smaller batch would not help).
+        if not is_out_of_memory(error, device=device):
             raise
         # Keep only the message: the traceback's frames hold the failed step's tensors.
         failure = str(error)

@@ -218,7 +218,7 @@ class TaskSearch(SearchState):
                 sample_order=self.order,
             )
         except Exception as error:  # only out-of-memory is caught; see below
-            if not is_out_of_memory(error):
+            if not is_out_of_memory(error, device=self.device):
                 raise
             host = self.device.type == "cpu" and is_host_out_of_memory(error)
             trial = Trial(
