@@ -71,6 +71,38 @@ def _storage(nbytes: int) -> int:
     return -(-nbytes // 512) * 512  # the counter rounds each storage up to 512 bytes
 
 
+@pytest.mark.parametrize("convert", ["bf16", "half"])
+def test_a_factory_that_converts_its_model_is_predicted_with_fake_tensors(convert):
+    # `.to(torch.bfloat16)` or `.half()` inside fake mode failed ("_apply(): Couldn't swap
+    # Linear.weight"): the prediction fell back to a real step, and a card's could not be had.
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(12, 8)
+            self.norm = nn.BatchNorm1d(8)
+            self.head = nn.Linear(8, 12)
+            self.head.weight = self.embed.weight  # tied: one parameter, counted once
+
+        def forward(self, tokens):
+            return self.head(self.norm(self.embed(tokens)))
+
+    def model():
+        built = Tied()
+        return built.to(torch.bfloat16) if convert == "bf16" else built.half()
+
+    task = make_mlp_task(
+        model=model,
+        train_data=torch.utils.data.TensorDataset(torch.randint(0, 12, (32,))),
+        loss=lambda m, batch: F.cross_entropy(m(batch[0]).float(), batch[0]),
+    )
+    for batch_size in (2, 30):
+        predicted = predict_step_memory(task, batch_size)
+        assert predicted.method == "fake", predicted.fallback_reason
+        measured = measure_step_memory(task, batch_size)
+        assert predicted.peak_bytes == measured.peak_bytes
+        assert predicted.state_bytes == measured.state_bytes
+
+
 @pytest.mark.parametrize("batch_size", [256, 1000])
 def test_prediction_and_measurement_equal_an_account_by_hand(batch_size):
     # An independent check of both counts: an MLP 32 -> 64 -> 10 with Adam, float32.

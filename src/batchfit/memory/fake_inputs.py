@@ -39,8 +39,48 @@ def fake_model(task: Task, fake_mode: Any, device: torch.device):
         return model
     # A factory: build the model inside fake mode, on the device, so initialisation costs
     # nothing either.
-    with fake_mode, device:
-        return task.make_model()
+    try:
+        with fake_mode, device:
+            return task.make_model()
+    except RuntimeError as error:
+        # A factory that converts its model (`.to(torch.bfloat16)`, `.half()`): torch swaps
+        # each fake parameter for its converted copy, and refuses ("_apply(): Couldn't swap
+        # Linear.weight") because fake mode keeps a weak reference to the parameter.
+        if "Couldn't swap" not in str(error):
+            raise
+    return _fake_from_meta(task, fake_mode, device)
+
+
+def _fake_from_meta(task: Task, fake_mode: Any, device: torch.device):
+    """The task's model built on the meta device (where conversion needs no swap), its
+    parameters and buffers then made fake tensors on `device`; tied parameters stay tied."""
+    import torch
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    with torch.device("meta"):
+        model = task.make_model()
+    made: dict[int, Any] = {}
+
+    def fake(tensor):
+        if id(tensor) not in made:
+            if tensor.is_meta:  # a meta tensor is what a fake tensor holds: wrap it
+                copy_ = FakeTensor(fake_mode, tensor.detach(), device)
+            else:  # a tensor the factory made on a device of its own choosing
+                copy_ = fake_mode.from_tensor(tensor.detach()).to(device)
+            if isinstance(tensor, nn.Parameter):
+                copy_ = nn.Parameter(copy_, requires_grad=tensor.requires_grad)
+            made[id(tensor)] = copy_
+        return made[id(tensor)]
+
+    for module in model.modules():
+        own = [
+            *module.named_parameters(recurse=False, remove_duplicate=False),
+            *module.named_buffers(recurse=False, remove_duplicate=False),
+        ]
+        for name, tensor in own:
+            setattr(module, name, fake(tensor))
+    return model
 
 
 def probe_samples(task: Task, batch_size: int, order: SampleOrder) -> tuple[Any, Any, list | None]:
