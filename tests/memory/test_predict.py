@@ -103,6 +103,30 @@ def test_a_factory_that_converts_its_model_is_predicted_with_fake_tensors(conver
         assert predicted.state_bytes == measured.state_bytes
 
 
+def test_a_factory_that_deep_copies_layers_is_predicted_exactly():
+    # nn.TransformerEncoder deep-copies its layer; inside fake mode that copied the fake mode
+    # too, ops converted the copies' parameters afresh, and the prediction was 64 KiB above
+    # the count (482,304 against 416,768 bytes here).
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 4 * 32)
+            layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, inputs):
+            tokens = self.embed(inputs).view(inputs.shape[0], 4, 32)
+            return self.head(self.encoder(tokens).mean(1))
+
+    task = make_mlp_task(
+        model=Encoder, optimizer=lambda params, lr: torch.optim.AdamW(params, lr=lr)
+    )
+    predicted = predict_step_memory(task, 7)
+    assert predicted.method == "fake"
+    assert predicted.peak_bytes == measure_step_memory(task, 7).peak_bytes
+
+
 @pytest.mark.parametrize("batch_size", [256, 1000])
 def test_prediction_and_measurement_equal_an_account_by_hand(batch_size):
     # An independent check of both counts: an MLP 32 -> 64 -> 10 with Adam, float32.

@@ -41,7 +41,7 @@ def fake_model(task: Task, fake_mode: Any, device: torch.device):
     # nothing either.
     try:
         with fake_mode, device:
-            return task.make_model()
+            return _adopted(task.make_model(), fake_mode)
     except RuntimeError as error:
         # A factory that converts its model (`.to(torch.bfloat16)`, `.half()`): torch swaps
         # each fake parameter for its converted copy, and refuses ("_apply(): Couldn't swap
@@ -49,6 +49,23 @@ def fake_model(task: Task, fake_mode: Any, device: torch.device):
         if "Couldn't swap" not in str(error):
             raise
     return _fake_from_meta(task, fake_mode, device)
+
+
+def _adopted(model, fake_mode: Any):
+    """`model` with every fake parameter and buffer belonging to `fake_mode`.
+
+    `copy.deepcopy` of a module inside fake mode (as `nn.TransformerEncoder` clones its layer,
+    and many models do) copies the tensors' fake mode too; ops then take the copies for
+    another mode's tensors and convert them afresh each time, and every step counted
+    parameter-sized storages that a real step does not allocate (a 2-layer
+    `nn.TransformerEncoder`: 64 KiB above the count).
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for tensor in (*model.parameters(), *model.buffers()):
+        if isinstance(tensor, FakeTensor) and tensor.fake_mode is not fake_mode:
+            tensor.fake_mode = fake_mode
+    return model
 
 
 def _fake_from_meta(task: Task, fake_mode: Any, device: torch.device):
