@@ -61,6 +61,38 @@ def test_an_lstm_prediction_above_16_samples_bounds_the_count_closely():
     assert measured <= predicted <= measured * 1.01
 
 
+@needs_onednn
+def test_the_real_kernel_probe_stays_small_for_a_long_sequence(monkeypatch):
+    # The probe ran the real kernel at the batch itself (up to 16 samples) over the whole
+    # sequence: for a long one, as much host memory as the real step needs. Now it keeps near
+    # _PROBE_MAX_BYTES (here 64 KiB) with fewer samples and time steps, scaled up after.
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from batchfit.memory import fake_kernels
+
+    monkeypatch.setattr(fake_kernels, "_PROBE_MAX_BYTES", 64 * 1024)
+    probes = []
+
+    class RealProbes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mkldnn_rnn_layer.default and not isinstance(
+                args[0], FakeTensor
+            ):
+                probes.append(tuple(args[0].shape[:2]))
+            return func(*args, **(kwargs or {}))
+
+    task = _lstm_task()
+    task.train_data = TensorDataset(torch.randint(0, 20, (8, 301)))
+    with RealProbes():
+        predicted = predict_step_memory(task, 4).peak_bytes
+    assert probes and all(steps * samples <= 64 for steps, samples in probes)
+    measured = measure_step_memory(task, 4).peak_bytes
+    # An upper bound; loose for 16 units (a page is much of a one-sample probe), 1-2% above
+    # for 128 units and more.
+    assert measured <= predicted <= measured * 1.3
+
+
 @pytest.mark.parametrize(
     ("loss", "reduction"),
     [

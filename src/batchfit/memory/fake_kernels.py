@@ -26,9 +26,14 @@ from typing import Any
 # The workspace per sample falls with the batch size and is constant from batch 16 on (oneDNN
 # blocks the batch by 16); the workspace at 16 samples, scaled, bounds a larger batch's from
 # above (within a 4 KiB page of it for a 1-layer LSTM of 128 units, 100 steps, 1000 samples).
+# Scaled by the time steps it bounds a longer sequence's too (1-2% above from 64 steps).
 _PROBE_BATCH = 16
-# A probe of 16 samples runs the real kernel on zeros; past this workspace it takes one sample.
-_PROBE_MAX_BYTES = 256 * 2**20
+_PROBE_MIN_STEPS = 64
+# The probe runs the real kernel on zeros; it is kept near this size (fewer samples first,
+# then fewer time steps), guessing 64 bytes per hidden unit per time step per sample (60-61
+# measured in fp32 from 128 to 1000 units).
+_PROBE_MAX_BYTES = 64 * 2**20
+_GUESS_BYTES_PER_UNIT_STEP = 64
 _PAGE_BYTES = 4096  # oneDNN aligns each part of the workspace to a page
 
 
@@ -37,9 +42,10 @@ def kernel_corrections():
     gives the outputs of the kernels above, on the CPU, the storage the real kernels give them.
 
     The LSTM workspace's size comes from the real kernel run on zeros of the same shapes at
-    the batch itself when it is at most 16 samples, else at 16 samples (one when 16 would take
-    more than 256 MiB), scaled to the batch and rounded up to a 4 KiB page: exact up to 16
-    samples, an upper bound within a page or so above. Sizes are kept per shape for the
+    the batch itself when it is at most 16 samples, else at 16 samples, scaled to the batch
+    and rounded up to a 4 KiB page: exact up to 16 samples, an upper bound within a page or
+    so above. A probe that would pass about 64 MiB takes one sample, then fewer time steps
+    (at least 64), scaled the same way (1-2% above). Sizes are kept per shape for the
     mode's life. A reduced loss's scalar becomes a view of a storage the size of the
     unreduced loss (the input and target broadcast), as the real kernel leaves it.
     """
@@ -100,7 +106,12 @@ def kernel_corrections():
             return self.workspace_bytes[key]
 
     def _probed_workspace_bytes(values: dict[str, Any], batch: int) -> int:
-        def real_workspace(samples: int) -> int:
+        steps, hidden = values["input"].shape[0], values["hx_"].shape[-1]
+
+        def guess(samples: int, time_steps: int) -> int:
+            return samples * time_steps * hidden * _GUESS_BYTES_PER_UNIT_STEP
+
+        def real_workspace(samples: int, time_steps: int) -> int:
             # Real zeros, made with fake mode set aside: the real kernel sizes the workspace.
             with unset_fake_temporarily():
                 probe = []
@@ -108,19 +119,23 @@ def kernel_corrections():
                     if isinstance(value, torch.Tensor):
                         shape = list(value.shape)
                         if name == "input":
-                            shape[1] = samples
+                            shape[:2] = [time_steps, samples]
                         elif name in ("hx_", "cx_"):
                             shape[0] = samples
                         value = torch.zeros(shape, dtype=value.dtype)
                     probe.append(value)
                 return rnn_layer(*probe)[3].untyped_storage().nbytes()
 
-        if batch <= _PROBE_BATCH:
-            return real_workspace(batch)
-        one = real_workspace(1)
-        samples = _PROBE_BATCH if one * _PROBE_BATCH <= _PROBE_MAX_BYTES else 1
-        probed = one if samples == 1 else real_workspace(samples)
-        return math.ceil(probed * batch / samples / _PAGE_BYTES) * _PAGE_BYTES
+        samples, time_steps = min(batch, _PROBE_BATCH), steps
+        if guess(samples, time_steps) > _PROBE_MAX_BYTES:
+            samples = 1
+        if guess(samples, time_steps) > _PROBE_MAX_BYTES:
+            time_steps = min(steps, max(_PROBE_MIN_STEPS, _PROBE_MAX_BYTES // guess(1, 1)))
+        probed = real_workspace(samples, time_steps)
+        if (samples, time_steps) == (batch, steps):
+            return probed
+        scaled = probed * (batch / samples) * (steps / time_steps)
+        return math.ceil(scaled / _PAGE_BYTES) * _PAGE_BYTES
 
     return _KernelCorrections()
 
