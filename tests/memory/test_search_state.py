@@ -35,6 +35,24 @@ def test_memory_model_prefers_points_near_the_limit_and_counts_trials():
     assert state.memory_model(60).per_sample_bytes == 1000
 
 
+def test_memory_model_follows_real_trials_where_predictions_disagree():
+    # Predictions that missed memory (an LSTM's workspace) made the model: "388.73 KiB per
+    # sample" printed beside real trials that grew 1.85 MiB per sample.
+    state = _state()
+    state.predictions += [(80, 90_000), (90, 100_000), (100, 110_000)]
+    state.trials.append(Trial(90, True, 100_000, 190_000, None, 2, 0.1))
+    state.trials.append(Trial(100, True, 110_000, 210_000, None, 2, 0.1))
+    model = state.memory_model(100)
+    assert model.per_sample_bytes == 2000 and model.batch_sizes == (90, 100)
+    # One measurement cannot make a line: it stands in for the prediction at its batch.
+    state.trials.pop()
+    assert dict(zip(state.memory_model(100).batch_sizes, state.memory_model(100).peak_bytes)) == {
+        80: 90_000,
+        90: 190_000,
+        100: 110_000,
+    }
+
+
 def test_error_line_is_the_first_line_or_the_type():
     assert error_line(RuntimeError("CUDA out of memory.\nTried to allocate")) == (
         "CUDA out of memory."
