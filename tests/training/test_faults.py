@@ -227,3 +227,37 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_changes_nothing(tmp_path
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
     assert (tmp_path / "checkpoint.pt").read_bytes() == checkpoint
     assert train(task, replace(config, resume=True), device="cpu").steps == 4
+
+
+def test_a_resumed_run_keeps_the_back_offs_before_its_checkpoint(tmp_path):
+    # Inputs of 32 KiB per sample: a micro-batch of 64 does not fit a 1.5 MiB budget, one of
+    # 32 does (test_loop's budget test), so step 1 backs off; the run stops after step 2.
+    from torch.utils.data import TensorDataset
+
+    from batchfit.training.callbacks import StopTraining
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(256, 4096, generator=generator, dtype=torch.float64)
+    task = _wide_task(
+        train_data=TensorDataset(inputs, (inputs[:, 0] > 0).long()),
+        model=lambda: torch.nn.Linear(4096, 2).double(),
+    )
+
+    class StopAfterTwo:
+        def on_step_end(self, record, model):
+            if record.step == 2:
+                raise StopTraining("two steps")
+
+    config = TrainConfig(global_batch=256, micro_batch=64, steps=4, out_dir=str(tmp_path))
+    budget = int(1.5 * 2**20)
+    first = train(
+        task, config, device="cpu", memory_budget_bytes=budget, callbacks=[StopAfterTwo()]
+    )
+    assert first.steps == 2 and [(e.step, e.micro_batch) for e in first.backoffs] == [(1, 32)]
+    resumed = train(task, replace(config, resume=True), device="cpu", memory_budget_bytes=budget)
+    # It continued at micro-batch 32 without a new back-off; the one of step 1 is still said.
+    assert resumed.steps == 4 and resumed.micro_batch == 32
+    assert [(e.step, e.failed_micro_batch, e.micro_batch) for e in resumed.backoffs] == [
+        (1, 64, 32)
+    ]
+    assert [event["step"] for event in load_checkpoint(tmp_path)["backoffs"]] == [1]

@@ -97,7 +97,7 @@ class TrainResult:
         micro_batch: the micro-batch at the end (smaller than asked after a back-off).
         accumulation_steps: micro-batches per rank per step at the end.
         world_size: ranks that trained.
-        backoffs: every out-of-memory back-off.
+        backoffs: every out-of-memory back-off of the run, also across a resume.
         seconds: wall time of this session's training, evaluation and checkpoints.
         samples_per_second: samples trained on in this session per second of training steps.
         interrupted: stopped early by Ctrl-C / SIGTERM (a checkpoint was written).

@@ -258,6 +258,7 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
     """
     import torch
 
+    from batchfit.training.backoff import BackoffEvent
     from batchfit.training.distributed import gather_objects
     from batchfit.training.metrics import truncate_metrics
 
@@ -282,6 +283,9 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
         run.swa_scheduler.load_state_dict(checkpoint["swa_scheduler"])
     run.step = run.resumed_from = run.saved_at = int(checkpoint["step"])
     run.samples_seen = int(checkpoint["samples_seen"])
+    # The run's back-offs so far: the summary explains the micro-batch it continues at, and
+    # the next checkpoint keeps them.
+    run.backoffs = [BackoffEvent(**event) for event in checkpoint.get("backoffs", [])]
     if config.micro_batch == checkpoint["config"]["micro_batch"]:
         run.micro_batch = min(run.micro_batch, int(checkpoint["micro_batch"]))  # keep a back-off
     growth = checkpoint.get("batch_schedule")
