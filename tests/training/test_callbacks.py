@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 from batchfit.noise.callback import NoiseScaleCallback
 from batchfit.training.callbacks import CallbackList, StopTraining
 from batchfit.training.checkpoint import load_checkpoint
@@ -75,7 +77,7 @@ def test_callback_list_merges_metrics_in_order_and_skips_missing_methods():
 
     hooks = CallbackList([A(), object(), B()])
     assert hooks.on_step_end(None, None) == {"x": 1, "y": 2}
-    assert hooks.state_dicts() == [None, None, None]
+    assert hooks.state_dicts() == []
     assert hooks.stop_reason is None
 
 
@@ -94,3 +96,43 @@ def test_the_result_says_whether_the_noise_scale_was_logged():
     assert "larger than the training set (256 samples)" in too_big.noise_scale_reason
     no_callback = train(task, TrainConfig(global_batch=64, micro_batch=32, steps=1), device="cpu")
     assert "NoiseScaleCallback" in no_callback.to_dict()["noise_scale_reason"]
+
+
+class _Counter:
+    """Counts the steps it saw, across a resume (its state)."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def on_step_end(self, record, model):
+        self.seen += 1
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+def test_a_resumed_run_gives_each_callback_the_state_of_its_own_class(tmp_path):
+    task = make_mlp_task()
+    config = TrainConfig(global_batch=64, micro_batch=16, steps=6, out_dir=str(tmp_path))
+    counter = _Counter()
+    train(task, config, device="cpu", callbacks=[counter, _StopAt(step=2)])
+    assert counter.seen == 2
+    # Resumed with a noise-scale tracker in front (`batchfit train` without --no-noise-scale
+    # where the run had it): the tracker starts afresh, the counter continues.
+    noise, counter = NoiseScaleCallback(dataset_size=len(task.train_data)), _Counter()
+    resumed = replace(config, resume=True, steps=6)
+    train(task, resumed, device="cpu", callbacks=[noise, counter, _StopAt(step=4)])
+    assert counter.seen == 4
+    # ... and without it again: the counter still gets its own state, not the tracker's.
+    counter = _Counter()
+    train(task, resumed, device="cpu", callbacks=[counter])
+    assert counter.seen == 6
+
+
+def test_states_of_an_older_checkpoint_a_plain_list_are_read_by_position():
+    first, second = _Counter(), _Counter()
+    CallbackList([first, object(), second]).load_state_dicts([{"seen": 3}, None, {"seen": 5}])
+    assert (first.seen, second.seen) == (3, 5)

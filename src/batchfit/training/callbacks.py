@@ -10,7 +10,8 @@ A callback is any object with some of these methods (each one optional):
   with the step's `StepRecord`. A returned dict is merged into that step's metrics line.
 - `on_evaluation(step, metrics)`: on rank 0, after each evaluation, with the step and the
   validation metrics (`val_loss`, `val_<metric>`).
-- `state_dict()` / `load_state_dict(state)`: saved in each checkpoint and restored on resume.
+- `state_dict()` / `load_state_dict(state)`: saved in each checkpoint and restored on resume,
+  to the callback of the same class (a resumed run may add, drop or reorder callbacks).
 
 To end the run cleanly, `on_step_end` or `on_evaluation` raises `StopTraining(reason)`: the
 step finishes (its update, metrics line and evaluation), a checkpoint is written, and `train`
@@ -125,15 +126,57 @@ class CallbackList:
     def on_evaluation(self, step: int, metrics: dict[str, float]) -> None:
         self._call("on_evaluation", step, metrics)
 
-    def state_dicts(self) -> list[Any]:
-        """One entry per callback: its `state_dict()`, or None without one."""
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """The state of each callback with a `state_dict()`, named by its class, in order:
+        `[{"callback": "module.Class", "state": ...}, ...]`."""
         return [
-            callback.state_dict() if hasattr(callback, "state_dict") else None
+            {"callback": _class_name(callback), "state": callback.state_dict()}
             for callback in self.callbacks
+            if hasattr(callback, "state_dict")
         ]
 
     def load_state_dicts(self, states: Sequence[Any] | None) -> None:
-        """Give each callback its saved state (as `state_dicts()` listed them)."""
-        for callback, saved in zip(self.callbacks, states or []):
-            if saved is not None and hasattr(callback, "load_state_dict"):
-                callback.load_state_dict(saved)
+        """Give each callback the saved state of its own class (as `state_dicts()` listed
+        them; the n-th callback of a class gets the n-th state of that class).
+
+        The states are matched by class, not by position, so a resumed run may add, drop or
+        reorder callbacks: one without a saved state of its class starts afresh, and a state
+        whose callback is not there is left out. A checkpoint from before the states were
+        named (a plain list, one entry per callback) is read by position.
+        """
+        states = list(states or [])
+        if not all(_is_named_state(entry) for entry in states):
+            for callback, saved in zip(self.callbacks, states):
+                if saved is not None and hasattr(callback, "load_state_dict"):
+                    callback.load_state_dict(saved)
+            return
+        by_class: dict[str, list[Any]] = {}
+        for entry in states:
+            by_class.setdefault(entry["callback"], []).append(entry["state"])
+        for callback in self.callbacks:
+            saved = by_class.get(_class_name(callback))
+            if not hasattr(callback, "load_state_dict"):
+                continue
+            if not saved:
+                logger.info(
+                    "%s has no saved state in the checkpoint: it starts afresh",
+                    _class_name(callback),
+                )
+                continue
+            state = saved.pop(0)
+            if state is not None:
+                callback.load_state_dict(state)
+        left = sorted(name for name, rest in by_class.items() if rest)
+        if left:
+            logger.info(
+                "checkpoint state of callbacks not given to this run left out: %s", ", ".join(left)
+            )
+
+
+def _class_name(callback: Any) -> str:
+    kind = type(callback)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _is_named_state(entry: Any) -> bool:
+    return isinstance(entry, dict) and set(entry) == {"callback", "state"}
