@@ -347,3 +347,13 @@ def test_a_plan_report_that_cannot_be_written_leaves_the_summary_and_exit_code(
     assert (run / "checkpoint.pt").is_file()
     assert main([*argv, "--force", "--json"]) == 0
     assert "No space left" in json.loads(capsys.readouterr().out)["report_problem"]
+
+
+def test_no_noise_scale_with_the_noise_batch_schedule_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", *FAST, "--batch-schedule", "noise", "--no-noise-scale", "--out", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("batchfit: error: --no-noise-scale") and len(err.splitlines()) == 1
+    assert "drop --no-noise-scale, or give another --batch-schedule" in err
+    assert not run.exists()

@@ -88,6 +88,12 @@ def train(args: argparse.Namespace) -> int:
         config = TrainConfig(**settings)
     if plan is not None and "micro_batch" not in settings:
         config = _micro_batch_for_ranks(config, world_size)
+    if args.no_noise_scale and config.batch_schedule.startswith("noise"):
+        raise ConfigError(
+            f"--no-noise-scale turns off the gradient noise scale, and the batch schedule "
+            f"{config.batch_schedule!r} grows the batch by it (it would be measured and logged "
+            "anyway); drop --no-noise-scale, or give another --batch-schedule."
+        )
     device = args.device if args.device is not None else "auto"
     if args.force and check_folder and not args.resume:
         check_train_config(task, config, world_size=world_size, device=device)
