@@ -136,3 +136,23 @@ def test_states_of_an_older_checkpoint_a_plain_list_are_read_by_position():
     first, second = _Counter(), _Counter()
     CallbackList([first, object(), second]).load_state_dicts([{"seen": 3}, None, {"seen": 5}])
     assert (first.seen, second.seen) == (3, 5)
+
+
+def test_a_run_stopped_between_evaluations_says_the_step_of_its_last_one(tmp_path, capsys):
+    from rich.console import Console
+
+    from batchfit.cli.format import print_train_summary
+
+    config = TrainConfig(
+        global_batch=64, micro_batch=32, steps=8, eval_every=3, out_dir=str(tmp_path)
+    )
+    stopped = train(make_mlp_task(), config, device="cpu", callbacks=[_StopAt(step=4)])
+    assert stopped.steps == 4 and stopped.val_step == 3 and stopped.val_metrics
+    assert stopped.to_dict()["val_step"] == 3
+    print_train_summary(Console(width=200), "mlp", stopped)
+    val_line = next(line for line in capsys.readouterr().out.splitlines() if "val_loss" in line)
+    assert val_line.endswith("(at step 3)")
+    finished = train(make_mlp_task(), replace(config, resume=True), device="cpu")
+    assert finished.steps == finished.val_step == 8
+    print_train_summary(Console(width=200), "mlp", finished)
+    assert "(at step" not in capsys.readouterr().out

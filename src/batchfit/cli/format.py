@@ -241,7 +241,12 @@ def print_train_summary(
             f": {change.evidence}"
         )
     if result.val_metrics:
-        say("  " + ", ".join(f"{key} {value:.4f}" for key, value in result.val_metrics.items()))
+        # An interrupted or stopped run says which step its last evaluation was at.
+        val_step = getattr(result, "val_step", None)
+        at = f" (at step {val_step})" if val_step is not None and val_step != result.steps else ""
+        say(
+            "  " + ", ".join(f"{key} {value:.4f}" for key, value in result.val_metrics.items()) + at
+        )
     if result.metrics_path:
         say(f"  metrics: {result.metrics_path}")
     if result.checkpoint_path:

@@ -89,6 +89,8 @@ class TrainResult:
             None when its length is in steps.
         final_loss: training loss of the last step (None when no step ran).
         val_metrics: the last evaluation (`val_loss`, `val_<metric>`), empty without val data.
+        val_step: the step of that evaluation (None without one): before `steps` when the run
+            was interrupted or stopped between evaluations.
         lr: the peak learning rate.
         lr_reason: how it was chosen, in words.
         warmup_steps: optimizer steps of warmup.
@@ -143,6 +145,7 @@ class TrainResult:
     batch_schedule: str = "constant"
     batch_changes: tuple[BatchChange, ...] = ()
     sample_budget: int | None = None
+    val_step: int | None = None
     model: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -351,6 +354,7 @@ def _after_step(
         run.val_metrics = evaluate(
             run.model, run.task, device=run.device, batch_size=run.micro_batch
         )
+        run.val_step = step
         line.update(run.val_metrics)
         hooks.on_evaluation(step, dict(run.val_metrics))
         bar.restart_clock()
@@ -377,25 +381,27 @@ def _finish(run: Run, hooks: CallbackList, metrics: MetricsLog | None) -> None:
             run.val_metrics = evaluate(
                 swa_model.module, run.task, device=run.device, batch_size=run.micro_batch
             )
+            run.val_step = run.step
             if metrics is not None:
                 metrics.append({"step": run.step, "swa": True, **run.val_metrics})
     if run.saved_at != run.step:
         save_run(run, hooks.state_dicts())
 
 
-def _last_evaluation(path: Any) -> dict[str, float]:
-    """The `val_*` values of the last evaluation logged in a metrics file (empty if none)."""
+def _last_evaluation(path: Any) -> tuple[dict[str, float], int | None]:
+    """The `val_*` values of the last evaluation logged in a metrics file and its step
+    (empty and None if none)."""
     from pathlib import Path
 
     from batchfit.training.metrics import read_metrics
 
     if not Path(path).exists():
-        return {}
+        return {}, None
     for record in reversed(read_metrics(path)):
         values = {k: v for k, v in record.items() if k.startswith("val_") and v is not None}
         if values:
-            return values
-    return {}
+            return values, record.get("step")
+    return {}, None
 
 
 def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) -> TrainResult:
@@ -417,9 +423,9 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
         else:
             noise_reason = "no callback logged it (pass batchfit.noise.callback.NoiseScaleCallback)"
     stopped_early = not run.finished
-    val_metrics = run.val_metrics
+    val_metrics, val_step = run.val_metrics, run.val_step
     if not val_metrics and not run.session_samples and run.metrics_path is not None:
-        val_metrics = _last_evaluation(run.metrics_path)  # a finished run resumed: its last
+        val_metrics, val_step = _last_evaluation(run.metrics_path)  # a finished run resumed
     return TrainResult(
         steps=run.step,
         total_steps=setup.total_steps
@@ -429,6 +435,7 @@ def _result(run: Run, hooks: CallbackList, seconds: float, interrupted: bool) ->
         samples_seen=run.samples_seen,
         final_loss=run.last_loss,
         val_metrics=val_metrics,
+        val_step=val_step if val_metrics else None,
         lr=setup.lr,
         lr_reason=setup.lr_reason,
         warmup_steps=setup.warmup_steps,

@@ -84,6 +84,7 @@ class Run:
     saved_at: int | None = None  # the step of the last checkpoint written or loaded
     last_loss: float | None = None
     val_metrics: dict[str, float] = field(default_factory=dict)
+    val_step: int | None = None  # the step val_metrics were measured at
     session_samples: int = 0  # samples trained on in this session
     step_seconds: float = 0.0  # seconds spent in this session's optimizer steps
     noise_scale: float | None = None  # the last noise scale a callback logged
