@@ -357,3 +357,18 @@ def test_no_noise_scale_with_the_noise_batch_schedule_is_refused(tmp_path, capsy
     assert err.startswith("batchfit: error: --no-noise-scale") and len(err.splitlines()) == 1
     assert "drop --no-noise-scale, or give another --batch-schedule" in err
     assert not run.exists()
+
+
+def test_force_leaves_the_files_of_a_run_still_training_in_the_folder(tmp_path, capsys):
+    from batchfit.files import folder_lock
+
+    run = tmp_path / "run"
+    assert main(["train", *FAST, "--out", str(run)]) == 0
+    lines = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    with folder_lock(run, what="a training run"):  # a run still writing there
+        assert main(["train", *FAST, "--out", str(run), "--force"]) == 2
+    assert "is in use: another process is writing a training run" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == lines and (run / "checkpoint.pt").is_file()
+    # Once the folder is free, --force overwrites as before.
+    assert main(["train", *FAST, "--out", str(run), "--force"]) == 0

@@ -96,8 +96,13 @@ def train(args: argparse.Namespace) -> int:
         )
     device = args.device if args.device is not None else "auto"
     if args.force and check_folder and not args.resume:
+        from batchfit.files import folder_lock
+
         check_train_config(task, config, world_size=world_size, device=device)
-        remove_files(out, (CHECKPOINT_NAME, METRICS_NAME, DIAGNOSIS_NAME))
+        # Under the folder's lock: a run still training there refuses this one before its
+        # files are deleted (the training takes the lock again, after).
+        with folder_lock(out, what="a training run"):
+            remove_files(out, (CHECKPOINT_NAME, METRICS_NAME, DIAGNOSIS_NAME))
     if launching:
         check_train_config(task, config, world_size=world_size, device=device)
         argv = relaunch_argv(args.argv, out if args.out is None else None)
