@@ -53,3 +53,33 @@ def test_search_under_a_budget_on_cuda_fits_the_budget():
     assert result.batch_size >= 1
     measured = measure_step_memory(make_mlp_task(samples=4096), result.batch_size, device="cuda")
     assert measured.peak_bytes <= 64 * 2**20
+
+
+def test_a_resumed_run_with_dropout_on_cuda_equals_an_uninterrupted_one(tmp_path):
+    # Dropout on the GPU draws from the device's generator, which the checkpoint must keep.
+    from dataclasses import replace
+
+    from torch import nn
+
+    from batchfit.training.callbacks import StopTraining
+    from batchfit.training.config import TrainConfig
+    from batchfit.training.loop import train
+
+    def task():
+        return make_mlp_task(
+            model=lambda: nn.Sequential(nn.Linear(8, 64), nn.Dropout(0.5), nn.Linear(64, 3))
+        )
+
+    class StopAtThree:
+        def on_step_end(self, record, model):
+            if record.step == 3:
+                raise StopTraining("three steps")
+
+    config = dict(global_batch=64, micro_batch=32, steps=6, checkpoint_every=0)
+    full = train(task(), TrainConfig(out_dir=str(tmp_path / "full"), **config), device="cuda")
+    cut = TrainConfig(out_dir=str(tmp_path / "cut"), **config)
+    assert train(task(), cut, device="cuda", callbacks=[StopAtThree()]).steps == 3
+    resumed = train(task(), replace(cut, resume=True), device="cuda")
+    assert resumed.steps == 6
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -94,3 +94,24 @@ def test_content_digest_sees_dtype_shape_and_keys():
     assert base != content_digest({"w": torch.zeros(4, dtype=torch.float64)})
     assert base != content_digest({"w": torch.zeros(2, 2)})
     assert base != content_digest({"v": torch.zeros(4)})
+
+
+def test_the_generators_saved_and_restored_include_a_cuda_devices_own(monkeypatch):
+    # Dropout on a GPU draws from the device's generator: a checkpoint of a CUDA run keeps it
+    # beside the CPU's, so that a resumed run draws what an uninterrupted one would.
+    import torch
+
+    from batchfit.training.setup import generator_states, restore_generators
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7, 7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append((s, device)))
+    cpu, cuda = generator_states(torch.device("cuda", 1))
+    assert torch.equal(cpu, torch.get_rng_state()) and torch.equal(cuda, torch.tensor([7, 7]))
+    assert generator_states(torch.device("cpu"))[1] is None
+    checkpoint = {"rng": [cpu, cpu], "cuda_rng": [torch.tensor([1]), torch.tensor([2])]}
+    restore_generators(checkpoint, 1, torch.device("cuda", 1))
+    assert [(s.tolist(), d) for s, d in calls] == [([2], torch.device("cuda", 1))]
+    restore_generators(checkpoint, 0, torch.device("cpu"))  # a CPU run leaves CUDA alone
+    restore_generators({"rng": [cpu]}, 0, torch.device("cuda", 0))  # an older checkpoint
+    assert len(calls) == 1

@@ -257,8 +257,6 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
             `config.drop_unreadable_metrics` is off); under DDP, ranks that read checkpoints of
             different steps (or some none).
     """
-    import torch
-
     from batchfit.training.backoff import BackoffEvent
     from batchfit.training.distributed import gather_objects
     from batchfit.training.metrics import truncate_metrics
@@ -309,8 +307,7 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
                 config.allow_uneven,
                 split=splits_steps(run.batch_schedule),
             )
-    rng = checkpoint["rng"]
-    torch.set_rng_state(rng[context.rank] if context.rank < len(rng) else rng[0])
+    restore_generators(checkpoint, context.rank, run.device)
     if run.main and run.metrics_path is not None:
         truncate_metrics(run.metrics_path, run.step, drop_unreadable=config.drop_unreadable_metrics)
     logger.info("resumed from %s at step %d", run.checkpoint_path, run.step)
@@ -318,12 +315,10 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
 
 def save_run(run: Run, callback_states: list[Any]) -> None:
     """Write the run's checkpoint at its current step (rank 0; every rank must call it)."""
-    import torch
-
     from batchfit.training.checkpoint import save_checkpoint
     from batchfit.training.distributed import gather_objects
 
-    rng_states = gather_objects(torch.get_rng_state())  # a collective: every rank joins
+    rng_states = gather_objects(generator_states(run.device))  # a collective: every rank joins
     if run.main and run.checkpoint_path is not None:
         state = {
             "fingerprint": run.fingerprint,
@@ -335,10 +330,12 @@ def save_run(run: Run, callback_states: list[Any]) -> None:
             "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
-            "rng": rng_states,
+            "rng": [cpu for cpu, _ in rng_states],
             "backoffs": [event.to_dict() for event in run.backoffs],
             "callbacks": callback_states,
         }
+        if any(cuda is not None for _, cuda in rng_states):
+            state["cuda_rng"] = [cuda for _, cuda in rng_states]
         if run.config.batch_schedule != "constant":
             state["batch_schedule"] = {
                 "state": run.batch_schedule.state_dict(),
@@ -355,6 +352,29 @@ def save_run(run: Run, callback_states: list[Any]) -> None:
     # process (train, then train(resume=True)) would otherwise read the one before it.
     gather_objects(run.step)
     run.saved_at = run.step
+
+
+def generator_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's torch generator states for a checkpoint: the CPU's, and on CUDA the
+    device's own (dropout on a GPU draws from it), else None."""
+    import torch
+
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def restore_generators(checkpoint: dict[str, Any], rank: int, device: torch.device) -> None:
+    """Put this rank's generators back as `save_run` saved them (rank 0's where the checkpoint
+    has fewer ranks); the CUDA device's where the checkpoint has it and the run is on CUDA."""
+    import torch
+
+    def own(states: list[Any]) -> Any:
+        return states[rank] if rank < len(states) else states[0]
+
+    torch.set_rng_state(own(checkpoint["rng"]))
+    cuda = checkpoint.get("cuda_rng")
+    if cuda and device.type == "cuda" and own(cuda) is not None:
+        torch.cuda.set_rng_state(own(cuda), device)
 
 
 def _schedule(task: Task, config: TrainConfig, setup: TrainSetup) -> ScheduleConfig:
