@@ -42,3 +42,18 @@ def test_truncate_names_unreadable_lines_and_leaves_the_file(tmp_path):
     assert path.read_text() == text
     assert truncate_metrics(path, 3, drop_unreadable=True) == 2
     assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+
+
+def test_truncate_warns_of_steps_before_the_checkpoint_without_a_line(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 4}\n')
+    with caplog.at_level("WARNING", logger="batchfit.training.metrics"):
+        assert truncate_metrics(path, 5) == 3
+        assert truncate_metrics(tmp_path / "deleted.jsonl", 2) == 0
+        assert truncate_metrics(path, 2) == 2  # every step up to 2 has its line
+    assert [record.getMessage().split(" has no line for ")[1] for record in caplog.records] == [
+        "2 of the checkpoint's 5 steps (step 3, 5): the run resumes from the checkpoint, and "
+        "the file will lack them.",
+        "2 of the checkpoint's 2 steps (step 1, 2): the run resumes from the checkpoint, and "
+        "the file will lack them.",
+    ]

@@ -89,6 +89,8 @@ def truncate_metrics(path: str | os.PathLike, step: int, *, drop_unreadable: boo
     A last line without its newline (an append cut short by a crash) is dropped. Any other
     line that is not a JSON object with an integer `step` is unreadable: the file is left as
     it is and `CheckpointError` names the lines, unless `drop_unreadable` drops them too.
+    Steps up to `step` that have no line (a deleted file, lines lost in a crash) are named in
+    a warning: they cannot be written again.
 
     Returns:
         The number of records kept (0 when the file does not exist).
@@ -99,6 +101,7 @@ def truncate_metrics(path: str | os.PathLike, step: int, *, drop_unreadable: boo
 
     path = Path(path)
     if not path.exists():
+        _warn_missing(path, step, set())
         return 0
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")
@@ -123,7 +126,25 @@ def truncate_metrics(path: str | os.PathLike, step: int, *, drop_unreadable: boo
     if unreadable:
         logger.warning("%s: dropping %d unreadable line(s)", path, len(unreadable))
     write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+    _warn_missing(path, step, {record["step"] for record in kept})
     return len(kept)
+
+
+def _warn_missing(path: Path, step: int, logged: set[int]) -> None:
+    """Say which of steps 1..`step` (the checkpoint's) have no line: a resumed run cannot
+    write them again, so its file (and a diagnosis of it) will lack them."""
+    missing = [number for number in range(1, step + 1) if number not in logged]
+    if not missing:
+        return
+    shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+    logger.warning(
+        "%s has no line for %d of the checkpoint's %d steps (step %s): the run resumes from "
+        "the checkpoint, and the file will lack them.",
+        path,
+        len(missing),
+        step,
+        shown,
+    )
 
 
 def _parse(line: str) -> dict[str, Any] | None:
