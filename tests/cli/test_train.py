@@ -372,3 +372,17 @@ def test_force_leaves_the_files_of_a_run_still_training_in_the_folder(tmp_path, 
     assert (run / "metrics.jsonl").read_text() == lines and (run / "checkpoint.pt").is_file()
     # Once the folder is free, --force overwrites as before.
     assert main(["train", *FAST, "--out", str(run), "--force"]) == 0
+
+
+def test_force_under_torchrun_over_a_run_says_it_does_not_overwrite(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *FAST, "--out", str(run)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", *FAST, "--out", str(run), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"batchfit: error: --force does not overwrite {run} under torchrun")
+    assert "`batchfit train --nproc N ... --force`" in err
+    assert (run / "metrics.jsonl").is_file()

@@ -51,6 +51,8 @@ def train(args: argparse.Namespace) -> int:
         check_output_folder(
             out, "--out", force=args.force, keep=bool(args.resume), also=", --resume to continue it"
         )
+    elif out is not None and args.force and not args.resume:
+        _refuse_force_under_torchrun(out)
     plan = load_plan(args.plan) if args.plan else None
     task = load_task_from_args(args) if plan is None else _task_for_plan(args, plan)
     if plan is not None:
@@ -250,6 +252,27 @@ def _check_train_inputs(args: argparse.Namespace) -> None:
         raise ConfigError(
             "Missing a task (path/to/file.py:function, or --example NAME); give it (or --plan "
             "PLAN_JSON from `batchfit plan`)."
+        )
+
+
+def _refuse_force_under_torchrun(out: str) -> None:
+    """Under torchrun no rank deletes the run folder's files (one rank could delete what
+    another has begun): --force over a folder that holds a run says so instead of leaving the
+    ranks to refuse the folder as if --force had not been given."""
+    from batchfit.monitor.live import DIAGNOSIS_NAME
+    from batchfit.training.checkpoint import CHECKPOINT_NAME
+    from batchfit.training.metrics import METRICS_NAME
+
+    held = [
+        name
+        for name in (CHECKPOINT_NAME, METRICS_NAME, DIAGNOSIS_NAME)
+        if (Path(out) / name).exists()
+    ]
+    if held:
+        raise ConfigError(
+            f"--force does not overwrite {out} under torchrun (it holds {', '.join(held)}); "
+            f"start with `batchfit train --nproc N ... --force`, which clears the folder once "
+            "before the ranks start, or delete those files, or give another --out."
         )
 
 
