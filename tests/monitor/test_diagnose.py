@@ -388,8 +388,9 @@ def test_a_run_diverging_in_its_warmup_is_not_told_its_peak_rate_or_warmup_lengt
         ([0.25, 0.5, 0.75] + [1.0] * 7, 1, 4),  # t / W from the first update (Lightning)
         ([0.1, 0.2, 0.3, 0.4] + [0.4] * 6, 10, 40),  # logged every 10 of a 40-step warmup (HF)
         ([0.1 + 0.09 * t for t in range(10)] + [1.0] * 4, 1, 10),  # from a start factor of 0.1
+        ([0.06 + 0.94 * t / 11 for t in range(11)] + [1.0] * 4, 1, 11),  # 0.06: not after a step
     ],
-    ids=["from-zero", "after-the-step", "sparse", "start-factor"],
+    ids=["from-zero", "after-the-step", "sparse", "start-factor", "small-start-factor"],
 )
 def test_a_warmup_reads_the_same_length_from_every_tool(rates, every, warmup):
     # Lightning's callback and the Trainer log t / W from the first update: a 4-step warmup read

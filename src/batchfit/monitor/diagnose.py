@@ -72,13 +72,13 @@ def _settings(
 
 
 def _warmup_steps(steps: tuple[int, ...], values: tuple[float, ...], peak_index: int) -> int:
-    """Steps of a warmup that peaked at `peak_index`: from where its rate was zero.
+    """Steps of a warmup that peaked at `peak_index`.
 
-    A warmup logged from zero (batchfit's schedule: rate 0 at its first step) counts from its
-    first step; one whose first logged rate is already a step up its ramp (Lightning's and the
-    Hugging Face Trainer's t / W from the first update) counts from the zero its first two points
-    extrapolate to, when that lies within one logging interval before the first step. So a
-    warmup of 4 reads 4 from every tool, not 3 from those that log after the step.
+    batchfit's schedule logs its first step's rate (0, or the reference rate it warms up from)
+    and counts from there; Lightning's callback and the Hugging Face Trainer log t / W after
+    the first update, a ramp whose first two points extrapolate to zero one logging interval
+    before the first: that one counts from there. So a warmup of 4 reads 4 from every tool,
+    not 3 from those that log after the step.
     """
     if not peak_index:
         return 0
@@ -87,8 +87,8 @@ def _warmup_steps(steps: tuple[int, ...], values: tuple[float, ...], peak_index:
     if values[0] > 0 and rise > 0:
         interval = steps[1] - steps[0]
         zero_at = first - values[0] / rise * interval
-        if first - interval - 1e-9 <= zero_at:
-            return round(peak - zero_at)
+        if abs(zero_at - (first - interval)) <= 0.02 * interval:  # logged to ~7 digits
+            return int(peak - (first - interval))
     return int(peak - first)
 
 
