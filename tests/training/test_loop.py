@@ -416,6 +416,19 @@ def test_swa_averages_and_updates_batchnorm_statistics(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl")[-1].get("swa") is True
 
 
+def test_under_swa_the_rate_decays_to_the_swa_rate_and_holds_it(tmp_path):
+    # The cosine ended at 0 where averaging starts, and SWALR then jumped the rate from 0 back
+    # to half the peak: the last steps before averaging trained at almost nothing.
+    config = TrainConfig(global_batch=32, micro_batch=32, steps=20, swa=True, out_dir=str(tmp_path))
+    result = train(make_mlp_task(), config, device="cpu")
+    rates = [record["lr"] for record in read_metrics(tmp_path / "metrics.jsonl") if "lr" in record]
+    peak = max(rates)
+    assert len(rates) == 20 and min(rates) == pytest.approx(peak / 2, rel=1e-6)
+    assert rates[-5:] == pytest.approx([peak / 2] * 5)  # averaging at the SWA rate
+    assert rates == sorted(rates, reverse=True)  # no jump back up
+    assert "cosine decay to 0.5x" in result.schedule
+
+
 @pytest.mark.parametrize("name", ["lars", "lamb", "adamw"])
 def test_named_optimizers_train_and_checkpoint(name, tmp_path):
     result = train(

@@ -231,7 +231,7 @@ def set_up_run(
 
         run.swa_model = AveragedModel(model)
         anneal = max(1, int(SWA_ANNEAL_FRACTION * (setup.total_steps - setup.swa_start_step)))
-        swa_lr = config.swa_lr if config.swa_lr is not None else SWA_LR_FACTOR * setup.lr
+        swa_lr = swa_rate(config, setup)
         run.swa_scheduler = SWALR(optimizer, swa_lr=swa_lr, anneal_epochs=anneal)
     run.eval_every = config.eval_every
     by_samples = setup.sample_budget is not None
@@ -377,15 +377,24 @@ def restore_generators(checkpoint: dict[str, Any], rank: int, device: torch.devi
         torch.cuda.set_rng_state(own(cuda), device)
 
 
+def swa_rate(config: TrainConfig, setup: TrainSetup) -> float:
+    """SWALR's rate: `config.swa_lr`, or SWA_LR_FACTOR x the peak rate."""
+    return config.swa_lr if config.swa_lr is not None else SWA_LR_FACTOR * setup.lr
+
+
 def _schedule(task: Task, config: TrainConfig, setup: TrainSetup) -> ScheduleConfig:
     from batchfit.lr.schedules import ScheduleConfig, default_step_every
 
+    # Under SWA a decay ends at the SWA rate, which averaging then holds (Izmailov et al.
+    # 2018): decayed to 0, the rate jumped from 0 back up to half the peak at the SWA start.
+    floor = min(1.0, swa_rate(config, setup) / setup.lr) if config.swa else 0.0
     return ScheduleConfig(
         total_steps=setup.schedule_steps,
         warmup_steps=setup.warmup_steps,
         # Goyal et al. 2017 warm up from the reference rate, not from zero.
         warmup_start_factor=min(1.0, task.lr / setup.lr) if setup.warmup_steps else 0.0,
         decay=config.decay,
+        min_lr_factor=floor,
         **(
             {"step_every": default_step_every(setup.schedule_steps)}
             if config.decay == "step"
