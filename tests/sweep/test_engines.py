@@ -230,6 +230,44 @@ def _loss(model, batch):
 
 
 @pytest.mark.integration
+def test_ctrl_c_stops_the_sweep_with_one_line_not_one_per_worker(tmp_path):
+    # Ctrl-C reaches every process of the terminal's group: a training worker printed "signal 2:
+    # stopping after this step", an idle one a KeyboardInterrupt traceback ("Process
+    # SpawnProcess-1: ..."), before the sweep killed them.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "slow_task.py"
+    path.write_text(TASK_FILE.replace("\ndef task():", SLOW_LOSS + "\n\ndef task():"))
+    steps = tmp_path / "steps-at-64"
+    command = [sys.executable, "-m", "batchfit", "sweep", f"{path}:task", "--target",
+               "train_loss<=0.9", "--batch-sizes", "32,64", "--seeds", "1", "--widen", "0",
+               "--workers", "2", "--no-noise-scale", "--out", str(tmp_path / "sweep")]  # fmt: skip
+    environment = {**os.environ, "SWEEP_TEST_STEPS": str(steps), "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen(
+        command, env=environment, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not steps.exists() and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.05)
+        assert steps.exists(), "no trial at batch 64 started"
+        time.sleep(0.5)  # the trial at 64 trains; the other worker waits for work
+        os.killpg(sweep.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        _, stderr = sweep.communicate(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 130
+    # neither a training worker's stop line nor an idle worker's KeyboardInterrupt traceback
+    assert "stopping after this step" not in stderr and "Process SpawnProcess" not in stderr
+    assert stderr.count("interrupted") == 1
+
+
+@pytest.mark.integration
 def test_sigterm_to_the_sweep_ends_its_worker_processes_and_keeps_finished_trials(
     tmp_path, monkeypatch
 ):

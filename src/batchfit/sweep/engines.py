@@ -75,13 +75,19 @@ def _load_source(source: str) -> Task:
 
 
 _FORKED: list[Task] = []
-"""In a forked worker process only: the Task it inherited from `_keep_forked_task`."""
+"""In a forked worker process only: the Task it inherited from `_start_worker`."""
 
 
-def _keep_forked_task(task: Task) -> None:
-    # The pool's initializer: under "fork" its arguments are inherited, never pickled, so a Task
-    # holding lambdas or local functions (which pickle cannot send) reaches the worker.
-    _FORKED[:] = [task]
+def _start_worker(task: Task | None = None) -> None:
+    """The pool's initializer. Ctrl-C reaches every process of the terminal's group: the sweep
+    stops (and kills) its workers itself, so they ignore it (each printed its own "stopping
+    after this step"). Under "fork" the arguments are inherited, never pickled, so a Task
+    holding lambdas or local functions (which pickle cannot send) reaches the worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if task is not None:
+        _FORKED[:] = [task]
 
 
 def _resolve(source: str | Task | None) -> Task:
@@ -158,12 +164,13 @@ def _run_in_processes(source, specs, target, tolerance, workers) -> Iterator[Tri
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     options: dict[str, Any] = {"max_workers": min(workers, len(specs))}
+    options["initializer"] = _start_worker
     if isinstance(source, str):
         options["mp_context"] = multiprocessing.get_context("spawn")
     else:
         # Each call's arguments are pickled even under fork: hand the Task over once, by fork.
         options["mp_context"] = multiprocessing.get_context("fork")
-        options |= {"initializer": _keep_forked_task, "initargs": (source,)}
+        options["initargs"] = (source,)
         source = None
     others = set(multiprocessing.active_children())
     with ProcessPoolExecutor(**options) as pool:

@@ -29,15 +29,20 @@ def stop_on_signals(*, checkpoint: bool = True) -> Iterator[dict[str, bool]]:
 
     Yields a dict whose "stop" turns True on the signal. A second signal acts as usual (Ctrl-C
     raises KeyboardInterrupt). Outside the main thread signals cannot be caught, so nothing is
-    installed there. The previous handlers are put back on exit. `checkpoint` says whether the
-    stop saves one (a run without a folder, such as a sweep's trial, does not), for the line
-    logged on the signal.
+    installed there; a signal the process ignores stays ignored. The previous handlers are put
+    back on exit. `checkpoint` says whether the stop saves one (a run without a folder, such as
+    a sweep's trial, does not), for the line logged on the signal.
     """
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A signal the process ignores (a background job's SIGINT, a sweep worker's) stays ignored.
+    previous = {
+        sig: signal.getsignal(sig)
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
 
     def request_stop(signum, frame):
         flag["stop"] = True
