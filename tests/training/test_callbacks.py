@@ -156,3 +156,19 @@ def test_a_run_stopped_between_evaluations_says_the_step_of_its_last_one(tmp_pat
     assert finished.steps == finished.val_step == 8
     print_train_summary(Console(width=200), "mlp", finished)
     assert "(at step" not in capsys.readouterr().out
+
+
+def test_a_global_batch_larger_than_the_training_set_is_warned_of_once(caplog):
+    task = make_mlp_task()  # 256 samples
+    with caplog.at_level("WARNING", logger="batchfit.training.setup"):
+        train(task, TrainConfig(global_batch=512, micro_batch=64, steps=2), device="cpu")
+    warnings = [
+        r.getMessage() for r in caplog.records if "larger than the training set" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert "global batch (512)" in warnings[0] and "2.00 passes" in warnings[0]
+    assert "lower --global-batch to 256 or less" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="batchfit.training.setup"):
+        train(task, TrainConfig(global_batch=256, micro_batch=64, steps=1), device="cpu")
+    assert "larger than the training set" not in caplog.text

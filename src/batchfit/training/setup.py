@@ -182,6 +182,8 @@ def set_up_run(
     plan = plan_accumulation(
         first_batch, micro_batch, context.world_size, allow_uneven=config.allow_uneven
     )
+    if context.is_main:
+        _warn_repeats(first_batch, len(task.train_data))
     loss_fn = loss_function(task, config.label_smoothing)
     run_dir = Path(config.out_dir) if config.out_dir is not None else None
     checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
@@ -401,6 +403,21 @@ def _schedule(task: Task, config: TrainConfig, setup: TrainSetup) -> ScheduleCon
             else {}
         ),
     )
+
+
+def _warn_repeats(global_batch: int, dataset_size: int) -> None:
+    """Say so when a global batch is larger than the training set: each step then reads
+    past the end of one epoch's order into the next, and repeats samples inside the step."""
+    if global_batch > dataset_size:
+        logger.warning(
+            "the global batch (%d) is larger than the training set (%d samples): each step "
+            "reads %.2f passes over the data, so samples repeat inside a step (and the noise "
+            "scale is not logged); lower --global-batch to %d or less, or add data.",
+            global_batch,
+            dataset_size,
+            global_batch / dataset_size,
+            dataset_size,
+        )
 
 
 def _starts_afresh(checkpoint_path: Path | None, metrics_path: Path | None) -> bool:
