@@ -386,3 +386,11 @@ def test_force_under_torchrun_over_a_run_says_it_does_not_overwrite(tmp_path, mo
     assert err.startswith(f"batchfit: error: --force does not overwrite {run} under torchrun")
     assert "`batchfit train --nproc N ... --force`" in err
     assert (run / "metrics.jsonl").is_file()
+
+
+def test_the_defaults_line_of_a_noise_schedule_says_the_micro_batch_it_starts_at(tmp_path, capsys):
+    argv = ["train", "--example", "digits", "--global-batch", "32", "--steps", "2"]
+    assert main([*argv, "--batch-schedule", "noise", "--out", str(tmp_path / "n")]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 32 = 2 micro-batches of 16" in out
+    assert "defaults: micro-batch up to 32, each process's whole share, and 16 to start" in out

@@ -292,6 +292,19 @@ def _default_batches(args: argparse.Namespace, task, world_size: int) -> tuple[d
         said.append(
             f"micro-batch {micro}, each process's whole share (--micro-batch to accumulate)"
         )
+        if (args.batch_schedule or "").startswith("noise"):
+            from batchfit.training.batch_growth import fit_micro_batch
+
+            # The schedule measures the noise scale from two micro-batches or more per step.
+            start = fit_micro_batch(
+                global_batch, world_size, micro, bool(args.allow_uneven), split=True
+            )
+            if start < micro:
+                said[-1] = (
+                    f"micro-batch up to {micro}, each process's whole share, and {start} to "
+                    "start: the noise schedule cuts every step into 2 micro-batches or more to "
+                    "measure the noise scale (--micro-batch to set the limit)"
+                )
     return settings, ("; ".join(said) if said else None)
 
 
