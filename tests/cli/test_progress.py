@@ -49,3 +49,24 @@ def test_a_phase_named_as_the_bar_is_not_said_twice(capsys, monkeypatch):
         "batchfit: range test 24/40",
         "batchfit: range test 1/5 measure",
     ]
+
+
+def test_train_progress_lines_name_their_unit_once(capsys, monkeypatch, tmp_path):
+    from batchfit.cli.main import main
+
+    monkeypatch.setattr("batchfit.cli.progress.PLAIN_INTERVAL_S", 0.0)
+    argv = ["train", "--example", "digits", "--global-batch", "256", "--micro-batch", "256"]
+    assert main([*argv, "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 1)[1] for line in err] == [
+        "batchfit: train 1/2 steps",
+        "batchfit: train 2/2 steps",
+    ]
+    # Under a sample budget (a growing schedule run for epochs) the count is of samples.
+    grow = [*argv, "--epochs", "0.2", "--batch-schedule", "seesaw", "--out", str(tmp_path / "b")]
+    assert main(grow) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 1)[1] for line in err] == [
+        "batchfit: train 256/288 samples",
+        "batchfit: train 288/288 samples",
+    ]

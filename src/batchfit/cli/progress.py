@@ -62,9 +62,10 @@ class PlainLines:
 class StepBar:
     """One progress bar on stderr ("label [bar] done/total elapsed note") that appears at the
     first update, so that bad input fails before it (one clean line), and is gone when the
-    work is done. Off a terminal: plain lines (`PlainLines`)."""
+    work is done. Off a terminal: plain lines (`PlainLines`). `unit` names what is counted
+    ("steps", "samples"), after the count."""
 
-    def __init__(self, label: str, *, disable: bool = False) -> None:
+    def __init__(self, label: str, *, disable: bool = False, unit: str = "") -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -75,6 +76,7 @@ class StepBar:
 
         console = stderr_console()
         self.label = label
+        self.unit = unit
         self.disable = disable
         self.plain = None if console.is_terminal else PlainLines()
         columns = (TextColumn(label, markup=False), BarColumn(), MofNCompleteColumn())
@@ -87,6 +89,7 @@ class StepBar:
     def update(self, done: int, total: int | None, note: str = "") -> None:
         if self.disable:
             return
+        note = " ".join(part for part in (self.unit, note) if part)
         if self.plain is not None:
             self.plain(self.label, done, total, note)
             return

@@ -127,7 +127,9 @@ def train(args: argparse.Namespace) -> int:
         can_smooth=task.loss_with_smoothing is not None,
     )
     # On a terminal the loop draws its own bar (with the recent samples/s); elsewhere plain lines.
-    progress = context.is_main and (stderr_console().is_terminal or StepBar("train"))
+    progress = context.is_main and (
+        stderr_console().is_terminal or StepBar("train", unit=_progress_unit(task, config))
+    )
     callbacks = [noise, live] if noise else [live]
     if args.tensorboard and context.is_main:
         from batchfit.training.tensorboard import TensorBoardCallback
@@ -199,6 +201,13 @@ def train(args: argparse.Namespace) -> int:
     if report_problem is not None:
         console.print(f"  report: {report_problem}", highlight=False, markup=False)
     return code
+
+
+def _progress_unit(task, config) -> str:
+    """What the progress lines count: steps, or samples under a sample budget."""
+    from batchfit.training.config import resolve_setup
+
+    return "steps" if resolve_setup(task, config).sample_budget is None else "samples"
 
 
 def _rewrite_plan_report(plan_path: str, run_dir: str) -> tuple[Path | None, str | None]:
