@@ -158,9 +158,13 @@ def train(args: argparse.Namespace) -> int:
         _rewrite_plan_report(args.plan, out) if args.plan and out else (None, None)
     )
     recent = noise_scale_at_end(live.history()) if result.noise_scale_logged else None
+    # Why the noise scale was not logged: null when it was, as the result's noise_scale_reason.
+    why_not = None
+    if not result.noise_scale_logged:
+        why_not = result.noise_scale_reason if logged else reason
     noise_summary = {
         "logged": result.noise_scale_logged,
-        "reason": result.noise_scale_reason if logged and not result.noise_scale_logged else reason,
+        "reason": why_not,
         "value": recent,
         "advice": (
             noise_scale_advice(recent, result.global_batch, dataset_size=len(task.train_data))
