@@ -48,6 +48,19 @@ def test_resuming_a_finished_run_says_so_with_its_last_evaluation(tmp_path, caps
     assert "0 samples/s" not in again
 
 
+def test_resuming_a_finished_run_at_another_micro_batch_shows_the_split_it_trained_with(
+    tmp_path, capsys
+):
+    run = str(tmp_path / "run")
+    assert main(["train", *FAST, "--out", run]) == 0  # 64 = 2 micro-batches of 32
+    capsys.readouterr()
+    other = [arg if arg != "32" else "16" for arg in FAST]
+    assert main(["train", *other, "--resume", run]) == 0
+    again = capsys.readouterr().out
+    assert again.startswith("Already complete")
+    assert "global batch 64 = 2 micro-batches of 32" in again
+
+
 def test_a_plan_for_more_devices_than_run_says_what_that_changes(tmp_path, capsys):
     from batchfit.plan.plan_file import Plan
 

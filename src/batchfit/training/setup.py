@@ -309,6 +309,10 @@ def resume_run(run: Run, checkpoint: dict[str, Any] | None) -> None:
                 config.allow_uneven,
                 split=splits_steps(run.batch_schedule),
             )
+    if run.finished and len(checkpoint.get("rng", ())) == context.world_size:
+        # Nothing is left to train: the summary shows the split the run trained with, not
+        # one asked for now (another --micro-batch) that never ran.
+        run.micro_batch = int(checkpoint["micro_batch"])
     restore_generators(checkpoint, context.rank, run.device)
     if run.main and run.metrics_path is not None:
         truncate_metrics(run.metrics_path, run.step, drop_unreadable=config.drop_unreadable_metrics)
