@@ -91,7 +91,7 @@ def memory(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    print_memory(stdout_console(), task.name, result, len(task.train_data))
+    print_memory(stdout_console(), task.name, result)
     return 0
 
 

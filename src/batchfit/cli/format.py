@@ -90,11 +90,9 @@ def rounding_words(exact: int, rounded: int, round_to: int | str | None) -> str:
     return ""
 
 
-def print_memory(
-    console: Console, task_name: str, result: Any, train_samples: int | None = None
-) -> None:
-    """The trials of a memory search, the memory model and the answer (a SearchResult), and
-    whether the answer is above the `train_samples` the task has."""
+def print_memory(console: Console, task_name: str, result: Any) -> None:
+    """The trials of a memory search, the memory model and the answer (a SearchResult), with
+    its notes (one says whether the answer is above the training set's samples)."""
     say = _plain(console)
     budget = format_bytes(result.budget_bytes)
     if result.trials:
@@ -143,11 +141,6 @@ def print_memory(
         answer += " (or more: the search stopped there)"
     answer += rounding_words(result.limit_batch_size, result.batch_size, result.round_to)
     say(answer, style="bold")
-    if train_samples is not None and result.limit_batch_size > train_samples:
-        say(
-            f"The training set has {train_samples:,} samples: all of them fit in one step "
-            f"(a batch above {train_samples:,} repeats samples)."
-        )
     say(f"Answer {result.basis}: {result.basis_reason}")
     if result.basis == "predicted" and result.attention == "math":
         say(

@@ -67,7 +67,7 @@ class TaskSearch(SearchState):
         self._fake_peaks: dict[int, int] = {}  # the same, from fake runs only
         self._formula: PeakFormula | None = None  # the exact formula, when the task has one
         self._formula_checked = False  # whether a count at a third batch size agreed
-        self._warned_repeat = False
+        self._trials_repeat = False  # whether a real trial was larger than the training set
         self._order: SampleOrder | None = None  # which samples a measured batch takes
 
     @property
@@ -200,7 +200,7 @@ class TaskSearch(SearchState):
         earlier = next((trial for trial in self.trials if trial.batch_size == batch_size), None)
         if earlier is not None:
             return earlier
-        self._note_repeats(batch_size)
+        self._trials_repeat = self._trials_repeat or batch_size > len(self.task.train_data)
         predicted = self._predicted.get(batch_size)
         self.report("trial")
         started = time.perf_counter()
@@ -251,17 +251,22 @@ class TaskSearch(SearchState):
             raise RuntimeError(f"internal: the search ran {_MAX_REAL_TRIALS} trials")
         return trial
 
-    def _note_repeats(self, batch_size: int) -> None:
+    def _repeats_note(self, limit: int) -> str | None:
+        """The one note on batches larger than the training set: the answer's, the trials'."""
         samples = len(self.task.train_data)
-        if batch_size > samples and not self._warned_repeat:
-            self._warned_repeat = True
-            note = (
-                f"the training data has {samples} samples; real trials above that repeat "
-                "samples (indices wrap around), which changes no memory: it depends on the "
-                "batch's shape, not its content."
+        memory = "which changes no memory: it depends on the batch's shape, not its content"
+        if limit > samples:
+            trials = f" (as the real trials above it did, {memory})" if self._trials_repeat else ""
+            return (
+                f"the training set has {samples:,} samples: all of them fit in one step, and a "
+                f"batch above {samples:,} repeats samples{trials}."
             )
-            logger.warning(note)
-            self.notes.append(note)
+        if self._trials_repeat:
+            return (
+                f"the training set has {samples:,} samples; the real trials above it repeated "
+                f"samples (indices wrap around), {memory}."
+            )
+        return None
 
     @staticmethod
     def _real_peak(trial: Trial) -> int:
@@ -275,10 +280,10 @@ class TaskSearch(SearchState):
 
     def run(self) -> tuple[int, bool]:
         limit, capped = self._run()
-        note = self.order.note(limit)
-        if note is not None:
-            logger.info(note)
-            self.notes.append(note)
+        for note in (self._repeats_note(limit), self.order.note(limit)):
+            if note is not None:
+                logger.info(note)
+                self.notes.append(note)
         return limit, capped
 
     def _run(self) -> tuple[int, bool]:
