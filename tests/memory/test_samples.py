@@ -87,6 +87,11 @@ def test_sorted_shortest_first_is_ranked_longest_first():
     note = order.note(16)
     assert "padded to their longest sample" in note and "16 longest of 120" in note
     assert "127" in note and "random" not in note
+    # a batch past the data set takes every sample and repeats some
+    note = order.note(526)
+    assert "sized with all 120 samples, repeated to fill a batch of 526" in note
+    assert "longest of" not in note
+    assert "sized with all 120 samples (the longest" in order.note(120)
 
 
 def test_long_outliers_anywhere_are_in_the_measured_batch():

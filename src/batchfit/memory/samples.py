@@ -100,14 +100,19 @@ class SampleOrder:
             >>> order = SampleOrder(10, True, tuple(range(9, -1, -1)), 10, (127,))
             >>> order.note(4).split(": ")[1]
             'memory was sized with the 4 longest of 10 samples (the longest 127 per tensor)'
+            >>> order.note(16).split(": ")[1].split(" (")[0]
+            'memory was sized with all 10 samples, repeated to fill a batch of 16'
         """
         if not self.varies:
             return None
         shape = "x".join(str(size) for size in self.longest_shape or ())
-        text = (
-            f"batches are padded to their longest sample: memory was sized with the "
-            f"{min(batch_size, self.total)} longest of {self.total} samples"
-            + (f" (the longest {shape} per tensor)" if shape else "")
+        sized = f"all {self.total} samples"
+        if batch_size < self.total:
+            sized = f"the {batch_size} longest of {self.total} samples"
+        elif batch_size > self.total:
+            sized += f", repeated to fill a batch of {batch_size}"
+        text = f"batches are padded to their longest sample: memory was sized with {sized}" + (
+            f" (the longest {shape} per tensor)" if shape else ""
         )
         if self.scanned < self.total:
             text += (
