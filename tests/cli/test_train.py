@@ -418,3 +418,12 @@ def test_a_noise_run_json_gives_no_reason_for_a_noise_scale_it_logged(tmp_path, 
     summary = json.loads(capsys.readouterr().out)
     assert summary["noise_scale"]["logged"] and summary["noise_scale"]["reason"] is None
     assert summary["noise_scale_reason"] is None
+
+
+def test_a_memory_budget_error_on_the_cpu_names_the_budget_not_cuda(tmp_path, capsys):
+    # the digits MLP's weights, gradients and Adam's state do not fit in 1400 KiB
+    argv = ["train", *FAST, "--memory-budget", "1400KiB", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "out of memory inside optimizer.step() twice (memory budget exceeded: tried" in err
+    assert "CUDA" not in err

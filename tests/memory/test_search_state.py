@@ -1,5 +1,6 @@
 """Tests for batchfit.memory.search_state: the errors and memory model shared by both searches."""
 
+import pytest
 import torch
 
 from batchfit.errors import DoesNotFitError
@@ -58,3 +59,14 @@ def test_error_line_is_the_first_line_or_the_type():
         "CUDA out of memory."
     )
     assert error_line(MemoryError()) == "MemoryError"
+
+
+def test_error_line_says_a_memory_budget_was_exceeded_not_cuda():
+    from batchfit.memory.counter import count_memory
+
+    with pytest.raises(torch.OutOfMemoryError) as caught, count_memory(budget_bytes=1024):
+        torch.zeros(4096)
+    assert str(caught.value).startswith("CUDA out of memory.")  # for code that matches it
+    line = error_line(caught.value)
+    assert line.startswith("memory budget exceeded: tried to allocate 16.00 KiB")
+    assert "CUDA" not in line and "1.00 KiB budget" in line

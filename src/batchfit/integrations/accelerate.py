@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 
 from batchfit import devices
 from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.memory.search_state import error_line
 from batchfit.memory.step import is_out_of_memory
 from batchfit.validation import check_whole_number
 
@@ -155,8 +156,8 @@ def find_executable_batch_size(
                 devices.release_memory(_accelerator_device())
                 if micro == 1:
                     raise DoesNotFitError(
-                        f"Even a micro-batch of 1 runs out of memory ({error}); try a smaller "
-                        "model, mixed precision or activation checkpointing."
+                        f"Even a micro-batch of 1 runs out of memory ({error_line(error)}); try "
+                        "a smaller model, mixed precision or activation checkpointing."
                     ) from error
                 smaller = max(size for size in range(1, micro // 2 + 1) if share % size == 0)
                 logger.warning(

@@ -37,6 +37,13 @@ ALLOCATION_GRANULARITY_BYTES = 512
 """The CUDA caching allocator rounds every block up to a multiple of 512 bytes."""
 
 
+# A memory budget's out-of-memory error starts as CUDA's allocator's (for code that matches
+# the message) and carries this mark; `batchfit.memory.search_state.error_line` shows users
+# the budget's own words instead.
+BUDGET_ERROR_PREFIX = "CUDA out of memory. "
+BUDGET_ERROR_MARK = "(batchfit's memory budget, enforced by counting tensor storage)"
+
+
 def storage_bytes(nbytes: int) -> int:
     """Bytes a storage of `nbytes` takes: rounded up to 512, as the CUDA caching allocator does.
 
@@ -187,9 +194,9 @@ class MemoryCounter:
             # message (Lightning's tuner, Accelerate's retry loop) sees the same error it
             # would see on a full GPU.
             raise torch.OutOfMemoryError(
-                f"CUDA out of memory. Tried to allocate {format_bytes(tried)} in {what}; "
+                f"{BUDGET_ERROR_PREFIX}Tried to allocate {format_bytes(tried)} in {what}; "
                 f"{format_bytes(self.live_bytes)} in use of a {format_bytes(budget)} budget "
-                "(batchfit's memory budget, enforced by counting tensor storage)."
+                f"{BUDGET_ERROR_MARK}."
             )
 
     def _stop(self) -> None:

@@ -8,6 +8,7 @@ does-not-fit errors with the budget.
 from __future__ import annotations
 
 from batchfit.errors import DoesNotFitError
+from batchfit.memory.counter import BUDGET_ERROR_MARK, BUDGET_ERROR_PREFIX
 from batchfit.memory.model import MemoryModel, fit_memory_model
 from batchfit.memory.result import Method, Trial
 from batchfit.progress import ProgressFn, report
@@ -15,9 +16,22 @@ from batchfit.units import format_bytes
 
 
 def error_line(error: BaseException) -> str:
-    """The first line of an error's message (at most 300 characters), for a trial record."""
+    """The first line of an error's message (at most 300 characters), as a user reads it.
+
+    A memory budget's out-of-memory error is worded as CUDA's allocator words it, for code that
+    matches the message (`batchfit.memory.counter`); a user reads that the budget was exceeded.
+
+    Example:
+        >>> budget = RuntimeError(f"CUDA out of memory. Tried to allocate 2K {BUDGET_ERROR_MARK}.")
+        >>> error_line(budget).split(" (")[0]
+        'memory budget exceeded: tried to allocate 2K'
+    """
     lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__
+    line = lines[0] if lines else type(error).__name__
+    if line.startswith(BUDGET_ERROR_PREFIX) and BUDGET_ERROR_MARK in line:
+        rest = line[len(BUDGET_ERROR_PREFIX) :]
+        line = f"memory budget exceeded: {rest[:1].lower()}{rest[1:]}"
+    return line[:300]
 
 
 class SearchState:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from batchfit.devices import release_memory
 from batchfit.errors import ConfigError, DoesNotFitError
+from batchfit.memory.search_state import error_line
 from batchfit.memory.step import is_out_of_memory
 from batchfit.validation import check_batch_size
 
@@ -144,7 +145,7 @@ def run_with_backoff(
         except BaseException as error:  # noqa: B036 - only out-of-memory is handled, rest re-raised
             if not is_out_of_memory(error, device=device):
                 raise
-            reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
+            reason = error_line(error)
         # Outside the except block the traceback (and the activations its frames hold) is gone.
         if cleanup is not None:
             cleanup()

@@ -229,6 +229,7 @@ def _accumulate(run: Run, batch: Any, size: int):
 
 def _step_optimizer(run: Run) -> None:
     """`optimizer.step()`; on out-of-memory undo it, release memory and try once more."""
+    from batchfit.memory.search_state import error_line
     from batchfit.memory.step import is_out_of_memory
 
     # The session's first step allocates the optimizer's state (Adam: two tensors per weight),
@@ -243,7 +244,7 @@ def _step_optimizer(run: Run) -> None:
         except BaseException as error:  # noqa: B036 - only out-of-memory is handled, rest re-raised
             if not is_out_of_memory(error, device=run.device):
                 raise
-            reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
+            reason = error_line(error)
         if undo is None:
             raise DoesNotFitError(
                 f"Step {run.step + 1}: out of memory inside optimizer.step() ({reason}); the "
