@@ -272,6 +272,25 @@ def test_throughput_draws_a_line_on_every_axis(monkeypatch, tokens):
     assert any("CPU time" in label.get_text() for label in labels)
 
 
+def test_the_tokens_axis_is_the_samples_axis_times_the_tokens_per_sample(monkeypatch):
+    from batchfit.plots import throughput
+
+    figures = _captured(monkeypatch, throughput)
+    throughput_png(_throughput_result(True).to_dict())  # 64 tokens in every sample
+    samples, tokens = figures[0].axes
+    assert tokens.get_ylim() == pytest.approx(tuple(64 * limit for limit in samples.get_ylim()))
+    labels = [text.get_text() for text in samples.get_legend().get_texts()]
+    assert "tokens/s (right axis = samples/s x 64 tokens per sample)" in labels
+    # tokens per sample that vary: the axis keeps its own scale, and the legend says so
+    data = _throughput_result(True).to_dict()
+    data["tokens_per_second"] = [
+        rate * (40 + 8 * i) for i, rate in enumerate(data["samples_per_second"])
+    ]
+    throughput_png(data)
+    labels = [text.get_text() for text in figures[1].axes[0].get_legend().get_texts()]
+    assert "tokens/s (right axis, its own scale: 40 to 64 tokens per sample)" in labels
+
+
 def test_throughput_bars_when_the_cpu_clock_reads_faster_than_every_wall_step():
     data = {**_throughput_result(False).to_dict(), "clock": "cpu"}
     data["samples_per_second"] = [rate * 2 for rate in data["samples_per_second"]]

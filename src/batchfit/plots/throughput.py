@@ -17,6 +17,9 @@ __all__ = ["plot_throughput", "throughput_png"]
 CROWDED_TICKS = 8  # more batch sizes than this: the labels are tilted so they do not overlap
 LIMIT_LABELS = {"noise_scale": "4x the noise scale", "max_batch_size": "max batch"}
 """The legend's words for a limit whose reason does not read as words."""
+TOKENS_PER_SAMPLE_TOLERANCE = 0.01
+"""Tokens per sample that vary less than this fraction count as constant: the tokens/s axis is
+then the samples/s axis times them."""
 
 
 def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> bytes:
@@ -27,7 +30,9 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
     slowest to the fastest timed step (wall clock); the knee, the best batch (`best_batch`),
     the line at `fraction` of the best and the batch limit (`limit_batch`, `limit_reason`) are
     marked when given; with `tokens_per_second`, tokens per second are drawn as a second line
-    against an axis on the right. The legend names the clock that decided (`clock`).
+    against an axis on the right: the samples/s axis times the tokens per sample when that is
+    constant (the two lines then coincide), else on its own scale, as the legend says. The
+    legend names the clock that decided (`clock`).
 
     Args:
         data: `batch_sizes`, `samples_per_second` and `knee_batch`, plus the optional keys above
@@ -109,18 +114,35 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
     axes.set_ylabel("samples per second")
     handles, labels = axes.get_legend_handles_labels()
     if data.get("tokens_per_second") is not None:
+        tokens = list(data["tokens_per_second"])
         right = axes.twinx()
-        right.plot(sizes, data["tokens_per_second"], "s--", color="tab:purple", markersize=4)
+        right.plot(sizes, tokens, "s--", color="tab:purple", markersize=4)
         right.set_ylim(bottom=0)
         right.set_ylabel("tokens per second", color="tab:purple")
         handles.append(right.lines[0])
-        labels.append("tokens/s (right axis)")
+        labels.append(_align_tokens_axis(axes, right, rates, tokens))
     device = data.get("device")
     default = "Throughput against batch size" + (f" ({device})" if device else "")
     axes.set_title(title or default)
     axes.grid(True, alpha=0.25)
     axes.legend(handles, labels, fontsize="small", loc="best")
     return png_bytes(figure)
+
+
+def _align_tokens_axis(axes: Any, right: Any, rates: list[float], tokens: list[float]) -> str:
+    """Scale the tokens/s axis to the samples/s axis x the tokens per sample, so that the two
+    lines coincide when every sample has as many tokens; the legend's label for the line."""
+    per_sample = [token / rate for token, rate in zip(tokens, rates) if rate > 0]
+    if not per_sample:
+        return "tokens/s (right axis)"
+    low, high = min(per_sample), max(per_sample)
+    if high - low > TOKENS_PER_SAMPLE_TOLERANCE * high:
+        # Aligned to one ratio, the line would leave the axis at another: its own scale.
+        return f"tokens/s (right axis, its own scale: {low:.3g} to {high:.3g} tokens per sample)"
+    ratio = sum(per_sample) / len(per_sample)
+    bottom, top = axes.get_ylim()
+    right.set_ylim(bottom * ratio, top * ratio)
+    return f"tokens/s (right axis = samples/s x {ratio:.3g} tokens per sample)"
 
 
 def plot_throughput(
