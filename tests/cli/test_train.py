@@ -409,6 +409,16 @@ def test_the_defaults_line_of_a_noise_schedule_says_the_micro_batch_it_starts_at
     assert "defaults: micro-batch up to 32, each process's whole share, and 16 to start" in out
 
 
+def test_a_global_batch_above_the_data_defaults_to_a_micro_batch_the_data_holds(tmp_path, capsys):
+    # The default micro-batch was the whole global batch: "lower --micro-batch to 1438", a flag
+    # the command was not given.
+    argv = ["train", "--example", "digits", "--global-batch", "2048", "--steps", "1"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 2048 = 2 micro-batches of 1024" in out
+    assert "defaults: micro-batch 1024, the largest that divides each process's share" in out
+
+
 def test_a_noise_run_json_gives_no_reason_for_a_noise_scale_it_logged(tmp_path, capsys):
     # The schedule cuts each step in two: "one micro-batch per step: consecutive steps are
     # paired", read from --micro-batch 32, was not what happened.

@@ -300,10 +300,15 @@ def _default_batches(args: argparse.Namespace, task, world_size: int) -> tuple[d
         said.append(f"global batch {task.batch_size}, the task's own (--global-batch to change)")
     if args.micro_batch is None:
         global_batch = settings.get("global_batch", args.global_batch)
-        micro = fitting_micro_batch(global_batch, global_batch, world_size)
+        size = len(task.train_data)
+        micro = fitting_micro_batch(global_batch, min(global_batch, size), world_size)
         settings["micro_batch"] = micro
         said.append(
             f"micro-batch {micro}, each process's whole share (--micro-batch to accumulate)"
+            if micro * world_size == global_batch
+            # a micro-batch cannot hold more than the data
+            else f"micro-batch {micro}, the largest that divides each process's share within "
+            f"the {size:,} training samples (--micro-batch to change)"
         )
         if (args.batch_schedule or "").startswith("noise"):
             from batchfit.training.batch_growth import fit_micro_batch
