@@ -60,6 +60,9 @@ def test_choose_lr_raises_to_the_valley_or_a_tenth_of_the_minimum():
     # never above half the rate at the loss minimum
     capped = choose_lr(0.01, "scaled", valley_lr=0.2, min_loss_lr=0.3)
     assert capped.value == 0.01
+    # and says so: a valley 20x above the rate is not "consistent with the range test"
+    assert "consistent" not in capped.reason
+    assert "its valley 0.2 is above half the rate at its lowest loss (0.3)" in capped.reason
 
 
 def test_an_inconclusive_range_test_does_not_move_the_rate():

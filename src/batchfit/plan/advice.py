@@ -220,10 +220,11 @@ def choose_lr(
     "minimum" suggestion, `MIN_LOSS_DIVISOR`), never above half the rate at the lowest loss. A
     rate too low costs steps; the loss curve of a range test at initialisation often has a long
     plateau that pulls the valley low. Otherwise the scaled rate stands, and the suggestions are
-    quoted. An inconclusive range test (`inconclusive`, the reason from
-    `batchfit.lr.result.RangeTestResult.inconclusive_reason`) moves nothing: the scaled rate
-    stands and the reason says why the test was not used. `sweeps`: how many range tests the
-    suggestions are medians of (said in the reason).
+    quoted (a valley above the scaled rate but above that ceiling is named as too close to
+    divergence, not as consistent with the rate). An inconclusive range test (`inconclusive`,
+    the reason from `batchfit.lr.result.RangeTestResult.inconclusive_reason`) moves nothing:
+    the scaled rate stands and the reason says why the test was not used. `sweeps`: how many
+    range tests the suggestions are medians of (said in the reason).
 
     Example:
         >>> choose_lr(0.01, "scaled", valley_lr=0.03, min_loss_lr=0.2).value
@@ -271,6 +272,16 @@ def choose_lr(
                 target,
                 f"{scaled_reason}; the range test at this batch still trains well above it, so "
                 f"the rate is raised to {raise_to[target]}{quoted}",
+            )
+        if scaled_lr < target:
+            # The test trains above the rate, but its suggestion is too near the loss minimum
+            # to move to: the rate stands, and the reason says so rather than "consistent".
+            return Choice(
+                scaled_lr,
+                f"{scaled_reason}; the range test at this batch trains above it, but "
+                f"{raise_to[target]} is above half the rate at its lowest loss "
+                f"({min_loss_lr:.3g}), too close to divergence to raise to, so the rate "
+                f"stands{quoted}",
             )
     return Choice(
         scaled_lr,
