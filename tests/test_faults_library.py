@@ -109,6 +109,7 @@ def test_plan_of_a_batchnorm1d_model_and_its_fingerprint():
     assert result.task_name == "bn1d"
     assert result.model_fingerprint == model_identity(task.make_model())["model_fingerprint"]
     assert result.model_parameters == sum(p.numel() for p in task.make_model().parameters())
+    assert result.train_samples == len(task.train_data)
     check_plan_task(result, task)  # its own task passes
     # "task": the default name a task loaded from a file had before it was named after the file
     check_plan_task(replace(result, task_name="task"), task)

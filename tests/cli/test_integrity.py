@@ -1,5 +1,5 @@
 """Damaged and mismatched files through `main([...])`: checkpoints (a flipped byte, another
-task, truncated, not a checkpoint), plans made for another task or model, a damaged
+task, truncated, not a checkpoint), plans made for another task, model or training set, a damaged
 metrics.jsonl and a bad `noise-scale --checkpoint`. Each is exit 2, one line, no traceback."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from batchfit.cli.main import main
 from batchfit.plan.plan_file import Plan, load_plan, model_identity
-from tests.conftest import make_mlp
+from tests.conftest import make_mlp, make_regression_task
 
 CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
 MLP = f"{CONFTEST}:make_mlp_task"
@@ -75,6 +75,14 @@ def _other_model_plan(tmp_path: Path) -> str:
     return _plan(tmp_path, task_name="regression", **model_identity(make_mlp()))
 
 
+def _other_data_plan(tmp_path: Path) -> str:
+    # the regression task's own model, planned for 2,000 samples: its 128 would have run the
+    # plan's steps as 16 times the passes, and a micro-batch above 128 was told to lower
+    # --micro-batch, a flag the user never gave
+    model = make_regression_task().make_model()
+    return _plan(tmp_path, task_name="regression", train_samples=2000, **model_identity(model))
+
+
 # (name, damage to a copy of the finished run, argv after the run folder is known, words)
 RESUME = ["train", MLP, *STEPS, "--resume"]
 CASES = [
@@ -108,7 +116,8 @@ def test_a_damaged_or_foreign_checkpoint_is_one_line(
 @pytest.mark.parametrize(
     "make_plan, words",
     [(_mlp_plan, "task 'tiny-mlp', given as tests/conftest.py:make_mlp_task, not 'regression'"),
-     (_other_model_plan, "made for another model (fingerprint")],
+     (_other_model_plan, "made for another model (fingerprint"),
+     (_other_data_plan, "training set of 2,000 samples; this task's has 128")],
 )  # fmt: skip
 def test_a_plan_from_another_task_is_one_line_and_force_plan_overrides(
     make_plan, words, tmp_path, capsys

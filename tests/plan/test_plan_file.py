@@ -121,3 +121,25 @@ def test_batch_schedule_round_trips_and_a_version_1_plan_loads_constant(tmp_path
 def test_bad_batch_schedule_names_field_and_forms(changes, words):
     with pytest.raises(CheckpointError, match=words):
         make_plan(**changes)
+
+
+def test_a_plan_for_another_training_set_size_is_refused():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from batchfit.plan.plan_file import check_plan_task
+
+    plan = make_plan(task_name="digits", total_steps=57, train_samples=1438)
+    task = SimpleNamespace(name="digits", train_data=range(300))
+    with pytest.raises(CheckpointError) as caught:
+        check_plan_task(plan, task)
+    assert "training set of 1,438 samples; this task's has 300" in str(caught.value)
+    assert "57 steps" in str(caught.value) and "--force-plan" in str(caught.value)
+    check_plan_task(plan, SimpleNamespace(name="digits", train_data=range(1438)))
+    check_plan_task(replace(plan, train_samples=None), task)  # a plan before schema 3
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "1438"])
+def test_train_samples_must_be_a_positive_whole_number(value):
+    with pytest.raises(CheckpointError, match="'train_samples'"):
+        make_plan(train_samples=value)

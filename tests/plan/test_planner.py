@@ -201,8 +201,9 @@ def test_plan_proposes_a_schedule_from_the_measured_noise_scale(
     assert planned.batch_schedule == proposed
     assert f"({measured:.0f})" in planned.reasons["batch_schedule"]
     path = planned.save(tmp_path / "plan.json")
+    # TINY_TASK's 256 samples, not the 2048 planned for: --force-plan
     code = main(["train", TINY_TASK, "--plan", str(path), "--steps", "2", "--out",
-                 str(tmp_path / "run"), "--json"])  # fmt: skip
+                 str(tmp_path / "run"), "--json", "--force-plan"])  # fmt: skip
     assert code == 0
     assert json.loads(capsys.readouterr().out)["batch_schedule"] == proposed
 

@@ -212,7 +212,7 @@ def _add_train(command) -> None:
     train.add_argument(
         "--force-plan",
         action="store_true",
-        help="train with --plan even if it was made for another task or model",
+        help="train with --plan even if it was made for another task, model or training set",
     )
     add_batch(train, "--global-batch", "samples per optimizer step (default: the task's batch)")
     add_batch(train, "--micro-batch", "samples per forward/backward (default: a process's share)")

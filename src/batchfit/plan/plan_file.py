@@ -17,10 +17,11 @@ from batchfit.errors import CheckpointError
 from batchfit.files import write_atomic
 from batchfit.task import DEFAULT_TASK_NAME
 
-PLAN_SCHEMA_VERSION = 2
+PLAN_SCHEMA_VERSION = 3
 """Version of the plan.json layout; raise it when a field is added, changes meaning or is removed.
 1: the first layout; 2: adds `batch_schedule` and `max_global_batch` (a version-1 file loads with
-their defaults, a constant batch)."""
+their defaults, a constant batch); 3: adds `train_samples` (an older file loads with None,
+unchecked)."""
 
 OPTIMIZER_CHOICES = ("task", "lars", "lamb")
 NORMALIZATION_CHOICES = ("none", "keep", "groupnorm", "syncbatchnorm")
@@ -62,6 +63,8 @@ class Plan:
         model_fingerprint: `batchfit.training.checkpoint.model_fingerprint` of the task's model
             (a hash of its parameter and buffer names, shapes and dtypes); None: unchecked.
         model_parameters: the model's parameter count, shown when the fingerprint differs.
+        train_samples: the size of the training set the plan was made for (its steps are passes
+            over it, its batch at most a quarter of it); None: unchecked (plans before schema 3).
     """
 
     task: str
@@ -86,6 +89,7 @@ class Plan:
     task_name: str | None = None
     model_fingerprint: str | None = None
     model_parameters: int | None = None
+    train_samples: int | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -115,14 +119,16 @@ def model_identity(model: Any) -> dict[str, Any]:
 
 
 def check_plan_task(plan: Plan, task: Any) -> None:
-    """Refuse a plan made for another task: another `Task.name`, or another model (its
-    fingerprint: parameter and buffer names, shapes and dtypes).
+    """Refuse a plan made for another task: another `Task.name`, another model (its
+    fingerprint: parameter and buffer names, shapes and dtypes), or another training set size
+    (the plan's steps are passes over its own, and its batch was capped by it).
 
-    A plan that recorded neither (made before batchfit recorded them) is accepted unchecked.
+    A plan that recorded none of these (made before batchfit recorded them) is accepted unchecked.
 
     Raises:
-        CheckpointError: the plan's task name or model fingerprint differs from `task`'s; the
-            message shows both and names the fixes (a new plan, or --force-plan).
+        CheckpointError: the plan's task name, model fingerprint or training set size differs
+            from `task`'s; the message shows both and names the fixes (a new plan, or
+            --force-plan).
     """
     fix = (
         "make a plan for this task with `batchfit plan`, or give --force-plan to train with "
@@ -135,14 +141,20 @@ def check_plan_task(plan: Plan, task: Any) -> None:
         raise CheckpointError(
             f"The plan was made for task {plan.task_name!r}{made_with}, not {task.name!r}; {fix}"
         )
-    if plan.model_fingerprint is None:
-        return
-    mine = model_identity(task.make_model())
-    if plan.model_fingerprint != mine["model_fingerprint"]:
+    mine = None if plan.model_fingerprint is None else model_identity(task.make_model())
+    if mine is not None and plan.model_fingerprint != mine["model_fingerprint"]:
         raise CheckpointError(
             f"The plan was made for another model (fingerprint {plan.model_fingerprint}, "
             f"{_count(plan.model_parameters)} parameters; this task's model has "
             f"{mine['model_fingerprint']}, {_count(mine['model_parameters'])}); {fix}"
+        )
+    samples = len(task.train_data)
+    if plan.train_samples is not None and plan.train_samples != samples:
+        steps = f"its {plan.total_steps} steps and " if plan.total_steps is not None else ""
+        raise CheckpointError(
+            f"The plan was made for a training set of {plan.train_samples:,} samples; this "
+            f"task's has {samples:,} ({steps}its global batch {plan.global_batch} were sized "
+            f"for {plan.train_samples:,}); {fix}"
         )
 
 
@@ -167,10 +179,12 @@ def apply_plan(
         plan: the plan.
         task: the task to train.
         convert_batchnorm: apply the plan's GroupNorm proposal.
-        force: skip `check_plan_task` (a plan made for another task or model is used as is).
+        force: skip `check_plan_task` (a plan made for another task, model or training set is
+            used as is).
 
     Raises:
-        CheckpointError: the plan was made for another task or model (without `force`).
+        CheckpointError: the plan was made for another task, model or training set (without
+            `force`).
 
     Example:
         >>> plan = Plan(task="t", device="cpu", world_size=1, global_batch=8, micro_batch=8,
@@ -361,6 +375,9 @@ def _validate(plan: Plan) -> None:
     count = plan.model_parameters
     if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
         fail("model_parameters", count, "it must be a whole number of at least 0, or null.")
+    size = plan.train_samples
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        fail("train_samples", size, "it must be a whole number of at least 1, or null.")
     if not isinstance(plan.measurements, dict):
         fail("measurements", plan.measurements, "it must be an object.")
 

@@ -467,6 +467,7 @@ def plan(
         notes=notes,
         measurements=measurements,
         task_name=task.name,
+        train_samples=dataset_size,
         **model_identity(model),
     )
 
