@@ -53,6 +53,11 @@ def test_inconsistent_batch_names_the_product():
         ("optimizer", "adam9", "lars"),
         ("micro_batch", 0, "at least 1"),
         ("warmup_steps", -5, "at least 0"),
+        # 1e300 or Infinity overflowed in the first optimizer step (a traceback)
+        ("lr", 1e300, "float32"),
+        ("lr", float("inf"), "float32"),
+        ("lr", float("nan"), "positive"),
+        ("warmup_steps", True, "at least 0"),  # a bool is not a step count
     ],
 )
 def test_bad_field_names_field_value_and_fix(field, value, words):
@@ -143,3 +148,12 @@ def test_a_plan_for_another_training_set_size_is_refused():
 def test_train_samples_must_be_a_positive_whole_number(value):
     with pytest.raises(CheckpointError, match="'train_samples'"):
         make_plan(train_samples=value)
+
+
+def test_float32_max_is_torchs():
+    import torch
+
+    from batchfit.plan.plan_file import FLOAT32_MAX
+
+    assert FLOAT32_MAX == torch.finfo(torch.float32).max
+    assert make_plan(lr=1e6).lr == 1e6  # huge but finite: a run that diverges, not refused

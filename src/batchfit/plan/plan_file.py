@@ -23,6 +23,10 @@ PLAN_SCHEMA_VERSION = 3
 their defaults, a constant batch); 3: adds `train_samples` (an older file loads with None,
 unchecked)."""
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32 (`torch.finfo(torch.float32).max`): torch's optimizers cannot take a
+learning rate above it ("value cannot be converted to type float without overflow")."""
+
 OPTIMIZER_CHOICES = ("task", "lars", "lamb")
 NORMALIZATION_CHOICES = ("none", "keep", "groupnorm", "syncbatchnorm")
 LR_RULES = ("linear", "sqrt", "none")
@@ -342,9 +346,13 @@ def _validate(plan: Plan) -> None:
             f"{plan.micro_batch} x {plan.accumulation_steps} x {plan.world_size} = "
             f"{plan.micro_batch * plan.accumulation_steps * plan.world_size}.",
         )
-    if not isinstance(plan.lr, (int, float)) or isinstance(plan.lr, bool) or not plan.lr > 0:
-        fail("lr", plan.lr, "it must be a positive number.")
-    if not isinstance(plan.warmup_steps, int) or plan.warmup_steps < 0:
+    lr = plan.lr
+    # a rate of 1e300 (or Infinity, which JSON readers accept) passed here and overflowed inside
+    # the optimizer's first step, a traceback; a huge finite rate stays (a run that diverges)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr <= FLOAT32_MAX:
+        fail("lr", lr, f"it must be a positive number a float32 holds (at most {FLOAT32_MAX:.3g}).")
+    warmup = plan.warmup_steps
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         fail("warmup_steps", plan.warmup_steps, "it must be a whole number of at least 0.")
     for name, choices in (
         ("lr_rule", LR_RULES),
