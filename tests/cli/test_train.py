@@ -74,6 +74,33 @@ def test_a_plan_for_more_devices_than_run_says_what_that_changes(tmp_path, capsy
     assert "give --nproc 3 to train as planned" in out
 
 
+def test_a_plan_advising_syncbatchnorm_trains_off_cuda_with_a_note(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    import batchfit.training.distributed as distributed
+    from batchfit.plan.plan_file import Plan, model_identity
+    from tests.conftest import make_bn1d_task
+
+    spec = f"{Path(__file__).resolve().parents[1] / 'conftest.py'}:make_bn1d_task"
+    model = make_bn1d_task().make_model()
+    plan = Plan(task=spec, device="cpu", world_size=4, global_batch=32, micro_batch=8,
+                accumulation_steps=1, lr=0.1, lr_rule="linear", warmup_steps=0, total_steps=2,
+                normalization="syncbatchnorm", task_name="bn1d", train_samples=64,
+                **model_identity(model)).save(tmp_path / "plan.json")  # fmt: skip
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda nproc, argv, **_: launched.append(nproc) or 0)
+    # the command the plan prints: it was refused with "Drop --sync-batchnorm", a flag not given
+    argv = ["train", "--plan", str(plan), "--device", "cpu"]
+    assert main([*argv, "--nproc", "4", "--out", str(tmp_path / "ddp")]) == 0
+    assert launched == [4]
+    assert main([*argv, "--out", str(tmp_path / "one"), "--json"]) == 0
+    note = json.loads(capsys.readouterr().out)["normalization"]
+    assert "advises SyncBatchNorm for its 4 devices; not applied" in note and "CUDA" in note
+    # asked for by the flag, it is still refused off CUDA
+    assert main([*argv, "--nproc", "4", "--sync-batchnorm", "--out", str(tmp_path / "f")]) == 2
+    assert "Drop --sync-batchnorm" in capsys.readouterr().err
+
+
 def test_train_json_and_resume(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", *FAST, "--out", run, "--json", "--optimizer", "sgd"]) == 0

@@ -84,8 +84,17 @@ def train(args: argparse.Namespace) -> int:
     if plan is None:
         defaults, batch_note = _default_batches(args, task, world_size)
         settings.update(defaults)
+    device = args.device if args.device is not None else "auto"
     if plan:
         config = TrainConfig.from_plan(plan, dataset_size=len(task.train_data), **settings)
+        if config.sync_batchnorm and not args.sync_batchnorm:
+            from batchfit.devices import resolve_device
+
+            if resolve_device(device).type != "cuda":
+                # The plan's advice, not the user's flag: off CUDA it is reported, not refused
+                # (a CPU run of the plan's own `--nproc` command was told "drop --sync-batchnorm").
+                config = replace(config, sync_batchnorm=False)
+                model_note = normalization_note(plan, converted=False, cuda=False)
     else:
         config = TrainConfig(**settings)
     if plan is not None and "micro_batch" not in settings:
@@ -96,7 +105,6 @@ def train(args: argparse.Namespace) -> int:
             f"{config.batch_schedule!r} grows the batch by it (it would be measured and logged "
             "anyway); drop --no-noise-scale, or give another --batch-schedule."
         )
-    device = args.device if args.device is not None else "auto"
     if args.force and check_folder and not args.resume:
         from batchfit.files import folder_lock
 

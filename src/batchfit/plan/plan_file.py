@@ -212,8 +212,11 @@ def apply_plan(
     return dataclasses.replace(task, model=converted_model)
 
 
-def normalization_note(plan: Plan, *, converted: bool) -> str | None:
+def normalization_note(plan: Plan, *, converted: bool, cuda: bool = True) -> str | None:
     """What `apply_plan` did with the plan's GroupNorm proposal, in words; None without one.
+
+    A plan that advises SyncBatchNorm gets a note when the run is not on CUDA (`cuda=False`):
+    torch's SyncBatchNorm works only there, so the run keeps BatchNorm per process.
 
     Example:
         >>> plan = Plan(task="t", device="cpu", world_size=1, global_batch=8, micro_batch=8,
@@ -222,6 +225,12 @@ def normalization_note(plan: Plan, *, converted: bool) -> str | None:
         >>> normalization_note(plan, converted=False)[:44]
         'The plan proposes GroupNorm for BatchNorm; n'
     """
+    if plan.normalization == "syncbatchnorm" and not cuda:
+        return (
+            f"The plan advises SyncBatchNorm for its {plan.world_size} devices; not applied: "
+            "torch's SyncBatchNorm works only on CUDA devices, so each process's BatchNorm sees "
+            f"its own micro-batch of {plan.micro_batch}. Train on GPUs to apply it."
+        )
     if plan.normalization != "groupnorm":
         return None
     if converted:
