@@ -126,3 +126,19 @@ def test_the_closing_note_on_the_noise_scale_agrees_with_the_batch_schedule():
     assert "the plan's `noise` batch schedule raises" in grows and "--batch-schedule" not in grows
     room = noise_growth_note("constant", 32, growth_room(2048, 32))
     assert "`batchfit train --batch-schedule noise` raises the global batch" in room
+
+
+def test_the_first_micro_batch_under_a_growing_batch_is_at_most_half_on_one_device():
+    from torch import nn
+
+    from batchfit.plan.advice import first_micro_batch, normalization_advice, split_note
+
+    assert first_micro_batch(64, 64, 1, "noise") == 32
+    assert first_micro_batch(64, 16, 1, "noise") == 16  # already below half
+    assert first_micro_batch(64, 32, 2, "noise") == 32  # two ranks: no split
+    assert first_micro_batch(64, 64, 1, "constant") == 64
+    assert split_note(64, 16, 1, "noise") == ""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert normalization_advice(model, 64, 64, 1, "noise")[0] == "keep"  # 32 per call
+    assert normalization_advice(model, 32, 32, 1, "noise")[0] == "groupnorm"  # 16 per call
+    assert normalization_advice(nn.Linear(4, 4), 32, 32, 1, "noise")[0] == "none"

@@ -208,6 +208,33 @@ def test_plan_proposes_a_schedule_from_the_measured_noise_scale(
     assert json.loads(capsys.readouterr().out)["batch_schedule"] == proposed
 
 
+def test_a_growing_batch_advises_on_batchnorm_at_the_micro_batch_the_run_starts_with(
+    monkeypatch,
+):
+    import dataclasses
+
+    import batchfit.noise.measure as measure
+    from tests.conftest import make_bn1d_task
+
+    real = measure.measure_noise_scales
+
+    def synthetic(*args, **kwargs):  # a noise scale far below the room: the `noise` schedule
+        return tuple(
+            dataclasses.replace(point, noise_scale_samples=4.0, reliable=True)
+            for point in real(*args, **kwargs)
+        )
+
+    monkeypatch.setattr(measure, "measure_noise_scales", synthetic)
+    planned = plan(make_bn1d_task(samples=2048), device="cpu", target_global_batch=32, **QUICK)
+    assert planned.batch_schedule == "noise"
+    assert (planned.micro_batch, planned.accumulation_steps) == (32, 1)
+    # train --plan starts at 2 micro-batches of 16 (two per step measure the noise scale): the
+    # plan said "keep BatchNorm: 1 BatchNorm layer see 32 samples per call"
+    assert planned.normalization == "groupnorm"
+    assert "see only 16 samples per call" in planned.reasons["normalization"]
+    assert "first steps as 2 micro-batches of 16" in planned.reasons["micro_batch"]
+
+
 @pytest.mark.parametrize(("measured", "largest_timed"), [(6.0, 32), (100.0, 512), (600.0, None)])
 def test_the_throughput_is_timed_up_to_what_the_noise_scale_lets_the_plan_choose(
     measured, largest_timed, monkeypatch

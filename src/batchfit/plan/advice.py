@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from batchfit.errors import ConfigError
 from batchfit.training.batch_growth import (
     MAX_ACCUMULATION,
     MIN_STEPS_PER_EPOCH,
     data_batch_limit,
+    fit_micro_batch,
 )
 from batchfit.units import format_samples
 
@@ -396,3 +398,55 @@ def noise_growth_note(batch_schedule: str, global_batch: int, room: int) -> str:
         f"{grows}; a growing batch's cap leaves the global batch {global_batch} no room to double "
         f"(at most {room} samples), so the plan's batch is constant (see the batch schedule row)."
     )
+
+
+def first_micro_batch(global_batch: int, micro_batch: int, world_size: int, schedule: str) -> int:
+    """The micro-batch `batchfit train --plan` starts with: the plan's, or under the `noise`
+    schedule on one device at most half the batch (`batch_growth.fit_micro_batch`: two
+    micro-batches per step measure the noise scale).
+
+    Example:
+        >>> first_micro_batch(32, 32, 1, "noise"), first_micro_batch(32, 32, 1, "constant")
+        (16, 32)
+    """
+    split = schedule.split(":")[0] == "noise"
+    return fit_micro_batch(global_batch, world_size, micro_batch, False, split=split)
+
+
+def split_note(global_batch: int, micro_batch: int, world_size: int, schedule: str) -> str:
+    """The micro-batch reason's addition when the run starts below the plan's micro-batch
+    (`first_micro_batch`); empty otherwise.
+
+    Example:
+        >>> split_note(32, 32, 1, "noise")[:40]
+        '; the `noise` batch schedule trains its '
+    """
+    first = first_micro_batch(global_batch, micro_batch, world_size, schedule)
+    if first == micro_batch:
+        return ""
+    return (
+        f"; the `noise` batch schedule trains its first steps as {global_batch // first} "
+        f"micro-batches of {first} (at most half the batch on one device, to measure the noise "
+        "scale between them)"
+    )
+
+
+def normalization_advice(
+    model: Any, global_batch: int, micro_batch: int, world_size: int, schedule: str
+) -> tuple[str, str]:
+    """The plan's normalisation setting and its reason: `norm_layers.batchnorm_advice` at the
+    micro-batch the run starts with (`first_micro_batch`), what each BatchNorm call sees.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        >>> normalization_advice(model, 32, 32, 1, "noise")[0]
+        'groupnorm'
+    """
+    from batchfit.plan.norm_layers import batchnorm_advice
+
+    first = first_micro_batch(global_batch, micro_batch, world_size, schedule)
+    norm = batchnorm_advice(model, first, world_size=world_size)
+    if norm is None:
+        return "none", "the model has no BatchNorm layer"
+    return norm.action, norm.reason

@@ -154,7 +154,6 @@ def plan(
     from batchfit.lr.result import median_suggestions
     from batchfit.lr.scaling import default_rule, scaled_rate
     from batchfit.plan.batch_trial import BatchTrial, planned_warmup, step_down
-    from batchfit.plan.norm_layers import batchnorm_advice
     from batchfit.plan.rate_trial import STEPS_AFTER_WARMUP, lr_trial_reason, run_trial, try_rate
     from batchfit.throughput.loop_overhead import measure_loop_overhead
     from batchfit.throughput.measure import measure_throughput
@@ -297,6 +296,9 @@ def plan(
             measured=noise is not None,
         )
         reasons["batch_schedule"] = schedule_choice.reason
+        reasons["micro_batch"] += advice.split_note(
+            global_batch, micro_batch, world_size, str(schedule_choice.value)
+        )
         return micro_batch, accumulation_steps, schedule_choice
 
     micro_batch, accumulation_steps, schedule_choice = lay_out(global_batch)
@@ -432,9 +434,9 @@ def plan(
     optimizer_choice = advice.optimizer_advice(global_batch, family)
     reasons["optimizer"] = optimizer_choice.reason
     model = task.make_model()
-    norm = batchnorm_advice(model, micro_batch, world_size=world_size)
-    normalization = "none" if norm is None else norm.action
-    reasons["normalization"] = "the model has no BatchNorm layer" if norm is None else norm.reason
+    normalization, reasons["normalization"] = advice.normalization_advice(
+        model, global_batch, micro_batch, world_size, str(schedule_choice.value)
+    )
     range_note = advice.customary_range_note(
         task.kind, global_batch, asked_for=target_global_batch is not None
     )
