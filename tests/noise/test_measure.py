@@ -321,3 +321,18 @@ def test_uneven_split_says_the_small_batch_asked_for_and_the_harmonic_mean():
     row = dict(result.summary_rows())["B_small / B_big"]
     assert row.startswith("2 / 10") and "micro-batches of 3, the last 1" in row
     assert "harmonic mean" in row and result.to_dict()["micro_batch"] == 3
+
+
+def test_a_loss_not_finite_before_any_update_names_the_loss_not_the_rate(recwarn):
+    from dataclasses import replace
+
+    from batchfit.errors import TaskError
+
+    task = make_mlp_task()
+    broken = replace(task, loss=lambda model, batch: task.loss(model, batch) * math.nan)
+    with pytest.raises(TaskError) as caught:
+        measure_noise_scale(broken, batches=2, warmup_steps=3)
+    # it said "lower the task's learning rate (0.1) or use warmup_steps=0" at step 0
+    assert "on the untrained model, before any update" in str(caught.value)
+    assert "learning rate" in str(caught.value) and "lower" not in str(caught.value)
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]

@@ -333,8 +333,15 @@ class _WarmUp:
             self.optimizer.zero_grad(set_to_none=True)
             loss = scalar_loss(task.loss, self.model, move_to(task.batch(indices), self.device))
             if not torch.isfinite(loss.detach()).all():
+                value = float(loss.detach())
+                if self.step == 0:  # before any update: the rate cannot be the cause
+                    raise TaskError(
+                        f"The loss is not finite ({value:g}) on the untrained model, before any "
+                        "update: the task's loss or data gives it, not the learning rate; check "
+                        "them (a log or division by zero, NaN or inf in the inputs)."
+                    )
                 raise TaskError(
-                    f"The loss is not finite ({float(loss):g}) at warm-up step {self.step}; "
+                    f"The loss is not finite ({value:g}) at warm-up step {self.step}; "
                     f"lower the task's learning rate ({task.lr:g}) or use warmup_steps=0."
                 )
             loss.backward()
