@@ -227,6 +227,48 @@ def test_reentrant_gradient_checkpointing_measures_as_without_it(tmp_path):
     assert checkpointing.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-5)
 
 
+class InOrder(transformers.Trainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def test_a_causal_lm_step_is_measured_with_the_trainers_token_weights(tmp_path):
+    # The Trainer weighs each micro-batch by its label tokens (num_items_in_batch); taken as
+    # equal, a step of 8 and 60 tokens gave |G|^2 -0.20, tr(Sigma) 18.1 for -4.45 and 56.3.
+    from batchfit.noise.estimator import estimate_gradient_statistics
+
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=SEQUENCE, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0
+    )
+    config.embd_pdrop = config.attn_pdrop = 0.0
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    rows = token_data(8)
+    for index, row in enumerate(rows):
+        row["labels"][3 if index < 4 else SEQUENCE :] = -100  # padding in the first micro-batch
+    options = dict(max_grad_norm=0.0, max_steps=1, per_device_train_batch_size=4)
+    args = _args(tmp_path, gradient_accumulation_steps=2, **options)
+    callback = NoiseScaleTrainerCallback(window=None, diagnosis=False)
+    InOrder(model=model, args=args, train_dataset=rows, callbacks=[callback]).train()
+
+    model.load_state_dict(start)  # the same step, each micro-batch's own mean loss
+    grads, tokens = [], []
+    for part in (rows[:4], rows[4:]):
+        model.zero_grad()
+        model(**transformers.default_data_collator(part)).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        tokens.append(sum(int((row["labels"][1:] != -100).sum()) for row in part))
+    big = (tokens[0] * grads[0] + tokens[1] * grads[1]) / sum(tokens)
+    small_sq = float(sum(grad.square().sum() for grad in grads) / 2)
+    expected = estimate_gradient_statistics(
+        small_sq, float(big.square().sum()), small_batch=4, big_batch=8
+    )
+    tracker = callback.tracker
+    measured = tracker.trace_covariance / tracker.gradient_sq_norm
+    assert measured == pytest.approx(expected[1] / expected[0], rel=1e-4)
+
+
 def test_under_several_processes_a_clipped_step_is_not_measured(tmp_path, caplog, monkeypatch):
     # Under DDP the hook before clipping would see this rank's gradient before the all-reduce.
     callback = NoiseScaleTrainerCallback()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from batchfit.errors import ConfigError, RunLogError, TaskError
 from batchfit.integrations.diagnosis import write_run_diagnosis
 from batchfit.integrations.optional import require
+from batchfit.integrations.transformers_weights import IGNORE_INDEX, MicroBatchWeights
 from batchfit.monitor.readers import history_from_records
 from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
 from batchfit.noise.pre_clip import AccumulatedGradNorm
@@ -46,9 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["apply_plan", "NoiseScaleTrainerCallback", "task_from_transformers"]
-
-IGNORE_INDEX = -100
-"""The label the Hugging Face losses skip (padding, prompts)."""
 
 CLIPPED_TOLERANCE = 1e-3
 """A gradient norm within this relative distance of max_grad_norm was clipped."""
@@ -167,8 +165,10 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
     `noise_scale_gradient_sq`, `noise_scale_trace`), with the global batch (`global_batch`).
 
     It watches each micro-batch's gradient (`batchfit.noise.watch.GradientNormWatch`) and
-    closes each optimizer step with the micro-batches of `per_device_train_batch_size` samples.
-    Needs `gradient_accumulation_steps` of 2 or more, or several processes. The Trainer clips
+    closes each optimizer step with the samples and loss weight of each micro-batch, as the
+    Trainer weighed it (by label tokens for a causal language model; see
+    `batchfit.integrations.transformers_weights`); the noise scale is in samples. Needs
+    `gradient_accumulation_steps` of 2 or more, or several processes. The Trainer clips
     `.grad` (`max_grad_norm`) before this callback sees it: in one process the accumulated
     gradient's norm is kept before clipping (`batchfit.noise.pre_clip`); under several, a
     clipped step is not measured (its gradient is no longer the big batch's). Under fp16 the
@@ -216,6 +216,7 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         self._closed_step: int | None = None
         self._warned_clipped = False
         self._pre_clip: AccumulatedGradNorm | None = None  # the norm before clipping
+        self._weights: MicroBatchWeights | None = None  # each micro-batch's loss weight
 
     def _ahead_of_reporters(self) -> bool:
         """Whether add_to put this callback before every reporting integration."""
@@ -271,6 +272,9 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             self.watch.remove()
         self.watch = GradientNormWatch(model, self.tracker)
         self._closed_step = None
+        if self._weights is not None:
+            self._weights.remove()
+        self._weights = MicroBatchWeights(model, shifts_labels=_is_causal_lm(model))
         if self._pre_clip is not None:
             self._pre_clip.remove()
         # The Trainer clips before on_pre_optimizer_step: one process keeps the norm before it.
@@ -283,6 +287,11 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             return
         self._closed_step = state.global_step + 1
         pre_clip = self._pre_clip.take_sq_norm() if self._pre_clip is not None else None
+        assert self._weights is not None
+        sizes, weights = self._weights.take(
+            world_size=args.world_size,
+            average_tokens_across_devices=bool(getattr(args, "average_tokens_across_devices", 0)),
+        )
         clipping = args.max_grad_norm and args.max_grad_norm > 0
         if clipping and pre_clip is None and _was_clipped(self.watch, args):
             if not self._warned_clipped:  # else the noise scale is missing with no word why
@@ -297,7 +306,9 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
                 )
             self._skip()
             return
-        sizes = [args.per_device_train_batch_size] * args.gradient_accumulation_steps
+        if not sizes or None in sizes or not all(weight > 0 for weight in weights):
+            self._skip()  # a micro-batch without label tokens (or of unknown size)
+            return
         # Under fp16 the micro-batch gradients carry the GradScaler's scale; `.grad` no longer
         # does once the Trainer has unscaled it (to clip it, or to read its norm).
         grad_scale, unscaled = _loss_scale(optimizer)
@@ -306,9 +317,13 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             big_sq = pre_clip / grad_scale**2
         try:
             self.watch.step(
-                sizes, big_sq_norm=big_sq, grad_scale=grad_scale, step=state.global_step + 1
+                sizes,
+                loss_scales=weights,
+                big_sq_norm=big_sq,
+                grad_scale=grad_scale,
+                step=state.global_step + 1,
             )
-        except ConfigError:  # a shorter last step of an epoch: fewer backward passes ran
+        except ConfigError:  # the backward passes do not match the forwards
             self._skip()
 
     def _skip(self) -> None:
@@ -339,6 +354,9 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         if self._pre_clip is not None:
             self._pre_clip.remove()
             self._pre_clip = None
+        if self._weights is not None:
+            self._weights.remove()
+            self._weights = None
         if self.write_diagnosis and state.is_world_process_zero:
             self.diagnosis = self._diagnose(args, state)
 

@@ -1,0 +1,121 @@
+"""The loss weight the Hugging Face Trainer gives each micro-batch of an optimizer step.
+
+`NoiseScaleTrainerCallback`'s watch sees each micro-batch's gradient times the factor its loss
+was multiplied by, and must undo that factor. The Trainer weighs micro-batches in one of two ways
+(`Trainer.training_step`, `Trainer.compute_loss`):
+
+- the model takes loss keyword arguments (a causal language model): the Trainer counts the
+  label tokens of all the step's micro-batches (`num_items_in_batch`) and the model divides its
+  summed loss by that count, so micro-batch i weighs n_i / N, n_i the label tokens its loss
+  sums; with `average_tokens_across_devices` under several processes, N counts every process's
+  tokens and the loss is multiplied by the number of processes;
+- otherwise each micro-batch's mean loss is divided by the step's micro-batches.
+
+Padding labelled -100 makes n_i differ between micro-batches: weighing them equally then read
+each micro-batch's gradient wrongly (a GPT-2 step of two micro-batches of 4 samples with 8 and
+60 label tokens gave |G|^2 = -0.20 and tr(Sigma) = 18.1 for -4.45 and 56.3).
+`MicroBatchWeights` reads each training forward's arguments (a forward pre-hook on the model)
+and gives the sizes and weights `GradientNormWatch.step` takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from batchfit.errors import TaskError
+from batchfit.task import batch_size_of
+
+__all__ = ["IGNORE_INDEX", "MicroBatchWeights"]
+
+IGNORE_INDEX = -100
+"""The label the Hugging Face losses skip (padding, prompts)."""
+
+
+class MicroBatchWeights:
+    """Samples and loss weight of each training forward of `model` since the last `take()`.
+
+    Args:
+        model: the model the Trainer trains (its forward is watched; evaluation, which runs
+            without gradients, is not counted).
+        shifts_labels: whether the loss predicts the next token (a causal language model),
+            so that the first label of each row is not counted, as the Trainer counts.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> weights = MicroBatchWeights(model, shifts_labels=False)
+        >>> _ = model(torch.ones(3, 2)); _ = model(torch.ones(1, 2))
+        >>> weights.take(world_size=1, average_tokens_across_devices=False)
+        ([3, 1], [0.5, 0.5])
+        >>> weights.remove()
+    """
+
+    def __init__(self, model: Any, *, shifts_labels: bool) -> None:
+        self.shifts_labels = shifts_labels
+        self._forwards: list[tuple[int | None, Any, Any]] = []  # (samples, label items, N)
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        import torch
+
+        if not (module.training and torch.is_grad_enabled()):
+            return  # an evaluation
+        try:
+            samples: int | None = batch_size_of(list(args) + list(kwargs.values()))
+        except TaskError:  # no tensor with a first dimension: the step is not measured
+            samples = None
+        total = kwargs.get("num_items_in_batch")
+        items = None
+        if total is not None:
+            labels = kwargs.get("shift_labels")
+            if labels is None and kwargs.get("labels") is not None:
+                labels = kwargs["labels"][..., 1:] if self.shifts_labels else kwargs["labels"]
+            items = None if labels is None else (labels != IGNORE_INDEX).sum()
+        self._forwards.append((samples, items, total))
+
+    def take(
+        self, *, world_size: int, average_tokens_across_devices: bool
+    ) -> tuple[list[int | None], list[float]]:
+        """Samples and loss weight of each micro-batch since the last call, and start over.
+
+        Args:
+            world_size: processes training (`TrainingArguments.world_size`).
+            average_tokens_across_devices: the `TrainingArguments` setting of that name.
+
+        Returns:
+            (samples per micro-batch, None where unknown; the factor each micro-batch's own
+            mean loss was multiplied by before backward, 0 for one without label tokens); two
+            empty lists when no training forward ran.
+        """
+        import torch
+
+        forwards, self._forwards = self._forwards, []
+        sizes = [samples for samples, _, _ in forwards]
+        if not forwards or any(items is None for _, items, _ in forwards):
+            return sizes, [1.0 / len(forwards)] * len(forwards)
+        values = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in _flat(forwards)]
+        counted = torch.stack([value.cpu() for value in values]).tolist()
+        items, totals = counted[0::2], counted[1::2]
+        if world_size > 1 and average_tokens_across_devices:
+            # N counts every process's tokens, and the loss is multiplied by the processes
+            pairs = zip(items, totals)
+            return sizes, [world_size * n / total if total else 0.0 for n, total in pairs]
+        # Relative to this step's tokens: a count N of the Trainer's that differs from the
+        # tokens the loss sums (GPT-2 without a loss_type: the Trainer does not shift) scales
+        # `.grad` and every micro-batch alike, which the noise scale does not see.
+        local = sum(items)
+        return sizes, [n / local if local else 0.0 for n in items]
+
+    def remove(self) -> None:
+        """Remove the forward hook."""
+        self._handle.remove()
+        self._forwards = []
+
+
+def _flat(forwards: list[tuple[int | None, Any, Any]]) -> list[Any]:
+    """The label items and totals of the forwards, alternating (one host sync for all)."""
+    values: list[Any] = []
+    for _, items, total in forwards:
+        values.extend([items, total])
+    return values
