@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING, Any
 from batchfit.errors import ConfigError, RunLogError, TaskError
 from batchfit.integrations.diagnosis import write_run_diagnosis
 from batchfit.integrations.optional import require
-from batchfit.integrations.transformers_weights import IGNORE_INDEX, MicroBatchWeights
+from batchfit.integrations.transformers_weights import (
+    IGNORE_INDEX,
+    MicroBatchWeights,
+    grad_scale_of,
+    grad_sq_norm,
+    was_clipped,
+)
 from batchfit.monitor.readers import history_from_records
 from batchfit.noise.estimator import DEFAULT_WINDOW, NoiseScaleTracker
 from batchfit.noise.pre_clip import AccumulatedGradNorm
@@ -47,9 +53,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["apply_plan", "NoiseScaleTrainerCallback", "task_from_transformers"]
-
-CLIPPED_TOLERANCE = 1e-3
-"""A gradient norm within this relative distance of max_grad_norm was clipped."""
 
 
 def apply_plan(training_args: Any, plan: Plan) -> Any:
@@ -293,7 +296,7 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             average_tokens_across_devices=bool(getattr(args, "average_tokens_across_devices", 0)),
         )
         clipping = args.max_grad_norm and args.max_grad_norm > 0
-        if clipping and pre_clip is None and _was_clipped(self.watch, args):
+        if clipping and pre_clip is None and was_clipped(self.watch.params, args.max_grad_norm):
             if not self._warned_clipped:  # else the noise scale is missing with no word why
                 self._warned_clipped = True
                 logger.warning(
@@ -311,8 +314,8 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             return
         # Under fp16 the micro-batch gradients carry the GradScaler's scale; `.grad` no longer
         # does once the Trainer has unscaled it (to clip it, or to read its norm).
-        grad_scale, unscaled = _loss_scale(optimizer)
-        big_sq = _sq_norm(self.watch) if unscaled else None
+        grad_scale, unscaled = grad_scale_of(optimizer)
+        big_sq = grad_sq_norm(self.watch.params) if unscaled else None
         if pre_clip is not None:  # taken before the Trainer unscaled and clipped `.grad`
             big_sq = pre_clip / grad_scale**2
         try:
@@ -381,34 +384,6 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
 def _global_batch(args: Any) -> int:
     """Samples per optimizer step over all processes."""
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-
-
-def _sq_norm(watch: GradientNormWatch) -> float:
-    """The squared norm of the watched parameters' `.grad`."""
-    import torch
-
-    grads = [p.grad for p in watch.params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
-
-
-def _was_clipped(watch: GradientNormWatch, args: Any) -> bool:
-    grads = [p.grad for p in watch.params if p.grad is not None]
-    if not grads:
-        return False
-    return _sq_norm(watch) ** 0.5 >= args.max_grad_norm * (1 - CLIPPED_TOLERANCE)
-
-
-def _loss_scale(optimizer: Any) -> tuple[float, bool]:
-    """The GradScaler's scale on this step's gradients (Accelerate's optimizer holds it as
-    `.scaler` under fp16), and whether `.grad` has been unscaled already (1.0, False without
-    a scaler)."""
-    scaler = getattr(optimizer, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0, False
-    inner = getattr(optimizer, "optimizer", optimizer)
-    # torch keeps each optimizer's stage (READY, UNSCALED, STEPPED) in the scaler
-    stage = getattr(scaler, "_per_optimizer_states", {}).get(id(inner), {}).get("stage")
-    return float(scaler.get_scale()), getattr(stage, "name", None) == "UNSCALED"
 
 
 def task_from_transformers(

@@ -1,4 +1,5 @@
-"""The loss weight the Hugging Face Trainer gives each micro-batch of an optimizer step.
+"""What the Hugging Face Trainer did to the gradients of an optimizer step: the loss weight of
+each micro-batch, the GradScaler's scale (`grad_scale_of`), clipping (`was_clipped`).
 
 `NoiseScaleTrainerCallback`'s watch sees each micro-batch's gradient times the factor its loss
 was multiplied by, and must undo that factor. The Trainer weighs micro-batches in one of two ways
@@ -20,16 +21,19 @@ and gives the sizes and weights `GradientNormWatch.step` takes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batchfit.errors import TaskError
 from batchfit.task import batch_size_of
 
-__all__ = ["IGNORE_INDEX", "MicroBatchWeights"]
+__all__ = ["IGNORE_INDEX", "MicroBatchWeights", "grad_scale_of", "grad_sq_norm", "was_clipped"]
 
 IGNORE_INDEX = -100
 """The label the Hugging Face losses skip (padding, prompts)."""
+
+CLIPPED_TOLERANCE = 1e-3
+"""A gradient norm within this relative distance of max_grad_norm was clipped."""
 
 
 class MicroBatchWeights:
@@ -119,3 +123,31 @@ def _flat(forwards: list[tuple[int | None, Any, Any]]) -> list[Any]:
     for _, items, total in forwards:
         values.extend([items, total])
     return values
+
+
+def grad_sq_norm(params: Sequence[Any]) -> float:
+    """The squared norm of the parameters' `.grad`."""
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
+
+
+def was_clipped(params: Sequence[Any], max_grad_norm: float) -> bool:
+    """Whether the parameters' `.grad` was clipped to `max_grad_norm` (its norm is that)."""
+    if all(p.grad is None for p in params):
+        return False
+    return grad_sq_norm(params) ** 0.5 >= max_grad_norm * (1 - CLIPPED_TOLERANCE)
+
+
+def grad_scale_of(optimizer: Any) -> tuple[float, bool]:
+    """The GradScaler's scale on this step's gradients (Accelerate's optimizer holds it as
+    `.scaler` under fp16), and whether `.grad` has been unscaled already (1.0, False without
+    a scaler)."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0, False
+    inner = getattr(optimizer, "optimizer", optimizer)
+    # torch keeps each optimizer's stage (READY, UNSCALED, STEPPED) in the scaler
+    stage = getattr(scaler, "_per_optimizer_states", {}).get(id(inner), {}).get("stage")
+    return float(scaler.get_scale()), getattr(stage, "name", None) == "UNSCALED"
