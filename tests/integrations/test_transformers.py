@@ -269,6 +269,28 @@ def test_a_causal_lm_step_is_measured_with_the_trainers_token_weights(tmp_path):
     assert measured == pytest.approx(expected[1] / expected[0], rel=1e-4)
 
 
+@pytest.mark.parametrize("restore", [False, True])
+def test_a_run_resumed_from_a_checkpoint_goes_on_with_its_noise_scale(tmp_path, restore):
+    # The tracker started over on resume: 2 updates where the whole run had 4. (With the
+    # Trainer's restore_callback_states_from_checkpoint the callback must not be replaced.)
+    def run(**options):
+        callback = NoiseScaleTrainerCallback(window=None, diagnosis=False)
+        saving = dict(save_strategy="steps", save_steps=2)
+        saving["restore_callback_states_from_checkpoint"] = restore
+        args = apply_plan(_args(tmp_path, max_steps=4, **saving), _plan())
+        trainer = transformers.Trainer(
+            model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+        )
+        trainer.train(**options)
+        return callback.tracker
+
+    whole = run()
+    resumed = run(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.updates == whole.updates == 4
+    assert resumed.gradient_sq_norm == pytest.approx(whole.gradient_sq_norm, rel=1e-4)
+    assert resumed.trace_covariance == pytest.approx(whole.trace_covariance, rel=1e-4)
+
+
 def test_under_several_processes_a_clipped_step_is_not_measured(tmp_path, caplog, monkeypatch):
     # Under DDP the hook before clipping would see this rank's gradient before the all-reduce.
     callback = NoiseScaleTrainerCallback()

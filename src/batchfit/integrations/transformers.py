@@ -32,10 +32,11 @@ from batchfit.errors import ConfigError, RunLogError, TaskError
 from batchfit.integrations.diagnosis import write_run_diagnosis
 from batchfit.integrations.optional import require
 from batchfit.integrations.transformers_weights import (
-    IGNORE_INDEX,
     MicroBatchWeights,
     grad_scale_of,
     grad_sq_norm,
+    is_causal_lm,
+    label_items,
     was_clipped,
 )
 from batchfit.monitor.readers import history_from_records
@@ -163,6 +164,12 @@ def _warn_of_replaced_settings(training_args: Any, changes: Mapping[str, Any]) -
         )
 
 
+STATE_KEY = "batchfit_noise_scale"
+"""Where checkpoints keep the callback's tracker: a key of trainer_state.json's
+`stateful_callbacks`, named after no class, so that the Trainer's own restoring of callbacks
+(`restore_callback_states_from_checkpoint`) does not replace the callback with a new one."""
+
+
 class NoiseScaleTrainerCallback(transformers.TrainerCallback):
     """Puts the gradient noise scale into the Trainer's logs (`noise_scale`,
     `noise_scale_gradient_sq`, `noise_scale_trace`), with the global batch (`global_batch`).
@@ -181,6 +188,8 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
     come after it (a warning at the start of training says when they do not).
     At the end of training (on the main process) it diagnoses the run from
     `state.log_history` and writes diagnosis.json into `args.output_dir`, logging each finding.
+    Each checkpoint keeps the tracker (in trainer_state.json, under `stateful_callbacks`), and a
+    run resumed from one goes on with its estimate.
 
     Args:
         window: steps the estimate is smoothed over (see `NoiseScaleTracker`).
@@ -273,11 +282,13 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             )
         if self.watch is not None:
             self.watch.remove()
+        if state.global_step > 0:  # resumed from a checkpoint: go on with its estimate
+            self._resume(state)
         self.watch = GradientNormWatch(model, self.tracker)
         self._closed_step = None
         if self._weights is not None:
             self._weights.remove()
-        self._weights = MicroBatchWeights(model, shifts_labels=_is_causal_lm(model))
+        self._weights = MicroBatchWeights(model, shifts_labels=is_causal_lm(model))
         if self._pre_clip is not None:
             self._pre_clip.remove()
         # The Trainer clips before on_pre_optimizer_step: one process keeps the norm before it.
@@ -328,6 +339,29 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             )
         except ConfigError:  # the backward passes do not match the forwards
             self._skip()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # the Trainer saves a checkpoint next: put the tracker in it
+            self._keep_state(state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._keep_state(state)
+
+    def _keep_state(self, state: Any) -> None:
+        if getattr(state, "stateful_callbacks", None) is None:
+            return  # transformers before 4.41 saves no callback state
+        state.stateful_callbacks[STATE_KEY] = {
+            "skipped_steps": self.skipped_steps,
+            "tracker": self.tracker.state_dict(),
+        }
+
+    def _resume(self, state: Any) -> None:
+        """Load the tracker a resumed checkpoint saved (none from before batchfit saved it)."""
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(STATE_KEY)
+        if isinstance(saved, dict) and saved.get("tracker") is not None:
+            self.tracker.load_state_dict(saved["tracker"])
+            self.skipped_steps = int(saved.get("skipped_steps", 0))
 
     def _skip(self) -> None:
         assert self.watch is not None
@@ -426,7 +460,7 @@ def task_from_transformers(
             "take a sample of it into a list or datasets.Dataset first."
         )
     collate = data_collator or transformers.default_data_collator
-    causal = _is_causal_lm(model)
+    causal = is_causal_lm(model)
 
     def loss(module, batch):
         output = module(**batch)
@@ -455,18 +489,9 @@ def task_from_transformers(
     )
 
 
-def _is_causal_lm(model: Any) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update(value if isinstance(value, (list, tuple)) else [value])
-    return type(model).__name__ in names
-
-
 def _label_tokens(batch: Mapping[str, Any]) -> int:
-    """Tokens a causal LM's loss averages over: labels after the shift, less IGNORE_INDEX."""
+    """Tokens a causal LM's loss averages over: labels after the shift, less the ignored."""
     labels = batch.get("labels")
     if labels is None:
         raise TaskError("A causal-LM batch needs 'labels' to count its tokens.")
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+    return int(label_items(labels, shifts_labels=True))

@@ -27,7 +27,15 @@ from typing import Any
 from batchfit.errors import TaskError
 from batchfit.task import batch_size_of
 
-__all__ = ["IGNORE_INDEX", "MicroBatchWeights", "grad_scale_of", "grad_sq_norm", "was_clipped"]
+__all__ = [
+    "IGNORE_INDEX",
+    "MicroBatchWeights",
+    "grad_scale_of",
+    "grad_sq_norm",
+    "is_causal_lm",
+    "label_items",
+    "was_clipped",
+]
 
 IGNORE_INDEX = -100
 """The label the Hugging Face losses skip (padding, prompts)."""
@@ -72,10 +80,10 @@ class MicroBatchWeights:
         total = kwargs.get("num_items_in_batch")
         items = None
         if total is not None:
-            labels = kwargs.get("shift_labels")
-            if labels is None and kwargs.get("labels") is not None:
-                labels = kwargs["labels"][..., 1:] if self.shifts_labels else kwargs["labels"]
-            items = None if labels is None else (labels != IGNORE_INDEX).sum()
+            if kwargs.get("shift_labels") is not None:  # shifted already by the collator
+                items = label_items(kwargs["shift_labels"], shifts_labels=False)
+            elif kwargs.get("labels") is not None:
+                items = label_items(kwargs["labels"], shifts_labels=self.shifts_labels)
         self._forwards.append((samples, items, total))
 
     def take(
@@ -115,6 +123,28 @@ class MicroBatchWeights:
         """Remove the forward hook."""
         self._handle.remove()
         self._forwards = []
+
+
+def label_items(labels: Any, *, shifts_labels: bool) -> Any:
+    """The labels a loss averages over (a 0-dim tensor): not IGNORE_INDEX, and for a loss
+    that predicts the next token (`shifts_labels`), not the first of each row.
+
+    Example:
+        >>> import torch
+        >>> int(label_items(torch.tensor([[5, 6, -100]]), shifts_labels=True))
+        1
+    """
+    return ((labels[..., 1:] if shifts_labels else labels) != IGNORE_INDEX).sum()
+
+
+def is_causal_lm(model: Any) -> bool:
+    """Whether `model` is a causal language model of transformers (its loss shifts labels)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return type(model).__name__ in names
 
 
 def _flat(forwards: list[tuple[int | None, Any, Any]]) -> list[Any]:
