@@ -45,6 +45,7 @@ from batchfit.integrations.lightning_fit import (
     set_base_rate,
 )
 from batchfit.integrations.lightning_noise import watch_step
+from batchfit.integrations.lightning_rates import StepRateFactor
 from batchfit.integrations.lightning_split import split_training_step
 from batchfit.integrations.optional import require
 from batchfit.memory.step import is_out_of_memory
@@ -152,10 +153,7 @@ class BatchFit(pl.Callback):
         self.backoffs = 0
         self._splits = 1  # each loader batch runs as this many forward/backward passes
         self._warmup_steps = 0
-        # each optimizer's rates before the warm-up / schedule factor, put back right after its
-        # step (a step post-hook), before Lightning steps the rate schedulers
-        self._saved_lrs: dict[int, list[float]] = {}
-        self._rate_hooks: list[Any] = []
+        self._rates = StepRateFactor()  # the warm-up and schedule factors, for one step
         self._split_this_step = self._parts_measured = False
         self._batch_samples = 0
         self._loader_checked = False  # whether the loader's batch was checked against ours
@@ -357,22 +355,7 @@ class BatchFit(pl.Callback):
         # a split batch's parts backward unscaled: under a loss scaler they are not measured
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
         self._parts_measured = self.watch is not None and not scaled
-        self._remove_rate_hooks()
-        self._rate_hooks = [
-            optimizer.register_step_post_hook(self._restore_rates)
-            for optimizer in trainer.optimizers
-        ]
-
-    def _restore_rates(self, optimizer: Any, *args: Any) -> None:
-        """Put back the rates the factor scaled: before the schedulers read them."""
-        rates = self._saved_lrs.pop(id(optimizer), None)
-        if rates is not None:
-            for group, rate in zip(optimizer.param_groups, rates):
-                group["lr"] = rate
-
-    def _remove_rate_hooks(self) -> None:
-        while self._rate_hooks:
-            self._rate_hooks.pop().remove()
+        self._rates.attach(trainer.optimizers)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_samples = batch_size_of(batch)
@@ -409,12 +392,7 @@ class BatchFit(pl.Callback):
         if self.schedule is not None and self._applied_batch == self.schedule.batch:
             # the schedule's rate goes with its batch: only once that batch is in effect
             self._lr_factor = self.schedule.lr_factor(trainer.global_step)
-        factor *= self._lr_factor
-        if factor != 1.0:
-            for opt in trainer.optimizers:
-                self._saved_lrs[id(opt)] = [group["lr"] for group in opt.param_groups]
-                for group in opt.param_groups:
-                    group["lr"] *= factor
+        self._rates.scale(trainer.optimizers, factor * self._lr_factor)
         self._step_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         self._split_this_step = False  # the next batch starts a new step
         if self.global_batch and self.micro_batch:
@@ -438,7 +416,7 @@ class BatchFit(pl.Callback):
             self._last_step = trainer.global_step
             self._end_step(trainer)
         for opt in trainer.optimizers:  # a step that was skipped (inf gradients under AMP)
-            self._restore_rates(opt)
+            self._rates.restore(opt)
 
     def _end_step(self, trainer: pl.Trainer) -> None:
         """An optimizer step just ended: keep its loss for the diagnosis, ask the schedule."""
@@ -468,7 +446,7 @@ class BatchFit(pl.Callback):
     # --- the end: diagnosis, state ------------------------------------------------------------
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_rate_hooks()
+        self._rates.remove()
         if self.watch is not None:
             self.watch.remove()
             self.watch = None
