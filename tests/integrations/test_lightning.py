@@ -658,6 +658,27 @@ def test_a_healthy_run_is_not_diagnosed_diverging(tmp_path):
     assert len(evaluations) == 6
 
 
+def test_a_resumed_fit_is_diagnosed_from_its_first_step(tmp_path):
+    # The resumed fit logs into a new version of the CSVLogger's folder: the diagnosis read only
+    # its 4 steps ("only 4 finite training-loss points") although the records held all 12.
+    def fit(max_steps, ckpt_path=None):
+        callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2))
+        saving = pl.callbacks.ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=8)
+        logger = pl.loggers.CSVLogger(tmp_path)
+        options = dict(enable_checkpointing=True, callbacks=[callback, saving])
+        trainer = _trainer(callback, logger, max_steps=max_steps, **options)
+        trainer.fit(Classifier(), Data(), ckpt_path=ckpt_path)
+        return callback
+
+    fit(8)
+    (checkpoint,) = (tmp_path / "checkpoints").iterdir()
+    resumed = fit(12, ckpt_path=checkpoint)
+    assert resumed.diagnosis is not None
+    assert resumed.diagnosis.source == "the callback's records"
+    assert not any("too few" in note for note in resumed.diagnosis.notes)
+    assert (tmp_path / "lightning_logs" / "version_1" / "diagnosis.json").exists()
+
+
 def test_diagnosis_false_writes_nothing(tmp_path):
     callback = BatchFit(_plan(), noise_scale=False, diagnosis=False)
     _trainer(callback, max_steps=2, default_root_dir=tmp_path).fit(Classifier(), Data())

@@ -171,6 +171,7 @@ class BatchFit(pl.Callback):
         self._step_lr: float | None = None
         self._step_noise: float | None = None
         self._last_step = 0  # the optimizer step the last training batch ended
+        self._start_step = 0  # the step this fit started from (after a resumed checkpoint's)
 
     # --- fit start: plan or search -----------------------------------------------------------
 
@@ -350,6 +351,7 @@ class BatchFit(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step, self._loader_checked = trainer.global_step, False
+        self._start_step = trainer.global_step
         if self.tracker is not None:
             self.watch = GradientNormWatch(pl_module, self.tracker)
         # a split batch's parts backward unscaled: under a loss scaler they are not measured
@@ -452,7 +454,12 @@ class BatchFit(pl.Callback):
             self.watch = None
         if self.write_diagnosis and trainer.is_global_zero:
             self.diagnosis = diagnose_fit(
-                trainer, self.records, self.global_batch, self.micro_batch, plan=self.plan
+                trainer,
+                self.records,
+                self.global_batch,
+                self.micro_batch,
+                plan=self.plan,
+                start_step=self._start_step,
             )
 
     def state_dict(self) -> dict[str, Any]:

@@ -250,11 +250,15 @@ def diagnose_fit(
     micro_batch: int | None,
     *,
     plan: Any | None = None,
+    start_step: int = 0,
 ) -> Diagnosis | None:
     """Diagnose a finished fit and write diagnosis.json into the logger's folder.
 
     From the CSVLogger's metrics.csv (in its folder) when the Trainer has one, else from
-    `records` (in `trainer.log_dir`, or `trainer.default_root_dir` without a logger).
+    `records` (in `trainer.log_dir`, or `trainer.default_root_dir` without a logger). A fit
+    resumed from a checkpoint (`start_step` > 0, the step it started from) logs into a new
+    version of the CSVLogger's folder, whose metrics.csv starts at the resume: the records,
+    restored with the callback's state, hold the run from its first step and are read instead.
 
     Returns:
         The `Diagnosis`, or None when no training loss was seen (a warning says so).
@@ -267,7 +271,10 @@ def diagnose_fit(
     folder = getattr(first, "log_dir", None) or getattr(first, "save_dir", None)
     folder = folder or trainer.default_root_dir
     csv = next((log for log in trainer.loggers if isinstance(log, CSVLogger)), None)
-    if csv is not None:
+    whole = bool(records.records) and records.records[0]["step"] <= start_step
+    if csv is not None and start_step > 0 and whole:
+        folder = csv.log_dir  # the records reach back before this fit's metrics.csv
+    elif csv is not None:
         csv.save()  # the logger writes its rows only every flush_logs_every_n_steps
         folder = csv.log_dir
         try:
