@@ -746,6 +746,32 @@ def test_a_ramp_that_starts_below_the_plan_starts_at_its_first_batch():
     assert callback.samples_seen == 2 * 32
 
 
+def test_a_fit_resumed_after_the_batch_grew_goes_on_at_it_and_keeps_its_changes(tmp_path, caplog):
+    # Resumed at step 12 (after the change at step 9), the callback reported a new change,
+    # "32 -> 64 at step 1", and had lost the one at step 9.
+    def fit(ckpt_path=None):
+        plan = _plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=0.1)
+        callback = BatchFit(plan, batch_schedule="ramp:0:32,256:64", window=None)
+        saving = pl.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=12)
+        options = dict(enable_checkpointing=True, callbacks=[callback, saving])
+        trainer = _trainer(callback, max_steps=16, **options)
+        trainer.fit(Classifier(), Data(), ckpt_path=ckpt_path)
+        return callback, trainer
+
+    whole, _ = fit()
+    (checkpoint,) = [path for path in tmp_path.iterdir() if "step=12" in path.name]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        resumed, trainer = fit(checkpoint)
+    changes = [(c.step, c.old_batch, c.new_batch) for c in resumed.batch_changes]
+    assert changes == [(c.step, c.old_batch, c.new_batch) for c in whole.batch_changes]
+    assert changes == [(9, 32, 64)]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batchfit:")]
+    assert said[-1] == "batchfit: resumed at the schedule's global batch 64"
+    assert not any("->" in message for message in said)
+    assert trainer.accumulate_grad_batches == 4 and resumed.global_batch == 64
+
+
 def test_a_noise_schedule_without_the_noise_scale_is_refused():
     callback = BatchFit(_plan(), batch_schedule="noise", noise_scale=False)
     with pytest.raises(ConfigError, match="noise_scale=True"):

@@ -162,6 +162,7 @@ class BatchFit(pl.Callback):
         self.rule = rule
         self.batch_changes: list[BatchChange] = []
         self._schedule_state: dict[str, Any] | None = None  # loaded before the schedule exists
+        self._schedule_resumed = False  # a checkpoint's schedule state was loaded
         self._applied_batch: int | None = None  # the schedule's batch last put in effect
         self._lr_factor = 1.0
         self.write_diagnosis = diagnosis
@@ -261,15 +262,18 @@ class BatchFit(pl.Callback):
         if self._schedule_state is not None:
             self.schedule.load_state_dict(self._schedule_state)
             self._schedule_state = None
-        world = trainer.world_size
-        self.schedule.global_batch(trainer.global_step, self.samples_seen * world, None)
-        self._follow_schedule(trainer)
+        resumed, self._schedule_resumed = self._schedule_resumed, False
+        if not resumed:  # a resumed schedule holds its batch (Lightning restores the step later)
+            world = trainer.world_size
+            self.schedule.global_batch(trainer.global_step, self.samples_seen * world, None)
+        # resumed, the run is at the schedule's batch already: no change to record
+        self._follow_schedule(trainer, announce=not resumed)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule is not None:
             self._follow_schedule(trainer)
 
-    def _follow_schedule(self, trainer: pl.Trainer) -> None:
+    def _follow_schedule(self, trainer: pl.Trainer, announce: bool = True) -> None:
         """Put the schedule's batch in effect: an epoch start, where no step is half done."""
         assert self.schedule is not None and self.micro_batch is not None
         wanted = self.schedule.batch
@@ -283,10 +287,14 @@ class BatchFit(pl.Callback):
             return
         trainer.accumulate_grad_batches = accumulate
         self.accumulation_steps = accumulate * self._splits
+        old, self.global_batch = self.global_batch, batch
+        if not announce:  # a resumed run, at the batch it had reached
+            rank_zero_info(f"batchfit: resumed at the schedule's global batch {batch}")
+            return
         change = BatchChange(
             step=trainer.global_step + 1,
             samples_seen=self.samples_seen * world,
-            old_batch=self.global_batch,
+            old_batch=old,
             new_batch=batch,
             micro_batch=self.micro_batch,
             accumulation_steps=self.accumulation_steps,
@@ -294,7 +302,6 @@ class BatchFit(pl.Callback):
             evidence=self.schedule.evidence,
         )
         self.batch_changes.append(change)
-        self.global_batch = batch
         rank_zero_info(
             f"batchfit: global batch {change.old_batch} -> {batch} at step {change.step} "
             f"({change.evidence or self.schedule.spec})"
@@ -468,6 +475,7 @@ class BatchFit(pl.Callback):
             "samples_seen": self.samples_seen,
             "splits": self._splits,
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
+            "batch_changes": [change.to_dict() for change in self.batch_changes],
             "records": self.records.state_dict(),
         }
 
@@ -481,4 +489,7 @@ class BatchFit(pl.Callback):
                 self.schedule.load_state_dict(state_dict["schedule"])
             else:
                 self._schedule_state = state_dict["schedule"]
+            self._schedule_resumed = True
+        changes = state_dict.get("batch_changes", [])
+        self.batch_changes = [BatchChange(**change) for change in changes]
         self.records.load_state_dict(state_dict.get("records", {}))
