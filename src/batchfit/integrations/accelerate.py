@@ -19,14 +19,17 @@ tests/integrations/test_accelerate.py):
         model, optimizer, loader = accelerator.prepare(make_model(), make_optimizer(), loader)
         tracker = NoiseScaleTracker()
         with GradientNormWatch(model, tracker) as watch:
-            for inputs, labels in loader:
+            for index, (inputs, labels) in enumerate(loader, start=1):
                 with accelerator.accumulate(model):
                     loss = loss_fn(model(inputs), labels)
                     accelerator.backward(loss)    # divides the loss by accumulation_steps
                     watch.micro_batch(len(inputs), loss_scale=1 / accumulation_steps)
                     if accelerator.sync_gradients:
-                        scaler = accelerator.scaler  # fp16: gradients carry its loss scale
-                        watch.step(grad_scale=scaler.get_scale() if scaler else 1.0)
+                        if index % accumulation_steps:  # an epoch's short last step
+                            watch.reset()
+                        else:
+                            scaler = accelerator.scaler  # fp16: gradients carry its scale
+                            watch.step(grad_scale=scaler.get_scale() if scaler else 1.0)
                         accelerator.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()              # Accelerate skips it between syncs
                     optimizer.zero_grad()
@@ -35,7 +38,9 @@ tests/integrations/test_accelerate.py):
     noise_scale = run()
 
 `watch.step` comes before clipping and `optimizer.step()`: it reads the accumulated gradient
-before either changes it.
+before either changes it. An epoch whose loader batches are not a multiple of
+`accumulation_steps` ends with a shorter step, whose losses Accelerate still divides by
+`accumulation_steps`: its `.grad` is not the mean of its micro-batches, so it is not measured.
 """
 
 from __future__ import annotations
