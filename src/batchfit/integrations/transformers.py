@@ -302,10 +302,7 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
         self._closed_step = state.global_step + 1
         pre_clip = self._pre_clip.take_sq_norm() if self._pre_clip is not None else None
         assert self._weights is not None
-        sizes, weights = self._weights.take(
-            world_size=args.world_size,
-            average_tokens_across_devices=bool(getattr(args, "average_tokens_across_devices", 0)),
-        )
+        sizes, weights = self._weights.take()
         clipping = args.max_grad_norm and args.max_grad_norm > 0
         if clipping and pre_clip is None and was_clipped(self.watch.params, args.max_grad_norm):
             if not self._warned_clipped:  # else the noise scale is missing with no word why

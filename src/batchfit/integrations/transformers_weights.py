@@ -6,11 +6,16 @@ was multiplied by, and must undo that factor. The Trainer weighs micro-batches i
 (`Trainer.training_step`, `Trainer.compute_loss`):
 
 - the model takes loss keyword arguments (a causal language model): the Trainer counts the
-  label tokens of all the step's micro-batches (`num_items_in_batch`) and the model divides its
-  summed loss by that count, so micro-batch i weighs n_i / N, n_i the label tokens its loss
-  sums; with `average_tokens_across_devices` under several processes, N counts every process's
-  tokens and the loss is multiplied by the number of processes;
+  label tokens of all the step's micro-batches (`num_items_in_batch`, N) and the model divides
+  its summed loss by that count, so micro-batch i weighs n_i / N, n_i the label tokens its
+  loss sums;
 - otherwise each micro-batch's mean loss is divided by the step's micro-batches.
+
+Only the weights relative to each other matter to the noise scale: a factor on all of them
+scales `.grad` alike. So the weights given are n_i / (this process's tokens), which also holds
+where the Trainer's N is not what the loss sums (GPT-2, without a `loss_type`, is counted
+unshifted) and, under several processes (where N counts every process's tokens), as long as
+the processes hold as many label tokens each.
 
 Padding labelled -100 makes n_i differ between micro-batches: weighing them equally then read
 each micro-batch's gradient wrongly (a GPT-2 step of two micro-batches of 4 samples with 8 and
@@ -58,14 +63,14 @@ class MicroBatchWeights:
         >>> model = torch.nn.Linear(2, 1)
         >>> weights = MicroBatchWeights(model, shifts_labels=False)
         >>> _ = model(torch.ones(3, 2)); _ = model(torch.ones(1, 2))
-        >>> weights.take(world_size=1, average_tokens_across_devices=False)
+        >>> weights.take()
         ([3, 1], [0.5, 0.5])
         >>> weights.remove()
     """
 
     def __init__(self, model: Any, *, shifts_labels: bool) -> None:
         self.shifts_labels = shifts_labels
-        self._forwards: list[tuple[int | None, Any, Any]] = []  # (samples, label items, N)
+        self._forwards: list[tuple[int | None, Any]] = []  # (samples, label tokens)
         self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
@@ -77,45 +82,32 @@ class MicroBatchWeights:
             samples: int | None = batch_size_of(list(args) + list(kwargs.values()))
         except TaskError:  # no tensor with a first dimension: the step is not measured
             samples = None
-        total = kwargs.get("num_items_in_batch")
         items = None
-        if total is not None:
+        if kwargs.get("num_items_in_batch") is not None:  # the Trainer weighs by tokens
             if kwargs.get("shift_labels") is not None:  # shifted already by the collator
                 items = label_items(kwargs["shift_labels"], shifts_labels=False)
             elif kwargs.get("labels") is not None:
                 items = label_items(kwargs["labels"], shifts_labels=self.shifts_labels)
-        self._forwards.append((samples, items, total))
+        self._forwards.append((samples, items))
 
-    def take(
-        self, *, world_size: int, average_tokens_across_devices: bool
-    ) -> tuple[list[int | None], list[float]]:
+    def take(self) -> tuple[list[int | None], list[float]]:
         """Samples and loss weight of each micro-batch since the last call, and start over.
 
-        Args:
-            world_size: processes training (`TrainingArguments.world_size`).
-            average_tokens_across_devices: the `TrainingArguments` setting of that name.
+        The weights are each micro-batch's share of this process's label tokens when the
+        Trainer weighed them by tokens, else equal; they sum to 1 (see the module docstring).
 
         Returns:
-            (samples per micro-batch, None where unknown; the factor each micro-batch's own
-            mean loss was multiplied by before backward, 0 for one without label tokens); two
-            empty lists when no training forward ran.
+            (samples per micro-batch, None where unknown; each micro-batch's loss weight, 0
+            for one without label tokens); two empty lists when no training forward ran.
         """
         import torch
 
         forwards, self._forwards = self._forwards, []
-        sizes = [samples for samples, _, _ in forwards]
-        if not forwards or any(items is None for _, items, _ in forwards):
+        sizes = [samples for samples, _ in forwards]
+        if not forwards or any(items is None for _, items in forwards):
             return sizes, [1.0 / len(forwards)] * len(forwards)
-        values = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in _flat(forwards)]
-        counted = torch.stack([value.cpu() for value in values]).tolist()
-        items, totals = counted[0::2], counted[1::2]
-        if world_size > 1 and average_tokens_across_devices:
-            # N counts every process's tokens, and the loss is multiplied by the processes
-            pairs = zip(items, totals)
-            return sizes, [world_size * n / total if total else 0.0 for n, total in pairs]
-        # Relative to this step's tokens: a count N of the Trainer's that differs from the
-        # tokens the loss sums (GPT-2 without a loss_type: the Trainer does not shift) scales
-        # `.grad` and every micro-batch alike, which the noise scale does not see.
+        values = [torch.as_tensor(items, dtype=torch.float64).reshape(()) for _, items in forwards]
+        items = torch.stack([value.cpu() for value in values]).tolist()
         local = sum(items)
         return sizes, [n / local if local else 0.0 for n in items]
 
@@ -145,14 +137,6 @@ def is_causal_lm(model: Any) -> bool:
     for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         names.update(value if isinstance(value, (list, tuple)) else [value])
     return type(model).__name__ in names
-
-
-def _flat(forwards: list[tuple[int | None, Any, Any]]) -> list[Any]:
-    """The label items and totals of the forwards, alternating (one host sync for all)."""
-    values: list[Any] = []
-    for _, items, total in forwards:
-        values.extend([items, total])
-    return values
 
 
 def grad_sq_norm(params: Sequence[Any]) -> float:
