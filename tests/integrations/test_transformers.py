@@ -269,17 +269,29 @@ def test_a_causal_lm_step_is_measured_with_the_trainers_token_weights(tmp_path):
     assert measured == pytest.approx(expected[1] / expected[0], rel=1e-4)
 
 
-@pytest.mark.parametrize("restore", [False, True])
-def test_a_run_resumed_from_a_checkpoint_goes_on_with_its_noise_scale(tmp_path, restore):
+STEPS = dict(save_strategy="steps", save_steps=2)
+BEST = dict(metric_for_best_model="loss")
+SAVING = {
+    "steps": STEPS,
+    "restore": dict(STEPS, restore_callback_states_from_checkpoint=True),
+    # saved after an evaluation that found a new best, with no callback event in between
+    "best": dict(save_strategy="best", eval_strategy="steps", eval_steps=2, **BEST),
+}
+
+
+@pytest.mark.parametrize("saving", SAVING)
+def test_a_run_resumed_from_a_checkpoint_goes_on_with_its_noise_scale(tmp_path, saving):
     # The tracker started over on resume: 2 updates where the whole run had 4. (With the
     # Trainer's restore_callback_states_from_checkpoint the callback must not be replaced.)
     def run(**options):
         callback = NoiseScaleTrainerCallback(window=None, diagnosis=False)
-        saving = dict(save_strategy="steps", save_steps=2)
-        saving["restore_callback_states_from_checkpoint"] = restore
-        args = apply_plan(_args(tmp_path, max_steps=4, **saving), _plan())
+        args = apply_plan(_args(tmp_path, max_steps=4, **SAVING[saving]), _plan())
         trainer = transformers.Trainer(
-            model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
+            model=tiny_gpt2(),
+            args=args,
+            train_dataset=token_data(),
+            eval_dataset=token_data(8),
+            callbacks=[callback],
         )
         trainer.train(**options)
         return callback.tracker

@@ -338,14 +338,8 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
             self._skip()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save:  # the Trainer saves a checkpoint next: put the tracker in it
-            self._keep_state(state)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_save:
-            self._keep_state(state)
-
-    def _keep_state(self, state: Any) -> None:
+        # Every step: the Trainer may save after it (save_strategy "best" decides only after
+        # evaluating, with no callback event between), and the tracker changes only in steps.
         if getattr(state, "stateful_callbacks", None) is None:
             return  # transformers before 4.41 saves no callback state
         state.stateful_callbacks[STATE_KEY] = {
