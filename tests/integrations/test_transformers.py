@@ -269,6 +269,19 @@ def test_a_causal_lm_step_is_measured_with_the_trainers_token_weights(tmp_path):
     assert measured == pytest.approx(expected[1] / expected[0], rel=1e-4)
 
 
+def test_where_the_forward_hook_sees_nothing_the_micro_batches_are_taken_as_equal(
+    tmp_path, monkeypatch
+):
+    # A model whose forward hooks do not run raised ZeroDivisionError out of the Trainer.
+    from batchfit.integrations.transformers_weights import MicroBatchWeights
+
+    plain = _first_step(tmp_path / "plain", 0.0).tracker
+    monkeypatch.setattr(MicroBatchWeights, "_hook", lambda *args: None)
+    unseen = _first_step(tmp_path / "unseen", 0.0).tracker
+    assert unseen.updates == plain.updates == 1
+    assert unseen.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-6)
+
+
 STEPS = dict(save_strategy="steps", save_steps=2)
 BEST = dict(metric_for_best_model="loss")
 SAVING = {

@@ -317,7 +317,10 @@ class NoiseScaleTrainerCallback(transformers.TrainerCallback):
                 )
             self._skip()
             return
-        if not sizes or None in sizes or not all(weight > 0 for weight in weights):
+        if not sizes:  # the forward hook saw nothing (forward called around it): as equal
+            sizes = [args.per_device_train_batch_size] * args.gradient_accumulation_steps
+            weights = [1 / len(sizes)] * len(sizes)
+        if None in sizes or not all(weight > 0 for weight in weights):
             self._skip()  # a micro-batch without label tokens (or of unknown size)
             return
         # Under fp16 the micro-batch gradients carry the GradScaler's scale; `.grad` no longer

@@ -104,7 +104,9 @@ class MicroBatchWeights:
 
         forwards, self._forwards = self._forwards, []
         sizes = [samples for samples, _ in forwards]
-        if not forwards or any(items is None for _, items in forwards):
+        if not forwards:
+            return [], []
+        if any(items is None for _, items in forwards):
             return sizes, [1.0 / len(forwards)] * len(forwards)
         values = [torch.as_tensor(items, dtype=torch.float64).reshape(()) for _, items in forwards]
         items = torch.stack([value.cpu() for value in values]).tolist()
