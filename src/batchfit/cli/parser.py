@@ -82,15 +82,9 @@ def _add_estimate(command) -> None:
         ("--model", "memory before the first sample, e.g. 4GB"),
         ("--per-sample", "memory each sample adds, e.g. 0.2GB"),
     ):
-        estimate.add_argument(
-            flag,
-            required=True,
-            metavar="SIZE",
-            action=Size,
-            cards=flag == "--memory",
-            zero=flag == "--model",  # as max_batch_size takes it: nothing before the first sample
-            help=help,
-        )
+        # --model takes 0, as max_batch_size does: nothing before the first sample
+        estimate.add_argument(flag, required=True, metavar="SIZE", action=Size, help=help,
+                              cards=flag == "--memory", zero=flag == "--model")  # fmt: skip
     estimate.add_argument(
         "--reserve", metavar="SIZE", action=Size, zero=True,
         help="memory to keep free (default 0; for a card, what CUDA keeps)",
