@@ -187,11 +187,12 @@ def test_trainer_state_json_tells_batchfit_diagnose_the_global_batch(tmp_path):
     assert (history.global_batch, history.micro_batch) == (32, 8)
 
 
-def _first_step(tmp_path, max_grad_norm, *, scale=None, **options):
-    """The tracker after one step (window None), clipped at `max_grad_norm` (0: not), under
-    fp16 with Accelerate's GradScaler at `scale` when given."""
+def _trained(tmp_path, *, max_grad_norm=0.0, steps=1, fp16=False, scale=None, **options):
+    """The callback after `steps` steps (window None), clipped at `max_grad_norm` (0: not),
+    under fp16 with Accelerate's GradScaler at `scale` when given (as on a GPU; the CPU gets
+    none, so one is put in)."""
     callback = NoiseScaleTrainerCallback(window=None, diagnosis=False)
-    options.update(max_grad_norm=max_grad_norm, max_steps=1, fp16=scale is not None)
+    options.update(max_grad_norm=max_grad_norm, max_steps=steps, fp16=fp16 or scale is not None)
     args = apply_plan(_args(tmp_path, **options), _plan())
     trainer = transformers.Trainer(
         model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
@@ -206,12 +207,12 @@ def _first_step(tmp_path, max_grad_norm, *, scale=None, **options):
 def test_a_clipped_step_is_measured_from_its_gradient_before_clipping(tmp_path):
     # The Trainer clips .grad before the callback's step hook: under its default max_grad_norm
     # of 1.0 a tiny GPT-2 (gradient norms 1.4-1.9) had 60 of 60 steps skipped, no noise scale.
-    plain = _first_step(tmp_path / "plain", 0.0).tracker
-    clipped = _first_step(tmp_path / "clipped", 1e-6)
+    plain = _trained(tmp_path / "plain").tracker
+    clipped = _trained(tmp_path / "clipped", max_grad_norm=1e-6)
     assert clipped.skipped_steps == 0 and clipped.tracker.updates == plain.updates == 1
     assert clipped.tracker.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-5)
     assert clipped.tracker.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-5)
-    scaled = _first_step(tmp_path / "scaled", 1e-6, scale=1024.0).tracker  # before unscaling
+    scaled = _trained(tmp_path / "scaled", max_grad_norm=1e-6, scale=1024.0).tracker
     assert scaled.updates == 1
     assert scaled.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-2)
 
@@ -219,10 +220,10 @@ def test_a_clipped_step_is_measured_from_its_gradient_before_clipping(tmp_path):
 def test_reentrant_gradient_checkpointing_measures_as_without_it(tmp_path):
     # Each checkpointed block's backward ran as a backward of its own: |G|^2 0.25 and tr(Sigma)
     # 0.16 where the same step without checkpointing gives -0.042 and 9.5.
-    plain = _first_step(tmp_path / "plain", 0.0).tracker
+    plain = _trained(tmp_path / "plain").tracker
     reentrant = {"use_reentrant": True}
     options = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs=reentrant)
-    checkpointing = _first_step(tmp_path / "checkpointing", 0.0, **options).tracker
+    checkpointing = _trained(tmp_path / "checkpointing", **options).tracker
     assert checkpointing.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-5)
     assert checkpointing.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-5)
 
@@ -275,9 +276,9 @@ def test_where_the_forward_hook_sees_nothing_the_micro_batches_are_taken_as_equa
     # A model whose forward hooks do not run raised ZeroDivisionError out of the Trainer.
     from batchfit.integrations.transformers_weights import MicroBatchWeights
 
-    plain = _first_step(tmp_path / "plain", 0.0).tracker
+    plain = _trained(tmp_path / "plain").tracker
     monkeypatch.setattr(MicroBatchWeights, "_hook", lambda *args: None)
-    unseen = _first_step(tmp_path / "unseen", 0.0).tracker
+    unseen = _trained(tmp_path / "unseen").tracker
     assert unseen.updates == plain.updates == 1
     assert unseen.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-6)
 
@@ -333,18 +334,8 @@ def test_under_several_processes_a_clipped_step_is_not_measured(tmp_path, caplog
 
 
 def _fp16_noise(tmp_path, scale):
-    """The noise-scale tracker of 3 fp16 steps, with Accelerate's GradScaler at `scale` (as on
-    a GPU; the CPU gets none, so one is put in) or without one."""
-    callback = NoiseScaleTrainerCallback(window=None, diagnosis=False)
-    args = apply_plan(_args(tmp_path, max_grad_norm=0.0, max_steps=3, fp16=True), _plan())
-    trainer = transformers.Trainer(
-        model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[callback]
-    )
-    if scale is not None:
-        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-        trainer.accelerator.native_amp = True
-    trainer.train()
-    return callback.tracker
+    """The noise-scale tracker of 3 fp16 steps, with a GradScaler at `scale` or without one."""
+    return _trained(tmp_path, steps=3, fp16=True, scale=scale).tracker
 
 
 def test_under_fp16_the_loss_scale_is_taken_out_of_the_micro_batch_gradients(tmp_path):
