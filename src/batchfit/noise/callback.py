@@ -100,9 +100,17 @@ class NoiseScaleCallback:
         """Update from a step record (`micro_batches`, `grad_norm`, `step`); return the metrics."""
         if self.watch is None:
             raise ConfigError("on_step_end() before on_train_start(); attach the callback first.")
-        self.watch.step(
-            record.micro_batches, big_sq_norm=float(record.grad_norm) ** 2, step=record.step
-        )
+        # weighed by tokens, the micro-batches' losses carry their share of the step's tokens
+        weights = getattr(record, "loss_weights", None)
+        if weights is not None and not all(weight > 0 for weight in weights):
+            self.watch.reset()  # a micro-batch without tokens has no gradient to measure
+        else:
+            self.watch.step(
+                record.micro_batches,
+                loss_scales=weights,
+                big_sq_norm=float(record.grad_norm) ** 2,
+                step=record.step,
+            )
         return {
             "noise_scale": self.tracker.noise_scale,
             "noise_scale_gradient_sq": self.tracker.gradient_sq_norm,

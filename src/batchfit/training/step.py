@@ -47,6 +47,8 @@ class StepRecord:
         accumulation_steps: micro-batches per rank in this step.
         world_size: the ranks (processes) sharing the global batch.
         micro_batches: sizes of this rank's micro-batches.
+        loss_weights: the factor each micro-batch's mean loss was multiplied by, where the task
+            counts tokens (its share of the step's tokens); None: by samples.
         indices: this rank's sample indices of the step, in order.
         lr_factor: under a batch schedule, its multiplier on the scheduled rate this step
             (`lr` / `lr_factor` is the rate schedule alone); None otherwise and in the SWA
@@ -65,11 +67,13 @@ class StepRecord:
     micro_batches: tuple[int, ...]
     indices: tuple[int, ...]
     lr_factor: float | None = None
+    loss_weights: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies the step's indices, only to drop them (a
         # tenth of a millisecond a step, as much as a small model's forward pass).
-        skipped = ("indices", "micro_batches") + (("lr_factor",) if self.lr_factor is None else ())
+        skipped = ("indices", "micro_batches", "loss_weights")
+        skipped += ("lr_factor",) if self.lr_factor is None else ()
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
 
 
@@ -117,7 +121,7 @@ def optimizer_step(
         restore_rng(rng_state)
 
     try:
-        (loss, step_plan), run.micro_batch = run_with_backoff(
+        (loss, step_plan, loss_weights), run.micro_batch = run_with_backoff(
             lambda size: _accumulate(run, batch, size),
             run.micro_batch,
             local_batch=run.local_batch,
@@ -161,6 +165,7 @@ def optimizer_step(
         micro_batches=tuple(step_plan.micro_batches),
         indices=tuple(local_indices),
         lr_factor=run.lr_factor,
+        loss_weights=loss_weights,
     )
     extra = on_step_end(record, model)
     _step_optimizer(run)
@@ -186,7 +191,8 @@ def optimizer_step(
 
 
 def _accumulate(run: Run, batch: Any, size: int):
-    """Forward and backward of this rank's share at micro-batch `size`: (loss, plan).
+    """Forward and backward of this rank's share at micro-batch `size`: (loss, plan, the
+    micro-batches' loss weights where the task counts tokens, else None).
 
     The share stays where it was collated (host memory); each micro-batch is moved to the
     device just before its forward pass, so the device holds one micro-batch of inputs at a time.
@@ -224,7 +230,8 @@ def _accumulate(run: Run, batch: Any, size: int):
         if unused:
             raise unused from error
         raise
-    return loss, step_plan
+    weights = None if counts is None else tuple(count / total for count in counts)
+    return loss, step_plan, weights
 
 
 def _step_optimizer(run: Run) -> None:
