@@ -44,7 +44,7 @@ def test_plot_is_written(tmp_path, capsys):
 def test_names_are_passed_through(tmp_path, capsys):
     run = write_lightning(tmp_path)
     assert main(["diagnose", str(run), "--train-loss", "train_loss_epoch", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["last_step"] == 39
+    assert json.loads(capsys.readouterr().out)["last_step"] == 40  # 40 steps, from 0 in the file
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,7 @@ def test_text_in_the_loss_column_is_a_bad_log_not_a_diverging_run(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("batchfit: error:") and err.count("\n") == 1
     assert str(path) in err and "'train_loss'" in err and "'abc'" in err
-    assert "line 22 (step 20)" in err and "not a diverging run" in err
+    assert "line 22 (step 21)" in err and "not a diverging run" in err
 
 
 def test_text_in_a_metrics_jsonl_loss_names_its_line(tmp_path):
@@ -97,7 +97,8 @@ def test_text_in_a_metrics_jsonl_loss_names_its_line(tmp_path):
 def test_non_finite_numbers_the_trainer_wrote_are_still_a_divergence(bad, tmp_path, capsys):
     assert main(["diagnose", str(_csv_with_loss(tmp_path, bad, at=39)), "--json"]) == 0
     findings = json.loads(capsys.readouterr().out)["findings"]
-    assert findings[0]["kind"] == "diverging" and findings[0]["evidence"]["first_step"] == 39
+    assert findings[0]["kind"] == "diverging"
+    assert findings[0]["evidence"]["first_step"] == 40  # the file's step 39, counted from 0
 
 
 def test_text_in_the_step_column_is_one_line(tmp_path, capsys):

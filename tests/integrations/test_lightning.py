@@ -624,6 +624,21 @@ def test_the_batch_is_logged_so_that_the_loggers_files_tell_it(tmp_path):
     assert not any("global batch" in note for note in history.notes)
 
 
+def test_the_csv_loggers_steps_are_read_as_the_optimizer_steps_that_ran(tmp_path):
+    # Lightning writes the first step's row at step 0: a 16-step run was diagnosed at last_step 15
+    from batchfit.monitor.readers import read_history
+
+    csv = pl.loggers.CSVLogger(tmp_path, name="run")
+    callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2))
+    _trainer(callback, csv, max_steps=16).fit(Classifier(), Data())
+    history = read_history(Path(csv.log_dir) / "metrics.csv")
+    assert history.train_loss.steps == tuple(r["step"] for r in callback.records.records)
+    assert history.train_loss.steps == tuple(range(1, 17))
+    assert history.steps_per_epoch == 8  # 256 samples in steps of 32
+    assert callback.diagnosis.source.endswith("metrics.csv")
+    assert callback.diagnosis.last_step == 16
+
+
 def test_without_a_csv_logger_the_diagnosis_reads_the_losses_the_callback_saw(tmp_path):
     callback = BatchFit(_plan(global_batch=32, micro_batch=16, accumulation_steps=2, lr=1e6))
     _trainer(callback, max_steps=16, default_root_dir=tmp_path).fit(Classifier(), Data())

@@ -180,7 +180,7 @@ def test_lightning_csv_logger_latest_version(tmp_path):
     history = read_history(write_lightning(tmp_path))
     assert history.format == "lightning" and "version_1" in history.source
     assert history.train_loss.name == "train_loss_step" and len(history.train_loss) == 40
-    assert history.val_loss.steps == (9, 19, 29, 39)
+    assert history.val_loss.steps == (10, 20, 30, 40)  # the file's steps count from 0
     assert history.metric.name == "val_acc"
     assert history.lr.name == "lr-Adam"
     assert history.steps_per_epoch == 10

@@ -4,7 +4,8 @@ Four formats, told apart by the file name (or found inside a run folder):
 
 - batchfit: `metrics.jsonl` (`batchfit.training.metrics`), one JSON object per logged step;
 - Lightning: `CSVLogger`'s `metrics.csv` (a `step` column, one column per logged name, empty
-  cells where a row did not log that name); in `lightning_logs/` the highest `version_N`;
+  cells where a row did not log that name; its steps count from 0, read as the step that ran,
+  from 1); in `lightning_logs/` the highest `version_N`;
 - Hugging Face Trainer: `trainer_state.json` and its `log_history` (training entries with
   `loss`, `learning_rate`; evaluation entries with `eval_loss`, `eval_<metric>`); in an output
   folder without one, the highest `checkpoint-N`;
@@ -294,6 +295,11 @@ def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
             record["step"] = int(float(record["step"]))
             records.append(record)
             places.append(f"line {line}")
+    per_epoch = steps_per_epoch(records, "epoch")  # it reads whole epochs over steps from 0
+    # Lightning logs a step's values (and the validation and epoch-end ones after it) at the
+    # count of steps before it (0 for the first); batchfit counts the step that just ran
+    for record in records:
+        record["step"] += 1
     # batchfit's Lightning callback logs `global_batch` and `micro_batch` at every step
     batches = logged_batches(records, "")
     return history_of_records(
@@ -301,7 +307,7 @@ def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
         names,
         file,
         "lightning",
-        steps_per_epoch=steps_per_epoch(records, "epoch"),
+        steps_per_epoch=per_epoch,
         notes=[] if "global_batch" in batches else ["the global batch is not in metrics.csv"],
         places=places,
         **batches,
