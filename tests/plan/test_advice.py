@@ -116,16 +116,42 @@ def test_a_target_batch_above_the_run_is_noted():
     assert target_batch_notes(64, 1438, run_samples=14_380) == []
 
 
+def _noise(samples, reliable=True):
+    from batchfit.noise.result import NoiseScaleResult
+
+    reason = "" if reliable else "|G|^2 is not yet above its noise"
+    fields = (samples, None, None, 0.9, 8, 1.0, 1.0, 8, 64, None, False, None, reliable, reason)
+    return NoiseScaleResult(*fields)
+
+
 def test_the_closing_note_on_the_noise_scale_agrees_with_the_batch_schedule():
     from batchfit.plan.advice import growth_room, noise_growth_note
 
     # digits: the schedule row says the cap of 359 samples leaves no room to double 256
-    stuck = noise_growth_note("constant", 256, growth_room(1438, 256))
+    stuck = noise_growth_note("constant", 256, growth_room(1438, 256), _noise(300.0))
     assert "--batch-schedule noise" not in stuck and "no room to double (at most 359" in stuck
-    grows = noise_growth_note("noise", 1, growth_room(3600, 1))
+    grows = noise_growth_note("noise", 1, growth_room(3600, 1), _noise(2.0))
     assert "the plan's `noise` batch schedule raises" in grows and "--batch-schedule" not in grows
-    room = noise_growth_note("constant", 32, growth_room(2048, 32))
+    room = noise_growth_note("constant", 32, growth_room(2048, 32), _noise(300.0))
     assert "`batchfit train --batch-schedule noise` raises the global batch" in room
+
+
+@pytest.mark.parametrize("noise", [None, _noise(None, reliable=False), _noise(0.0)])
+def test_without_a_reliable_noise_scale_the_closing_note_suggests_no_growing_batch(noise):
+    # the batch schedule row said "no reliable noise scale was measured: the batch stays
+    # constant" while the closing note offered `batchfit train --batch-schedule noise`
+    from batchfit.plan.advice import (
+        growth_room,
+        noise_growth_note,
+        propose_batch_schedule,
+        reliable_noise_scale,
+    )
+
+    scale = reliable_noise_scale(noise)
+    row = propose_batch_schedule(32, noise_scale=scale, dataset_size=50_000, micro_batch=32)
+    note = noise_growth_note(str(row.value), 32, growth_room(50_000, 32), noise)
+    assert row.value == "constant" and "no reliable noise scale" in row.reason
+    assert "--batch-schedule noise" not in note and "no reliable noise scale" in note
 
 
 def test_the_first_micro_batch_under_a_growing_batch_is_at_most_half_on_one_device():

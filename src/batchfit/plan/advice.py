@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchfit.errors import ConfigError
+from batchfit.noise.result import NoiseScaleResult
 from batchfit.training.batch_growth import (
     MAX_ACCUMULATION,
     MIN_STEPS_PER_EPOCH,
@@ -378,26 +379,41 @@ def growth_room(dataset_size: int, micro_batch: int, world_size: int = 1) -> int
     return min(int(data_batch_limit(dataset_size)), micro_batch * world_size * MAX_ACCUMULATION)
 
 
-def noise_growth_note(batch_schedule: str, global_batch: int, room: int) -> str:
+def reliable_noise_scale(noise: NoiseScaleResult | None) -> float | None:
+    """The noise scale a plan's batch schedule rests on (samples): the measured one when it is
+    reliable and positive, else None (not measured, or not reliable)."""
+    if noise is None or not noise.reliable or noise.noise_scale_samples is None:
+        return None
+    return noise.noise_scale_samples if noise.noise_scale_samples > 0 else None
+
+
+def noise_growth_note(
+    batch_schedule: str, global_batch: int, room: int, noise: NoiseScaleResult | None
+) -> str:
     """The plan's closing note on the noise scale's growth, in line with its batch schedule:
     the schedule it chose grows the batch, or `--batch-schedule noise` would, or (`room`, from
-    `growth_room`, below twice the global batch) nothing can.
+    `growth_room`, below twice the global batch) nothing can; without a reliable `noise` the
+    plan's batch is constant for that, as its batch schedule row says.
 
     Example:
-        >>> "no room to double (at most 359 samples)" in noise_growth_note("constant", 256, 359)
+        >>> "batch is constant" in noise_growth_note("constant", 32, 512, None)  # none measured
         True
     """
     grows = "The noise scale grows as training proceeds; `batchfit train` logs it on every run"
     if batch_schedule == "noise":
         return f"{grows}, and the plan's `noise` batch schedule raises the global batch with it."
-    if room >= 2 * global_batch:
+    if reliable_noise_scale(noise) is None:
         return (
-            f"{grows}, and `batchfit train --batch-schedule noise` raises the global batch with it."
+            f"{grows}; the plan has no reliable noise scale, so its batch is constant (see the "
+            "batch schedule row)."
         )
-    return (
-        f"{grows}; a growing batch's cap leaves the global batch {global_batch} no room to double "
-        f"(at most {room} samples), so the plan's batch is constant (see the batch schedule row)."
-    )
+    if room < 2 * global_batch:
+        return (
+            f"{grows}; a growing batch's cap leaves the global batch {global_batch} no room to "
+            f"double (at most {room} samples), so the plan's batch is constant (see the batch "
+            "schedule row)."
+        )
+    return f"{grows}, and `batchfit train --batch-schedule noise` raises the global batch with it."
 
 
 def first_micro_batch(global_batch: int, micro_batch: int, world_size: int, schedule: str) -> int:

@@ -288,7 +288,7 @@ def plan(
         )
         schedule_choice = advice.propose_batch_schedule(
             global_batch,
-            noise_scale=noise.noise_scale_samples if noise is not None and noise.reliable else None,
+            noise_scale=advice.reliable_noise_scale(noise),
             dataset_size=dataset_size,
             micro_batch=micro_batch,
             world_size=world_size,
@@ -449,7 +449,7 @@ def plan(
             "progress."
         )
     room = advice.growth_room(dataset_size, micro_batch, world_size)
-    notes.append(advice.noise_growth_note(str(schedule_choice.value), global_batch, room))
+    notes.append(advice.noise_growth_note(str(schedule_choice.value), global_batch, room, noise))
     return Plan(
         task=task_name or task.name,
         device=str(device),
