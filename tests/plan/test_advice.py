@@ -44,6 +44,13 @@ def test_customary_ranges():
     assert customary_range_note(None, 5) is None
 
 
+def test_the_language_model_range_is_not_called_bert_style():
+    # the kind covers causal LMs (GPT-2 from the Hugging Face integration, the charlm example)
+    note = customary_range_note("language-model", 8)
+    assert "below the customary 32-512: language models (BERT / GPT-style)" in note
+    assert "BERT-style" not in note
+
+
 def test_choose_lr_checks_against_the_range_test():
     kept = choose_lr(0.01, "scaled", steepest_lr=0.005, valley_lr=0.008, min_loss_lr=0.1)
     assert kept.value == 0.01 and "consistent" in kept.reason

@@ -39,7 +39,12 @@ CUSTOMARY_RANGES: dict[str, tuple[int, int, str]] = {
     "mobile-image-classification": (64, 128, "small mobile networks usually train at 64-128"),
     "segmentation": (2, 16, "segmentation usually trains at 2-16 (high-resolution inputs)"),
     "detection": (2, 16, "detection usually trains at 2-16 (Mask R-CNN: 2-8)"),
-    "language-model": (32, 512, "BERT-style language models train at 32-512 with accumulation"),
+    # the kind does not tell masked (BERT) from causal (GPT) models: both are customary here
+    "language-model": (
+        32,
+        512,
+        "language models (BERT / GPT-style) usually train at 32-512 sequences, with accumulation",
+    ),
 }
 
 
