@@ -782,8 +782,10 @@ def test_a_fit_resumed_after_the_batch_grew_goes_on_at_it_and_keeps_its_changes(
     assert changes == [(c.step, c.old_batch, c.new_batch) for c in whole.batch_changes]
     assert changes == [(9, 32, 64)]
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batchfit:")]
-    assert said[-1] == "batchfit: resumed at the schedule's global batch 64"
-    assert not any("->" in message for message in said)
+    # only the batch it trains at: the plan's "global batch 32 = ..." was said first
+    assert said == [
+        "batchfit: resumed at the schedule's global batch 64 = 1 device(s) x 4 micro-batches of 16"
+    ]
     assert trainer.accumulate_grad_batches == 4 and resumed.global_batch == 64
 
 

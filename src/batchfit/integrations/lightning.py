@@ -196,13 +196,18 @@ class BatchFit(pl.Callback):
             )
             self._set_batch(trainer, pl_module, target, micro)
         self._wrap_training_step(pl_module)
+        if self._schedule_spec is not None and self._schedule_resumed:
+            self._start_schedule(trainer, pl_module)  # at the batch it had reached: say that one
+            rank_zero_info(f"batchfit: resumed at the schedule's {self._batch_line(world)}")
+            return
         # Lightning's own info channel: shown by default, once (rank zero)
-        rank_zero_info(
-            f"batchfit: global batch {self.global_batch} = {world} device(s) x "
-            f"{self.accumulation_steps} micro-batches of {self.micro_batch}"
-        )
+        rank_zero_info(f"batchfit: {self._batch_line(world)}")
         if self._schedule_spec is not None:
             self._start_schedule(trainer, pl_module)
+
+    def _batch_line(self, world: int) -> str:
+        micro = f"{self.accumulation_steps} micro-batches of {self.micro_batch}"
+        return f"global batch {self.global_batch} = {world} device(s) x {micro}"
 
     def _apply_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: Plan) -> None:
         if plan.world_size != trainer.world_size:
@@ -288,8 +293,7 @@ class BatchFit(pl.Callback):
         trainer.accumulate_grad_batches = accumulate
         self.accumulation_steps = accumulate * self._splits
         old, self.global_batch = self.global_batch, batch
-        if not announce:  # a resumed run, at the batch it had reached
-            rank_zero_info(f"batchfit: resumed at the schedule's global batch {batch}")
+        if not announce:  # a resumed run, at the batch it had reached (on_fit_start says it)
             return
         change = BatchChange(
             step=trainer.global_step + 1,
