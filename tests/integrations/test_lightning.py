@@ -146,6 +146,19 @@ def test_a_plan_that_keeps_the_trainers_accumulation_does_not_warn(recwarn):
     assert not [w for w in recwarn if "accumulate_grad_batches" in str(w.message)]
 
 
+def test_a_plan_made_for_another_training_set_size_says_so(recwarn):
+    # plan.json records the training set it was sized for; `batchfit train --plan` refuses
+    # another size, the callback followed such a plan without a word
+    callback = BatchFit(_plan(train_samples=1024, total_steps=16), noise_scale=False)
+    trainer = _trainer(callback, max_steps=1)
+    with pytest.warns(UserWarning, match=r"training set of 1,024 samples; this fit's .* 256 "):
+        trainer.fit(Classifier(), Data(samples=256))
+    assert trainer.accumulate_grad_batches == 4  # the plan is still followed
+    same = BatchFit(_plan(train_samples=256), noise_scale=False)
+    _trainer(same, max_steps=1).fit(Classifier(), Data(samples=256))
+    assert not [w for w in recwarn if "training set of" in str(w.message)]
+
+
 def test_a_plan_file_path_is_read(tmp_path):
     path = _plan(global_batch=32, micro_batch=8).save(tmp_path / "plan.json")
     callback = BatchFit(str(path), noise_scale=False)

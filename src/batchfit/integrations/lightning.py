@@ -43,6 +43,7 @@ from batchfit.integrations.lightning_fit import (
     plan_schedule,
     reload_train_loader,
     set_base_rate,
+    warn_of_other_train_samples,
 )
 from batchfit.integrations.lightning_noise import watch_step
 from batchfit.integrations.lightning_rates import StepRateFactor
@@ -72,7 +73,8 @@ class BatchFit(pl.Callback):
     """Plan, fit and watch the batch of a Lightning run.
 
     Args:
-        plan: a `Plan`, the path of a plan.json, or None to search for the micro-batch.
+        plan: a `Plan`, the path of a plan.json, or None to search for the micro-batch; a
+            warning says when the plan was made for another training-set size than the loader's.
         batch_size_attr: the name of the batch-size attribute Lightning looks up on the
             datamodule, the module or its hparams (as Lightning's own `BatchSizeFinder`).
         global_batch: without a plan, the global batch to keep (samples per optimizer step over
@@ -84,16 +86,14 @@ class BatchFit(pl.Callback):
         noise_scale: log the gradient noise scale (one micro-batch on one device: from
             consecutive steps, see `batchfit.noise.watch`).
         window: steps the noise-scale estimate is smoothed over (see `NoiseScaleTracker`).
-        backoff: split training batches when `training_step` runs out of memory (under
-            automatic optimization).
+        backoff: split training batches that run out of memory (automatic optimization only).
         batch_schedule: a `BatchSchedule`, or its spelling for `parse_batch_schedule`
             ("ramp:32-256:50000", "noise", ...; from the global batch set at fit start); default
             the plan's (and its `max_global_batch`). Asked once per optimizer step, a new global
             batch takes effect at the next epoch start (through `accumulate_grad_batches`, the
             micro-batch unchanged), then the rate runs at its `lr_factor` on top.
         max_batch: the schedule's cap on the global batch (samples).
-        rule: the schedule's rate rule ("linear", "sqrt", "none"); default the plan's, else
-            "linear".
+        rule: the schedule's rate rule ("linear", "sqrt", "none"; default the plan's or linear).
         diagnosis: at the end of the fit, diagnose the run and write diagnosis.json.
 
     Attributes:
@@ -361,8 +361,9 @@ class BatchFit(pl.Callback):
     # --- noise scale, warm-up, counting -------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step, self._loader_checked = trainer.global_step, False
-        self._start_step = trainer.global_step
+        self._last_step, self._start_step = trainer.global_step, trainer.global_step
+        self._loader_checked = False
+        warn_of_other_train_samples(trainer, self.plan)
         if self.tracker is not None:
             self.watch = GradientNormWatch(pl_module, self.tracker)
         # a split batch's parts backward unscaled: under a loss scaler they are not measured

@@ -307,6 +307,30 @@ def _steps_per_epoch(trainer: Any) -> float | None:
     return float(math.ceil(batches / accumulation))
 
 
+def warn_of_other_train_samples(trainer: Any, plan: Any | None) -> None:
+    """A warning when the plan records the size of the training set it was made for
+    (`Plan.train_samples`) and the Trainer's training loader holds another: its global batch
+    and steps were sized for that one. `batchfit train --plan` refuses such a plan (unless
+    `--force-plan`); the callback, which has no such option, warns. Nothing for a plan without
+    the size or a loader without a sized dataset (several loaders, an iterable)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+    try:
+        samples = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if plan is None or plan.train_samples is None or plan.train_samples == samples:
+        return
+    steps = f"its {plan.total_steps} steps and " if plan.total_steps is not None else ""
+    rank_zero_warn(
+        f"batchfit: the plan was made for a training set of {plan.train_samples:,} samples; "
+        f"this fit's training loader has {samples:,} ({steps}its global batch "
+        f"{plan.global_batch} were sized for {plan.train_samples:,}); plan again for this data "
+        "(`batchfit plan`), or train on the data the plan was made for."
+    )
+
+
 # --- the micro-batch search ------------------------------------------------------------------
 
 

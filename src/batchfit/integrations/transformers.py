@@ -68,7 +68,8 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
     plan's `max_steps` overrides, and a batch schedule of the plan's, which the Trainer cannot
     follow. `auto_find_batch_size` is turned off (with a warning): the
     Trainer's search shrinks the micro-batch and keeps the accumulation, so the global batch
-    would fall below the plan's.
+    would fall below the plan's. The plan's `train_samples` is not checked: the arguments hold
+    no data (`batchfit train --plan` refuses a plan made for another training-set size).
 
     Args:
         training_args: the `transformers.TrainingArguments` to start from.
