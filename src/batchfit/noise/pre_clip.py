@@ -14,8 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from batchfit.noise.watch import gradient_norm
+
 if TYPE_CHECKING:
     import torch
+
 
 __all__ = ["AccumulatedGradNorm"]
 
@@ -41,16 +44,10 @@ class AccumulatedGradNorm:
         self._handles = [param.register_post_accumulate_grad_hook(self._hook) for param in params]
 
     def _hook(self, param: torch.Tensor) -> None:
-        import torch
-
         grad = param.grad
         if grad is None:
             return
-        values = (grad.coalesce().values() if grad.is_sparse else grad).detach()
-        if values.dtype in (torch.float32, torch.float64):
-            self._norms[id(param)] = torch.linalg.vector_norm(values)
-        else:  # float32 accumulation keeps half-precision gradients from overflowing
-            self._norms[id(param)] = torch.linalg.vector_norm(values, dtype=torch.float32)
+        self._norms[id(param)] = gradient_norm(grad)
 
     def take_sq_norm(self) -> float | None:
         """The squared norm of the gradients since the last call (None if no backward ran),

@@ -137,18 +137,13 @@ class GradientNormWatch:
         ]
 
     def _hook(self, index: int, grad: torch.Tensor) -> None:
-        import torch
 
         backward = _backward_id(self._group_id, len(self._group), len(self.params))
         if backward != self._group_id:
             self._close_group()
             self._group_id = backward
         self._group_params.add(index)
-        values = (grad.coalesce().values() if grad.is_sparse else grad).detach()
-        if values.dtype in (torch.float32, torch.float64):
-            self._group.append(torch.linalg.vector_norm(values))
-        else:  # float32 accumulation keeps half-precision gradients from overflowing
-            self._group.append(torch.linalg.vector_norm(values, dtype=torch.float32))
+        self._group.append(gradient_norm(grad))
 
     def _close_group(self) -> None:
         import torch
@@ -386,6 +381,17 @@ class GradientNormWatch:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+def gradient_norm(grad: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of a gradient (the values of a sparse one), on its device, without a sync;
+    half-precision gradients are accumulated in float32, which keeps them from overflowing."""
+    import torch
+
+    values = (grad.coalesce().values() if grad.is_sparse else grad).detach()
+    if values.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(values)
+    return torch.linalg.vector_norm(values, dtype=torch.float32)
 
 
 def _backward_id(current: object, seen: int, parameters: int) -> object:
