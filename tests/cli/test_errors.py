@@ -335,3 +335,20 @@ def test_under_torchrun_rank_0_alone_says_interrupted(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         assert main(argv) == 130
         assert capsys.readouterr().err == said
+
+
+def test_a_closed_stdout_ends_quietly_with_exit_code_1():
+    """`batchfit ... --json | head -c 0`: the reader is gone before the JSON is written; the
+    command stops with exit code 1 (as rich's console does) and no traceback."""
+    import subprocess
+
+    argv = ["estimate", "--memory", "24GB", "--model", "4GB", "--per-sample", "0.2GB", "--json"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchfit", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -5,6 +5,8 @@ included) is printed as one line, `batchfit: error: ...`, with exit code 2; Ctrl
 An exception raised inside the user's own task code while it runs
 (`batchfit.task.task_code_error`) is one line too, naming the file and line. With -v the
 traceback follows the line. Anything else is a bug in batchfit and keeps its traceback.
+A reader of stdout that goes away (`batchfit ... --json | head -1`) ends the command quietly with
+exit code 1, as rich's console does for the commands that print tables.
 
 SIGTERM (what `kill`, a job scheduler or torchrun sends) is handled as Ctrl-C: it raises
 KeyboardInterrupt, so a file being written is cleaned up as on Ctrl-C (`write_atomic` removes
@@ -32,11 +34,13 @@ from batchfit.interrupts import signals_as_interrupt
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
+EXIT_STDOUT_CLOSED = 1  # what rich's console exits with on a broken pipe
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 bad input, 130 interrupted).
+    """Run the command line; returns the exit code (0 ok, 1 stdout closed, 2 bad input,
+    130 interrupted).
 
     Args:
         argv: the arguments after the program name; None reads `sys.argv[1:]`.
@@ -61,11 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             from batchfit.cli.commands import COMMANDS
 
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+            return code
         except BatchfitError as error:
             _report(error, verbose)
             return EXIT_BAD_INPUT
         except Exception as error:
+            if isinstance(error, BrokenPipeError) and _stdout_reader_gone():
+                return _stdout_closed()  # not a pipe of the task's own: that is its error
             from batchfit.task import task_code_error
 
             line = task_code_error(error)
@@ -79,6 +87,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             if _rank_error_file() is None and (verbose or not _another_rank_says_it()):
                 print("batchfit: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no real stdout
+        return True
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`batchfit ... | head -1`): stop quietly, as rich's own
+    console does, with exit code 1 and no traceback; stdout goes to the null device so the
+    interpreter's last flush finds nothing to complain about."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    return EXIT_STDOUT_CLOSED
 
 
 def _report(error: BatchfitError, verbose: bool) -> None:
