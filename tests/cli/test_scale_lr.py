@@ -36,6 +36,15 @@ def test_rule_follows_the_optimizer_family(capsys):
     assert json.loads(capsys.readouterr().out)["rule"] == "linear"
 
 
+@pytest.mark.parametrize(
+    ("named", "rule"), [("AdamW", "sqrt"), ("lamb", "sqrt"), ("lars", "linear")]
+)
+def test_an_optimizer_batchfit_knows_names_its_family(capsys, named, rule):
+    base = ["scale-lr", "--lr", "0.001", "--batch", "32", "--new-batch", "128", "--json"]
+    assert main([*base, "--optimizer-family", named]) == 0
+    assert json.loads(capsys.readouterr().out)["rule"] == rule
+
+
 def test_task_supplies_the_reference_point(capsys):
     # digits: Adam at 1e-3 for batch 32, so the square-root rule.
     assert main(["scale-lr", "--example", "digits", "--new-batch", "128", "--json"]) == 0
@@ -60,7 +69,10 @@ def test_schedule_table_and_warmup_options(capsys):
         (["--lr", "0"], "--lr must lie in (0, 10000], got 0.0"),
         (["--batch", "sixty"], "--batch 'sixty' is not a whole number"),
         (["--optimizer-family", "lbfgs"], "use one of sgd, adam"),
-        (["--total-steps", "3000", "--warmup", "5000"], "warmup_steps (5000) is larger than"),
+        (
+            ["--total-steps", "3000", "--warmup", "5000"],
+            "--warmup 5000 steps is more than the run's --total-steps 3000",
+        ),
         (["--total-steps", "100", "--decay", "exp"], "Unknown decay 'exp'"),
     ],
 )

@@ -146,7 +146,7 @@ def scale_lr(args: argparse.Namespace) -> int:
     batch = task.batch_size if args.batch is None and task else args.batch
     if lr is None or batch is None:
         raise ConfigError("Give --lr and --batch (the tuned rate and its batch), or a task.")
-    family = args.optimizer_family or (task.optimizer_family() if task else "sgd")
+    family = _family(args.optimizer_family) or (task.optimizer_family() if task else "sgd")
     scaled = scaled_rate(lr, batch, args.new_batch, args.rule or default_rule(family))
     result = scaled.to_dict()
     optimizer = optimizer_advice(args.new_batch, family)
@@ -155,6 +155,12 @@ def scale_lr(args: argparse.Namespace) -> int:
     config = None
     if args.total_steps is not None:
         warmup = args.warmup
+        if isinstance(warmup, int) and warmup > args.total_steps:
+            raise ConfigError(
+                f"--warmup {warmup} steps is more than the run's --total-steps "
+                f"{args.total_steps}; lower --warmup (or give a fraction, 0.05) or raise "
+                "--total-steps."
+            )
         config = recommended_schedule(
             scaled,
             args.total_steps,
@@ -182,6 +188,16 @@ def scale_lr(args: argparse.Namespace) -> int:
     if args.plot is not None:
         console.print(f"Plot written to {result['plot']}", highlight=False, markup=False)
     return 0
+
+
+def _family(named: str | None) -> str | None:
+    """--optimizer-family as a family: an optimizer batchfit knows by name (adamw, lamb, lars)
+    stands for its own; anything else is left for `default_rule` to accept or explain."""
+    from batchfit.training.optimizers import OPTIMIZERS, optimizer_family
+
+    if named is not None and named.lower() in OPTIMIZERS and named.lower() != "task":
+        return optimizer_family(named.lower(), None)
+    return named
 
 
 def lr_range(args: argparse.Namespace) -> int:

@@ -170,7 +170,9 @@ def _add_scale_lr(command) -> None:
         "--rule", help="linear, sqrt or none (default: linear for sgd, sqrt for adam)"
     )
     scale_lr.add_argument(
-        "--optimizer-family", help="sgd or adam, to pick the rule (default: the task's, or sgd)"
+        "--optimizer-family",
+        help="sgd or adam (or an optimizer: adamw, lamb, lars), to pick the rule "
+        "(default: the task's, or sgd)",
     )
     add_count(scale_lr, "--total-steps", "optimizer steps of the run: show the schedule")
     scale_lr.add_argument(
