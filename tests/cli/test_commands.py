@@ -21,6 +21,20 @@ def test_estimate_says_when_no_multiple_fits_and_a_bare_fraction_is_not_a_byte(c
     assert "less than one byte: a number without a unit counts bytes" in capsys.readouterr().err
 
 
+def test_a_device_memory_without_a_unit_is_refused_below_a_mebibyte(capsys):
+    """`--memory 12` meant gigabytes: 12 bytes is refused where it is typed, not reported as
+    a model that does not fit in "12 B"; a count of bytes that is a device's size still works."""
+    args = ["--model", "3GB", "--per-sample", "45MB"]
+    assert main(["estimate", "--memory", "12", *args]) == 2
+    assert "--memory 12 is 12 bytes (a number without a unit counts bytes)" in (
+        capsys.readouterr().err
+    )
+    assert main(["estimate", "--memory", "12000000000", *args]) == 0
+    assert capsys.readouterr().out.strip() == "200"
+    assert main(["memory", "--example", "digits", "--memory-budget", "12"]) == 2
+    assert "write a unit, e.g. --memory-budget 12GiB" in capsys.readouterr().err
+
+
 def test_a_negative_size_after_a_space_gets_the_equals_hint(capsys):
     argv = ["estimate", "--memory", "-24GB", "--model", "4GB", "--per-sample", "1GB"]
     assert main(argv) == 2

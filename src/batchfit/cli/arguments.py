@@ -104,7 +104,8 @@ class Size(argparse.Action):
 
     Extra `add_argument` keywords: zero=True also takes a size of nothing ("0", "0GB");
     cards=True also takes a card's name ("A100-80GB", `batchfit.memory.cards`): its memory in
-    bytes, and the card in `<dest>_card` (None for a size).
+    bytes, and the card in `<dest>_card` (None for a size); capacity=True (a device's memory)
+    refuses a number without a unit under 1 MiB: `--memory 12` meant gigabytes, not 12 bytes.
     """
 
     def __init__(
@@ -114,10 +115,11 @@ class Size(argparse.Action):
         *,
         zero: bool = False,
         cards: bool = False,
+        capacity: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(option_strings, dest, **kwargs)
-        self.zero, self.cards = zero, cards
+        self.zero, self.cards, self.capacity = zero, cards, capacity
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         if self.zero and isinstance(values, str) and _is_zero_size(values):
@@ -130,7 +132,14 @@ class Size(argparse.Action):
             setattr(namespace, self.dest, target.memory_bytes)
             setattr(namespace, f"{self.dest}_card", target.card)
             return
-        setattr(namespace, self.dest, parse_size(values, name=option_string or self.dest))
+        name = option_string or self.dest
+        size = parse_size(values, name=name)
+        if self.capacity and size < 2**20 and re.fullmatch(r"\s*[\d.]+\s*", str(values)):
+            raise ConfigError(
+                f"{name} {values} is {size} bytes (a number without a unit counts bytes), "
+                f"too little for any device; write a unit, e.g. {name} {values}GiB."
+            )
+        setattr(namespace, self.dest, size)
 
 
 def _is_zero_size(text: str) -> bool:
@@ -246,6 +255,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-budget",
         metavar="SIZE",
         action=Size,
+        capacity=True,
         help=f"pretend the device has this much memory, e.g. 12GiB ({UNITS_HELP})",
     )
 

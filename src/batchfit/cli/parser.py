@@ -84,7 +84,8 @@ def _add_estimate(command) -> None:
     ):
         # --model takes 0, as max_batch_size does: nothing before the first sample
         estimate.add_argument(flag, required=True, metavar="SIZE", action=Size, help=help,
-                              cards=flag == "--memory", zero=flag == "--model")  # fmt: skip
+                              cards=flag == "--memory", capacity=flag == "--memory",
+                              zero=flag == "--model")  # fmt: skip
     estimate.add_argument(
         "--reserve", metavar="SIZE", action=Size, zero=True,
         help="memory to keep free (default 0; for a card, what CUDA keeps)",
