@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from batchfit.errors import ConfigError
+from batchfit.units import format_count
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +71,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         count = torch.cuda.device_count()
         if not 0 <= index < count:
             raise ConfigError(
-                f"device {name!r}: this machine has {count} CUDA device(s), "
+                f"device {name!r}: this machine has {format_count(count, 'CUDA device')}, "
                 f"cuda:0 to cuda:{count - 1}."
             )
         return torch.device("cuda", index)

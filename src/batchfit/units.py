@@ -142,6 +142,12 @@ def format_samples_noun(samples: float) -> str:
     return f"{text} sample{'' if text == '1' else 's'}"
 
 
-def format_count(count: int, noun: str) -> str:
-    """A count with its noun, plural when it is not one: "1 step", "3 steps", "0 ranks"."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+def format_count(count: int, noun: str, plural: str | None = None) -> str:
+    """A count with its noun, plural when it is not one: "1 step", "3 steps", "0 ranks";
+    `plural` for a noun that does not take an s ("batches", "processes").
+
+    Example:
+        >>> format_count(1, "batch", "batches"), format_count(2, "batch", "batches")
+        ('1 batch', '2 batches')
+    """
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"

@@ -734,7 +734,7 @@ def test_a_ramp_changes_the_global_batch_only_at_epoch_starts(caplog):
     # on Lightning's info channel (shown by default), the start before the change
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batchfit:")]
     assert said == [
-        "batchfit: global batch 32 = 1 device(s) x 2 micro-batches of 16",
+        "batchfit: global batch 32 = 1 device x 2 micro-batches of 16",
         "batchfit: global batch 32 -> 64 at step 9 (ramp: 256 samples seen)",
     ]
     assert all(
@@ -797,7 +797,7 @@ def test_a_fit_resumed_after_the_batch_grew_goes_on_at_it_and_keeps_its_changes(
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batchfit:")]
     # only the batch it trains at: the plan's "global batch 32 = ..." was said first
     assert said == [
-        "batchfit: resumed at the schedule's global batch 64 = 1 device(s) x 4 micro-batches of 16"
+        "batchfit: resumed at the schedule's global batch 64 = 1 device x 4 micro-batches of 16"
     ]
     assert trainer.accumulate_grad_batches == 4 and resumed.global_batch == 64
 

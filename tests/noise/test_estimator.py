@@ -243,7 +243,7 @@ def test_too_few_batches_or_no_noise_are_not_reliable():
     tracker = NoiseScaleTracker()
     assert not tracker.estimate().reliable and "no batches" in tracker.estimate().reason
     tracker.update(5.0, 2.0, small_batch=2, big_batch=8)
-    assert "only 1 batch" in tracker.estimate().reason
+    assert "only 1 batch measured" in tracker.estimate().reason  # not "1 batch(es)"
     noiseless = NoiseScaleTracker()
     for _ in range(6):
         noiseless.update(1.0, 1.0, small_batch=2, big_batch=8)

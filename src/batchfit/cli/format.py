@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from batchfit.units import format_bytes, format_seconds
+from batchfit.units import format_bytes, format_count, format_seconds
 
 
 def stdout_console() -> Console:
@@ -165,7 +165,7 @@ def print_scaled_rate(console: Console, scaled: Any, schedule: Any | None) -> No
     if scaled.warmup and schedule is not None and not schedule.warmup_steps:
         say(
             f"  warm up: the rate is {scaled.lr / scaled.base_lr:.3g}x the base, but a run of "
-            f"{schedule.total_steps} step(s) leaves no room for a warmup"
+            f"{format_count(schedule.total_steps, 'step')} leaves no room for a warmup"
         )
     elif scaled.warmup:
         say(

@@ -37,6 +37,7 @@ from batchfit.integrations.lightning_fit import (
     build_schedule,
     check_accumulation,
     check_loader_batch,
+    check_plan_world,
     device_of,
     diagnose_fit,
     largest_micro_batch,
@@ -55,6 +56,7 @@ from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan, load_plan
 from batchfit.task import batch_size_of
 from batchfit.training.batch_schedule import BatchChange, BatchSchedule
+from batchfit.units import format_count
 from batchfit.validation import check_whole_number
 
 pl = require("lightning.pytorch", "lightning")
@@ -206,26 +208,23 @@ class BatchFit(pl.Callback):
             self._start_schedule(trainer, pl_module)
 
     def _batch_line(self, world: int) -> str:
-        micro = f"{self.accumulation_steps} micro-batches of {self.micro_batch}"
-        return f"global batch {self.global_batch} = {world} device(s) x {micro}"
+        micro = format_count(self.accumulation_steps, "micro-batch", "micro-batches")
+        devices = format_count(world, "device")
+        return f"global batch {self.global_batch} = {devices} x {micro} of {self.micro_batch}"
 
     def _apply_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: Plan) -> None:
-        if plan.world_size != trainer.world_size:
-            raise ConfigError(
-                f"The plan is for {plan.world_size} device(s) but the Trainer runs on "
-                f"{trainer.world_size}; run `batchfit plan --world-size {trainer.world_size}` "
-                "or start the Trainer with as many devices as the plan."
-            )
+        check_plan_world(plan, trainer.world_size)
         configured = trainer.accumulate_grad_batches
         self._set_batch(trainer, pl_module, plan.global_batch, plan.micro_batch)
         if configured != 1 and configured != self.accumulation_steps:
             # the Trainer's own setting, replaced: say so (the plan's batch is the point)
+            devices = format_count(trainer.world_size, "device")
             rank_zero_warn(
                 f"batchfit: the plan replaces the Trainer's accumulate_grad_batches={configured} "
                 f"with {self.accumulation_steps} (global batch {plan.global_batch} = "
-                f"{plan.micro_batch} x {self.accumulation_steps} x {trainer.world_size} "
-                "device(s)); leave accumulate_grad_batches out of the Trainer, or give BatchFit "
-                "no plan to keep it (BatchFit() keeps the configured global batch)."
+                f"{plan.micro_batch} x {self.accumulation_steps} x {devices}); leave "
+                "accumulate_grad_batches out of the Trainer, or give BatchFit no plan to keep it "
+                "(BatchFit() keeps the configured global batch)."
             )
         set_base_rate(trainer.optimizers, trainer.lr_scheduler_configs, plan.lr)
         self._warmup_steps = plan.warmup_steps

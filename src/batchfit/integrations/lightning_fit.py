@@ -28,9 +28,11 @@ from batchfit.integrations.lightning_task import optimizer_like, training_step_l
 from batchfit.monitor.readers import read_history
 from batchfit.task import move_to
 from batchfit.training.batch_schedule import BatchSchedule, parse_batch_schedule
+from batchfit.units import format_count
 
 if TYPE_CHECKING:
     from batchfit.monitor.findings import Diagnosis
+    from batchfit.plan.plan_file import Plan
 
 __all__ = [
     "accumulation_for",
@@ -463,3 +465,13 @@ def device_of(batch: Any) -> Any:
         except TaskError:
             continue
     raise TaskError("The batch holds no tensor.")
+
+
+def check_plan_world(plan: Plan, world_size: int) -> None:
+    """ConfigError unless the plan was made for the Trainer's number of devices."""
+    if plan.world_size != world_size:
+        raise ConfigError(
+            f"The plan is for {format_count(plan.world_size, 'device')} but the Trainer runs on "
+            f"{world_size}; run `batchfit plan --world-size {world_size}` or start the Trainer "
+            "with as many devices as the plan."
+        )

@@ -45,6 +45,7 @@ from batchfit.noise.pre_clip import AccumulatedGradNorm
 from batchfit.noise.watch import GradientNormWatch
 from batchfit.plan.plan_file import Plan
 from batchfit.task import Task
+from batchfit.units import format_count
 
 transformers = require("transformers", "transformers")
 
@@ -92,7 +93,8 @@ def apply_plan(training_args: Any, plan: Plan) -> Any:
     """
     if plan.world_size != training_args.world_size:
         raise ConfigError(
-            f"The plan is for {plan.world_size} process(es) but these TrainingArguments run on "
+            f"The plan is for {format_count(plan.world_size, 'process', 'processes')} but these "
+            "TrainingArguments run on "
             f"{training_args.world_size}; run `batchfit plan --world-size "
             f"{training_args.world_size}`, or launch as many processes as the plan."
         )

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 from batchfit.errors import CheckpointError, ConfigError
 from batchfit.noise.interval import CONFIDENCE, TREND_MIN_T, bootstrap_interval, holding
 from batchfit.noise.result import WIDE_INTERVAL, NoiseScaleResult, RunningEstimate
+from batchfit.units import format_count
 from batchfit.validation import check_positive_number
 
 if TYPE_CHECKING:
@@ -361,8 +362,8 @@ class NoiseScaleTracker:
             )
         if self.updates < MIN_RELIABLE_BATCHES:
             return (
-                f"only {self.updates} batch(es) measured; at least {MIN_RELIABLE_BATCHES} are "
-                "needed for a usable estimate."
+                f"only {format_count(self.updates, 'batch', 'batches')} measured; at least "
+                f"{MIN_RELIABLE_BATCHES} are needed for a usable estimate."
             )
         return ""
 

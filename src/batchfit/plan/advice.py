@@ -18,7 +18,7 @@ from batchfit.training.batch_growth import (
     data_batch_limit,
     fit_micro_batch,
 )
-from batchfit.units import format_samples
+from batchfit.units import format_count, format_samples
 
 LARGE_BATCH_SAMPLES = 8192
 """Above this global batch, advise layer-wise adaptive optimizers. Goyal et al. 2017 train
@@ -351,8 +351,8 @@ def propose_batch_schedule(
     # the accumulation the loop allows, or a share of the data.
     limits = (
         f"the cap of {room} samples on a growing batch (the least of a quarter of the "
-        f"{dataset_size} training samples and micro-batch {micro_batch} x {world_size} "
-        f"device(s) x {MAX_ACCUMULATION} accumulations)"
+        f"{dataset_size} training samples and micro-batch {micro_batch} x "
+        f"{format_count(world_size, 'device')} x {MAX_ACCUMULATION} accumulations)"
     )
     if room >= GROWTH_ROOM * noise_scale and room >= 2 * global_batch:
         return Choice(
