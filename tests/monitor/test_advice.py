@@ -27,3 +27,31 @@ def test_a_count_of_one_is_singular():
     assert "warm up 1 step," in lower_rate(RunSettings(lr=0.1, total_steps=10))[0]
     text, _ = change_batch(RunSettings(16, 16, 0.001, "linear", 20), 4)
     assert text.endswith("warm up 1 step (5 steps for the same samples)")
+
+
+def test_batch_advice_without_the_batch_still_follows_the_logged_rate_and_rule(tmp_path):
+    # A Lightning CSVLogger log has no global batch, but LearningRateMonitor's `lr-SGD` tells
+    # the rate (0.5) and the rule (linear): the advice names the new rate, by that rule alone
+    from batchfit.monitor.diagnose import diagnose
+    from batchfit.monitor.readers import read_history
+
+    swings = [1.0, 0.2, 1.6, 0.1, 1.9, 0.3, 1.2, 0.05]
+    rows = ["step,train_loss,lr-SGD"] + [
+        f"{s},{3 * 0.99**s * swings[s // 5 % len(swings)]},0.5" for s in range(0, 200, 5)
+    ]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (finding,) = [f for f in diagnose(read_history(tmp_path)).findings if f.kind == "noisy"]
+    assert finding.advice == (
+        "raise the global batch 4x by accumulating 4 micro-batches, and the learning rate 4x "
+        "(0.5 -> 2) by the linear rule"
+    )
+    assert finding.settings == {"global_batch_factor": 4, "lr_factor": 4, "lr": 2.0}
+    # Adam's tag: the square-root rule; a log that does not say: both, each with its rate
+    text, settings = change_batch(RunSettings(lr=0.001, rule="sqrt"), 4)
+    assert text.endswith("the learning rate 2x (0.001 -> 0.002) by the sqrt rule")
+    text, settings = change_batch(RunSettings(lr=0.001), 0.5)
+    assert text == (
+        "lower the global batch 0.5x, and the learning rate 0.5x (0.001 -> 0.0005) by the "
+        "linear rule (0.707x by the square-root rule for Adam: 0.000707)"
+    )
+    assert settings["lr_sqrt"] == 0.001 * 0.5**0.5

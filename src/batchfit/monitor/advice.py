@@ -111,7 +111,9 @@ def change_batch(run: RunSettings, factor: float) -> tuple[str, dict[str, Any]]:
 
     Returns:
         The advice in words and the settings (`global_batch`, `micro_batch`,
-        `accumulation_steps`, `lr`, `lr_sqrt` when the rule is unknown, `warmup_steps`).
+        `accumulation_steps`, `lr`, `lr_sqrt` when the rule is unknown, `warmup_steps`);
+        with the global batch unknown, `global_batch_factor` and `lr_factor` (by the run's
+        rule, else the linear one), and `lr` (`lr_sqrt`) when the rate is known.
 
     Example:
         >>> text, settings = change_batch(RunSettings(16, 16, 0.001, "linear", 480), 4)
@@ -119,12 +121,26 @@ def change_batch(run: RunSettings, factor: float) -> tuple[str, dict[str, Any]]:
         'accumulate 4 micro-batches of 16: global batch 16 -> 64, learning rate 0.001 -> 0.004 by the linear rule, warm up 6 steps (120 steps for the same samples)'
     """  # noqa: E501
     if run.global_batch is None:
+        # The batch is unknown but the log may still tell the rate and the rule (Lightning's
+        # `lr-SGD` / `lr-Adam`): the new rate is then a number, by that rule alone.
         k = _g(factor)
         words = "raise" if factor > 1 else "lower"
         how = f" by accumulating {k} micro-batches" if factor > 1 else ""
-        rate = f"the learning rate {k}x by the linear rule ({_g(math.sqrt(factor))}x by the "
-        text = f"{words} the global batch {k}x{how}, and {rate}square-root rule for Adam)"
-        return text, {"global_batch_factor": factor, "lr_factor": factor}
+        rule = run.rule or "linear"
+        lr_factor = factor if rule == "linear" else math.sqrt(factor)
+        by_factor: dict[str, Any] = {"global_batch_factor": factor, "lr_factor": lr_factor}
+        rate = f"the learning rate {_g(lr_factor)}x"
+        if run.lr is not None:
+            by_factor["lr"] = run.lr * lr_factor
+            rate += f" ({_g(run.lr)} -> {_g(by_factor['lr'])})"
+        rate += f" by the {rule} rule"
+        if run.rule is None:
+            rate += f" ({_g(math.sqrt(factor))}x by the square-root rule for Adam"
+            if run.lr is not None:
+                by_factor["lr_sqrt"] = run.lr * math.sqrt(factor)
+                rate += f": {_g(by_factor['lr_sqrt'])}"
+            rate += ")"
+        return f"{words} the global batch {k}x{how}, and {rate}", by_factor
     old, world = run.global_batch, max(1, run.world_size)
     new = max(world, int(round(old * factor)) // world * world)
     per_rank = new // world
