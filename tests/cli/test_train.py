@@ -464,3 +464,17 @@ def test_a_memory_budget_error_on_the_cpu_names_the_budget_not_cuda(tmp_path, ca
     err = capsys.readouterr().err
     assert "out of memory inside optimizer.step() twice (memory budget exceeded: tried" in err
     assert "CUDA" not in err
+
+
+def test_the_noise_scale_line_of_a_diverging_run_agrees_with_its_diagnosis(tmp_path, capsys):
+    # A run that blew up: the diagnosis does not read its noise scale against the batch, and
+    # the summary line must not either (it said "well below the global batch: part of each
+    # batch adds little" under a table whose note said the opposite)
+    args = ["train", *FAST, "--steps", "16", "--lr", "5", "--warmup", "0", "--json"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "diverging" in [f["kind"] for f in result["diagnosis"]["findings"]]
+    assert result["noise_scale"]["value"] is not None
+    assert result["noise_scale"]["advice"].endswith(
+        "samples, not read against the global batch: the run is diverging"
+    )

@@ -359,6 +359,18 @@ def test_noise_advice_offers_a_larger_batch_only_within_a_quarter_of_the_data():
     assert "save steps" not in tight and "near a quarter of the 511 training samples" in tight
 
 
+def test_noise_advice_follows_the_runs_diagnosis():
+    # a run that overfits is advised a smaller batch: the line offers no larger one
+    overfit = noise_scale_advice(1077.0, 64, overfits=True)
+    assert "save steps" not in overfit and "but the run overfits" in overfit
+    assert "part of each batch" in noise_scale_advice(10.0, 64, overfits=True)
+    held = noise_scale_advice(44.0, 256, held="the run is diverging")
+    assert held == (
+        "noise scale at the end: ~44 samples, not read against the global batch: the run is "
+        "diverging"
+    )
+
+
 @pytest.mark.parametrize(
     "global_batch, micro_batch, world_size, dataset_size, loggable, words",
     [

@@ -26,7 +26,7 @@ STOPPED_BY_DIAGNOSIS = 3  # exit code of a run that --stop-on stopped (not an er
 def train(args: argparse.Namespace) -> int:
     from batchfit.cli.format import print_train_summary
     from batchfit.cli.format_diagnosis import print_diagnosis
-    from batchfit.monitor.diagnose import noise_scale_at_end
+    from batchfit.monitor.diagnose import batch_not_judged, noise_scale_at_end
     from batchfit.monitor.live import DIAGNOSIS_NAME, LiveDiagnosis
     from batchfit.noise.callback import NoiseScaleCallback
     from batchfit.noise.run_advice import noise_scale_advice, noise_scale_loggable
@@ -175,7 +175,14 @@ def train(args: argparse.Namespace) -> int:
         "reason": why_not,
         "value": recent,
         "advice": (
-            noise_scale_advice(recent, result.global_batch, dataset_size=len(task.train_data))
+            noise_scale_advice(
+                recent,
+                result.global_batch,
+                dataset_size=len(task.train_data),
+                # the summary line says what the diagnosis below it says of the batch
+                held=batch_not_judged(live.diagnosis.findings),
+                overfits="overfitting" in live.diagnosis.kinds(),
+            )
             if result.noise_scale_logged
             else None
         ),

@@ -10,6 +10,7 @@ Missing data gives a partial result whose `notes` say what could not be checked,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from batchfit.monitor.history import History, Series
 from batchfit.monitor.not_learning import not_learning
 from batchfit.units import format_count
 
-__all__ = ["diagnose", "noise_scale_at_end"]
+__all__ = ["batch_not_judged", "diagnose", "noise_scale_at_end"]
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 
@@ -179,6 +180,15 @@ def noise_scale_at_end(history: History) -> float | None:
     return checks.recent_noise_scale(noise)[0]
 
 
+def batch_not_judged(findings: Sequence[Finding]) -> str | None:
+    """Why a run's noise scale says nothing about its next batch, or None when it does: "the
+    run is diverging" (any critical finding) or "the run is underfitting". The noise scale of
+    a run that does not train is not read against its batch, by `diagnose` nor by `batchfit
+    train`'s summary line."""
+    broken = [f.kind for f in findings if f.kind == "underfitting" or f.severity == "critical"]
+    return f"the run is {broken[0]}" if broken else None
+
+
 def _still_warming_up(history: History) -> bool:
     """Whether the learning rate rose at the last step: a warmup in progress, whose loss curve
     is a transient (the rate itself is changing), not a run's noise or plateau."""
@@ -321,12 +331,10 @@ def diagnose(
         )
     elif noise and run.global_batch:
         checked += ["batch-below-critical", "batch-above-critical"]
-        broken = [f.kind for f in found if f.kind == "underfitting" or f.severity == "critical"]
-        if broken:
-            # The noise scale of a run that does not train says nothing about the next batch.
+        broken = batch_not_judged(found)
+        if broken is not None:
             notes.append(
-                f"the run is {broken[0]}: the noise scale is not read against the batch until "
-                "that is fixed"
+                f"{broken}: the noise scale is not read against the batch until that is fixed"
             )
         else:
             batch_findings = checks.critical(noise, run)

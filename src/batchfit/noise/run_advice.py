@@ -49,7 +49,12 @@ def noise_scale_loggable(
 
 
 def noise_scale_advice(
-    noise_scale: float | None, global_batch: int, *, dataset_size: int | None = None
+    noise_scale: float | None,
+    global_batch: int,
+    *,
+    dataset_size: int | None = None,
+    held: str | None = None,
+    overfits: bool = False,
 ) -> str:
     """What the noise scale at the end of a run says about its global batch, in one sentence.
 
@@ -58,6 +63,11 @@ def noise_scale_advice(
         global_batch: the run's samples per optimizer step.
         dataset_size: training samples, when known: a larger batch is offered only while it
             stays within a quarter of them (the plan's cap, 4 optimizer steps per epoch).
+        held: why the noise scale is not read against the batch at all, as the run's
+            diagnosis says it (`batchfit.monitor.diagnose.batch_not_judged`: "the run is
+            diverging"), or None.
+        overfits: the run's diagnosis found overfitting, whose advice is a smaller batch: a
+            larger one is not offered.
 
     Returns:
         The sentence, e.g. "noise scale at the end: ~900 samples, well above the global batch:
@@ -68,6 +78,8 @@ def noise_scale_advice(
         'noise scale at the end: ~60 samples, close to the global batch'
         >>> noise_scale_advice(561.0, 256, dataset_size=1438)
         'noise scale at the end: ~561 samples, well above the global batch, which is already near a quarter of the 1438 training samples'
+        >>> noise_scale_advice(44.0, 256, held="the run is diverging")
+        'noise scale at the end: ~44 samples, not read against the global batch: the run is diverging'
         >>> noise_scale_advice(None, 64)
         'noise scale: not yet reliable at the end of the run'
     """  # noqa: E501
@@ -75,7 +87,14 @@ def noise_scale_advice(
 
     if noise_scale is None:
         return "noise scale: not yet reliable at the end of the run"
-    if noise_scale > 2 * global_batch:
+    if held is not None:
+        advice = f"not read against the global batch: {held}"
+    elif noise_scale > 2 * global_batch and overfits:
+        advice = (
+            "well above the global batch, but the run overfits: a larger batch is not advised "
+            "until that is fixed"
+        )
+    elif noise_scale > 2 * global_batch:
         room = dataset_size is None or 2 * global_batch <= data_batch_limit(dataset_size)
         advice = (
             "well above the global batch: a larger global batch would now save steps"
