@@ -302,6 +302,18 @@ def test_nan_in_validation_is_diverging():
     assert finding.evidence["series"] == "validation loss"
 
 
+def test_a_loss_that_turned_nan_early_is_not_said_to_be_unchecked_for_divergence():
+    # 7 finite losses, then NaN: too few for a trend, but the NaN is already a finding
+    losses = [2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4] + [float("nan")] * 20
+    diagnosis = diagnose(
+        History.from_records([{"step": s, "loss": v} for s, v in enumerate(losses, 1)])
+    )
+    assert diagnosis.kinds() == ["diverging"]
+    (note,) = [note for note in diagnosis.notes if "too few to read a trend" in note]
+    assert note.endswith("noisy, stalled and underfitting not checked")
+    assert "diverging" not in note
+
+
 def test_to_dict_is_json_ready():
     import json
 

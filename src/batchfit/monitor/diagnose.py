@@ -251,10 +251,11 @@ def diagnose(
     elif len(train) == 0:
         notes.append("no training loss logged: the curves could not be read")
     else:
+        # a non-finite loss has already been found diverging: the note does not deny it
+        unread = "noisy, stalled" if bad_steps else "diverging, noisy, stalled"
         notes.append(
             f"only {format_count(len(finite), 'finite training-loss point')}: too few to read "
-            f"a trend (need {limits.MIN_POINTS}); diverging, noisy, stalled and underfitting not "
-            "checked"
+            f"a trend (need {limits.MIN_POINTS}); {unread} and underfitting not checked"
         )
     val = history.val_loss.finite() if history.val_loss is not None else None
     if history.val_loss is not None and history.val_loss.non_finite_steps() and not bad_steps:
