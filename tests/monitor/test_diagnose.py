@@ -192,6 +192,19 @@ def test_flat_training_and_validation_is_underfitting():
     assert "batchfit lr-range" in finding.advice and "1e-07" in finding.advice
 
 
+def test_underfitting_says_which_bar_the_loss_missed_and_a_rise_as_a_rise():
+    # was: "an improvement of -0.04, within the noise or under 5% of its start"
+    rising = [2.0 + 0.002 * s for s in range(20)]
+    finding = diagnose(_history(rising, lr=1e-6)).get("underfitting")
+    assert finding.summary == (
+        "the training loss went from 2.0 to 2.037, a rise of 0.037 (1.8%), less than 5% "
+        "of its start (0.1)"
+    )
+    flat = list(0.69 * np.exp(np.random.default_rng(24).normal(0, 0.05, 40)))
+    finding = diagnose(_history(flat, lr=1e-6)).get("underfitting")
+    assert ", within its noise (under 2x its fluctuation of " in finding.summary
+
+
 @pytest.mark.parametrize(
     ("noise", "kind", "new_batch"),
     [(1000.0, "batch-below-critical", 512), (10.0, "batch-above-critical", 8)],

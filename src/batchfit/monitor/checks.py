@@ -227,14 +227,34 @@ def underfitting(curve: Curve, val: Series | None, run: RunSettings) -> list[Fin
             "underfitting",
             "warning",
             f"the training loss went from {rounded(curve.start)} to {rounded(curve.end)}, "
-            f"an improvement of {rounded(improvement, 3)}, within the noise or under "
-            f"{limits.UNDERFIT_SHARE:.0%} of its start{val_words}",
+            f"{_moved(improvement, curve)}{val_words}",
             evidence,
             advice,
             (int(curve.steps[0]), int(curve.steps[-1])),
             settings,
         )
     ]
+
+
+def _moved(improvement: float, curve: Curve) -> str:
+    """How far the loss moved, and the bar for learning it missed: 5% of its start, or twice
+    its fluctuation where that is larger."""
+    share = abs(improvement) / max(abs(curve.start), 1e-12)
+    moved = (
+        f"a rise of {rounded(-improvement, 3)} ({share:.1%})"
+        if improvement < 0
+        else f"an improvement of {rounded(improvement, 3)} ({share:.1%})"
+    )
+    by_share = limits.UNDERFIT_SHARE * abs(curve.start)
+    by_noise = limits.UNDERFIT_SPREADS * curve.spread
+    if by_noise > by_share:
+        bar = (
+            f"within its noise (under {limits.UNDERFIT_SPREADS:g}x its fluctuation of "
+            f"{rounded(curve.spread, 3)}: {rounded(by_noise, 3)})"
+        )
+    else:
+        bar = f"less than {limits.UNDERFIT_SHARE:.0%} of its start ({rounded(by_share, 3)})"
+    return f"{moved}, {bar}"
 
 
 def overfitting(val: Series, history: History, curve: Curve, run: RunSettings) -> list[Finding]:
