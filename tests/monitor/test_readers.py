@@ -179,6 +179,13 @@ def test_batchfit_metrics_jsonl_gives_the_rate_rule_it_logs(tmp_path, logged, re
 def test_lightning_csv_logger_latest_version(tmp_path):
     history = read_history(write_lightning(tmp_path))
     assert history.format == "lightning" and "version_1" in history.source
+    # each version is a run of its own: the notes say which was read, as for TensorBoard's
+    logs = tmp_path / "lightning_logs"
+    assert history.notes[0] == (
+        f"read version_1, the latest of 2 versions in {str(logs)!r} (give a version's folder "
+        "to read another)"
+    )
+    assert not any("versions" in note for note in read_history(logs / "version_1").notes)
     assert history.train_loss.name == "train_loss_step" and len(history.train_loss) == 40
     assert history.val_loss.steps == (10, 20, 30, 40)  # the file's steps count from 0
     assert history.metric.name == "val_acc"

@@ -20,6 +20,7 @@ name a series exactly as the log spells it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -94,7 +95,7 @@ def read_history(
     """
     if format is not None and format not in FORMATS:
         raise RunLogError(f"Unknown log format {format!r}; use one of {', '.join(FORMATS)}.")
-    found_format, file = _locate(Path(path), format)
+    found_format, file, version_note = _locate(Path(path), format)
     names = {"train_loss": train_loss, "val_loss": val_loss, "metric": metric}
     try:
         reader = {
@@ -103,7 +104,10 @@ def read_history(
             "transformers": _read_transformers,
             "tensorboard": _read_tensorboard,
         }[found_format]
-        return reader(file, names)
+        history = reader(file, names)
+        if version_note is not None:
+            return dataclasses.replace(history, notes=(version_note, *history.notes))
+        return history
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
         raise RunLogError(
             f"Cannot read {str(file)!r} as a {found_format} log ({error}); give {_WHAT}."
@@ -150,7 +154,9 @@ def history_from_records(
 # --- finding the file ------------------------------------------------------------------------
 
 
-def _locate(path: Path, format: str | None) -> tuple[str, Path]:
+def _locate(path: Path, format: str | None) -> tuple[str, Path, str | None]:
+    """The format and the file (or TensorBoard folder) to read, and a note when the folder held
+    several Lightning versions (several runs) of which the latest is read."""
     if not path.exists():
         raise RunLogError(f"No run at {str(path)!r}: the path does not exist; give {_WHAT}.")
     if not path.is_file() and not path.is_dir():
@@ -159,16 +165,16 @@ def _locate(path: Path, format: str | None) -> tuple[str, Path]:
         found = format or _format_of_file(path)
         if found is None:
             raise RunLogError(f"{str(path)!r} is not a log of a known format; give {_WHAT}.")
-        return found, path
+        return found, path, None
     formats = [format] if format else list(FORMATS)
     for name in formats:
         if name == "tensorboard":
             if any(_EVENTS in p.name for p in path.rglob("events.out.tfevents*")):
-                return name, path
+                return name, path, None
             continue
         direct = path / _FILE_NAMES[name]
         if direct.is_file():
-            return name, direct
+            return name, direct, None
         nested = sorted(path.rglob(_FILE_NAMES[name]), key=_numbered_folder)
         if len(nested) > 1 and not _versions_of_one_run(nested):
             runs = [file.parent.relative_to(path).as_posix() for file in nested]
@@ -178,7 +184,12 @@ def _locate(path: Path, format: str | None) -> tuple[str, Path]:
                 f"run's folder, e.g. {str(nested[-1].parent)!r}."
             )
         if nested:
-            return name, nested[-1]  # the latest version_N / checkpoint-N
+            # the latest version_N / checkpoint-N; a checkpoint's log holds the earlier ones'
+            # points, while each version_N is a run of its own: the note says which was read
+            latest = nested[-1].parent
+            versions = [f for f in nested if f.parent.name.startswith("version_")]
+            note = _versions_note(latest, len(versions)) if len(versions) > 1 else None
+            return name, nested[-1], note
     raise RunLogError(f"No training log found in the folder {str(path)!r}; give {_WHAT}.")
 
 
@@ -449,9 +460,14 @@ def _latest_version(path: Path, files: list[Path]) -> tuple[list[Path], str | No
     if len(versions) < 2 or len({folder.parent for folder in versions}) != 1:
         return files, None
     latest = max(versions, key=lambda folder: int(folder.name.split("_")[1]))
-    return versions[latest], (
-        f"read {latest.name}, the latest of {len(versions)} versions in "
-        f"{str(path / latest.parent)!r} (give a version's folder to read another)"
+    return versions[latest], _versions_note(path / latest, len(versions))
+
+
+def _versions_note(latest: Path, count: int) -> str:
+    """The note on a folder of Lightning's `version_N` runs, of which `latest` is read."""
+    return (
+        f"read {latest.name}, the latest of {count} versions in {str(latest.parent)!r} (give a "
+        "version's folder to read another)"
     )
 
 
