@@ -302,6 +302,17 @@ def test_no_validation_says_overfitting_was_not_checked():
     assert any("no validation loss" in note for note in diagnosis.notes)
 
 
+def test_a_log_without_validation_says_so_once(tmp_path):
+    # was: "no validation loss logged" from the reader, then "no validation loss: overfitting
+    # not checked" from the diagnosis
+    lines = [{"step": s, "samples_seen": 32 * s, "loss": 2.0 * 0.97**s} for s in range(1, 41)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    notes = diagnose(read_history(tmp_path)).notes
+    assert [note for note in notes if "validation loss" in note] == [
+        "no validation loss logged: overfitting not checked"
+    ]
+
+
 def test_gaps_in_steps_are_read():
     losses = _decay(n=100, rate=0.08)
     records = [{"step": 10 * s, "loss": v} for s, v in enumerate(losses, 1) if s % 7]

@@ -22,6 +22,7 @@ from batchfit.monitor.advice import RunSettings
 from batchfit.monitor.curve import read_curve
 from batchfit.monitor.findings import KINDS, Diagnosis, Finding
 from batchfit.monitor.history import History, Series
+from batchfit.monitor.log_records import NO_VALIDATION_LOSS
 from batchfit.monitor.not_learning import not_learning
 from batchfit.units import format_count
 
@@ -302,7 +303,12 @@ def diagnose(
         if not any(f.kind == "diverging" and f.severity == "critical" for f in found):
             found += checks.overfitting(val, history, curve, run)
     elif history.val_loss is None:
-        notes.append("no validation loss: overfitting not checked")
+        # one note, not the reader's "no validation loss logged" and a second one after it
+        unchecked = f"{NO_VALIDATION_LOSS}: overfitting not checked"
+        if NO_VALIDATION_LOSS in notes:
+            notes[notes.index(NO_VALIDATION_LOSS)] = unchecked
+        else:
+            notes.append(unchecked)
     elif val is not None and len(val) >= limits.MIN_EVALUATIONS:
         notes.append(
             "overfitting not checked: it reads the validation loss against the training-loss "

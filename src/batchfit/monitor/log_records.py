@@ -26,7 +26,18 @@ from batchfit.monitor.series_names import (
     rule_of_optimizer,
 )
 
-__all__ = ["history_of_records", "logged_batches", "number", "refuse_text", "steps_per_epoch"]
+__all__ = [
+    "NO_VALIDATION_LOSS",
+    "history_of_records",
+    "logged_batches",
+    "number",
+    "refuse_text",
+    "steps_per_epoch",
+]
+
+NO_VALIDATION_LOSS = "no validation loss logged"
+"""The reader's note on a log without a validation loss (`diagnose` adds what that leaves
+unchecked to it, rather than a second note)."""
 
 _TRAIN_LOGGED_EVERY = {
     "lightning": "; or it was never logged: Lightning logs training values every "
@@ -77,7 +88,7 @@ def history_of_records(
     if fields.get("lr_rule") is None:
         fields["lr_rule"] = rule_of_optimizer(available)
     if val is None:
-        notes.append("no validation loss logged")
+        notes.append(NO_VALIDATION_LOSS)
     if metric is None:
         notes.append("no validation metric logged")
     return History.from_records(
