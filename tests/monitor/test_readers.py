@@ -151,7 +151,7 @@ def test_batchfit_metrics_jsonl(tmp_path):
     assert history.global_batch == 64 and history.micro_batch == 16
     assert history.global_batches is None  # a constant batch is not logged on each line
     assert history.noise_scale.values[0] == 100.0
-    assert "1 unreadable lines skipped" in history.notes
+    assert "1 unreadable line skipped" in history.notes  # was "1 unreadable lines"
     assert history.steps_per_epoch is None  # written without `epoch`, as before it was logged
 
 

@@ -38,6 +38,7 @@ from batchfit.monitor.log_records import (
     refuse_text,
     steps_per_epoch,
 )
+from batchfit.units import format_count
 
 __all__ = ["FORMATS", "history_from_records", "read_history"]
 
@@ -248,7 +249,7 @@ def _read_batchfit(file: Path, names: Mapping[str, str | None]) -> History:
         global_batch = last["global_batch"]  # a batch schedule logs it on every line
     elif first.get("samples_seen") and first.get("step"):
         global_batch = int(first["samples_seen"]) // int(first["step"])
-    notes = [f"{torn} unreadable lines skipped"] if torn else []
+    notes = [f"{format_count(torn, 'unreadable line')} skipped"] if torn else []
     # samples_seen / epoch is the training set's size (logs from before `epoch`: unknown)
     steps_per_epoch = None
     epoch, seen = number(last.get("epoch")), number(last.get("samples_seen"))
