@@ -41,9 +41,15 @@ def test_lightning_csv_logger_run_is_read_and_diagnosed(tmp_path, capsys):
     inputs = torch.randn(256, 8, generator=generator)
     labels = (inputs[:, 0] > 0).long() + (inputs[:, 1] > 0).long()
     data = TensorDataset(inputs, labels)
-    logger = pl.loggers.CSVLogger(str(tmp_path), name="run", version=0)
+    loggers = [pl.loggers.CSVLogger(str(tmp_path), name="run", version=0)]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:  # the same run through both loggers
+        loggers.append(pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=24, logger=logger, log_every_n_steps=1,
+        accelerator="cpu", devices=1, max_steps=24, logger=loggers, log_every_n_steps=1,
         val_check_interval=8, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )  # fmt: skip
@@ -65,6 +71,13 @@ def test_lightning_csv_logger_run_is_read_and_diagnosed(tmp_path, capsys):
 
     assert main(["diagnose", str(folder), "--json"]) == 0
     assert '"findings"' in capsys.readouterr().out
+    if len(loggers) > 1:
+        # its TensorBoardLogger counts steps from 0 as the CSVLogger does: read the same way
+        # (they read one step earlier: a validation at step 7, advice to train 7 steps)
+        events = read_history(tmp_path / "tb" / "version_0")
+        assert events.format == "tensorboard"
+        assert events.train_loss.steps == history.train_loss.steps
+        assert events.val_loss.steps == (8, 16, 24)
 
 
 def test_transformers_trainer_state_is_read_and_diagnosed(tmp_path):

@@ -10,7 +10,9 @@ Four formats, told apart by the file name (or found inside a run folder):
   `loss`, `learning_rate`; evaluation entries with `eval_loss`, `eval_<metric>`); in an output
   folder without one, the highest `checkpoint-N`;
 - TensorBoard: `events.out.tfevents.*` files, read with the `tensorboard` package's
-  `EventAccumulator` (optional: `pip install batchfit[tensorboard]`).
+  `EventAccumulator` (optional: `pip install batchfit[tensorboard]`); those of Lightning's
+  TensorBoardLogger (its `epoch` tag, in a `version_N` folder or beside its hparams.yaml)
+  count steps from 0, read from 1 as metrics.csv's.
 
 Metric names are matched after lower-casing and turning "/", "-" and "." into "_" (so
 `train/loss`, `lr-Adam` and `eval/accuracy` are found); `train_loss=`, `val_loss=` and `metric=`
@@ -405,6 +407,12 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
     # `train/epoch`; batchfit also logs its batches (`train/global_batch`, `train/micro_batch`;
     # its Lightning callback `global_batch`, `micro_batch`)
     epoch_tag = next((tag for tag in ("epoch", "train/epoch") if tag in records[-1]), None)
+    per_epoch = steps_per_epoch(records, epoch_tag) if epoch_tag else None
+    if epoch_tag == "epoch" and all(_lightning_log_dir(file.parent) for file in files):
+        # Lightning's TensorBoardLogger counts steps from 0, as its CSVLogger does: read as the
+        # step that ran, so that both loggers of one run give the same steps
+        for record in records:
+            record["step"] += 1
     batches = logged_batches(records, "train/", "")
     notes = [version_note] if version_note else []
     if "global_batch" not in batches:
@@ -414,10 +422,16 @@ def _read_tensorboard(path: Path, names: Mapping[str, str | None]) -> History:
         names,
         path,
         "tensorboard",
-        steps_per_epoch=steps_per_epoch(records, epoch_tag) if epoch_tag else None,
+        steps_per_epoch=per_epoch,
         notes=notes,
         **batches,
     )
+
+
+def _lightning_log_dir(folder: Path) -> bool:
+    """Whether `folder` is the log_dir of a Lightning logger: its `version_N`, or a folder
+    holding the hparams.yaml it writes (a version given by name)."""
+    return bool(re.fullmatch(r"version_\d+", folder.name)) or (folder / "hparams.yaml").is_file()
 
 
 def _refuse_several_runs(path: Path, tags_in: Mapping[Path, set[str]]) -> None:
