@@ -111,6 +111,21 @@ def test_a_rare_spike_is_a_diverging_warning_not_critical():
     assert diagnosis.get("noisy") is None
 
 
+def test_spikes_under_a_batch_well_below_its_noise_scale_are_advised_the_larger_batch():
+    # digits at a global batch of 4: 50 single-step spikes were told "lower the peak learning
+    # rate 10x" beside batch-below-critical's "learning rate 0.000354 -> 0.001"
+    losses = _decay(n=300, noise=0.02)
+    losses[200] = 2.0
+    diagnosis = diagnose(_history(losses, noise=210.0, batch=4))
+    spikes, below = diagnosis.get("diverging"), diagnosis.get("batch-below-critical")
+    assert spikes.evidence["spike_steps"] == [201] and spikes.severity == "info"
+    assert "10x" not in spikes.advice and "raise the batch" in spikes.advice
+    assert spikes.settings == below.settings and below.settings["global_batch"] > 4
+    # with the batch near its noise scale, the spike keeps the rate advice
+    near = diagnose(_history(losses, noise=6.0, batch=4)).get("diverging")
+    assert near.severity == "warning" and "lower the peak learning rate 10x" in near.advice
+
+
 def test_noisy_loss_advises_accumulation_and_the_rate_by_the_rule():
     generator = np.random.default_rng(1)
     losses = list(0.3 * generator.exponential(1.0, 300) ** 2 + np.linspace(2, 0.1, 300) * 0.1)

@@ -363,6 +363,9 @@ def diagnose(
                         )
                 batch_findings = [f for f in batch_findings if f.kind != "batch-below-critical"]
             found += batch_findings
+            below = next((f for f in found if f.kind == "batch-below-critical"), None)
+            if below is not None:
+                found = [divergence.spikes_under_a_small_batch(f, below, run) for f in found]
     elif not noise:
         notes.append(
             "no gradient noise scale logged: batch-below/above-critical not checked (batchfit "

@@ -7,17 +7,18 @@ Each returns findings whose advice is `batchfit.monitor.advice.lower_rate`'s. Th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
 from batchfit.monitor import findings as limits
-from batchfit.monitor.advice import RunSettings, lower_rate
+from batchfit.monitor.advice import RunSettings, lower_rate, setting_words
 from batchfit.monitor.curve import ROBUST_SD, Curve, robust_spread, rounded, running_median
 from batchfit.monitor.findings import Finding
 from batchfit.units import format_count
 
-__all__ = ["diverging", "non_finite"]
+__all__ = ["diverging", "non_finite", "spikes_under_a_small_batch"]
 
 
 def non_finite(steps: tuple[int, ...], last: int | None, run: RunSettings, what: str) -> Finding:
@@ -174,3 +175,32 @@ def _held_above_start(curve: Curve, held: np.ndarray, run: RunSettings) -> list[
     advice, settings = lower_rate(run)
     severity = "warning" if recovered else "critical"
     return [Finding("diverging", severity, seen, evidence, advice, steps_concerned, settings)]
+
+
+def spikes_under_a_small_batch(finding: Finding, below: Finding, run: RunSettings) -> Finding:
+    """A spikes finding of a run whose global batch is well below its noise scale (`below`, the
+    batch-below-critical finding): each step's loss rides on a few samples, and a hard batch
+    lifts it for a step, so the spikes are advised the larger batch, not a rate 10x lower that
+    the batch advice would contradict. Other findings are returned as they are.
+
+    On digits at a global batch of 4 (noise scale 53x the batch, validation accuracy 0.97), 50
+    single-step spikes had read "lower the peak learning rate 10x" beside "learning rate
+    0.000354 -> 0.001" for the larger batch.
+    """
+    if finding.kind != "diverging" or "spike_steps" not in finding.evidence:
+        return finding
+    ratio = below.evidence["ratio"]
+    clip = setting_words(run, "max_grad_norm", limits.CLIP_NORM)
+    advice = (
+        f"a global batch of {run.global_batch}, well below its noise scale (see "
+        "batch-below-critical), lifts the loss for a step on its hardest samples: raise the "
+        "batch as that finding advises rather than lower the rate; if spikes persist at the "
+        f"larger batch, clip the gradient norm at {limits.CLIP_NORM:g}{clip}"
+    )
+    return dataclasses.replace(
+        finding,
+        severity="info",
+        advice=advice,
+        evidence={**finding.evidence, "noise_scale_over_batch": ratio},
+        settings=dict(below.settings),
+    )
