@@ -185,12 +185,28 @@ def test_lightning_csv_logger_latest_version(tmp_path):
         f"read version_1, the latest of 2 versions in {str(logs)!r} (give a version's folder "
         "to read another)"
     )
-    assert not any("versions" in note for note in read_history(logs / "version_1").notes)
     assert history.train_loss.name == "train_loss_step" and len(history.train_loss) == 40
     assert history.val_loss.steps == (10, 20, 30, 40)  # the file's steps count from 0
     assert history.metric.name == "val_acc"
     assert history.lr.name == "lr-Adam"
     assert history.steps_per_epoch == 10
+    assert not any("versions" in note for note in read_history(logs / "version_1").notes)
+
+
+def test_a_latest_version_that_logged_nothing_points_at_the_one_before(tmp_path):
+    # a rerun that crashed before logging leaves version_2 with a header only (and version_3
+    # with no metrics.csv at all): the error said "the run logged nothing yet" and no more
+    write_lightning(tmp_path)
+    logs = tmp_path / "lightning_logs"
+    (logs / "version_2").mkdir()
+    (logs / "version_2" / "metrics.csv").write_text("epoch,step,train_loss\n")
+    (logs / "version_3").mkdir()
+    with pytest.raises(RunLogError) as caught:
+        read_history(tmp_path)
+    assert str(caught.value).endswith(
+        f"logged nothing yet. It is the latest of 3 versions in {str(logs)!r}: give an "
+        f"earlier one's folder, e.g. {str(logs / 'version_1')!r}."
+    )
 
 
 def test_lightning_csv_with_the_batch_batchfits_callback_logs(tmp_path):

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from batchfit.errors import MissingDependencyError, RunLogError
 from batchfit.monitor.findings import MIN_POINTS
 from batchfit.monitor.history import History
+from batchfit.monitor.log_files import FORMATS, LOG_FILES, locate, versions_note
 from batchfit.monitor.log_records import (
     history_of_records,
     logged_batches,
@@ -42,22 +43,9 @@ from batchfit.monitor.log_records import (
 )
 from batchfit.units import format_count
 
-__all__ = ["FORMATS", "history_from_records", "read_history"]
+__all__ = ["history_from_records", "read_history"]
 
 Format = Literal["batchfit", "lightning", "transformers", "tensorboard"]
-FORMATS: tuple[str, ...] = ("batchfit", "lightning", "transformers", "tensorboard")
-
-_FILE_NAMES = {
-    "batchfit": "metrics.jsonl",
-    "lightning": "metrics.csv",
-    "transformers": "trainer_state.json",
-}
-_EVENTS = "tfevents"
-
-_WHAT = (
-    "a run folder, or metrics.jsonl (batchfit), metrics.csv (Lightning CSVLogger), "
-    "trainer_state.json (Hugging Face Trainer) or an events.out.tfevents file (TensorBoard)"
-)
 
 
 def read_history(
@@ -98,7 +86,7 @@ def read_history(
     """
     if format is not None and format not in FORMATS:
         raise RunLogError(f"Unknown log format {format!r}; use one of {', '.join(FORMATS)}.")
-    found_format, file, version_note = _locate(Path(path), format)
+    found_format, file, versions = locate(Path(path), format)
     names = {"train_loss": train_loss, "val_loss": val_loss, "metric": metric}
     try:
         reader = {
@@ -108,12 +96,23 @@ def read_history(
             "tensorboard": _read_tensorboard,
         }[found_format]
         history = reader(file, names)
-        if version_note is not None:
-            return dataclasses.replace(history, notes=(version_note, *history.notes))
+        if versions:
+            note = versions_note(versions[-1], len(versions))
+            return dataclasses.replace(history, notes=(note, *history.notes))
         return history
+    except RunLogError as error:
+        if not versions:
+            raise
+        # a rerun that crashed before it logged leaves the newest version empty: the runs
+        # before it are still there
+        raise RunLogError(
+            f"{error} It is the latest of {len(versions)} versions in "
+            f"{str(versions[-1].parent)!r}: give an earlier one's folder, e.g. "
+            f"{str(versions[-2])!r}."
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
         raise RunLogError(
-            f"Cannot read {str(file)!r} as a {found_format} log ({error}); give {_WHAT}."
+            f"Cannot read {str(file)!r} as a {found_format} log ({error}); give {LOG_FILES}."
         ) from None
 
 
@@ -152,76 +151,6 @@ def history_from_records(
         # callback's diagnosis sizes warmups and batch limits as `batchfit diagnose` does
         fields["steps_per_epoch"] = steps_per_epoch(kept, "epoch")
     return history_of_records(kept, names, Path(source or "the records"), format, **fields)
-
-
-# --- finding the file ------------------------------------------------------------------------
-
-
-def _locate(path: Path, format: str | None) -> tuple[str, Path, str | None]:
-    """The format and the file (or TensorBoard folder) to read, and a note when the folder held
-    several Lightning versions (several runs) of which the latest is read."""
-    if not path.exists():
-        raise RunLogError(f"No run at {str(path)!r}: the path does not exist; give {_WHAT}.")
-    if not path.is_file() and not path.is_dir():
-        raise RunLogError(f"{str(path)!r} is neither a file nor a folder; give {_WHAT}.")
-    if path.is_file():
-        found = format or _format_of_file(path)
-        if found is None:
-            raise RunLogError(f"{str(path)!r} is not a log of a known format; give {_WHAT}.")
-        return found, path, None
-    formats = [format] if format else list(FORMATS)
-    for name in formats:
-        if name == "tensorboard":
-            if any(_EVENTS in p.name for p in path.rglob("events.out.tfevents*")):
-                return name, path, None
-            continue
-        direct = path / _FILE_NAMES[name]
-        if direct.is_file():
-            return name, direct, None
-        nested = sorted(path.rglob(_FILE_NAMES[name]), key=_numbered_folder)
-        if len(nested) > 1 and not _versions_of_one_run(nested):
-            runs = [file.parent.relative_to(path).as_posix() for file in nested]
-            shown = ", ".join(runs[:6]) + (f" and {len(runs) - 6} more" if len(runs) > 6 else "")
-            raise RunLogError(
-                f"{str(path)!r} holds {len(runs)} runs' {_FILE_NAMES[name]} ({shown}): give one "
-                f"run's folder, e.g. {str(nested[-1].parent)!r}."
-            )
-        if nested:
-            # the latest version_N / checkpoint-N; a checkpoint's log holds the earlier ones'
-            # points, while each version_N is a run of its own: the note says which was read
-            latest = nested[-1].parent
-            versions = [f for f in nested if f.parent.name.startswith("version_")]
-            note = _versions_note(latest, len(versions)) if len(versions) > 1 else None
-            return name, nested[-1], note
-    raise RunLogError(f"No training log found in the folder {str(path)!r}; give {_WHAT}.")
-
-
-def _versions_of_one_run(files: list[Path]) -> bool:
-    """Whether the files are in sibling version_N (Lightning) or checkpoint-N (the Trainer)
-    folders, the latest of which is the run's latest state; not several runs' logs."""
-    parents = {file.parent.parent for file in files}
-    return len(parents) == 1 and all(
-        re.fullmatch(r"(version_|checkpoint-)\d+", file.parent.name) for file in files
-    )
-
-
-def _format_of_file(path: Path) -> str | None:
-    name = path.name.lower()
-    if _EVENTS in name:
-        return "tensorboard"
-    if name.endswith(".jsonl"):
-        return "batchfit"
-    if name.endswith(".csv"):
-        return "lightning"
-    if name.endswith(".json"):
-        return "transformers"
-    return None
-
-
-def _numbered_folder(path: Path) -> tuple[int, str]:
-    """Sort key: the number in the parent folder's name (version_3, checkpoint-1500)."""
-    numbers = re.findall(r"\d+", path.parent.name)
-    return (int(numbers[-1]) if numbers else -1, str(path))
 
 
 # --- the four formats ----------------------------------------------------------------------
@@ -475,15 +404,7 @@ def _latest_version(path: Path, files: list[Path]) -> tuple[list[Path], str | No
     if len(versions) < 2 or len({folder.parent for folder in versions}) != 1:
         return files, None
     latest = max(versions, key=lambda folder: int(folder.name.split("_")[1]))
-    return versions[latest], _versions_note(path / latest, len(versions))
-
-
-def _versions_note(latest: Path, count: int) -> str:
-    """The note on a folder of Lightning's `version_N` runs, of which `latest` is read."""
-    return (
-        f"read {latest.name}, the latest of {count} versions in {str(latest.parent)!r} (give a "
-        "version's folder to read another)"
-    )
+    return versions[latest], versions_note(path / latest, len(versions))
 
 
 def _tensor_scalar(proto: Any) -> float | None:
