@@ -121,6 +121,12 @@ def test_spikes_under_a_batch_well_below_its_noise_scale_are_advised_the_larger_
     assert spikes.evidence["spike_steps"] == [201] and spikes.severity == "info"
     assert "10x" not in spikes.advice and "raise the batch" in spikes.advice
     assert spikes.settings == below.settings and below.settings["global_batch"] > 4
+    # a run that overfits is not advised the larger batch: the spikes keep the rate, clipped
+    val = [0.5 - 0.02 * i for i in range(10)] + [0.32 + 0.02 * i for i in range(20)]
+    diagnosis = diagnose(_history(losses, val=val, noise=210.0, batch=4))
+    spikes = diagnosis.get("diverging")
+    assert diagnosis.get("overfitting") is not None and spikes.severity == "info"
+    assert "keep the rate" in spikes.advice and spikes.settings == {"max_grad_norm": 1.0}
     # with the batch near its noise scale, the spike keeps the rate advice
     near = diagnose(_history(losses, noise=6.0, batch=4)).get("diverging")
     assert near.severity == "warning" and "lower the peak learning rate 10x" in near.advice

@@ -345,7 +345,14 @@ def diagnose(
             )
         else:
             batch_findings = checks.critical(noise, run)
-            if any(f.kind == "overfitting" for f in found):
+            overfits = any(f.kind == "overfitting" for f in found)
+            below = next((f for f in batch_findings if f.kind == "batch-below-critical"), None)
+            if below is not None:
+                found = [
+                    divergence.spikes_under_a_small_batch(f, below, run, larger_batch=not overfits)
+                    for f in found
+                ]
+            if overfits:
                 # A larger batch saves steps; it does not cure overfitting, whose advice
                 # includes a smaller batch: the two would pull the batch both ways.
                 for finding in batch_findings:
@@ -363,9 +370,6 @@ def diagnose(
                         )
                 batch_findings = [f for f in batch_findings if f.kind != "batch-below-critical"]
             found += batch_findings
-            below = next((f for f in found if f.kind == "batch-below-critical"), None)
-            if below is not None:
-                found = [divergence.spikes_under_a_small_batch(f, below, run) for f in found]
     elif not noise:
         notes.append(
             "no gradient noise scale logged: batch-below/above-critical not checked (batchfit "

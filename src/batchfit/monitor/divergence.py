@@ -177,11 +177,15 @@ def _held_above_start(curve: Curve, held: np.ndarray, run: RunSettings) -> list[
     return [Finding("diverging", severity, seen, evidence, advice, steps_concerned, settings)]
 
 
-def spikes_under_a_small_batch(finding: Finding, below: Finding, run: RunSettings) -> Finding:
+def spikes_under_a_small_batch(
+    finding: Finding, below: Finding, run: RunSettings, *, larger_batch: bool
+) -> Finding:
     """A spikes finding of a run whose global batch is well below its noise scale (`below`, the
     batch-below-critical finding): each step's loss rides on a few samples, and a hard batch
-    lifts it for a step, so the spikes are advised the larger batch, not a rate 10x lower that
-    the batch advice would contradict. Other findings are returned as they are.
+    lifts it for a step. The spikes are then advised the larger batch (`larger_batch`: when the
+    diagnosis advises it; not in a run that overfits, or with no room in the training set), or
+    clipping alone, not a rate 10x lower that the batch advice would contradict. Other findings
+    are returned as they are.
 
     On digits at a global batch of 4 (noise scale 53x the batch, validation accuracy 0.97), 50
     single-step spikes had read "lower the peak learning rate 10x" beside "learning rate
@@ -190,17 +194,28 @@ def spikes_under_a_small_batch(finding: Finding, below: Finding, run: RunSetting
     if finding.kind != "diverging" or "spike_steps" not in finding.evidence:
         return finding
     ratio = below.evidence["ratio"]
-    clip = setting_words(run, "max_grad_norm", limits.CLIP_NORM)
-    advice = (
-        f"a global batch of {run.global_batch}, well below its noise scale (see "
-        "batch-below-critical), lifts the loss for a step on its hardest samples: raise the "
-        "batch as that finding advises rather than lower the rate; if spikes persist at the "
-        f"larger batch, clip the gradient norm at {limits.CLIP_NORM:g}{clip}"
+    clip = f"clip the gradient norm at {limits.CLIP_NORM:g}" + setting_words(
+        run, "max_grad_norm", limits.CLIP_NORM
     )
+    if larger_batch and below.settings:
+        advice = (
+            f"a global batch of {run.global_batch}, well below its noise scale (see "
+            "batch-below-critical), lifts the loss for a step on its hardest samples: raise "
+            "the batch as that finding advises rather than lower the rate; if spikes persist "
+            f"at the larger batch, {clip}"
+        )
+        settings = dict(below.settings)
+    else:
+        advice = (
+            f"a global batch of {run.global_batch}, {ratio:.2g}x below its noise scale, lifts "
+            "the loss for a step on its hardest samples, not a rate too high: keep the rate; "
+            f"if the spikes matter, {clip}"
+        )
+        settings = {"max_grad_norm": limits.CLIP_NORM}
     return dataclasses.replace(
         finding,
         severity="info",
         advice=advice,
         evidence={**finding.evidence, "noise_scale_over_batch": ratio},
-        settings=dict(below.settings),
+        settings=settings,
     )
