@@ -317,6 +317,20 @@ def test_a_missing_path_names_the_formats(tmp_path):
         read_history(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("given", ["diagnosis.json", "checkpoint.pt", "config.json"])
+def test_a_file_beside_the_log_points_at_the_run_folder(tmp_path, given):
+    # was: "'.../diagnosis.json' has no 'log_history' list; give a Hugging Face
+    # trainer_state.json", for batchfit's own run folder
+    run = write_batchfit(tmp_path / "run")
+    (run / given).write_text('{"findings": []}')
+    with pytest.raises(RunLogError) as caught:
+        read_history(run / given)
+    assert str(caught.value) == (
+        f"{str(run / given)!r} is not a log of a known format; its folder holds the "
+        f"run's metrics.jsonl: give {str(run)!r}."
+    )
+
+
 def test_a_header_without_rows_and_a_path_that_is_no_file_or_folder(tmp_path):
     (tmp_path / "metrics.csv").write_text("step,epoch,train_loss,val_loss\n")
     with pytest.raises(RunLogError, match="has no rows"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from batchfit.errors import RunLogError
 
-__all__ = ["FORMATS", "LOG_FILES", "locate", "versions_note"]
+__all__ = ["FORMATS", "LOG_FILES", "locate", "sibling_log", "versions_note"]
 
 FORMATS: tuple[str, ...] = ("batchfit", "lightning", "transformers", "tensorboard")
 
@@ -41,7 +41,13 @@ def locate(path: Path, format: str | None) -> tuple[str, Path, list[Path]]:
     if path.is_file():
         found = format or _format_of_file(path)
         if found is None:
-            raise RunLogError(f"{str(path)!r} is not a log of a known format; give {LOG_FILES}.")
+            beside = sibling_log(path)
+            give = f"give {str(path.parent)!r}" if beside else f"give {LOG_FILES}"
+            raise RunLogError(
+                f"{str(path)!r} is not a log of a known format"
+                + (f"; its folder holds the run's {beside.name}: " if beside else "; ")
+                + f"{give}."
+            )
         return found, path, []
     formats = [format] if format else list(FORMATS)
     for name in formats:
@@ -102,3 +108,15 @@ def versions_note(latest: Path, count: int) -> str:
         f"read {latest.name}, the latest of {count} versions in {str(latest.parent)!r} (give a "
         "version's folder to read another)"
     )
+
+
+def sibling_log(file: Path) -> Path | None:
+    """The log beside a file that is not one (a run folder's checkpoint.pt, diagnosis.json, a
+    checkpoint's config.json): the folder's metrics.jsonl, metrics.csv, trainer_state.json or
+    event file, for an error to point at; None when `file` is a log's name or has none beside."""
+    if file.name in _FILE_NAMES.values() or _EVENTS in file.name:
+        return None
+    for name in _FILE_NAMES.values():
+        if (file.parent / name).is_file():
+            return file.parent / name
+    return next(iter(sorted(file.parent.glob("events.out.tfevents*"))), None)

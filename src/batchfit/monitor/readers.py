@@ -33,7 +33,7 @@ from typing import Any, Literal
 from batchfit.errors import MissingDependencyError, RunLogError
 from batchfit.monitor.findings import MIN_POINTS
 from batchfit.monitor.history import History
-from batchfit.monitor.log_files import FORMATS, LOG_FILES, locate, versions_note
+from batchfit.monitor.log_files import FORMATS, LOG_FILES, locate, sibling_log, versions_note
 from batchfit.monitor.log_records import (
     history_of_records,
     logged_batches,
@@ -101,6 +101,13 @@ def read_history(
             return dataclasses.replace(history, notes=(note, *history.notes))
         return history
     except RunLogError as error:
+        beside = sibling_log(file) if file.is_file() else None
+        if beside is not None:
+            # a file of the run's folder that is not its log (diagnosis.json, config.json)
+            raise RunLogError(
+                f"{str(file)!r} is not a log of a known format; its folder holds the "
+                f"run's {beside.name}: give {str(file.parent)!r}."
+            ) from None
         if not versions:
             raise
         # a rerun that crashed before it logged leaves the newest version empty: the runs
