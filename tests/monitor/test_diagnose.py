@@ -341,6 +341,20 @@ def test_gaps_in_steps_are_read():
     assert diagnosis.findings == () and diagnosis.last_step == 1000
 
 
+def test_a_gap_in_the_logged_steps_is_noted_and_a_logging_interval_is_not():
+    # was: read without a word, two stretches 181 steps apart as one curve
+    records = [{"step": s, "loss": 2.0 * 0.97**s} for s in [*range(1, 20), *range(200, 230)]]
+    (note,) = [n for n in diagnose(History.from_records(records)).notes if "gap" in n]
+    assert note == (
+        "no training loss is logged between steps 19 and 200 (a gap of 181 steps, 181x the "
+        "usual interval of 1): the curve is read across it as if it were continuous"
+    )
+    every_ten = [{"step": 10 * s, "loss": 2.0 * 0.97**s} for s in range(1, 50)] + [
+        {"step": 495, "loss": 0.4}  # a last, partial interval
+    ]
+    assert not any("gap" in n for n in diagnose(History.from_records(every_ten)).notes)
+
+
 def test_nan_in_validation_is_diverging():
     diagnosis = diagnose(_history(_decay(), val=[1.0, 0.5, float("nan"), 0.4]))
     finding = diagnosis.get("diverging")

@@ -181,6 +181,24 @@ def noise_scale_at_end(history: History) -> float | None:
     return checks.recent_noise_scale(noise)[0]
 
 
+def _step_gap_note(steps: tuple[int, ...]) -> str | None:
+    """A note on the widest gap in the logged training-loss steps when it is STEP_GAP_FACTOR
+    times their usual interval or more (a log with lines lost, or two runs' logs joined)."""
+    if len(steps) < 3:
+        return None
+    intervals = np.diff(np.asarray(steps))
+    usual = float(np.median(intervals))
+    widest = int(np.argmax(intervals))
+    if usual <= 0 or intervals[widest] < limits.STEP_GAP_FACTOR * usual:
+        return None
+    after, before = int(steps[widest + 1]), int(steps[widest])
+    return (
+        f"no training loss is logged between steps {before} and {after} (a gap of "
+        f"{format_count(after - before, 'step')}, {(after - before) / usual:.0f}x the usual "
+        f"interval of {usual:g}): the curve is read across it as if it were continuous"
+    )
+
+
 def batch_not_judged(findings: Sequence[Finding]) -> str | None:
     """Why a run's noise scale says nothing about its next batch, or None when it does: "the
     run is diverging" (any critical finding) or "the run is underfitting". The noise scale of
@@ -242,6 +260,9 @@ def diagnose(
     finite = train.finite()
     bad_steps = train.non_finite_steps()
     last_step = int(train.steps[-1]) if train.steps else None
+    gap = _step_gap_note(train.steps)
+    if gap is not None:
+        notes.append(gap)
 
     if bad_steps:
         checked.append("diverging")

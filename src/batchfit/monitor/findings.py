@@ -59,6 +59,11 @@ tenth of the run (at least 3 points), and the start, middle and end each need a 
 MIN_EVALUATIONS = 4
 """Fewest validation points to call a rise from the best: a best, and two or more after it."""
 
+STEP_GAP_FACTOR = 10
+"""A gap between logged training losses of 10x their usual (median) interval or more is noted:
+lost lines, or logs of two runs joined; the curve is read across it as if it were continuous.
+A logging interval that varies by less (the Trainer's last partial interval) is not a gap."""
+
 TREND_WINDOW_SHARE = 0.1
 """The running median that gives the trend spans a tenth of the logged points (at least 3):
 long enough to ignore single noisy steps, short enough to follow a warmup or a blow-up."""
