@@ -108,6 +108,7 @@ def test_a_rare_spike_is_a_diverging_warning_not_critical():
     finding = diagnosis.get("diverging")
     assert finding.severity == "warning"
     assert finding.evidence["spike_steps"] == [201]
+    assert finding.summary.startswith("1 loss spike above 2x the loss just before, at step 201;")
     assert diagnosis.get("noisy") is None
 
 

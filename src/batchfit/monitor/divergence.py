@@ -120,8 +120,9 @@ def diverging(curve: Curve, run: RunSettings) -> list[Finding]:
             Finding(
                 "diverging",
                 "warning",
-                f"{len(spikes)} loss spike(s) above {limits.SPIKE_RATIO:g}x the loss just "
-                f"before, at steps {', '.join(map(str, spike_steps[:10]))}; the run recovered",
+                f"{format_count(len(spikes), 'loss spike')} above {limits.SPIKE_RATIO:g}x the loss "
+                f"just before, at {'step' if len(spikes) == 1 else 'steps'} "
+                f"{', '.join(map(str, spike_steps[:10]))}; the run recovered",
                 {
                     "spike_steps": spike_steps,
                     "spike_losses": [rounded(values[i]) for i in spikes],
