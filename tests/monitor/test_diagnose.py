@@ -212,6 +212,11 @@ def test_flat_training_and_validation_is_underfitting():
     assert finding is not None
     assert finding.evidence["val_best"] == pytest.approx(2.3)
     assert "batchfit lr-range" in finding.advice and "1e-07" in finding.advice
+    # a Lightning or Trainer user is told how their tool runs the range test
+    lightning = diagnose(_history(losses, val=[2.3] * 10, lr=1e-7, format="lightning"))
+    assert "`Tuner(trainer).lr_find(model)`" in lightning.get("underfitting").advice
+    trainer = diagnose(_history(losses, val=[2.3] * 10, lr=1e-7, format="transformers"))
+    assert "`Task.from_transformers(" in trainer.get("underfitting").advice
 
 
 def test_underfitting_says_which_bar_the_loss_missed_and_a_rise_as_a_rise():

@@ -91,6 +91,25 @@ def setting_words(run: RunSettings, name: str, value: Any = None) -> str:
     return f" ({spelled.format(f'{value:g}' if isinstance(value, float) else value)})"
 
 
+_RANGE_TESTS = {
+    "lightning": "Lightning's `Tuner(trainer).lr_find(model)`, or `batchfit lr-range` on a task "
+    "file returning `Task.from_lightning(model, datamodule)`",
+    "transformers": "`batchfit lr-range` on a task file returning "
+    "`Task.from_transformers(model, train_dataset, data_collator)`",
+}
+
+
+def range_test_words(run: RunSettings) -> str:
+    """How the run's tool runs a learning-rate range test: `batchfit lr-range` for batchfit's
+    runs and any other log, with the task a Lightning or Hugging Face user gives it.
+
+    Example:
+        >>> range_test_words(RunSettings())
+        '`batchfit lr-range`'
+    """
+    return _RANGE_TESTS.get(run.tool, "`batchfit lr-range`")
+
+
 def _g(value: float) -> str:
     return f"{value:.3g}"
 
@@ -214,4 +233,4 @@ def lower_rate(run: RunSettings) -> tuple[str, dict[str, Any]]:
     parts.append(
         f"clip the gradient norm at {CLIP_NORM:g}{setting_words(run, 'max_grad_norm', CLIP_NORM)}"
     )
-    return ", ".join(parts) + "; confirm the rate with `batchfit lr-range`", settings
+    return ", ".join(parts) + f"; confirm the rate with {range_test_words(run)}", settings

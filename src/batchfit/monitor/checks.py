@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from batchfit.monitor import findings as limits
-from batchfit.monitor.advice import RunSettings, change_batch, setting_words
+from batchfit.monitor.advice import RunSettings, change_batch, range_test_words, setting_words
 from batchfit.monitor.curve import Curve, rounded
 from batchfit.monitor.findings import Finding
 from batchfit.monitor.history import History, Series
@@ -180,7 +180,7 @@ def stalled(curve: Curve, history: History, run: RunSettings) -> list[Finding]:
     advice, settings = change_batch(run, min(0.5, factor))
     if run.lr is not None:
         advice += f"; or keep the batch and raise the rate 2x ({rounded(run.lr, 3)} -> " + (
-            f"{rounded(2 * run.lr, 3)}), checked with `batchfit lr-range`"
+            f"{rounded(2 * run.lr, 3)}), checked with {range_test_words(run)}"
         )
     severity = "warning" if ratio is not None else "info"
     return [
@@ -214,7 +214,7 @@ def underfitting(curve: Curve, val: Series | None, run: RunSettings) -> list[Fin
         evidence["val_first"], evidence["val_best"] = rounded(first), rounded(best)
     rate = f" (the peak rate was {rounded(run.lr, 3)})" if run.lr is not None else ""
     advice = (
-        f"run the learning-rate range test (`batchfit lr-range`) and train at its suggestion"
+        f"run the learning-rate range test ({range_test_words(run)}) and train at its suggestion"
         f"{rate}; if the rate is right, give the model more capacity, and check the labels "
         "against the inputs"
     )

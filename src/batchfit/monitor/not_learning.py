@@ -10,7 +10,7 @@ step; the logged gradient norm is 0 at every step; the loss is the same at every
 from __future__ import annotations
 
 from batchfit.monitor import findings as limits
-from batchfit.monitor.advice import RunSettings, setting_words
+from batchfit.monitor.advice import RunSettings, range_test_words, setting_words
 from batchfit.monitor.curve import rounded
 from batchfit.monitor.findings import Finding
 from batchfit.monitor.history import History, Series
@@ -74,7 +74,7 @@ def not_learning(history: History, run: RunSettings) -> list[Finding]:
         seen += ", and the learning rate was 0 at every logged step"
         advice = (
             "the optimizer never moved the weights: set a positive peak learning rate"
-            f"{setting_words(run, 'lr', '...')}; `batchfit lr-range` finds one"
+            f"{setting_words(run, 'lr', '...')}; {range_test_words(run)} finds one"
         )
         settings["run"] = "batchfit lr-range"
     else:
@@ -88,6 +88,6 @@ def not_learning(history: History, run: RunSettings) -> list[Finding]:
         if not zero_gradient and rate:
             advice += (
                 f"; if they do, the rate ({rounded(max(rate), 3)} at most) is far too small "
-                "to move the loss: run `batchfit lr-range`"
+                f"to move the loss: run {range_test_words(run)}"
             )
     return [Finding("underfitting", "critical", seen, evidence, advice, steps, settings)]
