@@ -92,3 +92,26 @@ def test_ranks_that_read_different_checkpoints_refuse_to_resume(tmp_path, monkey
     monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, 2])
     with pytest.raises(CheckpointError, match=r"different checkpoints .*steps by rank: 6, 2"):
         train(make_mlp_task(), TrainConfig(resume=True, **config), device="cpu")
+
+
+def test_ranks_without_a_meeting_point_are_one_line(monkeypatch):
+    # RANK and WORLD_SIZE set by hand, without torchrun: torch's ValueError named MASTER_ADDR.
+    from batchfit.training.distributed import init_distributed
+
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    context = DistributedContext(rank=0, local_rank=0, world_size=2)
+    with pytest.raises(ConfigError, match=r"MASTER_ADDR and MASTER_PORT are not set.*torchrun"):
+        init_distributed(context, torch.device("cpu"), timeout_seconds=1)
+
+
+def test_ranks_that_never_meet_are_one_line(monkeypatch):
+    # Rank 0 alone of 2: torch's DistStoreError traceback after the timeout ("1/2 clients").
+    from batchfit.errors import DistributedError
+    from batchfit.training.distributed import free_port, init_distributed
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    context = DistributedContext(rank=0, local_rank=0, world_size=2)
+    with pytest.raises(DistributedError, match=r"rank 0: .* did not all meet at 127\.0\.0\.1:"):
+        init_distributed(context, torch.device("cpu"), timeout_seconds=1)

@@ -110,7 +110,12 @@ def init_distributed(
         context: this process's place in the run.
         device: the device asked for.
         timeout_seconds: how long a collective waits for the other ranks before it fails (so a
-            frozen rank ends the run instead of hanging it).
+            frozen rank ends the run instead of hanging it), and how long the ranks wait for
+            each other to start.
+
+    Raises:
+        ConfigError: MASTER_ADDR or MASTER_PORT is missing (RANK and WORLD_SIZE set by hand).
+        DistributedError: the other ranks did not join within `timeout_seconds`.
     """
     import datetime
 
@@ -129,7 +134,21 @@ def init_distributed(
         return device, False
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_seconds)
-    store, _, _ = next(dist.rendezvous("env://", context.rank, context.world_size, timeout=timeout))
+    address = _rendezvous_address(context)
+    try:
+        store, _, _ = next(
+            dist.rendezvous("env://", context.rank, context.world_size, timeout=timeout)
+        )
+    except RuntimeError as error:  # torch's DistStoreError: the other ranks never came
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        raise DistributedError(
+            f"rank {context.rank}: the {context.world_size} processes of "
+            f"WORLD_SIZE={context.world_size} did not all meet at {address} (MASTER_ADDR:"
+            f"MASTER_PORT) within {timeout_seconds:g} s (--ddp-timeout). Start every rank, "
+            "with torchrun (or `batchfit train --nproc N`), or unset RANK and WORLD_SIZE to "
+            "train in one process."
+        ) from error
     # Each group this process starts gets keys of its own in the rendezvous store. torchrun's
     # store outlives a group: a second `train` in the same script would otherwise read the
     # addresses the first group left there and connect to closed sockets (or hang) when the
@@ -149,6 +168,23 @@ def init_distributed(
         backend,
     )
     return device, True
+
+
+def _rendezvous_address(context: DistributedContext) -> str:
+    """MASTER_ADDR:MASTER_PORT, where the ranks meet (torchrun sets both).
+
+    Raises:
+        ConfigError: either is missing, as when RANK and WORLD_SIZE are set by hand.
+    """
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE={context.world_size} asks for {context.world_size} processes, but "
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so the "
+            "ranks cannot meet; launch with torchrun (or `batchfit train --nproc N`), which "
+            "sets them, or unset RANK and WORLD_SIZE to train in one process."
+        )
+    return f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
 
 
 _COLLECTIVE_FAILURES = (
