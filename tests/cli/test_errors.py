@@ -307,6 +307,7 @@ def test_under_torchrun_rank_0_alone_prints_and_each_rank_leaves_torchrun_its_li
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("LOCAL_RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     assert main(["train", "--example", "digits", "--global-batch", "0"]) == 2
     err = capsys.readouterr().err
@@ -330,6 +331,7 @@ def test_under_torchrun_rank_0_alone_says_interrupted(monkeypatch, capsys):
 
     monkeypatch.setitem(batchfit.cli.commands.COMMANDS, "estimate", interrupted)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     argv = ["estimate", "--memory", "1GB", "--model", "1MB", "--per-sample", "1MB"]
     for rank, said in (("1", ""), ("0", "batchfit: interrupted\n")):
         monkeypatch.setenv("RANK", rank)
@@ -352,3 +354,15 @@ def test_a_closed_stdout_ends_quietly_with_exit_code_1():
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=60) == 1
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_a_rank_started_by_hand_says_its_own_line(monkeypatch, capsys):
+    # RANK=1 WORLD_SIZE=2 set by hand, no torchrun: no rank 0 and no failure report show the
+    # line, so this rank prints it (it printed nothing and exited 2).
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--example", "digits", "--global-batch", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "batchfit: error: --global-batch must lie in [1, 16777216], got 0.\n"
+    )

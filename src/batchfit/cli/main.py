@@ -149,9 +149,13 @@ def _rank_error_file() -> Path | None:
 
 def _another_rank_says_it() -> bool:
     """Whether this process is a rank other than 0 under torchrun (RANK, WORLD_SIZE), which
-    leaves the line to rank 0: every rank reads the same arguments and meets the same error."""
+    leaves the line to rank 0: every rank reads the same arguments and meets the same error.
+    A rank started by hand (RANK and WORLD_SIZE set without torchrun) says its own: no rank 0
+    or failure report shows it otherwise."""
     from batchfit.training.distributed import detect_distributed
 
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun sets it in every rank
+        return False
     try:
         context = detect_distributed()
     except BatchfitError:  # RANK or WORLD_SIZE that make no sense: say it here
