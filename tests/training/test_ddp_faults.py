@@ -154,6 +154,8 @@ def test_ctrl_c_under_nproc_saves_a_checkpoint_and_exits_130(tmp_path):
     assert process.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "batchfit: interrupted"
     assert err.count("batchfit: interrupted") == 1
+    # Said once (rank 0), not once per rank, and named: it was "signal 2: ..." from each rank.
+    assert err.count("Ctrl-C (SIGINT): stopping after this step") == 1, err
     assert (run / "checkpoint.pt").exists()
 
 

@@ -34,3 +34,18 @@ def test_a_signal_the_process_ignores_stays_ignored(caplog):
     finally:
         signal.signal(signal.SIGINT, before)
     assert "stopping after this step" not in caplog.text
+
+
+def test_the_signal_is_named_and_said_by_the_announcing_process_alone(caplog):
+    # Under DDP every rank said "signal 2: stopping after this step ..." for one Ctrl-C;
+    # rank 0 alone announces now, and names the signal.
+    caplog.set_level(logging.WARNING, logger="batchfit.training.progress")
+    with stop_on_signals(announce=False) as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag["stop"]
+    assert caplog.text == ""
+    with stop_on_signals() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag["stop"]
+    assert "Ctrl-C (SIGINT): stopping after this step and saving a checkpoint" in caplog.text
+    assert "signal 2" not in caplog.text

@@ -46,6 +46,7 @@ from batchfit.errors import DoesNotFitError, TrainingDivergedError
 from batchfit.training.batch_growth import next_batch
 from batchfit.training.callbacks import CallbackList, StopTraining, TrainCallback
 from batchfit.training.config import TrainConfig, check_train_config
+from batchfit.training.distributed import any_rank
 from batchfit.training.evaluation import evaluate, update_swa_batchnorm
 from batchfit.training.setup import Run, resume_run, save_run, set_up_run
 from batchfit.training.step import StepRecord, optimizer_step
@@ -222,10 +223,9 @@ def train(
             context, torch_device, timeout_seconds=config.ddp_timeout_seconds
         )
     try:
-        timeout = config.ddp_timeout_seconds
         with (
             preserved_rng(torch_device),
-            collective_errors(context, timeout_seconds=timeout),
+            collective_errors(context, timeout_seconds=config.ddp_timeout_seconds),
             _run_folder_lock(config, context),
         ):
             return _train(
@@ -276,10 +276,11 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
         enabled=progress is True and run.main,
         report=progress if callable(progress) and run.main else None,
     )
+    stopper = stop_on_signals(checkpoint=run.checkpoint_path is not None, announce=run.main)
     interrupted = False
     started = time.perf_counter()
     try:
-        with budget, bar, stop_on_signals(checkpoint=run.checkpoint_path is not None) as signals:
+        with budget, bar, stopper as signals:
             while not run.finished:
                 change = next_batch(run)
                 try:
@@ -339,8 +340,6 @@ def _after_step(
     signalled: bool,
 ) -> bool:
     """Evaluate, log and checkpoint after a step; whether the run stops here (before its end)."""
-    from batchfit.training.distributed import any_rank
-
     step = run.step
     if "noise_scale" in extra:
         run.noise_scale_logged, run.noise_scale = True, extra["noise_scale"]
@@ -362,6 +361,8 @@ def _after_step(
         metrics.append(line)
     requested = signalled or hooks.stop_reason is not None
     stop = any_rank(requested, device=run.device) if run.context.enabled else requested
+    if stop and not requested and run.main:  # the signal reached another rank alone
+        logger.warning("another rank was asked to stop: stopping here and saving a checkpoint")
     if run.due(run.checkpoint_every, by_position=run.checkpoint_by_position) or stop:
         save_run(run, hooks.state_dicts())
         bar.restart_clock()

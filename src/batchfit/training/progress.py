@@ -24,14 +24,16 @@ SPEED_WINDOW = 20
 
 
 @contextlib.contextmanager
-def stop_on_signals(*, checkpoint: bool = True) -> Iterator[dict[str, bool]]:
+def stop_on_signals(*, checkpoint: bool = True, announce: bool = True) -> Iterator[dict[str, bool]]:
     """Turn the first SIGINT / SIGTERM into a request to stop at the end of the step.
 
     Yields a dict whose "stop" turns True on the signal. A second signal acts as usual (Ctrl-C
     raises KeyboardInterrupt). Outside the main thread signals cannot be caught, so nothing is
     installed there; a signal the process ignores stays ignored. The previous handlers are put
     back on exit. `checkpoint` says whether the stop saves one (a run without a folder, such as
-    a sweep's trial, does not), for the line logged on the signal.
+    a sweep's trial, does not), for the line logged on the signal; `announce` whether this
+    process logs that line (under DDP rank 0 alone, so a Ctrl-C that reaches every rank is
+    said once).
     """
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
@@ -46,11 +48,12 @@ def stop_on_signals(*, checkpoint: bool = True) -> Iterator[dict[str, bool]]:
 
     def request_stop(signum, frame):
         flag["stop"] = True
-        logger.warning(
-            "signal %d: stopping after this step%s",
-            signum,
-            " and saving a checkpoint" if checkpoint else "",
-        )
+        if announce:
+            logger.warning(
+                "%s: stopping after this step%s",
+                _signal_words(signum),
+                " and saving a checkpoint" if checkpoint else "",
+            )
         signal.signal(signum, previous[signum])
 
     try:
@@ -60,6 +63,16 @@ def stop_on_signals(*, checkpoint: bool = True) -> Iterator[dict[str, bool]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _signal_words(signum: int) -> str:
+    """How the log names a stop signal: "Ctrl-C (SIGINT)", "SIGTERM", else its number."""
+    if signum == signal.SIGINT:
+        return "Ctrl-C (SIGINT)"
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 class TrainProgress:
