@@ -183,6 +183,19 @@ def test_nproc_forwards_the_users_own_arguments_without_nproc():
     assert forwarded == ["train", "--example", "digits", "--out", "runs/x"]
 
 
+def test_nproc_resume_without_a_checkpoint_is_said_before_torchrun_starts(
+    tmp_path, capsys, monkeypatch
+):
+    # it was found by rank 0 after torchrun had started the ranks ("rank 0: No checkpoint ...")
+    import batchfit.training.distributed as distributed
+
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("torchrun started"))
+    (tmp_path / "r").mkdir()
+    assert main(["train", *FAST, "--nproc", "2", "--resume", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("batchfit: error: No checkpoint at ") and "rank" not in err
+
+
 def test_swa_start_zero_is_refused_not_replaced_by_the_default(tmp_path, capsys):
     # `--swa-start 0` used to train with 0.75 (the CLI re-stated the default with `or`).
     assert main(["train", *FAST, "--swa", "--swa-start", "0", "--out", str(tmp_path / "r")]) == 2

@@ -31,7 +31,7 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.noise.callback import NoiseScaleCallback
     from batchfit.noise.run_advice import noise_scale_advice, noise_scale_loggable
     from batchfit.plan.plan_file import apply_plan, load_plan, normalization_note
-    from batchfit.training.checkpoint import CHECKPOINT_NAME
+    from batchfit.training.checkpoint import CHECKPOINT_NAME, existing_checkpoint
     from batchfit.training.config import TrainConfig, check_train_config
     from batchfit.training.distributed import detect_distributed, launch
     from batchfit.training.loop import train as run_training
@@ -115,6 +115,8 @@ def train(args: argparse.Namespace) -> int:
             remove_files(out, (CHECKPOINT_NAME, METRICS_NAME, DIAGNOSIS_NAME))
     if launching:
         check_train_config(task, config, world_size=world_size, device=device)
+        if args.resume:  # said here, before torchrun starts the ranks to find it missing
+            existing_checkpoint(out)
         argv = relaunch_argv(args.argv, out if args.out is None else None)
         return launch(args.nproc, argv, verbose=args.verbose)
     logged, reason = noise_scale_loggable(

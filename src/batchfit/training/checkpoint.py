@@ -74,6 +74,22 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
+def existing_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file at `path` (a file, or a run folder holding `CHECKPOINT_NAME`).
+
+    Raises:
+        CheckpointError: there is none; the message says to check the path or start anew.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"No checkpoint at {str(path)!r}; check the path, or start a new run without --resume."
+        )
+    return path
+
+
 def load_checkpoint(
     path: str | os.PathLike, *, fingerprint: str | None = None, map_location: Any = "cpu"
 ) -> dict[str, Any]:
@@ -95,13 +111,7 @@ def load_checkpoint(
 
     import torch
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise CheckpointError(
-            f"No checkpoint at {str(path)!r}; check the path, or start a new run without --resume."
-        )
+    path = existing_checkpoint(path)
     try:
         with warnings.catch_warnings():  # torch warns about a pickle it then refuses
             warnings.simplefilter("ignore")
