@@ -70,7 +70,10 @@ def test_a_plan_for_more_devices_than_run_says_what_that_changes(tmp_path, capsy
     assert main(["train", "--plan", str(path), "--steps", "2", "--out", str(tmp_path / "r")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "global batch 96 = 3 micro-batches of 32" in out
-    assert "devices: the plan is for 3 device(s) and this run had 1 process(es)" in out
+    assert (
+        "devices: the plan is for 3 devices and this run had 1 process: the global batch 96 was "
+        "reached with 3 micro-batches of 32 per step in it"
+    ) in out
     assert "give --nproc 3 to train as planned" in out
 
 

@@ -19,6 +19,7 @@ from batchfit.cli.format import print_json, stdout_console
 from batchfit.cli.paths import check_output_folder, remove_files
 from batchfit.cli.progress import StepBar, stderr_console
 from batchfit.errors import ConfigError
+from batchfit.units import format_count
 
 STOPPED_BY_DIAGNOSIS = 3  # exit code of a run that --stop-on stopped (not an error, not done)
 
@@ -263,10 +264,12 @@ def _devices_note(plan, result) -> str | None:
     """When a plan for N devices trains on another number of processes, what that changes."""
     if plan is None or plan.world_size == result.world_size:
         return None
+    micro = format_count(result.accumulation_steps, "micro-batch", "micro-batches")
+    each = "on each" if result.world_size > 1 else "in it"
     head = (
-        f"the plan is for {plan.world_size} device(s) and this run had {result.world_size} "
-        f"process(es): the global batch {result.global_batch} was reached with "
-        f"{result.accumulation_steps} micro-batch(es) of {result.micro_batch} per step on each "
+        f"the plan is for {format_count(plan.world_size, 'device')} and this run had "
+        f"{format_count(result.world_size, 'process', 'processes')}: the global batch "
+        f"{result.global_batch} was reached with {micro} of {result.micro_batch} per step {each} "
         "(the samples and the rate are the plan's; the time per step is not)"
     )
     if result.world_size < plan.world_size:

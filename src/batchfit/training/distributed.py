@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError, DistributedError, TaskError
 from batchfit.interrupts import signals_as_interrupt
+from batchfit.units import format_count
 
 if TYPE_CHECKING:
     import torch
@@ -228,11 +229,12 @@ def collective_errors(context: DistributedContext, *, timeout_seconds: float) ->
             raise
         # gloo prefixes its source file: "[/path/to/unbound_buffer.cc:78] Timed out ..."
         detail = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split()))[:160]
+        others = format_count(context.world_size - 1, "process", "processes")
         raise DistributedError(
-            f"rank {context.rank}: a collective with the other {context.world_size - 1} "
-            f"process(es) failed ({detail}): another rank ended or did not answer within "
-            f"{timeout_seconds:g} s (--ddp-timeout). Look for that rank's own error; raise "
-            "--ddp-timeout if its steps are that slow."
+            f"rank {context.rank}: a collective with the other {others} failed ({detail}): "
+            f"another rank ended or did not answer within {timeout_seconds:g} s "
+            "(--ddp-timeout). Look for that rank's own error; raise --ddp-timeout if its steps "
+            "are that slow."
         ) from error
 
 
