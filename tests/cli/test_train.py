@@ -80,7 +80,7 @@ def test_a_plan_for_more_devices_than_run_says_what_that_changes(tmp_path, capsy
 def test_a_plan_advising_syncbatchnorm_trains_off_cuda_with_a_note(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
-    import batchfit.training.distributed as distributed
+    import batchfit.training.launcher as launcher
     from batchfit.plan.plan_file import Plan, model_identity
     from tests.conftest import make_bn1d_task
 
@@ -91,7 +91,7 @@ def test_a_plan_advising_syncbatchnorm_trains_off_cuda_with_a_note(tmp_path, cap
                 normalization="syncbatchnorm", task_name="bn1d", train_samples=64,
                 **model_identity(model)).save(tmp_path / "plan.json")  # fmt: skip
     launched = []
-    monkeypatch.setattr(distributed, "launch", lambda nproc, argv, **_: launched.append(nproc) or 0)
+    monkeypatch.setattr(launcher, "launch", lambda nproc, argv, **_: launched.append(nproc) or 0)
     # the command the plan prints: it was refused with "Drop --sync-batchnorm", a flag not given
     argv = ["train", "--plan", str(plan), "--device", "cpu"]
     assert main([*argv, "--nproc", "4", "--out", str(tmp_path / "ddp")]) == 0
@@ -190,9 +190,9 @@ def test_nproc_resume_without_a_checkpoint_is_said_before_torchrun_starts(
     tmp_path, capsys, monkeypatch
 ):
     # it was found by rank 0 after torchrun had started the ranks ("rank 0: No checkpoint ...")
-    import batchfit.training.distributed as distributed
+    import batchfit.training.launcher as launcher
 
-    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("torchrun started"))
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("torchrun started"))
     (tmp_path / "r").mkdir()
     assert main(["train", *FAST, "--nproc", "2", "--resume", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

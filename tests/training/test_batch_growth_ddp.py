@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batchfit.training.checkpoint import load_checkpoint
-from batchfit.training.distributed import free_port
+from batchfit.training.launcher import free_port
 from batchfit.training.sampling import stream_indices
 from tests.conftest import make_mlp_task
 

@@ -18,10 +18,10 @@ from batchfit.errors import DistributedError
 from batchfit.training.agent import failure_summary
 from batchfit.training.distributed import (
     DistributedContext,
-    _read_outcome,
     collective_errors,
     is_collective_failure,
 )
+from batchfit.training.launcher import _read_outcome
 
 TASKS = Path(__file__).resolve().parent / "ddp_faults.py"
 TWO_RANKS = ["--global-batch", "64", "--micro-batch", "16", "--device", "cpu", "--nproc", "2"]
@@ -315,7 +315,7 @@ for seed in (0, 1):
 
 @pytest.mark.integration
 def test_two_train_calls_in_one_torchrun_script(tmp_path):
-    from batchfit.training.distributed import torchrun_command
+    from batchfit.training.launcher import torchrun_command
 
     script = tmp_path / "two_runs.py"
     script.write_text(TWO_RUNS.format(root=str(Path(__file__).resolve().parents[2])))
@@ -329,7 +329,7 @@ def test_two_train_calls_in_one_torchrun_script(tmp_path):
 
 @pytest.mark.integration
 def test_bad_input_under_a_bare_torchrun_is_one_line_from_rank_0(tmp_path):
-    from batchfit.training.distributed import torchrun_command
+    from batchfit.training.launcher import torchrun_command
 
     command = torchrun_command(2, ["train", "--example", "digits", "--global-batch", "0"])
     # torchrun looks at its ranks every 2 s (not 0.1 s): both have failed by its first look, so

@@ -9,7 +9,8 @@ import torch
 from batchfit.errors import ConfigError
 from batchfit.training.checkpoint import load_checkpoint
 from batchfit.training.config import TrainConfig
-from batchfit.training.distributed import DistributedContext, detect_distributed, torchrun_command
+from batchfit.training.distributed import DistributedContext, detect_distributed
+from batchfit.training.launcher import torchrun_command
 from batchfit.training.loop import train
 from tests.conftest import make_mlp_task
 
@@ -108,7 +109,8 @@ def test_ranks_without_a_meeting_point_are_one_line(monkeypatch):
 def test_ranks_that_never_meet_are_one_line(monkeypatch):
     # Rank 0 alone of 2: torch's DistStoreError traceback after the timeout ("1/2 clients").
     from batchfit.errors import DistributedError
-    from batchfit.training.distributed import free_port, init_distributed
+    from batchfit.training.distributed import init_distributed
+    from batchfit.training.launcher import free_port
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))

@@ -115,7 +115,7 @@ def _report(error: BatchfitError, verbose: bool) -> None:
     """`batchfit: error: <one line>` on stderr, the traceback first when verbose.
 
     A rank that `batchfit train --nproc` started writes the line to its launcher's folder
-    instead, so the launcher shows one line for all ranks (`batchfit.training.distributed.launch`).
+    instead, so the launcher shows one line for all ranks (`batchfit.training.launcher.launch`).
     """
     if verbose:
         import traceback

@@ -34,7 +34,8 @@ def train(args: argparse.Namespace) -> int:
     from batchfit.plan.plan_file import apply_plan, load_plan, normalization_note
     from batchfit.training.checkpoint import CHECKPOINT_NAME, existing_checkpoint
     from batchfit.training.config import TrainConfig, check_train_config
-    from batchfit.training.distributed import detect_distributed, launch
+    from batchfit.training.distributed import detect_distributed
+    from batchfit.training.launcher import launch
     from batchfit.training.loop import train as run_training
     from batchfit.training.metrics import METRICS_NAME
     from batchfit.training.optimizers import rate_rule

@@ -4,7 +4,7 @@
 (`torch.distributed.run.run`) but ends without torchrun's traceback: it writes each rank's exit
 code, and which rank failed first, to `agent.json` in the folder `BATCHFIT_ERROR_DIR` names and
 exits 0 (all ranks done), 130 (interrupted) or 1 (a rank failed).
-`batchfit.training.distributed.launch` reads that file and the ranks' own error lines and turns
+`batchfit.training.launcher.launch` reads that file and the ranks' own error lines and turns
 them into one line and exit code 2.
 
 The agent and the ranks run in sessions of their own, so a Ctrl-C (or a SIGTERM to the
