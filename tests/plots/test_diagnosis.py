@@ -6,6 +6,7 @@ from batchfit.errors import ConfigError
 from batchfit.monitor.diagnose import diagnose
 from batchfit.monitor.history import History
 from batchfit.plots.diagnosis import diagnosis_png, plot_diagnosis
+from tests.plots.capture import captured
 
 
 def _history():
@@ -33,8 +34,7 @@ def test_plot_file_is_written_and_must_be_png(tmp_path):
 def test_legend_and_finding_labels_do_not_overlap(monkeypatch):
     from batchfit.plots import diagnosis as module
 
-    figures = []
-    monkeypatch.setattr(module, "png_bytes", lambda figure: figures.append(figure) or b"")
+    figures = captured(monkeypatch, module)
     records = [{"step": s, "loss": 2.0 / s} for s in range(1, 170)]
     records += [{"step": s, "val_loss": 0.3, "val_accuracy": 0.97} for s in range(16, 170, 16)]
     history = History.from_records(records, metric="val_accuracy")
@@ -60,8 +60,7 @@ def test_non_finite_losses_are_marked_where_the_line_has_its_gap(monkeypatch):
     # the table says "not finite from step 31, 10 times": the plot showed only a line ending
     from batchfit.plots import diagnosis as module
 
-    figures = []
-    monkeypatch.setattr(module, "png_bytes", lambda figure: figures.append(figure) or b"")
+    figures = captured(monkeypatch, module)
     records = [{"step": s, "loss": 2.0 / s if s <= 30 else float("nan")} for s in range(1, 41)]
     history = History.from_records(records)
     diagnosis_png(history.to_dict(), diagnose(history).to_dict())
@@ -73,8 +72,7 @@ def test_non_finite_losses_are_marked_where_the_line_has_its_gap(monkeypatch):
 def _figure_of(monkeypatch, history):
     from batchfit.plots import diagnosis as module
 
-    figures = []
-    monkeypatch.setattr(module, "png_bytes", lambda figure: figures.append(figure) or b"")
+    figures = captured(monkeypatch, module)
     diagnosis_png(history.to_dict(), diagnose(history).to_dict())
     return figures[0]
 

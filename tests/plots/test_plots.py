@@ -23,6 +23,7 @@ from batchfit.plots.schedule import plot_schedule
 from batchfit.plots.throughput import plot_throughput, throughput_png
 from batchfit.throughput.result import ThroughputResult
 from tests.conftest import make_mlp_task
+from tests.plots.capture import captured
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -226,17 +227,10 @@ def test_docstring_examples_run(name):
     assert doctest.testmod(module).failed == 0
 
 
-def _captured(monkeypatch, module):
-    """Make `module.png_bytes` keep the figure instead of rendering it."""
-    figures = []
-    monkeypatch.setattr(module, "png_bytes", lambda figure: figures.append(figure) or b"")
-    return figures
-
-
 def test_range_test_keeps_a_curve_that_rises_above_its_start_on_the_chart(monkeypatch):
     from batchfit.plots import range_test
 
-    figures = _captured(monkeypatch, range_test)
+    figures = captured(monkeypatch, range_test)
     rising = [2.0 + 0.1 * index for index in range(50)]  # never falls: the start is the best
     range_test_png({"lrs": [10 ** (k / 10 - 4) for k in range(50)], "losses": rising,
                     "smoothed_losses": rising})  # fmt: skip
@@ -248,7 +242,7 @@ def test_range_test_keeps_a_curve_that_rises_above_its_start_on_the_chart(monkey
 def test_range_test_still_cuts_the_blow_up_at_the_end(monkeypatch):
     from batchfit.plots import range_test
 
-    figures = _captured(monkeypatch, range_test)
+    figures = captured(monkeypatch, range_test)
     falling = [2.0 - 0.02 * index for index in range(48)] + [5.0, 40.0]
     range_test_png({"lrs": [10 ** (k / 10 - 4) for k in range(50)], "losses": falling,
                     "smoothed_losses": falling})  # fmt: skip
@@ -260,7 +254,7 @@ def test_range_test_still_cuts_the_blow_up_at_the_end(monkeypatch):
 def test_throughput_draws_a_line_on_every_axis(monkeypatch, tokens):
     from batchfit.plots import throughput
 
-    figures = _captured(monkeypatch, throughput)
+    figures = captured(monkeypatch, throughput)
     data = _throughput_result(tokens).to_dict()
     throughput_png({**data, "clock": "cpu"})
     axes = figures[0].axes
@@ -275,7 +269,7 @@ def test_throughput_draws_a_line_on_every_axis(monkeypatch, tokens):
 def test_the_tokens_axis_is_the_samples_axis_times_the_tokens_per_sample(monkeypatch):
     from batchfit.plots import throughput
 
-    figures = _captured(monkeypatch, throughput)
+    figures = captured(monkeypatch, throughput)
     throughput_png(_throughput_result(True).to_dict())  # 64 tokens in every sample
     samples, tokens = figures[0].axes
     assert tokens.get_ylim() == pytest.approx(tuple(64 * limit for limit in samples.get_ylim()))
@@ -300,7 +294,7 @@ def test_throughput_bars_when_the_cpu_clock_reads_faster_than_every_wall_step():
 def test_range_test_stop_marker_of_a_blow_up_is_inside_the_chart(monkeypatch):
     from batchfit.plots import range_test
 
-    figures = _captured(monkeypatch, range_test)
+    figures = captured(monkeypatch, range_test)
     falling = [2.0 - 0.02 * index for index in range(48)] + [5.0, 40.0]
     range_test_png({"lrs": [10 ** (k / 10 - 4) for k in range(50)], "losses": falling,
                     "smoothed_losses": falling, "stop_reason": "diverged"})  # fmt: skip
@@ -315,7 +309,7 @@ def test_range_test_stop_marker_of_a_blow_up_is_inside_the_chart(monkeypatch):
 def test_noise_scale_far_above_the_chosen_batch_gets_a_log_axis(monkeypatch):
     from batchfit.plots import noise_scale
 
-    figures = _captured(monkeypatch, noise_scale)
+    figures = captured(monkeypatch, noise_scale)
     running = [
         {"batches": k, "noise_scale_samples": value, "low_samples": 0.0, "high_samples": None}
         for k, value in ((1, 28000.0), (2, 2900.0), (3, 2480.0))
@@ -334,7 +328,7 @@ def test_noise_scale_far_above_the_chosen_batch_gets_a_log_axis(monkeypatch):
 def test_noise_scale_near_the_chosen_batch_keeps_a_linear_axis(monkeypatch):
     from batchfit.plots import noise_scale
 
-    figures = _captured(monkeypatch, noise_scale)
+    figures = captured(monkeypatch, noise_scale)
     noise_scale_png({"noise_scale_samples": 150.0, "low_samples": 120.0, "high_samples": 200.0,
                      "running": [{"batches": 1, "noise_scale_samples": 180.0}]},
                     global_batch=128)  # fmt: skip
@@ -345,7 +339,7 @@ def test_noise_scale_near_the_chosen_batch_keeps_a_linear_axis(monkeypatch):
 def test_noise_scale_marks_the_value_a_plan_extrapolated_to(monkeypatch):
     from batchfit.plots import noise_scale
 
-    figures = _captured(monkeypatch, noise_scale)
+    figures = captured(monkeypatch, noise_scale)
     noise_scale_png({"noise_scale_samples": 150.0, "low_samples": 120.0, "high_samples": 200.0,
                      "running": [{"batches": 1, "noise_scale_samples": 180.0}]},
                     global_batch=128, planned_for=(700.0, 7190))  # fmt: skip
@@ -358,7 +352,7 @@ def test_noise_scale_marks_the_value_a_plan_extrapolated_to(monkeypatch):
 def test_memory_far_below_the_budget_gets_a_log_axis(monkeypatch):
     from batchfit.plots import memory
 
-    figures = _captured(monkeypatch, memory)
+    figures = captured(monkeypatch, memory)
     # the cnn example planned for an A100-80GB: peaks up to 680 MiB under a budget of 80 GiB
     data = {"probes": [[2, 929280], [512, 178469888], [2048, 713255936]], "trials": [],
             "fixed_bytes": 208018.0, "per_sample_bytes": 348168.0,
@@ -376,7 +370,7 @@ def test_memory_far_below_the_budget_gets_a_log_axis(monkeypatch):
 def test_throughput_limit_past_the_timed_batches_is_named_and_ticked(monkeypatch):
     from batchfit.plots import throughput
 
-    figures = _captured(monkeypatch, throughput)
+    figures = captured(monkeypatch, throughput)
     # the cnn example stopped timing at 32 (no gain), its limit the 2048 training samples
     rates = [1089.0, 1315.0, 1842.0, 2361.0, 1656.0, 1716.0]
     throughput_png({"batch_sizes": [1, 2, 4, 8, 16, 32], "knee_batch": 8,
@@ -390,7 +384,7 @@ def test_throughput_limit_past_the_timed_batches_is_named_and_ticked(monkeypatch
 def test_noise_scale_axis_counts_micro_batches_when_whole_passes_were_measured(monkeypatch):
     from batchfit.plots import noise_scale
 
-    figures = _captured(monkeypatch, noise_scale)
+    figures = captured(monkeypatch, noise_scale)
     point = {"noise_scale_samples": 149.0, "low_samples": 129.0, "high_samples": 167.0,
              "running": [{"batches": 179, "noise_scale_samples": 149.0}]}  # fmt: skip
     # digits: 179 micro-batches of 8 in one pass of 1432 samples, not 179 batches of 1432
@@ -405,7 +399,7 @@ def test_noise_scale_axis_counts_micro_batches_when_whole_passes_were_measured(m
 def test_memory_draws_the_usable_line_the_limit_is_found_under(monkeypatch):
     from batchfit.plots import memory
 
-    figures = _captured(monkeypatch, memory)
+    figures = captured(monkeypatch, memory)
     # a small LM under --memory-budget 40MiB: limit 28, where the fit meets 38 MiB, not 40
     memory_png({"probes": [[2, 4136960], [28, 38721536]], "trials": [],
                 "fixed_bytes": 1478257.0, "per_sample_bytes": 1330144.0, "limit_batch": 28,
@@ -420,7 +414,7 @@ def test_memory_draws_the_usable_line_the_limit_is_found_under(monkeypatch):
 def test_memory_a_decade_below_the_budget_gets_a_log_axis(monkeypatch):
     from batchfit.plots import memory
 
-    figures = _captured(monkeypatch, memory)
+    figures = captured(monkeypatch, memory)
     # the cnn example under --memory-budget 12GiB: peaks up to 800 MiB, in the bottom 6%
     memory_png({"probes": [[2, 929280], [1290, 449345024]], "trials": [],
                 "fixed_bytes": 208018.0, "per_sample_bytes": 348168.0,
@@ -431,7 +425,7 @@ def test_memory_a_decade_below_the_budget_gets_a_log_axis(monkeypatch):
 def test_range_test_of_an_inconclusive_sweep_says_so_on_the_picture(monkeypatch):
     from batchfit.plots import range_test
 
-    figures = _captured(monkeypatch, range_test)
+    figures = captured(monkeypatch, range_test)
     falling = [2.0 - 0.02 * index for index in range(50)]  # never turned: no rate to take
     data = {"lrs": [10 ** (k / 10 - 4) for k in range(50)], "losses": falling,
             "smoothed_losses": falling, "steepest_index": 45, "valley_index": 25}  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from batchfit.plots.sweep import sweep_rates_png, sweep_steps_png
+from tests.plots.capture import captured
 
 DATA = {
     "target": "val_accuracy>=0.9",
@@ -34,9 +35,7 @@ def test_plots_without_a_fit_or_points():
 def _captured(monkeypatch):
     from batchfit.plots import sweep
 
-    figures = []
-    monkeypatch.setattr(sweep, "png_bytes", lambda figure: figures.append(figure) or b"")
-    return figures
+    return captured(monkeypatch, sweep)
 
 
 def test_axes_are_labelled_in_plain_numbers(monkeypatch):
