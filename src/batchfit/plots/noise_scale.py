@@ -36,12 +36,15 @@ def noise_scale_png(
     drawn (the estimate, its interval's lower end, the chosen batch) span more than `LOG_SPAN`,
     the axis is logarithmic, so a chosen batch far below the estimate stays visible. With
     `planned_for`, the noise scale a plan extrapolated from its measurements (the trend of
-    `batchfit.noise.trend`) is a dotted line, since it differs from the measurement drawn.
+    `batchfit.noise.trend`) is a dotted line, since it differs from the measurement drawn. An
+    estimate that is not yet reliable (`reliable` false, or no `noise_scale_samples`) says so
+    in the title, as the table does.
 
     Args:
         data: `noise_scale_samples`, `low_samples`, `high_samples` (each may be None),
             `running` (dicts with `batches` and `noise_scale_samples`, optionally the interval),
-            and optionally `confidence`, `small_batch_samples`, `big_batch_samples`, `step`.
+            and optionally `confidence`, `small_batch_samples`, `big_batch_samples`, `step`,
+            `reliable`.
         global_batch: a chosen global batch to mark (the plan's), or None.
         planned_for: (noise scale in samples, samples seen it is extrapolated to): the value
             a plan chose its batch for, when it is not the measurement drawn; or None.
@@ -58,7 +61,9 @@ def noise_scale_png(
         ...     {"batches": 2, "noise_scale_samples": 40.0}]})[:4]
         b'\\x89PNG'
     """
-    figure, axes = new_axes()
+    figure, axes = new_axes()  # first: it says so when matplotlib is missing
+    from matplotlib.ticker import MaxNLocator
+
     estimate, low, high = (
         data.get(k) for k in ("noise_scale_samples", "low_samples", "high_samples")
     )
@@ -132,7 +137,11 @@ def noise_scale_png(
         )
         if data.get(key) is not None
     ]
-    axes.set_title("Gradient noise scale" + (f" ({', '.join(details)})" if details else ""))
+    heading = "Gradient noise scale" + (f" ({', '.join(details)})" if details else "")
+    if data.get("reliable") is False or estimate is None:
+        # the running points alone read as an estimate; the table's verdict is not on the picture
+        heading += "\nnot yet reliable: take no batch from it (see the reason)"
+    axes.set_title(heading)
     passes = data.get("whole_passes") or 0
     if passes:
         # `batches` then counts micro-batches, each against its pass's gradient (B_big)
@@ -145,8 +154,12 @@ def noise_scale_png(
         # an older plan's measurement does not say which it counted
         axes.set_xlabel("big batches measured" if "whole_passes" in data else "batches measured")
     axes.set_ylabel("B_simple (samples)")
+    if batches and min(batches) == max(batches):  # one point: room for whole-number ticks
+        axes.set_xlim(batches[0] - 1, batches[0] + 1)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no "1.975 batches"
     axes.grid(alpha=0.3)
-    axes.legend(loc="best")
+    if axes.get_legend_handles_labels()[0]:  # nothing drawn: no empty legend box
+        axes.legend(loc="best")
     return png_bytes(figure)
 
 
