@@ -95,3 +95,9 @@ def test_every_table_column_is_named_and_the_marks_sit_under_theirs():
     assert all(columns) and len(set(columns)) == len(columns)
     assert all(len(row) == len(columns) for row in rows)
     assert rows[-1][columns.index("mark")] == "knee best"
+
+
+def test_one_size_timed_is_marked_best_not_knee():
+    result = _result([0.01])  # "One batch size measured (1, ...): a knee needs several"
+    assert result.table_rows()[0][result.table_columns().index("mark")] == "best"
+    assert "a knee needs several" in result.describe()

@@ -27,7 +27,8 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
 
     Draws what `data` holds: the shape of `ThroughputResult.to_dict()` (or the subset a Plan's
     `measurements["throughput"]` keeps). With `step_seconds`, each point gets a bar from the
-    slowest to the fastest timed step (wall clock); the knee, the best batch (`best_batch`),
+    slowest to the fastest timed step (wall clock); the knee ("or beyond" when it is the
+    largest size timed; none when only one size was timed), the best batch (`best_batch`),
     the line at `fraction` of the best and the batch limit (`limit_batch`, `limit_reason`) are
     marked when given; with `tokens_per_second`, tokens per second are drawn as a second line
     against an axis on the right: the samples/s axis times the tokens per sample when that is
@@ -76,7 +77,9 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
     else:
         axes.plot(sizes, rates, "o-", color="tab:blue", label=f"samples/s ({clock})")
     best = max(rates, default=0.0)
-    if data.get("fraction") is not None and rates:
+    # one size timed has no knee (the read-out says "a knee needs several"): no star, no line
+    several = len(sizes) > 1
+    if data.get("fraction") is not None and rates and several:
         axes.axhline(
             data["fraction"] * best,
             color="tab:gray",
@@ -85,10 +88,12 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
             label=f"{data['fraction']:.0%} of best",
         )
     knee, best_batch = data.get("knee_batch"), data.get("best_batch")
-    if knee in sizes:
+    if knee in sizes and several:
+        # at the largest size timed the curve may still rise: the read-out says "there or beyond"
+        beyond = " or beyond (still rising)" if knee == sizes[-1] else ""
         axes.plot(
             knee, rates[sizes.index(knee)], "*", color="tab:orange", markersize=16,
-            label=f"knee: {knee}",
+            label=f"knee: {knee}{beyond}",
         )  # fmt: skip
     if best_batch is not None and best_batch != knee:
         axes.plot(

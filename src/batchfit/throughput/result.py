@@ -98,7 +98,8 @@ class ThroughputResult:
         return [*columns, "of best", "mark"]
 
     def table_rows(self) -> list[list[str]]:
-        """One row of text per batch size, the knee and the best marked."""
+        """One row of text per batch size, the knee (when several sizes were timed) and the
+        best marked."""
         best = max(self.samples_per_second)
         rows = []
         for index, size in enumerate(self.batch_sizes):
@@ -107,7 +108,9 @@ class ThroughputResult:
             row = [str(size), f"{self.seconds_per_step[index] * 1000:.1f}", spread, f"{rate:,.0f}"]
             if self.tokens_per_second is not None:
                 row.append(f"{self.tokens_per_second[index]:,.0f}")
-            pairs = (("knee", self.knee_batch), ("best", self.best_batch))
+            # one size timed has no knee: `describe` says "a knee needs several"
+            knee = self.knee_batch if len(self.batch_sizes) > 1 else None
+            pairs = (("knee", knee), ("best", self.best_batch))
             marks = [name for name, batch in pairs if batch == size]
             rows.append([*row, f"{rate / best:.0%}", " ".join(marks)])
         return rows
