@@ -98,3 +98,15 @@ def test_the_fit_and_noise_scale_read_as_in_the_table(monkeypatch):
     # the table says S_min 9.2, E_min 1,312 and noise scale 134; the chart said 1.31e+03, 133.9
     assert "S_min + E_min/B (S_min 9.2, E_min 1,312)" in labels
     assert "noise scale 134" in labels and "B_crit = 143" in labels
+
+
+def test_no_best_rate_when_no_batch_reached_the_target(monkeypatch):
+    # `batchfit sweep --example digits --target "val_accuracy>=0.999" --max-epochs 1`: the
+    # legend listed "best rate" over an empty chart but for the rule's line
+    figures = _captured(monkeypatch)
+    missed = [{**point, "steps": None, "best_lr": None} for point in DATA["points"]]
+    sweep_rates_png({**DATA, "points": missed, "lr_exponent": None})
+    axes = figures[0].axes[0]
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert labels == ["sqrt-scaled rate (grid centre)"]
+    assert [line.get_label() for line in axes.get_lines()] == labels

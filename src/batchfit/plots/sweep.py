@@ -110,7 +110,8 @@ def sweep_rates_png(data: Mapping[str, Any]) -> bytes:
     best = [p for p in points if p.get("best_lr") is not None and p.get("steps") is not None]
     exponent = data.get("lr_exponent")
     label = "best rate" + (f" (~ B^{exponent:.2f})" if exponent is not None else "")
-    axes.plot([p["batch"] for p in best], [p["best_lr"] for p in best], "o-", label=label)
+    if best:  # no batch reached the target: no best rate, and no legend entry for one
+        axes.plot([p["batch"] for p in best], [p["best_lr"] for p in best], "o-", label=label)
     for side, marker in (("highest", "^"), ("lowest", "v")):
         edge = [p for p in best if rate_edge(p["best_lr"], p.get("rates") or []) == side]
         if edge:  # the true best may lie beyond the rates tried: an open marker pointing there
