@@ -88,6 +88,9 @@ def case_iou_png(curves: Sequence[Mapping[str, Any]], *, zoom: bool = False) -> 
             linewidth=0.9,
             label=curve["arm"],
         )
+    low, high = axes.get_ylim()
+    # an IoU lies in [0, 1]: runs that have not learned yet (all 0) drew an axis down to -0.05
+    axes.set_ylim(max(low, 0.0), min(high, 1.0))
     what = f"last {ZOOM_SHARE:.0%} of training" if zoom else "whole run"
     axes.set_title(f"Validation IoU per evaluation (all seeds, {what})")
     axes.set_xlabel("samples seen")
