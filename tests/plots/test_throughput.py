@@ -30,3 +30,14 @@ def test_a_knee_at_the_largest_size_timed_may_lie_beyond(monkeypatch):
     still_rising, found = (_labels(figure) for figure in figures)
     assert "knee: 32 or beyond (still rising)" in still_rising
     assert "knee: 16" in found and "90% of best" in found
+
+
+def test_the_chosen_batch_is_marked_and_ticked(monkeypatch):
+    figures = captured(monkeypatch, throughput)
+    data = {"batch_sizes": [8, 16, 32, 64], "samples_per_second": [100.0, 190.0, 330.0, 360.0],
+            "knee_batch": 32, "best_batch": 64, "fraction": 0.9}  # fmt: skip
+    throughput_png(data, chosen=(48, "chosen global batch 48"))
+    axes = figures[0].axes[0]
+    (line,) = [line for line in axes.get_lines() if line.get_label() == "chosen global batch 48"]
+    assert list(line.get_xdata()) == [48, 48]
+    assert "48" in [tick.get_text() for tick in axes.get_xticklabels()]

@@ -22,7 +22,9 @@ TOKENS_PER_SAMPLE_TOLERANCE = 0.01
 then the samples/s axis times them."""
 
 
-def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> bytes:
+def throughput_png(
+    data: Mapping[str, Any], *, title: str | None = None, chosen: tuple[int, str] | None = None
+) -> bytes:
     """PNG bytes of samples per second against batch size (log2 axis).
 
     Draws what `data` holds: the shape of `ThroughputResult.to_dict()` (or the subset a Plan's
@@ -39,6 +41,7 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
         data: `batch_sizes`, `samples_per_second` and `knee_batch`, plus the optional keys above
             and `device` (named in the default title).
         title: the figure title (default "Throughput against batch size (DEVICE)").
+        chosen: (batch, its legend label) to mark as chosen (the plan's), or None.
 
     Returns:
         The PNG file's bytes.
@@ -104,10 +107,13 @@ def throughput_png(data: Mapping[str, Any], *, title: str | None = None) -> byte
     if limit is not None:
         reason = LIMIT_LABELS.get(data["limit_reason"], data["limit_reason"].replace("_", " "))
         axes.axvline(limit, color="tab:red", linestyle=":", label=f"limit {limit} ({reason})")
+    if chosen is not None:
+        axes.axvline(chosen[0], color="tab:green", linestyle="--", label=chosen[1])
     axes.set_xscale("log", base=2)
     if sizes:
-        # the limit gets a tick too: past the last batch timed, its line had no number under it
+        # the limit and the chosen batch get a tick too: a line with no number under it
         ticks = sorted({*sizes, *([] if limit is None else [limit])})
+        ticks = sorted({*ticks, *([] if chosen is None else [chosen[0]])})
         axes.xaxis.set_major_locator(FixedLocator(ticks))
         axes.xaxis.set_minor_locator(NullLocator())
         axes.xaxis.set_minor_formatter(NullFormatter())

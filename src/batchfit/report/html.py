@@ -59,9 +59,9 @@ _FIGURES = (
     ),
     (
         "throughput",
-        lambda plan, data: throughput_png(data),
-        "Training throughput against batch size; the knee is the smallest batch within reach of "
-        "the best throughput.",
+        lambda plan, data: throughput_png(data, chosen=_chosen_per_device(plan)),
+        "Training throughput against batch size, with the chosen batch; the knee is the smallest "
+        "batch within reach of the best throughput.",
     ),
     (
         "noise_scale",
@@ -187,6 +187,15 @@ def _caption(plan: Plan, key: str, caption: str | None) -> str:
             f"{overhead['batch']}), which the global batch's time model counts."
         )
     return caption
+
+
+def _chosen_per_device(plan: Plan) -> tuple[int, str]:
+    """The plan's batch where the throughput figure's axis counts it (per device), and its
+    legend label."""
+    if plan.world_size > 1:
+        per_device = plan.global_batch // plan.world_size
+        return per_device, f"chosen: {per_device} per device (global batch {plan.global_batch})"
+    return plan.global_batch, f"chosen global batch {plan.global_batch}"
 
 
 def _noise_trend(plan: Plan) -> tuple[float, int] | None:
