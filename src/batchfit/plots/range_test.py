@@ -34,7 +34,8 @@ def range_test_png(
     title. The loss axis reaches a little above the start of
     the curve and above `SHOWN_FRACTION` of the smoothed points, so the blow-up at the very end
     does not flatten the part that matters, and a curve that rises above its start (a test
-    that never fell) stays on the chart.
+    that never fell) stays on the chart; a range that still spans more than `LOG_SPAN` (a
+    loss that blew up within a few steps) gets a logarithmic loss axis.
 
     Args:
         data: `lrs`, `losses`, `smoothed_losses` (None for a non-finite loss), and optionally
@@ -85,6 +86,11 @@ def range_test_png(
     if chosen_lr is not None:
         axes.axvline(chosen_lr, color="tab:green", linestyle="--", label=f"chosen: {chosen_lr:.3g}")
     low, high = _loss_range(smooth, raw)
+    log_axis = low is not None and high is not None and 0 < low and high / low > LOG_SPAN
+    if log_axis:
+        # a loss that blew up within a few steps (a sweep started too high) spans decades: on
+        # a linear axis its start sat on the floor, read as 0
+        axes.set_yscale("log")
     if low is not None and high is not None:
         axes.set_ylim(low, high)
     stop_reason = data.get("stop_reason", "completed")
@@ -92,7 +98,13 @@ def range_test_png(
         # drawn just inside the top edge when the loss is off the chart (or not finite): at
         # the edge itself, half the marker was cut off
         last = smooth[-1] if math.isfinite(smooth[-1]) else math.inf
-        inside = high - STOP_MARK_INSET * (high - low) if high is not None else None
+        inside = None
+        if low is not None and high is not None:
+            inside = (
+                high / (high / low) ** STOP_MARK_INSET
+                if log_axis
+                else high - STOP_MARK_INSET * (high - low)
+            )
         where = min(last, inside) if inside is not None else last
         stop = "diverged" if stop_reason == "diverged" else "loss not finite"
         if math.isfinite(where):
@@ -163,9 +175,14 @@ SHOWN_FRACTION = 0.9
 (the divergence) may be cut."""
 
 
+LOG_SPAN = 100.0
+"""A loss axis whose top is more than this many times its (positive) bottom is logarithmic."""
+
+
 def _loss_range(smooth, raw) -> tuple[float | None, float | None]:
     """From a little below the lowest loss to a little above the start of the curve and
-    `SHOWN_FRACTION` of its points."""
+    `SHOWN_FRACTION` of its points; on a logarithmic axis (`LOG_SPAN`) the margins are
+    factors."""
     import numpy
 
     finite = [value for value in smooth if math.isfinite(value)]
@@ -174,5 +191,7 @@ def _loss_range(smooth, raw) -> tuple[float | None, float | None]:
     lowest = min(min(finite), min((v for v in raw if math.isfinite(v)), default=min(finite)))
     before_best = finite[: finite.index(min(finite)) + 1]
     top = max(max(before_best), finite[0], float(numpy.quantile(finite, SHOWN_FRACTION)))
+    if lowest > 0 and top / lowest > LOG_SPAN:
+        return lowest / 1.3, top * 2.0
     span = max(top - lowest, 1e-12)
     return lowest - 0.05 * span, top + 0.3 * span
