@@ -131,3 +131,22 @@ def test_no_noise_scale_panel_without_a_logged_noise_scale(monkeypatch, noise):
     (axes,) = figure.axes
     assert axes.get_xlabel() == "optimizer step"
     assert not any("batch" in line.get_label() for line in axes.get_lines())
+
+
+def test_noise_scale_panel_marks_the_value_the_batch_was_judged_against(monkeypatch):
+    # the digits plan's run: "the noise scale (about 740 samples) is 5.8x the global batch",
+    # while the line's last readings jumped to 1,290; the value named is drawn, over its steps
+    readings = [300.0] * 60 + [740.0] * 30 + [1290.0] * 10
+    records = [{"step": s, "loss": 2.0 / s, "noise_scale": readings[s - 1]} for s in range(1, 101)]
+    history = History.from_records(records, global_batch=128)
+    diagnosis = diagnose(history).to_dict()
+    assert diagnosis["noise_scale_at_end"] == {"noise_scale": 740.0, "first_step": 76,
+                                               "last_step": 100}  # fmt: skip
+    figure = _figure_of(monkeypatch, history)
+    panel = figure.axes[1]
+    (judged,) = [line for line in panel.get_lines() if line.get_label().startswith("judged")]
+    assert judged.get_label() == "judged: ~740 (median)"
+    assert list(judged.get_xdata()) == [76, 100] and list(judged.get_ydata()) == [740.0, 740.0]
+    # a run whose batch was not judged (no global batch known) draws no such line
+    unknown = History.from_records(records)
+    assert diagnose(unknown).to_dict()["noise_scale_at_end"] is None

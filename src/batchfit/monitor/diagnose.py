@@ -346,6 +346,7 @@ def diagnose(
         # the loss by the rate, not by the larger batch it would otherwise advise.
         found = [checks.noisy_in_overfitting_run(f, run) for f in found]
     noise = history.noise_scale.finite() if history.noise_scale is not None else None
+    judged = None  # (noise scale, first step, last step) the batch is judged against
     if noise and curve is None:
         notes.append(
             "the run is too short to read a training-loss trend: its noise scale (early in "
@@ -365,6 +366,8 @@ def diagnose(
                 f"{broken}: the noise scale is not read against the batch until that is fixed"
             )
         else:
+            estimate, count = checks.recent_noise_scale(noise)
+            judged = (estimate, int(noise.steps[-count]), int(noise.steps[-1]))
             batch_findings = checks.critical(noise, run)
             overfits = any(f.kind == "overfitting" for f in found)
             below = next((f for f in batch_findings if f.kind == "batch-below-critical"), None)
@@ -406,4 +409,5 @@ def diagnose(
         notes=tuple(notes),
         last_step=last_step,
         source=history.source,
+        noise_scale_at_end=judged,
     )

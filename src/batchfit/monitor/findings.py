@@ -249,6 +249,9 @@ class Diagnosis:
         notes: what was missing or skipped, in words (a partial result says why).
         last_step: the last logged optimizer step.
         source: the file read, when the history came from one.
+        noise_scale_at_end: (noise scale in samples, first step, last step) the batch was
+            judged against: the median of the readings over those steps; None when the batch
+            was not judged.
     """
 
     findings: tuple[Finding, ...]
@@ -256,6 +259,7 @@ class Diagnosis:
     notes: tuple[str, ...] = ()
     last_step: int | None = None
     source: str = ""
+    noise_scale_at_end: tuple[float, int, int] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -279,6 +283,9 @@ class Diagnosis:
             "notes": list(self.notes),
             "last_step": self.last_step,
             "source": self.source,
+            "noise_scale_at_end": None
+            if self.noise_scale_at_end is None
+            else dict(zip(("noise_scale", "first_step", "last_step"), self.noise_scale_at_end)),
         }
 
     def describe(self) -> str:

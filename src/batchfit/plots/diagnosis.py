@@ -42,14 +42,16 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
     it against the global batch on one log axis in samples: the evidence of the
     batch-below-critical and batch-above-critical findings. The batch is a step line where the
     log has it per step (a batch schedule's changes are labelled with the new batch), else the
-    run's one global batch as a flat line. Without a noise scale there is no second panel.
+    run's one global batch as a flat line, and the noise scale the diagnosis judged the batch
+    against (`noise_scale_at_end`) a dashed segment over the steps it is the median of.
+    Without a noise scale there is no second panel.
 
     Args:
         history: the shape of `History.to_dict()` (`train_loss`, `val_loss`, `metric`,
             `noise_scale`, `global_batches`: each `{"name", "steps", "values"}` or None;
             `global_batch`: samples or None).
         diagnosis: the shape of `Diagnosis.to_dict()` (`findings`, each with `kind`,
-            `severity`, `steps`).
+            `severity`, `steps`; optionally `noise_scale_at_end`).
 
     Returns:
         The PNG file's bytes.
@@ -149,7 +151,9 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
         top.legend(handles, labels, loc="upper left", bbox_to_anchor=(legend_x, 1.0), fontsize=8)
     if panel is not None:
         run_steps = [s for c in (train, val or {}, metric or {}) for s in c.get("steps") or []]
-        _draw_noise_panel(panel, history, run_steps, legend_x)
+        _draw_noise_panel(
+            panel, history, run_steps, legend_x, judged=diagnosis.get("noise_scale_at_end")
+        )
     return png_bytes(figure)
 
 
@@ -164,12 +168,32 @@ def _positive(series: Mapping[str, Any] | None) -> tuple[list[int], list[float]]
 
 
 def _draw_noise_panel(
-    axes: Any, history: Mapping[str, Any], run_steps: list[int], legend_x: float
+    axes: Any,
+    history: Mapping[str, Any],
+    run_steps: list[int],
+    legend_x: float,
+    *,
+    judged: Mapping[str, Any] | None = None,
 ) -> None:
-    """The noise scale and the global batch against the step, on one log axis in samples."""
+    """The noise scale and the global batch against the step, on one log axis in samples;
+    with `judged` (the diagnosis's `noise_scale_at_end`), the value the batch was judged
+    against, over the steps it is the median of."""
     # the steps before the estimate is reliable (null) stay a gap in the line
     noise_steps, noise = _positive(history["noise_scale"])
     axes.plot(noise_steps, noise, color="tab:purple", linewidth=1, label="noise scale B_simple")
+    if judged and judged.get("noise_scale"):
+        # the read-out names this value ("about 740 samples"); the line's last readings swing
+        # far from it (1,290 at the digits plan's last step)
+        axes.plot(
+            [judged["first_step"], judged["last_step"]],
+            [judged["noise_scale"]] * 2,
+            color="indigo",
+            linestyle="--",
+            linewidth=2,
+            zorder=4,
+            # short: the legend sits beside the chart, and a longer label narrows it
+            label=f"judged: ~{judged['noise_scale']:,.0f} (median)",
+        )
     steps, sizes = _positive(history.get("global_batches"))
     points = [(step, size) for step, size in zip(steps, sizes) if math.isfinite(size)]
     if not points and history.get("global_batch"):
