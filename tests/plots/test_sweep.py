@@ -60,7 +60,7 @@ def test_the_critical_batch_reads_as_in_the_table(monkeypatch):
     sweep_steps_png({**DATA, "fit": {**DATA["fit"], "critical_batch": 64.5}})
     labels = figures[0].axes[0].get_legend_handles_labels()[1]
     # the sweep's table rounds B_crit to whole samples (64); the chart said 64.5
-    assert "B_crit = 64" in labels
+    assert "B_crit = 64 (at or past the largest batch, 16)" in labels
 
 
 def test_a_best_rate_at_the_edge_of_the_rates_tried_is_marked(monkeypatch):
@@ -97,7 +97,8 @@ def test_the_fit_and_noise_scale_read_as_in_the_table(monkeypatch):
     labels = figures[0].axes[0].get_legend_handles_labels()[1]
     # the table says S_min 9.2, E_min 1,312 and noise scale 134; the chart said 1.31e+03, 133.9
     assert "S_min + E_min/B (S_min 9.2, E_min 1,312)" in labels
-    assert "noise scale 134" in labels and "B_crit = 143" in labels
+    assert "noise scale 134" in labels
+    assert "B_crit = 143 (at or past the largest batch, 16)" in labels
 
 
 def test_no_best_rate_when_no_batch_reached_the_target(monkeypatch):
@@ -110,3 +111,21 @@ def test_no_best_rate_when_no_batch_reached_the_target(monkeypatch):
     labels = [text.get_text() for text in axes.get_legend().get_texts()]
     assert labels == ["sqrt-scaled rate (grid centre)"]
     assert [line.get_label() for line in axes.get_lines()] == labels
+
+
+def test_a_critical_batch_outside_the_batches_measured_says_so_in_the_legend(monkeypatch):
+    # `batchfit sweep --example digits --target "val_accuracy>=0.9" --batch-sizes 32,128`:
+    # "Critical batch about 333 samples, at or beyond the largest batch measured (128)"
+    figures = _captured(monkeypatch)
+    for critical in (333.0, 4.0, 12.0):
+        fit = {**DATA["fit"], "critical_batch": critical}
+        sweep_steps_png({**DATA, "fit": fit})
+    labels = [
+        [t.get_text() for t in figure.axes[0].get_legend().get_texts() if "B_crit" in t.get_text()]
+        for figure in figures
+    ]
+    assert labels == [
+        ["B_crit = 333 (at or past the largest batch, 16)"],
+        ["B_crit = 4 (below the smallest batch, 8)"],
+        ["B_crit = 12"],
+    ]

@@ -63,11 +63,21 @@ def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
             ),
         )
         if fit.get("critical_batch"):
+            # outside the batches measured the fit extrapolates: the legend says so, as the
+            # read-out does ("at or beyond the largest batch measured")
+            critical = fit["critical_batch"]
+            where = (
+                f" (at or past the largest batch, {max(batches)})"
+                if critical >= max(batches)
+                else f" (below the smallest batch, {min(batches)})"
+                if critical < min(batches)
+                else ""
+            )
             axes.axvline(
-                fit["critical_batch"],
+                critical,
                 color="tab:red",
                 linestyle="--",
-                label=f"B_crit = {fit['critical_batch']:,.0f}",
+                label=f"B_crit = {critical:,.0f}{where}",
             )
     noise = (data.get("noise_scale") or {}).get("noise_scale_samples")
     if noise:
@@ -91,7 +101,7 @@ def sweep_steps_png(data: Mapping[str, Any]) -> bytes:
     axes.set_ylabel("optimizer steps")
     axes.grid(alpha=0.3, which="both")
     if axes.get_legend_handles_labels()[0]:
-        axes.legend(loc="best")
+        axes.legend(loc="best", fontsize="small")  # small: it holds four long labels
     return png_bytes(figure)
 
 
