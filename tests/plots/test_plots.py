@@ -434,3 +434,21 @@ def test_range_test_of_an_inconclusive_sweep_says_so_on_the_picture(monkeypatch)
     inconclusive, conclusive = (figure.axes[0].get_title() for figure in figures)
     assert inconclusive.startswith("digits\ninconclusive: take no rate from it")
     assert conclusive == "digits"
+
+
+def test_memory_marks_the_limit_under_a_budget_and_the_chosen_micro_batch(monkeypatch):
+    from batchfit.plots import memory
+
+    figures = captured(monkeypatch, memory)
+    # `batchfit plan --example digits --quick --memory-budget 4MiB`: "all 128 fit in memory
+    # (limit 676 with a 5% margin, confirmed)"; the figure named neither number
+    data = {"probes": [[2, 1891840], [676, 3983872]], "fixed_bytes": 1169199.0,
+            "per_sample_bytes": 4120.8, "limit_batch": 676, "capacity_bytes": 4 * 2**20,
+            "trials": [{"batch_size": 676, "fits": True, "measured_bytes": 3983872}]}  # fmt: skip
+    memory_png(data, micro_batch=128)
+    memory_png({**data, "capacity_bytes": None, "trials": []}, micro_batch=128)  # on the CPU
+    budget, cpu = ({line.get_label(): line for line in f.axes[0].get_lines()} for f in figures)
+    assert list(budget["limit 676"].get_xdata()) == [676, 676]
+    assert list(budget["chosen micro-batch 128"].get_xdata()) == [128, 128]
+    assert "chosen micro-batch 128" in cpu  # the training set's size is no memory limit
+    assert not any(label.startswith("limit") for label in cpu)

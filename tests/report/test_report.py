@@ -328,15 +328,18 @@ def test_a_raised_rate_that_failed_its_trial_is_labelled_with_the_rule():
 def test_the_memory_caption_names_only_what_the_figure_draws():
     plan = make_plan()
     full = render_report(plan)
-    assert "the budget and the real trials that confirmed the limit" in full
+    assert "the budget, the limit, the real trials that confirmed the limit and the chosen" in full
     cpu = {**plan.measurements["memory"], "capacity_bytes": None, "trials": []}
     html = render_report(Plan(**{**plan.to_dict(), "memory_budget_bytes": None,
                                  "measurements": {"memory": cpu}}))  # fmt: skip
     (caption,) = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
-    assert caption == "Peak memory against batch size: predicted probes and the fitted line."
+    assert caption == (
+        "Peak memory against batch size: predicted probes, the fitted line and the chosen "
+        "micro-batch."
+    )
     usable = {**plan.measurements["memory"], "usable_bytes": 285 * MIB, "margin": 0.05}
     html = render_report(Plan(**{**plan.to_dict(), "measurements": {"memory": usable}}))
-    assert "the budget, the usable memory the limit is found under and the real trials" in html
+    assert "the budget, the usable memory the limit is found under, the limit, the real" in html
 
 
 def test_the_throughput_caption_says_what_the_loop_adds_when_it_was_measured():

@@ -17,13 +17,14 @@ LOG_SPAN = 10.0  # a budget more than this many times the largest peak drawn get
 _LINE_POINTS = 200  # the fitted line is drawn through this many points (it curves on a log axis)
 
 
-def memory_png(data: Mapping[str, Any]) -> bytes:
+def memory_png(data: Mapping[str, Any], *, micro_batch: int | None = None) -> bytes:
     """PNG bytes of peak memory (MiB) against batch size.
 
     Draws a Plan's `measurements["memory"]`: the probes, the fitted line fixed + per-sample
     bytes x batch, the budget and the usable memory under it, and the real trials (fits or out
-    of memory). A budget more than `LOG_SPAN` times every peak drawn gets a logarithmic memory
-    axis, so the data stay readable.
+    of memory). Under a budget, the limit found (`limit_batch`) is a dotted line; a chosen
+    micro-batch, a dashed one. A budget more than `LOG_SPAN` times every peak drawn gets a
+    logarithmic memory axis, so the data stay readable.
 
     Args:
         data: `probes` ([batch, peak bytes] pairs), `trials` (dicts with `batch_size`, `fits`
@@ -31,6 +32,7 @@ def memory_png(data: Mapping[str, Any]) -> bytes:
             `per_sample_bytes`, `capacity_bytes`, `usable_bytes` (the budget less the margin
             and reserve: the line the limit is found under), `margin`, `reserve_bytes`,
             `limit_batch`.
+        micro_batch: the micro-batch to mark as chosen (the plan's), or None.
 
     Returns:
         The PNG file's bytes.
@@ -110,7 +112,14 @@ def memory_png(data: Mapping[str, Any]) -> bytes:
             markersize=9,
             label="real trial: fits" if fits else "real trial: out of memory",
         )
-    dedupe_legend(axes)
+    if data.get("capacity_bytes") and data.get("limit_batch"):
+        # without a budget the limit is the training set's size, not memory's: not drawn
+        limit = data["limit_batch"]
+        axes.axvline(limit, color="tab:red", linestyle=":", label=f"limit {limit}")
+    if micro_batch:
+        label = f"chosen micro-batch {micro_batch}"
+        axes.axvline(micro_batch, color="tab:green", linestyle="--", label=label)
+    dedupe_legend(axes, fontsize="small")  # small: up to eight entries, over the data
     axes.set_xlabel("batch size (samples)")
     axes.set_ylabel("peak memory (MiB)")
     axes.set_title("Memory against batch size")

@@ -54,7 +54,7 @@ _PLAN_ROWS = (
 _FIGURES = (
     (
         "memory",
-        lambda plan, data: memory_png(data),
+        lambda plan, data: memory_png(data, micro_batch=plan.micro_batch),
         None,  # said by _memory_caption: what the figure holds
     ),
     (
@@ -351,14 +351,17 @@ def _sweep_steps_caption(sweep: SweepResult) -> str:
 
 def _memory_caption(data: dict) -> str:
     """The memory figure's caption, naming only what it draws: a plan on the CPU has no budget
-    line, and a limit found by prediction alone has no real trials."""
+    line (nor a memory limit), and a limit found by prediction alone has no real trials."""
     parts = ["predicted probes", "the fitted line"]
     if data.get("capacity_bytes"):
         parts.append("the budget")
         if data.get("usable_bytes") and data["usable_bytes"] < data["capacity_bytes"]:
             parts.append("the usable memory the limit is found under")
+        if data.get("limit_batch"):
+            parts.append("the limit")
     if data.get("trials"):
         parts.append("the real trials that confirmed the limit")
+    parts.append("the chosen micro-batch")
     listed = ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"Peak memory against batch size: {listed}."
 
