@@ -123,3 +123,19 @@ def test_inconclusive_reasons_by_hand():
     assert "never finite" in inconclusive_reason(
         rates[:2], [math.nan, math.inf], stopped="not_finite", suggestion_indices=[]
     )
+
+
+def test_steepest_is_taken_on_the_way_down():
+    # A linear sweep's curve (digits, 0.001 to 1): a short fall to its lowest loss at step 3,
+    # then a noisy blow-up. The steepest slope per log10(rate) once sat at step 11, a dip on
+    # the way up (3.25 -> 3.075), above the starting loss and past the lowest one.
+    smoothed = [2.29, 2.282, 2.118, 1.807, 1.863, 1.849, 2.249, 2.467, 2.813, 2.824, 3.25]
+    smoothed += [3.075, 2.924, 3.118, 3.975, 4.414, 5.126, 5.285, 5.769, 5.707, 6.432, 6.469]
+    smoothed += [6.527, 9.013]
+    rates = sweep_lrs(0.001, 1.0, 100, "linear")[:24]  # it diverged after 24 of 100 steps
+    steepest = suggest_steepest(rates, smoothed)
+    assert steepest == 2 and smoothed[steepest] < smoothed[0]
+    # Before the lowest loss too, a fall from above the start is a recovery, not learning:
+    # the steepest fall (4.0 -> 2.5 around step 5) is passed over for the one below 2.0.
+    recovery = [2.0, 2.0, 2.0, 3.0, 4.0, 3.0, 2.5, 2.2, 1.5, 1.0, 3.0, 9.0]
+    assert suggest_steepest(sweep_lrs(1e-4, 1.0, 12), recovery) == 8

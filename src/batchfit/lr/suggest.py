@@ -23,7 +23,9 @@ Definitions used here:
   larger of |best| and the fall from the first smoothed loss (`has_diverged`).
 - "steepest": the rate where the smoothed loss falls fastest per unit of log10(rate),
   skipping the first tenth of the steps and the last step (Lightning's suggestion, on a log
-  axis).
+  axis), among the steps before the lowest smoothed loss whose smoothed loss is not above the
+  first (the steepest descent on the way down, as torch-lr-finder and fastai read it: past
+  the lowest loss, or above the start, a fall is a recovery from a blow-up, not learning).
 - "valley": the longest stretch over which the smoothed loss keeps falling (the longest
   decreasing subsequence, so one noisy uptick does not cut it short; like "steepest", it
   skips the first tenth of the steps, where the average still holds a few losses and one
@@ -140,8 +142,10 @@ def has_diverged(current: float, best: float, start: float, factor: float) -> bo
 def suggest_steepest(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> int | None:
     """Index of the steepest fall of the smoothed loss per unit of log10(rate), or None.
 
-    The first tenth of the points and the last point are skipped. None when fewer than three
-    points remain or the loss never falls.
+    The first tenth of the points and the last point are skipped. Only a step before the lowest
+    smoothed loss, whose smoothed loss is not above the first finite one, is offered: a fall
+    after the minimum or above the start is a recovery from a rise. None when fewer than three
+    points remain or the loss never falls on the way down.
 
     Example:
         >>> lrs = [10 ** (k / 4 - 5) for k in range(21)]
@@ -161,6 +165,11 @@ def suggest_steepest(lrs: Sequence[float], smoothed_losses: Sequence[float]) -> 
         return None
     indices = numpy.arange(begin, end)[usable]
     slopes = numpy.gradient(losses[usable], numpy.log10(rates[usable]))
+    every = numpy.asarray(smoothed_losses, dtype=float)
+    finite = numpy.flatnonzero(numpy.isfinite(every))
+    start, lowest = every[finite[0]], int(finite[numpy.argmin(every[finite])])
+    on_the_way_down = (indices < lowest) & (losses[usable] <= start)
+    slopes = numpy.where(on_the_way_down, slopes, numpy.inf)
     best = int(numpy.argmin(slopes))
     if not slopes[best] < 0:
         return None
