@@ -243,3 +243,16 @@ def test_one_seed_shows_no_range_of_b_crit():
                      critical_batch_high=crit)  # fmt: skip
     assert result.seeds == (0,)
     assert dict(result.summary_rows())["B_crit over seeds"] == "- (one seed: use --seeds 2+)"
+
+
+def test_no_critical_batch_reads_as_two_sentences():
+    # The reason is a sentence of its own ("The fit ...", "No plateau: ..."): after a colon its
+    # capital read "No critical batch: The fit ...".
+    from dataclasses import replace
+
+    from batchfit.sweep.result import BatchPoint
+
+    points = [BatchPoint(b, None, None, None, None, 0.02, (0.01, 0.02), 2) for b in (64, 128)]
+    reason = "The fit S = S_min + E_min/B needs steps at two batch sizes or more; 0 reached it."
+    meaning = replace(_sweep_result(points, None), fit_reason=reason).describe()
+    assert meaning.startswith(f"No critical batch. {reason}")

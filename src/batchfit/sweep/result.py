@@ -286,7 +286,7 @@ class SweepResult:
             )
         edge_text += self._missed_text()
         if crit is None:
-            return f"No critical batch: {self.fit_reason}{edge_text}"
+            return f"No critical batch. {self.fit_reason}{edge_text}"
         # The batches that reached the target: the fit rests on them alone.
         measured = [point.batch for point in self.points if point.steps is not None]
         largest, smallest = max(measured), min(measured)
