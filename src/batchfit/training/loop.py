@@ -89,9 +89,10 @@ class TrainResult:
             epochs (`TrainSetup.sample_budget`): it ends at the first step that reaches them;
             None when its length is in steps.
         final_loss: training loss of the last step (None when no step ran).
-        val_metrics: the last evaluation (`val_loss`, `val_<metric>`), empty without val data.
-        val_step: the step of that evaluation (None without one): before `steps` when the run
-            was interrupted or stopped between evaluations.
+        val_metrics: the last evaluation (`val_loss`, `val_<metric>`); empty without val data,
+            and on every rank but rank 0 of a multi-rank run (rank 0 alone evaluates).
+        val_step: the step of that evaluation (None without one, as on ranks other than 0):
+            before `steps` when the run was interrupted or stopped between evaluations.
         lr: the peak learning rate.
         lr_reason: how it was chosen, in words.
         warmup_steps: optimizer steps of warmup.
