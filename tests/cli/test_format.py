@@ -154,3 +154,27 @@ def test_diagnosis_table_folds_a_long_setting_instead_of_cutting_it():
     )
     assert "…" not in buffer.getvalue()
     assert "(Trainer(gradient_clip_val=1));" in cells
+
+
+def test_a_batch_change_under_two_ranks_names_ranks_and_micro_batches():
+    # The line read "global batch 32 -> 64 (16 x 2)": micro-batch x ranks, or x accumulation?
+    from batchfit.cli.format import print_train_summary
+    from batchfit.training.batch_schedule import BatchChange
+
+    change = BatchChange(
+        step=9, samples_seen=256, old_batch=32, new_batch=64, micro_batch=16,
+        accumulation_steps=2, lr_factor=1.41421, evidence="noise scale 90 > 2 x 32",
+    )  # fmt: skip
+    result = SimpleNamespace(
+        interrupted=False, steps=20, total_steps=20, samples_seen=1024, samples_per_second=100.0,
+        seconds=1.0, resumed_from_step=None, world_size=2, accumulation_steps=2, micro_batch=16,
+        global_batch=64, lr=0.1, lr_reason="given", schedule="constant", backoffs=(),
+        batch_changes=(change,), val_metrics={}, metrics_path=None, checkpoint_path=None,
+    )  # fmt: skip
+    console, out = _console()
+    print_train_summary(console, "digits", result)
+    line = next(line for line in out.getvalue().splitlines() if "step 9" in line)
+    assert line == (
+        "  step 9: global batch 32 -> 64 = 2 micro-batches of 16 x 2 ranks, rate x1.41: "
+        "noise scale 90 > 2 x 32"
+    )

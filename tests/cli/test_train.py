@@ -286,7 +286,7 @@ def test_train_batch_schedule_changes_are_printed_and_in_json(tmp_path, capsys):
     args += ["--steps", "4", "--batch-schedule", "ramp:0:16,32:64", "--max-global-batch", "64"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    assert "step 3: global batch 16 -> 64 (16 x 4)" in out
+    assert "step 3: global batch 16 -> 64 = 4 micro-batches of 16," in out
     assert main([*args, "--out", str(tmp_path / "b"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["batch_schedule"] == "ramp:0:16,32:64"

@@ -206,20 +206,10 @@ def print_train_summary(
             f"{state} {name}: {length}{this_session}, {result.seconds:.1f} s "
             f"({result.samples_per_second:,.0f} samples/s in training steps)"
         )
-    ranks = f" x {result.world_size} ranks" if result.world_size > 1 else ""
-    pieces = "micro-batch" if result.accumulation_steps == 1 else "micro-batches"
-    split = f"of {result.micro_batch}"
-    if result.accumulation_steps * result.micro_batch * result.world_size != result.global_batch:
-        from batchfit.training.accumulation import plan_accumulation
-
-        sizes = plan_accumulation(
-            result.global_batch, result.micro_batch, result.world_size, allow_uneven=True
-        ).micro_batches
-        split = f"({'+'.join(map(str, sizes))}, loss weighted by size)"
-    say(
-        f"  global batch {result.global_batch} = {result.accumulation_steps} {pieces} {split}"
-        f"{ranks}"
+    split = _batch_split(
+        result.global_batch, result.micro_batch, result.accumulation_steps, result.world_size
     )
+    say(f"  global batch {split}")
     say(f"  lr {result.lr:.6g}: {result.lr_reason}")
     say(f"  schedule: {result.schedule}")
     for event in result.backoffs:
@@ -228,10 +218,14 @@ def print_train_summary(
             f"{event.micro_batch}"
         )
     for change in getattr(result, "batch_changes", ()):
+        # "64 = 2 micro-batches of 16 x 2 ranks", as the line above: "(16 x 2)" read as
+        # micro-batch x ranks as well as micro-batch x accumulation.
+        split = _batch_split(
+            change.new_batch, change.micro_batch, change.accumulation_steps, result.world_size
+        )
         say(
-            f"  step {change.step}: global batch {change.old_batch} -> {change.new_batch} "
-            f"({change.micro_batch} x {change.accumulation_steps}), rate x{change.lr_factor:.3g}"
-            f": {change.evidence}"
+            f"  step {change.step}: global batch {change.old_batch} -> {split}, "
+            f"rate x{change.lr_factor:.3g}: {change.evidence}"
         )
     if result.val_metrics:
         # An interrupted or stopped run says which step its last evaluation was at.
@@ -252,6 +246,22 @@ def print_train_summary(
     if noise is not None:
         logged = noise["advice"] if noise["logged"] else None
         say(f"  {logged or 'noise scale: not logged (' + noise['reason'] + ')'}")
+
+
+def _batch_split(global_batch: int, micro_batch: int, steps: int, world_size: int) -> str:
+    """ "128 = 8 micro-batches of 16", with " x 2 ranks" under several ranks and the sizes of
+    uneven micro-batches."""
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
+    pieces = "micro-batch" if steps == 1 else "micro-batches"
+    split = f"of {micro_batch}"
+    if steps * micro_batch * world_size != global_batch:
+        from batchfit.training.accumulation import plan_accumulation
+
+        sizes = plan_accumulation(
+            global_batch, micro_batch, world_size, allow_uneven=True
+        ).micro_batches
+        split = f"({'+'.join(map(str, sizes))}, loss weighted by size)"
+    return f"{global_batch} = {steps} {pieces} {split}{ranks}"
 
 
 _PLAN_ROWS = (  # label, Plan field
