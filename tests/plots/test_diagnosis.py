@@ -150,3 +150,13 @@ def test_noise_scale_panel_marks_the_value_the_batch_was_judged_against(monkeypa
     # a run whose batch was not judged (no global batch known) draws no such line
     unknown = History.from_records(records)
     assert diagnose(unknown).to_dict()["noise_scale_at_end"] is None
+
+
+def test_a_one_line_log_draws_its_one_loss_as_a_dot(monkeypatch):
+    # A line through one point draws nothing: the chart of a one-line metrics.jsonl was empty.
+    figure = _figure_of(monkeypatch, History.from_records([{"step": 1, "loss": 2.3}]))
+    (axes,) = figure.axes
+    loss = _lines(axes)["loss"]
+    assert loss.get_marker() == "o" and list(loss.get_ydata()) == [2.3]
+    many = _figure_of(monkeypatch, _history())
+    assert _lines(many.axes[0])["loss"].get_marker() in ("None", None, "")

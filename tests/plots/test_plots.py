@@ -162,8 +162,17 @@ def test_schedule_bad_input(tmp_path):
     assert not (tmp_path / "lr.png").exists()
 
 
-def test_one_step_schedule(tmp_path):
+def test_one_step_schedule(tmp_path, monkeypatch):
     assert plot_schedule(ScheduleConfig(total_steps=1), 0.1, tmp_path / "lr.png").exists()
+    # its one rate is a dot (a line through one point draws nothing), its title "1 step"
+    from batchfit.plots import schedule as module
+
+    figures = captured(monkeypatch, module)
+    module.schedule_png(ScheduleConfig(total_steps=1), 0.1)
+    (axes,) = figures[0].axes
+    (line,) = axes.get_lines()
+    assert line.get_marker() == "o" and list(line.get_ydata()) == [0.1]
+    assert axes.get_title().startswith("1 step, ")
 
 
 # --- memory -------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ class ScheduleConfig:
 
     def describe(self) -> str:
         """One line for people, e.g. "100 steps: 10 warmup from 0, then cosine to 0"."""
-        parts = [f"{self.total_steps} steps"]
+        parts = [format_count(self.total_steps, "step")]
         if self.warmup_steps:
             warmup = format_count(self.warmup_steps, "warmup step")
             parts.append(f"{warmup} from {self.warmup_start_factor:.3g}x")
@@ -195,7 +195,7 @@ class ScheduleConfig:
             when = (
                 f"at steps {', '.join(str(m) for m in self.step_milestones)}"
                 if self.step_milestones
-                else f"every {self.step_every} steps"
+                else f"every {format_count(self.step_every, 'step')}"
             )
             parts.append(f"x{self.step_gamma:.3g} {when}")
         else:

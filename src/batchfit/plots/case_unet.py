@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchfit.plots.figure import new_axes, png_bytes, write_png
+from batchfit.plots.figure import lone_point, new_axes, png_bytes, write_png
 
 if TYPE_CHECKING:
     from batchfit.examples.case_unet_result import CaseResult
@@ -51,6 +51,7 @@ def case_loss_png(curves: Sequence[Mapping[str, Any]]) -> bytes:
             alpha=0.45,
             linewidth=0.8,
             label=curve["arm"],
+            **lone_point(curve["loss"]),
         )
     axes.set_yscale("log")
     axes.set_title("Training loss per optimizer step (all seeds)")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from batchfit.plots.figure import (
     FIGURE_INCHES,
     floats,
+    lone_point,
     new_axes,
     new_figure,
     png_bytes,
@@ -74,7 +75,8 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
     else:
         figure, axes = new_axes()
     if train.get("steps"):
-        axes.plot(train["steps"], floats(train["values"]), linewidth=1, label=train["name"])
+        values = floats(train["values"])
+        axes.plot(train["steps"], values, linewidth=1, label=train["name"], **lone_point(values))
     val = history.get("val_loss")
     if val and val.get("steps"):
         axes.plot(val["steps"], floats(val["values"]), marker="o", markersize=3, label=val["name"])
@@ -180,7 +182,14 @@ def _draw_noise_panel(
     against, over the steps it is the median of."""
     # the steps before the estimate is reliable (null) stay a gap in the line
     noise_steps, noise = _positive(history["noise_scale"])
-    axes.plot(noise_steps, noise, color="tab:purple", linewidth=1, label="noise scale B_simple")
+    axes.plot(
+        noise_steps,
+        noise,
+        color="tab:purple",
+        linewidth=1,
+        label="noise scale B_simple",
+        **lone_point(noise),
+    )
     if judged and judged.get("noise_scale"):
         # the read-out names this value ("about 740 samples"); the line's last readings swing
         # far from it (1,290 at the digits plan's last step)
@@ -210,6 +219,7 @@ def _draw_noise_panel(
             linewidth=1.2,
             zorder=3,  # over the noise scale, which swings across it
             label=f"global batch {first}" if first == last else f"global batch {first} → {last}",
+            **lone_point(sizes),
         )
         changes = [i for i in range(1, len(sizes)) if sizes[i] != sizes[i - 1]]
         for index in changes[:MARKED_CHANGES]:

@@ -79,6 +79,22 @@ def floats(values: Iterable[float | None]) -> list[float]:
     return [math.nan if value is None else float(value) for value in values]
 
 
+LONE_MARKER_SIZE = 5  # points: a lone value's dot, about a line's width several times over
+
+
+def lone_point(values: Iterable[float | None]) -> dict[str, Any]:
+    """Plot options that draw a series with one finite value as a dot: a line needs two
+    points, so alone it draws nothing. Empty for any other series. Not clipped, so that a dot
+    on the chart's edge (step 0 of a one-step schedule) shows whole.
+
+    Example:
+        >>> lone_point([None, 2.0]), lone_point([1.0, 2.0])
+        ({'marker': 'o', 'markersize': 5, 'clip_on': False}, {})
+    """
+    finite = sum(1 for value in floats(values) if math.isfinite(value))
+    return {"marker": "o", "markersize": LONE_MARKER_SIZE, "clip_on": False} if finite == 1 else {}
+
+
 def dedupe_legend(axes: Any, **options: Any) -> None:
     """A legend with each label once (repeated markers share one entry)."""
     handles, labels = axes.get_legend_handles_labels()

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchfit.plots.figure import floats, new_axes, png_bytes, png_path, write_png
+from batchfit.plots.figure import floats, lone_point, new_axes, png_bytes, png_path, write_png
 
 if TYPE_CHECKING:
     from batchfit.lr.result import RangeTestResult
@@ -60,9 +60,18 @@ def range_test_png(
     raw = floats(data.get("losses") or [])
     smooth = floats(data.get("smoothed_losses") or [])
     if raw:
-        axes.plot(rates, raw, color="tab:gray", alpha=0.45, linewidth=1, label="loss")
+        axes.plot(
+            rates, raw, color="tab:gray", alpha=0.45, linewidth=1, label="loss", **lone_point(raw)
+        )
     if smooth:
-        axes.plot(rates, smooth, color="tab:blue", linewidth=2, label="smoothed loss")
+        axes.plot(
+            rates,
+            smooth,
+            color="tab:blue",
+            linewidth=2,
+            label="smoothed loss",
+            **lone_point(smooth),
+        )
     if data.get("valley_start_lr") is not None and data.get("valley_end_lr") is not None:
         axes.axvspan(
             data["valley_start_lr"],

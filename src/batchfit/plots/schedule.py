@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchfit.errors import ConfigError
-from batchfit.plots.figure import new_axes, png_bytes, png_path, write_png
+from batchfit.plots.figure import lone_point, new_axes, png_bytes, png_path, write_png
 
 if TYPE_CHECKING:
     from batchfit.lr.schedules import ScheduleConfig
@@ -50,7 +50,7 @@ def schedule_png(config: ScheduleConfig, base_lr: float) -> bytes:
     figure, axes = new_axes()
     if config.warmup_steps:
         axes.axvspan(0, config.warmup_steps, alpha=0.15, label=f"warmup ({config.warmup_steps})")
-    axes.plot(steps, rates, label="learning rate")
+    axes.plot(steps, rates, label="learning rate", **lone_point(rates))
     axes.set_title(config.describe(), fontsize=10)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("learning rate")
