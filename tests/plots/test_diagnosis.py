@@ -160,3 +160,23 @@ def test_a_one_line_log_draws_its_one_loss_as_a_dot(monkeypatch):
     assert loss.get_marker() == "o" and list(loss.get_ydata()) == [2.3]
     many = _figure_of(monkeypatch, _history())
     assert _lines(many.axes[0])["loss"].get_marker() in ("None", None, "")
+
+
+def test_a_val_loss_with_no_finite_point_is_not_in_the_legend(monkeypatch):
+    records = [{"step": s, "loss": 2.0 / s, "val_loss": None} for s in range(1, 20)]
+    records += [{"step": 20, "loss": 0.1, "val_loss": float("nan")}]
+    figure = _figure_of(monkeypatch, History.from_records(records))
+    (axes,) = figure.axes
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["loss"]
+    assert not any("nothing to draw" in text.get_text() for text in axes.texts)
+
+
+def test_a_log_with_no_finite_value_says_there_is_nothing_to_draw(monkeypatch):
+    empty = {"name": "val_loss", "steps": [1, 2], "values": [None, None]}
+    from batchfit.plots import diagnosis as module
+
+    figures = captured(monkeypatch, module)
+    diagnosis_png({"val_loss": empty}, {"findings": []})
+    (axes,) = figures[0].axes
+    assert axes.get_legend() is None
+    assert [text.get_text() for text in axes.texts] == ["nothing to draw: no finite loss or metric"]

@@ -28,3 +28,14 @@ def test_an_ordinary_sweep_keeps_a_linear_axis(monkeypatch):
     range_test_png({"lrs": [10 ** (k / 10 - 7) for k in range(50)], "losses": falling,
                     "smoothed_losses": falling, "stop_reason": "diverged"})  # fmt: skip
     assert figures[0].axes[0].get_yscale() == "linear"
+
+
+def test_a_sweep_without_a_finite_loss_says_so_and_lists_no_loss_line(monkeypatch):
+    # The chart was blank while its legend still listed "loss" and "smoothed loss".
+    figures = captured(monkeypatch, range_test)
+    nan = float("nan")
+    range_test_png({"lrs": [0.01, 0.1], "losses": [nan, nan], "smoothed_losses": [None, None]})
+    (axes,) = figures[0].axes
+    labels = axes.get_legend_handles_labels()[1]
+    assert "loss" not in labels and "smoothed loss" not in labels
+    assert [text.get_text() for text in axes.texts] == ["nothing to draw: no finite loss"]

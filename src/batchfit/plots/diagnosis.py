@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from batchfit.plots.figure import (
     FIGURE_INCHES,
+    finite_count,
     floats,
     lone_point,
     new_axes,
     new_figure,
     png_bytes,
     png_path,
+    say_nothing_to_draw,
     write_png,
 )
 
@@ -74,11 +76,12 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
         axes, panel = figure.subplots(2, 1, sharex=True, height_ratios=(height, NOISE_PANEL_INCHES))
     else:
         figure, axes = new_axes()
-    if train.get("steps"):
+    # a series with no finite value draws nothing: it is left out, and so out of the legend
+    if finite_count(train.get("values") or []):
         values = floats(train["values"])
         axes.plot(train["steps"], values, linewidth=1, label=train["name"], **lone_point(values))
     val = history.get("val_loss")
-    if val and val.get("steps"):
+    if val and finite_count(val.get("values") or []):
         axes.plot(val["steps"], floats(val["values"]), marker="o", markersize=3, label=val["name"])
     # a NaN or infinite loss (None in the dict) leaves a gap in the line: mark its steps along
     # the top edge, as the diverging finding counts them
@@ -105,7 +108,7 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
     metric = history.get("metric")
     handles, labels = axes.get_legend_handles_labels()
     top = axes  # the legend goes on the axes drawn last, so no curve is drawn over it
-    if metric and metric.get("steps"):
+    if metric and finite_count(metric.get("values") or []):
         right = top = axes.twinx()
         (line,) = right.plot(
             metric["steps"],
@@ -149,7 +152,9 @@ def diagnosis_png(history: Mapping[str, Any], diagnosis: Mapping[str, Any]) -> b
     # outside the plot, right of the metric's axis: inside, it covered the finding labels
     # along the top edge and the curves that passed under it
     legend_x = 1.12 if top is not axes else 1.01
-    if handles:
+    if not handles:
+        say_nothing_to_draw(axes, "no finite loss or metric")
+    else:
         top.legend(handles, labels, loc="upper left", bbox_to_anchor=(legend_x, 1.0), fontsize=8)
     if panel is not None:
         run_steps = [s for c in (train, val or {}, metric or {}) for s in c.get("steps") or []]

@@ -91,8 +91,33 @@ def lone_point(values: Iterable[float | None]) -> dict[str, Any]:
         >>> lone_point([None, 2.0]), lone_point([1.0, 2.0])
         ({'marker': 'o', 'markersize': 5, 'clip_on': False}, {})
     """
-    finite = sum(1 for value in floats(values) if math.isfinite(value))
-    return {"marker": "o", "markersize": LONE_MARKER_SIZE, "clip_on": False} if finite == 1 else {}
+    lone = finite_count(values) == 1
+    return {"marker": "o", "markersize": LONE_MARKER_SIZE, "clip_on": False} if lone else {}
+
+
+def finite_count(values: Iterable[float | None]) -> int:
+    """How many of the values are finite (None, nan and inf are not): a series with none draws
+    nothing and is left out of the legend.
+
+    Example:
+        >>> finite_count([None, float("nan"), 2.0, float("inf")])
+        1
+    """
+    return sum(1 for value in floats(values) if math.isfinite(value))
+
+
+def say_nothing_to_draw(axes: Any, what: str) -> None:
+    """Write "nothing to draw: `what`" in the middle of an empty chart, so that it does not
+    read as a chart whose lines failed to show."""
+    axes.text(
+        0.5,
+        0.5,
+        f"nothing to draw: {what}",
+        transform=axes.transAxes,
+        horizontalalignment="center",
+        verticalalignment="center",
+        color="tab:gray",
+    )
 
 
 def dedupe_legend(axes: Any, **options: Any) -> None:

@@ -8,7 +8,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchfit.plots.figure import floats, lone_point, new_axes, png_bytes, png_path, write_png
+from batchfit.plots.figure import (
+    finite_count,
+    floats,
+    lone_point,
+    new_axes,
+    png_bytes,
+    png_path,
+    say_nothing_to_draw,
+    write_png,
+)
 
 if TYPE_CHECKING:
     from batchfit.lr.result import RangeTestResult
@@ -59,11 +68,11 @@ def range_test_png(
     rates = list(data.get("lrs") or [])
     raw = floats(data.get("losses") or [])
     smooth = floats(data.get("smoothed_losses") or [])
-    if raw:
+    if finite_count(raw):  # a series with no finite loss draws nothing: not in the legend
         axes.plot(
             rates, raw, color="tab:gray", alpha=0.45, linewidth=1, label="loss", **lone_point(raw)
         )
-    if smooth:
+    if finite_count(smooth):
         axes.plot(
             rates,
             smooth,
@@ -129,7 +138,10 @@ def range_test_png(
         heading += "\ninconclusive: take no rate from it (see the verdict)"
     axes.set_title(heading)
     axes.grid(True, which="both", alpha=0.25)
-    axes.legend(fontsize="small")
+    if not finite_count(raw):
+        say_nothing_to_draw(axes, "no finite loss" if raw else "no step ran")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize="small")
     return png_bytes(figure)
 
 
