@@ -32,18 +32,17 @@ from batchfit.devices import resolve_device
 from batchfit.errors import ConfigError, TaskError
 from batchfit.lr.result import RangeTestResult, StopReason
 from batchfit.lr.suggest import (
-    MODES,
     Mode,
+    check_sweep_settings,
     find_valley,
     has_diverged,
-    min_steps,
     smooth_losses,
     suggest_steepest,
     sweep_lrs,
 )
 from batchfit.progress import ProgressFn, report
 from batchfit.task import Task, batch_size_of, move_to
-from batchfit.validation import check_batch_size, check_smoothing
+from batchfit.validation import check_batch_size
 
 if TYPE_CHECKING:
     import torch
@@ -147,7 +146,7 @@ def lr_range_test(
         (True, True)
     """
 
-    settings = _check_settings(start_lr, end_lr, steps, mode, smoothing, diverge_factor)
+    settings = check_sweep_settings(start_lr, end_lr, steps, mode, smoothing, diverge_factor)
     source = _resolve_source(
         task_or_model, optimizer, loss, train_data, collate, tokens, global_batch, device, seed
     )
@@ -231,45 +230,6 @@ class _Source:
     global_batch: int
     device: Any
     seed: int
-
-
-def _check_settings(
-    start_lr: float, end_lr: float, steps: int, mode: str, smoothing: float, factor: float
-) -> dict[str, Any]:
-    if mode not in MODES:
-        raise ConfigError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}.")
-    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{name} must be a positive rate, got {value!r}.")
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be finite, got {value!r}.")
-    if not start_lr < end_lr:
-        raise ConfigError(
-            f"start_lr ({start_lr:g}) must be below end_lr ({end_lr:g}); the test sweeps the "
-            "rate upwards, e.g. from 1e-7 to 10."
-        )
-    check_smoothing(smoothing)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be a positive whole number, got {steps!r}.")
-    needed = min_steps(smoothing)
-    if steps < needed:
-        raise ConfigError(
-            f"steps ({steps}) is fewer than the smoothing {smoothing:g} needs: at least "
-            f"{needed} (max(10, 2/smoothing)); raise steps or raise smoothing."
-        )
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
-        raise ConfigError(
-            f"diverge_factor must be above 1 (stop when the loss passes factor x the best), "
-            f"got {factor!r}; 4 is usual."
-        )
-    return {
-        "steps": steps,
-        "start_lr": float(start_lr),
-        "end_lr": float(end_lr),
-        "mode": mode,
-        "smoothing": float(smoothing),
-        "diverge_factor": float(factor),
-    }
 
 
 def _check_batches(global_batch: int, micro_batch: int, data_size: int) -> None:

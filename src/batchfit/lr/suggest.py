@@ -1,7 +1,8 @@
 """The pure maths of the learning-rate range test: rates, smoothing, suggestions.
 
 No torch and no training here: lists of rates and losses in, indices out, so each rule can be
-checked by hand. `batchfit.lr.range_test.lr_range_test` runs the test and uses these.
+checked by hand; and the check of a sweep's settings (`check_sweep_settings`).
+`batchfit.lr.range_test.lr_range_test` runs the test and uses these.
 After Leslie N. Smith, "Cyclical Learning Rates for Training Neural Networks" (WACV 2017,
 arXiv:1506.01186), section 3.3, as popularised by fastai, davidtvs/pytorch-lr-finder and
 Lightning's `lr_find`.
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from batchfit.errors import ConfigError
 from batchfit.validation import check_smoothing
@@ -53,6 +54,7 @@ __all__ = [
     "SKIP_END_STEPS",
     "VALLEY_TRIM",
     "Mode",
+    "check_sweep_settings",
     "find_valley",
     "has_diverged",
     "inconclusive_reason",
@@ -84,6 +86,56 @@ def min_steps(smoothing: float) -> int:
     """
     check_smoothing(smoothing)
     return max(MIN_STEPS_FLOOR, math.ceil(2.0 / smoothing - 1e-9))
+
+
+def check_sweep_settings(
+    start_lr: float, end_lr: float, steps: int, mode: str, smoothing: float, factor: float
+) -> dict[str, Any]:
+    """The range test's settings, checked, as the `RangeTestResult` fields they become.
+
+    Raises:
+        ConfigError: an unknown mode; a rate not positive and finite, or start_lr not below
+            end_lr; smoothing out of (0, 1]; fewer steps than `min_steps(smoothing)`; a
+            diverge factor not above 1.
+
+    Example:
+        >>> check_sweep_settings(1e-7, 10, 100, "exp", 0.05, 4)["end_lr"]
+        10.0
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}.")
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{name} must be a positive rate, got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value!r}.")
+    if not start_lr < end_lr:
+        raise ConfigError(
+            f"start_lr ({start_lr:g}) must be below end_lr ({end_lr:g}); the test sweeps the "
+            "rate upwards, e.g. from 1e-7 to 10."
+        )
+    check_smoothing(smoothing)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive whole number, got {steps!r}.")
+    needed = min_steps(smoothing)
+    if steps < needed:
+        raise ConfigError(
+            f"steps ({steps}) is fewer than the smoothing {smoothing:g} needs: at least "
+            f"{needed} (max(10, 2/smoothing)); raise steps or raise smoothing."
+        )
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise ConfigError(
+            f"diverge_factor must be above 1 (stop when the loss passes factor x the best), "
+            f"got {factor!r}; 4 is usual."
+        )
+    return {
+        "steps": steps,
+        "start_lr": float(start_lr),
+        "end_lr": float(end_lr),
+        "mode": mode,
+        "smoothing": float(smoothing),
+        "diverge_factor": float(factor),
+    }
 
 
 def sweep_lrs(start_lr: float, end_lr: float, steps: int, mode: Mode = "exp") -> list[float]:
