@@ -69,6 +69,7 @@ _EXPORTS = {
     "plot_noise_scale": "batchfit.plots.noise_scale",
     "lr_range_test": "batchfit.lr.range_test",
     "RangeTestResult": "batchfit.lr.result",
+    "RangeTestInterrupted": "batchfit.lr.result",
     "plot_range_test": "batchfit.plots.range_test",
     "measure_throughput": "batchfit.throughput.measure",
     "find_knee": "batchfit.throughput.result",

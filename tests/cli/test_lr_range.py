@@ -82,3 +82,34 @@ def test_non_finite_first_loss(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 2 and "at the first step of the range test" in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_an_interrupted_test_prints_and_plots_what_it_measured_and_exits_130(
+    tmp_path, capsys, monkeypatch
+):
+    from batchfit.cli import commands
+
+    class InterruptedBar:  # Ctrl-C arrives after the fifth step
+        def __init__(self, label):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            pass
+
+        def __call__(self, phase, done, total):
+            if done == 5:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "StepBar", InterruptedBar)
+    path = tmp_path / "lr.png"
+    argv = ["lr-range", "--example", "digits", *TINY, "--start-lr", "1e-6", "--end-lr", "1e-5"]
+    assert main([*argv, "--global-batch", "8", "--plot", str(path)]) == 130
+    out = capsys.readouterr().out
+    assert "interrupted at rate" in out and "after 5 of 10 steps" in out
+    assert "Interrupted at rate" in out and path.read_bytes()[:4] == b"\x89PNG"
+    assert main([*argv, "--global-batch", "8", "--json"]) == 130
+    data = json.loads(capsys.readouterr().out)
+    assert data["stop_reason"] == "interrupted" and data["steps_run"] == len(data["lrs"]) == 5

@@ -361,3 +361,40 @@ def test_batchnorm_micro_batch_of_one_sample_names_the_split_and_the_fix(
         )  # fmt: skip
     assert words in str(caught.value)
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_an_interrupted_test_keeps_the_steps_it_measured_and_restores_the_model():
+    # Ctrl-C (or SIGTERM under the CLI) partway through once left nothing of the steps run.
+    from batchfit.lr.result import RangeTestInterrupted
+
+    model, optimizer, data = _bn_setup()
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    calls = []
+
+    def interrupted_loss(module, batch):
+        calls.append(1)
+        if len(calls) == 6:  # within the sixth step, before its loss is known
+            raise KeyboardInterrupt
+        return classification_loss(module, batch)
+
+    with pytest.raises(RangeTestInterrupted) as caught:
+        lr_range_test(
+            model, optimizer, loss=interrupted_loss, train_data=data, global_batch=16,
+            steps=10, smoothing=0.5, start_lr=1e-6, end_lr=1e-5,
+        )  # fmt: skip
+    result = caught.value.result
+    assert isinstance(caught.value, KeyboardInterrupt)  # a caller not looking for it stops
+    assert result.stop_reason == "interrupted" and result.steps_run == 5 == len(result.losses)
+    assert len(result.smoothed_losses) == 5 and result.steps == 10
+    assert result.inconclusive_reason.startswith(f"it was interrupted at rate {result.lrs[-1]:.3g}")
+    assert result.describe().startswith(f"Interrupted at rate {result.lrs[-1]:.3g} after 5 of 10")
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+    # interrupted before any step was measured: nothing to keep, a plain KeyboardInterrupt
+    calls.clear()
+    calls.extend([1] * 5)
+    with pytest.raises(KeyboardInterrupt) as early:
+        lr_range_test(
+            model, optimizer, loss=interrupted_loss, train_data=data, global_batch=16,
+            steps=10, smoothing=0.5,
+        )  # fmt: skip
+    assert not isinstance(early.value, RangeTestInterrupted)

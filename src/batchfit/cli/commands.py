@@ -203,6 +203,7 @@ def _family(named: str | None) -> str | None:
 def lr_range(args: argparse.Namespace) -> int:
     from batchfit.cli.format import table as format_table
     from batchfit.lr.range_test import lr_range_test
+    from batchfit.lr.result import RangeTestInterrupted
     from batchfit.plots.range_test import plot_range_test
 
     check_output_file(args.plot, "--plot", suffix=".png")
@@ -212,13 +213,19 @@ def lr_range(args: argparse.Namespace) -> int:
         smoothing="smoothing", diverge_factor="diverge_factor", global_batch="global_batch",
         micro_batch="micro_batch", memory_budget="memory_budget", device="device",
     )  # fmt: skip
-    with StepBar("range test") as bar:
-        result = lr_range_test(task, **options, progress=bar)
+    interrupted = False
+    try:
+        with StepBar("range test") as bar:
+            result = lr_range_test(task, **options, progress=bar)
+    except RangeTestInterrupted as stopped:
+        # what it measured so far, labelled as such (table, --json, --plot), and exit 130
+        result, interrupted = stopped.result, True
     title = f"Learning-rate range test: {task.name}"
     table = format_table(title, result.summary_rows())
-    return _show_result(
+    code = _show_result(
         args, result, table, plot=lambda result, path: plot_range_test(result, path, title=title)
     )
+    return 130 if interrupted else code
 
 
 def throughput(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchfit.devices import resolve_device
 from batchfit.errors import ConfigError, TaskError
-from batchfit.lr.result import RangeTestResult, StopReason
+from batchfit.lr.result import RangeTestInterrupted, RangeTestResult, StopReason
 from batchfit.lr.suggest import (
     Mode,
     check_sweep_settings,
@@ -132,6 +132,10 @@ def lr_range_test(
         ConfigError: a setting is out of range (rates, steps, smoothing, factor, batch sizes
             above the data set, micro above global batch, unknown mode or device).
         TaskError: the loss is not finite at the first step, or is not a scalar.
+        RangeTestInterrupted: a KeyboardInterrupt (Ctrl-C; SIGTERM under the CLI) after at
+            least one step: its `result` holds the steps measured so far, with stop_reason
+            "interrupted" (the model and optimizer are restored as after any stop). One
+            before the first step is re-raised as it is.
 
     Example:
         >>> import torch
@@ -174,45 +178,57 @@ def lr_range_test(
         with guard:
             model.train()
             best = math.inf
-            for index, rate in enumerate(rates):
-                for group in optim.param_groups:
-                    group["lr"] = rate
-                indices = global_batch_indices(
-                    index,
-                    dataset_size=len(source.data),
-                    global_batch=source.global_batch,
-                    seed=source.seed,
-                )
-                chunks = _micro_batches(source, indices, micro)
-                optim.zero_grad(set_to_none=True)
-                value = _accumulate_or_explain(model, source, chunks, micro)
-                losses.append(value)
-                if not math.isfinite(value):
-                    if index == 0:
-                        raise TaskError(
-                            f"The loss is {value} at the first step of the range test "
-                            f"(rate {rate:g}), before any update: the model or the data give "
-                            "a non-finite loss. Check the inputs for nan/inf and the loss "
-                            "function (e.g. log of 0) before testing rates."
-                        )
-                    smoothed.append(math.nan)
-                    stop_reason = "not_finite"
-                    logger.info("range test: loss %s at rate %g, stopping", value, rate)
-                else:
-                    # every loss so far is finite: the one smoothing, recomputed (cheap)
-                    current = smooth_losses(losses, smoothing)[-1]
-                    smoothed.append(current)
-                    if index > 0 and has_diverged(current, best, smoothed[0], diverge_factor):
-                        stop_reason = "diverged"
-                        logger.info("range test: diverged at rate %g (loss %.4g)", rate, current)
-                    best = min(best, current)
-                report(progress, "range test", index + 1, steps)
-                if stop_reason != "completed":
-                    break
-                optim.step()
+            try:
+                for index, rate in enumerate(rates):
+                    for group in optim.param_groups:
+                        group["lr"] = rate
+                    indices = global_batch_indices(
+                        index,
+                        dataset_size=len(source.data),
+                        global_batch=source.global_batch,
+                        seed=source.seed,
+                    )
+                    chunks = _micro_batches(source, indices, micro)
+                    optim.zero_grad(set_to_none=True)
+                    value = _accumulate_or_explain(model, source, chunks, micro)
+                    losses.append(value)
+                    if not math.isfinite(value):
+                        if index == 0:
+                            raise TaskError(
+                                f"The loss is {value} at the first step of the range test "
+                                f"(rate {rate:g}), before any update: the model or the data give "
+                                "a non-finite loss. Check the inputs for nan/inf and the loss "
+                                "function (e.g. log of 0) before testing rates."
+                            )
+                        smoothed.append(math.nan)
+                        stop_reason = "not_finite"
+                        logger.info("range test: loss %s at rate %g, stopping", value, rate)
+                    else:
+                        # every loss so far is finite: the one smoothing, recomputed (cheap)
+                        current = smooth_losses(losses, smoothing)[-1]
+                        smoothed.append(current)
+                        if index > 0 and has_diverged(current, best, smoothed[0], diverge_factor):
+                            stop_reason = "diverged"
+                            logger.info(
+                                "range test: diverged at rate %g (loss %.4g)", rate, current
+                            )
+                        best = min(best, current)
+                    report(progress, "range test", index + 1, steps)
+                    if stop_reason != "completed":
+                        break
+                    optim.step()
+            except KeyboardInterrupt:
+                if not smoothed:  # nothing measured: nothing to keep
+                    raise
+                del losses[len(smoothed) :]  # a step cut off before its loss was smoothed
+                if stop_reason == "completed":  # a test that had stopped is whole
+                    stop_reason = "interrupted"
     seconds = time.perf_counter() - begun
     ran = rates[: len(losses)]
-    return _result(ran, losses, smoothed, stop_reason, settings, source, micro, seconds)
+    result = _result(ran, losses, smoothed, stop_reason, settings, source, micro, seconds)
+    if stop_reason == "interrupted":
+        raise RangeTestInterrupted(result)
+    return result
 
 
 # --- helpers -----------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from batchfit.lr.suggest import Mode, inconclusive_reason, never_turned
 
-__all__ = ["RangeTestResult", "StopReason", "median_suggestions"]
+__all__ = ["RangeTestInterrupted", "RangeTestResult", "StopReason", "median_suggestions"]
 
-StopReason = Literal["completed", "diverged", "not_finite"]
+StopReason = Literal["completed", "diverged", "not_finite", "interrupted"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,9 @@ class RangeTestResult:
             ends trimmed, see `find_valley`), or None.
         best_lr: the rate at the lowest smoothed loss (too high to train at, as a rule).
         stop_reason: "completed", "diverged" (smoothed loss above diverge_factor x best, see
-            `batchfit.lr.suggest.has_diverged` for a best of zero or below) or
-            "not_finite" (a loss was nan or inf).
+            `batchfit.lr.suggest.has_diverged` for a best of zero or below),
+            "not_finite" (a loss was nan or inf) or "interrupted" (Ctrl-C / SIGTERM: the
+            result of `RangeTestInterrupted`, inconclusive).
         steps_run: the number of steps run (the length of `lrs`).
         steps: the number of steps asked for.
         start_lr, end_lr, mode, smoothing, diverge_factor: the sweep's settings.
@@ -102,6 +103,7 @@ class RangeTestResult:
             "completed": "reached the end rate",
             "diverged": f"diverged ({rule})",
             "not_finite": "the loss became nan/inf",
+            "interrupted": f"interrupted at rate {self.lrs[-1]:.3g}" if self.lrs else "",
         }[self.stop_reason]
         verdict = self.inconclusive_reason
         return [
@@ -131,6 +133,12 @@ class RangeTestResult:
 
     def describe(self) -> str:
         """One or two sentences on what to do with the result."""
+        if self.stop_reason == "interrupted":
+            return (
+                f"Interrupted at rate {self.lrs[-1]:.3g} after {self.steps_run} of {self.steps} "
+                "steps: this is what it measured so far. Do not take a rate from it; run the "
+                "test to its end."
+            )
         if self.steepest_lr is None and self.valley_lr is None:
             if self.stop_reason == "completed":
                 return (
@@ -180,6 +188,19 @@ class RangeTestResult:
         for key in ("lrs", "losses", "smoothed_losses"):
             data[key] = [value if math.isfinite(value) else None for value in data[key]]
         return data
+
+
+class RangeTestInterrupted(KeyboardInterrupt):
+    """A range test stopped by Ctrl-C (or SIGTERM under the CLI) after at least one step.
+
+    A KeyboardInterrupt, so a caller that does not look for it stops as before (the planner
+    does not plan from part of a sweep); `result` holds the steps measured so far, with
+    stop_reason "interrupted", for a caller that shows them (`batchfit lr-range`).
+    """
+
+    def __init__(self, result: RangeTestResult) -> None:
+        super().__init__(f"range test interrupted at rate {result.lrs[-1]:.3g}")
+        self.result = result
 
 
 def median_suggestions(sweeps: Sequence[RangeTestResult]) -> dict[str, Any]:

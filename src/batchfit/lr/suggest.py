@@ -321,12 +321,14 @@ def inconclusive_reason(
       rate by construction;
     - when every suggestion sits where the smoothed loss is above its start: the "falling"
       stretch is a recovery from a rise, not learning;
-    - when the loss never fell (no suggestion).
+    - when the loss never fell (no suggestion);
+    - when it was interrupted (`stopped` == "interrupted"): it neither reached its end rate
+      nor diverged, so the turn of the loss may lie beyond where it stopped.
 
     Args:
         lrs: the rate of each step.
         smoothed_losses: the smoothed loss of each step (non-finite values allowed).
-        stopped: "completed", "diverged" or "not_finite".
+        stopped: "completed", "diverged", "not_finite" or "interrupted".
         suggestion_indices: the steps of the suggestions (None for a missing one).
 
     Example:
@@ -342,6 +344,10 @@ def inconclusive_reason(
     if not finite:
         return "the loss was never finite"
     start = finite[0][1]
+    if stopped == "interrupted":
+        return (
+            f"it was interrupted at rate {lrs[-1]:.3g}, before it reached its end rate or diverged"
+        )
     if never_turned(lrs, smoothed_losses, stopped=stopped):
         lowest_index = min(finite, key=lambda pair: pair[1])[0]
         where = (

@@ -124,7 +124,9 @@ def range_test_png(
                 else high - STOP_MARK_INSET * (high - low)
             )
         where = min(last, inside) if inside is not None else last
-        stop = "diverged" if stop_reason == "diverged" else "loss not finite"
+        stop = {"diverged": "diverged", "interrupted": f"interrupted at {rates[-1]:.3g}"}.get(
+            stop_reason, "loss not finite"
+        )
         if math.isfinite(where):
             axes.plot(
                 rates[-1], where, "x", color="tab:red", markersize=9, label=f"stopped: {stop}"
