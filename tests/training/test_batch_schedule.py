@@ -235,3 +235,15 @@ def test_a_state_saved_without_its_kind_still_loads():
     ramp = RampBatch(32, ((0, 32), (1000, 64)))
     ramp.load_state_dict(state)
     assert ramp.batch == 64 and ramp.state_dict()["kind"] == "ramp"
+
+
+@pytest.mark.parametrize("value", [object(), "300", True])
+def test_noise_scale_that_is_not_a_number_is_refused_with_what_to_pass(value):
+    from batchfit.noise.estimator import NoiseScaleTracker
+
+    estimate = NoiseScaleTracker().estimate() if value is True else value
+    schedule = parse_batch_schedule("noise", global_batch=64)
+    with pytest.raises(ConfigError, match=r"noise_scale must be a number.*tracker\.noise_scale"):
+        schedule.global_batch(0, 0, estimate)
+    assert schedule.global_batch(0, 0, torch.tensor(300.0)) == 64  # a 0-dim tensor is a number
+    assert schedule.above == 1
