@@ -387,3 +387,11 @@ def test_noise_scale_loggable_and_why(
         global_batch, micro_batch, dataset_size=dataset_size, world_size=world_size
     )
     assert ok is loggable and words in reason
+
+
+def test_a_watch_of_something_that_is_not_a_module_is_refused():
+    # An optimizer was taken, to fail with AttributeError: no attribute 'parameters'.
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="model must be a torch.nn.Module, got SGD"):
+        GradientNormWatch(optimizer, NoiseScaleTracker())

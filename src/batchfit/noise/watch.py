@@ -99,6 +99,11 @@ class GradientNormWatch:
                 f"single_micro_batch must be one of {SINGLE_MICRO_BATCH_MODES}, got "
                 f"{single_micro_batch!r}."
             )
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}; the arguments are "
+                "GradientNormWatch(model, tracker), the model whose gradients are measured."
+            )
         if not isinstance(tracker, NoiseScaleTracker):
             raise ConfigError(
                 f"tracker must be a NoiseScaleTracker, got {type(tracker).__name__}; build one "
