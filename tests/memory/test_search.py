@@ -340,3 +340,17 @@ def test_a_batch_already_tried_is_not_run_again_after_the_formula_is_dropped(mlp
     result = find_max_batch_size(mlp_task, device="cpu", memory_budget="2MiB", margin=0)
     tried = [trial.batch_size for trial in result.trials]
     assert len(checks) >= 2 and len(tried) == len(set(tried)), tried
+
+
+def test_a_model_given_as_the_step_or_a_wrong_model_or_optimizer_is_refused_in_one_line():
+    # Before, the model was called as step(1) and failed in its first layer (TypeError), and
+    # model=optimizer failed with AttributeError while taking the snapshot.
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="got a model \\(Linear\\).*step\\(batch_size\\)"):
+        find_max_batch_size(model, memory_budget="8MiB")
+    step = lambda batch_size: None  # noqa: E731 - never called
+    with pytest.raises(ConfigError, match="model= must be a torch.nn.Module, got SGD"):
+        find_max_batch_size(step, memory_budget="8MiB", model=optimizer)
+    with pytest.raises(ConfigError, match="optimizer= must be a torch.optim.Optimizer, got Linear"):
+        find_max_batch_size(step, memory_budget="8MiB", model=model, optimizer=model)

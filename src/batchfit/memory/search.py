@@ -137,6 +137,7 @@ def find_max_batch_size(
 
     Raises:
         ConfigError: a bad budget, card, margin, round_to, device, size, precision or confirm;
+            a model where the step belongs, or a `model` / `optimizer` of the wrong type;
             no budget on the CPU; or a budget for another device with a task fake tensors
             cannot run (nothing can answer for it here).
         DoesNotFitError: the model, its gradients and optimizer state alone exceed the usable
@@ -153,6 +154,7 @@ def find_max_batch_size(
     """
     from batchfit.task import Task
 
+    _check_step_arguments(task_or_step, model, optimizer)
     started = time.perf_counter()
     device = devices.resolve_device(device)
     margin = check_margin(margin)
@@ -238,6 +240,33 @@ def capped_note(max_batch_size: int) -> str:
 
 
 # --- argument checks ------------------------------------------------------------------------
+
+
+def _check_step_arguments(task_or_step: object, model: object, optimizer: object) -> None:
+    """A model passed as the step, or a `model=` / `optimizer=` of the wrong type, in one line.
+
+    A module is callable, so without this check `find_max_batch_size(model, ...)` would call
+    `model(1)` and fail deep inside its first layer.
+    """
+    import torch
+
+    if isinstance(task_or_step, torch.nn.Module):
+        raise ConfigError(
+            f"find_max_batch_size got a model ({type(task_or_step).__name__}) where it needs a "
+            "batchfit.Task or a step(batch_size) callable; write a function that runs one "
+            "training step of the model at that batch size and pass it, with model= and "
+            "optimizer= so that their state is restored."
+        )
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ConfigError(
+            f"model= must be a torch.nn.Module, got {type(model).__name__}; give the model the "
+            "step trains (and its optimizer as optimizer=)."
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}; give "
+            "the optimizer the step steps."
+        )
 
 
 def _capacity_bytes(
