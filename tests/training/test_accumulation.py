@@ -477,3 +477,14 @@ def test_split_batch_repeats_a_constant_that_comes_before_the_tensors(first):
         assert all(value[0] is first for value in values)
     with pytest.raises(TaskError, match="no tensor with a first dimension"):
         split_batch(("digits", torch.tensor(0.5)), [1])
+
+
+def test_sizes_or_a_whole_loader_batch_in_place_of_micro_batches_are_named():
+    # Sizes failed with "The batch holds no tensor with a first dimension"; a DataLoader's
+    # [inputs, targets] ran the loss on the inputs alone and failed inside cross_entropy.
+    model, (inputs, labels) = make_mlp().double(), _data(32)
+    with pytest.raises(ConfigError, match=r"holds sizes \[16, 16\], not micro-batches.*split"):
+        accumulate_gradients(model, classification_loss, plan_accumulation(32, 16).micro_batches)
+    with pytest.raises(ConfigError, match=r"looks like one batch.*split_batch\(batch"):
+        accumulate_gradients(model, classification_loss, [inputs, labels])
+    assert accumulate_gradients(model, classification_loss, [(inputs, labels)]) > 0

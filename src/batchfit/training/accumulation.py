@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
 from batchfit.task import Batch, batch_size_of, scalar_loss
+from batchfit.training.micro_batch_checks import check_not_one_batch
 from batchfit.units import format_count
 
 if TYPE_CHECKING:
@@ -368,6 +369,7 @@ def accumulate_gradients(
     micro_batches = list(micro_batches)
     if not micro_batches:
         raise ConfigError("micro_batches is empty; give at least one micro-batch.")
+    check_not_one_batch(micro_batches)
     if counts is None:
         counts = [_samples(batch) for batch in micro_batches]
     elif callable(counts):
