@@ -20,6 +20,7 @@ __all__ = [
     "check_in_range",
     "check_margin",
     "check_memory_steps",
+    "check_noise_scale",
     "check_positive_number",
     "check_whole_number",
     "parse_number",
@@ -117,6 +118,34 @@ def check_batch_size(batch_size: object, *, name: str = "batch_size") -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"{name} must be a positive whole number of samples, got {batch_size!r}.")
     return batch_size
+
+
+def check_noise_scale(noise_scale: object) -> float | None:
+    """`noise_scale` as a float (None while there is none), for a loop that passes one on.
+
+    A number, or a one-element tensor or array, is taken; a `NoiseScaleResult` (what
+    `tracker.estimate()` returns) or a string is not a noise scale.
+
+    Raises:
+        ConfigError: anything else, naming `tracker.noise_scale` as what to pass.
+
+    Example:
+        >>> check_noise_scale(300), check_noise_scale(None)
+        (300.0, None)
+    """
+    if noise_scale is None:
+        return None
+    if not isinstance(noise_scale, (bool, str, bytes)):
+        try:
+            return float(noise_scale)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    shown = f" ({noise_scale!r})" if isinstance(noise_scale, (str, bytes)) else ""
+    raise ConfigError(
+        f"noise_scale must be a number of samples or None, got a {type(noise_scale).__name__}"
+        f"{shown}; pass the tracker's noise_scale property (tracker.noise_scale), not "
+        "tracker.estimate()."
+    )
 
 
 def check_margin(margin: object) -> float:

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import CheckpointError, ConfigError
-from batchfit.validation import check_batch_size
+from batchfit.validation import check_batch_size, check_noise_scale
 
 if TYPE_CHECKING:
     from batchfit.lr.schedules import ScheduleConfig
@@ -375,7 +375,7 @@ class NoiseBatch(BatchSchedule):
         self.old_factor = self.new_factor = 1.0  # the rate factor ramped from and to
 
     def global_batch(self, step: int, samples_seen: int, noise_scale: float | None = None) -> int:
-        noise_scale = _noise_scale_value(noise_scale)
+        noise_scale = check_noise_scale(noise_scale)
         threshold = self.factor * self.batch
         if noise_scale is None or not math.isfinite(noise_scale):
             self.above = 0
@@ -422,26 +422,6 @@ class NoiseBatch(BatchSchedule):
         self.changed_at = int(state["changed_at"])
         self.old_factor = float(state["old_factor"])
         self.new_factor = float(state["new_factor"])
-
-
-def _noise_scale_value(noise_scale: object) -> float | None:
-    """`noise_scale` as a float (None while there is none), or a ConfigError saying what to pass.
-
-    A number, or a one-element tensor or array, is taken; a `NoiseScaleResult` (what
-    `tracker.estimate()` returns) or a string is not a noise scale.
-    """
-    if noise_scale is None:
-        return None
-    if not isinstance(noise_scale, (bool, str, bytes)):
-        try:
-            return float(noise_scale)  # type: ignore[arg-type]
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    raise ConfigError(
-        f"noise_scale must be a number of samples or None, got a {type(noise_scale).__name__}"
-        f"{f' ({noise_scale!r})' if isinstance(noise_scale, (str, bytes)) else ''}; pass the "
-        "tracker's noise_scale property (tracker.noise_scale), not tracker.estimate()."
-    )
 
 
 def parse_batch_schedule(
