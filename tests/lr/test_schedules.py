@@ -225,3 +225,23 @@ def test_docstring_examples_run():
 def test_describe_counts_one_warmup_step_in_the_singular():
     assert "1 warmup step from" in ScheduleConfig(total_steps=10, warmup_steps=1).describe()
     assert "4 warmup steps from" in ScheduleConfig(total_steps=10, warmup_steps=4).describe()
+
+
+def test_build_scheduler_needs_an_optimizer():
+    # AttributeError: 'Linear' object has no attribute 'param_groups' before.
+    with pytest.raises(ConfigError, match="optimizer must be a torch.optim.Optimizer, got Linear"):
+        build_scheduler(torch.nn.Linear(2, 1), ScheduleConfig(total_steps=10))
+
+
+def test_after_another_scheduler_the_base_is_its_initial_lr_as_documented():
+    optimizer = _optimizer()
+    earlier = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    optimizer.step()
+    earlier.step()
+    base = optimizer.param_groups[0]["initial_lr"]
+    optimizer.param_groups[0]["lr"] = 3 * base  # by hand: not the base, as the docstring says
+    build_scheduler(optimizer, ScheduleConfig(total_steps=10, decay="constant"))
+    assert optimizer.param_groups[0]["lr"] == base
+    optimizer.param_groups[0]["initial_lr"] = 3 * base  # the documented way to change it
+    build_scheduler(optimizer, ScheduleConfig(total_steps=10, decay="constant"))
+    assert optimizer.param_groups[0]["lr"] == 3 * base

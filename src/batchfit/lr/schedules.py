@@ -301,16 +301,20 @@ def build_scheduler(
     plain numbers only, so checkpoints load with `torch.load(..., weights_only=True)`; rebuild
     the scheduler from the same config before `load_state_dict`.
 
+    The base rate of a group is its `initial_lr` where an earlier scheduler on this optimizer
+    recorded one (torch's rule, which lets schedulers follow each other in `SequentialLR`),
+    else its current `lr`. So after another scheduler, a rate set by hand in `group["lr"]` is
+    not the base: set `group["initial_lr"]` to it too (or build a fresh optimizer).
+
     Args:
-        optimizer: the optimizer whose learning rates to schedule; its current `lr` values are
-            taken as the base rates.
+        optimizer: the optimizer whose learning rates to schedule.
         config: the schedule.
 
     Returns:
         A `torch.optim.lr_scheduler.LambdaLR`.
 
     Raises:
-        ConfigError: `config` is not a ScheduleConfig.
+        ConfigError: `optimizer` is not a torch optimizer, or `config` not a ScheduleConfig.
 
     Example:
         >>> import torch
@@ -324,8 +328,14 @@ def build_scheduler(
         >>> [round(rate, 6) for rate in rates]
         [0.0, 0.1, 0.2, 0.3, 0.4]
     """
+    import torch
     from torch.optim.lr_scheduler import LambdaLR
 
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; the "
+            "arguments are build_scheduler(optimizer, ScheduleConfig(total_steps=...))."
+        )
     check_schedule_config(config)
 
     # A plain function (not a callable object): LambdaLR.state_dict() then stores None for it
