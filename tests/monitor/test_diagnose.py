@@ -549,3 +549,11 @@ def test_a_loss_that_never_improved_beyond_its_noise_is_underfitting_not_stalled
     # was: also 'stalled', "smooth but flat at 0.68 (92% of its start) ... improved it by
     # -23.8% of the total progress", advising a smaller batch or a higher rate
     assert diagnosis.kinds() == ["underfitting"]
+
+
+def test_a_path_in_place_of_a_history_is_refused_with_read_history():
+    # AttributeError: 'str' object has no attribute 'notes' before.
+    from batchfit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"got a path \('runs/x/metrics.jsonl'\).*read_history"):
+        diagnose("runs/x/metrics.jsonl")

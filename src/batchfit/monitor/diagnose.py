@@ -10,11 +10,13 @@ Missing data gives a partial result whose `notes` say what could not be checked,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from batchfit.errors import ConfigError
 from batchfit.lr.scaling import scaled_rate
 from batchfit.monitor import checks, divergence
 from batchfit.monitor import findings as limits
@@ -242,6 +244,9 @@ def diagnose(
         A `Diagnosis`: the findings (none for a healthy run), the kinds checked, and notes on
         what could not be checked.
 
+    Raises:
+        ConfigError: `history` is not a History (a path, say: read it with `read_history`).
+
     Example:
         >>> from batchfit.monitor.history import History
         >>> losses = [2.3 * 0.9**s for s in range(40)] + [float("nan")]
@@ -250,6 +255,12 @@ def diagnose(
         >>> d.kinds(), d.findings[0].evidence["first_step"]
         (['diverging'], 41)
     """
+    if not isinstance(history, History):
+        what = "a path" if isinstance(history, (str, os.PathLike)) else type(history).__name__
+        raise ConfigError(
+            f"diagnose takes a History, got {what} ({history!r:.80}); read the run's log "
+            "first: diagnose(read_history(path)) (batchfit.read_history)."
+        )
     notes = list(history.notes)
     checked: list[str] = []
     found: list[Finding] = []
