@@ -15,3 +15,11 @@ def test_import_batchfit_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_a_users_own_loop_imports_the_batch_schedule_from_the_top_level():
+    from batchfit import BatchSchedule, parse_batch_schedule
+
+    schedule = parse_batch_schedule("ramp:32-64:100", global_batch=64)
+    assert isinstance(schedule, BatchSchedule)
+    assert schedule.global_batch(0, 100) == 64

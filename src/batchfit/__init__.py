@@ -80,6 +80,8 @@ _EXPORTS = {
     "TrainConfig": "batchfit.training.config",
     "TrainResult": "batchfit.training.loop",
     "StopTraining": "batchfit.training.callbacks",
+    "BatchSchedule": "batchfit.training.batch_schedule",
+    "parse_batch_schedule": "batchfit.training.batch_schedule",
     "run_with_backoff": "batchfit.training.backoff",
     "BackoffEvent": "batchfit.training.backoff",
     "RunLogError": "batchfit.errors",
