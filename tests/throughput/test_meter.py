@@ -20,3 +20,17 @@ def test_meter_window_and_state():
     assert meter.samples_per_second is None
     meter.step(8, now=0.0), meter.step(8, now=0.5)
     assert meter.samples_per_second == 16.0 and meter.tokens_per_second is None
+
+
+def test_a_loaded_meter_does_not_count_the_time_between_saving_and_loading():
+    # Before, a run resumed 997 s after its checkpoint read 0.03 samples/s, not 10, for the next
+    # steps (the restart counted as training time); a clock from another machine gave None.
+    meter = ThroughputMeter(window=3)
+    for now in (0.0, 1.0, 2.0, 3.0):
+        meter.step(10, now=now)
+    for later in (1000.0, -5e6):
+        resumed = ThroughputMeter(window=3, clock=lambda later=later: later)
+        resumed.load_state_dict(meter.state_dict())
+        assert resumed.samples_per_second == pytest.approx(10.0)
+        resumed.step(10, now=later + 1.0)
+        assert resumed.samples_per_second == pytest.approx(10.0)

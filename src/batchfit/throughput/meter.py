@@ -61,5 +61,15 @@ class ThroughputMeter:
         return {"window": self.window, "records": [list(record) for record in self._records]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`, as if the last step kept had just finished.
+
+        The times are moved together so that the newest is now: the steps' own durations are
+        kept, and the time between saving and loading (a resumed run's restart, or another
+        machine's clock) is not counted as training time.
+        """
         self.window = int(state["window"])
-        self._records = deque((tuple(r) for r in state["records"]), maxlen=self.window + 1)
+        records = [tuple(record) for record in state["records"]]
+        if records:
+            shift = self.clock() - float(records[-1][0])
+            records = [(float(when) + shift, *rest) for when, *rest in records]
+        self._records = deque(records, maxlen=self.window + 1)
