@@ -34,3 +34,21 @@ def test_a_loaded_meter_does_not_count_the_time_between_saving_and_loading():
         assert resumed.samples_per_second == pytest.approx(10.0)
         resumed.step(10, now=later + 1.0)
         assert resumed.samples_per_second == pytest.approx(10.0)
+
+
+def test_counts_are_checked_and_an_integer_tensor_is_taken_as_its_value():
+    # A negative or fractional count was kept and gave a negative or fractional rate; a
+    # tensor token count made the rate a tensor and the state hold tensors.
+    import torch
+
+    from batchfit.errors import ConfigError
+
+    meter = ThroughputMeter()
+    for bad in (-5, 2.5, True, None):
+        with pytest.raises(ConfigError, match="samples must be a whole number of at least 0"):
+            meter.step(bad, now=0.0)
+    with pytest.raises(ConfigError, match="tokens must be a whole number of at least 0"):
+        meter.step(8, tokens=-1, now=0.0)
+    meter.step(8, tokens=torch.tensor(100), now=0.0)
+    meter.step(8, tokens=torch.tensor(100), now=1.0)
+    assert meter.tokens_per_second == 100.0 and type(meter.tokens_per_second) is float

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from batchfit.errors import ConfigError
 from batchfit.validation import check_whole_number
 
 
@@ -31,8 +33,21 @@ class ThroughputMeter:
         self._records: deque[tuple[float, int, int | None]] = deque(maxlen=window + 1)
 
     def step(self, samples: int, tokens: int | None = None, *, now: float | None = None) -> None:
-        """Record a finished step of `samples` samples (and `tokens` tokens)."""
-        self._records.append((self.clock() if now is None else now, samples, tokens))
+        """Record a finished step of `samples` samples (and `tokens` tokens).
+
+        Args:
+            samples: samples the step trained on (0 or more: 0 marks a fresh start of the clock,
+                as the first step kept is not counted).
+            tokens: tokens it trained on (0 or more), or None; an integer tensor such as
+                `attention_mask.sum()` is taken as its value.
+            now: the time the step finished, in seconds of `clock`; default `clock()`.
+
+        Raises:
+            ConfigError: a count that is not a whole number in range.
+        """
+        counts = [_count("samples", samples, minimum=0)]
+        counts.append(None if tokens is None else _count("tokens", tokens, minimum=0))
+        self._records.append((self.clock() if now is None else now, *counts))
 
     @property
     def samples_per_second(self) -> float | None:
@@ -73,3 +88,17 @@ class ThroughputMeter:
             shift = self.clock() - float(records[-1][0])
             records = [(float(when) + shift, *rest) for when, *rest in records]
         self._records = deque(records, maxlen=self.window + 1)
+
+
+def _count(name: str, value: object, *, minimum: int) -> int:
+    """`value` as an int (an integer tensor's value too), at least `minimum`."""
+    try:
+        count = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        count = None
+    if isinstance(value, bool) or count is None or count < minimum:
+        raise ConfigError(
+            f"{name} must be a whole number of at least {minimum}, got {value!r}; give the "
+            f"{name} the step trained on."
+        )
+    return count
