@@ -130,3 +130,13 @@ def test_docstring_examples_run():
     import batchfit.lr.scaling
 
     assert doctest.testmod(batchfit.lr.scaling).failed == 0
+
+
+def test_an_optimizer_in_place_of_its_family_is_named_in_one_line():
+    # Before, the message held the optimizer's whole multi-line repr.
+    import torch
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ConfigError, match=r"got AdamW: name the family.*'adam' for Adam") as caught:
+        default_rule(optimizer)
+    assert "\n" not in str(caught.value)

@@ -174,12 +174,19 @@ def default_rule(optimizer_family: OptimizerFamily) -> str:
     `batchfit.Task.optimizer_family()` tells a task's family.
 
     Raises:
-        ConfigError: an unknown family; the message lists the valid ones.
+        ConfigError: an unknown family, or not a string (an optimizer, say); the message
+            lists the valid ones.
 
     Example:
         >>> default_rule("sgd"), default_rule("adam")
         ('linear', 'sqrt')
     """
+    if not isinstance(optimizer_family, str):
+        raise ConfigError(
+            f"default_rule takes an optimizer family, 'sgd' or 'adam', got "
+            f"{type(optimizer_family).__name__}: name the family of its update rule ('adam' "
+            "for Adam, AdamW, LAMB and other adaptive methods; 'sgd' for SGD and LARS)."
+        )
     if optimizer_family not in OPTIMIZER_FAMILIES:
         raise ConfigError(
             f"Unknown optimizer family {optimizer_family!r}; use one of "
