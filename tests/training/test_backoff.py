@@ -99,3 +99,14 @@ def test_bad_sizes_are_refused_before_the_first_attempt(micro_batch, local_batch
     with pytest.raises(ConfigError, match=rf"{words} must be a positive whole number of samples"):
         run_with_backoff(_fits_up_to(64, tried), micro_batch, local_batch=local_batch)
     assert tried == []
+
+
+def test_an_attempt_that_is_not_a_function_or_a_micro_batch_above_the_step_is_refused():
+    # Before, run_with_backoff(3, ...) failed with "TypeError: 'int' object is not callable",
+    # and a micro-batch above the step's samples reached the attempt.
+    with pytest.raises(ConfigError, match="attempt must be a function.*not its result"):
+        run_with_backoff(3, 32, local_batch=32)
+    tried = []
+    with pytest.raises(ConfigError, match=r"micro_batch \(64\) is larger than local_batch \(32\)"):
+        run_with_backoff(_fits_up_to(64, tried), 64, local_batch=32)
+    assert tried == []

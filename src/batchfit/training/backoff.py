@@ -125,7 +125,8 @@ def run_with_backoff(
         `(result, micro_batch)`: the attempt's result and the micro-batch that worked.
 
     Raises:
-        ConfigError: `micro_batch` or `local_batch` is not a positive int.
+        ConfigError: `attempt` is not callable, `micro_batch` or `local_batch` is not a
+            positive int, or `micro_batch` is above `local_batch`.
         DoesNotFitError: a micro-batch of 1 ran out of memory.
 
     Example:
@@ -137,8 +138,18 @@ def run_with_backoff(
         >>> run_with_backoff(attempt, 32, local_batch=64)
         (8, 8)
     """
+    if not callable(attempt):
+        raise ConfigError(
+            f"attempt must be a function attempt(micro_batch) that runs the whole step, got "
+            f"{type(attempt).__name__}; pass the function itself, not its result."
+        )
     check_batch_size(micro_batch, name="micro_batch")
     check_batch_size(local_batch, name="local_batch")
+    if micro_batch > local_batch:
+        raise ConfigError(
+            f"micro_batch ({micro_batch}) is larger than local_batch ({local_batch}), the "
+            f"samples of one step on this rank; start at a micro-batch of at most {local_batch}."
+        )
     while True:
         try:
             return attempt(micro_batch), micro_batch
