@@ -156,8 +156,11 @@ class History:
     ) -> History:
         """A history from dict records, one per logged step (metrics.jsonl's shape).
 
-        A record contributes to each series whose key it has. `options` go to the other fields
-        (`global_batch`, `micro_batch`, `source`, `format`, `notes`, ...).
+        A record contributes to each series whose key it has, unless its value is an empty
+        string (a CSV row's empty cell: that step did not log it). None reads as NaN, as
+        metrics.jsonl writes a non-finite loss as null: leave the key out of a record whose step
+        did not log it. `options` go to the other fields (`global_batch`, `micro_batch`,
+        `source`, `format`, `notes`, ...).
 
         Example:
             >>> h = History.from_records([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5,
@@ -170,7 +173,7 @@ class History:
         def series(name: str | None) -> Series | None:
             if name is None:
                 return None
-            points = [(r[step], r[name]) for r in records if name in r]
+            points = [(r[step], r[name]) for r in records if name in r and _logged(r[name])]
             return Series.from_points(name, points) if points else None
 
         loss = series(train_loss) or Series(train_loss, (), ())
@@ -212,3 +215,9 @@ class History:
             "format": self.format,
             "notes": list(self.notes),
         }
+
+
+def _logged(value: Any) -> bool:
+    """Whether a record's value was logged: an empty (or blank) string was not; None was (a
+    non-finite value, as metrics.jsonl writes it)."""
+    return not (isinstance(value, str) and not value.strip())
