@@ -527,3 +527,10 @@ def test_a_folder_of_several_batchfit_runs_asks_for_one(tmp_path):
     # was: silently the run whose folder name ended in the largest number (101500)
     assert "holds 3 runs' metrics.jsonl (cnn-budget, digits-20261127-072749, " in str(error.value)
     assert "give one run's folder" in str(error.value)
+
+
+def test_a_csv_of_ones_own_without_a_step_column_points_at_history_from_records(tmp_path):
+    path = tmp_path / "mylog.csv"
+    path.write_text("iteration,train/loss\n1,2.0\n2,1.5\n")
+    with pytest.raises(RunLogError, match=r"no 'step' column.*History\.from_records\(rows"):
+        read_history(path)

@@ -235,7 +235,9 @@ def _read_lightning(file: Path, names: Mapping[str, str | None]) -> History:
         )
     if "step" not in rows[0][0]:
         raise RunLogError(
-            f"{str(file)!r} has no 'step' column; give a Lightning CSVLogger metrics.csv."
+            f"{str(file)!r} has no 'step' column; give a Lightning CSVLogger metrics.csv, or, "
+            "for a CSV log of your own, read its rows with csv.DictReader and pass them to "
+            "History.from_records(rows, step=..., train_loss=..., val_loss=...)."
         )
     records, places = [], []
     for row, line in rows:
