@@ -372,3 +372,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(flags, words, capsys, tmp_path, mo
     err = capsys.readouterr().err.strip()
     assert err.startswith("batchfit: error:") and words in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_big_batch_in_tokens_against_a_dataset_in_samples_is_named_as_a_unit_mismatch():
+    # A watch given token counts (139 tokens per step over 64 sequences) was told only that the
+    # big batch was larger than the training set, with dataset_size=len(data) in samples.
+    tracker = NoiseScaleTracker(dataset_size=64)
+    with pytest.raises(ConfigError, match=r"big_batch \(139\).*need dataset_size in tokens"):
+        tracker.update(2.0, 1.0, small_batch=70, big_batch=139)

@@ -118,7 +118,9 @@ def _check_batches(small_batch: float, big_batch: float, dataset_size: int | Non
             raise ConfigError(
                 f"big_batch ({big_batch:g}) is larger than the training set ({dataset_size} "
                 "samples); batches drawn without replacement cannot exceed it. Lower big_batch "
-                f"to at most {dataset_size}, or pass dataset_size=None."
+                f"to at most {dataset_size}, or pass dataset_size=None. (Both count the same "
+                "unit: micro-batches counted in tokens need dataset_size in tokens too, or "
+                "count them in samples and give the token share as loss_scale.)"
             )
 
 
@@ -232,7 +234,9 @@ class NoiseScaleTracker:
 
     Args:
         dataset_size: N, the training samples batches are drawn from without replacement
-            (applies the finite-population correction); None for no correction.
+            (applies the finite-population correction), in the unit the batches are counted
+            in (tokens, where `GradientNormWatch.micro_batch` is given tokens); None for no
+            correction.
         window: steps to average over, at least 2; the default 30 follows training (see
             the module docstring); None is a plain mean over all batches (for a frozen model).
 
