@@ -248,9 +248,26 @@ def normalization_note(plan: Plan, *, converted: bool, cuda: bool = True) -> str
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read and validate a plan.json (or the plan.json in the folder `batchfit plan --out` wrote).
 
+    Args:
+        path: the plan file, or the folder that holds it.
+
+    Returns:
+        The `Plan`: `global_batch`, `micro_batch`, `accumulation_steps` and `world_size` in
+        samples and processes, `lr`, `warmup_steps` and `total_steps` in optimizer steps.
+
     Raises:
         CheckpointError: the file is missing, not JSON, from a newer batchfit, lacks a field,
             or holds a value out of range; the message names the field, the value and the fix.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = Plan(task="digits", device="cpu", world_size=1, global_batch=256, micro_batch=64,
+        ...          accumulation_steps=4, lr=0.003, lr_rule="sqrt", warmup_steps=5,
+        ...          total_steps=40).save(f"{folder}/plan.json")
+        >>> plan = load_plan(folder)
+        >>> plan.global_batch, plan.micro_batch * plan.accumulation_steps, plan.lr
+        (256, 256, 0.003)
     """
     source = Path(path)
     if source.is_dir() and (source / "plan.json").is_file():
