@@ -488,3 +488,12 @@ def test_sizes_or_a_whole_loader_batch_in_place_of_micro_batches_are_named():
     with pytest.raises(ConfigError, match=r"looks like one batch.*split_batch\(batch"):
         accumulate_gradients(model, classification_loss, [inputs, labels])
     assert accumulate_gradients(model, classification_loss, [(inputs, labels)]) > 0
+
+
+def test_a_short_last_loader_batch_is_named_with_how_to_cut_it():
+    # Before, only "give sizes that sum to the batch size (e.g. plan.micro_batches)": the plan's
+    # sizes were what the loop gave, for a DataLoader's last batch of 20.
+    with pytest.raises(ConfigError, match=r"holds 20 samples.*drop_last=True.*plan_accumulation"):
+        split_batch(_data(20), plan_accumulation(32, 16).micro_batches)
+    parts = split_batch(_data(20), plan_accumulation(20, 16, allow_uneven=True).micro_batches)
+    assert [len(part[0]) for part in parts] == [16, 4]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import ConfigError
 from batchfit.task import Batch, batch_size_of, scalar_loss
-from batchfit.training.micro_batch_checks import check_not_one_batch
+from batchfit.training.micro_batch_checks import check_not_one_batch, check_split_sizes
 from batchfit.units import format_count
 
 if TYPE_CHECKING:
@@ -456,20 +456,8 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
     """
     import torch
 
-    if isinstance(sizes, (int, torch.Tensor)) or not isinstance(sizes, Iterable):
-        raise ConfigError(
-            f"sizes must be a list of micro-batch sizes, got {sizes!r}; e.g. [32, 32] or "
-            "plan_accumulation(global_batch, micro_batch).micro_batches."
-        )
-    sizes = [_check_count("micro-batch size", size) for size in sizes]
-    if not sizes:
-        raise ConfigError("sizes is empty; give at least one micro-batch size.")
     samples = batch_size_of(batch)
-    if sum(sizes) != samples:
-        raise ConfigError(
-            f"micro-batch sizes {sizes} add up to {sum(sizes)}, but the batch holds {samples} "
-            "samples; give sizes that sum to the batch size (e.g. plan.micro_batches)."
-        )
+    sizes = check_split_sizes(sizes, samples)
 
     def split(value: Any, where: str) -> list[Any]:
         if isinstance(value, torch.Tensor):

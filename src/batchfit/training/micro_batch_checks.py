@@ -1,4 +1,4 @@
-"""Checks that what a loop passes as micro-batches is a list of micro-batches.
+"""Checks that what a loop passes as micro-batches, or as their sizes, is what it should be.
 
 `accumulate_gradients(model, loss_fn, micro_batches)` takes any list, so two easy slips would
 otherwise pass as micro-batches: the sizes (`plan.micro_batches`, a tuple of ints), which fail
@@ -8,11 +8,12 @@ later with "the batch holds no tensor", and the step's whole batch as a DataLoad
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from batchfit.errors import ConfigError
 
-__all__ = ["check_not_one_batch"]
+__all__ = ["check_not_one_batch", "check_split_sizes"]
 
 _FIX = "cut the step's batch with split_batch(batch, plan.micro_batches)"
 
@@ -48,3 +49,41 @@ def check_not_one_batch(micro_batches: list[Any]) -> None:
                 f"{len(micro_batches)} tensors ({shown}) differ in dtype or rank, as a batch's "
                 f"inputs and targets do; {_FIX}."
             )
+
+
+def check_split_sizes(sizes: object, samples: int) -> list[int]:
+    """`split_batch`'s sizes as a list of positive ints that add up to the batch's `samples`.
+
+    Raises:
+        ConfigError: not a list of sizes, a size that is not a positive int, no sizes, or a
+            sum other than `samples` (for a batch shorter than the sizes, the message names a
+            DataLoader's short last batch and how to cut it).
+
+    Example:
+        >>> check_split_sizes((16, 16, 10), 42)
+        [16, 16, 10]
+    """
+    if isinstance(sizes, int) or hasattr(sizes, "dim") or not isinstance(sizes, Iterable):
+        raise ConfigError(
+            f"sizes must be a list of micro-batch sizes, got {sizes!r}; e.g. [32, 32] or "
+            "plan_accumulation(global_batch, micro_batch).micro_batches."
+        )
+    sizes = list(sizes)
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(
+                f"micro-batch size must be a whole number of samples, at least 1, got {size!r}."
+            )
+    if not sizes:
+        raise ConfigError("sizes is empty; give at least one micro-batch size.")
+    if sum(sizes) != samples:
+        short = (
+            " (a DataLoader's last batch is shorter unless drop_last=True; or cut it with "
+            f"plan_accumulation({samples}, micro_batch, allow_uneven=True).micro_batches)"
+        )
+        raise ConfigError(
+            f"micro-batch sizes {sizes} add up to {sum(sizes)}, but the batch holds {samples} "
+            "samples; give sizes that sum to the batch size (e.g. plan.micro_batches)"
+            f"{short if samples < sum(sizes) else ''}."
+        )
+    return sizes
