@@ -177,3 +177,28 @@ def preserved(
                 restore_model(model, model_state)
             if optimizer is not None and optimizer_state is not None:
                 restore_optimizer(optimizer, optimizer_state)
+
+
+def check_optimizer_of(model: nn.Module, optimizer: torch.optim.Optimizer, *, why: str) -> None:
+    """ConfigError unless `optimizer` steps only `model`'s parameters (and at least one).
+
+    A snapshot of the model and its optimizer restores both only when the optimizer's
+    parameters are the model's; an optimizer built over another model would leave that model
+    changed. `why` says what would go wrong, for the message.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> check_optimizer_of(model, torch.optim.SGD(model.parameters(), lr=0.1), why="")
+    """
+    from batchfit.errors import ConfigError
+
+    own = {id(param) for param in model.parameters()}
+    stepped = [param for group in optimizer.param_groups for param in group["params"]]
+    foreign = sum(1 for param in stepped if id(param) not in own)
+    if foreign or not stepped:
+        raise ConfigError(
+            f"The optimizer holds {foreign} of {len(stepped)} parameter(s) that are not the "
+            f"model's: {why}. Build it over this model's parameters, e.g. "
+            "torch.optim.SGD(model.parameters(), lr=0.1)."
+        )

@@ -354,3 +354,14 @@ def test_a_model_given_as_the_step_or_a_wrong_model_or_optimizer_is_refused_in_o
         find_max_batch_size(step, memory_budget="8MiB", model=optimizer)
     with pytest.raises(ConfigError, match="optimizer= must be a torch.optim.Optimizer, got Linear"):
         find_max_batch_size(step, memory_budget="8MiB", model=model, optimizer=model)
+
+
+def test_an_optimizer_of_another_model_is_refused_before_any_trial():
+    # Before, the search ran: the step trained the optimizer's model, and only model= was put
+    # back, so the model the user trains kept the trial steps' updates.
+    trained, other = nn.Linear(4, 2), nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    tried = []
+    with pytest.raises(ConfigError, match=r"holds 2 of 2 parameter\(s\) that are not the model's"):
+        find_max_batch_size(tried.append, memory_budget="8MiB", model=other, optimizer=optimizer)
+    assert tried == []

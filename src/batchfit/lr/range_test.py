@@ -310,6 +310,8 @@ def _resolve_source(
     import torch
     from torch.utils.data import DataLoader
 
+    from batchfit.snapshot import check_optimizer_of
+
     if isinstance(task_or_model, Task):
         task = task_or_model
         extra = {"optimizer": optimizer, "loss": loss, "train_data": train_data}
@@ -348,15 +350,7 @@ def _resolve_source(
         )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}.")
-    own = {id(param) for param in model.parameters()}
-    stepped = [p for group in optimizer.param_groups for p in group["params"]]
-    foreign = sum(1 for param in stepped if id(param) not in own)
-    if foreign or not stepped:
-        raise ConfigError(
-            f"The optimizer holds {foreign} of {len(stepped)} parameter(s) that are not the "
-            "model's: the test would step another model. Build it over this model's "
-            "parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.1)."
-        )
+    check_optimizer_of(model, optimizer, why="the test would step another model")
     if isinstance(train_data, DataLoader):
         if global_batch is None:
             global_batch = train_data.batch_size

@@ -40,7 +40,7 @@ from batchfit.memory.rounding import RoundTo, check_round_to, round_down
 from batchfit.memory.step import Precision, check_precision
 from batchfit.memory.task_search import TaskSearch
 from batchfit.progress import ProgressFn
-from batchfit.snapshot import preserved
+from batchfit.snapshot import check_optimizer_of, preserved
 from batchfit.units import format_bytes
 from batchfit.validation import check_margin, check_memory_steps, check_whole_number
 
@@ -137,7 +137,8 @@ def find_max_batch_size(
 
     Raises:
         ConfigError: a bad budget, card, margin, round_to, device, size, precision or confirm;
-            a model where the step belongs, or a `model` / `optimizer` of the wrong type;
+            a model where the step belongs, a `model` / `optimizer` of the wrong type, or an
+            optimizer over parameters that are not `model`'s;
             no budget on the CPU; or a budget for another device with a task fake tensors
             cannot run (nothing can answer for it here).
         DoesNotFitError: the model, its gradients and optimizer state alone exceed the usable
@@ -266,6 +267,13 @@ def _check_step_arguments(task_or_step: object, model: object, optimizer: object
         raise ConfigError(
             f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}; give "
             "the optimizer the step steps."
+        )
+    if model is not None and optimizer is not None:
+        check_optimizer_of(
+            model,
+            optimizer,
+            why="the model it steps would keep the trial steps' updates, as only model= is "
+            "restored after the search",
         )
 
 
