@@ -557,3 +557,15 @@ def test_a_path_in_place_of_a_history_is_refused_with_read_history():
 
     with pytest.raises(ConfigError, match=r"got a path \('runs/x/metrics.jsonl'\).*read_history"):
         diagnose("runs/x/metrics.jsonl")
+
+
+def test_a_run_without_a_noise_scale_is_told_how_each_way_of_training_logs_one():
+    # The note said batchfit train logs it "with two or more micro-batches per step": a run of
+    # train() from Python with 4 micro-batches per step (which logs it only with the callback)
+    # was told the wrong cause.
+    history = History.from_records(
+        [{"step": step, "loss": 2.0 * 0.99**step, "global_batch": 64} for step in range(1, 101)]
+    )
+    note = next(n for n in diagnose(history).notes if n.startswith("no gradient noise scale"))
+    assert "NoiseScaleCallback(dataset_size=...)" in note and "GradientNormWatch" in note
+    assert "two or more micro-batches" not in note

@@ -407,8 +407,10 @@ def diagnose(
             found += batch_findings
     elif not noise:
         notes.append(
-            "no gradient noise scale logged: batch-below/above-critical not checked (batchfit "
-            "train logs it with two or more micro-batches per step)"
+            "no gradient noise scale logged: batch-below/above-critical not checked (`batchfit "
+            "train` logs it; train() from Python logs it with "
+            "callbacks=[NoiseScaleCallback(dataset_size=...)], a loop of your own with a "
+            "GradientNormWatch whose tracker.noise_scale it logs as noise_scale)"
         )
     else:
         notes.append("global batch unknown: batch-below/above-critical not checked")
