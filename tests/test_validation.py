@@ -4,6 +4,7 @@ import pytest
 
 from batchfit.errors import ConfigError
 from batchfit.validation import (
+    check_batch_size,
     check_margin,
     check_memory_steps,
     check_positive_number,
@@ -82,3 +83,18 @@ def test_the_memory_functions_use_the_one_check():
     }
     with pytest.raises(ConfigError, match="fraction in"):
         find_max_batch_size(task, device="cpu", memory_budget="8MiB", margin=1.5)
+
+
+def test_a_numpy_or_torch_integer_is_told_to_pass_int():
+    # Before: "global_batch must be a whole number of samples, got np.int64(256)", which is one.
+    import numpy as np
+    import torch
+
+    from batchfit.training.accumulation import plan_accumulation
+
+    with pytest.raises(ConfigError, match=r"got np.int64\(256\) \(a numpy integer: pass int"):
+        plan_accumulation(np.int64(256), 32)
+    with pytest.raises(ConfigError, match=r"got tensor\(32\) \(a torch integer: pass int"):
+        check_whole_number("steps", torch.tensor(32))
+    with pytest.raises(ConfigError, match=r"got tensor\(2.5000\)\.$"):
+        check_batch_size(torch.tensor(2.5))

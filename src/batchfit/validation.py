@@ -7,6 +7,7 @@ is never accepted as a number (True is an int to Python, never a batch size to a
 from __future__ import annotations
 
 import math
+import operator
 
 from batchfit.errors import ConfigError
 
@@ -74,7 +75,7 @@ def check_whole_number(name: str, value: object, *, minimum: int = 1) -> int:
             if minimum == 1
             else (f"a whole number of at least {minimum}")
         )
-        raise ConfigError(f"{name} must be {what}, got {value!r}.")
+        raise ConfigError(f"{name} must be {what}, got {value!r}{_integer_hint(value)}.")
     return value
 
 
@@ -116,7 +117,10 @@ def check_batch_size(batch_size: object, *, name: str = "batch_size") -> int:
         32
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"{name} must be a positive whole number of samples, got {batch_size!r}.")
+        raise ConfigError(
+            f"{name} must be a positive whole number of samples, got {batch_size!r}"
+            f"{_integer_hint(batch_size)}."
+        )
     return batch_size
 
 
@@ -146,6 +150,17 @@ def check_noise_scale(noise_scale: object) -> float | None:
         f"{shown}; pass the tracker's noise_scale property (tracker.noise_scale), not "
         "tracker.estimate()."
     )
+
+
+def _integer_hint(value: object) -> str:
+    """The fix for a NumPy or torch integer where a Python int is needed (" ..." or "")."""
+    if isinstance(value, (bool, int)):
+        return ""
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        return ""
+    return f" (a {type(value).__module__.split('.')[0]} integer: pass int(...) of it)"
 
 
 def check_margin(margin: object) -> float:

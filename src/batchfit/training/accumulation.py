@@ -32,6 +32,7 @@ from batchfit.errors import ConfigError
 from batchfit.task import Batch, batch_size_of, scalar_loss
 from batchfit.training.micro_batch_checks import check_not_one_batch, check_split_sizes
 from batchfit.units import format_count
+from batchfit.validation import check_batch_size
 
 if TYPE_CHECKING:
     import torch
@@ -112,16 +113,6 @@ class AccumulationPlan:
         return f"global batch {self.global_batch} = {ranks} x {steps} {noun} of {self.micro_batch}"
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(
-            f"{name} must be a whole number of samples, got {value!r}; give an int such as 32."
-        )
-    if value < 1:
-        raise ConfigError(f"{name} must be at least 1, got {value}; use a positive batch size.")
-    return value
-
-
 def _divisors(number: int) -> list[int]:
     small = [d for d in range(1, int(number**0.5) + 1) if number % d == 0]
     return sorted(set(small + [number // d for d in small]))
@@ -188,8 +179,8 @@ def plan_accumulation(
         >>> plan_accumulation(256, 32, world_size=2).accumulation_steps
         4
     """
-    _check_count("global_batch", global_batch)
-    _check_count("micro_batch", micro_batch)
+    check_batch_size(global_batch, name="global_batch")
+    check_batch_size(micro_batch, name="micro_batch")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(
             f"world_size must be a positive whole number of ranks, got {world_size!r}."
