@@ -89,10 +89,10 @@ class TrainResult:
             epochs (`TrainSetup.sample_budget`): it ends at the first step that reaches them;
             None when its length is in steps.
         final_loss: training loss of the last step (None when no step ran).
-        val_metrics: the last evaluation (`val_loss`, `val_<metric>`); empty without val data,
-            and on every rank but rank 0 of a multi-rank run (rank 0 alone evaluates).
-        val_step: the step of that evaluation (None without one, as on ranks other than 0):
-            before `steps` when the run was interrupted or stopped between evaluations.
+        val_metrics: the last evaluation (`val_loss`, `val_<metric>`); empty without val data
+            and on ranks other than 0 (rank 0 alone evaluates; val_step is None on the others).
+        val_step: the step of that evaluation (None without one): before `steps` when the run
+            was interrupted or stopped between evaluations.
         lr: the peak learning rate.
         lr_reason: how it was chosen, in words.
         warmup_steps: optimizer steps of warmup.
@@ -278,8 +278,7 @@ def _train(task, config, *, device, context, memory_budget_bytes, progress, call
         report=progress if callable(progress) and run.main else None,
     )
     stopper = stop_on_signals(checkpoint=run.checkpoint_path is not None, announce=run.main)
-    interrupted = False
-    started = time.perf_counter()
+    interrupted, started = False, time.perf_counter()
     try:
         with budget, bar, stopper as signals:
             while not run.finished:
