@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from batchfit.cli.main import STDOUT_CLOSED
 from batchfit.errors import DistributedError
 from batchfit.training.agent import failure_summary
 from batchfit.training.distributed import (
@@ -77,6 +78,19 @@ def test_the_launcher_shows_the_cause_before_the_collective_failures_it_caused(t
     assert "rank 1 ended with signal 6 (SIGABRT)" in _read_outcome(tmp_path)["line"]
     (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 130}, "outcome": 130}))
     assert _read_outcome(tmp_path)["interrupted"]
+
+
+def test_a_rank_whose_stdout_reader_left_ends_the_launcher_quietly_with_exit_1(tmp_path):
+    # `train --nproc 2 | head -1`: rank 0 printed its summary into a closed pipe and exited 1;
+    # the launcher said "rank 0 ended with exit code 1, before it could say why"
+    (tmp_path / "rank0.json").write_text(json.dumps({"rank": 0, "kind": STDOUT_CLOSED, "line": ""}))
+    (tmp_path / "agent.json").write_text(json.dumps({"exitcodes": {"0": 1}, "first": 0}))
+    assert _read_outcome(tmp_path) == {"line": None, "interrupted": False, "code": 1}
+    # a rank's own error still comes first
+    (tmp_path / "rank1.json").write_text(
+        json.dumps({"rank": 1, "kind": "DoesNotFitError", "line": "batch 16 does not fit"})
+    )
+    assert _read_outcome(tmp_path)["line"] == "rank 1: batch 16 does not fit"
 
 
 def test_a_rank_stopped_by_a_signal_before_training_is_an_interruption_not_a_failure(tmp_path):

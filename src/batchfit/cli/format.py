@@ -21,9 +21,17 @@ from rich.text import Text
 from batchfit.units import format_bytes, format_count, format_seconds
 
 
+class _ResultConsole(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits 1 here by itself; `batchfit.cli.main` ends every command the same way on
+        # a closed stdout (and tells a `--nproc` launcher), so the error goes there
+        raise BrokenPipeError
+
+
 def stdout_console() -> Console:
-    """The console results are printed on."""
-    return Console(file=sys.stdout, soft_wrap=True)
+    """The console results are printed on; a closed pipe raises BrokenPipeError, as a print
+    does, for `batchfit.cli.main` to end the command quietly."""
+    return _ResultConsole(file=sys.stdout, soft_wrap=True)
 
 
 def print_json(result: Any) -> None:

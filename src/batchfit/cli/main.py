@@ -35,6 +35,7 @@ from batchfit.interrupts import signals_as_interrupt
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_STDOUT_CLOSED = 1  # what rich's console exits with on a broken pipe
+STDOUT_CLOSED = "StdoutClosed"  # the kind a rank's record names for its launcher
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
@@ -104,10 +105,20 @@ def _stdout_reader_gone() -> bool:
 def _stdout_closed() -> int:
     """The reader of stdout went away (`batchfit ... | head -1`): stop quietly, as rich's own
     console does, with exit code 1 and no traceback; stdout goes to the null device so the
-    interpreter's last flush finds nothing to complain about."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, sys.stdout.fileno())
-    os.close(null)
+    interpreter's last flush finds nothing to complain about. A rank that `batchfit train
+    --nproc` started tells its launcher, which then exits 1 as quietly."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # a stdout without a file descriptor (captured): nothing to do
+        pass
+    rank_file = _rank_error_file()
+    if rank_file is not None:
+        import json
+
+        rank = int(os.environ.get("RANK", "0"))
+        rank_file.write_text(json.dumps({"rank": rank, "kind": STDOUT_CLOSED, "line": ""}))
     return EXIT_STDOUT_CLOSED
 
 

@@ -157,12 +157,16 @@ def _read_outcome(folder: Path) -> dict[str, Any]:
     interrupted."""
     from batchfit.training.agent import AGENT_FILE
 
-    errors = []
+    errors, stdout_closed = [], False
     for path in sorted(folder.glob("rank*.json")):
         try:
-            errors.append(json.loads(path.read_text()))
+            record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if record.get("kind") == "StdoutClosed":  # `batchfit.cli.main.STDOUT_CLOSED`
+            stdout_closed = True
+        else:
+            errors.append(record)
     try:
         summary = json.loads((folder / AGENT_FILE).read_text())
     except (OSError, ValueError):
@@ -183,6 +187,8 @@ def _read_outcome(folder: Path) -> dict[str, Any]:
         if not line.startswith("rank "):
             line = f"rank {first.get('rank')}: {line}"
         return {"line": line, "interrupted": False}
+    if stdout_closed:  # `train --nproc 2 | head`: the reader left; as quiet as one process
+        return {"line": None, "interrupted": interrupted, "code": 1}
     failed = {rank: code for rank, code in codes.items() if code != 0}
     own = failed.get(0, 0)
     if not errors and first in (0, None) and own > 0 and own not in (1, 130):
