@@ -159,3 +159,26 @@ def test_the_recipe_takes_an_fp16_loss_scale_out():
     plain, scaled = _recipe_tracker(1.0), _recipe_tracker(1024.0)
     assert scaled.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-3)
     assert scaled.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-3, abs=1e-6)
+
+
+def test_the_step_down_is_the_training_loops_own(monkeypatch):
+    # one rule for the next micro-batch, shared with the training loop's back-off
+    import batchfit.integrations.accelerate as accelerate
+    from batchfit.training import backoff
+
+    asked = []
+
+    def spy(micro_batch, local_batch, **options):
+        asked.append((micro_batch, local_batch))
+        return backoff.next_micro_batch(micro_batch, local_batch, **options)
+
+    monkeypatch.setattr(accelerate, "next_micro_batch", spy)
+
+    @accelerate.find_executable_batch_size(global_batch=60, world_size=2)
+    def run(micro_batch, accumulation_steps):
+        if micro_batch > 4:
+            raise MemoryError()
+        return micro_batch
+
+    assert run() == 3
+    assert asked == [(30, 30), (15, 30), (6, 30)]

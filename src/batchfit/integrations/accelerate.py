@@ -55,6 +55,7 @@ from batchfit import devices
 from batchfit.errors import ConfigError, DoesNotFitError
 from batchfit.memory.search_state import error_line
 from batchfit.memory.step import is_out_of_memory
+from batchfit.training.backoff import next_micro_batch
 from batchfit.validation import check_whole_number
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def find_executable_batch_size(
                         f"Even a micro-batch of 1 runs out of memory ({error_line(error)}); try "
                         "a smaller model, mixed precision or activation checkpointing."
                     ) from error
-                smaller = max(size for size in range(1, micro // 2 + 1) if share % size == 0)
+                smaller = next_micro_batch(micro, share)
                 logger.warning(
                     "out of memory at micro-batch %d; retrying with %d x %d (global batch %d)",
                     micro,
