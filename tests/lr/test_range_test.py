@@ -291,6 +291,22 @@ def test_the_range_test_uses_the_one_smoothing_and_suggestions_of_lr_suggest():
     )
 
 
+def test_the_valley_rate_is_lr_suggests_valley_point(monkeypatch):
+    # the midpoint of the valley has one home, lr.suggest.suggest_valley
+    import batchfit.lr.range_test as range_test
+
+    asked = []
+
+    def spy(smoothed_losses):
+        asked.append(list(smoothed_losses))
+        return 1
+
+    monkeypatch.setattr(range_test, "suggest_valley", spy)
+    result = lr_range_test(make_mlp_task(samples=128), steps=20, smoothing=0.3, device="cpu")
+    assert asked == [list(result.smoothed_losses)]
+    assert (result.valley_index, result.valley_lr) == (1, result.lrs[1])
+
+
 def test_steps_read_the_training_loops_sample_order():
     # One seeded sample order: step s of the test takes training's global batch s.
     from batchfit.training.sampling import global_batch_indices

@@ -38,6 +38,7 @@ from batchfit.lr.suggest import (
     has_diverged,
     smooth_losses,
     suggest_steepest,
+    suggest_valley,
     sweep_lrs,
 )
 from batchfit.progress import ProgressFn, report
@@ -442,7 +443,7 @@ def _result(
 ) -> RangeTestResult:
     steepest = suggest_steepest(rates, smoothed)
     valley = find_valley(smoothed)
-    valley_index = None if valley is None else valley[0] + (valley[1] - valley[0]) // 2
+    valley_index = suggest_valley(smoothed)
     finite = [(value, index) for index, value in enumerate(smoothed) if math.isfinite(value)]
     best_index = min(finite)[1] if finite else None
     return RangeTestResult(
