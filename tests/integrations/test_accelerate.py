@@ -182,3 +182,26 @@ def test_the_step_down_is_the_training_loops_own(monkeypatch):
 
     assert run() == 3
     assert asked == [(30, 30), (15, 30), (6, 30)]
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        # Accelerate's keyword gave Python's "missing 1 required keyword-only argument"
+        ({"starting_batch_size": 128}, r"got starting_batch_size=128 .*global_batch=128"),
+        ({"global_batch": 64, "batch_size": 8}, r"got batch_size=8 .*global_batch=8\)"),
+        ({}, r"global_batch is missing"),
+    ],
+)
+def test_a_keyword_that_is_not_batchfits_names_batchfits_own(options, words):
+    with pytest.raises(ConfigError, match=words) as caught:
+        find_executable_batch_size(**options)
+    assert "global_batch=, world_size= and starting_micro_batch=" in str(caught.value)
+
+
+def test_the_bare_decorator_asks_for_the_global_batch():
+    with pytest.raises(ConfigError, match="global_batch is missing"):
+
+        @find_executable_batch_size
+        def run(micro_batch, accumulation_steps):
+            return micro_batch

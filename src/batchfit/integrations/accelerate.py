@@ -68,9 +68,10 @@ Result = TypeVar("Result")
 def find_executable_batch_size(
     function: Callable[..., Result] | None = None,
     *,
-    global_batch: int,
+    global_batch: int | None = None,
     world_size: int = 1,
     starting_micro_batch: int | None = None,
+    **unknown: Any,
 ) -> Any:
     """Call `function(micro_batch, accumulation_steps, ...)` until it fits in memory.
 
@@ -95,7 +96,9 @@ def find_executable_batch_size(
         `wrapped.micro_batch` and `wrapped.accumulation_steps`.
 
     Raises:
-        ConfigError: the global batch is not a multiple of world_size, the starting
+        ConfigError: global_batch is missing, a keyword is not one of this decorator's
+            (Accelerate's `starting_batch_size`, say), the global batch is not a multiple
+            of world_size, the starting
             micro-batch does not divide the share, or the wrapped function is called with
             arguments `function` does not take (the micro-batch, say, which the decorator
             passes).
@@ -110,6 +113,16 @@ def find_executable_batch_size(
         >>> run()
         (16, 4)
     """
+    if unknown or global_batch is None:
+        given = ", ".join(f"{name}={value!r}" for name, value in unknown.items())
+        sizes = [value for value in unknown.values() if isinstance(value, int)]
+        raise ConfigError(
+            "find_executable_batch_size takes global_batch=, world_size= and "
+            "starting_micro_batch=; "
+            + (f"got {given}" if given else "global_batch is missing")
+            + " (it keeps the global batch fixed, so name it: e.g. @find_executable_batch_size("
+            f"global_batch={sizes[0] if sizes else 128}), the samples per optimizer step)."
+        )
     global_batch = check_whole_number("global_batch", global_batch)
     world_size = check_whole_number("world_size", world_size)
     if global_batch % world_size:
