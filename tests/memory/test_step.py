@@ -23,6 +23,13 @@ def test_out_of_memory_by_type():
     assert is_out_of_memory(MemoryError())
 
 
+@pytest.mark.parametrize("value", ["CUDA out of memory", None, torch.OutOfMemoryError])
+def test_out_of_memory_refuses_what_is_not_an_exception(value):
+    # a message string (or the class) quietly read as "not out of memory"
+    with pytest.raises(ConfigError, match=r"takes the caught exception, got .*pass the exception"):
+        is_out_of_memory(value)
+
+
 @pytest.mark.parametrize(
     "message",
     [

@@ -119,6 +119,12 @@ def is_out_of_memory(error: BaseException, *, device: torch.device | str | None 
             trains on the CPU is not the CPU running out (a smaller batch would not help), so
             it is not out-of-memory there. The host allocator's message counts everywhere.
 
+    Returns:
+        True for an out-of-memory error, False for any other exception.
+
+    Raises:
+        ConfigError: `error` is not an exception (a message string, say).
+
     Example:
         >>> import torch
         >>> is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
@@ -130,6 +136,13 @@ def is_out_of_memory(error: BaseException, *, device: torch.device | str | None 
     """
     import torch
 
+    if not isinstance(error, BaseException):
+        # a message string would match no exception type and quietly read as "not out of memory"
+        raise ConfigError(
+            f"is_out_of_memory takes the caught exception, got {type(error).__name__} "
+            f"{error!r:.80}; pass the exception itself (except Exception as error: "
+            "is_out_of_memory(error)), not its message."
+        )
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     if not isinstance(error, RuntimeError):
