@@ -173,6 +173,15 @@ def test_accumulated_gradient_equals_the_one_batch_gradient(global_batch, sizes)
     assert loss == pytest.approx(want_loss, rel=1e-12)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_gradients_off_is_named_not_torchs_element_0_error(context):
+    # torch said "element 0 of tensors does not require grad and does not have a grad_fn"
+    model = make_mlp().double()
+    with context(), pytest.raises(ConfigError, match=r"gradients off .*no_grad\(\).*outside"):
+        accumulate_gradients(model, classification_loss, split_batch(_data(32), [16, 16]))
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
 def test_dividing_by_the_number_of_micro_batches_would_be_wrong_for_uneven_splits():
     # The check above can fail: the common 1/k weighting gives a different gradient at 58.
     batch = _data(58)

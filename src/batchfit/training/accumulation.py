@@ -333,6 +333,7 @@ def accumulate_gradients(
         ConfigError: `model` is not a module, `micro_batches` not a list of micro-batches (a
             tensor, a dict or a plan), empty, or counts of the wrong length.
         TaskError: `loss_fn` does not return a scalar tensor.
+        ConfigError: gradients are off (inside `torch.no_grad()` or `torch.inference_mode()`).
 
     Example:
         >>> import torch
@@ -356,6 +357,11 @@ def accumulate_gradients(
         raise ConfigError(
             f"micro_batches must be a list of micro-batches, got {type(micro_batches).__name__}; "
             "cut the step's batch with split_batch(batch, plan.micro_batches)."
+        )
+    if not torch.is_grad_enabled():  # else torch's "element 0 of tensors does not require grad"
+        raise ConfigError(
+            "accumulate_gradients was called with gradients off (inside torch.no_grad() or "
+            "torch.inference_mode()); call it outside those blocks, which are for evaluation."
         )
     micro_batches = list(micro_batches)
     if not micro_batches:
