@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from batchfit.errors import CheckpointError
+from batchfit.errors import CheckpointError, ConfigError
 from batchfit.plan.plan_file import PLAN_SCHEMA_VERSION, Plan, load_plan, plan_from_dict
 
 
@@ -41,7 +41,7 @@ def test_the_folder_a_plan_was_written_to_stands_for_its_plan_json(tmp_path):
 
 
 def test_inconsistent_batch_names_the_product():
-    with pytest.raises(CheckpointError, match=r"32 x 4 x 1 = 128"):
+    with pytest.raises(ConfigError, match=r"32 x 4 x 1 = 128"):
         make_plan(accumulation_steps=4)
 
 
@@ -61,9 +61,16 @@ def test_inconsistent_batch_names_the_product():
     ],
 )
 def test_bad_field_names_field_value_and_fix(field, value, words):
-    with pytest.raises(CheckpointError) as caught:
+    # a bad argument to Plan(...) is a ConfigError; the same value read from a file is a fault
+    # of the file, a CheckpointError that names the file
+    with pytest.raises(ConfigError) as caught:
         make_plan(**{field: value})
+    assert not isinstance(caught.value, CheckpointError)
     assert repr(field) in str(caught.value) and repr(value) in str(caught.value)
+    assert words in str(caught.value)
+    with pytest.raises(CheckpointError) as caught:
+        plan_from_dict(make_plan().to_dict() | {field: value}, source="plan.json")
+    assert str(caught.value).startswith("plan.json: field " + repr(field))
     assert words in str(caught.value)
 
 
@@ -124,7 +131,7 @@ def test_batch_schedule_round_trips_and_a_version_1_plan_loads_constant(tmp_path
     ],
 )
 def test_bad_batch_schedule_names_field_and_forms(changes, words):
-    with pytest.raises(CheckpointError, match=words):
+    with pytest.raises(ConfigError, match=words):
         make_plan(**changes)
 
 
@@ -146,7 +153,7 @@ def test_a_plan_for_another_training_set_size_is_refused():
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "1438"])
 def test_train_samples_must_be_a_positive_whole_number(value):
-    with pytest.raises(CheckpointError, match="'train_samples'"):
+    with pytest.raises(ConfigError, match="'train_samples'"):
         make_plan(train_samples=value)
 
 

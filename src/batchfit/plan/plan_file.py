@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from batchfit.errors import CheckpointError
+from batchfit.errors import CheckpointError, ConfigError
 from batchfit.files import write_atomic
 from batchfit.task import DEFAULT_TASK_NAME
 
@@ -69,6 +69,10 @@ class Plan:
         model_parameters: the model's parameter count, shown when the fingerprint differs.
         train_samples: the size of the training set the plan was made for (its steps are passes
             over it, its batch at most a quarter of it); None: unchecked (plans before schema 3).
+
+    Raises:
+        ConfigError: a field is out of range; the message names the field, the value and the
+            fix. (`load_plan` raises CheckpointError for the same fault in a file.)
     """
 
     task: str
@@ -349,13 +353,13 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
         )
     try:
         return Plan(**data)
-    except CheckpointError as error:
+    except ConfigError as error:  # a bad field in a file is a fault of the file
         raise CheckpointError(f"{source}: {error}") from None
 
 
 def _validate(plan: Plan) -> None:
     def fail(name: str, value: Any, fix: str) -> None:
-        raise CheckpointError(f"field {name!r} is {value!r}; {fix}")
+        raise ConfigError(f"field {name!r} is {value!r}; {fix}")
 
     for name in ("task", "device"):
         if not isinstance(getattr(plan, name), str) or not getattr(plan, name):
@@ -417,7 +421,6 @@ def _validate(plan: Plan) -> None:
 
 
 def _validate_schedule(plan: Plan, fail: Any) -> None:
-    from batchfit.errors import ConfigError
     from batchfit.lr.schedules import ScheduleConfig
     from batchfit.training.batch_schedule import SCHEDULE_FORMS, parse_batch_schedule
 
