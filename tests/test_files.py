@@ -1,10 +1,11 @@
+import json
 import os
 import stat
 
 import pytest
 
 from batchfit.errors import ConfigError
-from batchfit.files import FILE_MODE, folder_lock, open_append, write_atomic
+from batchfit.files import FILE_MODE, folder_lock, json_text, open_append, write_atomic
 
 
 def _mode(path) -> int:
@@ -134,3 +135,12 @@ def test_a_folder_made_for_the_lock_goes_again_while_empty(tmp_path):
     with folder_lock(kept):
         pass
     assert kept.is_dir()  # it was there before: never removed
+
+
+def test_json_text_is_strict_json_with_non_finite_numbers_as_null():
+    class Boxed:
+        def to_dict(self):
+            return {"peak": float("-inf")}
+
+    text = json_text({"a": (float("nan"), 2.5), "b": Boxed()}, default=lambda v: v.to_dict())
+    assert json.loads(text, parse_constant=pytest.fail) == {"a": [None, 2.5], "b": {"peak": None}}

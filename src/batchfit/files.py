@@ -11,11 +11,12 @@ never leaves half a file; append-only logs are opened with `open_append`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from batchfit.errors import ConfigError
 
@@ -150,3 +151,40 @@ def _create_temporary(target: Path, mode: int) -> tuple[Path, int]:
             return temporary, os.open(temporary, flags, mode)
         except FileExistsError:
             continue  # another writer chose the same name: draw another
+
+
+def json_text(
+    data: Any, *, indent: int | None = 2, default: Callable[[Any], Any] | None = None
+) -> str:
+    """`data` as strict JSON text: a NaN or infinite float becomes null.
+
+    JSON has no NaN or infinity; Python's `json` writes them as `NaN` and `Infinity`, which strict
+    parsers (`jq`, JavaScript, `json.loads(..., parse_constant=...)`) refuse. Everything batchfit
+    prints with --json or writes as a .json file goes through here, so it always parses.
+
+    Args:
+        data: dicts, lists, tuples, strings, numbers, booleans and None.
+        indent: as `json.dumps`; None writes one line.
+        default: as `json.dumps`, for objects JSON cannot hold; its results are cleaned as well.
+
+    Returns:
+        The JSON text, without a trailing newline.
+
+    Example:
+        >>> json_text({"loss": float("nan"), "steps": [1, float("inf")]}, indent=None)
+        '{"loss": null, "steps": [1, null]}'
+    """
+    import json
+
+    clean_default = None if default is None else (lambda value: _finite(default(value)))
+    return json.dumps(_finite(data), indent=indent, allow_nan=False, default=clean_default)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
 
-from batchfit.cli.format import print_plan, rounding_phrase, table
+from batchfit.cli.format import print_json, print_plan, rounding_phrase, table
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -178,3 +179,24 @@ def test_a_batch_change_under_two_ranks_names_ranks_and_micro_batches():
         "  step 9: global batch 32 -> 64 = 2 micro-batches of 16 x 2 ranks, rate x1.41: "
         "noise scale 90 > 2 x 32"
     )
+
+
+def _strict(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_print_json_writes_nan_and_infinity_as_null(capsys):
+    # A sweep trial whose target metric came out NaN (a diverged model's val_loss) printed
+    # `"metric": NaN` with --json, which jq and JavaScript refuse.
+    from batchfit.sweep.trial import TrialResult
+
+    trial = TrialResult(
+        batch=16, lr=0.1, seed=0, cap_steps=10, micro_batch=16, steps=None, steps_run=10,
+        samples=160, metric=float("nan"), diverged=False, evaluations=2, seconds=0.5,
+    )  # fmt: skip
+    print_json({"trials": [trial.to_dict()], "spread": (1.0, float("inf"))})
+    data = _strict(capsys.readouterr().out)
+    assert data["trials"][0]["metric"] is None and data["spread"] == [1.0, None]

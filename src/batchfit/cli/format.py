@@ -7,7 +7,6 @@ never read as rich markup: `vit[b/16]` prints as is, and `imagenet[/train]` does
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from batchfit.files import json_text
 from batchfit.units import format_bytes, format_count, format_seconds
 
 
@@ -35,10 +35,10 @@ def stdout_console() -> Console:
 
 
 def print_json(result: Any) -> None:
-    """A result (its `to_dict()`, or a plain dict) as indented JSON on stdout."""
+    """A result (its `to_dict()`, or a plain dict) as indented JSON on stdout; NaN and
+    infinities print as null (`batchfit.files.json_text`), so strict parsers read it."""
     data = result.to_dict() if hasattr(result, "to_dict") else result
-    json.dump(data, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+    sys.stdout.write(json_text(data, default=str) + "\n")
 
 
 def table(title: str, rows: Iterable[Sequence[str]], *, columns: Sequence[str] | None = None):
