@@ -345,3 +345,23 @@ def test_a_folder_whose_sweep_finished_no_trial_is_taken_by_another(tmp_path, mo
     # once it holds trials, the folder is that sweep's: another is refused
     with pytest.raises(ConfigError, match=r"holds another sweep \(target 'val_loss<=1.5' -> "):
         run_sweep(DIGITS, config, out_dir=tmp_path)
+
+
+def test_a_trial_with_a_nan_metric_is_saved_as_strict_json_and_read_back(tmp_path):
+    # trials/*.json held `"metric": NaN` (a diverged model's val_loss), which jq, JavaScript
+    # and strict parsers refuse; it is null now, and the trial still reads back.
+    from batchfit.sweep.store import SweepStore
+    from batchfit.sweep.trial import TrialResult
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    store = SweepStore(tmp_path, {"task": "t"})
+    trial = TrialResult(
+        batch=16, lr=0.1, seed=0, cap_steps=10, micro_batch=16, steps=None, steps_run=10,
+        samples=160, metric=float("nan"), diverged=True, evaluations=2, seconds=0.5,
+    )  # fmt: skip
+    path = store.save(trial)
+    assert json.loads(path.read_text(), parse_constant=refuse)["metric"] is None
+    spec = TrialSpec(batch=16, lr=0.1, seed=0, cap_steps=10, micro_batch=16)
+    assert store.load(spec).metric is None

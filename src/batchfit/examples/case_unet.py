@@ -288,9 +288,9 @@ def run_unet_case(
 
 
 def _json(data: dict[str, Any]) -> str:
-    import json
+    from batchfit.files import json_text
 
-    return json.dumps(data, indent=2, allow_nan=False, default=str) + "\n"
+    return json_text(data, default=str) + "\n"
 
 
 def _run(

@@ -19,13 +19,12 @@ should help), ``info`` (a hint for the next run).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from batchfit.files import write_atomic
+from batchfit.files import json_text, write_atomic
 
 __all__ = ["KINDS", "SEVERITIES", "Diagnosis", "Finding", "write_diagnosis"]
 
@@ -306,4 +305,4 @@ def write_diagnosis(diagnosis: Diagnosis, path: str | os.PathLike) -> Path:
     Returns:
         The path written.
     """
-    return write_atomic(path, json.dumps(diagnosis.to_dict(), indent=2, default=str) + "\n")
+    return write_atomic(path, json_text(diagnosis.to_dict(), default=str) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from batchfit.errors import CheckpointError, ConfigError
-from batchfit.files import write_atomic
+from batchfit.files import json_text, write_atomic
 from batchfit.task import DEFAULT_TASK_NAME
 
 PLAN_SCHEMA_VERSION = 3
@@ -107,7 +107,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON, atomically (a temporary file renamed into place)."""
-        return write_atomic(path, json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
+        return write_atomic(path, json_text(self.to_dict(), default=_jsonable) + "\n")
 
 
 def model_identity(model: Any) -> dict[str, Any]:

@@ -454,10 +454,8 @@ def _fits(points, trials: _Trials, seeds):
 
 
 def _write_outputs(folder, result: SweepResult) -> None:
-    import json
-
-    from batchfit.files import write_atomic
+    from batchfit.files import json_text, write_atomic
     from batchfit.sweep.store import CSV_NAME, trials_csv
 
     write_atomic(folder / CSV_NAME, trials_csv(result.trials))
-    write_atomic(folder / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_atomic(folder / "result.json", json_text(result.to_dict()) + "\n")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batchfit.errors import ConfigError
-from batchfit.files import write_atomic
+from batchfit.files import json_text, write_atomic
 from batchfit.sweep.grid import rate_key
 from batchfit.sweep.trial import TrialResult, TrialSpec
 
@@ -67,7 +67,7 @@ class SweepStore:
                 # A sweep that failed or was stopped before its first trial finished (a trial
                 # error, no Ray cluster, Ctrl-C) measured nothing: this sweep takes the folder.
                 logger.info("%s holds no finished trial: taken for this sweep", self.folder)
-                write_atomic(path, json.dumps(identity, indent=2) + "\n")
+                write_atomic(path, json_text(identity) + "\n")
             elif changed:
                 details = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in changed)
                 raise ConfigError(
@@ -75,7 +75,7 @@ class SweepStore:
                     "options, or give another --out folder."
                 )
         else:
-            write_atomic(path, json.dumps(identity, indent=2) + "\n")
+            write_atomic(path, json_text(identity) + "\n")
 
     def _path(self, batch: int, lr: float, seed: int) -> Path:
         return self.folder / TRIALS_FOLDER / f"b{batch}_lr{rate_key(lr)}_s{seed}.json"
@@ -103,7 +103,7 @@ class SweepStore:
     def save(self, result: TrialResult) -> Path:
         """Write a finished trial (atomically: an interruption leaves the old file or none)."""
         path = self._path(result.batch, result.lr, result.seed)
-        return write_atomic(path, json.dumps(result.to_dict(), indent=2) + "\n")
+        return write_atomic(path, json_text(result.to_dict()) + "\n")
 
     def finished(self) -> int:
         """How many trial files the folder holds."""
