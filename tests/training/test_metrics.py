@@ -57,3 +57,17 @@ def test_truncate_warns_of_steps_before_the_checkpoint_without_a_line(tmp_path, 
         "2 of the checkpoint's 2 steps (step 1, 2): the run resumes from the checkpoint, and "
         "the file will lack them.",
     ]
+
+
+def test_truncate_rewrites_nan_and_infinity_as_null(tmp_path):
+    # Lines holding NaN or Infinity (written by another tool, or by hand) were rewritten as
+    # they were on resume, so the file stayed unreadable to strict JSON parsers.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": Infinity}\n{"step": 3}\n')
+    assert truncate_metrics(path, 2) == 2
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = path.read_text().splitlines()
+    assert [json.loads(line, parse_constant=refuse)["loss"] for line in lines] == [None, None]

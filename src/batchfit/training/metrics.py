@@ -10,25 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from batchfit.errors import CheckpointError
-from batchfit.files import open_append, write_atomic
+from batchfit.files import json_text, open_append, write_atomic
 
 logger = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
-
-
-def _clean(value: Any) -> Any:
-    # JSON has no NaN or infinity; write them as null so every line stays valid JSON.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class MetricsLog:
@@ -55,7 +47,7 @@ class MetricsLog:
         """Write `record` as one line and flush it to the file, with a `time` stamp (Unix
         seconds) unless the record has one."""
         record = {**record, "time": record.get("time", round(time.time(), 3))}
-        line = json.dumps({key: _clean(value) for key, value in record.items()})
+        line = json_text(record, indent=None)  # NaN and infinities as null: JSON has neither
         if self._stream is None:
             self._stream = open_append(self.path)
         self._stream.write(line + "\n")
@@ -125,7 +117,7 @@ def truncate_metrics(path: str | os.PathLike, step: int, *, drop_unreadable: boo
         )
     if unreadable:
         logger.warning("%s: dropping %d unreadable line(s)", path, len(unreadable))
-    write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+    write_atomic(path, "".join(json_text(record, indent=None) + "\n" for record in kept))
     _warn_missing(path, step, {record["step"] for record in kept})
     return len(kept)
 
