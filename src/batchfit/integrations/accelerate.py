@@ -98,10 +98,9 @@ def find_executable_batch_size(
     Raises:
         ConfigError: global_batch is missing, a keyword is not one of this decorator's
             (Accelerate's `starting_batch_size`, say), the global batch is not a multiple
-            of world_size, the starting
-            micro-batch does not divide the share, or the wrapped function is called with
-            arguments `function` does not take (the micro-batch, say, which the decorator
-            passes).
+            of world_size, the starting micro-batch does not divide the share, or the wrapped
+            function is called with arguments `function` does not take (the micro-batch,
+            say, which the decorator passes).
         DoesNotFitError: even a micro-batch of 1 runs out of memory.
 
     Example:
