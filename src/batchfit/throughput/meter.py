@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from batchfit.errors import ConfigError
 from batchfit.validation import check_whole_number
 
 
@@ -91,14 +91,8 @@ class ThroughputMeter:
 
 
 def _count(name: str, value: object, *, minimum: int) -> int:
-    """`value` as an int (an integer tensor's value too), at least `minimum`."""
-    try:
-        count = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        count = None
-    if isinstance(value, bool) or count is None or count < minimum:
-        raise ConfigError(
-            f"{name} must be a whole number of at least {minimum}, got {value!r}; give the "
-            f"{name} the step trained on."
-        )
-    return count
+    """`value` as an int (an integer tensor's value too, as a token count often is)."""
+    if not isinstance(value, (bool, int)):
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            value = operator.index(value)  # type: ignore[arg-type]
+    return check_whole_number(name, value, minimum=minimum)
